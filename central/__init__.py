@@ -1,0 +1,3 @@
+"""Fieldlink central: MQTT ingest, storage, alarms, commands and the duty officers' console."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,346 @@
+"""The uplink envelope: versioned CBOR messages between gateway and central (DESIGN.md §4).
+
+Every payload on a `fieldlink/v1/...` topic is one CBOR map with `v` (envelope version) and
+`t` (message type). `decode()` turns bytes into one of the frozen message classes below or
+raises an `EnvelopeError` subclass; it never raises anything else. `to_jsonable()` renders a
+message for people (CLIs, logs).
+
+Data records are compact arrays so that a 500-record batch stays small:
+`[seq, kind, ts_ms, point_index, value, flags, attrs?]`, where `point_index` indexes the
+batch's `pts` list of point keys (`device/point`), or is -1 for records without a point.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import cbor2
+
+from protocols.errors import ProtocolError
+
+VERSION = 1
+Value: TypeAlias = float | int | bool | str | None
+
+
+class EnvelopeError(ProtocolError):
+    """Base of every envelope decode or encode error."""
+
+
+class MalformedEnvelopeError(EnvelopeError):
+    """The bytes are not CBOR, or a field has the wrong shape."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class UnsupportedVersionError(EnvelopeError):
+    def __init__(self, version: object) -> None:
+        super().__init__(f"unsupported envelope version {version!r} (this side speaks {VERSION})")
+        self.version = version
+
+
+class UnknownMessageTypeError(EnvelopeError):
+    def __init__(self, type_: object) -> None:
+        super().__init__(f"unknown message type {type_!r}")
+        self.type = type_
+
+
+class RecordKind(enum.IntEnum):
+    TELEMETRY = 0
+    ALARM = 1
+    EVENT = 2
+    CMD_RESULT = 3
+
+
+class Lane(enum.IntEnum):
+    """Send priority, lowest value first (DESIGN.md §4.2)."""
+
+    ALARM = 0
+    EVENT = 1
+    LIVE = 2
+    BACKLOG = 3
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    HISTORICAL = 1  # sent from backlog, not live
+    CLOCK_SUSPECT = 2  # wall clock was not trusted when the record was made (§4.7)
+    BAD_QUALITY = 4  # the device reported a fault for this value
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    seq: int
+    kind: RecordKind
+    ts_ms: int
+    point: str | None
+    value: Value
+    flags: Flag = Flag.NONE
+    attrs: Mapping[str, Any] | None = None
+
+    @property
+    def historical(self) -> bool:
+        return bool(self.flags & Flag.HISTORICAL)
+
+
+@dataclass(frozen=True, slots=True)
+class DataBatch:
+    gw: str
+    stream: str
+    records: tuple[Record, ...]
+    sent_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    stream: str
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    online: bool
+    boot_id: str
+    version: str
+    bearer: str
+    backlog: int
+    ts_ms: int = 0
+    stream: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PointInfo:
+    ordinal: int
+    key: str  # device/point
+    name_zh: str = ""
+    unit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    id: str
+    profile: str
+    profile_hash: str
+    points: tuple[PointInfo, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Birth:
+    gw: str
+    stream: str
+    boot_id: str
+    version: str
+    devices: tuple[DeviceInfo, ...] = field(default_factory=tuple)
+
+
+Message: TypeAlias = DataBatch | Ack | State | Birth
+
+
+# --- ranges -------------------------------------------------------------------------------
+
+
+def ranges_from_seqs(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Collapse sequence numbers into sorted inclusive `[first, last]` ranges."""
+    out: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return tuple((a, b) for a, b in out)
+
+
+def seqs_in_ranges(ranges: Iterable[tuple[int, int]]) -> Iterable[int]:
+    for a, b in ranges:
+        yield from range(a, b + 1)
+
+
+# --- encode -------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """Encode one message to CBOR bytes."""
+    try:
+        return cbor2.dumps(_to_wire(msg))
+    except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
+        raise EnvelopeError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+
+
+def _to_wire(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, DataBatch):
+        index: dict[str, int] = {}
+        recs = []
+        for r in msg.records:
+            pidx = -1 if r.point is None else index.setdefault(r.point, len(index))
+            row: list[Any] = [r.seq, int(r.kind), r.ts_ms, pidx, r.value, int(r.flags)]
+            if r.attrs:
+                row.append(dict(r.attrs))
+            recs.append(row)
+        return {"v": VERSION, "t": "data", "gw": msg.gw, "stream": msg.stream,
+                "sent": msg.sent_ms, "pts": list(index), "r": recs}
+    if isinstance(msg, Ack):
+        return {"v": VERSION, "t": "ack", "stream": msg.stream,
+                "ranges": [[a, b] for a, b in msg.ranges]}
+    if isinstance(msg, State):
+        return {"v": VERSION, "t": "state", "online": msg.online, "boot": msg.boot_id,
+                "ver": msg.version, "bearer": msg.bearer, "backlog": msg.backlog,
+                "ts": msg.ts_ms, "stream": msg.stream}
+    if isinstance(msg, Birth):
+        return {"v": VERSION, "t": "birth", "gw": msg.gw, "stream": msg.stream,
+                "boot": msg.boot_id, "ver": msg.version,
+                "devs": [{"id": d.id, "profile": d.profile, "hash": d.profile_hash,
+                          "pts": [[p.ordinal, p.key, p.name_zh, p.unit] for p in d.points]}
+                         for d in msg.devices]}
+    raise EnvelopeError(f"not an envelope message: {type(msg).__name__}")
+
+
+# --- decode -------------------------------------------------------------------------------
+
+
+def decode(payload: bytes) -> Message:
+    """Decode CBOR bytes into a message; raises only `EnvelopeError` subclasses."""
+    try:
+        obj = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several unrelated types on garbage
+        raise MalformedEnvelopeError("payload", f"not CBOR: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedEnvelopeError("payload", "top level is not a map")
+    if obj.get("v") != VERSION:
+        raise UnsupportedVersionError(obj.get("v"))
+    kind = obj.get("t")
+    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
+    if decoder is None:
+        raise UnknownMessageTypeError(kind)
+    return decoder(obj)
+
+
+def _get(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str = "") -> Any:
+    if key not in obj:
+        raise MalformedEnvelopeError(f"{where}{key}", "missing")
+    val = obj[key]
+    if not isinstance(val, types) or (isinstance(val, bool) and bool not in _as_tuple(types)):
+        raise MalformedEnvelopeError(f"{where}{key}", f"expected {_names(types)}, got {type(val).__name__}")
+    return val
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _names(types: type | tuple[type, ...]) -> str:
+    return "|".join(t.__name__ for t in _as_tuple(types))
+
+
+def _decode_data(obj: Mapping[str, Any]) -> DataBatch:
+    gw = _get(obj, "gw", str)
+    stream = _get(obj, "stream", str)
+    sent = _get(obj, "sent", int)
+    pts = _get(obj, "pts", list)
+    if not all(isinstance(p, str) for p in pts):
+        raise MalformedEnvelopeError("pts", "point keys must be strings")
+    rows = _get(obj, "r", list)
+    records = tuple(_decode_record(i, row, pts) for i, row in enumerate(rows))
+    return DataBatch(gw=gw, stream=stream, records=records, sent_ms=sent)
+
+
+def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
+    where = f"r[{i}]"
+    if not isinstance(row, list) or len(row) not in (6, 7):
+        raise MalformedEnvelopeError(where, "expected [seq, kind, ts, point, value, flags, attrs?]")
+    seq, kind, ts, pidx, value, flags = row[:6]
+    for name, v in (("seq", seq), ("kind", kind), ("ts", ts), ("point", pidx), ("flags", flags)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise MalformedEnvelopeError(f"{where}.{name}", f"expected int, got {type(v).__name__}")
+    if seq < 1:
+        raise MalformedEnvelopeError(f"{where}.seq", f"must be >= 1, got {seq}")
+    try:
+        rkind = RecordKind(kind)
+    except ValueError:
+        raise MalformedEnvelopeError(f"{where}.kind", f"unknown record kind {kind}") from None
+    if pidx < -1 or pidx >= len(pts):
+        raise MalformedEnvelopeError(f"{where}.point", f"index {pidx} outside pts[{len(pts)}]")
+    if value is not None and not isinstance(value, (int, float, str)):
+        raise MalformedEnvelopeError(f"{where}.value", f"unsupported type {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MalformedEnvelopeError(f"{where}.value", "not finite")
+    if flags < 0 or flags > int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY):
+        raise MalformedEnvelopeError(f"{where}.flags", f"unknown flags {flags}")
+    attrs = None
+    if len(row) == 7:
+        attrs = row[6]
+        if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+            raise MalformedEnvelopeError(f"{where}.attrs", "expected a map with string keys")
+    return Record(seq=seq, kind=rkind, ts_ms=ts, point=None if pidx == -1 else pts[pidx],
+                  value=value, flags=Flag(flags), attrs=attrs)
+
+
+def _decode_ack(obj: Mapping[str, Any]) -> Ack:
+    stream = _get(obj, "stream", str)
+    raw = _get(obj, "ranges", list)
+    ranges = []
+    for i, r in enumerate(raw):
+        if (not isinstance(r, list) or len(r) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or r[0] < 1 or r[0] > r[1]):
+            raise MalformedEnvelopeError(f"ranges[{i}]", "expected [first, last] with 1 <= first <= last")
+        ranges.append((r[0], r[1]))
+    return Ack(stream=stream, ranges=tuple(ranges))
+
+
+def _decode_state(obj: Mapping[str, Any]) -> State:
+    return State(online=_get(obj, "online", bool), boot_id=_get(obj, "boot", str),
+                 version=_get(obj, "ver", str), bearer=_get(obj, "bearer", str),
+                 backlog=_get(obj, "backlog", int), ts_ms=_get(obj, "ts", int),
+                 stream=obj.get("stream", "") if isinstance(obj.get("stream", ""), str) else "")
+
+
+def _decode_birth(obj: Mapping[str, Any]) -> Birth:
+    devs = []
+    for i, d in enumerate(_get(obj, "devs", list)):
+        where = f"devs[{i}]."
+        if not isinstance(d, dict):
+            raise MalformedEnvelopeError(f"devs[{i}]", "expected a map")
+        points = []
+        for j, p in enumerate(_get(d, "pts", list, where)):
+            if (not isinstance(p, list) or len(p) != 4 or not isinstance(p[0], int)
+                    or isinstance(p[0], bool) or not all(isinstance(x, str) for x in p[1:])):
+                raise MalformedEnvelopeError(f"{where}pts[{j}]", "expected [ordinal, key, name_zh, unit]")
+            points.append(PointInfo(ordinal=p[0], key=p[1], name_zh=p[2], unit=p[3]))
+        devs.append(DeviceInfo(id=_get(d, "id", str, where), profile=_get(d, "profile", str, where),
+                               profile_hash=_get(d, "hash", str, where), points=tuple(points)))
+    return Birth(gw=_get(obj, "gw", str), stream=_get(obj, "stream", str),
+                 boot_id=_get(obj, "boot", str), version=_get(obj, "ver", str), devices=tuple(devs))
+
+
+_DECODERS = {"data": _decode_data, "ack": _decode_ack, "state": _decode_state, "birth": _decode_birth}
+
+
+# --- for people ---------------------------------------------------------------------------
+
+
+def to_jsonable(msg: Message) -> dict[str, Any]:
+    """A JSON-ready rendering of a message, for CLIs and logs."""
+    if isinstance(msg, DataBatch):
+        return {"type": "data", "gw": msg.gw, "stream": msg.stream, "sent_ms": msg.sent_ms,
+                "records": [{"seq": r.seq, "kind": r.kind.name.lower(), "ts_ms": r.ts_ms,
+                             "point": r.point, "value": r.value,
+                             "flags": [f.name.lower() for f in Flag if f and f in r.flags],
+                             **({"attrs": dict(r.attrs)} if r.attrs else {})}
+                            for r in msg.records]}
+    if isinstance(msg, Ack):
+        return {"type": "ack", "stream": msg.stream, "ranges": [list(r) for r in msg.ranges]}
+    if isinstance(msg, State):
+        return {"type": "state", "online": msg.online, "boot_id": msg.boot_id,
+                "version": msg.version, "bearer": msg.bearer, "backlog": msg.backlog,
+                "ts_ms": msg.ts_ms, "stream": msg.stream}
+    return {"type": "birth", "gw": msg.gw, "stream": msg.stream, "boot_id": msg.boot_id,
+            "version": msg.version,
+            "devices": [{"id": d.id, "profile": d.profile, "profile_hash": d.profile_hash,
+                         "points": [{"ordinal": p.ordinal, "key": p.key, "name_zh": p.name_zh,
+                                     "unit": p.unit} for p in d.points]} for d in msg.devices]}
