@@ -1,0 +1,37 @@
+"""Declarative device profiles (YAML, one per device model) and their loader/validator."""
+
+from device_profiles.loader import (
+    AlarmSpec,
+    DeviceProfileError,
+    DuplicateProfileError,
+    Profile,
+    ProfileError,
+    ProfileNotFoundError,
+    ProfilePoint,
+    builtin_profiles_dir,
+    find_profile,
+    load_profile,
+    load_profiles,
+    parse_profile,
+)
+from device_profiles.models import ConstantSim, CounterSim, RandomWalkSim, ReadLimits, WaveSim
+
+__all__ = [
+    "AlarmSpec",
+    "ConstantSim",
+    "CounterSim",
+    "DeviceProfileError",
+    "DuplicateProfileError",
+    "Profile",
+    "ProfileError",
+    "ProfileNotFoundError",
+    "ProfilePoint",
+    "RandomWalkSim",
+    "ReadLimits",
+    "WaveSim",
+    "builtin_profiles_dir",
+    "find_profile",
+    "load_profile",
+    "load_profiles",
+    "parse_profile",
+]

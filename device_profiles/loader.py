@@ -1,0 +1,420 @@
+"""Load and validate device profiles: one YAML file per device model.
+
+A profile names a device model and lists its points: where each lives on the Modbus device,
+how it is encoded, what it means for people (Chinese first) and, optionally, its alarm
+thresholds and how the simulator moves it. Format (see device_profiles/README.md)::
+
+    id: gas-detector-v1           # unique profile id, [a-z0-9-]+
+    model: "GT-2000 可燃气体探测器"
+    name_zh: 可燃气体探测器
+    protocol: modbus              # rtu or tcp is decided by the gateway config
+    byte_order: big               # defaults for the points
+    word_order: big
+    reads: {max_registers: 125, max_bits: 2000, max_gap: 16}   # optional read limits
+    points:
+      - key: gas_lel              # unique within the profile, [a-z0-9_]+
+        name: Combustible gas
+        name_zh: 可燃气体浓度
+        unit: "%LEL"
+        function: 4               # 1 coils, 2 discrete inputs, 3 holding, 4 input registers
+        address: 0
+        type: f32                 # u16 i16 u32 i32 u64 i64 f32 f64 bool bitfield string
+        scale: 1.0                # value = raw * scale + offset
+        offset: 0.0
+        bit: null                 # bool: bit of the register; bitfield: its lowest bit
+        bit_count: 1              # bitfield width
+        length: 1                 # string: registers
+        byte_order: big           # optional, overrides the profile default
+        word_order: big
+        poll: normal              # fast | normal | slow
+        writable: false           # only function 1 or 3
+        sim: {kind: wave, min: 0, max: 12, period_s: 120}
+        alarm: {high1: 25, high2: 50, hysteresis: 2}
+
+Sim kinds: `wave {min, max, period_s, phase_s}`, `random_walk {min, max, step, start}`,
+`constant {value}`, `counter {}` (whole seconds since the simulator started).
+Alarm keys: high1, high2, low1, low2 (level 1 and level 2 thresholds), hysteresis.
+
+Checks beyond the schema: unique point keys, no two points on overlapping registers of one
+function code (bool bits and bitfields may share a register if their bits do not overlap),
+writable points only on coils or holding registers, sim kinds that fit the point's type.
+Every failure is a `ProfileError` that names the file, the field and, when known, the line:
+``gas.yaml:14 points[2].type: 'f33' is not one of u16, i16, …``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from device_profiles.models import (
+    AlarmModel,
+    ConstantSim,
+    CounterSim,
+    ProfileModel,
+    RandomWalkSim,
+    ReadLimits,
+    SimModel,
+    WaveSim,
+)
+from protocols.modbus_points import (
+    BIT_FUNCTIONS,
+    DataType,
+    PointSpec,
+    PointSpecError,
+    register_count,
+)
+
+__all__ = [
+    "AlarmSpec",
+    "DeviceProfileError",
+    "DuplicateProfileError",
+    "Profile",
+    "ProfileError",
+    "ProfileNotFoundError",
+    "ProfilePoint",
+    "builtin_profiles_dir",
+    "find_profile",
+    "load_profile",
+    "load_profiles",
+    "parse_profile",
+]
+
+
+class DeviceProfileError(Exception):
+    """Base of every error of the device_profiles package."""
+
+
+class ProfileError(DeviceProfileError):
+    """A profile file is unreadable or invalid; names the file, the field and the line."""
+
+    def __init__(self, path: str | Path, field: str, message: str, line: int | None = None):
+        self.path = str(path)
+        self.field = field
+        self.message = message
+        self.line = line
+        where = f"{self.path}:{line}" if line is not None else f"{self.path}:"
+        super().__init__(f"{where} {field}: {message}" if field else f"{where} {message}")
+
+
+class DuplicateProfileError(ProfileError):
+    """Two files define the same profile id."""
+
+
+class ProfileNotFoundError(DeviceProfileError):
+    """No profile with that id in the searched folders."""
+
+    def __init__(self, profile_id: str, searched: Iterable[Path]) -> None:
+        self.profile_id = profile_id
+        self.searched = tuple(searched)
+        where = ", ".join(str(p) for p in self.searched)
+        super().__init__(f"no profile {profile_id!r} in {where}")
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmSpec:
+    """Level-1/level-2 thresholds (None when unused) and hysteresis, in the point's unit."""
+
+    high1: float | None = None
+    high2: float | None = None
+    low1: float | None = None
+    low2: float | None = None
+    hysteresis: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePoint:
+    key: str
+    name: str
+    name_zh: str
+    unit: str
+    spec: PointSpec
+    poll: str
+    writable: bool
+    sim: SimModel
+    alarm: AlarmSpec | None
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    id: str
+    model: str
+    name_zh: str
+    protocol: str
+    points: tuple[ProfilePoint, ...]
+    hash: str
+    reads: ReadLimits
+
+    def point(self, key: str) -> ProfilePoint:
+        """The point with that key; KeyError if none."""
+        for p in self.points:
+            if p.key == key:
+                return p
+        raise KeyError(key)
+
+    @property
+    def specs(self) -> tuple[PointSpec, ...]:
+        return tuple(p.spec for p in self.points)
+
+
+def builtin_profiles_dir() -> Path:
+    """The folder of profiles shipped with the package."""
+    return Path(__file__).resolve().parent / "profiles"
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read, validate and convert one profile file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(path, "", f"cannot read: {exc}") from exc
+    return parse_profile(text, source=str(path))
+
+
+def parse_profile(text: str, *, source: str = "<profile>") -> Profile:
+    """Validate profile YAML text; `source` names it in errors."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or exc
+        raise ProfileError(source, "", f"not valid YAML: {problem}", line) from exc
+    if not isinstance(data, dict):
+        raise ProfileError(source, "", "a profile must be a mapping", 1)
+    try:
+        model = ProfileModel.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        # a tagged union puts its tag in the path (points[0].sim.wave.min): drop it
+        raw = tuple(err["loc"])
+        loc = tuple(
+            part for i, part in enumerate(raw)
+            if not (i and raw[i - 1] == "sim" and part in _SIM_KINDS)
+        )
+        raise ProfileError(source, _loc_str(loc), _message(err), _line_of(node, loc)) from exc
+    return _convert(model, source, node)
+
+
+def load_profiles(paths_or_dirs: Iterable[str | Path]) -> dict[str, Profile]:
+    """Load files, and every *.yaml / *.yml of folders, into a dict by profile id."""
+    out: dict[str, Profile] = {}
+    origin: dict[str, Path] = {}
+    for item in paths_or_dirs:
+        item = Path(item)
+        files = (
+            sorted([*item.glob("*.yaml"), *item.glob("*.yml")]) if item.is_dir() else [item]
+        )
+        for file in files:
+            profile = load_profile(file)
+            if profile.id in out:
+                raise DuplicateProfileError(
+                    file, "id", f"profile {profile.id!r} is also defined in {origin[profile.id]}"
+                )
+            out[profile.id] = profile
+            origin[profile.id] = file
+    return out
+
+
+def find_profile(profile_id: str, extra_dirs: Iterable[str | Path] = ()) -> Profile:
+    """The profile with that id from `extra_dirs` (first) or the built-in folder.
+
+    A `profile_id` that is the path of an existing .yaml/.yml file loads that file.
+    """
+    as_path = Path(profile_id)
+    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+        return load_profile(as_path)
+    dirs = [Path(d) for d in extra_dirs] + [builtin_profiles_dir()]
+    for folder in dirs:
+        files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]) if folder.is_dir() else []
+        for file in files:
+            profile = load_profile(file)
+            if profile.id == profile_id:
+                return profile
+    raise ProfileNotFoundError(profile_id, dirs)
+
+
+# ---------------------------------------------------------------- conversion and checks
+
+
+def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profile:
+    def fail(loc: tuple[str | int, ...], message: str) -> ProfileError:
+        return ProfileError(source, _loc_str(loc), message, _line_of(node, loc))
+
+    points: list[ProfilePoint] = []
+    seen: dict[str, int] = {}
+    for i, pm in enumerate(model.points):
+        loc: tuple[str | int, ...] = ("points", i)
+        if pm.key in seen:
+            raise fail((*loc, "key"), f"duplicate key {pm.key!r} (also points[{seen[pm.key]}])")
+        seen[pm.key] = i
+        try:
+            spec = PointSpec(
+                key=pm.key,
+                function=pm.function,
+                address=pm.address,
+                dtype=pm.type,
+                byte_order=pm.byte_order or model.byte_order,
+                word_order=pm.word_order or model.word_order,
+                scale=pm.scale,
+                offset=pm.offset,
+                bit=pm.bit,
+                bit_count=pm.bit_count,
+                length=pm.length,
+            )
+        except PointSpecError as exc:
+            raise fail(loc, exc.reason) from exc
+        if pm.writable and pm.function not in (1, 3):
+            raise fail((*loc, "writable"), "only coils (1) and holding registers (3) are writable")
+        _check_sim(pm.sim, spec, lambda m: fail((*loc, "sim"), m))
+        if pm.alarm is not None and spec.dtype in (DataType.STRING, DataType.BOOL):
+            raise fail((*loc, "alarm"), f"thresholds do not apply to {spec.dtype} points")
+        points.append(
+            ProfilePoint(
+                key=pm.key,
+                name=pm.name,
+                name_zh=pm.name_zh,
+                unit=pm.unit,
+                spec=spec,
+                poll=pm.poll,
+                writable=pm.writable,
+                sim=pm.sim or ConstantSim(kind="constant", value=_zero(spec.dtype)),
+                alarm=_alarm(pm.alarm),
+            )
+        )
+    _check_overlaps(points, fail)
+    canonical = json.dumps(
+        model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return Profile(
+        id=model.id,
+        model=model.model,
+        name_zh=model.name_zh,
+        protocol=model.protocol,
+        points=tuple(points),
+        hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        reads=model.reads,
+    )
+
+
+def _check_sim(sim: SimModel | None, spec: PointSpec, fail: Any) -> None:
+    if sim is None or isinstance(sim, ConstantSim):
+        if sim is not None:
+            if spec.dtype is DataType.STRING and not isinstance(sim.value, str):
+                raise fail("a string point needs a string constant")
+            if spec.dtype is not DataType.STRING and isinstance(sim.value, str):
+                raise fail(f"a {spec.dtype} point needs a numeric constant")
+        return
+    if spec.dtype in (DataType.BOOL, DataType.BITFIELD, DataType.STRING):
+        raise fail(f"{spec.dtype} points take only sim kind constant")
+    if isinstance(sim, CounterSim) and spec.dtype in (DataType.F32, DataType.F64):
+        raise fail("sim kind counter needs an integer type")
+    if isinstance(sim, WaveSim | RandomWalkSim) and sim.max < sim.min:
+        raise fail("max is below min")
+
+
+def _zero(dtype: DataType) -> float | int | bool | str:
+    return {DataType.STRING: "", DataType.BOOL: False}.get(dtype, 0)
+
+
+def _alarm(model: AlarmModel | None) -> AlarmSpec | None:
+    if model is None:
+        return None
+    return AlarmSpec(**model.model_dump())
+
+
+def _check_overlaps(points: list[ProfilePoint], fail: Any) -> None:
+    # Two points may share a register only when both are bits of it and the bits are apart
+    # (a status word: a fault bit beside a state bitfield).
+    owners: dict[tuple[int, int], list[tuple[int, ProfilePoint]]] = {}
+    for i, point in enumerate(points):
+        spec = point.spec
+        for addr in range(spec.address, spec.address + register_count(spec)):
+            owners.setdefault((spec.function, addr), []).append((i, point))
+    for (function, addr), sharing in sorted(owners.items()):
+        if len(sharing) < 2:
+            continue
+        used = 0
+        for i, point in sharing:
+            spec = point.spec
+            if function in BIT_FUNCTIONS or spec.bit is None:
+                other = next(p.key for j, p in sharing if j != i)
+                raise fail(
+                    ("points", i, "address"),
+                    f"function {function} address {addr} overlaps point {other!r}",
+                )
+            mask = ((1 << spec.bit_count) - 1) << spec.bit
+            if used & mask:
+                raise fail(
+                    ("points", i, "bit"),
+                    f"bits of function {function} address {addr} overlap another point",
+                )
+            used |= mask
+
+
+# ---------------------------------------------------------------- error rendering
+
+_SIM_KINDS = frozenset({"wave", "random_walk", "constant", "counter"})
+
+
+def _loc_str(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type")
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "enum" and "expected" in ctx:
+        expected = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
+        return f"{value!r} is not one of {expected}"
+    if kind == "literal_error" and "expected" in ctx:
+        expected = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
+        return f"{value!r} is not one of {expected}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "union_tag_invalid" and "expected_tags" in ctx:
+        return f"{ctx.get('tag')!r} is not one of {str(ctx['expected_tags']).replace(chr(39), '')}"
+    if "input" in err and not isinstance(value, dict | list):
+        return f"{err.get('msg')} (got {value!r})"
+    return str(err.get("msg"))
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """1-based line of the YAML node at `loc`, or of the deepest parent found."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for key_node, value_node in node.value:
+                if getattr(key_node, "value", None) == part:
+                    child = value_node
+                    line = key_node.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(node.value):
+                child = node.value[part]
+                line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
