@@ -1,0 +1,157 @@
+"""`central demo`: the whole system on one machine with nothing installed but the venv.
+
+Starts an embedded broker (or uses `--broker`), central on HTTP, and a simulated fleet:
+every gateway is its own edge-agent process polling its own Modbus TCP simulator process on
+loopback. Central never imports the edge agent: the fleet runs as child processes, as real
+gateways would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import structlog
+import uvicorn
+
+from central.api import create_app
+from central.broker import embedded_broker
+from central.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DemoGateway:
+    id: str
+    devices: tuple[tuple[str, str], ...]  # (device id, profile id)
+
+
+FLEET: tuple[DemoGateway, ...] = (
+    DemoGateway("wh-jiangan-01", (("gas-1", "gas-detector-v1"), ("tank-1", "storage-tank-v1"))),
+    DemoGateway("wh-qingshan-02", (("gas-1", "gas-detector-v1"), ("gas-2", "gas-detector-v1"),
+                                   ("tank-1", "storage-tank-v1"))),
+    DemoGateway("wh-hongshan-03", (("tank-1", "storage-tank-v1"), ("tank-2", "storage-tank-v1"))),
+    DemoGateway("wh-xinzhou-04", (("gas-1", "gas-detector-v1"), ("tank-1", "storage-tank-v1"))),
+)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def _wait_file(path: Path, proc: asyncio.subprocess.Process, timeout: float = 20.0) -> str:
+    async with asyncio.timeout(timeout):
+        while not (path.exists() and path.read_text().strip()):
+            if proc.returncode is not None:
+                raise RuntimeError(f"child exited with {proc.returncode} before it was ready")
+            await asyncio.sleep(0.05)
+    return path.read_text().strip()
+
+
+def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_host: str,
+                   broker_port: int) -> str:
+    """The TOML an operator would write for this gateway."""
+    lines = [
+        "[gateway]",
+        f'id = "{gw.id}"',
+        f'data_dir = "{data_dir}"',
+        "",
+        "[mqtt]",
+        f'host = "{broker_host}"',
+        f"port = {broker_port}",
+        "ack_timeout_s = 5",
+        "",
+    ]
+    for unit, (dev_id, profile) in enumerate(gw.devices, start=1):
+        lines += [
+            "[[devices]]",
+            f'id = "{dev_id}"',
+            f'profile = "{profile}"',
+            f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {sim_port} }}',
+            f"device_id = {unit}",
+            "poll_interval_s = 1.0",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+@contextlib.asynccontextmanager
+async def fleet(root: Path, broker_host: str, broker_port: int,
+                gateways: tuple[DemoGateway, ...] = FLEET) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Start one simulator and one edge agent process per gateway; stop them all on exit."""
+    procs: list[asyncio.subprocess.Process] = []
+    env = _child_env()
+    try:
+        for gw in gateways:
+            gdir = root / gw.id
+            gdir.mkdir(parents=True, exist_ok=True)
+            ready = gdir / "sim.port"
+            ready.unlink(missing_ok=True)
+            args = [sys.executable, "-m", "firmware_stubs.modbus_sim", "--port", "0",
+                    "--ready-file", str(ready)]
+            for _dev, profile in gw.devices:
+                args += ["--profile", profile]
+            sim = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL,
+                                                       stderr=(gdir / "sim.log").open("ab"))
+            procs.append(sim)
+            sim_port = int((await _wait_file(ready, sim)).split("=")[-1])
+            conf = gdir / "site.toml"
+            conf.write_text(gateway_config(gw, data_dir=gdir, sim_port=sim_port,
+                                           broker_host=broker_host, broker_port=broker_port))
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edge_agent", "run", "--config", str(conf), env=env,
+                stdout=(gdir / "agent.log").open("ab"), stderr=asyncio.subprocess.STDOUT)
+            procs.append(agent)
+            log.info("demo_gateway_started", gw=gw.id, devices=len(gw.devices), sim_port=sim_port)
+        yield procs
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                async with asyncio.timeout(5):
+                    await p.wait()
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+
+
+async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: str | None) -> None:
+    """Run broker, central and the fleet until Ctrl-C."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        if broker:
+            url = urlsplit(broker if "://" in broker else f"mqtt://{broker}")
+            host, port = url.hostname or "127.0.0.1", url.port or 1883
+        else:
+            addr = await stack.enter_async_context(embedded_broker())
+            host, port = addr.host, addr.port
+        settings = Settings(db_url=f"sqlite:///{(data_dir / 'central.db').resolve()}",
+                            mqtt_host=host, mqtt_port=port, http_host=http_host, http_port=http_port)
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn.Config(app, host=http_host, port=http_port, log_config=None,
+                                               access_log=False, lifespan="on"))
+        serve = asyncio.create_task(server.serve(), name="http")
+        async with asyncio.timeout(30):
+            while not server.started:
+                if serve.done():
+                    await serve  # raises the startup error
+                    return
+                await asyncio.sleep(0.05)
+        await stack.enter_async_context(fleet(data_dir / "fleet", host, port))
+        print(f"Fieldlink demo: console http://{http_host}:{http_port}/  broker mqtt://{host}:{port}  "
+              f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
+        await serve

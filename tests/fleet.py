@@ -1,0 +1,144 @@
+"""Real processes for end-to-end tests: simulators, edge agents and central, each its own
+process so that a test can SIGKILL any of them."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helpers import free_port, port_open, python_env, wait_for
+
+
+class Child:
+    """One child process with its log file; start, SIGKILL, SIGTERM."""
+
+    def __init__(self, name: str, args: Sequence[str], workdir: Path) -> None:
+        self.name = name
+        self.args = list(args)
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} already running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.args, env=python_env(), stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.workdir)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+class Simulator(Child):
+    """`firmware_stubs.modbus_sim` serving profiles on consecutive device ids on one port."""
+
+    def __init__(self, workdir: Path, profiles: Sequence[str], name: str = "sim") -> None:
+        self.ready = workdir / f"{name}.port"
+        args = [sys.executable, "-m", "firmware_stubs.modbus_sim", "--port", "0",
+                "--ready-file", str(self.ready)]
+        for p in profiles:
+            args += ["--profile", p]
+        super().__init__(name, args, workdir)
+        self.port = 0
+
+    def start(self) -> None:
+        self.ready.unlink(missing_ok=True)
+        super().start()
+        text = wait_for(lambda: self.ready.exists() and self.ready.read_text().strip(), timeout=20,
+                        what=f"{self.name} ready file")
+        self.port = int(str(text).split("=")[-1])
+        # after the first start, keep the same port across restarts
+        self.args = [a if a != "0" else str(self.port) for a in self.args]
+
+
+@dataclass
+class DeviceDef:
+    id: str
+    profile: str
+    unit: int
+
+
+class Agent(Child):
+    """An edge agent process with its own config and data dir."""
+
+    def __init__(self, workdir: Path, gw: str, broker_port: int, sim_port: int,
+                 devices: Sequence[DeviceDef], poll_interval_s: float = 0.25,
+                 ack_timeout_s: float = 3.0, extra: str = "") -> None:
+        self.gw = gw
+        self.data_dir = workdir / gw
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.data_dir / "site.toml"
+        lines = ["[gateway]", f'id = "{gw}"', f'data_dir = "{self.data_dir}"', "",
+                 "[mqtt]", 'host = "127.0.0.1"', f"port = {broker_port}",
+                 f"ack_timeout_s = {ack_timeout_s}", ""]
+        for d in devices:
+            lines += ["[[devices]]", f'id = "{d.id}"', f'profile = "{d.profile}"',
+                      f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {sim_port} }}',
+                      f"device_id = {d.unit}", f"poll_interval_s = {poll_interval_s}", ""]
+        self.config.write_text("\n".join(lines) + extra)
+        super().__init__(f"agent-{gw}", [sys.executable, "-m", "edge_agent", "run", "--config",
+                                         str(self.config)], workdir)
+
+    @property
+    def outbox(self) -> Path:
+        return self.data_dir / "outbox.db"
+
+
+class Central(Child):
+    """`central serve` on a SQLite file, talking to the given broker."""
+
+    def __init__(self, workdir: Path, broker_port: int, db_url: str | None = None,
+                 name: str = "central", extra_args: Sequence[str] = ()) -> None:
+        self.db_path = workdir / f"{name}.db"
+        self.db_url = db_url or f"sqlite:///{self.db_path}"
+        self.http_port = free_port()
+        super().__init__(name, [sys.executable, "-m", "central", "serve", "--db", self.db_url,
+                                "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker_port),
+                                "--http-port", str(self.http_port), *extra_args], workdir)
+
+    def start(self) -> None:
+        super().start()
+        wait_for(lambda: port_open("127.0.0.1", self.http_port), timeout=30,
+                 what=f"{self.name} http port")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def sqlite_rows(path: Path, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+    """Read from a live WAL database without disturbing its writer."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
