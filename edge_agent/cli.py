@@ -1,0 +1,380 @@
+"""`edge-agent`: the technician's command line (typer + rich).
+
+A library first and a CLI on top: every command calls the package's functions and turns our
+own exceptions into one red line and exit status 1 (2 is a usage error, from click). Read
+commands take `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from device_profiles import (
+    DeviceProfileError,
+    Profile,
+    find_profile,
+    load_profile,
+)
+from edge_agent import __version__
+from edge_agent.config import AgentConfig, load_config
+from edge_agent.errors import EdgeError
+from edge_agent.logs import LEVELS
+from protocols.errors import ProtocolError
+
+EXAMPLES = """\
+[bold]Examples[/bold]
+
+  edge-agent run --config /etc/fieldlink/site.toml
+  edge-agent status --config /etc/fieldlink/site.toml --json
+  edge-agent config check /etc/fieldlink/site.toml
+  edge-agent profiles validate /etc/fieldlink/profiles
+  edge-agent profiles show gas-detector-v1 --json
+"""
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(name="edge-agent", help="Fieldlink edge agent: polls field devices, buffers "
+                  "readings in SQLite and syncs them to central over MQTT.",
+                  epilog=EXAMPLES, context_settings=CONTEXT, rich_markup_mode="rich",
+                  no_args_is_help=True, add_completion=False)
+profiles_app = typer.Typer(help="Validate and inspect device profiles.  "
+                           "e.g. [cyan]edge-agent profiles validate profiles/[/cyan]",
+                           context_settings=CONTEXT, no_args_is_help=True,
+                           rich_markup_mode="rich")
+config_app = typer.Typer(help="Check the gateway config file.  "
+                         "e.g. [cyan]edge-agent config check site.toml[/cyan]",
+                         context_settings=CONTEXT, no_args_is_help=True,
+                         rich_markup_mode="rich")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the gateway's TOML config",
+                                         envvar="FIELDLINK_CONFIG", show_envvar=True)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+# Our own errors become a message; anything else is a bug and keeps its traceback.
+_OUR_ERRORS = (EdgeError, DeviceProfileError, ProtocolError)
+
+
+def _fail(message: str) -> NoReturn:
+    lines = message.splitlines() or [message]
+    for line in lines:
+        err.print(f"[red]error:[/red] {escape(line)}")
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except _OUR_ERRORS as exc:
+        _fail(str(exc))
+
+
+def _print_json(obj: Any) -> None:
+    out.print_json(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"edge-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    pass
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+@app.command(short_help="Run the agent in the foreground.  "
+             "e.g. [cyan]edge-agent run -c /etc/fieldlink/site.toml[/cyan]")
+def run(
+    config: ConfigOpt,
+    log_level: Annotated[str, typer.Option(help=f"one of {', '.join(LEVELS)}")] = "info",
+    log_json: Annotated[bool | None, typer.Option(
+        "--log-json/--log-pretty", help="log format (default: JSON unless stdout is a terminal)",
+        show_default=False)] = None,
+) -> None:
+    """Run the agent in the foreground until SIGTERM or Ctrl-C (systemd runs this).
+
+    Example: edge-agent run --config /etc/fieldlink/site.toml
+    """
+    from edge_agent.logs import configure_logging
+    from edge_agent.supervisor import run_agent
+
+    if log_level.lower() not in LEVELS:
+        raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")
+    with _errors():
+        cfg = load_config(config)
+        configure_logging(log_level.lower(), json=log_json, stream=sys.stdout)
+        asyncio.run(run_agent(cfg))
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@app.command(short_help="Backlog, uplink and device health, read-only.  "
+             "e.g. [cyan]edge-agent status -c site.toml --json[/cyan]")
+def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
+    """Show the outbox backlog, the uplink and device health, read-only (daemon up or not).
+
+    Example: edge-agent status --config /etc/fieldlink/site.toml --json
+    """
+    from edge_agent.outbox import read_status
+
+    with _errors():
+        cfg = load_config(config, check_profiles=False)
+        stats = read_status(cfg.outbox_path)
+    report = _status_report(cfg, stats.to_jsonable())
+    if as_json:
+        _print_json(report)
+        return
+    _print_status(report)
+
+
+def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    now_ms = time.time_ns() // 1_000_000
+    meta: dict[str, str] = dict(stats.get("meta") or {})
+    agent: dict[str, Any] | None = None
+    if "agent_status" in meta:
+        try:
+            agent = json.loads(meta.pop("agent_status"))
+        except ValueError:
+            agent = None
+    oldest = stats.get("oldest_undelivered_ts_ms")
+
+    def ms(key: str) -> int | None:
+        value = meta.get(key, "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    running = False
+    if agent and not agent.get("stopped_ms"):
+        fresh = now_ms - int(agent.get("updated_ms", 0)) <= 3_000 * cfg.status.interval_s + 2_000
+        running = fresh and _pid_alive(agent.get("pid"))
+    return {
+        "gateway": cfg.gateway.id,
+        "outbox": str(cfg.outbox_path),
+        "stream": stats.get("stream"),
+        "backlog": stats.get("backlog"),
+        "backlog_by_kind": stats.get("backlog_by_kind"),
+        "oldest_unsent_ts_ms": oldest,
+        "oldest_unsent_age_s": round((now_ms - oldest) / 1000, 1) if oldest else None,
+        "last_seq": stats.get("last_seq"),
+        "delivered_total": stats.get("delivered_total"),
+        "db_bytes": stats.get("db_bytes"),
+        "agent": {"running": running,
+                  **({k: agent.get(k) for k in ("pid", "boot_id", "version", "started_ms",
+                                                 "updated_ms", "stopped_ms")} if agent else {})},
+        "uplink": {"state": meta.get("uplink_state", "unknown"),
+                   "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms")},
+        "devices": (agent or {}).get("devices", []),
+        "meta": meta,
+    }
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user (the service account)
+    return True
+
+
+def _ago(ts_ms: int | None, *, short: bool = False) -> str:
+    if not ts_ms:
+        return "-"
+    secs = max(0, time.time() - ts_ms / 1000)
+    text = f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
+    if short:
+        return f"{text} ago"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts_ms / 1000))
+    return f"{stamp} ({text} ago)"
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    agent = r["agent"]
+    t.add_row("gateway", r["gateway"])
+    t.add_row("agent", ("[green]running[/green]" if agent["running"] else "[yellow]not running[/yellow]")
+              + (f"  pid {agent['pid']}, boot {agent.get('boot_id', '')[:8]}" if agent.get("pid") else ""))
+    t.add_row("outbox", f"{r['outbox']}  ({(r['db_bytes'] or 0) / 1e6:.1f} MB, stream {r['stream']})")
+    t.add_row("backlog", f"{r['backlog']} record(s) " + ", ".join(
+        f"{k} {v}" for k, v in (r["backlog_by_kind"] or {}).items()))
+    t.add_row("oldest unsent", _ago(r["oldest_unsent_ts_ms"]))
+    t.add_row("last seq", str(r["last_seq"]))
+    t.add_row("delivered", str(r["delivered_total"]))
+    up = r["uplink"]
+    colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
+    t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {_ago(up['since_ms'])}")
+    t.add_row("last ack", _ago(up["last_ack_ms"]))
+    out.print(t)
+    if r["devices"]:
+        d = Table("device", "state", "cycles", "timeouts", "exc", "decode err",
+                  "last ok", "last error")
+        for dev in r["devices"]:
+            colour = {"ok": "green", "degraded": "yellow", "offline": "red"}.get(dev["state"], "white")
+            d.add_row(dev["device"], f"[{colour}]{dev['state']}[/{colour}]", str(dev["cycles"]),
+                      str(dev["timeouts"]), str(dev["exceptions"]), str(dev["decode_errors"]),
+                      _ago(dev.get("last_ok_ms"), short=True), escape(dev.get("last_error") or ""))
+        out.print(d)
+
+
+# --- profiles -------------------------------------------------------------------------------
+
+
+@profiles_app.command("validate")
+def profiles_validate(
+    paths: Annotated[list[Path], typer.Argument(help="profile files or folders of *.yaml",
+                                                show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate profile files (folders: every *.yaml / *.yml); exit 1 if any fails.
+
+    Example: edge-agent profiles validate /etc/fieldlink/profiles tank.yaml
+    """
+    files: list[Path] = []
+    problems: list[dict[str, Any]] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+            if not found:
+                problems.append({"file": str(path), "ok": False,
+                                 "error": f"{path}: no *.yaml or *.yml files"})
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append({"file": str(path), "ok": False,
+                             "error": f"{path}: no such file or folder"})
+    results: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for file in files:
+        try:
+            profile = load_profile(file)
+        except DeviceProfileError as exc:
+            results.append({"file": str(file), "ok": False, "error": str(exc)})
+            continue
+        if profile.id in seen:
+            results.append({"file": str(file), "ok": False, "id": profile.id,
+                            "error": f"{file}: id: profile {profile.id!r} is also defined in {seen[profile.id]}"})
+            continue
+        seen[profile.id] = file
+        results.append({"file": str(file), "ok": True, "id": profile.id, "hash": profile.hash,
+                        "points": len(profile.points)})
+    results.extend(problems)
+    failed = [r for r in results if not r["ok"]]
+    if as_json:
+        _print_json({"ok": not failed, "results": results})
+    else:
+        for r in results:
+            if r["ok"]:
+                out.print(f"[green]OK[/green]   {r['id']:<24} {r['points']:>3} points  "
+                          f"{r['hash'][:12]}  {escape(r['file'])}")
+            else:
+                err.print(f"[red]FAIL[/red] {escape(r['error'])}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    profile_id: Annotated[str, typer.Argument(metavar="ID", help="profile id or a .yaml path")],
+    dirs: Annotated[list[Path] | None, typer.Option(
+        "--dir", "-d", help="extra profile folder, searched before the built-in one")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one profile's points, types, addresses, poll tiers and alarm thresholds.
+
+    Example: edge-agent profiles show storage-tank-v1 --dir /etc/fieldlink/profiles
+    """
+    with _errors():
+        profile = find_profile(profile_id, extra_dirs=tuple(dirs or ()))
+    if as_json:
+        _print_json(profile_to_jsonable(profile))
+        return
+    out.print(f"[bold]{profile.id}[/bold]  {escape(profile.model)}  {profile.name_zh}  "
+              f"hash {profile.hash[:12]}")
+    t = Table("key", "名称", "unit", "fn", "addr", "type", "scale", "poll", "rw", "alarm (L2 L1 H1 H2)")
+    for p in profile.points:
+        s = p.spec
+        alarm = "" if p.alarm is None else " ".join(
+            f"{k[0].upper()}{k[-1]} {getattr(p.alarm, k):g}" for k in ("low2", "low1", "high1", "high2")
+            if getattr(p.alarm, k) is not None)
+        t.add_row(p.key, p.name_zh, escape(p.unit), str(s.function), str(s.address),
+                  str(s.dtype), "" if not s.scaled else f"×{s.scale:g}+{s.offset:g}", p.poll,
+                  "w" if p.writable else "", alarm)
+    out.print(t)
+
+
+def profile_to_jsonable(profile: Profile) -> dict[str, Any]:
+    return {
+        "id": profile.id, "model": profile.model, "name_zh": profile.name_zh,
+        "protocol": profile.protocol, "hash": profile.hash,
+        "points": [{"key": p.key, "name": p.name, "name_zh": p.name_zh, "unit": p.unit,
+                    "function": p.spec.function, "address": p.spec.address,
+                    "type": str(p.spec.dtype), "byte_order": str(p.spec.byte_order),
+                    "word_order": str(p.spec.word_order), "scale": p.spec.scale,
+                    "offset": p.spec.offset, "bit": p.spec.bit, "poll": p.poll,
+                    "writable": p.writable,
+                    "alarm": None if p.alarm is None else {
+                        k: getattr(p.alarm, k)
+                        for k in ("high1", "high2", "low1", "low2", "hysteresis")}}
+                   for p in profile.points],
+    }
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="the gateway's TOML config")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a config file and the profiles it names; errors give file:line field.
+
+    Example: edge-agent config check /etc/fieldlink/site.toml
+    """
+    with _errors():
+        cfg = load_config(path)
+    if as_json:
+        _print_json(cfg.model_dump(mode="json"))
+        return
+    enabled = sum(1 for d in cfg.devices if d.enabled)
+    out.print(f"[green]OK[/green] {escape(str(path))}: gateway {cfg.gateway.id}, "
+              f"{len(cfg.devices)} device(s) ({enabled} enabled), broker "
+              f"{cfg.mqtt.host}:{cfg.mqtt.port}, outbox {cfg.outbox_path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cmd: Callable[..., Any] = typer.main.get_command(app)
+    cmd(args=argv, prog_name="edge-agent")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,355 @@
+"""The gateway's one TOML config file, validated at load with errors that name the line.
+
+`load_config(path)` parses the file with `tomllib`, validates it with pydantic models
+(`extra="forbid"`, so a misspelt key is an error, not a silent default) and then checks what
+pydantic cannot: every device's profile exists and device ids are unique. Any failure raises
+`ConfigError` whose message reads like a compiler's:
+`site.toml:12 devices[1].poll_interval_s: Input should be greater than 0`.
+
+tomllib keeps no source positions, so `_LineIndex` scans the text once and maps each key path
+(`("devices", 1, "poll_interval_s")`) to the line that defines it; an error on a key that is
+absent (a required field) points at its table's header line instead.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from device_profiles import DeviceProfileError, Profile, find_profile
+from edge_agent.errors import EdgeError
+from protocols.topics import TopicError, check_gateway_id
+
+Loc = tuple[str | int, ...]
+
+# A device id becomes the first half of a point key ("tank-1/level") and a task name, so it
+# must not contain "/" and should survive being a log field or a metric label.
+_DEVICE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ConfigError(EdgeError):
+    """The config file cannot be read or is invalid; names the file, line and field."""
+
+    def __init__(self, path: Path | str, line: int | None, field: str, message: str,
+                 *, issues: Sequence[ConfigIssue] = ()) -> None:
+        self.path = Path(path)
+        self.line = line
+        self.field = field
+        self.message = message
+        self.issues: tuple[ConfigIssue, ...] = tuple(issues) or (ConfigIssue(line, field, message),)
+        super().__init__("\n".join(i.render(str(path)) for i in self.issues))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    line: int | None
+    field: str
+    message: str
+
+    def render(self, path: str) -> str:
+        where = f"{path}:{self.line}" if self.line else path
+        return f"{where} {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+# --- the models ---------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Model):
+    id: str
+    data_dir: Path = Path("/var/lib/fieldlink")
+
+    @field_validator("id")
+    @classmethod
+    def _gateway_id(cls, value: str) -> str:
+        try:
+            return check_gateway_id(value)
+        except TopicError as exc:
+            raise ValueError(exc.reason) from None
+
+
+class MqttConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    ack_timeout_s: float = Field(10.0, gt=0)
+    batch_size: int = Field(500, ge=1, le=10_000)
+    max_inflight: int = Field(8, ge=1, le=1000)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    client_id: str | None = None
+
+
+class ProfilesConfig(_Model):
+    dirs: list[Path] = Field(default_factory=list)
+
+
+class TcpTransportConfig(_Model):
+    """Modbus TCP (MBAP framing) to a device or a serial-to-Ethernet gateway."""
+
+    kind: Literal["tcp"]
+    host: str
+    port: int = Field(502, ge=1, le=65535)
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+# Modbus RTU joins as a second member of a union discriminated by `kind`.
+TransportConfig = TcpTransportConfig
+
+
+class DeviceConfig(_Model):
+    id: Annotated[str, Field(pattern=_DEVICE_ID_RE)]
+    profile: str
+    transport: TransportConfig
+    # Modbus TCP unit identifier / RTU slave address (Modbus Application Protocol §4.1:
+    # 0 is broadcast on serial lines; TCP gateways pass 1..247 to the serial bus behind them).
+    device_id: int = Field(1, ge=0, le=255)
+    poll_interval_s: float = Field(1.0, gt=0, le=86_400)
+    timeout_s: float = Field(1.0, gt=0, le=60)
+    # Longest wait between reconnect attempts while the device does not answer.
+    backoff_max_s: float = Field(30.0, gt=0, le=3600)
+    # Points tagged `poll: fast` are read every cycle, `normal` every `normal_every` cycles,
+    # `slow` every `slow_every` cycles (a cycle is `poll_interval_s`).
+    normal_every: int = Field(1, ge=1, le=10_000)
+    slow_every: int = Field(10, ge=1, le=10_000)
+    # Override the profile's read limits: some devices refuse long reads or reads across
+    # registers they do not implement.
+    max_registers: int | None = Field(None, ge=1, le=125)
+    max_bits: int | None = Field(None, ge=1, le=2000)
+    max_gap: int | None = Field(None, ge=0, le=125)
+    enabled: bool = True
+
+
+class StatusConfig(_Model):
+    interval_s: float = Field(5.0, gt=0, le=3600)
+
+
+class AgentConfig(_Model):
+    gateway: GatewayConfig
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    # Where the file was loaded from; relative paths in it were resolved against its folder.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.gateway.data_dir / "outbox.db"
+
+    def device(self, device_id: str) -> DeviceConfig:
+        for dev in self.devices:
+            if dev.id == device_id:
+                return dev
+        raise KeyError(device_id)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_config(path: Path | str, *, check_profiles: bool = True) -> AgentConfig:
+    """Read, validate and cross-check one gateway config file, or raise `ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, None, "", f"cannot read: {exc}") from exc
+    return parse_config(text, path, check_profiles=check_profiles)
+
+
+def parse_config(text: str, path: Path | str = "site.toml", *,
+                 check_profiles: bool = True) -> AgentConfig:
+    """Validate config text; `path` names the file in errors and anchors relative paths."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # Python 3.11's TOMLDecodeError has no lineno attribute; the message ends in
+        # "(at line N, column M)".
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise ConfigError(path, int(m.group(1)) if m else None, "", f"TOML syntax: {msg}") from exc
+
+    index = _LineIndex(text)
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        issues = [_issue(index, err["loc"], err["msg"]) for err in exc.errors()]
+        first = issues[0]
+        raise ConfigError(path, first.line, first.field, first.message, issues=issues) from None
+
+    config = _resolve_paths(config, path)
+    issues = list(_cross_checks(config, check_profiles=check_profiles, index=index))
+    if issues:
+        first = issues[0]
+        raise ConfigError(path, first.line, first.field, first.message, issues=issues)
+    return config
+
+
+def _resolve_paths(config: AgentConfig, path: Path) -> AgentConfig:
+    base = path.resolve().parent
+
+    def fix(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else base / p
+
+    gateway = config.gateway.model_copy(update={"data_dir": fix(config.gateway.data_dir)})
+    profiles = config.profiles.model_copy(update={"dirs": [fix(d) for d in config.profiles.dirs]})
+    resolved = config.model_copy(update={"gateway": gateway, "profiles": profiles})
+    resolved._source = path.resolve()
+    return resolved
+
+
+def _cross_checks(config: AgentConfig, *, check_profiles: bool,
+                  index: _LineIndex) -> Iterable[ConfigIssue]:
+    seen: dict[str, int] = {}
+    for i, dev in enumerate(config.devices):
+        if dev.id in seen:
+            yield _issue(index, ("devices", i, "id"),
+                         f"duplicate device id {dev.id!r} (also devices[{seen[dev.id]}])")
+        else:
+            seen[dev.id] = i
+    for i, d in enumerate(config.profiles.dirs):
+        if not d.is_dir():
+            yield _issue(index, ("profiles", "dirs", i), f"not a folder: {d}")
+    if not check_profiles:
+        return
+    found: dict[str, str | None] = {}  # profile id -> error message, None when it loads
+    for i, dev in enumerate(config.devices):
+        if dev.profile not in found:
+            try:
+                find_profile(dev.profile, extra_dirs=tuple(config.profiles.dirs))
+                found[dev.profile] = None
+            except DeviceProfileError as exc:
+                found[dev.profile] = str(exc)
+        if found[dev.profile] is not None:
+            yield _issue(index, ("devices", i, "profile"), str(found[dev.profile]))
+
+
+def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:
+    """The profile of every configured device, by device id (extra dirs win over built-ins)."""
+    by_id: dict[str, Profile] = {}
+    out: dict[str, Profile] = {}
+    for dev in config.devices:
+        if dev.profile not in by_id:
+            by_id[dev.profile] = find_profile(dev.profile, extra_dirs=tuple(config.profiles.dirs))
+        out[dev.id] = by_id[dev.profile]
+    return out
+
+
+def _issue(index: _LineIndex, loc: Sequence[str | int], message: str) -> ConfigIssue:
+    return ConfigIssue(index.line_of(tuple(loc)), format_loc(loc), message)
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """`("devices", 1, "transport", "port")` → `devices[1].transport.port`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or part.startswith("function-"):
+            continue  # pydantic validator wrappers and union tags, not keys of the file
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+# --- where each key is --------------------------------------------------------------------
+
+_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(#.*)?$")
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_INLINE_KEY_RE = re.compile(r"""[{,]\s*([A-Za-z0-9_-]+|"[^"]*"|'[^']*')\s*=""")
+
+
+def _split_key(dotted: str) -> list[str]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", dotted)
+    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+
+def _strip_strings(line: str) -> str:
+    """The line without string contents and comments, to count brackets safely."""
+    out = re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', '""', line)
+    return out.split("#", 1)[0]
+
+
+class _LineIndex:
+    """Maps key paths of a TOML text to 1-based line numbers (best effort, no full parser)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[Loc, int] = {}
+        self._arrays: dict[Loc, int] = {}  # array-of-tables path -> current index
+        prefix: Loc = ()
+        depth = 0  # open brackets of a multi-line array value
+        in_ml: str | None = None  # inside a multi-line string opened by this delimiter
+        for n, line in enumerate(text.splitlines(), start=1):
+            if in_ml is not None:
+                if in_ml in line:
+                    in_ml = None
+                continue
+            if depth > 0:
+                s = _strip_strings(line)
+                depth += s.count("[") - s.count("]")
+                continue
+            header = _HEADER_RE.match(line)
+            if header and header.group(1) == header.group(3)[::-1].replace("]", "["):
+                prefix = self._enter(_split_key(header.group(2)), header.group(1) == "[[", n)
+                continue
+            key = _KEY_RE.match(line)
+            if not key:
+                continue
+            path = prefix + tuple(_split_key(key.group(1)))
+            self.lines.setdefault(path, n)
+            rest = line[key.end():]
+            for delim in ('"""', "'''"):
+                if rest.count(delim) == 1:
+                    in_ml = delim
+            if in_ml is None:
+                s = _strip_strings(rest)
+                depth = max(0, s.count("[") - s.count("]"))
+                if "{" in s:
+                    for inner in _INLINE_KEY_RE.finditer(rest):
+                        self.lines.setdefault(path + tuple(_split_key(inner.group(1))), n)
+
+    def _enter(self, parts: list[str], is_array: bool, n: int) -> Loc:
+        resolved: Loc = ()
+        for i, part in enumerate(parts):
+            resolved = resolved + (part,)
+            last = i == len(parts) - 1
+            if last and is_array:
+                idx = self._arrays.get(resolved, -1) + 1
+                self._arrays[resolved] = idx
+                # Nested arrays restart under a new parent element.
+                for other in [k for k in self._arrays if k[: len(resolved)] == resolved and k != resolved]:
+                    del self._arrays[other]
+                resolved = resolved + (idx,)
+            elif resolved in self._arrays:
+                resolved = resolved + (self._arrays[resolved],)
+        self.lines.setdefault(resolved, n)
+        return resolved
+
+    def line_of(self, loc: Loc) -> int | None:
+        """The line of the deepest part of `loc` the text defines; unknown parts are skipped
+        (pydantic adds union tags and validator names that are not keys of the file)."""
+        best: int | None = None
+        resolved: Loc = ()
+        for part in loc:
+            candidate = resolved + (part,)
+            if candidate in self.lines or any(k[: len(candidate)] == candidate for k in self.lines):
+                resolved = candidate
+                if candidate in self.lines:
+                    best = self.lines[candidate]
+        return best

@@ -1,0 +1,211 @@
+"""The one supervisor of the edge agent: owns the TaskGroup, names every task, restarts the
+ones that crash and stops everything cleanly on SIGTERM/SIGINT.
+
+    outbox (context manager) ─┬─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
+                              ├─ poll[<device>]   DevicePoller.run(), one per enabled device
+                              ├─ status.writer    health snapshot into the outbox meta
+                              └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
+
+Only `_supervised` catches `Exception`: it logs `task_crashed` with the traceback and
+restarts the task after a back-off that doubles up to `RESTART_MAX_S` (reset after a task
+has run for a while). systemd gets READY=1 once every task is started (`Type=notify`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from edge_agent import __version__
+from edge_agent.birth import build_birth
+from edge_agent.config import AgentConfig, resolve_profiles
+from edge_agent.outbox import Outbox
+from edge_agent.poller import DevicePoller
+from edge_agent.transports import TransportPool
+from edge_agent.uplink import Uplink
+
+log = structlog.get_logger(__name__)
+
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 60.0
+STABLE_AFTER_S = 60.0  # a task that ran this long before crashing restarts at the minimum delay
+STATUS_META_KEY = "agent_status"
+
+
+class SystemdNotifier:
+    """sd_notify(3) over `$NOTIFY_SOCKET` without libsystemd: one datagram per message."""
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self.address = address
+        self.watchdog_usec = watchdog_usec
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> SystemdNotifier:
+        env = dict(os.environ) if env is None else env
+        usec: int | None = None
+        # WATCHDOG_PID, when set, names the process that must ping (not a forked child).
+        if env.get("WATCHDOG_USEC", "").isdigit() and env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+            usec = int(env["WATCHDOG_USEC"]) or None
+        return cls(env.get("NOTIFY_SOCKET") or None, usec)
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, message: str) -> bool:
+        if not self.address:
+            return False
+        # An address starting with "@" is in Linux's abstract namespace.
+        addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(addr)
+                sock.sendall(message.encode())
+            return True
+        except OSError as exc:
+            log.warning("sd_notify_failed", error=str(exc))
+            return False
+
+
+@dataclass(slots=True)
+class AgentRuntime:
+    """What the running agent exposes to its status writer (and later metrics/doctor)."""
+
+    config: AgentConfig
+    boot_id: str
+    started_ms: int
+    uplink: Uplink | None = None
+    pollers: list[DevicePoller] = field(default_factory=list)
+    restarts: dict[str, int] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(), "boot_id": self.boot_id, "version": __version__,
+            "gateway": self.config.gateway.id, "started_ms": self.started_ms,
+            "updated_ms": time.time_ns() // 1_000_000,
+            "uplink": {"connected": bool(self.uplink and self.uplink.connected)},
+            "devices": [p.health.to_dict() for p in self.pollers],
+            "restarts": dict(self.restarts),
+        }
+
+
+async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
+                    notifier: SystemdNotifier | None = None,
+                    install_signal_handlers: bool = True) -> None:
+    """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop."""
+    stop = stop or asyncio.Event()
+    notifier = notifier or SystemdNotifier.from_env()
+    boot_id = uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(gw=config.gateway.id)
+    profiles = resolve_profiles(config)
+    config.gateway.data_dir.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, _on_signal, sig, stop)
+                handled.append(sig)
+    runtime = AgentRuntime(config=config, boot_id=boot_id, started_ms=time.time_ns() // 1_000_000)
+    pool = TransportPool()
+    try:
+        async with Outbox.open(config.outbox_path) as outbox:
+            birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
+                                version=__version__)
+            mq = config.mqtt
+            uplink = Uplink(gw=config.gateway.id, outbox=outbox, host=mq.host, port=mq.port,
+                            boot_id=boot_id, version=__version__, birth=birth,
+                            batch_size=mq.batch_size, max_inflight=mq.max_inflight,
+                            ack_timeout_s=mq.ack_timeout_s, keepalive_s=mq.keepalive_s,
+                            client_id=mq.client_id)
+            runtime.uplink = uplink
+            for dev in config.devices:
+                if not dev.enabled:
+                    continue
+                transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
+                runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, outbox))
+            log.info("agent_starting", boot_id=boot_id, version=__version__,
+                     stream=outbox.stream, devices=len(runtime.pollers),
+                     outbox=str(config.outbox_path))
+
+            async with asyncio.TaskGroup() as tg:
+                tasks: list[asyncio.Task[None]] = []
+
+                def spawn(name: str, factory: Callable[[], Awaitable[None]]) -> None:
+                    runtime.restarts.setdefault(name, 0)
+                    tasks.append(tg.create_task(_supervised(name, factory, runtime), name=name))
+
+                spawn("uplink.mqtt", uplink.run)
+                for poller in runtime.pollers:
+                    spawn(f"poll[{poller.device.id}]", poller.run)
+                spawn("status.writer", lambda: _status_loop(outbox, runtime))
+                if notifier.watchdog_usec:
+                    spawn("systemd.watchdog", lambda: _watchdog_loop(notifier))
+                notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s)")
+                log.info("agent_ready", tasks=[t.get_name() for t in tasks])
+                await stop.wait()
+                log.info("agent_stopping")
+                notifier.notify("STOPPING=1")
+                for task in tasks:
+                    task.cancel()
+            # Leave a last snapshot so that `edge-agent status` shows the agent stopped.
+            final = runtime.status() | {"stopped_ms": time.time_ns() // 1_000_000}
+            await outbox.set_meta(STATUS_META_KEY, json.dumps(final, ensure_ascii=False))
+    finally:
+        await pool.close()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        structlog.contextvars.unbind_contextvars("gw")
+    log.info("agent_stopped", boot_id=boot_id)
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    log.info("signal_received", signal=sig.name)
+    stop.set()
+
+
+async def _supervised(name: str, factory: Callable[[], Awaitable[None]],
+                      runtime: AgentRuntime) -> None:
+    """Run `factory()` for ever: restart it with a growing delay when it crashes or returns."""
+    delay = RESTART_MIN_S
+    while True:
+        started = time.monotonic()
+        try:
+            await factory()
+            log.error("task_exited", task=name, restart_in_s=delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task_crashed", task=name, restart_in_s=delay)
+        runtime.restarts[name] = runtime.restarts.get(name, 0) + 1
+        if time.monotonic() - started >= STABLE_AFTER_S:
+            delay = RESTART_MIN_S
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX_S)
+
+
+async def _status_loop(outbox: Outbox, runtime: AgentRuntime) -> None:
+    while True:
+        await outbox.set_meta(STATUS_META_KEY, json.dumps(runtime.status(), ensure_ascii=False))
+        await asyncio.sleep(runtime.config.status.interval_s)
+
+
+async def _watchdog_loop(notifier: SystemdNotifier) -> None:
+    # systemd restarts the unit when pings stop for WatchdogSec; ping at half that. A wedged
+    # event loop stops this task too, which is exactly what the watchdog is for.
+    assert notifier.watchdog_usec
+    interval = notifier.watchdog_usec / 2 / 1_000_000
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
