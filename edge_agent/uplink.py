@@ -1,0 +1,360 @@
+"""The MQTT uplink: drains the outbox to central and marks records delivered on `down/ack`.
+
+DESIGN.md §4: a record is delivered only when central's `down/ack` names it; the broker's
+PUBACK means nothing. Unacknowledged batches go again after `ack_timeout_s` and after every
+reconnect (all in-flight state is dropped on disconnect). A batch is "re-sent" by forgetting
+that it is in flight: its undelivered records come out of `Outbox.next_batch` again, in lane
+order and with fresh backlog flags, and central deduplicates on `(gw, stream, seq)`. While
+no ack at all arrives, the timeout doubles after each expiry (up to 8x), so a silent central
+does not cost a narrow link a full window every `ack_timeout_s`; the next ack resets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import inspect
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import aiomqtt
+import structlog
+
+from edge_agent.errors import EdgeError
+from edge_agent.outbox import Outbox, OutboxError
+from protocols import topics
+from protocols.envelope import Ack, Birth, DataBatch, EnvelopeError, Record, State, decode, encode
+
+log = structlog.get_logger(__name__)
+
+CommandHandler = Callable[[bytes], Awaitable[None] | None]
+
+
+class UplinkError(EdgeError):
+    """Base of the uplink's own errors."""
+
+
+@dataclass(slots=True)
+class UplinkCounters:
+    """Monotonic counters for metrics (mutated only by the uplink)."""
+
+    connects: int = 0
+    batches_sent: int = 0
+    records_sent: int = 0
+    batches_resent: int = 0  # batches whose ack timed out; their records went out again
+    acks: int = 0
+    records_acked: int = 0  # rows newly marked delivered
+    acks_foreign: int = 0  # acks naming another stream
+    acks_malformed: int = 0
+    commands: int = 0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    seqs: list[int]  # sorted
+    sent_at: float  # monotonic
+
+
+_MAX_TIMEOUT_FACTOR = 8
+_STABLE_S = 10.0  # a connection up this long counts as healthy
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Uplink:
+    """One MQTT connection to central, kept up for as long as `run()` runs.
+
+    Example::
+
+        uplink = Uplink(gw="gw-1", outbox=ob, host="broker", port=8883, boot_id=boot,
+                        version=__version__, birth=birth, tls=ssl_context)
+        tg.create_task(uplink.run(), name="uplink.mqtt")
+    """
+
+    def __init__(self, *, gw: str, outbox: Outbox, host: str, port: int, boot_id: str,
+                 version: str, birth: Birth, batch_size: int = 500, max_inflight: int = 8,
+                 ack_timeout_s: float = 10.0, keepalive_s: int = 30, client_id: str | None = None,
+                 tls: ssl.SSLContext | None = None, username: str | None = None,
+                 password: str | None = None, bearer: str = "ip", state_interval_s: float = 10.0,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 on_command: CommandHandler | None = None) -> None:
+        topics.check_gateway_id(gw)
+        if batch_size < 1 or max_inflight < 1 or ack_timeout_s <= 0:
+            raise ValueError("batch_size and max_inflight must be >= 1, ack_timeout_s > 0")
+        self.gw = gw
+        self.outbox = outbox
+        self.host, self.port = host, port
+        self.boot_id, self.version, self.bearer = boot_id, version, bearer
+        self.birth = birth
+        self.batch_size, self.max_inflight = batch_size, max_inflight
+        self.ack_timeout_s, self.keepalive_s = ack_timeout_s, keepalive_s
+        self.client_id = client_id or gw
+        self.tls, self.username, self.password = tls, username, password
+        self.state_interval_s = state_interval_s
+        self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self.on_command = on_command
+        self.connected = False
+        self.counters = UplinkCounters()
+        self._t_state, self._t_birth, self._t_data = (topics.up(gw, n) for n in ("state", "birth", "data"))
+        self._t_ack, self._t_cmd = topics.down(gw, "ack"), topics.down(gw, "cmd")
+        self._inflight: dict[int, _InFlight] = {}
+        self._inflight_seqs: set[int] = set()
+        self._batch_ids = 0
+        self._wake = asyncio.Event()
+        self._backlog = 0
+        self._foreign_logged: set[str] = set()
+        self._down_logged = False
+        # Grows while central stays silent so that a dead central does not cost the link a
+        # full window every ack_timeout_s; any ack resets it.
+        self._timeout_factor = 1
+
+    def notify(self) -> None:
+        """Wake the send loop (new records, a freed slot); cheap, callable any time on the loop."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Records sent and not yet acknowledged."""
+        return len(self._inflight_seqs)
+
+    # --- connection ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep connected and drain the outbox until cancelled."""
+        remove_listener = self.outbox.add_append_listener(self.notify)
+        backoff = self.backoff_initial_s
+        try:
+            while True:
+                up_since: float | None = None
+                try:
+                    async with self._client() as client:
+                        up_since = time.monotonic()
+                        await self._session(client)
+                except* aiomqtt.MqttError as group:
+                    await self._went_down(group.exceptions[0])
+                # Only a connection that held resets the back-off: a broker that accepts and
+                # drops at once (ACL, a twin with our client id) must not be hammered.
+                if up_since is not None and time.monotonic() - up_since >= _STABLE_S:
+                    backoff = self.backoff_initial_s
+                # Jittered so that a city of gateways does not reconnect in lockstep.
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.backoff_max_s)
+        finally:
+            remove_listener()
+            self._drop_inflight()
+            if self.connected:
+                self.connected = False
+                with contextlib.suppress(OutboxError, asyncio.CancelledError):
+                    await asyncio.shield(self.outbox.set_meta("uplink_state", "stopped"))
+
+    def _client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(topic=self._t_state, payload=encode(self._state(online=False)),
+                            qos=1, retain=True)
+        return aiomqtt.Client(self.host, self.port, identifier=self.client_id,
+                              clean_session=False, will=will, keepalive=self.keepalive_s,
+                              protocol=aiomqtt.ProtocolVersion.V311, tls_context=self.tls,
+                              username=self.username, password=self.password,
+                              timeout=max(self.ack_timeout_s, 5.0))
+
+    def _state(self, *, online: bool) -> State:
+        return State(online=online, boot_id=self.boot_id, version=self.version,
+                     bearer=self.bearer, backlog=self._backlog, ts_ms=_now_ms(),
+                     stream=self.outbox.stream)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        try:
+            await self._announce(client)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive_loop(client), name="uplink.receive")
+                tg.create_task(self._send_loop(client), name="uplink.send")
+                tg.create_task(self._state_loop(client), name="uplink.state")
+        except asyncio.CancelledError:
+            # A clean DISCONNECT suppresses the Will, so say "offline" ourselves.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self._t_state, encode(self._state(online=False)),
+                                     qos=1, retain=True, timeout=1.0)
+            raise
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        # The previous connection's batches may be lost anywhere: send everything again.
+        self._drop_inflight()
+        await client.subscribe(self._t_ack, qos=1)
+        await client.subscribe(self._t_cmd, qos=1)
+        await self._refresh_backlog()
+        await client.publish(self._t_state, encode(self._state(online=True)), qos=1, retain=True)
+        birth = replace(self.birth, gw=self.gw, stream=self.outbox.stream,
+                        boot_id=self.boot_id, version=self.version)
+        await client.publish(self._t_birth, encode(birth), qos=1)
+        self.connected = True
+        self.counters.connects += 1
+        self._down_logged = False
+        log.info("uplink_connected", host=self.host, port=self.port, backlog=self._backlog)
+        await self._set_meta("uplink_state", "connected")
+        await self._set_meta("uplink_since_ms", str(_now_ms()))
+
+    async def _went_down(self, exc: BaseException) -> None:
+        was_up = self.connected
+        self.connected = False
+        self._drop_inflight()
+        if was_up or not self._down_logged:
+            # Once per outage, not once per attempt.
+            log.warning("uplink_disconnected", host=self.host, port=self.port, error=str(exc))
+            self._down_logged = True
+            await self._set_meta("uplink_state", "disconnected")
+            await self._set_meta("uplink_since_ms", str(_now_ms()))
+        else:
+            log.debug("uplink_connect_failed", error=str(exc))
+
+    async def _set_meta(self, key: str, value: str) -> None:
+        try:
+            await self.outbox.set_meta(key, value)
+        except OutboxError as exc:
+            log.warning("uplink_meta_failed", key=key, error=str(exc))
+
+    async def _refresh_backlog(self) -> None:
+        try:
+            self._backlog = (await self.outbox.stats()).backlog
+        except OutboxError as exc:
+            log.warning("uplink_stats_failed", error=str(exc))
+
+    # --- loops -----------------------------------------------------------------------------
+
+    async def _receive_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+            if message.topic.matches(self._t_ack):
+                await self._handle_ack(payload)
+            elif message.topic.matches(self._t_cmd):
+                await self._handle_command(payload)
+
+    async def _handle_ack(self, payload: bytes) -> None:
+        try:
+            ack = decode(payload)
+        except EnvelopeError as exc:
+            ack = None
+            log.warning("ack_malformed", error=str(exc))
+        if not isinstance(ack, Ack):
+            self.counters.acks_malformed += 1
+            return
+        if ack.stream != self.outbox.stream:
+            self.counters.acks_foreign += 1
+            if ack.stream not in self._foreign_logged:
+                self._foreign_logged.add(ack.stream)
+                log.warning("ack_foreign_stream", stream=ack.stream, ours=self.outbox.stream)
+            return
+        self.counters.acks += 1
+        try:
+            self.counters.records_acked += await self.outbox.mark_delivered(ack.ranges)
+        except OutboxError as exc:
+            # Not marked: the records go again after the timeout and central acks them again.
+            log.warning("ack_mark_failed", error=str(exc))
+            return
+        self._forget_acked(ack.ranges)
+        self._timeout_factor = 1
+        self.notify()
+
+    async def _handle_command(self, payload: bytes) -> None:
+        self.counters.commands += 1
+        if self.on_command is None:
+            log.warning("command_ignored", reason="no handler", size=len(payload))
+            return
+        try:
+            result = self.on_command(payload)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # a bad handler must not take the ack path down with it
+            log.exception("command_handler_failed", size=len(payload))
+
+    async def _send_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            self._expire_unacked()
+            if len(self._inflight) < self.max_inflight:
+                self._wake.clear()  # before reading, so an append during the read is not missed
+                try:
+                    records = await self.outbox.next_batch(self.batch_size,
+                                                           exclude=self._inflight_seqs)
+                except OutboxError as exc:
+                    log.warning("outbox_read_failed", error=str(exc))
+                    records = []
+                    await asyncio.sleep(1.0)
+                if records:
+                    await self._publish(client, records)
+                    continue
+            await self._idle(self._next_expiry_in())
+
+    async def _publish(self, client: aiomqtt.Client, records: list[Record]) -> None:
+        self._batch_ids += 1
+        seqs = sorted(r.seq for r in records)
+        # In flight before the publish returns: the ack may beat our PUBACK.
+        self._inflight[self._batch_ids] = _InFlight(seqs, time.monotonic())
+        self._inflight_seqs.update(seqs)
+        batch = DataBatch(gw=self.gw, stream=self.outbox.stream, records=tuple(records),
+                          sent_ms=_now_ms())
+        await client.publish(self._t_data, encode(batch), qos=1)
+        self.counters.batches_sent += 1
+        self.counters.records_sent += len(records)
+
+    async def _state_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(self.state_interval_s)
+            await self._refresh_backlog()
+            await client.publish(self._t_state, encode(self._state(online=True)), qos=1,
+                                 retain=True)
+
+    async def _idle(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, min(0.5, timeout))):
+                await self._wake.wait()
+
+    # --- in-flight bookkeeping -------------------------------------------------------------
+
+    def _forget_acked(self, ranges: tuple[tuple[int, int], ...]) -> None:
+        starts = [a for a, _ in ranges]
+
+        def acked(seq: int) -> bool:
+            i = bisect.bisect_right(starts, seq) - 1
+            return i >= 0 and seq <= ranges[i][1]
+
+        for bid, fl in list(self._inflight.items()):
+            left = [s for s in fl.seqs if not acked(s)]
+            if len(left) != len(fl.seqs):
+                self._inflight_seqs.difference_update(s for s in fl.seqs if acked(s))
+                if left:
+                    fl.seqs = left
+                else:
+                    del self._inflight[bid]
+
+    def _ack_timeout(self) -> float:
+        return self.ack_timeout_s * self._timeout_factor
+
+    def _expire_unacked(self) -> None:
+        deadline = time.monotonic() - self._ack_timeout()
+        expired = [bid for bid, fl in self._inflight.items() if fl.sent_at <= deadline]
+        for bid in expired:
+            fl = self._inflight.pop(bid)
+            self._inflight_seqs.difference_update(fl.seqs)
+            self.counters.batches_resent += 1
+            log.info("batch_ack_timeout", records=len(fl.seqs), first=fl.seqs[0],
+                     timeout_s=self._ack_timeout())
+        if expired:
+            self._timeout_factor = min(self._timeout_factor * 2, _MAX_TIMEOUT_FACTOR)
+
+    def _next_expiry_in(self) -> float:
+        if not self._inflight:
+            return self._ack_timeout()
+        oldest = min(fl.sent_at for fl in self._inflight.values())
+        return oldest + self._ack_timeout() - time.monotonic()
+
+    def _drop_inflight(self) -> None:
+        self._timeout_factor = 1
+        self._inflight.clear()
+        self._inflight_seqs.clear()
+
+
+__all__ = ["CommandHandler", "Uplink", "UplinkCounters", "UplinkError"]
