@@ -134,11 +134,20 @@ class StatusConfig(_Model):
     interval_s: float = Field(5.0, gt=0, le=3600)
 
 
+class OutboxConfig(_Model):
+    # How long delivered records stay in the outbox before pruning (0: prune at once). A
+    # technician may keep a day of history on site; the tests keep everything to compare.
+    keep_delivered_s: float = Field(0.0, ge=0)
+    # Telemetry older than this is sent flagged as historical (backlog), not live.
+    live_window_s: float = Field(300.0, gt=0)
+
+
 class AgentConfig(_Model):
     gateway: GatewayConfig
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
     # Where the file was loaded from; relative paths in it were resolved against its folder.
     _source: Path | None = PrivateAttr(default=None)

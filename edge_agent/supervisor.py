@@ -120,7 +120,9 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     runtime = AgentRuntime(config=config, boot_id=boot_id, started_ms=time.time_ns() // 1_000_000)
     pool = TransportPool()
     try:
-        async with Outbox.open(config.outbox_path) as outbox:
+        async with Outbox.open(config.outbox_path,
+                               keep_delivered_s=config.outbox.keep_delivered_s,
+                               live_window_s=config.outbox.live_window_s) as outbox:
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
             mq = config.mqtt

@@ -249,35 +249,43 @@ def _decode_data(obj: Mapping[str, Any]) -> DataBatch:
     return DataBatch(gw=gw, stream=stream, records=records, sent_ms=sent)
 
 
+_KINDS = {int(k): k for k in RecordKind}
+_FLAGS = {int(f): Flag(f) for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
+_SCALARS = (int, float, str)
+
+
 def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
-    where = f"r[{i}]"
-    if not isinstance(row, list) or len(row) not in (6, 7):
-        raise MalformedEnvelopeError(where, "expected [seq, kind, ts, point, value, flags, attrs?]")
+    # The hot path of central's ingest: type checks by exact class and table look-ups
+    # instead of enum constructors (bool is a subclass of int, so `type(x) is int` excludes it).
+    if type(row) is not list or not 6 <= len(row) <= 7:
+        raise MalformedEnvelopeError(f"r[{i}]", "expected [seq, kind, ts, point, value, flags, attrs?]")
     seq, kind, ts, pidx, value, flags = row[:6]
-    for name, v in (("seq", seq), ("kind", kind), ("ts", ts), ("point", pidx), ("flags", flags)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise MalformedEnvelopeError(f"{where}.{name}", f"expected int, got {type(v).__name__}")
+    if not (type(seq) is int and type(ts) is int and type(pidx) is int):
+        for name, v in (("seq", seq), ("ts", ts), ("point", pidx)):
+            if type(v) is not int:
+                raise MalformedEnvelopeError(f"r[{i}].{name}", f"expected int, got {type(v).__name__}")
     if seq < 1:
-        raise MalformedEnvelopeError(f"{where}.seq", f"must be >= 1, got {seq}")
-    try:
-        rkind = RecordKind(kind)
-    except ValueError:
-        raise MalformedEnvelopeError(f"{where}.kind", f"unknown record kind {kind}") from None
+        raise MalformedEnvelopeError(f"r[{i}].seq", f"must be >= 1, got {seq}")
+    rkind = _KINDS.get(kind) if type(kind) is int else None
+    if rkind is None:
+        raise MalformedEnvelopeError(f"r[{i}].kind", f"unknown record kind {kind!r}")
+    rflags = _FLAGS.get(flags) if type(flags) is int else None
+    if rflags is None:
+        raise MalformedEnvelopeError(f"r[{i}].flags", f"unknown flags {flags!r}")
     if pidx < -1 or pidx >= len(pts):
-        raise MalformedEnvelopeError(f"{where}.point", f"index {pidx} outside pts[{len(pts)}]")
-    if value is not None and not isinstance(value, (int, float, str)):
-        raise MalformedEnvelopeError(f"{where}.value", f"unsupported type {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise MalformedEnvelopeError(f"{where}.value", "not finite")
-    if flags < 0 or flags > int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY):
-        raise MalformedEnvelopeError(f"{where}.flags", f"unknown flags {flags}")
+        raise MalformedEnvelopeError(f"r[{i}].point", f"index {pidx} outside pts[{len(pts)}]")
+    if value is not None:
+        if type(value) is float:
+            if not math.isfinite(value):
+                raise MalformedEnvelopeError(f"r[{i}].value", "not finite")
+        elif not isinstance(value, _SCALARS):
+            raise MalformedEnvelopeError(f"r[{i}].value", f"unsupported type {type(value).__name__}")
     attrs = None
     if len(row) == 7:
         attrs = row[6]
-        if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
-            raise MalformedEnvelopeError(f"{where}.attrs", "expected a map with string keys")
-    return Record(seq=seq, kind=rkind, ts_ms=ts, point=None if pidx == -1 else pts[pidx],
-                  value=value, flags=Flag(flags), attrs=attrs)
+        if type(attrs) is not dict or not all(type(k) is str for k in attrs):
+            raise MalformedEnvelopeError(f"r[{i}].attrs", "expected a map with string keys")
+    return Record(seq, rkind, ts, None if pidx == -1 else pts[pidx], value, rflags, attrs)
 
 
 def _decode_ack(obj: Mapping[str, Any]) -> Ack:

@@ -1,0 +1,309 @@
+"""Central's HTTP API and console (DESIGN.md §1): `create_app(settings)` builds the server.
+
+The lifespan opens storage and runs the MQTT ingest task; both live on `app.state`. Errors are
+problem JSON (RFC 9457): 404 for an unknown gateway, device or point, 422 for bad parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from central import __version__
+from central.errors import CentralError
+from central.ingest import Ingest
+from central.metrics import Metrics
+from central.settings import Settings
+from central.storage import (
+    BadRefError,
+    Gateway,
+    NotFoundError,
+    Point,
+    Storage,
+    open_storage,
+)
+
+log = structlog.get_logger(__name__)
+STATIC = Path(__file__).parent / "static"
+PROBLEM = "application/problem+json"
+DAY_MS = 86_400_000
+
+
+class TimeParamError(CentralError):
+    def __init__(self, name: str, value: str) -> None:
+        super().__init__(f"{name}={value!r}: expected epoch milliseconds or ISO-8601")
+        self.name = name
+        self.value = value
+
+
+# --- response models --------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Health(_Out):
+    status: str
+    db: bool
+    mqtt_connected: bool
+    version: str
+
+
+class GatewayOut(_Out):
+    gw: str
+    online: bool  # effective: its state says online AND it was heard within offline_after_s
+    state_online: bool
+    stream: str | None
+    boot_id: str | None
+    version: str | None
+    bearer: str | None
+    backlog: int | None
+    last_seen_ms: int | None
+    state_ts_ms: int | None
+
+
+class LatestOut(_Out):
+    ts_ms: int
+    value: float | None
+    text: str | None
+
+
+class PointOut(_Out):
+    ref: str
+    device: str
+    point: str
+    name_zh: str
+    unit: str
+    latest: LatestOut | None
+
+
+class DeviceOut(_Out):
+    ref: str
+    device: str
+    profile: str
+    points: list[PointOut]
+
+
+class GatewayDetail(GatewayOut):
+    devices: list[DeviceOut]
+
+
+class SampleOut(_Out):
+    ts_ms: int
+    value: float | None
+    text: str | None
+    flags: int
+
+
+class SeriesOut(_Out):
+    point: str
+    from_ms: int
+    to_ms: int
+    limit: int
+    truncated: bool  # more samples exist in the window: ask again from the last ts + 1
+    samples: list[SampleOut]
+
+
+class Problem(_Out):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, object]] | None = None
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def parse_time(name: str, value: str | None, default: int) -> int:
+    """Epoch milliseconds or ISO-8601 (naive means UTC) → epoch milliseconds."""
+    if value is None or value == "":
+        return default
+    v = value.strip()
+    if v.lstrip("-").isdigit():
+        return int(v)
+    try:
+        dt = datetime.fromisoformat(v)
+    except ValueError:
+        raise TimeParamError(name, value) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _gateway_out(g: Gateway, offline_after_s: float, now_ms: int) -> GatewayOut:
+    heard = g.last_seen_ms if g.last_seen_ms is not None else g.state_ts_ms
+    fresh = heard is not None and now_ms - heard <= offline_after_s * 1000
+    return GatewayOut(gw=g.gw, online=g.online and fresh, state_online=g.online, stream=g.stream,
+                      boot_id=g.boot_id, version=g.version, bearer=g.bearer, backlog=g.backlog,
+                      last_seen_ms=g.last_seen_ms, state_ts_ms=g.state_ts_ms)
+
+
+def _point_out(p: Point) -> PointOut:
+    latest = None if p.latest is None else LatestOut(ts_ms=p.latest.ts_ms, value=p.latest.value,
+                                                     text=p.latest.text)
+    return PointOut(ref=p.ref, device=p.device, point=p.point, name_zh=p.name_zh, unit=p.unit,
+                    latest=latest)
+
+
+def _problem(status: int, title: str, detail: str,
+             errors: list[dict[str, object]] | None = None) -> JSONResponse:
+    body = Problem(title=title, status=status, detail=detail, errors=errors)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM)
+
+
+async def _supervise(ingest: Ingest) -> None:
+    """The one place that catches `Exception`: log it and restart the ingest loop."""
+    while True:
+        try:
+            await ingest.run()
+        except Exception:
+            log.exception("task_crashed", task="ingest.mqtt")
+            await asyncio.sleep(1.0)
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
+    """Build central's FastAPI app; `run_ingest=False` serves the API without MQTT."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        storage = open_storage(settings.db_url)
+        metrics = Metrics()
+        await storage.open()
+        ingest = Ingest(settings, storage, metrics)
+        app.state.settings = settings
+        app.state.storage = storage
+        app.state.metrics = metrics
+        app.state.ingest = ingest
+        task = (asyncio.create_task(_supervise(ingest), name="ingest.mqtt") if run_ingest
+                else None)
+        app.state.ingest_task = task
+        log.info("central_started", version=__version__, db=settings.db_url,
+                 http_port=settings.http_port, ingest=run_ingest)
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await storage.close()
+            log.info("central_stopped")
+
+    app = FastAPI(title="Fieldlink central", version=__version__, lifespan=lifespan,
+                  description="Gateways, devices, latest values and series (DESIGN.md §4).")
+
+    def storage_of(request: Request) -> Storage:
+        return request.app.state.storage  # type: ignore[no-any-return]
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return _problem(404, f"Unknown {exc.kind}", str(exc))
+
+    @app.exception_handler(BadRefError)
+    async def bad_ref(_: Request, exc: BadRefError) -> JSONResponse:
+        return _problem(422, "Bad reference", str(exc))
+
+    @app.exception_handler(TimeParamError)
+    async def bad_time(_: Request, exc: TimeParamError) -> JSONResponse:
+        return _problem(422, "Bad time parameter", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))}
+                  for e in exc.errors()]
+        return _problem(422, "Invalid request", "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors), errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _problem(exc.status_code, "HTTP error", str(exc.detail))
+
+    problems: dict[int | str, dict[str, object]] = {
+        404: {"model": Problem, "description": "Unknown gateway, device or point"},
+        422: {"model": Problem, "description": "Bad parameter"}}
+
+    @app.get("/api/health", response_model=Health, tags=["ops"])
+    async def health(request: Request) -> Health:
+        db_ok = await storage_of(request).ping()
+        mqtt = request.app.state.ingest.connected
+        return Health(status="ok" if db_ok else "degraded", db=db_ok, mqtt_connected=mqtt,
+                      version=__version__)
+
+    @app.get("/api/gateways", response_model=list[GatewayOut], tags=["gateways"])
+    async def gateways(request: Request) -> list[GatewayOut]:
+        now = _now_ms()
+        return [_gateway_out(g, settings.offline_after_s, now)
+                for g in await storage_of(request).list_gateways()]
+
+    @app.get("/api/gateways/{gw}", response_model=GatewayDetail, responses=problems,
+             tags=["gateways"])
+    async def gateway(request: Request, gw: str) -> GatewayDetail:
+        storage = storage_of(request)
+        g = await storage.get_gateway(gw)
+        devices = await storage.list_devices(gw)
+        points = await storage.latest_values(gw)
+        by_device: dict[str, list[PointOut]] = {}
+        for p in points:
+            by_device.setdefault(p.device, []).append(_point_out(p))
+        base = _gateway_out(g, settings.offline_after_s, _now_ms())
+        return GatewayDetail(**base.model_dump(), devices=[
+            DeviceOut(ref=d.ref, device=d.device, profile=d.profile,
+                      points=by_device.get(d.device, [])) for d in devices])
+
+    @app.get("/api/devices/{device}/points", response_model=list[PointOut], responses=problems,
+             tags=["devices"])
+    async def device_points(request: Request, device: str) -> list[PointOut]:
+        return [_point_out(p) for p in await storage_of(request).device_points(device)]
+
+    @app.get("/api/points/{point:path}/series", response_model=SeriesOut, responses=problems,
+             tags=["points"])
+    async def series(
+        request: Request, point: str,
+        from_: Annotated[str | None, Query(alias="from",
+                                           description="epoch ms or ISO-8601")] = None,
+        to: Annotated[str | None, Query(description="epoch ms or ISO-8601; default now")] = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    ) -> SeriesOut:
+        to_ms = parse_time("to", to, _now_ms())
+        from_ms = parse_time("from", from_, to_ms - DAY_MS)
+        if from_ms > to_ms:
+            raise TimeParamError("from", f"{from_} (after to)")
+        rows = await storage_of(request).series(point, from_ms, to_ms, limit + 1)
+        return SeriesOut(point=point, from_ms=from_ms, to_ms=to_ms, limit=limit,
+                         truncated=len(rows) > limit,
+                         samples=[SampleOut(ts_ms=s.ts_ms, value=s.value, text=s.text,
+                                            flags=s.flags) for s in rows[:limit]])
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.app.state.metrics.render(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def console() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,145 @@
+"""`central` command line: a thin typer layer over the library (STYLE.md §10).
+
+Exit codes: 0 ok, 1 error (a `CentralError` turned into one clear line), 2 usage.
+Commands register on the module-level `app`; `central.demo` adds `demo` (registered below).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from central import __version__
+from central.errors import CentralError
+
+app = typer.Typer(
+    name="central",
+    help="Fieldlink central: MQTT ingest, storage, API and the duty officers' console.\n\n"
+         "Example: central serve --db sqlite:///central.db --mqtt-port 1883",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"central {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Fieldlink central.
+
+    Example: central serve --db sqlite:///central.db --mqtt-port 1883
+    """
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
+                                                exists=True, dir_okay=False)] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL, sqlite:///PATH.")] = None,
+    mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
+    mqtt_client_id: Annotated[str | None, typer.Option(help="Fixed MQTT client id.")] = None,
+    shared: Annotated[bool | None, typer.Option(
+        "--shared/--no-shared", help="Subscribe via $share/central/... (several workers).")] = None,
+    http_host: Annotated[str | None, typer.Option(help="HTTP listen address.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    offline_after: Annotated[float | None, typer.Option(
+        help="Seconds of silence after which a gateway shows offline.")] = None,
+    log_json: Annotated[bool | None, typer.Option(
+        "--log-json/--log-pretty", help="Log format; default JSON unless stdout is a tty.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run the HTTP API, the console and MQTT ingest until stopped.
+
+    Settings come from --config, then FIELDLINK_CENTRAL_* variables, then these flags.
+
+    Example: central serve --db sqlite:///central.db --mqtt-port 1883
+    """
+    import uvicorn
+
+    from central.api import create_app
+    from central.logs import configure_logging
+    from central.settings import load_settings
+
+    try:
+        settings = load_settings(
+            config, env=os.environ, db_url=db, mqtt_host=mqtt_host, mqtt_port=mqtt_port,
+            mqtt_client_id=mqtt_client_id, mqtt_shared=shared, http_host=http_host,
+            http_port=http_port, offline_after_s=offline_after)
+    except CentralError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    configure_logging(json=log_json, level=log_level)
+    try:
+        uv = uvicorn.Config(create_app(settings), host=settings.http_host,
+                            port=settings.http_port, log_config=None, access_log=False,
+                            lifespan="on")
+        server = uvicorn.Server(uv)
+        server.run()
+    except CentralError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    if not server.started:
+        # uvicorn failed to start (port taken, lifespan failed); it has logged why.
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where central's database, the gateways' "
+                                                "outboxes and the logs go.")] = Path("demo-data"),
+    http_host: Annotated[str, typer.Option(help="HTTP listen address.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP port of the console and API.")] = 8080,
+    broker: Annotated[str | None, typer.Option(
+        help="Use this MQTT broker (mqtt://HOST:PORT) instead of the embedded one.")] = None,
+    log_json: Annotated[bool | None, typer.Option(
+        "--log-json/--log-pretty", help="Log format; default JSON unless stdout is a tty.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+) -> None:
+    """Run the whole system on this machine: an embedded MQTT broker on a free port, central,
+    and a simulated fleet of 4 gateways, each an edge-agent process polling its own Modbus TCP
+    simulator. Ctrl-C stops everything.
+
+    Example: central demo --http-port 8080
+    """
+    import asyncio
+
+    from central.demo import run_demo
+    from central.logs import configure_logging
+
+    configure_logging(json=log_json, level=log_level)
+    try:
+        asyncio.run(run_demo(data_dir=data_dir, http_host=http_host, http_port=http_port,
+                             broker=broker))
+    except KeyboardInterrupt:
+        pass
+    except (CentralError, OSError, RuntimeError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def main() -> None:
+    """Console-script entry point (`central`)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""MQTT ingest (DESIGN.md §4.3, §9): subscribe to every gateway's `up/`, store, then ack.
+
+The invariant: a `down/ack` names only seqs whose transaction has committed. Messages already
+queued are drained (up to `ingest_drain_max` batches) and written in one transaction, then
+each batch is acked — duplicates too, since central holds them. Bad input is logged once per
+message with its class, counted, and never stops the loop. On disconnect (the broker may be
+SIGKILLed at any time) the loop reconnects with capped, jittered back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiomqtt
+import structlog
+
+from central import __version__
+from central.errors import CentralError
+from central.metrics import Metrics
+from central.settings import Settings
+from central.storage import DatabaseWriteError, Storage
+from protocols import topics
+from protocols.envelope import (
+    Ack,
+    Birth,
+    DataBatch,
+    EnvelopeError,
+    Message,
+    State,
+    decode,
+    encode,
+    ranges_from_seqs,
+)
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 10.0
+_EXPECTED = {"data": DataBatch, "state": State, "birth": Birth}
+
+
+class IngestError(CentralError):
+    """Base of ingest's own errors about a message."""
+
+
+class GatewayMismatchError(IngestError):
+    def __init__(self, topic_gw: str, payload_gw: str) -> None:
+        super().__init__(f"topic names gateway {topic_gw!r}, payload names {payload_gw!r}")
+        self.topic_gw = topic_gw
+        self.payload_gw = payload_gw
+
+
+class MessageTypeMismatchError(IngestError):
+    def __init__(self, topic_name: str, got: str) -> None:
+        super().__init__(f"topic up/{topic_name} carries a {got} message")
+        self.topic_name = topic_name
+        self.got = got
+
+
+class BadPointKeyError(IngestError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"point key {key!r} is not device/point")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message that passed every check, with the gateway its topic names."""
+
+    gw: str
+    msg: Message
+    retained: bool
+
+
+def check_message(topic: str, payload: bytes, retained: bool = False) -> Inbound:
+    """Validate one MQTT message against the contract; raises `TopicError`, `EnvelopeError`
+    or an `IngestError` subclass."""
+    t = topics.parse(topic)
+    if t.direction != "up":
+        raise topics.TopicError(topic, "central ingests only up/ topics")
+    msg = decode(payload)
+    if not isinstance(msg, _EXPECTED[t.name]):
+        raise MessageTypeMismatchError(t.name, type(msg).__name__)
+    if isinstance(msg, (DataBatch, Birth)) and msg.gw != t.gw:
+        raise GatewayMismatchError(t.gw, msg.gw)
+    if isinstance(msg, DataBatch):
+        for r in msg.records:
+            if r.point is not None and "/" not in r.point:
+                raise BadPointKeyError(r.point)
+    return Inbound(gw=t.gw, msg=msg, retained=retained)
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return b""
+
+
+class Ingest:
+    """The MQTT ingest worker. `run()` is the `ingest_loop`; it returns only when cancelled."""
+
+    def __init__(self, settings: Settings, storage: Storage, metrics: Metrics) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.metrics = metrics
+        self.boot_id = uuid.uuid4().hex[:12]
+        self._connected = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    def _state(self, online: bool) -> bytes:
+        return encode(State(online=online, boot_id=self.boot_id, version=__version__,
+                            bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000))
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        return aiomqtt.Client(
+            s.mqtt_host, s.mqtt_port, identifier=s.mqtt_client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            # A persistent session: the broker queues QoS 1 messages while central is away.
+            clean_session=False,
+            keepalive=s.mqtt_keepalive_s, timeout=10,
+            will=aiomqtt.Will(topics.CENTRAL_STATE, self._state(False), qos=1, retain=True),
+        )
+
+    async def run(self) -> None:
+        """Connect, consume, and reconnect with capped, jittered back-off, for ever."""
+        backoff = BACKOFF_FIRST_S
+        s = self.settings
+        lg = log.bind(broker=f"{s.mqtt_host}:{s.mqtt_port}", client_id=s.mqtt_client_id)
+        while True:
+            try:
+                async with self._client() as client:
+                    await client.publish(topics.CENTRAL_STATE, self._state(True), qos=1,
+                                         retain=True)
+                    sub = topics.SHARED_UP if s.mqtt_shared else topics.UP_WILDCARD
+                    await client.subscribe(sub, qos=1)
+                    self._connected.set()  # only now: "connected" means "receiving"
+                    self.metrics.mqtt_connected = True
+                    self.metrics.mqtt_connects += 1
+                    backoff = BACKOFF_FIRST_S
+                    lg.info("mqtt_connected", subscription=sub)
+                    try:
+                        await self._consume(client)
+                    except asyncio.CancelledError:
+                        await self._say_offline(client)
+                        raise
+            except aiomqtt.MqttError as exc:
+                lg.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(backoff, 2))
+            finally:
+                self._connected.clear()
+                self.metrics.mqtt_connected = False
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """On a clean stop the broker does not send the Will, so say offline ourselves."""
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2):
+                await client.publish(topics.CENTRAL_STATE, self._state(False), qos=1,
+                                     retain=True)
+        log.info("mqtt_stopped")
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        messages = client.messages
+        limit = self.settings.ingest_drain_max
+        while True:
+            group = [await anext(messages)]
+            # Drain what is already queued so that one commit (one fsync) covers many batches.
+            while len(messages) and len(group) < limit:
+                group.append(await anext(messages))
+            await self._handle(client, group)
+
+    async def _handle(self, client: aiomqtt.Client, group: list[aiomqtt.Message]) -> None:
+        batches: list[DataBatch] = []
+        for m in group:
+            topic = m.topic.value
+            try:
+                inbound = check_message(topic, _payload_bytes(m.payload), bool(m.retain))
+            except (topics.TopicError, EnvelopeError, IngestError) as exc:
+                cls = type(exc).__name__
+                self.metrics.count_error(cls)
+                log.warning("message_rejected", topic=topic, error_class=cls, error=str(exc))
+                continue
+            msg = inbound.msg
+            if isinstance(msg, DataBatch):
+                if msg.records:
+                    batches.append(msg)
+            else:
+                try:
+                    if isinstance(msg, State):
+                        await self.storage.record_state(inbound.gw, msg,
+                                                        seen=not inbound.retained)
+                        self.metrics.states += 1
+                    elif isinstance(msg, Birth):
+                        await self.storage.record_birth(inbound.gw, msg)
+                        self.metrics.births += 1
+                except DatabaseWriteError as exc:
+                    self.metrics.write_failures += 1
+                    log.error("gateway_info_write_failed", gw=inbound.gw, error=str(exc))
+        if batches:
+            await self._write_and_ack(client, batches)
+
+    async def _write_and_ack(self, client: aiomqtt.Client, batches: list[DataBatch]) -> None:
+        try:
+            results = await self.storage.write_batches(batches)
+            written = batches
+        except DatabaseWriteError as exc:
+            # One poisoned batch must not hold back the good ones beside it: retry alone.
+            self.metrics.write_failures += 1
+            log.error("batch_group_write_failed", batches=len(batches), error=str(exc))
+            written, results = [], []
+            for b in batches:
+                try:
+                    results.extend(await self.storage.write_batches([b]))
+                    written.append(b)
+                except DatabaseWriteError as exc1:
+                    self.metrics.write_failures += 1
+                    log.error("batch_write_failed", gw=b.gw, stream=b.stream, error=str(exc1))
+        # Committed: from here on the acks may go out.
+        self.metrics.commits += 1 if written is batches else len(written)
+        for b, res in zip(written, results, strict=True):
+            self.metrics.batches += 1
+            self.metrics.records_inserted += res.inserted
+            self.metrics.records_duplicate += res.duplicates
+        await asyncio.gather(*(self._ack(client, b) for b in written))
+
+    async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
+        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(r.seq for r in batch.records))
+        # A short timeout: aiomqtt does not wake a pending publish when the link drops.
+        await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
+        self.metrics.acks_published += 1

@@ -1,0 +1,66 @@
+"""Central's Prometheus counters, rendered as the text exposition format (no client library).
+
+One `Metrics` object lives on `app.state`; the ingest loop counts into it and `GET /metrics`
+renders it. Everything runs on the event loop thread, so plain ints are enough.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+PREFIX = "fieldlink_central"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+@dataclass
+class Metrics:
+    batches: int = 0
+    commits: int = 0
+    records_inserted: int = 0
+    records_duplicate: int = 0
+    acks_published: int = 0
+    states: int = 0
+    births: int = 0
+    write_failures: int = 0
+    mqtt_connects: int = 0
+    mqtt_connected: bool = False
+    # bad input by error class name, e.g. {"MalformedEnvelopeError": 3, "TopicError": 1}
+    decode_errors: Counter[str] = field(default_factory=Counter)
+
+    def count_error(self, error_class: str) -> None:
+        self.decode_errors[error_class] += 1
+
+    def render(self) -> str:
+        """The Prometheus text format (version 0.0.4)."""
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, value: int | float) -> None:
+            lines.append(f"# HELP {PREFIX}_{name} {help_}")
+            lines.append(f"# TYPE {PREFIX}_{name} {kind}")
+            lines.append(f"{PREFIX}_{name} {value}")
+
+        metric("batches_total", "counter", "Data batches written and acknowledged.", self.batches)
+        metric("commits_total", "counter", "Ingest write transactions committed.", self.commits)
+        metric("records_inserted_total", "counter", "Records newly stored.", self.records_inserted)
+        metric("records_duplicate_total", "counter", "Records received again and already held.",
+               self.records_duplicate)
+        metric("acks_published_total", "counter", "down/ack messages published.",
+               self.acks_published)
+        metric("states_total", "counter", "Gateway state messages stored.", self.states)
+        metric("births_total", "counter", "Gateway birth messages stored.", self.births)
+        metric("write_failures_total", "counter", "Write transactions rolled back.",
+               self.write_failures)
+        metric("mqtt_connects_total", "counter", "Successful MQTT connections.",
+               self.mqtt_connects)
+        metric("mqtt_connected", "gauge", "1 while connected to the broker.",
+               int(self.mqtt_connected))
+        name = f"{PREFIX}_decode_errors_total"
+        lines.append(f"# HELP {name} Bad messages dropped, by error class.")
+        lines.append(f"# TYPE {name} counter")
+        for cls, n in sorted(self.decode_errors.items()):
+            lines.append(f'{name}{{class="{_escape(cls)}"}} {n}')
+        return "\n".join(lines) + "\n"

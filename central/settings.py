@@ -1,0 +1,75 @@
+"""Central's settings: one validated model, loaded from TOML + environment + CLI flags.
+
+Precedence (lowest first): defaults, the TOML file (top level or a `[central]` table),
+`FIELDLINK_CENTRAL_*` environment variables, explicit overrides (CLI flags).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from central.errors import CentralError
+
+ENV_PREFIX = "FIELDLINK_CENTRAL_"
+
+
+class SettingsError(CentralError):
+    """The configuration file, environment or flags do not validate."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    db_url: str = Field("sqlite:///./central.db", description="sqlite:///PATH")
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(1883, ge=1, le=65535)
+    mqtt_client_id: str = Field("fieldlink-central", min_length=1, max_length=64)
+    mqtt_shared: bool = Field(False, description="subscribe via $share/central/... (§9)")
+    mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    offline_after_s: float = Field(120.0, gt=0, description="silence after which a gw is offline")
+    ingest_drain_max: int = Field(50, ge=1, le=1000,
+                                  description="batches written in one transaction at most")
+
+
+def load_settings(path: Path | None = None, *, env: Mapping[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Build `Settings` from a TOML file, `FIELDLINK_CENTRAL_*` variables and overrides.
+
+    Overrides whose value is None are ignored, so CLI flags can be passed straight through.
+    """
+    data: dict[str, Any] = {}
+    source = "settings"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(source, f"cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(source, str(exc)) from exc  # message names line and column
+        table = raw.get("central", raw)
+        if not isinstance(table, dict):
+            raise SettingsError(source, "[central] must be a table")
+        data.update(table)
+    for key, value in (env or {}).items():
+        if key.startswith(ENV_PREFIX):
+            data[key.removeprefix(ENV_PREFIX).lower()] = value
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                            for e in exc.errors())
+        raise SettingsError(source, reasons) from exc

@@ -1,0 +1,272 @@
+"""Central's storage interface (DESIGN.md §4.3, §9) and `open_storage(url)`.
+
+A backend keeps gateways, points, readings, events and the latest value per point. Every method
+is async; a backend runs its blocking driver calls off the event loop. SQL stays portable
+(`INSERT ... ON CONFLICT ... DO NOTHING / DO UPDATE`) so the PostgreSQL backend can share it.
+
+Refs are path-safe names used by the API: a device is `"{gw}:{device}"` and a point
+`"{gw}:{device}:{point}"`. Data keys on the wire are `"device/point"`.
+
+Use it as an async context manager::
+
+    async with open_storage("sqlite:///./central.db") as storage:
+        results = await storage.write_batches([batch])
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from central.errors import CentralError
+from protocols.envelope import Birth, DataBatch, State
+
+
+class StorageError(CentralError):
+    """Base of every storage error."""
+
+
+class UnsupportedDatabaseError(StorageError):
+    def __init__(self, url: str) -> None:
+        super().__init__(f"unsupported database URL {url!r} (expected sqlite:///PATH)")
+        self.url = url
+
+
+class DatabaseWriteError(StorageError):
+    """A write transaction failed and was rolled back; nothing of it is stored."""
+
+
+class NotFoundError(StorageError):
+    """A gateway, device or point that storage does not hold."""
+
+    kind = "object"
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"unknown {self.kind} {ref!r}")
+        self.ref = ref
+
+
+class UnknownGatewayError(NotFoundError):
+    kind = "gateway"
+
+
+class UnknownDeviceError(NotFoundError):
+    kind = "device"
+
+
+class UnknownPointError(NotFoundError):
+    kind = "point"
+
+
+class BadRefError(StorageError):
+    def __init__(self, ref: str, expected: str) -> None:
+        super().__init__(f"bad reference {ref!r}: expected {expected}")
+        self.ref = ref
+        self.expected = expected
+
+
+# --- values returned by a backend ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one batch did: `inserted` new records, the rest were already held."""
+
+    gw: str
+    stream: str
+    received: int
+    inserted: int
+
+    @property
+    def duplicates(self) -> int:
+        return self.received - self.inserted
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    gw: str
+    stream: str | None
+    online: bool  # the flag of its last state message, not yet aged by `offline_after_s`
+    boot_id: str | None
+    version: str | None
+    bearer: str | None
+    backlog: int | None
+    last_seen_ms: int | None  # when central last heard anything live from it
+    state_ts_ms: int | None  # the gateway's own timestamp of its last state
+
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    ts_ms: int
+    value: float | None
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    gw: str
+    device: str
+    point: str
+    name_zh: str
+    unit: str
+    profile: str
+    latest: Latest | None
+
+    @property
+    def ref(self) -> str:
+        return point_ref(self.gw, self.device, self.point)
+
+    @property
+    def device_ref(self) -> str:
+        return device_ref(self.gw, self.device)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    gw: str
+    device: str
+    profile: str
+    points: int
+
+    @property
+    def ref(self) -> str:
+        return device_ref(self.gw, self.device)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    ts_ms: int
+    value: float | None
+    text: str | None
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordCounts:
+    readings: int
+    events: int
+
+
+# --- refs -------------------------------------------------------------------------------------
+
+
+def device_ref(gw: str, device: str) -> str:
+    return f"{gw}:{device}"
+
+
+def point_ref(gw: str, device: str, point: str) -> str:
+    return f"{gw}:{device}:{point}"
+
+
+def parse_device_ref(ref: str) -> tuple[str, str]:
+    gw, sep, device = ref.partition(":")
+    if not sep or not gw or not device:
+        raise BadRefError(ref, "gw:device")
+    return gw, device
+
+
+def parse_point_ref(ref: str) -> tuple[str, str, str]:
+    gw, sep, rest = ref.partition(":")
+    device, sep2, point = rest.partition(":")
+    if not (sep and sep2 and gw and device and point):
+        raise BadRefError(ref, "gw:device:point")
+    return gw, device, point
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """`"device/point"` → `("device", "point")`; a key without a device has device `""`."""
+    device, sep, point = key.partition("/")
+    return (device, point) if sep else ("", key)
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+
+class Storage(abc.ABC):
+    """What central needs from a database. Implementations: `sqlite.SqliteStorage`."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and migrate the schema to the current version."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True when the database answers."""
+
+    @abc.abstractmethod
+    async def write_batches(self, batches: Sequence[DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
+        """Write all `batches` in ONE transaction, deduplicated on (gw, stream, seq).
+
+        Returns one `WriteResult` per batch, in order, once the transaction is durable.
+        Raises `DatabaseWriteError` after a rollback.
+        """
+
+    @abc.abstractmethod
+    async def record_state(self, gw: str, state: State, *, seen: bool = True,
+                           now_ms: int | None = None) -> None:
+        """Store a gateway's state; `seen=False` for a retained (old) state message."""
+
+    @abc.abstractmethod
+    async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
+        """Store a gateway's inventory and enrich its points (name_zh, unit, profile)."""
+
+    @abc.abstractmethod
+    async def list_gateways(self) -> list[Gateway]: ...
+
+    @abc.abstractmethod
+    async def get_gateway(self, gw: str) -> Gateway:
+        """Raises `UnknownGatewayError`."""
+
+    @abc.abstractmethod
+    async def list_devices(self, gw: str) -> list[Device]:
+        """Raises `UnknownGatewayError`."""
+
+    @abc.abstractmethod
+    async def device_points(self, device_ref: str) -> list[Point]:
+        """Points of a device with their latest values; raises `UnknownDeviceError`."""
+
+    @abc.abstractmethod
+    async def latest_values(self, gw: str) -> list[Point]:
+        """Every point of a gateway with its latest value; raises `UnknownGatewayError`."""
+
+    @abc.abstractmethod
+    async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:
+        """Readings of a point with from_ms <= ts < to_ms, oldest first, at most `limit`."""
+
+    @abc.abstractmethod
+    async def count_records(self, gw: str | None = None) -> RecordCounts: ...
+
+
+def open_storage(url: str) -> Storage:
+    """A backend for `url` (not yet open: use `async with` or `await storage.open()`).
+
+    `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:`.
+    """
+    if url.startswith("sqlite:///"):
+        from central.storage.sqlite import SqliteStorage
+
+        return SqliteStorage(url.removeprefix("sqlite:///"))
+    raise UnsupportedDatabaseError(url)
+
+
+__all__ = [
+    "BadRefError", "DatabaseWriteError", "Device", "Gateway", "Latest", "NotFoundError", "Point",
+    "RecordCounts", "Sample", "Storage", "StorageError", "UnknownDeviceError",
+    "UnknownGatewayError", "UnknownPointError", "UnsupportedDatabaseError", "WriteResult",
+    "device_ref", "open_storage", "parse_device_ref", "parse_point_ref", "point_ref", "split_key",
+]

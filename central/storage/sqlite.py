@@ -1,0 +1,409 @@
+"""SQLite backend: one connection owned by one thread, WAL, migrations as registered functions.
+
+Every blocking call runs on a single-thread executor that owns the connection (STYLE.md §4);
+callers await it, so writes are serialised without locks. The ingest commit uses
+`synchronous=FULL`: central acks a batch right after the commit, and the ack tells the gateway
+it may forget those records, so the commit must survive a power cut, not only a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from central.storage import (
+    DatabaseWriteError,
+    Device,
+    Gateway,
+    Latest,
+    Point,
+    RecordCounts,
+    Sample,
+    Storage,
+    StorageError,
+    UnknownDeviceError,
+    UnknownGatewayError,
+    UnknownPointError,
+    WriteResult,
+    parse_device_ref,
+    parse_point_ref,
+    split_key,
+)
+from protocols.envelope import Birth, DataBatch, RecordKind, State, to_jsonable
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# --- migrations -------------------------------------------------------------------------------
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register a schema step; its version is its position (1-based). Never reorder."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(conn: sqlite3.Connection) -> None:
+    conn.execute("""CREATE TABLE gateways (
+        gw TEXT PRIMARY KEY, stream TEXT, online INTEGER NOT NULL DEFAULT 0, boot_id TEXT,
+        version TEXT, bearer TEXT, backlog INTEGER, last_seen_ms INTEGER, state_ts_ms INTEGER,
+        birth TEXT)""")
+    conn.execute("""CREATE TABLE points (
+        id INTEGER PRIMARY KEY, gw TEXT NOT NULL, device TEXT NOT NULL, point TEXT NOT NULL,
+        name_zh TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
+        profile TEXT NOT NULL DEFAULT '', ordinal INTEGER,
+        UNIQUE (gw, device, point))""")
+    # WITHOUT ROWID: the (gw, stream, seq) key is the table itself, one b-tree less per insert.
+    conn.execute("""CREATE TABLE readings (
+        gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, point_id INTEGER,
+        ts_ms INTEGER NOT NULL, value REAL, text TEXT, flags INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        PRIMARY KEY (gw, stream, seq)) WITHOUT ROWID""")
+    conn.execute("CREATE INDEX readings_point_ts ON readings (point_id, ts_ms)")
+    conn.execute("""CREATE TABLE events (
+        gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, kind INTEGER NOT NULL,
+        point_id INTEGER, ts_ms INTEGER NOT NULL, value REAL, text TEXT, flags INTEGER NOT NULL,
+        attrs TEXT, received_ms INTEGER NOT NULL,
+        PRIMARY KEY (gw, stream, seq))""")
+    conn.execute("CREATE INDEX events_gw_ts ON events (gw, ts_ms)")
+    conn.execute("""CREATE TABLE latest (
+        point_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, value REAL, text TEXT)""")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every registered migration not yet applied, each in its own transaction."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    for version, fn in enumerate(MIGRATIONS, start=1):
+        if version <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(conn)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("db_migrated", version=version, step=fn.__name__)
+    return len(MIGRATIONS)
+
+
+# --- SQL --------------------------------------------------------------------------------------
+
+_INSERT_READING = ("INSERT INTO readings (gw, stream, seq, point_id, ts_ms, value, text, flags,"
+                   " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                   " ON CONFLICT (gw, stream, seq) DO NOTHING")
+_INSERT_EVENT = ("INSERT INTO events (gw, stream, seq, kind, point_id, ts_ms, value, text, flags,"
+                 " attrs, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                 " ON CONFLICT (gw, stream, seq) DO NOTHING")
+# Only a newer sample replaces the latest value, so backlog never hides fresher data.
+_UPSERT_LATEST = ("INSERT INTO latest (point_id, ts_ms, value, text) VALUES (?, ?, ?, ?)"
+                  " ON CONFLICT (point_id) DO UPDATE SET ts_ms = excluded.ts_ms,"
+                  " value = excluded.value, text = excluded.text"
+                  " WHERE excluded.ts_ms > latest.ts_ms")
+_TOUCH_GATEWAY = ("INSERT INTO gateways (gw, stream, last_seen_ms) VALUES (?, ?, ?)"
+                  " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
+                  " last_seen_ms = excluded.last_seen_ms")
+_POINT_COLS = ("p.gw, p.device, p.point, p.name_zh, p.unit, p.profile,"
+               " l.ts_ms, l.value, l.text")
+_GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
+
+_TELEMETRY = RecordKind.TELEMETRY
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _point_row(row: Sequence[Any]) -> Point:
+    latest = None if row[6] is None else Latest(ts_ms=row[6], value=row[7], text=row[8])
+    return Point(gw=row[0], device=row[1], point=row[2], name_zh=row[3], unit=row[4],
+                 profile=row[5], latest=latest)
+
+
+def _gateway_row(row: Sequence[Any]) -> Gateway:
+    return Gateway(gw=row[0], stream=row[1], online=bool(row[2]), boot_id=row[3], version=row[4],
+                   bearer=row[5], backlog=row[6], last_seen_ms=row[7], state_ts_ms=row[8])
+
+
+class SqliteStorage(Storage):
+    """Storage on one SQLite file (WAL); `path` may be `:memory:` for throwaway use."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
+            raise StorageError(f"bad synchronous mode {synchronous!r}")
+        self.path = str(path)
+        self.synchronous = synchronous.upper()
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        # (gw) -> {"device/point": point id}; only touched on the db thread.
+        self._point_ids: dict[str, dict[str, int]] = {}
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise StorageError("storage is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError("storage is not open")
+        return self._conn
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="central-sqlite")
+        try:
+            await self._call(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+
+    def _open_sync(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            migrate(conn)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+        self._conn = conn
+        log.info("db_opened", path=self.path, synchronous=self.synchronous)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        try:
+            await self._call(self._close_sync)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def ping(self) -> bool:
+        try:
+            return await self._call(lambda: self._db().execute("SELECT 1").fetchone() == (1,))
+        except (sqlite3.Error, StorageError):
+            return False
+
+    def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._point_ids.clear()  # ids made in the rolled-back transaction are gone
+                raise
+        except sqlite3.Error as exc:
+            raise DatabaseWriteError(f"transaction rolled back: {exc}") from exc
+        return result
+
+    # -- points --------------------------------------------------------------------------------
+
+    def _ids_for(self, conn: sqlite3.Connection, gw: str, keys: set[str]) -> dict[str, int]:
+        """Point ids of a gateway by key, creating points seen for the first time."""
+        ids = self._point_ids.get(gw)
+        if ids is None:
+            ids = self._point_ids[gw] = {
+                (f"{d}/{p}" if d else p): i for i, d, p in
+                conn.execute("SELECT id, device, point FROM points WHERE gw = ?", (gw,))}
+        missing = keys.difference(ids)
+        if missing:
+            conn.executemany(
+                "INSERT INTO points (gw, device, point) VALUES (?, ?, ?)"
+                " ON CONFLICT (gw, device, point) DO NOTHING",
+                [(gw, *split_key(k)) for k in missing])
+            for k in missing:
+                d, p = split_key(k)
+                ids[k] = conn.execute("SELECT id FROM points WHERE gw = ? AND device = ?"
+                                      " AND point = ?", (gw, d, p)).fetchone()[0]
+        return ids
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def write_batches(self, batches: Sequence[DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
+        if not batches:
+            return []
+        now = _now_ms() if now_ms is None else now_ms
+        return await self._call(self._transaction, lambda c: self._write_sync(c, batches, now))
+
+    def _write_sync(self, conn: sqlite3.Connection, batches: Sequence[DataBatch],
+                    now: int) -> list[WriteResult]:
+        results: list[WriteResult] = []
+        latest: dict[int, tuple[int, Any, Any]] = {}
+        for batch in batches:
+            gw, stream, records = batch.gw, batch.stream, batch.records
+            ids = self._ids_for(conn, gw, {r.point for r in records if r.point is not None})
+            readings: list[tuple[Any, ...]] = []
+            events: list[tuple[Any, ...]] = []
+            for r in records:
+                v = r.value
+                num, text = (None, v) if v.__class__ is str else (v, None)
+                pid = None if r.point is None else ids[r.point]
+                if r.kind is _TELEMETRY:
+                    readings.append((gw, stream, r.seq, pid, r.ts_ms, num, text, r.flags, now))
+                    if pid is not None:
+                        prev = latest.get(pid)
+                        if prev is None or r.ts_ms > prev[0]:
+                            latest[pid] = (r.ts_ms, num, text)
+                else:
+                    attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
+                             if r.attrs else None)
+                    events.append((gw, stream, r.seq, int(r.kind), pid, r.ts_ms, num, text,
+                                   r.flags, attrs, now))
+            inserted = 0
+            if readings:
+                inserted += conn.executemany(_INSERT_READING, readings).rowcount
+            if events:
+                inserted += conn.executemany(_INSERT_EVENT, events).rowcount
+            conn.execute(_TOUCH_GATEWAY, (gw, stream, now))
+            results.append(WriteResult(gw=gw, stream=stream, received=len(records),
+                                       inserted=inserted))
+        if latest:
+            conn.executemany(_UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()])
+        return results
+
+    async def record_state(self, gw: str, state: State, *, seen: bool = True,
+                           now_ms: int | None = None) -> None:
+        now = _now_ms() if now_ms is None else now_ms
+        row = (gw, state.stream or None, int(state.online), state.boot_id, state.version,
+               state.bearer, state.backlog, state.ts_ms, now if seen else None)
+        sql = ("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
+               " state_ts_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+               " ON CONFLICT (gw) DO UPDATE SET"
+               " stream = coalesce(excluded.stream, gateways.stream),"
+               " online = excluded.online, boot_id = excluded.boot_id,"
+               " version = excluded.version, bearer = excluded.bearer,"
+               " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
+               " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)")
+        await self._call(self._transaction, lambda c: c.execute(sql, row))
+
+    async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
+        now = _now_ms() if now_ms is None else now_ms
+        rows = []
+        for dev in birth.devices:
+            for p in dev.points:
+                d, name = split_key(p.key)
+                rows.append((gw, d or dev.id, name, p.name_zh, p.unit, dev.profile, p.ordinal))
+        blob = json.dumps(to_jsonable(birth), ensure_ascii=False)
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO gateways (gw, stream, boot_id, version, birth, last_seen_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET"
+                " stream = excluded.stream, boot_id = excluded.boot_id,"
+                " version = excluded.version, birth = excluded.birth,"
+                " last_seen_ms = excluded.last_seen_ms",
+                (gw, birth.stream, birth.boot_id, birth.version, blob, now))
+            conn.executemany(
+                "INSERT INTO points (gw, device, point, name_zh, unit, profile, ordinal)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, point) DO UPDATE SET"
+                " name_zh = excluded.name_zh, unit = excluded.unit,"
+                " profile = excluded.profile, ordinal = excluded.ordinal", rows)
+            self._point_ids.pop(gw, None)  # reload ids, new points may exist
+
+        await self._call(self._transaction, body)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            try:
+                return fn(self._db())
+            except sqlite3.Error as exc:
+                raise StorageError(f"read failed: {exc}") from exc
+        return await self._call(run)
+
+    @staticmethod
+    def _require_gateway(conn: sqlite3.Connection, gw: str) -> Gateway:
+        row = conn.execute(f"SELECT {_GATEWAY_COLS} FROM gateways WHERE gw = ?", (gw,)).fetchone()
+        if row is None:
+            raise UnknownGatewayError(gw)
+        return _gateway_row(row)
+
+    async def list_gateways(self) -> list[Gateway]:
+        return await self._read(lambda c: [_gateway_row(r) for r in c.execute(
+            f"SELECT {_GATEWAY_COLS} FROM gateways ORDER BY gw")])
+
+    async def get_gateway(self, gw: str) -> Gateway:
+        return await self._read(lambda c: self._require_gateway(c, gw))
+
+    async def list_devices(self, gw: str) -> list[Device]:
+        def q(conn: sqlite3.Connection) -> list[Device]:
+            self._require_gateway(conn, gw)
+            return [Device(gw=gw, device=d, profile=prof, points=n) for d, prof, n in conn.execute(
+                "SELECT device, max(profile), count(*) FROM points WHERE gw = ?"
+                " GROUP BY device ORDER BY device", (gw,))]
+        return await self._read(q)
+
+    async def device_points(self, device_ref: str) -> list[Point]:
+        gw, device = parse_device_ref(device_ref)
+
+        def q(conn: sqlite3.Connection) -> list[Point]:
+            rows = conn.execute(
+                f"SELECT {_POINT_COLS} FROM points p LEFT JOIN latest l ON l.point_id = p.id"
+                " WHERE p.gw = ? AND p.device = ? ORDER BY p.point", (gw, device)).fetchall()
+            if not rows:
+                raise UnknownDeviceError(device_ref)
+            return [_point_row(r) for r in rows]
+        return await self._read(q)
+
+    async def latest_values(self, gw: str) -> list[Point]:
+        def q(conn: sqlite3.Connection) -> list[Point]:
+            self._require_gateway(conn, gw)
+            return [_point_row(r) for r in conn.execute(
+                f"SELECT {_POINT_COLS} FROM points p LEFT JOIN latest l ON l.point_id = p.id"
+                " WHERE p.gw = ? ORDER BY p.device, p.point", (gw,))]
+        return await self._read(q)
+
+    async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:
+        gw, device, point = parse_point_ref(point_ref)
+
+        def q(conn: sqlite3.Connection) -> list[Sample]:
+            row = conn.execute("SELECT id FROM points WHERE gw = ? AND device = ? AND point = ?",
+                               (gw, device, point)).fetchone()
+            if row is None:
+                raise UnknownPointError(point_ref)
+            return [Sample(ts_ms=t, value=v, text=x, flags=f) for t, v, x, f in conn.execute(
+                "SELECT ts_ms, value, text, flags FROM readings WHERE point_id = ?"
+                " AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms LIMIT ?",
+                (row[0], from_ms, to_ms, limit))]
+        return await self._read(q)
+
+    async def count_records(self, gw: str | None = None) -> RecordCounts:
+        def q(conn: sqlite3.Connection) -> RecordCounts:
+            where, args = ("WHERE gw = ?", (gw,)) if gw is not None else ("", ())
+            (r,) = conn.execute(f"SELECT count(*) FROM readings {where}", args).fetchone()
+            (e,) = conn.execute(f"SELECT count(*) FROM events {where}", args).fetchone()
+            return RecordCounts(readings=r, events=e)
+        return await self._read(q)

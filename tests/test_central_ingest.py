@@ -1,0 +1,265 @@
+"""Central's MQTT ingest against a real Mosquitto: store, then ack; bad input; broker restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from central.ingest import Ingest
+from central.metrics import Metrics
+from central.settings import Settings
+from central.storage import Storage, open_storage
+from protocols import topics
+from protocols.envelope import (
+    Ack,
+    Birth,
+    DataBatch,
+    DeviceInfo,
+    PointInfo,
+    Record,
+    RecordKind,
+    State,
+    decode,
+    encode,
+    seqs_in_ranges,
+)
+from tests.helpers import Mosquitto, free_port, python_env
+
+T0 = 1_700_000_000_000
+
+
+def data(gw: str, stream: str, seqs: list[int], point: str = "d1/gas") -> DataBatch:
+    return DataBatch(gw=gw, stream=stream, records=tuple(
+        Record(seq=s, kind=RecordKind.TELEMETRY, ts_ms=T0 + s, point=point, value=float(s))
+        for s in seqs))
+
+
+@contextlib.asynccontextmanager
+async def running_ingest(broker: Mosquitto, tmp_path: Path, client_id: str | None = None,
+                         **kw: object) -> AsyncIterator[tuple[Ingest, Storage, Metrics]]:
+    settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host=broker.host,
+                        mqtt_port=broker.port,
+                        mqtt_client_id=client_id or f"central-{uuid.uuid4().hex[:8]}",
+                        **kw)  # type: ignore[arg-type]
+    metrics = Metrics()
+    async with open_storage(settings.db_url) as storage:
+        ingest = Ingest(settings, storage, metrics)
+        task = asyncio.create_task(ingest.run(), name="ingest.mqtt")
+        try:
+            await ingest.wait_connected()
+            yield ingest, storage, metrics
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
+async def gateway(broker: Mosquitto, gw: str) -> AsyncIterator[aiomqtt.Client]:
+    """A fake gateway subscribed to its own down/ack."""
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"{gw}-{uuid.uuid4().hex[:6]}",
+                              protocol=aiomqtt.ProtocolVersion.V311) as client:
+        await client.subscribe(topics.down(gw, "ack"), qos=1)
+        yield client
+
+
+async def next_ack(client: aiomqtt.Client, timeout: float = 10.0) -> Ack:
+    async with asyncio.timeout(timeout):
+        msg = await anext(client.messages)
+    ack = decode(bytes(msg.payload))  # type: ignore[arg-type]
+    assert isinstance(ack, Ack)
+    return ack
+
+
+async def test_batch_is_stored_then_acked(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A published batch lands in the tables and is acked with exactly its seq ranges."""
+    async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
+            gateway(mosquitto, "gw-1") as gw:
+        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [1, 2, 3, 7])), qos=1)
+        ack = await next_ack(gw)
+        assert ack == Ack(stream="s1", ranges=((1, 3), (7, 7)))
+        # the ack came after the commit, so the rows are there now
+        assert (await storage.count_records("gw-1")).readings == 4
+        (p,) = await storage.device_points("gw-1:d1")
+        assert p.latest is not None and p.latest.value == 7.0
+        assert (metrics.batches, metrics.records_inserted) == (1, 4)
+
+
+async def test_resent_batch_is_acked_but_stored_once(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A batch sent twice (lost ack) is acked both times and stored once."""
+    async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
+            gateway(mosquitto, "gw-1") as gw:
+        raw = encode(data("gw-1", "s1", [1, 2]))
+        for _ in range(2):
+            await gw.publish(topics.up("gw-1", "data"), raw, qos=1)
+            assert (await next_ack(gw)).ranges == ((1, 2),)
+        assert (await storage.count_records("gw-1")).readings == 2
+        assert metrics.records_duplicate == 2
+
+
+async def test_queued_batches_are_drained_into_one_write(mosquitto: Mosquitto,
+                                                         tmp_path: Path) -> None:
+    """Batches queued while central was away arrive on its return, in fewer commits, all acked."""
+    async with running_ingest(mosquitto, tmp_path) as (ingest, _, _):
+        client_id = ingest.settings.mqtt_client_id
+    async with gateway(mosquitto, "gw-1") as gw:
+        for i in range(20):  # central is away: the broker queues these for its session
+            await gw.publish(topics.up("gw-1", "data"),
+                             encode(data("gw-1", "s1", [i * 10 + 1, i * 10 + 2])), qos=1)
+        async with running_ingest(mosquitto, tmp_path, client_id=client_id) as (_, storage,
+                                                                                metrics):
+            acks = [await next_ack(gw) for _ in range(20)]
+            assert sorted(a.ranges[0] for a in acks) == [(i * 10 + 1, i * 10 + 2)
+                                                         for i in range(20)]
+            assert (await storage.count_records("gw-1")).readings == 40
+            assert metrics.batches == 20 and metrics.commits < 20
+
+
+async def test_bad_messages_are_counted_and_good_ones_still_land(mosquitto: Mosquitto,
+                                                                 tmp_path: Path) -> None:
+    """Garbage, a topic outside the contract and a gw mismatch are counted; the next batch lands."""
+    async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
+            gateway(mosquitto, "gw-1") as gw:
+        await gw.publish(topics.up("gw-1", "data"), b"\xff\x00garbage", qos=1)
+        await gw.publish("fieldlink/v1/gw-1/up/bogus", encode(data("gw-1", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-2", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-1", "state"), encode(data("gw-1", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [5, 6])), qos=1)
+        assert (await next_ack(gw)).ranges == ((5, 6),)
+        assert dict(metrics.decode_errors) == {
+            "MalformedEnvelopeError": 1, "TopicError": 1, "GatewayMismatchError": 1,
+            "MessageTypeMismatchError": 1}
+        assert (await storage.count_records()).readings == 2
+        assert 'decode_errors_total{class="TopicError"} 1' in metrics.render()
+
+
+async def test_state_and_birth_are_recorded(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """up/state and up/birth update the gateway row and its points."""
+    async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
+            gateway(mosquitto, "gw-7") as gw:
+        await gw.publish(topics.up("gw-7", "state"), encode(State(
+            online=True, boot_id="b", version="0.1.0", bearer="4g", backlog=12, ts_ms=T0)),
+            qos=1, retain=True)
+        await gw.publish(topics.up("gw-7", "birth"), encode(Birth(
+            gw="gw-7", stream="s1", boot_id="b", version="0.1.0", devices=(DeviceInfo(
+                id="d1", profile="gas", profile_hash="h",
+                points=(PointInfo(ordinal=0, key="d1/gas", name_zh="可燃气体", unit="%LEL"),)),))),
+            qos=1)
+        await gw.publish(topics.up("gw-7", "data"), encode(data("gw-7", "s1", [1])), qos=1)
+        await next_ack(gw)
+        g = await storage.get_gateway("gw-7")
+        assert (g.online, g.backlog, g.bearer) == (True, 12, "4g")
+        (p,) = await storage.device_points("gw-7:d1")
+        assert (p.name_zh, p.unit, p.latest is not None) == ("可燃气体", "%LEL", True)
+        assert (metrics.states, metrics.births) == (1, 1)
+
+
+async def test_central_state_is_retained_online(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """Central publishes its own retained online state on connect."""
+    async with running_ingest(mosquitto, tmp_path), gateway(mosquitto, "gw-1") as gw:
+        await gw.subscribe(topics.CENTRAL_STATE, qos=1)
+        async with asyncio.timeout(5):
+            async for msg in gw.messages:
+                if msg.topic.matches(topics.CENTRAL_STATE):
+                    st = decode(bytes(msg.payload))  # type: ignore[arg-type]
+                    assert isinstance(st, State) and st.online and msg.retain
+                    break
+
+
+async def test_shared_subscription_receives_data(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """With mqtt_shared, ingest subscribes via $share/central and still acks."""
+    async with running_ingest(mosquitto, tmp_path, mqtt_shared=True), \
+            gateway(mosquitto, "gw-1") as gw:
+        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s9", [4])), qos=1)
+        assert await next_ack(gw) == Ack(stream="s9", ranges=((4, 4),))
+
+
+async def test_reconnects_after_broker_is_killed(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """After the broker is SIGKILLed and restarted, ingest reconnects and acks a new batch."""
+    async with running_ingest(mosquitto, tmp_path) as (ingest, storage, metrics):
+        async with gateway(mosquitto, "gw-1") as gw:
+            await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [1])), qos=1)
+            await next_ack(gw)
+        mosquitto.kill()
+        async with asyncio.timeout(5):
+            while ingest.connected:
+                await asyncio.sleep(0.02)
+        await asyncio.to_thread(mosquitto.start)
+        await ingest.wait_connected(timeout=15)
+        async with gateway(mosquitto, "gw-1") as gw:
+            await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [2, 3])), qos=1)
+            assert (await next_ack(gw)).ranges == ((2, 3),)
+        assert (await storage.count_records("gw-1")).readings == 3
+        assert metrics.mqtt_connects == 2
+
+
+@pytest.mark.parametrize("topic", ["fieldlink/v1/_central/up/data", "fieldlink/v1/gw-1/up"])
+async def test_check_message_rejects_topics_outside_contract(topic: str) -> None:
+    """Topics outside the contract raise TopicError before the payload is read."""
+    from central.ingest import check_message
+
+    with pytest.raises(topics.TopicError):
+        check_message(topic, encode(data("gw-1", "s1", [1])))
+
+
+async def test_clean_stop_leaves_central_state_offline(mosquitto: Mosquitto,
+                                                       tmp_path: Path) -> None:
+    """When ingest is stopped cleanly, the retained central state says offline."""
+    async with running_ingest(mosquitto, tmp_path):
+        pass
+    async with gateway(mosquitto, "gw-1") as gw:
+        await gw.subscribe(topics.CENTRAL_STATE, qos=1)
+        async with asyncio.timeout(5):
+            msg = await anext(gw.messages)
+        st = decode(bytes(msg.payload))  # type: ignore[arg-type]
+        assert isinstance(st, State) and not st.online
+
+
+async def test_sigkilled_central_never_acked_what_it_had_not_committed(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """Central SIGKILLed mid-stream: every seq it acked is in the database file."""
+    db = tmp_path / "central.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "central.cli", "serve", "--db", f"sqlite:///{db}",
+        "--mqtt-port", str(mosquitto.port), "--http-port", str(free_port()),
+        "--mqtt-client-id", f"central-{uuid.uuid4().hex[:8]}", "--log-json",
+        env=python_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    acked: set[int] = set()
+    try:
+        async with gateway(mosquitto, "gw-k") as gw:
+            await gw.subscribe(topics.CENTRAL_STATE, qos=1)
+            async with asyncio.timeout(20):  # wait until central says it is online
+                async for msg in gw.messages:
+                    if msg.topic.matches(topics.CENTRAL_STATE):
+                        st = decode(bytes(msg.payload))  # type: ignore[arg-type]
+                        if isinstance(st, State) and st.online:
+                            break
+            await gw.unsubscribe(topics.CENTRAL_STATE)
+            for b in range(60):
+                await gw.publish(topics.up("gw-k", "data"), encode(
+                    data("gw-k", "s1", list(range(b * 200 + 1, b * 200 + 201)))), qos=1)
+            while len(acked) < 5 * 200:
+                acked.update(seqs_in_ranges((await next_ack(gw)).ranges))
+            proc.kill()
+            await proc.wait()
+            with contextlib.suppress(TimeoutError):  # acks already on their way
+                while True:
+                    acked.update(seqs_in_ranges((await next_ack(gw, timeout=0.5)).ranges))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    conn = sqlite3.connect(db)
+    try:
+        held = {s for (s,) in conn.execute("SELECT seq FROM readings WHERE gw = 'gw-k'")}
+    finally:
+        conn.close()
+    assert acked and acked <= held

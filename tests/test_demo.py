@@ -1,0 +1,67 @@
+"""`central demo` as a new user runs it: every gateway online with moving values in 30 s."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import free_port, python_env, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def counters(base: str, gw: str) -> dict[str, float]:
+    detail = get_json(f"{base}/api/gateways/{gw}")
+    assert isinstance(detail, dict)
+    return {p["ref"]: p["latest"]["value"] for d in detail["devices"] for p in d["points"]
+            if p["point"] == "counter" and p["latest"]}
+
+
+def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> None:
+    """The demo serves /api/gateways with all 4 gateways online and counters advancing within 30 s, and Ctrl-C stops every child."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "demo.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "central", "demo", "--data-dir", str(tmp_path / "d"),
+                             "--http-port", str(port)], env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    try:
+        def all_online() -> list[dict] | None:
+            try:
+                gws = get_json(f"{base}/api/gateways")
+            except OSError:
+                return None
+            assert isinstance(gws, list)
+            return gws if len(gws) == 4 and all(g["online"] for g in gws) else None
+
+        gws = wait_for(all_online, timeout=30, interval=0.5, what="4 demo gateways online")
+        first = {g["gw"]: counters(base, g["gw"]) for g in gws}
+        wait_for(lambda: all(counters(base, gw) and all(v > first[gw].get(ref, -1)
+                                                      for ref, v in counters(base, gw).items())
+                             for gw in first),
+                 timeout=max(5.0, 30 - (time.monotonic() - started)), interval=0.5,
+                 what="every counter to advance")
+        assert time.monotonic() - started < 30
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+    assert rc in (0, 130), (tmp_path / "demo.log").read_text()[-2000:]
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "d")], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), f"children left running: {leftovers}"
