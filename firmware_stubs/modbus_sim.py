@@ -17,28 +17,23 @@ again. A client write to a writable point stores the value (and drops any pin on
 anywhere else get Modbus exception 2 (illegal data address).
 
 Run as a process: ``python -m firmware_stubs.modbus_sim --profile gas-detector-v1 --port 0``
-(see `main()`); a JSON-lines control port lets another process script values.
+(the command line lives in `firmware_stubs.sim_cli`); a JSON-lines control port
+(`firmware_stubs.control`) lets another process script values.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import math
-import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
@@ -47,13 +42,13 @@ from pymodbus.simulator import SimData, SimDevice
 from device_profiles import (
     ConstantSim,
     CounterSim,
-    DeviceProfileError,
     Profile,
     ProfilePoint,
     RandomWalkSim,
     WaveSim,
-    find_profile,
 )
+from firmware_stubs.control import ControlRequest, handle_control, start_control_server
+from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from protocols.modbus_points import (
     BIT_FUNCTIONS,
     DataType,
@@ -70,21 +65,6 @@ TICK_S = 0.1
 # Request function code -> the table it addresses (Modbus Application Protocol V1.1b3 §6).
 _TABLE_OF = {1: 1, 5: 1, 15: 1, 2: 2, 3: 3, 6: 3, 16: 3, 22: 3, 23: 3, 4: 4}
 _INT_BITS = {DataType.U16: 16, DataType.U32: 32, DataType.U64: 64}
-
-
-class SimulatorError(Exception):
-    """Base of every error of the Modbus simulator."""
-
-
-class UnknownPointError(SimulatorError):
-    def __init__(self, device_id: int, point: str) -> None:
-        super().__init__(f"device {device_id} has no point {point!r}")
-        self.device_id = device_id
-        self.point = point
-
-
-class BadValueError(SimulatorError):
-    """A scripted value does not fit the point."""
 
 
 @dataclass(slots=True)
@@ -183,13 +163,13 @@ class ModbusTcpSimulator:
         self._server = server
         self.port = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         if self._requested_control_port is not None:
-            self._control = await asyncio.start_server(
-                self._control_client, self.host, self._requested_control_port
+            self._control = await start_control_server(
+                self, self.host, self._requested_control_port
             )
             self.control_port = self._control.sockets[0].getsockname()[1]
         log.info("modbus_sim_started", host=self.host, port=self.port,
                  control_port=self.control_port,
-                 devices={i: d.profile.id for i, d in self._devices.items()})
+                 devices=self.profile_ids)
 
     async def stop(self) -> None:
         if self._control is not None:
@@ -213,6 +193,11 @@ class ModbusTcpSimulator:
     @property
     def device_ids(self) -> list[int]:
         return list(self._devices)
+
+    @property
+    def profile_ids(self) -> dict[int, str]:
+        """Device id -> the id of the profile it simulates."""
+        return {i: d.profile.id for i, d in self._devices.items()}
 
     def set_value(self, point_key: str, value: PointValue, device_id: int = 1) -> None:
         """Pin a point to `value` until `clear_override()` (or a client write to it)."""
@@ -404,47 +389,9 @@ class ModbusTcpSimulator:
 
     # ------------------------------------------------------------------ control channel
 
-    async def _control_client(self, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                reply = self.handle_control(line)
-                writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
-
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
-        """Handle one control request line; always returns a reply, never raises."""
-        try:
-            request = ControlRequest.model_validate_json(line)
-        except ValidationError as exc:
-            return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
-        try:
-            if request.set is not None:
-                cmd = request.set
-                if cmd.value is None:
-                    return {"ok": False, "error": "set needs a value"}
-                self.set_value(cmd.point, cmd.value, device_id=cmd.device_id)
-                return {"ok": True}
-            if request.clear is not None:
-                self.clear_override(request.clear.point, device_id=request.clear.device_id)
-                return {"ok": True}
-            if request.get is not None:
-                value = self.get_value(request.get.point, device_id=request.get.device_id)
-                return {"ok": True, "value": value}
-            return {"ok": True, "seconds": self.seconds(), "devices": {
-                str(i): d.profile.id for i, d in self._devices.items()}}
-        except (SimulatorError, PointEncodeError) as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - a bad value must not kill the control loop
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        """Handle one control request line (see `firmware_stubs.control`); never raises."""
+        return handle_control(self, line)
 
 
 def _set_bit(words: list[int], index: int, value: bool) -> None:
@@ -452,92 +399,21 @@ def _set_bit(words: list[int], index: int, value: bool) -> None:
     words[reg] = (words[reg] | (1 << bit)) if value else (words[reg] & ~(1 << bit))
 
 
-class _PointRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    device_id: int = Field(default=1, ge=1, le=247)
-    point: str
-    value: bool | int | float | str | None = None
-
-
-class ControlRequest(BaseModel):
-    """One control line: `{"set": {...}}`, `{"clear": {...}}`, `{"get": {...}}` or `{}` (ping)."""
-
-    model_config = ConfigDict(extra="forbid")
-    set: _PointRef | None = None
-    clear: _PointRef | None = None
-    get: _PointRef | None = None
-
-
-# ---------------------------------------------------------------------- process entry point
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.modbus_sim",
-        description="Simulate profiled Modbus TCP devices on loopback.",
-        epilog="example: python -m firmware_stubs.modbus_sim --profile gas-detector-v1 "
-        "--profile storage-tank-v1 --port 0 --control-port 0 --ready-file /tmp/sim.ready",
-    )
-    parser.add_argument("--profile", action="append", required=True,
-                        help="profile id or YAML path; repeat for devices on consecutive ids")
-    parser.add_argument("--profile-dir", action="append", default=[],
-                        help="extra folder of profiles, searched before the built-in ones")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--device-id", type=int, default=1, help="id of the first device")
-    parser.add_argument("--control-port", type=int, default=None,
-                        help="JSON-lines control port on --host (0 picks a free port)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ready-file", type=Path, default=None,
-                        help="once listening, write the Modbus port (one line) to this file")
-    parser.add_argument("--control-ready-file", type=Path, default=None,
-                        help="once listening, write the control port (one line) to this file")
-    return parser.parse_args(argv)
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    profiles = {
-        args.device_id + i: find_profile(name, extra_dirs=args.profile_dir)
-        for i, name in enumerate(args.profile)
-    }
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with ModbusTcpSimulator(profiles, host=args.host, port=args.port, seed=args.seed,
-                                  control_port=args.control_port) as sim:
-        if args.control_ready_file is not None and sim.control_port is not None:
-            _write_atomic(args.control_ready_file, f"{sim.control_port}\n")
-        if args.ready_file is not None:
-            _write_atomic(args.ready_file, f"{sim.port}\n")
-        ready = f"READY port={sim.port}"
-        if sim.control_port is not None:
-            ready += f" control_port={sim.control_port}"
-        print(ready, flush=True)
-        await stop.wait()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile/port."""
-    args = _parse_args(argv)
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.JSONRenderer()],
-    )
-    try:
-        asyncio.run(_serve(args))
-    except (SimulatorError, DeviceProfileError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """Process entry point; see `firmware_stubs.sim_cli.main`."""
+    # Imported here: sim_cli imports this module, so a top-level import would be circular.
+    from firmware_stubs.sim_cli import main as cli_main
 
+    return cli_main(argv)
+
+
+__all__ = [
+    "BadValueError", "ControlRequest", "ModbusTcpSimulator", "SimulatorError",
+    "UnknownPointError", "main",
+]
 
 if __name__ == "__main__":
+    # Run as `python -m firmware_stubs.modbus_sim`: this file is `__main__`, and sim_cli imports
+    # it again as `firmware_stubs.modbus_sim`; the second copy is the one that serves, this one
+    # only delegates, so the double import is harmless.
     sys.exit(main())

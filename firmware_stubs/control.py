@@ -1,0 +1,104 @@
+"""The JSON-lines control channel through which another process scripts a simulator.
+
+One request per line, one JSON reply per line, on a loopback TCP port:
+
+    {"set": {"device_id": 2, "point": "level", "value": 9.75}}   -> {"ok": true}
+    {"clear": {"point": "gas_lel"}}                               -> {"ok": true}
+    {"get": {"point": "gas_lel"}}                                 -> {"ok": true, "value": 60.0}
+    {}                                                            -> {"ok": true, "seconds": …,
+                                                                      "devices": {"1": "…"}}
+
+`device_id` defaults to 1. A bad line gets `{"ok": false, "error": "..."}` and the connection
+stays open: a test that sends a typo must see the reason, not a dropped socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from firmware_stubs.errors import SimulatorError
+from protocols.modbus_points import PointEncodeError, PointValue
+
+
+class Scriptable(Protocol):
+    """What the control channel needs from a simulator."""
+
+    @property
+    def profile_ids(self) -> Mapping[int, str]: ...
+
+    def set_value(self, point_key: str, value: PointValue, device_id: int = 1) -> None: ...
+
+    def clear_override(self, point_key: str, device_id: int = 1) -> None: ...
+
+    def get_value(self, point_key: str, device_id: int = 1) -> PointValue: ...
+
+    def seconds(self) -> float: ...
+
+
+class _PointRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: int = Field(default=1, ge=1, le=247)
+    point: str
+    value: bool | int | float | str | None = None
+
+
+class ControlRequest(BaseModel):
+    """One control line: `{"set": {...}}`, `{"clear": {...}}`, `{"get": {...}}` or `{}` (ping)."""
+
+    model_config = ConfigDict(extra="forbid")
+    set: _PointRef | None = None
+    clear: _PointRef | None = None
+    get: _PointRef | None = None
+
+
+def handle_control(sim: Scriptable, line: bytes | str) -> dict[str, Any]:
+    """Handle one control request line; always returns a reply, never raises."""
+    try:
+        request = ControlRequest.model_validate_json(line)
+    except ValidationError as exc:
+        return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
+    try:
+        if request.set is not None:
+            cmd = request.set
+            if cmd.value is None:
+                return {"ok": False, "error": "set needs a value"}
+            sim.set_value(cmd.point, cmd.value, device_id=cmd.device_id)
+            return {"ok": True}
+        if request.clear is not None:
+            sim.clear_override(request.clear.point, device_id=request.clear.device_id)
+            return {"ok": True}
+        if request.get is not None:
+            value = sim.get_value(request.get.point, device_id=request.get.device_id)
+            return {"ok": True, "value": value}
+        return {"ok": True, "seconds": sim.seconds(),
+                "devices": {str(i): p for i, p in sim.profile_ids.items()}}
+    except (SimulatorError, PointEncodeError) as exc:
+        return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a bad value must not kill the control loop
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+async def start_control_server(sim: Scriptable, host: str, port: int) -> asyncio.Server:
+    """Listen for control clients on `host:port` (0: a free port); close the server to stop."""
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                reply = handle_control(sim, line)
+                writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass  # the client went away or sent a line past the stream limit
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+
+    return await asyncio.start_server(client, host, port)
