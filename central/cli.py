@@ -19,8 +19,11 @@ from central.errors import CentralError
 
 app = typer.Typer(
     name="central",
-    help="Fieldlink central: MQTT ingest, storage, API and the duty officers' console.\n\n"
-         "Example: central serve --db sqlite:///central.db --mqtt-port 1883",
+    help="Fieldlink central: MQTT ingest, storage, API and the duty officers' console.",
+    epilog="Examples\n\n"
+           "central demo --http-port 8080\n\n"
+           "central serve --db sqlite:///var/lib/fieldlink/central.db --mqtt-host 127.0.0.1 --mqtt-port 1883\n\n"
+           "central serve --config /etc/fieldlink/central.toml",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
@@ -46,7 +49,8 @@ def _root(
     """
 
 
-@app.command()
+@app.command(short_help="Run the API, the console and MQTT ingest.  "
+                        "e.g. central serve --db sqlite:///central.db --mqtt-port 1883")
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
                                                 exists=True, dir_okay=False)] = None,
@@ -75,12 +79,14 @@ def serve(
     from central.api import create_app
     from central.logs import configure_logging
     from central.settings import load_settings
+    from central.storage import open_storage
 
     try:
         settings = load_settings(
             config, env=os.environ, db_url=db, mqtt_host=mqtt_host, mqtt_port=mqtt_port,
             mqtt_client_id=mqtt_client_id, mqtt_shared=shared, http_host=http_host,
             http_port=http_port, offline_after_s=offline_after)
+        open_storage(settings.db_url)  # checks the URL now, not as a traceback at start-up
     except CentralError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -99,7 +105,8 @@ def serve(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="Broker + central + a simulated fleet, one command.  "
+                        "e.g. central demo --http-port 8080")
 def demo(
     data_dir: Annotated[Path, typer.Option(help="Where central's database, the gateways' "
                                                 "outboxes and the logs go.")] = Path("demo-data"),
@@ -111,9 +118,9 @@ def demo(
         "--log-json/--log-pretty", help="Log format; default JSON unless stdout is a tty.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
 ) -> None:
-    """Run the whole system on this machine: an embedded MQTT broker on a free port, central,
-    and a simulated fleet of 4 gateways, each an edge-agent process polling its own Modbus TCP
-    simulator. Ctrl-C stops everything.
+    """Run the whole system on this machine: an embedded MQTT broker on a free port,
+    central, and a simulated fleet of 4 gateways, each an edge-agent process polling its own
+    Modbus TCP simulator. Ctrl-C stops everything.
 
     Example: central demo --http-port 8080
     """
