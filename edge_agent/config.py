@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from device_profiles import DeviceProfileError, Profile, find_profile
+from edge_agent.alarm_config import DeviceAlarmsConfig, build_device_rules
 from edge_agent.errors import EdgeError
+from edge_agent.rules import RulesError
+from protocols.modbus_rtu import inter_frame_gap_s
 from protocols.topics import TopicError, check_gateway_id
 
 Loc = tuple[str | int, ...]
@@ -103,8 +106,40 @@ class TcpTransportConfig(_Model):
         return f"tcp://{self.host}:{self.port}"
 
 
-# Modbus RTU joins as a second member of a union discriminated by `kind`.
-TransportConfig = TcpTransportConfig
+class RtuTransportConfig(_Model):
+    """Modbus RTU on a serial port (RS-485/RS-232). Devices naming the same `port` share one
+    bus: the agent polls them in turn through one owner of the port, so their line settings
+    must agree."""
+
+    kind: Literal["rtu"]
+    port: str = Field("/dev/ttyS1", min_length=1)
+    baudrate: int = Field(9600, ge=50, le=4_000_000)
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    # Silence before each request; None: t3.5 of Modbus over Serial Line V1.02 §2.5.1.1
+    # (3.5 character times, a fixed 1.75 ms above 19200 baud).
+    inter_frame_gap_s: float | None = Field(None, ge=0, le=1.0)
+
+    @property
+    def endpoint(self) -> str:
+        return f"rtu://{self.port}"
+
+    @property
+    def gap_s(self) -> float:
+        """The inter-frame gap in effect (the configured one or the spec's default)."""
+        if self.inter_frame_gap_s is not None:
+            return self.inter_frame_gap_s
+        return inter_frame_gap_s(self.baudrate, self.bytesize, self.parity, self.stopbits)
+
+    @property
+    def line(self) -> tuple[int, int, str, int, float]:
+        """The settings every device on this port must share."""
+        return (self.baudrate, self.bytesize, self.parity, self.stopbits, self.gap_s)
+
+
+TransportConfig = Annotated[TcpTransportConfig | RtuTransportConfig, Field(discriminator="kind")]
+_TRANSPORT_KINDS = frozenset({"tcp", "rtu"})
 
 
 class DeviceConfig(_Model):
@@ -128,6 +163,8 @@ class DeviceConfig(_Model):
     max_bits: int | None = Field(None, ge=1, le=2000)
     max_gap: int | None = Field(None, ge=0, le=125)
     enabled: bool = True
+    # Alarm rule overrides and device-level alarms (`[devices.alarms]`, see alarm_config).
+    alarms: DeviceAlarmsConfig = Field(default_factory=DeviceAlarmsConfig)
 
 
 class StatusConfig(_Model):
@@ -159,6 +196,10 @@ class AgentConfig(_Model):
     @property
     def outbox_path(self) -> Path:
         return self.gateway.data_dir / "outbox.db"
+
+    @property
+    def alarms_path(self) -> Path:
+        return self.gateway.data_dir / "alarms.db"
 
     def device(self, device_id: str) -> DeviceConfig:
         for dev in self.devices:
@@ -197,7 +238,7 @@ def parse_config(text: str, path: Path | str = "site.toml", *,
     try:
         config = AgentConfig.model_validate(raw)
     except ValidationError as exc:
-        issues = [_issue(index, err["loc"], err["msg"]) for err in exc.errors()]
+        issues = [_issue(index, _error_loc(err), err["msg"]) for err in exc.errors()]
         first = issues[0]
         raise ConfigError(path, first.line, first.field, first.message, issues=issues) from None
 
@@ -232,6 +273,28 @@ def _cross_checks(config: AgentConfig, *, check_profiles: bool,
                          f"duplicate device id {dev.id!r} (also devices[{seen[dev.id]}])")
         else:
             seen[dev.id] = i
+    # One serial port is one bus: its devices must agree on the line settings, and two
+    # devices cannot answer to the same slave address on it.
+    buses: dict[str, int] = {}
+    addresses: dict[tuple[str, int], int] = {}
+    for i, dev in enumerate(config.devices):
+        t = dev.transport
+        if not isinstance(t, RtuTransportConfig) or not dev.enabled:
+            continue
+        first = buses.setdefault(t.port, i)
+        other = config.devices[first].transport
+        assert isinstance(other, RtuTransportConfig)
+        if other.line != t.line:
+            yield _issue(index, ("devices", i, "transport"),
+                         f"serial port {t.port} is set up differently in devices[{first}] "
+                         "(baudrate, bytesize, parity, stopbits and gap must match on one bus)")
+        key = (t.port, dev.device_id)
+        if key in addresses:
+            yield _issue(index, ("devices", i, "device_id"),
+                         f"slave address {dev.device_id} on {t.port} is already "
+                         f"devices[{addresses[key]}]")
+        else:
+            addresses[key] = i
     for i, d in enumerate(config.profiles.dirs):
         if not d.is_dir():
             yield _issue(index, ("profiles", "dirs", i), f"not a folder: {d}")
@@ -247,6 +310,13 @@ def _cross_checks(config: AgentConfig, *, check_profiles: bool,
                 found[dev.profile] = str(exc)
         if found[dev.profile] is not None:
             yield _issue(index, ("devices", i, "profile"), str(found[dev.profile]))
+        elif dev.alarms.points:
+            try:
+                build_device_rules(dev.id, find_profile(
+                    dev.profile, extra_dirs=tuple(config.profiles.dirs)), dev.alarms)
+            except RulesError as exc:
+                loc = ("devices", i, "alarms", "points", exc.point) + ((exc.field,) if exc.field else ())
+                yield _issue(index, loc, exc.message)
 
 
 def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:
@@ -258,6 +328,21 @@ def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:
             by_id[dev.profile] = find_profile(dev.profile, extra_dirs=tuple(config.profiles.dirs))
         out[dev.id] = by_id[dev.profile]
     return out
+
+
+def _error_loc(err: Mapping[str, Any]) -> Loc:
+    """The key path a pydantic error is about, without the tags of discriminated unions.
+
+    pydantic puts the chosen member's tag into the path (`transport.rtu.port`), which is not a
+    key of the file; an invalid or missing tag is reported on the union itself, so point at
+    the discriminator key (`transport.kind`) instead.
+    """
+    loc = list(err["loc"])
+    cleaned = [part for i, part in enumerate(loc)
+               if not (i > 0 and loc[i - 1] == "transport" and part in _TRANSPORT_KINDS)]
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        cleaned.append(str(err.get("ctx", {}).get("discriminator", "kind")).strip("'\""))
+    return tuple(cleaned)
 
 
 def _issue(index: _LineIndex, loc: Sequence[str | int], message: str) -> ConfigIssue:

@@ -3,6 +3,7 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
 
     outbox (context manager) ─┬─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
                               ├─ poll[<device>]   DevicePoller.run(), one per enabled device
+                              ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
                               ├─ status.writer    health snapshot into the outbox meta
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
 
@@ -28,10 +29,13 @@ from typing import Any
 import structlog
 
 from edge_agent import __version__
+from edge_agent.alarm_store import AlarmStore
+from edge_agent.alarms import AlarmRules, build_rules
 from edge_agent.birth import build_birth
 from edge_agent.config import AgentConfig, resolve_profiles
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller
+from edge_agent.rules import RuleEngine
 from edge_agent.transports import TransportPool
 from edge_agent.uplink import Uplink
 
@@ -122,7 +126,12 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     try:
         async with Outbox.open(config.outbox_path,
                                keep_delivered_s=config.outbox.keep_delivered_s,
-                               live_window_s=config.outbox.live_window_s) as outbox:
+                               live_window_s=config.outbox.live_window_s) as outbox, \
+                AlarmStore.open(config.alarms_path) as alarm_store:
+            # The pollers write through the alarm rules, which append the alarm records
+            # with the telemetry that caused them (edge_agent.alarms).
+            alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox)
+            await alarms.restore()
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
             mq = config.mqtt
@@ -136,7 +145,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 if not dev.enabled:
                     continue
                 transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
-                runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, outbox))
+                runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, alarms))
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      outbox=str(config.outbox_path))
@@ -151,6 +160,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 spawn("uplink.mqtt", uplink.run)
                 for poller in runtime.pollers:
                     spawn(f"poll[{poller.device.id}]", poller.run)
+                spawn("rules.tick", lambda: alarms.tick_loop(runtime.pollers))
                 spawn("status.writer", lambda: _status_loop(outbox, runtime))
                 if notifier.watchdog_usec:
                     spawn("systemd.watchdog", lambda: _watchdog_loop(notifier))
