@@ -3,8 +3,10 @@
 A transport reads raw registers (or bits) and writes them; it knows nothing about points.
 Several devices may sit behind one endpoint (unit ids behind a TCP gateway, slaves on one
 RS-485 bus), so `TransportPool` hands out one transport per endpoint and each transport
-serialises its requests with a lock. Library exceptions are translated here into the
-`TransportError` family, chained with `from`.
+serialises its requests with a lock. For Modbus RTU the pool keeps one `SerialBus` per serial
+port (`edge_agent.bus`) and hands each device a view of it that carries the device's own
+timeout. Library exceptions are translated into the `TransportError` family, chained with
+`from`.
 
 pymodbus's own reconnect loop and retries are switched off (`reconnect_delay=0`,
 `retries=0`): the poller owns the back-off so that it can log failure once and keep health.
@@ -14,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from edge_agent.config import TcpTransportConfig, TransportConfig
+from edge_agent.config import RtuTransportConfig, TcpTransportConfig, TransportConfig
 from edge_agent.errors import EdgeError
+
+if TYPE_CHECKING:
+    from edge_agent.bus import SerialBus
 
 class TransportError(EdgeError):
     """A request did not complete; `endpoint` names the link."""
@@ -38,6 +43,14 @@ class TransportConnectError(TransportError):
 
 class TransportTimeoutError(TransportError):
     """The device did not answer within the timeout."""
+
+
+class TransportCrcError(TransportError):
+    """An answer arrived with a wrong CRC (line noise, a bad termination or a failing slave)."""
+
+
+class TransportFramingError(TransportError):
+    """Only bytes that make no frame came back before the timeout (garbage on the line)."""
 
 
 class ModbusExceptionError(TransportError):
@@ -187,14 +200,26 @@ def endpoint_of(cfg: TransportConfig) -> str:
 
 
 def open_transport(cfg: TransportConfig, *, timeout_s: float) -> ModbusTransport:
-    """A transport for one endpoint; it connects lazily on the first request."""
+    """A transport for one endpoint; it connects lazily on the first request.
+
+    For RTU it is a whole `SerialBus` (its `read`/`write` take `device_id` like any transport);
+    devices that share the port should share it through `TransportPool`.
+    """
     if isinstance(cfg, TcpTransportConfig):
         return ModbusTcpTransport(cfg.host, cfg.port, timeout_s=timeout_s)
+    if isinstance(cfg, RtuTransportConfig):
+        from edge_agent.bus import SerialBus  # bus.py imports this module's errors
+
+        return SerialBus.from_config(cfg, timeout_s=timeout_s)
     raise TypeError(f"unsupported transport {cfg!r}")  # pragma: no cover - the union is closed
 
 
 class TransportPool:
-    """One transport per endpoint, shared by the devices behind it; closes them all."""
+    """One transport per endpoint, shared by the devices behind it; closes them all.
+
+    A serial port is one endpoint: every RTU device on it gets its own view of the one
+    `SerialBus` (same bus, the device's own timeout), so the bus can take turns between them.
+    """
 
     def __init__(self) -> None:
         self._by_endpoint: dict[str, ModbusTransport] = {}
@@ -203,7 +228,19 @@ class TransportPool:
         key = endpoint_of(cfg)
         if key not in self._by_endpoint:
             self._by_endpoint[key] = open_transport(cfg, timeout_s=timeout_s)
-        return self._by_endpoint[key]
+        transport = self._by_endpoint[key]
+        if isinstance(cfg, RtuTransportConfig):
+            from edge_agent.bus import SerialBus
+
+            assert isinstance(transport, SerialBus)
+            return transport.view(timeout_s=timeout_s)
+        return transport
+
+    def serial_buses(self) -> list[SerialBus]:
+        """The RTU buses opened so far (for their per-device counters)."""
+        from edge_agent.bus import SerialBus
+
+        return [t for t in self._by_endpoint.values() if isinstance(t, SerialBus)]
 
     async def close(self) -> None:
         for transport in self._by_endpoint.values():

@@ -1,0 +1,449 @@
+"""Modbus RTU bus simulator: several slaves on one pseudo-terminal, speaking real RTU bytes.
+
+`RtuBusSimulator` opens a pty pair (`os.openpty()`, raw mode), serves on the master side and
+gives the slave side's path (`.path`, e.g. `/dev/pts/7`) to the agent, which opens it like
+`/dev/ttyUSB0`. Every slave address on the line is served from one profile
+(`firmware_stubs.rtu_slave.SlaveImage`); requests to other addresses are ignored as on a real
+bus, broadcasts (address 0) are carried out and never answered.
+
+Frames are found by the pure codec (`protocols.modbus_rtu.RtuDecoder`); a partial frame is
+dropped once the line has been idle for a while, as a slave does after t3.5 of silence.
+A pty has no baud rate, so with `wire_time=True` each answer is held back by the time its
+request and its answer would take on the wire at `baudrate` (`protocols.modbus_rtu.char_time_s`):
+the bus then has the throughput of a real line.
+
+Faults per slave (`SlaveFaults`): silence, slow answers, a corrupted CRC, an exception code, and
+garbage bytes before the answer. Answers are scheduled one by one at their own times, so a
+slave that answers late does not delay its neighbours (their frames may then meet on the
+line, as on a real bus).
+
+Scripting: `set_value()` / `clear_override()` / `get_value()` as for the TCP simulator,
+`set_faults()`, and a JSON-lines control port (`control_port=0` picks one) that takes the
+lines of `firmware_stubs.control` plus
+`{"fault": {"device_id": 3, "silent": true}}` (the slave's whole fault set; `{"fault":
+{"device_id": 3}}` clears it) and `{"stats": {}}` (requests and answers per slave).
+
+As a process: ``python -m firmware_stubs.rtu_sim --profile gas-detector-v1 --profile
+storage-tank-v1 --link-file /tmp/bus.link`` writes the pty path to the link file, prints
+`READY path=/dev/pts/N` and serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+import tty
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from device_profiles import DeviceProfileError, Profile, find_profile
+from firmware_stubs.control import handle_control
+from firmware_stubs.errors import SimulatorError, UnknownPointError
+from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
+from protocols.modbus_points import PointValue
+from protocols.modbus_rtu import (
+    BROADCAST,
+    NEED_DATA,
+    Direction,
+    ModbusRtuError,
+    RtuDecoder,
+    RtuFrame,
+    char_time_s,
+    encode_exception,
+    encode_frame,
+    inter_frame_gap_s,
+)
+
+log = structlog.get_logger(__name__)
+
+# A partial frame older than this is dropped: longer than any pause inside one write of the
+# master, and t3.5 is far shorter, but a pty delivers a frame in one or a few reads.
+_IDLE_FLUSH_S = 0.05
+# §2.4.1 / §2.5.1: a slave's turnaround is not specified; real ones take about a millisecond.
+_TURNAROUND_S = 0.0005
+
+
+@dataclass(slots=True)
+class SlaveStats:
+    """What one simulated slave saw and did."""
+
+    requests: int = 0
+    answers: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "answers": self.answers}
+
+
+class RtuBusSimulator:
+    """Serve profiled slaves on one pseudo-terminal line; an async context manager.
+
+    `profiles` maps slave address -> profile; a sequence takes addresses 1, 2, 3, ...
+    """
+
+    def __init__(self, profiles: Mapping[int, Profile] | Sequence[Profile] | Profile, *,
+                 baudrate: int = 9600, bytesize: int = 8, parity: str = "N",
+                 stopbits: int = 1, wire_time: bool = True, seed: int = 0,
+                 control_host: str = "127.0.0.1", control_port: int | None = None) -> None:
+        if isinstance(profiles, Profile):
+            mapping: dict[int, Profile] = {1: profiles}
+        elif isinstance(profiles, Mapping):
+            mapping = dict(profiles)
+        else:
+            mapping = {i + 1: p for i, p in enumerate(profiles)}
+        if not mapping:
+            raise SimulatorError("no slave to simulate")
+        self._char_s = char_time_s(baudrate, bytesize, parity, stopbits)
+        self.baudrate = baudrate
+        self.gap_s = inter_frame_gap_s(baudrate, bytesize, parity, stopbits)
+        self.wire_time = wire_time
+        self._rng = random.Random(seed)
+        self._t0 = time.monotonic()
+        self._slaves = {a: SlaveImage(a, p, rng=self._rng, t0=self._t0)
+                        for a, p in sorted(mapping.items())}
+        self._faults = {a: SlaveFaults() for a in self._slaves}
+        self._stats = {a: SlaveStats() for a in self._slaves}
+        self._decoder = RtuDecoder(Direction.REQUEST)
+        self._control_host = control_host
+        self._requested_control_port = control_port
+        self._control: asyncio.Server | None = None
+        self._master_fd: int | None = None
+        self._slave_fd: int | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._pending: set[asyncio.TimerHandle] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.path = ""
+        self.control_port: int | None = None
+        # (monotonic time, slave address) of the latest requests seen on the line, any address.
+        self.request_log: deque[tuple[float, int]] = deque(maxlen=4096)
+        self.bad_frames = 0  # request frames with a bad CRC or no frame at all
+        self.unwritten = 0  # answers the line could not take (the master is not reading)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        master, slave = os.openpty()
+        # Raw on the slave side sets the line discipline of the pair: no echo, no CR/LF
+        # translation, every byte as it comes. The simulator keeps its own slave fd open so
+        # that reads on the master never see EIO between two agent sessions.
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        self._master_fd, self._slave_fd = master, slave
+        self.path = os.ttyname(slave)
+        self._loop = loop
+        self._t0 = time.monotonic()
+        for image in self._slaves.values():
+            image.t0 = self._t0
+        loop.add_reader(master, self._on_readable)
+        if self._requested_control_port is not None:
+            self._control = await asyncio.start_server(
+                self._control_client, self._control_host, self._requested_control_port)
+            self.control_port = self._control.sockets[0].getsockname()[1]
+        log.info("rtu_sim_started", path=self.path, baudrate=self.baudrate,
+                 control_port=self.control_port, slaves=self.profile_ids)
+
+    async def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            await self._control.wait_closed()
+            self._control = None
+        for handle in self._pending:
+            handle.cancel()
+        self._pending.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._master_fd is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._master_fd)
+            os.close(self._master_fd)
+            self._master_fd = None
+        if self._slave_fd is not None:
+            os.close(self._slave_fd)
+            self._slave_fd = None
+            log.info("rtu_sim_stopped", path=self.path)
+
+    async def __aenter__(self) -> RtuBusSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- scripting --------------------------------------------------------------------------
+
+    @property
+    def device_ids(self) -> list[int]:
+        return list(self._slaves)
+
+    @property
+    def profile_ids(self) -> dict[int, str]:
+        """Slave address -> the id of the profile it simulates."""
+        return {a: s.profile.id for a, s in self._slaves.items()}
+
+    def seconds(self) -> float:
+        """Seconds since the simulator started (what `counter` points count)."""
+        return time.monotonic() - self._t0
+
+    def set_value(self, point_key: str, value: PointValue, device_id: int = 1) -> None:
+        """Pin a point to `value` until `clear_override()` (or a client write to it)."""
+        self._slave(device_id, point_key).set_value(point_key, value)
+
+    def clear_override(self, point_key: str, device_id: int = 1) -> None:
+        self._slave(device_id, point_key).clear_override(point_key)
+
+    def get_value(self, point_key: str, device_id: int = 1) -> PointValue:
+        return self._slave(device_id, point_key).get_value(point_key, time.monotonic())
+
+    def faults(self, device_id: int) -> SlaveFaults:
+        return self._faults[self._slave(device_id).address]
+
+    def set_faults(self, device_id: int, faults: SlaveFaults | None = None, **changes: Any) -> None:
+        """Replace a slave's faults (`faults`), or change some of them (`silent=True`)."""
+        address = self._slave(device_id).address
+        base = faults if faults is not None else self._faults[address]
+        self._faults[address] = replace(base, **changes) if changes else base
+        log.info("rtu_sim_faults", device_id=address, faults=repr(self._faults[address]))
+
+    def clear_faults(self, device_id: int | None = None) -> None:
+        for address in [device_id] if device_id is not None else list(self._slaves):
+            self.set_faults(address, SlaveFaults())
+
+    def stats(self, device_id: int) -> SlaveStats:
+        return self._stats[self._slave(device_id).address]
+
+    def _slave(self, device_id: int, point_key: str = "") -> SlaveImage:
+        slave = self._slaves.get(device_id)
+        if slave is None:
+            raise UnknownPointError(device_id, point_key)
+        return slave
+
+    # --- the line ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        assert self._master_fd is not None
+        try:
+            data = os.read(self._master_fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return  # EIO while no slave fd is open; ours stays open, so this is transient
+        if not data:
+            return
+        self._decoder.feed(data)
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except ModbusRtuError:
+                self.bad_frames += 1
+                continue
+            if frame is NEED_DATA:
+                break
+            self._on_frame(frame)
+        if self._decoder.buffered:
+            assert self._loop is not None
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush_handle = self._loop.call_later(_IDLE_FLUSH_S, self._flush_partial)
+
+    def _flush_partial(self) -> None:
+        self._flush_handle = None
+        if self._decoder.flush():
+            self.bad_frames += 1
+
+    def _on_frame(self, frame: RtuFrame) -> None:
+        now = time.monotonic()
+        self.request_log.append((now, frame.address))
+        if frame.address == BROADCAST:
+            for slave in self._slaves.values():
+                slave.broadcast(frame.pdu, now)
+            return
+        slave = self._slaves.get(frame.address)
+        if slave is None:
+            return  # another slave's business
+        stats, faults = self._stats[frame.address], self._faults[frame.address]
+        stats.requests += 1
+        out = b""
+        if faults.garbage:
+            out += bytes(self._rng.getrandbits(8) for _ in range(faults.garbage))
+        if not faults.silent:
+            if faults.exception_code is not None:
+                pdu = encode_exception(frame.function & 0x7F or 1, faults.exception_code)
+            else:
+                pdu = slave.answer(frame.pdu, now)
+            answer = encode_frame(frame.address, pdu)
+            if faults.bad_crc:
+                answer = answer[:-2] + bytes((answer[-2] ^ 0xFF, answer[-1] ^ 0x5A))
+            out += answer
+            stats.answers += 1
+        if not out:
+            return
+        delay = _TURNAROUND_S + faults.delay_s
+        if self.wire_time:
+            # The request's frame ends on the wire only now, the answer's after its own bytes.
+            delay += (len(frame.pdu) + 3 + len(out)) * self._char_s
+        assert self._loop is not None
+        handle: asyncio.TimerHandle
+        handle = self._loop.call_later(delay, lambda: self._send(handle, out))
+        self._pending.add(handle)
+
+    def _send(self, handle: asyncio.TimerHandle, data: bytes) -> None:
+        self._pending.discard(handle)
+        if self._master_fd is None:
+            return
+        try:
+            written = os.write(self._master_fd, data)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError:
+            return
+        if written < len(data):
+            self.unwritten += 1
+
+    # --- control channel --------------------------------------------------------------------
+
+    def handle_control(self, line: bytes | str) -> dict[str, Any]:
+        """One control request line (see the module doc); always a reply, never raises."""
+        try:
+            raw = json.loads(line)
+        except ValueError:
+            raw = None
+        if not (isinstance(raw, dict) and raw.keys() & {"fault", "stats"}):
+            return handle_control(self, line)  # set / clear / get / ping
+        try:
+            request = _RtuControl.model_validate(raw)
+        except ValidationError as exc:
+            return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
+        try:
+            if request.fault is not None:
+                fields = request.fault.model_dump(exclude={"device_id"}, exclude_unset=True)
+                self.set_faults(request.fault.device_id, SlaveFaults(**fields))
+                return {"ok": True}
+            return {"ok": True, "stats": {str(a): s.to_dict() for a, s in self._stats.items()},
+                    "bad_frames": self.bad_frames}
+        except SimulatorError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def _control_client(self, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                reply = self.handle_control(line)
+                writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass  # the client went away or sent a line past the stream limit
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+class _FaultRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: int = Field(ge=1, le=247)
+    silent: bool = False
+    delay_s: float = Field(0.0, ge=0, le=60)
+    bad_crc: bool = False
+    exception_code: int | None = Field(None, ge=1, le=255)
+    garbage: int = Field(0, ge=0, le=256)
+
+
+class _StatsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _RtuControl(BaseModel):
+    """The RTU simulator's own control lines: exactly one of `fault` or `stats`."""
+
+    model_config = ConfigDict(extra="forbid")
+    fault: _FaultRequest | None = None
+    stats: _StatsRequest | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> _RtuControl:
+        if (self.fault is None) == (self.stats is None):
+            raise ValueError("give exactly one of fault or stats")
+        return self
+
+
+# --- process entry --------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m firmware_stubs.rtu_sim",
+        description="Simulate profiled Modbus RTU slaves on one pseudo-terminal line.",
+        epilog="example: python -m firmware_stubs.rtu_sim --profile gas-detector-v1 "
+        "--profile storage-tank-v1 --baudrate 19200 --link-file /tmp/bus.link --control-port 0",
+    )
+    parser.add_argument("--profile", action="append", required=True,
+                        help="profile id or YAML path; repeat for slaves on consecutive addresses")
+    parser.add_argument("--profile-dir", action="append", default=[],
+                        help="extra folder of profiles, searched before the built-in ones")
+    parser.add_argument("--first-id", type=int, default=1, help="address of the first slave")
+    parser.add_argument("--baudrate", type=int, default=9600)
+    parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--no-wire-time", action="store_true",
+                        help="answer at once instead of at the speed of the baud rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--link-file", type=Path, default=None,
+                        help="once serving, write the pty path (one line) to this file")
+    parser.add_argument("--control-port", type=int, default=None,
+                        help="JSON-lines control port on 127.0.0.1 (0 picks a free port)")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    profiles = {args.first_id + i: find_profile(name, extra_dirs=args.profile_dir)
+                for i, name in enumerate(args.profile)}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with RtuBusSimulator(profiles, baudrate=args.baudrate, parity=args.parity,
+                               stopbits=args.stopbits, wire_time=not args.no_wire_time,
+                               seed=args.seed, control_port=args.control_port) as sim:
+        if args.link_file is not None:
+            tmp = args.link_file.with_name(args.link_file.name + ".tmp")
+            tmp.write_text(sim.path + "\n")
+            os.replace(tmp, args.link_file)  # readers never see a half-written path
+        ready = f"READY path={sim.path}"
+        if sim.control_port is not None:
+            ready += f" control_port={sim.control_port}"
+        print(ready, flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
+    args = _parse_args(argv)
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.JSONRenderer()],
+    )
+    try:
+        asyncio.run(_serve(args))
+    except (SimulatorError, DeviceProfileError, ModbusRtuError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
