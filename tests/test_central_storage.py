@@ -1,4 +1,5 @@
-"""Central's SQLite storage on real files: dedup, latest values, points, birth, reads."""
+"""Central's storage on both backends (a SQLite file, a PostgreSQL schema): dedup, latest
+values, points, birth, reads. The same assertions run on each."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from protocols.envelope import (
     RecordKind,
     State,
 )
+from tests.pg import pg_schema
 
 T0 = 1_700_000_000_000
 
@@ -42,10 +44,15 @@ def batch(*records: Record, gw: str = "gw-1", stream: str = "s1") -> DataBatch:
     return DataBatch(gw=gw, stream=stream, records=records)
 
 
-@pytest.fixture
-async def storage(tmp_path: Path):  # type: ignore[no-untyped-def]
-    async with open_storage(f"sqlite:///{tmp_path}/central.db") as st:
-        yield st
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        async with open_storage(f"sqlite:///{tmp_path}/central.db") as st:
+            yield st
+        return
+    with pg_schema() as url:
+        async with open_storage(url) as st:
+            yield st
 
 
 async def test_same_batch_twice_is_stored_once(storage: Storage) -> None:
@@ -56,6 +63,16 @@ async def test_same_batch_twice_is_stored_once(storage: Storage) -> None:
     assert (first.inserted, first.duplicates) == (3, 0)
     assert (again.inserted, again.duplicates) == (0, 3)
     assert (await storage.count_records("gw-1")).readings == 3
+
+
+async def test_same_batch_twice_in_one_call_counts_once(storage: Storage) -> None:
+    """A batch repeated within one call is inserted by its first copy only."""
+    b = batch(tel(1, "d1/gas", 10.0), tel(2, "d1/run", True), tel(3, "d1/n", 7))
+    res = await storage.write_batches([b, b])
+    assert [(r.inserted, r.duplicates) for r in res] == [(3, 0), (0, 3)]
+    assert (await storage.count_records("gw-1")).readings == 3
+    assert [(p.point, p.latest and p.latest.value) for p in await storage.device_points(
+        "gw-1:d1")] == [("gas", 10.0), ("n", 7.0), ("run", 1.0)]
 
 
 async def test_batches_in_one_call_report_per_batch(storage: Storage) -> None:

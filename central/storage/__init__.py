@@ -31,7 +31,8 @@ class StorageError(CentralError):
 
 class UnsupportedDatabaseError(StorageError):
     def __init__(self, url: str) -> None:
-        super().__init__(f"unsupported database URL {url!r} (expected sqlite:///PATH)")
+        super().__init__(f"unsupported database URL {url!r}"
+                         " (expected sqlite:///PATH or postgresql://...)")
         self.url = url
 
 
@@ -186,7 +187,8 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 class Storage(abc.ABC):
-    """What central needs from a database. Implementations: `sqlite.SqliteStorage`."""
+    """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
+    `postgres.PostgresStorage`."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -255,12 +257,17 @@ class Storage(abc.ABC):
 def open_storage(url: str) -> Storage:
     """A backend for `url` (not yet open: use `async with` or `await storage.open()`).
 
-    `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:`.
+    `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:`;
+    `postgresql://user@host:port/db` (or `postgres://`), schema via `?options=-csearch_path%3DS`.
     """
     if url.startswith("sqlite:///"):
         from central.storage.sqlite import SqliteStorage
 
         return SqliteStorage(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from central.storage.postgres import PostgresStorage
+
+        return PostgresStorage(url)
     raise UnsupportedDatabaseError(url)
 
 
