@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central import __version__
+from central.commands import start_commands
+from central.commands_api import install as install_command_api
 from central.errors import CentralError
 from central.ingest import Ingest
 from central.metrics import Metrics
@@ -34,6 +36,7 @@ from central.storage import (
     Point,
     Storage,
     open_storage,
+    safe_db_url,
 )
 
 log = structlog.get_logger(__name__)
@@ -196,10 +199,13 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         app.state.storage = storage
         app.state.metrics = metrics
         app.state.ingest = ingest
+        # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
+        app.state.commands = await start_commands(settings, storage, dispatch=run_ingest)
+        ingest.command_hooks = app.state.commands.service
         task = (asyncio.create_task(_supervise(ingest), name="ingest.mqtt") if run_ingest
                 else None)
         app.state.ingest_task = task
-        log.info("central_started", version=__version__, db=settings.db_url,
+        log.info("central_started", version=__version__, db=safe_db_url(settings.db_url),
                  http_port=settings.http_port, ingest=run_ingest)
         try:
             yield
@@ -208,6 +214,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await app.state.commands.stop()  # commands wiring (§6)
             await storage.close()
             log.info("central_stopped")
 
@@ -305,5 +312,6 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     async def console() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
+    install_command_api(app)  # commands wiring (§6)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -54,7 +54,7 @@ def _root(
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
                                                 exists=True, dir_okay=False)] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Database URL, sqlite:///PATH.")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL: sqlite:///PATH or postgresql://USER@HOST/DB.")] = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
     mqtt_client_id: Annotated[str | None, typer.Option(help="Fixed MQTT client id.")] = None,

@@ -30,7 +30,7 @@ class SettingsError(CentralError):
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    db_url: str = Field("sqlite:///./central.db", description="sqlite:///PATH")
+    db_url: str = Field("sqlite:///./central.db", description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB[?options=-csearch_path%3DSCHEMA]")
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(1883, ge=1, le=65535)
     mqtt_client_id: str = Field("fieldlink-central", min_length=1, max_length=64)
@@ -41,6 +41,9 @@ class Settings(BaseModel):
     offline_after_s: float = Field(120.0, gt=0, description="silence after which a gw is offline")
     ingest_drain_max: int = Field(50, ge=1, le=1000,
                                   description="batches written in one transaction at most")
+    command_key_path: Path | None = Field(
+        None, description="Ed25519 command-signing key (PEM, made on first start); default: "
+                          "central-command-key.pem next to the SQLite file")
 
 
 def load_settings(path: Path | None = None, *, env: Mapping[str, str] | None = None,

@@ -252,6 +252,7 @@ def _decode_data(obj: Mapping[str, Any]) -> DataBatch:
 _KINDS = {int(k): k for k in RecordKind}
 _FLAGS = {int(f): Flag(f) for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
 _SCALARS = (int, float, str)
+_INT64_MAX = 2**63 - 1  # what both databases store; a larger seq is a broken sender
 
 
 def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
@@ -264,8 +265,10 @@ def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
         for name, v in (("seq", seq), ("ts", ts), ("point", pidx)):
             if type(v) is not int:
                 raise MalformedEnvelopeError(f"r[{i}].{name}", f"expected int, got {type(v).__name__}")
-    if seq < 1:
-        raise MalformedEnvelopeError(f"r[{i}].seq", f"must be >= 1, got {seq}")
+    if not 1 <= seq <= _INT64_MAX:
+        raise MalformedEnvelopeError(f"r[{i}].seq", f"must be in 1..2**63-1, got {seq}")
+    if not 0 <= ts <= _INT64_MAX:
+        raise MalformedEnvelopeError(f"r[{i}].ts", f"must be in 0..2**63-1, got {ts}")
     rkind = _KINDS.get(kind) if type(kind) is int else None
     if rkind is None:
         raise MalformedEnvelopeError(f"r[{i}].kind", f"unknown record kind {kind!r}")
@@ -278,6 +281,9 @@ def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
         if type(value) is float:
             if not math.isfinite(value):
                 raise MalformedEnvelopeError(f"r[{i}].value", "not finite")
+        elif type(value) is int:
+            if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+                raise MalformedEnvelopeError(f"r[{i}].value", "integer outside 64 bits")
         elif not isinstance(value, _SCALARS):
             raise MalformedEnvelopeError(f"r[{i}].value", f"unsupported type {type(value).__name__}")
     attrs = None

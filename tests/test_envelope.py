@@ -51,7 +51,7 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1),
                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
 records = st.builds(
     env.Record,
-    seq=st.integers(1, 2**62), kind=st.sampled_from(env.RecordKind),
+    seq=st.integers(1, 2**63 - 1), kind=st.sampled_from(env.RecordKind),
     ts_ms=st.integers(0, 2**45), point=st.one_of(st.none(), st.text(min_size=1, max_size=12)),
     value=values, flags=st.sampled_from([env.Flag.NONE, env.Flag.HISTORICAL,
                                          env.Flag.HISTORICAL | env.Flag.CLOCK_SUSPECT]),

@@ -277,3 +277,12 @@ __all__ = [
     "UnknownGatewayError", "UnknownPointError", "UnsupportedDatabaseError", "WriteResult",
     "device_ref", "open_storage", "parse_device_ref", "parse_point_ref", "point_ref", "split_key",
 ]
+
+
+def safe_db_url(url: str) -> str:
+    """The database URL for logs: a PostgreSQL password is never shown."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from central.storage.postgres import describe_url
+
+        return describe_url(url)
+    return url
