@@ -31,6 +31,21 @@ thresholds and how the simulator moves it. Format (see device_profiles/README.md
         sim: {kind: wave, min: 0, max: 12, period_s: 120}
         alarm: {high1: 25, high2: 50, hysteresis: 2}
 
+An HJ 212 profile (`protocol: hj212`, a station that pushes HJ 212-2017 frames) names each
+point by its monitoring factor code instead of a register::
+
+      - key: air_temp
+        name: Air temperature
+        name_zh: 空气温度
+        unit: "°C"
+        factor: a01001            # replaces function / address / type; values are numbers
+        sim: {kind: wave, min: 8, max: 24, period_s: 600}
+
+Its points take no Modbus field (function, address, type, scale, offset, bit, bit_count,
+length, byte_order, word_order; nor `reads` or the byte orders at the top), are not
+writable, and have unique factor codes. `ProfilePoint.spec` of such a point raises
+`ProtocolMismatchError`; `ProfilePoint.factor` is its code and `Profile.by_factor()` finds it.
+
 Sim kinds: `wave {min, max, period_s, phase_s}`, `random_walk {min, max, step, start}`,
 `constant {value}`, `counter {}` (whole seconds since the simulator started).
 Alarm keys: high1, high2, low1, low2 (level 1 and level 2 thresholds), hysteresis.
@@ -80,6 +95,7 @@ __all__ = [
     "ProfileError",
     "ProfileNotFoundError",
     "ProfilePoint",
+    "ProtocolMismatchError",
     "builtin_profiles_dir",
     "find_profile",
     "load_profile",
@@ -118,6 +134,17 @@ class ProfileNotFoundError(DeviceProfileError):
         super().__init__(f"no profile {profile_id!r} in {where}")
 
 
+class ProtocolMismatchError(DeviceProfileError):
+    """A point of one protocol was used as a point of another (an HJ 212 factor as a register)."""
+
+    def __init__(self, point: str, protocol: str, wanted: str) -> None:
+        super().__init__(
+            f"point {point!r} speaks {protocol}, not {wanted}: it has no {wanted} address")
+        self.point = point
+        self.protocol = protocol
+        self.wanted = wanted
+
+
 @dataclass(frozen=True, slots=True)
 class AlarmSpec:
     """Level-1/level-2 thresholds (None when unused) and hysteresis, in the point's unit."""
@@ -135,11 +162,19 @@ class ProfilePoint:
     name: str
     name_zh: str
     unit: str
-    spec: PointSpec
+    modbus: PointSpec | None  # where a Modbus point lives; None for an HJ 212 point
     poll: str
     writable: bool
     sim: SimModel
     alarm: AlarmSpec | None
+    factor: str | None = None  # the HJ 212 factor code; None for a Modbus point
+
+    @property
+    def spec(self) -> PointSpec:
+        """The Modbus spec; `ProtocolMismatchError` for an HJ 212 point (it has no register)."""
+        if self.modbus is None:
+            raise ProtocolMismatchError(self.key, "hj212", "modbus")
+        return self.modbus
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +194,17 @@ class Profile:
                 return p
         raise KeyError(key)
 
+    def by_factor(self, code: str) -> ProfilePoint:
+        """The HJ 212 point with that factor code; KeyError if none."""
+        for p in self.points:
+            if p.factor == code:
+                return p
+        raise KeyError(code)
+
     @property
     def specs(self) -> tuple[PointSpec, ...]:
-        return tuple(p.spec for p in self.points)
+        """The Modbus specs of the points (empty for an HJ 212 profile)."""
+        return tuple(p.modbus for p in self.points if p.modbus is not None)
 
 
 def builtin_profiles_dir() -> Path:
@@ -250,6 +293,27 @@ def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profil
     def fail(loc: tuple[str | int, ...], message: str) -> ProfileError:
         return ProfileError(source, _loc_str(loc), message, _line_of(node, loc))
 
+    if model.protocol == "hj212":
+        points = _convert_hj212(model, fail)
+    else:
+        points = _convert_modbus(model, fail)
+    dumped = model.model_dump(mode="json")
+    for point in dumped["points"]:
+        if point["factor"] is None:
+            del point["factor"]  # so that Modbus profiles hash as they did before HJ 212 came
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return Profile(
+        id=model.id,
+        model=model.model,
+        name_zh=model.name_zh,
+        protocol=model.protocol,
+        points=tuple(points),
+        hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        reads=model.reads,
+    )
+
+
+def _convert_modbus(model: ProfileModel, fail: Any) -> list[ProfilePoint]:
     points: list[ProfilePoint] = []
     seen: dict[str, int] = {}
     for i, pm in enumerate(model.points):
@@ -257,6 +321,12 @@ def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profil
         if pm.key in seen:
             raise fail((*loc, "key"), f"duplicate key {pm.key!r} (also points[{seen[pm.key]}])")
         seen[pm.key] = i
+        if pm.factor is not None:
+            raise fail((*loc, "factor"), "applies only to protocol hj212")
+        for name in ("function", "address", "type"):
+            if getattr(pm, name) is None:
+                raise fail((*loc, name), "required field is missing")
+        assert pm.function is not None and pm.address is not None and pm.type is not None
         try:
             spec = PointSpec(
                 key=pm.key,
@@ -284,7 +354,7 @@ def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profil
                 name=pm.name,
                 name_zh=pm.name_zh,
                 unit=pm.unit,
-                spec=spec,
+                modbus=spec,
                 poll=pm.poll,
                 writable=pm.writable,
                 sim=pm.sim or ConstantSim(kind="constant", value=_zero(spec.dtype)),
@@ -292,18 +362,59 @@ def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profil
             )
         )
     _check_overlaps(points, fail)
-    canonical = json.dumps(
-        model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
-    return Profile(
-        id=model.id,
-        model=model.model,
-        name_zh=model.name_zh,
-        protocol=model.protocol,
-        points=tuple(points),
-        hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-        reads=model.reads,
-    )
+    return points
+
+
+# Fields that say where a value sits in Modbus registers: meaningless for an HJ 212 factor.
+_MODBUS_POINT_FIELDS = ("function", "address", "type", "scale", "offset", "bit", "bit_count",
+                        "length", "byte_order", "word_order")
+_MODBUS_PROFILE_FIELDS = ("byte_order", "word_order", "reads")
+
+
+def _convert_hj212(model: ProfileModel, fail: Any) -> list[ProfilePoint]:
+    for name in _MODBUS_PROFILE_FIELDS:
+        if name in model.model_fields_set:
+            raise fail((name,), "applies only to protocol modbus")
+    points: list[ProfilePoint] = []
+    keys: dict[str, int] = {}
+    factors: dict[str, int] = {}
+    for i, pm in enumerate(model.points):
+        loc: tuple[str | int, ...] = ("points", i)
+        if pm.key in keys:
+            raise fail((*loc, "key"), f"duplicate key {pm.key!r} (also points[{keys[pm.key]}])")
+        keys[pm.key] = i
+        for name in _MODBUS_POINT_FIELDS:
+            if name in pm.model_fields_set:
+                raise fail((*loc, name), "applies only to protocol modbus; an hj212 point "
+                                         "names its factor code")
+        if pm.factor is None:
+            raise fail((*loc, "factor"), "required field is missing")
+        if pm.factor in factors:
+            raise fail((*loc, "factor"),
+                       f"duplicate factor {pm.factor!r} (also points[{factors[pm.factor]}])")
+        factors[pm.factor] = i
+        if pm.writable:
+            raise fail((*loc, "writable"), "hj212 points are read-only")
+        sim = pm.sim
+        if isinstance(sim, ConstantSim) and isinstance(sim.value, str | bool):
+            raise fail((*loc, "sim"), "an hj212 point needs a numeric constant")
+        if isinstance(sim, WaveSim | RandomWalkSim) and sim.max < sim.min:
+            raise fail((*loc, "sim"), "max is below min")
+        points.append(
+            ProfilePoint(
+                key=pm.key,
+                name=pm.name,
+                name_zh=pm.name_zh,
+                unit=pm.unit,
+                modbus=None,
+                poll=pm.poll,
+                writable=False,
+                sim=sim or ConstantSim(kind="constant", value=0),
+                alarm=_alarm(pm.alarm),
+                factor=pm.factor,
+            )
+        )
+    return points
 
 
 def _check_sim(sim: SimModel | None, spec: PointSpec, fail: Any) -> None:

@@ -74,9 +74,14 @@ class PointModel(_Strict):
     name_zh: str = Field(min_length=1)
     unit: str = ""
     description: str = ""
-    function: Literal[1, 2, 3, 4]
-    address: int = Field(ge=0, le=65535)
-    type: DataType
+    # Modbus points: where the value lives (required there; the loader checks, since the
+    # point model does not know the profile's protocol).
+    function: Literal[1, 2, 3, 4] | None = None
+    address: int | None = Field(default=None, ge=0, le=65535)
+    type: DataType | None = None
+    # HJ 212 points: the monitoring factor code (a01001) that names the value in a frame's CP
+    # area; it replaces function/address/type. Codes of the 2005 edition (B02, 011) also fit.
+    factor: str | None = Field(default=None, pattern=r"^[A-Za-z0-9]{1,16}$")
     scale: float = 1.0
     offset: float = 0.0
     bit: int | None = Field(default=None, ge=0, le=15)
@@ -110,7 +115,7 @@ class ProfileModel(_Strict):
     model: str = Field(min_length=1)
     name_zh: str = Field(min_length=1)
     description: str = ""
-    protocol: Literal["modbus"] = "modbus"
+    protocol: Literal["modbus", "hj212"] = "modbus"
     byte_order: Order = Order.BIG
     word_order: Order = Order.BIG
     reads: ReadLimits = ReadLimits()

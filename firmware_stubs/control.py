@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,13 +83,21 @@ def handle_control(sim: Scriptable, line: bytes | str) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-async def start_control_server(sim: Scriptable, host: str, port: int) -> asyncio.Server:
-    """Listen for control clients on `host:port` (0: a free port); close the server to stop."""
+async def start_control_server(
+    sim: Scriptable, host: str, port: int,
+    handler: Callable[[bytes], dict[str, Any]] | None = None,
+) -> asyncio.Server:
+    """Listen for control clients on `host:port` (0: a free port); close the server to stop.
+
+    `handler` answers each line instead of `handle_control(sim, line)`: a simulator with
+    requests of its own (faults, stats) handles those and passes the rest to `handle_control`.
+    """
+    answer = handler or (lambda line: handle_control(sim, line))
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                reply = handle_control(sim, line)
+                reply = answer(line)
                 writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):

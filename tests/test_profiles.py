@@ -25,10 +25,12 @@ GAS = builtin_profiles_dir() / "gas_detector_v1.yaml"
 
 
 def test_builtin_profiles_load():
-    """Both built-in profiles load, name every point in Chinese and have a u32 counter."""
+    """The built-in Modbus profiles load, name every point in Chinese and have a u32 counter."""
     profiles = load_profiles([builtin_profiles_dir()])
-    assert set(profiles) == {"gas-detector-v1", "storage-tank-v1"}
+    assert {"gas-detector-v1", "storage-tank-v1"} <= set(profiles)
     for profile in profiles.values():
+        if profile.protocol != "modbus":
+            continue  # HJ 212 profiles: tests/test_profiles_catalog.py
         assert all(p.name_zh for p in profile.points)
         counter = profile.point("counter")
         assert counter.spec.dtype is DataType.U32 and isinstance(counter.sim, CounterSim)
