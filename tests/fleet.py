@@ -3,7 +3,9 @@ process so that a test can SIGKILL any of them."""
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -61,14 +63,26 @@ class Child:
 class Simulator(Child):
     """`firmware_stubs.modbus_sim` serving profiles on consecutive device ids on one port."""
 
-    def __init__(self, workdir: Path, profiles: Sequence[str], name: str = "sim") -> None:
+    def __init__(self, workdir: Path, profiles: Sequence[str], name: str = "sim",
+                 control: bool = False) -> None:
         self.ready = workdir / f"{name}.port"
         args = [sys.executable, "-m", "firmware_stubs.modbus_sim", "--port", "0",
                 "--ready-file", str(self.ready)]
         for p in profiles:
             args += ["--profile", p]
+        self.control_port = free_port() if control else None
+        if self.control_port:
+            args += ["--control-port", str(self.control_port)]
         super().__init__(name, args, workdir)
         self.port = 0
+
+    def control(self, request: dict[str, object]) -> dict[str, object]:
+        """One JSON-lines request on the simulator's control port (to script a value)."""
+        assert self.control_port, "started without control=True"
+        with socket.create_connection(("127.0.0.1", self.control_port), timeout=5) as conn:
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            reply: dict[str, object] = json.loads(conn.makefile().readline())
+        return reply
 
     def start(self) -> None:
         self.ready.unlink(missing_ok=True)
@@ -92,18 +106,20 @@ class Agent(Child):
 
     def __init__(self, workdir: Path, gw: str, broker_port: int, sim_port: int,
                  devices: Sequence[DeviceDef], poll_interval_s: float = 0.25,
-                 ack_timeout_s: float = 3.0, extra: str = "") -> None:
+                 ack_timeout_s: float = 3.0, extra: str = "", device_extra: str = "",
+                 mqtt_extra: str = "") -> None:
         self.gw = gw
         self.data_dir = workdir / gw
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config = self.data_dir / "site.toml"
         lines = ["[gateway]", f'id = "{gw}"', f'data_dir = "{self.data_dir}"', "",
                  "[mqtt]", 'host = "127.0.0.1"', f"port = {broker_port}",
-                 f"ack_timeout_s = {ack_timeout_s}", ""]
+                 f"ack_timeout_s = {ack_timeout_s}", mqtt_extra, ""]
         for d in devices:
             lines += ["[[devices]]", f'id = "{d.id}"', f'profile = "{d.profile}"',
                       f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {sim_port} }}',
-                      f"device_id = {d.unit}", f"poll_interval_s = {poll_interval_s}", ""]
+                      f"device_id = {d.unit}", f"poll_interval_s = {poll_interval_s}", "",
+                      device_extra]
         self.config.write_text("\n".join(lines) + extra)
         super().__init__(f"agent-{gw}", [sys.executable, "-m", "edge_agent", "run", "--config",
                                          str(self.config)], workdir)
