@@ -15,6 +15,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiomqtt
 import structlog
@@ -208,6 +209,8 @@ class Ingest:
                     elif isinstance(msg, Birth):
                         await self.storage.record_birth(inbound.gw, msg)
                         self.metrics.births += 1
+                        if self.command_hooks is not None:  # commands wiring (§6)
+                            self.command_hooks.gateway_up(inbound.gw)
                 except DatabaseWriteError as exc:
                     self.metrics.write_failures += 1
                     log.error("gateway_info_write_failed", gw=inbound.gw, error=str(exc))
@@ -236,6 +239,7 @@ class Ingest:
             self.metrics.batches += 1
             self.metrics.records_inserted += res.inserted
             self.metrics.records_duplicate += res.duplicates
+        written = await self._apply_command_results(written)  # commands wiring (§6)
         await asyncio.gather(*(self._ack(client, b) for b in written))
 
     async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
@@ -243,3 +247,34 @@ class Ingest:
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
         self.metrics.acks_published += 1
+
+    # --- commands wiring (DESIGN.md §6) ---------------------------------------------------
+
+    command_hooks: CommandHooks | None = None
+
+    async def _apply_command_results(self, written: list[DataBatch]) -> list[DataBatch]:
+        """Let command results move their commands' states; returns the batches to ack.
+
+        A batch whose results cannot be applied is not acked: the gateway sends it again,
+        storage deduplicates it, and the results are applied then.
+        """
+        hooks = self.command_hooks
+        if hooks is None:
+            return written
+        ackable = []
+        for b in written:
+            try:
+                await hooks.apply_batch(b)
+                ackable.append(b)
+            except CentralError as exc:
+                self.metrics.write_failures += 1
+                log.error("command_results_failed", gw=b.gw, stream=b.stream, error=str(exc))
+        return ackable
+
+
+class CommandHooks(Protocol):
+    """What ingest tells the command service (`central.commands.CommandService`)."""
+
+    def gateway_up(self, gw: str) -> None: ...
+
+    async def apply_batch(self, batch: DataBatch) -> None: ...

@@ -1,0 +1,144 @@
+"""Central's command tables and signing key, on real SQLite and PostgreSQL (§6)."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from central.commands_store import (
+    ORIGIN_GATEWAY,
+    CommandStore,
+    DuplicateCommandError,
+    Report,
+    StoredCommand,
+    UnknownCommandError,
+)
+from central.keys import SigningKeyError, key_path_for, load_or_create_key
+from central.settings import Settings
+from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
+from protocols.commands import public_key_raw
+from tests.pg import pg_schema
+
+S = CommandState
+T0 = 1_718_000_000_000
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/central.db"
+    else:
+        with pg_schema("fl_cmd") as url:
+            yield url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[CommandStore]:
+    async with CommandStore(db_url) as st:
+        yield st
+
+
+def _cmd(cmd_id: str, gw: str = "gw-1", expires: int = T0 + 60_000) -> StoredCommand:
+    return StoredCommand(cmd_id=cmd_id, gw=gw, kind="write_point", target="gas-1/x",
+                         args={"device": "gas-1", "point": "x", "value": 1}, issued_at_ms=T0,
+                         expires_at_ms=expires, state=S.PENDING, state_source="central")
+
+
+def _rep(seq: int, cmd_id: str, state: CommandState, reason: Reason | None = None,
+         verified: bool = True, **data: object) -> Report:
+    res = CommandResult(cmd_id, state, reason, kind="write_point", verified=verified, data=data)
+    return Report(seq=seq, ts_ms=T0 + seq, result=res, attrs=result_attrs(res))
+
+
+async def test_states_move_forward_only_and_reports_apply_once(store: CommandStore) -> None:
+    """Reports move a command forward; a late `received` or a resent record changes nothing."""
+    await store.insert(_cmd("c1"), now_ms=T0)
+    with pytest.raises(DuplicateCommandError):
+        await store.insert(_cmd("c1"), now_ms=T0)
+    await store.mark_sent("c1", now_ms=T0 + 1)
+    await store.mark_sent("c1", now_ms=T0 + 2)
+    sent = await store.get("c1")
+    assert (sent.state, sent.sent_count, sent.last_sent_ms) == (S.SENT, 2, T0 + 2)
+    moved = await store.apply_reports("gw-1", "s1", [_rep(3, "c1", S.SUCCEEDED, readback=1),
+                                                     _rep(1, "c1", S.RECEIVED),
+                                                     _rep(2, "c1", S.EXECUTING)], now_ms=T0 + 5)
+    assert moved == 3  # applied in seq order: received, executing, succeeded
+    assert await store.apply_reports("gw-1", "s1", [_rep(1, "c1", S.RECEIVED)]) == 0
+    late = await store.apply_reports("gw-1", "s2", [_rep(1, "c1", S.RECEIVED)])
+    assert late == 0
+    done = await store.get("c1")
+    assert (done.state, done.state_source, done.result) == (
+        S.SUCCEEDED, "gateway", {"cmd_id": "c1", "state": "succeeded", "kind": "write_point",
+                                 "readback": 1})
+    history = await store.history("c1")
+    assert [(e.state, e.source, e.applied) for e in history] == [
+        ("pending", "central", True), ("sent", "central", True), ("received", "gateway", True),
+        ("executing", "gateway", True), ("succeeded", "gateway", True),
+        ("received", "gateway", False)]
+
+
+async def test_history_only_reports(store: CommandStore) -> None:
+    """Replay notices, unverified reports and another gateway's reports never move the state."""
+    await store.insert(_cmd("c1"), now_ms=T0)
+    reports = [_rep(1, "c1", S.REJECTED, Reason.REPLAY),
+               _rep(2, "c1", S.REJECTED, Reason.BAD_SIGNATURE, verified=False)]
+    assert await store.apply_reports("gw-1", "s", reports) == 0
+    assert await store.apply_reports("gw-2", "t", [_rep(1, "c1", S.SUCCEEDED)]) == 0
+    cmd = await store.get("c1")
+    assert cmd.state is S.PENDING
+    assert [(e.reason, e.applied) for e in await store.history("c1")][1:] == [
+        ("replay", False), ("bad_signature", False), (None, False)]
+
+
+async def test_unknown_cmd_ids_become_gateway_origin_rows(store: CommandStore) -> None:
+    """A report about a command central never issued (forged) is kept as a gateway-origin row."""
+    await store.apply_reports("gw-1", "s", [_rep(7, "forged1", S.REJECTED, Reason.BAD_SIGNATURE,
+                                                 verified=False)])
+    row = await store.get("forged1")
+    assert (row.origin, row.state, row.reason, row.gw) == (ORIGIN_GATEWAY, S.REJECTED,
+                                                           "bad_signature", "gw-1")
+    with pytest.raises(UnknownCommandError):
+        await store.get("nope")
+
+
+async def test_expiry_by_central_and_gateway_truth(store: CommandStore) -> None:
+    """Central expires undelivered commands; the gateway's own outcome still overrides that."""
+    await store.insert(_cmd("old", expires=T0 + 10), now_ms=T0)
+    await store.insert(_cmd("new", expires=T0 + 10_000), now_ms=T0)
+    expired = await store.expire_due(now_ms=T0 + 10)
+    assert [c.cmd_id for c in expired] == ["old"]
+    assert (await store.get("old")).reason == "not_delivered"
+    assert [c.cmd_id for c in await store.due(now_ms=T0 + 10)] == ["new"]
+    await store.apply_reports("gw-1", "s", [_rep(1, "old", S.SUCCEEDED)])
+    assert (await store.get("old")).state is S.SUCCEEDED
+    assert [c.cmd_id for c in await store.list(gw="gw-1", state="pending")] == ["new"]
+
+
+async def test_store_shares_the_database_with_storage(tmp_path: Path) -> None:
+    """The command tables live in the same SQLite file as central's storage, with their own version."""
+    from central.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/central.db"
+    async with open_storage(url), CommandStore(url) as store:
+        await store.insert(_cmd("c1"), now_ms=T0)
+    async with CommandStore(url) as store:  # reopened: migrations are not run twice
+        assert (await store.get("c1")).state is S.PENDING
+
+
+def test_signing_key_is_created_private_and_reused(tmp_path: Path) -> None:
+    """The key file is made once with mode 0600 next to the database and loads the same key."""
+    settings = Settings(db_url=f"sqlite:///{tmp_path}/db/central.db")
+    path = key_path_for(settings)
+    assert path == tmp_path / "db" / "central-command-key.pem"
+    first = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_or_create_key(path)
+    assert public_key_raw(first.public_key()) == public_key_raw(again.public_key())
+    assert key_path_for(Settings(db_url="sqlite:///:memory:")) is None
+    assert key_path_for(Settings(command_key_path=tmp_path / "k.pem")) == tmp_path / "k.pem"
+    (tmp_path / "bad.pem").write_text("nope")
+    with pytest.raises(SigningKeyError):
+        load_or_create_key(tmp_path / "bad.pem")
