@@ -29,6 +29,7 @@ from device_profiles import (
     load_profile,
 )
 from edge_agent import __version__
+from edge_agent.cli_buffer import buffer_app, clock_app, outbox_report, print_outbox
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import EdgeError
 from edge_agent.logs import LEVELS
@@ -39,6 +40,8 @@ EXAMPLES = """\
 
   edge-agent run --config /etc/fieldlink/site.toml
   edge-agent status --config /etc/fieldlink/site.toml --json
+  edge-agent buffer watch --config /etc/fieldlink/site.toml
+  edge-agent clock ok --config /etc/fieldlink/site.toml
   edge-agent config check /etc/fieldlink/site.toml
   edge-agent profiles validate /etc/fieldlink/profiles
   edge-agent profiles show gas-detector-v1 --json
@@ -59,6 +62,8 @@ config_app = typer.Typer(help="Check the gateway config file.  "
                          rich_markup_mode="rich")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(config_app, name="config")
+app.add_typer(buffer_app, name="buffer")
+app.add_typer(clock_app, name="clock")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -144,8 +149,8 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
 
     with _errors():
         cfg = load_config(config, check_profiles=False)
-        stats = read_status(cfg.outbox_path)
-    report = _status_report(cfg, stats.to_jsonable())
+        stats = read_status(cfg.outbox_path, live_window_s=cfg.outbox.live_window_s)
+    report = _status_report(cfg, stats.to_jsonable()) | outbox_report(stats)
     if as_json:
         _print_json(report)
         return
@@ -231,6 +236,7 @@ def _print_status(r: dict[str, Any]) -> None:
     colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
     t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {_ago(up['since_ms'])}")
     t.add_row("last ack", _ago(up["last_ack_ms"]))
+    print_outbox(t, r)
     out.print(t)
     if r["devices"]:
         d = Table("device", "state", "cycles", "timeouts", "exc", "decode err",

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from device_profiles import DeviceProfileError, Profile, find_profile
 from edge_agent.alarm_config import DeviceAlarmsConfig, build_device_rules
@@ -177,6 +185,35 @@ class OutboxConfig(_Model):
     keep_delivered_s: float = Field(0.0, ge=0)
     # Telemetry older than this is sent flagged as historical (backlog), not live.
     live_window_s: float = Field(300.0, gt=0)
+    # Disk budget of the outbox file (DESIGN.md §4.6). Past `thin_at` of it telemetry
+    # backlog is thinned (every `thin_keep_every`-th sample per point plus each window's
+    # min and max, up to `thin_max_rounds` passes), then the oldest is dropped, until it is
+    # under `thin_to`; alarms and events are never evicted.
+    max_bytes: int = Field(2**30, ge=2**20)
+    thin_at: float = Field(0.9, gt=0, le=1)
+    thin_to: float = Field(0.8, gt=0, lt=1)
+    thin_keep_every: int = Field(4, ge=2, le=1000)
+    thin_max_rounds: int = Field(2, ge=0, le=10)
+    # Ceiling on the backlog drain after an outage (records per second); below it the drain
+    # adapts to the ack round trip. Live data and alarms are not limited.
+    backlog_max_points_per_s: float = Field(2000.0, gt=0)
+    # A wall-clock step larger than this marks records CLOCK_SUSPECT until NTP or
+    # `edge-agent clock ok` confirms the time (DESIGN.md §4.7).
+    clock_max_step_s: float = Field(2.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _thin_order(self) -> OutboxConfig:
+        if self.thin_to >= self.thin_at:
+            raise ValueError("thin_to must be below thin_at")
+        return self
+
+
+class CommandsConfig(_Model):
+    """Signed commands from central (DESIGN.md §6)."""
+
+    # Central's Ed25519 public key, pinned at enrolment: base64 of its 32 raw bytes, or a path
+    # (relative to this file) to a PEM or base64 file. Without it every command is rejected.
+    central_public_key: str | None = None
 
 
 class AgentConfig(_Model):
@@ -186,6 +223,7 @@ class AgentConfig(_Model):
     status: StatusConfig = Field(default_factory=StatusConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
     # Where the file was loaded from; relative paths in it were resolved against its folder.
     _source: Path | None = PrivateAttr(default=None)
 
@@ -200,6 +238,10 @@ class AgentConfig(_Model):
     @property
     def alarms_path(self) -> Path:
         return self.gateway.data_dir / "alarms.db"
+
+    @property
+    def commands_path(self) -> Path:
+        return self.gateway.data_dir / "commands.db"
 
     def device(self, device_id: str) -> DeviceConfig:
         for dev in self.devices:

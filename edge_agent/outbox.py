@@ -1,37 +1,55 @@
 """The edge outbox: every record is committed here before it may travel (DESIGN.md §4).
 
-One SQLite file in WAL mode. The file gets a random `stream` id when it is created, and each
-record a `seq` from `INTEGER PRIMARY KEY AUTOINCREMENT`, so `(gw, stream, seq)` names a record
-for ever: AUTOINCREMENT never hands out a seq again, not even after the row is pruned.
+One SQLite file in WAL mode (new files get `auto_vacuum=INCREMENTAL`). The file gets a random
+`stream` id when it is created, and each record a `seq` from `INTEGER PRIMARY KEY
+AUTOINCREMENT`, so `(gw, stream, seq)` names a record for ever: AUTOINCREMENT never hands out
+a seq again, not even after the row is pruned, thinned or dropped.
 
 Threading: one thread owns the connection (a single-worker executor); every public method is
 a coroutine that awaits it, so the event loop never blocks on the disk.
 
-Durability window: a commit that holds an alarm, event or command result runs with
-`synchronous=FULL` (fsync of the WAL before COMMIT returns). Telemetry-only commits and
-delivery marks run with `synchronous=NORMAL`: in WAL mode that never corrupts the file, and
-a killed *process* loses nothing, but a *power cut* may lose the last telemetry commits made
-since the last checkpoint sync (typically well under a second of readings) and some delivery
-marks (those records are then simply sent again; central deduplicates).
+**Durability.** A record is accepted when the transaction of its `append` commits; `append`
+returns only after that. A commit that holds an alarm, event or command result runs with
+`synchronous=FULL`: the WAL is fsynced before COMMIT returns, so once `append` has returned
+the record survives a power cut. Telemetry-only commits (and delivery marks) run with
+`synchronous=NORMAL`, i.e. group commit: WAL mode never corrupts the file and a killed
+*process* loses nothing, but a *power cut* loses the telemetry committed since the last WAL
+sync, which happens at each FULL commit and each checkpoint (every ~1000 pages, a few MB;
+typically a few seconds of readings, at most the readings since the last alarm/event or
+checkpoint). A lost delivery mark means the record is sent again; central deduplicates.
+
+**Lanes** (§4.2), see `outbox_lanes.py`: after an outage `next_batch` serves the newest
+value of each point first, then alarms, events, live telemetry, and backlog telemetry
+(appended longer than `live_window_s` ago) oldest first, flagged HISTORICAL; the uplink asks
+for backlog separately (`part="backlog"`) and paces it.
+
+**Disk budget** (§4.6): see `outbox_budget.py`. A full disk or cap (ENOSPC, SQLITE_FULL)
+during `append` thins/drops backlog telemetry and retries once; only when that frees nothing
+(the file holds only alarms, events, live-window telemetry and the newest value per point)
+is `OutboxFullError` raised, and nothing of that call is committed.
+
+**Clock** (§4.7): see `clock.py`. Every append is stamped with the wall clock, CLOCK_BOOTTIME
+and the boot; records stamped while the wall clock is suspect get CLOCK_SUSPECT, and
+`clock_ok()` corrects the undelivered ones of the same boot.
 
 Records are delivered only on central's `down/ack` (`mark_delivered`); the column `delivered`
 holds the wall-clock ms of that ack (0 = not yet). A background task prunes delivered rows
-older than `keep_delivered_s` (default 0: as soon as it runs). The newest telemetry value per
-point is kept in the `latest` table, also after its record is pruned.
+older than `keep_delivered_s` (default 0: as soon as it runs), enforces the budget, gives
+free pages back to the file system, and applies clock confirmations. The newest telemetry
+value per point is kept in the `latest` table, also after its record is pruned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import json
 import math
 import sqlite3
-import time
-import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -39,63 +57,39 @@ from typing import Any, ParamSpec, TypeVar
 import cbor2
 import structlog
 
-from edge_agent.errors import EdgeError
+from edge_agent.clock import ClockFix, ClockGuard, ClockState, Stamp
+from edge_agent.outbox_budget import BudgetPolicy, DiskBudget, Eviction
+from edge_agent.outbox_db import (
+    INSERT,
+    MAX_SEQ,
+    SCHEMA_VERSION,
+    UPSERT_LATEST,
+    LaneStats,
+    OutboxCorruptError,
+    OutboxError,
+    OutboxFullError,
+    OutboxRecordError,
+    OutboxStats,
+    OutboxVersionError,
+    add_counter,
+    apply_cap,
+    backlog_from_counters,
+    connect,
+    correct_clock,
+    is_full,
+    read_status,
+    request_clock_ok,
+    stats,
+    translate,
+    used_bytes,
+)
+from edge_agent.outbox_lanes import LaneReader, Part
 from protocols.envelope import Flag, Lane, Record, RecordKind, Value, ranges_from_seqs
 
 log = structlog.get_logger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-# --- errors --------------------------------------------------------------------------------
-
-
-class OutboxError(EdgeError):
-    """Base of every outbox error; wraps the sqlite3 error it came from (`__cause__`)."""
-
-
-class OutboxCorruptError(OutboxError):
-    """The file is not an SQLite database or is damaged."""
-
-
-class OutboxFullError(OutboxError):
-    """The disk or the configured size cap (`max_bytes`) is full; nothing was committed."""
-
-
-class OutboxVersionError(OutboxError):
-    """The file was made by a newer agent (its schema version is unknown here)."""
-
-    def __init__(self, found: int, known: int) -> None:
-        super().__init__(f"outbox schema version {found} is newer than this agent's {known}")
-        self.found = found
-        self.known = known
-
-
-class OutboxRecordError(OutboxError):
-    """A record handed to `append` cannot be stored; nothing of that call was committed."""
-
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(f"record {index}: {reason}")
-        self.index = index
-        self.reason = reason
-
-
-def _translate(exc: BaseException) -> OutboxError:
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return OutboxFullError(str(exc))
-        return OutboxError(str(exc))
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    if primary == sqlite3.SQLITE_FULL:
-        return OutboxFullError(str(exc))
-    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-        return OutboxCorruptError(str(exc))
-    return OutboxError(str(exc))
-
-
-# --- records and lanes ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +104,15 @@ class NewRecord:
     attrs: Mapping[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """What one budget pass removed (rows already delivered are not counted)."""
+
+    thinned: int = 0
+    dropped: int = 0
+    event_seqs: tuple[int, ...] = ()
+
+
 def lane_of(kind: RecordKind) -> Lane:
     """The lane a record is stored in; backlog is a view of the live lane by age."""
     if kind is RecordKind.ALARM:
@@ -119,166 +122,11 @@ def lane_of(kind: RecordKind) -> Lane:
     return Lane.EVENT  # events and command results
 
 
-# Send order, highest priority first. Lane.BACKLOG is not stored: telemetry older than the live
-# window is flagged HISTORICAL when read. A later issue may split LIVE/BACKLOG with rate control.
+# Stored lanes in send order; Lane.BACKLOG is the old part of Lane.LIVE (see module doc).
 SEND_ORDER: tuple[Lane, ...] = (Lane.ALARM, Lane.EVENT, Lane.LIVE)
 _DURABLE_KINDS = frozenset({RecordKind.ALARM, RecordKind.EVENT, RecordKind.CMD_RESULT})
-_MAX_SEQ = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxStats:
-    stream: str
-    backlog: int  # undelivered records
-    backlog_by_kind: Mapping[RecordKind, int]
-    oldest_undelivered_ts_ms: int | None  # device timestamp of the oldest undelivered record
-    last_seq: int  # highest seq ever handed out (0 for a new outbox)
-    delivered_total: int
-    schema_version: int
-    db_bytes: int  # main file plus WAL
-    meta: Mapping[str, str] = field(default_factory=dict)  # e.g. uplink_state, last_ack_ms
-
-    def to_jsonable(self) -> dict[str, Any]:
-        return {"stream": self.stream, "backlog": self.backlog,
-                "backlog_by_kind": {k.name.lower(): n for k, n in self.backlog_by_kind.items()},
-                "oldest_undelivered_ts_ms": self.oldest_undelivered_ts_ms,
-                "last_seq": self.last_seq, "delivered_total": self.delivered_total,
-                "schema_version": self.schema_version, "db_bytes": self.db_bytes,
-                "meta": dict(self.meta)}
-
-
-# --- schema --------------------------------------------------------------------------------
-
-Migration = Callable[[sqlite3.Connection], None]
-_MIGRATIONS: dict[int, Migration] = {}
-
-
-def _migration(version: int) -> Callable[[Migration], Migration]:
-    """Register a schema step; each runs once, in order, in its own transaction."""
-    def register(fn: Migration) -> Migration:
-        assert version not in _MIGRATIONS, f"duplicate migration {version}"
-        _MIGRATIONS[version] = fn
-        return fn
-    return register
-
-
-@_migration(1)
-def _m001_initial(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    conn.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-    conn.execute("""
-        CREATE TABLE records (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            kind INTEGER NOT NULL,
-            lane INTEGER NOT NULL,
-            ts_ms INTEGER NOT NULL,
-            point TEXT,
-            value,
-            value_is_bool INTEGER NOT NULL DEFAULT 0,  -- SQLite has no bool; keep it for the wire
-            flags INTEGER NOT NULL DEFAULT 0,
-            attrs BLOB,
-            created_ms INTEGER NOT NULL,
-            delivered INTEGER NOT NULL DEFAULT 0  -- ms of the ack, 0 = undelivered
-        )""")
-    # kind rides along so that backlog-by-kind is answered from the index alone.
-    conn.execute("CREATE INDEX records_undelivered ON records (lane, seq, kind) WHERE delivered = 0")
-    conn.execute("CREATE INDEX records_delivered ON records (delivered) WHERE delivered != 0")
-    conn.execute("""
-        CREATE TABLE latest (
-            point TEXT PRIMARY KEY, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
-            value, value_is_bool INTEGER NOT NULL DEFAULT 0, flags INTEGER NOT NULL DEFAULT 0
-        )""")
-    conn.execute("INSERT INTO meta VALUES ('stream', ?), ('created_ms', ?)",
-                 (uuid.uuid4().hex, str(_now_ms())))
-    conn.execute("INSERT INTO counters VALUES ('delivered_total', 0)")
-
-
-SCHEMA_VERSION = max(_MIGRATIONS)
-
-
-def _migrate(conn: sqlite3.Connection) -> int:
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    if current > SCHEMA_VERSION:
-        raise OutboxVersionError(current, SCHEMA_VERSION)
-    for version in sorted(v for v in _MIGRATIONS if v > current):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _MIGRATIONS[version](conn)
-            conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        log.info("outbox_migrated", version=version)
-    return SCHEMA_VERSION
-
-
-# --- SQL shared by the daemon and `read_status` ---------------------------------------------
-
-_INSERT = ("INSERT INTO records (kind, lane, ts_ms, point, value, value_is_bool, flags, attrs,"
-           " created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_UPSERT_LATEST = """
-    INSERT INTO latest (point, seq, ts_ms, value, value_is_bool, flags) VALUES (?, ?, ?, ?, ?, ?)
-    ON CONFLICT (point) DO UPDATE SET seq = excluded.seq, ts_ms = excluded.ts_ms,
-        value = excluded.value, value_is_bool = excluded.value_is_bool, flags = excluded.flags
-    WHERE excluded.ts_ms >= latest.ts_ms"""
-_SELECT_LANE = ("SELECT seq, kind, ts_ms, point, value, value_is_bool, flags, attrs, created_ms"
-                " FROM records WHERE delivered = 0 AND lane = ? AND seq > ? AND seq < ?"
-                " ORDER BY seq LIMIT ?")
-
-
-def _stats(conn: sqlite3.Connection, path: Path) -> OutboxStats:
-    # One read transaction: every number comes from the same snapshot of the WAL.
-    conn.execute("BEGIN")
-    try:
-        return _stats_in_snapshot(conn, path)
-    finally:
-        conn.execute("COMMIT")
-
-
-def _stats_in_snapshot(conn: sqlite3.Connection, path: Path) -> OutboxStats:
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    by_kind = {RecordKind(k): n for k, n in conn.execute(
-        "SELECT kind, count(*) FROM records WHERE delivered = 0 GROUP BY kind")}
-    oldest: tuple[int, int] | None = None
-    for lane in SEND_ORDER:
-        row = conn.execute("SELECT seq, ts_ms FROM records WHERE delivered = 0 AND lane = ?"
-                           " ORDER BY seq LIMIT 1", (int(lane),)).fetchone()
-        if row and (oldest is None or row[0] < oldest[0]):
-            oldest = row
-    seq_row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-    delivered = conn.execute(
-        "SELECT value FROM counters WHERE name = 'delivered_total'").fetchone()
-    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    return OutboxStats(
-        stream=meta.pop("stream", ""), backlog=sum(by_kind.values()), backlog_by_kind=by_kind,
-        oldest_undelivered_ts_ms=oldest[1] if oldest else None,
-        last_seq=seq_row[0] if seq_row else 0, delivered_total=delivered[0] if delivered else 0,
-        schema_version=conn.execute("PRAGMA user_version").fetchone()[0], db_bytes=size,
-        meta=meta)
-
-
-def read_status(path: Path) -> OutboxStats:
-    """Stats of an outbox file, read-only, safe while the daemon writes (for `edge-agent status`)."""
-    path = Path(path)
-    if not path.exists():
-        raise OutboxError(f"no outbox at {path}")
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0,
-                               isolation_level=None)
-        try:
-            return _stats(conn, path)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise _translate(exc) from exc
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-# --- the outbox ----------------------------------------------------------------------------
+_ACK_RATE_WINDOW_MS = 30_000
+_ROW_BYTES = 160  # a generous estimate of one record's pages (row + index entries)
 
 
 class Outbox:
@@ -286,12 +134,13 @@ class Outbox:
 
     Example::
 
-        async with Outbox.open(Path("/var/lib/fieldlink/outbox.db")) as ob:
+        async with Outbox.open(Path("/var/lib/fieldlink/outbox.db"), max_bytes=2**30) as ob:
             seqs = await ob.append([NewRecord(RecordKind.TELEMETRY, ts, "d1/gas", 12.5)])
     """
 
     def __init__(self, path: Path, *, live_window_s: float, keep_delivered_s: float,
-                 prune_interval_s: float, max_bytes: int | None) -> None:
+                 prune_interval_s: float, max_bytes: int | None, budget: BudgetPolicy,
+                 clock: ClockGuard) -> None:
         # Use `Outbox.open()`; the constructor does no I/O.
         self.path = Path(path)
         self.stream = ""
@@ -299,34 +148,46 @@ class Outbox:
         self.keep_delivered_ms = int(keep_delivered_s * 1000)
         self.prune_interval_s = prune_interval_s
         self.max_bytes = max_bytes
+        self.clock = clock
+        self._budget = DiskBudget(budget)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
         self._sync_full: bool | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._lanes = LaneReader(self.live_window_ms)  # executor-thread state from here on
+        self._reclaiming = False
+        self._acks: deque[tuple[int, int]] = deque()  # (mono_ms, records) for the ack rate
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, path: Path, *, live_window_s: float = 300.0,
                    keep_delivered_s: float = 0.0, prune_interval_s: float = 5.0,
-                   max_bytes: int | None = None) -> AsyncIterator[Outbox]:
-        """Open (creating if needed) the outbox file; prunes delivered rows in the background.
+                   max_bytes: int | None = None, thin_at: float = 0.9, thin_to: float = 0.8,
+                   thin_keep_every: int = 4, thin_max_rounds: int = 2,
+                   clock: ClockGuard | None = None) -> AsyncIterator[Outbox]:
+        """Open (creating if needed) the outbox file; maintains it in the background.
 
-        `live_window_s`: telemetry older than this is sent flagged HISTORICAL (backlog).
-        `keep_delivered_s`: how long delivered rows stay before pruning.
-        `max_bytes`: hard cap on the file (SQLite `max_page_count`); past it `append` raises
-        `OutboxFullError`.
+        `live_window_s`: telemetry older than this is backlog (sent after the live lanes,
+        flagged HISTORICAL). `keep_delivered_s`: how long delivered rows stay before pruning.
+        `max_bytes`: the disk budget; past `thin_at` × it telemetry is thinned (every
+        `thin_keep_every`-th sample plus min/max, `thin_max_rounds` times), then dropped,
+        until it is under `thin_to` × it. It is also a hard cap (SQLite `max_page_count`).
+        `clock`: the wall-clock guard (tests inject fake clocks).
         """
+        policy = BudgetPolicy(max_bytes, high=thin_at, low=thin_to, keep_every=thin_keep_every,
+                              max_rounds=thin_max_rounds)
         ob = cls(path, live_window_s=live_window_s, keep_delivered_s=keep_delivered_s,
-                 prune_interval_s=prune_interval_s, max_bytes=max_bytes)
+                 prune_interval_s=prune_interval_s, max_bytes=max_bytes, budget=policy,
+                 clock=clock or ClockGuard())
         try:
             await ob._call(ob._open_sync)
-            pruner = asyncio.create_task(ob._prune_loop(), name="outbox.prune")
+            maintainer = asyncio.create_task(ob._maintain_loop(), name="outbox.prune")
             try:
                 yield ob
             finally:
-                pruner.cancel()
+                maintainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await pruner
+                    await maintainer
         finally:
             with contextlib.suppress(OutboxError):
                 await ob._call(ob._close_sync)
@@ -338,27 +199,30 @@ class Outbox:
         """Commit `records` in one transaction and return their seqs, in order."""
         if not records:
             return []
-        now = _now_ms()
-        rows = [self._row(i, r, now) for i, r in enumerate(records)]
+        stamp = self.clock.stamp()
+        rows = [self._row(i, r, stamp) for i, r in enumerate(records)]
         durable = any(r.kind in _DURABLE_KINDS for r in records)
-        first = await self._call(self._append_sync, rows, durable)
-        for notify in list(self._listeners):
-            notify()
+        first = await self._call(self._append_sync, rows, durable, stamp,
+                                 self.clock.state().to_json())
+        self._notify()
         return list(range(first, first + len(rows)))
 
-    async def next_batch(self, limit: int, exclude: Collection[int] = ()) -> list[Record]:
-        """Up to `limit` undelivered records, lane by lane (alarm, event, telemetry), oldest
-        first within a lane, leaving out the seqs in `exclude` (those in flight)."""
+    async def next_batch(self, limit: int, exclude: Collection[int] = (), *,
+                         part: Part = "all") -> list[Record]:
+        """Up to `limit` undelivered records in lane order (module doc), leaving out the seqs
+        in `exclude` (those in flight). `part="priority"`: everything but backlog;
+        `part="backlog"`: backlog telemetry only, oldest first."""
         if limit <= 0:
             return []
         # Snapshot on the loop thread: the caller's set may change while the thread reads.
         skip = ranges_from_seqs(exclude)
-        return await self._call(self._next_batch_sync, limit, skip, _now_ms())
+        return await self._call(lambda: self._lanes.read(self._db(), limit, skip,
+                                                         self.clock.now(), part))
 
     async def mark_delivered(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Mark the seqs in inclusive `ranges` delivered; idempotent; returns rows newly marked."""
         clean = [(int(a), int(b)) for a, b in ranges if a <= b]
-        return await self._call(self._mark_sync, clean, _now_ms())
+        return await self._call(self._mark_sync, clean, self.clock.now())
 
     async def set_meta(self, key: str, value: str) -> None:
         await self._call(self._set_meta_sync, key, value)
@@ -367,7 +231,13 @@ class Outbox:
         return await self._call(self._get_meta_sync, key)
 
     async def stats(self) -> OutboxStats:
-        return await self._call(lambda: _stats(self._db(), self.path))
+        return await self._call(lambda: stats(self._db(), self.path,
+                                              live_window_ms=self.live_window_ms))
+
+    async def backlog(self) -> int:
+        """Undelivered records, from the counters in O(1) (`stats()` counts rows): every seq
+        handed out is undelivered, delivered, thinned or dropped."""
+        return await self._call(lambda: backlog_from_counters(self._db()))
 
     async def latest(self) -> dict[str, Record]:
         """The newest telemetry record per point (kept after its row is pruned)."""
@@ -375,7 +245,36 @@ class Outbox:
 
     async def prune(self) -> int:
         """Delete delivered rows older than `keep_delivered_s` now; returns rows deleted."""
-        return await self._call(self._prune_sync, _now_ms())
+        return await self._call(self._prune_sync, self.clock.now().wall_ms)
+
+    async def used_bytes(self) -> int:
+        """Bytes in pages that hold data (the file minus its freelist): what the budget counts."""
+        return await self._call(lambda: used_bytes(self._db())[0])
+
+    async def reclaim(self, *, force: bool = False) -> Reclaimed:
+        """Run the disk budget now (the maintenance task does this by itself); `force` runs a
+        pass even below the high-water mark."""
+        result = await self._call(self._budget_sync, self.clock.stamp(), force)
+        if result.event_seqs:
+            self._notify()
+        return result
+
+    async def maintain(self) -> None:
+        """One round of housekeeping: prune, budget, vacuum, clock (the background task)."""
+        await self.prune()
+        await self.reclaim()
+        await self._call(self._vacuum_sync)
+        await self._apply_clock_request()
+        if self.clock.poll_sync():
+            await self.clock_ok("ntp")
+
+    async def clock_ok(self, source: str = "manual", reference: Stamp | None = None) -> int:
+        """A good time source is back: trust the wall clock again and correct the undelivered
+        records of this boot by the monotonic offset; returns the records corrected."""
+        fix = self.clock.clock_ok(source, reference)
+        n = await self._call(self._clock_fix_sync, fix, self.clock.state().to_json())
+        log.info("clock_corrected", source=source, records=n, offset_ms=fix.offset_ms)
+        return n
 
     def add_append_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Call `fn()` (on the event loop) after every committed append; returns a remover."""
@@ -393,23 +292,45 @@ class Outbox:
         try:
             return fn(*args, **kwargs)
         except (sqlite3.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise OutboxError("outbox is closed")
         return self._conn
 
-    async def _prune_loop(self) -> None:
+    def _notify(self) -> None:
+        for notify in list(self._listeners):
+            notify()
+
+    async def _maintain_loop(self) -> None:
         while True:
             await asyncio.sleep(self.prune_interval_s)
             try:
-                await self.prune()
+                await self.maintain()
             except OutboxError as exc:
-                log.warning("outbox_prune_failed", error=str(exc))
+                log.warning("outbox_maintenance_failed", error=str(exc))
 
-    def _row(self, i: int, r: NewRecord, now: int) -> tuple[Any, ...]:
-        value, flags = r.value, r.flags
+    async def _apply_clock_request(self) -> None:
+        raw = await self.get_meta("clock_ok_request")
+        if raw is None:
+            return
+        await self._call(self._write, False, lambda conn: conn.execute(
+            "DELETE FROM meta WHERE key = 'clock_ok_request' AND value = ?", (raw,)))
+        try:
+            req = json.loads(raw)
+            reference = Stamp(int(req["wall_ms"]), int(req["mono_ms"]))
+            boot_id, source = str(req["boot_id"]), str(req.get("source", "manual"))
+        except (ValueError, KeyError, TypeError):
+            log.warning("clock_request_malformed", request=raw[:200])
+            return
+        if boot_id != self.clock.boot_id:
+            log.warning("clock_request_other_boot", boot_id=boot_id)
+            return
+        await self.clock_ok(source, reference)
+
+    def _row(self, i: int, r: NewRecord, stamp: Stamp) -> tuple[Any, ...]:
+        value, flags = r.value, r.flags | stamp.flags
         if isinstance(value, float) and not math.isfinite(value):
             # The envelope refuses NaN/inf; keep the reading's place and say it is bad.
             value, flags = None, flags | Flag.BAD_QUALITY
@@ -420,38 +341,50 @@ class Outbox:
         except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
             raise OutboxRecordError(i, f"attrs not encodable: {exc}") from exc
         return (int(r.kind), int(lane_of(r.kind)), int(r.ts_ms), r.point, value,
-                int(isinstance(value, bool)), int(flags), attrs, now)
+                int(isinstance(value, bool)), int(flags), attrs, stamp.wall_ms, stamp.mono_ms,
+                self._lanes.boot)
 
-    @staticmethod
-    def _record(row: tuple[Any, ...], flags: int) -> Record:
-        seq, kind, ts_ms, point, value, is_bool, _, attrs = row[:8]
-        return Record(seq=seq, kind=RecordKind(kind), ts_ms=ts_ms, point=point,
-                      value=bool(value) if is_bool else value, flags=Flag(flags),
-                      attrs=cbor2.loads(attrs) if attrs else None)
+    def _event_row(self, ev: Eviction, stamp: Stamp) -> tuple[Any, ...]:
+        keep = self._budget.policy.keep_every if ev.kind == "thinned" else None
+        return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, ev.records,
+                                      attrs=ev.attrs(keep)), stamp)
 
-    # --- executor-thread bodies ----------------------------------------------------------
+    # --- executor-thread bodies: open, write -----------------------------------------------
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        conn = connect(self.path, self.max_bytes)
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise OutboxError(f"cannot use WAL on {self.path} (journal_mode={mode})")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA journal_size_limit = 67108864")
-            conn.execute("PRAGMA temp_store = MEMORY")
-            _migrate(conn)
-            if self.max_bytes is not None:
-                page = conn.execute("PRAGMA page_size").fetchone()[0]
-                conn.execute(f"PRAGMA max_page_count = {max(1, int(self.max_bytes) // page)}")
             self.stream = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0]
+            self._open_state(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._sync_full = False
-        log.info("outbox_opened", path=str(self.path), stream=self.stream)
+        log.info("outbox_opened", path=str(self.path), stream=self.stream,
+                 max_bytes=self.max_bytes, boot=self._lanes.boot)
+
+    def _open_state(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        self._lanes.next_seq = (row[0] if row else 0) + 1
+        state_row = conn.execute("SELECT value FROM meta WHERE key = 'clock_state'").fetchone()
+        self.clock.restore(ClockState.from_json(state_row[0] if state_row else None))
+        now = self.clock.now()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT OR IGNORE INTO boots (boot_id, first_seq, first_wall_ms)"
+                         " VALUES (?, ?, ?)", (self.clock.boot_id, self._lanes.next_seq,
+                                               now.wall_ms))
+            self._lanes.boot = conn.execute("SELECT id FROM boots WHERE boot_id = ?",
+                                      (self.clock.boot_id,)).fetchone()[0]
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("live_window_s", str(self.live_window_ms / 1000)),
+                ("max_bytes", str(self.max_bytes or ""))])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._budget.load(conn)
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -476,68 +409,73 @@ class Outbox:
             raise
         return result
 
-    def _append_sync(self, rows: list[tuple[Any, ...]], durable: bool) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            conn.executemany(_INSERT, rows)
-            # One writer inside BEGIN IMMEDIATE: AUTOINCREMENT hands out consecutive seqs.
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            first = last - len(rows) + 1
-            newest: dict[str, tuple[Any, ...]] = {}
-            for i, (kind, _, ts, point, value, is_bool, flags, _, _) in enumerate(rows):
-                if kind == RecordKind.TELEMETRY and point is not None:
-                    prev = newest.get(point)
-                    if prev is None or ts >= prev[2]:
-                        newest[point] = (point, first + i, ts, value, is_bool, flags)
-            if newest:
-                conn.executemany(_UPSERT_LATEST, newest.values())
-            return first
-        return self._write(durable, body)
+    def _append_sync(self, rows: list[tuple[Any, ...]], durable: bool, stamp: Stamp,
+                     clock_state: str) -> int:
+        body = partial(self._insert_body, rows, clock_state)
+        try:
+            first = self._write(durable, body)
+        except (sqlite3.Error, OSError) as exc:
+            if not is_full(exc):
+                raise
+            # A full disk or cap: make room from telemetry and try once more. The second
+            # failure (nothing left to evict) reaches the caller as OutboxFullError.
+            need = sum(_ROW_BYTES + len(r[7] or b"") + len(str(r[4])) for r in rows)
+            log.warning("outbox_full", error=str(exc), records=len(rows), need_bytes=need)
+            self._budget_sync(stamp, True, need_bytes=need, urgent=True)
+            first = self._write(durable, body)
+        self._lanes.appended(stamp.mono_ms, first, len(rows))
+        if self._reclaiming or self._budget.over_high(self._db()):
+            try:
+                self._budget_sync(stamp, True)
+            except (sqlite3.Error, OSError) as exc:  # the append itself has committed
+                log.warning("outbox_reclaim_failed", error=str(exc))
+        return first
 
-    def _next_batch_sync(self, limit: int, skip: tuple[tuple[int, int], ...],
-                         now: int) -> list[Record]:
-        conn = self._db()
-        out: list[Record] = []
-        horizon = now - self.live_window_ms
-        for lane in SEND_ORDER:
-            need = limit - len(out)
-            if need <= 0:
-                break
-            # Walk the lane in seq windows between excluded ranges, so that thousands of
-            # in-flight seqs cost a few index seeks instead of a huge NOT IN list.
-            cursor, i = 0, 0
-            while need > 0:
-                while i < len(skip) and skip[i][0] <= cursor + 1:
-                    cursor = max(cursor, skip[i][1])
-                    i += 1
-                upper = skip[i][0] if i < len(skip) else _MAX_SEQ
-                rows = conn.execute(_SELECT_LANE, (int(lane), cursor, upper, need)).fetchall()
-                for row in rows:
-                    flags = row[6]
-                    if lane is Lane.LIVE and row[8] < horizon:
-                        flags |= Flag.HISTORICAL
-                    out.append(self._record(row, flags))
-                need -= len(rows)
-                if i >= len(skip):
-                    break
-                cursor = upper - 1
-        return out
+    def _insert_body(self, rows: list[tuple[Any, ...]], clock_state: str,
+                     conn: sqlite3.Connection) -> int:
+        conn.executemany(INSERT, rows)
+        # One writer inside BEGIN IMMEDIATE: AUTOINCREMENT hands out consecutive seqs.
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = last - len(rows) + 1
+        newest: dict[str, tuple[Any, ...]] = {}
+        for i, (kind, _, ts, point, value, is_bool, flags, *_) in enumerate(rows):
+            if kind == RecordKind.TELEMETRY and point is not None:
+                prev = newest.get(point)
+                if prev is None or ts >= prev[2] or flags & Flag.CLOCK_SUSPECT:
+                    newest[point] = (point, first + i, ts, value, is_bool, flags)
+        if newest:
+            conn.executemany(UPSERT_LATEST, newest.values())
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('clock_state', ?)", (clock_state,))
+        return first
 
-    def _mark_sync(self, ranges: list[tuple[int, int]], now: int) -> int:
+    # --- executor-thread bodies: acks, pruning, budget, clock ------------------------------
+
+    def _mark_sync(self, ranges: list[tuple[int, int]], now: Stamp) -> int:
         def body(conn: sqlite3.Connection) -> int:
             cur = conn.executemany("UPDATE records SET delivered = ? WHERE seq BETWEEN ? AND ?"
-                                   " AND delivered = 0", [(now, a, b) for a, b in ranges])
+                                   " AND delivered = 0", [(now.wall_ms, a, b) for a, b in ranges])
             marked = max(cur.rowcount, 0)
+            add_counter(conn, "delivered_total", marked)
+            meta = [("last_ack_ms", str(now.wall_ms))]
             if marked:
-                conn.execute("UPDATE counters SET value = value + ? WHERE name = 'delivered_total'",
-                             (marked,))
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_ack_ms', ?)", (str(now),))
+                meta.append(("ack_rate", self._ack_rate(now, marked)))
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
             return marked
         return self._write(False, body)
 
-    def _prune_sync(self, now: int, chunk: int = 5000) -> int:
+    def _ack_rate(self, now: Stamp, marked: int) -> str:
+        self._acks.append((now.mono_ms, marked))
+        while self._acks and self._acks[0][0] < now.mono_ms - _ACK_RATE_WINDOW_MS:
+            self._acks.popleft()
+        span_s = max(1.0, (now.mono_ms - self._acks[0][0]) / 1000)
+        rate = sum(n for _, n in self._acks) / span_s
+        return json.dumps({"per_s": round(rate, 1), "at_ms": now.wall_ms})
+
+    def _prune_sync(self, now: int, *, everything: bool = False, chunk: int = 5000) -> int:
         # Small transactions so that appends never wait long behind a big delete. With no
         # retention every delivered row goes, even if the wall clock has stepped back since.
-        cutoff = now - self.keep_delivered_ms if self.keep_delivered_ms else _MAX_SEQ
+        keep = self.keep_delivered_ms and not everything
+        cutoff = now - self.keep_delivered_ms if keep else MAX_SEQ
         total = 0
         while True:
             n = self._write(False, lambda conn: conn.execute(
@@ -546,6 +484,63 @@ class Outbox:
             total += n
             if n < chunk:
                 return total
+
+    def _budget_sync(self, stamp: Stamp, force: bool, *, need_bytes: int = 0,
+                     urgent: bool = False) -> Reclaimed:
+        conn = self._db()
+        horizon = self._lanes.horizon(stamp.mono_ms)
+        if self._budget.reset_if_drained(conn, horizon):
+            self._write(False, self._budget.save)
+        if not (force or urgent or self._reclaiming or self._budget.over_high(conn)):
+            return Reclaimed()
+        # Delivered rows are free to go first, whatever keep_delivered_s says.
+        self._prune_sync(stamp.wall_ms, everything=True)
+
+        def body(conn: sqlite3.Connection) -> tuple[Eviction, Eviction, list[int]]:
+            thinned, dropped = self._budget.reclaim(
+                conn, horizon=horizon, need_bytes=need_bytes, urgent=urgent)
+            seqs = []
+            for ev in (thinned, dropped):
+                if ev.records:
+                    conn.execute(INSERT, self._event_row(ev, stamp))
+                    seqs.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+            add_counter(conn, "budget_events", len(seqs))
+            add_counter(conn, "full_retries", int(urgent))
+            return thinned, dropped, seqs
+
+        thinned, dropped, seqs = self._write(True, body)
+        if seqs:
+            self._lanes.appended(stamp.mono_ms, seqs[0], len(seqs))
+        self._reclaiming = not self._budget.enough(conn)
+        for ev in (thinned, dropped):
+            if ev.records:
+                log.warning(ev.event, records=ev.records, first_seq=ev.first_seq,
+                            last_seq=ev.last_seq, points=len(ev.points), urgent=urgent)
+        return Reclaimed(thinned.records, dropped.records, tuple(seqs))
+
+    def _vacuum_sync(self) -> None:
+        """Give free pages back to the file system once the freelist is large and idle (after
+        a drain), not while thinning keeps reusing it."""
+        conn = self._db()
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2 or self._reclaiming:
+            return
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if free > 256 and free > pages // 4:
+            give = free - pages // 10
+            self._write(False, lambda c: c.execute(
+                f"PRAGMA incremental_vacuum({int(give)})").fetchall())
+            # The file shrinks only when the WAL is checkpointed; a busy reader just defers it.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            apply_cap(conn, self.max_bytes)
+            log.info("outbox_vacuumed", pages=give)
+
+    def _clock_fix_sync(self, fix: ClockFix, clock_state: str) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            n = correct_clock(conn, fix.boot_id, fix.offset_ms, self.clock.max_step_ms)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('clock_state', ?)", (clock_state,))
+            return n
+        return self._write(True, body)
 
     def _set_meta_sync(self, key: str, value: str) -> None:
         self._write(False, lambda conn: conn.execute(
@@ -563,6 +558,7 @@ class Outbox:
                 for s, ts, p, v, b, f in rows}
 
 
-__all__ = ["NewRecord", "Outbox", "OutboxCorruptError", "OutboxError", "OutboxFullError",
-           "OutboxRecordError", "OutboxStats", "OutboxVersionError", "SCHEMA_VERSION",
-           "SEND_ORDER", "lane_of", "read_status"]
+__all__ = ["LaneStats", "NewRecord", "Outbox", "OutboxCorruptError", "OutboxError",
+           "OutboxFullError", "OutboxRecordError", "OutboxStats", "OutboxVersionError",
+           "Reclaimed", "SCHEMA_VERSION", "SEND_ORDER", "lane_of", "read_status",
+           "request_clock_ok"]

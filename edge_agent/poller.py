@@ -143,6 +143,8 @@ class DevicePoller:
         self._tiers: dict[str, str] = {p.key: p.poll for p in profile.points}
         self._plans: dict[frozenset[str], list[ReadBlock]] = {}
         self._log = log.bind(device=device.id)
+        self._interval = device.poll_interval_s
+        self._rescheduled = asyncio.Event()
 
     # --- status ---------------------------------------------------------------------------
 
@@ -269,13 +271,13 @@ class DevicePoller:
 
     async def run(self) -> None:
         """Poll until cancelled: fixed rate while the device answers, back-off while not."""
-        interval = self.device.poll_interval_s
-        self._log.info("poll_started", interval_s=interval, endpoint=self.transport.endpoint,
+        self._log.info("poll_started", interval_s=self._interval, endpoint=self.transport.endpoint,
                        points=len(self.profile.points))
         anchor = time.monotonic()
         k = 0
         try:
             while True:
+                interval = self._interval
                 result = await self.poll_once()
                 if result.offline:
                     await self._backoff()
@@ -290,13 +292,36 @@ class DevicePoller:
                     self._c.skipped_cycles += missed
                     k += missed
                     next_at = anchor + k * interval
-                await asyncio.sleep(max(0.0, next_at - now))
+                if await self._sleep_until_rescheduled(max(0.0, next_at - now)):
+                    anchor, k = time.monotonic(), 0  # a new interval: poll now, then on it
         finally:
             self._log.info("poll_stopped")
 
+    @property
+    def interval_s(self) -> float:
+        """The poll interval in effect (the config's, until a command changes it)."""
+        return self._interval
+
+    def set_interval(self, seconds: float) -> None:
+        """Change the poll interval at runtime (not persisted); the schedule restarts at once."""
+        if not (math.isfinite(seconds) and 0 < seconds <= 86_400):
+            raise ValueError(f"poll interval must be in (0, 86400] s, got {seconds!r}")
+        self._log.info("poll_interval_changed", interval_s=seconds, previous_s=self._interval)
+        self._interval = seconds
+        self._rescheduled.set()
+
+    async def _sleep_until_rescheduled(self, delay: float) -> bool:
+        """Sleep `delay` s; True when `set_interval` cut the sleep short."""
+        try:
+            async with asyncio.timeout(delay):
+                await self._rescheduled.wait()
+        except TimeoutError:
+            return False
+        self._rescheduled.clear()
+        return True
+
     async def _backoff(self) -> None:
         n = self._c.consecutive_failures
-        delay = min(self.device.backoff_max_s,
-                    self.device.poll_interval_s * 2 ** max(0, n - 1))
+        delay = min(self.device.backoff_max_s, self._interval * 2 ** max(0, n - 1))
         await asyncio.sleep(delay)
 

@@ -32,6 +32,8 @@ from edge_agent import __version__
 from edge_agent.alarm_store import AlarmStore
 from edge_agent.alarms import AlarmRules, build_rules
 from edge_agent.birth import build_birth
+from edge_agent.clock import ClockGuard
+from edge_agent.command_setup import build_executor
 from edge_agent.config import AgentConfig, resolve_profiles
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller
@@ -124,9 +126,14 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     runtime = AgentRuntime(config=config, boot_id=boot_id, started_ms=time.time_ns() // 1_000_000)
     pool = TransportPool()
     try:
-        async with Outbox.open(config.outbox_path,
-                               keep_delivered_s=config.outbox.keep_delivered_s,
-                               live_window_s=config.outbox.live_window_s) as outbox, \
+        ob = config.outbox
+        async with Outbox.open(config.outbox_path, keep_delivered_s=ob.keep_delivered_s,
+                               live_window_s=ob.live_window_s, max_bytes=ob.max_bytes,
+                               thin_at=ob.thin_at, thin_to=ob.thin_to,
+                               thin_keep_every=ob.thin_keep_every,
+                               thin_max_rounds=ob.thin_max_rounds,
+                               clock=ClockGuard(max_step_ms=int(ob.clock_max_step_s * 1000))
+                               ) as outbox, \
                 AlarmStore.open(config.alarms_path) as alarm_store:
             # The pollers write through the alarm rules, which append the alarm records
             # with the telemetry that caused them (edge_agent.alarms).
@@ -139,13 +146,18 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                             boot_id=boot_id, version=__version__, birth=birth,
                             batch_size=mq.batch_size, max_inflight=mq.max_inflight,
                             ack_timeout_s=mq.ack_timeout_s, keepalive_s=mq.keepalive_s,
-                            client_id=mq.client_id)
+                            client_id=mq.client_id,
+                            backlog_max_points_per_s=ob.backlog_max_points_per_s)
             runtime.uplink = uplink
             for dev in config.devices:
                 if not dev.enabled:
                     continue
                 transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
                 runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, alarms))
+            # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
+            commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
+                                      runtime.status)
+            uplink.on_command = commands.handle
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      outbox=str(config.outbox_path))
@@ -158,6 +170,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                     tasks.append(tg.create_task(_supervised(name, factory, runtime), name=name))
 
                 spawn("uplink.mqtt", uplink.run)
+                spawn("commands", commands.run)  # --- commands wiring (§6)
                 for poller in runtime.pollers:
                     spawn(f"poll[{poller.device.id}]", poller.run)
                 spawn("rules.tick", lambda: alarms.tick_loop(runtime.pollers))

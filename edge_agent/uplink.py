@@ -7,6 +7,14 @@ that it is in flight: its undelivered records come out of `Outbox.next_batch` ag
 order and with fresh backlog flags, and central deduplicates on `(gw, stream, seq)`. While
 no ack at all arrives, the timeout doubles after each expiry (up to 8x), so a silent central
 does not cost a narrow link a full window every `ack_timeout_s`; the next ack resets it.
+
+Lanes (§4.2): each batch is either *priority* (alarms, events, live telemetry and, after an
+outage, the newest value of each point) or *backlog* (older telemetry, oldest first). Backlog
+batches are paced by a `BacklogPacer` (AIMD on backlog batches in flight, driven by the ack
+RTT, plus a records-per-second ceiling) and may never hold the last `reserve` in-flight
+slots (a quarter of `max_inflight`, at least one): those are always free for priority
+batches, so a live record or an alarm is published at once and waits at most behind the few
+backlog batches already in flight, never behind the history.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import bisect
 import contextlib
 import inspect
+import json
 import random
 import ssl
 import time
@@ -26,6 +35,7 @@ import structlog
 
 from edge_agent.errors import EdgeError
 from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.pacing import BacklogPacer
 from protocols import topics
 from protocols.envelope import Ack, Birth, DataBatch, EnvelopeError, Record, State, decode, encode
 
@@ -51,12 +61,15 @@ class UplinkCounters:
     acks_foreign: int = 0  # acks naming another stream
     acks_malformed: int = 0
     commands: int = 0
+    backlog_batches_sent: int = 0
+    backlog_records_sent: int = 0
 
 
 @dataclass(slots=True)
 class _InFlight:
     seqs: list[int]  # sorted
     sent_at: float  # monotonic
+    backlog: bool = False
 
 
 _MAX_TIMEOUT_FACTOR = 8
@@ -83,7 +96,9 @@ class Uplink:
                  tls: ssl.SSLContext | None = None, username: str | None = None,
                  password: str | None = None, bearer: str = "ip", state_interval_s: float = 10.0,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
-                 on_command: CommandHandler | None = None) -> None:
+                 on_command: CommandHandler | None = None,
+                 backlog_max_points_per_s: float | None = None,
+                 backlog_target_rtt_s: float | None = None) -> None:
         topics.check_gateway_id(gw)
         if batch_size < 1 or max_inflight < 1 or ack_timeout_s <= 0:
             raise ValueError("batch_size and max_inflight must be >= 1, ack_timeout_s > 0")
@@ -113,6 +128,12 @@ class Uplink:
         # Grows while central stays silent so that a dead central does not cost the link a
         # full window every ack_timeout_s; any ack resets it.
         self._timeout_factor = 1
+        # Slots only priority batches may take; backlog gets the rest, paced.
+        self.reserve = max(1, max_inflight // 4)
+        self.pacer = BacklogPacer(max_window=max(1, max_inflight - self.reserve),
+                                  batch_size=batch_size, max_points_per_s=backlog_max_points_per_s,
+                                  target_rtt_s=backlog_target_rtt_s)
+        self._backlog_batches = 0
 
     def notify(self) -> None:
         """Wake the send loop (new records, a freed slot); cheap, callable any time on the loop."""
@@ -219,7 +240,7 @@ class Uplink:
 
     async def _refresh_backlog(self) -> None:
         try:
-            self._backlog = (await self.outbox.stats()).backlog
+            self._backlog = await self.outbox.backlog()
         except OutboxError as exc:
             log.warning("uplink_stats_failed", error=str(exc))
 
@@ -274,26 +295,51 @@ class Uplink:
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while True:
             self._expire_unacked()
-            if len(self._inflight) < self.max_inflight:
-                self._wake.clear()  # before reading, so an append during the read is not missed
-                try:
-                    records = await self.outbox.next_batch(self.batch_size,
-                                                           exclude=self._inflight_seqs)
-                except OutboxError as exc:
-                    log.warning("outbox_read_failed", error=str(exc))
-                    records = []
-                    await asyncio.sleep(1.0)
-                if records:
-                    await self._publish(client, records)
-                    continue
-            await self._idle(self._next_expiry_in())
+            self._wake.clear()  # before reading, so an append during the read is not missed
+            wait = self._next_expiry_in()
+            try:
+                if self._priority_slot_free():
+                    records = await self.outbox.next_batch(
+                        self.batch_size, exclude=self._inflight_seqs, part="priority")
+                    if records:
+                        await self._publish(client, records, backlog=False)
+                        continue
+                if self._backlog_slot_free():
+                    now = time.monotonic()
+                    allowed = self.pacer.allowance(now)
+                    if allowed:
+                        records = await self.outbox.next_batch(
+                            allowed, exclude=self._inflight_seqs, part="backlog")
+                        if records:
+                            self.pacer.took(len(records), now)
+                            await self._publish(client, records, backlog=True)
+                            continue
+                    else:
+                        wait = min(wait, self.pacer.wait_s(now))
+            except OutboxError as exc:
+                log.warning("outbox_read_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+            await self._idle(wait)
 
-    async def _publish(self, client: aiomqtt.Client, records: list[Record]) -> None:
+    def _priority_slot_free(self) -> bool:
+        return (len(self._inflight) < self.max_inflight
+                or len(self._inflight) - self._backlog_batches < self.reserve)
+
+    def _backlog_slot_free(self) -> bool:
+        return (self._backlog_batches < self.pacer.window
+                and len(self._inflight) < self.max_inflight)
+
+    async def _publish(self, client: aiomqtt.Client, records: list[Record], *,
+                       backlog: bool) -> None:
         self._batch_ids += 1
         seqs = sorted(r.seq for r in records)
         # In flight before the publish returns: the ack may beat our PUBACK.
-        self._inflight[self._batch_ids] = _InFlight(seqs, time.monotonic())
+        self._inflight[self._batch_ids] = _InFlight(seqs, time.monotonic(), backlog)
         self._inflight_seqs.update(seqs)
+        if backlog:
+            self._backlog_batches += 1
+            self.counters.backlog_batches_sent += 1
+            self.counters.backlog_records_sent += len(records)
         batch = DataBatch(gw=self.gw, stream=self.outbox.stream, records=tuple(records),
                           sent_ms=_now_ms())
         await client.publish(self._t_data, encode(batch), qos=1)
@@ -306,6 +352,10 @@ class Uplink:
             await self._refresh_backlog()
             await client.publish(self._t_state, encode(self._state(online=True)), qos=1,
                                  retain=True)
+            pacing = self.pacer.snapshot(time.monotonic()).to_jsonable()
+            await self._set_meta("uplink_pacing", json.dumps(
+                pacing | {"backlog_in_flight": self._backlog_batches,
+                          "in_flight": len(self._inflight)}))
 
     async def _idle(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -321,6 +371,7 @@ class Uplink:
             i = bisect.bisect_right(starts, seq) - 1
             return i >= 0 and seq <= ranges[i][1]
 
+        now = time.monotonic()
         for bid, fl in list(self._inflight.items()):
             left = [s for s in fl.seqs if not acked(s)]
             if len(left) != len(fl.seqs):
@@ -329,6 +380,9 @@ class Uplink:
                     fl.seqs = left
                 else:
                     del self._inflight[bid]
+                    if fl.backlog:
+                        self._backlog_batches -= 1
+                        self.pacer.on_ack(now - fl.sent_at, now)
 
     def _ack_timeout(self) -> float:
         return self.ack_timeout_s * self._timeout_factor
@@ -340,6 +394,9 @@ class Uplink:
             fl = self._inflight.pop(bid)
             self._inflight_seqs.difference_update(fl.seqs)
             self.counters.batches_resent += 1
+            if fl.backlog:
+                self._backlog_batches -= 1
+                self.pacer.on_timeout()
             log.info("batch_ack_timeout", records=len(fl.seqs), first=fl.seqs[0],
                      timeout_s=self._ack_timeout())
         if expired:
@@ -355,6 +412,8 @@ class Uplink:
         self._timeout_factor = 1
         self._inflight.clear()
         self._inflight_seqs.clear()
+        self._backlog_batches = 0
+        self.pacer.reset()
 
 
 __all__ = ["CommandHandler", "Uplink", "UplinkCounters", "UplinkError"]

@@ -1,0 +1,163 @@
+"""Pacing of the backlog drain (DESIGN.md §4.2): fast on a good link, never at the live
+lanes' expense.
+
+Two limits, both on backlog batches only (alarms, events and live telemetry are never paced):
+
+- **AIMD on the number of backlog batches in flight**, driven by the ack round trip. Central
+  acks a batch after its commit, so the ack RTT grows when central, the broker or the link
+  queue up. The pacer keeps the lowest RTT seen lately as the base and a target of
+  `max(2 × base, base + 50 ms)` (or a fixed `target_rtt_s`): each backlog ack under the target
+  adds 1/window (one batch per round trip), an ack over it halves the window (at most once per
+  smoothed RTT), an ack timeout drops it to one. The window never exceeds `max_window`, which
+  the uplink sets below its in-flight limit so that slots stay free for the higher lanes.
+- **A token bucket** of `max_points_per_s` records per second: the operator's ceiling, e.g.
+  for a metered 4G plan or a narrow link shared with video.
+
+Pure logic with an injectable clock; the uplink owns one instance and calls it on its loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+_BASE_WINDOW_S = 120.0  # the base RTT is the minimum over this long, so it can rise again
+_MIN_MARGIN_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class PacerSnapshot:
+    window: int
+    cwnd: float
+    srtt_s: float | None
+    base_rtt_s: float | None
+    target_rtt_s: float | None
+    tokens: float | None
+
+    def to_jsonable(self) -> dict[str, float | int | None]:
+        return {"window": self.window, "cwnd": round(self.cwnd, 2),
+                "srtt_ms": _ms(self.srtt_s), "base_rtt_ms": _ms(self.base_rtt_s),
+                "target_rtt_ms": _ms(self.target_rtt_s),
+                "tokens": None if self.tokens is None else int(self.tokens)}
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(s * 1000, 1)
+
+
+class BacklogPacer:
+    """How many backlog batches may be in flight and how many records the next one may hold.
+
+    Example::
+
+        pacer = BacklogPacer(max_window=6, max_points_per_s=2000, batch_size=500)
+        if backlog_in_flight < pacer.window and (n := pacer.allowance(now)):
+            ...send up to n backlog records...; pacer.took(len(records), now)
+        pacer.on_ack(rtt_s, now)  # when a backlog batch is fully acknowledged
+    """
+
+    def __init__(self, *, max_window: int, batch_size: int, max_points_per_s: float | None = None,
+                 target_rtt_s: float | None = None) -> None:
+        if max_window < 1 or batch_size < 1:
+            raise ValueError("max_window and batch_size must be >= 1")
+        if max_points_per_s is not None and max_points_per_s <= 0:
+            raise ValueError("max_points_per_s must be > 0 (or None for no ceiling)")
+        self.max_window = max_window
+        self.batch_size = batch_size
+        self.rate = max_points_per_s
+        self.fixed_target = target_rtt_s
+        self.cwnd = 1.0
+        self.srtt: float | None = None
+        self._samples: deque[tuple[float, float]] = deque()  # (time, rtt) for the base RTT
+        self._last_decrease = -math.inf
+        # Send when at least 100 ms worth of tokens is there (or a full batch), so a low
+        # ceiling makes fewer, fuller batches rather than a stream of tiny ones.
+        self._chunk = (batch_size if self.rate is None
+                       else min(batch_size, max(1, math.ceil(self.rate * 0.1))))
+        self._cap = 0.0 if self.rate is None else max(float(self._chunk), self.rate * 0.5)
+        self._tokens = float(self._chunk)
+        self._refilled: float | None = None
+
+    # --- limits ----------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Backlog batches allowed in flight now."""
+        return max(1, min(self.max_window, int(self.cwnd)))
+
+    def allowance(self, now: float) -> int:
+        """Records the next backlog batch may hold now; 0 means wait (`wait_s`)."""
+        if self.rate is None:
+            return self.batch_size
+        self._refill(now)
+        if self._tokens < self._chunk:
+            return 0
+        return min(self.batch_size, int(self._tokens))
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until `allowance` is non-zero."""
+        if self.rate is None:
+            return 0.0
+        self._refill(now)
+        return max(0.0, (self._chunk - self._tokens) / self.rate)
+
+    def took(self, n: int, now: float) -> None:
+        if self.rate is not None:
+            self._refill(now)
+            self._tokens -= n
+
+    # --- feedback --------------------------------------------------------------------------
+
+    @property
+    def base_rtt(self) -> float | None:
+        return min(r for _, r in self._samples) if self._samples else None
+
+    @property
+    def target(self) -> float | None:
+        if self.fixed_target is not None:
+            return self.fixed_target
+        base = self.base_rtt
+        return None if base is None else max(2 * base, base + _MIN_MARGIN_S)
+
+    def on_ack(self, rtt_s: float, now: float) -> None:
+        """A backlog batch was fully acknowledged `rtt_s` after it was sent."""
+        self._samples.append((now, rtt_s))
+        while len(self._samples) > 1 and self._samples[0][0] < now - _BASE_WINDOW_S:
+            self._samples.popleft()
+        self.srtt = rtt_s if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt_s
+        target = self.target
+        assert target is not None
+        if rtt_s <= target:
+            self.cwnd = min(float(self.max_window), self.cwnd + 1.0 / self.cwnd)
+        elif now - self._last_decrease >= (self.srtt or rtt_s):
+            self.cwnd = max(1.0, self.cwnd / 2)
+            self._last_decrease = now
+
+    def on_timeout(self) -> None:
+        """A backlog batch went unacknowledged for the ack timeout."""
+        self.cwnd = 1.0
+
+    def reset(self) -> None:
+        """A new connection: the path may differ, so start small and learn the RTT again."""
+        self.cwnd = 1.0
+        self.srtt = None
+        self._samples.clear()
+        self._last_decrease = -math.inf
+
+    def snapshot(self, now: float) -> PacerSnapshot:
+        tokens = None
+        if self.rate is not None:
+            self._refill(now)
+            tokens = self._tokens
+        return PacerSnapshot(self.window, self.cwnd, self.srtt, self.base_rtt, self.target, tokens)
+
+    def _refill(self, now: float) -> None:
+        assert self.rate is not None
+        if self._refilled is not None and now > self._refilled:
+            self._tokens = min(self._cap, self._tokens + (now - self._refilled) * self.rate)
+        if self._refilled is None or now > self._refilled:
+            self._refilled = now
+
+
+__all__ = ["BacklogPacer", "PacerSnapshot"]
