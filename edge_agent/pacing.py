@@ -6,7 +6,7 @@ Two limits, both on backlog batches only (alarms, events and live telemetry are 
 - **AIMD on the number of backlog batches in flight**, driven by the ack round trip. Central
   acks a batch after its commit, so the ack RTT grows when central, the broker or the link
   queue up. The pacer keeps the lowest RTT seen lately as the base and a target of
-  `max(2 × base, base + 50 ms)` (or a fixed `target_rtt_s`): each backlog ack under the target
+  `max(2 × base, base + 250 ms)` (or a fixed `target_rtt_s`): each backlog ack under the target
   adds 1/window (one batch per round trip), an ack over it halves the window (at most once per
   smoothed RTT), an ack timeout drops it to one. The window never exceeds `max_window`, which
   the uplink sets below its in-flight limit so that slots stay free for the higher lanes.
@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 _BASE_WINDOW_S = 120.0  # the base RTT is the minimum over this long, so it can rise again
-_MIN_MARGIN_S = 0.05
+_MIN_MARGIN_S = 0.25  # backlog may add this much queueing ahead of live data at central
 
 
 @dataclass(frozen=True, slots=True)

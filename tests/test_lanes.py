@@ -130,11 +130,13 @@ def test_pacer_grows_under_target_and_halves_over_it() -> None:
 
 
 def test_pacer_target_follows_the_base_rtt() -> None:
-    """Without a fixed target, the target is max(2 x base, base + 50 ms) of the lowest RTT seen."""
+    """Without a fixed target, the target is max(2 x base, base + 250 ms) of the lowest RTT seen."""
     p = BacklogPacer(max_window=4, batch_size=100)
-    p.on_ack(0.2, 1.0)
-    p.on_ack(0.1, 2.0)
-    assert p.base_rtt == 0.1 and abs((p.target or 0) - 0.2) < 1e-9
+    p.on_ack(0.4, 1.0)
+    p.on_ack(0.3, 2.0)
+    assert p.base_rtt == 0.3 and abs((p.target or 0) - 0.6) < 1e-9  # 2 x base
+    p.on_ack(0.02, 3.0)
+    assert p.base_rtt == 0.02 and abs((p.target or 0) - 0.27) < 1e-9  # base + 250 ms
 
 
 def test_pacer_token_bucket_caps_records_per_second() -> None:

@@ -1,0 +1,127 @@
+"""Backlog drain after an outage, end to end, with live data flowing at the same time.
+
+Fills a gateway's outbox with `--records` telemetry records while its uplink is cut (the
+agent's link runs through a loopback proxy in drop mode; the agent keeps polling live
+devices), then restores the link and times until central has committed every record and the
+edge has marked them delivered. Live points polled during the drain must not wait behind
+history (DESIGN.md §4.2): their latency is central's receive time minus their device time.
+
+    python bench/drain.py --records 1000000
+
+Prints one JSON line: drain_points_per_s, live_latency_p99_s, live_latency_p50_s, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repo on sys.path)
+
+from _common import emit
+from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
+from tests.helpers import Mosquitto, wait_for
+from tests.netproxy import LinkProxy
+
+GW = "gw-drain-01"
+DEVICES = [DeviceDef("gas-1", "gas-detector-v1", 1), DeviceDef("tank-1", "storage-tank-v1", 2)]
+
+
+async def prefill(outbox_path: Path, records: int, hours: float = 72.0) -> None:
+    """History as a cut-off gateway would have written it: 100 points, oldest first."""
+    from edge_agent.outbox import NewRecord, Outbox
+    from protocols.envelope import RecordKind
+
+    now_ms = int(time.time() * 1000)
+    step_ms = max(1, int(hours * 3600_000 / records))
+    start_ms = now_ms - records * step_ms
+    async with Outbox.open(outbox_path) as ob:
+        chunk = 20_000
+        for base in range(0, records, chunk):
+            n = min(chunk, records - base)
+            await ob.append([NewRecord(kind=RecordKind.TELEMETRY, ts_ms=start_ms + (base + i) * step_ms,
+                                       point=f"hist-{(base + i) % 100 // 10}/p{(base + i) % 10}",
+                                       value=float((base + i) % 1000)) for i in range(n)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds of drain")
+    ap.add_argument("--max-inflight", type=int, default=8, help="the agent's [mqtt] max_inflight")
+    ap.add_argument("--ceiling", type=float, default=1_000_000.0,
+                    help="the agent's [outbox] backlog_max_points_per_s (the drain's rate ceiling)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="fieldlink-drain-") as tmp:
+        work = Path(tmp)
+        (work / "broker").mkdir()
+        broker = Mosquitto(work / "broker")
+        broker.start()
+        proxy = LinkProxy("127.0.0.1", broker.port)
+        proxy.start()
+        proxy.set_mode("drop")
+        central = Central(work, broker.port)
+        sim = Simulator(work, [d.profile for d in DEVICES])
+        try:
+            central.start()
+            sim.start()
+            agent = Agent(work, GW, proxy.port, sim.port, DEVICES, poll_interval_s=1.0, ack_timeout_s=10,
+                          mqtt_extra=f"keepalive_s = 10\nmax_inflight = {args.max_inflight}",
+                          extra=f"\n[outbox]\nbacklog_max_points_per_s = {args.ceiling}\n")
+            t_fill = time.perf_counter()
+            asyncio.run(prefill(agent.outbox, args.records))
+            fill_s = time.perf_counter() - t_fill
+            print(f"prefilled {args.records} records in {fill_s:.1f}s", file=sys.stderr, flush=True)
+            agent.start()
+            time.sleep(3)  # live polling into the outbox while the link is still cut
+            restore_wall_ms = int(time.time() * 1000)
+            t0 = time.perf_counter()
+            proxy.set_mode("pass")
+            from edge_agent.outbox import read_status
+
+            last_report = [0.0]
+
+            def drained() -> bool:
+                st = read_status(agent.outbox)
+                if time.monotonic() - last_report[0] > 5:  # progress on stderr
+                    last_report[0] = time.monotonic()
+                    print(f"backlog {st.backlog} pacing {st.meta.get('uplink_pacing')}",
+                          file=sys.stderr, flush=True)
+                return st.backlog == 0
+
+            wait_for(drained, timeout=args.timeout, interval=0.5, what="the backlog to drain")
+            drain_s = time.perf_counter() - t0
+            status = read_status(agent.outbox)
+            # live latency counts from when the agent was back online (its reconnect back-off
+            # after the cut is not queueing behind history)
+            since = int(status.meta.get("uplink_since_ms") or restore_wall_ms)
+            held = sqlite_rows(central.db_path, "SELECT count(*) FROM readings WHERE gw = ?", (GW,))[0][0]
+            live = sorted((r[0] - r[1]) / 1000 for r in sqlite_rows(
+                central.db_path, "SELECT received_ms, ts_ms FROM readings r JOIN points p ON p.id = r.point_id "
+                "WHERE r.gw = ? AND p.device NOT LIKE 'hist-%' AND r.ts_ms >= ?", (GW, max(since, restore_wall_ms))))
+            agent.stop()
+        finally:
+            for child in (sim, central):
+                child.stop()
+            proxy.stop()
+            broker.stop()
+
+    def pct(xs: list[float], q: float) -> float:
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else float("nan")
+
+    emit(bench="drain", records=args.records, ceiling_points_per_s=args.ceiling, delivered_at_central=held, last_seq=status.last_seq,
+         prefill_points_per_s=round(args.records / fill_s), drain_s=round(drain_s, 1),
+         drain_points_per_s=round(status.last_seq / drain_s),
+         drain_points_per_s_after_reconnect=round(status.last_seq / max(0.001, drain_s - max(0, since - restore_wall_ms) / 1000)),
+         max_inflight=args.max_inflight, live_points=len(live),
+         live_latency_p50_s=pct(live, 0.5), live_latency_p99_s=pct(live, 0.99),
+         reconnect_after_restore_s=round(max(0, since - restore_wall_ms) / 1000, 1))
+
+
+if __name__ == "__main__":
+    main()
