@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central import __version__
+from central.alarm_rules import start_alarm_rules  # alarms wiring (§7)
+from central.alarms_api import install as install_alarm_api  # alarms wiring (§7)
 from central.commands import start_commands
 from central.commands_api import install as install_command_api
 from central.errors import CentralError
@@ -202,6 +204,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
         app.state.commands = await start_commands(settings, storage, dispatch=run_ingest)
         ingest.command_hooks = app.state.commands.service
+        # --- alarms wiring (DESIGN.md §7): alarm policy on storage, central's rules task.
+        app.state.alarm_rules = start_alarm_rules(settings, storage, run=run_ingest)
         task = (asyncio.create_task(_supervise(ingest), name="ingest.mqtt") if run_ingest
                 else None)
         app.state.ingest_task = task
@@ -215,6 +219,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await app.state.commands.stop()  # commands wiring (§6)
+            await app.state.alarm_rules.stop()  # alarms wiring (§7)
             await storage.close()
             log.info("central_stopped")
 
@@ -313,5 +318,6 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     install_command_api(app)  # commands wiring (§6)
+    install_alarm_api(app)  # alarms wiring (§7)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -22,8 +22,10 @@ import structlog
 import uvicorn
 
 from central.api import create_app
+from central.areas import SEED_DIR, seed_areas
 from central.broker import embedded_broker
 from central.settings import Settings
+from central.storage import open_storage
 
 log = structlog.get_logger(__name__)
 
@@ -141,6 +143,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             host, port = addr.host, addr.port
         settings = Settings(db_url=f"sqlite:///{(data_dir / 'central.db').resolve()}",
                             mqtt_host=host, mqtt_port=port, http_host=http_host, http_port=http_port)
+        async with open_storage(settings.db_url) as st:  # Wuhan's areas and the fleet's sites
+            await seed_areas(st, SEED_DIR / "wuhan.yaml")
         app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, host=http_host, port=http_port, log_config=None,
                                                access_log=False, lifespan="on"))

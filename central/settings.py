@@ -41,6 +41,16 @@ class Settings(BaseModel):
     offline_after_s: float = Field(120.0, gt=0, description="silence after which a gw is offline")
     ingest_drain_max: int = Field(50, ge=1, le=1000,
                                   description="batches written in one transaction at most")
+    # --- alarms (DESIGN.md §7; central.alarm_rules, central.alarm_engine)
+    offline_alarm_after_s: float = Field(300.0, gt=0, description="silence after which a "
+                                         "gateway_offline alarm is raised")
+    alarm_rules_interval_s: float = Field(5.0, gt=0, description="period of central's rules")
+    alarm_flap_max: int = Field(6, ge=1, description="raise/clear transitions allowed within "
+                                "the flap window before an alarm is marked flapping")
+    alarm_flap_window_s: float = Field(600.0, gt=0)
+    incident_window_s: float = Field(900.0, ge=0, description="an incident closes this long "
+                                     "after its last alarm cleared")
+    # --- end alarms
     command_key_path: Path | None = Field(
         None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")

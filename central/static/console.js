@@ -99,3 +99,115 @@ async function refresh() {
 
 refresh();
 setInterval(refresh, REFRESH_MS);
+
+// --- alarms panel (DESIGN.md §7): active alarms of the chosen area, acknowledge and clear. ---
+
+const ALARM_TYPES = {
+  high: "超上限", low: "超下限", rate: "变化过快", stale: "数据中断",
+  device_offline: "设备离线", gateway_offline: "网关离线",
+};
+const SEVERITY = { 1: "一级", 2: "二级" };
+let areasKey = "";
+let alarmTicks = 0;
+
+function showAlarmMsg(text, bad = false) {
+  const p = $("alarm-msg");
+  p.textContent = text;
+  p.className = "alarm-msg" + (bad ? " bad" : "");
+  p.hidden = false;
+}
+
+function flattenAreas(nodes, depth, out) {
+  for (const n of nodes) {
+    out.push([n.id, "\u3000".repeat(depth) + n.name_zh]);
+    flattenAreas(n.children, depth + 1, out);
+  }
+  return out;
+}
+
+async function refreshAreas() {
+  const tree = await getJSON("/api/areas");
+  const key = JSON.stringify(tree);
+  if (key === areasKey) return;
+  areasKey = key;
+  const select = $("alarm-area");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "全部区域"),
+    ...flattenAreas(tree, 0, []).map(([id, label]) => el("option", { value: String(id) }, label)));
+  select.value = chosen;
+}
+
+function renderAlarm(a) {
+  const acked = a.ack_state === "acknowledged";
+  const level = el("td", {}, el("span", { class: `badge sev${a.severity}` },
+    SEVERITY[a.severity] || `${a.severity}级`));
+  if (a.flapping) level.append(el("span", { class: "badge flap", title: "频繁报警/恢复" }, "抖动"));
+  const ackCell = el("td", {}, el("span", { class: "badge " + (acked ? "acked" : "unacked") },
+    acked ? "已确认" : "未确认"));
+  if (acked) {
+    ackCell.append(" ", el("span", { class: "muted", title: a.ack_comment || "" },
+      `${a.acked_by} ${fmtTime(a.acked_ms)}`));
+  }
+  const actions = el("td", { class: "actions" });
+  if (!acked) actions.append(el("button", { type: "button", "data-action": "ack", "data-id": a.id }, "确认"));
+  if (a.state === "active") actions.append(el("button", { type: "button", "data-action": "clear", "data-id": a.id }, "清除"));
+  const point = a.point ? (a.name_zh ? `${a.device} · ${a.name_zh}` : a.point) : "—";
+  const value = fmtValue({ value: a.value, text: a.text });
+  return el("tr", { class: `alarm ${a.ack_state}`, "data-alarm-id": String(a.id) },
+    level, el("td", {}, a.area_name || "未分配"), el("td", {}, a.gw),
+    el("td", {}, point), el("td", {}, ALARM_TYPES[a.type] || a.type),
+    el("td", { class: "num" }, value === "—" ? value : `${value} ${a.unit || ""}`.trim()),
+    el("td", {}, fmtTime(a.raised_ms)), ackCell, actions);
+}
+
+async function refreshAlarms() {
+  try {
+    if (alarmTicks++ % 15 === 0) await refreshAreas();  // the tree changes rarely
+    const params = new URLSearchParams({ state: "active" });
+    if ($("alarm-area").value) params.set("area", $("alarm-area").value);
+    const list = await getJSON(`/api/alarms?${params}`);
+    $("n-sev2").textContent = list.filter((a) => a.severity >= 2).length;
+    $("n-sev1").textContent = list.filter((a) => a.severity === 1).length;
+    $("n-unack").textContent = list.filter((a) => a.ack_state !== "acknowledged").length;
+    $("alarm-rows").replaceChildren(...(list.length ? list.map(renderAlarm)
+      : [el("tr", {}, el("td", { colspan: "9", class: "muted" }, "当前无活动告警"))]));
+  } catch (e) {
+    showAlarmMsg(`告警刷新失败：${e.message}`, true);
+  }
+}
+
+async function alarmAction(action, id) {
+  const user = $("alarm-user").value.trim();
+  if (!user) {
+    showAlarmMsg("请先填写值班员姓名", true);
+    $("alarm-user").focus();
+    return;
+  }
+  localStorage.setItem("fieldlink.user", user);
+  const verb = action === "ack" ? "确认" : "清除";
+  try {
+    const r = await fetch(`/api/alarms/${encodeURIComponent(id)}/${action}`, {
+      method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user, comment: $("alarm-comment").value.trim() }),
+    });
+    if (r.ok) {
+      showAlarmMsg(`已${verb}告警 #${id}`);
+      $("alarm-comment").value = "";
+    } else {
+      const problem = await r.json().catch(() => ({}));
+      showAlarmMsg(`${verb}失败：${problem.detail || `HTTP ${r.status}`}`, true);
+    }
+  } catch (e) {
+    showAlarmMsg(`${verb}失败：${e.message}`, true);
+  }
+  await refreshAlarms();
+}
+
+$("alarm-rows").addEventListener("click", (ev) => {
+  const button = ev.target.closest("button[data-action]");
+  if (button) alarmAction(button.dataset.action, button.dataset.id);
+});
+$("alarm-area").addEventListener("change", refreshAlarms);
+$("alarm-user").value = localStorage.getItem("fieldlink.user") || "";
+refreshAlarms();
+setInterval(refreshAlarms, REFRESH_MS);

@@ -16,14 +16,17 @@ Use it as an async context manager::
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
+from central.alarm_types import AlarmPolicy
 from central.errors import CentralError
+from central.storage.program import Program
 from protocols.envelope import Birth, DataBatch, State
 
+T = TypeVar("T")
 
 class StorageError(CentralError):
     """Base of every storage error."""
@@ -190,6 +193,10 @@ class Storage(abc.ABC):
     """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
     `postgres.PostgresStorage`."""
 
+    # Flapping and incident windows applied while batches are written (`central.alarm_engine`);
+    # the app sets it from its settings after opening.
+    alarm_policy: AlarmPolicy = AlarmPolicy()
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Connect and migrate the schema to the current version."""
@@ -252,6 +259,13 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def count_records(self, gw: str | None = None) -> RecordCounts: ...
+
+    @abc.abstractmethod
+    async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
+        """Run a portable SQL program (`central.storage.program`): in one write transaction
+        (`write=True`; rolled back if it raises), or as reads outside one. `program` is a
+        factory, since a read may be retried on a fresh connection. Driver errors become
+        `DatabaseWriteError` / `StorageError`; the program's own errors pass through."""
 
 
 def open_storage(url: str) -> Storage:

@@ -33,6 +33,8 @@ import structlog
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
+from central.alarm_engine import ingest_program, log_changes
+from central.alarm_types import AlarmChange
 from central.storage import (
     DatabaseWriteError,
     Device,
@@ -58,6 +60,7 @@ from central.storage.postgres_schema import (
     Conn,
     migrate,
 )
+from central.storage.program import Program, run_async
 from protocols.envelope import Birth, DataBatch, RecordKind, State, to_jsonable
 
 log = structlog.get_logger(__name__)
@@ -295,10 +298,12 @@ class PostgresStorage(Storage):
         if not batches:
             return []
         now = _now_ms() if now_ms is None else now_ms
-        return await self._transaction(lambda c: self._write(c, batches, now))
+        results, changes = await self._transaction(lambda c: self._write(c, batches, now))
+        log_changes(changes)
+        return results
 
     async def _write(self, conn: Conn, batches: Sequence[DataBatch],
-                     now: int) -> list[WriteResult]:
+                     now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
         keys: dict[str, set[str]] = {}
         for b in batches:
             keys.setdefault(b.gw, set()).update(r.point for r in b.records if r.point is not None)
@@ -353,8 +358,11 @@ class PostgresStorage(Storage):
                 await cur.execute(_UPSERT_LATEST)
         gws = sorted(touched)
         await conn.execute(_TOUCH_GATEWAYS, (gws, [touched[g] for g in gws], [now] * len(gws)))
+        # Alarm records move alarms in this same transaction, their locks after the ones above
+        # (alarm keys sorted, then incidents by area: see central.alarm_engine).
+        changes = await run_async(conn, ingest_program(batches, self.alarm_policy, now))
         return [WriteResult(gw=b.gw, stream=b.stream, received=len(b.records), inserted=k)
-                for b, k in zip(batches, inserted, strict=True)]
+                for b, k in zip(batches, inserted, strict=True)], changes
 
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:
@@ -409,6 +417,11 @@ class PostgresStorage(Storage):
             self._point_ids.pop(gw, None)  # reload ids, new points may exist
 
         await self._transaction(body)
+
+    async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
+        if write:
+            return await self._transaction(lambda c: run_async(c, program()))
+        return await self._read(lambda c: run_async(c, program()))
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import structlog
 from psycopg import AsyncConnection
 
 from central.storage import StorageError
+from central.storage.alarm_schema import alarm_tables
 
 log = structlog.get_logger(__name__)
 Conn = AsyncConnection[Any]
@@ -61,6 +62,12 @@ async def m001_initial(conn: Conn) -> None:
             point_id BIGINT PRIMARY KEY, ts_ms BIGINT NOT NULL, value DOUBLE PRECISION,
             text TEXT) WITH (fillfactor = 50)""",  # room for HOT updates: rewritten constantly
     ):
+        await conn.execute(sql)
+
+
+@migration
+async def m002_areas_alarms(conn: Conn) -> None:
+    for sql in alarm_tables("postgres"):
         await conn.execute(sql)
 
 

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from central.alarm_engine import ingest_program, log_changes
+from central.alarm_types import AlarmChange
 from central.storage import (
     DatabaseWriteError,
     Device,
@@ -37,6 +39,8 @@ from central.storage import (
     parse_point_ref,
     split_key,
 )
+from central.storage.alarm_schema import alarm_tables
+from central.storage.program import Program, run_sync
 from protocols.envelope import Birth, DataBatch, RecordKind, State, to_jsonable
 
 log = structlog.get_logger(__name__)
@@ -80,6 +84,12 @@ def m001_initial(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX events_gw_ts ON events (gw, ts_ms)")
     conn.execute("""CREATE TABLE latest (
         point_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, value REAL, text TEXT)""")
+
+
+@migration
+def m002_areas_alarms(conn: sqlite3.Connection) -> None:
+    for sql in alarm_tables("sqlite"):
+        conn.execute(sql)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
@@ -255,10 +265,13 @@ class SqliteStorage(Storage):
         if not batches:
             return []
         now = _now_ms() if now_ms is None else now_ms
-        return await self._call(self._transaction, lambda c: self._write_sync(c, batches, now))
+        results, changes = await self._call(self._transaction,
+                                            lambda c: self._write_sync(c, batches, now))
+        log_changes(changes)
+        return results
 
     def _write_sync(self, conn: sqlite3.Connection, batches: Sequence[DataBatch],
-                    now: int) -> list[WriteResult]:
+                    now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
         results: list[WriteResult] = []
         latest: dict[int, tuple[int, Any, Any]] = {}
         for batch in batches:
@@ -291,7 +304,9 @@ class SqliteStorage(Storage):
                                        inserted=inserted))
         if latest:
             conn.executemany(_UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()])
-        return results
+        # Alarm records move alarms in this same transaction (central.alarm_engine).
+        changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
+        return results, changes
 
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:
@@ -333,6 +348,11 @@ class SqliteStorage(Storage):
             self._point_ids.pop(gw, None)  # reload ids, new points may exist
 
         await self._call(self._transaction, body)
+
+    async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
+        if write:
+            return await self._call(self._transaction, lambda c: run_sync(c, program()))
+        return await self._read(lambda c: run_sync(c, program()))
 
     # -- reads ---------------------------------------------------------------------------------
 
