@@ -5,8 +5,9 @@ PUBACK means nothing. Unacknowledged batches go again after `ack_timeout_s` and 
 reconnect (all in-flight state is dropped on disconnect). A batch is "re-sent" by forgetting
 that it is in flight: its undelivered records come out of `Outbox.next_batch` again, in lane
 order and with fresh backlog flags, and central deduplicates on `(gw, stream, seq)`. While
-no ack at all arrives, the timeout doubles after each expiry (up to 8x), so a silent central
-does not cost a narrow link a full window every `ack_timeout_s`; the next ack resets it.
+no timely ack arrives, the timeout doubles after each expiry (up to 8x), so a silent or
+overloaded central does not cost a narrow link a full window every `ack_timeout_s`; the next
+ack of a batch still in flight resets it.
 
 Lanes (§4.2): each batch is either *priority* (alarms, events, live telemetry and, after an
 outage, the newest value of each point) or *backlog* (older telemetry, oldest first). Backlog
@@ -276,8 +277,11 @@ class Uplink:
             # Not marked: the records go again after the timeout and central acks them again.
             log.warning("ack_mark_failed", error=str(exc))
             return
-        self._forget_acked(ack.ranges)
-        self._timeout_factor = 1
+        # Only a timely ack brings the timeout back down: late acks of batches that already
+        # went again mean central is overloaded, and resending on the short timeout would
+        # multiply its load.
+        if self._forget_acked(ack.ranges):
+            self._timeout_factor = 1
         self.notify()
 
     async def _handle_command(self, payload: bytes) -> None:
@@ -364,8 +368,11 @@ class Uplink:
 
     # --- in-flight bookkeeping -------------------------------------------------------------
 
-    def _forget_acked(self, ranges: tuple[tuple[int, int], ...]) -> None:
+    def _forget_acked(self, ranges: tuple[tuple[int, int], ...]) -> int:
+        """Drop acknowledged seqs from the in-flight batches; returns how many batches the ack
+        completed within the base `ack_timeout_s` of their sending (timely acks)."""
         starts = [a for a, _ in ranges]
+        completed = 0
 
         def acked(seq: int) -> bool:
             i = bisect.bisect_right(starts, seq) - 1
@@ -380,9 +387,11 @@ class Uplink:
                     fl.seqs = left
                 else:
                     del self._inflight[bid]
+                    completed += now - fl.sent_at <= self.ack_timeout_s
                     if fl.backlog:
                         self._backlog_batches -= 1
                         self.pacer.on_ack(now - fl.sent_at, now)
+        return completed
 
     def _ack_timeout(self) -> float:
         return self.ack_timeout_s * self._timeout_factor

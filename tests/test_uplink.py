@@ -38,6 +38,7 @@ class TinyCentral:
     def __init__(self, broker: Mosquitto) -> None:
         self.broker = broker
         self.acking = True
+        self.ack_delay_s = 0.0  # > 0: an overloaded central that acks late
         self.seen: Counter[int] = Counter()
         self.first_seen: dict[int, float] = {}
         self.births: list[Birth] = []
@@ -69,6 +70,12 @@ class TinyCentral:
                     self.historical.add(r.seq)
             if self.acking:
                 ack = Ack(decoded.stream, ranges_from_seqs(r.seq for r in decoded.records))
+                if self.ack_delay_s:
+                    asyncio.get_running_loop().call_later(
+                        self.ack_delay_s, lambda: asyncio.ensure_future(
+                            client.publish(topics.down(decoded.gw, "ack"), encode(ack), qos=1,
+                                           timeout=0.5)))
+                    return
                 # Short timeout: aiomqtt's publish waits out its timeout if the broker dies.
                 await client.publish(topics.down(decoded.gw, "ack"), encode(ack), qos=1,
                                      timeout=0.5)
@@ -273,3 +280,24 @@ async def test_state_is_online_and_will_says_offline_on_kill(tmp_path: Path,
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def test_late_acks_do_not_shorten_the_resend_timeout(tmp_path: Path,
+                                                          mosquitto: Mosquitto) -> None:
+    """A central that acks after the timeout gets fewer resends over time, not one per timeout."""
+    gw = new_gw()
+    async with Outbox.open(tmp_path / "o.db") as ob, TinyCentral(mosquitto) as central:
+        central.ack_delay_s = 0.9
+        uplink = make_uplink(ob, mosquitto, gw, ack_timeout_s=0.3)
+        async with running(uplink):
+            await until(lambda: uplink.connected, what="connect")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 6.0:  # a steady trickle of new records
+                await ob.append([tel(int((time.monotonic() - t0) * 1000))])
+                await asyncio.sleep(0.2)
+            resent = uplink.counters.batches_resent
+            sent = uplink.counters.batches_sent
+    # Resetting the timeout on every (late) ack would resend nearly every batch once or more;
+    # backing off keeps resends a small fraction of what was sent.
+    assert sent > 10
+    assert resent < sent / 2, (resent, sent)
