@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -63,7 +64,7 @@ async def _wait_file(path: Path, proc: asyncio.subprocess.Process, timeout: floa
 
 
 def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_host: str,
-                   broker_port: int) -> str:
+                   broker_port: int, central_public_key: str | None = None) -> str:
     """The TOML an operator would write for this gateway."""
     lines = [
         "[gateway]",
@@ -76,6 +77,8 @@ def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_hos
         "ack_timeout_s = 5",
         "",
     ]
+    if central_public_key:  # pinned at enrolment: the gateway runs commands signed by central
+        lines += ["[commands]", f'central_public_key = "{central_public_key}"', ""]
     for unit, (dev_id, profile) in enumerate(gw.devices, start=1):
         lines += [
             "[[devices]]",
@@ -91,33 +94,40 @@ def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_hos
 
 @contextlib.asynccontextmanager
 async def fleet(root: Path, broker_host: str, broker_port: int,
-                gateways: tuple[DemoGateway, ...] = FLEET) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Start one simulator and one edge agent process per gateway; stop them all on exit."""
+                gateways: tuple[DemoGateway, ...] = FLEET, *,
+                central_public_key: str | None = None) -> AsyncIterator[dict[str, int]]:
+    """Start one simulator and one edge agent process per gateway; stop them all on exit.
+    Yields each gateway's simulator control port (to script values)."""
     procs: list[asyncio.subprocess.Process] = []
+    controls: dict[str, int] = {}
     env = _child_env()
     try:
         for gw in gateways:
             gdir = root / gw.id
             gdir.mkdir(parents=True, exist_ok=True)
-            ready = gdir / "sim.port"
+            ready, control_ready = gdir / "sim.port", gdir / "sim.control"
             ready.unlink(missing_ok=True)
+            control_ready.unlink(missing_ok=True)
             args = [sys.executable, "-m", "firmware_stubs.modbus_sim", "--port", "0",
-                    "--ready-file", str(ready)]
+                    "--ready-file", str(ready), "--control-port", "0",
+                    "--control-ready-file", str(control_ready)]
             for _dev, profile in gw.devices:
                 args += ["--profile", profile]
             sim = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL,
                                                        stderr=(gdir / "sim.log").open("ab"))
             procs.append(sim)
             sim_port = int((await _wait_file(ready, sim)).split("=")[-1])
+            controls[gw.id] = int((await _wait_file(control_ready, sim)).split("=")[-1])
             conf = gdir / "site.toml"
             conf.write_text(gateway_config(gw, data_dir=gdir, sim_port=sim_port,
-                                           broker_host=broker_host, broker_port=broker_port))
+                                           broker_host=broker_host, broker_port=broker_port,
+                                           central_public_key=central_public_key))
             agent = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent", "run", "--config", str(conf), env=env,
                 stdout=(gdir / "agent.log").open("ab"), stderr=asyncio.subprocess.STDOUT)
             procs.append(agent)
             log.info("demo_gateway_started", gw=gw.id, devices=len(gw.devices), sim_port=sim_port)
-        yield procs
+        yield controls
     finally:
         for p in procs:
             if p.returncode is None:
@@ -155,7 +165,44 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                     await serve  # raises the startup error
                     return
                 await asyncio.sleep(0.05)
-        await stack.enter_async_context(fleet(data_dir / "fleet", host, port))
+        key = app.state.commands.service.public_key_b64  # the gateways pin it at enrolment
+        controls = await stack.enter_async_context(
+            fleet(data_dir / "fleet", host, port, central_public_key=key))
+        leak = asyncio.create_task(gas_leak_scenario(controls), name="demo.scenario")
+        stack.callback(leak.cancel)
         print(f"Fieldlink demo: console http://{http_host}:{http_port}/  broker mqtt://{host}:{port}  "
               f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
         await serve
+
+
+async def _sim_control(port: int, request: dict[str, object]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        await reader.readline()
+    finally:
+        writer.close()
+
+
+async def gas_leak_scenario(controls: dict[str, int], *, gw: str = "wh-qingshan-02",
+                            first_after_s: float = 20.0, every_s: float = 180.0,
+                            lasts_s: float = 40.0) -> None:
+    """Something for the duty officers to see: every few minutes a leak at the Qingshan plant
+    drives gas-1 past level 2 (50 %LEL), then it is brought under control and the alarm
+    clears."""
+    port = controls.get(gw)
+    if port is None:
+        return
+    await asyncio.sleep(first_after_s)
+    while True:
+        try:
+            for value in (28.0, 41.0, 57.5):
+                await _sim_control(port, {"set": {"device_id": 1, "point": "gas_lel", "value": value}})
+                await asyncio.sleep(lasts_s / 4)
+            await asyncio.sleep(lasts_s / 4)
+            await _sim_control(port, {"clear": {"device_id": 1, "point": "gas_lel"}})
+            log.info("demo_leak_cleared", gw=gw)
+        except OSError as exc:  # the simulator is restarting or gone: try next round
+            log.warning("demo_scenario_failed", error=str(exc))
+        await asyncio.sleep(every_s)
