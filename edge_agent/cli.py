@@ -2,7 +2,9 @@
 
 A library first and a CLI on top: every command calls the package's functions and turns our
 own exceptions into one red line and exit status 1 (2 is a usage error, from click). Read
-commands take `--json` for scripts.
+commands take `--json` for scripts. The commands that talk to the running agent (`devices`,
+`read`, `write`, `alarms`) live in `cli_devices`, the commissioning ones (`scan`, `doctor`)
+in `cli_field`, the outbox ones (`buffer watch`, `clock ok`) in `cli_buffer`.
 """
 
 from __future__ import annotations
@@ -12,34 +14,50 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from device_profiles import (
     DeviceProfileError,
     Profile,
+    ProfilePoint,
     find_profile,
     load_profile,
 )
 from edge_agent import __version__
 from edge_agent.cli_buffer import buffer_app, clock_app, outbox_report, print_outbox
+from edge_agent.cli_common import (
+    CONTEXT,
+    ConfigOpt,
+    JsonOpt,
+    ago,
+    err,
+    errors,
+    fail,
+    out,
+    print_json,
+)
+from edge_agent.cli_devices import register as register_device_commands
+from edge_agent.cli_field import register as register_field_commands
 from edge_agent.config import AgentConfig, load_config
-from edge_agent.errors import EdgeError
 from edge_agent.logs import LEVELS
-from protocols.errors import ProtocolError
 
 EXAMPLES = """\
 [bold]Examples[/bold]
 
   edge-agent run --config /etc/fieldlink/site.toml
   edge-agent status --config /etc/fieldlink/site.toml --json
+  edge-agent devices --config /etc/fieldlink/site.toml
+  edge-agent read --config /etc/fieldlink/site.toml gas-1 gas_lel
+  edge-agent write --config /etc/fieldlink/site.toml gas-1 sample_interval_s 5
+  edge-agent alarms --config /etc/fieldlink/site.toml
+  edge-agent scan --port /dev/ttyUSB0 --baud 9600 --ids 1-32
+  edge-agent doctor --config /etc/fieldlink/site.toml
   edge-agent buffer watch --config /etc/fieldlink/site.toml
   edge-agent clock ok --config /etc/fieldlink/site.toml
   edge-agent config check /etc/fieldlink/site.toml
@@ -47,7 +65,6 @@ EXAMPLES = """\
   edge-agent profiles show gas-detector-v1 --json
 """
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(name="edge-agent", help="Fieldlink edge agent: polls field devices, buffers "
                   "readings in SQLite and syncs them to central over MQTT.",
                   epilog=EXAMPLES, context_settings=CONTEXT, rich_markup_mode="rich",
@@ -64,34 +81,10 @@ app.add_typer(profiles_app, name="profiles")
 app.add_typer(config_app, name="config")
 app.add_typer(buffer_app, name="buffer")
 app.add_typer(clock_app, name="clock")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the gateway's TOML config",
-                                         envvar="FIELDLINK_CONFIG", show_envvar=True)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
-# Our own errors become a message; anything else is a bug and keeps its traceback.
-_OUR_ERRORS = (EdgeError, DeviceProfileError, ProtocolError)
-
-
-def _fail(message: str) -> NoReturn:
-    lines = message.splitlines() or [message]
-    for line in lines:
-        err.print(f"[red]error:[/red] {escape(line)}")
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except _OUR_ERRORS as exc:
-        _fail(str(exc))
-
-
-def _print_json(obj: Any) -> None:
-    out.print_json(json.dumps(obj, ensure_ascii=False, default=str))
+_fail = fail
+_errors = errors
+_print_json = print_json
+_ago = ago
 
 
 def _version(value: bool) -> None:
@@ -142,6 +135,7 @@ def run(
              "e.g. [cyan]edge-agent status -c site.toml --json[/cyan]")
 def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     """Show the outbox backlog, the uplink and device health, read-only (daemon up or not).
+    While the agent runs, device health and the RTU bus counters come live from its socket.
 
     Example: edge-agent status --config /etc/fieldlink/site.toml --json
     """
@@ -151,10 +145,27 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         cfg = load_config(config, check_profiles=False)
         stats = read_status(cfg.outbox_path, live_window_s=cfg.outbox.live_window_s)
     report = _status_report(cfg, stats.to_jsonable()) | outbox_report(stats)
+    live = _live_status(cfg)
+    report["live"] = live is not None
+    if live is not None:
+        report["agent"]["running"] = True
+        report["devices"] = live.get("devices", report["devices"])
+        report["buses"] = live.get("buses", [])
+        report["alarms_active"] = live.get("alarms_active")
     if as_json:
         _print_json(report)
         return
     _print_status(report)
+
+
+def _live_status(cfg: AgentConfig) -> dict[str, Any] | None:
+    """The running agent's own status over its socket, or None when it does not answer."""
+    from edge_agent.control_client import ControlClientError, request
+
+    try:
+        return request(cfg.control_socket_path, "status", timeout=5.0)
+    except ControlClientError:
+        return None
 
 
 def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +258,17 @@ def _print_status(r: dict[str, Any]) -> None:
                       str(dev["timeouts"]), str(dev["exceptions"]), str(dev["decode_errors"]),
                       _ago(dev.get("last_ok_ms"), short=True), escape(dev.get("last_error") or ""))
         out.print(d)
+    buses = [dev for dev in r["devices"] if dev.get("bus")]
+    if buses:
+        b = Table("device", "bus", "unit", "requests", "responses", "timeouts", "crc err",
+                  "framing err", "exceptions", title="RTU bus counters")
+        for dev in buses:
+            c = dev["bus"]
+            b.add_row(dev["device"], escape(dev.get("endpoint", "")), str(c["device_id"]),
+                      str(c["requests"]), str(c["responses"]), str(c["timeouts"]),
+                      str(c["crc_errors"]), str(c["framing_errors"]),
+                      ", ".join(f"code {k}: {v}" for k, v in c["exceptions"].items()) or "0")
+        out.print(b)
 
 
 # --- profiles -------------------------------------------------------------------------------
@@ -323,34 +345,49 @@ def profiles_show(
         _print_json(profile_to_jsonable(profile))
         return
     out.print(f"[bold]{profile.id}[/bold]  {escape(profile.model)}  {profile.name_zh}  "
-              f"hash {profile.hash[:12]}")
+              f"{profile.protocol}  hash {profile.hash[:12]}")
+    if profile.protocol == "hj212":
+        # A station pushes factors; its points have no register, function or scaling.
+        t = Table("key", "名称", "unit", "factor", "alarm (L2 L1 H1 H2)")
+        for p in profile.points:
+            t.add_row(p.key, p.name_zh, escape(p.unit), p.factor or "", _alarm_text(p))
+        out.print(t)
+        return
     t = Table("key", "名称", "unit", "fn", "addr", "type", "scale", "poll", "rw", "alarm (L2 L1 H1 H2)")
     for p in profile.points:
         s = p.spec
-        alarm = "" if p.alarm is None else " ".join(
-            f"{k[0].upper()}{k[-1]} {getattr(p.alarm, k):g}" for k in ("low2", "low1", "high1", "high2")
-            if getattr(p.alarm, k) is not None)
         t.add_row(p.key, p.name_zh, escape(p.unit), str(s.function), str(s.address),
                   str(s.dtype), "" if not s.scaled else f"×{s.scale:g}+{s.offset:g}", p.poll,
-                  "w" if p.writable else "", alarm)
+                  "w" if p.writable else "", _alarm_text(p))
     out.print(t)
 
 
+def _alarm_text(p: ProfilePoint) -> str:
+    if p.alarm is None:
+        return ""
+    return " ".join(f"{k[0].upper()}{k[-1]} {getattr(p.alarm, k):g}"
+                    for k in ("low2", "low1", "high1", "high2") if getattr(p.alarm, k) is not None)
+
+
 def profile_to_jsonable(profile: Profile) -> dict[str, Any]:
-    return {
-        "id": profile.id, "model": profile.model, "name_zh": profile.name_zh,
-        "protocol": profile.protocol, "hash": profile.hash,
-        "points": [{"key": p.key, "name": p.name, "name_zh": p.name_zh, "unit": p.unit,
-                    "function": p.spec.function, "address": p.spec.address,
-                    "type": str(p.spec.dtype), "byte_order": str(p.spec.byte_order),
-                    "word_order": str(p.spec.word_order), "scale": p.spec.scale,
-                    "offset": p.spec.offset, "bit": p.spec.bit, "poll": p.poll,
-                    "writable": p.writable,
-                    "alarm": None if p.alarm is None else {
-                        k: getattr(p.alarm, k)
-                        for k in ("high1", "high2", "low1", "low2", "hysteresis")}}
-                   for p in profile.points],
-    }
+    points: list[dict[str, Any]] = []
+    for p in profile.points:
+        point: dict[str, Any] = {"key": p.key, "name": p.name, "name_zh": p.name_zh,
+                                 "unit": p.unit}
+        if p.modbus is not None:
+            s = p.modbus
+            point |= {"function": s.function, "address": s.address, "type": str(s.dtype),
+                      "byte_order": str(s.byte_order), "word_order": str(s.word_order),
+                      "scale": s.scale, "offset": s.offset, "bit": s.bit}
+        else:
+            point["factor"] = p.factor
+        point |= {"poll": p.poll, "writable": p.writable,
+                  "alarm": None if p.alarm is None else {
+                      k: getattr(p.alarm, k) for k in ("high1", "high2", "low1", "low2",
+                                                       "hysteresis")}}
+        points.append(point)
+    return {"id": profile.id, "model": profile.model, "name_zh": profile.name_zh,
+            "protocol": profile.protocol, "hash": profile.hash, "points": points}
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -376,8 +413,21 @@ def config_check(
               f"{cfg.mqtt.host}:{cfg.mqtt.port}, outbox {cfg.outbox_path}")
 
 
+# devices, read, write, alarms (cli_devices); scan, doctor (cli_field)
+register_device_commands(app)
+register_field_commands(app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    from edge_agent.logs import configure_logging
+
+    # Library logs (the serial bus opening for `scan`, aiomqtt for `doctor`) go to stderr and
+    # only from warnings up, so stdout stays the command's output (and valid --json). `run`
+    # configures its own: structlog caches loggers, so it must be configured once only.
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] != ["run"]:
+        configure_logging("warning", json=False, stream=sys.stderr)
     cmd: Callable[..., Any] = typer.main.get_command(app)
     cmd(args=argv, prog_name="edge-agent")
 

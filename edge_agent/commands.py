@@ -19,10 +19,8 @@ Every state goes to the outbox as a `CMD_RESULT` record (lane `event`) whose att
 reported `failed`/`interrupted`, never re-run; reports that did not reach the outbox are
 appended again.
 
-`write_point` encodes the value with the point's `PointSpec`, writes it (coils: function 15,
-holding registers: function 16, through `ModbusTransport.write`), reads the registers back
-and compares the decoded value with the value the registers should now hold (so scaling and
-float rounding are within tolerance). `set_poll_interval` changes a poller's interval until
+`write_point` goes through `edge_agent.point_io.write_point` (the same path as the technician's
+`edge-agent write`): encode with the point's `PointSpec`, write, read back, compare. `set_poll_interval` changes a poller's interval until
 the agent restarts. `request_diagnostics` puts health, backlog and versions in the result.
 `sync_time` measures the offset to central's clock and reports it; it never sets the clock.
 The supervisor builds it with `edge_agent.command_setup.build_executor`.
@@ -31,7 +29,6 @@ The supervisor builds it with `edge_agent.command_setup.build_executor`.
 from __future__ import annotations
 
 import asyncio
-import math
 import platform
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,7 +43,9 @@ from device_profiles import Profile
 from edge_agent.command_ledger import CommandLedger, CommandLedgerError
 from edge_agent.config import DeviceConfig
 from edge_agent.outbox import NewRecord, OutboxError
-from edge_agent.transports import ModbusTransport, TransportError
+from edge_agent import point_io
+from edge_agent.point_io import readback_matches
+from edge_agent.transports import ModbusTransport
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import (
     MAX_TTL_MS,
@@ -63,15 +62,7 @@ from protocols.commands import (
     verify_command,
 )
 from protocols.envelope import RecordKind
-from protocols.modbus_points import (
-    BIT_FUNCTIONS,
-    DataType,
-    ModbusPointError,
-    PointValue,
-    decode_point,
-    encode_point,
-    register_count,
-)
+from protocols.modbus_points import PointSpec, PointValue
 
 log = structlog.get_logger(__name__)
 
@@ -406,16 +397,14 @@ class CommandExecutor:
         if isinstance(args, WritePoint):
             target = self._target(args.device)
             try:
-                point = target.profile.point(args.point)
-            except KeyError:
-                raise _Rejected(Reason.UNKNOWN_POINT,
-                                f"{args.device} has no point {args.point!r}") from None
-            if not point.writable:
-                raise _Rejected(Reason.NOT_WRITABLE, f"{args.target} is not writable")
-            try:
-                encode_point(point.spec, args.value)  # the value fits (checked again in the write)
-            except ModbusPointError as exc:
-                raise _Rejected(Reason.BAD_VALUE, str(exc)) from exc
+                point = point_io.writable_point(target.profile, args.device, args.point)
+                point_io.check_value(point.spec, args.value)  # fits (checked again in the write)
+            except point_io.UnknownPointError as exc:
+                raise _Rejected(Reason.UNKNOWN_POINT, exc.message) from None
+            except point_io.NotWritableError:
+                raise _Rejected(Reason.NOT_WRITABLE, f"{args.target} is not writable") from None
+            except point_io.BadValueError as exc:
+                raise _Rejected(Reason.BAD_VALUE, exc.message) from exc
             return lambda: self._write_point(target, point.spec, args.value)
         if isinstance(args, SetPollInterval):
             target = self._target(args.device)
@@ -431,34 +420,19 @@ class CommandExecutor:
             raise _Rejected(Reason.UNKNOWN_DEVICE, f"no enabled device {device!r} on this gateway")
         return target
 
-    async def _write_point(self, target: CommandTarget, spec: Any, value: PointValue) -> dict[str, Any]:
-        dev = target.device
-        count = register_count(spec)
+    async def _write_point(self, target: CommandTarget, spec: PointSpec,
+                           value: PointValue) -> dict[str, Any]:
         try:
-            current = None
-            if spec.function not in BIT_FUNCTIONS and spec.dtype in (DataType.BOOL, DataType.BITFIELD) \
-                    and spec.bit is not None:
-                # The point shares its register: keep the other bits (read-modify-write).
-                current = await target.transport.read(spec.function, spec.address, 1,
-                                                      device_id=dev.device_id)
-            words = encode_point(spec, value, current=current)
-            await target.transport.write(spec.function, spec.address, words,
-                                         device_id=dev.device_id)
-            back = await target.transport.read(spec.function, spec.address, count,
-                                               device_id=dev.device_id)
-        except TransportError as exc:
+            outcome = await point_io.write_point(target.transport, target.device.device_id,
+                                                 spec, value)
+        except point_io.PointTransportError as exc:
             raise _Failed(Reason.TRANSPORT_ERROR, exc.message) from exc
-        except ModbusPointError as exc:
-            raise _Failed(Reason.BAD_VALUE, str(exc)) from exc
-        try:
-            readback = decode_point(spec, back)
-            expected = decode_point(spec, words)
-        except ModbusPointError as exc:
-            raise _Failed(Reason.READBACK_MISMATCH, f"read-back does not decode: {exc}") from exc
-        if not readback_matches(expected, readback):
-            raise _Failed(Reason.READBACK_MISMATCH,
-                          f"wrote {expected!r}, read back {readback!r}", {"readback": readback})
-        return {"readback": readback}
+        except point_io.ReadbackMismatchError as exc:
+            data = {} if exc.readback is None else {"readback": exc.readback}
+            raise _Failed(Reason.READBACK_MISMATCH, exc.message, data) from exc
+        except point_io.PointIoError as exc:
+            raise _Failed(Reason.BAD_VALUE, exc.message) from exc
+        return {"readback": outcome.readback}
 
     async def _set_poll_interval(self, target: CommandTarget, seconds: float) -> dict[str, Any]:
         previous = target.interval_s
@@ -491,16 +465,5 @@ class CommandExecutor:
             await self.idle.wait()
 
 
-def readback_matches(expected: PointValue, got: PointValue) -> bool:
-    """Whether the value read back is the value the written registers encode.
-
-    `expected` is the decoded form of the words written, so a scaled point compares after the
-    same rounding; floats compare within a relative 1e-9 (they round-trip exactly anyway).
-    """
-    if isinstance(expected, float) or isinstance(got, float):
-        if isinstance(expected, bool) or isinstance(got, bool):
-            return False
-        if not isinstance(expected, int | float) or not isinstance(got, int | float):
-            return False
-        return math.isclose(float(expected), float(got), rel_tol=1e-9, abs_tol=1e-12)
-    return type(expected) is type(got) and expected == got
+__all__ = ["CommandCounters", "CommandExecutor", "CommandTarget", "ResultWriter",
+           "readback_matches"]

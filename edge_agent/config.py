@@ -6,9 +6,9 @@ pydantic cannot: every device's profile exists and device ids are unique. Any fa
 `ConfigError` whose message reads like a compiler's:
 `site.toml:12 devices[1].poll_interval_s: Input should be greater than 0`.
 
-tomllib keeps no source positions, so `_LineIndex` scans the text once and maps each key path
-(`("devices", 1, "poll_interval_s")`) to the line that defines it; an error on a key that is
-absent (a required field) points at its table's header line instead.
+tomllib keeps no source positions, so `config_lines.LineIndex` scans the text once and maps
+each key path (`("devices", 1, "poll_interval_s")`) to the line that defines it; an error on a
+key that is absent (a required field) points at its table's header line instead.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -32,12 +33,11 @@ from pydantic import (
 
 from device_profiles import DeviceProfileError, Profile, find_profile
 from edge_agent.alarm_config import DeviceAlarmsConfig, build_device_rules
+from edge_agent.config_lines import LineIndex, Loc
 from edge_agent.errors import EdgeError
 from edge_agent.rules import RulesError
 from protocols.modbus_rtu import inter_frame_gap_s
 from protocols.topics import TopicError, check_gateway_id
-
-Loc = tuple[str | int, ...]
 
 # A device id becomes the first half of a point key ("tank-1/level") and a task name, so it
 # must not contain "/" and should survive being a log field or a metric label.
@@ -146,8 +146,41 @@ class RtuTransportConfig(_Model):
         return (self.baudrate, self.bytesize, self.parity, self.stopbits, self.gap_s)
 
 
-TransportConfig = Annotated[TcpTransportConfig | RtuTransportConfig, Field(discriminator="kind")]
-_TRANSPORT_KINDS = frozenset({"tcp", "rtu"})
+class Hj212TransportConfig(_Model):
+    """An HJ 212-2017 station pushing frames on a serial port (RS-232/485). The agent only
+    listens (and answers data replies), so the port belongs to this one device."""
+
+    kind: Literal["hj212"]
+    port: str = Field(min_length=1)
+    baudrate: int = Field(9600, ge=50, le=4_000_000)
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    # The station's MN (monitoring point id): frames of other stations are dropped when set.
+    mn: str | None = Field(None, min_length=1, max_length=24)
+    # The zone of the station's clock (DataTime is local time, no offset on the wire).
+    tz: str = "Asia/Shanghai"
+
+    @field_validator("tz")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @property
+    def endpoint(self) -> str:
+        return f"hj212://{self.port}"
+
+
+TransportConfig = Annotated[TcpTransportConfig | RtuTransportConfig | Hj212TransportConfig,
+                            Field(discriminator="kind")]
+_TRANSPORT_KINDS = frozenset({"tcp", "rtu", "hj212"})
+# Which transport kinds carry which profile protocol.
+PROTOCOL_KINDS: Mapping[str, frozenset[str]] = {"modbus": frozenset({"tcp", "rtu"}),
+                                                "hj212": frozenset({"hj212"})}
 
 
 class DeviceConfig(_Model):
@@ -173,6 +206,14 @@ class DeviceConfig(_Model):
     enabled: bool = True
     # Alarm rule overrides and device-level alarms (`[devices.alarms]`, see alarm_config).
     alarms: DeviceAlarmsConfig = Field(default_factory=DeviceAlarmsConfig)
+
+
+class ControlConfig(_Model):
+    """The local control socket (`edge-agent devices/read/write/alarms` talk to it)."""
+
+    # Unix socket path; default `<data_dir>/agent.sock`. Relative to this file's folder.
+    socket: Path | None = None
+    enabled: bool = True
 
 
 class StatusConfig(_Model):
@@ -224,6 +265,7 @@ class AgentConfig(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     # Where the file was loaded from; relative paths in it were resolved against its folder.
     _source: Path | None = PrivateAttr(default=None)
 
@@ -242,6 +284,10 @@ class AgentConfig(_Model):
     @property
     def commands_path(self) -> Path:
         return self.gateway.data_dir / "commands.db"
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control.socket or self.gateway.data_dir / "agent.sock"
 
     def device(self, device_id: str) -> DeviceConfig:
         for dev in self.devices:
@@ -276,7 +322,7 @@ def parse_config(text: str, path: Path | str = "site.toml", *,
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise ConfigError(path, int(m.group(1)) if m else None, "", f"TOML syntax: {msg}") from exc
 
-    index = _LineIndex(text)
+    index = LineIndex(text)
     try:
         config = AgentConfig.model_validate(raw)
     except ValidationError as exc:
@@ -301,13 +347,16 @@ def _resolve_paths(config: AgentConfig, path: Path) -> AgentConfig:
 
     gateway = config.gateway.model_copy(update={"data_dir": fix(config.gateway.data_dir)})
     profiles = config.profiles.model_copy(update={"dirs": [fix(d) for d in config.profiles.dirs]})
-    resolved = config.model_copy(update={"gateway": gateway, "profiles": profiles})
+    control = config.control.model_copy(
+        update={"socket": fix(config.control.socket) if config.control.socket else None})
+    resolved = config.model_copy(update={"gateway": gateway, "profiles": profiles,
+                                         "control": control})
     resolved._source = path.resolve()
     return resolved
 
 
 def _cross_checks(config: AgentConfig, *, check_profiles: bool,
-                  index: _LineIndex) -> Iterable[ConfigIssue]:
+                  index: LineIndex) -> Iterable[ConfigIssue]:
     seen: dict[str, int] = {}
     for i, dev in enumerate(config.devices):
         if dev.id in seen:
@@ -337,28 +386,57 @@ def _cross_checks(config: AgentConfig, *, check_profiles: bool,
                          f"devices[{addresses[key]}]")
         else:
             addresses[key] = i
+    yield from _hj212_port_checks(config, index)
     for i, d in enumerate(config.profiles.dirs):
         if not d.is_dir():
             yield _issue(index, ("profiles", "dirs", i), f"not a folder: {d}")
     if not check_profiles:
         return
-    found: dict[str, str | None] = {}  # profile id -> error message, None when it loads
+    found: dict[str, Profile | str] = {}  # profile id -> the profile, or why it does not load
     for i, dev in enumerate(config.devices):
         if dev.profile not in found:
             try:
-                find_profile(dev.profile, extra_dirs=tuple(config.profiles.dirs))
-                found[dev.profile] = None
+                found[dev.profile] = find_profile(dev.profile,
+                                                  extra_dirs=tuple(config.profiles.dirs))
             except DeviceProfileError as exc:
                 found[dev.profile] = str(exc)
-        if found[dev.profile] is not None:
-            yield _issue(index, ("devices", i, "profile"), str(found[dev.profile]))
+        profile = found[dev.profile]
+        if isinstance(profile, str):
+            yield _issue(index, ("devices", i, "profile"), profile)
+            continue
+        kinds = PROTOCOL_KINDS.get(profile.protocol, frozenset())
+        if dev.transport.kind not in kinds:
+            # Points at the `transport` line: the kind is usually inline there.
+            yield _issue(index, ("devices", i, "transport", "kind"),
+                         f"profile {dev.profile!r} speaks {profile.protocol}: the transport "
+                         f"kind must be {' or '.join(sorted(kinds)) or 'a supported one'}, "
+                         f"not {dev.transport.kind!r}")
         elif dev.alarms.points:
             try:
-                build_device_rules(dev.id, find_profile(
-                    dev.profile, extra_dirs=tuple(config.profiles.dirs)), dev.alarms)
+                build_device_rules(dev.id, profile, dev.alarms)
             except RulesError as exc:
                 loc = ("devices", i, "alarms", "points", exc.point) + ((exc.field,) if exc.field else ())
                 yield _issue(index, loc, exc.message)
+
+
+def _hj212_port_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
+    """An HJ 212 station owns its port: one device per port and no Modbus RTU bus on it."""
+    owners: dict[str, int] = {}
+    for i, dev in enumerate(config.devices):
+        if isinstance(dev.transport, Hj212TransportConfig) and dev.enabled:
+            port = dev.transport.port
+            if port in owners:
+                yield _issue(index, ("devices", i, "transport", "port"),
+                             f"serial port {port} already carries the HJ 212 station "
+                             f"devices[{owners[port]}] (one station per port)")
+            else:
+                owners[port] = i
+    for i, dev in enumerate(config.devices):
+        t = dev.transport
+        if isinstance(t, RtuTransportConfig) and dev.enabled and t.port in owners:
+            yield _issue(index, ("devices", i, "transport", "port"),
+                         f"serial port {t.port} carries the HJ 212 station "
+                         f"devices[{owners[t.port]}]; a Modbus RTU bus cannot share it")
 
 
 def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:
@@ -387,7 +465,7 @@ def _error_loc(err: Mapping[str, Any]) -> Loc:
     return tuple(cleaned)
 
 
-def _issue(index: _LineIndex, loc: Sequence[str | int], message: str) -> ConfigIssue:
+def _issue(index: LineIndex, loc: Sequence[str | int], message: str) -> ConfigIssue:
     return ConfigIssue(index.line_of(tuple(loc)), format_loc(loc), message)
 
 
@@ -402,90 +480,3 @@ def format_loc(loc: Sequence[str | int]) -> str:
         else:
             out += f".{part}" if out else part
     return out
-
-
-# --- where each key is --------------------------------------------------------------------
-
-_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(#.*)?$")
-_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
-_INLINE_KEY_RE = re.compile(r"""[{,]\s*([A-Za-z0-9_-]+|"[^"]*"|'[^']*')\s*=""")
-
-
-def _split_key(dotted: str) -> list[str]:
-    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", dotted)
-    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
-
-
-def _strip_strings(line: str) -> str:
-    """The line without string contents and comments, to count brackets safely."""
-    out = re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', '""', line)
-    return out.split("#", 1)[0]
-
-
-class _LineIndex:
-    """Maps key paths of a TOML text to 1-based line numbers (best effort, no full parser)."""
-
-    def __init__(self, text: str) -> None:
-        self.lines: dict[Loc, int] = {}
-        self._arrays: dict[Loc, int] = {}  # array-of-tables path -> current index
-        prefix: Loc = ()
-        depth = 0  # open brackets of a multi-line array value
-        in_ml: str | None = None  # inside a multi-line string opened by this delimiter
-        for n, line in enumerate(text.splitlines(), start=1):
-            if in_ml is not None:
-                if in_ml in line:
-                    in_ml = None
-                continue
-            if depth > 0:
-                s = _strip_strings(line)
-                depth += s.count("[") - s.count("]")
-                continue
-            header = _HEADER_RE.match(line)
-            if header and header.group(1) == header.group(3)[::-1].replace("]", "["):
-                prefix = self._enter(_split_key(header.group(2)), header.group(1) == "[[", n)
-                continue
-            key = _KEY_RE.match(line)
-            if not key:
-                continue
-            path = prefix + tuple(_split_key(key.group(1)))
-            self.lines.setdefault(path, n)
-            rest = line[key.end():]
-            for delim in ('"""', "'''"):
-                if rest.count(delim) == 1:
-                    in_ml = delim
-            if in_ml is None:
-                s = _strip_strings(rest)
-                depth = max(0, s.count("[") - s.count("]"))
-                if "{" in s:
-                    for inner in _INLINE_KEY_RE.finditer(rest):
-                        self.lines.setdefault(path + tuple(_split_key(inner.group(1))), n)
-
-    def _enter(self, parts: list[str], is_array: bool, n: int) -> Loc:
-        resolved: Loc = ()
-        for i, part in enumerate(parts):
-            resolved = resolved + (part,)
-            last = i == len(parts) - 1
-            if last and is_array:
-                idx = self._arrays.get(resolved, -1) + 1
-                self._arrays[resolved] = idx
-                # Nested arrays restart under a new parent element.
-                for other in [k for k in self._arrays if k[: len(resolved)] == resolved and k != resolved]:
-                    del self._arrays[other]
-                resolved = resolved + (idx,)
-            elif resolved in self._arrays:
-                resolved = resolved + (self._arrays[resolved],)
-        self.lines.setdefault(resolved, n)
-        return resolved
-
-    def line_of(self, loc: Loc) -> int | None:
-        """The line of the deepest part of `loc` the text defines; unknown parts are skipped
-        (pydantic adds union tags and validator names that are not keys of the file)."""
-        best: int | None = None
-        resolved: Loc = ()
-        for part in loc:
-            candidate = resolved + (part,)
-            if candidate in self.lines or any(k[: len(candidate)] == candidate for k in self.lines):
-                resolved = candidate
-                if candidate in self.lines:
-                    best = self.lines[candidate]
-        return best

@@ -18,6 +18,10 @@ uplink. Choices worth knowing:
   coordinator style), and the loop backs off (doubling from the poll interval, capped at
   `backoff_max_s`) before reconnecting. No records are written for cycles without data:
   staleness and the offline alarm are the rules' business.
+- An outbox that is full even after thinning (`OutboxFullError`) loses that cycle's records:
+  the poller counts it (`outbox_full`), logs `poll_outbox_full` once and
+  `poll_outbox_writable` when an append works again, and keeps polling (the device's health
+  is unaffected).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import structlog
 
 from device_profiles import Profile
 from edge_agent.config import DeviceConfig
-from edge_agent.outbox import NewRecord
+from edge_agent.outbox import NewRecord, OutboxFullError
 from edge_agent.transports import (
     ModbusExceptionError,
     ModbusTransport,
@@ -81,6 +85,7 @@ class DeviceHealth:
     last_ok_ms: int | None = None
     last_error: str | None = None
     last_cycle_s: float | None = None
+    outbox_full: int = 0  # appends refused by a full outbox (those records are lost)
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "state": str(self.state), "cycles": self.cycles,
@@ -90,7 +95,7 @@ class DeviceHealth:
                 "decode_errors": self.decode_errors, "records": self.records,
                 "consecutive_failures": self.consecutive_failures,
                 "last_ok_ms": self.last_ok_ms, "last_error": self.last_error,
-                "last_cycle_s": self.last_cycle_s}
+                "last_cycle_s": self.last_cycle_s, "outbox_full": self.outbox_full}
 
 
 @dataclass(slots=True)
@@ -108,6 +113,7 @@ class _Counters:
     last_ok_ms: int | None = None
     last_error: str | None = None
     last_cycle_s: float | None = None
+    outbox_full: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,7 @@ class DevicePoller:
         self._c = _Counters()
         self._state = Health.STARTING
         self._failing = False
+        self._outbox_full = False
         self._tick = 0
         self._tiers: dict[str, str] = {p.key: p.poll for p in profile.points}
         self._plans: dict[frozenset[str], list[ReadBlock]] = {}
@@ -157,7 +164,7 @@ class DevicePoller:
             connect_errors=c.connect_errors, exceptions=c.exceptions,
             decode_errors=c.decode_errors, records=c.records,
             consecutive_failures=c.consecutive_failures, last_ok_ms=c.last_ok_ms,
-            last_error=c.last_error, last_cycle_s=c.last_cycle_s)
+            last_error=c.last_error, last_cycle_s=c.last_cycle_s, outbox_full=c.outbox_full)
 
     # --- planning -------------------------------------------------------------------------
 
@@ -227,8 +234,7 @@ class DevicePoller:
         self._c.decode_errors += bad
         if offline:
             failed = len(blocks) - ok
-        if records:
-            await self._outbox.append(records)
+        if records and await self._append(records):
             self._c.records += len(records)
             if self._notify is not None:
                 self._notify()
@@ -236,6 +242,21 @@ class DevicePoller:
                              decode_errors=bad, offline=offline and ok == 0, error=error)
         self._update_health(result)
         return result
+
+    async def _append(self, records: list[NewRecord]) -> bool:
+        """Append one cycle's records; False when a full outbox refused them."""
+        try:
+            await self._outbox.append(records)
+        except OutboxFullError as exc:
+            self._c.outbox_full += 1
+            if not self._outbox_full:
+                self._outbox_full = True
+                self._log.error("poll_outbox_full", error=str(exc), records=len(records))
+            return False
+        if self._outbox_full:
+            self._outbox_full = False
+            self._log.info("poll_outbox_writable", refused=self._c.outbox_full)
+        return True
 
     def _record(self, ts_ms: int, key: str, value: PointValue | PointDecodeError) -> NewRecord:
         point = f"{self.device.id}/{key}"

@@ -2,9 +2,11 @@
 ones that crash and stops everything cleanly on SIGTERM/SIGINT.
 
     outbox (context manager) ─┬─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
-                              ├─ poll[<device>]   DevicePoller.run(), one per enabled device
+                              ├─ poll[<device>]   DevicePoller.run(), one per enabled Modbus device
+                              ├─ hj212[<device>]  Hj212Station.run(), one per enabled HJ 212 station
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
                               ├─ status.writer    health snapshot into the outbox meta
+                              ├─ control.socket   ControlServer.serve(): the technician's socket
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
 
 Only `_supervised` catches `Exception`: it logs `task_crashed` with the traceback and
@@ -34,10 +36,12 @@ from edge_agent.alarms import AlarmRules, build_rules
 from edge_agent.birth import build_birth
 from edge_agent.clock import ClockGuard
 from edge_agent.command_setup import build_executor
-from edge_agent.config import AgentConfig, resolve_profiles
+from edge_agent.config import AgentConfig, Hj212TransportConfig, resolve_profiles
+from edge_agent.control import ControlOps, ControlServer, device_health
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller
 from edge_agent.rules import RuleEngine
+from edge_agent.stations import Hj212Station
 from edge_agent.transports import TransportPool
 from edge_agent.uplink import Uplink
 
@@ -93,7 +97,16 @@ class AgentRuntime:
     started_ms: int
     uplink: Uplink | None = None
     pollers: list[DevicePoller] = field(default_factory=list)
+    stations: list[Hj212Station] = field(default_factory=list)
     restarts: dict[str, int] = field(default_factory=dict)
+    pool: TransportPool | None = None
+    outbox: Outbox | None = None
+    alarms: AlarmRules | None = None
+
+    @property
+    def devices(self) -> list[DevicePoller | Hj212Station]:
+        """Every running device, pollers first, in config order within each."""
+        return [*self.pollers, *self.stations]
 
     def status(self) -> dict[str, Any]:
         return {
@@ -101,7 +114,7 @@ class AgentRuntime:
             "gateway": self.config.gateway.id, "started_ms": self.started_ms,
             "updated_ms": time.time_ns() // 1_000_000,
             "uplink": {"connected": bool(self.uplink and self.uplink.connected)},
-            "devices": [p.health.to_dict() for p in self.pollers],
+            "devices": [device_health(d) for d in self.devices],
             "restarts": dict(self.restarts),
         }
 
@@ -125,6 +138,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 handled.append(sig)
     runtime = AgentRuntime(config=config, boot_id=boot_id, started_ms=time.time_ns() // 1_000_000)
     pool = TransportPool()
+    runtime.pool = pool
     try:
         ob = config.outbox
         async with Outbox.open(config.outbox_path, keep_delivered_s=ob.keep_delivered_s,
@@ -139,6 +153,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             # with the telemetry that caused them (edge_agent.alarms).
             alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox)
             await alarms.restore()
+            runtime.outbox, runtime.alarms = outbox, alarms
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
             mq = config.mqtt
@@ -152,6 +167,10 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             for dev in config.devices:
                 if not dev.enabled:
                     continue
+                if isinstance(dev.transport, Hj212TransportConfig):
+                    # A station pushes its frames: it is listened to, not polled.
+                    runtime.stations.append(Hj212Station(dev, profiles[dev.id], alarms))
+                    continue
                 transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
                 runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, alarms))
             # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
@@ -160,7 +179,9 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             uplink.on_command = commands.handle
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
-                     outbox=str(config.outbox_path))
+                     stations=len(runtime.stations), outbox=str(config.outbox_path))
+            control = (ControlServer(config.control_socket_path, ControlOps(runtime))
+                       if config.control.enabled else None)
 
             async with asyncio.TaskGroup() as tg:
                 tasks: list[asyncio.Task[None]] = []
@@ -173,11 +194,16 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 spawn("commands", commands.run)  # --- commands wiring (§6)
                 for poller in runtime.pollers:
                     spawn(f"poll[{poller.device.id}]", poller.run)
-                spawn("rules.tick", lambda: alarms.tick_loop(runtime.pollers))
+                for station in runtime.stations:
+                    spawn(f"hj212[{station.device.id}]", station.run)
+                spawn("rules.tick", lambda: alarms.tick_loop(runtime.devices))
                 spawn("status.writer", lambda: _status_loop(outbox, runtime))
+                if control is not None:
+                    spawn("control.socket", control.serve)
                 if notifier.watchdog_usec:
                     spawn("systemd.watchdog", lambda: _watchdog_loop(notifier))
-                notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s)")
+                notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s), "
+                                f"listening to {len(runtime.stations)} station(s)")
                 log.info("agent_ready", tasks=[t.get_name() for t in tasks])
                 await stop.wait()
                 log.info("agent_stopping")

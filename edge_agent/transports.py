@@ -211,7 +211,8 @@ def open_transport(cfg: TransportConfig, *, timeout_s: float) -> ModbusTransport
         from edge_agent.bus import SerialBus  # bus.py imports this module's errors
 
         return SerialBus.from_config(cfg, timeout_s=timeout_s)
-    raise TypeError(f"unsupported transport {cfg!r}")  # pragma: no cover - the union is closed
+    # An HJ 212 station is not a Modbus link: the supervisor runs an Hj212Station for it.
+    raise TypeError(f"not a Modbus transport: {cfg!r}")
 
 
 class TransportPool:

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from device_profiles import Profile, find_profile, load_profile
 from edge_agent.config import DeviceConfig
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import NewRecord, Outbox, OutboxFullError
 from edge_agent.poller import DevicePoller, Health
 from edge_agent.transports import ModbusTcpTransport
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
@@ -279,3 +279,31 @@ async def test_supervisor_restarts_a_crashed_task(monkeypatch: pytest.MonkeyPatc
     crashes = [e for e in logs if e["event"] == "task_crashed"]
     assert len(crashes) == 2 and crashes[0]["task"] == "poll[x]"
     assert runtime.restarts == {"poll[x]": 2} and len(runs) == 3
+
+
+async def test_full_outbox_is_counted_logged_once_and_polling_goes_on(tmp_path: Path,
+                                                                       tank: Profile) -> None:
+    """An append refused by a full outbox is counted in `outbox_full`, logged once, and the
+    poller keeps polling instead of crashing its task."""
+    async with ModbusTcpSimulator(tank) as sim, \
+            Outbox.open(tmp_path / "ob.db", max_bytes=2**20) as ob:
+        for size, batch in ((200, 20), (1, 1)):  # alarms only: nothing can be evicted
+            with pytest.raises(OutboxFullError):
+                for i in range(100_000):
+                    await ob.append([NewRecord(RecordKind.ALARM, 1_800_000_000_000 + i, "d/p",
+                                               "x" * size) for _ in range(batch)])
+        transport = ModbusTcpTransport("127.0.0.1", sim.port, timeout_s=0.5)
+        with capture_logs() as logs:
+            poller = DevicePoller(_device(sim.port), tank, transport, ob)
+            task = asyncio.create_task(poller.run())
+            try:
+                await _wait(lambda: poller.health.outbox_full >= 3)
+                assert not task.done()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await transport.close()
+    health = poller.health
+    assert health.state is Health.OK and health.records == 0
+    assert health.to_dict()["outbox_full"] == health.outbox_full >= 3
+    assert [e["event"] for e in logs].count("poll_outbox_full") == 1
