@@ -7,6 +7,7 @@ raised while the link is down). Then compares central's tables with every record
 committed.
 
     python bench/chaos.py --faults 200 --seed 1
+    python bench/chaos.py --faults 20 --seed 2 --budget
 
 Prints one JSON line: faults, lost, duplicated, thinned_reported, alarm_max_delay_s, ...
 Progress goes to stderr.
@@ -29,12 +30,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faults", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--budget", action="store_true",
+                    help="a 1 MiB outbox budget, four fast devices and long outages: thinning must be reported")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run's files in this folder")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fieldlink-chaos-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        report = ChaosRun(work, faults=args.faults, seed=args.seed,
+        report = ChaosRun(work, faults=args.faults, seed=args.seed, budget=args.budget,
                           log=lambda m: print(m, file=sys.stderr, flush=True)).run()
     emit(bench="chaos", **report.as_dict())
 

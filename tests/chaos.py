@@ -13,6 +13,7 @@ Used by `tests/test_chaos.py` (a short run) and `bench/chaos.py` (long runs).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -55,13 +56,19 @@ class ChaosRun:
     """One system under faults; `run()` returns what central holds compared with the edge."""
 
     def __init__(self, workdir: Path, *, faults: int, seed: int,
-                 gap_s: tuple[float, float] = (0.5, 1.5),
+                 gap_s: tuple[float, float] = (0.5, 1.5), budget: bool = False,
                  log: Callable[[str], None] = lambda _m: None) -> None:
         self.workdir, self.faults, self.seed, self.gap_s, self.log = workdir, faults, seed, gap_s, log
         self.rng = random.Random(seed)
+        # With a budget, four fast devices (~1,000 records/s) fill a 1 MiB outbox during a
+        # long outage, so that thinning and dropping happen and must be reported.
+        self.budget = budget
+        self.devices = DEVICES + (tuple(DeviceDef(f"burst-{k}", "al-casting-cooling-v1", 4 + k, 0.05)
+                                        for k in range(4)) if budget else ())
+        self.faults_weights = dict(self.FAULTS, **({"budget": 3} if budget else {}))
         (workdir / "broker").mkdir(exist_ok=True)
         self.broker = Mosquitto(workdir / "broker")
-        self.sim = Simulator(workdir, [d.profile for d in DEVICES], control=True)
+        self.sim = Simulator(workdir, [d.profile for d in self.devices], control=True)
         self.central = Central(workdir, self.broker.port)
         self.proxy = LinkProxy("127.0.0.1", self.broker.port)
         self.agent: Agent | None = None
@@ -109,6 +116,12 @@ class ChaosRun:
         self._pause(1.0, 2.0)
         self.proxy.set_mode("pass")
 
+    def fault_budget(self) -> None:
+        """A long outage while the fast devices fill the outbox past its budget."""
+        self.proxy.set_mode("drop")
+        self._pause(15.0, 25.0)
+        self.proxy.set_mode("pass")
+
     FAULTS: dict[str, int] = {"broker": 3, "central": 3, "agent": 3, "link": 4, "reset": 2,
                               "devices_silent": 1, "alarm_in_outage": 2}
 
@@ -119,13 +132,15 @@ class ChaosRun:
         self.proxy.start()
         self.sim.start()
         self.central.start()
+        outbox = "\n[outbox]\nkeep_delivered_s = 864000\n"
+        if self.budget:
+            outbox += "max_bytes = 1048576\nlive_window_s = 5\n"
         self.agent = Agent(
-            self.workdir, GW, self.proxy.port, self.sim.port, DEVICES, ack_timeout_s=2.0,
+            self.workdir, GW, self.proxy.port, self.sim.port, self.devices, ack_timeout_s=2.0,
             mqtt_extra="keepalive_s = 5",
             # device_offline alarms would keep coming after the devices stop; they are tested
             # on their own in test_rules.py
-            device_extra="[devices.alarms]\noffline = false\n",
-            extra="\n[outbox]\nkeep_delivered_s = 864000\n")
+            device_extra="[devices.alarms]\noffline = false\n", extra=outbox)
         self.agent.start()
 
     def stop(self) -> None:
@@ -143,7 +158,7 @@ class ChaosRun:
             wait_for(lambda: self.central.db_path.exists() and sqlite_rows(
                 self.central.db_path, "SELECT count(*) FROM readings")[0][0] > 0,
                 timeout=60, what="first readings at central")
-            kinds, weights = zip(*self.FAULTS.items())
+            kinds, weights = zip(*self.faults_weights.items())
             for i in range(self.faults):
                 # every tenth fault carries an alarm through an outage, whatever the seed
                 kind = "alarm_in_outage" if i % 10 == 5 else self.rng.choices(kinds, weights)[0]
@@ -175,10 +190,22 @@ class ChaosRun:
         held = {r[0]: r[1:5] for r in held_rows}
         received = {r[0]: r[5] for r in held_rows}
         last_seq = read_status(self.agent.outbox).last_seq
-        # Thinning and eviction (when a budget is set) report the seqs that will never come.
-        thinned = {r[0] for r in sqlite_rows(self.central.db_path,
-                                             "SELECT seq FROM events WHERE 0")}  # none yet
-        missing = sorted(s for s in range(1, last_seq + 1) if s not in held and s not in thinned)
+        # Thinning and eviction under the budget report the seq ranges they removed from;
+        # a seq missing at central inside such a reported range was reported, not lost.
+        reported: list[tuple[int, int]] = []
+        for (attrs,) in sqlite_rows(self.central.db_path,
+                                    "SELECT attrs FROM events WHERE gw = ? AND stream = ? AND kind = 2",
+                                    (GW, stream)):
+            a = json.loads(attrs or "{}")
+            if a.get("event") in ("outbox_thinned", "outbox_dropped"):
+                reported.append((int(a["first_seq"]), int(a["last_seq"])))
+
+        def was_reported(seq: int) -> bool:
+            return any(lo <= seq <= hi for lo, hi in reported)
+
+        absent = [s for s in range(1, last_seq + 1) if s not in held]
+        thinned = [s for s in absent if was_reported(s)]
+        missing = [s for s in absent if not was_reported(s)]
         mismatched = sum(1 for s, row in edge.items() if s in held and not _same(row, held[s]))
         alarms = [s for s, row in edge.items() if row[0] == ALARM_KIND]
         delays = [(received[s] - edge[s][2]) / 1000 for s in alarms if s in received]

@@ -99,6 +99,7 @@ class DeviceDef:
     id: str
     profile: str
     unit: int
+    poll_interval_s: float | None = None  # None: the agent's default for the test
 
 
 class Agent(Child):
@@ -118,7 +119,7 @@ class Agent(Child):
         for d in devices:
             lines += ["[[devices]]", f'id = "{d.id}"', f'profile = "{d.profile}"',
                       f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {sim_port} }}',
-                      f"device_id = {d.unit}", f"poll_interval_s = {poll_interval_s}", "",
+                      f"device_id = {d.unit}", f"poll_interval_s = {d.poll_interval_s or poll_interval_s}", "",
                       device_extra]
         self.config.write_text("\n".join(lines) + extra)
         super().__init__(f"agent-{gw}", [sys.executable, "-m", "edge_agent", "run", "--config",
