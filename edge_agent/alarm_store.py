@@ -20,26 +20,20 @@ one thread (a single-worker executor) owns the connection and callers await it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import structlog
 
 from edge_agent.errors import EdgeError
 from edge_agent.rules import AlarmSnapshot
+from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect
 
 log = structlog.get_logger(__name__)
-
-P = ParamSpec("P")
-T = TypeVar("T")
-SCHEMA_VERSION = 1
 
 
 class AlarmStoreError(EdgeError):
@@ -76,6 +70,15 @@ ON CONFLICT (alarm_id) DO UPDATE SET device = excluded.device, point = excluded.
     changed_ms = excluded.changed_ms, value = excluded.value,
     value_is_bool = excluded.value_is_bool, threshold = excluded.threshold,
     updated_ms = excluded.updated_ms"""
+_MIGRATIONS = Migrations(AlarmStoreVersionError)
+
+
+@_MIGRATIONS.step(1)
+def _m001_alarms(conn: sqlite3.Connection) -> None:
+    conn.execute(_SCHEMA)
+
+
+SCHEMA_VERSION = _MIGRATIONS.latest
 _SELECT = ("SELECT alarm_id, device, point, rule, level, since_ms, changed_ms, value,"
            " value_is_bool, threshold FROM alarms")
 
@@ -120,27 +123,22 @@ class AlarmStore:
     def __init__(self, path: Path) -> None:
         # Use `AlarmStore.open()`; the constructor does no I/O.
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alarm-store")
-        self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
+        self._sqlite = SqliteOwner(thread_name="alarm-store", error=AlarmStoreError,
+                                   closed_message="alarm store is closed")
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, path: Path) -> AsyncIterator[AlarmStore]:
         store = cls(path)
-        try:
-            await store._call(store._open_sync)
+        async with store._sqlite.running(store._open_sync):
             yield store
-        finally:
-            with contextlib.suppress(AlarmStoreError):
-                await store._call(store._close_sync)
-            store._executor.shutdown(wait=True)
 
     async def load_active(self) -> list[AlarmSnapshot]:
         """Every alarm whose last saved level is above 0."""
-        return await self._call(lambda: _select(self._db(), True))
+        return await self._sqlite.call(lambda: _select(self._sqlite.conn, True))
 
     async def load_all(self) -> list[AlarmSnapshot]:
-        return await self._call(lambda: _select(self._db(), False))
+        return await self._sqlite.call(lambda: _select(self._sqlite.conn, False))
 
     async def save(self, snapshots: Sequence[AlarmSnapshot]) -> None:
         """Upsert the given alarms in one durable transaction."""
@@ -149,65 +147,15 @@ class AlarmStore:
         now = time.time_ns() // 1_000_000
         rows = [(s.alarm_id, s.device, s.point, s.rule, s.level, s.since_ms, s.changed_ms,
                  s.value, int(isinstance(s.value, bool)), s.threshold, now) for s in snapshots]
-        await self._call(self._save_sync, rows)
+        await self._sqlite.call(self._sqlite.transaction,
+                                lambda conn: conn.executemany(_UPSERT, rows))
 
     # --- plumbing ------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._guarded, fn, *args, **kwargs))
-
-    @staticmethod
-    def _guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except (sqlite3.Error, OSError) as exc:
-            raise AlarmStoreError(str(exc)) from exc
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise AlarmStoreError("alarm store is closed")
-        return self._conn
-
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise AlarmStoreVersionError(version, SCHEMA_VERSION)
-            if version < 1:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.execute(_SCHEMA)
-                    conn.execute("PRAGMA user_version = 1")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+    def _open_sync(self) -> sqlite3.Connection:
+        conn = connect(self.path, ("journal_mode = WAL", "synchronous = FULL"), _MIGRATIONS)
         log.info("alarm_store_opened", path=str(self.path))
-
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _save_sync(self, rows: list[tuple[Any, ...]]) -> None:
-        conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(_UPSERT, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        return conn
 
 
 __all__ = ["AlarmStore", "AlarmStoreError", "AlarmStoreVersionError", "SCHEMA_VERSION",

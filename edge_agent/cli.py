@@ -220,17 +220,6 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
-def _ago(ts_ms: int | None, *, short: bool = False) -> str:
-    if not ts_ms:
-        return "-"
-    secs = max(0, time.time() - ts_ms / 1000)
-    text = f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
-    if short:
-        return f"{text} ago"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts_ms / 1000))
-    return f"{stamp} ({text} ago)"
-
-
 def _print_status(r: dict[str, Any]) -> None:
     t = Table(show_header=False, box=None, padding=(0, 2))
     agent = r["agent"]

@@ -20,27 +20,21 @@ Rows are kept until `keep_until_ms`, which the executor sets well past the comma
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import structlog
 
 from edge_agent.errors import EdgeError
+from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect
 from protocols.command_results import CommandState
 
 log = structlog.get_logger(__name__)
-
-P = ParamSpec("P")
-T = TypeVar("T")
-SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE commands (
@@ -70,6 +64,18 @@ class CommandLedgerVersionError(CommandLedgerError):
         super().__init__(f"command ledger schema version {found} is newer than this agent's {known}")
         self.found = found
         self.known = known
+
+
+_MIGRATIONS = Migrations(CommandLedgerVersionError)
+
+
+@_MIGRATIONS.step(1)
+def _m001_commands(conn: sqlite3.Connection) -> None:
+    for stmt in filter(str.strip, _SCHEMA.split(";")):
+        conn.execute(stmt)
+
+
+SCHEMA_VERSION = _MIGRATIONS.latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,123 +108,73 @@ class CommandLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmd-ledger")
-        self._conn: sqlite3.Connection | None = None
+        self._sqlite = SqliteOwner(thread_name="cmd-ledger", error=CommandLedgerError,
+                                   closed_message="command ledger is closed")
+        self._run = self._sqlite.call  # on the thread that owns the connection
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, path: Path) -> AsyncIterator[CommandLedger]:
         ledger = cls(path)
-        try:
-            await ledger._call(ledger._open_sync)
+        async with ledger._sqlite.running(ledger._open_sync):
             yield ledger
-        finally:
-            with contextlib.suppress(CommandLedgerError):
-                await ledger._call(ledger._close_sync)
-            ledger._executor.shutdown(wait=True)
 
     # --- public API --------------------------------------------------------------------
 
     async def claim(self, *, cmd_id: str, kind: str, target: str, expires_at_ms: int,
                     keep_until_ms: int, now_ms: int) -> bool:
         """Record a newly accepted command as `received`; False when the id is already known."""
-        return await self._call(self._claim_sync, cmd_id, kind, target, expires_at_ms,
+        return await self._run(self._claim_sync, cmd_id, kind, target, expires_at_ms,
                                 keep_until_ms, now_ms)
 
     async def set_state(self, cmd_id: str, state: CommandState, result: Mapping[str, Any],
                         now_ms: int) -> None:
         """Save the command's new state (and the attrs reported for it) durably."""
-        await self._call(self._set_state_sync, cmd_id, str(state),
+        await self._run(self._set_state_sync, cmd_id, str(state),
                          json.dumps(dict(result), ensure_ascii=False, default=str), now_ms)
 
     async def mark_reported(self, cmd_id: str, state: CommandState) -> None:
-        await self._call(self._write, "UPDATE commands SET reported = ? WHERE cmd_id = ?",
+        await self._run(self._write, "UPDATE commands SET reported = ? WHERE cmd_id = ?",
                          (str(state), cmd_id))
 
     async def get(self, cmd_id: str) -> LedgerEntry | None:
-        rows = await self._call(self._query, f"SELECT {_COLS} FROM commands WHERE cmd_id = ?",
+        rows = await self._run(self._query, f"SELECT {_COLS} FROM commands WHERE cmd_id = ?",
                                 (cmd_id,))
         return _entry(rows[0]) if rows else None
 
     async def unfinished(self) -> list[LedgerEntry]:
         """Commands that were received or executing when the agent stopped."""
-        rows = await self._call(self._query, f"SELECT {_COLS} FROM commands WHERE state IN (?, ?)"
+        rows = await self._run(self._query, f"SELECT {_COLS} FROM commands WHERE state IN (?, ?)"
                                 " ORDER BY received_ms", _UNFINISHED)
         return [_entry(r) for r in rows]
 
     async def unreported(self) -> list[LedgerEntry]:
         """Commands whose current state has not been appended to the outbox yet."""
-        rows = await self._call(self._query, f"SELECT {_COLS} FROM commands WHERE reported IS NULL"
+        rows = await self._run(self._query, f"SELECT {_COLS} FROM commands WHERE reported IS NULL"
                                 " OR reported <> state ORDER BY updated_ms", ())
         return [_entry(r) for r in rows]
 
     async def prune(self, now_ms: int) -> int:
         """Forget finished commands whose retention has passed; returns rows deleted."""
-        return await self._call(self._write, "DELETE FROM commands WHERE keep_until_ms < ?"
+        return await self._run(self._write, "DELETE FROM commands WHERE keep_until_ms < ?"
                                 " AND state NOT IN (?, ?)", (now_ms, *_UNFINISHED))
 
     async def count(self) -> int:
-        rows = await self._call(self._query, "SELECT count(*) FROM commands", ())
+        rows = await self._run(self._query, "SELECT count(*) FROM commands", ())
         return int(rows[0][0])
 
     # --- plumbing ----------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._guarded, fn, *args, **kwargs))
-
-    @staticmethod
-    def _guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except (sqlite3.Error, OSError) as exc:
-            raise CommandLedgerError(str(exc)) from exc
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise CommandLedgerError("command ledger is closed")
-        return self._conn
-
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise CommandLedgerVersionError(version, SCHEMA_VERSION)
-            if version == 0:
-                conn.execute("BEGIN IMMEDIATE")
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    conn.execute(stmt)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+    def _open_sync(self) -> sqlite3.Connection:
+        conn = connect(self.path, ("journal_mode = WAL", "synchronous = FULL"), _MIGRATIONS)
         log.info("command_ledger_opened", path=str(self.path))
-
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        return conn
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            n = conn.execute(sql, params).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return n
+        return self._sqlite.transaction(lambda conn: conn.execute(sql, params).rowcount)
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        return self._db().execute(sql, params).fetchall()
+        return self._sqlite.conn.execute(sql, params).fetchall()
 
     def _claim_sync(self, cmd_id: str, kind: str, target: str, expires_at_ms: int,
                     keep_until_ms: int, now_ms: int) -> bool:

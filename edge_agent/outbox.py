@@ -48,11 +48,10 @@ import math
 import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import cbor2
 import structlog
@@ -84,11 +83,11 @@ from edge_agent.outbox_db import (
     used_bytes,
 )
 from edge_agent.outbox_lanes import LaneReader, Part
+from edge_agent.sqlite_owner import SqliteOwner
 from protocols.envelope import Flag, Lane, Record, RecordKind, Value, ranges_from_seqs
 
 log = structlog.get_logger(__name__)
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -150,8 +149,8 @@ class Outbox:
         self.max_bytes = max_bytes
         self.clock = clock
         self._budget = DiskBudget(budget)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
-        self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
+        self._sqlite = SqliteOwner(thread_name="outbox", error=OutboxError,
+                                   closed_message="outbox is closed", wrap=translate)
         self._sync_full: bool | None = None
         self._listeners: list[Callable[[], None]] = []
         self._lanes = LaneReader(self.live_window_ms)  # executor-thread state from here on
@@ -179,8 +178,7 @@ class Outbox:
         ob = cls(path, live_window_s=live_window_s, keep_delivered_s=keep_delivered_s,
                  prune_interval_s=prune_interval_s, max_bytes=max_bytes, budget=policy,
                  clock=clock or ClockGuard())
-        try:
-            await ob._call(ob._open_sync)
+        async with ob._sqlite.running(ob._open_sync):
             maintainer = asyncio.create_task(ob._maintain_loop(), name="outbox.prune")
             try:
                 yield ob
@@ -188,10 +186,6 @@ class Outbox:
                 maintainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintainer
-        finally:
-            with contextlib.suppress(OutboxError):
-                await ob._call(ob._close_sync)
-            ob._executor.shutdown(wait=True)
 
     # --- public API --------------------------------------------------------------------
 
@@ -202,7 +196,7 @@ class Outbox:
         stamp = self.clock.stamp()
         rows = [self._row(i, r, stamp) for i, r in enumerate(records)]
         durable = any(r.kind in _DURABLE_KINDS for r in records)
-        first = await self._call(self._append_sync, rows, durable, stamp,
+        first = await self._sqlite.call(self._append_sync, rows, durable, stamp,
                                  self.clock.state().to_json())
         self._notify()
         return list(range(first, first + len(rows)))
@@ -216,45 +210,45 @@ class Outbox:
             return []
         # Snapshot on the loop thread: the caller's set may change while the thread reads.
         skip = ranges_from_seqs(exclude)
-        return await self._call(lambda: self._lanes.read(self._db(), limit, skip,
+        return await self._sqlite.call(lambda: self._lanes.read(self._sqlite.conn, limit, skip,
                                                          self.clock.now(), part))
 
     async def mark_delivered(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Mark the seqs in inclusive `ranges` delivered; idempotent; returns rows newly marked."""
         clean = [(int(a), int(b)) for a, b in ranges if a <= b]
-        return await self._call(self._mark_sync, clean, self.clock.now())
+        return await self._sqlite.call(self._mark_sync, clean, self.clock.now())
 
     async def set_meta(self, key: str, value: str) -> None:
-        await self._call(self._set_meta_sync, key, value)
+        await self._sqlite.call(self._set_meta_sync, key, value)
 
     async def get_meta(self, key: str) -> str | None:
-        return await self._call(self._get_meta_sync, key)
+        return await self._sqlite.call(self._get_meta_sync, key)
 
     async def stats(self) -> OutboxStats:
-        return await self._call(lambda: stats(self._db(), self.path,
+        return await self._sqlite.call(lambda: stats(self._sqlite.conn, self.path,
                                               live_window_ms=self.live_window_ms))
 
     async def backlog(self) -> int:
         """Undelivered records, from the counters in O(1) (`stats()` counts rows): every seq
         handed out is undelivered, delivered, thinned or dropped."""
-        return await self._call(lambda: backlog_from_counters(self._db()))
+        return await self._sqlite.call(lambda: backlog_from_counters(self._sqlite.conn))
 
     async def latest(self) -> dict[str, Record]:
         """The newest telemetry record per point (kept after its row is pruned)."""
-        return await self._call(self._latest_sync)
+        return await self._sqlite.call(self._latest_sync)
 
     async def prune(self) -> int:
         """Delete delivered rows older than `keep_delivered_s` now; returns rows deleted."""
-        return await self._call(self._prune_sync, self.clock.now().wall_ms)
+        return await self._sqlite.call(self._prune_sync, self.clock.now().wall_ms)
 
     async def used_bytes(self) -> int:
         """Bytes in pages that hold data (the file minus its freelist): what the budget counts."""
-        return await self._call(lambda: used_bytes(self._db())[0])
+        return await self._sqlite.call(lambda: used_bytes(self._sqlite.conn)[0])
 
     async def reclaim(self, *, force: bool = False) -> Reclaimed:
         """Run the disk budget now (the maintenance task does this by itself); `force` runs a
         pass even below the high-water mark."""
-        result = await self._call(self._budget_sync, self.clock.stamp(), force)
+        result = await self._sqlite.call(self._budget_sync, self.clock.stamp(), force)
         if result.event_seqs:
             self._notify()
         return result
@@ -263,7 +257,7 @@ class Outbox:
         """One round of housekeeping: prune, budget, vacuum, clock (the background task)."""
         await self.prune()
         await self.reclaim()
-        await self._call(self._vacuum_sync)
+        await self._sqlite.call(self._vacuum_sync)
         await self._apply_clock_request()
         if self.clock.poll_sync():
             await self.clock_ok("ntp")
@@ -272,7 +266,7 @@ class Outbox:
         """A good time source is back: trust the wall clock again and correct the undelivered
         records of this boot by the monotonic offset; returns the records corrected."""
         fix = self.clock.clock_ok(source, reference)
-        n = await self._call(self._clock_fix_sync, fix, self.clock.state().to_json())
+        n = await self._sqlite.call(self._clock_fix_sync, fix, self.clock.state().to_json())
         log.info("clock_corrected", source=source, records=n, offset_ms=fix.offset_ms)
         return n
 
@@ -282,22 +276,6 @@ class Outbox:
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
     # --- plumbing ----------------------------------------------------------------------
-
-    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._guarded, fn, *args, **kwargs))
-
-    @staticmethod
-    def _guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except (sqlite3.Error, OSError) as exc:
-            raise translate(exc) from exc
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise OutboxError("outbox is closed")
-        return self._conn
 
     def _notify(self) -> None:
         for notify in list(self._listeners):
@@ -315,7 +293,7 @@ class Outbox:
         raw = await self.get_meta("clock_ok_request")
         if raw is None:
             return
-        await self._call(self._write, False, lambda conn: conn.execute(
+        await self._sqlite.call(self._write, False, lambda conn: conn.execute(
             "DELETE FROM meta WHERE key = 'clock_ok_request' AND value = ?", (raw,)))
         try:
             req = json.loads(raw)
@@ -351,7 +329,7 @@ class Outbox:
 
     # --- executor-thread bodies: open, write -----------------------------------------------
 
-    def _open_sync(self) -> None:
+    def _open_sync(self) -> sqlite3.Connection:
         conn = connect(self.path, self.max_bytes)
         try:
             self.stream = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0]
@@ -359,10 +337,10 @@ class Outbox:
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
         self._sync_full = False
         log.info("outbox_opened", path=str(self.path), stream=self.stream,
                  max_bytes=self.max_bytes, boot=self._lanes.boot)
+        return conn
 
     def _open_state(self, conn: sqlite3.Connection) -> None:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
@@ -386,28 +364,14 @@ class Outbox:
             raise
         self._budget.load(conn)
 
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
     def _set_sync(self, full: bool) -> None:
         if self._sync_full is not full:  # a pragma per commit is cheap, but skip it when unchanged
-            self._db().execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+            self._sqlite.conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
             self._sync_full = full
 
     def _write(self, full: bool, body: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._db()
         self._set_sync(full)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = body(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
+        return self._sqlite.transaction(body)
 
     def _append_sync(self, rows: list[tuple[Any, ...]], durable: bool, stamp: Stamp,
                      clock_state: str) -> int:
@@ -424,7 +388,7 @@ class Outbox:
             self._budget_sync(stamp, True, need_bytes=need, urgent=True)
             first = self._write(durable, body)
         self._lanes.appended(stamp.mono_ms, first, len(rows))
-        if self._reclaiming or self._budget.over_high(self._db()):
+        if self._reclaiming or self._budget.over_high(self._sqlite.conn):
             try:
                 self._budget_sync(stamp, True)
             except (sqlite3.Error, OSError) as exc:  # the append itself has committed
@@ -487,7 +451,7 @@ class Outbox:
 
     def _budget_sync(self, stamp: Stamp, force: bool, *, need_bytes: int = 0,
                      urgent: bool = False) -> Reclaimed:
-        conn = self._db()
+        conn = self._sqlite.conn
         horizon = self._lanes.horizon(stamp.mono_ms)
         if self._budget.reset_if_drained(conn, horizon):
             self._write(False, self._budget.save)
@@ -521,7 +485,7 @@ class Outbox:
     def _vacuum_sync(self) -> None:
         """Give free pages back to the file system once the freelist is large and idle (after
         a drain), not while thinning keeps reusing it."""
-        conn = self._db()
+        conn = self._sqlite.conn
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2 or self._reclaiming:
             return
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
@@ -547,11 +511,11 @@ class Outbox:
             "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
     def _get_meta_sync(self, key: str) -> str | None:
-        row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._sqlite.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def _latest_sync(self) -> dict[str, Record]:
-        rows = self._db().execute(
+        rows = self._sqlite.conn.execute(
             "SELECT seq, ts_ms, point, value, value_is_bool, flags FROM latest ORDER BY point")
         return {p: Record(seq=s, kind=RecordKind.TELEMETRY, ts_ms=ts, point=p,
                           value=bool(v) if b else v, flags=Flag(f))

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from firmware_stubs.errors import SimulatorError
 from protocols.modbus_points import PointEncodeError, PointValue
@@ -56,12 +56,38 @@ class ControlRequest(BaseModel):
     get: _PointRef | None = None
 
 
+class StatsRequest(BaseModel):
+    """`{"stats": {}}`: a simulator's counters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OwnRequest(BaseModel):
+    """Base of a simulator's own control lines (e.g. `fault` and `stats`): exactly one field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> OwnRequest:
+        names = list(type(self).model_fields)
+        if sum(getattr(self, name) is not None for name in names) != 1:
+            raise ValueError(f"give exactly one of {' or '.join(names)}")
+        return self
+
+
+R = TypeVar("R", bound=OwnRequest)
+
+
+def _bad_request(exc: ValidationError) -> dict[str, Any]:
+    return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
+
+
 def handle_control(sim: Scriptable, line: bytes | str) -> dict[str, Any]:
     """Handle one control request line; always returns a reply, never raises."""
     try:
         request = ControlRequest.model_validate_json(line)
     except ValidationError as exc:
-        return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
+        return _bad_request(exc)
     try:
         if request.set is not None:
             cmd = request.set
@@ -81,6 +107,40 @@ def handle_control(sim: Scriptable, line: bytes | str) -> dict[str, Any]:
         return {"ok": False, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a bad value must not kill the control loop
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def handle_own_control(sim: Scriptable, line: bytes | str, own: type[R],
+                       answer: Callable[[R], dict[str, Any]]) -> dict[str, Any]:
+    """A line naming one of `own`'s fields is validated as `own` and answered by `answer`;
+    any other line is a common one (`handle_control`). Never raises past `answer`."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raw = None
+    if not (isinstance(raw, dict) and raw.keys() & own.model_fields.keys()):
+        return handle_control(sim, line)  # set / clear / get / ping
+    try:
+        request = own.model_validate(raw)
+    except ValidationError as exc:
+        return _bad_request(exc)
+    return answer(request)
+
+
+async def open_control(sim: Scriptable, host: str, port: int | None,
+                       handler: Callable[[bytes], dict[str, Any]] | None = None,
+                       ) -> tuple[asyncio.Server | None, int | None]:
+    """`start_control_server` when a port is asked for (None: no control channel); returns
+    the server and the port it listens on."""
+    if port is None:
+        return None, None
+    server = await start_control_server(sim, host, port, handler)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def close_control(server: asyncio.Server | None) -> None:
+    if server is not None:
+        server.close()
+        await server.wait_closed()
 
 
 async def start_control_server(

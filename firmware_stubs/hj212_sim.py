@@ -38,14 +38,11 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import signal
 import sys
 import time
-import tty
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,20 +51,28 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from device_profiles import (
-    ConstantSim,
-    CounterSim,
-    DeviceProfileError,
-    Profile,
-    ProfilePoint,
-    RandomWalkSim,
-    WaveSim,
-    find_profile,
+from device_profiles import CounterSim, DeviceProfileError, Profile, ProfilePoint, find_profile
+from firmware_stubs.control import (
+    OwnRequest,
+    StatsRequest,
+    close_control,
+    handle_own_control,
+    open_control,
 )
-from firmware_stubs.control import handle_control, start_control_server
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
+from firmware_stubs.pty_line import PtyLine
+from firmware_stubs.sim_process import (
+    add_control_port,
+    add_link_file,
+    add_profile_dir,
+    add_seed,
+    announce_pty,
+    run,
+    serve_until_signal,
+)
+from firmware_stubs.values import MovingPoint, PointValues
 from protocols.hj212 import (
     CN_DATA_REPLY,
     CN_MINUTE,
@@ -86,7 +91,6 @@ from protocols.hj212 import (
 
 log = structlog.get_logger(__name__)
 
-_WALK_TICK_S = 0.1  # a random walk takes one step of at most `step` per 0.1 s, as elsewhere
 _MAX_WALK_STEPS = 6000
 _DECIMALS = 2  # loggers send fixed decimals; two fit every factor of the built-in profile
 
@@ -100,14 +104,6 @@ class Hj212Faults:
     garbage: int = 0  # random bytes sent once, before the next frame
     silent: bool = False
     clock_offset_s: float = 0.0
-
-
-@dataclass(slots=True)
-class _SimPoint:
-    point: ProfilePoint
-    phase: float
-    walk: float
-    walk_tick: int = 0
 
 
 @dataclass(slots=True)
@@ -146,19 +142,15 @@ class Hj212StationSimulator:
         self._rng = random.Random(seed)
         # garbage has its own generator: what it holds must not depend on when it is sent
         self._garbage_rng = random.Random(seed ^ 0x6A6A)
-        self._points = {
-            p.key: _SimPoint(p, self._rng.uniform(0, p.sim.period_s)
-                             if isinstance(p.sim, WaveSim) else 0.0, _walk_start(p))
-            for p in profile.points
-        }
-        self._overrides: dict[str, float] = {}
+        self._values = PointValues(profile.points, self._rng, max_walk_steps=_MAX_WALK_STEPS,
+                                   shape=_rounded, counter_bits=_u32, phase_every_point=False)
+        self._points = self._values.points
         self.faults = Hj212Faults()
         self._symlink = Path(symlink) if symlink is not None else None
         self._control_host = control_host
         self._requested_control_port = control_port
         self._control: asyncio.Server | None = None
-        self._master_fd: int | None = None
-        self._slave_fd: int | None = None
+        self._line: PtyLine | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replies = Hj212Decoder()
@@ -173,49 +165,32 @@ class Hj212StationSimulator:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        master, slave = os.openpty()
-        # Raw on the slave side sets the line discipline of the pair: no echo, no CR/LF
-        # translation. We keep our own slave fd open so that writes on the master never fail
-        # with EIO while no agent has the port open (a real line just carries the bytes away).
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master_fd, self._slave_fd = master, slave
-        self.path = os.ttyname(slave)
+        self._line = PtyLine(self._loop, self._on_readable)
+        self.path = self._line.path
         if self._symlink is not None:
             tmp = self._symlink.with_name(self._symlink.name + ".tmp")
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(self.path)
             os.replace(tmp, self._symlink)
-        self._loop.add_reader(master, self._on_readable)
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._send_loop(), name=f"hj212_sim[{self.mn}]")
-        if self._requested_control_port is not None:
-            self._control = await start_control_server(
-                self, self._control_host, self._requested_control_port,
-                handler=self.handle_control)
-            self.control_port = self._control.sockets[0].getsockname()[1]
+        self._control, self.control_port = await open_control(
+            self, self._control_host, self._requested_control_port, self.handle_control)
         log.info("hj212_sim_started", path=self.path, profile=self.profile.id, mn=self.mn,
                  interval_s=self.interval_s, minute_s=self.minute_s,
                  control_port=self.control_port)
 
     async def stop(self) -> None:
-        if self._control is not None:
-            self._control.close()
-            await self._control.wait_closed()
-            self._control = None
+        await close_control(self._control)
+        self._control = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._master_fd is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(self._master_fd)
-            os.close(self._master_fd)
-            self._master_fd = None
-        if self._slave_fd is not None:
-            os.close(self._slave_fd)
-            self._slave_fd = None
+        if self._line is not None:
+            self._line.close()
+            self._line = None
             if self._symlink is not None and self._symlink.is_symlink():
                 self._symlink.unlink()
             log.info("hj212_sim_stopped", path=self.path)
@@ -248,11 +223,11 @@ class Hj212StationSimulator:
         if (isinstance(value, bool) or not isinstance(value, int | float)
                 or not math.isfinite(value)):
             raise BadValueError(f"{point_key}: an HJ 212 value is a finite number, not {value!r}")
-        self._overrides[point_key] = float(value)
+        self._values.pin(point_key, float(value))
 
     def clear_override(self, point_key: str, device_id: int = 1) -> None:
         self._lookup(device_id, point_key)
-        self._overrides.pop(point_key, None)
+        self._values.unpin(point_key)
 
     def get_value(self, point_key: str, device_id: int = 1) -> float | int:
         """The value a frame sent now would carry."""
@@ -270,7 +245,7 @@ class Hj212StationSimulator:
         """Frames sent per kind and faults applied so far."""
         return dict(self._stats)
 
-    def _lookup(self, device_id: int, point_key: str) -> _SimPoint:
+    def _lookup(self, device_id: int, point_key: str) -> MovingPoint:
         sp = self._points.get(point_key)
         if device_id != 1 or sp is None:
             raise UnknownPointError(device_id, point_key)
@@ -278,26 +253,11 @@ class Hj212StationSimulator:
 
     # --- values -----------------------------------------------------------------------------
 
-    def _value(self, sp: _SimPoint, elapsed: float) -> float | int:
-        point, sim = sp.point, sp.point.sim
-        if point.key in self._overrides:
-            return self._overrides[point.key]
-        if isinstance(sim, CounterSim):
-            return int(elapsed + 1e-6) % (1 << 32)  # u32 like the registers of Modbus counters
-        if isinstance(sim, WaveSim):
-            angle = 2 * math.pi * (elapsed + sim.phase_s + sp.phase) / sim.period_s
-            value = sim.min + (sim.max - sim.min) * (0.5 + 0.5 * math.sin(angle))
-        elif isinstance(sim, RandomWalkSim):
-            tick = int(elapsed / _WALK_TICK_S)
-            for _ in range(max(min(tick - sp.walk_tick, _MAX_WALK_STEPS), 0)):
-                sp.walk = min(max(sp.walk + self._rng.uniform(-sim.step, sim.step), sim.min),
-                              sim.max)
-            sp.walk_tick = max(tick, sp.walk_tick)
-            value = sp.walk
-        else:
-            assert isinstance(sim, ConstantSim)
-            value = float(sim.value)  # the loader allows only numbers on hj212 points
-        return round(value, _DECIMALS)
+    def _value(self, sp: MovingPoint, elapsed: float) -> float | int:
+        # the counter is a u32 like the registers of Modbus counters
+        value = self._values.value(sp.point.key, at=elapsed, counted=elapsed + 1e-6)
+        assert isinstance(value, float | int)
+        return value
 
     def _station_time(self, wall: float) -> datetime:
         """Station local time, naive and whole seconds, as DataTime carries it."""
@@ -385,24 +345,14 @@ class Hj212StationSimulator:
         self._write(out)
 
     def _write(self, data: bytes) -> None:
-        if self._master_fd is None:
-            return
-        try:
-            written = os.write(self._master_fd, data)
-        except (BlockingIOError, InterruptedError):
-            written = 0
-        except OSError:
-            return
-        if written < len(data):
-            # Nobody reads the port and the pty buffer is full: a real line loses the bytes too.
+        if self._line is not None and not self._line.write(data):
             self._stats["unwritten"] += 1
 
     def _on_readable(self) -> None:
         """Read what the agent sends back (data replies to frames with the A flag)."""
-        assert self._master_fd is not None
-        try:
-            data = os.read(self._master_fd, 4096)
-        except (BlockingIOError, InterruptedError, OSError):
+        assert self._line is not None
+        data = self._line.read()
+        if not data:
             return
         self._replies.feed(data)
         while True:
@@ -419,27 +369,22 @@ class Hj212StationSimulator:
 
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
         """One control request line (see the module doc); always a reply, never raises."""
-        try:
-            raw = json.loads(line)
-        except ValueError:
-            raw = None
-        if not (isinstance(raw, dict) and raw.keys() & {"fault", "stats"}):
-            return handle_control(self, line)  # set / clear / get / ping
-        try:
-            request = _Hj212Control.model_validate(raw)
-        except ValidationError as exc:
-            return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
+        return handle_own_control(self, line, _Hj212Control, self._answer_own)
+
+    def _answer_own(self, request: _Hj212Control) -> dict[str, Any]:
         if request.fault is not None:
             self.set_faults(**request.fault.model_dump(exclude_unset=True))
             return {"ok": True}
         return {"ok": True, "stats": self.stats()}
 
 
-def _walk_start(point: ProfilePoint) -> float:
-    sim = point.sim
-    if isinstance(sim, RandomWalkSim):
-        return sim.start if sim.start is not None else (sim.min + sim.max) / 2
-    return 0.0
+def _rounded(point: ProfilePoint, value: float | int | bool | str) -> float:
+    """Loggers send fixed decimals (the loader allows only numbers on hj212 points)."""
+    return round(float(value), _DECIMALS)
+
+
+def _u32(point: ProfilePoint) -> int:
+    return 32
 
 
 class _FaultRequest(BaseModel):
@@ -451,22 +396,11 @@ class _FaultRequest(BaseModel):
     clock_offset_s: float = Field(0.0, ge=-20 * 365 * 86400, le=20 * 365 * 86400)
 
 
-class _StatsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Hj212Control(BaseModel):
+class _Hj212Control(OwnRequest):
     """The station simulator's own control lines: exactly one of `fault` or `stats`."""
 
-    model_config = ConfigDict(extra="forbid")
     fault: _FaultRequest | None = None
-    stats: _StatsRequest | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> _Hj212Control:
-        if (self.fault is None) == (self.stats is None):
-            raise ValueError("give exactly one of fault or stats")
-        return self
+    stats: StatsRequest | None = None
 
 
 # --- process entry --------------------------------------------------------------------------
@@ -480,60 +414,34 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--link-file /tmp/ffs.link --interval 1 --minute 60 --control-port 0",
     )
     parser.add_argument("--profile", required=True, help="hj212 profile id or YAML path")
-    parser.add_argument("--profile-dir", action="append", default=[],
-                        help="extra folder of profiles, searched before the built-in ones")
+    add_profile_dir(parser)
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between real-time (CN 2011) frames")
     parser.add_argument("--minute", type=float, default=60.0,
                         help="seconds between minute (CN 2051) frames; 0 sends none")
     parser.add_argument("--mn", default="FFS00000000000000000001", help="station MN")
     parser.add_argument("--ack", action="store_true", help="ask for data replies (Flag=5)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--link-file", type=Path, default=None,
-                        help="once serving, write the pty path (one line) to this file")
+    add_seed(parser)
+    add_link_file(parser)
     parser.add_argument("--symlink", type=Path, default=None,
                         help="also make this symlink to the pty (e.g. /tmp/ttyFFS0)")
-    parser.add_argument("--control-port", type=int, default=None,
-                        help="JSON-lines control port on 127.0.0.1 (0 picks a free port)")
+    add_control_port(parser)
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     profile = find_profile(args.profile, extra_dirs=args.profile_dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with Hj212StationSimulator(profile, interval_s=args.interval,
-                                     minute_s=args.minute or None, mn=args.mn,
-                                     ack_requested=args.ack, seed=args.seed,
-                                     symlink=args.symlink,
-                                     control_port=args.control_port) as sim:
-        if args.link_file is not None:
-            tmp = args.link_file.with_name(args.link_file.name + ".tmp")
-            tmp.write_text(sim.path + "\n")
-            os.replace(tmp, args.link_file)  # readers never see a half-written path
-        ready = f"READY path={sim.path}"
-        if sim.control_port is not None:
-            ready += f" control_port={sim.control_port}"
-        print(ready, flush=True)
-        await stop.wait()
+    sim = Hj212StationSimulator(profile, interval_s=args.interval,
+                                minute_s=args.minute or None, mn=args.mn,
+                                ack_requested=args.ack, seed=args.seed, symlink=args.symlink,
+                                control_port=args.control_port)
+    await serve_until_signal(sim, announce_pty(args.link_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
     args = _parse_args(argv)
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.JSONRenderer()],
-    )
-    try:
-        asyncio.run(_serve(args))
-    except (SimulatorError, DeviceProfileError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
 
 
 __all__ = ["Hj212Faults", "Hj212StationSimulator", "main"]

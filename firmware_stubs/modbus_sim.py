@@ -24,7 +24,6 @@ Run as a process: ``python -m firmware_stubs.modbus_sim --profile gas-detector-v
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import sys
 import time
@@ -39,19 +38,12 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
 from pymodbus.simulator import SimData, SimDevice
 
-from device_profiles import (
-    ConstantSim,
-    CounterSim,
-    Profile,
-    ProfilePoint,
-    RandomWalkSim,
-    WaveSim,
-)
-from firmware_stubs.control import ControlRequest, handle_control, start_control_server
+from device_profiles import Profile, ProfilePoint
+from firmware_stubs.control import ControlRequest, close_control, handle_control, open_control
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
+from firmware_stubs.values import TICK_S, PointValues, modbus_values
 from protocols.modbus_points import (
     BIT_FUNCTIONS,
-    DataType,
     PointEncodeError,
     PointValue,
     decode_point,
@@ -61,19 +53,14 @@ from protocols.modbus_points import (
 
 log = structlog.get_logger(__name__)
 
-TICK_S = 0.1
 # Request function code -> the table it addresses (Modbus Application Protocol V1.1b3 §6).
 _TABLE_OF = {1: 1, 5: 1, 15: 1, 2: 2, 3: 3, 6: 3, 16: 3, 22: 3, 23: 3, 4: 4}
-_INT_BITS = {DataType.U16: 16, DataType.U32: 32, DataType.U64: 64}
 
 
 @dataclass(slots=True)
 class _SimPoint:
     point: ProfilePoint
     index: int  # register index in the table (bit index for coils/discrete inputs)
-    phase: float  # wave phase of this device, so that devices differ
-    walk: float  # random walk position
-    walk_tick: int = 0
 
 
 @dataclass(slots=True)
@@ -98,7 +85,7 @@ class _Device:
     profile: Profile
     tables: dict[int, _Table]
     points: dict[str, tuple[_Table, _SimPoint]]
-    overrides: dict[str, PointValue] = field(default_factory=dict)
+    values: PointValues
     warned: set[str] = field(default_factory=set)
 
 
@@ -144,6 +131,7 @@ class ModbusTcpSimulator:
     async def start(self) -> None:
         self._t0 = time.monotonic()
         for device in self._devices.values():
+            device.values.restart()
             for table in device.tables.values():
                 self._refresh(device, table, force=True)
         sim_devices = [
@@ -162,20 +150,15 @@ class ModbusTcpSimulator:
             raise SimulatorError(f"cannot listen on {self.host}:{self._requested_port}")
         self._server = server
         self.port = server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        if self._requested_control_port is not None:
-            self._control = await start_control_server(
-                self, self.host, self._requested_control_port
-            )
-            self.control_port = self._control.sockets[0].getsockname()[1]
+        self._control, self.control_port = await open_control(
+            self, self.host, self._requested_control_port)
         log.info("modbus_sim_started", host=self.host, port=self.port,
                  control_port=self.control_port,
                  devices=self.profile_ids)
 
     async def stop(self) -> None:
-        if self._control is not None:
-            self._control.close()
-            await self._control.wait_closed()
-            self._control = None
+        await close_control(self._control)
+        self._control = None
         if self._server is not None:
             await self._server.shutdown()
             self._server = None
@@ -206,13 +189,13 @@ class ModbusTcpSimulator:
             encode_point(sp.point.spec, value)
         except PointEncodeError as exc:
             raise BadValueError(str(exc)) from exc
-        device.overrides[point_key] = value
+        device.values.pin(point_key, value)
         table.tick = -1  # show it on the next read
 
     def clear_override(self, point_key: str, device_id: int = 1) -> None:
         """Let a pinned point move with its sim spec again."""
         device, (table, _) = self._lookup(device_id, point_key)
-        device.overrides.pop(point_key, None)
+        device.values.unpin(point_key)
         table.tick = -1
 
     def get_value(self, point_key: str, device_id: int = 1) -> PointValue:
@@ -236,8 +219,8 @@ class ModbusTcpSimulator:
     def _build_device(self, device_id: int, profile: Profile) -> _Device:
         tables: dict[int, _Table] = {}
         points: dict[str, tuple[_Table, _SimPoint]] = {}
-        for function in (1, 2, 3, 4):
-            members = [p for p in profile.points if p.spec.function == function]
+        by_function, values = modbus_values(profile, self._rng)
+        for function, members in by_function.items():
             if not members:
                 continue
             first = min(p.spec.address for p in members)
@@ -257,16 +240,11 @@ class ModbusTcpSimulator:
             )
             table = _Table(function, start, words, [], writable)
             for p in members:
-                period = p.sim.period_s if isinstance(p.sim, WaveSim) else 1.0
-                if isinstance(p.sim, RandomWalkSim):
-                    walk = p.sim.start if p.sim.start is not None else (p.sim.min + p.sim.max) / 2
-                else:
-                    walk = 0.0
-                sp = _SimPoint(p, p.spec.address - base, self._rng.uniform(0, period), walk)
+                sp = _SimPoint(p, p.spec.address - base)
                 table.points.append(sp)
                 points[p.key] = (table, sp)
             tables[function] = table
-        return _Device(device_id, profile, tables, points)
+        return _Device(device_id, profile, tables, points, values)
 
     @staticmethod
     def _simdata(table: _Table | None) -> list[SimData]:
@@ -286,16 +264,13 @@ class ModbusTcpSimulator:
         if tick == table.tick and not force:
             return
         table.tick = tick
-        now = tick * TICK_S
         for sp in table.points:
             point = sp.point
             key = point.key
-            if key in device.overrides:
-                value = device.overrides[key]
-            elif point.writable and not force:
+            if key not in device.values.pins and point.writable and not force:
                 continue  # holds what a client wrote
-            else:
-                value = self._sim_value(sp, tick, now)
+            value = device.values.value(key, at=tick * TICK_S, tick=tick,
+                                        counted=time.monotonic() - self._t0)
             try:
                 self._store(table, sp, value)
             except PointEncodeError as exc:
@@ -303,33 +278,6 @@ class ModbusTcpSimulator:
                     device.warned.add(key)
                     log.warning("modbus_sim_value_unencodable", device_id=device.device_id,
                                 point=key, error=str(exc))
-
-    def _sim_value(self, sp: _SimPoint, tick: int, now: float) -> PointValue:
-        sim = sp.point.sim
-        dtype = sp.point.spec.dtype
-        value: PointValue
-        if isinstance(sim, CounterSim):
-            count = int(time.monotonic() - self._t0)
-            bits = _INT_BITS.get(dtype)
-            return count % (1 << bits) if bits else count
-        if isinstance(sim, WaveSim):
-            angle = 2 * math.pi * (now + sim.phase_s + sp.phase) / sim.period_s
-            value = sim.min + (sim.max - sim.min) * (0.5 + 0.5 * math.sin(angle))
-        elif isinstance(sim, RandomWalkSim):
-            steps = min(tick - sp.walk_tick, 50)
-            for _ in range(max(steps, 0)):
-                sp.walk += self._rng.uniform(-sim.step, sim.step)
-                sp.walk = min(max(sp.walk, sim.min), sim.max)
-            sp.walk_tick = tick
-            value = sp.walk
-        else:
-            assert isinstance(sim, ConstantSim)
-            value = sim.value
-        if dtype is DataType.BOOL:
-            return bool(value)
-        if dtype is DataType.BITFIELD:
-            return int(value)
-        return value
 
     def _store(self, table: _Table, sp: _SimPoint, value: PointValue) -> None:
         spec = sp.point.spec
@@ -384,7 +332,7 @@ class ModbusTcpSimulator:
         for sp in table.points:
             spec = sp.point.spec
             if spec.address < end and address < spec.address + register_count(spec):
-                device.overrides.pop(sp.point.key, None)  # the client's write wins
+                device.values.unpin(sp.point.key)  # the client's write wins
                 log.info("modbus_sim_write", device_id=device.device_id, point=sp.point.key)
 
     # ------------------------------------------------------------------ control channel

@@ -32,27 +32,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
 import random
-import signal
 import sys
 import time
-import tty
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import DeviceProfileError, Profile, find_profile
-from firmware_stubs.control import handle_control
+from firmware_stubs.control import (
+    OwnRequest,
+    StatsRequest,
+    close_control,
+    handle_own_control,
+    open_control,
+)
 from firmware_stubs.errors import SimulatorError, UnknownPointError
+from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
+from firmware_stubs.sim_process import (
+    add_control_port,
+    add_link_file,
+    add_profile_dir,
+    add_seed,
+    announce_pty,
+    run,
+    serve_until_signal,
+)
 from protocols.modbus_points import PointValue
 from protocols.modbus_rtu import (
     BROADCAST,
@@ -119,8 +129,7 @@ class RtuBusSimulator:
         self._control_host = control_host
         self._requested_control_port = control_port
         self._control: asyncio.Server | None = None
-        self._master_fd: int | None = None
-        self._slave_fd: int | None = None
+        self._line: PtyLine | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._pending: set[asyncio.TimerHandle] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,46 +143,29 @@ class RtuBusSimulator:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        master, slave = os.openpty()
-        # Raw on the slave side sets the line discipline of the pair: no echo, no CR/LF
-        # translation, every byte as it comes. The simulator keeps its own slave fd open so
-        # that reads on the master never see EIO between two agent sessions.
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        self._master_fd, self._slave_fd = master, slave
-        self.path = os.ttyname(slave)
-        self._loop = loop
+        self._loop = asyncio.get_running_loop()
+        self._line = PtyLine(self._loop, self._on_readable)
+        self.path = self._line.path
         self._t0 = time.monotonic()
         for image in self._slaves.values():
-            image.t0 = self._t0
-        loop.add_reader(master, self._on_readable)
-        if self._requested_control_port is not None:
-            self._control = await asyncio.start_server(
-                self._control_client, self._control_host, self._requested_control_port)
-            self.control_port = self._control.sockets[0].getsockname()[1]
+            image.restart(self._t0)
+        self._control, self.control_port = await open_control(
+            self, self._control_host, self._requested_control_port, self.handle_control)
         log.info("rtu_sim_started", path=self.path, baudrate=self.baudrate,
                  control_port=self.control_port, slaves=self.profile_ids)
 
     async def stop(self) -> None:
-        if self._control is not None:
-            self._control.close()
-            await self._control.wait_closed()
-            self._control = None
+        await close_control(self._control)
+        self._control = None
         for handle in self._pending:
             handle.cancel()
         self._pending.clear()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._master_fd is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(self._master_fd)
-            os.close(self._master_fd)
-            self._master_fd = None
-        if self._slave_fd is not None:
-            os.close(self._slave_fd)
-            self._slave_fd = None
+        if self._line is not None:
+            self._line.close()
+            self._line = None
             log.info("rtu_sim_stopped", path=self.path)
 
     async def __aenter__(self) -> RtuBusSimulator:
@@ -234,13 +226,8 @@ class RtuBusSimulator:
     # --- the line ---------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        assert self._master_fd is not None
-        try:
-            data = os.read(self._master_fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return  # EIO while no slave fd is open; ours stays open, so this is transient
+        assert self._line is not None
+        data = self._line.read()
         if not data:
             return
         self._decoder.feed(data)
@@ -302,31 +289,16 @@ class RtuBusSimulator:
 
     def _send(self, handle: asyncio.TimerHandle, data: bytes) -> None:
         self._pending.discard(handle)
-        if self._master_fd is None:
-            return
-        try:
-            written = os.write(self._master_fd, data)
-        except (BlockingIOError, InterruptedError):
-            written = 0
-        except OSError:
-            return
-        if written < len(data):
+        if self._line is not None and not self._line.write(data):
             self.unwritten += 1
 
     # --- control channel --------------------------------------------------------------------
 
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
         """One control request line (see the module doc); always a reply, never raises."""
-        try:
-            raw = json.loads(line)
-        except ValueError:
-            raw = None
-        if not (isinstance(raw, dict) and raw.keys() & {"fault", "stats"}):
-            return handle_control(self, line)  # set / clear / get / ping
-        try:
-            request = _RtuControl.model_validate(raw)
-        except ValidationError as exc:
-            return {"ok": False, "error": f"bad request: {exc.errors(include_url=False)[0]['msg']}"}
+        return handle_own_control(self, line, _RtuControl, self._answer_own)
+
+    def _answer_own(self, request: _RtuControl) -> dict[str, Any]:
         try:
             if request.fault is not None:
                 fields = request.fault.model_dump(exclude={"device_id"}, exclude_unset=True)
@@ -336,20 +308,6 @@ class RtuBusSimulator:
                     "bad_frames": self.bad_frames}
         except SimulatorError as exc:
             return {"ok": False, "error": str(exc)}
-
-    async def _control_client(self, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                reply = self.handle_control(line)
-                writer.write(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass  # the client went away or sent a line past the stream limit
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 class _FaultRequest(BaseModel):
@@ -362,22 +320,11 @@ class _FaultRequest(BaseModel):
     garbage: int = Field(0, ge=0, le=256)
 
 
-class _StatsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _RtuControl(BaseModel):
+class _RtuControl(OwnRequest):
     """The RTU simulator's own control lines: exactly one of `fault` or `stats`."""
 
-    model_config = ConfigDict(extra="forbid")
     fault: _FaultRequest | None = None
-    stats: _StatsRequest | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> _RtuControl:
-        if (self.fault is None) == (self.stats is None):
-            raise ValueError("give exactly one of fault or stats")
-        return self
+    stats: StatsRequest | None = None
 
 
 # --- process entry --------------------------------------------------------------------------
@@ -392,57 +339,32 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="append", required=True,
                         help="profile id or YAML path; repeat for slaves on consecutive addresses")
-    parser.add_argument("--profile-dir", action="append", default=[],
-                        help="extra folder of profiles, searched before the built-in ones")
+    add_profile_dir(parser)
     parser.add_argument("--first-id", type=int, default=1, help="address of the first slave")
     parser.add_argument("--baudrate", type=int, default=9600)
     parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
     parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     parser.add_argument("--no-wire-time", action="store_true",
                         help="answer at once instead of at the speed of the baud rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--link-file", type=Path, default=None,
-                        help="once serving, write the pty path (one line) to this file")
-    parser.add_argument("--control-port", type=int, default=None,
-                        help="JSON-lines control port on 127.0.0.1 (0 picks a free port)")
+    add_seed(parser)
+    add_link_file(parser)
+    add_control_port(parser)
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     profiles = {args.first_id + i: find_profile(name, extra_dirs=args.profile_dir)
                 for i, name in enumerate(args.profile)}
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with RtuBusSimulator(profiles, baudrate=args.baudrate, parity=args.parity,
-                               stopbits=args.stopbits, wire_time=not args.no_wire_time,
-                               seed=args.seed, control_port=args.control_port) as sim:
-        if args.link_file is not None:
-            tmp = args.link_file.with_name(args.link_file.name + ".tmp")
-            tmp.write_text(sim.path + "\n")
-            os.replace(tmp, args.link_file)  # readers never see a half-written path
-        ready = f"READY path={sim.path}"
-        if sim.control_port is not None:
-            ready += f" control_port={sim.control_port}"
-        print(ready, flush=True)
-        await stop.wait()
+    sim = RtuBusSimulator(profiles, baudrate=args.baudrate, parity=args.parity,
+                          stopbits=args.stopbits, wire_time=not args.no_wire_time,
+                          seed=args.seed, control_port=args.control_port)
+    await serve_until_signal(sim, announce_pty(args.link_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
     args = _parse_args(argv)
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.JSONRenderer()],
-    )
-    try:
-        asyncio.run(_serve(args))
-    except (SimulatorError, DeviceProfileError, ModbusRtuError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run(_serve(args), (SimulatorError, DeviceProfileError, ModbusRtuError, OSError))
 
 
 if __name__ == "__main__":

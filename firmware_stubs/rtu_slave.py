@@ -14,15 +14,14 @@ faults (`SlaveFaults`) are applied by the bus simulator, which owns the line.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
-from device_profiles import ConstantSim, CounterSim, Profile, ProfilePoint, RandomWalkSim, WaveSim
+from device_profiles import Profile, ProfilePoint
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
+from firmware_stubs.values import TICK_S, modbus_values
 from protocols.modbus_points import (
     BIT_FUNCTIONS,
-    DataType,
     PointEncodeError,
     PointValue,
     decode_point,
@@ -44,8 +43,6 @@ from protocols.modbus_rtu import (
     encode_write_response,
 )
 
-TICK_S = 0.1
-_INT_BITS = {DataType.U16: 16, DataType.U32: 32, DataType.U64: 64}
 # Write function code -> the table it writes (coils or holding registers).
 _WRITE_TABLE = {5: 1, 15: 1, 6: 3, 16: 3}
 
@@ -83,9 +80,6 @@ class SlaveFaults:
 @dataclass(slots=True)
 class _Point:
     point: ProfilePoint
-    phase: float  # wave phase of this slave, so that slaves differ
-    walk: float  # random walk position
-    walk_tick: int = 0
     held: bool = False  # holds what a client wrote
 
 
@@ -114,12 +108,10 @@ class SlaveImage:
         self.address = address
         self.profile = profile
         self.t0 = t0
-        self._rng = rng
-        self._overrides: dict[str, PointValue] = {}
         self._points: dict[str, tuple[_Table, _Point]] = {}
         self._tables: dict[int, _Table] = {}
-        for function in (1, 2, 3, 4):
-            members = [p for p in profile.points if p.spec.function == function]
+        by_function, self._values = modbus_values(profile, rng)
+        for function, members in by_function.items():
             if not members:
                 continue
             first = min(p.spec.address for p in members)
@@ -128,12 +120,7 @@ class SlaveImage:
                                  for a in range(p.spec.address, p.spec.address + register_count(p.spec)))
             table = _Table(function, first, [0] * (end - first), [], writable)
             for p in members:
-                sim = p.sim
-                walk = 0.0
-                if isinstance(sim, RandomWalkSim):
-                    walk = sim.start if sim.start is not None else (sim.min + sim.max) / 2
-                period = sim.period_s if isinstance(sim, WaveSim) else 1.0
-                sp = _Point(p, rng.uniform(0, period), walk)
+                sp = _Point(p)
                 table.points.append(sp)
                 self._points[p.key] = (table, sp)
             self._tables[function] = table
@@ -146,12 +133,12 @@ class SlaveImage:
             encode_point(sp.point.spec, value)
         except PointEncodeError as exc:
             raise BadValueError(str(exc)) from exc
-        self._overrides[key] = value
+        self._values.pin(key, value)
         table.tick = -1  # show it on the next read
 
     def clear_override(self, key: str) -> None:
         table, sp = self._lookup(key)
-        self._overrides.pop(key, None)
+        self._values.unpin(key)
         sp.held = False
         table.tick = -1
 
@@ -161,6 +148,11 @@ class SlaveImage:
         spec = sp.point.spec
         i = spec.address - table.first
         return decode_point(spec, table.values[i : i + register_count(spec)])
+
+    def restart(self, t0: float) -> None:
+        """The simulator's clock starts again at `t0`."""
+        self.t0 = t0
+        self._values.restart()
 
     def _lookup(self, key: str) -> tuple[_Table, _Point]:
         if key not in self._points:
@@ -209,7 +201,7 @@ class SlaveImage:
         for sp in table.points:
             spec = sp.point.spec
             if spec.address < end and address < spec.address + register_count(spec):
-                self._overrides.pop(sp.point.key, None)  # the client's write wins
+                self._values.unpin(sp.point.key)  # the client's write wins
                 sp.held = True
 
     # --- values -----------------------------------------------------------------------------
@@ -221,38 +213,9 @@ class SlaveImage:
         table.tick = tick
         for sp in table.points:
             key = sp.point.key
-            if key in self._overrides:
-                value = self._overrides[key]
-            elif sp.held:
+            if sp.held and key not in self._values.pins:
                 continue
-            else:
-                value = self._sim_value(sp, tick, now)
-            self._store(table, sp, value)
-
-    def _sim_value(self, sp: _Point, tick: int, now: float) -> PointValue:
-        sim = sp.point.sim
-        dtype = sp.point.spec.dtype
-        value: PointValue
-        if isinstance(sim, CounterSim):
-            count = int(now - self.t0)
-            bits = _INT_BITS.get(dtype)
-            return count % (1 << bits) if bits else count
-        if isinstance(sim, WaveSim):
-            angle = 2 * math.pi * (now - self.t0 + sim.phase_s + sp.phase) / sim.period_s
-            value = sim.min + (sim.max - sim.min) * (0.5 + 0.5 * math.sin(angle))
-        elif isinstance(sim, RandomWalkSim):
-            for _ in range(max(min(tick - sp.walk_tick, 50), 0)):
-                sp.walk = min(max(sp.walk + self._rng.uniform(-sim.step, sim.step), sim.min), sim.max)
-            sp.walk_tick = tick
-            value = sp.walk
-        else:
-            assert isinstance(sim, ConstantSim)
-            value = sim.value
-        if dtype is DataType.BOOL:
-            return bool(value)
-        if dtype is DataType.BITFIELD:
-            return int(value)
-        return value
+            self._store(table, sp, self._values.value(key, at=now - self.t0, tick=tick))
 
     def _store(self, table: _Table, sp: _Point, value: PointValue) -> None:
         spec = sp.point.spec

@@ -1,0 +1,155 @@
+"""One SQLite connection owned by one thread, and schema migrations by `PRAGMA user_version`.
+
+The agent's files (outbox, alarm state, command ledger) each keep one connection that only a
+single-worker executor touches; coroutines await `SqliteOwner.call(fn)`, which runs `fn` on
+that thread and turns `sqlite3.Error`/`OSError` into the store's own error class. Commits go
+through `transaction(body)` (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception).
+
+`Migrations` registers schema steps by version (`@migrations.step(2)`); `migrate(conn)` runs
+the missing ones in order, each in its own transaction, and refuses a file that a newer agent
+wrote (its version is higher than any step known here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Migration = Callable[[sqlite3.Connection], None]
+
+
+class Migrations:
+    """Schema steps by version; `too_new(found, known)` is the error for a newer file."""
+
+    def __init__(self, too_new: Callable[[int, int], BaseException], *,
+                 event: str | None = None) -> None:
+        self._steps: dict[int, Migration] = {}
+        self._too_new = too_new
+        self._event = event  # logged after each step, with its version
+
+    def step(self, version: int) -> Callable[[Migration], Migration]:
+        """Register a schema step; each runs once, in order, in its own transaction."""
+        def register(fn: Migration) -> Migration:
+            assert version not in self._steps, f"duplicate migration {version}"
+            self._steps[version] = fn
+            return fn
+        return register
+
+    @property
+    def latest(self) -> int:
+        return max(self._steps)
+
+    def migrate(self, conn: sqlite3.Connection) -> int:
+        """Bring the file up to `latest`; returns it."""
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > self.latest:
+            raise self._too_new(current, self.latest)
+        for version in sorted(v for v in self._steps if v > current):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._steps[version](conn)
+                conn.execute(f"PRAGMA user_version = {int(version)}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if self._event is not None:
+                log.info(self._event, version=version)
+        return self.latest
+
+
+def connect(path: Path, pragmas: Sequence[str], migrations: Migrations) -> sqlite3.Connection:
+    """Open (creating if needed) `path` in autocommit mode, run `pragmas`, then migrate."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+        migrations.migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SqliteOwner:
+    """A connection that only one worker thread touches; callers await `call()`.
+
+    `error` is the store's base error: `call()` raises it (from `wrap(exc)`, by default
+    `error(str(exc))`) for a `sqlite3.Error` or `OSError`, and `conn` for a closed store.
+    """
+
+    def __init__(self, *, thread_name: str, error: type[Exception], closed_message: str,
+                 wrap: Callable[[BaseException], Exception] | None = None) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
+        self._error = error
+        self._wrap = wrap or (lambda exc: error(str(exc)))
+        self._closed_message = closed_message
+
+    @contextlib.asynccontextmanager
+    async def running(self, open_sync: Callable[[], sqlite3.Connection]) -> AsyncIterator[None]:
+        """Open the connection with `open_sync()` on the worker thread; on exit close it (an
+        error closing is swallowed) and stop the thread."""
+        try:
+            await self.call(self._adopt, open_sync)
+            yield
+        finally:
+            with contextlib.suppress(self._error):
+                await self.call(self._close_sync)
+            self._executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(*args, **kwargs)` on the worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor,
+                                          partial(self._guarded, fn, *args, **kwargs))
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The connection (worker thread only)."""
+        if self._conn is None:
+            raise self._error(self._closed_message)
+        return self._conn
+
+    def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """`body(conn)` in one write transaction (worker thread only)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._wrap(exc) from exc
+
+    def _adopt(self, open_sync: Callable[[], sqlite3.Connection]) -> None:
+        self._conn = open_sync()
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+__all__ = ["Migration", "Migrations", "SqliteOwner", "connect"]

@@ -1,0 +1,107 @@
+"""What the simulators share as processes: arguments, the READY line, ready files, signals.
+
+Each simulator's `main()` builds its own parser (its flags differ) with the common arguments
+from here, and hands `run()` a coroutine that serves with `serve_until_signal()`: that prints
+the `READY ...` line once the simulator listens and returns on SIGTERM or SIGINT. `run()`
+exits 0 then, or 1 with `error: ...` on stderr for one of the errors it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+S = TypeVar("S")
+
+
+def add_profile_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile-dir", action="append", default=[],
+                        help="extra folder of profiles, searched before the built-in ones")
+
+
+def add_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_link_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--link-file", type=Path, default=None,
+                        help="once serving, write the pty path (one line) to this file")
+
+
+def add_control_port(parser: argparse.ArgumentParser, where: str = "127.0.0.1") -> None:
+    parser.add_argument("--control-port", type=int, default=None,
+                        help=f"JSON-lines control port on {where} (0 picks a free port)")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the whole text or no file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def ready_line(first: str, control_port: int | None) -> str:
+    """`READY <first>`, plus ` control_port=N` when the simulator has a control port."""
+    ready = f"READY {first}"
+    if control_port is not None:
+        ready += f" control_port={control_port}"
+    return ready
+
+
+class _OnPty(Protocol):
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def control_port(self) -> int | None: ...
+
+
+def announce_pty(link_file: Path | None) -> Callable[[_OnPty], str]:
+    """A pty simulator's announcement: the pty path into `link_file` (one line), then
+    `READY path=/dev/pts/N [control_port=M]`."""
+    def announce(sim: _OnPty) -> str:
+        if link_file is not None:
+            write_atomic(link_file, sim.path + "\n")
+        return ready_line(f"path={sim.path}", sim.control_port)
+    return announce
+
+
+async def serve_until_signal(simulator: AbstractAsyncContextManager[S],
+                             announce: Callable[[S], str]) -> None:
+    """Start `simulator`, print `announce(sim)` (which may write ready files), serve until
+    SIGTERM or SIGINT, then stop it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with simulator as sim:
+        print(announce(sim), flush=True)
+        await stop.wait()
+
+
+def run(serve: Coroutine[Any, Any, None], errors: tuple[type[BaseException], ...]) -> int:
+    """Log JSON to stderr and run `serve`: 0 when it ends, 1 (and `error: ...`) on `errors`."""
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.JSONRenderer()],
+    )
+    try:
+        asyncio.run(serve)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["add_control_port", "add_link_file", "add_profile_dir", "add_seed", "announce_pty",
+           "ready_line", "run", "serve_until_signal", "write_atomic"]
