@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import structlog
 from fastapi import FastAPI, Query, Request
@@ -28,11 +28,13 @@ from central.alarms_api import install as install_alarm_api  # alarms wiring (§
 from central.commands import start_commands
 from central.commands_api import install as install_command_api
 from central.errors import CentralError
+from central.history import keep_days, start_history
 from central.ingest import Ingest
 from central.metrics import Metrics
 from central.settings import Settings
 from central.storage import (
     BadRefError,
+    DeliverySummary,
     Gateway,
     NotFoundError,
     Point,
@@ -40,6 +42,7 @@ from central.storage import (
     open_storage,
     safe_db_url,
 )
+from central.storage.aggregates import Resolution, choose_resolution, coarser
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -79,6 +82,34 @@ class GatewayOut(_Out):
     backlog: int | None
     last_seen_ms: int | None
     state_ts_ms: int | None
+    # delivery, summed over the gateway's streams (detail: /api/gateways/{gw}/delivery)
+    held: int = 0  # records central holds (ever received; retention does not lower it)
+    missing: int = 0  # seqs up to the highest received that central does not hold
+    reported_lost: int = 0  # of the missing, those the edge reported evicted
+
+
+class StreamDeliveryOut(_Out):
+    stream: str
+    current: bool
+    held: int
+    max_seq: int
+    missing: int
+    gaps: list[tuple[int, int]]  # the first 100 missing [first, last] ranges
+    gap_count: int
+    reported_lost: int
+    pending: int  # missing and not reported lost: not arrived yet (or lost silently)
+    lost_records_reported: int
+    lost_ranges: list[tuple[int, int]]
+    first_ms: int | None
+    last_ms: int | None
+
+
+class DeliveryOut(_Out):
+    gw: str
+    stream: str | None
+    last_seen_ms: int | None
+    backlog: int | None  # as the gateway's last state reported it
+    streams: list[StreamDeliveryOut]
 
 
 class LatestOut(_Out):
@@ -114,13 +145,22 @@ class SampleOut(_Out):
     flags: int
 
 
+class BucketOut(_Out):
+    ts_ms: int  # bucket start
+    value: float  # average
+    min: float
+    max: float
+    count: int
+
+
 class SeriesOut(_Out):
     point: str
     from_ms: int
     to_ms: int
+    resolution: Literal["raw", "1m", "1h"]
     limit: int
     truncated: bool  # more samples exist in the window: ask again from the last ts + 1
-    samples: list[SampleOut]
+    samples: list[SampleOut] | list[BucketOut]
 
 
 class Problem(_Out):
@@ -154,12 +194,15 @@ def parse_time(name: str, value: str | None, default: int) -> int:
     return int(dt.timestamp() * 1000)
 
 
-def _gateway_out(g: Gateway, offline_after_s: float, now_ms: int) -> GatewayOut:
+def _gateway_out(g: Gateway, offline_after_s: float, now_ms: int,
+                 d: DeliverySummary | None) -> GatewayOut:
     heard = g.last_seen_ms if g.last_seen_ms is not None else g.state_ts_ms
     fresh = heard is not None and now_ms - heard <= offline_after_s * 1000
     return GatewayOut(gw=g.gw, online=g.online and fresh, state_online=g.online, stream=g.stream,
                       boot_id=g.boot_id, version=g.version, bearer=g.bearer, backlog=g.backlog,
-                      last_seen_ms=g.last_seen_ms, state_ts_ms=g.state_ts_ms)
+                      last_seen_ms=g.last_seen_ms, state_ts_ms=g.state_ts_ms,
+                      held=d.held if d else 0, missing=d.missing if d else 0,
+                      reported_lost=d.reported_lost if d else 0)
 
 
 def _point_out(p: Point) -> PointOut:
@@ -206,6 +249,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         ingest.command_hooks = app.state.commands.service
         # --- alarms wiring (DESIGN.md §7): alarm policy on storage, central's rules task.
         app.state.alarm_rules = start_alarm_rules(settings, storage, run=run_ingest)
+        # --- history: time policy on storage, aggregate flush and retention task.
+        app.state.history = start_history(settings, storage, metrics, run=run_ingest)
         task = (asyncio.create_task(_supervise(ingest), name="ingest.mqtt") if run_ingest
                 else None)
         app.state.ingest_task = task
@@ -220,6 +265,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
                     await task
             await app.state.commands.stop()  # commands wiring (§6)
             await app.state.alarm_rules.stop()  # alarms wiring (§7)
+            await app.state.history.stop()
             await storage.close()
             log.info("central_stopped")
 
@@ -266,8 +312,10 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     @app.get("/api/gateways", response_model=list[GatewayOut], tags=["gateways"])
     async def gateways(request: Request) -> list[GatewayOut]:
         now = _now_ms()
-        return [_gateway_out(g, settings.offline_after_s, now)
-                for g in await storage_of(request).list_gateways()]
+        storage = storage_of(request)
+        delivery = await storage.delivery_summary()
+        return [_gateway_out(g, settings.offline_after_s, now, delivery.get(g.gw))
+                for g in await storage.list_gateways()]
 
     @app.get("/api/gateways/{gw}", response_model=GatewayDetail, responses=problems,
              tags=["gateways"])
@@ -279,7 +327,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         by_device: dict[str, list[PointOut]] = {}
         for p in points:
             by_device.setdefault(p.device, []).append(_point_out(p))
-        base = _gateway_out(g, settings.offline_after_s, _now_ms())
+        delivery = await storage.delivery_summary(gw)
+        base = _gateway_out(g, settings.offline_after_s, _now_ms(), delivery.get(gw))
         return GatewayDetail(**base.model_dump(), devices=[
             DeviceOut(ref=d.ref, device=d.device, profile=d.profile,
                       points=by_device.get(d.device, [])) for d in devices])
@@ -289,6 +338,18 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     async def device_points(request: Request, device: str) -> list[PointOut]:
         return [_point_out(p) for p in await storage_of(request).device_points(device)]
 
+    @app.get("/api/gateways/{gw}/delivery", response_model=DeliveryOut, responses=problems,
+             tags=["gateways"])
+    async def delivery(request: Request, gw: str) -> DeliveryOut:
+        """What central holds of each of the gateway's streams and what it knows is missing:
+        gaps, split into reported lost (the edge's outbox evicted them) and pending."""
+        d = await storage_of(request).delivery(gw)
+        return DeliveryOut(gw=d.gw, stream=d.stream, last_seen_ms=d.last_seen_ms,
+                           backlog=d.backlog, streams=[
+                               StreamDeliveryOut(**{f: getattr(s, f) for f in
+                                                    StreamDeliveryOut.model_fields})
+                               for s in d.streams])
+
     @app.get("/api/points/{point:path}/series", response_model=SeriesOut, responses=problems,
              tags=["points"])
     async def series(
@@ -296,17 +357,40 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         from_: Annotated[str | None, Query(alias="from",
                                            description="epoch ms or ISO-8601")] = None,
         to: Annotated[str | None, Query(description="epoch ms or ISO-8601; default now")] = None,
-        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+        resolution: Annotated[Literal["auto", "raw", "1m", "1h"], Query(
+            description="auto: raw up to 6 h, 1m up to 7 days, 1h beyond")] = "auto",
+        limit: Annotated[int | None, Query(ge=1, le=100_000, description="default 1000 raw "
+                                           "samples, 10080 buckets")] = None,
     ) -> SeriesOut:
-        to_ms = parse_time("to", to, _now_ms())
+        now = _now_ms()
+        to_ms = parse_time("to", to, now)
         from_ms = parse_time("from", from_, to_ms - DAY_MS)
         if from_ms > to_ms:
             raise TimeParamError("from", f"{from_} (after to)")
-        rows = await storage_of(request).series(point, from_ms, to_ms, limit + 1)
-        return SeriesOut(point=point, from_ms=from_ms, to_ms=to_ms, limit=limit,
-                         truncated=len(rows) > limit,
-                         samples=[SampleOut(ts_ms=s.ts_ms, value=s.value, text=s.text,
-                                            flags=s.flags) for s in rows[:limit]])
+        res: Resolution = (choose_resolution(from_ms, to_ms) if resolution == "auto"
+                           else resolution)
+        storage = storage_of(request)
+        while True:
+            if res == "raw":
+                n = limit or 1000
+                rows = await storage.series(point, from_ms, to_ms, n + 1)
+                samples: list[SampleOut] | list[BucketOut] = [
+                    SampleOut(ts_ms=s.ts_ms, value=s.value, text=s.text, flags=s.flags)
+                    for s in rows[:n]]
+            else:
+                n = limit or 10_080  # a week of minutes
+                buckets = await storage.buckets(point, res, from_ms, to_ms, n + 1)
+                rows = buckets  # type: ignore[assignment]
+                samples = [BucketOut(ts_ms=b.ts_ms, value=b.avg, min=b.min, max=b.max,
+                                     count=b.count) for b in buckets[:n]]
+            # auto, and retention has purged this window at this resolution: go coarser.
+            nxt = (coarser(res, from_ms, now, keep_days(settings))
+                   if resolution == "auto" and not rows else None)
+            if nxt is None:
+                break
+            res = nxt
+        return SeriesOut(point=point, from_ms=from_ms, to_ms=to_ms, resolution=res, limit=n,
+                         truncated=len(rows) > n, samples=samples)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
     async def metrics(request: Request) -> PlainTextResponse:

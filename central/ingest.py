@@ -242,6 +242,8 @@ class Ingest:
             self.metrics.batches += 1
             self.metrics.records_inserted += res.inserted
             self.metrics.records_duplicate += res.duplicates
+            self.metrics.records_clock_suspect += res.clock_suspect
+            self.metrics.records_time_corrected += res.corrected
         written = await self._apply_command_results(written)  # commands wiring (§6)
         await asyncio.gather(*(self._ack(client, b) for b in written))
 

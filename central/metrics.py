@@ -28,6 +28,11 @@ class Metrics:
     write_failures: int = 0
     mqtt_connects: int = 0
     mqtt_connected: bool = False
+    records_clock_suspect: int = 0
+    records_time_corrected: int = 0
+    samples_aggregated: int = 0
+    # rows deleted by retention, by table
+    purged: Counter[str] = field(default_factory=Counter)
     # bad input by error class name, e.g. {"MalformedEnvelopeError": 3, "TopicError": 1}
     decode_errors: Counter[str] = field(default_factory=Counter)
 
@@ -58,6 +63,17 @@ class Metrics:
                self.mqtt_connects)
         metric("mqtt_connected", "gauge", "1 while connected to the broker.",
                int(self.mqtt_connected))
+        metric("records_clock_suspect_total", "counter", "Records stored with a time central "
+               "judged implausible (future or before 2020).", self.records_clock_suspect)
+        metric("records_time_corrected_total", "counter", "Suspect-time records replaced by a "
+               "corrected copy.", self.records_time_corrected)
+        metric("samples_aggregated_total", "counter", "Readings folded into the 1m/1h "
+               "aggregates.", self.samples_aggregated)
+        name = f"{PREFIX}_purged_rows_total"
+        lines.append(f"# HELP {name} Rows deleted by retention, by table.")
+        lines.append(f"# TYPE {name} counter")
+        for table, n in sorted(self.purged.items()):
+            lines.append(f'{name}{{table="{_escape(table)}"}} {n}')
         name = f"{PREFIX}_decode_errors_total"
         lines.append(f"# HELP {name} Bad messages dropped, by error class.")
         lines.append(f"# TYPE {name} counter")

@@ -51,6 +51,19 @@ class Settings(BaseModel):
     incident_window_s: float = Field(900.0, ge=0, description="an incident closes this long "
                                      "after its last alarm cleared")
     # --- end alarms
+    # --- record times, history and retention (DESIGN.md §4.7; central.history)
+    future_tolerance_s: float = Field(300.0, ge=0, description="a record time further ahead of "
+                                      "central's clock is stored flagged CLOCK_SUSPECT")
+    retention_raw_days: float = Field(30.0, ge=0, description="keep raw readings this long "
+                                      "(by record time); 0 keeps them for ever")
+    retention_1m_days: float = Field(400.0, ge=0, description="keep 1-minute aggregates; 0 = ever")
+    retention_1h_days: float = Field(0.0, ge=0, description="keep 1-hour aggregates; 0 = ever")
+    retention_interval_s: float = Field(3600.0, gt=0, description="period of the purge")
+    retention_chunk_rows: int = Field(5000, ge=1, description="rows deleted per transaction")
+    agg_flush_interval_s: float = Field(30.0, gt=0, description="period of folding new "
+                                        "samples into the aggregates: longer folds more samples "
+                                        "per bucket write (reads fold first anyway)")
+    # --- end history
     command_key_path: Path | None = Field(
         None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")

@@ -53,7 +53,7 @@ class FakeGateway:
 
 
 def test_console_shows_gateways_in_chinese_and_refreshes_live(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """The console lists the gateway as 在线 with its Chinese point names and units, and shows a new value without a reload."""
+    """The console lists the gateway as 在线 with its Chinese point names and units, shows a new value without a reload, and its delivery counts."""
     central = Central(tmp_path, mosquitto.port)
     central.start()
     gw = FakeGateway(mosquitto.port)
@@ -79,6 +79,20 @@ def test_console_shows_gateways_in_chinese_and_refreshes_live(tmp_path: Path, mo
 
             gw.send_values({"gas-1/gas_lel": 37.25})
             wait.until(lambda d: "37.25" in d.find_element(By.CSS_SELECTOR, f'section[data-gw="{GW}"]').text)
+
+            # delivery: seqs 3 and 4 are missing, and the edge reported 3 thinned away
+            now = int(time.time() * 1000)
+            n = len(gw.acks)
+            gw.publish(env.DataBatch(gw=GW, stream="web-stream", sent_ms=now, records=(
+                env.Record(seq=5, kind=env.RecordKind.TELEMETRY, ts_ms=now, point="gas-1/gas_lel",
+                           value=40.0),
+                env.Record(seq=6, kind=env.RecordKind.EVENT, ts_ms=now, point=None, value=1,
+                           attrs={"event": "outbox_thinned", "records": 1, "first_seq": 3,
+                                  "last_seq": 3, "points": ["gas-1/gas_lel"]}))), "data")
+            wait_for(lambda: len(gw.acks) > n, timeout=10, what="central's ack")
+            head = wait.until(lambda d: (t := d.find_element(
+                By.CSS_SELECTOR, f'section[data-gw="{GW}"] .gw-head').text) and "缺失 2" in t and t)
+            assert "已接收 4" in head and "已报告丢弃 1" in head and "积压 0" in head
             driver.save_screenshot(str(tmp_path / "console.png"))
     finally:
         gw.close()

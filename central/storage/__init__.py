@@ -1,7 +1,9 @@
 """Central's storage interface (DESIGN.md §4.3, §9) and `open_storage(url)`.
 
-A backend keeps gateways, points, readings, events and the latest value per point. Every method
-is async; a backend runs its blocking driver calls off the event loop. SQL stays portable
+A backend keeps gateways, points, readings, events and the latest value per point, what it holds
+of each gateway's stream (`delivery`), 1-minute / 1-hour aggregates (`aggregates`) and flags
+implausible record times (`timecheck`). Every method is async; a backend runs its blocking
+driver calls off the event loop. SQL stays portable
 (`INSERT ... ON CONFLICT ... DO NOTHING / DO UPDATE`) so the PostgreSQL backend can share it.
 
 Refs are path-safe names used by the API: a device is `"{gw}:{device}"` and a point
@@ -16,6 +18,7 @@ Use it as an async context manager::
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,7 +26,23 @@ from typing import Self, TypeVar
 
 from central.alarm_types import AlarmPolicy
 from central.errors import CentralError
+from central.storage.aggregates import (
+    Bucket,
+    RetentionPolicy,
+    buckets_program,
+    flush_program,
+    point_id_program,
+    point_ids_program,
+    purge_chunk_program,
+)
+from central.storage.delivery import (
+    DeliverySummary,
+    GatewayDelivery,
+    delivery_program,
+    summary_program,
+)
 from central.storage.program import Program
+from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, State
 
 T = TypeVar("T")
@@ -83,6 +102,8 @@ class WriteResult:
     stream: str
     received: int
     inserted: int
+    clock_suspect: int = 0  # of the inserted, how many central judged implausible (§4.7)
+    corrected: int = 0  # held suspect copies whose time this batch corrected
 
     @property
     def duplicates(self) -> int:
@@ -154,6 +175,13 @@ class RecordCounts:
     events: int
 
 
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    """Rows deleted by one retention pass, per table."""
+
+    deleted: dict[str, int]
+
+
 # --- refs -------------------------------------------------------------------------------------
 
 
@@ -196,6 +224,14 @@ class Storage(abc.ABC):
     # Flapping and incident windows applied while batches are written (`central.alarm_engine`);
     # the app sets it from its settings after opening.
     alarm_policy: AlarmPolicy = AlarmPolicy()
+    # Plausible record times (central.storage.timecheck); the app sets it from its settings.
+    time_policy: TimePolicy = TimePolicy()
+    # The aggregate flush (PostgreSQL: `pg_flush_program`, server-side).
+    _flush_program: Callable[[], Program[int]] = staticmethod(flush_program)
+    # A read of aggregates first flushes what is pending, unless a flush ran this recently:
+    # a dashboard polling every few seconds must not force a bucket write per sample.
+    read_flush_age_s: float = 5.0
+    _flushed_at: float = float("-inf")
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -267,6 +303,64 @@ class Storage(abc.ABC):
         factory, since a read may be retried on a fresh connection. Driver errors become
         `DatabaseWriteError` / `StorageError`; the program's own errors pass through."""
 
+    # -- delivery, aggregates and retention: portable programs, the same on every backend ----
+
+    async def delivery(self, gw: str) -> GatewayDelivery:
+        """Per stream of `gw`: held, missing, gaps, reported lost (`central.storage.delivery`);
+        raises `UnknownGatewayError`."""
+        out = await self.run(lambda: delivery_program(gw), write=False)
+        if out is None:
+            raise UnknownGatewayError(gw)
+        return out
+
+    async def delivery_summary(self, gw: str | None = None) -> dict[str, DeliverySummary]:
+        """Held / missing / reported lost per gateway, summed over its streams."""
+        return await self.run(lambda: summary_program(gw), write=False)
+
+    async def buckets(self, point_ref: str, resolution: str, from_ms: int, to_ms: int,
+                      limit: int) -> list[Bucket]:
+        """Aggregates (`"1m"` or `"1h"`) of a point whose bucket starts in
+        [floor(from_ms), to_ms), oldest first; raises `UnknownPointError`. Complete up to
+        `read_flush_age_s` before the call."""
+        gw, device, point = parse_point_ref(point_ref)
+        pid = await self.run(lambda: point_id_program(gw, device, point), write=False)
+        if pid is None:
+            raise UnknownPointError(point_ref)
+        if time.monotonic() - self._flushed_at > self.read_flush_age_s:
+            await self.flush_aggregates()
+        return await self.run(lambda: buckets_program(pid, resolution, from_ms, to_ms, limit),
+                              write=False)
+
+    async def flush_aggregates(self) -> int:
+        """Fold every pending sample set into the aggregate tables (one transaction per
+        `flush_program` call); returns the number of samples folded."""
+        total = 0
+        while n := await self.run(self._flush_program):
+            total += n
+        self._flushed_at = time.monotonic()
+        return total
+
+    async def purge(self, policy: RetentionPolicy, now_ms: int) -> PurgeResult:
+        """Delete raw readings and aggregates older than `policy` keeps them, point by point,
+        at most `policy.chunk_rows` rows per transaction."""
+        deleted: dict[str, int] = {}
+        cutoffs = policy.cutoffs(now_ms)
+        if not cutoffs:
+            return PurgeResult(deleted)
+        await self.flush_aggregates()  # so the buckets pending samples make are purged too
+        pids = await self.run(point_ids_program, write=False)
+        for table, col, before in cutoffs:
+            total = 0
+            for pid in pids:
+                while True:
+                    n = await self.run(lambda t=table, c=col, p=pid, b=before:
+                                       purge_chunk_program(t, c, p, b, policy.chunk_rows))
+                    total += n
+                    if n < policy.chunk_rows:
+                        break
+            deleted[table] = total
+        return PurgeResult(deleted)
+
 
 def open_storage(url: str) -> Storage:
     """A backend for `url` (not yet open: use `async with` or `await storage.open()`).
@@ -286,8 +380,9 @@ def open_storage(url: str) -> Storage:
 
 
 __all__ = [
-    "BadRefError", "DatabaseWriteError", "Device", "Gateway", "Latest", "NotFoundError", "Point",
-    "RecordCounts", "Sample", "Storage", "StorageError", "UnknownDeviceError",
+    "BadRefError", "Bucket", "DatabaseWriteError", "DeliverySummary", "Device", "Gateway",
+    "GatewayDelivery", "Latest", "NotFoundError", "Point", "PurgeResult", "RecordCounts",
+    "RetentionPolicy", "Sample", "Storage", "StorageError", "TimePolicy", "UnknownDeviceError",
     "UnknownGatewayError", "UnknownPointError", "UnsupportedDatabaseError", "WriteResult",
     "device_ref", "open_storage", "parse_device_ref", "parse_point_ref", "point_ref", "split_key",
 ]

@@ -6,13 +6,14 @@ behind a large ingest transaction. Each is used by one task at a time and reopen
 server drops it. Batches are staged with binary `COPY` into temp tables and moved with one
 `INSERT ... SELECT ... ON CONFLICT (gw, stream, seq) DO NOTHING RETURNING`; measured on this
 machine (500-row batches) that beat `executemany` (pipeline mode) by ~1.5x and `unnest`
-arrays by ~1.3x. Schema and migrations: `postgres_schema`.
+arrays by ~1.3x (`postgres_write`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
-global order (points by key, readings by (gw, stream, seq), latest by point id, gateways by
-gw) and every transaction takes them in that phase order: two workers writing overlapping
-batches wait for each other but never deadlock. Migrations run under a transaction-scoped
-advisory lock so workers starting together migrate once. Commits use
+global order (points by key, readings and events by (gw, stream, seq), streams by
+(gw, stream), latest by point id, gateways by gw) and every transaction takes them in that
+phase order (the aggregate flush: pending rows by id, then buckets by (point, bucket)): two
+workers writing overlapping batches wait for each other but never deadlock. Migrations run
+under a transaction-scoped advisory lock so workers starting together migrate once. Commits use
 `synchronous_commit = on`: the ack that follows tells the gateway it may forget the records.
 
 The schema is the connection's `current_schema()`; choose one with the URL, e.g.
@@ -33,7 +34,7 @@ import structlog
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
-from central.alarm_engine import ingest_program, log_changes
+from central.alarm_engine import log_changes
 from central.alarm_types import AlarmChange
 from central.storage import (
     DatabaseWriteError,
@@ -53,6 +54,7 @@ from central.storage import (
     parse_point_ref,
     split_key,
 )
+from central.storage.aggregates import pg_flush_program
 from central.storage.postgres_schema import (
     STAGE_EVENTS,
     STAGE_LATEST,
@@ -60,46 +62,15 @@ from central.storage.postgres_schema import (
     Conn,
     migrate,
 )
+from central.storage.postgres_write import register_dumpers, write_batches
 from central.storage.program import Program, run_async
-from protocols.envelope import Birth, DataBatch, RecordKind, State, to_jsonable
+from protocols.envelope import Birth, DataBatch, State, to_jsonable
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # --- SQL --------------------------------------------------------------------------------------
 
-_READING_COLS = "gw, stream, seq, point_id, ts_ms, value, text, flags, received_ms"
-_EVENT_COLS = "gw, stream, seq, kind, point_id, ts_ms, value, text, flags, attrs, received_ms"
-_READING_TYPES = ["int4", "text", "text", "int8", "int8", "int8", "float8", "text", "int4", "int8"]
-_EVENT_TYPES = ["int4", "text", "text", "int8", "int4", "int8", "int8", "float8", "text", "int4",
-                "text", "int8"]
-
-
-def _move_staged(table: str, cols: str, select_cols: str) -> str:
-    """Insert the staged rows, the first batch of the call winning a key staged twice, in key
-    order (see the module docstring), and count the inserted rows per batch."""
-    return (f"WITH src AS (SELECT DISTINCT ON (gw, stream, seq) * FROM pg_temp.fl_stage_{table}"
-            f" ORDER BY gw, stream, seq, batch_no),"
-            f" ins AS (INSERT INTO {table} ({cols}) SELECT {select_cols} FROM src"
-            f" ORDER BY gw, stream, seq ON CONFLICT (gw, stream, seq) DO NOTHING"
-            f" RETURNING gw, stream, seq)"
-            f" SELECT src.batch_no, count(*) FROM ins JOIN src USING (gw, stream, seq)"
-            f" GROUP BY src.batch_no")
-
-
-_MOVE_READINGS = _move_staged("readings", _READING_COLS, _READING_COLS)
-_MOVE_EVENTS = _move_staged("events", _EVENT_COLS, _EVENT_COLS.replace("attrs", "attrs::jsonb"))
-_LATEST_TYPES = ["int8", "int8", "float8", "text"]
-# Only a newer sample replaces the latest value, so backlog never hides fresher data.
-_UPSERT_LATEST = ("INSERT INTO latest (point_id, ts_ms, value, text)"
-                  " SELECT * FROM pg_temp.fl_stage_latest ORDER BY 1"
-                  " ON CONFLICT (point_id) DO UPDATE SET ts_ms = excluded.ts_ms,"
-                  " value = excluded.value, text = excluded.text"
-                  " WHERE excluded.ts_ms > latest.ts_ms")
-_TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms)"
-                   " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[]) ORDER BY 1"
-                   " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
-                   " last_seen_ms = excluded.last_seen_ms")
 _INSERT_POINTS = ("INSERT INTO points (gw, device, point)"
                   " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]) ORDER BY 1, 2, 3"
                   " ON CONFLICT (gw, device, point) DO NOTHING")
@@ -109,8 +80,6 @@ _SELECT_POINTS = ("SELECT p.id, p.gw, p.device, p.point FROM points p"
 _POINT_COLS = ("p.gw, p.device, p.point, p.name_zh, p.unit, p.profile,"
                " l.ts_ms, l.value, l.text")
 _GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
-
-_TELEMETRY = RecordKind.TELEMETRY
 
 
 def _now_ms() -> int:
@@ -160,6 +129,7 @@ class _Link:
                                                  **self.connect_kwargs)
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to {describe_url(self.url)}: {exc}") from exc
+        register_dumpers(conn)
         try:
             for sql in self.setup:
                 await conn.execute(sql)
@@ -196,6 +166,8 @@ class _Link:
 
 class PostgresStorage(Storage):
     """Storage on PostgreSQL; `url` is a libpq URL (`postgresql://` or `postgres://`)."""
+
+    _flush_program = staticmethod(pg_flush_program)
 
     def __init__(self, url: str) -> None:
         try:
@@ -308,61 +280,8 @@ class PostgresStorage(Storage):
         for b in batches:
             keys.setdefault(b.gw, set()).update(r.point for r in b.records if r.point is not None)
         await self._ids_for(conn, keys)
-        readings: list[tuple[Any, ...]] = []
-        events: list[tuple[Any, ...]] = []
-        latest: dict[int, tuple[int, float | None, str | None]] = {}
-        touched: dict[str, str] = {}
-        for n, batch in enumerate(batches):
-            gw, stream = batch.gw, batch.stream
-            ids = self._point_ids[gw]
-            for r in batch.records:
-                v = r.value
-                # SQLite's REAL affinity stores ints and bools as floats; do the same.
-                num, text = (None, v) if v.__class__ is str else (
-                    None if v is None else float(v), None)
-                pid = None if r.point is None else ids[r.point]
-                if r.kind is _TELEMETRY:
-                    readings.append((n, gw, stream, r.seq, pid, r.ts_ms, num, text,
-                                     int(r.flags), now))
-                    if pid is not None:
-                        prev = latest.get(pid)
-                        if prev is None or r.ts_ms > prev[0]:
-                            latest[pid] = (r.ts_ms, num, text)
-                else:
-                    attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
-                             if r.attrs else None)
-                    events.append((n, gw, stream, r.seq, int(r.kind), pid, r.ts_ms, num, text,
-                                   int(r.flags), attrs, now))
-            touched[gw] = stream  # the last batch of a gateway names its current stream
-        inserted = [0] * len(batches)
-        for rows, table, types, move in ((readings, "readings", _READING_TYPES, _MOVE_READINGS),
-                                         (events, "events", _EVENT_TYPES, _MOVE_EVENTS)):
-            if not rows:
-                continue
-            async with conn.cursor() as cur:
-                async with cur.copy(f"COPY pg_temp.fl_stage_{table} FROM STDIN"
-                                    " (FORMAT BINARY)") as copy:
-                    copy.set_types(types)
-                    for row in rows:
-                        await copy.write_row(row)
-                await cur.execute(move)
-                for n, count in await cur.fetchall():
-                    inserted[n] += count
-        if latest:
-            async with conn.cursor() as cur:
-                async with cur.copy("COPY pg_temp.fl_stage_latest FROM STDIN"
-                                    " (FORMAT BINARY)") as copy:
-                    copy.set_types(_LATEST_TYPES)
-                    for pid, (ts, num, text) in latest.items():
-                        await copy.write_row((pid, ts, num, text))
-                await cur.execute(_UPSERT_LATEST)
-        gws = sorted(touched)
-        await conn.execute(_TOUCH_GATEWAYS, (gws, [touched[g] for g in gws], [now] * len(gws)))
-        # Alarm records move alarms in this same transaction, their locks after the ones above
-        # (alarm keys sorted, then incidents by area: see central.alarm_engine).
-        changes = await run_async(conn, ingest_program(batches, self.alarm_policy, now))
-        return [WriteResult(gw=b.gw, stream=b.stream, received=len(b.records), inserted=k)
-                for b, k in zip(batches, inserted, strict=True)], changes
+        return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
+                                   self.time_policy)
 
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:

@@ -14,6 +14,8 @@ from psycopg import AsyncConnection
 
 from central.storage import StorageError
 from central.storage.alarm_schema import alarm_tables
+from central.storage.delivery_schema import backfill_program, history_tables
+from central.storage.program import run_async
 
 log = structlog.get_logger(__name__)
 Conn = AsyncConnection[Any]
@@ -69,6 +71,13 @@ async def m001_initial(conn: Conn) -> None:
 async def m002_areas_alarms(conn: Conn) -> None:
     for sql in alarm_tables("postgres"):
         await conn.execute(sql)
+
+
+@migration
+async def m003_delivery_history(conn: Conn) -> None:
+    for sql in history_tables("postgres"):
+        await conn.execute(sql)
+    await run_async(conn, backfill_program())
 
 
 def migration_lock_key(schema: str) -> int:

@@ -39,8 +39,13 @@ from central.storage import (
     parse_point_ref,
     split_key,
 )
+from central.storage.aggregates import AggSamples
 from central.storage.alarm_schema import alarm_tables
+from central.storage.delivery import StreamTally, loss_report, streams_program
+from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.program import Program, run_sync
+from central.storage.timecheck import CENTRAL_BITS, CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
+from central.storage.writes import held_flags_program, replace_program
 from protocols.envelope import Birth, DataBatch, RecordKind, State, to_jsonable
 
 log = structlog.get_logger(__name__)
@@ -92,6 +97,13 @@ def m002_areas_alarms(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
 
 
+@migration
+def m003_delivery_history(conn: sqlite3.Connection) -> None:
+    for sql in history_tables("sqlite"):
+        conn.execute(sql)
+    run_sync(conn, backfill_program())
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply every registered migration not yet applied, each in its own transaction."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -133,6 +145,7 @@ _POINT_COLS = ("p.gw, p.device, p.point, p.name_zh, p.unit, p.profile,"
 _GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
 
 _TELEMETRY = RecordKind.TELEMETRY
+_EVENT = RecordKind.EVENT
 
 
 def _now_ms() -> int:
@@ -272,38 +285,87 @@ class SqliteStorage(Storage):
 
     def _write_sync(self, conn: sqlite3.Connection, batches: Sequence[DataBatch],
                     now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
+        lo, hi = self.time_policy.bounds(now)
         results: list[WriteResult] = []
         latest: dict[int, tuple[int, Any, Any]] = {}
+        samples = AggSamples()
+        tally = StreamTally()
         for batch in batches:
             gw, stream, records = batch.gw, batch.stream, batch.records
             ids = self._ids_for(conn, gw, {r.point for r in records if r.point is not None})
-            readings: list[tuple[Any, ...]] = []
-            events: list[tuple[Any, ...]] = []
+            # seq -> row; a seq twice in one batch keeps its first copy.
+            readings: dict[int, tuple[Any, ...]] = {}
+            events: dict[int, tuple[Any, ...]] = {}
+            # The aggregates' samples, assuming every reading is new (the usual case).
+            pids: list[int] = []
+            tss: list[int] = []
+            vals: list[float] = []
             for r in records:
-                v = r.value
+                v, ts, seq = r.value, r.ts_ms, r.seq
                 num, text = (None, v) if v.__class__ is str else (v, None)
                 pid = None if r.point is None else ids[r.point]
+                f = int(r.flags)
+                if ts < lo or ts > hi:
+                    f |= CENTRAL_BITS
                 if r.kind is _TELEMETRY:
-                    readings.append((gw, stream, r.seq, pid, r.ts_ms, num, text, r.flags, now))
-                    if pid is not None:
+                    if seq not in readings:
+                        readings[seq] = (gw, stream, seq, pid, ts, num, text, f, now)
+                        if pid is not None and num is not None and not f & CLOCK_SUSPECT:
+                            pids.append(pid)
+                            tss.append(ts)
+                            vals.append(float(num))  # type: ignore[arg-type]
+                    if pid is not None and not f & CENTRAL_TS_SUSPECT:
                         prev = latest.get(pid)
-                        if prev is None or r.ts_ms > prev[0]:
-                            latest[pid] = (r.ts_ms, num, text)
-                else:
+                        if prev is None or ts > prev[0]:
+                            latest[pid] = (ts, num, text)
+                elif seq not in events:
                     attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
                              if r.attrs else None)
-                    events.append((gw, stream, r.seq, int(r.kind), pid, r.ts_ms, num, text,
-                                   r.flags, attrs, now))
-            inserted = 0
-            if readings:
-                inserted += conn.executemany(_INSERT_READING, readings).rowcount
-            if events:
-                inserted += conn.executemany(_INSERT_EVENT, events).rowcount
+                    events[seq] = (gw, stream, seq, int(r.kind), pid, ts, num, text, f, attrs,
+                                   now)
+                    if r.kind is _EVENT:
+                        report = loss_report(seq, ts, r.attrs)
+                        if report is not None:
+                            tally.lost(gw, stream, report)
+            inserted = suspect = corrected = 0
+            for table, rows, sql, ts_i, flags_i in (
+                    ("readings", readings, _INSERT_READING, 4, 7),
+                    ("events", events, _INSERT_EVENT, 5, 8)):
+                if not rows:
+                    continue
+                held = run_sync(conn, held_flags_program(table, gw, stream, sorted(rows)))
+                fresh = list(rows.values()) if not held else [
+                    row for s, row in rows.items() if s not in held]
+                if fresh:
+                    inserted += conn.executemany(sql, fresh).rowcount
+                    suspect += sum(1 for row in fresh if row[flags_i] & CENTRAL_TS_SUSPECT)
+                fixed: list[tuple[Any, ...]] = []
+                if held:
+                    again = [(gw, stream, s, rows[s][ts_i], rows[s][flags_i])
+                             for s, f in held.items() if replaces(f, rows[s][flags_i])]
+                    if again:
+                        done = run_sync(conn, replace_program(table, again))
+                        fixed = [rows[s] for _, _, s in done]
+                        corrected += len(fixed)
+                if table == "readings":
+                    if not held:
+                        samples.extend(pids, tss, vals)
+                    for part in ((fresh, fixed) if held else (fixed,)):
+                        for _, _, _, pid, ts, num, _, f, _ in part:
+                            if pid is not None and num is not None and not f & CLOCK_SUSPECT:
+                                samples.add(pid, ts, float(num))
+            tally.held(gw, stream, readings)
+            tally.held(gw, stream, events)
             conn.execute(_TOUCH_GATEWAY, (gw, stream, now))
             results.append(WriteResult(gw=gw, stream=stream, received=len(records),
-                                       inserted=inserted))
+                                       inserted=inserted, clock_suspect=suspect,
+                                       corrected=corrected))
+        if samples:
+            stmt = samples.row(now)
+            conn.execute(stmt.text, stmt.params)
         if latest:
             conn.executemany(_UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()])
+        run_sync(conn, streams_program(tally, now))
         # Alarm records move alarms in this same transaction (central.alarm_engine).
         changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
         return results, changes

@@ -1,0 +1,305 @@
+"""What central holds of each gateway's stream, and what it knows is missing (DESIGN.md §4.6).
+
+Three tables, written in the batch's own transaction by `streams_program` (portable SQL, run
+by either backend):
+
+- `streams`: per (gw, stream) the counters the API reads without scanning: `held` (distinct
+  seqs ever stored: retention purges rows, not this), `max_seq`, `lost_reported` (sum of the
+  `records` the edge said it evicted), first/last write time.
+- `stream_ranges`: the seqs held, as disjoint, non-adjacent `[first_seq, last_seq]` ranges.
+  A healthy stream is one row; each gap adds one. Gaps are its complement in `1..max_seq`,
+  found with `lag()` over the ranges (the raw tables are purged by time, so they cannot
+  answer "was this seq ever here").
+- `stream_losses`: the edge's `outbox_thinned` / `outbox_dropped` reports (EVENT records,
+  attrs `{event, records, first_seq, last_seq, points}`), one row per report record.
+
+A missing seq is `reported lost` when a loss report covers it, up to the number of records the
+reports name (thinning keeps some records inside a reported range; those still come);
+everything else missing is `pending`: not arrived yet, or lost without a word.
+
+Writers on PostgreSQL lock the `streams` rows (sorted) before they read the ranges, so the
+range merge of one stream is serialised across workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from central.storage.program import Program, Sql, placeholders
+from protocols.envelope import ranges_from_seqs
+
+GAP_LIMIT = 100
+LOSS_EVENTS = {"outbox_thinned": "thinned", "outbox_dropped": "dropped"}
+_RUNS_PER_STREAM = 16  # more runs in one write: delete the span they cover, merge in Python
+_CHUNK = 200  # rows per multi-row statement
+
+
+@dataclass(frozen=True, slots=True)
+class LossReport:
+    seq: int  # of the report record itself
+    kind: str  # thinned | dropped
+    first_seq: int
+    last_seq: int
+    records: int
+    ts_ms: int
+
+
+def loss_report(seq: int, ts_ms: int, attrs: Mapping[str, Any] | None) -> LossReport | None:
+    """The loss report an EVENT record's attrs carry, or None if it is not a valid one."""
+    if not attrs:
+        return None
+    event = attrs.get("event")
+    kind = LOSS_EVENTS.get(event) if type(event) is str else None
+    first, last, n = attrs.get("first_seq"), attrs.get("last_seq"), attrs.get("records")
+    if kind is None or not all(type(x) is int for x in (first, last, n)):
+        return None
+    if not 1 <= first <= last or n < 0:  # type: ignore[operator]
+        return None
+    return LossReport(seq, kind, first, last, n, ts_ms)  # type: ignore[arg-type]
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted union of inclusive ranges; adjacent ranges join."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            if b > out[-1][1]:
+                out[-1][1] = b
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+class StreamTally:
+    """What one write transaction adds to each stream: seqs now held and loss reports."""
+
+    __slots__ = ("seqs", "losses")
+
+    def __init__(self) -> None:
+        self.seqs: dict[tuple[str, str], set[int]] = {}
+        self.losses: dict[tuple[str, str], list[LossReport]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def held(self, gw: str, stream: str, seqs: Iterable[int]) -> None:
+        self.seqs.setdefault((gw, stream), set()).update(seqs)
+
+    def lost(self, gw: str, stream: str, report: LossReport) -> None:
+        self.losses.setdefault((gw, stream), []).append(report)
+
+
+def _chunks(rows: Sequence[tuple[Any, ...]],
+            n: int = _CHUNK) -> Iterable[Sequence[tuple[Any, ...]]]:
+    for i in range(0, len(rows), n):
+        yield rows[i:i + n]
+
+
+def _values(rows: Sequence[tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
+    row = f"({placeholders(len(rows[0]))})"
+    return ", ".join([row] * len(rows)), tuple(x for r in rows for x in r)
+
+
+def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
+    """Record in the write transaction what `tally` says; see the module docstring.
+    `now=None` (a backfill) leaves the write times alone."""
+    keys = sorted(k for k, seqs in tally.seqs.items() if seqs)
+    if not keys:
+        return
+    # 1. Create or lock every stream row, in key order (PostgreSQL: the lock order).
+    for chunk in _chunks([(gw, s, now, now) for gw, s in keys]):
+        values, params = _values(chunk)
+        yield Sql("INSERT INTO streams (gw, stream, first_ms, last_ms) VALUES " + values
+                  + " ON CONFLICT (gw, stream) DO UPDATE SET"
+                  " last_ms = coalesce(excluded.last_ms, streams.last_ms)", params)
+    # 2. The held ranges each run touches (overlaps or adjoins), merged with the runs. The
+    #    usual write extends one range: an UPDATE of last_seq (no index change: PostgreSQL
+    #    updates it in place, so these hot rows do not bloat).
+    runs = {k: ranges_from_seqs(tally.seqs[k]) for k in keys}
+    conds: list[str] = []
+    args: list[Any] = []
+    for (gw, s), rs in runs.items():
+        probe = rs if len(rs) <= _RUNS_PER_STREAM else ((rs[0][0], rs[-1][1]),)
+        for a, b in probe:
+            # The one range starting below `a` that can reach it is the last such range.
+            conds.append("(gw = ? AND stream = ? AND last_seq >= ? AND first_seq <= ? AND"
+                         " first_seq >= coalesce((SELECT max(first_seq) FROM stream_ranges"
+                         " WHERE gw = ? AND stream = ? AND first_seq < ?), ?))")
+            args += (gw, s, a - 1, b + 1, gw, s, a, a)
+    taken: dict[tuple[str, str], dict[int, int]] = {k: {} for k in keys}
+    for i in range(0, len(conds), 50):
+        rows = yield Sql("SELECT gw, stream, first_seq, last_seq FROM stream_ranges WHERE "
+                         + " OR ".join(conds[i:i + 50]), tuple(args[i * 8:(i + 50) * 8]))
+        for gw, s, a, b in rows:
+            taken[(gw, s)][a] = b
+    gone: list[tuple[Any, ...]] = []
+    longer: list[tuple[Any, ...]] = []
+    new: list[tuple[Any, ...]] = []
+    delta: dict[tuple[str, str], list[int]] = {}
+    for k in keys:
+        had = taken[k]
+        merged = merge_ranges([*runs[k], *had.items()])
+        firsts = {a for a, _ in merged}
+        gone += [(*k, a) for a in had if a not in firsts]
+        longer += [(*k, a, b) for a, b in merged if a in had and had[a] != b]
+        new += [(*k, a, b) for a, b in merged if a not in had]
+        delta[k] = [sum(b - a + 1 for a, b in merged) - sum(b - a + 1 for a, b in had.items()),
+                    merged[-1][1], 0]
+    for chunk in _chunks(gone):
+        values, params = _values(chunk)
+        yield Sql(f"DELETE FROM stream_ranges WHERE (gw, stream, first_seq) IN (VALUES {values})",
+                  params)
+    for chunk in _chunks(longer):
+        values, params = _values(chunk)
+        yield Sql("UPDATE stream_ranges SET last_seq = v.column4 FROM (VALUES " + values
+                  + ") AS v WHERE stream_ranges.gw = v.column1 AND stream_ranges.stream ="
+                  " v.column2 AND stream_ranges.first_seq = v.column3", params)
+    for chunk in _chunks(new):
+        values, params = _values(chunk)
+        yield Sql("INSERT INTO stream_ranges (gw, stream, first_seq, last_seq) VALUES " + values,
+                  params)
+    # 3. Loss reports, each once (the report record may arrive twice).
+    reports = [(*k, r.seq, r.kind, r.first_seq, r.last_seq, r.records, r.ts_ms,
+                r.ts_ms if now is None else now) for k in keys for r in tally.losses.get(k, ())]
+    for chunk in _chunks(reports):
+        values, params = _values(chunk)
+        rows = yield Sql("INSERT INTO stream_losses (gw, stream, seq, kind, first_seq, last_seq,"
+                         " records, ts_ms, received_ms) VALUES " + values
+                         + " ON CONFLICT (gw, stream, seq) DO NOTHING RETURNING gw, stream,"
+                         " records", params)
+        for gw, s, n in rows:
+            delta[(gw, s)][2] += n
+    # 4. The counters.
+    for chunk in _chunks([(*k, *delta[k]) for k in keys]):
+        values, params = _values(chunk)
+        yield Sql("UPDATE streams SET held = streams.held + v.column3,"
+                  " max_seq = CASE WHEN v.column4 > streams.max_seq THEN v.column4"
+                  " ELSE streams.max_seq END, lost_reported = streams.lost_reported + v.column5"
+                  " FROM (VALUES " + values + ") AS v"
+                  " WHERE streams.gw = v.column1 AND streams.stream = v.column2", params)
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDelivery:
+    stream: str
+    current: bool  # the stream the gateway names now (older ones: a replaced outbox)
+    held: int
+    max_seq: int
+    missing: int  # seqs in 1..max_seq not held
+    gaps: tuple[tuple[int, int], ...]  # the first GAP_LIMIT missing ranges
+    gap_count: int
+    reported_lost: int  # missing seqs the edge reported evicted
+    pending: int  # missing seqs not (yet) explained: may still come
+    lost_records_reported: int  # sum of `records` over the stream's loss reports
+    lost_ranges: tuple[tuple[int, int], ...]  # the reports' ranges, merged (first GAP_LIMIT)
+    first_ms: int | None
+    last_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayDelivery:
+    gw: str
+    stream: str | None
+    last_seen_ms: int | None
+    backlog: int | None
+    streams: tuple[StreamDelivery, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySummary:
+    """A gateway's delivery over all its streams, for listings."""
+
+    gw: str
+    held: int
+    missing: int
+    reported_lost: int
+
+
+def _loss_ranges(gw: str, stream: str, max_seq: int) -> Program[list[tuple[int, int]]]:
+    rows = yield Sql("SELECT first_seq, last_seq FROM stream_losses WHERE gw = ? AND stream = ?",
+                     (gw, stream))
+    return merge_ranges((a, min(b, max_seq)) for a, b in rows if a <= max_seq)
+
+
+def _reported_lost(gw: str, stream: str, missing: int, lost_records: int,
+                   ranges: list[tuple[int, int]]) -> Program[int]:
+    """Missing seqs inside reported ranges, at most the number of records reported."""
+    if missing <= 0 or lost_records <= 0 or not ranges:
+        return 0
+    held_inside = 0
+    for i in range(0, len(ranges), _CHUNK):
+        chunk = ranges[i:i + _CHUNK]
+        values, params = _values(chunk)
+        rows = yield Sql(
+            f"WITH v(a, b) AS (VALUES {values}) SELECT CAST(coalesce(sum("
+            "CASE WHEN r.last_seq < v.b THEN r.last_seq ELSE v.b END"
+            " - CASE WHEN r.first_seq > v.a THEN r.first_seq ELSE v.a END + 1), 0) AS BIGINT)"
+            " FROM v JOIN stream_ranges r ON r.gw = ? AND r.stream = ? AND r.first_seq <= v.b"
+            " AND r.last_seq >= v.a AND r.first_seq >= coalesce((SELECT max(first_seq)"
+            " FROM stream_ranges r2 WHERE r2.gw = ? AND r2.stream = ? AND r2.first_seq <= v.a),"
+            " v.a)", (*params, gw, stream, gw, stream))
+        held_inside += int(rows[0][0])
+    covered_missing = sum(b - a + 1 for a, b in ranges) - held_inside
+    return max(0, min(covered_missing, lost_records, missing))
+
+
+def _gaps(gw: str, stream: str, limit: int) -> Program[tuple[list[tuple[int, int]], int]]:
+    rows = yield Sql("SELECT prev + 1, first_seq - 1 FROM (SELECT first_seq,"
+                     " lag(last_seq, 1, 0) OVER (ORDER BY first_seq) AS prev FROM stream_ranges"
+                     " WHERE gw = ? AND stream = ?) AS r WHERE first_seq > prev + 1"
+                     " ORDER BY first_seq LIMIT ?", (gw, stream, limit))
+    ((n, lowest),) = yield Sql("SELECT count(*), min(first_seq) FROM stream_ranges"
+                               " WHERE gw = ? AND stream = ?", (gw, stream))
+    return [(a, b) for a, b in rows], n - (1 if lowest == 1 else 0)
+
+
+def delivery_program(gw: str, gap_limit: int = GAP_LIMIT) -> Program[GatewayDelivery | None]:
+    """The delivery view of one gateway; None if central has never heard of it."""
+    g = yield Sql("SELECT stream, last_seen_ms, backlog FROM gateways WHERE gw = ?", (gw,))
+    if not g:
+        return None
+    current, last_seen, backlog = g[0]
+    rows = yield Sql("SELECT stream, held, max_seq, lost_reported, first_ms, last_ms FROM streams"
+                     " WHERE gw = ? ORDER BY stream", (gw,))
+    out = []
+    for stream, held, max_seq, lost_records, first_ms, last_ms in rows:
+        missing = max(0, max_seq - held)
+        gaps: list[tuple[int, int]] = []
+        gap_count = 0
+        if missing:
+            gaps, gap_count = yield from _gaps(gw, stream, gap_limit)
+        lost_ranges = ((yield from _loss_ranges(gw, stream, max_seq)) if lost_records else [])
+        lost = yield from _reported_lost(gw, stream, missing, lost_records, lost_ranges)
+        out.append(StreamDelivery(
+            stream=stream, current=stream == current, held=held, max_seq=max_seq,
+            missing=missing, gaps=tuple(gaps), gap_count=gap_count, reported_lost=lost,
+            pending=missing - lost, lost_records_reported=lost_records,
+            lost_ranges=tuple(lost_ranges[:gap_limit]), first_ms=first_ms, last_ms=last_ms))
+    out.sort(key=lambda s: (not s.current, -(s.last_ms or 0), s.stream))
+    return GatewayDelivery(gw=gw, stream=current, last_seen_ms=last_seen, backlog=backlog,
+                           streams=tuple(out))
+
+
+def summary_program(gw: str | None = None) -> Program[dict[str, DeliverySummary]]:
+    """Per gateway, summed over its streams: held, missing, reported lost. Reads the counters;
+    only a stream with both missing seqs and loss reports costs a ranges query."""
+    where, args = ("WHERE gw = ?", (gw,)) if gw is not None else ("", ())
+    rows = yield Sql("SELECT gw, stream, held, max_seq, lost_reported FROM streams "
+                     + where, args)
+    acc: dict[str, list[int]] = {}
+    for g, stream, held, max_seq, lost_records in rows:
+        missing = max(0, max_seq - held)
+        lost = 0
+        if missing and lost_records:
+            ranges = yield from _loss_ranges(g, stream, max_seq)
+            lost = yield from _reported_lost(g, stream, missing, lost_records, ranges)
+        a = acc.setdefault(g, [0, 0, 0])
+        a[0] += held
+        a[1] += missing
+        a[2] += lost
+    return {g: DeliverySummary(g, *a) for g, a in acc.items()}
