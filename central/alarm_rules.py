@@ -14,12 +14,12 @@ same key locks and constraints as ingest, so they agree.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import structlog
 
+from central import tasks
 from central.alarm_engine import (
     close_incident_program,
     condition_program,
@@ -113,20 +113,7 @@ class AlarmRulesRuntime:
     task: asyncio.Task[None] | None
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-
-async def _supervise(rules: AlarmRules) -> None:
-    """The one place that catches `Exception` for this task: log it and restart the loop."""
-    while True:
-        try:
-            await rules.run()
-        except Exception:
-            log.exception("task_crashed", task="alarms.rules")
-            await asyncio.sleep(1.0)
+        await tasks.stop(self.task)
 
 
 def start_alarm_rules(settings: Settings, storage: Storage, *, run: bool) -> AlarmRulesRuntime:
@@ -135,5 +122,5 @@ def start_alarm_rules(settings: Settings, storage: Storage, *, run: bool) -> Ala
     storage.alarm_policy = policy
     rules = AlarmRules(storage, offline_after_ms=int(settings.offline_alarm_after_s * 1000),
                        interval_s=settings.alarm_rules_interval_s, policy=policy)
-    task = asyncio.create_task(_supervise(rules), name="alarms.rules") if run else None
+    task = tasks.start("alarms.rules", rules.run) if run else None
     return AlarmRulesRuntime(rules, task)

@@ -6,7 +6,6 @@ problem JSON (RFC 9457): 404 for an unknown gateway, device or point, 422 for ba
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from central import tasks
 from central import __version__
 from central.alarm_rules import start_alarm_rules  # alarms wiring (§7)
 from central.alarms_api import install as install_alarm_api  # alarms wiring (§7)
@@ -218,16 +218,6 @@ def _problem(status: int, title: str, detail: str,
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM)
 
 
-async def _supervise(ingest: Ingest) -> None:
-    """The one place that catches `Exception`: log it and restart the ingest loop."""
-    while True:
-        try:
-            await ingest.run()
-        except Exception:
-            log.exception("task_crashed", task="ingest.mqtt")
-            await asyncio.sleep(1.0)
-
-
 # --- the app ----------------------------------------------------------------------------------
 
 
@@ -251,7 +241,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         app.state.alarm_rules = start_alarm_rules(settings, storage, run=run_ingest)
         # --- history: time policy on storage, aggregate flush and retention task.
         app.state.history = start_history(settings, storage, metrics, run=run_ingest)
-        task = (asyncio.create_task(_supervise(ingest), name="ingest.mqtt") if run_ingest
+        task = (tasks.start("ingest.mqtt", ingest.run) if run_ingest
                 else None)
         app.state.ingest_task = task
         log.info("central_started", version=__version__, db=safe_db_url(settings.db_url),
@@ -259,10 +249,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await tasks.stop(task)
             await app.state.commands.stop()  # commands wiring (§6)
             await app.state.alarm_rules.stop()  # alarms wiring (§7)
             await app.state.history.stop()

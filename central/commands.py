@@ -33,6 +33,7 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from central import tasks
 from central.commands_store import (
     ORIGIN_CENTRAL,
     SOURCE_CENTRAL,
@@ -311,10 +312,7 @@ class CommandsRuntime:
     task: asyncio.Task[None] | None
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        await tasks.stop(self.task)
         await self.store.close()
 
 
@@ -326,15 +324,8 @@ async def start_commands(settings: Settings, storage: Storage, *,
     await store.open()
     service = CommandService(settings, storage, store, key)
     log.info("commands_ready", key_path=str(path) if path else None, public_key=service.public_key_b64)
-    task = (asyncio.create_task(_supervise(service), name="commands.dispatch") if dispatch
+    task = (tasks.start("commands.dispatch", service.run) if dispatch
             else None)
     return CommandsRuntime(service=service, store=store, task=task)
 
 
-async def _supervise(service: CommandService) -> None:
-    while True:
-        try:
-            await service.run()
-        except Exception:
-            log.exception("task_crashed", task="commands.dispatch")
-            await asyncio.sleep(1.0)

@@ -9,12 +9,12 @@ and the purge deletes in short, bounded transactions (`central.storage.aggregate
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
 import structlog
 
+from central import tasks
 from central.metrics import Metrics
 from central.settings import Settings
 from central.storage import PurgeResult, RetentionPolicy, Storage, StorageError
@@ -89,20 +89,7 @@ class HistoryRuntime:
     task: asyncio.Task[None] | None
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-
-async def _supervise(history: History) -> None:
-    """The one place that catches `Exception` for this task: log it and restart the loop."""
-    while True:
-        try:
-            await history.run()
-        except Exception:
-            log.exception("task_crashed", task="history")
-            await asyncio.sleep(1.0)
+        await tasks.stop(self.task)
 
 
 def start_history(settings: Settings, storage: Storage, metrics: Metrics, *,
@@ -112,5 +99,5 @@ def start_history(settings: Settings, storage: Storage, metrics: Metrics, *,
     history = History(storage, metrics, policy=retention_from(settings),
                       flush_interval_s=settings.agg_flush_interval_s,
                       purge_interval_s=settings.retention_interval_s)
-    task = asyncio.create_task(_supervise(history), name="history") if run else None
+    task = tasks.start("history", history.run) if run else None
     return HistoryRuntime(history, task)
