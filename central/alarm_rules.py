@@ -93,18 +93,7 @@ class AlarmRules:
 
     async def run(self) -> None:
         """Tick every `interval_s` for ever; a failing tick is logged once per outage."""
-        failing = False
-        while True:
-            try:
-                await self.tick()
-                if failing:
-                    log.info("alarm_rules_recovered")
-                failing = False
-            except StorageError as exc:
-                if not failing:
-                    log.error("alarm_rules_failed", error=str(exc))
-                failing = True
-            await asyncio.sleep(self.interval_s)
+        await tasks.every(self.interval_s, self.tick, name="alarm_rules", errors=StorageError)
 
 
 @dataclass(slots=True)

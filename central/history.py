@@ -65,22 +65,16 @@ class History:
     async def run(self) -> None:
         """Flush every `flush_interval_s`, purge every `purge_interval_s` (first soon after
         start); a failing step is logged once per outage."""
-        failing = False
         next_purge = time.monotonic() + min(60.0, self.purge_interval_s)
-        while True:
-            try:
-                await self.flush()
-                if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + self.purge_interval_s
-                    await self.purge()
-                if failing:
-                    log.info("history_recovered")
-                failing = False
-            except StorageError as exc:
-                if not failing:
-                    log.error("history_failed", error=str(exc))
-                failing = True
-            await asyncio.sleep(self.flush_interval_s)
+
+        async def step() -> None:
+            nonlocal next_purge
+            await self.flush()
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.purge_interval_s
+                await self.purge()
+
+        await tasks.every(self.flush_interval_s, step, name="history", errors=StorageError)
 
 
 @dataclass(slots=True)

@@ -38,3 +38,21 @@ async def stop(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def every(interval_s: float, step: Callable[[], Awaitable[object]], *, name: str,
+                errors: type[BaseException] | tuple[type[BaseException], ...]) -> None:
+    """Run `step()` every `interval_s` for ever. One of `errors` is an outage of the step,
+    logged once when it starts (`{name}_failed`) and once when it ends (`{name}_recovered`)."""
+    failing = False
+    while True:
+        try:
+            await step()
+            if failing:
+                log.info(f"{name}_recovered")
+            failing = False
+        except errors as exc:
+            if not failing:
+                log.error(f"{name}_failed", error=str(exc))
+            failing = True
+        await asyncio.sleep(interval_s)

@@ -220,5 +220,4 @@ class ChaosRun:
 
 def _same(edge_row: tuple, held_row: tuple) -> bool:
     kind, point, ts, value = edge_row
-    return (kind == held_row[0] or (kind != 0 and held_row[0] == kind)) and point == held_row[1] \
-        and ts == held_row[2] and (value == held_row[3] or (value is None and held_row[3] is None))
+    return (kind, point, ts, value) == tuple(held_row[:4])
