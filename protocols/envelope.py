@@ -16,7 +16,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import cbor2
 
@@ -74,8 +74,10 @@ class Flag(enum.IntFlag):
     BAD_QUALITY = 4  # the device reported a fault for this value
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One outbox record. A named tuple, not a dataclass: both sides make hundreds of
+    thousands of these per second while a backlog drains, and a tuple is built 3x faster."""
+
     seq: int
     kind: RecordKind
     ts_ms: int
@@ -147,13 +149,58 @@ Message: TypeAlias = DataBatch | Ack | State | Birth
 
 def ranges_from_seqs(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
     """Collapse sequence numbers into sorted inclusive `[first, last]` ranges."""
-    out: list[list[int]] = []
-    for s in sorted(set(seqs)):
-        if out and s == out[-1][1] + 1:
-            out[-1][1] = s
+    ordered = sorted(set(seqs))
+    if not ordered:
+        return ()
+    first, last = ordered[0], ordered[-1]
+    if last - first + 1 == len(ordered):  # one run: the usual batch
+        return ((first, last),)
+    out: list[tuple[int, int]] = []
+    start = prev = first
+    for s in ordered[1:]:
+        if s != prev + 1:
+            out.append((start, prev))
+            start = s
+        prev = s
+    out.append((start, prev))
+    return tuple(out)
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint inclusive ranges covering the same seqs (touching ranges join)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
         else:
-            out.append([s, s])
-    return tuple((a, b) for a, b in out)
+            out.append((a, b))
+    return tuple(out)
+
+
+def subtract_ranges(ranges: Sequence[tuple[int, int]],
+                    minus: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The seqs of `ranges` that are not in `minus`; both sorted and disjoint."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for a, b in ranges:
+        while j < len(minus) and minus[j][1] < a:
+            j += 1
+        k = j
+        while a <= b:
+            if k >= len(minus) or minus[k][0] > b:
+                out.append((a, b))
+                break
+            ma, mb = minus[k]
+            if ma > a:
+                out.append((a, ma - 1))
+            a = max(a, mb + 1)
+            k += 1
+    return tuple(out)
+
+
+def count_in_ranges(ranges: Iterable[tuple[int, int]]) -> int:
+    return sum(b - a + 1 for a, b in ranges)
 
 
 def seqs_in_ranges(ranges: Iterable[tuple[int, int]]) -> Iterable[int]:

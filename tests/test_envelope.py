@@ -94,3 +94,17 @@ def test_wellformed_cbor_of_wrong_shape_raises_envelope_errors(obj: object) -> N
             env.decode(cbor2.dumps(wrapped))
         except ProtocolError as exc:
             assert isinstance(exc, env.EnvelopeError)
+
+
+seq_sets = st.sets(st.integers(1, 60), max_size=40)
+
+
+@given(seq_sets, seq_sets)
+def test_range_arithmetic_matches_set_arithmetic(a: set[int], b: set[int]) -> None:
+    """merge/subtract/count on ranges agree with the same operations on the seq sets (the
+    uplink tracks in-flight batches as ranges)."""
+    ra, rb = env.ranges_from_seqs(a), env.ranges_from_seqs(b)
+    assert env.subtract_ranges(ra, rb) == env.ranges_from_seqs(a - b)
+    assert env.merge_ranges([*ra, *rb]) == env.ranges_from_seqs(a | b)
+    assert env.count_in_ranges(ra) == len(a)
+    assert set(env.seqs_in_ranges(ra)) == a
