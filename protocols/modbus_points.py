@@ -301,7 +301,10 @@ def encode_point(
             raise bad("expected a string")
         if "\x00" in value:
             raise bad("contains NUL")
-        data = value.encode("utf-8")
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: not text a device can hold
+            raise bad("not valid Unicode text") from None
         size = 2 * spec.length
         if len(data) > size:
             raise bad(f"{len(data)} bytes do not fit in {spec.length} registers")

@@ -199,12 +199,18 @@ def test_bit_types_round_trip(bit, data):
     assert decode_point(b, encode_point(b, flag)) is flag
 
 
-@given(orders, st.text(st.characters(blacklist_characters="\x00"), max_size=8))
+@given(orders, st.text(st.characters(blacklist_characters="\x00",
+                                     blacklist_categories=("Cs",)), max_size=8))
 def test_string_round_trip(bo, text):
     """Strings without trailing spaces round-trip when they fit."""
     text = text.rstrip(" ")
     s = spec("string", bo=bo, length=16)
     assert decode_point(s, encode_point(s, text)) == text
+
+
+def test_string_with_a_lone_surrogate_is_a_typed_error():
+    with pytest.raises(PointEncodeError, match="not valid Unicode"):
+        encode_point(spec("string", length=4), "a\ud800")
 
 
 @given(st.sampled_from(["u16", "i16", "u32", "i32"]), st.integers(0, 0xFFFF),
