@@ -15,6 +15,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Protocol
 
 import aiomqtt
@@ -43,6 +44,8 @@ log = structlog.get_logger(__name__)
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 10.0
 _EXPECTED = {"data": DataBatch, "state": State, "birth": Birth}
+_SEQ = attrgetter("seq")
+_POINT = attrgetter("point")
 
 
 class IngestError(CentralError):
@@ -90,9 +93,10 @@ def check_message(topic: str, payload: bytes, retained: bool = False) -> Inbound
     if isinstance(msg, (DataBatch, Birth)) and msg.gw != t.gw:
         raise GatewayMismatchError(t.gw, msg.gw)
     if isinstance(msg, DataBatch):
-        for r in msg.records:
-            if r.point is not None and "/" not in r.point:
-                raise BadPointKeyError(r.point)
+        # Each distinct key once (a batch names few points many times), in batch order.
+        for key in dict.fromkeys(map(_POINT, msg.records)):
+            if key is not None and "/" not in key:
+                raise BadPointKeyError(key)
     return Inbound(gw=t.gw, msg=msg, retained=retained)
 
 
@@ -113,6 +117,7 @@ class Ingest:
         self.metrics = metrics
         self.boot_id = uuid.uuid4().hex[:12]
         self._connected = asyncio.Event()
+        self._acks: set[asyncio.Task[None]] = set()  # acks being published
 
     @property
     def connected(self) -> bool:
@@ -179,16 +184,63 @@ class Ingest:
         log.info("mqtt_stopped")
 
     async def _consume(self, client: aiomqtt.Client) -> None:
+        """Receive and decode group N+1 while group N is written and acked: a pipeline two
+        deep, so at most one group is being written and one decoded group waits for it.
+        Groups are stored in arrival order (alarm ordering relies on it), each acked only
+        after its own commit, by `_store` itself (its acks do not wait for the next group)."""
         messages = client.messages
         limit = self.settings.ingest_drain_max
-        while True:
-            group = [await anext(messages)]
-            # Drain what is already queued so that one commit (one fsync) covers many batches.
-            while len(messages) and len(group) < limit:
-                group.append(await anext(messages))
-            await self._handle(client, group)
+        storing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                group = [await self._next_message(messages, storing)]
+                # Drain what is already queued so that one commit (one fsync) covers many
+                # batches.
+                while len(messages) and len(group) < limit:
+                    group.append(await anext(messages))
+                infos, batches = self._decode(group)
+                if storing is not None:
+                    await storing  # raises what the previous group's store raised
+                storing = asyncio.create_task(self._store(client, infos, batches),
+                                              name="ingest.store")
+        finally:
+            # Cancelled (shutdown) or disconnected: a decoded group not yet written is
+            # dropped, one being written may commit without its acks; the edge resends what
+            # is unacked. Never an ack without its commit: `_write_and_ack` acks only after.
+            if storing is not None and not storing.done():
+                storing.cancel()
+                await asyncio.wait((storing,))
+                log.info("ingest_store_stopped", committed_unacked_possible=True)
+            if storing is not None and not storing.cancelled():
+                storing.exception()  # already raised above, or secondary to what is raised
+            for task in list(self._acks):  # the connection is going: they cannot complete
+                task.cancel()
 
-    async def _handle(self, client: aiomqtt.Client, group: list[aiomqtt.Message]) -> None:
+    @staticmethod
+    async def _next_message(messages: aiomqtt.MessagesIterator,
+                            storing: asyncio.Task[None] | None) -> aiomqtt.Message:
+        """The next message; raises at once what a failed store raised, not only when the
+        next message comes."""
+        if storing is None or storing.done():
+            if storing is not None:
+                storing.result()
+            return await anext(messages)
+        receiving = asyncio.ensure_future(anext(messages))
+        try:
+            await asyncio.wait((receiving, storing), return_when=asyncio.FIRST_COMPLETED)
+            if storing.done() and storing.exception() is not None and not receiving.done():
+                storing.result()
+            return await receiving
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await receiving
+
+    def _decode(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
+        """Check every message of a group: the state and birth messages, and the data batches
+        with records, each in arrival order. Bad ones are counted and logged."""
+        infos: list[Inbound] = []
         batches: list[DataBatch] = []
         for m in group:
             topic = m.topic.value
@@ -204,19 +256,26 @@ class Ingest:
                 if msg.records:
                     batches.append(msg)
             else:
-                try:
-                    if isinstance(msg, State):
-                        await self.storage.record_state(inbound.gw, msg,
-                                                        seen=not inbound.retained)
-                        self.metrics.states += 1
-                    elif isinstance(msg, Birth):
-                        await self.storage.record_birth(inbound.gw, msg)
-                        self.metrics.births += 1
-                        if self.command_hooks is not None:  # commands wiring (§6)
-                            self.command_hooks.gateway_up(inbound.gw)
-                except DatabaseWriteError as exc:
-                    self.metrics.write_failures += 1
-                    log.error("gateway_info_write_failed", gw=inbound.gw, error=str(exc))
+                infos.append(inbound)
+        return infos, batches
+
+    async def _store(self, client: aiomqtt.Client, infos: list[Inbound],
+                     batches: list[DataBatch]) -> None:
+        """Write one decoded group (its states and births first, as they came), then ack."""
+        for inbound in infos:
+            msg = inbound.msg
+            try:
+                if isinstance(msg, State):
+                    await self.storage.record_state(inbound.gw, msg, seen=not inbound.retained)
+                    self.metrics.states += 1
+                elif isinstance(msg, Birth):
+                    await self.storage.record_birth(inbound.gw, msg)
+                    self.metrics.births += 1
+                    if self.command_hooks is not None:  # commands wiring (§6)
+                        self.command_hooks.gateway_up(inbound.gw)
+            except DatabaseWriteError as exc:
+                self.metrics.write_failures += 1
+                log.error("gateway_info_write_failed", gw=inbound.gw, error=str(exc))
         if batches:
             await self._write_and_ack(client, batches)
 
@@ -245,10 +304,26 @@ class Ingest:
             self.metrics.records_clock_suspect += res.clock_suspect
             self.metrics.records_time_corrected += res.corrected
         written = await self._apply_command_results(written)  # commands wiring (§6)
-        await asyncio.gather(*(self._ack(client, b) for b in written))
+        # Published in the background: the next group's write must not wait for the broker's
+        # PUBACKs of these acks (a round trip per group that left the database idle).
+        for b in written:
+            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
+            self._acks.add(task)
+            task.add_done_callback(self._ack_done)
+
+    def _ack_done(self, task: asyncio.Task[None]) -> None:
+        self._acks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # Not acked: the gateway sends the batch again after its ack timeout, storage
+            # finds it held, and it is acked then.
+            self.metrics.acks_failed += 1
+            log.warning("ack_publish_failed", error_class=type(exc).__name__, error=str(exc))
 
     async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
-        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(r.seq for r in batch.records))
+        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(map(_SEQ, batch.records)))
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
         self.metrics.acks_published += 1

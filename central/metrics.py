@@ -23,6 +23,7 @@ class Metrics:
     records_inserted: int = 0
     records_duplicate: int = 0
     acks_published: int = 0
+    acks_failed: int = 0
     states: int = 0
     births: int = 0
     write_failures: int = 0
@@ -55,6 +56,8 @@ class Metrics:
                self.records_duplicate)
         metric("acks_published_total", "counter", "down/ack messages published.",
                self.acks_published)
+        metric("acks_failed_total", "counter", "down/ack publishes that failed (the gateway "
+               "sends those records again).", self.acks_failed)
         metric("states_total", "counter", "Gateway state messages stored.", self.states)
         metric("births_total", "counter", "Gateway birth messages stored.", self.births)
         metric("write_failures_total", "counter", "Write transactions rolled back.",

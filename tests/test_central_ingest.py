@@ -7,7 +7,7 @@ import contextlib
 import sqlite3
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -16,7 +16,8 @@ import pytest
 from central.ingest import Ingest
 from central.metrics import Metrics
 from central.settings import Settings
-from central.storage import Storage, open_storage
+from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
+from central.storage.sqlite import SqliteStorage
 from protocols import topics
 from protocols.envelope import (
     Ack,
@@ -263,3 +264,56 @@ async def test_sigkilled_central_never_acked_what_it_had_not_committed(
     finally:
         conn.close()
     assert acked and acked <= held
+
+
+class _PoisonedStorage(SqliteStorage):
+    """The real SQLite storage, with one fault injected: every write that carries a batch of
+    `gw-bad` fails and rolls back, as a poisoned batch would."""
+
+    async def write_batches(self, batches: Sequence[DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
+        if any(b.gw == "gw-bad" for b in batches):
+            raise DatabaseWriteError("injected: gw-bad's batch is poisoned")
+        return await super().write_batches(batches, now_ms=now_ms)
+
+
+async def test_pipelined_acks_name_only_committed_seqs(mosquitto: Mosquitto,
+                                                       tmp_path: Path) -> None:
+    """While batches pipeline, each ack follows its commit; a failed batch is never acked."""
+    db = tmp_path / "central.db"
+    settings = Settings(db_url=f"sqlite:///{db}", mqtt_host=mosquitto.host,
+                        mqtt_port=mosquitto.port, mqtt_client_id=f"central-{uuid.uuid4().hex[:8]}")
+    storage = _PoisonedStorage(db)
+    await storage.open()
+    ingest = Ingest(settings, storage, Metrics())
+    task = asyncio.create_task(ingest.run(), name="ingest.mqtt")
+    reader = sqlite3.connect(db)
+    try:
+        await ingest.wait_connected()
+        async with gateway(mosquitto, "gw-ok") as ok, gateway(mosquitto, "gw-bad") as bad:
+            for b in range(30):  # interleaved, fast: groups queue up behind the write
+                seqs = list(range(b * 500 + 1, b * 500 + 501))
+                await ok.publish(topics.up("gw-ok", "data"), encode(data("gw-ok", "s1", seqs)),
+                                 qos=1)
+                if b % 10 == 0:
+                    await bad.publish(topics.up("gw-bad", "data"),
+                                      encode(data("gw-bad", "s9", seqs)), qos=1)
+            acked: set[int] = set()
+            while len(acked) < 30 * 500:
+                ack = await next_ack(ok)
+                got = set(seqs_in_ranges(ack.ranges))
+                held = {s for (s,) in reader.execute(
+                    "SELECT seq FROM readings WHERE gw = 'gw-ok' AND seq BETWEEN ? AND ?",
+                    (min(got), max(got)))}
+                assert got <= held  # committed before the ack went out
+                acked |= got
+            with pytest.raises(TimeoutError):
+                await next_ack(bad, timeout=1.0)
+        assert reader.execute("SELECT count(*) FROM readings WHERE gw = 'gw-bad'"
+                              ).fetchone() == (0,)
+    finally:
+        reader.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await storage.close()

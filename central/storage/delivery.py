@@ -75,10 +75,12 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 class StreamTally:
     """What one write transaction adds to each stream: seqs now held and loss reports."""
 
-    __slots__ = ("seqs", "losses")
+    __slots__ = ("seqs", "spans", "losses")
 
     def __init__(self) -> None:
         self.seqs: dict[tuple[str, str], set[int]] = {}
+        # Whole ranges held, so a batch of consecutive seqs costs no set of its seqs.
+        self.spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self.losses: dict[tuple[str, str], list[LossReport]] = {}
 
     def __bool__(self) -> bool:
@@ -87,8 +89,22 @@ class StreamTally:
     def held(self, gw: str, stream: str, seqs: Iterable[int]) -> None:
         self.seqs.setdefault((gw, stream), set()).update(seqs)
 
+    def held_ranges(self, gw: str, stream: str, ranges: Iterable[tuple[int, int]]) -> None:
+        """Like `held`, for inclusive `[first, last]` ranges."""
+        self.seqs.setdefault((gw, stream), set())
+        self.spans.setdefault((gw, stream), []).extend(ranges)
+
     def lost(self, gw: str, stream: str, report: LossReport) -> None:
         self.losses.setdefault((gw, stream), []).append(report)
+
+    def runs(self, key: tuple[str, str]) -> list[tuple[int, int]]:
+        """The stream's held seqs as sorted, disjoint, non-adjacent ranges."""
+        seqs, spans = self.seqs.get(key), self.spans.get(key)
+        if not spans:
+            return list(ranges_from_seqs(seqs or ()))
+        if not seqs and len(spans) == 1:
+            return list(spans)
+        return merge_ranges([*ranges_from_seqs(seqs or ()), *spans])
 
 
 def _chunks(rows: Sequence[tuple[Any, ...]],
@@ -105,7 +121,9 @@ def _values(rows: Sequence[tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
 def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
     """Record in the write transaction what `tally` says; see the module docstring.
     `now=None` (a backfill) leaves the write times alone."""
-    keys = sorted(k for k, seqs in tally.seqs.items() if seqs)
+    runs = {k: rs for k in sorted(tally.seqs.keys() | tally.spans.keys())
+            if (rs := tally.runs(k))}
+    keys = list(runs)
     if not keys:
         return
     # 1. Create or lock every stream row, in key order (PostgreSQL: the lock order).
@@ -117,7 +135,6 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
     # 2. The held ranges each run touches (overlaps or adjoins), merged with the runs. The
     #    usual write extends one range: an UPDATE of last_seq (no index change: PostgreSQL
     #    updates it in place, so these hot rows do not bloat).
-    runs = {k: ranges_from_seqs(tally.seqs[k]) for k in keys}
     conds: list[str] = []
     args: list[Any] = []
     for (gw, s), rs in runs.items():

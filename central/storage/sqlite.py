@@ -9,11 +9,14 @@ it may forget those records, so the commit must survive a power cut, not only a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain, islice, repeat
+from operator import attrgetter, eq, lt
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +49,14 @@ from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.program import Program, run_sync
 from central.storage.timecheck import CENTRAL_BITS, CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
 from central.storage.writes import held_flags_program, replace_program
-from protocols.envelope import Birth, DataBatch, RecordKind, State, to_jsonable
+from protocols.envelope import (
+    Birth,
+    DataBatch,
+    RecordKind,
+    State,
+    ranges_from_seqs,
+    to_jsonable,
+)
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -126,9 +136,17 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 # --- SQL --------------------------------------------------------------------------------------
 
-_INSERT_READING = ("INSERT INTO readings (gw, stream, seq, point_id, ts_ms, value, text, flags,"
-                   " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                   " ON CONFLICT (gw, stream, seq) DO NOTHING")
+_READING_COLS = 9
+_ROWS_PER_INSERT = 500  # 4,500 parameters; fewer if the library's limit is lower
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT + 1)
+def _multi_insert_reading(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return ("INSERT INTO readings (gw, stream, seq, point_id, ts_ms, value, text, flags,"
+            f" received_ms) VALUES {values} ON CONFLICT (gw, stream, seq) DO NOTHING")
+
+
 _INSERT_EVENT = ("INSERT INTO events (gw, stream, seq, kind, point_id, ts_ms, value, text, flags,"
                  " attrs, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                  " ON CONFLICT (gw, stream, seq) DO NOTHING")
@@ -146,6 +164,9 @@ _GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_see
 
 _TELEMETRY = RecordKind.TELEMETRY
 _EVENT = RecordKind.EVENT
+# What the column-by-column write reads of each record (a dataclass or a named tuple alike).
+_RECORD_COLS = attrgetter("seq", "kind", "ts_ms", "point", "value", "flags")
+_NUMERIC = frozenset((float, int, bool))
 
 
 def _now_ms() -> int:
@@ -175,6 +196,7 @@ class SqliteStorage(Storage):
         self._conn: sqlite3.Connection | None = None
         # (gw) -> {"device/point": point id}; only touched on the db thread.
         self._point_ids: dict[str, dict[str, int]] = {}
+        self._rows_per_insert = _ROWS_PER_INSERT
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -210,6 +232,9 @@ class SqliteStorage(Storage):
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             migrate(conn)
+            self._rows_per_insert = max(1, min(
+                _ROWS_PER_INSERT,
+                conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _READING_COLS))
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         self._conn = conn
@@ -291,75 +316,11 @@ class SqliteStorage(Storage):
         samples = AggSamples()
         tally = StreamTally()
         for batch in batches:
-            gw, stream, records = batch.gw, batch.stream, batch.records
-            ids = self._ids_for(conn, gw, {r.point for r in records if r.point is not None})
-            # seq -> row; a seq twice in one batch keeps its first copy.
-            readings: dict[int, tuple[Any, ...]] = {}
-            events: dict[int, tuple[Any, ...]] = {}
-            # The aggregates' samples, assuming every reading is new (the usual case).
-            pids: list[int] = []
-            tss: list[int] = []
-            vals: list[float] = []
-            for r in records:
-                v, ts, seq = r.value, r.ts_ms, r.seq
-                num, text = (None, v) if v.__class__ is str else (v, None)
-                pid = None if r.point is None else ids[r.point]
-                f = int(r.flags)
-                if ts < lo or ts > hi:
-                    f |= CENTRAL_BITS
-                if r.kind is _TELEMETRY:
-                    if seq not in readings:
-                        readings[seq] = (gw, stream, seq, pid, ts, num, text, f, now)
-                        if pid is not None and num is not None and not f & CLOCK_SUSPECT:
-                            pids.append(pid)
-                            tss.append(ts)
-                            vals.append(float(num))  # type: ignore[arg-type]
-                    if pid is not None and not f & CENTRAL_TS_SUSPECT:
-                        prev = latest.get(pid)
-                        if prev is None or ts > prev[0]:
-                            latest[pid] = (ts, num, text)
-                elif seq not in events:
-                    attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
-                             if r.attrs else None)
-                    events[seq] = (gw, stream, seq, int(r.kind), pid, ts, num, text, f, attrs,
-                                   now)
-                    if r.kind is _EVENT:
-                        report = loss_report(seq, ts, r.attrs)
-                        if report is not None:
-                            tally.lost(gw, stream, report)
-            inserted = suspect = corrected = 0
-            for table, rows, sql, ts_i, flags_i in (
-                    ("readings", readings, _INSERT_READING, 4, 7),
-                    ("events", events, _INSERT_EVENT, 5, 8)):
-                if not rows:
-                    continue
-                held = run_sync(conn, held_flags_program(table, gw, stream, sorted(rows)))
-                fresh = list(rows.values()) if not held else [
-                    row for s, row in rows.items() if s not in held]
-                if fresh:
-                    inserted += conn.executemany(sql, fresh).rowcount
-                    suspect += sum(1 for row in fresh if row[flags_i] & CENTRAL_TS_SUSPECT)
-                fixed: list[tuple[Any, ...]] = []
-                if held:
-                    again = [(gw, stream, s, rows[s][ts_i], rows[s][flags_i])
-                             for s, f in held.items() if replaces(f, rows[s][flags_i])]
-                    if again:
-                        done = run_sync(conn, replace_program(table, again))
-                        fixed = [rows[s] for _, _, s in done]
-                        corrected += len(fixed)
-                if table == "readings":
-                    if not held:
-                        samples.extend(pids, tss, vals)
-                    for part in ((fresh, fixed) if held else (fixed,)):
-                        for _, _, _, pid, ts, num, _, f, _ in part:
-                            if pid is not None and num is not None and not f & CLOCK_SUSPECT:
-                                samples.add(pid, ts, float(num))
-            tally.held(gw, stream, readings)
-            tally.held(gw, stream, events)
-            conn.execute(_TOUCH_GATEWAY, (gw, stream, now))
-            results.append(WriteResult(gw=gw, stream=stream, received=len(records),
-                                       inserted=inserted, clock_suspect=suspect,
-                                       corrected=corrected))
+            res = self._write_plain_telemetry(conn, batch, now, lo, hi, latest, samples, tally)
+            if res is None:
+                res = self._write_batch(conn, batch, now, lo, hi, latest, samples, tally)
+            conn.execute(_TOUCH_GATEWAY, (batch.gw, batch.stream, now))
+            results.append(res)
         if samples:
             stmt = samples.row(now)
             conn.execute(stmt.text, stmt.params)
@@ -369,6 +330,144 @@ class SqliteStorage(Storage):
         # Alarm records move alarms in this same transaction (central.alarm_engine).
         changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
         return results, changes
+
+    def _write_plain_telemetry(self, conn: sqlite3.Connection, batch: DataBatch, now: int,
+                               lo: int, hi: int, latest: dict[int, tuple[int, Any, Any]],
+                               samples: AggSamples, tally: StreamTally) -> WriteResult | None:
+        """The usual batch (backlog or live telemetry) column by column, without a Python
+        step per record: only numeric TELEMETRY with a point, distinct seqs, trusted and
+        plausible times, none of it held yet. Returns None, having written nothing, for any
+        other batch; `_write_batch` then takes it (the same result, record by record)."""
+        gw, stream, records = batch.gw, batch.stream, batch.records
+        n = len(records)
+        if not n:
+            return None
+        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, records))
+        if (kinds.count(_TELEMETRY) != n or None in points
+                or not _NUMERIC.issuperset(map(type, values))
+                or min(tss) < lo or max(tss) > hi):
+            return None
+        flag_set = set(flags)
+        if any(f & CLOCK_SUSPECT for f in flag_set):
+            return None
+        if all(map(lt, seqs, islice(seqs, 1, None))):
+            ordered = seqs
+        else:
+            ordered = sorted(seqs)
+            if any(map(eq, ordered, islice(ordered, 1, None))):
+                return None  # a seq twice: the record-by-record path keeps its first copy
+        if run_sync(conn, held_flags_program("readings", gw, stream, ordered)):
+            return None  # (part of) a resent batch
+        ids = self._ids_for(conn, gw, set(points))
+        pids = list(map(ids.__getitem__, points))
+        # Plain ints: sqlite3 binds an IntFlag member only after a slow adapter look-up.
+        as_int = {f: int(f) for f in flag_set}
+        flag_col = (repeat(as_int.popitem()[1]) if len(as_int) == 1
+                    else map(as_int.__getitem__, flags))
+        params = list(chain.from_iterable(zip(repeat(gw), repeat(stream), seqs, pids, tss,
+                                              values, repeat(None), flag_col, repeat(now))))
+        inserted = self._insert_readings(conn, params)
+        samples.extend(pids, tss, values)
+        # Latest per point: the largest time, the first record of the batch on a tie. A
+        # stable sort, newest first, then reversed: a later dict write wins.
+        order = sorted(range(n), key=tss.__getitem__, reverse=True)
+        order.reverse()
+        for pid, i in dict(zip(map(pids.__getitem__, order), order)).items():
+            ts = tss[i]
+            prev = latest.get(pid)
+            if prev is None or ts > prev[0]:
+                latest[pid] = (ts, values[i], None)
+        first, last = ordered[0], ordered[-1]
+        tally.held_ranges(gw, stream, ((first, last),) if last - first + 1 == n
+                          else ranges_from_seqs(ordered))
+        return WriteResult(gw=gw, stream=stream, received=n, inserted=inserted)
+
+    def _insert_readings(self, conn: sqlite3.Connection, params: list[Any]) -> int:
+        """Insert readings given as flat column values, many rows per statement: SQLite
+        then holds the GIL-free step for a whole chunk, so a thread decoding the next
+        message does not stall the insert row by row (executemany takes the GIL per row)."""
+        rows = len(params) // _READING_COLS
+        per = self._rows_per_insert
+        inserted = 0
+        for i in range(0, rows, per):
+            k = min(per, rows - i)
+            sql = _multi_insert_reading(k)
+            inserted += conn.execute(sql, params[i * _READING_COLS:(i + k) * _READING_COLS]
+                                     ).rowcount
+        return inserted
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: DataBatch, now: int, lo: int,
+                     hi: int, latest: dict[int, tuple[int, Any, Any]], samples: AggSamples,
+                     tally: StreamTally) -> WriteResult:
+        """Any batch, record by record."""
+        gw, stream, records = batch.gw, batch.stream, batch.records
+        ids = self._ids_for(conn, gw, {r.point for r in records if r.point is not None})
+        # seq -> row; a seq twice in one batch keeps its first copy.
+        readings: dict[int, tuple[Any, ...]] = {}
+        events: dict[int, tuple[Any, ...]] = {}
+        # The aggregates' samples, assuming every reading is new (the usual case).
+        pids: list[int] = []
+        tss: list[int] = []
+        vals: list[float] = []
+        for r in records:
+            v, ts, seq = r.value, r.ts_ms, r.seq
+            num, text = (None, v) if v.__class__ is str else (v, None)
+            pid = None if r.point is None else ids[r.point]
+            f = int(r.flags)
+            if ts < lo or ts > hi:
+                f |= CENTRAL_BITS
+            if r.kind is _TELEMETRY:
+                if seq not in readings:
+                    readings[seq] = (gw, stream, seq, pid, ts, num, text, f, now)
+                    if pid is not None and num is not None and not f & CLOCK_SUSPECT:
+                        pids.append(pid)
+                        tss.append(ts)
+                        vals.append(float(num))  # type: ignore[arg-type]
+                if pid is not None and not f & CENTRAL_TS_SUSPECT:
+                    prev = latest.get(pid)
+                    if prev is None or ts > prev[0]:
+                        latest[pid] = (ts, num, text)
+            elif seq not in events:
+                attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
+                         if r.attrs else None)
+                events[seq] = (gw, stream, seq, int(r.kind), pid, ts, num, text, f, attrs, now)
+                if r.kind is _EVENT:
+                    report = loss_report(seq, ts, r.attrs)
+                    if report is not None:
+                        tally.lost(gw, stream, report)
+        inserted = suspect = corrected = 0
+        for table, rows, ts_i, flags_i in (("readings", readings, 4, 7),
+                                           ("events", events, 5, 8)):
+            if not rows:
+                continue
+            held = run_sync(conn, held_flags_program(table, gw, stream, sorted(rows)))
+            fresh = list(rows.values()) if not held else [
+                row for s, row in rows.items() if s not in held]
+            if fresh:
+                if table == "readings":
+                    inserted += self._insert_readings(conn, list(chain.from_iterable(fresh)))
+                else:
+                    inserted += conn.executemany(_INSERT_EVENT, fresh).rowcount
+                suspect += sum(1 for row in fresh if row[flags_i] & CENTRAL_TS_SUSPECT)
+            fixed: list[tuple[Any, ...]] = []
+            if held:
+                again = [(gw, stream, s, rows[s][ts_i], rows[s][flags_i])
+                         for s, f in held.items() if replaces(f, rows[s][flags_i])]
+                if again:
+                    done = run_sync(conn, replace_program(table, again))
+                    fixed = [rows[s] for _, _, s in done]
+                    corrected += len(fixed)
+            if table == "readings":
+                if not held:
+                    samples.extend(pids, tss, vals)
+                for part in ((fresh, fixed) if held else (fixed,)):
+                    for _, _, _, pid, ts, num, _, f, _ in part:
+                        if pid is not None and num is not None and not f & CLOCK_SUSPECT:
+                            samples.add(pid, ts, float(num))
+        tally.held(gw, stream, readings)
+        tally.held(gw, stream, events)
+        return WriteResult(gw=gw, stream=stream, received=len(records), inserted=inserted,
+                           clock_suspect=suspect, corrected=corrected)
 
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:
