@@ -53,6 +53,11 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds of drain")
     ap.add_argument("--max-inflight", type=int, default=8, help="the agent's [mqtt] max_inflight")
+    ap.add_argument("--backlog-batch-size", type=int, default=5000,
+                    help="the agent's [mqtt] backlog_batch_size")
+    ap.add_argument("--reconnect-max", type=float, default=2.0,
+                    help="the agent's [mqtt] reconnect_max_s: how soon after the link returns it "
+                         "notices (the drain time counts from the restore, so it includes this)")
     ap.add_argument("--ceiling", type=float, default=1_000_000.0,
                     help="the agent's [outbox] backlog_max_points_per_s (the drain's rate ceiling)")
     args = ap.parse_args()
@@ -71,7 +76,9 @@ def main() -> None:
             central.start()
             sim.start()
             agent = Agent(work, GW, proxy.port, sim.port, DEVICES, poll_interval_s=1.0, ack_timeout_s=10,
-                          mqtt_extra=f"keepalive_s = 10\nmax_inflight = {args.max_inflight}",
+                          mqtt_extra=f"keepalive_s = 10\nmax_inflight = {args.max_inflight}\n"
+                                     f"backlog_batch_size = {args.backlog_batch_size}\n"
+                                     f"reconnect_max_s = {args.reconnect_max}",
                           extra=f"\n[outbox]\nbacklog_max_points_per_s = {args.ceiling}\n")
             t_fill = time.perf_counter()
             asyncio.run(prefill(agent.outbox, args.records))
@@ -118,7 +125,8 @@ def main() -> None:
          prefill_points_per_s=round(args.records / fill_s), drain_s=round(drain_s, 1),
          drain_points_per_s=round(status.last_seq / drain_s),
          drain_points_per_s_after_reconnect=round(status.last_seq / max(0.001, drain_s - max(0, since - restore_wall_ms) / 1000)),
-         max_inflight=args.max_inflight, live_points=len(live),
+         max_inflight=args.max_inflight, backlog_batch_size=args.backlog_batch_size,
+         reconnect_max_s=args.reconnect_max, live_points=len(live),
          live_latency_p50_s=pct(live, 0.5), live_latency_p99_s=pct(live, 0.99),
          reconnect_after_restore_s=round(max(0, since - restore_wall_ms) / 1000, 1))
 

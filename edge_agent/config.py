@@ -93,8 +93,16 @@ class MqttConfig(_Model):
     port: int = Field(1883, ge=1, le=65535)
     ack_timeout_s: float = Field(10.0, gt=0)
     batch_size: int = Field(500, ge=1, le=10_000)
+    # Backlog drains in bigger batches: per-message costs (a publish, a commit, an ack and
+    # its bookkeeping on both sides) dominate at 500 records when a long outage ends.
+    backlog_batch_size: int = Field(5000, ge=1, le=50_000)
     max_inflight: int = Field(8, ge=1, le=1000)
     keepalive_s: int = Field(30, ge=5, le=3600)
+    # Reconnect back-off: doubles from `reconnect_min_s` up to `reconnect_max_s`, jittered
+    # (x0.5..1) so that a city of gateways does not reconnect in lockstep. The cap bounds how
+    # long after the link returns the gateway notices.
+    reconnect_min_s: float = Field(0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(10.0, gt=0, le=3600)
     client_id: str | None = None
 
 
@@ -238,6 +246,9 @@ class OutboxConfig(_Model):
     # Ceiling on the backlog drain after an outage (records per second); below it the drain
     # adapts to the ack round trip. Live data and alarms are not limited.
     backlog_max_points_per_s: float = Field(2000.0, gt=0)
+    # How much queueing (seconds of ack round trip above the lowest seen) the backlog drain
+    # may add ahead of live data and alarms; the drain's window shrinks when it adds more.
+    backlog_queue_delay_s: float = Field(0.5, gt=0, le=60)
     # A wall-clock step larger than this marks records CLOCK_SUSPECT until NTP or
     # `edge-agent clock ok` confirms the time (DESIGN.md §4.7).
     clock_max_step_s: float = Field(2.0, gt=0, le=3600)

@@ -84,7 +84,15 @@ from edge_agent.outbox_db import (
 )
 from edge_agent.outbox_lanes import LaneReader, Part
 from edge_agent.sqlite_owner import SqliteOwner
-from protocols.envelope import Flag, Lane, Record, RecordKind, Value, ranges_from_seqs
+from protocols.envelope import (
+    Flag,
+    Lane,
+    Record,
+    RecordKind,
+    Value,
+    merge_ranges,
+    ranges_from_seqs,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -202,14 +210,19 @@ class Outbox:
         return list(range(first, first + len(rows)))
 
     async def next_batch(self, limit: int, exclude: Collection[int] = (), *,
-                         part: Part = "all") -> list[Record]:
+                         part: Part = "all",
+                         skip: tuple[tuple[int, int], ...] | None = None) -> list[Record]:
         """Up to `limit` undelivered records in lane order (module doc), leaving out the seqs
-        in `exclude` (those in flight). `part="priority"`: everything but backlog;
-        `part="backlog"`: backlog telemetry only, oldest first."""
+        in `exclude` or in the sorted, disjoint ranges `skip` (those in flight).
+        `part="priority"`: everything but backlog; `part="backlog"`: backlog telemetry only,
+        oldest first."""
         if limit <= 0:
             return []
         # Snapshot on the loop thread: the caller's set may change while the thread reads.
-        skip = ranges_from_seqs(exclude)
+        if skip is None:
+            skip = ranges_from_seqs(exclude)
+        elif exclude:
+            skip = merge_ranges([*skip, *ranges_from_seqs(exclude)])
         return await self._sqlite.call(lambda: self._lanes.read(self._sqlite.conn, limit, skip,
                                                          self.clock.now(), part))
 

@@ -33,11 +33,19 @@ _SNAPSHOT = (f"SELECT {', '.join('r.' + c.strip() for c in ROW.split(','))}"
              " FROM latest l JOIN records r ON r.seq = l.seq WHERE r.delivered = 0 ORDER BY r.seq")
 
 
+_KINDS = {int(k): k for k in RecordKind}
+_FLAGS = {f: Flag(f) for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
+_HISTORICAL = int(Flag.HISTORICAL)
+_TELEMETRY = int(RecordKind.TELEMETRY)
+
+
 def to_record(row: tuple[Any, ...], flags: int) -> Record:
+    # Called once per record sent: table look-ups instead of enum constructors.
     seq, kind, ts_ms, point, value, is_bool, _, attrs = row[:8]
-    return Record(seq=seq, kind=RecordKind(kind), ts_ms=ts_ms, point=point,
-                  value=bool(value) if is_bool else value, flags=Flag(flags),
-                  attrs=cbor2.loads(attrs) if attrs else None)
+    flag = _FLAGS.get(flags)
+    return Record(seq, _KINDS.get(kind) or RecordKind(kind), ts_ms, point,
+                  bool(value) if is_bool else value, Flag(flags) if flag is None else flag,
+                  cbor2.loads(attrs) if attrs else None)
 
 
 class LaneReader:
@@ -88,13 +96,9 @@ class LaneReader:
                 rows += walk(conn, lane, lo, hi, limit - len(rows), skip)
         if part != "priority":
             rows += walk(conn, Lane.LIVE, 0, horizon, limit - len(rows), skip)
-        out = []
-        for row in rows:
-            flags = row[6]
-            if row[1] == RecordKind.TELEMETRY and self.is_old(row, now):
-                flags |= Flag.HISTORICAL
-            out.append(to_record(row, flags))
-        return out
+        is_old = self.is_old
+        return [to_record(row, row[6] | _HISTORICAL if row[1] == _TELEMETRY and is_old(row, now)
+                          else row[6]) for row in rows]
 
 
 def walk(conn: sqlite3.Connection, lane: Lane, lo: int, hi: int, need: int,

@@ -6,10 +6,15 @@ Two limits, both on backlog batches only (alarms, events and live telemetry are 
 - **AIMD on the number of backlog batches in flight**, driven by the ack round trip. Central
   acks a batch after its commit, so the ack RTT grows when central, the broker or the link
   queue up. The pacer keeps the lowest RTT seen lately as the base and a target of
-  `max(2 × base, base + 250 ms)` (or a fixed `target_rtt_s`): each backlog ack under the target
-  adds 1/window (one batch per round trip), an ack over it halves the window (at most once per
-  smoothed RTT), an ack timeout drops it to one. The window never exceeds `max_window`, which
-  the uplink sets below its in-flight limit so that slots stay free for the higher lanes.
+  `max(2 × base, base + queue_delay_s)` (default 0.5 s; or a fixed `target_rtt_s`): the
+  queueing the backlog may add ahead of live data and alarms. As in TCP, a new connection
+  starts in *slow start*: each backlog ack under the target adds one batch (the window
+  doubles every round trip), so a drain after an outage reaches full speed within a few round
+  trips instead of one batch per round trip. The first ack over the target ends slow start:
+  the window halves (at most once per smoothed RTT) and from then on grows by 1/window per
+  timely ack (one batch per round trip). An ack timeout drops the window to one and halves the
+  slow-start threshold. The window never exceeds `max_window`, which the uplink sets below
+  its in-flight limit so that slots stay free for the higher lanes.
 - **A token bucket** of `max_points_per_s` records per second: the operator's ceiling, e.g.
   for a metered 4G plan or a narrow link shared with video.
 
@@ -23,7 +28,6 @@ from collections import deque
 from dataclasses import dataclass
 
 _BASE_WINDOW_S = 120.0  # the base RTT is the minimum over this long, so it can rise again
-_MIN_MARGIN_S = 0.25  # backlog may add this much queueing ahead of live data at central
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class BacklogPacer:
     """
 
     def __init__(self, *, max_window: int, batch_size: int, max_points_per_s: float | None = None,
-                 target_rtt_s: float | None = None) -> None:
+                 target_rtt_s: float | None = None, queue_delay_s: float = 0.5) -> None:
         if max_window < 1 or batch_size < 1:
             raise ValueError("max_window and batch_size must be >= 1")
         if max_points_per_s is not None and max_points_per_s <= 0:
@@ -67,7 +71,9 @@ class BacklogPacer:
         self.batch_size = batch_size
         self.rate = max_points_per_s
         self.fixed_target = target_rtt_s
+        self.queue_delay_s = queue_delay_s
         self.cwnd = 1.0
+        self.ssthresh = float(max_window)  # below it, slow start
         self.srtt: float | None = None
         self._samples: deque[tuple[float, float]] = deque()  # (time, rtt) for the base RTT
         self._last_decrease = -math.inf
@@ -118,7 +124,7 @@ class BacklogPacer:
         if self.fixed_target is not None:
             return self.fixed_target
         base = self.base_rtt
-        return None if base is None else max(2 * base, base + _MIN_MARGIN_S)
+        return None if base is None else max(2 * base, base + self.queue_delay_s)
 
     def on_ack(self, rtt_s: float, now: float) -> None:
         """A backlog batch was fully acknowledged `rtt_s` after it was sent."""
@@ -129,18 +135,21 @@ class BacklogPacer:
         target = self.target
         assert target is not None
         if rtt_s <= target:
-            self.cwnd = min(float(self.max_window), self.cwnd + 1.0 / self.cwnd)
+            grow = 1.0 if self.cwnd < self.ssthresh else 1.0 / self.cwnd
+            self.cwnd = min(float(self.max_window), self.cwnd + grow)
         elif now - self._last_decrease >= (self.srtt or rtt_s):
-            self.cwnd = max(1.0, self.cwnd / 2)
+            self.cwnd = self.ssthresh = max(1.0, self.cwnd / 2)
             self._last_decrease = now
 
     def on_timeout(self) -> None:
         """A backlog batch went unacknowledged for the ack timeout."""
+        self.ssthresh = max(1.0, self.cwnd / 2)
         self.cwnd = 1.0
 
     def reset(self) -> None:
         """A new connection: the path may differ, so start small and learn the RTT again."""
         self.cwnd = 1.0
+        self.ssthresh = float(self.max_window)
         self.srtt = None
         self._samples.clear()
         self._last_decrease = -math.inf

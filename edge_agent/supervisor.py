@@ -159,10 +159,13 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             mq = config.mqtt
             uplink = Uplink(gw=config.gateway.id, outbox=outbox, host=mq.host, port=mq.port,
                             boot_id=boot_id, version=__version__, birth=birth,
-                            batch_size=mq.batch_size, max_inflight=mq.max_inflight,
-                            ack_timeout_s=mq.ack_timeout_s, keepalive_s=mq.keepalive_s,
-                            client_id=mq.client_id,
-                            backlog_max_points_per_s=ob.backlog_max_points_per_s)
+                            batch_size=mq.batch_size, backlog_batch_size=mq.backlog_batch_size,
+                            max_inflight=mq.max_inflight, ack_timeout_s=mq.ack_timeout_s,
+                            keepalive_s=mq.keepalive_s, client_id=mq.client_id,
+                            backoff_initial_s=mq.reconnect_min_s,
+                            backoff_max_s=max(mq.reconnect_min_s, mq.reconnect_max_s),
+                            backlog_max_points_per_s=ob.backlog_max_points_per_s,
+                            backlog_queue_delay_s=ob.backlog_queue_delay_s)
             runtime.uplink = uplink
             for dev in config.devices:
                 if not dev.enabled:

@@ -21,7 +21,6 @@ backlog batches already in flight, never behind the history.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import inspect
 import json
@@ -30,6 +29,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -38,11 +38,25 @@ from edge_agent.errors import EdgeError
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.pacing import BacklogPacer
 from protocols import topics
-from protocols.envelope import Ack, Birth, DataBatch, EnvelopeError, Record, State, decode, encode
+from protocols.envelope import (
+    Ack,
+    Birth,
+    DataBatch,
+    EnvelopeError,
+    Record,
+    State,
+    count_in_ranges,
+    decode,
+    encode,
+    merge_ranges,
+    ranges_from_seqs,
+    subtract_ranges,
+)
 
 log = structlog.get_logger(__name__)
 
 CommandHandler = Callable[[bytes], Awaitable[None] | None]
+Ranges = tuple[tuple[int, int], ...]
 
 
 class UplinkError(EdgeError):
@@ -68,7 +82,8 @@ class UplinkCounters:
 
 @dataclass(slots=True)
 class _InFlight:
-    seqs: list[int]  # sorted
+    ranges: Ranges  # the batch's seqs not yet acknowledged: sorted, disjoint
+    count: int  # seqs in `ranges`
     sent_at: float  # monotonic
     backlog: bool = False
 
@@ -79,6 +94,22 @@ _STABLE_S = 10.0  # a connection up this long counts as healthy
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt ignores a connection closed before CONNACK and waits out its whole `timeout`;
+    a link that drops every connection at once (a cut uplink behind a NAT or proxy, a broker
+    shedding load) then costs every reconnect attempt that long, and the gateway notices a
+    returning link late. Fail the attempt at once instead."""
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        if not self._connected.done():
+            if self._lock.locked():  # a connect attempt is waiting for its CONNACK
+                self._connected.set_exception(
+                    aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
 
 class Uplink:
@@ -92,23 +123,27 @@ class Uplink:
     """
 
     def __init__(self, *, gw: str, outbox: Outbox, host: str, port: int, boot_id: str,
-                 version: str, birth: Birth, batch_size: int = 500, max_inflight: int = 8,
+                 version: str, birth: Birth, batch_size: int = 500,
+                 backlog_batch_size: int | None = None, max_inflight: int = 8,
                  ack_timeout_s: float = 10.0, keepalive_s: int = 30, client_id: str | None = None,
                  tls: ssl.SSLContext | None = None, username: str | None = None,
                  password: str | None = None, bearer: str = "ip", state_interval_s: float = 10.0,
-                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 10.0,
                  on_command: CommandHandler | None = None,
                  backlog_max_points_per_s: float | None = None,
-                 backlog_target_rtt_s: float | None = None) -> None:
+                 backlog_target_rtt_s: float | None = None,
+                 backlog_queue_delay_s: float = 0.5) -> None:
         topics.check_gateway_id(gw)
-        if batch_size < 1 or max_inflight < 1 or ack_timeout_s <= 0:
-            raise ValueError("batch_size and max_inflight must be >= 1, ack_timeout_s > 0")
+        backlog_batch_size = batch_size if backlog_batch_size is None else backlog_batch_size
+        if min(batch_size, backlog_batch_size, max_inflight) < 1 or ack_timeout_s <= 0:
+            raise ValueError("batch sizes and max_inflight must be >= 1, ack_timeout_s > 0")
         self.gw = gw
         self.outbox = outbox
         self.host, self.port = host, port
         self.boot_id, self.version, self.bearer = boot_id, version, bearer
         self.birth = birth
         self.batch_size, self.max_inflight = batch_size, max_inflight
+        self.backlog_batch_size = backlog_batch_size
         self.ack_timeout_s, self.keepalive_s = ack_timeout_s, keepalive_s
         self.client_id = client_id or gw
         self.tls, self.username, self.password = tls, username, password
@@ -120,7 +155,7 @@ class Uplink:
         self._t_state, self._t_birth, self._t_data = (topics.up(gw, n) for n in ("state", "birth", "data"))
         self._t_ack, self._t_cmd = topics.down(gw, "ack"), topics.down(gw, "cmd")
         self._inflight: dict[int, _InFlight] = {}
-        self._inflight_seqs: set[int] = set()
+        self._inflight_records = 0
         self._batch_ids = 0
         self._wake = asyncio.Event()
         self._backlog = 0
@@ -132,8 +167,10 @@ class Uplink:
         # Slots only priority batches may take; backlog gets the rest, paced.
         self.reserve = max(1, max_inflight // 4)
         self.pacer = BacklogPacer(max_window=max(1, max_inflight - self.reserve),
-                                  batch_size=batch_size, max_points_per_s=backlog_max_points_per_s,
-                                  target_rtt_s=backlog_target_rtt_s)
+                                  batch_size=backlog_batch_size,
+                                  max_points_per_s=backlog_max_points_per_s,
+                                  target_rtt_s=backlog_target_rtt_s,
+                                  queue_delay_s=backlog_queue_delay_s)
         self._backlog_batches = 0
 
     def notify(self) -> None:
@@ -143,7 +180,11 @@ class Uplink:
     @property
     def in_flight(self) -> int:
         """Records sent and not yet acknowledged."""
-        return len(self._inflight_seqs)
+        return self._inflight_records
+
+    def _skip(self) -> Ranges:
+        """The seqs in flight, as ranges for `Outbox.next_batch`."""
+        return merge_ranges(r for fl in self._inflight.values() for r in fl.ranges)
 
     # --- connection ------------------------------------------------------------------------
 
@@ -178,7 +219,7 @@ class Uplink:
     def _client(self) -> aiomqtt.Client:
         will = aiomqtt.Will(topic=self._t_state, payload=encode(self._state(online=False)),
                             qos=1, retain=True)
-        return aiomqtt.Client(self.host, self.port, identifier=self.client_id,
+        return _Client(self.host, self.port, identifier=self.client_id,
                               clean_session=False, will=will, keepalive=self.keepalive_s,
                               protocol=aiomqtt.ProtocolVersion.V311, tls_context=self.tls,
                               username=self.username, password=self.password,
@@ -304,7 +345,7 @@ class Uplink:
             try:
                 if self._priority_slot_free():
                     records = await self.outbox.next_batch(
-                        self.batch_size, exclude=self._inflight_seqs, part="priority")
+                        self.batch_size, skip=self._skip(), part="priority")
                     if records:
                         await self._publish(client, records, backlog=False)
                         continue
@@ -313,7 +354,7 @@ class Uplink:
                     allowed = self.pacer.allowance(now)
                     if allowed:
                         records = await self.outbox.next_batch(
-                            allowed, exclude=self._inflight_seqs, part="backlog")
+                            allowed, skip=self._skip(), part="backlog")
                         if records:
                             self.pacer.took(len(records), now)
                             await self._publish(client, records, backlog=True)
@@ -336,10 +377,10 @@ class Uplink:
     async def _publish(self, client: aiomqtt.Client, records: list[Record], *,
                        backlog: bool) -> None:
         self._batch_ids += 1
-        seqs = sorted(r.seq for r in records)
         # In flight before the publish returns: the ack may beat our PUBACK.
-        self._inflight[self._batch_ids] = _InFlight(seqs, time.monotonic(), backlog)
-        self._inflight_seqs.update(seqs)
+        self._inflight[self._batch_ids] = _InFlight(ranges_from_seqs(r.seq for r in records),
+                                                    len(records), time.monotonic(), backlog)
+        self._inflight_records += len(records)
         if backlog:
             self._backlog_batches += 1
             self.counters.backlog_batches_sent += 1
@@ -368,24 +409,19 @@ class Uplink:
 
     # --- in-flight bookkeeping -------------------------------------------------------------
 
-    def _forget_acked(self, ranges: tuple[tuple[int, int], ...]) -> int:
+    def _forget_acked(self, ranges: Ranges) -> int:
         """Drop acknowledged seqs from the in-flight batches; returns how many batches the ack
         completed within the base `ack_timeout_s` of their sending (timely acks)."""
-        starts = [a for a, _ in ranges]
+        acked = merge_ranges(ranges)
         completed = 0
-
-        def acked(seq: int) -> bool:
-            i = bisect.bisect_right(starts, seq) - 1
-            return i >= 0 and seq <= ranges[i][1]
-
         now = time.monotonic()
         for bid, fl in list(self._inflight.items()):
-            left = [s for s in fl.seqs if not acked(s)]
-            if len(left) != len(fl.seqs):
-                self._inflight_seqs.difference_update(s for s in fl.seqs if acked(s))
-                if left:
-                    fl.seqs = left
-                else:
+            left = subtract_ranges(fl.ranges, acked)
+            if left != fl.ranges:
+                n = count_in_ranges(left)
+                self._inflight_records -= fl.count - n
+                fl.ranges, fl.count = left, n
+                if not left:
                     del self._inflight[bid]
                     completed += now - fl.sent_at <= self.ack_timeout_s
                     if fl.backlog:
@@ -401,12 +437,12 @@ class Uplink:
         expired = [bid for bid, fl in self._inflight.items() if fl.sent_at <= deadline]
         for bid in expired:
             fl = self._inflight.pop(bid)
-            self._inflight_seqs.difference_update(fl.seqs)
+            self._inflight_records -= fl.count
             self.counters.batches_resent += 1
             if fl.backlog:
                 self._backlog_batches -= 1
                 self.pacer.on_timeout()
-            log.info("batch_ack_timeout", records=len(fl.seqs), first=fl.seqs[0],
+            log.info("batch_ack_timeout", records=fl.count, first=fl.ranges[0][0],
                      timeout_s=self._ack_timeout())
         if expired:
             self._timeout_factor = min(self._timeout_factor * 2, _MAX_TIMEOUT_FACTOR)
@@ -420,7 +456,7 @@ class Uplink:
     def _drop_inflight(self) -> None:
         self._timeout_factor = 1
         self._inflight.clear()
-        self._inflight_seqs.clear()
+        self._inflight_records = 0
         self._backlog_batches = 0
         self.pacer.reset()
 

@@ -113,25 +113,39 @@ async def test_without_backlog_lanes_are_plain_priority_order(tmp_path: Path) ->
 # --- pacing -----------------------------------------------------------------------------------
 
 
-def test_pacer_grows_under_target_and_halves_over_it() -> None:
-    """AIMD: +1 batch per window of good acks, halve on a slow ack (once per RTT), 1 on timeout."""
-    p = BacklogPacer(max_window=6, batch_size=100, target_rtt_s=0.1)
+def test_pacer_slow_starts_then_grows_under_target_and_halves_over_it() -> None:
+    """Slow start (+1 batch per good ack) up to the first slow ack; then AIMD: +1 batch per
+    window of good acks, halve on a slow ack (once per RTT), 1 on timeout."""
+    p = BacklogPacer(max_window=20, batch_size=100, target_rtt_s=0.1)
     t = 0.0
-    for _ in range(20):
+    for n in range(1, 8):
         t += 0.05
         p.on_ack(0.05, t)
-    assert p.window == 6  # capped below the uplink's in-flight limit
+        assert p.window == 1 + n  # slow start: one more batch per timely ack
     p.on_ack(0.5, t + 0.01)
-    assert p.window == 3
+    assert p.window == 4  # halved, and slow start is over
     p.on_ack(0.5, t + 0.02)  # within one smoothed RTT of the last decrease: no second halving
-    assert p.window == 3
+    assert p.window == 4
+    t += 0.05
+    for _ in range(5):  # congestion avoidance: about a window of timely acks adds one batch
+        p.on_ack(0.05, t)
+    assert p.window == 5
+    for _ in range(200):
+        p.on_ack(0.05, t)
+    assert p.window == 20  # capped below the uplink's in-flight limit
     p.on_timeout()
-    assert p.window == 1
+    assert p.window == 1 and p.ssthresh == 10
+    p.on_ack(0.05, t + 1)
+    p.on_ack(0.05, t + 1)
+    assert p.window == 3  # slow start again, up to the halved threshold
+    p.reset()
+    assert p.window == 1 and p.ssthresh == 20
 
 
 def test_pacer_target_follows_the_base_rtt() -> None:
-    """Without a fixed target, the target is max(2 x base, base + 250 ms) of the lowest RTT seen."""
-    p = BacklogPacer(max_window=4, batch_size=100)
+    """Without a fixed target, the target is max(2 x base, base + queue_delay_s) of the lowest
+    RTT seen."""
+    p = BacklogPacer(max_window=4, batch_size=100, queue_delay_s=0.25)
     p.on_ack(0.4, 1.0)
     p.on_ack(0.3, 2.0)
     assert p.base_rtt == 0.3 and abs((p.target or 0) - 0.6) < 1e-9  # 2 x base

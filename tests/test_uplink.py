@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
 from edge_agent.outbox import NewRecord, Outbox, read_status
 from edge_agent.uplink import Uplink
@@ -301,3 +302,23 @@ async def test_late_acks_do_not_shorten_the_resend_timeout(tmp_path: Path,
     # backing off keeps resends a small fraction of what was sent.
     assert sent > 10
     assert resent < sent / 2, (resent, sent)
+
+
+async def test_a_connection_closed_before_connack_fails_the_attempt_at_once() -> None:
+    """A link that closes every connection at once (proxy in drop mode) fails each connect
+    attempt right away instead of after the client's whole timeout (here 60 s), so the
+    gateway notices a returning link within its reconnect back-off."""
+    from edge_agent.uplink import _Client
+    from tests.netproxy import LinkProxy
+
+    proxy = LinkProxy("127.0.0.1", 9)  # upstream never reached in drop mode
+    proxy.start()
+    proxy.set_mode("drop")
+    try:
+        for _ in range(3):
+            with pytest.raises(aiomqtt.MqttError, match="before CONNACK"):
+                async with asyncio.timeout(30):
+                    async with _Client("127.0.0.1", proxy.port, identifier="gw-x", timeout=60):
+                        pass
+    finally:
+        proxy.stop()
