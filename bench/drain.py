@@ -52,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds of drain")
-    ap.add_argument("--max-inflight", type=int, default=8, help="the agent's [mqtt] max_inflight")
+    ap.add_argument("--max-inflight", type=int, default=16, help="the agent's [mqtt] max_inflight")
     ap.add_argument("--backlog-batch-size", type=int, default=5000,
                     help="the agent's [mqtt] backlog_batch_size")
     ap.add_argument("--reconnect-max", type=float, default=2.0,

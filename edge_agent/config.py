@@ -96,7 +96,9 @@ class MqttConfig(_Model):
     # Backlog drains in bigger batches: per-message costs (a publish, a commit, an ack and
     # its bookkeeping on both sides) dominate at 500 records when a long outage ends.
     backlog_batch_size: int = Field(5000, ge=1, le=50_000)
-    max_inflight: int = Field(8, ge=1, le=1000)
+    # Data messages awaiting central's ack; a quarter is kept for alarms and live data, the
+    # rest bounds the backlog drain's window (which the ack round trip paces below it).
+    max_inflight: int = Field(16, ge=1, le=1000)
     keepalive_s: int = Field(30, ge=5, le=3600)
     # Reconnect back-off: doubles from `reconnect_min_s` up to `reconnect_max_s`, jittered
     # (x0.5..1) so that a city of gateways does not reconnect in lockstep. The cap bounds how

@@ -429,8 +429,15 @@ class Outbox:
 
     def _mark_sync(self, ranges: list[tuple[int, int]], now: Stamp) -> int:
         def body(conn: sqlite3.Connection) -> int:
-            cur = conn.executemany("UPDATE records SET delivered = ? WHERE seq BETWEEN ? AND ?"
-                                   " AND delivered = 0", [(now.wall_ms, a, b) for a, b in ranges])
+            if self.keep_delivered_ms:
+                cur = conn.executemany(
+                    "UPDATE records SET delivered = ? WHERE seq BETWEEN ? AND ? AND delivered = 0",
+                    [(now.wall_ms, a, b) for a, b in ranges])
+            else:
+                # Nothing is kept once delivered: delete now (one change per row) rather than
+                # mark now and prune later (two), which halves the drain's write load here.
+                cur = conn.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?"
+                                       " AND delivered = 0", ranges)
             marked = max(cur.rowcount, 0)
             add_counter(conn, "delivered_total", marked)
             meta = [("last_ack_ms", str(now.wall_ms))]

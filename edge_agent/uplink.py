@@ -124,7 +124,7 @@ class Uplink:
 
     def __init__(self, *, gw: str, outbox: Outbox, host: str, port: int, boot_id: str,
                  version: str, birth: Birth, batch_size: int = 500,
-                 backlog_batch_size: int | None = None, max_inflight: int = 8,
+                 backlog_batch_size: int | None = None, max_inflight: int = 16,
                  ack_timeout_s: float = 10.0, keepalive_s: int = 30, client_id: str | None = None,
                  tls: ssl.SSLContext | None = None, username: str | None = None,
                  password: str | None = None, bearer: str = "ip", state_interval_s: float = 10.0,

@@ -73,7 +73,7 @@ def test_good_config_fills_defaults_and_resolves_relative_paths(tmp_path: Path) 
     cfg = load_config(path)
     assert cfg.gateway.data_dir == tmp_path / "data"
     assert cfg.outbox_path == tmp_path / "data" / "outbox.db"
-    assert cfg.mqtt.batch_size == 500 and cfg.mqtt.max_inflight == 8
+    assert cfg.mqtt.batch_size == 500 and cfg.mqtt.max_inflight == 16
     assert cfg.devices[1].device_id == 1
     assert cfg.devices[0].transport.port == 5020
     assert cfg.source == path.resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -47,8 +48,8 @@ async def test_seqs_are_never_reused_after_delete(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     async with Outbox.open(db) as ob:
         assert await ob.append([tel(i) for i in range(3)]) == [1, 2, 3]
-        await ob.mark_delivered([(1, 3)])
-        assert await ob.prune() == 3
+        assert await ob.mark_delivered([(1, 3)]) == 3  # no retention: deleted on the ack
+        assert await ob.prune() == 0
         assert (await ob.stats()).backlog == 0
     async with Outbox.open(db) as ob:
         assert await ob.append([tel(9)]) == [4]
@@ -236,3 +237,26 @@ async def test_garbage_file_is_reported_corrupt(tmp_path: Path) -> None:
     with pytest.raises(OutboxCorruptError):
         async with Outbox.open(db):
             pass
+
+
+async def test_delivered_records_are_kept_only_with_retention(tmp_path: Path) -> None:
+    """Without retention an ack deletes the records at once; with `keep_delivered_s` they stay
+    (marked with the ack time) until a prune after that long. Either way they are not sent
+    again and the backlog drops."""
+    def left(db: Path) -> list[tuple[int, bool]]:
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            return [(s, d != 0) for s, d in c.execute("SELECT seq, delivered FROM records")]
+
+    async with Outbox.open(tmp_path / "a.db") as ob:
+        await ob.append([tel(i) for i in range(4)])
+        assert await ob.mark_delivered([(1, 2)]) == 2
+        assert await ob.mark_delivered([(1, 2)]) == 0  # idempotent
+        assert left(tmp_path / "a.db") == [(3, False), (4, False)]
+        assert [r.seq for r in await ob.next_batch(10)] == [3, 4]
+    async with Outbox.open(tmp_path / "b.db", keep_delivered_s=3600) as ob:
+        await ob.append([tel(i) for i in range(4)])
+        assert await ob.mark_delivered([(1, 2)]) == 2
+        assert left(tmp_path / "b.db") == [(1, True), (2, True), (3, False), (4, False)]
+        assert await ob.prune() == 0  # not an hour old yet
+        assert [r.seq for r in await ob.next_batch(10)] == [3, 4]
+        assert (await ob.stats()).backlog == 2
