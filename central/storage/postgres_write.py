@@ -12,7 +12,6 @@ flush of their own: `central.storage.aggregates`).
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 from array import array
@@ -26,18 +25,12 @@ from central.alarm_engine import ingest_program
 from central.alarm_types import AlarmChange, AlarmPolicy
 from central.storage import WriteResult
 from central.storage.aggregates import AggSamples
-from central.storage.delivery import StreamTally, loss_report, streams_program
+from central.storage.delivery import StreamTally, streams_program
 from central.storage.postgres_schema import Conn
 from central.storage.program import run_async
-from central.storage.timecheck import (
-    CENTRAL_BITS,
-    CENTRAL_TS_SUSPECT,
-    CLOCK_SUSPECT,
-    TimePolicy,
-    replaces,
-)
-from central.storage.writes import replace_program
-from protocols.envelope import DataBatch, RecordKind
+from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
+from central.storage.writes import replace_program, stage_records
+from protocols.envelope import DataBatch
 
 _READING_COLS = "gw, stream, seq, point_id, ts_ms, value, text, flags, received_ms"
 _EVENT_COLS = "gw, stream, seq, kind, point_id, ts_ms, value, text, flags, attrs, received_ms"
@@ -78,8 +71,6 @@ _TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms)"
                    " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
                    " last_seen_ms = excluded.last_seen_ms")
 
-_TELEMETRY = RecordKind.TELEMETRY
-_EVENT = RecordKind.EVENT
 # Positions in a staged row (batch_no first).
 _TS = {"readings": 5, "events": 6}
 _FLAGS = {"readings": 8, "events": 9}
@@ -163,34 +154,9 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
         ids = point_ids[gw]
         readings = staged["readings"].setdefault((gw, stream), {})
         events = staged["events"].setdefault((gw, stream), {})
-        for r in batch.records:
-            v, ts, seq = r.value, r.ts_ms, r.seq
-            # SQLite's REAL affinity stores ints and bools as floats; do the same.
-            num, text = (None, v) if v.__class__ is str else (
-                None if v is None else float(v), None)
-            pid = None if r.point is None else ids[r.point]
-            f = int(r.flags)
-            if ts < lo or ts > hi:
-                f |= CENTRAL_BITS
-            if r.kind is _TELEMETRY:
-                if seq not in readings:
-                    readings[seq] = (n, gw, stream, seq, pid, ts, num, text, f, now)
-                    if pid is not None and num is not None and not f & CLOCK_SUSPECT:
-                        pids.append(pid)
-                        tss.append(ts)
-                        vals.append(num)  # type: ignore[arg-type]
-                if pid is not None and not f & CENTRAL_TS_SUSPECT:
-                    prev = latest.get(pid)
-                    if prev is None or ts > prev[0]:
-                        latest[pid] = (ts, num, text)
-            elif seq not in events:
-                attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
-                         if r.attrs else None)
-                events[seq] = (n, gw, stream, seq, int(r.kind), pid, ts, num, text, f, attrs, now)
-                if r.kind is _EVENT:
-                    report = loss_report(seq, ts, r.attrs)
-                    if report is not None:
-                        tally.lost(gw, stream, report)
+        stage_records(gw, stream, batch.records, ids, lo, hi, now, readings=readings,
+                      events=events, latest=latest, tally=tally, samples=(pids, tss, vals),
+                      lead=(n,))
         touched[gw] = stream  # the last batch of a gateway names its current stream
     for by_stream in staged.values():
         for (gw, stream), rows in by_stream.items():

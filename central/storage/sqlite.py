@@ -44,11 +44,11 @@ from central.storage import (
 )
 from central.storage.aggregates import AggSamples
 from central.storage.alarm_schema import alarm_tables
-from central.storage.delivery import StreamTally, loss_report, streams_program
+from central.storage.delivery import StreamTally, streams_program
 from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.program import Program, run_sync
-from central.storage.timecheck import CENTRAL_BITS, CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
-from central.storage.writes import held_flags_program, replace_program
+from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
+from central.storage.writes import held_flags_program, replace_program, stage_records
 from protocols.envelope import (
     Birth,
     DataBatch,
@@ -163,7 +163,6 @@ _POINT_COLS = ("p.gw, p.device, p.point, p.name_zh, p.unit, p.profile,"
 _GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
 
 _TELEMETRY = RecordKind.TELEMETRY
-_EVENT = RecordKind.EVENT
 # What the column-by-column write reads of each record (a dataclass or a named tuple alike).
 _RECORD_COLS = attrgetter("seq", "kind", "ts_ms", "point", "value", "flags")
 _NUMERIC = frozenset((float, int, bool))
@@ -409,32 +408,8 @@ class SqliteStorage(Storage):
         pids: list[int] = []
         tss: list[int] = []
         vals: list[float] = []
-        for r in records:
-            v, ts, seq = r.value, r.ts_ms, r.seq
-            num, text = (None, v) if v.__class__ is str else (v, None)
-            pid = None if r.point is None else ids[r.point]
-            f = int(r.flags)
-            if ts < lo or ts > hi:
-                f |= CENTRAL_BITS
-            if r.kind is _TELEMETRY:
-                if seq not in readings:
-                    readings[seq] = (gw, stream, seq, pid, ts, num, text, f, now)
-                    if pid is not None and num is not None and not f & CLOCK_SUSPECT:
-                        pids.append(pid)
-                        tss.append(ts)
-                        vals.append(float(num))  # type: ignore[arg-type]
-                if pid is not None and not f & CENTRAL_TS_SUSPECT:
-                    prev = latest.get(pid)
-                    if prev is None or ts > prev[0]:
-                        latest[pid] = (ts, num, text)
-            elif seq not in events:
-                attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
-                         if r.attrs else None)
-                events[seq] = (gw, stream, seq, int(r.kind), pid, ts, num, text, f, attrs, now)
-                if r.kind is _EVENT:
-                    report = loss_report(seq, ts, r.attrs)
-                    if report is not None:
-                        tally.lost(gw, stream, report)
+        stage_records(gw, stream, records, ids, lo, hi, now, readings=readings, events=events,
+                      latest=latest, tally=tally, samples=(pids, tss, vals))
         inserted = suspect = corrected = 0
         for table, rows, ts_i, flags_i in (("readings", readings, 4, 7),
                                            ("events", events, 5, 8)):

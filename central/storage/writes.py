@@ -9,12 +9,64 @@ usual case one index range probe that finds nothing); PostgreSQL learns it from 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from central.storage.delivery import StreamTally, loss_report
 from central.storage.program import Program, Sql, placeholders
-from central.storage.timecheck import CLOCK_SUSPECT
+from central.storage.timecheck import CENTRAL_BITS, CENTRAL_TS_SUSPECT, CLOCK_SUSPECT
+from protocols.envelope import Record, RecordKind
 
 _IN_CHUNK = 500
+_TELEMETRY = RecordKind.TELEMETRY
+_EVENT = RecordKind.EVENT
+
+
+def stage_records(gw: str, stream: str, records: Sequence[Record], ids: Mapping[str, int],
+                  lo: int, hi: int, now: int, *, readings: dict[int, tuple[Any, ...]],
+                  events: dict[int, tuple[Any, ...]],
+                  latest: dict[int, tuple[int, float | None, str | None]], tally: StreamTally,
+                  samples: tuple[list[int], list[int], list[float]],
+                  lead: tuple[Any, ...] = ()) -> None:
+    """Sort one batch's records into rows, record by record (both backends):
+
+    - `readings[seq]` = `(*lead, gw, stream, seq, point_id, ts, num, text, flags, now)`,
+      `events[seq]` = `(*lead, gw, stream, seq, kind, point_id, ts, num, text, flags,
+      attrs_json, now)`; a seq already staged keeps its first copy.
+    - Numbers as floats (what both databases' REAL / double columns hold); a time outside
+      `lo..hi` gets the central suspect bits.
+    - `latest[point_id]`, the newest trusted value; `samples` (point ids, times, values) of
+      the readings for the aggregates, assuming each is new; reported losses into `tally`.
+    """
+    pids, tss, vals = samples
+    for r in records:
+        v, ts, seq = r.value, r.ts_ms, r.seq
+        num, text = (None, v) if v.__class__ is str else (None if v is None else float(v), None)
+        pid = None if r.point is None else ids[r.point]
+        f = int(r.flags)
+        if ts < lo or ts > hi:
+            f |= CENTRAL_BITS
+        if r.kind is _TELEMETRY:
+            if seq not in readings:
+                readings[seq] = (*lead, gw, stream, seq, pid, ts, num, text, f, now)
+                if pid is not None and num is not None and not f & CLOCK_SUSPECT:
+                    pids.append(pid)
+                    tss.append(ts)
+                    vals.append(num)
+            if pid is not None and not f & CENTRAL_TS_SUSPECT:
+                prev = latest.get(pid)
+                if prev is None or ts > prev[0]:
+                    latest[pid] = (ts, num, text)
+        elif seq not in events:
+            attrs = (json.dumps(dict(r.attrs), ensure_ascii=False, default=str)
+                     if r.attrs else None)
+            events[seq] = (*lead, gw, stream, seq, int(r.kind), pid, ts, num, text, f, attrs,
+                           now)
+            if r.kind is _EVENT:
+                report = loss_report(seq, ts, r.attrs)
+                if report is not None:
+                    tally.lost(gw, stream, report)
 
 
 def held_flags_program(table: str, gw: str, stream: str,
