@@ -42,8 +42,8 @@ _TELEMETRY = int(RecordKind.TELEMETRY)
 def to_record(row: tuple[Any, ...], flags: int) -> Record:
     # Called once per record sent: table look-ups instead of enum constructors.
     seq, kind, ts_ms, point, value, is_bool, _, attrs = row[:8]
-    flag = _FLAGS.get(flags)
-    return Record(seq, _KINDS.get(kind) or RecordKind(kind), ts_ms, point,
+    rkind, flag = _KINDS.get(kind), _FLAGS.get(flags)
+    return Record(seq, RecordKind(kind) if rkind is None else rkind, ts_ms, point,
                   bool(value) if is_bool else value, Flag(flags) if flag is None else flag,
                   cbor2.loads(attrs) if attrs else None)
 
