@@ -15,6 +15,11 @@ Two limits, both on backlog batches only (alarms, events and live telemetry are 
   timely ack (one batch per round trip). An ack timeout drops the window to one and halves the
   slow-start threshold. The window never exceeds `max_window`, which the uplink sets below
   its in-flight limit so that slots stay free for the higher lanes.
+- **The batch size** adapts too: a backlog batch that times out halves the size of the next
+  ones (down to `min_batch_size`, the live lanes' size), a timely ack doubles it back (up to
+  `batch_size`). On a narrow link (a weak 4G cell, satellite IP) a 5,000-record message may
+  take longer than the ack timeout to get through; without this it would time out and go
+  again for ever. The size learnt is kept across reconnects (the link is likely the same).
 - **A token bucket** of `max_points_per_s` records per second: the operator's ceiling, e.g.
   for a metered 4G plan or a narrow link shared with video.
 
@@ -38,9 +43,10 @@ class PacerSnapshot:
     base_rtt_s: float | None
     target_rtt_s: float | None
     tokens: float | None
+    batch: int
 
     def to_jsonable(self) -> dict[str, float | int | None]:
-        return {"window": self.window, "cwnd": round(self.cwnd, 2),
+        return {"window": self.window, "batch": self.batch, "cwnd": round(self.cwnd, 2),
                 "srtt_ms": _ms(self.srtt_s), "base_rtt_ms": _ms(self.base_rtt_s),
                 "target_rtt_ms": _ms(self.target_rtt_s),
                 "tokens": None if self.tokens is None else int(self.tokens)}
@@ -62,13 +68,17 @@ class BacklogPacer:
     """
 
     def __init__(self, *, max_window: int, batch_size: int, max_points_per_s: float | None = None,
-                 target_rtt_s: float | None = None, queue_delay_s: float = 0.5) -> None:
-        if max_window < 1 or batch_size < 1:
-            raise ValueError("max_window and batch_size must be >= 1")
+                 target_rtt_s: float | None = None, queue_delay_s: float = 0.5,
+                 min_batch_size: int | None = None) -> None:
+        min_batch_size = batch_size if min_batch_size is None else min(min_batch_size, batch_size)
+        if max_window < 1 or min_batch_size < 1:
+            raise ValueError("max_window and batch sizes must be >= 1")
         if max_points_per_s is not None and max_points_per_s <= 0:
             raise ValueError("max_points_per_s must be > 0 (or None for no ceiling)")
         self.max_window = max_window
         self.batch_size = batch_size
+        self.min_batch_size = min_batch_size
+        self.batch = batch_size  # records per backlog batch now
         self.rate = max_points_per_s
         self.fixed_target = target_rtt_s
         self.queue_delay_s = queue_delay_s
@@ -95,11 +105,11 @@ class BacklogPacer:
     def allowance(self, now: float) -> int:
         """Records the next backlog batch may hold now; 0 means wait (`wait_s`)."""
         if self.rate is None:
-            return self.batch_size
+            return self.batch
         self._refill(now)
-        if self._tokens < self._chunk:
+        if self._tokens < min(self._chunk, self.batch):
             return 0
-        return min(self.batch_size, int(self._tokens))
+        return min(self.batch, int(self._tokens))
 
     def wait_s(self, now: float) -> float:
         """Seconds until `allowance` is non-zero."""
@@ -135,6 +145,7 @@ class BacklogPacer:
         target = self.target
         assert target is not None
         if rtt_s <= target:
+            self.batch = min(self.batch_size, self.batch * 2)
             grow = 1.0 if self.cwnd < self.ssthresh else 1.0 / self.cwnd
             self.cwnd = min(float(self.max_window), self.cwnd + grow)
         elif now - self._last_decrease >= (self.srtt or rtt_s):
@@ -145,6 +156,7 @@ class BacklogPacer:
         """A backlog batch went unacknowledged for the ack timeout."""
         self.ssthresh = max(1.0, self.cwnd / 2)
         self.cwnd = 1.0
+        self.batch = max(self.min_batch_size, self.batch // 2)
 
     def reset(self) -> None:
         """A new connection: the path may differ, so start small and learn the RTT again."""
@@ -159,7 +171,8 @@ class BacklogPacer:
         if self.rate is not None:
             self._refill(now)
             tokens = self._tokens
-        return PacerSnapshot(self.window, self.cwnd, self.srtt, self.base_rtt, self.target, tokens)
+        return PacerSnapshot(self.window, self.cwnd, self.srtt, self.base_rtt, self.target, tokens,
+                             self.batch)
 
     def _refill(self, now: float) -> None:
         assert self.rate is not None

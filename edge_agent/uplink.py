@@ -169,7 +169,7 @@ class Uplink:
         self.pacer = BacklogPacer(max_window=max(1, max_inflight - self.reserve),
                                   batch_size=backlog_batch_size,
                                   max_points_per_s=backlog_max_points_per_s,
-                                  target_rtt_s=backlog_target_rtt_s,
+                                  target_rtt_s=backlog_target_rtt_s, min_batch_size=batch_size,
                                   queue_delay_s=backlog_queue_delay_s)
         self._backlog_batches = 0
 

@@ -142,6 +142,25 @@ def test_pacer_slow_starts_then_grows_under_target_and_halves_over_it() -> None:
     assert p.window == 1 and p.ssthresh == 20
 
 
+def test_pacer_shrinks_backlog_batches_that_time_out_and_grows_them_back() -> None:
+    """A narrow link where a big batch cannot get through within the ack timeout: each
+    timeout halves the backlog batch (not below the live size), timely acks double it back."""
+    p = BacklogPacer(max_window=4, batch_size=5000, min_batch_size=500, target_rtt_s=1.0)
+    assert p.allowance(0.0) == 5000
+    sizes = []
+    for _ in range(5):
+        p.on_timeout()
+        sizes.append(p.allowance(0.0))
+    assert sizes == [2500, 1250, 625, 500, 500]
+    p.on_ack(2.0, 1.0)  # late (over the target): no growth
+    assert p.allowance(1.0) == 500
+    p.on_ack(0.5, 2.0)
+    p.on_ack(0.5, 3.0)
+    assert p.allowance(3.0) == 2000
+    p.reset()  # a reconnect keeps what was learnt about the link
+    assert p.allowance(3.0) == 2000 and p.snapshot(3.0).to_jsonable()["batch"] == 2000
+
+
 def test_pacer_target_follows_the_base_rtt() -> None:
     """Without a fixed target, the target is max(2 x base, base + queue_delay_s) of the lowest
     RTT seen."""
