@@ -111,6 +111,16 @@ class _Client(aiomqtt.Client):
             return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:
+            # After an unexpected disconnection aiomqtt leaves the reason in a future that
+            # only its message iterator reads; when a publish noticed first, asyncio would
+            # report it as never retrieved. The session's own error already says what happened.
+            if self._disconnected.done() and not self._disconnected.cancelled():
+                self._disconnected.exception()
+
 
 class Uplink:
     """One MQTT connection to central, kept up for as long as `run()` runs.
