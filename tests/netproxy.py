@@ -7,7 +7,9 @@ Modes:
 - `drop`: every connection is closed and new ones are closed at once (link down, RST-free).
 - `blackhole`: connections stay open but nothing is forwarded (a dead link the TCP stack has
   not noticed; only keepalives find it).
-- `slow`: each chunk is delayed by `delay_s` (a congested or narrow link).
+- `slow`: each chunk is delayed by `delay_s` (a congested link: latency).
+- `narrow`: bytes flow at most `rate_bps` bytes per second each way (a weak cell, satellite
+  IP: bandwidth).
 - `reset()`: close every connection with RST now, then keep the current mode.
 """
 
@@ -22,7 +24,7 @@ from typing import Any, Literal
 
 from tests.helpers import free_port
 
-Mode = Literal["pass", "drop", "blackhole", "slow"]
+Mode = Literal["pass", "drop", "blackhole", "slow", "narrow"]
 
 
 class LinkProxy:
@@ -32,6 +34,7 @@ class LinkProxy:
         self.port = port or free_port()
         self.mode: Mode = "pass"
         self.delay_s = 0.2
+        self.rate_bps = 50_000.0
         self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -52,9 +55,12 @@ class LinkProxy:
         self._thread.join(timeout=5)
         self._loop.close()
 
-    def set_mode(self, mode: Mode, delay_s: float | None = None) -> None:
+    def set_mode(self, mode: Mode, delay_s: float | None = None,
+                 rate_bps: float | None = None) -> None:
         if delay_s is not None:
             self.delay_s = delay_s
+        if rate_bps is not None:
+            self.rate_bps = rate_bps
         self.mode = mode
         if mode == "drop":
             self._run(self._close_all(rst=False))
@@ -103,6 +109,13 @@ class LinkProxy:
                     continue  # swallowed: the peer's TCP stack acks, the other side never sees it
                 if self.mode == "slow":
                     await asyncio.sleep(self.delay_s)
+                if self.mode == "narrow":
+                    for i in range(0, len(chunk), 1024):  # paced in 1 KiB pieces
+                        piece = chunk[i:i + 1024]
+                        writer.write(piece)
+                        await writer.drain()
+                        await asyncio.sleep(len(piece) / self.rate_bps)
+                    continue
                 writer.write(chunk)
                 await writer.drain()
         finally:

@@ -33,6 +33,7 @@ from protocols.envelope import (
     ranges_from_seqs,
 )
 from tests.helpers import Mosquitto, python_env
+from tests.netproxy import LinkProxy
 
 TEL, ALARM, EVENT = RecordKind.TELEMETRY, RecordKind.ALARM, RecordKind.EVENT
 runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
@@ -271,6 +272,45 @@ async def test_live_record_is_acked_promptly_during_a_big_backlog_drain(
         stats = await ob.stats()
         assert stats.backlog == 0 and stats.ack_rate_per_s and stats.ack_rate_per_s > 0
         assert len(central.historical) >= n_backlog - 100
+
+
+async def test_backlog_drains_over_a_link_too_narrow_for_its_batches(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """A link carrying 60 kB/s and a 0.5 s ack timeout: a 4,000-record backlog batch (~100 kB)
+    cannot be acked in time, so the next batches are smaller (less to send again); every
+    record arrives and the outbox drains (duplicates only on the wire)."""
+    gw, n_backlog = f"gw-{uuid.uuid4().hex[:8]}", 8000
+    central = SlowCentral(mosquitto, commit_s=0.0)
+    sizes: list[int] = []
+    proxy = LinkProxy(mosquitto.host, mosquitto.port)
+    proxy.start()
+    proxy.set_mode("narrow", rate_bps=60_000)
+    try:
+        async with Outbox.open(tmp_path / "o.db", live_window_s=0.3) as ob:
+            for i in range(0, n_backlog, 500):
+                await ob.append([tel(j, f"d{j % 100}/v") for j in range(i, i + 500)])
+            await asyncio.sleep(0.4)  # all of it is history now
+            uplink = Uplink(gw=gw, outbox=ob, host=proxy.host, port=proxy.port,
+                            boot_id="b", version="v",
+                            birth=Birth(gw=gw, stream="", boot_id="", version=""),
+                            batch_size=250, backlog_batch_size=4000, max_inflight=4,
+                            ack_timeout_s=0.5)
+            first = uplink.pacer.allowance(0.0)
+            async with running(central.run()):
+                await asyncio.sleep(0.2)
+                async with running(uplink.run()):
+                    def drained() -> bool:
+                        sizes.append(uplink.pacer.batch)  # what the next backlog batch may hold
+                        return (len(central.acked_at) == n_backlog
+                                and uplink.counters.records_acked == n_backlog)
+                    await until(drained, timeout=60, what="every record acked")
+            assert (await ob.stats()).backlog == 0
+        assert first == 4000
+        assert uplink.counters.batches_resent >= 1  # the big first batch timed out
+        assert min(sizes) <= 2000  # and the next ones were smaller
+        assert set(central.acked_at) == set(range(1, n_backlog + 1))
+    finally:
+        proxy.stop()
 
 
 # --- the technician's view ------------------------------------------------------------------
