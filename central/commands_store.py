@@ -23,21 +23,21 @@ on the database file, or psycopg (sync) on PostgreSQL; `?` placeholders become `
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import structlog
 
+from central.db_thread import DbThread
 from central.errors import CentralError
 from protocols.command_results import CommandResult, CommandState, Reason
 
@@ -203,7 +203,8 @@ class CommandStore:
             self.dialect = POSTGRES
         else:
             raise CommandStoreError(f"unsupported database URL {db_url!r}")
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = DbThread("central-commands",
+                                lambda: CommandStoreError("command store is not open"))
         self._conn: Any = None  # touched only on the executor thread
 
     async def __aenter__(self) -> Self:
@@ -215,32 +216,15 @@ class CommandStore:
         await self.close()
 
     async def open(self) -> None:
-        if self._executor is not None:
-            return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="central-commands")
-        try:
-            await self._call(self._open_sync)
-        except BaseException:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            raise
+        await self._thread.open(partial(self._guarded, self._open_sync))
 
     async def close(self) -> None:
-        if self._executor is None:
-            return
-        try:
-            await self._call(self._close_sync)
-        finally:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self._thread.close(partial(self._guarded, self._close_sync))
 
     # --- plumbing -----------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            raise CommandStoreError("command store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._guarded,
-                                                                fn, *args)
+        return await self._thread.call(self._guarded, fn, *args)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:

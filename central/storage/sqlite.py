@@ -8,13 +8,11 @@ it may forget those records, so the commit must survive a power cut, not only a 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice, repeat
 from operator import attrgetter, eq, lt
 from pathlib import Path
@@ -24,6 +22,7 @@ import structlog
 
 from central.alarm_engine import ingest_program, log_changes
 from central.alarm_types import AlarmChange
+from central.db_thread import DbThread
 from central.storage import (
     DatabaseWriteError,
     Device,
@@ -191,7 +190,7 @@ class SqliteStorage(Storage):
             raise StorageError(f"bad synchronous mode {synchronous!r}")
         self.path = str(path)
         self.synchronous = synchronous.upper()
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread = DbThread("central-sqlite", lambda: StorageError("storage is not open"))
         self._conn: sqlite3.Connection | None = None
         # (gw) -> {"device/point": point id}; only touched on the db thread.
         self._point_ids: dict[str, dict[str, int]] = {}
@@ -200,9 +199,7 @@ class SqliteStorage(Storage):
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            raise StorageError("storage is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._thread.call(fn, *args)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -210,15 +207,7 @@ class SqliteStorage(Storage):
         return self._conn
 
     async def open(self) -> None:
-        if self._executor is not None:
-            return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="central-sqlite")
-        try:
-            await self._call(self._open_sync)
-        except BaseException:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-            raise
+        await self._thread.open(self._open_sync)
 
     def _open_sync(self) -> None:
         if self.path != ":memory:":
@@ -240,13 +229,7 @@ class SqliteStorage(Storage):
         log.info("db_opened", path=self.path, synchronous=self.synchronous)
 
     async def close(self) -> None:
-        if self._executor is None:
-            return
-        try:
-            await self._call(self._close_sync)
-        finally:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self._thread.close(self._close_sync)
 
     def _close_sync(self) -> None:
         if self._conn is not None:
