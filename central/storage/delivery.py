@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from central.storage.program import Program, Sql, placeholders
-from protocols.envelope import ranges_from_seqs
+from protocols.envelope import merge_ranges, ranges_from_seqs
 
 GAP_LIMIT = 100
 LOSS_EVENTS = {"outbox_thinned": "thinned", "outbox_dropped": "dropped"}
@@ -60,18 +60,6 @@ def loss_report(seq: int, ts_ms: int, attrs: Mapping[str, Any] | None) -> LossRe
     return LossReport(seq, kind, first, last, n, ts_ms)  # type: ignore[arg-type]
 
 
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted union of inclusive ranges; adjacent ranges join."""
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + 1:
-            if b > out[-1][1]:
-                out[-1][1] = b
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
 class StreamTally:
     """What one write transaction adds to each stream: seqs now held and loss reports."""
 
@@ -84,14 +72,13 @@ class StreamTally:
         self.losses: dict[tuple[str, str], list[LossReport]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.seqs or self.spans)
 
     def held(self, gw: str, stream: str, seqs: Iterable[int]) -> None:
         self.seqs.setdefault((gw, stream), set()).update(seqs)
 
     def held_ranges(self, gw: str, stream: str, ranges: Iterable[tuple[int, int]]) -> None:
         """Like `held`, for inclusive `[first, last]` ranges."""
-        self.seqs.setdefault((gw, stream), set())
         self.spans.setdefault((gw, stream), []).extend(ranges)
 
     def lost(self, gw: str, stream: str, report: LossReport) -> None:
@@ -104,7 +91,7 @@ class StreamTally:
             return list(ranges_from_seqs(seqs or ()))
         if not seqs and len(spans) == 1:
             return list(spans)
-        return merge_ranges([*ranges_from_seqs(seqs or ()), *spans])
+        return list(merge_ranges([*ranges_from_seqs(seqs or ()), *spans]))
 
 
 def _chunks(rows: Sequence[tuple[Any, ...]],
@@ -240,7 +227,7 @@ class DeliverySummary:
 def _loss_ranges(gw: str, stream: str, max_seq: int) -> Program[list[tuple[int, int]]]:
     rows = yield Sql("SELECT first_seq, last_seq FROM stream_losses WHERE gw = ? AND stream = ?",
                      (gw, stream))
-    return merge_ranges((a, min(b, max_seq)) for a, b in rows if a <= max_seq)
+    return list(merge_ranges((a, min(b, max_seq)) for a, b in rows if a <= max_seq))
 
 
 def _reported_lost(gw: str, stream: str, missing: int, lost_records: int,

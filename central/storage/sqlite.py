@@ -343,22 +343,16 @@ class SqliteStorage(Storage):
         ids = self._ids_for(conn, gw, set(points))
         pids = list(map(ids.__getitem__, points))
         # Plain ints: sqlite3 binds an IntFlag member only after a slow adapter look-up.
-        as_int = {f: int(f) for f in flag_set}
-        flag_col = (repeat(as_int.popitem()[1]) if len(as_int) == 1
-                    else map(as_int.__getitem__, flags))
         params = list(chain.from_iterable(zip(repeat(gw), repeat(stream), seqs, pids, tss,
-                                              values, repeat(None), flag_col, repeat(now))))
+                                              values, repeat(None), map(int, flags),
+                                              repeat(now))))
         inserted = self._insert_readings(conn, params)
         samples.extend(pids, tss, values)
-        # Latest per point: the largest time, the first record of the batch on a tie. A
-        # stable sort, newest first, then reversed: a later dict write wins.
-        order = sorted(range(n), key=tss.__getitem__, reverse=True)
-        order.reverse()
-        for pid, i in dict(zip(map(pids.__getitem__, order), order)).items():
-            ts = tss[i]
+        # Latest per point: the largest time, the first record on a tie.
+        for pid, ts, value in zip(pids, tss, values):
             prev = latest.get(pid)
             if prev is None or ts > prev[0]:
-                latest[pid] = (ts, values[i], None)
+                latest[pid] = (ts, value, None)
         first, last = ordered[0], ordered[-1]
         tally.held_ranges(gw, stream, ((first, last),) if last - first + 1 == n
                           else ranges_from_seqs(ordered))
