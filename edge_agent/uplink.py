@@ -153,7 +153,6 @@ class Uplink:
         self.boot_id, self.version, self.bearer = boot_id, version, bearer
         self.birth = birth
         self.batch_size, self.max_inflight = batch_size, max_inflight
-        self.backlog_batch_size = backlog_batch_size
         self.ack_timeout_s, self.keepalive_s = ack_timeout_s, keepalive_s
         self.client_id = client_id or gw
         self.tls, self.username, self.password = tls, username, password

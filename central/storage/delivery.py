@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from central.storage.program import Program, Sql, placeholders
-from protocols.envelope import merge_ranges, ranges_from_seqs
+from protocols.envelope import count_in_ranges, merge_ranges, ranges_from_seqs
 
 GAP_LIMIT = 100
 LOSS_EVENTS = {"outbox_thinned": "thinned", "outbox_dropped": "dropped"}
@@ -149,7 +149,7 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
         gone += [(*k, a) for a in had if a not in firsts]
         longer += [(*k, a, b) for a, b in merged if a in had and had[a] != b]
         new += [(*k, a, b) for a, b in merged if a not in had]
-        delta[k] = [sum(b - a + 1 for a, b in merged) - sum(b - a + 1 for a, b in had.items()),
+        delta[k] = [count_in_ranges(merged) - count_in_ranges(had.items()),
                     merged[-1][1], 0]
     for chunk in _chunks(gone):
         values, params = _values(chunk)
@@ -248,7 +248,7 @@ def _reported_lost(gw: str, stream: str, missing: int, lost_records: int,
             " FROM stream_ranges r2 WHERE r2.gw = ? AND r2.stream = ? AND r2.first_seq <= v.a),"
             " v.a)", (*params, gw, stream, gw, stream))
         held_inside += int(rows[0][0])
-    covered_missing = sum(b - a + 1 for a, b in ranges) - held_inside
+    covered_missing = count_in_ranges(ranges) - held_inside
     return max(0, min(covered_missing, lost_records, missing))
 
 
