@@ -33,7 +33,7 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from central import tasks
+from central import mqtt_client, tasks
 from central.commands_store import (
     ORIGIN_CENTRAL,
     SOURCE_CENTRAL,
@@ -204,11 +204,12 @@ class CommandService:
         lg = log.bind(broker=f"{s.mqtt_host}:{s.mqtt_port}")
         while True:
             try:
-                async with aiomqtt.Client(s.mqtt_host, s.mqtt_port,
-                                          identifier=f"{s.mqtt_client_id}-cmd",
-                                          protocol=aiomqtt.ProtocolVersion.V311,
-                                          clean_session=True, keepalive=s.mqtt_keepalive_s,
-                                          timeout=10) as client:
+                async with mqtt_client.Client(s.mqtt_host, s.mqtt_port,
+                                              identifier=f"{s.mqtt_client_id}-cmd",
+                                              protocol=aiomqtt.ProtocolVersion.V311,
+                                              clean_session=True,
+                                              keepalive=s.mqtt_keepalive_s,
+                                              timeout=10) as client:
                     self.connected = True
                     backoff = BACKOFF_FIRST_S
                     lg.info("command_dispatcher_connected")

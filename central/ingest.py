@@ -21,7 +21,7 @@ from typing import Protocol
 import aiomqtt
 import structlog
 
-from central import __version__
+from central import __version__, mqtt_client
 from central.errors import CentralError
 from central.metrics import Metrics
 from central.settings import Settings
@@ -133,7 +133,7 @@ class Ingest:
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
-        return aiomqtt.Client(
+        return mqtt_client.Client(
             s.mqtt_host, s.mqtt_port, identifier=s.mqtt_client_id,
             protocol=aiomqtt.ProtocolVersion.V311,
             # One central: a persistent session, so the broker queues QoS 1 messages while it
