@@ -31,7 +31,7 @@ import structlog
 
 from edge_agent.errors import EdgeError
 from edge_agent.rules import AlarmSnapshot
-from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect
+from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect, open_reader
 
 log = structlog.get_logger(__name__)
 
@@ -97,11 +97,10 @@ def _select(conn: sqlite3.Connection, active_only: bool) -> list[AlarmSnapshot]:
 
 def read_alarms(path: Path, *, active_only: bool = True) -> list[AlarmSnapshot]:
     """The alarms in a store file, read-only, safe while the daemon writes (for the CLI)."""
-    path = Path(path)
-    if not path.exists():
-        return []
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        conn = open_reader(path)
+        if conn is None:
+            return []
         try:
             return _select(conn, active_only)
         finally:

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from edge_agent.errors import EdgeError
+from edge_agent.sqlite_owner import open_reader
 from protocols.envelope import Lane, RecordKind
 
 log = structlog.get_logger(__name__)
@@ -434,11 +435,10 @@ def read_status(path: Path, *, live_window_s: float | None = None) -> OutboxStat
     setting (kept in the file's meta) or 300 s.
     """
     path = Path(path)
-    if not path.exists():
-        raise OutboxError(f"no outbox at {path}")
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0,
-                               isolation_level=None)
+        conn = open_reader(path, isolation_level=None)
+        if conn is None:
+            raise OutboxError(f"no outbox at {path} (yet: the agent creates it on start)")
         try:
             window = None if live_window_s is None else int(live_window_s * 1000)
             return stats(conn, path, live_window_ms=window)

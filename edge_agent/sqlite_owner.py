@@ -84,6 +84,24 @@ def connect(path: Path, pragmas: Sequence[str], migrations: Migrations) -> sqlit
     return conn
 
 
+def open_reader(path: Path, **kwargs: Any) -> sqlite3.Connection | None:
+    """A read-only connection to a store file another process writes (for the CLI), or None
+    while there is nothing to read: no file yet, or one whose first migration has not committed
+    (the daemon is creating it right now; its tables are not there yet)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0, **kwargs)
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            conn.close()
+            return None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class SqliteOwner:
     """A connection that only one worker thread touches; callers await `call()`.
 

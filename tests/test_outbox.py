@@ -17,6 +17,7 @@ from edge_agent.outbox import (
     NewRecord,
     Outbox,
     OutboxCorruptError,
+    OutboxError,
     OutboxFullError,
     read_status,
 )
@@ -168,6 +169,20 @@ async def test_read_status_while_daemon_writes(tmp_path: Path) -> None:
         assert seen == sorted(seen) and seen[-1] > seen[0]
         assert st.meta["uplink_state"] == "connected"
     assert read_status(db).backlog == (await asyncio.to_thread(read_status, db)).last_seq
+
+
+def test_readers_wait_for_a_store_the_daemon_is_still_creating(tmp_path: Path) -> None:
+    """The CLI readers meet a file whose first migration has not committed (the agent is
+    starting): the outbox reader says there is no outbox yet, the alarm reader sees no alarms;
+    neither trips over the missing tables."""
+    from edge_agent.alarm_store import read_alarms
+
+    for name in ("o.db", "alarms.db"):
+        sqlite3.connect(tmp_path / name).execute("PRAGMA journal_mode=WAL").fetchone()
+    with pytest.raises(OutboxError, match="no outbox"):
+        read_status(tmp_path / "o.db")
+    assert read_alarms(tmp_path / "alarms.db") == []
+    assert read_alarms(tmp_path / "absent.db") == []
 
 
 _APPENDER = """
