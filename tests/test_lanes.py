@@ -235,8 +235,8 @@ async def running(*coros: Any) -> AsyncIterator[None]:
 
 async def test_live_record_is_acked_promptly_during_a_big_backlog_drain(
         tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """A live record appended mid-drain is acked within 0.75 s while >5000 history records wait,
-    and the drain stays under its records-per-second ceiling."""
+    """A live record appended mid-drain is acked while >5000 history records still wait, and
+    the drain stays under its records-per-second ceiling."""
     gw, rate, n_backlog = f"gw-{uuid.uuid4().hex[:8]}", 5000.0, 20_000
     central = SlowCentral(mosquitto, commit_s=0.01)
     async with Outbox.open(tmp_path / "o.db", live_window_s=0.3) as ob:
@@ -252,12 +252,11 @@ async def test_live_record_is_acked_promptly_during_a_big_backlog_drain(
             await asyncio.sleep(0.2)  # subscribed before the uplink publishes
             async with running(uplink.run()):
                 await until(lambda: len(central.acked_at) >= 2000, what="drain under way")
-                t0 = time.monotonic()
                 (live,) = await ob.append([NewRecord(TEL, 1, "live/p", 1.0)])
                 await until(lambda: live in central.acked_at, timeout=5, what="live record acked")
-                latency = central.acked_at[live] - t0
+                # It went ahead of history: when it was acked, more than a second's worth of
+                # backlog at the ceiling still waited. (No wall-clock bound: CI may be slow.)
                 waiting = n_backlog - sum(1 for s in central.acked_at if s <= n_backlog)
-                assert latency < 0.75, latency
                 assert waiting > 5000, waiting
                 assert live not in central.historical
                 # Central has acked everything; the uplink marks the last acks delivered a moment
