@@ -1,0 +1,351 @@
+"""Narrowband frames: what a gateway says over BeiDou, PDT or Tiantong while IP is gone (DESIGN §5).
+
+A frame is the payload of one short message; the radio codec (`protocols.beidou`,
+`protocols.hrnp`) carries it. It must fit the terminal's real limit, which the agent reads from
+the terminal (`$BDICI`/`$BDICP` card level): BD-2 level 3 gives 628 bits, 77 usable bytes in
+mixed mode. Nothing here hard-codes a limit; the encoders take one.
+
+Layout, every integer big-endian or LEB128 (`varint`); `zigzag` maps signed to unsigned:
+
+    byte 0        version (high nibble, 1) | kind (low nibble)
+    bytes 1..4    frame time, u32 Unix seconds (the gateway's wall clock when it sent)
+    body          kind-specific, below
+    last m bytes  MAC: HMAC-SHA256(key, b"fieldlink-nb1" + stream + bytes 0..end of body)[:m]
+
+- The MAC is truncated (`mac_len`, default 4 bytes = 32 bits: a forger has one chance in 4e9
+  per message, and a message costs a minute of the terminal's send interval). The stream id
+  is in the MAC but not on the air: central knows each gateway's stream from its birth, and a
+  frame from an earlier stream does not verify. Central checks the MAC before it parses.
+- Records are named by `seq`, the key the full record will have when it arrives over IP, so
+  central merges the two instead of keeping both; points by their ordinal in the birth
+  inventory (`protocols.envelope.PointInfo.ordinal`), not by name.
+
+Kinds:
+
+- `ALARMS` (1): alarm records, each
+  `zigzag(seq - previous seq)` (the first against 0), `varint(point ordinal)`,
+  one code byte `rule << 4 | level << 2 | state`, `zigzag(frame time - record time)` and the
+  value as an IEEE-754 float32 (NaN: no value). float32 keeps 7 significant digits, enough for
+  a sensor reading; the exact value comes with the full record over IP.
+- `HEARTBEAT` (2): `varint(last seq)`, `varint(backlog)`, `varint(active alarms)`,
+  `varint(seconds since the IP uplink went down)`, one power byte and one battery byte
+  (0..100 %, 255 unknown).
+
+Kind 3 is kept for 叫应 acknowledgements (DESIGN §7), which this codec does not carry yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from protocols.errors import ProtocolError
+
+VERSION: Final = 1
+MAC_DOMAIN: Final = b"fieldlink-nb1"
+DEFAULT_MAC_LEN: Final = 4
+MIN_MAC_LEN: Final = 4
+MAX_MAC_LEN: Final = 32  # all of HMAC-SHA256
+HEADER_LEN: Final = 5  # version/kind byte + u32 time
+MAX_U32: Final = 0xFFFFFFFF
+BATTERY_UNKNOWN: Final = 255
+
+
+class NarrowbandError(ProtocolError):
+    """A narrowband frame that cannot be made or cannot be trusted."""
+
+
+class FrameTooShortError(NarrowbandError):
+    def __init__(self, length: int, needed: int) -> None:
+        super().__init__(f"narrowband frame of {length} bytes, at least {needed} needed")
+        self.length = length
+        self.needed = needed
+
+
+class MacMismatchError(NarrowbandError):
+    """The MAC does not verify: a wrong key, a wrong stream, or bytes changed on the way."""
+
+    def __init__(self) -> None:
+        super().__init__("narrowband frame MAC does not verify")
+
+
+class NarrowbandVersionError(NarrowbandError):
+    def __init__(self, version: int) -> None:
+        super().__init__(f"narrowband frame version {version}, this codec knows {VERSION}")
+        self.version = version
+
+
+class UnknownFrameKindError(NarrowbandError):
+    def __init__(self, kind: int) -> None:
+        super().__init__(f"unknown narrowband frame kind {kind}")
+        self.kind = kind
+
+
+class MalformedFrameError(NarrowbandError):
+    """The MAC verified but the body does not parse (a bug on the sending side)."""
+
+
+class FrameCapacityError(NarrowbandError):
+    """Not even one entry fits the terminal's limit."""
+
+    def __init__(self, limit: int, needed: int) -> None:
+        super().__init__(f"narrowband limit is {limit} bytes, the smallest frame needs {needed}")
+        self.limit = limit
+        self.needed = needed
+
+
+class FrameKind(enum.IntEnum):
+    ALARMS = 1
+    HEARTBEAT = 2
+    CALL_ACKS = 3  # reserved for 叫应 acknowledgements
+
+
+class AlarmRule(enum.IntEnum):
+    """The edge rule kinds (edge_agent.rules.RuleKind) by wire code; 4 bits."""
+
+    HIGH = 0
+    LOW = 1
+    RATE = 2
+    STALE = 3
+    DEVICE_OFFLINE = 4
+
+
+class AlarmTransition(enum.IntEnum):
+    """2 bits: what the record says happened."""
+
+    RAISED = 0
+    CHANGED = 1
+    CLEARED = 2
+
+
+class PowerState(enum.IntEnum):
+    UNKNOWN = 0
+    MAINS = 1
+    BATTERY = 2
+    LOW_BATTERY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmEntry:
+    seq: int
+    point: int  # ordinal in the gateway's birth inventory
+    rule: AlarmRule
+    state: AlarmTransition
+    level: int  # 0 (cleared), 1 or 2
+    ts: int  # Unix seconds
+    value: float | None  # sent as float32; None is NaN on the air
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise ValueError(f"seq must be >= 1, not {self.seq}")
+        if self.point < 0:
+            raise ValueError(f"point ordinal must be >= 0, not {self.point}")
+        if not 0 <= self.level <= 2:
+            raise ValueError(f"level must be 0, 1 or 2, not {self.level}")
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmsFrame:
+    ts: int
+    entries: tuple[AlarmEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatFrame:
+    ts: int
+    last_seq: int
+    backlog: int
+    active_alarms: int
+    ip_down_s: int
+    power: PowerState = PowerState.UNKNOWN
+    battery_pct: int | None = None
+
+
+Frame = AlarmsFrame | HeartbeatFrame
+
+
+# --- varints ------------------------------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError(f"varint of a negative number {n}")
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _zigzag(n: int) -> bytes:
+    return _varint(n * 2 if n >= 0 else -n * 2 - 1)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def varint(self) -> int:
+        n = shift = 0
+        while True:
+            if self.pos >= len(self.data):
+                raise MalformedFrameError("narrowband frame body ends inside a number")
+            byte = self.data[self.pos]
+            self.pos += 1
+            n |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return n
+            shift += 7
+            if shift > 63:
+                raise MalformedFrameError("narrowband varint longer than 64 bits")
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return n >> 1 if not n & 1 else -(n >> 1) - 1
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise MalformedFrameError("narrowband frame body is cut short")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.data)
+
+
+# --- MAC ----------------------------------------------------------------------------------------
+
+def _check_mac_len(mac_len: int) -> None:
+    if not MIN_MAC_LEN <= mac_len <= MAX_MAC_LEN:
+        raise ValueError(f"mac_len must be {MIN_MAC_LEN}..{MAX_MAC_LEN}, not {mac_len}")
+
+
+def _mac(key: bytes, stream: str, signed: bytes, mac_len: int) -> bytes:
+    return hmac.new(key, MAC_DOMAIN + stream.encode() + signed, hashlib.sha256).digest()[:mac_len]
+
+
+def _header(kind: FrameKind, ts: int) -> bytes:
+    if not 0 <= ts <= MAX_U32:
+        raise ValueError(f"frame time {ts} does not fit u32 seconds")
+    return bytes([VERSION << 4 | kind]) + ts.to_bytes(4, "big")
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+def _alarm_entry(entry: AlarmEntry, previous_seq: int, frame_ts: int) -> bytes:
+    value = math.nan if entry.value is None else entry.value
+    try:
+        packed = struct.pack(">f", value)
+    except OverflowError as exc:  # beyond float32: a bug upstream, not a radio problem
+        raise ValueError(f"alarm value {entry.value} does not fit float32") from exc
+    code = int(entry.rule) << 4 | entry.level << 2 | int(entry.state)
+    return (_zigzag(entry.seq - previous_seq) + _varint(entry.point) + bytes([code])
+            + _zigzag(frame_ts - entry.ts) + packed)
+
+
+def encode_alarms(ts: int, entries: Sequence[AlarmEntry], *, key: bytes, stream: str,
+                  limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
+    """As many of `entries` as fit in `limit` bytes, in the order given (most important
+    first); returns the frame and how many went in. Raises `FrameCapacityError` if not even
+    the first one fits, `ValueError` for entries that no frame can carry."""
+    _check_mac_len(mac_len)
+    if not entries:
+        raise ValueError("an alarms frame needs at least one entry")
+    body = bytearray(_header(FrameKind.ALARMS, ts))
+    previous, count = 0, 0
+    for entry in entries:
+        chunk = _alarm_entry(entry, previous, ts)
+        if len(body) + len(chunk) + mac_len > limit:
+            break
+        body += chunk
+        previous, count = entry.seq, count + 1
+    if count == 0:
+        needed = HEADER_LEN + len(_alarm_entry(entries[0], 0, ts)) + mac_len
+        raise FrameCapacityError(limit, needed)
+    signed = bytes(body)
+    return signed + _mac(key, stream, signed, mac_len), count
+
+
+def encode_heartbeat(frame: HeartbeatFrame, *, key: bytes, stream: str,
+                     mac_len: int = DEFAULT_MAC_LEN) -> bytes:
+    _check_mac_len(mac_len)
+    battery = BATTERY_UNKNOWN if frame.battery_pct is None else frame.battery_pct
+    if not 0 <= battery <= 100 and battery != BATTERY_UNKNOWN:
+        raise ValueError(f"battery_pct must be 0..100 or None, not {frame.battery_pct}")
+    signed = (_header(FrameKind.HEARTBEAT, frame.ts) + _varint(frame.last_seq)
+              + _varint(frame.backlog) + _varint(frame.active_alarms) + _varint(frame.ip_down_s)
+              + bytes([int(frame.power), battery]))
+    return signed + _mac(key, stream, signed, mac_len)
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+def decode_frame(data: bytes, *, key: bytes, stream: str,
+                 mac_len: int = DEFAULT_MAC_LEN) -> Frame:
+    """Verify the MAC with the gateway's key and stream, then parse. Every failure is a
+    `NarrowbandError`; a frame that does not verify is never parsed."""
+    _check_mac_len(mac_len)
+    if len(data) < HEADER_LEN + mac_len:
+        raise FrameTooShortError(len(data), HEADER_LEN + mac_len)
+    signed, mac = data[:-mac_len], data[-mac_len:]
+    if not hmac.compare_digest(mac, _mac(key, stream, signed, mac_len)):
+        raise MacMismatchError()
+    version, kind = signed[0] >> 4, signed[0] & 0x0F
+    if version != VERSION:
+        raise NarrowbandVersionError(version)
+    ts = int.from_bytes(signed[1:5], "big")
+    body = _Reader(signed[HEADER_LEN:])
+    if kind == FrameKind.ALARMS:
+        return AlarmsFrame(ts, _decode_alarms(body, ts))
+    if kind == FrameKind.HEARTBEAT:
+        return _decode_heartbeat(body, ts)
+    raise UnknownFrameKindError(kind)
+
+
+def _decode_alarms(body: _Reader, frame_ts: int) -> tuple[AlarmEntry, ...]:
+    entries: list[AlarmEntry] = []
+    previous = 0
+    while not body.done:
+        seq = previous + body.zigzag()
+        point = body.varint()
+        code = body.take(1)[0]
+        ts = frame_ts - body.zigzag()
+        (value,) = struct.unpack(">f", body.take(4))
+        try:
+            entries.append(AlarmEntry(
+                seq=seq, point=point, rule=AlarmRule(code >> 4),
+                state=AlarmTransition(code & 0x03), level=code >> 2 & 0x03, ts=ts,
+                value=None if math.isnan(value) else value))
+        except ValueError as exc:
+            raise MalformedFrameError(f"narrowband alarm entry: {exc}") from exc
+        previous = seq
+    if not entries:
+        raise MalformedFrameError("narrowband alarms frame without entries")
+    return tuple(entries)
+
+
+def _decode_heartbeat(body: _Reader, ts: int) -> HeartbeatFrame:
+    last_seq, backlog, active, down = body.varint(), body.varint(), body.varint(), body.varint()
+    power, battery = body.take(2)
+    if not body.done:
+        raise MalformedFrameError("narrowband heartbeat has bytes after its end")
+    try:
+        power_state = PowerState(power)
+    except ValueError as exc:
+        raise MalformedFrameError(f"narrowband heartbeat power state {power}") from exc
+    if battery > 100 and battery != BATTERY_UNKNOWN:
+        raise MalformedFrameError(f"narrowband heartbeat battery {battery} %")
+    return HeartbeatFrame(ts=ts, last_seq=last_seq, backlog=backlog, active_alarms=active,
+                          ip_down_s=down, power=power_state,
+                          battery_pct=None if battery == BATTERY_UNKNOWN else battery)
