@@ -9,13 +9,13 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiomqtt
 import httpx
 import pytest
 from typer.testing import CliRunner
 
 from central import cli
 from central.api import create_app, parse_time
+from central.mqtt_client import Client as MqttClient
 from central.settings import Settings, SettingsError, load_settings
 from central.storage import open_storage
 from protocols import topics
@@ -175,7 +175,7 @@ async def test_end_to_end_mqtt_to_api(mosquitto: Mosquitto, tmp_path: Path) -> N
             await asyncio.sleep(0.05)
         batch = DataBatch(gw="gw-e2e", stream="s", records=(Record(
             seq=1, kind=RecordKind.TELEMETRY, ts_ms=T0, point="d/t", value=21.5),))
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="gw-e2e") as gw:
+        async with MqttClient(mosquitto.host, mosquitto.port, identifier="gw-e2e") as gw:
             await gw.publish(topics.up("gw-e2e", "data"), encode(batch), qos=1)
         while (r := await c.get("/api/devices/gw-e2e:d/points")).status_code == 404:
             await asyncio.sleep(0.05)

@@ -15,6 +15,7 @@ import pytest
 
 from central.ingest import Ingest
 from central.metrics import Metrics
+from central.mqtt_client import Client as MqttClient
 from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
 from central.storage.sqlite import SqliteStorage
@@ -66,7 +67,7 @@ async def running_ingest(broker: Mosquitto, tmp_path: Path, client_id: str | Non
 @contextlib.asynccontextmanager
 async def gateway(broker: Mosquitto, gw: str) -> AsyncIterator[aiomqtt.Client]:
     """A fake gateway subscribed to its own down/ack."""
-    async with aiomqtt.Client(broker.host, broker.port, identifier=f"{gw}-{uuid.uuid4().hex[:6]}",
+    async with MqttClient(broker.host, broker.port, identifier=f"{gw}-{uuid.uuid4().hex[:6]}",
                               protocol=aiomqtt.ProtocolVersion.V311) as client:
         await client.subscribe(topics.down(gw, "ack"), qos=1)
         yield client

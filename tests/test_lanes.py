@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 from typer.testing import CliRunner
 
+from central.mqtt_client import Client as MqttClient
 from edge_agent.cli import app
 from edge_agent.outbox import NewRecord, Outbox
 from edge_agent.pacing import BacklogPacer
@@ -201,7 +201,7 @@ class SlowCentral:
         self.first_backlog_at: float | None = None
 
     async def run(self) -> None:
-        async with aiomqtt.Client(self.broker.host, self.broker.port,
+        async with MqttClient(self.broker.host, self.broker.port,
                                   identifier=f"central-{uuid.uuid4().hex[:6]}") as client:
             await client.subscribe(f"{topics.PREFIX}/+/up/data", qos=1)
             async for msg in client.messages:

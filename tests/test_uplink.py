@@ -17,6 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from central.mqtt_client import Client as MqttClient
 from edge_agent.outbox import NewRecord, Outbox, read_status
 from edge_agent.uplink import Uplink
 from protocols import topics
@@ -49,7 +50,7 @@ class TinyCentral:
     async def _run(self) -> None:
         while True:  # reconnect: the tests kill the broker
             try:
-                async with aiomqtt.Client(self.broker.host, self.broker.port,
+                async with MqttClient(self.broker.host, self.broker.port,
                                           identifier=f"central-{uuid.uuid4().hex[:6]}") as client:
                     await client.subscribe(f"{topics.PREFIX}/+/up/#", qos=1)
                     async for msg in client.messages:
@@ -133,7 +134,7 @@ def tel(i: int) -> NewRecord:
 
 
 async def retained_state(broker: Mosquitto, gw: str) -> State:
-    async with aiomqtt.Client(broker.host, broker.port) as client:
+    async with MqttClient(broker.host, broker.port) as client:
         await client.subscribe(topics.up(gw, "state"), qos=1)
         async with asyncio.timeout(5):
             async for msg in client.messages:
@@ -165,7 +166,7 @@ async def test_records_are_delivered_and_marked(tmp_path: Path, mosquitto: Mosqu
             await until(lambda: seq in central.seen, timeout=2, what="new record")
             assert time.monotonic() - t0 < 1.0
 
-            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as op:
+            async with MqttClient(mosquitto.host, mosquitto.port) as op:
                 await op.publish(topics.down(gw, "cmd"), b"\x01signed", qos=1)
             await until(lambda: commands, what="command")
             assert commands == [b"\x01signed"]
@@ -193,7 +194,7 @@ async def test_unacked_batches_are_resent_after_timeout(tmp_path: Path,
         async with running(uplink):
             await until(lambda: central.seen, what="first send")
             t_first = time.monotonic()
-            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as other:
+            async with MqttClient(mosquitto.host, mosquitto.port) as other:
                 foreign = Ack(stream="f" * 32, ranges=((1, 1000),))
                 await other.publish(topics.down(gw, "ack"), encode(foreign), qos=1)
             await until(lambda: uplink.counters.acks_foreign == 1, what="foreign ack")
@@ -254,7 +255,7 @@ async def test_state_is_online_and_will_says_offline_on_kill(tmp_path: Path,
                              str(mosquitto.port), gw], env=python_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+        async with MqttClient(mosquitto.host, mosquitto.port) as client:
             await client.subscribe(topics.up(gw, "state"), qos=1)
             states: list[State] = []
 
