@@ -1,4 +1,4 @@
-"""Narrowband frames (DESIGN §5): exact bytes, round trips, the terminal's limit, the MAC, garbage."""
+"""Narrowband frames (DESIGN §5): exact bytes, round trips, the limit, the MAC, garbage."""
 
 from __future__ import annotations
 
