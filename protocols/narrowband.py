@@ -18,7 +18,9 @@ Layout, every integer big-endian or LEB128 (`varint`); `zigzag` maps signed to u
   frame from an earlier stream does not verify. Central checks the MAC before it parses.
 - Records are named by `seq`, the key the full record will have when it arrives over IP, so
   central merges the two instead of keeping both; points by their ordinal in the birth
-  inventory (`protocols.envelope.PointInfo.ordinal`), not by name.
+  inventory (`protocols.envelope.PointInfo.ordinal`), not by name. A device-level alarm
+  (`DEVICE_OFFLINE`, raised on the pseudo point `<device>/_device`, which has no ordinal)
+  names the ordinal of the device's first point; central turns it back into `<device>/_device`.
 
 Kinds:
 
