@@ -42,7 +42,6 @@ import dataclasses
 import datetime as dt
 import enum
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -214,13 +213,8 @@ class BeidouTerminalSimulator:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._line = PtyLine(loop, self._on_readable)
+        self._line = PtyLine(loop, self._on_readable, symlink=self._symlink)
         self.path = self._line.path
-        if self._symlink is not None:
-            tmp = self._symlink.with_name(self._symlink.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(self.path)
-            os.replace(tmp, self._symlink)
         if self.pwi_period_s is not None:
             self._task = asyncio.create_task(self._beam_loop(),
                                              name=f"beidou_sim.pwi[{self.card_id}]")
@@ -238,10 +232,8 @@ class BeidouTerminalSimulator:
                 await self._task
             self._task = None
         if self._line is not None:
-            self._line.close()
+            self._line.close()  # and its symlink
             self._line = None
-            if self._symlink is not None and self._symlink.is_symlink():
-                self._symlink.unlink()
             log.info("beidou_sim_stopped", path=self.path)
 
     async def __aenter__(self) -> BeidouTerminalSimulator:

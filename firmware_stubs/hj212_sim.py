@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
@@ -165,13 +164,8 @@ class Hj212StationSimulator:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._line = PtyLine(self._loop, self._on_readable)
+        self._line = PtyLine(self._loop, self._on_readable, symlink=self._symlink)
         self.path = self._line.path
-        if self._symlink is not None:
-            tmp = self._symlink.with_name(self._symlink.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(self.path)
-            os.replace(tmp, self._symlink)
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._send_loop(), name=f"hj212_sim[{self.mn}]")
         self._control, self.control_port = await open_control(
@@ -189,10 +183,8 @@ class Hj212StationSimulator:
                 await self._task
             self._task = None
         if self._line is not None:
-            self._line.close()
+            self._line.close()  # and its symlink
             self._line = None
-            if self._symlink is not None and self._symlink.is_symlink():
-                self._symlink.unlink()
             log.info("hj212_sim_stopped", path=self.path)
 
     async def __aenter__(self) -> Hj212StationSimulator:

@@ -175,23 +175,16 @@ class PdtRadioSimulator:
 
     async def start(self) -> None:
         self.air.register(self)
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable)
+        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable, symlink=self._symlink)
         self.path = self._line.path
-        if self._symlink is not None:
-            tmp = self._symlink.with_name(self._symlink.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(self.path)
-            tmp.replace(self._symlink)
         log.info("pdt_sim_started", path=self.path, radio_id=self.radio_id,
                  groups=sorted(self.groups))
 
     async def stop(self) -> None:
         self.air.unregister(self)
         if self._line is not None:
-            self._line.close()
+            self._line.close()  # and its symlink
             self._line = None
-            if self._symlink is not None and self._symlink.is_symlink():
-                self._symlink.unlink()
             log.info("pdt_sim_stopped", path=self.path, radio_id=self.radio_id)
         self.connected = False
 

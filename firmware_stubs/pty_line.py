@@ -12,18 +12,28 @@ import asyncio
 import os
 import tty
 from collections.abc import Callable
+from pathlib import Path
 
 
 class PtyLine:
     """An open pty pair whose master is read by `on_readable` on `loop`; `close()` it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None], *,
+                 symlink: Path | None = None) -> None:
         master, slave = os.openpty()
         tty.setraw(slave)
         os.set_blocking(master, False)
         self._master, self._slave = master, slave
         self._loop = loop
         self.path = os.ttyname(slave)
+        # A stable name for a config file (`/tmp/ttyBD0`), swapped in atomically; it goes
+        # away with the line.
+        self.symlink = symlink
+        if symlink is not None:
+            tmp = symlink.with_name(symlink.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.path)
+            os.replace(tmp, symlink)
         loop.add_reader(master, on_readable)
 
     def read(self) -> bytes:
@@ -48,6 +58,8 @@ class PtyLine:
         self._loop.remove_reader(self._master)
         os.close(self._master)
         os.close(self._slave)
+        if self.symlink is not None and self.symlink.is_symlink():
+            self.symlink.unlink()
 
 
 __all__ = ["PtyLine"]
