@@ -69,6 +69,7 @@ from protocols.beidou_sentences import (
     UnknownSentence,
     sentence_tag,
 )
+from protocols.stream import NEED_DATA, ByteStream, NeedData
 
 HEADER: Final = b"$"
 TRAILER: Final = b"\r\n"
@@ -91,15 +92,6 @@ _HEX = re.compile(rb"(?:[0-9A-Fa-f]{2})*")
 _TIME = re.compile(rb"([0-9]{2})([0-9]{2})([0-9]{2})(?:\.([0-9]{0,6}))?")
 _HHMM = re.compile(rb"([0-9]{2})([0-9]{2})")
 _FKI_TIME = re.compile(rb"[0-9]{6}(?:\.[0-9]*)?")  # the BD-3 form of `$BDFKI` starts so
-
-
-class NeedData(enum.Enum):
-    """`BeidouDecoder.next_sentence()` needs more bytes before it can say anything."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
 
 
 def checksum(body: bytes) -> int:
@@ -398,7 +390,7 @@ def decode_sentence(line: bytes) -> Sentence:
 # ---------------------------------------------------------------------------- stream
 
 
-class BeidouDecoder:
+class BeidouDecoder(ByteStream):
     """Incremental decoder for the byte stream of a terminal's serial line.
 
     `feed()` bytes as they come, then call `next_sentence()` until it returns `NEED_DATA`.
@@ -413,21 +405,9 @@ class BeidouDecoder:
     def __init__(self, *, max_line: int = MAX_LINE) -> None:
         if max_line < 8:
             raise ValueError("max_line must be at least 8 bytes")  # a programming error
-        self._buffer = bytearray()
+        super().__init__()
         self._max_line = max_line
-        self.discarded = 0
         self.rejected = 0
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def _drop(self, count: int) -> None:
-        del self._buffer[:count]
-        self.discarded += count
 
     def next_sentence(self) -> Sentence | Literal[NeedData.NEED_DATA]:
         buf = self._buffer

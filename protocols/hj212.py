@@ -25,7 +25,6 @@ widths (PW, MN) are not enforced: real stations differ from the table.
 
 from __future__ import annotations
 
-import enum
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from decimal import Decimal
 from typing import Final, Literal
 
 from protocols.errors import ProtocolError
+from protocols.stream import NEED_DATA, ByteStream, NeedData
 
 HEADER: Final = b"##"
 TRAILER: Final = b"\r\n"
@@ -116,15 +116,6 @@ class Hj212FormatError(Hj212Error):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-class NeedData(enum.Enum):
-    """`Hj212Decoder.next_frame()` needs more bytes before it can say anything."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
 
 
 def hj212_crc(data: bytes) -> int:
@@ -443,7 +434,7 @@ def decode_frame(frame: bytes, *, max_data_len: int = MAX_DATA_LEN) -> Hj212Fram
     return decode_data_segment(segment)
 
 
-class Hj212Decoder:
+class Hj212Decoder(ByteStream):
     """Incremental decoder for a byte stream of frames (TCP or serial).
 
     `feed()` bytes as they come, then call `next_frame()` until it returns `NEED_DATA`. Bytes
@@ -452,20 +443,8 @@ class Hj212Decoder:
     """
 
     def __init__(self, *, max_data_len: int = MAX_DATA_LEN) -> None:
-        self._buffer = bytearray()
+        super().__init__()
         self._max_data_len = max_data_len
-        self.discarded = 0
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def _drop(self, count: int) -> None:
-        del self._buffer[:count]
-        self.discarded += count
 
     def next_frame(self) -> Hj212Frame | Literal[NeedData.NEED_DATA]:
         buf = self._buffer

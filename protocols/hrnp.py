@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from protocols.errors import ProtocolError
+from protocols.stream import NEED_DATA, ByteStream, NeedData
 
 START: Final = 0x7E
 HEADER_LEN: Final = 12
@@ -120,15 +121,6 @@ class HrnpTextError(HrnpFormatError):
     def __init__(self, reason: str, offset: int | None = None) -> None:
         super().__init__("text", reason)
         self.offset = offset
-
-
-class NeedData(enum.Enum):
-    """`HrnpDecoder.next_packet()` needs more bytes before it can say anything."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
 
 
 def check_int(field: str, value: object, top: int) -> None:
@@ -230,7 +222,7 @@ def decode_packet(data: bytes, *, max_packet_len: int = DEFAULT_MAX_PACKET_LEN,
                       bytes(data[12:]), data[1], data[2])
 
 
-class HrnpDecoder:
+class HrnpDecoder(ByteStream):
     """Incremental decoder for the serial byte stream.
 
     `feed()` bytes as they come, then call `next_packet()` until it returns `NEED_DATA`. Bytes
@@ -246,26 +238,17 @@ class HrnpDecoder:
                  max_buffer: int | None = None) -> None:
         if not HEADER_LEN <= max_packet_len <= MAX_PACKET_LEN:
             raise ValueError(f"max_packet_len must be in {HEADER_LEN}..{MAX_PACKET_LEN}")
-        self._buffer = bytearray()
+        super().__init__()
         self._max_packet_len = max_packet_len
         self._versions = versions
         self._max_buffer = max(max_buffer or 4 * max_packet_len, max_packet_len)
-        self.discarded = 0
         self.errors = 0
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        super().feed(data)
         excess = len(self._buffer) - self._max_buffer
         if excess > 0:
             self._drop(excess)
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def _drop(self, count: int) -> None:
-        del self._buffer[:count]
-        self.discarded += count
 
     def skip_partial(self) -> bool:
         """Give up the partial packet the decoder waits on: step past its 0x7E (counted as an

@@ -1,0 +1,42 @@
+"""What the h11-style stream decoders in `protocols` share: the NEED_DATA answer and the buffer.
+
+A decoder is fed bytes as they come off a line (`feed()`) and asked for the next whole frame;
+until there is one it answers `NEED_DATA`. Bytes it steps over (garbage before a start marker,
+a bad frame's start) are dropped and counted in `discarded`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+
+class NeedData(enum.Enum):
+    """A decoder needs more bytes before it can say anything."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class ByteStream:
+    """The buffer behind a stream decoder; subclasses parse `self._buffer` and `_drop()`."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.discarded = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _drop(self, count: int) -> None:
+        del self._buffer[:count]
+        self.discarded += count
+
+
+__all__ = ["NEED_DATA", "ByteStream", "NeedData"]
