@@ -31,6 +31,7 @@ from central.errors import CentralError
 from central.history import keep_days, start_history
 from central.ingest import Ingest
 from central.metrics import Metrics
+from central.narrowband import NarrowbandReceiver
 from central.settings import Settings
 from central.storage import (
     BadRefError,
@@ -244,11 +245,17 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         task = (tasks.start("ingest.mqtt", ingest.run) if run_ingest
                 else None)
         app.state.ingest_task = task
+        # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal, if it has one.
+        receiver = (NarrowbandReceiver(settings, storage, metrics)
+                    if settings.narrowband_port is not None else None)
+        app.state.narrowband = receiver
+        nb_task = tasks.start("narrowband.beidou", receiver.run) if receiver else None
         log.info("central_started", version=__version__, db=safe_db_url(settings.db_url),
                  http_port=settings.http_port, ingest=run_ingest)
         try:
             yield
         finally:
+            await tasks.stop(nb_task)  # narrowband wiring (§5)
             await tasks.stop(task)
             await app.state.commands.stop()  # commands wiring (§6)
             await app.state.alarm_rules.stop()  # alarms wiring (§7)

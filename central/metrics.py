@@ -7,6 +7,7 @@ renders it. Everything runs on the event loop thread, so plain ints are enough.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PREFIX = "fieldlink_central"
@@ -36,6 +37,12 @@ class Metrics:
     purged: Counter[str] = field(default_factory=Counter)
     # bad input by error class name, e.g. {"MalformedEnvelopeError": 3, "TopicError": 1}
     decode_errors: Counter[str] = field(default_factory=Counter)
+    # narrowband receiver (central.narrowband): frames by kind, rejects by reason, the port
+    narrowband_received: Counter[str] = field(default_factory=Counter)
+    narrowband_rejected: Counter[str] = field(default_factory=Counter)
+    narrowband_records: int = 0
+    narrowband_port_open: bool = False
+    narrowband_port_failures: int = 0
 
     def count_error(self, error_class: str) -> None:
         self.decode_errors[error_class] += 1
@@ -82,4 +89,23 @@ class Metrics:
         lines.append(f"# TYPE {name} counter")
         for cls, n in sorted(self.decode_errors.items()):
             lines.append(f'{name}{{class="{_escape(cls)}"}} {n}')
+        self._render_narrowband(lines, metric)
         return "\n".join(lines) + "\n"
+
+    def _render_narrowband(self, lines: list[str], metric: Callable[..., None]) -> None:
+        for name, help_, counts, label in (
+                ("narrowband_received_total", "Narrowband frames accepted, by kind.",
+                 self.narrowband_received, "kind"),
+                ("narrowband_rejected_total", "Narrowband messages dropped, by reason.",
+                 self.narrowband_rejected, "reason")):
+            full = f"{PREFIX}_{name}"
+            lines.append(f"# HELP {full} {help_}")
+            lines.append(f"# TYPE {full} counter")
+            for key, n in sorted(counts.items()):
+                lines.append(f'{full}{{{label}="{_escape(key)}"}} {n}')
+        metric("narrowband_records_total", "counter", "Alarm records stored from narrowband "
+               "frames (the full copy over IP merges into them).", self.narrowband_records)
+        metric("narrowband_port_open", "gauge", "1 while central's BeiDou terminal port is "
+               "open.", int(self.narrowband_port_open))
+        metric("narrowband_port_failures_total", "counter", "Times the BeiDou terminal port "
+               "could not be opened or was lost.", self.narrowband_port_failures)

@@ -9,9 +9,16 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from central.errors import CentralError
 
@@ -25,6 +32,37 @@ class SettingsError(CentralError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+class NarrowbandGateway(BaseModel):
+    """A gateway central accepts narrowband frames from (DESIGN.md §5): its BeiDou card and
+    the key its frames are MACed with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gw: str = Field(min_length=1)
+    card: str = Field(pattern=r"^[0-9]{1,10}$", description="the gateway terminal's card id")
+    key: str = Field(repr=False, description="the frame MAC key, hex, at least 16 bytes")
+
+    @field_validator("key")
+    @classmethod
+    def _hex_key(cls, value: str) -> str:
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            raise ValueError("key must be hex digits") from None
+        if len(raw) < 16:
+            raise ValueError(f"key must be at least 16 bytes, not {len(raw)}")
+        return value
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.key)
+
+    @property
+    def card_number(self) -> str:
+        """The card without leading zeros: terminals pad it (`04207733` is card 4207733)."""
+        return self.card.lstrip("0")
 
 
 class Settings(BaseModel):
@@ -64,9 +102,32 @@ class Settings(BaseModel):
                                         "samples into the aggregates: longer folds more samples "
                                         "per bucket write (reads fold first anyway)")
     # --- end history
+    # --- narrowband (DESIGN.md §5; central.narrowband): central's own BeiDou terminal
+    narrowband_port: str | None = Field(None, description="serial port of central's BeiDou "
+                                        "terminal, e.g. /dev/ttyUSB1; None: no receiver")
+    narrowband_baudrate: int = Field(115200, gt=0)
+    narrowband_dialect: Literal["bd3", "bd2"] = "bd3"
+    narrowband_mac_len: int = Field(4, ge=4, le=32, description="truncated MAC bytes, as the "
+                                    "gateways send them")
+    narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
+    # --- end narrowband
     command_key_path: Path | None = Field(
         None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")
+
+    @model_validator(mode="after")
+    def _unique_cards(self) -> Self:
+        # A card names the sender, so two gateways on one card could forge each other.
+        cards: set[str] = set()
+        gws: set[str] = set()
+        for g in self.narrowband_gateways:
+            if g.card_number in cards:
+                raise ValueError(f"narrowband_gateways: card {g.card} listed twice")
+            if g.gw in gws:
+                raise ValueError(f"narrowband_gateways: gateway {g.gw!r} listed twice")
+            cards.add(g.card_number)
+            gws.add(g.gw)
+        return self
 
 
 def load_settings(path: Path | None = None, *, env: Mapping[str, str] | None = None,

@@ -41,7 +41,7 @@ from central.storage.delivery import (
     delivery_program,
     summary_program,
 )
-from central.storage.program import Program
+from central.storage.program import Program, Sql
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, State
 
@@ -104,6 +104,7 @@ class WriteResult:
     inserted: int
     clock_suspect: int = 0  # of the inserted, how many central judged implausible (§4.7)
     corrected: int = 0  # held suspect copies whose time this batch corrected
+    merged: int = 0  # held narrowband copies this batch replaced with the full record (§5)
 
     @property
     def duplicates(self) -> int:
@@ -255,7 +256,8 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def write_batches(self, batches: Sequence[DataBatch], *,
                             now_ms: int | None = None) -> list[WriteResult]:
-        """Write all `batches` in ONE transaction, deduplicated on (gw, stream, seq).
+        """Write all `batches` in ONE transaction, deduplicated on (gw, stream, seq); a held
+        narrowband copy of an event is replaced by its full record (`writes.merge_program`).
 
         Returns one `WriteResult` per batch, in order, once the transaction is durable.
         Raises `DatabaseWriteError` after a rollback.
@@ -302,6 +304,16 @@ class Storage(abc.ABC):
         (`write=True`; rolled back if it raises), or as reads outside one. `program` is a
         factory, since a read may be retried on a fresh connection. Driver errors become
         `DatabaseWriteError` / `StorageError`; the program's own errors pass through."""
+
+    async def record_heartbeat(self, gw: str, *, bearer: str, backlog: int, ts_ms: int,
+                               now_ms: int | None = None) -> None:
+        """A gateway heard on another bearer than MQTT (a narrowband heartbeat, DESIGN.md §5):
+        it is seen now and, unless a newer state came meanwhile, online on `bearer` with this
+        backlog. Raises `UnknownGatewayError` for a gateway that never sent a birth or state."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        found = await self.run(lambda: _heartbeat_program(gw, bearer, backlog, ts_ms, now))
+        if not found:
+            raise UnknownGatewayError(gw)
 
     # -- delivery, aggregates and retention: portable programs, the same on every backend ----
 
@@ -360,6 +372,21 @@ class Storage(abc.ABC):
                         break
             deleted[table] = total
         return PurgeResult(deleted)
+
+
+def _heartbeat_program(gw: str, bearer: str, backlog: int, ts_ms: int,
+                       now: int) -> Program[bool]:
+    # A heartbeat that overtook nothing: an older one (narrowband is slow) must not hide the
+    # state message that came after it.
+    newer = "coalesce(state_ts_ms, 0) <= ?"
+    rows = yield Sql(f"UPDATE gateways SET last_seen_ms = ?,"
+                     f" online = CASE WHEN {newer} THEN ? ELSE online END,"
+                     f" bearer = CASE WHEN {newer} THEN ? ELSE bearer END,"
+                     f" backlog = CASE WHEN {newer} THEN ? ELSE backlog END,"
+                     f" state_ts_ms = CASE WHEN {newer} THEN ? ELSE state_ts_ms END"
+                     " WHERE gw = ? RETURNING gw",
+                     (now, ts_ms, True, ts_ms, bearer, ts_ms, backlog, ts_ms, ts_ms, gw))
+    return bool(rows)
 
 
 def open_storage(url: str) -> Storage:

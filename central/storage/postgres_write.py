@@ -29,8 +29,14 @@ from central.storage.delivery import StreamTally, streams_program
 from central.storage.postgres_schema import Conn
 from central.storage.program import run_async
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
-from central.storage.writes import replace_program, stage_records
-from protocols.envelope import DataBatch
+from central.storage.writes import (
+    merge_alarms_program,
+    merge_program,
+    merges,
+    replace_program,
+    stage_records,
+)
+from protocols.envelope import DataBatch, Record
 
 _READING_COLS = "gw, stream, seq, point_id, ts_ms, value, text, flags, received_ms"
 _EVENT_COLS = "gw, stream, seq, kind, point_id, ts_ms, value, text, flags, attrs, received_ms"
@@ -164,6 +170,8 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     inserted = [0] * len(batches)
     suspect = [0] * len(batches)
     corrected = [0] * len(batches)
+    merged = [0] * len(batches)
+    merged_records: list[tuple[str, str, Record]] = []  # narrowband copies replaced (writes.py)
     samples = AggSamples()
     for table, by_stream in staged.items():
         if not any(by_stream.values()):
@@ -192,8 +200,18 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
         fixed: list[tuple[Any, ...]] = []
         mine = {(gw, stream, seq): row for (gw, stream), rows in by_stream.items()
                 for seq, row in rows.items() if (gw, stream, seq) in held} if held else {}
+        done_nb: set[tuple[str, str, int]] = set()
+        if table == "events":
+            nb = [mine[k][1:11] for k, f in held.items() if merges(f, mine[k][flags_i])]
+            if nb:
+                done_nb = set(await run_async(conn, merge_program(nb)))
+                for k in sorted(done_nb):
+                    n = mine[k][0]
+                    merged[n] += 1
+                    record = next(r for r in batches[n].records if r.seq == k[2])
+                    merged_records.append((k[0], k[1], record))
         again = [(*k, mine[k][ts_i], mine[k][flags_i]) for k, f in held.items()
-                 if replaces(f, mine[k][flags_i])]
+                 if k not in done_nb and replaces(f, mine[k][flags_i])]
         if again:
             done = await run_async(conn, replace_program(table, again))
             fixed = [mine[k] for k in done]
@@ -223,6 +241,8 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarm_engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
+    if merged_records:
+        await run_async(conn, merge_alarms_program(merged_records))
     return [WriteResult(gw=b.gw, stream=b.stream, received=len(b.records), inserted=inserted[n],
-                        clock_suspect=suspect[n], corrected=corrected[n])
+                        clock_suspect=suspect[n], corrected=corrected[n], merged=merged[n])
             for n, b in enumerate(batches)], changes

@@ -47,10 +47,18 @@ from central.storage.delivery import StreamTally, streams_program
 from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.program import Program, run_sync
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
-from central.storage.writes import held_flags_program, replace_program, stage_records
+from central.storage.writes import (
+    held_flags_program,
+    merge_alarms_program,
+    merge_program,
+    merges,
+    replace_program,
+    stage_records,
+)
 from protocols.envelope import (
     Birth,
     DataBatch,
+    Record,
     RecordKind,
     State,
     ranges_from_seqs,
@@ -297,10 +305,12 @@ class SqliteStorage(Storage):
         latest: dict[int, tuple[int, Any, Any]] = {}
         samples = AggSamples()
         tally = StreamTally()
+        merged: list[tuple[str, str, Record]] = []  # narrowband copies replaced (writes.py)
         for batch in batches:
             res = self._write_plain_telemetry(conn, batch, now, lo, hi, latest, samples, tally)
             if res is None:
-                res = self._write_batch(conn, batch, now, lo, hi, latest, samples, tally)
+                res = self._write_batch(conn, batch, now, lo, hi, latest, samples, tally,
+                                        merged)
             conn.execute(_TOUCH_GATEWAY, (batch.gw, batch.stream, now))
             results.append(res)
         if samples:
@@ -311,6 +321,8 @@ class SqliteStorage(Storage):
         run_sync(conn, streams_program(tally, now))
         # Alarm records move alarms in this same transaction (central.alarm_engine).
         changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
+        if merged:
+            run_sync(conn, merge_alarms_program(merged))
         return results, changes
 
     def _write_plain_telemetry(self, conn: sqlite3.Connection, batch: DataBatch, now: int,
@@ -374,7 +386,7 @@ class SqliteStorage(Storage):
 
     def _write_batch(self, conn: sqlite3.Connection, batch: DataBatch, now: int, lo: int,
                      hi: int, latest: dict[int, tuple[int, Any, Any]], samples: AggSamples,
-                     tally: StreamTally) -> WriteResult:
+                     tally: StreamTally, merged: list[tuple[str, str, Record]]) -> WriteResult:
         """Any batch, record by record."""
         gw, stream, records = batch.gw, batch.stream, batch.records
         ids = self._ids_for(conn, gw, {r.point for r in records if r.point is not None})
@@ -387,7 +399,7 @@ class SqliteStorage(Storage):
         vals: list[float] = []
         stage_records(gw, stream, records, ids, lo, hi, now, readings=readings, events=events,
                       latest=latest, tally=tally, samples=(pids, tss, vals))
-        inserted = suspect = corrected = 0
+        inserted = suspect = corrected = n_merged = 0
         for table, rows, ts_i, flags_i in (("readings", readings, 4, 7),
                                            ("events", events, 5, 8)):
             if not rows:
@@ -403,8 +415,19 @@ class SqliteStorage(Storage):
                 suspect += sum(1 for row in fresh if row[flags_i] & CENTRAL_TS_SUSPECT)
             fixed: list[tuple[Any, ...]] = []
             if held:
+                done_nb: set[int] = set()
+                if table == "events":
+                    nb = [rows[s][:10] for s, f in held.items() if merges(f, rows[s][flags_i])]
+                    if nb:
+                        done_nb = {s for _, _, s in run_sync(conn, merge_program(nb))}
+                        n_merged += len(done_nb)
+                        first: dict[int, Record] = {}
+                        for r in records:
+                            first.setdefault(r.seq, r)
+                        merged.extend((gw, stream, first[s]) for s in sorted(done_nb))
                 again = [(gw, stream, s, rows[s][ts_i], rows[s][flags_i])
-                         for s, f in held.items() if replaces(f, rows[s][flags_i])]
+                         for s, f in held.items()
+                         if s not in done_nb and replaces(f, rows[s][flags_i])]
                 if again:
                     done = run_sync(conn, replace_program(table, again))
                     fixed = [rows[s] for _, _, s in done]
@@ -419,7 +442,7 @@ class SqliteStorage(Storage):
         tally.held(gw, stream, readings)
         tally.held(gw, stream, events)
         return WriteResult(gw=gw, stream=stream, received=len(records), inserted=inserted,
-                           clock_suspect=suspect, corrected=corrected)
+                           clock_suspect=suspect, corrected=corrected, merged=n_merged)
 
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:

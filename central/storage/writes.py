@@ -5,6 +5,15 @@ and only a held copy whose time was suspect may be replaced by a corrected one
 (`central.storage.timecheck`). SQLite asks before inserting (`held_flags_program`: in the
 usual case one index range probe that finds nothing); PostgreSQL learns it from its insert's
 `RETURNING`. Both then run `replace_program` for the few candidates.
+
+Narrowband merge (DESIGN.md §5): an event that came by narrowband carries the central-only bit
+`NARROWBAND_COPY`, set by `central.narrowband` on the records it builds (never on the wire:
+the envelope rejects unknown flags, so an IP record cannot claim it). When the full
+record arrives over IP under the same (gw, stream, seq), `merge_program` replaces the held
+copy's columns with it (exact value, threshold and the rest of the attrs) instead of dropping
+it as a duplicate; `merge_alarms_program` then fixes the value and threshold its alarm shows.
+The alarm transition is not run again: `alarm_events` already holds that seq. Any other
+duplicate is still dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from central.alarm_engine import BadAlarmRecordError, event_from_record
 from central.storage.delivery import StreamTally, loss_report
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import CENTRAL_BITS, CENTRAL_TS_SUSPECT, CLOCK_SUSPECT
@@ -21,6 +31,10 @@ from protocols.envelope import Record, RecordKind
 _IN_CHUNK = 500
 _TELEMETRY = RecordKind.TELEMETRY
 _EVENT = RecordKind.EVENT
+_ALARM = RecordKind.ALARM
+# Beside timecheck's CENTRAL_TS_SUSPECT (0x100): the stored copy came by narrowband. Never on
+# the wire (the envelope rejects unknown flags), so an IP record cannot claim it.
+NARROWBAND_COPY = 0x200
 
 
 def stage_records(gw: str, stream: str, records: Sequence[Record], ids: Mapping[str, int],
@@ -104,3 +118,50 @@ def replace_program(table: str, rows: Sequence[tuple[str, str, int, int, int]]
         if hit:
             done.append((gw, stream, seq))
     return done
+
+
+def merges(stored: int | None, incoming: int) -> bool:
+    """True when an incoming copy of a held event is the full record of a narrowband copy;
+    `stored=None` means "held, flags not seen" (the UPDATE's own check then decides)."""
+    return not incoming & NARROWBAND_COPY and (stored is None or bool(stored & NARROWBAND_COPY))
+
+
+def merge_program(rows: Sequence[tuple[Any, ...]]) -> Program[list[tuple[str, str, int]]]:
+    """Replace held narrowband copies of events: each row is `(gw, stream, seq, kind,
+    point_id, ts_ms, value, text, flags, attrs_json)` of the IP copy. Key order: the lock
+    order on PostgreSQL. Returns the keys replaced."""
+    done = []
+    for gw, stream, seq, kind, pid, ts, num, text, flags, attrs in sorted(rows, key=_key3):
+        hit = yield Sql("UPDATE events SET kind = ?, point_id = ?, ts_ms = ?, value = ?,"
+                        " text = ?, flags = ?, attrs = ? WHERE gw = ? AND stream = ?"
+                        " AND seq = ? AND (flags & ?) <> 0 RETURNING seq",
+                        (kind, pid, ts, num, text, flags, attrs, gw, stream, seq,
+                         NARROWBAND_COPY))
+        if hit:
+            done.append((gw, stream, seq))
+    return done
+
+
+def merge_alarms_program(merged: Sequence[tuple[str, str, Record]]) -> Program[None]:
+    """After the alarm transitions of the same transaction (which hold these alarms' key locks:
+    the IP copies were in the batch): give the history line and, if it is still the alarm's
+    latest event, the alarm itself the full record's value and threshold."""
+    for gw, stream, r in sorted(merged, key=lambda m: (m[0], m[1], m[2].seq)):
+        if r.kind is not _ALARM:
+            continue
+        try:
+            ev = event_from_record(gw, stream, r)
+        except BadAlarmRecordError:
+            continue  # the alarm engine has logged it
+        rows = yield Sql("UPDATE alarm_events SET value = ?, attrs = ? WHERE gw = ?"
+                         " AND stream = ? AND seq = ? RETURNING alarm_id, ts_ms",
+                         (ev.value, ev.attrs_json, gw, stream, r.seq))
+        if rows and rows[0][0] is not None:
+            yield Sql("UPDATE alarms SET value = coalesce(?, value),"
+                      " threshold = coalesce(?, threshold) WHERE id = ? AND last_seq = ?"
+                      " AND last_event_ms = ?",
+                      (ev.value, ev.threshold, rows[0][0], r.seq, rows[0][1]))
+
+
+def _key3(row: tuple[Any, ...]) -> tuple[str, str, int]:
+    return row[0], row[1], row[2]
