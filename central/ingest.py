@@ -303,6 +303,7 @@ class Ingest:
             self.metrics.records_duplicate += res.duplicates
             self.metrics.records_clock_suspect += res.clock_suspect
             self.metrics.records_time_corrected += res.corrected
+            self.metrics.records_merged += res.merged
         written = await self._apply_command_results(written)  # commands wiring (§6)
         # Published in the background: the next group's write must not wait for the broker's
         # PUBACKs of these acks (a round trip per group that left the database idle).

@@ -32,6 +32,7 @@ class Metrics:
     mqtt_connected: bool = False
     records_clock_suspect: int = 0
     records_time_corrected: int = 0
+    records_merged: int = 0  # IP copies that replaced a narrowband copy (also duplicates)
     samples_aggregated: int = 0
     # rows deleted by retention, by table
     purged: Counter[str] = field(default_factory=Counter)
@@ -77,6 +78,8 @@ class Metrics:
                "judged implausible (future or before 2020).", self.records_clock_suspect)
         metric("records_time_corrected_total", "counter", "Suspect-time records replaced by a "
                "corrected copy.", self.records_time_corrected)
+        metric("records_merged_total", "counter", "Records whose full copy came over IP after "
+               "a narrowband copy, which it replaced.", self.records_merged)
         metric("samples_aggregated_total", "counter", "Readings folded into the 1m/1h "
                "aggregates.", self.samples_aggregated)
         name = f"{PREFIX}_purged_rows_total"
