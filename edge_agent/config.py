@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -270,6 +271,77 @@ class CommandsConfig(_Model):
     central_public_key: str | None = None
 
 
+class NarrowbandConfig(_Model):
+    """The narrowband fallback (DESIGN.md §5): alarms and a heartbeat by BeiDou short message
+    while the IP uplink is down. Absent: no fallback."""
+
+    bearer: Literal["beidou"] = "beidou"
+    port: str = Field(min_length=1)
+    baudrate: int = Field(115200, ge=50, le=4_000_000)
+    dialect: Literal["bd3", "bd2"] = "bd3"
+    # Card of central's own terminal, the recipient (BD-2 cards are 7 digits, BD-3 7 to 10).
+    central_card: str = Field(pattern=r"^[0-9]{7,10}$")
+    # The gateway's frame key (HMAC-SHA256, at least 16 bytes): hex here, or a file holding
+    # the hex (relative to this file), so that the key need not sit in the config.
+    key: str | None = Field(None, repr=False)
+    key_file: Path | None = Field(None, validate_default=True)
+    after_s: float = Field(120.0, ge=0, le=86_400)  # IP down this long before the radio is used
+    heartbeat_s: float = Field(600.0, gt=0, le=86_400)
+    mac_len: int = Field(4, ge=4, le=32)
+    # Lower the payload limit the card gives: a BD-3 card reports no capacity, so the regional
+    # service's 14,000 bits apply unless this says less (global service: 560 bits = 70 bytes).
+    max_payload_bytes: int | None = Field(None, ge=16, le=4096)
+
+    @field_validator("key")
+    @classmethod
+    def _key_hex(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_key(value)  # the message never repeats the key
+        return value
+
+    @field_validator("central_card")
+    @classmethod
+    def _card_of_dialect(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("dialect") == "bd2" and len(value) != 7:
+            raise ValueError("a BD-2 card id is 7 digits")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _one_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "key" not in info.data:
+            return value  # the key itself failed; its error says so
+        if (value is None) == (info.data["key"] is None):
+            raise ValueError("give exactly one of key and key_file")
+        return value
+
+    def key_bytes(self) -> bytes:
+        """The key, read from `key_file` if that is how it is given; raises `ValueError`."""
+        if self.key is not None:
+            return parse_key(self.key)
+        assert self.key_file is not None
+        try:
+            text = self.key_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {self.key_file}: {exc}") from exc
+        return parse_key(text)
+
+
+NARROWBAND_MIN_KEY_BYTES = 16
+
+
+def parse_key(text: str) -> bytes:
+    """A frame key from hex (spaces and line ends allowed); at least 16 bytes."""
+    try:
+        key = bytes.fromhex("".join(text.split()))
+    except ValueError:
+        raise ValueError("the key must be hex digits") from None
+    if len(key) < NARROWBAND_MIN_KEY_BYTES:
+        raise ValueError(f"the key must be at least {NARROWBAND_MIN_KEY_BYTES} bytes "
+                         f"({2 * NARROWBAND_MIN_KEY_BYTES} hex digits), not {len(key)}")
+    return key
+
+
 class AgentConfig(_Model):
     gateway: GatewayConfig
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
@@ -279,6 +351,7 @@ class AgentConfig(_Model):
     devices: list[DeviceConfig] = Field(default_factory=list)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    narrowband: NarrowbandConfig | None = None
     # Where the file was loaded from; relative paths in it were resolved against its folder.
     _source: Path | None = PrivateAttr(default=None)
 
@@ -362,8 +435,11 @@ def _resolve_paths(config: AgentConfig, path: Path) -> AgentConfig:
     profiles = config.profiles.model_copy(update={"dirs": [fix(d) for d in config.profiles.dirs]})
     control = config.control.model_copy(
         update={"socket": fix(config.control.socket) if config.control.socket else None})
+    narrowband = config.narrowband
+    if narrowband is not None and narrowband.key_file is not None:
+        narrowband = narrowband.model_copy(update={"key_file": fix(narrowband.key_file)})
     resolved = config.model_copy(update={"gateway": gateway, "profiles": profiles,
-                                         "control": control})
+                                         "control": control, "narrowband": narrowband})
     resolved._source = path.resolve()
     return resolved
 
@@ -400,6 +476,7 @@ def _cross_checks(config: AgentConfig, *, check_profiles: bool,
         else:
             addresses[key] = i
     yield from _hj212_port_checks(config, index)
+    yield from _narrowband_checks(config, index)
     for i, d in enumerate(config.profiles.dirs):
         if not d.is_dir():
             yield _issue(index, ("profiles", "dirs", i), f"not a folder: {d}")
@@ -450,6 +527,24 @@ def _hj212_port_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
             yield _issue(index, ("devices", i, "transport", "port"),
                          f"serial port {t.port} carries the HJ 212 station "
                          f"devices[{owners[t.port]}]; a Modbus RTU bus cannot share it")
+
+
+def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
+    """A missing key file is an error now, not a fallback that fails on the day IP goes down.
+    Its content is read when the agent starts (`key_bytes`): the key is often readable by the
+    service account only, and `edge-agent status` loads this file as anyone. The radio's port
+    belongs to the fallback alone."""
+    nb = config.narrowband
+    if nb is None:
+        return
+    if nb.key_file is not None and not nb.key_file.is_file():
+        yield _issue(index, ("narrowband", "key_file"), f"no such file: {nb.key_file}")
+    for i, dev in enumerate(config.devices):
+        t = dev.transport
+        if dev.enabled and isinstance(t, RtuTransportConfig | Hj212TransportConfig) \
+                and t.port == nb.port:
+            yield _issue(index, ("narrowband", "port"),
+                         f"serial port {nb.port} is already devices[{i}]'s")
 
 
 def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:

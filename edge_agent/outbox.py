@@ -82,7 +82,7 @@ from edge_agent.outbox_db import (
     translate,
     used_bytes,
 )
-from edge_agent.outbox_lanes import LaneReader, Part
+from edge_agent.outbox_lanes import LaneReader, Part, alarms_after, last_seq
 from edge_agent.sqlite_owner import SqliteOwner
 from protocols.envelope import (
     Flag,
@@ -225,6 +225,17 @@ class Outbox:
             skip = merge_ranges([*skip, *ranges_from_seqs(exclude)])
         return await self._sqlite.call(lambda: self._lanes.read(self._sqlite.conn, limit, skip,
                                                          self.clock.now(), part))
+
+    async def undelivered_alarms(self, after_seq: int, limit: int) -> list[Record]:
+        """Up to `limit` undelivered alarm records with seq above `after_seq`, oldest first:
+        what the narrowband fallback has not yet sent past its own watermark."""
+        if limit <= 0:
+            return []
+        return await self._sqlite.call(lambda: alarms_after(self._sqlite.conn, after_seq, limit))
+
+    async def last_seq(self) -> int:
+        """The highest seq ever handed out (0 for a new outbox)."""
+        return await self._sqlite.call(lambda: last_seq(self._sqlite.conn))
 
     async def mark_delivered(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Mark the seqs in inclusive `ranges` delivered; idempotent; returns rows newly marked."""

@@ -123,6 +123,18 @@ def walk(conn: sqlite3.Connection, lane: Lane, lo: int, hi: int, need: int,
     return out
 
 
+def alarms_after(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Record]:
+    """Undelivered alarm records with seq > `after_seq`, oldest first (the narrowband read)."""
+    rows = conn.execute(SELECT_LANE, (int(Lane.ALARM), max(0, after_seq), MAX_SEQ, limit))
+    return [to_record(row, row[6]) for row in rows]
+
+
+def last_seq(conn: sqlite3.Connection) -> int:
+    """The highest seq ever handed out; AUTOINCREMENT keeps it in `sqlite_sequence`."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+    return row[0] if row else 0
+
+
 def _in_ranges(ranges: Ranges, starts: list[int], seq: int) -> bool:
     i = bisect.bisect_right(starts, seq) - 1
     return i >= 0 and seq <= ranges[i][1]
@@ -132,4 +144,4 @@ def _expand(ranges: Ranges) -> list[int]:
     return [s for a, b in ranges for s in range(a, b + 1)]
 
 
-__all__ = ["LaneReader", "Part", "to_record", "walk"]
+__all__ = ["LaneReader", "Part", "alarms_after", "last_seq", "to_record", "walk"]

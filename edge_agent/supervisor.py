@@ -5,6 +5,7 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
                               ├─ poll[<device>]   DevicePoller.run(), one per enabled Modbus device
                               ├─ hj212[<device>]  Hj212Station.run(), one per enabled HJ 212 station
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
+                              ├─ narrowband.beidou NarrowbandFallback.run(), with [narrowband]
                               ├─ status.writer    health snapshot into the outbox meta
                               ├─ control.socket   ControlServer.serve(): the technician's socket
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
@@ -33,11 +34,13 @@ import structlog
 from edge_agent import __version__
 from edge_agent.alarm_store import AlarmStore
 from edge_agent.alarms import AlarmRules, build_rules
+from edge_agent.bearers.beidou import BeidouTerminal
 from edge_agent.birth import build_birth
 from edge_agent.clock import ClockGuard
 from edge_agent.command_setup import build_executor
-from edge_agent.config import AgentConfig, Hj212TransportConfig, resolve_profiles
+from edge_agent.config import AgentConfig, ConfigError, Hj212TransportConfig, resolve_profiles
 from edge_agent.control import ControlOps, ControlServer, device_health
+from edge_agent.narrowband import NarrowbandFallback
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller
 from edge_agent.rules import RuleEngine
@@ -102,6 +105,7 @@ class AgentRuntime:
     pool: TransportPool | None = None
     outbox: Outbox | None = None
     alarms: AlarmRules | None = None
+    narrowband: NarrowbandFallback | None = None
 
     @property
     def devices(self) -> list[DevicePoller | Hj212Station]:
@@ -116,6 +120,7 @@ class AgentRuntime:
             "uplink": {"connected": bool(self.uplink and self.uplink.connected)},
             "devices": [device_health(d) for d in self.devices],
             "restarts": dict(self.restarts),
+            "narrowband": self.narrowband.status() if self.narrowband else None,
         }
 
 
@@ -167,6 +172,18 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                             backlog_max_points_per_s=ob.backlog_max_points_per_s,
                             backlog_queue_delay_s=ob.backlog_queue_delay_s)
             runtime.uplink = uplink
+            nb = config.narrowband
+            if nb is not None:
+                try:
+                    key = nb.key_bytes()
+                except ValueError as exc:  # checked at load; a key file gone since then
+                    raise ConfigError(config.source or "config", None, "narrowband.key_file",
+                                      str(exc)) from exc
+                terminal = BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
+                                          max_payload_bytes=nb.max_payload_bytes)
+                runtime.narrowband = NarrowbandFallback(
+                    outbox=outbox, link=uplink, birth=birth, terminal=terminal, config=nb,
+                    key=key, active_alarms=lambda: len(alarms.engine.active()))
             for dev in config.devices:
                 if not dev.enabled:
                     continue
@@ -200,6 +217,9 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 for station in runtime.stations:
                     spawn(f"hj212[{station.device.id}]", station.run)
                 spawn("rules.tick", lambda: alarms.tick_loop(runtime.devices))
+                if runtime.narrowband is not None:
+                    spawn(f"narrowband.{runtime.narrowband.config.bearer}",
+                          runtime.narrowband.run)
                 spawn("status.writer", lambda: _status_loop(outbox, runtime))
                 if control is not None:
                     spawn("control.socket", control.serve)

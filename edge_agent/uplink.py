@@ -160,6 +160,9 @@ class Uplink:
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.on_command = on_command
         self.connected = False
+        # Monotonic time since when IP has been down (None while connected): the narrowband
+        # fallback takes over after a while. Down from the start until the first connect.
+        self.down_since: float | None = time.monotonic()
         self.counters = UplinkCounters()
         self._t_state, self._t_birth, self._t_data = (topics.up(gw, n) for n in ("state", "birth", "data"))
         self._t_ack, self._t_cmd = topics.down(gw, "ack"), topics.down(gw, "cmd")
@@ -222,6 +225,7 @@ class Uplink:
             self._drop_inflight()
             if self.connected:
                 self.connected = False
+                self.down_since = time.monotonic()
                 with contextlib.suppress(OutboxError, asyncio.CancelledError):
                     await asyncio.shield(self.outbox.set_meta("uplink_state", "stopped"))
 
@@ -264,6 +268,7 @@ class Uplink:
                         boot_id=self.boot_id, version=self.version)
         await client.publish(self._t_birth, encode(birth), qos=1)
         self.connected = True
+        self.down_since = None
         self.counters.connects += 1
         self._down_logged = False
         log.info("uplink_connected", host=self.host, port=self.port, backlog=self._backlog)
@@ -273,6 +278,8 @@ class Uplink:
     async def _went_down(self, exc: BaseException) -> None:
         was_up = self.connected
         self.connected = False
+        if was_up or self.down_since is None:
+            self.down_since = time.monotonic()
         self._drop_inflight()
         if was_up or not self._down_logged:
             # Once per outage, not once per attempt.

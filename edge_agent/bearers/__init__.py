@@ -1,0 +1,98 @@
+"""Narrowband bearers: drivers of the radios the agent falls back to while IP is down
+(DESIGN.md §5), and what they share: the errors, the card a terminal holds and the answer to a
+send. Each driver (`edge_agent.bearers.beidou`) owns one serial port and speaks its radio's
+sentences through a pure codec in `protocols/`; `edge_agent.narrowband` decides what goes
+over it and when.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from edge_agent.errors import EdgeError
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class BearerError(EdgeError):
+    """Base of every narrowband bearer error."""
+
+
+class BearerPortError(BearerError):
+    """The serial port cannot be opened, or was lost (missing, busy, unplugged)."""
+
+    def __init__(self, port: str, reason: str) -> None:
+        super().__init__(f"{port}: {reason}")
+        self.port = port
+        self.reason = reason
+
+
+class BearerTimeoutError(BearerError):
+    """The terminal did not answer one step within its timeout."""
+
+    def __init__(self, port: str, step: str, timeout_s: float) -> None:
+        super().__init__(f"{port}: no answer to {step} within {timeout_s:g} s")
+        self.port = port
+        self.step = step
+        self.timeout_s = timeout_s
+
+
+class NoCardError(BearerError):
+    """The terminal answered that it holds no card: it cannot send."""
+
+    def __init__(self, port: str) -> None:
+        super().__init__(f"{port}: the terminal has no card")
+        self.port = port
+
+
+class BearerRequestError(BearerError):
+    """A send the bearer cannot carry (a recipient card of the wrong length for the dialect)."""
+
+
+class BearerReplyError(BearerError):
+    """The terminal's answer makes no sense here (a BD-2 card level without a capacity)."""
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+class Refusal(enum.StrEnum):
+    """Why a terminal refused a send, in terms common to the bearers and dialects."""
+
+    INTERVAL = "interval"  # the service interval has not passed; `wait_s` says how long
+    SUPPRESSED = "suppressed"  # system suppression
+    SILENT = "silent"  # radio silence
+    NO_BEAMS = "no_beams"  # BD-3 reason 4, power not locked: no satellite in view
+    NO_CARD = "no_card"
+    NO_PERMISSION = "no_permission"
+    LOW_BATTERY = "low_battery"  # BD-2 suppression 2
+    UNSPECIFIED = "unspecified"  # executed N with no reason (a payload over the limit)
+    OTHER = "other"  # a code this driver does not know; `code` has it
+
+
+@dataclass(frozen=True, slots=True)
+class CardInfo:
+    """What the terminal's card allows: one send per `interval_s`, `payload_bytes` each."""
+
+    card_id: str
+    level: int
+    interval_s: int
+    payload_bytes: int
+    dialect: str  # the bearer's own: "bd3", "bd2"
+    encrypted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A terminal's answer to one send (BeiDou `$BDFKI`): accepted, or refused with a reason
+    and the seconds to wait."""
+
+    accepted: bool
+    reason: Refusal | None = None
+    wait_s: int = 0
+    code: int = 0  # the terminal's own number: BD-3 reason, BD-2 suppression
+
+
+__all__ = ["BearerError", "BearerPortError", "BearerReplyError", "BearerRequestError",
+           "BearerTimeoutError", "CardInfo", "NoCardError", "Refusal", "SendResult"]

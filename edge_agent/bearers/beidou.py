@@ -1,0 +1,447 @@
+"""The driver of one BeiDou RDSS short-message terminal on a serial port (DESIGN.md §5).
+
+`BeidouTerminal` owns the port: pyserial opens it in a thread (`exclusive=True`, an flock, so a
+second owner fails to open it), then the event loop reads the non-blocking fd with
+`loop.add_reader` and writes it with `os.write`, waiting for `add_writer` when the line is
+full; nothing blocks the loop. Bytes go through the pure stream decoder
+(`protocols.beidou.BeidouDecoder`), which resynchronises on the next `$` after garbage.
+
+The dialect is a constructor setting (DOMAIN.md, BeiDou RDSS short messages):
+
+- `"bd3"`: `$CCICR` → `$BDICP`; `$BDPWI` beam reports about once a second say whether a send
+  can go (`ready`); `$CCTCQ` → `$BDFKI,hhmmss,TCQ,Y|N,reason,wait`.
+- `"bd2"`: `$CCICA` → `$BDICI`; `$CCTXA` → `$BDFKI,TXA,Y|N,Y|N,suppression,mmss`. A BD-2
+  terminal sends no `$BDPWI`, so it counts as always ready and its refusal says the rest.
+
+Each step (a card query, a send) waits at most `step_timeout_s` (about 2 s, DOMAIN.md) for its
+answer, else `BearerTimeoutError`. One command is on the line at a time (a lock), so a
+`$BDFKI` answers the send in progress. A `$BDFKI` that comes with no send waiting (the late
+answer of a send that timed out) is dropped and counted (`stray_feedback`); a caller that
+waits a few seconds after a timeout before it sends again (the fallback waits `retry_s`)
+never takes it for the answer to its next send.
+
+The payload limit comes from the card (`info()`): BD-2 sends in mixed mode, so
+`mixed_mode_payload_bytes(bd2_capacity_bits(level, encrypted))`, 77 bytes at level 3; a BD-3
+card reports no capacity, so the regional service's 14,000 bits apply, lowered by
+`max_payload_bytes` for a card on global service (560 bits) or a picky terminal.
+
+A port that fails (EIO, the USB adapter unplugged) is closed and pending steps fail with
+`BearerPortError`; the next call opens it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import serial
+import structlog
+
+from edge_agent.bearers import (
+    BearerError,
+    BearerPortError,
+    BearerReplyError,
+    BearerRequestError,
+    BearerTimeoutError,
+    CardInfo,
+    NoCardError,
+    Refusal,
+    SendResult,
+)
+from protocols.beidou import (
+    BD3_REGIONAL_MAX_BITS,
+    NEED_DATA,
+    Bd2CardInfo,
+    Bd2CardQuery,
+    Bd2Feedback,
+    Bd2Message,
+    Bd2Mode,
+    Bd2Send,
+    Bd2Suppression,
+    Bd3CardInfo,
+    Bd3CardQuery,
+    Bd3Encoding,
+    Bd3Feedback,
+    Bd3Message,
+    Bd3Reason,
+    Bd3Send,
+    BeamReport,
+    BeidouDecoder,
+    BeidouError,
+    FieldError,
+    Sentence,
+    UnknownSentence,
+    bd2_capacity_bits,
+    encode,
+    mixed_mode_payload_bytes,
+)
+
+log = structlog.get_logger(__name__)
+
+Dialect = Literal["bd3", "bd2"]
+DIALECTS: Final = ("bd3", "bd2")
+STEP_TIMEOUT_S: Final = 2.0  # DOMAIN.md: about 2 s per step of the send sequence
+_READ_SIZE = 4096
+
+
+_BD3_REFUSALS: Final[dict[int, Refusal]] = {
+    Bd3Reason.NONE: Refusal.UNSPECIFIED, Bd3Reason.INTERVAL: Refusal.INTERVAL,
+    Bd3Reason.SUPPRESSED: Refusal.SUPPRESSED, Bd3Reason.SILENT: Refusal.SILENT,
+    Bd3Reason.POWER_NOT_LOCKED: Refusal.NO_BEAMS, Bd3Reason.NO_CARD: Refusal.NO_CARD,
+    Bd3Reason.NO_PERMISSION: Refusal.NO_PERMISSION}
+_BD2_REFUSALS: Final[dict[int, Refusal]] = {
+    Bd2Suppression.NONE: Refusal.UNSPECIFIED, Bd2Suppression.SYSTEM: Refusal.SUPPRESSED,
+    Bd2Suppression.LOW_BATTERY: Refusal.LOW_BATTERY,
+    Bd2Suppression.RADIO_SILENCE: Refusal.SILENT}
+
+
+@dataclass(slots=True)
+class TerminalCounters:
+    sent: int = 0
+    refused: int = 0
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    garbage_bytes: int = 0  # bytes dropped between or inside bad sentences
+    bad_sentences: int = 0  # checksum, framing and field errors
+    unknown_sentences: int = 0  # well framed but not modelled (GNSS lines)
+    stray_feedback: int = 0  # a `$BDFKI` with no send waiting for it
+    inbound: int = 0  # messages received (`$BDTCI` / `$BDTXR`)
+    port_opens: int = 0
+    port_lost: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
+                for f in dataclasses.fields(self)}
+
+
+InboundMessage = Bd3Message | Bd2Message
+
+
+@dataclass(slots=True)
+class _Waiter:
+    wants: Callable[[Sentence], bool]
+    future: asyncio.Future[Sentence]
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+class BeidouTerminal:
+    """One BeiDou RDSS terminal on one serial port; an async context manager.
+
+    Example::
+
+        async with BeidouTerminal("/dev/ttyUSB1", baudrate=115200, dialect="bd3") as bd:
+            card = await bd.info()  # a frame may be up to card.payload_bytes long
+            if await bd.wait_ready(5.0):
+                result = await bd.send("0242407", frame)
+                if not result.accepted and result.reason is Refusal.INTERVAL:
+                    await asyncio.sleep(result.wait_s)
+    """
+
+    def __init__(self, port: str, *, baudrate: int = 115200, dialect: Dialect = "bd3",
+                 step_timeout_s: float = STEP_TIMEOUT_S, max_payload_bytes: int | None = None,
+                 pwi_max_age_s: float = 5.0,
+                 on_message: Callable[[InboundMessage], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {DIALECTS}, not {dialect!r}")
+        if step_timeout_s <= 0 or pwi_max_age_s <= 0:
+            raise ValueError("step_timeout_s and pwi_max_age_s must be positive")
+        if max_payload_bytes is not None and max_payload_bytes < 1:
+            raise ValueError("max_payload_bytes must be at least 1")
+        self.port = port
+        self.baudrate = baudrate
+        self.dialect: Dialect = dialect
+        self.step_timeout_s = step_timeout_s
+        self.max_payload_bytes = max_payload_bytes
+        self.pwi_max_age_s = pwi_max_age_s
+        self.on_message = on_message
+        self.counters = TerminalCounters()
+        self.card: CardInfo | None = None  # from the last `info()`
+        self._clock = clock
+        self._serial: serial.Serial | None = None
+        self._fd: int | None = None
+        self._decoder = BeidouDecoder()
+        self._waiters: list[_Waiter] = []
+        self._lock = asyncio.Lock()  # one command on the line at a time
+        self._open_lock = asyncio.Lock()
+        self._pwi: BeamReport | None = None
+        self._pwi_at = 0.0
+        self._log = log.bind(port=port, dialect=dialect)
+
+    @property
+    def bd3(self) -> bool:
+        return self.dialect == "bd3"
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> BeidouTerminal:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._serial is not None
+
+    async def open(self) -> None:
+        """Open the port if it is not open; raises `BearerPortError`."""
+        async with self._open_lock:
+            if self._serial is not None:
+                return
+            port = await self._open_serial()
+            fd = port.fileno()
+            os.set_blocking(fd, False)
+            self._serial, self._fd = port, fd
+            self._decoder = BeidouDecoder()
+            self._pwi = None
+            asyncio.get_running_loop().add_reader(fd, self._readable)
+            self.counters.port_opens += 1
+            self._log.info("beidou_port_open", baudrate=self.baudrate)
+
+    async def close(self) -> None:
+        port = self._detach(BearerPortError(self.port, "closed"))
+        if port is not None:
+            with contextlib.suppress(OSError, serial.SerialException):
+                await asyncio.to_thread(port.close)
+
+    async def _open_serial(self) -> serial.Serial:
+        def open_port() -> serial.Serial:
+            try:
+                return serial.Serial(self.port, self.baudrate, timeout=0, exclusive=True)
+            except (serial.SerialException, OSError, ValueError) as exc:
+                raise BearerPortError(self.port, str(exc)) from exc
+
+        task = asyncio.ensure_future(asyncio.to_thread(open_port))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The thread still opens the port: close it when it does, or it leaks.
+            task.add_done_callback(
+                lambda t: t.cancelled() or t.exception() is not None or t.result().close())
+            raise
+
+    def _detach(self, error: BearerError) -> serial.Serial | None:
+        """Stop reading the port and fail every waiting step; returns the port to close."""
+        port, fd = self._serial, self._fd
+        self._serial = self._fd = None
+        self._pwi = None
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+        self._waiters.clear()
+        return port
+
+    def _lost(self, reason: str) -> None:
+        port = self._detach(BearerPortError(self.port, reason))
+        if port is None:
+            return
+        self.counters.port_lost += 1
+        self._log.warning("beidou_port_lost", error=reason)
+        # Closing a tty may wait on the driver: not on the event loop.
+        asyncio.get_running_loop().run_in_executor(None, _close_quietly, port)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EIO: the adapter went away, the pty's far end closed
+            self._lost(f"read failed: {exc}")
+            return
+        if not data:
+            self._lost("end of file")
+            return
+        decoder = self._decoder
+        before = decoder.discarded
+        decoder.feed(data)
+        while True:
+            try:
+                sentence = decoder.next_sentence()
+            except BeidouError as exc:
+                self.counters.bad_sentences += 1
+                self._log.debug("beidou_bad_sentence", error=str(exc))
+                continue
+            if sentence is NEED_DATA:
+                break
+            self._dispatch(sentence)
+        self.counters.garbage_bytes += decoder.discarded - before
+
+    def _dispatch(self, sentence: Sentence) -> None:
+        if isinstance(sentence, BeamReport):
+            self._pwi, self._pwi_at = sentence, self._clock()
+        elif isinstance(sentence, Bd3Message | Bd2Message):
+            self.counters.inbound += 1
+            if self.on_message is not None:
+                self.on_message(sentence)
+        elif isinstance(sentence, UnknownSentence):
+            self.counters.unknown_sentences += 1
+        for waiter in self._waiters:
+            if not waiter.future.done() and waiter.wants(sentence):
+                waiter.future.set_result(sentence)
+                return
+        if isinstance(sentence, Bd3Feedback | Bd2Feedback):
+            self.counters.stray_feedback += 1
+            self._log.info("beidou_stray_feedback", command=sentence.command,
+                           executed=sentence.executed)
+
+    async def _ask(self, request: Sentence | None, wants: Callable[[Sentence], bool], step: str,
+                   timeout_s: float | None = None) -> Sentence:
+        """Write `request` (if any) and wait for the first sentence that `wants` takes."""
+        await self.open()
+        waiter = _Waiter(wants, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)  # before writing: the answer may come at once
+        timeout = self.step_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                if request is not None:
+                    await self._write(encode(request))
+                return await waiter.future
+        except TimeoutError:
+            raise BearerTimeoutError(self.port, step, timeout) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    async def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        loop = asyncio.get_running_loop()
+        while view:
+            fd = self._fd
+            if fd is None:
+                raise BearerPortError(self.port, "lost while writing")
+            try:
+                view = view[os.write(fd, view):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                self._lost(f"write failed: {exc}")
+                raise BearerPortError(self.port, f"write failed: {exc}") from exc
+            if view:  # the line is full: wait until the driver takes more
+                writable: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(fd)
+
+    # --- commands --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """A send may go now: BD-3, the latest fresh `$BDPWI` has time and a beam; BD-2 has
+        no beam report, so always."""
+        if not self.bd3:
+            return True
+        pwi = self._pwi
+        return (pwi is not None and pwi.ready
+                and self._clock() - self._pwi_at <= self.pwi_max_age_s)
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """True as soon as `ready`, False if it is not within `timeout_s`."""
+        if self.ready:
+            return True
+        try:
+            await self._ask(None, lambda s: isinstance(s, BeamReport) and s.ready, "beams",
+                            timeout_s)
+        except BearerTimeoutError:
+            return False
+        return True
+
+    async def info(self) -> CardInfo:
+        """Ask the card: id, level, service interval and the payload limit it gives."""
+        query: Sentence = Bd3CardQuery() if self.bd3 else Bd2CardQuery()
+        kind = Bd3CardInfo if self.bd3 else Bd2CardInfo
+        async with self._lock:
+            try:
+                reply = await self._ask(query, lambda s: isinstance(s, kind), "card query")
+            except BearerTimeoutError:
+                self.counters.timeouts += 1
+                raise
+        assert isinstance(reply, Bd3CardInfo | Bd2CardInfo)
+        if not reply.has_card:
+            raise NoCardError(self.port)
+        card = self._card_info(reply)
+        self.card = card
+        return card
+
+    def _card_info(self, reply: Bd3CardInfo | Bd2CardInfo) -> CardInfo:
+        if isinstance(reply, Bd3CardInfo):
+            limit, encrypted = BD3_REGIONAL_MAX_BITS // 8, False
+        else:
+            try:
+                limit = mixed_mode_payload_bytes(bd2_capacity_bits(reply.level, reply.encrypted))
+            except FieldError as exc:
+                raise BearerReplyError(f"{self.port}: {exc}") from exc
+            encrypted = reply.encrypted
+        if self.max_payload_bytes is not None:
+            limit = min(limit, self.max_payload_bytes)
+        return CardInfo(card_id=reply.card_id, level=reply.level, interval_s=reply.interval_s,
+                        payload_bytes=limit, dialect=self.dialect, encrypted=encrypted)
+
+    async def send(self, recipient: str, payload: bytes) -> SendResult:
+        """Send one short message (mixed mode); the terminal's `$BDFKI` says if it went."""
+        request: Sentence
+        try:
+            if self.bd3:
+                request = Bd3Send(recipient, payload, Bd3Encoding.MIXED)
+            else:
+                request = Bd2Send(recipient, payload, Bd2Mode.MIXED)
+        except FieldError as exc:
+            raise BearerRequestError(f"{self.port}: {exc}") from exc
+        command = "TCQ" if self.bd3 else "TXA"
+        kind = Bd3Feedback if self.bd3 else Bd2Feedback
+        async with self._lock:
+            try:
+                reply = await self._ask(
+                    request, lambda s: isinstance(s, kind) and s.command == command, "send")
+            except BearerTimeoutError:
+                self.counters.timeouts += 1
+                raise
+        assert isinstance(reply, Bd3Feedback | Bd2Feedback)
+        result = _result(reply)
+        if result.accepted:
+            self.counters.sent += 1
+        else:
+            assert result.reason is not None
+            self.counters.refused += 1
+            by_reason = self.counters.refused_by_reason
+            by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
+        return result
+
+
+def _result(reply: Bd3Feedback | Bd2Feedback) -> SendResult:
+    if reply.executed:
+        return SendResult(True)
+    if isinstance(reply, Bd3Feedback):
+        reason = _BD3_REFUSALS.get(reply.reason, Refusal.OTHER)
+        return SendResult(False, reason, reply.wait_s, reply.reason)
+    if not reply.interval_ok:
+        return SendResult(False, Refusal.INTERVAL, reply.wait_s, reply.suppression)
+    reason = _BD2_REFUSALS.get(reply.suppression, Refusal.OTHER)
+    return SendResult(False, reason, reply.wait_s, reply.suppression)
+
+
+def _close_quietly(port: serial.Serial) -> None:
+    with contextlib.suppress(OSError, serial.SerialException):
+        port.close()
+
+
+__all__ = ["DIALECTS", "STEP_TIMEOUT_S", "BeidouTerminal", "Dialect", "InboundMessage",
+           "TerminalCounters"]
