@@ -1,0 +1,160 @@
+"""三断 end to end (DESIGN.md §5): the IP link is cut, the alarm goes by BeiDou, IP comes back.
+
+Everything runs for real in one event loop: a private Mosquitto, central (ingest and its
+BeiDou receiver, with its API), the edge agent (`run_agent`) polling a Modbus TCP gas
+detector, a loopback proxy on the agent's MQTT link, and two BeiDou terminal simulators on
+ptys linked by one sky: the gateway's and central's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from central.api import create_app
+from central.settings import NarrowbandGateway, Settings
+from device_profiles import find_profile
+from edge_agent.config import parse_config
+from edge_agent.errors import EdgeError
+from edge_agent.outbox import read_status
+from edge_agent.supervisor import run_agent
+from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
+from firmware_stubs.modbus_sim import ModbusTcpSimulator
+from tests.helpers import Mosquitto
+from tests.netproxy import LinkProxy
+
+GW = "gw-sanduan"
+GW_CARD = "4238473"
+CENTRAL_CARD = "0242407"
+KEY = bytes(range(100, 132))
+WAIT_S = 60.0  # generous: a loaded 2-core CI box; every wait is on a condition
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    """Poll `check()` (plain or async) until it is truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def central(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """Central's app with its lifespan (ingest on MQTT, the narrowband receiver) running."""
+    app = create_app(settings, run_ingest=True)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://central") as client:
+        yield client
+
+
+async def test_alarm_goes_by_beidou_while_ip_is_cut_and_merges_when_ip_returns(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """With the uplink cut, a level-2 gas alarm reaches central by BeiDou and is active there
+    at once; when IP returns the full record is merged into it: one alarm, raised once, now
+    with its threshold, and the gateway's outbox drains to zero."""
+    gas = find_profile("gas-detector-v1")
+    sky = BeidouSky()
+    proxy = LinkProxy(mosquitto.host, mosquitto.port)
+    proxy.start()
+    try:
+        async with ModbusTcpSimulator(gas) as modbus, \
+                BeidouTerminalSimulator(card_id=GW_CARD, interval_s=0.5, pwi_period_s=0.2,
+                                        sky=sky) as gw_terminal, \
+                BeidouTerminalSimulator(card_id=CENTRAL_CARD, pwi_period_s=None,
+                                        sky=sky) as central_terminal:
+            modbus.set_value("gas_lel", 3.0)
+            settings = Settings(
+                db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host=mosquitto.host,
+                mqtt_port=mosquitto.port, mqtt_client_id="central-e2e",
+                narrowband_port=central_terminal.link_path,
+                narrowband_gateways=[NarrowbandGateway(gw=GW, card=GW_CARD, key=KEY.hex())])
+            config = parse_config(
+                f'[gateway]\nid = "{GW}"\ndata_dir = "{tmp_path / "edge"}"\n'
+                f'[mqtt]\nhost = "{proxy.host}"\nport = {proxy.port}\nreconnect_max_s = 1\n'
+                f'[status]\ninterval_s = 0.2\n'
+                f'[narrowband]\nport = "{gw_terminal.link_path}"\n'
+                f'central_card = "{CENTRAL_CARD}"\nkey = "{KEY.hex()}"\n'
+                f'after_s = 1\nheartbeat_s = 2\n'
+                f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\npoll_interval_s = 0.2\n'
+                f'transport = {{kind = "tcp", host = "127.0.0.1", port = {modbus.port}}}\n')
+            async with central(settings) as api:
+                stop = asyncio.Event()
+                agent = asyncio.create_task(
+                    run_agent(config, stop=stop, install_signal_handlers=False))
+                try:
+                    def outbox() -> Any:
+                        try:
+                            return read_status(config.outbox_path)
+                        except EdgeError:  # the agent is still creating it
+                            return None
+
+                    async def gateway() -> dict[str, Any] | None:
+                        r = await api.get(f"/api/gateways/{GW}")
+                        return r.json() if r.status_code == 200 else None
+
+                    async def alarms() -> list[dict[str, Any]]:
+                        return (await api.get("/api/alarms", params={"gw": GW})).json()
+
+                    # Over IP first: central learns the stream and the point ordinals.
+                    status = await until(outbox, "the outbox")
+                    await until(lambda: _has_stream(gateway(), status.stream),
+                                "the birth at central")
+
+                    # 三断: the IP link is cut, then the gas leaks.
+                    proxy.set_mode("drop")
+                    await until(lambda: outbox().meta.get("uplink_state") == "disconnected",
+                                "the uplink to notice the cut")  # the outbox exists by now
+                    modbus.set_value("gas_lel", 60.0)
+                    (raised,) = await until(alarms, "the alarm at central by BeiDou")
+                    assert (raised["alarm_key"], raised["level"], raised["state"]) == (
+                        "gas-1/gas_lel/high", 2, "active")
+                    assert raised["threshold"] is None  # the short frame does not carry it
+                    assert raised["value"] == 60.0
+                    assert outbox().backlog > 0  # it did not come over IP
+                    view = await until(lambda: _on_beidou(gateway()), "a BeiDou heartbeat")
+                    assert view["online"]
+
+                    # IP returns: everything drains, the full record merges into the copy.
+                    proxy.set_mode("pass")
+                    await until(lambda: outbox().backlog == 0, "the outbox to drain over IP")
+                    (merged,) = await alarms()
+                    assert merged["id"] == raised["id"] and merged["transitions"] == 1
+                    assert merged["threshold"] == 50.0 and merged["state"] == "active"
+                    metrics = (await api.get("/metrics")).text
+                    assert _metric(metrics, "records_merged_total") >= 1
+                    assert _metric(metrics, "narrowband_records_total") >= 1
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(agent, 30)
+    finally:
+        proxy.stop()
+
+
+async def _has_stream(view: Any, stream: str) -> bool:
+    got = await view
+    return bool(got) and got.get("stream") == stream
+
+
+async def _on_beidou(view: Any) -> dict[str, Any] | None:
+    got = await view
+    return got if got and got.get("bearer") == "beidou" else None
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of an unlabelled Prometheus sample whose name ends with `name`."""
+    for line in text.splitlines():
+        if not line.startswith("#") and line.split(" ")[0].endswith(name):
+            return float(line.split(" ")[1])
+    raise AssertionError(f"no {name} in /metrics")
