@@ -152,6 +152,7 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         report["devices"] = live.get("devices", report["devices"])
         report["buses"] = live.get("buses", [])
         report["alarms_active"] = live.get("alarms_active")
+        report["narrowband"] = live.get("narrowband", report["narrowband"])
     if as_json:
         _print_json(report)
         return
@@ -204,8 +205,22 @@ def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
         "uplink": {"state": meta.get("uplink_state", "unknown"),
                    "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms")},
         "devices": (agent or {}).get("devices", []),
+        "narrowband": (agent or {}).get("narrowband"),
         "meta": meta,
     }
+
+
+def _narrowband_line(nb: dict[str, Any]) -> str:
+    """`active on beidou /dev/ttyUSB1: 3 alarm(s), 1 heartbeat(s) sent, refused interval 2`."""
+    c = nb.get("counters") or {}
+    state = "[red]active[/red]" if nb.get("active") else "[green]idle[/green] (IP is up)"
+    refused = ", ".join(f"{k} {v}" for k, v in (c.get("refusals") or {}).items())
+    line = (f"{state} on {nb.get('bearer')} {escape(str(nb.get('port')))}: "
+            f"{c.get('alarms_sent', 0)} alarm(s), {c.get('heartbeats_sent', 0)} heartbeat(s) sent"
+            + (f", refused {refused}" if refused else ""))
+    if nb.get("last_error"):
+        line += f", last error: {escape(str(nb['last_error']))}"
+    return line
 
 
 def _pid_alive(pid: object) -> bool:
@@ -236,6 +251,8 @@ def _print_status(r: dict[str, Any]) -> None:
     colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
     t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {_ago(up['since_ms'])}")
     t.add_row("last ack", _ago(up["last_ack_ms"]))
+    if nb := r.get("narrowband"):
+        t.add_row("narrowband", _narrowband_line(nb))
     print_outbox(t, r)
     out.print(t)
     if r["devices"]:

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from device_profiles import find_profile
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect
+from edge_agent.cli import app
 from edge_agent.config import ConfigError, NarrowbandConfig, parse_config
 from edge_agent.narrowband import WATERMARK_KEY, NarrowbandFallback
 from edge_agent.outbox import NewRecord, Outbox, OutboxError, read_status
@@ -334,13 +336,15 @@ async def test_supervisor_sends_alarm_by_beidou_while_ip_is_down(tmp_path: Path)
                                     sky=sky) as gateway, \
             BeidouTerminalSimulator(card_id=CENTRAL_CARD, sky=sky) as central:
         modbus.set_value("gas_lel", 60.0)
-        config = parse_config(
+        site = tmp_path / "site.toml"
+        site.write_text(
             f'[gateway]\nid = "gw-nb"\ndata_dir = "{tmp_path / "data"}"\n'
             f'[mqtt]\nport = {dead_port}\n[status]\ninterval_s = 0.2\n'
             f'[narrowband]\nport = "{gateway.link_path}"\ncentral_card = "{CENTRAL_CARD}"\n'
             f'key = "{KEY.hex()}"\nafter_s = 0\n'
             f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\npoll_interval_s = 0.1\n'
             f'transport = {{kind = "tcp", host = "127.0.0.1", port = {modbus.port}}}\n')
+        config = parse_config(site.read_text(), site)
         stop = asyncio.Event()
         agent = asyncio.create_task(run_agent(config, stop=stop, install_signal_handlers=False))
         try:
@@ -367,6 +371,14 @@ async def test_supervisor_sends_alarm_by_beidou_while_ip_is_down(tmp_path: Path)
                 return int(narrowband.get("counters", {}).get("alarms_sent", 0))
 
             await until(lambda: alarms_sent() >= 1)
+            # The technician sees it: `edge-agent status`, as a table and as JSON.
+            runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+            shown = await asyncio.to_thread(runner.invoke, app, ["status", "-c", str(site)])
+            assert shown.exit_code == 0, shown.output
+            assert "narrowband" in shown.output and "active on beidou" in shown.output
+            raw = await asyncio.to_thread(runner.invoke, app,
+                                          ["status", "-c", str(site), "--json"])
+            assert json.loads(raw.output)["narrowband"]["counters"]["alarms_sent"] >= 1
         finally:
             stop.set()
             await asyncio.wait_for(agent, 15)
