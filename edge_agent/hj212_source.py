@@ -56,6 +56,7 @@ from device_profiles import Profile, ProfilePoint
 from edge_agent.errors import EdgeError
 from edge_agent.outbox import NewRecord
 from edge_agent.poller import DeviceHealth, Health
+from edge_agent.serial_port import open_serial
 from protocols.envelope import Flag, RecordKind
 from protocols.hj212 import (
     CN_DAILY,
@@ -241,20 +242,7 @@ class Hj212Source:
             self._log.info("hj212_source_stopped")
 
     async def _open(self) -> serial.Serial:
-        def open_port() -> serial.Serial:
-            try:
-                return serial.Serial(self.port, timeout=0, exclusive=True, **self._line)
-            except (serial.SerialException, OSError, ValueError) as exc:
-                raise Hj212PortError(self.port, str(exc)) from exc
-
-        task = asyncio.ensure_future(asyncio.to_thread(open_port))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The thread still opens the port: close it when it does, or it leaks.
-            task.add_done_callback(
-                lambda t: t.cancelled() or t.exception() is not None or t.result().close())
-            raise
+        return await open_serial(self.port, Hj212PortError, **self._line)
 
     async def _session(self, port: serial.Serial, sink: RecordSink) -> str:
         """Read the open port until it fails; returns why it ended."""

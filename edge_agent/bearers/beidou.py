@@ -54,6 +54,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
+from edge_agent.serial_port import open_serial
 from protocols.beidou import (
     BD3_REGIONAL_MAX_BITS,
     NEED_DATA,
@@ -215,20 +216,7 @@ class BeidouTerminal:
                 await asyncio.to_thread(port.close)
 
     async def _open_serial(self) -> serial.Serial:
-        def open_port() -> serial.Serial:
-            try:
-                return serial.Serial(self.port, self.baudrate, timeout=0, exclusive=True)
-            except (serial.SerialException, OSError, ValueError) as exc:
-                raise BearerPortError(self.port, str(exc)) from exc
-
-        task = asyncio.ensure_future(asyncio.to_thread(open_port))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The thread still opens the port: close it when it does, or it leaks.
-            task.add_done_callback(
-                lambda t: t.cancelled() or t.exception() is not None or t.result().close())
-            raise
+        return await open_serial(self.port, BearerPortError, baudrate=self.baudrate)
 
     def _detach(self, error: BearerError) -> serial.Serial | None:
         """Stop reading the port and fail every waiting step; returns the port to close."""
