@@ -4,6 +4,11 @@ Starts an embedded broker (or uses `--broker`), central on HTTP, and a simulated
 every gateway is its own edge-agent process polling its own Modbus TCP simulator process on
 loopback. Central never imports the edge agent: the fleet runs as child processes, as real
 gateways would.
+
+Two scripted scenarios give the duty officers something to see: a gas leak at the Qingshan
+plant every few minutes, and 三断 at Xinzhou: its link is cut (`central.demo_link`), a leak
+follows, the alarm comes by BeiDou (a simulated terminal pair in one child process, central's
+and the gateway's), and when the link returns the full record merges into it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -25,7 +31,8 @@ import uvicorn
 from central.api import create_app
 from central.areas import SEED_DIR, seed_areas
 from central.broker import embedded_broker
-from central.settings import Settings
+from central.demo_link import LinkSwitch
+from central.settings import NarrowbandGateway, Settings
 from central.storage import open_storage
 
 log = structlog.get_logger(__name__)
@@ -35,6 +42,17 @@ log = structlog.get_logger(__name__)
 class DemoGateway:
     id: str
     devices: tuple[tuple[str, str], ...]  # (device id, profile id)
+    beidou_card: str | None = None  # has a BeiDou terminal: the narrowband fallback (§5)
+
+
+@dataclass(frozen=True, slots=True)
+class Narrowband:
+    """A gateway's side of the BeiDou link: its terminal's pty and its frame key."""
+
+    port: str
+    key: str
+    central_card: str
+    after_s: float = 10.0  # a real site would wait minutes; the demo shows it in seconds
 
 
 FLEET: tuple[DemoGateway, ...] = (
@@ -42,8 +60,11 @@ FLEET: tuple[DemoGateway, ...] = (
     DemoGateway("wh-qingshan-02", (("gas-1", "gas-detector-v1"), ("gas-2", "gas-detector-v1"),
                                    ("tank-1", "storage-tank-v1"))),
     DemoGateway("wh-hongshan-03", (("tank-1", "storage-tank-v1"), ("tank-2", "storage-tank-v1"))),
-    DemoGateway("wh-xinzhou-04", (("gas-1", "gas-detector-v1"), ("tank-1", "storage-tank-v1"))),
+    DemoGateway("wh-xinzhou-04", (("gas-1", "gas-detector-v1"), ("tank-1", "storage-tank-v1")),
+                beidou_card="4238473"),
 )
+CENTRAL_CARD = "0242407"
+DEMO_SEND_INTERVAL_S = 10.0  # BeiDou cards allow one message a minute; the demo, one per 10 s
 
 
 def _child_env() -> dict[str, str]:
@@ -64,7 +85,8 @@ async def _wait_file(path: Path, proc: asyncio.subprocess.Process, timeout: floa
 
 
 def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_host: str,
-                   broker_port: int, central_public_key: str | None = None) -> str:
+                   broker_port: int, central_public_key: str | None = None,
+                   narrowband: Narrowband | None = None) -> str:
     """The TOML an operator would write for this gateway."""
     lines = [
         "[gateway]",
@@ -79,6 +101,10 @@ def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_hos
     ]
     if central_public_key:  # pinned at enrolment: the gateway runs commands signed by central
         lines += ["[commands]", f'central_public_key = "{central_public_key}"', ""]
+    if narrowband is not None:
+        lines += ["[narrowband]", f'port = "{narrowband.port}"',
+                  f'central_card = "{narrowband.central_card}"', f'key = "{narrowband.key}"',
+                  f"after_s = {narrowband.after_s}", "heartbeat_s = 60", ""]
     for unit, (dev_id, profile) in enumerate(gw.devices, start=1):
         lines += [
             "[[devices]]",
@@ -95,9 +121,11 @@ def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_hos
 @contextlib.asynccontextmanager
 async def fleet(root: Path, broker_host: str, broker_port: int,
                 gateways: tuple[DemoGateway, ...] = FLEET, *,
-                central_public_key: str | None = None) -> AsyncIterator[dict[str, int]]:
+                central_public_key: str | None = None, links: dict[str, int] | None = None,
+                narrowband: dict[str, Narrowband] | None = None) -> AsyncIterator[dict[str, int]]:
     """Start one simulator and one edge agent process per gateway; stop them all on exit.
-    Yields each gateway's simulator control port (to script values)."""
+    Yields each gateway's simulator control port (to script values). `links` routes a
+    gateway's MQTT through a local relay port; `narrowband` gives it a BeiDou terminal."""
     procs: list[asyncio.subprocess.Process] = []
     controls: dict[str, int] = {}
     env = _child_env()
@@ -119,9 +147,11 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
             sim_port = int((await _wait_file(ready, sim)).split("=")[-1])
             controls[gw.id] = int((await _wait_file(control_ready, sim)).split("=")[-1])
             conf = gdir / "site.toml"
-            conf.write_text(gateway_config(gw, data_dir=gdir, sim_port=sim_port,
-                                           broker_host=broker_host, broker_port=broker_port,
-                                           central_public_key=central_public_key))
+            relay = (links or {}).get(gw.id)
+            conf.write_text(gateway_config(
+                gw, data_dir=gdir, sim_port=sim_port,
+                broker_host="127.0.0.1" if relay else broker_host, broker_port=relay or broker_port,
+                central_public_key=central_public_key, narrowband=(narrowband or {}).get(gw.id)))
             agent = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent", "run", "--config", str(conf), env=env,
                 stdout=(gdir / "agent.log").open("ab"), stderr=asyncio.subprocess.STDOUT)
@@ -151,8 +181,21 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
         else:
             addr = await stack.enter_async_context(embedded_broker())
             host, port = addr.host, addr.port
-        settings = Settings(db_url=f"sqlite:///{(data_dir / 'central.db').resolve()}",
-                            mqtt_host=host, mqtt_port=port, http_host=http_host, http_port=http_port)
+        # 三断: the BeiDou-equipped gateways reach the broker through a switchable relay, and
+        # each has a frame key that central knows (enrolment would hand it out).
+        remote = [gw for gw in FLEET if gw.beidou_card]
+        cards = {CENTRAL_CARD: 0.0} | {gw.beidou_card: DEMO_SEND_INTERVAL_S
+                                       for gw in remote if gw.beidou_card}
+        terminals = await stack.enter_async_context(
+            beidou_terminals(data_dir / "beidou", cards))
+        keys = {gw.id: secrets.token_hex(32) for gw in remote}
+        links = {gw.id: await stack.enter_async_context(LinkSwitch(host, port)) for gw in remote}
+        settings = Settings(
+            db_url=f"sqlite:///{(data_dir / 'central.db').resolve()}", mqtt_host=host,
+            mqtt_port=port, http_host=http_host, http_port=http_port,
+            narrowband_port=terminals[CENTRAL_CARD],
+            narrowband_gateways=[NarrowbandGateway(gw=gw.id, card=gw.beidou_card, key=keys[gw.id])
+                                 for gw in remote if gw.beidou_card])
         async with open_storage(settings.db_url) as st:  # Wuhan's areas and the fleet's sites
             await seed_areas(st, SEED_DIR / "wuhan.yaml")
         app = create_app(settings)
@@ -166,10 +209,18 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                     return
                 await asyncio.sleep(0.05)
         key = app.state.commands.service.public_key_b64  # the gateways pin it at enrolment
-        controls = await stack.enter_async_context(
-            fleet(data_dir / "fleet", host, port, central_public_key=key))
-        leak = asyncio.create_task(gas_leak_scenario(controls), name="demo.scenario")
-        stack.callback(leak.cancel)
+        controls = await stack.enter_async_context(fleet(
+            data_dir / "fleet", host, port, central_public_key=key,
+            links={gw: link.port for gw, link in links.items()},
+            narrowband={gw.id: Narrowband(port=terminals[gw.beidou_card], key=keys[gw.id],
+                                          central_card=CENTRAL_CARD)
+                        for gw in remote if gw.beidou_card}))
+        scenarios = [asyncio.create_task(gas_leak_scenario(controls), name="demo.scenario")]
+        scenarios += [asyncio.create_task(sanduan_scenario(link, controls, gw=gw),
+                                          name=f"demo.sanduan[{gw}]")
+                      for gw, link in links.items()]
+        for task in scenarios:
+            stack.callback(task.cancel)
         print(f"Fieldlink demo: console http://{http_host}:{http_port}/  broker mqtt://{host}:{port}  "
               f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
         await serve
@@ -205,4 +256,55 @@ async def gas_leak_scenario(controls: dict[str, int], *, gw: str = "wh-qingshan-
             log.info("demo_leak_cleared", gw=gw)
         except OSError as exc:  # the simulator is restarting or gone: try next round
             log.warning("demo_scenario_failed", error=str(exc))
+        await asyncio.sleep(every_s)
+
+
+@contextlib.asynccontextmanager
+async def beidou_terminals(root: Path, cards: dict[str, float]) -> AsyncIterator[dict[str, str]]:
+    """The BeiDou terminals (card → send interval) as one child process sharing one sky;
+    yields card → pty path."""
+    root.mkdir(parents=True, exist_ok=True)
+    ready = root / "beidou.json"
+    ready.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "firmware_stubs.beidou_cli", "--ready-file", str(ready)]
+    for card, interval in cards.items():
+        args += ["--terminal", f"{card}:{interval}"]
+    proc = await asyncio.create_subprocess_exec(*args, env=_child_env(),
+                                                stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=(root / "beidou.log").open("ab"))
+    try:
+        paths: dict[str, str] = json.loads(await _wait_file(ready, proc))
+        yield paths
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def sanduan_scenario(link: LinkSwitch, controls: dict[str, int], *, gw: str,
+                           first_after_s: float = 45.0, every_s: float = 300.0) -> None:
+    """三断 at one gateway: the link is cut, gas leaks (level 2) while it is down, so the alarm
+    goes by BeiDou; the leak is brought under control, then the link comes back and the full
+    records follow over IP."""
+    port = controls.get(gw)
+    if port is None:
+        return
+    await asyncio.sleep(first_after_s)
+    while True:
+        link.set_cut(True)
+        try:
+            await asyncio.sleep(15)
+            await _sim_control(port, {"set": {"device_id": 1, "point": "gas_lel", "value": 57.5}})
+            await asyncio.sleep(60)
+            await _sim_control(port, {"clear": {"device_id": 1, "point": "gas_lel"}})
+            await asyncio.sleep(30)
+        except OSError as exc:  # the simulator is restarting or gone: try next round
+            log.warning("demo_scenario_failed", error=str(exc))
+        finally:
+            link.set_cut(False)
         await asyncio.sleep(every_s)

@@ -1,0 +1,91 @@
+"""Process entry point of BeiDou terminals that reach each other: `python -m firmware_stubs.beidou_cli`.
+
+A satellite link cannot be a socket between two processes, so the terminals that talk to each
+other (a gateway's and central's) run in this one process, linked by one `BeidouSky`; each is
+a pty that the edge agent or central opens like `/dev/ttyUSB1`. On start it prints
+`READY terminals=CARD:PATH,...` and, if asked, writes `{"CARD": "/dev/pts/N", ...}` to a ready
+file (atomically). It serves until SIGTERM or SIGINT and exits 0, or 1 with `error: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from firmware_stubs.beidou_sim import BeidouMode, BeidouSky, BeidouTerminalSimulator
+from firmware_stubs.errors import SimulatorError
+from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
+
+
+def _terminal(text: str) -> tuple[str, float]:
+    card, _, interval = text.partition(":")
+    try:
+        return card, float(interval) if interval else 60.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CARD or CARD:INTERVAL_S") from None
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m firmware_stubs.beidou_cli",
+        description="Simulate BeiDou RDSS terminals on ptys, linked by one simulated sky.",
+        epilog="example: python -m firmware_stubs.beidou_cli --terminal 0242407:0 "
+        "--terminal 4238473:10 --ready-file /tmp/beidou.json",
+    )
+    parser.add_argument("--terminal", type=_terminal, action="append", required=True,
+                        metavar="CARD[:INTERVAL_S]",
+                        help="a terminal's card id and its send interval (default 60 s)")
+    parser.add_argument("--mode", choices=["bd3", "bd2"], default="bd3")
+    parser.add_argument("--level", type=int, default=3, help="card level (capacity)")
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="once open, write {card: pty path} as JSON to this file")
+    return parser.parse_args(argv)
+
+
+class _Terminals:
+    """The terminals of one sky, started and stopped together."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        sky = BeidouSky()
+        mode = BeidouMode.BD3 if args.mode == "bd3" else BeidouMode.BD2
+        self.terminals = [BeidouTerminalSimulator(mode=mode, card_id=card, level=args.level,
+                                                  interval_s=interval, sky=sky)
+                          for card, interval in args.terminal]
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> _Terminals:
+        async with contextlib.AsyncExitStack() as stack:
+            for t in self.terminals:
+                await stack.enter_async_context(t)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    @property
+    def paths(self) -> dict[str, str]:
+        return {t.card_id: t.path for t in self.terminals}
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    def announce(terminals: _Terminals) -> str:
+        if args.ready_file is not None:
+            write_atomic(args.ready_file, json.dumps(terminals.paths) + "\n")
+        return ready_line("terminals=" + ",".join(f"{c}:{p}" for c, p in
+                                                  terminals.paths.items()), None)
+
+    await serve_until_signal(_Terminals(args), announce)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on bad settings."""
+    return run(_serve(_parse_args(argv)), (SimulatorError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
