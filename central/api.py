@@ -245,11 +245,12 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         task = (tasks.start("ingest.mqtt", ingest.run) if run_ingest
                 else None)
         app.state.ingest_task = task
-        # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal, if it has one.
+        # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal or PDT radio.
         receiver = (NarrowbandReceiver(settings, storage, metrics)
                     if settings.narrowband_port is not None else None)
         app.state.narrowband = receiver
-        nb_task = tasks.start("narrowband.beidou", receiver.run) if receiver else None
+        nb_task = (tasks.start(f"narrowband.{settings.narrowband_bearer}", receiver.run)
+                   if receiver else None)
         log.info("central_started", version=__version__, db=safe_db_url(settings.db_url),
                  http_port=settings.http_port, ingest=run_ingest)
         try:

@@ -1,31 +1,39 @@
-"""Central's narrowband receiver (DESIGN.md §5): what gateways send over BeiDou while IP is down.
+"""Central's narrowband receiver (DESIGN.md §5): what gateways send by radio while IP is down.
 
-Central's own BeiDou terminal sits on a serial port (`narrowband_port`). `NarrowbandReceiver`
-owns that port: pyserial opens it in a thread (`exclusive=True`, so a second reader fails
-instead of stealing bytes), then the non-blocking fd is read from the event loop with
-`loop.add_reader`, so nothing blocks the loop. A lost port is reopened with capped, jittered
-back-off, logged once when it fails and once when it is back. Bytes go into the pure
-`protocols.beidou.BeidouDecoder`; each inbound short message (`$BDTCI` on BD-3, `$BDTXR` on
-BD-2) names its sender's card, which names the gateway (`narrowband_gateways`).
+Central's own radio sits on a serial port (`narrowband_port`): a BeiDou terminal or, with
+`narrowband_bearer = "pdt"`, a Hytera PDT radio. `NarrowbandReceiver` owns that port: pyserial
+opens it in a thread (`exclusive=True`, so a second reader fails instead of stealing bytes),
+then the non-blocking fd is read from the event loop with `loop.add_reader`, so nothing blocks
+the loop. A lost port is reopened with capped, jittered back-off, logged once when it fails and
+once when it is back.
 
-A frame is checked with that gateway's key and its current stream (the `gateways` row, which
-its birth set) before it is parsed (`protocols.narrowband.decode_frame`), then:
+What is per bearer is small, a `Link`: the bytes to write when the port opens, and what the
+bytes read mean (events: a frame from a sender, or something dropped with a reason) plus any
+answer to write back. `BeidouLink` (below) decodes `$BDTCI` (BD-3) / `$BDTXR` (BD-2), whose
+sender is a card; `central.narrowband_pdt.PdtLink` speaks HRNP, acks the radio's packets and
+turns "FL1:" texts into frames, whose sender is a radio id. The sender names the gateway
+(`narrowband_gateways`: `card` or `radio`).
+
+Everything after that is shared (`receive`). A frame is checked with that gateway's key and its
+current stream (the `gateways` row, which its birth set) before it is parsed
+(`protocols.narrowband.decode_frame`), then:
 
 - alarms: each entry becomes the ALARM record the edge itself stored under that seq, with the
   point named by its ordinal in the gateway's last birth (a `device_offline` entry names the
   device's first point and means `<device>/_device`), and is written with
   `storage.write_batches` under (gw, stream, seq), so the alarm engine raises and clears it as
-  for an IP record. Its attrs say `bearer: beidou` (for the people reading it) and its flags
-  carry `NARROWBAND_COPY`: when the full record comes over IP, storage merges it into this copy
-  (`central.storage.writes`), it does not store a second one. Nothing is
-  acked to the edge: it still sends the records over IP when it can.
-- heartbeat: the gateway is heard now, online on `beidou`, with the backlog it reported
-  (`storage.record_heartbeat`).
+  for an IP record. Its attrs say `bearer: beidou` or `pdt` (for the people reading it) and its
+  flags carry `NARROWBAND_COPY`: when the full record comes over IP, storage merges it into
+  this copy (`central.storage.writes`), it does not store a second one. Nothing is acked to the
+  edge: it still sends the records over IP when it can.
+- heartbeat: the gateway is heard now, online on `beidou` / `pdt`, with the backlog it
+  reported (`storage.record_heartbeat`).
 
-Bad input (garbage on the line, an unknown card, no birth yet, a MAC that does not verify, a
+Bad input (garbage on the line, an unknown sender, no birth yet, a MAC that does not verify, a
 frame that does not parse, an ordinal the birth does not name) is counted in
 `narrowband_rejected_total{reason}`, logged once as `narrowband_rejected`, and the loop goes
-on; the good entries of a frame are kept.
+on; the good entries of a frame are kept. A person's text on the PDT channel is counted
+(`not_fieldlink`) and logged at info, without its content.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
 import serial
 import structlog
@@ -77,7 +85,7 @@ BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 _READ_SIZE: Final = 4096
 DEVICE_POINT: Final = "_device"  # the pseudo point of device-level alarms (edge_agent.rules)
-BEARER: Final = "beidou"  # what the gateway view and the record attrs say it came by
+QUIET_S: Final = 0.5  # a line quiet this long: the link may give up a partial packet
 # Wire codes to the names the edge's rules and records use (edge_agent.rules.RuleKind).
 RULE_NAMES: Final = {AlarmRule.HIGH: "high", AlarmRule.LOW: "low", AlarmRule.RATE: "rate",
                      AlarmRule.STALE: "stale", AlarmRule.DEVICE_OFFLINE: "device_offline"}
@@ -94,9 +102,11 @@ class NarrowbandInputError(CentralError):
 class UnknownSenderError(NarrowbandInputError):
     reason = "unknown_sender"
 
-    def __init__(self, card: str) -> None:
-        super().__init__(f"no gateway has BeiDou card {card}")
-        self.card = card
+    def __init__(self, bearer: str, sender: str) -> None:
+        what = "PDT radio" if bearer == "pdt" else "BeiDou card"
+        super().__init__(f"no gateway has {what} {sender}")
+        self.bearer = bearer
+        self.sender = sender
 
 
 class NoBirthError(NarrowbandInputError):
@@ -152,7 +162,7 @@ def inventory_from_birth(stream: str, birth: dict[str, Any]) -> Inventory:
     return Inventory(stream, points)
 
 
-def alarm_record(entry: AlarmEntry, point: str) -> Record:
+def alarm_record(entry: AlarmEntry, point: str, bearer: str = "beidou") -> Record:
     """The ALARM record the edge stored under `entry.seq`, as far as the frame tells it."""
     rule = RULE_NAMES[entry.rule]
     # NARROWBAND_COPY marks it for replacement by the full record when that comes over IP.
@@ -160,7 +170,7 @@ def alarm_record(entry: AlarmEntry, point: str) -> Record:
                   Flag(NARROWBAND_COPY),
                   {"alarm_id": f"{point}/{rule}", "rule": rule,
                    "state": STATE_NAMES[entry.state], "level": entry.level,
-                   "bearer": BEARER})
+                   "bearer": bearer})
 
 
 def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
@@ -168,11 +178,100 @@ def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
     return (rows[0][0], rows[0][1]) if rows else None
 
 
+# --- the per-bearer part ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message from a gateway's radio: its sender (card or radio id) and the frame bytes."""
+
+    sender: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Bytes or a message that carry no frame, counted under `reason`; `quiet`: logged at info
+    (a person's text is expected on a shared channel), else as a warning."""
+
+    reason: str
+    error: Exception
+    sender: str | None = None
+    quiet: bool = False
+
+
+LinkEvent = Inbound | Dropped
+
+
+class Link(Protocol):
+    """The bearer-specific half of a session on central's radio, fed bytes, no I/O: `address`
+    is the sender id naming a gateway (no leading zeros), `hello` the bytes to write when the
+    port opens, `feed` takes bytes read and `idle` is called when the line has been quiet
+    `QUIET_S`; both give what to write back and the events the bytes carried."""
+
+    bearer: str
+
+    def address(self, gateway: NarrowbandGateway) -> str | None: ...
+
+    def hello(self) -> bytes: ...
+
+    def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]: ...
+
+    def idle(self) -> tuple[bytes, list[LinkEvent]]: ...
+
+
+class BeidouLink:
+    """Central's BeiDou terminal: asks for its card on open (for the log), reads messages."""
+
+    bearer = "beidou"
+
+    def __init__(self, settings: Settings, logger: Any) -> None:
+        self._bd3 = settings.narrowband_dialect == "bd3"
+        self._decoder = BeidouDecoder()
+        self._log = logger
+
+    def address(self, gateway: NarrowbandGateway) -> str | None:
+        return gateway.card_number
+
+    def hello(self) -> bytes:
+        return encode(Bd3CardQuery() if self._bd3 else Bd2CardQuery())
+
+    def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
+        self._decoder.feed(data)
+        events: list[LinkEvent] = []
+        while True:
+            try:
+                sentence = self._decoder.next_sentence()
+            except BeidouError as exc:
+                events.append(Dropped("bad_sentence", exc))
+                continue
+            if sentence is NEED_DATA:
+                return b"", events
+            if isinstance(sentence, Bd3Message | Bd2Message):
+                events.append(Inbound(sentence.sender, sentence.payload))
+            elif isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
+                self._log.info("narrowband_terminal", card=sentence.card_id,
+                               interval_s=sentence.interval_s)
+            # Anything else ($BDPWI beams, $BDFKI feedback) says nothing about gateways.
+
+    def idle(self) -> tuple[bytes, list[LinkEvent]]:
+        return b"", []
+
+
+def make_link(settings: Settings, logger: Any) -> Link:
+    """The link of `narrowband_bearer`."""
+    if settings.narrowband_bearer == "pdt":
+        from central.narrowband_pdt import PdtLink  # it builds on this module's events
+
+        return PdtLink(logger)
+    return BeidouLink(settings, logger)
+
+
 # --- the receiver ------------------------------------------------------------------------------
 
 
 class NarrowbandReceiver:
-    """Reads central's BeiDou terminal into storage; `run()` is the `narrowband_loop`."""
+    """Reads central's radio into storage; `run()` is the `narrowband_loop`."""
 
     def __init__(self, settings: Settings, storage: Storage, metrics: Metrics) -> None:
         if settings.narrowband_port is None:
@@ -181,11 +280,16 @@ class NarrowbandReceiver:
         self.settings = settings
         self.storage = storage
         self.metrics = metrics
-        self._cards: dict[str, NarrowbandGateway] = {
-            g.card_number: g for g in settings.narrowband_gateways}
+        self.bearer: str = settings.narrowband_bearer
+        self._log = log.bind(port=self.port, bearer=self.bearer)
+        self._probe_link = make_link(settings, self._log)
+        self._senders: dict[str, NarrowbandGateway] = {}
+        for g in settings.narrowband_gateways:
+            address = self._probe_link.address(g)
+            if address is not None:
+                self._senders[address] = g
         self._open_event = asyncio.Event()
         self._failing = False
-        self._log = log.bind(port=self.port)
 
     @property
     def connected(self) -> bool:
@@ -196,10 +300,10 @@ class NarrowbandReceiver:
             await self._open_event.wait()
 
     async def run(self) -> None:
-        """Read the terminal until cancelled; reopen the port whenever it is lost."""
+        """Read the radio until cancelled; reopen the port whenever it is lost."""
         backoff = BACKOFF_FIRST_S
         self._log.info("narrowband_started", dialect=self.settings.narrowband_dialect,
-                       gateways=len(self._cards))
+                       gateways=len(self._senders))
         try:
             while True:
                 try:
@@ -249,7 +353,7 @@ class NarrowbandReceiver:
         fd = port.fileno()
         os.set_blocking(fd, False)
         queue: asyncio.Queue[bytes | str] = asyncio.Queue()
-        decoder = BeidouDecoder()
+        link = make_link(self.settings, self._log)  # a fresh decoder for a fresh line
 
         def readable() -> None:
             try:
@@ -267,55 +371,51 @@ class NarrowbandReceiver:
             queue.put_nowait(data)
 
         loop.add_reader(fd, readable)
-        self._ask_card(fd)
+        _write(fd, link.hello())
         self._open_event.set()
         self.metrics.narrowband_port_open = True
         self._failing = False
         self._log.info("narrowband_port_open")
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, str):
-                    return item
-                decoder.feed(item)
-                await self._drain(decoder)
+                try:
+                    async with asyncio.timeout(QUIET_S):
+                        item = await queue.get()
+                except TimeoutError:
+                    reply, events = link.idle()
+                else:
+                    if isinstance(item, str):
+                        return item
+                    reply, events = link.feed(item)
+                _write(fd, reply)
+                for event in events:
+                    if isinstance(event, Inbound):
+                        await self.receive(event.sender, event.payload)
+                    else:
+                        self._dropped(event)
         finally:
             self._open_event.clear()
             self.metrics.narrowband_port_open = False
             loop.remove_reader(fd)
 
-    def _ask_card(self, fd: int) -> None:
-        """Ask the terminal for its card, only so that the log says which one answers."""
-        query = (Bd3CardQuery() if self.settings.narrowband_dialect == "bd3"
-                 else Bd2CardQuery())
-        with contextlib.suppress(OSError):  # a full or dead line shows up on the read side
-            os.write(fd, encode(query))
-
-    async def _drain(self, decoder: BeidouDecoder) -> None:
-        while True:
-            try:
-                sentence = decoder.next_sentence()
-            except BeidouError as exc:
-                self._reject("bad_sentence", exc)
-                continue
-            if sentence is NEED_DATA:
-                return
-            if isinstance(sentence, Bd3Message | Bd2Message):
-                await self.receive(sentence.sender, sentence.payload)
-            elif isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
-                self._log.info("narrowband_terminal", card=sentence.card_id,
-                               interval_s=sentence.interval_s)
-            # Anything else ($BDPWI beams, $BDFKI feedback) says nothing about gateways.
+    def _dropped(self, event: Dropped) -> None:
+        if not event.quiet:
+            self._reject(event.reason, event.error,
+                         **({"sender": event.sender} if event.sender else {}))
+            return
+        self.metrics.narrowband_rejected[event.reason] += 1
+        self._log.info("narrowband_ignored", reason=event.reason, sender=event.sender,
+                       detail=str(event.error))
 
     # --- one message -----------------------------------------------------------------------
 
     async def receive(self, sender: str, payload: bytes) -> None:
-        """Verify, decode and store one short message from `sender`'s card; never raises for
-        bad input (it is counted and logged)."""
-        gateway = self._cards.get(sender.lstrip("0"))
+        """Verify, decode and store one frame from `sender` (a card or a radio id); never
+        raises for bad input (it is counted and logged)."""
+        gateway = self._senders.get(sender.lstrip("0"))
         try:
             if gateway is None:
-                raise UnknownSenderError(sender)
+                raise UnknownSenderError(self.bearer, sender)
             inventory = await self._inventory(gateway.gw)
             frame = decode_frame(payload, key=gateway.key_bytes, stream=inventory.stream,
                                  mac_len=self.settings.narrowband_mac_len)
@@ -324,14 +424,14 @@ class NarrowbandReceiver:
             else:
                 await self._store_heartbeat(gateway.gw, frame)
         except MacMismatchError as exc:
-            self._reject("mac_mismatch", exc, card=sender)
+            self._reject("mac_mismatch", exc, sender=sender)
         except NarrowbandError as exc:
-            self._reject("malformed", exc, card=sender)
+            self._reject("malformed", exc, sender=sender)
         except NarrowbandInputError as exc:
-            self._reject(exc.reason, exc, card=sender)
+            self._reject(exc.reason, exc, sender=sender)
         except StorageError as exc:
             # Not bad input, but the loop must go on: the edge sends the records over IP later.
-            self._reject("write_failed", exc, card=sender)
+            self._reject("write_failed", exc, sender=sender)
 
     async def _inventory(self, gw: str) -> Inventory:
         row = await self.storage.run(lambda: _gateway_program(gw), write=False)
@@ -346,7 +446,7 @@ class NarrowbandReceiver:
         records = []
         for entry in frame.entries:
             try:
-                records.append(alarm_record(entry, inventory.point_of(gw, entry)))
+                records.append(alarm_record(entry, inventory.point_of(gw, entry), self.bearer))
             except UnknownOrdinalError as exc:  # this entry only: keep the good ones beside it
                 self._reject(exc.reason, exc, gw=gw, seq=entry.seq)
         if not records:
@@ -359,7 +459,7 @@ class NarrowbandReceiver:
                        inserted=result.inserted, seqs=[r.seq for r in records])
 
     async def _store_heartbeat(self, gw: str, frame: HeartbeatFrame) -> None:
-        await self.storage.record_heartbeat(gw, bearer=BEARER,
+        await self.storage.record_heartbeat(gw, bearer=self.bearer,
                                             backlog=frame.backlog, ts_ms=frame.ts * 1000)
         self.metrics.narrowband_received["heartbeat"] += 1
         self._log.info("narrowband_received", gw=gw, kind="heartbeat", last_seq=frame.last_seq,
@@ -371,3 +471,11 @@ class NarrowbandReceiver:
         self.metrics.narrowband_rejected[reason] += 1
         self._log.warning("narrowband_rejected", reason=reason, error_class=type(exc).__name__,
                           error=str(exc), **fields)
+
+
+def _write(fd: int, data: bytes) -> None:
+    """Write a short answer (a query, a 12-byte ack) on the non-blocking fd: the line takes it
+    whole; a full or dead line shows up on the read side."""
+    if data:
+        with contextlib.suppress(OSError):
+            os.write(fd, data)

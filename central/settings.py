@@ -35,14 +35,24 @@ class SettingsError(CentralError):
 
 
 class NarrowbandGateway(BaseModel):
-    """A gateway central accepts narrowband frames from (DESIGN.md §5): its BeiDou card and
-    the key its frames are MACed with."""
+    """A gateway central accepts narrowband frames from (DESIGN.md §5): its BeiDou card and/or
+    its PDT radio id (what names the sender on each bearer), and the key its frames are MACed
+    with."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gw: str = Field(min_length=1)
-    card: str = Field(pattern=r"^[0-9]{1,10}$", description="the gateway terminal's card id")
+    card: str | None = Field(None, pattern=r"^[0-9]{1,10}$",
+                             description="the gateway terminal's BeiDou card id")
+    radio: int | None = Field(None, ge=1, le=0xFFFFFF,
+                              description="the gateway's PDT radio id (24 bits)")
     key: str = Field(repr=False, description="the frame MAC key, hex, at least 16 bytes")
+
+    @model_validator(mode="after")
+    def _card_or_radio(self) -> Self:
+        if self.card is None and self.radio is None:
+            raise ValueError(f"gateway {self.gw!r} needs a card, a radio or both")
+        return self
 
     @field_validator("key")
     @classmethod
@@ -60,9 +70,9 @@ class NarrowbandGateway(BaseModel):
         return bytes.fromhex(self.key)
 
     @property
-    def card_number(self) -> str:
+    def card_number(self) -> str | None:
         """The card without leading zeros: terminals pad it (`04207733` is card 4207733)."""
-        return self.card.lstrip("0")
+        return None if self.card is None else self.card.lstrip("0")
 
 
 class Settings(BaseModel):
@@ -102,11 +112,16 @@ class Settings(BaseModel):
                                         "samples into the aggregates: longer folds more samples "
                                         "per bucket write (reads fold first anyway)")
     # --- end history
-    # --- narrowband (DESIGN.md §5; central.narrowband): central's own BeiDou terminal
+    # --- narrowband (DESIGN.md §5; central.narrowband): central's own BeiDou terminal or PDT
+    # radio (one per central process)
     narrowband_port: str | None = Field(None, description="serial port of central's BeiDou "
-                                        "terminal, e.g. /dev/ttyUSB1; None: no receiver")
+                                        "terminal or PDT radio, e.g. /dev/ttyUSB1; None: no "
+                                        "receiver")
+    narrowband_bearer: Literal["beidou", "pdt"] = Field(
+        "beidou", description="what is on narrowband_port: a BeiDou terminal or a Hytera PDT "
+                              "radio (HRNP)")
     narrowband_baudrate: int = Field(115200, gt=0)
-    narrowband_dialect: Literal["bd3", "bd2"] = "bd3"
+    narrowband_dialect: Literal["bd3", "bd2"] = Field("bd3", description="BeiDou only")
     narrowband_mac_len: int = Field(4, ge=4, le=32, description="truncated MAC bytes, as the "
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
@@ -117,15 +132,21 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _unique_cards(self) -> Self:
-        # A card names the sender, so two gateways on one card could forge each other.
+        # A card or radio names the sender, so two gateways on one could forge each other.
         cards: set[str] = set()
+        radios: set[int] = set()
         gws: set[str] = set()
         for g in self.narrowband_gateways:
-            if g.card_number in cards:
+            if g.card_number is not None and g.card_number in cards:
                 raise ValueError(f"narrowband_gateways: card {g.card} listed twice")
+            if g.radio is not None and g.radio in radios:
+                raise ValueError(f"narrowband_gateways: radio {g.radio} listed twice")
             if g.gw in gws:
                 raise ValueError(f"narrowband_gateways: gateway {g.gw!r} listed twice")
-            cards.add(g.card_number)
+            if g.card_number is not None:
+                cards.add(g.card_number)
+            if g.radio is not None:
+                radios.add(g.radio)
             gws.add(g.gw)
         return self
 

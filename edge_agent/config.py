@@ -31,12 +31,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from device_profiles import DeviceProfileError, Profile, find_profile
 from edge_agent.alarm_config import DeviceAlarmsConfig, build_device_rules
+from edge_agent.bearers.pdt import DEFAULT_INTERVAL_S as PDT_INTERVAL_S
+from edge_agent.bearers.pdt import MIN_TEXT_BYTES
 from edge_agent.config_lines import LineIndex, Loc
 from edge_agent.errors import EdgeError
 from edge_agent.rules import RulesError
+from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES, MAX_RADIO_ID
 from protocols.modbus_rtu import inter_frame_gap_s
 from protocols.topics import TopicError, check_gateway_id
 
@@ -273,14 +277,26 @@ class CommandsConfig(_Model):
 
 class NarrowbandConfig(_Model):
     """The narrowband fallback (DESIGN.md §5): alarms and a heartbeat by BeiDou short message
-    while the IP uplink is down. Absent: no fallback."""
+    or PDT text message while the IP uplink is down. Absent: no fallback."""
 
-    bearer: Literal["beidou"] = "beidou"
+    bearer: Literal["beidou", "pdt"] = "beidou"
     port: str = Field(min_length=1)
     baudrate: int = Field(115200, ge=50, le=4_000_000)
+    # --- BeiDou (bearer = "beidou")
     dialect: Literal["bd3", "bd2"] = "bd3"
     # Card of central's own terminal, the recipient (BD-2 cards are 7 digits, BD-3 7 to 10).
-    central_card: str = Field(pattern=r"^[0-9]{7,10}$")
+    central_card: str | None = Field(None, pattern=r"^[0-9]{7,10}$", validate_default=True)
+    # Lower the payload limit the card gives: a BD-3 card reports no capacity, so the regional
+    # service's 14,000 bits apply unless this says less (global service: 560 bits = 70 bytes).
+    max_payload_bytes: int | None = Field(None, ge=16, le=4096)
+    # --- PDT (bearer = "pdt"): a Hytera radio's HRNP port
+    central_radio: int | None = Field(None, ge=1, le=MAX_RADIO_ID, validate_default=True)
+    # This gateway's radio id: the source of its texts, by which central names the gateway.
+    radio_id: int | None = Field(None, ge=1, le=MAX_RADIO_ID)
+    # The radios' text limit in UTF-16 bytes (128: 64 characters, "FL1:" + 45 frame bytes).
+    max_text_bytes: int = Field(DEFAULT_MAX_TEXT_BYTES, ge=MIN_TEXT_BYTES, le=960)
+    interval_s: int = Field(PDT_INTERVAL_S, ge=0, le=3600)  # between texts, for the channel
+    # --- both
     # The gateway's frame key (HMAC-SHA256, at least 16 bytes): hex here, or a file holding
     # the hex (relative to this file), so that the key need not sit in the config.
     key: str | None = Field(None, repr=False)
@@ -288,9 +304,13 @@ class NarrowbandConfig(_Model):
     after_s: float = Field(120.0, ge=0, le=86_400)  # IP down this long before the radio is used
     heartbeat_s: float = Field(600.0, gt=0, le=86_400)
     mac_len: int = Field(4, ge=4, le=32)
-    # Lower the payload limit the card gives: a BD-3 card reports no capacity, so the regional
-    # service's 14,000 bits apply unless this says less (global service: 560 bits = 70 bytes).
-    max_payload_bytes: int | None = Field(None, ge=16, le=4096)
+
+    @property
+    def recipient(self) -> str:
+        """Central's address on this bearer: its card, or its radio id."""
+        value = self.central_radio if self.bearer == "pdt" else self.central_card
+        assert value is not None  # checked at validation
+        return str(value)
 
     @field_validator("key")
     @classmethod
@@ -301,9 +321,20 @@ class NarrowbandConfig(_Model):
 
     @field_validator("central_card")
     @classmethod
-    def _card_of_dialect(cls, value: str, info: ValidationInfo) -> str:
+    def _card_of_dialect(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("bearer") == "beidou":
+                raise PydanticCustomError("missing", "Field required")
+            return value
         if info.data.get("dialect") == "bd2" and len(value) != 7:
             raise ValueError("a BD-2 card id is 7 digits")
+        return value
+
+    @field_validator("central_radio")
+    @classmethod
+    def _radio_for_pdt(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None and info.data.get("bearer") == "pdt":
+            raise PydanticCustomError("missing", "Field required")
         return value
 
     @field_validator("key_file")
@@ -529,14 +560,23 @@ def _hj212_port_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
                          f"devices[{owners[t.port]}]; a Modbus RTU bus cannot share it")
 
 
+_BEARER_KEYS: dict[str, str] = {
+    "dialect": "beidou", "central_card": "beidou", "max_payload_bytes": "beidou",
+    "central_radio": "pdt", "radio_id": "pdt", "max_text_bytes": "pdt", "interval_s": "pdt"}
+
+
 def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
     """A missing key file is an error now, not a fallback that fails on the day IP goes down.
     Its content is read when the agent starts (`key_bytes`): the key is often readable by the
     service account only, and `edge-agent status` loads this file as anyone. The radio's port
-    belongs to the fallback alone."""
+    belongs to the fallback alone. A key of the other bearer is a mistake, not a no-op."""
     nb = config.narrowband
     if nb is None:
         return
+    for key in sorted(nb.model_fields_set & _BEARER_KEYS.keys()):
+        if _BEARER_KEYS[key] != nb.bearer:
+            yield _issue(index, ("narrowband", key),
+                         f'{key} is for bearer = "{_BEARER_KEYS[key]}", not "{nb.bearer}"')
     if nb.key_file is not None and not nb.key_file.is_file():
         yield _issue(index, ("narrowband", "key_file"), f"no such file: {nb.key_file}")
     for i, dev in enumerate(config.devices):

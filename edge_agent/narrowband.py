@@ -1,8 +1,8 @@
 """The narrowband fallback (DESIGN.md §5, 三断): alarms and a heartbeat by short message while
 the IP uplink is down.
 
-`NarrowbandFallback.run()` (task `narrowband.beidou`) idles while IP is up or has been down for
-less than `after_s`. Past that, every time the terminal allows, it sends one frame
+`NarrowbandFallback.run()` (task `narrowband.beidou` or `narrowband.pdt`, by the bearer) idles
+while IP is up or has been down for less than `after_s`. Past that, every time the terminal allows, it sends one frame
 (`protocols.narrowband`), most important first:
 
 1. the undelivered ALARM records (raises, changes, clears) above its watermark, oldest first,
@@ -11,7 +11,7 @@ less than `after_s`. Past that, every time the terminal allows, it sends one fra
    `HEARTBEAT` with the last seq, the backlog, the active alarms and how long IP has been down.
 
 **Nothing twice.** The watermark (outbox meta `narrowband_sent_seq`) is the highest seq a
-terminal has accepted (`$BDFKI` executed Y). It moves only after that answer, and it is in the
+terminal has accepted (`$BDFKI` executed Y, a PDT text ack with result 0). It moves only after that answer, and it is in the
 outbox file, so a restarted agent does not send accepted alarms again. A refusal, a timeout or
 a lost port leaves it where it was, and the same alarms go in a later frame: at-least-once,
 and central merges by seq. A send the terminal accepted but whose answer was lost is sent
@@ -19,7 +19,8 @@ again; that is the price of never losing one.
 
 **The terminal's pace.** After an accepted send the next waits the card's service interval;
 after a refusal, the wait the terminal gave (reason 1), and at least the service interval for
-the other reasons; after an error, `retry_s`. A BD-3 terminal must have beams (`ready`) first.
+the other reasons; after an error, `retry_s`. A BD-3 terminal must have beams (`ready`) first,
+a PDT radio its HRNP link. A PDT radio's "interval" is the configured spacing of texts.
 
 When IP comes back the loop goes idle; the uplink then sends the same records in full and marks
 them delivered, and a later outage starts above the watermark. Alarms whose point has no
@@ -75,7 +76,8 @@ class IpLink(Protocol):
 
 
 class Bearer(Protocol):
-    """A narrowband terminal (`edge_agent.bearers.beidou.BeidouTerminal`)."""
+    """A narrowband terminal (`edge_agent.bearers.beidou.BeidouTerminal`,
+    `edge_agent.bearers.pdt.PdtRadio`); `recipient` is central's card or radio id."""
 
     async def info(self) -> CardInfo: ...
 
@@ -94,7 +96,7 @@ class NarrowbandCounters:
     refusals: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     skipped_alarms: int = 0  # no ordinal, or attrs that do not map to the frame's codes
-    not_ready: int = 0  # BD-3 without beams when a frame was due
+    not_ready: int = 0  # BD-3 without beams, PDT not connected, when a frame was due
     activations: int = 0
 
     def to_dict(self) -> dict[str, object]:
@@ -131,7 +133,7 @@ class NarrowbandFallback:
         fallback = NarrowbandFallback(outbox=ob, link=uplink, birth=birth, terminal=bd,
                                       config=cfg.narrowband, key=cfg.narrowband.key_bytes(),
                                       active_alarms=lambda: len(rules.engine.active()))
-        tg.create_task(fallback.run(), name="narrowband.beidou")
+        tg.create_task(fallback.run(), name=f"narrowband.{cfg.narrowband.bearer}")
     """
 
     def __init__(self, *, outbox: Outbox, link: IpLink, birth: Birth, terminal: Bearer,
@@ -287,7 +289,7 @@ class NarrowbandFallback:
             self._too_big(card, str(exc))
             return
         sent = entries[:count]
-        result = await self.terminal.send(self.config.central_card, frame)
+        result = await self.terminal.send(self.config.recipient, frame)
         if not result.accepted:
             self._refused(card, result, "alarms")
             return
@@ -309,7 +311,7 @@ class NarrowbandFallback:
         if len(frame) > card.payload_bytes:
             self._too_big(card, f"heartbeat of {len(frame)} bytes")
             return
-        result = await self.terminal.send(self.config.central_card, frame)
+        result = await self.terminal.send(self.config.recipient, frame)
         if not result.accepted:
             self._refused(card, result, "heartbeat")
             return

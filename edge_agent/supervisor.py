@@ -5,7 +5,8 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
                               ├─ poll[<device>]   DevicePoller.run(), one per enabled Modbus device
                               ├─ hj212[<device>]  Hj212Station.run(), one per enabled HJ 212 station
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
-                              ├─ narrowband.beidou NarrowbandFallback.run(), with [narrowband]
+                              ├─ narrowband.<bearer> NarrowbandFallback.run(), with [narrowband]:
+                              │                   `beidou` (BeidouTerminal) or `pdt` (PdtRadio)
                               ├─ status.writer    health snapshot into the outbox meta
                               ├─ control.socket   ControlServer.serve(): the technician's socket
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
@@ -35,12 +36,19 @@ from edge_agent import __version__
 from edge_agent.alarm_store import AlarmStore
 from edge_agent.alarms import AlarmRules, build_rules
 from edge_agent.bearers.beidou import BeidouTerminal
+from edge_agent.bearers.pdt import PdtRadio
 from edge_agent.birth import build_birth
 from edge_agent.clock import ClockGuard
 from edge_agent.command_setup import build_executor
-from edge_agent.config import AgentConfig, ConfigError, Hj212TransportConfig, resolve_profiles
+from edge_agent.config import (
+    AgentConfig,
+    ConfigError,
+    Hj212TransportConfig,
+    NarrowbandConfig,
+    resolve_profiles,
+)
 from edge_agent.control import ControlOps, ControlServer, device_health
-from edge_agent.narrowband import NarrowbandFallback
+from edge_agent.narrowband import Bearer, NarrowbandFallback
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller
 from edge_agent.rules import RuleEngine
@@ -124,6 +132,15 @@ class AgentRuntime:
         }
 
 
+def build_bearer(nb: NarrowbandConfig) -> Bearer:
+    """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio."""
+    if nb.bearer == "pdt":
+        return PdtRadio(nb.port, baudrate=nb.baudrate, radio_id=nb.radio_id,
+                        max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s)
+    return BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
+                          max_payload_bytes=nb.max_payload_bytes)
+
+
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                     notifier: SystemdNotifier | None = None,
                     install_signal_handlers: bool = True) -> None:
@@ -179,8 +196,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 except ValueError as exc:  # checked at load; a key file gone since then
                     raise ConfigError(config.source or "config", None, "narrowband.key_file",
                                       str(exc)) from exc
-                terminal = BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
-                                          max_payload_bytes=nb.max_payload_bytes)
+                terminal = build_bearer(nb)
                 runtime.narrowband = NarrowbandFallback(
                     outbox=outbox, link=uplink, birth=birth, terminal=terminal, config=nb,
                     key=key, active_alarms=lambda: len(alarms.engine.active()))

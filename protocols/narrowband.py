@@ -34,10 +34,18 @@ Kinds:
   (0..100 %, 255 unknown).
 
 Kind 3 is kept for 叫应 acknowledgements (DESIGN §7), which this codec does not carry yet.
+
+Text form (`to_text` / `from_text`): a PDT radio carries text only (UTF-16LE, `protocols.hrnp`),
+so a frame goes as the ASCII text `"FL1:" + base64(frame)` (RFC 4648 standard alphabet, with
+padding). The prefix lets central tell a Fieldlink frame from what a person types on the same
+channel. A text of `max_text_bytes` carries `text_frame_bytes(max_text_bytes)` frame bytes: 45
+for 128 bytes (64 UTF-16 units, 4 for the prefix, 60 base64 characters).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 import hmac
@@ -57,6 +65,7 @@ MAX_MAC_LEN: Final = 32  # all of HMAC-SHA256
 HEADER_LEN: Final = 5  # version/kind byte + u32 time
 MAX_U32: Final = 0xFFFFFFFF
 BATTERY_UNKNOWN: Final = 255
+TEXT_PREFIX: Final = "FL1:"  # text form, version 1 of this frame layout
 
 
 class NarrowbandError(ProtocolError):
@@ -100,6 +109,21 @@ class FrameCapacityError(NarrowbandError):
         super().__init__(f"narrowband limit is {limit} bytes, the smallest frame needs {needed}")
         self.limit = limit
         self.needed = needed
+
+
+class FrameTextError(NarrowbandError):
+    """A text that is not the text form of a frame: `reason` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"narrowband frame text: {reason}")
+        self.reason = reason
+
+
+class NotFrameTextError(FrameTextError):
+    """The text does not start with `TEXT_PREFIX`: a person's message, not a frame."""
+
+    def __init__(self) -> None:
+        super().__init__(f"does not start with {TEXT_PREFIX!r}")
 
 
 class FrameKind(enum.IntEnum):
@@ -351,3 +375,36 @@ def _decode_heartbeat(body: _Reader, ts: int) -> HeartbeatFrame:
     return HeartbeatFrame(ts=ts, last_seq=last_seq, backlog=backlog, active_alarms=active,
                           ip_down_s=down, power=power_state,
                           battery_pct=None if battery == BATTERY_UNKNOWN else battery)
+
+
+# --- text form (PDT text messages) --------------------------------------------------------------
+
+def to_text(frame: bytes) -> str:
+    """The text a radio carries for `frame`: `"FL1:"` and its base64 (standard, padded)."""
+    return TEXT_PREFIX + base64.b64encode(frame).decode("ascii")
+
+
+def from_text(text: str) -> bytes:
+    """The frame in a text made by `to_text`. `NotFrameTextError` without the prefix,
+    `FrameTextError` for anything but canonical base64 after it (other characters, missing
+    padding, stray bits), so that `to_text(from_text(t)) == t`."""
+    if not text.startswith(TEXT_PREFIX):
+        raise NotFrameTextError()
+    body = text[len(TEXT_PREFIX):]
+    if not body.isascii():
+        raise FrameTextError("characters outside base64")
+    try:
+        frame = base64.b64decode(body, validate=True)
+    except binascii.Error as exc:
+        raise FrameTextError(f"bad base64: {exc}") from exc
+    if base64.b64encode(frame).decode("ascii") != body:
+        raise FrameTextError("base64 is not canonical")  # stray bits in the last character
+    return frame
+
+
+def text_frame_bytes(max_text_bytes: int) -> int:
+    """The longest frame whose text form fits a UTF-16 text of at most `max_text_bytes`."""
+    if max_text_bytes < 0:
+        raise ValueError("max_text_bytes must not be negative")
+    chars = max_text_bytes // 2 - len(TEXT_PREFIX)  # one UTF-16 unit per ASCII character
+    return max(0, chars // 4 * 3)

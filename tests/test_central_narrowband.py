@@ -1,7 +1,7 @@
-"""Central's narrowband receiver (DESIGN.md §5) on a simulated BeiDou terminal (a real pty):
-alarm and heartbeat frames from a gateway land under (gw, stream, seq), bad input is counted
-without stopping the loop, and the full record that comes later over IP merges into the
-narrowband copy instead of doubling it (SQLite and PostgreSQL)."""
+"""Central's narrowband receiver (DESIGN.md §5) on a simulated BeiDou terminal or PDT radio (a
+real pty): alarm and heartbeat frames from a gateway land under (gw, stream, seq), bad input is
+counted without stopping the loop, and the full record that comes later over IP merges into
+the narrowband copy instead of doubling it (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from central.settings import NarrowbandGateway, Settings, SettingsError, load_se
 from central.storage import Storage, open_storage
 from central.storage.program import Sql
 from firmware_stubs.beidou_sim import BeidouTerminalSimulator
+from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from protocols.envelope import (
     Birth,
     DataBatch,
@@ -35,6 +36,7 @@ from protocols.envelope import (
     RecordKind,
     State,
 )
+from protocols.hrnp_text import TextMessage
 from protocols.narrowband import (
     AlarmEntry,
     AlarmRule,
@@ -43,6 +45,7 @@ from protocols.narrowband import (
     PowerState,
     encode_alarms,
     encode_heartbeat,
+    to_text,
 )
 from tests.pg import pg_schema
 
@@ -380,3 +383,154 @@ def test_settings_check_narrowband_gateways(tmp_path: Path) -> None:
                         encoding="utf-8")
         with pytest.raises(SettingsError, match="key"):
             load_settings(path)
+
+
+# --- the same receiver on a PDT radio ------------------------------------------------------------
+
+GW_RADIO, CENTRAL_RADIO, STRANGER_RADIO = 1001, 2002, 3003
+GROUP = 900  # a talk group central's radio listens to
+
+
+@dataclass
+class PdtRig:
+    storage: Storage
+    air: PdtAir
+    central: PdtRadioSimulator
+    field_radio: PdtRadioSimulator  # the gateway's radio on the air (no gateway behind it here)
+    stranger: PdtRadioSimulator  # a person's radio, or a gateway central does not know
+    metrics: Metrics
+    request_id: int = 0
+
+    def text(self, text: str, sender: PdtRadioSimulator | None = None, *,
+             group: bool = False) -> None:
+        """Transmit `text` to central's radio (or its group) from `sender` (the gateway's)."""
+        self.request_id += 1
+        radio = sender or self.field_radio
+        self.air.transmit(TextMessage(self.request_id, GROUP if group else CENTRAL_RADIO,
+                                      radio.radio_id, text, group=group), radio)
+
+    async def rejected(self, reason: str, n: int = 1) -> None:
+        await until(lambda: self.metrics.narrowband_rejected[reason] >= n)
+
+
+@contextlib.asynccontextmanager
+async def pdt_rig(tmp_path: Path) -> AsyncIterator[PdtRig]:
+    """Storage holding the birth, central's PDT radio on a pty, the receiver on it."""
+    air = PdtAir()
+    async with (open_storage(f"sqlite:///{tmp_path}/central.db") as storage,
+                PdtRadioSimulator(air, CENTRAL_RADIO, groups={GROUP}) as central,
+                PdtRadioSimulator(air, GW_RADIO) as field_radio,
+                PdtRadioSimulator(air, STRANGER_RADIO) as stranger):
+        await storage.record_birth(GW, BIRTH)
+        metrics = Metrics()
+        settings = Settings(
+            db_url=f"sqlite:///{tmp_path}/central.db", narrowband_port=central.link_path,
+            narrowband_bearer="pdt", narrowband_gateways=[
+                NarrowbandGateway(gw=GW, radio=GW_RADIO, key=KEY.hex()),
+                NarrowbandGateway(gw=OTHER_GW, card=OTHER_CARD, key=KEY.hex())])
+        receiver = NarrowbandReceiver(settings, storage, metrics)
+        task = asyncio.create_task(receiver.run(), name="narrowband.pdt")
+        try:
+            await receiver.wait_connected(WAIT_S)
+            await until(lambda: central.connected)
+            yield PdtRig(storage, air, central, field_radio, stranger, metrics)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_pdt_frame_text_raises_the_alarm(tmp_path: Path) -> None:
+    """A frame as "FL1:" text from the gateway's radio opens the alarm (attrs say pdt), a
+    heartbeat shows the gateway online on pdt, a frame to central's talk group counts too, and
+    every data packet of the radio's is acked."""
+    async with pdt_rig(tmp_path) as r:
+        r.text(to_text(alarms_frame(entry(5, value=31.25))))
+        (alarm,) = await until(lambda: active(r.storage))
+        assert (alarm.alarm_key, alarm.value) == ("gas-1/gas_lel/high", 31.25)
+        assert (await stored_event(r.storage, 5))[0]["bearer"] == "pdt"
+        r.text(to_text(encode_heartbeat(HeartbeatFrame(ts=now_s(), last_seq=5, backlog=42,
+                                                       active_alarms=1, ip_down_s=60),
+                                        key=KEY, stream=STREAM)))
+
+        async def on_pdt() -> Any:
+            g = await r.storage.get_gateway(GW)
+            return g if g.bearer == "pdt" else None
+        assert (await until(on_pdt)).backlog == 42
+        r.text(to_text(alarms_frame(entry(6, AlarmTransition.CLEARED, level=0))), group=True)
+        await until(lambda: no_active(r.storage))
+        assert r.metrics.narrowband_received == {"alarms": 2, "heartbeat": 1}
+        await until(lambda: r.central.stats()["data_acks_received"] == 3)
+        assert sum(r.metrics.narrowband_rejected.values()) == 0
+
+
+async def test_pdt_human_text_and_bad_input_are_counted(tmp_path: Path) -> None:
+    """A person's text is counted as not_fieldlink and ignored; bad base64, an unknown radio,
+    a wrong key and line garbage are counted by reason; a good frame after them still lands."""
+    async with pdt_rig(tmp_path) as r:
+        r.text("收到，马上到", r.stranger)
+        await r.rejected("not_fieldlink")
+        r.text("FL1:not base64!")
+        await r.rejected("bad_text")
+        r.text(to_text(alarms_frame(entry(3))), r.stranger)
+        await r.rejected("unknown_sender")
+        r.text(to_text(alarms_frame(entry(3), key=b"\x01" * 32)))
+        await r.rejected("mac_mismatch")
+        assert r.central._line is not None
+        r.central._line.write(b"\x00AT\r\n\x7e\x04\x00\x00\x00\x10\x20\x00\x00\x00\x0c\x00\x00")
+        await r.rejected("bad_packet")
+        assert await active(r.storage) == []
+        r.text(to_text(alarms_frame(entry(4, point=1, rule=AlarmRule.LOW))))
+        (alarm,) = await until(lambda: active(r.storage))
+        assert alarm.alarm_key == "gas-1/o2/low"
+        assert r.metrics.narrowband_rejected["not_fieldlink"] == 1
+
+
+async def test_pdt_receiver_connects_again_after_a_reject(tmp_path: Path) -> None:
+    """A radio that rejects the HRNP connect is asked again until it accepts; then frames
+    land."""
+    air = PdtAir()
+    async with (open_storage(f"sqlite:///{tmp_path}/central.db") as storage,
+                PdtRadioSimulator(air, CENTRAL_RADIO) as central,
+                PdtRadioSimulator(air, GW_RADIO) as field_radio):
+        await storage.record_birth(GW, BIRTH)
+        central.set_faults(reject_connect=True)
+        settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db",
+                            narrowband_port=central.link_path, narrowband_bearer="pdt",
+                            narrowband_gateways=[NarrowbandGateway(gw=GW, radio=GW_RADIO,
+                                                                   key=KEY.hex())])
+        task = asyncio.create_task(NarrowbandReceiver(settings, storage, Metrics()).run())
+        try:
+            await until(lambda: central.stats()["rejected"] >= 1)
+            central.set_faults(reject_connect=False)
+            await until(lambda: central.connected)
+            air.transmit(TextMessage(1, CENTRAL_RADIO, GW_RADIO,
+                                     to_text(alarms_frame(entry(21)))), field_radio)
+            await until(lambda: active(storage))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def test_settings_pdt_gateways(tmp_path: Path) -> None:
+    """`narrowband_bearer = "pdt"` with gateways by radio id; a radio listed twice, or a
+    gateway with neither card nor radio, is an error."""
+    path = tmp_path / "central.toml"
+    gw = '[[central.narrowband_gateways]]\ngw = "{gw}"\n{addr}\nkey = "{key}"\n'
+    good = KEY.hex()
+    path.write_text('[central]\nnarrowband_port = "/dev/ttyUSB2"\nnarrowband_bearer = "pdt"\n\n'
+                    + gw.format(gw="a", addr="radio = 1001", key=good)
+                    + gw.format(gw="b", addr='radio = 1002\ncard = "0301002"', key=good),
+                    encoding="utf-8")
+    s = load_settings(path)
+    assert s.narrowband_bearer == "pdt"
+    assert [(g.radio, g.card) for g in s.narrowband_gateways] == [(1001, None),
+                                                                  (1002, "0301002")]
+    path.write_text("[central]\n" + gw.format(gw="a", addr="radio = 1001", key=good)
+                    + gw.format(gw="b", addr="radio = 1001", key=good), encoding="utf-8")
+    with pytest.raises(SettingsError, match="radio 1001 listed twice"):
+        load_settings(path)
+    path.write_text("[central]\n" + gw.format(gw="a", addr="", key=good), encoding="utf-8")
+    with pytest.raises(SettingsError, match="needs a card, a radio or both"):
+        load_settings(path)

@@ -16,17 +16,22 @@ from protocols.narrowband import (
     AlarmsFrame,
     AlarmTransition,
     FrameCapacityError,
+    FrameTextError,
     FrameTooShortError,
     HeartbeatFrame,
     MacMismatchError,
     MalformedFrameError,
     NarrowbandError,
     NarrowbandVersionError,
+    NotFrameTextError,
     PowerState,
     UnknownFrameKindError,
     decode_frame,
     encode_alarms,
     encode_heartbeat,
+    from_text,
+    text_frame_bytes,
+    to_text,
 )
 
 KEY = bytes(range(32))
@@ -208,3 +213,70 @@ def test_verified_garbage_raises_only_narrowband_errors(signed: bytes) -> None:
     except NarrowbandError:
         return
     assert isinstance(frame, AlarmsFrame | HeartbeatFrame)
+
+
+# --- text form (PDT) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("frame", "text"), [
+    (b"", "FL1:"),
+    (b"\x11", "FL1:EQ=="),
+    (b"\x11\x6a\xfd", "FL1:EWr9"),
+    (b"\xfb\xff", "FL1:+/8="),  # the standard alphabet, not the URL-safe one
+])
+def test_text_form_vectors(frame: bytes, text: str) -> None:
+    """A frame's text form is "FL1:" and its padded standard base64, both ways."""
+    assert to_text(frame) == text
+    assert from_text(text) == frame
+
+
+def test_text_form_of_a_real_frame_fits_128_bytes() -> None:
+    """A 128-byte text (64 UTF-16 units) carries 45 frame bytes: four small alarms, and a
+    45-byte frame's text is exactly 64 ASCII characters."""
+    assert text_frame_bytes(128) == 45
+    assert (text_frame_bytes(0), text_frame_bytes(9), text_frame_bytes(16)) == (0, 0, 3)
+    frame, count = encode_alarms(TS, [entry(s) for s in range(1, 10)], key=KEY, stream=STREAM,
+                                 limit=text_frame_bytes(128))
+    text = to_text(frame)
+    assert count == 4 and len(text.encode("utf-16-le")) <= 128
+    assert decode_frame(from_text(text), key=KEY, stream=STREAM) == AlarmsFrame(
+        TS, tuple(entry(s) for s in range(1, 5)))
+    assert len(to_text(bytes(45)).encode("utf-16-le")) == 128
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("燃气泄漏 二级报警", NotFrameTextError),
+    ("fl1:EQ==", NotFrameTextError),
+    ("EQ==", NotFrameTextError),
+    ("FL1:EQ", FrameTextError),  # no padding
+    ("FL1:EQ=", FrameTextError),
+    ("FL1:ER==", FrameTextError),  # stray bits in the last character
+    ("FL1:EQ==\n", FrameTextError),
+    ("FL1: EQ==", FrameTextError),
+    ("FL1:-_8=", FrameTextError),  # URL-safe alphabet
+    ("FL1:報警==", FrameTextError),
+])
+def test_text_form_rejects_what_it_did_not_make(text: str, error: type[Exception]) -> None:
+    """A person's text is NotFrameTextError; anything but canonical base64 after the prefix is
+    FrameTextError; both are NarrowbandErrors."""
+    with pytest.raises(error) as err:
+        from_text(text)
+    assert isinstance(err.value, NarrowbandError)
+
+
+@given(st.binary(max_size=200))
+def test_text_form_round_trip(frame: bytes) -> None:
+    """from_text(to_text(x)) == x, and the text is ASCII (one UTF-16 unit a character)."""
+    text = to_text(frame)
+    assert from_text(text) == frame and text.isascii()
+    assert len(frame) <= text_frame_bytes(2 * len(text))
+
+
+@given(st.text(max_size=80) | st.text(max_size=80).map(lambda t: "FL1:" + t))
+def test_text_form_garbage_raises_only_frame_text_errors(text: str) -> None:
+    """Any text either is a frame's canonical text form or raises FrameTextError only."""
+    try:
+        frame = from_text(text)
+    except FrameTextError:
+        return
+    assert to_text(frame) == text

@@ -1,9 +1,9 @@
-"""三断 end to end (DESIGN.md §5): the IP link is cut, the alarm goes by BeiDou, IP comes back.
+"""三断 end to end (DESIGN.md §5): the IP link is cut, the alarm goes by radio, IP comes back.
 
 Everything runs for real in one event loop: a private Mosquitto, central (ingest and its
-BeiDou receiver, with its API), the edge agent (`run_agent`) polling a Modbus TCP gas
-detector, a loopback proxy on the agent's MQTT link, and two BeiDou terminal simulators on
-ptys linked by one sky: the gateway's and central's.
+narrowband receiver, with its API), the edge agent (`run_agent`) polling a Modbus TCP gas
+detector, a loopback proxy on the agent's MQTT link, and two radio simulators on ptys, the
+gateway's and central's: BeiDou terminals linked by one sky, or PDT radios on one air.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 
 from central.api import create_app
 from central.settings import NarrowbandGateway, Settings
@@ -26,12 +28,14 @@ from edge_agent.outbox import read_status
 from edge_agent.supervisor import run_agent
 from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
+from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from tests.helpers import Mosquitto
 from tests.netproxy import LinkProxy
 
 GW = "gw-sanduan"
 GW_CARD = "4238473"
 CENTRAL_CARD = "0242407"
+GW_RADIO, CENTRAL_RADIO = 1001, 2002
 KEY = bytes(range(100, 132))
 WAIT_S = 60.0  # generous: a loaded 2-core CI box; every wait is on a condition
 
@@ -59,34 +63,60 @@ async def central(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def test_alarm_goes_by_beidou_while_ip_is_cut_and_merges_when_ip_returns(
-        tmp_path: Path, mosquitto: Mosquitto) -> None:
-    """With the uplink cut, a level-2 gas alarm reaches central by BeiDou and is active there
-    at once; when IP returns the full record is merged into it: one alarm, raised once, now
-    with its threshold, and the gateway's outbox drains to zero."""
+@dataclass
+class Radios:
+    """The gateway's radio and central's, linked: what each side is configured with."""
+
+    gateway_port: str
+    central_port: str
+    gateway_entry: NarrowbandGateway  # central's narrowband_gateways entry
+    edge_keys: str  # the bearer's lines of the edge's [narrowband]
+
+
+@contextlib.asynccontextmanager
+async def radios(bearer: str) -> AsyncIterator[Radios]:
+    if bearer == "beidou":
+        sky = BeidouSky()
+        async with BeidouTerminalSimulator(card_id=GW_CARD, interval_s=0.5, pwi_period_s=0.2,
+                                           sky=sky) as gw, \
+                BeidouTerminalSimulator(card_id=CENTRAL_CARD, pwi_period_s=None,
+                                        sky=sky) as central_terminal:
+            yield Radios(gw.link_path, central_terminal.link_path,
+                         NarrowbandGateway(gw=GW, card=GW_CARD, key=KEY.hex()),
+                         f'central_card = "{CENTRAL_CARD}"\n')
+    else:
+        air = PdtAir()
+        async with PdtRadioSimulator(air, GW_RADIO) as gw, \
+                PdtRadioSimulator(air, CENTRAL_RADIO) as central_radio:
+            yield Radios(gw.link_path, central_radio.link_path,
+                         NarrowbandGateway(gw=GW, radio=GW_RADIO, key=KEY.hex()),
+                         f'bearer = "pdt"\ncentral_radio = {CENTRAL_RADIO}\n'
+                         f'radio_id = {GW_RADIO}\ninterval_s = 0\n')
+
+
+@pytest.mark.parametrize("bearer", ["beidou", "pdt"])
+async def test_alarm_goes_by_radio_while_ip_is_cut_and_merges_when_ip_returns(
+        tmp_path: Path, mosquitto: Mosquitto, bearer: str) -> None:
+    """With the uplink cut, a level-2 gas alarm reaches central by BeiDou or PDT and is active
+    there at once; when IP returns the full record is merged into it: one alarm, raised once,
+    now with its threshold, and the gateway's outbox drains to zero."""
     gas = find_profile("gas-detector-v1")
-    sky = BeidouSky()
     proxy = LinkProxy(mosquitto.host, mosquitto.port)
     proxy.start()
     try:
-        async with ModbusTcpSimulator(gas) as modbus, \
-                BeidouTerminalSimulator(card_id=GW_CARD, interval_s=0.5, pwi_period_s=0.2,
-                                        sky=sky) as gw_terminal, \
-                BeidouTerminalSimulator(card_id=CENTRAL_CARD, pwi_period_s=None,
-                                        sky=sky) as central_terminal:
+        async with ModbusTcpSimulator(gas) as modbus, radios(bearer) as link:
             modbus.set_value("gas_lel", 3.0)
             settings = Settings(
                 db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host=mosquitto.host,
                 mqtt_port=mosquitto.port, mqtt_client_id="central-e2e",
-                narrowband_port=central_terminal.link_path,
-                narrowband_gateways=[NarrowbandGateway(gw=GW, card=GW_CARD, key=KEY.hex())])
+                narrowband_port=link.central_port, narrowband_bearer=bearer,
+                narrowband_gateways=[link.gateway_entry])
             config = parse_config(
                 f'[gateway]\nid = "{GW}"\ndata_dir = "{tmp_path / "edge"}"\n'
                 f'[mqtt]\nhost = "{proxy.host}"\nport = {proxy.port}\nreconnect_max_s = 1\n'
                 f'[status]\ninterval_s = 0.2\n'
-                f'[narrowband]\nport = "{gw_terminal.link_path}"\n'
-                f'central_card = "{CENTRAL_CARD}"\nkey = "{KEY.hex()}"\n'
-                f'after_s = 1\nheartbeat_s = 2\n'
+                f'[narrowband]\nport = "{link.gateway_port}"\n{link.edge_keys}'
+                f'key = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 2\n'
                 f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\npoll_interval_s = 0.2\n'
                 f'transport = {{kind = "tcp", host = "127.0.0.1", port = {modbus.port}}}\n')
             async with central(settings) as api:
@@ -117,13 +147,14 @@ async def test_alarm_goes_by_beidou_while_ip_is_cut_and_merges_when_ip_returns(
                     await until(lambda: outbox().meta.get("uplink_state") == "disconnected",
                                 "the uplink to notice the cut")  # the outbox exists by now
                     modbus.set_value("gas_lel", 60.0)
-                    (raised,) = await until(alarms, "the alarm at central by BeiDou")
+                    (raised,) = await until(alarms, f"the alarm at central by {bearer}")
                     assert (raised["alarm_key"], raised["level"], raised["state"]) == (
                         "gas-1/gas_lel/high", 2, "active")
                     assert raised["threshold"] is None  # the short frame does not carry it
                     assert raised["value"] == 60.0
                     assert outbox().backlog > 0  # it did not come over IP
-                    view = await until(lambda: _on_beidou(gateway()), "a BeiDou heartbeat")
+                    view = await until(lambda: _on_bearer(gateway(), bearer),
+                                       f"a {bearer} heartbeat")
                     assert view["online"]
 
                     # IP returns: everything drains, the full record merges into the copy.
@@ -147,9 +178,9 @@ async def _has_stream(view: Any, stream: str) -> bool:
     return bool(got) and got.get("stream") == stream
 
 
-async def _on_beidou(view: Any) -> dict[str, Any] | None:
+async def _on_bearer(view: Any, bearer: str) -> dict[str, Any] | None:
     got = await view
-    return got if got and got.get("bearer") == "beidou" else None
+    return got if got and got.get("bearer") == bearer else None
 
 
 def _metric(text: str, name: str) -> float:

@@ -1,6 +1,7 @@
 """The narrowband fallback end to end in one event loop: a real outbox file, the fallback
 driving a BeiDou terminal simulator on a pty, and central's terminal simulator linked to it by
-a `BeidouSky`; what reaches central is decoded with the gateway's key and stream."""
+a `BeidouSky` (or a PDT radio simulator linked to central's radio by a `PdtAir`); what reaches
+central is decoded with the gateway's key and stream."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from typer.testing import CliRunner
 
 from device_profiles import find_profile
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect
+from edge_agent.bearers.pdt import PdtRadio
 from edge_agent.cli import app
 from edge_agent.config import ConfigError, NarrowbandConfig, parse_config
 from edge_agent.narrowband import WATERMARK_KEY, NarrowbandFallback
 from edge_agent.outbox import NewRecord, Outbox, OutboxError, read_status
-from edge_agent.supervisor import run_agent
+from edge_agent.supervisor import build_bearer, run_agent
 from firmware_stubs.beidou_sim import BeidouMode, BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
+from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
+from protocols.hrnp_text import TextResult
 from protocols.envelope import Birth, DeviceInfo, PointInfo, RecordKind
 from protocols.narrowband import (
     AlarmRule,
@@ -34,6 +38,7 @@ from protocols.narrowband import (
     HeartbeatFrame,
     PowerState,
     decode_frame,
+    from_text,
 )
 
 KEY = bytes(range(16, 48))
@@ -274,6 +279,108 @@ async def test_heartbeats_when_no_alarms(tmp_path: Path) -> None:
         assert fallback.counters.heartbeats_sent >= 2
 
 
+# --- the same over a PDT radio -----------------------------------------------------------------
+
+
+GATEWAY_RADIO, CENTRAL_RADIO = 1001, 2002
+PDT_TEXT_BYTES = 96  # 33 frame bytes: two or three alarms a text, so several texts
+
+
+@dataclass
+class PdtRig:
+    outbox: Outbox
+    gateway: PdtRadioSimulator
+    central: PdtRadioSimulator
+    ip: FakeIp = field(default_factory=FakeIp)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def frames(self) -> list[Frame]:
+        """Every text central's radio received, as frames under the gateway's key and stream."""
+        return [decode_frame(from_text(m.text), key=KEY, stream=self.outbox.stream)
+                for m in self.central.received]
+
+    def alarm_seqs(self) -> list[int]:
+        return [e.seq for f in self.frames() if isinstance(f, AlarmsFrame) for e in f.entries]
+
+    def start(self) -> NarrowbandFallback:
+        config = NarrowbandConfig(bearer="pdt", port=self.gateway.link_path,
+                                  central_radio=CENTRAL_RADIO, radio_id=GATEWAY_RADIO,
+                                  max_text_bytes=PDT_TEXT_BYTES, interval_s=0, key=KEY.hex(),
+                                  after_s=0)
+        radio = build_bearer(config)
+        fallback = NarrowbandFallback(outbox=self.outbox, link=self.ip, birth=BIRTH,
+                                      terminal=radio, config=config, key=KEY, poll_s=0.05,
+                                      retry_s=0.5)
+        self.tasks.append(asyncio.create_task(fallback.run(), name="narrowband.pdt"))
+        return fallback
+
+
+@contextlib.asynccontextmanager
+async def pdt_rig(tmp_path: Path) -> AsyncIterator[PdtRig]:
+    """An outbox, the gateway's PDT radio and central's, on one air."""
+    air = PdtAir()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox, \
+            PdtRadioSimulator(air, GATEWAY_RADIO) as gateway, \
+            PdtRadioSimulator(air, CENTRAL_RADIO) as central:
+        r = PdtRig(outbox, gateway, central)
+        try:
+            yield r
+        finally:
+            for task in r.tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def test_pdt_alarms_arrive_once_in_order_across_texts(tmp_path: Path) -> None:
+    """Over PDT every alarm reaches central's radio exactly once, oldest first, as "FL1:"
+    texts from the gateway's radio id within the text limit, over several texts; then a
+    heartbeat; the watermark ends at the last alarm."""
+    async with pdt_rig(tmp_path) as r:
+        seqs = await r.outbox.append([
+            alarm("gas-1/lel", value=30.5), alarm("gas-1/o2", "low", value=18.9),
+            reading("gas-1/lel", 12.0),
+            alarm("gas-1/_device", "device_offline", value=None),
+            alarm("tank-1/alarm_in", "high", level=2, value=True),
+            alarm("gas-1/lel", "high", "changed", level=2, value=52.0),
+            alarm("gas-1/lel", "high", "cleared", level=0, value=3.0),
+            alarm("tank-1/level", "rate", value=-4.25), alarm("tank-1/level", "stale"),
+        ])
+        expected = [s for i, s in enumerate(seqs) if i != 2]  # not the reading
+        fallback = r.start()
+        await until(lambda: len(r.alarm_seqs()) >= len(expected))
+        await until(lambda: fallback.watermark == expected[-1])
+        assert r.alarm_seqs() == expected
+        assert len([f for f in r.frames() if isinstance(f, AlarmsFrame)]) >= 3
+        texts = r.central.received
+        assert all(m.text.startswith("FL1:") and len(m.text) * 2 <= PDT_TEXT_BYTES
+                   for m in texts)
+        assert {(m.source, m.destination) for m in texts} == {(GATEWAY_RADIO, CENTRAL_RADIO)}
+        await until(lambda: any(isinstance(f, HeartbeatFrame) for f in r.frames()))
+        assert r.alarm_seqs() == expected
+        assert await r.outbox.get_meta(WATERMARK_KEY) == str(expected[-1])
+        status = fallback.status()
+        assert status["bearer"] == "pdt" and status["card"]["payload_bytes"] == 33
+        assert status["terminal"]["sent"] == len(texts)
+
+
+async def test_pdt_refusal_keeps_watermark_and_alarm_goes_later(tmp_path: Path) -> None:
+    """A channel-busy answer does not move the watermark; once the radio sends again the same
+    alarms go, once."""
+    async with pdt_rig(tmp_path) as r:
+        r.gateway.set_faults(result=TextResult.CHANNEL_BUSY)
+        seqs = await r.outbox.append([alarm("gas-1/lel"), alarm("gas-1/o2", "low")])
+        fallback = r.start()
+        await until(lambda: fallback.counters.refusals.get("channel_busy", 0) >= 2)
+        assert fallback.watermark == 0 and await r.outbox.get_meta(WATERMARK_KEY) is None
+        assert r.central.received == []
+        r.gateway.set_faults(result=TextResult.OK)
+        await until(lambda: r.alarm_seqs() == seqs)
+        await until(lambda: fallback.watermark == seqs[-1])
+        await until(lambda: any(isinstance(f, HeartbeatFrame) for f in r.frames()))
+        assert r.alarm_seqs() == seqs
+
+
 # --- config and supervisor wiring ------------------------------------------------------------
 
 
@@ -288,8 +395,20 @@ NB_BASE = '[gateway]\nid = "gw-1"\n\n[narrowband]\nport = "/dev/ttyUSB1"\n'
     ('central_card = "0242407"\nkey = "xyz"\n', 7, "narrowband.key", "hex digits"),
     (f'dialect = "bd2"\ncentral_card = "15240507"\nkey = "{KEY.hex()}"\n', 7,
      "narrowband.central_card", "7 digits"),
-    (f'central_card = "0242407"\nkey = "{KEY.hex()}"\nbearer = "pdt"\n', 8,
-     "narrowband.bearer", "beidou"),
+    (f'central_card = "0242407"\nkey = "{KEY.hex()}"\nbearer = "tiantong"\n', 8,
+     "narrowband.bearer", "'beidou' or 'pdt'"),
+    (f'bearer = "pdt"\nkey = "{KEY.hex()}"\n', 4, "narrowband.central_radio",
+     "Field required"),
+    (f'bearer = "pdt"\ncentral_radio = 2002\ncentral_card = "0242407"\nkey = "{KEY.hex()}"\n',
+     8, "narrowband.central_card", 'for bearer = "beidou", not "pdt"'),
+    (f'bearer = "pdt"\ncentral_radio = 2002\ndialect = "bd2"\nkey = "{KEY.hex()}"\n', 8,
+     "narrowband.dialect", 'for bearer = "beidou"'),
+    (f'bearer = "pdt"\ncentral_radio = 16777216\nkey = "{KEY.hex()}"\n', 7,
+     "narrowband.central_radio", "less than or equal to 16777215"),
+    (f'bearer = "pdt"\ncentral_radio = 2002\nmax_text_bytes = 40\nkey = "{KEY.hex()}"\n', 8,
+     "narrowband.max_text_bytes", "greater than or equal to 56"),
+    (f'central_card = "0242407"\nradio_id = 1001\nkey = "{KEY.hex()}"\n', 7,
+     "narrowband.radio_id", 'for bearer = "pdt", not "beidou"'),
     (f'central_card = "0242407"\nkey = "{KEY.hex()}"\nafter = 5\n', 8, "narrowband.after",
      "Extra inputs"),
     ('central_card = "0242407"\nkey_file = "missing.hex"\n', 7, "narrowband.key_file",
@@ -319,6 +438,21 @@ def test_config_key_file_relative_to_config(tmp_path: Path) -> None:
     assert (nb.bearer, nb.baudrate, nb.dialect, nb.after_s, nb.heartbeat_s, nb.mac_len) == (
         "beidou", 115200, "bd3", 120.0, 600.0, 4)
     assert parse_config('[gateway]\nid = "gw-1"\n', check_profiles=False).narrowband is None
+    assert nb.recipient == "0242407"
+
+
+def test_config_pdt_defaults_and_driver(tmp_path: Path) -> None:
+    """`bearer = "pdt"` needs central's radio id; the text limit and interval default to 128
+    bytes and 5 s; the supervisor builds a PdtRadio for it and a BeidouTerminal otherwise."""
+    cfg = parse_config(NB_BASE + f'bearer = "pdt"\ncentral_radio = 2002\nradio_id = 1001\n'
+                       f'key = "{KEY.hex()}"\n', tmp_path / "site.toml", check_profiles=False)
+    nb = cfg.narrowband
+    assert nb is not None and nb.recipient == "2002"
+    assert (nb.bearer, nb.radio_id, nb.max_text_bytes, nb.interval_s) == ("pdt", 1001, 128, 5)
+    radio = build_bearer(nb)
+    assert isinstance(radio, PdtRadio) and radio.payload_bytes == 45 and radio.radio_id == 1001
+    beidou = NarrowbandConfig(port="/dev/ttyUSB1", central_card=CENTRAL_CARD, key=KEY.hex())
+    assert isinstance(build_bearer(beidou), BeidouTerminal)
 
 
 async def test_supervisor_sends_alarm_by_beidou_while_ip_is_down(tmp_path: Path) -> None:

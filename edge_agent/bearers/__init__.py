@@ -1,7 +1,7 @@
 """Narrowband bearers: drivers of the radios the agent falls back to while IP is down
 (DESIGN.md §5), and what they share: the errors, the card a terminal holds and the answer to a
-send. Each driver (`edge_agent.bearers.beidou`) owns one serial port and speaks its radio's
-sentences through a pure codec in `protocols/`; `edge_agent.narrowband` decides what goes
+send. Each driver (`edge_agent.bearers.beidou`, `edge_agent.bearers.pdt`) owns one serial port
+and speaks its radio's sentences or packets through a pure codec in `protocols/`; `edge_agent.narrowband` decides what goes
 over it and when.
 """
 
@@ -46,8 +46,17 @@ class NoCardError(BearerError):
         self.port = port
 
 
+class ConnectRejectedError(BearerError):
+    """The radio refused the link (HRNP reject to a connect): it cannot send."""
+
+    def __init__(self, port: str) -> None:
+        super().__init__(f"{port}: the radio rejected the HRNP connect")
+        self.port = port
+
+
 class BearerRequestError(BearerError):
-    """A send the bearer cannot carry (a recipient card of the wrong length for the dialect)."""
+    """A send the bearer cannot carry (a recipient card of the wrong length for the dialect, a
+    radio id out of range, a frame whose text is too long for the radio)."""
 
 
 class BearerReplyError(BearerError):
@@ -68,31 +77,37 @@ class Refusal(enum.StrEnum):
     NO_PERMISSION = "no_permission"
     LOW_BATTERY = "low_battery"  # BD-2 suppression 2
     UNSPECIFIED = "unspecified"  # executed N with no reason (a payload over the limit)
+    CHANNEL_BUSY = "channel_busy"  # PDT result 4
+    NO_CONTACT = "no_contact"  # PDT result 10: the recipient radio did not answer
+    TX_DENIED = "tx_denied"  # PDT result 11: the system denied the transmission
     OTHER = "other"  # a code this driver does not know; `code` has it
 
 
 @dataclass(frozen=True, slots=True)
 class CardInfo:
-    """What the terminal's card allows: one send per `interval_s`, `payload_bytes` each."""
+    """What the terminal's card allows: one send per `interval_s`, `payload_bytes` each. A PDT
+    radio has no card: `card_id` is its radio id ("" when not configured), `level` 0, and the
+    interval is the configured courtesy to the channel."""
 
     card_id: str
     level: int
     interval_s: int
     payload_bytes: int
-    dialect: str  # the bearer's own: "bd3", "bd2"
+    dialect: str  # the bearer's own: "bd3", "bd2", "pdt"
     encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """A terminal's answer to one send (BeiDou `$BDFKI`): accepted, or refused with a reason
-    and the seconds to wait."""
+    """A terminal's answer to one send (BeiDou `$BDFKI`, a PDT text-message ack): accepted, or
+    refused with a reason and the seconds to wait."""
 
     accepted: bool
     reason: Refusal | None = None
     wait_s: int = 0
-    code: int = 0  # the terminal's own number: BD-3 reason, BD-2 suppression
+    code: int = 0  # the terminal's own number: BD-3 reason, BD-2 suppression, PDT result
 
 
 __all__ = ["BearerError", "BearerPortError", "BearerReplyError", "BearerRequestError",
-           "BearerTimeoutError", "CardInfo", "NoCardError", "Refusal", "SendResult"]
+           "BearerTimeoutError", "CardInfo", "ConnectRejectedError", "NoCardError", "Refusal",
+           "SendResult"]
