@@ -108,7 +108,7 @@ class Metrics:
                 lines.append(f'{full}{{{label}="{_escape(key)}"}} {n}')
         metric("narrowband_records_total", "counter", "Alarm records stored from narrowband "
                "frames (the full copy over IP merges into them).", self.narrowband_records)
-        metric("narrowband_port_open", "gauge", "1 while central's BeiDou terminal port is "
+        metric("narrowband_port_open", "gauge", "1 while central's narrowband radio port is "
                "open.", int(self.narrowband_port_open))
-        metric("narrowband_port_failures_total", "counter", "Times the BeiDou terminal port "
+        metric("narrowband_port_failures_total", "counter", "Times the narrowband radio port "
                "could not be opened or was lost.", self.narrowband_port_failures)

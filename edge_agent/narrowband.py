@@ -41,7 +41,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from edge_agent.bearers import BearerError, CardInfo, Refusal, SendResult
-from edge_agent.config import NarrowbandConfig
+from edge_agent.narrowband_config import NarrowbandConfig
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.rules import DEVICE_POINT
 from protocols.envelope import Birth, Record
