@@ -44,29 +44,19 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final
 
 import serial
 import structlog
 
 from central.errors import CentralError
 from central.metrics import Metrics
+from central.narrowband_links import QUIET_S, BeidouLink, Dropped, Inbound, Link
+from central.narrowband_pdt import PdtLink
 from central.settings import NarrowbandGateway, Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
-from protocols.beidou import (
-    NEED_DATA,
-    Bd2CardInfo,
-    Bd2CardQuery,
-    Bd2Message,
-    Bd3CardInfo,
-    Bd3CardQuery,
-    Bd3Message,
-    BeidouDecoder,
-    BeidouError,
-    encode,
-)
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
 from protocols.narrowband import (
     AlarmEntry,
@@ -85,7 +75,6 @@ BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 _READ_SIZE: Final = 4096
 DEVICE_POINT: Final = "_device"  # the pseudo point of device-level alarms (edge_agent.rules)
-QUIET_S: Final = 0.5  # a line quiet this long: the link may give up a partial packet
 # Wire codes to the names the edge's rules and records use (edge_agent.rules.RuleKind).
 RULE_NAMES: Final = {AlarmRule.HIGH: "high", AlarmRule.LOW: "low", AlarmRule.RATE: "rate",
                      AlarmRule.STALE: "stale", AlarmRule.DEVICE_OFFLINE: "device_offline"}
@@ -178,91 +167,9 @@ def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
     return (rows[0][0], rows[0][1]) if rows else None
 
 
-# --- the per-bearer part ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A message from a gateway's radio: its sender (card or radio id) and the frame bytes."""
-
-    sender: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """Bytes or a message that carry no frame, counted under `reason`; `quiet`: logged at info
-    (a person's text is expected on a shared channel), else as a warning."""
-
-    reason: str
-    error: Exception
-    sender: str | None = None
-    quiet: bool = False
-
-
-LinkEvent = Inbound | Dropped
-
-
-class Link(Protocol):
-    """The bearer-specific half of a session on central's radio, fed bytes, no I/O: `address`
-    is the sender id naming a gateway (no leading zeros), `hello` the bytes to write when the
-    port opens, `feed` takes bytes read and `idle` is called when the line has been quiet
-    `QUIET_S`; both give what to write back and the events the bytes carried."""
-
-    bearer: str
-
-    def address(self, gateway: NarrowbandGateway) -> str | None: ...
-
-    def hello(self) -> bytes: ...
-
-    def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]: ...
-
-    def idle(self) -> tuple[bytes, list[LinkEvent]]: ...
-
-
-class BeidouLink:
-    """Central's BeiDou terminal: asks for its card on open (for the log), reads messages."""
-
-    bearer = "beidou"
-
-    def __init__(self, settings: Settings, logger: Any) -> None:
-        self._bd3 = settings.narrowband_dialect == "bd3"
-        self._decoder = BeidouDecoder()
-        self._log = logger
-
-    def address(self, gateway: NarrowbandGateway) -> str | None:
-        return gateway.card_number
-
-    def hello(self) -> bytes:
-        return encode(Bd3CardQuery() if self._bd3 else Bd2CardQuery())
-
-    def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
-        self._decoder.feed(data)
-        events: list[LinkEvent] = []
-        while True:
-            try:
-                sentence = self._decoder.next_sentence()
-            except BeidouError as exc:
-                events.append(Dropped("bad_sentence", exc))
-                continue
-            if sentence is NEED_DATA:
-                return b"", events
-            if isinstance(sentence, Bd3Message | Bd2Message):
-                events.append(Inbound(sentence.sender, sentence.payload))
-            elif isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
-                self._log.info("narrowband_terminal", card=sentence.card_id,
-                               interval_s=sentence.interval_s)
-            # Anything else ($BDPWI beams, $BDFKI feedback) says nothing about gateways.
-
-    def idle(self) -> tuple[bytes, list[LinkEvent]]:
-        return b"", []
-
-
 def make_link(settings: Settings, logger: Any) -> Link:
     """The link of `narrowband_bearer`."""
     if settings.narrowband_bearer == "pdt":
-        from central.narrowband_pdt import PdtLink  # it builds on this module's events
-
         return PdtLink(logger)
     return BeidouLink(settings, logger)
 

@@ -1,6 +1,6 @@
 """Central's PDT radio link (DESIGN.md §5): a Hytera radio's HRNP port, read for gateways' texts.
 
-`PdtLink` is the per-bearer half of `central.narrowband.NarrowbandReceiver` for
+`PdtLink` is the per-bearer half (`central.narrowband_links`) of `central.narrowband`'s receiver for
 `narrowband_bearer = "pdt"`; it does no I/O. On open it connects (HRNP 0xFE) and expects the
 accept; it connects again every `RECONNECT_S` while the radio has not accepted (a reject, a
 radio that was off). Every data packet of the radio's is data-acked with its packet number,
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from central.narrowband import Dropped, Inbound, LinkEvent
+from central.narrowband_links import Dropped, Inbound, LinkEvent
 from central.settings import NarrowbandGateway
 from protocols.hrnp import (
     NEED_DATA,
