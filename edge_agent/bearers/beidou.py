@@ -1,10 +1,9 @@
 """The driver of one BeiDou RDSS short-message terminal on a serial port (DESIGN.md §5).
 
-`BeidouTerminal` owns the port: pyserial opens it in a thread (`exclusive=True`, an flock, so a
-second owner fails to open it), then the event loop reads the non-blocking fd with
-`loop.add_reader` and writes it with `os.write`, waiting for `add_writer` when the line is
-full; nothing blocks the loop. Bytes go through the pure stream decoder
-(`protocols.beidou.BeidouDecoder`), which resynchronises on the next `$` after garbage.
+`BeidouTerminal` owns the port as every `edge_agent.bearers.port.SerialBearer` does (opened in
+a thread, read with `loop.add_reader`, written with `os.write`; nothing blocks the loop). Bytes
+go through the pure stream decoder (`protocols.beidou.BeidouDecoder`), which resynchronises on
+the next `$` after garbage.
 
 The dialect is a constructor setting (DOMAIN.md, BeiDou RDSS short messages):
 
@@ -32,20 +31,15 @@ A port that fails (EIO, the USB adapter unplugged) is closed and pending steps f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-import serial
 import structlog
 
 from edge_agent.bearers import (
-    BearerError,
-    BearerPortError,
     BearerReplyError,
     BearerRequestError,
     BearerTimeoutError,
@@ -54,7 +48,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
-from edge_agent.serial_port import open_serial
+from edge_agent.bearers.port import SerialBearer
 from protocols.beidou import (
     BD3_REGIONAL_MAX_BITS,
     NEED_DATA,
@@ -88,7 +82,6 @@ log = structlog.get_logger(__name__)
 Dialect = Literal["bd3", "bd2"]
 DIALECTS: Final = ("bd3", "bd2")
 STEP_TIMEOUT_S: Final = 2.0  # DOMAIN.md: about 2 s per step of the send sequence
-_READ_SIZE = 4096
 
 
 _BD3_REFUSALS: Final[dict[int, Refusal]] = {
@@ -124,16 +117,10 @@ class TerminalCounters:
 InboundMessage = Bd3Message | Bd2Message
 
 
-@dataclass(slots=True)
-class _Waiter:
-    wants: Callable[[Sentence], bool]
-    future: asyncio.Future[Sentence]
-
-
 # --- the driver ----------------------------------------------------------------------------
 
 
-class BeidouTerminal:
+class BeidouTerminal(SerialBearer[Sentence]):
     """One BeiDou RDSS terminal on one serial port; an async context manager.
 
     Example::
@@ -146,6 +133,10 @@ class BeidouTerminal:
                     await asyncio.sleep(result.wait_s)
     """
 
+    EVENT_PORT_OPEN = "beidou_port_open"
+    EVENT_PORT_LOST = "beidou_port_lost"
+    counters: TerminalCounters
+
     def __init__(self, port: str, *, baudrate: int = 115200, dialect: Dialect = "bd3",
                  step_timeout_s: float = STEP_TIMEOUT_S, max_payload_bytes: int | None = None,
                  pwi_max_age_s: float = 5.0,
@@ -157,105 +148,34 @@ class BeidouTerminal:
             raise ValueError("step_timeout_s and pwi_max_age_s must be positive")
         if max_payload_bytes is not None and max_payload_bytes < 1:
             raise ValueError("max_payload_bytes must be at least 1")
-        self.port = port
-        self.baudrate = baudrate
+        super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
+                         log=log.bind(port=port, dialect=dialect))
         self.dialect: Dialect = dialect
-        self.step_timeout_s = step_timeout_s
         self.max_payload_bytes = max_payload_bytes
         self.pwi_max_age_s = pwi_max_age_s
         self.on_message = on_message
         self.counters = TerminalCounters()
         self.card: CardInfo | None = None  # from the last `info()`
         self._clock = clock
-        self._serial: serial.Serial | None = None
-        self._fd: int | None = None
         self._decoder = BeidouDecoder()
-        self._waiters: list[_Waiter] = []
         self._lock = asyncio.Lock()  # one command on the line at a time
-        self._open_lock = asyncio.Lock()
         self._pwi: BeamReport | None = None
         self._pwi_at = 0.0
-        self._log = log.bind(port=port, dialect=dialect)
 
     @property
     def bd3(self) -> bool:
         return self.dialect == "bd3"
 
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- the port (`SerialBearer`'s hooks) -------------------------------------------------
 
-    async def __aenter__(self) -> BeidouTerminal:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self._serial is not None
-
-    async def open(self) -> None:
-        """Open the port if it is not open; raises `BearerPortError`."""
-        async with self._open_lock:
-            if self._serial is not None:
-                return
-            port = await self._open_serial()
-            fd = port.fileno()
-            os.set_blocking(fd, False)
-            self._serial, self._fd = port, fd
-            self._decoder = BeidouDecoder()
-            self._pwi = None
-            asyncio.get_running_loop().add_reader(fd, self._readable)
-            self.counters.port_opens += 1
-            self._log.info("beidou_port_open", baudrate=self.baudrate)
-
-    async def close(self) -> None:
-        port = self._detach(BearerPortError(self.port, "closed"))
-        if port is not None:
-            with contextlib.suppress(OSError, serial.SerialException):
-                await asyncio.to_thread(port.close)
-
-    async def _open_serial(self) -> serial.Serial:
-        return await open_serial(self.port, BearerPortError, baudrate=self.baudrate)
-
-    def _detach(self, error: BearerError) -> serial.Serial | None:
-        """Stop reading the port and fail every waiting step; returns the port to close."""
-        port, fd = self._serial, self._fd
-        self._serial = self._fd = None
+    def _on_port_open(self) -> None:
+        self._decoder = BeidouDecoder()
         self._pwi = None
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-        for waiter in self._waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
-        self._waiters.clear()
-        return port
 
-    def _lost(self, reason: str) -> None:
-        port = self._detach(BearerPortError(self.port, reason))
-        if port is None:
-            return
-        self.counters.port_lost += 1
-        self._log.warning("beidou_port_lost", error=reason)
-        # Closing a tty may wait on the driver: not on the event loop.
-        asyncio.get_running_loop().run_in_executor(None, _close_quietly, port)
+    def _on_detach(self) -> None:
+        self._pwi = None
 
-    # --- reading ---------------------------------------------------------------------------
-
-    def _readable(self) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # EIO: the adapter went away, the pty's far end closed
-            self._lost(f"read failed: {exc}")
-            return
-        if not data:
-            self._lost("end of file")
-            return
+    def _on_bytes(self, data: bytes) -> None:
         decoder = self._decoder
         before = decoder.discarded
         decoder.feed(data)
@@ -280,11 +200,8 @@ class BeidouTerminal:
                 self.on_message(sentence)
         elif isinstance(sentence, UnknownSentence):
             self.counters.unknown_sentences += 1
-        for waiter in self._waiters:
-            if not waiter.future.done() and waiter.wants(sentence):
-                waiter.future.set_result(sentence)
-                return
-        if isinstance(sentence, Bd3Feedback | Bd2Feedback):
+        if (not self._offer(sentence, first_only=True)
+                and isinstance(sentence, Bd3Feedback | Bd2Feedback)):
             self.counters.stray_feedback += 1
             self._log.info("beidou_stray_feedback", command=sentence.command,
                            executed=sentence.executed)
@@ -293,41 +210,12 @@ class BeidouTerminal:
                    timeout_s: float | None = None) -> Sentence:
         """Write `request` (if any) and wait for the first sentence that `wants` takes."""
         await self.open()
-        waiter = _Waiter(wants, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)  # before writing: the answer may come at once
-        timeout = self.step_timeout_s if timeout_s is None else timeout_s
+        waiter = self._expect(wants)
         try:
-            async with asyncio.timeout(timeout):
-                if request is not None:
-                    await self._write(encode(request))
-                return await waiter.future
-        except TimeoutError:
-            raise BearerTimeoutError(self.port, step, timeout) from None
+            return await self._step(waiter, step, None if request is None else encode(request),
+                                    timeout_s)
         finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-
-    async def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        loop = asyncio.get_running_loop()
-        while view:
-            fd = self._fd
-            if fd is None:
-                raise BearerPortError(self.port, "lost while writing")
-            try:
-                view = view[os.write(fd, view):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                self._lost(f"write failed: {exc}")
-                raise BearerPortError(self.port, f"write failed: {exc}") from exc
-            if view:  # the line is full: wait until the driver takes more
-                writable: asyncio.Future[None] = loop.create_future()
-                loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(fd)
+            self._forget(waiter)
 
     # --- commands --------------------------------------------------------------------------
 
@@ -403,15 +291,7 @@ class BeidouTerminal:
                 self.counters.timeouts += 1
                 raise
         assert isinstance(reply, Bd3Feedback | Bd2Feedback)
-        result = _result(reply)
-        if result.accepted:
-            self.counters.sent += 1
-        else:
-            assert result.reason is not None
-            self.counters.refused += 1
-            by_reason = self.counters.refused_by_reason
-            by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
-        return result
+        return self._counted(_result(reply))
 
 
 def _result(reply: Bd3Feedback | Bd2Feedback) -> SendResult:
@@ -424,11 +304,6 @@ def _result(reply: Bd3Feedback | Bd2Feedback) -> SendResult:
         return SendResult(False, Refusal.INTERVAL, reply.wait_s, reply.suppression)
     reason = _BD2_REFUSALS.get(reply.suppression, Refusal.OTHER)
     return SendResult(False, reason, reply.wait_s, reply.suppression)
-
-
-def _close_quietly(port: serial.Serial) -> None:
-    with contextlib.suppress(OSError, serial.SerialException):
-        port.close()
 
 
 __all__ = ["DIALECTS", "STEP_TIMEOUT_S", "BeidouTerminal", "Dialect", "InboundMessage",

@@ -1,6 +1,6 @@
 """The driver of one Hytera PDT radio (370 MHz) on its HRNP serial port (DESIGN.md §5).
 
-`PdtRadio` owns the port as `edge_agent.bearers.beidou.BeidouTerminal` does (opened in a
+`PdtRadio` owns the port as every `edge_agent.bearers.port.SerialBearer` does (opened in a
 thread, read with `loop.add_reader`, written with `os.write` and `add_writer`), one packet
 written at a time so that a data ack never cuts into a packet. Bytes go through the pure
 `protocols.hrnp.HrnpDecoder`; a partial packet left on a line quiet for `quiet_s` is given up
@@ -43,12 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-import serial
 import structlog
 
 from edge_agent.bearers import (
-    BearerError,
-    BearerPortError,
     BearerRequestError,
     BearerTimeoutError,
     CardInfo,
@@ -56,7 +53,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
-from edge_agent.serial_port import open_serial
+from edge_agent.bearers.port import SerialBearer, Waiter
 from protocols.hrnp import (
     NEED_DATA,
     SERVICE_TEXT,
@@ -86,7 +83,6 @@ DEFAULT_INTERVAL_S: Final = 5
 QUIET_S: Final = 0.5
 # The shortest text that still carries a frame worth sending: 28 characters, 21 bytes.
 MIN_TEXT_BYTES: Final = 2 * (len(TEXT_PREFIX) + 24)
-_READ_SIZE = 4096
 
 _REFUSALS: Final[dict[int, Refusal]] = {
     TextResult.CHANNEL_BUSY: Refusal.CHANNEL_BUSY, TextResult.NO_CONTACT: Refusal.NO_CONTACT,
@@ -118,16 +114,10 @@ class RadioCounters:
 _Event = HrnpPacket | TextAck
 
 
-@dataclass(slots=True)
-class _Waiter:
-    wants: Callable[[_Event], bool]
-    future: asyncio.Future[_Event]
-
-
 # --- the driver ----------------------------------------------------------------------------
 
 
-class PdtRadio:
+class PdtRadio(SerialBearer[_Event]):
     """One Hytera PDT radio on one serial port; an async context manager.
 
     Example::
@@ -138,6 +128,10 @@ class PdtRadio:
             if not result.accepted and result.reason is Refusal.CHANNEL_BUSY:
                 await asyncio.sleep(card.interval_s)
     """
+
+    EVENT_PORT_OPEN = "pdt_port_open"
+    EVENT_PORT_LOST = "pdt_port_lost"
+    counters: RadioCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, radio_id: int | None = None,
                  max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
@@ -151,42 +145,24 @@ class PdtRadio:
         if step_timeout_s <= 0 or quiet_s <= 0 or interval_s < 0:
             raise ValueError("step_timeout_s and quiet_s must be positive, interval_s not "
                              "negative")
-        self.port = port
-        self.baudrate = baudrate
+        super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
+                         log=log.bind(port=port, radio_id=radio_id))
         self.radio_id = radio_id
         self.max_text_bytes = max_text_bytes
         self.interval_s = interval_s
-        self.step_timeout_s = step_timeout_s
         self.quiet_s = quiet_s
         self.on_message = on_message
         self.counters = RadioCounters()
         self.card: CardInfo | None = None  # from the last `info()`
-        self._serial: serial.Serial | None = None
-        self._fd: int | None = None
         self._connected = False
         self._decoder = HrnpDecoder()
         self._quiet: asyncio.TimerHandle | None = None
-        self._waiters: list[_Waiter] = []
         self._acks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # one send on the line at a time
-        self._open_lock = asyncio.Lock()
-        self._write_lock = asyncio.Lock()  # one packet written at a time
         self._packet_number = random.getrandbits(16)
         self._request_id = random.getrandbits(32)
-        self._log = log.bind(port=port, radio_id=radio_id)
 
-    # --- lifecycle -------------------------------------------------------------------------
-
-    async def __aenter__(self) -> PdtRadio:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @property
-    def is_open(self) -> bool:
-        return self._serial is not None
+    # --- lifecycle (the link on `SerialBearer`'s port) -------------------------------------
 
     @property
     def ready(self) -> bool:
@@ -196,18 +172,14 @@ class PdtRadio:
     async def open(self) -> None:
         """Open the port and connect, if not done; raises `BearerPortError`,
         `BearerTimeoutError` (no accept) or `ConnectRejectedError`."""
-        async with self._open_lock:
-            if self._serial is None:
-                port = await open_serial(self.port, BearerPortError, baudrate=self.baudrate)
-                fd = port.fileno()
-                os.set_blocking(fd, False)
-                self._serial, self._fd = port, fd
-                self._decoder = HrnpDecoder()
-                asyncio.get_running_loop().add_reader(fd, self._readable)
-                self.counters.port_opens += 1
-                self._log.info("pdt_port_open", baudrate=self.baudrate)
-            if not self._connected:
-                await self._connect()
+        await super().open()
+
+    def _on_port_open(self) -> None:
+        self._decoder = HrnpDecoder()
+
+    async def _on_open(self) -> None:
+        if not self._connected:
+            await self._connect()
 
     async def _connect(self) -> None:
         request = HrnpPacket(HrnpOpcode.CONNECT, self._next_number())
@@ -223,59 +195,23 @@ class PdtRadio:
         self.counters.connects += 1
         self._log.info("pdt_connected")
 
-    async def close(self) -> None:
+    def _on_close(self) -> None:
         if self._connected and self._fd is not None:
             with contextlib.suppress(OSError):  # a courtesy: the radio may be gone already
                 os.write(self._fd, encode_packet(HrnpPacket(HrnpOpcode.CLOSE,
                                                             self._next_number())))
-        port = self._detach(BearerPortError(self.port, "closed"))
-        if port is not None:
-            with contextlib.suppress(OSError, serial.SerialException):
-                await asyncio.to_thread(port.close)
 
-    def _detach(self, error: BearerError) -> serial.Serial | None:
-        """Stop reading the port and fail every waiting step; returns the port to close."""
-        port, fd = self._serial, self._fd
-        self._serial = self._fd = None
+    def _on_detach(self) -> None:
         self._connected = False
         if self._quiet is not None:
             self._quiet.cancel()
             self._quiet = None
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-        for waiter in self._waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
-        self._waiters.clear()
         for task in self._acks:
             task.cancel()
-        return port
-
-    def _lost(self, reason: str) -> None:
-        port = self._detach(BearerPortError(self.port, reason))
-        if port is None:
-            return
-        self.counters.port_lost += 1
-        self._log.warning("pdt_port_lost", error=reason)
-        # Closing a tty may wait on the driver: not on the event loop.
-        asyncio.get_running_loop().run_in_executor(None, _close_quietly, port)
 
     # --- reading ---------------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # EIO: the adapter went away, the pty's far end closed
-            self._lost(f"read failed: {exc}")
-            return
-        if not data:
-            self._lost("end of file")
-            return
+    def _on_bytes(self, data: bytes) -> None:
         self._decoder.feed(data)
         self._drain()
 
@@ -340,15 +276,6 @@ class PdtRadio:
             if self.on_message is not None:
                 self.on_message(message)
 
-    def _offer(self, event: _Event) -> bool:
-        """Hand `event` to every step waiting for it (a text ack ends two); False if none."""
-        taken = False
-        for waiter in self._waiters:
-            if not waiter.future.done() and waiter.wants(event):
-                waiter.future.set_result(event)
-                taken = True
-        return taken
-
     # --- writing ---------------------------------------------------------------------------
 
     def _data_ack(self, packet: HrnpPacket) -> None:
@@ -367,49 +294,14 @@ class PdtRadio:
         if not task.cancelled() and task.exception() is not None:
             self._log.debug("pdt_ack_unwritten", error=str(task.exception()))
 
-    async def _write(self, data: bytes) -> None:
-        async with self._write_lock:
-            view = memoryview(data)
-            loop = asyncio.get_running_loop()
-            while view:
-                fd = self._fd
-                if fd is None:
-                    raise BearerPortError(self.port, "lost while writing")
-                try:
-                    view = view[os.write(fd, view):]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as exc:
-                    self._lost(f"write failed: {exc}")
-                    raise BearerPortError(self.port, f"write failed: {exc}") from exc
-                if view:  # the line is full: wait until the driver takes more
-                    writable: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
-                    try:
-                        await writable
-                    finally:
-                        loop.remove_writer(fd)
-
-    def _expect(self, wants: Callable[[_Event], bool]) -> _Waiter:
-        """Wait for an event; registered before writing, since the answer may come at once."""
-        waiter = _Waiter(wants, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        return waiter
-
-    def _forget(self, waiter: _Waiter) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-
-    async def _step(self, waiter: _Waiter, step: str, data: bytes | None = None) -> _Event:
-        """Write `data` (if any) and wait `step_timeout_s` for `waiter`."""
+    async def _step(self, waiter: Waiter[_Event], step: str, data: bytes | None = None,
+                    timeout_s: float | None = None) -> _Event:
+        """`SerialBearer._step`, counting a timeout (of any step, the connect too)."""
         try:
-            async with asyncio.timeout(self.step_timeout_s):
-                if data is not None:
-                    await self._write(data)
-                return await waiter.future
-        except TimeoutError:
+            return await super()._step(waiter, step, data, timeout_s)
+        except BearerTimeoutError:
             self.counters.timeouts += 1
-            raise BearerTimeoutError(self.port, step, self.step_timeout_s) from None
+            raise
 
     def _next_number(self) -> int:
         number, self._packet_number = self._packet_number, (self._packet_number + 1) & 0xFFFF
@@ -478,15 +370,7 @@ class PdtRadio:
                 self._forget(taken)
                 self._forget(answered)
         assert isinstance(ack, TextAck)
-        result = _result(ack)
-        if result.accepted:
-            self.counters.sent += 1
-        else:
-            assert result.reason is not None
-            self.counters.refused += 1
-            by_reason = self.counters.refused_by_reason
-            by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
-        return result
+        return self._counted(_result(ack))
 
 
 def _radio_id(recipient: str) -> int | None:
@@ -500,11 +384,6 @@ def _result(ack: TextAck) -> SendResult:
     if ack.result == TextResult.OK:
         return SendResult(True)
     return SendResult(False, _REFUSALS.get(ack.result, Refusal.OTHER), 0, ack.result)
-
-
-def _close_quietly(port: serial.Serial) -> None:
-    with contextlib.suppress(OSError, serial.SerialException):
-        port.close()
 
 
 __all__ = ["DEFAULT_INTERVAL_S", "MIN_TEXT_BYTES", "STEP_TIMEOUT_S", "PdtRadio",
