@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from central.storage import open_storage
 from protocols import envelope as env
 from protocols import topics
 from tests.browser import chromium
@@ -19,6 +21,13 @@ from tests.helpers import Mosquitto, wait_for
 
 pytestmark = pytest.mark.browser
 GW = "gw-web-01"
+
+
+async def beidou_heartbeat(db_url: str, *, backlog: int) -> None:
+    """What central's narrowband receiver stores for a heartbeat that came by BeiDou."""
+    async with open_storage(db_url) as st:
+        await st.record_heartbeat(GW, bearer="beidou", backlog=backlog,
+                                  ts_ms=int(time.time() * 1000))
 
 
 class FakeGateway:
@@ -93,6 +102,16 @@ def test_console_shows_gateways_in_chinese_and_refreshes_live(tmp_path: Path, mo
             head = wait.until(lambda d: (t := d.find_element(
                 By.CSS_SELECTOR, f'section[data-gw="{GW}"] .gw-head').text) and "缺失 2" in t and t)
             assert "已接收 4" in head and "已报告丢弃 1" in head and "积压 0" in head
+            assert "链路 IP 网络" in head
+
+            # IP is cut and the gateway is heard by BeiDou: the duty officer sees the bearer.
+            asyncio.run(beidou_heartbeat(central.db_url, backlog=1200))
+            bearer = wait.until(lambda d: (e := d.find_element(
+                By.CSS_SELECTOR, f'section[data-gw="{GW}"] [data-k="bearer"]'))
+                and "北斗短报文" in e.text and e)
+            assert "narrowband" in (bearer.get_attribute("class") or "")
+            assert "积压 1200" in driver.find_element(
+                By.CSS_SELECTOR, f'section[data-gw="{GW}"] .gw-head').text
             driver.save_screenshot(str(tmp_path / "console.png"))
     finally:
         gw.close()

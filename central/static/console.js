@@ -45,6 +45,10 @@ async function getJSON(url) {
   return r.json();
 }
 
+// How the gateway was last heard: over IP, or by radio while IP is down (DESIGN.md §5).
+const BEARERS = { ip: "IP 网络", "4g": "4G", "5g": "5G", beidou: "北斗短报文", pdt: "370MHz 窄带" };
+const NARROWBAND = new Set(["beidou", "pdt"]);
+
 function renderGateway(g) {
   const head = el("div", { class: "gw-head" },
     el("h2", {}, g.gw),
@@ -60,7 +64,9 @@ function renderGateway(g) {
        "已报告丢弃 ", el("b", {}, g.reported_lost)),
     el("span", { class: "kv" }, "最后通信 ", el("b", { title: fmtTime(g.last_seen_ms) },
        fmtAgo(g.last_seen_ms))),
-    el("span", { class: "kv" }, "链路 ", el("b", {}, g.bearer || "—")),
+    el("span", { class: "kv" + (NARROWBAND.has(g.bearer) ? " narrowband" : ""), "data-k": "bearer",
+                 title: NARROWBAND.has(g.bearer) ? "IP 中断：告警与心跳经窄带上报，数据待恢复后补传" : "" },
+       "链路 ", el("b", {}, BEARERS[g.bearer] || g.bearer || "—")),
     el("span", { class: "kv" }, "版本 ", el("b", {}, g.version || "—")));
   const table = el("table", {},
     el("thead", {}, el("tr", {},
