@@ -43,6 +43,7 @@ from central.alarm_types import (
 from central.errors import CentralError
 from central.storage import DatabaseWriteError, split_key
 from central.storage.program import Program, Sql, placeholders
+from central.storage.timecheck import NARROWBAND_COPY
 from protocols.envelope import DataBatch, Record, RecordKind
 
 log = structlog.get_logger(__name__)
@@ -89,11 +90,14 @@ def event_from_record(gw: str, stream: str, r: Record) -> AlarmEvent:
         raise BadAlarmRecordError(gw, r.seq, f"{state} with level {level}")
     rule = a.get("rule")
     rule = rule if isinstance(rule, str) and rule else key.rsplit("/", 1)[-1]
+    # Only central's narrowband receiver sets the flag; attrs alone could say anything.
+    bearer = a.get("bearer") if int(r.flags) & NARROWBAND_COPY else None
     return AlarmEvent(
         gw=gw, alarm_key=key, rule=rule, state=state, level=level, ts_ms=r.ts_ms, stream=stream,
         seq=r.seq, point=r.point, value=_number(r.value),
         text=r.value if isinstance(r.value, str) else None, threshold=_number(a.get("threshold")),
-        attrs_json=json.dumps(dict(a), ensure_ascii=False, default=str))
+        attrs_json=json.dumps(dict(a), ensure_ascii=False, default=str),
+        bearer=bearer if isinstance(bearer, str) and bearer else None)
 
 
 # --- the pure decision ------------------------------------------------------------------------

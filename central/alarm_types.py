@@ -83,9 +83,14 @@ class AlarmEvent:
     threshold: float | None = None
     attrs_json: str | None = None
 
+    bearer: str | None = None  # "beidou" / "pdt": the record came by narrowband (§5)
+
     @property
     def source(self) -> str:
-        return CENTRAL_SOURCE if self.seq is None else EDGE_SOURCE
+        """Who said it, and for the edge how it came: over IP ("edge") or by radio."""
+        if self.seq is None:
+            return CENTRAL_SOURCE
+        return self.bearer or EDGE_SOURCE
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,13 +149,15 @@ async def active(storage: Storage) -> list[Any]:
 
 
 async def test_alarm_raised_and_cleared_over_beidou(tmp_path: Path) -> None:
-    """A raise frame opens the alarm on its point at once; a clear frame for it clears it."""
+    """A raise frame opens the alarm on its point at once, its source saying it came by
+    BeiDou; a clear frame for it clears it."""
     async with rig(tmp_path) as r:
         r.send(alarms_frame(entry(5, value=31.25)))
         (alarm,) = await until(lambda: active(r.storage))
         assert (alarm.alarm_key, alarm.point, alarm.type) == (
             "gas-1/gas_lel/high", "gas-1/gas_lel", "high")
         assert alarm.severity == 1 and alarm.value == 31.25 and alarm.name_zh == "可燃气体"
+        assert alarm.source == "beidou"
         r.send(alarms_frame(entry(6, AlarmTransition.CLEARED, level=0, value=12.0)))
         await until(lambda: no_active(r.storage))
         (cleared,) = await list_alarms(r.storage, gw=GW)
@@ -278,6 +280,7 @@ async def test_ip_copy_merges_into_narrowband_copy(tmp_path: Path, kind: str) ->
         (merged,) = await list_alarms(r.storage, gw=GW)
         assert merged.id == alarm.id and merged.state == "active"
         assert merged.transitions == 1 and merged.threshold == 25.0 and merged.value == 30.4321
+        assert merged.source == "beidou"  # how its transition arrived; the IP copy followed
         assert len(await alarm_history(r.storage, alarm.id)) == 1
 
         # Resent again over IP, or an IP record resent with other content: held, untouched.
@@ -297,13 +300,17 @@ async def test_ip_copy_merges_into_narrowband_copy(tmp_path: Path, kind: str) ->
         assert len(await list_alarms(r.storage, gw=GW)) == 1
         # The mark is a flag central's receiver sets, not what attrs say: an IP record that
         # claims to have come by BeiDou is held like any other, and its resend is dropped.
-        claim = full_record(9, 41.0, ts * 1000 + 950, state="changed", level=1)
-        claim = claim._replace(attrs={**(claim.attrs or {}), "bearer": "beidou"})
+        claim = full_record(9, 41.0, ts * 1000 + 950)  # a low alarm: a second alarm of its own
+        claim = claim._replace(attrs={**(claim.attrs or {}), "alarm_id": "gas-1/gas_lel/low",
+                                      "rule": "low", "bearer": "beidou"})
         await r.storage.write_batches([DataBatch(GW, STREAM, (claim,))])
         (res9,) = await r.storage.write_batches(
             [DataBatch(GW, STREAM, (claim._replace(value=1.0, attrs=plain.attrs),))])
         assert (res9.inserted, res9.merged) == (0, 0)
         assert (await stored_event(r.storage, 9))[1] == 41.0
+        (alarm9,) = [a for a in await list_alarms(r.storage, gw=GW)
+                     if a.alarm_key == "gas-1/gas_lel/low"]
+        assert alarm9.source == "edge"  # the claim in attrs does not make it a radio alarm
 
 
 async def test_receiver_reopens_a_lost_port(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from central.storage import open_storage
-from protocols.envelope import DataBatch, Record, RecordKind
+from central.storage.timecheck import NARROWBAND_COPY
+from protocols.envelope import DataBatch, Flag, Record, RecordKind
 from tests.browser import chromium
 from tests.fleet import Central
 from tests.helpers import Mosquitto
@@ -22,14 +23,18 @@ GW = "gw-alarm-01"
 T0 = 1_700_000_000_000
 
 
-async def raise_alarm(db_url: str) -> None:
-    """Store a level-2 gas alarm from GW, as ingest would (same file, another connection)."""
+async def raise_alarm(db_url: str, *, gw: str = GW, by_radio: bool = False) -> None:
+    """Store a level-2 gas alarm from `gw`, as ingest would (same file, another connection),
+    or as central's narrowband receiver would store one that came by BeiDou."""
     attrs = {"alarm_id": "gas-1/gas_lel/high", "rule": "high", "state": "raised", "level": 2,
              "prev_level": 0, "threshold": 50.0, "since_ms": T0}
+    flags = Flag.NONE
+    if by_radio:
+        attrs, flags = {**attrs, "bearer": "beidou"}, Flag(NARROWBAND_COPY)
     async with open_storage(db_url) as st:
-        await st.write_batches([DataBatch(gw=GW, stream="s", records=(Record(
+        await st.write_batches([DataBatch(gw=gw, stream="s", records=(Record(
             seq=1, kind=RecordKind.ALARM, ts_ms=T0, point="gas-1/gas_lel", value=55.5,
-            attrs=attrs),))])
+            flags=flags, attrs=attrs),))])
 
 
 def test_duty_officer_acknowledges_an_alarm_from_the_page(tmp_path: Path,
@@ -61,14 +66,21 @@ def test_duty_officer_acknowledges_an_alarm_from_the_page(tmp_path: Path,
             text = wait.until(lambda d: (t := d.find_element(By.CSS_SELECTOR, row).text)
                               and "未确认" in t and t)
             assert "二级" in text and "江岸示范企业" in text and "超上限" in text
+            assert "经北斗" not in text
             assert driver.find_element(By.ID, "n-unack").text == "1"
+
+            # An alarm that came by BeiDou while its gateway's IP was down says so.
+            asyncio.run(raise_alarm(central.db_url, gw="gw-alarm-02", by_radio=True))
+            radio = wait.until(lambda d: [t for e in d.find_elements(By.CSS_SELECTOR, "tr.alarm")
+                                          if "gw-alarm-02" in (t := e.text)])
+            assert "经北斗" in radio[0] and "二级" in radio[0]
 
             driver.find_element(By.ID, "alarm-user").send_keys("张三")
             driver.find_element(By.ID, "alarm-comment").send_keys("已电话通知企业")
             driver.find_element(By.CSS_SELECTOR, f'{row} button[data-action="ack"]').click()
             wait.until(lambda d: "已确认" in d.find_element(By.CSS_SELECTOR, row).text)
             assert "张三" in driver.find_element(By.CSS_SELECTOR, row).text
-            assert driver.find_element(By.ID, "n-unack").text == "0"
+            assert driver.find_element(By.ID, "n-unack").text == "1"  # gw-alarm-02's
             acked = api.get(f"/api/alarms/{alarm['id']}").json()
             assert (acked["ack_state"], acked["acked_by"], acked["ack_comment"]) == (
                 "acknowledged", "张三", "已电话通知企业")

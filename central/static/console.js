@@ -155,6 +155,10 @@ function renderAlarm(a) {
   const level = el("td", {}, el("span", { class: `badge sev${a.severity}` },
     SEVERITY[a.severity] || `${a.severity}级`));
   if (a.flapping) level.append(el("span", { class: "badge flap", title: "频繁报警/恢复" }, "抖动"));
+  if (NARROWBAND.has(a.source)) {  // it came by radio while the gateway's IP link was down
+    level.append(el("span", { class: "badge via", title: "IP 中断时经窄带送达，完整记录待恢复后补传" },
+      a.source === "beidou" ? "经北斗" : "经370MHz"));
+  }
   const ackCell = el("td", {}, el("span", { class: "badge " + (acked ? "acked" : "unacked") },
     acked ? "已确认" : "未确认"));
   if (acked) {

@@ -25,16 +25,18 @@ from typing import Any
 from central.alarm_engine import BadAlarmRecordError, event_from_record
 from central.storage.delivery import StreamTally, loss_report
 from central.storage.program import Program, Sql, placeholders
-from central.storage.timecheck import CENTRAL_BITS, CENTRAL_TS_SUSPECT, CLOCK_SUSPECT
+from central.storage.timecheck import (
+    CENTRAL_BITS,
+    CENTRAL_TS_SUSPECT,
+    CLOCK_SUSPECT,
+    NARROWBAND_COPY,
+)
 from protocols.envelope import Record, RecordKind
 
 _IN_CHUNK = 500
 _TELEMETRY = RecordKind.TELEMETRY
 _EVENT = RecordKind.EVENT
 _ALARM = RecordKind.ALARM
-# Beside timecheck's CENTRAL_TS_SUSPECT (0x100): the stored copy came by narrowband. Never on
-# the wire (the envelope rejects unknown flags), so an IP record cannot claim it.
-NARROWBAND_COPY = 0x200
 
 
 def stage_records(gw: str, stream: str, records: Sequence[Record], ids: Mapping[str, int],
