@@ -52,6 +52,7 @@ from typing import Any
 import structlog
 
 from firmware_stubs.errors import SimulatorError
+from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from protocols.beidou import (
     BD2_EXPRESS_BITS,
@@ -160,7 +161,7 @@ class BeidouSky:
         return delivered
 
 
-class BeidouTerminalSimulator:
+class BeidouTerminalSimulator(PtyLinked):
     """A BeiDou RDSS short-message terminal on a pseudo-terminal; an async context manager."""
 
     def __init__(self, *, mode: BeidouMode = BeidouMode.BD3, card_id: str = "0242407",
@@ -236,21 +237,9 @@ class BeidouTerminalSimulator:
             self._line = None
             log.info("beidou_sim_stopped", path=self.path)
 
-    async def __aenter__(self) -> BeidouTerminalSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     @property
     def running(self) -> bool:
         return self._line is not None
-
-    @property
-    def link_path(self) -> str:
-        """What the agent opens: the symlink if one was asked for, else the pty's path."""
-        return str(self._symlink) if self._symlink is not None else self.path
 
     # --- scripting --------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from firmware_stubs.control import (
     open_control,
 )
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
+from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.sim_process import (
     add_control_port,
@@ -113,7 +114,7 @@ class _Window:
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
-class Hj212StationSimulator:
+class Hj212StationSimulator(PtyLinked):
     """Push HJ 212 frames of one profiled station on a pseudo-terminal; an async context manager.
 
     `interval_s`: real-time frame period (None: no real-time frames); `minute_s`: minute-frame
@@ -186,18 +187,6 @@ class Hj212StationSimulator:
             self._line.close()  # and its symlink
             self._line = None
             log.info("hj212_sim_stopped", path=self.path)
-
-    async def __aenter__(self) -> Hj212StationSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def link_path(self) -> str:
-        """What the agent opens: the symlink if one was asked for, else the pty's path."""
-        return str(self._symlink) if self._symlink is not None else self.path
 
     # --- scripting --------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from pymodbus.simulator import SimData, SimDevice
 from device_profiles import Profile, ProfilePoint
 from firmware_stubs.control import ControlRequest, close_control, handle_control, open_control
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
+from firmware_stubs.lifecycle import StartStop
 from firmware_stubs.values import TICK_S, PointValues, modbus_values
 from protocols.modbus_points import (
     BIT_FUNCTIONS,
@@ -89,7 +90,7 @@ class _Device:
     warned: set[str] = field(default_factory=set)
 
 
-class ModbusTcpSimulator:
+class ModbusTcpSimulator(StartStop):
     """Serve profiled devices over Modbus TCP; an async context manager.
 
     `profiles` maps device id -> profile, or is one profile served as device id 1. `port=0`
@@ -163,13 +164,6 @@ class ModbusTcpSimulator:
             await self._server.shutdown()
             self._server = None
             log.info("modbus_sim_stopped", port=self.port)
-
-    async def __aenter__(self) -> ModbusTcpSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # ------------------------------------------------------------------ scripting
 

@@ -43,6 +43,7 @@ from typing import Any
 import structlog
 
 from firmware_stubs.errors import SimulatorError
+from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from protocols.hrnp import (
     GATEWAY_ADDRESS,
@@ -136,7 +137,7 @@ class PdtAir:
         return TextResult.OK
 
 
-class PdtRadioSimulator:
+class PdtRadioSimulator(PtyLinked):
     """One Hytera PDT radio with its HRNP serial port on a pty; an async context manager.
 
     `radio_id`: its 24-bit PDT id; `groups`: the group ids it listens to; `max_text_bytes`:
@@ -187,18 +188,6 @@ class PdtRadioSimulator:
             self._line = None
             log.info("pdt_sim_stopped", path=self.path, radio_id=self.radio_id)
         self.connected = False
-
-    async def __aenter__(self) -> PdtRadioSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @property
-    def link_path(self) -> str:
-        """What the gateway opens: the symlink if one was asked for, else the pty's path."""
-        return str(self._symlink) if self._symlink is not None else self.path
 
     # --- scripting --------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from firmware_stubs.control import (
     open_control,
 )
 from firmware_stubs.errors import SimulatorError, UnknownPointError
+from firmware_stubs.lifecycle import StartStop
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
 from firmware_stubs.sim_process import (
@@ -97,7 +98,7 @@ class SlaveStats:
         return {"requests": self.requests, "answers": self.answers}
 
 
-class RtuBusSimulator:
+class RtuBusSimulator(StartStop):
     """Serve profiled slaves on one pseudo-terminal line; an async context manager.
 
     `profiles` maps slave address -> profile; a sequence takes addresses 1, 2, 3, ...
@@ -167,13 +168,6 @@ class RtuBusSimulator:
             self._line.close()
             self._line = None
             log.info("rtu_sim_stopped", path=self.path)
-
-    async def __aenter__(self) -> RtuBusSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # --- scripting --------------------------------------------------------------------------
 
