@@ -57,12 +57,13 @@ from central.settings import NarrowbandGateway, Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
-from protocols.envelope import DataBatch, Flag, Record, RecordKind
+from protocols.envelope import DEVICE_POINT, DataBatch, Flag, Record, RecordKind
 from protocols.narrowband import (
+    RULE_NAMES,
+    TRANSITION_NAMES,
     AlarmEntry,
     AlarmRule,
     AlarmsFrame,
-    AlarmTransition,
     HeartbeatFrame,
     MacMismatchError,
     NarrowbandError,
@@ -74,12 +75,6 @@ log = structlog.get_logger(__name__)
 BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 _READ_SIZE: Final = 4096
-DEVICE_POINT: Final = "_device"  # the pseudo point of device-level alarms (edge_agent.rules)
-# Wire codes to the names the edge's rules and records use (edge_agent.rules.RuleKind).
-RULE_NAMES: Final = {AlarmRule.HIGH: "high", AlarmRule.LOW: "low", AlarmRule.RATE: "rate",
-                     AlarmRule.STALE: "stale", AlarmRule.DEVICE_OFFLINE: "device_offline"}
-STATE_NAMES: Final = {AlarmTransition.RAISED: "raised", AlarmTransition.CHANGED: "changed",
-                      AlarmTransition.CLEARED: "cleared"}
 
 
 class NarrowbandInputError(CentralError):
@@ -158,7 +153,7 @@ def alarm_record(entry: AlarmEntry, point: str, bearer: str = "beidou") -> Recor
     return Record(entry.seq, RecordKind.ALARM, entry.ts * 1000, point, entry.value,
                   Flag(NARROWBAND_COPY),
                   {"alarm_id": f"{point}/{rule}", "rule": rule,
-                   "state": STATE_NAMES[entry.state], "level": entry.level,
+                   "state": TRANSITION_NAMES[entry.state], "level": entry.level,
                    "bearer": bearer})
 
 

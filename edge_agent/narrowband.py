@@ -43,12 +43,11 @@ import structlog
 from edge_agent.bearers import BearerError, CardInfo, Refusal, SendResult
 from edge_agent.narrowband_config import NarrowbandConfig
 from edge_agent.outbox import Outbox, OutboxError
-from edge_agent.rules import DEVICE_POINT
-from protocols.envelope import Birth, Record
+from protocols.envelope import DEVICE_POINT, Birth, Record
 from protocols.narrowband import (
+    RULE_NAMES,
+    TRANSITION_NAMES,
     AlarmEntry,
-    AlarmRule,
-    AlarmTransition,
     FrameCapacityError,
     HeartbeatFrame,
     PowerState,
@@ -60,10 +59,8 @@ log = structlog.get_logger(__name__)
 
 WATERMARK_KEY: Final = "narrowband_sent_seq"
 STATE_KEY: Final = "narrowband_state"  # active | idle, for `edge-agent status` (outbox meta)
-_RULES: Final = {"high": AlarmRule.HIGH, "low": AlarmRule.LOW, "rate": AlarmRule.RATE,
-                 "stale": AlarmRule.STALE, "device_offline": AlarmRule.DEVICE_OFFLINE}
-_STATES: Final = {"raised": AlarmTransition.RAISED, "changed": AlarmTransition.CHANGED,
-                  "cleared": AlarmTransition.CLEARED}
+_RULES: Final = {name: code for code, name in RULE_NAMES.items()}
+_STATES: Final = {name: code for code, name in TRANSITION_NAMES.items()}
 _FLOAT32_MAX: Final = 3.4028234663852886e38
 _MIN_ENTRY_BYTES: Final = 8  # seq delta, ordinal, code, time delta: 1 byte each; float32: 4
 

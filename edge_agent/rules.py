@@ -45,7 +45,6 @@ from edge_agent.errors import EdgeError
 from edge_agent.outbox import NewRecord
 from protocols.envelope import RecordKind, Value
 
-DEVICE_POINT = "_device"  # the pseudo point that device-level alarms are raised on
 _LEVELS = (1, 2)
 
 

@@ -51,6 +51,10 @@ class UnknownMessageTypeError(EnvelopeError):
         self.type = type_
 
 
+# The pseudo point of device-level alarms (device offline): `<device>/_device`.
+DEVICE_POINT = "_device"
+
+
 class RecordKind(enum.IntEnum):
     TELEMETRY = 0
     ALARM = 1

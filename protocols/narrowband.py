@@ -150,6 +150,15 @@ class AlarmTransition(enum.IntEnum):
     CLEARED = 2
 
 
+# The names an alarm record's attrs use for these codes (`rule`, `state`): the edge turns
+# records into entries by them, central entries back into records, so both read them here.
+RULE_NAMES: Final = {AlarmRule.HIGH: "high", AlarmRule.LOW: "low", AlarmRule.RATE: "rate",
+                     AlarmRule.STALE: "stale", AlarmRule.DEVICE_OFFLINE: "device_offline"}
+TRANSITION_NAMES: Final = {AlarmTransition.RAISED: "raised",
+                           AlarmTransition.CHANGED: "changed",
+                           AlarmTransition.CLEARED: "cleared"}
+
+
 class PowerState(enum.IntEnum):
     UNKNOWN = 0
     MAINS = 1
