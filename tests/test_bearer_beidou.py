@@ -4,10 +4,8 @@ a port that goes away and comes back."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from edge_agent.bearers import (
 )
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect, InboundMessage
 from firmware_stubs.beidou_sim import BeidouMode, BeidouTerminalSimulator
+from tests.helpers import until
 from protocols.beidou import Bd3Message
 
 CENTRAL = "0242407"
@@ -38,15 +37,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait on the event loop until `predicate()` holds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

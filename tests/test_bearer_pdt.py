@@ -4,10 +4,8 @@ refused by TMP result, no answer, garbage and a port that goes away and comes ba
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,20 +23,12 @@ from edge_agent.bearers.pdt import PdtRadio
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from protocols.hrnp import HrnpOpcode, HrnpPacket, encode_packet
 from protocols.hrnp_text import TextMessage, TextResult
+from tests.helpers import until
 from protocols.narrowband import from_text, to_text
 
 OURS, CENTRAL = 1001, 2002
 STEP_S = 5.0  # generous: the simulator answers at once, but CI is a loaded box
 FRAME = bytes(range(40))
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait on the event loop until `predicate()` holds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -41,6 +41,7 @@ from protocols.beidou import (
     encode,
     mixed_mode_payload_bytes,
 )
+from tests.helpers import until
 
 S = TypeVar("S")
 BD2, BD3 = BeidouMode.BD2, BeidouMode.BD3
@@ -88,15 +89,6 @@ class SerialTerminal:
     async def ask(self, request: Sentence, kind: type[S]) -> S:
         await self.send(request)
         return await self.expect(kind)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait on the event loop until `predicate()` holds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from protocols.narrowband import (
     encode_heartbeat,
     to_text,
 )
+from tests.helpers import until
 from tests.pg import pg_schema
 
 GW = "gw-nb"
@@ -87,18 +88,7 @@ def settings_for(db_url: str, port: str) -> Settings:
         NarrowbandGateway(gw=OTHER_GW, card=OTHER_CARD, key=KEY.hex())])
 
 
-async def until(check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    """Poll `check()` (plain or async) until it gives something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if inspect.isawaitable(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
+until = partial(until, timeout=WAIT_S)  # this file's waits are longer
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import tty
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,20 +37,10 @@ from protocols.hj212 import (
     Hj212Factor,
     Hj212Frame,
 )
-from tests.helpers import python_env, wait_for
+from tests.helpers import python_env, until, wait_for
 
 STATION = find_profile("forest-fire-station-v1")
 DEVICE = "ffs-1"
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 5.0,
-                what: str = "condition") -> None:
-    """Wait on the event loop until `predicate()` is truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
-from tests.helpers import Mosquitto, python_env
+from tests.helpers import Mosquitto, python_env, until
 from tests.netproxy import LinkProxy
 
 TEL, ALARM, EVENT = RecordKind.TELEMETRY, RecordKind.ALARM, RecordKind.EVENT
@@ -41,15 +41,6 @@ runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
 
 def tel(i: int, point: str) -> NewRecord:
     return NewRecord(TEL, 1_767_300_000_000 + i * 1000, point, float(i))
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 10.0,
-                what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # --- order ------------------------------------------------------------------------------------

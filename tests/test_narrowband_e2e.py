@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ from edge_agent.supervisor import run_agent
 from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
-from tests.helpers import Mosquitto
+from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
 
 GW = "gw-sanduan"
@@ -40,18 +40,7 @@ KEY = bytes(range(100, 132))
 WAIT_S = 60.0  # generous: a loaded 2-core CI box; every wait is on a condition
 
 
-async def until(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Poll `check()` (plain or async) until it is truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
+until = partial(until, timeout=WAIT_S)  # this file's waits are longer
 
 
 @contextlib.asynccontextmanager

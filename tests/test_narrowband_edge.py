@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ from protocols.narrowband import (
     decode_frame,
     from_text,
 )
+from tests.helpers import until
 
 KEY = bytes(range(16, 48))
 CENTRAL_CARD = "0242407"
@@ -83,13 +85,7 @@ def reading(point: str, value: float) -> NewRecord:
                      value=value)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Wait on the event loop until `predicate()` holds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
+until = partial(until, timeout=WAIT_S)  # this file's waits are longer
 
 
 @dataclass

@@ -8,16 +8,13 @@ process on ptys, which the agent process opens like `/dev/ttyUSB1`.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from device_profiles import find_profile
 from edge_agent.outbox import NewRecord, Outbox, read_status
@@ -25,7 +22,7 @@ from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols.envelope import RecordKind
 from protocols.narrowband import AlarmsFrame, decode_frame
-from tests.helpers import python_env
+from tests.helpers import python_env, until
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = bytes(range(40, 72))
@@ -34,13 +31,7 @@ N_ALARMS = 30
 WAIT_S = 60.0
 
 
-async def until(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return got
+until = partial(until, timeout=WAIT_S)  # this file's waits are longer
 
 
 def alarm(i: int) -> NewRecord:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from protocols.hrnp_text import (
     decode_text,
     encode_text,
 )
+from tests.helpers import until
 
 ALARM = "燃气泄漏 二级报警"
 TIMEOUT = 15.0  # generous: CI is a loaded 2-core box; tests wait on behaviour, not time
@@ -119,12 +121,7 @@ async def radios() -> AsyncIterator[tuple[PdtRadioSimulator, PdtRadioSimulator]]
         yield ours, theirs
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+until = partial(until, timeout=TIMEOUT)  # this file's waits are longer
 
 
 async def test_connect_is_accepted(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
-from tests.helpers import Mosquitto, python_env
+from tests.helpers import Mosquitto, python_env, until
 
 
 class TinyCentral:
@@ -92,20 +92,6 @@ class TinyCentral:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
-    """Await `predicate()` becoming truthy (it may be a coroutine function)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def new_gw() -> str:
