@@ -55,6 +55,7 @@ from protocols.modbus_rtu import (
     Direction,
     FrameError,
     RtuDecoder,
+    crc16,
     inter_frame_gap_s,
 )
 
@@ -74,15 +75,17 @@ class DeviceBusStats:
     responses: int = 0  # normal or exception responses received
     timeouts: int = 0
     crc_errors: int = 0
-    framing_errors: int = 0  # requests during which bytes came that make no frame
+    framing_errors: int = 0  # requests answered by bytes that are no right answer
     exceptions: Mapping[int, int] = field(default_factory=dict)  # exception code -> count
     consecutive_failures: int = 0
     last_error: str | None = None
+    framing_reasons: Mapping[str, int] = field(default_factory=dict)  # see FRAMING_REASONS
 
     def to_dict(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "requests": self.requests,
                 "responses": self.responses, "timeouts": self.timeouts,
                 "crc_errors": self.crc_errors, "framing_errors": self.framing_errors,
+                "framing_reasons": dict(sorted(self.framing_reasons.items())),
                 "exceptions": {str(k): v for k, v in sorted(self.exceptions.items())},
                 "consecutive_failures": self.consecutive_failures,
                 "last_error": self.last_error}
@@ -98,11 +101,13 @@ class _Counters:
     exceptions: Counter[int] = field(default_factory=Counter)
     consecutive_failures: int = 0
     last_error: str | None = None
+    framing_reasons: Counter[str] = field(default_factory=Counter)
 
     def freeze(self, device_id: int) -> DeviceBusStats:
         return DeviceBusStats(device_id, self.requests, self.responses, self.timeouts,
                               self.crc_errors, self.framing_errors, dict(self.exceptions),
-                              self.consecutive_failures, self.last_error)
+                              self.consecutive_failures, self.last_error,
+                              dict(self.framing_reasons))
 
 
 @dataclass(slots=True)
@@ -114,7 +119,9 @@ class _Exchange:
     corrupt: asyncio.Future[None]  # set when the addressed slave's answer has a bad CRC
     crc_error: CrcMismatchError | None = None
     noise: bool = False  # bytes that make no frame
-    stray: bool = False  # a whole frame from another slave (a late answer)
+    stray: bool = False  # a whole frame answering the previous request (a late answer)
+    wrong: TransportFramingError | None = None  # a whole frame for another unit or function
+    partial: TransportFramingError | None = None  # the addressed slave's frame, unfinished
 
 
 class _CorruptAnswer(Exception):
@@ -151,6 +158,7 @@ class SerialBus:
         self._current: _Exchange | None = None
         self._quiet_since = 0.0  # monotonic time the line last fell silent
         self.stray_frames = 0  # whole frames from a slave nobody was asking (late answers)
+        self._previous: tuple[int, int] | None = None  # (unit, function) asked before this one
         self._log = log.bind(endpoint=self.endpoint)
 
     @classmethod
@@ -238,15 +246,14 @@ class SerialBus:
             return method(start, count=count, device_id=device_id)
 
         rsp = await self._transact(device_id, function, call, timeout_s)
-        if function in (1, 2):
-            bits = list(rsp.bits)
-            if len(bits) < count:
-                raise TransportError(self.endpoint, f"short response: {len(bits)} of {count} bits")
-            return [int(b) for b in bits[:count]]  # padded to whole bytes (§6.1)
-        regs = list(rsp.registers)
-        if len(regs) != count:
-            raise TransportError(self.endpoint, f"short response: {len(regs)} of {count} registers")
-        return regs
+        items = [int(b) for b in rsp.bits] if function in (1, 2) else list(rsp.registers)
+        # Bits come padded to whole bytes (§6.1), registers exactly (§6.3).
+        if len(items) < count or (function in (3, 4) and len(items) != count):
+            unit = "bits" if function in (1, 2) else "registers"
+            raise self._framing(self._counters[device_id], TransportFramingError(
+                self.endpoint, f"device {device_id}: {len(items)} of {count} {unit} in the answer",
+                reason="too_few_registers"))
+        return items[:count]
 
     async def write(self, function: int, address: int, values: Sequence[int], *,
                     device_id: int, timeout_s: float | None = None) -> None:
@@ -294,11 +301,11 @@ class SerialBus:
                                     error=str(ex.crc_error))
                     continue
                 except TimeoutError as exc:
-                    if ex.noise:
-                        c.framing_errors += 1
-                        raise self._failed(c, TransportFramingError(
-                            self.endpoint, f"device {device_id}: garbage instead of an answer "
-                            f"within {timeout} s")) from exc
+                    wrong = ex.wrong or ex.partial or (TransportFramingError(
+                        self.endpoint, f"device {device_id}: garbage instead of an answer "
+                        f"within {timeout} s") if ex.noise else None)
+                    if wrong is not None:
+                        raise self._framing(c, wrong) from exc
                     c.timeouts += 1
                     raise self._failed(c, TransportTimeoutError(
                         self.endpoint, f"device {device_id}: no answer within {timeout} s")) from exc
@@ -315,14 +322,20 @@ class SerialBus:
                     raise self._failed(c, TransportError(self.endpoint, str(exc))) from exc
                 finally:
                     self._current = None
+                    self._previous = (device_id, function)
                     self._quiet_since = time.monotonic()
                     if ex.stray:
                         self.stray_frames += 1
                 if ex.noise:
                     c.framing_errors += 1  # pymodbus hunted past the garbage to the answer
+                    c.framing_reasons["garbage"] += 1
                 if device_id == 0:  # broadcast (§2.1): nobody answers
                     return rsp
                 c.responses += 1
+                if rsp.function_code & 0x7F != function:  # pymodbus takes any function's PDU
+                    raise self._framing(c, TransportFramingError(
+                        self.endpoint, f"device {device_id}: answer for function "
+                        f"{rsp.function_code & 0x7F}, asked {function}", reason="wrong_function"))
                 if rsp.isError():
                     code = int(getattr(rsp, "exception_code", 0))
                     c.exceptions[code] += 1
@@ -337,6 +350,11 @@ class SerialBus:
         c.consecutive_failures += 1
         c.last_error = error.message
         return error
+
+    def _framing(self, c: _Counters, error: TransportFramingError) -> TransportError:
+        c.framing_errors += 1
+        c.framing_reasons[error.reason] += 1
+        return self._failed(c, error)
 
     async def _quiet(self) -> None:
         """Wait until the line has been silent for the inter-frame gap (§2.5.1.1)."""
@@ -390,8 +408,32 @@ class SerialBus:
             if frame is NEED_DATA:
                 break
             if frame.address != ex.device_id or frame.function & 0x7F != ex.function:
-                ex.stray = True
+                self._other_frame(ex, frame.address, frame.function & 0x7F)
+        ex.partial = self._unfinished(ex, decoder.flush())
         return data
+
+    def _other_frame(self, ex: _Exchange, unit: int, function: int) -> None:
+        """A whole, CRC-valid frame that is not the answer: late, or wrong."""
+        if (unit, function) == self._previous and unit != ex.device_id:
+            ex.stray = True  # the previous request's answer, arriving after its timeout
+        elif ex.wrong is None:
+            reason, what = (("wrong_unit", f"answer from unit {unit}") if unit != ex.device_id
+                            else ("wrong_function", f"answer for function {function}"))
+            ex.wrong = TransportFramingError(
+                self.endpoint, f"device {ex.device_id}: {what}, asked function {ex.function}",
+                reason=reason)
+
+    def _unfinished(self, ex: _Exchange, rest: bytes) -> TransportFramingError | None:
+        """What the bytes left in the buffer say, if they start the addressed slave's answer."""
+        if len(rest) < 2 or rest[0] != ex.device_id or rest[1] & 0x7F != ex.function:
+            return None
+        if len(rest) >= 5 and crc16(rest[:-2]) == int.from_bytes(rest[-2:], "little"):
+            return TransportFramingError(
+                self.endpoint, f"device {ex.device_id}: byte count {rest[2]} but "
+                f"{len(rest) - 5} data bytes", reason="lying_byte_count")
+        return TransportFramingError(
+            self.endpoint, f"device {ex.device_id}: answer cut off after {len(rest)} bytes",
+            reason="short_frame")
 
 
 class BusDevice:

@@ -42,6 +42,7 @@ from edge_agent.cli_common import (
     out,
     print_json,
 )
+from edge_agent.cli_devices import framing_text
 from edge_agent.cli_devices import register as register_device_commands
 from edge_agent.cli_field import register as register_field_commands
 from edge_agent.config import AgentConfig, load_config
@@ -272,7 +273,7 @@ def _print_status(r: dict[str, Any]) -> None:
             c = dev["bus"]
             b.add_row(dev["device"], escape(dev.get("endpoint", "")), str(c["device_id"]),
                       str(c["requests"]), str(c["responses"]), str(c["timeouts"]),
-                      str(c["crc_errors"]), str(c["framing_errors"]),
+                      str(c["crc_errors"]), framing_text(c),
                       ", ".join(f"code {k}: {v}" for k, v in c["exceptions"].items()) or "0")
         out.print(b)
 

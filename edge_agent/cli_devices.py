@@ -102,7 +102,7 @@ def _offline_rows(cfg: AgentConfig) -> list[dict[str, Any]]:
 
 def _print_devices(rows: list[dict[str, Any]]) -> None:
     t = Table("device", "profile", "link", "unit", "state", "cycles", "timeouts", "last ok",
-              "bus req/resp", "crc", "last error")
+              "bus req/resp", "crc", "wrong answers", "last error")
     for row in rows:
         h = row.get("health") or {}
         bus = h.get("bus")
@@ -111,8 +111,18 @@ def _print_devices(rows: list[dict[str, Any]]) -> None:
                   state_text(str(h.get("state", "?"))), str(h.get("cycles", "")),
                   str(h.get("timeouts", "")), ago(h.get("last_ok_ms"), short=True),
                   f"{bus['requests']}/{bus['responses']}" if bus else "",
-                  str(bus["crc_errors"]) if bus else "", escape(h.get("last_error") or ""))
+                  str(bus["crc_errors"]) if bus else "", framing_text(bus),
+                  escape(h.get("last_error") or ""))
     out.print(t)
+
+
+def framing_text(bus: dict[str, Any] | None) -> str:
+    """An RTU bus's framing errors with their reasons: `2 (wrong_unit 1, short_frame 1)`."""
+    if not bus:
+        return ""
+    reasons = bus.get("framing_reasons") or {}
+    detail = ", ".join(f"{k} {v}" for k, v in reasons.items())
+    return f"{bus['framing_errors']} ({detail})" if detail else str(bus["framing_errors"])
 
 
 # --- read -------------------------------------------------------------------------------------

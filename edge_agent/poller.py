@@ -44,6 +44,7 @@ from edge_agent.transports import (
     ModbusTransport,
     TransportConnectError,
     TransportError,
+    TransportFramingError,
     TransportTimeoutError,
 )
 from protocols.envelope import Flag, RecordKind
@@ -79,6 +80,7 @@ class DeviceHealth:
     timeouts: int = 0
     connect_errors: int = 0
     exceptions: int = 0  # Modbus exception responses and other transport errors
+    framing_errors: int = 0  # answers that arrived but were wrong (reason in the bus counters)
     decode_errors: int = 0
     records: int = 0
     consecutive_failures: int = 0
@@ -92,7 +94,7 @@ class DeviceHealth:
                 "cycles_ok": self.cycles_ok, "skipped_cycles": self.skipped_cycles,
                 "reads": self.reads, "timeouts": self.timeouts,
                 "connect_errors": self.connect_errors, "exceptions": self.exceptions,
-                "decode_errors": self.decode_errors, "records": self.records,
+                "framing_errors": self.framing_errors, "decode_errors": self.decode_errors, "records": self.records,
                 "consecutive_failures": self.consecutive_failures,
                 "last_ok_ms": self.last_ok_ms, "last_error": self.last_error,
                 "last_cycle_s": self.last_cycle_s, "outbox_full": self.outbox_full}
@@ -107,6 +109,7 @@ class _Counters:
     timeouts: int = 0
     connect_errors: int = 0
     exceptions: int = 0
+    framing_errors: int = 0
     decode_errors: int = 0
     records: int = 0
     consecutive_failures: int = 0
@@ -162,7 +165,7 @@ class DevicePoller:
             device=self.device.id, state=self._state, cycles=c.cycles, cycles_ok=c.cycles_ok,
             skipped_cycles=c.skipped_cycles, reads=c.reads, timeouts=c.timeouts,
             connect_errors=c.connect_errors, exceptions=c.exceptions,
-            decode_errors=c.decode_errors, records=c.records,
+            framing_errors=c.framing_errors, decode_errors=c.decode_errors, records=c.records,
             consecutive_failures=c.consecutive_failures, last_ok_ms=c.last_ok_ms,
             last_error=c.last_error, last_cycle_s=c.last_cycle_s, outbox_full=c.outbox_full)
 
@@ -217,6 +220,10 @@ class DevicePoller:
                 continue
             except TransportConnectError as exc:
                 self._c.connect_errors += 1
+                error, offline = exc.message, True
+                break
+            except TransportFramingError as exc:  # bytes came, but no right answer
+                self._c.framing_errors += 1
                 error, offline = exc.message, True
                 break
             except TransportError as exc:

@@ -50,7 +50,23 @@ class TransportCrcError(TransportError):
 
 
 class TransportFramingError(TransportError):
-    """Only bytes that make no frame came back before the timeout (garbage on the line)."""
+    """Bytes came back but no right answer: garbage, or a reply that is wrong.
+
+    `reason` is one of `FRAMING_REASONS`: `garbage` (bytes that make no frame), `short_frame`
+    (a frame cut off before its end), `lying_byte_count` (a CRC-valid frame whose byte count
+    promises more data than it carries), `wrong_unit` (an answer from another slave address
+    that is not a late answer to the previous request), `wrong_function` (an answer for
+    another function code), `too_few_registers` (a consistent answer with fewer items than
+    asked).
+    """
+
+    def __init__(self, endpoint: str, message: str, *, reason: str = "garbage") -> None:
+        super().__init__(endpoint, message)
+        self.reason = reason
+
+
+FRAMING_REASONS = ("garbage", "short_frame", "lying_byte_count", "wrong_unit", "wrong_function",
+                   "too_few_registers")
 
 
 class ModbusExceptionError(TransportError):

@@ -12,7 +12,9 @@ A pty has no baud rate, so with `wire_time=True` each answer is held back by the
 request and its answer would take on the wire at `baudrate` (`protocols.modbus_rtu.char_time_s`):
 the bus then has the throughput of a real line.
 
-Faults per slave (`SlaveFaults`): silence, slow answers, a corrupted CRC, an exception code, and
+Faults per slave (`SlaveFaults`): silence, slow answers, a corrupted CRC, an exception code,
+an answer that arrives but is wrong (short, another unit or function, a lying byte count, too
+few registers), and
 garbage bytes before the answer. Answers are scheduled one by one at their own times, so a
 slave that answers late does not delay its neighbours (their frames may then meet on the
 line, as on a real bus).
@@ -265,7 +267,7 @@ class RtuBusSimulator(StartStop):
                 pdu = encode_exception(frame.function & 0x7F or 1, faults.exception_code)
             else:
                 pdu = slave.answer(frame.pdu, now)
-            answer = encode_frame(frame.address, pdu)
+            answer = _spoil(frame.address, pdu, faults.wrong_answer)
             if faults.bad_crc:
                 answer = answer[:-2] + bytes((answer[-2] ^ 0xFF, answer[-1] ^ 0x5A))
             out += answer
@@ -304,6 +306,24 @@ class RtuBusSimulator(StartStop):
             return {"ok": False, "error": str(exc)}
 
 
+def _spoil(address: int, pdu: bytes, how: str | None) -> bytes:
+    """The answer frame, spoiled as `SlaveFaults.wrong_answer` says (see there)."""
+    if how == "wrong_unit":
+        return encode_frame(address % 247 + 1, pdu)
+    if how == "wrong_function":
+        return encode_frame(address, bytes((pdu[0] % 4 + 1,)) + pdu[1:])
+    is_read = pdu[0] in (1, 2, 3, 4) and len(pdu) >= 2
+    if how == "lying_count" and is_read:
+        return encode_frame(address, bytes((pdu[0], pdu[1] + 2)) + pdu[2:])
+    if how == "few_registers" and is_read and pdu[1] > 1:
+        drop = 1 if pdu[0] in (1, 2) else 2
+        return encode_frame(address, bytes((pdu[0], pdu[1] - drop)) + pdu[2:-drop])
+    frame = encode_frame(address, pdu)
+    if how == "short":
+        return frame[: max(2, len(frame) - 3)]
+    return frame
+
+
 class _FaultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device_id: int = Field(ge=1, le=247)
@@ -312,6 +332,7 @@ class _FaultRequest(BaseModel):
     bad_crc: bool = False
     exception_code: int | None = Field(None, ge=1, le=255)
     garbage: int = Field(0, ge=0, le=256)
+    wrong_answer: str | None = None  # checked by SlaveFaults
 
 
 class _RtuControl(OwnRequest):

@@ -43,6 +43,9 @@ from protocols.modbus_rtu import (
     encode_write_response,
 )
 
+# The ways `SlaveFaults.wrong_answer` can spoil an answer that does arrive.
+WRONG_ANSWERS = ("short", "wrong_unit", "wrong_function", "lying_count", "few_registers")
+
 # Write function code -> the table it writes (coils or holding registers).
 _WRITE_TABLE = {5: 1, 15: 1, 6: 3, 16: 3}
 
@@ -55,7 +58,12 @@ class SlaveFaults:
     - `delay_s`: answers this late (past the master's timeout the answer lands on a busy line);
     - `bad_crc`: answers with a corrupted CRC;
     - `exception_code`: answers every request with this Modbus exception (§7);
-    - `garbage`: sends this many random bytes before its answer (alone when silent).
+    - `garbage`: sends this many random bytes before its answer (alone when silent);
+    - `wrong_answer`: answers, but wrongly (one of `WRONG_ANSWERS`): `short` cuts the frame
+      before its CRC, `wrong_unit` answers from the next address, `wrong_function` with the
+      next function code, `lying_count` with a byte count two more than the data it sends
+      (CRC valid over what it sends), `few_registers` with one register (or 8 bits) fewer
+      than asked, consistent and CRC-valid.
     """
 
     silent: bool = False
@@ -63,6 +71,7 @@ class SlaveFaults:
     bad_crc: bool = False
     exception_code: int | None = None
     garbage: int = 0
+    wrong_answer: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.delay_s <= 60:
@@ -71,6 +80,9 @@ class SlaveFaults:
             raise BadValueError(f"exception_code {self.exception_code} is outside 1..255")
         if not 0 <= self.garbage <= 256:
             raise BadValueError(f"garbage {self.garbage} is outside 0..256 bytes")
+        if self.wrong_answer is not None and self.wrong_answer not in WRONG_ANSWERS:
+            raise BadValueError(f"wrong_answer {self.wrong_answer!r} is not one of "
+                                f"{', '.join(WRONG_ANSWERS)}")
 
     @property
     def any(self) -> bool:

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from device_profiles import find_profile
 from edge_agent.bus import BusDevice, SerialBus
+from edge_agent.cli_devices import framing_text
 from edge_agent.config import ConfigError, DeviceConfig, RtuTransportConfig, parse_config
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller, Health
@@ -180,7 +181,41 @@ async def test_slow_slave_answers_late_without_confusing_the_next(tmp_path: Path
         sim.clear_faults()
     assert slow >= 0.08 and len(regs) == 4
     assert bus.stats(1).timeouts == 1 and bus.stats(2).timeouts == 0
-    assert bus.stray_frames == 1
+    assert bus.stray_frames == 1 and bus.stats(2).framing_errors == 0  # late, not wrong
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("short", "short_frame"), ("wrong_unit", "wrong_unit"),
+    ("wrong_function", "wrong_function"), ("lying_count", "lying_byte_count"),
+    ("few_registers", "too_few_registers")])
+async def test_a_wrong_answer_is_a_framing_error_with_its_reason(
+        tmp_path: Path, how: str, reason: str) -> None:
+    """An answer that arrives but is wrong is a framing error with its reason, never a timeout."""
+    async with RtuBusSimulator([GAS, GAS], baudrate=BAUD) as sim, \
+            SerialBus(sim.path, baudrate=BAUD, timeout_s=0.2) as bus:
+        sim.set_faults(1, wrong_answer=how)
+        with pytest.raises(TransportFramingError) as info:
+            await bus.read(4, 0, 4, device_id=1)
+        sim.clear_faults()
+        assert len(await bus.read(4, 0, 4, device_id=1)) == 4
+        stats = bus.stats(1)
+    assert info.value.reason == reason
+    assert (stats.timeouts, stats.framing_errors, stats.framing_reasons) == (0, 1, {reason: 1})
+    assert stats.to_dict()["framing_reasons"] == {reason: 1}
+
+
+async def test_poller_counts_a_wrong_unit_as_framing_and_devices_shows_why(tmp_path: Path) -> None:
+    """The poller counts a wrong answer as a framing error, not a timeout, and the devices
+    table names the reason."""
+    async with RtuBusSimulator([GAS, TANK], baudrate=BAUD) as sim, \
+            _pollers(tmp_path, sim, ids=(1,)) as (pollers, bus, _ob):
+        sim.set_faults(1, wrong_answer="wrong_unit")
+        result = await pollers[0].poll_once()
+        health = pollers[0].health
+        counters = bus.stats(1).to_dict()
+    assert result.offline and health.framing_errors == 1 and health.timeouts == 0
+    assert "answer from unit 2" in (health.last_error or "")
+    assert framing_text(counters) == "1 (wrong_unit 1)"
 
 
 async def test_bus_keeps_the_inter_frame_gap(tmp_path: Path) -> None:
