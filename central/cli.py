@@ -140,6 +140,17 @@ def demo(
         raise typer.Exit(1) from exc
 
 
+# --- identities (DESIGN.md §8): central ca …, central gateway …, central broker-config
+from central.identity.pki_cli import broker_config as _broker_config  # noqa: E402
+from central.identity.pki_cli import ca_app, gateway_app  # noqa: E402
+
+app.add_typer(ca_app, name="ca")
+app.add_typer(gateway_app, name="gateway")
+app.command("broker-config", short_help="Write a production Mosquitto config (mTLS, ACLs, CRL).  "
+            "e.g. central broker-config --out /etc/mosquitto/fieldlink --host mqtt.example")(
+    _broker_config)
+
+
 def main() -> None:
     """Console-script entry point (`central`)."""
     try:

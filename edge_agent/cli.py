@@ -153,6 +153,7 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         report["buses"] = live.get("buses", [])
         report["alarms_active"] = live.get("alarms_active")
         report["narrowband"] = live.get("narrowband", report["narrowband"])
+        report["uplink"] |= _ack_counters({}, live)
     if as_json:
         _print_json(report)
         return
@@ -203,11 +204,25 @@ def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
                   **({k: agent.get(k) for k in ("pid", "boot_id", "version", "started_ms",
                                                  "updated_ms", "stopped_ms")} if agent else {})},
         "uplink": {"state": meta.get("uplink_state", "unknown"),
-                   "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms")},
+                   "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms"),
+                   # acks naming records this uplink never sent: ignored, counted (§8)
+                   **_ack_counters(meta, agent)},
         "devices": (agent or {}).get("devices", []),
         "narrowband": (agent or {}).get("narrowband"),
         "meta": meta,
     }
+
+
+def _ack_counters(meta: dict[str, str], agent: dict[str, Any] | None) -> dict[str, int]:
+    """The uplink's ack screening counters: from the running agent, else its last meta."""
+    keys = ("acks_refused", "ack_records_unsent", "ack_records_duplicate")
+    live = (agent or {}).get("uplink") or {}
+    try:
+        saved = json.loads(meta.get("uplink_acks", "{}"))
+    except ValueError:
+        saved = {}
+    src = live if "acks_refused" in live else saved if isinstance(saved, dict) else {}
+    return {k: int(src.get(k, 0)) for k in keys}
 
 
 def _narrowband_line(nb: dict[str, Any]) -> str:
@@ -251,6 +266,9 @@ def _print_status(r: dict[str, Any]) -> None:
     colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
     t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {_ago(up['since_ms'])}")
     t.add_row("last ack", _ago(up["last_ack_ms"]))
+    if up.get("acks_refused"):
+        t.add_row("acks refused", f"[red]{up['acks_refused']}[/red] ack(s) named "
+                  f"{up['ack_records_unsent']} record(s) never sent: ignored (forged?)")
     if nb := r.get("narrowband"):
         t.add_row("narrowband", _narrowband_line(nb))
     print_outbox(t, r)
