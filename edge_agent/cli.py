@@ -43,6 +43,7 @@ from edge_agent.cli_common import (
     print_json,
 )
 from edge_agent.cli_devices import register as register_device_commands
+from edge_agent.cli_enrol import register as register_enrol_commands
 from edge_agent.cli_field import register as register_field_commands
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.logs import LEVELS
@@ -426,10 +427,18 @@ def config_check(
 
     Example: edge-agent config check /etc/fieldlink/site.toml
     """
+    from edge_agent.config import loose_key_files
+
     with _errors():
         cfg = load_config(path)
+    for name, key, mode in loose_key_files(cfg):
+        err.print(f"[yellow]warning:[/yellow] {escape(name)} {escape(str(key))} is mode "
+                  f"{mode:04o}: group or others may read this key (chmod 600)")
     if as_json:
-        _print_json(cfg.model_dump(mode="json"))
+        data = cfg.model_dump(mode="json")
+        if data["mqtt"].get("password"):
+            data["mqtt"]["password"] = "***"  # never print a secret
+        _print_json(data)
         return
     enabled = sum(1 for d in cfg.devices if d.enabled)
     out.print(f"[green]OK[/green] {escape(str(path))}: gateway {cfg.gateway.id}, "
@@ -440,6 +449,7 @@ def config_check(
 # devices, read, write, alarms (cli_devices); scan, doctor (cli_field)
 register_device_commands(app)
 register_field_commands(app)
+register_enrol_commands(app)  # enroll, renew (cli_enrol; DESIGN.md §8)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,6 +101,18 @@ def pki_dir_for(settings: Settings) -> Path:
     return Path("pki")
 
 
+def check_ca(settings: Settings) -> None:
+    """Load the CA when it exists (raises `CaKeyPermissionError` on a loose key, `CaFileError`
+    on a broken one); `central serve` calls it before starting."""
+    from central.identity.ca import CA_KEY, load_ca
+
+    if settings.pki_dir is None and settings.db_url == "sqlite:///:memory:":
+        return
+    d = pki_dir_for(settings)
+    if (d / CA_KEY).exists():
+        load_ca(d)
+
+
 async def start_identity(settings: Settings, central_public_key: str, *,
                          audit: AuditHook = no_audit) -> Identity:
     """Load (or make) the CA, open the identity tables and rewrite the CRL.
