@@ -335,3 +335,21 @@ async def _status_counters(ob: Outbox, up: Uplink) -> dict[str, int]:
 
     return _ack_counters({}, {"uplink": {k: getattr(up.counters, k) for k in (
         "acks_refused", "ack_records_unsent", "ack_records_duplicate")}})
+
+
+async def test_edge_renews_before_expiry_and_not_after_revocation(site: Site) -> None:
+    """`edge-agent renew` swaps in a new key and certificate that the broker accepts; once
+    revoked, renewal is refused and the files stay as they were."""
+    from edge_agent.enrolment import EnrolmentError, renew
+
+    a = await _enrol(site, "gw-a")
+    first = x509.load_pem_x509_certificate(a.cert.read_bytes())
+    result = await asyncio.to_thread(renew, a.config)  # central's URL from enrolment.json
+    second = x509.load_pem_x509_certificate(a.cert.read_bytes())
+    assert second.serial_number != first.serial_number and result.cert == a.cert
+    assert await asyncio.to_thread(can_connect, site.broker.port, a.ca, a.cert, a.key)
+    await asyncio.to_thread(site.cli, "gateway", "revoke", "gw-a")
+    before = a.key.read_bytes()
+    with pytest.raises(EnrolmentError, match="revoked"):
+        await asyncio.to_thread(renew, a.config)
+    assert a.key.read_bytes() == before
