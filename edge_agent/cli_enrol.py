@@ -24,8 +24,10 @@ def _show(result_json: dict[str, object], as_json: bool, verb: str) -> None:
               f"certificate {str(result_json['serial'])[:16]} valid until {until}")
     out.print(f"key {result_json['key']} (0600), certificate {result_json['cert']}, "
               f"CA {result_json['ca']}, central's command key {result_json['central_public_key']}")
-    out.print(f"{result_json['config']}: \\[mqtt.tls] and \\[commands] central_public_key written; "
-              "restart the agent (systemctl restart fieldlink-edge) to use them")
+    written = ("\\[mqtt.tls] and " if result_json.get("mqtt_tls_written") else "") + \
+        "\\[commands] central_public_key"
+    out.print(f"{result_json['config']}: {written} written; restart the agent "
+              "(systemctl restart fieldlink-edge) to use them")
 
 
 def enroll(
@@ -36,6 +38,8 @@ def enroll(
                                        "`central gateway enroll-token GW`",
                                        envvar="FIELDLINK_ENROL_TOKEN")],
     cacert: CacertOpt = None,
+    mqtt_tls: Annotated[bool, typer.Option(
+        "--mqtt-tls/--no-mqtt-tls", help="write \\[mqtt.tls] (off for a broker without TLS)")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Enrol this gateway: make its key here (mode 0600), send a certificate request with the
@@ -47,7 +51,7 @@ def enroll(
     from edge_agent.enrolment import enrol
 
     with errors():
-        result = enrol(Path(config), central, token, cacert=cacert)
+        result = enrol(Path(config), central, token, cacert=cacert, write_tls=mqtt_tls)
     _show(result.to_jsonable(), as_json, "enrolled")
 
 

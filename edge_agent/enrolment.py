@@ -53,6 +53,7 @@ class EnrolResult:
     ca: Path
     central_public_key: Path
     config: Path
+    mqtt_tls_written: bool = True
 
     def to_jsonable(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v
@@ -122,7 +123,7 @@ def _parse_issued(data: dict[str, Any], gw: str) -> tuple[bytes, bytes, str, str
 
 
 def _install(config_path: Path, cfg: AgentConfig, central: str, key: ec.EllipticCurvePrivateKey,
-             issued: dict[str, Any]) -> EnrolResult:
+             issued: dict[str, Any], *, write_tls: bool = True) -> EnrolResult:
     gw = cfg.gateway.id
     cert_pem, ca_pem, pub, serial, not_after = _parse_issued(issued, gw)
     d = pki_dir(cfg)
@@ -130,8 +131,9 @@ def _install(config_path: Path, cfg: AgentConfig, central: str, key: ec.Elliptic
     os.chmod(d, 0o700)
     paths = {n: d / n for n in (KEY, CERT, CA, PUB, META)}
     text = config_path.read_text(encoding="utf-8")
-    text = set_table(text, "mqtt.tls", {"ca": str(paths[CA]), "cert": str(paths[CERT]),
-                                        "key": str(paths[KEY])})
+    if write_tls:
+        text = set_table(text, "mqtt.tls", {"ca": str(paths[CA]), "cert": str(paths[CERT]),
+                                            "key": str(paths[KEY])})
     text = set_table(text, "commands", {"central_public_key": str(paths[PUB])})
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -148,12 +150,13 @@ def _install(config_path: Path, cfg: AgentConfig, central: str, key: ec.Elliptic
     mode = config_path.stat().st_mode & 0o777
     _write(config_path, text.encode("utf-8"), mode)
     return EnrolResult(gw, central, serial, not_after, paths[KEY], paths[CERT], paths[CA],
-                       paths[PUB], config_path)
+                       paths[PUB], config_path, write_tls)
 
 
 def enrol(config_path: Path, central: str, token: str, *, cacert: Path | None = None,
-          timeout: float = 30.0) -> EnrolResult:
-    """Enrol this gateway with a one-time token (see the module doc)."""
+          timeout: float = 30.0, write_tls: bool = True) -> EnrolResult:
+    """Enrol this gateway with a one-time token (see the module doc). `write_tls=False`
+    leaves `[mqtt.tls]` out of the config (a broker without TLS, e.g. the demo's)."""
     config_path = Path(config_path)
     cfg = load_config(config_path, check_profiles=False)
     central = central.rstrip("/")
@@ -161,7 +164,7 @@ def enrol(config_path: Path, central: str, token: str, *, cacert: Path | None = 
     issued = _post(f"{central}/api/gateways/enroll",
                    {"gateway": cfg.gateway.id, "token": token, "csr_pem": csr_pem},
                    cacert=cacert, timeout=timeout)
-    return _install(config_path, cfg, central, key, issued)
+    return _install(config_path, cfg, central, key, issued, write_tls=write_tls)
 
 
 def renew(config_path: Path, central: str | None = None, *, cacert: Path | None = None,
@@ -193,7 +196,7 @@ def renew(config_path: Path, central: str | None = None, *, cacert: Path | None 
     issued = _post(f"{central}/api/gateways/renew",
                    {"gateway": gw, "certificate_pem": cert_pem, "csr_pem": csr_pem,
                     "signature": signature}, cacert=cacert, timeout=timeout)
-    return _install(config_path, cfg, central, key, issued)
+    return _install(config_path, cfg, central, key, issued, write_tls=tls is not None)
 
 
 # --- editing the TOML text ---------------------------------------------------------------------

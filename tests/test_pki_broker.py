@@ -33,7 +33,7 @@ from central.cli import app as central_cli
 from central.identity.ca import load_or_create_ca, new_key_and_csr, write_private, write_public
 from central.settings import Settings
 from edge_agent.config import load_config
-from edge_agent.enrolment import enrol
+from edge_agent.cli import app as edge_cli
 from edge_agent.mqtt_config import tls_context
 from edge_agent.outbox import NewRecord, Outbox
 from edge_agent.uplink import Uplink
@@ -150,15 +150,24 @@ class Gateway:
 
 
 async def _enrol(site: Site, gw: str) -> Gateway:
-    """`central gateway enroll-token GW`, then `edge-agent enroll` against central's HTTP."""
+    """`central gateway enroll-token GW`, then `edge-agent enroll --json` against central's
+    HTTP (token from the environment)."""
     token = (await asyncio.to_thread(site.cli, "gateway", "enroll-token", gw))["token"]
     config = site.site_toml(gw)
-    result = await asyncio.to_thread(enrol, config, site.http_url, token)
+    res = await asyncio.to_thread(CliRunner().invoke, edge_cli, [
+        "enroll", "-c", str(config), "--central", site.http_url, "--json"],
+        env={"FIELDLINK_ENROL_TOKEN": token})
+    assert res.exit_code == 0, res.output
+    # Central runs in this process: its log lines may land in the captured stdout too.
+    printed = res.stdout[res.stdout.index("\n{") + 1 if not res.stdout.startswith("{") else 0:]
+    printed = printed[:printed.index("\n}") + 2]
+    result = {k: Path(v) if isinstance(v, str) and v.startswith("/") else v
+              for k, v in json.loads(printed).items()}
     cfg = load_config(config, check_profiles=False)
-    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.key == result.key
-    assert (result.key.stat().st_mode & 0o777) == 0o600
-    assert cfg.commands.central_public_key == str(result.central_public_key)
-    return Gateway(gw, config, result.cert, result.key, result.ca)
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.key == result["key"]
+    assert (result["key"].stat().st_mode & 0o777) == 0o600
+    assert cfg.commands.central_public_key == str(result["central_public_key"])
+    return Gateway(gw, config, result["cert"], result["key"], result["ca"])
 
 
 @contextlib.asynccontextmanager
