@@ -283,6 +283,12 @@ async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> No
         assert not [m for m in pc.messages if m[1] == b"forged"]
 
 
+def _doctor_broker(config: Path) -> str:
+    from edge_agent.doctor import run_checks
+
+    return next(c.status for c in run_checks(config) if c.name.startswith("broker "))
+
+
 async def test_unenrolled_and_revoked_clients_cannot_connect(site: Site) -> None:
     """No certificate, a certificate from another CA, or a revoked one: no session."""
     a, b = await _enrol(site, "gw-a"), await _enrol(site, "gw-b")
@@ -307,6 +313,9 @@ async def test_unenrolled_and_revoked_clients_cannot_connect(site: Site) -> None
         await asyncio.sleep(0.5)
         assert not await asyncio.to_thread(can_connect, port, b.ca, b.cert, b.key)
         assert await asyncio.to_thread(can_connect, port, a.ca, a.cert, a.key)
+        # `edge-agent doctor` tells the technician, without taking the agent's session.
+        assert await asyncio.to_thread(_doctor_broker, a.config) == "pass"
+        assert await asyncio.to_thread(_doctor_broker, b.config) == "fail"
         # A restart drops B's open session; B's uplink cannot come back.
         site.broker.stop()
         site.broker.start()
