@@ -96,7 +96,7 @@ class _InFlight:
 _MAX_TIMEOUT_FACTOR = 8
 # Bounds of the sent/acked seq memory (disjoint ranges): past it the lowest ranges are
 # forgotten, which only makes their acks count as unsent and their records go again.
-_MAX_RANGES = 20_000
+_MAX_RANGES = 4096
 _STABLE_S = 10.0  # a connection up this long counts as healthy
 
 
