@@ -401,7 +401,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
     async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(request.app.state.metrics.render(),
+        return PlainTextResponse(request.app.state.metrics.render()
+                                 + request.app.state.identity.render_metrics(),  # identity (§8)
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)

@@ -144,6 +144,9 @@ async def test_tokens_are_one_use_expiring_and_for_one_gateway(settings: Setting
             assert reason in r.json()["detail"]
         counters = c.app.state.identity.counters  # type: ignore[attr-defined]
         assert counters.enrolled == 1 and sum(counters.refused.values()) == 4
+        text = (await c.get("/metrics")).text
+        assert "fieldlink_central_gateways_enrolled_total 1" in text
+        assert 'fieldlink_central_enrolment_refused_total{reason="token_used"} 1' in text
 
 
 @pytest.mark.parametrize("cn, key, why", [

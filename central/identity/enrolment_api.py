@@ -86,6 +86,23 @@ class Identity:
     async def stop(self) -> None:
         await self.store.close()
 
+    def render_metrics(self) -> str:
+        """Prometheus lines appended to `GET /metrics`."""
+        p = "fieldlink_central"
+        c = self.counters
+        lines = [f"# HELP {p}_gateways_enrolled_total Gateway certificates issued by enrolment.",
+                 f"# TYPE {p}_gateways_enrolled_total counter",
+                 f"{p}_gateways_enrolled_total {c.enrolled}",
+                 f"# HELP {p}_gateways_renewed_total Gateway certificates renewed.",
+                 f"# TYPE {p}_gateways_renewed_total counter",
+                 f"{p}_gateways_renewed_total {c.renewed}",
+                 f"# HELP {p}_enrolment_refused_total Enrolment and renewal requests refused, "
+                 "by reason.",
+                 f"# TYPE {p}_enrolment_refused_total counter"]
+        lines += [f'{p}_enrolment_refused_total{{reason="{k}"}} {n}'
+                  for k, n in sorted(c.refused.items())]
+        return "\n".join(lines) + "\n"
+
 
 def pki_dir_for(settings: Settings) -> Path:
     """`pki_dir`, else `pki/` next to the SQLite file or in the working directory; a throwaway
