@@ -240,8 +240,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
         app.state.commands = await start_commands(settings, storage, dispatch=run_ingest)
         ingest.command_hooks = app.state.commands.service
-        # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL. `audit=` is the
-        # call point of the audit log (central.identity.enrolment.IdentityEvent).
+        # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL; its audit hook
+        # comes from central.identity.enrolment_api.identity_audit (or pass audit= here).
         try:
             app.state.identity = await start_identity(
                 settings, app.state.commands.service.public_key_b64)

@@ -221,3 +221,32 @@ def test_cli_help_has_examples_and_revoke_writes_the_crl(tmp_path: Path) -> None
     assert out["serials"] == [] and Path(out["crl"]).exists()
     res = runner.invoke(central_cli, ["gateway", "enroll-token", "_central", "--db", db])
     assert res.exit_code == 1 and "gateway id" in res.output
+
+
+async def test_every_identity_action_reaches_the_audit_hook(tmp_path: Path) -> None:
+    """Token issue, enrolment (ok and refused), renewal and revocation each call `audit`
+    once with the gateway and what happened (the audit log's single call point)."""
+    from central.identity.enrolment import Enrolment, IdentityEvent
+    from central.identity.enrolment_store import EnrolmentStore, TokenRefusedError
+
+    events: list[IdentityEvent] = []
+
+    async def audit(event: IdentityEvent) -> None:
+        events.append(event)
+
+    async with EnrolmentStore(f"sqlite:///{tmp_path}/c.db") as store:
+        svc = Enrolment(ca=load_or_create_ca(tmp_path / "pki"), store=store,
+                        central_public_key="k", audit=audit)
+        token = (await svc.issue_token("gw-a")).token
+        key, csr = _csr("gw-a")
+        issued = await svc.enrol("gw-a", token, csr)
+        with pytest.raises(TokenRefusedError):
+            await svc.enrol("gw-a", token, csr)
+        new_key, new_csr = _csr("gw-a")
+        await svc.renew("gw-a", issued.certificate_pem, new_csr, sign_renewal(key, "gw-a", new_csr))
+        await svc.revoke("gw-a")
+    assert [(e.action, e.gw) for e in events] == [
+        ("enrol_token_issued", "gw-a"), ("enrolled", "gw-a"), ("enrol_refused", "gw-a"),
+        ("renewed", "gw-a"), ("revoked", "gw-a")]
+    assert events[1].detail["serial"] == issued.serial and events[2].detail["reason"] == "used"
+    assert all(token not in repr(e) for e in events)  # no secret in the audit trail

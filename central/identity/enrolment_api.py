@@ -130,8 +130,16 @@ def check_ca(settings: Settings) -> None:
         load_ca(d)
 
 
+def identity_audit(settings: Settings) -> AuditHook:
+    """THE call point of the audit log for enrolment, renewal, token issue and revocation
+    (DESIGN.md §8): both the server (`start_identity`) and the CLI (`central gateway …`) take
+    their hook from here. It receives one `IdentityEvent` per action; a no-op until the audit
+    log is wired in."""
+    return no_audit
+
+
 async def start_identity(settings: Settings, central_public_key: str, *,
-                         audit: AuditHook = no_audit) -> Identity:
+                         audit: AuditHook | None = None) -> Identity:
     """Load (or make) the CA, open the identity tables and rewrite the CRL.
 
     Raises `CaKeyPermissionError` when the CA key is readable by others: central refuses to
@@ -145,7 +153,8 @@ async def start_identity(settings: Settings, central_public_key: str, *,
     try:
         service = Enrolment(ca=ca, store=store, central_public_key=central_public_key,
                             cert_days=settings.gateway_cert_days,
-                            token_ttl_s=settings.enrol_token_ttl_s, audit=audit)
+                            token_ttl_s=settings.enrol_token_ttl_s,
+                            audit=audit or identity_audit(settings))
         await service.write_crl()
     except BaseException:
         await store.close()
