@@ -78,8 +78,15 @@ def connect(settings: Settings, *, identifier: str, clean_session: bool,
             will: aiomqtt.Will | None = None, tls: ssl.SSLContext | None = None) -> Client:
     """Central's MQTT client as the settings say (host, port, TLS, username and password)."""
     s = settings
+    if tls is None:
+        try:
+            # Read at every (re)connect: a renewed certificate is picked up without a restart.
+            tls = tls_context(s)
+        except MqttTlsError as exc:
+            # The callers' loops retry on MqttError with back-off; a certificate that went
+            # missing or bad is logged there and retried, never a crashed loop.
+            raise aiomqtt.MqttError(str(exc)) from exc
     return Client(s.mqtt_host, s.mqtt_port, identifier=identifier,
                   protocol=aiomqtt.ProtocolVersion.V311, clean_session=clean_session,
-                  keepalive=s.mqtt_keepalive_s, timeout=10, will=will,
-                  tls_context=tls if tls is not None else tls_context(s),
+                  keepalive=s.mqtt_keepalive_s, timeout=10, will=will, tls_context=tls,
                   username=s.mqtt_username, password=s.mqtt_password)
