@@ -244,7 +244,8 @@ def can_connect(port: int, ca: Path, cert: Path | None, key: Path | None) -> boo
 
 
 async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> None:
-    """A and B enrol and deliver over mTLS; A cannot publish into B's up/ nor read B's down/."""
+    """A and B enrol and deliver over mTLS; A cannot publish into B's up/ nor read B's down/;
+    it reads central's state."""
     a, b = await _enrol(site, "gw-a"), await _enrol(site, "gw-b")
     async with uplink_of(a) as (up_a, ob_a), uplink_of(b) as (up_b, ob_b):
         await ob_a.append([tel(i) for i in range(40)])
@@ -264,7 +265,8 @@ async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> No
                   client_id="central-probe") as pc:
         assert pa.connected.wait(5) and pc.connected.wait(5)
         assert pa.client is not None and pc.client is not None
-        pa.client.subscribe([(topics.PREFIX + "/gw-b/down/#", 1), (topics.PREFIX + "/+/down/#", 1)])
+        pa.client.subscribe([(topics.PREFIX + "/gw-b/down/#", 1), (topics.PREFIX + "/+/down/#", 1),
+                             (topics.CENTRAL_STATE, 1)])
         pc.client.subscribe(topics.PREFIX + "/+/up/#", 1)
         await until(lambda: len(pa.subacks) == 1 and len(pc.subacks) == 1, "subacks")
         # A publishes into its own and B's uplink: the broker refuses B's (MQTT 5: 0x87).
@@ -276,9 +278,11 @@ async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> No
         # Central writes to both downlinks: only A's reaches A, whatever A subscribed to.
         pc.client.publish(topics.down("gw-b", "cmd"), b"for-b", qos=1)
         pc.client.publish(topics.down("gw-a", "cmd"), b"for-a", qos=1)
-        await until(lambda: pa.messages, "A's own downlink message")
+        await until(lambda: len(pa.messages) >= 2, "central's state and A's own downlink")
         await asyncio.sleep(0.5)
-        assert pa.messages == [(topics.down("gw-a", "cmd"), b"for-a")]
+        assert sorted(t for t, _ in pa.messages) == [topics.CENTRAL_STATE,
+                                                     topics.down("gw-a", "cmd")]
+        assert (topics.down("gw-a", "cmd"), b"for-a") in pa.messages
         assert (topics.up("gw-a", "state"), b"own") in pc.messages
         assert not [m for m in pc.messages if m[1] == b"forged"]
 
