@@ -137,7 +137,13 @@ async def enrol_gateway(enrol: Enrol, gw: str, conf: Path, env: dict[str, str]) 
         proc = await asyncio.create_subprocess_exec(
             *args, env=env | {"FIELDLINK_ENROL_TOKEN": token}, stdout=out,
             stderr=asyncio.subprocess.STDOUT)
-        if await proc.wait() != 0:
+        try:
+            rc = await proc.wait()
+        except asyncio.CancelledError:
+            proc.kill()  # the demo is stopping: leave no child behind
+            await proc.wait()
+            raise
+        if rc != 0:
             raise RuntimeError(f"{gw}: enrolment failed, see {conf.parent / 'enrol.log'}")
     log.info("demo_gateway_enrolled", gw=gw)
 
@@ -156,6 +162,7 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
     procs: list[asyncio.subprocess.Process] = []
     controls: dict[str, int] = {}
     confs: list[tuple[DemoGateway, Path]] = []
+    enrolling: list[asyncio.Task[None]] = []
     env = _child_env()
     try:
         for gw in gateways:
@@ -181,8 +188,10 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                 broker_host="127.0.0.1" if relay else broker_host, broker_port=relay or broker_port,
                 central_public_key=central_public_key, narrowband=(narrowband or {}).get(gw.id)))
             confs.append((gw, conf))
-        if enrol is not None:  # all at once: each is a process start
-            await asyncio.gather(*(enrol_gateway(enrol, gw.id, conf, env) for gw, conf in confs))
+            if enrol is not None:  # a process start each: overlap them with the simulators'
+                enrolling.append(asyncio.create_task(enrol_gateway(enrol, gw.id, conf, env),
+                                                     name=f"demo.enrol[{gw.id}]"))
+        await asyncio.gather(*enrolling)
         for gw, conf in confs:
             gdir = conf.parent
             agent = await asyncio.create_subprocess_exec(
@@ -192,6 +201,8 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
             log.info("demo_gateway_started", gw=gw.id, devices=len(gw.devices))
         yield controls
     finally:
+        for t in enrolling:
+            t.cancel()
         for p in procs:
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
