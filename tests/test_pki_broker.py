@@ -375,3 +375,28 @@ async def test_edge_renews_before_expiry_and_not_after_revocation(site: Site) ->
     with pytest.raises(EnrolmentError, match="revoked"):
         await asyncio.to_thread(renew, a.config)
     assert a.key.read_bytes() == before
+
+
+async def test_the_agent_connects_with_the_enrolled_identity(site: Site) -> None:
+    """`edge-agent run` on the enrolled config (as written by enroll) comes online at central
+    over mutual TLS, with central's key pinned for its commands."""
+    from edge_agent.supervisor import run_agent
+
+    a = await _enrol(site, "gw-a")
+    cfg = load_config(a.config, check_profiles=False)
+    stop = asyncio.Event()
+    agent = asyncio.create_task(run_agent(cfg, stop=stop, install_signal_handlers=False))
+    try:
+        async def online() -> bool:
+            async with httpx.AsyncClient(base_url=site.http_url) as http:
+                r = await http.get("/api/gateways/gw-a")
+                return r.status_code == 200 and bool(r.json()["online"])
+
+        await until(online, "gw-a online at central", timeout=30)
+        async with httpx.AsyncClient(base_url=site.http_url) as http:
+            key = (await http.get("/api/keys/commands")).json()
+        pinned = Path(str(cfg.commands.central_public_key)).read_text().strip()
+        assert key["public_key"] == pinned
+    finally:
+        stop.set()
+        await asyncio.wait_for(agent, 15)
