@@ -14,6 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -23,6 +26,8 @@ from central.api import create_app
 from central.cli import app as central_cli
 from central.identity.ca import (
     CaKeyPermissionError,
+    CsrError,
+    check_csr,
     common_name,
     load_ca,
     load_or_create_ca,
@@ -250,3 +255,40 @@ async def test_every_identity_action_reaches_the_audit_hook(tmp_path: Path) -> N
         ("renewed", "gw-a"), ("revoked", "gw-a")]
     assert events[1].detail["serial"] == issued.serial and events[2].detail["reason"] == "used"
     assert all(token not in repr(e) for e in events)  # no secret in the audit trail
+
+
+async def test_garbage_requests_get_4xx_never_5xx(tmp_path: Path) -> None:
+    """Junk in every field of both endpoints is a problem response (403/422), never a 500."""
+    import base64
+
+    settings = Settings(db_url=f"sqlite:///{tmp_path}/c.db", pki_dir=tmp_path / "pki")
+    junk_pem = ("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.b64encode(b"\x30\x03\x02\x01\x00"
+                * 9).decode() + "\n-----END CERTIFICATE REQUEST-----\n")
+    junk_cert = junk_pem.replace("CERTIFICATE REQUEST", "CERTIFICATE")
+    async with serve(settings) as c:
+        for body in ({"gateway": "gw-a", "token": "t", "csr_pem": junk_pem},
+                     {"gateway": "../x", "token": "t", "csr_pem": _csr("../x")[1]},
+                     {"gateway": "gw-a", "token": "t", "csr_pem": "x" * 20_000},
+                     {"gateway": "gw-a", "token": "t"},
+                     {"gateway": "gw-a", "token": "t", "csr_pem": "x", "extra": 1}):
+            r = await c.post("/api/gateways/enroll", json=body)
+            assert r.status_code in (403, 422), (body, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+        for body in ({"gateway": "gw-a", "certificate_pem": junk_cert, "csr_pem": junk_pem,
+                      "signature": "!!"},
+                     {"gateway": "gw-a", "certificate_pem": "x", "csr_pem": "y",
+                      "signature": "AAAA"}):
+            r = await c.post("/api/gateways/renew", json=body)
+            assert r.status_code in (403, 422), (body, r.text)
+
+
+@given(st.one_of(st.binary(max_size=600), st.builds(
+    lambda b: b"-----BEGIN CERTIFICATE REQUEST-----\n" + __import__("base64").encodebytes(b)
+    + b"-----END CERTIFICATE REQUEST-----\n", st.binary(max_size=400))))
+@settings_(max_examples=200, deadline=None)
+def test_check_csr_raises_only_its_own_error(data: bytes) -> None:
+    """Any bytes as a CSR: accepted or `CsrError`, nothing else."""
+    try:
+        check_csr(data, "gw-a")
+    except CsrError:
+        pass

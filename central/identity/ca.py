@@ -28,7 +28,7 @@ from pathlib import Path
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -156,14 +156,16 @@ def check_csr(csr_pem: str | bytes, cn: str) -> x509.CertificateSigningRequest:
     data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
     try:
         csr = x509.load_pem_x509_csr(data)
-    except ValueError as exc:
-        raise CsrError(f"not a PEM certificate request ({exc})") from exc
-    if not csr.is_signature_valid:
+        valid = csr.is_signature_valid
+        got = common_name(csr)
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CsrError(f"not a usable PEM certificate request ({exc})") from exc
+    if not valid:
         raise CsrError("its signature does not verify")
-    got = common_name(csr)
     if got != cn:
         raise CsrError(f"subject CN must be exactly the gateway id {cn!r}, not {got!r}")
-    check_public_key(csr.public_key())
+    check_public_key(key)
     return csr
 
 
@@ -229,7 +231,7 @@ class CertificateAuthority:
         """Raise `PkiError` unless `cert` was signed by this CA."""
         try:
             cert.verify_directly_issued_by(self.cert)
-        except (ValueError, TypeError, InvalidSignature) as exc:
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
             raise PkiError("certificate was not issued by this CA") from exc
 
     def crl_pem(self, revoked: Iterable[Revoked], *, now: dt.datetime | None = None) -> bytes:

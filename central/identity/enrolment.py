@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -237,8 +237,9 @@ class Enrolment:
     async def _check_current(self, gw: str, cert_pem: str) -> x509.Certificate:
         try:
             old = x509.load_pem_x509_certificate(cert_pem.encode())
-        except ValueError as exc:
-            raise RenewalRefusedError("the current certificate is not PEM") from exc
+            old.public_key()
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise RenewalRefusedError("the current certificate is not a usable PEM") from exc
         self.ca.verify_issued(old)
         if common_name(old) != gw:
             raise RenewalRefusedError(f"the certificate is not {gw!r}'s")
