@@ -209,6 +209,12 @@ async def test_renew_without_token_and_refused_after_revocation(settings: Settin
         r = await renew(second["certificate_pem"], newer_csr,
                         sign_renewal(new_key, "gw-a", newer_csr))
         assert r.status_code == 403 and "revoked" in r.json()["detail"]
+    res = await asyncio.to_thread(CliRunner().invoke, central_cli, [
+        "gateway", "certs", "gw-a", "--db", settings.db_url, "--pki-dir", str(settings.pki_dir),
+        "--json"])
+    listed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [(c["how"], c["revoked_ms"] is not None) for c in listed] == [("enrol", True),
+                                                                          ("renew", True)]
 
 
 def test_cli_help_has_examples_and_revoke_writes_the_crl(tmp_path: Path) -> None:
