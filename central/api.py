@@ -28,6 +28,8 @@ from central.alarms_api import install as install_alarm_api  # alarms wiring (§
 from central.commands import start_commands
 from central.commands_api import install as install_command_api
 from central.errors import CentralError
+from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
+from central.identity.enrolment_api import start_identity  # identity (§8)
 from central.history import keep_days, start_history
 from central.ingest import Ingest
 from central.metrics import Metrics
@@ -238,6 +240,15 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
         app.state.commands = await start_commands(settings, storage, dispatch=run_ingest)
         ingest.command_hooks = app.state.commands.service
+        # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL; its audit hook
+        # comes from central.identity.enrolment_api.identity_audit (or pass audit= here).
+        try:
+            app.state.identity = await start_identity(
+                settings, app.state.commands.service.public_key_b64)
+        except BaseException:  # e.g. a CA key others may read: central refuses to start
+            await app.state.commands.stop()
+            await storage.close()
+            raise
         # --- alarms wiring (DESIGN.md §7): alarm policy on storage, central's rules task.
         app.state.alarm_rules = start_alarm_rules(settings, storage, run=run_ingest)
         # --- history: time policy on storage, aggregate flush and retention task.
@@ -259,6 +270,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
             await tasks.stop(nb_task)  # narrowband wiring (§5)
             await tasks.stop(task)
             await app.state.commands.stop()  # commands wiring (§6)
+            await app.state.identity.stop()  # identity wiring (§8)
             await app.state.alarm_rules.stop()  # alarms wiring (§7)
             await app.state.history.stop()
             await storage.close()
@@ -389,7 +401,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
     async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(request.app.state.metrics.render(),
+        return PlainTextResponse(request.app.state.metrics.render()
+                                 + request.app.state.identity.render_metrics(),  # identity (§8)
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
@@ -397,6 +410,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     install_command_api(app)  # commands wiring (§6)
+    install_enrolment_api(app)  # identity wiring (§8): reachable without a login
     install_alarm_api(app)  # alarms wiring (§7)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

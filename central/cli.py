@@ -79,6 +79,7 @@ def serve(
     from central.api import create_app
     from central.logs import configure_logging
     from central.settings import load_settings
+    from central.identity.enrolment_api import check_ca
     from central.storage import open_storage
 
     try:
@@ -87,6 +88,7 @@ def serve(
             mqtt_client_id=mqtt_client_id, mqtt_shared=shared, http_host=http_host,
             http_port=http_port, offline_after_s=offline_after)
         open_storage(settings.db_url)  # checks the URL now, not as a traceback at start-up
+        check_ca(settings)  # a CA key others may read: refuse to start (DESIGN.md §8)
     except CentralError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -138,6 +140,17 @@ def demo(
     except (CentralError, OSError, RuntimeError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+# --- identities (DESIGN.md §8): central ca …, central gateway …, central broker-config
+from central.identity.pki_cli import broker_config as _broker_config  # noqa: E402
+from central.identity.pki_cli import ca_app, gateway_app  # noqa: E402
+
+app.add_typer(ca_app, name="ca")
+app.add_typer(gateway_app, name="gateway")
+app.command("broker-config", short_help="Write a production Mosquitto config (mTLS, ACLs, CRL).  "
+            "e.g. central broker-config --out /etc/mosquitto/fieldlink --host mqtt.example")(
+    _broker_config)
 
 
 def main() -> None:

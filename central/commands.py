@@ -204,12 +204,8 @@ class CommandService:
         lg = log.bind(broker=f"{s.mqtt_host}:{s.mqtt_port}")
         while True:
             try:
-                async with mqtt_client.Client(s.mqtt_host, s.mqtt_port,
-                                              identifier=f"{s.mqtt_client_id}-cmd",
-                                              protocol=aiomqtt.ProtocolVersion.V311,
-                                              clean_session=True,
-                                              keepalive=s.mqtt_keepalive_s,
-                                              timeout=10) as client:
+                async with mqtt_client.connect(s, identifier=f"{s.mqtt_client_id}-cmd",
+                                               clean_session=True) as client:
                     self.connected = True
                     backoff = BACKOFF_FIRST_S
                     lg.info("command_dispatcher_connected")

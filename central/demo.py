@@ -20,7 +20,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -118,16 +118,51 @@ def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_hos
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class Enrol:
+    """How the demo's gateways enrol: central's URL and a token issuer (DESIGN.md §8)."""
+
+    central_url: str
+    issue_token: Callable[[str], Awaitable[str]]
+    mqtt_tls: bool = False  # the embedded broker is plain MQTT
+
+
+async def enrol_gateway(enrol: Enrol, gw: str, conf: Path, env: dict[str, str]) -> None:
+    """`edge-agent enroll` as an installer runs it on a new gateway (token in the environment,
+    not on the command line where `ps` shows it)."""
+    token = await enrol.issue_token(gw)
+    args = [sys.executable, "-m", "edge_agent", "enroll", "-c", str(conf),
+            "--central", enrol.central_url] + ([] if enrol.mqtt_tls else ["--no-mqtt-tls"])
+    with (conf.parent / "enrol.log").open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *args, env=env | {"FIELDLINK_ENROL_TOKEN": token}, stdout=out,
+            stderr=asyncio.subprocess.STDOUT)
+        try:
+            rc = await proc.wait()
+        except asyncio.CancelledError:
+            proc.kill()  # the demo is stopping: leave no child behind
+            await proc.wait()
+            raise
+        if rc != 0:
+            raise RuntimeError(f"{gw}: enrolment failed, see {conf.parent / 'enrol.log'}")
+    log.info("demo_gateway_enrolled", gw=gw)
+
+
 @contextlib.asynccontextmanager
 async def fleet(root: Path, broker_host: str, broker_port: int,
                 gateways: tuple[DemoGateway, ...] = FLEET, *,
                 central_public_key: str | None = None, links: dict[str, int] | None = None,
-                narrowband: dict[str, Narrowband] | None = None) -> AsyncIterator[dict[str, int]]:
+                narrowband: dict[str, Narrowband] | None = None,
+                enrol: Enrol | None = None) -> AsyncIterator[dict[str, int]]:
     """Start one simulator and one edge agent process per gateway; stop them all on exit.
     Yields each gateway's simulator control port (to script values). `links` routes a
-    gateway's MQTT through a local relay port; `narrowband` gives it a BeiDou terminal."""
+    gateway's MQTT through a local relay port; `narrowband` gives it a BeiDou terminal;
+    `enrol` has each gateway run `edge-agent enroll` with a fresh token first (DESIGN.md §8),
+    which pins central's key instead of `central_public_key`."""
     procs: list[asyncio.subprocess.Process] = []
     controls: dict[str, int] = {}
+    confs: list[tuple[DemoGateway, Path]] = []
+    enrolling: list[asyncio.Task[None]] = []
     env = _child_env()
     try:
         for gw in gateways:
@@ -152,13 +187,22 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                 gw, data_dir=gdir, sim_port=sim_port,
                 broker_host="127.0.0.1" if relay else broker_host, broker_port=relay or broker_port,
                 central_public_key=central_public_key, narrowband=(narrowband or {}).get(gw.id)))
+            confs.append((gw, conf))
+            if enrol is not None:  # a process start each: overlap them with the simulators'
+                enrolling.append(asyncio.create_task(enrol_gateway(enrol, gw.id, conf, env),
+                                                     name=f"demo.enrol[{gw.id}]"))
+        await asyncio.gather(*enrolling)
+        for gw, conf in confs:
+            gdir = conf.parent
             agent = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "edge_agent", "run", "--config", str(conf), env=env,
                 stdout=(gdir / "agent.log").open("ab"), stderr=asyncio.subprocess.STDOUT)
             procs.append(agent)
-            log.info("demo_gateway_started", gw=gw.id, devices=len(gw.devices), sim_port=sim_port)
+            log.info("demo_gateway_started", gw=gw.id, devices=len(gw.devices))
         yield controls
     finally:
+        for t in enrolling:
+            t.cancel()
         for p in procs:
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
@@ -208,9 +252,15 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                     await serve  # raises the startup error
                     return
                 await asyncio.sleep(0.05)
-        key = app.state.commands.service.public_key_b64  # the gateways pin it at enrolment
+        identity = app.state.identity.service
+
+        async def issue_token(gw: str) -> str:
+            return (await identity.issue_token(gw, ttl_s=600)).token
+
+        local = "127.0.0.1" if http_host in ("0.0.0.0", "::", "") else http_host
         controls = await stack.enter_async_context(fleet(
-            data_dir / "fleet", host, port, central_public_key=key,
+            data_dir / "fleet", host, port,
+            enrol=Enrol(f"http://{local}:{http_port}", issue_token),
             links={gw: link.port for gw, link in links.items()},
             narrowband={gw.id: Narrowband(port=terminals[gw.beidou_card], key=keys[gw.id],
                                           central_card=CENTRAL_CARD)
@@ -223,6 +273,9 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             stack.callback(task.cancel)
         print(f"Fieldlink demo: console http://{http_host}:{http_port}/  broker mqtt://{host}:{port}  "
               f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
+        print("The gateways enrolled with one-time tokens and hold certificates from central's "
+              "CA, but this broker is plain MQTT (amqtt cannot enforce per-gateway ACLs): use "
+              "Mosquitto from `central broker-config` in production (README).", flush=True)
         await serve
 
 

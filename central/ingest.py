@@ -133,15 +133,13 @@ class Ingest:
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
-        return mqtt_client.Client(
-            s.mqtt_host, s.mqtt_port, identifier=s.mqtt_client_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
+        return mqtt_client.connect(
+            s, identifier=s.mqtt_client_id,
             # One central: a persistent session, so the broker queues QoS 1 messages while it
             # is away. Shared workers: a clean session, because Mosquitto keeps a dead member's
             # persistent session in the $share group and parks its share of the messages
             # there; the survivors then get everything and the edge resends what was in flight.
             clean_session=s.mqtt_shared,
-            keepalive=s.mqtt_keepalive_s, timeout=10,
             will=aiomqtt.Will(topics.CENTRAL_STATE, self._state(False), qos=1, retain=True),
         )
 

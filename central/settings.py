@@ -126,9 +126,39 @@ class Settings(BaseModel):
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
     # --- end narrowband
+    # --- mqtt tls and identities (DESIGN.md §8; central.identity, central.mqtt_client)
+    mqtt_tls_ca: Path | None = Field(None, description="CA certificate (PEM) the broker's "
+                                     "certificate must chain to; setting it turns TLS on")
+    mqtt_tls_cert: Path | None = Field(None, description="central's client certificate (CN "
+                                       "_central), from `central ca central-cert`")
+    mqtt_tls_key: Path | None = Field(None, description="its private key (mode 0600)")
+    mqtt_username: str | None = Field(None, min_length=1, description="for brokers that "
+                                      "authenticate by password (EMQX, ...)")
+    mqtt_password: str | None = Field(None, repr=False)
+    pki_dir: Path | None = Field(None, description="the gateway CA (ca.key 0600, ca.crt, "
+                                 "crl.pem); default: pki/ next to the SQLite file")
+    gateway_cert_days: float = Field(365.0, gt=0, le=3650, description="lifetime of a "
+                                     "gateway certificate (renew before it ends)")
+    enrol_token_ttl_s: float = Field(86_400.0, gt=0, le=30 * 86_400,
+                                     description="default lifetime of an enrolment token")
+    # --- end mqtt tls
     command_key_path: Path | None = Field(
         None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")
+
+    @model_validator(mode="after")
+    def _mqtt_tls(self) -> Self:
+        if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
+            raise ValueError("mqtt_tls_cert and mqtt_tls_key go together")
+        if self.mqtt_tls_cert is not None and self.mqtt_tls_ca is None:
+            raise ValueError("mqtt_tls_cert needs mqtt_tls_ca (the broker's CA)")
+        if self.mqtt_password is not None and self.mqtt_username is None:
+            raise ValueError("mqtt_password needs mqtt_username")
+        for name in ("mqtt_tls_ca", "mqtt_tls_cert", "mqtt_tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
 
     @model_validator(mode="after")
     def _unique_cards(self) -> Self:

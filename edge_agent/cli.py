@@ -44,6 +44,7 @@ from edge_agent.cli_common import (
 )
 from edge_agent.cli_devices import framing_text
 from edge_agent.cli_devices import register as register_device_commands
+from edge_agent.cli_enrol import register as register_enrol_commands
 from edge_agent.cli_field import register as register_field_commands
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.logs import LEVELS
@@ -154,6 +155,7 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         report["buses"] = live.get("buses", [])
         report["alarms_active"] = live.get("alarms_active")
         report["narrowband"] = live.get("narrowband", report["narrowband"])
+        report["uplink"] |= _ack_counters({}, live)
     if as_json:
         _print_json(report)
         return
@@ -204,11 +206,25 @@ def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
                   **({k: agent.get(k) for k in ("pid", "boot_id", "version", "started_ms",
                                                  "updated_ms", "stopped_ms")} if agent else {})},
         "uplink": {"state": meta.get("uplink_state", "unknown"),
-                   "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms")},
+                   "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms"),
+                   # acks naming records this uplink never sent: ignored, counted (§8)
+                   **_ack_counters(meta, agent)},
         "devices": (agent or {}).get("devices", []),
         "narrowband": (agent or {}).get("narrowband"),
         "meta": meta,
     }
+
+
+def _ack_counters(meta: dict[str, str], agent: dict[str, Any] | None) -> dict[str, int]:
+    """The uplink's ack screening counters: from the running agent, else its last meta."""
+    keys = ("acks_refused", "ack_records_unsent", "ack_records_duplicate")
+    live = (agent or {}).get("uplink") or {}
+    try:
+        saved = json.loads(meta.get("uplink_acks", "{}"))
+    except ValueError:
+        saved = {}
+    src = live if "acks_refused" in live else saved if isinstance(saved, dict) else {}
+    return {k: int(src.get(k, 0)) for k in keys}
 
 
 def _narrowband_line(nb: dict[str, Any]) -> str:
@@ -252,6 +268,9 @@ def _print_status(r: dict[str, Any]) -> None:
     colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
     t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {_ago(up['since_ms'])}")
     t.add_row("last ack", _ago(up["last_ack_ms"]))
+    if up.get("acks_refused"):
+        t.add_row("acks refused", f"[red]{up['acks_refused']}[/red] ack(s) named "
+                  f"{up['ack_records_unsent']} record(s) never sent: ignored (forged?)")
     if nb := r.get("narrowband"):
         t.add_row("narrowband", _narrowband_line(nb))
     print_outbox(t, r)
@@ -409,10 +428,18 @@ def config_check(
 
     Example: edge-agent config check /etc/fieldlink/site.toml
     """
+    from edge_agent.config import loose_key_files
+
     with _errors():
         cfg = load_config(path)
+    for name, key, mode in loose_key_files(cfg):
+        err.print(f"[yellow]warning:[/yellow] {escape(name)} {escape(str(key))} is mode "
+                  f"{mode:04o}: group or others may read this key (chmod 600)")
     if as_json:
-        _print_json(cfg.model_dump(mode="json"))
+        data = cfg.model_dump(mode="json")
+        if data["mqtt"].get("password"):
+            data["mqtt"]["password"] = "***"  # never print a secret
+        _print_json(data)
         return
     enabled = sum(1 for d in cfg.devices if d.enabled)
     out.print(f"[green]OK[/green] {escape(str(path))}: gateway {cfg.gateway.id}, "
@@ -423,6 +450,7 @@ def config_check(
 # devices, read, write, alarms (cli_devices); scan, doctor (cli_field)
 register_device_commands(app)
 register_field_commands(app)
+register_enrol_commands(app)  # enroll, renew (cli_enrol; DESIGN.md §8)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,4 +96,6 @@ def build_executor(config: AgentConfig, outbox: Any, targets: Mapping[str, Comma
         log.warning("commands_unverifiable", hint="set [commands] central_public_key")
     return CommandExecutor(gw=config.gateway.id, ledger_path=config.commands_path, outbox=outbox,
                            public_key=key, targets=targets,
-                           diagnostics=diagnostics_from(status, outbox))
+                           diagnostics=diagnostics_from(status, outbox),
+                           # a suspect wall clock (§4.7) obeys future-issued commands, flagged
+                           clock_trusted=lambda: not outbox.clock.suspect)

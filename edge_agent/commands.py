@@ -74,6 +74,9 @@ REPORT_RETRY_S = 30.0
 PRUNE_EVERY_S = 3600.0
 EXECUTE_TIMEOUT_S = 30.0
 CLOCK_OFFSET_WARN_MS = 2000
+# A command issued further ahead of the gateway's clock than this is refused while the clock is
+# trusted (§8); with a suspect clock (a power cut reset it) it runs, flagged `clock_untrusted`.
+FUTURE_SKEW_MS = 60_000
 
 
 class _Rejected(Exception):
@@ -125,6 +128,8 @@ class CommandCounters:
     succeeded: int = 0
     failed: int = 0
     reports_suppressed: int = 0  # unverified rejections not reported (rate limit)
+    future_refused: int = 0  # issued_at ahead of a trusted clock: refused
+    future_flagged: int = 0  # issued_at ahead of a suspect clock: run, flagged
 
     def to_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
@@ -140,7 +145,9 @@ class CommandExecutor:
     def __init__(self, *, gw: str, ledger_path: Path, outbox: ResultWriter,
                  public_key: Ed25519PublicKey | None, targets: Mapping[str, CommandTarget],
                  diagnostics: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
-                 wall_ms: Callable[[], int] = _wall_ms, queue_max: int = QUEUE_MAX) -> None:
+                 wall_ms: Callable[[], int] = _wall_ms, queue_max: int = QUEUE_MAX,
+                 clock_trusted: Callable[[], bool] = lambda: True,
+                 future_skew_ms: int = FUTURE_SKEW_MS) -> None:
         self.gw = gw
         self.ledger_path = Path(ledger_path)
         self.outbox = outbox
@@ -149,6 +156,8 @@ class CommandExecutor:
         self.diagnostics = diagnostics
         self.counters = CommandCounters()
         self._wall_ms = wall_ms
+        self._clock_trusted = clock_trusted
+        self.future_skew_ms = future_skew_ms
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_max)
         self._ledger: CommandLedger | None = None
         self._replays_reported: set[str] = set()
@@ -291,8 +300,24 @@ class CommandExecutor:
         if not claimed:
             await self._replay(cmd)
             return
+        flags: dict[str, Any] = {}
+        ahead = cmd.issued_at_ms - now
+        if ahead > self.future_skew_ms:
+            if self._clock_trusted():
+                # Claimed above, so this cmd_id can never run later either.
+                self.counters.rejected += 1
+                self.counters.future_refused += 1
+                lg.warning("command_rejected", reason="issued_in_future", ahead_ms=ahead)
+                await self._step(cmd, self._result(
+                    cmd, CommandState.REJECTED, Reason.ISSUED_IN_FUTURE,
+                    f"issued {ahead} ms ahead of this gateway's trusted clock", edge_ms=now))
+                return
+            self.counters.future_flagged += 1
+            flags = {"clock_untrusted": True, "issued_ahead_ms": ahead}
+            lg.warning("command_clock_untrusted", ahead_ms=ahead,
+                       hint="the gateway's clock is suspect: obeyed, flagged")
         lg.info("command_received", target=cmd.target, expires_at_ms=cmd.expires_at_ms)
-        await self._step(cmd, self._result(cmd, CommandState.RECEIVED))
+        await self._step(cmd, self._result(cmd, CommandState.RECEIVED, **flags))
         try:
             action = self._prepare(cmd)
         except _Rejected as rej:

@@ -35,6 +35,7 @@ from device_profiles import DeviceProfileError, Profile, find_profile
 from edge_agent.alarm_config import DeviceAlarmsConfig, build_device_rules
 from edge_agent.config_lines import LineIndex, Loc
 from edge_agent.errors import EdgeError
+from edge_agent.mqtt_config import MqttConfig, loose_mode
 from edge_agent.narrowband_config import NarrowbandConfig
 from edge_agent.rules import RulesError
 from protocols.modbus_rtu import inter_frame_gap_s
@@ -87,26 +88,6 @@ class GatewayConfig(_Model):
             return check_gateway_id(value)
         except TopicError as exc:
             raise ValueError(exc.reason) from None
-
-
-class MqttConfig(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    ack_timeout_s: float = Field(10.0, gt=0)
-    batch_size: int = Field(500, ge=1, le=10_000)
-    # Backlog drains in bigger batches: per-message costs (a publish, a commit, an ack and
-    # its bookkeeping on both sides) dominate at 500 records when a long outage ends.
-    backlog_batch_size: int = Field(5000, ge=1, le=50_000)
-    # Data messages awaiting central's ack; a quarter is kept for alarms and live data, the
-    # rest bounds the backlog drain's window (which the ack round trip paces below it).
-    max_inflight: int = Field(16, ge=1, le=1000)
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    # Reconnect back-off: doubles from `reconnect_min_s` up to `reconnect_max_s`, jittered
-    # (x0.5..1) so that a city of gateways does not reconnect in lockstep. The cap bounds how
-    # long after the link returns the gateway notices.
-    reconnect_min_s: float = Field(0.5, gt=0, le=60)
-    reconnect_max_s: float = Field(10.0, gt=0, le=3600)
-    client_id: str | None = None
 
 
 class ProfilesConfig(_Model):
@@ -367,8 +348,13 @@ def _resolve_paths(config: AgentConfig, path: Path) -> AgentConfig:
     narrowband = config.narrowband
     if narrowband is not None and narrowband.key_file is not None:
         narrowband = narrowband.model_copy(update={"key_file": fix(narrowband.key_file)})
+    mqtt = config.mqtt
+    if mqtt.tls is not None:
+        mqtt = mqtt.model_copy(update={"tls": mqtt.tls.model_copy(update={
+            name: fix(p) for name, p in mqtt.tls.files()})})
     resolved = config.model_copy(update={"gateway": gateway, "profiles": profiles,
-                                         "control": control, "narrowband": narrowband})
+                                         "control": control, "narrowband": narrowband,
+                                         "mqtt": mqtt})
     resolved._source = path.resolve()
     return resolved
 
@@ -406,6 +392,7 @@ def _cross_checks(config: AgentConfig, *, check_profiles: bool,
             addresses[key] = i
     yield from _hj212_port_checks(config, index)
     yield from _narrowband_checks(config, index)
+    yield from _tls_checks(config, index)
     for i, d in enumerate(config.profiles.dirs):
         if not d.is_dir():
             yield _issue(index, ("profiles", "dirs", i), f"not a folder: {d}")
@@ -483,6 +470,33 @@ def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
                 and t.port == nb.port:
             yield _issue(index, ("narrowband", "port"),
                          f"serial port {nb.port} is already devices[{i}]'s")
+
+
+def _tls_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
+    """The `[mqtt.tls]` files must be there now, not at the first connect."""
+    tls = config.mqtt.tls
+    if tls is None:
+        return
+    for name, path in tls.files():
+        if not path.is_file():
+            yield _issue(index, ("mqtt", "tls", name), f"no such file: {path}")
+
+
+def key_files(config: AgentConfig) -> list[tuple[str, Path]]:
+    """The secret files the config names: the MQTT TLS key and the narrowband frame key."""
+    out: list[tuple[str, Path]] = []
+    if config.mqtt.tls is not None and config.mqtt.tls.key is not None:
+        out.append(("mqtt.tls.key", config.mqtt.tls.key))
+    if config.narrowband is not None and config.narrowband.key_file is not None:
+        out.append(("narrowband.key_file", config.narrowband.key_file))
+    return out
+
+
+def loose_key_files(config: AgentConfig) -> list[tuple[str, Path, int]]:
+    """Key files that group or others may read: `(setting, path, mode)`; a warning, since a
+    key readable by the service account only is what matters and the file still works."""
+    return [(name, path, mode) for name, path in key_files(config)
+            if (mode := loose_mode(path)) is not None]
 
 
 def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:

@@ -85,6 +85,7 @@ def run_checks(config_path: Path) -> list[Check]:
     checks.append(_outbox(cfg))
     checks.extend(_serial_ports(cfg))
     checks.extend(_tcp_devices(cfg))
+    checks.extend(_key_files(cfg))
     checks.append(_broker(cfg))
     checks.append(_clock(cfg))
     checks.extend(_agent(cfg))
@@ -216,6 +217,8 @@ def _broker(cfg: AgentConfig) -> Check:
     except OSError as exc:
         return _fail(name, f"TCP: {_reason(exc)}", "check the uplink (ping central, the 4G "
                      "modem's signal and APN), [mqtt] host/port, and the firewall")
+    if mq.tls is not None:
+        return _tls_broker(cfg, name)
     try:
         asyncio.run(_mqtt_connect(cfg))
     except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
@@ -224,12 +227,50 @@ def _broker(cfg: AgentConfig) -> Check:
     return _pass(name, "TCP and MQTT CONNECT ok")
 
 
+def _key_files(cfg: AgentConfig) -> Iterator[Check]:
+    """Secret files readable by group or others (issue 10): a warning with the fix."""
+    from edge_agent.config import loose_key_files
+
+    for setting, path, mode in loose_key_files(cfg):
+        yield Check(f"key file {setting}", "warn", f"{path} is mode {mode:04o}: group or "
+                    "others may read it", f"chmod 600 {path}")
+
+
+def _tls_broker(cfg: AgentConfig, name: str) -> Check:
+    """Mutual TLS: the handshake with the gateway's certificate, then a short wait for the
+    broker's verdict (TLS 1.3 reports a refused certificate after the handshake). No MQTT
+    CONNECT: the broker forces the client id to the CN and would end the agent's session."""
+    import ssl
+
+    from edge_agent.mqtt_config import MqttTlsError, tls_context
+
+    mq = cfg.mqtt
+    assert mq.tls is not None
+    try:
+        ctx = tls_context(mq.tls)
+        with socket.create_connection((mq.host, mq.port), timeout=CONNECT_TIMEOUT_S) as raw, \
+                ctx.wrap_socket(raw, server_hostname=mq.host) as tls:
+            tls.settimeout(1.0)
+            try:
+                tls.recv(1)
+            except TimeoutError:
+                pass  # silence: the broker waits for our CONNECT, the certificate is accepted
+    except MqttTlsError as exc:
+        return _fail(name, str(exc), "check [mqtt.tls]; `edge-agent enroll` writes it")
+    except (ssl.SSLError, OSError) as exc:
+        return _fail(name, f"TLS: {exc}", "the broker refused the certificate (revoked? "
+                     "expired? `edge-agent renew`) or its certificate does not match "
+                     "[mqtt.tls] ca / the host name")
+    return _pass(name, "TCP and mutual TLS ok (certificate accepted)")
+
+
 async def _mqtt_connect(cfg: AgentConfig) -> None:
     # Its own client id: the agent's would make the broker drop the agent's session.
     ident = f"fieldlink-doctor-{cfg.gateway.id}-{uuid.uuid4().hex[:8]}"
     async with asyncio.timeout(MQTT_TIMEOUT_S + 1):
         async with aiomqtt.Client(cfg.mqtt.host, cfg.mqtt.port, identifier=ident,
                                   timeout=MQTT_TIMEOUT_S, keepalive=10,
+                                  username=cfg.mqtt.username, password=cfg.mqtt.password,
                                   protocol=aiomqtt.ProtocolVersion.V311):
             pass
 

@@ -48,6 +48,7 @@ from edge_agent.config import (
     resolve_profiles,
 )
 from edge_agent.control import ControlOps, ControlServer, device_health
+from edge_agent.mqtt_config import tls_context
 from edge_agent.narrowband import Bearer, NarrowbandFallback
 from edge_agent.outbox import Outbox
 from edge_agent.poller import DevicePoller
@@ -125,7 +126,10 @@ class AgentRuntime:
             "pid": os.getpid(), "boot_id": self.boot_id, "version": __version__,
             "gateway": self.config.gateway.id, "started_ms": self.started_ms,
             "updated_ms": time.time_ns() // 1_000_000,
-            "uplink": {"connected": bool(self.uplink and self.uplink.connected)},
+            "uplink": {"connected": bool(self.uplink and self.uplink.connected),
+                       **({k: getattr(self.uplink.counters, k) for k in (
+                           "acks", "acks_refused", "ack_records_unsent",
+                           "ack_records_duplicate")} if self.uplink else {})},
             "devices": [device_health(d) for d in self.devices],
             "restarts": dict(self.restarts),
             "narrowband": self.narrowband.status() if self.narrowband else None,
@@ -184,6 +188,9 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                             batch_size=mq.batch_size, backlog_batch_size=mq.backlog_batch_size,
                             max_inflight=mq.max_inflight, ack_timeout_s=mq.ack_timeout_s,
                             keepalive_s=mq.keepalive_s, client_id=mq.client_id,
+                            # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
+                            tls=tls_context(mq.tls) if mq.tls is not None else None,
+                            username=mq.username, password=mq.password,
                             backoff_initial_s=mq.reconnect_min_s,
                             backoff_max_s=max(mq.reconnect_min_s, mq.reconnect_max_s),
                             backlog_max_points_per_s=ob.backlog_max_points_per_s,

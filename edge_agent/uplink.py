@@ -75,6 +75,11 @@ class UplinkCounters:
     records_acked: int = 0  # rows newly marked delivered
     acks_foreign: int = 0  # acks naming another stream
     acks_malformed: int = 0
+    # Defence in depth (DESIGN.md §8): an ack may mark delivered only seqs this uplink sent
+    # and has not yet seen acked. Seqs it names beyond those are ignored and counted here:
+    acks_refused: int = 0  # acks that named a seq never sent (forged, or from another stream)
+    ack_records_unsent: int = 0  # seqs never sent by this uplink (or lost from its memory)
+    ack_records_duplicate: int = 0  # seqs already acked (central's second ack of a resend)
     commands: int = 0
     backlog_batches_sent: int = 0
     backlog_records_sent: int = 0
@@ -89,6 +94,9 @@ class _InFlight:
 
 
 _MAX_TIMEOUT_FACTOR = 8
+# Bounds of the sent/acked seq memory (disjoint ranges): past it the lowest ranges are
+# forgotten, which only makes their acks count as unsent and their records go again.
+_MAX_RANGES = 4096
 _STABLE_S = 10.0  # a connection up this long counts as healthy
 
 
@@ -167,6 +175,11 @@ class Uplink:
         self._t_state, self._t_birth, self._t_data = (topics.up(gw, n) for n in ("state", "birth", "data"))
         self._t_ack, self._t_cmd = topics.down(gw, "ack"), topics.down(gw, "cmd")
         self._inflight: dict[int, _InFlight] = {}
+        # Seqs sent and not yet acked, across ack timeouts and reconnects (a late ack of an
+        # earlier send is genuine); and the seqs acked, to tell a duplicate from a forgery.
+        self._sent_unacked: Ranges = ()
+        self._acked: Ranges = ()
+        self._refused_logged = 0
         self._inflight_records = 0
         self._batch_ids = 0
         self._wake = asyncio.Event()
@@ -328,18 +341,44 @@ class Uplink:
                 log.warning("ack_foreign_stream", stream=ack.stream, ours=self.outbox.stream)
             return
         self.counters.acks += 1
+        allowed = self._screen_ack(merge_ranges(ack.ranges))
+        if not allowed:
+            return
         try:
-            self.counters.records_acked += await self.outbox.mark_delivered(ack.ranges)
+            self.counters.records_acked += await self.outbox.mark_delivered(allowed)
         except OutboxError as exc:
             # Not marked: the records go again after the timeout and central acks them again.
             log.warning("ack_mark_failed", error=str(exc))
             return
+        self._sent_unacked = subtract_ranges(self._sent_unacked, allowed)
+        self._acked = _bounded(merge_ranges((*self._acked, *allowed)))
         # Only a timely ack brings the timeout back down: late acks of batches that already
         # went again mean central is overloaded, and resending on the short timeout would
         # multiply its load.
-        if self._forget_acked(ack.ranges):
+        if self._forget_acked(allowed):
             self._timeout_factor = 1
         self.notify()
+
+    def _screen_ack(self, ranges: Ranges) -> Ranges:
+        """The part of an ack this uplink may act on: seqs it sent and has not seen acked.
+        The rest is counted and ignored; a seq never sent is logged (a forged ack, §8)."""
+        allowed = _intersect(ranges, self._sent_unacked)
+        rest = subtract_ranges(ranges, allowed)
+        if not rest:
+            return allowed
+        duplicate = count_in_ranges(_intersect(rest, self._acked))
+        unsent = count_in_ranges(rest) - duplicate
+        self.counters.ack_records_duplicate += duplicate
+        if unsent:
+            self.counters.acks_refused += 1
+            self.counters.ack_records_unsent += unsent
+            if self._refused_logged < 10:  # a flood must not flood the log too
+                self._refused_logged += 1
+                unsent_ranges = subtract_ranges(rest, self._acked)
+                log.warning("ack_unsent_records", records=unsent,
+                            first=unsent_ranges[0][0], last=unsent_ranges[-1][1],
+                            acks_refused=self.counters.acks_refused)
+        return allowed
 
     async def _handle_command(self, payload: bytes) -> None:
         self.counters.commands += 1
@@ -394,8 +433,10 @@ class Uplink:
                        backlog: bool) -> None:
         self._batch_ids += 1
         # In flight before the publish returns: the ack may beat our PUBACK.
-        self._inflight[self._batch_ids] = _InFlight(ranges_from_seqs(r.seq for r in records),
-                                                    len(records), time.monotonic(), backlog)
+        ranges = ranges_from_seqs(r.seq for r in records)
+        self._inflight[self._batch_ids] = _InFlight(ranges, len(records), time.monotonic(),
+                                                    backlog)
+        self._sent_unacked = _bounded(merge_ranges((*self._sent_unacked, *ranges)))
         self._inflight_records += len(records)
         if backlog:
             self._backlog_batches += 1
@@ -414,6 +455,11 @@ class Uplink:
             await client.publish(self._t_state, encode(self._state(online=True)), qos=1,
                                  retain=True)
             pacing = self.pacer.snapshot(time.monotonic()).to_jsonable()
+            c = self.counters
+            await self._set_meta("uplink_acks", json.dumps({
+                "acks": c.acks, "acks_refused": c.acks_refused,
+                "ack_records_unsent": c.ack_records_unsent,
+                "ack_records_duplicate": c.ack_records_duplicate}))
             await self._set_meta("uplink_pacing", json.dumps(
                 pacing | {"backlog_in_flight": self._backlog_batches,
                           "in_flight": len(self._inflight)}))
@@ -475,6 +521,14 @@ class Uplink:
         self._inflight_records = 0
         self._backlog_batches = 0
         self.pacer.reset()
+
+
+def _intersect(a: Ranges, b: Ranges) -> Ranges:
+    return subtract_ranges(a, subtract_ranges(a, b))
+
+
+def _bounded(ranges: Ranges) -> Ranges:
+    return ranges[-_MAX_RANGES:] if len(ranges) > _MAX_RANGES else ranges
 
 
 __all__ = ["CommandHandler", "Uplink", "UplinkCounters", "UplinkError"]

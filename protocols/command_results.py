@@ -57,6 +57,8 @@ class Reason(enum.StrEnum):
     UNSUPPORTED_KIND = "unsupported_kind"
     WRONG_GATEWAY = "wrong_gateway"
     EXPIRED = "expired"
+    # issued_at lies ahead of the gateway's trusted clock by more than the allowed skew (§8)
+    ISSUED_IN_FUTURE = "issued_in_future"
     REPLAY = "replay"  # cmd_id already seen: never executed twice (history only at central)
     UNKNOWN_DEVICE = "unknown_device"
     UNKNOWN_POINT = "unknown_point"

@@ -153,7 +153,9 @@ async def test_status_json_reads_an_outbox(tmp_path: Path) -> None:
     assert report["backlog_by_kind"] == {"telemetry": 3, "alarm": 1}
     assert report["oldest_unsent_ts_ms"] == old
     assert 59 <= report["oldest_unsent_age_s"] < 120
-    assert report["uplink"] == {"state": "disconnected", "since_ms": old, "last_ack_ms": None}
+    assert report["uplink"] == {"state": "disconnected", "since_ms": old, "last_ack_ms": None,
+                                "acks_refused": 0, "ack_records_unsent": 0,
+                                "ack_records_duplicate": 0}
     assert report["agent"] == {"running": False}
     table = runner.invoke(app, ["status", "-c", str(path)])
     assert table.exit_code == 0 and "disconnected" in table.output and "4 record(s)" in table.output

@@ -1,0 +1,84 @@
+"""The uplink's ack screening (DESIGN.md §8): only seqs sent and not yet acked are marked
+delivered; central's duplicate acks are told apart from acks naming what was never sent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from central.mqtt_client import Client as MqttClient
+from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.uplink import Uplink
+from protocols import topics
+from protocols.envelope import Ack, Birth, DataBatch, RecordKind, decode, encode
+from tests.helpers import Mosquitto, until
+
+GW = "gw-acks"
+
+
+def tel(i: int) -> NewRecord:
+    return NewRecord(RecordKind.TELEMETRY, 1_700_000_000_000 + i, "d/gas", float(i))
+
+
+@contextlib.asynccontextmanager
+async def running(ob: Outbox, broker: Mosquitto, **kw: object) -> AsyncIterator[Uplink]:
+    up = Uplink(gw=GW, outbox=ob, host=broker.host, port=broker.port, boot_id="b", version="0",
+                birth=Birth(gw=GW, stream="", boot_id="", version=""), **kw)  # type: ignore[arg-type]
+    task = asyncio.create_task(up.run())
+    try:
+        await until(lambda: up.connected, "uplink connected")
+        yield up
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_acks_of_sent_records_mark_them_and_repeats_are_duplicates(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A genuine ack marks its records; the same ack again is a duplicate, not a forgery; an
+    ack beyond what was sent marks only the sent part."""
+    async with Outbox.open(tmp_path / "o.db") as ob, MqttClient(
+            mosquitto.host, mosquitto.port, identifier=f"c-{uuid.uuid4().hex[:6]}") as central:
+        await central.subscribe(topics.up(GW, "data"), qos=1)
+        async with running(ob, mosquitto, batch_size=10, max_inflight=1,
+                           ack_timeout_s=30.0) as up:
+            await ob.append([tel(i) for i in range(30)])
+            async with asyncio.timeout(10):
+                async for msg in central.messages:
+                    batch = decode(bytes(msg.payload))  # type: ignore[arg-type]
+                    if isinstance(batch, DataBatch):
+                        break
+            seqs = [r.seq for r in batch.records]
+            assert seqs == list(range(1, 11))
+            ack = encode(Ack(stream=ob.stream, ranges=((1, 10),)))
+            await central.publish(topics.down(GW, "ack"), ack, qos=1)
+            await until(lambda: up.counters.records_acked == 10, "the genuine ack")
+            await central.publish(topics.down(GW, "ack"), ack, qos=1)
+            await until(lambda: up.counters.ack_records_duplicate == 10, "the repeat")
+            assert up.counters.acks_refused == 0
+            await until(lambda: up.counters.records_sent == 20, "the second batch")
+            # Acks 11..30: only 11..20 were sent, 21..30 wait in the outbox.
+            await central.publish(topics.down(GW, "ack"), encode(
+                Ack(stream=ob.stream, ranges=((11, 30),))), qos=1)
+            await until(lambda: up.counters.acks_refused == 1, "the over-reaching ack")
+            assert up.counters.ack_records_unsent == 10
+            assert up.counters.records_acked == 20
+            stats = await ob.stats()
+            assert stats.backlog == 10 and stats.delivered_total == 20
+
+
+async def test_late_ack_after_a_resend_still_counts(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """An ack that arrives after the batch timed out (and went again) is still genuine."""
+    async with Outbox.open(tmp_path / "o.db") as ob, MqttClient(
+            mosquitto.host, mosquitto.port, identifier=f"c-{uuid.uuid4().hex[:6]}") as central:
+        async with running(ob, mosquitto, ack_timeout_s=0.3) as up:
+            await ob.append([tel(i) for i in range(5)])
+            await until(lambda: up.counters.batches_resent >= 1, "a timed-out batch")
+            await central.publish(topics.down(GW, "ack"), encode(
+                Ack(stream=ob.stream, ranges=((1, 5),))), qos=1)
+            await until(lambda: up.counters.records_acked == 5, "the late ack")
+            assert up.counters.acks_refused == 0
