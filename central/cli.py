@@ -140,6 +140,14 @@ def demo(
         raise typer.Exit(1) from exc
 
 
+# --- people and audit (DESIGN.md §8): `central user …`, `central audit …`
+from central.identity.cli import audit_app, user_app  # noqa: E402
+
+app.add_typer(user_app)
+app.add_typer(audit_app)
+# --- end people and audit
+
+
 def main() -> None:
     """Console-script entry point (`central`)."""
     try:

@@ -14,6 +14,10 @@ report from a gateway other than the command's. One exception to "forward only":
 set by central itself ("not delivered before expiry") gives way to what the gateway reports,
 since the gateway may have taken the command just before it expired.
 
+A command to a safety-critical point (DESIGN.md §8) is stored with `approval = "required"`
+and is not due (so never signed nor sent) until a second operator, not the one who issued it,
+approves it (`approve`); `issued_by` and `approved_by` name them.
+
 A report naming a cmd_id central never issued (a forged or foreign command the gateway
 refused) gets a row with `origin = "gateway"`, so the duty officer sees it.
 
@@ -63,6 +67,15 @@ class UnknownCommandError(CommandStoreError):
         self.ref = cmd_id
 
 
+class ApprovalError(CommandStoreError):
+    """An approval central refuses: nothing to approve, or the issuer approving their own."""
+
+    def __init__(self, cmd_id: str, reason: str) -> None:
+        super().__init__(f"command {cmd_id}: {reason}")
+        self.cmd_id = cmd_id
+        self.reason = reason
+
+
 class DuplicateCommandError(CommandStoreError):
     def __init__(self, cmd_id: str) -> None:
         super().__init__(f"command {cmd_id!r} already exists")
@@ -91,6 +104,23 @@ class StoredCommand:
     updated_ms: int = 0
     sent_count: int = 0
     last_sent_ms: int | None = None
+    issued_by: str | None = None  # the user who issued it (None: before logins existed)
+    approval: str | None = None  # None: not needed; "required"; "approved"
+    approved_by: str | None = None
+    approved_ms: int | None = None
+
+
+APPROVAL_REQUIRED = "required"
+APPROVED = "approved"
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A report that moved a command's state."""
+
+    cmd_id: str
+    state: str
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +193,20 @@ def m001_commands(d: _Dialect) -> list[str]:
     ]
 
 
+@migration
+def m002_approval(d: _Dialect) -> list[str]:
+    return [
+        "ALTER TABLE commands ADD COLUMN issued_by TEXT",
+        "ALTER TABLE commands ADD COLUMN approval TEXT",
+        "ALTER TABLE commands ADD COLUMN approved_by TEXT",
+        f"ALTER TABLE commands ADD COLUMN approved_ms {d.bigint}",
+    ]
+
+
 _COLS = ("cmd_id, gw, kind, target, args, issued_at_ms, expires_at_ms, state, state_source,"
-         " reason, detail, result, origin, created_ms, updated_ms, sent_count, last_sent_ms")
+         " reason, detail, result, origin, created_ms, updated_ms, sent_count, last_sent_ms,"
+         " issued_by, approval, approved_by, approved_ms")
+_VALUES = "(" + ", ".join("?" * 21) + ")"
 
 
 def _now_ms() -> int:
@@ -180,7 +222,8 @@ def _command_row(r: Sequence[Any]) -> StoredCommand:
                          issued_at_ms=r[5], expires_at_ms=r[6], state=CommandState(r[7]),
                          state_source=r[8], reason=r[9], detail=r[10],
                          result=json.loads(r[11]) if r[11] else None, origin=r[12],
-                         created_ms=r[13], updated_ms=r[14], sent_count=r[15], last_sent_ms=r[16])
+                         created_ms=r[13], updated_ms=r[14], sent_count=r[15], last_sent_ms=r[16],
+                         issued_by=r[17], approval=r[18], approved_by=r[19], approved_ms=r[20])
 
 
 # --- the store ------------------------------------------------------------------------------------
@@ -315,17 +358,20 @@ class CommandStore:
 
         def body() -> None:
             with self._tx() as cur:
-                n = self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES"
-                                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                n = self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES {_VALUES}"
                                  " ON CONFLICT (cmd_id) DO NOTHING",
                             (cmd.cmd_id, cmd.gw, cmd.kind, cmd.target, _json(cmd.args),
                              cmd.issued_at_ms, cmd.expires_at_ms, str(cmd.state),
                              cmd.state_source, cmd.reason, cmd.detail, _json(cmd.result),
-                             cmd.origin, now, now, 0, None)).rowcount
+                             cmd.origin, now, now, 0, None, cmd.issued_by, cmd.approval,
+                             None, None)).rowcount
                 if n != 1:
                     raise DuplicateCommandError(cmd.cmd_id)
+                detail = "issued" if cmd.issued_by is None else f"issued by {cmd.issued_by}"
+                if cmd.approval == APPROVAL_REQUIRED:
+                    detail += "; safety-critical: waits for a second operator's approval"
                 self._event(cur, cmd.cmd_id, now, str(cmd.state), SOURCE_CENTRAL, None,
-                            "issued", None, True, now)
+                            detail, None, True, now)
 
         await self._call(body)
 
@@ -386,12 +432,18 @@ class CommandStore:
                             now_ms: int | None = None) -> int:
         """Apply a gateway's CMD_RESULT reports (in seq order) in one transaction; returns how
         many moved a command's state. Reports already held change nothing."""
+        return len(await self.apply_reports_detailed(gw, stream, reports, now_ms=now_ms))
+
+    async def apply_reports_detailed(self, gw: str, stream: str, reports: Sequence[Report], *,
+                                     now_ms: int | None = None) -> list[Moved]:
+        """`apply_reports`, returning what moved (for the audit log)."""
         now = _now_ms() if now_ms is None else now_ms
         ordered = sorted(reports, key=lambda r: r.seq)
         return await self._call(self._apply_sync, gw, stream, ordered, now)
 
-    def _apply_sync(self, gw: str, stream: str, reports: Sequence[Report], now: int) -> int:
-        moved = 0
+    def _apply_sync(self, gw: str, stream: str, reports: Sequence[Report],
+                    now: int) -> list[Moved]:
+        moved: list[Moved] = []
         with self._tx() as cur:
             for rep in reports:
                 res = rep.result
@@ -414,19 +466,49 @@ class CommandStore:
                 if row is None:
                     log.warning("command_report_unknown", gw=gw, cmd_id=res.cmd_id,
                                 state=str(res.state), reason=reason, verified=res.verified)
-                    self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES"
-                                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES {_VALUES}",
                             (res.cmd_id, gw, res.kind or "", "", "{}", None, None,
                              str(res.state), SOURCE_GATEWAY, reason, res.detail,
-                             _json(rep.attrs), ORIGIN_GATEWAY, now, now, 0, None))
-                    moved += 1
+                             _json(rep.attrs), ORIGIN_GATEWAY, now, now, 0, None,
+                             None, None, None, None))
+                    moved.append(Moved(res.cmd_id, str(res.state), reason))
                 elif applies:
                     self._q(cur, "UPDATE commands SET state = ?, state_source = ?, reason = ?,"
                                  " detail = ?, result = ?, updated_ms = ? WHERE cmd_id = ?",
                             (str(res.state), SOURCE_GATEWAY, reason, res.detail,
                              _json(rep.attrs), now, res.cmd_id))
-                    moved += 1
+                    moved.append(Moved(res.cmd_id, str(res.state), reason))
         return moved
+
+    async def approve(self, cmd_id: str, approver: str, *,
+                      now_ms: int | None = None) -> StoredCommand:
+        """A second operator's approval: the command becomes due. Raises `UnknownCommandError`
+        or `ApprovalError` (nothing awaits approval, or the approver issued it)."""
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body() -> None:
+            with self._tx() as cur:
+                row = self._q(cur, "SELECT issued_by, approval, state FROM commands"
+                                   " WHERE cmd_id = ?", (cmd_id,)).fetchone()
+                if row is None:
+                    raise UnknownCommandError(cmd_id)
+                issued_by, approval, state = row
+                if approval != APPROVAL_REQUIRED:
+                    raise ApprovalError(cmd_id, "does not await approval"
+                                        if approval is None else "already approved")
+                if state not in _OPEN:
+                    raise ApprovalError(cmd_id, f"is {state}")
+                if issued_by == approver:
+                    raise ApprovalError(cmd_id, f"issued by {approver}: a second operator "
+                                                "must approve it")
+                self._q(cur, "UPDATE commands SET approval = ?, approved_by = ?, approved_ms = ?,"
+                             " updated_ms = ? WHERE cmd_id = ?",
+                        (APPROVED, approver, now, now, cmd_id))
+                self._event(cur, cmd_id, now, str(state), SOURCE_CENTRAL, None,
+                            f"approved by {approver}", None, False, now)
+
+        await self._call(body)
+        return await self.get(cmd_id)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -450,9 +532,15 @@ class CommandStore:
                              received_ms=r[7]) for r in rows]
 
     async def list(self, *, gw: str | None = None, state: str | None = None,
-                   limit: int = 100) -> list[StoredCommand]:
-        """Newest first."""
-        where, params = [], []
+                   limit: int = 100, gw_in: Sequence[str] | None = None) -> list[StoredCommand]:
+        """Newest first; `gw_in` keeps only those gateways' commands (an area scope)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if gw_in is not None:
+            if not gw_in:
+                return []
+            where.append(f"gw IN ({', '.join('?' * len(gw_in))})")
+            params.extend(gw_in)
         if gw is not None:
             where.append("gw = ?")
             params.append(gw)
@@ -467,7 +555,8 @@ class CommandStore:
     async def due(self, *, now_ms: int | None = None, gw: str | None = None) -> list[StoredCommand]:
         """Pending or sent (not yet `received`) commands that have not expired, oldest first."""
         now = _now_ms() if now_ms is None else now_ms
-        sql = f"SELECT {_COLS} FROM commands WHERE state IN (?, ?) AND expires_at_ms > ?"
+        sql = (f"SELECT {_COLS} FROM commands WHERE state IN (?, ?) AND expires_at_ms > ?"
+               f" AND (approval IS NULL OR approval = '{APPROVED}')")
         params: list[Any] = [*_OPEN, now]
         if gw is not None:
             sql += " AND gw = ?"

@@ -1,0 +1,1 @@
+"""People and trust (DESIGN.md §8): users, sessions, authorisation, the audit log."""
