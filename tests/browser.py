@@ -28,3 +28,18 @@ def chromium(profile_dir: Path) -> Iterator[webdriver.Chrome]:
         yield driver
     finally:
         driver.quit()
+
+
+def console_login(driver: webdriver.Chrome, base_url: str, name: str, password: str) -> None:
+    """Open the console, be sent to the login page (登录), log in, and wait for the console."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(base_url + "/")
+    WebDriverWait(driver, 15).until(lambda d: d.current_url.endswith("/login"))
+    driver.find_element(By.ID, "name").send_keys(name)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "submit").click()
+    WebDriverWait(driver, 15).until(
+        lambda d: not d.current_url.endswith("/login")
+        and name in d.find_element(By.ID, "whoami").text)
