@@ -18,7 +18,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -40,6 +39,7 @@ from central.identity.authz import (
     gateway_scope,
 )
 from central.identity.sessions import LoginThrottle
+from central.docs_api import install as install_docs
 from central.identity_api import install as install_identity_api
 from central.ingest import Ingest
 from central.metrics import Metrics
@@ -306,13 +306,13 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
             await storage.close()
             log.info("central_stopped")
 
-    # FastAPIOffline serves /docs and /redoc with swagger-ui and redoc from the package's own
-    # files (/static-offline-docs): duty networks are often cut off from the internet (§8).
-    app = FastAPIOffline(title="Fieldlink central", version=__version__, lifespan=lifespan,
-                         description="Gateways, devices, latest values and series (DESIGN.md "
-                                     "§4). Log in with `POST /api/login` and send the token as "
-                                     "`Authorization: Bearer …` (§8).",
-                         swagger_ui_parameters={"persistAuthorization": False})
+    # /docs and /redoc come from local files (central.docs_api): duty networks are often
+    # cut off from the internet (§8).
+    app = FastAPI(title="Fieldlink central", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Gateways, devices, latest values and series (DESIGN.md §4). Log "
+                              "in with `POST /api/login` and send the token as "
+                              "`Authorization: Bearer …` (§8).")
     counters = AuthCounters()
     app.state.auth_counters = counters
     app.add_middleware(AuthMiddleware, idle_s=lambda: settings.session_idle_s, counters=counters)
@@ -455,6 +455,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     install_identity_api(app, settings, STATIC)  # identity wiring (§8)
+    install_docs(app)  # offline /docs and /redoc (§8)
     install_command_api(app)  # commands wiring (§6)
     install_alarm_api(app)  # alarms wiring (§7)
     _document_bearer(app)
