@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,6 +47,10 @@ from central.storage import Storage
 from central.storage.program import Program
 
 PROBLEM = "application/problem+json"
+# A database id: larger values cannot name a row (and SQLite cannot bind them).
+DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+AreaId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class _Model(BaseModel):
@@ -54,7 +58,7 @@ class _Model(BaseModel):
 
 
 class AreaIn(_Model):
-    parent_id: int | None = Field(None, description="None for a root (the city)")
+    parent_id: DbId | None = Field(None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
     name_zh: str = Field(min_length=1, max_length=100)
@@ -77,7 +81,7 @@ class AreaNodeOut(AreaOut):
 
 
 class GatewayAreaIn(_Model):
-    area_id: int
+    area_id: DbId
 
 
 class GatewayAreaOut(_Model):
@@ -284,7 +288,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=problems,
              tags=["areas"])
-    async def summary(request: Request, area_id: int,
+    async def summary(request: Request, area_id: AreaId,
                       p: Reader) -> SummaryOut:
         await check_area(_storage(request), p, area_id)
         s = await alarms.area_summary(_storage(request), area_id)
@@ -322,7 +326,8 @@ def install(app: FastAPI) -> None:
     @app.get("/api/alarms", response_model=list[AlarmOut], responses=problems, tags=["alarms"])
     async def list_alarms(
         request: Request, p: Reader,
-        area: Annotated[int | None, Query(description="this area and all under it")] = None,
+        area: Annotated[int | None, Query(ge=1, le=2**63 - 1,
+                                          description="this area and all under it")] = None,
         state: Annotated[AlarmStatus | None, Query()] = None,
         ack: Annotated[AckState | None, Query()] = None,
         gw: Annotated[str | None, Query()] = None,
@@ -343,7 +348,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=problems,
              tags=["alarms"])
-    async def get_alarm(request: Request, alarm_id: int,
+    async def get_alarm(request: Request, alarm_id: AlarmId,
                         p: Reader) -> AlarmDetail:
         storage = _storage(request)
         a = await _acting_on(request, p, alarm_id)
@@ -353,7 +358,7 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def ack(request: Request, alarm_id: int, body: ActionIn,
+    async def ack(request: Request, alarm_id: AlarmId, body: ActionIn,
                   p: Operator) -> AlarmOut:
         """Acknowledge (确认) as the logged-in user; 409 if it is acknowledged already."""
         return _alarm_out(await _act(request, p, alarm_id, "alarm.ack", body.comment,
@@ -361,7 +366,7 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def clear(request: Request, alarm_id: int, body: ActionIn,
+    async def clear(request: Request, alarm_id: AlarmId, body: ActionIn,
                     p: Operator) -> AlarmOut:
         """Clear by hand (清除), also while the edge still reports the condition (recorded)."""
         return _alarm_out(await _act(request, p, alarm_id, "alarm.clear", body.comment,
@@ -369,7 +374,7 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def comment(request: Request, alarm_id: int, body: CommentIn,
+    async def comment(request: Request, alarm_id: AlarmId, body: CommentIn,
                       p: Operator) -> AlarmOut:
         """Add a comment (备注) to the alarm's history, in any state."""
         return _alarm_out(await _act(request, p, alarm_id, "alarm.comment", body.comment,
