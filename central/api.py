@@ -273,7 +273,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         audit = AuditLog(storage)
         app.state.audit = audit
         app.state.accounts = Accounts(
-            storage, audit, counters=counters,
+            storage, audit, counters=counters, idle_s=settings.session_idle_s,
             throttle=LoginThrottle(max_failures=settings.login_max_failures,
                                    window_s=settings.login_window_s))
         # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
@@ -373,8 +373,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         devices = await storage.list_devices(gw)
         points = await storage.latest_values(gw)
         by_device: dict[str, list[PointOut]] = {}
-        for p in points:
-            by_device.setdefault(p.device, []).append(_point_out(p))
+        for pt in points:
+            by_device.setdefault(pt.device, []).append(_point_out(pt))
         delivery = await storage.delivery_summary(gw)
         base = _gateway_out(g, settings.offline_after_s, _now_ms(), delivery.get(gw))
         return GatewayDetail(**base.model_dump(), devices=[

@@ -148,7 +148,7 @@ def client_of(request: Request) -> str:
 
 async def _check_user_scope(request: Request, admin: Principal, name: str) -> User:
     target = await _accounts(request).get_user(name)
-    if not admin.sees(target.area_path) and admin.user.area_path is not None:
+    if not admin.sees(target.area_path):
         raise OutOfScopeError(admin.name, f"user {name}")
     return target
 
@@ -196,8 +196,9 @@ def install(app: FastAPI, settings: Settings, static: Any) -> None:
         if body.kind == "cookie":
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/",
                                 secure=settings.cookie_secure)
-            return LoginOut(user=user_out(user), csrf=csrf, idle_timeout_s=settings.session_idle_s)
-        return LoginOut(user=user_out(user), token=token, token_type="bearer",
+            return LoginOut(user=user_out(user), token=None, csrf=csrf,
+                            idle_timeout_s=settings.session_idle_s)
+        return LoginOut(user=user_out(user), token=token, token_type="bearer", csrf=None,
                         idle_timeout_s=settings.session_idle_s)
 
     @app.post("/api/logout", status_code=204, responses=auth_problems, tags=["identity"])

@@ -45,9 +45,10 @@ def _now_ms() -> int:
 
 class Accounts:
     def __init__(self, storage: Storage, audit: AuditLog, *, throttle: LoginThrottle | None = None,
-                 counters: AuthCounters | None = None) -> None:
+                 counters: AuthCounters | None = None, idle_s: float = 1800.0) -> None:
         self.storage = storage
         self.audit = audit
+        self.idle_s = idle_s
         self.throttle = throttle or LoginThrottle()
         self.counters = counters or AuthCounters()
 
@@ -135,7 +136,11 @@ class Accounts:
         upgrade = users.needs_rehash(old_hash)
         new_hash = await asyncio.to_thread(users.rehash, password) if upgrade else None
 
+        idle_ms = int(self.idle_s * 1000)
+
         def program() -> Program[None]:
+            # abandoned tokens (never used again) go here, not only when presented
+            yield from sessions.purge_idle_program(now, idle_ms)
             yield from sessions.create_program(user.id, kind, token, csrf, client, now)
             if new_hash is not None:
                 yield Sql("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, user.id))
