@@ -22,6 +22,7 @@ commits together with its audit row.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
@@ -192,6 +193,10 @@ def _problem(status: int, title: str, detail: str) -> JSONResponse:
                          "detail": detail}, status_code=status, media_type=PROBLEM)
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def _storage(request: Request) -> Storage:
     return request.app.state.storage  # type: ignore[no-any-return]
 
@@ -223,7 +228,7 @@ async def _act(request: Request, p: Principal, alarm_id: int, action: str, comme
                step: Any) -> alarms.Alarm:
     """Run an alarm step and its audit row in one transaction."""
     await _acting_on(request, p, alarm_id)
-    now = alarms._now_ms()
+    now = _now_ms()
     audit = _audit(request)
 
     def program() -> Program[alarms.Alarm]:
@@ -274,7 +279,7 @@ def install(app: FastAPI) -> None:
         else:
             await check_area(storage, p, body.parent_id)
         audit = _audit(request)
-        now = alarms._now_ms()
+        now = _now_ms()
 
         def program() -> Program[Area]:
             a = yield from areas.create_program(body.parent_id, AreaLevel(body.level), body.code,
@@ -312,7 +317,7 @@ def install(app: FastAPI) -> None:
         if before is not None and not p.sees(before):
             raise OutOfScopeError(p.name, f"gateway {gw}")
         audit = _audit(request)
-        now = alarms._now_ms()
+        now = _now_ms()
 
         def program() -> Program[Area]:
             site = yield from areas.assign_program(gw, body.area_id, now)
