@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from central.areas import area_program
 from central.errors import CentralError
-from central.identity.sessions import COOKIE, CSRF_HEADER, Session, lookup_program
+from central.identity.sessions import COOKIE, CSRF_HEADER, Session, resolve
 from central.identity.users import Permission, User
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
@@ -157,7 +157,7 @@ class AuthMiddleware:
             now = time.time_ns() // 1_000_000
             idle_ms = int(self.idle_s() * 1000)
             try:
-                session = await storage.run(lambda: lookup_program(token, now, idle_ms))
+                session = await resolve(storage, token, now, idle_ms)
             except StorageError as exc:
                 log.warning("session_lookup_failed", error=str(exc))
                 await _problem(send, 503, "Storage unavailable", "cannot check the session")

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from central.identity.users import User, by_id_program
+from central.storage import Storage
 from central.storage.program import Program, Sql
 
 TOUCH_MS = 15_000
@@ -63,22 +64,35 @@ def create_program(user_id: int, kind: str, token: str, csrf: str, client: str,
               (token_hash(token), user_id, kind, csrf, now, now, client[:100]))
 
 
-def lookup_program(token: str, now: int, idle_ms: int) -> Program[Session | None]:
-    """The live session of `token` (touched), or None; an idle or disabled one is deleted."""
-    digest = token_hash(token)
+def find_program(digest: str) -> Program[Session | None]:
+    """The session with this token hash and its user, as stored (a read)."""
     rows = yield Sql("SELECT user_id, kind, csrf, created_ms, last_used_ms FROM sessions"
                      " WHERE token_hash = ?", (digest,))
     if not rows:
         return None
     user_id, kind, csrf, created, last = rows[0]
     user = yield from by_id_program(int(user_id))
-    if user.disabled or now - int(last) > idle_ms:
-        yield Sql("DELETE FROM sessions WHERE token_hash = ?", (digest,))
-        return None
-    if now - int(last) >= TOUCH_MS:
-        yield Sql("UPDATE sessions SET last_used_ms = ? WHERE token_hash = ?", (now, digest))
-        last = now
     return Session(digest, user, str(kind), str(csrf), int(created), int(last))
+
+
+def touch_program(digest: str, now: int) -> Program[None]:
+    yield Sql("UPDATE sessions SET last_used_ms = ? WHERE token_hash = ? AND last_used_ms < ?",
+              (now, digest, now))
+
+
+async def resolve(storage: Storage, token: str, now: int, idle_ms: int) -> Session | None:
+    """The live session of `token`, or None; an idle one, or one of a disabled user, is
+    deleted. A read per request; a write only to delete or, every `TOUCH_MS`, to touch."""
+    digest = token_hash(token)
+    session = await storage.run(lambda: find_program(digest), write=False)
+    if session is None:
+        return None
+    if session.user.disabled or now - session.last_used_ms > idle_ms:
+        await storage.run(lambda: delete_program(digest))
+        return None
+    if now - session.last_used_ms >= TOUCH_MS:
+        await storage.run(lambda: touch_program(digest, now))
+    return session
 
 
 def delete_program(digest: str) -> Program[None]:
