@@ -169,6 +169,22 @@ async def test_every_endpoint_but_the_public_ones_answers_401_without_login(env:
     assert r.status_code == 401
 
 
+async def test_websocket_without_session_is_closed(env: Env) -> None:
+    """A websocket to any path (none is served today) is closed with 1008 without a user."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await env.app({"type": "websocket", "path": "/ws/live", "raw_path": b"/ws/live",
+                   "headers": [], "query_string": b"", "scheme": "ws", "root_path": "",
+                   "client": ("127.0.0.1", 1), "server": ("central", 80)}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
 async def test_public_endpoints_answer_without_login(env: Env) -> None:
     """Health, the login page and its assets need no session."""
     assert (await env.c.get("/api/health")).status_code == 200

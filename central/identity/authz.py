@@ -145,8 +145,8 @@ class AuthMiddleware:
         self.counters = counters
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_public(scope["path"]):
-            await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket") or is_public(scope["path"]):
+            await self.app(scope, receive, send)  # lifespan, and the public paths
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
@@ -164,6 +164,10 @@ class AuthMiddleware:
                 return
         if session is None:
             self.counters.refused["unauthenticated"] += 1
+            if scope["type"] == "websocket":  # a websocket route would need a user too
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
+                return
             if scope["method"] == "GET" and "text/html" in headers.get("accept", "") \
                     and not scope["path"].startswith("/api/"):
                 await _redirect(send, "/login")
@@ -172,7 +176,7 @@ class AuthMiddleware:
                            "this endpoint needs a session or a bearer token (POST /api/login)",
                            extra=[(b"www-authenticate", b'Bearer realm="fieldlink"')])
             return
-        if session.kind == "cookie" and scope["method"] not in SAFE_METHODS:
+        if session.kind == "cookie" and scope.get("method", "GET") not in SAFE_METHODS:
             sent = headers.get(CSRF_HEADER.lower(), "")
             if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
                 self.counters.refused["csrf"] += 1
