@@ -291,7 +291,9 @@ def nofile_of(pid: int) -> int | None:
 
 def central_metric(worker: Central, name: str) -> int:
     try:
-        with urllib.request.urlopen(f"{worker.base_url}/metrics", timeout=5) as resp:
+        req = urllib.request.Request(f"{worker.base_url}/metrics",
+                                     headers=worker.auth_headers())  # /metrics needs a user
+        with urllib.request.urlopen(req, timeout=5) as resp:
             text = resp.read().decode()
     except OSError:
         return -1

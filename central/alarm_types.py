@@ -34,6 +34,7 @@ class Action(enum.StrEnum):
     ACK = "ack"
     MANUAL_CLEAR = "manual_clear"
     FLAP_SETTLED = "flap_settled"
+    COMMENT = "comment"  # a user's note; changes nothing
 
 
 class Outcome(enum.StrEnum):

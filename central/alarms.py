@@ -212,6 +212,13 @@ def clear_program(alarm_id: int, user: str, comment: str, now: int) -> Program[A
     return (yield from get_program(alarm_id))
 
 
+def comment_program(alarm_id: int, user: str, comment: str, now: int) -> Program[Alarm]:
+    alarm = yield from get_program(alarm_id)
+    yield history_row(alarm_id, alarm.gw, alarm.alarm_key, str(Action.COMMENT), "user", now, now,
+                      level=alarm.level, user=user, comment=comment)
+    return alarm
+
+
 def summary_program(area_id: int) -> Program[AreaSummary]:
     area = yield from area_program(area_id)
     kids = yield Sql("SELECT id, code, name_zh, level FROM areas WHERE parent_id = ?"

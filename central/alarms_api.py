@@ -6,29 +6,52 @@
     PUT  /api/gateways/{gw}/area   {area_id}          -> the gateway now stands at that site
     GET  /api/alarms?area=&state=&ack=&gw=&limit=     -> alarms of the area and all under it
     GET  /api/alarms/{id}                             -> the alarm and its history
-    POST /api/alarms/{id}/ack      {user, comment}    -> the acknowledged alarm
-    POST /api/alarms/{id}/clear    {user, comment}    -> the alarm, cleared by hand
+    POST /api/alarms/{id}/ack      {comment}          -> the acknowledged alarm
+    POST /api/alarms/{id}/clear    {comment}          -> the alarm, cleared by hand
+    POST /api/alarms/{id}/comment  {comment}          -> the alarm, with the comment in its history
 
 `install(app)` adds the routes and the problem responses: 404 for an unknown area or alarm
 (the app's handler), 409 for a duplicate code or an action the alarm's state does not allow,
-422 for an area that does not fit the hierarchy. `user` is a free name until console logins
-exist (DESIGN.md §8).
+422 for an area that does not fit the hierarchy.
+
+Who acts is the logged-in user (DESIGN.md §8): reading needs `read`, ack/clear/comment
+`operate`, creating areas and placing gateways `administer`; everything is limited to the
+user's area (403 outside it; lists and the tree show only what lies inside). Each action
+commits together with its audit row.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from central import alarms, areas
 from central.alarm_types import AckState, AlarmStatus
 from central.areas import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
+from central.identity.audit import AuditLog
+from central.identity.authz import (
+    Admin,
+    Operator,
+    OutOfScopeError,
+    Principal,
+    Reader,
+    check_area,
+    check_gateway,
+    gateway_path_program,
+    gateway_scope,
+)
 from central.storage import Storage
+from central.storage.program import Program
 
 PROBLEM = "application/problem+json"
+# A database id: larger values cannot name a row (and SQLite cannot bind them).
+DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+AreaId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class _Model(BaseModel):
@@ -36,7 +59,7 @@ class _Model(BaseModel):
 
 
 class AreaIn(_Model):
-    parent_id: int | None = Field(None, description="None for a root (the city)")
+    parent_id: DbId | None = Field(None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
     name_zh: str = Field(min_length=1, max_length=100)
@@ -59,7 +82,7 @@ class AreaNodeOut(AreaOut):
 
 
 class GatewayAreaIn(_Model):
-    area_id: int
+    area_id: DbId
 
 
 class GatewayAreaOut(_Model):
@@ -68,8 +91,11 @@ class GatewayAreaOut(_Model):
 
 
 class ActionIn(_Model):
-    user: str = Field(min_length=1, max_length=64, description="who acts (值班员)")
     comment: str = Field("", max_length=1000)
+
+
+class CommentIn(_Model):
+    comment: str = Field(min_length=1, max_length=1000)
 
 
 class AlarmOut(_Model):
@@ -167,8 +193,51 @@ def _problem(status: int, title: str, detail: str) -> JSONResponse:
                          "detail": detail}, status_code=status, media_type=PROBLEM)
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def _storage(request: Request) -> Storage:
     return request.app.state.storage  # type: ignore[no-any-return]
+
+
+def _audit(request: Request) -> AuditLog:
+    return request.app.state.audit  # type: ignore[no-any-return]
+
+
+def _scoped(nodes: list[AreaNode], p: Principal) -> list[AreaNode]:
+    """The subtree(s) the principal sees: the whole forest, or the node of their area."""
+    if p.user.area_path is None:
+        return nodes
+    for n in nodes:
+        if n.area.path == p.user.area_path:
+            return [n]
+        if p.user.area_path.startswith(n.area.path):
+            return _scoped(list(n.children), p)
+    return []
+
+
+async def _acting_on(request: Request, p: Principal, alarm_id: int) -> alarms.Alarm:
+    storage = _storage(request)
+    a = await alarms.get_alarm(storage, alarm_id)
+    await check_gateway(storage, p, a.gw)
+    return a
+
+
+async def _act(request: Request, p: Principal, alarm_id: int, action: str, comment: str,
+               step: Any) -> alarms.Alarm:
+    """Run an alarm step and its audit row in one transaction."""
+    await _acting_on(request, p, alarm_id)
+    now = _now_ms()
+    audit = _audit(request)
+
+    def program() -> Program[alarms.Alarm]:
+        a = yield from step(alarm_id, p.name, comment, now)
+        yield from audit.program(p.name, action, f"alarm:{alarm_id}",
+                                 {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
+        return a
+
+    return await _storage(request).run(program)
 
 
 def install(app: FastAPI) -> None:
@@ -190,23 +259,43 @@ def install(app: FastAPI) -> None:
         404: {"description": "Unknown area or alarm"}, 409: {"description": "Conflict"},
         422: {"description": "Bad request"}}
 
+
     @app.get("/api/areas", response_model=list[AreaNodeOut], tags=["areas"])
-    async def area_tree(request: Request) -> list[AreaNodeOut]:
-        """The whole tree, roots first, children by code, with the gateways at each site."""
-        return [_node_out(n) for n in await areas.area_tree(_storage(request))]
+    async def area_tree(request: Request, p: Reader) -> list[AreaNodeOut]:
+        """The tree (from the user's own area down), children by code, with the gateways at
+        each site."""
+        return [_node_out(n) for n in _scoped(await areas.area_tree(_storage(request)), p)]
 
     @app.post("/api/areas", response_model=AreaOut, status_code=201, responses=problems,
               tags=["areas"])
-    async def create_area(request: Request, body: AreaIn) -> AreaOut:
+    async def create_area(request: Request, body: AreaIn,
+                          p: Admin) -> AreaOut:
         """Example: `{"parent_id": 2, "level": "site", "code": "420102-site-09",
         "name_zh": "某危化企业", "kind": "enterprise"}`."""
-        return _area_out(await areas.create_area(
-            _storage(request), parent_id=body.parent_id, level=body.level, code=body.code,
-            name_zh=body.name_zh, kind=body.kind))
+        storage = _storage(request)
+        if body.parent_id is None:
+            if p.user.area_path is not None:
+                raise OutOfScopeError(p.name, "a new root area")
+        else:
+            await check_area(storage, p, body.parent_id)
+        audit = _audit(request)
+        now = _now_ms()
+
+        def program() -> Program[Area]:
+            a = yield from areas.create_program(body.parent_id, AreaLevel(body.level), body.code,
+                                                body.name_zh, body.kind, now)
+            yield from audit.program(p.name, "area.created", f"area:{a.code}",
+                                     {"id": a.id, "parent_id": a.parent_id, "level": str(a.level),
+                                      "name_zh": a.name_zh})
+            return a
+
+        return _area_out(await storage.run(program))
 
     @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=problems,
              tags=["areas"])
-    async def summary(request: Request, area_id: int) -> SummaryOut:
+    async def summary(request: Request, area_id: AreaId,
+                      p: Reader) -> SummaryOut:
+        await check_area(_storage(request), p, area_id)
         s = await alarms.area_summary(_storage(request), area_id)
         return SummaryOut(
             area=_area_out(s.area), active=s.active, unacknowledged=s.unacknowledged,
@@ -218,15 +307,32 @@ def install(app: FastAPI) -> None:
 
     @app.put("/api/gateways/{gw}/area", response_model=GatewayAreaOut, responses=problems,
              tags=["areas"])
-    async def place_gateway(request: Request, gw: str, body: GatewayAreaIn) -> GatewayAreaOut:
-        """Put a gateway at a site (it may not have reported yet)."""
-        site = await areas.assign_gateway(_storage(request), gw, body.area_id)
+    async def place_gateway(request: Request, gw: str, body: GatewayAreaIn,
+                            p: Admin) -> GatewayAreaOut:
+        """Put a gateway at a site (it may not have reported yet); both the site and where
+        the gateway stood before must lie in the admin's area."""
+        storage = _storage(request)
+        await check_area(storage, p, body.area_id)
+        before = await storage.run(lambda: gateway_path_program(gw), write=False)
+        if before is not None and not p.sees(before):
+            raise OutOfScopeError(p.name, f"gateway {gw}")
+        audit = _audit(request)
+        now = _now_ms()
+
+        def program() -> Program[Area]:
+            site = yield from areas.assign_program(gw, body.area_id, now)
+            yield from audit.program(p.name, "gateway.placed", f"gateway:{gw}",
+                                     {"area": site.code, "area_id": site.id})
+            return site
+
+        site = await storage.run(program)
         return GatewayAreaOut(gw=gw, area=_area_out(site))
 
     @app.get("/api/alarms", response_model=list[AlarmOut], responses=problems, tags=["alarms"])
     async def list_alarms(
-        request: Request,
-        area: Annotated[int | None, Query(description="this area and all under it")] = None,
+        request: Request, p: Reader,
+        area: Annotated[int | None, Query(ge=1, le=2**63 - 1,
+                                          description="this area and all under it")] = None,
         state: Annotated[AlarmStatus | None, Query()] = None,
         ack: Annotated[AckState | None, Query()] = None,
         gw: Annotated[str | None, Query()] = None,
@@ -235,29 +341,46 @@ def install(app: FastAPI) -> None:
         """Active first, then by severity, newest first.
 
         Example: `?area=2&state=active&ack=unacknowledged`."""
-        rows = await alarms.list_alarms(_storage(request), area_id=area, state=state, ack=ack,
-                                        gw=gw, limit=limit)
-        return [_alarm_out(a) for a in rows]
+        storage = _storage(request)
+        if area is not None:
+            await check_area(storage, p, area)
+        elif p.user.area_id is not None:
+            area = p.user.area_id  # a scoped user's list starts at their area
+        rows = await alarms.list_alarms(storage, area_id=area, state=state, ack=ack, gw=gw,
+                                        limit=limit)
+        visible = await gateway_scope(storage, p)
+        return [_alarm_out(a) for a in rows if visible(a.gw)]
 
     @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=problems,
              tags=["alarms"])
-    async def get_alarm(request: Request, alarm_id: int) -> AlarmDetail:
+    async def get_alarm(request: Request, alarm_id: AlarmId,
+                        p: Reader) -> AlarmDetail:
         storage = _storage(request)
-        a = await alarms.get_alarm(storage, alarm_id)
+        a = await _acting_on(request, p, alarm_id)
         history = await alarms.alarm_history(storage, alarm_id)
         return AlarmDetail(**_alarm_out(a).model_dump(), history=[
             HistoryOut(**{f: getattr(h, f) for f in HistoryOut.model_fields}) for h in history])
 
     @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def ack(request: Request, alarm_id: int, body: ActionIn) -> AlarmOut:
-        """Acknowledge (确认); 409 if it is acknowledged already."""
-        return _alarm_out(await alarms.acknowledge(_storage(request), alarm_id, user=body.user,
-                                                   comment=body.comment))
+    async def ack(request: Request, alarm_id: AlarmId, body: ActionIn,
+                  p: Operator) -> AlarmOut:
+        """Acknowledge (确认) as the logged-in user; 409 if it is acknowledged already."""
+        return _alarm_out(await _act(request, p, alarm_id, "alarm.ack", body.comment,
+                                     alarms.ack_program))
 
     @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def clear(request: Request, alarm_id: int, body: ActionIn) -> AlarmOut:
+    async def clear(request: Request, alarm_id: AlarmId, body: ActionIn,
+                    p: Operator) -> AlarmOut:
         """Clear by hand (清除), also while the edge still reports the condition (recorded)."""
-        return _alarm_out(await alarms.clear_alarm(_storage(request), alarm_id, user=body.user,
-                                                   comment=body.comment))
+        return _alarm_out(await _act(request, p, alarm_id, "alarm.clear", body.comment,
+                                     alarms.clear_program))
+
+    @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=problems,
+              tags=["alarms"])
+    async def comment(request: Request, alarm_id: AlarmId, body: CommentIn,
+                      p: Operator) -> AlarmOut:
+        """Add a comment (备注) to the alarm's history, in any state."""
+        return _alarm_out(await _act(request, p, alarm_id, "alarm.comment", body.comment,
+                                     alarms.comment_program))

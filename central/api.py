@@ -29,8 +29,20 @@ from central.commands import start_commands
 from central.commands_api import install as install_command_api
 from central.errors import CentralError
 from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
-from central.identity.enrolment_api import start_identity  # identity (§8)
+from central.identity.enrolment_api import identity_audit, start_identity  # identity (§8)
 from central.history import keep_days, start_history
+from central.identity.accounts import Accounts
+from central.identity.audit import AuditLog
+from central.identity.authz import (
+    AuthCounters,
+    AuthMiddleware,
+    Reader,
+    check_gateway,
+    gateway_scope,
+)
+from central.identity.sessions import LoginThrottle
+from central.docs_api import install as install_docs
+from central.identity_api import install as install_identity_api
 from central.ingest import Ingest
 from central.metrics import Metrics
 from central.narrowband import NarrowbandReceiver
@@ -221,6 +233,28 @@ def _problem(status: int, title: str, detail: str,
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM)
 
 
+def _document_bearer(app: FastAPI) -> None:
+    """Say in the OpenAPI description that every operation but the public ones needs a
+    bearer token (the middleware enforces it; this lets /docs and clients send one)."""
+    from fastapi.openapi.utils import get_openapi
+
+    from central.identity.authz import is_public
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in schema.get("paths", {}).items():
+                for op in ops.values():
+                    op["security"] = [] if is_public(path) else [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # --- the app ----------------------------------------------------------------------------------
 
 
@@ -237,14 +271,22 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         app.state.storage = storage
         app.state.metrics = metrics
         app.state.ingest = ingest
+        # --- identity wiring (DESIGN.md §8): the audit log, users and sessions.
+        audit = AuditLog(storage)
+        app.state.audit = audit
+        app.state.accounts = Accounts(
+            storage, audit, counters=counters, idle_s=settings.session_idle_s,
+            throttle=LoginThrottle(max_failures=settings.login_max_failures,
+                                   window_s=settings.login_window_s))
         # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
-        app.state.commands = await start_commands(settings, storage, dispatch=run_ingest)
+        app.state.commands = await start_commands(settings, storage, audit=audit,
+                                                  dispatch=run_ingest)
         ingest.command_hooks = app.state.commands.service
-        # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL; its audit hook
-        # comes from central.identity.enrolment_api.identity_audit (or pass audit= here).
+        # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL, audited.
         try:
             app.state.identity = await start_identity(
-                settings, app.state.commands.service.public_key_b64)
+                settings, app.state.commands.service.public_key_b64,
+                audit=identity_audit(audit))
         except BaseException:  # e.g. a CA key others may read: central refuses to start
             await app.state.commands.stop()
             await storage.close()
@@ -276,8 +318,16 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
             await storage.close()
             log.info("central_stopped")
 
+    # /docs and /redoc come from local files (central.docs_api): duty networks are often
+    # cut off from the internet (§8).
     app = FastAPI(title="Fieldlink central", version=__version__, lifespan=lifespan,
-                  description="Gateways, devices, latest values and series (DESIGN.md §4).")
+                  docs_url=None, redoc_url=None,
+                  description="Gateways, devices, latest values and series (DESIGN.md §4). Log "
+                              "in with `POST /api/login` and send the token as "
+                              "`Authorization: Bearer …` (§8).")
+    counters = AuthCounters()
+    app.state.auth_counters = counters
+    app.add_middleware(AuthMiddleware, idle_s=lambda: settings.session_idle_s, counters=counters)
 
     def storage_of(request: Request) -> Storage:
         return request.app.state.storage  # type: ignore[no-any-return]
@@ -317,23 +367,26 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
                       version=__version__)
 
     @app.get("/api/gateways", response_model=list[GatewayOut], tags=["gateways"])
-    async def gateways(request: Request) -> list[GatewayOut]:
+    async def gateways(request: Request, p: Reader) -> list[GatewayOut]:
+        """The gateways within the user's area."""
         now = _now_ms()
         storage = storage_of(request)
+        visible = await gateway_scope(storage, p)
         delivery = await storage.delivery_summary()
         return [_gateway_out(g, settings.offline_after_s, now, delivery.get(g.gw))
-                for g in await storage.list_gateways()]
+                for g in await storage.list_gateways() if visible(g.gw)]
 
     @app.get("/api/gateways/{gw}", response_model=GatewayDetail, responses=problems,
              tags=["gateways"])
-    async def gateway(request: Request, gw: str) -> GatewayDetail:
+    async def gateway(request: Request, gw: str, p: Reader) -> GatewayDetail:
         storage = storage_of(request)
+        await check_gateway(storage, p, gw)
         g = await storage.get_gateway(gw)
         devices = await storage.list_devices(gw)
         points = await storage.latest_values(gw)
         by_device: dict[str, list[PointOut]] = {}
-        for p in points:
-            by_device.setdefault(p.device, []).append(_point_out(p))
+        for pt in points:
+            by_device.setdefault(pt.device, []).append(_point_out(pt))
         delivery = await storage.delivery_summary(gw)
         base = _gateway_out(g, settings.offline_after_s, _now_ms(), delivery.get(gw))
         return GatewayDetail(**base.model_dump(), devices=[
@@ -342,14 +395,17 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
 
     @app.get("/api/devices/{device}/points", response_model=list[PointOut], responses=problems,
              tags=["devices"])
-    async def device_points(request: Request, device: str) -> list[PointOut]:
+    async def device_points(request: Request, device: str,
+                            p: Reader) -> list[PointOut]:
+        await check_gateway(storage_of(request), p, device.split(":", 1)[0])
         return [_point_out(p) for p in await storage_of(request).device_points(device)]
 
     @app.get("/api/gateways/{gw}/delivery", response_model=DeliveryOut, responses=problems,
              tags=["gateways"])
-    async def delivery(request: Request, gw: str) -> DeliveryOut:
+    async def delivery(request: Request, gw: str, p: Reader) -> DeliveryOut:
         """What central holds of each of the gateway's streams and what it knows is missing:
         gaps, split into reported lost (the edge's outbox evicted them) and pending."""
+        await check_gateway(storage_of(request), p, gw)
         d = await storage_of(request).delivery(gw)
         return DeliveryOut(gw=d.gw, stream=d.stream, last_seen_ms=d.last_seen_ms,
                            backlog=d.backlog, streams=[
@@ -360,7 +416,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     @app.get("/api/points/{point:path}/series", response_model=SeriesOut, responses=problems,
              tags=["points"])
     async def series(
-        request: Request, point: str,
+        request: Request, point: str, p: Reader,
         from_: Annotated[str | None, Query(alias="from",
                                            description="epoch ms or ISO-8601")] = None,
         to: Annotated[str | None, Query(description="epoch ms or ISO-8601; default now")] = None,
@@ -374,6 +430,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         from_ms = parse_time("from", from_, to_ms - DAY_MS)
         if from_ms > to_ms:
             raise TimeParamError("from", f"{from_} (after to)")
+        await check_gateway(storage_of(request), p, point.split(":", 1)[0])
         res: Resolution = (choose_resolution(from_ms, to_ms) if resolution == "auto"
                            else resolution)
         storage = storage_of(request)
@@ -400,17 +457,21 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
                          truncated=len(rows) > n, samples=samples)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
-    async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(request.app.state.metrics.render()
-                                 + request.app.state.identity.render_metrics(),  # identity (§8)
+    async def metrics(request: Request, _: Reader) -> PlainTextResponse:
+        text = (request.app.state.metrics.render() + counters.render()
+                + request.app.state.identity.render_metrics())  # identity (§8)
+        return PlainTextResponse(text,
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)
     async def console() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
+    install_identity_api(app, settings, STATIC)  # identity wiring (§8)
+    install_docs(app)  # offline /docs and /redoc (§8)
     install_command_api(app)  # commands wiring (§6)
     install_enrolment_api(app)  # identity wiring (§8): reachable without a login
     install_alarm_api(app)  # alarms wiring (§7)
+    _document_bearer(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -151,6 +151,12 @@ app.add_typer(gateway_app, name="gateway")
 app.command("broker-config", short_help="Write a production Mosquitto config (mTLS, ACLs, CRL).  "
             "e.g. central broker-config --out /etc/mosquitto/fieldlink --host mqtt.example")(
     _broker_config)
+# --- people and audit (DESIGN.md §8): `central user …`, `central audit …`
+from central.identity.cli import audit_app, user_app  # noqa: E402
+
+app.add_typer(user_app)
+app.add_typer(audit_app)
+# --- end people and audit
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
 """Central's side of commands (DESIGN.md §6): issue, sign, dispatch, and follow their state.
 
 `CommandService.issue()` checks a command (gateway known, kind and args valid, lifetime within
-`MAX_TTL_MS`) and stores it `pending`. The dispatcher (`run()`, task `commands.dispatch`)
+`MAX_TTL_MS`; a point write also against the device profile: point, writable, value in range,
+`central.commands_check`) and stores it `pending`, naming the user who issued it. A write to a
+safety-critical point waits, unsigned, until a second operator approves it (`approve`).
+Issuing, approving, every signing and every result the gateway reports go to the audit log. The dispatcher (`run()`, task `commands.dispatch`)
 publishes due commands on `fieldlink/v1/{gw}/down/cmd` (QoS 1), each signed with central's
 Ed25519 key at publish time (so `sync_time` carries central's clock at that moment). A command
 is due while it is `pending` or `sent` and unexpired, and goes out:
@@ -34,7 +37,9 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from central import mqtt_client, tasks
+from central.commands_check import WritePolicy
 from central.commands_store import (
+    APPROVAL_REQUIRED,
     ORIGIN_CENTRAL,
     SOURCE_CENTRAL,
     CommandStore,
@@ -43,6 +48,8 @@ from central.commands_store import (
     StoredCommand,
 )
 from central.errors import CentralError
+from device_profiles.loader import ProfilePoint
+from central.identity.audit import SYSTEM, AuditLog
 from central.keys import signing_key
 from central.settings import Settings
 from central.storage import Storage, UnknownDeviceError
@@ -90,6 +97,7 @@ class CommandCounters:
     reports: int = 0
     reports_applied: int = 0
     reports_malformed: int = 0
+    audit_failures: int = 0
 
 
 def _now_ms() -> int:
@@ -100,12 +108,14 @@ class CommandService:
     """Issues, dispatches and tracks commands; one per central process."""
 
     def __init__(self, settings: Settings, storage: Storage, store: CommandStore,
-                 key: Ed25519PrivateKey, *, resend_s: float = RESEND_S,
-                 tick_s: float = TICK_S) -> None:
+                 key: Ed25519PrivateKey, *, audit: AuditLog, policy: WritePolicy,
+                 resend_s: float = RESEND_S, tick_s: float = TICK_S) -> None:
         self.settings = settings
         self.storage = storage
         self.store = store
         self.key = key
+        self.audit = audit
+        self.policy = policy
         self.resend_ms = int(resend_s * 1000)
         self.tick_s = tick_s
         self.counters = CommandCounters()
@@ -125,10 +135,12 @@ class CommandService:
     # --- issuing ------------------------------------------------------------------------
 
     async def issue(self, gw: str, kind: str, args: Mapping[str, Any], ttl_s: float, *,
-                    now_ms: int | None = None) -> StoredCommand:
-        """Check and store a command for `gw`; the dispatcher sends it when the gw is online.
+                    user: str = SYSTEM, now_ms: int | None = None) -> StoredCommand:
+        """Check and store a command for `gw` issued by `user`; the dispatcher signs and sends
+        it when the gw is online (and, for a safety-critical write, once it is approved).
 
-        Raises `UnknownGatewayError`, `CommandRequestError` or a `CommandError`.
+        Raises `UnknownGatewayError`, `CommandRequestError`, `WriteRefusedError` or a
+        `CommandError`.
         """
         now = _now_ms() if now_ms is None else now_ms
         await self.storage.get_gateway(gw)
@@ -140,30 +152,51 @@ class CommandService:
             typed = args_from_mapping(kind, {"central_ms": now})
         else:
             typed = args_from_mapping(kind, wire_args)
+        approval = None
         if isinstance(typed, WritePoint):
-            await self._check_point(gw, typed)
+            if (await self._check_point(gw, typed)).safety_critical:
+                approval = APPROVAL_REQUIRED
         cmd = make_command(uuid.uuid4().hex, gw=gw, args=typed, issued_at_ms=now,
                            ttl_ms=int(round(ttl_s * 1000)))
         stored = StoredCommand(cmd_id=cmd.cmd_id, gw=gw, kind=str(cmd.kind), target=cmd.target,
                                args=wire_args, issued_at_ms=cmd.issued_at_ms,
                                expires_at_ms=cmd.expires_at_ms, state=CommandState.PENDING,
                                state_source=SOURCE_CENTRAL, origin=ORIGIN_CENTRAL,
-                               created_ms=now, updated_ms=now)
+                               created_ms=now, updated_ms=now, issued_by=user,
+                               approval=approval)
         await self.store.insert(stored, now_ms=now)
         self.counters.issued += 1
         log.info("command_issued", cmd_id=cmd.cmd_id, gw=gw, kind=str(cmd.kind),
-                 target=cmd.target, expires_at_ms=cmd.expires_at_ms)
+                 target=cmd.target, expires_at_ms=cmd.expires_at_ms, user=user,
+                 approval=approval)
+        await self.audit.append(user, "command.issued", f"command:{cmd.cmd_id}",
+                                {"gw": gw, "kind": str(cmd.kind), "target": cmd.target,
+                                 "args": wire_args, "approval": approval})
         self._wake.set()
         return await self.store.get(cmd.cmd_id)
 
-    async def _check_point(self, gw: str, wp: WritePoint) -> None:
-        """Refuse a point central knows nothing about (the gateway checks `writable`)."""
+    async def approve(self, cmd_id: str, user: str) -> StoredCommand:
+        """A second operator approves a safety-critical write; it is signed and sent next.
+
+        Raises `UnknownCommandError` or `ApprovalError`."""
+        cmd = await self.store.approve(cmd_id, user)
+        await self.audit.append(user, "command.approved", f"command:{cmd_id}",
+                                {"gw": cmd.gw, "target": cmd.target, "issued_by": cmd.issued_by})
+        log.info("command_approved", cmd_id=cmd_id, gw=cmd.gw, user=user)
+        self._wake.set()
+        return cmd
+
+    async def _check_point(self, gw: str, wp: WritePoint) -> ProfilePoint:
+        """The profile's point, if the device reported it and the profile lets it be written
+        with this value; `CommandRequestError` / `WriteRefusedError` (422) otherwise."""
         try:
             points = await self.storage.device_points(f"{gw}:{wp.device}")
         except UnknownDeviceError:
             raise CommandRequestError("args.device", f"gateway {gw} has no device {wp.device!r}") from None
-        if not any(p.point == wp.point for p in points):
+        found = [p for p in points if p.point == wp.point]
+        if not found:
             raise CommandRequestError("args.point", f"device {wp.device} has no point {wp.point!r}")
+        return self.policy.check(found[0].profile, wp)
 
     # --- hooks called by ingest -----------------------------------------------------------
 
@@ -192,8 +225,23 @@ class CommandService:
             reports.append(Report(seq=r.seq, ts_ms=r.ts_ms, result=result,
                                   attrs=dict(r.attrs or {})))
         if reports:
-            self.counters.reports_applied += await self.store.apply_reports(batch.gw, batch.stream,
-                                                                            reports)
+            moved = await self.store.apply_reports_detailed(batch.gw, batch.stream, reports)
+            self.counters.reports_applied += len(moved)
+            for m in moved:
+                await self._audit_quietly(f"gateway:{batch.gw}", "command.result",
+                                          f"command:{m.cmd_id}",
+                                          {"gw": batch.gw, "state": m.state, "reason": m.reason})
+
+    async def _audit_quietly(self, actor: str, action: str, target: str,
+                             detail: Mapping[str, Any]) -> bool:
+        """Audit from a background path: a failure is logged and counted, not raised."""
+        try:
+            await self.audit.append(actor, action, target, detail)
+            return True
+        except CentralError as exc:
+            self.counters.audit_failures += 1
+            log.error("audit_append_failed", action=action, target=target, error=str(exc))
+            return False
 
     # --- the dispatcher -------------------------------------------------------------------
 
@@ -286,6 +334,11 @@ class CommandService:
         except CommandError as exc:
             log.error("command_unsignable", cmd_id=cmd.cmd_id, error=str(exc))
             return
+        # No signature leaves central unaudited: if the log cannot take the row, wait.
+        if not await self._audit_quietly(SYSTEM, "command.signed", f"command:{cmd.cmd_id}",
+                                         {"gw": cmd.gw, "target": cmd.target,
+                                          "attempt": cmd.sent_count + 1, "signed_ms": now}):
+            return
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(cmd.gw, "cmd"), payload, qos=1,
                              timeout=PUBLISH_TIMEOUT_S)
@@ -313,13 +366,14 @@ class CommandsRuntime:
         await self.store.close()
 
 
-async def start_commands(settings: Settings, storage: Storage, *,
+async def start_commands(settings: Settings, storage: Storage, *, audit: AuditLog,
                          dispatch: bool = True) -> CommandsRuntime:
     """Load (or make) the signing key, open the command tables, start the dispatcher task."""
     key, path = await asyncio.to_thread(signing_key, settings)
+    policy = await asyncio.to_thread(WritePolicy.from_dirs, settings.profile_dirs)
     store = CommandStore(settings.db_url)
     await store.open()
-    service = CommandService(settings, storage, store, key)
+    service = CommandService(settings, storage, store, key, audit=audit, policy=policy)
     log.info("commands_ready", key_path=str(path) if path else None, public_key=service.public_key_b64)
     task = (tasks.start("commands.dispatch", service.run) if dispatch
             else None)

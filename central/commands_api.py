@@ -1,13 +1,20 @@
 """HTTP API of commands (DESIGN.md §6): issue, list, follow; and the key gateways pin.
 
     POST /api/commands                {gw, kind, args, ttl_s} -> 201, the stored command
+    POST /api/commands/{cmd_id}/approve                       -> the approved command
     GET  /api/commands?gw=&state=&limit=                      -> newest first
     GET  /api/commands/{cmd_id}                               -> the command and its history
     GET  /api/keys/commands                                   -> central's public key
 
 `install(app)` adds the routes and the problem responses for command errors: 422 for a bad
-kind, bad args or an unknown point; 404 for an unknown gateway (the app's handler) or command;
-503 while the command service is not running.
+kind, bad args, an unknown point, or a write the device profile refuses (not writable, value
+out of range; nothing is signed); 404 for an unknown gateway (the app's handler) or command;
+409 for an approval that is not possible (the issuer's own, or nothing to approve); 503 while
+the command service is not running.
+
+Issuing and approving need the `operate` permission, and the gateway must lie in the user's
+area (403 otherwise); a write to a safety-critical point waits (`approval: "required"`) until
+a different operator approves it.
 """
 
 from __future__ import annotations
@@ -19,8 +26,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from central.commands import CommandRequestError, CommandService
-from central.commands_store import CommandEvent, CommandStoreError, StoredCommand, UnknownCommandError
+from central.commands_check import WriteRefusedError
+from central.commands_store import (
+    ApprovalError,
+    CommandEvent,
+    CommandStoreError,
+    StoredCommand,
+    UnknownCommandError,
+)
 from central.errors import CentralError
+from central.identity.authz import Operator, Reader, check_gateway, gateway_scope
 from protocols.command_results import CommandState
 from protocols.commands import MAX_TTL_MS, CommandError, CommandKind
 
@@ -62,6 +77,9 @@ class CommandOut(_Model):
     updated_ms: int
     sent_count: int
     last_sent_ms: int | None
+    issued_by: str | None
+    approval: str | None  # null: not needed; required: waits for a second operator; approved
+    approved_by: str | None
 
 
 class CommandEventOut(_Model):
@@ -91,7 +109,8 @@ def _out(c: StoredCommand) -> CommandOut:
                       state=str(c.state), state_source=c.state_source, reason=c.reason,
                       detail=c.detail, result=dict(c.result) if c.result else None,
                       origin=c.origin, created_ms=c.created_ms, updated_ms=c.updated_ms,
-                      sent_count=c.sent_count, last_sent_ms=c.last_sent_ms)
+                      sent_count=c.sent_count, last_sent_ms=c.last_sent_ms,
+                      issued_by=c.issued_by, approval=c.approval, approved_by=c.approved_by)
 
 
 def _event_out(e: CommandEvent) -> CommandEventOut:
@@ -123,6 +142,14 @@ def install(app: FastAPI) -> None:
     async def refused(_: Request, exc: CommandRequestError) -> JSONResponse:
         return _problem(422, "Invalid command", str(exc))
 
+    @app.exception_handler(WriteRefusedError)
+    async def write_refused(_: Request, exc: WriteRefusedError) -> JSONResponse:
+        return _problem(422, "Write refused by the device profile", str(exc))
+
+    @app.exception_handler(ApprovalError)
+    async def approval_refused(_: Request, exc: ApprovalError) -> JSONResponse:
+        return _problem(409, "Approval not possible", str(exc))
+
     @app.exception_handler(UnknownCommandError)
     async def unknown(_: Request, exc: UnknownCommandError) -> JSONResponse:
         return _problem(404, "Unknown command", str(exc))
@@ -136,42 +163,66 @@ def install(app: FastAPI) -> None:
         return _problem(503, "Commands unavailable", str(exc))
 
     problems: dict[int | str, dict[str, Any]] = {
+        401: {"description": "Login required"}, 403: {"description": "Role or area refused"},
         404: {"description": "Unknown gateway or command"},
         422: {"description": "Invalid command"}, 503: {"description": "Commands unavailable"}}
 
     @app.post("/api/commands", response_model=CommandOut, status_code=201, responses=problems,
               tags=["commands"], summary="Issue a signed command to a gateway")
-    async def issue(request: Request, body: IssueIn) -> CommandOut:
-        """Stored `pending`; sent when the gateway is online, until it reports `received`.
+    async def issue(request: Request, body: IssueIn,
+                    p: Operator) -> CommandOut:
+        """Stored `pending`; signed and sent when the gateway is online, until it reports
+        `received`. A write to a safety-critical point first waits for a second operator.
 
         Example: `{"gw": "gw-1", "kind": "write_point", "args": {"device": "gas-1",
         "point": "sample_interval_s", "value": 30}, "ttl_s": 600}`.
         """
-        cmd = await _service(request).issue(body.gw, str(body.kind), body.args, body.ttl_s)
+        service = _service(request)
+        await check_gateway(request.app.state.storage, p, body.gw)
+        cmd = await service.issue(body.gw, str(body.kind), body.args, body.ttl_s, user=p.name)
         return _out(cmd)
+
+    @app.post("/api/commands/{cmd_id}/approve", response_model=CommandOut,
+              responses={**problems, 409: {"description": "Approval not possible"}},
+              tags=["commands"], summary="Approve a safety-critical write (a second operator)")
+    async def approve(request: Request, cmd_id: str,
+                      p: Operator) -> CommandOut:
+        """The operator who issued the command cannot approve it."""
+        service = _service(request)
+        cmd = await service.store.get(cmd_id)
+        await check_gateway(request.app.state.storage, p, cmd.gw)
+        return _out(await service.approve(cmd_id, p.name))
 
     @app.get("/api/commands", response_model=list[CommandOut], responses=problems,
              tags=["commands"])
     async def list_commands(
-        request: Request,
+        request: Request, p: Reader,
         gw: Annotated[str | None, Query(description="only this gateway's")] = None,
         state: Annotated[CommandState | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[CommandOut]:
         store = _service(request).store
-        rows = await store.list(gw=gw, state=None if state is None else str(state), limit=limit)
+        gw_in = None
+        if p.user.area_path is not None:
+            storage = request.app.state.storage
+            visible = await gateway_scope(storage, p)
+            gw_in = [g.gw for g in await storage.list_gateways() if visible(g.gw)]
+        rows = await store.list(gw=gw, state=None if state is None else str(state), limit=limit,
+                                gw_in=gw_in)
         return [_out(c) for c in rows]
 
     @app.get("/api/commands/{cmd_id}", response_model=CommandDetail, responses=problems,
              tags=["commands"])
-    async def get_command(request: Request, cmd_id: str) -> CommandDetail:
+    async def get_command(request: Request, cmd_id: str,
+                          p: Reader) -> CommandDetail:
         store = _service(request).store
         cmd = await store.get(cmd_id)
+        await check_gateway(request.app.state.storage, p, cmd.gw)
         history = await store.history(cmd_id)
         return CommandDetail(**_out(cmd).model_dump(), history=[_event_out(e) for e in history])
 
     @app.get("/api/keys/commands", response_model=KeyOut, responses=problems, tags=["commands"])
-    async def command_key(request: Request) -> KeyOut:
+    async def command_key(request: Request, _: Reader) -> KeyOut:
         """The public key gateways pin (`[commands] central_public_key`)."""
         service = _service(request)
         return KeyOut(algorithm="Ed25519", public_key=service.public_key_b64,

@@ -33,7 +33,7 @@ from central.areas import SEED_DIR, seed_areas
 from central.broker import embedded_broker
 from central.demo_link import LinkSwitch
 from central.settings import NarrowbandGateway, Settings
-from central.storage import open_storage
+from central.storage import Storage, open_storage
 
 log = structlog.get_logger(__name__)
 
@@ -215,6 +215,34 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                 await p.wait()
 
 
+DEMO_ADMIN = "admin"
+DEMO_LOGIN_FILE = "console-login.txt"
+
+
+async def demo_login(storage: Storage, data_dir: Path) -> tuple[str, str]:
+    """The demo's admin and its password: made with a random password on the first run and
+    kept in `data_dir/console-login.txt` (0600) for the next."""
+    from central.identity.accounts import Accounts
+    from central.identity.audit import AuditLog
+    from central.identity.users import UnknownUserError
+
+    path = data_dir / DEMO_LOGIN_FILE
+    accounts = Accounts(storage, AuditLog(storage))
+    try:
+        await accounts.get_user(DEMO_ADMIN)
+        if path.exists():
+            return DEMO_ADMIN, path.read_text(encoding="utf-8").strip()
+        password = secrets.token_urlsafe(12)  # the file is gone: set a new one
+        await accounts.set_password("demo", DEMO_ADMIN, password)
+    except UnknownUserError:
+        password = secrets.token_urlsafe(12)
+        await accounts.add_user("demo", DEMO_ADMIN, "admin", password)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(password + "\n")
+    return DEMO_ADMIN, password
+
+
 async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: str | None) -> None:
     """Run broker, central and the fleet until Ctrl-C."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +270,7 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                                  for gw in remote if gw.beidou_card])
         async with open_storage(settings.db_url) as st:  # Wuhan's areas and the fleet's sites
             await seed_areas(st, SEED_DIR / "wuhan.yaml")
+            login = await demo_login(st, data_dir)  # the console's first admin (DESIGN.md §8)
         app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, host=http_host, port=http_port, log_config=None,
                                                access_log=False, lifespan="on"))
@@ -276,6 +305,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
         print("The gateways enrolled with one-time tokens and hold certificates from central's "
               "CA, but this broker is plain MQTT (amqtt cannot enforce per-gateway ACLs): use "
               "Mosquitto from `central broker-config` in production (README).", flush=True)
+        print(f"Console login: user {login[0]}  password {login[1]}  (kept in "
+              f"{data_dir / DEMO_LOGIN_FILE}, mode 0600)", flush=True)
         await serve
 
 

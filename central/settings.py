@@ -142,6 +142,18 @@ class Settings(BaseModel):
     enrol_token_ttl_s: float = Field(86_400.0, gt=0, le=30 * 86_400,
                                      description="default lifetime of an enrolment token")
     # --- end mqtt tls
+    # --- identity (DESIGN.md §8; central.identity): sessions, login throttle, profiles
+    session_idle_s: float = Field(1800.0, gt=0, description="a console session or API token "
+                                  "unused this long is logged out")
+    login_max_failures: int = Field(5, ge=1, description="failed logins per user name or "
+                                    "client address within login_window_s before logins are "
+                                    "refused (429) until the window passes")
+    login_window_s: float = Field(300.0, gt=0)
+    cookie_secure: bool = Field(False, description="mark the session cookie Secure (set it "
+                                "when the console is served over HTTPS)")
+    profile_dirs: list[Path] = Field(default_factory=list, description="device profiles beyond "
+                                     "the built-in ones, to check writes against (§8)")
+    # --- end identity
     command_key_path: Path | None = Field(
         None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")

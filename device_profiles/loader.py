@@ -168,6 +168,9 @@ class ProfilePoint:
     sim: SimModel
     alarm: AlarmSpec | None
     factor: str | None = None  # the HJ 212 factor code; None for a Modbus point
+    write_min: float | None = None  # writes outside [write_min, write_max] are refused
+    write_max: float | None = None
+    safety_critical: bool = False  # a write needs a second operator's approval (§8)
 
     @property
     def spec(self) -> PointSpec:
@@ -301,6 +304,10 @@ def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profil
     for point in dumped["points"]:
         if point["factor"] is None:
             del point["factor"]  # so that Modbus profiles hash as they did before HJ 212 came
+        for name, default in (("write_min", None), ("write_max", None),
+                              ("safety_critical", False)):
+            if point.get(name, default) == default:
+                point.pop(name, None)  # likewise: profiles without them keep their hash
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return Profile(
         id=model.id,
@@ -359,6 +366,9 @@ def _convert_modbus(model: ProfileModel, fail: Any) -> list[ProfilePoint]:
                 writable=pm.writable,
                 sim=pm.sim or ConstantSim(kind="constant", value=_zero(spec.dtype)),
                 alarm=_alarm(pm.alarm),
+                write_min=pm.write_min,
+                write_max=pm.write_max,
+                safety_critical=pm.safety_critical,
             )
         )
     _check_overlaps(points, fail)

@@ -91,8 +91,24 @@ class PointModel(_Strict):
     word_order: Order | None = None
     poll: Literal["fast", "normal", "slow"] = "normal"
     writable: bool = False
+    # Writes (DESIGN.md §8): central refuses a write outside [write_min, write_max] before it
+    # signs, and a write to a safety-critical point (a relay, a valve) waits for a second
+    # operator's approval.
+    write_min: float | None = None
+    write_max: float | None = None
+    safety_critical: bool = False
     sim: SimModel | None = None
     alarm: AlarmModel | None = None
+
+    @model_validator(mode="after")
+    def _write_fields(self) -> PointModel:
+        if not self.writable and (self.safety_critical or self.write_min is not None
+                                  or self.write_max is not None):
+            raise ValueError("write_min, write_max and safety_critical apply to writable points")
+        if (self.write_min is not None and self.write_max is not None
+                and self.write_min > self.write_max):
+            raise ValueError("write_min must not be above write_max")
+        return self
 
     @field_validator("scale", "offset")
     @classmethod

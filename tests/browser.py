@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,17 +15,56 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
+# Network off for everything but this machine: names resolve to nothing except 127.0.0.1, and
+# whatever is not loopback goes to a proxy port nobody listens on (DESIGN.md §8: duty networks
+# are often isolated, and the console and docs must still work).
+OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+           "--proxy-server=http://127.0.0.1:9")
+
+
 @contextmanager
-def chromium(profile_dir: Path) -> Iterator[webdriver.Chrome]:
-    """A real headless Chromium with the flags this sandbox needs; no driver download."""
+def chromium(profile_dir: Path, *, extra_args: Sequence[str] = (),
+             log_requests: bool = False) -> Iterator[webdriver.Chrome]:
+    """A real headless Chromium with the flags this sandbox needs; no driver download.
+
+    `log_requests` keeps the DevTools performance log (`requested_urls` reads it)."""
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
                  "--window-size=1280,900", "--lang=zh-CN", f"--user-data-dir={profile_dir}"):
         opts.add_argument(flag)
+    for flag in extra_args:
+        opts.add_argument(flag)
+    if log_requests:
+        opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     try:
         yield driver
     finally:
         driver.quit()
+
+
+def console_login(driver: webdriver.Chrome, base_url: str, name: str, password: str) -> None:
+    """Open the console, be sent to the login page (登录), log in, and wait for the console."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(base_url + "/")
+    WebDriverWait(driver, 15).until(lambda d: d.current_url.endswith("/login"))
+    driver.find_element(By.ID, "name").send_keys(name)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "submit").click()
+    WebDriverWait(driver, 15).until(
+        lambda d: not d.current_url.endswith("/login")
+        and name in d.find_element(By.ID, "whoami").text)
+
+
+def requested_urls(driver: webdriver.Chrome) -> list[str]:
+    """Every URL the page asked for since the last call (Network.requestWillBeSent)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg.get("method") == "Network.requestWillBeSent":
+            urls.append(msg["params"]["request"]["url"])
+    return urls

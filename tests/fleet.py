@@ -138,6 +138,7 @@ class Central(Child):
         self.db_path = workdir / f"{name}.db"
         self.db_url = db_url or f"sqlite:///{self.db_path}"
         self.http_port = free_port()
+        self._auth: dict[str, str] | None = None
         super().__init__(name, [sys.executable, "-m", "central", "serve", "--db", self.db_url,
                                 "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker_port),
                                 "--http-port", str(self.http_port), *extra_args], workdir)
@@ -150,6 +151,16 @@ class Central(Child):
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    def auth_headers(self) -> dict[str, str]:
+        """An admin's bearer header for this central (made with `central user add` the first
+        time; every endpoint but /api/health needs a user, DESIGN.md §8)."""
+        if self._auth is None:
+            from tests.identity import bearer, cli_user
+
+            cli_user(self.db_url)
+            self._auth = bearer(self.base_url)
+        return self._auth
 
 
 def sqlite_rows(path: Path, sql: str, params: Sequence[object] = ()) -> list[tuple]:

@@ -19,6 +19,7 @@ from central.storage.aggregates import HOUR_MS, MINUTE_MS, choose_resolution
 from central.storage.program import Program, Sql
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
 from tests.pg import pg_schema
+from tests.identity import authorize
 
 NOW = time.time_ns() // 1_000_000
 DAY = 86_400_000
@@ -166,6 +167,7 @@ async def test_series_api_picks_resolution_and_returns_buckets(tmp_path: Path) -
     app = create_app(settings, run_ingest=False)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://central") as c:
+        await authorize(app, c)
         url = "/api/points/gw-1:d1:gas/series"
 
         async def get(**params: object) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from central.storage import Storage, open_storage
 from central.storage.program import Sql
 from protocols.envelope import DataBatch, Record, RecordKind, State
 from tests.pg import pg_schema
+from tests.identity import ADMIN, authorize
 
 T0 = 1_700_000_000_000
 KEY = "gas-1/gas_lel/high"
@@ -418,6 +419,7 @@ async def serve(db_url: str) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]
     app = create_app(Settings(db_url=db_url, offline_alarm_after_s=60), run_ingest=False)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://central") as c:
+        await authorize(app, c)
         yield app, c
 
 
@@ -453,15 +455,15 @@ async def test_api_areas_alarms_ack_clear(tmp_path: Path) -> None:
         s = (await c.get(f"/api/areas/{city['id']}/summary")).json()
         assert (s["active"], s["by_severity"], s["children"][0]["active"]) == (1, {"2": 1}, 1)
 
-        acked = await post(f"/api/alarms/{a['id']}/ack", {"user": "张三", "comment": "收到"}, 200)
-        assert (acked["ack_state"], acked["acked_by"]) == ("acknowledged", "张三")
-        await post(f"/api/alarms/{a['id']}/ack", {"user": "张三"}, 409)
+        acked = await post(f"/api/alarms/{a['id']}/ack", {"comment": "收到"}, 200)
+        # who acknowledged is the logged-in user (DESIGN.md §8), not a name in the body
+        assert (acked["ack_state"], acked["acked_by"]) == ("acknowledged", ADMIN)
+        await post(f"/api/alarms/{a['id']}/ack", {}, 409)
         assert (await c.get("/api/alarms", params=q)).json() == []
-        await post(f"/api/alarms/{a['id']}/ack", {"user": ""}, 422)
-        cleared = await post(f"/api/alarms/{a['id']}/clear", {"user": "李四", "comment": "误报"},
-                             200)
-        assert (cleared["state"], cleared["cleared_by"]) == ("cleared", "李四")
-        await post(f"/api/alarms/{a['id']}/clear", {"user": "李四"}, 409)
+        await post(f"/api/alarms/{a['id']}/ack", {"user": "张三"}, 422)
+        cleared = await post(f"/api/alarms/{a['id']}/clear", {"comment": "误报"}, 200)
+        assert (cleared["state"], cleared["cleared_by"]) == ("cleared", ADMIN)
+        await post(f"/api/alarms/{a['id']}/clear", {}, 409)
         detail = (await c.get(f"/api/alarms/{a['id']}")).json()
         assert [h["action"] for h in detail["history"]] == [
             "raised", "changed", "ack", "manual_clear"]

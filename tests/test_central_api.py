@@ -30,6 +30,7 @@ from protocols.envelope import (
     encode,
 )
 from tests.helpers import Mosquitto
+from tests.identity import authorize
 
 T0 = 1_700_000_000_000
 
@@ -62,6 +63,7 @@ async def serve(settings: Settings, *,
     app = create_app(settings, run_ingest=run_ingest)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://central") as c:
+        await authorize(app, c)
         yield c
 
 

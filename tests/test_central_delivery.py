@@ -18,6 +18,7 @@ from central.storage.program import Program, Sql
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, FLOOR_MS
 from protocols.envelope import DataBatch, Flag, Record, RecordKind, State
 from tests.pg import pg_schema
+from tests.identity import authorize
 
 NOW = time.time_ns() // 1_000_000
 T0 = NOW - 3_600_000  # an hour ago: plausible, inside every retention
@@ -208,6 +209,7 @@ async def test_delivery_api_and_gateway_list(tmp_path: Path) -> None:
     app = create_app(settings, run_ingest=False)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://central") as c:
+        await authorize(app, c)
         body = (await c.get("/api/gateways/gw-1/delivery")).json()
         assert body["backlog"] == 7 and body["last_seen_ms"] is not None
         (s,) = body["streams"]

@@ -49,6 +49,7 @@ from protocols.narrowband import (
 )
 from tests.helpers import until
 from tests.pg import pg_schema
+from tests.identity import authorize
 
 GW = "gw-nb"
 STREAM = "s-nb-1"
@@ -338,6 +339,7 @@ async def test_app_runs_receiver_and_exposes_its_counters(tmp_path: Path) -> Non
                          run_ingest=False)
         async with app.router.lifespan_context(app), httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://central") as c:
+            await authorize(app, c)
             await app.state.storage.record_birth(GW, BIRTH)
             await app.state.narrowband.wait_connected(WAIT_S)
             sim.inject_inbound(CARD, encode_heartbeat(

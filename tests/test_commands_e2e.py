@@ -121,7 +121,8 @@ def system(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[System]:
     try:
         sim.start()
         central.start()
-        http = httpx.Client(base_url=central.base_url, timeout=10)
+        http = httpx.Client(base_url=central.base_url, timeout=10,
+                            headers=central.auth_headers())
         # Enrolment: the gateway pins central's public key from its API.
         key = http.get("/api/keys/commands").json()["public_key"]
         agent = Agent(tmp_path, GW, mosquitto.port, sim.port,

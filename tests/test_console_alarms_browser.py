@@ -14,9 +14,10 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from central.storage import open_storage
 from central.storage.timecheck import NARROWBAND_COPY
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
-from tests.browser import chromium
+from tests.browser import chromium, console_login
 from tests.fleet import Central
 from tests.helpers import Mosquitto
+from tests.identity import PASSWORD, cli_user
 
 pytestmark = pytest.mark.browser
 GW = "gw-alarm-01"
@@ -39,13 +40,15 @@ async def raise_alarm(db_url: str, *, gw: str = GW, by_radio: bool = False) -> N
 
 def test_duty_officer_acknowledges_an_alarm_from_the_page(tmp_path: Path,
                                                           mosquitto: Mosquitto) -> None:
-    """The panel lists the active 二级 alarm as 未确认 under its area; entering a name and
-    pressing 确认 acknowledges it (the API says by whom), and the area filter hides it under
-    another district."""
+    """After logging in, the panel lists the active 二级 alarm as 未确认 under its area;
+    pressing 确认 acknowledges it as the logged-in user (the API says so), and the area filter
+    hides it under another district."""
     central = Central(tmp_path, mosquitto.port)
     central.start()
     try:
-        api = httpx.Client(base_url=central.base_url, timeout=10)
+        api = httpx.Client(base_url=central.base_url, timeout=10,
+                           headers=central.auth_headers())
+        cli_user(central.db_url, "zhangsan", "operator")  # 张三, the duty officer
         city = api.post("/api/areas", json={"level": "city", "code": "420100",
                                             "name_zh": "武汉市"}).json()
         d1, d2 = (api.post("/api/areas", json={"parent_id": city["id"], "level": "district",
@@ -59,7 +62,7 @@ def test_duty_officer_acknowledges_an_alarm_from_the_page(tmp_path: Path,
         (alarm,) = api.get("/api/alarms", params={"state": "active"}).json()
 
         with chromium(tmp_path / "chrome") as driver:
-            driver.get(central.base_url + "/")
+            console_login(driver, central.base_url, "zhangsan", PASSWORD)
             wait = WebDriverWait(driver, 15, ignored_exceptions=(
                 NoSuchElementException, StaleElementReferenceException))
             row = f'tr[data-alarm-id="{alarm["id"]}"]'
@@ -75,15 +78,14 @@ def test_duty_officer_acknowledges_an_alarm_from_the_page(tmp_path: Path,
                                           if "gw-alarm-02" in (t := e.text)])
             assert "经北斗" in radio[0] and "二级" in radio[0]
 
-            driver.find_element(By.ID, "alarm-user").send_keys("张三")
             driver.find_element(By.ID, "alarm-comment").send_keys("已电话通知企业")
             driver.find_element(By.CSS_SELECTOR, f'{row} button[data-action="ack"]').click()
             wait.until(lambda d: "已确认" in d.find_element(By.CSS_SELECTOR, row).text)
-            assert "张三" in driver.find_element(By.CSS_SELECTOR, row).text
+            assert "zhangsan" in driver.find_element(By.CSS_SELECTOR, row).text
             assert driver.find_element(By.ID, "n-unack").text == "1"  # gw-alarm-02's
             acked = api.get(f"/api/alarms/{alarm['id']}").json()
             assert (acked["ack_state"], acked["acked_by"], acked["ack_comment"]) == (
-                "acknowledged", "张三", "已电话通知企业")
+                "acknowledged", "zhangsan", "已电话通知企业")
 
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#alarm-area option")) >= 4)
             Select(driver.find_element(By.ID, "alarm-area")).select_by_value(str(d2["id"]))

@@ -15,9 +15,10 @@ from selenium.webdriver.support.ui import WebDriverWait
 from central.storage import open_storage
 from protocols import envelope as env
 from protocols import topics
-from tests.browser import chromium
+from tests.browser import chromium, console_login
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
+from tests.identity import ADMIN, PASSWORD
 
 pytestmark = pytest.mark.browser
 GW = "gw-web-01"
@@ -76,7 +77,8 @@ def test_console_shows_gateways_in_chinese_and_refreshes_live(tmp_path: Path, mo
         gw.send_values({"gas-1/gas_lel": 12.5})
 
         with chromium(tmp_path / "chrome") as driver:
-            driver.get(central.base_url + "/")
+            central.auth_headers()  # makes the admin user
+            console_login(driver, central.base_url, ADMIN, PASSWORD)
             assert driver.find_element(By.TAG_NAME, "html").get_attribute("lang") == "zh-CN"
             # the console re-renders every 2 s, so read the section afresh each time
             wait = WebDriverWait(driver, 15, ignored_exceptions=(NoSuchElementException,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +14,25 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port, python_env, wait_for
+from tests.identity import bearer
 
 pytestmark = pytest.mark.e2e
 
 
+HEADERS: dict[str, str] = {}  # the demo admin's bearer token, once logged in
+
+
 def get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=HEADERS), timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def demo_login(log: Path, base: str) -> dict[str, str] | None:
+    """The login the demo printed, used: None until it has printed it."""
+    m = re.search(r"Console login: user (\S+)  password (\S+)", log.read_text(errors="replace"))
+    if m is None:
+        return None
+    return bearer(base, m.group(1), m.group(2))
 
 
 def counters(base: str, gw: str) -> dict[str, float]:
@@ -30,7 +43,7 @@ def counters(base: str, gw: str) -> dict[str, float]:
 
 
 def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> None:
-    """The demo serves /api/gateways with all 4 gateways online and counters advancing within 30 s, and Ctrl-C stops every child."""
+    """The demo prints the console login it made; with it /api/gateways shows all 4 gateways online and counters advancing within 30 s, and Ctrl-C stops every child."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "demo.log").open("wb")
@@ -38,6 +51,10 @@ def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> 
                              "--http-port", str(port)], env=python_env(), stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:
+        HEADERS.clear()
+        HEADERS.update(wait_for(lambda: demo_login(tmp_path / "demo.log", base), timeout=30,
+                                interval=0.5, what="the demo's console login"))
+
         def all_online() -> list[dict] | None:
             try:
                 gws = get_json(f"{base}/api/gateways")

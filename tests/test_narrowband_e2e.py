@@ -31,6 +31,7 @@ from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
+from tests.identity import authorize
 
 GW = "gw-sanduan"
 GW_CARD = "4238473"
@@ -49,6 +50,7 @@ async def central(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, run_ingest=True)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://central") as client:
+        await authorize(app, client)
         yield client
 
 

@@ -41,7 +41,8 @@ def pg_rows(url: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[o
 
 def batches_ingested(worker: Central) -> int:
     """The worker's `fieldlink_central_batches_total` from its /metrics endpoint."""
-    with urllib.request.urlopen(f"{worker.base_url}/metrics", timeout=5) as resp:
+    req = urllib.request.Request(f"{worker.base_url}/metrics", headers=worker.auth_headers())
+    with urllib.request.urlopen(req, timeout=5) as resp:
         text = resp.read().decode()
     m = re.search(r"^fieldlink_central_batches_total (\d+)", text, re.M)
     assert m, text

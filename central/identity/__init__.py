@@ -1,2 +1,6 @@
-"""Identities (DESIGN.md §8): the gateways' certificate authority, enrolment and revocation
-(`ca`, `enrolment_store`, `enrolment`, `enrolment_api`, `broker_config`, `pki_cli`)."""
+"""Identities and trust (DESIGN.md §8).
+
+Gateways: the certificate authority, enrolment and revocation (`ca`, `enrolment_store`,
+`enrolment`, `enrolment_api`, `broker_config`, `pki_cli`). People: users, sessions,
+authorisation and the audit log (`users`, `sessions`, `authz`, `accounts`, `audit`, `cli`).
+"""

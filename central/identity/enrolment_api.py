@@ -18,11 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from central.identity.audit import AuditLog
 from central.identity.ca import CsrError, PkiError, load_or_create_ca
 from central.identity.enrolment import (
     AuditHook,
     BadGatewayIdError,
     Enrolment,
+    IdentityEvent,
     Issued,
     RenewalRefusedError,
     no_audit,
@@ -130,16 +132,22 @@ def check_ca(settings: Settings) -> None:
         load_ca(d)
 
 
-def identity_audit(settings: Settings) -> AuditHook:
+def identity_audit(audit: AuditLog, actor: str | None = None) -> AuditHook:
     """THE call point of the audit log for enrolment, renewal, token issue and revocation
     (DESIGN.md §8): both the server (`start_identity`) and the CLI (`central gateway …`) take
-    their hook from here. It receives one `IdentityEvent` per action; a no-op until the audit
-    log is wired in."""
-    return no_audit
+    their hook from here. Each `IdentityEvent` becomes one row `gateway.<action>` on the
+    gateway; its actor is `actor` (the CLI's `cli:<login>`) or, for what a gateway does itself
+    with its token or certificate, `gateway:<id>`."""
+
+    async def hook(event: IdentityEvent) -> None:
+        await audit.append(actor or f"gateway:{event.gw}", f"gateway.{event.action}", event.gw,
+                           dict(event.detail))
+
+    return hook
 
 
 async def start_identity(settings: Settings, central_public_key: str, *,
-                         audit: AuditHook | None = None) -> Identity:
+                         audit: AuditHook = no_audit) -> Identity:
     """Load (or make) the CA, open the identity tables and rewrite the CRL.
 
     Raises `CaKeyPermissionError` when the CA key is readable by others: central refuses to
@@ -154,7 +162,7 @@ async def start_identity(settings: Settings, central_public_key: str, *,
         service = Enrolment(ca=ca, store=store, central_public_key=central_public_key,
                             cert_days=settings.gateway_cert_days,
                             token_ttl_s=settings.enrol_token_ttl_s,
-                            audit=audit or identity_audit(settings))
+                            audit=audit)
         await service.write_crl()
     except BaseException:
         await store.close()

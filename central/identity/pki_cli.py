@@ -72,17 +72,21 @@ def _iso(ms: int | None) -> str:
 
 
 async def _with_service(settings: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from central.identity.audit import AuditLog
     from central.identity.ca import load_or_create_ca
+    from central.identity.cli import cli_actor
     from central.identity.enrolment import Enrolment
     from central.identity.enrolment_api import identity_audit, pki_dir_for
     from central.identity.enrolment_store import EnrolmentStore
+    from central.storage import open_storage
 
     ca = load_or_create_ca(pki_dir_for(settings))
-    async with EnrolmentStore(settings.db_url) as store:
+    async with EnrolmentStore(settings.db_url) as store, \
+            open_storage(settings.db_url) as storage:
         service = Enrolment(ca=ca, store=store, central_public_key="",
                             cert_days=settings.gateway_cert_days,
                             token_ttl_s=settings.enrol_token_ttl_s,
-                            audit=identity_audit(settings))
+                            audit=identity_audit(AuditLog(storage), cli_actor()))
         return await fn(service)
 
 

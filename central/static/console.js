@@ -39,11 +39,31 @@ function fmtValue(latest) {
   return Number.isInteger(v) ? String(v) : v.toFixed(Math.abs(v) >= 100 ? 1 : 2);
 }
 
+// The logged-in user (GET /api/me): name, role, permissions, and the CSRF token every
+// state-changing request sends back (the session itself is an HttpOnly cookie).
+let me = null;
+
+function toLogin() { location.replace("/login"); }
+
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
+  if (r.status === 401) { toLogin(); throw new Error("请重新登录"); }
   if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
   return r.json();
 }
+
+async function postJSON(url, body) {
+  const r = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json", "X-CSRF-Token": me ? me.csrf : "" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (r.status === 401) toLogin();
+  return r;
+}
+
+const ROLES = { viewer: "只读", operator: "值班员", admin: "管理员", auditor: "审计员" };
+const can = (perm) => !!me && me.user.permissions.includes(perm);
 
 // How the gateway was last heard: over IP, or by radio while IP is down (DESIGN.md §5).
 const BEARERS = { ip: "IP 网络", "4g": "4G", "5g": "5G", beidou: "北斗短报文", pdt: "370MHz 窄带" };
@@ -110,8 +130,25 @@ async function refresh() {
   }
 }
 
-refresh();
-setInterval(refresh, REFRESH_MS);
+async function start() {
+  me = await getJSON("/api/me");
+  $("whoami").textContent = `${me.user.name} · ${ROLES[me.user.role] || me.user.role}` +
+    (me.user.area ? ` · ${me.user.area}` : "");
+  refresh();
+  setInterval(refresh, REFRESH_MS);
+  refreshAlarms();
+  setInterval(refreshAlarms, REFRESH_MS);
+  if (can("audit")) {
+    $("audit").hidden = false;
+    refreshAudit();
+    setInterval(refreshAudit, 5 * REFRESH_MS);
+  }
+}
+
+$("logout").addEventListener("click", async () => {
+  await postJSON("/api/logout").catch(() => null);
+  toLogin();
+});
 
 // --- alarms panel (DESIGN.md §7): active alarms of the chosen area, acknowledge and clear. ---
 
@@ -166,6 +203,12 @@ function renderAlarm(a) {
       `${a.acked_by} ${fmtTime(a.acked_ms)}`));
   }
   const actions = el("td", { class: "actions" });
+  if (!can("operate")) return el("tr", { class: `alarm ${a.ack_state}`, "data-alarm-id": String(a.id) },
+    level, el("td", {}, a.area_name || "未分配"), el("td", {}, a.gw),
+    el("td", {}, a.point ? (a.name_zh ? `${a.device} · ${a.name_zh}` : a.point) : "—"),
+    el("td", {}, ALARM_TYPES[a.type] || a.type),
+    el("td", { class: "num" }, fmtValue({ value: a.value, text: a.text })),
+    el("td", {}, fmtTime(a.raised_ms)), ackCell, actions);
   if (!acked) actions.append(el("button", { type: "button", "data-action": "ack", "data-id": a.id }, "确认"));
   if (a.state === "active") actions.append(el("button", { type: "button", "data-action": "clear", "data-id": a.id }, "清除"));
   const point = a.point ? (a.name_zh ? `${a.device} · ${a.name_zh}` : a.point) : "—";
@@ -194,19 +237,11 @@ async function refreshAlarms() {
 }
 
 async function alarmAction(action, id) {
-  const user = $("alarm-user").value.trim();
-  if (!user) {
-    showAlarmMsg("请先填写值班员姓名", true);
-    $("alarm-user").focus();
-    return;
-  }
-  localStorage.setItem("fieldlink.user", user);
+  // Who acts is the logged-in user (the server takes it from the session, not from here).
   const verb = action === "ack" ? "确认" : "清除";
   try {
-    const r = await fetch(`/api/alarms/${encodeURIComponent(id)}/${action}`, {
-      method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ user, comment: $("alarm-comment").value.trim() }),
-    });
+    const r = await postJSON(`/api/alarms/${encodeURIComponent(id)}/${action}`,
+      { comment: $("alarm-comment").value.trim() });
     if (r.ok) {
       showAlarmMsg(`已${verb}告警 #${id}`);
       $("alarm-comment").value = "";
@@ -225,6 +260,26 @@ $("alarm-rows").addEventListener("click", (ev) => {
   if (button) alarmAction(button.dataset.action, button.dataset.id);
 });
 $("alarm-area").addEventListener("change", refreshAlarms);
-$("alarm-user").value = localStorage.getItem("fieldlink.user") || "";
-refreshAlarms();
-setInterval(refreshAlarms, REFRESH_MS);
+
+// --- audit log (DESIGN.md §8): the newest rows and the chain's verdict, for auditors. ---
+
+async function refreshAudit() {
+  try {
+    const [rows, verdict] = await Promise.all([getJSON("/api/audit?limit=50"),
+                                               getJSON("/api/audit/verify")]);
+    $("audit-verify").textContent = verdict.ok ? `校验通过（${verdict.rows} 条）`
+      : `校验失败：第 ${verdict.bad_seq} 条 ${verdict.reason}`;
+    $("audit-verify").className = "chip " + (verdict.ok ? "online" : "offline");
+    $("audit-rows").replaceChildren(...rows.map((e) => el("tr", {},
+      el("td", { class: "num" }, e.seq), el("td", {}, fmtTime(e.ts_ms)), el("td", {}, e.actor),
+      el("td", {}, e.action), el("td", {}, e.target),
+      el("td", { class: "muted" }, JSON.stringify(e.detail)))));
+  } catch (e) {
+    $("audit-verify").textContent = `审计日志读取失败：${e.message}`;
+  }
+}
+
+start().catch((e) => {
+  $("error").textContent = `启动失败：${e.message}`;
+  $("error").hidden = false;
+});

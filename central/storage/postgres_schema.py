@@ -15,6 +15,7 @@ from psycopg import AsyncConnection
 from central.storage import StorageError
 from central.storage.alarm_schema import alarm_tables
 from central.storage.delivery_schema import backfill_program, history_tables
+from central.storage.identity_schema import identity_tables
 from central.storage.program import run_async
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,12 @@ async def m003_delivery_history(conn: Conn) -> None:
     for sql in history_tables("postgres"):
         await conn.execute(sql)
     await run_async(conn, backfill_program())
+
+
+@migration
+async def m004_identity_audit(conn: Conn) -> None:
+    for sql in identity_tables("postgres"):
+        await conn.execute(sql)
 
 
 def migration_lock_key(schema: str) -> int:

@@ -45,6 +45,7 @@ from central.storage.aggregates import AggSamples
 from central.storage.alarm_schema import alarm_tables
 from central.storage.delivery import StreamTally, streams_program
 from central.storage.delivery_schema import backfill_program, history_tables
+from central.storage.identity_schema import identity_tables
 from central.storage.program import Program, run_sync
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
 from central.storage.writes import (
@@ -119,6 +120,12 @@ def m003_delivery_history(conn: sqlite3.Connection) -> None:
     for sql in history_tables("sqlite"):
         conn.execute(sql)
     run_sync(conn, backfill_program())
+
+
+@migration
+def m004_identity_audit(conn: sqlite3.Connection) -> None:
+    for sql in identity_tables("sqlite"):
+        conn.execute(sql)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
