@@ -34,6 +34,7 @@ from central.identity.ca import (
 )
 from central.identity.enrolment import sign_renewal
 from central.settings import Settings
+from tests.identity import auth, token_for
 from tests.pg import pg_schema
 
 
@@ -149,8 +150,15 @@ async def test_tokens_are_one_use_expiring_and_for_one_gateway(settings: Setting
             assert reason in r.json()["detail"]
         counters = c.app.state.identity.counters  # type: ignore[attr-defined]
         assert counters.enrolled == 1 and sum(counters.refused.values()) == 4
-        text = (await c.get("/metrics")).text
+        token = await token_for(c.app, c)  # type: ignore[attr-defined]
+        text = (await c.get("/metrics", headers=auth(token))).text
         assert "fieldlink_central_gateways_enrolled_total 1" in text
+        audited = [(e.actor, e.action, e.target)  # wired to the audit log (§8)
+                   for e in await c.app.state.audit.entries()  # type: ignore[attr-defined]
+                   if e.action.startswith("gateway.")]
+        assert audited.count(("gateway:gw-a", "gateway.enrolled", "gw-a")) == 1
+        assert audited.count(("gateway:gw-a", "gateway.enrol_refused", "gw-a")) == 4
+        assert any(a == "gateway.enrol_token_issued" and actor.startswith("cli") for actor, a, _ in audited)
         assert 'fieldlink_central_enrolment_refused_total{reason="token_used"} 1' in text
 
 

@@ -40,6 +40,7 @@ from edge_agent.uplink import Uplink
 from protocols import topics
 from protocols.envelope import Ack, Birth, RecordKind, encode
 from tests.helpers import Mosquitto, free_port, until
+from tests.identity import bearer, ensure_user
 
 pytestmark = pytest.mark.e2e
 NOT_AUTHORIZED = 135  # MQTT 5 reason code 0x87
@@ -59,6 +60,7 @@ class Site:
     settings: Settings
     server: uvicorn.Server
     task: asyncio.Task[None]
+    headers: dict[str, str] = field(default_factory=dict)  # a logged-in admin's bearer token
 
     async def stop_central(self) -> None:
         self.server.should_exit = True
@@ -118,13 +120,16 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     settings = Settings(db_url=db, pki_dir=pki, mqtt_host="127.0.0.1", mqtt_port=central_port,
                         mqtt_tls_ca=tls["mqtt_tls_ca"], mqtt_tls_cert=tls["mqtt_tls_cert"],
                         mqtt_tls_key=tls["mqtt_tls_key"], http_port=http_port)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1",
                                            port=http_port, log_config=None, lifespan="on"))
     task = asyncio.create_task(server.serve())
     try:
         await until(lambda: server.started, "central to serve", timeout=20)
         site = Site(tmp_path, db, pki, broker, central_port, f"http://127.0.0.1:{http_port}",
                     tls, settings, server, task)
+        await ensure_user(app)
+        site.headers = await asyncio.to_thread(bearer, site.http_url)
         await until(lambda: _health(site), "central's mTLS ingest to connect", timeout=20)
         yield site
     finally:
@@ -253,7 +258,7 @@ async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> No
         await until(lambda: up_a.counters.records_acked == 40 and up_b.counters.records_acked == 25,
                     "both gateways' records acknowledged by central", timeout=30)
         assert up_a.counters.acks_refused == 0 and up_b.counters.acks_refused == 0
-    async with httpx.AsyncClient(base_url=site.http_url) as http:
+    async with httpx.AsyncClient(base_url=site.http_url, headers=site.headers) as http:
         for gw, n in (("gw-a", 40), ("gw-b", 25)):
             d = (await http.get(f"/api/gateways/{gw}/delivery")).json()
             assert sum(s["held"] for s in d["streams"]) == n and d["streams"][0]["missing"] == 0
@@ -388,12 +393,12 @@ async def test_the_agent_connects_with_the_enrolled_identity(site: Site) -> None
     agent = asyncio.create_task(run_agent(cfg, stop=stop, install_signal_handlers=False))
     try:
         async def online() -> bool:
-            async with httpx.AsyncClient(base_url=site.http_url) as http:
+            async with httpx.AsyncClient(base_url=site.http_url, headers=site.headers) as http:
                 r = await http.get("/api/gateways/gw-a")
                 return r.status_code == 200 and bool(r.json()["online"])
 
         await until(online, "gw-a online at central", timeout=30)
-        async with httpx.AsyncClient(base_url=site.http_url) as http:
+        async with httpx.AsyncClient(base_url=site.http_url, headers=site.headers) as http:
             key = (await http.get("/api/keys/commands")).json()
         pinned = Path(str(cfg.commands.central_public_key)).read_text().strip()
         assert key["public_key"] == pinned
