@@ -49,6 +49,7 @@ from protocols.limits import (
     check_attrs,
     check_count,
     check_int,
+    check_point_key,
     check_str,
 )
 from protocols.seq_ranges import (  # re-exported: the envelope's ack ranges
@@ -296,9 +297,10 @@ def _decode_data(obj: Mapping[str, Any], budget: Budget) -> DataBatch:
     # A bad point key refuses the records that name it, not the batch.
     bad_pts: dict[int, EnvelopeError] = {}
     for i, key in enumerate(pts):
-        if type(key) is not str or len(key) > MAX_POINT_KEY_CHARS or "\x00" in key:
+        if (type(key) is not str or len(key) > MAX_POINT_KEY_CHARS or "\x00" in key
+                or "/" not in key):
             try:
-                check_str(f"pts[{i}]", key, MAX_POINT_KEY_CHARS)
+                check_point_key(f"pts[{i}]", key)
             except EnvelopeError as exc:
                 bad_pts[i] = exc
         else:

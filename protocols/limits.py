@@ -75,6 +75,8 @@ class Reason(enum.StrEnum):
     ATTRS_TOO_LARGE = "attrs_too_large"
     SHARED_REFERENCE = "shared_reference"  # CBOR tags 28/29: a cycle or a shared value
     UNSUPPORTED_VALUE = "unsupported_value"  # a type JSON cannot hold (what other tags make)
+    BAD_POINT_KEY = "bad_point_key"  # not `device/point`
+    UNSTORABLE = "unstorable"  # passed every rule here, yet the database refused it
 
 
 class EnvelopeError(ProtocolError):
@@ -156,6 +158,17 @@ class UnsupportedValueError(InvalidFieldError):
     reason = Reason.UNSUPPORTED_VALUE
 
 
+class BadPointKeyError(InvalidFieldError):
+    reason = Reason.BAD_POINT_KEY
+
+
+class UnstorableRecordError(InvalidFieldError):
+    """Central's verdict, not the decoder's: the database refused this record alone (a rule
+    missing here); it is refused like any other bad record."""
+
+    reason = Reason.UNSTORABLE
+
+
 # --- checks ---------------------------------------------------------------------------------
 
 
@@ -182,6 +195,14 @@ def check_str(field: str, value: object, limit: int) -> str:
     if "\x00" in value:
         raise BadStringError(field, "contains NUL")
     return value
+
+
+def check_point_key(field: str, value: object) -> str:
+    """`value` when it is a `device/point` key within the string rules."""
+    key = check_str(field, value, MAX_POINT_KEY_CHARS)
+    if "/" not in key:
+        raise BadPointKeyError(field, "expected device/point")
+    return key
 
 
 def check_count(field: str, items: object, limit: int) -> list[Any]:
