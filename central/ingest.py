@@ -205,7 +205,7 @@ class Ingest:
                 # batches.
                 while len(messages) and len(group) < limit:
                     group.append(await anext(messages))
-                infos, batches = self._decode(group)
+                infos, batches = self.decode_group(group)
                 if storing is not None:
                     await storing  # raises what the previous group's store raised
                 storing = asyncio.create_task(self._store(client, infos, batches),
@@ -213,7 +213,7 @@ class Ingest:
         finally:
             # Cancelled (shutdown) or disconnected: a decoded group not yet written is
             # dropped, one being written may commit without its acks; the edge resends what
-            # is unacked. Never an ack without its commit: `_write_and_ack` acks only after.
+            # is unacked. Never an ack without its commit: `_store` acks only after.
             if storing is not None and not storing.done():
                 storing.cancel()
                 await asyncio.wait((storing,))
@@ -244,9 +244,10 @@ class Ingest:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await receiving
 
-    def _decode(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
+    def decode_group(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
         """Check every message of a group: the state and birth messages, and the data batches
-        with records, each in arrival order. Bad ones are counted and logged."""
+        with records (or refused records), each in arrival order. Bad ones are counted and
+        logged."""
         infos: list[Inbound] = []
         batches: list[DataBatch] = []
         for m in group:
@@ -292,7 +293,18 @@ class Ingest:
 
     async def _store(self, client: aiomqtt.Client, infos: list[Inbound],
                      batches: list[DataBatch]) -> None:
-        """Write one decoded group (its states and births first, as they came), then ack."""
+        """Write one decoded group, then ack what it committed."""
+        # Published in the background: the next group's write must not wait for the broker's
+        # PUBACKs of these acks (a round trip per group that left the database idle).
+        for b in await self.store_group(infos, batches):
+            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
+            self._acks.add(task)
+            task.add_done_callback(self._ack_done)
+
+    async def store_group(self, infos: list[Inbound],
+                          batches: list[DataBatch]) -> list[DataBatch]:
+        """Write one decoded group (its states and births first, as they came); returns the
+        batches that may now be acked. Raises nothing for bad input or a failed write."""
         for inbound in infos:
             msg = inbound.msg
             try:
@@ -309,10 +321,9 @@ class Ingest:
                 self.reject_log("gateway_info_write_failed", inbound.gw,
                                 "unstorable" if isinstance(exc, UnstorableValueError)
                                 else "write_failed", error=str(exc)[:300])
-        if batches:
-            await self._write_and_ack(client, batches)
+        return await self._write(batches) if batches else []
 
-    async def _write_and_ack(self, client: aiomqtt.Client, batches: list[DataBatch]) -> None:
+    async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
         try:
             results = await self.storage.write_batches(batches)
             written = batches
@@ -344,13 +355,7 @@ class Ingest:
             self.metrics.records_clock_suspect += res.clock_suspect
             self.metrics.records_time_corrected += res.corrected
             self.metrics.records_merged += res.merged
-        written = await self._apply_command_results(written)  # commands wiring (§6)
-        # Published in the background: the next group's write must not wait for the broker's
-        # PUBACKs of these acks (a round trip per group that left the database idle).
-        for b in written:
-            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
-            self._acks.add(task)
-            task.add_done_callback(self._ack_done)
+        return await self._apply_command_results(written)  # commands wiring (§6)
 
     def _ack_done(self, task: asyncio.Task[None]) -> None:
         self._acks.discard(task)

@@ -11,7 +11,7 @@ import cbor2
 from hypothesis import strategies as st
 
 from protocols import envelope as env
-from protocols.limits import MAX_RECORDS_PER_BATCH, SEQ_MAX
+from protocols.limits import MAX_RECORDS_PER_BATCH, SEQ_MAX, TS_MAX_MS
 
 T0 = 1_700_000_000_000
 BIG = 2**64 + 5  # above every 64-bit column
@@ -121,11 +121,22 @@ def fuzz_batch(draw: st.DrawFn, gw: str, stream: str, first_seq: int
     for b in bad:
         rows.insert(draw(st.integers(0, len(rows))), b)
     obj = data(gw, stream, rows, pts)
-    spoil = draw(st.integers(0, 9))
-    if spoil == 0:  # the batch itself: its good records are then not stored either
-        obj[draw(st.sampled_from(["gw", "stream", "sent", "pts", "r"]))] = draw(_scalars)
+    if draw(st.integers(0, 9)) == 0:  # the batch itself: its good records go with it
+        name = draw(st.sampled_from(sorted(_SPOILED)))
+        obj[name] = draw(_SPOILED[name])
         good = []
     return wire(obj, sharing=draw(st.booleans())), good
+
+
+_not_str = st.one_of(st.none(), st.booleans(), _ints, st.floats(), st.binary(max_size=4))
+_not_list = st.one_of(_not_str, _text)
+# Values that certainly spoil each batch field (a spoiled batch's good records are not
+# expected at central).
+_SPOILED = {"gw": st.one_of(_not_str, _text.filter(lambda t: t != "gw-f")),
+            "stream": st.one_of(_not_str, st.just("s" * 65), st.just("s\x001")),
+            "sent": st.one_of(_not_str.filter(lambda v: type(v) is not int),
+                              st.integers(max_value=-1), st.integers(min_value=TS_MAX_MS + 1)),
+            "pts": _not_list, "r": _not_list}
 
 
 def hostile_state() -> st.SearchStrategy[bytes]:
