@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from central import alarms, areas
 from central.alarm_types import AckState, AlarmStatus
+from central.api_bounds import ID_MAX, IdField, IdPath
 from central.areas import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
 from central.storage import Storage
 
@@ -36,7 +37,7 @@ class _Model(BaseModel):
 
 
 class AreaIn(_Model):
-    parent_id: int | None = Field(None, description="None for a root (the city)")
+    parent_id: IdField | None = Field(None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
     name_zh: str = Field(min_length=1, max_length=100)
@@ -59,7 +60,7 @@ class AreaNodeOut(AreaOut):
 
 
 class GatewayAreaIn(_Model):
-    area_id: int
+    area_id: IdField
 
 
 class GatewayAreaOut(_Model):
@@ -206,7 +207,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=problems,
              tags=["areas"])
-    async def summary(request: Request, area_id: int) -> SummaryOut:
+    async def summary(request: Request, area_id: IdPath) -> SummaryOut:
         s = await alarms.area_summary(_storage(request), area_id)
         return SummaryOut(
             area=_area_out(s.area), active=s.active, unacknowledged=s.unacknowledged,
@@ -226,7 +227,8 @@ def install(app: FastAPI) -> None:
     @app.get("/api/alarms", response_model=list[AlarmOut], responses=problems, tags=["alarms"])
     async def list_alarms(
         request: Request,
-        area: Annotated[int | None, Query(description="this area and all under it")] = None,
+        area: Annotated[int | None, Query(ge=1, le=ID_MAX,
+                                          description="this area and all under it")] = None,
         state: Annotated[AlarmStatus | None, Query()] = None,
         ack: Annotated[AckState | None, Query()] = None,
         gw: Annotated[str | None, Query()] = None,
@@ -241,7 +243,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=problems,
              tags=["alarms"])
-    async def get_alarm(request: Request, alarm_id: int) -> AlarmDetail:
+    async def get_alarm(request: Request, alarm_id: IdPath) -> AlarmDetail:
         storage = _storage(request)
         a = await alarms.get_alarm(storage, alarm_id)
         history = await alarms.alarm_history(storage, alarm_id)
@@ -250,14 +252,14 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def ack(request: Request, alarm_id: int, body: ActionIn) -> AlarmOut:
+    async def ack(request: Request, alarm_id: IdPath, body: ActionIn) -> AlarmOut:
         """Acknowledge (确认); 409 if it is acknowledged already."""
         return _alarm_out(await alarms.acknowledge(_storage(request), alarm_id, user=body.user,
                                                    comment=body.comment))
 
     @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def clear(request: Request, alarm_id: int, body: ActionIn) -> AlarmOut:
+    async def clear(request: Request, alarm_id: IdPath, body: ActionIn) -> AlarmOut:
         """Clear by hand (清除), also while the edge still reports the condition (recorded)."""
         return _alarm_out(await alarms.clear_alarm(_storage(request), alarm_id, user=body.user,
                                                    comment=body.comment))
