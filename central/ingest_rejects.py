@@ -28,20 +28,22 @@ _MAX_KEYS = 10_000  # (gateway, reason) pairs remembered; gateway ids come from 
 
 
 class RejectLog:
-    """Logs `message_rejected` / `records_rejected` at most once per (gateway, reason) per
-    `interval_s`; the next line says how many were `suppressed` in between."""
+    """Logs each event (`message_rejected`, `records_rejected`, ...) at most once per
+    (gateway, reason) per `interval_s`; the next line says how many were `suppressed` in
+    between."""
 
     def __init__(self, interval_s: float = LOG_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
         self._clock = clock
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (logged at, held back)
+        # (event, gw, reason) -> (logged at, lines held back since)
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
 
     def __call__(self, event: str, gw: str, reason: str, **fields: Any) -> bool:
         """Log `event` unless this (gw, reason) was logged within the interval; True if
         logged."""
         now = self._clock()
-        key = (gw, reason)
+        key = (event, gw, reason)
         last = self._last.get(key)
         if last is not None and now - last[0] < self.interval_s:
             self._last[key] = (last[0], last[1] + 1)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from central.ingest_rejects import write_isolating
+from central.ingest_rejects import RejectLog, write_isolating
 from central.storage import Storage, UnstorableValueError, open_storage
 from protocols.envelope import DataBatch, Record, RecordKind, RejectedRecord
 from protocols.limits import INT64_MAX, SEQ_MAX, IntRangeError, Reason
@@ -79,3 +79,18 @@ async def test_a_value_the_database_refuses_is_isolated(storage: Storage) -> Non
     assert (await storage.count_records(GW)).readings == 8
     (s,) = (await storage.delivery(GW)).streams
     assert (s.held, s.lost_records_reported) == (8, 1)
+
+
+def test_reject_log_says_it_once_a_minute_per_gateway_and_reason(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A burst of one refusal from one gateway is one line a minute, with the count held back;
+    another gateway or reason has its own line."""
+    now = [0.0]
+    rl = RejectLog(clock=lambda: now[0])
+    assert [rl("records_rejected", "gw-1", "int_range") for _ in range(5)] == \
+        [True, False, False, False, False]
+    assert rl("records_rejected", "gw-2", "int_range")
+    assert rl("records_rejected", "gw-1", "not_finite")
+    now[0] = 61.0
+    assert rl("records_rejected", "gw-1", "int_range")
+    assert "suppressed=4" in capsys.readouterr().out
