@@ -29,6 +29,19 @@ from hypothesis import strategies as st
 from _common import emit
 from tests.fuzz_harness import IngestFuzz
 
+_CHUNK = 1_000
+
+
+def _run_chunk(fuzz: IngestFuzz, examples: int, chunk_seed: int) -> None:
+    @seed(chunk_seed)
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def one(data: st.DataObject) -> None:
+        fuzz.feed(*data.draw(st.composite(lambda draw: fuzz.message(draw))()))
+
+    one()
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,15 +54,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fuzz-ingest-") as tmp:
         fuzz = IngestFuzz(Path(tmp) / "central.db")
         try:
-            @seed(args.seed)
-            @settings(max_examples=args.examples, deadline=None, database=None,
-                      phases=[Phase.generate],
-                      suppress_health_check=list(HealthCheck))
-            @given(st.data())
-            def one(data: st.DataObject) -> None:
-                fuzz.feed(*data.draw(st.composite(lambda draw: fuzz.message(draw))()))
-
-            one()
+            # In chunks: one hypothesis engine run keeps every example's choices, which grows
+            # without bound over tens of thousands of examples.
+            done = 0
+            while done < args.examples:
+                chunk = min(_CHUNK, args.examples - done)
+                _run_chunk(fuzz, chunk, args.seed * 1_000_003 + done)
+                done += chunk
+                print(f"fuzz_ingest: {fuzz.examples} examples", file=sys.stderr, flush=True)
             summary = fuzz.summary()
         finally:
             fuzz.close()

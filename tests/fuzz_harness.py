@@ -25,7 +25,7 @@ from central.storage.program import Program, Sql
 from central.storage.sqlite import SqliteStorage
 from protocols import topics
 from protocols.limits import Reason
-from tests.hostile import fuzz_batch, hostile_birth, hostile_state
+from tests.hostile import fuzz_batch, hostile_birth, hostile_envelope, hostile_state
 
 GW = "gw-f"
 STREAM = "s1"
@@ -64,8 +64,14 @@ class IngestFuzz:
             self._runner.close()
 
     def message(self, draw: st.DrawFn) -> tuple[str, bytes, list[int]]:
-        """Draw one example: mostly data batches, some states and births."""
-        kind = draw(st.sampled_from(["data"] * 8 + ["state", "birth"]))
+        """Draw one example: mostly data batches, some states, births and garbage (also on
+        topics that expect something else)."""
+        kind = draw(st.sampled_from(["data"] * 8 + ["state", "birth", "other"]))
+        if kind == "other":
+            name = draw(st.sampled_from(["data", "state", "birth", "bogus"]))
+            topic = f"{topics.PREFIX}/{GW}/up/{name}"
+            return topic, draw(st.one_of(hostile_envelope(), hostile_state(),
+                                         hostile_birth(GW))), []
         if kind == "state":
             return topics.up(GW, "state"), draw(hostile_state()), []
         if kind == "birth":

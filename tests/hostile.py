@@ -72,7 +72,8 @@ def oversized_batch(gw: str, n: int = MAX_RECORDS_PER_BATCH + 1) -> bytes:
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 _ints = st.one_of(st.integers(-3, 3), st.integers(-2**70, 2**70),
                   st.sampled_from([0, 1, SEQ_MAX, SEQ_MAX + 1, 2**63 - 1, 2**63, -2**63 - 1]))
-_scalars = st.one_of(st.none(), st.booleans(), _ints, st.floats(), _text, st.binary(max_size=4))
+_floats = st.one_of(st.floats(), st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+_scalars = st.one_of(st.none(), st.booleans(), _ints, _floats, _text, st.binary(max_size=4))
 _attr_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3)
                             | st.dictionaries(st.one_of(_text, st.integers(0, 3)), c, max_size=3),
                             max_leaves=12)
@@ -99,7 +100,7 @@ def bad_record(draw: st.DrawFn, npts: int) -> list[Any]:
     elif which == 6:
         r[1] = draw(_ints)
     elif which == 7:
-        r.append({"deep": laughs(draw(st.integers(1, 20)))})
+        r.append({"deep": laughs(draw(st.integers(1, 13)))})  # 2**13 leaves unshared
     else:
         return draw(st.lists(_scalars, max_size=8))
     return r
@@ -139,6 +140,14 @@ _SPOILED = {"gw": st.one_of(_not_str, _text.filter(lambda t: t != "gw-f")),
             "pts": _not_list, "r": _not_list}
 
 
+def hostile_envelope() -> st.SearchStrategy[bytes]:
+    """Garbage, or a map whose version or type is wrong."""
+    return st.one_of(st.binary(max_size=64),
+                     st.builds(lambda v, t: wire({"v": v, "t": t}), _scalars, _scalars),
+                     st.builds(lambda t: wire({"v": 1, "t": t, "stream": "s", "ranges": []}),
+                               st.sampled_from(["ack", "cmd", "data", "state", "birth"])))
+
+
 def hostile_state() -> st.SearchStrategy[bytes]:
     return st.builds(lambda b, t, s: wire(state(b, t, s)), _ints, _ints, _text)
 
@@ -148,5 +157,5 @@ def hostile_birth(gw: str) -> st.SearchStrategy[bytes]:
 
 
 __all__ = ["BIG", "T0", "birth", "bad_record", "cyclic_attrs", "data", "env", "fuzz_batch",
-           "hostile_birth", "hostile_state", "laughs", "oversized_batch", "row", "state",
+           "hostile_birth", "hostile_envelope", "hostile_state", "laughs", "oversized_batch", "row", "state",
            "wire"]
