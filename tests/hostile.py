@@ -70,8 +70,10 @@ def oversized_batch(gw: str, n: int = MAX_RECORDS_PER_BATCH + 1) -> bytes:
 # --- generated envelopes (the fuzz) -----------------------------------------------------------
 
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-_ints = st.one_of(st.integers(-3, 3), st.integers(-2**70, 2**70),
-                  st.sampled_from([0, 1, SEQ_MAX, SEQ_MAX + 1, 2**63 - 1, 2**63, -2**63 - 1]))
+# Boundaries first (hypothesis draws small integers from a wide range far more often).
+_ints = st.one_of(st.sampled_from([0, 1, -1, SEQ_MAX, SEQ_MAX + 1, 2**63 - 1, 2**63, 2**64,
+                                   -2**63 - 1, 2**100, TS_MAX_MS + 1]),
+                  st.integers(-3, 3), st.integers(-2**70, 2**70))
 _floats = st.one_of(st.floats(), st.sampled_from([float("nan"), float("inf"), -float("inf")]))
 _scalars = st.one_of(st.none(), st.booleans(), _ints, _floats, _text, st.binary(max_size=4))
 _attr_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3)
