@@ -352,7 +352,7 @@ def _decode_record(i: int, row: object, pts: Sequence[str],
         raise MalformedEnvelopeError(f"r[{i}].flags", f"unknown flags {_short(flags)}")
     if pidx < -1 or pidx >= len(pts):
         raise MalformedEnvelopeError(f"r[{i}].point", f"index outside pts[{len(pts)}]")
-    if pidx in bad_pts:
+    if bad_pts and pidx in bad_pts:
         raise bad_pts[pidx]
     if value is not None:
         if type(value) is float:
