@@ -131,7 +131,8 @@ class Record(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class RejectedRecord:
     """A record of a valid batch that breaks a rule (`protocols.limits`): its position in
-    the batch, its seq when that is a valid one (central may then acknowledge it), and why."""
+    the batch's `r` (or, for one central's database refused, in `records`), its seq when that
+    is one an edge could have made (central may then acknowledge it), and why."""
 
     index: int
     seq: int | None
