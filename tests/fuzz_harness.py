@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
+from central.commands import CommandService
+from central.commands_store import CommandStore
 from central.ingest import GatewayMismatchError, Ingest, MessageTypeMismatchError
 from central.metrics import Metrics
 from central.settings import Settings
@@ -50,15 +53,21 @@ class IngestFuzz:
         self.metrics = Metrics()
         settings = Settings(db_url=f"sqlite:///{path}", mqtt_client_id="fuzz")
         self.ingest = Ingest(settings, self.storage, self.metrics)
+        # Command results (CMD_RESULT records) move commands, as in `central serve`.
+        self.commands = CommandStore(settings.db_url)
         self.expected: set[int] = set()
         self.next_seq = FIRST_GOOD_SEQ
         self.examples = 0
         self.crashes: Counter[str] = Counter()
         self.first_crashes: list[str] = []
         self._runner.run(self.storage.open())
+        self._runner.run(self.commands.open())
+        self.ingest.command_hooks = CommandService(settings, self.storage, self.commands,
+                                                   Ed25519PrivateKey.generate())
 
     def close(self) -> None:
         try:
+            self._runner.run(self.commands.close())
             self._runner.run(self.storage.close())
         finally:
             self._runner.close()
@@ -117,4 +126,5 @@ class IngestFuzz:
                 "crashes": sum(self.crashes.values()),
                 "crashes_by_class": dict(self.crashes),
                 "write_failures": self.metrics.write_failures,
+                "command_reports": self.ingest.command_hooks.counters.reports,  # type: ignore[union-attr]
                 "good_records_lost": self.lost()}

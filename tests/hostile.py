@@ -82,6 +82,15 @@ _attr_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=3)
 
 
 @st.composite
+def command_result(draw: st.DrawFn, seq: int) -> list[Any]:
+    """A CMD_RESULT record whose attrs name a command and a state, with hostile extra data."""
+    attrs = {"cmd_id": draw(st.sampled_from(["c1", "c2", "x" * 70, ""])),
+             "state": draw(st.sampled_from(["received", "succeeded", "failed", "pending", "?"])),
+             **draw(st.dictionaries(_text, _attr_values, max_size=3))}
+    return row(seq, point=-1, value=None, kind=3, attrs=attrs)
+
+
+@st.composite
 def bad_record(draw: st.DrawFn, npts: int) -> list[Any]:
     """A record row with one field (or the row itself) wrong."""
     r = row(draw(st.integers(1, 10_000)), point=draw(st.integers(-1, max(npts - 1, -1))),
@@ -120,7 +129,8 @@ def fuzz_batch(draw: st.DrawFn, gw: str, stream: str, first_seq: int
     n_good = draw(st.integers(0, 5))
     good = list(range(first_seq, first_seq + n_good))
     rows: list[Any] = [row(s, point=s % 2, value=float(s)) for s in good]
-    bad = draw(st.lists(bad_record(len(pts)), max_size=4))
+    bad = draw(st.lists(st.one_of(bad_record(len(pts)),
+                                  command_result(draw(st.integers(1, 10_000)))), max_size=4))
     for b in bad:
         rows.insert(draw(st.integers(0, len(rows))), b)
     obj = data(gw, stream, rows, pts)
@@ -158,6 +168,6 @@ def hostile_birth(gw: str) -> st.SearchStrategy[bytes]:
     return st.builds(lambda o, k: wire(birth(gw, o, k)), _ints, _text)
 
 
-__all__ = ["BIG", "T0", "birth", "bad_record", "cyclic_attrs", "data", "env", "fuzz_batch",
+__all__ = ["BIG", "T0", "birth", "bad_record", "command_result", "cyclic_attrs", "data", "env", "fuzz_batch",
            "hostile_birth", "hostile_envelope", "hostile_state", "laughs", "oversized_batch", "row", "state",
            "wire"]
