@@ -25,12 +25,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from central import alarms, areas
 from central.alarm_types import AckState, AlarmStatus
+from central.api_bounds import ID_MAX, IdField, IdPath
 from central.areas import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
 from central.identity.audit import AuditLog
 from central.identity.authz import (
@@ -48,10 +49,6 @@ from central.storage import Storage
 from central.storage.program import Program
 
 PROBLEM = "application/problem+json"
-# A database id: larger values cannot name a row (and SQLite cannot bind them).
-DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
-AlarmId = Annotated[int, Path(ge=1, le=2**63 - 1)]
-AreaId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 class _Model(BaseModel):
@@ -59,7 +56,7 @@ class _Model(BaseModel):
 
 
 class AreaIn(_Model):
-    parent_id: DbId | None = Field(None, description="None for a root (the city)")
+    parent_id: IdField | None = Field(None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
     name_zh: str = Field(min_length=1, max_length=100)
@@ -82,7 +79,7 @@ class AreaNodeOut(AreaOut):
 
 
 class GatewayAreaIn(_Model):
-    area_id: DbId
+    area_id: IdField
 
 
 class GatewayAreaOut(_Model):
@@ -293,7 +290,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=problems,
              tags=["areas"])
-    async def summary(request: Request, area_id: AreaId,
+    async def summary(request: Request, area_id: IdPath,
                       p: Reader) -> SummaryOut:
         await check_area(_storage(request), p, area_id)
         s = await alarms.area_summary(_storage(request), area_id)
@@ -331,7 +328,7 @@ def install(app: FastAPI) -> None:
     @app.get("/api/alarms", response_model=list[AlarmOut], responses=problems, tags=["alarms"])
     async def list_alarms(
         request: Request, p: Reader,
-        area: Annotated[int | None, Query(ge=1, le=2**63 - 1,
+        area: Annotated[int | None, Query(ge=1, le=ID_MAX,
                                           description="this area and all under it")] = None,
         state: Annotated[AlarmStatus | None, Query()] = None,
         ack: Annotated[AckState | None, Query()] = None,
@@ -353,7 +350,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=problems,
              tags=["alarms"])
-    async def get_alarm(request: Request, alarm_id: AlarmId,
+    async def get_alarm(request: Request, alarm_id: IdPath,
                         p: Reader) -> AlarmDetail:
         storage = _storage(request)
         a = await _acting_on(request, p, alarm_id)
@@ -363,7 +360,7 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def ack(request: Request, alarm_id: AlarmId, body: ActionIn,
+    async def ack(request: Request, alarm_id: IdPath, body: ActionIn,
                   p: Operator) -> AlarmOut:
         """Acknowledge (确认) as the logged-in user; 409 if it is acknowledged already."""
         return _alarm_out(await _act(request, p, alarm_id, "alarm.ack", body.comment,
@@ -371,7 +368,7 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def clear(request: Request, alarm_id: AlarmId, body: ActionIn,
+    async def clear(request: Request, alarm_id: IdPath, body: ActionIn,
                     p: Operator) -> AlarmOut:
         """Clear by hand (清除), also while the edge still reports the condition (recorded)."""
         return _alarm_out(await _act(request, p, alarm_id, "alarm.clear", body.comment,
@@ -379,7 +376,7 @@ def install(app: FastAPI) -> None:
 
     @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=problems,
               tags=["alarms"])
-    async def comment(request: Request, alarm_id: AlarmId, body: CommentIn,
+    async def comment(request: Request, alarm_id: IdPath, body: CommentIn,
                       p: Operator) -> AlarmOut:
         """Add a comment (备注) to the alarm's history, in any state."""
         return _alarm_out(await _act(request, p, alarm_id, "alarm.comment", body.comment,

@@ -25,6 +25,7 @@ from central import tasks
 from central import __version__
 from central.alarm_rules import start_alarm_rules  # alarms wiring (§7)
 from central.alarms_api import install as install_alarm_api  # alarms wiring (§7)
+from central.api_bounds import TIME_MAX_MS, TIME_MIN_MS
 from central.commands import start_commands
 from central.commands_api import install as install_command_api
 from central.errors import CentralError
@@ -67,7 +68,8 @@ DAY_MS = 86_400_000
 
 class TimeParamError(CentralError):
     def __init__(self, name: str, value: str) -> None:
-        super().__init__(f"{name}={value!r}: expected epoch milliseconds or ISO-8601")
+        super().__init__(f"{name}={value[:64]!r}: expected epoch milliseconds or ISO-8601"
+                         f" within {TIME_MIN_MS}..{TIME_MAX_MS}")
         self.name = name
         self.value = value
 
@@ -199,7 +201,11 @@ def parse_time(name: str, value: str | None, default: int) -> int:
         return default
     v = value.strip()
     if v.lstrip("-").isdigit():
-        return int(v)
+        # Bounded before int(): a database BIGINT, and int() of 4,300+ digits raises.
+        ms = int(v) if len(v) <= 20 else None
+        if ms is None or not TIME_MIN_MS <= ms <= TIME_MAX_MS:
+            raise TimeParamError(name, value)
+        return ms
     try:
         dt = datetime.fromisoformat(v)
     except ValueError:

@@ -2,9 +2,19 @@
 
 The invariant: a `down/ack` names only seqs whose transaction has committed. Messages already
 queued are drained (up to `ingest_drain_max` batches) and written in one transaction, then
-each batch is acked — duplicates too, since central holds them. Bad input is logged once per
-message with its class, counted, and never stops the loop. On disconnect (the broker may be
-SIGKILLed at any time) the loop reconnects with capped, jittered back-off.
+each batch is acked — duplicates too, since central holds them. On disconnect (the broker may
+be SIGKILLed at any time) the loop reconnects with capped, jittered back-off.
+
+Bad input never stops the loop (README "Hostile input at central"). Every message passes the
+envelope's validation layer (`protocols.limits`). A message refused whole (not CBOR, a field
+out of range or too long, too many records, a topic or gateway that does not match) is counted
+in `messages_rejected_total{reason}` and dropped, not acked: there is no sound seq to ack.
+A record refused inside a good batch is counted in `records_rejected_total{reason}`, recorded
+as reported lost in the delivery view, and acked with the good records beside it, which are
+stored: so a poisoned record is not resent for ever and good data is not held back. Both are
+logged once per gateway and reason per minute (`central.ingest_rejects.RejectLog`). A write
+the database refuses for a value in it is retried in halves until the bad record is alone
+(`write_isolating`); any other storage error leaves that batch unacked (the gateway resends).
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from central import __version__, mqtt_client
 from central.errors import CentralError
 from central.metrics import Metrics
 from central.settings import Settings
-from central.storage import DatabaseWriteError, Storage
+from central.ingest_rejects import RejectLog, write_isolating
+from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
 from protocols.envelope import (
     Ack,
@@ -33,6 +44,7 @@ from protocols.envelope import (
     DataBatch,
     EnvelopeError,
     Message,
+    RejectedRecord,
     State,
     decode,
     encode,
@@ -45,14 +57,17 @@ BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 10.0
 _EXPECTED = {"data": DataBatch, "state": State, "birth": Birth}
 _SEQ = attrgetter("seq")
-_POINT = attrgetter("point")
 
 
 class IngestError(CentralError):
-    """Base of ingest's own errors about a message."""
+    """Base of ingest's own errors about a message; `reason` is its counter label."""
+
+    reason = "rejected"
 
 
 class GatewayMismatchError(IngestError):
+    reason = "gateway_mismatch"
+
     def __init__(self, topic_gw: str, payload_gw: str) -> None:
         super().__init__(f"topic names gateway {topic_gw!r}, payload names {payload_gw!r}")
         self.topic_gw = topic_gw
@@ -60,16 +75,12 @@ class GatewayMismatchError(IngestError):
 
 
 class MessageTypeMismatchError(IngestError):
+    reason = "type_mismatch"
+
     def __init__(self, topic_name: str, got: str) -> None:
         super().__init__(f"topic up/{topic_name} carries a {got} message")
         self.topic_name = topic_name
         self.got = got
-
-
-class BadPointKeyError(IngestError):
-    def __init__(self, key: str) -> None:
-        super().__init__(f"point key {key!r} is not device/point")
-        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +103,6 @@ def check_message(topic: str, payload: bytes, retained: bool = False) -> Inbound
         raise MessageTypeMismatchError(t.name, type(msg).__name__)
     if isinstance(msg, (DataBatch, Birth)) and msg.gw != t.gw:
         raise GatewayMismatchError(t.gw, msg.gw)
-    if isinstance(msg, DataBatch):
-        # Each distinct key once (a batch names few points many times), in batch order.
-        for key in dict.fromkeys(map(_POINT, msg.records)):
-            if key is not None and "/" not in key:
-                raise BadPointKeyError(key)
     return Inbound(gw=t.gw, msg=msg, retained=retained)
 
 
@@ -118,6 +124,7 @@ class Ingest:
         self.boot_id = uuid.uuid4().hex[:12]
         self._connected = asyncio.Event()
         self._acks: set[asyncio.Task[None]] = set()  # acks being published
+        self.reject_log = RejectLog()
 
     @property
     def connected(self) -> bool:
@@ -196,7 +203,7 @@ class Ingest:
                 # batches.
                 while len(messages) and len(group) < limit:
                     group.append(await anext(messages))
-                infos, batches = self._decode(group)
+                infos, batches = self.decode_group(group)
                 if storing is not None:
                     await storing  # raises what the previous group's store raised
                 storing = asyncio.create_task(self._store(client, infos, batches),
@@ -204,7 +211,7 @@ class Ingest:
         finally:
             # Cancelled (shutdown) or disconnected: a decoded group not yet written is
             # dropped, one being written may commit without its acks; the edge resends what
-            # is unacked. Never an ack without its commit: `_write_and_ack` acks only after.
+            # is unacked. Never an ack without its commit: `_store` acks only after.
             if storing is not None and not storing.done():
                 storing.cancel()
                 await asyncio.wait((storing,))
@@ -235,9 +242,10 @@ class Ingest:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await receiving
 
-    def _decode(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
+    def decode_group(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
         """Check every message of a group: the state and birth messages, and the data batches
-        with records, each in arrival order. Bad ones are counted and logged."""
+        with records (or refused records), each in arrival order. Bad ones are counted and
+        logged."""
         infos: list[Inbound] = []
         batches: list[DataBatch] = []
         for m in group:
@@ -245,21 +253,56 @@ class Ingest:
             try:
                 inbound = check_message(topic, _payload_bytes(m.payload), bool(m.retain))
             except (topics.TopicError, EnvelopeError, IngestError) as exc:
-                cls = type(exc).__name__
-                self.metrics.count_error(cls)
-                log.warning("message_rejected", topic=topic, error_class=cls, error=str(exc))
+                self._message_rejected(topic, exc, bool(m.retain))
                 continue
             msg = inbound.msg
             if isinstance(msg, DataBatch):
-                if msg.records:
+                if msg.rejected:
+                    self._records_rejected(msg, msg.rejected)
+                if msg.records or msg.rejected:
                     batches.append(msg)
             else:
                 infos.append(inbound)
         return infos, batches
 
+    def _message_rejected(self, topic: str, exc: Exception, retained: bool) -> None:
+        cls = type(exc).__name__
+        reason = "bad_topic" if isinstance(exc, topics.TopicError) else str(
+            getattr(exc, "reason", "rejected"))
+        self.metrics.count_error(cls)
+        self.metrics.messages_rejected[reason] += 1
+        parts = topic.split("/")
+        gw = parts[2][:64] if len(parts) > 2 else "-"
+        self.reject_log("message_rejected", gw, reason, topic=topic[:200], error_class=cls,
+                        field=getattr(exc, "field", None), error=str(exc)[:300],
+                        retained=retained)
+
+    def _records_rejected(self, batch: DataBatch, rejected: tuple[RejectedRecord, ...]) -> None:
+        by_reason: dict[str, list[RejectedRecord]] = {}
+        for rj in rejected:
+            by_reason.setdefault(str(rj.error.reason), []).append(rj)
+        for reason, items in by_reason.items():
+            self.metrics.records_rejected[reason] += len(items)
+            first = items[0]
+            self.reject_log("records_rejected", batch.gw, reason, stream=batch.stream[:64],
+                            records=len(items), first_seq=first.seq,
+                            field=getattr(first.error, "field", None),
+                            error=str(first.error)[:300])
+
     async def _store(self, client: aiomqtt.Client, infos: list[Inbound],
                      batches: list[DataBatch]) -> None:
-        """Write one decoded group (its states and births first, as they came), then ack."""
+        """Write one decoded group, then ack what it committed."""
+        # Published in the background: the next group's write must not wait for the broker's
+        # PUBACKs of these acks (a round trip per group that left the database idle).
+        for b in await self.store_group(infos, batches):
+            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
+            self._acks.add(task)
+            task.add_done_callback(self._ack_done)
+
+    async def store_group(self, infos: list[Inbound],
+                          batches: list[DataBatch]) -> list[DataBatch]:
+        """Write one decoded group (its states and births first, as they came); returns the
+        batches that may now be acked. Raises nothing for bad input or a failed write."""
         for inbound in infos:
             msg = inbound.msg
             try:
@@ -271,13 +314,14 @@ class Ingest:
                     self.metrics.births += 1
                     if self.command_hooks is not None:  # commands wiring (§6)
                         self.command_hooks.gateway_up(inbound.gw)
-            except DatabaseWriteError as exc:
+            except StorageError as exc:  # a state or birth only; the loop goes on
                 self.metrics.write_failures += 1
-                log.error("gateway_info_write_failed", gw=inbound.gw, error=str(exc))
-        if batches:
-            await self._write_and_ack(client, batches)
+                self.reject_log("gateway_info_write_failed", inbound.gw,
+                                "unstorable" if isinstance(exc, UnstorableValueError)
+                                else "write_failed", error=str(exc)[:300])
+        return await self._write(batches) if batches else []
 
-    async def _write_and_ack(self, client: aiomqtt.Client, batches: list[DataBatch]) -> None:
+    async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
         try:
             results = await self.storage.write_batches(batches)
             written = batches
@@ -288,7 +332,14 @@ class Ingest:
             written, results = [], []
             for b in batches:
                 try:
-                    results.extend(await self.storage.write_batches([b]))
+                    try:
+                        results.extend(await self.storage.write_batches([b]))
+                    except UnstorableValueError:
+                        # A value the validation let through: store the rest, refuse it.
+                        result, refused = await write_isolating(self.storage, b)
+                        results.append(result)
+                        if refused:
+                            self._records_rejected(b, refused)
                     written.append(b)
                 except DatabaseWriteError as exc1:
                     self.metrics.write_failures += 1
@@ -302,13 +353,7 @@ class Ingest:
             self.metrics.records_clock_suspect += res.clock_suspect
             self.metrics.records_time_corrected += res.corrected
             self.metrics.records_merged += res.merged
-        written = await self._apply_command_results(written)  # commands wiring (§6)
-        # Published in the background: the next group's write must not wait for the broker's
-        # PUBACKs of these acks (a round trip per group that left the database idle).
-        for b in written:
-            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
-            self._acks.add(task)
-            task.add_done_callback(self._ack_done)
+        return await self._apply_command_results(written)  # commands wiring (§6)
 
     def _ack_done(self, task: asyncio.Task[None]) -> None:
         self._acks.discard(task)
@@ -322,7 +367,11 @@ class Ingest:
             log.warning("ack_publish_failed", error_class=type(exc).__name__, error=str(exc))
 
     async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
-        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(map(_SEQ, batch.records)))
+        # The refused records too (those with a seq the edge could have made): central has
+        # counted them and will never store them, so the edge must not send them again.
+        seqs = list(map(_SEQ, batch.records))
+        seqs.extend(rj.seq for rj in batch.rejected if rj.seq is not None)
+        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(seqs))
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
         self.metrics.acks_published += 1

@@ -38,6 +38,10 @@ class Metrics:
     purged: Counter[str] = field(default_factory=Counter)
     # bad input by error class name, e.g. {"MalformedEnvelopeError": 3, "TopicError": 1}
     decode_errors: Counter[str] = field(default_factory=Counter)
+    # ingest refusals by reason (protocols.limits.Reason and central.ingest's own): whole
+    # messages dropped, and single records of otherwise good batches (refused and acked)
+    messages_rejected: Counter[str] = field(default_factory=Counter)
+    records_rejected: Counter[str] = field(default_factory=Counter)
     # narrowband receiver (central.narrowband): frames by kind, rejects by reason, the port
     narrowband_received: Counter[str] = field(default_factory=Counter)
     narrowband_rejected: Counter[str] = field(default_factory=Counter)
@@ -92,6 +96,16 @@ class Metrics:
         lines.append(f"# TYPE {name} counter")
         for cls, n in sorted(self.decode_errors.items()):
             lines.append(f'{name}{{class="{_escape(cls)}"}} {n}')
+        for name, help_, counts in (
+                ("messages_rejected_total", "Ingested messages dropped whole, by reason.",
+                 self.messages_rejected),
+                ("records_rejected_total", "Records refused inside good batches (acked, "
+                 "counted as reported lost), by reason.", self.records_rejected)):
+            full = f"{PREFIX}_{name}"
+            lines.append(f"# HELP {full} {help_}")
+            lines.append(f"# TYPE {full} counter")
+            for reason, n in sorted(counts.items()):
+                lines.append(f'{full}{{reason="{_escape(reason)}"}} {n}')
         self._render_narrowband(lines, metric)
         return "\n".join(lines) + "\n"
 

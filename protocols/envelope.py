@@ -2,7 +2,10 @@
 
 Every payload on a `fieldlink/v1/...` topic is one CBOR map with `v` (envelope version) and
 `t` (message type). `decode()` turns bytes into one of the frozen message classes below or
-raises an `EnvelopeError` subclass; it never raises anything else. `to_jsonable()` renders a
+raises an `EnvelopeError` subclass with a `reason`; it never raises anything else. Every field
+is checked against `protocols.limits` (integer ranges, string lengths, records per batch,
+attrs size, no shared references), so that whatever decodes can be stored; in a data batch a
+record that breaks a rule is refused alone (`DataBatch.rejected`). `to_jsonable()` renders a
 message for people (CLIs, logs).
 
 Data records are compact arrays so that a 500-record batch stays small:
@@ -14,40 +17,70 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
 import cbor2
 
-from protocols.errors import ProtocolError
+from protocols.limits import (
+    MAX_DEVICES_PER_BIRTH,
+    MAX_ID_CHARS,
+    MAX_NAME_CHARS,
+    MAX_PAYLOAD_BYTES,
+    MAX_POINT_KEY_CHARS,
+    MAX_POINTS_PER_BATCH,
+    MAX_POINTS_PER_BIRTH,
+    MAX_RECORDS_PER_BATCH,
+    MAX_TEXT_CHARS,
+    ORDINAL_MAX,
+    SEQ_MAX,
+    TS_MAX_MS,
+    EnvelopeError,
+    IntRangeError,
+    InvalidFieldError,
+    MalformedEnvelopeError,
+    NotCborError,
+    NotFiniteError,
+    PayloadTooLargeError,
+    Reason,
+    Budget,
+    TooManyItemsError,
+    check_attrs,
+    check_count,
+    check_int,
+    check_point_key,
+    check_str,
+)
+from protocols.seq_ranges import (  # re-exported: the envelope's ack ranges
+    count_in_ranges,
+    merge_ranges,
+    ranges_from_seqs,
+    seqs_in_ranges,
+    subtract_ranges,
+)
 
 VERSION = 1
 Value: TypeAlias = float | int | bool | str | None
 
 
-class EnvelopeError(ProtocolError):
-    """Base of every envelope decode or encode error."""
-
-
-class MalformedEnvelopeError(EnvelopeError):
-    """The bytes are not CBOR, or a field has the wrong shape."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
 class UnsupportedVersionError(EnvelopeError):
+    reason = Reason.UNSUPPORTED_VERSION
+
     def __init__(self, version: object) -> None:
-        super().__init__(f"unsupported envelope version {version!r} (this side speaks {VERSION})")
+        shown = version if isinstance(version, int) and abs(version) < 2**32 else type(version).__name__
+        super().__init__(f"unsupported envelope version {shown!r} (this side speaks {VERSION})")
+        self.field = "v"
         self.version = version
 
 
 class UnknownMessageTypeError(EnvelopeError):
+    reason = Reason.UNKNOWN_TYPE
+
     def __init__(self, type_: object) -> None:
-        super().__init__(f"unknown message type {type_!r}")
+        shown = type_[:32] if isinstance(type_, str) else type(type_).__name__
+        super().__init__(f"unknown message type {shown!r}")
+        self.field = "t"
         self.type = type_
 
 
@@ -96,11 +129,26 @@ class Record(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class RejectedRecord:
+    """A record of a valid batch that breaks a rule (`protocols.limits`): its position in
+    the batch's `r` (or, for one central's database refused, in `records`), its seq when that
+    is one an edge could have made (central may then acknowledge it), and why."""
+
+    index: int
+    seq: int | None
+    error: EnvelopeError
+
+
+@dataclass(frozen=True, slots=True)
 class DataBatch:
+    """`rejected` is filled only by `decode`: the records refused one by one, while the
+    batch's own fields and its other records are good; `encode` ignores it."""
+
     gw: str
     stream: str
     records: tuple[Record, ...]
     sent_ms: int = 0
+    rejected: tuple[RejectedRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,70 +196,6 @@ class Birth:
 Message: TypeAlias = DataBatch | Ack | State | Birth
 
 
-# --- ranges -------------------------------------------------------------------------------
-
-
-def ranges_from_seqs(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
-    """Collapse sequence numbers into sorted inclusive `[first, last]` ranges."""
-    ordered = sorted(set(seqs))
-    if not ordered:
-        return ()
-    first, last = ordered[0], ordered[-1]
-    if last - first + 1 == len(ordered):  # one run: the usual batch
-        return ((first, last),)
-    out: list[tuple[int, int]] = []
-    start = prev = first
-    for s in ordered[1:]:
-        if s != prev + 1:
-            out.append((start, prev))
-            start = s
-        prev = s
-    out.append((start, prev))
-    return tuple(out)
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Sorted, disjoint inclusive ranges covering the same seqs (touching ranges join)."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + 1:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return tuple(out)
-
-
-def subtract_ranges(ranges: Sequence[tuple[int, int]],
-                    minus: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """The seqs of `ranges` that are not in `minus`; both sorted and disjoint."""
-    out: list[tuple[int, int]] = []
-    j = 0
-    for a, b in ranges:
-        while j < len(minus) and minus[j][1] < a:
-            j += 1
-        k = j
-        while a <= b:
-            if k >= len(minus) or minus[k][0] > b:
-                out.append((a, b))
-                break
-            ma, mb = minus[k]
-            if ma > a:
-                out.append((a, ma - 1))
-            a = max(a, mb + 1)
-            k += 1
-    return tuple(out)
-
-
-def count_in_ranges(ranges: Iterable[tuple[int, int]]) -> int:
-    return sum(b - a + 1 for a, b in ranges)
-
-
-def seqs_in_ranges(ranges: Iterable[tuple[int, int]]) -> Iterable[int]:
-    for a, b in ranges:
-        yield from range(a, b + 1)
-
-
 # --- encode -------------------------------------------------------------------------------
 
 
@@ -255,20 +239,25 @@ def _to_wire(msg: Message) -> dict[str, Any]:
 
 
 def decode(payload: bytes) -> Message:
-    """Decode CBOR bytes into a message; raises only `EnvelopeError` subclasses."""
+    """Decode CBOR bytes into a message; raises only `EnvelopeError` subclasses, each with its
+    `reason`. Every field is checked against `protocols.limits`; in a data batch a record
+    that breaks a rule is refused alone (`DataBatch.rejected`), the rest of the batch kept."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLargeError(len(payload))
     try:
         obj = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
-        raise MalformedEnvelopeError("payload", f"not CBOR: {exc}") from exc
-    if not isinstance(obj, dict):
+        raise NotCborError("payload", f"not CBOR: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if type(obj) is not dict:
         raise MalformedEnvelopeError("payload", "top level is not a map")
-    if obj.get("v") != VERSION:
-        raise UnsupportedVersionError(obj.get("v"))
+    version = obj.get("v")
+    if type(version) is not int or version != VERSION:
+        raise UnsupportedVersionError(version)
     kind = obj.get("t")
-    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
+    decoder = _DECODERS.get(kind) if type(kind) is str else None
     if decoder is None:
         raise UnknownMessageTypeError(kind)
-    return decoder(obj)
+    return decoder(obj, Budget(len(payload)))
 
 
 def _get(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str = "") -> Any:
@@ -288,25 +277,61 @@ def _names(types: type | tuple[type, ...]) -> str:
     return "|".join(t.__name__ for t in _as_tuple(types))
 
 
-def _decode_data(obj: Mapping[str, Any]) -> DataBatch:
-    gw = _get(obj, "gw", str)
-    stream = _get(obj, "stream", str)
-    sent = _get(obj, "sent", int)
-    pts = _get(obj, "pts", list)
-    if not all(isinstance(p, str) for p in pts):
-        raise MalformedEnvelopeError("pts", "point keys must be strings")
-    rows = _get(obj, "r", list)
-    records = tuple(_decode_record(i, row, pts) for i, row in enumerate(rows))
-    return DataBatch(gw=gw, stream=stream, records=records, sent_ms=sent)
+def _str(obj: Mapping[str, Any], key: str, limit: int, where: str = "") -> str:
+    if key not in obj:
+        raise MalformedEnvelopeError(f"{where}{key}", "missing")
+    return check_str(f"{where}{key}", obj[key], limit)
+
+
+def _int(obj: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    if key not in obj:
+        raise MalformedEnvelopeError(key, "missing")
+    return check_int(key, obj[key], lo, hi)
+
+
+def _decode_data(obj: Mapping[str, Any], budget: Budget) -> DataBatch:
+    gw = _str(obj, "gw", MAX_ID_CHARS)
+    stream = _str(obj, "stream", MAX_ID_CHARS)
+    sent = _int(obj, "sent", 0, TS_MAX_MS)
+    pts = check_count("pts", _get(obj, "pts", list), MAX_POINTS_PER_BATCH)
+    rows = check_count("r", _get(obj, "r", list), MAX_RECORDS_PER_BATCH)
+    # A bad point key refuses the records that name it, not the batch.
+    bad_pts: dict[int, EnvelopeError] = {}
+    for i, key in enumerate(pts):
+        if (type(key) is not str or len(key) > MAX_POINT_KEY_CHARS or "\x00" in key
+                or "/" not in key):
+            try:
+                check_point_key(f"pts[{i}]", key)
+            except EnvelopeError as exc:
+                bad_pts[i] = exc
+        else:
+            budget.spend(f"pts[{i}]", len(key))
+    records: list[Record] = []
+    rejected: list[RejectedRecord] = []
+    for i, row in enumerate(rows):
+        try:
+            records.append(_decode_record(i, row, pts, bad_pts, budget))
+        except EnvelopeError as exc:
+            rejected.append(RejectedRecord(i, _valid_seq(row), exc))
+    return DataBatch(gw=gw, stream=stream, records=tuple(records), sent_ms=sent,
+                     rejected=tuple(rejected))
+
+
+def _valid_seq(row: object) -> int | None:
+    """The seq of a refused record, when it has one the edge could have made."""
+    if type(row) is list and row and type(row[0]) is int and 1 <= row[0] <= SEQ_MAX:
+        return row[0]
+    return None
 
 
 _KINDS = {int(k): k for k in RecordKind}
 _FLAGS = {int(f): Flag(f) for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
 _SCALARS = (int, float, str)
-_INT64_MAX = 2**63 - 1  # what both databases store; a larger seq is a broken sender
+_INT64_MAX = 2**63 - 1  # what both databases store
 
 
-def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
+def _decode_record(i: int, row: object, pts: Sequence[str],
+                   bad_pts: Mapping[int, EnvelopeError], budget: Budget) -> Record:
     # The hot path of central's ingest: type checks by exact class and table look-ups
     # instead of enum constructors (bool is a subclass of int, so `type(x) is int` excludes it).
     if type(row) is not list or not 6 <= len(row) <= 7:
@@ -316,74 +341,98 @@ def _decode_record(i: int, row: object, pts: Sequence[str]) -> Record:
         for name, v in (("seq", seq), ("ts", ts), ("point", pidx)):
             if type(v) is not int:
                 raise MalformedEnvelopeError(f"r[{i}].{name}", f"expected int, got {type(v).__name__}")
-    if not 1 <= seq <= _INT64_MAX:
-        raise MalformedEnvelopeError(f"r[{i}].seq", f"must be in 1..2**63-1, got {seq}")
-    if not 0 <= ts <= _INT64_MAX:
-        raise MalformedEnvelopeError(f"r[{i}].ts", f"must be in 0..2**63-1, got {ts}")
+    if not 1 <= seq <= SEQ_MAX:
+        check_int(f"r[{i}].seq", seq, 1, SEQ_MAX)
+    if not 0 <= ts <= TS_MAX_MS:
+        check_int(f"r[{i}].ts", ts, 0, TS_MAX_MS)
     rkind = _KINDS.get(kind) if type(kind) is int else None
     if rkind is None:
-        raise MalformedEnvelopeError(f"r[{i}].kind", f"unknown record kind {kind!r}")
+        raise MalformedEnvelopeError(f"r[{i}].kind", f"unknown record kind {_short(kind)}")
     rflags = _FLAGS.get(flags) if type(flags) is int else None
     if rflags is None:
-        raise MalformedEnvelopeError(f"r[{i}].flags", f"unknown flags {flags!r}")
+        raise MalformedEnvelopeError(f"r[{i}].flags", f"unknown flags {_short(flags)}")
     if pidx < -1 or pidx >= len(pts):
-        raise MalformedEnvelopeError(f"r[{i}].point", f"index {pidx} outside pts[{len(pts)}]")
+        raise MalformedEnvelopeError(f"r[{i}].point", f"index outside pts[{len(pts)}]")
+    if bad_pts and pidx in bad_pts:
+        raise bad_pts[pidx]
     if value is not None:
         if type(value) is float:
             if not math.isfinite(value):
-                raise MalformedEnvelopeError(f"r[{i}].value", "not finite")
+                raise NotFiniteError(f"r[{i}].value", "not finite")
         elif type(value) is int:
             if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
-                raise MalformedEnvelopeError(f"r[{i}].value", "integer outside 64 bits")
+                raise IntRangeError(f"r[{i}].value", "integer outside 64 bits")
+        elif type(value) is str:
+            if len(value) > MAX_TEXT_CHARS or "\x00" in value:
+                check_str(f"r[{i}].value", value, MAX_TEXT_CHARS)
+            budget.spend(f"r[{i}].value", len(value))
         elif not isinstance(value, _SCALARS):
             raise MalformedEnvelopeError(f"r[{i}].value", f"unsupported type {type(value).__name__}")
     attrs = None
     if len(row) == 7:
-        attrs = row[6]
-        if type(attrs) is not dict or not all(type(k) is str for k in attrs):
-            raise MalformedEnvelopeError(f"r[{i}].attrs", "expected a map with string keys")
+        attrs = check_attrs(f"r[{i}].attrs", row[6], budget)
     return Record(seq, rkind, ts, None if pidx == -1 else pts[pidx], value, rflags, attrs)
 
 
-def _decode_ack(obj: Mapping[str, Any]) -> Ack:
-    stream = _get(obj, "stream", str)
-    raw = _get(obj, "ranges", list)
+def _short(value: object) -> str:
+    return repr(value) if type(value) is int and abs(value) < 2**32 else type(value).__name__
+
+
+def _decode_ack(obj: Mapping[str, Any], budget: Budget) -> Ack:
+    stream = _str(obj, "stream", MAX_ID_CHARS)
+    raw = check_count("ranges", _get(obj, "ranges", list), MAX_RECORDS_PER_BATCH)
     ranges = []
     for i, r in enumerate(raw):
-        if (not isinstance(r, list) or len(r) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+        if (type(r) is not list or len(r) != 2 or not all(type(x) is int for x in r)
                 or r[0] < 1 or r[0] > r[1]):
             raise MalformedEnvelopeError(f"ranges[{i}]", "expected [first, last] with 1 <= first <= last")
+        check_int(f"ranges[{i}]", r[1], 1, SEQ_MAX)
         ranges.append((r[0], r[1]))
     return Ack(stream=stream, ranges=tuple(ranges))
 
 
-def _decode_state(obj: Mapping[str, Any]) -> State:
-    return State(online=_get(obj, "online", bool), boot_id=_get(obj, "boot", str),
-                 version=_get(obj, "ver", str), bearer=_get(obj, "bearer", str),
-                 backlog=_get(obj, "backlog", int), ts_ms=_get(obj, "ts", int),
-                 stream=obj.get("stream", "") if isinstance(obj.get("stream", ""), str) else "")
+def _decode_state(obj: Mapping[str, Any], budget: Budget) -> State:
+    stream = obj.get("stream", "")
+    return State(online=_get(obj, "online", bool), boot_id=_str(obj, "boot", MAX_ID_CHARS),
+                 version=_str(obj, "ver", MAX_ID_CHARS), bearer=_str(obj, "bearer", MAX_ID_CHARS),
+                 backlog=_int(obj, "backlog", 0, _INT64_MAX), ts_ms=_int(obj, "ts", 0, TS_MAX_MS),
+                 stream=check_str("stream", stream, MAX_ID_CHARS) if type(stream) is str else "")
 
 
-def _decode_birth(obj: Mapping[str, Any]) -> Birth:
+def _decode_birth(obj: Mapping[str, Any], budget: Budget) -> Birth:
+    gw = _str(obj, "gw", MAX_ID_CHARS)
+    stream = _str(obj, "stream", MAX_ID_CHARS)
+    boot, ver = _str(obj, "boot", MAX_ID_CHARS), _str(obj, "ver", MAX_ID_CHARS)
     devs = []
-    for i, d in enumerate(_get(obj, "devs", list)):
+    total = 0
+    for i, d in enumerate(check_count("devs", _get(obj, "devs", list), MAX_DEVICES_PER_BIRTH)):
         where = f"devs[{i}]."
-        if not isinstance(d, dict):
+        if type(d) is not dict:
             raise MalformedEnvelopeError(f"devs[{i}]", "expected a map")
+        raw = check_count(f"{where}pts", _get(d, "pts", list, where), MAX_POINTS_PER_BIRTH)
+        total += len(raw)
+        if total > MAX_POINTS_PER_BIRTH:
+            raise TooManyItemsError("devs[].pts", total, MAX_POINTS_PER_BIRTH)
         points = []
-        for j, p in enumerate(_get(d, "pts", list, where)):
-            if (not isinstance(p, list) or len(p) != 4 or not isinstance(p[0], int)
-                    or isinstance(p[0], bool) or not all(isinstance(x, str) for x in p[1:])):
+        for j, p in enumerate(raw):
+            if type(p) is not list or len(p) != 4:
                 raise MalformedEnvelopeError(f"{where}pts[{j}]", "expected [ordinal, key, name_zh, unit]")
-            points.append(PointInfo(ordinal=p[0], key=p[1], name_zh=p[2], unit=p[3]))
-        devs.append(DeviceInfo(id=_get(d, "id", str, where), profile=_get(d, "profile", str, where),
-                               profile_hash=_get(d, "hash", str, where), points=tuple(points)))
-    return Birth(gw=_get(obj, "gw", str), stream=_get(obj, "stream", str),
-                 boot_id=_get(obj, "boot", str), version=_get(obj, "ver", str), devices=tuple(devs))
+            at = f"{where}pts[{j}]"
+            points.append(PointInfo(ordinal=check_int(f"{at}.ordinal", p[0], 0, ORDINAL_MAX),
+                                    key=check_str(f"{at}.key", p[1], MAX_POINT_KEY_CHARS),
+                                    name_zh=check_str(f"{at}.name_zh", p[2], MAX_NAME_CHARS),
+                                    unit=check_str(f"{at}.unit", p[3], MAX_NAME_CHARS)))
+            budget.spend(at, len(p[1]) + len(p[2]) + len(p[3]))
+        devs.append(DeviceInfo(id=_str(d, "id", MAX_ID_CHARS, where),
+                               profile=_str(d, "profile", MAX_NAME_CHARS, where),
+                               profile_hash=_str(d, "hash", MAX_NAME_CHARS, where),
+                               points=tuple(points)))
+    return Birth(gw=gw, stream=stream, boot_id=boot, version=ver, devices=tuple(devs))
 
 
 _DECODERS = {"data": _decode_data, "ack": _decode_ack, "state": _decode_state, "birth": _decode_birth}
+
+
 
 
 # --- for people ---------------------------------------------------------------------------

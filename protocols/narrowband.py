@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocols.errors import ProtocolError
+from protocols.limits import INT64_MAX, SEQ_MAX, TS_MAX_MS
 
 VERSION: Final = 1
 MAC_DOMAIN: Final = b"fieldlink-nb1"
@@ -177,8 +178,10 @@ class AlarmEntry:
     value: float | None  # sent as float32; None is NaN on the air
 
     def __post_init__(self) -> None:
-        if self.seq < 1:
-            raise ValueError(f"seq must be >= 1, not {self.seq}")
+        if not 1 <= self.seq <= SEQ_MAX:  # what central can store (protocols.limits)
+            raise ValueError(f"seq must be in 1..{SEQ_MAX}")
+        if not 0 <= self.ts <= TS_MAX_MS // 1000:
+            raise ValueError(f"ts must be in 0..{TS_MAX_MS // 1000} s")
         if self.point < 0:
             raise ValueError(f"point ordinal must be >= 0, not {self.point}")
         if not 0 <= self.level <= 2:
@@ -238,6 +241,8 @@ class _Reader:
             self.pos += 1
             n |= (byte & 0x7F) << shift
             if not byte & 0x80:
+                if n > INT64_MAX:  # a BIGINT at central (protocols.limits)
+                    raise MalformedFrameError("narrowband varint above 2**63-1")
                 return n
             shift += 7
             if shift > 63:

@@ -137,8 +137,10 @@ async def test_bad_messages_are_counted_and_good_ones_still_land(mosquitto: Mosq
         await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [5, 6])), qos=1)
         assert (await next_ack(gw)).ranges == ((5, 6),)
         assert dict(metrics.decode_errors) == {
-            "MalformedEnvelopeError": 1, "TopicError": 1, "GatewayMismatchError": 1,
+            "NotCborError": 1, "TopicError": 1, "GatewayMismatchError": 1,
             "MessageTypeMismatchError": 1}
+        assert dict(metrics.messages_rejected) == {
+            "not_cbor": 1, "bad_topic": 1, "gateway_mismatch": 1, "type_mismatch": 1}
         assert (await storage.count_records()).readings == 2
         assert 'decode_errors_total{class="TopicError"} 1' in metrics.render()
 

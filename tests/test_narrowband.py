@@ -187,7 +187,7 @@ def test_alarms_round_trip(ts: int, items: list[AlarmEntry], mac_len: int) -> No
         ts, tuple(items[:count]))
 
 
-@given(st.builds(HeartbeatFrame, ts=st.integers(0, 2**32 - 1), last_seq=st.integers(0, 2**63),
+@given(st.builds(HeartbeatFrame, ts=st.integers(0, 2**32 - 1), last_seq=st.integers(0, 2**63 - 1),
                  backlog=st.integers(0, 2**40), active_alarms=st.integers(0, 10_000),
                  ip_down_s=st.integers(0, 10**8), power=st.sampled_from(PowerState),
                  battery_pct=st.none() | st.integers(0, 100)))

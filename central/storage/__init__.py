@@ -62,6 +62,11 @@ class DatabaseWriteError(StorageError):
     """A write transaction failed and was rolled back; nothing of it is stored."""
 
 
+class UnstorableValueError(DatabaseWriteError):
+    """The write was rolled back because of a value in it (a number or text the database
+    refuses), not because of the database: the same write fails again."""
+
+
 class NotFoundError(StorageError):
     """A gateway, device or point that storage does not hold."""
 
@@ -410,7 +415,8 @@ __all__ = [
     "BadRefError", "Bucket", "DatabaseWriteError", "DeliverySummary", "Device", "Gateway",
     "GatewayDelivery", "Latest", "NotFoundError", "Point", "PurgeResult", "RecordCounts",
     "RetentionPolicy", "Sample", "Storage", "StorageError", "TimePolicy", "UnknownDeviceError",
-    "UnknownGatewayError", "UnknownPointError", "UnsupportedDatabaseError", "WriteResult",
+    "UnknownGatewayError", "UnknownPointError", "UnstorableValueError",
+    "UnsupportedDatabaseError", "WriteResult",
     "device_ref", "open_storage", "parse_device_ref", "parse_point_ref", "point_ref", "split_key",
 ]
 

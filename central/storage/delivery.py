@@ -28,10 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from central.storage.program import Program, Sql, placeholders
-from protocols.envelope import count_in_ranges, merge_ranges, ranges_from_seqs
+from protocols.envelope import DataBatch, count_in_ranges, merge_ranges, ranges_from_seqs
+from protocols.limits import INT64_MAX, SEQ_MAX
 
 GAP_LIMIT = 100
 LOSS_EVENTS = {"outbox_thinned": "thinned", "outbox_dropped": "dropped"}
+# A record central refused (protocols.limits) and acknowledged: the edge forgets it, so the
+# delivery view counts its seq as reported lost, not as pending for ever.
+REJECTED = "rejected"
 _RUNS_PER_STREAM = 16  # more runs in one write: delete the span they cover, merge in Python
 _CHUNK = 200  # rows per multi-row statement
 
@@ -55,9 +59,17 @@ def loss_report(seq: int, ts_ms: int, attrs: Mapping[str, Any] | None) -> LossRe
     first, last, n = attrs.get("first_seq"), attrs.get("last_seq"), attrs.get("records")
     if kind is None or not all(type(x) is int for x in (first, last, n)):
         return None
-    if not 1 <= first <= last or n < 0:  # type: ignore[operator]
-        return None
+    if not 1 <= first <= last <= SEQ_MAX or not 0 <= n <= last - first + 1:  # type: ignore[operator]
+        return None  # a range no edge has, or more records lost than the range holds
     return LossReport(seq, kind, first, last, n, ts_ms)  # type: ignore[arg-type]
+
+
+def tally_rejected(tally: StreamTally, batch: DataBatch, now: int) -> None:
+    """Count each refused record with a valid seq as a one-record `rejected` loss report
+    under its own seq (a resent copy finds it held and counts nothing)."""
+    for rj in batch.rejected:
+        if rj.seq is not None:
+            tally.lost(batch.gw, batch.stream, LossReport(rj.seq, REJECTED, rj.seq, rj.seq, 1, now))
 
 
 class StreamTally:
@@ -72,7 +84,7 @@ class StreamTally:
         self.losses: dict[tuple[str, str], list[LossReport]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.seqs or self.spans)
+        return bool(self.seqs or self.spans or self.losses)
 
     def held(self, gw: str, stream: str, seqs: Iterable[int]) -> None:
         self.seqs.setdefault((gw, stream), set()).update(seqs)
@@ -110,7 +122,8 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
     `now=None` (a backfill) leaves the write times alone."""
     runs = {k: rs for k in sorted(tally.seqs.keys() | tally.spans.keys())
             if (rs := tally.runs(k))}
-    keys = list(runs)
+    # A stream may have only loss reports in this write (a batch of refused records).
+    keys = sorted(runs.keys() | {k for k, v in tally.losses.items() if v})
     if not keys:
         return
     # 1. Create or lock every stream row, in key order (PostgreSQL: the lock order).
@@ -144,13 +157,13 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
     delta: dict[tuple[str, str], list[int]] = {}
     for k in keys:
         had = taken[k]
-        merged = merge_ranges([*runs[k], *had.items()])
+        merged = merge_ranges([*runs.get(k, ()), *had.items()])
         firsts = {a for a, _ in merged}
         gone += [(*k, a) for a in had if a not in firsts]
         longer += [(*k, a, b) for a, b in merged if a in had and had[a] != b]
         new += [(*k, a, b) for a, b in merged if a not in had]
         delta[k] = [count_in_ranges(merged) - count_in_ranges(had.items()),
-                    merged[-1][1], 0]
+                    merged[-1][1] if merged else 0, 0]
     for chunk in _chunks(gone):
         values, params = _values(chunk)
         yield Sql(f"DELETE FROM stream_ranges WHERE (gw, stream, first_seq) IN (VALUES {values})",
@@ -174,13 +187,16 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
                          + " ON CONFLICT (gw, stream, seq) DO NOTHING RETURNING gw, stream,"
                          " records", params)
         for gw, s, n in rows:
-            delta[(gw, s)][2] += n
+            # Saturating: reports may overlap, and their sum must stay a BIGINT.
+            delta[(gw, s)][2] = min(INT64_MAX, delta[(gw, s)][2] + n)
     # 4. The counters.
     for chunk in _chunks([(*k, *delta[k]) for k in keys]):
         values, params = _values(chunk)
         yield Sql("UPDATE streams SET held = streams.held + v.column3,"
                   " max_seq = CASE WHEN v.column4 > streams.max_seq THEN v.column4"
-                  " ELSE streams.max_seq END, lost_reported = streams.lost_reported + v.column5"
+                  " ELSE streams.max_seq END, lost_reported = CASE WHEN v.column5 >"
+                  f" {INT64_MAX} - streams.lost_reported THEN {INT64_MAX}"
+                  " ELSE streams.lost_reported + v.column5 END"
                   " FROM (VALUES " + values + ") AS v"
                   " WHERE streams.gw = v.column1 AND streams.stream = v.column2", params)
 

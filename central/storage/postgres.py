@@ -49,6 +49,7 @@ from central.storage import (
     UnknownDeviceError,
     UnknownGatewayError,
     UnknownPointError,
+    UnstorableValueError,
     WriteResult,
     parse_device_ref,
     parse_point_ref,
@@ -234,8 +235,11 @@ class PostgresStorage(Storage):
                 return await body(conn)
         except BaseException as exc:
             self._point_ids.clear()  # ids made in the rolled-back transaction are gone
-            # OverflowError: an int the envelope allows but BIGINT or DOUBLE cannot hold.
-            if isinstance(exc, (psycopg.Error, OverflowError)):
+            # Data errors (class 22: out of range, NUL in text, bad json) and what the driver
+            # refuses to bind fail the same way again: the caller may isolate the bad record.
+            if isinstance(exc, (psycopg.DataError, OverflowError, ValueError)):
+                raise UnstorableValueError(f"transaction rolled back: {exc}") from exc
+            if isinstance(exc, psycopg.Error):
                 raise DatabaseWriteError(f"transaction rolled back: {exc}") from exc
             raise
 

@@ -25,7 +25,7 @@ from central.alarm_engine import ingest_program
 from central.alarm_types import AlarmChange, AlarmPolicy
 from central.storage import WriteResult
 from central.storage.aggregates import AggSamples
-from central.storage.delivery import StreamTally, streams_program
+from central.storage.delivery import StreamTally, streams_program, tally_rejected
 from central.storage.postgres_schema import Conn
 from central.storage.program import run_async
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
@@ -163,6 +163,7 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
         stage_records(gw, stream, batch.records, ids, lo, hi, now, readings=readings,
                       events=events, latest=latest, tally=tally, samples=(pids, tss, vals),
                       lead=(n,))
+        tally_rejected(tally, batch, now)
         touched[gw] = stream  # the last batch of a gateway names its current stream
     for by_stream in staged.values():
         for (gw, stream), rows in by_stream.items():

@@ -36,6 +36,7 @@ from central.storage import (
     UnknownDeviceError,
     UnknownGatewayError,
     UnknownPointError,
+    UnstorableValueError,
     WriteResult,
     parse_device_ref,
     parse_point_ref,
@@ -43,7 +44,7 @@ from central.storage import (
 )
 from central.storage.aggregates import AggSamples
 from central.storage.alarm_schema import alarm_tables
-from central.storage.delivery import StreamTally, streams_program
+from central.storage.delivery import StreamTally, streams_program, tally_rejected
 from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.identity_schema import identity_tables
 from central.storage.program import Program, run_sync
@@ -268,6 +269,10 @@ class SqliteStorage(Storage):
                 conn.execute("ROLLBACK")
                 self._point_ids.clear()  # ids made in the rolled-back transaction are gone
                 raise
+        except (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, ValueError) as exc:
+            # A value the envelope let through but the database cannot hold (an int past
+            # 64 bits, attrs json cannot render): the same write fails again.
+            raise UnstorableValueError(f"transaction rolled back: {exc}") from exc
         except sqlite3.Error as exc:
             raise DatabaseWriteError(f"transaction rolled back: {exc}") from exc
         return result
@@ -318,6 +323,7 @@ class SqliteStorage(Storage):
             if res is None:
                 res = self._write_batch(conn, batch, now, lo, hi, latest, samples, tally,
                                         merged)
+            tally_rejected(tally, batch, now)
             conn.execute(_TOUCH_GATEWAY, (batch.gw, batch.stream, now))
             results.append(res)
         if samples:
