@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
 from central.commands import CommandService
+from central.commands_check import WritePolicy
+from central.identity.audit import AuditLog
 from central.commands_store import CommandStore
 from central.ingest import GatewayMismatchError, Ingest, MessageTypeMismatchError
 from central.metrics import Metrics
@@ -62,8 +64,9 @@ class IngestFuzz:
         self.first_crashes: list[str] = []
         self._runner.run(self.storage.open())
         self._runner.run(self.commands.open())
-        self.ingest.command_hooks = CommandService(settings, self.storage, self.commands,
-                                                   Ed25519PrivateKey.generate())
+        self.ingest.command_hooks = CommandService(
+            settings, self.storage, self.commands, Ed25519PrivateKey.generate(),
+            audit=AuditLog(self.storage), policy=WritePolicy.from_dirs())
 
     def close(self) -> None:
         try:
