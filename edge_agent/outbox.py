@@ -451,6 +451,7 @@ class Outbox:
                 raise
             conn = self._connect_sync()
         self._sync_full = False
+        self._disk.tune_wal(conn)
         log.info("outbox_opened", path=str(self.path), stream=self.stream,
                  max_bytes=self.max_bytes, boot=self._lanes.boot)
         self._disk.lay_ballast()

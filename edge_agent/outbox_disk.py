@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,20 @@ class DiskWatch:
 
     def usage(self) -> DiskUsage:
         return disk_usage(self.path, self.reserve_bytes)
+
+    def tune_wal(self, conn: sqlite3.Connection) -> None:
+        """Keep the WAL a small part of the reserve: checkpoint after at most a quarter of it,
+        and cut the file back to that after each checkpoint."""
+        if not self.reserve_bytes:
+            return
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        cap = max(16, self.reserve_bytes // 4 // page)
+        if pages <= 0 or pages > cap:
+            conn.execute(f"PRAGMA wal_autocheckpoint = {int(cap)}")
+        limit = conn.execute("PRAGMA journal_size_limit").fetchone()[0]
+        if limit < 0 or limit > self.reserve_bytes // 4:
+            conn.execute(f"PRAGMA journal_size_limit = {int(self.reserve_bytes // 4)}")
 
     def page_limit(self, max_bytes: int | None) -> int | None:
         """Bytes of SQLite pages in use that the budget allows now (None: no limit): the
