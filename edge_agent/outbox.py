@@ -182,6 +182,7 @@ class Outbox:
         self._disk = disk
         self._ring = HoldRing(hold_records)  # executor-thread state, like _lanes
         self._ring_tried = -math.inf  # monotonic time of the last attempt to write it
+        self._reclaim_failing = False
         self._sqlite = SqliteOwner(thread_name="outbox", error=OutboxError,
                                    closed_message="outbox is closed", wrap=translate)
         self._sync_full: bool | None = None
@@ -230,6 +231,8 @@ class Outbox:
                     await ob.flush_held(spend_ballast=True)
                 except OutboxError as exc:
                     log.error("outbox_held_flush_failed", error=str(exc))
+        # Closed: keep the room the -wal and -shm files gave back for the next start.
+        ob._disk.lay_ballast(partial=True)
 
     # --- public API --------------------------------------------------------------------
 
@@ -524,7 +527,11 @@ class Outbox:
             try:
                 self._budget_sync(stamp, True)
             except (sqlite3.Error, OSError) as exc:  # the append itself has committed
-                log.warning("outbox_reclaim_failed", error=str(exc))
+                if not self._reclaim_failing:  # once per run of failures, not per append
+                    log.warning("outbox_reclaim_failed", error=str(exc))
+                self._reclaim_failing = True
+            else:
+                self._reclaim_failing = False
         return first
 
     def _hold_sync(self, rows: list[tuple[Any, ...]], stamp: Stamp, error: str) -> Refused:
@@ -659,8 +666,12 @@ class Outbox:
         if not (force or urgent or self._reclaiming or self._budget.over_high(conn, limit)):
             return Reclaimed()
         if urgent or self._budget.over_high(conn, limit):
-            # The WAL counts: fold it into the main file and cut it back before evicting.
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            # The WAL counts: fold it into the main file before evicting. PASSIVE never waits
+            # for a reader (RESTART and TRUNCATE would, for the busy timeout, on every append),
+            # and once it has copied every frame the next commit starts the WAL file over; its
+            # size at rest is held to `journal_size_limit` (`DiskWatch.tune_wal`). The file is
+            # not given back: another process would take that room and the next write need it.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             limit = self._limit()
         # Delivered rows are free to go first, whatever keep_delivered_s says.
         self._prune_sync(stamp.wall_ms, everything=True)

@@ -14,7 +14,8 @@ It is given back to the file system only when the outbox would otherwise lose wh
 in memory on a full disk: when the daemon stops with alarm or event records still held
 (`outbox_ring.py`), and when it starts on a disk too full to open SQLite's `-shm` and `-wal`
 files (SQLite then fails with SQLITE_IOERR_SHMSIZE, as the agent did before). It is laid
-again once the disk has the reserve and the ballast free.
+again once the disk has the reserve and the ballast free, and at exit (as much of it as the
+closed files gave back) so that the next start finds its room still there.
 """
 
 from __future__ import annotations
@@ -123,19 +124,30 @@ class DiskWatch:
 
     # --- ballast ------------------------------------------------------------------------------
 
-    def lay_ballast(self) -> bool:
+    def lay_ballast(self, *, partial: bool = False) -> bool:
         """Write the ballast file if it is missing and the disk has the reserve and the ballast
-        free; True if it is there afterwards. A failure leaves no partial file."""
+        free; True if it is there afterwards. A failure leaves no partial file.
+
+        `partial` (at exit, after the files were closed): take as much as is free, up to the
+        ballast's size, so that the room the closed files gave back is still ours at the next
+        start instead of another process's."""
         if not self.ballast_bytes:
             return False
-        if file_size(self.ballast) >= self.ballast_bytes:
+        have = file_size(self.ballast)
+        if have >= self.ballast_bytes or (partial and have):
             return True
-        if self.usage().fs_free_bytes < self.reserve_bytes + self.ballast_bytes:
+        free = self.usage().fs_free_bytes
+        size = self.ballast_bytes
+        if partial:
+            size = min(size, free - free % _CHUNK)
+            if size < _CHUNK:
+                return False
+        elif free < self.reserve_bytes + self.ballast_bytes:
             return False
         tmp = self.ballast.with_name(self.ballast.name + ".tmp")
         try:
             with tmp.open("wb") as f:
-                left = self.ballast_bytes
+                left = size
                 block = b"\0" * _CHUNK
                 while left > 0:  # written, not sparse: the blocks must really be taken
                     n = min(left, _CHUNK)
@@ -149,7 +161,7 @@ class DiskWatch:
             if exc.errno != errno.ENOSPC:
                 log.warning("outbox_ballast_failed", error=str(exc))
             return False
-        log.info("outbox_ballast_laid", path=str(self.ballast), bytes=self.ballast_bytes)
+        log.info("outbox_ballast_laid", path=str(self.ballast), bytes=size)
         return True
 
     def release_ballast(self, why: str) -> int:
