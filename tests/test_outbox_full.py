@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,11 @@ from typing import Any
 
 import cbor2
 import pytest
+from typer.testing import CliRunner
 
 from edge_agent.alarm_store import AlarmStore, read_alarms
 from edge_agent.alarms import AlarmRules
+from edge_agent.cli import app
 from edge_agent.outbox import NewRecord, Outbox, OutboxDiskFullError, OutboxFullError
 from edge_agent.outbox_db import backlog_from_counters, translate
 from edge_agent.rules import Rule, RuleEngine, RuleKind
@@ -61,8 +65,8 @@ async def relieve(owner: SqliteOwner) -> None:
 
 def full_error() -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError("database or disk is full")
-    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
-    exc.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+    exc.sqlite_errorname = "SQLITE_FULL"
     return exc
 
 
@@ -316,3 +320,29 @@ async def test_the_outbox_opens_on_a_full_disk_by_spending_its_ballast(tiny: Pat
         assert ballast.stat().st_size == 256 * 1024
     (states,) = rows(db, "SELECT count(*) FROM records WHERE kind = ?", int(ALARM))
     assert states == (1,)
+
+
+async def test_status_and_doctor_say_disk_full_with_the_numbers(tiny: Path) -> None:
+    """With the agent stopped and its disk full (too full to open the outbox even read-only),
+    `status` and `doctor` still answer, saying "disk full" with free, total and reserve."""
+    data = tiny / "gw"
+    config = tiny / "site.toml"
+    config.write_text(f'[gateway]\nid = "gw-1"\ndata_dir = "{data}"\n\n[outbox]\n'
+                      f"disk_reserve_bytes = {2**20}\nballast_bytes = 0\n")
+    async with Outbox.open(data / "outbox.db") as ob:
+        await ob.append([tel(i) for i in range(10)])
+    fill(tiny / "filler")
+    runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+    as_json = runner.invoke(app, ["status", "--config", str(config), "--json"])
+    assert as_json.exit_code == 1, (as_json.stdout, as_json.stderr, as_json.exception)
+    disk = json.loads(as_json.stdout)["disk"]
+    assert disk["state"] == "disk full" and disk["fs_free_bytes"] < 64 * 1024
+    assert disk["fs_total_bytes"] == 4 * 2**20 and disk["reserve_bytes"] == 2**20
+    text = runner.invoke(app, ["status", "--config", str(config)])
+    assert "disk full: 0.00 MB free of 4.19 MB (reserve 1.05 MB)" in text.output, text.output
+    # doctor runs its own event loop
+    doctor = await asyncio.to_thread(runner.invoke, app, ["doctor", "--config", str(config),
+                                                          "--json"])
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["free disk"]["status"] == "fail"
+    assert checks["free disk"]["detail"].startswith("disk full: "), checks["free disk"]
