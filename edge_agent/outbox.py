@@ -207,12 +207,16 @@ class Outbox(OutboxUpkeep):
                 except OutboxError as exc:
                     log.error("outbox_held_flush_failed", error=str(exc))
         # Closed: keep the room the -wal and -shm files gave back for the next start.
-        ob._disk.lay_ballast(partial=True)
+        await asyncio.to_thread(ob._disk.lay_ballast, partial=True)
 
     # --- public API --------------------------------------------------------------------
 
     async def append(self, records: Sequence[NewRecord]) -> list[int]:
-        """Commit `records` in one transaction and return their seqs, in order."""
+        """Commit `records` in one transaction and return their seqs, in order.
+
+        On a full disk (module doc): a call of alarm, event and command-result records only
+        is held in memory and returns `[]` (they get seqs once written); a call with telemetry
+        drops that and raises `OutboxDiskFullError` (its other records are held)."""
         if not records:
             return []
         stamp = self.clock.stamp()

@@ -91,7 +91,7 @@ class HoldRing:
 
     def take(self, rows: Sequence[tuple[Any, ...]]) -> tuple[int, int, int]:
         """Hold the durable rows, drop the telemetry; returns (held, dropped, given up)."""
-        held = dropped = lost_before = 0
+        held = dropped = 0
         lost_before = self.lost
         for row in rows:
             if row[0] in _DURABLE:
