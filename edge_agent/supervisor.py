@@ -273,6 +273,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 notifier.notify("STOPPING=1")
                 for task in tasks:
                     task.cancel()
+                await _cancel_stragglers(tasks)
             # On a full disk: first what the outbox holds (spending the ballast if need be),
             # then the alarm states the alarm store refused, so a restart resumes both.
             if not await outbox.flush_held(spend_ballast=True):
@@ -292,6 +293,22 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             loop.remove_signal_handler(sig)
         structlog.contextvars.unbind_contextvars("gw")
     log.info("agent_stopped", boot_id=boot_id)
+
+
+async def _cancel_stragglers(tasks: list[asyncio.Task[None]], *, grace_s: float = 2.0,
+                             rounds: int = 10) -> None:
+    """Cancel again each task still running `grace_s` after its cancel. Python 3.11's
+    `asyncio.wait_for` (inside pymodbus) drops a cancel that races the reply it waits for, and
+    the poller then polls on: a stop on a busy gateway (a full disk makes every append slow)
+    would wait for ever."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            return
+        _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            log.warning("task_cancel_repeated", task=task.get_name())
+            task.cancel()
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:

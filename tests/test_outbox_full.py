@@ -22,6 +22,7 @@ from edge_agent.outbox import NewRecord, Outbox, OutboxDiskFullError, OutboxFull
 from edge_agent.outbox_db import backlog_from_counters, translate
 from edge_agent.rules import Rule, RuleEngine, RuleKind
 from edge_agent.sqlite_owner import SqliteOwner
+from edge_agent.supervisor import _cancel_stragglers
 from protocols.envelope import RecordKind
 from tests.diskfull import fill, free_bytes, small_fs
 
@@ -346,3 +347,22 @@ async def test_status_and_doctor_say_disk_full_with_the_numbers(tiny: Path) -> N
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert checks["free disk"]["status"] == "fail"
     assert checks["free disk"]["detail"].startswith("disk full: "), checks["free disk"]
+
+
+async def test_a_stop_cancels_again_a_task_that_swallowed_its_cancel() -> None:
+    """A task that lost its cancel (3.11's wait_for racing a reply) is cancelled again, so the
+    agent still stops (it used to wait for ever on a busy, full-disk gateway)."""
+    swallowed = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed.append(True)  # as asyncio.wait_for may, when the reply races the cancel
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(stubborn(), name="poll[stubborn]")
+    await asyncio.sleep(0)
+    task.cancel()
+    await _cancel_stragglers([task], grace_s=0.05)
+    assert swallowed == [True] and task.cancelled()
