@@ -102,7 +102,7 @@ class OutboxUpkeep:
         if starting:
             self._ring_tried = time.monotonic()
             log.error("outbox_disk_full", error=error, **self._disk.usage().to_jsonable())
-        if lost:
+        if lost and self._ring.lost == lost:  # the first of this episode; status counts on
             log.error("outbox_held_given_up", records=lost, held=self._ring.held,
                       capacity=self._ring.capacity)
         return Refused(held, dropped, lost, error)
