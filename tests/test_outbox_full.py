@@ -366,3 +366,20 @@ async def test_a_stop_cancels_again_a_task_that_swallowed_its_cancel() -> None:
     task.cancel()
     await _cancel_stragglers([task], grace_s=0.05)
     assert swallowed == [True] and task.cancelled()
+
+
+async def test_opening_on_a_full_disk_without_ballast_is_a_typed_error(tiny: Path) -> None:
+    """Without a ballast, an open whose first write meets the full disk fails with
+    OutboxFullError, rolled back cleanly (not "cannot rollback - no transaction is active")."""
+    db = tiny / "outbox.db"
+    async with Outbox.open(db) as running:  # keeps -shm there, as a running agent does
+        await running.append([tel(i) for i in range(10)])
+        await running._sqlite.call(lambda: running._sqlite.conn.execute(
+            "PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        fill(tiny / "filler")
+        with pytest.raises(OutboxFullError) as refused:
+            async with Outbox.open(db):
+                pass
+        assert "rollback" not in str(refused.value)
+        (tiny / "filler").unlink()
+        assert len(await running.append([tel(11)])) == 1
