@@ -10,7 +10,11 @@ the outbox (the poller itself is unchanged and knows nothing of alarms):
 So an alarm record commits in the same outbox transaction as the reading that caused it, and
 the alarm state is saved only after that commit (see `alarm_store` for why in that order).
 If the outbox append fails, the engine keeps its old state and the poller sees the error as
-before. `tick_loop` (task `rules.tick`) evaluates the time-driven rules once a second: stale
+before, with one exception: on a full disk (`OutboxDiskFullError`, or an append that returns
+no seqs) the outbox holds the alarm records in memory, in order, and writes them once there is
+room, so the engine adopts the new state and keeps evaluating; the poller still learns that
+its telemetry was dropped. Alarm state that the (equally full) alarm store refuses is kept
+here and saved again with the next transition, on the next tick, and when the agent stops. `tick_loop` (task `rules.tick`) evaluates the time-driven rules once a second: stale
 values, and device offline/online from each poller's health.
 
 One lock serialises evaluate → append → save, so two devices (or a device and the tick) never
@@ -30,7 +34,7 @@ from device_profiles import Profile
 from edge_agent.alarm_config import build_device_rules
 from edge_agent.alarm_store import AlarmStore, AlarmStoreError
 from edge_agent.config import AgentConfig, DeviceConfig
-from edge_agent.outbox import NewRecord
+from edge_agent.outbox import NewRecord, OutboxDiskFullError
 from edge_agent.poller import DeviceHealth, Health, OutboxWriter
 from edge_agent.rules import (
     AlarmEvent,
@@ -93,6 +97,7 @@ class AlarmRules:
         self._wall_ms = wall_ms
         self.tick_s = tick_s
         self._lock = asyncio.Lock()
+        self._unsaved: dict[str, AlarmSnapshot] = {}  # refused by the alarm store, newest each
 
     async def restore(self) -> int:
         """Load the saved active alarms into the engine (call once, before the pollers run);
@@ -126,29 +131,68 @@ class AlarmRules:
         """Tick once every `tick_s` with the pollers' health, until cancelled."""
         while True:
             await self.tick({p.device.id: status_of(p.health) for p in pollers})
+            if self._unsaved:
+                async with self._lock:
+                    await self._save([])
             await asyncio.sleep(self.tick_s)
+
+    @property
+    def unsaved(self) -> int:
+        """Alarm states the alarm store has refused so far (a full disk); kept to save again."""
+        return len(self._unsaved)
+
+    async def save_pending(self) -> bool:
+        """Save the alarm states the store refused before (the supervisor calls this at stop,
+        after the outbox has written what it held); True when none is left."""
+        async with self._lock:
+            await self._save([])
+        return not self._unsaved
 
     async def _emit(self, records: Sequence[NewRecord], evaluation: Evaluation) -> list[int]:
         alarm_records = [e.to_record() for e in evaluation.events]
         seqs: list[int] = []
+        refused: OutboxDiskFullError | None = None
         if records or alarm_records:
-            seqs = await self._outbox.append([*records, *alarm_records])
+            try:
+                seqs = await self._outbox.append([*records, *alarm_records])
+            except OutboxDiskFullError as exc:
+                # The telemetry is gone, but the alarm records are held by the outbox (or
+                # counted as given up): the state moves on, as it did in the field.
+                refused = exc
         self.engine.commit(evaluation)
         if not evaluation.events:
+            if refused is not None:
+                raise refused
             return seqs
         for event in evaluation.events:
             log_fn = log.info if event.state is AlarmState.CLEARED else log.warning
             log_fn(_LOG_EVENT[event.state], alarm_id=event.alarm_id, level=event.level,
                    prev_level=event.prev_level, value=event.value, threshold=event.threshold)
-        try:
-            await self._store.save(evaluation.snapshots()
-                                   + [_cleared(e) for e in evaluation.events
-                                      if e.alarm_id not in evaluation.states])
-        except AlarmStoreError as exc:
-            # The records are in the outbox, which is what counts; after a restart without
-            # this state an alarm may be raised once more (central merges it by alarm_id).
-            log.error("alarm_state_save_failed", error=str(exc))
+        await self._save(evaluation.snapshots() + [_cleared(e) for e in evaluation.events
+                                                    if e.alarm_id not in evaluation.states])
+        if refused is not None:
+            raise refused
         return seqs
+
+    async def _save(self, snapshots: Sequence[AlarmSnapshot]) -> None:
+        """Save `snapshots` with any refused before (the newest state of each alarm wins)."""
+        pending = dict(self._unsaved)
+        pending.update((s.alarm_id, s) for s in snapshots)
+        if not pending:
+            return
+        try:
+            await self._store.save(list(pending.values()))
+        except AlarmStoreError as exc:
+            # The records are in the outbox, which is what counts; kept here to save again.
+            # A restart before that restores the older state, and an alarm may be raised once
+            # more (central merges it by alarm_id).
+            if not self._unsaved:
+                log.error("alarm_state_save_failed", error=str(exc), alarms=len(pending))
+            self._unsaved = pending
+            return
+        if self._unsaved:
+            log.info("alarm_state_saved_again", alarms=len(self._unsaved))
+        self._unsaved = {}
 
 
 def _cleared(event: AlarmEvent) -> AlarmSnapshot:

@@ -45,6 +45,7 @@ from edge_agent.cli_common import (
 from edge_agent.cli_devices import framing_text
 from edge_agent.cli_devices import register as register_device_commands
 from edge_agent.cli_enrol import register as register_enrol_commands
+from edge_agent.cli_disk import disk_markup, disk_report, disk_text
 from edge_agent.cli_field import register as register_field_commands
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.logs import LEVELS
@@ -138,16 +139,31 @@ def run(
 def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     """Show the outbox backlog, the uplink and device health, read-only (daemon up or not).
     While the agent runs, device health and the RTU bus counters come live from its socket.
+    The disk line says "disk full" (with the numbers) when the outbox's file system is.
 
     Example: edge-agent status --config /etc/fieldlink/site.toml --json
     """
-    from edge_agent.outbox import read_status
+    from edge_agent.outbox import OutboxError, read_status
 
     with _errors():
         cfg = load_config(config, check_profiles=False)
-        stats = read_status(cfg.outbox_path, live_window_s=cfg.outbox.live_window_s)
-    report = _status_report(cfg, stats.to_jsonable()) | outbox_report(stats)
     live = _live_status(cfg)
+    disk = disk_report(cfg, (live or {}).get("disk"))
+    try:
+        stats = read_status(cfg.outbox_path, live_window_s=cfg.outbox.live_window_s)
+    except OutboxError as exc:
+        if disk["state"] != "disk full":
+            _fail(str(exc))
+        # Too full even to open the file read-only (no room for its -shm): say so, and why.
+        err.print(f"[red]disk full:[/red] cannot read {escape(str(cfg.outbox_path))}: "
+                  f"{escape(str(exc))}")
+        if as_json:
+            _print_json({"gateway": cfg.gateway.id, "disk": disk, "error": str(exc)})
+        else:
+            out.print(disk_text(disk))
+        raise typer.Exit(1) from exc
+    report = _status_report(cfg, stats.to_jsonable()) | outbox_report(stats)
+    report["disk"] = disk
     report["live"] = live is not None
     if live is not None:
         report["agent"]["running"] = True
@@ -274,6 +290,8 @@ def _print_status(r: dict[str, Any]) -> None:
     if nb := r.get("narrowband"):
         t.add_row("narrowband", _narrowband_line(nb))
     print_outbox(t, r)
+    if "disk" in r:
+        t.add_row("disk", disk_markup(r["disk"]))
     out.print(t)
     if r["devices"]:
         d = Table("device", "state", "cycles", "timeouts", "exc", "decode err",

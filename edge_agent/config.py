@@ -227,6 +227,15 @@ class OutboxConfig(_Model):
     thin_to: float = Field(0.8, gt=0, lt=1)
     thin_keep_every: int = Field(4, ge=2, le=1000)
     thin_max_rounds: int = Field(2, ge=0, le=10)
+    # Free space kept on the outbox's file system: below it telemetry is thinned and dropped
+    # as above, so that the disk filling up (by anyone) is met long before ENOSPC. The WAL
+    # and `-shm` files count towards `max_bytes` too.
+    disk_reserve_bytes: int = Field(64 * 2**20, ge=0)
+    # A file of this size beside the outbox, given back to the file system only to write
+    # held alarms at stop or to start on a full disk (0: none).
+    ballast_bytes: int = Field(2**20, ge=0, le=2**30)
+    # Alarm and event records held in memory while the disk is full (oldest given up first).
+    hold_records: int = Field(10_000, ge=1, le=1_000_000)
     # Ceiling on the backlog drain after an outage (records per second); below it the drain
     # adapts to the ack round trip. Live data and alarms are not limited.
     backlog_max_points_per_s: float = Field(2000.0, gt=0)

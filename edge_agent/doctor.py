@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import shutil
@@ -38,10 +39,14 @@ from edge_agent.config import (
     TcpTransportConfig,
     load_config,
 )
+from edge_agent.cli_disk import disk_report, disk_text
 from edge_agent.control_client import ControlClientError, request
 from edge_agent.outbox import OutboxError, read_status
 
 MIN_FREE_BYTES = 200 * 2**20  # below this the outbox soon has to thin and evict
+_FREE_HINT = ("free space on that file system (old logs, journal: sudo journalctl "
+              "--vacuum-size=50M) or lower [outbox] max_bytes; the agent writes what it holds "
+              "and reports what it dropped as soon as there is room")
 CONNECT_TIMEOUT_S = 2.0
 MQTT_TIMEOUT_S = 3.0
 
@@ -123,14 +128,20 @@ def _data_dir(cfg: AgentConfig) -> Iterator[Check]:
                         f"sudo install -d -o <agent user> {data}")
             return
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            yield _fail(name, f"{data}: disk full", _FREE_HINT)
+            yield _fail("free disk", disk_text(disk_report(cfg, None)), _FREE_HINT)
+            return
         yield _fail(name, f"{data}: {exc}", f"give the agent's user the folder: "
                     f"sudo chown -R <agent user> {data}")
         return
     usage = shutil.disk_usage(existing)
     free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
-    if usage.free < MIN_FREE_BYTES:
-        yield _fail("free disk", free, "free space on that file system (old logs, journal: "
-                    "sudo journalctl --vacuum-size=50M) or lower [outbox] max_bytes")
+    disk = disk_report(cfg, None) if data.exists() else None
+    if disk is not None and disk["state"] != "ok":
+        yield _fail("free disk", disk_text(disk), _FREE_HINT)
+    elif usage.free < MIN_FREE_BYTES:
+        yield _fail("free disk", free, _FREE_HINT)
     else:
         yield _pass("free disk", free)
 
@@ -311,6 +322,9 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
         return
     yield _pass("agent running", f"pid {status.get('pid')}, version {status.get('version')}, "
                 f"uplink {'connected' if status.get('uplink', {}).get('connected') else 'down'}")
+    live_disk = status.get("disk")
+    if isinstance(live_disk, dict) and (live_disk.get("full") or live_disk.get("alarm_states_unsaved")):
+        yield _fail("agent disk", disk_text(disk_report(cfg, live_disk)), _FREE_HINT)
     for dev in status.get("devices", []):
         state = dev.get("state")
         name = f"device {dev.get('device')}"

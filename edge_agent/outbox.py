@@ -23,10 +23,15 @@ value of each point first, then alarms, events, live telemetry, and backlog tele
 (appended longer than `live_window_s` ago) oldest first, flagged HISTORICAL; the uplink asks
 for backlog separately (`part="backlog"`) and paces it.
 
-**Disk budget** (§4.6): see `outbox_budget.py`. A full disk or cap (ENOSPC, SQLITE_FULL)
-during `append` thins/drops backlog telemetry and retries once; only when that frees nothing
-(the file holds only alarms, events, live-window telemetry and the newest value per point)
-is `OutboxFullError` raised, and nothing of that call is committed.
+**Disk budget** (§4.6): see `outbox_budget.py`. It counts the main file, the WAL and the
+`-shm` file, and keeps `disk_reserve_bytes` free on the file system (`outbox_disk.py`), so a
+filling disk is met by checkpointing the WAL and thinning/dropping telemetry (reported) long
+before SQLite sees ENOSPC. A full disk or cap (ENOSPC, SQLITE_FULL) during `append` still
+thins/drops backlog telemetry and retries once; when that frees nothing, the outbox degrades
+as `outbox_ring.py` defines: alarm, event and command-result records are held in memory (in
+order, bounded, counted when given up) and written as soon as the disk has room, telemetry is
+dropped and counted (`OutboxDiskFullError` tells the caller), delivery marks are retried, and
+the episode is reported upstream when it ends. Nothing of a refused transaction is committed.
 
 **Clock** (§4.7): see `clock.py`. Every append is stamped with the wall clock, CLOCK_BOOTTIME
 and the boot; records stamped while the wall clock is suspect get CLOCK_SUSPECT, and
@@ -60,29 +65,31 @@ from edge_agent.clock import ClockFix, ClockGuard, ClockState, Stamp
 from edge_agent.outbox_budget import BudgetPolicy, DiskBudget, Eviction
 from edge_agent.outbox_db import (
     INSERT,
-    MAX_SEQ,
     SCHEMA_VERSION,
     UPSERT_LATEST,
     LaneStats,
     OutboxCorruptError,
+    OutboxDiskFullError,
     OutboxError,
     OutboxFullError,
     OutboxRecordError,
     OutboxStats,
     OutboxVersionError,
-    add_counter,
-    apply_cap,
     backlog_from_counters,
     connect,
     correct_clock,
     is_full,
     read_status,
     request_clock_ok,
+    rollback,
     stats,
     translate,
     used_bytes,
 )
+from edge_agent.outbox_disk import DiskWatch
 from edge_agent.outbox_lanes import LaneReader, Part, alarms_after, last_seq
+from edge_agent.outbox_ring import HoldRing
+from edge_agent.outbox_upkeep import OutboxUpkeep, Reclaimed, Refused
 from edge_agent.sqlite_owner import SqliteOwner
 from protocols.envelope import (
     Flag,
@@ -111,15 +118,6 @@ class NewRecord:
     attrs: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Reclaimed:
-    """What one budget pass removed (rows already delivered are not counted)."""
-
-    thinned: int = 0
-    dropped: int = 0
-    event_seqs: tuple[int, ...] = ()
-
-
 def lane_of(kind: RecordKind) -> Lane:
     """The lane a record is stored in; backlog is a view of the live lane by age."""
     if kind is RecordKind.ALARM:
@@ -132,11 +130,10 @@ def lane_of(kind: RecordKind) -> Lane:
 # Stored lanes in send order; Lane.BACKLOG is the old part of Lane.LIVE (see module doc).
 SEND_ORDER: tuple[Lane, ...] = (Lane.ALARM, Lane.EVENT, Lane.LIVE)
 _DURABLE_KINDS = frozenset({RecordKind.ALARM, RecordKind.EVENT, RecordKind.CMD_RESULT})
-_ACK_RATE_WINDOW_MS = 30_000
 _ROW_BYTES = 160  # a generous estimate of one record's pages (row + index entries)
 
 
-class Outbox:
+class Outbox(OutboxUpkeep):
     """The durable queue of records waiting for central's acknowledgement.
 
     Example::
@@ -147,7 +144,7 @@ class Outbox:
 
     def __init__(self, path: Path, *, live_window_s: float, keep_delivered_s: float,
                  prune_interval_s: float, max_bytes: int | None, budget: BudgetPolicy,
-                 clock: ClockGuard) -> None:
+                 clock: ClockGuard, disk: DiskWatch, hold_records: int) -> None:
         # Use `Outbox.open()`; the constructor does no I/O.
         self.path = Path(path)
         self.stream = ""
@@ -157,6 +154,10 @@ class Outbox:
         self.max_bytes = max_bytes
         self.clock = clock
         self._budget = DiskBudget(budget)
+        self._disk = disk
+        self._ring = HoldRing(hold_records)  # executor-thread state, like _lanes
+        self._ring_tried = -math.inf  # monotonic time of the last attempt to write it
+        self._reclaim_failing = False
         self._sqlite = SqliteOwner(thread_name="outbox", error=OutboxError,
                                    closed_message="outbox is closed", wrap=translate)
         self._sync_full: bool | None = None
@@ -171,7 +172,9 @@ class Outbox:
                    keep_delivered_s: float = 0.0, prune_interval_s: float = 5.0,
                    max_bytes: int | None = None, thin_at: float = 0.9, thin_to: float = 0.8,
                    thin_keep_every: int = 4, thin_max_rounds: int = 2,
-                   clock: ClockGuard | None = None) -> AsyncIterator[Outbox]:
+                   clock: ClockGuard | None = None, disk_reserve_bytes: int = 0,
+                   ballast_bytes: int = 0, hold_records: int = 1000
+                   ) -> AsyncIterator[Outbox]:
         """Open (creating if needed) the outbox file; maintains it in the background.
 
         `live_window_s`: telemetry older than this is backlog (sent after the live lanes,
@@ -179,13 +182,18 @@ class Outbox:
         `max_bytes`: the disk budget; past `thin_at` × it telemetry is thinned (every
         `thin_keep_every`-th sample plus min/max, `thin_max_rounds` times), then dropped,
         until it is under `thin_to` × it. It is also a hard cap (SQLite `max_page_count`).
-        `clock`: the wall-clock guard (tests inject fake clocks).
+        `clock`: the wall-clock guard (tests inject fake clocks). `disk_reserve_bytes`: free
+        space the budget keeps on the file system; `ballast_bytes`: the emergency file
+        (`outbox_disk.py`); `hold_records`: alarm/event records held in memory on a full disk.
         """
         policy = BudgetPolicy(max_bytes, high=thin_at, low=thin_to, keep_every=thin_keep_every,
                               max_rounds=thin_max_rounds)
         ob = cls(path, live_window_s=live_window_s, keep_delivered_s=keep_delivered_s,
                  prune_interval_s=prune_interval_s, max_bytes=max_bytes, budget=policy,
-                 clock=clock or ClockGuard())
+                 clock=clock or ClockGuard(),
+                 disk=DiskWatch(path, reserve_bytes=disk_reserve_bytes,
+                                ballast_bytes=ballast_bytes),
+                 hold_records=hold_records)
         async with ob._sqlite.running(ob._open_sync):
             maintainer = asyncio.create_task(ob._maintain_loop(), name="outbox.prune")
             try:
@@ -194,11 +202,21 @@ class Outbox:
                 maintainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintainer
+                try:  # a stop must not lose what the full disk made us hold
+                    await ob.flush_held(spend_ballast=True)
+                except OutboxError as exc:
+                    log.error("outbox_held_flush_failed", error=str(exc))
+        # Closed: keep the room the -wal and -shm files gave back for the next start.
+        await asyncio.to_thread(ob._disk.lay_ballast, partial=True)
 
     # --- public API --------------------------------------------------------------------
 
     async def append(self, records: Sequence[NewRecord]) -> list[int]:
-        """Commit `records` in one transaction and return their seqs, in order."""
+        """Commit `records` in one transaction and return their seqs, in order.
+
+        On a full disk (module doc): a call of alarm, event and command-result records only
+        is held in memory and returns `[]` (they get seqs once written); a call with telemetry
+        drops that and raises `OutboxDiskFullError` (its other records are held)."""
         if not records:
             return []
         stamp = self.clock.stamp()
@@ -206,6 +224,14 @@ class Outbox:
         durable = any(r.kind in _DURABLE_KINDS for r in records)
         first = await self._sqlite.call(self._append_sync, rows, durable, stamp,
                                  self.clock.state().to_json())
+        if isinstance(first, Refused):
+            # Durable records alone are held, not refused: they get seqs once written.
+            if first.dropped:
+                raise OutboxDiskFullError(
+                    f"disk full: {first.dropped} telemetry record(s) dropped, {first.held}"
+                    f" held in memory ({first.error})", held=first.held, dropped=first.dropped,
+                    lost=first.lost)
+            return []
         self._notify()
         return list(range(first, first + len(rows)))
 
@@ -223,6 +249,7 @@ class Outbox:
             skip = ranges_from_seqs(exclude)
         elif exclude:
             skip = merge_ranges([*skip, *ranges_from_seqs(exclude)])
+        skip = self._ring.skip(skip)  # acked, the marks not yet written: not again
         return await self._sqlite.call(lambda: self._lanes.read(self._sqlite.conn, limit, skip,
                                                          self.clock.now(), part))
 
@@ -238,7 +265,8 @@ class Outbox:
         return await self._sqlite.call(lambda: last_seq(self._sqlite.conn))
 
     async def mark_delivered(self, ranges: Sequence[tuple[int, int]]) -> int:
-        """Mark the seqs in inclusive `ranges` delivered; idempotent; returns rows newly marked."""
+        """Mark the seqs in inclusive `ranges` delivered; idempotent; returns rows newly marked.
+        On a full disk the marks are kept in memory and retried (returns 0 meanwhile)."""
         clean = [(int(a), int(b)) for a, b in ranges if a <= b]
         return await self._sqlite.call(self._mark_sync, clean, self.clock.now())
 
@@ -265,6 +293,24 @@ class Outbox:
         """Delete delivered rows older than `keep_delivered_s` now; returns rows deleted."""
         return await self._sqlite.call(self._prune_sync, self.clock.now().wall_ms)
 
+    async def flush_held(self, *, spend_ballast: bool = False) -> bool:
+        """Write what a full disk made the outbox hold, now; True when nothing is held any
+        more. `spend_ballast`: if the disk is still full, give the ballast file back to the
+        file system and try once more (the daemon does this when it stops)."""
+        stamp = self.clock.stamp()
+        done = await self._sqlite.call(self._flush_held_sync, stamp, True)
+        if not done and spend_ballast and self._disk.release_ballast("held records at stop"):
+            done = await self._sqlite.call(self._flush_held_sync, stamp, True)
+        if not done:
+            log.error("outbox_held_unwritten", **self._ring.status())
+        else:
+            self._notify()
+        return done
+
+    async def disk_status(self) -> dict[str, Any]:
+        """The outbox on its file system, and any full-disk episode going on (for `status`)."""
+        return await self._sqlite.call(self._disk_status_sync)
+
     async def used_bytes(self) -> int:
         """Bytes in pages that hold data (the file minus its freelist): what the budget counts."""
         return await self._sqlite.call(lambda: used_bytes(self._sqlite.conn)[0])
@@ -279,9 +325,14 @@ class Outbox:
 
     async def maintain(self) -> None:
         """One round of housekeeping: prune, budget, vacuum, clock (the background task)."""
+        if self._ring.active and await self._sqlite.call(self._flush_held_sync,
+                                                          self.clock.stamp(), True):
+            self._notify()
         await self.prune()
         await self.reclaim()
         await self._sqlite.call(self._vacuum_sync)
+        if not self._ring.active:
+            await self._sqlite.call(self._disk.lay_ballast)
         await self._apply_clock_request()
         if self.clock.poll_sync():
             await self.clock_ok("ntp")
@@ -346,6 +397,11 @@ class Outbox:
                 int(isinstance(value, bool)), int(flags), attrs, stamp.wall_ms, stamp.mono_ms,
                 self._lanes.boot)
 
+    def _event_row_attrs(self, attrs: dict[str, Any], stamp: Stamp) -> tuple[Any, ...]:
+        value = attrs.get("records", attrs.get("telemetry_dropped", 0))
+        return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, value,
+                                      attrs=attrs), stamp)
+
     def _event_row(self, ev: Eviction, stamp: Stamp) -> tuple[Any, ...]:
         keep = self._budget.policy.keep_every if ev.kind == "thinned" else None
         return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, ev.records,
@@ -354,6 +410,21 @@ class Outbox:
     # --- executor-thread bodies: open, write -----------------------------------------------
 
     def _open_sync(self) -> sqlite3.Connection:
+        try:
+            conn = self._connect_sync()
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk cannot even make the `-shm` file: spend the ballast to start.
+            if not is_full(exc) or not self._disk.release_ballast("open on a full disk"):
+                raise
+            conn = self._connect_sync()
+        self._sync_full = False
+        self._disk.tune_wal(conn)
+        log.info("outbox_opened", path=str(self.path), stream=self.stream,
+                 max_bytes=self.max_bytes, boot=self._lanes.boot)
+        self._disk.lay_ballast()
+        return conn
+
+    def _connect_sync(self) -> sqlite3.Connection:
         conn = connect(self.path, self.max_bytes)
         try:
             self.stream = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0]
@@ -361,9 +432,6 @@ class Outbox:
         except BaseException:
             conn.close()
             raise
-        self._sync_full = False
-        log.info("outbox_opened", path=str(self.path), stream=self.stream,
-                 max_bytes=self.max_bytes, boot=self._lanes.boot)
         return conn
 
     def _open_state(self, conn: sqlite3.Connection) -> None:
@@ -384,7 +452,7 @@ class Outbox:
                 ("max_bytes", str(self.max_bytes or ""))])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
         self._budget.load(conn)
 
@@ -398,7 +466,9 @@ class Outbox:
         return self._sqlite.transaction(body)
 
     def _append_sync(self, rows: list[tuple[Any, ...]], durable: bool, stamp: Stamp,
-                     clock_state: str) -> int:
+                     clock_state: str) -> int | Refused:
+        if self._ring.active and not self._flush_held_sync(stamp, False):
+            return self._hold_sync(rows, stamp, self._ring.last_error)  # keep the order
         body = partial(self._insert_body, rows, clock_state)
         try:
             first = self._write(durable, body)
@@ -406,17 +476,26 @@ class Outbox:
             if not is_full(exc):
                 raise
             # A full disk or cap: make room from telemetry and try once more. The second
-            # failure (nothing left to evict) reaches the caller as OutboxFullError.
+            # failure (nothing left to evict) degrades as outbox_ring.py defines.
             need = sum(_ROW_BYTES + len(r[7] or b"") + len(str(r[4])) for r in rows)
             log.warning("outbox_full", error=str(exc), records=len(rows), need_bytes=need)
-            self._budget_sync(stamp, True, need_bytes=need, urgent=True)
-            first = self._write(durable, body)
+            try:
+                self._budget_sync(stamp, True, need_bytes=need, urgent=True)
+                first = self._write(durable, body)
+            except (sqlite3.Error, OSError) as again:
+                if not is_full(again):
+                    raise
+                return self._hold_sync(rows, stamp, str(again))
         self._lanes.appended(stamp.mono_ms, first, len(rows))
-        if self._reclaiming or self._budget.over_high(self._sqlite.conn):
+        if self._reclaiming or self._budget.over_high(self._sqlite.conn, self._limit()):
             try:
                 self._budget_sync(stamp, True)
             except (sqlite3.Error, OSError) as exc:  # the append itself has committed
-                log.warning("outbox_reclaim_failed", error=str(exc))
+                if not self._reclaim_failing:  # once per run of failures, not per append
+                    log.warning("outbox_reclaim_failed", error=str(exc))
+                self._reclaim_failing = True
+            else:
+                self._reclaim_failing = False
         return first
 
     def _insert_body(self, rows: list[tuple[Any, ...]], clock_state: str,
@@ -437,98 +516,6 @@ class Outbox:
         return first
 
     # --- executor-thread bodies: acks, pruning, budget, clock ------------------------------
-
-    def _mark_sync(self, ranges: list[tuple[int, int]], now: Stamp) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            if self.keep_delivered_ms:
-                cur = conn.executemany(
-                    "UPDATE records SET delivered = ? WHERE seq BETWEEN ? AND ? AND delivered = 0",
-                    [(now.wall_ms, a, b) for a, b in ranges])
-            else:
-                # Nothing is kept once delivered: delete now (one change per row) rather than
-                # mark now and prune later (two), which halves the drain's write load here.
-                cur = conn.executemany("DELETE FROM records WHERE seq BETWEEN ? AND ?"
-                                       " AND delivered = 0", ranges)
-            marked = max(cur.rowcount, 0)
-            add_counter(conn, "delivered_total", marked)
-            meta = [("last_ack_ms", str(now.wall_ms))]
-            if marked:
-                meta.append(("ack_rate", self._ack_rate(now, marked)))
-            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
-            return marked
-        return self._write(False, body)
-
-    def _ack_rate(self, now: Stamp, marked: int) -> str:
-        self._acks.append((now.mono_ms, marked))
-        while self._acks and self._acks[0][0] < now.mono_ms - _ACK_RATE_WINDOW_MS:
-            self._acks.popleft()
-        span_s = max(1.0, (now.mono_ms - self._acks[0][0]) / 1000)
-        rate = sum(n for _, n in self._acks) / span_s
-        return json.dumps({"per_s": round(rate, 1), "at_ms": now.wall_ms})
-
-    def _prune_sync(self, now: int, *, everything: bool = False, chunk: int = 5000) -> int:
-        # Small transactions so that appends never wait long behind a big delete. With no
-        # retention every delivered row goes, even if the wall clock has stepped back since.
-        keep = self.keep_delivered_ms and not everything
-        cutoff = now - self.keep_delivered_ms if keep else MAX_SEQ
-        total = 0
-        while True:
-            n = self._write(False, lambda conn: conn.execute(
-                "DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE delivered != 0"
-                " AND delivered <= ? LIMIT ?)", (cutoff, chunk)).rowcount)
-            total += n
-            if n < chunk:
-                return total
-
-    def _budget_sync(self, stamp: Stamp, force: bool, *, need_bytes: int = 0,
-                     urgent: bool = False) -> Reclaimed:
-        conn = self._sqlite.conn
-        horizon = self._lanes.horizon(stamp.mono_ms)
-        if self._budget.reset_if_drained(conn, horizon):
-            self._write(False, self._budget.save)
-        if not (force or urgent or self._reclaiming or self._budget.over_high(conn)):
-            return Reclaimed()
-        # Delivered rows are free to go first, whatever keep_delivered_s says.
-        self._prune_sync(stamp.wall_ms, everything=True)
-
-        def body(conn: sqlite3.Connection) -> tuple[Eviction, Eviction, list[int]]:
-            thinned, dropped = self._budget.reclaim(
-                conn, horizon=horizon, need_bytes=need_bytes, urgent=urgent)
-            seqs = []
-            for ev in (thinned, dropped):
-                if ev.records:
-                    conn.execute(INSERT, self._event_row(ev, stamp))
-                    seqs.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-            add_counter(conn, "budget_events", len(seqs))
-            add_counter(conn, "full_retries", int(urgent))
-            return thinned, dropped, seqs
-
-        thinned, dropped, seqs = self._write(True, body)
-        if seqs:
-            self._lanes.appended(stamp.mono_ms, seqs[0], len(seqs))
-        self._reclaiming = not self._budget.enough(conn)
-        for ev in (thinned, dropped):
-            if ev.records:
-                log.warning(ev.event, records=ev.records, first_seq=ev.first_seq,
-                            last_seq=ev.last_seq, points=len(ev.points), urgent=urgent)
-        return Reclaimed(thinned.records, dropped.records, tuple(seqs))
-
-    def _vacuum_sync(self) -> None:
-        """Give free pages back to the file system once the freelist is large and idle (after
-        a drain), not while thinning keeps reusing it."""
-        conn = self._sqlite.conn
-        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2 or self._reclaiming:
-            return
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        if free > 256 and free > pages // 4:
-            give = free - pages // 10
-            self._write(False, lambda c: c.execute(
-                f"PRAGMA incremental_vacuum({int(give)})").fetchall())
-            # The file shrinks only when the WAL is checkpointed; a busy reader just defers it.
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            apply_cap(conn, self.max_bytes)
-            log.info("outbox_vacuumed", pages=give)
 
     def _clock_fix_sync(self, fix: ClockFix, clock_state: str) -> int:
         def body(conn: sqlite3.Connection) -> int:
@@ -553,7 +540,7 @@ class Outbox:
                 for s, ts, p, v, b, f in rows}
 
 
-__all__ = ["LaneStats", "NewRecord", "Outbox", "OutboxCorruptError", "OutboxError",
-           "OutboxFullError", "OutboxRecordError", "OutboxStats", "OutboxVersionError",
+__all__ = ["LaneStats", "NewRecord", "Outbox", "OutboxCorruptError", "OutboxDiskFullError",
+           "OutboxError", "OutboxFullError", "OutboxRecordError", "OutboxStats", "OutboxVersionError",
            "Reclaimed", "SCHEMA_VERSION", "SEND_ORDER", "lane_of", "read_status",
            "request_clock_ok"]

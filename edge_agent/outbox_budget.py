@@ -1,8 +1,11 @@
 """The outbox's disk budget (DESIGN.md §4.6): thin, then drop, telemetry; never alarms or events.
 
 Size is what SQLite holds in pages, `(page_count - freelist_count) × page_size`; deleted rows
-go to the freelist and new rows reuse it, so the file stops growing without a VACUUM. When the
-size passes `high` × `max_bytes` (90 %), a reclaim pass runs until it is under `low` (80 %):
+go to the freelist and new rows reuse it, so the file stops growing without a VACUUM. The
+limit it is measured against is worked out per pass by `outbox_disk.DiskWatch.page_limit`:
+`max_bytes` less the WAL and `-shm` files, or less if the file system's free space is down to
+its reserve. When the size passes `high` × that limit (90 %), the WAL is checkpointed and
+truncated, and if that is not enough a reclaim pass runs until it is under `low` (80 %):
 
 1. rows already delivered go, whatever `keep_delivered_s` says (done by the outbox);
 2. **thinning**: the oldest undelivered backlog telemetry is read in windows of
@@ -41,7 +44,7 @@ _NOT_LATEST = "seq NOT IN (SELECT seq FROM latest)"
 
 @dataclass(frozen=True, slots=True)
 class BudgetPolicy:
-    max_bytes: int | None  # None: no budget; only a full disk (ENOSPC/SQLITE_FULL) reclaims
+    max_bytes: int | None  # None: no cap of its own; the disk reserve and ENOSPC still reclaim
     high: float = 0.9
     low: float = 0.8
     keep_every: int = 4
@@ -126,27 +129,32 @@ class DiskBudget:
 
     # --- measuring ---------------------------------------------------------------------------
 
-    def over_high(self, conn: sqlite3.Connection) -> bool:
-        if self.policy.max_bytes is None:
+    def over_high(self, conn: sqlite3.Connection, limit: int | None = None) -> bool:
+        """More pages in use than `high` × `limit` (the page bytes allowed now, from
+        `DiskWatch.page_limit`; None: the policy's `max_bytes`, if any)."""
+        limit = self.policy.max_bytes if limit is None else limit
+        if limit is None:
             return False
-        return used_bytes(conn)[0] > self.policy.high * self.policy.max_bytes
+        return used_bytes(conn)[0] > self.policy.high * limit
 
-    def enough(self, conn: sqlite3.Connection, need_bytes: int = 0) -> bool:
+    def enough(self, conn: sqlite3.Connection, need_bytes: int = 0,
+               limit: int | None = None) -> bool:
         used, free = used_bytes(conn)
-        if self.policy.max_bytes is None:
+        limit = self.policy.max_bytes if limit is None else limit
+        if limit is None:
             return free >= need_bytes
-        return used + need_bytes <= self.policy.low * self.policy.max_bytes
+        return used + need_bytes <= self.policy.low * limit
 
     # --- one pass ----------------------------------------------------------------------------
 
-    def reclaim(self, conn: sqlite3.Connection, *, horizon: int, need_bytes: int = 0,
-                urgent: bool = False) -> tuple[Eviction, Eviction]:
-        """Thin or drop backlog telemetry (seq < `horizon`) until `enough`; the caller holds
-        the transaction and appends the report events. `urgent` (the disk is full): no row
-        limit for this pass."""
+    def reclaim(self, conn: sqlite3.Connection, *, horizon: int, limit: int | None = None,
+                need_bytes: int = 0, urgent: bool = False) -> tuple[Eviction, Eviction]:
+        """Thin or drop backlog telemetry (seq < `horizon`) until `enough` under `limit`; the
+        caller holds the transaction and appends the report events. `urgent` (the disk is
+        full): no row limit for this pass."""
         thinned, dropped = Eviction("thinned"), Eviction("dropped")
         examined = 0
-        while (not self.enough(conn, need_bytes)
+        while (not self.enough(conn, need_bytes, limit)
                and (urgent or examined < self.policy.rows_per_pass)):
             if self.round < self.policy.max_rounds:
                 n = self._thin_window(conn, horizon, thinned)

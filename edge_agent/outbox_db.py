@@ -42,6 +42,19 @@ class OutboxFullError(OutboxError):
     of the failed call was committed."""
 
 
+class OutboxDiskFullError(OutboxFullError):
+    """The disk is full (the budget could not prevent it): of the failed call, telemetry was
+    dropped and counted, and alarm, event and command-result records are held in memory
+    until the disk has room (`outbox_ring.py`). `lost`: held records given up so far because
+    the ring overflowed."""
+
+    def __init__(self, message: str, *, held: int, dropped: int, lost: int) -> None:
+        super().__init__(message)
+        self.held = held
+        self.dropped = dropped
+        self.lost = lost
+
+
 class OutboxVersionError(OutboxError):
     """The file was made by a newer agent (its schema version is unknown here)."""
 
@@ -60,12 +73,19 @@ class OutboxRecordError(OutboxError):
         self.reason = reason
 
 
+_IOERR_SHMSIZE = 4874  # SQLITE_IOERR_SHMSIZE: no room for the `-shm` file (a full disk)
+
+
 def is_full(exc: BaseException) -> bool:
-    """ENOSPC from the OS or SQLITE_FULL (also `max_page_count` reached)."""
+    """ENOSPC from the OS, SQLITE_FULL (also `max_page_count` reached), or no room for the
+    shared-memory file when a WAL database is opened on a full disk."""
+    if isinstance(exc, OutboxFullError):
+        return True
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOSPC
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(code, int) and (code & 0xFF == sqlite3.SQLITE_FULL
+                                      or code == _IOERR_SHMSIZE)
 
 
 def translate(exc: BaseException) -> OutboxError:
@@ -141,8 +161,17 @@ def _m002_clock_and_budget(conn: sqlite3.Connection) -> None:
                      [(n,) for n in COUNTERS])
 
 
+@_migration(3)
+def _m003_disk_full_counters(conn: sqlite3.Connection) -> None:
+    conn.executemany("INSERT OR IGNORE INTO counters VALUES (?, 0)",
+                     [(n,) for n in DISK_FULL_COUNTERS])
+
+
 COUNTERS = ("thinned_total", "dropped_total", "budget_events", "clock_corrected_total",
             "full_retries")
+# Full-disk episodes (`outbox_ring.py`): how many, and what each held, dropped or gave up.
+DISK_FULL_COUNTERS = ("disk_full_episodes", "disk_full_telemetry_dropped", "disk_full_held",
+                      "disk_full_held_lost")
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 
@@ -157,10 +186,17 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {int(version)}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
         log.info("outbox_migrated", version=version)
     return SCHEMA_VERSION
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already done so itself (it does on
+    SQLITE_FULL, and a second ROLLBACK fails with "no transaction is active")."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
@@ -178,8 +214,12 @@ def connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
         conn.execute("PRAGMA temp_store = MEMORY")
         journal_limit = 64 * 2**20
         if max_bytes is not None:
-            journal_limit = min(journal_limit, max(2**20, max_bytes // 16))
+            journal_limit = min(journal_limit, max(2**18, max_bytes // 16))
         conn.execute(f"PRAGMA journal_size_limit = {journal_limit}")
+        # The budget counts the WAL too: checkpoint often enough that it stays a small part.
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        checkpoint_pages = 1000 if max_bytes is None else max(16, min(1000, max_bytes // page // 32))
+        conn.execute(f"PRAGMA wal_autocheckpoint = {checkpoint_pages}")
         migrate(conn)
         apply_cap(conn, max_bytes)
     except BaseException:
@@ -288,7 +328,7 @@ class OutboxStats:
     last_seq: int  # highest seq ever handed out (0 for a new outbox)
     delivered_total: int
     schema_version: int
-    db_bytes: int  # main file plus WAL
+    db_bytes: int  # main file plus WAL and shared memory
     meta: Mapping[str, str] = field(default_factory=dict)  # e.g. uplink_state, last_ack_ms
     lanes: Mapping[str, LaneStats] = field(default_factory=dict)  # alarm, event, live, backlog
     counters: Mapping[str, int] = field(default_factory=dict)  # thinned_total, dropped_total, …
@@ -361,7 +401,8 @@ def _stats_in_snapshot(conn: sqlite3.Connection, path: Path, live_window_ms: int
     firsts = [v for v in lane_min.values()]
     oldest = _lane(conn, 1, min(firsts)).oldest_ts_ms if firsts else None
     counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"))
+               if p.exists())
     backlog = sum(by_kind.values())
     rate, eta = _ack_rate(meta.get("ack_rate"), now, backlog)
     max_bytes = meta.get("max_bytes", "")
@@ -470,6 +511,7 @@ def request_clock_ok(path: Path, *, wall_ms: int, mono_ms: int, boot_id: str,
         raise translate(exc) from exc
 
 
-__all__ = ["COUNTERS", "LaneStats", "OutboxCorruptError", "OutboxError", "OutboxFullError",
+__all__ = ["COUNTERS", "LaneStats", "OutboxCorruptError", "OutboxDiskFullError", "OutboxError",
+           "OutboxFullError",
            "OutboxRecordError", "OutboxStats", "OutboxVersionError", "SCHEMA_VERSION",
            "read_status", "request_clock_ok"]

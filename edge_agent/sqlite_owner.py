@@ -63,7 +63,8 @@ class Migrations:
                 conn.execute(f"PRAGMA user_version = {int(version)}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLITE_FULL may have rolled it back already
+                    conn.execute("ROLLBACK")
                 raise
             if self._event is not None:
                 log.info(self._event, version=version)
@@ -150,6 +151,8 @@ class SqliteOwner:
             result = body(conn)
             conn.execute("COMMIT")
         except BaseException:
+            # SQLite rolls back by itself on some errors (SQLITE_FULL among them); a second
+            # ROLLBACK would fail with "cannot rollback - no transaction is active".
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise

@@ -50,7 +50,8 @@ from edge_agent.config import (
 from edge_agent.control import ControlOps, ControlServer, device_health
 from edge_agent.mqtt_config import tls_context
 from edge_agent.narrowband import Bearer, NarrowbandFallback
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutboxError, OutboxFullError
+from edge_agent.outbox_disk import DiskWatch
 from edge_agent.poller import DevicePoller
 from edge_agent.rules import RuleEngine
 from edge_agent.stations import Hj212Station
@@ -63,6 +64,7 @@ RESTART_MIN_S = 1.0
 RESTART_MAX_S = 60.0
 STABLE_AFTER_S = 60.0  # a task that ran this long before crashing restarts at the minimum delay
 STATUS_META_KEY = "agent_status"
+START_ROOM_BYTES = 1 << 20  # less free than this at start: spend the ballast to open the files
 
 
 class SystemdNotifier:
@@ -115,6 +117,7 @@ class AgentRuntime:
     outbox: Outbox | None = None
     alarms: AlarmRules | None = None
     narrowband: NarrowbandFallback | None = None
+    disk: dict[str, Any] | None = None  # the outbox's last `disk_status()`, with unsaved alarms
 
     @property
     def devices(self) -> list[DevicePoller | Hj212Station]:
@@ -122,6 +125,7 @@ class AgentRuntime:
         return [*self.pollers, *self.stations]
 
     def status(self) -> dict[str, Any]:
+        """The snapshot for `edge-agent status`; `disk` as of the last `refresh_disk()`."""
         return {
             "pid": os.getpid(), "boot_id": self.boot_id, "version": __version__,
             "gateway": self.config.gateway.id, "started_ms": self.started_ms,
@@ -133,7 +137,20 @@ class AgentRuntime:
             "devices": [device_health(d) for d in self.devices],
             "restarts": dict(self.restarts),
             "narrowband": self.narrowband.status() if self.narrowband else None,
+            "disk": self.disk,
         }
+
+    async def refresh_disk(self) -> dict[str, Any] | None:
+        """Ask the outbox how its disk is (a full-disk episode, held records, free space)."""
+        if self.outbox is None:
+            return None
+        try:
+            disk = await self.outbox.disk_status()
+        except OutboxError as exc:
+            disk = {"error": str(exc)}
+        disk["alarm_states_unsaved"] = self.alarms.unsaved if self.alarms else 0
+        self.disk = disk
+        return disk
 
 
 def build_bearer(nb: NarrowbandConfig) -> Bearer:
@@ -167,12 +184,19 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     runtime.pool = pool
     try:
         ob = config.outbox
+        ballast = DiskWatch(config.outbox_path, reserve_bytes=ob.disk_reserve_bytes,
+                            ballast_bytes=ob.ballast_bytes)
+        if ballast.usage().fs_free_bytes < START_ROOM_BYTES:
+            # Both SQLite files need room for their `-shm` and `-wal` files to open at all.
+            ballast.release_ballast("start on a full disk")
         async with Outbox.open(config.outbox_path, keep_delivered_s=ob.keep_delivered_s,
                                live_window_s=ob.live_window_s, max_bytes=ob.max_bytes,
                                thin_at=ob.thin_at, thin_to=ob.thin_to,
                                thin_keep_every=ob.thin_keep_every,
                                thin_max_rounds=ob.thin_max_rounds,
-                               clock=ClockGuard(max_step_ms=int(ob.clock_max_step_s * 1000))
+                               clock=ClockGuard(max_step_ms=int(ob.clock_max_step_s * 1000)),
+                               disk_reserve_bytes=ob.disk_reserve_bytes,
+                               ballast_bytes=ob.ballast_bytes, hold_records=ob.hold_records
                                ) as outbox, \
                 AlarmStore.open(config.alarms_path) as alarm_store:
             # The pollers write through the alarm rules, which append the alarm records
@@ -256,15 +280,42 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 notifier.notify("STOPPING=1")
                 for task in tasks:
                     task.cancel()
+                await _cancel_stragglers(tasks)
+            # On a full disk: first what the outbox holds (spending the ballast if need be),
+            # then the alarm states the alarm store refused, so a restart resumes both.
+            if not await outbox.flush_held(spend_ballast=True):
+                log.error("agent_stopping_with_held_records")
+            if not await alarms.save_pending():
+                log.error("agent_stopping_with_unsaved_alarm_states", alarms=alarms.unsaved)
             # Leave a last snapshot so that `edge-agent status` shows the agent stopped.
+            await runtime.refresh_disk()
             final = runtime.status() | {"stopped_ms": time.time_ns() // 1_000_000}
-            await outbox.set_meta(STATUS_META_KEY, json.dumps(final, ensure_ascii=False))
+            try:
+                await outbox.set_meta(STATUS_META_KEY, json.dumps(final, ensure_ascii=False))
+            except OutboxFullError as exc:
+                log.warning("agent_status_not_saved", error=str(exc))
     finally:
         await pool.close()
         for sig in handled:
             loop.remove_signal_handler(sig)
         structlog.contextvars.unbind_contextvars("gw")
     log.info("agent_stopped", boot_id=boot_id)
+
+
+async def _cancel_stragglers(tasks: list[asyncio.Task[None]], *, grace_s: float = 2.0,
+                             rounds: int = 10) -> None:
+    """Cancel again each task still running `grace_s` after its cancel. Python 3.11's
+    `asyncio.wait_for` (inside pymodbus) drops a cancel that races the reply it waits for, and
+    the poller then polls on: a stop on a busy gateway (a full disk makes every append slow)
+    would wait for ever."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            return
+        _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            log.warning("task_cancel_repeated", task=task.get_name())
+            task.cancel()
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
@@ -293,8 +344,18 @@ async def _supervised(name: str, factory: Callable[[], Awaitable[None]],
 
 
 async def _status_loop(outbox: Outbox, runtime: AgentRuntime) -> None:
+    full = False
     while True:
-        await outbox.set_meta(STATUS_META_KEY, json.dumps(runtime.status(), ensure_ascii=False))
+        disk = await runtime.refresh_disk() or {}
+        try:
+            await outbox.set_meta(STATUS_META_KEY, json.dumps(runtime.status(), ensure_ascii=False))
+        except OutboxFullError as exc:
+            # The live status (control socket) still tells; the file catches up when it can.
+            if not full:
+                log.warning("agent_status_not_saved", error=str(exc), held=disk.get("held"))
+            full = True
+        else:
+            full = False
         await asyncio.sleep(runtime.config.status.interval_s)
 
 

@@ -15,7 +15,7 @@ import cbor2
 import pytest
 
 from edge_agent.config import ConfigError, parse_config
-from edge_agent.outbox import NewRecord, Outbox, OutboxFullError, read_status
+from edge_agent.outbox import NewRecord, Outbox, OutboxDiskFullError, read_status
 from edge_agent.outbox_budget import BudgetPolicy, DiskBudget
 from protocols.envelope import RecordKind
 
@@ -187,16 +187,22 @@ async def test_full_cap_is_met_by_evicting_and_one_retry(tmp_path: Path) -> None
     assert rows(db, "SELECT count(*) FROM records WHERE point LIKE 'big/%'") == [(2500,)]
 
 
-async def test_full_cap_with_nothing_evictable_is_a_typed_error(tmp_path: Path) -> None:
-    """A cap filled with alarms raises OutboxFullError; no alarm is evicted to make room."""
+async def test_full_cap_with_nothing_evictable_holds_alarms_in_memory(tmp_path: Path) -> None:
+    """A cap filled with alarms holds further alarms in memory (append returns no seqs),
+    refuses telemetry with OutboxDiskFullError, and evicts no committed alarm."""
     db = tmp_path / "o.db"
     async with Outbox.open(db, max_bytes=2**20, live_window_s=0.05) as ob:
-        with pytest.raises(OutboxFullError):
-            for i in range(10_000):
-                await ob.append([NewRecord(ALARM, T0 + i, "d/p", "x" * 200) for _ in range(20)])
+        for i in range(10_000):
+            if await ob.append([NewRecord(ALARM, T0 + i, "d/p", "x" * 200) for _ in range(20)]) == []:
+                break
         stats = await ob.stats()
         assert stats.backlog == stats.last_seq  # every committed alarm is still there
-        assert await ob.append([NewRecord(TEL, T0, "d/q", 1.0)]) == [stats.last_seq + 1]
+        disk = await ob.disk_status()
+        assert disk["full"] and disk["held"] == 20 and disk["held_lost"] == 0
+        with pytest.raises(OutboxDiskFullError) as refused:
+            await ob.append([NewRecord(TEL, T0, "d/q", 1.0)])
+        assert (refused.value.dropped, refused.value.held) == (1, 0)
+        assert (await ob.disk_status())["telemetry_dropped"] == 1
 
 
 async def test_72_hour_outage_fits_the_budget_by_thinning_scaled_model(tmp_path: Path) -> None:

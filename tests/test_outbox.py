@@ -233,16 +233,19 @@ async def test_kill_9_leaves_a_consistent_outbox(tmp_path: Path) -> None:
 
 
 async def test_full_disk_is_a_typed_error_and_recoverable(tmp_path: Path) -> None:
-    """Hitting the size cap raises OutboxFullError, commits nothing, and the outbox lives on."""
+    """Hitting the size cap raises OutboxFullError, commits nothing, and the outbox lives on;
+    the refused telemetry's seqs are burned and reported once there is room again."""
     async with Outbox.open(tmp_path / "o.db", max_bytes=256 * 1024) as ob:
-        with pytest.raises(OutboxFullError):
+        with pytest.raises(OutboxFullError) as refused:
             for i in range(1000):
                 await ob.append([NewRecord(TEL, i, "d/p", "x" * 1000) for _ in range(10)])
+        assert refused.value.dropped == 10  # type: ignore[attr-defined]
         stats = await ob.stats()
         assert stats.backlog == stats.last_seq  # the failed batch left no rows behind
         await ob.mark_delivered([(1, stats.last_seq)])
         await ob.prune()
-        assert await ob.append([tel(1)]) == [stats.last_seq + 1]
+        # 10 seqs burned for the refused batch, then its outbox_dropped and outbox_disk_full
+        assert await ob.append([tel(1)]) == [stats.last_seq + 10 + 2 + 1]
 
 
 async def test_garbage_file_is_reported_corrupt(tmp_path: Path) -> None:
