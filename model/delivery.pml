@@ -4,7 +4,8 @@
  * how to run it and what the counterexamples look like. Every step names the code it models.
  *
  * Records are named by their seq; a set of seqs is a bit mask (bit s = seq s), so a batch,
- * an ack and a narrowband frame are each one byte. Seqs run 1..MAXSEQ (at most 7).
+ * an ack and a narrowband frame are each one byte. Seqs run 1..MAXSEQ (at most 7; at most 3
+ * with POWERCUT, whose messages carry each seq's incarnation in the high bits).
  */
 
 /* ---- bounds (override with -D) -------------------------------------------------------- */
@@ -25,6 +26,17 @@
 #endif
 #define MAXSEQ (NREC + DROPS)
 #define BIT(s) (1 << (s))
+#ifdef POWERCUT
+/* records: alarm raise, then telemetry only; a message carries each seq's incarnation */
+#define IS_ALARM(n) ((n) == 0)
+#define MSG(b) ((b) | ((gen & (b)) << 4))
+#define SEQS(m) ((m) & 15)
+#else
+/* records alternate: alarm raise, telemetry, alarm clear, telemetry, alarm raise, ... */
+#define IS_ALARM(n) ((n) % 2 == 0)
+#define MSG(b) (b)
+#define SEQS(m) (m)
+#endif
 #define ASSIGNED ((1 << next_seq) - 2)      /* seqs handed out so far: 1 .. next_seq-1 */
 
 /* ---- variants and mutants (each must make a property fail; see README) ----------------- */
@@ -36,6 +48,8 @@
 /* DEDUP_OFF          central inserts without ON CONFLICT (gw, stream, seq) DO NOTHING       */
 /* FORGET_NO_RESEND   in-flight state is forgotten but its records are never sent again      */
 /* NO_SEQ_ORDER       central applies alarm transitions in arrival order (no is_newer)       */
+/* ARRIVAL            keep the arrival order of history rows, for the property arrival_order  */
+/* POWERCUT           the gateway loses power: outbox.db keeps only what was fsynced        */
 #ifndef FORGE
 #define FORGE 0
 #endif
@@ -85,6 +99,20 @@ bool applied_disorder = false;  /* central applied a transition older than one a
 bool hist_disorder = false;     /* a history row arrived with a seq below an earlier one   */
 byte dropped = 0;               /* seqs the budget evicted                                 */
 byte reported = 0;              /* seqs named by a report record in the outbox             */
+
+#ifdef POWERCUT
+/* What the last fsync of outbox.db holds: a commit with synchronous=FULL (an alarm, event or
+ * budget pass) syncs the WAL; telemetry appends and delivery marks (synchronous=NORMAL)
+ * survive a killed process but not a power cut (edge_agent/outbox.py, "Durability"). */
+byte s_next = 1;        /* sqlite_sequence as synced: AUTOINCREMENT rolls back with it       */
+byte s_undeliv = 0;
+byte s_telem = 0;
+byte s_nbwm = 0;
+byte issued = 1;        /* ghost: the highest seq ever handed out, plus one                  */
+byte gen = 0;           /* ghost: seqs handed out a second time (a second incarnation)      */
+byte cgen = 0;          /* ghost: held seqs whose row at central is that second incarnation */
+inline SYNC() { s_next = next_seq; s_undeliv = undeliv; s_telem = telem; s_nbwm = nb_wm }
+#endif
 
 #define FULL_HELD (held & ~nbcopy)
 #define INFL (infl[0] | infl[1])
@@ -161,6 +189,9 @@ inline c_record(s, from_nb) {
         fi
     :: else ->
         held = held | BIT(s);
+#ifdef POWERCUT
+        if :: !from_nb && (mg & BIT(s)) != 0 -> cgen = cgen | BIT(s) :: else -> skip fi;
+#endif
         if :: from_nb -> nbcopy = nbcopy | BIT(s) :: else -> skip fi;
         known_lost = known_lost | rep_of[s];
         if :: (alarms & BIT(s)) != 0 -> c_alarm(s) :: else -> skip fi
@@ -190,6 +221,10 @@ inline e_ack(a) {
     mk = a & INFL & undeliv;
 #endif
     if :: (mk & ~FULL_HELD) != 0 -> early_mark = true :: else -> skip fi;
+#ifdef POWERCUT
+    /* central holds another record under this seq (an earlier incarnation) */
+    if :: (mk & (gen ^ cgen)) != 0 -> early_mark = true :: else -> skip fi;
+#endif
     undeliv = undeliv & ~mk;
     infl[0] = infl[0] & ~a;
     infl[1] = infl[1] & ~a;
@@ -219,14 +254,20 @@ end_p:
         appended < NREC ->
         undeliv = undeliv | BIT(next_seq);
         if
-        :: (appended % 2) == 0 ->
+        :: IS_ALARM(appended) ->
             alarms = alarms | BIT(next_seq);
             elast = next_seq;
             eraise = ((appended / 2) % 2 == 0);
             if :: eraise -> raises = raises | BIT(next_seq) :: else -> skip fi
         :: else -> telem = telem | BIT(next_seq)
         fi;
+#ifdef POWERCUT
+        if :: next_seq < issued -> gen = gen | BIT(next_seq) :: else -> issued = next_seq + 1 fi;
+#endif
         next_seq++;
+#ifdef POWERCUT
+        if :: IS_ALARM(appended) -> SYNC() :: else -> skip fi;   /* synchronous=FULL */
+#endif
         appended++
        }
     :: atomic {
@@ -248,6 +289,9 @@ end_p:
         rep_of[next_seq] = BIT(t);
         next_seq++;
         drops_left--;
+#ifdef POWERCUT
+        SYNC();
+#endif
         t = 0
        }
     :: atomic { appended == NREC -> prod_exit = true; break }
@@ -266,8 +310,9 @@ end_u:
        }
     :: atomic {
         /* _send_loop -> Outbox.next_batch(skip=in flight) -> _publish: the batch is in flight
-         * before publish returns. Lanes and batch sizes are abstracted: any non-empty subset
-         * of the undelivered records not in flight (the code takes a prefix in lane order). */
+         * before publish returns. Lanes and batch sizes are abstracted: the batch is every
+         * undelivered record not in flight, or the oldest of them alone (the code takes a
+         * prefix in lane order; reordering comes from the broker, resends and the radio). */
         (up && infl[1] == 0 && upq[LASTQ] == 0 &&
          (undeliv & ~INFL & ~forgot) != 0) ->
         e = undeliv & ~INFL & ~forgot;
@@ -278,7 +323,7 @@ end_u:
            do :: (e & BIT(s)) != 0 -> b = BIT(s); break :: else -> s++ od
         fi;
         infl[1] = b; SORT2(infl);
-        PUTQ(upq, b);
+        PUTQ(upq, MSG(b));
 #ifdef MARK_ON_PUBACK
         /* mutant: the broker's PUBACK taken for central's ack */
         if :: (b & ~FULL_HELD) != 0 -> early_mark = true :: else -> skip fi;
@@ -310,7 +355,7 @@ end_u:
 
 /* ---- central ingest (central/ingest.py) ---------------------------------------------------- */
 proctype Central() {
-    byte i, k, b;
+    byte i, k, b, mg;
 end_c:
     do
     :: atomic {
@@ -324,6 +369,9 @@ end_c:
         :: upq[2] != 0 -> i = 2
         fi;
         b = upq[i];
+#ifdef POWERCUT
+        mg = b >> 4; b = SEQS(b);    /* the incarnation of each seq the batch carried */
+#endif
         if :: upq[i] = 0; SORTQ(upq) :: faults > 0 -> faults-- fi;
         if
         :: /* _write_and_ack -> storage.write_batches (one transaction, committed), then
@@ -337,7 +385,7 @@ end_c:
            PUTQ(dnq, b)
 #endif
         fi;
-        i = 0; k = 0; b = 0
+        i = 0; k = 0; b = 0; mg = 0
        }
     :: atomic {
         /* central/narrowband.py NarrowbandReceiver.receive -> _store_alarms: the frame's
@@ -412,6 +460,14 @@ end_f:
         if :: infl[0] != 0 -> e_forget(0) :: infl[1] != 0 -> e_forget(1) fi;
         SORT2(infl)
        }
+#ifdef POWERCUT
+    :: atomic {
+        /* the gateway loses power: outbox.db is what the last fsync left (see SYNC) */
+        crashes > 0 -> crashes--;
+        up = false; infl[0] = 0; infl[1] = 0;
+        next_seq = s_next; undeliv = s_undeliv; telem = s_telem; nb_wm = s_nbwm
+       }
+#endif
     :: break    /* no more faults from here on */
     od
 }
