@@ -161,6 +161,14 @@ app.add_typer(audit_app)
 
 def main() -> None:
     """Console-script entry point (`central`)."""
+    from central.logs import configure_logging
+
+    # The one-shot commands (user, audit, gateway, ca, broker-config) log warnings and up to
+    # stderr, so stdout stays their output (and valid --json). `serve` and `demo` configure
+    # their own: structlog caches loggers, so it must be configured once only, and only here
+    # in an entry point (never inside a command, where tests would inherit it).
+    if sys.argv[1:2] not in (["serve"], ["demo"]):
+        configure_logging(json=False, level="warning", stream=sys.stderr)
     try:
         app()
     except KeyboardInterrupt:

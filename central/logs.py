@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 
-def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
-    """Set up structlog and stdlib logging; `json=None`: JSON unless stdout (journald) is a tty."""
+def configure_logging(*, json: bool | None = None, level: str = "info",
+                      stream: TextIO | None = None) -> None:
+    """Set up structlog and stdlib logging; `json=None`: JSON unless stdout (journald) is a tty.
+
+    Logs go to `stream` (default stdout, for journald); the one-shot commands pass stderr so
+    that their stdout stays their output."""
     use_json = (not sys.stdout.isatty()) if json is None else json
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Any] = [
@@ -36,7 +40,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, renderer],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stdout if stream is None else stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

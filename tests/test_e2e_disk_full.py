@@ -116,7 +116,9 @@ def central_events(central: Central, stream: str) -> list[tuple[int, int, dict[s
 
 
 def metric(central: Central, name: str) -> float:
-    with urllib.request.urlopen(f"{central.base_url}/metrics", timeout=10) as reply:
+    request = urllib.request.Request(f"{central.base_url}/metrics",
+                                     headers=central.auth_headers())
+    with urllib.request.urlopen(request, timeout=10) as reply:
         for line in reply.read().decode().splitlines():
             if line.startswith(f"fieldlink_central_{name} "):
                 return float(line.split()[1])

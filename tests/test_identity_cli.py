@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from central import cli
@@ -13,7 +14,10 @@ RUN = CliRunner()
 
 
 def central(*args: str, stdin: str | None = None) -> tuple[int, str]:
-    result = RUN.invoke(cli.app, list(args), input=stdin)
+    # In-process there is no entry point to send library logs to stderr (central.cli.main
+    # does that): keep them out of the command's output.
+    with capture_logs():
+        result = RUN.invoke(cli.app, list(args), input=stdin)
     return result.exit_code, result.output
 
 

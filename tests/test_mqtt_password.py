@@ -22,6 +22,7 @@ from edge_agent.outbox import NewRecord, Outbox
 from edge_agent.uplink import Uplink
 from protocols.envelope import Birth, RecordKind
 from tests.helpers import Mosquitto, until
+from tests.identity import authorize
 
 
 @pytest.fixture
@@ -62,6 +63,7 @@ async def test_gateway_and_central_log_in_with_passwords(password_broker: Mosqui
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://central") as c:
         await until(lambda: app.state.ingest.connected, "central logged in")
+        await authorize(app, c)
         for password, works in (("wrong", False), ("gw-secret", True)):
             write_site(password)
             cfg = load_config(site, check_profiles=False)

@@ -61,11 +61,8 @@ def cli_actor() -> str:
 
 def _run(config: Path | None, db: str | None,
          body: Callable[[Storage, Accounts, AuditLog], Awaitable[T]]) -> T:
-    from central.logs import configure_logging
     from central.settings import load_settings
     from central.storage import open_storage
-
-    configure_logging(json=False, level="warning")
 
     async def main() -> T:
         settings = load_settings(config, env=os.environ, db_url=db)
