@@ -21,33 +21,27 @@ approves it (`approve`); `issued_by` and `approved_by` name them.
 A report naming a cmd_id central never issued (a forged or foreign command the gateway
 refused) gets a row with `origin = "gateway"`, so the duty officer sees it.
 
-Both backends run the same SQL through a DB-API connection owned by one thread: `sqlite3`
-on the database file, or psycopg (sync) on PostgreSQL; `?` placeholders become `%s` there.
+Both backends run the same SQL through a DB-API connection owned by one thread: `sqlite3` on
+the database file, or psycopg (sync) on PostgreSQL; `?` placeholders become `%s` there (the
+plumbing is `central.storage.side_store.SideStore`, shared with the identity tables).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import time
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any
 
 import structlog
 
-from central.commands_schema import MIGRATIONS, POSTGRES, SQLITE
-from central.db_thread import DbThread
+from central.commands_schema import MIGRATIONS
 from central.errors import CentralError
+from central.storage.side_store import SideStore
 from protocols.command_results import CommandResult, CommandState, Reason
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 ORIGIN_CENTRAL = "central"
 ORIGIN_GATEWAY = "gateway"  # only known from a gateway's report
@@ -174,7 +168,7 @@ def _command_row(r: Sequence[Any]) -> StoredCommand:
 # --- the store ------------------------------------------------------------------------------------
 
 
-class CommandStore:
+class CommandStore(SideStore):
     """The command tables on `db_url` (`sqlite:///PATH` or `postgresql://...`).
 
     Example::
@@ -184,116 +178,7 @@ class CommandStore:
     """
 
     def __init__(self, db_url: str) -> None:
-        self.db_url = db_url
-        if db_url.startswith("sqlite:///"):
-            self.dialect = SQLITE
-        elif db_url.startswith(("postgresql://", "postgres://")):
-            self.dialect = POSTGRES
-        else:
-            raise CommandStoreError(f"unsupported database URL {db_url!r}")
-        self._thread = DbThread("central-commands",
-                                lambda: CommandStoreError("command store is not open"))
-        self._conn: Any = None  # touched only on the executor thread
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def open(self) -> None:
-        await self._thread.open(partial(self._guarded, self._open_sync))
-
-    async def close(self) -> None:
-        await self._thread.close(partial(self._guarded, self._close_sync))
-
-    # --- plumbing -----------------------------------------------------------------------------
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._thread.call(self._guarded, fn, *args)
-
-    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except CommandStoreError:
-            raise
-        except Exception as exc:  # sqlite3.Error / psycopg.Error; the connection may be gone
-            if self.dialect is POSTGRES and getattr(self._conn, "closed", False):
-                self._conn = None  # reconnect on the next call
-            raise CommandStoreError(f"command store: {exc}") from exc
-
-    def _db(self) -> Any:
-        if self._conn is None:
-            self._connect()
-        return self._conn
-
-    def _connect(self) -> None:
-        if self.dialect is SQLITE:
-            path = self.db_url.removeprefix("sqlite:///")
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-        else:
-            import psycopg
-
-            conn = psycopg.connect(self.db_url, autocommit=True, connect_timeout=10)
-        self._conn = conn
-
-    def _open_sync(self) -> None:
-        self._connect()
-        self._migrate()
-        log.info("command_store_opened", backend=self.dialect.name)
-
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Any]:
-        """One transaction on the connection; rolled back on any error."""
-        conn = self._db()
-        if self.dialect is POSTGRES:
-            with conn.transaction():
-                yield conn.cursor()
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn.cursor()
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _q(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        cur.execute(self.dialect.sql(sql), tuple(params))
-        return cur
-
-    def _migrate(self) -> None:
-        with self._tx() as cur:
-            if self.dialect is POSTGRES:
-                # Workers starting together migrate once (lock per schema, held to commit).
-                schema = self._q(cur, "SELECT current_schema()").fetchone()[0]
-                if schema is None:
-                    raise CommandStoreError("search_path names no existing schema")
-                key = zlib.crc32(f"fieldlink.central.commands:{schema}".encode())
-                self._q(cur, "SELECT pg_advisory_xact_lock(?)", (key,))
-            self._q(cur, "CREATE TABLE IF NOT EXISTS commands_schema_version"
-                         " (version INTEGER NOT NULL)")
-            current = self._q(cur, "SELECT max(version) FROM commands_schema_version").fetchone()[0] or 0
-            for version, fn in enumerate(MIGRATIONS, start=1):
-                if version <= current:
-                    continue
-                for stmt in fn(self.dialect):
-                    self._q(cur, stmt)
-                self._q(cur, "INSERT INTO commands_schema_version (version) VALUES (?)", (version,))
-                log.info("command_store_migrated", version=version, step=fn.__name__)
+        super().__init__(db_url, name="commands", error=CommandStoreError, migrations=MIGRATIONS)
 
     # --- writes -------------------------------------------------------------------------------
 

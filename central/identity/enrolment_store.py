@@ -1,7 +1,7 @@
 """Enrolment tokens and issued gateway certificates, in central's database (DESIGN.md §8).
 
 Two tables beside the main storage, with their own migration list and version table
-(`identity_schema_version`), on SQLite or PostgreSQL like `central.commands_store`:
+(`identity_schema_version`), on SQLite or PostgreSQL (`central.storage.side_store`):
 
 - `gateway_enrol_tokens`: only the SHA-256 of each token (a token is 32 random bytes, so a
   plain hash is enough: nothing to guess), for which gateway, until when, and when it was used.
@@ -9,31 +9,23 @@ Two tables beside the main storage, with their own migration list and version ta
 - `gateway_certs`: every certificate issued, by serial (hex: serials exceed BIGINT), with its
   validity, how it came (`enrol` / `renew`) and when it was revoked.
 
-Blocking driver calls run on one thread (`DbThread`); `?` placeholders become `%s` on
-PostgreSQL.
+Blocking driver calls run on the store's one thread (`SideStore`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import sqlite3
 import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal
 
 import structlog
 
-from central.db_thread import DbThread
 from central.errors import CentralError
+from central.storage.side_store import Migration, SideStore
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 
 class EnrolmentStoreError(CentralError):
@@ -79,8 +71,8 @@ def _cert_row(r: Sequence[Any]) -> CertRecord:
     return CertRecord(*r)
 
 
-_MIGRATIONS: list[Callable[[bool], list[str]]] = [
-    lambda pg: [
+_MIGRATIONS: list[Migration] = [
+    lambda _dialect: [
         """CREATE TABLE gateway_enrol_tokens (
             token_hash TEXT PRIMARY KEY, gw TEXT NOT NULL, created_ms BIGINT NOT NULL,
             expires_ms BIGINT NOT NULL, used_ms BIGINT)""",
@@ -98,7 +90,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class EnrolmentStore:
+class EnrolmentStore(SideStore):
     """The identity tables on `db_url` (`sqlite:///PATH` or `postgresql://...`).
 
     Example::
@@ -108,107 +100,8 @@ class EnrolmentStore:
     """
 
     def __init__(self, db_url: str) -> None:
-        self.db_url = db_url
-        if db_url.startswith("sqlite:///"):
-            self.postgres = False
-        elif db_url.startswith(("postgresql://", "postgres://")):
-            self.postgres = True
-        else:
-            raise EnrolmentStoreError(f"unsupported database URL {db_url!r}")
-        self._thread = DbThread("central-identity",
-                                lambda: EnrolmentStoreError("enrolment store is not open"))
-        self._conn: Any = None
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def open(self) -> None:
-        await self._thread.open(partial(self._guarded, self._open_sync))
-
-    async def close(self) -> None:
-        await self._thread.close(partial(self._guarded, self._close_sync))
-
-    # --- plumbing -----------------------------------------------------------------------------
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._thread.call(self._guarded, fn, *args)
-
-    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except EnrolmentStoreError:
-            raise
-        except Exception as exc:  # sqlite3.Error / psycopg.Error
-            if self.postgres and getattr(self._conn, "closed", False):
-                self._conn = None
-            raise EnrolmentStoreError(f"enrolment store: {exc}") from exc
-
-    def _db(self) -> Any:
-        if self._conn is None:
-            if not self.postgres:
-                path = self.db_url.removeprefix("sqlite:///")
-                if path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA busy_timeout=5000")
-            else:
-                import psycopg
-
-                conn = psycopg.connect(self.db_url, autocommit=True, connect_timeout=10)
-            self._conn = conn
-        return self._conn
-
-    def _open_sync(self) -> None:
-        self._db()
-        with self._tx() as cur:
-            if self.postgres:
-                schema = self._q(cur, "SELECT current_schema()").fetchone()[0]
-                if schema is None:
-                    raise EnrolmentStoreError("search_path names no existing schema")
-                key = zlib.crc32(f"fieldlink.central.identity:{schema}".encode())
-                self._q(cur, "SELECT pg_advisory_xact_lock(?)", (key,))
-            self._q(cur, "CREATE TABLE IF NOT EXISTS identity_schema_version"
-                         " (version INTEGER NOT NULL)")
-            current = self._q(cur, "SELECT max(version) FROM identity_schema_version"
-                              ).fetchone()[0] or 0
-            for version, fn in enumerate(_MIGRATIONS, start=1):
-                if version > current:
-                    for stmt in fn(self.postgres):
-                        self._q(cur, stmt)
-                    self._q(cur, "INSERT INTO identity_schema_version (version) VALUES (?)",
-                            (version,))
-
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Any]:
-        conn = self._db()
-        if self.postgres:
-            with conn.transaction():
-                yield conn.cursor()
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn.cursor()
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _q(self, cur: Any, sql: str, params: Sequence[Any] = ()) -> Any:
-        cur.execute(sql.replace("?", "%s") if self.postgres else sql, tuple(params))
-        return cur
+        super().__init__(db_url, name="identity", error=EnrolmentStoreError,
+                         migrations=_MIGRATIONS)
 
     # --- tokens -------------------------------------------------------------------------------
 
