@@ -119,7 +119,7 @@ def _check_terminal_id(value: object) -> bytes:
 
 def _enum(kind: type[E], field: str, value: object) -> E:
     try:
-        return kind(value)  # type: ignore[call-arg]
+        return kind(value)  # type: ignore[arg-type]  # checked here: that is the point
     except ValueError:
         raise TerminalFormatError(field, f"{value!r} is not a {kind.__name__}") from None
 

@@ -59,7 +59,7 @@ DOCUMENTED = {
 def documented_examples() -> dict[str, bytes]:
     """The hex blocks of the page, by the name in the `<!-- example: NAME -->` before each."""
     text = DOC.read_text(encoding="utf-8")
-    found = re.findall(r"<!-- example: (\w+) -->\s*```hex\n(.*?)```", text, re.S)
+    found = re.findall(r"<!-- example: (\w+) -->\s*```hex\n(.*?)```", text, re.DOTALL)
     return {name: bytes.fromhex(block) for name, block in found}
 
 
@@ -171,8 +171,8 @@ def test_unknown_error_code_is_kept_as_a_number() -> None:
     frame = decode_frame(encode(4, ErrorReport(1, 0x77, 0x42, "vendor")))
     assert isinstance(frame.message, ErrorReport)
     assert frame.message.code == 0x42 and frame.message.ref_type == 0x77
-    assert decode_frame(encode(4, ErrorReport(1, 1, 0x10))).message.code \
-        is ErrorCode.SPEAKER_FAULT  # type: ignore[union-attr]
+    known = decode_frame(encode(4, ErrorReport(1, 1, 0x10))).message
+    assert isinstance(known, ErrorReport) and known.code is ErrorCode.SPEAKER_FAULT
 
 
 def test_long_body_limits() -> None:
@@ -194,7 +194,7 @@ relaxed = settings(deadline=None)
 _TERMINAL_IDS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
                         max_size=32)
 _U32 = st.integers(0, 0xFFFFFFFF)
-_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=60)
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=60)
 
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Play, st.integers(1, 0xFFFFFFFF), st.sampled_from(WarningLevel),
@@ -229,7 +229,7 @@ def test_frame_round_trip(frame: TerminalFrame) -> None:
 @given(st.binary(max_size=300))
 def test_garbage_raises_only_terminal_errors(data: bytes) -> None:
     """Random bytes, bare, behind a good header or as any body, raise only TerminalError."""
-    for kind in range(0, 8):
+    for kind in range(8):
         for candidate in (data, b"\xfb\x4a" + data, _reframe(kind, 1, data),
                           _reframe(kind, 1, data)[:-1] + data[:1]):
             try:
