@@ -222,8 +222,8 @@ def test_responses_both_ways() -> None:
     while (event := decoder.next_event()) is not NEED_DATA:
         events.append(event)
     assert events == [InfoLine("AT+CSQ")] + [e for _, e in session if e is not None]
-    for wire, event in session[1:]:
-        assert event is not None and encode_response(event) == wire
+    for wire, expected in session[1:]:
+        assert expected is not None and encode_response(expected) == wire
     decoder.feed(b"\r\n+CMGR: 1,,24\r\n")  # alpha left out, PDU line still to come
     assert decoder.next_event() is NEED_DATA
     decoder.feed(DELIVER_HEX.encode() + b"\r\n")
