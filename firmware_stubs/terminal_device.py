@@ -100,7 +100,9 @@ class TerminalSimulator(StartStop):
         self.errors_received: list[ErrorReport] = []
         self.control_port: int | None = None
         self._pending: dict[int, Ack] = {}  # seq -> ACK not yet confirmed
-        self._answers: collections.OrderedDict[tuple[int, int], Message | None] = \
+        # (seq, type) -> (the frame's message, our answer), for repeats (§4.3)
+        self._answers: collections.OrderedDict[tuple[int, int],
+                                               tuple[Message | None, Message]] = \
             collections.OrderedDict()
         self._presses: dict[int, asyncio.TimerHandle] = {}
         self._seq = 0
@@ -302,16 +304,16 @@ class TerminalSimulator(StartStop):
                 return
             self._handle(frame)
 
-    def _answer(self, seq: int, kind: int, answer: Message | None) -> None:
-        """Send `answer` to frame (seq, kind) and remember it for a repeat of that frame."""
-        self._answers[(seq, kind)] = answer
+    def _answer(self, seq: int, kind: int, answer: Message,
+                message: Message | None = None) -> None:
+        """Send `answer` to frame (seq, kind) carrying `message`, and remember it: a repeat
+        is the same seq, type and message (a restarted gateway may reuse a seq)."""
+        self._answers[(seq, kind)] = (message, answer)
         while len(self._answers) > _REMEMBERED:
             self._answers.popitem(last=False)
         self._send_answer(answer)
 
-    def _send_answer(self, answer: Message | None) -> None:
-        if answer is None:
-            return
+    def _send_answer(self, answer: Message) -> None:
         if isinstance(answer, Receipt):
             if self.faults.silent:
                 return
@@ -322,9 +324,10 @@ class TerminalSimulator(StartStop):
 
     def _handle(self, frame: TerminalFrame) -> None:
         message, key = frame.message, (frame.seq, int(frame.type))
-        if key in self._answers and isinstance(message, Play | Display):
+        remembered = self._answers.get(key)
+        if remembered is not None and remembered[0] == message:
             self._stats["duplicates"] += 1
-            self._send_answer(self._answers[key])
+            self._send_answer(remembered[1])
             return
         match message:
             case Play():
@@ -332,7 +335,7 @@ class TerminalSimulator(StartStop):
             case Display():
                 self._stats["displays"] += 1
                 self.displayed.append(message)
-                self._answer(*key, self._receipt(frame))
+                self._answer(*key, self._receipt(frame), message)
             case Receipt():
                 self._stats["receipts_received"] += 1
                 ack = self._pending.get(message.ref_seq)
@@ -355,13 +358,13 @@ class TerminalSimulator(StartStop):
         if self.faults.speaker_fault:
             self._answer(seq, MessageType.PLAY,
                          ErrorReport(seq, MessageType.PLAY, ErrorCode.SPEAKER_FAULT,
-                                     "speaker open circuit"))
+                                     "speaker open circuit"), play)
             return
         self._stats["plays"] += 1
         self.played.append(Played(seq, play, time.monotonic()))
         log.info("terminal_sim_played", terminal_id=self.terminal_id,
                  warning_id=play.warning_id, level=play.level.name)
-        self._answer(seq, MessageType.PLAY, self._receipt(TerminalFrame(seq, play)))
+        self._answer(seq, MessageType.PLAY, self._receipt(TerminalFrame(seq, play)), play)
         if self.press_after_s is not None and play.warning_id not in self._presses:
             loop = asyncio.get_running_loop()
             self._presses[play.warning_id] = loop.call_later(

@@ -222,7 +222,7 @@ async def test_person_who_never_answers() -> None:
 
 
 async def test_repeated_play_is_answered_not_replayed() -> None:
-    """The same PLAY frame again gets the same receipt and is not played twice; a new seq is."""
+    """A repeated PLAY (same seq and body) is answered, not replayed; a new seq or body plays."""
     async with terminal(press_after_s=None) as (sim, gw):
         seq = await gw.send(RED)
         first = await gw.answer_to(seq)
@@ -230,7 +230,11 @@ async def test_repeated_play_is_answered_not_replayed() -> None:
         assert await gw.answer_to(seq) == first
         reminder = await gw.send(RED)
         assert isinstance(await gw.answer_to(reminder), Receipt)
-        assert [p.seq for p in sim.played] == [seq, reminder]
+        other = Play(1002, WarningLevel.ORANGE, 1, "a restarted gateway reuses seq numbers")
+        await gw.send(other, seq=seq)
+        assert isinstance(await gw.answer_to(seq), Receipt)
+        assert [(p.seq, p.play.warning_id) for p in sim.played] == \
+            [(seq, 1001), (reminder, 1001), (seq, 1002)]
         assert sim.stats()["duplicates"] == 1
 
 
