@@ -188,25 +188,18 @@ class TerminalDecoder(ByteStream):
     with good CRCs that cannot be taken raises `TerminalFrameRefused` after it is consumed:
     the stream stays in step and the caller can answer with an ERROR. A frame cut off (the
     sender lost power) is found out when the bytes after it fail its body CRC; when the line
-    goes quiet instead, the I/O loop calls `skip_partial()`. `feed()` drops the oldest bytes
-    (counted) past `max_buffer`.
+    goes quiet instead, the I/O loop calls `skip_partial()`. Memory stays bounded as in h11:
+    once `next_frame()` has answered NEED_DATA, the buffer holds less than one frame of at
+    most `max_body` (a longer one is refused on its header).
     """
 
-    def __init__(self, *, max_body: int = DEFAULT_MAX_BODY, max_buffer: int | None = None
-                 ) -> None:
+    def __init__(self, *, max_body: int = DEFAULT_MAX_BODY) -> None:
         if not 0 <= max_body <= MAX_BODY:
             raise ValueError(f"max_body must be in 0..{MAX_BODY}")
         super().__init__()
         self._max_body = max_body
-        self._max_buffer = max(max_buffer or 4 * (max_body + OVERHEAD), max_body + OVERHEAD)
         self.errors = 0
         self.refused = 0
-
-    def feed(self, data: bytes) -> None:
-        super().feed(data)
-        excess = len(self._buffer) - self._max_buffer
-        if excess > 0:
-            self._drop(excess)
 
     def skip_partial(self) -> bool:
         """Give up the partial frame the decoder waits on (counted as an error); False if

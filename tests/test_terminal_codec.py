@@ -345,8 +345,15 @@ def test_stream_decoder_refuses_huge_length_on_the_header() -> None:
     assert info.value.declared == 0xFFFF
 
 
-def test_buffer_is_bounded() -> None:
-    """Fed far more than a frame without a sync, the decoder keeps a bounded buffer."""
+def test_buffer_is_bounded_and_big_feeds_are_whole() -> None:
+    """Once drained, the buffer holds less than a frame; a feed of many frames loses none."""
     decoder = TerminalDecoder(max_body=100)
-    decoder.feed(b"\xfb\x4a" + bytes(8) + bytes(10_000))
-    assert decoder.buffered <= 4 * (100 + OVERHEAD)
+    decoder.feed(b"\xfb\x4a" + bytes(8) + bytes(10_000) + b"\xfb")
+    drain(decoder)
+    assert decoder.buffered == 1  # the last FB may start a sync
+    many = documented_examples()["play"] * 5000
+    big = TerminalDecoder()
+    big.feed(many)
+    assert len(drain(big)[0]) == 5000 and big.buffered == 0
+    big.feed(many[:-1])
+    assert len(drain(big)[0]) == 4999 and 0 < big.buffered < OVERHEAD + 1024
