@@ -74,8 +74,8 @@ _STATS: Final = frozenset(int(s) for s in RegStatus)
 _ALPHA: Final = re.compile(r"[ !#-+\--~]*")
 
 
-def _check(field: str, value: object, ok: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not ok:
+def _check(field: str, value: object, allowed: range | frozenset[int]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
         raise AtFormatError(f"{field}={value!r}", "out of range")
 
 
@@ -150,11 +150,11 @@ def cmgs(length: int) -> Command:
 
 
 def cmgr(index: int) -> Command:
-    return Command("+CMGR", "=", (str(index),))
+    return Command("+CMGR", "=", (str(index),))  # 27.005 §3.4.3
 
 
 def cmgd(index: int) -> Command:
-    return Command("+CMGD", "=", (str(index),))
+    return Command("+CMGD", "=", (str(index),))  # 27.005 §3.5.4
 
 
 def parse_command(line: str) -> Command:
@@ -283,10 +283,10 @@ class Creg:
     n: int | None = None
 
     def __post_init__(self) -> None:
-        _check("stat", self.stat, self.stat in _STATS)
+        _check("stat", self.stat, _STATS)
         object.__setattr__(self, "stat", RegStatus(self.stat))
         if self.n is not None:
-            _check("n", self.n, isinstance(self.n, int) and 0 <= self.n <= 2)
+            _check("n", self.n, range(3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,10 +297,8 @@ class Csq:
     ber: int = 99
 
     def __post_init__(self) -> None:
-        _check("rssi", self.rssi, isinstance(self.rssi, int) and (0 <= self.rssi <= 31
-                                                                 or self.rssi == 99))
-        _check("ber", self.ber, isinstance(self.ber, int) and (0 <= self.ber <= 7
-                                                              or self.ber == 99))
+        _check("rssi", self.rssi, frozenset([*range(32), 99]))
+        _check("ber", self.ber, frozenset([*range(8), 99]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +308,7 @@ class Cmgs:
     mr: int
 
     def __post_init__(self) -> None:
-        _check("mr", self.mr, isinstance(self.mr, int) and 0 <= self.mr <= 255)
+        _check("mr", self.mr, range(256))
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +329,7 @@ class Cmgr:
     alpha: str = ""
 
     def __post_init__(self) -> None:
-        _check("stat", self.stat, isinstance(self.stat, int) and 0 <= self.stat <= 3)
+        _check("stat", self.stat, range(4))
         _check_pdu(self.length, self.pdu, self.alpha)
 
 
@@ -348,7 +346,7 @@ class Cmt:
 
 
 def _check_pdu(length: int, pdu: bytes, alpha: str) -> None:
-    _check("length", length, isinstance(length, int) and 0 <= length <= 255)
+    _check("length", length, range(256))
     if not isinstance(pdu, bytes) or not pdu:
         raise AtFormatError(repr(pdu), "a PDU is at least one octet")
     if not isinstance(alpha, str) or not _ALPHA.fullmatch(alpha):
