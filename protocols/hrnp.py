@@ -230,7 +230,8 @@ class HrnpDecoder(ByteStream):
     once, after the decoder has stepped past its 0x7E only (a packet may start inside the bad
     one). Header fields are checked as they arrive, so a stray 0x7E rarely makes it wait; when
     one does, the I/O loop calls `skip_partial()` after the line has been quiet a while (a
-    packet comes in one burst). `feed()` drops the oldest bytes (counted) past `max_buffer`.
+    packet comes in one burst). A caller that feeds without draining is bounded: `feed()` first
+drops the oldest undrained bytes (counted) past `max_buffer`, then takes the new ones whole.
     """
 
     def __init__(self, *, max_packet_len: int = DEFAULT_MAX_PACKET_LEN,
@@ -245,10 +246,12 @@ class HrnpDecoder(ByteStream):
         self.errors = 0
 
     def feed(self, data: bytes) -> None:
-        super().feed(data)
+        # The bound applies to what earlier feeds left undrained, never to the new bytes: one
+        # large read (several packets in one burst) must not lose its first packets.
         excess = len(self._buffer) - self._max_buffer
         if excess > 0:
             self._drop(excess)
+        super().feed(data)
 
     def skip_partial(self) -> bool:
         """Give up the partial packet the decoder waits on: step past its 0x7E (counted as an

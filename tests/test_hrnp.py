@@ -401,12 +401,19 @@ def test_stream_decoder_rejects_huge_length_at_once() -> None:
 
 
 def test_stream_decoder_buffer_is_bounded() -> None:
-    """Bytes fed without draining never hold more than the buffer bound."""
+    """Bytes fed without draining never hold more than the buffer bound plus the last feed."""
     decoder = HrnpDecoder(max_packet_len=64, max_buffer=256)
     for _ in range(100):
         decoder.feed(b"\x7e\x04" * 50)
-    assert decoder.buffered <= 256
-    assert decoder.discarded >= 100 * 100 - 256
+    assert decoder.buffered <= 256 + 100
+    assert decoder.discarded >= 100 * 100 - 256 - 100
+
+
+def test_one_large_read_loses_no_packet() -> None:
+    """A read holding more packets than the buffer bound keeps every one of them."""
+    decoder = HrnpDecoder(max_packet_len=64, max_buffer=64)
+    decoder.feed(ACCEPT * 10)
+    assert drain(decoder) == ([decode_packet(ACCEPT)] * 10, [])
 
 
 def test_skip_partial_releases_a_packet_held_by_a_stray_start() -> None:
