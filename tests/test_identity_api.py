@@ -101,7 +101,7 @@ async def running(kind: str, tmp_path: Path, broker: Mosquitto | None = None,
     async with contextlib.AsyncExitStack() as stack:
         url = db_url or stack.enter_context(database(kind, tmp_path))
         mqtt = {"mqtt_port": broker.port} if broker else {}
-        settings = Settings(db_url=url, offline_after_s=60,
+        settings = Settings(db_url=url, offline_after_s=60, pki_dir=tmp_path / "pki",
                             command_key_path=tmp_path / "command-key.pem", **mqtt, **extra)
         app = create_app(settings, run_ingest=broker is not None)
         await stack.enter_async_context(app.router.lifespan_context(app))
