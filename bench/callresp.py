@@ -24,8 +24,8 @@ from typing import Any
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 import httpx
-
 from _common import emit
+
 from protocols.commands import parse_public_key
 from tests.callresp_gw import TerminalGateway
 from tests.fakegw import ThreadedFleet

@@ -106,10 +106,10 @@ def _exact(obj: Mapping[str, Any], required: frozenset[str], optional: frozenset
            where: str) -> None:
     missing = required - set(obj)
     if missing:
-        raise CallRespError(f"{where}.{sorted(missing)[0]}", "missing")
+        raise CallRespError(f"{where}.{min(missing)}", "missing")
     extra = set(obj) - required - optional
     if extra:
-        raise CallRespError(f"{where}.{sorted(map(str, extra))[0]}", "unknown field")
+        raise CallRespError(f"{where}.{min(map(str, extra))}", "unknown field")
 
 
 # --- the command's arguments -------------------------------------------------------------------

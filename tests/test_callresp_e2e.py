@@ -7,6 +7,7 @@ central SIGKILLed in the middle and restarted."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def _check(r: Round, wid: str, w: dict[str, Any]) -> None:
         # The timer chain: each deadline runs from the send before it, across any restart.
         chain = sorted((s for s in mine if s["step"] in ("sent", "resent", "escalated")),
                        key=lambda s: (s["attempt"], s["step"] == "escalated"))
-        for before, after in zip(chain, chain[1:]):
+        for before, after in itertools.pairwise(chain):
             assert after["due_ms"] == before["at_ms"] + int(DEADLINE_S * 1000), (before, after)
     timed = [s for s in steps if s["due_ms"] is not None]
     assert len(timed) == 8  # 2 × (3 re-sends + 1 escalation)

@@ -19,7 +19,7 @@ from central.callresp.settings import CallRespSettings
 from central.settings import Settings
 from protocols.callresp import CallRespEvent, EventType, event_attrs
 from protocols.envelope import DataBatch, Record, RecordKind, State
-from tests.identity import authorize, token_for, auth
+from tests.identity import auth, authorize, token_for
 from tests.pg import pg_schema
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

@@ -34,9 +34,9 @@ class UnknownEntryError(NotFoundError):
     kind = "callresp entry"
 
     def __init__(self, what: str, ref: object) -> None:
-        super().__init__(f"unknown {what} {ref!r}")
+        self.kind = what  # the 404 title says which: "Unknown terminal"
+        super().__init__(str(ref))
         self.what = what
-        self.ref = ref
 
 
 class TerminalKind(enum.StrEnum):

@@ -43,7 +43,13 @@ from central.errors import CentralError
 from central.identity.audit import AuditLog
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
-from protocols.callresp import CallRespError, CallRespEvent, Level, is_callresp, parse_event_attrs
+from protocols.callresp import (
+    CallRespError,
+    CallRespEvent,
+    Level,
+    is_callresp,
+    parse_event_attrs,
+)
 from protocols.commands import CommandKind
 from protocols.envelope import DataBatch, RecordKind
 
@@ -168,7 +174,7 @@ class CallRespService:
         while True:
             now = _now_ms() if now_ms is None else now_ms
             steps = await self.storage.run(
-                lambda: fire_due_program(self.audit, area_map, now, FIRE_LIMIT))
+                lambda n=now: fire_due_program(self.audit, area_map, n, FIRE_LIMIT))  # type: ignore[misc]
             fired.extend(steps)
             for st in steps:
                 self._count(st)

@@ -25,4 +25,4 @@ class CallRespSettings(BaseModel):
     late_after_s: float = Field(2.0, gt=0, description="a step this late is counted late")
 
     def deadline_ms(self, level: Level | str) -> int:
-        return int(round(getattr(self, f"deadline_{Level(level)}_s") * 1000))
+        return round(getattr(self, f"deadline_{Level(level)}_s") * 1000)

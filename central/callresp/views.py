@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from central.callresp.workflow import ANSWERED, KIND_PERSON, UnknownWarningError
+from central.callresp.workflow import KIND_PERSON, UnknownWarningError
 from central.storage.program import Program, Sql
 
 
@@ -64,6 +64,9 @@ _W = "id, level, text, repeat_n, deadline_ms, max_resends, created_ms, created_b
 _T = ("id, kind, ref, area_id, area_path, escalated_from, state, attempts, created_ms, sent_ms,"
       " last_sent_ms, delivered_ms, answered_ms, answered_by, answered_terminal, escalated_ms,"
       " escalated_to, closed_ms, due_ms")
+_T_FIELDS = [f.strip() for f in _T.split(",")]
+_W_FIELDS = ["id", "level", "text", "repeat", "deadline_ms", "max_resends", "created_ms",
+             "created_by"]
 
 
 def _targets(wid: str) -> Program[list[TargetView]]:
@@ -73,7 +76,8 @@ def _targets(wid: str) -> Program[list[TargetView]]:
     by: dict[str, list[str]] = {}
     for tid, term in links:
         by.setdefault(tid, []).append(term)
-    return [TargetView(*r, terminals=tuple(by.get(r[0], ()))) for r in rows]
+    return [TargetView(**dict(zip(_T_FIELDS, r, strict=True)), terminals=tuple(by.get(r[0], ())))
+            for r in rows]
 
 
 def warning_program(wid: str, visible: Callable[[str | None], bool]) -> Program[WarningView]:
@@ -88,7 +92,8 @@ def warning_program(wid: str, visible: Callable[[str | None], bool]) -> Program[
                       " WHERE warning_id = ? ORDER BY at_ms, id", (wid,))
     steps = [StepView(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in srows
              if r[0] in ids]
-    return WarningView(*rows[0], targets=tuple(targets), steps=tuple(steps))
+    return WarningView(**dict(zip(_W_FIELDS, rows[0], strict=True)), targets=tuple(targets),
+                       steps=tuple(steps))
 
 
 def warnings_program(from_ms: int, to_ms: int, limit: int,
@@ -99,7 +104,7 @@ def warnings_program(from_ms: int, to_ms: int, limit: int,
     for r in rows:
         targets = [t for t in (yield from _targets(r[0])) if visible(t.area_path)]
         if targets:
-            out.append(WarningView(*r, targets=tuple(targets)))
+            out.append(WarningView(**dict(zip(_W_FIELDS, r, strict=True)), targets=tuple(targets)))
     return out
 
 
@@ -145,5 +150,3 @@ def stats(warnings: Sequence[WarningView]) -> Stats:
                  by_person=tuple(tally(k, v) for k, v in sorted(by_person.items())))
 
 
-__all__ = ["ANSWERED", "Stats", "StepView", "TargetView", "Tally", "WarningView", "stats",
-           "tally", "warning_program", "warnings_program"]
