@@ -196,3 +196,32 @@ async def test_roles_and_area_scope(kind: str, tmp_path: Path) -> None:
         assert r.status_code == 422
         r = await c.post("/api/callresp/warnings", json={**body, "level": "purple"})
         assert r.status_code == 422
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_two_workers_firing_together_fire_each_step_once(kind: str, tmp_path: Path) -> None:
+    """Two central workers (own connections) firing the same due timers at once: every
+    re-send is claimed by exactly one of them, recorded and audited once."""
+    from central.callresp.directory import areas_program
+    from central.callresp.workflow import fire_due_program
+    from central.identity.audit import AuditLog
+    from central.storage import open_storage
+
+    async with serve(kind, tmp_path) as (app, c):
+        areas = await street(app, c)
+        svc: CallRespService = app.state.callresp
+        w = await ok(c.post("/api/callresp/warnings", json={
+            "level": "red", "text": "演练", "areas": [areas["street"]["id"]]}), 201)
+        url = app.state.settings.db_url
+        async with open_storage(url) as other:
+            area_map = await svc.storage.run(areas_program, write=False)
+            now = w["created_ms"] + int(DEADLINE_S * 1000) + 1
+            a, b = AuditLog(svc.storage), AuditLog(other)
+            import asyncio
+
+            got = await asyncio.gather(
+                svc.storage.run(lambda: fire_due_program(a, area_map, now)),
+                other.run(lambda: fire_due_program(b, area_map, now)))
+        assert sorted(s.target_id for s in got[0] + got[1]) == [t["id"] for t in w["targets"]]
+        w = await ok(c.get(f"/api/callresp/warnings/{w['id']}"))
+        assert len(steps(w, "resent")) == 5 and {t["attempts"] for t in w["targets"]} == {2}
