@@ -225,3 +225,23 @@ async def test_two_workers_firing_together_fire_each_step_once(kind: str, tmp_pa
         assert sorted(s.target_id for s in got[0] + got[1]) == [t["id"] for t in w["targets"]]
         w = await ok(c.get(f"/api/callresp/warnings/{w['id']}"))
         assert len(steps(w, "resent")) == 5 and {t["attempts"] for t in w["targets"]} == {2}
+
+
+async def test_a_send_issued_before_a_crash_is_not_issued_again(tmp_path: Path) -> None:
+    """A command issued but not marked issued (central killed in between) is not issued a
+    second time: the step's cmd_id is already held by the command store."""
+    from central.storage.program import Sql
+
+    async with serve("sqlite", tmp_path) as (app, c):
+        areas = await street(app, c)
+        svc: CallRespService = app.state.callresp
+        await ok(c.post("/api/callresp/warnings", json={
+            "level": "red", "text": "演练", "areas": [areas["street"]["id"]]}), 201)
+        before = len(await ok(c.get("/api/commands")))
+
+        def forget() -> Any:
+            yield Sql("UPDATE cr_sends SET issued_ms = NULL")
+
+        await svc.storage.run(forget)
+        assert await svc.issue_pending() == 0
+        assert len(await ok(c.get("/api/commands"))) == before == 2
