@@ -17,8 +17,9 @@ reads show only targets within it (DESIGN.md §8).
 from __future__ import annotations
 
 import contextlib
+import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -126,7 +127,7 @@ async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> N
         check(person.area_id, f"person {person.id}")
 
 
-def _visible(p: Principal) -> Any:
+def _visible(p: Principal) -> Callable[[str | None], bool]:
     return p.sees
 
 
@@ -151,7 +152,7 @@ def install(app: FastAPI) -> None:
     async def refused(_: Request, exc: WarningRequestError) -> JSONResponse:
         return _problem(422, "Invalid warning", str(exc))
 
-    tags: list[str | Any] = ["callresp"]
+    tags: list[str | enum.Enum] = ["callresp"]
 
     @app.post("/api/callresp/warnings", status_code=201, tags=tags,
               summary="Issue a 叫应 warning to areas, groups, persons and terminals")

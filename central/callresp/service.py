@@ -169,6 +169,9 @@ class CallRespService:
 
     async def fire_due(self, now_ms: int | None = None) -> list[Step]:
         """Fire every step due by now (rounds of `FIRE_LIMIT`); returns them."""
+        nxt = await self.storage.run(next_due_program, write=False)
+        if nxt is None or nxt > (_now_ms() if now_ms is None else now_ms):
+            return []  # the usual tick: one index probe, no area tree
         area_map = await self._areas()
         fired: list[Step] = []
         while True:
