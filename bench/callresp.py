@@ -4,7 +4,7 @@ process; `--no-answer` of them never answer, so each is re-sent `resends` times 
 escalated to the district's person in charge (who answers). With `--kill`, central is
 SIGKILLed once the first re-sends have reached the gateways, and restarted.
 
-    python bench/callresp.py --terminals 200 --no-answer 20
+    python bench/callresp.py --terminals 200 --no-answer 20 [--kill] [--backend postgres]
 
 Prints one JSON line: terminals, delivered, answered, resends, escalations, on_time_ratio
 (re-sends and escalations that reached their gateway within 2 s of their due time),
@@ -15,6 +15,7 @@ fired the step), and the durations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
 from tests.identity import bearer, cli_user
+from tests.pg import pg_schema
 
 ON_TIME_MS = 2000
 
@@ -45,11 +47,15 @@ def main() -> int:
     ap.add_argument("--resends", type=int, default=3)
     ap.add_argument("--kill", action="store_true", help="SIGKILL central after the first re-sends")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite",
+                    help="postgres: a fresh schema on the test PostgreSQL (tests/pg.py), dropped after")
     a = ap.parse_args()
     if not 0 <= a.no_answer <= a.terminals or a.gateways < 1:
         ap.error("need 0 <= --no-answer <= --terminals and --gateways >= 1")
     rnd = random.Random(a.seed)
-    with tempfile.TemporaryDirectory(prefix="bench-callresp-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-callresp-"))
+        db_url = stack.enter_context(pg_schema()) if a.backend == "postgres" else None
         work = Path(tmp)
         (work / "broker").mkdir()
         broker = Mosquitto(work / "broker")
@@ -57,7 +63,7 @@ def main() -> int:
         cfg = work / "central.toml"
         cfg.write_text(f"[central.callresp]\ndeadline_red_s = {a.deadline_s}\n"
                        f"resends = {a.resends}\ntick_s = 0.2\n")
-        central = Central(work, broker.port, extra_args=["--config", str(cfg)])
+        central = Central(work, broker.port, db_url=db_url, extra_args=["--config", str(cfg)])
         fleet: ThreadedFleet | None = None
         try:
             central.start()
@@ -184,6 +190,7 @@ def summarise(w: dict[str, Any], gws: dict[str, TerminalGateway], wid: str,
         "plays": total_plays,
         "duplicate_deliveries": sum(g.duplicates for g in gws.values()),
         "killed": bool(a.kill),
+        "backend": a.backend,
         "deadline_s": a.deadline_s,
         "elapsed_s": round(elapsed, 1),
     }
