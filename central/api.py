@@ -25,6 +25,7 @@ from central import tasks
 from central import __version__
 from central.alarm_rules import start_alarm_rules  # alarms wiring (§7)
 from central.alarms_api import install as install_alarm_api  # alarms wiring (§7)
+from central.callresp.api import install as install_callresp  # 叫应 wiring (§7)
 from central.api_bounds import TIME_MAX_MS, TIME_MIN_MS
 from central.commands import start_commands
 from central.commands_api import install as install_command_api
@@ -478,6 +479,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     install_command_api(app)  # commands wiring (§6)
     install_enrolment_api(app)  # identity wiring (§8): reachable without a login
     install_alarm_api(app)  # alarms wiring (§7)
+    install_callresp(app)  # 叫应 wiring (§7): routes, and the service in the lifespan
     _document_bearer(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

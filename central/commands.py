@@ -135,9 +135,13 @@ class CommandService:
     # --- issuing ------------------------------------------------------------------------
 
     async def issue(self, gw: str, kind: str, args: Mapping[str, Any], ttl_s: float, *,
-                    user: str = SYSTEM, now_ms: int | None = None) -> StoredCommand:
+                    user: str = SYSTEM, now_ms: int | None = None,
+                    cmd_id: str | None = None) -> StoredCommand:
         """Check and store a command for `gw` issued by `user`; the dispatcher signs and sends
         it when the gw is online (and, for a safety-critical write, once it is approved).
+
+        `cmd_id` (default: a new uuid) lets a caller that records its intent first issue it
+        idempotently: a second issue of the same id raises `DuplicateCommandError`.
 
         Raises `UnknownGatewayError`, `CommandRequestError`, `WriteRefusedError` or a
         `CommandError`.
@@ -156,7 +160,7 @@ class CommandService:
         if isinstance(typed, WritePoint):
             if (await self._check_point(gw, typed)).safety_critical:
                 approval = APPROVAL_REQUIRED
-        cmd = make_command(uuid.uuid4().hex, gw=gw, args=typed, issued_at_ms=now,
+        cmd = make_command(cmd_id or uuid.uuid4().hex, gw=gw, args=typed, issued_at_ms=now,
                            ttl_ms=int(round(ttl_s * 1000)))
         stored = StoredCommand(cmd_id=cmd.cmd_id, gw=gw, kind=str(cmd.kind), target=cmd.target,
                                args=wire_args, issued_at_ms=cmd.issued_at_ms,

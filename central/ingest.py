@@ -386,18 +386,28 @@ class Ingest:
         A batch whose results cannot be applied is not acked: the gateway sends it again,
         storage deduplicates it, and the results are applied then.
         """
-        hooks = self.command_hooks
-        if hooks is None:
+        hooks: list[BatchHook] = [] if self.command_hooks is None else [self.command_hooks]
+        hooks.extend(self.batch_hooks)
+        if not hooks:
             return written
         ackable = []
         for b in written:
             try:
-                await hooks.apply_batch(b)
+                for hook in hooks:
+                    await hook.apply_batch(b)
                 ackable.append(b)
             except CentralError as exc:
                 self.metrics.write_failures += 1
                 log.error("command_results_failed", gw=b.gw, stream=b.stream, error=str(exc))
         return ackable
+
+    # Further consumers of committed batches (叫应 receipts and acks, central.callresp): each
+    # applies its records idempotently; a failure withholds the ack, as for command results.
+    batch_hooks: tuple[BatchHook, ...] = ()
+
+
+class BatchHook(Protocol):
+    async def apply_batch(self, batch: DataBatch) -> None: ...
 
 
 class CommandHooks(Protocol):

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from central.callresp.settings import CallRespSettings
 from central.errors import CentralError
 
 ENV_PREFIX = "FIELDLINK_CENTRAL_"
@@ -154,6 +155,7 @@ class Settings(BaseModel):
     profile_dirs: list[Path] = Field(default_factory=list, description="device profiles beyond "
                                      "the built-in ones, to check writes against (§8)")
     # --- end identity
+    callresp: CallRespSettings = Field(default_factory=CallRespSettings)  # 叫应 (§7)
     command_key_path: Path | None = Field(
         None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")

@@ -46,6 +46,7 @@ from edge_agent.outbox import NewRecord, OutboxError
 from edge_agent import point_io
 from edge_agent.point_io import readback_matches
 from edge_agent.transports import ModbusTransport
+from protocols.callresp import PlayWarning
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import (
     MAX_TTL_MS,
@@ -436,6 +437,8 @@ class CommandExecutor:
             return lambda: self._set_poll_interval(target, args.seconds)
         if isinstance(args, RequestDiagnostics):
             return self._diagnostics
+        if isinstance(args, PlayWarning):  # 叫应: the terminal driver is a later increment
+            raise _Rejected(Reason.UNSUPPORTED_KIND, "no 叫应 terminal driver on this gateway")
         assert isinstance(args, SyncTime)
         return lambda: self._sync_time(args.central_ms)
 

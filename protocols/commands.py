@@ -42,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
 from protocols.errors import ProtocolError
 
 VERSION = 1
@@ -116,6 +117,7 @@ class CommandKind(enum.StrEnum):
     SET_POLL_INTERVAL = "set_poll_interval"
     REQUEST_DIAGNOSTICS = "request_diagnostics"
     SYNC_TIME = "sync_time"
+    PLAY_WARNING = "play_warning"  # 叫应: args are `protocols.callresp.PlayWarning`
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class SyncTime:
         return {"central_ms": self.central_ms}
 
 
-CommandArgs: TypeAlias = WritePoint | SetPollInterval | RequestDiagnostics | SyncTime
+CommandArgs: TypeAlias = WritePoint | SetPollInterval | RequestDiagnostics | SyncTime | PlayWarning
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,7 @@ class Command:
 
     @property
     def kind(self) -> CommandKind:
-        return self.args.kind
+        return CommandKind(self.args.kind)
 
     @property
     def target(self) -> str:
@@ -291,6 +293,11 @@ def args_from_mapping(kind: object, args: object, where: str = "args") -> Comman
     if k is CommandKind.REQUEST_DIAGNOSTICS:
         _exact_keys(args, set(), where)
         return RequestDiagnostics()
+    if k is CommandKind.PLAY_WARNING:
+        try:
+            return play_warning_from_mapping(args, where)
+        except CallRespError as exc:
+            raise MalformedCommandError(exc.field, exc.reason) from None
     _exact_keys(args, {"central_ms"}, where)
     central_ms = _int(args["central_ms"], f"{where}.central_ms")
     if not 0 <= central_ms < _MAX_TIME_MS:

@@ -1,0 +1,244 @@
+"""HTTP API of 叫应 (DESIGN.md §7). `install(app)` adds the routes and runs the service in
+the app's lifespan (after storage, audit log, commands and ingest are up; stopped first).
+
+    POST /api/callresp/warnings            {level, text, repeat?, areas, groups, persons,
+                                            terminals} -> 201, the warning with its targets
+    GET  /api/callresp/warnings?from=&to=&limit=        -> newest first, targets' states
+    GET  /api/callresp/warnings/{id}                    -> targets, states, every step timed
+    GET  /api/callresp/stats?from=&to=                  -> answer rate, time to answer per
+                                                           warning, area and person
+    PUT  /api/callresp/terminals/{id} | groups/{id} | persons/{id}   (the directory; admin)
+    GET  /api/callresp/terminals | groups | persons
+
+Operators issue warnings; every target must lie within the user's area (403 otherwise), and
+reads show only targets within it (DESIGN.md §8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from central.api_bounds import IdField
+from central.callresp.directory import (
+    Group,
+    Person,
+    PersonRole,
+    Terminal,
+    TerminalKind,
+    areas_program,
+    groups_program,
+    persons_program,
+    terminals_program,
+    upsert_group_program,
+    upsert_person_program,
+    upsert_terminal_program,
+)
+from central.callresp.service import CallRespService, running
+from central.callresp.views import stats, warning_program, warnings_program
+from central.callresp.workflow import WarningRequestError
+from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
+from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS, Level
+
+PROBLEM = "application/problem+json"
+DAY_MS = 86_400_000
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WarningIn(_In):
+    level: Level
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    repeat: int | None = Field(None, ge=1, le=MAX_REPEAT)
+    areas: list[IdField] = Field(default_factory=list, max_length=100)
+    groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list, max_length=100)
+    persons: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list, max_length=1000)
+    terminals: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list,
+                                                                max_length=5000)
+
+
+class TerminalIn(_In):
+    gw: str = Field(pattern=_ID)
+    area_id: IdField | None = None
+    kind: TerminalKind = TerminalKind.AUDIO
+    name: str = Field("", max_length=200)
+
+
+class GroupIn(_In):
+    name: str = Field(min_length=1, max_length=200)
+    terminals: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list,
+                                                                max_length=5000)
+
+
+class PersonIn(_In):
+    name: str = Field(min_length=1, max_length=200)
+    area_id: IdField | None = None
+    role: PersonRole = PersonRole.MEMBER
+    phone: str = Field("", max_length=32)
+    terminals: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list,
+                                                                max_length=100)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _service(request: Request) -> CallRespService:
+    return request.app.state.callresp  # type: ignore[no-any-return]
+
+
+def _problem(status: int, title: str, detail: str) -> JSONResponse:
+    return JSONResponse({"type": "about:blank", "title": title, "status": status,
+                         "detail": detail}, status_code=status, media_type=PROBLEM)
+
+
+async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> None:
+    """403 unless every area, terminal (also in groups) and person lies in the user's area."""
+    if p.user.area_path is None:
+        return
+    st = svc.storage
+    areas = await st.run(areas_program, write=False)
+
+    def check(area_id: int | None, what: str) -> None:
+        path = areas[area_id].path if area_id is not None and area_id in areas else None
+        if not p.sees(path):
+            raise OutOfScopeError(p.name, what)
+
+    for a in body.areas:
+        check(a, f"area {a}")
+    ids = set(body.terminals)
+    for g in await st.run(groups_program, write=False):
+        if g.id in body.groups:
+            ids.update(g.terminals)
+    for t in await st.run(lambda: terminals_program(sorted(ids)), write=False):
+        check(t.area_id, f"terminal {t.id}")
+    for person in await st.run(lambda: persons_program(sorted(set(body.persons))), write=False):
+        check(person.area_id, f"person {person.id}")
+
+
+def _visible(p: Principal) -> Callable[[str | None], bool]:
+    return p.sees
+
+
+def install(app: FastAPI) -> None:
+    """Add the 叫应 routes and run the service inside the app's lifespan."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            s = a.state
+            svc = CallRespService(s.settings.callresp, s.storage, s.audit, s.commands.service,
+                                  postgres=not s.settings.db_url.startswith("sqlite"))
+            async with running(svc, run=s.ingest_task is not None):
+                s.callresp = svc
+                s.ingest.batch_hooks = (*s.ingest.batch_hooks, svc)
+                yield state
+
+    app.router.lifespan_context = lifespan
+
+    @app.exception_handler(WarningRequestError)
+    async def refused(_: Request, exc: WarningRequestError) -> JSONResponse:
+        return _problem(422, "Invalid warning", str(exc))
+
+    tags: list[str | enum.Enum] = ["callresp"]
+
+    @app.post("/api/callresp/warnings", status_code=201, tags=tags,
+              summary="Issue a 叫应 warning to areas, groups, persons and terminals")
+    async def create(request: Request, body: WarningIn, p: Operator) -> dict[str, Any]:
+        svc = _service(request)
+        await _check_scope(svc, p, body)
+        wid = await svc.create(level=body.level, text=body.text, user=p.name,
+                               repeat=body.repeat, areas=body.areas, groups=body.groups,
+                               persons=body.persons, terminals=body.terminals)
+        return asdict(await svc.storage.run(lambda: warning_program(wid, _visible(p)),
+                                            write=False))
+
+    @app.get("/api/callresp/warnings", tags=tags)
+    async def list_warnings(
+        request: Request, p: Reader,
+        from_: Annotated[int | None, Query(alias="from", ge=0, le=2**53)] = None,
+        to: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        to_ms = to if to is not None else _now_ms() + 1
+        from_ms = from_ if from_ is not None else to_ms - 30 * DAY_MS
+        ws = await _service(request).storage.run(
+            lambda: warnings_program(from_ms, to_ms, limit, _visible(p)), write=False)
+        return [asdict(w) for w in ws]
+
+    @app.get("/api/callresp/warnings/{wid}", tags=tags)
+    async def show(request: Request, wid: str, p: Reader) -> dict[str, Any]:
+        return asdict(await _service(request).storage.run(
+            lambda: warning_program(wid, _visible(p)), write=False))
+
+    @app.get("/api/callresp/stats", tags=tags)
+    async def get_stats(
+        request: Request, p: Reader,
+        from_: Annotated[int | None, Query(alias="from", ge=0, le=2**53)] = None,
+        to: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+    ) -> dict[str, Any]:
+        to_ms = to if to is not None else _now_ms() + 1
+        from_ms = from_ if from_ is not None else to_ms - 30 * DAY_MS
+        ws = await _service(request).storage.run(
+            lambda: warnings_program(from_ms, to_ms, 10_000, _visible(p)), write=False)
+        return asdict(stats(ws))
+
+    # --- the directory ---------------------------------------------------------------------
+
+    @app.put("/api/callresp/terminals/{tid}", tags=tags)
+    async def put_terminal(request: Request, tid: Annotated[str, Path(pattern=_ID)],
+                           body: TerminalIn, p: Admin) -> dict[str, Any]:
+        t = Terminal(id=tid, gw=body.gw, area_id=body.area_id, kind=str(body.kind),
+                     name=body.name)
+        svc = _service(request)
+        await svc.storage.run(lambda: upsert_terminal_program(t, _now_ms()))
+        await svc.audit.append(p.name, "callresp.terminal_set", f"terminal:{tid}", asdict(t))
+        return asdict(t)
+
+    @app.put("/api/callresp/groups/{gid}", tags=tags)
+    async def put_group(request: Request, gid: Annotated[str, Path(pattern=_ID)], body: GroupIn, p: Admin) -> dict[str, Any]:
+        g = Group(id=gid, name=body.name, terminals=tuple(sorted(set(body.terminals))))
+        svc = _service(request)
+        await svc.storage.run(lambda: upsert_group_program(g, _now_ms()))
+        await svc.audit.append(p.name, "callresp.group_set", f"group:{gid}", asdict(g))
+        return asdict(g)
+
+    @app.put("/api/callresp/persons/{pid}", tags=tags)
+    async def put_person(request: Request, pid: Annotated[str, Path(pattern=_ID)], body: PersonIn, p: Admin) -> dict[str, Any]:
+        person = Person(id=pid, name=body.name, area_id=body.area_id, role=str(body.role),
+                        phone=body.phone, terminals=tuple(sorted(set(body.terminals))))
+        svc = _service(request)
+        await svc.storage.run(lambda: upsert_person_program(person, _now_ms()))
+        await svc.audit.append(p.name, "callresp.person_set", f"person:{pid}", asdict(person))
+        return asdict(person)
+
+    @app.get("/api/callresp/terminals", tags=tags)
+    async def list_terminals(request: Request, p: Reader) -> list[dict[str, Any]]:
+        svc = _service(request)
+        areas = await svc.storage.run(areas_program, write=False)
+        return [asdict(t) for t in await svc.storage.run(terminals_program, write=False)
+                if p.sees(areas[t.area_id].path if t.area_id in areas else None)]
+
+    @app.get("/api/callresp/groups", tags=tags)
+    async def list_groups(request: Request, p: Reader) -> list[dict[str, Any]]:
+        return [asdict(g) for g in await _service(request).storage.run(groups_program,
+                                                                         write=False)]
+
+    @app.get("/api/callresp/persons", tags=tags)
+    async def list_persons(request: Request, p: Reader) -> list[dict[str, Any]]:
+        svc = _service(request)
+        areas = await svc.storage.run(areas_program, write=False)
+        return [asdict(x) for x in await svc.storage.run(persons_program, write=False)
+                if p.sees(areas[x.area_id].path if x.area_id in areas else None)]
