@@ -39,6 +39,8 @@ from central.identity.authz import (
 from central.storage import Storage
 from central.storage.program import Program, Sql, placeholders
 
+# Module level, so the routes' string annotations resolve.
+AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
 CHECK_S = 1.0  # how often each live connection looks for changes
 PING_S = 5.0  # the page calls central unreachable after 3 missed pings
 
@@ -205,8 +207,6 @@ def _sse(event: str, data: str) -> bytes:
 
 def install(app: FastAPI) -> None:
     """Add the console's routes to `app`."""
-    AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX,
-                                            description="this area and all under it")]
 
     @app.get("/api/console/overview", response_model=OverviewOut, tags=["console"])
     async def overview(request: Request, p: Reader) -> OverviewOut:
