@@ -130,6 +130,28 @@ async def beidou_heartbeat(db_url: str, gw: str) -> None:
                                   ts_ms=int(time.time() * 1000))
 
 
+# More of the city's fleet, for a map that looks like a duty room's: (gw, lat, lon, bearer)
+# with bearer None for a gateway that went silent.
+FLEET = (("gw-hy-01", 30.560, 114.240, "ip"), ("gw-wc-01", 30.555, 114.320, "ip"),
+         ("gw-hs-01", 30.500, 114.420, "ip"), ("gw-hs-02", 30.470, 114.300, "ip"),
+         ("gw-dxh-01", 30.680, 114.120, "ip"), ("gw-cd-01", 30.560, 113.980, None),
+         ("gw-jx-01", 30.300, 114.300, "ip"), ("gw-jx-02", 30.200, 114.450, "pdt"),
+         ("gw-hp-01", 30.900, 114.360, "ip"), ("gw-hp-02", 31.150, 114.390, "beidou"),
+         ("gw-xz-01", 30.840, 114.800, "ip"), ("gw-hn-01", 30.300, 114.050, "ip"))
+
+
+async def more_fleet(db_url: str) -> None:
+    """Store what these gateways' last state messages said, as ingest would."""
+    from central.geo import Position, set_gateway_position
+
+    async with open_storage(db_url) as st:
+        for gw, lat, lon, bearer in FLEET:
+            await set_gateway_position(st, gw, Position(lat, lon))
+            await st.record_state(gw, env.State(
+                online=bearer is not None, boot_id="b", version="0.1.0", bearer=bearer or "ip",
+                backlog=0, ts_ms=int(time.time() * 1000), stream=gw))
+
+
 def shot(driver: Any, tmp_path: Path, name: str) -> None:
     out = Path(os.environ.get("FIELDLINK_SCREENSHOTS") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +162,11 @@ def viewport(driver: Any, width: int, height: int) -> None:
     """The page's own size, exactly (a window's size includes its frame)."""
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
+def click(driver: Any, selector: str) -> None:
+    """Click in one step (the live views re-render their rows when central pushes)."""
+    driver.execute_script("document.querySelector(arguments[0]).click()", selector)
 
 
 def watch_state(gw: str) -> Callable[[Any], str | None]:
@@ -170,15 +197,17 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             g.birth()
             g.value(12.5)
         gws[0].history()
+        asyncio.run(more_fleet(central.db_url))
+        n_ip = 2 + sum(1 for f in FLEET if f[3] == "ip")
         ov = api.get("/api/console/overview").json()
-        assert ov["counts"]["ip"] == 2, ov["counts"]
+        assert ov["counts"]["ip"] == n_ip, ov["counts"]
 
         with chromium(tmp_path / "chrome", extra_args=OFFLINE) as driver:
             viewport(driver, 1920, 1080)
             console_login(driver, central.base_url, "zhangsan", PASSWORD)
             wait = WebDriverWait(driver, 20, ignored_exceptions=(
                 NoSuchElementException, StaleElementReferenceException))
-            wait.until(lambda d: d.find_element(By.ID, "n-ip").text == "2")
+            wait.until(lambda d: d.find_element(By.ID, "n-ip").text == str(n_ip))
             wait.until(lambda d: d.find_element(By.ID, "map").get_attribute("data-rendered"))
 
             gws[0].alarm("raised", 55.5)
@@ -212,17 +241,17 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             assert "未确认" in text and "55.50 %LEL" in text and "20.25 %LEL" in text
             wait.until(lambda d: watch_state(JIANGAN)(d) is None)  # back to IP on the map
             assert driver.find_element(By.ID, "alarm-banner").is_displayed()  # still unacked
-            history = driver.find_element(By.CSS_SELECTOR, f'{row} button[data-action="history"]')
-            history.click()
+            click(driver, f'{row} button[data-action="history"]')
             wait.until(lambda d: "恢复" in d.find_element(
                 By.CSS_SELECTOR, f'tr[data-history-of="{alarm["id"]}"]').text)
             driver.execute_script("document.getElementById('alarms').scrollIntoView()")
             shot(driver, tmp_path, "alarm-desk")
 
             # The device page: the live value and a day's trend from the 1-minute aggregates.
-            driver.find_element(By.CSS_SELECTOR, f'{row} a.gw-link').click()
-            driver.find_element(By.CSS_SELECTOR, f'section[data-gw="{JIANGAN}"] button[data-trend]'
-                                ).click()
+            click(driver, f'{row} a.gw-link')
+            wait.until(lambda d: d.find_elements(
+                By.CSS_SELECTOR, f'section[data-gw="{JIANGAN}"] button[data-trend]'))
+            click(driver, f'section[data-gw="{JIANGAN}"] button[data-trend]')
             wait.until(lambda d: int(d.find_element(By.ID, "trend-chart")
                                      .get_attribute("data-points") or 0) > 100)
             time.sleep(1.0)
@@ -231,7 +260,7 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             driver.execute_script("scrollTo(0, 0)")
 
             driver.find_element(By.ID, "alarm-comment").send_keys("已电话核实，现场已通风")
-            driver.find_element(By.CSS_SELECTOR, f'{row} button[data-action="ack"]').click()
+            click(driver, f'{row} button[data-action="ack"]')
             wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, row))
             assert not driver.find_element(By.ID, "alarm-banner").is_displayed()
             acked = api.get(f"/api/alarms/{alarm['id']}").json()
@@ -244,9 +273,10 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             wait.until(lambda d: watch_state(QINGSHAN)(d) == "offline")
             asyncio.run(beidou_heartbeat(central.db_url, QINGSHAN))
             wait.until(lambda d: watch_state(QINGSHAN)(d) == "narrowband")
-            item = driver.find_element(By.CSS_SELECTOR, f'#watch li[data-gw="{QINGSHAN}"]')
-            assert "北斗短报文" in item.text and "青山区" in item.text
-            item.find_element(By.TAG_NAME, "a").click()
+            item = f'#watch li[data-gw="{QINGSHAN}"]'
+            text = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, item).text)
+            assert "北斗短报文" in text and "青山区" in text
+            click(driver, f"{item} a")
             stale = wait.until(lambda d: d.find_elements(
                 By.CSS_SELECTOR, f'section[data-gw="{QINGSHAN}"] tr.stale'))
             assert "已过时" in stale[0].text and "12.50" in stale[0].text

@@ -68,7 +68,10 @@ function renderGateway(g) {
 
 async function refreshGateway() {
   if (!gwPage.gw) {
-    const first = overview.data && overview.data.gateways[0];
+    // the most urgent one first: in alarm, then on radio, then offline
+    const rank = { alarm: 0, narrowband: 1, offline: 2, ip: 3 };
+    const first = overview.data && overview.data.gateways.slice()
+      .sort((a, b) => rank[a.state] - rank[b.state] || b.severity - a.severity)[0];
     if (!first) return;
     gwPage.gw = first.gw;
   }
