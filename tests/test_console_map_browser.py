@@ -31,6 +31,7 @@ from tests.identity import PASSWORD, cli_user
 pytestmark = pytest.mark.browser
 JIANGAN, QINGSHAN = "gw-map-01", "gw-map-02"
 POINT = "gas-1/gas_lel"
+STATUS, STATUS_ZH = "gas-1/sensor_status", "传感器状态（0 正常 1 预热 2 标定 3 传感器故障）"
 
 
 class SimGateway:
@@ -60,7 +61,8 @@ class SimGateway:
         self.publish(env.Birth(gw=self.gw, stream=self.gw, boot_id="b1", version="0.1.0",
                                devices=(env.DeviceInfo(
                                    id="gas-1", profile="gas-detector-v1", profile_hash="h",
-                                   points=(env.PointInfo(0, POINT, "可燃气体浓度", "%LEL"),)),)),
+                                   points=(env.PointInfo(0, POINT, "可燃气体浓度", "%LEL"),
+                                           env.PointInfo(1, STATUS, STATUS_ZH, ""))),)),
                      "birth")
 
     def send(self, *records: env.Record) -> None:
@@ -69,10 +71,10 @@ class SimGateway:
                                    sent_ms=int(time.time() * 1000)), "data")
         wait_for(lambda: self.acks > n, timeout=10, what=f"central's ack to {self.gw}")
 
-    def value(self, v: float) -> None:
+    def value(self, v: float, point: str = POINT) -> None:
         self.seq += 1
         self.send(env.Record(seq=self.seq, kind=env.RecordKind.TELEMETRY,
-                             ts_ms=int(time.time() * 1000), point=POINT, value=v))
+                             ts_ms=int(time.time() * 1000), point=point, value=v))
 
     def history(self, hours: int = 24, every_s: int = 300) -> None:
         """A day of readings from the backlog (a gas level that swells by day), oldest first."""
@@ -196,6 +198,7 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             g.state(True)
             g.birth()
             g.value(12.5)
+            g.value(1, STATUS)  # warming up
         gws[0].history()
         asyncio.run(more_fleet(central.db_url))
         n_ip = 2 + sum(1 for f in FLEET if f[3] == "ip")
@@ -280,6 +283,8 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             stale = wait.until(lambda d: d.find_elements(
                 By.CSS_SELECTOR, f'section[data-gw="{QINGSHAN}"] tr.stale'))
             assert "已过时" in stale[0].text and "12.50" in stale[0].text
+            page = driver.find_element(By.CSS_SELECTOR, f'section[data-gw="{QINGSHAN}"]').text
+            assert "传感器状态" in page and "预热 (1)" in page  # an enum point by its label
 
             # A narrow window still shows the map, the counts and the desk.
             viewport(driver, 430, 1300)

@@ -77,3 +77,22 @@ const STATES = {
   ip: { label: "在线 IP", color: "#22c55e" },
 };
 const SEVERITY = { 1: "一级", 2: "二级" };
+
+// Enum points name their states in the profile's name_zh, e.g. "传感器状态（0 正常 1 预热 2 标定
+// 3 传感器故障）": split into the plain name and the labels, and show 预热 (1) instead of 1.
+function enumOf(nameZh) {
+  const m = /^(.*?)[（(]((?:\s*\d+\s+[^\s\d（）()]+)+)\s*[）)]\s*$/.exec(nameZh || "");
+  if (!m) return { name: nameZh || "", labels: null };
+  const labels = {};
+  for (const [, k, v] of m[2].matchAll(/(\d+)\s+([^\s\d（）()]+)/g)) labels[k] = v;
+  return { name: m[1], labels };
+}
+
+function fmtPointValue(latest, nameZh) {
+  const { labels } = enumOf(nameZh);
+  if (labels && latest && latest.value !== null && latest.value !== undefined
+      && labels[String(latest.value)] !== undefined) {
+    return `${labels[String(latest.value)]} (${latest.value})`;
+  }
+  return fmtValue(latest);
+}

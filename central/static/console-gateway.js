@@ -54,8 +54,8 @@ function renderGateway(g) {
                    gwPage.point === p.ref ? "chosen" : ""].join(" ").trim();
       body.append(el("tr", { class: cls, "data-ref": p.ref },
         el("td", { class: "dev" }, i === 0 ? d.device || "—" : ""),
-        el("td", {}, p.point), el("td", {}, p.name_zh || ""),
-        el("td", { class: "num" }, fmtValue(p.latest)), el("td", {}, p.unit || ""),
+        el("td", {}, p.point), el("td", { title: p.name_zh || "" }, enumOf(p.name_zh).name),
+        el("td", { class: "num" }, fmtPointValue(p.latest, p.name_zh)), el("td", {}, p.unit || ""),
         el("td", {}, p.latest ? (stale ? `${fmtTime(p.latest.ts_ms)}（${fmtAgo(p.latest.ts_ms)}，已过时）`
                                         : fmtTime(p.latest.ts_ms)) : "—"),
         el("td", {}, el("button", { type: "button", "data-trend": p.ref }, "趋势"))));
