@@ -43,6 +43,7 @@ from central.storage.program import Program, Sql, placeholders
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
 CHECK_S = 1.0  # how often each live connection looks for changes
 PING_S = 5.0  # the page calls central unreachable after 3 missed pings
+REFRESH_S = 15.0  # an unchanged overview or desk is sent again this often (fresh ages)
 
 
 class _Model(BaseModel):
@@ -201,6 +202,16 @@ async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOu
                      current=current.get(a.id)) for a in rows])
 
 
+def _change_key(body: OverviewOut | DeskOut) -> str:
+    """What must change for an event to go out at once: a gateway's `last_seen_ms` moves
+    with every batch it sends (400 gateways would resend the overview every second), so it
+    only rides along with a real change or the periodic refresh."""
+    if isinstance(body, OverviewOut):
+        return body.model_dump_json(exclude={"now_ms": True,
+                                             "gateways": {"__all__": {"last_seen_ms"}}})
+    return body.model_dump_json(exclude={"now_ms"})
+
+
 def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
@@ -231,14 +242,16 @@ def install(app: FastAPI) -> None:
 
         async def stream() -> AsyncIterator[bytes]:
             last: dict[str, str] = {}
+            sent: dict[str, float] = {}
             last_ping = 0.0
             while not await request.is_disconnected():
                 for name, build in (("overview", lambda: build_overview(request, p)),
                                     ("desk", lambda: build_desk(request, p, area))):
                     body: Any = await build()
-                    text = body.model_dump_json(exclude={"now_ms"})
-                    if last.get(name) != text:
-                        last[name] = text
+                    key = _change_key(body)
+                    due = time.monotonic() - sent.get(name, 0.0) >= REFRESH_S
+                    if last.get(name) != key or due:
+                        last[name], sent[name] = key, time.monotonic()
                         yield _sse(name, body.model_dump_json())
                 if time.monotonic() - last_ping >= PING_S:
                     last_ping = time.monotonic()
