@@ -8,8 +8,12 @@ const ALARM_TYPES = {
   high: "超上限", low: "超下限", rate: "变化过快", stale: "数据中断",
   device_offline: "设备离线", gateway_offline: "网关离线",
 };
-const ACTIONS = { raise: "发生", raised: "发生", clear: "恢复", cleared: "恢复", ack: "确认",
-                  acknowledged: "确认", comment: "备注", escalate: "升级", escalated: "升级" };
+const ACTIONS = { raised: "发生", changed: "变化", cleared: "恢复", ack: "确认",
+                  manual_clear: "人工清除", flap_settled: "抖动平息", comment: "备注" };
+const NOTES = { opened: "新告警", updated: "更新", severity_rose: "级别升高", closed: "已关闭",
+                flapping: "进入抖动", flap_counted: "抖动计数", flap_ended: "抖动结束",
+                stale: "过期事件（仅记录）", no_alarm: "无对应告警" };
+const SOURCES = { edge: "网关", central: "中心", beidou: "北斗", pdt: "370MHz" };
 const desk = { alarms: [], areasKey: "", open: null, beepTimer: null, audio: null };
 
 function showAlarmMsg(text, bad = false) {
@@ -79,9 +83,9 @@ function renderHistory(detail) {
   return el("tr", { class: "history", "data-history-of": String(detail.id) },
     el("td", { colspan: "11" }, el("ol", {}, ...detail.history.map((h) => el("li", {},
       el("b", {}, fmtTime(h.ts_ms)), " ", ACTIONS[h.action] || h.action,
-      h.user ? ` · ${h.user}` : ` · ${h.source}`,
+      h.user ? ` · ${h.user}` : ` · ${SOURCES[h.source] || h.source}`,
       h.value !== null ? ` · 数值 ${fmtValue({ value: h.value })}` : "",
-      h.comment ? ` · “${h.comment}”` : "", h.note ? ` · ${h.note}` : "")))));
+      h.comment ? ` · “${h.comment}”` : "", h.note ? ` · ${NOTES[h.note] || h.note}` : "")))));
 }
 
 async function renderDesk(data) {
@@ -101,6 +105,7 @@ async function renderDesk(data) {
   $("alarm-rows").replaceChildren(...(rows.length ? rows
     : [el("tr", {}, el("td", { colspan: "11", class: "muted" }, "当前无活动告警"))]));
   updateUrgent(list);
+  refreshGateway();  // its highlighted values follow the desk at once
 }
 
 // --- the 二级 banner and beep, until every level-2 alarm is acknowledged -----------------

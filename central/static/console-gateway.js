@@ -93,6 +93,11 @@ async function refreshTrend() {
   const raw = s.resolution === "raw";
   const avg = s.samples.map((x) => [x.ts_ms, x.value]);
   const series = [{ name: "数值", type: "line", showSymbol: false, data: avg, lineStyle: { width: 2 } }];
+  // the thresholds of the point's alarms on the desk, as dashed lines
+  const marks = desk.alarms.filter((a) => a.point_ref === gwPage.point && a.threshold !== null)
+    .map((a) => ({ yAxis: a.threshold, name: `${SEVERITY[a.severity] || ""}阈值`,
+                   lineStyle: { color: a.severity >= 2 ? "#e53935" : "#d97706" } }));
+  if (marks.length) series[0].markLine = { symbol: "none", data: marks, label: { formatter: "{b} {c}", position: "insideEndTop" } };
   if (!raw) {  // the band between the bucket min and max
     series.push({ name: "最小", type: "line", data: s.samples.map((x) => [x.ts_ms, x.min]),
                   showSymbol: false, lineStyle: { opacity: 0 }, stack: "band" });
