@@ -300,6 +300,7 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             assert "无法连接中心服务" in outage.text
             assert "stale" in (driver.find_element(By.TAG_NAME, "body").get_attribute("class")
                                or "")
+            assert "告警状态未知" in driver.find_element(By.ID, "alarm-rows").text
             shot(driver, tmp_path, "outage")
         api.close()
     finally:

@@ -16,6 +16,9 @@ function setOutage(down, why) {
   const banner = $("outage");
   banner.hidden = !down;
   if (down) {
+    // "no active alarms" is not something the page knows while it cannot reach central
+    const empty = document.querySelector("#alarm-rows td.muted");
+    if (empty) empty.textContent = "告警状态未知：无法连接中心服务";
     banner.textContent = `无法连接中心服务（${why}）· 页面数据已过时，最后更新 ` +
       (live.lastHeard ? fmtTime(live.lastHeard) : "—");
   }
