@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from central import alarms, geo
 from central.alarm_types import AckState, AlarmStatus
-from central.alarms_api import AlarmOut, _alarm_out
+from central.alarms_api import AlarmOut
 from central.api_bounds import ID_MAX, IdPath
 from central.identity.authz import (
     Admin,
@@ -128,6 +128,14 @@ def _district_visible(p: Principal) -> Callable[[str], bool]:
     return lambda path: scope is None or path.startswith(scope) or scope.startswith(path)
 
 
+def _desk_alarm(a: alarms.Alarm, raised_value: float | None,
+                current: CurrentOut | None) -> DeskAlarmOut:
+    d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
+    d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
+    d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
+    return DeskAlarmOut(**d, raised_value=raised_value, current=current)
+
+
 def current_program(ids: list[int]) -> Program[dict[int, CurrentOut]]:
     if not ids:
         return {}
@@ -198,8 +206,7 @@ async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOu
     current = await storage.run(lambda: current_program(ids), write=False)
     raised = await storage.run(lambda: raised_values_program(ids), write=False)
     return DeskOut(now_ms=_now_ms(), alarms=[
-        DeskAlarmOut(**_alarm_out(a).model_dump(), raised_value=raised.get(a.id, a.value),
-                     current=current.get(a.id)) for a in rows])
+        _desk_alarm(a, raised.get(a.id, a.value), current.get(a.id)) for a in rows])
 
 
 def _change_key(body: OverviewOut | DeskOut) -> str:
