@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean vendor
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/poll.py
+
+# The console's vendored ECharts and Wuhan boundaries (central/static/vendor/README.md); needs npm.
+vendor: $(STAMP)
+	$(BIN)/python scripts/vendor_assets.py
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache

@@ -29,6 +29,7 @@ from central.callresp.api import install as install_callresp  # 叫应 wiring (�
 from central.api_bounds import TIME_MAX_MS, TIME_MIN_MS
 from central.commands import start_commands
 from central.commands_api import install as install_command_api
+from central.console_api import install as install_console_api  # duty console (issue 12)
 from central.errors import CentralError
 from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
 from central.identity.enrolment_api import identity_audit, start_identity  # identity (§8)
@@ -366,12 +367,17 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         404: {"model": Problem, "description": "Unknown gateway, device or point"},
         422: {"model": Problem, "description": "Bad parameter"}}
 
-    @app.get("/api/health", response_model=Health, tags=["ops"])
-    async def health(request: Request) -> Health:
+    @app.get("/api/health", response_model=Health, tags=["ops"],
+             responses={503: {"model": Health, "description": "degraded: database or ingest"}})
+    async def health(request: Request) -> JSONResponse:
+        """503 with the same body when the database or, if this process ingests, MQTT is
+        down: a load balancer and the console both read the status code."""
         db_ok = await storage_of(request).ping()
         mqtt = request.app.state.ingest.connected
-        return Health(status="ok" if db_ok else "degraded", db=db_ok, mqtt_connected=mqtt,
-                      version=__version__)
+        ingest_ok = mqtt or request.app.state.ingest_task is None
+        body = Health(status="ok" if db_ok and ingest_ok else "degraded", db=db_ok,
+                      mqtt_connected=mqtt, version=__version__)
+        return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
 
     @app.get("/api/gateways", response_model=list[GatewayOut], tags=["gateways"])
     async def gateways(request: Request, p: Reader) -> list[GatewayOut]:
@@ -480,6 +486,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     install_enrolment_api(app)  # identity wiring (§8): reachable without a login
     install_alarm_api(app)  # alarms wiring (§7)
     install_callresp(app)  # 叫应 wiring (§7): routes, and the service in the lifespan
+    install_console_api(app)  # duty console: overview, desk, live events, positions
     _document_bearer(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

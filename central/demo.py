@@ -29,7 +29,8 @@ import structlog
 import uvicorn
 
 from central.api import create_app
-from central.areas import SEED_DIR, seed_areas
+from central.areas import SEED_DIR, AreaNode, area_tree, seed_areas
+from central.geo import Position, set_area_position, set_gateway_position
 from central.broker import embedded_broker
 from central.demo_link import LinkSwitch
 from central.settings import NarrowbandGateway, Settings
@@ -64,6 +65,15 @@ FLEET: tuple[DemoGateway, ...] = (
                 beidou_card="4238473"),
 )
 CENTRAL_CARD = "0242407"
+# Where the demo's gateways stand on the 一张图 map (lat, lon; inside their districts, in the
+# frame of the vendored boundaries), and the forest station that has no gateway yet.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "wh-jiangan-01": (30.6150, 114.3120),  # 江岸区 二七街道
+    "wh-qingshan-02": (30.6400, 114.3850),  # 青山区 红卫路街道
+    "wh-hongshan-03": (30.5050, 114.4100),  # 洪山区 关山街道
+    "wh-xinzhou-04": (30.6900, 114.5800),  # 新洲区 阳逻街道
+}
+SITE_POSITIONS: dict[str, tuple[float, float]] = {"420116-site-01": (31.0850, 114.3900)}
 DEMO_SEND_INTERVAL_S = 10.0  # BeiDou cards allow one message a minute; the demo, one per 10 s
 
 
@@ -219,6 +229,23 @@ DEMO_ADMIN = "admin"
 DEMO_LOGIN_FILE = "console-login.txt"
 
 
+async def place_on_map(storage: Storage) -> None:
+    """The demo's gateways and the forest station on the 一张图 map."""
+    for gw, (lat, lon) in POSITIONS.items():
+        await set_gateway_position(storage, gw, Position(lat, lon))
+    for area in await area_tree(storage):
+        for code, (lat, lon) in SITE_POSITIONS.items():
+            found = _find(area, code)
+            if found is not None:
+                await set_area_position(storage, found, Position(lat, lon))
+
+
+def _find(node: AreaNode, code: str) -> int | None:
+    if node.area.code == code:
+        return node.area.id
+    return next((i for c in node.children if (i := _find(c, code)) is not None), None)
+
+
 async def demo_login(storage: Storage, data_dir: Path) -> tuple[str, str]:
     """The demo's admin and its password: made with a random password on the first run and
     kept in `data_dir/console-login.txt` (0600) for the next."""
@@ -270,6 +297,7 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                                  for gw in remote if gw.beidou_card])
         async with open_storage(settings.db_url) as st:  # Wuhan's areas and the fleet's sites
             await seed_areas(st, SEED_DIR / "wuhan.yaml")
+            await place_on_map(st)
             login = await demo_login(st, data_dir)  # the console's first admin (DESIGN.md §8)
         app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, host=http_host, port=http_port, log_config=None,

@@ -43,7 +43,7 @@ def counters(base: str, gw: str) -> dict[str, float]:
 
 
 def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> None:
-    """The demo prints the console login it made; with it /api/gateways shows all 4 gateways online and counters advancing within 30 s, and Ctrl-C stops every child."""
+    """The demo prints the console login it made; with it /api/gateways shows all 4 gateways online (each placed on the map in its district) and counters advancing within 30 s, and Ctrl-C stops every child."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "demo.log").open("wb")
@@ -64,6 +64,12 @@ def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> 
             return gws if len(gws) == 4 and all(g["online"] for g in gws) else None
 
         gws = wait_for(all_online, timeout=30, interval=0.5, what="4 demo gateways online")
+        overview = get_json(f"{base}/api/console/overview")  # the 一张图 map's data
+        assert isinstance(overview, dict)
+        assert {g["gw"]: g["district_name"] for g in overview["gateways"]
+                if g["position"] is not None} == {
+            "wh-jiangan-01": "江岸区", "wh-qingshan-02": "青山区", "wh-hongshan-03": "洪山区",
+            "wh-xinzhou-04": "新洲区"}
         first = {g["gw"]: counters(base, g["gw"]) for g in gws}
         wait_for(lambda: all(counters(base, gw) and all(v > first[gw].get(ref, -1)
                                                       for ref, v in counters(base, gw).items())

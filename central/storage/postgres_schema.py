@@ -15,6 +15,7 @@ from psycopg import AsyncConnection
 from central.storage import StorageError
 from central.storage.alarm_schema import alarm_tables
 from central.storage.delivery_schema import backfill_program, history_tables
+from central.storage.geo_schema import geo_columns
 from central.storage.identity_schema import identity_tables
 from central.storage.program import run_async
 
@@ -84,6 +85,12 @@ async def m003_delivery_history(conn: Conn) -> None:
 @migration
 async def m004_identity_audit(conn: Conn) -> None:
     for sql in identity_tables("postgres"):
+        await conn.execute(sql)
+
+
+@migration
+async def m005_positions(conn: Conn) -> None:
+    for sql in geo_columns("postgres"):
         await conn.execute(sql)
 
 

@@ -46,6 +46,7 @@ from central.storage.aggregates import AggSamples
 from central.storage.alarm_schema import alarm_tables
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
 from central.storage.delivery_schema import backfill_program, history_tables
+from central.storage.geo_schema import geo_columns
 from central.storage.identity_schema import identity_tables
 from central.storage.program import Program, run_sync
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
@@ -126,6 +127,12 @@ def m003_delivery_history(conn: sqlite3.Connection) -> None:
 @migration
 def m004_identity_audit(conn: sqlite3.Connection) -> None:
     for sql in identity_tables("sqlite"):
+        conn.execute(sql)
+
+
+@migration
+def m005_positions(conn: sqlite3.Connection) -> None:
+    for sql in geo_columns("sqlite"):
         conn.execute(sql)
 
 

@@ -1,0 +1,98 @@
+// Fieldlink duty console: helpers every view shares (no build step, no CDN: the duty room
+// may have no internet, DESIGN.md §8). Loaded first; the views are console-*.js.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function fmtTime(ms) {
+  if (ms === null || ms === undefined) return "—";
+  const d = new Date(ms);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+         `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+function fmtAgo(ms) {
+  if (ms === null || ms === undefined) return "从未";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return `${s} 秒前`;
+  if (s < 3600) return `${Math.floor(s / 60)} 分钟前`;
+  if (s < 86400) return `${Math.floor(s / 3600)} 小时前`;
+  return `${Math.floor(s / 86400)} 天前`;
+}
+
+function fmtValue(latest) {
+  if (!latest) return "—";
+  if (latest.text !== null && latest.text !== undefined) return latest.text;
+  if (latest.value === null || latest.value === undefined) return "—";
+  const v = latest.value;
+  return Number.isInteger(v) ? String(v) : v.toFixed(Math.abs(v) >= 100 ? 1 : 2);
+}
+
+// The logged-in user (GET /api/me): name, role, permissions, and the CSRF token every
+// state-changing request sends back (the session itself is an HttpOnly cookie).
+const session = { me: null };
+
+function toLogin() { location.replace("/login"); }
+
+async function getJSON(url) {
+  const r = await fetch(url, { cache: "no-store" });
+  if (r.status === 401) { toLogin(); throw new Error("请重新登录"); }
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  return r.json();
+}
+
+async function postJSON(url, body) {
+  const r = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json",
+               "X-CSRF-Token": session.me ? session.me.csrf : "" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (r.status === 401) toLogin();
+  return r;
+}
+
+const ROLES = { viewer: "只读", operator: "值班员", admin: "管理员", auditor: "审计员" };
+const can = (perm) => !!session.me && session.me.user.permissions.includes(perm);
+
+// How the gateway was last heard: over IP, or by radio while IP is down (DESIGN.md §5).
+const BEARERS = { ip: "IP 网络", "4g": "4G", "5g": "5G", beidou: "北斗短报文", pdt: "370MHz 窄带",
+                  tiantong: "天通" };
+const NARROWBAND = new Set(["beidou", "pdt", "tiantong"]);
+// The map's states (central.geo), in the order the duty room reads them.
+const STATES = {
+  alarm: { label: "告警", color: "#e53935" },
+  narrowband: { label: "北斗/370MHz", color: "#f59e0b" },
+  offline: { label: "离线", color: "#8a96a3" },
+  ip: { label: "在线 IP", color: "#22c55e" },
+};
+const SEVERITY = { 1: "一级", 2: "二级" };
+
+// Enum points name their states in the profile's name_zh, e.g. "传感器状态（0 正常 1 预热 2 标定
+// 3 传感器故障）": split into the plain name and the labels, and show 预热 (1) instead of 1.
+function enumOf(nameZh) {
+  const m = /^(.*?)[（(]((?:\s*\d+\s+[^\s\d（）()]+)+)\s*[）)]\s*$/.exec(nameZh || "");
+  if (!m) return { name: nameZh || "", labels: null };
+  const labels = {};
+  for (const [, k, v] of m[2].matchAll(/(\d+)\s+([^\s\d（）()]+)/g)) labels[k] = v;
+  return { name: m[1], labels };
+}
+
+function fmtPointValue(latest, nameZh) {
+  const { labels } = enumOf(nameZh);
+  if (labels && latest && latest.value !== null && latest.value !== undefined
+      && labels[String(latest.value)] !== undefined) {
+    return `${labels[String(latest.value)]} (${latest.value})`;
+  }
+  return fmtValue(latest);
+}
