@@ -11,15 +11,20 @@ working; values now print as floats (`1.0`).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from protocols.limits import Reason
+
+if TYPE_CHECKING:
+    from central.storage import Storage
 
 PREFIX = "fieldlink_central"
 # Seconds for one ingest write transaction (a group of batches), fsync included.
@@ -71,6 +76,15 @@ LABELLED = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayLag:
+    """One gateway as the last `refresh()` saw it."""
+
+    gw: str
+    last_seen_ms: int | None
+    backlog: int | None  # what its last state message reported
+
+
 @dataclass
 class Metrics:
     batches: int = 0
@@ -103,6 +117,9 @@ class Metrics:
     narrowband_port_open: bool = False
     narrowband_port_failures: int = 0
 
+    # per gateway, read from storage by `refresh()` just before each render (GET /metrics)
+    gateways: tuple[GatewayLag, ...] = ()
+
     def count_error(self, error_class: str) -> None:
         self.decode_errors[error_class] += 1
 
@@ -117,6 +134,11 @@ class Metrics:
     def observe_write(self, seconds: float) -> None:
         """One ingest write transaction took `seconds` (central.ingest times it)."""
         self._write_seconds.observe(seconds)
+
+    async def refresh(self, storage: Storage) -> None:
+        """Read what only the database knows (each gateway's last contact and backlog)."""
+        self.gateways = tuple(GatewayLag(g.gw, g.last_seen_ms, g.backlog)
+                              for g in await storage.list_gateways())
 
     def render(self) -> str:
         """The Prometheus text format (version 0.0.4)."""
@@ -149,3 +171,17 @@ class _FieldsCollector(Collector):
             for key, n in sorted(counts.items()):
                 family.add_metric([str(key)], float(n))
             yield family
+        yield from self._gateways()
+
+    def _gateways(self) -> Iterator[Metric]:
+        now_s = time.time()
+        lag = GaugeMetricFamily(f"{PREFIX}_gateway_last_seen_age_seconds", "Seconds since "
+                                "central last heard from each gateway (its lag).", labels=["gw"])
+        backlog = GaugeMetricFamily(f"{PREFIX}_gateway_backlog_records", "Unsent records each "
+                                    "gateway reported in its last state message.", labels=["gw"])
+        for g in self._m.gateways:
+            if g.last_seen_ms is not None:
+                lag.add_metric([g.gw], max(0.0, now_s - g.last_seen_ms / 1000))
+            if g.backlog is not None:
+                backlog.add_metric([g.gw], float(g.backlog))
+        yield from (lag, backlog)

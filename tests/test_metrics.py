@@ -85,7 +85,7 @@ CENTRAL_FAMILIES = {
     "fieldlink_central_batch_write_seconds", "fieldlink_central_messages_rejected",
     "fieldlink_central_records_rejected",
     "fieldlink_central_mqtt_connected", "fieldlink_central_acks_published",
-    "fieldlink_central_logins",
+    "fieldlink_central_logins", "fieldlink_central_gateway_last_seen_age_seconds",
 }
 
 
@@ -109,3 +109,4 @@ async def test_central_metrics_parse_and_time_each_batch_commit(mosquitto: Mosqu
     assert m["fieldlink_central_mqtt_connected"][()] == 1
     latency = m["fieldlink_central_batch_write_seconds"]
     assert latency[(("le", "+Inf"),)] >= 1  # the parser keeps bucket, count and sum samples
+    assert m["fieldlink_central_gateway_last_seen_age_seconds"][(("gw", "gw-m"),)] >= 0
