@@ -1,9 +1,9 @@
-"""The fieldlink-edge Debian package, built by packaging/build_deb.py and installed on this machine.
+"""The Debian packages (fieldlink-edge, and fieldlink-central), built by packaging/build_deb.py and installed on this machine.
 
 This runs as root on the real host: it skips unless dpkg is here and nothing of Fieldlink is
 installed (no /etc/fieldlink, /opt/fieldlink, /var/lib/fieldlink or fieldlink package), and its
 fixture purges the package and removes the user and directories it made, even on failure.
-The package is built once per session (about a minute).
+Both packages are built once per session (about a minute and a half).
 """
 
 from __future__ import annotations
@@ -58,20 +58,19 @@ def _why_skip() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def edge_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fieldlink-edge_*.deb, built once per session."""
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fieldlink-edge_*.deb and fieldlink-central_*.deb, built once per session."""
     reason = _why_skip()
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("deb")
-    _run(sys.executable, str(ROOT / "packaging" / "build_deb.py"), "--package", "edge",
-         "--out", str(out), timeout=1200)
-    (deb,) = out.glob(f"{PKG}_*.deb")
-    return deb
+    _run(sys.executable, str(ROOT / "packaging" / "build_deb.py"), "--out", str(out),
+         timeout=1200)
+    return {name: next(out.glob(f"{name}_*.deb")) for name in (PKG, "fieldlink-central")}
 
 
 @pytest.fixture
-def clean_host(edge_deb: Path) -> Iterator[Path]:
+def clean_host(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
     """The host as it was before: purge the package, drop the user and folders this test made."""
     reason = _why_skip()
     if reason:
@@ -80,9 +79,9 @@ def clean_host(edge_deb: Path) -> Iterator[Path]:
     group_existed = _run("getent", "group", "fieldlink", check=False).returncode == 0
     run_existed = Path("/run/fieldlink").exists()
     try:
-        yield edge_deb
+        yield debs
     finally:
-        subprocess.run(["dpkg", "--purge", PKG], capture_output=True, timeout=300)
+        subprocess.run(["dpkg", "--purge", *debs], capture_output=True, timeout=300)
         if not user_existed:
             subprocess.run(["userdel", "fieldlink"], capture_output=True)
         if not group_existed:
@@ -101,9 +100,10 @@ def _files_under(path: Path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
 
 
-def test_edge_package_installs_runs_and_removes_cleanly(clean_host: Path, tmp_path: Path) -> None:
-    """dpkg -i, edge-agent --help, systemd-analyze verify, status without -c, then dpkg -r / -P leave nothing."""
-    installed = _run("dpkg", "-i", str(clean_host))
+def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """dpkg -i, edge-agent --help, systemd-analyze verify, status without -c, an edit kept on reinstall, then dpkg -r / -P leave nothing."""
+    installed = _run("dpkg", "-i", str(clean_host[PKG]))
     assert "edit /etc/fieldlink/site.toml" in installed.stdout
 
     helped = _run("/opt/fieldlink/bin/edge-agent", "--help", env=_env(), cwd=tmp_path)
@@ -148,6 +148,12 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: Path, tmp_pa
     report = json.loads(status.stdout)
     assert report["gateway"] == "gw-001"
 
+    # The config is a conffile: a technician's edit survives the package going on again.
+    site = Path("/etc/fieldlink/site.toml")
+    site.write_text(site.read_text() + "# edited on site\n")
+    _run("dpkg", "-i", str(clean_host[PKG]))
+    assert site.read_text().endswith("# edited on site\n")
+
     _run("dpkg", "-r", PKG)
     assert _files_under(Path("/opt/fieldlink")) == []
     assert not Path("/usr/bin/edge-agent").exists() and not UNIT.exists()
@@ -155,5 +161,31 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: Path, tmp_pa
 
     _run("dpkg", "-P", PKG)
     assert not _installed(PKG)
+    for path in OURS:
+        assert _files_under(path) == [], path
+
+
+def test_central_package_installs_finds_its_config_and_removes_cleanly(
+        clean_host: dict[str, Path], tmp_path: Path) -> None:
+    """fieldlink-central: central --help, its unit verifies, `central user list` reads /etc/fieldlink/central.toml, purge leaves nothing."""
+    unit = Path("/usr/lib/systemd/system/fieldlink-central.service")
+    _run("dpkg", "-i", str(clean_host["fieldlink-central"]))
+    assert "Usage" in _run("/opt/fieldlink/bin/central", "--help", env=_env(), cwd=tmp_path).stdout
+    assert not Path("/opt/fieldlink/central/bin/edge-agent").exists()
+    if shutil.which("systemd-analyze") is not None:
+        verify = _run("systemd-analyze", "verify", str(unit), check=False)
+        assert verify.returncode == 0 and "fieldlink-central" not in verify.stderr, verify.stderr
+    # No -c: the packaged central.toml puts the database in /var/lib/fieldlink.
+    listed = _run("runuser", "-u", "fieldlink", "--", "/opt/fieldlink/bin/central", "user",
+                  "list", "--json", env=_env(), cwd="/var/lib/fieldlink")
+    assert json.loads(listed.stdout) == []
+    assert Path("/var/lib/fieldlink/central.db").exists()
+    mosquitto = Path("/usr/share/doc/fieldlink-central/examples/mosquitto/mosquitto.conf")
+    assert "persistence true" in mosquitto.read_text()
+    assert "max_queued_bytes" in mosquitto.read_text()
+
+    _run("dpkg", "-r", "fieldlink-central")
+    assert _files_under(Path("/opt/fieldlink")) == [] and not unit.exists()
+    _run("dpkg", "-P", "fieldlink-central")
     for path in OURS:
         assert _files_under(path) == [], path
