@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from central.errors import CentralError
+from central.storage.program import Program, Rows, Sql
 from protocols.limits import Reason
 
 if TYPE_CHECKING:
@@ -117,8 +119,11 @@ class Metrics:
     narrowband_port_open: bool = False
     narrowband_port_failures: int = 0
 
-    # per gateway, read from storage by `refresh()` just before each render (GET /metrics)
+    # read from storage by `refresh()` just before each render (GET /metrics): per gateway,
+    # active alarms by (level, ack state), commands by state
     gateways: tuple[GatewayLag, ...] = ()
+    alarms_active: tuple[tuple[int, str, int], ...] = ()
+    command_states: tuple[tuple[str, int], ...] = ()
 
     def count_error(self, error_class: str) -> None:
         self.decode_errors[error_class] += 1
@@ -139,6 +144,13 @@ class Metrics:
         """Read what only the database knows (each gateway's last contact and backlog)."""
         self.gateways = tuple(GatewayLag(g.gw, g.last_seen_ms, g.backlog)
                               for g in await storage.list_gateways())
+        try:
+            alarms = await storage.run(_alarm_counts, write=False)
+            commands = await storage.run(_command_counts, write=False)
+        except CentralError:
+            return  # the numbers of the last good refresh stay; the endpoint still answers
+        self.alarms_active = tuple((int(lv), str(ack), int(n)) for lv, ack, n in alarms)
+        self.command_states = tuple((str(state), int(n)) for state, n in commands)
 
     def render(self) -> str:
         """The Prometheus text format (version 0.0.4)."""
@@ -185,3 +197,24 @@ class _FieldsCollector(Collector):
             if g.backlog is not None:
                 backlog.add_metric([g.gw], float(g.backlog))
         yield from (lag, backlog)
+        alarms = GaugeMetricFamily(f"{PREFIX}_alarms_active", "Active alarms by level and "
+                                   "acknowledgement.", labels=["level", "ack"])
+        for level, ack, n in self._m.alarms_active:
+            alarms.add_metric([str(level), ack], float(n))
+        yield alarms
+        commands = GaugeMetricFamily(f"{PREFIX}_commands", "Commands by state (queued, sent, "
+                                     "done, failed, expired, ...).", labels=["state"])
+        for state, n in self._m.command_states:
+            commands.add_metric([state], float(n))
+        yield commands
+
+
+def _alarm_counts() -> Program[Rows]:
+    rows = yield Sql("SELECT level, ack_state, count(*) FROM alarms WHERE state = 'active'"
+                     " GROUP BY level, ack_state")
+    return rows
+
+
+def _command_counts() -> Program[Rows]:
+    rows = yield Sql("SELECT state, count(*) FROM commands GROUP BY state")
+    return rows

@@ -15,6 +15,7 @@ from central.settings import Settings
 from protocols import topics
 from protocols.envelope import DataBatch, Record, RecordKind, encode
 from tests.fleet import Agent, DeviceDef, Simulator
+from tests.test_central_alarms import alarm
 from tests.test_central_api import T0, serve
 from tests.helpers import Mosquitto, free_port, wait_for
 
@@ -97,8 +98,9 @@ async def test_central_metrics_parse_and_time_each_batch_commit(mosquitto: Mosqu
     async with serve(settings, run_ingest=True) as c, asyncio.timeout(30):
         while not (await c.get("/api/health")).json()["mqtt_connected"]:
             await asyncio.sleep(0.05)
-        batch = DataBatch(gw="gw-m", stream="s", records=(Record(
-            seq=1, kind=RecordKind.TELEMETRY, ts_ms=T0, point="d/t", value=21.5),))
+        batch = DataBatch(gw="gw-m", stream="s", records=(
+            Record(seq=1, kind=RecordKind.TELEMETRY, ts_ms=T0, point="d/t", value=21.5),
+            alarm(2, "raised", 1)))
         async with MqttClient(mosquitto.host, mosquitto.port, identifier="gw-m") as gw:
             await gw.publish(topics.up("gw-m", "data"), encode(batch), qos=1)
         while _samples((await c.get("/metrics")).text).get(
@@ -110,3 +112,4 @@ async def test_central_metrics_parse_and_time_each_batch_commit(mosquitto: Mosqu
     latency = m["fieldlink_central_batch_write_seconds"]
     assert latency[(("le", "+Inf"),)] >= 1  # the parser keeps bucket, count and sum samples
     assert m["fieldlink_central_gateway_last_seen_age_seconds"][(("gw", "gw-m"),)] >= 0
+    assert m["fieldlink_central_alarms_active"][(("ack", "unacknowledged"), ("level", "1"))] == 1
