@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean vendor
+.PHONY: demo test venv bench clean vendor deb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,5 +28,11 @@ bench: $(STAMP)
 vendor: $(STAMP)
 	$(BIN)/python scripts/vendor_assets.py
 
+# Debian packages fieldlink-edge and fieldlink-central into dist/ (packaging/README.md), each
+# with its own environment built by the machine's Debian Python.
+DEB_PYTHON ?= /usr/bin/python3
+deb:
+	$(DEB_PYTHON) packaging/build_deb.py --python $(DEB_PYTHON) --out dist
+
 clean:
-	rm -rf $(VENV) demo-data .pytest_cache
+	rm -rf $(VENV) demo-data .pytest_cache dist

@@ -471,6 +471,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
     async def metrics(request: Request, _: Reader) -> PlainTextResponse:
+        await request.app.state.metrics.refresh(request.app.state.storage)  # per-gateway lag
         text = (request.app.state.metrics.render() + counters.render()
                 + request.app.state.identity.render_metrics())  # identity (§8)
         return PlainTextResponse(text,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -70,7 +71,8 @@ def serve(
 ) -> None:
     """Run the HTTP API, the console and MQTT ingest until stopped.
 
-    Settings come from --config, then FIELDLINK_CENTRAL_* variables, then these flags.
+    Settings come from --config (else $FIELDLINK_CONFIG, else /etc/fieldlink/central.toml
+    if it exists), then FIELDLINK_CENTRAL_* variables, then these flags.
 
     Example: central serve --db sqlite:///central.db --mqtt-port 1883
     """
@@ -159,8 +161,34 @@ app.add_typer(audit_app)
 # --- end people and audit
 
 
+# Where the Debian package puts central's settings (packaging/README.md). Every command that
+# takes --config reads it when neither -c nor FIELDLINK_CONFIG names another file; without
+# it, settings come from FIELDLINK_CENTRAL_* variables and flags alone, as before.
+DEFAULT_CONFIG = Path("/etc/fieldlink/central.toml")
+
+
+def config_defaults(command: object, path: str) -> dict[str, object]:
+    """A click `default_map` giving `--config` the value `path` in every (sub)command."""
+    found: dict[str, object] = {}
+    for name, sub in (getattr(command, "commands", None) or {}).items():
+        if inner := config_defaults(sub, path):
+            found[name] = inner
+    if any(getattr(p, "name", None) == "config" for p in getattr(command, "params", ())):
+        found["config"] = path
+    return found
+
+
+def default_config(env: Mapping[str, str]) -> str | None:
+    """$FIELDLINK_CONFIG, else /etc/fieldlink/central.toml when it exists, else None."""
+    if env.get("FIELDLINK_CONFIG"):
+        return env["FIELDLINK_CONFIG"]
+    return str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
+
+
 def main() -> None:
     """Console-script entry point (`central`)."""
+    from typer.main import get_command
+
     from central.logs import configure_logging
 
     # The one-shot commands (user, audit, gateway, ca, broker-config) log warnings and up to
@@ -169,8 +197,10 @@ def main() -> None:
     # in an entry point (never inside a command, where tests would inherit it).
     if sys.argv[1:2] not in (["serve"], ["demo"]):
         configure_logging(json=False, level="warning", stream=sys.stderr)
+    path = default_config(os.environ)
+    defaults = config_defaults(get_command(app), path) if path else None
     try:
-        app()
+        app(default_map=defaults)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -322,6 +322,7 @@ class Ingest:
         return await self._write(batches) if batches else []
 
     async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
+        started = time.monotonic()  # batch latency (metrics): the write transaction(s)
         try:
             results = await self.storage.write_batches(batches)
             written = batches
@@ -345,6 +346,7 @@ class Ingest:
                     self.metrics.write_failures += 1
                     log.error("batch_write_failed", gw=b.gw, stream=b.stream, error=str(exc1))
         # Committed: from here on the acks may go out.
+        self.metrics.observe_write(time.monotonic() - started)
         self.metrics.commits += 1 if written is batches else len(written)
         for b, res in zip(written, results, strict=True):
             self.metrics.batches += 1

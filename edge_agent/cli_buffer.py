@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from edge_agent.cli_common import ConfigOpt
 from edge_agent.clock import boottime_ns, current_boot_id
 from edge_agent.config import load_config
 from edge_agent.errors import EdgeError
@@ -43,8 +44,6 @@ clock_app = typer.Typer(help="Confirm the gateway's wall clock.  "
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the gateway's TOML config",
-                                         envvar="FIELDLINK_CONFIG", show_envvar=True)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 LANES = ("alarm", "event", "live", "backlog")
 

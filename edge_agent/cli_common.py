@@ -22,8 +22,25 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the gateway's TOML config",
-                                         envvar="FIELDLINK_CONFIG", show_envvar=True)]
+# Where the Debian package puts the gateway's config (packaging/README.md): every command finds
+# it there when neither -c nor FIELDLINK_CONFIG names another file.
+DEFAULT_CONFIG = Path("/etc/fieldlink/site.toml")
+
+
+def _default_config() -> Path:
+    return DEFAULT_CONFIG
+
+
+def _config_given(value: Path) -> Path:
+    if value == DEFAULT_CONFIG and not value.exists():
+        raise typer.BadParameter(f"no {DEFAULT_CONFIG}: give --config FILE or set FIELDLINK_CONFIG")
+    return value
+
+
+ConfigOpt = Annotated[Path, typer.Option(
+    "--config", "-c", help="the gateway's TOML config (else $FIELDLINK_CONFIG, else "
+    f"{DEFAULT_CONFIG})", envvar="FIELDLINK_CONFIG", show_envvar=True,
+    default_factory=_default_config, show_default=str(DEFAULT_CONFIG), callback=_config_given)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 # Our own errors become a message; anything else is a bug and keeps its traceback.
 OUR_ERRORS = (EdgeError, DeviceProfileError, ProtocolError)
@@ -80,5 +97,5 @@ def state_text(state: str) -> str:
     return f"[{colour}]{escape(state)}[/{colour}]"
 
 
-__all__ = ["CONTEXT", "ConfigOpt", "JsonOpt", "OUR_ERRORS", "ago", "err", "errors", "fail",
+__all__ = ["CONTEXT", "DEFAULT_CONFIG", "ConfigOpt", "JsonOpt", "OUR_ERRORS", "ago", "err", "errors", "fail",
            "fmt_value", "out", "print_json", "state_text"]

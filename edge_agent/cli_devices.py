@@ -13,7 +13,6 @@ import dataclasses
 import json
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -187,7 +186,8 @@ def write(
     if not yes:
         question = (f"Write {device}/{point} ({check.get('name_zh', '')}): {current} → "
                     f"{fmt_value(check['value'], unit)}?")
-        if not click.confirm(question, default=False, err=True):
+        if not typer.confirm(  # not click: typer no longer depends on it
+                question, default=False, err=True):
             err.print("not written")
             raise typer.Exit(1)
     with errors():

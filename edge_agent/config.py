@@ -212,6 +212,16 @@ class StatusConfig(_Model):
     interval_s: float = Field(5.0, gt=0, le=3600)
 
 
+class MetricsConfig(_Model):
+    """The Prometheus endpoint (edge_agent/metrics.py): off unless enabled, localhost unless
+    `host` says otherwise (the gateway's metrics are for its own network, through a tunnel)."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(9108, ge=0, le=65535)  # 0: a free port (tests)
+    interval_s: float = Field(5.0, gt=0, le=3600)  # how often the snapshot is refreshed
+
+
 class OutboxConfig(_Model):
     # How long delivered records stay in the outbox before pruning (0: prune at once). A
     # technician may keep a day of history on site; the tests keep everything to compare.
@@ -270,6 +280,7 @@ class AgentConfig(_Model):
     devices: list[DeviceConfig] = Field(default_factory=list)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     narrowband: NarrowbandConfig | None = None
     # Where the file was loaded from; relative paths in it were resolved against its folder.
     _source: Path | None = PrivateAttr(default=None)

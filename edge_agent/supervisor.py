@@ -48,6 +48,7 @@ from edge_agent.config import (
     resolve_profiles,
 )
 from edge_agent.control import ControlOps, ControlServer, device_health
+from edge_agent.metrics import AgentCollector, serve_metrics
 from edge_agent.mqtt_config import tls_context
 from edge_agent.narrowband import Bearer, NarrowbandFallback
 from edge_agent.outbox import Outbox, OutboxError, OutboxFullError
@@ -270,6 +271,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                 spawn("status.writer", lambda: _status_loop(outbox, runtime))
                 if control is not None:
                     spawn("control.socket", control.serve)
+                if config.metrics.enabled:  # --- metrics (edge_agent/metrics.py)
+                    spawn("metrics.http", lambda: serve_metrics(runtime, AgentCollector()))
                 if notifier.watchdog_usec:
                     spawn("systemd.watchdog", lambda: _watchdog_loop(notifier))
                 notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s), "

@@ -215,5 +215,5 @@ async def test_history_upkeep_applies_settings_and_counts(tmp_path: Path) -> Non
         assert metrics.purged["readings"] == 1
         await runtime.stop()
     text = metrics.render()
-    assert 'fieldlink_central_purged_rows_total{table="readings"} 1' in text
-    assert "fieldlink_central_samples_aggregated_total 2" in text
+    assert 'fieldlink_central_purged_rows_total{table="readings"} 1.0' in text
+    assert "fieldlink_central_samples_aggregated_total 2.0" in text

@@ -149,7 +149,7 @@ async def test_metrics_and_console_and_openapi(client: httpx.AsyncClient) -> Non
     """/metrics is Prometheus text, / is the Chinese console, OpenAPI lists the routes."""
     m = await client.get("/metrics")
     assert m.headers["content-type"].startswith("text/plain")
-    assert "fieldlink_central_batches_total 0" in m.text
+    assert "fieldlink_central_batches_total 0.0" in m.text
     page = await client.get("/")
     assert page.status_code == 200 and 'lang="zh-CN"' in page.text and "网关" in page.text
     assert (await client.get("/static/console.js")).status_code == 200
@@ -182,7 +182,7 @@ async def test_end_to_end_mqtt_to_api(mosquitto: Mosquitto, tmp_path: Path) -> N
         while (r := await c.get("/api/devices/gw-e2e:d/points")).status_code == 404:
             await asyncio.sleep(0.05)
         assert r.json()[0]["latest"]["value"] == 21.5
-        assert "fieldlink_central_records_inserted_total 1" in (await c.get("/metrics")).text
+        assert "fieldlink_central_records_inserted_total 1.0" in (await c.get("/metrics")).text
         g = (await c.get("/api/gateways/gw-e2e")).json()
         assert g["last_seen_ms"] is not None and g["stream"] == "s"
 

@@ -355,10 +355,10 @@ async def test_app_runs_receiver_and_exposes_its_counters(tmp_path: Path) -> Non
             await until(lambda: (
                 app.state.metrics.narrowband_rejected["unknown_sender"] == 1))
             text = (await c.get("/metrics")).text
-            assert 'fieldlink_central_narrowband_received_total{kind="heartbeat"} 1' in text
-            assert ('fieldlink_central_narrowband_rejected_total{reason="unknown_sender"} 1'
+            assert 'fieldlink_central_narrowband_received_total{kind="heartbeat"} 1.0' in text
+            assert ('fieldlink_central_narrowband_rejected_total{reason="unknown_sender"} 1.0'
                     in text)
-            assert "fieldlink_central_narrowband_port_open 1" in text
+            assert "fieldlink_central_narrowband_port_open 1.0" in text
 
 
 def test_settings_check_narrowband_gateways(tmp_path: Path) -> None:

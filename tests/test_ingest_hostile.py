@@ -140,5 +140,5 @@ async def _run_cases(gw: aiomqtt.Client, storage: Storage, metrics: Metrics) -> 
     assert stream.lost_records_reported == 2  # 201 and 301, refused and acked
     assert [p.point for p in await storage.latest_values(GW)] == ["gas"]
     text = metrics.render()
-    assert 'fieldlink_central_records_rejected_total{reason="shared_reference"} 1' in text
-    assert 'fieldlink_central_messages_rejected_total{reason="too_many_items"} 1' in text
+    assert 'fieldlink_central_records_rejected_total{reason="shared_reference"} 1.0' in text
+    assert 'fieldlink_central_messages_rejected_total{reason="too_many_items"} 1.0' in text

@@ -1,0 +1,191 @@
+"""The Debian packages (fieldlink-edge, and fieldlink-central), built by packaging/build_deb.py and installed on this machine.
+
+This runs as root on the real host: it skips unless dpkg is here and nothing of Fieldlink is
+installed (no /etc/fieldlink, /opt/fieldlink, /var/lib/fieldlink or fieldlink package), and its
+fixture purges the package and removes the user and directories it made, even on failure.
+Both packages are built once per session (about a minute and a half).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = "fieldlink-edge"
+OURS = (Path("/etc/fieldlink"), Path("/opt/fieldlink"), Path("/var/lib/fieldlink"))
+UNIT = Path("/usr/lib/systemd/system/fieldlink-edge.service")
+
+pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200)]
+
+
+def _run(*args: str, check: bool = True, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check:
+        assert proc.returncode == 0, f"{args}: {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc  # type: ignore[no-any-return]
+
+
+def _installed(package: str) -> bool:
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", package],
+                          capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout[1:2] in {"i", "c", "h", "U", "F", "W", "t"}
+
+
+def _why_skip() -> str | None:
+    if shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None:
+        return "dpkg is not available: not a Debian system"
+    if os.geteuid() != 0:
+        return "installing a package needs root"
+    if not Path("/usr/bin/python3").exists():
+        return "no /usr/bin/python3 to build the package's environment with"
+    for path in OURS:
+        if path.exists():
+            return f"{path} exists on this machine: not touching an installation this test did not make"
+    for package in ("fieldlink-edge", "fieldlink-central"):
+        if _installed(package):
+            return f"{package} is installed on this machine: not touching it"
+    return None
+
+
+@pytest.fixture(scope="session")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fieldlink-edge_*.deb and fieldlink-central_*.deb, built once per session."""
+    reason = _why_skip()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("deb")
+    _run(sys.executable, str(ROOT / "packaging" / "build_deb.py"), "--out", str(out),
+         timeout=1200)
+    return {name: next(out.glob(f"{name}_*.deb")) for name in (PKG, "fieldlink-central")}
+
+
+@pytest.fixture
+def clean_host(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """The host as it was before: purge the package, drop the user and folders this test made."""
+    reason = _why_skip()
+    if reason:
+        pytest.skip(reason)
+    user_existed = _run("getent", "passwd", "fieldlink", check=False).returncode == 0
+    group_existed = _run("getent", "group", "fieldlink", check=False).returncode == 0
+    run_existed = Path("/run/fieldlink").exists()
+    try:
+        yield debs
+    finally:
+        subprocess.run(["dpkg", "--purge", *debs], capture_output=True, timeout=300)
+        if not user_existed:
+            subprocess.run(["userdel", "fieldlink"], capture_output=True)
+        if not group_existed:
+            subprocess.run(["groupdel", "fieldlink"], capture_output=True)
+        for path in OURS:  # none existed before (_why_skip), so all of it is ours
+            shutil.rmtree(path, ignore_errors=True)
+        if not run_existed:
+            shutil.rmtree("/run/fieldlink", ignore_errors=True)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in {"FIELDLINK_CONFIG", "VIRTUAL_ENV"}}
+
+
+def _files_under(path: Path) -> list[str]:
+    return sorted(str(p) for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
+
+
+def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """dpkg -i, edge-agent --help, systemd-analyze verify, status without -c, an edit kept on reinstall, then dpkg -r / -P leave nothing."""
+    installed = _run("dpkg", "-i", str(clean_host[PKG]))
+    assert "edit /etc/fieldlink/site.toml" in installed.stdout
+
+    helped = _run("/opt/fieldlink/bin/edge-agent", "--help", env=_env(), cwd=tmp_path)
+    assert "Usage" in helped.stdout and "status" in helped.stdout
+    assert "edge-agent" in _run("/usr/bin/edge-agent", "--version", env=_env()).stdout
+    assert not Path("/opt/fieldlink/edge/bin/central").exists()  # one command per package
+
+    # The user, the directories and the config's permissions from sysusers/tmpfiles/postinst.
+    assert _run("getent", "passwd", "fieldlink").stdout.startswith("fieldlink:")
+    state = Path("/var/lib/fieldlink").stat()
+    assert state.st_mode & 0o777 == 0o750
+    conf = Path("/etc/fieldlink/site.toml").stat()
+    assert conf.st_mode & 0o777 == 0o640 and conf.st_gid == state.st_gid
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze missing: .ci/run installs the systemd package")
+    verify = _run("systemd-analyze", "verify", str(UNIT), check=False)
+    assert verify.returncode == 0, verify.stderr
+    assert "fieldlink-edge" not in verify.stderr, verify.stderr  # no warning about our unit
+
+    # The packaged agent runs as its user with no -c (it finds /etc/fieldlink/site.toml) ...
+    log = tmp_path / "agent.log"
+    with log.open("w") as sink:
+        agent = subprocess.Popen(["runuser", "-u", "fieldlink", "--", "/opt/fieldlink/bin/edge-agent",
+                                  "run", "--log-json"], env=_env(), cwd="/var/lib/fieldlink",
+                                 stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path("/var/lib/fieldlink/outbox.db").exists():
+            assert agent.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the packaged agent made no outbox"
+            time.sleep(0.2)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+    # ... and so does `edge-agent status`.
+    status = _run("/opt/fieldlink/bin/edge-agent", "status", "--json", env=_env(), cwd=tmp_path)
+    report = json.loads(status.stdout)
+    assert report["gateway"] == "gw-001"
+
+    # The config is a conffile: a technician's edit survives the package going on again.
+    site = Path("/etc/fieldlink/site.toml")
+    site.write_text(site.read_text() + "# edited on site\n")
+    _run("dpkg", "-i", str(clean_host[PKG]))
+    assert site.read_text().endswith("# edited on site\n")
+
+    _run("dpkg", "-r", PKG)
+    assert _files_under(Path("/opt/fieldlink")) == []
+    assert not Path("/usr/bin/edge-agent").exists() and not UNIT.exists()
+    assert Path("/etc/fieldlink/site.toml").exists()  # a conffile: kept until purge
+
+    _run("dpkg", "-P", PKG)
+    assert not _installed(PKG)
+    for path in OURS:
+        assert _files_under(path) == [], path
+
+
+def test_central_package_installs_finds_its_config_and_removes_cleanly(
+        clean_host: dict[str, Path], tmp_path: Path) -> None:
+    """fieldlink-central: central --help, its unit verifies, `central user list` reads /etc/fieldlink/central.toml, purge leaves nothing."""
+    unit = Path("/usr/lib/systemd/system/fieldlink-central.service")
+    _run("dpkg", "-i", str(clean_host["fieldlink-central"]))
+    assert "Usage" in _run("/opt/fieldlink/bin/central", "--help", env=_env(), cwd=tmp_path).stdout
+    assert not Path("/opt/fieldlink/central/bin/edge-agent").exists()
+    if shutil.which("systemd-analyze") is not None:
+        verify = _run("systemd-analyze", "verify", str(unit), check=False)
+        assert verify.returncode == 0 and "fieldlink-central" not in verify.stderr, verify.stderr
+    # No -c: the packaged central.toml puts the database in /var/lib/fieldlink.
+    listed = _run("runuser", "-u", "fieldlink", "--", "/opt/fieldlink/bin/central", "user",
+                  "list", "--json", env=_env(), cwd="/var/lib/fieldlink")
+    assert json.loads(listed.stdout) == []
+    assert Path("/var/lib/fieldlink/central.db").exists()
+    mosquitto = Path("/usr/share/doc/fieldlink-central/examples/mosquitto/mosquitto.conf")
+    assert "persistence true" in mosquitto.read_text()
+    assert "max_queued_bytes" in mosquitto.read_text()
+
+    _run("dpkg", "-r", "fieldlink-central")
+    assert _files_under(Path("/opt/fieldlink")) == [] and not unit.exists()
+    _run("dpkg", "-P", "fieldlink-central")
+    for path in OURS:
+        assert _files_under(path) == [], path
