@@ -66,7 +66,7 @@ int fdatasync(int fd) {
 """
 
 # The child: open the outbox as boot `boot`, append an alarm raise (synchronous=FULL), then
-# `readings` readings one call each (NORMAL), print the seqs and the fsyncs seen after each
+# `readings` readings, `batch` per call (NORMAL, unless a call crosses the reservation), print the seqs and the fsyncs seen after each
 # step as one JSON line, and die by SIGKILL: no clean stop, nothing flushed by the agent.
 _APPENDER = r"""
 import asyncio, json, os, signal, sys
@@ -75,7 +75,8 @@ from edge_agent.clock import ClockGuard
 from edge_agent.outbox import NewRecord, Outbox
 from protocols.envelope import RecordKind
 
-db, boot, readings, log = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+db, boot, readings, batch, log = (Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
+                                  int(sys.argv[4]), Path(sys.argv[5]))
 
 def syncs():
     return len(log.read_text().splitlines()) if log.exists() else 0
@@ -85,9 +86,10 @@ async def main():
         seqs = await ob.append([NewRecord(RecordKind.ALARM, 1_700_000_000_000, "d1/gas",
                                           "raised", attrs={"rule": "gas_high"})])
         after_alarm = syncs()
-        for i in range(readings):
+        for at in range(0, readings, batch):
             seqs += await ob.append([NewRecord(RecordKind.TELEMETRY, 1_700_000_001_000 + i,
-                                               "d1/gas", float(i))])
+                                               "d1/gas", float(i))
+                                     for i in range(at, min(readings, at + batch))])
         print(json.dumps({"seqs": seqs, "syncs_after_alarm": after_alarm,
                           "syncs_after_readings": syncs()}), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -112,11 +114,12 @@ def fsync_recorder(workdir: Path) -> Path:
     return lib
 
 
-def run_appender(db: Path, *, boot: str, readings: int, shim: Path, log: Path) -> Appended:
+def run_appender(db: Path, *, boot: str, readings: int, shim: Path, log: Path,
+                 batch: int = 1) -> Appended:
     """Run the appending child under the recorder until it SIGKILLs itself."""
     env = {**python_env(), "LD_PRELOAD": str(shim), "FSYNC_LOG": str(log)}
     proc = subprocess.run([sys.executable, "-c", _APPENDER, str(db), boot, str(readings),
-                           str(log)], env=env, capture_output=True, text=True, timeout=60,
+                           str(batch), str(log)], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == -9, f"child did not die by SIGKILL: {proc.returncode}\n{proc.stderr}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -79,6 +79,25 @@ async def test_power_cut_never_reuses_a_seq_and_reports_the_skipped_ones(
     assert counters["power_cuts"] == 1 and counters["power_cut_seqs"] == report["records"]
 
 
+async def test_power_cut_after_a_new_block_was_reserved(tmp_path: Path, shim: Path) -> None:
+    """Readings that cross the reservation commit it synced, so a cut after them keeps the
+    new reservation: the reopened outbox skips past every seq handed out before the cut."""
+    db, log = tmp_path / "o.db", tmp_path / "fsync.log"
+    await _fresh(db)
+    child = run_appender(db, boot=BEFORE, readings=600, batch=50, shim=shim, log=log)
+    assert child.syncs_after_readings > child.syncs_after_alarm  # a block boundary synced
+    assert cut_power(db, log) > 0
+    with sqlite3.connect(db) as conn:
+        survived = conn.execute("SELECT max(seq) FROM records").fetchone()[0]
+    conn.close()
+    assert 1 < survived < max(child.seqs)  # the crossing survived, later readings did not
+    async with Outbox.open(db, clock=ClockGuard(boot_id=AFTER), prune_interval_s=3600) as ob:
+        [new] = await ob.append([reading(1)])
+    assert new > max(child.seqs)
+    [report] = [r for r in _reports(db) if r.get("reason") == "power_cut"]
+    assert report["first_seq"] == survived + 1 and report["last_seq"] >= max(child.seqs)
+
+
 async def test_telemetry_appends_stay_unsynced(tmp_path: Path, shim: Path) -> None:
     """Readings appended inside the reservation add no fsync (append stays fast); the alarm's
     append syncs."""
