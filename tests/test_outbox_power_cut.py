@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from edge_agent.clock import ClockGuard
-from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.outbox import NewRecord, Outbox, OutboxFullError
 from edge_agent.outbox_db import backlog_from_counters
 from protocols.envelope import RecordKind
 from tests.powercut import cut_power, fsync_recorder, run_appender
@@ -141,3 +141,24 @@ async def test_every_seq_handed_out_is_reserved_on_disk(tmp_path: Path) -> None:
                 (reserved,) = conn.execute("SELECT reserved FROM seq_reserve").fetchone()
             conn.close()
             assert reserved >= seqs[-1]
+
+
+async def test_seqs_burned_on_a_full_disk_stay_reserved(tmp_path: Path) -> None:
+    """A full-disk episode that burns more seqs than a reservation block leaves the reservation
+    on disk above every seq burned or handed out."""
+    from tests.test_outbox_full import fat, relieve, squeeze
+    db = tmp_path / "o.db"
+    async with Outbox.open(db, clock=ClockGuard(boot_id=BEFORE), prune_interval_s=3600) as ob:
+        await ob.append([reading(0)])
+        await squeeze(ob._sqlite)
+        for i in range(3):
+            with pytest.raises(OutboxFullError):
+                await ob.append([fat(i * 400 + j) for j in range(400)])
+        await relieve(ob._sqlite)
+        assert await ob.flush_held()  # burns 1200 seqs and appends the reports
+        last = await ob.last_seq()
+        assert last > 1200
+        with sqlite3.connect(db) as conn:
+            (reserved,) = conn.execute("SELECT reserved FROM seq_reserve").fetchone()
+        conn.close()
+        assert reserved >= last
