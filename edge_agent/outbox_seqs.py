@@ -27,7 +27,8 @@ seconds and a slow one skips few seqs after a cut.
   Central counts the seqs of that range it never received as reported lost and the ones it
   did receive as held (`central/storage/delivery.py`); the range is an upper bound, since
   some of its seqs were perhaps never handed out. (A crash followed by a clean reboot looks
-  the same and is reported the same way: nothing tells the two apart.)
+  the same and is reported the same way: nothing tells the two apart. Without a kernel boot
+  id every process counts as its own boot, `clock.current_boot_id`: every unclean stop skips.)
 
 A clean stop shrinks the reservation to the last seq (`release`), so a clean restart, also
 after a reboot, skips nothing. Seqs burned on a full disk (`outbox_ring.py`) move
