@@ -1,6 +1,7 @@
 """Check model/delivery.pml exhaustively with SPIN; one JSON line per (bound, property).
 
-    .venv/bin/python bench/model_check.py                 # the larger bound, every property
+    .venv/bin/python bench/model_check.py                 # the larger bounds (also with power
+                                                          # cuts), every property
     .venv/bin/python bench/model_check.py --bound small   # what tests/test_model.py checks
     .venv/bin/python bench/model_check.py --variants      # the mutants: each must fail
 
@@ -88,8 +89,8 @@ LARGE = (Bound("large", nrec=3, crashes=2, faults=1, drops=1, memlim_mb=4096,
          # the budget evicting a reading (its report is synced, the reservation follows).
          Bound("large-power-cut", nrec=3, crashes=2, faults=0, drops=0, variants=False,
                extra=("-DPOWERCUT",), properties=POWER_CUT_PROPERTIES),
-         Bound("large-power-cut-budget", nrec=2, crashes=2, faults=1, drops=1, variants=False,
-               extra=("-DPOWERCUT",), properties=POWER_CUT_PROPERTIES))
+         Bound("large-power-cut-budget", nrec=2, crashes=2, faults=1, drops=1, memlim_mb=4096,
+               variants=False, extra=("-DPOWERCUT",), properties=POWER_CUT_PROPERTIES))
 BOUNDS = {"small": SMALL, "large": LARGE}
 
 
