@@ -49,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent.errors import EdgeError
+
 MIN_BLOCK = 256
 MAX_BLOCK = 65_536
 _GROW_S = 2.0  # a block used up faster than this: the next one is twice as large
@@ -56,9 +58,9 @@ _SHRINK_S = 60.0  # ... slower than this: half as large
 COUNTERS = ("power_cuts", "power_cut_seqs")
 
 
-class SeqsUnreserved(Exception):
+class SeqsUnreserved(EdgeError):
     """A write that was not synced would take `sqlite_sequence` past the reservation (the
-    caller rolls it back and writes again with `synchronous=FULL`)."""
+    outbox rolls it back and writes it again with `synchronous=FULL`; it never escapes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,7 @@ class SeqReservation:
 
     def __init__(self, *, min_block: int = MIN_BLOCK, max_block: int = MAX_BLOCK,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.reserved = 0  # as committed
+        self.reserved = 0  # as committed (or as loaded, inside the open transaction)
         self.top = 0  # sqlite_sequence as last committed (or an over-estimate)
         self.block = min_block
         self._min, self._max = min_block, max_block
