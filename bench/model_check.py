@@ -129,6 +129,8 @@ VARIANTS = (
             " record unsent"),
     Variant("power_cut_unreported", ("-DPOWERCUT", "-DSKIP_UNREPORTED"), "all_committed",
             "the outbox skips the reserved seqs after a power cut but does not report them"),
+    Variant("power_cut_reserve_unsynced", ("-DPOWERCUT", "-DRESERVE_UNSYNCED"), "seq_unique",
+            "the reservation is raised in a commit that is not synced: the cut takes it too"),
 )
 # Variants that must still verify: the rule stops a forged ack for a record not in flight.
 HOLDING = (Variant("forged_ack_not_in_flight", ("-DFORGE=2",), "no_early_mark",

@@ -59,6 +59,7 @@
 /* POWERCUT           the gateway loses power: outbox.db keeps only what was fsynced        */
 /* SEQ_REUSE          ... and the outbox has no seq reservation (the code before the fix)    */
 /* SKIP_UNREPORTED    ... the outbox skips the reserved seqs but does not report them        */
+/* RESERVE_UNSYNCED   ... the outbox raises the reservation in a commit that is not synced   */
 #ifndef FORGE
 #define FORGE 0
 #endif
@@ -119,10 +120,14 @@ byte s_next = 1;        /* sqlite_sequence as synced: AUTOINCREMENT rolls back w
 byte s_undeliv = 0;
 byte s_telem = 0;
 byte s_nbwm = 0;
-byte reserved = 0;      /* seq_reserve.reserved: written only by synced commits, so on disk  */
+byte reserved = 0;      /* seq_reserve.reserved (outbox_seqs.py)                            */
+byte s_reserved = 0;    /* ... as synced: the code raises it only in synced commits          */
 byte issued = 1;        /* ghost: the highest seq ever handed out, plus one                  */
 byte cgen = 0;          /* ghost: held seqs whose row at central is that second incarnation */
-inline SYNC() { s_next = next_seq; s_undeliv = undeliv; s_telem = telem; s_nbwm = nb_wm }
+inline SYNC() {
+    s_next = next_seq; s_undeliv = undeliv; s_telem = telem; s_nbwm = nb_wm;
+    s_reserved = reserved
+}
 
 /* A seq is handed out (next_seq, before next_seq++): the ghost notes a second incarnation.
  * outbox_seqs.py SeqReservation.cover: past the reservation, raise it by a block in the same
@@ -131,7 +136,11 @@ inline HAND_OUT(sync) {
     assert(next_seq <= MAXSEQ);
     if :: next_seq < issued -> gen = gen | BIT(next_seq) :: else -> issued = next_seq + 1 fi;
 #ifndef SEQ_REUSE
+#ifdef RESERVE_UNSYNCED
+    if :: next_seq > reserved -> reserved = next_seq + RBLOCK - 1 :: else -> skip fi
+#else
     if :: next_seq > reserved -> reserved = next_seq + RBLOCK - 1; sync = true :: else -> skip fi
+#endif
 #endif
 }
 #endif
@@ -498,11 +507,11 @@ end_f:
        }
 #ifdef POWERCUT
     :: atomic {
-        /* the gateway loses power: outbox.db is what the last fsync left (see SYNC); the
-         * reservation was written only by synced commits, so it is there as it was */
+        /* the gateway loses power: outbox.db is what the last fsync left (see SYNC) */
         crashes > 0 -> crashes--;
         up = false; infl[0] = 0; infl[1] = 0;
         next_seq = s_next; undeliv = s_undeliv; telem = s_telem; nb_wm = s_nbwm;
+        reserved = s_reserved;
 #ifndef SEQ_REUSE
         /* the agent starts in another boot: Outbox._open_state -> SeqReservation.recover.
          * Below the reservation, sqlite_sequence jumps past it, and the skipped seqs are
