@@ -1,6 +1,7 @@
 """Check model/delivery.pml exhaustively with SPIN; one JSON line per (bound, property).
 
-    .venv/bin/python bench/model_check.py                 # the larger bound, every property
+    .venv/bin/python bench/model_check.py                 # the larger bounds (also with power
+                                                          # cuts), every property
     .venv/bin/python bench/model_check.py --bound small   # what tests/test_model.py checks
     .venv/bin/python bench/model_check.py --variants      # the mutants: each must fail
 
@@ -31,9 +32,14 @@ from bench._common import emit  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "model" / "delivery.pml"
 
-SAFETY = ("no_early_mark", "exactly_once", "drop_reported", "alarm_seq_order")
+SAFETY = ("no_early_mark", "exactly_once", "drop_reported", "alarm_seq_order", "seq_unique")
 LIVENESS = ("all_committed", "outbox_drains", "drops_known", "alarm_final")
-PROPERTIES = SAFETY + LIVENESS
+# The main model's properties (seq_unique can fail only with -DPOWERCUT).
+PROPERTIES = ("no_early_mark", "exactly_once", "drop_reported", "alarm_seq_order") + LIVENESS
+# With a power cut (-DPOWERCUT): the records are one alarm raise and telemetry, so the alarm
+# ordering properties say nothing; seq_unique is the one the power cut threatens.
+POWER_CUT_PROPERTIES = ("no_early_mark", "exactly_once", "seq_unique", "drop_reported",
+                        "all_committed", "outbox_drains", "drops_known")
 
 
 class ModelCheckError(Exception):
@@ -54,10 +60,11 @@ class Bound:
     memlim_mb: int = 2048
     properties: tuple[str, ...] = PROPERTIES  # the ones this bound exercises
     variants: bool = True  # run the mutants on this bound
+    extra: tuple[str, ...] = ()  # more #defines, e.g. -DPOWERCUT
 
     def defines(self) -> tuple[str, ...]:
         return (f"-DNREC={self.nrec}", f"-DCRASHES={self.crashes}", f"-DFAULTS={self.faults}",
-                f"-DDROPS={self.drops}", f"-DQN={self.qn}")
+                f"-DDROPS={self.drops}", f"-DQN={self.qn}", *self.extra)
 
 
 # The small bounds tests/test_model.py checks: alarms (three records, an alarm raised and
@@ -69,11 +76,21 @@ SMALL = (Bound("small-alarms", nrec=3, crashes=2, faults=1, drops=0,
                            "outbox_drains", "alarm_final")),
          Bound("small-budget", nrec=2, crashes=2, faults=1, drops=1, variants=False,
                properties=("no_early_mark", "exactly_once", "drop_reported", "all_committed",
-                           "outbox_drains", "drops_known")))
+                           "outbox_drains", "drops_known")),
+         # The outbox with its seq reservation across a power cut (alarm, reading, reading;
+         # one crash of any kind, the power cut among them, and one fault).
+         Bound("small-power-cut", nrec=3, crashes=1, faults=1, drops=0, variants=False,
+               extra=("-DPOWERCUT",), properties=POWER_CUT_PROPERTIES))
 # The larger bound of this benchmark: alarms and the budget at once (about 10 million states,
 # 1.2 GB). The mutants run at the small bound (--bound small --variants).
 LARGE = (Bound("large", nrec=3, crashes=2, faults=1, drops=1, memlim_mb=4096,
-               variants=False),)
+               variants=False),
+         # Two power cuts (or one and another crash), no message fault; and a power cut with
+         # the budget evicting a reading (its report is synced, the reservation follows).
+         Bound("large-power-cut", nrec=3, crashes=2, faults=0, drops=0, variants=False,
+               extra=("-DPOWERCUT",), properties=POWER_CUT_PROPERTIES),
+         Bound("large-power-cut-budget", nrec=2, crashes=2, faults=1, drops=1, memlim_mb=4096,
+               variants=False, extra=("-DPOWERCUT",), properties=POWER_CUT_PROPERTIES))
 BOUNDS = {"small": SMALL, "large": LARGE}
 
 
@@ -104,12 +121,16 @@ VARIANTS = (
             "central applies alarm transitions in arrival order"),
     Variant("arrival_order", ("-DARRIVAL",), "arrival_order",
             "transitions do not arrive in seq order: only central's seq ordering keeps them"),
-)
-# What the model found in the code (model/README.md, "Findings"): fails until the code changes.
-FINDINGS = (
-    Variant("power_cut_seq_reuse", ("-DPOWERCUT",), "no_early_mark",
-            "after a power cut the outbox hands out a seq again; the old record's ack or"
-            " central's dedup makes the edge delete the new one"),
+    # The outbox before the seq reservation (model/README.md, finding 1, fixed).
+    Variant("power_cut_seq_reuse", ("-DPOWERCUT", "-DSEQ_REUSE"), "seq_unique",
+            "without the reservation, a power cut makes the outbox hand out a seq again"),
+    Variant("power_cut_reuse_loses", ("-DPOWERCUT", "-DSEQ_REUSE"), "no_early_mark",
+            "... and the old record's ack (or central's dedup) makes the edge delete the new"
+            " record unsent"),
+    Variant("power_cut_unreported", ("-DPOWERCUT", "-DSKIP_UNREPORTED"), "all_committed",
+            "the outbox skips the reserved seqs after a power cut but does not report them"),
+    Variant("power_cut_reserve_unsynced", ("-DPOWERCUT", "-DRESERVE_UNSYNCED"), "seq_unique",
+            "the reservation is raised in a commit that is not synced: the cut takes it too"),
 )
 # Variants that must still verify: the rule stops a forged ack for a record not in flight.
 HOLDING = (Variant("forged_ack_not_in_flight", ("-DFORGE=2",), "no_early_mark",
@@ -248,7 +269,7 @@ def main() -> int:
         if args.variants and not bound.variants:
             continue
         jobs: list[tuple[tuple[str, ...], str, str]] = (
-            [(v.defines, v.breaks, f"fails:{v.name}") for v in VARIANTS + FINDINGS]
+            [(v.defines, v.breaks, f"fails:{v.name}") for v in VARIANTS]
             + [(v.defines, v.breaks, f"holds:{v.name}") for v in HOLDING]
             if args.variants else [((), p, "holds") for p in bound.properties])
         compiled: dict[tuple[str, ...], Verifier] = {}

@@ -3,7 +3,8 @@
 One SQLite file in WAL mode (new files get `auto_vacuum=INCREMENTAL`). The file gets a random
 `stream` id when it is created, and each record a `seq` from `INTEGER PRIMARY KEY
 AUTOINCREMENT`, so `(gw, stream, seq)` names a record for ever: AUTOINCREMENT never hands out
-a seq again, not even after the row is pruned, thinned or dropped.
+a seq again, not even after the row is pruned, thinned or dropped, and the seq reservation
+(`outbox_seqs.py`) keeps it so across a power cut.
 
 Threading: one thread owns the connection (a single-worker executor); every public method is
 a coroutine that awaits it, so the event loop never blocks on the disk.
@@ -17,6 +18,9 @@ the record survives a power cut. Telemetry-only commits (and delivery marks) run
 sync, which happens at each FULL commit and each checkpoint (every ~1000 pages, a few MB;
 typically a few seconds of readings, at most the readings since the last alarm/event or
 checkpoint). A lost delivery mark means the record is sent again; central deduplicates.
+The seqs such a cut takes are never handed out again: seqs are reserved on disk a block
+ahead (one synced commit per block), and the first start in a new boot after an unclean
+stop skips the rest of the block and reports it (`outbox_seqs.py`).
 
 **Lanes** (§4.2), see `outbox_lanes.py`: after an outage `next_batch` serves the newest
 value of each point first, then alarms, events, live telemetry, and backlog telemetry
@@ -61,7 +65,7 @@ from typing import Any, TypeVar
 import cbor2
 import structlog
 
-from edge_agent.clock import ClockFix, ClockGuard, ClockState, Stamp
+from edge_agent.clock import ClockGuard, Stamp
 from edge_agent.outbox_budget import BudgetPolicy, DiskBudget, Eviction
 from edge_agent.outbox_db import (
     INSERT,
@@ -77,11 +81,9 @@ from edge_agent.outbox_db import (
     OutboxVersionError,
     backlog_from_counters,
     connect,
-    correct_clock,
     is_full,
     read_status,
     request_clock_ok,
-    rollback,
     stats,
     translate,
     used_bytes,
@@ -89,6 +91,7 @@ from edge_agent.outbox_db import (
 from edge_agent.outbox_disk import DiskWatch
 from edge_agent.outbox_lanes import LaneReader, Part, alarms_after, last_seq
 from edge_agent.outbox_ring import HoldRing
+from edge_agent.outbox_seqs import SeqReservation
 from edge_agent.outbox_upkeep import OutboxUpkeep, Reclaimed, Refused
 from edge_agent.sqlite_owner import SqliteOwner
 from protocols.envelope import (
@@ -161,6 +164,7 @@ class Outbox(OutboxUpkeep):
         self._sqlite = SqliteOwner(thread_name="outbox", error=OutboxError,
                                    closed_message="outbox is closed", wrap=translate)
         self._sync_full: bool | None = None
+        self._seqs = SeqReservation()  # executor-thread state, like _lanes
         self._listeners: list[Callable[[], None]] = []
         self._lanes = LaneReader(self.live_window_ms)  # executor-thread state from here on
         self._reclaiming = False
@@ -206,6 +210,10 @@ class Outbox(OutboxUpkeep):
                     await ob.flush_held(spend_ballast=True)
                 except OutboxError as exc:
                     log.error("outbox_held_flush_failed", error=str(exc))
+                try:  # a clean stop: the next start, also after a reboot, skips no seq
+                    await ob._sqlite.call(ob._write, True, ob._seqs.release)
+                except OutboxError as exc:
+                    log.warning("outbox_seqs_release_failed", error=str(exc))
         # Closed: keep the room the -wal and -shm files gave back for the next start.
         await asyncio.to_thread(ob._disk.lay_ballast, partial=True)
 
@@ -417,7 +425,7 @@ class Outbox(OutboxUpkeep):
             if not is_full(exc) or not self._disk.release_ballast("open on a full disk"):
                 raise
             conn = self._connect_sync()
-        self._sync_full = False
+        self._sync_full = True  # `_open_state` committed with FULL
         self._disk.tune_wal(conn)
         log.info("outbox_opened", path=str(self.path), stream=self.stream,
                  max_bytes=self.max_bytes, boot=self._lanes.boot)
@@ -434,42 +442,13 @@ class Outbox(OutboxUpkeep):
             raise
         return conn
 
-    def _open_state(self, conn: sqlite3.Connection) -> None:
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-        self._lanes.next_seq = (row[0] if row else 0) + 1
-        state_row = conn.execute("SELECT value FROM meta WHERE key = 'clock_state'").fetchone()
-        self.clock.restore(ClockState.from_json(state_row[0] if state_row else None))
-        now = self.clock.now()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("INSERT OR IGNORE INTO boots (boot_id, first_seq, first_wall_ms)"
-                         " VALUES (?, ?, ?)", (self.clock.boot_id, self._lanes.next_seq,
-                                               now.wall_ms))
-            self._lanes.boot = conn.execute("SELECT id FROM boots WHERE boot_id = ?",
-                                      (self.clock.boot_id,)).fetchone()[0]
-            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
-                ("live_window_s", str(self.live_window_ms / 1000)),
-                ("max_bytes", str(self.max_bytes or ""))])
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
-        self._budget.load(conn)
-
-    def _set_sync(self, full: bool) -> None:
-        if self._sync_full is not full:  # a pragma per commit is cheap, but skip it when unchanged
-            self._sqlite.conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
-            self._sync_full = full
-
-    def _write(self, full: bool, body: Callable[[sqlite3.Connection], T]) -> T:
-        self._set_sync(full)
-        return self._sqlite.transaction(body)
-
     def _append_sync(self, rows: list[tuple[Any, ...]], durable: bool, stamp: Stamp,
                      clock_state: str) -> int | Refused:
         if self._ring.active and not self._flush_held_sync(stamp, False):
             return self._hold_sync(rows, stamp, self._ring.last_error)  # keep the order
         body = partial(self._insert_body, rows, clock_state)
+        # Past the seq reservation the commit is synced too (`outbox_seqs.py`).
+        durable = durable or self._seqs.needs_sync(len(rows))
         try:
             first = self._write(durable, body)
         except (sqlite3.Error, OSError) as exc:
@@ -516,21 +495,6 @@ class Outbox(OutboxUpkeep):
         return first
 
     # --- executor-thread bodies: acks, pruning, budget, clock ------------------------------
-
-    def _clock_fix_sync(self, fix: ClockFix, clock_state: str) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            n = correct_clock(conn, fix.boot_id, fix.offset_ms, self.clock.max_step_ms)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('clock_state', ?)", (clock_state,))
-            return n
-        return self._write(True, body)
-
-    def _set_meta_sync(self, key: str, value: str) -> None:
-        self._write(False, lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
-
-    def _get_meta_sync(self, key: str) -> str | None:
-        row = self._sqlite.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
 
     def _latest_sync(self) -> dict[str, Record]:
         rows = self._sqlite.conn.execute(

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from edge_agent.errors import EdgeError
+from edge_agent.outbox_seqs import create_table as seq_reserve_table
 from edge_agent.sqlite_owner import open_reader
 from protocols.envelope import Lane, RecordKind
 
@@ -165,6 +166,11 @@ def _m002_clock_and_budget(conn: sqlite3.Connection) -> None:
 def _m003_disk_full_counters(conn: sqlite3.Connection) -> None:
     conn.executemany("INSERT OR IGNORE INTO counters VALUES (?, 0)",
                      [(n,) for n in DISK_FULL_COUNTERS])
+
+
+@_migration(4)
+def _m004_seq_reserve(conn: sqlite3.Connection) -> None:
+    seq_reserve_table(conn)  # seqs reserved on disk ahead of use (`outbox_seqs.py`)
 
 
 COUNTERS = ("thinned_total", "dropped_total", "budget_events", "clock_corrected_total",

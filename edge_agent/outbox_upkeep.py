@@ -19,12 +19,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from edge_agent.clock import ClockGuard, Stamp
+from edge_agent.clock import ClockFix, ClockGuard, ClockState, Stamp
 from edge_agent.outbox_budget import DiskBudget, Eviction
-from edge_agent.outbox_db import INSERT, MAX_SEQ, add_counter, apply_cap, is_full, used_bytes
+from edge_agent.outbox_db import (
+    INSERT,
+    MAX_SEQ,
+    add_counter,
+    apply_cap,
+    correct_clock,
+    is_full,
+    rollback,
+    used_bytes,
+)
 from edge_agent.outbox_disk import DiskUsage, DiskWatch
 from edge_agent.outbox_lanes import LaneReader, last_seq
 from edge_agent.outbox_ring import HoldRing
+from edge_agent.outbox_seqs import SeqReservation, SeqsUnreserved
 from edge_agent.sqlite_owner import SqliteOwner
 from protocols.envelope import merge_ranges
 
@@ -71,14 +81,97 @@ class OutboxUpkeep:
     clock: ClockGuard
     max_bytes: int | None
     keep_delivered_ms: int
+    live_window_ms: int
+
+    _seqs: SeqReservation
+    _sync_full: bool | None
 
     if TYPE_CHECKING:
-        def _write(self, full: bool, body: Callable[[sqlite3.Connection], T]) -> T: ...
-
         def _event_row(self, ev: Eviction, stamp: Stamp) -> tuple[Any, ...]: ...
 
         def _event_row_attrs(self, attrs: dict[str, Any], stamp: Stamp
                              ) -> tuple[Any, ...]: ...
+
+    def _set_sync(self, full: bool) -> None:
+        if self._sync_full is not full:  # a pragma per commit is cheap, but skip it when unchanged
+            self._sqlite.conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+            self._sync_full = full
+
+    def _write(self, full: bool, body: Callable[[sqlite3.Connection], T]) -> T:
+        """`body(conn)` in one write transaction, synced if `full`. A transaction that takes
+        `sqlite_sequence` past the seq reservation raises it and must be synced
+        (`outbox_seqs.py`): the callers that can hand out seqs ask for FULL then; should one
+        not, its transaction is rolled back and written again with FULL."""
+        try:
+            return self._write_once(full, body)
+        except SeqsUnreserved:
+            return self._write_once(True, body)
+
+    def _write_once(self, full: bool, body: Callable[[sqlite3.Connection], T]) -> T:
+        self._set_sync(full)
+
+        def covered(conn: sqlite3.Connection) -> T:
+            result = body(conn)
+            self._seqs.cover(conn, synced=full)
+            return result
+
+        try:
+            result = self._sqlite.transaction(covered)
+        except BaseException:
+            self._seqs.aborted()
+            raise
+        self._seqs.committed()
+        return result
+
+    def _open_state(self, conn: sqlite3.Connection) -> None:
+        state_row = conn.execute("SELECT value FROM meta WHERE key = 'clock_state'").fetchone()
+        self.clock.restore(ClockState.from_json(state_row[0] if state_row else None))
+        now = self.clock.now()
+        # Synced: a jump past the seqs a power cut may have taken must be on disk before any
+        # seq above it is handed out (`outbox_seqs.py`).
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            skipped = self._seqs.recover(conn, self.clock.boot_id)
+            self._lanes.next_seq = self._seqs.top + 1
+            conn.execute("INSERT OR IGNORE INTO boots (boot_id, first_seq, first_wall_ms)"
+                         " VALUES (?, ?, ?)", (self.clock.boot_id, self._lanes.next_seq,
+                                               now.wall_ms))
+            self._lanes.boot = conn.execute("SELECT id FROM boots WHERE boot_id = ?",
+                                      (self.clock.boot_id,)).fetchone()[0]
+            if skipped is not None:
+                conn.execute(INSERT, self._event_row_attrs(skipped.report(), self.clock.stamp()))
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("live_window_s", str(self.live_window_ms / 1000)),
+                ("max_bytes", str(self.max_bytes or ""))])
+            self._seqs.cover(conn, synced=True)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._seqs.aborted()
+            rollback(conn)
+            raise
+        self._seqs.committed()
+        if skipped is not None:
+            self._lanes.appended(now.mono_ms, skipped.last_seq + 1, 1)
+            log.warning("outbox_power_cut_seqs_skipped", first_seq=skipped.first_seq,
+                        last_seq=skipped.last_seq, records=skipped.records,
+                        reserved_by_boot=skipped.boot_id, boot=self.clock.boot_id)
+        self._budget.load(conn)
+
+    def _clock_fix_sync(self, fix: ClockFix, clock_state: str) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            n = correct_clock(conn, fix.boot_id, fix.offset_ms, self.clock.max_step_ms)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('clock_state', ?)", (clock_state,))
+            return n
+        return self._write(True, body)
+
+    def _set_meta_sync(self, key: str, value: str) -> None:
+        self._write(False, lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+
+    def _get_meta_sync(self, key: str) -> str | None:
+        row = self._sqlite.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
 
     def _room_sync(self) -> bool:
         """Worth trying to write now: the file system has room above the reserve, or pages

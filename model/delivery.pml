@@ -4,8 +4,9 @@
  * how to run it and what the counterexamples look like. Every step names the code it models.
  *
  * Records are named by their seq; a set of seqs is a bit mask (bit s = seq s), so a batch,
- * an ack and a narrowband frame are each one byte. Seqs run 1..MAXSEQ (at most 7; at most 3
- * with POWERCUT, whose messages carry each seq's incarnation in the high bits).
+ * an ack and a narrowband frame are each one byte. Seqs run 1..MAXSEQ (at most 7; with
+ * POWERCUT the skipped seqs and their reports need room, so MAXSEQ is 7, and a data message is
+ * a short that carries each seq's incarnation in its high byte).
  */
 
 /* ---- bounds (override with -D) -------------------------------------------------------- */
@@ -24,14 +25,20 @@
 #ifndef QN
 #define QN 2            /* messages the broker holds per direction (2 or 3)                  */
 #endif
-#define MAXSEQ (NREC + DROPS)
+#ifndef RBLOCK
+#define RBLOCK 2        /* POWERCUT: seqs the outbox reserves on disk at a time (outbox_seqs.py) */
+#endif
 #define BIT(s) (1 << (s))
 #ifdef POWERCUT
+#define MAXSEQ 7
 /* records: alarm raise, then telemetry only; a message carries each seq's incarnation */
 #define IS_ALARM(n) ((n) == 0)
-#define MSG(b) ((b) | ((gen & (b)) << 4))
-#define SEQS(m) ((m) & 15)
+#define MSG(b) ((b) | ((gen & (b)) << 8))
+#define SEQS(m) ((m) & 255)
+#define MSGT short
 #else
+#define MAXSEQ (NREC + DROPS)
+#define MSGT byte
 /* records alternate: alarm raise, telemetry, alarm clear, telemetry, alarm raise, ... */
 #define IS_ALARM(n) ((n) % 2 == 0)
 #define MSG(b) (b)
@@ -50,6 +57,9 @@
 /* NO_SEQ_ORDER       central applies alarm transitions in arrival order (no is_newer)       */
 /* ARRIVAL            keep the arrival order of history rows, for the property arrival_order  */
 /* POWERCUT           the gateway loses power: outbox.db keeps only what was fsynced        */
+/* SEQ_REUSE          ... and the outbox has no seq reservation (the code before the fix)    */
+/* SKIP_UNREPORTED    ... the outbox skips the reserved seqs but does not report them        */
+/* RESERVE_UNSYNCED   ... the outbox raises the reservation in a commit that is not synced   */
 #ifndef FORGE
 #define FORGE 0
 #endif
@@ -71,7 +81,7 @@ byte infl[2];           /* Uplink._inflight: two batch slots (max_inflight), seq
 byte forgot = 0;        /* FORGET_NO_RESEND only: seqs the broken uplink never resends      */
 
 /* ---- broker: Mosquitto, QoS 1, no persistence ----------------------------------------- */
-byte upq[3];            /* up/data messages queued for central (persistent session): a bag  */
+MSGT upq[3];            /* up/data messages queued for central (persistent session): a bag  */
 byte dnq[3];            /* down/ack messages queued for the edge (clean_session=False): bag */
 
 /* ---- the narrowband path (BeiDou / PDT) ----------------------------------------------- */
@@ -100,18 +110,39 @@ bool hist_disorder = false;     /* a history row arrived with a seq below an ear
 byte dropped = 0;               /* seqs the budget evicted                                 */
 byte reported = 0;              /* seqs named by a report record in the outbox             */
 
+byte gen = 0;           /* ghost: seqs handed out a second time (only POWERCUT sets it)     */
 #ifdef POWERCUT
 /* What the last fsync of outbox.db holds: a commit with synchronous=FULL (an alarm, event or
- * budget pass) syncs the WAL; telemetry appends and delivery marks (synchronous=NORMAL)
- * survive a killed process but not a power cut (edge_agent/outbox.py, "Durability"). */
+ * budget pass, or one that raises the seq reservation) syncs the WAL; telemetry appends and
+ * delivery marks (synchronous=NORMAL) survive a killed process but not a power cut
+ * (edge_agent/outbox.py, "Durability"). */
 byte s_next = 1;        /* sqlite_sequence as synced: AUTOINCREMENT rolls back with it       */
 byte s_undeliv = 0;
 byte s_telem = 0;
 byte s_nbwm = 0;
+byte reserved = 0;      /* seq_reserve.reserved (outbox_seqs.py)                            */
+byte s_reserved = 0;    /* ... as synced: the code raises it only in synced commits          */
 byte issued = 1;        /* ghost: the highest seq ever handed out, plus one                  */
-byte gen = 0;           /* ghost: seqs handed out a second time (a second incarnation)      */
 byte cgen = 0;          /* ghost: held seqs whose row at central is that second incarnation */
-inline SYNC() { s_next = next_seq; s_undeliv = undeliv; s_telem = telem; s_nbwm = nb_wm }
+inline SYNC() {
+    s_next = next_seq; s_undeliv = undeliv; s_telem = telem; s_nbwm = nb_wm;
+    s_reserved = reserved
+}
+
+/* A seq is handed out (next_seq, before next_seq++): the ghost notes a second incarnation.
+ * outbox_seqs.py SeqReservation.cover: past the reservation, raise it by a block in the same
+ * transaction, which then commits with synchronous=FULL (sync = true). */
+inline HAND_OUT(sync) {
+    assert(next_seq <= MAXSEQ);
+    if :: next_seq < issued -> gen = gen | BIT(next_seq) :: else -> issued = next_seq + 1 fi;
+#ifndef SEQ_REUSE
+#ifdef RESERVE_UNSYNCED
+    if :: next_seq > reserved -> reserved = next_seq + RBLOCK - 1 :: else -> skip fi
+#else
+    if :: next_seq > reserved -> reserved = next_seq + RBLOCK - 1; sync = true :: else -> skip fi
+#endif
+#endif
+}
 #endif
 
 #define FULL_HELD (held & ~nbcopy)
@@ -149,6 +180,8 @@ ltl alarm_seq_order { [] !applied_disorder }
 ltl alarm_final     { <> (prod_exit && alast == elast && aactive == eraise) }
 /* the raw arrival order (history rows) is NOT seq order: this one is expected to FAIL      */
 ltl arrival_order   { [] !hist_disorder }
+/* no seq is ever handed out twice, also across a power cut (only POWERCUT can break it)     */
+ltl seq_unique      { [] (gen == 0) }
 
 /* ---- central: one record of a committed transaction ------------------------------------- */
 
@@ -246,6 +279,7 @@ inline e_forget(i) {
 /* ---- the producer and the disk budget (edge_agent/outbox.py, outbox_budget.py) ---------- */
 proctype Producer() {
     byte t;
+    bool sync;
 end_p:
     do
     :: atomic {
@@ -262,11 +296,13 @@ end_p:
         :: else -> telem = telem | BIT(next_seq)
         fi;
 #ifdef POWERCUT
-        if :: next_seq < issued -> gen = gen | BIT(next_seq) :: else -> issued = next_seq + 1 fi;
+        sync = IS_ALARM(appended);   /* an alarm commits with synchronous=FULL */
+        HAND_OUT(sync);
 #endif
         next_seq++;
 #ifdef POWERCUT
-        if :: IS_ALARM(appended) -> SYNC() :: else -> skip fi;   /* synchronous=FULL */
+        if :: sync -> SYNC() :: else -> skip fi;
+        sync = false;
 #endif
         appended++
        }
@@ -287,6 +323,10 @@ end_p:
         dropped = dropped | BIT(t);
         reported = reported | BIT(t);
         rep_of[next_seq] = BIT(t);
+#ifdef POWERCUT
+        HAND_OUT(sync);              /* synced anyway: _budget_sync commits with FULL */
+        sync = false;
+#endif
         next_seq++;
         drops_left--;
 #ifdef POWERCUT
@@ -355,7 +395,8 @@ end_u:
 
 /* ---- central ingest (central/ingest.py) ---------------------------------------------------- */
 proctype Central() {
-    byte i, k, b, mg;
+    byte i, k, mg;
+    MSGT b;
 end_c:
     do
     :: atomic {
@@ -370,7 +411,7 @@ end_c:
         fi;
         b = upq[i];
 #ifdef POWERCUT
-        mg = b >> 4; b = SEQS(b);    /* the incarnation of each seq the batch carried */
+        mg = b >> 8; b = SEQS(b);    /* the incarnation of each seq the batch carried */
 #endif
         if :: upq[i] = 0; SORTQ(upq) :: faults > 0 -> faults-- fi;
         if
@@ -421,6 +462,10 @@ end_n:
 
 /* ---- crashes and faults --------------------------------------------------------------------- */
 proctype Faults() {
+#ifdef POWERCUT
+    byte t;
+    bool sync;
+#endif
 end_f:
     do
     :: atomic {
@@ -465,7 +510,29 @@ end_f:
         /* the gateway loses power: outbox.db is what the last fsync left (see SYNC) */
         crashes > 0 -> crashes--;
         up = false; infl[0] = 0; infl[1] = 0;
-        next_seq = s_next; undeliv = s_undeliv; telem = s_telem; nb_wm = s_nbwm
+        next_seq = s_next; undeliv = s_undeliv; telem = s_telem; nb_wm = s_nbwm;
+        reserved = s_reserved;
+#ifndef SEQ_REUSE
+        /* the agent starts in another boot: Outbox._open_state -> SeqReservation.recover.
+         * Below the reservation, sqlite_sequence jumps past it, and the skipped seqs are
+         * named by an outbox_dropped report (reason power_cut) in one synced transaction */
+        if
+        :: next_seq <= reserved ->
+           t = BIT(reserved + 1) - BIT(next_seq);     /* the skipped seqs */
+           next_seq = reserved + 1;
+#ifndef SKIP_UNREPORTED
+           dropped = dropped | t;                      /* lost for good, and ... */
+           reported = reported | t;                    /* ... named by the report */
+           rep_of[next_seq] = t;
+           undeliv = undeliv | BIT(next_seq);          /* the report record */
+           HAND_OUT(sync);
+           next_seq++;
+#endif
+           SYNC();
+           t = 0; sync = false
+        :: else -> skip
+        fi
+#endif
        }
 #endif
     :: break    /* no more faults from here on */

@@ -105,6 +105,23 @@ async def test_thinning_keeps_some_records_of_its_range(storage: Storage) -> Non
     assert s.lost_ranges == ((1, 20),)
 
 
+async def test_power_cut_report_counts_only_the_seqs_never_received(storage: Storage) -> None:
+    """The seqs an outbox skipped after a power cut are reported lost, except the ones that
+    reached central before the cut (held, not lost); nothing is left pending."""
+    # 1 (an alarm) and 2 (a reading whose row the cut took at the edge) reached central; the
+    # outbox came back at 1, skipped 2..257 (its reservation), reported them as 258, went on.
+    cut = Record(seq=258, kind=RecordKind.EVENT, ts_ms=T0 + 258_000, point=None, value=256,
+                 attrs={"event": "outbox_dropped", "records": 256, "first_seq": 2,
+                        "last_seq": 257, "points": [], "reason": "power_cut"})
+    await storage.write_batches([batch(tel(1), tel(2))])
+    await storage.write_batches([batch(cut, tel(259))])
+    (s,) = (await storage.delivery("gw-1")).streams
+    assert (s.held, s.max_seq, s.missing, s.gaps) == (4, 259, 255, ((3, 257),))
+    assert (s.reported_lost, s.pending, s.lost_ranges) == (255, 0, ((2, 257),))
+    kinds = await storage.run(lambda: select("SELECT kind FROM stream_losses"), write=False)
+    assert kinds == [("power_cut",)]
+
+
 async def test_duplicates_and_disorder_count_each_seq_once(storage: Storage) -> None:
     """Resent, reordered and overlapping batches leave held = distinct seqs and no gap."""
     await storage.write_batches([batch(*span(20, 30)), batch(*span(1, 5))])

@@ -39,7 +39,7 @@ def verifiers() -> Iterator[dict[str, Verifier]]:
 
 def _verifier(cache: dict[str, Verifier], bound: Bound, variant: Variant | None = None
               ) -> Verifier:
-    key = bound.name + ("" if variant is None else f"+{variant.name}")
+    key = " ".join((bound.name, *(() if variant is None else variant.defines)))
     if key not in cache:
         cache[key] = Verifier(bound, () if variant is None else variant.defines)
     return cache[key]

@@ -11,7 +11,10 @@ by either backend):
   found with `lag()` over the ranges (the raw tables are purged by time, so they cannot
   answer "was this seq ever here").
 - `stream_losses`: the edge's `outbox_thinned` / `outbox_dropped` reports (EVENT records,
-  attrs `{event, records, first_seq, last_seq, points}`), one row per report record.
+  attrs `{event, records, first_seq, last_seq, points}`), one row per report record. An
+  `outbox_dropped` with `reason: "power_cut"` (the seqs an outbox skipped after a power cut,
+  `edge_agent/outbox_seqs.py`) is kept as kind `power_cut`; some seqs of its range may have
+  reached central before the cut, and those count as held, not lost.
 
 A missing seq is `reported lost` when a loss report covers it, up to the number of records the
 reports name (thinning keeps some records inside a reported range; those still come);
@@ -33,6 +36,7 @@ from protocols.limits import INT64_MAX, SEQ_MAX
 
 GAP_LIMIT = 100
 LOSS_EVENTS = {"outbox_thinned": "thinned", "outbox_dropped": "dropped"}
+POWER_CUT = "power_cut"  # an outbox_dropped report of the seqs skipped after a power cut
 # A record central refused (protocols.limits) and acknowledged: the edge forgets it, so the
 # delivery view counts its seq as reported lost, not as pending for ever.
 REJECTED = "rejected"
@@ -43,7 +47,7 @@ _CHUNK = 200  # rows per multi-row statement
 @dataclass(frozen=True, slots=True)
 class LossReport:
     seq: int  # of the report record itself
-    kind: str  # thinned | dropped
+    kind: str  # thinned | dropped | power_cut | rejected
     first_seq: int
     last_seq: int
     records: int
@@ -61,6 +65,8 @@ def loss_report(seq: int, ts_ms: int, attrs: Mapping[str, Any] | None) -> LossRe
         return None
     if not 1 <= first <= last <= SEQ_MAX or not 0 <= n <= last - first + 1:  # type: ignore[operator]
         return None  # a range no edge has, or more records lost than the range holds
+    if kind == "dropped" and attrs.get("reason") == POWER_CUT:
+        kind = POWER_CUT
     return LossReport(seq, kind, first, last, n, ts_ms)  # type: ignore[arg-type]
 
 
