@@ -116,7 +116,7 @@ def central_events(central: Central, stream: str) -> list[tuple[int, int, dict[s
         " ORDER BY seq", (GW, stream))]
 
 
-def last_seq(outbox: Path) -> int:
+def outbox_last_seq(outbox: Path) -> int:
     """The outbox's last seq; 0 until the agent has created and migrated it."""
     try:
         return read_status(outbox).last_seq
@@ -146,7 +146,8 @@ def test_full_disk_loses_no_alarm_transition_and_reports_every_lost_record(
     wait_for(lambda: metric(central, "mqtt_connected") == 1, timeout=30, what="central online")
     mosquitto.stop()
     agent.start()
-    wait_for(lambda: last_seq(agent.outbox) > 100, timeout=60, what="the agent's first readings")
+    wait_for(lambda: outbox_last_seq(agent.outbox) > 100, timeout=60,
+             what="the agent's first readings")
 
     # 1. The disk fills with telemetry: the reserve makes the budget drop old telemetry.
     fill(filler, leave=RESERVE + 256 * 1024)
