@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +62,23 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def garbage_between(frames: Sequence[bytes], garbage: Sequence[bytes]) -> tuple[bytes, int]:
+    """A line carrying `frames` with garbage before and between them (six garbage pieces, used
+    in turn), and how many garbage bytes it holds: the input of the stream-decoder tests."""
+    between = [garbage[0]] + [garbage[i % 5 + 1] for i in range(len(frames))]
+    stream = between[0] + b"".join(f + g for f, g in zip(frames, between[1:], strict=True))
+    return stream, sum(map(len, between))
+
+
+def chunks(stream: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
+    """`stream` cut into pieces of `sizes` (taken in turn, cycling), as reads off a line."""
+    at, i = 0, 0
+    while at < len(stream):
+        size = sizes[i % len(sizes)]
+        yield stream[at : at + size]
+        at, i = at + size, i + 1
 
 
 def port_open(host: str, port: int) -> bool:

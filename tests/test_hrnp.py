@@ -40,6 +40,7 @@ from protocols.hrnp_text import (
     encode_text,
     text_capacity,
 )
+from tests.helpers import chunks, garbage_between
 
 # Captures from real Hytera radios, published as test vectors of OK-DMR/ok-dmrlib
 # (okdmr/tests/dmrlib/hytera/pdu/test_hrnp.py, test_hdap.py, test_tmp.py).
@@ -352,18 +353,14 @@ def test_mutated_frames_raise_only_hrnp_errors(wire: bytes, data: st.DataObject)
 def test_stream_decoder_over_random_chunks(packets_: list[HrnpPacket], garbage: list[bytes],
                                            sizes: list[int]) -> None:
     """Packets with garbage between them, fed in random chunks, come out whole and in order."""
-    between = [garbage[0]] + [garbage[i % 5 + 1] for i in range(len(packets_))]
-    stream = between[0] + b"".join(encode_packet(p) + g for p, g in zip(packets_, between[1:]))
+    stream, junk = garbage_between([encode_packet(x) for x in packets_], garbage)
     decoder = HrnpDecoder()
     got: list[HrnpPacket] = []
-    at, i = 0, 0
-    while at < len(stream):
-        size = sizes[i % len(sizes)]
-        decoder.feed(stream[at : at + size])
-        at, i = at + size, i + 1
+    for chunk in chunks(stream, sizes):
+        decoder.feed(chunk)
         got += drain(decoder)[0]
     assert got == packets_
-    assert decoder.discarded == sum(map(len, between)) and decoder.errors == 0
+    assert decoder.discarded == junk and decoder.errors == 0
 
 
 def test_stream_decoder_byte_by_byte() -> None:

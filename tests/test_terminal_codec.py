@@ -36,6 +36,7 @@ from protocols.terminal import (
     encode,
     encode_frame,
 )
+from tests.helpers import chunks, garbage_between
 
 relaxed = settings(deadline=None)  # CI is a loaded 2-core box: behaviour, not speed
 DOC = Path(__file__).resolve().parent.parent / "docs" / "terminal-protocol.md"
@@ -295,18 +296,14 @@ def test_mutated_frames_raise_only_terminal_errors(wire: bytes, data: st.DataObj
 def test_stream_decoder_over_random_chunks(frames_: list[TerminalFrame], garbage: list[bytes],
                                            sizes: list[int]) -> None:
     """Frames with garbage between them, fed in random chunks, come out whole and in order."""
-    between = [garbage[0]] + [garbage[i % 5 + 1] for i in range(len(frames_))]
-    stream = between[0] + b"".join(encode_frame(f) + g for f, g in zip(frames_, between[1:]))
+    stream, junk = garbage_between([encode_frame(x) for x in frames_], garbage)
     decoder = TerminalDecoder()
     got: list[TerminalFrame] = []
-    at, i = 0, 0
-    while at < len(stream):
-        size = sizes[i % len(sizes)]
-        decoder.feed(stream[at : at + size])
-        at, i = at + size, i + 1
+    for chunk in chunks(stream, sizes):
+        decoder.feed(chunk)
         got += drain(decoder)[0]
     assert got == frames_
-    assert decoder.discarded == sum(map(len, between)) and decoder.errors == 0
+    assert decoder.discarded == junk and decoder.errors == 0
 
 
 def test_stream_decoder_byte_by_byte() -> None:
