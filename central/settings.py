@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from central.callresp.settings import CallRespSettings
-from central.errors import CentralError
+from central import CentralError
 
 ENV_PREFIX = "FIELDLINK_CENTRAL_"
 
@@ -90,7 +90,7 @@ class Settings(BaseModel):
     offline_after_s: float = Field(120.0, gt=0, description="silence after which a gw is offline")
     ingest_drain_max: int = Field(50, ge=1, le=1000,
                                   description="batches written in one transaction at most")
-    # --- alarms (DESIGN.md §7; central.alarm_rules, central.alarm_engine)
+    # --- alarms (DESIGN.md §7; central.alarms.rules, central.alarms.engine)
     offline_alarm_after_s: float = Field(300.0, gt=0, description="silence after which a "
                                          "gateway_offline alarm is raised")
     alarm_rules_interval_s: float = Field(5.0, gt=0, description="period of central's rules")
@@ -100,7 +100,7 @@ class Settings(BaseModel):
     incident_window_s: float = Field(900.0, ge=0, description="an incident closes this long "
                                      "after its last alarm cleared")
     # --- end alarms
-    # --- record times, history and retention (DESIGN.md §4.7; central.history)
+    # --- record times, history and retention (DESIGN.md §4.7; central.storage.history)
     future_tolerance_s: float = Field(300.0, ge=0, description="a record time further ahead of "
                                       "central's clock is stored flagged CLOCK_SUSPECT")
     retention_raw_days: float = Field(30.0, ge=0, description="keep raw readings this long "
@@ -113,7 +113,7 @@ class Settings(BaseModel):
                                         "samples into the aggregates: longer folds more samples "
                                         "per bucket write (reads fold first anyway)")
     # --- end history
-    # --- narrowband (DESIGN.md §5; central.narrowband): central's own BeiDou terminal or PDT
+    # --- narrowband (DESIGN.md §5; central.narrowband.receiver): central's own BeiDou terminal or PDT
     # radio (one per central process)
     narrowband_port: str | None = Field(None, description="serial port of central's BeiDou "
                                         "terminal or PDT radio, e.g. /dev/ttyUSB1; None: no "

@@ -40,7 +40,7 @@ TS_MAX_MS: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 ORDINAL_MAX: Final = 2**31 - 1
 
 MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
-# The edge's `[mqtt] backlog_batch_size` is at most 50,000 (edge_agent.config).
+# The edge's `[mqtt] backlog_batch_size` is at most 50,000 (edge_agent.config.site).
 MAX_RECORDS_PER_BATCH: Final = 50_000
 MAX_POINTS_PER_BATCH: Final = MAX_RECORDS_PER_BATCH
 MAX_DEVICES_PER_BIRTH: Final = 4_096

@@ -134,7 +134,7 @@ class FrameKind(enum.IntEnum):
 
 
 class AlarmRule(enum.IntEnum):
-    """The edge rule kinds (edge_agent.rules.RuleKind) by wire code; 4 bits."""
+    """The edge rule kinds (edge_agent.alarms.rules.RuleKind) by wire code; 4 bits."""
 
     HIGH = 0
     LOW = 1

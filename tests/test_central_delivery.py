@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from central.api import create_app
+from central.app import create_app
 from central.settings import Settings
 from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.program import Program, Sql

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.outbox import read_status
+from edge_agent.outbox.store import read_status
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
 

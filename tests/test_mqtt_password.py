@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from central.api import create_app
+from central.app import create_app
 from central.settings import Settings
-from edge_agent.config import load_config
-from edge_agent.outbox import NewRecord, Outbox
-from edge_agent.uplink import Uplink
+from edge_agent.config.site import load_config
+from edge_agent.outbox.store import NewRecord, Outbox
+from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth, RecordKind
 from tests.helpers import Mosquitto, until
 from tests.identity import authorize

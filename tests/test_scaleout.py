@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from edge_agent.outbox import read_status
+from edge_agent.outbox.store import read_status
 from tests.fakegw import FakeGateway, ThreadedFleet, expected_record
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from central.api_bounds import IdField
+from central.web.bounds import IdField
 from central.callresp.directory import (
     Group,
     Person,

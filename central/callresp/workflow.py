@@ -30,7 +30,7 @@ from central.callresp.directory import (
     persons_program,
     terminals_program,
 )
-from central.errors import CentralError
+from central import CentralError
 from central.identity.audit import SYSTEM, AuditLog
 from central.storage.program import Program, Sql, placeholders
 from protocols.callresp import CallRespEvent, EventType, Level

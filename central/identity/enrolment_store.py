@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import structlog
 
-from central.errors import CentralError
+from central import CentralError
 from central.storage.side_store import Migration, SideStore
 
 log = structlog.get_logger(__name__)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
-from central.alarm_types import AlarmPolicy
-from central.errors import CentralError
+from central.alarms.lifecycle import AlarmPolicy
+from central import CentralError
 from central.storage.aggregates import (
     Bucket,
     RetentionPolicy,
@@ -227,7 +227,7 @@ class Storage(abc.ABC):
     """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
     `postgres.PostgresStorage`."""
 
-    # Flapping and incident windows applied while batches are written (`central.alarm_engine`);
+    # Flapping and incident windows applied while batches are written (`central.alarms.engine`);
     # the app sets it from its settings after opening.
     alarm_policy: AlarmPolicy = AlarmPolicy()
     # Plausible record times (central.storage.timecheck); the app sets it from its settings.

@@ -18,7 +18,7 @@ bench/ingest.py: -37 % SQLite, -46 % PostgreSQL ingest rate); folded over a flus
 (default 30 s) it is a few per point and minute. The flush cost is the bucket upserts (SQLite
 ~2 us, PostgreSQL ~8 us each): it falls with the samples a bucket gets per flush. Readers
 flush first unless a flush ran in the last few seconds (`Storage.buckets`), so a series misses
-at most those seconds; the flush task (`central.history`) keeps the pending set small.
+at most those seconds; the flush task (`central.storage.history`) keeps the pending set small.
 
 Retention deletes in bounded chunks, one short transaction per chunk, per point through the
 (point_id, ts_ms) / (point_id, bucket_ms) indexes.

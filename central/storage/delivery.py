@@ -13,7 +13,7 @@ by either backend):
 - `stream_losses`: the edge's `outbox_thinned` / `outbox_dropped` reports (EVENT records,
   attrs `{event, records, first_seq, last_seq, points}`), one row per report record. An
   `outbox_dropped` with `reason: "power_cut"` (the seqs an outbox skipped after a power cut,
-  `edge_agent/outbox_seqs.py`) is kept as kind `power_cut`; some seqs of its range may have
+  `edge_agent/outbox/seqs.py`) is kept as kind `power_cut`; some seqs of its range may have
   reached central before the cut, and those count as held, not lost.
 
 A missing seq is `reported lost` when a loss report covers it, up to the number of records the

@@ -34,8 +34,8 @@ import structlog
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
-from central.alarm_engine import log_changes
-from central.alarm_types import AlarmChange
+from central.alarms.engine import log_changes
+from central.alarms.lifecycle import AlarmChange
 from central.storage import (
     DatabaseWriteError,
     Device,

@@ -21,8 +21,8 @@ from typing import Any
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from central.alarm_engine import ingest_program
-from central.alarm_types import AlarmChange, AlarmPolicy
+from central.alarms.engine import ingest_program
+from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage import WriteResult
 from central.storage.aggregates import AggSamples
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
@@ -240,7 +240,7 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     gws = sorted(touched)
     await conn.execute(_TOUCH_GATEWAYS, (gws, [touched[g] for g in gws], [now] * len(gws)))
     # Alarm records move alarms in this same transaction, their locks after the ones above
-    # (alarm keys sorted, then incidents by area: see central.alarm_engine).
+    # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
     if merged_records:
         await run_async(conn, merge_alarms_program(merged_records))

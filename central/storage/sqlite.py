@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from central.alarm_engine import ingest_program, log_changes
-from central.alarm_types import AlarmChange
+from central.alarms.engine import ingest_program, log_changes
+from central.alarms.lifecycle import AlarmChange
 from central.db_thread import DbThread
 from central.storage import (
     DatabaseWriteError,
@@ -339,7 +339,7 @@ class SqliteStorage(Storage):
         if latest:
             conn.executemany(_UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()])
         run_sync(conn, streams_program(tally, now))
-        # Alarm records move alarms in this same transaction (central.alarm_engine).
+        # Alarm records move alarms in this same transaction (central.alarms.engine).
         changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
         if merged:
             run_sync(conn, merge_alarms_program(merged))
