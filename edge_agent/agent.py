@@ -49,7 +49,6 @@ from edge_agent.config.site import (
 )
 from edge_agent.control.server import ControlOps, ControlServer, device_health
 from edge_agent.health.metrics import AgentCollector, serve_metrics
-from edge_agent.uplink.mqtt_config import tls_context
 from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
 from edge_agent.outbox.disk import DiskWatch
@@ -207,19 +206,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             runtime.outbox, runtime.alarms = outbox, alarms
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
-            mq = config.mqtt
-            uplink = Uplink(gw=config.gateway.id, outbox=outbox, host=mq.host, port=mq.port,
-                            boot_id=boot_id, version=__version__, birth=birth,
-                            batch_size=mq.batch_size, backlog_batch_size=mq.backlog_batch_size,
-                            max_inflight=mq.max_inflight, ack_timeout_s=mq.ack_timeout_s,
-                            keepalive_s=mq.keepalive_s, client_id=mq.client_id,
-                            # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
-                            tls=tls_context(mq.tls) if mq.tls is not None else None,
-                            username=mq.username, password=mq.password,
-                            backoff_initial_s=mq.reconnect_min_s,
-                            backoff_max_s=max(mq.reconnect_min_s, mq.reconnect_max_s),
-                            backlog_max_points_per_s=ob.backlog_max_points_per_s,
-                            backlog_queue_delay_s=ob.backlog_queue_delay_s)
+            uplink = Uplink(gw=config.gateway.id, outbox=outbox, birth=birth, mqtt=config.mqtt,
+                            backlog=config.outbox, boot_id=boot_id, version=__version__)
             runtime.uplink = uplink
             nb = config.narrowband
             if nb is not None:

@@ -16,11 +16,13 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from central.mqtt_client import Client as MqttClient
+from runtime.mqtt import Client as MqttClient
 from edge_agent.cli.app import app
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.pacing import BacklogPacer
+from edge_agent.config.site import OutboxConfig
 from edge_agent.uplink.link import Uplink
+from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols import topics
 from protocols.envelope import (
     Ack,
@@ -234,11 +236,12 @@ async def test_live_record_is_acked_promptly_during_a_big_backlog_drain(
         for i in range(0, n_backlog, 500):
             await ob.append([tel(j, f"d{j % 100}/v") for j in range(i, i + 500)])
         await asyncio.sleep(0.4)  # the outage: all of it is history now
-        uplink = Uplink(gw=gw, outbox=ob, host=mosquitto.host, port=mosquitto.port,
-                        boot_id="b", version="v",
+        uplink = Uplink(gw=gw, outbox=ob, boot_id="b", version="v",
                         birth=Birth(gw=gw, stream="", boot_id="", version=""),
-                        batch_size=250, max_inflight=8, ack_timeout_s=5.0,
-                        backlog_max_points_per_s=rate)
+                        mqtt=MqttConfig(host=mosquitto.host, port=mosquitto.port,
+                                        batch_size=250, backlog_batch_size=250, max_inflight=8,
+                                        ack_timeout_s=5.0),
+                        backlog=OutboxConfig(backlog_max_points_per_s=rate))
         async with running(central.run()):
             await asyncio.sleep(0.2)  # subscribed before the uplink publishes
             async with running(uplink.run()):
@@ -283,11 +286,11 @@ async def test_backlog_drains_over_a_link_too_narrow_for_its_batches(
             for i in range(0, n_backlog, 500):
                 await ob.append([tel(j, f"d{j % 100}/v") for j in range(i, i + 500)])
             await asyncio.sleep(0.4)  # all of it is history now
-            uplink = Uplink(gw=gw, outbox=ob, host=proxy.host, port=proxy.port,
-                            boot_id="b", version="v",
+            uplink = Uplink(gw=gw, outbox=ob, boot_id="b", version="v",
                             birth=Birth(gw=gw, stream="", boot_id="", version=""),
-                            batch_size=250, backlog_batch_size=4000, max_inflight=4,
-                            ack_timeout_s=0.5)
+                            mqtt=MqttConfig(host=proxy.host, port=proxy.port, batch_size=250,
+                                            backlog_batch_size=4000, max_inflight=4,
+                                            ack_timeout_s=0.5))
             first = uplink.pacer.allowance(0.0)
             async with running(central.run()):
                 await asyncio.sleep(0.2)

@@ -68,11 +68,10 @@ async def test_gateway_and_central_log_in_with_passwords(password_broker: Mosqui
             write_site(password)
             cfg = load_config(site, check_profiles=False)
             async with Outbox.open(tmp_path / f"{password}.db") as ob:
-                up = Uplink(gw="gw-p", outbox=ob, host=cfg.mqtt.host, port=cfg.mqtt.port,
-                            boot_id="b", version="0", birth=Birth(gw="gw-p", stream="", boot_id="",
-                                                                  version=""),
-                            username=cfg.mqtt.username, password=cfg.mqtt.password,
-                            backoff_max_s=0.5)
+                mqtt = cfg.mqtt.model_copy(update={"reconnect_max_s": 0.5,
+                                                   "backlog_batch_size": 500})
+                up = Uplink(gw="gw-p", outbox=ob, mqtt=mqtt, boot_id="b", version="0",
+                            birth=Birth(gw="gw-p", stream="", boot_id="", version=""))
                 task = asyncio.create_task(up.run())
                 try:
                     await ob.append([NewRecord(RecordKind.TELEMETRY, 1_700_000_000_000 + i,

@@ -34,7 +34,6 @@ from central.identity.ca import load_or_create_ca, new_key_and_csr, write_privat
 from central.settings import Settings
 from edge_agent.config.site import load_config
 from edge_agent.cli.app import app as edge_cli
-from edge_agent.uplink.mqtt_config import tls_context
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from protocols import topics
@@ -180,10 +179,10 @@ async def uplink_of(g: Gateway, **kw: Any) -> AsyncIterator[tuple[Uplink, Outbox
     cfg = load_config(g.config, check_profiles=False)
     assert cfg.mqtt.tls is not None
     async with Outbox.open(cfg.outbox_path) as ob:
-        up = Uplink(gw=g.gw, outbox=ob, host=cfg.mqtt.host, port=cfg.mqtt.port,
-                    boot_id="boot-1", version="0.1.0", tls=tls_context(cfg.mqtt.tls),
-                    birth=Birth(gw=g.gw, stream="", boot_id="", version=""),
-                    ack_timeout_s=cfg.mqtt.ack_timeout_s, backoff_max_s=1.0, **kw)
+        kw.setdefault("backlog_batch_size", kw.get("batch_size", 500))
+        mqtt = cfg.mqtt.model_copy(update={"reconnect_max_s": 1.0, **kw})
+        up = Uplink(gw=g.gw, outbox=ob, mqtt=mqtt, boot_id="boot-1", version="0.1.0",
+                    birth=Birth(gw=g.gw, stream="", boot_id="", version=""))
         task = asyncio.create_task(up.run())
         try:
             yield up, ob

@@ -17,9 +17,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from central.mqtt_client import Client as MqttClient
+from runtime.mqtt import Client as MqttClient
 from edge_agent.outbox.store import NewRecord, Outbox, read_status
 from edge_agent.uplink.link import Uplink
+from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols import topics
 from protocols.envelope import (
     Ack,
@@ -111,8 +112,10 @@ async def running(uplink: Uplink) -> AsyncIterator[Uplink]:
 
 def make_uplink(ob: Outbox, broker: Mosquitto, gw: str, **kw: Any) -> Uplink:
     birth = Birth(gw=gw, stream="", boot_id="", version="")
-    return Uplink(gw=gw, outbox=ob, host=broker.host, port=broker.port, boot_id="boot-1",
-                  version="0.1.0", birth=birth, **kw)
+    on_command = kw.pop("on_command", None)
+    kw.setdefault("backlog_batch_size", kw.get("batch_size", 500))
+    return Uplink(gw=gw, outbox=ob, mqtt=MqttConfig(host=broker.host, port=broker.port, **kw),
+                  boot_id="boot-1", version="0.1.0", birth=birth, on_command=on_command)
 
 
 def tel(i: int) -> NewRecord:
@@ -221,12 +224,14 @@ import asyncio, sys
 from pathlib import Path
 from edge_agent.outbox.store import Outbox
 from edge_agent.uplink.link import Uplink
+from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols.envelope import Birth
 
 async def main(db, host, port, gw):
     async with Outbox.open(Path(db)) as ob:
-        up = Uplink(gw=gw, outbox=ob, host=host, port=int(port), boot_id="b", version="v",
-                    birth=Birth(gw=gw, stream="", boot_id="", version=""), keepalive_s=5)
+        up = Uplink(gw=gw, outbox=ob, mqtt=MqttConfig(host=host, port=int(port), keepalive_s=5,
+                                                      backlog_batch_size=500),
+                    boot_id="b", version="v", birth=Birth(gw=gw, stream="", boot_id="", version=""))
         await up.run()
 
 asyncio.run(main(*sys.argv[1:]))
@@ -295,7 +300,7 @@ async def test_a_connection_closed_before_connack_fails_the_attempt_at_once() ->
     """A link that closes every connection at once (proxy in drop mode) fails each connect
     attempt right away instead of after the client's whole timeout (here 60 s), so the
     gateway notices a returning link within its reconnect back-off."""
-    from edge_agent.uplink.link import _Client
+    from runtime.mqtt import Client as _Client
     from tests.netproxy import LinkProxy
 
     proxy = LinkProxy("127.0.0.1", 9)  # upstream never reached in drop mode

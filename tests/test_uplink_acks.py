@@ -9,9 +9,10 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from central.mqtt_client import Client as MqttClient
+from runtime.mqtt import Client as MqttClient
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
+from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols import topics
 from protocols.envelope import Ack, Birth, DataBatch, RecordKind, decode, encode
 from tests.helpers import Mosquitto, until
@@ -25,8 +26,10 @@ def tel(i: int) -> NewRecord:
 
 @contextlib.asynccontextmanager
 async def running(ob: Outbox, broker: Mosquitto, **kw: object) -> AsyncIterator[Uplink]:
-    up = Uplink(gw=GW, outbox=ob, host=broker.host, port=broker.port, boot_id="b", version="0",
-                birth=Birth(gw=GW, stream="", boot_id="", version=""), **kw)  # type: ignore[arg-type]
+    kw.setdefault("backlog_batch_size", kw.get("batch_size", 500))
+    up = Uplink(gw=GW, outbox=ob, mqtt=MqttConfig(host=broker.host, port=broker.port,
+                                                  **kw),  # type: ignore[arg-type]
+                boot_id="b", version="0", birth=Birth(gw=GW, stream="", boot_id="", version=""))
     task = asyncio.create_task(up.run())
     try:
         await until(lambda: up.connected, "uplink connected")

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent import EdgeError
+from runtime.mqtt import TlsFileError, client_tls_context
 
 
 class MqttTlsError(EdgeError):
@@ -83,17 +84,9 @@ def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
     """The client context: the broker must chain to `ca` (and name the host, unless
     `check_hostname = false`); the gateway shows `cert`/`key`."""
     try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise MqttTlsError(tls.ca, f"cannot load the CA certificate: {exc}") from exc
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = tls.check_hostname
-    if tls.cert is not None and tls.key is not None:
-        try:
-            ctx.load_cert_chain(str(tls.cert), str(tls.key))
-        except (OSError, ssl.SSLError) as exc:
-            raise MqttTlsError(tls.cert, f"cannot load the certificate and key: {exc}") from exc
-    return ctx
+        return client_tls_context(tls.ca, tls.cert, tls.key, check_hostname=tls.check_hostname)
+    except TlsFileError as exc:
+        raise MqttTlsError(exc.path, exc.reason) from exc
 
 
 def loose_mode(path: Path) -> int | None:
