@@ -1,14 +1,16 @@
 """Central's HTTP API and console (DESIGN.md §1): `create_app(settings)` builds the server.
 
-The lifespan opens storage and runs the MQTT ingest task; both live on `app.state`. Errors are
-problem JSON (RFC 9457): 404 for an unknown gateway, device or point, 422 for bad parameters.
+The lifespan opens storage and starts central's parts on one `AsyncExitStack` (`_start`); they
+live on `app.state`. Errors are problem JSON (RFC 9457): 404 for an unknown gateway, device or
+point, 422 for bad parameters. The response bodies are `central.web.models`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,14 +20,15 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central import tasks
 from central import __version__
+from central.alarms.desk import policy_from  # alarms wiring (§7)
 from central.alarms.rules import start_alarm_rules  # alarms wiring (§7)
 from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
 from central.callresp.api import install as install_callresp  # 叫应 wiring (§7)
+from central.callresp.service import CallRespService, running  # 叫应 wiring (§7)
 from central.web.bounds import TIME_MAX_MS, TIME_MIN_MS
 from central.commands.dispatch import start_commands
 from central.commands.api import install as install_command_api
@@ -33,7 +36,7 @@ from central.console.api import install as install_console_api  # duty console (
 from central import CentralError
 from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
 from central.identity.enrolment_api import identity_audit, start_identity  # identity (§8)
-from central.storage.history import keep_days, start_history
+from central.storage.history import keep_days, start_history, time_policy_from
 from central.identity.accounts import Accounts
 from central.identity.audit import AuditLog
 from central.identity.authz import (
@@ -61,6 +64,20 @@ from central.storage import (
     safe_db_url,
 )
 from central.storage.aggregates import Resolution, choose_resolution, coarser
+from central.web.models import (
+    BucketOut,
+    DeliveryOut,
+    DeviceOut,
+    GatewayDetail,
+    GatewayOut,
+    Health,
+    LatestOut,
+    PointOut,
+    Problem,
+    SampleOut,
+    SeriesOut,
+    StreamDeliveryOut,
+)
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -74,120 +91,6 @@ class TimeParamError(CentralError):
                          f" within {TIME_MIN_MS}..{TIME_MAX_MS}")
         self.name = name
         self.value = value
-
-
-# --- response models --------------------------------------------------------------------------
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Health(_Out):
-    status: str
-    db: bool
-    mqtt_connected: bool
-    version: str
-
-
-class GatewayOut(_Out):
-    gw: str
-    online: bool  # effective: its state says online AND it was heard within offline_after_s
-    state_online: bool
-    stream: str | None
-    boot_id: str | None
-    version: str | None
-    bearer: str | None
-    backlog: int | None
-    last_seen_ms: int | None
-    state_ts_ms: int | None
-    # delivery, summed over the gateway's streams (detail: /api/gateways/{gw}/delivery)
-    held: int = 0  # records central holds (ever received; retention does not lower it)
-    missing: int = 0  # seqs up to the highest received that central does not hold
-    reported_lost: int = 0  # of the missing, those the edge reported evicted
-
-
-class StreamDeliveryOut(_Out):
-    stream: str
-    current: bool
-    held: int
-    max_seq: int
-    missing: int
-    gaps: list[tuple[int, int]]  # the first 100 missing [first, last] ranges
-    gap_count: int
-    reported_lost: int
-    pending: int  # missing and not reported lost: not arrived yet (or lost silently)
-    lost_records_reported: int
-    lost_ranges: list[tuple[int, int]]
-    first_ms: int | None
-    last_ms: int | None
-
-
-class DeliveryOut(_Out):
-    gw: str
-    stream: str | None
-    last_seen_ms: int | None
-    backlog: int | None  # as the gateway's last state reported it
-    streams: list[StreamDeliveryOut]
-
-
-class LatestOut(_Out):
-    ts_ms: int
-    value: float | None
-    text: str | None
-
-
-class PointOut(_Out):
-    ref: str
-    device: str
-    point: str
-    name_zh: str
-    unit: str
-    latest: LatestOut | None
-
-
-class DeviceOut(_Out):
-    ref: str
-    device: str
-    profile: str
-    points: list[PointOut]
-
-
-class GatewayDetail(GatewayOut):
-    devices: list[DeviceOut]
-
-
-class SampleOut(_Out):
-    ts_ms: int
-    value: float | None
-    text: str | None
-    flags: int
-
-
-class BucketOut(_Out):
-    ts_ms: int  # bucket start
-    value: float  # average
-    min: float
-    max: float
-    count: int
-
-
-class SeriesOut(_Out):
-    point: str
-    from_ms: int
-    to_ms: int
-    resolution: Literal["raw", "1m", "1h"]
-    limit: int
-    truncated: bool  # more samples exist in the window: ask again from the last ts + 1
-    samples: list[SampleOut] | list[BucketOut]
-
-
-class Problem(_Out):
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
-    errors: list[dict[str, object]] | None = None
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -241,6 +144,34 @@ def _problem(status: int, title: str, detail: str,
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM)
 
 
+async def _series(storage: Storage, point: str, from_ms: int, to_ms: int,
+                  resolution: Literal["auto", "raw", "1m", "1h"], limit: int | None, *,
+                  now: int, keep: dict[str, float]) -> SeriesOut:
+    """A point's samples or buckets in a window; `auto` picks the resolution by the window's
+    length and goes coarser where retention has purged the finer one."""
+    res: Resolution = choose_resolution(from_ms, to_ms) if resolution == "auto" else resolution
+    while True:
+        if res == "raw":
+            n = limit or 1000
+            rows = await storage.series(point, from_ms, to_ms, n + 1)
+            samples: list[SampleOut] | list[BucketOut] = [
+                SampleOut(ts_ms=s.ts_ms, value=s.value, text=s.text, flags=s.flags)
+                for s in rows[:n]]
+        else:
+            n = limit or 10_080  # a week of minutes
+            buckets = await storage.buckets(point, res, from_ms, to_ms, n + 1)
+            rows = buckets  # type: ignore[assignment]
+            samples = [BucketOut(ts_ms=b.ts_ms, value=b.avg, min=b.min, max=b.max,
+                                 count=b.count) for b in buckets[:n]]
+        # auto, and retention has purged this window at this resolution: go coarser.
+        nxt = coarser(res, from_ms, now, keep) if resolution == "auto" and not rows else None
+        if nxt is None:
+            break
+        res = nxt
+    return SeriesOut(point=point, from_ms=from_ms, to_ms=to_ms, resolution=res, limit=n,
+                     truncated=len(rows) > n, samples=samples)
+
+
 def _document_bearer(app: FastAPI) -> None:
     """Say in the OpenAPI description that every operation but the public ones needs a
     bearer token (the middleware enforces it; this lets /docs and clients send one)."""
@@ -263,82 +194,62 @@ def _document_bearer(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-# --- the app ----------------------------------------------------------------------------------
+# --- the lifespan -----------------------------------------------------------------------------
 
 
-def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
-    """Build central's FastAPI app; `run_ingest=False` serves the API without MQTT."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        storage = open_storage(settings.db_url)
-        metrics = Metrics()
-        await storage.open()
-        ingest = Ingest(settings, storage, metrics)
-        app.state.settings = settings
-        app.state.storage = storage
-        app.state.metrics = metrics
-        app.state.ingest = ingest
-        # --- identity wiring (DESIGN.md §8): the audit log, users and sessions.
-        audit = AuditLog(storage)
-        app.state.audit = audit
-        app.state.accounts = Accounts(
-            storage, audit, counters=counters, idle_s=settings.session_idle_s,
-            throttle=LoginThrottle(max_failures=settings.login_max_failures,
-                                   window_s=settings.login_window_s))
-        # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
-        app.state.commands = await start_commands(settings, storage, audit=audit,
-                                                  dispatch=run_ingest)
-        ingest.command_hooks = app.state.commands.service
-        # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL, audited.
-        try:
-            app.state.identity = await start_identity(
-                settings, app.state.commands.service.public_key_b64,
-                audit=identity_audit(audit))
-        except BaseException:  # e.g. a CA key others may read: central refuses to start
-            await app.state.commands.stop()
-            await storage.close()
-            raise
-        # --- alarms wiring (DESIGN.md §7): alarm policy on storage, central's rules task.
-        app.state.alarm_rules = start_alarm_rules(settings, storage, run=run_ingest)
-        # --- history: time policy on storage, aggregate flush and retention task.
-        app.state.history = start_history(settings, storage, metrics, run=run_ingest)
-        task = (tasks.start("ingest.mqtt", ingest.run) if run_ingest
-                else None)
-        app.state.ingest_task = task
-        # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal or PDT radio.
-        receiver = (NarrowbandReceiver(settings, storage, metrics)
+async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Settings,
+                 counters: AuthCounters, run: bool) -> None:
+    """Open and start central's parts in the order they need each other, each entered on
+    `stack` the moment it exists: a failure half-way closes what was opened and stops what
+    was started (STYLE.md §13). Each part gets its collaborators in its constructor."""
+    s = app.state
+    s.settings, s.metrics = settings, Metrics()
+    s.storage = storage = await stack.enter_async_context(open_storage(
+        settings.db_url, alarm_policy=policy_from(settings),  # alarms wiring (§7)
+        time_policy=time_policy_from(settings)))
+    # --- identity wiring (DESIGN.md §8): the audit log, users and sessions.
+    s.audit = audit = AuditLog(storage)
+    s.accounts = Accounts(storage, audit, counters=counters, idle_s=settings.session_idle_s,
+                          throttle=LoginThrottle(max_failures=settings.login_max_failures,
+                                                 window_s=settings.login_window_s))
+    # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
+    s.commands = await start_commands(settings, storage, audit=audit, dispatch=run)
+    stack.push_async_callback(s.commands.stop)
+    # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL, audited. Raises
+    # e.g. for a CA key others may read: central refuses to start.
+    s.identity = await start_identity(settings, s.commands.service.public_key_b64,
+                                      audit=identity_audit(audit))
+    stack.push_async_callback(s.identity.stop)
+    # --- alarms wiring (DESIGN.md §7): central's rules task.
+    s.alarm_rules = start_alarm_rules(settings, storage, run=run)
+    stack.push_async_callback(s.alarm_rules.stop)
+    # --- history: aggregate flush and retention task.
+    s.history = start_history(settings, storage, s.metrics, run=run)
+    stack.push_async_callback(s.history.stop)
+    # --- 叫应 wiring (DESIGN.md §7): the service and its scheduler.
+    s.callresp = await stack.enter_async_context(running(CallRespService(
+        settings.callresp, storage, audit, s.commands.service,
+        postgres=not settings.db_url.startswith("sqlite")), run=run))
+    # --- MQTT ingest: command results and 叫应 receipts are applied after each commit.
+    s.ingest = Ingest(settings, storage, s.metrics, command_hooks=s.commands.service,
+                      batch_hooks=(s.callresp,))
+    s.ingest_task = _start_task(stack, "ingest.mqtt", s.ingest.run) if run else None
+    # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal or PDT radio.
+    s.narrowband = (NarrowbandReceiver(settings, storage, s.metrics)
                     if settings.narrowband_port is not None else None)
-        app.state.narrowband = receiver
-        nb_task = (tasks.start(f"narrowband.{settings.narrowband_bearer}", receiver.run)
-                   if receiver else None)
-        log.info("central_started", version=__version__, db=safe_db_url(settings.db_url),
-                 http_port=settings.http_port, ingest=run_ingest)
-        try:
-            yield
-        finally:
-            await tasks.stop(nb_task)  # narrowband wiring (§5)
-            await tasks.stop(task)
-            await app.state.commands.stop()  # commands wiring (§6)
-            await app.state.identity.stop()  # identity wiring (§8)
-            await app.state.alarm_rules.stop()  # alarms wiring (§7)
-            await app.state.history.stop()
-            await storage.close()
-            log.info("central_stopped")
+    if s.narrowband is not None:
+        _start_task(stack, f"narrowband.{settings.narrowband_bearer}", s.narrowband.run)
 
-    # /docs and /redoc come from local files (central.web.docs): duty networks are often
-    # cut off from the internet (§8).
-    app = FastAPI(title="Fieldlink central", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None,
-                  description="Gateways, devices, latest values and series (DESIGN.md §4). Log "
-                              "in with `POST /api/login` and send the token as "
-                              "`Authorization: Bearer …` (§8).")
-    counters = AuthCounters()
-    app.state.auth_counters = counters
-    app.add_middleware(AuthMiddleware, idle_s=lambda: settings.session_idle_s, counters=counters)
 
-    def storage_of(request: Request) -> Storage:
-        return request.app.state.storage  # type: ignore[no-any-return]
+def _start_task(stack: contextlib.AsyncExitStack, name: str,
+                run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    task = tasks.start(name, run)
+    stack.push_async_callback(tasks.stop, task)
+    return task
+
+
+def _install_problems(app: FastAPI) -> None:
+    """Errors as problem JSON (RFC 9457)."""
 
     @app.exception_handler(NotFoundError)
     async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
@@ -362,6 +273,37 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _problem(exc.status_code, "HTTP error", str(exc.detail))
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
+    """Build central's FastAPI app; `run_ingest=False` serves the API without MQTT."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            await _start(app, stack, settings, counters, run_ingest)
+            log.info("central_started", version=__version__, db=safe_db_url(settings.db_url),
+                     http_port=settings.http_port, ingest=run_ingest)
+            yield
+        log.info("central_stopped")
+
+    # /docs and /redoc come from local files (central.web.docs): duty networks are often
+    # cut off from the internet (§8).
+    app = FastAPI(title="Fieldlink central", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Gateways, devices, latest values and series (DESIGN.md §4). Log "
+                              "in with `POST /api/login` and send the token as "
+                              "`Authorization: Bearer …` (§8).")
+    counters = AuthCounters()
+    app.state.auth_counters = counters
+    app.add_middleware(AuthMiddleware, idle_s=lambda: settings.session_idle_s, counters=counters)
+    _install_problems(app)
+
+    def storage_of(request: Request) -> Storage:
+        return request.app.state.storage  # type: ignore[no-any-return]
 
     problems: dict[int | str, dict[str, object]] = {
         404: {"model": Problem, "description": "Unknown gateway, device or point"},
@@ -444,30 +386,8 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         if from_ms > to_ms:
             raise TimeParamError("from", f"{from_} (after to)")
         await check_gateway(storage_of(request), p, point.split(":", 1)[0])
-        res: Resolution = (choose_resolution(from_ms, to_ms) if resolution == "auto"
-                           else resolution)
-        storage = storage_of(request)
-        while True:
-            if res == "raw":
-                n = limit or 1000
-                rows = await storage.series(point, from_ms, to_ms, n + 1)
-                samples: list[SampleOut] | list[BucketOut] = [
-                    SampleOut(ts_ms=s.ts_ms, value=s.value, text=s.text, flags=s.flags)
-                    for s in rows[:n]]
-            else:
-                n = limit or 10_080  # a week of minutes
-                buckets = await storage.buckets(point, res, from_ms, to_ms, n + 1)
-                rows = buckets  # type: ignore[assignment]
-                samples = [BucketOut(ts_ms=b.ts_ms, value=b.avg, min=b.min, max=b.max,
-                                     count=b.count) for b in buckets[:n]]
-            # auto, and retention has purged this window at this resolution: go coarser.
-            nxt = (coarser(res, from_ms, now, keep_days(settings))
-                   if resolution == "auto" and not rows else None)
-            if nxt is None:
-                break
-            res = nxt
-        return SeriesOut(point=point, from_ms=from_ms, to_ms=to_ms, resolution=res, limit=n,
-                         truncated=len(rows) > n, samples=samples)
+        return await _series(storage_of(request), point, from_ms, to_ms, resolution, limit,
+                              now=now, keep=keep_days(settings))
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
     async def metrics(request: Request, _: Reader) -> PlainTextResponse:
@@ -486,7 +406,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     install_command_api(app)  # commands wiring (§6)
     install_enrolment_api(app)  # identity wiring (§8): reachable without a login
     install_alarm_api(app)  # alarms wiring (§7)
-    install_callresp(app)  # 叫应 wiring (§7): routes, and the service in the lifespan
+    install_callresp(app)  # 叫应 wiring (§7): routes (the service is started in `_start`)
     install_console_api(app)  # duty console: overview, desk, live events, positions
     _document_bearer(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

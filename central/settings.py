@@ -127,7 +127,7 @@ class Settings(BaseModel):
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
     # --- end narrowband
-    # --- mqtt tls and identities (DESIGN.md §8; central.identity, central.mqtt_client)
+    # --- mqtt tls and identities (DESIGN.md §8; central.identity, central.ingest.broker)
     mqtt_tls_ca: Path | None = Field(None, description="CA certificate (PEM) the broker's "
                                      "certificate must chain to; setting it turns TLS on")
     mqtt_tls_cert: Path | None = Field(None, description="central's client certificate (CN "

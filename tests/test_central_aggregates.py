@@ -197,14 +197,15 @@ async def test_series_api_picks_resolution_and_returns_buckets(tmp_path: Path) -
 
 
 async def test_history_upkeep_applies_settings_and_counts(tmp_path: Path) -> None:
-    """start_history applies the time tolerance; its flush and purge feed the metrics."""
-    from central.storage.history import start_history
+    """The storage applies the settings' time tolerance (given at construction); start_history's
+    flush and purge feed the metrics."""
+    from central.storage.history import start_history, time_policy_from
     from central.health.metrics import Metrics
 
     settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", future_tolerance_s=10,
                         retention_raw_days=1)
     metrics = Metrics()
-    async with open_storage(settings.db_url) as st:
+    async with open_storage(settings.db_url, time_policy=time_policy_from(settings)) as st:
         runtime = start_history(settings, st, metrics, run=False)
         (res,) = await st.write_batches([batch([
             tel(1, "d1/gas", 1.0, NOW + 60_000), tel(2, "d1/gas", 2.0, NOW - 2 * DAY),

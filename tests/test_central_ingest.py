@@ -15,7 +15,7 @@ import pytest
 
 from central.ingest.subscriber import Ingest
 from central.health.metrics import Metrics
-from central.mqtt_client import Client as MqttClient
+from runtime.mqtt import Client as MqttClient
 from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
 from central.storage.sqlite import SqliteStorage

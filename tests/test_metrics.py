@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from central.mqtt_client import Client as MqttClient
+from runtime.mqtt import Client as MqttClient
 from central.settings import Settings
 from protocols import topics
 from protocols.envelope import DataBatch, Record, RecordKind, encode

@@ -106,9 +106,9 @@ class AlarmRulesRuntime:
 
 
 def start_alarm_rules(settings: Settings, storage: Storage, *, run: bool) -> AlarmRulesRuntime:
-    """Apply the settings' alarm policy to `storage` and, with `run`, start the loop task."""
+    """Central's alarm rules and, with `run`, their loop task. (The storage applies the same
+    policy while it writes batches: `open_storage(alarm_policy=policy_from(settings))`.)"""
     policy = policy_from(settings)
-    storage.alarm_policy = policy
     rules = AlarmRules(storage, offline_after_ms=int(settings.offline_alarm_after_s * 1000),
                        interval_s=settings.alarm_rules_interval_s, policy=policy)
     task = tasks.start("alarms.rules", rules.run) if run else None

@@ -16,10 +16,9 @@ reads show only targets within it (DESIGN.md §8).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -42,7 +41,7 @@ from central.callresp.directory import (
     upsert_person_program,
     upsert_terminal_program,
 )
-from central.callresp.service import CallRespService, running
+from central.callresp.service import CallRespService
 from central.callresp.views import stats, warning_program, warnings_program
 from central.callresp.workflow import WarningRequestError
 from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
@@ -132,21 +131,7 @@ def _visible(p: Principal) -> Callable[[str | None], bool]:
 
 
 def install(app: FastAPI) -> None:
-    """Add the 叫应 routes and run the service inside the app's lifespan."""
-    inner = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
-        async with inner(a) as state:
-            s = a.state
-            svc = CallRespService(s.settings.callresp, s.storage, s.audit, s.commands.service,
-                                  postgres=not s.settings.db_url.startswith("sqlite"))
-            async with running(svc, run=s.ingest_task is not None):
-                s.callresp = svc
-                s.ingest.batch_hooks = (*s.ingest.batch_hooks, svc)
-                yield state
-
-    app.router.lifespan_context = lifespan
+    """Add the 叫应 routes (the app's lifespan starts the service: `central.app._start`)."""
 
     @app.exception_handler(WarningRequestError)
     async def refused(_: Request, exc: WarningRequestError) -> JSONResponse:

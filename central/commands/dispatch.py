@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -36,8 +35,9 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from central import mqtt_client, tasks
+from central import tasks
 from central.commands.check import WritePolicy
+from central.ingest import broker
 from central.commands.store import (
     APPROVAL_REQUIRED,
     ORIGIN_CENTRAL,
@@ -69,6 +69,7 @@ from protocols.commands import (
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
+from runtime.mqtt import MqttSession, until_disconnected
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +121,10 @@ class CommandService:
         self.tick_s = tick_s
         self.counters = CommandCounters()
         self.connected = False
+        self.session = MqttSession(
+            broker.endpoint(settings, client_id=f"{settings.mqtt_client_id}-cmd",
+                            clean_session=True),
+            name="commands", backoff_first_s=BACKOFF_FIRST_S, backoff_max_s=BACKOFF_MAX_S)
         self._wake = asyncio.Event()
         self._births: dict[str, int] = {}  # gw -> ms of its last birth seen by this process
         self._started_ms = _now_ms()
@@ -251,28 +256,26 @@ class CommandService:
 
     async def run(self) -> None:
         """Publish due commands and expire stale ones, for ever (reconnecting to the broker)."""
-        s = self.settings
-        backoff = BACKOFF_FIRST_S
-        lg = log.bind(broker=f"{s.mqtt_host}:{s.mqtt_port}")
+        await self.session.run(self._serve, on_down=self._down)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        self.connected = True
+        try:
+            async with asyncio.TaskGroup() as tg:
+                # Publishes alone would notice a lost link only at the next due command.
+                tg.create_task(until_disconnected(client), name="commands.link")
+                tg.create_task(self._dispatch_loop(client), name="commands.publish")
+        finally:
+            self.connected = False
+
+    async def _dispatch_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            try:
-                async with mqtt_client.connect(s, identifier=f"{s.mqtt_client_id}-cmd",
-                                               clean_session=True) as client:
-                    self.connected = True
-                    backoff = BACKOFF_FIRST_S
-                    lg.info("command_dispatcher_connected")
-                    while True:
-                        await self._tick(client)
-                        await self._sleep()
-            except aiomqtt.MqttError as exc:
-                if self.connected:
-                    lg.warning("command_dispatcher_disconnected", error=str(exc))
-            finally:
-                self.connected = False
-            # Still expire while the broker is away: that needs only the database.
-            await self._expire()
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            await self._tick(client)
+            await self._sleep()
+
+    async def _down(self, exc: aiomqtt.MqttError, first: bool) -> None:
+        # Still expire while the broker is away: that needs only the database.
+        await self._expire()
 
     async def _sleep(self) -> None:
         with contextlib.suppress(TimeoutError):

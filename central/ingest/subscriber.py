@@ -3,7 +3,8 @@
 The invariant: a `down/ack` names only seqs whose transaction has committed. Messages already
 queued are drained (up to `ingest_drain_max` batches) and written in one transaction, then
 each batch is acked — duplicates too, since central holds them. On disconnect (the broker may
-be SIGKILLed at any time) the loop reconnects with capped, jittered back-off.
+be SIGKILLed at any time) the session reconnects with capped, jittered back-off
+(`runtime.mqtt`), and subscribes again before it says central is online.
 
 Bad input never stops the loop (README "Hostile input at central"). Every message passes the
 envelope's validation layer (`protocols.limits`). A message refused whole (not CBOR, a field
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Protocol
@@ -31,10 +32,11 @@ from typing import Protocol
 import aiomqtt
 import structlog
 
-from central import __version__, mqtt_client
+from central import __version__
 from central import CentralError
 from central.health.metrics import Metrics
 from central.settings import Settings
+from central.ingest import broker
 from central.ingest.rejects import RejectLog, write_isolating
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
@@ -50,6 +52,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
+from runtime.mqtt import MqttSession
 
 log = structlog.get_logger(__name__)
 
@@ -117,14 +120,30 @@ def _payload_bytes(payload: object) -> bytes:
 class Ingest:
     """The MQTT ingest worker. `run()` is the `ingest_loop`; it returns only when cancelled."""
 
-    def __init__(self, settings: Settings, storage: Storage, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, storage: Storage, metrics: Metrics, *,
+                 command_hooks: CommandHooks | None = None,
+                 batch_hooks: Sequence[BatchHook] = ()) -> None:
+        """`command_hooks`: the command service (births and command results, §6);
+        `batch_hooks`: further consumers of committed batches (叫应, central.callresp)."""
         self.settings = settings
         self.storage = storage
         self.metrics = metrics
+        self.command_hooks = command_hooks
+        self.batch_hooks = tuple(batch_hooks)
         self.boot_id = uuid.uuid4().hex[:12]
         self._connected = asyncio.Event()
         self._acks: set[asyncio.Task[None]] = set()  # acks being published
         self.reject_log = RejectLog()
+        s = settings
+        self.session = MqttSession(
+            # One central: a persistent session, so the broker queues QoS 1 messages while it
+            # is away. Shared workers: a clean session, because Mosquitto keeps a dead member's
+            # persistent session in the $share group and parks its share of the messages
+            # there; the survivors then get everything and the edge resends what was in flight.
+            broker.endpoint(s, client_id=s.mqtt_client_id, clean_session=s.mqtt_shared),
+            name="ingest", backoff_first_s=BACKOFF_FIRST_S, backoff_max_s=BACKOFF_MAX_S,
+            will=lambda: aiomqtt.Will(topics.CENTRAL_STATE, self._state(False), qos=1,
+                                      retain=True))
 
     @property
     def connected(self) -> bool:
@@ -138,47 +157,28 @@ class Ingest:
         return encode(State(online=online, boot_id=self.boot_id, version=__version__,
                             bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000))
 
-    def _client(self) -> aiomqtt.Client:
-        s = self.settings
-        return mqtt_client.connect(
-            s, identifier=s.mqtt_client_id,
-            # One central: a persistent session, so the broker queues QoS 1 messages while it
-            # is away. Shared workers: a clean session, because Mosquitto keeps a dead member's
-            # persistent session in the $share group and parks its share of the messages
-            # there; the survivors then get everything and the edge resends what was in flight.
-            clean_session=s.mqtt_shared,
-            will=aiomqtt.Will(topics.CENTRAL_STATE, self._state(False), qos=1, retain=True),
-        )
-
     async def run(self) -> None:
         """Connect, consume, and reconnect with capped, jittered back-off, for ever."""
-        backoff = BACKOFF_FIRST_S
-        s = self.settings
-        lg = log.bind(broker=f"{s.mqtt_host}:{s.mqtt_port}", client_id=s.mqtt_client_id)
-        while True:
-            try:
-                async with self._client() as client:
-                    await client.publish(topics.CENTRAL_STATE, self._state(True), qos=1,
-                                         retain=True)
-                    sub = topics.SHARED_UP if s.mqtt_shared else topics.UP_WILDCARD
-                    await client.subscribe(sub, qos=1)
-                    self._connected.set()  # only now: "connected" means "receiving"
-                    self.metrics.mqtt_connected = True
-                    self.metrics.mqtt_connects += 1
-                    backoff = BACKOFF_FIRST_S
-                    lg.info("mqtt_connected", subscription=sub)
-                    try:
-                        await self._consume(client)
-                    except asyncio.CancelledError:
-                        await self._say_offline(client)
-                        raise
-            except aiomqtt.MqttError as exc:
-                lg.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(backoff, 2))
-            finally:
-                self._connected.clear()
-                self.metrics.mqtt_connected = False
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        await self.session.run(self._serve)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        sub = topics.SHARED_UP if self.settings.mqtt_shared else topics.UP_WILDCARD
+        try:
+            # Subscribed before central says it is online (retained): a gateway that acts on
+            # that state publishes into a subscription that is already there.
+            await client.subscribe(sub, qos=1)
+            await client.publish(topics.CENTRAL_STATE, self._state(True), qos=1, retain=True)
+            self._connected.set()  # only now: "connected" means "receiving"
+            self.metrics.mqtt_connected = True
+            self.metrics.mqtt_connects += 1
+            log.info("ingest_subscribed", subscription=sub)
+            await self._consume(client)
+        except asyncio.CancelledError:
+            await self._say_offline(client)
+            raise
+        finally:
+            self._connected.clear()
+            self.metrics.mqtt_connected = False
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """On a clean stop the broker does not send the Will, so say offline ourselves."""
@@ -380,14 +380,14 @@ class Ingest:
 
     # --- commands wiring (DESIGN.md §6) ---------------------------------------------------
 
-    command_hooks: CommandHooks | None = None
-
     async def _apply_command_results(self, written: list[DataBatch]) -> list[DataBatch]:
         """Let command results move their commands' states; returns the batches to ack.
 
         A batch whose results cannot be applied is not acked: the gateway sends it again,
         storage deduplicates it, and the results are applied then.
         """
+        # Further consumers of committed batches (叫应 receipts and acks, central.callresp):
+        # each applies its records idempotently; a failure withholds the ack, as for results.
         hooks: list[BatchHook] = [] if self.command_hooks is None else [self.command_hooks]
         hooks.extend(self.batch_hooks)
         if not hooks:
@@ -402,10 +402,6 @@ class Ingest:
                 self.metrics.write_failures += 1
                 log.error("command_results_failed", gw=b.gw, stream=b.stream, error=str(exc))
         return ackable
-
-    # Further consumers of committed batches (叫应 receipts and acks, central.callresp): each
-    # applies its records idempotently; a failure withholds the ack, as for command results.
-    batch_hooks: tuple[BatchHook, ...] = ()
 
 
 class BatchHook(Protocol):

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -69,6 +68,7 @@ from protocols.narrowband import (
     NarrowbandError,
     decode_frame,
 )
+from runtime.mqtt import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -203,7 +203,7 @@ class NarrowbandReceiver:
 
     async def run(self) -> None:
         """Read the radio until cancelled; reopen the port whenever it is lost."""
-        backoff = BACKOFF_FIRST_S
+        backoff = Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S)
         self._log.info("narrowband_started", dialect=self.settings.narrowband_dialect,
                        gateways=len(self._senders))
         try:
@@ -213,15 +213,14 @@ class NarrowbandReceiver:
                 except NarrowbandPortError as exc:
                     reason = exc.reason
                 else:
-                    backoff = BACKOFF_FIRST_S
+                    backoff.reset()
                     try:
                         reason = await self._session(port)
                     finally:
                         with contextlib.suppress(OSError, serial.SerialException):
                             port.close()
-                self._port_failed(reason, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                self._port_failed(reason, backoff.current_s)
+                await asyncio.sleep(backoff.next())
         finally:
             self._log.info("narrowband_stopped")
 

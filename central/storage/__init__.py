@@ -227,17 +227,21 @@ class Storage(abc.ABC):
     """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
     `postgres.PostgresStorage`."""
 
-    # Flapping and incident windows applied while batches are written (`central.alarms.engine`);
-    # the app sets it from its settings after opening.
-    alarm_policy: AlarmPolicy = AlarmPolicy()
-    # Plausible record times (central.storage.timecheck); the app sets it from its settings.
-    time_policy: TimePolicy = TimePolicy()
+    # Flapping and incident windows applied while batches are written (`central.alarms.engine`),
+    # and plausible record times (central.storage.timecheck): given at construction.
+    alarm_policy: AlarmPolicy
+    time_policy: TimePolicy
     # The aggregate flush (PostgreSQL: `pg_flush_program`, server-side).
     _flush_program: Callable[[], Program[int]] = staticmethod(flush_program)
     # A read of aggregates first flushes what is pending, unless a flush ran this recently:
     # a dashboard polling every few seconds must not force a bucket write per sample.
     read_flush_age_s: float = 5.0
     _flushed_at: float = float("-inf")
+
+    def __init__(self, *, alarm_policy: AlarmPolicy | None = None,
+                 time_policy: TimePolicy | None = None) -> None:
+        self.alarm_policy = alarm_policy if alarm_policy is not None else AlarmPolicy()
+        self.time_policy = time_policy if time_policy is not None else TimePolicy()
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -394,8 +398,10 @@ def _heartbeat_program(gw: str, bearer: str, backlog: int, ts_ms: int,
     return bool(rows)
 
 
-def open_storage(url: str) -> Storage:
-    """A backend for `url` (not yet open: use `async with` or `await storage.open()`).
+def open_storage(url: str, *, alarm_policy: AlarmPolicy | None = None,
+                 time_policy: TimePolicy | None = None) -> Storage:
+    """A backend for `url` (not yet open: use `async with` or `await storage.open()`), applying
+    `alarm_policy` and `time_policy` (defaults: `AlarmPolicy()`, `TimePolicy()`) as it writes.
 
     `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:`;
     `postgresql://user@host:port/db` (or `postgres://`), schema via `?options=-csearch_path%3DS`.
@@ -403,11 +409,12 @@ def open_storage(url: str) -> Storage:
     if url.startswith("sqlite:///"):
         from central.storage.sqlite import SqliteStorage
 
-        return SqliteStorage(url.removeprefix("sqlite:///"))
+        return SqliteStorage(url.removeprefix("sqlite:///"), alarm_policy=alarm_policy,
+                             time_policy=time_policy)
     if url.startswith(("postgresql://", "postgres://")):
         from central.storage.postgres import PostgresStorage
 
-        return PostgresStorage(url)
+        return PostgresStorage(url, alarm_policy=alarm_policy, time_policy=time_policy)
     raise UnsupportedDatabaseError(url)
 
 

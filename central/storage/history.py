@@ -86,10 +86,14 @@ class HistoryRuntime:
         await tasks.stop(self.task)
 
 
+def time_policy_from(settings: Settings) -> TimePolicy:
+    """Plausible record times as the settings say, for `open_storage(time_policy=...)`."""
+    return TimePolicy(future_tolerance_ms=int(settings.future_tolerance_s * 1000))
+
+
 def start_history(settings: Settings, storage: Storage, metrics: Metrics, *,
                   run: bool) -> HistoryRuntime:
-    """Apply the settings' time policy to `storage` and, with `run`, start the loop task."""
-    storage.time_policy = TimePolicy(future_tolerance_ms=int(settings.future_tolerance_s * 1000))
+    """The aggregate flush and retention and, with `run`, their loop task."""
     history = History(storage, metrics, policy=retention_from(settings),
                       flush_interval_s=settings.agg_flush_interval_s,
                       purge_interval_s=settings.retention_interval_s)

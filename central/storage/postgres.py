@@ -35,7 +35,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
 from central.alarms.engine import log_changes
-from central.alarms.lifecycle import AlarmChange
+from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage import (
     DatabaseWriteError,
     Device,
@@ -46,6 +46,7 @@ from central.storage import (
     Sample,
     Storage,
     StorageError,
+    TimePolicy,
     UnknownDeviceError,
     UnknownGatewayError,
     UnknownPointError,
@@ -170,7 +171,9 @@ class PostgresStorage(Storage):
 
     _flush_program = staticmethod(pg_flush_program)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, alarm_policy: AlarmPolicy | None = None,
+                 time_policy: TimePolicy | None = None) -> None:
+        super().__init__(alarm_policy=alarm_policy, time_policy=time_policy)
         try:
             params = conninfo_to_dict(url)
         except psycopg.Error as exc:

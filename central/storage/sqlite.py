@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from central.alarms.engine import ingest_program, log_changes
-from central.alarms.lifecycle import AlarmChange
+from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.db_thread import DbThread
 from central.storage import (
     DatabaseWriteError,
@@ -49,7 +49,7 @@ from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.geo_schema import geo_columns
 from central.storage.identity_schema import identity_tables
 from central.storage.program import Program, run_sync
-from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
+from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
 from central.storage.writes import (
     held_flags_program,
     merge_alarms_program,
@@ -208,7 +208,10 @@ def _gateway_row(row: Sequence[Any]) -> Gateway:
 class SqliteStorage(Storage):
     """Storage on one SQLite file (WAL); `path` may be `:memory:` for throwaway use."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL",
+                 alarm_policy: AlarmPolicy | None = None,
+                 time_policy: TimePolicy | None = None) -> None:
+        super().__init__(alarm_policy=alarm_policy, time_policy=time_policy)
         if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
             raise StorageError(f"bad synchronous mode {synchronous!r}")
         self.path = str(path)
