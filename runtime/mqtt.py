@@ -112,7 +112,7 @@ class Client(aiomqtt.Client):
     `connect_timeout` (seconds)."""
 
     # Attempts that outlived `connect_timeout`, kept referenced until they finish.
-    _late: ClassVar[set[asyncio.Task[Any]]] = set()
+    _late: ClassVar[set[asyncio.Future[Any]]] = set()
 
     def __init__(self, hostname: str, port: int = 1883, *, connect_timeout: float = 5.0,
                  **kwargs: Any) -> None:
@@ -139,17 +139,21 @@ class Client(aiomqtt.Client):
         if attempt.done():
             self._close_late(attempt)
             return
-        self._late.add(attempt)  # type: ignore[arg-type]
+        self._late.add(attempt)
         attempt.add_done_callback(self._close_late)
 
     def _close_late(self, attempt: asyncio.Future[Any]) -> None:
-        self._late.discard(attempt)  # type: ignore[arg-type]
+        self._late.discard(attempt)
         if attempt.cancelled() or attempt.exception() is not None:
             return  # the attempt failed: nothing is open
         closing = asyncio.ensure_future(self.__aexit__(None, None, None))
         self._late.add(closing)
-        closing.add_done_callback(lambda t: (self._late.discard(t), t.cancelled()
-                                             or t.exception()))
+        closing.add_done_callback(self._closed_late)
+
+    def _closed_late(self, closing: asyncio.Future[Any]) -> None:
+        self._late.discard(closing)
+        if not closing.cancelled():
+            closing.exception()  # read: a failed goodbye to a late connection says nothing new
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
