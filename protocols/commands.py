@@ -80,7 +80,8 @@ class MalformedCommandError(CommandError):
 
 class UnsupportedCommandVersionError(CommandError):
     def __init__(self, version: object) -> None:
-        super().__init__(f"unsupported command envelope version {version!r} (this side speaks {VERSION})")
+        super().__init__(f"unsupported command envelope version {version!r}"
+                         f" (this side speaks {VERSION})")
         self.version = version
 
 
@@ -101,7 +102,8 @@ class BadSignatureError(CommandError):
     """The signature does not verify with the pinned key (forged, altered, or another key)."""
 
     def __init__(self, cmd_id: str | None = None) -> None:
-        super().__init__("command signature does not verify" + (f" (cmd_id {cmd_id})" if cmd_id else ""))
+        super().__init__("command signature does not verify"
+                         + (f" (cmd_id {cmd_id})" if cmd_id else ""))
         self.cmd_id = cmd_id
 
 
@@ -248,7 +250,7 @@ def _scalar(value: object, where: str) -> Scalar:
     if isinstance(value, bool) or type(value) is int:
         if type(value) is int and not -(2**63) <= value < 2**64:
             raise MalformedCommandError(where, "integer out of range")
-        return value  # type: ignore[return-value]
+        return value
     if type(value) is float:
         if not math.isfinite(value):
             raise MalformedCommandError(where, "not a finite number")
@@ -257,7 +259,8 @@ def _scalar(value: object, where: str) -> Scalar:
         if len(value) > _MAX_STR:
             raise MalformedCommandError(where, f"string longer than {_MAX_STR}")
         return value
-    raise MalformedCommandError(where, f"expected bool, int, float or str, got {type(value).__name__}")
+    raise MalformedCommandError(
+        where, f"expected bool, int, float or str, got {type(value).__name__}")
 
 
 def _exact_keys(args: Mapping[str, Any], keys: set[str], where: str) -> None:
@@ -272,7 +275,7 @@ def _exact_keys(args: Mapping[str, Any], keys: set[str], where: str) -> None:
 def args_from_mapping(kind: object, args: object, where: str = "args") -> CommandArgs:
     """Build the typed arguments of `kind` from a mapping (the wire form, or an API body)."""
     try:
-        k = CommandKind(kind)  # type: ignore[arg-type]
+        k = CommandKind(kind)  # type: ignore[arg-type]  # untrusted: CommandKind() is the check
     except ValueError:
         raise UnknownCommandKindError(kind) from None
     if not isinstance(args, Mapping) or not all(isinstance(x, str) for x in args):
@@ -288,7 +291,8 @@ def args_from_mapping(kind: object, args: object, where: str = "args") -> Comman
         if isinstance(seconds, bool) or type(seconds) not in (int, float):
             raise MalformedCommandError(f"{where}.seconds", "expected a number")
         if not (math.isfinite(seconds) and 0 < seconds <= MAX_POLL_INTERVAL_S):
-            raise MalformedCommandError(f"{where}.seconds", f"expected 0 < seconds <= {MAX_POLL_INTERVAL_S:g}")
+            raise MalformedCommandError(
+                f"{where}.seconds", f"expected 0 < seconds <= {MAX_POLL_INTERVAL_S:g}")
         return SetPollInterval(device=_name(args["device"], f"{where}.device"), seconds=seconds)
     if k is CommandKind.REQUEST_DIAGNOSTICS:
         _exact_keys(args, set(), where)
@@ -416,7 +420,8 @@ def decode_envelope(payload: bytes) -> SignedCommand:
     if obj.get("t") != "cmd":
         raise MalformedCommandError("t", f"expected 'cmd', got {obj.get('t')!r}")
     if set(obj) != _ENVELOPE_KEYS:
-        raise MalformedCommandError("payload", f"expected exactly the keys {sorted(_ENVELOPE_KEYS)}")
+        raise MalformedCommandError(
+            "payload", f"expected exactly the keys {sorted(_ENVELOPE_KEYS)}")
     body, sig = obj["body"], obj["sig"]
     if not isinstance(body, bytes):
         raise MalformedCommandError("body", "expected a byte string")

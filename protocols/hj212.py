@@ -33,7 +33,8 @@ from decimal import Decimal
 from typing import Final, Literal
 
 from protocols.errors import ProtocolError
-from protocols.stream import NEED_DATA, ByteStream, NeedData
+from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
+from protocols.stream import ByteStream, NeedData
 
 HEADER: Final = b"##"
 TRAILER: Final = b"\r\n"

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from protocols.errors import ProtocolError
-from protocols.stream import NEED_DATA, ByteStream, NeedData
+from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
+from protocols.stream import ByteStream, NeedData
 
 START: Final = 0x7E
 HEADER_LEN: Final = 12

@@ -348,6 +348,7 @@ def decode_body(kind: int, body: bytes) -> Message:
     r = _Reader(f"{kind:#04x}", body)
     match kind:
         case MessageType.PLAY:
+            # The enum fields take the wire's int: __post_init__ checks and converts it.
             message: Message = Play(r.int("warning_id", 4), r.int("level", 1),  # type: ignore[arg-type]
                                     r.int("repeat", 1), _decode_text("text", r.rest()))
         case MessageType.DISPLAY:
