@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError
 
 VERSION = 1
 EVENT_NAME = "callresp"
@@ -43,13 +43,8 @@ _EVENT_REQUIRED = frozenset({"event", "v", "type", "warning_id", "terminal", "at
 _EVENT_OPTIONAL = frozenset({"cmd_id", "by"})
 
 
-class CallRespError(ProtocolError):
+class CallRespError(FieldError):
     """Base of the 叫应 contract's errors: a field with the wrong shape or value."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class UnsupportedCallRespVersionError(CallRespError):

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError, ProtocolError
 
 VERSION = 1
 SIG_BYTES = 64  # RFC 8032 §5.1.6: an Ed25519 signature is 64 bytes
@@ -69,13 +69,8 @@ class CommandError(ProtocolError):
     """Base of every command codec error."""
 
 
-class MalformedCommandError(CommandError):
+class MalformedCommandError(CommandError, FieldError):
     """The bytes are not a command, or a field has the wrong shape or value."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class UnsupportedCommandVersionError(CommandError):
@@ -346,18 +341,24 @@ def encode_body(cmd: Command) -> bytes:
     return body
 
 
+def _load_map(data: object, field: str, limit: int) -> dict[Any, Any]:
+    """The CBOR map in `data` (bytes of at most `limit`); errors name `field`."""
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedCommandError(field, "expected bytes")
+    if len(data) > limit:
+        raise MalformedCommandError(field, f"{len(data)} bytes exceed {limit}")
+    try:
+        obj = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several unrelated types on garbage
+        raise MalformedCommandError(field, f"not CBOR: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedCommandError(field, "top level is not a map")
+    return obj
+
+
 def decode_body(body: bytes) -> Command:
     """Decode canonical command bytes; raises only `CommandError` subclasses."""
-    if not isinstance(body, bytes | bytearray):
-        raise MalformedCommandError("body", "expected bytes")
-    if len(body) > MAX_BODY_BYTES:
-        raise MalformedCommandError("body", f"{len(body)} bytes exceed {MAX_BODY_BYTES}")
-    try:
-        obj = cbor2.loads(body)
-    except Exception as exc:  # cbor2 raises several unrelated types on garbage
-        raise MalformedCommandError("body", f"not CBOR: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise MalformedCommandError("body", "top level is not a map")
+    obj = _load_map(body, "body", MAX_BODY_BYTES)
     if not all(isinstance(k, str) for k in obj):
         raise MalformedCommandError("body", "keys must be strings")
     _exact_keys(obj, set(_BODY_KEYS), "body")
@@ -405,16 +406,7 @@ def encode_envelope(signed: SignedCommand) -> bytes:
 
 def decode_envelope(payload: bytes) -> SignedCommand:
     """Split a `down/cmd` payload into body and signature; raises only `CommandError`s."""
-    if not isinstance(payload, bytes | bytearray):
-        raise MalformedCommandError("payload", "expected bytes")
-    if len(payload) > MAX_ENVELOPE_BYTES:
-        raise MalformedCommandError("payload", f"{len(payload)} bytes exceed {MAX_ENVELOPE_BYTES}")
-    try:
-        obj = cbor2.loads(payload)
-    except Exception as exc:  # cbor2 raises several unrelated types on garbage
-        raise MalformedCommandError("payload", f"not CBOR: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise MalformedCommandError("payload", "top level is not a map")
+    obj = _load_map(payload, "payload", MAX_ENVELOPE_BYTES)
     if type(obj.get("v")) is not int or obj["v"] != VERSION:
         raise UnsupportedCommandVersionError(obj.get("v"))
     if obj.get("t") != "cmd":

@@ -40,7 +40,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import ByteStream, NeedData
 
@@ -107,13 +107,8 @@ class HrnpLengthError(HrnpError):
         self.declared = declared
 
 
-class HrnpFormatError(HrnpError):
+class HrnpFormatError(HrnpError, FieldError):
     """A field is missing, out of range or of an unknown kind."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class HrnpTextError(HrnpFormatError):

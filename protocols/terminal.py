@@ -24,6 +24,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from protocols.errors import DeclaredLengthError
 from protocols.stream import NEED_DATA, ByteStream, NeedData
 from protocols.terminal_messages import (
     BATTERY_UNKNOWN,
@@ -67,13 +68,8 @@ class TerminalCrcError(TerminalError):
         self.got = got
 
 
-class TerminalLengthError(TerminalError):
+class TerminalLengthError(TerminalError, DeclaredLengthError):
     """A frame is shorter than its header says, longer, or declares too long a body."""
-
-    def __init__(self, reason: str, declared: int | None = None) -> None:
-        super().__init__(f"length: {reason}")
-        self.reason = reason
-        self.declared = declared
 
 
 class TerminalFrameRefused(TerminalError):

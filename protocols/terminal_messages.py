@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError, ProtocolError
 
 MAX_TERMINAL_ID_LEN: Final = 32  # §4.4: bytes of printable ASCII
 _TERMINAL_ID = re.compile(rb"[\x21-\x7e]{1,32}")
@@ -28,13 +28,8 @@ class TerminalError(ProtocolError):
     """Base of every 叫应 terminal protocol decode or encode error."""
 
 
-class TerminalFormatError(TerminalError):
+class TerminalFormatError(TerminalError, FieldError):
     """A field is missing, out of range or of an unknown kind."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class MessageType(enum.IntEnum):
