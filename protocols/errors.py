@@ -1,8 +1,8 @@
 """The one base exception of the protocols package; each codec subclasses it narrowly.
 
-`FieldError` and `DeclaredLengthError` are what several codecs' narrow errors have in common
-(the field at fault, a frame's length field); a codec's error class inherits from its own base
-and from one of these, so it is caught as either."""
+`FieldError`, `DeclaredLengthError` and `ChecksumMismatchError` are what several codecs' narrow
+errors have in common (the field at fault, a frame's length field, a checksum or CRC); a codec's
+error class inherits from its own base and from one of these, so it is caught as either."""
 
 
 class ProtocolError(Exception):
@@ -26,3 +26,13 @@ class DeclaredLengthError(ProtocolError):
         super().__init__(f"length: {reason}")
         self.reason = reason
         self.declared = declared
+
+
+class ChecksumMismatchError(ProtocolError):
+    """A checksum or CRC does not match the bytes it covers: `expected` is what the bytes give,
+    `got` what the frame carries. Each codec words its own message."""
+
+    def __init__(self, message: str, expected: int, got: int) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.got = got

@@ -32,7 +32,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final, Literal
 
-from protocols.errors import DeclaredLengthError, FieldError, ProtocolError
+from protocols.errors import (
+    ChecksumMismatchError,
+    DeclaredLengthError,
+    FieldError,
+    ProtocolError,
+)
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import ByteStream, NeedData
 
@@ -92,13 +97,12 @@ class Hj212Error(ProtocolError):
     """Base of every HJ 212 decode or encode error."""
 
 
-class Hj212CrcError(Hj212Error):
+class Hj212CrcError(Hj212Error, ChecksumMismatchError):
     """The CRC in the frame is not the CRC of its data segment."""
 
     def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"CRC mismatch: data gives {expected:04X}, frame carries {got:04X}")
-        self.expected = expected
-        self.got = got
+        super().__init__(f"CRC mismatch: data gives {expected:04X}, frame carries {got:04X}",
+                         expected, got)
 
 
 class Hj212LengthError(Hj212Error, DeclaredLengthError):

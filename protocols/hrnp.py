@@ -40,7 +40,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import FieldError, ProtocolError
+from protocols.errors import ChecksumMismatchError, FieldError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import ByteStream, NeedData
 
@@ -86,15 +86,13 @@ class HrnpError(ProtocolError):
     """Base of every HRNP / HDAP / TMP decode or encode error."""
 
 
-class HrnpChecksumError(HrnpError):
+class HrnpChecksumError(HrnpError, ChecksumMismatchError):
     """A checksum does not match its data; `layer` is "hrnp" (u16) or "app" (u8)."""
 
     def __init__(self, layer: str, expected: int, got: int) -> None:
         super().__init__(f"{layer} checksum mismatch: data gives {expected:#06x}, "
-                         f"packet carries {got:#06x}")
+                         f"packet carries {got:#06x}", expected, got)
         self.layer = layer
-        self.expected = expected
-        self.got = got
 
 
 class HrnpLengthError(HrnpError):

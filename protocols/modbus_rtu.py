@@ -19,7 +19,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ProtocolError
+from protocols.errors import ChecksumMismatchError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import NeedData
 
@@ -51,14 +51,12 @@ class UnknownFunctionError(FrameError):
         self.function = function
 
 
-class CrcMismatchError(ModbusRtuError):
+class CrcMismatchError(ModbusRtuError, ChecksumMismatchError):
     """A whole frame arrived but its CRC is wrong; the decoder dropped the frame."""
 
     def __init__(self, expected: int, got: int, frame: bytes) -> None:
         super().__init__(f"CRC mismatch: expected {expected:04X}, got {got:04X} "
-                         f"({len(frame)}-byte frame)")
-        self.expected = expected
-        self.got = got
+                         f"({len(frame)}-byte frame)", expected, got)
         self.frame = frame
 
 
