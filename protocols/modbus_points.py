@@ -56,22 +56,21 @@ class ModbusPointError(ProtocolError):
     """Base of every error of the Modbus point codec."""
 
 
-class PointSpecError(ModbusPointError):
+class _PointKeyError(ModbusPointError):
+    """An error about the point `key`; `reason` says what."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class PointSpecError(_PointKeyError):
     """A point description is inconsistent (e.g. a bitfield without a bit, a 5-register u32)."""
 
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
 
-
-class PointDecodeError(ModbusPointError):
+class PointDecodeError(_PointKeyError):
     """The registers read for a point cannot be turned into a value."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 class PointEncodeError(ModbusPointError):
