@@ -23,7 +23,7 @@ import structlog
 from central.alarms.engine import ingest_program, log_changes
 from central.alarms.lifecycle import AlarmChange
 from central.db_thread import DbThread
-from central.storage import (
+from central.storage.base import (
     DatabaseWriteError,
     Device,
     Gateway,

@@ -41,7 +41,7 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
 from edge_agent.config.site import RtuTransportConfig
-from edge_agent.field.transports import (
+from edge_agent.field.errors import (
     ModbusExceptionError,
     TransportConnectError,
     TransportCrcError,
