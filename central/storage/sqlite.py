@@ -356,7 +356,7 @@ class SqliteStorage(Storage):
         n = len(records)
         if not n:
             return None
-        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, records))
+        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, records), strict=True)
         if (kinds.count(_TELEMETRY) != n or None in points
                 or not _NUMERIC.issuperset(map(type, values))
                 or min(tss) < lo or max(tss) > hi):
@@ -381,7 +381,7 @@ class SqliteStorage(Storage):
         inserted = self._insert_readings(conn, params)
         samples.extend(pids, tss, values)
         # Latest per point: the largest time, the first record on a tie.
-        for pid, ts, value in zip(pids, tss, values):
+        for pid, ts, value in zip(pids, tss, values, strict=True):
             prev = latest.get(pid)
             if prev is None or ts > prev[0]:
                 latest[pid] = (ts, value, None)
