@@ -14,6 +14,7 @@ import abc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -363,8 +364,8 @@ class Storage(abc.ABC):
             total = 0
             for pid in pids:
                 while True:
-                    n = await self.run(lambda t=table, c=col, p=pid, b=before:
-                                       purge_chunk_program(t, c, p, b, policy.chunk_rows))
+                    n = await self.run(partial(purge_chunk_program, table, col, pid, before,
+                                               policy.chunk_rows))
                     total += n
                     if n < policy.chunk_rows:
                         break
