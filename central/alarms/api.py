@@ -57,11 +57,11 @@ class _Model(BaseModel):
 
 
 class AreaIn(_Model):
-    parent_id: IdField | None = Field(None, description="None for a root (the city)")
+    parent_id: IdField | None = Field(default=None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
     name_zh: str = Field(min_length=1, max_length=100)
-    kind: str | None = Field(None, description="street|township, community|village, "
+    kind: str | None = Field(default=None, description="street|township, community|village, "
                                                "enterprise|station|street_office")
 
 
@@ -89,7 +89,7 @@ class GatewayAreaOut(_Model):
 
 
 class ActionIn(_Model):
-    comment: str = Field("", max_length=1000)
+    comment: str = Field(default="", max_length=1000)
 
 
 class CommentIn(_Model):

@@ -58,7 +58,7 @@ class _Model(BaseModel):
 class LoginIn(_Model):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024, repr=False)
-    kind: Literal["bearer", "cookie"] = Field("bearer", description="bearer: a token for API "
+    kind: Literal["bearer", "cookie"] = Field(default="bearer", description="bearer: a token for API "
                                               "clients; cookie: the console's session")
 
 
@@ -74,9 +74,9 @@ class UserOut(_Model):
 
 class LoginOut(_Model):
     user: UserOut
-    token: str | None = Field(None, description="for Authorization: Bearer (kind=bearer)")
+    token: str | None = Field(default=None, description="for Authorization: Bearer (kind=bearer)")
     token_type: str | None = None
-    csrf: str | None = Field(None, description="send as X-CSRF-Token (kind=cookie)")
+    csrf: str | None = Field(default=None, description="send as X-CSRF-Token (kind=cookie)")
     idle_timeout_s: float
 
 
@@ -90,7 +90,7 @@ class MeOut(_Model):
 class UserIn(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     role: Role
-    area: str | None = Field(None, max_length=64, description="area code; null: whole tree")
+    area: str | None = Field(default=None, max_length=64, description="area code; null: whole tree")
     password: str = Field(min_length=1, max_length=1024, repr=False)
 
 
