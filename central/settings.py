@@ -87,28 +87,36 @@ class Settings(BaseModel):
     mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
-    offline_after_s: float = Field(default=120.0, gt=0, description="silence after which a gw is offline")
+    offline_after_s: float = Field(default=120.0, gt=0,
+                                   description="silence after which a gw is offline")
     ingest_drain_max: int = Field(default=50, ge=1, le=1000,
                                   description="batches written in one transaction at most")
     # --- alarms (DESIGN.md §7; central.alarms.rules, central.alarms.engine)
     offline_alarm_after_s: float = Field(default=300.0, gt=0, description="silence after which a "
                                          "gateway_offline alarm is raised")
-    alarm_rules_interval_s: float = Field(default=5.0, gt=0, description="period of central's rules")
-    alarm_flap_max: int = Field(default=6, ge=1, description="raise/clear transitions allowed within "
+    alarm_rules_interval_s: float = Field(default=5.0, gt=0,
+                                          description="period of central's rules")
+    alarm_flap_max: int = Field(default=6, ge=1,
+                                description="raise/clear transitions allowed within "
                                 "the flap window before an alarm is marked flapping")
     alarm_flap_window_s: float = Field(default=600.0, gt=0)
-    incident_window_s: float = Field(default=900.0, ge=0, description="an incident closes this long "
+    incident_window_s: float = Field(default=900.0, ge=0,
+                                     description="an incident closes this long "
                                      "after its last alarm cleared")
     # --- end alarms
     # --- record times, history and retention (DESIGN.md §4.7; central.storage.history)
-    future_tolerance_s: float = Field(default=300.0, ge=0, description="a record time further ahead of "
+    future_tolerance_s: float = Field(default=300.0, ge=0,
+                                      description="a record time further ahead of "
                                       "central's clock is stored flagged CLOCK_SUSPECT")
     retention_raw_days: float = Field(default=30.0, ge=0, description="keep raw readings this long "
                                       "(by record time); 0 keeps them for ever")
-    retention_1m_days: float = Field(default=400.0, ge=0, description="keep 1-minute aggregates; 0 = ever")
-    retention_1h_days: float = Field(default=0.0, ge=0, description="keep 1-hour aggregates; 0 = ever")
+    retention_1m_days: float = Field(default=400.0, ge=0,
+                                     description="keep 1-minute aggregates; 0 = ever")
+    retention_1h_days: float = Field(default=0.0, ge=0,
+                                     description="keep 1-hour aggregates; 0 = ever")
     retention_interval_s: float = Field(default=3600.0, gt=0, description="period of the purge")
-    retention_chunk_rows: int = Field(default=5000, ge=1, description="rows deleted per transaction")
+    retention_chunk_rows: int = Field(default=5000, ge=1,
+                                      description="rows deleted per transaction")
     agg_flush_interval_s: float = Field(default=30.0, gt=0, description="period of folding new "
                                         "samples into the aggregates: longer folds more samples "
                                         "per bucket write (reads fold first anyway)")
@@ -123,7 +131,8 @@ class Settings(BaseModel):
                               "radio (HRNP)")
     narrowband_baudrate: int = Field(default=115200, gt=0)
     narrowband_dialect: Literal["bd3", "bd2"] = Field(default="bd3", description="BeiDou only")
-    narrowband_mac_len: int = Field(default=4, ge=4, le=32, description="truncated MAC bytes, as the "
+    narrowband_mac_len: int = Field(default=4, ge=4, le=32,
+                                    description="truncated MAC bytes, as the "
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
     # --- end narrowband
@@ -144,7 +153,8 @@ class Settings(BaseModel):
                                      description="default lifetime of an enrolment token")
     # --- end mqtt tls
     # --- identity (DESIGN.md §8; central.identity): sessions, login throttle, profiles
-    session_idle_s: float = Field(default=1800.0, gt=0, description="a console session or API token "
+    session_idle_s: float = Field(default=1800.0, gt=0,
+                                  description="a console session or API token "
                                   "unused this long is logged out")
     login_max_failures: int = Field(default=5, ge=1, description="failed logins per user name or "
                                     "client address within login_window_s before logins are "

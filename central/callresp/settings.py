@@ -19,7 +19,8 @@ class CallRespSettings(BaseModel):
     deadline_orange_s: float = Field(default=600.0, gt=0, le=86_400)
     deadline_yellow_s: float = Field(default=1800.0, gt=0, le=86_400)
     deadline_blue_s: float = Field(default=3600.0, gt=0, le=86_400)
-    resends: int = Field(default=3, ge=0, le=20, description="re-sends before escalating one area up")
+    resends: int = Field(default=3, ge=0, le=20,
+                         description="re-sends before escalating one area up")
     repeat: int = Field(default=3, ge=1, le=MAX_REPEAT, description="default plays per send")
     tick_s: float = Field(default=0.5, gt=0, le=10, description="longest sleep of the scheduler")
     late_after_s: float = Field(default=2.0, gt=0, description="a step this late is counted late")

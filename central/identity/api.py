@@ -58,7 +58,8 @@ class _Model(BaseModel):
 class LoginIn(_Model):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024, repr=False)
-    kind: Literal["bearer", "cookie"] = Field(default="bearer", description="bearer: a token for API "
+    kind: Literal["bearer", "cookie"] = Field(default="bearer",
+                                              description="bearer: a token for API "
                                               "clients; cookie: the console's session")
 
 

@@ -50,7 +50,8 @@ class PointAlarmConfig(_Model):
     hysteresis: float | None = Field(default=None, ge=0)
     on_delay_s: float = Field(default=0.0, ge=0, le=86_400)
     off_delay_s: float = Field(default=0.0, ge=0, le=86_400)
-    rate_per_min: float | None = Field(default=None, gt=0)  # |change| per minute that raises level 1
+    rate_per_min: float | None = Field(default=None,
+                                       gt=0)  # |change| per minute that raises level 1
     rate_window_s: float = Field(default=60.0, gt=0, le=86_400)
     stale_after_s: float | None = Field(default=None, gt=0, le=86_400 * 7)
 

@@ -45,7 +45,8 @@ class NarrowbandConfig(BaseModel):
     # the hex (relative to this file), so that the key need not sit in the config.
     key: str | None = Field(default=None, repr=False)
     key_file: Path | None = Field(default=None, validate_default=True)
-    after_s: float = Field(default=120.0, ge=0, le=86_400)  # IP down this long before the radio is used
+    after_s: float = Field(default=120.0, ge=0,
+                           le=86_400)  # IP down this long before the radio is used
     heartbeat_s: float = Field(default=600.0, gt=0, le=86_400)
     mac_len: int = Field(default=4, ge=4, le=32)
 
