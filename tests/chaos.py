@@ -161,7 +161,7 @@ class ChaosRun:
             wait_for(lambda: self.central.db_path.exists() and sqlite_rows(
                 self.central.db_path, "SELECT count(*) FROM readings")[0][0] > 0,
                 timeout=60, what="first readings at central")
-            kinds, weights = zip(*self.faults_weights.items())
+            kinds, weights = zip(*self.faults_weights.items(), strict=True)
             for i in range(self.faults):
                 # every tenth fault carries an alarm through an outage, whatever the seed
                 kind = "alarm_in_outage" if i % 10 == 5 else self.rng.choices(kinds, weights)[0]

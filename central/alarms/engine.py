@@ -41,7 +41,7 @@ from central.alarms.lifecycle import (
     is_newer,
 )
 from central import CentralError
-from central.storage import DatabaseWriteError, split_key
+from central.storage.base import DatabaseWriteError, split_key
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import NARROWBAND_COPY
 from protocols.envelope import DataBatch, Record, RecordKind

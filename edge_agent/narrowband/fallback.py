@@ -341,13 +341,15 @@ class NarrowbandFallback:
         attrs = record.attrs or {}
         ordinal = self._ordinals.get(record.point) if record.point is not None else None
         if ordinal is None:
-            return self._skip(record, "no_ordinal")
+            self._skip(record, "no_ordinal")
+            return None
         rule_name, state_name, level = attrs.get("rule"), attrs.get("state"), attrs.get("level")
         rule = _RULES.get(rule_name) if isinstance(rule_name, str) else None
         state = _STATES.get(state_name) if isinstance(state_name, str) else None
         if (rule is None or state is None or isinstance(level, bool)
                 or not isinstance(level, int) or not 0 <= level <= 2):
-            return self._skip(record, "unmappable")
+            self._skip(record, "unmappable")
+            return None
         return AlarmEntry(seq=record.seq, point=ordinal, rule=rule, state=state, level=level,
                           ts=max(0, record.ts_ms // 1000), value=frame_value(record.value))
 
