@@ -57,6 +57,7 @@ from central.settings import NarrowbandGateway, Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
+from protocols.alarm_attrs import AlarmAttrs
 from protocols.envelope import DEVICE_POINT, DataBatch, Flag, Record, RecordKind
 from protocols.narrowband import (
     RULE_NAMES,
@@ -149,12 +150,11 @@ def inventory_from_birth(stream: str, birth: dict[str, Any]) -> Inventory:
 def alarm_record(entry: AlarmEntry, point: str, bearer: str = "beidou") -> Record:
     """The ALARM record the edge stored under `entry.seq`, as far as the frame tells it."""
     rule = RULE_NAMES[entry.rule]
+    attrs = AlarmAttrs(alarm_id=f"{point}/{rule}", rule=rule,
+                       state=TRANSITION_NAMES[entry.state], level=entry.level, bearer=bearer)
     # NARROWBAND_COPY marks it for replacement by the full record when that comes over IP.
     return Record(entry.seq, RecordKind.ALARM, entry.ts * 1000, point, entry.value,
-                  Flag(NARROWBAND_COPY),
-                  {"alarm_id": f"{point}/{rule}", "rule": rule,
-                   "state": TRANSITION_NAMES[entry.state], "level": entry.level,
-                   "bearer": bearer})
+                  Flag(NARROWBAND_COPY), attrs.to_attrs())
 
 
 def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
