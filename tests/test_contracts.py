@@ -17,16 +17,22 @@ from central.alarms.engine import BadAlarmRecordError, event_from_record
 from central.alarms.lifecycle import EdgeState
 from central.health.metrics import Metrics
 from central.ingest.rejects import RejectLog, count_bad_attrs
-from central.narrowband.receiver import alarm_record
+from central.narrowband.receiver import (
+    BadBirthError,
+    alarm_record,
+    inventory_from_birth,
+)
 from central.storage import open_storage
 from central.storage.delivery import loss_report
 from edge_agent.alarms import rules
 from edge_agent.alarms.rules import Rule, RuleEngine, Sample
+from edge_agent.narrowband.fallback import point_ordinals
 from edge_agent.outbox.budget import Eviction
 from edge_agent.outbox.seqs import Skipped
-from protocols import alarm_attrs, outbox_events
+from protocols import alarm_attrs, envelope, outbox_events
 from protocols.alarm_attrs import AlarmAttrs, AlarmState, RuleKind
 from protocols.envelope import DataBatch, Record, RecordKind, State
+from protocols.limits import MalformedEnvelopeError
 from protocols.narrowband import AlarmEntry, AlarmRule, AlarmTransition
 from protocols.outbox_events import (
     MAX_POINTS_LISTED,
@@ -36,6 +42,7 @@ from protocols.outbox_events import (
     OutboxEvent,
     parse_outbox_event,
 )
+from protocols.point_inventory import PointInventory
 from protocols.record_attrs import AttrsError, UnsupportedAttrsVersionError
 
 NOW = time.time_ns() // 1_000_000
@@ -245,6 +252,37 @@ def test_edge_loss_reports_read_at_central() -> None:
     assert loss_report(44, T0, EPISODE) is None
     assert DiskFullEpisode.from_attrs(EPISODE).to_attrs() == EPISODE
     assert outbox_events.LOSS_EVENTS == {OutboxEvent.THINNED, OutboxEvent.DROPPED}
+
+
+DEV, PT = envelope.DeviceInfo, envelope.PointInfo
+BIRTH = envelope.Birth(gw="gw-1", stream="s1", boot_id="b", version="1", devices=(
+    DEV("gas-1", "gas-detector-v1", "h", (PT(3, "gas-1/gas_lel"), PT(4, "gas-1/o2"))),
+    DEV("empty", "p", "h"), DEV("tank", "p", "h", (PT(9, "level"),))))
+
+
+def test_point_ordinals_agree_between_edge_and_central() -> None:
+    """Every key the edge encodes as an ordinal, central decodes back to the same key (the
+    device pseudo point by a device-level rule), from the birth JSON it keeps."""
+    edge = point_ordinals(BIRTH)
+    assert dict(edge) == {"gas-1/gas_lel": 3, "gas-1/_device": 3, "gas-1/o2": 4,
+                          "tank/level": 9, "tank/_device": 9}
+    central = inventory_from_birth("gw-1", "s1", envelope.to_jsonable(BIRTH)).points
+    assert central == PointInventory.of_birth(BIRTH)
+    for key, ordinal in edge.items():
+        assert central.point(ordinal, device_level=key.endswith("/_device")) == key
+    assert central.point(5) is None
+
+
+@pytest.mark.parametrize("birth", [None, {"devices": {}}, {"devices": [{"id": "d"}, 3]},
+                                   {"devices": [{"id": "d", "points": [{"ordinal": "1",
+                                                                         "key": "d/p"}]}]},
+                                   {"devices": [{"id": 7, "points": []}]}])
+def test_malformed_stored_birth_is_a_typed_error(birth: Any) -> None:
+    """A birth that does not read is MalformedEnvelopeError, at central a BadBirthError."""
+    with pytest.raises(MalformedEnvelopeError):
+        PointInventory.from_jsonable(birth)
+    with pytest.raises(BadBirthError):
+        inventory_from_birth("gw-1", "s1", birth)
 
 
 # --- central: counted, stored, never a crashed loop ----------------------------------------

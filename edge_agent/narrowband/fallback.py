@@ -44,7 +44,7 @@ from edge_agent.bearers import BearerError, CardInfo, Refusal, SendResult
 from edge_agent.narrowband.config import NarrowbandConfig
 from edge_agent.outbox.store import Outbox, OutboxError
 from protocols.alarm_attrs import AlarmAttrs
-from protocols.envelope import DEVICE_POINT, Birth, Record
+from protocols.envelope import Birth, Record
 from protocols.narrowband import (
     RULE_NAMES,
     TRANSITION_NAMES,
@@ -56,6 +56,7 @@ from protocols.narrowband import (
     encode_alarms,
     encode_heartbeat,
 )
+from protocols.point_inventory import PointInventory
 from protocols.record_attrs import AttrsError
 
 log = structlog.get_logger(__name__)
@@ -104,16 +105,10 @@ class NarrowbandCounters:
                 for f in dataclasses.fields(self)}
 
 
-def point_ordinals(birth: Birth) -> dict[str, int]:
-    """Point key → ordinal from the birth inventory; a device's pseudo point
-    `<device>/_device` (device-level alarms) names the ordinal of its first point."""
-    out: dict[str, int] = {}
-    for dev in birth.devices:
-        for p in dev.points:
-            out[p.key] = p.ordinal
-        if dev.points:
-            out[f"{dev.id}/{DEVICE_POINT}"] = dev.points[0].ordinal
-    return out
+def point_ordinals(birth: Birth) -> Mapping[str, int]:
+    """Point key → ordinal from the birth inventory (`protocols.point_inventory`); a device's
+    pseudo point `<device>/_device` (device-level alarms) names the ordinal of its first point."""
+    return PointInventory.of_birth(birth).ordinals
 
 
 def frame_value(value: object) -> float | None:
