@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import Profile
-from edge_agent.alarms.rules import Rule, RuleKind, RulesError
+from edge_agent.alarms.rules import Rule, RulesError
+from protocols.alarm_attrs import RuleKind
 from protocols.envelope import DEVICE_POINT
 
 DEFAULT_OFFLINE_DELAY_S = 10.0  # one lost answer on a noisy RS-485 line is not an outage

@@ -104,6 +104,7 @@ from protocols.envelope import (
     merge_ranges,
     ranges_from_seqs,
 )
+from protocols.outbox_events import LossReport, OutboxEvent, OutboxReport
 
 log = structlog.get_logger(__name__)
 
@@ -383,15 +384,15 @@ class Outbox(OutboxUpkeep):
                 int(isinstance(value, bool)), int(flags), attrs, stamp.wall_ms, stamp.mono_ms,
                 self._lanes.boot)
 
-    def _event_row_attrs(self, attrs: dict[str, Any], stamp: Stamp) -> tuple[Any, ...]:
-        value = attrs.get("records", attrs.get("telemetry_dropped", 0))
+    def _report_row(self, report: OutboxReport, stamp: Stamp) -> tuple[Any, ...]:
+        """The EVENT row of an outbox report; its value: the records it is about."""
+        value = report.records if isinstance(report, LossReport) else report.telemetry_dropped
         return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, value,
-                                      attrs=attrs), stamp)
+                                      attrs=report.to_attrs()), stamp)
 
     def _event_row(self, ev: Eviction, stamp: Stamp) -> tuple[Any, ...]:
-        keep = self._budget.policy.keep_every if ev.kind == "thinned" else None
-        return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, ev.records,
-                                      attrs=ev.attrs(keep)), stamp)
+        keep = self._budget.policy.keep_every if ev.event is OutboxEvent.THINNED else None
+        return self._report_row(ev.report(keep), stamp)
 
     # --- executor-thread bodies: open, write -----------------------------------------------
 
