@@ -36,7 +36,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from central.alarms.engine import log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
-from central.storage import (
+from central.storage.base import (
     DatabaseWriteError,
     Device,
     Gateway,
@@ -46,7 +46,6 @@ from central.storage import (
     Sample,
     Storage,
     StorageError,
-    TimePolicy,
     UnknownDeviceError,
     UnknownGatewayError,
     UnknownPointError,
@@ -66,6 +65,7 @@ from central.storage.postgres_schema import (
 )
 from central.storage.postgres_write import register_dumpers, write_batches
 from central.storage.program import Program, run_async
+from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, State, to_jsonable
 
 log = structlog.get_logger(__name__)

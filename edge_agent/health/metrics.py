@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
 
 if TYPE_CHECKING:
-    from edge_agent.agent import AgentRuntime
+    from edge_agent.health.view import RuntimeView
 
 log = structlog.get_logger("edge_agent.health.metrics")
 P = "fieldlink_edge"
@@ -173,10 +174,8 @@ def _disk_and_clock(s: Snapshot) -> Iterator[Metric]:
                  1.0 if clock.get("suspect") else 0.0)
 
 
-async def take_snapshot(runtime: AgentRuntime) -> Snapshot:
+async def take_snapshot(runtime: RuntimeView) -> Snapshot:
     """The agent's state now, read on the event loop (the outbox through its own thread)."""
-    from edge_agent.control.server import device_health
-
     stats: OutboxStats | None = None
     if runtime.outbox is not None:
         try:
@@ -194,7 +193,7 @@ async def take_snapshot(runtime: AgentRuntime) -> Snapshot:
         narrowband=runtime.narrowband.status() if runtime.narrowband else None)
 
 
-async def metrics_loop(runtime: AgentRuntime, collector: AgentCollector, interval_s: float) -> None:
+async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:
     """Refresh the collector's snapshot forever (a supervised task: `metrics`)."""
     while True:
         collector.snapshot = await take_snapshot(runtime)
@@ -218,7 +217,7 @@ async def metrics_server(host: str, port: int, collector: AgentCollector) -> Asy
         thread.join(timeout=5)
 
 
-async def serve_metrics(runtime: AgentRuntime, collector: AgentCollector) -> None:
+async def serve_metrics(runtime: RuntimeView, collector: AgentCollector) -> None:
     """The `metrics.http` task: the endpoint from `[metrics]`, refreshed until cancelled."""
     cfg = runtime.config.metrics
     async with metrics_server(cfg.host, cfg.port, collector):
