@@ -265,10 +265,12 @@ def _install_problems(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))}
-                  for e in exc.errors()]
+        raw = exc.errors()
+        errors: list[dict[str, object]] = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in raw]
         return _problem(422, "Invalid request", "; ".join(
-            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors), errors)
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in raw),
+            errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -303,7 +305,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     _install_problems(app)
 
     def storage_of(request: Request) -> Storage:
-        return request.app.state.storage  # type: ignore[no-any-return]
+        return request.app.state.storage
 
     problems: dict[int | str, dict[str, object]] = {
         404: {"model": Problem, "description": "Unknown gateway, device or point"},

@@ -35,9 +35,9 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from central import tasks
+from central import CentralError, tasks
 from central.commands.check import WritePolicy
-from central.ingest import broker
+from central.commands.keys import signing_key
 from central.commands.store import (
     APPROVAL_REQUIRED,
     ORIGIN_CENTRAL,
@@ -47,18 +47,17 @@ from central.commands.store import (
     Report,
     StoredCommand,
 )
-from central import CentralError
-from device_profiles.loader import ProfilePoint
 from central.identity.audit import SYSTEM, AuditLog
-from central.commands.keys import signing_key
+from central.ingest import broker
 from central.settings import Settings
 from central.storage import Storage, UnknownDeviceError
+from device_profiles.loader import ProfilePoint
 from protocols import topics
 from protocols.command_results import CommandState, parse_result_attrs
 from protocols.commands import (
+    Command,
     CommandError,
     CommandKind,
-    Command,
     MalformedCommandError,
     SyncTime,
     WritePoint,

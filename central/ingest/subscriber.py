@@ -32,12 +32,11 @@ from typing import Protocol
 import aiomqtt
 import structlog
 
-from central import __version__
-from central import CentralError
+from central import CentralError, __version__
 from central.health.metrics import Metrics
-from central.settings import Settings
 from central.ingest import broker
 from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
+from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
 from protocols.envelope import (

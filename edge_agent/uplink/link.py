@@ -109,7 +109,8 @@ class Uplink:
         # fallback takes over after a while. Down from the start until the first connect.
         self.down_since: float | None = time.monotonic()
         self.counters = UplinkCounters()
-        self._t_state, self._t_birth, self._t_data = (topics.up(gw, n) for n in ("state", "birth", "data"))
+        self._t_state, self._t_birth, self._t_data = (
+            topics.up(gw, n) for n in ("state", "birth", "data"))
         self._t_ack, self._t_cmd = topics.down(gw, "ack"), topics.down(gw, "cmd")
         self._batch_ids = 0
         self._wake = asyncio.Event()
@@ -219,7 +220,8 @@ class Uplink:
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+            payload = (bytes(message.payload)
+                       if isinstance(message.payload, (bytes, bytearray)) else b"")
             if message.topic.matches(self._t_ack):
                 await self._handle_ack(payload)
             elif message.topic.matches(self._t_cmd):
