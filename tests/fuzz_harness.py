@@ -54,8 +54,6 @@ class IngestFuzz:
         self.storage = SqliteStorage(path, synchronous="OFF")
         self.metrics = Metrics()
         settings = Settings(db_url=f"sqlite:///{path}", mqtt_client_id="fuzz")
-        self.ingest = Ingest(settings, self.storage, self.metrics)
-        # Command results (CMD_RESULT records) move commands, as in `central serve`.
         self.commands = CommandStore(settings.db_url)
         self.expected: set[int] = set()
         self.next_seq = FIRST_GOOD_SEQ
@@ -64,9 +62,10 @@ class IngestFuzz:
         self.first_crashes: list[str] = []
         self._runner.run(self.storage.open())
         self._runner.run(self.commands.open())
-        self.ingest.command_hooks = CommandService(
+        # Command results (CMD_RESULT records) move commands, as in `central serve`.
+        self.ingest = Ingest(settings, self.storage, self.metrics, command_hooks=CommandService(
             settings, self.storage, self.commands, Ed25519PrivateKey.generate(),
-            audit=AuditLog(self.storage), policy=WritePolicy.from_dirs())
+            audit=AuditLog(self.storage), policy=WritePolicy.from_dirs()))
 
     def close(self) -> None:
         try:
