@@ -53,6 +53,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 Serve = Callable[[aiomqtt.Client], Awaitable[None]]
+_PLAIN_CONNECT_TIMEOUT_S = 5.0
 OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
 
 
@@ -192,7 +193,11 @@ class Endpoint:
     clean_session: bool = False
     keepalive_s: int = 30
     timeout_s: float = 10.0
-    connect_timeout_s: float = 5.0
+    # How long an attempt may take up to CONNACK; None: 5 s on plain TCP (two round trips,
+    # and a link that drops the connection is noticed within it), `timeout_s` with TLS (its
+    # handshake takes more round trips, slow on a satellite link; and a dropped connection
+    # fails the handshake at once anyway).
+    connect_timeout_s: float | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls: Callable[[], ssl.SSLContext | None] | None = None
@@ -223,12 +228,14 @@ class MqttSession:
     def client(self) -> Client:
         """A client for one attempt, as the endpoint says."""
         e = self.endpoint
+        tls = e.tls() if e.tls is not None else None
+        connect_timeout = (e.connect_timeout_s if e.connect_timeout_s is not None
+                           else _PLAIN_CONNECT_TIMEOUT_S if tls is None else e.timeout_s)
         return Client(e.host, e.port, identifier=e.client_id, clean_session=e.clean_session,
                       protocol=aiomqtt.ProtocolVersion.V311, keepalive=e.keepalive_s,
-                      timeout=e.timeout_s, connect_timeout=e.connect_timeout_s,
+                      timeout=e.timeout_s, connect_timeout=connect_timeout,
                       will=self.will() if self.will is not None else None,
-                      tls_context=e.tls() if e.tls is not None else None,
-                      username=e.username, password=e.password)
+                      tls_context=tls, username=e.username, password=e.password)
 
     async def run(self, serve: Serve, *, on_down: OnDown | None = None) -> NoReturn:
         """Connect, `await serve(client)`, and reconnect whenever the connection or an attempt
