@@ -57,26 +57,32 @@ _PLAIN_CONNECT_TIMEOUT_S = 5.0
 OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
 class Backoff:
-    """Capped exponential back-off with jitter: each `next()` is the current delay times a
-    random factor in [0.5, 1) (so that a city of gateways does not reconnect in lockstep),
-    then the delay doubles up to `max_s`; `reset()` starts again from `first_s`."""
+    """Capped exponential back-off with jitter: wait `wait_s(delay)` (the delay shortened by up
+    to `jitter` at random, so that a city of gateways does not reconnect in lockstep), then
+    double it up to `max_s` (`next_delay`); start again from `first_s` after a connection that
+    lasted `healthy_after_s`. The same policy as `runtime.tasks.Backoff` (branch rta): keep
+    one of the two when both are merged."""
 
-    def __init__(self, first_s: float, max_s: float) -> None:
-        if first_s <= 0 or max_s <= 0:
-            raise ValueError("back-off delays must be > 0")
-        self.first_s = first_s
-        self.max_s = max(first_s, max_s)
-        self.current_s = first_s
+    first_s: float = 1.0
+    max_s: float = 60.0
+    healthy_after_s: float = 60.0
+    jitter: float = 0.5
 
-    def next(self) -> float:
-        """The delay to wait now (jittered); the next one doubles, up to `max_s`."""
-        delay = self.current_s * random.uniform(0.5, 1.0)
-        self.current_s = min(self.current_s * 2, self.max_s)
-        return delay
+    def __post_init__(self) -> None:
+        if not 0 < self.first_s <= self.max_s:
+            raise ValueError("need 0 < first_s <= max_s")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("need 0 <= jitter < 1")
 
-    def reset(self) -> None:
-        self.current_s = self.first_s
+    def next_delay(self, delay: float) -> float:
+        """The delay after `delay`: doubled, at most `max_s`."""
+        return min(delay * 2, self.max_s)
+
+    def wait_s(self, delay: float) -> float:
+        """The wait for `delay`, jittered."""
+        return delay * random.uniform(1 - self.jitter, 1)
 
 
 class TlsFileError(Exception):
@@ -209,18 +215,19 @@ class Endpoint:
 
 class MqttSession:
     """One connection kept up by `run()`, reconnecting with back-off (see the module's
-    docstring). A connection that lasted `stable_s` resets the back-off; one that dropped
-    sooner (an ACL refusal, a twin with our client id) does not, so it is not hammered."""
+    docstring). A connection that lasted `backoff.healthy_after_s` resets the back-off; one
+    that dropped sooner (an ACL refusal, a twin with our client id) does not, so it is not
+    hammered."""
 
     def __init__(self, endpoint: Endpoint, *, name: str,
                  will: Callable[[], aiomqtt.Will | None] | None = None,
-                 backoff_first_s: float = 0.5, backoff_max_s: float = 10.0,
-                 stable_s: float = 0.0) -> None:
+                 backoff: Backoff = Backoff(first_s=0.5, max_s=10.0, healthy_after_s=0.0)
+                 ) -> None:
         self.endpoint = endpoint
         self.name = name
         self.will = will
-        self.backoff = Backoff(backoff_first_s, backoff_max_s)
-        self.stable_s = stable_s
+        self.backoff = backoff
+        self._delay = backoff.first_s
         self.connects = 0
         self._log = log.bind(session=name, broker=endpoint.broker, client_id=endpoint.client_id)
         self._down_since: float | None = None  # monotonic start of the current outage
@@ -254,9 +261,11 @@ class MqttSession:
                 first = self._went_down(exc, was_up=up_since is not None)
                 if on_down is not None:
                     await on_down(exc, first)
-            if up_since is not None and time.monotonic() - up_since >= self.stable_s:
-                self.backoff.reset()
-            await asyncio.sleep(self.backoff.next())
+            if (up_since is not None
+                    and time.monotonic() - up_since >= self.backoff.healthy_after_s):
+                self._delay = self.backoff.first_s
+            await asyncio.sleep(self.backoff.wait_s(self._delay))
+            self._delay = self.backoff.next_delay(self._delay)
 
     def _connected(self) -> None:
         self.connects += 1
@@ -271,7 +280,7 @@ class MqttSession:
         if first:
             self._down_since = time.monotonic()
             self._log.warning("mqtt_disconnected", error=str(exc), was_up=was_up,
-                              retry_in_s=round(self.backoff.current_s, 2))
+                              retry_in_s=round(self._delay, 2))
         else:
             self._log.debug("mqtt_connect_failed", error=str(exc))
         return first

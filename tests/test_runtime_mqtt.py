@@ -12,18 +12,14 @@ from runtime.mqtt import Backoff, Endpoint, MqttSession
 from tests.helpers import Mosquitto, until
 
 
-def test_backoff_doubles_with_jitter_up_to_its_cap_and_resets() -> None:
-    """Each delay is the current step times [0.5, 1); the step doubles up to the cap."""
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    """Each wait is the delay times [0.5, 1); the delay doubles up to the cap."""
     b = Backoff(0.5, 3.0)
-    steps = []
-    for _ in range(5):
-        step = b.current_s
-        delay = b.next()
-        assert 0.5 * step <= delay < step
-        steps.append(step)
-    assert steps == [0.5, 1.0, 2.0, 3.0, 3.0]
-    b.reset()
-    assert b.current_s == 0.5
+    delays = [b.first_s]
+    while len(delays) < 5:
+        delays.append(b.next_delay(delays[-1]))
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert all(0.5 * d <= b.wait_s(d) <= d for d in delays)
 
 
 async def test_a_broker_restart_is_one_warning_and_the_session_comes_back(
@@ -46,7 +42,7 @@ async def test_a_broker_restart_is_one_warning_and_the_session_comes_back(
     with structlog.testing.capture_logs() as logs:
         session = MqttSession(Endpoint(mosquitto.host, mosquitto.port,
                                        client_id=f"s-{uuid.uuid4().hex[:8]}"),
-                              name="test", backoff_first_s=0.1, backoff_max_s=0.3)
+                              name="test", backoff=Backoff(0.1, 0.3, healthy_after_s=0))
         task = asyncio.create_task(session.run(serve, on_down=on_down))
         try:
             await until(lambda: len(served) == 1, "first connection")

@@ -68,7 +68,7 @@ from protocols.commands import (
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
-from runtime.mqtt import MqttSession, until_disconnected
+from runtime.mqtt import Backoff, MqttSession, until_disconnected
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +123,8 @@ class CommandService:
         self.session = MqttSession(
             broker.endpoint(settings, client_id=f"{settings.mqtt_client_id}-cmd",
                             clean_session=True),
-            name="commands", backoff_first_s=BACKOFF_FIRST_S, backoff_max_s=BACKOFF_MAX_S)
+            name="commands",
+            backoff=Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S, healthy_after_s=0))
         self._wake = asyncio.Event()
         self._births: dict[str, int] = {}  # gw -> ms of its last birth seen by this process
         self._started_ms = _now_ms()

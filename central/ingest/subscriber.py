@@ -51,7 +51,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
-from runtime.mqtt import MqttSession
+from runtime.mqtt import Backoff, MqttSession
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +140,7 @@ class Ingest:
             # persistent session in the $share group and parks its share of the messages
             # there; the survivors then get everything and the edge resends what was in flight.
             broker.endpoint(s, client_id=s.mqtt_client_id, clean_session=s.mqtt_shared),
-            name="ingest", backoff_first_s=BACKOFF_FIRST_S, backoff_max_s=BACKOFF_MAX_S,
+            name="ingest", backoff=Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S, healthy_after_s=0),
             will=lambda: aiomqtt.Will(topics.CENTRAL_STATE, self._state(False), qos=1,
                                       retain=True))
 

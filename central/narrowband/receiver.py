@@ -212,6 +212,7 @@ class NarrowbandReceiver:
     async def run(self) -> None:
         """Read the radio until cancelled; reopen the port whenever it is lost."""
         backoff = Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S)
+        delay = backoff.first_s
         self._log.info("narrowband_started", dialect=self.settings.narrowband_dialect,
                        gateways=len(self._senders))
         try:
@@ -221,14 +222,15 @@ class NarrowbandReceiver:
                 except NarrowbandPortError as exc:
                     reason = exc.reason
                 else:
-                    backoff.reset()
+                    delay = backoff.first_s
                     try:
                         reason = await self._session(port)
                     finally:
                         with contextlib.suppress(OSError, serial.SerialException):
                             port.close()
-                self._port_failed(reason, backoff.current_s)
-                await asyncio.sleep(backoff.next())
+                self._port_failed(reason, delay)
+                await asyncio.sleep(backoff.wait_s(delay))
+                delay = backoff.next_delay(delay)
         finally:
             self._log.info("narrowband_stopped")
 

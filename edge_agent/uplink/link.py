@@ -50,7 +50,7 @@ from protocols.envelope import (
     merge_ranges,
     ranges_from_seqs,
 )
-from runtime.mqtt import Endpoint, MqttSession
+from runtime.mqtt import Backoff, Endpoint, MqttSession
 
 log = structlog.get_logger(__name__)
 
@@ -102,8 +102,10 @@ class Uplink:
                      keepalive_s=mqtt.keepalive_s, timeout_s=max(mqtt.ack_timeout_s, 5.0),
                      username=mqtt.username, password=mqtt.password,
                      tls=None if tls is None else (lambda: tls)),
-            name="uplink", will=self._will, backoff_first_s=mqtt.reconnect_min_s,
-            backoff_max_s=mqtt.reconnect_max_s, stable_s=_STABLE_S)
+            name="uplink", will=self._will,
+            backoff=Backoff(first_s=mqtt.reconnect_min_s,
+                            max_s=max(mqtt.reconnect_min_s, mqtt.reconnect_max_s),
+                            healthy_after_s=_STABLE_S))
         self.connected = False
         # Monotonic time since when IP has been down (None while connected): the narrowband
         # fallback takes over after a while. Down from the start until the first connect.
