@@ -48,7 +48,7 @@ from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.disk import disk_markup, disk_report, disk_text
 from edge_agent.cli.field import register as register_field_commands
 from edge_agent.config.site import AgentConfig, load_config
-from edge_agent.logs import LEVELS
+from runtime.logs import LEVELS
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -120,7 +120,7 @@ def run(
 
     Example: edge-agent run --config /etc/fieldlink/site.toml
     """
-    from edge_agent.logs import configure_logging
+    from runtime.logs import configure_logging
     from edge_agent.agent import run_agent
 
     if log_level.lower() not in LEVELS:
@@ -473,7 +473,7 @@ register_enrol_commands(app)  # enroll, renew (cli_enrol; DESIGN.md §8)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from edge_agent.logs import configure_logging
+    from runtime.logs import configure_logging
 
     # Library logs (the serial bus opening for `scan`, aiomqtt for `doctor`) go to stderr and
     # only from warnings up, so stdout stays the command's output (and valid --json). `run`
