@@ -82,7 +82,7 @@ async def poll_fast(ports: list[int], profile_text: str, seconds: float, workdir
 
     from runtime.logs import configure_logging
 
-    configure_logging("warning", stream=sys.stderr)  # stdout carries only the JSON line
+    configure_logging("edge-agent", level="warning")  # stdout carries only the JSON line
     profile = parse_profile(profile_text, source="bench")
     pool = TransportPool()
     async with Outbox.open(workdir / "outbox.db") as outbox:

@@ -113,7 +113,7 @@ def run(
     config: ConfigOpt,
     log_level: Annotated[str, typer.Option(help=f"one of {', '.join(LEVELS)}")] = "info",
     log_json: Annotated[bool | None, typer.Option(
-        "--log-json/--log-pretty", help="log format (default: JSON unless stdout is a terminal)",
+        "--log-json/--log-pretty", help="log format (default: JSON unless stderr is a terminal)",
         show_default=False)] = None,
 ) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C (systemd runs this).
@@ -127,7 +127,7 @@ def run(
         raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")
     with _errors():
         cfg = load_config(config)
-        configure_logging(log_level.lower(), json=log_json, stream=sys.stdout)
+        configure_logging("edge-agent", level=log_level.lower(), json=log_json)
         asyncio.run(run_agent(cfg))
 
 
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     # configures its own: structlog caches loggers, so it must be configured once only.
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] != ["run"]:
-        configure_logging("warning", json=False, stream=sys.stderr)
+        configure_logging("edge-agent", level="warning", json=False)
     cmd: Callable[..., Any] = typer.main.get_command(app)
     cmd(args=argv, prog_name="edge-agent")
 
