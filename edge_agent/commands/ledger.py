@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from edge_agent import EdgeError
-from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect
+from runtime.sqlite import Migrations, SqliteOwner, connect
 from protocols.command_results import CommandState
 
 log = structlog.get_logger(__name__)

@@ -20,7 +20,7 @@ import structlog
 
 from edge_agent import EdgeError
 from edge_agent.outbox.seqs import create_table as seq_reserve_table
-from edge_agent.sqlite_owner import open_reader
+from runtime.sqlite import open_reader
 from protocols.envelope import Lane, RecordKind
 
 log = structlog.get_logger(__name__)
@@ -483,7 +483,7 @@ def read_status(path: Path, *, live_window_s: float | None = None) -> OutboxStat
     """
     path = Path(path)
     try:
-        conn = open_reader(path, isolation_level=None)
+        conn = open_reader(path, autocommit=True)
         if conn is None:
             raise OutboxError(f"no outbox at {path} (yet: the agent creates it on start)")
         try:

@@ -93,7 +93,7 @@ from edge_agent.outbox.lanes import LaneReader, Part, alarms_after, last_seq
 from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation
 from edge_agent.outbox.upkeep import OutboxUpkeep, Reclaimed, Refused
-from edge_agent.sqlite_owner import SqliteOwner
+from runtime.sqlite import SqliteOwner
 from protocols.envelope import (
     Flag,
     Lane,

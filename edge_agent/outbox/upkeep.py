@@ -35,7 +35,7 @@ from edge_agent.outbox.disk import DiskUsage, DiskWatch
 from edge_agent.outbox.lanes import LaneReader, last_seq
 from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation, SeqsUnreserved
-from edge_agent.sqlite_owner import SqliteOwner
+from runtime.sqlite import SqliteOwner
 from protocols.envelope import merge_ranges
 
 log = structlog.get_logger(__name__)
