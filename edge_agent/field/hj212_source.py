@@ -56,7 +56,7 @@ from device_profiles import Profile, ProfilePoint
 from edge_agent import EdgeError
 from edge_agent.outbox.store import NewRecord
 from edge_agent.field.poller import DeviceHealth, Health
-from edge_agent.field.serial_port import open_serial
+from runtime.serial import open_serial
 from protocols.envelope import Flag, RecordKind
 from protocols.hj212 import (
     CN_DAILY,
