@@ -2,9 +2,9 @@
 that wait on it.
 
 `SerialBearer` owns the port: pyserial opens it in a thread (`exclusive=True`, an flock, so a
-second owner fails to open it), then the event loop reads the non-blocking fd with
-`loop.add_reader` and writes it with `os.write`, waiting for `add_writer` when the line is
-full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`, which feeds
+second owner fails to open it), then the event loop reads the non-blocking fd
+(`runtime.serial.PortReader`) and writes it with `os.write`, waiting for `add_writer` when
+the line is full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`, which feeds
 its pure codec and hands what it decodes to `_offer`; a step registers with `_expect` before
 it writes, since the answer may come at once.
 
@@ -25,9 +25,7 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 import serial
 
 from edge_agent.bearers import BearerError, BearerPortError, BearerTimeoutError, SendResult
-from runtime.serial import open_serial
-
-_READ_SIZE = 4096
+from runtime.serial import PortReader, open_serial
 
 E = TypeVar("E")
 
@@ -61,6 +59,7 @@ class SerialBearer(Generic[E]):
         self.step_timeout_s = step_timeout_s
         self._log = log
         self._serial: serial.Serial | None = None
+        self._reader: PortReader | None = None
         self._fd: int | None = None
         self._waiters: list[Waiter[E]] = []
         self._open_lock = asyncio.Lock()
@@ -84,11 +83,10 @@ class SerialBearer(Generic[E]):
         async with self._open_lock:
             if self._serial is None:
                 port = await self._open_serial()
-                fd = port.fileno()
-                os.set_blocking(fd, False)
-                self._serial, self._fd = port, fd
+                self._serial = port
                 self._on_port_open()
-                asyncio.get_running_loop().add_reader(fd, self._readable)
+                self._reader = PortReader(port, on_data=self._on_bytes, on_lost=self._lost)
+                self._fd = self._reader.fd
                 self.counters.port_opens += 1
                 self._log.info(self.EVENT_PORT_OPEN, baudrate=self.baudrate)
             await self._on_open()
@@ -105,10 +103,10 @@ class SerialBearer(Generic[E]):
 
     def _detach(self, error: BearerError) -> serial.Serial | None:
         """Stop reading the port and fail every waiting step; returns the port to close."""
-        port, fd = self._serial, self._fd
-        self._serial = self._fd = None
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
+        port, reader = self._serial, self._reader
+        self._serial = self._reader = self._fd = None
+        if reader is not None:
+            reader.stop()
         for waiter in self._waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(error)
@@ -138,22 +136,6 @@ class SerialBearer(Generic[E]):
         """A deliberate close, the port still open if `_fd` is set: say goodbye."""
 
     # --- reading and writing ---------------------------------------------------------------
-
-    def _readable(self) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # EIO: the adapter went away, the pty's far end closed
-            self._lost(f"read failed: {exc}")
-            return
-        if not data:
-            self._lost("end of file")
-            return
-        self._on_bytes(data)
 
     def _on_bytes(self, data: bytes) -> None:
         raise NotImplementedError
