@@ -129,3 +129,20 @@ async def test_outbox_open_supervises_its_own_maintenance(
         async with Outbox.open(tmp_path / "o.db", prune_interval_s=0.01):
             await asyncio.wait_for(done.wait(), 10)
     assert [e["task"] for e in logs if e["event"] == "task_crashed"] == ["outbox.maintain"]
+
+
+def test_edge_metrics_count_task_restarts_and_maintenance_errors() -> None:
+    """The edge's Prometheus collector exports restarts by task and the outbox's failed
+    maintenance rounds, so a task crashing in a loop shows on a dashboard."""
+    from edge_agent.health.metrics import AgentCollector, Snapshot
+
+    collector = AgentCollector()
+    collector.snapshot = Snapshot(gateway="gw", wall_s=0.0, uplink_connected=False, uplink={},
+                                  devices=(), stats=None,
+                                  restarts={"uplink.mqtt": 0, "outbox.maintain": 2},
+                                  maintenance_errors=3)
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for family in collector.collect() for s in family.samples}
+    assert samples[("fieldlink_edge_task_restarts_total", (("task", "outbox.maintain"),))] == 2
+    assert samples[("fieldlink_edge_task_restarts_total", (("task", "uplink.mqtt"),))] == 0
+    assert samples[("fieldlink_edge_outbox_maintenance_errors_total", ())] == 3
