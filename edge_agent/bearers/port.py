@@ -157,7 +157,7 @@ class SerialBearer(Generic[E]):
                     raise BearerPortError(self.port, f"write failed: {exc}") from exc
                 if view:  # the line is full: wait until the driver takes more
                     writable: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+                    loop.add_writer(fd, _wake, writable)
                     try:
                         await writable
                     finally:
@@ -209,6 +209,11 @@ class SerialBearer(Generic[E]):
             by_reason = self.counters.refused_by_reason
             by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
         return result
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _close_quietly(port: serial.Serial) -> None:
