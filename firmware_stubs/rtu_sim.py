@@ -66,6 +66,7 @@ from firmware_stubs.sim_process import (
     run,
     serve_until_signal,
 )
+from protocols.modbus_pdu import encode_exception
 from protocols.modbus_points import PointValue
 from protocols.modbus_rtu import (
     BROADCAST,
@@ -75,7 +76,6 @@ from protocols.modbus_rtu import (
     RtuDecoder,
     RtuFrame,
     char_time_s,
-    encode_exception,
     encode_frame,
     inter_frame_gap_s,
 )

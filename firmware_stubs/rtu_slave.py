@@ -20,6 +20,18 @@ from dataclasses import dataclass
 from device_profiles import Profile, ProfilePoint
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.values import TICK_S, modbus_values
+from protocols.modbus_pdu import (
+    ILLEGAL_DATA_ADDRESS,
+    ILLEGAL_DATA_VALUE,
+    ILLEGAL_FUNCTION,
+    ReadRequest,
+    WriteMultipleRequest,
+    WriteSingleRequest,
+    decode_request,
+    encode_exception,
+    encode_read_response,
+    encode_write_response,
+)
 from protocols.modbus_points import (
     BIT_FUNCTIONS,
     PointEncodeError,
@@ -28,20 +40,7 @@ from protocols.modbus_points import (
     encode_point,
     register_count,
 )
-from protocols.modbus_rtu import (
-    ILLEGAL_DATA_ADDRESS,
-    ILLEGAL_DATA_VALUE,
-    ILLEGAL_FUNCTION,
-    PduError,
-    ReadRequest,
-    UnknownFunctionError,
-    WriteMultipleRequest,
-    WriteSingleRequest,
-    decode_request,
-    encode_exception,
-    encode_read_response,
-    encode_write_response,
-)
+from protocols.modbus_rtu import PduError, UnknownFunctionError
 
 # The ways `SlaveFaults.wrong_answer` can spoil an answer that does arrive.
 WRONG_ANSWERS = ("short", "wrong_unit", "wrong_function", "lying_count", "few_registers")

@@ -51,23 +51,25 @@ from firmware_stubs.sim_process import ready_line, run, serve_until_signal, writ
 from protocols.at_commands import (
     NEED_DATA,
     AtError,
+    Command,
+    CommandDecoder,
+    PduCancelled,
+    PduEntry,
+    encode_command,
+)
+from protocols.at_responses import (
     Cmgr,
     Cmgs,
     CmsError,
     CmsErrorResult,
     Cmti,
-    Command,
-    CommandDecoder,
     Creg,
     Csq,
     InfoLine,
-    PduCancelled,
-    PduEntry,
     Prompt,
     RegStatus,
     Response,
     Result,
-    encode_command,
     encode_response,
 )
 from protocols.sms_pdu import (

@@ -253,7 +253,7 @@ async def _older_database(backend: str, tmp_path: Path, url: str) -> None:
     if backend == "sqlite":
         import sqlite3
 
-        from central.storage.sqlite import MIGRATIONS
+        from central.storage.sqlite_schema import MIGRATIONS
 
         conn = sqlite3.connect(tmp_path / "central.db", isolation_level=None)
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")

@@ -78,7 +78,7 @@ async def test_gateway_and_central_log_in_with_passwords(password_broker: Mosqui
                     await ob.append([NewRecord(RecordKind.TELEMETRY, 1_700_000_000_000 + i,
                                                "d/t", float(i)) for i in range(5)])
                     if works:
-                        await until(lambda: up.counters.records_acked == 5, "records acked")
+                        await until(lambda up=up: up.counters.records_acked == 5, "records acked")
                     else:
                         await asyncio.sleep(2)
                         assert up.counters.connects == 0 and not up.connected

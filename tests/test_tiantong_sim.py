@@ -16,15 +16,13 @@ import serial
 
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.tiantong_sim import TiantongModuleSimulator, TiantongNetwork
-from protocols.at_commands import (
-    NEED_DATA,
-    AtError,
+from protocols.at_commands import NEED_DATA, AtError, Command, cmgd, cmgr, cmgs, encode_command
+from protocols.at_responses import (
     Cmgr,
     Cmgs,
     CmsError,
     CmsErrorResult,
     Cmti,
-    Command,
     Creg,
     Csq,
     InfoLine,
@@ -33,10 +31,6 @@ from protocols.at_commands import (
     Response,
     ResponseDecoder,
     Result,
-    cmgd,
-    cmgr,
-    cmgs,
-    encode_command,
     is_final,
 )
 from protocols.sms_pdu import Reassembler, decode_deliver, encode_submit, submits_for

@@ -57,11 +57,11 @@ class _Model(BaseModel):
 
 
 class AreaIn(_Model):
-    parent_id: IdField | None = Field(None, description="None for a root (the city)")
+    parent_id: IdField | None = Field(default=None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
     name_zh: str = Field(min_length=1, max_length=100)
-    kind: str | None = Field(None, description="street|township, community|village, "
+    kind: str | None = Field(default=None, description="street|township, community|village, "
                                                "enterprise|station|street_office")
 
 
@@ -89,7 +89,7 @@ class GatewayAreaOut(_Model):
 
 
 class ActionIn(_Model):
-    comment: str = Field("", max_length=1000)
+    comment: str = Field(default="", max_length=1000)
 
 
 class CommentIn(_Model):
@@ -238,9 +238,19 @@ async def _act(request: Request, p: Principal, alarm_id: int, action: str, comme
     return await _storage(request).run(program)
 
 
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown area or alarm"}, 409: {"description": "Conflict"},
+    422: {"description": "Bad request"}}
+
+
 def install(app: FastAPI) -> None:
     """Add the area and alarm routes and their error responses to `app`."""
+    _install_errors(app)
+    _install_area_routes(app)
+    _install_alarm_routes(app)
 
+
+def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(DuplicateAreaError)
     async def duplicate(_: Request, exc: DuplicateAreaError) -> JSONResponse:
         return _problem(409, "Duplicate area", str(exc))
@@ -253,18 +263,15 @@ def install(app: FastAPI) -> None:
     async def wrong_state(_: Request, exc: alarms.AlarmStateError) -> JSONResponse:
         return _problem(409, "Not possible in the alarm's state", str(exc))
 
-    problems: dict[int | str, dict[str, Any]] = {
-        404: {"description": "Unknown area or alarm"}, 409: {"description": "Conflict"},
-        422: {"description": "Bad request"}}
 
-
+def _install_area_routes(app: FastAPI) -> None:
     @app.get("/api/areas", response_model=list[AreaNodeOut], tags=["areas"])
     async def area_tree(request: Request, p: Reader) -> list[AreaNodeOut]:
         """The tree (from the user's own area down), children by code, with the gateways at
         each site."""
         return [_node_out(n) for n in _scoped(await areas.area_tree(_storage(request)), p)]
 
-    @app.post("/api/areas", response_model=AreaOut, status_code=201, responses=problems,
+    @app.post("/api/areas", response_model=AreaOut, status_code=201, responses=_PROBLEMS,
               tags=["areas"])
     async def create_area(request: Request, body: AreaIn,
                           p: Admin) -> AreaOut:
@@ -289,7 +296,7 @@ def install(app: FastAPI) -> None:
 
         return _area_out(await storage.run(program))
 
-    @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=problems,
+    @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=_PROBLEMS,
              tags=["areas"])
     async def summary(request: Request, area_id: IdPath,
                       p: Reader) -> SummaryOut:
@@ -303,7 +310,7 @@ def install(app: FastAPI) -> None:
                                    by_severity={str(k): v for k, v in c.by_severity.items()},
                                    unacknowledged=c.unacknowledged) for c in s.children])
 
-    @app.put("/api/gateways/{gw}/area", response_model=GatewayAreaOut, responses=problems,
+    @app.put("/api/gateways/{gw}/area", response_model=GatewayAreaOut, responses=_PROBLEMS,
              tags=["areas"])
     async def place_gateway(request: Request, gw: str, body: GatewayAreaIn,
                             p: Admin) -> GatewayAreaOut:
@@ -326,7 +333,9 @@ def install(app: FastAPI) -> None:
         site = await storage.run(program)
         return GatewayAreaOut(gw=gw, area=_area_out(site))
 
-    @app.get("/api/alarms", response_model=list[AlarmOut], responses=problems, tags=["alarms"])
+
+def _install_alarm_routes(app: FastAPI) -> None:
+    @app.get("/api/alarms", response_model=list[AlarmOut], responses=_PROBLEMS, tags=["alarms"])
     async def list_alarms(
         request: Request, p: Reader,
         area: Annotated[int | None, Query(ge=1, le=ID_MAX,
@@ -349,7 +358,7 @@ def install(app: FastAPI) -> None:
         visible = await gateway_scope(storage, p)
         return [_alarm_out(a) for a in rows if visible(a.gw)]
 
-    @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=problems,
+    @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=_PROBLEMS,
              tags=["alarms"])
     async def get_alarm(request: Request, alarm_id: IdPath,
                         p: Reader) -> AlarmDetail:
@@ -359,7 +368,7 @@ def install(app: FastAPI) -> None:
         return AlarmDetail(**_alarm_out(a).model_dump(), history=[
             HistoryOut(**{f: getattr(h, f) for f in HistoryOut.model_fields}) for h in history])
 
-    @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=problems,
+    @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_PROBLEMS,
               tags=["alarms"])
     async def ack(request: Request, alarm_id: IdPath, body: ActionIn,
                   p: Operator) -> AlarmOut:
@@ -367,7 +376,7 @@ def install(app: FastAPI) -> None:
         return _alarm_out(await _act(request, p, alarm_id, "alarm.ack", body.comment,
                                      alarms.ack_program))
 
-    @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=problems,
+    @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=_PROBLEMS,
               tags=["alarms"])
     async def clear(request: Request, alarm_id: IdPath, body: ActionIn,
                     p: Operator) -> AlarmOut:
@@ -375,7 +384,7 @@ def install(app: FastAPI) -> None:
         return _alarm_out(await _act(request, p, alarm_id, "alarm.clear", body.comment,
                                      alarms.clear_program))
 
-    @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=problems,
+    @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=_PROBLEMS,
               tags=["alarms"])
     async def comment(request: Request, alarm_id: IdPath, body: CommentIn,
                       p: Operator) -> AlarmOut:

@@ -142,8 +142,13 @@ _ORDER = (" ORDER BY CASE WHEN a.state = 'active' THEN 0 ELSE 1 END, a.severity 
           " a.raised_ms DESC, a.id DESC")
 
 
+def _history_fields(r: Sequence[Any]) -> tuple[Any, ...]:
+    return (*r[:6], bool(r[6]), bool(r[7]), *r[8:])
+
+
 def _alarm(r: Sequence[Any]) -> Alarm:
-    return Alarm(*r[:9], AlarmStatus(r[9]), AckState(r[10]), bool(r[11]), *r[12:])
+    fields: tuple[Any, ...] = (*r[:9], AlarmStatus(r[9]), AckState(r[10]), bool(r[11]), *r[12:])
+    return Alarm(*fields)
 
 
 # --- programs ---------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ def history_program(alarm_id: int) -> Program[list[HistoryEntry]]:
     rows = yield Sql("SELECT id, action, source, ts_ms, level, value, applied, notify, note,"
                      " user_name, comment, stream, seq, received_ms FROM alarm_events"
                      " WHERE alarm_id = ? ORDER BY id", (alarm_id,))
-    return [HistoryEntry(*r[:6], bool(r[6]), bool(r[7]), *r[8:]) for r in rows]
+    return [HistoryEntry(*_history_fields(r)) for r in rows]
 
 
 def ack_program(alarm_id: int, user: str, comment: str, now: int) -> Program[Alarm]:

@@ -41,10 +41,12 @@ from central.alarms.lifecycle import (
     is_newer,
 )
 from central import CentralError
-from central.storage import DatabaseWriteError, split_key
+from central.storage.base import DatabaseWriteError, split_key
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import NARROWBAND_COPY
+from protocols.alarm_attrs import AlarmAttrs
 from protocols.envelope import DataBatch, Record, RecordKind
+from protocols.record_attrs import AttrsError
 
 log = structlog.get_logger(__name__)
 
@@ -59,11 +61,14 @@ class AlarmConflictError(AlarmEngineError, DatabaseWriteError):
 
 
 class BadAlarmRecordError(AlarmEngineError):
-    def __init__(self, gw: str, seq: int, reason: str) -> None:
+    """An ALARM record whose attrs do not fit `protocols.alarm_attrs` (`error` says how)."""
+
+    def __init__(self, gw: str, seq: int, reason: str, error: AttrsError) -> None:
         super().__init__(f"alarm record {gw}#{seq}: {reason}")
         self.gw = gw
         self.seq = seq
         self.reason = reason
+        self.error = error
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -74,30 +79,20 @@ def _number(v: object) -> float | None:
 
 
 def event_from_record(gw: str, stream: str, r: Record) -> AlarmEvent:
-    """An edge ALARM record (attrs as `edge_agent.alarms.rules.AlarmEvent.to_record` writes them)."""
-    a = r.attrs or {}
-    key = a.get("alarm_id")
-    if not isinstance(key, str) or not key:
-        raise BadAlarmRecordError(gw, r.seq, "no alarm_id")
+    """An edge ALARM record (attrs: `protocols.alarm_attrs.AlarmAttrs`); raises
+    `BadAlarmRecordError` carrying the contract's `AttrsError` when they do not fit."""
     try:
-        state = EdgeState(a.get("state"))
-    except ValueError:
-        raise BadAlarmRecordError(gw, r.seq, f"state {a.get('state')!r}") from None
-    level = a.get("level", 0)
-    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 9:
-        raise BadAlarmRecordError(gw, r.seq, f"level {level!r}")
-    if state is not EdgeState.CLEARED and level < 1:
-        raise BadAlarmRecordError(gw, r.seq, f"{state} with level {level}")
-    rule = a.get("rule")
-    rule = rule if isinstance(rule, str) and rule else key.rsplit("/", 1)[-1]
+        a = AlarmAttrs.from_attrs(r.attrs or {})
+    except AttrsError as exc:
+        raise BadAlarmRecordError(gw, r.seq, str(exc), exc) from exc
     # Only central's narrowband receiver sets the flag; attrs alone could say anything.
-    bearer = a.get("bearer") if int(r.flags) & NARROWBAND_COPY else None
+    bearer = a.bearer if int(r.flags) & NARROWBAND_COPY else None
     return AlarmEvent(
-        gw=gw, alarm_key=key, rule=rule, state=state, level=level, ts_ms=r.ts_ms, stream=stream,
-        seq=r.seq, point=r.point, value=_number(r.value),
-        text=r.value if isinstance(r.value, str) else None, threshold=_number(a.get("threshold")),
-        attrs_json=json.dumps(dict(a), ensure_ascii=False, default=str),
-        bearer=bearer if isinstance(bearer, str) and bearer else None)
+        gw=gw, alarm_key=a.alarm_id, rule=a.rule, state=a.state, level=a.level, ts_ms=r.ts_ms,
+        stream=stream, seq=r.seq, point=r.point, value=_number(r.value),
+        text=r.value if isinstance(r.value, str) else None, threshold=a.threshold,
+        attrs_json=json.dumps(dict(r.attrs or {}), ensure_ascii=False, default=str),
+        bearer=bearer or None)
 
 
 # --- the pure decision ------------------------------------------------------------------------

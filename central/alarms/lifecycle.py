@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from protocols.alarm_attrs import AlarmState
+
 
 class AlarmStatus(enum.StrEnum):
     ACTIVE = "active"
@@ -17,12 +19,8 @@ class AckState(enum.StrEnum):
     ACKNOWLEDGED = "acknowledged"
 
 
-class EdgeState(enum.StrEnum):
-    """What the edge's alarm records say (`attrs.state`)."""
-
-    RAISED = "raised"
-    CHANGED = "changed"
-    CLEARED = "cleared"
+# What the edge's alarm records say (`attrs.state`): the contract's own enum.
+EdgeState = AlarmState
 
 
 class Action(enum.StrEnum):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 
@@ -71,21 +72,21 @@ class AlarmRules:
             offline = now - heard > self.offline_after_ms
             if offline == (raised.get(g.gw) == "raised"):
                 continue  # nothing to change: no write
-            change = await self.storage.run(lambda gw=g.gw, off=offline: condition_program(
-                gw, GATEWAY_OFFLINE, GATEWAY_OFFLINE, off, 1, self.policy, now))
+            change = await self.storage.run(partial(
+                condition_program, g.gw, GATEWAY_OFFLINE, GATEWAY_OFFLINE, offline, 1,
+                self.policy, now))
             if change is not None:
                 changes.append(change)
         for gw, key in await self.storage.run(lambda: flapping_to_settle(self.policy, now),
                                               write=False):
-            change = await self.storage.run(lambda gw=gw, key=key: settle_program(
-                gw, key, self.policy, now))
+            change = await self.storage.run(partial(settle_program, gw, key, self.policy, now))
             if change is not None:
                 changes.append(change)
         closed = []
         for incident in await self.storage.run(lambda: incidents_to_close(self.policy, now),
                                                write=False):
-            if await self.storage.run(lambda i=incident: close_incident_program(
-                    i, self.policy, now)):
+            if await self.storage.run(partial(close_incident_program, incident, self.policy,
+                                              now)):
                 closed.append(incident)
                 log.info("incident_closed", incident_id=incident)
         log_changes(changes)

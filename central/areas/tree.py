@@ -24,7 +24,7 @@ from central import CentralError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
 
-SEED_DIR = Path(__file__).parent / "seed"
+SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
 
 
 class AreaLevel(enum.StrEnum):

@@ -55,7 +55,7 @@ class IssueIn(_Model):
     gw: str = Field(min_length=1, max_length=64)
     kind: CommandKind
     args: dict[str, Any] = Field(default_factory=dict)
-    ttl_s: float = Field(3600.0, gt=0, le=MAX_TTL_MS / 1000,
+    ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TTL_MS / 1000,
                          description="seconds until the command expires if not executed")
 
 

@@ -28,6 +28,7 @@ plumbing is `central.storage.side_store.SideStore`, shared with the identity tab
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -382,7 +383,8 @@ class CommandStore(SideStore):
                                 " ORDER BY created_ms DESC, cmd_id LIMIT ?", (*params, limit))
         return [_command_row(r) for r in rows]
 
-    async def due(self, *, now_ms: int | None = None, gw: str | None = None) -> list[StoredCommand]:
+    async def due(self, *, now_ms: int | None = None,
+                  gw: str | None = None) -> builtins.list[StoredCommand]:  # `list` is a method
         """Pending or sent (not yet `received`) commands that have not expired, oldest first."""
         now = _now_ms() if now_ms is None else now_ms
         sql = (f"SELECT {_COLS} FROM commands WHERE state IN (?, ?) AND expires_at_ms > ?"

@@ -143,7 +143,7 @@ def overview_program(now_ms: int, offline_after_s: float,
             id=int(r[0]), code=str(r[2]), name_zh=str(r[3]), position=_pos(r[5], r[6]),
             severity=max((m.severity for m in under), default=0),
             active=sum(m.active for m in under), gateways=len(under)))
-    counts = {s: sum(1 for m in marks if m.state == s) for s in STATES}
+    counts: dict[str, int] = {s: sum(1 for m in marks if m.state == s) for s in STATES}
     counts["total"] = len(marks)
     return Overview(tuple(marks), tuple(districts), counts)
 

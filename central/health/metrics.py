@@ -72,6 +72,9 @@ LABELLED = (
      "whole, by reason."),
     ("records_rejected", "records_rejected_total", "reason", "Records refused inside good "
      "batches (acked, counted as reported lost), by reason."),
+    ("attrs_rejected", "attrs_rejected_total", "reason", "Stored records whose attrs break "
+     "their contract (alarm transitions, outbox reports): kept, acked, they move no alarm "
+     "and no loss count; by reason."),
     ("narrowband_received", "narrowband_received_total", "kind", "Narrowband frames accepted, "
      "by kind."),
     ("narrowband_rejected", "narrowband_rejected_total", "reason", "Narrowband messages "
@@ -113,6 +116,8 @@ class Metrics:
     # messages dropped, and single records of otherwise good batches (refused and acked)
     messages_rejected: Counter[str] = field(default_factory=Counter)
     records_rejected: Counter[str] = field(default_factory=Counter)
+    # stored records whose attrs break their contract (central.ingest.rejects.count_bad_attrs)
+    attrs_rejected: Counter[str] = field(default_factory=Counter)
     # narrowband receiver (central.narrowband.receiver): frames by kind, rejects by reason, the port
     narrowband_received: Counter[str] = field(default_factory=Counter)
     narrowband_rejected: Counter[str] = field(default_factory=Counter)
@@ -171,7 +176,7 @@ class _FieldsCollector(Collector):
             yield build(f"{PREFIX}_{name}", help_, value)
         for attr, name, label, help_ in LABELLED:
             counts: Counter[str] = getattr(self._m, attr)
-            if label == "reason" and attr.endswith("_rejected") and attr != "narrowband_rejected":
+            if attr in ("messages_rejected", "records_rejected"):
                 # Every ingest refusal reason from 0, so rate() and alerts see it from the start.
                 seeded: Counter[str] = Counter({str(r): 0 for r in Reason})
                 seeded.update(counts)  # update() keeps zeros, `+` would drop them

@@ -58,7 +58,8 @@ class _Model(BaseModel):
 class LoginIn(_Model):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024, repr=False)
-    kind: Literal["bearer", "cookie"] = Field("bearer", description="bearer: a token for API "
+    kind: Literal["bearer", "cookie"] = Field(default="bearer",
+                                              description="bearer: a token for API "
                                               "clients; cookie: the console's session")
 
 
@@ -74,9 +75,9 @@ class UserOut(_Model):
 
 class LoginOut(_Model):
     user: UserOut
-    token: str | None = Field(None, description="for Authorization: Bearer (kind=bearer)")
+    token: str | None = Field(default=None, description="for Authorization: Bearer (kind=bearer)")
     token_type: str | None = None
-    csrf: str | None = Field(None, description="send as X-CSRF-Token (kind=cookie)")
+    csrf: str | None = Field(default=None, description="send as X-CSRF-Token (kind=cookie)")
     idle_timeout_s: float
 
 
@@ -90,7 +91,7 @@ class MeOut(_Model):
 class UserIn(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     role: Role
-    area: str | None = Field(None, max_length=64, description="area code; null: whole tree")
+    area: str | None = Field(default=None, max_length=64, description="area code; null: whole tree")
     password: str = Field(min_length=1, max_length=1024, repr=False)
 
 
@@ -153,9 +154,19 @@ async def _check_user_scope(request: Request, admin: Principal, name: str) -> Us
     return target
 
 
+_AUTH_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Login required"}, 403: {"description": "Role or area refused"}}
+
+
 def install(app: FastAPI, settings: Settings, static: Any) -> None:
     """Add the login, user and audit routes and the 401/403/429 problem responses."""
+    _install_errors(app)
+    _install_session_routes(app, settings, static)
+    _install_user_routes(app)
+    _install_audit_routes(app)
 
+
+def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(AuthError)
     async def refused(_: Request, exc: AuthError) -> JSONResponse:
         title = "Login required" if exc.status == 401 else "Forbidden"
@@ -178,8 +189,9 @@ def install(app: FastAPI, settings: Settings, static: Any) -> None:
     async def weak(_: Request, exc: WeakPasswordError) -> JSONResponse:
         return _problem(422, "Password refused", str(exc))
 
-    auth_problems: dict[int | str, dict[str, Any]] = {
-        401: {"description": "Login required"}, 403: {"description": "Role or area refused"}}
+
+def _install_session_routes(app: FastAPI, settings: Settings, static: Any) -> None:
+    """Log in and out, and who am I."""
 
     @app.get("/login", include_in_schema=False)
     async def login_page() -> FileResponse:
@@ -201,28 +213,29 @@ def install(app: FastAPI, settings: Settings, static: Any) -> None:
         return LoginOut(user=user_out(user), token=token, token_type="bearer", csrf=None,
                         idle_timeout_s=settings.session_idle_s)
 
-    @app.post("/api/logout", status_code=204, responses=auth_problems, tags=["identity"])
+    @app.post("/api/logout", status_code=204, responses=_AUTH_PROBLEMS, tags=["identity"])
     async def logout(request: Request, p: LoggedIn) -> Response:
         await _accounts(request).logout(p)
         out = Response(status_code=204)
         out.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return out
 
-    @app.get("/api/me", response_model=MeOut, responses=auth_problems, tags=["identity"])
+    @app.get("/api/me", response_model=MeOut, responses=_AUTH_PROBLEMS, tags=["identity"])
     async def me(p: LoggedIn) -> MeOut:
         return MeOut(user=user_out(p.user), kind=p.kind,
                      csrf=p.csrf if p.kind == "cookie" else None,
                      idle_timeout_s=settings.session_idle_s)
 
 
-    @app.get("/api/users", response_model=list[UserOut], responses=auth_problems,
+def _install_user_routes(app: FastAPI) -> None:
+    @app.get("/api/users", response_model=list[UserOut], responses=_AUTH_PROBLEMS,
              tags=["identity"])
     async def list_users(request: Request,
                          p: Admin) -> list[UserOut]:
         return [user_out(u) for u in await _accounts(request).list_users(p.user.area_path)]
 
     @app.post("/api/users", response_model=UserOut, status_code=201, tags=["identity"],
-              responses={**auth_problems, 409: {"description": "Duplicate user"},
+              responses={**_AUTH_PROBLEMS, 409: {"description": "Duplicate user"},
                          422: {"description": "Bad role, area or password"}})
     async def add_user(request: Request, body: UserIn,
                        p: Admin) -> UserOut:
@@ -240,7 +253,7 @@ def install(app: FastAPI, settings: Settings, static: Any) -> None:
         return user_out(user)
 
     @app.post("/api/users/{name}/password", response_model=UserOut, tags=["identity"],
-              responses={**auth_problems, 404: {"description": "Unknown user"},
+              responses={**_AUTH_PROBLEMS, 404: {"description": "Unknown user"},
                          422: {"description": "Password refused"}})
     async def set_password(request: Request, name: str, body: PasswordIn, p: Admin) -> UserOut:
         """An admin sets the password of a user in their area; the user's sessions end."""
@@ -248,25 +261,26 @@ def install(app: FastAPI, settings: Settings, static: Any) -> None:
         return user_out(await _accounts(request).set_password(p.name, name, body.password))
 
     @app.post("/api/me/password", response_model=UserOut, tags=["identity"],
-              responses={**auth_problems, 422: {"description": "Password refused"}})
+              responses={**_AUTH_PROBLEMS, 422: {"description": "Password refused"}})
     async def set_own_password(request: Request, body: PasswordIn, p: LoggedIn) -> UserOut:
         """Every user may set their own password; their sessions end (log in again)."""
         return user_out(await _accounts(request).set_password(p.name, p.name, body.password))
 
     @app.post("/api/users/{name}/disable", response_model=UserOut, tags=["identity"],
-              responses={**auth_problems, 404: {"description": "Unknown user"}})
+              responses={**_AUTH_PROBLEMS, 404: {"description": "Unknown user"}})
     async def disable(request: Request, name: str, p: Admin) -> UserOut:
         await _check_user_scope(request, p, name)
         return user_out(await _accounts(request).set_disabled(p.name, name, True))
 
     @app.post("/api/users/{name}/enable", response_model=UserOut, tags=["identity"],
-              responses={**auth_problems, 404: {"description": "Unknown user"}})
+              responses={**_AUTH_PROBLEMS, 404: {"description": "Unknown user"}})
     async def enable(request: Request, name: str, p: Admin) -> UserOut:
         await _check_user_scope(request, p, name)
         return user_out(await _accounts(request).set_disabled(p.name, name, False))
 
 
-    @app.get("/api/audit", response_model=list[AuditOut], responses=auth_problems,
+def _install_audit_routes(app: FastAPI) -> None:
+    @app.get("/api/audit", response_model=list[AuditOut], responses=_AUTH_PROBLEMS,
              tags=["audit"])
     async def audit_rows(
         request: Request, _: Auditor,
@@ -281,7 +295,7 @@ def install(app: FastAPI, settings: Settings, static: Any) -> None:
                                              action=action, newest_first=order == "newest")
         return [_audit_out(e) for e in rows]
 
-    @app.get("/api/audit/verify", response_model=VerifyOut, responses=auth_problems,
+    @app.get("/api/audit/verify", response_model=VerifyOut, responses=_AUTH_PROBLEMS,
              tags=["audit"])
     async def audit_verify(request: Request, _: Auditor) -> VerifyOut:
         v = await _audit(request).verify()

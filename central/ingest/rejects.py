@@ -6,6 +6,10 @@
   (`UnstorableValueError`, a rule `protocols.limits` lacks) is written in halves until each
   failing record is alone; those records are refused like any other bad record, the rest are
   stored, so the good records beside a bad one are neither lost nor held back.
+- `count_bad_attrs`: a stored record whose attrs break their contract (an ALARM record that is
+  no `protocols.alarm_attrs.AlarmAttrs`, an EVENT claiming to be one of the outbox's reports,
+  `protocols.outbox_events`) is counted in `attrs_rejected_total{reason}` and logged like a
+  refusal; it stays in history, acked, but moves no alarm and no loss count.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from typing import Any
 
 import structlog
 
+from central.health.metrics import Metrics
 from central.storage import Storage, UnstorableValueError, WriteResult
-from protocols.envelope import DataBatch, Record, RejectedRecord
+from protocols.alarm_attrs import AlarmAttrs
+from protocols.envelope import DataBatch, Record, RecordKind, RejectedRecord
 from protocols.limits import UnstorableRecordError
+from protocols.outbox_events import parse_outbox_event
+from protocols.record_attrs import AttrsError
 
 log = structlog.get_logger(__name__)
 
@@ -100,3 +108,30 @@ async def write_isolating(storage: Storage, batch: DataBatch
         # The refusals on their own: the delivery view then counts them as reported lost.
         await storage.write_batches([dataclasses.replace(batch, records=(), rejected=rejected)])
     return merge_results(batch, results), tuple(refused)
+
+
+def attrs_error(record: Record) -> AttrsError | None:
+    """What is wrong with `record`'s attrs under the contract its kind (and for an EVENT, its
+    `event`) names; None when they fit or name no contract checked here."""
+    try:
+        if record.kind is RecordKind.ALARM:
+            AlarmAttrs.from_attrs(record.attrs or {})
+        elif record.kind is RecordKind.EVENT:
+            parse_outbox_event(record.attrs)
+    except AttrsError as exc:
+        return exc
+    return None
+
+
+def count_bad_attrs(batch: DataBatch, metrics: Metrics, reject_log: RejectLog) -> int:
+    """Count and log (per gateway and reason) the records of `batch` whose attrs break their
+    contract; returns how many."""
+    bad = 0
+    for r in batch.records:
+        if r.kind is RecordKind.TELEMETRY or (exc := attrs_error(r)) is None:
+            continue
+        bad += 1
+        metrics.attrs_rejected[exc.reason] += 1
+        reject_log("attrs_rejected", batch.gw, exc.reason, stream=batch.stream[:64], seq=r.seq,
+                   contract=exc.contract, field=exc.field, error=str(exc)[:300])
+    return bad

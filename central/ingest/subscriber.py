@@ -35,7 +35,7 @@ from central import __version__, mqtt_client
 from central import CentralError
 from central.health.metrics import Metrics
 from central.settings import Settings
-from central.ingest.rejects import RejectLog, write_isolating
+from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
 from protocols.envelope import (
@@ -257,6 +257,7 @@ class Ingest:
                 continue
             msg = inbound.msg
             if isinstance(msg, DataBatch):
+                count_bad_attrs(msg, self.metrics, self.reject_log)
                 if msg.rejected:
                     self._records_rejected(msg, msg.rejected)
                 if msg.records or msg.rejected:

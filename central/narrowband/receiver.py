@@ -57,8 +57,9 @@ from central.settings import NarrowbandGateway, Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
-from protocols.envelope import DEVICE_POINT, DataBatch, Flag, Record, RecordKind
-from runtime.serial import LineReader, PortLostError, open_serial
+from protocols.alarm_attrs import AlarmAttrs
+from protocols.envelope import DataBatch, Flag, Record, RecordKind
+from protocols.limits import MalformedEnvelopeError
 from protocols.narrowband import (
     RULE_NAMES,
     TRANSITION_NAMES,
@@ -70,6 +71,8 @@ from protocols.narrowband import (
     NarrowbandError,
     decode_frame,
 )
+from protocols.point_inventory import PointInventory
+from runtime.serial import LineReader, PortLostError, open_serial
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +104,14 @@ class NoBirthError(NarrowbandInputError):
         self.gw = gw
 
 
+class BadBirthError(NarrowbandInputError):
+    reason = "bad_birth"
+
+    def __init__(self, gw: str, error: Exception) -> None:
+        super().__init__(f"gateway {gw!r}'s stored birth does not read: {error}")
+        self.gw = gw
+
+
 class UnknownOrdinalError(NarrowbandInputError):
     reason = "unknown_point"
 
@@ -122,39 +133,36 @@ class NarrowbandPortError(CentralError):
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """What a gateway's last birth says: its stream and, per point ordinal, the point key
-    (`device/point`) and its device."""
+    """What a gateway's last birth says: its stream and its points' ordinals
+    (`protocols.point_inventory`, the mapping the edge's fallback encodes with)."""
 
     stream: str
-    points: dict[int, tuple[str, str]]
+    points: PointInventory
 
     def point_of(self, gw: str, entry: AlarmEntry) -> str:
-        try:
-            key, device = self.points[entry.point]
-        except KeyError:
-            raise UnknownOrdinalError(gw, entry.point) from None
-        return f"{device}/{DEVICE_POINT}" if entry.rule is AlarmRule.DEVICE_OFFLINE else key
+        point = self.points.point(entry.point,
+                                  device_level=entry.rule is AlarmRule.DEVICE_OFFLINE)
+        if point is None:
+            raise UnknownOrdinalError(gw, entry.point)
+        return point
 
 
-def inventory_from_birth(stream: str, birth: dict[str, Any]) -> Inventory:
+def inventory_from_birth(gw: str, stream: str, birth: object) -> Inventory:
     """From the birth JSON the `gateways` row keeps (`protocols.envelope.to_jsonable`)."""
-    points: dict[int, tuple[str, str]] = {}
-    for dev in birth.get("devices", ()):
-        for p in dev.get("points", ()):
-            key = p["key"] if "/" in p["key"] else f"{dev['id']}/{p['key']}"
-            points[int(p["ordinal"])] = (key, key.partition("/")[0])
-    return Inventory(stream, points)
+    try:
+        return Inventory(stream, PointInventory.from_jsonable(birth))
+    except MalformedEnvelopeError as exc:
+        raise BadBirthError(gw, exc) from exc
 
 
 def alarm_record(entry: AlarmEntry, point: str, bearer: str = "beidou") -> Record:
     """The ALARM record the edge stored under `entry.seq`, as far as the frame tells it."""
     rule = RULE_NAMES[entry.rule]
+    attrs = AlarmAttrs(alarm_id=f"{point}/{rule}", rule=rule,
+                       state=TRANSITION_NAMES[entry.state], level=entry.level, bearer=bearer)
     # NARROWBAND_COPY marks it for replacement by the full record when that comes over IP.
     return Record(entry.seq, RecordKind.ALARM, entry.ts * 1000, point, entry.value,
-                  Flag(NARROWBAND_COPY),
-                  {"alarm_id": f"{point}/{rule}", "rule": rule,
-                   "state": TRANSITION_NAMES[entry.state], "level": entry.level,
-                   "bearer": bearer})
+                  Flag(NARROWBAND_COPY), attrs.to_attrs())
 
 
 def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
@@ -309,7 +317,7 @@ class NarrowbandReceiver:
             raise NoBirthError(gw)
         stream, birth = row
         # SQLite keeps the birth as JSON text, PostgreSQL as jsonb (a dict already).
-        return inventory_from_birth(stream, json.loads(birth) if isinstance(birth, str)
+        return inventory_from_birth(gw, stream, json.loads(birth) if isinstance(birth, str)
                                     else birth)
 
     async def _store_alarms(self, gw: str, inventory: Inventory, frame: AlarmsFrame) -> None:

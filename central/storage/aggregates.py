@@ -81,13 +81,13 @@ class AggSamples:
         self.tss.append(ts)
         self.vals.append(v)
 
-    def extend(self, pids: list[int], tss: list[int], vals: list[float]) -> None:
+    def extend(self, pids: Iterable[int], tss: Iterable[int], vals: Iterable[float]) -> None:
         self.pids.extend(pids)
         self.tss.extend(tss)
         self.vals.extend(vals)
 
     def pack(self) -> bytes:
-        parts = [self.pids, self.tss, self.vals]
+        parts: list[array[Any]] = [self.pids, self.tss, self.vals]
         if sys.byteorder != "little":
             parts = [array(a.typecode, a) for a in parts]
             for a in parts:

@@ -17,7 +17,8 @@ import structlog
 from central import tasks
 from central.health.metrics import Metrics
 from central.settings import Settings
-from central.storage import PurgeResult, RetentionPolicy, Storage, StorageError
+from central.storage.aggregates import RetentionPolicy
+from central.storage.base import PurgeResult, Storage, StorageError
 from central.storage.timecheck import TimePolicy
 
 log = structlog.get_logger(__name__)

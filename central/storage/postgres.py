@@ -36,7 +36,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from central.alarms.engine import log_changes
 from central.alarms.lifecycle import AlarmChange
-from central.storage import (
+from central.storage.base import (
     DatabaseWriteError,
     Device,
     Gateway,

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import Profile
-from edge_agent.alarms.rules import Rule, RuleKind, RulesError
+from edge_agent.alarms.rules import Rule, RulesError
+from protocols.alarm_attrs import RuleKind
 from protocols.envelope import DEVICE_POINT
 
 DEFAULT_OFFLINE_DELAY_S = 10.0  # one lost answer on a noisy RS-485 line is not an outage
@@ -47,21 +48,22 @@ class PointAlarmConfig(_Model):
     high2: float | None = None
     low1: float | None = None
     low2: float | None = None
-    hysteresis: float | None = Field(None, ge=0)
-    on_delay_s: float = Field(0.0, ge=0, le=86_400)
-    off_delay_s: float = Field(0.0, ge=0, le=86_400)
-    rate_per_min: float | None = Field(None, gt=0)  # |change| per minute that raises level 1
-    rate_window_s: float = Field(60.0, gt=0, le=86_400)
-    stale_after_s: float | None = Field(None, gt=0, le=86_400 * 7)
+    hysteresis: float | None = Field(default=None, ge=0)
+    on_delay_s: float = Field(default=0.0, ge=0, le=86_400)
+    off_delay_s: float = Field(default=0.0, ge=0, le=86_400)
+    rate_per_min: float | None = Field(default=None,
+                                       gt=0)  # |change| per minute that raises level 1
+    rate_window_s: float = Field(default=60.0, gt=0, le=86_400)
+    stale_after_s: float | None = Field(default=None, gt=0, le=86_400 * 7)
 
 
 class DeviceAlarmsConfig(_Model):
     """`[devices.alarms]`: device-level alarm settings and `[devices.alarms.points.<key>]`."""
 
     offline: bool = True
-    offline_delay_s: float = Field(DEFAULT_OFFLINE_DELAY_S, ge=0, le=86_400)
+    offline_delay_s: float = Field(default=DEFAULT_OFFLINE_DELAY_S, ge=0, le=86_400)
     # Default stale limit for every point that has a threshold rule (a point's own wins).
-    stale_after_s: float | None = Field(None, gt=0, le=86_400 * 7)
+    stale_after_s: float | None = Field(default=None, gt=0, le=86_400 * 7)
     points: dict[str, PointAlarmConfig] = Field(default_factory=dict)
 
 

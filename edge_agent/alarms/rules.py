@@ -35,14 +35,13 @@ that sample).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from edge_agent import EdgeError
 from edge_agent.outbox.store import NewRecord
+from protocols.alarm_attrs import RULE_REMOVED, AlarmAttrs, AlarmState, RuleKind
 from protocols.envelope import RecordKind, Value
 
 _LEVELS = (1, 2)
@@ -63,20 +62,6 @@ class RulesError(EdgeError):
 
 
 # --- rules, states, events -----------------------------------------------------------------
-
-
-class RuleKind(enum.StrEnum):
-    HIGH = "high"
-    LOW = "low"
-    RATE = "rate"
-    STALE = "stale"
-    OFFLINE = "device_offline"
-
-
-class AlarmState(enum.StrEnum):
-    RAISED = "raised"
-    CHANGED = "changed"
-    CLEARED = "cleared"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,21 +128,26 @@ class AlarmEvent:
     value: Value
     threshold: float | None
     since_ms: int | None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    rate_per_min: float | None = None  # rate rules
+    age_s: float | None = None  # stale rules: seconds since the last good sample
+    error: str | None = None  # device_offline: why the poll failed
+    reason: str | None = None  # a clear for a rule removed from the config: RULE_REMOVED
 
     @property
     def alarm_id(self) -> str:
         return self.rule.alarm_id
 
+    def attrs(self) -> AlarmAttrs:
+        """What its ALARM record tells central (`protocols.alarm_attrs`)."""
+        return AlarmAttrs(
+            alarm_id=self.alarm_id, rule=self.rule.kind, state=self.state, level=self.level,
+            prev_level=self.prev_level, threshold=self.threshold, since_ms=self.since_ms,
+            hysteresis=self.rule.hysteresis or None, rate_per_min=self.rate_per_min,
+            age_s=self.age_s, error=self.error, reason=self.reason)
+
     def to_record(self) -> NewRecord:
-        attrs: dict[str, Any] = {
-            "alarm_id": self.alarm_id, "rule": str(self.rule.kind), "state": str(self.state),
-            "level": self.level, "prev_level": self.prev_level, "threshold": self.threshold,
-            "since_ms": self.since_ms, **self.extra}
-        if self.rule.hysteresis:
-            attrs["hysteresis"] = self.rule.hysteresis
         return NewRecord(kind=RecordKind.ALARM, ts_ms=self.ts_ms, point=self.rule.point,
-                         value=self.value, attrs=attrs)
+                         value=self.value, attrs=self.attrs().to_attrs())
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +307,7 @@ class RuleEngine:
                 gone = Rule(device=snap.device, point=snap.point, kind=kind)
                 events.append(AlarmEvent(gone, AlarmState.CLEARED, 0, snap.level, now_ms,
                                          snap.value, snap.threshold, snap.since_ms,
-                                         {"reason": "rule_removed"}))
+                                         reason=RULE_REMOVED))
                 continue
             states[snap.alarm_id] = RuleState(level=min(snap.level, 2), since_ms=snap.since_ms,
                                               changed_ms=snap.changed_ms, value=snap.value,
@@ -369,7 +359,7 @@ class RuleEngine:
             age_ms = max(0, now_ms - state.seen_ms)
             instant = high_level(age_ms / 1000, rule.thresholds, 0.0, state.level)
             new, event = self._transition(rule, state, instant, now_ms, state.value,
-                                          {"age_s": round(age_ms / 1000, 3)})
+                                          age_s=round(age_ms / 1000, 3))
             pending[rule.alarm_id] = new
             if event is not None:
                 events.append(event)
@@ -385,15 +375,15 @@ class RuleEngine:
             if v is None and not isinstance(sample.value, (bool, str)):
                 return state, None  # a bad-quality sample is not a new value
             state = replace(state, seen_ms=max(now, state.seen_ms or now), value=sample.value)
-            return self._transition(rule, state, 0, now, sample.value, {"age_s": 0.0})
+            return self._transition(rule, state, 0, now, sample.value, age_s=0.0)
         if v is None:
             return state, None
         if rule.kind is RuleKind.HIGH:
             instant = high_level(v, rule.thresholds, rule.hysteresis, state.level)
-            return self._transition(rule, state, instant, now, sample.value, {})
+            return self._transition(rule, state, instant, now, sample.value)
         if rule.kind is RuleKind.LOW:
             instant = low_level(v, rule.thresholds, rule.hysteresis, state.level)
-            return self._transition(rule, state, instant, now, sample.value, {})
+            return self._transition(rule, state, instant, now, sample.value)
         # RATE
         history = state.samples
         if history and history[-1][0] >= now:
@@ -404,20 +394,21 @@ class RuleEngine:
             return state, None
         instant = high_level(abs(rate), rule.thresholds, rule.hysteresis, state.level)
         return self._transition(rule, state, instant, now, sample.value,
-                                {"rate_per_min": round(rate, 6)})
+                                rate_per_min=round(rate, 6))
 
     def _step_offline(self, rule: Rule, *, online: bool, error: str | None, now_ms: int,
                       pending: dict[str, RuleState], events: list[AlarmEvent]) -> None:
         state = pending.get(rule.alarm_id) or self.state(rule.alarm_id)
-        extra = {"error": error} if error else {}
-        new, event = self._transition(rule, state, 0 if online else 1, now_ms, None, extra)
+        new, event = self._transition(rule, state, 0 if online else 1, now_ms, None,
+                                      error=error or None)
         pending[rule.alarm_id] = new
         if event is not None:
             events.append(event)
 
     @staticmethod
-    def _transition(rule: Rule, state: RuleState, instant: int, now_ms: int, value: Value,
-                    extra: Mapping[str, Any]) -> tuple[RuleState, AlarmEvent | None]:
+    def _transition(rule: Rule, state: RuleState, instant: int, now_ms: int, value: Value, *,
+                    rate_per_min: float | None = None, age_s: float | None = None,
+                    error: str | None = None) -> tuple[RuleState, AlarmEvent | None]:
         new_level, state = debounce(state, instant, now_ms, rule.on_delay_ms, rule.off_delay_ms)
         old = state.level
         if new_level == old:
@@ -430,7 +421,7 @@ class RuleEngine:
             kind, since = AlarmState.CHANGED, state.since_ms
         threshold = rule.threshold(new_level if new_level else old)
         event = AlarmEvent(rule, kind, new_level, old, now_ms, value, threshold, since,
-                           dict(extra))
+                           rate_per_min=rate_per_min, age_s=age_s, error=error)
         state = replace(state, level=new_level, since_ms=since if new_level else None,
                         changed_ms=now_ms, value=value if value is not None else state.value,
                         threshold=threshold)

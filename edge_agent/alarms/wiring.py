@@ -39,13 +39,13 @@ from edge_agent.field.poller import DeviceHealth, Health, OutboxWriter
 from edge_agent.alarms.rules import (
     AlarmEvent,
     AlarmSnapshot,
-    AlarmState,
     DeviceStatus,
     Evaluation,
     Rule,
     RuleEngine,
     samples_of,
 )
+from protocols.alarm_attrs import AlarmState
 
 log = structlog.get_logger(__name__)
 

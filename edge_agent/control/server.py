@@ -54,7 +54,7 @@ from protocols.envelope import RecordKind
 from protocols.modbus_points import PointDecodeError
 
 if TYPE_CHECKING:
-    from edge_agent.agent import AgentRuntime
+    from edge_agent.health.view import RuntimeView
 
 log = structlog.get_logger(__name__)
 
@@ -126,7 +126,7 @@ def error_reply(type_: str, message: str) -> dict[str, Any]:
 class ControlOps:
     """Answers control requests from the running agent's state."""
 
-    def __init__(self, runtime: AgentRuntime) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self.runtime = runtime
 
     async def handle(self, line: bytes, *, peer_uid: int | None = None) -> dict[str, Any]:

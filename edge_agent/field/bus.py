@@ -41,7 +41,7 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
 from edge_agent.config.site import RtuTransportConfig
-from edge_agent.field.transports import (
+from edge_agent.field.errors import (
     ModbusExceptionError,
     TransportConnectError,
     TransportCrcError,
@@ -50,10 +50,10 @@ from edge_agent.field.transports import (
     TransportTimeoutError,
 )
 from protocols.modbus_rtu import (
-    NEED_DATA,
     CrcMismatchError,
     Direction,
     FrameError,
+    NeedData,
     RtuDecoder,
     crc16,
     inter_frame_gap_s,
@@ -405,7 +405,7 @@ class SerialBus:
             except FrameError:
                 ex.noise = True
                 continue
-            if frame is NEED_DATA:
+            if isinstance(frame, NeedData):  # NEED_DATA, the one instance
                 break
             if frame.address != ex.device_id or frame.function & 0x7F != ex.function:
                 self._other_frame(ex, frame.address, frame.function & 0x7F)

@@ -122,29 +122,8 @@ def parse_value(spec: PointSpec, raw: object) -> PointValue:
             raise BadValueError(f"{spec.key}: expected text, got {raw!r}")
         return raw
     if dtype is DataType.BOOL:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, int) and raw in (0, 1):
-            return bool(raw)
-        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
-        raise BadValueError(f"{spec.key}: expected 1/0, true/false or on/off, got {raw!r}")
-    number: int | float
-    if isinstance(raw, bool):
-        raise BadValueError(f"{spec.key}: expected a number, got {raw!r}")
-    if isinstance(raw, int | float):
-        number = raw
-    elif isinstance(raw, str):
-        text = raw.strip()
-        try:
-            number = int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise BadValueError(f"{spec.key}: expected a number, got {raw!r}") from None
-    else:
-        raise BadValueError(f"{spec.key}: expected a number, got {raw!r}")
+        return _parse_bool(spec, raw)
+    number = _parse_number(spec, raw)
     if not math.isfinite(number):
         raise BadValueError(f"{spec.key}: not a finite number")
     if dtype in _INTEGER_TYPES and not spec.scaled:
@@ -153,6 +132,33 @@ def parse_value(spec: PointSpec, raw: object) -> PointValue:
                 raise BadValueError(f"{spec.key}: {dtype} takes whole numbers, got {raw!r}")
             number = int(number)
     return number
+
+
+def _parse_bool(spec: PointSpec, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise BadValueError(f"{spec.key}: expected 1/0, true/false or on/off, got {raw!r}")
+
+
+def _parse_number(spec: PointSpec, raw: object) -> int | float:
+    """An int or float as given (JSON) or as written (text); a bool is not a number here."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise BadValueError(f"{spec.key}: expected a number, got {raw!r}")
 
 
 def check_value(spec: PointSpec, value: PointValue) -> list[int]:

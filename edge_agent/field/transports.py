@@ -5,7 +5,7 @@ Several devices may sit behind one endpoint (unit ids behind a TCP gateway, slav
 RS-485 bus), so `TransportPool` hands out one transport per endpoint and each transport
 serialises its requests with a lock. For Modbus RTU the pool keeps one `SerialBus` per serial
 port (`edge_agent.field.bus`) and hands each device a view of it that carries the device's own
-timeout. Library exceptions are translated into the `TransportError` family, chained with
+timeout. Library exceptions are translated into the `TransportError` family (`edge_agent.field.errors`), chained with
 `from`.
 
 pymodbus's own reconnect loop and retries are switched off (`reconnect_delay=0`,
@@ -16,66 +16,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
 from edge_agent.config.site import RtuTransportConfig, TcpTransportConfig, TransportConfig
-from edge_agent import EdgeError
+from edge_agent.field.bus import SerialBus
+from edge_agent.field.errors import (
+    FRAMING_REASONS,
+    ModbusExceptionError,
+    TransportConnectError,
+    TransportCrcError,
+    TransportError,
+    TransportFramingError,
+    TransportTimeoutError,
+)
 
-if TYPE_CHECKING:
-    from edge_agent.field.bus import SerialBus
-
-class TransportError(EdgeError):
-    """A request did not complete; `endpoint` names the link."""
-
-    def __init__(self, endpoint: str, message: str) -> None:
-        super().__init__(f"{endpoint}: {message}")
-        self.endpoint = endpoint
-        self.message = message
-
-
-class TransportConnectError(TransportError):
-    """The link cannot be opened (refused, unreachable, no such port)."""
-
-
-class TransportTimeoutError(TransportError):
-    """The device did not answer within the timeout."""
-
-
-class TransportCrcError(TransportError):
-    """An answer arrived with a wrong CRC (line noise, a bad termination or a failing slave)."""
-
-
-class TransportFramingError(TransportError):
-    """Bytes came back but no right answer: garbage, or a reply that is wrong.
-
-    `reason` is one of `FRAMING_REASONS`: `garbage` (bytes that make no frame), `short_frame`
-    (a frame cut off before its end), `lying_byte_count` (a CRC-valid frame whose byte count
-    promises more data than it carries), `wrong_unit` (an answer from another slave address
-    that is not a late answer to the previous request), `wrong_function` (an answer for
-    another function code), `too_few_registers` (a consistent answer with fewer items than
-    asked).
-    """
-
-    def __init__(self, endpoint: str, message: str, *, reason: str = "garbage") -> None:
-        super().__init__(endpoint, message)
-        self.reason = reason
-
-
-FRAMING_REASONS = ("garbage", "short_frame", "lying_byte_count", "wrong_unit", "wrong_function",
-                   "too_few_registers")
-
-
-class ModbusExceptionError(TransportError):
-    """The device answered with a Modbus exception response (§7: e.g. 2 illegal address)."""
-
-    def __init__(self, endpoint: str, function: int, code: int) -> None:
-        super().__init__(endpoint, f"function {function} exception code {code}")
-        self.function = function
-        self.code = code
+__all__ = [
+    "FRAMING_REASONS", "ModbusExceptionError", "ModbusTcpTransport", "ModbusTransport",
+    "TransportConnectError", "TransportCrcError", "TransportError", "TransportFramingError",
+    "TransportPool", "TransportTimeoutError", "endpoint_of", "open_transport",
+]
 
 
 class ModbusTransport(Protocol):
@@ -224,8 +187,6 @@ def open_transport(cfg: TransportConfig, *, timeout_s: float) -> ModbusTransport
     if isinstance(cfg, TcpTransportConfig):
         return ModbusTcpTransport(cfg.host, cfg.port, timeout_s=timeout_s)
     if isinstance(cfg, RtuTransportConfig):
-        from edge_agent.field.bus import SerialBus  # bus.py imports this module's errors
-
         return SerialBus.from_config(cfg, timeout_s=timeout_s)
     # An HJ 212 station is not a Modbus link: the supervisor runs an Hj212Station for it.
     raise TypeError(f"not a Modbus transport: {cfg!r}")
@@ -247,16 +208,12 @@ class TransportPool:
             self._by_endpoint[key] = open_transport(cfg, timeout_s=timeout_s)
         transport = self._by_endpoint[key]
         if isinstance(cfg, RtuTransportConfig):
-            from edge_agent.field.bus import SerialBus
-
             assert isinstance(transport, SerialBus)
             return transport.view(timeout_s=timeout_s)
         return transport
 
     def serial_buses(self) -> list[SerialBus]:
         """The RTU buses opened so far (for their per-device counters)."""
-        from edge_agent.field.bus import SerialBus
-
         return [t for t in self._by_endpoint.values() if isinstance(t, SerialBus)]
 
     async def close(self) -> None:

@@ -240,7 +240,7 @@ class ClockGuard:
         if state.last_offset_ms is not None and state.last_mono_ms is not None:
             self._last = (state.last_offset_ms, state.last_mono_ms)
         self._trusted, self._trusted_source = state.trusted_offset_ms, state.trusted_source
-        if state.reason in SuspectReason.__members__.values():
+        if state.reason is not None and state.reason in SuspectReason.__members__.values():
             self._reason = SuspectReason(state.reason)
 
     def _suspect(self, reason: SuspectReason, raw: Stamp, **data: int) -> None:

@@ -21,11 +21,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
 from runtime.metrics import counter, counter_by, gauge
 
 if TYPE_CHECKING:
-    from edge_agent.agent import AgentRuntime
+    from edge_agent.health.view import RuntimeView
 
 log = structlog.get_logger("edge_agent.health.metrics")
 P = "fieldlink_edge"
@@ -174,10 +175,8 @@ def _tasks(s: Snapshot) -> Iterator[Metric]:
                   "refused (an outage: the next round tries again).", float(s.maintenance_errors))
 
 
-async def take_snapshot(runtime: AgentRuntime) -> Snapshot:
+async def take_snapshot(runtime: RuntimeView) -> Snapshot:
     """The agent's state now, read on the event loop (the outbox through its own thread)."""
-    from edge_agent.control.server import device_health
-
     stats: OutboxStats | None = None
     if runtime.outbox is not None:
         try:
@@ -197,7 +196,7 @@ async def take_snapshot(runtime: AgentRuntime) -> Snapshot:
         maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0)
 
 
-async def metrics_loop(runtime: AgentRuntime, collector: AgentCollector, interval_s: float) -> None:
+async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:
     """Refresh the collector's snapshot forever (a supervised task: `metrics`)."""
     while True:
         collector.snapshot = await take_snapshot(runtime)
@@ -221,7 +220,7 @@ async def metrics_server(host: str, port: int, collector: AgentCollector) -> Asy
         thread.join(timeout=5)
 
 
-async def serve_metrics(runtime: AgentRuntime, collector: AgentCollector) -> None:
+async def serve_metrics(runtime: RuntimeView, collector: AgentCollector) -> None:
     """The `metrics.http` task: the endpoint from `[metrics]`, refreshed until cancelled."""
     cfg = runtime.config.metrics
     async with metrics_server(cfg.host, cfg.port, collector):

@@ -25,29 +25,30 @@ class NarrowbandConfig(BaseModel):
 
     bearer: Literal["beidou", "pdt"] = "beidou"
     port: str = Field(min_length=1)
-    baudrate: int = Field(115200, ge=50, le=4_000_000)
+    baudrate: int = Field(default=115200, ge=50, le=4_000_000)
     # --- BeiDou (bearer = "beidou")
     dialect: Literal["bd3", "bd2"] = "bd3"
     # Card of central's own terminal, the recipient (BD-2 cards are 7 digits, BD-3 7 to 10).
-    central_card: str | None = Field(None, pattern=r"^[0-9]{7,10}$", validate_default=True)
+    central_card: str | None = Field(default=None, pattern=r"^[0-9]{7,10}$", validate_default=True)
     # Lower the payload limit the card gives: a BD-3 card reports no capacity, so the regional
     # service's 14,000 bits apply unless this says less (global service: 560 bits = 70 bytes).
-    max_payload_bytes: int | None = Field(None, ge=16, le=4096)
+    max_payload_bytes: int | None = Field(default=None, ge=16, le=4096)
     # --- PDT (bearer = "pdt"): a Hytera radio's HRNP port
-    central_radio: int | None = Field(None, ge=1, le=MAX_RADIO_ID, validate_default=True)
+    central_radio: int | None = Field(default=None, ge=1, le=MAX_RADIO_ID, validate_default=True)
     # This gateway's radio id: the source of its texts, by which central names the gateway.
-    radio_id: int | None = Field(None, ge=1, le=MAX_RADIO_ID)
+    radio_id: int | None = Field(default=None, ge=1, le=MAX_RADIO_ID)
     # The radios' text limit in UTF-16 bytes (128: 64 characters, "FL1:" + 45 frame bytes).
-    max_text_bytes: int = Field(DEFAULT_MAX_TEXT_BYTES, ge=MIN_TEXT_BYTES, le=960)
-    interval_s: int = Field(PDT_INTERVAL_S, ge=0, le=3600)  # between texts, for the channel
+    max_text_bytes: int = Field(default=DEFAULT_MAX_TEXT_BYTES, ge=MIN_TEXT_BYTES, le=960)
+    interval_s: int = Field(default=PDT_INTERVAL_S, ge=0, le=3600)  # between texts, for the channel
     # --- both
     # The gateway's frame key (HMAC-SHA256, at least 16 bytes): hex here, or a file holding
     # the hex (relative to this file), so that the key need not sit in the config.
-    key: str | None = Field(None, repr=False)
-    key_file: Path | None = Field(None, validate_default=True)
-    after_s: float = Field(120.0, ge=0, le=86_400)  # IP down this long before the radio is used
-    heartbeat_s: float = Field(600.0, gt=0, le=86_400)
-    mac_len: int = Field(4, ge=4, le=32)
+    key: str | None = Field(default=None, repr=False)
+    key_file: Path | None = Field(default=None, validate_default=True)
+    after_s: float = Field(default=120.0, ge=0,
+                           le=86_400)  # IP down this long before the radio is used
+    heartbeat_s: float = Field(default=600.0, gt=0, le=86_400)
+    mac_len: int = Field(default=4, ge=4, le=32)
 
     @property
     def recipient(self) -> str:

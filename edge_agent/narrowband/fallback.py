@@ -43,23 +43,27 @@ import structlog
 from edge_agent.bearers import BearerError, CardInfo, Refusal, SendResult
 from edge_agent.narrowband.config import NarrowbandConfig
 from edge_agent.outbox.store import Outbox, OutboxError
-from protocols.envelope import DEVICE_POINT, Birth, Record
+from protocols.alarm_attrs import AlarmAttrs
+from protocols.envelope import Birth, Record
 from protocols.narrowband import (
     RULE_NAMES,
     TRANSITION_NAMES,
     AlarmEntry,
+    AlarmRule,
     FrameCapacityError,
     HeartbeatFrame,
     PowerState,
     encode_alarms,
     encode_heartbeat,
 )
+from protocols.point_inventory import PointInventory
+from protocols.record_attrs import AttrsError
 
 log = structlog.get_logger(__name__)
 
 WATERMARK_KEY: Final = "narrowband_sent_seq"
 STATE_KEY: Final = "narrowband_state"  # active | idle, for `edge-agent status` (outbox meta)
-_RULES: Final = {name: code for code, name in RULE_NAMES.items()}
+_RULES: Final[dict[str, AlarmRule]] = {name: code for code, name in RULE_NAMES.items()}
 _STATES: Final = {name: code for code, name in TRANSITION_NAMES.items()}
 _FLOAT32_MAX: Final = 3.4028234663852886e38
 _MIN_ENTRY_BYTES: Final = 8  # seq delta, ordinal, code, time delta: 1 byte each; float32: 4
@@ -101,16 +105,10 @@ class NarrowbandCounters:
                 for f in dataclasses.fields(self)}
 
 
-def point_ordinals(birth: Birth) -> dict[str, int]:
-    """Point key → ordinal from the birth inventory; a device's pseudo point
-    `<device>/_device` (device-level alarms) names the ordinal of its first point."""
-    out: dict[str, int] = {}
-    for dev in birth.devices:
-        for p in dev.points:
-            out[p.key] = p.ordinal
-        if dev.points:
-            out[f"{dev.id}/{DEVICE_POINT}"] = dev.points[0].ordinal
-    return out
+def point_ordinals(birth: Birth) -> Mapping[str, int]:
+    """Point key → ordinal from the birth inventory (`protocols.point_inventory`); a device's
+    pseudo point `<device>/_device` (device-level alarms) names the ordinal of its first point."""
+    return PointInventory.of_birth(birth).ordinals
 
 
 def frame_value(value: object) -> float | None:
@@ -338,17 +336,21 @@ class NarrowbandFallback:
     # --- records → frame entries -----------------------------------------------------------
 
     def _entry(self, record: Record) -> AlarmEntry | None:
-        attrs = record.attrs or {}
         ordinal = self._ordinals.get(record.point) if record.point is not None else None
         if ordinal is None:
-            return self._skip(record, "no_ordinal")
-        rule_name, state_name, level = attrs.get("rule"), attrs.get("state"), attrs.get("level")
-        rule = _RULES.get(rule_name) if isinstance(rule_name, str) else None
-        state = _STATES.get(state_name) if isinstance(state_name, str) else None
-        if (rule is None or state is None or isinstance(level, bool)
-                or not isinstance(level, int) or not 0 <= level <= 2):
-            return self._skip(record, "unmappable")
-        return AlarmEntry(seq=record.seq, point=ordinal, rule=rule, state=state, level=level,
+            self._skip(record, "no_ordinal")
+            return None
+        try:
+            attrs = AlarmAttrs.from_attrs(record.attrs or {})
+        except AttrsError:
+            self._skip(record, "unmappable")
+            return None
+        rule = _RULES.get(attrs.rule)
+        if rule is None or attrs.level > 2:
+            self._skip(record, "unmappable")
+            return None
+        return AlarmEntry(seq=record.seq, point=ordinal, rule=rule,
+                          state=_STATES[attrs.state], level=attrs.level,
                           ts=max(0, record.ts_ms // 1000), value=frame_value(record.value))
 
     def _skip(self, record: Record, reason: str) -> None:

@@ -35,10 +35,10 @@ from typing import Any
 import structlog
 
 from edge_agent.outbox.db import TELEMETRY_LANE, add_counter, used_bytes
+from protocols.outbox_events import LossReport, OutboxEvent
 
 log = structlog.get_logger(__name__)
 
-_MAX_POINTS_LISTED = 200  # an event names at most this many points (and says how many more)
 _NOT_LATEST = "seq NOT IN (SELECT seq FROM latest)"
 
 
@@ -79,19 +79,16 @@ class Eviction:
         self.points |= points
 
     @property
-    def event(self) -> str:
-        return f"outbox_{self.kind}"
+    def event(self) -> OutboxEvent:
+        return OutboxEvent(f"outbox_{self.kind}")
 
-    def attrs(self, keep_every: int | None = None) -> dict[str, Any]:
-        names = sorted(self.points)
-        out: dict[str, Any] = {"event": self.event, "records": self.records,
-                               "first_seq": self.first_seq, "last_seq": self.last_seq,
-                               "points": names[:_MAX_POINTS_LISTED]}
-        if len(names) > _MAX_POINTS_LISTED:
-            out["points_more"] = len(names) - _MAX_POINTS_LISTED
-        if keep_every is not None:
-            out["keep_every"] = keep_every
-        return out
+    def report(self, keep_every: int | None = None) -> LossReport:
+        """Its report upstream (`protocols.outbox_events`); only for a pass that removed
+        records."""
+        if self.first_seq is None or self.last_seq is None:
+            raise ValueError("an eviction of no records has no report")  # a programming error
+        return LossReport.naming(self.event, self.records, self.first_seq, self.last_seq,
+                                 self.points, keep_every=keep_every)
 
 
 class DiskBudget:

@@ -19,18 +19,45 @@ from __future__ import annotations
 import bisect
 import sqlite3
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import cbor2
 
 from edge_agent.health.clock import Stamp
 from edge_agent.outbox.db import MAX_SEQ, ROW, SELECT_LANE, TELEMETRY_LANE
-from protocols.envelope import Flag, Lane, Record, RecordKind, ranges_from_seqs
+from protocols.envelope import Flag, Lane, Record, RecordKind, Value, ranges_from_seqs
 
 Part = Literal["all", "priority", "backlog"]
 Ranges = tuple[tuple[int, int], ...]
 _SNAPSHOT = (f"SELECT {', '.join('r.' + c.strip() for c in ROW.split(','))}"
              " FROM latest l JOIN records r ON r.seq = l.seq WHERE r.delivered = 0 ORDER BY r.seq")
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """What producers hand in; the outbox assigns `seq`."""
+
+    kind: RecordKind
+    ts_ms: int
+    point: str | None
+    value: Value
+    flags: Flag = Flag.NONE
+    attrs: Mapping[str, Any] | None = None
+
+
+def lane_of(kind: RecordKind) -> Lane:
+    """The lane a record is stored in; backlog is a view of the live lane by age."""
+    if kind is RecordKind.ALARM:
+        return Lane.ALARM
+    if kind is RecordKind.TELEMETRY:
+        return Lane.LIVE
+    return Lane.EVENT  # events and command results
+
+
+# Stored lanes in send order; Lane.BACKLOG is the old part of Lane.LIVE (see module doc).
+SEND_ORDER: tuple[Lane, ...] = (Lane.ALARM, Lane.EVENT, Lane.LIVE)
 
 
 _KINDS = {int(k): k for k in RecordKind}

@@ -32,9 +32,15 @@ from typing import Any
 
 from edge_agent.outbox.db import INSERT, add_counter
 from protocols.envelope import RecordKind, merge_ranges
+from protocols.outbox_events import (
+    DiskFullEpisode,
+    LossReason,
+    LossReport,
+    OutboxEvent,
+    OutboxReport,
+)
 
 _DURABLE = frozenset({int(RecordKind.ALARM), int(RecordKind.EVENT), int(RecordKind.CMD_RESULT)})
-_MAX_POINTS_LISTED = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +155,7 @@ class HoldRing:
     # --- writing it out ----------------------------------------------------------------------
 
     def flush(self, conn: sqlite3.Connection, until_ms: int,
-              event_row: Callable[[dict[str, Any]], tuple[Any, ...]]) -> Flushed:
+              event_row: Callable[[OutboxReport], tuple[Any, ...]]) -> Flushed:
         """Write the ring, the burned seqs and the reports (inside the caller's transaction).
         The ring is emptied only by `done()`, after the caller's COMMIT."""
         inserted: list[tuple[int, int]] = []
@@ -172,23 +178,17 @@ class HoldRing:
             lost += entry.lost
             points |= entry.points
         events: list[int] = []
-        if burned:
-            names = sorted(points)
-            attrs: dict[str, Any] = {
-                "event": "outbox_dropped", "records": burned, "first_seq": first_burned,
-                "last_seq": last_burned, "points": names[:_MAX_POINTS_LISTED],
-                "reason": "disk_full", "telemetry": telemetry, "held_lost": lost}
-            if len(names) > _MAX_POINTS_LISTED:
-                attrs["points_more"] = len(names) - _MAX_POINTS_LISTED
-            conn.execute(INSERT, event_row(attrs))
+        if burned and first_burned is not None:
+            conn.execute(INSERT, event_row(LossReport.naming(
+                OutboxEvent.DROPPED, burned, first_burned, last_burned, points,
+                reason=LossReason.DISK_FULL, telemetry=telemetry, held_lost=lost)))
             events.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
             add_counter(conn, "dropped_total", burned)
             add_counter(conn, "budget_events", 1)
-        conn.execute(INSERT, event_row({
-            "event": "outbox_disk_full", "since_ms": self.since_ms, "until_ms": until_ms,
-            "held": self.episode_held, "telemetry_dropped": self.telemetry_dropped,
-            "held_lost": self.lost, "marks_retried": self.marks_retried,
-            "error": self.last_error[:200]}))
+        conn.execute(INSERT, event_row(DiskFullEpisode(
+            since_ms=self.since_ms, until_ms=until_ms, held=self.episode_held,
+            telemetry_dropped=self.telemetry_dropped, held_lost=self.lost,
+            marks_retried=self.marks_retried, error=self.last_error)))
         events.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         add_counter(conn, "disk_full_episodes", 1)
         add_counter(conn, "disk_full_telemetry_dropped", self.telemetry_dropped)

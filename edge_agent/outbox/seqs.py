@@ -47,9 +47,9 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from edge_agent import EdgeError
+from protocols.outbox_events import LossReason, LossReport, OutboxEvent
 
 MIN_BLOCK = 256
 MAX_BLOCK = 65_536
@@ -75,11 +75,10 @@ class Skipped:
     def records(self) -> int:
         return self.last_seq - self.first_seq + 1
 
-    def report(self) -> dict[str, Any]:
-        """The attrs of its loss report: the `outbox_dropped` EVENT central already reads."""
-        return {"event": "outbox_dropped", "records": self.records, "first_seq": self.first_seq,
-                "last_seq": self.last_seq, "points": [], "reason": "power_cut",
-                "reserved_by_boot": self.boot_id}
+    def report(self) -> LossReport:
+        """Its loss report: an `outbox_dropped` EVENT with reason `power_cut`."""
+        return LossReport(OutboxEvent.DROPPED, self.records, self.first_seq, self.last_seq,
+                          reason=LossReason.POWER_CUT, reserved_by_boot=self.boot_id)
 
 
 def create_table(conn: sqlite3.Connection) -> None:

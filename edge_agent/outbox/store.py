@@ -56,8 +56,7 @@ import contextlib
 import math
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,69 +70,49 @@ from edge_agent.outbox.db import (
     INSERT,
     SCHEMA_VERSION,
     UPSERT_LATEST,
-    LaneStats,
     OutboxCorruptError,
     OutboxDiskFullError,
     OutboxError,
     OutboxFullError,
     OutboxRecordError,
-    OutboxStats,
     OutboxVersionError,
     backlog_from_counters,
     connect,
     is_full,
-    read_status,
-    request_clock_ok,
-    stats,
     translate,
     used_bytes,
 )
 from edge_agent.outbox.disk import DiskWatch
-from edge_agent.outbox.lanes import LaneReader, Part, alarms_after, last_seq
+from edge_agent.outbox.lanes import (
+    SEND_ORDER,
+    LaneReader,
+    NewRecord,
+    Part,
+    alarms_after,
+    lane_of,
+    last_seq,
+)
+from edge_agent.outbox.maintenance import MAINTENANCE_TASK, OutboxMaintenance
 from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation
-from edge_agent.outbox.maintenance import MAINTENANCE_TASK, OutboxMaintenance
+from edge_agent.outbox.status import LaneStats, OutboxStats, read_status, request_clock_ok, stats
 from edge_agent.outbox.upkeep import Reclaimed, Refused
-from runtime.tasks import stop, supervise
-from runtime.sqlite import SqliteOwner
 from protocols.envelope import (
     Flag,
-    Lane,
     Record,
     RecordKind,
-    Value,
     merge_ranges,
     ranges_from_seqs,
 )
+from protocols.outbox_events import LossReport, OutboxEvent, OutboxReport
+from runtime.sqlite import SqliteOwner
+from runtime.tasks import stop, supervise
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
-    """What producers hand in; the outbox assigns `seq`."""
-
-    kind: RecordKind
-    ts_ms: int
-    point: str | None
-    value: Value
-    flags: Flag = Flag.NONE
-    attrs: Mapping[str, Any] | None = None
-
-
-def lane_of(kind: RecordKind) -> Lane:
-    """The lane a record is stored in; backlog is a view of the live lane by age."""
-    if kind is RecordKind.ALARM:
-        return Lane.ALARM
-    if kind is RecordKind.TELEMETRY:
-        return Lane.LIVE
-    return Lane.EVENT  # events and command results
-
-
-# Stored lanes in send order; Lane.BACKLOG is the old part of Lane.LIVE (see module doc).
-SEND_ORDER: tuple[Lane, ...] = (Lane.ALARM, Lane.EVENT, Lane.LIVE)
 _DURABLE_KINDS = frozenset({RecordKind.ALARM, RecordKind.EVENT, RecordKind.CMD_RESULT})
 _ROW_BYTES = 160  # a generous estimate of one record's pages (row + index entries)
 
@@ -369,15 +348,15 @@ class Outbox(OutboxMaintenance):
                 int(isinstance(value, bool)), int(flags), attrs, stamp.wall_ms, stamp.mono_ms,
                 self._lanes.boot)
 
-    def _event_row_attrs(self, attrs: dict[str, Any], stamp: Stamp) -> tuple[Any, ...]:
-        value = attrs.get("records", attrs.get("telemetry_dropped", 0))
+    def _report_row(self, report: OutboxReport, stamp: Stamp) -> tuple[Any, ...]:
+        """The EVENT row of an outbox report; its value: the records it is about."""
+        value = report.records if isinstance(report, LossReport) else report.telemetry_dropped
         return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, value,
-                                      attrs=attrs), stamp)
+                                      attrs=report.to_attrs()), stamp)
 
     def _event_row(self, ev: Eviction, stamp: Stamp) -> tuple[Any, ...]:
-        keep = self._budget.policy.keep_every if ev.kind == "thinned" else None
-        return self._row(0, NewRecord(RecordKind.EVENT, stamp.wall_ms, None, ev.records,
-                                      attrs=ev.attrs(keep)), stamp)
+        keep = self._budget.policy.keep_every if ev.event is OutboxEvent.THINNED else None
+        return self._report_row(ev.report(keep), stamp)
 
     # --- executor-thread bodies: open, write -----------------------------------------------
 

@@ -37,6 +37,7 @@ from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation, SeqsUnreserved
 from runtime.sqlite import SqliteOwner
 from protocols.envelope import merge_ranges
+from protocols.outbox_events import OutboxReport
 
 log = structlog.get_logger(__name__)
 
@@ -89,8 +90,7 @@ class OutboxUpkeep:
     if TYPE_CHECKING:
         def _event_row(self, ev: Eviction, stamp: Stamp) -> tuple[Any, ...]: ...
 
-        def _event_row_attrs(self, attrs: dict[str, Any], stamp: Stamp
-                             ) -> tuple[Any, ...]: ...
+        def _report_row(self, report: OutboxReport, stamp: Stamp) -> tuple[Any, ...]: ...
 
     def _set_sync(self, full: bool) -> None:
         if self._sync_full is not full:  # a pragma per commit is cheap, but skip it when unchanged
@@ -140,7 +140,7 @@ class OutboxUpkeep:
             self._lanes.boot = conn.execute("SELECT id FROM boots WHERE boot_id = ?",
                                       (self.clock.boot_id,)).fetchone()[0]
             if skipped is not None:
-                conn.execute(INSERT, self._event_row_attrs(skipped.report(), self.clock.stamp()))
+                conn.execute(INSERT, self._report_row(skipped.report(), self.clock.stamp()))
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("live_window_s", str(self.live_window_ms / 1000)),
                 ("max_bytes", str(self.max_bytes or ""))])
@@ -218,7 +218,7 @@ class OutboxUpkeep:
             wall_ms = self.clock.now().wall_ms
             status = self._ring.status()
             flushed = self._write(True, lambda conn: self._ring.flush(
-                conn, wall_ms, lambda attrs: self._event_row_attrs(attrs, stamp)))
+                conn, wall_ms, lambda report: self._report_row(report, stamp)))
         except (sqlite3.Error, OSError) as exc:
             if not is_full(exc):
                 raise
