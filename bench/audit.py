@@ -24,8 +24,8 @@ from _common import emit
 
 from central.identity import users
 from central.identity.audit import AuditLog
-from runtime.logs import configure_logging
 from central.storage import open_storage
+from runtime.logs import configure_logging
 
 
 async def run(db_url: str, rows: int) -> dict[str, float]:

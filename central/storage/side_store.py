@@ -2,12 +2,12 @@
 schema, with their own migration list and version table: the command store, the gateway
 identities, and whatever else keeps a small set of tables of its own.
 
-`SideStore` is the plumbing they share: one connection owned by one thread (`runtime.sqlite.SqliteOwner`), the
-dialect (placeholders, id column, integer type), transactions (`BEGIN IMMEDIATE` on SQLite,
-rolled back only while one is open), migrations applied once under an advisory lock per
-schema on PostgreSQL (workers starting together), and every driver error turned into the
-store's own error class. A store subclasses it and adds its queries, each as a function run
-on the thread through `_call`.
+`SideStore` is the plumbing they share: one connection owned by one thread
+(`runtime.sqlite.SqliteOwner`), the dialect (placeholders, id column, integer type),
+transactions (`BEGIN IMMEDIATE` on SQLite, rolled back only while one is open), migrations
+applied once under an advisory lock per schema on PostgreSQL (workers starting together), and
+every driver error turned into the store's own error class. A store subclasses it and adds its
+queries, each as a function run on the thread through `_call`.
 """
 
 from __future__ import annotations

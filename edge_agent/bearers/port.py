@@ -4,9 +4,9 @@ that wait on it.
 `SerialBearer` owns the port: pyserial opens it in a thread (`exclusive=True`, an flock, so a
 second owner fails to open it), then the event loop reads the non-blocking fd
 (`runtime.serial.PortReader`) and writes it with `os.write`, waiting for `add_writer` when
-the line is full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`, which feeds
-its pure codec and hands what it decodes to `_offer`; a step registers with `_expect` before
-it writes, since the answer may come at once.
+the line is full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`,
+which feeds its pure codec and hands what it decodes to `_offer`; a step registers with
+`_expect` before it writes, since the answer may come at once.
 
 A port that fails (EIO, the USB adapter unplugged) is closed off the loop, counted and logged
 once, and every waiting step fails with `BearerPortError`; the next `open()` opens it again.
