@@ -1,3 +1,6 @@
-"""I/O plumbing that both daemons need and neither owns (DESIGN.md §2): logging set-up, the
-single-thread SQLite owner, the serial line reader, the MQTT session with reconnect and
-back-off, supervised tasks. It may import `protocols` and third-party libraries only."""
+"""I/O plumbing that both daemons need and neither owns (DESIGN.md §2): logging set-up
+(`runtime.logs`), the single-thread SQLite owner and its migrations (`runtime.sqlite`), the
+serial line reader (`runtime.serial`), the MQTT session with reconnect and back-off
+(`runtime.mqtt`), supervised tasks with restart back-off (`runtime.tasks`) and Prometheus
+metric families from plain numbers (`runtime.metrics`). It may import `protocols` only;
+`edge_agent`, `central` and `firmware_stubs` may import it."""

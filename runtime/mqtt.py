@@ -2,7 +2,8 @@
 
 `MqttSession(endpoint, name=...)` keeps one connection up for as long as `run(serve)` runs: it
 connects (TLS, username and password, a Will), hands the connected client to `serve`, and when
-the connection goes, reconnects after a jittered, capped, exponential back-off (`Backoff`).
+the connection goes, reconnects after a jittered, capped, exponential back-off
+(`runtime.tasks.Backoff`).
 `serve` learns of a disconnection the public way: iterating `client.messages` raises
 `aiomqtt.MqttError` when the link drops (so does a publish). A session that only publishes runs
 `until_disconnected(client)` beside its work to hear of it at once.
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -50,39 +50,15 @@ from typing import Any, ClassVar, NoReturn, Self
 import aiomqtt
 import structlog
 
+from runtime.tasks import Backoff
+
 log = structlog.get_logger(__name__)
 
 Serve = Callable[[aiomqtt.Client], Awaitable[None]]
 _PLAIN_CONNECT_TIMEOUT_S = 5.0
+# Reconnect back-off unless told otherwise: from 0.5 s up to 10 s, reset by every connect.
+_RECONNECT = Backoff(first_s=0.5, max_s=10.0, healthy_after_s=0.0)
 OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Capped exponential back-off with jitter: wait `wait_s(delay)` (the delay shortened by up
-    to `jitter` at random, so that a city of gateways does not reconnect in lockstep), then
-    double it up to `max_s` (`next_delay`); start again from `first_s` after a connection that
-    lasted `healthy_after_s`. The same policy as `runtime.tasks.Backoff` (branch rta): keep
-    one of the two when both are merged."""
-
-    first_s: float = 1.0
-    max_s: float = 60.0
-    healthy_after_s: float = 60.0
-    jitter: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0 < self.first_s <= self.max_s:
-            raise ValueError("need 0 < first_s <= max_s")
-        if not 0 <= self.jitter < 1:
-            raise ValueError("need 0 <= jitter < 1")
-
-    def next_delay(self, delay: float) -> float:
-        """The delay after `delay`: doubled, at most `max_s`."""
-        return min(delay * 2, self.max_s)
-
-    def wait_s(self, delay: float) -> float:
-        """The wait for `delay`, jittered."""
-        return delay * random.uniform(1 - self.jitter, 1)
 
 
 class TlsFileError(Exception):
@@ -221,8 +197,7 @@ class MqttSession:
 
     def __init__(self, endpoint: Endpoint, *, name: str,
                  will: Callable[[], aiomqtt.Will | None] | None = None,
-                 backoff: Backoff = Backoff(first_s=0.5, max_s=10.0, healthy_after_s=0.0)
-                 ) -> None:
+                 backoff: Backoff = _RECONNECT) -> None:
         self.endpoint = endpoint
         self.name = name
         self.will = will
@@ -286,5 +261,5 @@ class MqttSession:
         return first
 
 
-__all__ = ["Backoff", "Client", "Endpoint", "MqttSession", "TlsFileError", "client_tls_context",
+__all__ = ["Client", "Endpoint", "MqttSession", "TlsFileError", "client_tls_context",
            "until_disconnected"]

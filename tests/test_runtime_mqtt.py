@@ -1,4 +1,4 @@
-"""runtime.mqtt: the back-off, and one MQTT session across a broker restart (a real Mosquitto)."""
+"""runtime.mqtt: one MQTT session across a broker restart (a real Mosquitto)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,9 @@ import uuid
 import aiomqtt
 import structlog
 
-from runtime.mqtt import Backoff, Endpoint, MqttSession
+from runtime.mqtt import Endpoint, MqttSession
+from runtime.tasks import Backoff
 from tests.helpers import Mosquitto, until
-
-
-def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
-    """Each wait is the delay times [0.5, 1); the delay doubles up to the cap."""
-    b = Backoff(0.5, 3.0)
-    delays = [b.first_s]
-    while len(delays) < 5:
-        delays.append(b.next_delay(delays[-1]))
-    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
-    assert all(0.5 * d <= b.wait_s(d) <= d for d in delays)
 
 
 async def test_a_broker_restart_is_one_warning_and_the_session_comes_back(

@@ -68,7 +68,8 @@ from protocols.commands import (
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
-from runtime.mqtt import Backoff, MqttSession, until_disconnected
+from runtime.mqtt import MqttSession, until_disconnected
+from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
 

@@ -51,7 +51,8 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
-from runtime.mqtt import Backoff, MqttSession
+from runtime.mqtt import MqttSession
+from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
 

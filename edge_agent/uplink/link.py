@@ -50,7 +50,8 @@ from protocols.envelope import (
     merge_ranges,
     ranges_from_seqs,
 )
-from runtime.mqtt import Backoff, Endpoint, MqttSession
+from runtime.mqtt import Endpoint, MqttSession
+from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
 
