@@ -94,7 +94,7 @@ def _now_ms() -> int:
 
 
 def _service(request: Request) -> CallRespService:
-    return request.app.state.callresp  # type: ignore[no-any-return]
+    return request.app.state.callresp
 
 
 def _problem(status: int, title: str, detail: str) -> JSONResponse:
