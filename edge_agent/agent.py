@@ -198,15 +198,15 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             runtime.outbox, runtime.alarms = outbox, alarms
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
-            uplink = Uplink(gw=config.gateway.id, outbox=outbox, birth=birth, mqtt=config.mqtt,
-                            backlog=config.outbox, boot_id=boot_id, version=__version__)
-            runtime.uplink = uplink
-            runtime.narrowband = _build_narrowband(config, outbox, uplink, birth, alarms)
             _build_devices(runtime, profiles, alarms, pool)
             # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
             commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
                                       runtime.status)
-            uplink.on_command = commands.handle
+            uplink = Uplink(gw=config.gateway.id, outbox=outbox, birth=birth, mqtt=config.mqtt,
+                            backlog=config.outbox, boot_id=boot_id, version=__version__,
+                            on_command=commands.handle)
+            runtime.uplink = uplink
+            runtime.narrowband = _build_narrowband(config, outbox, uplink, birth, alarms)
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
