@@ -30,13 +30,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from pymodbus.client import AsyncModbusSerialClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
@@ -48,6 +48,16 @@ from edge_agent.field.errors import (
     TransportError,
     TransportFramingError,
     TransportTimeoutError,
+)
+from edge_agent.field.pymodbus_link import (
+    WRITE_FUNCTIONS,
+    PymodbusLink,
+    Request,
+    answer_items,
+    pymodbus_error,
+    read_request,
+    short_answer,
+    write_request,
 )
 from protocols.modbus_rtu import (
     CrcMismatchError,
@@ -128,7 +138,7 @@ class _CorruptAnswer(Exception):
     """Internal: the answer arrived with a bad CRC."""
 
 
-class SerialBus:
+class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
     """Modbus RTU master on one serial port, shared by every slave on it; async context manager.
 
     It is itself a `ModbusTransport` (`read`/`write` take `device_id`, and an optional
@@ -153,7 +163,6 @@ class SerialBus:
         self.timeout_s = timeout_s
         self.crc_retries = crc_retries
         self._lock = asyncio.Lock()  # FIFO: slaves are served in the order they asked
-        self._client: AsyncModbusSerialClient | None = None
         self._counters: dict[int, _Counters] = {}
         self._current: _Exchange | None = None
         self._quiet_since = 0.0  # monotonic time the line last fell silent
@@ -171,10 +180,6 @@ class SerialBus:
     @property
     def endpoint(self) -> str:
         return f"rtu://{self.port}"
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
 
     def view(self, *, timeout_s: float | None = None) -> BusDevice:
         """A `ModbusTransport` on this bus whose requests wait at most `timeout_s`."""
@@ -202,23 +207,10 @@ class SerialBus:
             parity=self.parity, stopbits=self.stopbits, name=self.endpoint,
             reconnect_delay=0, timeout=_BACKSTOP_TIMEOUT_S, retries=0,
             trace_packet=self._trace_packet)
-        try:
-            async with asyncio.timeout(5.0):
-                ok = await client.connect()
-        except (TimeoutError, OSError, ModbusException) as exc:
-            client.close()
-            raise TransportConnectError(self.endpoint, f"cannot open: {exc}") from exc
-        if not ok:
-            client.close()
-            raise TransportConnectError(self.endpoint, "cannot open the serial port")
-        self._client = client
+        await self._open(client, timeout_s=5.0, verb="cannot open",
+                         refused="cannot open the serial port")
         self._quiet_since = time.monotonic()
         self._log.info("rtu_bus_opened", baudrate=self.baudrate, gap_ms=round(self.gap_s * 1e3, 3))
-
-    def _drop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     async def close(self) -> None:
         async with self._lock:
@@ -237,45 +229,25 @@ class SerialBus:
     async def read(self, function: int, start: int, count: int, *, device_id: int,
                    timeout_s: float | None = None) -> list[int]:
         """Registers (function 3/4) or bits as 0/1 (function 1/2), exactly `count` of them."""
-        if function not in (1, 2, 3, 4):
-            raise ValueError(f"not a read function: {function}")
-
-        def call(client: AsyncModbusSerialClient) -> Awaitable[ModbusPDU]:
-            method = {1: client.read_coils, 2: client.read_discrete_inputs,
-                      3: client.read_holding_registers, 4: client.read_input_registers}[function]
-            return method(start, count=count, device_id=device_id)
-
+        call = read_request(function, start, count, device_id=device_id)
         rsp = await self._transact(device_id, function, call, timeout_s)
-        items = [int(b) for b in rsp.bits] if function in (1, 2) else list(rsp.registers)
-        # Bits come padded to whole bytes (§6.1), registers exactly (§6.3).
-        if len(items) < count or (function in (3, 4) and len(items) != count):
-            unit = "bits" if function in (1, 2) else "registers"
+        items = answer_items(rsp, function)
+        short = short_answer(items, function, count)
+        if short is not None:
             raise self._framing(self._counters[device_id], TransportFramingError(
-                self.endpoint, f"device {device_id}: {len(items)} of {count} {unit} in the answer",
+                self.endpoint, f"device {device_id}: {short} in the answer",
                 reason="too_few_registers"))
         return items[:count]
 
     async def write(self, function: int, address: int, values: Sequence[int], *,
                     device_id: int, timeout_s: float | None = None) -> None:
         """Write coils (function 1: 0/1 values) or holding registers (function 3)."""
-        if function == 1:
-            wire, bits = 15, [bool(v) for v in values]
-
-            def call(client: AsyncModbusSerialClient) -> Awaitable[ModbusPDU]:
-                return client.write_coils(address, bits, device_id=device_id,
-                                          no_response_expected=device_id == 0)
-        elif function == 3:
-            wire, regs = 16, list(values)
-
-            def call(client: AsyncModbusSerialClient) -> Awaitable[ModbusPDU]:
-                return client.write_registers(address, regs, device_id=device_id,
-                                              no_response_expected=device_id == 0)
-        else:
-            raise ValueError(f"function {function} is not writable")
-        await self._transact(device_id, wire, call, timeout_s)
+        call = write_request(function, address, values, device_id=device_id,
+                             no_response_expected=device_id == 0)  # broadcast (§2.1)
+        await self._transact(device_id, WRITE_FUNCTIONS[function], call, timeout_s)
 
     async def _transact(self, device_id: int, function: int,
-                        call: Callable[[AsyncModbusSerialClient], Awaitable[ModbusPDU]],
+                        call: Request,
                         timeout_s: float | None) -> ModbusPDU:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
         c = self._counters.setdefault(device_id, _Counters())
@@ -309,17 +281,14 @@ class SerialBus:
                     c.timeouts += 1
                     raise self._failed(c, TransportTimeoutError(
                         self.endpoint, f"device {device_id}: no answer within {timeout} s")) from exc
-                except ConnectionException as exc:
-                    self._drop()
-                    raise self._failed(c, TransportConnectError(
-                        self.endpoint, f"port lost: {exc}")) from exc
-                except ModbusIOException as exc:
-                    c.timeouts += 1
-                    raise self._failed(c, TransportTimeoutError(
-                        self.endpoint, f"device {device_id}: {exc}")) from exc
                 except (ModbusException, OSError) as exc:
-                    self._drop()
-                    raise self._failed(c, TransportError(self.endpoint, str(exc))) from exc
+                    failure = pymodbus_error(self.endpoint, exc, lost="port lost",
+                                             no_answer=f"device {device_id}: {exc}")
+                    if isinstance(failure, TransportTimeoutError):
+                        c.timeouts += 1  # the port is fine: keep it open
+                    else:
+                        self._drop()
+                    raise self._failed(c, failure) from exc
                 finally:
                     self._current = None
                     self._previous = (device_id, function)

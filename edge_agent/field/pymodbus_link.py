@@ -1,0 +1,124 @@
+"""What the Modbus TCP transport and the RTU bus do alike around one pymodbus client.
+
+Both own one client that opens lazily under a deadline and is dropped when lost, pick the
+pymodbus request for a Modbus function code, read the values out of an answer and translate
+pymodbus's exceptions into the `TransportError` family (`edge_agent.field.errors`), chained
+with `from` by the caller. What differs (the bus's turn-taking, gap, CRC retries and
+counters; the TCP guard timeout) stays in `bus.py` and `transports.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from pymodbus.client import ModbusBaseClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+
+from edge_agent.field.errors import TransportConnectError, TransportError, TransportTimeoutError
+
+ClientT = TypeVar("ClientT", bound=ModbusBaseClient)
+Request = Callable[[ModbusBaseClient], Awaitable[ModbusPDU]]
+
+BIT_FUNCTIONS = (1, 2)  # coils, discrete inputs
+REGISTER_FUNCTIONS = (3, 4)  # holding, input registers
+WRITE_FUNCTIONS = {1: 15, 3: 16}  # table -> the wire function that writes many of it
+
+
+class PymodbusLink(Generic[ClientT]):
+    """Owns one pymodbus client: `connected`, open under a deadline, drop when lost."""
+
+    _client: ClientT | None = None
+
+    @property
+    def endpoint(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def _open(self, client: ClientT, *, timeout_s: float, verb: str,
+                    refused: str) -> None:
+        """Connect `client` within `timeout_s` and keep it, else `TransportConnectError`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                ok = await client.connect()
+        except (TimeoutError, OSError, ModbusException) as exc:
+            client.close()
+            raise TransportConnectError(self.endpoint, f"{verb}: {exc}") from exc
+        if not ok:
+            client.close()
+            raise TransportConnectError(self.endpoint, refused)
+        self._client = client
+
+
+def read_request(function: int, start: int, count: int, *, device_id: int) -> Request:
+    """The pymodbus call that reads `count` items of table `function` (1-4) from `start`."""
+    if function not in BIT_FUNCTIONS + REGISTER_FUNCTIONS:
+        raise ValueError(f"not a read function: {function}")
+
+    def call(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
+        method = {1: client.read_coils, 2: client.read_discrete_inputs,
+                  3: client.read_holding_registers, 4: client.read_input_registers}[function]
+        return method(start, count=count, device_id=device_id)
+    return call
+
+
+def write_request(function: int, address: int, values: Sequence[int], *, device_id: int,
+                  no_response_expected: bool = False) -> Request:
+    """The pymodbus call that writes coils (function 1: 0/1 values) or holding registers (3)."""
+    if function == 1:
+        bits = [bool(v) for v in values]
+
+        def call(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
+            return client.write_coils(address, bits, device_id=device_id,
+                                      no_response_expected=no_response_expected)
+        return call
+    if function == 3:
+        regs = list(values)
+
+        def call_regs(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
+            return client.write_registers(address, regs, device_id=device_id,
+                                          no_response_expected=no_response_expected)
+        return call_regs
+    raise ValueError(f"function {function} is not writable")
+
+
+def answer_items(rsp: ModbusPDU, function: int) -> list[int]:
+    """The bits (as 0/1) or registers of a read answer, as many as it holds."""
+    return [int(b) for b in rsp.bits] if function in BIT_FUNCTIONS else list(rsp.registers)
+
+
+def short_answer(items: Sequence[int], function: int, count: int) -> str | None:
+    """`"2 of 4 registers"` if the answer holds too few items, else None.
+
+    Bits come padded to whole bytes (§6.1: "remaining bits ... padded with zeros"), registers
+    exactly (§6.3).
+    """
+    if len(items) >= count and (function in BIT_FUNCTIONS or len(items) == count):
+        return None
+    unit = "bits" if function in BIT_FUNCTIONS else "registers"
+    return f"{len(items)} of {count} {unit}"
+
+
+def pymodbus_error(endpoint: str, exc: ModbusException | OSError, *, lost: str,
+                   no_answer: str) -> TransportError:
+    """A pymodbus (or OS) failure as a `TransportError`: `lost` names a lost link, `no_answer`
+    a missing answer (`ModbusIOException`)."""
+    if isinstance(exc, ConnectionException):
+        return TransportConnectError(endpoint, f"{lost}: {exc}")
+    if isinstance(exc, ModbusIOException):
+        return TransportTimeoutError(endpoint, no_answer)
+    return TransportError(endpoint, str(exc))
+
+
+__all__ = ["PymodbusLink", "Request", "answer_items", "pymodbus_error", "read_request",
+           "short_answer", "write_request"]
