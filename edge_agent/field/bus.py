@@ -194,21 +194,18 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def connect(self) -> None:
-        async with self._lock:
-            await self._connect_locked()
+    _open_timeout_s = 5.0
+    _open_failed = "cannot open"
+    _open_refused = "cannot open the serial port"
 
-    async def _connect_locked(self) -> None:
-        if self.connected:
-            return
-        self._drop()
-        client = AsyncModbusSerialClient(
+    def _new_client(self) -> AsyncModbusSerialClient:
+        return AsyncModbusSerialClient(
             self.port, framer=FramerType.RTU, baudrate=self.baudrate, bytesize=self.bytesize,
             parity=self.parity, stopbits=self.stopbits, name=self.endpoint,
             reconnect_delay=0, timeout=_BACKSTOP_TIMEOUT_S, retries=0,
             trace_packet=self._trace_packet)
-        await self._open(client, timeout_s=5.0, verb="cannot open",
-                         refused="cannot open the serial port")
+
+    def _opened(self) -> None:
         self._quiet_since = time.monotonic()
         self._log.info("rtu_bus_opened", baudrate=self.baudrate, gap_ms=round(self.gap_s * 1e3, 3))
 

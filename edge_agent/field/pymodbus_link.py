@@ -28,9 +28,15 @@ WRITE_FUNCTIONS = {1: 15, 3: 16}  # table -> the wire function that writes many 
 
 
 class PymodbusLink(Generic[ClientT]):
-    """Owns one pymodbus client: `connected`, open under a deadline, drop when lost."""
+    """Owns one pymodbus client behind a lock: opened on demand within `_open_timeout_s`,
+    dropped when lost. A subclass makes the client (`_new_client`) and may act once it opened
+    (`_opened`)."""
 
     _client: ClientT | None = None
+    _lock: asyncio.Lock
+    _open_timeout_s: float
+    _open_failed = "cannot connect"  # the message's head when opening raised
+    _open_refused = "cannot connect"  # the message when pymodbus said no
 
     @property
     def endpoint(self) -> str:
@@ -40,24 +46,38 @@ class PymodbusLink(Generic[ClientT]):
     def connected(self) -> bool:
         return self._client is not None and self._client.connected
 
+    def _new_client(self) -> ClientT:
+        raise NotImplementedError
+
+    def _opened(self) -> None:
+        """Called with the lock held once a new client is open."""
+
+    async def connect(self) -> None:
+        async with self._lock:
+            await self._connect_locked()
+
+    async def _connect_locked(self) -> None:
+        """Open a client unless one is open, else `TransportConnectError`."""
+        if self.connected:
+            return
+        self._drop()
+        client = self._new_client()
+        try:
+            async with asyncio.timeout(self._open_timeout_s):
+                ok = await client.connect()
+        except (TimeoutError, OSError, ModbusException) as exc:
+            client.close()
+            raise TransportConnectError(self.endpoint, f"{self._open_failed}: {exc}") from exc
+        if not ok:
+            client.close()
+            raise TransportConnectError(self.endpoint, self._open_refused)
+        self._client = client
+        self._opened()
+
     def _drop(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-    async def _open(self, client: ClientT, *, timeout_s: float, verb: str,
-                    refused: str) -> None:
-        """Connect `client` within `timeout_s` and keep it, else `TransportConnectError`."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                ok = await client.connect()
-        except (TimeoutError, OSError, ModbusException) as exc:
-            client.close()
-            raise TransportConnectError(self.endpoint, f"{verb}: {exc}") from exc
-        if not ok:
-            client.close()
-            raise TransportConnectError(self.endpoint, refused)
-        self._client = client
 
 
 def read_request(function: int, start: int, count: int, *, device_id: int) -> Request:

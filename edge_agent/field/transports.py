@@ -82,23 +82,15 @@ class ModbusTcpTransport(PymodbusLink[AsyncModbusTcpClient]):
         self._port = port
         self._timeout_s = timeout_s
         self._lock = asyncio.Lock()
+        self._open_timeout_s = timeout_s + 1.0
 
     @property
     def endpoint(self) -> str:
         return f"tcp://{self._host}:{self._port}"
 
-    async def connect(self) -> None:
-        async with self._lock:
-            await self._connect_locked()
-
-    async def _connect_locked(self) -> None:
-        if self.connected:
-            return
-        self._drop()
-        client = AsyncModbusTcpClient(self._host, port=self._port, timeout=self._timeout_s,
-                                      retries=0, reconnect_delay=0, name=self.endpoint)
-        await self._open(client, timeout_s=self._timeout_s + 1.0, verb="cannot connect",
-                         refused="cannot connect")
+    def _new_client(self) -> AsyncModbusTcpClient:
+        return AsyncModbusTcpClient(self._host, port=self._port, timeout=self._timeout_s,
+                                    retries=0, reconnect_delay=0, name=self.endpoint)
 
     async def read(self, function: int, start: int, count: int, *, device_id: int) -> list[int]:
         request = read_request(function, start, count, device_id=device_id)
