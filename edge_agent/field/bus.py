@@ -28,9 +28,10 @@ pymodbus drives the port with non-blocking reads and writes from the event loop
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,9 +77,9 @@ log = structlog.get_logger(__name__)
 _BACKSTOP_TIMEOUT_S = 61.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeviceBusStats:
-    """Counters of one slave address on a bus."""
+    """Counters of one slave address on a bus; the bus counts in its own and hands out copies."""
 
     device_id: int
     requests: int = 0  # frames sent, retries included
@@ -86,10 +87,14 @@ class DeviceBusStats:
     timeouts: int = 0
     crc_errors: int = 0
     framing_errors: int = 0  # requests answered by bytes that are no right answer
-    exceptions: Mapping[int, int] = field(default_factory=dict)  # exception code -> count
+    exceptions: Counter[int] = field(default_factory=Counter)  # exception code -> count
     consecutive_failures: int = 0
     last_error: str | None = None
-    framing_reasons: Mapping[str, int] = field(default_factory=dict)  # see FRAMING_REASONS
+    framing_reasons: Counter[str] = field(default_factory=Counter)  # see FRAMING_REASONS
+
+    def copy(self) -> DeviceBusStats:
+        return dataclasses.replace(self, exceptions=Counter(self.exceptions),
+                                   framing_reasons=Counter(self.framing_reasons))
 
     def to_dict(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "requests": self.requests,
@@ -99,25 +104,6 @@ class DeviceBusStats:
                 "exceptions": {str(k): v for k, v in sorted(self.exceptions.items())},
                 "consecutive_failures": self.consecutive_failures,
                 "last_error": self.last_error}
-
-
-@dataclass(slots=True)
-class _Counters:
-    requests: int = 0
-    responses: int = 0
-    timeouts: int = 0
-    crc_errors: int = 0
-    framing_errors: int = 0
-    exceptions: Counter[int] = field(default_factory=Counter)
-    consecutive_failures: int = 0
-    last_error: str | None = None
-    framing_reasons: Counter[str] = field(default_factory=Counter)
-
-    def freeze(self, device_id: int) -> DeviceBusStats:
-        return DeviceBusStats(device_id, self.requests, self.responses, self.timeouts,
-                              self.crc_errors, self.framing_errors, dict(self.exceptions),
-                              self.consecutive_failures, self.last_error,
-                              dict(self.framing_reasons))
 
 
 @dataclass(slots=True)
@@ -163,7 +149,7 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
         self.timeout_s = timeout_s
         self.crc_retries = crc_retries
         self._lock = asyncio.Lock()  # FIFO: slaves are served in the order they asked
-        self._counters: dict[int, _Counters] = {}
+        self._counters: dict[int, DeviceBusStats] = {}
         self._current: _Exchange | None = None
         self._quiet_since = 0.0  # monotonic time the line last fell silent
         self.stray_frames = 0  # whole frames from a slave nobody was asking (late answers)
@@ -187,10 +173,10 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
 
     def stats(self, device_id: int) -> DeviceBusStats:
         c = self._counters.get(device_id)
-        return c.freeze(device_id) if c else DeviceBusStats(device_id)
+        return c.copy() if c else DeviceBusStats(device_id)
 
     def all_stats(self) -> dict[int, DeviceBusStats]:
-        return {i: c.freeze(i) for i, c in sorted(self._counters.items())}
+        return {i: c.copy() for i, c in sorted(self._counters.items())}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -247,7 +233,7 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
                         call: Request,
                         timeout_s: float | None) -> ModbusPDU:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
-        c = self._counters.setdefault(device_id, _Counters())
+        c = self._counters.setdefault(device_id, DeviceBusStats(device_id))
         error: TransportError = TransportCrcError(self.endpoint, "bad CRC")
         async with self._lock:
             for attempt in range(1 + self.crc_retries):
@@ -312,12 +298,12 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
                 return rsp
             raise self._failed(c, error)  # every attempt came back corrupted
 
-    def _failed(self, c: _Counters, error: TransportError) -> TransportError:
+    def _failed(self, c: DeviceBusStats, error: TransportError) -> TransportError:
         c.consecutive_failures += 1
         c.last_error = error.message
         return error
 
-    def _framing(self, c: _Counters, error: TransportFramingError) -> TransportError:
+    def _framing(self, c: DeviceBusStats, error: TransportFramingError) -> TransportError:
         c.framing_errors += 1
         c.framing_reasons[error.reason] += 1
         return self._failed(c, error)
