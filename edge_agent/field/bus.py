@@ -50,16 +50,7 @@ from edge_agent.field.errors import (
     TransportFramingError,
     TransportTimeoutError,
 )
-from edge_agent.field.pymodbus_link import (
-    WRITE_FUNCTIONS,
-    PymodbusLink,
-    Request,
-    answer_items,
-    pymodbus_error,
-    read_request,
-    short_answer,
-    write_request,
-)
+from edge_agent.field.pymodbus_link import WRITE_FUNCTIONS, PymodbusLink, Request, answer_values
 from protocols.modbus_rtu import (
     CrcMismatchError,
     Direction,
@@ -212,21 +203,20 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
     async def read(self, function: int, start: int, count: int, *, device_id: int,
                    timeout_s: float | None = None) -> list[int]:
         """Registers (function 3/4) or bits as 0/1 (function 1/2), exactly `count` of them."""
-        call = read_request(function, start, count, device_id=device_id)
+        call = self._read_call(function, start, count, device_id=device_id)
         rsp = await self._transact(device_id, function, call, timeout_s)
-        items = answer_items(rsp, function)
-        short = short_answer(items, function, count)
+        values, short = answer_values(rsp, function, count)
         if short is not None:
             raise self._framing(self._counters[device_id], TransportFramingError(
                 self.endpoint, f"device {device_id}: {short} in the answer",
                 reason="too_few_registers"))
-        return items[:count]
+        return values
 
     async def write(self, function: int, address: int, values: Sequence[int], *,
                     device_id: int, timeout_s: float | None = None) -> None:
         """Write coils (function 1: 0/1 values) or holding registers (function 3)."""
-        call = write_request(function, address, values, device_id=device_id,
-                             no_response_expected=device_id == 0)  # broadcast (§2.1)
+        call = self._write_call(function, address, values, device_id=device_id,
+                                no_response_expected=device_id == 0)  # broadcast (§2.1)
         await self._transact(device_id, WRITE_FUNCTIONS[function], call, timeout_s)
 
     async def _transact(self, device_id: int, function: int,
@@ -265,8 +255,8 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
                     raise self._failed(c, TransportTimeoutError(
                         self.endpoint, f"device {device_id}: no answer within {timeout} s")) from exc
                 except (ModbusException, OSError) as exc:
-                    failure = pymodbus_error(self.endpoint, exc, lost="port lost",
-                                             no_answer=f"device {device_id}: {exc}")
+                    failure = self._translate(exc, lost="port lost",
+                                              no_answer=f"device {device_id}: {exc}")
                     if isinstance(failure, TransportTimeoutError):
                         c.timeouts += 1  # the port is fine: keep it open
                     else:

@@ -79,66 +79,62 @@ class PymodbusLink(Generic[ClientT]):
             self._client.close()
             self._client = None
 
-
-def read_request(function: int, start: int, count: int, *, device_id: int) -> Request:
-    """The pymodbus call that reads `count` items of table `function` (1-4) from `start`."""
-    if function not in BIT_FUNCTIONS + REGISTER_FUNCTIONS:
-        raise ValueError(f"not a read function: {function}")
-
-    def call(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
-        method = {1: client.read_coils, 2: client.read_discrete_inputs,
-                  3: client.read_holding_registers, 4: client.read_input_registers}[function]
-        return method(start, count=count, device_id=device_id)
-    return call
-
-
-def write_request(function: int, address: int, values: Sequence[int], *, device_id: int,
-                  no_response_expected: bool = False) -> Request:
-    """The pymodbus call that writes coils (function 1: 0/1 values) or holding registers (3)."""
-    if function == 1:
-        bits = [bool(v) for v in values]
+    @staticmethod
+    def _read_call(function: int, start: int, count: int, *, device_id: int) -> Request:
+        """The pymodbus call that reads `count` items of table `function` (1-4) from `start`."""
+        if function not in BIT_FUNCTIONS + REGISTER_FUNCTIONS:
+            raise ValueError(f"not a read function: {function}")
 
         def call(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
-            return client.write_coils(address, bits, device_id=device_id,
-                                      no_response_expected=no_response_expected)
+            method = {1: client.read_coils, 2: client.read_discrete_inputs,
+                      3: client.read_holding_registers, 4: client.read_input_registers}[function]
+            return method(start, count=count, device_id=device_id)
         return call
-    if function == 3:
-        regs = list(values)
 
-        def call_regs(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
-            return client.write_registers(address, regs, device_id=device_id,
+    @staticmethod
+    def _write_call(function: int, address: int, values: Sequence[int], *, device_id: int,
+                    no_response_expected: bool = False) -> Request:
+        """The pymodbus call that writes coils (function 1: 0/1 values) or holding registers
+        (function 3)."""
+        if function == 1:
+            bits = [bool(v) for v in values]
+
+            def call(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
+                return client.write_coils(address, bits, device_id=device_id,
                                           no_response_expected=no_response_expected)
-        return call_regs
-    raise ValueError(f"function {function} is not writable")
+            return call
+        if function == 3:
+            regs = list(values)
+
+            def call_regs(client: ModbusBaseClient) -> Awaitable[ModbusPDU]:
+                return client.write_registers(address, regs, device_id=device_id,
+                                              no_response_expected=no_response_expected)
+            return call_regs
+        raise ValueError(f"function {function} is not writable")
+
+    def _translate(self, exc: ModbusException | OSError, *, lost: str,
+                   no_answer: str) -> TransportError:
+        """A pymodbus (or OS) failure as a `TransportError`: `lost` names a lost link,
+        `no_answer` a missing answer (`ModbusIOException`)."""
+        if isinstance(exc, ConnectionException):
+            return TransportConnectError(self.endpoint, f"{lost}: {exc}")
+        if isinstance(exc, ModbusIOException):
+            return TransportTimeoutError(self.endpoint, no_answer)
+        return TransportError(self.endpoint, str(exc))
 
 
-def answer_items(rsp: ModbusPDU, function: int) -> list[int]:
-    """The bits (as 0/1) or registers of a read answer, as many as it holds."""
-    return [int(b) for b in rsp.bits] if function in BIT_FUNCTIONS else list(rsp.registers)
-
-
-def short_answer(items: Sequence[int], function: int, count: int) -> str | None:
-    """`"2 of 4 registers"` if the answer holds too few items, else None.
+def answer_values(rsp: ModbusPDU, function: int, count: int) -> tuple[list[int], str | None]:
+    """The first `count` bits (as 0/1) or registers of a read answer, and `"2 of 4 registers"`
+    when it holds too few (else None).
 
     Bits come padded to whole bytes (§6.1: "remaining bits ... padded with zeros"), registers
     exactly (§6.3).
     """
-    if len(items) >= count and (function in BIT_FUNCTIONS or len(items) == count):
-        return None
-    unit = "bits" if function in BIT_FUNCTIONS else "registers"
-    return f"{len(items)} of {count} {unit}"
+    bits = function in BIT_FUNCTIONS
+    items = [int(b) for b in rsp.bits] if bits else list(rsp.registers)
+    if len(items) >= count and (bits or len(items) == count):
+        return items[:count], None
+    return items, f"{len(items)} of {count} {'bits' if bits else 'registers'}"
 
 
-def pymodbus_error(endpoint: str, exc: ModbusException | OSError, *, lost: str,
-                   no_answer: str) -> TransportError:
-    """A pymodbus (or OS) failure as a `TransportError`: `lost` names a lost link, `no_answer`
-    a missing answer (`ModbusIOException`)."""
-    if isinstance(exc, ConnectionException):
-        return TransportConnectError(endpoint, f"{lost}: {exc}")
-    if isinstance(exc, ModbusIOException):
-        return TransportTimeoutError(endpoint, no_answer)
-    return TransportError(endpoint, str(exc))
-
-
-__all__ = ["PymodbusLink", "Request", "answer_items", "pymodbus_error", "read_request",
-           "short_answer", "write_request"]
+__all__ = ["WRITE_FUNCTIONS", "PymodbusLink", "Request", "answer_values"]

@@ -33,15 +33,7 @@ from edge_agent.field.errors import (
     TransportFramingError,
     TransportTimeoutError,
 )
-from edge_agent.field.pymodbus_link import (
-    PymodbusLink,
-    Request,
-    answer_items,
-    pymodbus_error,
-    read_request,
-    short_answer,
-    write_request,
-)
+from edge_agent.field.pymodbus_link import PymodbusLink, Request, answer_values
 
 __all__ = [
     "FRAMING_REASONS", "ModbusExceptionError", "ModbusTcpTransport", "ModbusTransport",
@@ -93,18 +85,17 @@ class ModbusTcpTransport(PymodbusLink[AsyncModbusTcpClient]):
                                     retries=0, reconnect_delay=0, name=self.endpoint)
 
     async def read(self, function: int, start: int, count: int, *, device_id: int) -> list[int]:
-        request = read_request(function, start, count, device_id=device_id)
+        request = self._read_call(function, start, count, device_id=device_id)
         async with self._lock:
             rsp = await self._request(function, request)
-            items = answer_items(rsp, function)
-            short = short_answer(items, function, count)
+            values, short = answer_values(rsp, function, count)
             if short is not None:
                 raise TransportError(self.endpoint, f"short response: {short}")
-            return items[:count]
+            return values
 
     async def write(self, function: int, address: int, values: Sequence[int], *,
                     device_id: int) -> None:
-        request = write_request(function, address, values, device_id=device_id)
+        request = self._write_call(function, address, values, device_id=device_id)
         async with self._lock:
             await self._request(function, request)
 
@@ -123,8 +114,7 @@ class ModbusTcpTransport(PymodbusLink[AsyncModbusTcpClient]):
         except (ModbusException, OSError) as exc:
             # A missing answer leaves the stream out of step: reconnect before the next try.
             self._drop()
-            raise pymodbus_error(self.endpoint, exc, lost="connection lost",
-                                 no_answer=no_answer) from exc
+            raise self._translate(exc, lost="connection lost", no_answer=no_answer) from exc
         if rsp.isError():
             raise ModbusExceptionError(self.endpoint, function,
                                        int(getattr(rsp, "exception_code", 0)))
