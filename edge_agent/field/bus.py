@@ -123,6 +123,10 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
     The port opens lazily on the first request and reopens after it was lost.
     """
 
+    _open_timeout_s = 5.0
+    _open_failed = "cannot open"
+    _open_refused = "cannot open the serial port"
+
     def __init__(self, port: str, *, baudrate: int = 9600, bytesize: int = 8,
                  parity: str = "N", stopbits: int = 1, inter_frame_gap_s: float | None = None,
                  timeout_s: float = 1.0, crc_retries: int = 1) -> None:
@@ -170,10 +174,6 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
         return {i: c.copy() for i, c in sorted(self._counters.items())}
 
     # --- lifecycle ------------------------------------------------------------------------
-
-    _open_timeout_s = 5.0
-    _open_failed = "cannot open"
-    _open_refused = "cannot open the serial port"
 
     def _new_client(self) -> AsyncModbusSerialClient:
         return AsyncModbusSerialClient(
