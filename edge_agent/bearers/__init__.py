@@ -19,39 +19,43 @@ class BearerError(EdgeError):
     """Base of every narrowband bearer error."""
 
 
-class BearerPortError(BearerError):
+class _PortError(BearerError):
+    """About the terminal on one serial port: the message starts with `port`."""
+
+    def __init__(self, port: str, what: str) -> None:
+        super().__init__(f"{port}: {what}")
+        self.port = port
+
+
+class BearerPortError(_PortError):
     """The serial port cannot be opened, or was lost (missing, busy, unplugged)."""
 
     def __init__(self, port: str, reason: str) -> None:
-        super().__init__(f"{port}: {reason}")
-        self.port = port
+        super().__init__(port, reason)
         self.reason = reason
 
 
-class BearerTimeoutError(BearerError):
+class BearerTimeoutError(_PortError):
     """The terminal did not answer one step within its timeout."""
 
     def __init__(self, port: str, step: str, timeout_s: float) -> None:
-        super().__init__(f"{port}: no answer to {step} within {timeout_s:g} s")
-        self.port = port
+        super().__init__(port, f"no answer to {step} within {timeout_s:g} s")
         self.step = step
         self.timeout_s = timeout_s
 
 
-class NoCardError(BearerError):
+class NoCardError(_PortError):
     """The terminal answered that it holds no card: it cannot send."""
 
     def __init__(self, port: str) -> None:
-        super().__init__(f"{port}: the terminal has no card")
-        self.port = port
+        super().__init__(port, "the terminal has no card")
 
 
-class ConnectRejectedError(BearerError):
+class ConnectRejectedError(_PortError):
     """The radio refused the link (HRNP reject to a connect): it cannot send."""
 
     def __init__(self, port: str) -> None:
-        super().__init__(f"{port}: the radio rejected the HRNP connect")
-        self.port = port
+        super().__init__(port, "the radio rejected the HRNP connect")
 
 
 class BearerRequestError(BearerError):
