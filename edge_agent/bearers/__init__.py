@@ -19,43 +19,39 @@ class BearerError(EdgeError):
     """Base of every narrowband bearer error."""
 
 
-class _PortError(BearerError):
-    """About the terminal on one serial port: the message starts with `port`."""
-
-    def __init__(self, port: str, what: str) -> None:
-        super().__init__(f"{port}: {what}")
-        self.port = port
-
-
-class BearerPortError(_PortError):
+class BearerPortError(BearerError):
     """The serial port cannot be opened, or was lost (missing, busy, unplugged)."""
 
     def __init__(self, port: str, reason: str) -> None:
-        super().__init__(port, reason)
+        super().__init__(f"{port}: {reason}")
+        self.port = port
         self.reason = reason
 
 
-class BearerTimeoutError(_PortError):
+class BearerTimeoutError(BearerError):
     """The terminal did not answer one step within its timeout."""
 
     def __init__(self, port: str, step: str, timeout_s: float) -> None:
-        super().__init__(port, f"no answer to {step} within {timeout_s:g} s")
+        super().__init__(f"{port}: no answer to {step} within {timeout_s:g} s")
+        self.port = port
         self.step = step
         self.timeout_s = timeout_s
 
 
-class NoCardError(_PortError):
+class NoCardError(BearerError):
     """The terminal answered that it holds no card: it cannot send."""
 
     def __init__(self, port: str) -> None:
-        super().__init__(port, "the terminal has no card")
+        super().__init__(f"{port}: the terminal has no card")
+        self.port = port
 
 
-class ConnectRejectedError(_PortError):
+class ConnectRejectedError(BearerError):
     """The radio refused the link (HRNP reject to a connect): it cannot send."""
 
     def __init__(self, port: str) -> None:
-        super().__init__(port, "the radio rejected the HRNP connect")
+        super().__init__(f"{port}: the radio rejected the HRNP connect")
+        self.port = port
 
 
 class BearerRequestError(BearerError):
