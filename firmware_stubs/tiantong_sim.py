@@ -48,28 +48,7 @@ from firmware_stubs.errors import SimulatorError
 from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
-from protocols.at_commands import (
-    NEED_DATA,
-    AtError,
-    Cmgr,
-    Cmgs,
-    CmsError,
-    CmsErrorResult,
-    Cmti,
-    Command,
-    CommandDecoder,
-    Creg,
-    Csq,
-    InfoLine,
-    PduCancelled,
-    PduEntry,
-    Prompt,
-    RegStatus,
-    Response,
-    Result,
-    encode_command,
-    encode_response,
-)
+from protocols import at_commands as atc
 from protocols.sms_pdu import (
     SmsDeliver,
     SmsError,
@@ -165,7 +144,7 @@ class TiantongModuleSimulator(PtyLinked):
         self._pdu_mode = True  # 27.005 §3.2.3: PDU mode is the default
         self._cmgs_length: int | None = None
         self._mr = 0
-        self._decoder = CommandDecoder()
+        self._decoder = atc.CommandDecoder()
         self._rng = random.Random(seed)
         self._symlink = Path(symlink) if symlink is not None else None
         self._line: PtyLine | None = None
@@ -207,7 +186,7 @@ class TiantongModuleSimulator(PtyLinked):
         log.info("tiantong_sim_faults", number=self.number, faults=repr(self.faults))
         if before.registered != self.faults.registered:
             if self._creg_n == 1:
-                self._send(Creg(self._reg_status()))
+                self._send(atc.Creg(self._reg_status()))
             if self.faults.registered:
                 self.network.flush(self.number)
 
@@ -224,24 +203,24 @@ class TiantongModuleSimulator(PtyLinked):
             return
         self.stored[index] = (0, pdu)  # 27.005 §3.1 <stat> 0: received unread
         self._stats["received"] += 1
-        self._send(Cmti("SM", index))
+        self._send(atc.Cmti("SM", index))
 
     # --- the line ---------------------------------------------------------------------------
 
-    def _reg_status(self) -> RegStatus:
-        return RegStatus.HOME if self.faults.registered else RegStatus.SEARCHING
+    def _reg_status(self) -> atc.RegStatus:
+        return atc.RegStatus.HOME if self.faults.registered else atc.RegStatus.SEARCHING
 
     def _write(self, data: bytes) -> None:
         if self._line is not None and not self._line.write(data):
             self._stats["unwritten"] += 1
 
-    def _send(self, *responses: Response) -> None:
+    def _send(self, *responses: atc.Response) -> None:
         out = b""
         if self.faults.garbage:
             out = bytes(self._rng.getrandbits(8) for _ in range(self.faults.garbage))
             self._stats["garbage_sent"] += self.faults.garbage
             self.faults = dataclasses.replace(self.faults, garbage=0)
-        self._write(out + b"".join(encode_response(r) for r in responses))
+        self._write(out + b"".join(atc.encode_response(r) for r in responses))
 
     def _on_readable(self) -> None:
         if self._line is None or not (data := self._line.read()):
@@ -253,38 +232,38 @@ class TiantongModuleSimulator(PtyLinked):
         while True:
             try:
                 event = self._decoder.next_event()
-            except AtError as exc:
+            except atc.AtError as exc:
                 self._stats["bad_lines"] += 1
                 log.debug("tiantong_sim_bad_line", number=self.number, error=str(exc))
                 self._cmgs_length = None
-                self._send(Result(False))
+                self._send(atc.Result(False))
                 continue
-            if event is NEED_DATA:
+            if event is atc.NEED_DATA:
                 return
-            if isinstance(event, Command):
+            if isinstance(event, atc.Command):
                 self._stats["commands"] += 1
                 if self.echo:
-                    self._write(encode_command(event))
+                    self._write(atc.encode_command(event))
                 self._command(event)
-            elif isinstance(event, PduCancelled):
+            elif isinstance(event, atc.PduCancelled):
                 self._stats["cancelled"] += 1
                 self._cmgs_length = None
-                self._send(Result(True))
+                self._send(atc.Result(True))
             else:
                 self._pdu(event)
 
-    def _command(self, c: Command) -> None:
+    def _command(self, c: atc.Command) -> None:
         try:
             self._answer(c)
-        except AtError:
+        except atc.AtError:
             self._error()
 
     def _error(self, code: int | None = None) -> None:
         self._stats["errors"] += 1
-        self._send(Result(False) if code is None else CmsErrorResult(code))
+        self._send(atc.Result(False) if code is None else atc.CmsErrorResult(code))
 
-    def _answer(self, c: Command) -> None:
-        ok = Result(True)
+    def _answer(self, c: atc.Command) -> None:
+        ok = atc.Result(True)
         match (c.name, c.op):
             case ("", ""):
                 self._send(ok)
@@ -292,24 +271,24 @@ class TiantongModuleSimulator(PtyLinked):
                 self.echo = c.name == "E1"
                 self._send(ok)
             case ("+CPIN", "?"):
-                self._send(InfoLine("+CPIN: READY"), ok)
+                self._send(atc.InfoLine("+CPIN: READY"), ok)
             case ("+CMGF", "="):
                 mode = c.int_arg(0)
                 if mode != 0:
-                    self._error(CmsError.OPERATION_NOT_SUPPORTED)
+                    self._error(atc.CmsError.OPERATION_NOT_SUPPORTED)
                     return
                 self._pdu_mode = True
                 self._send(ok)
             case ("+CMGF", "?"):
-                self._send(InfoLine(f"+CMGF: {0 if self._pdu_mode else 1}"), ok)
+                self._send(atc.InfoLine(f"+CMGF: {0 if self._pdu_mode else 1}"), ok)
             case ("+CNMI", "="):
                 self._send(ok)
             case ("+CSQ", ""):
                 registered = self.faults.registered
-                self._send(Csq(self.faults.rssi if registered else 99, 99 if not registered
-                               else 0), ok)
+                self._send(atc.Csq(self.faults.rssi if registered else 99, 99 if not registered
+                                   else 0), ok)
             case ("+CREG", "?"):
-                self._send(Creg(self._reg_status(), self._creg_n), ok)
+                self._send(atc.Creg(self._reg_status(), self._creg_n), ok)
             case ("+CREG", "="):
                 n = c.int_arg(0)
                 if n > 2:
@@ -320,28 +299,28 @@ class TiantongModuleSimulator(PtyLinked):
             case ("+CMGS", "="):
                 length = c.int_arg(0)
                 if not 1 <= length <= 164:
-                    self._error(CmsError.INVALID_PDU_PARAMETER)
+                    self._error(atc.CmsError.INVALID_PDU_PARAMETER)
                     return
                 self._cmgs_length = length
                 self._decoder.expect_pdu()
-                self._send(Prompt())
+                self._send(atc.Prompt())
             case ("+CMGR", "="):
                 index = c.int_arg(0)
                 if index not in self.stored:
-                    self._error(CmsError.INVALID_MEMORY_INDEX)
+                    self._error(atc.CmsError.INVALID_MEMORY_INDEX)
                     return
                 stat, pdu = self.stored[index]
                 self.stored[index] = (1, pdu)  # now read
-                self._send(Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
+                self._send(atc.Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
             case ("+CMGD", "="):
                 if self.stored.pop(c.int_arg(0), None) is None:
-                    self._error(CmsError.INVALID_MEMORY_INDEX)
+                    self._error(atc.CmsError.INVALID_MEMORY_INDEX)
                     return
                 self._send(ok)
             case _:
                 self._error()
 
-    def _pdu(self, entry: PduEntry) -> None:
+    def _pdu(self, entry: atc.PduEntry) -> None:
         length, self._cmgs_length = self._cmgs_length, None
         self._stats["sends"] += 1
         try:
@@ -350,7 +329,7 @@ class TiantongModuleSimulator(PtyLinked):
                 raise SmsError("the TPDU length does not match AT+CMGS")
         except SmsError:
             self._stats["send_failures"] += 1
-            self._error(CmsError.INVALID_PDU_PARAMETER)
+            self._error(atc.CmsError.INVALID_PDU_PARAMETER)
             return
         faults = self.faults
         if faults.send_error is not None:
@@ -364,7 +343,7 @@ class TiantongModuleSimulator(PtyLinked):
             return
         if not faults.registered:
             self._stats["send_failures"] += 1
-            self._error(CmsError.NO_NETWORK_SERVICE)
+            self._error(atc.CmsError.NO_NETWORK_SERVICE)
             return
         mr, self._mr = self._mr, (self._mr + 1) & 0xFF
         task = asyncio.get_running_loop().create_task(
@@ -376,7 +355,7 @@ class TiantongModuleSimulator(PtyLinked):
         await asyncio.sleep(delay)
         self.sent.append(message)
         self.network.submit(self.number, message)
-        self._send(Cmgs(mr), Result(True))
+        self._send(atc.Cmgs(mr), atc.Result(True))
 
 
 # --- process entry --------------------------------------------------------------------------
