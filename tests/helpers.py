@@ -1,4 +1,4 @@
-"""Real-process helpers for the tests: a private Mosquitto, free ports, waiting."""
+"""Helpers for the tests: a private Mosquitto, free ports, waiting, and the codec tests' inputs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+from hypothesis import strategies as st
+
+from protocols.stream import NeedData, decoded
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -70,6 +75,36 @@ def garbage_between(frames: Sequence[bytes], garbage: Sequence[bytes]) -> tuple[
     between = [garbage[0]] + [garbage[i % 5 + 1] for i in range(len(frames))]
     stream = between[0] + b"".join(f + g for f, g in zip(frames, between[1:], strict=True))
     return stream, sum(map(len, between))
+
+
+def frames_and_errors(next_item: Callable[[], T | NeedData],
+                      error: type[E]) -> tuple[list[T], list[E]]:
+    """Every frame and every error a stream decoder has in it now, apart: what a codec test
+    compares after feeding (`next_item` is the decoder's `next_frame`, `next_sentence`…)."""
+    frames: list[T] = []
+    errors: list[E] = []
+    for item in decoded(next_item, error):
+        if isinstance(item, error):
+            errors.append(item)
+        else:
+            frames.append(cast(T, item))
+    return frames, errors
+
+
+def mutate(wire: bytes, data: st.DataObject) -> bytes:
+    """`wire` with one to three bytes changed, cut off behind or added, as `data` draws them:
+    the input of a codec's "bad bytes raise only its own error" property."""
+    mutated = bytearray(wire)
+    for _ in range(data.draw(st.integers(1, 3))):
+        index = data.draw(st.integers(0, len(mutated) - 1))
+        match data.draw(st.sampled_from(["set", "cut", "add"])):
+            case "set":
+                mutated[index] = data.draw(st.integers(0, 255))
+            case "cut":
+                del mutated[max(index, 1):]
+            case _:
+                mutated.insert(index, data.draw(st.integers(0, 255)))
+    return bytes(mutated)
 
 
 def chunks(stream: bytes, sizes: Sequence[int]) -> Iterator[bytes]:

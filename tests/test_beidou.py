@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from protocols import beidou as bd
 from protocols.errors import ProtocolError
+from tests.helpers import frames_and_errors
 
 T = dt.time
 GB_TEXT = "广州海聊科技有限公司".encode("gb2312")
@@ -29,17 +30,7 @@ def framed(body: bytes) -> bytes:
 
 def drain(decoder: bd.BeidouDecoder) -> tuple[list[bd.Sentence], list[bd.BeidouError]]:
     """Every sentence and every error the decoder has in it now."""
-    sentences: list[bd.Sentence] = []
-    errors: list[bd.BeidouError] = []
-    while True:
-        try:
-            item = decoder.next_sentence()
-        except bd.BeidouError as exc:
-            errors.append(exc)
-            continue
-        if item is bd.NEED_DATA:
-            return sentences, errors
-        sentences.append(item)
+    return frames_and_errors(decoder.next_sentence, bd.BeidouError)
 
 
 # ---------------------------------------------------------------------------- byte vectors

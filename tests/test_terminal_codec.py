@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.errors import ProtocolError
 from protocols import terminal as tm
-from tests.helpers import chunks, garbage_between
+from protocols.errors import ProtocolError
+from tests.helpers import chunks, frames_and_errors, garbage_between, mutate
 
 relaxed = settings(deadline=None)  # CI is a loaded 2-core box: behaviour, not speed
 DOC = Path(__file__).resolve().parent.parent / "docs" / "terminal-protocol.md"
@@ -41,17 +41,8 @@ def documented_examples() -> dict[str, bytes]:
 
 
 def drain(decoder: tm.TerminalDecoder) -> tuple[list[tm.TerminalFrame], list[tm.TerminalError]]:
-    frames: list[tm.TerminalFrame] = []
-    errors: list[tm.TerminalError] = []
-    while True:
-        try:
-            item = decoder.next_frame()
-        except tm.TerminalError as exc:
-            errors.append(exc)
-            continue
-        if item is tm.NEED_DATA:
-            return frames, errors
-        frames.append(item)
+    """Every frame and every error the decoder has in it now."""
+    return frames_and_errors(decoder.next_frame, tm.TerminalError)
 
 
 # ---------------------------------------------------------------------------- byte vectors
@@ -242,18 +233,8 @@ _VALID = list(documented_examples().values())
 @given(st.sampled_from(_VALID), st.data())
 def test_mutated_frames_raise_only_terminal_errors(wire: bytes, data: st.DataObject) -> None:
     """A documented frame with bytes changed, cut or added decodes or raises TerminalError."""
-    mutated = bytearray(wire)
-    for _ in range(data.draw(st.integers(1, 3))):
-        index = data.draw(st.integers(0, len(mutated) - 1))
-        match data.draw(st.sampled_from(["set", "cut", "add"])):
-            case "set":
-                mutated[index] = data.draw(st.integers(0, 255))
-            case "cut":
-                del mutated[max(index, 1):]
-            case _:
-                mutated.insert(index, data.draw(st.integers(0, 255)))
     try:
-        tm.decode_frame(bytes(mutated))
+        tm.decode_frame(mutate(wire, data))
     except tm.TerminalError:
         pass
 
