@@ -44,7 +44,7 @@ import enum
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from typing import Any
 import structlog
 
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
 from protocols import beidou as bd
 
@@ -185,9 +185,7 @@ class BeidouTerminalSimulator(PtyLinked):
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._line = PtyLine(loop, self._on_readable, symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         if self.pwi_period_s is not None:
             self._task = asyncio.create_task(self._beam_loop(),
                                              name=f"beidou_sim.pwi[{self.card_id}]")
@@ -200,13 +198,9 @@ class BeidouTerminalSimulator(PtyLinked):
         if self.sky is not None:
             self.sky.unregister(self)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
-        if self._line is not None:
-            self._line.close()  # and its symlink
-            self._line = None
+        if self._close_line():
             log.info("beidou_sim_stopped", path=self.path)
 
     @property
@@ -283,23 +277,18 @@ class BeidouTerminalSimulator(PtyLinked):
 
     def _on_readable(self) -> None:
         """Read what the agent wrote and answer each sentence of it."""
-        assert self._line is not None
-        data = self._line.read()
-        if not data:
-            return
-        self._decoder.feed(data)
-        while True:
-            try:
-                sentence = self._decoder.next_sentence()
-            except bd.BeidouError as exc:
-                self._stats["bad_sentences"] += 1
-                log.debug("beidou_sim_bad_sentence", card=self.card_id, error=str(exc))
-                continue
-            finally:
-                self._stats["discarded_bytes"] = self._decoder.discarded
-            if sentence is bd.NEED_DATA:
-                return
-            self._handle(sentence)
+        # Typed here: mypy would join the sentence kinds into `object`.
+        sentences: Iterator[bd.Sentence | bd.BeidouError] = self._read_frames(
+            self._decoder, self._decoder.next_sentence, bd.BeidouError)
+        try:
+            for sentence in sentences:
+                if isinstance(sentence, bd.BeidouError):
+                    self._stats["bad_sentences"] += 1
+                    log.debug("beidou_sim_bad_sentence", card=self.card_id, error=str(sentence))
+                else:
+                    self._handle(sentence)
+        finally:
+            self._stats["discarded_bytes"] = self._decoder.discarded
 
     def _handle(self, sentence: bd.Sentence) -> None:
         bd3 = self.mode is BeidouMode.BD3

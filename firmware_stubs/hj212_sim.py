@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import math
 import random
@@ -61,7 +60,7 @@ from firmware_stubs.control import (
     open_control,
 )
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.sim_process import (
     add_control_port,
@@ -78,7 +77,6 @@ from protocols.hj212 import (
     CN_MINUTE,
     CN_REALTIME,
     FLAG_ACK,
-    NEED_DATA,
     VERSION_2017,
     Hj212Data,
     Hj212Decoder,
@@ -152,7 +150,6 @@ class Hj212StationSimulator(PtyLinked):
         self._control: asyncio.Server | None = None
         self._line: PtyLine | None = None
         self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._replies = Hj212Decoder()
         self._t0 = time.monotonic()
         self.path = ""
@@ -164,9 +161,7 @@ class Hj212StationSimulator(PtyLinked):
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._line = PtyLine(self._loop, self._on_readable, symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._send_loop(), name=f"hj212_sim[{self.mn}]")
         self._control, self.control_port = await open_control(
@@ -179,13 +174,9 @@ class Hj212StationSimulator(PtyLinked):
         await close_control(self._control)
         self._control = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
-        if self._line is not None:
-            self._line.close()  # and its symlink
-            self._line = None
+        if self._close_line():
             log.info("hj212_sim_stopped", path=self.path)
 
     # --- scripting --------------------------------------------------------------------------
@@ -331,19 +322,8 @@ class Hj212StationSimulator(PtyLinked):
 
     def _on_readable(self) -> None:
         """Read what the agent sends back (data replies to frames with the A flag)."""
-        assert self._line is not None
-        data = self._line.read()
-        if not data:
-            return
-        self._replies.feed(data)
-        while True:
-            try:
-                frame = self._replies.next_frame()
-            except Hj212Error:
-                continue
-            if frame is NEED_DATA:
-                break
-            if frame.cn == CN_DATA_REPLY:
+        for frame in self._read_frames(self._replies, self._replies.next_frame, Hj212Error):
+            if isinstance(frame, Hj212Frame) and frame.cn == CN_DATA_REPLY:
                 self._stats["acks"] += 1
 
     # --- control channel --------------------------------------------------------------------

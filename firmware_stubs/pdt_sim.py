@@ -32,7 +32,6 @@ text-message ack at all; the data ack still comes: the radio got the packet), bo
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 from collections.abc import Iterable
@@ -48,7 +47,6 @@ from firmware_stubs.pty_line import PtyLine
 from protocols.hrnp import (
     GATEWAY_ADDRESS,
     HRNP_VERSION,
-    NEED_DATA,
     RADIO_ADDRESS,
     SERVICE_TEXT,
     AppMessage,
@@ -176,16 +174,13 @@ class PdtRadioSimulator(PtyLinked):
 
     async def start(self) -> None:
         self.air.register(self)
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable, symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         log.info("pdt_sim_started", path=self.path, radio_id=self.radio_id,
                  groups=sorted(self.groups))
 
     async def stop(self) -> None:
         self.air.unregister(self)
-        if self._line is not None:
-            self._line.close()  # and its symlink
-            self._line = None
+        if self._close_line():
             log.info("pdt_sim_stopped", path=self.path, radio_id=self.radio_id)
         self.connected = False
 
@@ -217,20 +212,11 @@ class PdtRadioSimulator(PtyLinked):
     # --- the serial line --------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        assert self._line is not None
-        data = self._line.read()
-        if not data:
-            return
-        self._decoder.feed(data)
-        while True:
-            try:
-                packet = self._decoder.next_packet()
-            except HrnpError as exc:
-                log.debug("pdt_sim_bad_packet", radio_id=self.radio_id, error=str(exc))
-                continue
-            if packet is NEED_DATA:
-                break
-            self._handle(packet)
+        for packet in self._read_frames(self._decoder, self._decoder.next_packet, HrnpError):
+            if isinstance(packet, HrnpError):
+                log.debug("pdt_sim_bad_packet", radio_id=self.radio_id, error=str(packet))
+            else:
+                self._handle(packet)
 
     def _write(self, packet: HrnpPacket) -> None:
         if self._line is not None and not self._line.write(encode_packet(packet)):

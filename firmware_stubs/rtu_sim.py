@@ -54,7 +54,7 @@ from firmware_stubs.control import (
     open_control,
 )
 from firmware_stubs.errors import SimulatorError, UnknownPointError
-from firmware_stubs.lifecycle import StartStop
+from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
 from firmware_stubs.sim_process import (
@@ -100,7 +100,7 @@ class SlaveStats:
         return {"requests": self.requests, "answers": self.answers}
 
 
-class RtuBusSimulator(StartStop):
+class RtuBusSimulator(PtyLinked):
     """Serve profiled slaves on one pseudo-terminal line; an async context manager.
 
     `profiles` maps slave address -> profile; a sequence takes addresses 1, 2, 3, ...
@@ -133,6 +133,7 @@ class RtuBusSimulator(StartStop):
         self._requested_control_port = control_port
         self._control: asyncio.Server | None = None
         self._line: PtyLine | None = None
+        self._symlink = None  # the bus is opened by its pty path
         self._flush_handle: asyncio.TimerHandle | None = None
         self._pending: set[asyncio.TimerHandle] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,8 +148,7 @@ class RtuBusSimulator(StartStop):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._line = PtyLine(self._loop, self._on_readable)
-        self.path = self._line.path
+        self._open_line()
         self._t0 = time.monotonic()
         for image in self._slaves.values():
             image.restart(self._t0)
@@ -166,9 +166,7 @@ class RtuBusSimulator(StartStop):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._line is not None:
-            self._line.close()
-            self._line = None
+        if self._close_line():
             log.info("rtu_sim_stopped", path=self.path)
 
     # --- scripting --------------------------------------------------------------------------
@@ -222,8 +220,7 @@ class RtuBusSimulator(StartStop):
     # --- the line ---------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        assert self._line is not None
-        data = self._line.read()
+        data = self._read_line()
         if not data:
             return
         self._decoder.feed(data)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import random
 import time
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from firmware_stubs.control import OwnRequest, StatsRequest, close_control, open_control
 from firmware_stubs.control import handle_own_control as _handle_own_control
 from firmware_stubs.errors import SimulatorError, UnknownPointError
-from firmware_stubs.lifecycle import StartStop
+from firmware_stubs.lifecycle import StartStop, cancel_and_wait
 from protocols import terminal as tm
 
 log = structlog.get_logger(__name__)
@@ -130,10 +129,7 @@ class TerminalSimulator(StartStop):
     async def stop(self) -> None:
         await close_control(self._control)
         self._control = None
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for handle in self._presses.values():
             handle.cancel()

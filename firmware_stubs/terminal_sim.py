@@ -115,21 +115,17 @@ class PtyTerminalSimulator(TerminalSimulator, PtyLinked):
         self.path = ""
 
     async def _open(self) -> None:
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable,
-                             symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         self._connected()  # §2: a serial terminal says who it is on power-up
 
     async def _close(self) -> None:
-        if self._line is not None:
-            self._line.close()
-            self._line = None
+        self._close_line()
 
     def _write(self, data: bytes) -> bool:
         return self._line is not None and self._line.write(data)
 
     def _on_readable(self) -> None:
-        if self._line is not None and (data := self._line.read()):
+        if data := self._read_line():
             self._on_bytes(data)
 
 

@@ -36,7 +36,7 @@ import dataclasses
 import json
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,7 +45,7 @@ from typing import Any, Final, Self
 import structlog
 
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
 from protocols import at_commands as atc
@@ -57,6 +57,7 @@ from protocols.sms_pdu import (
     encode_address,
     encode_deliver,
 )
+from protocols.stream import decoded
 
 log = structlog.get_logger(__name__)
 
@@ -160,20 +161,13 @@ class TiantongModuleSimulator(PtyLinked):
 
     async def start(self) -> None:
         self.network.register(self)
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable,
-                             symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         log.info("tiantong_sim_started", path=self.path, number=self.number)
 
     async def stop(self) -> None:
         self.network.unregister(self)
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._line is not None:
-            self._line.close()
-            self._line = None
+        await cancel_and_wait(list(self._tasks))
+        if self._close_line():
             log.info("tiantong_sim_stopped", path=self.path, number=self.number)
 
     # --- scripting --------------------------------------------------------------------------
@@ -223,24 +217,22 @@ class TiantongModuleSimulator(PtyLinked):
         self._write(out + b"".join(atc.encode_response(r) for r in responses))
 
     def _on_readable(self) -> None:
-        if self._line is None or not (data := self._line.read()):
+        if not (data := self._read_line()):
             return
         if self.faults.silent:
             self._stats["silenced"] += 1
             return
         self._decoder.feed(data)
-        while True:
-            try:
-                event = self._decoder.next_event()
-            except atc.AtError as exc:
+        # Typed here: mypy would join the event kinds into `object`.
+        events: Iterator[atc.Command | atc.PduEntry | atc.PduCancelled | atc.AtError] = decoded(
+            self._decoder.next_event, atc.AtError)
+        for event in events:
+            if isinstance(event, atc.AtError):
                 self._stats["bad_lines"] += 1
-                log.debug("tiantong_sim_bad_line", number=self.number, error=str(exc))
+                log.debug("tiantong_sim_bad_line", number=self.number, error=str(event))
                 self._cmgs_length = None
                 self._send(atc.Result(False))
-                continue
-            if event is atc.NEED_DATA:
-                return
-            if isinstance(event, atc.Command):
+            elif isinstance(event, atc.Command):
                 self._stats["commands"] += 1
                 if self.echo:
                     self._write(atc.encode_command(event))

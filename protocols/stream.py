@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Exception)
@@ -43,7 +43,8 @@ class ByteStream:
         self.discarded += count
 
 
-def decoded(next_item: Callable[[], T | NeedData], error: type[E]) -> Iterator[T | E]:
+def decoded(next_item: Callable[[], T | Literal[NeedData.NEED_DATA]],
+            error: type[E]) -> Iterator[T | E]:
     """Ask `next_item` (a decoder's `next_frame`, `next_sentence`…) until it answers NEED_DATA:
     each frame in line order and, in the place of a bad one, the `error` it raised (the decoder
     has stepped past it, so asking again goes on). Every reader of a decoder loops so."""
