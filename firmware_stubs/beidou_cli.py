@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from firmware_stubs import sim_process
 from firmware_stubs.beidou_sim import BeidouMode, BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
 
 
 def _terminal(text: str) -> tuple[str, float]:
@@ -30,12 +30,9 @@ def _terminal(text: str) -> tuple[str, float]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.beidou_cli",
-        description="Simulate BeiDou RDSS terminals on ptys, linked by one simulated sky.",
-        epilog="example: python -m firmware_stubs.beidou_cli --terminal 0242407:0 "
-        "--terminal 4238473:10 --ready-file /tmp/beidou.json",
-    )
+    parser = sim_process.simulator_parser(
+        "beidou_cli", "Simulate BeiDou RDSS terminals on ptys, linked by one simulated sky.",
+        "--terminal 0242407:0 --terminal 4238473:10 --ready-file /tmp/beidou.json")
     parser.add_argument("--terminal", type=_terminal, action="append", required=True,
                         metavar="CARD[:INTERVAL_S]",
                         help="a terminal's card id and its send interval (default 60 s)")
@@ -75,16 +72,16 @@ class _Terminals:
 async def _serve(args: argparse.Namespace) -> None:
     def announce(terminals: _Terminals) -> str:
         if args.ready_file is not None:
-            write_atomic(args.ready_file, json.dumps(terminals.paths) + "\n")
-        return ready_line("terminals=" + ",".join(f"{c}:{p}" for c, p in
-                                                  terminals.paths.items()), None)
+            sim_process.write_atomic(args.ready_file, json.dumps(terminals.paths) + "\n")
+        return sim_process.ready_line("terminals=" + ",".join(f"{c}:{p}" for c, p in
+                                                              terminals.paths.items()), None)
 
-    await serve_until_signal(_Terminals(args), announce)
+    await sim_process.serve_until_signal(_Terminals(args), announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on bad settings."""
-    return run(_serve(_parse_args(argv)), (SimulatorError, OSError))
+    return sim_process.run(_serve(_parse_args(argv)), (SimulatorError, OSError))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import CounterSim, DeviceProfileError, Profile, ProfilePoint, find_profile
+from firmware_stubs import sim_process
 from firmware_stubs.control import (
     OwnRequest,
     StatsRequest,
@@ -62,15 +63,6 @@ from firmware_stubs.control import (
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
-from firmware_stubs.sim_process import (
-    add_control_port,
-    add_link_file,
-    add_profile_dir,
-    add_seed,
-    announce_pty,
-    run,
-    serve_until_signal,
-)
 from firmware_stubs.values import MovingPoint, PointValues
 from protocols.hj212 import (
     CN_DATA_REPLY,
@@ -368,25 +360,21 @@ class _Hj212Control(OwnRequest):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.hj212_sim",
-        description="Simulate an HJ 212-2017 station pushing frames on a pseudo-terminal.",
-        epilog="example: python -m firmware_stubs.hj212_sim --profile forest-fire-station-v1 "
-        "--link-file /tmp/ffs.link --interval 1 --minute 60 --control-port 0",
-    )
+    parser = sim_process.simulator_parser(
+        "hj212_sim", "Simulate an HJ 212-2017 station pushing frames on a pseudo-terminal.",
+        "--profile forest-fire-station-v1 --link-file /tmp/ffs.link --interval 1 --minute 60 "
+        "--control-port 0")
     parser.add_argument("--profile", required=True, help="hj212 profile id or YAML path")
-    add_profile_dir(parser)
+    sim_process.add_profile_dir(parser)
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between real-time (CN 2011) frames")
     parser.add_argument("--minute", type=float, default=60.0,
                         help="seconds between minute (CN 2051) frames; 0 sends none")
     parser.add_argument("--mn", default="FFS00000000000000000001", help="station MN")
     parser.add_argument("--ack", action="store_true", help="ask for data replies (Flag=5)")
-    add_seed(parser)
-    add_link_file(parser)
     parser.add_argument("--symlink", type=Path, default=None,
                         help="also make this symlink to the pty (e.g. /tmp/ttyFFS0)")
-    add_control_port(parser)
+    sim_process.add_pty_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -396,13 +384,13 @@ async def _serve(args: argparse.Namespace) -> None:
                                 minute_s=args.minute or None, mn=args.mn,
                                 ack_requested=args.ack, seed=args.seed, symlink=args.symlink,
                                 control_port=args.control_port)
-    await serve_until_signal(sim, announce_pty(args.link_file))
+    await sim_process.serve_until_signal(sim, sim_process.announce_pty(args.link_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
     args = _parse_args(argv)
-    return run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
+    return sim_process.run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
 
 
 __all__ = ["Hj212Faults", "Hj212StationSimulator", "main"]

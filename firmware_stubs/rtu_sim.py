@@ -46,6 +46,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import DeviceProfileError, Profile, find_profile
+from firmware_stubs import sim_process
 from firmware_stubs.control import (
     OwnRequest,
     StatsRequest,
@@ -57,15 +58,6 @@ from firmware_stubs.errors import SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
-from firmware_stubs.sim_process import (
-    add_control_port,
-    add_link_file,
-    add_profile_dir,
-    add_seed,
-    announce_pty,
-    run,
-    serve_until_signal,
-)
 from protocols.modbus_points import PointValue
 from protocols.modbus_rtu import (
     BROADCAST,
@@ -343,24 +335,20 @@ class _RtuControl(OwnRequest):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.rtu_sim",
-        description="Simulate profiled Modbus RTU slaves on one pseudo-terminal line.",
-        epilog="example: python -m firmware_stubs.rtu_sim --profile gas-detector-v1 "
-        "--profile storage-tank-v1 --baudrate 19200 --link-file /tmp/bus.link --control-port 0",
-    )
+    parser = sim_process.simulator_parser(
+        "rtu_sim", "Simulate profiled Modbus RTU slaves on one pseudo-terminal line.",
+        "--profile gas-detector-v1 --profile storage-tank-v1 --baudrate 19200 "
+        "--link-file /tmp/bus.link --control-port 0")
     parser.add_argument("--profile", action="append", required=True,
                         help="profile id or YAML path; repeat for slaves on consecutive addresses")
-    add_profile_dir(parser)
+    sim_process.add_profile_dir(parser)
     parser.add_argument("--first-id", type=int, default=1, help="address of the first slave")
     parser.add_argument("--baudrate", type=int, default=9600)
     parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
     parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     parser.add_argument("--no-wire-time", action="store_true",
                         help="answer at once instead of at the speed of the baud rate")
-    add_seed(parser)
-    add_link_file(parser)
-    add_control_port(parser)
+    sim_process.add_pty_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -370,13 +358,14 @@ async def _serve(args: argparse.Namespace) -> None:
     sim = RtuBusSimulator(profiles, baudrate=args.baudrate, parity=args.parity,
                           stopbits=args.stopbits, wire_time=not args.no_wire_time,
                           seed=args.seed, control_port=args.control_port)
-    await serve_until_signal(sim, announce_pty(args.link_file))
+    await sim_process.serve_until_signal(sim, sim_process.announce_pty(args.link_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
     args = _parse_args(argv)
-    return run(_serve(args), (SimulatorError, DeviceProfileError, ModbusRtuError, OSError))
+    return sim_process.run(_serve(args),
+                           (SimulatorError, DeviceProfileError, ModbusRtuError, OSError))
 
 
 if __name__ == "__main__":

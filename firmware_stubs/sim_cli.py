@@ -14,34 +14,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from device_profiles import DeviceProfileError, find_profile
+from firmware_stubs import sim_process
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
-from firmware_stubs.sim_process import (
-    add_control_port,
-    add_profile_dir,
-    add_seed,
-    ready_line,
-    run,
-    serve_until_signal,
-    write_atomic,
-)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.modbus_sim",
-        description="Simulate profiled Modbus TCP devices on loopback.",
-        epilog="example: python -m firmware_stubs.modbus_sim --profile gas-detector-v1 "
-        "--profile storage-tank-v1 --port 0 --control-port 0 --ready-file /tmp/sim.ready",
-    )
+    parser = sim_process.simulator_parser(
+        "modbus_sim", "Simulate profiled Modbus TCP devices on loopback.",
+        "--profile gas-detector-v1 --profile storage-tank-v1 --port 0 --control-port 0 "
+        "--ready-file /tmp/sim.ready")
     parser.add_argument("--profile", action="append", required=True,
                         help="profile id or YAML path; repeat for devices on consecutive ids")
-    add_profile_dir(parser)
+    sim_process.add_profile_dir(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--device-id", type=int, default=1, help="id of the first device")
-    add_control_port(parser, where="--host")
-    add_seed(parser)
+    sim_process.add_control_port(parser, where="--host")
+    sim_process.add_seed(parser)
     parser.add_argument("--ready-file", type=Path, default=None,
                         help="once listening, write the Modbus port (one line) to this file")
     parser.add_argument("--control-ready-file", type=Path, default=None,
@@ -57,12 +47,12 @@ async def _serve(args: argparse.Namespace) -> None:
 
     def announce(sim: ModbusTcpSimulator) -> str:
         if args.control_ready_file is not None and sim.control_port is not None:
-            write_atomic(args.control_ready_file, f"{sim.control_port}\n")
+            sim_process.write_atomic(args.control_ready_file, f"{sim.control_port}\n")
         if args.ready_file is not None:
-            write_atomic(args.ready_file, f"{sim.port}\n")
-        return ready_line(f"port={sim.port}", sim.control_port)
+            sim_process.write_atomic(args.ready_file, f"{sim.port}\n")
+        return sim_process.ready_line(f"port={sim.port}", sim.control_port)
 
-    await serve_until_signal(
+    await sim_process.serve_until_signal(
         ModbusTcpSimulator(profiles, host=args.host, port=args.port, seed=args.seed,
                            control_port=args.control_port), announce)
 
@@ -70,7 +60,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile/port."""
     args = _parse_args(argv)
-    return run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
+    return sim_process.run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ import structlog
 S = TypeVar("S")
 
 
+def simulator_parser(module: str, description: str, example: str) -> argparse.ArgumentParser:
+    """The parser of `python -m firmware_stubs.<module>`; `example` (arguments) ends its help."""
+    command = f"python -m firmware_stubs.{module}"
+    return argparse.ArgumentParser(prog=command, description=description,
+                                   epilog=f"example: {command} {example}")
+
+
 def add_profile_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-dir", action="append", default=[],
                         help="extra folder of profiles, searched before the built-in ones")
@@ -40,6 +47,14 @@ def add_link_file(parser: argparse.ArgumentParser) -> None:
 def add_control_port(parser: argparse.ArgumentParser, where: str = "127.0.0.1") -> None:
     parser.add_argument("--control-port", type=int, default=None,
                         help=f"JSON-lines control port on {where} (0 picks a free port)")
+
+
+def add_pty_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a simulator on a pty takes besides its own settings: --seed, --link-file and
+    --control-port."""
+    add_seed(parser)
+    add_link_file(parser)
+    add_control_port(parser)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -103,5 +118,6 @@ def run(serve: Coroutine[Any, Any, None], errors: tuple[type[BaseException], ...
     return 0
 
 
-__all__ = ["add_control_port", "add_link_file", "add_profile_dir", "add_seed", "announce_pty",
-           "ready_line", "run", "serve_until_signal", "write_atomic"]
+__all__ = ["add_control_port", "add_link_file", "add_profile_dir", "add_pty_arguments", "add_seed",
+           "announce_pty", "ready_line", "run", "serve_until_signal", "simulator_parser",
+           "write_atomic"]

@@ -44,10 +44,10 @@ from typing import Any, Final, Self
 
 import structlog
 
+from firmware_stubs import sim_process
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
-from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
 from protocols import at_commands as atc
 from protocols.sms_pdu import (
     SmsDeliver,
@@ -377,13 +377,10 @@ class _Modules:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.tiantong_sim",
-        description="Simulate Tiantong satellite SMS modules (AT commands) on ptys, linked by "
+    parser = sim_process.simulator_parser(
+        "tiantong_sim", "Simulate Tiantong satellite SMS modules (AT commands) on ptys, linked by "
         "one simulated network.",
-        epilog="example: python -m firmware_stubs.tiantong_sim --number +8617400000001 "
-        "--number +8617400000002 --ready-file /tmp/tt.json",
-    )
+        "--number +8617400000001 --number +8617400000002 --ready-file /tmp/tt.json")
     parser.add_argument("--number", action="append", required=True,
                         help="a module's phone number; repeat for more modules")
     parser.add_argument("--no-echo", action="store_true", help="start with ATE0")
@@ -395,16 +392,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     def announce(modules: _Modules) -> str:
         if args.ready_file is not None:
-            write_atomic(args.ready_file, json.dumps(modules.paths) + "\n")
-        return ready_line("modules=" + ",".join(f"{n}:{p}" for n, p in modules.paths.items()),
-                          None)
+            sim_process.write_atomic(args.ready_file, json.dumps(modules.paths) + "\n")
+        paths = ",".join(f"{n}:{p}" for n, p in modules.paths.items())
+        return sim_process.ready_line("modules=" + paths, None)
 
-    await serve_until_signal(_Modules(args.number, not args.no_echo), announce)
+    await sim_process.serve_until_signal(_Modules(args.number, not args.no_echo), announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on bad settings."""
-    return run(_serve(_parse_args(argv)), (SimulatorError, OSError))
+    return sim_process.run(_serve(_parse_args(argv)), (SimulatorError, OSError))
 
 
 __all__ = ["TiantongFaults", "TiantongModuleSimulator", "TiantongNetwork", "main"]
