@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import json
 import random
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import structlog
 
@@ -353,29 +351,6 @@ class TiantongModuleSimulator(PtyLinked):
 # --- process entry --------------------------------------------------------------------------
 
 
-class _Modules:
-    """The modules of one network, started and stopped together."""
-
-    def __init__(self, numbers: Sequence[str], echo: bool) -> None:
-        network = TiantongNetwork()
-        self.modules = [TiantongModuleSimulator(network, n, echo=echo) for n in numbers]
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> Self:
-        async with contextlib.AsyncExitStack() as stack:
-            for m in self.modules:
-                await stack.enter_async_context(m)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
-
-    @property
-    def paths(self) -> dict[str, str]:
-        return {m.number: m.path for m in self.modules}
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = sim_process.simulator_parser(
         "tiantong_sim", "Simulate Tiantong satellite SMS modules (AT commands) on ptys, linked by "
@@ -390,13 +365,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    def announce(modules: _Modules) -> str:
-        if args.ready_file is not None:
-            sim_process.write_atomic(args.ready_file, json.dumps(modules.paths) + "\n")
-        paths = ",".join(f"{n}:{p}" for n, p in modules.paths.items())
-        return sim_process.ready_line("modules=" + paths, None)
-
-    await sim_process.serve_until_signal(_Modules(args.number, not args.no_echo), announce)
+    network = TiantongNetwork()
+    modules = sim_process.SimulatorGroup(
+        (n, TiantongModuleSimulator(network, n, echo=not args.no_echo)) for n in args.number)
+    await sim_process.serve_until_signal(
+        modules, sim_process.announce_group("modules", args.ready_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
