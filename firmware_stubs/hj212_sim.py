@@ -52,14 +52,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import CounterSim, DeviceProfileError, Profile, ProfilePoint, find_profile
-from firmware_stubs import sim_process
-from firmware_stubs.control import (
-    OwnRequest,
-    StatsRequest,
-    close_control,
-    handle_own_control,
-    open_control,
-)
+from firmware_stubs import control, sim_process
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
@@ -156,14 +149,14 @@ class Hj212StationSimulator(PtyLinked):
         self._open_line()
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._send_loop(), name=f"hj212_sim[{self.mn}]")
-        self._control, self.control_port = await open_control(
+        self._control, self.control_port = await control.open_control(
             self, self._control_host, self._requested_control_port, self.handle_control)
         log.info("hj212_sim_started", path=self.path, profile=self.profile.id, mn=self.mn,
                  interval_s=self.interval_s, minute_s=self.minute_s,
                  control_port=self.control_port)
 
     async def stop(self) -> None:
-        await close_control(self._control)
+        await control.close_control(self._control)
         self._control = None
         if self._task is not None:
             await cancel_and_wait([self._task])
@@ -322,7 +315,7 @@ class Hj212StationSimulator(PtyLinked):
 
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
         """One control request line (see the module doc); always a reply, never raises."""
-        return handle_own_control(self, line, _Hj212Control, self._answer_own)
+        return control.handle_own_control(self, line, _Hj212Control, self._answer_own)
 
     def _answer_own(self, request: _Hj212Control) -> dict[str, Any]:
         if request.fault is not None:
@@ -349,11 +342,11 @@ class _FaultRequest(BaseModel):
     clock_offset_s: float = Field(0.0, ge=-20 * 365 * 86400, le=20 * 365 * 86400)
 
 
-class _Hj212Control(OwnRequest):
+class _Hj212Control(control.OwnRequest):
     """The station simulator's own control lines: exactly one of `fault` or `stats`."""
 
     fault: _FaultRequest | None = None
-    stats: StatsRequest | None = None
+    stats: control.StatsRequest | None = None
 
 
 # --- process entry --------------------------------------------------------------------------

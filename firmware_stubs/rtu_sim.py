@@ -46,14 +46,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import DeviceProfileError, Profile, find_profile
-from firmware_stubs import sim_process
-from firmware_stubs.control import (
-    OwnRequest,
-    StatsRequest,
-    close_control,
-    handle_own_control,
-    open_control,
-)
+from firmware_stubs import control, sim_process
 from firmware_stubs.errors import SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
@@ -144,13 +137,13 @@ class RtuBusSimulator(PtyLinked):
         self._t0 = time.monotonic()
         for image in self._slaves.values():
             image.restart(self._t0)
-        self._control, self.control_port = await open_control(
+        self._control, self.control_port = await control.open_control(
             self, self._control_host, self._requested_control_port, self.handle_control)
         log.info("rtu_sim_started", path=self.path, baudrate=self.baudrate,
                  control_port=self.control_port, slaves=self.profile_ids)
 
     async def stop(self) -> None:
-        await close_control(self._control)
+        await control.close_control(self._control)
         self._control = None
         for handle in self._pending:
             handle.cancel()
@@ -281,7 +274,7 @@ class RtuBusSimulator(PtyLinked):
 
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
         """One control request line (see the module doc); always a reply, never raises."""
-        return handle_own_control(self, line, _RtuControl, self._answer_own)
+        return control.handle_own_control(self, line, _RtuControl, self._answer_own)
 
     def _answer_own(self, request: _RtuControl) -> dict[str, Any]:
         try:
@@ -324,11 +317,11 @@ class _FaultRequest(BaseModel):
     wrong_answer: str | None = None  # checked by SlaveFaults
 
 
-class _RtuControl(OwnRequest):
+class _RtuControl(control.OwnRequest):
     """The RTU simulator's own control lines: exactly one of `fault` or `stats`."""
 
     fault: _FaultRequest | None = None
-    stats: StatsRequest | None = None
+    stats: control.StatsRequest | None = None
 
 
 # --- process entry --------------------------------------------------------------------------
