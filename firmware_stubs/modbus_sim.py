@@ -42,15 +42,8 @@ from device_profiles import Profile, ProfilePoint
 from firmware_stubs.control import ControlRequest, close_control, handle_control, open_control
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import StartStop
-from firmware_stubs.values import TICK_S, PointValues, modbus_values
-from protocols.modbus_points import (
-    BIT_FUNCTIONS,
-    PointEncodeError,
-    PointValue,
-    decode_point,
-    encode_point,
-    register_count,
-)
+from firmware_stubs.values import TICK_S, PointValues, check_modbus_value, modbus_values
+from protocols import modbus_points as mp
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +70,7 @@ class _Table:
 
     @property
     def bits(self) -> bool:
-        return self.function in BIT_FUNCTIONS
+        return self.function in mp.BIT_FUNCTIONS
 
 
 @dataclass(slots=True)
@@ -176,13 +169,10 @@ class ModbusTcpSimulator(StartStop):
         """Device id -> the id of the profile it simulates."""
         return {i: d.profile.id for i, d in self._devices.items()}
 
-    def set_value(self, point_key: str, value: PointValue, device_id: int = 1) -> None:
+    def set_value(self, point_key: str, value: mp.PointValue, device_id: int = 1) -> None:
         """Pin a point to `value` until `clear_override()` (or a client write to it)."""
         device, (table, sp) = self._lookup(device_id, point_key)
-        try:
-            encode_point(sp.point.spec, value)
-        except PointEncodeError as exc:
-            raise BadValueError(str(exc)) from exc
+        check_modbus_value(sp.point, value)
         device.values.pin(point_key, value)
         table.tick = -1  # show it on the next read
 
@@ -192,11 +182,11 @@ class ModbusTcpSimulator(StartStop):
         device.values.unpin(point_key)
         table.tick = -1
 
-    def get_value(self, point_key: str, device_id: int = 1) -> PointValue:
+    def get_value(self, point_key: str, device_id: int = 1) -> mp.PointValue:
         """The value a read would return now."""
         device, (table, sp) = self._lookup(device_id, point_key)
         self._refresh(device, table)
-        return decode_point(sp.point.spec, self._point_words(table, sp))
+        return mp.decode_point(sp.point.spec, self._point_words(table, sp))
 
     def seconds(self) -> float:
         """Seconds since the simulator started (what `counter` points count)."""
@@ -218,8 +208,8 @@ class ModbusTcpSimulator(StartStop):
             if not members:
                 continue
             first = min(p.spec.address for p in members)
-            end = max(p.spec.address + register_count(p.spec) for p in members)
-            if function in BIT_FUNCTIONS:
+            end = max(p.spec.address + mp.register_count(p.spec) for p in members)
+            if function in mp.BIT_FUNCTIONS:
                 # pymodbus packs bits 16 to a register, bit 0 first, from an aligned start
                 start, base = first // 16, (first // 16) * 16
                 words = [0] * ((end - base + 15) // 16)
@@ -230,7 +220,7 @@ class ModbusTcpSimulator(StartStop):
                 addr
                 for p in members
                 if p.writable
-                for addr in range(p.spec.address, p.spec.address + register_count(p.spec))
+                for addr in range(p.spec.address, p.spec.address + mp.register_count(p.spec))
             )
             table = _Table(function, start, words, [], writable)
             for p in members:
@@ -267,26 +257,26 @@ class ModbusTcpSimulator(StartStop):
                                         counted=time.monotonic() - self._t0)
             try:
                 self._store(table, sp, value)
-            except PointEncodeError as exc:
+            except mp.PointEncodeError as exc:
                 if key not in device.warned:
                     device.warned.add(key)
                     log.warning("modbus_sim_value_unencodable", device_id=device.device_id,
                                 point=key, error=str(exc))
 
-    def _store(self, table: _Table, sp: _SimPoint, value: PointValue) -> None:
+    def _store(self, table: _Table, sp: _SimPoint, value: mp.PointValue) -> None:
         spec = sp.point.spec
         if table.bits:
             _set_bit(table.words, sp.index, bool(value))
             return
-        n = register_count(spec)
+        n = mp.register_count(spec)
         current = table.words[sp.index : sp.index + 1] if spec.bit is not None else None
-        table.words[sp.index : sp.index + n] = encode_point(spec, value, current=current)
+        table.words[sp.index : sp.index + n] = mp.encode_point(spec, value, current=current)
 
     def _point_words(self, table: _Table, sp: _SimPoint) -> list[int]:
         if table.bits:
             reg, bit = divmod(sp.index, 16)
             return [(table.words[reg] >> bit) & 1]
-        return table.words[sp.index : sp.index + register_count(sp.point.spec)]
+        return table.words[sp.index : sp.index + mp.register_count(sp.point.spec)]
 
     async def _action(
         self,
@@ -325,7 +315,7 @@ class ModbusTcpSimulator(StartStop):
         end = address + len(values)
         for sp in table.points:
             spec = sp.point.spec
-            if spec.address < end and address < spec.address + register_count(spec):
+            if spec.address < end and address < spec.address + mp.register_count(spec):
                 device.values.unpin(sp.point.key)  # the client's write wins
                 log.info("modbus_sim_write", device_id=device.device_id, point=sp.point.key)
 
