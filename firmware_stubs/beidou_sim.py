@@ -197,9 +197,8 @@ class BeidouTerminalSimulator(PtyLinked):
     async def stop(self) -> None:
         if self.sky is not None:
             self.sky.unregister(self)
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._close_line():
             log.info("beidou_sim_stopped", path=self.path)
 

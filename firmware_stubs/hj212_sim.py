@@ -158,9 +158,8 @@ class Hj212StationSimulator(PtyLinked):
     async def stop(self) -> None:
         await control.close_control(self._control)
         self._control = None
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._close_line():
             log.info("hj212_sim_stopped", path=self.path)
 

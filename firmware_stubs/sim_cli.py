@@ -24,9 +24,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "modbus_sim", "Simulate profiled Modbus TCP devices on loopback.",
         "--profile gas-detector-v1 --profile storage-tank-v1 --port 0 --control-port 0 "
         "--ready-file /tmp/sim.ready")
-    parser.add_argument("--profile", action="append", required=True,
-                        help="profile id or YAML path; repeat for devices on consecutive ids")
-    sim_process.add_profile_dir(parser)
+    sim_process.add_profiles(parser, "devices on consecutive ids")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--device-id", type=int, default=1, help="id of the first device")

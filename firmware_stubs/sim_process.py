@@ -34,6 +34,14 @@ def simulator_parser(module: str, description: str, example: str) -> argparse.Ar
                                    epilog=f"example: {command} {example}")
 
 
+def add_profiles(parser: argparse.ArgumentParser, members: str) -> None:
+    """--profile, once for each of `members` (e.g. "slaves on consecutive addresses"), and
+    --profile-dir."""
+    parser.add_argument("--profile", action="append", required=True,
+                        help=f"profile id or YAML path; repeat for {members}")
+    add_profile_dir(parser)
+
+
 def add_profile_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-dir", action="append", default=[],
                         help="extra folder of profiles, searched before the built-in ones")
@@ -157,6 +165,6 @@ def run(serve: Coroutine[Any, Any, None], errors: tuple[type[BaseException], ...
     return 0
 
 
-__all__ = ["SimulatorGroup", "add_control_port", "add_link_file", "add_profile_dir",
+__all__ = ["SimulatorGroup", "add_control_port", "add_link_file", "add_profile_dir", "add_profiles",
            "add_pty_arguments", "add_seed", "announce_group", "announce_pty", "ready_line", "run",
            "serve_until_signal", "simulator_parser", "write_atomic"]

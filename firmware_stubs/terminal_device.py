@@ -129,7 +129,7 @@ class TerminalSimulator(StartStop):
     async def stop(self) -> None:
         await close_control(self._control)
         self._control = None
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         for handle in self._presses.values():
             handle.cancel()

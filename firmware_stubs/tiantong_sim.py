@@ -164,7 +164,7 @@ class TiantongModuleSimulator(PtyLinked):
 
     async def stop(self) -> None:
         self.network.unregister(self)
-        await cancel_and_wait(list(self._tasks))
+        await cancel_and_wait(*self._tasks)
         if self._close_line():
             log.info("tiantong_sim_stopped", path=self.path, number=self.number)
 
