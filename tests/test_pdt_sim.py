@@ -121,12 +121,17 @@ async def radios() -> AsyncIterator[tuple[PdtRadioSimulator, PdtRadioSimulator]]
         yield ours, theirs
 
 
+@pytest.fixture
+def ours(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> PdtRadioSimulator:
+    """The gateway's radio, for a test that needs only it (the field unit is on the air too)."""
+    return radios[0]
+
+
 until = partial(until, timeout=TIMEOUT)  # this file's waits are longer
 
 
-async def test_connect_is_accepted(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_connect_is_accepted(ours: PdtRadioSimulator) -> None:
     """A connect (0xFE) gets an accept (0xFD) with its packet number, from 0x10 to 0x20."""
-    ours, _ = radios
     async with gateway(ours, connect=False) as gw:
         await gw.send(HrnpPacket(HrnpOpcode.CONNECT, 7))
         accept = await gw.expect(lambda p: True)
@@ -185,10 +190,8 @@ async def test_fault_result_codes(radios: tuple[PdtRadioSimulator, PdtRadioSimul
     assert ours.stats()["text_failed"] == 1 and ours.faults == PdtFaults()
 
 
-async def test_unknown_destination_is_no_contact(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_unknown_destination_is_no_contact(ours: PdtRadioSimulator) -> None:
     """A private message to a radio id nobody has on the air is answered 10, no contact."""
-    ours, _ = radios
     async with gateway(ours) as gw:
         await gw.send_text(TextMessage(3, 9999, 1001, "hello"))
         assert (await gw.expect_ack(3)).result == TextResult.NO_CONTACT
@@ -213,10 +216,8 @@ async def test_no_answer_fault_sends_data_ack_only(
     assert ours.stats()["text_unanswered"] == 1 and len(theirs.received) == 1
 
 
-async def test_silent_radio_answers_nothing(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_silent_radio_answers_nothing(ours: PdtRadioSimulator) -> None:
     """A silent radio ignores a connect; once it speaks again the next connect is accepted."""
-    ours, _ = radios
     ours.set_faults(silent=True)
     async with gateway(ours, connect=False) as gw:
         await gw.send(HrnpPacket(HrnpOpcode.CONNECT, 1))
@@ -227,9 +228,8 @@ async def test_silent_radio_answers_nothing(
         assert [p.packet_number for p in gw.seen] == [2]
 
 
-async def test_rejected_connect(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_rejected_connect(ours: PdtRadioSimulator) -> None:
     """With reject_connect a connect gets a reject (0xFC) and the radio stays disconnected."""
-    ours, _ = radios
     ours.set_faults(reject_connect=True)
     async with gateway(ours, connect=False) as gw:
         await gw.send(HrnpPacket(HrnpOpcode.CONNECT, 0))
@@ -237,10 +237,8 @@ async def test_rejected_connect(radios: tuple[PdtRadioSimulator, PdtRadioSimulat
     assert not ours.connected
 
 
-async def test_every_data_packet_gets_a_data_ack(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_every_data_packet_gets_a_data_ack(ours: PdtRadioSimulator) -> None:
     """Text, radio control and undecodable payloads each get a data ack with their number."""
-    ours, _ = radios
     async with gateway(ours) as gw:
         numbers = [await gw.send_text(TextMessage(1, 2002, 1001, "a")),
                    await gw.send_app(AppMessage(SERVICE_RCP, 0x0004, b"\x64\x00\x00\x00\x01")),
@@ -254,10 +252,8 @@ async def test_every_data_packet_gets_a_data_ack(
     assert (stats["other_messages"], stats["bad_messages"]) == (1, 1)
 
 
-async def test_garbage_is_counted_and_survived(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_garbage_is_counted_and_survived(ours: PdtRadioSimulator) -> None:
     """Noise and a corrupted packet on the line are counted; the radio still answers."""
-    ours, _ = radios
     noise = b"\x00\xffAT\r\n" * 5
     corrupted = bytearray(encode_packet(HrnpPacket(HrnpOpcode.CONNECT, 1)))
     corrupted[-1] ^= 0xFF
