@@ -54,13 +54,20 @@ def pg_schema(prefix: str = "fl_test") -> Iterator[str]:
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+@contextmanager
+def database_url(kind: str, tmp_path: Path, prefix: str = "fl_test") -> Iterator[str]:
+    """The URL of a new central database of `kind` (one of BACKENDS): a SQLite file under
+    `tmp_path`, or a fresh PostgreSQL schema (named from `prefix`), dropped after."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/central.db"
+    else:
+        with pg_schema(prefix) as url:
+            yield url
+
+
 @contextlib.asynccontextmanager
 async def backend(kind: str, tmp_path: Path, n: int = 1) -> AsyncIterator[list[Storage]]:
-    """`n` storage instances (separate connections) on one new database of `kind` (one of
-    BACKENDS): a SQLite file under `tmp_path`, or a fresh PostgreSQL schema."""
+    """`n` storage instances (separate connections) on one new database of `kind`."""
     async with contextlib.AsyncExitStack() as stack:
-        if kind == "sqlite":
-            url = f"sqlite:///{tmp_path}/central.db"
-        else:
-            url = stack.enter_context(pg_schema())
+        url = stack.enter_context(database_url(kind, tmp_path))
         yield [await stack.enter_async_context(open_storage(url)) for _ in range(n)]
