@@ -16,7 +16,7 @@ from typing import Any, TypeVar, cast
 
 from hypothesis import strategies as st
 
-from protocols.stream import NeedData, decoded
+from protocols.stream import ByteStream, NeedData, decoded
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Exception)
@@ -114,6 +114,17 @@ def chunks(stream: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
         size = sizes[i % len(sizes)]
         yield stream[at : at + size]
         at, i = at + size, i + 1
+
+
+def frames_from_chunks(decoder: ByteStream, next_item: Callable[[], T | NeedData],
+                       error: type[Exception], stream: bytes, sizes: Sequence[int]) -> list[T]:
+    """The frames `decoder` gives when `stream` comes in pieces of `sizes` and is asked after
+    each piece (`next_item` is its `next_frame`…); errors are left out."""
+    frames: list[T] = []
+    for piece in chunks(stream, sizes):
+        decoder.feed(piece)
+        frames += frames_and_errors(next_item, error)[0]
+    return frames
 
 
 def port_open(host: str, port: int) -> bool:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from protocols import beidou as bd
 from protocols.errors import ProtocolError
-from tests.helpers import frames_and_errors
+from tests.helpers import frames_and_errors, frames_from_chunks
 
 T = dt.time
 GB_TEXT = "广州海聊科技有限公司".encode("gb2312")
@@ -356,12 +356,7 @@ def test_stream_decoder_over_random_chunks(picked: list[tuple[bytes, bd.Sentence
     """Sentences with noise between them, fed in random chunks, come out whole and in order."""
     stream = noise[0] + b"".join(line + noise[i % 5 + 1] for i, (line, _) in enumerate(picked))
     decoder = bd.BeidouDecoder()
-    got: list[bd.Sentence] = []
-    at, i = 0, 0
-    while at < len(stream):
-        decoder.feed(stream[at : at + sizes[i % len(sizes)]])
-        at, i = at + sizes[i % len(sizes)], i + 1
-        got += drain(decoder)[0]
+    got = frames_from_chunks(decoder, decoder.next_sentence, bd.BeidouError, stream, sizes)
     assert got == [sentence for _, sentence in picked]
 
 

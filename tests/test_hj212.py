@@ -32,7 +32,7 @@ from protocols.hj212 import (
     hj212_crc,
     make_qn,
 )
-from tests.helpers import frames_and_errors
+from tests.helpers import frames_and_errors, frames_from_chunks
 
 # The sample of HJ 212-2017 Appendix A: data segment, length 0101, CRC 1C80. The CRC is
 # confirmed by several independent public implementations (C, C#, Java, JavaScript, Go) that
@@ -307,13 +307,7 @@ def test_stream_decoder_over_random_chunks(frames_: list[Hj212Frame], garbage: l
     stream = garbage[0] + b"".join(
         encode_frame(f, max_data_len=9999) + garbage[i % 4 + 1] for i, f in enumerate(frames_))
     decoder = Hj212Decoder(max_data_len=9999)
-    got: list[Hj212Frame] = []
-    at, i = 0, 0
-    while at < len(stream):
-        size = sizes[i % len(sizes)]
-        decoder.feed(stream[at : at + size])
-        at, i = at + size, i + 1
-        got += drain(decoder)[0]
+    got = frames_from_chunks(decoder, decoder.next_frame, Hj212Error, stream, sizes)
     assert got == frames_
 
 

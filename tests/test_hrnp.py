@@ -40,7 +40,7 @@ from protocols.hrnp_text import (
     encode_text,
     text_capacity,
 )
-from tests.helpers import chunks, frames_and_errors, garbage_between, mutate
+from tests.helpers import frames_and_errors, frames_from_chunks, garbage_between, mutate
 
 # Captures from real Hytera radios, published as test vectors of OK-DMR/ok-dmrlib
 # (okdmr/tests/dmrlib/hytera/pdu/test_hrnp.py, test_hdap.py, test_tmp.py).
@@ -336,10 +336,7 @@ def test_stream_decoder_over_random_chunks(packets_: list[HrnpPacket], garbage: 
     """Packets with garbage between them, fed in random chunks, come out whole and in order."""
     stream, junk = garbage_between([encode_packet(x) for x in packets_], garbage)
     decoder = HrnpDecoder()
-    got: list[HrnpPacket] = []
-    for chunk in chunks(stream, sizes):
-        decoder.feed(chunk)
-        got += drain(decoder)[0]
+    got = frames_from_chunks(decoder, decoder.next_packet, HrnpError, stream, sizes)
     assert got == packets_
     assert decoder.discarded == junk and decoder.errors == 0
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from protocols import terminal as tm
 from protocols.errors import ProtocolError
-from tests.helpers import chunks, frames_and_errors, garbage_between, mutate
+from tests.helpers import frames_and_errors, frames_from_chunks, garbage_between, mutate
 
 relaxed = settings(deadline=None)  # CI is a loaded 2-core box: behaviour, not speed
 DOC = Path(__file__).resolve().parent.parent / "docs" / "terminal-protocol.md"
@@ -254,10 +254,7 @@ def test_stream_decoder_over_random_chunks(frames_: list[tm.TerminalFrame], garb
     """Frames with garbage between them, fed in random chunks, come out whole and in order."""
     stream, junk = garbage_between([tm.encode_frame(x) for x in frames_], garbage)
     decoder = tm.TerminalDecoder()
-    got: list[tm.TerminalFrame] = []
-    for chunk in chunks(stream, sizes):
-        decoder.feed(chunk)
-        got += drain(decoder)[0]
+    got = frames_from_chunks(decoder, decoder.next_frame, tm.TerminalError, stream, sizes)
     assert got == frames_
     assert decoder.discarded == junk and decoder.errors == 0
 
