@@ -57,20 +57,7 @@ from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointErr
 from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.values import MovingPoint, PointValues
-from protocols.hj212 import (
-    CN_DATA_REPLY,
-    CN_MINUTE,
-    CN_REALTIME,
-    FLAG_ACK,
-    VERSION_2017,
-    Hj212Data,
-    Hj212Decoder,
-    Hj212Error,
-    Hj212Factor,
-    Hj212Frame,
-    encode_frame,
-    make_qn,
-)
+from protocols import hj212
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +122,7 @@ class Hj212StationSimulator(PtyLinked):
         self._control: asyncio.Server | None = None
         self._line: PtyLine | None = None
         self._task: asyncio.Task[None] | None = None
-        self._replies = Hj212Decoder()
+        self._replies = hj212.Hj212Decoder()
         self._t0 = time.monotonic()
         self.path = ""
         self.control_port: int | None = None
@@ -243,41 +230,41 @@ class Hj212StationSimulator(PtyLinked):
             for key, value in values.items():
                 window.samples.setdefault(key, []).append(float(value))
             if self.interval_s is not None:
-                self._send(CN_REALTIME, self._realtime_data(values, wall))
+                self._send(hj212.CN_REALTIME, self._realtime_data(values, wall))
             k += 1
             if next_minute is not None and (k * step) >= next_minute - 1e-9:
-                self._send(CN_MINUTE, self._minute_data(window))
+                self._send(hj212.CN_MINUTE, self._minute_data(window))
                 window = _Window(wall + step)
                 next_minute += self.minute_s or 0.0
 
-    def _realtime_data(self, values: dict[str, float | int], wall: float) -> Hj212Data:
+    def _realtime_data(self, values: dict[str, float | int], wall: float) -> hj212.Hj212Data:
         factors = tuple(
-            Hj212Factor(sp.point.factor or "", rtd=values[key], flag="N")
+            hj212.Hj212Factor(sp.point.factor or "", rtd=values[key], flag="N")
             for key, sp in self._points.items()
         )
-        return Hj212Data(self._station_time(wall), factors)
+        return hj212.Hj212Data(self._station_time(wall), factors)
 
-    def _minute_data(self, window: _Window) -> Hj212Data:
+    def _minute_data(self, window: _Window) -> hj212.Hj212Data:
         factors = []
         for key, sp in self._points.items():
             samples = window.samples.get(key)
             if not samples or isinstance(sp.point.sim, CounterSim):
                 continue  # a sample counter has no minute average
             avg = round(sum(samples) / len(samples), _DECIMALS)
-            factors.append(Hj212Factor(sp.point.factor or "", avg=avg, min=min(samples),
-                                       max=max(samples), flag="N"))
+            factors.append(hj212.Hj212Factor(sp.point.factor or "", avg=avg, min=min(samples),
+                                             max=max(samples), flag="N"))
         # DataTime of a minute frame: the start of the window it sums up.
-        return Hj212Data(self._station_time(window.start_wall), tuple(factors))
+        return hj212.Hj212Data(self._station_time(window.start_wall), tuple(factors))
 
-    def _send(self, cn: str, data: Hj212Data) -> None:
-        kind = "realtime" if cn == CN_REALTIME else "minute"
+    def _send(self, cn: str, data: hj212.Hj212Data) -> None:
+        kind = "realtime" if cn == hj212.CN_REALTIME else "minute"
         faults = self.faults
         if faults.silent:
             self._stats["silenced"] += 1
             return
-        flag = (VERSION_2017 << 2) | (FLAG_ACK if self.ack_requested else 0)
-        qn = make_qn(datetime.fromtimestamp(time.time() + faults.clock_offset_s, self.tz))
-        frame = encode_frame(Hj212Frame(qn, self.st, cn, self.pw, self.mn, flag, data))
+        flag = (hj212.VERSION_2017 << 2) | (hj212.FLAG_ACK if self.ack_requested else 0)
+        qn = hj212.make_qn(datetime.fromtimestamp(time.time() + faults.clock_offset_s, self.tz))
+        frame = hj212.encode_frame(hj212.Hj212Frame(qn, self.st, cn, self.pw, self.mn, flag, data))
         out = b""
         changes: dict[str, Any] = {}
         if faults.garbage:
@@ -306,8 +293,8 @@ class Hj212StationSimulator(PtyLinked):
 
     def _on_readable(self) -> None:
         """Read what the agent sends back (data replies to frames with the A flag)."""
-        for frame in self._read_frames(self._replies, self._replies.next_frame, Hj212Error):
-            if isinstance(frame, Hj212Frame) and frame.cn == CN_DATA_REPLY:
+        for frame in self._read_frames(self._replies, self._replies.next_frame, hj212.Hj212Error):
+            if isinstance(frame, hj212.Hj212Frame) and frame.cn == hj212.CN_DATA_REPLY:
                 self._stats["acks"] += 1
 
     # --- control channel --------------------------------------------------------------------

@@ -44,20 +44,7 @@ import structlog
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
-from protocols.hrnp import (
-    GATEWAY_ADDRESS,
-    HRNP_VERSION,
-    RADIO_ADDRESS,
-    SERVICE_TEXT,
-    AppMessage,
-    HrnpDecoder,
-    HrnpError,
-    HrnpOpcode,
-    HrnpPacket,
-    decode_app,
-    encode_app,
-    encode_packet,
-)
+from protocols import hrnp
 from protocols.hrnp_text import (
     MAX_RADIO_ID,
     TextAck,
@@ -155,11 +142,12 @@ class PdtRadioSimulator(PtyLinked):
         self.received: list[TextMessage] = []
         self.connected = False
         self._pending: collections.deque[TextMessage] = collections.deque(maxlen=_MAX_PENDING)
-        self._decoder = HrnpDecoder()
+        self._decoder = hrnp.HrnpDecoder()
         self._symlink = Path(symlink) if symlink is not None else None
         self._line: PtyLine | None = None
         # where the radio sends packets of its own: the gateway's last address, version
-        self._gateway, self._address, self._version = GATEWAY_ADDRESS, RADIO_ADDRESS, HRNP_VERSION
+        self._gateway, self._address = hrnp.GATEWAY_ADDRESS, hrnp.RADIO_ADDRESS
+        self._version = hrnp.HRNP_VERSION
         self._packet_number = 0
         self.path = ""
         self._stats: dict[str, int] = {
@@ -212,65 +200,65 @@ class PdtRadioSimulator(PtyLinked):
     # --- the serial line --------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        for packet in self._read_frames(self._decoder, self._decoder.next_packet, HrnpError):
-            if isinstance(packet, HrnpError):
+        for packet in self._read_frames(self._decoder, self._decoder.next_packet, hrnp.HrnpError):
+            if isinstance(packet, hrnp.HrnpError):
                 log.debug("pdt_sim_bad_packet", radio_id=self.radio_id, error=str(packet))
             else:
                 self._handle(packet)
 
-    def _write(self, packet: HrnpPacket) -> None:
-        if self._line is not None and not self._line.write(encode_packet(packet)):
+    def _write(self, packet: hrnp.HrnpPacket) -> None:
+        if self._line is not None and not self._line.write(hrnp.encode_packet(packet)):
             self._stats["unwritten"] += 1
 
-    def _reply(self, request: HrnpPacket, opcode: HrnpOpcode) -> None:
+    def _reply(self, request: hrnp.HrnpPacket, opcode: hrnp.HrnpOpcode) -> None:
         """A payload-less answer carrying the request's packet number, addressed back."""
-        self._write(HrnpPacket(opcode, request.packet_number, request.destination,
-                               request.source, version=request.version))
+        self._write(hrnp.HrnpPacket(opcode, request.packet_number, request.destination,
+                                    request.source, version=request.version))
 
-    def _send_app(self, message: AppMessage) -> None:
+    def _send_app(self, message: hrnp.AppMessage) -> None:
         """A data packet of the radio's own, numbered by its own counter."""
-        self._write(HrnpPacket(HrnpOpcode.DATA, self._packet_number, self._address,
-                               self._gateway, encode_app(message), self._version))
+        self._write(hrnp.HrnpPacket(hrnp.HrnpOpcode.DATA, self._packet_number, self._address,
+                                    self._gateway, hrnp.encode_app(message), self._version))
         self._packet_number = (self._packet_number + 1) & 0xFFFF
 
-    def _handle(self, packet: HrnpPacket) -> None:
+    def _handle(self, packet: hrnp.HrnpPacket) -> None:
         if self.faults.silent:
             self._stats["silenced"] += 1
             return
         self._gateway, self._address = packet.source, packet.destination
         self._version = packet.version
         match packet.opcode:
-            case HrnpOpcode.CONNECT if self.faults.reject_connect:
+            case hrnp.HrnpOpcode.CONNECT if self.faults.reject_connect:
                 self._stats["rejected"] += 1
-                self._reply(packet, HrnpOpcode.REJECT)
-            case HrnpOpcode.CONNECT:
+                self._reply(packet, hrnp.HrnpOpcode.REJECT)
+            case hrnp.HrnpOpcode.CONNECT:
                 self._stats["connects"] += 1
-                self._reply(packet, HrnpOpcode.ACCEPT)
+                self._reply(packet, hrnp.HrnpOpcode.ACCEPT)
                 self.connected = True
                 while self._pending:
                     self._send_incoming(self._pending.popleft())
-            case HrnpOpcode.CLOSE:
+            case hrnp.HrnpOpcode.CLOSE:
                 self._stats["closes"] += 1
-                self._reply(packet, HrnpOpcode.CLOSE_ACK)
+                self._reply(packet, hrnp.HrnpOpcode.CLOSE_ACK)
                 self.connected = False
-            case HrnpOpcode.DATA:
+            case hrnp.HrnpOpcode.DATA:
                 self._stats["data_packets"] += 1
                 self._stats["data_acks_sent"] += 1
-                self._reply(packet, HrnpOpcode.DATA_ACK)
+                self._reply(packet, hrnp.HrnpOpcode.DATA_ACK)
                 self._on_data(packet.payload)
-            case HrnpOpcode.DATA_ACK:
+            case hrnp.HrnpOpcode.DATA_ACK:
                 self._stats["data_acks_received"] += 1
             case _:
                 pass  # accept, reject, close ack: nothing a radio answers
 
     def _on_data(self, payload: bytes) -> None:
         try:
-            app = decode_app(payload)
-            if app.service != SERVICE_TEXT:
+            app = hrnp.decode_app(payload)
+            if app.service != hrnp.SERVICE_TEXT:
                 self._stats["other_messages"] += 1  # radio control, location: not simulated
                 return
             message = decode_text(app)
-        except HrnpError as exc:
+        except hrnp.HrnpError as exc:
             self._stats["bad_messages"] += 1
             log.debug("pdt_sim_bad_message", radio_id=self.radio_id, error=str(exc))
             return
