@@ -27,6 +27,17 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 _handed_out: set[int] = set()
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand (`now`), so service intervals need no
+    sleeping: pass it where a simulator or a bearer takes `clock=`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     """A loopback port free now and never handed out before by this process: two children
     given ports before either binds must not get the same one (the kernel may offer a just

@@ -13,22 +13,12 @@ import pytest
 from edge_agent import bearers
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect, InboundMessage
 from firmware_stubs.beidou_sim import BeidouMode, BeidouTerminalSimulator
-from tests.helpers import until
+from tests.helpers import FakeClock, until
 from protocols.beidou import Bd3Message
 
 CENTRAL = "0242407"
 STEP_S = 5.0  # generous: the simulator answers at once, but CI is a loaded box
 DIALECTS: dict[Dialect, BeidouMode] = {"bd3": BeidouMode.BD3, "bd2": BeidouMode.BD2}
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand, so the service interval needs no sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @contextlib.asynccontextmanager

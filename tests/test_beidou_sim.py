@@ -18,20 +18,10 @@ from firmware_stubs.beidou_sim import (
 )
 from firmware_stubs.errors import SimulatorError
 from protocols import beidou as bd
-from tests.helpers import until
+from tests.helpers import FakeClock, until
 
 S = TypeVar("S")
 BD2, BD3 = BeidouMode.BD2, BeidouMode.BD3
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand, so intervals need no sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class SerialTerminal:
