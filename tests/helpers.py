@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import shutil
@@ -10,10 +11,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import serial
 from hypothesis import strategies as st
 
 from protocols.stream import ByteStream, NeedData, decoded
@@ -136,6 +138,17 @@ def frames_from_chunks(decoder: ByteStream, next_item: Callable[[], T | NeedData
         decoder.feed(piece)
         frames += frames_and_errors(next_item, error)[0]
     return frames
+
+
+@contextlib.asynccontextmanager
+async def serial_port(path: str, *, timeout: float = 0.1) -> AsyncIterator[serial.Serial]:
+    """`path` (a simulator's pty) opened with pyserial at 115200 baud as the agent opens a
+    device, for the block; opened and closed in a thread, off the event loop."""
+    port = await asyncio.to_thread(serial.Serial, path, 115200, timeout=timeout)
+    try:
+        yield port
+    finally:
+        await asyncio.to_thread(port.close)
 
 
 def port_open(host: str, port: int) -> bool:

@@ -18,7 +18,7 @@ from firmware_stubs.beidou_sim import (
 )
 from firmware_stubs.errors import SimulatorError
 from protocols import beidou as bd
-from tests.helpers import FakeClock, until
+from tests.helpers import FakeClock, serial_port, until
 
 S = TypeVar("S")
 BD2, BD3 = BeidouMode.BD2, BeidouMode.BD3
@@ -61,11 +61,8 @@ class SerialTerminal:
 @contextlib.asynccontextmanager
 async def terminal(sim: BeidouTerminalSimulator) -> AsyncIterator[SerialTerminal]:
     """Open the simulator's pty with pyserial at 115200 baud for the block."""
-    port = await asyncio.to_thread(serial.Serial, sim.link_path, 115200, timeout=0.05)
-    try:
+    async with serial_port(sim.link_path, timeout=0.05) as port:
         yield SerialTerminal(port)
-    finally:
-        await asyncio.to_thread(port.close)
 
 
 @contextlib.asynccontextmanager

@@ -33,7 +33,7 @@ from protocols.hrnp_text import (
     decode_text,
     encode_text,
 )
-from tests.helpers import until
+from tests.helpers import serial_port, until
 
 ALARM = "燃气泄漏 二级报警"
 TIMEOUT = 15.0  # generous: CI is a loaded 2-core box; tests wait on behaviour, not time
@@ -42,8 +42,8 @@ TIMEOUT = 15.0  # generous: CI is a loaded 2-core box; tests wait on behaviour, 
 class Gateway:
     """The gateway's side of one radio's serial port: pyserial, blocking calls in a thread."""
 
-    def __init__(self, path: str) -> None:
-        self.port = serial.Serial(path, 115200, timeout=0.1)
+    def __init__(self, port: serial.Serial) -> None:
+        self.port = port
         self.decoder = HrnpDecoder()
         self.inbox: list[HrnpPacket] = []  # received, not yet taken by `expect`
         self.seen: list[HrnpPacket] = []  # everything received, in order
@@ -104,13 +104,11 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def gateway(radio: PdtRadioSimulator, *, connect: bool = True) -> AsyncIterator[Gateway]:
-    gw = await asyncio.to_thread(Gateway, radio.path)
-    try:
+    async with serial_port(radio.path) as port:
+        gw = Gateway(port)
         if connect:
             await gw.connect()
         yield gw
-    finally:
-        await asyncio.to_thread(gw.port.close)
 
 
 @pytest.fixture
@@ -296,9 +294,6 @@ async def test_symlink_names_the_port(tmp_path: Path) -> None:
     radio = PdtRadioSimulator(PdtAir(), 1001, symlink=link)
     async with radio:
         assert radio.link_path == str(link) and link.resolve() == Path(radio.path).resolve()
-        gw = await asyncio.to_thread(Gateway, radio.link_path)
-        try:
-            await gw.connect()
-        finally:
-            await asyncio.to_thread(gw.port.close)
+        async with serial_port(radio.link_path) as port:
+            await Gateway(port).connect()
     assert not link.is_symlink()

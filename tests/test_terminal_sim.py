@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import serial
 
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.terminal_sim import (
@@ -22,7 +21,7 @@ from firmware_stubs.terminal_sim import (
     TerminalSimulator,
 )
 from protocols import terminal as tm
-from tests.helpers import until
+from tests.helpers import serial_port, until
 
 TIMEOUT = 15.0  # generous: a loaded 2-core box; the tests wait on behaviour, not time
 RED = tm.Play(1001, tm.WarningLevel.RED, 3, "暴雨红色预警：请立即转移")
@@ -113,18 +112,15 @@ async def tcp_gateway(sim: TcpTerminalSimulator) -> AsyncIterator[Gateway]:
 
 @contextlib.asynccontextmanager
 async def pty_gateway(sim: PtyTerminalSimulator) -> AsyncIterator[Gateway]:
-    port = await asyncio.to_thread(serial.Serial, sim.link_path, 115200, timeout=0.1)
+    async with serial_port(sim.link_path) as port:
 
-    async def write(data: bytes) -> None:
-        await asyncio.to_thread(port.write, data)
+        async def write(data: bytes) -> None:
+            await asyncio.to_thread(port.write, data)
 
-    async def read() -> bytes:
-        return await asyncio.to_thread(lambda: port.read(max(1, port.in_waiting)))
+        async def read() -> bytes:
+            return await asyncio.to_thread(lambda: port.read(max(1, port.in_waiting)))
 
-    try:
         yield Gateway(read, write)
-    finally:
-        await asyncio.to_thread(port.close)
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,7 @@ from firmware_stubs.errors import SimulatorError
 from firmware_stubs.tiantong_sim import TiantongModuleSimulator, TiantongNetwork
 from protocols import at_commands as atc
 from protocols.sms_pdu import Reassembler, decode_deliver, encode_submit, submits_for
+from tests.helpers import serial_port
 
 TIMEOUT = 15.0  # generous: a loaded 2-core box; the tests wait on behaviour, not time
 GW, CENTRAL = "+8617400000001", "+8617400000002"
@@ -27,8 +28,8 @@ ALARM = "青山化工 二号罐区 可燃气体 二级报警 57.5%LEL"
 class Host:
     """The gateway's side of one module's AT port: pyserial, blocking calls in a thread."""
 
-    def __init__(self, path: str) -> None:
-        self.port = serial.Serial(path, 115200, timeout=0.1)
+    def __init__(self, port: serial.Serial) -> None:
+        self.port = port
         self.decoder = atc.ResponseDecoder()
         self.inbox: list[atc.Response] = []
         self.seen: list[atc.Response] = []
@@ -90,11 +91,8 @@ class Host:
 
 @contextlib.asynccontextmanager
 async def host(module: TiantongModuleSimulator) -> AsyncIterator[Host]:
-    h = await asyncio.to_thread(Host, module.link_path)
-    try:
-        yield h
-    finally:
-        await asyncio.to_thread(h.port.close)
+    async with serial_port(module.link_path) as port:
+        yield Host(port)
 
 
 @pytest.fixture
@@ -245,11 +243,8 @@ async def test_runs_as_a_process(tmp_path: Path) -> None:
         line = (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)).decode()
         assert line.startswith("READY modules=")
         paths = json.loads(ready.read_text())
-        h = await asyncio.to_thread(Host, paths[GW])
-        try:
-            assert await h.command(atc.Command("")) == [atc.Result(True)]
-        finally:
-            await asyncio.to_thread(h.port.close)
+        async with serial_port(paths[GW]) as port:
+            assert await Host(port).command(atc.Command("")) == [atc.Result(True)]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), TIMEOUT) == 0
