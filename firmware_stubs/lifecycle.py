@@ -10,11 +10,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
+from firmware_stubs.errors import SimulatorError
 from firmware_stubs.pty_line import PtyLine
 from protocols.stream import ByteStream, NeedData, decoded
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Exception)
+K = TypeVar("K")
+S = TypeVar("S")
 
 
 class StartStop:
@@ -42,6 +45,27 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class Directory(dict[K, S]):
+    """Simulators by the address they answer to on a shared medium (a radio id on the air, a
+    number on the network): one simulator an address at a time."""
+
+    def __init__(self, taken: str) -> None:
+        super().__init__()
+        self._taken = taken  # the error for an address in use; {} stands for the address
+
+    def add(self, address: K, sim: S) -> None:
+        """Register `sim` at `address`; SimulatorError if another simulator holds it."""
+        other = self.get(address)
+        if other is not None and other is not sim:
+            raise SimulatorError(self._taken.format(address))
+        self[address] = sim
+
+    def discard(self, address: K, sim: S) -> None:
+        """Unregister `sim` from `address`, if it is the one there."""
+        if self.get(address) is sim:
+            del self[address]
 
 
 class PtyLinked(StartStop):
@@ -93,4 +117,4 @@ class PtyLinked(StartStop):
             yield from decoded(next_item, error)
 
 
-__all__ = ["PtyLinked", "StartStop", "cancel_and_wait"]
+__all__ = ["Directory", "PtyLinked", "StartStop", "cancel_and_wait"]

@@ -42,7 +42,7 @@ from typing import Any
 import structlog
 
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import Directory, PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from protocols import hrnp
 from protocols.hrnp_text import (
@@ -90,18 +90,15 @@ class PdtAir:
     """The 370 MHz channel: radios register by radio id; a transmitted message reaches them."""
 
     def __init__(self) -> None:
-        self._radios: dict[int, PdtRadioSimulator] = {}
+        self._radios: Directory[int, PdtRadioSimulator] = Directory(
+            "radio id {} is already on the air")
         self.transmitted: list[TextMessage] = []
 
     def register(self, radio: PdtRadioSimulator) -> None:
-        other = self._radios.get(radio.radio_id)
-        if other is not None and other is not radio:
-            raise SimulatorError(f"radio id {radio.radio_id} is already on the air")
-        self._radios[radio.radio_id] = radio
+        self._radios.add(radio.radio_id, radio)
 
     def unregister(self, radio: PdtRadioSimulator) -> None:
-        if self._radios.get(radio.radio_id) is radio:
-            del self._radios[radio.radio_id]
+        self._radios.discard(radio.radio_id, radio)
 
     @property
     def radio_ids(self) -> frozenset[int]:

@@ -44,7 +44,7 @@ import structlog
 
 from firmware_stubs import sim_process
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
+from firmware_stubs.lifecycle import Directory, PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
 from protocols import at_commands as atc
 from protocols.sms_pdu import (
@@ -89,19 +89,16 @@ class TiantongNetwork:
 
     def __init__(self, sca: str = DEFAULT_SCA) -> None:
         self.sca = sca
-        self._modules: dict[str, TiantongModuleSimulator] = {}
+        self._modules: Directory[str, TiantongModuleSimulator] = Directory(
+            "number {} is already on the network")
         self._waiting: dict[str, list[bytes]] = {}
         self.sent: list[tuple[str, SmsSubmit]] = []
 
     def register(self, module: TiantongModuleSimulator) -> None:
-        other = self._modules.get(module.number)
-        if other is not None and other is not module:
-            raise SimulatorError(f"number {module.number} is already on the network")
-        self._modules[module.number] = module
+        self._modules.add(module.number, module)
 
     def unregister(self, module: TiantongModuleSimulator) -> None:
-        if self._modules.get(module.number) is module:
-            del self._modules[module.number]
+        self._modules.discard(module.number, module)
 
     def submit(self, sender: str, message: SmsSubmit) -> None:
         """The centre takes `message` from `sender` and delivers it (now or once registered)."""
