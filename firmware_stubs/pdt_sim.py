@@ -44,16 +44,7 @@ import structlog
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.lifecycle import Directory, PtyLinked
 from firmware_stubs.pty_line import PtyLine
-from protocols import hrnp
-from protocols.hrnp_text import (
-    MAX_RADIO_ID,
-    TextAck,
-    TextMessage,
-    TextResult,
-    decode_text,
-    encode_text,
-    utf16_bytes,
-)
+from protocols import hrnp, hrnp_text
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +56,7 @@ class PdtFaults:
     """What goes wrong; `result` and `no_answer` last `times` text messages (None: until
     changed), then the faults reset."""
 
-    result: int = TextResult.OK
+    result: int = hrnp_text.TextResult.OK
     no_answer: bool = False
     times: int | None = None
     silent: bool = False
@@ -78,12 +69,13 @@ class PdtFaults:
             raise SimulatorError("times must be at least 1, or None")
 
 
-def ack_for(message: TextMessage, result: int) -> TextAck:
+def ack_for(message: hrnp_text.TextMessage, result: int) -> hrnp_text.TextAck:
     """The ack a radio sends for `message` (inferred: same destination and source)."""
-    return TextAck(message.request_id, message.destination, result,
-                   None if message.group else message.source, group=message.group,
-                   ack_flag=message.ack_flag, destination_subnet=message.destination_subnet,
-                   source_subnet=message.source_subnet)
+    return hrnp_text.TextAck(message.request_id, message.destination, result,
+                             None if message.group else message.source, group=message.group,
+                             ack_flag=message.ack_flag,
+                             destination_subnet=message.destination_subnet,
+                             source_subnet=message.source_subnet)
 
 
 class PdtAir:
@@ -92,7 +84,7 @@ class PdtAir:
     def __init__(self) -> None:
         self._radios: Directory[int, PdtRadioSimulator] = Directory(
             "radio id {} is already on the air")
-        self.transmitted: list[TextMessage] = []
+        self.transmitted: list[hrnp_text.TextMessage] = []
 
     def register(self, radio: PdtRadioSimulator) -> None:
         self._radios.add(radio.radio_id, radio)
@@ -104,7 +96,7 @@ class PdtAir:
     def radio_ids(self) -> frozenset[int]:
         return frozenset(self._radios)
 
-    def transmit(self, message: TextMessage, sender: PdtRadioSimulator) -> int:
+    def transmit(self, message: hrnp_text.TextMessage, sender: PdtRadioSimulator) -> int:
         """Send `message` from `sender`; the result code its ack carries."""
         if message.group:
             for radio in list(self._radios.values()):
@@ -113,10 +105,10 @@ class PdtAir:
         else:
             target = self._radios.get(message.destination)
             if target is None or target is sender:
-                return TextResult.NO_CONTACT
+                return hrnp_text.TextResult.NO_CONTACT
             target.receive(message)
         self.transmitted.append(message)
-        return TextResult.OK
+        return hrnp_text.TextResult.OK
 
 
 class PdtRadioSimulator(PtyLinked):
@@ -128,17 +120,18 @@ class PdtRadioSimulator(PtyLinked):
 
     def __init__(self, air: PdtAir, radio_id: int, *, groups: Iterable[int] = (),
                  max_text_bytes: int | None = None, symlink: str | Path | None = None) -> None:
-        if isinstance(radio_id, bool) or not 0 <= radio_id <= MAX_RADIO_ID:
+        if isinstance(radio_id, bool) or not 0 <= radio_id <= hrnp_text.MAX_RADIO_ID:
             raise SimulatorError(f"radio id {radio_id!r} is not a 24-bit id")
         self.air = air
         self.radio_id = radio_id
         self.groups = frozenset(groups)
         self.max_text_bytes = max_text_bytes
         self.faults = PdtFaults()
-        self.sent: list[TextMessage] = []
-        self.received: list[TextMessage] = []
+        self.sent: list[hrnp_text.TextMessage] = []
+        self.received: list[hrnp_text.TextMessage] = []
         self.connected = False
-        self._pending: collections.deque[TextMessage] = collections.deque(maxlen=_MAX_PENDING)
+        self._pending: collections.deque[hrnp_text.TextMessage] = collections.deque(
+            maxlen=_MAX_PENDING)
         self._decoder = hrnp.HrnpDecoder()
         self._symlink = Path(symlink) if symlink is not None else None
         self._line: PtyLine | None = None
@@ -184,7 +177,7 @@ class PdtRadioSimulator(PtyLinked):
         return {**self._stats, "garbage_bytes": self._decoder.discarded,
                 "bad_packets": self._decoder.errors}
 
-    def receive(self, message: TextMessage) -> None:
+    def receive(self, message: hrnp_text.TextMessage) -> None:
         """A message for this radio arrives over the air: hand it to the gateway."""
         self.received.append(message)
         if self.connected:
@@ -254,12 +247,12 @@ class PdtRadioSimulator(PtyLinked):
             if app.service != hrnp.SERVICE_TEXT:
                 self._stats["other_messages"] += 1  # radio control, location: not simulated
                 return
-            message = decode_text(app)
+            message = hrnp_text.decode_text(app)
         except hrnp.HrnpError as exc:
             self._stats["bad_messages"] += 1
             log.debug("pdt_sim_bad_message", radio_id=self.radio_id, error=str(exc))
             return
-        if isinstance(message, TextAck):
+        if isinstance(message, hrnp_text.TextAck):
             self._stats["text_acks_received"] += 1
         else:
             self._on_text(message, reliable=app.reliable)
@@ -274,29 +267,29 @@ class PdtRadioSimulator(PtyLinked):
                                           reject_connect=faults.reject_connect))
         return faults
 
-    def _on_text(self, message: TextMessage, *, reliable: bool) -> None:
+    def _on_text(self, message: hrnp_text.TextMessage, *, reliable: bool) -> None:
         self._stats["text_requests"] += 1
         faults = self._use_faults()
         if faults.no_answer:
             self._stats["text_unanswered"] += 1
             return
-        if faults.result != TextResult.OK:
+        if faults.result != hrnp_text.TextResult.OK:
             result = faults.result
         elif (self.max_text_bytes is not None
-              and len(utf16_bytes(message.text)) > self.max_text_bytes):
-            result = TextResult.INVALID_PARAMS
+              and len(hrnp_text.utf16_bytes(message.text)) > self.max_text_bytes):
+            result = hrnp_text.TextResult.INVALID_PARAMS
         else:
             result = self.air.transmit(message, self)
-        if result == TextResult.OK:
+        if result == hrnp_text.TextResult.OK:
             self.sent.append(message)
             self._stats["text_ok"] += 1
         else:
             self._stats["text_failed"] += 1
-        self._send_app(encode_text(ack_for(message, result), reliable=reliable))
+        self._send_app(hrnp_text.encode_text(ack_for(message, result), reliable=reliable))
 
-    def _send_incoming(self, message: TextMessage) -> None:
+    def _send_incoming(self, message: hrnp_text.TextMessage) -> None:
         self._stats["incoming"] += 1
-        self._send_app(encode_text(message))
+        self._send_app(hrnp_text.encode_text(message))
 
 
 __all__ = ["PdtAir", "PdtFaults", "PdtRadioSimulator", "ack_for"]
