@@ -29,7 +29,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repo on sys.path)
 
 from _common import emit
-from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import RecordKind
 
 

@@ -31,9 +31,9 @@ from _common import emit
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from central.api import STATIC
-from central.areas import assign_gateway, create_area
-from central.geo import Position, set_gateway_position
+from central.app import STATIC
+from central.areas.tree import assign_gateway, create_area
+from central.console.geo import Position, set_gateway_position
 from central.logs import configure_logging
 from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind, State

@@ -33,7 +33,7 @@ DEVICES = [DeviceDef("gas-1", "gas-detector-v1", 1), DeviceDef("tank-1", "storag
 
 async def prefill(outbox_path: Path, records: int, hours: float = 72.0) -> None:
     """History as a cut-off gateway would have written it: 100 points, oldest first."""
-    from edge_agent.outbox import NewRecord, Outbox
+    from edge_agent.outbox.store import NewRecord, Outbox
     from protocols.envelope import RecordKind
 
     now_ms = int(time.time() * 1000)
@@ -89,7 +89,7 @@ def main() -> None:
             restore_wall_ms = int(time.time() * 1000)
             t0 = time.perf_counter()
             proxy.set_mode("pass")
-            from edge_agent.outbox import read_status
+            from edge_agent.outbox.store import read_status
 
             last_report = [0.0]
 

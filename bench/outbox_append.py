@@ -4,7 +4,7 @@ each, as a slow poll loop makes them) and batches (as a busy poller makes them).
     python bench/outbox_append.py [--records 20000] [--batch 100] [--repeat 3]
 
 Prints one JSON line per shape: records_per_s (best of `--repeat` runs, each on a new file).
-Telemetry commits with synchronous=NORMAL; the seq reservation (`edge_agent/outbox_seqs.py`)
+Telemetry commits with synchronous=NORMAL; the seq reservation (`edge_agent/outbox/seqs.py`)
 adds one synced commit per reservation block.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import emit  # noqa: E402
-from edge_agent.outbox import NewRecord, Outbox  # noqa: E402
+from edge_agent.outbox.store import NewRecord, Outbox  # noqa: E402
 from protocols.envelope import RecordKind  # noqa: E402
 
 

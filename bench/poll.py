@@ -75,10 +75,10 @@ async def serve_rtu_simulator(profile_text: str, count: int) -> None:
 
 async def poll_fast(ports: list[int], profile_text: str, seconds: float, workdir: Path,
                     *, rtu_path: str | None = None) -> tuple[int, float, float]:
-    from edge_agent.config import DeviceConfig
-    from edge_agent.outbox import Outbox
-    from edge_agent.poller import DevicePoller
-    from edge_agent.transports import ModbusTcpTransport, ModbusTransport, TransportPool
+    from edge_agent.config.site import DeviceConfig
+    from edge_agent.outbox.store import Outbox
+    from edge_agent.field.poller import DevicePoller
+    from edge_agent.field.transports import ModbusTcpTransport, ModbusTransport, TransportPool
 
     from edge_agent.logs import configure_logging
 

@@ -1,7 +1,7 @@
 """`central` command line: a thin typer layer over the library (STYLE.md §10).
 
 Exit codes: 0 ok, 1 error (a `CentralError` turned into one clear line), 2 usage.
-Commands register on the module-level `app`; `central.demo` adds `demo` (registered below).
+Commands register on the module-level `app`; `central.demo.run` adds `demo` (registered below).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from central import __version__
-from central.errors import CentralError
+from central import CentralError
 
 app = typer.Typer(
     name="central",
@@ -78,7 +78,7 @@ def serve(
     """
     import uvicorn
 
-    from central.api import create_app
+    from central.app import create_app
     from central.logs import configure_logging
     from central.settings import load_settings
     from central.identity.enrolment_api import check_ca
@@ -130,7 +130,7 @@ def demo(
     """
     import asyncio
 
-    from central.demo import run_demo
+    from central.demo.run import run_demo
     from central.logs import configure_logging
 
     configure_logging(json=log_json, level=log_level)

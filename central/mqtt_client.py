@@ -5,7 +5,7 @@ After an unexpected disconnection aiomqtt keeps the reason in a future that only
 iterator or its next publish reads. A loop that is cancelled before either (shutdown while the
 dispatcher sleeps, ingest stopping mid-write) would leave it unread, and asyncio would log
 "Future exception was never retrieved". The loop's own error or the cancellation already says
-what happened. (The edge has the same fix in `edge_agent.uplink`; central may not import it.)
+what happened. (The edge has the same fix in `edge_agent.uplink.link`; central may not import it.)
 
 `connect(settings, ...)` builds it as the settings say: TLS with central's own certificate
 (`mqtt_tls_ca`, `mqtt_tls_cert`, `mqtt_tls_key`), username and password (DESIGN.md §8).
@@ -22,7 +22,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from central.errors import CentralError
+from central import CentralError
 from central.settings import Settings
 
 log = structlog.get_logger(__name__)

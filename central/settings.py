@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from central.callresp.settings import CallRespSettings
-from central.errors import CentralError
+from central import CentralError
 
 ENV_PREFIX = "FIELDLINK_CENTRAL_"
 
@@ -43,9 +43,9 @@ class NarrowbandGateway(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gw: str = Field(min_length=1)
-    card: str | None = Field(None, pattern=r"^[0-9]{1,10}$",
+    card: str | None = Field(default=None, pattern=r"^[0-9]{1,10}$",
                              description="the gateway terminal's BeiDou card id")
-    radio: int | None = Field(None, ge=1, le=0xFFFFFF,
+    radio: int | None = Field(default=None, ge=1, le=0xFFFFFF,
                               description="the gateway's PDT radio id (24 bits)")
     key: str = Field(repr=False, description="the frame MAC key, hex, at least 16 bytes")
 
@@ -79,85 +79,95 @@ class NarrowbandGateway(BaseModel):
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    db_url: str = Field("sqlite:///./central.db", description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB[?options=-csearch_path%3DSCHEMA]")
+    db_url: str = Field(default="sqlite:///./central.db", description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB[?options=-csearch_path%3DSCHEMA]")
     mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = Field(1883, ge=1, le=65535)
-    mqtt_client_id: str = Field("fieldlink-central", min_length=1, max_length=64)
-    mqtt_shared: bool = Field(False, description="subscribe via $share/central/... (§9)")
-    mqtt_keepalive_s: int = Field(30, ge=5, le=3600)
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_client_id: str = Field(default="fieldlink-central", min_length=1, max_length=64)
+    mqtt_shared: bool = Field(default=False, description="subscribe via $share/central/... (§9)")
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
     http_host: str = "127.0.0.1"
-    http_port: int = Field(8080, ge=0, le=65535)
-    offline_after_s: float = Field(120.0, gt=0, description="silence after which a gw is offline")
-    ingest_drain_max: int = Field(50, ge=1, le=1000,
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    offline_after_s: float = Field(default=120.0, gt=0,
+                                   description="silence after which a gw is offline")
+    ingest_drain_max: int = Field(default=50, ge=1, le=1000,
                                   description="batches written in one transaction at most")
-    # --- alarms (DESIGN.md §7; central.alarm_rules, central.alarm_engine)
-    offline_alarm_after_s: float = Field(300.0, gt=0, description="silence after which a "
+    # --- alarms (DESIGN.md §7; central.alarms.rules, central.alarms.engine)
+    offline_alarm_after_s: float = Field(default=300.0, gt=0, description="silence after which a "
                                          "gateway_offline alarm is raised")
-    alarm_rules_interval_s: float = Field(5.0, gt=0, description="period of central's rules")
-    alarm_flap_max: int = Field(6, ge=1, description="raise/clear transitions allowed within "
+    alarm_rules_interval_s: float = Field(default=5.0, gt=0,
+                                          description="period of central's rules")
+    alarm_flap_max: int = Field(default=6, ge=1,
+                                description="raise/clear transitions allowed within "
                                 "the flap window before an alarm is marked flapping")
-    alarm_flap_window_s: float = Field(600.0, gt=0)
-    incident_window_s: float = Field(900.0, ge=0, description="an incident closes this long "
+    alarm_flap_window_s: float = Field(default=600.0, gt=0)
+    incident_window_s: float = Field(default=900.0, ge=0,
+                                     description="an incident closes this long "
                                      "after its last alarm cleared")
     # --- end alarms
-    # --- record times, history and retention (DESIGN.md §4.7; central.history)
-    future_tolerance_s: float = Field(300.0, ge=0, description="a record time further ahead of "
+    # --- record times, history and retention (DESIGN.md §4.7; central.storage.history)
+    future_tolerance_s: float = Field(default=300.0, ge=0,
+                                      description="a record time further ahead of "
                                       "central's clock is stored flagged CLOCK_SUSPECT")
-    retention_raw_days: float = Field(30.0, ge=0, description="keep raw readings this long "
+    retention_raw_days: float = Field(default=30.0, ge=0, description="keep raw readings this long "
                                       "(by record time); 0 keeps them for ever")
-    retention_1m_days: float = Field(400.0, ge=0, description="keep 1-minute aggregates; 0 = ever")
-    retention_1h_days: float = Field(0.0, ge=0, description="keep 1-hour aggregates; 0 = ever")
-    retention_interval_s: float = Field(3600.0, gt=0, description="period of the purge")
-    retention_chunk_rows: int = Field(5000, ge=1, description="rows deleted per transaction")
-    agg_flush_interval_s: float = Field(30.0, gt=0, description="period of folding new "
+    retention_1m_days: float = Field(default=400.0, ge=0,
+                                     description="keep 1-minute aggregates; 0 = ever")
+    retention_1h_days: float = Field(default=0.0, ge=0,
+                                     description="keep 1-hour aggregates; 0 = ever")
+    retention_interval_s: float = Field(default=3600.0, gt=0, description="period of the purge")
+    retention_chunk_rows: int = Field(default=5000, ge=1,
+                                      description="rows deleted per transaction")
+    agg_flush_interval_s: float = Field(default=30.0, gt=0, description="period of folding new "
                                         "samples into the aggregates: longer folds more samples "
                                         "per bucket write (reads fold first anyway)")
     # --- end history
-    # --- narrowband (DESIGN.md §5; central.narrowband): central's own BeiDou terminal or PDT
+    # --- narrowband (DESIGN.md §5; central.narrowband.receiver): central's own BeiDou terminal or PDT
     # radio (one per central process)
-    narrowband_port: str | None = Field(None, description="serial port of central's BeiDou "
+    narrowband_port: str | None = Field(default=None, description="serial port of central's BeiDou "
                                         "terminal or PDT radio, e.g. /dev/ttyUSB1; None: no "
                                         "receiver")
     narrowband_bearer: Literal["beidou", "pdt"] = Field(
-        "beidou", description="what is on narrowband_port: a BeiDou terminal or a Hytera PDT "
+        default="beidou", description="what is on narrowband_port: a BeiDou terminal or a Hytera PDT "
                               "radio (HRNP)")
-    narrowband_baudrate: int = Field(115200, gt=0)
-    narrowband_dialect: Literal["bd3", "bd2"] = Field("bd3", description="BeiDou only")
-    narrowband_mac_len: int = Field(4, ge=4, le=32, description="truncated MAC bytes, as the "
+    narrowband_baudrate: int = Field(default=115200, gt=0)
+    narrowband_dialect: Literal["bd3", "bd2"] = Field(default="bd3", description="BeiDou only")
+    narrowband_mac_len: int = Field(default=4, ge=4, le=32,
+                                    description="truncated MAC bytes, as the "
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
     # --- end narrowband
     # --- mqtt tls and identities (DESIGN.md §8; central.identity, central.mqtt_client)
-    mqtt_tls_ca: Path | None = Field(None, description="CA certificate (PEM) the broker's "
+    mqtt_tls_ca: Path | None = Field(default=None, description="CA certificate (PEM) the broker's "
                                      "certificate must chain to; setting it turns TLS on")
-    mqtt_tls_cert: Path | None = Field(None, description="central's client certificate (CN "
+    mqtt_tls_cert: Path | None = Field(default=None, description="central's client certificate (CN "
                                        "_central), from `central ca central-cert`")
-    mqtt_tls_key: Path | None = Field(None, description="its private key (mode 0600)")
-    mqtt_username: str | None = Field(None, min_length=1, description="for brokers that "
+    mqtt_tls_key: Path | None = Field(default=None, description="its private key (mode 0600)")
+    mqtt_username: str | None = Field(default=None, min_length=1, description="for brokers that "
                                       "authenticate by password (EMQX, ...)")
-    mqtt_password: str | None = Field(None, repr=False)
-    pki_dir: Path | None = Field(None, description="the gateway CA (ca.key 0600, ca.crt, "
+    mqtt_password: str | None = Field(default=None, repr=False)
+    pki_dir: Path | None = Field(default=None, description="the gateway CA (ca.key 0600, ca.crt, "
                                  "crl.pem); default: pki/ next to the SQLite file")
-    gateway_cert_days: float = Field(365.0, gt=0, le=3650, description="lifetime of a "
+    gateway_cert_days: float = Field(default=365.0, gt=0, le=3650, description="lifetime of a "
                                      "gateway certificate (renew before it ends)")
-    enrol_token_ttl_s: float = Field(86_400.0, gt=0, le=30 * 86_400,
+    enrol_token_ttl_s: float = Field(default=86_400.0, gt=0, le=30 * 86_400,
                                      description="default lifetime of an enrolment token")
     # --- end mqtt tls
     # --- identity (DESIGN.md §8; central.identity): sessions, login throttle, profiles
-    session_idle_s: float = Field(1800.0, gt=0, description="a console session or API token "
+    session_idle_s: float = Field(default=1800.0, gt=0,
+                                  description="a console session or API token "
                                   "unused this long is logged out")
-    login_max_failures: int = Field(5, ge=1, description="failed logins per user name or "
+    login_max_failures: int = Field(default=5, ge=1, description="failed logins per user name or "
                                     "client address within login_window_s before logins are "
                                     "refused (429) until the window passes")
-    login_window_s: float = Field(300.0, gt=0)
-    cookie_secure: bool = Field(False, description="mark the session cookie Secure (set it "
+    login_window_s: float = Field(default=300.0, gt=0)
+    cookie_secure: bool = Field(default=False, description="mark the session cookie Secure (set it "
                                 "when the console is served over HTTPS)")
     profile_dirs: list[Path] = Field(default_factory=list, description="device profiles beyond "
                                      "the built-in ones, to check writes against (§8)")
     # --- end identity
     callresp: CallRespSettings = Field(default_factory=CallRespSettings)  # 叫应 (§7)
     command_key_path: Path | None = Field(
-        None, description="Ed25519 command-signing key (PEM, made on first start); default: "
+        default=None, description="Ed25519 command-signing key (PEM, made on first start); default: "
                           "central-command-key.pem next to the SQLite file")
 
     @model_validator(mode="after")

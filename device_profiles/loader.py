@@ -61,18 +61,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from device_profiles.errors import (
+    DeviceProfileError,
+    DuplicateProfileError,
+    Fail,
+    Loc,
+    ProfileError,
+    ProfileNotFoundError,
+    ProtocolMismatchError,
+    failer,
+    validation_error,
+)
 from device_profiles.models import (
     AlarmModel,
     ConstantSim,
     CounterSim,
+    PointModel,
     ProfileModel,
     RandomWalkSim,
     ReadLimits,
@@ -102,47 +113,6 @@ __all__ = [
     "load_profiles",
     "parse_profile",
 ]
-
-
-class DeviceProfileError(Exception):
-    """Base of every error of the device_profiles package."""
-
-
-class ProfileError(DeviceProfileError):
-    """A profile file is unreadable or invalid; names the file, the field and the line."""
-
-    def __init__(self, path: str | Path, field: str, message: str, line: int | None = None):
-        self.path = str(path)
-        self.field = field
-        self.message = message
-        self.line = line
-        where = f"{self.path}:{line}" if line is not None else f"{self.path}:"
-        super().__init__(f"{where} {field}: {message}" if field else f"{where} {message}")
-
-
-class DuplicateProfileError(ProfileError):
-    """Two files define the same profile id."""
-
-
-class ProfileNotFoundError(DeviceProfileError):
-    """No profile with that id in the searched folders."""
-
-    def __init__(self, profile_id: str, searched: Iterable[Path]) -> None:
-        self.profile_id = profile_id
-        self.searched = tuple(searched)
-        where = ", ".join(str(p) for p in self.searched)
-        super().__init__(f"no profile {profile_id!r} in {where}")
-
-
-class ProtocolMismatchError(DeviceProfileError):
-    """A point of one protocol was used as a point of another (an HJ 212 factor as a register)."""
-
-    def __init__(self, point: str, protocol: str, wanted: str) -> None:
-        super().__init__(
-            f"point {point!r} speaks {protocol}, not {wanted}: it has no {wanted} address")
-        self.point = point
-        self.protocol = protocol
-        self.wanted = wanted
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,14 +210,7 @@ def parse_profile(text: str, *, source: str = "<profile>") -> Profile:
     try:
         model = ProfileModel.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        # a tagged union puts its tag in the path (points[0].sim.wave.min): drop it
-        raw = tuple(err["loc"])
-        loc = tuple(
-            part for i, part in enumerate(raw)
-            if not (i and raw[i - 1] == "sim" and part in _SIM_KINDS)
-        )
-        raise ProfileError(source, _loc_str(loc), _message(err), _line_of(node, loc)) from exc
+        raise validation_error(exc, source, node) from exc
     return _convert(model, source, node)
 
 
@@ -293,9 +256,7 @@ def find_profile(profile_id: str, extra_dirs: Iterable[str | Path] = ()) -> Prof
 
 
 def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profile:
-    def fail(loc: tuple[str | int, ...], message: str) -> ProfileError:
-        return ProfileError(source, _loc_str(loc), message, _line_of(node, loc))
-
+    fail = failer(source, node)
     if model.protocol == "hj212":
         points = _convert_hj212(model, fail)
     else:
@@ -320,59 +281,47 @@ def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profil
     )
 
 
-def _convert_modbus(model: ProfileModel, fail: Any) -> list[ProfilePoint]:
+def _convert_modbus(model: ProfileModel, fail: Fail) -> list[ProfilePoint]:
     points: list[ProfilePoint] = []
-    seen: dict[str, int] = {}
+    keys: dict[str, int] = {}
     for i, pm in enumerate(model.points):
-        loc: tuple[str | int, ...] = ("points", i)
-        if pm.key in seen:
-            raise fail((*loc, "key"), f"duplicate key {pm.key!r} (also points[{seen[pm.key]}])")
-        seen[pm.key] = i
+        loc: Loc = ("points", i)
+        _claim(keys, pm.key, (*loc, "key"), fail)
         if pm.factor is not None:
             raise fail((*loc, "factor"), "applies only to protocol hj212")
-        for name in ("function", "address", "type"):
-            if getattr(pm, name) is None:
-                raise fail((*loc, name), "required field is missing")
-        assert pm.function is not None and pm.address is not None and pm.type is not None
-        try:
-            spec = PointSpec(
-                key=pm.key,
-                function=pm.function,
-                address=pm.address,
-                dtype=pm.type,
-                byte_order=pm.byte_order or model.byte_order,
-                word_order=pm.word_order or model.word_order,
-                scale=pm.scale,
-                offset=pm.offset,
-                bit=pm.bit,
-                bit_count=pm.bit_count,
-                length=pm.length,
-            )
-        except PointSpecError as exc:
-            raise fail(loc, exc.reason) from exc
-        if pm.writable and pm.function not in (1, 3):
+        spec = _point_spec(model, pm, loc, fail)
+        if pm.writable and spec.function not in (1, 3):
             raise fail((*loc, "writable"), "only coils (1) and holding registers (3) are writable")
-        _check_sim(pm.sim, spec, lambda m: fail((*loc, "sim"), m))
+        if (problem := _sim_problem(pm.sim, spec)) is not None:
+            raise fail((*loc, "sim"), problem)
         if pm.alarm is not None and spec.dtype in (DataType.STRING, DataType.BOOL):
             raise fail((*loc, "alarm"), f"thresholds do not apply to {spec.dtype} points")
-        points.append(
-            ProfilePoint(
-                key=pm.key,
-                name=pm.name,
-                name_zh=pm.name_zh,
-                unit=pm.unit,
-                modbus=spec,
-                poll=pm.poll,
-                writable=pm.writable,
-                sim=pm.sim or ConstantSim(kind="constant", value=_zero(spec.dtype)),
-                alarm=_alarm(pm.alarm),
-                write_min=pm.write_min,
-                write_max=pm.write_max,
-                safety_critical=pm.safety_critical,
-            )
-        )
+        sim = pm.sim or ConstantSim(kind="constant", value=_zero(spec.dtype))
+        points.append(_profile_point(pm, spec, sim))
     _check_overlaps(points, fail)
     return points
+
+
+def _point_spec(model: ProfileModel, pm: PointModel, loc: Loc, fail: Fail) -> PointSpec:
+    if pm.function is None or pm.address is None or pm.type is None:
+        name = next(n for n in ("function", "address", "type") if getattr(pm, n) is None)
+        raise fail((*loc, name), "required field is missing")
+    try:
+        return PointSpec(
+            key=pm.key,
+            function=pm.function,
+            address=pm.address,
+            dtype=pm.type,
+            byte_order=pm.byte_order or model.byte_order,
+            word_order=pm.word_order or model.word_order,
+            scale=pm.scale,
+            offset=pm.offset,
+            bit=pm.bit,
+            bit_count=pm.bit_count,
+            length=pm.length,
+        )
+    except PointSpecError as exc:
+        raise fail(loc, exc.reason) from exc
 
 
 # Fields that say where a value sits in Modbus registers: meaningless for an HJ 212 factor.
@@ -381,7 +330,7 @@ _MODBUS_POINT_FIELDS = ("function", "address", "type", "scale", "offset", "bit",
 _MODBUS_PROFILE_FIELDS = ("byte_order", "word_order", "reads")
 
 
-def _convert_hj212(model: ProfileModel, fail: Any) -> list[ProfilePoint]:
+def _convert_hj212(model: ProfileModel, fail: Fail) -> list[ProfilePoint]:
     for name in _MODBUS_PROFILE_FIELDS:
         if name in model.model_fields_set:
             raise fail((name,), "applies only to protocol modbus")
@@ -389,62 +338,79 @@ def _convert_hj212(model: ProfileModel, fail: Any) -> list[ProfilePoint]:
     keys: dict[str, int] = {}
     factors: dict[str, int] = {}
     for i, pm in enumerate(model.points):
-        loc: tuple[str | int, ...] = ("points", i)
-        if pm.key in keys:
-            raise fail((*loc, "key"), f"duplicate key {pm.key!r} (also points[{keys[pm.key]}])")
-        keys[pm.key] = i
+        loc: Loc = ("points", i)
+        _claim(keys, pm.key, (*loc, "key"), fail)
         for name in _MODBUS_POINT_FIELDS:
             if name in pm.model_fields_set:
                 raise fail((*loc, name), "applies only to protocol modbus; an hj212 point "
                                          "names its factor code")
         if pm.factor is None:
             raise fail((*loc, "factor"), "required field is missing")
-        if pm.factor in factors:
-            raise fail((*loc, "factor"),
-                       f"duplicate factor {pm.factor!r} (also points[{factors[pm.factor]}])")
-        factors[pm.factor] = i
+        _claim(factors, pm.factor, (*loc, "factor"), fail)
         if pm.writable:
             raise fail((*loc, "writable"), "hj212 points are read-only")
         sim = pm.sim
         if isinstance(sim, ConstantSim) and isinstance(sim.value, str | bool):
             raise fail((*loc, "sim"), "an hj212 point needs a numeric constant")
-        if isinstance(sim, WaveSim | RandomWalkSim) and sim.max < sim.min:
+        if _inverted(sim):
             raise fail((*loc, "sim"), "max is below min")
-        points.append(
-            ProfilePoint(
-                key=pm.key,
-                name=pm.name,
-                name_zh=pm.name_zh,
-                unit=pm.unit,
-                modbus=None,
-                poll=pm.poll,
-                writable=False,
-                sim=sim or ConstantSim(kind="constant", value=0),
-                alarm=_alarm(pm.alarm),
-                factor=pm.factor,
-            )
-        )
+        points.append(_profile_point(pm, None, sim or ConstantSim(kind="constant", value=0),
+                                     factor=pm.factor))
     return points
 
 
-def _check_sim(sim: SimModel | None, spec: PointSpec, fail: Any) -> None:
-    if sim is None or isinstance(sim, ConstantSim):
-        if sim is not None:
-            if spec.dtype is DataType.STRING and not isinstance(sim.value, str):
-                raise fail("a string point needs a string constant")
-            if spec.dtype is not DataType.STRING and isinstance(sim.value, str):
-                raise fail(f"a {spec.dtype} point needs a numeric constant")
-        return
+def _claim(seen: dict[str, int], value: str, loc: Loc, fail: Fail) -> None:
+    """Note that points[loc[1]] has `value` in its field `loc[-1]`, unless another has it."""
+    if value in seen:
+        raise fail(loc, f"duplicate {loc[-1]} {value!r} (also points[{seen[value]}])")
+    seen[value] = int(loc[1])
+
+
+def _profile_point(pm: PointModel, spec: PointSpec | None, sim: SimModel, *,
+                   factor: str | None = None) -> ProfilePoint:
+    return ProfilePoint(
+        key=pm.key,
+        name=pm.name,
+        name_zh=pm.name_zh,
+        unit=pm.unit,
+        modbus=spec,
+        poll=pm.poll,
+        writable=pm.writable,
+        sim=sim,
+        alarm=_alarm(pm.alarm),
+        factor=factor,
+        write_min=pm.write_min,
+        write_max=pm.write_max,
+        safety_critical=pm.safety_critical,
+    )
+
+
+def _inverted(sim: SimModel | None) -> bool:
+    return isinstance(sim, WaveSim | RandomWalkSim) and sim.max < sim.min
+
+
+def _sim_problem(sim: SimModel | None, spec: PointSpec) -> str | None:
+    """What is wrong with the sim of a Modbus point of `spec`, or None."""
+    if sim is None:
+        return None
+    if isinstance(sim, ConstantSim):
+        if spec.dtype is DataType.STRING and not isinstance(sim.value, str):
+            return "a string point needs a string constant"
+        if spec.dtype is not DataType.STRING and isinstance(sim.value, str):
+            return f"a {spec.dtype} point needs a numeric constant"
+        return None
     if spec.dtype in (DataType.BOOL, DataType.BITFIELD, DataType.STRING):
-        raise fail(f"{spec.dtype} points take only sim kind constant")
+        return f"{spec.dtype} points take only sim kind constant"
     if isinstance(sim, CounterSim) and spec.dtype in (DataType.F32, DataType.F64):
-        raise fail("sim kind counter needs an integer type")
-    if isinstance(sim, WaveSim | RandomWalkSim) and sim.max < sim.min:
-        raise fail("max is below min")
+        return "sim kind counter needs an integer type"
+    if _inverted(sim):
+        return "max is below min"
+    return None
 
 
 def _zero(dtype: DataType) -> float | int | bool | str:
-    return {DataType.STRING: "", DataType.BOOL: False}.get(dtype, 0)
+    zeros: dict[DataType, float | int | bool | str] = {DataType.STRING: "", DataType.BOOL: False}
+    return zeros.get(dtype, 0)
 
 
 def _alarm(model: AlarmModel | None) -> AlarmSpec | None:
@@ -453,7 +419,7 @@ def _alarm(model: AlarmModel | None) -> AlarmSpec | None:
     return AlarmSpec(**model.model_dump())
 
 
-def _check_overlaps(points: list[ProfilePoint], fail: Any) -> None:
+def _check_overlaps(points: list[ProfilePoint], fail: Fail) -> None:
     # Two points may share a register only when both are bits of it and the bits are apart
     # (a status word: a fault bit beside a state bitfield).
     owners: dict[tuple[int, int], list[tuple[int, ProfilePoint]]] = {}
@@ -480,62 +446,3 @@ def _check_overlaps(points: list[ProfilePoint], fail: Any) -> None:
                     f"bits of function {function} address {addr} overlap another point",
                 )
             used |= mask
-
-
-# ---------------------------------------------------------------- error rendering
-
-_SIM_KINDS = frozenset({"wave", "random_walk", "constant", "counter"})
-
-
-def _loc_str(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def _message(err: Mapping[str, Any]) -> str:
-    kind = err.get("type")
-    ctx = err.get("ctx") or {}
-    value = err.get("input")
-    if kind == "enum" and "expected" in ctx:
-        expected = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
-        return f"{value!r} is not one of {expected}"
-    if kind == "literal_error" and "expected" in ctx:
-        expected = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
-        return f"{value!r} is not one of {expected}"
-    if kind == "extra_forbidden":
-        return "unknown field"
-    if kind == "missing":
-        return "required field is missing"
-    if kind == "union_tag_invalid" and "expected_tags" in ctx:
-        return f"{ctx.get('tag')!r} is not one of {str(ctx['expected_tags']).replace(chr(39), '')}"
-    if "input" in err and not isinstance(value, dict | list):
-        return f"{err.get('msg')} (got {value!r})"
-    return str(err.get("msg"))
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
-    """1-based line of the YAML node at `loc`, or of the deepest parent found."""
-    if node is None:
-        return None
-    line = node.start_mark.line + 1
-    for part in loc:
-        child = None
-        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            for key_node, value_node in node.value:
-                if getattr(key_node, "value", None) == part:
-                    child = value_node
-                    line = key_node.start_mark.line + 1
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if 0 <= part < len(node.value):
-                child = node.value[part]
-                line = child.start_mark.line + 1
-        if child is None:
-            break
-        node = child
-    return line

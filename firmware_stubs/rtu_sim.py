@@ -51,6 +51,7 @@ from firmware_stubs.errors import SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
+from protocols.modbus_pdu import encode_exception
 from protocols.modbus_points import PointValue
 from protocols.modbus_rtu import (
     BROADCAST,
@@ -60,7 +61,6 @@ from protocols.modbus_rtu import (
     RtuDecoder,
     RtuFrame,
     char_time_s,
-    encode_exception,
     encode_frame,
     inter_frame_gap_s,
 )

@@ -21,13 +21,11 @@ from device_profiles import Profile, ProfilePoint
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.values import TICK_S, check_modbus_value, modbus_values
 from protocols import modbus_points as mp
-from protocols.modbus_rtu import (
+from protocols.modbus_pdu import (
     ILLEGAL_DATA_ADDRESS,
     ILLEGAL_DATA_VALUE,
     ILLEGAL_FUNCTION,
-    PduError,
     ReadRequest,
-    UnknownFunctionError,
     WriteMultipleRequest,
     WriteSingleRequest,
     decode_request,
@@ -35,6 +33,7 @@ from protocols.modbus_rtu import (
     encode_read_response,
     encode_write_response,
 )
+from protocols.modbus_rtu import PduError, UnknownFunctionError
 
 # The ways `SlaveFaults.wrong_answer` can spoil an answer that does arrive.
 WRONG_ANSWERS = ("short", "wrong_unit", "wrong_function", "lying_count", "few_registers")

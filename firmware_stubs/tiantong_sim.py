@@ -47,6 +47,7 @@ from firmware_stubs.errors import SimulatorError
 from firmware_stubs.lifecycle import Directory, PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
 from protocols import at_commands as atc
+from protocols import at_responses as atr
 from protocols.sms_pdu import (
     SmsDeliver,
     SmsError,
@@ -175,7 +176,7 @@ class TiantongModuleSimulator(PtyLinked):
         log.info("tiantong_sim_faults", number=self.number, faults=repr(self.faults))
         if before.registered != self.faults.registered:
             if self._creg_n == 1:
-                self._send(atc.Creg(self._reg_status()))
+                self._send(atr.Creg(self._reg_status()))
             if self.faults.registered:
                 self.network.flush(self.number)
 
@@ -192,24 +193,24 @@ class TiantongModuleSimulator(PtyLinked):
             return
         self.stored[index] = (0, pdu)  # 27.005 §3.1 <stat> 0: received unread
         self._stats["received"] += 1
-        self._send(atc.Cmti("SM", index))
+        self._send(atr.Cmti("SM", index))
 
     # --- the line ---------------------------------------------------------------------------
 
-    def _reg_status(self) -> atc.RegStatus:
-        return atc.RegStatus.HOME if self.faults.registered else atc.RegStatus.SEARCHING
+    def _reg_status(self) -> atr.RegStatus:
+        return atr.RegStatus.HOME if self.faults.registered else atr.RegStatus.SEARCHING
 
     def _write(self, data: bytes) -> None:
         if self._line is not None and not self._line.write(data):
             self._stats["unwritten"] += 1
 
-    def _send(self, *responses: atc.Response) -> None:
+    def _send(self, *responses: atr.Response) -> None:
         out = b""
         if self.faults.garbage:
             out = bytes(self._rng.getrandbits(8) for _ in range(self.faults.garbage))
             self._stats["garbage_sent"] += self.faults.garbage
             self.faults = dataclasses.replace(self.faults, garbage=0)
-        self._write(out + b"".join(atc.encode_response(r) for r in responses))
+        self._write(out + b"".join(atr.encode_response(r) for r in responses))
 
     def _on_readable(self) -> None:
         if not (data := self._read_line()):
@@ -226,7 +227,7 @@ class TiantongModuleSimulator(PtyLinked):
                 self._stats["bad_lines"] += 1
                 log.debug("tiantong_sim_bad_line", number=self.number, error=str(event))
                 self._cmgs_length = None
-                self._send(atc.Result(False))
+                self._send(atr.Result(False))
             elif isinstance(event, atc.Command):
                 self._stats["commands"] += 1
                 if self.echo:
@@ -235,7 +236,7 @@ class TiantongModuleSimulator(PtyLinked):
             elif isinstance(event, atc.PduCancelled):
                 self._stats["cancelled"] += 1
                 self._cmgs_length = None
-                self._send(atc.Result(True))
+                self._send(atr.Result(True))
             else:
                 self._pdu(event)
 
@@ -247,10 +248,10 @@ class TiantongModuleSimulator(PtyLinked):
 
     def _error(self, code: int | None = None) -> None:
         self._stats["errors"] += 1
-        self._send(atc.Result(False) if code is None else atc.CmsErrorResult(code))
+        self._send(atr.Result(False) if code is None else atr.CmsErrorResult(code))
 
     def _answer(self, c: atc.Command) -> None:
-        ok = atc.Result(True)
+        ok = atr.Result(True)
         match (c.name, c.op):
             case ("", ""):
                 self._send(ok)
@@ -258,24 +259,24 @@ class TiantongModuleSimulator(PtyLinked):
                 self.echo = c.name == "E1"
                 self._send(ok)
             case ("+CPIN", "?"):
-                self._send(atc.InfoLine("+CPIN: READY"), ok)
+                self._send(atr.InfoLine("+CPIN: READY"), ok)
             case ("+CMGF", "="):
                 mode = c.int_arg(0)
                 if mode != 0:
-                    self._error(atc.CmsError.OPERATION_NOT_SUPPORTED)
+                    self._error(atr.CmsError.OPERATION_NOT_SUPPORTED)
                     return
                 self._pdu_mode = True
                 self._send(ok)
             case ("+CMGF", "?"):
-                self._send(atc.InfoLine(f"+CMGF: {0 if self._pdu_mode else 1}"), ok)
+                self._send(atr.InfoLine(f"+CMGF: {0 if self._pdu_mode else 1}"), ok)
             case ("+CNMI", "="):
                 self._send(ok)
             case ("+CSQ", ""):
                 registered = self.faults.registered
-                self._send(atc.Csq(self.faults.rssi if registered else 99, 99 if not registered
+                self._send(atr.Csq(self.faults.rssi if registered else 99, 99 if not registered
                                    else 0), ok)
             case ("+CREG", "?"):
-                self._send(atc.Creg(self._reg_status(), self._creg_n), ok)
+                self._send(atr.Creg(self._reg_status(), self._creg_n), ok)
             case ("+CREG", "="):
                 n = c.int_arg(0)
                 if n > 2:
@@ -286,22 +287,22 @@ class TiantongModuleSimulator(PtyLinked):
             case ("+CMGS", "="):
                 length = c.int_arg(0)
                 if not 1 <= length <= 164:
-                    self._error(atc.CmsError.INVALID_PDU_PARAMETER)
+                    self._error(atr.CmsError.INVALID_PDU_PARAMETER)
                     return
                 self._cmgs_length = length
                 self._decoder.expect_pdu()
-                self._send(atc.Prompt())
+                self._send(atr.Prompt())
             case ("+CMGR", "="):
                 index = c.int_arg(0)
                 if index not in self.stored:
-                    self._error(atc.CmsError.INVALID_MEMORY_INDEX)
+                    self._error(atr.CmsError.INVALID_MEMORY_INDEX)
                     return
                 stat, pdu = self.stored[index]
                 self.stored[index] = (1, pdu)  # now read
-                self._send(atc.Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
+                self._send(atr.Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
             case ("+CMGD", "="):
                 if self.stored.pop(c.int_arg(0), None) is None:
-                    self._error(atc.CmsError.INVALID_MEMORY_INDEX)
+                    self._error(atr.CmsError.INVALID_MEMORY_INDEX)
                     return
                 self._send(ok)
             case _:
@@ -316,7 +317,7 @@ class TiantongModuleSimulator(PtyLinked):
                 raise SmsError("the TPDU length does not match AT+CMGS")
         except SmsError:
             self._stats["send_failures"] += 1
-            self._error(atc.CmsError.INVALID_PDU_PARAMETER)
+            self._error(atr.CmsError.INVALID_PDU_PARAMETER)
             return
         faults = self.faults
         if faults.send_error is not None:
@@ -330,7 +331,7 @@ class TiantongModuleSimulator(PtyLinked):
             return
         if not faults.registered:
             self._stats["send_failures"] += 1
-            self._error(atc.CmsError.NO_NETWORK_SERVICE)
+            self._error(atr.CmsError.NO_NETWORK_SERVICE)
             return
         mr, self._mr = self._mr, (self._mr + 1) & 0xFF
         task = asyncio.get_running_loop().create_task(
@@ -342,7 +343,7 @@ class TiantongModuleSimulator(PtyLinked):
         await asyncio.sleep(delay)
         self.sent.append(message)
         self.network.submit(self.number, message)
-        self._send(atc.Cmgs(mr), atc.Result(True))
+        self._send(atr.Cmgs(mr), atr.Result(True))
 
 
 # --- process entry --------------------------------------------------------------------------

@@ -64,7 +64,7 @@
 #define FORGE 0
 #endif
 
-/* ---- the edge outbox: outbox.db, on disk (edge_agent/outbox.py) ------------------------ */
+/* ---- the edge outbox: outbox.db, on disk (edge_agent/outbox/store.py) ------------------------ */
 byte next_seq = 1;      /* sqlite_sequence + 1: AUTOINCREMENT never hands a seq out twice   */
 byte appended = 0;      /* producer records appended so far                                 */
 byte undeliv = 0;       /* rows with delivered = 0                                          */
@@ -72,7 +72,7 @@ byte alarms = 0;        /* seqs that are ALARM records (lane alarm)             
 byte raises = 0;        /* ... of which state 'raised'                                      */
 byte telem = 0;         /* seqs that are TELEMETRY records (may be evicted)                 */
 byte rep_of[MAXSEQ + 1];/* report record seq -> the seqs its outbox_dropped event names     */
-byte nb_wm = 0;         /* meta narrowband_sent_seq (edge_agent/narrowband.py WATERMARK_KEY) */
+byte nb_wm = 0;         /* meta narrowband_sent_seq (edge_agent/narrowband/fallback.py WATERMARK_KEY) */
 byte drops_left = DROPS;
 
 /* ---- edge agent memory (lost when the agent crashes) ---------------------------------- */
@@ -115,7 +115,7 @@ byte gen = 0;           /* ghost: seqs handed out a second time (only POWERCUT s
 /* What the last fsync of outbox.db holds: a commit with synchronous=FULL (an alarm, event or
  * budget pass, or one that raises the seq reservation) syncs the WAL; telemetry appends and
  * delivery marks (synchronous=NORMAL) survive a killed process but not a power cut
- * (edge_agent/outbox.py, "Durability"). */
+ * (edge_agent/outbox/store.py, "Durability"). */
 byte s_next = 1;        /* sqlite_sequence as synced: AUTOINCREMENT rolls back with it       */
 byte s_undeliv = 0;
 byte s_telem = 0;
@@ -185,9 +185,9 @@ ltl seq_unique      { [] (gen == 0) }
 
 /* ---- central: one record of a committed transaction ------------------------------------- */
 
-/* central/alarm_engine.py apply_event: the history row goes in once per (gw, stream, seq)
+/* central/alarms/engine.py apply_event: the history row goes in once per (gw, stream, seq)
  * (a duplicate returns before it); decide() applies the event only if is_newer
- * (central/alarm_types.py: within one stream, seq > alarm_keys.last_seq), else note='stale'. */
+ * (central/alarms/lifecycle.py: within one stream, seq > alarm_keys.last_seq), else note='stale'. */
 inline c_alarm(s) {
 #ifdef ARRIVAL
     if
@@ -244,7 +244,7 @@ inline c_commit(m, from_nb) {
 
 /* ---- edge: an ack ---------------------------------------------------------------------- */
 
-/* edge_agent/uplink.py Uplink._handle_ack: Outbox.mark_delivered (outbox.py _mark_sync:
+/* edge_agent/uplink/link.py Uplink._handle_ack: Outbox.mark_delivered (outbox.py _mark_sync:
  * DELETE ... WHERE seq BETWEEN ? AND ? AND delivered = 0), then _forget_acked.
  * The h9 rule: only seqs this uplink sent and still has in flight are marked. */
 inline e_ack(a) {
@@ -276,7 +276,7 @@ inline e_forget(i) {
 /* some copy of a batch, or of its ack, still exists somewhere: its timeout is not yet due */
 #define PENDING(m) (((upq[0] | upq[1] | upq[2] | dnq[0] | dnq[1] | dnq[2]) & (m)) != 0)
 
-/* ---- the producer and the disk budget (edge_agent/outbox.py, outbox_budget.py) ---------- */
+/* ---- the producer and the disk budget (edge_agent/outbox/store.py, outbox_budget.py) ---------- */
 proctype Producer() {
     byte t;
     bool sync;
@@ -338,7 +338,7 @@ end_p:
     od
 }
 
-/* ---- the uplink (edge_agent/uplink.py) ---------------------------------------------------- */
+/* ---- the uplink (edge_agent/uplink/link.py) ---------------------------------------------------- */
 proctype Uplink() {
     byte b, e, s, mk, i;
 end_u:
@@ -393,7 +393,7 @@ end_u:
     od
 }
 
-/* ---- central ingest (central/ingest.py) ---------------------------------------------------- */
+/* ---- central ingest (central/ingest/subscriber.py) ---------------------------------------------------- */
 proctype Central() {
     byte i, k, mg;
     MSGT b;
@@ -429,14 +429,14 @@ end_c:
         i = 0; k = 0; b = 0; mg = 0
        }
     :: atomic {
-        /* central/narrowband.py NarrowbandReceiver.receive -> _store_alarms: the frame's
+        /* central/narrowband/receiver.py NarrowbandReceiver.receive -> _store_alarms: the frame's
          * entries as ALARM records flagged NARROWBAND_COPY, via write_batches; never acked */
         nbq != 0 -> c_commit(nbq, true); nbq = 0; k = 0
        }
     od
 }
 
-/* ---- the narrowband fallback (edge_agent/narrowband.py) ------------------------------------ */
+/* ---- the narrowband fallback (edge_agent/narrowband/fallback.py) ------------------------------------ */
 proctype Narrowband() {
     byte m, s, top;
 end_n:

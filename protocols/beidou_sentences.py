@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Final, NoReturn, TypeAlias
 
-from protocols.errors import ProtocolError
+from protocols.errors import ChecksumMismatchError, ProtocolError
 
 
 class BeidouError(ProtocolError):
@@ -47,13 +47,12 @@ class FramingError(BeidouError):
         self.reason = reason
 
 
-class ChecksumError(BeidouError):
+class ChecksumError(BeidouError, ChecksumMismatchError):
     """The `*hh` of a sentence is not the XOR of its bytes between `$` and `*`."""
 
     def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"checksum mismatch: sentence gives {expected:02X}, carries {got:02X}")
-        self.expected = expected
-        self.got = got
+        super().__init__(f"checksum mismatch: sentence gives {expected:02X}, carries {got:02X}",
+                         expected, got)
 
 
 class FieldError(BeidouError):

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError
 
 VERSION = 1
 EVENT_NAME = "callresp"
@@ -43,18 +43,14 @@ _EVENT_REQUIRED = frozenset({"event", "v", "type", "warning_id", "terminal", "at
 _EVENT_OPTIONAL = frozenset({"cmd_id", "by"})
 
 
-class CallRespError(ProtocolError):
+class CallRespError(FieldError):
     """Base of the 叫应 contract's errors: a field with the wrong shape or value."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class UnsupportedCallRespVersionError(CallRespError):
     def __init__(self, version: object) -> None:
-        super().__init__("v", f"unsupported 叫应 event version {version!r} (this side speaks {VERSION})")
+        super().__init__(
+            "v", f"unsupported 叫应 event version {version!r} (this side speaks {VERSION})")
         self.version = version
 
 
@@ -97,7 +93,7 @@ def _time(value: object, where: str) -> int:
 
 def _level(value: object, where: str) -> Level:
     try:
-        return Level(value)  # type: ignore[arg-type]
+        return Level(value)  # type: ignore[arg-type]  # untrusted input: Level() is the check
     except ValueError:
         raise CallRespError(where, f"expected one of {[str(x) for x in Level]}") from None
 
@@ -218,7 +214,8 @@ def parse_event_attrs(attrs: Mapping[str, Any]) -> CallRespEvent:
     try:
         kind = EventType(attrs["type"])
     except (ValueError, TypeError):
-        raise CallRespError("attrs.type", f"expected one of {[str(x) for x in EventType]}") from None
+        raise CallRespError(
+            "attrs.type", f"expected one of {[str(x) for x in EventType]}") from None
     cmd_id = attrs.get("cmd_id")
     by = attrs.get("by")
     if by is not None and kind is not EventType.ACK:

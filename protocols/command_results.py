@@ -122,10 +122,14 @@ def parse_result_attrs(attrs: Mapping[str, Any]) -> CommandResult:
     if not isinstance(attrs, Mapping):
         raise MalformedCommandError("attrs", "expected a map")
     cmd_id = check_cmd_id(attrs.get("cmd_id"), "attrs.cmd_id")
+    raw_state = attrs.get("state")
+    unknown = MalformedCommandError("attrs.state", f"unknown state {raw_state!r}")
+    if not isinstance(raw_state, str):
+        raise unknown
     try:
-        state = CommandState(attrs.get("state"))
+        state = CommandState(raw_state)
     except ValueError:
-        raise MalformedCommandError("attrs.state", f"unknown state {attrs.get('state')!r}") from None
+        raise unknown from None
     if state not in REPORTED_STATES:
         raise MalformedCommandError("attrs.state", f"a gateway does not report {state!r}")
     reason: Reason | None = None
@@ -133,7 +137,8 @@ def parse_result_attrs(attrs: Mapping[str, Any]) -> CommandResult:
         try:
             reason = Reason(attrs["reason"])
         except ValueError:
-            raise MalformedCommandError("attrs.reason", f"unknown reason {attrs['reason']!r}") from None
+            raise MalformedCommandError(
+                "attrs.reason", f"unknown reason {attrs['reason']!r}") from None
     detail = attrs.get("detail")
     kind = attrs.get("kind")
     verified = attrs.get("verified", True)

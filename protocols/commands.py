@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError, ProtocolError
 
 VERSION = 1
 SIG_BYTES = 64  # RFC 8032 §5.1.6: an Ed25519 signature is 64 bytes
@@ -69,18 +69,14 @@ class CommandError(ProtocolError):
     """Base of every command codec error."""
 
 
-class MalformedCommandError(CommandError):
+class MalformedCommandError(CommandError, FieldError):
     """The bytes are not a command, or a field has the wrong shape or value."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class UnsupportedCommandVersionError(CommandError):
     def __init__(self, version: object) -> None:
-        super().__init__(f"unsupported command envelope version {version!r} (this side speaks {VERSION})")
+        super().__init__(f"unsupported command envelope version {version!r}"
+                         f" (this side speaks {VERSION})")
         self.version = version
 
 
@@ -101,7 +97,8 @@ class BadSignatureError(CommandError):
     """The signature does not verify with the pinned key (forged, altered, or another key)."""
 
     def __init__(self, cmd_id: str | None = None) -> None:
-        super().__init__("command signature does not verify" + (f" (cmd_id {cmd_id})" if cmd_id else ""))
+        super().__init__("command signature does not verify"
+                         + (f" (cmd_id {cmd_id})" if cmd_id else ""))
         self.cmd_id = cmd_id
 
 
@@ -248,7 +245,7 @@ def _scalar(value: object, where: str) -> Scalar:
     if isinstance(value, bool) or type(value) is int:
         if type(value) is int and not -(2**63) <= value < 2**64:
             raise MalformedCommandError(where, "integer out of range")
-        return value  # type: ignore[return-value]
+        return value
     if type(value) is float:
         if not math.isfinite(value):
             raise MalformedCommandError(where, "not a finite number")
@@ -257,7 +254,8 @@ def _scalar(value: object, where: str) -> Scalar:
         if len(value) > _MAX_STR:
             raise MalformedCommandError(where, f"string longer than {_MAX_STR}")
         return value
-    raise MalformedCommandError(where, f"expected bool, int, float or str, got {type(value).__name__}")
+    raise MalformedCommandError(
+        where, f"expected bool, int, float or str, got {type(value).__name__}")
 
 
 def _exact_keys(args: Mapping[str, Any], keys: set[str], where: str) -> None:
@@ -272,7 +270,7 @@ def _exact_keys(args: Mapping[str, Any], keys: set[str], where: str) -> None:
 def args_from_mapping(kind: object, args: object, where: str = "args") -> CommandArgs:
     """Build the typed arguments of `kind` from a mapping (the wire form, or an API body)."""
     try:
-        k = CommandKind(kind)  # type: ignore[arg-type]
+        k = CommandKind(kind)  # type: ignore[arg-type]  # untrusted: CommandKind() is the check
     except ValueError:
         raise UnknownCommandKindError(kind) from None
     if not isinstance(args, Mapping) or not all(isinstance(x, str) for x in args):
@@ -288,7 +286,8 @@ def args_from_mapping(kind: object, args: object, where: str = "args") -> Comman
         if isinstance(seconds, bool) or type(seconds) not in (int, float):
             raise MalformedCommandError(f"{where}.seconds", "expected a number")
         if not (math.isfinite(seconds) and 0 < seconds <= MAX_POLL_INTERVAL_S):
-            raise MalformedCommandError(f"{where}.seconds", f"expected 0 < seconds <= {MAX_POLL_INTERVAL_S:g}")
+            raise MalformedCommandError(
+                f"{where}.seconds", f"expected 0 < seconds <= {MAX_POLL_INTERVAL_S:g}")
         return SetPollInterval(device=_name(args["device"], f"{where}.device"), seconds=seconds)
     if k is CommandKind.REQUEST_DIAGNOSTICS:
         _exact_keys(args, set(), where)
@@ -342,18 +341,24 @@ def encode_body(cmd: Command) -> bytes:
     return body
 
 
+def _load_map(data: object, field: str, limit: int) -> dict[Any, Any]:
+    """The CBOR map in `data` (bytes of at most `limit`); errors name `field`."""
+    if not isinstance(data, bytes | bytearray):
+        raise MalformedCommandError(field, "expected bytes")
+    if len(data) > limit:
+        raise MalformedCommandError(field, f"{len(data)} bytes exceed {limit}")
+    try:
+        obj = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several unrelated types on garbage
+        raise MalformedCommandError(field, f"not CBOR: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedCommandError(field, "top level is not a map")
+    return obj
+
+
 def decode_body(body: bytes) -> Command:
     """Decode canonical command bytes; raises only `CommandError` subclasses."""
-    if not isinstance(body, bytes | bytearray):
-        raise MalformedCommandError("body", "expected bytes")
-    if len(body) > MAX_BODY_BYTES:
-        raise MalformedCommandError("body", f"{len(body)} bytes exceed {MAX_BODY_BYTES}")
-    try:
-        obj = cbor2.loads(body)
-    except Exception as exc:  # cbor2 raises several unrelated types on garbage
-        raise MalformedCommandError("body", f"not CBOR: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise MalformedCommandError("body", "top level is not a map")
+    obj = _load_map(body, "body", MAX_BODY_BYTES)
     if not all(isinstance(k, str) for k in obj):
         raise MalformedCommandError("body", "keys must be strings")
     _exact_keys(obj, set(_BODY_KEYS), "body")
@@ -401,22 +406,14 @@ def encode_envelope(signed: SignedCommand) -> bytes:
 
 def decode_envelope(payload: bytes) -> SignedCommand:
     """Split a `down/cmd` payload into body and signature; raises only `CommandError`s."""
-    if not isinstance(payload, bytes | bytearray):
-        raise MalformedCommandError("payload", "expected bytes")
-    if len(payload) > MAX_ENVELOPE_BYTES:
-        raise MalformedCommandError("payload", f"{len(payload)} bytes exceed {MAX_ENVELOPE_BYTES}")
-    try:
-        obj = cbor2.loads(payload)
-    except Exception as exc:  # cbor2 raises several unrelated types on garbage
-        raise MalformedCommandError("payload", f"not CBOR: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise MalformedCommandError("payload", "top level is not a map")
+    obj = _load_map(payload, "payload", MAX_ENVELOPE_BYTES)
     if type(obj.get("v")) is not int or obj["v"] != VERSION:
         raise UnsupportedCommandVersionError(obj.get("v"))
     if obj.get("t") != "cmd":
         raise MalformedCommandError("t", f"expected 'cmd', got {obj.get('t')!r}")
     if set(obj) != _ENVELOPE_KEYS:
-        raise MalformedCommandError("payload", f"expected exactly the keys {sorted(_ENVELOPE_KEYS)}")
+        raise MalformedCommandError(
+            "payload", f"expected exactly the keys {sorted(_ENVELOPE_KEYS)}")
     body, sig = obj["body"], obj["sig"]
     if not isinstance(body, bytes):
         raise MalformedCommandError("body", "expected a byte string")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import cbor2
 
@@ -36,6 +36,7 @@ from protocols.limits import (
     ORDINAL_MAX,
     SEQ_MAX,
     TS_MAX_MS,
+    Budget,
     EnvelopeError,
     IntRangeError,
     InvalidFieldError,
@@ -44,7 +45,6 @@ from protocols.limits import (
     NotFiniteError,
     PayloadTooLargeError,
     Reason,
-    Budget,
     TooManyItemsError,
     check_attrs,
     check_count,
@@ -52,7 +52,7 @@ from protocols.limits import (
     check_point_key,
     check_str,
 )
-from protocols.seq_ranges import (  # re-exported: the envelope's ack ranges
+from protocols.seq_ranges import (  # re-exported (__all__): the arithmetic of ack ranges
     count_in_ranges,
     merge_ranges,
     ranges_from_seqs,
@@ -68,7 +68,8 @@ class UnsupportedVersionError(EnvelopeError):
     reason = Reason.UNSUPPORTED_VERSION
 
     def __init__(self, version: object) -> None:
-        shown = version if isinstance(version, int) and abs(version) < 2**32 else type(version).__name__
+        small = isinstance(version, int) and abs(version) < 2**32
+        shown = version if small else type(version).__name__
         super().__init__(f"unsupported envelope version {shown!r} (this side speaks {VERSION})")
         self.field = "v"
         self.version = version
@@ -265,7 +266,8 @@ def _get(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where
         raise MalformedEnvelopeError(f"{where}{key}", "missing")
     val = obj[key]
     if not isinstance(val, types) or (isinstance(val, bool) and bool not in _as_tuple(types)):
-        raise MalformedEnvelopeError(f"{where}{key}", f"expected {_names(types)}, got {type(val).__name__}")
+        raise MalformedEnvelopeError(
+            f"{where}{key}", f"expected {_names(types)}, got {type(val).__name__}")
     return val
 
 
@@ -325,7 +327,8 @@ def _valid_seq(row: object) -> int | None:
 
 
 _KINDS = {int(k): k for k in RecordKind}
-_FLAGS = {int(f): Flag(f) for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
+_FLAGS = {int(f): Flag(f)
+          for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
 _SCALARS = (int, float, str)
 _INT64_MAX = 2**63 - 1  # what both databases store
 
@@ -335,12 +338,14 @@ def _decode_record(i: int, row: object, pts: Sequence[str],
     # The hot path of central's ingest: type checks by exact class and table look-ups
     # instead of enum constructors (bool is a subclass of int, so `type(x) is int` excludes it).
     if type(row) is not list or not 6 <= len(row) <= 7:
-        raise MalformedEnvelopeError(f"r[{i}]", "expected [seq, kind, ts, point, value, flags, attrs?]")
+        raise MalformedEnvelopeError(
+            f"r[{i}]", "expected [seq, kind, ts, point, value, flags, attrs?]")
     seq, kind, ts, pidx, value, flags = row[:6]
     if not (type(seq) is int and type(ts) is int and type(pidx) is int):
         for name, v in (("seq", seq), ("ts", ts), ("point", pidx)):
             if type(v) is not int:
-                raise MalformedEnvelopeError(f"r[{i}].{name}", f"expected int, got {type(v).__name__}")
+                raise MalformedEnvelopeError(
+                    f"r[{i}].{name}", f"expected int, got {type(v).__name__}")
     if not 1 <= seq <= SEQ_MAX:
         check_int(f"r[{i}].seq", seq, 1, SEQ_MAX)
     if not 0 <= ts <= TS_MAX_MS:
@@ -356,22 +361,28 @@ def _decode_record(i: int, row: object, pts: Sequence[str],
     if bad_pts and pidx in bad_pts:
         raise bad_pts[pidx]
     if value is not None:
-        if type(value) is float:
-            if not math.isfinite(value):
-                raise NotFiniteError(f"r[{i}].value", "not finite")
-        elif type(value) is int:
-            if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
-                raise IntRangeError(f"r[{i}].value", "integer outside 64 bits")
-        elif type(value) is str:
-            if len(value) > MAX_TEXT_CHARS or "\x00" in value:
-                check_str(f"r[{i}].value", value, MAX_TEXT_CHARS)
-            budget.spend(f"r[{i}].value", len(value))
-        elif not isinstance(value, _SCALARS):
-            raise MalformedEnvelopeError(f"r[{i}].value", f"unsupported type {type(value).__name__}")
+        _check_value(i, value, budget)
     attrs = None
     if len(row) == 7:
         attrs = check_attrs(f"r[{i}].attrs", row[6], budget)
     return Record(seq, rkind, ts, None if pidx == -1 else pts[pidx], value, rflags, attrs)
+
+
+def _check_value(i: int, value: object, budget: Budget) -> None:
+    """The rules of record `i`'s value: a finite float, a 64-bit int, a bool, a short str."""
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise NotFiniteError(f"r[{i}].value", "not finite")
+    elif type(value) is int:
+        if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+            raise IntRangeError(f"r[{i}].value", "integer outside 64 bits")
+    elif type(value) is str:
+        if len(value) > MAX_TEXT_CHARS or "\x00" in value:
+            check_str(f"r[{i}].value", value, MAX_TEXT_CHARS)
+        budget.spend(f"r[{i}].value", len(value))
+    elif not isinstance(value, _SCALARS):
+        raise MalformedEnvelopeError(
+            f"r[{i}].value", f"unsupported type {type(value).__name__}")
 
 
 def _short(value: object) -> str:
@@ -385,7 +396,8 @@ def _decode_ack(obj: Mapping[str, Any], budget: Budget) -> Ack:
     for i, r in enumerate(raw):
         if (type(r) is not list or len(r) != 2 or not all(type(x) is int for x in r)
                 or r[0] < 1 or r[0] > r[1]):
-            raise MalformedEnvelopeError(f"ranges[{i}]", "expected [first, last] with 1 <= first <= last")
+            raise MalformedEnvelopeError(
+                f"ranges[{i}]", "expected [first, last] with 1 <= first <= last")
         check_int(f"ranges[{i}]", r[1], 1, SEQ_MAX)
         ranges.append((r[0], r[1]))
     return Ack(stream=stream, ranges=tuple(ranges))
@@ -415,9 +427,9 @@ def _decode_birth(obj: Mapping[str, Any], budget: Budget) -> Birth:
             raise TooManyItemsError("devs[].pts", total, MAX_POINTS_PER_BIRTH)
         points = []
         for j, p in enumerate(raw):
-            if type(p) is not list or len(p) != 4:
-                raise MalformedEnvelopeError(f"{where}pts[{j}]", "expected [ordinal, key, name_zh, unit]")
             at = f"{where}pts[{j}]"
+            if type(p) is not list or len(p) != 4:
+                raise MalformedEnvelopeError(at, "expected [ordinal, key, name_zh, unit]")
             points.append(PointInfo(ordinal=check_int(f"{at}.ordinal", p[0], 0, ORDINAL_MAX),
                                     key=check_str(f"{at}.key", p[1], MAX_POINT_KEY_CHARS),
                                     name_zh=check_str(f"{at}.name_zh", p[2], MAX_NAME_CHARS),
@@ -430,9 +442,8 @@ def _decode_birth(obj: Mapping[str, Any], budget: Budget) -> Birth:
     return Birth(gw=gw, stream=stream, boot_id=boot, version=ver, devices=tuple(devs))
 
 
-_DECODERS = {"data": _decode_data, "ack": _decode_ack, "state": _decode_state, "birth": _decode_birth}
-
-
+_DECODERS: Final[Mapping[str, Callable[[Mapping[str, Any], Budget], Message]]] = {
+    "data": _decode_data, "ack": _decode_ack, "state": _decode_state, "birth": _decode_birth}
 
 
 # --- for people ---------------------------------------------------------------------------
@@ -444,7 +455,7 @@ def to_jsonable(msg: Message) -> dict[str, Any]:
         return {"type": "data", "gw": msg.gw, "stream": msg.stream, "sent_ms": msg.sent_ms,
                 "records": [{"seq": r.seq, "kind": r.kind.name.lower(), "ts_ms": r.ts_ms,
                              "point": r.point, "value": r.value,
-                             "flags": [f.name.lower() for f in Flag if f and f in r.flags],
+                             "flags": [f.name.lower() for f in Flag if f.name and f in r.flags],
                              **({"attrs": dict(r.attrs)} if r.attrs else {})}
                             for r in msg.records]}
     if isinstance(msg, Ack):
@@ -458,3 +469,16 @@ def to_jsonable(msg: Message) -> dict[str, Any]:
             "devices": [{"id": d.id, "profile": d.profile, "profile_hash": d.profile_hash,
                          "points": [{"ordinal": p.ordinal, "key": p.key, "name_zh": p.name_zh,
                                      "unit": p.unit} for p in d.points]} for d in msg.devices]}
+
+
+__all__ = [
+    "DEVICE_POINT", "VERSION", "Ack", "Birth", "DataBatch", "DeviceInfo", "Flag", "Lane",
+    "Message", "PointInfo", "Record", "RecordKind", "RejectedRecord", "State",
+    "UnknownMessageTypeError", "UnsupportedVersionError", "Value", "decode", "encode",
+    "to_jsonable",
+    # from protocols.limits: the errors decode() raises
+    "EnvelopeError", "IntRangeError", "InvalidFieldError", "MalformedEnvelopeError",
+    "NotCborError", "NotFiniteError", "PayloadTooLargeError", "Reason", "TooManyItemsError",
+    # from protocols.seq_ranges: the arithmetic of an Ack's ranges
+    "count_in_ranges", "merge_ranges", "ranges_from_seqs", "seqs_in_ranges", "subtract_ranges",
+]

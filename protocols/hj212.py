@@ -32,8 +32,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final, Literal
 
-from protocols.errors import ProtocolError
-from protocols.stream import NEED_DATA, ByteStream, NeedData
+from protocols.errors import (
+    ChecksumMismatchError,
+    DeclaredLengthError,
+    FieldError,
+    ProtocolError,
+)
+from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
+from protocols.stream import ByteStream, NeedData
 
 HEADER: Final = b"##"
 TRAILER: Final = b"\r\n"
@@ -91,31 +97,20 @@ class Hj212Error(ProtocolError):
     """Base of every HJ 212 decode or encode error."""
 
 
-class Hj212CrcError(Hj212Error):
+class Hj212CrcError(Hj212Error, ChecksumMismatchError):
     """The CRC in the frame is not the CRC of its data segment."""
 
     def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"CRC mismatch: data gives {expected:04X}, frame carries {got:04X}")
-        self.expected = expected
-        self.got = got
+        super().__init__(f"CRC mismatch: data gives {expected:04X}, frame carries {got:04X}",
+                         expected, got)
 
 
-class Hj212LengthError(Hj212Error):
+class Hj212LengthError(Hj212Error, DeclaredLengthError):
     """The length field is not four digits, is too large, or does not match the frame."""
 
-    def __init__(self, reason: str, declared: int | None = None) -> None:
-        super().__init__(f"length: {reason}")
-        self.reason = reason
-        self.declared = declared
 
-
-class Hj212FormatError(Hj212Error):
+class Hj212FormatError(Hj212Error, FieldError):
     """A field of the frame or of its data segment is missing, repeated or malformed."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 def hj212_crc(data: bytes) -> int:

@@ -40,8 +40,9 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ProtocolError
-from protocols.stream import NEED_DATA, ByteStream, NeedData
+from protocols.errors import ChecksumMismatchError, FieldError, ProtocolError
+from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
+from protocols.stream import ByteStream, NeedData
 
 START: Final = 0x7E
 HEADER_LEN: Final = 12
@@ -85,15 +86,13 @@ class HrnpError(ProtocolError):
     """Base of every HRNP / HDAP / TMP decode or encode error."""
 
 
-class HrnpChecksumError(HrnpError):
+class HrnpChecksumError(HrnpError, ChecksumMismatchError):
     """A checksum does not match its data; `layer` is "hrnp" (u16) or "app" (u8)."""
 
     def __init__(self, layer: str, expected: int, got: int) -> None:
         super().__init__(f"{layer} checksum mismatch: data gives {expected:#06x}, "
-                         f"packet carries {got:#06x}")
+                         f"packet carries {got:#06x}", expected, got)
         self.layer = layer
-        self.expected = expected
-        self.got = got
 
 
 class HrnpLengthError(HrnpError):
@@ -106,13 +105,8 @@ class HrnpLengthError(HrnpError):
         self.declared = declared
 
 
-class HrnpFormatError(HrnpError):
+class HrnpFormatError(HrnpError, FieldError):
     """A field is missing, out of range or of an unknown kind."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class HrnpTextError(HrnpFormatError):

@@ -40,7 +40,7 @@ TS_MAX_MS: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 ORDINAL_MAX: Final = 2**31 - 1
 
 MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
-# The edge's `[mqtt] backlog_batch_size` is at most 50,000 (edge_agent.config).
+# The edge's `[mqtt] backlog_batch_size` is at most 50,000 (edge_agent.config.site).
 MAX_RECORDS_PER_BATCH: Final = 50_000
 MAX_POINTS_PER_BATCH: Final = MAX_RECORDS_PER_BATCH
 MAX_DEVICES_PER_BIRTH: Final = 4_096
@@ -70,7 +70,8 @@ class Reason(enum.StrEnum):
     STRING_TOO_LONG = "string_too_long"
     BAD_STRING = "bad_string"  # NUL inside
     NOT_FINITE = "not_finite"
-    TOO_MANY_ITEMS = "too_many_items"  # records or point keys per batch, devices or points per birth
+    # records or point keys per batch, devices or points per birth
+    TOO_MANY_ITEMS = "too_many_items"
     ATTRS_TOO_DEEP = "attrs_too_deep"
     ATTRS_TOO_LARGE = "attrs_too_large"
     SHARED_REFERENCE = "shared_reference"  # CBOR tags 28/29: a cycle or a shared value
@@ -265,20 +266,23 @@ class _AttrsWalk:
         stack: list[tuple[object, int]] = [(root, 1)]
         while stack:
             value, depth = stack.pop()
-            kind = type(value)
-            if kind is dict or kind is list:
-                if depth > MAX_ATTRS_DEPTH:
-                    raise AttrsTooDeepError(self.field, f"nested deeper than {MAX_ATTRS_DEPTH}")
-                self.budget.visit(self.field, value)
-                if kind is dict:
-                    for key, item in value.items():  # type: ignore[attr-defined]
-                        self._key(key)
-                        stack.append((item, depth + 1))
-                else:
-                    stack.extend((item, depth + 1) for item in value)  # type: ignore[attr-defined]
-                self._count(len(value))  # type: ignore[arg-type]
+            if type(value) is dict:
+                self._enter(value, depth)
+                for key, item in value.items():
+                    self._key(key)
+                    stack.append((item, depth + 1))
+                self._count(len(value))
+            elif type(value) is list:
+                self._enter(value, depth)
+                stack.extend((item, depth + 1) for item in value)
+                self._count(len(value))
             else:
                 self._scalar(value)
+
+    def _enter(self, container: dict[Any, Any] | list[Any], depth: int) -> None:
+        if depth > MAX_ATTRS_DEPTH:
+            raise AttrsTooDeepError(self.field, f"nested deeper than {MAX_ATTRS_DEPTH}")
+        self.budget.visit(self.field, container)
 
     def _count(self, n: int) -> None:
         self.nodes += n
@@ -298,18 +302,17 @@ class _AttrsWalk:
         self._chars(len(key))
 
     def _scalar(self, value: object) -> None:
-        kind = type(value)
-        if kind is str:
+        if type(value) is str:
             check_str(self.field, value, MAX_ATTRS_STR_CHARS)
-            self._chars(len(value))  # type: ignore[arg-type]
-        elif kind is int:
-            if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+            self._chars(len(value))
+        elif type(value) is int:
+            if not INT64_MIN <= value <= INT64_MAX:
                 raise IntRangeError(self.field, "an integer outside 64 bits")
-        elif kind is float:
-            if not math.isfinite(value):  # type: ignore[arg-type]
+        elif type(value) is float:
+            if not math.isfinite(value):
                 raise NotFiniteError(self.field, "a NaN or infinite number")
-        elif value is not None and kind is not bool:
-            raise UnsupportedValueError(self.field, f"a {kind.__name__} value")
+        elif value is not None and type(value) is not bool:
+            raise UnsupportedValueError(self.field, f"a {type(value).__name__} value")
 
 
 def error_fields(exc: EnvelopeError) -> Mapping[str, object]:

@@ -19,7 +19,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 from protocols.errors import ProtocolError
 
@@ -56,22 +56,21 @@ class ModbusPointError(ProtocolError):
     """Base of every error of the Modbus point codec."""
 
 
-class PointSpecError(ModbusPointError):
+class _PointKeyError(ModbusPointError):
+    """An error about the point `key`; `reason` says what."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class PointSpecError(_PointKeyError):
     """A point description is inconsistent (e.g. a bitfield without a bit, a 5-register u32)."""
 
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
 
-
-class PointDecodeError(ModbusPointError):
+class PointDecodeError(_PointKeyError):
     """The registers read for a point cannot be turned into a value."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 class PointEncodeError(ModbusPointError):
@@ -130,9 +129,6 @@ class PointSpec:
     length: int = 1
 
     def __post_init__(self) -> None:
-        def bad(reason: str) -> PointSpecError:
-            return PointSpecError(self.key, reason)
-
         if not isinstance(self.key, str) or not self.key:
             raise PointSpecError(str(self.key), "key must be a non-empty string")
         try:
@@ -140,11 +136,22 @@ class PointSpec:
             object.__setattr__(self, "byte_order", Order(self.byte_order))
             object.__setattr__(self, "word_order", Order(self.word_order))
         except ValueError as exc:
-            raise bad(str(exc)) from exc
+            raise self._bad(str(exc)) from exc
         if self.function not in BIT_FUNCTIONS | REGISTER_FUNCTIONS:
-            raise bad(f"function {self.function!r} is not 1, 2, 3 or 4")
+            raise self._bad(f"function {self.function!r} is not 1, 2, 3 or 4")
         if not isinstance(self.address, int) or not 0 <= self.address <= MAX_ADDRESS:
-            raise bad(f"address {self.address!r} is outside 0..{MAX_ADDRESS}")
+            raise self._bad(f"address {self.address!r} is outside 0..{MAX_ADDRESS}")
+        self._check_layout()
+        self._check_scaling()
+        if self.address + register_count(self) - 1 > MAX_ADDRESS:
+            raise self._bad(f"registers run past address {MAX_ADDRESS}")
+
+    def _bad(self, reason: str) -> PointSpecError:
+        return PointSpecError(self.key, reason)
+
+    def _check_layout(self) -> None:
+        """length, bit_count and bit against the type and the function code."""
+        bad = self._bad
         if not isinstance(self.length, int) or self.length < 1:
             raise bad("length must be a positive integer")
         if self.length != 1 and self.dtype is not DataType.STRING:
@@ -167,6 +174,9 @@ class PointSpec:
                 raise bad(f"bit {self.bit!r} is outside 0..15")
             if self.bit + self.bit_count > 16:
                 raise bad(f"bits {self.bit}..{self.bit + self.bit_count - 1} leave the register")
+
+    def _check_scaling(self) -> None:
+        bad = self._bad
         for name in ("scale", "offset"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -177,8 +187,6 @@ class PointSpec:
             raise bad("scale must not be 0")
         if self.dtype in _UNSCALED and (self.scale != 1 or self.offset != 0):
             raise bad(f"{self.dtype} points take no scale or offset")
-        if self.address + register_count(self) - 1 > MAX_ADDRESS:
-            raise bad(f"registers run past address {MAX_ADDRESS}")
 
     @property
     def scaled(self) -> bool:
@@ -195,16 +203,19 @@ def register_count(spec: PointSpec) -> int:
     return numeric[1] if numeric else 1
 
 
+def _byteorder(spec: PointSpec) -> Literal["big", "little"]:
+    return "big" if spec.byte_order is Order.BIG else "little"
+
+
 def _words_to_bytes(spec: PointSpec, words: Sequence[int]) -> bytes:
     ordered = list(words)
     if spec.word_order is Order.LITTLE and spec.dtype is not DataType.STRING:
         ordered.reverse()  # little word order: the first register holds the low word
-    byteorder = "big" if spec.byte_order is Order.BIG else "little"
-    return b"".join(w.to_bytes(2, byteorder) for w in ordered)
+    return b"".join(w.to_bytes(2, _byteorder(spec)) for w in ordered)
 
 
 def _bytes_to_words(spec: PointSpec, data: bytes) -> list[int]:
-    byteorder = "big" if spec.byte_order is Order.BIG else "little"
+    byteorder = _byteorder(spec)
     words = [int.from_bytes(data[i : i + 2], byteorder) for i in range(0, len(data), 2)]
     if spec.word_order is Order.LITTLE and spec.dtype is not DataType.STRING:
         words.reverse()
@@ -254,7 +265,7 @@ def decode_point(spec: PointSpec, words: Sequence[int]) -> PointValue:
         except UnicodeDecodeError as exc:
             raise PointDecodeError(spec.key, f"not UTF-8 text: {exc.reason}") from exc
     fmt, _ = _NUMERIC[dtype]
-    (raw,) = struct.unpack(">" + fmt, data)
+    raw: int | float = struct.unpack(">" + fmt, data)[0]
     if isinstance(raw, float) and not math.isfinite(raw):
         raise PointDecodeError(spec.key, f"value is {raw} (not a finite number)")
     if not spec.scaled:
@@ -274,41 +285,55 @@ def encode_point(
     register's `current` contents to keep the other bits (read-modify-write); without it they
     are zero. Scaled integer points round `(value - offset) / scale` to the nearest integer.
     """
+    if spec.dtype is DataType.BOOL:
+        return [_encode_bool(spec, value, current)]
+    if spec.dtype is DataType.BITFIELD:
+        return [_encode_bitfield(spec, value, current)]
+    if spec.dtype is DataType.STRING:
+        return _encode_string(spec, value)
+    return _encode_number(spec, value)
 
+
+def _encode_bool(spec: PointSpec, value: PointValue, current: Sequence[int] | None) -> int:
+    if not isinstance(value, bool | int) or (not isinstance(value, bool) and value not in (0, 1)):
+        raise PointEncodeError(spec.key, value, "expected a bool")
+    if spec.function in BIT_FUNCTIONS or spec.bit is None:
+        return int(bool(value))
+    return _merge_bits(spec, current, spec.bit, 1, int(bool(value)))
+
+
+def _encode_bitfield(spec: PointSpec, value: PointValue, current: Sequence[int] | None) -> int:
+    assert spec.bit is not None  # checked by PointSpec
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PointEncodeError(spec.key, value, "expected an integer")
+    if not 0 <= value < (1 << spec.bit_count):
+        raise PointEncodeError(spec.key, value, f"outside 0..{(1 << spec.bit_count) - 1}")
+    return _merge_bits(spec, current, spec.bit, spec.bit_count, value)
+
+
+def _encode_string(spec: PointSpec, value: PointValue) -> list[int]:
+    def bad(reason: str) -> PointEncodeError:
+        return PointEncodeError(spec.key, value, reason)
+
+    if not isinstance(value, str):
+        raise bad("expected a string")
+    if "\x00" in value:
+        raise bad("contains NUL")
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: not text a device can hold
+        raise bad("not valid Unicode text") from None
+    size = 2 * spec.length
+    if len(data) > size:
+        raise bad(f"{len(data)} bytes do not fit in {spec.length} registers")
+    return _bytes_to_words(spec, data.ljust(size, b"\x00"))
+
+
+def _encode_number(spec: PointSpec, value: PointValue) -> list[int]:
     def bad(reason: str) -> PointEncodeError:
         return PointEncodeError(spec.key, value, reason)
 
     dtype = spec.dtype
-    if dtype is DataType.BOOL:
-        if not isinstance(value, bool | int) or (
-            not isinstance(value, bool) and value not in (0, 1)
-        ):
-            raise bad("expected a bool")
-        if spec.function in BIT_FUNCTIONS:
-            return [int(bool(value))]
-        if spec.bit is None:
-            return [int(bool(value))]
-        return [_merge_bits(spec, current, spec.bit, 1, int(bool(value)))]
-    if dtype is DataType.BITFIELD:
-        assert spec.bit is not None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("expected an integer")
-        if not 0 <= value < (1 << spec.bit_count):
-            raise bad(f"outside 0..{(1 << spec.bit_count) - 1}")
-        return [_merge_bits(spec, current, spec.bit, spec.bit_count, value)]
-    if dtype is DataType.STRING:
-        if not isinstance(value, str):
-            raise bad("expected a string")
-        if "\x00" in value:
-            raise bad("contains NUL")
-        try:
-            data = value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: not text a device can hold
-            raise bad("not valid Unicode text") from None
-        size = 2 * spec.length
-        if len(data) > size:
-            raise bad(f"{len(data)} bytes do not fit in {spec.length} registers")
-        return _bytes_to_words(spec, data.ljust(size, b"\x00"))
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad(f"expected a number for {dtype}")
     if not math.isfinite(value):

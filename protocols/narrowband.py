@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from protocols.alarm_attrs import AlarmState, RuleKind
 from protocols.errors import ProtocolError
 from protocols.limits import INT64_MAX, SEQ_MAX, TS_MAX_MS
 
@@ -134,7 +135,7 @@ class FrameKind(enum.IntEnum):
 
 
 class AlarmRule(enum.IntEnum):
-    """The edge rule kinds (edge_agent.rules.RuleKind) by wire code; 4 bits."""
+    """The edge rule kinds (`protocols.alarm_attrs.RuleKind`) by wire code; 4 bits."""
 
     HIGH = 0
     LOW = 1
@@ -153,11 +154,12 @@ class AlarmTransition(enum.IntEnum):
 
 # The names an alarm record's attrs use for these codes (`rule`, `state`): the edge turns
 # records into entries by them, central entries back into records, so both read them here.
-RULE_NAMES: Final = {AlarmRule.HIGH: "high", AlarmRule.LOW: "low", AlarmRule.RATE: "rate",
-                     AlarmRule.STALE: "stale", AlarmRule.DEVICE_OFFLINE: "device_offline"}
-TRANSITION_NAMES: Final = {AlarmTransition.RAISED: "raised",
-                           AlarmTransition.CHANGED: "changed",
-                           AlarmTransition.CLEARED: "cleared"}
+RULE_NAMES: Final = {AlarmRule.HIGH: RuleKind.HIGH, AlarmRule.LOW: RuleKind.LOW,
+                     AlarmRule.RATE: RuleKind.RATE, AlarmRule.STALE: RuleKind.STALE,
+                     AlarmRule.DEVICE_OFFLINE: RuleKind.OFFLINE}
+TRANSITION_NAMES: Final = {AlarmTransition.RAISED: AlarmState.RAISED,
+                           AlarmTransition.CHANGED: AlarmState.CHANGED,
+                           AlarmTransition.CLEARED: AlarmState.CLEARED}
 
 
 class PowerState(enum.IntEnum):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Final
 
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError, ProtocolError
 
 DCS_UCS2: Final = 0x08
 MAX_UD_OCTETS: Final = 140  # §9.2.3.16 with an 8-bit or UCS2 alphabet
@@ -49,13 +49,8 @@ class SmsError(ProtocolError):
     """Base of every SMS PDU decode or encode error."""
 
 
-class SmsFormatError(SmsError):
+class SmsFormatError(SmsError, FieldError):
     """A field is missing, out of range, or not what this codec supports."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 def _check_int(field: str, value: object, top: int, low: int = 0) -> None:

@@ -24,6 +24,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from protocols.errors import ChecksumMismatchError, DeclaredLengthError
 from protocols.stream import NEED_DATA, ByteStream, NeedData
 from protocols.terminal_messages import (
     BATTERY_UNKNOWN,
@@ -56,24 +57,17 @@ DEFAULT_MAX_BODY: Final = 1024  # §3.3: every receiver takes at least this much
 MAX_BODY: Final = 0xFFFF
 
 
-class TerminalCrcError(TerminalError):
+class TerminalCrcError(TerminalError, ChecksumMismatchError):
     """A CRC does not match; `part` is "header" or "body"."""
 
     def __init__(self, part: str, expected: int, got: int) -> None:
         super().__init__(f"{part} CRC mismatch: data gives {expected:#06x}, frame carries "
-                         f"{got:#06x}")
+                         f"{got:#06x}", expected, got)
         self.part = part
-        self.expected = expected
-        self.got = got
 
 
-class TerminalLengthError(TerminalError):
+class TerminalLengthError(TerminalError, DeclaredLengthError):
     """A frame is shorter than its header says, longer, or declares too long a body."""
-
-    def __init__(self, reason: str, declared: int | None = None) -> None:
-        super().__init__(f"length: {reason}")
-        self.reason = reason
-        self.declared = declared
 
 
 class TerminalFrameRefused(TerminalError):

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from protocols.errors import ProtocolError
+from protocols.errors import FieldError, ProtocolError
 
 MAX_TERMINAL_ID_LEN: Final = 32  # §4.4: bytes of printable ASCII
 _TERMINAL_ID = re.compile(rb"[\x21-\x7e]{1,32}")
@@ -28,13 +28,8 @@ class TerminalError(ProtocolError):
     """Base of every 叫应 terminal protocol decode or encode error."""
 
 
-class TerminalFormatError(TerminalError):
+class TerminalFormatError(TerminalError, FieldError):
     """A field is missing, out of range or of an unknown kind."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
 
 
 class MessageType(enum.IntEnum):
@@ -348,6 +343,7 @@ def decode_body(kind: int, body: bytes) -> Message:
     r = _Reader(f"{kind:#04x}", body)
     match kind:
         case MessageType.PLAY:
+            # The enum fields take the wire's int: __post_init__ checks and converts it.
             message: Message = Play(r.int("warning_id", 4), r.int("level", 1),  # type: ignore[arg-type]
                                     r.int("repeat", 1), _decode_text("text", r.rest()))
         case MessageType.DISPLAY:

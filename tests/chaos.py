@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_agent.outbox import read_status
+from edge_agent.outbox.store import read_status
+from tests.derived import derived_problems
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
 from tests.netproxy import LinkProxy
@@ -46,6 +47,8 @@ class ChaosReport:
     alarms_at_central: int
     alarm_max_delay_s: float
     seconds: float
+    duplicates_seen: float = 0.0  # central's duplicate counter over the run: dedup exercised
+    derived_problems: list[str] = field(default_factory=list)  # tests/derived.py
     missing_sample: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -158,7 +161,7 @@ class ChaosRun:
             wait_for(lambda: self.central.db_path.exists() and sqlite_rows(
                 self.central.db_path, "SELECT count(*) FROM readings")[0][0] > 0,
                 timeout=60, what="first readings at central")
-            kinds, weights = zip(*self.faults_weights.items())
+            kinds, weights = zip(*self.faults_weights.items(), strict=True)
             for i in range(self.faults):
                 # every tenth fault carries an alarm through an outage, whatever the seed
                 kind = "alarm_in_outage" if i % 10 == 5 else self.rng.choices(kinds, weights)[0]
@@ -215,6 +218,9 @@ class ChaosRun:
             mismatched=mismatched, thinned_reported=len(thinned), alarms_raised=len(alarms),
             alarms_at_central=sum(1 for s in alarms if s in held),
             alarm_max_delay_s=round(max(delays, default=0.0), 2), seconds=round(seconds, 1),
+            duplicates_seen=self.central.duplicates_seen(),
+            derived_problems=derived_problems(
+                lambda sql, args: sqlite_rows(self.central.db_path, sql, args), GW, stream),
             missing_sample=missing[:20])
 
 

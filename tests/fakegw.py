@@ -183,6 +183,12 @@ class FakeGateway:
             self.client.publish(self._data_topic, payload, qos=1)
         return len(due)
 
+    def publish_again(self, first: int, size: int) -> None:
+        """Publish records `first`..`first + size - 1` once more, as a gateway does whose ack
+        was lost: central must count them as duplicates and store nothing new."""
+        self.counters.resends += 1
+        self.client.publish(self._data_topic, self._batch(first, size), qos=1)
+
     @property
     def last_seq(self) -> int:
         return self.next_seq - 1

@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,15 @@ class Child:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+    def freeze(self, seconds: float) -> None:
+        """SIGSTOP for `seconds`, then SIGCONT: alive and connected, answering nothing."""
+        assert self.proc is not None and self.running, f"{self.name} is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:
@@ -139,6 +149,7 @@ class Central(Child):
         self.db_url = db_url or f"sqlite:///{self.db_path}"
         self.http_port = free_port()
         self._auth: dict[str, str] | None = None
+        self._duplicates = 0.0
         super().__init__(name, [sys.executable, "-m", "central", "serve", "--db", self.db_url,
                                 "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker_port),
                                 "--http-port", str(self.http_port), *extra_args], workdir)
@@ -151,6 +162,28 @@ class Central(Child):
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    def kill(self) -> None:
+        self._keep_duplicates()
+        super().kill()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        self._keep_duplicates()
+        return super().stop(timeout)
+
+    def duplicates_seen(self) -> float:
+        """Central's `records_duplicate_total` summed over every life of this process in the
+        run (its counter restarts with it): did any record really arrive twice?"""
+        return self._duplicates + (self._scrape_duplicates() or 0.0)
+
+    def _keep_duplicates(self) -> None:
+        if self.running:
+            self._duplicates += self._scrape_duplicates() or 0.0
+
+    def _scrape_duplicates(self) -> float | None:
+        from tests.derived import scrape_duplicates
+
+        return scrape_duplicates(self.base_url, self.auth_headers())
 
     def auth_headers(self) -> dict[str, str]:
         """An admin's bearer header for this central (made with `central user add` the first

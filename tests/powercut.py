@@ -67,8 +67,8 @@ NOTING(fdatasync)
 _APPENDER = r"""
 import asyncio, json, os, signal, sys
 from pathlib import Path
-from edge_agent.clock import ClockGuard
-from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.health.clock import ClockGuard
+from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import RecordKind
 
 db, boot, readings, batch, log = (Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]),

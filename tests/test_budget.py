@@ -14,9 +14,9 @@ from typing import Any
 import cbor2
 import pytest
 
-from edge_agent.config import ConfigError, parse_config
-from edge_agent.outbox import NewRecord, Outbox, OutboxDiskFullError, read_status
-from edge_agent.outbox_budget import BudgetPolicy, DiskBudget
+from edge_agent.config.site import ConfigError, parse_config
+from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, read_status
+from edge_agent.outbox.budget import BudgetPolicy, DiskBudget
 from protocols.envelope import RecordKind
 
 TEL, ALARM = RecordKind.TELEMETRY, RecordKind.ALARM

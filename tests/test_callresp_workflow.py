@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from central.api import create_app
+from central.app import create_app
 from central.callresp.service import CallRespService
 from central.callresp.settings import CallRespSettings
 from central.settings import Settings

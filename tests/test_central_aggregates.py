@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from central.api import create_app
+from central.app import create_app
 from central.settings import Settings
 from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.aggregates import HOUR_MS, MINUTE_MS, choose_resolution
@@ -193,8 +193,8 @@ async def test_series_api_picks_resolution_and_returns_buckets(tmp_path: Path) -
 
 async def test_history_upkeep_applies_settings_and_counts(tmp_path: Path) -> None:
     """start_history applies the time tolerance; its flush and purge feed the metrics."""
-    from central.history import start_history
-    from central.metrics import Metrics
+    from central.storage.history import start_history
+    from central.health.metrics import Metrics
 
     settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", future_tolerance_s=10,
                         retention_raw_days=1)

@@ -14,10 +14,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from central.alarm_engine import BadAlarmRecordError, event_from_record
-from central.alarm_rules import AlarmRules
-from central.alarm_types import AlarmEvent, AlarmPolicy, EdgeState
-from central.alarms import (
+from central.alarms.engine import BadAlarmRecordError, event_from_record
+from central.alarms.rules import AlarmRules
+from central.alarms.lifecycle import AlarmEvent, AlarmPolicy, EdgeState
+from central.alarms.desk import (
     AlarmStateError,
     UnknownAlarmError,
     acknowledge,
@@ -28,8 +28,8 @@ from central.alarms import (
     get_alarm,
     list_alarms,
 )
-from central.api import create_app
-from central.areas import (
+from central.app import create_app
+from central.areas.tree import (
     SEED_DIR,
     AreaLevel,
     AreaPlacementError,
@@ -53,7 +53,7 @@ GW = "gw-a"
 
 def alarm(seq: int, state: str, level: int, *, ts: int | None = None, key: str = KEY,
           value: float = 30.0) -> Record:
-    """An ALARM record as `edge_agent.rules.AlarmEvent.to_record` makes it."""
+    """An ALARM record as `edge_agent.alarms.rules.AlarmEvent.to_record` makes it."""
     device, point, rule = key.split("/")
     return Record(seq=seq, kind=RecordKind.ALARM, ts_ms=T0 + seq * 1000 if ts is None else ts,
                   point=f"{device}/{point}", value=value,

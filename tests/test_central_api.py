@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from central import cli
-from central.api import create_app, parse_time
+from central.app import create_app, parse_time
 from central.mqtt_client import Client as MqttClient
 from central.settings import Settings, SettingsError, load_settings
 from central.storage import open_storage

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from central.api import create_app
+from central.app import create_app
 from central.settings import Settings
 from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.program import Program, Sql
@@ -248,7 +248,7 @@ async def _older_database(backend: str, tmp_path: Path, url: str) -> None:
     if backend == "sqlite":
         import sqlite3
 
-        from central.storage.sqlite import MIGRATIONS
+        from central.storage.sqlite_schema import MIGRATIONS
 
         conn = sqlite3.connect(tmp_path / "central.db", isolation_level=None)
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from central.ingest import Ingest
-from central.metrics import Metrics
+from central.ingest.subscriber import Ingest
+from central.health.metrics import Metrics
 from central.mqtt_client import Client as MqttClient
 from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
@@ -198,7 +198,7 @@ async def test_reconnects_after_broker_is_killed(mosquitto: Mosquitto, tmp_path:
 @pytest.mark.parametrize("topic", ["fieldlink/v1/_central/up/data", "fieldlink/v1/gw-1/up"])
 async def test_check_message_rejects_topics_outside_contract(topic: str) -> None:
     """Topics outside the contract raise TopicError before the payload is read."""
-    from central.ingest import check_message
+    from central.ingest.subscriber import check_message
 
     with pytest.raises(topics.TopicError):
         check_message(topic, env.encode(data("gw-1", "s1", [1])))

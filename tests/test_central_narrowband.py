@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from central.alarms import alarm_history, list_alarms
-from central.api import create_app
-from central.metrics import Metrics
-from central.narrowband import NarrowbandReceiver
+from central.alarms.desk import alarm_history, list_alarms
+from central.app import create_app
+from central.health.metrics import Metrics
+from central.narrowband.receiver import NarrowbandReceiver
 from central.settings import NarrowbandGateway, Settings, SettingsError, load_settings
 from central.storage import Storage, open_storage
 from central.storage.program import Sql
@@ -221,7 +221,7 @@ async def test_bad_input_is_counted_and_the_loop_goes_on(tmp_path: Path) -> None
 
 def full_record(seq: int, value: float, ts_ms: int, state: str = "raised",
                       level: int = 1) -> env.Record:
-    """The ALARM record the edge sends over IP (as `edge_agent.rules.AlarmEvent.to_record`)."""
+    """The ALARM record the edge sends over IP (as `edge_agent.alarms.rules.AlarmEvent.to_record`)."""
     return env.Record(seq=seq, kind=env.RecordKind.ALARM, ts_ms=ts_ms, point="gas-1/gas_lel",
                       value=value, attrs={"alarm_id": "gas-1/gas_lel/high", "rule": "high",
                                           "state": state, "level": level, "prev_level": 0,

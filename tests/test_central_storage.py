@@ -19,7 +19,7 @@ from central.storage import (
     UnsupportedDatabaseError,
     open_storage,
 )
-from central.storage.sqlite import MIGRATIONS
+from central.storage.sqlite_schema import MIGRATIONS
 from protocols.envelope import (
     Birth,
     DataBatch,

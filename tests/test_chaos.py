@@ -17,6 +17,8 @@ def test_twenty_random_faults_lose_and_double_nothing(tmp_path: Path) -> None:
     assert report.faults == 20
     assert report.lost == 0, report.missing_sample
     assert report.duplicated == 0
+    assert not report.derived_problems, report.derived_problems  # aggregates, history, ranges
+    assert report.duplicates_seen > 0, "no record arrived twice: nothing tested dedup"
     assert report.mismatched == 0
     assert report.alarms_raised > 0, "the run raised no alarm to carry through an outage"
     assert report.alarms_at_central == report.alarms_raised

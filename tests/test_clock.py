@@ -9,9 +9,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from edge_agent.cli import app
-from edge_agent.clock import ClockGuard, SuspectReason, boottime_ns, current_boot_id
-from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.cli.app import app
+from edge_agent.health.clock import ClockGuard, SuspectReason, boottime_ns, current_boot_id
+from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import Flag, Record, RecordKind
 
 FLOOR = 1_767_225_600_000  # 2026-01-01

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from central.commands_store import (
+from central.commands.store import (
     ORIGIN_GATEWAY,
     CommandStore,
     DuplicateCommandError,
@@ -16,7 +16,7 @@ from central.commands_store import (
     StoredCommand,
     UnknownCommandError,
 )
-from central.keys import SigningKeyError, key_path_for, load_or_create_key
+from central.commands.keys import SigningKeyError, key_path_for, load_or_create_key
 from central.settings import Settings
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import public_key_raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from central.commands_check import WritePolicy, WriteRefusedError
+from central.commands.check import WritePolicy, WriteRefusedError
 from device_profiles.loader import ProfileError, find_profile, parse_profile
 from protocols.commands import WritePoint
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt import publish
 from pymodbus.client import ModbusTcpClient
 
-from central.keys import load_private_key
+from central.commands.keys import load_private_key
 from protocols import commands as c
 from protocols import topics
 from tests.fleet import Agent, Central, DeviceDef, Simulator

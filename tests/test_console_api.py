@@ -16,8 +16,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from central.api import STATIC, create_app
-from central.demo import POSITIONS, SITE_POSITIONS
+from central.app import STATIC, create_app
+from central.demo.run import POSITIONS, SITE_POSITIONS
 from central.settings import Settings
 from central.storage import open_storage
 from protocols.envelope import Birth, DataBatch, DeviceInfo, PointInfo, Record, RecordKind, State

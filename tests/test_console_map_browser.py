@@ -144,7 +144,7 @@ FLEET = (("gw-hy-01", 30.560, 114.240, "ip"), ("gw-wc-01", 30.555, 114.320, "ip"
 
 async def more_fleet(db_url: str) -> None:
     """Store what these gateways' last state messages said, as ingest would."""
-    from central.geo import Position, set_gateway_position
+    from central.console.geo import Position, set_gateway_position
 
     async with open_storage(db_url) as st:
         for gw, lat, lon, bearer in FLEET:

@@ -13,7 +13,7 @@ from typer.main import get_command
 
 from central.cli import app as central_app
 from central.cli import config_defaults, default_config
-from edge_agent.cli_common import DEFAULT_CONFIG as EDGE_DEFAULT
+from edge_agent.cli.common import DEFAULT_CONFIG as EDGE_DEFAULT
 
 BIN = Path(sys.executable).parent
 

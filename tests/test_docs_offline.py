@@ -13,8 +13,8 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from central.api import STATIC, create_app
-from central.docs_api import ASSETS, TYPES
+from central.app import STATIC, create_app
+from central.web.docs import ASSETS, TYPES
 from central.settings import Settings
 from tests.browser import OFFLINE, chromium, console_login, requested_urls
 from tests.fleet import Central

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from device_profiles import builtin_profiles_dir
 from edge_agent import __version__
-from edge_agent.cli import app
-from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.cli.app import app
+from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import RecordKind
 from tests.helpers import Mosquitto, python_env, wait_for
 

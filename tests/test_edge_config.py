@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import ConfigError, load_config, parse_config
+from edge_agent.config.site import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,8 +183,8 @@ def test_profile_check_can_be_skipped() -> None:
 def test_birth_ordinals_follow_config_order(tmp_path: Path) -> None:
     """Birth lists devices with profile id and hash; ordinals run over devices in config order
     and a disabled device keeps its ordinals (adding or enabling one renumbers nothing)."""
-    from edge_agent.birth import build_birth
-    from edge_agent.config import resolve_profiles
+    from edge_agent.uplink.birth import build_birth
+    from edge_agent.config.site import resolve_profiles
 
     path = tmp_path / "site.toml"
     path.write_text(GOOD)

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from central.settings import SettingsError, load_settings
-from edge_agent.cli import app as edge_cli
-from edge_agent.config import ConfigError, load_config, loose_key_files
-from edge_agent.doctor import run_checks
-from edge_agent.enrolment import set_table
+from edge_agent.cli.app import app as edge_cli
+from edge_agent.config.site import ConfigError, load_config, loose_key_files
+from edge_agent.cli.doctor import run_checks
+from edge_agent.uplink.enrolment import set_table
 
 BASE = """\
 [gateway]

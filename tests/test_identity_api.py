@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Mount
 
-from central.api import create_app
-from central.areas import assign_gateway, create_area
+from central.app import create_app
+from central.areas.tree import assign_gateway, create_area
 from central.identity.authz import is_public
 from central.settings import Settings
 from central.storage import Storage

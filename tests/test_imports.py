@@ -157,7 +157,7 @@ def test_checker_catches_violations() -> None:
         "from . import envelope",                          # 5 allowed: protocols.envelope
         "from ..central import storage",                   # 6 forbidden: above the package
         "def f():",                                        # 7
-        "    from edge_agent.outbox import Outbox",        # 8 forbidden: project package
+        "    from edge_agent.outbox.store import Outbox",        # 8 forbidden: project package
         "    import importlib",                            # 9 allowed
         "    importlib.import_module('sqlite3')",          # 10 forbidden: dynamic
         "if False:",                                       # 11
@@ -166,13 +166,13 @@ def test_checker_catches_violations() -> None:
     ])
     found = check_source(source, "protocols/bad.py", "protocols.bad", RULES["protocols"])
     assert [(v.line, v.imported) for v in found] == [
-        (2, "asyncio"), (3, "socket.socket"), (6, "..central"), (8, "edge_agent.outbox"),
+        (2, "asyncio"), (3, "socket.socket"), (6, "..central"), (8, "edge_agent.outbox.store"),
         (10, "sqlite3"), (12, "paho.mqtt"),
     ]
     assert str(found[0]).startswith("protocols/bad.py:2: imports asyncio")
 
     central = "import asyncio\nfrom firmware_stubs.modbus_sim import X\nfrom .storage import Y\n"
-    found = check_source(central, "central/api.py", "central.api", RULES["central"])
+    found = check_source(central, "central/app.py", "central.app", RULES["central"])
     assert [(v.line, v.imported) for v in found] == [(2, "firmware_stubs.modbus_sim")]
 
     # In a package's __init__.py, `.` is the package itself, so `..` is its parent.
@@ -188,10 +188,10 @@ def test_package_walk_finds_nested_modules(tmp_path: Path) -> None:
     (tmp_path / "edge_agent" / "__init__.py").write_text("")
     (tmp_path / "edge_agent" / "bearers" / "__init__.py").write_text("from . import beidou\n")
     (tmp_path / "edge_agent" / "bearers" / "beidou.py").write_text(
-        "import serial\nfrom ..outbox import Outbox\n\nfrom central.ingest import x\n"
+        "import serial\nfrom ..outbox import Outbox\n\nfrom central.ingest.subscriber import x\n"
     )
     found = check_package(RULES["edge_agent"], root=tmp_path)
     assert [str(v) for v in found] == [
-        "edge_agent/bearers/beidou.py:4: imports central.ingest "
+        "edge_agent/bearers/beidou.py:4: imports central.ingest.subscriber "
         "(edge_agent/ may import only device_profiles, edge_agent, protocols)"
     ]

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from central.ingest import Ingest
-from central.metrics import Metrics
+from central.ingest.subscriber import Ingest
+from central.health.metrics import Metrics
 from central.mqtt_client import Client as MqttClient
 from central.settings import Settings
 from central.storage import Storage, open_storage

@@ -17,10 +17,10 @@ from typing import Any
 from typer.testing import CliRunner
 
 from central.mqtt_client import Client as MqttClient
-from edge_agent.cli import app
-from edge_agent.outbox import NewRecord, Outbox
-from edge_agent.pacing import BacklogPacer
-from edge_agent.uplink import Uplink
+from edge_agent.cli.app import app
+from edge_agent.outbox.store import NewRecord, Outbox
+from edge_agent.uplink.pacing import BacklogPacer
+from edge_agent.uplink.link import Uplink
 from protocols import topics
 from protocols.envelope import (
     Ack,

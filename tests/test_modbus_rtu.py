@@ -7,28 +7,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols.errors import ProtocolError
+from protocols.modbus_pdu import (
+    ReadRequest,
+    WriteMultipleRequest,
+    WriteSingleRequest,
+    decode_read_response,
+    decode_request,
+    encode_exception,
+    encode_read_response,
+    encode_request,
+    encode_write_response,
+)
 from protocols.modbus_rtu import (
     NEED_DATA,
     CrcMismatchError,
     Direction,
     FrameError,
     PduError,
-    ReadRequest,
     RtuDecoder,
     RtuEncodeError,
     RtuFrame,
     UnknownFunctionError,
-    WriteMultipleRequest,
-    WriteSingleRequest,
     crc16,
     decode_frame,
-    decode_read_response,
-    decode_request,
-    encode_exception,
     encode_frame,
-    encode_read_response,
-    encode_request,
-    encode_write_response,
     frame_length,
     inter_frame_gap_s,
 )

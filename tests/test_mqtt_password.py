@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from central.api import create_app
+from central.app import create_app
 from central.settings import Settings
-from edge_agent.config import load_config
-from edge_agent.outbox import NewRecord, Outbox
-from edge_agent.uplink import Uplink
+from edge_agent.config.site import load_config
+from edge_agent.outbox.store import NewRecord, Outbox
+from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth, RecordKind
 from tests.helpers import Mosquitto, until
 from tests.identity import authorize
@@ -78,7 +78,7 @@ async def test_gateway_and_central_log_in_with_passwords(password_broker: Mosqui
                     await ob.append([NewRecord(RecordKind.TELEMETRY, 1_700_000_000_000 + i,
                                                "d/t", float(i)) for i in range(5)])
                     if works:
-                        await until(lambda: up.counters.records_acked == 5, "records acked")
+                        await until(lambda up=up: up.counters.records_acked == 5, "records acked")
                     else:
                         await asyncio.sleep(2)
                         assert up.counters.connects == 0 and not up.connected

@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from central.api import create_app
+from central.app import create_app
 from central.settings import NarrowbandGateway, Settings
 from device_profiles import find_profile
-from edge_agent.config import parse_config
-from edge_agent.errors import EdgeError
-from edge_agent.outbox import read_status
-from edge_agent.supervisor import run_agent
+from edge_agent.config.site import parse_config
+from edge_agent import EdgeError
+from edge_agent.outbox.store import read_status
+from edge_agent.agent import run_agent
 from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from device_profiles import find_profile
-from edge_agent.outbox import NewRecord, Outbox, read_status
+from edge_agent.outbox.store import NewRecord, Outbox, read_status
 from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols.envelope import RecordKind

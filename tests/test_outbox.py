@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.outbox import (
+from edge_agent.outbox.store import (
     NewRecord,
     Outbox,
     OutboxCorruptError,
@@ -175,7 +175,7 @@ def test_readers_wait_for_a_store_the_daemon_is_still_creating(tmp_path: Path) -
     """The CLI readers meet a file whose first migration has not committed (the agent is
     starting): the outbox reader says there is no outbox yet, the alarm reader sees no alarms;
     neither trips over the missing tables."""
-    from edge_agent.alarm_store import read_alarms
+    from edge_agent.alarms.store import read_alarms
 
     for name in ("o.db", "alarms.db"):
         sqlite3.connect(tmp_path / name).execute("PRAGMA journal_mode=WAL").fetchone()
@@ -188,7 +188,7 @@ def test_readers_wait_for_a_store_the_daemon_is_still_creating(tmp_path: Path) -
 _APPENDER = """
 import asyncio, sys
 from pathlib import Path
-from edge_agent.outbox import NewRecord, Outbox
+from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import RecordKind
 
 async def main():

@@ -15,14 +15,14 @@ import cbor2
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent.alarm_store import AlarmStore, read_alarms
-from edge_agent.alarms import AlarmRules
-from edge_agent.cli import app
-from edge_agent.outbox import NewRecord, Outbox, OutboxDiskFullError, OutboxFullError
-from edge_agent.outbox_db import backlog_from_counters, translate
-from edge_agent.rules import Rule, RuleEngine, RuleKind
+from edge_agent.alarms.store import AlarmStore, read_alarms
+from edge_agent.alarms.wiring import AlarmRules
+from edge_agent.cli.app import app
+from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, OutboxFullError
+from edge_agent.outbox.db import backlog_from_counters, translate
+from edge_agent.alarms.rules import Rule, RuleEngine, RuleKind
 from edge_agent.sqlite_owner import SqliteOwner
-from edge_agent.supervisor import _cancel_stragglers
+from edge_agent.agent import _cancel_stragglers
 from protocols.envelope import RecordKind
 from tests.diskfull import fill, free_bytes, small_fs
 

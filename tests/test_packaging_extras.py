@@ -127,7 +127,7 @@ for top in ("edge_agent", "protocols", "device_profiles"):
             continue
         importlib.import_module(info.name)
 from typer.main import get_command
-from edge_agent.cli import app
+from edge_agent.cli.app import app
 cli = get_command(app)
 def helps(cmd, words):
     yield words

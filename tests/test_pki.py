@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from typer.testing import CliRunner
 
-from central.api import create_app
+from central.app import create_app
 from central.cli import app as central_cli
 from central.identity.ca import (
     CaKeyPermissionError,

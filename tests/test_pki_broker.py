@@ -28,15 +28,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner
 
-from central.api import create_app
+from central.app import create_app
 from central.cli import app as central_cli
 from central.identity.ca import load_or_create_ca, new_key_and_csr, write_private, write_public
 from central.settings import Settings
-from edge_agent.config import load_config
-from edge_agent.cli import app as edge_cli
-from edge_agent.mqtt_config import tls_context
-from edge_agent.outbox import NewRecord, Outbox
-from edge_agent.uplink import Uplink
+from edge_agent.config.site import load_config
+from edge_agent.cli.app import app as edge_cli
+from edge_agent.uplink.mqtt_config import tls_context
+from edge_agent.outbox.store import NewRecord, Outbox
+from edge_agent.uplink.link import Uplink
 from protocols import topics
 from protocols.envelope import Ack, Birth, RecordKind, encode
 from tests.helpers import Mosquitto, free_port, until
@@ -293,7 +293,7 @@ async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> No
 
 
 def _doctor_broker(config: Path) -> str:
-    from edge_agent.doctor import run_checks
+    from edge_agent.cli.doctor import run_checks
 
     return next(c.status for c in run_checks(config) if c.name.startswith("broker "))
 
@@ -358,7 +358,7 @@ async def test_forged_ack_names_unsent_records_and_deletes_nothing(site: Site) -
 
 async def _status_counters(ob: Outbox, up: Uplink) -> dict[str, int]:
     """The counters as `edge-agent status` shows them (from the agent's snapshot)."""
-    from edge_agent.cli import _ack_counters
+    from edge_agent.cli.app import _ack_counters
 
     return _ack_counters({}, {"uplink": {k: getattr(up.counters, k) for k in (
         "acks_refused", "ack_records_unsent", "ack_records_duplicate")}})
@@ -367,7 +367,7 @@ async def _status_counters(ob: Outbox, up: Uplink) -> dict[str, int]:
 async def test_edge_renews_before_expiry_and_not_after_revocation(site: Site) -> None:
     """`edge-agent renew` swaps in a new key and certificate that the broker accepts; once
     revoked, renewal is refused and the files stay as they were."""
-    from edge_agent.enrolment import EnrolmentError, renew
+    from edge_agent.uplink.enrolment import EnrolmentError, renew
 
     a = await _enrol(site, "gw-a")
     first = x509.load_pem_x509_certificate(a.cert.read_bytes())
@@ -385,7 +385,7 @@ async def test_edge_renews_before_expiry_and_not_after_revocation(site: Site) ->
 async def test_the_agent_connects_with_the_enrolled_identity(site: Site) -> None:
     """`edge-agent run` on the enrolled config (as written by enroll) comes online at central
     over mutual TLS, with central's key pinned for its commands."""
-    from edge_agent.supervisor import run_agent
+    from edge_agent.agent import run_agent
 
     a = await _enrol(site, "gw-a")
     cfg = load_config(a.config, check_profiles=False)

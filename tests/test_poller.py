@@ -13,10 +13,10 @@ import structlog
 from structlog.testing import capture_logs
 
 from device_profiles import Profile, find_profile, load_profile
-from edge_agent.config import DeviceConfig
-from edge_agent.outbox import NewRecord, Outbox
-from edge_agent.poller import DevicePoller, Health
-from edge_agent.transports import ModbusTcpTransport
+from edge_agent.config.site import DeviceConfig
+from edge_agent.outbox.store import NewRecord, Outbox
+from edge_agent.field.poller import DevicePoller, Health
+from edge_agent.field.transports import ModbusTcpTransport
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols.envelope import Flag, RecordKind
 
@@ -257,7 +257,7 @@ def _reset_structlog() -> None:
 
 async def test_supervisor_restarts_a_crashed_task(monkeypatch: pytest.MonkeyPatch) -> None:
     """A task that raises is logged as task_crashed, counted and started again."""
-    from edge_agent import supervisor
+    from edge_agent import agent as supervisor
 
     monkeypatch.setattr(supervisor, "RESTART_MIN_S", 0.01)
     runs: list[int] = []

@@ -16,12 +16,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from device_profiles import find_profile
-from edge_agent.bus import BusDevice, SerialBus
-from edge_agent.cli_devices import framing_text
-from edge_agent.config import ConfigError, DeviceConfig, RtuTransportConfig, parse_config
-from edge_agent.outbox import Outbox
-from edge_agent.poller import DevicePoller, Health
-from edge_agent.transports import (
+from edge_agent.field.bus import BusDevice, SerialBus
+from edge_agent.cli.devices import framing_text
+from edge_agent.config.site import ConfigError, DeviceConfig, RtuTransportConfig, parse_config
+from edge_agent.outbox.store import Outbox
+from edge_agent.field.poller import DevicePoller, Health
+from edge_agent.field.transports import (
     ModbusExceptionError,
     TransportCrcError,
     TransportFramingError,

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from central.ingest_rejects import RejectLog, write_isolating
+from central.ingest.rejects import RejectLog, write_isolating
 from central.storage import Storage, UnstorableValueError, open_storage
 from protocols.envelope import DataBatch, Record, RecordKind, RejectedRecord
 from protocols.limits import INT64_MAX, SEQ_MAX, IntRangeError, Reason

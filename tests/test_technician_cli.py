@@ -12,8 +12,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from device_profiles import find_profile
-from edge_agent.cli import app
-from edge_agent.control_client import ControlClientError, request
+from edge_agent.cli.app import app
+from edge_agent.control.client import ControlClientError, request
 from firmware_stubs.rtu_sim import RtuBusSimulator
 from tests.fleet import Agent, Child, DeviceDef, Simulator
 from tests.helpers import Mosquitto, free_port, python_env, wait_for

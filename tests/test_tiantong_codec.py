@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import at_commands as atc
+from protocols import at_responses as atr
 from protocols.errors import ProtocolError
 from protocols.sms_pdu import (
     Concat,
@@ -174,33 +175,33 @@ def test_responses_both_ways() -> None:
     """A module's session (echo, answers, prompt, URCs, a read) decodes to events and back."""
     session = [
         (b"AT+CSQ\r", None),
-        (b"\r\n+CSQ: 20,99\r\n", atc.Csq(20, 99)),
-        (b"\r\nOK\r\n", atc.Result(True)),
-        (b"\r\n> ", atc.Prompt()),
-        (b"\r\n+CMGS: 12\r\n", atc.Cmgs(12)),
-        (b"\r\n+CMS ERROR: 331\r\n", atc.CmsErrorResult(331)),
-        (b"\r\n+CME ERROR: 10\r\n", atc.CmeErrorResult(10)),
-        (b"\r\n+CREG: 0,1\r\n", atc.Creg(atc.RegStatus.HOME, 0)),
-        (b"\r\n+CREG: 2\r\n", atc.Creg(atc.RegStatus.SEARCHING)),
-        (b'\r\n+CMTI: "SM",3\r\n', atc.Cmti("SM", 3)),
+        (b"\r\n+CSQ: 20,99\r\n", atr.Csq(20, 99)),
+        (b"\r\nOK\r\n", atr.Result(True)),
+        (b"\r\n> ", atr.Prompt()),
+        (b"\r\n+CMGS: 12\r\n", atr.Cmgs(12)),
+        (b"\r\n+CMS ERROR: 331\r\n", atr.CmsErrorResult(331)),
+        (b"\r\n+CME ERROR: 10\r\n", atr.CmeErrorResult(10)),
+        (b"\r\n+CREG: 0,1\r\n", atr.Creg(atr.RegStatus.HOME, 0)),
+        (b"\r\n+CREG: 2\r\n", atr.Creg(atr.RegStatus.SEARCHING)),
+        (b'\r\n+CMTI: "SM",3\r\n', atr.Cmti("SM", 3)),
         (b'\r\n+CMGR: 0,"",24\r\n' + DELIVER_HEX.encode() + b"\r\n",
-         atc.Cmgr(0, 24, bytes.fromhex(DELIVER_HEX))),
+         atr.Cmgr(0, 24, bytes.fromhex(DELIVER_HEX))),
         (b'\r\n+CMT: "",24\r\n' + DELIVER_HEX.encode() + b"\r\n",
-         atc.Cmt(24, bytes.fromhex(DELIVER_HEX))),
-        (b"\r\nERROR\r\n", atc.Result(False)),
+         atr.Cmt(24, bytes.fromhex(DELIVER_HEX))),
+        (b"\r\nERROR\r\n", atr.Result(False)),
     ]
-    decoder = atc.ResponseDecoder()
+    decoder = atr.ResponseDecoder()
     decoder.feed(b"".join(wire for wire, _ in session))
     events = []
     while (event := decoder.next_event()) is not atc.NEED_DATA:
         events.append(event)
-    assert events == [atc.InfoLine("AT+CSQ")] + [e for _, e in session if e is not None]
+    assert events == [atr.InfoLine("AT+CSQ")] + [e for _, e in session if e is not None]
     for wire, expected in session[1:]:
-        assert expected is not None and atc.encode_response(expected) == wire
+        assert expected is not None and atr.encode_response(expected) == wire
     decoder.feed(b"\r\n+CMGR: 1,,24\r\n")  # alpha left out, PDU line still to come
     assert decoder.next_event() is atc.NEED_DATA
     decoder.feed(DELIVER_HEX.encode() + b"\r\n")
-    assert decoder.next_event() == atc.Cmgr(1, 24, bytes.fromhex(DELIVER_HEX))
+    assert decoder.next_event() == atr.Cmgr(1, 24, bytes.fromhex(DELIVER_HEX))
 
 
 def test_pdu_entry_and_cancel() -> None:
@@ -224,16 +225,16 @@ def test_pdu_entry_and_cancel() -> None:
 def test_malformed_response_lines(line: bytes) -> None:
     """A line that names a response but does not parse is an AtFormatError; the next line
     still comes through."""
-    decoder = atc.ResponseDecoder()
+    decoder = atr.ResponseDecoder()
     decoder.feed(line + b"\r\nOK\r\n")
     with pytest.raises(atc.AtFormatError):
         decoder.next_event()
-    assert decoder.next_event() == atc.Result(True)
+    assert decoder.next_event() == atr.Result(True)
 
 
 def test_overlong_lines_are_bounded() -> None:
     """A line with no end past the limit raises AtLengthError and the buffer is emptied."""
-    decoder = atc.ResponseDecoder(max_line=64)
+    decoder = atr.ResponseDecoder(max_line=64)
     decoder.feed(b"x" * 100)
     with pytest.raises(atc.AtLengthError):
         decoder.next_event()
@@ -285,30 +286,30 @@ def test_split_round_trip(text: str, ref: int) -> None:
     assert wholes[-1] == text and all(w is None for w in wholes[:-1])
 
 
-_RESPONSES: st.SearchStrategy[atc.Response] = st.one_of(
-    st.builds(atc.Result, st.booleans()),
-    st.builds(atc.CmsErrorResult, st.integers(0, 999)),
-    st.builds(atc.CmeErrorResult, st.integers(0, 999)),
-    st.just(atc.Prompt()),
-    st.builds(atc.Creg, st.sampled_from(atc.RegStatus), st.none() | st.integers(0, 2)),
-    st.builds(atc.Csq, st.integers(0, 31) | st.just(99), st.integers(0, 7) | st.just(99)),
-    st.builds(atc.Cmgs, st.integers(0, 255)),
-    st.builds(atc.Cmti, st.sampled_from(["SM", "ME", "MT"]), st.integers(0, 999)),
-    st.builds(atc.Cmgr, st.integers(0, 3), st.integers(0, 255),
+_RESPONSES: st.SearchStrategy[atr.Response] = st.one_of(
+    st.builds(atr.Result, st.booleans()),
+    st.builds(atr.CmsErrorResult, st.integers(0, 999)),
+    st.builds(atr.CmeErrorResult, st.integers(0, 999)),
+    st.just(atr.Prompt()),
+    st.builds(atr.Creg, st.sampled_from(atr.RegStatus), st.none() | st.integers(0, 2)),
+    st.builds(atr.Csq, st.integers(0, 31) | st.just(99), st.integers(0, 7) | st.just(99)),
+    st.builds(atr.Cmgs, st.integers(0, 255)),
+    st.builds(atr.Cmti, st.sampled_from(["SM", "ME", "MT"]), st.integers(0, 999)),
+    st.builds(atr.Cmgr, st.integers(0, 3), st.integers(0, 255),
               st.binary(min_size=1, max_size=176)),
-    st.builds(atc.Cmt, st.integers(0, 255), st.binary(min_size=1, max_size=176)),
-    st.builds(atc.InfoLine, st.from_regex(r"[A-Za-z][ -~]{0,40}", fullmatch=True).filter(
+    st.builds(atr.Cmt, st.integers(0, 255), st.binary(min_size=1, max_size=176)),
+    st.builds(atr.InfoLine, st.from_regex(r"[A-Za-z][ -~]{0,40}", fullmatch=True).filter(
         lambda t: t.strip() not in ("OK", "ERROR") and t == t.strip())),
 )
 
 
 @relaxed
 @given(st.lists(_RESPONSES, max_size=8), st.integers(1, 30))
-def test_response_stream_round_trip(responses: list[atc.Response], chunk: int) -> None:
+def test_response_stream_round_trip(responses: list[atr.Response], chunk: int) -> None:
     """Any run of responses, fed in chunks, decodes to the same events in order."""
-    wire = b"".join(atc.encode_response(r) for r in responses)
-    decoder = atc.ResponseDecoder()
-    got: list[atc.Response] = []
+    wire = b"".join(atr.encode_response(r) for r in responses)
+    decoder = atr.ResponseDecoder()
+    got: list[atr.Response] = []
     for at in range(0, len(wire), chunk):
         decoder.feed(wire[at : at + chunk])
         while (event := decoder.next_event()) is not atc.NEED_DATA:
@@ -336,7 +337,7 @@ def test_sms_garbage_raises_only_sms_errors(data: bytes) -> None:
 @given(st.binary(max_size=300))
 def test_at_garbage_raises_only_at_errors(data: bytes) -> None:
     """Random bytes on either side of the AT line raise nothing but AtError."""
-    for decoder in (atc.ResponseDecoder(max_line=128), atc.CommandDecoder(max_line=128)):
+    for decoder in (atr.ResponseDecoder(max_line=128), atc.CommandDecoder(max_line=128)):
         decoder.feed(data + b"\r\n+CMGR: 0,,3\r\n" + data + b"\r\n" + data)
         if isinstance(decoder, atc.CommandDecoder):
             decoder.expect_pdu()

@@ -18,8 +18,8 @@ import aiomqtt
 import pytest
 
 from central.mqtt_client import Client as MqttClient
-from edge_agent.outbox import NewRecord, Outbox, read_status
-from edge_agent.uplink import Uplink
+from edge_agent.outbox.store import NewRecord, Outbox, read_status
+from edge_agent.uplink.link import Uplink
 from protocols import topics
 from protocols.envelope import (
     Ack,
@@ -219,8 +219,8 @@ async def _wait_status(db: Path, uplink_state: str) -> Any:
 _UPLINK_PROC = """
 import asyncio, sys
 from pathlib import Path
-from edge_agent.outbox import Outbox
-from edge_agent.uplink import Uplink
+from edge_agent.outbox.store import Outbox
+from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
 
 async def main(db, host, port, gw):
@@ -295,7 +295,7 @@ async def test_a_connection_closed_before_connack_fails_the_attempt_at_once() ->
     """A link that closes every connection at once (proxy in drop mode) fails each connect
     attempt right away instead of after the client's whole timeout (here 60 s), so the
     gateway notices a returning link within its reconnect back-off."""
-    from edge_agent.uplink import _Client
+    from edge_agent.uplink.link import _Client
     from tests.netproxy import LinkProxy
 
     proxy = LinkProxy("127.0.0.1", 9)  # upstream never reached in drop mode

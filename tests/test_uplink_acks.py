@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from central.mqtt_client import Client as MqttClient
-from edge_agent.outbox import NewRecord, Outbox
-from edge_agent.uplink import Uplink
+from edge_agent.outbox.store import NewRecord, Outbox
+from edge_agent.uplink.link import Uplink
 from protocols import topics
 from protocols.envelope import Ack, Birth, DataBatch, RecordKind, decode, encode
 from tests.helpers import Mosquitto, until

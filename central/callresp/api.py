@@ -27,7 +27,7 @@ from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from central.api_bounds import IdField
+from central.web.bounds import IdField
 from central.callresp.directory import (
     Group,
     Person,
@@ -60,7 +60,7 @@ class _In(BaseModel):
 class WarningIn(_In):
     level: Level
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    repeat: int | None = Field(None, ge=1, le=MAX_REPEAT)
+    repeat: int | None = Field(default=None, ge=1, le=MAX_REPEAT)
     areas: list[IdField] = Field(default_factory=list, max_length=100)
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list, max_length=100)
     persons: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list, max_length=1000)
@@ -72,7 +72,7 @@ class TerminalIn(_In):
     gw: str = Field(pattern=_ID)
     area_id: IdField | None = None
     kind: TerminalKind = TerminalKind.AUDIO
-    name: str = Field("", max_length=200)
+    name: str = Field(default="", max_length=200)
 
 
 class GroupIn(_In):
@@ -85,7 +85,7 @@ class PersonIn(_In):
     name: str = Field(min_length=1, max_length=200)
     area_id: IdField | None = None
     role: PersonRole = PersonRole.MEMBER
-    phone: str = Field("", max_length=32)
+    phone: str = Field(default="", max_length=32)
     terminals: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list,
                                                                 max_length=100)
 

@@ -19,7 +19,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from central.errors import CentralError
+from central import CentralError
 from central.storage import NotFoundError
 from central.storage.program import Program, Sql, placeholders
 

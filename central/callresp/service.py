@@ -37,9 +37,9 @@ from central.callresp.workflow import (
     fire_due_program,
     next_due_program,
 )
-from central.commands import CommandService
-from central.commands_store import CommandStoreError, DuplicateCommandError
-from central.errors import CentralError
+from central.commands.dispatch import CommandService
+from central.commands.store import CommandStoreError, DuplicateCommandError
+from central import CentralError
 from central.identity.audit import AuditLog
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql

@@ -30,7 +30,7 @@ from central.callresp.directory import (
     persons_program,
     terminals_program,
 )
-from central.errors import CentralError
+from central import CentralError
 from central.identity.audit import SYSTEM, AuditLog
 from central.storage.program import Program, Sql, placeholders
 from protocols.callresp import CallRespEvent, EventType, Level
@@ -251,7 +251,7 @@ def fire_due_program(audit: AuditLog, areas: Mapping[int, AreaRef], now: int,
     done: list[Step] = []
     warnings: dict[str, _Warning] = {}
     cmds = Commands()
-    for tid, kind, ref, area_id, attempts, due, wid in rows:
+    for tid, _kind, _ref, area_id, attempts, due, wid in rows:
         if wid not in warnings:
             wr = yield Sql(f"SELECT {_W_COLS} FROM cr_warnings WHERE id = ?", (wid,))
             warnings[wid] = _warning_row(wr[0])

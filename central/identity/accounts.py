@@ -14,7 +14,7 @@ import time
 
 import structlog
 
-from central.errors import CentralError
+from central import CentralError
 from central.identity import sessions, users
 from central.identity.audit import AuditLog
 from central.identity.authz import AuthCounters, Principal

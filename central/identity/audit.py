@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from central.errors import CentralError
+from central import CentralError
 from central.storage import Storage
 from central.storage.program import Program, Sql
 

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from central.errors import CentralError
+from central import CentralError
 from central.identity.accounts import Accounts
 from central.identity.audit import AuditLog
 from central.identity.users import Role

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import structlog
 
-from central.errors import CentralError
+from central import CentralError
 from central.storage.side_store import Migration, SideStore
 
 log = structlog.get_logger(__name__)
@@ -175,7 +175,8 @@ class EnrolmentStore(SideStore):
     async def certs(self, gw: str | None = None) -> list[CertRecord]:
         def body() -> list[CertRecord]:
             with self._tx() as cur:
-                sql, args = f"SELECT {_CERT_COLS} FROM gateway_certs", ()
+                sql = f"SELECT {_CERT_COLS} FROM gateway_certs"
+                args: tuple[str, ...] = ()
                 if gw is not None:
                     sql, args = sql + " WHERE gw = ?", (gw,)
                 return [_cert_row(r) for r in self._q(cur, sql + " ORDER BY issued_ms", args)]

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from central.errors import CentralError
+from central import CentralError
 
 T = TypeVar("T")
 out = Console()

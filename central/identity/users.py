@@ -23,8 +23,8 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from central.areas import area_program
-from central.errors import CentralError
+from central.areas.tree import area_program
+from central import CentralError
 from central.storage import NotFoundError
 from central.storage.program import Program, Sql
 
@@ -168,7 +168,7 @@ def credentials_program(name: str) -> Program[tuple[User, str] | None]:
 
 
 def area_id_program(code: str) -> Program[int]:
-    from central.areas import UnknownAreaError
+    from central.areas.tree import UnknownAreaError
 
     rows = yield Sql("SELECT id FROM areas WHERE code = ?", (code,))
     if not rows:

@@ -1,13 +1,11 @@
-"""Central's storage interface (DESIGN.md §4.3, §9) and `open_storage(url)`.
+"""Central's storage (DESIGN.md §4.3, §9): `open_storage(url)` and the interface it returns.
 
 A backend keeps gateways, points, readings, events and the latest value per point, what it holds
 of each gateway's stream (`delivery`), 1-minute / 1-hour aggregates (`aggregates`) and flags
 implausible record times (`timecheck`). Every method is async; a backend runs its blocking
 driver calls off the event loop. SQL stays portable
 (`INSERT ... ON CONFLICT ... DO NOTHING / DO UPDATE`) so the PostgreSQL backend can share it.
-
-Refs are path-safe names used by the API: a device is `"{gw}:{device}"` and a point
-`"{gw}:{device}:{point}"`. Data keys on the wire are `"device/point"`.
+The interface, its errors and value types live in `central.storage.base`, re-exported here.
 
 Use it as an async context manager::
 
@@ -17,381 +15,44 @@ Use it as an async context manager::
 
 from __future__ import annotations
 
-import abc
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Self, TypeVar
-
-from central.alarm_types import AlarmPolicy
-from central.errors import CentralError
-from central.storage.aggregates import (
-    Bucket,
-    RetentionPolicy,
-    buckets_program,
-    flush_program,
-    point_id_program,
-    point_ids_program,
-    purge_chunk_program,
+from central.storage.aggregates import Bucket, RetentionPolicy
+from central.storage.base import (
+    BadRefError,
+    DatabaseWriteError,
+    Device,
+    Gateway,
+    Latest,
+    NotFoundError,
+    Point,
+    PurgeResult,
+    RecordCounts,
+    Sample,
+    Storage,
+    StorageError,
+    UnknownDeviceError,
+    UnknownGatewayError,
+    UnknownPointError,
+    UnstorableValueError,
+    UnsupportedDatabaseError,
+    WriteResult,
+    device_ref,
+    parse_device_ref,
+    parse_point_ref,
+    point_ref,
+    split_key,
 )
-from central.storage.delivery import (
-    DeliverySummary,
-    GatewayDelivery,
-    delivery_program,
-    summary_program,
-)
-from central.storage.program import Program, Sql
+from central.storage.delivery import DeliverySummary, GatewayDelivery
 from central.storage.timecheck import TimePolicy
-from protocols.envelope import Birth, DataBatch, State
 
-T = TypeVar("T")
-
-class StorageError(CentralError):
-    """Base of every storage error."""
-
-
-class UnsupportedDatabaseError(StorageError):
-    def __init__(self, url: str) -> None:
-        super().__init__(f"unsupported database URL {url!r}"
-                         " (expected sqlite:///PATH or postgresql://...)")
-        self.url = url
-
-
-class DatabaseWriteError(StorageError):
-    """A write transaction failed and was rolled back; nothing of it is stored."""
-
-
-class UnstorableValueError(DatabaseWriteError):
-    """The write was rolled back because of a value in it (a number or text the database
-    refuses), not because of the database: the same write fails again."""
-
-
-class NotFoundError(StorageError):
-    """A gateway, device or point that storage does not hold."""
-
-    kind = "object"
-
-    def __init__(self, ref: str) -> None:
-        super().__init__(f"unknown {self.kind} {ref!r}")
-        self.ref = ref
-
-
-class UnknownGatewayError(NotFoundError):
-    kind = "gateway"
-
-
-class UnknownDeviceError(NotFoundError):
-    kind = "device"
-
-
-class UnknownPointError(NotFoundError):
-    kind = "point"
-
-
-class BadRefError(StorageError):
-    def __init__(self, ref: str, expected: str) -> None:
-        super().__init__(f"bad reference {ref!r}: expected {expected}")
-        self.ref = ref
-        self.expected = expected
-
-
-# --- values returned by a backend ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """What one batch did: `inserted` new records, the rest were already held."""
-
-    gw: str
-    stream: str
-    received: int
-    inserted: int
-    clock_suspect: int = 0  # of the inserted, how many central judged implausible (§4.7)
-    corrected: int = 0  # held suspect copies whose time this batch corrected
-    merged: int = 0  # held narrowband copies this batch replaced with the full record (§5)
-
-    @property
-    def duplicates(self) -> int:
-        return self.received - self.inserted
-
-
-@dataclass(frozen=True, slots=True)
-class Gateway:
-    gw: str
-    stream: str | None
-    online: bool  # the flag of its last state message, not yet aged by `offline_after_s`
-    boot_id: str | None
-    version: str | None
-    bearer: str | None
-    backlog: int | None
-    last_seen_ms: int | None  # when central last heard anything live from it
-    state_ts_ms: int | None  # the gateway's own timestamp of its last state
-
-
-@dataclass(frozen=True, slots=True)
-class Latest:
-    ts_ms: int
-    value: float | None
-    text: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Point:
-    gw: str
-    device: str
-    point: str
-    name_zh: str
-    unit: str
-    profile: str
-    latest: Latest | None
-
-    @property
-    def ref(self) -> str:
-        return point_ref(self.gw, self.device, self.point)
-
-    @property
-    def device_ref(self) -> str:
-        return device_ref(self.gw, self.device)
-
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    gw: str
-    device: str
-    profile: str
-    points: int
-
-    @property
-    def ref(self) -> str:
-        return device_ref(self.gw, self.device)
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    ts_ms: int
-    value: float | None
-    text: str | None
-    flags: int
-
-
-@dataclass(frozen=True, slots=True)
-class RecordCounts:
-    readings: int
-    events: int
-
-
-@dataclass(frozen=True, slots=True)
-class PurgeResult:
-    """Rows deleted by one retention pass, per table."""
-
-    deleted: dict[str, int]
-
-
-# --- refs -------------------------------------------------------------------------------------
-
-
-def device_ref(gw: str, device: str) -> str:
-    return f"{gw}:{device}"
-
-
-def point_ref(gw: str, device: str, point: str) -> str:
-    return f"{gw}:{device}:{point}"
-
-
-def parse_device_ref(ref: str) -> tuple[str, str]:
-    gw, sep, device = ref.partition(":")
-    if not sep or not gw or not device:
-        raise BadRefError(ref, "gw:device")
-    return gw, device
-
-
-def parse_point_ref(ref: str) -> tuple[str, str, str]:
-    gw, sep, rest = ref.partition(":")
-    device, sep2, point = rest.partition(":")
-    if not (sep and sep2 and gw and device and point):
-        raise BadRefError(ref, "gw:device:point")
-    return gw, device, point
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """`"device/point"` → `("device", "point")`; a key without a device has device `""`."""
-    device, sep, point = key.partition("/")
-    return (device, point) if sep else ("", key)
-
-
-# --- the interface ----------------------------------------------------------------------------
-
-
-class Storage(abc.ABC):
-    """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
-    `postgres.PostgresStorage`."""
-
-    # Flapping and incident windows applied while batches are written (`central.alarm_engine`);
-    # the app sets it from its settings after opening.
-    alarm_policy: AlarmPolicy = AlarmPolicy()
-    # Plausible record times (central.storage.timecheck); the app sets it from its settings.
-    time_policy: TimePolicy = TimePolicy()
-    # The aggregate flush (PostgreSQL: `pg_flush_program`, server-side).
-    _flush_program: Callable[[], Program[int]] = staticmethod(flush_program)
-    # A read of aggregates first flushes what is pending, unless a flush ran this recently:
-    # a dashboard polling every few seconds must not force a bucket write per sample.
-    read_flush_age_s: float = 5.0
-    _flushed_at: float = float("-inf")
-
-    @abc.abstractmethod
-    async def open(self) -> None:
-        """Connect and migrate the schema to the current version."""
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    @abc.abstractmethod
-    async def ping(self) -> bool:
-        """True when the database answers."""
-
-    @abc.abstractmethod
-    async def write_batches(self, batches: Sequence[DataBatch], *,
-                            now_ms: int | None = None) -> list[WriteResult]:
-        """Write all `batches` in ONE transaction, deduplicated on (gw, stream, seq); a held
-        narrowband copy of an event is replaced by its full record (`writes.merge_program`).
-
-        Returns one `WriteResult` per batch, in order, once the transaction is durable.
-        Raises `DatabaseWriteError` after a rollback.
-        """
-
-    @abc.abstractmethod
-    async def record_state(self, gw: str, state: State, *, seen: bool = True,
-                           now_ms: int | None = None) -> None:
-        """Store a gateway's state; `seen=False` for a retained (old) state message."""
-
-    @abc.abstractmethod
-    async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
-        """Store a gateway's inventory and enrich its points (name_zh, unit, profile)."""
-
-    @abc.abstractmethod
-    async def list_gateways(self) -> list[Gateway]: ...
-
-    @abc.abstractmethod
-    async def get_gateway(self, gw: str) -> Gateway:
-        """Raises `UnknownGatewayError`."""
-
-    @abc.abstractmethod
-    async def list_devices(self, gw: str) -> list[Device]:
-        """Raises `UnknownGatewayError`."""
-
-    @abc.abstractmethod
-    async def device_points(self, device_ref: str) -> list[Point]:
-        """Points of a device with their latest values; raises `UnknownDeviceError`."""
-
-    @abc.abstractmethod
-    async def latest_values(self, gw: str) -> list[Point]:
-        """Every point of a gateway with its latest value; raises `UnknownGatewayError`."""
-
-    @abc.abstractmethod
-    async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:
-        """Readings of a point with from_ms <= ts < to_ms, oldest first, at most `limit`."""
-
-    @abc.abstractmethod
-    async def count_records(self, gw: str | None = None) -> RecordCounts: ...
-
-    @abc.abstractmethod
-    async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
-        """Run a portable SQL program (`central.storage.program`): in one write transaction
-        (`write=True`; rolled back if it raises), or as reads outside one. `program` is a
-        factory, since a read may be retried on a fresh connection. Driver errors become
-        `DatabaseWriteError` / `StorageError`; the program's own errors pass through."""
-
-    async def record_heartbeat(self, gw: str, *, bearer: str, backlog: int, ts_ms: int,
-                               now_ms: int | None = None) -> None:
-        """A gateway heard on another bearer than MQTT (a narrowband heartbeat, DESIGN.md §5):
-        it is seen now and, unless a newer state came meanwhile, online on `bearer` with this
-        backlog. Raises `UnknownGatewayError` for a gateway that never sent a birth or state."""
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        found = await self.run(lambda: _heartbeat_program(gw, bearer, backlog, ts_ms, now))
-        if not found:
-            raise UnknownGatewayError(gw)
-
-    # -- delivery, aggregates and retention: portable programs, the same on every backend ----
-
-    async def delivery(self, gw: str) -> GatewayDelivery:
-        """Per stream of `gw`: held, missing, gaps, reported lost (`central.storage.delivery`);
-        raises `UnknownGatewayError`."""
-        out = await self.run(lambda: delivery_program(gw), write=False)
-        if out is None:
-            raise UnknownGatewayError(gw)
-        return out
-
-    async def delivery_summary(self, gw: str | None = None) -> dict[str, DeliverySummary]:
-        """Held / missing / reported lost per gateway, summed over its streams."""
-        return await self.run(lambda: summary_program(gw), write=False)
-
-    async def buckets(self, point_ref: str, resolution: str, from_ms: int, to_ms: int,
-                      limit: int) -> list[Bucket]:
-        """Aggregates (`"1m"` or `"1h"`) of a point whose bucket starts in
-        [floor(from_ms), to_ms), oldest first; raises `UnknownPointError`. Complete up to
-        `read_flush_age_s` before the call."""
-        gw, device, point = parse_point_ref(point_ref)
-        pid = await self.run(lambda: point_id_program(gw, device, point), write=False)
-        if pid is None:
-            raise UnknownPointError(point_ref)
-        if time.monotonic() - self._flushed_at > self.read_flush_age_s:
-            await self.flush_aggregates()
-        return await self.run(lambda: buckets_program(pid, resolution, from_ms, to_ms, limit),
-                              write=False)
-
-    async def flush_aggregates(self) -> int:
-        """Fold every pending sample set into the aggregate tables (one transaction per
-        `flush_program` call); returns the number of samples folded."""
-        total = 0
-        while n := await self.run(self._flush_program):
-            total += n
-        self._flushed_at = time.monotonic()
-        return total
-
-    async def purge(self, policy: RetentionPolicy, now_ms: int) -> PurgeResult:
-        """Delete raw readings and aggregates older than `policy` keeps them, point by point,
-        at most `policy.chunk_rows` rows per transaction."""
-        deleted: dict[str, int] = {}
-        cutoffs = policy.cutoffs(now_ms)
-        if not cutoffs:
-            return PurgeResult(deleted)
-        await self.flush_aggregates()  # so the buckets pending samples make are purged too
-        pids = await self.run(point_ids_program, write=False)
-        for table, col, before in cutoffs:
-            total = 0
-            for pid in pids:
-                while True:
-                    n = await self.run(lambda t=table, c=col, p=pid, b=before:
-                                       purge_chunk_program(t, c, p, b, policy.chunk_rows))
-                    total += n
-                    if n < policy.chunk_rows:
-                        break
-            deleted[table] = total
-        return PurgeResult(deleted)
-
-
-def _heartbeat_program(gw: str, bearer: str, backlog: int, ts_ms: int,
-                       now: int) -> Program[bool]:
-    # A heartbeat that overtook nothing: an older one (narrowband is slow) must not hide the
-    # state message that came after it.
-    newer = "coalesce(state_ts_ms, 0) <= ?"
-    rows = yield Sql(f"UPDATE gateways SET last_seen_ms = ?,"
-                     f" online = CASE WHEN {newer} THEN ? ELSE online END,"
-                     f" bearer = CASE WHEN {newer} THEN ? ELSE bearer END,"
-                     f" backlog = CASE WHEN {newer} THEN ? ELSE backlog END,"
-                     f" state_ts_ms = CASE WHEN {newer} THEN ? ELSE state_ts_ms END"
-                     " WHERE gw = ? RETURNING gw",
-                     (now, ts_ms, True, ts_ms, bearer, ts_ms, backlog, ts_ms, ts_ms, gw))
-    return bool(rows)
+__all__ = [
+    "BadRefError", "Bucket", "DatabaseWriteError", "DeliverySummary", "Device", "Gateway",
+    "GatewayDelivery", "Latest", "NotFoundError", "Point", "PurgeResult", "RecordCounts",
+    "RetentionPolicy", "Sample", "Storage", "StorageError", "TimePolicy", "UnknownDeviceError",
+    "UnknownGatewayError", "UnknownPointError", "UnstorableValueError",
+    "UnsupportedDatabaseError", "WriteResult",
+    "device_ref", "open_storage", "parse_device_ref", "parse_point_ref", "point_ref",
+    "safe_db_url", "split_key",
+]
 
 
 def open_storage(url: str) -> Storage:
@@ -409,16 +70,6 @@ def open_storage(url: str) -> Storage:
 
         return PostgresStorage(url)
     raise UnsupportedDatabaseError(url)
-
-
-__all__ = [
-    "BadRefError", "Bucket", "DatabaseWriteError", "DeliverySummary", "Device", "Gateway",
-    "GatewayDelivery", "Latest", "NotFoundError", "Point", "PurgeResult", "RecordCounts",
-    "RetentionPolicy", "Sample", "Storage", "StorageError", "TimePolicy", "UnknownDeviceError",
-    "UnknownGatewayError", "UnknownPointError", "UnstorableValueError",
-    "UnsupportedDatabaseError", "WriteResult",
-    "device_ref", "open_storage", "parse_device_ref", "parse_point_ref", "point_ref", "split_key",
-]
 
 
 def safe_db_url(url: str) -> str:

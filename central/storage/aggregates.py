@@ -18,7 +18,7 @@ bench/ingest.py: -37 % SQLite, -46 % PostgreSQL ingest rate); folded over a flus
 (default 30 s) it is a few per point and minute. The flush cost is the bucket upserts (SQLite
 ~2 us, PostgreSQL ~8 us each): it falls with the samples a bucket gets per flush. Readers
 flush first unless a flush ran in the last few seconds (`Storage.buckets`), so a series misses
-at most those seconds; the flush task (`central.history`) keeps the pending set small.
+at most those seconds; the flush task (`central.storage.history`) keeps the pending set small.
 
 Retention deletes in bounded chunks, one short transaction per chunk, per point through the
 (point_id, ts_ms) / (point_id, bucket_ms) indexes.
@@ -81,13 +81,13 @@ class AggSamples:
         self.tss.append(ts)
         self.vals.append(v)
 
-    def extend(self, pids: list[int], tss: list[int], vals: list[float]) -> None:
+    def extend(self, pids: Iterable[int], tss: Iterable[int], vals: Iterable[float]) -> None:
         self.pids.extend(pids)
         self.tss.extend(tss)
         self.vals.extend(vals)
 
     def pack(self) -> bytes:
-        parts = [self.pids, self.tss, self.vals]
+        parts: list[array[Any]] = [self.pids, self.tss, self.vals]
         if sys.byteorder != "little":
             parts = [array(a.typecode, a) for a in parts]
             for a in parts:

@@ -1,8 +1,8 @@
 """Tables for areas, alarms and incidents (DESIGN.md §7), as DDL for either backend.
 
 Each backend registers one migration that runs `alarm_tables(dialect)`. Only column types
-differ; the statements that read and write these tables are shared (`central.alarms`,
-`central.areas`), so everything else stays portable: TEXT for JSON, INTEGER 0/1 for flags.
+differ; the statements that read and write these tables are shared (`central.alarms.desk`,
+`central.areas.tree`), so everything else stays portable: TEXT for JSON, INTEGER 0/1 for flags.
 
 - `areas`: the tree city → district → street/township → community/village → site; `path` is
   the chain of ids (`/1/4/17/`), so "this area and everything under it" is one prefix match.

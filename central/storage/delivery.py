@@ -11,9 +11,9 @@ by either backend):
   found with `lag()` over the ranges (the raw tables are purged by time, so they cannot
   answer "was this seq ever here").
 - `stream_losses`: the edge's `outbox_thinned` / `outbox_dropped` reports (EVENT records,
-  attrs `{event, records, first_seq, last_seq, points}`), one row per report record. An
+  `protocols.outbox_events.LossReport`), one row per report record. An
   `outbox_dropped` with `reason: "power_cut"` (the seqs an outbox skipped after a power cut,
-  `edge_agent/outbox_seqs.py`) is kept as kind `power_cut`; some seqs of its range may have
+  `edge_agent/outbox/seqs.py`) is kept as kind `power_cut`; some seqs of its range may have
   reached central before the cut, and those count as held, not lost.
 
 A missing seq is `reported lost` when a loss report covers it, up to the number of records the
@@ -32,11 +32,12 @@ from typing import Any
 
 from central.storage.program import Program, Sql, placeholders
 from protocols.envelope import DataBatch, count_in_ranges, merge_ranges, ranges_from_seqs
-from protocols.limits import INT64_MAX, SEQ_MAX
+from protocols.limits import INT64_MAX
+from protocols.outbox_events import LossReport as OutboxLoss
+from protocols.outbox_events import parse_outbox_event
+from protocols.record_attrs import AttrsError
 
 GAP_LIMIT = 100
-LOSS_EVENTS = {"outbox_thinned": "thinned", "outbox_dropped": "dropped"}
-POWER_CUT = "power_cut"  # an outbox_dropped report of the seqs skipped after a power cut
 # A record central refused (protocols.limits) and acknowledged: the edge forgets it, so the
 # delivery view counts its seq as reported lost, not as pending for ever.
 REJECTED = "rejected"
@@ -47,7 +48,7 @@ _CHUNK = 200  # rows per multi-row statement
 @dataclass(frozen=True, slots=True)
 class LossReport:
     seq: int  # of the report record itself
-    kind: str  # thinned | dropped | power_cut | rejected
+    kind: str  # thinned | dropped | power_cut (`OutboxLoss.kind`) | rejected
     first_seq: int
     last_seq: int
     records: int
@@ -55,19 +56,15 @@ class LossReport:
 
 
 def loss_report(seq: int, ts_ms: int, attrs: Mapping[str, Any] | None) -> LossReport | None:
-    """The loss report an EVENT record's attrs carry, or None if it is not a valid one."""
-    if not attrs:
+    """The loss report an EVENT record's attrs carry (`protocols.outbox_events`), or None if
+    they are not one or not a valid one (ingest counts those: `count_bad_attrs`)."""
+    try:
+        r = parse_outbox_event(attrs)
+    except AttrsError:
         return None
-    event = attrs.get("event")
-    kind = LOSS_EVENTS.get(event) if type(event) is str else None
-    first, last, n = attrs.get("first_seq"), attrs.get("last_seq"), attrs.get("records")
-    if kind is None or not all(type(x) is int for x in (first, last, n)):
+    if not isinstance(r, OutboxLoss):
         return None
-    if not 1 <= first <= last <= SEQ_MAX or not 0 <= n <= last - first + 1:  # type: ignore[operator]
-        return None  # a range no edge has, or more records lost than the range holds
-    if kind == "dropped" and attrs.get("reason") == POWER_CUT:
-        kind = POWER_CUT
-    return LossReport(seq, kind, first, last, n, ts_ms)  # type: ignore[arg-type]
+    return LossReport(seq, r.kind, r.first_seq, r.last_seq, r.records, ts_ms)
 
 
 def tally_rejected(tally: StreamTally, batch: DataBatch, now: int) -> None:

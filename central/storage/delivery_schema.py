@@ -62,7 +62,10 @@ def history_tables(dialect: Dialect) -> list[str]:
     ]
 
 
-def backfill_program(policy: TimePolicy = TimePolicy()) -> Program[None]:
+_DEFAULT_POLICY = TimePolicy()  # frozen, so one instance serves every call
+
+
+def backfill_program(policy: TimePolicy = _DEFAULT_POLICY) -> Program[None]:
     """Fill the new tables from the readings and events already held (one migration step)."""
     # Times central would now judge implausible (against each row's own receive time).
     for table in ("readings", "events"):

@@ -2,8 +2,8 @@
 
 Each backend registers one migration that runs `geo_columns(dialect)`. Degrees in the frame of
 the vendored district boundaries (central/static/vendor/README.md). A gateway without its own
-position is drawn at its site's, or the nearest area above it that has one (`central.geo`).
-A gateway may get a position before it first reports: `central.geo` then inserts its row.
+position is drawn at its site's, or the nearest area above it that has one (`central.console.geo`).
+A gateway may get a position before it first reports: `central.console.geo` then inserts its row.
 """
 
 from __future__ import annotations

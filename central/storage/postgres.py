@@ -34,9 +34,9 @@ import structlog
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
-from central.alarm_engine import log_changes
-from central.alarm_types import AlarmChange
-from central.storage import (
+from central.alarms.engine import log_changes
+from central.alarms.lifecycle import AlarmChange
+from central.storage.base import (
     DatabaseWriteError,
     Device,
     Gateway,

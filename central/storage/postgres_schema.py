@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from psycopg import AsyncConnection
 
-from central.storage import StorageError
+from central.storage.base import StorageError
 from central.storage.alarm_schema import alarm_tables
 from central.storage.delivery_schema import backfill_program, history_tables
 from central.storage.geo_schema import geo_columns

@@ -16,14 +16,15 @@ import struct
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from central.alarm_engine import ingest_program
-from central.alarm_types import AlarmChange, AlarmPolicy
-from central.storage import WriteResult
+from central.alarms.engine import ingest_program
+from central.alarms.lifecycle import AlarmChange, AlarmPolicy
+from central.storage.base import WriteResult
 from central.storage.aggregates import AggSamples
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
 from central.storage.postgres_schema import Conn
@@ -139,111 +140,178 @@ def register_dumpers(conn: Conn) -> None:
     conn.adapters.register_dumper(Float8Array, _Float8ArrayDumper)
 
 
+# Per table and (gw, stream): seq -> staged row.
+StagedRows = dict[tuple[str, str], dict[int, tuple[Any, ...]]]
+# A key of a row this call staged but the database already held -> the held copy's flags.
+Held = dict[tuple[str, str, int], int | None]
+
+
+@dataclass(slots=True)
+class _Staged:
+    """Every row one call stages, and what the rows add up to before any is written."""
+
+    rows: dict[str, StagedRows] = field(default_factory=lambda: {"readings": {}, "events": {}})
+    latest: dict[int, tuple[int, float | None, str | None]] = field(default_factory=dict)
+    touched: dict[str, str] = field(default_factory=dict)  # gw -> its current stream
+    tally: StreamTally = field(default_factory=StreamTally)
+    # The aggregates' samples, assuming every staged reading is new (the usual case).
+    samples: tuple[list[int], list[int], list[float]] = field(
+        default_factory=lambda: ([], [], []))
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the write did, counted per batch (by its position in the call)."""
+
+    inserted: list[int]
+    suspect: list[int]
+    corrected: list[int]
+    merged: list[int]
+    merged_records: list[tuple[str, str, Record]] = field(default_factory=list)
+    samples: AggSamples = field(default_factory=AggSamples)
+
+    @classmethod
+    def zeros(cls, n: int) -> _Outcome:
+        return cls([0] * n, [0] * n, [0] * n, [0] * n)
+
+
+def _stage(batches: Sequence[DataBatch], point_ids: Mapping[str, Mapping[str, int]],
+           lo: int, hi: int, now: int) -> _Staged:
+    """Sort the batches into rows; a key seen twice in the call keeps the first batch's copy,
+    the later ones count as duplicates."""
+    staged = _Staged()
+    for n, batch in enumerate(batches):
+        gw, stream = batch.gw, batch.stream
+        readings = staged.rows["readings"].setdefault((gw, stream), {})
+        events = staged.rows["events"].setdefault((gw, stream), {})
+        stage_records(gw, stream, batch.records, point_ids[gw], lo, hi, now, readings=readings,
+                      events=events, latest=staged.latest, tally=staged.tally,
+                      samples=staged.samples, lead=(n,))
+        tally_rejected(staged.tally, batch, now)
+        staged.touched[gw] = stream  # the last batch of a gateway names its current stream
+    for by_stream in staged.rows.values():
+        for (gw, stream), rows in by_stream.items():
+            staged.tally.held(gw, stream, rows)
+    return staged
+
+
+async def _copy_and_move(conn: Conn, table: str, by_stream: StagedRows) -> list[Any]:
+    """COPY the staged rows in and move them; the rows not inserted, as `_move_staged` says."""
+    async with conn.cursor() as cur:
+        async with cur.copy(f"COPY pg_temp.fl_stage_{table} FROM STDIN"
+                            " (FORMAT BINARY)") as copy:
+            copy.set_types(_TYPES[table])
+            for rows in by_stream.values():
+                for row in rows.values():
+                    await copy.write_row(row)
+        await cur.execute(_MOVE[table])
+        return await cur.fetchall()
+
+
+async def _merge_narrowband(conn: Conn, held: Held, mine: dict[tuple[str, str, int], Any],
+                            batches: Sequence[DataBatch], out: _Outcome) -> set[Any]:
+    """Held narrowband copies of events that the full record now replaces (writes.py)."""
+    flags_i = _FLAGS["events"]
+    nb = [mine[k][1:11] for k, f in held.items() if merges(f, mine[k][flags_i])]
+    if not nb:
+        return set()
+    done_nb = set(await run_async(conn, merge_program(nb)))
+    for k in sorted(done_nb):
+        n = mine[k][0]
+        out.merged[n] += 1
+        record = next(r for r in batches[n].records if r.seq == k[2])
+        out.merged_records.append((k[0], k[1], record))
+    return done_nb
+
+
+async def _replace_suspect(conn: Conn, table: str, held: Held,
+                           mine: dict[tuple[str, str, int], Any], done_nb: set[Any],
+                           out: _Outcome) -> list[tuple[Any, ...]]:
+    """Held copies with a suspect time that this call's copy corrects; the rows that did."""
+    ts_i, flags_i = _TS[table], _FLAGS[table]
+    again = [(*k, mine[k][ts_i], mine[k][flags_i]) for k, f in held.items()
+             if k not in done_nb and replaces(f, mine[k][flags_i])]
+    if not again:
+        return []
+    done = await run_async(conn, replace_program(table, again))
+    fixed = [mine[k] for k in done]
+    for row in fixed:
+        out.corrected[row[0]] += 1
+    return fixed
+
+
+def _add_samples(out: _Outcome, staged: tuple[list[int], list[int], list[float]],
+                 fresh: list[tuple[Any, ...]], fixed: list[tuple[Any, ...]], held: Held) -> None:
+    """New readings with a trusted time go to the aggregates' pending set."""
+    if not held:
+        out.samples.extend(*staged)
+    for part in ((fresh, fixed) if held else (fixed,)):
+        for _, _, _, _, pid, ts, num, _, f, _ in part:
+            if pid is not None and num is not None and not f & CLOCK_SUSPECT:
+                out.samples.add(pid, ts, num)
+
+
+async def _write_table(conn: Conn, table: str, staged: _Staged,
+                       batches: Sequence[DataBatch], out: _Outcome) -> None:
+    """Move one table's staged rows, then merge, correct and count what was already held."""
+    by_stream = staged.rows[table]
+    not_new = await _copy_and_move(conn, table, by_stream)
+    held: Held = {(batches[n].gw, batches[n].stream, seq): flags for n, seq, flags in not_new}
+    fresh = [row for rows in by_stream.values() for row in rows.values()]
+    if held:
+        fresh = [row for row in fresh if (row[1], row[2], row[3]) not in held]
+    flags_i = _FLAGS[table]
+    for row in fresh:
+        out.inserted[row[0]] += 1
+        if row[flags_i] & CENTRAL_TS_SUSPECT:
+            out.suspect[row[0]] += 1
+    mine = {(gw, stream, seq): row for (gw, stream), rows in by_stream.items()
+            for seq, row in rows.items() if (gw, stream, seq) in held} if held else {}
+    done_nb = (await _merge_narrowband(conn, held, mine, batches, out)
+               if table == "events" else set())
+    fixed = await _replace_suspect(conn, table, held, mine, done_nb, out)
+    if table == "readings":
+        _add_samples(out, staged.samples, fresh, fixed, held)
+
+
+async def _upsert_latest(conn: Conn,
+                         latest: dict[int, tuple[int, float | None, str | None]]) -> None:
+    if not latest:
+        return
+    async with conn.cursor() as cur:
+        async with cur.copy("COPY pg_temp.fl_stage_latest FROM STDIN"
+                            " (FORMAT BINARY)") as copy:
+            copy.set_types(_LATEST_TYPES)
+            for pid, (ts, num, text) in latest.items():
+                await copy.write_row((pid, ts, num, text))
+        await cur.execute(_UPSERT_LATEST)
+
+
 async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
                         point_ids: Mapping[str, Mapping[str, int]], alarm_policy: AlarmPolicy,
                         time_policy: TimePolicy) -> tuple[list[WriteResult], list[AlarmChange]]:
     """Write `batches` in the caller's transaction; `point_ids` covers every point named."""
     lo, hi = time_policy.bounds(now)
-    # Per table and (gw, stream): seq -> staged row; a key seen twice in the call keeps the
-    # first batch's copy, the later ones count as duplicates.
-    staged: dict[str, dict[tuple[str, str], dict[int, tuple[Any, ...]]]] = {
-        "readings": {}, "events": {}}
-    latest: dict[int, tuple[int, float | None, str | None]] = {}
-    touched: dict[str, str] = {}
-    tally = StreamTally()
-    # The aggregates' samples, assuming every staged reading is new (the usual case).
-    pids: list[int] = []
-    tss: list[int] = []
-    vals: list[float] = []
-    for n, batch in enumerate(batches):
-        gw, stream = batch.gw, batch.stream
-        ids = point_ids[gw]
-        readings = staged["readings"].setdefault((gw, stream), {})
-        events = staged["events"].setdefault((gw, stream), {})
-        stage_records(gw, stream, batch.records, ids, lo, hi, now, readings=readings,
-                      events=events, latest=latest, tally=tally, samples=(pids, tss, vals),
-                      lead=(n,))
-        tally_rejected(tally, batch, now)
-        touched[gw] = stream  # the last batch of a gateway names its current stream
-    for by_stream in staged.values():
-        for (gw, stream), rows in by_stream.items():
-            tally.held(gw, stream, rows)
-    inserted = [0] * len(batches)
-    suspect = [0] * len(batches)
-    corrected = [0] * len(batches)
-    merged = [0] * len(batches)
-    merged_records: list[tuple[str, str, Record]] = []  # narrowband copies replaced (writes.py)
-    samples = AggSamples()
-    for table, by_stream in staged.items():
-        if not any(by_stream.values()):
-            continue
-        async with conn.cursor() as cur:
-            async with cur.copy(f"COPY pg_temp.fl_stage_{table} FROM STDIN"
-                                " (FORMAT BINARY)") as copy:
-                copy.set_types(_TYPES[table])
-                for rows in by_stream.values():
-                    for row in rows.values():
-                        await copy.write_row(row)
-            await cur.execute(_MOVE[table])
-            not_new = await cur.fetchall()
-        ts_i, flags_i = _TS[table], _FLAGS[table]
-        held: dict[tuple[str, str, int], int | None] = {}
-        for n, seq, flags in not_new:
-            b = batches[n]
-            held[(b.gw, b.stream, seq)] = flags
-        fresh = [row for rows in by_stream.values() for row in rows.values()]
-        if held:
-            fresh = [row for row in fresh if (row[1], row[2], row[3]) not in held]
-        for row in fresh:
-            inserted[row[0]] += 1
-            if row[flags_i] & CENTRAL_TS_SUSPECT:
-                suspect[row[0]] += 1
-        fixed: list[tuple[Any, ...]] = []
-        mine = {(gw, stream, seq): row for (gw, stream), rows in by_stream.items()
-                for seq, row in rows.items() if (gw, stream, seq) in held} if held else {}
-        done_nb: set[tuple[str, str, int]] = set()
-        if table == "events":
-            nb = [mine[k][1:11] for k, f in held.items() if merges(f, mine[k][flags_i])]
-            if nb:
-                done_nb = set(await run_async(conn, merge_program(nb)))
-                for k in sorted(done_nb):
-                    n = mine[k][0]
-                    merged[n] += 1
-                    record = next(r for r in batches[n].records if r.seq == k[2])
-                    merged_records.append((k[0], k[1], record))
-        again = [(*k, mine[k][ts_i], mine[k][flags_i]) for k, f in held.items()
-                 if k not in done_nb and replaces(f, mine[k][flags_i])]
-        if again:
-            done = await run_async(conn, replace_program(table, again))
-            fixed = [mine[k] for k in done]
-            for row in fixed:
-                corrected[row[0]] += 1
-        if table == "readings":
-            if not held:
-                samples.extend(pids, tss, vals)
-            for part in ((fresh, fixed) if held else (fixed,)):
-                for _, _, _, _, pid, ts, num, _, f, _ in part:
-                    if pid is not None and num is not None and not f & CLOCK_SUSPECT:
-                        samples.add(pid, ts, num)
+    staged = _stage(batches, point_ids, lo, hi, now)
+    out = _Outcome.zeros(len(batches))
+    for table, by_stream in staged.rows.items():
+        if any(by_stream.values()):
+            await _write_table(conn, table, staged, batches, out)
+    samples = out.samples
     if samples:
         await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
                                       Float8Array.of(samples.vals), len(samples), now))
-    await run_async(conn, streams_program(tally, now))
-    if latest:
-        async with conn.cursor() as cur:
-            async with cur.copy("COPY pg_temp.fl_stage_latest FROM STDIN"
-                                " (FORMAT BINARY)") as copy:
-                copy.set_types(_LATEST_TYPES)
-                for pid, (ts, num, text) in latest.items():
-                    await copy.write_row((pid, ts, num, text))
-            await cur.execute(_UPSERT_LATEST)
-    gws = sorted(touched)
-    await conn.execute(_TOUCH_GATEWAYS, (gws, [touched[g] for g in gws], [now] * len(gws)))
+    await run_async(conn, streams_program(staged.tally, now))
+    await _upsert_latest(conn, staged.latest)
+    gws = sorted(staged.touched)
+    await conn.execute(_TOUCH_GATEWAYS,
+                       (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
     # Alarm records move alarms in this same transaction, their locks after the ones above
-    # (alarm keys sorted, then incidents by area: see central.alarm_engine).
+    # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
-    if merged_records:
-        await run_async(conn, merge_alarms_program(merged_records))
-    return [WriteResult(gw=b.gw, stream=b.stream, received=len(b.records), inserted=inserted[n],
-                        clock_suspect=suspect[n], corrected=corrected[n], merged=merged[n])
+    if out.merged_records:
+        await run_async(conn, merge_alarms_program(out.merged_records))
+    return [WriteResult(gw=b.gw, stream=b.stream, received=len(b.records),
+                        inserted=out.inserted[n], clock_suspect=out.suspect[n],
+                        corrected=out.corrected[n], merged=out.merged[n])
             for n, b in enumerate(batches)], changes

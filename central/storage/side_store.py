@@ -25,7 +25,7 @@ from typing import Any, Self, TypeVar
 import structlog
 
 from central.db_thread import DbThread
-from central.errors import CentralError
+from central import CentralError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

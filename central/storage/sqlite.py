@@ -1,4 +1,4 @@
-"""SQLite backend: one connection owned by one thread, WAL, migrations as registered functions.
+"""SQLite backend: one connection owned by one thread, WAL, migrations (`sqlite_schema`).
 
 Every blocking call runs on a single-thread executor that owns the connection (STYLE.md §4);
 callers await it, so writes are serialised without locks. The ingest commit uses
@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from central.alarm_engine import ingest_program, log_changes
-from central.alarm_types import AlarmChange
+from central.alarms.engine import ingest_program, log_changes
+from central.alarms.lifecycle import AlarmChange
 from central.db_thread import DbThread
-from central.storage import (
+from central.storage.base import (
     DatabaseWriteError,
     Device,
     Gateway,
@@ -43,12 +43,9 @@ from central.storage import (
     split_key,
 )
 from central.storage.aggregates import AggSamples
-from central.storage.alarm_schema import alarm_tables
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
-from central.storage.delivery_schema import backfill_program, history_tables
-from central.storage.geo_schema import geo_columns
-from central.storage.identity_schema import identity_tables
 from central.storage.program import Program, run_sync
+from central.storage.sqlite_schema import migrate
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, replaces
 from central.storage.writes import (
     held_flags_program,
@@ -70,91 +67,6 @@ from protocols.envelope import (
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-# --- migrations -------------------------------------------------------------------------------
-
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = []
-
-
-def migration(fn: Migration) -> Migration:
-    """Register a schema step; its version is its position (1-based). Never reorder."""
-    MIGRATIONS.append(fn)
-    return fn
-
-
-@migration
-def m001_initial(conn: sqlite3.Connection) -> None:
-    conn.execute("""CREATE TABLE gateways (
-        gw TEXT PRIMARY KEY, stream TEXT, online INTEGER NOT NULL DEFAULT 0, boot_id TEXT,
-        version TEXT, bearer TEXT, backlog INTEGER, last_seen_ms INTEGER, state_ts_ms INTEGER,
-        birth TEXT)""")
-    conn.execute("""CREATE TABLE points (
-        id INTEGER PRIMARY KEY, gw TEXT NOT NULL, device TEXT NOT NULL, point TEXT NOT NULL,
-        name_zh TEXT NOT NULL DEFAULT '', unit TEXT NOT NULL DEFAULT '',
-        profile TEXT NOT NULL DEFAULT '', ordinal INTEGER,
-        UNIQUE (gw, device, point))""")
-    # WITHOUT ROWID: the (gw, stream, seq) key is the table itself, one b-tree less per insert.
-    conn.execute("""CREATE TABLE readings (
-        gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, point_id INTEGER,
-        ts_ms INTEGER NOT NULL, value REAL, text TEXT, flags INTEGER NOT NULL,
-        received_ms INTEGER NOT NULL,
-        PRIMARY KEY (gw, stream, seq)) WITHOUT ROWID""")
-    conn.execute("CREATE INDEX readings_point_ts ON readings (point_id, ts_ms)")
-    conn.execute("""CREATE TABLE events (
-        gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, kind INTEGER NOT NULL,
-        point_id INTEGER, ts_ms INTEGER NOT NULL, value REAL, text TEXT, flags INTEGER NOT NULL,
-        attrs TEXT, received_ms INTEGER NOT NULL,
-        PRIMARY KEY (gw, stream, seq))""")
-    conn.execute("CREATE INDEX events_gw_ts ON events (gw, ts_ms)")
-    conn.execute("""CREATE TABLE latest (
-        point_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, value REAL, text TEXT)""")
-
-
-@migration
-def m002_areas_alarms(conn: sqlite3.Connection) -> None:
-    for sql in alarm_tables("sqlite"):
-        conn.execute(sql)
-
-
-@migration
-def m003_delivery_history(conn: sqlite3.Connection) -> None:
-    for sql in history_tables("sqlite"):
-        conn.execute(sql)
-    run_sync(conn, backfill_program())
-
-
-@migration
-def m004_identity_audit(conn: sqlite3.Connection) -> None:
-    for sql in identity_tables("sqlite"):
-        conn.execute(sql)
-
-
-@migration
-def m005_positions(conn: sqlite3.Connection) -> None:
-    for sql in geo_columns("sqlite"):
-        conn.execute(sql)
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply every registered migration not yet applied, each in its own transaction."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    current = row[0] or 0
-    for version, fn in enumerate(MIGRATIONS, start=1):
-        if version <= current:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            fn(conn)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        log.info("db_migrated", version=version, step=fn.__name__)
-    return len(MIGRATIONS)
-
 
 # --- SQL --------------------------------------------------------------------------------------
 
@@ -339,7 +251,7 @@ class SqliteStorage(Storage):
         if latest:
             conn.executemany(_UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()])
         run_sync(conn, streams_program(tally, now))
-        # Alarm records move alarms in this same transaction (central.alarm_engine).
+        # Alarm records move alarms in this same transaction (central.alarms.engine).
         changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
         if merged:
             run_sync(conn, merge_alarms_program(merged))
@@ -356,7 +268,7 @@ class SqliteStorage(Storage):
         n = len(records)
         if not n:
             return None
-        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, records))
+        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, records), strict=True)
         if (kinds.count(_TELEMETRY) != n or None in points
                 or not _NUMERIC.issuperset(map(type, values))
                 or min(tss) < lo or max(tss) > hi):
@@ -365,7 +277,7 @@ class SqliteStorage(Storage):
         if any(f & CLOCK_SUSPECT for f in flag_set):
             return None
         if all(map(lt, seqs, islice(seqs, 1, None))):
-            ordered = seqs
+            ordered: Sequence[int] = seqs
         else:
             ordered = sorted(seqs)
             if any(map(eq, ordered, islice(ordered, 1, None))):
@@ -381,7 +293,7 @@ class SqliteStorage(Storage):
         inserted = self._insert_readings(conn, params)
         samples.extend(pids, tss, values)
         # Latest per point: the largest time, the first record on a tie.
-        for pid, ts, value in zip(pids, tss, values):
+        for pid, ts, value in zip(pids, tss, values, strict=True):
             prev = latest.get(pid)
             if prev is None or ts > prev[0]:
                 latest[pid] = (ts, value, None)

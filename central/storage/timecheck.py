@@ -23,7 +23,7 @@ from protocols.envelope import Flag
 FLOOR_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z
 CLOCK_SUSPECT = int(Flag.CLOCK_SUSPECT)
 CENTRAL_TS_SUSPECT = 0x100  # central judged the time implausible; never on the wire
-# The stored copy came by narrowband (central.narrowband); the IP copy replaces it
+# The stored copy came by narrowband (central.narrowband.receiver); the IP copy replaces it
 # (central.storage.writes). Never on the wire either: the envelope rejects unknown flags.
 NARROWBAND_COPY = 0x200
 CENTRAL_BITS = CLOCK_SUSPECT | CENTRAL_TS_SUSPECT

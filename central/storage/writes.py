@@ -7,7 +7,7 @@ usual case one index range probe that finds nothing); PostgreSQL learns it from 
 `RETURNING`. Both then run `replace_program` for the few candidates.
 
 Narrowband merge (DESIGN.md §5): an event that came by narrowband carries the central-only bit
-`NARROWBAND_COPY`, set by `central.narrowband` on the records it builds (never on the wire:
+`NARROWBAND_COPY`, set by `central.narrowband.receiver` on the records it builds (never on the wire:
 the envelope rejects unknown flags, so an IP record cannot claim it). When the full
 record arrives over IP under the same (gw, stream, seq), `merge_program` replaces the held
 copy's columns with it (exact value, threshold and the rest of the attrs) instead of dropping
@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from central.alarm_engine import BadAlarmRecordError, event_from_record
+from central.alarms.engine import BadAlarmRecordError, event_from_record
 from central.storage.delivery import StreamTally, loss_report
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import (

@@ -1,7 +1,7 @@
 """Narrowband bearers: drivers of the radios the agent falls back to while IP is down
 (DESIGN.md §5), and what they share: the errors, the card a terminal holds and the answer to a
 send. Each driver (`edge_agent.bearers.beidou`, `edge_agent.bearers.pdt`) owns one serial port
-and speaks its radio's sentences or packets through a pure codec in `protocols/`; `edge_agent.narrowband` decides what goes
+and speaks its radio's sentences or packets through a pure codec in `protocols/`; `edge_agent.narrowband.fallback` decides what goes
 over it and when.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from edge_agent.errors import EdgeError
+from edge_agent import EdgeError
 
 # --- errors --------------------------------------------------------------------------------
 

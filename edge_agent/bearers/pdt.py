@@ -189,6 +189,7 @@ class PdtRadio(SerialBearer[_Event]):
             reply = await self._step(waiter, "connect", encode_packet(request))
         finally:
             self._forget(waiter)
+        assert isinstance(reply, HrnpPacket)  # the waiter accepts nothing else
         if reply.opcode is HrnpOpcode.REJECT:
             raise ConnectRejectedError(self.port)
         self._connected = True

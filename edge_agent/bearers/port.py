@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 import serial
 
 from edge_agent.bearers import BearerError, BearerPortError, BearerTimeoutError, SendResult
-from edge_agent.serial_port import open_serial
+from edge_agent.field.serial_port import open_serial
 
 _READ_SIZE = 4096
 

@@ -1,0 +1,393 @@
+"""HTTP API of areas and alarms (DESIGN.md §7).
+
+    GET  /api/areas                                   -> the area tree with each site's gateways
+    POST /api/areas          {parent_id, level, code, name_zh, kind}  -> 201, the area
+    GET  /api/areas/{id}/summary                      -> active alarms under it by severity
+    PUT  /api/gateways/{gw}/area   {area_id}          -> the gateway now stands at that site
+    GET  /api/alarms?area=&state=&ack=&gw=&limit=     -> alarms of the area and all under it
+    GET  /api/alarms/{id}                             -> the alarm and its history
+    POST /api/alarms/{id}/ack      {comment}          -> the acknowledged alarm
+    POST /api/alarms/{id}/clear    {comment}          -> the alarm, cleared by hand
+    POST /api/alarms/{id}/comment  {comment}          -> the alarm, with the comment in its history
+
+`install(app)` adds the routes and the problem responses: 404 for an unknown area or alarm
+(the app's handler), 409 for a duplicate code or an action the alarm's state does not allow,
+422 for an area that does not fit the hierarchy.
+
+Who acts is the logged-in user (DESIGN.md §8): reading needs `read`, ack/clear/comment
+`operate`, creating areas and placing gateways `administer`; everything is limited to the
+user's area (403 outside it; lists and the tree show only what lies inside). Each action
+commits together with its audit row.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from central.alarms import desk as alarms
+from central.areas import tree as areas
+from central.alarms.lifecycle import AckState, AlarmStatus
+from central.web.bounds import ID_MAX, IdField, IdPath
+from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
+from central.identity.audit import AuditLog
+from central.identity.authz import (
+    Admin,
+    Operator,
+    OutOfScopeError,
+    Principal,
+    Reader,
+    check_area,
+    check_gateway,
+    gateway_path_program,
+    gateway_scope,
+)
+from central.storage import Storage
+from central.storage.program import Program
+
+PROBLEM = "application/problem+json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AreaIn(_Model):
+    parent_id: IdField | None = Field(default=None, description="None for a root (the city)")
+    level: AreaLevel
+    code: str = Field(min_length=1, max_length=64)
+    name_zh: str = Field(min_length=1, max_length=100)
+    kind: str | None = Field(default=None, description="street|township, community|village, "
+                                               "enterprise|station|street_office")
+
+
+class AreaOut(_Model):
+    id: int
+    parent_id: int | None
+    level: str
+    code: str
+    name_zh: str
+    kind: str
+
+
+class AreaNodeOut(AreaOut):
+    gateways: list[str]
+    children: list[AreaNodeOut]
+
+
+class GatewayAreaIn(_Model):
+    area_id: IdField
+
+
+class GatewayAreaOut(_Model):
+    gw: str
+    area: AreaOut
+
+
+class ActionIn(_Model):
+    comment: str = Field(default="", max_length=1000)
+
+
+class CommentIn(_Model):
+    comment: str = Field(min_length=1, max_length=1000)
+
+
+class AlarmOut(_Model):
+    id: int
+    gw: str
+    device: str
+    point: str | None
+    point_ref: str | None  # gw:device:point, as the points API names it
+    alarm_key: str
+    type: str
+    source: str
+    severity: int
+    level: int
+    state: str
+    ack_state: str
+    flapping: bool
+    transitions: int
+    value: float | None
+    text: str | None
+    threshold: float | None
+    raised_ms: int
+    cleared_ms: int | None
+    last_event_ms: int
+    acked_by: str | None
+    acked_ms: int | None
+    ack_comment: str | None
+    cleared_by: str | None
+    clear_comment: str | None
+    incident_id: int | None
+    updated_ms: int
+    name_zh: str | None
+    unit: str | None
+    area_id: int | None
+    area_name: str | None
+
+
+class HistoryOut(_Model):
+    id: int
+    action: str
+    source: str
+    ts_ms: int
+    level: int | None
+    value: float | None
+    applied: bool
+    notify: bool
+    note: str | None
+    user: str | None
+    comment: str | None
+    stream: str | None
+    seq: int | None
+    received_ms: int
+
+
+class AlarmDetail(AlarmOut):
+    history: list[HistoryOut]
+
+
+class AreaCountOut(_Model):
+    area_id: int
+    code: str
+    name_zh: str
+    level: str
+    active: int
+    by_severity: dict[str, int]
+    unacknowledged: int
+
+
+class SummaryOut(_Model):
+    area: AreaOut
+    active: int
+    by_severity: dict[str, int]  # "1" (一级), "2" (二级)
+    unacknowledged: int
+    children: list[AreaCountOut]
+
+
+def _area_out(a: Area) -> AreaOut:
+    return AreaOut(id=a.id, parent_id=a.parent_id, level=str(a.level), code=a.code,
+                   name_zh=a.name_zh, kind=a.kind)
+
+
+def _node_out(n: AreaNode) -> AreaNodeOut:
+    return AreaNodeOut(**_area_out(n.area).model_dump(), gateways=list(n.gateways),
+                       children=[_node_out(c) for c in n.children])
+
+
+def _alarm_out(a: alarms.Alarm) -> AlarmOut:
+    d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
+    d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
+    d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
+    return AlarmOut(**d)
+
+
+def _problem(status: int, title: str, detail: str) -> JSONResponse:
+    return JSONResponse({"type": "about:blank", "title": title, "status": status,
+                         "detail": detail}, status_code=status, media_type=PROBLEM)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _storage(request: Request) -> Storage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+def _audit(request: Request) -> AuditLog:
+    return request.app.state.audit  # type: ignore[no-any-return]
+
+
+def _scoped(nodes: list[AreaNode], p: Principal) -> list[AreaNode]:
+    """The subtree(s) the principal sees: the whole forest, or the node of their area."""
+    if p.user.area_path is None:
+        return nodes
+    for n in nodes:
+        if n.area.path == p.user.area_path:
+            return [n]
+        if p.user.area_path.startswith(n.area.path):
+            return _scoped(list(n.children), p)
+    return []
+
+
+async def _acting_on(request: Request, p: Principal, alarm_id: int) -> alarms.Alarm:
+    storage = _storage(request)
+    a = await alarms.get_alarm(storage, alarm_id)
+    await check_gateway(storage, p, a.gw)
+    return a
+
+
+async def _act(request: Request, p: Principal, alarm_id: int, action: str, comment: str,
+               step: Any) -> alarms.Alarm:
+    """Run an alarm step and its audit row in one transaction."""
+    await _acting_on(request, p, alarm_id)
+    now = _now_ms()
+    audit = _audit(request)
+
+    def program() -> Program[alarms.Alarm]:
+        a = yield from step(alarm_id, p.name, comment, now)
+        yield from audit.program(p.name, action, f"alarm:{alarm_id}",
+                                 {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
+        return a
+
+    return await _storage(request).run(program)
+
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown area or alarm"}, 409: {"description": "Conflict"},
+    422: {"description": "Bad request"}}
+
+
+def install(app: FastAPI) -> None:
+    """Add the area and alarm routes and their error responses to `app`."""
+    _install_errors(app)
+    _install_area_routes(app)
+    _install_alarm_routes(app)
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(DuplicateAreaError)
+    async def duplicate(_: Request, exc: DuplicateAreaError) -> JSONResponse:
+        return _problem(409, "Duplicate area", str(exc))
+
+    @app.exception_handler(AreaPlacementError)
+    async def misplaced(_: Request, exc: AreaPlacementError) -> JSONResponse:
+        return _problem(422, "Area does not fit the hierarchy", str(exc))
+
+    @app.exception_handler(alarms.AlarmStateError)
+    async def wrong_state(_: Request, exc: alarms.AlarmStateError) -> JSONResponse:
+        return _problem(409, "Not possible in the alarm's state", str(exc))
+
+
+def _install_area_routes(app: FastAPI) -> None:
+    @app.get("/api/areas", response_model=list[AreaNodeOut], tags=["areas"])
+    async def area_tree(request: Request, p: Reader) -> list[AreaNodeOut]:
+        """The tree (from the user's own area down), children by code, with the gateways at
+        each site."""
+        return [_node_out(n) for n in _scoped(await areas.area_tree(_storage(request)), p)]
+
+    @app.post("/api/areas", response_model=AreaOut, status_code=201, responses=_PROBLEMS,
+              tags=["areas"])
+    async def create_area(request: Request, body: AreaIn,
+                          p: Admin) -> AreaOut:
+        """Example: `{"parent_id": 2, "level": "site", "code": "420102-site-09",
+        "name_zh": "某危化企业", "kind": "enterprise"}`."""
+        storage = _storage(request)
+        if body.parent_id is None:
+            if p.user.area_path is not None:
+                raise OutOfScopeError(p.name, "a new root area")
+        else:
+            await check_area(storage, p, body.parent_id)
+        audit = _audit(request)
+        now = _now_ms()
+
+        def program() -> Program[Area]:
+            a = yield from areas.create_program(body.parent_id, AreaLevel(body.level), body.code,
+                                                body.name_zh, body.kind, now)
+            yield from audit.program(p.name, "area.created", f"area:{a.code}",
+                                     {"id": a.id, "parent_id": a.parent_id, "level": str(a.level),
+                                      "name_zh": a.name_zh})
+            return a
+
+        return _area_out(await storage.run(program))
+
+    @app.get("/api/areas/{area_id}/summary", response_model=SummaryOut, responses=_PROBLEMS,
+             tags=["areas"])
+    async def summary(request: Request, area_id: IdPath,
+                      p: Reader) -> SummaryOut:
+        await check_area(_storage(request), p, area_id)
+        s = await alarms.area_summary(_storage(request), area_id)
+        return SummaryOut(
+            area=_area_out(s.area), active=s.active, unacknowledged=s.unacknowledged,
+            by_severity={str(k): v for k, v in s.by_severity.items()},
+            children=[AreaCountOut(area_id=c.area_id, code=c.code, name_zh=c.name_zh,
+                                   level=c.level, active=c.active,
+                                   by_severity={str(k): v for k, v in c.by_severity.items()},
+                                   unacknowledged=c.unacknowledged) for c in s.children])
+
+    @app.put("/api/gateways/{gw}/area", response_model=GatewayAreaOut, responses=_PROBLEMS,
+             tags=["areas"])
+    async def place_gateway(request: Request, gw: str, body: GatewayAreaIn,
+                            p: Admin) -> GatewayAreaOut:
+        """Put a gateway at a site (it may not have reported yet); both the site and where
+        the gateway stood before must lie in the admin's area."""
+        storage = _storage(request)
+        await check_area(storage, p, body.area_id)
+        before = await storage.run(lambda: gateway_path_program(gw), write=False)
+        if before is not None and not p.sees(before):
+            raise OutOfScopeError(p.name, f"gateway {gw}")
+        audit = _audit(request)
+        now = _now_ms()
+
+        def program() -> Program[Area]:
+            site = yield from areas.assign_program(gw, body.area_id, now)
+            yield from audit.program(p.name, "gateway.placed", f"gateway:{gw}",
+                                     {"area": site.code, "area_id": site.id})
+            return site
+
+        site = await storage.run(program)
+        return GatewayAreaOut(gw=gw, area=_area_out(site))
+
+
+def _install_alarm_routes(app: FastAPI) -> None:
+    @app.get("/api/alarms", response_model=list[AlarmOut], responses=_PROBLEMS, tags=["alarms"])
+    async def list_alarms(
+        request: Request, p: Reader,
+        area: Annotated[int | None, Query(ge=1, le=ID_MAX,
+                                          description="this area and all under it")] = None,
+        state: Annotated[AlarmStatus | None, Query()] = None,
+        ack: Annotated[AckState | None, Query()] = None,
+        gw: Annotated[str | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=alarms.MAX_LIMIT)] = 200,
+    ) -> list[AlarmOut]:
+        """Active first, then by severity, newest first.
+
+        Example: `?area=2&state=active&ack=unacknowledged`."""
+        storage = _storage(request)
+        if area is not None:
+            await check_area(storage, p, area)
+        elif p.user.area_id is not None:
+            area = p.user.area_id  # a scoped user's list starts at their area
+        rows = await alarms.list_alarms(storage, area_id=area, state=state, ack=ack, gw=gw,
+                                        limit=limit)
+        visible = await gateway_scope(storage, p)
+        return [_alarm_out(a) for a in rows if visible(a.gw)]
+
+    @app.get("/api/alarms/{alarm_id}", response_model=AlarmDetail, responses=_PROBLEMS,
+             tags=["alarms"])
+    async def get_alarm(request: Request, alarm_id: IdPath,
+                        p: Reader) -> AlarmDetail:
+        storage = _storage(request)
+        a = await _acting_on(request, p, alarm_id)
+        history = await alarms.alarm_history(storage, alarm_id)
+        return AlarmDetail(**_alarm_out(a).model_dump(), history=[
+            HistoryOut(**{f: getattr(h, f) for f in HistoryOut.model_fields}) for h in history])
+
+    @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_PROBLEMS,
+              tags=["alarms"])
+    async def ack(request: Request, alarm_id: IdPath, body: ActionIn,
+                  p: Operator) -> AlarmOut:
+        """Acknowledge (确认) as the logged-in user; 409 if it is acknowledged already."""
+        return _alarm_out(await _act(request, p, alarm_id, "alarm.ack", body.comment,
+                                     alarms.ack_program))
+
+    @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=_PROBLEMS,
+              tags=["alarms"])
+    async def clear(request: Request, alarm_id: IdPath, body: ActionIn,
+                    p: Operator) -> AlarmOut:
+        """Clear by hand (清除), also while the edge still reports the condition (recorded)."""
+        return _alarm_out(await _act(request, p, alarm_id, "alarm.clear", body.comment,
+                                     alarms.clear_program))
+
+    @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=_PROBLEMS,
+              tags=["alarms"])
+    async def comment(request: Request, alarm_id: IdPath, body: CommentIn,
+                      p: Operator) -> AlarmOut:
+        """Add a comment (备注) to the alarm's history, in any state."""
+        return _alarm_out(await _act(request, p, alarm_id, "alarm.comment", body.comment,
+                                     alarms.comment_program))

@@ -1,0 +1,116 @@
+"""Central's own alarm rules, evaluated by a periodic task (`alarm_rules_loop`), DESIGN.md §7.
+
+Each tick:
+- gateway offline: a gateway not heard (no state, birth or data) for `offline_alarm_after_s`
+  raises `gateway_offline` on it; hearing from it again clears it;
+- flapping alarms whose window has passed quietly settle (`alarm_engine.settle_program`);
+- incidents with no active alarm for the incident window close.
+
+Only what changes is written, one short transaction each, so a city's thousand gateways cost
+one read per tick. Several workers may run the loop at once: every write goes through the
+same key locks and constraints as ingest, so they agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import structlog
+
+from central import tasks
+from central.alarms.engine import (
+    close_incident_program,
+    condition_program,
+    flapping_to_settle,
+    incidents_to_close,
+    log_changes,
+    settle_program,
+)
+from central.alarms.lifecycle import GATEWAY_OFFLINE, AlarmChange, AlarmPolicy
+from central.alarms.desk import policy_from
+from central.settings import Settings
+from central.storage import Storage, StorageError
+from central.storage.program import Program, Sql
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    changes: tuple[AlarmChange, ...] = ()
+    incidents_closed: tuple[int, ...] = field(default_factory=tuple)
+
+
+def _offline_keys() -> Program[dict[str, str | None]]:
+    rows = yield Sql("SELECT gw, edge_state FROM alarm_keys WHERE alarm_key = ?",
+                     (GATEWAY_OFFLINE,))
+    return {gw: state for gw, state in rows}
+
+
+class AlarmRules:
+    """Central's rules over one storage; `run()` is the `alarm_rules_loop`."""
+
+    def __init__(self, storage: Storage, *, offline_after_ms: int, interval_s: float,
+                 policy: AlarmPolicy) -> None:
+        self.storage = storage
+        self.offline_after_ms = offline_after_ms
+        self.interval_s = interval_s
+        self.policy = policy
+
+    async def tick(self, now_ms: int | None = None) -> TickResult:
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        changes: list[AlarmChange] = []
+        gateways = await self.storage.list_gateways()
+        raised = await self.storage.run(_offline_keys, write=False)
+        for g in gateways:
+            heard = g.last_seen_ms if g.last_seen_ms is not None else g.state_ts_ms
+            if heard is None:
+                continue
+            offline = now - heard > self.offline_after_ms
+            if offline == (raised.get(g.gw) == "raised"):
+                continue  # nothing to change: no write
+            change = await self.storage.run(partial(
+                condition_program, g.gw, GATEWAY_OFFLINE, GATEWAY_OFFLINE, offline, 1,
+                self.policy, now))
+            if change is not None:
+                changes.append(change)
+        for gw, key in await self.storage.run(lambda: flapping_to_settle(self.policy, now),
+                                              write=False):
+            change = await self.storage.run(partial(settle_program, gw, key, self.policy, now))
+            if change is not None:
+                changes.append(change)
+        closed = []
+        for incident in await self.storage.run(lambda: incidents_to_close(self.policy, now),
+                                               write=False):
+            if await self.storage.run(partial(close_incident_program, incident, self.policy,
+                                              now)):
+                closed.append(incident)
+                log.info("incident_closed", incident_id=incident)
+        log_changes(changes)
+        return TickResult(tuple(changes), tuple(closed))
+
+    async def run(self) -> None:
+        """Tick every `interval_s` for ever; a failing tick is logged once per outage."""
+        await tasks.every(self.interval_s, self.tick, name="alarm_rules", errors=StorageError)
+
+
+@dataclass(slots=True)
+class AlarmRulesRuntime:
+    rules: AlarmRules
+    task: asyncio.Task[None] | None
+
+    async def stop(self) -> None:
+        await tasks.stop(self.task)
+
+
+def start_alarm_rules(settings: Settings, storage: Storage, *, run: bool) -> AlarmRulesRuntime:
+    """Apply the settings' alarm policy to `storage` and, with `run`, start the loop task."""
+    policy = policy_from(settings)
+    storage.alarm_policy = policy
+    rules = AlarmRules(storage, offline_after_ms=int(settings.offline_alarm_after_s * 1000),
+                       interval_s=settings.alarm_rules_interval_s, policy=policy)
+    task = tasks.start("alarms.rules", rules.run) if run else None
+    return AlarmRulesRuntime(rules, task)

@@ -1,0 +1,229 @@
+"""HTTP API of commands (DESIGN.md §6): issue, list, follow; and the key gateways pin.
+
+    POST /api/commands                {gw, kind, args, ttl_s} -> 201, the stored command
+    POST /api/commands/{cmd_id}/approve                       -> the approved command
+    GET  /api/commands?gw=&state=&limit=                      -> newest first
+    GET  /api/commands/{cmd_id}                               -> the command and its history
+    GET  /api/keys/commands                                   -> central's public key
+
+`install(app)` adds the routes and the problem responses for command errors: 422 for a bad
+kind, bad args, an unknown point, or a write the device profile refuses (not writable, value
+out of range; nothing is signed); 404 for an unknown gateway (the app's handler) or command;
+409 for an approval that is not possible (the issuer's own, or nothing to approve); 503 while
+the command service is not running.
+
+Issuing and approving need the `operate` permission, and the gateway must lie in the user's
+area (403 otherwise); a write to a safety-critical point waits (`approval: "required"`) until
+a different operator approves it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from central.commands.dispatch import CommandRequestError, CommandService
+from central.commands.check import WriteRefusedError
+from central.commands.store import (
+    ApprovalError,
+    CommandEvent,
+    CommandStoreError,
+    StoredCommand,
+    UnknownCommandError,
+)
+from central import CentralError
+from central.identity.authz import Operator, Reader, check_gateway, gateway_scope
+from protocols.command_results import CommandState
+from protocols.commands import MAX_TTL_MS, CommandError, CommandKind
+
+PROBLEM = "application/problem+json"
+
+
+class CommandsUnavailableError(CentralError):
+    def __init__(self) -> None:
+        super().__init__("the command service is not running")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IssueIn(_Model):
+    gw: str = Field(min_length=1, max_length=64)
+    kind: CommandKind
+    args: dict[str, Any] = Field(default_factory=dict)
+    ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TTL_MS / 1000,
+                         description="seconds until the command expires if not executed")
+
+
+class CommandOut(_Model):
+    cmd_id: str
+    gw: str
+    kind: str
+    target: str
+    args: dict[str, Any]
+    issued_at_ms: int | None
+    expires_at_ms: int | None
+    state: str
+    state_source: str  # who set the state: central or gateway
+    reason: str | None
+    detail: str | None
+    result: dict[str, Any] | None  # attrs of the gateway's report that set the state
+    origin: str  # central: issued here; gateway: only known from a gateway's report
+    created_ms: int
+    updated_ms: int
+    sent_count: int
+    last_sent_ms: int | None
+    issued_by: str | None
+    approval: str | None  # null: not needed; required: waits for a second operator; approved
+    approved_by: str | None
+
+
+class CommandEventOut(_Model):
+    ts_ms: int
+    state: str
+    source: str
+    reason: str | None
+    detail: str | None
+    attrs: dict[str, Any] | None
+    applied: bool  # whether this event moved the command's state
+    received_ms: int
+
+
+class CommandDetail(CommandOut):
+    history: list[CommandEventOut]
+
+
+class KeyOut(_Model):
+    algorithm: str
+    public_key: str  # base64 of the 32 raw bytes: `[commands] central_public_key`
+    pem: str
+
+
+def _out(c: StoredCommand) -> CommandOut:
+    return CommandOut(cmd_id=c.cmd_id, gw=c.gw, kind=c.kind, target=c.target, args=dict(c.args),
+                      issued_at_ms=c.issued_at_ms, expires_at_ms=c.expires_at_ms,
+                      state=str(c.state), state_source=c.state_source, reason=c.reason,
+                      detail=c.detail, result=dict(c.result) if c.result else None,
+                      origin=c.origin, created_ms=c.created_ms, updated_ms=c.updated_ms,
+                      sent_count=c.sent_count, last_sent_ms=c.last_sent_ms,
+                      issued_by=c.issued_by, approval=c.approval, approved_by=c.approved_by)
+
+
+def _event_out(e: CommandEvent) -> CommandEventOut:
+    return CommandEventOut(ts_ms=e.ts_ms, state=e.state, source=e.source, reason=e.reason,
+                           detail=e.detail, attrs=dict(e.attrs) if e.attrs else None,
+                           applied=e.applied, received_ms=e.received_ms)
+
+
+def _problem(status: int, title: str, detail: str) -> JSONResponse:
+    return JSONResponse({"type": "about:blank", "title": title, "status": status,
+                         "detail": detail}, status_code=status, media_type=PROBLEM)
+
+
+def _service(request: Request) -> CommandService:
+    runtime = getattr(request.app.state, "commands", None)
+    if runtime is None:
+        raise CommandsUnavailableError()
+    return runtime.service  # type: ignore[no-any-return]
+
+
+def install(app: FastAPI) -> None:
+    """Add the command routes and their error responses to `app`."""
+
+    @app.exception_handler(CommandError)
+    async def bad_command(_: Request, exc: CommandError) -> JSONResponse:
+        return _problem(422, "Invalid command", str(exc))
+
+    @app.exception_handler(CommandRequestError)
+    async def refused(_: Request, exc: CommandRequestError) -> JSONResponse:
+        return _problem(422, "Invalid command", str(exc))
+
+    @app.exception_handler(WriteRefusedError)
+    async def write_refused(_: Request, exc: WriteRefusedError) -> JSONResponse:
+        return _problem(422, "Write refused by the device profile", str(exc))
+
+    @app.exception_handler(ApprovalError)
+    async def approval_refused(_: Request, exc: ApprovalError) -> JSONResponse:
+        return _problem(409, "Approval not possible", str(exc))
+
+    @app.exception_handler(UnknownCommandError)
+    async def unknown(_: Request, exc: UnknownCommandError) -> JSONResponse:
+        return _problem(404, "Unknown command", str(exc))
+
+    @app.exception_handler(CommandStoreError)
+    async def store_failed(_: Request, exc: CommandStoreError) -> JSONResponse:
+        return _problem(503, "Command store unavailable", str(exc))
+
+    @app.exception_handler(CommandsUnavailableError)
+    async def unavailable(_: Request, exc: CommandsUnavailableError) -> JSONResponse:
+        return _problem(503, "Commands unavailable", str(exc))
+
+    problems: dict[int | str, dict[str, Any]] = {
+        401: {"description": "Login required"}, 403: {"description": "Role or area refused"},
+        404: {"description": "Unknown gateway or command"},
+        422: {"description": "Invalid command"}, 503: {"description": "Commands unavailable"}}
+
+    @app.post("/api/commands", response_model=CommandOut, status_code=201, responses=problems,
+              tags=["commands"], summary="Issue a signed command to a gateway")
+    async def issue(request: Request, body: IssueIn,
+                    p: Operator) -> CommandOut:
+        """Stored `pending`; signed and sent when the gateway is online, until it reports
+        `received`. A write to a safety-critical point first waits for a second operator.
+
+        Example: `{"gw": "gw-1", "kind": "write_point", "args": {"device": "gas-1",
+        "point": "sample_interval_s", "value": 30}, "ttl_s": 600}`.
+        """
+        service = _service(request)
+        await check_gateway(request.app.state.storage, p, body.gw)
+        cmd = await service.issue(body.gw, str(body.kind), body.args, body.ttl_s, user=p.name)
+        return _out(cmd)
+
+    @app.post("/api/commands/{cmd_id}/approve", response_model=CommandOut,
+              responses={**problems, 409: {"description": "Approval not possible"}},
+              tags=["commands"], summary="Approve a safety-critical write (a second operator)")
+    async def approve(request: Request, cmd_id: str,
+                      p: Operator) -> CommandOut:
+        """The operator who issued the command cannot approve it."""
+        service = _service(request)
+        cmd = await service.store.get(cmd_id)
+        await check_gateway(request.app.state.storage, p, cmd.gw)
+        return _out(await service.approve(cmd_id, p.name))
+
+    @app.get("/api/commands", response_model=list[CommandOut], responses=problems,
+             tags=["commands"])
+    async def list_commands(
+        request: Request, p: Reader,
+        gw: Annotated[str | None, Query(description="only this gateway's")] = None,
+        state: Annotated[CommandState | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[CommandOut]:
+        store = _service(request).store
+        gw_in = None
+        if p.user.area_path is not None:
+            storage = request.app.state.storage
+            visible = await gateway_scope(storage, p)
+            gw_in = [g.gw for g in await storage.list_gateways() if visible(g.gw)]
+        rows = await store.list(gw=gw, state=None if state is None else str(state), limit=limit,
+                                gw_in=gw_in)
+        return [_out(c) for c in rows]
+
+    @app.get("/api/commands/{cmd_id}", response_model=CommandDetail, responses=problems,
+             tags=["commands"])
+    async def get_command(request: Request, cmd_id: str,
+                          p: Reader) -> CommandDetail:
+        store = _service(request).store
+        cmd = await store.get(cmd_id)
+        await check_gateway(request.app.state.storage, p, cmd.gw)
+        history = await store.history(cmd_id)
+        return CommandDetail(**_out(cmd).model_dump(), history=[_event_out(e) for e in history])
+
+    @app.get("/api/keys/commands", response_model=KeyOut, responses=problems, tags=["commands"])
+    async def command_key(request: Request, _: Reader) -> KeyOut:
+        """The public key gateways pin (`[commands] central_public_key`)."""
+        service = _service(request)
+        return KeyOut(algorithm="Ed25519", public_key=service.public_key_b64,
+                      pem=service.public_key_pem)

@@ -1,0 +1,397 @@
+"""Central's durable command tables (DESIGN.md §6), beside the main storage in the same database.
+
+Two tables: `commands` (one row per command: what, for whom, its lifetime, its current state
+and who set it, delivery counters) and `command_events` (its history). The module keeps its own
+migration list and version table (`commands_schema_version`), so it shares the database file
+or PostgreSQL schema with `central.storage` without touching that backend's migrations.
+
+State moves only forward (`CommandState.rank`): a late `received` after `succeeded` changes
+nothing. Reports from a gateway are applied idempotently: each is keyed by the record that
+carried it, `(gw, stream, seq)`, so a batch the gateway sends again changes nothing twice.
+Three kinds of report only add history, never move the state: a replay notice, a report the
+gateway could not verify (bad signature: the cmd_id is only what the bytes claimed), and a
+report from a gateway other than the command's. One exception to "forward only": `expired`
+set by central itself ("not delivered before expiry") gives way to what the gateway reports,
+since the gateway may have taken the command just before it expired.
+
+A command to a safety-critical point (DESIGN.md §8) is stored with `approval = "required"`
+and is not due (so never signed nor sent) until a second operator, not the one who issued it,
+approves it (`approve`); `issued_by` and `approved_by` name them.
+
+A report naming a cmd_id central never issued (a forged or foreign command the gateway
+refused) gets a row with `origin = "gateway"`, so the duty officer sees it.
+
+Both backends run the same SQL through a DB-API connection owned by one thread: `sqlite3` on
+the database file, or psycopg (sync) on PostgreSQL; `?` placeholders become `%s` there (the
+plumbing is `central.storage.side_store.SideStore`, shared with the identity tables).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from central.commands.schema import MIGRATIONS
+from central import CentralError
+from central.storage.side_store import SideStore
+from protocols.command_results import CommandResult, CommandState, Reason
+
+log = structlog.get_logger(__name__)
+
+ORIGIN_CENTRAL = "central"
+ORIGIN_GATEWAY = "gateway"  # only known from a gateway's report
+SOURCE_CENTRAL = "central"
+SOURCE_GATEWAY = "gateway"
+_OPEN = (str(CommandState.PENDING), str(CommandState.SENT))
+
+
+class CommandStoreError(CentralError):
+    """Base of the command store's errors; wraps the driver error it came from."""
+
+
+class UnknownCommandError(CommandStoreError):
+    kind = "command"
+
+    def __init__(self, cmd_id: str) -> None:
+        super().__init__(f"unknown command {cmd_id!r}")
+        self.ref = cmd_id
+
+
+class ApprovalError(CommandStoreError):
+    """An approval central refuses: nothing to approve, or the issuer approving their own."""
+
+    def __init__(self, cmd_id: str, reason: str) -> None:
+        super().__init__(f"command {cmd_id}: {reason}")
+        self.cmd_id = cmd_id
+        self.reason = reason
+
+
+class DuplicateCommandError(CommandStoreError):
+    def __init__(self, cmd_id: str) -> None:
+        super().__init__(f"command {cmd_id!r} already exists")
+        self.cmd_id = cmd_id
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCommand:
+    cmd_id: str
+    gw: str
+    kind: str
+    target: str
+    args: Mapping[str, Any]
+    issued_at_ms: int | None
+    expires_at_ms: int | None
+    state: CommandState
+    state_source: str
+    reason: str | None = None
+    detail: str | None = None
+    result: Mapping[str, Any] | None = None  # attrs of the report that set the state
+    origin: str = ORIGIN_CENTRAL
+    created_ms: int = 0
+    updated_ms: int = 0
+    sent_count: int = 0
+    last_sent_ms: int | None = None
+    issued_by: str | None = None  # the user who issued it (None: before logins existed)
+    approval: str | None = None  # None: not needed; "required"; "approved"
+    approved_by: str | None = None
+    approved_ms: int | None = None
+
+
+APPROVAL_REQUIRED = "required"
+APPROVED = "approved"
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A report that moved a command's state."""
+
+    cmd_id: str
+    state: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEvent:
+    ts_ms: int  # gateway's record time for a report, central's clock for its own events
+    state: str
+    source: str
+    reason: str | None
+    detail: str | None
+    attrs: Mapping[str, Any] | None
+    applied: bool  # whether it moved the command's state
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One CMD_RESULT record as central received it."""
+
+    seq: int
+    ts_ms: int
+    result: CommandResult
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- schema: central.commands.schema
+
+_COLS = ("cmd_id, gw, kind, target, args, issued_at_ms, expires_at_ms, state, state_source,"
+         " reason, detail, result, origin, created_ms, updated_ms, sent_count, last_sent_ms,"
+         " issued_by, approval, approved_by, approved_ms")
+_VALUES = "(" + ", ".join("?" * 21) + ")"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _json(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(dict(value), ensure_ascii=False, default=str)
+
+
+def _command_row(r: Sequence[Any]) -> StoredCommand:
+    return StoredCommand(cmd_id=r[0], gw=r[1], kind=r[2], target=r[3], args=json.loads(r[4]),
+                         issued_at_ms=r[5], expires_at_ms=r[6], state=CommandState(r[7]),
+                         state_source=r[8], reason=r[9], detail=r[10],
+                         result=json.loads(r[11]) if r[11] else None, origin=r[12],
+                         created_ms=r[13], updated_ms=r[14], sent_count=r[15], last_sent_ms=r[16],
+                         issued_by=r[17], approval=r[18], approved_by=r[19], approved_ms=r[20])
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+
+class CommandStore(SideStore):
+    """The command tables on `db_url` (`sqlite:///PATH` or `postgresql://...`).
+
+    Example::
+
+        async with CommandStore("sqlite:///./central.db") as store:
+            await store.insert(cmd)
+    """
+
+    def __init__(self, db_url: str) -> None:
+        super().__init__(db_url, name="commands", error=CommandStoreError, migrations=MIGRATIONS)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def insert(self, cmd: StoredCommand, *, now_ms: int | None = None) -> None:
+        """Store a newly issued command and its first history event."""
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body() -> None:
+            with self._tx() as cur:
+                n = self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES {_VALUES}"
+                                 " ON CONFLICT (cmd_id) DO NOTHING",
+                            (cmd.cmd_id, cmd.gw, cmd.kind, cmd.target, _json(cmd.args),
+                             cmd.issued_at_ms, cmd.expires_at_ms, str(cmd.state),
+                             cmd.state_source, cmd.reason, cmd.detail, _json(cmd.result),
+                             cmd.origin, now, now, 0, None, cmd.issued_by, cmd.approval,
+                             None, None)).rowcount
+                if n != 1:
+                    raise DuplicateCommandError(cmd.cmd_id)
+                detail = "issued" if cmd.issued_by is None else f"issued by {cmd.issued_by}"
+                if cmd.approval == APPROVAL_REQUIRED:
+                    detail += "; safety-critical: waits for a second operator's approval"
+                self._event(cur, cmd.cmd_id, now, str(cmd.state), SOURCE_CENTRAL, None,
+                            detail, None, True, now)
+
+        await self._call(body)
+
+    def _event(self, cur: Any, cmd_id: str, ts_ms: int, state: str, source: str,
+               reason: str | None, detail: str | None, attrs: Mapping[str, Any] | None,
+               applied: bool, now: int, key: tuple[str, str, int] | None = None) -> bool:
+        gw, stream, seq = key if key is not None else (None, None, None)
+        return bool(self._q(cur, "INSERT INTO command_events (cmd_id, ts_ms, state, source,"
+                                 " reason, detail, attrs, applied, received_ms, gw, stream, seq)"
+                                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                                 " ON CONFLICT (gw, stream, seq) DO NOTHING",
+                            (cmd_id, ts_ms, state, source, reason, detail, _json(attrs),
+                             int(applied), now, gw, stream, seq)).rowcount)
+
+    async def mark_sent(self, cmd_id: str, *, now_ms: int | None = None) -> None:
+        """Count a publish; the first one moves `pending` to `sent`."""
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body() -> None:
+            with self._tx() as cur:
+                n = self._q(cur, "UPDATE commands SET state = ?, state_source = ?, updated_ms = ?"
+                                 " WHERE cmd_id = ? AND state = ?",
+                            (str(CommandState.SENT), SOURCE_CENTRAL, now, cmd_id,
+                             str(CommandState.PENDING))).rowcount
+                self._q(cur, "UPDATE commands SET sent_count = sent_count + 1, last_sent_ms = ?"
+                             " WHERE cmd_id = ?", (now, cmd_id))
+                if n:
+                    self._event(cur, cmd_id, now, str(CommandState.SENT), SOURCE_CENTRAL, None,
+                                None, None, True, now)
+
+        await self._call(body)
+
+    async def expire_due(self, *, now_ms: int | None = None) -> list[StoredCommand]:
+        """Mark `expired` every pending/sent command past its expiry; returns them."""
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body() -> list[StoredCommand]:
+            with self._tx() as cur:
+                rows = self._q(cur, f"SELECT {_COLS} FROM commands WHERE state IN (?, ?)"
+                                    " AND expires_at_ms <= ? ORDER BY cmd_id",
+                               (*_OPEN, now)).fetchall()
+                out = []
+                for r in rows:
+                    n = self._q(cur, "UPDATE commands SET state = ?, state_source = ?, reason = ?,"
+                                     " detail = ?, updated_ms = ? WHERE cmd_id = ? AND state IN (?, ?)",
+                                (str(CommandState.EXPIRED), SOURCE_CENTRAL, str(Reason.NOT_DELIVERED),
+                                 "the gateway did not take it before it expired", now, r[0],
+                                 *_OPEN)).rowcount
+                    if n:
+                        self._event(cur, r[0], now, str(CommandState.EXPIRED), SOURCE_CENTRAL,
+                                    str(Reason.NOT_DELIVERED), None, None, True, now)
+                        out.append(_command_row(r))
+                return out
+
+        return await self._call(body)
+
+    async def apply_reports(self, gw: str, stream: str, reports: Sequence[Report], *,
+                            now_ms: int | None = None) -> int:
+        """Apply a gateway's CMD_RESULT reports (in seq order) in one transaction; returns how
+        many moved a command's state. Reports already held change nothing."""
+        return len(await self.apply_reports_detailed(gw, stream, reports, now_ms=now_ms))
+
+    async def apply_reports_detailed(self, gw: str, stream: str, reports: Sequence[Report], *,
+                                     now_ms: int | None = None) -> list[Moved]:
+        """`apply_reports`, returning what moved (for the audit log)."""
+        now = _now_ms() if now_ms is None else now_ms
+        ordered = sorted(reports, key=lambda r: r.seq)
+        return await self._call(self._apply_sync, gw, stream, ordered, now)
+
+    def _apply_sync(self, gw: str, stream: str, reports: Sequence[Report],
+                    now: int) -> list[Moved]:
+        moved: list[Moved] = []
+        with self._tx() as cur:
+            for rep in reports:
+                res = rep.result
+                row = self._q(cur, "SELECT gw, state, state_source FROM commands WHERE cmd_id = ?",
+                              (res.cmd_id,)).fetchone()
+                applies = False
+                if row is None:
+                    applies = True
+                elif row[0] == gw and res.affects_state:
+                    cur_state = CommandState(row[1])
+                    applies = res.state.rank > cur_state.rank or (
+                        cur_state is CommandState.EXPIRED and row[2] == SOURCE_CENTRAL
+                        and res.state is not CommandState.EXPIRED)
+                reason = None if res.reason is None else str(res.reason)
+                inserted = self._event(cur, res.cmd_id, rep.ts_ms, str(res.state), SOURCE_GATEWAY,
+                                       reason, res.detail, rep.attrs, applies, now,
+                                       (gw, stream, rep.seq))
+                if not inserted:
+                    continue  # this very record was applied before
+                if row is None:
+                    log.warning("command_report_unknown", gw=gw, cmd_id=res.cmd_id,
+                                state=str(res.state), reason=reason, verified=res.verified)
+                    self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES {_VALUES}",
+                            (res.cmd_id, gw, res.kind or "", "", "{}", None, None,
+                             str(res.state), SOURCE_GATEWAY, reason, res.detail,
+                             _json(rep.attrs), ORIGIN_GATEWAY, now, now, 0, None,
+                             None, None, None, None))
+                    moved.append(Moved(res.cmd_id, str(res.state), reason))
+                elif applies:
+                    self._q(cur, "UPDATE commands SET state = ?, state_source = ?, reason = ?,"
+                                 " detail = ?, result = ?, updated_ms = ? WHERE cmd_id = ?",
+                            (str(res.state), SOURCE_GATEWAY, reason, res.detail,
+                             _json(rep.attrs), now, res.cmd_id))
+                    moved.append(Moved(res.cmd_id, str(res.state), reason))
+        return moved
+
+    async def approve(self, cmd_id: str, approver: str, *,
+                      now_ms: int | None = None) -> StoredCommand:
+        """A second operator's approval: the command becomes due. Raises `UnknownCommandError`
+        or `ApprovalError` (nothing awaits approval, or the approver issued it)."""
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body() -> None:
+            with self._tx() as cur:
+                row = self._q(cur, "SELECT issued_by, approval, state FROM commands"
+                                   " WHERE cmd_id = ?", (cmd_id,)).fetchone()
+                if row is None:
+                    raise UnknownCommandError(cmd_id)
+                issued_by, approval, state = row
+                if approval != APPROVAL_REQUIRED:
+                    raise ApprovalError(cmd_id, "does not await approval"
+                                        if approval is None else "already approved")
+                if state not in _OPEN:
+                    raise ApprovalError(cmd_id, f"is {state}")
+                if issued_by == approver:
+                    raise ApprovalError(cmd_id, f"issued by {approver}: a second operator "
+                                                "must approve it")
+                self._q(cur, "UPDATE commands SET approval = ?, approved_by = ?, approved_ms = ?,"
+                             " updated_ms = ? WHERE cmd_id = ?",
+                        (APPROVED, approver, now, now, cmd_id))
+                self._event(cur, cmd_id, now, str(state), SOURCE_CENTRAL, None,
+                            f"approved by {approver}", None, False, now)
+
+        await self._call(body)
+        return await self.get(cmd_id)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        # Autocommit: a read takes no write lock (SQLite) and holds no transaction open.
+        return list(self._q(self._db().cursor(), sql, params).fetchall())
+
+    async def get(self, cmd_id: str) -> StoredCommand:
+        rows = await self._call(self._read, f"SELECT {_COLS} FROM commands WHERE cmd_id = ?",
+                                (cmd_id,))
+        if not rows:
+            raise UnknownCommandError(cmd_id)
+        return _command_row(rows[0])
+
+    async def history(self, cmd_id: str) -> list[CommandEvent]:
+        rows = await self._call(self._read, "SELECT ts_ms, state, source, reason, detail, attrs,"
+                                " applied, received_ms FROM command_events WHERE cmd_id = ?"
+                                " ORDER BY id", (cmd_id,))
+        return [CommandEvent(ts_ms=r[0], state=r[1], source=r[2], reason=r[3], detail=r[4],
+                             attrs=json.loads(r[5]) if r[5] else None, applied=bool(r[6]),
+                             received_ms=r[7]) for r in rows]
+
+    async def list(self, *, gw: str | None = None, state: str | None = None,
+                   limit: int = 100, gw_in: Sequence[str] | None = None) -> list[StoredCommand]:
+        """Newest first; `gw_in` keeps only those gateways' commands (an area scope)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if gw_in is not None:
+            if not gw_in:
+                return []
+            where.append(f"gw IN ({', '.join('?' * len(gw_in))})")
+            params.extend(gw_in)
+        if gw is not None:
+            where.append("gw = ?")
+            params.append(gw)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._call(self._read, f"SELECT {_COLS} FROM commands {clause}"
+                                " ORDER BY created_ms DESC, cmd_id LIMIT ?", (*params, limit))
+        return [_command_row(r) for r in rows]
+
+    async def due(self, *, now_ms: int | None = None,
+                  gw: str | None = None) -> builtins.list[StoredCommand]:  # `list` is a method
+        """Pending or sent (not yet `received`) commands that have not expired, oldest first."""
+        now = _now_ms() if now_ms is None else now_ms
+        sql = (f"SELECT {_COLS} FROM commands WHERE state IN (?, ?) AND expires_at_ms > ?"
+               f" AND (approval IS NULL OR approval = '{APPROVED}')")
+        params: list[Any] = [*_OPEN, now]
+        if gw is not None:
+            sql += " AND gw = ?"
+            params.append(gw)
+        rows = await self._call(self._read, sql + " ORDER BY created_ms, cmd_id", params)
+        return [_command_row(r) for r in rows]

@@ -1,0 +1,1 @@
+"""Central's Prometheus metrics."""

@@ -1,0 +1,421 @@
+"""MQTT ingest (DESIGN.md §4.3, §9): subscribe to every gateway's `up/`, store, then ack.
+
+The invariant: a `down/ack` names only seqs whose transaction has committed. Messages already
+queued are drained (up to `ingest_drain_max` batches) and written in one transaction, then
+each batch is acked — duplicates too, since central holds them. On disconnect (the broker may
+be SIGKILLed at any time) the loop reconnects with capped, jittered back-off.
+
+Bad input never stops the loop (README "Hostile input at central"). Every message passes the
+envelope's validation layer (`protocols.limits`). A message refused whole (not CBOR, a field
+out of range or too long, too many records, a topic or gateway that does not match) is counted
+in `messages_rejected_total{reason}` and dropped, not acked: there is no sound seq to ack.
+A record refused inside a good batch is counted in `records_rejected_total{reason}`, recorded
+as reported lost in the delivery view, and acked with the good records beside it, which are
+stored: so a poisoned record is not resent for ever and good data is not held back. Both are
+logged once per gateway and reason per minute (`central.ingest.rejects.RejectLog`). A write
+the database refuses for a value in it is retried in halves until the bad record is alone
+(`write_isolating`); any other storage error leaves that batch unacked (the gateway resends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Protocol
+
+import aiomqtt
+import structlog
+
+from central import __version__, mqtt_client
+from central import CentralError
+from central.health.metrics import Metrics
+from central.settings import Settings
+from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
+from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
+from protocols import topics
+from protocols.envelope import (
+    Ack,
+    Birth,
+    DataBatch,
+    EnvelopeError,
+    Message,
+    RejectedRecord,
+    State,
+    decode,
+    encode,
+    ranges_from_seqs,
+)
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 10.0
+_EXPECTED = {"data": DataBatch, "state": State, "birth": Birth}
+_SEQ = attrgetter("seq")
+
+
+class IngestError(CentralError):
+    """Base of ingest's own errors about a message; `reason` is its counter label."""
+
+    reason = "rejected"
+
+
+class GatewayMismatchError(IngestError):
+    reason = "gateway_mismatch"
+
+    def __init__(self, topic_gw: str, payload_gw: str) -> None:
+        super().__init__(f"topic names gateway {topic_gw!r}, payload names {payload_gw!r}")
+        self.topic_gw = topic_gw
+        self.payload_gw = payload_gw
+
+
+class MessageTypeMismatchError(IngestError):
+    reason = "type_mismatch"
+
+    def __init__(self, topic_name: str, got: str) -> None:
+        super().__init__(f"topic up/{topic_name} carries a {got} message")
+        self.topic_name = topic_name
+        self.got = got
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message that passed every check, with the gateway its topic names."""
+
+    gw: str
+    msg: Message
+    retained: bool
+
+
+def check_message(topic: str, payload: bytes, retained: bool = False) -> Inbound:
+    """Validate one MQTT message against the contract; raises `TopicError`, `EnvelopeError`
+    or an `IngestError` subclass."""
+    t = topics.parse(topic)
+    if t.direction != "up":
+        raise topics.TopicError(topic, "central ingests only up/ topics")
+    msg = decode(payload)
+    if not isinstance(msg, _EXPECTED[t.name]):
+        raise MessageTypeMismatchError(t.name, type(msg).__name__)
+    if isinstance(msg, (DataBatch, Birth)) and msg.gw != t.gw:
+        raise GatewayMismatchError(t.gw, msg.gw)
+    return Inbound(gw=t.gw, msg=msg, retained=retained)
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return b""
+
+
+class Ingest:
+    """The MQTT ingest worker. `run()` is the `ingest_loop`; it returns only when cancelled."""
+
+    def __init__(self, settings: Settings, storage: Storage, metrics: Metrics) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.metrics = metrics
+        self.boot_id = uuid.uuid4().hex[:12]
+        self._connected = asyncio.Event()
+        self._acks: set[asyncio.Task[None]] = set()  # acks being published
+        self.reject_log = RejectLog()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    def _state(self, online: bool) -> bytes:
+        return encode(State(online=online, boot_id=self.boot_id, version=__version__,
+                            bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000))
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        return mqtt_client.connect(
+            s, identifier=s.mqtt_client_id,
+            # One central: a persistent session, so the broker queues QoS 1 messages while it
+            # is away. Shared workers: a clean session, because Mosquitto keeps a dead member's
+            # persistent session in the $share group and parks its share of the messages
+            # there; the survivors then get everything and the edge resends what was in flight.
+            clean_session=s.mqtt_shared,
+            will=aiomqtt.Will(topics.CENTRAL_STATE, self._state(False), qos=1, retain=True),
+        )
+
+    async def run(self) -> None:
+        """Connect, consume, and reconnect with capped, jittered back-off, for ever."""
+        backoff = BACKOFF_FIRST_S
+        s = self.settings
+        lg = log.bind(broker=f"{s.mqtt_host}:{s.mqtt_port}", client_id=s.mqtt_client_id)
+        while True:
+            try:
+                async with self._client() as client:
+                    await client.publish(topics.CENTRAL_STATE, self._state(True), qos=1,
+                                         retain=True)
+                    sub = topics.SHARED_UP if s.mqtt_shared else topics.UP_WILDCARD
+                    await client.subscribe(sub, qos=1)
+                    self._connected.set()  # only now: "connected" means "receiving"
+                    self.metrics.mqtt_connected = True
+                    self.metrics.mqtt_connects += 1
+                    backoff = BACKOFF_FIRST_S
+                    lg.info("mqtt_connected", subscription=sub)
+                    try:
+                        await self._consume(client)
+                    except asyncio.CancelledError:
+                        await self._say_offline(client)
+                        raise
+            except aiomqtt.MqttError as exc:
+                lg.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(backoff, 2))
+            finally:
+                self._connected.clear()
+                self.metrics.mqtt_connected = False
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """On a clean stop the broker does not send the Will, so say offline ourselves."""
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2):
+                await client.publish(topics.CENTRAL_STATE, self._state(False), qos=1,
+                                     retain=True)
+        log.info("mqtt_stopped")
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        """Receive and decode group N+1 while group N is written and acked: a pipeline two
+        deep, so at most one group is being written and one decoded group waits for it.
+        Groups are stored in arrival order (alarm ordering relies on it), each acked only
+        after its own commit, by `_store` itself (its acks do not wait for the next group)."""
+        messages = client.messages
+        limit = self.settings.ingest_drain_max
+        storing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                group = [await self._next_message(messages, storing)]
+                # Drain what is already queued so that one commit (one fsync) covers many
+                # batches.
+                while len(messages) and len(group) < limit:
+                    group.append(await anext(messages))
+                infos, batches = self.decode_group(group)
+                if storing is not None:
+                    await storing  # raises what the previous group's store raised
+                storing = asyncio.create_task(self._store(client, infos, batches),
+                                              name="ingest.store")
+        finally:
+            # Cancelled (shutdown) or disconnected: a decoded group not yet written is
+            # dropped, one being written may commit without its acks; the edge resends what
+            # is unacked. Never an ack without its commit: `_store` acks only after.
+            if storing is not None and not storing.done():
+                storing.cancel()
+                await asyncio.wait((storing,))
+                log.info("ingest_store_stopped", committed_unacked_possible=True)
+            if storing is not None and not storing.cancelled():
+                storing.exception()  # already raised above, or secondary to what is raised
+            for task in list(self._acks):  # the connection is going: they cannot complete
+                task.cancel()
+
+    @staticmethod
+    async def _next_message(messages: aiomqtt.MessagesIterator,
+                            storing: asyncio.Task[None] | None) -> aiomqtt.Message:
+        """The next message; raises at once what a failed store raised, not only when the
+        next message comes."""
+        if storing is None or storing.done():
+            if storing is not None:
+                storing.result()
+            return await anext(messages)
+        receiving = asyncio.ensure_future(anext(messages))
+        try:
+            await asyncio.wait((receiving, storing), return_when=asyncio.FIRST_COMPLETED)
+            if storing.done() and storing.exception() is not None and not receiving.done():
+                storing.result()
+            return await receiving
+        finally:
+            if not receiving.done():
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await receiving
+
+    def decode_group(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
+        """Check every message of a group: the state and birth messages, and the data batches
+        with records (or refused records), each in arrival order. Bad ones are counted and
+        logged."""
+        infos: list[Inbound] = []
+        batches: list[DataBatch] = []
+        for m in group:
+            topic = m.topic.value
+            try:
+                inbound = check_message(topic, _payload_bytes(m.payload), bool(m.retain))
+            except (topics.TopicError, EnvelopeError, IngestError) as exc:
+                self._message_rejected(topic, exc, bool(m.retain))
+                continue
+            msg = inbound.msg
+            if isinstance(msg, DataBatch):
+                count_bad_attrs(msg, self.metrics, self.reject_log)
+                if msg.rejected:
+                    self._records_rejected(msg, msg.rejected)
+                if msg.records or msg.rejected:
+                    batches.append(msg)
+            else:
+                infos.append(inbound)
+        return infos, batches
+
+    def _message_rejected(self, topic: str, exc: Exception, retained: bool) -> None:
+        cls = type(exc).__name__
+        reason = "bad_topic" if isinstance(exc, topics.TopicError) else str(
+            getattr(exc, "reason", "rejected"))
+        self.metrics.count_error(cls)
+        self.metrics.messages_rejected[reason] += 1
+        parts = topic.split("/")
+        gw = parts[2][:64] if len(parts) > 2 else "-"
+        self.reject_log("message_rejected", gw, reason, topic=topic[:200], error_class=cls,
+                        field=getattr(exc, "field", None), error=str(exc)[:300],
+                        retained=retained)
+
+    def _records_rejected(self, batch: DataBatch, rejected: tuple[RejectedRecord, ...]) -> None:
+        by_reason: dict[str, list[RejectedRecord]] = {}
+        for rj in rejected:
+            by_reason.setdefault(str(rj.error.reason), []).append(rj)
+        for reason, items in by_reason.items():
+            self.metrics.records_rejected[reason] += len(items)
+            first = items[0]
+            self.reject_log("records_rejected", batch.gw, reason, stream=batch.stream[:64],
+                            records=len(items), first_seq=first.seq,
+                            field=getattr(first.error, "field", None),
+                            error=str(first.error)[:300])
+
+    async def _store(self, client: aiomqtt.Client, infos: list[Inbound],
+                     batches: list[DataBatch]) -> None:
+        """Write one decoded group, then ack what it committed."""
+        # Published in the background: the next group's write must not wait for the broker's
+        # PUBACKs of these acks (a round trip per group that left the database idle).
+        for b in await self.store_group(infos, batches):
+            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
+            self._acks.add(task)
+            task.add_done_callback(self._ack_done)
+
+    async def store_group(self, infos: list[Inbound],
+                          batches: list[DataBatch]) -> list[DataBatch]:
+        """Write one decoded group (its states and births first, as they came); returns the
+        batches that may now be acked. Raises nothing for bad input or a failed write."""
+        for inbound in infos:
+            msg = inbound.msg
+            try:
+                if isinstance(msg, State):
+                    await self.storage.record_state(inbound.gw, msg, seen=not inbound.retained)
+                    self.metrics.states += 1
+                elif isinstance(msg, Birth):
+                    await self.storage.record_birth(inbound.gw, msg)
+                    self.metrics.births += 1
+                    if self.command_hooks is not None:  # commands wiring (§6)
+                        self.command_hooks.gateway_up(inbound.gw)
+            except StorageError as exc:  # a state or birth only; the loop goes on
+                self.metrics.write_failures += 1
+                self.reject_log("gateway_info_write_failed", inbound.gw,
+                                "unstorable" if isinstance(exc, UnstorableValueError)
+                                else "write_failed", error=str(exc)[:300])
+        return await self._write(batches) if batches else []
+
+    async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
+        started = time.monotonic()  # batch latency (metrics): the write transaction(s)
+        try:
+            results = await self.storage.write_batches(batches)
+            written = batches
+        except DatabaseWriteError as exc:
+            # One poisoned batch must not hold back the good ones beside it: retry alone.
+            self.metrics.write_failures += 1
+            log.error("batch_group_write_failed", batches=len(batches), error=str(exc))
+            written, results = [], []
+            for b in batches:
+                try:
+                    try:
+                        results.extend(await self.storage.write_batches([b]))
+                    except UnstorableValueError:
+                        # A value the validation let through: store the rest, refuse it.
+                        result, refused = await write_isolating(self.storage, b)
+                        results.append(result)
+                        if refused:
+                            self._records_rejected(b, refused)
+                    written.append(b)
+                except DatabaseWriteError as exc1:
+                    self.metrics.write_failures += 1
+                    log.error("batch_write_failed", gw=b.gw, stream=b.stream, error=str(exc1))
+        # Committed: from here on the acks may go out.
+        self.metrics.observe_write(time.monotonic() - started)
+        self.metrics.commits += 1 if written is batches else len(written)
+        for b, res in zip(written, results, strict=True):
+            self.metrics.batches += 1
+            self.metrics.records_inserted += res.inserted
+            self.metrics.records_duplicate += res.duplicates
+            self.metrics.records_clock_suspect += res.clock_suspect
+            self.metrics.records_time_corrected += res.corrected
+            self.metrics.records_merged += res.merged
+        return await self._apply_command_results(written)  # commands wiring (§6)
+
+    def _ack_done(self, task: asyncio.Task[None]) -> None:
+        self._acks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # Not acked: the gateway sends the batch again after its ack timeout, storage
+            # finds it held, and it is acked then.
+            self.metrics.acks_failed += 1
+            log.warning("ack_publish_failed", error_class=type(exc).__name__, error=str(exc))
+
+    async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
+        # The refused records too (those with a seq the edge could have made): central has
+        # counted them and will never store them, so the edge must not send them again.
+        seqs = list(map(_SEQ, batch.records))
+        seqs.extend(rj.seq for rj in batch.rejected if rj.seq is not None)
+        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(seqs))
+        # A short timeout: aiomqtt does not wake a pending publish when the link drops.
+        await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
+        self.metrics.acks_published += 1
+
+    # --- commands wiring (DESIGN.md §6) ---------------------------------------------------
+
+    command_hooks: CommandHooks | None = None
+
+    async def _apply_command_results(self, written: list[DataBatch]) -> list[DataBatch]:
+        """Let command results move their commands' states; returns the batches to ack.
+
+        A batch whose results cannot be applied is not acked: the gateway sends it again,
+        storage deduplicates it, and the results are applied then.
+        """
+        hooks: list[BatchHook] = [] if self.command_hooks is None else [self.command_hooks]
+        hooks.extend(self.batch_hooks)
+        if not hooks:
+            return written
+        ackable = []
+        for b in written:
+            try:
+                for hook in hooks:
+                    await hook.apply_batch(b)
+                ackable.append(b)
+            except CentralError as exc:
+                self.metrics.write_failures += 1
+                log.error("command_results_failed", gw=b.gw, stream=b.stream, error=str(exc))
+        return ackable
+
+    # Further consumers of committed batches (叫应 receipts and acks, central.callresp): each
+    # applies its records idempotently; a failure withholds the ack, as for command results.
+    batch_hooks: tuple[BatchHook, ...] = ()
+
+
+class BatchHook(Protocol):
+    async def apply_batch(self, batch: DataBatch) -> None: ...
+
+
+class CommandHooks(Protocol):
+    """What ingest tells the command service (`central.commands.dispatch.CommandService`)."""
+
+    def gateway_up(self, gw: str) -> None: ...
+
+    async def apply_batch(self, batch: DataBatch) -> None: ...

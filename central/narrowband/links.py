@@ -1,0 +1,107 @@
+"""The bearer-specific half of central's narrowband receiver (`central.narrowband.receiver`), no I/O.
+
+A `Link` is fed the bytes read from central's radio and says what to write back and which
+messages the bytes carried (`Inbound`) or why they carried none (`Dropped`). `BeidouLink` is
+here; `central.narrowband.pdt.PdtLink` is the Hytera PDT one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from central.settings import NarrowbandGateway, Settings
+from protocols.beidou import (
+    NEED_DATA,
+    Bd2CardInfo,
+    Bd2CardQuery,
+    Bd2Message,
+    Bd3CardInfo,
+    Bd3CardQuery,
+    Bd3Message,
+    BeidouDecoder,
+    BeidouError,
+    encode,
+)
+
+QUIET_S: Final = 0.5  # a line quiet this long: the link may give up a partial packet
+
+
+# --- the per-bearer part ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message from a gateway's radio: its sender (card or radio id) and the frame bytes."""
+
+    sender: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Bytes or a message that carry no frame, counted under `reason`; `quiet`: logged at info
+    (a person's text is expected on a shared channel), else as a warning."""
+
+    reason: str
+    error: Exception
+    sender: str | None = None
+    quiet: bool = False
+
+
+LinkEvent = Inbound | Dropped
+
+
+class Link(Protocol):
+    """The bearer-specific half of a session on central's radio, fed bytes, no I/O: `address`
+    is the sender id naming a gateway (no leading zeros), `hello` the bytes to write when the
+    port opens, `feed` takes bytes read and `idle` is called when the line has been quiet
+    `QUIET_S`; both give what to write back and the events the bytes carried."""
+
+    bearer: str
+
+    def address(self, gateway: NarrowbandGateway) -> str | None: ...
+
+    def hello(self) -> bytes: ...
+
+    def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]: ...
+
+    def idle(self) -> tuple[bytes, list[LinkEvent]]: ...
+
+
+class BeidouLink:
+    """Central's BeiDou terminal: asks for its card on open (for the log), reads messages."""
+
+    bearer = "beidou"
+
+    def __init__(self, settings: Settings, logger: Any) -> None:
+        self._bd3 = settings.narrowband_dialect == "bd3"
+        self._decoder = BeidouDecoder()
+        self._log = logger
+
+    def address(self, gateway: NarrowbandGateway) -> str | None:
+        return gateway.card_number
+
+    def hello(self) -> bytes:
+        return encode(Bd3CardQuery() if self._bd3 else Bd2CardQuery())
+
+    def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
+        self._decoder.feed(data)
+        events: list[LinkEvent] = []
+        while True:
+            try:
+                sentence = self._decoder.next_sentence()
+            except BeidouError as exc:
+                events.append(Dropped("bad_sentence", exc))
+                continue
+            if sentence is NEED_DATA:
+                return b"", events
+            if isinstance(sentence, Bd3Message | Bd2Message):
+                events.append(Inbound(sentence.sender, sentence.payload))
+            elif isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
+                self._log.info("narrowband_terminal", card=sentence.card_id,
+                               interval_s=sentence.interval_s)
+            # Anything else ($BDPWI beams, $BDFKI feedback) says nothing about gateways.
+
+    def idle(self) -> tuple[bytes, list[LinkEvent]]:
+        return b"", []

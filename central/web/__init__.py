@@ -1,0 +1,1 @@
+"""What every HTTP route shares: parameter bounds and the offline API docs."""

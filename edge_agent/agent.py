@@ -1,0 +1,372 @@
+"""The one supervisor of the edge agent: owns the TaskGroup, names every task, restarts the
+ones that crash and stops everything cleanly on SIGTERM/SIGINT.
+
+    outbox (context manager) ─┬─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
+                              ├─ poll[<device>]   DevicePoller.run(), one per enabled Modbus device
+                              ├─ hj212[<device>]  Hj212Station.run(), one per enabled HJ 212 station
+                              ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
+                              ├─ narrowband.<bearer> NarrowbandFallback.run(), with [narrowband]:
+                              │                   `beidou` (BeidouTerminal) or `pdt` (PdtRadio)
+                              ├─ status.writer    health snapshot into the outbox meta
+                              ├─ control.socket   ControlServer.serve(): the technician's socket
+                              └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
+
+Only `_supervised` catches `Exception`: it logs `task_crashed` with the traceback and
+restarts the task after a back-off that doubles up to `RESTART_MAX_S` (reset after a task
+has run for a while). systemd gets READY=1 once every task is started (`Type=notify`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from edge_agent import __version__
+from edge_agent.alarms.store import AlarmStore
+from edge_agent.alarms.wiring import AlarmRules, build_rules
+from edge_agent.bearers.beidou import BeidouTerminal
+from edge_agent.bearers.pdt import PdtRadio
+from edge_agent.uplink.birth import build_birth
+from edge_agent.health.clock import ClockGuard
+from edge_agent.commands.setup import build_executor
+from edge_agent.config.site import (
+    AgentConfig,
+    ConfigError,
+    Hj212TransportConfig,
+    NarrowbandConfig,
+    resolve_profiles,
+)
+from edge_agent.control.server import ControlOps, ControlServer, device_health
+from edge_agent.health.metrics import AgentCollector, serve_metrics
+from edge_agent.uplink.mqtt_config import tls_context
+from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
+from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
+from edge_agent.outbox.disk import DiskWatch
+from edge_agent.field.poller import DevicePoller
+from edge_agent.alarms.rules import RuleEngine
+from edge_agent.field.stations import Hj212Station
+from edge_agent.field.transports import TransportPool
+from edge_agent.uplink.link import Uplink
+
+log = structlog.get_logger(__name__)
+
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 60.0
+STABLE_AFTER_S = 60.0  # a task that ran this long before crashing restarts at the minimum delay
+STATUS_META_KEY = "agent_status"
+START_ROOM_BYTES = 1 << 20  # less free than this at start: spend the ballast to open the files
+
+
+class SystemdNotifier:
+    """sd_notify(3) over `$NOTIFY_SOCKET` without libsystemd: one datagram per message."""
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self.address = address
+        self.watchdog_usec = watchdog_usec
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> SystemdNotifier:
+        env = dict(os.environ) if env is None else env
+        usec: int | None = None
+        # WATCHDOG_PID, when set, names the process that must ping (not a forked child).
+        if env.get("WATCHDOG_USEC", "").isdigit() and env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+            usec = int(env["WATCHDOG_USEC"]) or None
+        return cls(env.get("NOTIFY_SOCKET") or None, usec)
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, message: str) -> bool:
+        if not self.address:
+            return False
+        # An address starting with "@" is in Linux's abstract namespace.
+        addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(addr)
+                sock.sendall(message.encode())
+            return True
+        except OSError as exc:
+            log.warning("sd_notify_failed", error=str(exc))
+            return False
+
+
+@dataclass(slots=True)
+class AgentRuntime:
+    """What the running agent exposes to its status writer (and later metrics/doctor)."""
+
+    config: AgentConfig
+    boot_id: str
+    started_ms: int
+    uplink: Uplink | None = None
+    pollers: list[DevicePoller] = field(default_factory=list)
+    stations: list[Hj212Station] = field(default_factory=list)
+    restarts: dict[str, int] = field(default_factory=dict)
+    pool: TransportPool | None = None
+    outbox: Outbox | None = None
+    alarms: AlarmRules | None = None
+    narrowband: NarrowbandFallback | None = None
+    disk: dict[str, Any] | None = None  # the outbox's last `disk_status()`, with unsaved alarms
+
+    @property
+    def devices(self) -> list[DevicePoller | Hj212Station]:
+        """Every running device, pollers first, in config order within each."""
+        return [*self.pollers, *self.stations]
+
+    def status(self) -> dict[str, Any]:
+        """The snapshot for `edge-agent status`; `disk` as of the last `refresh_disk()`."""
+        return {
+            "pid": os.getpid(), "boot_id": self.boot_id, "version": __version__,
+            "gateway": self.config.gateway.id, "started_ms": self.started_ms,
+            "updated_ms": time.time_ns() // 1_000_000,
+            "uplink": {"connected": bool(self.uplink and self.uplink.connected),
+                       **({k: getattr(self.uplink.counters, k) for k in (
+                           "acks", "acks_refused", "ack_records_unsent",
+                           "ack_records_duplicate")} if self.uplink else {})},
+            "devices": [device_health(d) for d in self.devices],
+            "restarts": dict(self.restarts),
+            "narrowband": self.narrowband.status() if self.narrowband else None,
+            "disk": self.disk,
+        }
+
+    async def refresh_disk(self) -> dict[str, Any] | None:
+        """Ask the outbox how its disk is (a full-disk episode, held records, free space)."""
+        if self.outbox is None:
+            return None
+        try:
+            disk = await self.outbox.disk_status()
+        except OutboxError as exc:
+            disk = {"error": str(exc)}
+        disk["alarm_states_unsaved"] = self.alarms.unsaved if self.alarms else 0
+        self.disk = disk
+        return disk
+
+
+def build_bearer(nb: NarrowbandConfig) -> Bearer:
+    """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio."""
+    if nb.bearer == "pdt":
+        return PdtRadio(nb.port, baudrate=nb.baudrate, radio_id=nb.radio_id,
+                        max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s)
+    return BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
+                          max_payload_bytes=nb.max_payload_bytes)
+
+
+async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
+                    notifier: SystemdNotifier | None = None,
+                    install_signal_handlers: bool = True) -> None:
+    """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop."""
+    stop = stop or asyncio.Event()
+    notifier = notifier or SystemdNotifier.from_env()
+    boot_id = uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(gw=config.gateway.id)
+    profiles = resolve_profiles(config)
+    config.gateway.data_dir.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, _on_signal, sig, stop)
+                handled.append(sig)
+    runtime = AgentRuntime(config=config, boot_id=boot_id, started_ms=time.time_ns() // 1_000_000)
+    pool = TransportPool()
+    runtime.pool = pool
+    try:
+        ob = config.outbox
+        ballast = DiskWatch(config.outbox_path, reserve_bytes=ob.disk_reserve_bytes,
+                            ballast_bytes=ob.ballast_bytes)
+        if ballast.usage().fs_free_bytes < START_ROOM_BYTES:
+            # Both SQLite files need room for their `-shm` and `-wal` files to open at all.
+            ballast.release_ballast("start on a full disk")
+        async with Outbox.open(config.outbox_path, keep_delivered_s=ob.keep_delivered_s,
+                               live_window_s=ob.live_window_s, max_bytes=ob.max_bytes,
+                               thin_at=ob.thin_at, thin_to=ob.thin_to,
+                               thin_keep_every=ob.thin_keep_every,
+                               thin_max_rounds=ob.thin_max_rounds,
+                               clock=ClockGuard(max_step_ms=int(ob.clock_max_step_s * 1000)),
+                               disk_reserve_bytes=ob.disk_reserve_bytes,
+                               ballast_bytes=ob.ballast_bytes, hold_records=ob.hold_records
+                               ) as outbox, \
+                AlarmStore.open(config.alarms_path) as alarm_store:
+            # The pollers write through the alarm rules, which append the alarm records
+            # with the telemetry that caused them (edge_agent.alarms.wiring).
+            alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox)
+            await alarms.restore()
+            runtime.outbox, runtime.alarms = outbox, alarms
+            birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
+                                version=__version__)
+            mq = config.mqtt
+            uplink = Uplink(gw=config.gateway.id, outbox=outbox, host=mq.host, port=mq.port,
+                            boot_id=boot_id, version=__version__, birth=birth,
+                            batch_size=mq.batch_size, backlog_batch_size=mq.backlog_batch_size,
+                            max_inflight=mq.max_inflight, ack_timeout_s=mq.ack_timeout_s,
+                            keepalive_s=mq.keepalive_s, client_id=mq.client_id,
+                            # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
+                            tls=tls_context(mq.tls) if mq.tls is not None else None,
+                            username=mq.username, password=mq.password,
+                            backoff_initial_s=mq.reconnect_min_s,
+                            backoff_max_s=max(mq.reconnect_min_s, mq.reconnect_max_s),
+                            backlog_max_points_per_s=ob.backlog_max_points_per_s,
+                            backlog_queue_delay_s=ob.backlog_queue_delay_s)
+            runtime.uplink = uplink
+            nb = config.narrowband
+            if nb is not None:
+                try:
+                    key = nb.key_bytes()
+                except ValueError as exc:  # checked at load; a key file gone since then
+                    raise ConfigError(config.source or "config", None, "narrowband.key_file",
+                                      str(exc)) from exc
+                terminal = build_bearer(nb)
+                runtime.narrowband = NarrowbandFallback(
+                    outbox=outbox, link=uplink, birth=birth, terminal=terminal, config=nb,
+                    key=key, active_alarms=lambda: len(alarms.engine.active()))
+            for dev in config.devices:
+                if not dev.enabled:
+                    continue
+                if isinstance(dev.transport, Hj212TransportConfig):
+                    # A station pushes its frames: it is listened to, not polled.
+                    runtime.stations.append(Hj212Station(dev, profiles[dev.id], alarms))
+                    continue
+                transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
+                runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, alarms))
+            # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
+            commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
+                                      runtime.status)
+            uplink.on_command = commands.handle
+            log.info("agent_starting", boot_id=boot_id, version=__version__,
+                     stream=outbox.stream, devices=len(runtime.pollers),
+                     stations=len(runtime.stations), outbox=str(config.outbox_path))
+            control = (ControlServer(config.control_socket_path, ControlOps(runtime))
+                       if config.control.enabled else None)
+
+            async with asyncio.TaskGroup() as tg:
+                tasks: list[asyncio.Task[None]] = []
+
+                def spawn(name: str, factory: Callable[[], Awaitable[None]]) -> None:
+                    runtime.restarts.setdefault(name, 0)
+                    tasks.append(tg.create_task(_supervised(name, factory, runtime), name=name))
+
+                spawn("uplink.mqtt", uplink.run)
+                spawn("commands", commands.run)  # --- commands wiring (§6)
+                for poller in runtime.pollers:
+                    spawn(f"poll[{poller.device.id}]", poller.run)
+                for station in runtime.stations:
+                    spawn(f"hj212[{station.device.id}]", station.run)
+                spawn("rules.tick", lambda: alarms.tick_loop(runtime.devices))
+                if runtime.narrowband is not None:
+                    spawn(f"narrowband.{runtime.narrowband.config.bearer}",
+                          runtime.narrowband.run)
+                spawn("status.writer", lambda: _status_loop(outbox, runtime))
+                if control is not None:
+                    spawn("control.socket", control.serve)
+                if config.metrics.enabled:  # --- metrics (edge_agent/health/metrics.py)
+                    spawn("metrics.http", lambda: serve_metrics(runtime, AgentCollector()))
+                if notifier.watchdog_usec:
+                    spawn("systemd.watchdog", lambda: _watchdog_loop(notifier))
+                notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s), "
+                                f"listening to {len(runtime.stations)} station(s)")
+                log.info("agent_ready", tasks=[t.get_name() for t in tasks])
+                await stop.wait()
+                log.info("agent_stopping")
+                notifier.notify("STOPPING=1")
+                for task in tasks:
+                    task.cancel()
+                await _cancel_stragglers(tasks)
+            # On a full disk: first what the outbox holds (spending the ballast if need be),
+            # then the alarm states the alarm store refused, so a restart resumes both.
+            if not await outbox.flush_held(spend_ballast=True):
+                log.error("agent_stopping_with_held_records")
+            if not await alarms.save_pending():
+                log.error("agent_stopping_with_unsaved_alarm_states", alarms=alarms.unsaved)
+            # Leave a last snapshot so that `edge-agent status` shows the agent stopped.
+            await runtime.refresh_disk()
+            final = runtime.status() | {"stopped_ms": time.time_ns() // 1_000_000}
+            try:
+                await outbox.set_meta(STATUS_META_KEY, json.dumps(final, ensure_ascii=False))
+            except OutboxFullError as exc:
+                log.warning("agent_status_not_saved", error=str(exc))
+    finally:
+        await pool.close()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        structlog.contextvars.unbind_contextvars("gw")
+    log.info("agent_stopped", boot_id=boot_id)
+
+
+async def _cancel_stragglers(tasks: list[asyncio.Task[None]], *, grace_s: float = 2.0,
+                             rounds: int = 10) -> None:
+    """Cancel again each task still running `grace_s` after its cancel. Python 3.11's
+    `asyncio.wait_for` (inside pymodbus) drops a cancel that races the reply it waits for, and
+    the poller then polls on: a stop on a busy gateway (a full disk makes every append slow)
+    would wait for ever."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            return
+        _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            log.warning("task_cancel_repeated", task=task.get_name())
+            task.cancel()
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    log.info("signal_received", signal=sig.name)
+    stop.set()
+
+
+async def _supervised(name: str, factory: Callable[[], Awaitable[None]],
+                      runtime: AgentRuntime) -> None:
+    """Run `factory()` for ever: restart it with a growing delay when it crashes or returns."""
+    delay = RESTART_MIN_S
+    while True:
+        started = time.monotonic()
+        try:
+            await factory()
+            log.error("task_exited", task=name, restart_in_s=delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task_crashed", task=name, restart_in_s=delay)
+        runtime.restarts[name] = runtime.restarts.get(name, 0) + 1
+        if time.monotonic() - started >= STABLE_AFTER_S:
+            delay = RESTART_MIN_S
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX_S)
+
+
+async def _status_loop(outbox: Outbox, runtime: AgentRuntime) -> None:
+    full = False
+    while True:
+        disk = await runtime.refresh_disk() or {}
+        try:
+            await outbox.set_meta(STATUS_META_KEY, json.dumps(runtime.status(), ensure_ascii=False))
+        except OutboxFullError as exc:
+            # The live status (control socket) still tells; the file catches up when it can.
+            if not full:
+                log.warning("agent_status_not_saved", error=str(exc), held=disk.get("held"))
+            full = True
+        else:
+            full = False
+        await asyncio.sleep(runtime.config.status.interval_s)
+
+
+async def _watchdog_loop(notifier: SystemdNotifier) -> None:
+    # systemd restarts the unit when pings stop for WatchdogSec; ping at half that. A wedged
+    # event loop stops this task too, which is exactly what the watchdog is for.
+    assert notifier.watchdog_usec
+    interval = notifier.watchdog_usec / 2 / 1_000_000
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

@@ -1,0 +1,489 @@
+"""`edge-agent`: the technician's command line (typer + rich).
+
+A library first and a CLI on top: every command calls the package's functions and turns our
+own exceptions into one red line and exit status 1 (2 is a usage error, from click). Read
+commands take `--json` for scripts. The commands that talk to the running agent (`devices`,
+`read`, `write`, `alarms`) live in `cli_devices`, the commissioning ones (`scan`, `doctor`)
+in `cli_field`, the outbox ones (`buffer watch`, `clock ok`) in `cli_buffer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from device_profiles import (
+    DeviceProfileError,
+    Profile,
+    ProfilePoint,
+    find_profile,
+    load_profile,
+)
+from edge_agent import __version__
+from edge_agent.cli.buffer import buffer_app, clock_app, outbox_report, print_outbox
+from edge_agent.cli.common import (
+    CONTEXT,
+    ConfigOpt,
+    JsonOpt,
+    ago,
+    err,
+    errors,
+    fail,
+    out,
+    print_json,
+)
+from edge_agent.cli.devices import framing_text
+from edge_agent.cli.devices import register as register_device_commands
+from edge_agent.cli.enrol import register as register_enrol_commands
+from edge_agent.cli.disk import disk_markup, disk_report, disk_text
+from edge_agent.cli.field import register as register_field_commands
+from edge_agent.config.site import AgentConfig, load_config
+from edge_agent.logs import LEVELS
+
+EXAMPLES = """\
+[bold]Examples[/bold]
+
+  edge-agent run --config /etc/fieldlink/site.toml
+  edge-agent status --config /etc/fieldlink/site.toml --json
+  edge-agent devices --config /etc/fieldlink/site.toml
+  edge-agent read --config /etc/fieldlink/site.toml gas-1 gas_lel
+  edge-agent write --config /etc/fieldlink/site.toml gas-1 sample_interval_s 5
+  edge-agent alarms --config /etc/fieldlink/site.toml
+  edge-agent scan --port /dev/ttyUSB0 --baud 9600 --ids 1-32
+  edge-agent doctor --config /etc/fieldlink/site.toml
+  edge-agent buffer watch --config /etc/fieldlink/site.toml
+  edge-agent clock ok --config /etc/fieldlink/site.toml
+  edge-agent config check /etc/fieldlink/site.toml
+  edge-agent profiles validate /etc/fieldlink/profiles
+  edge-agent profiles show gas-detector-v1 --json
+"""
+
+app = typer.Typer(name="edge-agent", help="Fieldlink edge agent: polls field devices, buffers "
+                  "readings in SQLite and syncs them to central over MQTT.",
+                  epilog=EXAMPLES, context_settings=CONTEXT, rich_markup_mode="rich",
+                  no_args_is_help=True, add_completion=False)
+profiles_app = typer.Typer(help="Validate and inspect device profiles.  "
+                           "e.g. [cyan]edge-agent profiles validate profiles/[/cyan]",
+                           context_settings=CONTEXT, no_args_is_help=True,
+                           rich_markup_mode="rich")
+config_app = typer.Typer(help="Check the gateway config file.  "
+                         "e.g. [cyan]edge-agent config check site.toml[/cyan]",
+                         context_settings=CONTEXT, no_args_is_help=True,
+                         rich_markup_mode="rich")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(config_app, name="config")
+app.add_typer(buffer_app, name="buffer")
+app.add_typer(clock_app, name="clock")
+_fail = fail
+_errors = errors
+_print_json = print_json
+_ago = ago
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"edge-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    pass
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+@app.command(short_help="Run the agent in the foreground.  "
+             "e.g. [cyan]edge-agent run -c /etc/fieldlink/site.toml[/cyan]")
+def run(
+    config: ConfigOpt,
+    log_level: Annotated[str, typer.Option(help=f"one of {', '.join(LEVELS)}")] = "info",
+    log_json: Annotated[bool | None, typer.Option(
+        "--log-json/--log-pretty", help="log format (default: JSON unless stdout is a terminal)",
+        show_default=False)] = None,
+) -> None:
+    """Run the agent in the foreground until SIGTERM or Ctrl-C (systemd runs this).
+
+    Example: edge-agent run --config /etc/fieldlink/site.toml
+    """
+    from edge_agent.logs import configure_logging
+    from edge_agent.agent import run_agent
+
+    if log_level.lower() not in LEVELS:
+        raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")
+    with _errors():
+        cfg = load_config(config)
+        configure_logging(log_level.lower(), json=log_json, stream=sys.stdout)
+        asyncio.run(run_agent(cfg))
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@app.command(short_help="Backlog, uplink and device health, read-only.  "
+             "e.g. [cyan]edge-agent status -c site.toml --json[/cyan]")
+def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
+    """Show the outbox backlog, the uplink and device health, read-only (daemon up or not).
+    While the agent runs, device health and the RTU bus counters come live from its socket.
+    The disk line says "disk full" (with the numbers) when the outbox's file system is.
+
+    Example: edge-agent status --config /etc/fieldlink/site.toml --json
+    """
+    from edge_agent.outbox.store import OutboxError, read_status
+
+    with _errors():
+        cfg = load_config(config, check_profiles=False)
+    live = _live_status(cfg)
+    disk = disk_report(cfg, (live or {}).get("disk"))
+    try:
+        stats = read_status(cfg.outbox_path, live_window_s=cfg.outbox.live_window_s)
+    except OutboxError as exc:
+        if disk["state"] != "disk full":
+            _fail(str(exc))
+        # Too full even to open the file read-only (no room for its -shm): say so, and why.
+        err.print(f"[red]disk full:[/red] cannot read {escape(str(cfg.outbox_path))}: "
+                  f"{escape(str(exc))}")
+        if as_json:
+            _print_json({"gateway": cfg.gateway.id, "disk": disk, "error": str(exc)})
+        else:
+            out.print(disk_text(disk))
+        raise typer.Exit(1) from exc
+    report = _status_report(cfg, stats.to_jsonable()) | outbox_report(stats)
+    report["disk"] = disk
+    report["live"] = live is not None
+    if live is not None:
+        report["agent"]["running"] = True
+        report["devices"] = live.get("devices", report["devices"])
+        report["buses"] = live.get("buses", [])
+        report["alarms_active"] = live.get("alarms_active")
+        report["narrowband"] = live.get("narrowband", report["narrowband"])
+        report["uplink"] |= _ack_counters({}, live)
+    if as_json:
+        _print_json(report)
+        return
+    _print_status(report)
+
+
+def _live_status(cfg: AgentConfig) -> dict[str, Any] | None:
+    """The running agent's own status over its socket, or None when it does not answer."""
+    from edge_agent.control.client import ControlClientError, request
+
+    try:
+        return request(cfg.control_socket_path, "status", timeout=5.0)
+    except ControlClientError:
+        return None
+
+
+def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
+    now_ms = time.time_ns() // 1_000_000
+    meta: dict[str, str] = dict(stats.get("meta") or {})
+    agent: dict[str, Any] | None = None
+    if "agent_status" in meta:
+        try:
+            agent = json.loads(meta.pop("agent_status"))
+        except ValueError:
+            agent = None
+    oldest = stats.get("oldest_undelivered_ts_ms")
+
+    def ms(key: str) -> int | None:
+        value = meta.get(key, "")
+        return int(value) if value.lstrip("-").isdigit() else None
+
+    running = False
+    if agent and not agent.get("stopped_ms"):
+        fresh = now_ms - int(agent.get("updated_ms", 0)) <= 3_000 * cfg.status.interval_s + 2_000
+        running = fresh and _pid_alive(agent.get("pid"))
+    return {
+        "gateway": cfg.gateway.id,
+        "outbox": str(cfg.outbox_path),
+        "stream": stats.get("stream"),
+        "backlog": stats.get("backlog"),
+        "backlog_by_kind": stats.get("backlog_by_kind"),
+        "oldest_unsent_ts_ms": oldest,
+        "oldest_unsent_age_s": round((now_ms - oldest) / 1000, 1) if oldest else None,
+        "last_seq": stats.get("last_seq"),
+        "delivered_total": stats.get("delivered_total"),
+        "db_bytes": stats.get("db_bytes"),
+        "agent": {"running": running,
+                  **({k: agent.get(k) for k in ("pid", "boot_id", "version", "started_ms",
+                                                 "updated_ms", "stopped_ms")} if agent else {})},
+        "uplink": {"state": meta.get("uplink_state", "unknown"),
+                   "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms"),
+                   # acks naming records this uplink never sent: ignored, counted (§8)
+                   **_ack_counters(meta, agent)},
+        "devices": (agent or {}).get("devices", []),
+        "narrowband": (agent or {}).get("narrowband"),
+        "meta": meta,
+    }
+
+
+def _ack_counters(meta: dict[str, str], agent: dict[str, Any] | None) -> dict[str, int]:
+    """The uplink's ack screening counters: from the running agent, else its last meta."""
+    keys = ("acks_refused", "ack_records_unsent", "ack_records_duplicate")
+    live = (agent or {}).get("uplink") or {}
+    try:
+        saved = json.loads(meta.get("uplink_acks", "{}"))
+    except ValueError:
+        saved = {}
+    src = live if "acks_refused" in live else saved if isinstance(saved, dict) else {}
+    return {k: int(src.get(k, 0)) for k in keys}
+
+
+def _narrowband_line(nb: dict[str, Any]) -> str:
+    """`active on beidou /dev/ttyUSB1: 3 alarm(s), 1 heartbeat(s) sent, refused interval 2`."""
+    c = nb.get("counters") or {}
+    state = "[red]active[/red]" if nb.get("active") else "[green]idle[/green] (IP is up)"
+    refused = ", ".join(f"{k} {v}" for k, v in (c.get("refusals") or {}).items())
+    line = (f"{state} on {nb.get('bearer')} {escape(str(nb.get('port')))}: "
+            f"{c.get('alarms_sent', 0)} alarm(s), {c.get('heartbeats_sent', 0)} heartbeat(s) sent"
+            + (f", refused {refused}" if refused else ""))
+    if nb.get("last_error"):
+        line += f", last error: {escape(str(nb['last_error']))}"
+    return line
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user (the service account)
+    return True
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    agent = r["agent"]
+    t.add_row("gateway", r["gateway"])
+    t.add_row("agent", ("[green]running[/green]" if agent["running"] else "[yellow]not running[/yellow]")
+              + (f"  pid {agent['pid']}, boot {agent.get('boot_id', '')[:8]}" if agent.get("pid") else ""))
+    t.add_row("outbox", f"{r['outbox']}  ({(r['db_bytes'] or 0) / 1e6:.1f} MB, stream {r['stream']})")
+    t.add_row("backlog", f"{r['backlog']} record(s) " + ", ".join(
+        f"{k} {v}" for k, v in (r["backlog_by_kind"] or {}).items()))
+    t.add_row("oldest unsent", _ago(r["oldest_unsent_ts_ms"]))
+    t.add_row("last seq", str(r["last_seq"]))
+    t.add_row("delivered", str(r["delivered_total"]))
+    up = r["uplink"]
+    colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
+    t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {_ago(up['since_ms'])}")
+    t.add_row("last ack", _ago(up["last_ack_ms"]))
+    if up.get("acks_refused"):
+        t.add_row("acks refused", f"[red]{up['acks_refused']}[/red] ack(s) named "
+                  f"{up['ack_records_unsent']} record(s) never sent: ignored (forged?)")
+    if nb := r.get("narrowband"):
+        t.add_row("narrowband", _narrowband_line(nb))
+    print_outbox(t, r)
+    if "disk" in r:
+        t.add_row("disk", disk_markup(r["disk"]))
+    out.print(t)
+    if r["devices"]:
+        d = Table("device", "state", "cycles", "timeouts", "exc", "decode err",
+                  "last ok", "last error")
+        for dev in r["devices"]:
+            colour = {"ok": "green", "degraded": "yellow", "offline": "red"}.get(dev["state"], "white")
+            d.add_row(dev["device"], f"[{colour}]{dev['state']}[/{colour}]", str(dev["cycles"]),
+                      str(dev["timeouts"]), str(dev["exceptions"]), str(dev["decode_errors"]),
+                      _ago(dev.get("last_ok_ms"), short=True), escape(dev.get("last_error") or ""))
+        out.print(d)
+    buses = [dev for dev in r["devices"] if dev.get("bus")]
+    if buses:
+        b = Table("device", "bus", "unit", "requests", "responses", "timeouts", "crc err",
+                  "framing err", "exceptions", title="RTU bus counters")
+        for dev in buses:
+            c = dev["bus"]
+            b.add_row(dev["device"], escape(dev.get("endpoint", "")), str(c["device_id"]),
+                      str(c["requests"]), str(c["responses"]), str(c["timeouts"]),
+                      str(c["crc_errors"]), framing_text(c),
+                      ", ".join(f"code {k}: {v}" for k, v in c["exceptions"].items()) or "0")
+        out.print(b)
+
+
+# --- profiles -------------------------------------------------------------------------------
+
+
+@profiles_app.command("validate")
+def profiles_validate(
+    paths: Annotated[list[Path], typer.Argument(help="profile files or folders of *.yaml",
+                                                show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate profile files (folders: every *.yaml / *.yml); exit 1 if any fails.
+
+    Example: edge-agent profiles validate /etc/fieldlink/profiles tank.yaml
+    """
+    files: list[Path] = []
+    problems: list[dict[str, Any]] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+            if not found:
+                problems.append({"file": str(path), "ok": False,
+                                 "error": f"{path}: no *.yaml or *.yml files"})
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append({"file": str(path), "ok": False,
+                             "error": f"{path}: no such file or folder"})
+    results: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for file in files:
+        try:
+            profile = load_profile(file)
+        except DeviceProfileError as exc:
+            results.append({"file": str(file), "ok": False, "error": str(exc)})
+            continue
+        if profile.id in seen:
+            results.append({"file": str(file), "ok": False, "id": profile.id,
+                            "error": f"{file}: id: profile {profile.id!r} is also defined in {seen[profile.id]}"})
+            continue
+        seen[profile.id] = file
+        results.append({"file": str(file), "ok": True, "id": profile.id, "hash": profile.hash,
+                        "points": len(profile.points)})
+    results.extend(problems)
+    failed = [r for r in results if not r["ok"]]
+    if as_json:
+        _print_json({"ok": not failed, "results": results})
+    else:
+        for r in results:
+            if r["ok"]:
+                out.print(f"[green]OK[/green]   {r['id']:<24} {r['points']:>3} points  "
+                          f"{r['hash'][:12]}  {escape(r['file'])}")
+            else:
+                err.print(f"[red]FAIL[/red] {escape(r['error'])}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    profile_id: Annotated[str, typer.Argument(metavar="ID", help="profile id or a .yaml path")],
+    dirs: Annotated[list[Path] | None, typer.Option(
+        "--dir", "-d", help="extra profile folder, searched before the built-in one")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one profile's points, types, addresses, poll tiers and alarm thresholds.
+
+    Example: edge-agent profiles show storage-tank-v1 --dir /etc/fieldlink/profiles
+    """
+    with _errors():
+        profile = find_profile(profile_id, extra_dirs=tuple(dirs or ()))
+    if as_json:
+        _print_json(profile_to_jsonable(profile))
+        return
+    out.print(f"[bold]{profile.id}[/bold]  {escape(profile.model)}  {profile.name_zh}  "
+              f"{profile.protocol}  hash {profile.hash[:12]}")
+    if profile.protocol == "hj212":
+        # A station pushes factors; its points have no register, function or scaling.
+        t = Table("key", "名称", "unit", "factor", "alarm (L2 L1 H1 H2)")
+        for p in profile.points:
+            t.add_row(p.key, p.name_zh, escape(p.unit), p.factor or "", _alarm_text(p))
+        out.print(t)
+        return
+    t = Table("key", "名称", "unit", "fn", "addr", "type", "scale", "poll", "rw", "alarm (L2 L1 H1 H2)")
+    for p in profile.points:
+        s = p.spec
+        t.add_row(p.key, p.name_zh, escape(p.unit), str(s.function), str(s.address),
+                  str(s.dtype), "" if not s.scaled else f"×{s.scale:g}+{s.offset:g}", p.poll,
+                  "w" if p.writable else "", _alarm_text(p))
+    out.print(t)
+
+
+def _alarm_text(p: ProfilePoint) -> str:
+    if p.alarm is None:
+        return ""
+    return " ".join(f"{k[0].upper()}{k[-1]} {getattr(p.alarm, k):g}"
+                    for k in ("low2", "low1", "high1", "high2") if getattr(p.alarm, k) is not None)
+
+
+def profile_to_jsonable(profile: Profile) -> dict[str, Any]:
+    points: list[dict[str, Any]] = []
+    for p in profile.points:
+        point: dict[str, Any] = {"key": p.key, "name": p.name, "name_zh": p.name_zh,
+                                 "unit": p.unit}
+        if p.modbus is not None:
+            s = p.modbus
+            point |= {"function": s.function, "address": s.address, "type": str(s.dtype),
+                      "byte_order": str(s.byte_order), "word_order": str(s.word_order),
+                      "scale": s.scale, "offset": s.offset, "bit": s.bit}
+        else:
+            point["factor"] = p.factor
+        point |= {"poll": p.poll, "writable": p.writable,
+                  "alarm": None if p.alarm is None else {
+                      k: getattr(p.alarm, k) for k in ("high1", "high2", "low1", "low2",
+                                                       "hysteresis")}}
+        points.append(point)
+    return {"id": profile.id, "model": profile.model, "name_zh": profile.name_zh,
+            "protocol": profile.protocol, "hash": profile.hash, "points": points}
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="the gateway's TOML config")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a config file and the profiles it names; errors give file:line field.
+
+    Example: edge-agent config check /etc/fieldlink/site.toml
+    """
+    from edge_agent.config.site import loose_key_files
+
+    with _errors():
+        cfg = load_config(path)
+    for name, key, mode in loose_key_files(cfg):
+        err.print(f"[yellow]warning:[/yellow] {escape(name)} {escape(str(key))} is mode "
+                  f"{mode:04o}: group or others may read this key (chmod 600)")
+    if as_json:
+        data = cfg.model_dump(mode="json")
+        if data["mqtt"].get("password"):
+            data["mqtt"]["password"] = "***"  # never print a secret
+        _print_json(data)
+        return
+    enabled = sum(1 for d in cfg.devices if d.enabled)
+    out.print(f"[green]OK[/green] {escape(str(path))}: gateway {cfg.gateway.id}, "
+              f"{len(cfg.devices)} device(s) ({enabled} enabled), broker "
+              f"{cfg.mqtt.host}:{cfg.mqtt.port}, outbox {cfg.outbox_path}")
+
+
+# devices, read, write, alarms (cli_devices); scan, doctor (cli_field)
+register_device_commands(app)
+register_field_commands(app)
+register_enrol_commands(app)  # enroll, renew (cli_enrol; DESIGN.md §8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from edge_agent.logs import configure_logging
+
+    # Library logs (the serial bus opening for `scan`, aiomqtt for `doctor`) go to stderr and
+    # only from warnings up, so stdout stays the command's output (and valid --json). `run`
+    # configures its own: structlog caches loggers, so it must be configured once only.
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] != ["run"]:
+        configure_logging("warning", json=False, stream=sys.stderr)
+    cmd: Callable[..., Any] = typer.main.get_command(app)
+    cmd(args=argv, prog_name="edge-agent")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

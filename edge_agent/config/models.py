@@ -1,0 +1,273 @@
+"""The gateway config's models: one pydantic class per TOML table, `extra="forbid"` and frozen.
+
+`edge_agent.config.site` loads a file into `AgentConfig` (and re-exports these names);
+`edge_agent.config.checks` checks what the models cannot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+
+from edge_agent.alarms.config import DeviceAlarmsConfig
+from edge_agent.narrowband.config import NarrowbandConfig
+from edge_agent.uplink.mqtt_config import MqttConfig
+from protocols.modbus_rtu import inter_frame_gap_s
+from protocols.topics import TopicError, check_gateway_id
+
+# A device id becomes the first half of a point key ("tank-1/level") and a task name, so it
+# must not contain "/" and should survive being a log field or a metric label.
+_DEVICE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+# --- the models ---------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Model):
+    id: str
+    data_dir: Path = Path("/var/lib/fieldlink")
+
+    @field_validator("id")
+    @classmethod
+    def _gateway_id(cls, value: str) -> str:
+        try:
+            return check_gateway_id(value)
+        except TopicError as exc:
+            raise ValueError(exc.reason) from None
+
+
+class ProfilesConfig(_Model):
+    dirs: list[Path] = Field(default_factory=list)
+
+
+class TcpTransportConfig(_Model):
+    """Modbus TCP (MBAP framing) to a device or a serial-to-Ethernet gateway."""
+
+    kind: Literal["tcp"]
+    host: str
+    port: int = Field(default=502, ge=1, le=65535)
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+class RtuTransportConfig(_Model):
+    """Modbus RTU on a serial port (RS-485/RS-232). Devices naming the same `port` share one
+    bus: the agent polls them in turn through one owner of the port, so their line settings
+    must agree."""
+
+    kind: Literal["rtu"]
+    port: str = Field(default="/dev/ttyS1", min_length=1)
+    baudrate: int = Field(default=9600, ge=50, le=4_000_000)
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    # Silence before each request; None: t3.5 of Modbus over Serial Line V1.02 §2.5.1.1
+    # (3.5 character times, a fixed 1.75 ms above 19200 baud).
+    inter_frame_gap_s: float | None = Field(default=None, ge=0, le=1.0)
+
+    @property
+    def endpoint(self) -> str:
+        return f"rtu://{self.port}"
+
+    @property
+    def gap_s(self) -> float:
+        """The inter-frame gap in effect (the configured one or the spec's default)."""
+        if self.inter_frame_gap_s is not None:
+            return self.inter_frame_gap_s
+        return inter_frame_gap_s(self.baudrate, self.bytesize, self.parity, self.stopbits)
+
+    @property
+    def line(self) -> tuple[int, int, str, int, float]:
+        """The settings every device on this port must share."""
+        return (self.baudrate, self.bytesize, self.parity, self.stopbits, self.gap_s)
+
+
+class Hj212TransportConfig(_Model):
+    """An HJ 212-2017 station pushing frames on a serial port (RS-232/485). The agent only
+    listens (and answers data replies), so the port belongs to this one device."""
+
+    kind: Literal["hj212"]
+    port: str = Field(min_length=1)
+    baudrate: int = Field(default=9600, ge=50, le=4_000_000)
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    # The station's MN (monitoring point id): frames of other stations are dropped when set.
+    mn: str | None = Field(default=None, min_length=1, max_length=24)
+    # The zone of the station's clock (DataTime is local time, no offset on the wire).
+    tz: str = "Asia/Shanghai"
+
+    @field_validator("tz")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @property
+    def endpoint(self) -> str:
+        return f"hj212://{self.port}"
+
+
+TransportConfig = Annotated[TcpTransportConfig | RtuTransportConfig | Hj212TransportConfig,
+                            Field(discriminator="kind")]
+_TRANSPORT_KINDS = frozenset({"tcp", "rtu", "hj212"})
+# Which transport kinds carry which profile protocol.
+PROTOCOL_KINDS: Mapping[str, frozenset[str]] = {"modbus": frozenset({"tcp", "rtu"}),
+                                                "hj212": frozenset({"hj212"})}
+
+
+class DeviceConfig(_Model):
+    id: Annotated[str, Field(pattern=_DEVICE_ID_RE)]
+    profile: str
+    transport: TransportConfig
+    # Modbus TCP unit identifier / RTU slave address (Modbus Application Protocol §4.1:
+    # 0 is broadcast on serial lines; TCP gateways pass 1..247 to the serial bus behind them).
+    device_id: int = Field(default=1, ge=0, le=255)
+    poll_interval_s: float = Field(default=1.0, gt=0, le=86_400)
+    timeout_s: float = Field(default=1.0, gt=0, le=60)
+    # Longest wait between reconnect attempts while the device does not answer.
+    backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+    # Points tagged `poll: fast` are read every cycle, `normal` every `normal_every` cycles,
+    # `slow` every `slow_every` cycles (a cycle is `poll_interval_s`).
+    normal_every: int = Field(default=1, ge=1, le=10_000)
+    slow_every: int = Field(default=10, ge=1, le=10_000)
+    # Override the profile's read limits: some devices refuse long reads or reads across
+    # registers they do not implement.
+    max_registers: int | None = Field(default=None, ge=1, le=125)
+    max_bits: int | None = Field(default=None, ge=1, le=2000)
+    max_gap: int | None = Field(default=None, ge=0, le=125)
+    enabled: bool = True
+    # Alarm rule overrides and device-level alarms (`[devices.alarms]`, see alarm_config).
+    alarms: DeviceAlarmsConfig = Field(default_factory=DeviceAlarmsConfig)
+
+
+class ControlConfig(_Model):
+    """The local control socket (`edge-agent devices/read/write/alarms` talk to it)."""
+
+    # Unix socket path; default `<data_dir>/agent.sock`. Relative to this file's folder.
+    socket: Path | None = None
+    enabled: bool = True
+
+
+class StatusConfig(_Model):
+    interval_s: float = Field(default=5.0, gt=0, le=3600)
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint (edge_agent/health/metrics.py): off unless enabled, localhost unless
+    `host` says otherwise (the gateway's metrics are for its own network, through a tunnel)."""
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=9108, ge=0, le=65535)  # 0: a free port (tests)
+    interval_s: float = Field(default=5.0, gt=0, le=3600)  # how often the snapshot is refreshed
+
+
+class OutboxConfig(_Model):
+    # How long delivered records stay in the outbox before pruning (0: prune at once). A
+    # technician may keep a day of history on site; the tests keep everything to compare.
+    keep_delivered_s: float = Field(default=0.0, ge=0)
+    # Telemetry older than this is sent flagged as historical (backlog), not live.
+    live_window_s: float = Field(default=300.0, gt=0)
+    # Disk budget of the outbox file (DESIGN.md §4.6). Past `thin_at` of it telemetry
+    # backlog is thinned (every `thin_keep_every`-th sample per point plus each window's
+    # min and max, up to `thin_max_rounds` passes), then the oldest is dropped, until it is
+    # under `thin_to`; alarms and events are never evicted.
+    max_bytes: int = Field(default=2**30, ge=2**20)
+    thin_at: float = Field(default=0.9, gt=0, le=1)
+    thin_to: float = Field(default=0.8, gt=0, lt=1)
+    thin_keep_every: int = Field(default=4, ge=2, le=1000)
+    thin_max_rounds: int = Field(default=2, ge=0, le=10)
+    # Free space kept on the outbox's file system: below it telemetry is thinned and dropped
+    # as above, so that the disk filling up (by anyone) is met long before ENOSPC. The WAL
+    # and `-shm` files count towards `max_bytes` too.
+    disk_reserve_bytes: int = Field(default=64 * 2**20, ge=0)
+    # A file of this size beside the outbox, given back to the file system only to write
+    # held alarms at stop or to start on a full disk (0: none).
+    ballast_bytes: int = Field(default=2**20, ge=0, le=2**30)
+    # Alarm and event records held in memory while the disk is full (oldest given up first).
+    hold_records: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Ceiling on the backlog drain after an outage (records per second); below it the drain
+    # adapts to the ack round trip. Live data and alarms are not limited.
+    backlog_max_points_per_s: float = Field(default=2000.0, gt=0)
+    # How much queueing (seconds of ack round trip above the lowest seen) the backlog drain
+    # may add ahead of live data and alarms; the drain's window shrinks when it adds more.
+    backlog_queue_delay_s: float = Field(default=0.5, gt=0, le=60)
+    # A wall-clock step larger than this marks records CLOCK_SUSPECT until NTP or
+    # `edge-agent clock ok` confirms the time (DESIGN.md §4.7).
+    clock_max_step_s: float = Field(default=2.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _thin_order(self) -> OutboxConfig:
+        if self.thin_to >= self.thin_at:
+            raise ValueError("thin_to must be below thin_at")
+        return self
+
+
+class CommandsConfig(_Model):
+    """Signed commands from central (DESIGN.md §6)."""
+
+    # Central's Ed25519 public key, pinned at enrolment: base64 of its 32 raw bytes, or a path
+    # (relative to this file) to a PEM or base64 file. Without it every command is rejected.
+    central_public_key: str | None = None
+
+
+class AgentConfig(_Model):
+    gateway: GatewayConfig
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    profiles: ProfilesConfig = Field(default_factory=ProfilesConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    narrowband: NarrowbandConfig | None = None
+    # Where the file was loaded from; relative paths in it were resolved against its folder.
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.gateway.data_dir / "outbox.db"
+
+    @property
+    def alarms_path(self) -> Path:
+        return self.gateway.data_dir / "alarms.db"
+
+    @property
+    def commands_path(self) -> Path:
+        return self.gateway.data_dir / "commands.db"
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control.socket or self.gateway.data_dir / "agent.sock"
+
+    def device(self, device_id: str) -> DeviceConfig:
+        for dev in self.devices:
+            if dev.id == device_id:
+                return dev
+        raise KeyError(device_id)

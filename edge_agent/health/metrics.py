@@ -1,0 +1,228 @@
+"""The agent's Prometheus endpoint (prometheus_client), on localhost by default (`[metrics]`).
+
+`metrics_loop` takes a snapshot of the agent on the event loop every `interval_s` (device
+health, uplink counters, outbox stats, disk, narrowband) and hands it to `AgentCollector`,
+which the HTTP server's thread turns into metric families at each scrape: the scrape never
+touches the agent's objects or the SQLite thread, and a slow scrape never slows the loop.
+Family names start with `fieldlink_edge_`; packaging/alerts-fieldlink.yml has rules on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edge_agent.control.server import device_health
+from edge_agent.outbox.store import OutboxError, OutboxStats
+
+if TYPE_CHECKING:
+    from edge_agent.health.view import RuntimeView
+
+log = structlog.get_logger("edge_agent.health.metrics")
+P = "fieldlink_edge"
+# Device health counters exported as poll errors, by kind.
+POLL_ERRORS = ("timeouts", "connect_errors", "exceptions", "framing_errors", "decode_errors")
+UPLINK_COUNTERS = {
+    "connects": "MQTT connections made.",
+    "batches_sent": "Data messages published.",
+    "records_sent": "Records published (first sends and resends).",
+    "batches_resent": "Batches whose ack timed out and whose records went out again.",
+    "acks": "Acks received from central.",
+    "records_acked": "Records newly marked delivered by an ack.",
+    "acks_refused": "Acks naming a seq this uplink never sent (forged or foreign).",
+}
+DISK_GAUGES = ("fs_free_bytes", "fs_total_bytes", "reserve_bytes", "owned_bytes", "held")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a scrape reports, taken on the event loop."""
+
+    gateway: str
+    wall_s: float
+    uplink_connected: bool
+    uplink: Mapping[str, int]
+    devices: tuple[Mapping[str, Any], ...]
+    stats: OutboxStats | None
+    disk: Mapping[str, Any] = field(default_factory=dict)
+    narrowband: Mapping[str, Any] | None = None
+
+
+class AgentCollector(Collector):
+    """Turns the latest `Snapshot` into metric families (called from the HTTP thread)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # no collect() at registration: the first snapshot comes later
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot  # one reference read: the loop swaps whole snapshots
+        if s is None:
+            return
+        yield from _devices(s)
+        yield from _outbox(s)
+        yield from _uplink(s)
+        yield from _narrowband(s)
+        yield from _disk_and_clock(s)
+
+
+def _gauge(name: str, help_: str, value: float, labels: Mapping[str, str] | None = None) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(f"{P}_{name}", help_, labels=list(labels or {}))
+    g.add_metric(list((labels or {}).values()), value)
+    return g
+
+
+def _devices(s: Snapshot) -> Iterator[Metric]:
+    cycles = CounterMetricFamily(f"{P}_poll_cycles", "Poll cycles run, by device.", labels=["device"])
+    ok = CounterMetricFamily(f"{P}_poll_cycles_ok", "Poll cycles that read every point, by device.",
+                             labels=["device"])
+    errors = CounterMetricFamily(f"{P}_poll_errors", "Poll failures by device and kind.",
+                                 labels=["device", "kind"])
+    up = GaugeMetricFamily(f"{P}_device_up", "1 while the device answers (state ok).", labels=["device"])
+    for d in s.devices:
+        dev = str(d.get("device", "?"))
+        cycles.add_metric([dev], float(d.get("cycles", 0)))
+        ok.add_metric([dev], float(d.get("cycles_ok", 0)))
+        for kind in POLL_ERRORS:
+            errors.add_metric([dev, kind], float(d.get(kind, 0)))
+        up.add_metric([dev], 1.0 if d.get("state") == "ok" else 0.0)
+    yield from (cycles, ok, errors, up)
+
+
+def _outbox(s: Snapshot) -> Iterator[Metric]:
+    st = s.stats
+    if st is None:
+        return
+    lanes = GaugeMetricFamily(f"{P}_outbox_records", "Unsent records in the outbox, by lane.",
+                              labels=["lane"])
+    for lane in ("alarm", "event", "live", "backlog"):
+        lane_stats = st.lanes.get(lane)
+        lanes.add_metric([lane], float(lane_stats.count if lane_stats else 0))
+    yield lanes
+    yield _gauge("outbox_bytes", "Outbox file size: main file, WAL and shared memory.", st.db_bytes)
+    yield _gauge("outbox_used_bytes", "Outbox pages holding data (what the budget counts).",
+                 st.used_bytes)
+    if st.max_bytes is not None:
+        yield _gauge("outbox_max_bytes", "The outbox's disk budget.", st.max_bytes)
+    age = (max(0.0, s.wall_s - st.oldest_undelivered_ts_ms / 1000)
+           if st.oldest_undelivered_ts_ms else 0.0)
+    yield _gauge("outbox_oldest_unsent_age_seconds", "Age of the oldest record central has not "
+                 "acknowledged (0 when none).", age)
+    delivered = CounterMetricFamily(f"{P}_outbox_delivered", "Records central acknowledged.")
+    delivered.add_metric([], float(st.delivered_total))
+    yield delivered
+
+
+def _uplink(s: Snapshot) -> Iterator[Metric]:
+    yield _gauge("uplink_connected", "1 while connected to the MQTT broker.",
+                 1.0 if s.uplink_connected else 0.0)
+    for name, help_ in UPLINK_COUNTERS.items():
+        c = CounterMetricFamily(f"{P}_uplink_{name}", help_)
+        c.add_metric([], float(s.uplink.get(name, 0)))
+        yield c
+
+
+def _narrowband(s: Snapshot) -> Iterator[Metric]:
+    nb = s.narrowband
+    if nb is None:
+        return
+    counters: Mapping[str, Any] = nb.get("counters") or {}
+    yield _gauge("narrowband_active", "1 while alarms go by BeiDou/PDT (IP down long enough).",
+                 1.0 if nb.get("active") else 0.0)
+    sends = CounterMetricFamily(f"{P}_narrowband_sends", "Narrowband frames sent, by kind.",
+                                labels=["kind"])
+    sends.add_metric(["alarm"], float(counters.get("alarms_sent", 0)))
+    sends.add_metric(["heartbeat"], float(counters.get("heartbeats_sent", 0)))
+    yield sends
+    refusals = CounterMetricFamily(f"{P}_narrowband_refusals", "Frames the terminal or radio "
+                                   "refused, by reason.", labels=["reason"])
+    for reason, n in sorted((counters.get("refusals") or {}).items()):
+        refusals.add_metric([str(reason)], float(n))
+    yield refusals
+    errors = CounterMetricFamily(f"{P}_narrowband_errors", "Narrowband send errors.")
+    errors.add_metric([], float(counters.get("errors", 0)))
+    yield errors
+
+
+def _disk_and_clock(s: Snapshot) -> Iterator[Metric]:
+    disk = GaugeMetricFamily(f"{P}_disk", "The outbox's file system and held records "
+                             "(fs_free_bytes, fs_total_bytes, reserve_bytes, owned_bytes, held).",
+                             labels=["field"])
+    for key in DISK_GAUGES:
+        value = s.disk.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            disk.add_metric([key], float(value))
+    yield disk
+    yield _gauge("disk_full", "1 during a full-disk episode (records held in memory).",
+                 1.0 if s.disk.get("full") else 0.0)
+    # Prometheus compares this with its own clock: a gateway whose time drifts shows at once.
+    yield _gauge("clock_unix_seconds", "The gateway's wall clock when the snapshot was taken.",
+                 s.wall_s)
+    clock = s.stats.clock if s.stats is not None else {}
+    yield _gauge("clock_suspect", "1 while the outbox judges the wall clock implausible.",
+                 1.0 if clock.get("suspect") else 0.0)
+
+
+async def take_snapshot(runtime: RuntimeView) -> Snapshot:
+    """The agent's state now, read on the event loop (the outbox through its own thread)."""
+    stats: OutboxStats | None = None
+    if runtime.outbox is not None:
+        try:
+            stats = await runtime.outbox.stats()
+        except OutboxError as exc:
+            log.warning("metrics_outbox_unreadable", error=str(exc))
+    uplink = runtime.uplink
+    counters = ({k: int(getattr(uplink.counters, k, 0)) for k in UPLINK_COUNTERS}
+                if uplink is not None else {})
+    return Snapshot(
+        gateway=runtime.config.gateway.id, wall_s=time.time(),
+        uplink_connected=bool(uplink and uplink.connected), uplink=counters,
+        devices=tuple(device_health(d) for d in runtime.devices), stats=stats,
+        disk=dict(runtime.disk or {}),
+        narrowband=runtime.narrowband.status() if runtime.narrowband else None)
+
+
+async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:
+    """Refresh the collector's snapshot forever (a supervised task: `metrics`)."""
+    while True:
+        collector.snapshot = await take_snapshot(runtime)
+        await asyncio.sleep(interval_s)
+
+
+@asynccontextmanager
+async def metrics_server(host: str, port: int, collector: AgentCollector) -> AsyncIterator[int]:
+    """Serve `collector` at http://host:port/metrics (prometheus_client's own server, in its
+    thread) until the block ends; yields the bound port (port 0: a free one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    bound = int(server.server_port)
+    log.info("metrics_listening", host=host, port=bound)
+    try:
+        yield bound
+    finally:
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        thread.join(timeout=5)
+
+
+async def serve_metrics(runtime: RuntimeView, collector: AgentCollector) -> None:
+    """The `metrics.http` task: the endpoint from `[metrics]`, refreshed until cancelled."""
+    cfg = runtime.config.metrics
+    async with metrics_server(cfg.host, cfg.port, collector):
+        await metrics_loop(runtime, collector, cfg.interval_s)
+
+
+__all__ = ["AgentCollector", "Snapshot", "metrics_loop", "metrics_server", "serve_metrics",
+           "take_snapshot"]

@@ -1,0 +1,105 @@
+"""The `[mqtt]` section of a gateway's config, its `[mqtt.tls]` table (DESIGN.md §8), and the
+TLS context the uplink connects with.
+
+`[mqtt.tls]` names three PEM files: `ca` (the CA the broker's certificate chains to),
+`cert` (this gateway's certificate, CN = gateway id) and `key` (its private key, mode 0600).
+`edge-agent enroll` writes them and this table. Relative paths are relative to the config
+file. `username`/`password` are for brokers that authenticate by password (EMQX, ...); with
+Mosquitto and `use_identity_as_username` the certificate is the identity.
+"""
+
+from __future__ import annotations
+
+import ssl
+import stat
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edge_agent import EdgeError
+
+
+class MqttTlsError(EdgeError):
+    """The CA, certificate or key cannot be loaded into a TLS context."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class MqttTlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    # Off only for a broker reached by an address its certificate does not name (lab set-ups).
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+    def files(self) -> list[tuple[str, Path]]:
+        return [(n, p) for n, p in (("ca", self.ca), ("cert", self.cert), ("key", self.key))
+                if p is not None]
+
+
+class MqttConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    ack_timeout_s: float = Field(10.0, gt=0)
+    batch_size: int = Field(500, ge=1, le=10_000)
+    # Backlog drains in bigger batches: per-message costs (a publish, a commit, an ack and
+    # its bookkeeping on both sides) dominate at 500 records when a long outage ends.
+    backlog_batch_size: int = Field(5000, ge=1, le=50_000)
+    # Data messages awaiting central's ack; a quarter is kept for alarms and live data, the
+    # rest bounds the backlog drain's window (which the ack round trip paces below it).
+    max_inflight: int = Field(16, ge=1, le=1000)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    # Reconnect back-off: doubles from `reconnect_min_s` up to `reconnect_max_s`, jittered
+    # (x0.5..1) so that a city of gateways does not reconnect in lockstep. The cap bounds how
+    # long after the link returns the gateway notices.
+    reconnect_min_s: float = Field(0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(10.0, gt=0, le=3600)
+    client_id: str | None = None
+    tls: MqttTlsConfig | None = None
+    username: str | None = Field(None, min_length=1, max_length=256)
+    password: str | None = Field(None, repr=False, max_length=1024)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MqttConfig:
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs username")
+        return self
+
+
+def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
+    """The client context: the broker must chain to `ca` (and name the host, unless
+    `check_hostname = false`); the gateway shows `cert`/`key`."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise MqttTlsError(tls.ca, f"cannot load the CA certificate: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.check_hostname
+    if tls.cert is not None and tls.key is not None:
+        try:
+            ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        except (OSError, ssl.SSLError) as exc:
+            raise MqttTlsError(tls.cert, f"cannot load the certificate and key: {exc}") from exc
+    return ctx
+
+
+def loose_mode(path: Path) -> int | None:
+    """The file's mode when group or others may read it (a key should be 0600), else None."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    return mode if mode & (stat.S_IRWXG | stat.S_IRWXO) else None
