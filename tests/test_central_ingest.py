@@ -13,8 +13,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from central.ingest.subscriber import Ingest
 from central.health.metrics import Metrics
+from central.ingest.subscriber import Ingest
 from central.mqtt_client import Client as MqttClient
 from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
@@ -144,7 +144,8 @@ async def test_state_and_birth_are_recorded(mosquitto: Mosquitto, tmp_path: Path
         await gw.publish(topics.up("gw-7", "birth"), env.encode(env.Birth(
             gw="gw-7", stream="s1", boot_id="b", version="0.1.0", devices=(env.DeviceInfo(
                 id="d1", profile="gas", profile_hash="h",
-                points=(env.PointInfo(ordinal=0, key="d1/gas", name_zh="可燃气体", unit="%LEL"),)),))),
+                points=(env.PointInfo(ordinal=0, key="d1/gas", name_zh="可燃气体",
+                                      unit="%LEL"),)),))),
             qos=1)
         await gw.publish(topics.up("gw-7", "data"), env.encode(data("gw-7", "s1", [1])), qos=1)
         await next_ack(gw)

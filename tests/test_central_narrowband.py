@@ -40,8 +40,8 @@ from protocols.narrowband import (
     to_text,
 )
 from tests.helpers import until
-from tests.pg import pg_schema
 from tests.identity import authorize
+from tests.pg import pg_schema
 
 GW = "gw-nb"
 STREAM = "s-nb-1"
@@ -53,7 +53,8 @@ WAIT_S = 15.0
 BIRTH = env.Birth(gw=GW, stream=STREAM, boot_id="b1", version="1.0", devices=(
     env.DeviceInfo("gas-1", "gas-lel", "h1", (env.PointInfo(0, "gas-1/gas_lel", "可燃气体", "%LEL"),
                                          env.PointInfo(1, "gas-1/o2", "氧气", "%VOL"))),
-    env.DeviceInfo("gas-2", "gas-lel", "h1", (env.PointInfo(2, "gas-2/gas_lel", "可燃气体", "%LEL"),)),
+    env.DeviceInfo("gas-2", "gas-lel", "h1",
+                   (env.PointInfo(2, "gas-2/gas_lel", "可燃气体", "%LEL"),)),
 ))
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
