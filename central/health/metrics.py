@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from central import CentralError
 from central.storage.program import Program, Rows, Sql
 from protocols.limits import Reason
+from runtime.metrics import counter, counter_by, gauge
 
 if TYPE_CHECKING:
     from central.storage import Storage
@@ -171,23 +172,16 @@ class _FieldsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         for attr, name, kind, help_ in SCALARS:
             value = float(getattr(self._m, attr))
-            if kind == "counter":
-                c = CounterMetricFamily(f"{PREFIX}_{name}", help_)
-                c.add_metric([], value)
-                yield c
-            else:
-                yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
+            build = counter if kind == "counter" else gauge
+            yield build(f"{PREFIX}_{name}", help_, value)
         for attr, name, label, help_ in LABELLED:
-            family = CounterMetricFamily(f"{PREFIX}_{name}", help_, labels=[label])
             counts: Counter[str] = getattr(self._m, attr)
             if attr in ("messages_rejected", "records_rejected"):
                 # Every ingest refusal reason from 0, so rate() and alerts see it from the start.
                 seeded: Counter[str] = Counter({str(r): 0 for r in Reason})
                 seeded.update(counts)  # update() keeps zeros, `+` would drop them
                 counts = seeded
-            for key, n in sorted(counts.items()):
-                family.add_metric([str(key)], float(n))
-            yield family
+            yield counter_by(f"{PREFIX}_{name}", help_, label, counts)
         yield from self._gateways()
 
     def _gateways(self) -> Iterator[Metric]:
