@@ -17,12 +17,15 @@ again. A client write to a writable point stores the value (and drops any pin on
 anywhere else get Modbus exception 2 (illegal data address).
 
 Run as a process: ``python -m firmware_stubs.modbus_sim --profile gas-detector-v1 --port 0``
-(the command line lives in `firmware_stubs.sim_cli`); a JSON-lines control port
-(`firmware_stubs.control`) lets another process script values.
+prints `READY port=N` (plus ` control_port=M` with a control port) and, if asked, writes each
+port alone on one line to a ready file (atomically); it serves until SIGTERM or SIGINT and
+exits 0, or 1 with `error: ...` on stderr for a bad profile or a port it cannot bind. A
+JSON-lines control port (`firmware_stubs.control`) lets another process script values.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import sys
@@ -30,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -38,7 +42,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
 from pymodbus.simulator import SimData, SimDevice
 
-from device_profiles import Profile, ProfilePoint
+from device_profiles import DeviceProfileError, Profile, ProfilePoint, find_profile
+from firmware_stubs import sim_process
 from firmware_stubs.control import ControlRequest, close_control, handle_control, open_control
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import StartStop
@@ -331,12 +336,49 @@ def _set_bit(words: list[int], index: int, value: bool) -> None:
     words[reg] = (words[reg] | (1 << bit)) if value else (words[reg] & ~(1 << bit))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Process entry point; see `firmware_stubs.sim_cli.main`."""
-    # Imported here: sim_cli imports this module, so a top-level import would be circular.
-    from firmware_stubs.sim_cli import main as cli_main
+# --- process entry --------------------------------------------------------------------------
 
-    return cli_main(argv)
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = sim_process.simulator_parser(
+        "modbus_sim", "Simulate profiled Modbus TCP devices on loopback.",
+        "--profile gas-detector-v1 --profile storage-tank-v1 --port 0 --control-port 0 "
+        "--ready-file /tmp/sim.ready")
+    sim_process.add_profiles(parser, "devices on consecutive ids")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--device-id", type=int, default=1, help="id of the first device")
+    sim_process.add_control_port(parser, where="--host")
+    sim_process.add_seed(parser)
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="once listening, write the Modbus port (one line) to this file")
+    parser.add_argument("--control-ready-file", type=Path, default=None,
+                        help="once listening, write the control port (one line) to this file")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    profiles = {
+        args.device_id + i: find_profile(name, extra_dirs=args.profile_dir)
+        for i, name in enumerate(args.profile)
+    }
+
+    def announce(sim: ModbusTcpSimulator) -> str:
+        if args.control_ready_file is not None and sim.control_port is not None:
+            sim_process.write_atomic(args.control_ready_file, f"{sim.control_port}\n")
+        if args.ready_file is not None:
+            sim_process.write_atomic(args.ready_file, f"{sim.port}\n")
+        return sim_process.ready_line(f"port={sim.port}", sim.control_port)
+
+    await sim_process.serve_until_signal(
+        ModbusTcpSimulator(profiles, host=args.host, port=args.port, seed=args.seed,
+                           control_port=args.control_port), announce)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile/port."""
+    args = _parse_args(argv)
+    return sim_process.run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
 
 
 __all__ = [
@@ -345,7 +387,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    # Run as `python -m firmware_stubs.modbus_sim`: this file is `__main__`, and sim_cli imports
-    # it again as `firmware_stubs.modbus_sim`; the second copy is the one that serves, this one
-    # only delegates, so the double import is harmless.
     sys.exit(main())
