@@ -343,8 +343,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = sim_process.simulator_parser(
         "modbus_sim", "Simulate profiled Modbus TCP devices on loopback.",
         "--profile gas-detector-v1 --profile storage-tank-v1 --port 0 --control-port 0 "
-        "--ready-file /tmp/sim.ready")
-    sim_process.add_profiles(parser, "devices on consecutive ids")
+        "--ready-file /tmp/sim.ready", profiles="devices on consecutive ids")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--device-id", type=int, default=1, help="id of the first device")

@@ -331,8 +331,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = sim_process.simulator_parser(
         "rtu_sim", "Simulate profiled Modbus RTU slaves on one pseudo-terminal line.",
         "--profile gas-detector-v1 --profile storage-tank-v1 --baudrate 19200 "
-        "--link-file /tmp/bus.link --control-port 0")
-    sim_process.add_profiles(parser, "slaves on consecutive addresses")
+        "--link-file /tmp/bus.link --control-port 0", profiles="slaves on consecutive addresses")
     parser.add_argument("--first-id", type=int, default=1, help="address of the first slave")
     parser.add_argument("--baudrate", type=int, default=9600)
     parser.add_argument("--parity", choices=["N", "E", "O"], default="N")

@@ -27,11 +27,17 @@ from firmware_stubs.lifecycle import PtyLinked
 S = TypeVar("S")
 
 
-def simulator_parser(module: str, description: str, example: str) -> argparse.ArgumentParser:
-    """The parser of `python -m firmware_stubs.<module>`; `example` (arguments) ends its help."""
+def simulator_parser(module: str, description: str, example: str, *,
+                     profiles: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `python -m firmware_stubs.<module>`; `example` (arguments) ends its help.
+    With `profiles` (what each one is, e.g. "slaves on consecutive addresses") it takes a
+    repeatable --profile and --profile-dir."""
     command = f"python -m firmware_stubs.{module}"
-    return argparse.ArgumentParser(prog=command, description=description,
-                                   epilog=f"example: {command} {example}")
+    parser = argparse.ArgumentParser(prog=command, description=description,
+                                     epilog=f"example: {command} {example}")
+    if profiles is not None:
+        add_profiles(parser, profiles)
+    return parser
 
 
 def add_profiles(parser: argparse.ArgumentParser, members: str) -> None:
