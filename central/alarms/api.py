@@ -22,19 +22,16 @@ commits together with its audit row.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from central.alarms import desk as alarms
-from central.areas import tree as areas
 from central.alarms.lifecycle import AckState, AlarmStatus
-from central.web.bounds import ID_MAX, IdField, IdPath
+from central.areas import tree as areas
 from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
-from central.identity.audit import AuditLog
 from central.identity.authz import (
     Admin,
     Operator,
@@ -46,14 +43,13 @@ from central.identity.authz import (
     gateway_path_program,
     gateway_scope,
 )
-from central.storage import Storage
 from central.storage.program import Program
-
-PROBLEM = "application/problem+json"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from central.web.bounds import ID_MAX, IdField, IdPath
+from central.web.problems import install_problems
+from central.web.routing import StrictModel as _Model
+from central.web.routing import audit_of, run_audited
+from central.web.routing import now_ms as _now_ms
+from central.web.routing import storage_of as _storage
 
 
 class AreaIn(_Model):
@@ -179,28 +175,16 @@ def _node_out(n: AreaNode) -> AreaNodeOut:
                        children=[_node_out(c) for c in n.children])
 
 
-def _alarm_out(a: alarms.Alarm) -> AlarmOut:
+def alarm_fields(a: alarms.Alarm) -> dict[str, Any]:
+    """The fields of `AlarmOut` for an alarm (a subclass adds its own)."""
     d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
     d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
     d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
-    return AlarmOut(**d)
+    return d
 
 
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _storage(request: Request) -> Storage:
-    return request.app.state.storage  # type: ignore[no-any-return]
-
-
-def _audit(request: Request) -> AuditLog:
-    return request.app.state.audit  # type: ignore[no-any-return]
+def _alarm_out(a: alarms.Alarm) -> AlarmOut:
+    return AlarmOut(**alarm_fields(a))
 
 
 def _scoped(nodes: list[AreaNode], p: Principal) -> list[AreaNode]:
@@ -222,20 +206,17 @@ async def _acting_on(request: Request, p: Principal, alarm_id: int) -> alarms.Al
     return a
 
 
+AlarmStep = Callable[[int, str, str, int], Program[alarms.Alarm]]
+
+
 async def _act(request: Request, p: Principal, alarm_id: int, action: str, comment: str,
-               step: Any) -> alarms.Alarm:
+               step: AlarmStep) -> alarms.Alarm:
     """Run an alarm step and its audit row in one transaction."""
     await _acting_on(request, p, alarm_id)
     now = _now_ms()
-    audit = _audit(request)
-
-    def program() -> Program[alarms.Alarm]:
-        a = yield from step(alarm_id, p.name, comment, now)
-        yield from audit.program(p.name, action, f"alarm:{alarm_id}",
-                                 {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
-        return a
-
-    return await _storage(request).run(program)
+    return await run_audited(
+        request, p.name, action, f"alarm:{alarm_id}", lambda: step(alarm_id, p.name, comment, now),
+        lambda a: {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
 
 
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -251,17 +232,10 @@ def install(app: FastAPI) -> None:
 
 
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(DuplicateAreaError)
-    async def duplicate(_: Request, exc: DuplicateAreaError) -> JSONResponse:
-        return _problem(409, "Duplicate area", str(exc))
-
-    @app.exception_handler(AreaPlacementError)
-    async def misplaced(_: Request, exc: AreaPlacementError) -> JSONResponse:
-        return _problem(422, "Area does not fit the hierarchy", str(exc))
-
-    @app.exception_handler(alarms.AlarmStateError)
-    async def wrong_state(_: Request, exc: alarms.AlarmStateError) -> JSONResponse:
-        return _problem(409, "Not possible in the alarm's state", str(exc))
+    install_problems(app, {
+        DuplicateAreaError: (409, "Duplicate area"),
+        AreaPlacementError: (422, "Area does not fit the hierarchy"),
+        alarms.AlarmStateError: (409, "Not possible in the alarm's state")})
 
 
 def _install_area_routes(app: FastAPI) -> None:
@@ -283,15 +257,15 @@ def _install_area_routes(app: FastAPI) -> None:
                 raise OutOfScopeError(p.name, "a new root area")
         else:
             await check_area(storage, p, body.parent_id)
-        audit = _audit(request)
         now = _now_ms()
 
         def program() -> Program[Area]:
             a = yield from areas.create_program(body.parent_id, AreaLevel(body.level), body.code,
                                                 body.name_zh, body.kind, now)
-            yield from audit.program(p.name, "area.created", f"area:{a.code}",
-                                     {"id": a.id, "parent_id": a.parent_id, "level": str(a.level),
-                                      "name_zh": a.name_zh})
+            yield from audit_of(request).program(
+                p.name, "area.created", f"area:{a.code}",
+                {"id": a.id, "parent_id": a.parent_id, "level": str(a.level),
+                 "name_zh": a.name_zh})
             return a
 
         return _area_out(await storage.run(program))
@@ -321,16 +295,10 @@ def _install_area_routes(app: FastAPI) -> None:
         before = await storage.run(lambda: gateway_path_program(gw), write=False)
         if before is not None and not p.sees(before):
             raise OutOfScopeError(p.name, f"gateway {gw}")
-        audit = _audit(request)
         now = _now_ms()
-
-        def program() -> Program[Area]:
-            site = yield from areas.assign_program(gw, body.area_id, now)
-            yield from audit.program(p.name, "gateway.placed", f"gateway:{gw}",
-                                     {"area": site.code, "area_id": site.id})
-            return site
-
-        site = await storage.run(program)
+        site = await run_audited(request, p.name, "gateway.placed", f"gateway:{gw}",
+                                 lambda: areas.assign_program(gw, body.area_id, now),
+                                 lambda site: {"area": site.code, "area_id": site.id})
         return GatewayAreaOut(gw=gw, area=_area_out(site))
 
 

@@ -21,13 +21,12 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from central.alarms import desk as alarms
-from central.console import geo
+from central.alarms.api import AlarmOut, alarm_fields
 from central.alarms.lifecycle import AckState, AlarmStatus
-from central.alarms.api import AlarmOut
-from central.web.bounds import ID_MAX, IdPath
+from central.console import geo
 from central.identity.authz import (
     Admin,
     OutOfScopeError,
@@ -37,8 +36,12 @@ from central.identity.authz import (
     gateway_path_program,
     gateway_scope,
 )
-from central.storage import Storage
 from central.storage.program import Program, Sql, placeholders
+from central.web.bounds import ID_MAX, IdPath
+from central.web.routing import StrictModel as _Model
+from central.web.routing import now_ms as _now_ms
+from central.web.routing import run_audited
+from central.web.routing import storage_of as _storage
 
 # Module level, so the routes' string annotations resolve.
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
@@ -47,8 +50,6 @@ PING_S = 5.0  # the page calls central unreachable after 3 missed pings
 REFRESH_S = 15.0  # an unchanged overview or desk is sent again this often (fresh ages)
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class PositionIn(_Model):
@@ -111,12 +112,14 @@ class DeskOut(_Model):
     alarms: list[DeskAlarmOut]
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _storage(request: Request) -> Storage:
-    return request.app.state.storage  # type: ignore[no-any-return]
+async def _set_position(request: Request, p: Principal, action: str, target: str,
+                        body: PositionIn,
+                        step: Callable[[geo.Position], Program[None]]) -> PositionOut:
+    """Run `step` at the body's position with its audit row; the position as stored."""
+    pos = geo.Position(body.lat, body.lon)
+    await run_audited(request, p.name, action, target, lambda: step(pos),
+                      lambda _: {"lat": body.lat, "lon": body.lon})
+    return PositionOut(lat=body.lat, lon=body.lon)
 
 
 def _position(p: geo.Position | None) -> PositionOut | None:
@@ -131,10 +134,7 @@ def _district_visible(p: Principal) -> Callable[[str], bool]:
 
 def _desk_alarm(a: alarms.Alarm, raised_value: float | None,
                 current: CurrentOut | None) -> DeskAlarmOut:
-    d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
-    d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
-    d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
-    return DeskAlarmOut(**d, raised_value=raised_value, current=current)
+    return DeskAlarmOut(**alarm_fields(a), raised_value=raised_value, current=current)
 
 
 def current_program(ids: list[int]) -> Program[dict[int, CurrentOut]]:
@@ -279,31 +279,14 @@ def install(app: FastAPI) -> None:
         path = await storage.run(lambda: gateway_path_program(gw), write=False)
         if p.user.area_path is not None and not p.sees(path):
             raise OutOfScopeError(p.name, f"gateway {gw}")
-        pos = geo.Position(body.lat, body.lon)
-        audit = request.app.state.audit
-
-        def program() -> Program[None]:
-            yield from geo.set_gateway_position_program(gw, pos)
-            yield from audit.program(p.name, "gateway.positioned", f"gateway:{gw}",
-                                     {"lat": body.lat, "lon": body.lon})
-
-        await storage.run(program)
-        return PositionOut(lat=body.lat, lon=body.lon)
+        return await _set_position(request, p, "gateway.positioned", f"gateway:{gw}", body,
+                                   lambda pos: geo.set_gateway_position_program(gw, pos))
 
     @app.put("/api/areas/{area_id}/position", response_model=PositionOut, tags=["console"])
     async def place_area(request: Request, area_id: IdPath, body: PositionIn,
                          p: Admin) -> PositionOut:
         """Put an area (a site, usually) on the map; its gateways without a position of
         their own are drawn there."""
-        storage = _storage(request)
-        await check_area(storage, p, area_id)
-        pos = geo.Position(body.lat, body.lon)
-        audit = request.app.state.audit
-
-        def program() -> Program[None]:
-            yield from geo.set_area_position_program(area_id, pos)
-            yield from audit.program(p.name, "area.positioned", f"area:{area_id}",
-                                     {"lat": body.lat, "lon": body.lon})
-
-        await storage.run(program)
-        return PositionOut(lat=body.lat, lon=body.lon)
+        await check_area(_storage(request), p, area_id)
+        return await _set_position(request, p, "area.positioned", f"area:{area_id}", body,
+                                   lambda pos: geo.set_area_position_program(area_id, pos))

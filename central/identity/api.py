@@ -24,10 +24,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from central.identity.accounts import Accounts, LoginFailedError, LoginThrottledError
-from central.identity.audit import AuditEntry, AuditLog
+from central.identity.audit import AuditEntry
 from central.identity.authz import (
     Admin,
     Auditor,
@@ -41,18 +41,15 @@ from central.identity.sessions import COOKIE
 from central.identity.users import (
     NAME_PATTERN,
     DuplicateUserError,
-    area_id_program,
     Role,
     User,
     WeakPasswordError,
+    area_id_program,
 )
 from central.settings import Settings
-
-PROBLEM = "application/problem+json"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from central.web.problems import install_problems, problem
+from central.web.routing import StrictModel as _Model
+from central.web.routing import audit_of as _audit
 
 
 class LoginIn(_Model):
@@ -128,19 +125,8 @@ def _audit_out(e: AuditEntry) -> AuditOut:
                     detail=dict(e.detail), hash=e.hash)
 
 
-def _problem(status: int, title: str, detail: str,
-             headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM,
-                        headers=headers)
-
-
 def _accounts(request: Request) -> Accounts:
     return request.app.state.accounts  # type: ignore[no-any-return]
-
-
-def _audit(request: Request) -> AuditLog:
-    return request.app.state.audit  # type: ignore[no-any-return]
 
 
 def client_of(request: Request) -> str:
@@ -170,24 +156,17 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(AuthError)
     async def refused(_: Request, exc: AuthError) -> JSONResponse:
         title = "Login required" if exc.status == 401 else "Forbidden"
-        return _problem(exc.status, title, str(exc))
-
-    @app.exception_handler(LoginFailedError)
-    async def login_failed(_: Request, exc: LoginFailedError) -> JSONResponse:
-        return _problem(401, "Login failed", str(exc))
+        return problem(exc.status, title, str(exc))
 
     @app.exception_handler(LoginThrottledError)
     async def throttled(_: Request, exc: LoginThrottledError) -> JSONResponse:
-        return _problem(429, "Too many failed logins", str(exc),
-                        {"Retry-After": str(int(exc.retry_after_s) + 1)})
+        return problem(429, "Too many failed logins", str(exc),
+                       {"Retry-After": str(int(exc.retry_after_s) + 1)})
 
-    @app.exception_handler(DuplicateUserError)
-    async def duplicate(_: Request, exc: DuplicateUserError) -> JSONResponse:
-        return _problem(409, "Duplicate user", str(exc))
-
-    @app.exception_handler(WeakPasswordError)
-    async def weak(_: Request, exc: WeakPasswordError) -> JSONResponse:
-        return _problem(422, "Password refused", str(exc))
+    install_problems(app, {
+        LoginFailedError: (401, "Login failed"),
+        DuplicateUserError: (409, "Duplicate user"),
+        WeakPasswordError: (422, "Password refused")})
 
 
 def _install_session_routes(app: FastAPI, settings: Settings, static: Any) -> None:
