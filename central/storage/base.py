@@ -217,7 +217,25 @@ def split_key(key: str) -> tuple[str, str]:
 # --- the interface ----------------------------------------------------------------------------
 
 
-class Storage(abc.ABC):
+class OpenClose(abc.ABC):
+    """A store used as an async context manager: `open()` on entry, `close()` on exit."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class Storage(OpenClose):
     """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
     `postgres.PostgresStorage`."""
 
@@ -239,14 +257,6 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
 
     @abc.abstractmethod
     async def ping(self) -> bool:
