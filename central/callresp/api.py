@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -26,6 +26,7 @@ from fastapi import FastAPI, Path, Query, Request
 from pydantic import Field
 
 from central.callresp.directory import (
+    AreaRef,
     Group,
     Person,
     PersonRole,
@@ -114,8 +115,7 @@ async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> N
     areas = await st.run(areas_program, write=False)
 
     def check(area_id: int | None, what: str) -> None:
-        path = areas[area_id].path if area_id is not None and area_id in areas else None
-        if not p.sees(path):
+        if not p.sees(_area_path(areas, area_id)):
             raise OutOfScopeError(p.name, what)
 
     for a in body.areas:
@@ -128,6 +128,20 @@ async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> N
         check(t.area_id, f"terminal {t.id}")
     for person in await st.run(lambda: persons_program(sorted(set(body.persons))), write=False):
         check(person.area_id, f"person {person.id}")
+
+
+def _area_path(areas: Mapping[int, AreaRef], area_id: int | None) -> str | None:
+    return areas[area_id].path if area_id is not None and area_id in areas else None
+
+
+async def _visible_entries(request: Request, p: Principal,
+                           entries: Callable[[], Program[Sequence[Terminal | Person]]],
+                           ) -> list[dict[str, Any]]:
+    """The directory entries that lie in the user's area (or in none), as JSON objects."""
+    svc = _service(request)
+    areas = await svc.storage.run(areas_program, write=False)
+    return [asdict(e) for e in await svc.storage.run(entries, write=False)
+            if p.sees(_area_path(areas, e.area_id))]
 
 
 def _visible(p: Principal) -> Callable[[str | None], bool]:
@@ -221,10 +235,7 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/callresp/terminals", tags=tags)
     async def list_terminals(request: Request, p: Reader) -> list[dict[str, Any]]:
-        svc = _service(request)
-        areas = await svc.storage.run(areas_program, write=False)
-        return [asdict(t) for t in await svc.storage.run(terminals_program, write=False)
-                if p.sees(areas[t.area_id].path if t.area_id in areas else None)]
+        return await _visible_entries(request, p, terminals_program)
 
     @app.get("/api/callresp/groups", tags=tags)
     async def list_groups(request: Request, p: Reader) -> list[dict[str, Any]]:
@@ -233,7 +244,4 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/callresp/persons", tags=tags)
     async def list_persons(request: Request, p: Reader) -> list[dict[str, Any]]:
-        svc = _service(request)
-        areas = await svc.storage.run(areas_program, write=False)
-        return [asdict(x) for x in await svc.storage.run(persons_program, write=False)
-                if p.sees(areas[x.area_id].path if x.area_id in areas else None)]
+        return await _visible_entries(request, p, persons_program)

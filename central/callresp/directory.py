@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from central import CentralError
 from central.storage import NotFoundError
-from central.storage.program import Program, Sql, placeholders
+from central.storage.program import Program, Rows, Sql, placeholders
 
 
 class DirectoryError(CentralError):
@@ -144,37 +144,46 @@ def areas_program() -> Program[dict[int, AreaRef]]:
             for r in rows}
 
 
+def _by_ids(sql: str, ids: Sequence[str] | None) -> Sql | None:
+    """`sql` for the rows with these ids (None: all), by id; None for no ids at all."""
+    if ids is None:
+        return Sql(sql + " ORDER BY id")
+    if not ids:
+        return None
+    return Sql(sql + f" WHERE id IN ({placeholders(len(ids))}) ORDER BY id", tuple(ids))
+
+
+def _members(rows: Rows) -> dict[str, tuple[str, ...]]:
+    """(owner, terminal) rows as each owner's terminals, in row order."""
+    by: dict[str, list[str]] = {}
+    for owner, t in rows:
+        by.setdefault(owner, []).append(t)
+    return {owner: tuple(ts) for owner, ts in by.items()}
+
+
 def terminals_program(ids: Sequence[str] | None = None) -> Program[list[Terminal]]:
-    sql = "SELECT id, gw, area_id, kind, name FROM cr_terminals"
-    if ids is not None:
-        if not ids:
-            return []
-        sql += f" WHERE id IN ({placeholders(len(ids))})"
-    rows = yield Sql(sql + " ORDER BY id", tuple(ids or ()))
+    stmt = _by_ids("SELECT id, gw, area_id, kind, name FROM cr_terminals", ids)
+    if stmt is None:
+        return []
+    rows = yield stmt
     return [Terminal(*r) for r in rows]
 
 
 def groups_program() -> Program[list[Group]]:
     rows = yield Sql("SELECT id, name FROM cr_groups ORDER BY id")
-    members = yield Sql("SELECT group_id, terminal FROM cr_group_terminals ORDER BY terminal")
-    by: dict[str, list[str]] = {}
-    for g, t in members:
-        by.setdefault(g, []).append(t)
-    return [Group(r[0], r[1], tuple(by.get(r[0], ()))) for r in rows]
+    by = _members((yield Sql("SELECT group_id, terminal FROM cr_group_terminals"
+                             " ORDER BY terminal")))
+    return [Group(r[0], r[1], by.get(r[0], ())) for r in rows]
 
 
 def persons_program(ids: Sequence[str] | None = None) -> Program[list[Person]]:
-    sql = "SELECT id, name, area_id, role, phone FROM cr_persons"
-    if ids is not None:
-        if not ids:
-            return []
-        sql += f" WHERE id IN ({placeholders(len(ids))})"
-    rows = yield Sql(sql + " ORDER BY id", tuple(ids or ()))
-    links = yield Sql("SELECT person, terminal FROM cr_person_terminals ORDER BY terminal")
-    by: dict[str, list[str]] = {}
-    for p, t in links:
-        by.setdefault(p, []).append(t)
-    return [Person(r[0], r[1], r[2], r[3], r[4], tuple(by.get(r[0], ()))) for r in rows]
+    stmt = _by_ids("SELECT id, name, area_id, role, phone FROM cr_persons", ids)
+    if stmt is None:
+        return []
+    rows = yield stmt
+    by = _members((yield Sql("SELECT person, terminal FROM cr_person_terminals"
+                             " ORDER BY terminal")))
+    return [Person(r[0], r[1], r[2], r[3], r[4], by.get(r[0], ())) for r in rows]
 
 
 def in_charge_above(area_id: int | None, areas: Mapping[int, AreaRef]) -> Program[Person | None]:
