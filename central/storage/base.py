@@ -282,6 +282,20 @@ def count_records_program(gw: str | None) -> Program[RecordCounts]:
     return RecordCounts(readings=r, events=e)
 
 
+def record_state_program(gw: str, state: State, seen_ms: int | None) -> Program[None]:
+    """Upsert the gateway's row from its state message; `seen_ms` None keeps its last contact."""
+    yield Sql("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
+              " state_ts_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+              " ON CONFLICT (gw) DO UPDATE SET"
+              " stream = coalesce(excluded.stream, gateways.stream),"
+              " online = excluded.online, boot_id = excluded.boot_id,"
+              " version = excluded.version, bearer = excluded.bearer,"
+              " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
+              " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)",
+              (gw, state.stream or None, state.online, state.boot_id, state.version,
+               state.bearer, state.backlog, state.ts_ms, seen_ms))
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 
@@ -340,10 +354,11 @@ class Storage(OpenClose):
         Raises `DatabaseWriteError` after a rollback.
         """
 
-    @abc.abstractmethod
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:
         """Store a gateway's state; `seen=False` for a retained (old) state message."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        await self.run(lambda: record_state_program(gw, state, now if seen else None))
 
     @abc.abstractmethod
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:

@@ -54,7 +54,7 @@ from central.storage.postgres_schema import (
 )
 from central.storage.postgres_write import register_dumpers, write_batches
 from central.storage.program import Program, run_async
-from protocols.envelope import Birth, DataBatch, State, to_jsonable
+from protocols.envelope import Birth, DataBatch, to_jsonable
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -261,25 +261,6 @@ class PostgresStorage(Storage):
         await self._ids_for(conn, keys)
         return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
                                    self.time_policy)
-
-    async def record_state(self, gw: str, state: State, *, seen: bool = True,
-                           now_ms: int | None = None) -> None:
-        now = _now_ms() if now_ms is None else now_ms
-        row = (gw, state.stream or None, state.online, state.boot_id, state.version,
-               state.bearer, state.backlog, state.ts_ms, now if seen else None)
-        sql = ("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
-               " state_ts_ms, last_seen_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-               " ON CONFLICT (gw) DO UPDATE SET"
-               " stream = coalesce(excluded.stream, gateways.stream),"
-               " online = excluded.online, boot_id = excluded.boot_id,"
-               " version = excluded.version, bearer = excluded.bearer,"
-               " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
-               " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)")
-
-        async def body(conn: Conn) -> None:
-            await conn.execute(sql, row)
-
-        await self._transaction(body)
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms

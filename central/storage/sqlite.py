@@ -49,7 +49,6 @@ from protocols.envelope import (
     DataBatch,
     Record,
     RecordKind,
-    State,
     ranges_from_seqs,
     to_jsonable,
 )
@@ -350,21 +349,6 @@ class SqliteStorage(Storage):
         tally.held(gw, stream, events)
         return WriteResult(gw=gw, stream=stream, received=len(records), inserted=inserted,
                            clock_suspect=suspect, corrected=corrected, merged=n_merged)
-
-    async def record_state(self, gw: str, state: State, *, seen: bool = True,
-                           now_ms: int | None = None) -> None:
-        now = _now_ms() if now_ms is None else now_ms
-        row = (gw, state.stream or None, int(state.online), state.boot_id, state.version,
-               state.bearer, state.backlog, state.ts_ms, now if seen else None)
-        sql = ("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
-               " state_ts_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-               " ON CONFLICT (gw) DO UPDATE SET"
-               " stream = coalesce(excluded.stream, gateways.stream),"
-               " online = excluded.online, boot_id = excluded.boot_id,"
-               " version = excluded.version, bearer = excluded.bearer,"
-               " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
-               " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)")
-        await self._call(self._transaction, lambda c: c.execute(sql, row))
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms
