@@ -46,13 +46,10 @@ from central.identity.authz import (
 from central.storage.program import Program
 from central.web.bounds import ID_MAX, IdField, IdPath
 from central.web.problems import install_problems
-from central.web.routing import StrictModel as _Model
-from central.web.routing import audit_of, run_audited
-from central.web.routing import now_ms as _now_ms
-from central.web.routing import storage_of as _storage
+from central.web.routing import StrictModel, audit_of, now_ms, run_audited, storage_of
 
 
-class AreaIn(_Model):
+class AreaIn(StrictModel):
     parent_id: IdField | None = Field(default=None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
@@ -61,7 +58,7 @@ class AreaIn(_Model):
                                                "enterprise|station|street_office")
 
 
-class AreaOut(_Model):
+class AreaOut(StrictModel):
     id: int
     parent_id: int | None
     level: str
@@ -75,24 +72,24 @@ class AreaNodeOut(AreaOut):
     children: list[AreaNodeOut]
 
 
-class GatewayAreaIn(_Model):
+class GatewayAreaIn(StrictModel):
     area_id: IdField
 
 
-class GatewayAreaOut(_Model):
+class GatewayAreaOut(StrictModel):
     gw: str
     area: AreaOut
 
 
-class ActionIn(_Model):
+class ActionIn(StrictModel):
     comment: str = Field(default="", max_length=1000)
 
 
-class CommentIn(_Model):
+class CommentIn(StrictModel):
     comment: str = Field(min_length=1, max_length=1000)
 
 
-class AlarmOut(_Model):
+class AlarmOut(StrictModel):
     id: int
     gw: str
     device: str
@@ -126,7 +123,7 @@ class AlarmOut(_Model):
     area_name: str | None
 
 
-class HistoryOut(_Model):
+class HistoryOut(StrictModel):
     id: int
     action: str
     source: str
@@ -147,7 +144,7 @@ class AlarmDetail(AlarmOut):
     history: list[HistoryOut]
 
 
-class AreaCountOut(_Model):
+class AreaCountOut(StrictModel):
     area_id: int
     code: str
     name_zh: str
@@ -157,7 +154,7 @@ class AreaCountOut(_Model):
     unacknowledged: int
 
 
-class SummaryOut(_Model):
+class SummaryOut(StrictModel):
     area: AreaOut
     active: int
     by_severity: dict[str, int]  # "1" (一级), "2" (二级)
@@ -200,7 +197,7 @@ def _scoped(nodes: list[AreaNode], p: Principal) -> list[AreaNode]:
 
 
 async def _acting_on(request: Request, p: Principal, alarm_id: int) -> alarms.Alarm:
-    storage = _storage(request)
+    storage = storage_of(request)
     a = await alarms.get_alarm(storage, alarm_id)
     await check_gateway(storage, p, a.gw)
     return a
@@ -213,7 +210,7 @@ async def _act(request: Request, p: Principal, alarm_id: int, action: str, comme
                step: AlarmStep) -> alarms.Alarm:
     """Run an alarm step and its audit row in one transaction."""
     await _acting_on(request, p, alarm_id)
-    now = _now_ms()
+    now = now_ms()
     return await run_audited(
         request, p.name, action, f"alarm:{alarm_id}", lambda: step(alarm_id, p.name, comment, now),
         lambda a: {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
@@ -243,7 +240,7 @@ def _install_area_routes(app: FastAPI) -> None:
     async def area_tree(request: Request, p: Reader) -> list[AreaNodeOut]:
         """The tree (from the user's own area down), children by code, with the gateways at
         each site."""
-        return [_node_out(n) for n in _scoped(await areas.area_tree(_storage(request)), p)]
+        return [_node_out(n) for n in _scoped(await areas.area_tree(storage_of(request)), p)]
 
     @app.post("/api/areas", response_model=AreaOut, status_code=201, responses=_PROBLEMS,
               tags=["areas"])
@@ -251,13 +248,13 @@ def _install_area_routes(app: FastAPI) -> None:
                           p: Admin) -> AreaOut:
         """Example: `{"parent_id": 2, "level": "site", "code": "420102-site-09",
         "name_zh": "某危化企业", "kind": "enterprise"}`."""
-        storage = _storage(request)
+        storage = storage_of(request)
         if body.parent_id is None:
             if p.user.area_path is not None:
                 raise OutOfScopeError(p.name, "a new root area")
         else:
             await check_area(storage, p, body.parent_id)
-        now = _now_ms()
+        now = now_ms()
 
         def program() -> Program[Area]:
             a = yield from areas.create_program(body.parent_id, AreaLevel(body.level), body.code,
@@ -274,8 +271,8 @@ def _install_area_routes(app: FastAPI) -> None:
              tags=["areas"])
     async def summary(request: Request, area_id: IdPath,
                       p: Reader) -> SummaryOut:
-        await check_area(_storage(request), p, area_id)
-        s = await alarms.area_summary(_storage(request), area_id)
+        await check_area(storage_of(request), p, area_id)
+        s = await alarms.area_summary(storage_of(request), area_id)
         return SummaryOut(
             area=_area_out(s.area), active=s.active, unacknowledged=s.unacknowledged,
             by_severity={str(k): v for k, v in s.by_severity.items()},
@@ -290,12 +287,12 @@ def _install_area_routes(app: FastAPI) -> None:
                             p: Admin) -> GatewayAreaOut:
         """Put a gateway at a site (it may not have reported yet); both the site and where
         the gateway stood before must lie in the admin's area."""
-        storage = _storage(request)
+        storage = storage_of(request)
         await check_area(storage, p, body.area_id)
         before = await storage.run(lambda: gateway_path_program(gw), write=False)
         if before is not None and not p.sees(before):
             raise OutOfScopeError(p.name, f"gateway {gw}")
-        now = _now_ms()
+        now = now_ms()
         site = await run_audited(request, p.name, "gateway.placed", f"gateway:{gw}",
                                  lambda: areas.assign_program(gw, body.area_id, now),
                                  lambda site: {"area": site.code, "area_id": site.id})
@@ -316,7 +313,7 @@ def _install_alarm_routes(app: FastAPI) -> None:
         """Active first, then by severity, newest first.
 
         Example: `?area=2&state=active&ack=unacknowledged`."""
-        storage = _storage(request)
+        storage = storage_of(request)
         if area is not None:
             await check_area(storage, p, area)
         elif p.user.area_id is not None:
@@ -330,7 +327,7 @@ def _install_alarm_routes(app: FastAPI) -> None:
              tags=["alarms"])
     async def get_alarm(request: Request, alarm_id: IdPath,
                         p: Reader) -> AlarmDetail:
-        storage = _storage(request)
+        storage = storage_of(request)
         a = await _acting_on(request, p, alarm_id)
         history = await alarms.alarm_history(storage, alarm_id)
         return AlarmDetail(**_alarm_out(a).model_dump(), history=[

@@ -47,15 +47,14 @@ from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, 
 from central.storage.program import Program
 from central.web.bounds import IdField
 from central.web.problems import install_problems
-from central.web.routing import StrictModel as _In
-from central.web.routing import now_ms as _now_ms
+from central.web.routing import StrictModel, now_ms
 from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS, Level
 
 DAY_MS = 86_400_000
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-class WarningIn(_In):
+class WarningIn(StrictModel):
     level: Level
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     repeat: int | None = Field(default=None, ge=1, le=MAX_REPEAT)
@@ -66,20 +65,20 @@ class WarningIn(_In):
                                                                 max_length=5000)
 
 
-class TerminalIn(_In):
+class TerminalIn(StrictModel):
     gw: str = Field(pattern=_ID)
     area_id: IdField | None = None
     kind: TerminalKind = TerminalKind.AUDIO
     name: str = Field(default="", max_length=200)
 
 
-class GroupIn(_In):
+class GroupIn(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     terminals: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list,
                                                                 max_length=5000)
 
 
-class PersonIn(_In):
+class PersonIn(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     area_id: IdField | None = None
     role: PersonRole = PersonRole.MEMBER
@@ -94,7 +93,7 @@ def _service(request: Request) -> CallRespService:
 
 def _window(from_: int | None, to: int | None) -> tuple[int, int]:
     """The asked span, by default the 30 days up to now."""
-    to_ms = to if to is not None else _now_ms() + 1
+    to_ms = to if to is not None else now_ms() + 1
     return (from_ if from_ is not None else to_ms - 30 * DAY_MS), to_ms
 
 
@@ -102,7 +101,7 @@ async def _put(request: Request, p: Principal, action: str, target: str, item: A
                upsert: Callable[[Any, int], Program[None]]) -> dict[str, Any]:
     """Store a directory entry, then audit it; the entry as stored."""
     svc = _service(request)
-    await svc.storage.run(lambda: upsert(item, _now_ms()))
+    await svc.storage.run(lambda: upsert(item, now_ms()))
     await svc.audit.append(p.name, action, target, asdict(item))
     return asdict(item)
 

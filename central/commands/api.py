@@ -36,7 +36,7 @@ from central.commands.store import (
 )
 from central.identity.authz import Operator, Reader, check_gateway, gateway_scope
 from central.web.problems import install_problems
-from central.web.routing import StrictModel as _Model
+from central.web.routing import StrictModel
 from protocols.command_results import CommandState
 from protocols.commands import MAX_TTL_MS, CommandError, CommandKind
 
@@ -46,7 +46,7 @@ class CommandsUnavailableError(CentralError):
         super().__init__("the command service is not running")
 
 
-class IssueIn(_Model):
+class IssueIn(StrictModel):
     gw: str = Field(min_length=1, max_length=64)
     kind: CommandKind
     args: dict[str, Any] = Field(default_factory=dict)
@@ -54,7 +54,7 @@ class IssueIn(_Model):
                          description="seconds until the command expires if not executed")
 
 
-class CommandOut(_Model):
+class CommandOut(StrictModel):
     cmd_id: str
     gw: str
     kind: str
@@ -77,7 +77,7 @@ class CommandOut(_Model):
     approved_by: str | None
 
 
-class CommandEventOut(_Model):
+class CommandEventOut(StrictModel):
     ts_ms: int
     state: str
     source: str
@@ -92,7 +92,7 @@ class CommandDetail(CommandOut):
     history: list[CommandEventOut]
 
 
-class KeyOut(_Model):
+class KeyOut(StrictModel):
     algorithm: str
     public_key: str  # base64 of the 32 raw bytes: `[commands] central_public_key`
     pem: str

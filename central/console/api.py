@@ -38,10 +38,7 @@ from central.identity.authz import (
 )
 from central.storage.program import Program, Sql, placeholders
 from central.web.bounds import ID_MAX, IdPath
-from central.web.routing import StrictModel as _Model
-from central.web.routing import now_ms as _now_ms
-from central.web.routing import run_audited
-from central.web.routing import storage_of as _storage
+from central.web.routing import StrictModel, now_ms, run_audited, storage_of
 
 # Module level, so the routes' string annotations resolve.
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
@@ -52,17 +49,17 @@ REFRESH_S = 15.0  # an unchanged overview or desk is sent again this often (fres
 
 
 
-class PositionIn(_Model):
+class PositionIn(StrictModel):
     lat: float = Field(ge=-90, le=90, description="degrees north")
     lon: float = Field(ge=-180, le=180, description="degrees east")
 
 
-class PositionOut(_Model):
+class PositionOut(StrictModel):
     lat: float
     lon: float
 
 
-class GatewayMarkOut(_Model):
+class GatewayMarkOut(StrictModel):
     gw: str
     state: geo.MapState
     online: bool
@@ -78,7 +75,7 @@ class GatewayMarkOut(_Model):
     unacknowledged: int
 
 
-class DistrictMarkOut(_Model):
+class DistrictMarkOut(StrictModel):
     id: int
     code: str
     name_zh: str
@@ -88,7 +85,7 @@ class DistrictMarkOut(_Model):
     gateways: int
 
 
-class OverviewOut(_Model):
+class OverviewOut(StrictModel):
     now_ms: int
     offline_after_s: float
     counts: dict[str, int]
@@ -96,7 +93,7 @@ class OverviewOut(_Model):
     districts: list[DistrictMarkOut]
 
 
-class CurrentOut(_Model):
+class CurrentOut(StrictModel):
     ts_ms: int
     value: float | None
     text: str | None
@@ -107,7 +104,7 @@ class DeskAlarmOut(AlarmOut):
     current: CurrentOut | None  # the point's latest value now
 
 
-class DeskOut(_Model):
+class DeskOut(StrictModel):
     now_ms: int
     alarms: list[DeskAlarmOut]
 
@@ -163,10 +160,10 @@ def district_paths_program() -> Program[dict[int, str]]:
 
 
 async def build_overview(request: Request, p: Principal) -> OverviewOut:
-    storage = _storage(request)
+    storage = storage_of(request)
     offline_after_s = float(request.app.state.settings.offline_after_s)
     visible = await gateway_scope(storage, p)
-    now = _now_ms()
+    now = now_ms()
     ov = await geo.overview(storage, offline_after_s=offline_after_s, visible=visible,
                             now_ms=now)
     paths = await storage.run(district_paths_program, write=False)
@@ -186,7 +183,7 @@ async def build_overview(request: Request, p: Principal) -> OverviewOut:
 
 
 async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOut:
-    storage = _storage(request)
+    storage = storage_of(request)
     if area is not None:
         await check_area(storage, p, area)
     elif p.user.area_id is not None:
@@ -206,7 +203,7 @@ async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOu
     ids = [a.id for a in rows]
     current = await storage.run(lambda: current_program(ids), write=False)
     raised = await storage.run(lambda: raised_values_program(ids), write=False)
-    return DeskOut(now_ms=_now_ms(), alarms=[
+    return DeskOut(now_ms=now_ms(), alarms=[
         _desk_alarm(a, raised.get(a.id, a.value), current.get(a.id)) for a in rows])
 
 
@@ -246,7 +243,7 @@ def install(app: FastAPI) -> None:
         whenever they changed, `ping` every 5 s. Example: `curl -N -b session=…
         /api/console/events?area=2`."""
         if area is not None:
-            await check_area(_storage(request), p, area)
+            await check_area(storage_of(request), p, area)
 
         async def stream() -> AsyncIterator[bytes]:
             last: dict[str, str] = {}
@@ -263,7 +260,7 @@ def install(app: FastAPI) -> None:
                         yield _sse(name, body.model_dump_json())
                 if time.monotonic() - last_ping >= PING_S:
                     last_ping = time.monotonic()
-                    yield _sse("ping", json.dumps({"now_ms": _now_ms()}))
+                    yield _sse("ping", json.dumps({"now_ms": now_ms()}))
                 await asyncio.sleep(CHECK_S)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
@@ -275,7 +272,7 @@ def install(app: FastAPI) -> None:
                             p: Admin) -> PositionOut:
         """Put a gateway on the map (it may not have reported yet). Example:
         `{"lat": 30.6402, "lon": 114.3850}`."""
-        storage = _storage(request)
+        storage = storage_of(request)
         path = await storage.run(lambda: gateway_path_program(gw), write=False)
         if p.user.area_path is not None and not p.sees(path):
             raise OutOfScopeError(p.name, f"gateway {gw}")
@@ -287,6 +284,6 @@ def install(app: FastAPI) -> None:
                          p: Admin) -> PositionOut:
         """Put an area (a site, usually) on the map; its gateways without a position of
         their own are drawn there."""
-        await check_area(_storage(request), p, area_id)
+        await check_area(storage_of(request), p, area_id)
         return await _set_position(request, p, "area.positioned", f"area:{area_id}", body,
                                    lambda pos: geo.set_area_position_program(area_id, pos))

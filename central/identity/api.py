@@ -48,11 +48,10 @@ from central.identity.users import (
 )
 from central.settings import Settings
 from central.web.problems import install_problems, problem
-from central.web.routing import StrictModel as _Model
-from central.web.routing import audit_of as _audit
+from central.web.routing import StrictModel, audit_of
 
 
-class LoginIn(_Model):
+class LoginIn(StrictModel):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024, repr=False)
     kind: Literal["bearer", "cookie"] = Field(default="bearer",
@@ -60,7 +59,7 @@ class LoginIn(_Model):
                                               "clients; cookie: the console's session")
 
 
-class UserOut(_Model):
+class UserOut(StrictModel):
     name: str
     role: Role
     area: str | None = Field(description="the code of the user's area; null: the whole tree")
@@ -70,7 +69,7 @@ class UserOut(_Model):
     updated_ms: int
 
 
-class LoginOut(_Model):
+class LoginOut(StrictModel):
     user: UserOut
     token: str | None = Field(default=None, description="for Authorization: Bearer (kind=bearer)")
     token_type: str | None = None
@@ -78,25 +77,25 @@ class LoginOut(_Model):
     idle_timeout_s: float
 
 
-class MeOut(_Model):
+class MeOut(StrictModel):
     user: UserOut
     kind: str
     csrf: str | None
     idle_timeout_s: float
 
 
-class UserIn(_Model):
+class UserIn(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     role: Role
     area: str | None = Field(default=None, max_length=64, description="area code; null: whole tree")
     password: str = Field(min_length=1, max_length=1024, repr=False)
 
 
-class PasswordIn(_Model):
+class PasswordIn(StrictModel):
     password: str = Field(min_length=1, max_length=1024, repr=False)
 
 
-class AuditOut(_Model):
+class AuditOut(StrictModel):
     seq: int
     ts_ms: int
     actor: str
@@ -106,7 +105,7 @@ class AuditOut(_Model):
     hash: str
 
 
-class VerifyOut(_Model):
+class VerifyOut(StrictModel):
     ok: bool
     rows: int
     head_seq: int
@@ -270,13 +269,13 @@ def _install_audit_routes(app: FastAPI) -> None:
         order: Annotated[Literal["newest", "oldest"], Query()] = "newest",
     ) -> list[AuditOut]:
         """Example: `?action=login.failed&limit=50`."""
-        rows = await _audit(request).entries(after_seq=after, limit=limit, actor=actor,
+        rows = await audit_of(request).entries(after_seq=after, limit=limit, actor=actor,
                                              action=action, newest_first=order == "newest")
         return [_audit_out(e) for e in rows]
 
     @app.get("/api/audit/verify", response_model=VerifyOut, responses=_AUTH_PROBLEMS,
              tags=["audit"])
     async def audit_verify(request: Request, _: Auditor) -> VerifyOut:
-        v = await _audit(request).verify()
+        v = await audit_of(request).verify()
         return VerifyOut(ok=v.ok, rows=v.rows, head_seq=v.head_seq, bad_seq=v.bad_seq,
                          reason=v.reason)
