@@ -24,8 +24,8 @@ from _common import emit
 
 from central.identity import users
 from central.identity.audit import AuditLog
-from central.logs import configure_logging
 from central.storage import open_storage
+from runtime.logs import configure_logging
 
 
 async def run(db_url: str, rows: int) -> dict[str, float]:
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = ap.parse_args()
-    configure_logging(json=True, level="warning")
+    configure_logging("central", json=True, level="warning")
     if args.backend == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
             result = asyncio.run(run(f"sqlite:///{Path(tmp) / 'central.db'}", args.rows))

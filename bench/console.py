@@ -34,7 +34,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from central.app import STATIC
 from central.areas.tree import assign_gateway, create_area
 from central.console.geo import Position, set_gateway_position
-from central.logs import configure_logging
+from runtime.logs import configure_logging
 from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind, State
 from tests.browser import OFFLINE, chromium, console_login
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--gateways", type=int, default=400)
     ap.add_argument("--alarms", type=int, default=20, help="alarms timed to the screen")
     args = ap.parse_args()
-    configure_logging(json=True, level="warning")  # stdout is for the result line
+    configure_logging("central", json=True, level="warning")  # stdout is for the result line
     with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
         work = Path(tmp)
         broker = Mosquitto(work)

@@ -80,9 +80,9 @@ async def poll_fast(ports: list[int], profile_text: str, seconds: float, workdir
     from edge_agent.field.poller import DevicePoller
     from edge_agent.field.transports import ModbusTcpTransport, ModbusTransport, TransportPool
 
-    from edge_agent.logs import configure_logging
+    from runtime.logs import configure_logging
 
-    configure_logging("warning", stream=sys.stderr)  # stdout carries only the JSON line
+    configure_logging("edge-agent", level="warning")  # stdout carries only the JSON line
     profile = parse_profile(profile_text, source="bench")
     pool = TransportPool()
     async with Outbox.open(workdir / "outbox.db") as outbox:

@@ -66,7 +66,7 @@ def serve(
     offline_after: Annotated[float | None, typer.Option(
         help="Seconds of silence after which a gateway shows offline.")] = None,
     log_json: Annotated[bool | None, typer.Option(
-        "--log-json/--log-pretty", help="Log format; default JSON unless stdout is a tty.")] = None,
+        "--log-json/--log-pretty", help="Log format; default JSON unless stderr is a tty.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run the HTTP API, the console and MQTT ingest until stopped.
@@ -79,7 +79,7 @@ def serve(
     import uvicorn
 
     from central.app import create_app
-    from central.logs import configure_logging
+    from runtime.logs import configure_logging
     from central.settings import load_settings
     from central.identity.enrolment_api import check_ca
     from central.storage import open_storage
@@ -94,7 +94,7 @@ def serve(
     except CentralError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
-    configure_logging(json=log_json, level=log_level)
+    configure_logging("central", json=log_json, level=log_level)
     try:
         uv = uvicorn.Config(create_app(settings), host=settings.http_host,
                             port=settings.http_port, log_config=None, access_log=False,
@@ -119,7 +119,7 @@ def demo(
     broker: Annotated[str | None, typer.Option(
         help="Use this MQTT broker (mqtt://HOST:PORT) instead of the embedded one.")] = None,
     log_json: Annotated[bool | None, typer.Option(
-        "--log-json/--log-pretty", help="Log format; default JSON unless stdout is a tty.")] = None,
+        "--log-json/--log-pretty", help="Log format; default JSON unless stderr is a tty.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
 ) -> None:
     """Run the whole system on this machine: an embedded MQTT broker on a free port,
@@ -131,9 +131,9 @@ def demo(
     import asyncio
 
     from central.demo.run import run_demo
-    from central.logs import configure_logging
+    from runtime.logs import configure_logging
 
-    configure_logging(json=log_json, level=log_level)
+    configure_logging("central", json=log_json, level=log_level)
     try:
         asyncio.run(run_demo(data_dir=data_dir, http_host=http_host, http_port=http_port,
                              broker=broker))
@@ -189,14 +189,14 @@ def main() -> None:
     """Console-script entry point (`central`)."""
     from typer.main import get_command
 
-    from central.logs import configure_logging
+    from runtime.logs import configure_logging
 
     # The one-shot commands (user, audit, gateway, ca, broker-config) log warnings and up to
     # stderr, so stdout stays their output (and valid --json). `serve` and `demo` configure
     # their own: structlog caches loggers, so it must be configured once only, and only here
     # in an entry point (never inside a command, where tests would inherit it).
     if sys.argv[1:2] not in (["serve"], ["demo"]):
-        configure_logging(json=False, level="warning", stream=sys.stderr)
+        configure_logging("central", json=False, level="warning")
     path = default_config(os.environ)
     defaults = config_defaults(get_command(app), path) if path else None
     try:

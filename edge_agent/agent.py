@@ -1,7 +1,8 @@
 """The one supervisor of the edge agent: owns the TaskGroup, names every task, restarts the
 ones that crash and stops everything cleanly on SIGTERM/SIGINT.
 
-    outbox (context manager) ─┬─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
+    outbox (context manager) ─┬─ outbox.maintain  Outbox.maintenance_loop(): prune, budget, clock
+                              ├─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
                               ├─ poll[<device>]   DevicePoller.run(), one per enabled Modbus device
                               ├─ hj212[<device>]  Hj212Station.run(), one per enabled HJ 212 station
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
@@ -11,9 +12,12 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
                               ├─ control.socket   ControlServer.serve(): the technician's socket
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
 
-Only `_supervised` catches `Exception`: it logs `task_crashed` with the traceback and
-restarts the task after a back-off that doubles up to `RESTART_MAX_S` (reset after a task
-has run for a while). systemd gets READY=1 once every task is started (`Type=notify`).
+Every task runs under the runtime's supervisor (`runtime.tasks.supervise`, through
+`_supervised`), the only place that catches `Exception`: it logs `task_crashed` with the
+traceback (or `task_exited`) and restarts the task after a jittered back-off that doubles from
+`RESTART_MIN_S` up to `RESTART_MAX_S` (reset after a task has run for `STABLE_AFTER_S`),
+counting restarts in `AgentRuntime.restarts`. systemd gets READY=1 once every task is
+started (`Type=notify`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from device_profiles import Profile
 from edge_agent import __version__
 from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
@@ -51,6 +56,7 @@ from edge_agent.control.server import ControlOps, ControlServer, device_health
 from edge_agent.health.metrics import AgentCollector, serve_metrics
 from edge_agent.uplink.mqtt_config import tls_context
 from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
+from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
 from edge_agent.outbox.disk import DiskWatch
 from edge_agent.field.poller import DevicePoller
@@ -58,6 +64,8 @@ from edge_agent.alarms.rules import RuleEngine
 from edge_agent.field.stations import Hj212Station
 from edge_agent.field.transports import TransportPool
 from edge_agent.uplink.link import Uplink
+from protocols.envelope import Birth
+from runtime.tasks import Backoff, supervise
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +128,9 @@ class AgentRuntime:
     narrowband: NarrowbandFallback | None = None
     disk: dict[str, Any] | None = None  # the outbox's last `disk_status()`, with unsaved alarms
 
+    def count_restart(self, task: str) -> None:
+        self.restarts[task] = self.restarts.get(task, 0) + 1
+
     @property
     def devices(self) -> list[DevicePoller | Hj212Station]:
         """Every running device, pollers first, in config order within each."""
@@ -173,32 +184,13 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     structlog.contextvars.bind_contextvars(gw=config.gateway.id)
     profiles = resolve_profiles(config)
     config.gateway.data_dir.mkdir(parents=True, exist_ok=True)
-    loop = asyncio.get_running_loop()
-    handled: list[signal.Signals] = []
-    if install_signal_handlers:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, _on_signal, sig, stop)
-                handled.append(sig)
+    handled = _handle_signals(stop) if install_signal_handlers else []
     runtime = AgentRuntime(config=config, boot_id=boot_id, started_ms=time.time_ns() // 1_000_000)
     pool = TransportPool()
     runtime.pool = pool
     try:
-        ob = config.outbox
-        ballast = DiskWatch(config.outbox_path, reserve_bytes=ob.disk_reserve_bytes,
-                            ballast_bytes=ob.ballast_bytes)
-        if ballast.usage().fs_free_bytes < START_ROOM_BYTES:
-            # Both SQLite files need room for their `-shm` and `-wal` files to open at all.
-            ballast.release_ballast("start on a full disk")
-        async with Outbox.open(config.outbox_path, keep_delivered_s=ob.keep_delivered_s,
-                               live_window_s=ob.live_window_s, max_bytes=ob.max_bytes,
-                               thin_at=ob.thin_at, thin_to=ob.thin_to,
-                               thin_keep_every=ob.thin_keep_every,
-                               thin_max_rounds=ob.thin_max_rounds,
-                               clock=ClockGuard(max_step_ms=int(ob.clock_max_step_s * 1000)),
-                               disk_reserve_bytes=ob.disk_reserve_bytes,
-                               ballast_bytes=ob.ballast_bytes, hold_records=ob.hold_records
-                               ) as outbox, \
+        _make_room_to_start(config)
+        async with _open_outbox(config) as outbox, \
                 AlarmStore.open(config.alarms_path) as alarm_store:
             # The pollers write through the alarm rules, which append the alarm records
             # with the telemetry that caused them (edge_agent.alarms.wiring).
@@ -207,40 +199,10 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             runtime.outbox, runtime.alarms = outbox, alarms
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
-            mq = config.mqtt
-            uplink = Uplink(gw=config.gateway.id, outbox=outbox, host=mq.host, port=mq.port,
-                            boot_id=boot_id, version=__version__, birth=birth,
-                            batch_size=mq.batch_size, backlog_batch_size=mq.backlog_batch_size,
-                            max_inflight=mq.max_inflight, ack_timeout_s=mq.ack_timeout_s,
-                            keepalive_s=mq.keepalive_s, client_id=mq.client_id,
-                            # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
-                            tls=tls_context(mq.tls) if mq.tls is not None else None,
-                            username=mq.username, password=mq.password,
-                            backoff_initial_s=mq.reconnect_min_s,
-                            backoff_max_s=max(mq.reconnect_min_s, mq.reconnect_max_s),
-                            backlog_max_points_per_s=ob.backlog_max_points_per_s,
-                            backlog_queue_delay_s=ob.backlog_queue_delay_s)
+            uplink = _build_uplink(config, outbox, birth, boot_id)
             runtime.uplink = uplink
-            nb = config.narrowband
-            if nb is not None:
-                try:
-                    key = nb.key_bytes()
-                except ValueError as exc:  # checked at load; a key file gone since then
-                    raise ConfigError(config.source or "config", None, "narrowband.key_file",
-                                      str(exc)) from exc
-                terminal = build_bearer(nb)
-                runtime.narrowband = NarrowbandFallback(
-                    outbox=outbox, link=uplink, birth=birth, terminal=terminal, config=nb,
-                    key=key, active_alarms=lambda: len(alarms.engine.active()))
-            for dev in config.devices:
-                if not dev.enabled:
-                    continue
-                if isinstance(dev.transport, Hj212TransportConfig):
-                    # A station pushes its frames: it is listened to, not polled.
-                    runtime.stations.append(Hj212Station(dev, profiles[dev.id], alarms))
-                    continue
-                transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
-                runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, alarms))
+            runtime.narrowband = _build_narrowband(config, outbox, uplink, birth, alarms)
+            _build_devices(runtime, profiles, alarms, pool)
             # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
             commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
                                       runtime.status)
@@ -248,61 +210,158 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
-            control = (ControlServer(config.control_socket_path, ControlOps(runtime))
-                       if config.control.enabled else None)
-
-            async with asyncio.TaskGroup() as tg:
-                tasks: list[asyncio.Task[None]] = []
-
-                def spawn(name: str, factory: Callable[[], Awaitable[None]]) -> None:
-                    runtime.restarts.setdefault(name, 0)
-                    tasks.append(tg.create_task(_supervised(name, factory, runtime), name=name))
-
-                spawn("uplink.mqtt", uplink.run)
-                spawn("commands", commands.run)  # --- commands wiring (§6)
-                for poller in runtime.pollers:
-                    spawn(f"poll[{poller.device.id}]", poller.run)
-                for station in runtime.stations:
-                    spawn(f"hj212[{station.device.id}]", station.run)
-                spawn("rules.tick", lambda: alarms.tick_loop(runtime.devices))
-                if runtime.narrowband is not None:
-                    spawn(f"narrowband.{runtime.narrowband.config.bearer}",
-                          runtime.narrowband.run)
-                spawn("status.writer", lambda: _status_loop(outbox, runtime))
-                if control is not None:
-                    spawn("control.socket", control.serve)
-                if config.metrics.enabled:  # --- metrics (edge_agent/health/metrics.py)
-                    spawn("metrics.http", lambda: serve_metrics(runtime, AgentCollector()))
-                if notifier.watchdog_usec:
-                    spawn("systemd.watchdog", lambda: _watchdog_loop(notifier))
-                notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s), "
-                                f"listening to {len(runtime.stations)} station(s)")
-                log.info("agent_ready", tasks=[t.get_name() for t in tasks])
-                await stop.wait()
-                log.info("agent_stopping")
-                notifier.notify("STOPPING=1")
-                for task in tasks:
-                    task.cancel()
-                await _cancel_stragglers(tasks)
-            # On a full disk: first what the outbox holds (spending the ballast if need be),
-            # then the alarm states the alarm store refused, so a restart resumes both.
-            if not await outbox.flush_held(spend_ballast=True):
-                log.error("agent_stopping_with_held_records")
-            if not await alarms.save_pending():
-                log.error("agent_stopping_with_unsaved_alarm_states", alarms=alarms.unsaved)
-            # Leave a last snapshot so that `edge-agent status` shows the agent stopped.
-            await runtime.refresh_disk()
-            final = runtime.status() | {"stopped_ms": time.time_ns() // 1_000_000}
-            try:
-                await outbox.set_meta(STATUS_META_KEY, json.dumps(final, ensure_ascii=False))
-            except OutboxFullError as exc:
-                log.warning("agent_status_not_saved", error=str(exc))
+            tasks = _named_tasks(runtime, outbox, uplink, alarms, commands.run, notifier)
+            await _run_until_stopped(runtime, tasks, stop, notifier)
+            await _save_on_stop(runtime, outbox, alarms)
     finally:
         await pool.close()
+        loop = asyncio.get_running_loop()
         for sig in handled:
             loop.remove_signal_handler(sig)
         structlog.contextvars.unbind_contextvars("gw")
     log.info("agent_stopped", boot_id=boot_id)
+
+
+Factory = Callable[[], Awaitable[None]]
+
+
+def _handle_signals(stop: asyncio.Event) -> list[signal.Signals]:
+    """SIGTERM and SIGINT set `stop`; returns the signals handled (to remove them after)."""
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, _on_signal, sig, stop)
+            handled.append(sig)
+    return handled
+
+
+def _make_room_to_start(config: AgentConfig) -> None:
+    ob = config.outbox
+    ballast = DiskWatch(config.outbox_path, reserve_bytes=ob.disk_reserve_bytes,
+                        ballast_bytes=ob.ballast_bytes)
+    if ballast.usage().fs_free_bytes < START_ROOM_BYTES:
+        # Both SQLite files need room for their `-shm` and `-wal` files to open at all.
+        ballast.release_ballast("start on a full disk")
+
+
+def _open_outbox(config: AgentConfig) -> contextlib.AbstractAsyncContextManager[Outbox]:
+    """The outbox of `[outbox]`; its maintenance loop runs under the agent's supervisor."""
+    ob = config.outbox
+    return Outbox.open(config.outbox_path, keep_delivered_s=ob.keep_delivered_s,
+                       live_window_s=ob.live_window_s, max_bytes=ob.max_bytes,
+                       thin_at=ob.thin_at, thin_to=ob.thin_to,
+                       thin_keep_every=ob.thin_keep_every, thin_max_rounds=ob.thin_max_rounds,
+                       clock=ClockGuard(max_step_ms=int(ob.clock_max_step_s * 1000)),
+                       disk_reserve_bytes=ob.disk_reserve_bytes,
+                       ballast_bytes=ob.ballast_bytes, hold_records=ob.hold_records,
+                       maintain=False)
+
+
+def _build_uplink(config: AgentConfig, outbox: Outbox, birth: Birth, boot_id: str) -> Uplink:
+    mq, ob = config.mqtt, config.outbox
+    return Uplink(gw=config.gateway.id, outbox=outbox, host=mq.host, port=mq.port,
+                  boot_id=boot_id, version=__version__, birth=birth,
+                  batch_size=mq.batch_size, backlog_batch_size=mq.backlog_batch_size,
+                  max_inflight=mq.max_inflight, ack_timeout_s=mq.ack_timeout_s,
+                  keepalive_s=mq.keepalive_s, client_id=mq.client_id,
+                  # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
+                  tls=tls_context(mq.tls) if mq.tls is not None else None,
+                  username=mq.username, password=mq.password,
+                  backoff_initial_s=mq.reconnect_min_s,
+                  backoff_max_s=max(mq.reconnect_min_s, mq.reconnect_max_s),
+                  backlog_max_points_per_s=ob.backlog_max_points_per_s,
+                  backlog_queue_delay_s=ob.backlog_queue_delay_s)
+
+
+def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth: Birth,
+                      alarms: AlarmRules) -> NarrowbandFallback | None:
+    """The narrowband fallback of `[narrowband]`, if there is one."""
+    nb = config.narrowband
+    if nb is None:
+        return None
+    try:
+        key = nb.key_bytes()
+    except ValueError as exc:  # checked at load; a key file gone since then
+        raise ConfigError(config.source or "config", None, "narrowband.key_file",
+                          str(exc)) from exc
+    return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth, terminal=build_bearer(nb),
+                              config=nb, key=key,
+                              active_alarms=lambda: len(alarms.engine.active()))
+
+
+def _build_devices(runtime: AgentRuntime, profiles: dict[str, Profile], alarms: AlarmRules,
+                   pool: TransportPool) -> None:
+    """A poller per enabled Modbus device and a station per enabled HJ 212 one, in order."""
+    for dev in runtime.config.devices:
+        if not dev.enabled:
+            continue
+        if isinstance(dev.transport, Hj212TransportConfig):
+            # A station pushes its frames: it is listened to, not polled.
+            runtime.stations.append(Hj212Station(dev, profiles[dev.id], alarms))
+            continue
+        transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
+        runtime.pollers.append(DevicePoller(dev, profiles[dev.id], transport, alarms))
+
+
+def _named_tasks(runtime: AgentRuntime, outbox: Outbox, uplink: Uplink, alarms: AlarmRules,
+                 commands: Factory, notifier: SystemdNotifier) -> list[tuple[str, Factory]]:
+    """Every task the supervisor runs, by name, in start order."""
+    config = runtime.config
+    tasks: list[tuple[str, Factory]] = [
+        (MAINTENANCE_TASK, outbox.maintenance_loop),
+        ("uplink.mqtt", uplink.run),
+        ("commands", commands),  # --- commands wiring (§6)
+        *((f"poll[{p.device.id}]", p.run) for p in runtime.pollers),
+        *((f"hj212[{s.device.id}]", s.run) for s in runtime.stations),
+        ("rules.tick", lambda: alarms.tick_loop(runtime.devices)),
+    ]
+    if runtime.narrowband is not None:
+        tasks.append((f"narrowband.{runtime.narrowband.config.bearer}", runtime.narrowband.run))
+    tasks.append(("status.writer", lambda: _status_loop(outbox, runtime)))
+    if config.control.enabled:
+        control = ControlServer(config.control_socket_path, ControlOps(runtime))
+        tasks.append(("control.socket", control.serve))
+    if config.metrics.enabled:  # --- metrics (edge_agent/health/metrics.py)
+        tasks.append(("metrics.http", lambda: serve_metrics(runtime, AgentCollector())))
+    if notifier.watchdog_usec:
+        tasks.append(("systemd.watchdog", lambda: _watchdog_loop(notifier)))
+    return tasks
+
+
+async def _run_until_stopped(runtime: AgentRuntime, named: list[tuple[str, Factory]],
+                             stop: asyncio.Event, notifier: SystemdNotifier) -> None:
+    """Run every task in one TaskGroup, each supervised, until `stop`; then cancel them."""
+    async with asyncio.TaskGroup() as tg:
+        tasks: list[asyncio.Task[None]] = []
+        for name, factory in named:
+            runtime.restarts.setdefault(name, 0)
+            tasks.append(tg.create_task(_supervised(name, factory, runtime), name=name))
+        notifier.notify(f"READY=1\nSTATUS=polling {len(runtime.pollers)} device(s), "
+                        f"listening to {len(runtime.stations)} station(s)")
+        log.info("agent_ready", tasks=[t.get_name() for t in tasks])
+        await stop.wait()
+        log.info("agent_stopping")
+        notifier.notify("STOPPING=1")
+        for task in tasks:
+            task.cancel()
+        await _cancel_stragglers(tasks)
+
+
+async def _save_on_stop(runtime: AgentRuntime, outbox: Outbox, alarms: AlarmRules) -> None:
+    """On a full disk: first what the outbox holds (spending the ballast if need be), then the
+    alarm states the alarm store refused, so a restart resumes both; then a last status."""
+    if not await outbox.flush_held(spend_ballast=True):
+        log.error("agent_stopping_with_held_records")
+    if not await alarms.save_pending():
+        log.error("agent_stopping_with_unsaved_alarm_states", alarms=alarms.unsaved)
+    # Leave a last snapshot so that `edge-agent status` shows the agent stopped.
+    await runtime.refresh_disk()
+    final = runtime.status() | {"stopped_ms": time.time_ns() // 1_000_000}
+    try:
+        await outbox.set_meta(STATUS_META_KEY, json.dumps(final, ensure_ascii=False))
+    except OutboxFullError as exc:
+        log.warning("agent_status_not_saved", error=str(exc))
 
 
 async def _cancel_stragglers(tasks: list[asyncio.Task[None]], *, grace_s: float = 2.0,
@@ -326,24 +385,13 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _supervised(name: str, factory: Callable[[], Awaitable[None]],
-                      runtime: AgentRuntime) -> None:
-    """Run `factory()` for ever: restart it with a growing delay when it crashes or returns."""
-    delay = RESTART_MIN_S
-    while True:
-        started = time.monotonic()
-        try:
-            await factory()
-            log.error("task_exited", task=name, restart_in_s=delay)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("task_crashed", task=name, restart_in_s=delay)
-        runtime.restarts[name] = runtime.restarts.get(name, 0) + 1
-        if time.monotonic() - started >= STABLE_AFTER_S:
-            delay = RESTART_MIN_S
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RESTART_MAX_S)
+def _supervised(name: str, factory: Factory,
+                runtime: AgentRuntime) -> Coroutine[Any, Any, None]:
+    """Run `factory()` for ever under the runtime's supervisor: restarted with a growing,
+    jittered delay when it crashes or returns, each restart counted in `runtime.restarts`."""
+    backoff = Backoff(first_s=RESTART_MIN_S, max_s=RESTART_MAX_S,
+                      healthy_after_s=STABLE_AFTER_S)
+    return supervise(name, factory, backoff=backoff, on_restart=runtime.count_restart)
 
 
 async def _status_loop(outbox: Outbox, runtime: AgentRuntime) -> None:

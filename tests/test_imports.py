@@ -12,6 +12,9 @@ to lay out their registers and pick their values.
 Beyond the design's list, `protocols/` also may not import a few other modules that only exist
 to do I/O or concurrency (socketserver, multiprocessing, concurrent, serial_asyncio, aiosqlite,
 asyncpg, psycopg), and no production package may import `tests` or `bench`.
+
+`runtime/` (DESIGN.md §2) holds the I/O plumbing both daemons share; it may import `protocols`
+only, and `edge_agent/`, `central/` and `firmware_stubs/` may import it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = frozenset(
-    {"protocols", "device_profiles", "edge_agent", "central", "firmware_stubs", "tests", "bench"}
+    {"protocols", "device_profiles", "edge_agent", "central", "firmware_stubs", "runtime", "tests",
+     "bench"}
 )
 # DESIGN.md §2: the codecs in protocols/ are pure, so nothing that reaches a socket, a serial
 # port, a database, a thread or an event loop.
@@ -52,9 +56,11 @@ RULES = {
     for rule in (
         Rule("protocols", frozenset({"protocols"}), PROTOCOLS_IO),
         Rule("device_profiles", frozenset({"protocols", "device_profiles"})),
-        Rule("firmware_stubs", frozenset({"protocols", "device_profiles", "firmware_stubs"})),
-        Rule("central", frozenset({"protocols", "device_profiles", "central"})),
-        Rule("edge_agent", frozenset({"protocols", "device_profiles", "edge_agent"})),
+        Rule("runtime", frozenset({"runtime", "protocols"})),
+        Rule("firmware_stubs",
+             frozenset({"protocols", "device_profiles", "firmware_stubs", "runtime"})),
+        Rule("central", frozenset({"protocols", "device_profiles", "central", "runtime"})),
+        Rule("edge_agent", frozenset({"protocols", "device_profiles", "edge_agent", "runtime"})),
     )
 }
 
@@ -193,5 +199,5 @@ def test_package_walk_finds_nested_modules(tmp_path: Path) -> None:
     found = check_package(RULES["edge_agent"], root=tmp_path)
     assert [str(v) for v in found] == [
         "edge_agent/bearers/beidou.py:4: imports central.ingest.subscriber "
-        "(edge_agent/ may import only device_profiles, edge_agent, protocols)"
+        "(edge_agent/ may import only device_profiles, edge_agent, protocols, runtime)"
     ]

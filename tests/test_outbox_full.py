@@ -21,7 +21,7 @@ from edge_agent.cli.app import app
 from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, OutboxFullError
 from edge_agent.outbox.db import backlog_from_counters, translate
 from edge_agent.alarms.rules import Rule, RuleEngine, RuleKind
-from edge_agent.sqlite_owner import SqliteOwner
+from runtime.sqlite import SqliteOwner
 from edge_agent.agent import _cancel_stragglers
 from protocols.envelope import RecordKind
 from tests.diskfull import fill, free_bytes, small_fs

@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-EDGE_PACKAGES = ("edge_agent", "protocols", "device_profiles")
+EDGE_PACKAGES = ("edge_agent", "protocols", "device_profiles", "runtime")
 # Central's server stack, the embedded broker, accounts, and the test tools.
 CENTRAL_ONLY = frozenset(canonicalize_name(n) for n in (
     "fastapi", "starlette", "uvicorn", "psycopg", "psycopg-binary", "amqtt", "argon2-cffi",
@@ -120,7 +120,7 @@ class Refuse(MetaPathFinder):
             raise ImportError(f"central-only module imported by the edge: {name}")
         return None
 sys.meta_path.insert(0, Refuse())
-for top in ("edge_agent", "protocols", "device_profiles"):
+for top in ("edge_agent", "protocols", "device_profiles", "runtime"):
     pkg = importlib.import_module(top)
     for info in pkgutil.walk_packages(pkg.__path__, top + "."):
         if info.name.endswith("__main__"):

@@ -18,12 +18,13 @@ from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from central import CentralError
 from central.storage.program import Program, Rows, Sql
 from protocols.limits import Reason
+from runtime.metrics import counter, counter_by, gauge
 
 if TYPE_CHECKING:
     from central.storage import Storage
@@ -147,33 +148,28 @@ class _FieldsCollector(Collector):
         self._m = metrics
 
     def collect(self) -> Iterator[Metric]:
-        plain = [f for f in fields(self._m) if f.metadata.get("kind") in ("counter", "gauge")]
-        for f in plain:
-            value = float(getattr(self._m, f.name))
-            if f.metadata["kind"] == "counter":
-                c = CounterMetricFamily(f"{PREFIX}_{f.name}_total", f.metadata["help"])
-                c.add_metric([], value)
-                yield c
-            else:
-                yield GaugeMetricFamily(f"{PREFIX}_{f.name}", f.metadata["help"], value=value)
+        for f in fields(self._m):
+            kind = f.metadata.get("kind")
+            if kind == "counter":
+                yield counter(f"{PREFIX}_{f.name}_total", f.metadata["help"],
+                              float(getattr(self._m, f.name)))
+            elif kind == "gauge":
+                yield gauge(f"{PREFIX}_{f.name}", f.metadata["help"],
+                            float(getattr(self._m, f.name)))
         for f in fields(self._m):
             if f.metadata.get("kind") == "labelled":
                 yield self._labelled(f)
         yield from self._gateways()
 
     def _labelled(self, f: Field[Counter[str]]) -> Metric:
-        name = f.metadata["name"] or f"{f.name}_total"
-        family = CounterMetricFamily(f"{PREFIX}_{name}", f.metadata["help"],
-                                     labels=[f.metadata["label"]])
         counts: Counter[str] = getattr(self._m, f.name)
         if f.name in ("messages_rejected", "records_rejected"):
             # Every ingest refusal reason from 0, so rate() and alerts see it from the start.
             seeded: Counter[str] = Counter({str(r): 0 for r in Reason})
             seeded.update(counts)  # update() keeps zeros, `+` would drop them
             counts = seeded
-        for key, n in sorted(counts.items()):
-            family.add_metric([str(key)], float(n))
-        return family
+        name = f.metadata["name"] or f"{f.name}_total"
+        return counter_by(f"{PREFIX}_{name}", f.metadata["help"], f.metadata["label"], counts)
 
     def _gateways(self) -> Iterator[Metric]:
         now_s = time.time()

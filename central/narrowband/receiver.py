@@ -3,7 +3,7 @@
 Central's own radio sits on a serial port (`narrowband_port`): a BeiDou terminal or, with
 `narrowband_bearer = "pdt"`, a Hytera PDT radio. `NarrowbandReceiver` owns that port: pyserial
 opens it in a thread (`exclusive=True`, so a second reader fails instead of stealing bytes),
-then the non-blocking fd is read from the event loop with `loop.add_reader`, so nothing blocks
+then the non-blocking fd is read from the event loop (`runtime.serial`), so nothing blocks
 the loop. A lost port is reopened with capped, jittered back-off, logged once when it fails and
 once when it is back.
 
@@ -72,12 +72,12 @@ from protocols.narrowband import (
     decode_frame,
 )
 from protocols.point_inventory import PointInventory
+from runtime.serial import LineReader, PortLostError, open_serial
 
 log = structlog.get_logger(__name__)
 
 BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
-_READ_SIZE: Final = 4096
 
 
 class NarrowbandInputError(CentralError):
@@ -241,46 +241,14 @@ class NarrowbandReceiver:
                               retry_in_s=round(retry_in_s, 2))
 
     async def _open(self) -> serial.Serial:
-        def open_port() -> serial.Serial:
-            try:
-                return serial.Serial(self.port, baudrate=self.settings.narrowband_baudrate,
-                                     timeout=0, exclusive=True)
-            except (serial.SerialException, OSError, ValueError) as exc:
-                raise NarrowbandPortError(self.port, str(exc)) from exc
-
-        task = asyncio.ensure_future(asyncio.to_thread(open_port))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The thread still opens the port: close it when it does, or it leaks.
-            task.add_done_callback(
-                lambda t: t.cancelled() or t.exception() is not None or t.result().close())
-            raise
+        return await open_serial(self.port, NarrowbandPortError,
+                                 baudrate=self.settings.narrowband_baudrate)
 
     async def _session(self, port: serial.Serial) -> str:
         """Read the open port until it fails; returns why it ended."""
-        loop = asyncio.get_running_loop()
-        fd = port.fileno()
-        os.set_blocking(fd, False)
-        queue: asyncio.Queue[bytes | str] = asyncio.Queue()
+        reader = LineReader(port)
+        fd = reader.fd
         link = make_link(self.settings, self._log)  # a fresh decoder for a fresh line
-
-        def readable() -> None:
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EIO: the USB adapter went away, the pty closed
-                loop.remove_reader(fd)
-                queue.put_nowait(f"read failed: {exc}")
-                return
-            if not data:
-                loop.remove_reader(fd)
-                queue.put_nowait("end of file")
-                return
-            queue.put_nowait(data)
-
-        loop.add_reader(fd, readable)
         _write(fd, link.hello())
         self._open_event.set()
         self.metrics.narrowband_port_open = True
@@ -290,13 +258,13 @@ class NarrowbandReceiver:
             while True:
                 try:
                     async with asyncio.timeout(QUIET_S):
-                        item = await queue.get()
+                        data = await reader.read()
                 except TimeoutError:
                     reply, events = link.idle()
+                except PortLostError as exc:
+                    return exc.reason
                 else:
-                    if isinstance(item, str):
-                        return item
-                    reply, events = link.feed(item)
+                    reply, events = link.feed(data)
                 _write(fd, reply)
                 for event in events:
                     if isinstance(event, Inbound):
@@ -306,7 +274,7 @@ class NarrowbandReceiver:
         finally:
             self._open_event.clear()
             self.metrics.narrowband_port_open = False
-            loop.remove_reader(fd)
+            reader.stop()
 
     def _dropped(self, event: Dropped) -> None:
         if not event.quiet:

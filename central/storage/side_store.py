@@ -2,12 +2,12 @@
 schema, with their own migration list and version table: the command store, the gateway
 identities, and whatever else keeps a small set of tables of its own.
 
-`SideStore` is the plumbing they share: one connection owned by one thread (`DbThread`), the
-dialect (placeholders, id column, integer type), transactions (`BEGIN IMMEDIATE` on SQLite,
-rolled back only while one is open), migrations applied once under an advisory lock per
-schema on PostgreSQL (workers starting together), and every driver error turned into the
-store's own error class. A store subclasses it and adds its queries, each as a function run
-on the thread through `_call`.
+`SideStore` is the plumbing they share: one connection owned by one thread
+(`runtime.sqlite.SqliteOwner`), the dialect (placeholders, id column, integer type),
+transactions (`BEGIN IMMEDIATE` on SQLite, rolled back only while one is open), migrations
+applied once under an advisory lock per schema on PostgreSQL (workers starting together), and
+every driver error turned into the store's own error class. A store subclasses it and adds its
+queries, each as a function run on the thread through `_call`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import structlog
 
 from central import CentralError
-from central.db_thread import DbThread
 from central.storage.base import OpenClose
+from runtime.sqlite import SqliteOwner
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -67,7 +67,9 @@ class SideStore(OpenClose):
             self.dialect = POSTGRES
         else:
             raise error(f"unsupported database URL {db_url!r}")
-        self._thread = DbThread(f"central-{name}", lambda: error(f"{name} store is not open"))
+        # `_guarded` translates the driver's errors (sqlite3 or psycopg) itself.
+        self._thread = SqliteOwner(thread_name=f"central-{name}", error=error,
+                                   closed_message=f"{name} store is not open", translate=())
         self._conn: Any = None  # touched only on the store's thread
 
     @property

@@ -22,7 +22,6 @@ import structlog
 
 from central.alarms.engine import ingest_program, log_changes
 from central.alarms.lifecycle import AlarmChange
-from central.db_thread import DbThread
 from central.storage.aggregates import AggSamples
 from central.storage.base import (
     DatabaseWriteError,
@@ -52,6 +51,7 @@ from protocols.envelope import (
     ranges_from_seqs,
     to_jsonable,
 )
+from runtime.sqlite import SqliteOwner
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -99,7 +99,9 @@ class SqliteStorage(Storage):
             raise StorageError(f"bad synchronous mode {synchronous!r}")
         self.path = str(path)
         self.synchronous = synchronous.upper()
-        self._thread = DbThread("central-sqlite", lambda: StorageError("storage is not open"))
+        # Driver errors stay sqlite3.Error here: `_transaction` and `ping` tell them apart.
+        self._thread = SqliteOwner(thread_name="central-sqlite", error=StorageError,
+                                   closed_message="storage is not open", translate=())
         self._conn: sqlite3.Connection | None = None
         # (gw) -> {"device/point": point id}; only touched on the db thread.
         self._point_ids: dict[str, dict[str, int]] = {}

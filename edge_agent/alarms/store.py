@@ -31,7 +31,7 @@ import structlog
 
 from edge_agent import EdgeError
 from edge_agent.alarms.rules import AlarmSnapshot
-from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect, open_reader
+from runtime.sqlite import Migrations, SqliteOwner, connect, open_reader
 
 log = structlog.get_logger(__name__)
 

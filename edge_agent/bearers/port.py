@@ -2,11 +2,11 @@
 that wait on it.
 
 `SerialBearer` owns the port: pyserial opens it in a thread (`exclusive=True`, an flock, so a
-second owner fails to open it), then the event loop reads the non-blocking fd with
-`loop.add_reader` and writes it with `os.write`, waiting for `add_writer` when the line is
-full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`, which feeds
-its pure codec and hands what it decodes to `_offer`; a step registers with `_expect` before
-it writes, since the answer may come at once.
+second owner fails to open it), then the event loop reads the non-blocking fd
+(`runtime.serial.PortReader`) and writes it with `os.write`, waiting for `add_writer` when
+the line is full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`,
+which feeds its pure codec and hands what it decodes to `_offer`; a step registers with
+`_expect` before it writes, since the answer may come at once.
 
 A port that fails (EIO, the USB adapter unplugged) is closed off the loop, counted and logged
 once, and every waiting step fails with `BearerPortError`; the next `open()` opens it again.
@@ -25,9 +25,7 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 import serial
 
 from edge_agent.bearers import BearerError, BearerPortError, BearerTimeoutError, SendResult
-from edge_agent.field.serial_port import open_serial
-
-_READ_SIZE = 4096
+from runtime.serial import PortReader, open_serial
 
 E = TypeVar("E")
 
@@ -61,6 +59,7 @@ class SerialBearer(Generic[E]):
         self.step_timeout_s = step_timeout_s
         self._log = log
         self._serial: serial.Serial | None = None
+        self._reader: PortReader | None = None
         self._fd: int | None = None
         self._waiters: list[Waiter[E]] = []
         self._open_lock = asyncio.Lock()
@@ -84,11 +83,10 @@ class SerialBearer(Generic[E]):
         async with self._open_lock:
             if self._serial is None:
                 port = await self._open_serial()
-                fd = port.fileno()
-                os.set_blocking(fd, False)
-                self._serial, self._fd = port, fd
+                self._serial = port
                 self._on_port_open()
-                asyncio.get_running_loop().add_reader(fd, self._readable)
+                self._reader = PortReader(port, on_data=self._on_bytes, on_lost=self._lost)
+                self._fd = self._reader.fd
                 self.counters.port_opens += 1
                 self._log.info(self.EVENT_PORT_OPEN, baudrate=self.baudrate)
             await self._on_open()
@@ -105,10 +103,10 @@ class SerialBearer(Generic[E]):
 
     def _detach(self, error: BearerError) -> serial.Serial | None:
         """Stop reading the port and fail every waiting step; returns the port to close."""
-        port, fd = self._serial, self._fd
-        self._serial = self._fd = None
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
+        port, reader = self._serial, self._reader
+        self._serial = self._reader = self._fd = None
+        if reader is not None:
+            reader.stop()
         for waiter in self._waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(error)
@@ -139,22 +137,6 @@ class SerialBearer(Generic[E]):
 
     # --- reading and writing ---------------------------------------------------------------
 
-    def _readable(self) -> None:
-        fd = self._fd
-        if fd is None:
-            return
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # EIO: the adapter went away, the pty's far end closed
-            self._lost(f"read failed: {exc}")
-            return
-        if not data:
-            self._lost("end of file")
-            return
-        self._on_bytes(data)
-
     def _on_bytes(self, data: bytes) -> None:
         raise NotImplementedError
 
@@ -175,7 +157,7 @@ class SerialBearer(Generic[E]):
                     raise BearerPortError(self.port, f"write failed: {exc}") from exc
                 if view:  # the line is full: wait until the driver takes more
                     writable: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+                    loop.add_writer(fd, _wake, writable)
                     try:
                         await writable
                     finally:
@@ -227,6 +209,11 @@ class SerialBearer(Generic[E]):
             by_reason = self.counters.refused_by_reason
             by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
         return result
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _close_quietly(port: serial.Serial) -> None:

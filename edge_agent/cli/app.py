@@ -48,7 +48,7 @@ from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.disk import disk_markup, disk_report, disk_text
 from edge_agent.cli.field import register as register_field_commands
 from edge_agent.config.site import AgentConfig, load_config
-from edge_agent.logs import LEVELS
+from runtime.logs import LEVELS
 
 EXAMPLES = """\
 [bold]Examples[/bold]
@@ -113,21 +113,21 @@ def run(
     config: ConfigOpt,
     log_level: Annotated[str, typer.Option(help=f"one of {', '.join(LEVELS)}")] = "info",
     log_json: Annotated[bool | None, typer.Option(
-        "--log-json/--log-pretty", help="log format (default: JSON unless stdout is a terminal)",
+        "--log-json/--log-pretty", help="log format (default: JSON unless stderr is a terminal)",
         show_default=False)] = None,
 ) -> None:
     """Run the agent in the foreground until SIGTERM or Ctrl-C (systemd runs this).
 
     Example: edge-agent run --config /etc/fieldlink/site.toml
     """
-    from edge_agent.logs import configure_logging
+    from runtime.logs import configure_logging
     from edge_agent.agent import run_agent
 
     if log_level.lower() not in LEVELS:
         raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")
     with _errors():
         cfg = load_config(config)
-        configure_logging(log_level.lower(), json=log_json, stream=sys.stdout)
+        configure_logging("edge-agent", level=log_level.lower(), json=log_json)
         asyncio.run(run_agent(cfg))
 
 
@@ -473,14 +473,14 @@ register_enrol_commands(app)  # enroll, renew (cli_enrol; DESIGN.md §8)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    from edge_agent.logs import configure_logging
+    from runtime.logs import configure_logging
 
     # Library logs (the serial bus opening for `scan`, aiomqtt for `doctor`) go to stderr and
     # only from warnings up, so stdout stays the command's output (and valid --json). `run`
     # configures its own: structlog caches loggers, so it must be configured once only.
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] != ["run"]:
-        configure_logging("warning", json=False, stream=sys.stderr)
+        configure_logging("edge-agent", level="warning", json=False)
     cmd: Callable[..., Any] = typer.main.get_command(app)
     cmd(args=argv, prog_name="edge-agent")
 

@@ -31,8 +31,8 @@ from typing import Any
 import structlog
 
 from edge_agent import EdgeError
-from edge_agent.sqlite_owner import Migrations, SqliteOwner, connect
 from protocols.command_results import CommandState
+from runtime.sqlite import Migrations, SqliteOwner, connect
 
 log = structlog.get_logger(__name__)
 

@@ -56,7 +56,7 @@ from device_profiles import Profile, ProfilePoint
 from edge_agent import EdgeError
 from edge_agent.outbox.store import NewRecord
 from edge_agent.field.poller import DeviceHealth, Health
-from edge_agent.field.serial_port import open_serial
+from runtime.serial import LineReader, PortLostError, open_serial
 from protocols.envelope import Flag, RecordKind
 from protocols.hj212 import (
     CN_DAILY,
@@ -79,7 +79,6 @@ log = structlog.get_logger(__name__)
 
 DATA_CNS = frozenset({CN_REALTIME, CN_MINUTE, CN_HOURLY, CN_DAILY})
 _GOOD_FLAGS = frozenset({"N", "S"})  # normal, manual value: the number stands
-_READ_SIZE = 4096
 
 
 class Hj212SourceError(EdgeError):
@@ -169,7 +168,7 @@ class Hj212Source:
         self.device = device
         self.profile = profile
         self.port = port
-        self._line = {"baudrate": baudrate, "bytesize": bytesize, "parity": parity,
+        self._line: dict[str, Any] = {"baudrate": baudrate, "bytesize": bytesize, "parity": parity,
                       "stopbits": stopbits}
         self.interval_s = interval_s
         self.silence_s = silence_s if silence_s is not None else 3 * interval_s
@@ -247,56 +246,43 @@ class Hj212Source:
     async def _session(self, port: serial.Serial, sink: RecordSink) -> str:
         """Read the open port until it fails; returns why it ended."""
         loop = asyncio.get_running_loop()
-        fd = port.fileno()
-        os.set_blocking(fd, False)
-        queue: asyncio.Queue[bytes | str] = asyncio.Queue()
         decoder = Hj212Decoder()
-
-        def readable() -> None:
+        with LineReader(port) as reader:
+            self._connected = True
+            self._log.info("hj212_port_open")
             try:
-                data = os.read(fd, _READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EIO: the USB adapter went away, the pty closed
-                loop.remove_reader(fd)
-                queue.put_nowait(f"read failed: {exc}")
-                return
-            if not data:
-                loop.remove_reader(fd)
-                queue.put_nowait("end of file")
-                return
-            queue.put_nowait(data)
+                while True:
+                    try:
+                        data = await self._next_chunk(reader, loop)
+                    except PortLostError as exc:
+                        return exc.reason
+                    if data is None:
+                        continue
+                    before = decoder.discarded
+                    decoder.feed(data)
+                    records = self._drain(decoder, reader.fd)
+                    self._c.discarded_bytes += decoder.discarded - before
+                    if records:
+                        await sink.append(records)
+                        self._c.records += len(records)
+                        if self._notify is not None:
+                            self._notify()
+            finally:
+                self._connected = False
 
-        loop.add_reader(fd, readable)
-        self._connected = True
-        self._log.info("hj212_port_open")
+    async def _next_chunk(self, reader: LineReader, loop: asyncio.AbstractEventLoop
+                          ) -> bytes | None:
+        """The next chunk read, or None when the station went silent meanwhile; raises
+        `PortLostError`."""
+        deadline = None if self._state is Health.OFFLINE else self._last_good + self.silence_s
         try:
-            while True:
-                item: bytes | str
-                deadline = None if self._state is Health.OFFLINE else (
-                    self._last_good + self.silence_s)
-                try:
-                    # loop.time() and time.monotonic() need not share an origin: convert
-                    when = None if deadline is None else loop.time() + deadline - time.monotonic()
-                    async with asyncio.timeout_at(when):
-                        item = await queue.get()
-                except TimeoutError:
-                    self._went_silent()
-                    continue
-                if isinstance(item, str):
-                    return item
-                before = decoder.discarded
-                decoder.feed(item)
-                records = self._drain(decoder, fd)
-                self._c.discarded_bytes += decoder.discarded - before
-                if records:
-                    await sink.append(records)
-                    self._c.records += len(records)
-                    if self._notify is not None:
-                        self._notify()
-        finally:
-            self._connected = False
-            loop.remove_reader(fd)
+            # loop.time() and time.monotonic() need not share an origin: convert
+            when = None if deadline is None else loop.time() + deadline - time.monotonic()
+            async with asyncio.timeout_at(when):
+                return await reader.read()
+        except TimeoutError:
+            self._went_silent()
+            return None
 
     def _drain(self, decoder: Hj212Decoder, fd: int) -> list[NewRecord]:
         records: list[NewRecord] = []

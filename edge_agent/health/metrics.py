@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
+from runtime.metrics import counter, counter_by, gauge
 
 if TYPE_CHECKING:
     from edge_agent.health.view import RuntimeView
@@ -55,6 +56,8 @@ class Snapshot:
     stats: OutboxStats | None
     disk: Mapping[str, Any] = field(default_factory=dict)
     narrowband: Mapping[str, Any] | None = None
+    restarts: Mapping[str, int] = field(default_factory=dict)  # by supervised task
+    maintenance_errors: int = 0  # the outbox's maintenance rounds refused by the disk
 
 
 class AgentCollector(Collector):
@@ -75,12 +78,7 @@ class AgentCollector(Collector):
         yield from _uplink(s)
         yield from _narrowband(s)
         yield from _disk_and_clock(s)
-
-
-def _gauge(name: str, help_: str, value: float, labels: Mapping[str, str] | None = None) -> GaugeMetricFamily:
-    g = GaugeMetricFamily(f"{P}_{name}", help_, labels=list(labels or {}))
-    g.add_metric(list((labels or {}).values()), value)
-    return g
+        yield from _tasks(s)
 
 
 def _devices(s: Snapshot) -> Iterator[Metric]:
@@ -110,27 +108,25 @@ def _outbox(s: Snapshot) -> Iterator[Metric]:
         lane_stats = st.lanes.get(lane)
         lanes.add_metric([lane], float(lane_stats.count if lane_stats else 0))
     yield lanes
-    yield _gauge("outbox_bytes", "Outbox file size: main file, WAL and shared memory.", st.db_bytes)
-    yield _gauge("outbox_used_bytes", "Outbox pages holding data (what the budget counts).",
-                 st.used_bytes)
+    yield gauge(f"{P}_outbox_bytes", "Outbox file size: main file, WAL and shared memory.",
+                st.db_bytes)
+    yield gauge(f"{P}_outbox_used_bytes", "Outbox pages holding data (what the budget counts).",
+                st.used_bytes)
     if st.max_bytes is not None:
-        yield _gauge("outbox_max_bytes", "The outbox's disk budget.", st.max_bytes)
+        yield gauge(f"{P}_outbox_max_bytes", "The outbox's disk budget.", st.max_bytes)
     age = (max(0.0, s.wall_s - st.oldest_undelivered_ts_ms / 1000)
            if st.oldest_undelivered_ts_ms else 0.0)
-    yield _gauge("outbox_oldest_unsent_age_seconds", "Age of the oldest record central has not "
-                 "acknowledged (0 when none).", age)
-    delivered = CounterMetricFamily(f"{P}_outbox_delivered", "Records central acknowledged.")
-    delivered.add_metric([], float(st.delivered_total))
-    yield delivered
+    yield gauge(f"{P}_outbox_oldest_unsent_age_seconds", "Age of the oldest record central "
+                "has not acknowledged (0 when none).", age)
+    yield counter(f"{P}_outbox_delivered", "Records central acknowledged.",
+                  float(st.delivered_total))
 
 
 def _uplink(s: Snapshot) -> Iterator[Metric]:
-    yield _gauge("uplink_connected", "1 while connected to the MQTT broker.",
-                 1.0 if s.uplink_connected else 0.0)
+    yield gauge(f"{P}_uplink_connected", "1 while connected to the MQTT broker.",
+                1.0 if s.uplink_connected else 0.0)
     for name, help_ in UPLINK_COUNTERS.items():
-        c = CounterMetricFamily(f"{P}_uplink_{name}", help_)
-        c.add_metric([], float(s.uplink.get(name, 0)))
-        yield c
+        yield counter(f"{P}_uplink_{name}", help_, float(s.uplink.get(name, 0)))
 
 
 def _narrowband(s: Snapshot) -> Iterator[Metric]:
@@ -138,21 +134,18 @@ def _narrowband(s: Snapshot) -> Iterator[Metric]:
     if nb is None:
         return
     counters: Mapping[str, Any] = nb.get("counters") or {}
-    yield _gauge("narrowband_active", "1 while alarms go by BeiDou/PDT (IP down long enough).",
-                 1.0 if nb.get("active") else 0.0)
+    yield gauge(f"{P}_narrowband_active",
+                "1 while alarms go by BeiDou/PDT (IP down long enough).",
+                1.0 if nb.get("active") else 0.0)
     sends = CounterMetricFamily(f"{P}_narrowband_sends", "Narrowband frames sent, by kind.",
                                 labels=["kind"])
     sends.add_metric(["alarm"], float(counters.get("alarms_sent", 0)))
     sends.add_metric(["heartbeat"], float(counters.get("heartbeats_sent", 0)))
     yield sends
-    refusals = CounterMetricFamily(f"{P}_narrowband_refusals", "Frames the terminal or radio "
-                                   "refused, by reason.", labels=["reason"])
-    for reason, n in sorted((counters.get("refusals") or {}).items()):
-        refusals.add_metric([str(reason)], float(n))
-    yield refusals
-    errors = CounterMetricFamily(f"{P}_narrowband_errors", "Narrowband send errors.")
-    errors.add_metric([], float(counters.get("errors", 0)))
-    yield errors
+    yield counter_by(f"{P}_narrowband_refusals", "Frames the terminal or radio refused, by "
+                     "reason.", "reason", counters.get("refusals") or {})
+    yield counter(f"{P}_narrowband_errors", "Narrowband send errors.",
+                  float(counters.get("errors", 0)))
 
 
 def _disk_and_clock(s: Snapshot) -> Iterator[Metric]:
@@ -164,14 +157,22 @@ def _disk_and_clock(s: Snapshot) -> Iterator[Metric]:
         if isinstance(value, int | float) and not isinstance(value, bool):
             disk.add_metric([key], float(value))
     yield disk
-    yield _gauge("disk_full", "1 during a full-disk episode (records held in memory).",
-                 1.0 if s.disk.get("full") else 0.0)
+    yield gauge(f"{P}_disk_full", "1 during a full-disk episode (records held in memory).",
+                1.0 if s.disk.get("full") else 0.0)
     # Prometheus compares this with its own clock: a gateway whose time drifts shows at once.
-    yield _gauge("clock_unix_seconds", "The gateway's wall clock when the snapshot was taken.",
-                 s.wall_s)
+    yield gauge(f"{P}_clock_unix_seconds",
+                "The gateway's wall clock when the snapshot was taken.",
+                s.wall_s)
     clock = s.stats.clock if s.stats is not None else {}
-    yield _gauge("clock_suspect", "1 while the outbox judges the wall clock implausible.",
-                 1.0 if clock.get("suspect") else 0.0)
+    yield gauge(f"{P}_clock_suspect", "1 while the outbox judges the wall clock implausible.",
+                1.0 if clock.get("suspect") else 0.0)
+
+
+def _tasks(s: Snapshot) -> Iterator[Metric]:
+    yield counter_by(f"{P}_task_restarts", "Restarts of each supervised task (it crashed or "
+                     "returned).", "task", s.restarts)
+    yield counter(f"{P}_outbox_maintenance_errors", "Outbox maintenance rounds the disk "
+                  "refused (an outage: the next round tries again).", float(s.maintenance_errors))
 
 
 async def take_snapshot(runtime: RuntimeView) -> Snapshot:
@@ -190,7 +191,9 @@ async def take_snapshot(runtime: RuntimeView) -> Snapshot:
         uplink_connected=bool(uplink and uplink.connected), uplink=counters,
         devices=tuple(device_health(d) for d in runtime.devices), stats=stats,
         disk=dict(runtime.disk or {}),
-        narrowband=runtime.narrowband.status() if runtime.narrowband else None)
+        narrowband=runtime.narrowband.status() if runtime.narrowband else None,
+        restarts=dict(runtime.restarts),
+        maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0)
 
 
 async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:

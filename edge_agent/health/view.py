@@ -47,6 +47,11 @@ class RuntimeView(Protocol):
         ...
 
     @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts of each supervised task, by task name."""
+        ...
+
+    @property
     def devices(self) -> list[DevicePoller | Hj212Station]:
         """Every running device, pollers first, in config order within each."""
         ...

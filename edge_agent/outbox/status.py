@@ -21,8 +21,8 @@ from edge_agent.outbox.db import (
     translate,
     used_bytes,
 )
-from edge_agent.sqlite_owner import open_reader
 from protocols.envelope import Lane, RecordKind
+from runtime.sqlite import open_reader
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +194,7 @@ def read_status(path: Path, *, live_window_s: float | None = None) -> OutboxStat
     """
     path = Path(path)
     try:
-        conn = open_reader(path, isolation_level=None)
+        conn = open_reader(path, autocommit=True)
         if conn is None:
             raise OutboxError(f"no outbox at {path} (yet: the agent creates it on start)")
         try:

@@ -42,9 +42,10 @@ and the boot; records stamped while the wall clock is suspect get CLOCK_SUSPECT,
 `clock_ok()` corrects the undelivered ones of the same boot.
 
 Records are delivered only on central's `down/ack` (`mark_delivered`); the column `delivered`
-holds the wall-clock ms of that ack (0 = not yet). A background task prunes delivered rows
-older than `keep_delivered_s` (default 0: as soon as it runs), enforces the budget, gives
-free pages back to the file system, and applies clock confirmations. The newest telemetry
+holds the wall-clock ms of that ack (0 = not yet). A background task (`maintenance_loop`,
+supervised with restart back-off) prunes delivered rows older than `keep_delivered_s`
+(default 0: as soon as it runs), enforces the budget, gives free pages back to the file
+system, and applies clock confirmations. The newest telemetry
 value per point is kept in the `latest` table, also after its record is pruned.
 """
 
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import sqlite3
 from collections import deque
@@ -92,11 +92,11 @@ from edge_agent.outbox.lanes import (
     lane_of,
     last_seq,
 )
+from edge_agent.outbox.maintenance import MAINTENANCE_TASK, OutboxMaintenance
 from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation
 from edge_agent.outbox.status import LaneStats, OutboxStats, read_status, request_clock_ok, stats
-from edge_agent.outbox.upkeep import OutboxUpkeep, Reclaimed, Refused
-from edge_agent.sqlite_owner import SqliteOwner
+from edge_agent.outbox.upkeep import Reclaimed, Refused
 from protocols.envelope import (
     Flag,
     Record,
@@ -105,6 +105,8 @@ from protocols.envelope import (
     ranges_from_seqs,
 )
 from protocols.outbox_events import LossReport, OutboxEvent, OutboxReport
+from runtime.sqlite import SqliteOwner
+from runtime.tasks import stop, supervise
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +117,7 @@ _DURABLE_KINDS = frozenset({RecordKind.ALARM, RecordKind.EVENT, RecordKind.CMD_R
 _ROW_BYTES = 160  # a generous estimate of one record's pages (row + index entries)
 
 
-class Outbox(OutboxUpkeep):
+class Outbox(OutboxMaintenance):
     """The durable queue of records waiting for central's acknowledgement.
 
     Example::
@@ -148,6 +150,7 @@ class Outbox(OutboxUpkeep):
         self._lanes = LaneReader(self.live_window_ms)  # executor-thread state from here on
         self._reclaiming = False
         self._acks: deque[tuple[int, int]] = deque()  # (mono_ms, records) for the ack rate
+        self.maintenance_errors = 0  # OutboxErrors of the maintenance loop (the disk failing)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -156,8 +159,8 @@ class Outbox(OutboxUpkeep):
                    max_bytes: int | None = None, thin_at: float = 0.9, thin_to: float = 0.8,
                    thin_keep_every: int = 4, thin_max_rounds: int = 2,
                    clock: ClockGuard | None = None, disk_reserve_bytes: int = 0,
-                   ballast_bytes: int = 0, hold_records: int = 1000
-                   ) -> AsyncIterator[Outbox]:
+                   ballast_bytes: int = 0, hold_records: int = 1000,
+                   maintain: bool = True) -> AsyncIterator[Outbox]:
         """Open (creating if needed) the outbox file; maintains it in the background.
 
         `live_window_s`: telemetry older than this is backlog (sent after the live lanes,
@@ -168,6 +171,8 @@ class Outbox(OutboxUpkeep):
         `clock`: the wall-clock guard (tests inject fake clocks). `disk_reserve_bytes`: free
         space the budget keeps on the file system; `ballast_bytes`: the emergency file
         (`outbox_disk.py`); `hold_records`: alarm/event records held in memory on a full disk.
+        `maintain=False`: no background task; the caller runs `maintenance_loop()` under its
+        own supervisor (the agent does).
         """
         policy = BudgetPolicy(max_bytes, high=thin_at, low=thin_to, keep_every=thin_keep_every,
                               max_rounds=thin_max_rounds)
@@ -178,13 +183,12 @@ class Outbox(OutboxUpkeep):
                                 ballast_bytes=ballast_bytes),
                  hold_records=hold_records)
         async with ob._sqlite.running(ob._open_sync):
-            maintainer = asyncio.create_task(ob._maintain_loop(), name="outbox.prune")
+            maintainer = (asyncio.create_task(supervise(MAINTENANCE_TASK, ob.maintenance_loop),
+                                              name=MAINTENANCE_TASK) if maintain else None)
             try:
                 yield ob
             finally:
-                maintainer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await maintainer
+                await stop(maintainer)
                 try:  # a stop must not lose what the full disk made us hold
                     await ob.flush_held(spend_ballast=True)
                 except OutboxError as exc:
@@ -310,20 +314,6 @@ class Outbox(OutboxUpkeep):
             self._notify()
         return result
 
-    async def maintain(self) -> None:
-        """One round of housekeeping: prune, budget, vacuum, clock (the background task)."""
-        if self._ring.active and await self._sqlite.call(self._flush_held_sync,
-                                                          self.clock.stamp(), True):
-            self._notify()
-        await self.prune()
-        await self.reclaim()
-        await self._sqlite.call(self._vacuum_sync)
-        if not self._ring.active:
-            await self._sqlite.call(self._disk.lay_ballast)
-        await self._apply_clock_request()
-        if self.clock.poll_sync():
-            await self.clock_ok("ntp")
-
     async def clock_ok(self, source: str = "manual", reference: Stamp | None = None) -> int:
         """A good time source is back: trust the wall clock again and correct the undelivered
         records of this boot by the monotonic offset; returns the records corrected."""
@@ -342,32 +332,6 @@ class Outbox(OutboxUpkeep):
     def _notify(self) -> None:
         for notify in list(self._listeners):
             notify()
-
-    async def _maintain_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.prune_interval_s)
-            try:
-                await self.maintain()
-            except OutboxError as exc:
-                log.warning("outbox_maintenance_failed", error=str(exc))
-
-    async def _apply_clock_request(self) -> None:
-        raw = await self.get_meta("clock_ok_request")
-        if raw is None:
-            return
-        await self._sqlite.call(self._write, False, lambda conn: conn.execute(
-            "DELETE FROM meta WHERE key = 'clock_ok_request' AND value = ?", (raw,)))
-        try:
-            req = json.loads(raw)
-            reference = Stamp(int(req["wall_ms"]), int(req["mono_ms"]))
-            boot_id, source = str(req["boot_id"]), str(req.get("source", "manual"))
-        except (ValueError, KeyError, TypeError):
-            log.warning("clock_request_malformed", request=raw[:200])
-            return
-        if boot_id != self.clock.boot_id:
-            log.warning("clock_request_other_boot", boot_id=boot_id)
-            return
-        await self.clock_ok(source, reference)
 
     def _row(self, i: int, r: NewRecord, stamp: Stamp) -> tuple[Any, ...]:
         value, flags = r.value, r.flags | stamp.flags

@@ -35,9 +35,9 @@ from edge_agent.outbox.disk import DiskUsage, DiskWatch
 from edge_agent.outbox.lanes import LaneReader, last_seq
 from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation, SeqsUnreserved
-from edge_agent.sqlite_owner import SqliteOwner
 from protocols.envelope import merge_ranges
 from protocols.outbox_events import OutboxReport
+from runtime.sqlite import SqliteOwner
 
 log = structlog.get_logger(__name__)
 

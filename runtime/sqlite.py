@@ -1,13 +1,21 @@
 """One SQLite connection owned by one thread, and schema migrations by `PRAGMA user_version`.
 
-The agent's files (outbox, alarm state, command ledger) each keep one connection that only a
-single-worker executor touches; coroutines await `SqliteOwner.call(fn)`, which runs `fn` on
+Both programs keep their SQLite files this way (STYLE.md §4): the edge's outbox, alarm state
+and command ledger, central's SQLite storage and the stores beside it (`SideStore`, which
+opens a PostgreSQL connection on the same thread when the URL names one). One single-worker
+executor touches the connection; coroutines await `SqliteOwner.call(fn)`, which runs `fn` on
 that thread and turns `sqlite3.Error`/`OSError` into the store's own error class. Commits go
 through `transaction(body)` (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception).
 
 `Migrations` registers schema steps by version (`@migrations.step(2)`); `migrate(conn)` runs
-the missing ones in order, each in its own transaction, and refuses a file that a newer agent
-wrote (its version is higher than any step known here).
+the missing ones in order, each in its own transaction, and refuses a file that a newer
+program wrote (its version is higher than any step known here).
+
+Example::
+
+    owner = SqliteOwner(thread_name="outbox", error=OutboxError, closed_message="closed")
+    async with owner.running(lambda: connect(path, ["journal_mode = WAL"], MIGRATIONS)):
+        rows = await owner.call(lambda: owner.conn.execute("SELECT 1").fetchall())
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import structlog
 
@@ -85,14 +93,17 @@ def connect(path: Path, pragmas: Sequence[str], migrations: Migrations) -> sqlit
     return conn
 
 
-def open_reader(path: Path, **kwargs: Any) -> sqlite3.Connection | None:
+def open_reader(path: Path, *, autocommit: bool = False) -> sqlite3.Connection | None:
     """A read-only connection to a store file another process writes (for the CLI), or None
     while there is nothing to read: no file yet, or one whose first migration has not committed
-    (the daemon is creating it right now; its tables are not there yet)."""
+    (the daemon is creating it right now; its tables are not there yet). `autocommit`: no
+    implicit transactions (`isolation_level=None`)."""
     path = Path(path)
     if not path.exists():
         return None
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0, **kwargs)
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = (sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None) if autocommit
+            else sqlite3.connect(uri, uri=True, timeout=5.0))
     try:
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
             conn.close()
@@ -107,31 +118,66 @@ class SqliteOwner:
     """A connection that only one worker thread touches; callers await `call()`.
 
     `error` is the store's base error: `call()` raises it (from `wrap(exc)`, by default
-    `error(str(exc))`) for a `sqlite3.Error` or `OSError`, and `conn` for a closed store.
+    `error(str(exc))`) for an exception of the `translate` classes (`sqlite3.Error`, `OSError`;
+    `()` leaves the caller's errors as they are), and `error(closed_message)` while the owner
+    is closed or `conn` has no connection. `open()` starts the thread; `close()` stops it, and
+    `open()` may start it again.
     """
 
     def __init__(self, *, thread_name: str, error: type[Exception], closed_message: str,
-                 wrap: Callable[[BaseException], Exception] | None = None) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+                 wrap: Callable[[BaseException], Exception] | None = None,
+                 translate: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)) -> None:
+        self.thread_name = thread_name
+        self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the executor thread
         self._error = error
         self._wrap = wrap or (lambda exc: error(str(exc)))
+        self._translate = translate
         self._closed_message = closed_message
 
-    @contextlib.asynccontextmanager
-    async def running(self, open_sync: Callable[[], sqlite3.Connection]) -> AsyncIterator[None]:
-        """Open the connection with `open_sync()` on the worker thread; on exit close it (an
-        error closing is swallowed) and stop the thread."""
+    @property
+    def is_open(self) -> bool:
+        return self._executor is not None
+
+    async def open(self, open_sync: Callable[[], sqlite3.Connection | None]) -> None:
+        """Start the thread and run `open_sync()` on it; the connection it returns (if any)
+        becomes `conn`. A no-op when open; when `open_sync` fails, the thread stops again."""
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name)
         try:
             await self.call(self._adopt, open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+
+    async def close(self, close_sync: Callable[[], object] | None = None) -> None:
+        """Run `close_sync()` (by default: close `conn`) on the thread, then stop it; a no-op
+        when closed."""
+        if self._executor is None:
+            return
+        try:
+            await self.call(close_sync or self._close_sync)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @contextlib.asynccontextmanager
+    async def running(self, open_sync: Callable[[], sqlite3.Connection | None]
+                      ) -> AsyncIterator[None]:
+        """`open(open_sync)`; on exit `close()`, an error closing swallowed."""
+        await self.open(open_sync)
+        try:
             yield
         finally:
             with contextlib.suppress(self._error):
-                await self.call(self._close_sync)
-            self._executor.shutdown(wait=True)
+                await self.close()
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn(*args, **kwargs)` on the worker thread."""
+        if self._executor is None:
+            raise self._error(self._closed_message)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor,
                                           partial(self._guarded, fn, *args, **kwargs))
@@ -158,14 +204,16 @@ class SqliteOwner:
             raise
         return result
 
-    def _guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _guarded(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
-        except (sqlite3.Error, OSError) as exc:
+        except self._translate as exc:
             raise self._wrap(exc) from exc
 
-    def _adopt(self, open_sync: Callable[[], sqlite3.Connection]) -> None:
-        self._conn = open_sync()
+    def _adopt(self, open_sync: Callable[[], sqlite3.Connection | None]) -> None:
+        conn = open_sync()
+        if conn is not None:
+            self._conn = conn
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -173,4 +221,4 @@ class SqliteOwner:
             self._conn = None
 
 
-__all__ = ["Migration", "Migrations", "SqliteOwner", "connect"]
+__all__ = ["Migration", "Migrations", "SqliteOwner", "connect", "open_reader"]

@@ -1,0 +1,124 @@
+"""A serial port under asyncio: opened without blocking the loop or leaking the port, and read
+from the event loop.
+
+pyserial's open is a blocking call (it can wait on a USB adapter), so `open_serial` runs it in
+a thread. If the caller is cancelled meanwhile, the thread still finishes opening: the port is
+closed as soon as it does, instead of staying open with nobody reading it (and, being
+`exclusive`, locking the next attempt out).
+
+`PortReader` reads the open port's non-blocking fd with `loop.add_reader`, so nothing blocks
+the loop either: each chunk goes to `on_data`, and a port that fails (EIO: the USB adapter
+went away, the pty's far end closed) or ends is reported once to `on_lost` with the reason,
+after which it is no longer read. `LineReader` is the same for a session loop that awaits
+`read()`, which raises `PortLostError` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+import serial
+
+READ_SIZE = 4096
+
+
+class PortLostError(Exception):
+    """The open port failed or ended; `reason` says how (`read failed: …`, `end of file`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def open_serial(path: str, error: Callable[[str, str], Exception], *,
+                      baudrate: int = 9600, bytesize: int = serial.EIGHTBITS,
+                      parity: str = serial.PARITY_NONE,
+                      stopbits: float = serial.STOPBITS_ONE) -> serial.Serial:
+    """`serial.Serial(path, timeout=0, exclusive=True, …)`, opened in a thread; a failure is
+    raised as `error(path, reason)`."""
+    def open_port() -> serial.Serial:
+        try:
+            return serial.Serial(path, baudrate=baudrate, bytesize=bytesize, parity=parity,
+                                 stopbits=stopbits, timeout=0, exclusive=True)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise error(path, str(exc)) from exc
+
+    task = asyncio.ensure_future(asyncio.to_thread(open_port))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_close_when_opened)
+        raise
+
+
+def _close_when_opened(task: asyncio.Future[serial.Serial]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+class PortReader:
+    """Reads an open port from the event loop until `stop()` or until it is lost (see the
+    module doc); a context manager that stops on exit. The fd is made non-blocking."""
+
+    def __init__(self, port: serial.Serial, *, on_data: Callable[[bytes], None],
+                 on_lost: Callable[[str], None]) -> None:
+        self.fd: int = port.fileno()
+        self._on_data = on_data
+        self._on_lost = on_lost
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(self.fd, False)
+        self._reading = True
+        self._loop.add_reader(self.fd, self._readable)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop reading (idempotent)."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.fd)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EIO: the USB adapter went away, the pty's far end closed
+            self._lost(f"read failed: {exc}")
+            return
+        if not data:
+            self._lost("end of file")
+            return
+        self._on_data(data)
+
+    def _lost(self, reason: str) -> None:
+        self.stop()
+        self._on_lost(reason)
+
+
+class LineReader(PortReader):
+    """A `PortReader` whose chunks are awaited: `read()` returns the next one, or raises
+    `PortLostError` once the port is lost."""
+
+    def __init__(self, port: serial.Serial) -> None:
+        self._queue: asyncio.Queue[bytes | PortLostError] = asyncio.Queue()
+        super().__init__(port, on_data=self._queue.put_nowait,
+                         on_lost=lambda reason: self._queue.put_nowait(PortLostError(reason)))
+
+    async def read(self) -> bytes:
+        item = await self._queue.get()
+        if isinstance(item, PortLostError):
+            raise item
+        return item
+
+
+__all__ = ["READ_SIZE", "LineReader", "PortLostError", "PortReader", "open_serial"]
