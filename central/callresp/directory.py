@@ -100,9 +100,7 @@ def upsert_group_program(g: Group, now: int) -> Program[None]:
     yield Sql("INSERT INTO cr_groups (id, name, updated_ms) VALUES (?, ?, ?)"
               " ON CONFLICT (id) DO UPDATE SET name = excluded.name,"
               " updated_ms = excluded.updated_ms", (g.id, g.name, now))
-    yield Sql("DELETE FROM cr_group_terminals WHERE group_id = ?", (g.id,))
-    for t in g.terminals:
-        yield Sql("INSERT INTO cr_group_terminals (group_id, terminal) VALUES (?, ?)", (g.id, t))
+    yield from _set_terminals("cr_group_terminals", "group_id", g.id, g.terminals)
 
 
 def upsert_person_program(p: Person, now: int) -> Program[None]:
@@ -114,9 +112,15 @@ def upsert_person_program(p: Person, now: int) -> Program[None]:
               " area_id = excluded.area_id, role = excluded.role, phone = excluded.phone,"
               " updated_ms = excluded.updated_ms",
               (p.id, p.name, p.area_id, p.role, p.phone, now))
-    yield Sql("DELETE FROM cr_person_terminals WHERE person = ?", (p.id,))
-    for t in p.terminals:
-        yield Sql("INSERT INTO cr_person_terminals (person, terminal) VALUES (?, ?)", (p.id, t))
+    yield from _set_terminals("cr_person_terminals", "person", p.id, p.terminals)
+
+
+def _set_terminals(table: str, owner_column: str, owner: str,
+                   terminals: Sequence[str]) -> Program[None]:
+    """Replace the terminals `owner` lists in `table` (a group's or a person's)."""
+    yield Sql(f"DELETE FROM {table} WHERE {owner_column} = ?", (owner,))
+    for t in terminals:
+        yield Sql(f"INSERT INTO {table} ({owner_column}, terminal) VALUES (?, ?)", (owner, t))
 
 
 def _need_area(area_id: int) -> Program[None]:
@@ -153,7 +157,7 @@ def _by_ids(sql: str, ids: Sequence[str] | None) -> Sql | None:
     return Sql(sql + f" WHERE id IN ({placeholders(len(ids))}) ORDER BY id", tuple(ids))
 
 
-def _members(rows: Rows) -> dict[str, tuple[str, ...]]:
+def terminals_by_owner(rows: Rows) -> dict[str, tuple[str, ...]]:
     """(owner, terminal) rows as each owner's terminals, in row order."""
     by: dict[str, list[str]] = {}
     for owner, t in rows:
@@ -171,8 +175,8 @@ def terminals_program(ids: Sequence[str] | None = None) -> Program[list[Terminal
 
 def groups_program() -> Program[list[Group]]:
     rows = yield Sql("SELECT id, name FROM cr_groups ORDER BY id")
-    by = _members((yield Sql("SELECT group_id, terminal FROM cr_group_terminals"
-                             " ORDER BY terminal")))
+    links = yield Sql("SELECT group_id, terminal FROM cr_group_terminals ORDER BY terminal")
+    by = terminals_by_owner(links)
     return [Group(r[0], r[1], by.get(r[0], ())) for r in rows]
 
 
@@ -181,8 +185,8 @@ def persons_program(ids: Sequence[str] | None = None) -> Program[list[Person]]:
     if stmt is None:
         return []
     rows = yield stmt
-    by = _members((yield Sql("SELECT person, terminal FROM cr_person_terminals"
-                             " ORDER BY terminal")))
+    links = yield Sql("SELECT person, terminal FROM cr_person_terminals ORDER BY terminal")
+    by = terminals_by_owner(links)
     return [Person(r[0], r[1], r[2], r[3], r[4], by.get(r[0], ())) for r in rows]
 
 
