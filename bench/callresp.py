@@ -28,8 +28,7 @@ import httpx
 from _common import emit
 
 from protocols.commands import parse_public_key
-from tests.callresp_gw import TerminalGateway
-from tests.fakegw import ThreadedFleet
+from tests.callresp_gw import TerminalGateway, terminal_fleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
 from tests.identity import bearer, cli_user
@@ -64,7 +63,7 @@ def main() -> int:
         cfg.write_text(f"[central.callresp]\ndeadline_red_s = {a.deadline_s}\n"
                        f"resends = {a.resends}\ntick_s = 0.2\n")
         central = Central(work, broker.port, db_url=db_url, extra_args=["--config", str(cfg)])
-        fleet: ThreadedFleet | None = None
+        fleet_stack = contextlib.ExitStack()
         try:
             central.start()
             admin = httpx.Client(base_url=central.base_url, timeout=30,
@@ -78,14 +77,9 @@ def main() -> int:
             for i, t in enumerate(names):
                 per_gw[gw_names[i % a.gateways]][t] = None if t in silent else rnd.uniform(0.2, 2.0)
             per_gw[gw_names[0]]["d-boss"] = 0.5
-            gws = {gw: TerminalGateway(gw, broker.host, broker.port, central_key=key,
-                                       answers=answers) for gw, answers in per_gw.items()}
-            fleet = ThreadedFleet(list(gws.values()), interval_s=2.0)
-            fleet.start()
-            for gw in gws:
-                wait_for(lambda g=gw: admin.get(f"/api/gateways/{g}").status_code == 200
-                         and admin.get(f"/api/gateways/{g}").json()["online"], timeout=30,
-                         what=f"{gw} online")
+            gws, _ = fleet_stack.enter_context(terminal_fleet(
+                admin, broker.host, broker.port, central_key=key, answers=per_gw,
+                online_timeout=30))
             city = admin.post("/api/areas", json={"level": "city", "code": "c",
                                                    "name_zh": "市"}).json()
             dist = admin.post("/api/areas", json={"parent_id": city["id"], "level": "district",
@@ -133,11 +127,7 @@ def main() -> int:
             elapsed = time.monotonic() - t_start
             emit(**summarise(w, gws, wid, a, elapsed))
         finally:
-            if fleet is not None:
-                for g in fleet.gateways:
-                    assert isinstance(g, TerminalGateway)
-                    g.stop_timers()
-                fleet.close()
+            fleet_stack.close()
             central.stop()
             broker.stop()
     return 0

@@ -10,15 +10,13 @@ file (atomically). It serves until SIGTERM or SIGINT and exits 0, or 1 with `err
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from firmware_stubs import sim_process
 from firmware_stubs.beidou_sim import BeidouMode, BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
 
 
 def _terminal(text: str) -> tuple[str, float]:
@@ -30,12 +28,9 @@ def _terminal(text: str) -> tuple[str, float]:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.beidou_cli",
-        description="Simulate BeiDou RDSS terminals on ptys, linked by one simulated sky.",
-        epilog="example: python -m firmware_stubs.beidou_cli --terminal 0242407:0 "
-        "--terminal 4238473:10 --ready-file /tmp/beidou.json",
-    )
+    parser = sim_process.simulator_parser(
+        "beidou_cli", "Simulate BeiDou RDSS terminals on ptys, linked by one simulated sky.",
+        "--terminal 0242407:0 --terminal 4238473:10 --ready-file /tmp/beidou.json")
     parser.add_argument("--terminal", type=_terminal, action="append", required=True,
                         metavar="CARD[:INTERVAL_S]",
                         help="a terminal's card id and its send interval (default 60 s)")
@@ -46,45 +41,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Terminals:
-    """The terminals of one sky, started and stopped together."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        sky = BeidouSky()
-        mode = BeidouMode.BD3 if args.mode == "bd3" else BeidouMode.BD2
-        self.terminals = [BeidouTerminalSimulator(mode=mode, card_id=card, level=args.level,
-                                                  interval_s=interval, sky=sky)
-                          for card, interval in args.terminal]
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> _Terminals:
-        async with contextlib.AsyncExitStack() as stack:
-            for t in self.terminals:
-                await stack.enter_async_context(t)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
-
-    @property
-    def paths(self) -> dict[str, str]:
-        return {t.card_id: t.path for t in self.terminals}
+def _terminals(args: argparse.Namespace) -> sim_process.SimulatorGroup:
+    """The terminals of one sky."""
+    sky = BeidouSky()
+    mode = BeidouMode.BD3 if args.mode == "bd3" else BeidouMode.BD2
+    return sim_process.SimulatorGroup(
+        (card, BeidouTerminalSimulator(mode=mode, card_id=card, level=args.level,
+                                       interval_s=interval, sky=sky))
+        for card, interval in args.terminal)
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    def announce(terminals: _Terminals) -> str:
-        if args.ready_file is not None:
-            write_atomic(args.ready_file, json.dumps(terminals.paths) + "\n")
-        return ready_line("terminals=" + ",".join(f"{c}:{p}" for c, p in
-                                                  terminals.paths.items()), None)
-
-    await serve_until_signal(_Terminals(args), announce)
+    await sim_process.serve_until_signal(
+        _terminals(args), sim_process.announce_group("terminals", args.ready_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on bad settings."""
-    return run(_serve(_parse_args(argv)), (SimulatorError, OSError))
+    return sim_process.run(_serve(_parse_args(argv)), (SimulatorError, OSError))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import enum
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,43 +52,15 @@ from typing import Any
 import structlog
 
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
-from protocols.beidou import (
-    BD2_EXPRESS_BITS,
-    BD3_REGIONAL_MAX_BITS,
-    NEED_DATA,
-    Bd2CardInfo,
-    Bd2CardQuery,
-    Bd2Feedback,
-    Bd2Message,
-    Bd2Mode,
-    Bd2Send,
-    Bd2Suppression,
-    Bd3CardInfo,
-    Bd3CardQuery,
-    Bd3Encoding,
-    Bd3Feedback,
-    Bd3Message,
-    Bd3Reason,
-    Bd3Send,
-    Beam,
-    BeamReport,
-    BeidouDecoder,
-    BeidouError,
-    FieldError,
-    Sentence,
-    UnknownSentence,
-    bd2_capacity_bits,
-    bd2_message_bits,
-    encode,
-)
+from protocols import beidou as bd
 
 log = structlog.get_logger(__name__)
 
 NO_CARD = "0000000"
 # Beams of a terminal with a clear sky, after a published `$BDPWI` (BD-3 beams only).
-_BEAMS = (Beam(2, (51, 44, 0)), Beam(4, (50, 43, 0)), Beam(11, (43, 36, 0)))
+_BEAMS = (bd.Beam(2, (51, 44, 0)), bd.Beam(4, (50, 43, 0)), bd.Beam(11, (43, 36, 0)))
 
 
 class BeidouMode(enum.Enum):
@@ -118,7 +90,7 @@ class BeidouMessage:
     sender: str
     recipient: str
     payload: bytes
-    encoding: Bd3Encoding  # a BD-2 mode maps to the BD-3 encoding of the same name
+    encoding: bd.Bd3Encoding  # a BD-2 mode maps to the BD-3 encoding of the same name
     express: bool = False
     at: float = 0.0  # the sending terminal's clock when it accepted the message
 
@@ -197,7 +169,7 @@ class BeidouTerminalSimulator(PtyLinked):
         self._garbage_rng = random.Random(seed ^ 0xBD)
         self._symlink = Path(symlink) if symlink is not None else None
         self.faults = BeidouFaults()
-        self._decoder = BeidouDecoder()
+        self._decoder = bd.BeidouDecoder()
         self._line: PtyLine | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_send: float | None = None
@@ -213,9 +185,7 @@ class BeidouTerminalSimulator(PtyLinked):
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._line = PtyLine(loop, self._on_readable, symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         if self.pwi_period_s is not None:
             self._task = asyncio.create_task(self._beam_loop(),
                                              name=f"beidou_sim.pwi[{self.card_id}]")
@@ -227,14 +197,9 @@ class BeidouTerminalSimulator(PtyLinked):
     async def stop(self) -> None:
         if self.sky is not None:
             self.sky.unregister(self)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._line is not None:
-            self._line.close()  # and its symlink
-            self._line = None
+        await cancel_and_wait(self._task)
+        self._task = None
+        if self._close_line():
             log.info("beidou_sim_stopped", path=self.path)
 
     @property
@@ -267,16 +232,17 @@ class BeidouTerminalSimulator(PtyLinked):
         if self._capacity_bits is not None:
             return self._capacity_bits
         if self.mode is BeidouMode.BD2:
-            return bd2_capacity_bits(self.level, self.encrypted)
-        return BD3_REGIONAL_MAX_BITS
+            return bd.bd2_capacity_bits(self.level, self.encrypted)
+        return bd.BD3_REGIONAL_MAX_BITS
 
     def inject_inbound(self, sender: str, payload: bytes, *,
-                       encoding: Bd3Encoding = Bd3Encoding.MIXED, express: bool = False) -> None:
+                       encoding: bd.Bd3Encoding = bd.Bd3Encoding.MIXED,
+                       express: bool = False) -> None:
         """Make a message from `sender`'s card arrive, as if another terminal had sent it."""
         message = BeidouMessage(sender, self.card_id, payload, encoding, express, self._clock())
         try:
             self._inbound_sentence(message)
-        except FieldError as exc:
+        except bd.FieldError as exc:
             raise SimulatorError(f"cannot deliver {message!r}: {exc}") from exc
         self.receive(message)
 
@@ -286,7 +252,7 @@ class BeidouTerminalSimulator(PtyLinked):
         False when this terminal's dialect cannot carry it (a 10-digit sender on BD-2)."""
         try:
             sentence = self._inbound_sentence(message)
-        except FieldError as exc:
+        except bd.FieldError as exc:
             self._stats["undeliverable"] += 1
             log.warning("beidou_sim_undeliverable", card=self.card_id, error=str(exc))
             return False
@@ -295,75 +261,70 @@ class BeidouTerminalSimulator(PtyLinked):
         self._write(sentence)
         return True
 
-    def _inbound_sentence(self, message: BeidouMessage) -> Sentence:
+    def _inbound_sentence(self, message: BeidouMessage) -> bd.Sentence:
         now = _utc_now()
         if self.mode is BeidouMode.BD3:
-            return Bd3Message(message.sender, self.card_id, message.payload, message.encoding,
-                              time=now)
-        mode = Bd2Mode(message.encoding - 1)
-        if mode is Bd2Mode.CHINESE and any(b in b"$*,\r\n" for b in message.payload):
-            mode = Bd2Mode.CODE  # raw text could not carry it: hand it over as hex
-        return Bd2Message(message.sender.lstrip("0").zfill(7), message.payload, mode,
-                          2 if message.express else 1, now.replace(second=0))
+            return bd.Bd3Message(message.sender, self.card_id, message.payload, message.encoding,
+                                 time=now)
+        mode = bd.Bd2Mode(message.encoding - 1)
+        if mode is bd.Bd2Mode.CHINESE and any(b in b"$*,\r\n" for b in message.payload):
+            mode = bd.Bd2Mode.CODE  # raw text could not carry it: hand it over as hex
+        return bd.Bd2Message(message.sender.lstrip("0").zfill(7), message.payload, mode,
+                             2 if message.express else 1, now.replace(second=0))
 
     # --- the line ---------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
         """Read what the agent wrote and answer each sentence of it."""
-        assert self._line is not None
-        data = self._line.read()
-        if not data:
-            return
-        self._decoder.feed(data)
-        while True:
-            try:
-                sentence = self._decoder.next_sentence()
-            except BeidouError as exc:
-                self._stats["bad_sentences"] += 1
-                log.debug("beidou_sim_bad_sentence", card=self.card_id, error=str(exc))
-                continue
-            finally:
-                self._stats["discarded_bytes"] = self._decoder.discarded
-            if sentence is NEED_DATA:
-                return
-            self._handle(sentence)
+        # Typed here: mypy would join the sentence kinds into `object`.
+        sentences: Iterator[bd.Sentence | bd.BeidouError] = self._read_frames(
+            self._decoder, self._decoder.next_sentence, bd.BeidouError)
+        try:
+            for sentence in sentences:
+                if isinstance(sentence, bd.BeidouError):
+                    self._stats["bad_sentences"] += 1
+                    log.debug("beidou_sim_bad_sentence", card=self.card_id, error=str(sentence))
+                else:
+                    self._handle(sentence)
+        finally:
+            self._stats["discarded_bytes"] = self._decoder.discarded
 
-    def _handle(self, sentence: Sentence) -> None:
+    def _handle(self, sentence: bd.Sentence) -> None:
         bd3 = self.mode is BeidouMode.BD3
-        if isinstance(sentence, Bd3CardQuery | Bd2CardQuery):
-            if isinstance(sentence, Bd3CardQuery) != bd3:
+        if isinstance(sentence, bd.Bd3CardQuery | bd.Bd2CardQuery):
+            if isinstance(sentence, bd.Bd3CardQuery) != bd3:
                 self._stats["wrong_dialect"] += 1
                 return
             self._stats["card_queries"] += 1
             self._write(self._card_info())
-        elif isinstance(sentence, Bd3Send | Bd2Send):
-            if isinstance(sentence, Bd3Send) != bd3:
+        elif isinstance(sentence, bd.Bd3Send | bd.Bd2Send):
+            if isinstance(sentence, bd.Bd3Send) != bd3:
                 self._stats["wrong_dialect"] += 1
                 return
             self._write(self._send(sentence))
-        elif isinstance(sentence, UnknownSentence):
+        elif isinstance(sentence, bd.UnknownSentence):
             self._stats["unknown"] += 1
         else:
             self._stats["wrong_dialect"] += 1  # a terminal's own output sent back to it
 
-    def _card_info(self) -> Sentence:
+    def _card_info(self) -> bd.Sentence:
         card = NO_CARD if self.faults.no_card else self.card_id
         interval = math.ceil(self.interval_s)
         if self.mode is BeidouMode.BD3:
             level_code = 0 if self.level == 5 else self.level  # [15] level, 0 meaning 5
-            return Bd3CardInfo(card, interval, level_code)
-        return Bd2CardInfo(card, "0", "0", 3, interval, self.level, self.encrypted, 0)
+            return bd.Bd3CardInfo(card, interval, level_code)
+        return bd.Bd2CardInfo(card, "0", "0", 3, interval, self.level, self.encrypted, 0)
 
-    def _send(self, request: Bd2Send | Bd3Send) -> Sentence:
-        if isinstance(request, Bd3Send):
+    def _send(self, request: bd.Bd2Send | bd.Bd3Send) -> bd.Sentence:
+        if isinstance(request, bd.Bd3Send):
             encoding, express = request.encoding, False
             bits, capacity = 8 * len(request.payload), self.capacity_bits
         else:
-            encoding, express = Bd3Encoding(request.mode + 1), request.express
-            bits = bd2_message_bits(request.mode, request.payload)
+            encoding, express = bd.Bd3Encoding(request.mode + 1), request.express
+            bits = bd.bd2_message_bits(request.mode, request.payload)
             capacity = self.capacity_bits
             if express:
-                capacity = min(capacity, BD2_EXPRESS_BITS)
+                capacity = min(capacity, bd.BD2_EXPRESS_BITS)
         now = self._clock()
         cause, wait_s = self._refusal(now, bits, capacity)
         if cause is None:
@@ -380,13 +341,13 @@ class BeidouTerminalSimulator(PtyLinked):
             self._stats["refused"] += 1
             self._stats[f"refused_{cause}"] += 1
             log.info("beidou_sim_refused", card=self.card_id, cause=cause, wait_s=wait_s)
-        if isinstance(request, Bd3Send):
-            reason = _BD3_REASONS[cause] if cause is not None else Bd3Reason.NONE
-            return Bd3Feedback(_utc_now(), "TCQ", cause is None,
-                               reason, wait_s)
-        suppression = _BD2_SUPPRESSION.get(cause, Bd2Suppression.NONE)
-        return Bd2Feedback("TXA", cause is None, cause != "interval", suppression,
-                           min(wait_s, 99 * 60 + 59))
+        if isinstance(request, bd.Bd3Send):
+            reason = _BD3_REASONS[cause] if cause is not None else bd.Bd3Reason.NONE
+            return bd.Bd3Feedback(_utc_now(), "TCQ", cause is None,
+                                  reason, wait_s)
+        suppression = _BD2_SUPPRESSION.get(cause, bd.Bd2Suppression.NONE)
+        return bd.Bd2Feedback("TXA", cause is None, cause != "interval", suppression,
+                              min(wait_s, 99 * 60 + 59))
 
     def _refusal(self, now: float, bits: int, capacity: int) -> tuple[str | None, int]:
         """Why a send now is refused, and the seconds to wait; (None, 0) to accept it."""
@@ -408,19 +369,19 @@ class BeidouTerminalSimulator(PtyLinked):
         assert self.pwi_period_s is not None
         while True:
             if self.faults.no_beams:
-                report = BeamReport(dt.time(0))
+                report = bd.BeamReport(dt.time(0))
             else:
-                report = BeamReport(_utc_now(hundredths=True), (), _BEAMS)
+                report = bd.BeamReport(_utc_now(hundredths=True), (), _BEAMS)
             self._stats["pwi"] += 1
             self._write(report)
             await asyncio.sleep(self.pwi_period_s)
 
-    def _write(self, sentence: Sentence) -> None:
+    def _write(self, sentence: bd.Sentence) -> None:
         faults = self.faults
         if faults.mute:
             self._stats["muted"] += 1
             return
-        data = encode(sentence)
+        data = bd.encode(sentence)
         changes: dict[str, int] = {}
         if faults.bad_checksum:
             data = data[:-4] + b"%02X" % (int(data[-4:-2], 16) ^ 0x5A) + data[-2:]
@@ -439,11 +400,11 @@ class BeidouTerminalSimulator(PtyLinked):
 
 
 _NOISE = bytes(b for b in range(256) if b != ord("$"))
-_BD3_REASONS = {"no_card": Bd3Reason.NO_CARD, "silent": Bd3Reason.SILENT,
-                "suppressed": Bd3Reason.SUPPRESSED, "no_beams": Bd3Reason.POWER_NOT_LOCKED,
-                "interval": Bd3Reason.INTERVAL, "too_long": Bd3Reason.NONE}
-_BD2_SUPPRESSION = {"silent": Bd2Suppression.RADIO_SILENCE,
-                    "suppressed": Bd2Suppression.SYSTEM}
+_BD3_REASONS = {"no_card": bd.Bd3Reason.NO_CARD, "silent": bd.Bd3Reason.SILENT,
+                "suppressed": bd.Bd3Reason.SUPPRESSED, "no_beams": bd.Bd3Reason.POWER_NOT_LOCKED,
+                "interval": bd.Bd3Reason.INTERVAL, "too_long": bd.Bd3Reason.NONE}
+_BD2_SUPPRESSION = {"silent": bd.Bd2Suppression.RADIO_SILENCE,
+                    "suppressed": bd.Bd2Suppression.SYSTEM}
 
 
 def _utc_now(*, hundredths: bool = False) -> dt.time:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import math
 import random
@@ -53,41 +52,12 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import CounterSim, DeviceProfileError, Profile, ProfilePoint, find_profile
-from firmware_stubs.control import (
-    OwnRequest,
-    StatsRequest,
-    close_control,
-    handle_own_control,
-    open_control,
-)
+from firmware_stubs import control, sim_process
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
-from firmware_stubs.sim_process import (
-    add_control_port,
-    add_link_file,
-    add_profile_dir,
-    add_seed,
-    announce_pty,
-    run,
-    serve_until_signal,
-)
 from firmware_stubs.values import MovingPoint, PointValues
-from protocols.hj212 import (
-    CN_DATA_REPLY,
-    CN_MINUTE,
-    CN_REALTIME,
-    FLAG_ACK,
-    NEED_DATA,
-    VERSION_2017,
-    Hj212Data,
-    Hj212Decoder,
-    Hj212Error,
-    Hj212Factor,
-    Hj212Frame,
-    encode_frame,
-    make_qn,
-)
+from protocols import hj212
 
 log = structlog.get_logger(__name__)
 
@@ -152,8 +122,7 @@ class Hj212StationSimulator(PtyLinked):
         self._control: asyncio.Server | None = None
         self._line: PtyLine | None = None
         self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._replies = Hj212Decoder()
+        self._replies = hj212.Hj212Decoder()
         self._t0 = time.monotonic()
         self.path = ""
         self.control_port: int | None = None
@@ -164,28 +133,21 @@ class Hj212StationSimulator(PtyLinked):
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._line = PtyLine(self._loop, self._on_readable, symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         self._t0 = time.monotonic()
         self._task = asyncio.create_task(self._send_loop(), name=f"hj212_sim[{self.mn}]")
-        self._control, self.control_port = await open_control(
+        self._control, self.control_port = await control.open_control(
             self, self._control_host, self._requested_control_port, self.handle_control)
         log.info("hj212_sim_started", path=self.path, profile=self.profile.id, mn=self.mn,
                  interval_s=self.interval_s, minute_s=self.minute_s,
                  control_port=self.control_port)
 
     async def stop(self) -> None:
-        await close_control(self._control)
+        await control.close_control(self._control)
         self._control = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._line is not None:
-            self._line.close()  # and its symlink
-            self._line = None
+        await cancel_and_wait(self._task)
+        self._task = None
+        if self._close_line():
             log.info("hj212_sim_stopped", path=self.path)
 
     # --- scripting --------------------------------------------------------------------------
@@ -268,41 +230,41 @@ class Hj212StationSimulator(PtyLinked):
             for key, value in values.items():
                 window.samples.setdefault(key, []).append(float(value))
             if self.interval_s is not None:
-                self._send(CN_REALTIME, self._realtime_data(values, wall))
+                self._send(hj212.CN_REALTIME, self._realtime_data(values, wall))
             k += 1
             if next_minute is not None and (k * step) >= next_minute - 1e-9:
-                self._send(CN_MINUTE, self._minute_data(window))
+                self._send(hj212.CN_MINUTE, self._minute_data(window))
                 window = _Window(wall + step)
                 next_minute += self.minute_s or 0.0
 
-    def _realtime_data(self, values: dict[str, float | int], wall: float) -> Hj212Data:
+    def _realtime_data(self, values: dict[str, float | int], wall: float) -> hj212.Hj212Data:
         factors = tuple(
-            Hj212Factor(sp.point.factor or "", rtd=values[key], flag="N")
+            hj212.Hj212Factor(sp.point.factor or "", rtd=values[key], flag="N")
             for key, sp in self._points.items()
         )
-        return Hj212Data(self._station_time(wall), factors)
+        return hj212.Hj212Data(self._station_time(wall), factors)
 
-    def _minute_data(self, window: _Window) -> Hj212Data:
+    def _minute_data(self, window: _Window) -> hj212.Hj212Data:
         factors = []
         for key, sp in self._points.items():
             samples = window.samples.get(key)
             if not samples or isinstance(sp.point.sim, CounterSim):
                 continue  # a sample counter has no minute average
             avg = round(sum(samples) / len(samples), _DECIMALS)
-            factors.append(Hj212Factor(sp.point.factor or "", avg=avg, min=min(samples),
-                                       max=max(samples), flag="N"))
+            factors.append(hj212.Hj212Factor(sp.point.factor or "", avg=avg, min=min(samples),
+                                             max=max(samples), flag="N"))
         # DataTime of a minute frame: the start of the window it sums up.
-        return Hj212Data(self._station_time(window.start_wall), tuple(factors))
+        return hj212.Hj212Data(self._station_time(window.start_wall), tuple(factors))
 
-    def _send(self, cn: str, data: Hj212Data) -> None:
-        kind = "realtime" if cn == CN_REALTIME else "minute"
+    def _send(self, cn: str, data: hj212.Hj212Data) -> None:
+        kind = "realtime" if cn == hj212.CN_REALTIME else "minute"
         faults = self.faults
         if faults.silent:
             self._stats["silenced"] += 1
             return
-        flag = (VERSION_2017 << 2) | (FLAG_ACK if self.ack_requested else 0)
-        qn = make_qn(datetime.fromtimestamp(time.time() + faults.clock_offset_s, self.tz))
-        frame = encode_frame(Hj212Frame(qn, self.st, cn, self.pw, self.mn, flag, data))
+        flag = (hj212.VERSION_2017 << 2) | (hj212.FLAG_ACK if self.ack_requested else 0)
+        qn = hj212.make_qn(datetime.fromtimestamp(time.time() + faults.clock_offset_s, self.tz))
+        frame = hj212.encode_frame(hj212.Hj212Frame(qn, self.st, cn, self.pw, self.mn, flag, data))
         out = b""
         changes: dict[str, Any] = {}
         if faults.garbage:
@@ -331,26 +293,15 @@ class Hj212StationSimulator(PtyLinked):
 
     def _on_readable(self) -> None:
         """Read what the agent sends back (data replies to frames with the A flag)."""
-        assert self._line is not None
-        data = self._line.read()
-        if not data:
-            return
-        self._replies.feed(data)
-        while True:
-            try:
-                frame = self._replies.next_frame()
-            except Hj212Error:
-                continue
-            if frame is NEED_DATA:
-                break
-            if frame.cn == CN_DATA_REPLY:
+        for frame in self._read_frames(self._replies, self._replies.next_frame, hj212.Hj212Error):
+            if isinstance(frame, hj212.Hj212Frame) and frame.cn == hj212.CN_DATA_REPLY:
                 self._stats["acks"] += 1
 
     # --- control channel --------------------------------------------------------------------
 
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
         """One control request line (see the module doc); always a reply, never raises."""
-        return handle_own_control(self, line, _Hj212Control, self._answer_own)
+        return control.handle_own_control(self, line, _Hj212Control, self._answer_own)
 
     def _answer_own(self, request: _Hj212Control) -> dict[str, Any]:
         if request.fault is not None:
@@ -377,36 +328,32 @@ class _FaultRequest(BaseModel):
     clock_offset_s: float = Field(0.0, ge=-20 * 365 * 86400, le=20 * 365 * 86400)
 
 
-class _Hj212Control(OwnRequest):
+class _Hj212Control(control.OwnRequest):
     """The station simulator's own control lines: exactly one of `fault` or `stats`."""
 
     fault: _FaultRequest | None = None
-    stats: StatsRequest | None = None
+    stats: control.StatsRequest | None = None
 
 
 # --- process entry --------------------------------------------------------------------------
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.hj212_sim",
-        description="Simulate an HJ 212-2017 station pushing frames on a pseudo-terminal.",
-        epilog="example: python -m firmware_stubs.hj212_sim --profile forest-fire-station-v1 "
-        "--link-file /tmp/ffs.link --interval 1 --minute 60 --control-port 0",
-    )
+    parser = sim_process.simulator_parser(
+        "hj212_sim", "Simulate an HJ 212-2017 station pushing frames on a pseudo-terminal.",
+        "--profile forest-fire-station-v1 --link-file /tmp/ffs.link --interval 1 --minute 60 "
+        "--control-port 0")
     parser.add_argument("--profile", required=True, help="hj212 profile id or YAML path")
-    add_profile_dir(parser)
+    sim_process.add_profile_dir(parser)
     parser.add_argument("--interval", type=float, default=1.0,
                         help="seconds between real-time (CN 2011) frames")
     parser.add_argument("--minute", type=float, default=60.0,
                         help="seconds between minute (CN 2051) frames; 0 sends none")
     parser.add_argument("--mn", default="FFS00000000000000000001", help="station MN")
     parser.add_argument("--ack", action="store_true", help="ask for data replies (Flag=5)")
-    add_seed(parser)
-    add_link_file(parser)
     parser.add_argument("--symlink", type=Path, default=None,
                         help="also make this symlink to the pty (e.g. /tmp/ttyFFS0)")
-    add_control_port(parser)
+    sim_process.add_pty_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -416,13 +363,13 @@ async def _serve(args: argparse.Namespace) -> None:
                                 minute_s=args.minute or None, mn=args.mn,
                                 ack_requested=args.ack, seed=args.seed, symlink=args.symlink,
                                 control_port=args.control_port)
-    await serve_until_signal(sim, announce_pty(args.link_file))
+    await sim_process.serve_until_signal(sim, sim_process.announce_pty(args.link_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
     args = _parse_args(argv)
-    return run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
+    return sim_process.run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
 
 
 __all__ = ["Hj212Faults", "Hj212StationSimulator", "main"]

@@ -17,12 +17,15 @@ again. A client write to a writable point stores the value (and drops any pin on
 anywhere else get Modbus exception 2 (illegal data address).
 
 Run as a process: ``python -m firmware_stubs.modbus_sim --profile gas-detector-v1 --port 0``
-(the command line lives in `firmware_stubs.sim_cli`); a JSON-lines control port
-(`firmware_stubs.control`) lets another process script values.
+prints `READY port=N` (plus ` control_port=M` with a control port) and, if asked, writes each
+port alone on one line to a ready file (atomically); it serves until SIGTERM or SIGINT and
+exits 0, or 1 with `error: ...` on stderr for a bad profile or a port it cannot bind. A
+JSON-lines control port (`firmware_stubs.control`) lets another process script values.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import sys
@@ -30,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -38,19 +42,13 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimDataType
 from pymodbus.simulator import SimData, SimDevice
 
-from device_profiles import Profile, ProfilePoint
+from device_profiles import DeviceProfileError, Profile, ProfilePoint, find_profile
+from firmware_stubs import sim_process
 from firmware_stubs.control import ControlRequest, close_control, handle_control, open_control
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import StartStop
-from firmware_stubs.values import TICK_S, PointValues, modbus_values
-from protocols.modbus_points import (
-    BIT_FUNCTIONS,
-    PointEncodeError,
-    PointValue,
-    decode_point,
-    encode_point,
-    register_count,
-)
+from firmware_stubs.values import TICK_S, PointValues, check_modbus_value, modbus_values
+from protocols import modbus_points as mp
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +75,7 @@ class _Table:
 
     @property
     def bits(self) -> bool:
-        return self.function in BIT_FUNCTIONS
+        return self.function in mp.BIT_FUNCTIONS
 
 
 @dataclass(slots=True)
@@ -176,13 +174,10 @@ class ModbusTcpSimulator(StartStop):
         """Device id -> the id of the profile it simulates."""
         return {i: d.profile.id for i, d in self._devices.items()}
 
-    def set_value(self, point_key: str, value: PointValue, device_id: int = 1) -> None:
+    def set_value(self, point_key: str, value: mp.PointValue, device_id: int = 1) -> None:
         """Pin a point to `value` until `clear_override()` (or a client write to it)."""
         device, (table, sp) = self._lookup(device_id, point_key)
-        try:
-            encode_point(sp.point.spec, value)
-        except PointEncodeError as exc:
-            raise BadValueError(str(exc)) from exc
+        check_modbus_value(sp.point, value)
         device.values.pin(point_key, value)
         table.tick = -1  # show it on the next read
 
@@ -192,11 +187,11 @@ class ModbusTcpSimulator(StartStop):
         device.values.unpin(point_key)
         table.tick = -1
 
-    def get_value(self, point_key: str, device_id: int = 1) -> PointValue:
+    def get_value(self, point_key: str, device_id: int = 1) -> mp.PointValue:
         """The value a read would return now."""
         device, (table, sp) = self._lookup(device_id, point_key)
         self._refresh(device, table)
-        return decode_point(sp.point.spec, self._point_words(table, sp))
+        return mp.decode_point(sp.point.spec, self._point_words(table, sp))
 
     def seconds(self) -> float:
         """Seconds since the simulator started (what `counter` points count)."""
@@ -218,8 +213,8 @@ class ModbusTcpSimulator(StartStop):
             if not members:
                 continue
             first = min(p.spec.address for p in members)
-            end = max(p.spec.address + register_count(p.spec) for p in members)
-            if function in BIT_FUNCTIONS:
+            end = max(p.spec.address + mp.register_count(p.spec) for p in members)
+            if function in mp.BIT_FUNCTIONS:
                 # pymodbus packs bits 16 to a register, bit 0 first, from an aligned start
                 start, base = first // 16, (first // 16) * 16
                 words = [0] * ((end - base + 15) // 16)
@@ -230,7 +225,7 @@ class ModbusTcpSimulator(StartStop):
                 addr
                 for p in members
                 if p.writable
-                for addr in range(p.spec.address, p.spec.address + register_count(p.spec))
+                for addr in range(p.spec.address, p.spec.address + mp.register_count(p.spec))
             )
             table = _Table(function, start, words, [], writable)
             for p in members:
@@ -267,26 +262,26 @@ class ModbusTcpSimulator(StartStop):
                                         counted=time.monotonic() - self._t0)
             try:
                 self._store(table, sp, value)
-            except PointEncodeError as exc:
+            except mp.PointEncodeError as exc:
                 if key not in device.warned:
                     device.warned.add(key)
                     log.warning("modbus_sim_value_unencodable", device_id=device.device_id,
                                 point=key, error=str(exc))
 
-    def _store(self, table: _Table, sp: _SimPoint, value: PointValue) -> None:
+    def _store(self, table: _Table, sp: _SimPoint, value: mp.PointValue) -> None:
         spec = sp.point.spec
         if table.bits:
             _set_bit(table.words, sp.index, bool(value))
             return
-        n = register_count(spec)
+        n = mp.register_count(spec)
         current = table.words[sp.index : sp.index + 1] if spec.bit is not None else None
-        table.words[sp.index : sp.index + n] = encode_point(spec, value, current=current)
+        table.words[sp.index : sp.index + n] = mp.encode_point(spec, value, current=current)
 
     def _point_words(self, table: _Table, sp: _SimPoint) -> list[int]:
         if table.bits:
             reg, bit = divmod(sp.index, 16)
             return [(table.words[reg] >> bit) & 1]
-        return table.words[sp.index : sp.index + register_count(sp.point.spec)]
+        return table.words[sp.index : sp.index + mp.register_count(sp.point.spec)]
 
     async def _action(
         self,
@@ -325,7 +320,7 @@ class ModbusTcpSimulator(StartStop):
         end = address + len(values)
         for sp in table.points:
             spec = sp.point.spec
-            if spec.address < end and address < spec.address + register_count(spec):
+            if spec.address < end and address < spec.address + mp.register_count(spec):
                 device.values.unpin(sp.point.key)  # the client's write wins
                 log.info("modbus_sim_write", device_id=device.device_id, point=sp.point.key)
 
@@ -341,12 +336,48 @@ def _set_bit(words: list[int], index: int, value: bool) -> None:
     words[reg] = (words[reg] | (1 << bit)) if value else (words[reg] & ~(1 << bit))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Process entry point; see `firmware_stubs.sim_cli.main`."""
-    # Imported here: sim_cli imports this module, so a top-level import would be circular.
-    from firmware_stubs.sim_cli import main as cli_main
+# --- process entry --------------------------------------------------------------------------
 
-    return cli_main(argv)
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = sim_process.simulator_parser(
+        "modbus_sim", "Simulate profiled Modbus TCP devices on loopback.",
+        "--profile gas-detector-v1 --profile storage-tank-v1 --port 0 --control-port 0 "
+        "--ready-file /tmp/sim.ready", profiles="devices on consecutive ids")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--device-id", type=int, default=1, help="id of the first device")
+    sim_process.add_control_port(parser, where="--host")
+    sim_process.add_seed(parser)
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="once listening, write the Modbus port (one line) to this file")
+    parser.add_argument("--control-ready-file", type=Path, default=None,
+                        help="once listening, write the control port (one line) to this file")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    profiles = {
+        args.device_id + i: find_profile(name, extra_dirs=args.profile_dir)
+        for i, name in enumerate(args.profile)
+    }
+
+    def announce(sim: ModbusTcpSimulator) -> str:
+        if args.control_ready_file is not None and sim.control_port is not None:
+            sim_process.write_atomic(args.control_ready_file, f"{sim.control_port}\n")
+        if args.ready_file is not None:
+            sim_process.write_atomic(args.ready_file, f"{sim.port}\n")
+        return sim_process.ready_line(f"port={sim.port}", sim.control_port)
+
+    await sim_process.serve_until_signal(
+        ModbusTcpSimulator(profiles, host=args.host, port=args.port, seed=args.seed,
+                           control_port=args.control_port), announce)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile/port."""
+    args = _parse_args(argv)
+    return sim_process.run(_serve(args), (SimulatorError, DeviceProfileError, OSError))
 
 
 __all__ = [
@@ -355,7 +386,4 @@ __all__ = [
 ]
 
 if __name__ == "__main__":
-    # Run as `python -m firmware_stubs.modbus_sim`: this file is `__main__`, and sim_cli imports
-    # it again as `firmware_stubs.modbus_sim`; the second copy is the one that serves, this one
-    # only delegates, so the double import is harmless.
     sys.exit(main())

@@ -32,7 +32,6 @@ text-message ack at all; the data ack still comes: the radio got the packet), bo
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 from collections.abc import Iterable
@@ -43,32 +42,9 @@ from typing import Any
 import structlog
 
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import Directory, PtyLinked
 from firmware_stubs.pty_line import PtyLine
-from protocols.hrnp import (
-    GATEWAY_ADDRESS,
-    HRNP_VERSION,
-    NEED_DATA,
-    RADIO_ADDRESS,
-    SERVICE_TEXT,
-    AppMessage,
-    HrnpDecoder,
-    HrnpError,
-    HrnpOpcode,
-    HrnpPacket,
-    decode_app,
-    encode_app,
-    encode_packet,
-)
-from protocols.hrnp_text import (
-    MAX_RADIO_ID,
-    TextAck,
-    TextMessage,
-    TextResult,
-    decode_text,
-    encode_text,
-    utf16_bytes,
-)
+from protocols import hrnp, hrnp_text
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +56,7 @@ class PdtFaults:
     """What goes wrong; `result` and `no_answer` last `times` text messages (None: until
     changed), then the faults reset."""
 
-    result: int = TextResult.OK
+    result: int = hrnp_text.TextResult.OK
     no_answer: bool = False
     times: int | None = None
     silent: bool = False
@@ -93,36 +69,34 @@ class PdtFaults:
             raise SimulatorError("times must be at least 1, or None")
 
 
-def ack_for(message: TextMessage, result: int) -> TextAck:
+def ack_for(message: hrnp_text.TextMessage, result: int) -> hrnp_text.TextAck:
     """The ack a radio sends for `message` (inferred: same destination and source)."""
-    return TextAck(message.request_id, message.destination, result,
-                   None if message.group else message.source, group=message.group,
-                   ack_flag=message.ack_flag, destination_subnet=message.destination_subnet,
-                   source_subnet=message.source_subnet)
+    return hrnp_text.TextAck(message.request_id, message.destination, result,
+                             None if message.group else message.source, group=message.group,
+                             ack_flag=message.ack_flag,
+                             destination_subnet=message.destination_subnet,
+                             source_subnet=message.source_subnet)
 
 
 class PdtAir:
     """The 370 MHz channel: radios register by radio id; a transmitted message reaches them."""
 
     def __init__(self) -> None:
-        self._radios: dict[int, PdtRadioSimulator] = {}
-        self.transmitted: list[TextMessage] = []
+        self._radios: Directory[int, PdtRadioSimulator] = Directory(
+            "radio id {} is already on the air")
+        self.transmitted: list[hrnp_text.TextMessage] = []
 
     def register(self, radio: PdtRadioSimulator) -> None:
-        other = self._radios.get(radio.radio_id)
-        if other is not None and other is not radio:
-            raise SimulatorError(f"radio id {radio.radio_id} is already on the air")
-        self._radios[radio.radio_id] = radio
+        self._radios.add(radio.radio_id, radio)
 
     def unregister(self, radio: PdtRadioSimulator) -> None:
-        if self._radios.get(radio.radio_id) is radio:
-            del self._radios[radio.radio_id]
+        self._radios.discard(radio.radio_id, radio)
 
     @property
     def radio_ids(self) -> frozenset[int]:
         return frozenset(self._radios)
 
-    def transmit(self, message: TextMessage, sender: PdtRadioSimulator) -> int:
+    def transmit(self, message: hrnp_text.TextMessage, sender: PdtRadioSimulator) -> int:
         """Send `message` from `sender`; the result code its ack carries."""
         if message.group:
             for radio in list(self._radios.values()):
@@ -131,10 +105,10 @@ class PdtAir:
         else:
             target = self._radios.get(message.destination)
             if target is None or target is sender:
-                return TextResult.NO_CONTACT
+                return hrnp_text.TextResult.NO_CONTACT
             target.receive(message)
         self.transmitted.append(message)
-        return TextResult.OK
+        return hrnp_text.TextResult.OK
 
 
 class PdtRadioSimulator(PtyLinked):
@@ -146,22 +120,24 @@ class PdtRadioSimulator(PtyLinked):
 
     def __init__(self, air: PdtAir, radio_id: int, *, groups: Iterable[int] = (),
                  max_text_bytes: int | None = None, symlink: str | Path | None = None) -> None:
-        if isinstance(radio_id, bool) or not 0 <= radio_id <= MAX_RADIO_ID:
+        if isinstance(radio_id, bool) or not 0 <= radio_id <= hrnp_text.MAX_RADIO_ID:
             raise SimulatorError(f"radio id {radio_id!r} is not a 24-bit id")
         self.air = air
         self.radio_id = radio_id
         self.groups = frozenset(groups)
         self.max_text_bytes = max_text_bytes
         self.faults = PdtFaults()
-        self.sent: list[TextMessage] = []
-        self.received: list[TextMessage] = []
+        self.sent: list[hrnp_text.TextMessage] = []
+        self.received: list[hrnp_text.TextMessage] = []
         self.connected = False
-        self._pending: collections.deque[TextMessage] = collections.deque(maxlen=_MAX_PENDING)
-        self._decoder = HrnpDecoder()
+        self._pending: collections.deque[hrnp_text.TextMessage] = collections.deque(
+            maxlen=_MAX_PENDING)
+        self._decoder = hrnp.HrnpDecoder()
         self._symlink = Path(symlink) if symlink is not None else None
         self._line: PtyLine | None = None
         # where the radio sends packets of its own: the gateway's last address, version
-        self._gateway, self._address, self._version = GATEWAY_ADDRESS, RADIO_ADDRESS, HRNP_VERSION
+        self._gateway, self._address = hrnp.GATEWAY_ADDRESS, hrnp.RADIO_ADDRESS
+        self._version = hrnp.HRNP_VERSION
         self._packet_number = 0
         self.path = ""
         self._stats: dict[str, int] = {
@@ -176,16 +152,13 @@ class PdtRadioSimulator(PtyLinked):
 
     async def start(self) -> None:
         self.air.register(self)
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable, symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         log.info("pdt_sim_started", path=self.path, radio_id=self.radio_id,
                  groups=sorted(self.groups))
 
     async def stop(self) -> None:
         self.air.unregister(self)
-        if self._line is not None:
-            self._line.close()  # and its symlink
-            self._line = None
+        if self._close_line():
             log.info("pdt_sim_stopped", path=self.path, radio_id=self.radio_id)
         self.connected = False
 
@@ -204,7 +177,7 @@ class PdtRadioSimulator(PtyLinked):
         return {**self._stats, "garbage_bytes": self._decoder.discarded,
                 "bad_packets": self._decoder.errors}
 
-    def receive(self, message: TextMessage) -> None:
+    def receive(self, message: hrnp_text.TextMessage) -> None:
         """A message for this radio arrives over the air: hand it to the gateway."""
         self.received.append(message)
         if self.connected:
@@ -217,78 +190,69 @@ class PdtRadioSimulator(PtyLinked):
     # --- the serial line --------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        assert self._line is not None
-        data = self._line.read()
-        if not data:
-            return
-        self._decoder.feed(data)
-        while True:
-            try:
-                packet = self._decoder.next_packet()
-            except HrnpError as exc:
-                log.debug("pdt_sim_bad_packet", radio_id=self.radio_id, error=str(exc))
-                continue
-            if packet is NEED_DATA:
-                break
-            self._handle(packet)
+        for packet in self._read_frames(self._decoder, self._decoder.next_packet, hrnp.HrnpError):
+            if isinstance(packet, hrnp.HrnpError):
+                log.debug("pdt_sim_bad_packet", radio_id=self.radio_id, error=str(packet))
+            else:
+                self._handle(packet)
 
-    def _write(self, packet: HrnpPacket) -> None:
-        if self._line is not None and not self._line.write(encode_packet(packet)):
+    def _write(self, packet: hrnp.HrnpPacket) -> None:
+        if self._line is not None and not self._line.write(hrnp.encode_packet(packet)):
             self._stats["unwritten"] += 1
 
-    def _reply(self, request: HrnpPacket, opcode: HrnpOpcode) -> None:
+    def _reply(self, request: hrnp.HrnpPacket, opcode: hrnp.HrnpOpcode) -> None:
         """A payload-less answer carrying the request's packet number, addressed back."""
-        self._write(HrnpPacket(opcode, request.packet_number, request.destination,
-                               request.source, version=request.version))
+        self._write(hrnp.HrnpPacket(opcode, request.packet_number, request.destination,
+                                    request.source, version=request.version))
 
-    def _send_app(self, message: AppMessage) -> None:
+    def _send_app(self, message: hrnp.AppMessage) -> None:
         """A data packet of the radio's own, numbered by its own counter."""
-        self._write(HrnpPacket(HrnpOpcode.DATA, self._packet_number, self._address,
-                               self._gateway, encode_app(message), self._version))
+        self._write(hrnp.HrnpPacket(hrnp.HrnpOpcode.DATA, self._packet_number, self._address,
+                                    self._gateway, hrnp.encode_app(message), self._version))
         self._packet_number = (self._packet_number + 1) & 0xFFFF
 
-    def _handle(self, packet: HrnpPacket) -> None:
+    def _handle(self, packet: hrnp.HrnpPacket) -> None:
         if self.faults.silent:
             self._stats["silenced"] += 1
             return
         self._gateway, self._address = packet.source, packet.destination
         self._version = packet.version
         match packet.opcode:
-            case HrnpOpcode.CONNECT if self.faults.reject_connect:
+            case hrnp.HrnpOpcode.CONNECT if self.faults.reject_connect:
                 self._stats["rejected"] += 1
-                self._reply(packet, HrnpOpcode.REJECT)
-            case HrnpOpcode.CONNECT:
+                self._reply(packet, hrnp.HrnpOpcode.REJECT)
+            case hrnp.HrnpOpcode.CONNECT:
                 self._stats["connects"] += 1
-                self._reply(packet, HrnpOpcode.ACCEPT)
+                self._reply(packet, hrnp.HrnpOpcode.ACCEPT)
                 self.connected = True
                 while self._pending:
                     self._send_incoming(self._pending.popleft())
-            case HrnpOpcode.CLOSE:
+            case hrnp.HrnpOpcode.CLOSE:
                 self._stats["closes"] += 1
-                self._reply(packet, HrnpOpcode.CLOSE_ACK)
+                self._reply(packet, hrnp.HrnpOpcode.CLOSE_ACK)
                 self.connected = False
-            case HrnpOpcode.DATA:
+            case hrnp.HrnpOpcode.DATA:
                 self._stats["data_packets"] += 1
                 self._stats["data_acks_sent"] += 1
-                self._reply(packet, HrnpOpcode.DATA_ACK)
+                self._reply(packet, hrnp.HrnpOpcode.DATA_ACK)
                 self._on_data(packet.payload)
-            case HrnpOpcode.DATA_ACK:
+            case hrnp.HrnpOpcode.DATA_ACK:
                 self._stats["data_acks_received"] += 1
             case _:
                 pass  # accept, reject, close ack: nothing a radio answers
 
     def _on_data(self, payload: bytes) -> None:
         try:
-            app = decode_app(payload)
-            if app.service != SERVICE_TEXT:
+            app = hrnp.decode_app(payload)
+            if app.service != hrnp.SERVICE_TEXT:
                 self._stats["other_messages"] += 1  # radio control, location: not simulated
                 return
-            message = decode_text(app)
-        except HrnpError as exc:
+            message = hrnp_text.decode_text(app)
+        except hrnp.HrnpError as exc:
             self._stats["bad_messages"] += 1
             log.debug("pdt_sim_bad_message", radio_id=self.radio_id, error=str(exc))
             return
-        if isinstance(message, TextAck):
+        if isinstance(message, hrnp_text.TextAck):
             self._stats["text_acks_received"] += 1
         else:
             self._on_text(message, reliable=app.reliable)
@@ -303,29 +267,29 @@ class PdtRadioSimulator(PtyLinked):
                                           reject_connect=faults.reject_connect))
         return faults
 
-    def _on_text(self, message: TextMessage, *, reliable: bool) -> None:
+    def _on_text(self, message: hrnp_text.TextMessage, *, reliable: bool) -> None:
         self._stats["text_requests"] += 1
         faults = self._use_faults()
         if faults.no_answer:
             self._stats["text_unanswered"] += 1
             return
-        if faults.result != TextResult.OK:
+        if faults.result != hrnp_text.TextResult.OK:
             result = faults.result
         elif (self.max_text_bytes is not None
-              and len(utf16_bytes(message.text)) > self.max_text_bytes):
-            result = TextResult.INVALID_PARAMS
+              and len(hrnp_text.utf16_bytes(message.text)) > self.max_text_bytes):
+            result = hrnp_text.TextResult.INVALID_PARAMS
         else:
             result = self.air.transmit(message, self)
-        if result == TextResult.OK:
+        if result == hrnp_text.TextResult.OK:
             self.sent.append(message)
             self._stats["text_ok"] += 1
         else:
             self._stats["text_failed"] += 1
-        self._send_app(encode_text(ack_for(message, result), reliable=reliable))
+        self._send_app(hrnp_text.encode_text(ack_for(message, result), reliable=reliable))
 
-    def _send_incoming(self, message: TextMessage) -> None:
+    def _send_incoming(self, message: hrnp_text.TextMessage) -> None:
         self._stats["incoming"] += 1
-        self._send_app(encode_text(message))
+        self._send_app(hrnp_text.encode_text(message))
 
 
 __all__ = ["PdtAir", "PdtFaults", "PdtRadioSimulator", "ack_for"]

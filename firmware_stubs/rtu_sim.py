@@ -46,26 +46,11 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from device_profiles import DeviceProfileError, Profile, find_profile
-from firmware_stubs.control import (
-    OwnRequest,
-    StatsRequest,
-    close_control,
-    handle_own_control,
-    open_control,
-)
+from firmware_stubs import control, sim_process
 from firmware_stubs.errors import SimulatorError, UnknownPointError
-from firmware_stubs.lifecycle import StartStop
+from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
 from firmware_stubs.rtu_slave import SlaveFaults, SlaveImage
-from firmware_stubs.sim_process import (
-    add_control_port,
-    add_link_file,
-    add_profile_dir,
-    add_seed,
-    announce_pty,
-    run,
-    serve_until_signal,
-)
 from protocols.modbus_pdu import encode_exception
 from protocols.modbus_points import PointValue
 from protocols.modbus_rtu import (
@@ -100,7 +85,7 @@ class SlaveStats:
         return {"requests": self.requests, "answers": self.answers}
 
 
-class RtuBusSimulator(StartStop):
+class RtuBusSimulator(PtyLinked):
     """Serve profiled slaves on one pseudo-terminal line; an async context manager.
 
     `profiles` maps slave address -> profile; a sequence takes addresses 1, 2, 3, ...
@@ -133,6 +118,7 @@ class RtuBusSimulator(StartStop):
         self._requested_control_port = control_port
         self._control: asyncio.Server | None = None
         self._line: PtyLine | None = None
+        self._symlink = None  # the bus is opened by its pty path
         self._flush_handle: asyncio.TimerHandle | None = None
         self._pending: set[asyncio.TimerHandle] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,18 +133,17 @@ class RtuBusSimulator(StartStop):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._line = PtyLine(self._loop, self._on_readable)
-        self.path = self._line.path
+        self._open_line()
         self._t0 = time.monotonic()
         for image in self._slaves.values():
             image.restart(self._t0)
-        self._control, self.control_port = await open_control(
+        self._control, self.control_port = await control.open_control(
             self, self._control_host, self._requested_control_port, self.handle_control)
         log.info("rtu_sim_started", path=self.path, baudrate=self.baudrate,
                  control_port=self.control_port, slaves=self.profile_ids)
 
     async def stop(self) -> None:
-        await close_control(self._control)
+        await control.close_control(self._control)
         self._control = None
         for handle in self._pending:
             handle.cancel()
@@ -166,9 +151,7 @@ class RtuBusSimulator(StartStop):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._line is not None:
-            self._line.close()
-            self._line = None
+        if self._close_line():
             log.info("rtu_sim_stopped", path=self.path)
 
     # --- scripting --------------------------------------------------------------------------
@@ -222,8 +205,7 @@ class RtuBusSimulator(StartStop):
     # --- the line ---------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        assert self._line is not None
-        data = self._line.read()
+        data = self._read_line()
         if not data:
             return
         self._decoder.feed(data)
@@ -292,7 +274,7 @@ class RtuBusSimulator(StartStop):
 
     def handle_control(self, line: bytes | str) -> dict[str, Any]:
         """One control request line (see the module doc); always a reply, never raises."""
-        return handle_own_control(self, line, _RtuControl, self._answer_own)
+        return control.handle_own_control(self, line, _RtuControl, self._answer_own)
 
     def _answer_own(self, request: _RtuControl) -> dict[str, Any]:
         try:
@@ -335,35 +317,28 @@ class _FaultRequest(BaseModel):
     wrong_answer: str | None = None  # checked by SlaveFaults
 
 
-class _RtuControl(OwnRequest):
+class _RtuControl(control.OwnRequest):
     """The RTU simulator's own control lines: exactly one of `fault` or `stats`."""
 
     fault: _FaultRequest | None = None
-    stats: StatsRequest | None = None
+    stats: control.StatsRequest | None = None
 
 
 # --- process entry --------------------------------------------------------------------------
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.rtu_sim",
-        description="Simulate profiled Modbus RTU slaves on one pseudo-terminal line.",
-        epilog="example: python -m firmware_stubs.rtu_sim --profile gas-detector-v1 "
-        "--profile storage-tank-v1 --baudrate 19200 --link-file /tmp/bus.link --control-port 0",
-    )
-    parser.add_argument("--profile", action="append", required=True,
-                        help="profile id or YAML path; repeat for slaves on consecutive addresses")
-    add_profile_dir(parser)
+    parser = sim_process.simulator_parser(
+        "rtu_sim", "Simulate profiled Modbus RTU slaves on one pseudo-terminal line.",
+        "--profile gas-detector-v1 --profile storage-tank-v1 --baudrate 19200 "
+        "--link-file /tmp/bus.link --control-port 0", profiles="slaves on consecutive addresses")
     parser.add_argument("--first-id", type=int, default=1, help="address of the first slave")
     parser.add_argument("--baudrate", type=int, default=9600)
     parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
     parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
     parser.add_argument("--no-wire-time", action="store_true",
                         help="answer at once instead of at the speed of the baud rate")
-    add_seed(parser)
-    add_link_file(parser)
-    add_control_port(parser)
+    sim_process.add_pty_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -373,13 +348,14 @@ async def _serve(args: argparse.Namespace) -> None:
     sim = RtuBusSimulator(profiles, baudrate=args.baudrate, parity=args.parity,
                           stopbits=args.stopbits, wire_time=not args.no_wire_time,
                           seed=args.seed, control_port=args.control_port)
-    await serve_until_signal(sim, announce_pty(args.link_file))
+    await sim_process.serve_until_signal(sim, sim_process.announce_pty(args.link_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad profile or argument."""
     args = _parse_args(argv)
-    return run(_serve(args), (SimulatorError, DeviceProfileError, ModbusRtuError, OSError))
+    return sim_process.run(_serve(args),
+                           (SimulatorError, DeviceProfileError, ModbusRtuError, OSError))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from device_profiles import Profile, ProfilePoint
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
-from firmware_stubs.values import TICK_S, modbus_values
+from firmware_stubs.values import TICK_S, check_modbus_value, modbus_values
+from protocols import modbus_points as mp
 from protocols.modbus_pdu import (
     ILLEGAL_DATA_ADDRESS,
     ILLEGAL_DATA_VALUE,
@@ -31,14 +32,6 @@ from protocols.modbus_pdu import (
     encode_exception,
     encode_read_response,
     encode_write_response,
-)
-from protocols.modbus_points import (
-    BIT_FUNCTIONS,
-    PointEncodeError,
-    PointValue,
-    decode_point,
-    encode_point,
-    register_count,
 )
 from protocols.modbus_rtu import PduError, UnknownFunctionError
 
@@ -126,9 +119,10 @@ class SlaveImage:
             if not members:
                 continue
             first = min(p.spec.address for p in members)
-            end = max(p.spec.address + register_count(p.spec) for p in members)
-            writable = frozenset(a for p in members if p.writable
-                                 for a in range(p.spec.address, p.spec.address + register_count(p.spec)))
+            end = max(p.spec.address + mp.register_count(p.spec) for p in members)
+            writable = frozenset(
+                a for p in members if p.writable
+                for a in range(p.spec.address, p.spec.address + mp.register_count(p.spec)))
             table = _Table(function, first, [0] * (end - first), [], writable)
             for p in members:
                 sp = _Point(p)
@@ -138,12 +132,9 @@ class SlaveImage:
 
     # --- scripting --------------------------------------------------------------------------
 
-    def set_value(self, key: str, value: PointValue) -> None:
+    def set_value(self, key: str, value: mp.PointValue) -> None:
         table, sp = self._lookup(key)
-        try:
-            encode_point(sp.point.spec, value)
-        except PointEncodeError as exc:
-            raise BadValueError(str(exc)) from exc
+        check_modbus_value(sp.point, value)
         self._values.pin(key, value)
         table.tick = -1  # show it on the next read
 
@@ -153,12 +144,12 @@ class SlaveImage:
         sp.held = False
         table.tick = -1
 
-    def get_value(self, key: str, now: float) -> PointValue:
+    def get_value(self, key: str, now: float) -> mp.PointValue:
         table, sp = self._lookup(key)
         self._refresh(table, now)
         spec = sp.point.spec
         i = spec.address - table.first
-        return decode_point(spec, table.values[i : i + register_count(spec)])
+        return mp.decode_point(spec, table.values[i : i + mp.register_count(spec)])
 
     def restart(self, t0: float) -> None:
         """The simulator's clock starts again at `t0`."""
@@ -211,7 +202,7 @@ class SlaveImage:
         end = address + len(values)
         for sp in table.points:
             spec = sp.point.spec
-            if spec.address < end and address < spec.address + register_count(spec):
+            if spec.address < end and address < spec.address + mp.register_count(spec):
                 self._values.unpin(sp.point.key)  # the client's write wins
                 sp.held = True
 
@@ -228,15 +219,15 @@ class SlaveImage:
                 continue
             self._store(table, sp, self._values.value(key, at=now - self.t0, tick=tick))
 
-    def _store(self, table: _Table, sp: _Point, value: PointValue) -> None:
+    def _store(self, table: _Table, sp: _Point, value: mp.PointValue) -> None:
         spec = sp.point.spec
         i = spec.address - table.first
         try:
-            if table.function in BIT_FUNCTIONS:
+            if table.function in mp.BIT_FUNCTIONS:
                 table.values[i] = int(bool(value))
                 return
-            n = register_count(spec)
+            n = mp.register_count(spec)
             current = table.values[i : i + 1] if spec.bit is not None else None
-            table.values[i : i + n] = encode_point(spec, value, current=current)
-        except PointEncodeError:
+            table.values[i : i + n] = mp.encode_point(spec, value, current=current)
+        except mp.PointEncodeError:
             pass  # a sim spec that does not fit its point keeps the last good value

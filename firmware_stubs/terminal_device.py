@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import random
 import time
@@ -23,26 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from firmware_stubs.control import OwnRequest, StatsRequest, close_control, open_control
 from firmware_stubs.control import handle_own_control as _handle_own_control
 from firmware_stubs.errors import SimulatorError, UnknownPointError
-from firmware_stubs.lifecycle import StartStop
-from protocols.terminal import (
-    NEED_DATA,
-    Ack,
-    CameraState,
-    Display,
-    ErrorCode,
-    ErrorReport,
-    Heartbeat,
-    Message,
-    MessageType,
-    Play,
-    Receipt,
-    TerminalDecoder,
-    TerminalError,
-    TerminalFrame,
-    TerminalFrameRefused,
-    encode_frame,
-    receipt_id,
-)
+from firmware_stubs.lifecycle import StartStop, cancel_and_wait
+from protocols import terminal as tm
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +41,7 @@ class TerminalFaults:
     mains: bool = True
     battery: int | None = 100
     tamper: bool = False
-    camera: CameraState | None = None  # None: OK on a video terminal, NONE on an audio one
+    camera: tm.CameraState | None = None  # None: OK on a video terminal, NONE on an audio one
 
     def __post_init__(self) -> None:
         if self.garbage < 0:
@@ -74,7 +55,7 @@ class Played:
     """A warning as the terminal played it: which frame brought it, and when."""
 
     seq: int
-    play: Play
+    play: tm.Play
     at: float
 
 
@@ -84,7 +65,7 @@ class TerminalSimulator(StartStop):
     def __init__(self, terminal_id: str, *, video: bool = False, heartbeat_s: float = 30.0,
                  press_after_s: float | None = None, ack_retry_s: float = 3.0, seed: int = 0,
                  control_host: str = "127.0.0.1", control_port: int | None = None) -> None:
-        Heartbeat(terminal_id, 0, max(1, min(0xFFFF, round(heartbeat_s))), None, True)  # checks
+        tm.Heartbeat(terminal_id, 0, max(1, min(0xFFFF, round(heartbeat_s))), None, True)  # checks
         if heartbeat_s <= 0 or ack_retry_s <= 0:
             raise SimulatorError("heartbeat_s and ack_retry_s must be positive")
         self.terminal_id = terminal_id
@@ -94,19 +75,19 @@ class TerminalSimulator(StartStop):
         self.ack_retry_s = ack_retry_s
         self.faults = TerminalFaults()
         self.played: list[Played] = []
-        self.displayed: list[Display] = []
-        self.acks_sent: list[Ack] = []
-        self.acks_confirmed: list[Ack] = []
-        self.errors_received: list[ErrorReport] = []
+        self.displayed: list[tm.Display] = []
+        self.acks_sent: list[tm.Ack] = []
+        self.acks_confirmed: list[tm.Ack] = []
+        self.errors_received: list[tm.ErrorReport] = []
         self.control_port: int | None = None
-        self._pending: dict[int, Ack] = {}  # seq -> ACK not yet confirmed
+        self._pending: dict[int, tm.Ack] = {}  # seq -> ACK not yet confirmed
         # (seq, type) -> (the frame's message, our answer), for repeats (§4.3)
         self._answers: collections.OrderedDict[tuple[int, int],
-                                               tuple[Message | None, Message]] = \
+                                               tuple[tm.Message | None, tm.Message]] = \
             collections.OrderedDict()
         self._presses: dict[int, asyncio.TimerHandle] = {}
         self._seq = 0
-        self._decoder = TerminalDecoder()
+        self._decoder = tm.TerminalDecoder()
         self._rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
         self._control_host, self._requested_control_port = control_host, control_port
@@ -148,10 +129,7 @@ class TerminalSimulator(StartStop):
     async def stop(self) -> None:
         await close_control(self._control)
         self._control = None
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         for handle in self._presses.values():
             handle.cancel()
@@ -180,14 +158,14 @@ class TerminalSimulator(StartStop):
         """The person presses this long after each delivered PLAY from now on (None: never)."""
         self.press_after_s = press_after_s
 
-    def press(self, warning_id: int | None = None, button: int = 1) -> Ack:
+    def press(self, warning_id: int | None = None, button: int = 1) -> tm.Ack:
         """The button is pressed now, for `warning_id` (default: the last warning played)."""
         if warning_id is None:
             warning_id = self.played[-1].play.warning_id if self.played else 0
         handle = self._presses.pop(warning_id, None)
         if handle is not None:
             handle.cancel()
-        ack = Ack(warning_id, self._clock(), button, self.terminal_id)
+        ack = tm.Ack(warning_id, self._clock(), button, self.terminal_id)
         seq = self._next_seq()
         self._pending[seq] = ack
         self.acks_sent.append(ack)
@@ -232,7 +210,7 @@ class TerminalSimulator(StartStop):
         seq, self._seq = self._seq, (self._seq + 1) & 0xFFFF
         return seq
 
-    def _send_frame(self, seq: int, message: Message) -> None:
+    def _send_frame(self, seq: int, message: tm.Message) -> None:
         if self.faults.no_power:
             self._stats["unsent_frames"] += 1
             return
@@ -241,17 +219,17 @@ class TerminalSimulator(StartStop):
             out = bytes(self._rng.getrandbits(8) for _ in range(self.faults.garbage))
             self._stats["garbage_sent"] += self.faults.garbage
             self.faults = dataclasses.replace(self.faults, garbage=0)
-        if not self._write(out + encode_frame(TerminalFrame(seq, message))):
+        if not self._write(out + tm.encode_frame(tm.TerminalFrame(seq, message))):
             self._stats["unsent_frames"] += 1
 
     def _heartbeat(self, faults: TerminalFaults | None = None, time: int | None = None
-                   ) -> Heartbeat:
+                   ) -> tm.Heartbeat:
         f = faults or self.faults
         camera = f.camera if f.camera is not None else (
-            CameraState.OK if self.video else CameraState.NONE)
-        return Heartbeat(self.terminal_id, self._clock() if time is None else time,
-                         max(1, min(0xFFFF, round(self.heartbeat_s))), f.battery, f.mains,
-                         speaker_fault=f.speaker_fault, tamper=f.tamper, camera=camera)
+            tm.CameraState.OK if self.video else tm.CameraState.NONE)
+        return tm.Heartbeat(self.terminal_id, self._clock() if time is None else time,
+                            max(1, min(0xFFFF, round(self.heartbeat_s))), f.battery, f.mains,
+                            speaker_fault=f.speaker_fault, tamper=f.tamper, camera=camera)
 
     def send_heartbeat(self) -> None:
         if self.faults.no_power:
@@ -292,20 +270,20 @@ class TerminalSimulator(StartStop):
         while True:
             try:
                 frame = self._decoder.next_frame()
-            except TerminalFrameRefused as exc:
+            except tm.TerminalFrameRefused as exc:
                 self._stats["refused"] += 1
                 self._answer(exc.seq, exc.message_type,
-                             ErrorReport(exc.seq, exc.message_type, exc.code, exc.reason[:200]))
+                             tm.ErrorReport(exc.seq, exc.message_type, exc.code, exc.reason[:200]))
                 continue
-            except TerminalError as exc:
+            except tm.TerminalError as exc:
                 log.debug("terminal_sim_bad_frame", terminal_id=self.terminal_id, error=str(exc))
                 continue
-            if frame is NEED_DATA:
+            if frame is tm.NEED_DATA:
                 return
             self._handle(frame)
 
-    def _answer(self, seq: int, kind: int, answer: Message,
-                message: Message | None = None) -> None:
+    def _answer(self, seq: int, kind: int, answer: tm.Message,
+                message: tm.Message | None = None) -> None:
         """Send `answer` to frame (seq, kind) carrying `message`, and remember it: a repeat
         is the same seq, type and message (a restarted gateway may reuse a seq)."""
         self._answers[(seq, kind)] = (message, answer)
@@ -313,8 +291,8 @@ class TerminalSimulator(StartStop):
             self._answers.popitem(last=False)
         self._send_answer(answer)
 
-    def _send_answer(self, answer: Message) -> None:
-        if isinstance(answer, Receipt):
+    def _send_answer(self, answer: tm.Message) -> None:
+        if isinstance(answer, tm.Receipt):
             if self.faults.silent:
                 return
             self._stats["receipts_sent"] += 1
@@ -322,7 +300,7 @@ class TerminalSimulator(StartStop):
             self._stats["errors_sent"] += 1
         self._send_frame(self._next_seq(), answer)
 
-    def _handle(self, frame: TerminalFrame) -> None:
+    def _handle(self, frame: tm.TerminalFrame) -> None:
         message, key = frame.message, (frame.seq, int(frame.type))
         remembered = self._answers.get(key)
         if remembered is not None and remembered[0] == message:
@@ -330,41 +308,41 @@ class TerminalSimulator(StartStop):
             self._send_answer(remembered[1])
             return
         match message:
-            case Play():
+            case tm.Play():
                 self._on_play(frame.seq, message)
-            case Display():
+            case tm.Display():
                 self._stats["displays"] += 1
                 self.displayed.append(message)
                 self._answer(*key, self._receipt(frame), message)
-            case Receipt():
+            case tm.Receipt():
                 self._stats["receipts_received"] += 1
                 ack = self._pending.get(message.ref_seq)
-                if message.ref_type is MessageType.ACK and ack is not None \
+                if message.ref_type is tm.MessageType.ACK and ack is not None \
                         and ack.warning_id == message.id:
                     del self._pending[message.ref_seq]
                     self.acks_confirmed.append(ack)
                     self._stats["acks_confirmed"] += 1
-            case ErrorReport():
+            case tm.ErrorReport():
                 self._stats["errors_received"] += 1
                 self.errors_received.append(message)
             case _:  # an ACK or a HEARTBEAT: a terminal's messages, not a gateway's
-                self._answer(*key, ErrorReport(frame.seq, frame.type, ErrorCode.OTHER,
-                                               "a terminal does not take this message"))
+                self._answer(*key, tm.ErrorReport(frame.seq, frame.type, tm.ErrorCode.OTHER,
+                                                  "a terminal does not take this message"))
 
-    def _receipt(self, frame: TerminalFrame) -> Receipt:
-        return Receipt(frame.seq, frame.type, receipt_id(frame.message), self._clock())
+    def _receipt(self, frame: tm.TerminalFrame) -> tm.Receipt:
+        return tm.Receipt(frame.seq, frame.type, tm.receipt_id(frame.message), self._clock())
 
-    def _on_play(self, seq: int, play: Play) -> None:
+    def _on_play(self, seq: int, play: tm.Play) -> None:
         if self.faults.speaker_fault:
-            self._answer(seq, MessageType.PLAY,
-                         ErrorReport(seq, MessageType.PLAY, ErrorCode.SPEAKER_FAULT,
-                                     "speaker open circuit"), play)
+            self._answer(seq, tm.MessageType.PLAY,
+                         tm.ErrorReport(seq, tm.MessageType.PLAY, tm.ErrorCode.SPEAKER_FAULT,
+                                        "speaker open circuit"), play)
             return
         self._stats["plays"] += 1
         self.played.append(Played(seq, play, time.monotonic()))
         log.info("terminal_sim_played", terminal_id=self.terminal_id,
                  warning_id=play.warning_id, level=play.level.name)
-        self._answer(seq, MessageType.PLAY, self._receipt(TerminalFrame(seq, play)), play)
+        self._answer(seq, tm.MessageType.PLAY, self._receipt(tm.TerminalFrame(seq, play)), play)
         if self.press_after_s is not None and play.warning_id not in self._presses:
             loop = asyncio.get_running_loop()
             self._presses[play.warning_id] = loop.call_later(
@@ -386,7 +364,7 @@ class TerminalSimulator(StartStop):
             if request.fault is not None:
                 changes = request.fault.model_dump(exclude_unset=True)
                 if changes.get("camera") is not None:
-                    changes["camera"] = CameraState[changes["camera"].upper()]
+                    changes["camera"] = tm.CameraState[changes["camera"].upper()]
                 self.set_faults(**changes)
             elif request.person is not None:
                 self.set_person(request.person.press_after_s)
@@ -397,7 +375,7 @@ class TerminalSimulator(StartStop):
                 return {"ok": True, **self.state()}
             else:
                 return {"ok": True, "stats": self.stats()}
-        except (SimulatorError, TerminalError) as exc:
+        except (SimulatorError, tm.TerminalError) as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True}
 

@@ -40,18 +40,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from firmware_stubs import sim_process
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.lifecycle import PtyLinked
 from firmware_stubs.pty_line import PtyLine
-from firmware_stubs.sim_process import (
-    add_control_port,
-    add_link_file,
-    add_seed,
-    announce_pty,
-    ready_line,
-    run,
-    serve_until_signal,
-)
 from firmware_stubs.terminal_device import Played, TerminalFaults, TerminalSimulator
 from protocols.terminal import TerminalDecoder, TerminalError
 
@@ -115,21 +107,17 @@ class PtyTerminalSimulator(TerminalSimulator, PtyLinked):
         self.path = ""
 
     async def _open(self) -> None:
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable,
-                             symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         self._connected()  # §2: a serial terminal says who it is on power-up
 
     async def _close(self) -> None:
-        if self._line is not None:
-            self._line.close()
-            self._line = None
+        self._close_line()
 
     def _write(self, data: bytes) -> bool:
         return self._line is not None and self._line.write(data)
 
     def _on_readable(self) -> None:
-        if self._line is not None and (data := self._line.read()):
+        if data := self._read_line():
             self._on_bytes(data)
 
 
@@ -137,12 +125,9 @@ class PtyTerminalSimulator(TerminalSimulator, PtyLinked):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.terminal_sim",
-        description="Simulate a 叫应 warning terminal (FLT/1) on loopback TCP or on a pty.",
-        epilog="example: python -m firmware_stubs.terminal_sim --terminal-id JY-0001 --tcp "
-        "--port 0 --press-after 5 --control-port 0",
-    )
+    parser = sim_process.simulator_parser(
+        "terminal_sim", "Simulate a 叫应 warning terminal (FLT/1) on loopback TCP or on a pty.",
+        "--terminal-id JY-0001 --tcp --port 0 --press-after 5 --control-port 0")
     parser.add_argument("--terminal-id", required=True, help="printable ASCII, up to 32")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", action="store_true", help="listen on --host:--port")
@@ -156,9 +141,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: never)")
     parser.add_argument("--symlink", type=Path, default=None,
                         help="with --pty, also make this symlink to the pty")
-    add_link_file(parser)
-    add_seed(parser)
-    add_control_port(parser)
+    sim_process.add_pty_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -167,22 +150,22 @@ async def _serve(args: argparse.Namespace) -> None:
                               "press_after_s": args.press_after, "seed": args.seed,
                               "control_port": args.control_port}
     if args.pty:
-        await serve_until_signal(
+        await sim_process.serve_until_signal(
             PtyTerminalSimulator(args.terminal_id, symlink=args.symlink, **common),
-            announce_pty(args.link_file))
+            sim_process.announce_pty(args.link_file))
         return
 
     def announce(sim: TcpTerminalSimulator) -> str:
-        return ready_line(f"port={sim.port}", sim.control_port)
+        return sim_process.ready_line(f"port={sim.port}", sim.control_port)
 
-    await serve_until_signal(
+    await sim_process.serve_until_signal(
         TcpTerminalSimulator(args.terminal_id, host=args.host, port=args.port, **common),
         announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on a bad setting or port."""
-    return run(_serve(_parse_args(argv)), (SimulatorError, TerminalError, OSError))
+    return sim_process.run(_serve(_parse_args(argv)), (SimulatorError, TerminalError, OSError))
 
 
 __all__ = ["Played", "PtyTerminalSimulator", "TcpTerminalSimulator", "TerminalFaults",

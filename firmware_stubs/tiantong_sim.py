@@ -31,47 +31,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import json
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import structlog
 
+from firmware_stubs import sim_process
 from firmware_stubs.errors import SimulatorError
-from firmware_stubs.lifecycle import PtyLinked
+from firmware_stubs.lifecycle import Directory, PtyLinked, cancel_and_wait
 from firmware_stubs.pty_line import PtyLine
-from firmware_stubs.sim_process import ready_line, run, serve_until_signal, write_atomic
-from protocols.at_commands import (
-    NEED_DATA,
-    AtError,
-    Command,
-    CommandDecoder,
-    PduCancelled,
-    PduEntry,
-    encode_command,
-)
-from protocols.at_responses import (
-    Cmgr,
-    Cmgs,
-    CmsError,
-    CmsErrorResult,
-    Cmti,
-    Creg,
-    Csq,
-    InfoLine,
-    Prompt,
-    RegStatus,
-    Response,
-    Result,
-    encode_response,
-)
+from protocols import at_commands as atc
+from protocols import at_responses as atr
 from protocols.sms_pdu import (
     SmsDeliver,
     SmsError,
@@ -80,6 +56,7 @@ from protocols.sms_pdu import (
     encode_address,
     encode_deliver,
 )
+from protocols.stream import decoded
 
 log = structlog.get_logger(__name__)
 
@@ -113,19 +90,16 @@ class TiantongNetwork:
 
     def __init__(self, sca: str = DEFAULT_SCA) -> None:
         self.sca = sca
-        self._modules: dict[str, TiantongModuleSimulator] = {}
+        self._modules: Directory[str, TiantongModuleSimulator] = Directory(
+            "number {} is already on the network")
         self._waiting: dict[str, list[bytes]] = {}
         self.sent: list[tuple[str, SmsSubmit]] = []
 
     def register(self, module: TiantongModuleSimulator) -> None:
-        other = self._modules.get(module.number)
-        if other is not None and other is not module:
-            raise SimulatorError(f"number {module.number} is already on the network")
-        self._modules[module.number] = module
+        self._modules.add(module.number, module)
 
     def unregister(self, module: TiantongModuleSimulator) -> None:
-        if self._modules.get(module.number) is module:
-            del self._modules[module.number]
+        self._modules.discard(module.number, module)
 
     def submit(self, sender: str, message: SmsSubmit) -> None:
         """The centre takes `message` from `sender` and delivers it (now or once registered)."""
@@ -167,7 +141,7 @@ class TiantongModuleSimulator(PtyLinked):
         self._pdu_mode = True  # 27.005 §3.2.3: PDU mode is the default
         self._cmgs_length: int | None = None
         self._mr = 0
-        self._decoder = CommandDecoder()
+        self._decoder = atc.CommandDecoder()
         self._rng = random.Random(seed)
         self._symlink = Path(symlink) if symlink is not None else None
         self._line: PtyLine | None = None
@@ -183,20 +157,13 @@ class TiantongModuleSimulator(PtyLinked):
 
     async def start(self) -> None:
         self.network.register(self)
-        self._line = PtyLine(asyncio.get_running_loop(), self._on_readable,
-                             symlink=self._symlink)
-        self.path = self._line.path
+        self._open_line()
         log.info("tiantong_sim_started", path=self.path, number=self.number)
 
     async def stop(self) -> None:
         self.network.unregister(self)
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._line is not None:
-            self._line.close()
-            self._line = None
+        await cancel_and_wait(*self._tasks)
+        if self._close_line():
             log.info("tiantong_sim_stopped", path=self.path, number=self.number)
 
     # --- scripting --------------------------------------------------------------------------
@@ -209,7 +176,7 @@ class TiantongModuleSimulator(PtyLinked):
         log.info("tiantong_sim_faults", number=self.number, faults=repr(self.faults))
         if before.registered != self.faults.registered:
             if self._creg_n == 1:
-                self._send(Creg(self._reg_status()))
+                self._send(atr.Creg(self._reg_status()))
             if self.faults.registered:
                 self.network.flush(self.number)
 
@@ -226,67 +193,65 @@ class TiantongModuleSimulator(PtyLinked):
             return
         self.stored[index] = (0, pdu)  # 27.005 §3.1 <stat> 0: received unread
         self._stats["received"] += 1
-        self._send(Cmti("SM", index))
+        self._send(atr.Cmti("SM", index))
 
     # --- the line ---------------------------------------------------------------------------
 
-    def _reg_status(self) -> RegStatus:
-        return RegStatus.HOME if self.faults.registered else RegStatus.SEARCHING
+    def _reg_status(self) -> atr.RegStatus:
+        return atr.RegStatus.HOME if self.faults.registered else atr.RegStatus.SEARCHING
 
     def _write(self, data: bytes) -> None:
         if self._line is not None and not self._line.write(data):
             self._stats["unwritten"] += 1
 
-    def _send(self, *responses: Response) -> None:
+    def _send(self, *responses: atr.Response) -> None:
         out = b""
         if self.faults.garbage:
             out = bytes(self._rng.getrandbits(8) for _ in range(self.faults.garbage))
             self._stats["garbage_sent"] += self.faults.garbage
             self.faults = dataclasses.replace(self.faults, garbage=0)
-        self._write(out + b"".join(encode_response(r) for r in responses))
+        self._write(out + b"".join(atr.encode_response(r) for r in responses))
 
     def _on_readable(self) -> None:
-        if self._line is None or not (data := self._line.read()):
+        if not (data := self._read_line()):
             return
         if self.faults.silent:
             self._stats["silenced"] += 1
             return
         self._decoder.feed(data)
-        while True:
-            try:
-                event = self._decoder.next_event()
-            except AtError as exc:
+        # Typed here: mypy would join the event kinds into `object`.
+        events: Iterator[atc.Command | atc.PduEntry | atc.PduCancelled | atc.AtError] = decoded(
+            self._decoder.next_event, atc.AtError)
+        for event in events:
+            if isinstance(event, atc.AtError):
                 self._stats["bad_lines"] += 1
-                log.debug("tiantong_sim_bad_line", number=self.number, error=str(exc))
+                log.debug("tiantong_sim_bad_line", number=self.number, error=str(event))
                 self._cmgs_length = None
-                self._send(Result(False))
-                continue
-            if event is NEED_DATA:
-                return
-            if isinstance(event, Command):
+                self._send(atr.Result(False))
+            elif isinstance(event, atc.Command):
                 self._stats["commands"] += 1
                 if self.echo:
-                    self._write(encode_command(event))
+                    self._write(atc.encode_command(event))
                 self._command(event)
-            elif isinstance(event, PduCancelled):
+            elif isinstance(event, atc.PduCancelled):
                 self._stats["cancelled"] += 1
                 self._cmgs_length = None
-                self._send(Result(True))
+                self._send(atr.Result(True))
             else:
                 self._pdu(event)
 
-    def _command(self, c: Command) -> None:
+    def _command(self, c: atc.Command) -> None:
         try:
             self._answer(c)
-        except AtError:
+        except atc.AtError:
             self._error()
 
     def _error(self, code: int | None = None) -> None:
         self._stats["errors"] += 1
-        self._send(Result(False) if code is None else CmsErrorResult(code))
+        self._send(atr.Result(False) if code is None else atr.CmsErrorResult(code))
 
-    def _answer(self, c: Command) -> None:
-        ok = Result(True)
+    def _answer(self, c: atc.Command) -> None:
+        ok = atr.Result(True)
         match (c.name, c.op):
             case ("", ""):
                 self._send(ok)
@@ -294,24 +259,24 @@ class TiantongModuleSimulator(PtyLinked):
                 self.echo = c.name == "E1"
                 self._send(ok)
             case ("+CPIN", "?"):
-                self._send(InfoLine("+CPIN: READY"), ok)
+                self._send(atr.InfoLine("+CPIN: READY"), ok)
             case ("+CMGF", "="):
                 mode = c.int_arg(0)
                 if mode != 0:
-                    self._error(CmsError.OPERATION_NOT_SUPPORTED)
+                    self._error(atr.CmsError.OPERATION_NOT_SUPPORTED)
                     return
                 self._pdu_mode = True
                 self._send(ok)
             case ("+CMGF", "?"):
-                self._send(InfoLine(f"+CMGF: {0 if self._pdu_mode else 1}"), ok)
+                self._send(atr.InfoLine(f"+CMGF: {0 if self._pdu_mode else 1}"), ok)
             case ("+CNMI", "="):
                 self._send(ok)
             case ("+CSQ", ""):
                 registered = self.faults.registered
-                self._send(Csq(self.faults.rssi if registered else 99, 99 if not registered
-                               else 0), ok)
+                self._send(atr.Csq(self.faults.rssi if registered else 99, 99 if not registered
+                                   else 0), ok)
             case ("+CREG", "?"):
-                self._send(Creg(self._reg_status(), self._creg_n), ok)
+                self._send(atr.Creg(self._reg_status(), self._creg_n), ok)
             case ("+CREG", "="):
                 n = c.int_arg(0)
                 if n > 2:
@@ -322,28 +287,28 @@ class TiantongModuleSimulator(PtyLinked):
             case ("+CMGS", "="):
                 length = c.int_arg(0)
                 if not 1 <= length <= 164:
-                    self._error(CmsError.INVALID_PDU_PARAMETER)
+                    self._error(atr.CmsError.INVALID_PDU_PARAMETER)
                     return
                 self._cmgs_length = length
                 self._decoder.expect_pdu()
-                self._send(Prompt())
+                self._send(atr.Prompt())
             case ("+CMGR", "="):
                 index = c.int_arg(0)
                 if index not in self.stored:
-                    self._error(CmsError.INVALID_MEMORY_INDEX)
+                    self._error(atr.CmsError.INVALID_MEMORY_INDEX)
                     return
                 stat, pdu = self.stored[index]
                 self.stored[index] = (1, pdu)  # now read
-                self._send(Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
+                self._send(atr.Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
             case ("+CMGD", "="):
                 if self.stored.pop(c.int_arg(0), None) is None:
-                    self._error(CmsError.INVALID_MEMORY_INDEX)
+                    self._error(atr.CmsError.INVALID_MEMORY_INDEX)
                     return
                 self._send(ok)
             case _:
                 self._error()
 
-    def _pdu(self, entry: PduEntry) -> None:
+    def _pdu(self, entry: atc.PduEntry) -> None:
         length, self._cmgs_length = self._cmgs_length, None
         self._stats["sends"] += 1
         try:
@@ -352,7 +317,7 @@ class TiantongModuleSimulator(PtyLinked):
                 raise SmsError("the TPDU length does not match AT+CMGS")
         except SmsError:
             self._stats["send_failures"] += 1
-            self._error(CmsError.INVALID_PDU_PARAMETER)
+            self._error(atr.CmsError.INVALID_PDU_PARAMETER)
             return
         faults = self.faults
         if faults.send_error is not None:
@@ -366,7 +331,7 @@ class TiantongModuleSimulator(PtyLinked):
             return
         if not faults.registered:
             self._stats["send_failures"] += 1
-            self._error(CmsError.NO_NETWORK_SERVICE)
+            self._error(atr.CmsError.NO_NETWORK_SERVICE)
             return
         mr, self._mr = self._mr, (self._mr + 1) & 0xFF
         task = asyncio.get_running_loop().create_task(
@@ -378,43 +343,17 @@ class TiantongModuleSimulator(PtyLinked):
         await asyncio.sleep(delay)
         self.sent.append(message)
         self.network.submit(self.number, message)
-        self._send(Cmgs(mr), Result(True))
+        self._send(atr.Cmgs(mr), atr.Result(True))
 
 
 # --- process entry --------------------------------------------------------------------------
 
 
-class _Modules:
-    """The modules of one network, started and stopped together."""
-
-    def __init__(self, numbers: Sequence[str], echo: bool) -> None:
-        network = TiantongNetwork()
-        self.modules = [TiantongModuleSimulator(network, n, echo=echo) for n in numbers]
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> Self:
-        async with contextlib.AsyncExitStack() as stack:
-            for m in self.modules:
-                await stack.enter_async_context(m)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
-
-    @property
-    def paths(self) -> dict[str, str]:
-        return {m.number: m.path for m in self.modules}
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stubs.tiantong_sim",
-        description="Simulate Tiantong satellite SMS modules (AT commands) on ptys, linked by "
+    parser = sim_process.simulator_parser(
+        "tiantong_sim", "Simulate Tiantong satellite SMS modules (AT commands) on ptys, linked by "
         "one simulated network.",
-        epilog="example: python -m firmware_stubs.tiantong_sim --number +8617400000001 "
-        "--number +8617400000002 --ready-file /tmp/tt.json",
-    )
+        "--number +8617400000001 --number +8617400000002 --ready-file /tmp/tt.json")
     parser.add_argument("--number", action="append", required=True,
                         help="a module's phone number; repeat for more modules")
     parser.add_argument("--no-echo", action="store_true", help="start with ATE0")
@@ -424,18 +363,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    def announce(modules: _Modules) -> str:
-        if args.ready_file is not None:
-            write_atomic(args.ready_file, json.dumps(modules.paths) + "\n")
-        return ready_line("modules=" + ",".join(f"{n}:{p}" for n, p in modules.paths.items()),
-                          None)
-
-    await serve_until_signal(_Modules(args.number, not args.no_echo), announce)
+    network = TiantongNetwork()
+    modules = sim_process.SimulatorGroup(
+        (n, TiantongModuleSimulator(network, n, echo=not args.no_echo)) for n in args.number)
+    await sim_process.serve_until_signal(
+        modules, sim_process.announce_group("modules", args.ready_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: serve until SIGTERM/SIGINT; exit 0, or 1 on bad settings."""
-    return run(_serve(_parse_args(argv)), (SimulatorError, OSError))
+    return sim_process.run(_serve(_parse_args(argv)), (SimulatorError, OSError))
 
 
 __all__ = ["TiantongFaults", "TiantongModuleSimulator", "TiantongNetwork", "main"]

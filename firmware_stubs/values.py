@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from device_profiles import ConstantSim, CounterSim, Profile, ProfilePoint, RandomWalkSim, WaveSim
-from protocols.modbus_points import DataType, PointValue
+from firmware_stubs.errors import BadValueError
+from protocols.modbus_points import DataType, PointEncodeError, PointValue, encode_point
 
 TICK_S = 0.1  # a random walk takes one step per tick; the Modbus tables refresh once per tick
 _INT_BITS = {DataType.U16: 16, DataType.U32: 32, DataType.U64: 64}
@@ -32,6 +33,15 @@ Shape = Callable[[ProfilePoint, float | int | bool | str], PointValue]
 def modbus_counter_bits(point: ProfilePoint) -> int | None:
     """A Modbus counter wraps at the width of its unsigned register type (else never)."""
     return _INT_BITS.get(point.spec.dtype)
+
+
+def check_modbus_value(point: ProfilePoint, value: PointValue) -> None:
+    """Raise BadValueError unless the point's Modbus type can hold `value`: what a Modbus
+    simulator checks before it pins a point to a value."""
+    try:
+        encode_point(point.spec, value)
+    except PointEncodeError as exc:
+        raise BadValueError(str(exc)) from exc
 
 
 def modbus_shape(point: ProfilePoint, value: float | int | bool | str) -> PointValue:
@@ -144,5 +154,5 @@ def modbus_values(profile: Profile, rng: random.Random
     return by_function, values
 
 
-__all__ = ["TICK_S", "MovingPoint", "PointValues", "modbus_counter_bits", "modbus_shape",
-           "modbus_values"]
+__all__ = ["TICK_S", "MovingPoint", "PointValues", "check_modbus_value", "modbus_counter_bits",
+           "modbus_shape", "modbus_values"]

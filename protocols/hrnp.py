@@ -328,3 +328,10 @@ def decode_app(data: bytes) -> AppMessage:
         raise HrnpChecksumError("app", expected, got)
     return AppMessage(service, int.from_bytes(data[1:3], order), bytes(data[5:-2]),
                       bool(data[0] & _RELIABLE))
+
+
+def reply_to(packet: HrnpPacket, opcode: HrnpOpcode) -> HrnpPacket:
+    """A payload-less answer to `packet` (`DATA_ACK`, `CLOSE_ACK`, `ACCEPT`, ...): the same
+    packet number and version, addressed back to its sender."""
+    return HrnpPacket(opcode, packet.packet_number, packet.destination, packet.source,
+                      version=packet.version)

@@ -25,6 +25,7 @@ from protocols.hrnp import (
     HrnpLengthError,
     HrnpTextError,
     check_int,
+    decode_app,
 )
 
 # TMP services and flags, [kaitai] service_types / ack_flag / option_flag.
@@ -213,6 +214,16 @@ def decode_text(app: AppMessage) -> TextMessage | TextAck:
     return TextMessage(request_id, destination, source, text, group=group, ack_flag=ack_flag,
                        option=option, destination_subnet=dest_subnet, source_subnet=src_subnet)
 
+
+
+def decode_text_data(payload: bytes) -> tuple[TextMessage | TextAck, bool] | None:
+    """The text message or ack in a DATA packet's payload and whether it asks for a reliable
+    answer, or None when the payload is another HDAP service (radio control, location, ...);
+    raises only `HrnpError`."""
+    app = decode_app(payload)
+    if app.service != SERVICE_TEXT:
+        return None
+    return decode_text(app), app.reliable
 
 # ---------------------------------------------------------------------------- text capacity
 

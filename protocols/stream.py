@@ -8,7 +8,11 @@ a bad frame's start) are dropped and counted in `discarded`.
 from __future__ import annotations
 
 import enum
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Final, Literal, TypeVar
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 
 class NeedData(enum.Enum):
@@ -39,4 +43,20 @@ class ByteStream:
         self.discarded += count
 
 
-__all__ = ["NEED_DATA", "ByteStream", "NeedData"]
+def decoded(next_item: Callable[[], T | Literal[NeedData.NEED_DATA]],
+            error: type[E]) -> Iterator[T | E]:
+    """Ask `next_item` (a decoder's `next_frame`, `next_sentence`…) until it answers NEED_DATA:
+    each frame in line order and, in the place of a bad one, the `error` it raised (the decoder
+    has stepped past it, so asking again goes on). Every reader of a decoder loops so."""
+    while True:
+        try:
+            item = next_item()
+        except error as exc:
+            yield exc
+            continue
+        if isinstance(item, NeedData):
+            return
+        yield item
+
+
+__all__ = ["NEED_DATA", "ByteStream", "NeedData", "decoded"]

@@ -14,10 +14,13 @@ ever presses the button).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
+import httpx
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -26,7 +29,8 @@ from protocols import topics
 from protocols.callresp import CallRespEvent, EventType, PlayWarning, event_attrs
 from protocols.command_results import CommandResult, CommandState, result_attrs
 from protocols.envelope import DataBatch, Record, RecordKind, encode
-from tests.fakegw import FakeGateway, Inflight
+from tests.fakegw import FakeGateway, Inflight, ThreadedFleet
+from tests.helpers import wait_for
 
 
 def _now_ms() -> int:
@@ -124,3 +128,29 @@ class TerminalGateway(FakeGateway):
     def stop_timers(self) -> None:
         for t in self._timers:
             t.cancel()
+
+
+def _online(admin: httpx.Client, gw: str) -> bool:
+    rsp = admin.get(f"/api/gateways/{gw}")
+    return rsp.status_code == 200 and bool(rsp.json()["online"])
+
+
+@contextlib.contextmanager
+def terminal_fleet(admin: httpx.Client, host: str, port: int, *, central_key: Ed25519PublicKey,
+                   answers: Mapping[str, Mapping[str, float | None]], online_timeout: float
+                   ) -> Iterator[tuple[dict[str, TerminalGateway], ThreadedFleet]]:
+    """A TerminalGateway for each gateway of `answers` (its terminals' scripts) producing in one
+    ThreadedFleet, handed over once central (`admin`) lists each online; stopped after."""
+    gws = {gw: TerminalGateway(gw, host, port, central_key=central_key, answers=script)
+           for gw, script in answers.items()}
+    fleet = ThreadedFleet(list(gws.values()), interval_s=2.0)
+    fleet.start()
+    try:
+        for gw in gws:
+            wait_for(functools.partial(_online, admin, gw), timeout=online_timeout,
+                     what=f"{gw} online")
+        yield gws, fleet
+    finally:
+        for g in gws.values():
+            g.stop_timers()
+        fleet.close()

@@ -24,20 +24,8 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
+from protocols import envelope as env
 from protocols import topics
-from protocols.envelope import (
-    Ack,
-    Birth,
-    DataBatch,
-    DeviceInfo,
-    EnvelopeError,
-    PointInfo,
-    Record,
-    RecordKind,
-    State,
-    decode,
-    encode,
-)
 
 T0_MS = 1_700_000_000_000
 DEVICE = "fake-1"
@@ -101,25 +89,25 @@ class FakeGateway:
     # --- messages ---------------------------------------------------------------------------
 
     def _state(self, online: bool) -> bytes:
-        return encode(State(online=online, boot_id=self.boot_id, version="fake-0",
-                            bearer="eth", backlog=len(self.inflight),
-                            ts_ms=time.time_ns() // 1_000_000, stream=self.stream))
+        return env.encode(env.State(online=online, boot_id=self.boot_id, version="fake-0",
+                                    bearer="eth", backlog=len(self.inflight),
+                                    ts_ms=time.time_ns() // 1_000_000, stream=self.stream))
 
     def _birth(self) -> bytes:
-        pts = tuple(PointInfo(ordinal=i, key=f"p{i}", name_zh=f"测点{i}", unit="%LEL")
+        pts = tuple(env.PointInfo(ordinal=i, key=f"p{i}", name_zh=f"测点{i}", unit="%LEL")
                     for i in range(self.points))
-        dev = DeviceInfo(id=DEVICE, profile="fake-v1", profile_hash="0" * 16, points=pts)
-        return encode(Birth(gw=self.gw, stream=self.stream, boot_id=self.boot_id,
-                            version="fake-0", devices=(dev,)))
+        dev = env.DeviceInfo(id=DEVICE, profile="fake-v1", profile_hash="0" * 16, points=pts)
+        return env.encode(env.Birth(gw=self.gw, stream=self.stream, boot_id=self.boot_id,
+                                    version="fake-0", devices=(dev,)))
 
     def _batch(self, first: int, size: int) -> bytes:
         recs = []
         for seq in range(first, first + size):
             point, ts, value = expected_record(seq, self.points)
-            recs.append(Record(seq=seq, kind=RecordKind.TELEMETRY, ts_ms=ts, point=point,
-                               value=value))
-        return encode(DataBatch(gw=self.gw, stream=self.stream, records=tuple(recs),
-                                sent_ms=time.time_ns() // 1_000_000))
+            recs.append(env.Record(seq=seq, kind=env.RecordKind.TELEMETRY, ts_ms=ts, point=point,
+                                   value=value))
+        return env.encode(env.DataBatch(gw=self.gw, stream=self.stream, records=tuple(recs),
+                                        sent_ms=time.time_ns() // 1_000_000))
 
     # --- paho callbacks (paho's network thread, or the bench's selector loop) ---------------
 
@@ -147,10 +135,10 @@ class FakeGateway:
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            ack = decode(msg.payload)
-        except EnvelopeError:
+            ack = env.decode(msg.payload)
+        except env.EnvelopeError:
             return
-        if not isinstance(ack, Ack) or ack.stream != self.stream:
+        if not isinstance(ack, env.Ack) or ack.stream != self.stream:
             return
         now = self.clock()
         with self._lock:

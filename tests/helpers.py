@@ -1,8 +1,9 @@
-"""Real-process helpers for the tests: a private Mosquitto, free ports, waiting."""
+"""Helpers for the tests: a private Mosquitto, free ports, waiting, and the codec tests' inputs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import shutil
@@ -10,16 +11,33 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import serial
+from hypothesis import strategies as st
+
+from protocols.stream import ByteStream, NeedData, decoded
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 _handed_out: set[int] = set()
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (`now`), so service intervals need no
+    sleeping: pass it where a simulator or a bearer takes `clock=`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def free_port() -> int:
@@ -72,6 +90,36 @@ def garbage_between(frames: Sequence[bytes], garbage: Sequence[bytes]) -> tuple[
     return stream, sum(map(len, between))
 
 
+def frames_and_errors(next_item: Callable[[], T | NeedData],
+                      error: type[E]) -> tuple[list[T], list[E]]:
+    """Every frame and every error a stream decoder has in it now, apart: what a codec test
+    compares after feeding (`next_item` is the decoder's `next_frame`, `next_sentence`…)."""
+    frames: list[T] = []
+    errors: list[E] = []
+    for item in decoded(next_item, error):
+        if isinstance(item, error):
+            errors.append(item)
+        else:
+            frames.append(cast(T, item))
+    return frames, errors
+
+
+def mutate(wire: bytes, data: st.DataObject) -> bytes:
+    """`wire` with one to three bytes changed, cut off behind or added, as `data` draws them:
+    the input of a codec's "bad bytes raise only its own error" property."""
+    mutated = bytearray(wire)
+    for _ in range(data.draw(st.integers(1, 3))):
+        index = data.draw(st.integers(0, len(mutated) - 1))
+        match data.draw(st.sampled_from(["set", "cut", "add"])):
+            case "set":
+                mutated[index] = data.draw(st.integers(0, 255))
+            case "cut":
+                del mutated[max(index, 1):]
+            case _:
+                mutated.insert(index, data.draw(st.integers(0, 255)))
+    return bytes(mutated)
+
+
 def chunks(stream: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
     """`stream` cut into pieces of `sizes` (taken in turn, cycling), as reads off a line."""
     at, i = 0, 0
@@ -79,6 +127,28 @@ def chunks(stream: bytes, sizes: Sequence[int]) -> Iterator[bytes]:
         size = sizes[i % len(sizes)]
         yield stream[at : at + size]
         at, i = at + size, i + 1
+
+
+def frames_from_chunks(decoder: ByteStream, next_item: Callable[[], T | NeedData],
+                       error: type[Exception], stream: bytes, sizes: Sequence[int]) -> list[T]:
+    """The frames `decoder` gives when `stream` comes in pieces of `sizes` and is asked after
+    each piece (`next_item` is its `next_frame`…); errors are left out."""
+    frames: list[T] = []
+    for piece in chunks(stream, sizes):
+        decoder.feed(piece)
+        frames += frames_and_errors(next_item, error)[0]
+    return frames
+
+
+@contextlib.asynccontextmanager
+async def serial_port(path: str, *, timeout: float = 0.1) -> AsyncIterator[serial.Serial]:
+    """`path` (a simulator's pty) opened with pyserial at 115200 baud as the agent opens a
+    device, for the block; opened and closed in a thread, off the event loop."""
+    port = await asyncio.to_thread(serial.Serial, path, 115200, timeout=timeout)
+    try:
+        yield port
+    finally:
+        await asyncio.to_thread(port.close)
 
 
 def port_open(host: str, port: int) -> bool:

@@ -6,14 +6,18 @@ pass without ever running the PostgreSQL backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 import pytest
+
+from central.storage import Storage, open_storage
 
 PG_URL = os.environ.get("FIELDLINK_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -45,3 +49,25 @@ def pg_schema(prefix: str = "fl_test") -> Iterator[str]:
         with admin_connect() as conn:
             conn.execute("SET lock_timeout = '10s'")
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@contextmanager
+def database_url(kind: str, tmp_path: Path, prefix: str = "fl_test") -> Iterator[str]:
+    """The URL of a new central database of `kind` (one of BACKENDS): a SQLite file under
+    `tmp_path`, or a fresh PostgreSQL schema (named from `prefix`), dropped after."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/central.db"
+    else:
+        with pg_schema(prefix) as url:
+            yield url
+
+
+@contextlib.asynccontextmanager
+async def backend(kind: str, tmp_path: Path, n: int = 1) -> AsyncIterator[list[Storage]]:
+    """`n` storage instances (separate connections) on one new database of `kind`."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = stack.enter_context(database_url(kind, tmp_path))
+        yield [await stack.enter_async_context(open_storage(url)) for _ in range(n)]

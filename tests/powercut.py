@@ -46,23 +46,19 @@ static void note(int fd) {
     fclose(f);
 }
 
-int fsync(int fd) {
-    static int (*real)(int) = NULL;
-    int rc;
-    if (real == NULL) real = (int (*)(int)) dlsym(RTLD_NEXT, "fsync");
-    rc = real(fd);
-    if (rc == 0) note(fd);
-    return rc;
+/* fsync(2) and fdatasync(2): the libc call, then note() what it made durable */
+#define NOTING(name)                                                            \
+int name(int fd) {                                                              \
+    static int (*real)(int) = NULL;                                             \
+    int rc;                                                                     \
+    if (real == NULL) real = (int (*)(int)) dlsym(RTLD_NEXT, #name);            \
+    rc = real(fd);                                                              \
+    if (rc == 0) note(fd);                                                      \
+    return rc;                                                                  \
 }
 
-int fdatasync(int fd) {
-    static int (*real)(int) = NULL;
-    int rc;
-    if (real == NULL) real = (int (*)(int)) dlsym(RTLD_NEXT, "fdatasync");
-    rc = real(fd);
-    if (rc == 0) note(fd);
-    return rc;
-}
+NOTING(fsync)
+NOTING(fdatasync)
 """
 
 # The child: open the outbox as boot `boot`, append an alarm raise (synchronous=FULL), then

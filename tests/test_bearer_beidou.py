@@ -10,33 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bearers import (
-    BearerPortError,
-    BearerRequestError,
-    BearerTimeoutError,
-    CardInfo,
-    NoCardError,
-    Refusal,
-    SendResult,
-)
+from edge_agent import bearers
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect, InboundMessage
 from firmware_stubs.beidou_sim import BeidouMode, BeidouTerminalSimulator
-from tests.helpers import until
+from tests.helpers import FakeClock, until
 from protocols.beidou import Bd3Message
 
 CENTRAL = "0242407"
 STEP_S = 5.0  # generous: the simulator answers at once, but CI is a loaded box
 DIALECTS: dict[Dialect, BeidouMode] = {"bd3": BeidouMode.BD3, "bd2": BeidouMode.BD2}
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand, so the service interval needs no sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +38,7 @@ async def test_card_info_bd3() -> None:
     """BD-3: `$BDICP` gives card, level (0 read as 5) and interval; the limit is the regional
     service's 14,000 bits unless `max_payload_bytes` lowers it."""
     async with pair("bd3", card_id="15240507", level=5, interval_s=60) as (_, t):
-        assert await t.info() == CardInfo("15240507", 5, 60, 1750, "bd3")
+        assert await t.info() == bearers.CardInfo("15240507", 5, 60, 1750, "bd3")
     async with pair("bd3", max_payload_bytes=70) as (_, t):
         assert (await t.info()).payload_bytes == 70
         assert t.card is not None and t.card.payload_bytes == 70
@@ -68,7 +50,7 @@ async def test_card_info_bd2(level: int, encrypted: bool, payload: int) -> None:
     """BD-2: the limit is the mixed-mode payload of the card level's capacity (77 at level 3)."""
     async with pair("bd2", level=level, encrypted=encrypted, interval_s=0.3) as (_, t):
         info = await t.info()
-    assert info == CardInfo("0247718", level, 1, payload, "bd2", encrypted)
+    assert info == bearers.CardInfo("0247718", level, 1, payload, "bd2", encrypted)
 
 
 @pytest.mark.parametrize("dialect", ["bd3", "bd2"])
@@ -77,10 +59,10 @@ async def test_send_accepted_then_too_early_refused_with_wait(dialect: Dialect) 
     INTERVAL with the seconds left; after them a send goes again."""
     clock = FakeClock()
     async with pair(dialect, interval_s=60, clock=clock) as (sim, t):
-        assert await t.send(CENTRAL, b"\x01\x02\xff") == SendResult(True)
+        assert await t.send(CENTRAL, b"\x01\x02\xff") == bearers.SendResult(True)
         clock.now += 20.5
         early = await t.send(CENTRAL, b"early")
-        assert (early.accepted, early.reason) == (False, Refusal.INTERVAL)
+        assert (early.accepted, early.reason) == (False, bearers.Refusal.INTERVAL)
         assert early.wait_s == 40
         clock.now += 40
         assert (await t.send(CENTRAL, b"later")).accepted
@@ -99,7 +81,8 @@ async def test_bd3_no_beams_not_ready_and_refused() -> None:
         await until(lambda: not t.ready)
         assert not await t.wait_ready(0.3)
         refused = await t.send(CENTRAL, b"x")
-        assert (refused.accepted, refused.reason, refused.code) == (False, Refusal.NO_BEAMS, 4)
+        assert (refused.accepted, refused.reason, refused.code) == (
+            False, bearers.Refusal.NO_BEAMS, 4)
         sim.set_faults(no_beams=False)
         assert await t.wait_ready(STEP_S)
         assert (await t.send(CENTRAL, b"x")).accepted
@@ -126,9 +109,9 @@ async def test_bd2_is_ready_without_beam_reports_and_refusals_are_typed() -> Non
     async with pair("bd2", interval_s=0) as (sim, t):
         assert t.ready and await t.wait_ready(0.1)
         sim.set_faults(suppressed=True)
-        assert (await t.send(CENTRAL, b"a")).reason is Refusal.SUPPRESSED
+        assert (await t.send(CENTRAL, b"a")).reason is bearers.Refusal.SUPPRESSED
         sim.set_faults(suppressed=False, silent=True)
-        assert (await t.send(CENTRAL, b"a")).reason is Refusal.SILENT
+        assert (await t.send(CENTRAL, b"a")).reason is bearers.Refusal.SILENT
         sim.set_faults(silent=False)
         assert (await t.send(CENTRAL, b"a")).accepted
         assert t.counters.refused_by_reason == {"suppressed": 1, "silent": 1}
@@ -139,10 +122,10 @@ async def test_silent_terminal_times_out(dialect: Dialect) -> None:
     """A terminal that answers nothing gives BearerTimeoutError naming the step, each time."""
     async with pair(dialect, step_timeout_s=0.5) as (sim, t):
         sim.set_faults(mute=True)
-        with pytest.raises(BearerTimeoutError) as card:
+        with pytest.raises(bearers.BearerTimeoutError) as card:
             await t.info()
         assert card.value.step == "card query" and card.value.timeout_s == 0.5
-        with pytest.raises(BearerTimeoutError) as send:
+        with pytest.raises(bearers.BearerTimeoutError) as send:
             await t.send(CENTRAL, b"x")
         assert send.value.step == "send"
         assert t.counters.timeouts == 2
@@ -155,7 +138,7 @@ async def test_no_card(dialect: Dialect) -> None:
     """A terminal without a card answers the query with card 0000000: NoCardError."""
     async with pair(dialect) as (sim, t):
         sim.set_faults(no_card=True)
-        with pytest.raises(NoCardError):
+        with pytest.raises(bearers.NoCardError):
             await t.info()
 
 
@@ -173,7 +156,7 @@ async def test_garbage_and_bad_checksums_tolerated() -> None:
 async def test_wrong_recipient_for_dialect() -> None:
     """A BD-2 send to an 8-digit card cannot be made: BearerRequestError, nothing written."""
     async with pair("bd2") as (sim, t):
-        with pytest.raises(BearerRequestError):
+        with pytest.raises(bearers.BearerRequestError):
             await t.send("15240507", b"x")
         assert sim.stats()["accepted"] + sim.stats()["refused"] == 0
 
@@ -199,7 +182,7 @@ async def test_port_lost_then_reopened(tmp_path: Path) -> None:
             assert (await t.info()).card_id == "0242407"
         await until(lambda: not t.is_open)
         assert t.counters.port_lost == 1
-        with pytest.raises(BearerPortError):
+        with pytest.raises(bearers.BearerPortError):
             await t.info()
         async with BeidouTerminalSimulator(mode=BeidouMode.BD2, card_id="0247718",
                                            symlink=link):

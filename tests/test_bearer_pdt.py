@@ -10,15 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.bearers import (
-    BearerPortError,
-    BearerRequestError,
-    BearerTimeoutError,
-    CardInfo,
-    ConnectRejectedError,
-    Refusal,
-    SendResult,
-)
+from edge_agent import bearers
 from edge_agent.bearers.pdt import PdtRadio
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from protocols.hrnp import HrnpOpcode, HrnpPacket, encode_packet
@@ -47,7 +39,7 @@ async def test_connect_and_info() -> None:
     and the frame bytes whose text fits `max_text_bytes`."""
     async with pair(interval_s=7) as (ours, _, r):
         assert r.ready and ours.connected and ours.stats()["connects"] == 1
-        assert await r.info() == CardInfo(str(OURS), 0, 7, 45, "pdt")
+        assert await r.info() == bearers.CardInfo(str(OURS), 0, 7, 45, "pdt")
         assert await r.wait_ready(0.1)
     async with pair(max_text_bytes=256) as (_, _, r):
         assert (await r.info()).payload_bytes == 93  # 128 units - 4 = 124 chars: 31 groups
@@ -57,8 +49,8 @@ async def test_accepted_send_arrives_as_frame_text() -> None:
     """An accepted send reaches the linked radio as a private text from our radio id whose
     text is exactly the frame's text form; both data packets are acked."""
     async with pair() as (ours, theirs, r):
-        assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
-        assert await r.send(str(CENTRAL), b"\x01") == SendResult(True)
+        assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
+        assert await r.send(str(CENTRAL), b"\x01") == bearers.SendResult(True)
         (first, second) = theirs.received
         assert (first.destination, first.source, first.group) == (CENTRAL, OURS, False)
         assert first.text == to_text(FRAME) and from_text(first.text) == FRAME
@@ -68,18 +60,21 @@ async def test_accepted_send_arrives_as_frame_text() -> None:
 
 
 @pytest.mark.parametrize(("code", "reason"), [
-    (TextResult.CHANNEL_BUSY, Refusal.CHANNEL_BUSY), (TextResult.NO_CONTACT, Refusal.NO_CONTACT),
-    (TextResult.TX_DENIED, Refusal.TX_DENIED), (TextResult.LOW_BATTERY, Refusal.LOW_BATTERY),
-    (TextResult.FAIL, Refusal.OTHER), (TextResult.REPEATER_WAKEUP_FAIL, Refusal.OTHER),
+    (TextResult.CHANNEL_BUSY, bearers.Refusal.CHANNEL_BUSY),
+    (TextResult.NO_CONTACT, bearers.Refusal.NO_CONTACT),
+    (TextResult.TX_DENIED, bearers.Refusal.TX_DENIED),
+    (TextResult.LOW_BATTERY, bearers.Refusal.LOW_BATTERY),
+    (TextResult.FAIL, bearers.Refusal.OTHER),
+    (TextResult.REPEATER_WAKEUP_FAIL, bearers.Refusal.OTHER),
 ])
-async def test_fault_codes_are_typed_refusals(code: TextResult, reason: Refusal) -> None:
+async def test_fault_codes_are_typed_refusals(code: TextResult, reason: bearers.Refusal) -> None:
     """Each TMP result is a refusal with its reason and code, nothing is sent on the air, and
     the next send goes."""
     async with pair() as (ours, theirs, r):
         ours.set_faults(result=code, times=1)
-        assert await r.send(str(CENTRAL), FRAME) == SendResult(False, reason, 0, code)
+        assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(False, reason, 0, code)
         assert theirs.received == []
-        assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
+        assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
         assert r.counters.refused_by_reason == {str(reason): 1}
 
 
@@ -87,7 +82,8 @@ async def test_unknown_recipient_is_no_contact() -> None:
     """A radio id nobody has on the air: the radio answers no contact."""
     async with pair() as (_, _, r):
         result = await r.send("9999", FRAME)
-        assert (result.accepted, result.reason, result.code) == (False, Refusal.NO_CONTACT, 10)
+        assert (result.accepted, result.reason, result.code) == (
+            False, bearers.Refusal.NO_CONTACT, 10)
 
 
 async def test_no_answer_is_a_timeout_and_a_late_ack_is_not_taken() -> None:
@@ -95,17 +91,17 @@ async def test_no_answer_is_a_timeout_and_a_late_ack_is_not_taken() -> None:
     it is "data ack" and the next send connects again."""
     async with pair(step_timeout_s=0.5) as (ours, theirs, r):
         ours.set_faults(no_answer=True, times=1)
-        with pytest.raises(BearerTimeoutError) as err:
+        with pytest.raises(bearers.BearerTimeoutError) as err:
             await r.send(str(CENTRAL), FRAME)
         assert (err.value.step, err.value.timeout_s) == ("text ack", 0.5)
         assert r.ready  # the radio took the packet: the link is up
-        assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
+        assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
         ours.set_faults(silent=True)
-        with pytest.raises(BearerTimeoutError) as err:
+        with pytest.raises(bearers.BearerTimeoutError) as err:
             await r.send(str(CENTRAL), FRAME)
         assert err.value.step == "data ack" and not r.ready
         ours.set_faults(silent=False)
-        assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
+        assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
         assert ours.stats()["connects"] == 2 and r.counters.timeouts == 2
         assert len(theirs.received) == 2
 
@@ -117,7 +113,7 @@ async def test_rejected_connect() -> None:
         ours.set_faults(reject_connect=True)
         r = PdtRadio(ours.link_path, step_timeout_s=STEP_S)
         try:
-            with pytest.raises(ConnectRejectedError):
+            with pytest.raises(bearers.ConnectRejectedError):
                 await r.info()
             assert not await r.wait_ready(STEP_S)
             ours.set_faults(reject_connect=False)
@@ -131,12 +127,12 @@ async def test_bad_requests_are_refused_before_the_line() -> None:
     BearerRequestError; nothing is written."""
     async with pair() as (ours, _, r):
         for recipient in ("central", "0", "16777216", "-1", "١٢"):
-            with pytest.raises(BearerRequestError):
+            with pytest.raises(bearers.BearerRequestError):
                 await r.send(recipient, FRAME)
-        with pytest.raises(BearerRequestError):
+        with pytest.raises(bearers.BearerRequestError):
             await r.send(str(CENTRAL), bytes(r.payload_bytes + 1))
         assert ours.stats()["text_requests"] == 0
-        assert await r.send(str(CENTRAL), bytes(r.payload_bytes)) == SendResult(True)
+        assert await r.send(str(CENTRAL), bytes(r.payload_bytes)) == bearers.SendResult(True)
 
 
 async def test_garbage_tolerated_and_incoming_text_acked() -> None:
@@ -153,7 +149,7 @@ async def test_garbage_tolerated_and_incoming_text_acked() -> None:
         await until(lambda: bool(got))
         assert got[0].text == "收到 请回复" and r.counters.inbound == 1
         await until(lambda: ours.stats()["data_acks_received"] == 1)
-        assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
+        assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
 
 
 async def test_port_lost_then_reopened(tmp_path: Path) -> None:
@@ -165,13 +161,13 @@ async def test_port_lost_then_reopened(tmp_path: Path) -> None:
     try:
         async with PdtRadioSimulator(air, CENTRAL) as theirs:
             async with PdtRadioSimulator(air, OURS, symlink=link):
-                assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
+                assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
             await until(lambda: not r.is_open)
             assert r.counters.port_lost == 1 and not r.ready
-            with pytest.raises(BearerPortError):
+            with pytest.raises(bearers.BearerPortError):
                 await r.send(str(CENTRAL), FRAME)
             async with PdtRadioSimulator(air, OURS, symlink=link) as again:
-                assert await r.send(str(CENTRAL), FRAME) == SendResult(True)
+                assert await r.send(str(CENTRAL), FRAME) == bearers.SendResult(True)
                 assert again.stats()["connects"] == 1
             assert r.counters.port_opens == 2 and len(theirs.received) == 2
     finally:

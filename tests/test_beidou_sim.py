@@ -17,44 +17,11 @@ from firmware_stubs.beidou_sim import (
     BeidouTerminalSimulator,
 )
 from firmware_stubs.errors import SimulatorError
-from protocols.beidou import (
-    NEED_DATA,
-    Bd2CardInfo,
-    Bd2CardQuery,
-    Bd2Feedback,
-    Bd2Message,
-    Bd2Mode,
-    Bd2Send,
-    Bd2Suppression,
-    Bd3CardInfo,
-    Bd3CardQuery,
-    Bd3Encoding,
-    Bd3Feedback,
-    Bd3Message,
-    Bd3Reason,
-    Bd3Send,
-    BeamReport,
-    BeidouDecoder,
-    BeidouError,
-    Sentence,
-    UnknownSentence,
-    encode,
-    mixed_mode_payload_bytes,
-)
-from tests.helpers import until
+from protocols import beidou as bd
+from tests.helpers import FakeClock, serial_port, until
 
 S = TypeVar("S")
 BD2, BD3 = BeidouMode.BD2, BeidouMode.BD3
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand, so intervals need no sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class SerialTerminal:
@@ -62,11 +29,11 @@ class SerialTerminal:
 
     def __init__(self, port: serial.Serial) -> None:
         self._port = port
-        self._decoder = BeidouDecoder()
-        self.errors: list[BeidouError] = []
+        self._decoder = bd.BeidouDecoder()
+        self.errors: list[bd.BeidouError] = []
 
-    async def send(self, item: Sentence | bytes) -> None:
-        data = item if isinstance(item, bytes) else encode(item)
+    async def send(self, item: bd.Sentence | bytes) -> None:
+        data = item if isinstance(item, bytes) else bd.encode(item)
         await asyncio.to_thread(self._port.write, data)
 
     async def expect(self, kind: type[S], where: Callable[[S], bool] = lambda _: True,
@@ -76,17 +43,17 @@ class SerialTerminal:
         while True:
             try:
                 item = self._decoder.next_sentence()
-            except BeidouError as exc:
+            except bd.BeidouError as exc:
                 self.errors.append(exc)
                 continue
-            if item is NEED_DATA:
+            if item is bd.NEED_DATA:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no {kind.__name__} within {timeout}s")
                 self._decoder.feed(await asyncio.to_thread(self._port.read, 4096))
             elif isinstance(item, kind) and where(item):
                 return item
 
-    async def ask(self, request: Sentence, kind: type[S]) -> S:
+    async def ask(self, request: bd.Sentence, kind: type[S]) -> S:
         await self.send(request)
         return await self.expect(kind)
 
@@ -94,11 +61,8 @@ class SerialTerminal:
 @contextlib.asynccontextmanager
 async def terminal(sim: BeidouTerminalSimulator) -> AsyncIterator[SerialTerminal]:
     """Open the simulator's pty with pyserial at 115200 baud for the block."""
-    port = await asyncio.to_thread(serial.Serial, sim.link_path, 115200, timeout=0.05)
-    try:
+    async with serial_port(sim.link_path, timeout=0.05) as port:
         yield SerialTerminal(port)
-    finally:
-        await asyncio.to_thread(port.close)
 
 
 @contextlib.asynccontextmanager
@@ -113,13 +77,13 @@ async def running(**settings: object) -> AsyncIterator[tuple[BeidouTerminalSimul
 async def test_card_queries_answered() -> None:
     """`$CCICR` gets `$BDICP` (level 5 sent as 0) and `$CCICA` gets `$BDICI`, per dialect."""
     async with running(mode=BD3, card_id="15240507", level=5, interval_s=60) as (sim, port):
-        await port.send(Bd2CardQuery())  # the other dialect: ignored
-        info = await port.ask(Bd3CardQuery(), Bd3CardInfo)
+        await port.send(bd.Bd2CardQuery())  # the other dialect: ignored
+        info = await port.ask(bd.Bd3CardQuery(), bd.Bd3CardInfo)
         assert (info.card_id, info.interval_s, info.level_code, info.level) == (
             "15240507", 60, 0, 5)
         assert sim.stats()["wrong_dialect"] == 1 and sim.stats()["card_queries"] == 1
     async with running(mode=BD2, card_id="0247718", level=3, interval_s=0.3) as (sim, port):
-        ici = await port.ask(Bd2CardQuery(), Bd2CardInfo)
+        ici = await port.ask(bd.Bd2CardQuery(), bd.Bd2CardInfo)
         assert (ici.card_id, ici.level, ici.interval_s, ici.encrypted) == ("0247718", 3, 1, False)
         assert ici.has_card
 
@@ -129,15 +93,15 @@ async def test_beam_reports_and_no_beams_fault() -> None:
     clock = FakeClock()
     async with running(mode=BD3, pwi_period_s=0.05, clock=clock) as (sim, port):
         for _ in range(3):
-            assert (await port.expect(BeamReport)).ready
+            assert (await port.expect(bd.BeamReport)).ready
         sim.set_faults(no_beams=True)
-        dark = await port.expect(BeamReport, lambda r: not r.ready)
-        assert dark == BeamReport(dark.time) and not dark.has_time and not dark.bd3_beams
-        refused = await port.ask(Bd3Send("0242407", b"x"), Bd3Feedback)
-        assert (refused.executed, refused.reason) == (False, Bd3Reason.POWER_NOT_LOCKED)
+        dark = await port.expect(bd.BeamReport, lambda r: not r.ready)
+        assert dark == bd.BeamReport(dark.time) and not dark.has_time and not dark.bd3_beams
+        refused = await port.ask(bd.Bd3Send("0242407", b"x"), bd.Bd3Feedback)
+        assert (refused.executed, refused.reason) == (False, bd.Bd3Reason.POWER_NOT_LOCKED)
         sim.set_faults(no_beams=False)
-        assert (await port.expect(BeamReport, lambda r: r.ready)).has_time
-        assert (await port.ask(Bd3Send("0242407", b"x"), Bd3Feedback)).executed
+        assert (await port.expect(bd.BeamReport, lambda r: r.ready)).has_time
+        assert (await port.ask(bd.Bd3Send("0242407", b"x"), bd.Bd3Feedback)).executed
         assert sim.stats()["pwi"] >= 5
 
 
@@ -145,32 +109,32 @@ async def test_bd3_send_then_too_early_send_refused_with_wait() -> None:
     """A TCQ is accepted and recorded; the next within the interval gets reason 1 and a wait."""
     clock = FakeClock()
     async with running(mode=BD3, card_id="4238473", interval_s=60, clock=clock) as (sim, port):
-        first = await port.ask(Bd3Send("0242407", b"\x01\xa4\xff", Bd3Encoding.MIXED),
-                               Bd3Feedback)
+        first = await port.ask(bd.Bd3Send("0242407", b"\x01\xa4\xff", bd.Bd3Encoding.MIXED),
+                               bd.Bd3Feedback)
         assert (first.command, first.executed, first.reason, first.wait_s) == ("TCQ", True, 0, 0)
         clock.now += 20.5
-        early = await port.ask(Bd3Send("0242407", b"again"), Bd3Feedback)
-        assert (early.executed, early.reason, early.wait_s) == (False, Bd3Reason.INTERVAL, 40)
+        early = await port.ask(bd.Bd3Send("0242407", b"again"), bd.Bd3Feedback)
+        assert (early.executed, early.reason, early.wait_s) == (False, bd.Bd3Reason.INTERVAL, 40)
         clock.now += 39.6
-        assert (await port.ask(Bd3Send("0242407", b"later"), Bd3Feedback)).executed
+        assert (await port.ask(bd.Bd3Send("0242407", b"later"), bd.Bd3Feedback)).executed
         sent = sim.sent_messages()
         assert [(m.sender, m.recipient, m.payload) for m in sent] == [
             ("4238473", "0242407", b"\x01\xa4\xff"), ("4238473", "0242407", b"later")]
-        assert sent[0].at == 1000.0 and sent[0].encoding is Bd3Encoding.MIXED
+        assert sent[0].at == 1000.0 and sent[0].encoding is bd.Bd3Encoding.MIXED
         assert sim.stats()["refused_interval"] == 1
 
 
 async def test_bd2_send_interval_on_real_clock() -> None:
     """On BD-2 a too-early TXA gets interval flag N and mmss; after 0.3 s a send goes again."""
     async with running(mode=BD2, card_id="0247718", interval_s=0.3) as (sim, port):
-        assert await port.ask(Bd2Send("0242407", b"one"), Bd2Feedback) == Bd2Feedback()
+        assert await port.ask(bd.Bd2Send("0242407", b"one"), bd.Bd2Feedback) == bd.Bd2Feedback()
         sim.interval_s = 3600.0  # lengthen it: the refusal must not depend on how fast we are
-        early = await port.ask(Bd2Send("0242407", b"two"), Bd2Feedback)
+        early = await port.ask(bd.Bd2Send("0242407", b"two"), bd.Bd2Feedback)
         assert (early.executed, early.interval_ok, early.suppression) == (False, False, 0)
         assert 3500 <= early.wait_s <= 3600
         sim.interval_s = 0.3
         await asyncio.sleep(0.4)
-        assert (await port.ask(Bd2Send("0242407", b"three"), Bd2Feedback)).executed
+        assert (await port.ask(bd.Bd2Send("0242407", b"three"), bd.Bd2Feedback)).executed
         assert [m.payload for m in sim.sent_messages()] == [b"one", b"three"]
 
 
@@ -178,17 +142,17 @@ async def test_over_capacity_payload_refused() -> None:
     """A payload over the card's capacity is refused (N, no reason); one that fits goes."""
     clock = FakeClock()
     async with running(mode=BD2, level=3, clock=clock) as (sim, port):
-        fits = mixed_mode_payload_bytes(sim.capacity_bits)
+        fits = bd.mixed_mode_payload_bytes(sim.capacity_bits)
         assert fits == 77
-        big = await port.ask(Bd2Send("0242407", bytes(fits + 1)), Bd2Feedback)
+        big = await port.ask(bd.Bd2Send("0242407", bytes(fits + 1)), bd.Bd2Feedback)
         assert (big.executed, big.interval_ok, big.suppression, big.wait_s) == (
             False, True, 0, 0)
-        assert (await port.ask(Bd2Send("0242407", bytes(fits)), Bd2Feedback)).executed
+        assert (await port.ask(bd.Bd2Send("0242407", bytes(fits)), bd.Bd2Feedback)).executed
         assert sim.stats()["refused_too_long"] == 1
     async with running(mode=BD3, capacity_bits=560, clock=clock) as (sim, port):
-        big3 = await port.ask(Bd3Send("0242407", bytes(71)), Bd3Feedback)
-        assert (big3.executed, big3.reason) == (False, Bd3Reason.NONE)
-        assert (await port.ask(Bd3Send("0242407", bytes(70)), Bd3Feedback)).executed
+        big3 = await port.ask(bd.Bd3Send("0242407", bytes(71)), bd.Bd3Feedback)
+        assert (big3.executed, big3.reason) == (False, bd.Bd3Reason.NONE)
+        assert (await port.ask(bd.Bd3Send("0242407", bytes(70)), bd.Bd3Feedback)).executed
         assert len(sim.sent_messages()) == 1
 
 
@@ -202,33 +166,33 @@ async def test_linked_terminals_deliver_exact_payload() -> None:
     async with gateway, central, old:
         async with terminal(gateway) as g_port, terminal(central) as c_port, \
                 terminal(old) as o_port:
-            assert (await g_port.ask(Bd3Send("0242407", payload), Bd3Feedback)).executed
-            got = await c_port.expect(Bd3Message)
+            assert (await g_port.ask(bd.Bd3Send("0242407", payload), bd.Bd3Feedback)).executed
+            got = await c_port.expect(bd.Bd3Message)
             assert (got.sender, got.recipient, got.payload, got.encoding) == (
-                "4238473", "0242407", payload, Bd3Encoding.MIXED)
+                "4238473", "0242407", payload, bd.Bd3Encoding.MIXED)
             assert got.time is not None
             assert [m.payload for m in central.received_messages()] == [payload]
             short = b"\x00\xa4,*$\r\n"
-            assert (await g_port.ask(Bd3Send("0247718", short), Bd3Feedback)).executed
-            txr = await o_port.expect(Bd2Message)
+            assert (await g_port.ask(bd.Bd3Send("0247718", short), bd.Bd3Feedback)).executed
+            txr = await o_port.expect(bd.Bd2Message)
             assert (txr.sender, txr.payload, txr.mode, txr.kind) == (
-                "4238473", short, Bd2Mode.MIXED, 1)
-            assert (await g_port.ask(Bd3Send("9999999", b"nobody"), Bd3Feedback)).executed
+                "4238473", short, bd.Bd2Mode.MIXED, 1)
+            assert (await g_port.ask(bd.Bd3Send("9999999", b"nobody"), bd.Bd3Feedback)).executed
             assert (sky.delivered, sky.undeliverable) == (2, 1)
 
 
 async def test_injected_inbound_message_arrives() -> None:
     """`inject_inbound()` puts a message from the central's card on the line."""
     async with running(mode=BD3, card_id="4238473", pwi_period_s=None) as (sim, port):
-        sim.inject_inbound("0242407", b"\xa4warn", encoding=Bd3Encoding.CODE)
-        tci = await port.expect(Bd3Message)
+        sim.inject_inbound("0242407", b"\xa4warn", encoding=bd.Bd3Encoding.CODE)
+        tci = await port.expect(bd.Bd3Message)
         assert (tci.sender, tci.recipient, tci.payload, tci.encoding) == (
-            "0242407", "4238473", b"\xa4warn", Bd3Encoding.CODE)
+            "0242407", "4238473", b"\xa4warn", bd.Bd3Encoding.CODE)
     async with running(mode=BD2, card_id="0247718") as (sim, port):
         sim.inject_inbound("0242407", b"\x01\x02", express=True)
-        txr = await port.expect(Bd2Message)
+        txr = await port.expect(bd.Bd2Message)
         assert (txr.sender, txr.payload, txr.mode, txr.kind) == (
-            "0242407", b"\x01\x02", Bd2Mode.MIXED, 2)
+            "0242407", b"\x01\x02", bd.Bd2Mode.MIXED, 2)
         assert txr.time is not None and txr.time.second == 0
         with pytest.raises(SimulatorError, match="sender"):
             sim.inject_inbound("12345678901", b"x")  # no BD-2 sender has 11 digits
@@ -238,8 +202,8 @@ async def test_garbage_on_line_counted_not_fatal() -> None:
     """Noise, bad checksums, cut-off and overlong lines are counted; the terminal still answers."""
     async with running(mode=BD3, pwi_period_s=None) as (sim, port):
         await port.send(b"\x00\xff noise\r\n$CCICR,0,00*00\r\n$GARBAGE" + b"$" + b"A" * 5000)
-        await port.send(b"\r\n\xfe" + encode(UnknownSentence("GNRMC", ("1",))))
-        info = await port.ask(Bd3CardQuery(), Bd3CardInfo)
+        await port.send(b"\r\n\xfe" + bd.encode(bd.UnknownSentence("GNRMC", ("1",))))
+        info = await port.ask(bd.Bd3CardQuery(), bd.Bd3CardInfo)
         assert info.card_id == sim.card_id
         stats = sim.stats()
         assert stats["bad_sentences"] >= 3  # checksum, cut off, too long (and the tail)
@@ -251,37 +215,38 @@ async def test_refusal_faults_give_their_reasons() -> None:
     """Silence, suppression and no card refuse sends with the right BD-3 reason / BD-2 code."""
     clock = FakeClock()
     async with running(mode=BD3, pwi_period_s=None, clock=clock) as (sim, port):
-        for fault, reason in (("silent", Bd3Reason.SILENT), ("suppressed", Bd3Reason.SUPPRESSED),
-                              ("no_card", Bd3Reason.NO_CARD)):
+        for fault, reason in (("silent", bd.Bd3Reason.SILENT),
+                              ("suppressed", bd.Bd3Reason.SUPPRESSED),
+                              ("no_card", bd.Bd3Reason.NO_CARD)):
             sim.set_faults(**{fault: True})
-            fki = await port.ask(Bd3Send("0242407", b"x"), Bd3Feedback)
+            fki = await port.ask(bd.Bd3Send("0242407", b"x"), bd.Bd3Feedback)
             assert (fki.executed, fki.reason) == (False, reason), fault
             sim.set_faults(**{fault: False})
         sim.set_faults(no_card=True)
-        assert not (await port.ask(Bd3CardQuery(), Bd3CardInfo)).has_card
+        assert not (await port.ask(bd.Bd3CardQuery(), bd.Bd3CardInfo)).has_card
         assert sim.sent_messages() == ()
     async with running(mode=BD2, clock=clock) as (sim, port):
         sim.set_faults(silent=True)
-        fki2 = await port.ask(Bd2Send("0242407", b"x"), Bd2Feedback)
-        assert (fki2.executed, fki2.suppression) == (False, Bd2Suppression.RADIO_SILENCE)
+        fki2 = await port.ask(bd.Bd2Send("0242407", b"x"), bd.Bd2Feedback)
+        assert (fki2.executed, fki2.suppression) == (False, bd.Bd2Suppression.RADIO_SILENCE)
         sim.set_faults(silent=False, suppressed=True)
-        fki2 = await port.ask(Bd2Send("0242407", b"x"), Bd2Feedback)
-        assert (fki2.executed, fki2.suppression) == (False, Bd2Suppression.SYSTEM)
+        fki2 = await port.ask(bd.Bd2Send("0242407", b"x"), bd.Bd2Feedback)
+        assert (fki2.executed, fki2.suppression) == (False, bd.Bd2Suppression.SYSTEM)
 
 
 async def test_output_faults() -> None:
     """A bad checksum and noise spoil one answer; a muted terminal says nothing until unmuted."""
     async with running(mode=BD2, pwi_period_s=None) as (sim, port):
         sim.set_faults(bad_checksum=1, garbage=7)
-        await port.send(Bd2CardQuery())
-        assert (await port.ask(Bd2CardQuery(), Bd2CardInfo)).card_id == sim.card_id
+        await port.send(bd.Bd2CardQuery())
+        assert (await port.ask(bd.Bd2CardQuery(), bd.Bd2CardInfo)).card_id == sim.card_id
         assert len(port.errors) == 1
         assert sim.stats()["garbage_bytes"] == 7 and sim.stats()["bad_checksum"] == 1
         sim.set_faults(mute=True)
-        await port.send(Bd2CardQuery())
+        await port.send(bd.Bd2CardQuery())
         await until(lambda: sim.stats()["card_queries"] == 3)
         sim.set_faults(mute=False)
-        await port.ask(Bd2CardQuery(), Bd2CardInfo)
+        await port.ask(bd.Bd2CardQuery(), bd.Bd2CardInfo)
         assert sim.stats()["muted"] == 1 and sim.stats()["card_queries"] == 4
 
 

@@ -7,6 +7,7 @@ central SIGKILLed in the middle and restarted."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from protocols.commands import parse_public_key
-from tests.callresp_gw import TerminalGateway
+from tests.callresp_gw import TerminalGateway, terminal_fleet
 from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
@@ -58,21 +59,16 @@ def round_(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Round]:
     cfg.write_text(f"[central.callresp]\ndeadline_red_s = {DEADLINE_S}\nresends = 3\n"
                    "tick_s = 0.2\n")
     central = Central(tmp_path, mosquitto.port, extra_args=["--config", str(cfg)])
-    fleet: ThreadedFleet | None = None
+    fleet_stack = contextlib.ExitStack()
     clients: list[httpx.Client] = []
     try:
         central.start()
         admin = _client(central.base_url, central.auth_headers())
         clients.append(admin)
         key = parse_public_key(admin.get("/api/keys/commands").json()["public_key"])
-        gws = {gw: TerminalGateway(gw, mosquitto.host, mosquitto.port, central_key=key,
-                                   answers=answers) for gw, answers in ANSWERS.items()}
-        fleet = ThreadedFleet(list(gws.values()), interval_s=2.0)
-        fleet.start()
-        for gw in gws:
-            wait_for(lambda g=gw: admin.get(f"/api/gateways/{g}").status_code == 200
-                     and admin.get(f"/api/gateways/{g}").json()["online"],
-                     timeout=20, what=f"{gw} online")
+        gws, fleet = fleet_stack.enter_context(terminal_fleet(
+            admin, mosquitto.host, mosquitto.port, central_key=key, answers=ANSWERS,
+            online_timeout=20))
 
         def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
             r = admin.post(path, json=body)
@@ -100,11 +96,7 @@ def round_(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Round]:
         clients += [operator, auditor]
         yield Round(central, admin, operator, auditor, gws, fleet, street["id"])
     finally:
-        if fleet is not None:
-            for g in fleet.gateways:
-                assert isinstance(g, TerminalGateway)
-                g.stop_timers()
-            fleet.close()
+        fleet_stack.close()
         for cl in clients:
             cl.close()
         central.stop()

@@ -18,7 +18,7 @@ from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.aggregates import HOUR_MS, MINUTE_MS, choose_resolution
 from central.storage.program import Program, Sql
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, backend
 from tests.identity import authorize
 
 NOW = time.time_ns() // 1_000_000
@@ -36,15 +36,10 @@ def batch(records: list[Record], stream: str = "s1") -> DataBatch:
     return DataBatch(gw="gw-1", stream=stream, records=tuple(records))
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    if request.param == "sqlite":
-        async with open_storage(f"sqlite:///{tmp_path}/central.db") as st:
-            yield st
-        return
-    with pg_schema() as url:
-        async with open_storage(url) as st:
-            yield st
+    async with backend(request.param, tmp_path) as (st,):
+        yield st
 
 
 def select(sql: str) -> Program[list[Row]]:

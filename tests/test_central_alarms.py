@@ -40,10 +40,10 @@ from central.areas.tree import (
     seed_areas,
 )
 from central.settings import Settings
-from central.storage import Storage, open_storage
+from central.storage import Storage
 from central.storage.program import Sql
 from protocols.envelope import DataBatch, Record, RecordKind, State
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, backend
 from tests.identity import ADMIN, authorize
 
 T0 = 1_700_000_000_000
@@ -64,20 +64,6 @@ def alarm(seq: int, state: str, level: int, *, ts: int | None = None, key: str =
 
 def batch(*records: Record, gw: str = GW, stream: str = "s1") -> DataBatch:
     return DataBatch(gw=gw, stream=stream, records=records)
-
-
-@contextlib.asynccontextmanager
-async def backend(kind: str, tmp_path: Path, n: int = 1) -> AsyncIterator[list[Storage]]:
-    """`n` storage instances (separate connections) on one database of `kind`."""
-    async with contextlib.AsyncExitStack() as stack:
-        if kind == "sqlite":
-            url = f"sqlite:///{tmp_path}/central.db"
-        else:
-            url = stack.enter_context(pg_schema())
-        yield [await stack.enter_async_context(open_storage(url)) for _ in range(n)]
-
-
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture(params=BACKENDS)

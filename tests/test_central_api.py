@@ -18,17 +18,8 @@ from central.app import create_app, parse_time
 from runtime.mqtt import Client as MqttClient
 from central.settings import Settings, SettingsError, load_settings
 from central.storage import open_storage
+from protocols import envelope as env
 from protocols import topics
-from protocols.envelope import (
-    Birth,
-    DataBatch,
-    DeviceInfo,
-    PointInfo,
-    Record,
-    RecordKind,
-    State,
-    encode,
-)
 from tests.helpers import Mosquitto
 from tests.identity import authorize
 
@@ -42,18 +33,18 @@ def now_ms() -> int:
 async def seed(db_url: str) -> None:
     """Two gateways: gw-1 online with a birth and readings, gw-2 whose state says offline."""
     async with open_storage(db_url) as st:
-        await st.record_state("gw-1", State(online=True, boot_id="b1", version="0.1.0",
-                                            bearer="4g", backlog=5, ts_ms=now_ms()))
-        await st.record_birth("gw-1", Birth(gw="gw-1", stream="s1", boot_id="b1",
-                                            version="0.1.0", devices=(DeviceInfo(
+        await st.record_state("gw-1", env.State(online=True, boot_id="b1", version="0.1.0",
+                                                bearer="4g", backlog=5, ts_ms=now_ms()))
+        await st.record_birth("gw-1", env.Birth(gw="gw-1", stream="s1", boot_id="b1",
+                                                version="0.1.0", devices=(env.DeviceInfo(
             id="tank-3", profile="gas-detector", profile_hash="h", points=(
-                PointInfo(ordinal=0, key="tank-3/gas", name_zh="可燃气体浓度", unit="%LEL"),
-                PointInfo(ordinal=1, key="tank-3/o2", name_zh="氧气浓度", unit="%VOL"))),)))
-        await st.write_batches([DataBatch(gw="gw-1", stream="s1", records=tuple(
-            Record(seq=i, kind=RecordKind.TELEMETRY, ts_ms=T0 + i * 1000, point="tank-3/gas",
-                   value=float(i)) for i in range(1, 11)))])
-        await st.record_state("gw-2", State(online=False, boot_id="b2", version="0.1.0",
-                                            bearer="bd", backlog=900, ts_ms=now_ms()))
+                env.PointInfo(ordinal=0, key="tank-3/gas", name_zh="可燃气体浓度", unit="%LEL"),
+                env.PointInfo(ordinal=1, key="tank-3/o2", name_zh="氧气浓度", unit="%VOL"))),)))
+        await st.write_batches([env.DataBatch(gw="gw-1", stream="s1", records=tuple(
+            env.Record(seq=i, kind=env.RecordKind.TELEMETRY, ts_ms=T0 + i * 1000,
+                       point="tank-3/gas", value=float(i)) for i in range(1, 11)))])
+        await st.record_state("gw-2", env.State(online=False, boot_id="b2", version="0.1.0",
+                                                bearer="bd", backlog=900, ts_ms=now_ms()))
 
 
 @contextlib.asynccontextmanager
@@ -161,8 +152,8 @@ async def test_silent_gateway_shows_offline(tmp_path: Path) -> None:
     """A gateway whose state says online but that was not heard for offline_after_s is offline."""
     settings = Settings(db_url=f"sqlite:///{tmp_path}/c.db", offline_after_s=30)
     async with open_storage(settings.db_url) as st:
-        await st.record_state("gw-9", State(online=True, boot_id="b", version="v", bearer="4g",
-                                            backlog=0, ts_ms=T0), now_ms=now_ms() - 31_000)
+        await st.record_state("gw-9", env.State(online=True, boot_id="b", version="v", bearer="4g",
+                                                backlog=0, ts_ms=T0), now_ms=now_ms() - 31_000)
     async with serve(settings) as c:
         (g,) = (await c.get("/api/gateways")).json()
         assert (g["online"], g["state_online"]) == (False, True)
@@ -175,10 +166,10 @@ async def test_end_to_end_mqtt_to_api(mosquitto: Mosquitto, tmp_path: Path) -> N
     async with serve(settings, run_ingest=True) as c, asyncio.timeout(15):
         while not (await c.get("/api/health")).json()["mqtt_connected"]:
             await asyncio.sleep(0.05)
-        batch = DataBatch(gw="gw-e2e", stream="s", records=(Record(
-            seq=1, kind=RecordKind.TELEMETRY, ts_ms=T0, point="d/t", value=21.5),))
+        batch = env.DataBatch(gw="gw-e2e", stream="s", records=(env.Record(
+            seq=1, kind=env.RecordKind.TELEMETRY, ts_ms=T0, point="d/t", value=21.5),))
         async with MqttClient(mosquitto.host, mosquitto.port, identifier="gw-e2e") as gw:
-            await gw.publish(topics.up("gw-e2e", "data"), encode(batch), qos=1)
+            await gw.publish(topics.up("gw-e2e", "data"), env.encode(batch), qos=1)
         while (r := await c.get("/api/devices/gw-e2e:d/points")).status_code == 404:
             await asyncio.sleep(0.05)
         assert r.json()[0]["latest"]["value"] == 21.5

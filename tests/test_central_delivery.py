@@ -17,7 +17,7 @@ from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.program import Program, Sql
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, FLOOR_MS
 from protocols.envelope import DataBatch, Flag, Record, RecordKind, State
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, backend, pg_schema
 from tests.identity import authorize
 
 NOW = time.time_ns() // 1_000_000
@@ -46,15 +46,10 @@ def span(a: int, b: int, **kw: Any) -> list[Record]:
     return [tel(s, float(s), **kw) for s in range(a, b + 1)]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    if request.param == "sqlite":
-        async with open_storage(f"sqlite:///{tmp_path}/central.db") as st:
-            yield st
-        return
-    with pg_schema() as url:
-        async with open_storage(url) as st:
-            yield st
+    async with backend(request.param, tmp_path) as (st,):
+        yield st
 
 
 def select(sql: str, args: tuple[Any, ...] = ()) -> Program[list[tuple[Any, ...]]]:

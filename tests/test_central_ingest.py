@@ -13,34 +13,22 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from central.ingest.subscriber import Ingest
 from central.health.metrics import Metrics
-from runtime.mqtt import Client as MqttClient
+from central.ingest.subscriber import Ingest
 from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
 from central.storage.sqlite import SqliteStorage
+from protocols import envelope as env
 from protocols import topics
-from protocols.envelope import (
-    Ack,
-    Birth,
-    DataBatch,
-    DeviceInfo,
-    PointInfo,
-    Record,
-    RecordKind,
-    State,
-    decode,
-    encode,
-    seqs_in_ranges,
-)
+from runtime.mqtt import Client as MqttClient
 from tests.helpers import Mosquitto, free_port, python_env
 
 T0 = 1_700_000_000_000
 
 
-def data(gw: str, stream: str, seqs: list[int], point: str = "d1/gas") -> DataBatch:
-    return DataBatch(gw=gw, stream=stream, records=tuple(
-        Record(seq=s, kind=RecordKind.TELEMETRY, ts_ms=T0 + s, point=point, value=float(s))
+def data(gw: str, stream: str, seqs: list[int], point: str = "d1/gas") -> env.DataBatch:
+    return env.DataBatch(gw=gw, stream=stream, records=tuple(
+        env.Record(seq=s, kind=env.RecordKind.TELEMETRY, ts_ms=T0 + s, point=point, value=float(s))
         for s in seqs))
 
 
@@ -73,11 +61,11 @@ async def gateway(broker: Mosquitto, gw: str) -> AsyncIterator[aiomqtt.Client]:
         yield client
 
 
-async def next_ack(client: aiomqtt.Client, timeout: float = 10.0) -> Ack:
+async def next_ack(client: aiomqtt.Client, timeout: float = 10.0) -> env.Ack:
     async with asyncio.timeout(timeout):
         msg = await anext(client.messages)
-    ack = decode(bytes(msg.payload))  # type: ignore[arg-type]
-    assert isinstance(ack, Ack)
+    ack = env.decode(bytes(msg.payload))  # type: ignore[arg-type]
+    assert isinstance(ack, env.Ack)
     return ack
 
 
@@ -85,9 +73,10 @@ async def test_batch_is_stored_then_acked(mosquitto: Mosquitto, tmp_path: Path) 
     """A published batch lands in the tables and is acked with exactly its seq ranges."""
     async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
             gateway(mosquitto, "gw-1") as gw:
-        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [1, 2, 3, 7])), qos=1)
+        await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [1, 2, 3, 7])),
+                         qos=1)
         ack = await next_ack(gw)
-        assert ack == Ack(stream="s1", ranges=((1, 3), (7, 7)))
+        assert ack == env.Ack(stream="s1", ranges=((1, 3), (7, 7)))
         # the ack came after the commit, so the rows are there now
         assert (await storage.count_records("gw-1")).readings == 4
         (p,) = await storage.device_points("gw-1:d1")
@@ -99,7 +88,7 @@ async def test_resent_batch_is_acked_but_stored_once(mosquitto: Mosquitto, tmp_p
     """A batch sent twice (lost ack) is acked both times and stored once."""
     async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
             gateway(mosquitto, "gw-1") as gw:
-        raw = encode(data("gw-1", "s1", [1, 2]))
+        raw = env.encode(data("gw-1", "s1", [1, 2]))
         for _ in range(2):
             await gw.publish(topics.up("gw-1", "data"), raw, qos=1)
             assert (await next_ack(gw)).ranges == ((1, 2),)
@@ -115,7 +104,7 @@ async def test_queued_batches_are_drained_into_one_write(mosquitto: Mosquitto,
     async with gateway(mosquitto, "gw-1") as gw:
         for i in range(20):  # central is away: the broker queues these for its session
             await gw.publish(topics.up("gw-1", "data"),
-                             encode(data("gw-1", "s1", [i * 10 + 1, i * 10 + 2])), qos=1)
+                             env.encode(data("gw-1", "s1", [i * 10 + 1, i * 10 + 2])), qos=1)
         async with running_ingest(mosquitto, tmp_path, client_id=client_id) as (_, storage,
                                                                                 metrics):
             acks = [await next_ack(gw) for _ in range(20)]
@@ -131,10 +120,10 @@ async def test_bad_messages_are_counted_and_good_ones_still_land(mosquitto: Mosq
     async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
             gateway(mosquitto, "gw-1") as gw:
         await gw.publish(topics.up("gw-1", "data"), b"\xff\x00garbage", qos=1)
-        await gw.publish("fieldlink/v1/gw-1/up/bogus", encode(data("gw-1", "s1", [1])), qos=1)
-        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-2", "s1", [1])), qos=1)
-        await gw.publish(topics.up("gw-1", "state"), encode(data("gw-1", "s1", [1])), qos=1)
-        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [5, 6])), qos=1)
+        await gw.publish("fieldlink/v1/gw-1/up/bogus", env.encode(data("gw-1", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-2", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-1", "state"), env.encode(data("gw-1", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [5, 6])), qos=1)
         assert (await next_ack(gw)).ranges == ((5, 6),)
         assert dict(metrics.decode_errors) == {
             "NotCborError": 1, "TopicError": 1, "GatewayMismatchError": 1,
@@ -149,15 +138,16 @@ async def test_state_and_birth_are_recorded(mosquitto: Mosquitto, tmp_path: Path
     """up/state and up/birth update the gateway row and its points."""
     async with running_ingest(mosquitto, tmp_path) as (_, storage, metrics), \
             gateway(mosquitto, "gw-7") as gw:
-        await gw.publish(topics.up("gw-7", "state"), encode(State(
+        await gw.publish(topics.up("gw-7", "state"), env.encode(env.State(
             online=True, boot_id="b", version="0.1.0", bearer="4g", backlog=12, ts_ms=T0)),
             qos=1, retain=True)
-        await gw.publish(topics.up("gw-7", "birth"), encode(Birth(
-            gw="gw-7", stream="s1", boot_id="b", version="0.1.0", devices=(DeviceInfo(
+        await gw.publish(topics.up("gw-7", "birth"), env.encode(env.Birth(
+            gw="gw-7", stream="s1", boot_id="b", version="0.1.0", devices=(env.DeviceInfo(
                 id="d1", profile="gas", profile_hash="h",
-                points=(PointInfo(ordinal=0, key="d1/gas", name_zh="可燃气体", unit="%LEL"),)),))),
+                points=(env.PointInfo(ordinal=0, key="d1/gas", name_zh="可燃气体",
+                                      unit="%LEL"),)),))),
             qos=1)
-        await gw.publish(topics.up("gw-7", "data"), encode(data("gw-7", "s1", [1])), qos=1)
+        await gw.publish(topics.up("gw-7", "data"), env.encode(data("gw-7", "s1", [1])), qos=1)
         await next_ack(gw)
         g = await storage.get_gateway("gw-7")
         assert (g.online, g.backlog, g.bearer) == (True, 12, "4g")
@@ -173,8 +163,8 @@ async def test_central_state_is_retained_online(mosquitto: Mosquitto, tmp_path: 
         async with asyncio.timeout(5):
             async for msg in gw.messages:
                 if msg.topic.matches(topics.CENTRAL_STATE):
-                    st = decode(bytes(msg.payload))  # type: ignore[arg-type]
-                    assert isinstance(st, State) and st.online and msg.retain
+                    st = env.decode(bytes(msg.payload))  # type: ignore[arg-type]
+                    assert isinstance(st, env.State) and st.online and msg.retain
                     break
 
 
@@ -182,15 +172,15 @@ async def test_shared_subscription_receives_data(mosquitto: Mosquitto, tmp_path:
     """With mqtt_shared, ingest subscribes via $share/central and still acks."""
     async with running_ingest(mosquitto, tmp_path, mqtt_shared=True), \
             gateway(mosquitto, "gw-1") as gw:
-        await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s9", [4])), qos=1)
-        assert await next_ack(gw) == Ack(stream="s9", ranges=((4, 4),))
+        await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s9", [4])), qos=1)
+        assert await next_ack(gw) == env.Ack(stream="s9", ranges=((4, 4),))
 
 
 async def test_reconnects_after_broker_is_killed(mosquitto: Mosquitto, tmp_path: Path) -> None:
     """After the broker is SIGKILLed and restarted, ingest reconnects and acks a new batch."""
     async with running_ingest(mosquitto, tmp_path) as (ingest, storage, metrics):
         async with gateway(mosquitto, "gw-1") as gw:
-            await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [1])), qos=1)
+            await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [1])), qos=1)
             await next_ack(gw)
         mosquitto.kill()
         async with asyncio.timeout(5):
@@ -199,7 +189,8 @@ async def test_reconnects_after_broker_is_killed(mosquitto: Mosquitto, tmp_path:
         await asyncio.to_thread(mosquitto.start)
         await ingest.wait_connected(timeout=15)
         async with gateway(mosquitto, "gw-1") as gw:
-            await gw.publish(topics.up("gw-1", "data"), encode(data("gw-1", "s1", [2, 3])), qos=1)
+            await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [2, 3])),
+                             qos=1)
             assert (await next_ack(gw)).ranges == ((2, 3),)
         assert (await storage.count_records("gw-1")).readings == 3
         assert metrics.mqtt_connects == 2
@@ -211,7 +202,7 @@ async def test_check_message_rejects_topics_outside_contract(topic: str) -> None
     from central.ingest.subscriber import check_message
 
     with pytest.raises(topics.TopicError):
-        check_message(topic, encode(data("gw-1", "s1", [1])))
+        check_message(topic, env.encode(data("gw-1", "s1", [1])))
 
 
 async def test_clean_stop_leaves_central_state_offline(mosquitto: Mosquitto,
@@ -223,8 +214,8 @@ async def test_clean_stop_leaves_central_state_offline(mosquitto: Mosquitto,
         await gw.subscribe(topics.CENTRAL_STATE, qos=1)
         async with asyncio.timeout(5):
             msg = await anext(gw.messages)
-        st = decode(bytes(msg.payload))  # type: ignore[arg-type]
-        assert isinstance(st, State) and not st.online
+        st = env.decode(bytes(msg.payload))  # type: ignore[arg-type]
+        assert isinstance(st, env.State) and not st.online
 
 
 async def test_sigkilled_central_never_acked_what_it_had_not_committed(
@@ -243,20 +234,20 @@ async def test_sigkilled_central_never_acked_what_it_had_not_committed(
             async with asyncio.timeout(20):  # wait until central says it is online
                 async for msg in gw.messages:
                     if msg.topic.matches(topics.CENTRAL_STATE):
-                        st = decode(bytes(msg.payload))  # type: ignore[arg-type]
-                        if isinstance(st, State) and st.online:
+                        st = env.decode(bytes(msg.payload))  # type: ignore[arg-type]
+                        if isinstance(st, env.State) and st.online:
                             break
             await gw.unsubscribe(topics.CENTRAL_STATE)
             for b in range(60):
-                await gw.publish(topics.up("gw-k", "data"), encode(
+                await gw.publish(topics.up("gw-k", "data"), env.encode(
                     data("gw-k", "s1", list(range(b * 200 + 1, b * 200 + 201)))), qos=1)
             while len(acked) < 5 * 200:
-                acked.update(seqs_in_ranges((await next_ack(gw)).ranges))
+                acked.update(env.seqs_in_ranges((await next_ack(gw)).ranges))
             proc.kill()
             await proc.wait()
             with contextlib.suppress(TimeoutError):  # acks already on their way
                 while True:
-                    acked.update(seqs_in_ranges((await next_ack(gw, timeout=0.5)).ranges))
+                    acked.update(env.seqs_in_ranges((await next_ack(gw, timeout=0.5)).ranges))
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -273,7 +264,7 @@ class _PoisonedStorage(SqliteStorage):
     """The real SQLite storage, with one fault injected: every write that carries a batch of
     `gw-bad` fails and rolls back, as a poisoned batch would."""
 
-    async def write_batches(self, batches: Sequence[DataBatch], *,
+    async def write_batches(self, batches: Sequence[env.DataBatch], *,
                             now_ms: int | None = None) -> list[WriteResult]:
         if any(b.gw == "gw-bad" for b in batches):
             raise DatabaseWriteError("injected: gw-bad's batch is poisoned")
@@ -296,15 +287,15 @@ async def test_pipelined_acks_name_only_committed_seqs(mosquitto: Mosquitto,
         async with gateway(mosquitto, "gw-ok") as ok, gateway(mosquitto, "gw-bad") as bad:
             for b in range(30):  # interleaved, fast: groups queue up behind the write
                 seqs = list(range(b * 500 + 1, b * 500 + 501))
-                await ok.publish(topics.up("gw-ok", "data"), encode(data("gw-ok", "s1", seqs)),
+                await ok.publish(topics.up("gw-ok", "data"), env.encode(data("gw-ok", "s1", seqs)),
                                  qos=1)
                 if b % 10 == 0:
                     await bad.publish(topics.up("gw-bad", "data"),
-                                      encode(data("gw-bad", "s9", seqs)), qos=1)
+                                      env.encode(data("gw-bad", "s9", seqs)), qos=1)
             acked: set[int] = set()
             while len(acked) < 30 * 500:
                 ack = await next_ack(ok)
-                got = set(seqs_in_ranges(ack.ranges))
+                got = set(env.seqs_in_ranges(ack.ranges))
                 held = {s for (s,) in reader.execute(
                     "SELECT seq FROM readings WHERE gw = 'gw-ok' AND seq BETWEEN ? AND ?",
                     (min(got), max(got)))}

@@ -27,15 +27,7 @@ from central.storage import Storage, open_storage
 from central.storage.program import Sql
 from firmware_stubs.beidou_sim import BeidouTerminalSimulator
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
-from protocols.envelope import (
-    Birth,
-    DataBatch,
-    DeviceInfo,
-    PointInfo,
-    Record,
-    RecordKind,
-    State,
-)
+from protocols import envelope as env
 from protocols.hrnp_text import TextMessage
 from protocols.narrowband import (
     AlarmEntry,
@@ -48,8 +40,8 @@ from protocols.narrowband import (
     to_text,
 )
 from tests.helpers import until
-from tests.pg import pg_schema
 from tests.identity import authorize
+from tests.pg import pg_schema
 
 GW = "gw-nb"
 STREAM = "s-nb-1"
@@ -58,10 +50,11 @@ CARD = "0301001"  # the gateway terminal's card
 OTHER_GW, OTHER_CARD = "gw-unborn", "0301002"  # configured, but never sent a birth
 CENTRAL_CARD = "0242407"
 WAIT_S = 15.0
-BIRTH = Birth(gw=GW, stream=STREAM, boot_id="b1", version="1.0", devices=(
-    DeviceInfo("gas-1", "gas-lel", "h1", (PointInfo(0, "gas-1/gas_lel", "可燃气体", "%LEL"),
-                                         PointInfo(1, "gas-1/o2", "氧气", "%VOL"))),
-    DeviceInfo("gas-2", "gas-lel", "h1", (PointInfo(2, "gas-2/gas_lel", "可燃气体", "%LEL"),)),
+BIRTH = env.Birth(gw=GW, stream=STREAM, boot_id="b1", version="1.0", devices=(
+    env.DeviceInfo("gas-1", "gas-lel", "h1", (env.PointInfo(0, "gas-1/gas_lel", "可燃气体", "%LEL"),
+                                         env.PointInfo(1, "gas-1/o2", "氧气", "%VOL"))),
+    env.DeviceInfo("gas-2", "gas-lel", "h1",
+                   (env.PointInfo(2, "gas-2/gas_lel", "可燃气体", "%LEL"),)),
 ))
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -191,9 +184,9 @@ async def test_heartbeat_updates_gateway_view(tmp_path: Path, kind: str) -> None
         assert g.last_seen_ms is not None and g.last_seen_ms >= before
         assert r.metrics.narrowband_received["heartbeat"] == 1
         # IP is back with a newer state: a late heartbeat only says the gateway was heard.
-        await r.storage.record_state(GW, State(online=True, boot_id="b1", version="1.0",
-                                               bearer="4g", backlog=0, ts_ms=(ts + 60) * 1000,
-                                               stream=STREAM))
+        await r.storage.record_state(GW, env.State(online=True, boot_id="b1", version="1.0",
+                                                   bearer="4g", backlog=0, ts_ms=(ts + 60) * 1000,
+                                                   stream=STREAM))
         r.send(encode_heartbeat(HeartbeatFrame(ts=ts + 1, last_seq=41, backlog=999,
                                                active_alarms=1, ip_down_s=901),
                                 key=KEY, stream=STREAM))
@@ -228,12 +221,12 @@ async def test_bad_input_is_counted_and_the_loop_goes_on(tmp_path: Path) -> None
 
 
 def full_record(seq: int, value: float, ts_ms: int, state: str = "raised",
-                      level: int = 1) -> Record:
+                      level: int = 1) -> env.Record:
     """The ALARM record the edge sends over IP (as `edge_agent.alarms.rules.AlarmEvent.to_record`)."""
-    return Record(seq=seq, kind=RecordKind.ALARM, ts_ms=ts_ms, point="gas-1/gas_lel",
-                  value=value, attrs={"alarm_id": "gas-1/gas_lel/high", "rule": "high",
-                                      "state": state, "level": level, "prev_level": 0,
-                                      "threshold": 25.0, "since_ms": ts_ms})
+    return env.Record(seq=seq, kind=env.RecordKind.ALARM, ts_ms=ts_ms, point="gas-1/gas_lel",
+                      value=value, attrs={"alarm_id": "gas-1/gas_lel/high", "rule": "high",
+                                          "state": state, "level": level, "prev_level": 0,
+                                          "threshold": 25.0, "since_ms": ts_ms})
 
 
 async def stored_event(storage: Storage, seq: int) -> tuple[dict[str, Any], float, int]:
@@ -262,7 +255,7 @@ async def test_ip_copy_merges_into_narrowband_copy(tmp_path: Path, kind: str) ->
         assert nb_attrs["bearer"] == "beidou"
 
         full = full_record(7, 30.4321, ts * 1000 + 250)
-        (res,) = await r.storage.write_batches([DataBatch(GW, STREAM, (full,))])
+        (res,) = await r.storage.write_batches([env.DataBatch(GW, STREAM, (full,))])
         assert (res.inserted, res.merged) == (0, 1)
         assert (await r.storage.count_records(GW)).events == 1
         attrs, value, ts_ms = await stored_event(r.storage, 7)
@@ -275,12 +268,12 @@ async def test_ip_copy_merges_into_narrowband_copy(tmp_path: Path, kind: str) ->
         assert len(await alarm_history(r.storage, alarm.id)) == 1
 
         # Resent again over IP, or an IP record resent with other content: held, untouched.
-        (again,) = await r.storage.write_batches([DataBatch(GW, STREAM, (full,))])
+        (again,) = await r.storage.write_batches([env.DataBatch(GW, STREAM, (full,))])
         assert (again.inserted, again.merged) == (0, 0)
         plain = full_record(8, 40.0, ts * 1000 + 900, state="changed", level=1)
-        await r.storage.write_batches([DataBatch(GW, STREAM, (plain,))])
+        await r.storage.write_batches([env.DataBatch(GW, STREAM, (plain,))])
         (dup,) = await r.storage.write_batches(
-            [DataBatch(GW, STREAM, (plain._replace(value=99.0),))])
+            [env.DataBatch(GW, STREAM, (plain._replace(value=99.0),))])
         assert (dup.inserted, dup.merged) == (0, 0)
         assert (await stored_event(r.storage, 8))[1] == 40.0
         # A late narrowband copy of a record already held over IP changes nothing either.
@@ -294,9 +287,9 @@ async def test_ip_copy_merges_into_narrowband_copy(tmp_path: Path, kind: str) ->
         claim = full_record(9, 41.0, ts * 1000 + 950)  # a low alarm: a second alarm of its own
         claim = claim._replace(attrs={**(claim.attrs or {}), "alarm_id": "gas-1/gas_lel/low",
                                       "rule": "low", "bearer": "beidou"})
-        await r.storage.write_batches([DataBatch(GW, STREAM, (claim,))])
+        await r.storage.write_batches([env.DataBatch(GW, STREAM, (claim,))])
         (res9,) = await r.storage.write_batches(
-            [DataBatch(GW, STREAM, (claim._replace(value=1.0, attrs=plain.attrs),))])
+            [env.DataBatch(GW, STREAM, (claim._replace(value=1.0, attrs=plain.attrs),))])
         assert (res9.inserted, res9.merged) == (0, 0)
         assert (await stored_event(r.storage, 9))[1] == 41.0
         (alarm9,) = [a for a in await list_alarms(r.storage, gw=GW)

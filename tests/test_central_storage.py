@@ -4,6 +4,7 @@ values, points, birth, reads. The same assertions run on each."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from protocols.envelope import (
     RecordKind,
     State,
 )
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, backend
 
 T0 = 1_700_000_000_000
 
@@ -44,15 +45,10 @@ def batch(*records: Record, gw: str = "gw-1", stream: str = "s1") -> DataBatch:
     return DataBatch(gw=gw, stream=stream, records=records)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def storage(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    if request.param == "sqlite":
-        async with open_storage(f"sqlite:///{tmp_path}/central.db") as st:
-            yield st
-        return
-    with pg_schema() as url:
-        async with open_storage(url) as st:
-            yield st
+@pytest.fixture(params=BACKENDS)
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    async with backend(request.param, tmp_path) as (st,):
+        yield st
 
 
 async def test_same_batch_twice_is_stored_once(storage: Storage) -> None:

@@ -20,19 +20,16 @@ from central.commands.keys import SigningKeyError, key_path_for, load_or_create_
 from central.settings import Settings
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import public_key_raw
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, database_url
 
 S = CommandState
 T0 = 1_718_000_000_000
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/central.db"
-    else:
-        with pg_schema("fl_cmd") as url:
-            yield url
+    with database_url(request.param, tmp_path, "fl_cmd") as url:
+        yield url
 
 
 @pytest.fixture

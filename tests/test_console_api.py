@@ -24,7 +24,7 @@ from protocols.envelope import Birth, DataBatch, DeviceInfo, PointInfo, Record, 
 from tests.fleet import Central
 from tests.helpers import Mosquitto, free_port
 from tests.identity import authorize, token_for
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, database_url
 
 GEO = STATIC / "vendor" / "wuhan.geo.json"
 POINT = "gas-1/gas_lel"
@@ -96,13 +96,10 @@ def test_the_vendored_map_has_wuhans_13_districts_and_the_demo_stands_in_them() 
 # --- the API, in process, on SQLite and on PostgreSQL -----------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/central.db"
-    else:
-        with pg_schema() as url:
-            yield url
+    with database_url(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

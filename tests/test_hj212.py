@@ -32,6 +32,7 @@ from protocols.hj212 import (
     hj212_crc,
     make_qn,
 )
+from tests.helpers import frames_and_errors, frames_from_chunks
 
 # The sample of HJ 212-2017 Appendix A: data segment, length 0101, CRC 1C80. The CRC is
 # confirmed by several independent public implementations (C, C#, Java, JavaScript, Go) that
@@ -70,17 +71,7 @@ def wrap(segment: bytes) -> bytes:
 
 def drain(decoder: Hj212Decoder) -> tuple[list[Hj212Frame], list[Hj212Error]]:
     """Every frame and every error the decoder has in it now."""
-    frames: list[Hj212Frame] = []
-    errors: list[Hj212Error] = []
-    while True:
-        try:
-            item = decoder.next_frame()
-        except Hj212Error as exc:
-            errors.append(exc)
-            continue
-        if item is NEED_DATA:
-            return frames, errors
-        frames.append(item)
+    return frames_and_errors(decoder.next_frame, Hj212Error)
 
 
 # ---------------------------------------------------------------------------- byte vectors
@@ -316,13 +307,7 @@ def test_stream_decoder_over_random_chunks(frames_: list[Hj212Frame], garbage: l
     stream = garbage[0] + b"".join(
         encode_frame(f, max_data_len=9999) + garbage[i % 4 + 1] for i, f in enumerate(frames_))
     decoder = Hj212Decoder(max_data_len=9999)
-    got: list[Hj212Frame] = []
-    at, i = 0, 0
-    while at < len(stream):
-        size = sizes[i % len(sizes)]
-        decoder.feed(stream[at : at + size])
-        at, i = at + size, i + 1
-        got += drain(decoder)[0]
+    got = frames_from_chunks(decoder, decoder.next_frame, Hj212Error, stream, sizes)
     assert got == frames_
 
 

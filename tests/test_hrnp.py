@@ -40,7 +40,7 @@ from protocols.hrnp_text import (
     encode_text,
     text_capacity,
 )
-from tests.helpers import chunks, garbage_between
+from tests.helpers import frames_and_errors, frames_from_chunks, garbage_between, mutate
 
 # Captures from real Hytera radios, published as test vectors of OK-DMR/ok-dmrlib
 # (okdmr/tests/dmrlib/hytera/pdu/test_hrnp.py, test_hdap.py, test_tmp.py).
@@ -84,17 +84,7 @@ GAS_BUSY_APP = bytes.fromhex("0980a2000d000000070a0003e90a0007d2041f03")
 
 def drain(decoder: HrnpDecoder) -> tuple[list[HrnpPacket], list[HrnpError]]:
     """Every packet and every error the decoder has in it now."""
-    packets: list[HrnpPacket] = []
-    errors: list[HrnpError] = []
-    while True:
-        try:
-            item = decoder.next_packet()
-        except HrnpError as exc:
-            errors.append(exc)
-            continue
-        if item is NEED_DATA:
-            return packets, errors
-        packets.append(item)
+    return frames_and_errors(decoder.next_packet, HrnpError)
 
 
 # ---------------------------------------------------------------------------- byte vectors
@@ -323,19 +313,10 @@ _VALID = [CONNECT, RCP_REPLY, GAS_PACKET, GAS_APP, TMP_ACK_OPTION]
 @given(st.sampled_from(_VALID), st.data())
 def test_mutated_frames_raise_only_hrnp_errors(wire: bytes, data: st.DataObject) -> None:
     """A good frame with bytes changed, cut or added gives a result or HrnpError, nothing else."""
-    mutated = bytearray(wire)
-    for _ in range(data.draw(st.integers(1, 3))):
-        index = data.draw(st.integers(0, len(mutated) - 1))
-        match data.draw(st.sampled_from(["set", "cut", "add"])):
-            case "set":
-                mutated[index] = data.draw(st.integers(0, 255))
-            case "cut":
-                del mutated[max(index, 1):]
-            case _:
-                mutated.insert(index, data.draw(st.integers(0, 255)))
+    mutated = mutate(wire, data)
     for decode in (decode_packet, decode_app, lambda d: decode_text(decode_app(d))):
         try:
-            decode(bytes(mutated))
+            decode(mutated)
         except HrnpError:
             pass
 
@@ -355,10 +336,7 @@ def test_stream_decoder_over_random_chunks(packets_: list[HrnpPacket], garbage: 
     """Packets with garbage between them, fed in random chunks, come out whole and in order."""
     stream, junk = garbage_between([encode_packet(x) for x in packets_], garbage)
     decoder = HrnpDecoder()
-    got: list[HrnpPacket] = []
-    for chunk in chunks(stream, sizes):
-        decoder.feed(chunk)
-        got += drain(decoder)[0]
+    got = frames_from_chunks(decoder, decoder.next_packet, HrnpError, stream, sizes)
     assert got == packets_
     assert decoder.discarded == junk and decoder.errors == 0
 

@@ -31,18 +31,15 @@ from tests.hostile import (
     wire,
 )
 from tests.helpers import Mosquitto
-from tests.pg import pg_schema
+from tests.pg import BACKENDS, database_url
 
 GW = "gw-h"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/central.db"
-    else:
-        with pg_schema() as url:
-            yield url
+    with database_url(request.param, tmp_path) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager

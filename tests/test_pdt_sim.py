@@ -33,7 +33,7 @@ from protocols.hrnp_text import (
     decode_text,
     encode_text,
 )
-from tests.helpers import until
+from tests.helpers import serial_port, until
 
 ALARM = "燃气泄漏 二级报警"
 TIMEOUT = 15.0  # generous: CI is a loaded 2-core box; tests wait on behaviour, not time
@@ -42,8 +42,8 @@ TIMEOUT = 15.0  # generous: CI is a loaded 2-core box; tests wait on behaviour, 
 class Gateway:
     """The gateway's side of one radio's serial port: pyserial, blocking calls in a thread."""
 
-    def __init__(self, path: str) -> None:
-        self.port = serial.Serial(path, 115200, timeout=0.1)
+    def __init__(self, port: serial.Serial) -> None:
+        self.port = port
         self.decoder = HrnpDecoder()
         self.inbox: list[HrnpPacket] = []  # received, not yet taken by `expect`
         self.seen: list[HrnpPacket] = []  # everything received, in order
@@ -104,13 +104,11 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def gateway(radio: PdtRadioSimulator, *, connect: bool = True) -> AsyncIterator[Gateway]:
-    gw = await asyncio.to_thread(Gateway, radio.path)
-    try:
+    async with serial_port(radio.path) as port:
+        gw = Gateway(port)
         if connect:
             await gw.connect()
         yield gw
-    finally:
-        await asyncio.to_thread(gw.port.close)
 
 
 @pytest.fixture
@@ -121,12 +119,17 @@ async def radios() -> AsyncIterator[tuple[PdtRadioSimulator, PdtRadioSimulator]]
         yield ours, theirs
 
 
+@pytest.fixture
+def ours(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> PdtRadioSimulator:
+    """The gateway's radio, for a test that needs only it (the field unit is on the air too)."""
+    return radios[0]
+
+
 until = partial(until, timeout=TIMEOUT)  # this file's waits are longer
 
 
-async def test_connect_is_accepted(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_connect_is_accepted(ours: PdtRadioSimulator) -> None:
     """A connect (0xFE) gets an accept (0xFD) with its packet number, from 0x10 to 0x20."""
-    ours, _ = radios
     async with gateway(ours, connect=False) as gw:
         await gw.send(HrnpPacket(HrnpOpcode.CONNECT, 7))
         accept = await gw.expect(lambda p: True)
@@ -185,10 +188,8 @@ async def test_fault_result_codes(radios: tuple[PdtRadioSimulator, PdtRadioSimul
     assert ours.stats()["text_failed"] == 1 and ours.faults == PdtFaults()
 
 
-async def test_unknown_destination_is_no_contact(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_unknown_destination_is_no_contact(ours: PdtRadioSimulator) -> None:
     """A private message to a radio id nobody has on the air is answered 10, no contact."""
-    ours, _ = radios
     async with gateway(ours) as gw:
         await gw.send_text(TextMessage(3, 9999, 1001, "hello"))
         assert (await gw.expect_ack(3)).result == TextResult.NO_CONTACT
@@ -213,10 +214,8 @@ async def test_no_answer_fault_sends_data_ack_only(
     assert ours.stats()["text_unanswered"] == 1 and len(theirs.received) == 1
 
 
-async def test_silent_radio_answers_nothing(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_silent_radio_answers_nothing(ours: PdtRadioSimulator) -> None:
     """A silent radio ignores a connect; once it speaks again the next connect is accepted."""
-    ours, _ = radios
     ours.set_faults(silent=True)
     async with gateway(ours, connect=False) as gw:
         await gw.send(HrnpPacket(HrnpOpcode.CONNECT, 1))
@@ -227,9 +226,8 @@ async def test_silent_radio_answers_nothing(
         assert [p.packet_number for p in gw.seen] == [2]
 
 
-async def test_rejected_connect(radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_rejected_connect(ours: PdtRadioSimulator) -> None:
     """With reject_connect a connect gets a reject (0xFC) and the radio stays disconnected."""
-    ours, _ = radios
     ours.set_faults(reject_connect=True)
     async with gateway(ours, connect=False) as gw:
         await gw.send(HrnpPacket(HrnpOpcode.CONNECT, 0))
@@ -237,10 +235,8 @@ async def test_rejected_connect(radios: tuple[PdtRadioSimulator, PdtRadioSimulat
     assert not ours.connected
 
 
-async def test_every_data_packet_gets_a_data_ack(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_every_data_packet_gets_a_data_ack(ours: PdtRadioSimulator) -> None:
     """Text, radio control and undecodable payloads each get a data ack with their number."""
-    ours, _ = radios
     async with gateway(ours) as gw:
         numbers = [await gw.send_text(TextMessage(1, 2002, 1001, "a")),
                    await gw.send_app(AppMessage(SERVICE_RCP, 0x0004, b"\x64\x00\x00\x00\x01")),
@@ -254,10 +250,8 @@ async def test_every_data_packet_gets_a_data_ack(
     assert (stats["other_messages"], stats["bad_messages"]) == (1, 1)
 
 
-async def test_garbage_is_counted_and_survived(
-        radios: tuple[PdtRadioSimulator, PdtRadioSimulator]) -> None:
+async def test_garbage_is_counted_and_survived(ours: PdtRadioSimulator) -> None:
     """Noise and a corrupted packet on the line are counted; the radio still answers."""
-    ours, _ = radios
     noise = b"\x00\xffAT\r\n" * 5
     corrupted = bytearray(encode_packet(HrnpPacket(HrnpOpcode.CONNECT, 1)))
     corrupted[-1] ^= 0xFF
@@ -300,9 +294,6 @@ async def test_symlink_names_the_port(tmp_path: Path) -> None:
     radio = PdtRadioSimulator(PdtAir(), 1001, symlink=link)
     async with radio:
         assert radio.link_path == str(link) and link.resolve() == Path(radio.path).resolve()
-        gw = await asyncio.to_thread(Gateway, radio.link_path)
-        try:
-            await gw.connect()
-        finally:
-            await asyncio.to_thread(gw.port.close)
+        async with serial_port(radio.link_path) as port:
+            await Gateway(port).connect()
     assert not link.is_symlink()

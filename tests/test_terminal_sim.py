@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import serial
 
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.terminal_sim import (
@@ -21,29 +20,11 @@ from firmware_stubs.terminal_sim import (
     TcpTerminalSimulator,
     TerminalSimulator,
 )
-from protocols.terminal import (
-    NEED_DATA,
-    Ack,
-    CameraState,
-    Display,
-    ErrorCode,
-    ErrorReport,
-    Heartbeat,
-    Message,
-    MessageType,
-    Play,
-    Receipt,
-    TerminalDecoder,
-    TerminalError,
-    TerminalFrame,
-    WarningLevel,
-    crc16,
-    encode,
-)
-from tests.helpers import until
+from protocols import terminal as tm
+from tests.helpers import serial_port, until
 
 TIMEOUT = 15.0  # generous: a loaded 2-core box; the tests wait on behaviour, not time
-RED = Play(1001, WarningLevel.RED, 3, "暴雨红色预警：请立即转移")
+RED = tm.Play(1001, tm.WarningLevel.RED, 3, "暴雨红色预警：请立即转移")
 
 
 class Gateway:
@@ -52,22 +33,22 @@ class Gateway:
 
     def __init__(self, read: Callable[[], Any], write: Callable[[bytes], Any]) -> None:
         self._read, self._write = read, write
-        self.decoder = TerminalDecoder()
-        self.inbox: list[TerminalFrame] = []
-        self.seen: list[TerminalFrame] = []
+        self.decoder = tm.TerminalDecoder()
+        self.inbox: list[tm.TerminalFrame] = []
+        self.seen: list[tm.TerminalFrame] = []
         self.seq = 100
 
-    async def send(self, message: Message, seq: int | None = None) -> int:
+    async def send(self, message: tm.Message, seq: int | None = None) -> int:
         if seq is None:
             seq, self.seq = self.seq, self.seq + 1
-        await self._write(encode(seq, message))
+        await self._write(tm.encode(seq, message))
         return seq
 
     async def raw(self, data: bytes) -> None:
         await self._write(data)
 
-    async def expect(self, match: Callable[[Message], bool] = lambda m: True,
-                     timeout: float = TIMEOUT) -> TerminalFrame:
+    async def expect(self, match: Callable[[tm.Message], bool] = lambda m: True,
+                     timeout: float = TIMEOUT) -> tm.TerminalFrame:
         """The first frame received whose message matches."""
         deadline = time.monotonic() + timeout
         while True:
@@ -81,26 +62,27 @@ class Gateway:
             while True:
                 try:
                     item = self.decoder.next_frame()
-                except TerminalError:
+                except tm.TerminalError:
                     continue  # counted by the decoder
-                if item is NEED_DATA:
+                if item is tm.NEED_DATA:
                     break
                 self.inbox.append(item)
                 self.seen.append(item)
 
-    async def heartbeat(self, match: Callable[[Heartbeat], bool] = lambda h: True) -> Heartbeat:
-        frame = await self.expect(lambda m: isinstance(m, Heartbeat) and match(m))
-        assert isinstance(frame.message, Heartbeat)
+    async def heartbeat(self,
+                        match: Callable[[tm.Heartbeat], bool] = lambda h: True) -> tm.Heartbeat:
+        frame = await self.expect(lambda m: isinstance(m, tm.Heartbeat) and match(m))
+        assert isinstance(frame.message, tm.Heartbeat)
         return frame.message
 
-    async def answer_to(self, seq: int) -> Message:
+    async def answer_to(self, seq: int) -> tm.Message:
         """The RECEIPT or ERROR that names our frame `seq`."""
-        frame = await self.expect(lambda m: isinstance(m, Receipt | ErrorReport)
+        frame = await self.expect(lambda m: isinstance(m, tm.Receipt | tm.ErrorReport)
                                   and m.ref_seq == seq)
         return frame.message
 
-    async def ack(self) -> TerminalFrame:
-        return await self.expect(lambda m: isinstance(m, Ack))
+    async def ack(self) -> tm.TerminalFrame:
+        return await self.expect(lambda m: isinstance(m, tm.Ack))
 
 
 @contextlib.asynccontextmanager
@@ -130,18 +112,15 @@ async def tcp_gateway(sim: TcpTerminalSimulator) -> AsyncIterator[Gateway]:
 
 @contextlib.asynccontextmanager
 async def pty_gateway(sim: PtyTerminalSimulator) -> AsyncIterator[Gateway]:
-    port = await asyncio.to_thread(serial.Serial, sim.link_path, 115200, timeout=0.1)
+    async with serial_port(sim.link_path) as port:
 
-    async def write(data: bytes) -> None:
-        await asyncio.to_thread(port.write, data)
+        async def write(data: bytes) -> None:
+            await asyncio.to_thread(port.write, data)
 
-    async def read() -> bytes:
-        return await asyncio.to_thread(lambda: port.read(max(1, port.in_waiting)))
+        async def read() -> bytes:
+            return await asyncio.to_thread(lambda: port.read(max(1, port.in_waiting)))
 
-    try:
         yield Gateway(read, write)
-    finally:
-        await asyncio.to_thread(port.close)
 
 
 @contextlib.asynccontextmanager
@@ -159,17 +138,17 @@ async def test_full_round_over_tcp() -> None:
     async with terminal(press_after_s=0.2) as (sim, gw):
         hb = await gw.heartbeat()
         assert (hb.terminal_id, hb.mains, hb.speaker_fault, hb.camera) == \
-            ("JY-0001", True, False, CameraState.NONE)
+            ("JY-0001", True, False, tm.CameraState.NONE)
         seq = await gw.send(RED)
         receipt = await gw.answer_to(seq)
-        assert isinstance(receipt, Receipt)
-        assert (receipt.ref_type, receipt.id) == (MessageType.PLAY, 1001)
+        assert isinstance(receipt, tm.Receipt)
+        assert (receipt.ref_type, receipt.id) == (tm.MessageType.PLAY, 1001)
         assert abs(receipt.time - time.time()) < 60
         ack_frame = await gw.ack()
         ack = ack_frame.message
-        assert isinstance(ack, Ack)
+        assert isinstance(ack, tm.Ack)
         assert (ack.warning_id, ack.terminal_id, ack.button) == (1001, "JY-0001", 1)
-        await gw.send(Receipt(ack_frame.seq, MessageType.ACK, 1001, int(time.time())))
+        await gw.send(tm.Receipt(ack_frame.seq, tm.MessageType.ACK, 1001, int(time.time())))
         await until(lambda: sim.acks_confirmed == [ack], "the ack to be confirmed")
         assert [p.play for p in sim.played] == [RED]
 
@@ -177,8 +156,8 @@ async def test_full_round_over_tcp() -> None:
 async def test_heartbeat_is_answered_and_periodic() -> None:
     """Heartbeats come every heartbeat_s; the gateway's receipt to one is taken quietly."""
     async with terminal(heartbeat_s=0.2) as (sim, gw):
-        first = await gw.expect(lambda m: isinstance(m, Heartbeat))
-        await gw.send(Receipt(first.seq, MessageType.HEARTBEAT, 0, int(time.time())))
+        first = await gw.expect(lambda m: isinstance(m, tm.Heartbeat))
+        await gw.send(tm.Receipt(first.seq, tm.MessageType.HEARTBEAT, 0, int(time.time())))
         await gw.heartbeat()
         await gw.heartbeat()
         await until(lambda: sim.stats()["receipts_received"] == 1, "the receipt")
@@ -193,7 +172,7 @@ async def test_ack_is_repeated_until_its_receipt() -> None:
         first = await gw.ack()
         again = await gw.ack()
         assert again == first
-        await gw.send(Receipt(first.seq, MessageType.ACK, 1001, 0))
+        await gw.send(tm.Receipt(first.seq, tm.MessageType.ACK, 1001, 0))
         await until(lambda: sim.stats()["pending_acks"] == 0, "the ack to be confirmed")
         repeats = sim.stats()["ack_repeats"]
         await asyncio.sleep(0.6)  # three retry periods: nothing more may come
@@ -214,7 +193,7 @@ async def test_ack_survives_a_reconnect() -> None:
 async def test_person_who_never_answers() -> None:
     """With press_after_s=None the warning is delivered and played but never acknowledged."""
     async with terminal(press_after_s=None) as (sim, gw):
-        assert isinstance(await gw.answer_to(await gw.send(RED)), Receipt)
+        assert isinstance(await gw.answer_to(await gw.send(RED)), tm.Receipt)
         await asyncio.sleep(0.5)
         assert sim.acks_sent == [] and len(sim.played) == 1
         sim.press()  # a press by hand still works
@@ -229,10 +208,10 @@ async def test_repeated_play_is_answered_not_replayed() -> None:
         await gw.send(RED, seq=seq)
         assert await gw.answer_to(seq) == first
         reminder = await gw.send(RED)
-        assert isinstance(await gw.answer_to(reminder), Receipt)
-        other = Play(1002, WarningLevel.ORANGE, 1, "a restarted gateway reuses seq numbers")
+        assert isinstance(await gw.answer_to(reminder), tm.Receipt)
+        other = tm.Play(1002, tm.WarningLevel.ORANGE, 1, "a restarted gateway reuses seq numbers")
         await gw.send(other, seq=seq)
-        assert isinstance(await gw.answer_to(seq), Receipt)
+        assert isinstance(await gw.answer_to(seq), tm.Receipt)
         assert [(p.seq, p.play.warning_id) for p in sim.played] == \
             [(seq, 1001), (reminder, 1001), (seq, 1002)]
         assert sim.stats()["duplicates"] == 1
@@ -241,10 +220,10 @@ async def test_repeated_play_is_answered_not_replayed() -> None:
 async def test_display_gets_a_receipt() -> None:
     """A DISPLAY is shown and answered by a receipt with its display id."""
     async with terminal() as (sim, gw):
-        text = Display(42, 600, "请转移到安全地带")
+        text = tm.Display(42, 600, "请转移到安全地带")
         receipt = await gw.answer_to(await gw.send(text))
-        assert isinstance(receipt, Receipt) and (receipt.ref_type, receipt.id) == \
-            (MessageType.DISPLAY, 42)
+        assert isinstance(receipt, tm.Receipt) and (receipt.ref_type, receipt.id) == \
+            (tm.MessageType.DISPLAY, 42)
         assert sim.displayed == [text]
 
 
@@ -256,8 +235,8 @@ async def test_speaker_fault_in_heartbeat_and_error() -> None:
         assert (await gw.heartbeat()).speaker_fault
         seq = await gw.send(RED)
         error = await gw.answer_to(seq)
-        assert isinstance(error, ErrorReport)
-        assert (error.code, error.ref_type) == (ErrorCode.SPEAKER_FAULT, MessageType.PLAY)
+        assert isinstance(error, tm.ErrorReport)
+        assert (error.code, error.ref_type) == (tm.ErrorCode.SPEAKER_FAULT, tm.MessageType.PLAY)
         await asyncio.sleep(0.4)
         assert sim.played == [] and sim.acks_sent == []
 
@@ -268,8 +247,8 @@ async def test_silent_terminal_plays_without_receipts() -> None:
         sim.set_faults(silent=True)
         await gw.send(RED)
         ack = await gw.ack()
-        assert isinstance(ack.message, Ack) and ack.message.warning_id == 1001
-        assert not any(isinstance(f.message, Receipt) for f in gw.seen)
+        assert isinstance(ack.message, tm.Ack) and ack.message.warning_id == 1001
+        assert not any(isinstance(f.message, tm.Receipt) for f in gw.seen)
         assert len(sim.played) == 1
 
 
@@ -280,7 +259,7 @@ async def test_no_power_is_silence_then_a_reboot() -> None:
         sim.press()
         first = await gw.ack()
         sim.set_faults(no_power=True)
-        seq = await gw.send(Display(1, 0, "anyone?"))
+        seq = await gw.send(tm.Display(1, 0, "anyone?"))
         await until(lambda: sim.stats()["unpowered_bytes"] > 0, "the bytes to arrive")
         gw.inbox.clear()
         before = len(gw.seen)
@@ -292,7 +271,8 @@ async def test_no_power_is_silence_then_a_reboot() -> None:
         await gw.heartbeat()
         assert await gw.ack() == first
         assert sim.displayed == []
-        assert not any(isinstance(f.message, Receipt | ErrorReport) and f.message.ref_seq == seq
+        assert not any(isinstance(f.message, tm.Receipt | tm.ErrorReport)
+                       and f.message.ref_seq == seq
                        for f in gw.seen)  # the DISPLAY sent while it was off was never read
 
 
@@ -310,12 +290,12 @@ async def test_bad_frames_from_the_gateway() -> None:
     async with terminal() as (sim, gw):
         await gw.raw(b"\x00\xffnoise\r\n\xfb\x4a\x01")
         header = bytes((1, 0x42, 0, 9, 0, 0))
-        await gw.raw(b"\xfb\x4a" + header + crc16(header).to_bytes(2, "big") + b"\xff\xff")
+        await gw.raw(b"\xfb\x4a" + header + tm.crc16(header).to_bytes(2, "big") + b"\xff\xff")
         unknown = await gw.answer_to(9)
-        assert isinstance(unknown, ErrorReport) and unknown.code == ErrorCode.UNKNOWN_TYPE
-        await gw.send(Ack(1, 0, 1, "GW"))  # a terminal's message sent to a terminal
-        assert isinstance(await gw.expect(lambda m: isinstance(m, ErrorReport)
-                                          and m.code == ErrorCode.OTHER), TerminalFrame)
+        assert isinstance(unknown, tm.ErrorReport) and unknown.code == tm.ErrorCode.UNKNOWN_TYPE
+        await gw.send(tm.Ack(1, 0, 1, "GW"))  # a terminal's message sent to a terminal
+        assert isinstance(await gw.expect(lambda m: isinstance(m, tm.ErrorReport)
+                                          and m.code == tm.ErrorCode.OTHER), tm.TerminalFrame)
         await gw.answer_to(await gw.send(RED))  # still answering
         assert sim.stats()["garbage_bytes"] >= 9 and sim.stats()["refused"] == 1
 
@@ -323,9 +303,9 @@ async def test_bad_frames_from_the_gateway() -> None:
 async def test_video_terminal_reports_its_camera() -> None:
     """A video terminal reports camera OK, and a change at once."""
     async with terminal(video=True) as (sim, gw):
-        assert (await gw.heartbeat()).camera == CameraState.OK
-        sim.set_faults(camera=CameraState.OBSTRUCTED, mains=False, battery=40)
-        hb = await gw.heartbeat(lambda h: h.camera == CameraState.OBSTRUCTED)
+        assert (await gw.heartbeat()).camera == tm.CameraState.OK
+        sim.set_faults(camera=tm.CameraState.OBSTRUCTED, mains=False, battery=40)
+        hb = await gw.heartbeat(lambda h: h.camera == tm.CameraState.OBSTRUCTED)
         assert (hb.mains, hb.battery) == (False, 40)
 
 
@@ -353,7 +333,7 @@ async def test_control_port_scripts_the_terminal() -> None:
 
         try:
             assert (await ask({"fault": {"camera": "fault", "speaker_fault": True}}))["ok"]
-            assert sim.faults.speaker_fault and sim.faults.camera == CameraState.FAULT
+            assert sim.faults.speaker_fault and sim.faults.camera == tm.CameraState.FAULT
             assert (await ask({"fault": {"speaker_fault": False}}))["ok"]
             assert (await ask({"person": {"press_after_s": 0.1}}))["ok"]
             await gw.answer_to(await gw.send(RED))
@@ -382,9 +362,9 @@ async def test_full_round_over_a_pty(tmp_path: Any) -> None:
             await gw.heartbeat()
             await gw.raw(b"AT\r\n\x00\xfb\x4a\x00garbage")
             seq = await gw.send(RED)
-            assert isinstance(await gw.answer_to(seq), Receipt)
+            assert isinstance(await gw.answer_to(seq), tm.Receipt)
             ack = await gw.ack()
-            await gw.send(Receipt(ack.seq, MessageType.ACK, 1001, 0))
+            await gw.send(tm.Receipt(ack.seq, tm.MessageType.ACK, 1001, 0))
             await until(lambda: len(sim.acks_confirmed) == 1, "the ack to be confirmed")
             sim.set_faults(garbage=50)
             await gw.heartbeat()
@@ -394,7 +374,7 @@ async def test_full_round_over_a_pty(tmp_path: Any) -> None:
 
 async def test_simulator_checks_its_settings() -> None:
     """A bad terminal id or period is refused when the simulator is built."""
-    with pytest.raises(TerminalError):
+    with pytest.raises(tm.TerminalError):
         TerminalSimulator("has space")
     with pytest.raises(SimulatorError):
         TerminalSimulator("JY-1", ack_retry_s=0)
@@ -427,7 +407,7 @@ async def test_runs_as_a_process() -> None:
 
         gw = Gateway(read, write)
         hb = await gw.heartbeat()
-        assert (hb.terminal_id, hb.camera) == ("JY-0009", CameraState.OK)
+        assert (hb.terminal_id, hb.camera) == ("JY-0009", tm.CameraState.OK)
         writer.close()
     finally:
         proc.send_signal(signal.SIGTERM)

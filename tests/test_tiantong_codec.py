@@ -8,36 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.at_commands import (
-    NEED_DATA,
-    AtError,
-    AtFormatError,
-    AtLengthError,
-    Command,
-    CommandDecoder,
-    PduCancelled,
-    PduEntry,
-    cmgs,
-    encode_command,
-    parse_command,
-)
-from protocols.at_responses import (
-    CmeErrorResult,
-    Cmgr,
-    Cmgs,
-    CmsErrorResult,
-    Cmt,
-    Cmti,
-    Creg,
-    Csq,
-    InfoLine,
-    Prompt,
-    RegStatus,
-    Response,
-    ResponseDecoder,
-    Result,
-    encode_response,
-)
+from protocols import at_commands as atc
+from protocols import at_responses as atr
 from protocols.errors import ProtocolError
 from protocols.sms_pdu import (
     Concat,
@@ -181,71 +153,71 @@ def test_reassembler() -> None:
 def test_commands_both_ways() -> None:
     """Command lines parse to their parts and encode back with CR (V.250 §5.2.1)."""
     table = {
-        b"AT\r": Command(""),
-        b"ATE0\r": Command("E0"),
-        b"AT+CREG?\r": Command("+CREG", "?"),
-        b"AT+CSQ\r": Command("+CSQ"),
-        b"AT+CMGF=0\r": Command("+CMGF", "=", ("0",)),
-        b"AT+CMGS=31\r": cmgs(31),
-        b'AT+CPMS="SM","SM"\r': Command("+CPMS", "=", ('"SM"', '"SM"')),
-        b"AT+CMGF=?\r": Command("+CMGF", "=?"),
+        b"AT\r": atc.Command(""),
+        b"ATE0\r": atc.Command("E0"),
+        b"AT+CREG?\r": atc.Command("+CREG", "?"),
+        b"AT+CSQ\r": atc.Command("+CSQ"),
+        b"AT+CMGF=0\r": atc.Command("+CMGF", "=", ("0",)),
+        b"AT+CMGS=31\r": atc.cmgs(31),
+        b'AT+CPMS="SM","SM"\r': atc.Command("+CPMS", "=", ('"SM"', '"SM"')),
+        b"AT+CMGF=?\r": atc.Command("+CMGF", "=?"),
     }
     for wire, command in table.items():
-        assert parse_command(wire[:-1].decode()) == command
-        assert encode_command(command) == wire
-    assert parse_command("at+csq") == Command("+CSQ")
+        assert atc.parse_command(wire[:-1].decode()) == command
+        assert atc.encode_command(command) == wire
+    assert atc.parse_command("at+csq") == atc.Command("+CSQ")
     for bad in ("+CSQ", "AT+CSQ?x", "hello"):
-        with pytest.raises(AtFormatError):
-            parse_command(bad)
+        with pytest.raises(atc.AtFormatError):
+            atc.parse_command(bad)
 
 
 def test_responses_both_ways() -> None:
     """A module's session (echo, answers, prompt, URCs, a read) decodes to events and back."""
     session = [
         (b"AT+CSQ\r", None),
-        (b"\r\n+CSQ: 20,99\r\n", Csq(20, 99)),
-        (b"\r\nOK\r\n", Result(True)),
-        (b"\r\n> ", Prompt()),
-        (b"\r\n+CMGS: 12\r\n", Cmgs(12)),
-        (b"\r\n+CMS ERROR: 331\r\n", CmsErrorResult(331)),
-        (b"\r\n+CME ERROR: 10\r\n", CmeErrorResult(10)),
-        (b"\r\n+CREG: 0,1\r\n", Creg(RegStatus.HOME, 0)),
-        (b"\r\n+CREG: 2\r\n", Creg(RegStatus.SEARCHING)),
-        (b'\r\n+CMTI: "SM",3\r\n', Cmti("SM", 3)),
+        (b"\r\n+CSQ: 20,99\r\n", atr.Csq(20, 99)),
+        (b"\r\nOK\r\n", atr.Result(True)),
+        (b"\r\n> ", atr.Prompt()),
+        (b"\r\n+CMGS: 12\r\n", atr.Cmgs(12)),
+        (b"\r\n+CMS ERROR: 331\r\n", atr.CmsErrorResult(331)),
+        (b"\r\n+CME ERROR: 10\r\n", atr.CmeErrorResult(10)),
+        (b"\r\n+CREG: 0,1\r\n", atr.Creg(atr.RegStatus.HOME, 0)),
+        (b"\r\n+CREG: 2\r\n", atr.Creg(atr.RegStatus.SEARCHING)),
+        (b'\r\n+CMTI: "SM",3\r\n', atr.Cmti("SM", 3)),
         (b'\r\n+CMGR: 0,"",24\r\n' + DELIVER_HEX.encode() + b"\r\n",
-         Cmgr(0, 24, bytes.fromhex(DELIVER_HEX))),
+         atr.Cmgr(0, 24, bytes.fromhex(DELIVER_HEX))),
         (b'\r\n+CMT: "",24\r\n' + DELIVER_HEX.encode() + b"\r\n",
-         Cmt(24, bytes.fromhex(DELIVER_HEX))),
-        (b"\r\nERROR\r\n", Result(False)),
+         atr.Cmt(24, bytes.fromhex(DELIVER_HEX))),
+        (b"\r\nERROR\r\n", atr.Result(False)),
     ]
-    decoder = ResponseDecoder()
+    decoder = atr.ResponseDecoder()
     decoder.feed(b"".join(wire for wire, _ in session))
     events = []
-    while (event := decoder.next_event()) is not NEED_DATA:
+    while (event := decoder.next_event()) is not atc.NEED_DATA:
         events.append(event)
-    assert events == [InfoLine("AT+CSQ")] + [e for _, e in session if e is not None]
+    assert events == [atr.InfoLine("AT+CSQ")] + [e for _, e in session if e is not None]
     for wire, expected in session[1:]:
-        assert expected is not None and encode_response(expected) == wire
+        assert expected is not None and atr.encode_response(expected) == wire
     decoder.feed(b"\r\n+CMGR: 1,,24\r\n")  # alpha left out, PDU line still to come
-    assert decoder.next_event() is NEED_DATA
+    assert decoder.next_event() is atc.NEED_DATA
     decoder.feed(DELIVER_HEX.encode() + b"\r\n")
-    assert decoder.next_event() == Cmgr(1, 24, bytes.fromhex(DELIVER_HEX))
+    assert decoder.next_event() == atr.Cmgr(1, 24, bytes.fromhex(DELIVER_HEX))
 
 
 def test_pdu_entry_and_cancel() -> None:
     """After the prompt the module reads hex up to Ctrl-Z; ESC cancels."""
-    decoder = CommandDecoder()
+    decoder = atc.CommandDecoder()
     decoder.feed(b"AT+CMGS=31\r")
-    assert decoder.next_event() == cmgs(31)
+    assert decoder.next_event() == atc.cmgs(31)
     decoder.expect_pdu()
     decoder.feed(SUBMIT_HEX.encode()[:20])
-    assert decoder.next_event() is NEED_DATA
+    assert decoder.next_event() is atc.NEED_DATA
     decoder.feed(SUBMIT_HEX.encode()[20:] + b"\x1aAT+CMGS=5\r")
-    assert decoder.next_event() == PduEntry(bytes.fromhex(SUBMIT_HEX))
-    assert decoder.next_event() == cmgs(5)
+    assert decoder.next_event() == atc.PduEntry(bytes.fromhex(SUBMIT_HEX))
+    assert decoder.next_event() == atc.cmgs(5)
     decoder.expect_pdu()
     decoder.feed(b"0011\x1b")
-    assert decoder.next_event() == PduCancelled()
+    assert decoder.next_event() == atc.PduCancelled()
 
 
 @pytest.mark.parametrize("line", [b"+CSQ: x,99", b"+CMS ERROR: ", b"+CREG: 0,9", b"+CMTI: 3",
@@ -253,18 +225,18 @@ def test_pdu_entry_and_cancel() -> None:
 def test_malformed_response_lines(line: bytes) -> None:
     """A line that names a response but does not parse is an AtFormatError; the next line
     still comes through."""
-    decoder = ResponseDecoder()
+    decoder = atr.ResponseDecoder()
     decoder.feed(line + b"\r\nOK\r\n")
-    with pytest.raises(AtFormatError):
+    with pytest.raises(atc.AtFormatError):
         decoder.next_event()
-    assert decoder.next_event() == Result(True)
+    assert decoder.next_event() == atr.Result(True)
 
 
 def test_overlong_lines_are_bounded() -> None:
     """A line with no end past the limit raises AtLengthError and the buffer is emptied."""
-    decoder = ResponseDecoder(max_line=64)
+    decoder = atr.ResponseDecoder(max_line=64)
     decoder.feed(b"x" * 100)
-    with pytest.raises(AtLengthError):
+    with pytest.raises(atc.AtLengthError):
         decoder.next_event()
     assert decoder.buffered == 0
 
@@ -314,32 +286,33 @@ def test_split_round_trip(text: str, ref: int) -> None:
     assert wholes[-1] == text and all(w is None for w in wholes[:-1])
 
 
-_RESPONSES: st.SearchStrategy[Response] = st.one_of(
-    st.builds(Result, st.booleans()),
-    st.builds(CmsErrorResult, st.integers(0, 999)),
-    st.builds(CmeErrorResult, st.integers(0, 999)),
-    st.just(Prompt()),
-    st.builds(Creg, st.sampled_from(RegStatus), st.none() | st.integers(0, 2)),
-    st.builds(Csq, st.integers(0, 31) | st.just(99), st.integers(0, 7) | st.just(99)),
-    st.builds(Cmgs, st.integers(0, 255)),
-    st.builds(Cmti, st.sampled_from(["SM", "ME", "MT"]), st.integers(0, 999)),
-    st.builds(Cmgr, st.integers(0, 3), st.integers(0, 255), st.binary(min_size=1, max_size=176)),
-    st.builds(Cmt, st.integers(0, 255), st.binary(min_size=1, max_size=176)),
-    st.builds(InfoLine, st.from_regex(r"[A-Za-z][ -~]{0,40}", fullmatch=True).filter(
+_RESPONSES: st.SearchStrategy[atr.Response] = st.one_of(
+    st.builds(atr.Result, st.booleans()),
+    st.builds(atr.CmsErrorResult, st.integers(0, 999)),
+    st.builds(atr.CmeErrorResult, st.integers(0, 999)),
+    st.just(atr.Prompt()),
+    st.builds(atr.Creg, st.sampled_from(atr.RegStatus), st.none() | st.integers(0, 2)),
+    st.builds(atr.Csq, st.integers(0, 31) | st.just(99), st.integers(0, 7) | st.just(99)),
+    st.builds(atr.Cmgs, st.integers(0, 255)),
+    st.builds(atr.Cmti, st.sampled_from(["SM", "ME", "MT"]), st.integers(0, 999)),
+    st.builds(atr.Cmgr, st.integers(0, 3), st.integers(0, 255),
+              st.binary(min_size=1, max_size=176)),
+    st.builds(atr.Cmt, st.integers(0, 255), st.binary(min_size=1, max_size=176)),
+    st.builds(atr.InfoLine, st.from_regex(r"[A-Za-z][ -~]{0,40}", fullmatch=True).filter(
         lambda t: t.strip() not in ("OK", "ERROR") and t == t.strip())),
 )
 
 
 @relaxed
 @given(st.lists(_RESPONSES, max_size=8), st.integers(1, 30))
-def test_response_stream_round_trip(responses: list[Response], chunk: int) -> None:
+def test_response_stream_round_trip(responses: list[atr.Response], chunk: int) -> None:
     """Any run of responses, fed in chunks, decodes to the same events in order."""
-    wire = b"".join(encode_response(r) for r in responses)
-    decoder = ResponseDecoder()
-    got: list[Response] = []
+    wire = b"".join(atr.encode_response(r) for r in responses)
+    decoder = atr.ResponseDecoder()
+    got: list[atr.Response] = []
     for at in range(0, len(wire), chunk):
         decoder.feed(wire[at : at + chunk])
-        while (event := decoder.next_event()) is not NEED_DATA:
+        while (event := decoder.next_event()) is not atc.NEED_DATA:
             got.append(event)
     assert got == responses
 
@@ -364,13 +337,13 @@ def test_sms_garbage_raises_only_sms_errors(data: bytes) -> None:
 @given(st.binary(max_size=300))
 def test_at_garbage_raises_only_at_errors(data: bytes) -> None:
     """Random bytes on either side of the AT line raise nothing but AtError."""
-    for decoder in (ResponseDecoder(max_line=128), CommandDecoder(max_line=128)):
+    for decoder in (atr.ResponseDecoder(max_line=128), atc.CommandDecoder(max_line=128)):
         decoder.feed(data + b"\r\n+CMGR: 0,,3\r\n" + data + b"\r\n" + data)
-        if isinstance(decoder, CommandDecoder):
+        if isinstance(decoder, atc.CommandDecoder):
             decoder.expect_pdu()
         for _ in range(200):
             try:
-                if decoder.next_event() is NEED_DATA:
+                if decoder.next_event() is atc.NEED_DATA:
                     break
-            except AtError:
+            except atc.AtError:
                 pass

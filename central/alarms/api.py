@@ -22,19 +22,16 @@ commits together with its audit row.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from central.alarms import desk as alarms
-from central.areas import tree as areas
 from central.alarms.lifecycle import AckState, AlarmStatus
-from central.web.bounds import ID_MAX, IdField, IdPath
+from central.areas import tree as areas
 from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
-from central.identity.audit import AuditLog
 from central.identity.authz import (
     Admin,
     Operator,
@@ -46,17 +43,13 @@ from central.identity.authz import (
     gateway_path_program,
     gateway_scope,
 )
-from central.storage import Storage
 from central.storage.program import Program
-
-PROBLEM = "application/problem+json"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from central.web.bounds import ID_MAX, IdField, IdPath
+from central.web.problems import install_problems
+from central.web.routing import StrictModel, audit_of, now_ms, run_audited, storage_of
 
 
-class AreaIn(_Model):
+class AreaIn(StrictModel):
     parent_id: IdField | None = Field(default=None, description="None for a root (the city)")
     level: AreaLevel
     code: str = Field(min_length=1, max_length=64)
@@ -65,7 +58,7 @@ class AreaIn(_Model):
                                                "enterprise|station|street_office")
 
 
-class AreaOut(_Model):
+class AreaOut(StrictModel):
     id: int
     parent_id: int | None
     level: str
@@ -79,24 +72,24 @@ class AreaNodeOut(AreaOut):
     children: list[AreaNodeOut]
 
 
-class GatewayAreaIn(_Model):
+class GatewayAreaIn(StrictModel):
     area_id: IdField
 
 
-class GatewayAreaOut(_Model):
+class GatewayAreaOut(StrictModel):
     gw: str
     area: AreaOut
 
 
-class ActionIn(_Model):
+class ActionIn(StrictModel):
     comment: str = Field(default="", max_length=1000)
 
 
-class CommentIn(_Model):
+class CommentIn(StrictModel):
     comment: str = Field(min_length=1, max_length=1000)
 
 
-class AlarmOut(_Model):
+class AlarmOut(StrictModel):
     id: int
     gw: str
     device: str
@@ -130,7 +123,7 @@ class AlarmOut(_Model):
     area_name: str | None
 
 
-class HistoryOut(_Model):
+class HistoryOut(StrictModel):
     id: int
     action: str
     source: str
@@ -151,7 +144,7 @@ class AlarmDetail(AlarmOut):
     history: list[HistoryOut]
 
 
-class AreaCountOut(_Model):
+class AreaCountOut(StrictModel):
     area_id: int
     code: str
     name_zh: str
@@ -161,7 +154,7 @@ class AreaCountOut(_Model):
     unacknowledged: int
 
 
-class SummaryOut(_Model):
+class SummaryOut(StrictModel):
     area: AreaOut
     active: int
     by_severity: dict[str, int]  # "1" (一级), "2" (二级)
@@ -179,28 +172,16 @@ def _node_out(n: AreaNode) -> AreaNodeOut:
                        children=[_node_out(c) for c in n.children])
 
 
-def _alarm_out(a: alarms.Alarm) -> AlarmOut:
+def alarm_fields(a: alarms.Alarm) -> dict[str, Any]:
+    """The fields of `AlarmOut` for an alarm (a subclass adds its own)."""
     d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
     d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
     d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
-    return AlarmOut(**d)
+    return d
 
 
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _storage(request: Request) -> Storage:
-    return request.app.state.storage  # type: ignore[no-any-return]
-
-
-def _audit(request: Request) -> AuditLog:
-    return request.app.state.audit  # type: ignore[no-any-return]
+def _alarm_out(a: alarms.Alarm) -> AlarmOut:
+    return AlarmOut(**alarm_fields(a))
 
 
 def _scoped(nodes: list[AreaNode], p: Principal) -> list[AreaNode]:
@@ -216,26 +197,23 @@ def _scoped(nodes: list[AreaNode], p: Principal) -> list[AreaNode]:
 
 
 async def _acting_on(request: Request, p: Principal, alarm_id: int) -> alarms.Alarm:
-    storage = _storage(request)
+    storage = storage_of(request)
     a = await alarms.get_alarm(storage, alarm_id)
     await check_gateway(storage, p, a.gw)
     return a
 
 
+AlarmStep = Callable[[int, str, str, int], Program[alarms.Alarm]]
+
+
 async def _act(request: Request, p: Principal, alarm_id: int, action: str, comment: str,
-               step: Any) -> alarms.Alarm:
+               step: AlarmStep) -> alarms.Alarm:
     """Run an alarm step and its audit row in one transaction."""
     await _acting_on(request, p, alarm_id)
-    now = _now_ms()
-    audit = _audit(request)
-
-    def program() -> Program[alarms.Alarm]:
-        a = yield from step(alarm_id, p.name, comment, now)
-        yield from audit.program(p.name, action, f"alarm:{alarm_id}",
-                                 {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
-        return a
-
-    return await _storage(request).run(program)
+    now = now_ms()
+    return await run_audited(
+        request, p.name, action, f"alarm:{alarm_id}", lambda: step(alarm_id, p.name, comment, now),
+        lambda a: {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
 
 
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -251,17 +229,10 @@ def install(app: FastAPI) -> None:
 
 
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(DuplicateAreaError)
-    async def duplicate(_: Request, exc: DuplicateAreaError) -> JSONResponse:
-        return _problem(409, "Duplicate area", str(exc))
-
-    @app.exception_handler(AreaPlacementError)
-    async def misplaced(_: Request, exc: AreaPlacementError) -> JSONResponse:
-        return _problem(422, "Area does not fit the hierarchy", str(exc))
-
-    @app.exception_handler(alarms.AlarmStateError)
-    async def wrong_state(_: Request, exc: alarms.AlarmStateError) -> JSONResponse:
-        return _problem(409, "Not possible in the alarm's state", str(exc))
+    install_problems(app, {
+        DuplicateAreaError: (409, "Duplicate area"),
+        AreaPlacementError: (422, "Area does not fit the hierarchy"),
+        alarms.AlarmStateError: (409, "Not possible in the alarm's state")})
 
 
 def _install_area_routes(app: FastAPI) -> None:
@@ -269,7 +240,7 @@ def _install_area_routes(app: FastAPI) -> None:
     async def area_tree(request: Request, p: Reader) -> list[AreaNodeOut]:
         """The tree (from the user's own area down), children by code, with the gateways at
         each site."""
-        return [_node_out(n) for n in _scoped(await areas.area_tree(_storage(request)), p)]
+        return [_node_out(n) for n in _scoped(await areas.area_tree(storage_of(request)), p)]
 
     @app.post("/api/areas", response_model=AreaOut, status_code=201, responses=_PROBLEMS,
               tags=["areas"])
@@ -277,21 +248,21 @@ def _install_area_routes(app: FastAPI) -> None:
                           p: Admin) -> AreaOut:
         """Example: `{"parent_id": 2, "level": "site", "code": "420102-site-09",
         "name_zh": "某危化企业", "kind": "enterprise"}`."""
-        storage = _storage(request)
+        storage = storage_of(request)
         if body.parent_id is None:
             if p.user.area_path is not None:
                 raise OutOfScopeError(p.name, "a new root area")
         else:
             await check_area(storage, p, body.parent_id)
-        audit = _audit(request)
-        now = _now_ms()
+        now = now_ms()
 
         def program() -> Program[Area]:
             a = yield from areas.create_program(body.parent_id, AreaLevel(body.level), body.code,
                                                 body.name_zh, body.kind, now)
-            yield from audit.program(p.name, "area.created", f"area:{a.code}",
-                                     {"id": a.id, "parent_id": a.parent_id, "level": str(a.level),
-                                      "name_zh": a.name_zh})
+            yield from audit_of(request).program(
+                p.name, "area.created", f"area:{a.code}",
+                {"id": a.id, "parent_id": a.parent_id, "level": str(a.level),
+                 "name_zh": a.name_zh})
             return a
 
         return _area_out(await storage.run(program))
@@ -300,8 +271,8 @@ def _install_area_routes(app: FastAPI) -> None:
              tags=["areas"])
     async def summary(request: Request, area_id: IdPath,
                       p: Reader) -> SummaryOut:
-        await check_area(_storage(request), p, area_id)
-        s = await alarms.area_summary(_storage(request), area_id)
+        await check_area(storage_of(request), p, area_id)
+        s = await alarms.area_summary(storage_of(request), area_id)
         return SummaryOut(
             area=_area_out(s.area), active=s.active, unacknowledged=s.unacknowledged,
             by_severity={str(k): v for k, v in s.by_severity.items()},
@@ -316,21 +287,15 @@ def _install_area_routes(app: FastAPI) -> None:
                             p: Admin) -> GatewayAreaOut:
         """Put a gateway at a site (it may not have reported yet); both the site and where
         the gateway stood before must lie in the admin's area."""
-        storage = _storage(request)
+        storage = storage_of(request)
         await check_area(storage, p, body.area_id)
         before = await storage.run(lambda: gateway_path_program(gw), write=False)
         if before is not None and not p.sees(before):
             raise OutOfScopeError(p.name, f"gateway {gw}")
-        audit = _audit(request)
-        now = _now_ms()
-
-        def program() -> Program[Area]:
-            site = yield from areas.assign_program(gw, body.area_id, now)
-            yield from audit.program(p.name, "gateway.placed", f"gateway:{gw}",
-                                     {"area": site.code, "area_id": site.id})
-            return site
-
-        site = await storage.run(program)
+        now = now_ms()
+        site = await run_audited(request, p.name, "gateway.placed", f"gateway:{gw}",
+                                 lambda: areas.assign_program(gw, body.area_id, now),
+                                 lambda site: {"area": site.code, "area_id": site.id})
         return GatewayAreaOut(gw=gw, area=_area_out(site))
 
 
@@ -348,7 +313,7 @@ def _install_alarm_routes(app: FastAPI) -> None:
         """Active first, then by severity, newest first.
 
         Example: `?area=2&state=active&ack=unacknowledged`."""
-        storage = _storage(request)
+        storage = storage_of(request)
         if area is not None:
             await check_area(storage, p, area)
         elif p.user.area_id is not None:
@@ -362,7 +327,7 @@ def _install_alarm_routes(app: FastAPI) -> None:
              tags=["alarms"])
     async def get_alarm(request: Request, alarm_id: IdPath,
                         p: Reader) -> AlarmDetail:
-        storage = _storage(request)
+        storage = storage_of(request)
         a = await _acting_on(request, p, alarm_id)
         history = await alarms.alarm_history(storage, alarm_id)
         return AlarmDetail(**_alarm_out(a).model_dump(), history=[

@@ -17,17 +17,15 @@ reads show only targets within it (DESIGN.md §8).
 from __future__ import annotations
 
 import enum
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from central.web.bounds import IdField
 from central.callresp.directory import (
+    AreaRef,
     Group,
     Person,
     PersonRole,
@@ -45,18 +43,17 @@ from central.callresp.service import CallRespService
 from central.callresp.views import stats, warning_program, warnings_program
 from central.callresp.workflow import WarningRequestError
 from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
+from central.storage.program import Program
+from central.web.bounds import IdField
+from central.web.problems import install_problems
+from central.web.routing import StrictModel, now_ms
 from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS, Level
 
-PROBLEM = "application/problem+json"
 DAY_MS = 86_400_000
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class WarningIn(_In):
+class WarningIn(StrictModel):
     level: Level
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     repeat: int | None = Field(default=None, ge=1, le=MAX_REPEAT)
@@ -67,20 +64,20 @@ class WarningIn(_In):
                                                                 max_length=5000)
 
 
-class TerminalIn(_In):
+class TerminalIn(StrictModel):
     gw: str = Field(pattern=_ID)
     area_id: IdField | None = None
     kind: TerminalKind = TerminalKind.AUDIO
     name: str = Field(default="", max_length=200)
 
 
-class GroupIn(_In):
+class GroupIn(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     terminals: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list,
                                                                 max_length=5000)
 
 
-class PersonIn(_In):
+class PersonIn(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     area_id: IdField | None = None
     role: PersonRole = PersonRole.MEMBER
@@ -89,17 +86,23 @@ class PersonIn(_In):
                                                                 max_length=100)
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _service(request: Request) -> CallRespService:
     return request.app.state.callresp
 
 
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM)
+def _window(from_: int | None, to: int | None) -> tuple[int, int]:
+    """The asked span, by default the 30 days up to now."""
+    to_ms = to if to is not None else now_ms() + 1
+    return (from_ if from_ is not None else to_ms - 30 * DAY_MS), to_ms
+
+
+async def _put(request: Request, p: Principal, action: str, target: str, item: Any,
+               upsert: Callable[[Any, int], Program[None]]) -> dict[str, Any]:
+    """Store a directory entry, then audit it; the entry as stored."""
+    svc = _service(request)
+    await svc.storage.run(lambda: upsert(item, now_ms()))
+    await svc.audit.append(p.name, action, target, asdict(item))
+    return asdict(item)
 
 
 async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> None:
@@ -110,8 +113,7 @@ async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> N
     areas = await st.run(areas_program, write=False)
 
     def check(area_id: int | None, what: str) -> None:
-        path = areas[area_id].path if area_id is not None and area_id in areas else None
-        if not p.sees(path):
+        if not p.sees(_area_path(areas, area_id)):
             raise OutOfScopeError(p.name, what)
 
     for a in body.areas:
@@ -126,6 +128,20 @@ async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> N
         check(person.area_id, f"person {person.id}")
 
 
+def _area_path(areas: Mapping[int, AreaRef], area_id: int | None) -> str | None:
+    return areas[area_id].path if area_id is not None and area_id in areas else None
+
+
+async def _visible_entries(request: Request, p: Principal,
+                           entries: Callable[[], Program[Sequence[Terminal | Person]]],
+                           ) -> list[dict[str, Any]]:
+    """The directory entries that lie in the user's area (or in none), as JSON objects."""
+    svc = _service(request)
+    areas = await svc.storage.run(areas_program, write=False)
+    return [asdict(e) for e in await svc.storage.run(entries, write=False)
+            if p.sees(_area_path(areas, e.area_id))]
+
+
 def _visible(p: Principal) -> Callable[[str | None], bool]:
     return p.sees
 
@@ -133,9 +149,7 @@ def _visible(p: Principal) -> Callable[[str | None], bool]:
 def install(app: FastAPI) -> None:
     """Add the 叫应 routes (the app's lifespan starts the service: `central.app._start`)."""
 
-    @app.exception_handler(WarningRequestError)
-    async def refused(_: Request, exc: WarningRequestError) -> JSONResponse:
-        return _problem(422, "Invalid warning", str(exc))
+    install_problems(app, {WarningRequestError: (422, "Invalid warning")})
 
     tags: list[str | enum.Enum] = ["callresp"]
 
@@ -157,8 +171,7 @@ def install(app: FastAPI) -> None:
         to: Annotated[int | None, Query(ge=0, le=2**53)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
-        to_ms = to if to is not None else _now_ms() + 1
-        from_ms = from_ if from_ is not None else to_ms - 30 * DAY_MS
+        from_ms, to_ms = _window(from_, to)
         ws = await _service(request).storage.run(
             lambda: warnings_program(from_ms, to_ms, limit, _visible(p)), write=False)
         return [asdict(w) for w in ws]
@@ -174,8 +187,7 @@ def install(app: FastAPI) -> None:
         from_: Annotated[int | None, Query(alias="from", ge=0, le=2**53)] = None,
         to: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     ) -> dict[str, Any]:
-        to_ms = to if to is not None else _now_ms() + 1
-        from_ms = from_ if from_ is not None else to_ms - 30 * DAY_MS
+        from_ms, to_ms = _window(from_, to)
         ws = await _service(request).storage.run(
             lambda: warnings_program(from_ms, to_ms, 10_000, _visible(p)), write=False)
         return asdict(stats(ws))
@@ -187,34 +199,27 @@ def install(app: FastAPI) -> None:
                            body: TerminalIn, p: Admin) -> dict[str, Any]:
         t = Terminal(id=tid, gw=body.gw, area_id=body.area_id, kind=str(body.kind),
                      name=body.name)
-        svc = _service(request)
-        await svc.storage.run(lambda: upsert_terminal_program(t, _now_ms()))
-        await svc.audit.append(p.name, "callresp.terminal_set", f"terminal:{tid}", asdict(t))
-        return asdict(t)
+        return await _put(request, p, "callresp.terminal_set", f"terminal:{tid}", t,
+                          upsert_terminal_program)
 
     @app.put("/api/callresp/groups/{gid}", tags=tags)
-    async def put_group(request: Request, gid: Annotated[str, Path(pattern=_ID)], body: GroupIn, p: Admin) -> dict[str, Any]:
+    async def put_group(request: Request, gid: Annotated[str, Path(pattern=_ID)], body: GroupIn,
+                        p: Admin) -> dict[str, Any]:
         g = Group(id=gid, name=body.name, terminals=tuple(sorted(set(body.terminals))))
-        svc = _service(request)
-        await svc.storage.run(lambda: upsert_group_program(g, _now_ms()))
-        await svc.audit.append(p.name, "callresp.group_set", f"group:{gid}", asdict(g))
-        return asdict(g)
+        return await _put(request, p, "callresp.group_set", f"group:{gid}", g,
+                          upsert_group_program)
 
     @app.put("/api/callresp/persons/{pid}", tags=tags)
-    async def put_person(request: Request, pid: Annotated[str, Path(pattern=_ID)], body: PersonIn, p: Admin) -> dict[str, Any]:
+    async def put_person(request: Request, pid: Annotated[str, Path(pattern=_ID)],
+                         body: PersonIn, p: Admin) -> dict[str, Any]:
         person = Person(id=pid, name=body.name, area_id=body.area_id, role=str(body.role),
                         phone=body.phone, terminals=tuple(sorted(set(body.terminals))))
-        svc = _service(request)
-        await svc.storage.run(lambda: upsert_person_program(person, _now_ms()))
-        await svc.audit.append(p.name, "callresp.person_set", f"person:{pid}", asdict(person))
-        return asdict(person)
+        return await _put(request, p, "callresp.person_set", f"person:{pid}", person,
+                          upsert_person_program)
 
     @app.get("/api/callresp/terminals", tags=tags)
     async def list_terminals(request: Request, p: Reader) -> list[dict[str, Any]]:
-        svc = _service(request)
-        areas = await svc.storage.run(areas_program, write=False)
-        return [asdict(t) for t in await svc.storage.run(terminals_program, write=False)
-                if p.sees(areas[t.area_id].path if t.area_id in areas else None)]
+        return await _visible_entries(request, p, terminals_program)
 
     @app.get("/api/callresp/groups", tags=tags)
     async def list_groups(request: Request, p: Reader) -> list[dict[str, Any]]:
@@ -223,7 +228,4 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/callresp/persons", tags=tags)
     async def list_persons(request: Request, p: Reader) -> list[dict[str, Any]]:
-        svc = _service(request)
-        areas = await svc.storage.run(areas_program, write=False)
-        return [asdict(x) for x in await svc.storage.run(persons_program, write=False)
-                if p.sees(areas[x.area_id].path if x.area_id in areas else None)]
+        return await _visible_entries(request, p, persons_program)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from central import CentralError
 from central.storage import NotFoundError
-from central.storage.program import Program, Sql, placeholders
+from central.storage.program import Program, Rows, Sql, placeholders
 
 
 class DirectoryError(CentralError):
@@ -100,9 +100,7 @@ def upsert_group_program(g: Group, now: int) -> Program[None]:
     yield Sql("INSERT INTO cr_groups (id, name, updated_ms) VALUES (?, ?, ?)"
               " ON CONFLICT (id) DO UPDATE SET name = excluded.name,"
               " updated_ms = excluded.updated_ms", (g.id, g.name, now))
-    yield Sql("DELETE FROM cr_group_terminals WHERE group_id = ?", (g.id,))
-    for t in g.terminals:
-        yield Sql("INSERT INTO cr_group_terminals (group_id, terminal) VALUES (?, ?)", (g.id, t))
+    yield from _set_terminals("cr_group_terminals", "group_id", g.id, g.terminals)
 
 
 def upsert_person_program(p: Person, now: int) -> Program[None]:
@@ -114,9 +112,15 @@ def upsert_person_program(p: Person, now: int) -> Program[None]:
               " area_id = excluded.area_id, role = excluded.role, phone = excluded.phone,"
               " updated_ms = excluded.updated_ms",
               (p.id, p.name, p.area_id, p.role, p.phone, now))
-    yield Sql("DELETE FROM cr_person_terminals WHERE person = ?", (p.id,))
-    for t in p.terminals:
-        yield Sql("INSERT INTO cr_person_terminals (person, terminal) VALUES (?, ?)", (p.id, t))
+    yield from _set_terminals("cr_person_terminals", "person", p.id, p.terminals)
+
+
+def _set_terminals(table: str, owner_column: str, owner: str,
+                   terminals: Sequence[str]) -> Program[None]:
+    """Replace the terminals `owner` lists in `table` (a group's or a person's)."""
+    yield Sql(f"DELETE FROM {table} WHERE {owner_column} = ?", (owner,))
+    for t in terminals:
+        yield Sql(f"INSERT INTO {table} ({owner_column}, terminal) VALUES (?, ?)", (owner, t))
 
 
 def _need_area(area_id: int) -> Program[None]:
@@ -144,37 +148,46 @@ def areas_program() -> Program[dict[int, AreaRef]]:
             for r in rows}
 
 
+def _by_ids(sql: str, ids: Sequence[str] | None) -> Sql | None:
+    """`sql` for the rows with these ids (None: all), by id; None for no ids at all."""
+    if ids is None:
+        return Sql(sql + " ORDER BY id")
+    if not ids:
+        return None
+    return Sql(sql + f" WHERE id IN ({placeholders(len(ids))}) ORDER BY id", tuple(ids))
+
+
+def terminals_by_owner(rows: Rows) -> dict[str, tuple[str, ...]]:
+    """(owner, terminal) rows as each owner's terminals, in row order."""
+    by: dict[str, list[str]] = {}
+    for owner, t in rows:
+        by.setdefault(owner, []).append(t)
+    return {owner: tuple(ts) for owner, ts in by.items()}
+
+
 def terminals_program(ids: Sequence[str] | None = None) -> Program[list[Terminal]]:
-    sql = "SELECT id, gw, area_id, kind, name FROM cr_terminals"
-    if ids is not None:
-        if not ids:
-            return []
-        sql += f" WHERE id IN ({placeholders(len(ids))})"
-    rows = yield Sql(sql + " ORDER BY id", tuple(ids or ()))
+    stmt = _by_ids("SELECT id, gw, area_id, kind, name FROM cr_terminals", ids)
+    if stmt is None:
+        return []
+    rows = yield stmt
     return [Terminal(*r) for r in rows]
 
 
 def groups_program() -> Program[list[Group]]:
     rows = yield Sql("SELECT id, name FROM cr_groups ORDER BY id")
-    members = yield Sql("SELECT group_id, terminal FROM cr_group_terminals ORDER BY terminal")
-    by: dict[str, list[str]] = {}
-    for g, t in members:
-        by.setdefault(g, []).append(t)
-    return [Group(r[0], r[1], tuple(by.get(r[0], ()))) for r in rows]
+    links = yield Sql("SELECT group_id, terminal FROM cr_group_terminals ORDER BY terminal")
+    by = terminals_by_owner(links)
+    return [Group(r[0], r[1], by.get(r[0], ())) for r in rows]
 
 
 def persons_program(ids: Sequence[str] | None = None) -> Program[list[Person]]:
-    sql = "SELECT id, name, area_id, role, phone FROM cr_persons"
-    if ids is not None:
-        if not ids:
-            return []
-        sql += f" WHERE id IN ({placeholders(len(ids))})"
-    rows = yield Sql(sql + " ORDER BY id", tuple(ids or ()))
+    stmt = _by_ids("SELECT id, name, area_id, role, phone FROM cr_persons", ids)
+    if stmt is None:
+        return []
+    rows = yield stmt
     links = yield Sql("SELECT person, terminal FROM cr_person_terminals ORDER BY terminal")
-    by: dict[str, list[str]] = {}
-    for p, t in links:
-        by.setdefault(p, []).append(t)
-    return [Person(r[0], r[1], r[2], r[3], r[4], tuple(by.get(r[0], ()))) for r in rows]
+    by = terminals_by_owner(links)
+    return [Person(r[0], r[1], r[2], r[3], r[4], by.get(r[0], ())) for r in rows]
 
 
 def in_charge_above(area_id: int | None, areas: Mapping[int, AreaRef]) -> Program[Person | None]:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from central.callresp.directory import terminals_by_owner
 from central.callresp.workflow import KIND_PERSON, UnknownWarningError
 from central.storage.program import Program, Sql
 
@@ -73,10 +74,8 @@ def _targets(wid: str) -> Program[list[TargetView]]:
     rows = yield Sql(f"SELECT {_T} FROM cr_targets WHERE warning_id = ? ORDER BY n", (wid,))
     links = yield Sql("SELECT target_id, terminal FROM cr_target_terminals WHERE warning_id = ?"
                       " ORDER BY terminal", (wid,))
-    by: dict[str, list[str]] = {}
-    for tid, term in links:
-        by.setdefault(tid, []).append(term)
-    return [TargetView(**dict(zip(_T_FIELDS, r, strict=True)), terminals=tuple(by.get(r[0], ())))
+    by = terminals_by_owner(links)
+    return [TargetView(**dict(zip(_T_FIELDS, r, strict=True)), terminals=by.get(r[0], ()))
             for r in rows]
 
 

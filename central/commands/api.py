@@ -22,11 +22,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from central.commands.dispatch import CommandRequestError, CommandService
+from central import CentralError
 from central.commands.check import WriteRefusedError
+from central.commands.dispatch import CommandRequestError, CommandService
 from central.commands.store import (
     ApprovalError,
     CommandEvent,
@@ -34,12 +34,11 @@ from central.commands.store import (
     StoredCommand,
     UnknownCommandError,
 )
-from central import CentralError
 from central.identity.authz import Operator, Reader, check_gateway, gateway_scope
+from central.web.problems import install_problems
+from central.web.routing import StrictModel
 from protocols.command_results import CommandState
 from protocols.commands import MAX_TTL_MS, CommandError, CommandKind
-
-PROBLEM = "application/problem+json"
 
 
 class CommandsUnavailableError(CentralError):
@@ -47,11 +46,7 @@ class CommandsUnavailableError(CentralError):
         super().__init__("the command service is not running")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class IssueIn(_Model):
+class IssueIn(StrictModel):
     gw: str = Field(min_length=1, max_length=64)
     kind: CommandKind
     args: dict[str, Any] = Field(default_factory=dict)
@@ -59,7 +54,7 @@ class IssueIn(_Model):
                          description="seconds until the command expires if not executed")
 
 
-class CommandOut(_Model):
+class CommandOut(StrictModel):
     cmd_id: str
     gw: str
     kind: str
@@ -82,7 +77,7 @@ class CommandOut(_Model):
     approved_by: str | None
 
 
-class CommandEventOut(_Model):
+class CommandEventOut(StrictModel):
     ts_ms: int
     state: str
     source: str
@@ -97,7 +92,7 @@ class CommandDetail(CommandOut):
     history: list[CommandEventOut]
 
 
-class KeyOut(_Model):
+class KeyOut(StrictModel):
     algorithm: str
     public_key: str  # base64 of the 32 raw bytes: `[commands] central_public_key`
     pem: str
@@ -119,11 +114,6 @@ def _event_out(e: CommandEvent) -> CommandEventOut:
                            applied=e.applied, received_ms=e.received_ms)
 
 
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM)
-
-
 def _service(request: Request) -> CommandService:
     runtime = getattr(request.app.state, "commands", None)
     if runtime is None:
@@ -133,34 +123,14 @@ def _service(request: Request) -> CommandService:
 
 def install(app: FastAPI) -> None:
     """Add the command routes and their error responses to `app`."""
-
-    @app.exception_handler(CommandError)
-    async def bad_command(_: Request, exc: CommandError) -> JSONResponse:
-        return _problem(422, "Invalid command", str(exc))
-
-    @app.exception_handler(CommandRequestError)
-    async def refused(_: Request, exc: CommandRequestError) -> JSONResponse:
-        return _problem(422, "Invalid command", str(exc))
-
-    @app.exception_handler(WriteRefusedError)
-    async def write_refused(_: Request, exc: WriteRefusedError) -> JSONResponse:
-        return _problem(422, "Write refused by the device profile", str(exc))
-
-    @app.exception_handler(ApprovalError)
-    async def approval_refused(_: Request, exc: ApprovalError) -> JSONResponse:
-        return _problem(409, "Approval not possible", str(exc))
-
-    @app.exception_handler(UnknownCommandError)
-    async def unknown(_: Request, exc: UnknownCommandError) -> JSONResponse:
-        return _problem(404, "Unknown command", str(exc))
-
-    @app.exception_handler(CommandStoreError)
-    async def store_failed(_: Request, exc: CommandStoreError) -> JSONResponse:
-        return _problem(503, "Command store unavailable", str(exc))
-
-    @app.exception_handler(CommandsUnavailableError)
-    async def unavailable(_: Request, exc: CommandsUnavailableError) -> JSONResponse:
-        return _problem(503, "Commands unavailable", str(exc))
+    install_problems(app, {
+        CommandError: (422, "Invalid command"),
+        CommandRequestError: (422, "Invalid command"),
+        WriteRefusedError: (422, "Write refused by the device profile"),
+        ApprovalError: (409, "Approval not possible"),
+        UnknownCommandError: (404, "Unknown command"),
+        CommandStoreError: (503, "Command store unavailable"),
+        CommandsUnavailableError: (503, "Commands unavailable")})
 
     problems: dict[int | str, dict[str, Any]] = {
         401: {"description": "Login required"}, 403: {"description": "Role or area refused"},

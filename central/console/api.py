@@ -21,13 +21,12 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from central.alarms import desk as alarms
-from central.console import geo
+from central.alarms.api import AlarmOut, alarm_fields
 from central.alarms.lifecycle import AckState, AlarmStatus
-from central.alarms.api import AlarmOut
-from central.web.bounds import ID_MAX, IdPath
+from central.console import geo
 from central.identity.authz import (
     Admin,
     OutOfScopeError,
@@ -37,8 +36,9 @@ from central.identity.authz import (
     gateway_path_program,
     gateway_scope,
 )
-from central.storage import Storage
 from central.storage.program import Program, Sql, placeholders
+from central.web.bounds import ID_MAX, IdPath
+from central.web.routing import StrictModel, now_ms, run_audited, storage_of
 
 # Module level, so the routes' string annotations resolve.
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
@@ -47,21 +47,19 @@ PING_S = 5.0  # the page calls central unreachable after 3 missed pings
 REFRESH_S = 15.0  # an unchanged overview or desk is sent again this often (fresh ages)
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class PositionIn(_Model):
+class PositionIn(StrictModel):
     lat: float = Field(ge=-90, le=90, description="degrees north")
     lon: float = Field(ge=-180, le=180, description="degrees east")
 
 
-class PositionOut(_Model):
+class PositionOut(StrictModel):
     lat: float
     lon: float
 
 
-class GatewayMarkOut(_Model):
+class GatewayMarkOut(StrictModel):
     gw: str
     state: geo.MapState
     online: bool
@@ -77,7 +75,7 @@ class GatewayMarkOut(_Model):
     unacknowledged: int
 
 
-class DistrictMarkOut(_Model):
+class DistrictMarkOut(StrictModel):
     id: int
     code: str
     name_zh: str
@@ -87,7 +85,7 @@ class DistrictMarkOut(_Model):
     gateways: int
 
 
-class OverviewOut(_Model):
+class OverviewOut(StrictModel):
     now_ms: int
     offline_after_s: float
     counts: dict[str, int]
@@ -95,7 +93,7 @@ class OverviewOut(_Model):
     districts: list[DistrictMarkOut]
 
 
-class CurrentOut(_Model):
+class CurrentOut(StrictModel):
     ts_ms: int
     value: float | None
     text: str | None
@@ -106,17 +104,19 @@ class DeskAlarmOut(AlarmOut):
     current: CurrentOut | None  # the point's latest value now
 
 
-class DeskOut(_Model):
+class DeskOut(StrictModel):
     now_ms: int
     alarms: list[DeskAlarmOut]
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _storage(request: Request) -> Storage:
-    return request.app.state.storage  # type: ignore[no-any-return]
+async def _set_position(request: Request, p: Principal, action: str, target: str,
+                        body: PositionIn,
+                        step: Callable[[geo.Position], Program[None]]) -> PositionOut:
+    """Run `step` at the body's position with its audit row; the position as stored."""
+    pos = geo.Position(body.lat, body.lon)
+    await run_audited(request, p.name, action, target, lambda: step(pos),
+                      lambda _: {"lat": body.lat, "lon": body.lon})
+    return PositionOut(lat=body.lat, lon=body.lon)
 
 
 def _position(p: geo.Position | None) -> PositionOut | None:
@@ -131,10 +131,7 @@ def _district_visible(p: Principal) -> Callable[[str], bool]:
 
 def _desk_alarm(a: alarms.Alarm, raised_value: float | None,
                 current: CurrentOut | None) -> DeskAlarmOut:
-    d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
-    d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
-    d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
-    return DeskAlarmOut(**d, raised_value=raised_value, current=current)
+    return DeskAlarmOut(**alarm_fields(a), raised_value=raised_value, current=current)
 
 
 def current_program(ids: list[int]) -> Program[dict[int, CurrentOut]]:
@@ -163,10 +160,10 @@ def district_paths_program() -> Program[dict[int, str]]:
 
 
 async def build_overview(request: Request, p: Principal) -> OverviewOut:
-    storage = _storage(request)
+    storage = storage_of(request)
     offline_after_s = float(request.app.state.settings.offline_after_s)
     visible = await gateway_scope(storage, p)
-    now = _now_ms()
+    now = now_ms()
     ov = await geo.overview(storage, offline_after_s=offline_after_s, visible=visible,
                             now_ms=now)
     paths = await storage.run(district_paths_program, write=False)
@@ -186,7 +183,7 @@ async def build_overview(request: Request, p: Principal) -> OverviewOut:
 
 
 async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOut:
-    storage = _storage(request)
+    storage = storage_of(request)
     if area is not None:
         await check_area(storage, p, area)
     elif p.user.area_id is not None:
@@ -206,7 +203,7 @@ async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOu
     ids = [a.id for a in rows]
     current = await storage.run(lambda: current_program(ids), write=False)
     raised = await storage.run(lambda: raised_values_program(ids), write=False)
-    return DeskOut(now_ms=_now_ms(), alarms=[
+    return DeskOut(now_ms=now_ms(), alarms=[
         _desk_alarm(a, raised.get(a.id, a.value), current.get(a.id)) for a in rows])
 
 
@@ -246,7 +243,7 @@ def install(app: FastAPI) -> None:
         whenever they changed, `ping` every 5 s. Example: `curl -N -b session=…
         /api/console/events?area=2`."""
         if area is not None:
-            await check_area(_storage(request), p, area)
+            await check_area(storage_of(request), p, area)
 
         async def stream() -> AsyncIterator[bytes]:
             last: dict[str, str] = {}
@@ -263,7 +260,7 @@ def install(app: FastAPI) -> None:
                         yield _sse(name, body.model_dump_json())
                 if time.monotonic() - last_ping >= PING_S:
                     last_ping = time.monotonic()
-                    yield _sse("ping", json.dumps({"now_ms": _now_ms()}))
+                    yield _sse("ping", json.dumps({"now_ms": now_ms()}))
                 await asyncio.sleep(CHECK_S)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
@@ -275,35 +272,18 @@ def install(app: FastAPI) -> None:
                             p: Admin) -> PositionOut:
         """Put a gateway on the map (it may not have reported yet). Example:
         `{"lat": 30.6402, "lon": 114.3850}`."""
-        storage = _storage(request)
+        storage = storage_of(request)
         path = await storage.run(lambda: gateway_path_program(gw), write=False)
         if p.user.area_path is not None and not p.sees(path):
             raise OutOfScopeError(p.name, f"gateway {gw}")
-        pos = geo.Position(body.lat, body.lon)
-        audit = request.app.state.audit
-
-        def program() -> Program[None]:
-            yield from geo.set_gateway_position_program(gw, pos)
-            yield from audit.program(p.name, "gateway.positioned", f"gateway:{gw}",
-                                     {"lat": body.lat, "lon": body.lon})
-
-        await storage.run(program)
-        return PositionOut(lat=body.lat, lon=body.lon)
+        return await _set_position(request, p, "gateway.positioned", f"gateway:{gw}", body,
+                                   lambda pos: geo.set_gateway_position_program(gw, pos))
 
     @app.put("/api/areas/{area_id}/position", response_model=PositionOut, tags=["console"])
     async def place_area(request: Request, area_id: IdPath, body: PositionIn,
                          p: Admin) -> PositionOut:
         """Put an area (a site, usually) on the map; its gateways without a position of
         their own are drawn there."""
-        storage = _storage(request)
-        await check_area(storage, p, area_id)
-        pos = geo.Position(body.lat, body.lon)
-        audit = request.app.state.audit
-
-        def program() -> Program[None]:
-            yield from geo.set_area_position_program(area_id, pos)
-            yield from audit.program(p.name, "area.positioned", f"area:{area_id}",
-                                     {"lat": body.lat, "lon": body.lon})
-
-        await storage.run(program)
-        return PositionOut(lat=body.lat, lon=body.lon)
+        await check_area(storage_of(request), p, area_id)
+        return await _set_position(request, p, "area.positioned", f"area:{area_id}", body,
+                                   lambda pos: geo.set_area_position_program(area_id, pos))

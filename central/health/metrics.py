@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -33,53 +33,22 @@ PREFIX = "fieldlink_central"
 # Seconds for one ingest write transaction (a group of batches), fsync included.
 WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-# (field, metric name, type, help) for the plain numbers.
-SCALARS = (
-    ("batches", "batches_total", "counter", "Data batches written and acknowledged."),
-    ("commits", "commits_total", "counter", "Ingest write transactions committed."),
-    ("records_inserted", "records_inserted_total", "counter", "Records newly stored (the "
-     "ingest rate is its rate())."),
-    ("records_duplicate", "records_duplicate_total", "counter", "Records received again and "
-     "already held."),
-    ("acks_published", "acks_published_total", "counter", "down/ack messages published."),
-    ("acks_failed", "acks_failed_total", "counter", "down/ack publishes that failed (the "
-     "gateway sends those records again)."),
-    ("states", "states_total", "counter", "Gateway state messages stored."),
-    ("births", "births_total", "counter", "Gateway birth messages stored."),
-    ("write_failures", "write_failures_total", "counter", "Write transactions rolled back."),
-    ("mqtt_connects", "mqtt_connects_total", "counter", "Successful MQTT connections."),
-    ("mqtt_connected", "mqtt_connected", "gauge", "1 while connected to the broker."),
-    ("records_clock_suspect", "records_clock_suspect_total", "counter", "Records stored with a "
-     "time central judged implausible (future or before 2020)."),
-    ("records_time_corrected", "records_time_corrected_total", "counter", "Suspect-time "
-     "records replaced by a corrected copy."),
-    ("records_merged", "records_merged_total", "counter", "Records whose full copy came over "
-     "IP after a narrowband copy, which it replaced."),
-    ("samples_aggregated", "samples_aggregated_total", "counter", "Readings folded into the "
-     "1m/1h aggregates."),
-    ("narrowband_records", "narrowband_records_total", "counter", "Alarm records stored from "
-     "narrowband frames (the full copy over IP merges into them)."),
-    ("narrowband_port_open", "narrowband_port_open", "gauge", "1 while central's narrowband "
-     "radio port is open."),
-    ("narrowband_port_failures", "narrowband_port_failures_total", "counter", "Times the "
-     "narrowband radio port could not be opened or was lost."),
-)
-# (field, metric name, label, help) for the counts by a label.
-LABELLED = (
-    ("purged", "purged_rows_total", "table", "Rows deleted by retention, by table."),
-    ("decode_errors", "decode_errors_total", "class", "Bad messages dropped, by error class."),
-    ("messages_rejected", "messages_rejected_total", "reason", "Ingested messages dropped "
-     "whole, by reason."),
-    ("records_rejected", "records_rejected_total", "reason", "Records refused inside good "
-     "batches (acked, counted as reported lost), by reason."),
-    ("attrs_rejected", "attrs_rejected_total", "reason", "Stored records whose attrs break "
-     "their contract (alarm transitions, outbox reports): kept, acked, they move no alarm "
-     "and no loss count; by reason."),
-    ("narrowband_received", "narrowband_received_total", "kind", "Narrowband frames accepted, "
-     "by kind."),
-    ("narrowband_rejected", "narrowband_rejected_total", "reason", "Narrowband messages "
-     "dropped, by reason."),
-)
+
+def _counter(help_: str) -> int:
+    """A plain field rendered as the counter `{PREFIX}_{field}_total`."""
+    return field(default=0, metadata={"kind": "counter", "help": help_})
+
+
+def _gauge(help_: str) -> bool:
+    """A plain field rendered as the gauge `{PREFIX}_{field}` (1 or 0)."""
+    return field(default=False, metadata={"kind": "gauge", "help": help_})
+
+
+def _by(label: str, help_: str, name: str | None = None) -> Counter[str]:
+    """Counts by `label`, rendered as the counter `{PREFIX}_{name}`, by default
+    `{field}_total`."""
+    return field(default_factory=Counter,
+                 metadata={"kind": "labelled", "label": label, "help": help_, "name": name})
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,37 +62,46 @@ class GatewayLag:
 
 @dataclass
 class Metrics:
-    batches: int = 0
-    commits: int = 0
-    records_inserted: int = 0
-    records_duplicate: int = 0
-    acks_published: int = 0
-    acks_failed: int = 0
-    states: int = 0
-    births: int = 0
-    write_failures: int = 0
-    mqtt_connects: int = 0
-    mqtt_connected: bool = False
-    records_clock_suspect: int = 0
-    records_time_corrected: int = 0
-    records_merged: int = 0  # IP copies that replaced a narrowband copy (also duplicates)
-    samples_aggregated: int = 0
-    # rows deleted by retention, by table
-    purged: Counter[str] = field(default_factory=Counter)
-    # bad input by error class name, e.g. {"MalformedEnvelopeError": 3, "TopicError": 1}
-    decode_errors: Counter[str] = field(default_factory=Counter)
+    batches: int = _counter("Data batches written and acknowledged.")
+    commits: int = _counter("Ingest write transactions committed.")
+    records_inserted: int = _counter("Records newly stored (the ingest rate is its rate()).")
+    records_duplicate: int = _counter("Records received again and already held.")
+    acks_published: int = _counter("down/ack messages published.")
+    acks_failed: int = _counter("down/ack publishes that failed (the gateway sends those "
+                                "records again).")
+    states: int = _counter("Gateway state messages stored.")
+    births: int = _counter("Gateway birth messages stored.")
+    write_failures: int = _counter("Write transactions rolled back.")
+    mqtt_connects: int = _counter("Successful MQTT connections.")
+    mqtt_connected: bool = _gauge("1 while connected to the broker.")
+    records_clock_suspect: int = _counter("Records stored with a time central judged "
+                                          "implausible (future or before 2020).")
+    records_time_corrected: int = _counter("Suspect-time records replaced by a corrected copy.")
+    records_merged: int = _counter("Records whose full copy came over IP after a narrowband "
+                                   "copy, which it replaced.")  # also counted as duplicates
+    samples_aggregated: int = _counter("Readings folded into the 1m/1h aggregates.")
+    purged: Counter[str] = _by("table", "Rows deleted by retention, by table.",
+                               name="purged_rows_total")
+    # e.g. {"MalformedEnvelopeError": 3, "TopicError": 1}
+    decode_errors: Counter[str] = _by("class", "Bad messages dropped, by error class.")
     # ingest refusals by reason (protocols.limits.Reason and central.ingest.subscriber's own): whole
     # messages dropped, and single records of otherwise good batches (refused and acked)
-    messages_rejected: Counter[str] = field(default_factory=Counter)
-    records_rejected: Counter[str] = field(default_factory=Counter)
-    # stored records whose attrs break their contract (central.ingest.rejects.count_bad_attrs)
-    attrs_rejected: Counter[str] = field(default_factory=Counter)
+    messages_rejected: Counter[str] = _by("reason", "Ingested messages dropped whole, by "
+                                          "reason.")
+    records_rejected: Counter[str] = _by("reason", "Records refused inside good batches "
+                                         "(acked, counted as reported lost), by reason.")
+    # central.ingest.rejects.count_bad_attrs
+    attrs_rejected: Counter[str] = _by("reason", "Stored records whose attrs break their "
+                                       "contract (alarm transitions, outbox reports): kept, "
+                                       "acked, they move no alarm and no loss count; by reason.")
     # narrowband receiver (central.narrowband.receiver): frames by kind, rejects by reason, the port
-    narrowband_received: Counter[str] = field(default_factory=Counter)
-    narrowband_rejected: Counter[str] = field(default_factory=Counter)
-    narrowband_records: int = 0
-    narrowband_port_open: bool = False
-    narrowband_port_failures: int = 0
+    narrowband_received: Counter[str] = _by("kind", "Narrowband frames accepted, by kind.")
+    narrowband_rejected: Counter[str] = _by("reason", "Narrowband messages dropped, by reason.")
+    narrowband_records: int = _counter("Alarm records stored from narrowband frames (the full "
+                                       "copy over IP merges into them).")
+    narrowband_port_open: bool = _gauge("1 while central's narrowband radio port is open.")
+    narrowband_port_failures: int = _counter("Times the narrowband radio port could not be "
+                                             "opened or was lost.")
 
     # read from storage by `refresh()` just before each render (GET /metrics): per gateway,
     # active alarms by (level, ack state), commands by state
@@ -170,19 +148,28 @@ class _FieldsCollector(Collector):
         self._m = metrics
 
     def collect(self) -> Iterator[Metric]:
-        for attr, name, kind, help_ in SCALARS:
-            value = float(getattr(self._m, attr))
-            build = counter if kind == "counter" else gauge
-            yield build(f"{PREFIX}_{name}", help_, value)
-        for attr, name, label, help_ in LABELLED:
-            counts: Counter[str] = getattr(self._m, attr)
-            if attr in ("messages_rejected", "records_rejected"):
-                # Every ingest refusal reason from 0, so rate() and alerts see it from the start.
-                seeded: Counter[str] = Counter({str(r): 0 for r in Reason})
-                seeded.update(counts)  # update() keeps zeros, `+` would drop them
-                counts = seeded
-            yield counter_by(f"{PREFIX}_{name}", help_, label, counts)
+        for f in fields(self._m):
+            kind = f.metadata.get("kind")
+            if kind == "counter":
+                yield counter(f"{PREFIX}_{f.name}_total", f.metadata["help"],
+                              float(getattr(self._m, f.name)))
+            elif kind == "gauge":
+                yield gauge(f"{PREFIX}_{f.name}", f.metadata["help"],
+                            float(getattr(self._m, f.name)))
+        for f in fields(self._m):
+            if f.metadata.get("kind") == "labelled":
+                yield self._labelled(f)
         yield from self._gateways()
+
+    def _labelled(self, f: Field[Counter[str]]) -> Metric:
+        counts: Counter[str] = getattr(self._m, f.name)
+        if f.name in ("messages_rejected", "records_rejected"):
+            # Every ingest refusal reason from 0, so rate() and alerts see it from the start.
+            seeded: Counter[str] = Counter({str(r): 0 for r in Reason})
+            seeded.update(counts)  # update() keeps zeros, `+` would drop them
+            counts = seeded
+        name = f.metadata["name"] or f"{f.name}_total"
+        return counter_by(f"{PREFIX}_{name}", f.metadata["help"], f.metadata["label"], counts)
 
     def _gateways(self) -> Iterator[Metric]:
         now_s = time.time()

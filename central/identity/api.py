@@ -24,10 +24,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from central.identity.accounts import Accounts, LoginFailedError, LoginThrottledError
-from central.identity.audit import AuditEntry, AuditLog
+from central.identity.audit import AuditEntry
 from central.identity.authz import (
     Admin,
     Auditor,
@@ -41,21 +41,17 @@ from central.identity.sessions import COOKIE
 from central.identity.users import (
     NAME_PATTERN,
     DuplicateUserError,
-    area_id_program,
     Role,
     User,
     WeakPasswordError,
+    area_id_program,
 )
 from central.settings import Settings
-
-PROBLEM = "application/problem+json"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from central.web.problems import install_problems, problem
+from central.web.routing import StrictModel, audit_of
 
 
-class LoginIn(_Model):
+class LoginIn(StrictModel):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024, repr=False)
     kind: Literal["bearer", "cookie"] = Field(default="bearer",
@@ -63,7 +59,7 @@ class LoginIn(_Model):
                                               "clients; cookie: the console's session")
 
 
-class UserOut(_Model):
+class UserOut(StrictModel):
     name: str
     role: Role
     area: str | None = Field(description="the code of the user's area; null: the whole tree")
@@ -73,7 +69,7 @@ class UserOut(_Model):
     updated_ms: int
 
 
-class LoginOut(_Model):
+class LoginOut(StrictModel):
     user: UserOut
     token: str | None = Field(default=None, description="for Authorization: Bearer (kind=bearer)")
     token_type: str | None = None
@@ -81,25 +77,25 @@ class LoginOut(_Model):
     idle_timeout_s: float
 
 
-class MeOut(_Model):
+class MeOut(StrictModel):
     user: UserOut
     kind: str
     csrf: str | None
     idle_timeout_s: float
 
 
-class UserIn(_Model):
+class UserIn(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     role: Role
     area: str | None = Field(default=None, max_length=64, description="area code; null: whole tree")
     password: str = Field(min_length=1, max_length=1024, repr=False)
 
 
-class PasswordIn(_Model):
+class PasswordIn(StrictModel):
     password: str = Field(min_length=1, max_length=1024, repr=False)
 
 
-class AuditOut(_Model):
+class AuditOut(StrictModel):
     seq: int
     ts_ms: int
     actor: str
@@ -109,7 +105,7 @@ class AuditOut(_Model):
     hash: str
 
 
-class VerifyOut(_Model):
+class VerifyOut(StrictModel):
     ok: bool
     rows: int
     head_seq: int
@@ -128,19 +124,8 @@ def _audit_out(e: AuditEntry) -> AuditOut:
                     detail=dict(e.detail), hash=e.hash)
 
 
-def _problem(status: int, title: str, detail: str,
-             headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM,
-                        headers=headers)
-
-
 def _accounts(request: Request) -> Accounts:
     return request.app.state.accounts  # type: ignore[no-any-return]
-
-
-def _audit(request: Request) -> AuditLog:
-    return request.app.state.audit  # type: ignore[no-any-return]
 
 
 def client_of(request: Request) -> str:
@@ -170,24 +155,17 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(AuthError)
     async def refused(_: Request, exc: AuthError) -> JSONResponse:
         title = "Login required" if exc.status == 401 else "Forbidden"
-        return _problem(exc.status, title, str(exc))
-
-    @app.exception_handler(LoginFailedError)
-    async def login_failed(_: Request, exc: LoginFailedError) -> JSONResponse:
-        return _problem(401, "Login failed", str(exc))
+        return problem(exc.status, title, str(exc))
 
     @app.exception_handler(LoginThrottledError)
     async def throttled(_: Request, exc: LoginThrottledError) -> JSONResponse:
-        return _problem(429, "Too many failed logins", str(exc),
-                        {"Retry-After": str(int(exc.retry_after_s) + 1)})
+        return problem(429, "Too many failed logins", str(exc),
+                       {"Retry-After": str(int(exc.retry_after_s) + 1)})
 
-    @app.exception_handler(DuplicateUserError)
-    async def duplicate(_: Request, exc: DuplicateUserError) -> JSONResponse:
-        return _problem(409, "Duplicate user", str(exc))
-
-    @app.exception_handler(WeakPasswordError)
-    async def weak(_: Request, exc: WeakPasswordError) -> JSONResponse:
-        return _problem(422, "Password refused", str(exc))
+    install_problems(app, {
+        LoginFailedError: (401, "Login failed"),
+        DuplicateUserError: (409, "Duplicate user"),
+        WeakPasswordError: (422, "Password refused")})
 
 
 def _install_session_routes(app: FastAPI, settings: Settings, static: Any) -> None:
@@ -291,13 +269,13 @@ def _install_audit_routes(app: FastAPI) -> None:
         order: Annotated[Literal["newest", "oldest"], Query()] = "newest",
     ) -> list[AuditOut]:
         """Example: `?action=login.failed&limit=50`."""
-        rows = await _audit(request).entries(after_seq=after, limit=limit, actor=actor,
+        rows = await audit_of(request).entries(after_seq=after, limit=limit, actor=actor,
                                              action=action, newest_first=order == "newest")
         return [_audit_out(e) for e in rows]
 
     @app.get("/api/audit/verify", response_model=VerifyOut, responses=_AUTH_PROBLEMS,
              tags=["audit"])
     async def audit_verify(request: Request, _: Auditor) -> VerifyOut:
-        v = await _audit(request).verify()
+        v = await audit_of(request).verify()
         return VerifyOut(ok=v.ok, rows=v.rows, head_seq=v.head_seq, bad_seq=v.bad_seq,
                          reason=v.reason)

@@ -35,9 +35,9 @@ from central.identity.enrolment_store import (
     TokenRefusedError,
 )
 from central.settings import Settings
+from central.web.problems import problem
 
 log = structlog.get_logger(__name__)
-PROBLEM = "application/problem+json"
 _PEM_MAX = 16_384
 
 
@@ -177,11 +177,6 @@ def _out(i: Issued) -> IssuedOut:
                      not_after_ms=i.not_after_ms)
 
 
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM)
-
-
 def _refusal(identity: Identity, exc: Exception) -> JSONResponse:
     if isinstance(exc, TokenRefusedError):
         key, status, title = f"token_{exc.reason}", 403, "Enrolment refused"
@@ -194,7 +189,7 @@ def _refusal(identity: Identity, exc: Exception) -> JSONResponse:
     else:
         key, status, title = "pki", 403, "Refused"
     identity.counters.refused[key] = identity.counters.refused.get(key, 0) + 1
-    return _problem(status, title, str(exc))
+    return problem(status, title, str(exc))
 
 
 def install(app: FastAPI) -> None:

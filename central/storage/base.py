@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
-from central.alarms.lifecycle import AlarmPolicy
 from central import CentralError
+from central.alarms.lifecycle import AlarmPolicy
 from central.storage.aggregates import (
     Bucket,
     RetentionPolicy,
@@ -214,10 +214,110 @@ def split_key(key: str) -> tuple[str, str]:
     return (device, point) if sep else ("", key)
 
 
+# --- reads both backends run as portable programs --------------------------------------------
+
+_GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
+_POINTS = ("SELECT p.gw, p.device, p.point, p.name_zh, p.unit, p.profile, l.ts_ms, l.value,"
+           " l.text FROM points p LEFT JOIN latest l ON l.point_id = p.id")
+
+
+def _gateway_row(row: Sequence[Any]) -> Gateway:
+    return Gateway(gw=row[0], stream=row[1], online=bool(row[2]), boot_id=row[3], version=row[4],
+                   bearer=row[5], backlog=row[6], last_seen_ms=row[7], state_ts_ms=row[8])
+
+
+def _point_row(row: Sequence[Any]) -> Point:
+    latest = None if row[6] is None else Latest(ts_ms=row[6], value=row[7], text=row[8])
+    return Point(gw=row[0], device=row[1], point=row[2], name_zh=row[3], unit=row[4],
+                 profile=row[5], latest=latest)
+
+
+def gateways_program() -> Program[list[Gateway]]:
+    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways ORDER BY gw")
+    return [_gateway_row(r) for r in rows]
+
+
+def gateway_program(gw: str) -> Program[Gateway]:
+    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways WHERE gw = ?", (gw,))
+    if not rows:
+        raise UnknownGatewayError(gw)
+    return _gateway_row(rows[0])
+
+
+def devices_program(gw: str) -> Program[list[Device]]:
+    yield from gateway_program(gw)
+    rows = yield Sql("SELECT device, max(profile), count(*) FROM points WHERE gw = ?"
+                     " GROUP BY device ORDER BY device", (gw,))
+    return [Device(gw=gw, device=d, profile=prof, points=n) for d, prof, n in rows]
+
+
+def device_points_program(device_ref: str, gw: str, device: str) -> Program[list[Point]]:
+    rows = yield Sql(_POINTS + " WHERE p.gw = ? AND p.device = ? ORDER BY p.point", (gw, device))
+    if not rows:
+        raise UnknownDeviceError(device_ref)
+    return [_point_row(r) for r in rows]
+
+
+def latest_values_program(gw: str) -> Program[list[Point]]:
+    yield from gateway_program(gw)
+    rows = yield Sql(_POINTS + " WHERE p.gw = ? ORDER BY p.device, p.point", (gw,))
+    return [_point_row(r) for r in rows]
+
+
+def series_program(point_ref: str, key: tuple[str, str, str], from_ms: int, to_ms: int,
+                   limit: int) -> Program[list[Sample]]:
+    pid = yield from point_id_program(*key)
+    if pid is None:
+        raise UnknownPointError(point_ref)
+    rows = yield Sql("SELECT ts_ms, value, text, flags FROM readings WHERE point_id = ?"
+                     " AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms LIMIT ?",
+                     (pid, from_ms, to_ms, limit))
+    return [Sample(ts_ms=t, value=v, text=x, flags=f) for t, v, x, f in rows]
+
+
+def count_records_program(gw: str | None) -> Program[RecordCounts]:
+    where, args = ("WHERE gw = ?", (gw,)) if gw is not None else ("", ())
+    ((r,),) = yield Sql(f"SELECT count(*) FROM readings {where}", args)
+    ((e,),) = yield Sql(f"SELECT count(*) FROM events {where}", args)
+    return RecordCounts(readings=r, events=e)
+
+
+def record_state_program(gw: str, state: State, seen_ms: int | None) -> Program[None]:
+    """Upsert the gateway's row from its state message; `seen_ms` None keeps its last contact."""
+    yield Sql("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
+              " state_ts_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+              " ON CONFLICT (gw) DO UPDATE SET"
+              " stream = coalesce(excluded.stream, gateways.stream),"
+              " online = excluded.online, boot_id = excluded.boot_id,"
+              " version = excluded.version, bearer = excluded.bearer,"
+              " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
+              " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)",
+              (gw, state.stream or None, state.online, state.boot_id, state.version,
+               state.bearer, state.backlog, state.ts_ms, seen_ms))
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 
-class Storage(abc.ABC):
+class OpenClose(abc.ABC):
+    """A store used as an async context manager: `open()` on entry, `close()` on exit."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class Storage(OpenClose):
     """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
     `postgres.PostgresStorage`."""
 
@@ -244,14 +344,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
     @abc.abstractmethod
     async def ping(self) -> bool:
         """True when the database answers."""
@@ -266,40 +358,44 @@ class Storage(abc.ABC):
         Raises `DatabaseWriteError` after a rollback.
         """
 
-    @abc.abstractmethod
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:
         """Store a gateway's state; `seen=False` for a retained (old) state message."""
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        await self.run(lambda: record_state_program(gw, state, now if seen else None))
 
     @abc.abstractmethod
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         """Store a gateway's inventory and enrich its points (name_zh, unit, profile)."""
 
-    @abc.abstractmethod
-    async def list_gateways(self) -> list[Gateway]: ...
+    async def list_gateways(self) -> list[Gateway]:
+        return await self.run(gateways_program, write=False)
 
-    @abc.abstractmethod
     async def get_gateway(self, gw: str) -> Gateway:
         """Raises `UnknownGatewayError`."""
+        return await self.run(lambda: gateway_program(gw), write=False)
 
-    @abc.abstractmethod
     async def list_devices(self, gw: str) -> list[Device]:
         """Raises `UnknownGatewayError`."""
+        return await self.run(lambda: devices_program(gw), write=False)
 
-    @abc.abstractmethod
     async def device_points(self, device_ref: str) -> list[Point]:
         """Points of a device with their latest values; raises `UnknownDeviceError`."""
+        gw, device = parse_device_ref(device_ref)
+        return await self.run(lambda: device_points_program(device_ref, gw, device), write=False)
 
-    @abc.abstractmethod
     async def latest_values(self, gw: str) -> list[Point]:
         """Every point of a gateway with its latest value; raises `UnknownGatewayError`."""
+        return await self.run(lambda: latest_values_program(gw), write=False)
 
-    @abc.abstractmethod
     async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:
         """Readings of a point with from_ms <= ts < to_ms, oldest first, at most `limit`."""
+        key = parse_point_ref(point_ref)
+        return await self.run(lambda: series_program(point_ref, key, from_ms, to_ms, limit),
+                              write=False)
 
-    @abc.abstractmethod
-    async def count_records(self, gw: str | None = None) -> RecordCounts: ...
+    async def count_records(self, gw: str | None = None) -> RecordCounts:
+        return await self.run(lambda: count_records_program(gw), write=False)
 
     @abc.abstractmethod
     async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:

@@ -36,26 +36,15 @@ from psycopg.conninfo import conninfo_to_dict
 
 from central.alarms.engine import log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
+from central.storage.aggregates import pg_flush_program
 from central.storage.base import (
     DatabaseWriteError,
-    Device,
-    Gateway,
-    Latest,
-    Point,
-    RecordCounts,
-    Sample,
     Storage,
     StorageError,
-    UnknownDeviceError,
-    UnknownGatewayError,
-    UnknownPointError,
     UnstorableValueError,
     WriteResult,
-    parse_device_ref,
-    parse_point_ref,
     split_key,
 )
-from central.storage.aggregates import pg_flush_program
 from central.storage.postgres_schema import (
     STAGE_EVENTS,
     STAGE_LATEST,
@@ -66,7 +55,7 @@ from central.storage.postgres_schema import (
 from central.storage.postgres_write import register_dumpers, write_batches
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
-from protocols.envelope import Birth, DataBatch, State, to_jsonable
+from protocols.envelope import Birth, DataBatch, to_jsonable
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -79,9 +68,6 @@ _INSERT_POINTS = ("INSERT INTO points (gw, device, point)"
 _SELECT_POINTS = ("SELECT p.id, p.gw, p.device, p.point FROM points p"
                   " JOIN unnest(%b::text[], %b::text[], %b::text[]) AS k(gw, device, point)"
                   " ON p.gw = k.gw AND p.device = k.device AND p.point = k.point")
-_POINT_COLS = ("p.gw, p.device, p.point, p.name_zh, p.unit, p.profile,"
-               " l.ts_ms, l.value, l.text")
-_GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
 
 
 def _now_ms() -> int:
@@ -90,17 +76,6 @@ def _now_ms() -> int:
 
 def _key(device: str, point: str) -> str:
     return f"{device}/{point}" if device else point
-
-
-def _point_row(row: Sequence[Any]) -> Point:
-    latest = None if row[6] is None else Latest(ts_ms=row[6], value=row[7], text=row[8])
-    return Point(gw=row[0], device=row[1], point=row[2], name_zh=row[3], unit=row[4],
-                 profile=row[5], latest=latest)
-
-
-def _gateway_row(row: Sequence[Any]) -> Gateway:
-    return Gateway(gw=row[0], stream=row[1], online=bool(row[2]), boot_id=row[3], version=row[4],
-                   bearer=row[5], backlog=row[6], last_seen_ms=row[7], state_ts_ms=row[8])
 
 
 def describe_url(url: str) -> str:
@@ -290,25 +265,6 @@ class PostgresStorage(Storage):
         return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
                                    self.time_policy)
 
-    async def record_state(self, gw: str, state: State, *, seen: bool = True,
-                           now_ms: int | None = None) -> None:
-        now = _now_ms() if now_ms is None else now_ms
-        row = (gw, state.stream or None, state.online, state.boot_id, state.version,
-               state.bearer, state.backlog, state.ts_ms, now if seen else None)
-        sql = ("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
-               " state_ts_ms, last_seen_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-               " ON CONFLICT (gw) DO UPDATE SET"
-               " stream = coalesce(excluded.stream, gateways.stream),"
-               " online = excluded.online, boot_id = excluded.boot_id,"
-               " version = excluded.version, bearer = excluded.bearer,"
-               " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
-               " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)")
-
-        async def body(conn: Conn) -> None:
-            await conn.execute(sql, row)
-
-        await self._transaction(body)
-
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms
         # One row per key (DO UPDATE may touch a row once per statement), the last one winning
@@ -371,71 +327,3 @@ class PostgresStorage(Storage):
     async def _rows(conn: Conn, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cur = await conn.execute(sql, args)
         return await cur.fetchall()
-
-    async def _require_gateway(self, conn: Conn, gw: str) -> Gateway:
-        rows = await self._rows(conn, f"SELECT {_GATEWAY_COLS} FROM gateways WHERE gw = %s",
-                                (gw,))
-        if not rows:
-            raise UnknownGatewayError(gw)
-        return _gateway_row(rows[0])
-
-    async def list_gateways(self) -> list[Gateway]:
-        async def q(conn: Conn) -> list[Gateway]:
-            return [_gateway_row(r) for r in await self._rows(
-                conn, f"SELECT {_GATEWAY_COLS} FROM gateways ORDER BY gw")]
-        return await self._read(q)
-
-    async def get_gateway(self, gw: str) -> Gateway:
-        return await self._read(lambda c: self._require_gateway(c, gw))
-
-    async def list_devices(self, gw: str) -> list[Device]:
-        async def q(conn: Conn) -> list[Device]:
-            await self._require_gateway(conn, gw)
-            return [Device(gw=gw, device=d, profile=prof, points=n)
-                    for d, prof, n in await self._rows(
-                        conn, "SELECT device, max(profile), count(*) FROM points WHERE gw = %s"
-                        " GROUP BY device ORDER BY device", (gw,))]
-        return await self._read(q)
-
-    async def device_points(self, device_ref: str) -> list[Point]:
-        gw, device = parse_device_ref(device_ref)
-
-        async def q(conn: Conn) -> list[Point]:
-            rows = await self._rows(
-                conn, f"SELECT {_POINT_COLS} FROM points p LEFT JOIN latest l"
-                " ON l.point_id = p.id WHERE p.gw = %s AND p.device = %s ORDER BY p.point",
-                (gw, device))
-            if not rows:
-                raise UnknownDeviceError(device_ref)
-            return [_point_row(r) for r in rows]
-        return await self._read(q)
-
-    async def latest_values(self, gw: str) -> list[Point]:
-        async def q(conn: Conn) -> list[Point]:
-            await self._require_gateway(conn, gw)
-            return [_point_row(r) for r in await self._rows(
-                conn, f"SELECT {_POINT_COLS} FROM points p LEFT JOIN latest l"
-                " ON l.point_id = p.id WHERE p.gw = %s ORDER BY p.device, p.point", (gw,))]
-        return await self._read(q)
-
-    async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:
-        gw, device, point = parse_point_ref(point_ref)
-
-        async def q(conn: Conn) -> list[Sample]:
-            ids = await self._rows(conn, "SELECT id FROM points WHERE gw = %s AND device = %s"
-                                   " AND point = %s", (gw, device, point))
-            if not ids:
-                raise UnknownPointError(point_ref)
-            return [Sample(ts_ms=t, value=v, text=x, flags=f) for t, v, x, f in await self._rows(
-                conn, "SELECT ts_ms, value, text, flags FROM readings WHERE point_id = %s"
-                " AND ts_ms >= %s AND ts_ms < %s ORDER BY ts_ms LIMIT %s",
-                (ids[0][0], from_ms, to_ms, limit))]
-        return await self._read(q)
-
-    async def count_records(self, gw: str | None = None) -> RecordCounts:
-        async def q(conn: Conn) -> RecordCounts:
-            where, args = ("WHERE gw = %s", (gw,)) if gw is not None else ("", ())
-            ((r,),) = await self._rows(conn, f"SELECT count(*) FROM readings {where}", args)
-            ((e,),) = await self._rows(conn, f"SELECT count(*) FROM events {where}", args)
-            return RecordCounts(readings=r, events=e)
-        return await self._read(q)

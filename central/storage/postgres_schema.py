@@ -13,11 +13,8 @@ import structlog
 from psycopg import AsyncConnection
 
 from central.storage.base import StorageError
-from central.storage.alarm_schema import alarm_tables
-from central.storage.delivery_schema import backfill_program, history_tables
-from central.storage.geo_schema import geo_columns
-from central.storage.identity_schema import identity_tables
 from central.storage.program import run_async
+from central.storage.shared_schema import SHARED_STEPS, SharedStep
 
 log = structlog.get_logger(__name__)
 Conn = AsyncConnection[Any]
@@ -69,29 +66,18 @@ async def m001_initial(conn: Conn) -> None:
         await conn.execute(sql)
 
 
-@migration
-async def m002_areas_alarms(conn: Conn) -> None:
-    for sql in alarm_tables("postgres"):
-        await conn.execute(sql)
+def _shared(step: SharedStep) -> Migration:
+    async def apply(conn: Conn) -> None:
+        for sql in step.ddl("postgres"):
+            await conn.execute(sql)
+        if step.then is not None:
+            await run_async(conn, step.then())
+
+    apply.__name__ = step.name
+    return apply
 
 
-@migration
-async def m003_delivery_history(conn: Conn) -> None:
-    for sql in history_tables("postgres"):
-        await conn.execute(sql)
-    await run_async(conn, backfill_program())
-
-
-@migration
-async def m004_identity_audit(conn: Conn) -> None:
-    for sql in identity_tables("postgres"):
-        await conn.execute(sql)
-
-
-@migration
-async def m005_positions(conn: Conn) -> None:
-    for sql in geo_columns("postgres"):
-        await conn.execute(sql)
+MIGRATIONS.extend(_shared(step) for step in SHARED_STEPS)
 
 
 def migration_lock_key(schema: str) -> int:

@@ -22,26 +22,15 @@ import structlog
 
 from central.alarms.engine import ingest_program, log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
+from central.storage.aggregates import AggSamples
 from central.storage.base import (
     DatabaseWriteError,
-    Device,
-    Gateway,
-    Latest,
-    Point,
-    RecordCounts,
-    Sample,
     Storage,
     StorageError,
-    UnknownDeviceError,
-    UnknownGatewayError,
-    UnknownPointError,
     UnstorableValueError,
     WriteResult,
-    parse_device_ref,
-    parse_point_ref,
     split_key,
 )
-from central.storage.aggregates import AggSamples
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
 from central.storage.program import Program, run_sync
 from central.storage.sqlite_schema import migrate
@@ -54,16 +43,15 @@ from central.storage.writes import (
     replace_program,
     stage_records,
 )
-from runtime.sqlite import SqliteOwner
 from protocols.envelope import (
     Birth,
     DataBatch,
     Record,
     RecordKind,
-    State,
     ranges_from_seqs,
     to_jsonable,
 )
+from runtime.sqlite import SqliteOwner
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -92,9 +80,6 @@ _UPSERT_LATEST = ("INSERT INTO latest (point_id, ts_ms, value, text) VALUES (?, 
 _TOUCH_GATEWAY = ("INSERT INTO gateways (gw, stream, last_seen_ms) VALUES (?, ?, ?)"
                   " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
                   " last_seen_ms = excluded.last_seen_ms")
-_POINT_COLS = ("p.gw, p.device, p.point, p.name_zh, p.unit, p.profile,"
-               " l.ts_ms, l.value, l.text")
-_GATEWAY_COLS = "gw, stream, online, boot_id, version, bearer, backlog, last_seen_ms, state_ts_ms"
 
 _TELEMETRY = RecordKind.TELEMETRY
 # What the column-by-column write reads of each record (a dataclass or a named tuple alike).
@@ -104,17 +89,6 @@ _NUMERIC = frozenset((float, int, bool))
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _point_row(row: Sequence[Any]) -> Point:
-    latest = None if row[6] is None else Latest(ts_ms=row[6], value=row[7], text=row[8])
-    return Point(gw=row[0], device=row[1], point=row[2], name_zh=row[3], unit=row[4],
-                 profile=row[5], latest=latest)
-
-
-def _gateway_row(row: Sequence[Any]) -> Gateway:
-    return Gateway(gw=row[0], stream=row[1], online=bool(row[2]), boot_id=row[3], version=row[4],
-                   bearer=row[5], backlog=row[6], last_seen_ms=row[7], state_ts_ms=row[8])
 
 
 class SqliteStorage(Storage):
@@ -381,21 +355,6 @@ class SqliteStorage(Storage):
         return WriteResult(gw=gw, stream=stream, received=len(records), inserted=inserted,
                            clock_suspect=suspect, corrected=corrected, merged=n_merged)
 
-    async def record_state(self, gw: str, state: State, *, seen: bool = True,
-                           now_ms: int | None = None) -> None:
-        now = _now_ms() if now_ms is None else now_ms
-        row = (gw, state.stream or None, int(state.online), state.boot_id, state.version,
-               state.bearer, state.backlog, state.ts_ms, now if seen else None)
-        sql = ("INSERT INTO gateways (gw, stream, online, boot_id, version, bearer, backlog,"
-               " state_ts_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-               " ON CONFLICT (gw) DO UPDATE SET"
-               " stream = coalesce(excluded.stream, gateways.stream),"
-               " online = excluded.online, boot_id = excluded.boot_id,"
-               " version = excluded.version, bearer = excluded.bearer,"
-               " backlog = excluded.backlog, state_ts_ms = excluded.state_ts_ms,"
-               " last_seen_ms = coalesce(excluded.last_seen_ms, gateways.last_seen_ms)")
-        await self._call(self._transaction, lambda c: c.execute(sql, row))
-
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms
         rows = []
@@ -436,67 +395,3 @@ class SqliteStorage(Storage):
             except sqlite3.Error as exc:
                 raise StorageError(f"read failed: {exc}") from exc
         return await self._call(run)
-
-    @staticmethod
-    def _require_gateway(conn: sqlite3.Connection, gw: str) -> Gateway:
-        row = conn.execute(f"SELECT {_GATEWAY_COLS} FROM gateways WHERE gw = ?", (gw,)).fetchone()
-        if row is None:
-            raise UnknownGatewayError(gw)
-        return _gateway_row(row)
-
-    async def list_gateways(self) -> list[Gateway]:
-        return await self._read(lambda c: [_gateway_row(r) for r in c.execute(
-            f"SELECT {_GATEWAY_COLS} FROM gateways ORDER BY gw")])
-
-    async def get_gateway(self, gw: str) -> Gateway:
-        return await self._read(lambda c: self._require_gateway(c, gw))
-
-    async def list_devices(self, gw: str) -> list[Device]:
-        def q(conn: sqlite3.Connection) -> list[Device]:
-            self._require_gateway(conn, gw)
-            return [Device(gw=gw, device=d, profile=prof, points=n) for d, prof, n in conn.execute(
-                "SELECT device, max(profile), count(*) FROM points WHERE gw = ?"
-                " GROUP BY device ORDER BY device", (gw,))]
-        return await self._read(q)
-
-    async def device_points(self, device_ref: str) -> list[Point]:
-        gw, device = parse_device_ref(device_ref)
-
-        def q(conn: sqlite3.Connection) -> list[Point]:
-            rows = conn.execute(
-                f"SELECT {_POINT_COLS} FROM points p LEFT JOIN latest l ON l.point_id = p.id"
-                " WHERE p.gw = ? AND p.device = ? ORDER BY p.point", (gw, device)).fetchall()
-            if not rows:
-                raise UnknownDeviceError(device_ref)
-            return [_point_row(r) for r in rows]
-        return await self._read(q)
-
-    async def latest_values(self, gw: str) -> list[Point]:
-        def q(conn: sqlite3.Connection) -> list[Point]:
-            self._require_gateway(conn, gw)
-            return [_point_row(r) for r in conn.execute(
-                f"SELECT {_POINT_COLS} FROM points p LEFT JOIN latest l ON l.point_id = p.id"
-                " WHERE p.gw = ? ORDER BY p.device, p.point", (gw,))]
-        return await self._read(q)
-
-    async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:
-        gw, device, point = parse_point_ref(point_ref)
-
-        def q(conn: sqlite3.Connection) -> list[Sample]:
-            row = conn.execute("SELECT id FROM points WHERE gw = ? AND device = ? AND point = ?",
-                               (gw, device, point)).fetchone()
-            if row is None:
-                raise UnknownPointError(point_ref)
-            return [Sample(ts_ms=t, value=v, text=x, flags=f) for t, v, x, f in conn.execute(
-                "SELECT ts_ms, value, text, flags FROM readings WHERE point_id = ?"
-                " AND ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms LIMIT ?",
-                (row[0], from_ms, to_ms, limit))]
-        return await self._read(q)
-
-    async def count_records(self, gw: str | None = None) -> RecordCounts:
-        def q(conn: sqlite3.Connection) -> RecordCounts:
-            where, args = ("WHERE gw = ?", (gw,)) if gw is not None else ("", ())
-            (r,) = conn.execute(f"SELECT count(*) FROM readings {where}", args).fetchone()
-            (e,) = conn.execute(f"SELECT count(*) FROM events {where}", args).fetchone()
-            return RecordCounts(readings=r, events=e)
-        return await self._read(q)

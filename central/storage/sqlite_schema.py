@@ -12,11 +12,8 @@ from collections.abc import Callable
 
 import structlog
 
-from central.storage.alarm_schema import alarm_tables
-from central.storage.delivery_schema import backfill_program, history_tables
-from central.storage.geo_schema import geo_columns
-from central.storage.identity_schema import identity_tables
 from central.storage.program import run_sync
+from central.storage.shared_schema import SHARED_STEPS, SharedStep
 
 log = structlog.get_logger(__name__)
 
@@ -58,29 +55,18 @@ def m001_initial(conn: sqlite3.Connection) -> None:
         point_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, value REAL, text TEXT)""")
 
 
-@migration
-def m002_areas_alarms(conn: sqlite3.Connection) -> None:
-    for sql in alarm_tables("sqlite"):
-        conn.execute(sql)
+def _shared(step: SharedStep) -> Migration:
+    def apply(conn: sqlite3.Connection) -> None:
+        for sql in step.ddl("sqlite"):
+            conn.execute(sql)
+        if step.then is not None:
+            run_sync(conn, step.then())
+
+    apply.__name__ = step.name
+    return apply
 
 
-@migration
-def m003_delivery_history(conn: sqlite3.Connection) -> None:
-    for sql in history_tables("sqlite"):
-        conn.execute(sql)
-    run_sync(conn, backfill_program())
-
-
-@migration
-def m004_identity_audit(conn: sqlite3.Connection) -> None:
-    for sql in identity_tables("sqlite"):
-        conn.execute(sql)
-
-
-@migration
-def m005_positions(conn: sqlite3.Connection) -> None:
-    for sql in geo_columns("sqlite"):
-        conn.execute(sql)
+MIGRATIONS.extend(_shared(step) for step in SHARED_STEPS)
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -1,1 +1,2 @@
-"""What every HTTP route shares: parameter bounds and the offline API docs."""
+"""What every HTTP route shares: parameter bounds, problem responses, the strict body model,
+the app's storage and audit log, and the offline API docs."""

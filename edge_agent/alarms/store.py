@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from edge_agent import EdgeError
+from edge_agent import EdgeError, SchemaTooNewError
 from edge_agent.alarms.rules import AlarmSnapshot
 from runtime.sqlite import Migrations, SqliteOwner, connect, open_reader
 
@@ -40,11 +40,8 @@ class AlarmStoreError(EdgeError):
     """The alarm state file cannot be opened, read or written (wraps the sqlite3 error)."""
 
 
-class AlarmStoreVersionError(AlarmStoreError):
-    def __init__(self, found: int, known: int) -> None:
-        super().__init__(f"alarm store schema version {found} is newer than this agent's {known}")
-        self.found = found
-        self.known = known
+class AlarmStoreVersionError(AlarmStoreError, SchemaTooNewError):
+    store = "alarm store"
 
 
 _SCHEMA = """

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -49,33 +49,8 @@ from edge_agent.bearers import (
     SendResult,
 )
 from edge_agent.bearers.port import SerialBearer
-from protocols.beidou import (
-    BD3_REGIONAL_MAX_BITS,
-    NEED_DATA,
-    Bd2CardInfo,
-    Bd2CardQuery,
-    Bd2Feedback,
-    Bd2Message,
-    Bd2Mode,
-    Bd2Send,
-    Bd2Suppression,
-    Bd3CardInfo,
-    Bd3CardQuery,
-    Bd3Encoding,
-    Bd3Feedback,
-    Bd3Message,
-    Bd3Reason,
-    Bd3Send,
-    BeamReport,
-    BeidouDecoder,
-    BeidouError,
-    FieldError,
-    Sentence,
-    UnknownSentence,
-    bd2_capacity_bits,
-    encode,
-    mixed_mode_payload_bytes,
-)
+from protocols import beidou as rdss
+from protocols.stream import decoded
 
 log = structlog.get_logger(__name__)
 
@@ -85,14 +60,14 @@ STEP_TIMEOUT_S: Final = 2.0  # DOMAIN.md: about 2 s per step of the send sequenc
 
 
 _BD3_REFUSALS: Final[dict[int, Refusal]] = {
-    Bd3Reason.NONE: Refusal.UNSPECIFIED, Bd3Reason.INTERVAL: Refusal.INTERVAL,
-    Bd3Reason.SUPPRESSED: Refusal.SUPPRESSED, Bd3Reason.SILENT: Refusal.SILENT,
-    Bd3Reason.POWER_NOT_LOCKED: Refusal.NO_BEAMS, Bd3Reason.NO_CARD: Refusal.NO_CARD,
-    Bd3Reason.NO_PERMISSION: Refusal.NO_PERMISSION}
+    rdss.Bd3Reason.NONE: Refusal.UNSPECIFIED, rdss.Bd3Reason.INTERVAL: Refusal.INTERVAL,
+    rdss.Bd3Reason.SUPPRESSED: Refusal.SUPPRESSED, rdss.Bd3Reason.SILENT: Refusal.SILENT,
+    rdss.Bd3Reason.POWER_NOT_LOCKED: Refusal.NO_BEAMS, rdss.Bd3Reason.NO_CARD: Refusal.NO_CARD,
+    rdss.Bd3Reason.NO_PERMISSION: Refusal.NO_PERMISSION}
 _BD2_REFUSALS: Final[dict[int, Refusal]] = {
-    Bd2Suppression.NONE: Refusal.UNSPECIFIED, Bd2Suppression.SYSTEM: Refusal.SUPPRESSED,
-    Bd2Suppression.LOW_BATTERY: Refusal.LOW_BATTERY,
-    Bd2Suppression.RADIO_SILENCE: Refusal.SILENT}
+    rdss.Bd2Suppression.NONE: Refusal.UNSPECIFIED, rdss.Bd2Suppression.SYSTEM: Refusal.SUPPRESSED,
+    rdss.Bd2Suppression.LOW_BATTERY: Refusal.LOW_BATTERY,
+    rdss.Bd2Suppression.RADIO_SILENCE: Refusal.SILENT}
 
 
 @dataclass(slots=True)
@@ -114,13 +89,13 @@ class TerminalCounters:
                 for f in dataclasses.fields(self)}
 
 
-InboundMessage = Bd3Message | Bd2Message
+InboundMessage = rdss.Bd3Message | rdss.Bd2Message
 
 
 # --- the driver ----------------------------------------------------------------------------
 
 
-class BeidouTerminal(SerialBearer[Sentence]):
+class BeidouTerminal(SerialBearer[rdss.Sentence]):
     """One BeiDou RDSS terminal on one serial port; an async context manager.
 
     Example::
@@ -157,9 +132,9 @@ class BeidouTerminal(SerialBearer[Sentence]):
         self.counters = TerminalCounters()
         self.card: CardInfo | None = None  # from the last `info()`
         self._clock = clock
-        self._decoder = BeidouDecoder()
+        self._decoder = rdss.BeidouDecoder()
         self._lock = asyncio.Lock()  # one command on the line at a time
-        self._pwi: BeamReport | None = None
+        self._pwi: rdss.BeamReport | None = None
         self._pwi_at = 0.0
 
     @property
@@ -169,7 +144,7 @@ class BeidouTerminal(SerialBearer[Sentence]):
     # --- the port (`SerialBearer`'s hooks) -------------------------------------------------
 
     def _on_port_open(self) -> None:
-        self._decoder = BeidouDecoder()
+        self._decoder = rdss.BeidouDecoder()
         self._pwi = None
 
     def _on_detach(self) -> None:
@@ -179,40 +154,39 @@ class BeidouTerminal(SerialBearer[Sentence]):
         decoder = self._decoder
         before = decoder.discarded
         decoder.feed(data)
-        while True:
-            try:
-                sentence = decoder.next_sentence()
-            except BeidouError as exc:
+        # Typed here: mypy would join the sentence kinds into `object`.
+        sentences: Iterator[rdss.Sentence | rdss.BeidouError] = decoded(decoder.next_sentence,
+                                                                         rdss.BeidouError)
+        for sentence in sentences:
+            if isinstance(sentence, rdss.BeidouError):
                 self.counters.bad_sentences += 1
-                self._log.debug("beidou_bad_sentence", error=str(exc))
-                continue
-            if sentence is NEED_DATA:
-                break
-            self._dispatch(sentence)
+                self._log.debug("beidou_bad_sentence", error=str(sentence))
+            else:
+                self._dispatch(sentence)
         self.counters.garbage_bytes += decoder.discarded - before
 
-    def _dispatch(self, sentence: Sentence) -> None:
-        if isinstance(sentence, BeamReport):
+    def _dispatch(self, sentence: rdss.Sentence) -> None:
+        if isinstance(sentence, rdss.BeamReport):
             self._pwi, self._pwi_at = sentence, self._clock()
-        elif isinstance(sentence, Bd3Message | Bd2Message):
+        elif isinstance(sentence, rdss.Bd3Message | rdss.Bd2Message):
             self.counters.inbound += 1
             if self.on_message is not None:
                 self.on_message(sentence)
-        elif isinstance(sentence, UnknownSentence):
+        elif isinstance(sentence, rdss.UnknownSentence):
             self.counters.unknown_sentences += 1
         if (not self._offer(sentence, first_only=True)
-                and isinstance(sentence, Bd3Feedback | Bd2Feedback)):
+                and isinstance(sentence, rdss.Bd3Feedback | rdss.Bd2Feedback)):
             self.counters.stray_feedback += 1
             self._log.info("beidou_stray_feedback", command=sentence.command,
                            executed=sentence.executed)
 
-    async def _ask(self, request: Sentence | None, wants: Callable[[Sentence], bool], step: str,
-                   timeout_s: float | None = None) -> Sentence:
+    async def _ask(self, request: rdss.Sentence | None, wants: Callable[[rdss.Sentence], bool],
+                   step: str, timeout_s: float | None = None) -> rdss.Sentence:
         """Write `request` (if any) and wait for the first sentence that `wants` takes."""
         await self.open()
         waiter = self._expect(wants)
         try:
-            return await self._step(waiter, step, None if request is None else encode(request),
+            return await self._step(waiter, step, None if request is None else rdss.encode(request),
                                     timeout_s)
         finally:
             self._forget(waiter)
@@ -234,7 +208,7 @@ class BeidouTerminal(SerialBearer[Sentence]):
         if self.ready:
             return True
         try:
-            await self._ask(None, lambda s: isinstance(s, BeamReport) and s.ready, "beams",
+            await self._ask(None, lambda s: isinstance(s, rdss.BeamReport) and s.ready, "beams",
                             timeout_s)
         except BearerTimeoutError:
             return False
@@ -242,28 +216,29 @@ class BeidouTerminal(SerialBearer[Sentence]):
 
     async def info(self) -> CardInfo:
         """Ask the card: id, level, service interval and the payload limit it gives."""
-        query: Sentence = Bd3CardQuery() if self.bd3 else Bd2CardQuery()
-        kind = Bd3CardInfo if self.bd3 else Bd2CardInfo
+        query: rdss.Sentence = rdss.Bd3CardQuery() if self.bd3 else rdss.Bd2CardQuery()
+        kind = rdss.Bd3CardInfo if self.bd3 else rdss.Bd2CardInfo
         async with self._lock:
             try:
                 reply = await self._ask(query, lambda s: isinstance(s, kind), "card query")
             except BearerTimeoutError:
                 self.counters.timeouts += 1
                 raise
-        assert isinstance(reply, Bd3CardInfo | Bd2CardInfo)
+        assert isinstance(reply, rdss.Bd3CardInfo | rdss.Bd2CardInfo)
         if not reply.has_card:
             raise NoCardError(self.port)
         card = self._card_info(reply)
         self.card = card
         return card
 
-    def _card_info(self, reply: Bd3CardInfo | Bd2CardInfo) -> CardInfo:
-        if isinstance(reply, Bd3CardInfo):
-            limit, encrypted = BD3_REGIONAL_MAX_BITS // 8, False
+    def _card_info(self, reply: rdss.Bd3CardInfo | rdss.Bd2CardInfo) -> CardInfo:
+        if isinstance(reply, rdss.Bd3CardInfo):
+            limit, encrypted = rdss.BD3_REGIONAL_MAX_BITS // 8, False
         else:
             try:
-                limit = mixed_mode_payload_bytes(bd2_capacity_bits(reply.level, reply.encrypted))
-            except FieldError as exc:
+                limit = rdss.mixed_mode_payload_bytes(
+                    rdss.bd2_capacity_bits(reply.level, reply.encrypted))
+            except rdss.FieldError as exc:
                 raise BearerReplyError(f"{self.port}: {exc}") from exc
             encrypted = reply.encrypted
         if self.max_payload_bytes is not None:
@@ -273,16 +248,16 @@ class BeidouTerminal(SerialBearer[Sentence]):
 
     async def send(self, recipient: str, payload: bytes) -> SendResult:
         """Send one short message (mixed mode); the terminal's `$BDFKI` says if it went."""
-        request: Sentence
+        request: rdss.Sentence
         try:
             if self.bd3:
-                request = Bd3Send(recipient, payload, Bd3Encoding.MIXED)
+                request = rdss.Bd3Send(recipient, payload, rdss.Bd3Encoding.MIXED)
             else:
-                request = Bd2Send(recipient, payload, Bd2Mode.MIXED)
-        except FieldError as exc:
+                request = rdss.Bd2Send(recipient, payload, rdss.Bd2Mode.MIXED)
+        except rdss.FieldError as exc:
             raise BearerRequestError(f"{self.port}: {exc}") from exc
         command = "TCQ" if self.bd3 else "TXA"
-        kind = Bd3Feedback if self.bd3 else Bd2Feedback
+        kind = rdss.Bd3Feedback if self.bd3 else rdss.Bd2Feedback
         async with self._lock:
             try:
                 reply = await self._ask(
@@ -290,14 +265,14 @@ class BeidouTerminal(SerialBearer[Sentence]):
             except BearerTimeoutError:
                 self.counters.timeouts += 1
                 raise
-        assert isinstance(reply, Bd3Feedback | Bd2Feedback)
+        assert isinstance(reply, rdss.Bd3Feedback | rdss.Bd2Feedback)
         return self._counted(_result(reply))
 
 
-def _result(reply: Bd3Feedback | Bd2Feedback) -> SendResult:
+def _result(reply: rdss.Bd3Feedback | rdss.Bd2Feedback) -> SendResult:
     if reply.executed:
         return SendResult(True)
-    if isinstance(reply, Bd3Feedback):
+    if isinstance(reply, rdss.Bd3Feedback):
         reason = _BD3_REFUSALS.get(reply.reason, Refusal.OTHER)
         return SendResult(False, reason, reply.wait_s, reply.reason)
     if not reply.interval_ok:

@@ -56,14 +56,13 @@ from edge_agent.bearers import (
 from edge_agent.bearers.port import SerialBearer, Waiter
 from protocols.hrnp import (
     NEED_DATA,
-    SERVICE_TEXT,
     HrnpDecoder,
     HrnpError,
     HrnpOpcode,
     HrnpPacket,
-    decode_app,
     encode_app,
     encode_packet,
+    reply_to,
 )
 from protocols.hrnp_text import (
     DEFAULT_MAX_TEXT_BYTES,
@@ -71,7 +70,7 @@ from protocols.hrnp_text import (
     TextAck,
     TextMessage,
     TextResult,
-    decode_text,
+    decode_text_data,
     encode_text,
 )
 from protocols.narrowband import TEXT_PREFIX, text_frame_bytes, to_text
@@ -250,23 +249,21 @@ class PdtRadio(SerialBearer[_Event]):
         elif packet.opcode is HrnpOpcode.CLOSE:
             self._connected = False
             self._log.info("pdt_closed_by_radio")
-            self._write_later(HrnpPacket(HrnpOpcode.CLOSE_ACK, packet.packet_number,
-                                         packet.destination, packet.source,
-                                         version=packet.version))
+            self._write_later(reply_to(packet, HrnpOpcode.CLOSE_ACK))
         else:
             self._offer(packet)
 
     def _on_data(self, payload: bytes) -> None:
         try:
-            app = decode_app(payload)
-            if app.service != SERVICE_TEXT:
-                self.counters.other_messages += 1
-                return
-            message = decode_text(app)
+            text = decode_text_data(payload)
         except HrnpError as exc:
             self.counters.bad_messages += 1
             self._log.debug("pdt_bad_message", error=str(exc))
             return
+        if text is None:  # radio control, location
+            self.counters.other_messages += 1
+            return
+        message = text[0]
         if isinstance(message, TextAck):
             if not self._offer(message):
                 self.counters.stray_acks += 1
@@ -282,8 +279,7 @@ class PdtRadio(SerialBearer[_Event]):
     def _data_ack(self, packet: HrnpPacket) -> None:
         """Answer a data packet of the radio's with its packet number, addressed back."""
         self.counters.data_acks_sent += 1
-        self._write_later(HrnpPacket(HrnpOpcode.DATA_ACK, packet.packet_number,
-                                     packet.destination, packet.source, version=packet.version))
+        self._write_later(reply_to(packet, HrnpOpcode.DATA_ACK))
 
     def _write_later(self, packet: HrnpPacket) -> None:
         task = asyncio.get_running_loop().create_task(self._write(encode_packet(packet)))

@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,13 +23,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from edge_agent.cli.common import ConfigOpt
-from edge_agent.health.clock import boottime_ns, current_boot_id
+from edge_agent.cli.common import CONTEXT, ConfigOpt, JsonOpt, err, errors, fail, out
 from edge_agent.config.site import load_config
-from edge_agent import EdgeError
+from edge_agent.health.clock import boottime_ns, current_boot_id
 from edge_agent.outbox.store import OutboxStats, read_status, request_clock_ok
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
 buffer_app = typer.Typer(help="Watch the outbox drain.  "
                          "e.g. [cyan]edge-agent buffer watch -c site.toml[/cyan]",
                          context_settings=CONTEXT, no_args_is_help=True, rich_markup_mode="rich")
@@ -41,25 +35,7 @@ clock_app = typer.Typer(help="Confirm the gateway's wall clock.  "
                         "e.g. [cyan]edge-agent clock ok -c site.toml[/cyan]",
                         context_settings=CONTEXT, no_args_is_help=True, rich_markup_mode="rich")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 LANES = ("alarm", "event", "live", "backlog")
-
-
-def _fail(message: str) -> NoReturn:
-    for line in message.splitlines() or [message]:
-        err.print(f"[red]error:[/red] {escape(line)}")
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except EdgeError as exc:
-        _fail(str(exc))
 
 
 def _now_ms() -> int:
@@ -153,7 +129,7 @@ def watch(
 
     Example: edge-agent buffer watch --config /etc/fieldlink/site.toml
     """
-    with _errors():
+    with errors():
         cfg = load_config(config, check_profiles=False)
         path = cfg.outbox_path
         first = read_status(path)
@@ -171,7 +147,7 @@ def watch(
 
 
 def _sample(path: Path, base: int, samples: deque[tuple[float, int]]) -> dict[str, Any]:
-    with _errors():
+    with errors():
         st = read_status(path)
     now = time.monotonic()
     samples.append((now, st.delivered_total))
@@ -201,7 +177,7 @@ def _watch_json(path: Path, base: int, samples: deque[tuple[float, int]], interv
         if done:
             return
         if _timed_out(timeout, started):
-            _fail(f"backlog still {s['backlog']} after {timeout:g} s")
+            fail(f"backlog still {s['backlog']} after {timeout:g} s")
         time.sleep(interval)
 
 
@@ -223,7 +199,7 @@ def _watch_bar(path: Path, base: int, samples: deque[tuple[float, int]], interva
                 break
             if _timed_out(timeout, started):
                 progress.stop()
-                _fail(f"backlog still {s['backlog']} after {timeout:g} s")
+                fail(f"backlog still {s['backlog']} after {timeout:g} s")
             time.sleep(interval)
     out.print("[green]backlog drained[/green]")
 
@@ -239,7 +215,7 @@ def clock_ok(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     Example: edge-agent clock ok --config /etc/fieldlink/site.toml
     """
     wall, mono, boot = _now_ms(), boottime_ns() // 1_000_000, current_boot_id()
-    with _errors():
+    with errors():
         cfg = load_config(config, check_profiles=False)
         request_clock_ok(cfg.outbox_path, wall_ms=wall, mono_ms=mono, boot_id=boot)
     if as_json:

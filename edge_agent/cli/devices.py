@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -52,6 +53,20 @@ def _config(path: Any) -> AgentConfig:
         return load_config(path, check_profiles=False)
 
 
+def _from_agent(cfg: AgentConfig, what: str, saved: Callable[[], list[dict[str, Any]]], *,
+                stopped: str, as_json: bool) -> tuple[list[dict[str, Any]], str]:
+    """The agent's answer to `what` and `"agent"`; when it is stopped, `saved()` and `stopped`
+    (where they came from). With `as_json` they are printed as `{"source": ..., what: rows}`."""
+    with errors():
+        try:
+            rows, source = request(cfg.control_socket_path, what, timeout=10.0)[what], "agent"
+        except AgentNotRunningError:
+            rows, source = saved(), stopped
+    if as_json:
+        print_json({"source": source, what: rows})
+    return rows, source
+
+
 # --- devices --------------------------------------------------------------------------------
 
 
@@ -62,14 +77,9 @@ def devices(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     Example: edge-agent devices --config /etc/fieldlink/site.toml --json
     """
     cfg = _config(config)
-    with errors():
-        try:
-            rows = request(cfg.control_socket_path, "devices", timeout=10.0)["devices"]
-            source = "agent"
-        except AgentNotRunningError:
-            rows, source = _offline_rows(cfg), "config"
+    rows, source = _from_agent(cfg, "devices", lambda: _offline_rows(cfg), stopped="config",
+                               as_json=as_json)
     if as_json:
-        print_json({"source": source, "devices": rows})
         return
     if source != "agent":
         err.print("[yellow]the agent is not running[/yellow]: health from its last status "
@@ -210,15 +220,10 @@ def alarms(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     Example: edge-agent alarms --config /etc/fieldlink/site.toml --json
     """
     cfg = _config(config)
-    with errors():
-        try:
-            rows = request(cfg.control_socket_path, "alarms", timeout=10.0)["alarms"]
-            source = "agent"
-        except AgentNotRunningError:
-            rows = [_snapshot_dict(s) for s in read_alarms(cfg.alarms_path)]
-            source = "alarms.db"
+    rows, source = _from_agent(
+        cfg, "alarms", lambda: [_snapshot_dict(s) for s in read_alarms(cfg.alarms_path)],
+        stopped="alarms.db", as_json=as_json)
     if as_json:
-        print_json({"source": source, "alarms": rows})
         return
     if source != "agent":
         err.print(f"[yellow]the agent is not running[/yellow]: last saved state from "

@@ -80,23 +80,23 @@ CLOCK_OFFSET_WARN_MS = 2000
 FUTURE_SKEW_MS = 60_000
 
 
-class _Rejected(Exception):
-    """Internal: a kind-specific check refused the command (becomes a `rejected` report)."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-class _Failed(Exception):
-    """Internal: execution failed (becomes a `failed` report)."""
+class _Outcome(Exception):
+    """Internal: a command that ends in a report other than `ok`, with its reason, detail and
+    the report's data."""
 
     def __init__(self, reason: Reason, detail: str, data: Mapping[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
         self.data = dict(data or {})
+
+
+class _Rejected(_Outcome):
+    """Internal: a kind-specific check refused the command (becomes a `rejected` report)."""
+
+
+class _Failed(_Outcome):
+    """Internal: execution failed (becomes a `failed` report)."""
 
 
 class CommandTarget(Protocol):

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from edge_agent import EdgeError
+from edge_agent import EdgeError, SchemaTooNewError
 from protocols.command_results import CommandState
 from runtime.sqlite import Migrations, SqliteOwner, connect
 
@@ -59,11 +59,8 @@ class CommandLedgerError(EdgeError):
     """The ledger file cannot be opened, read or written (wraps the sqlite3 error)."""
 
 
-class CommandLedgerVersionError(CommandLedgerError):
-    def __init__(self, found: int, known: int) -> None:
-        super().__init__(f"command ledger schema version {found} is newer than this agent's {known}")
-        self.found = found
-        self.known = known
+class CommandLedgerVersionError(CommandLedgerError, SchemaTooNewError):
+    store = "command ledger"
 
 
 _MIGRATIONS = Migrations(CommandLedgerVersionError)

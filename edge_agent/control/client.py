@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import EdgeError
+from edge_agent.control import ControlError
 
 DEFAULT_TIMEOUT_S = 40.0  # longer than the agent's own REQUEST_TIMEOUT_S, so it answers first
 
@@ -38,11 +39,8 @@ class ControlAccessError(ControlClientError):
         self.path = path
 
 
-class ControlRequestError(ControlClientError):
-    def __init__(self, type_: str, message: str) -> None:
-        super().__init__(message)
-        self.type = type_
-        self.message = message
+class ControlRequestError(ControlClientError, ControlError):
+    """The agent refused the request: its `ControlError` (`type`, `message`), come back."""
 
 
 def request(path: Path | str, op: str, *, timeout: float = DEFAULT_TIMEOUT_S,

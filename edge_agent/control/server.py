@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from edge_agent.field import point_io
 from edge_agent.field.bus import SerialBus
 from edge_agent import EdgeError
+from edge_agent.control import ControlError
 from edge_agent.outbox.store import NewRecord, OutboxError
 from edge_agent.field.poller import DevicePoller
 from edge_agent.field.stations import Hj212Station
@@ -63,15 +64,6 @@ REQUEST_TIMEOUT_S = 30.0
 MAX_CONCURRENT = 4
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 _ALL_TIERS = frozenset({"fast", "normal", "slow"})
-
-
-class ControlError(EdgeError):
-    """A request was refused; `type` is the stable name clients switch on."""
-
-    def __init__(self, type_: str, message: str) -> None:
-        super().__init__(message)
-        self.type = type_
-        self.message = message
 
 
 class ControlSocketError(EdgeError):

@@ -28,15 +28,16 @@ pymodbus drives the port with non-blocking reads and writes from the event loop
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from pymodbus.client import AsyncModbusSerialClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
@@ -49,6 +50,7 @@ from edge_agent.field.errors import (
     TransportFramingError,
     TransportTimeoutError,
 )
+from edge_agent.field.pymodbus_link import WRITE_FUNCTIONS, PymodbusLink, Request, answer_values
 from protocols.modbus_rtu import (
     CrcMismatchError,
     Direction,
@@ -66,9 +68,9 @@ log = structlog.get_logger(__name__)
 _BACKSTOP_TIMEOUT_S = 61.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeviceBusStats:
-    """Counters of one slave address on a bus."""
+    """Counters of one slave address on a bus; the bus counts in its own and hands out copies."""
 
     device_id: int
     requests: int = 0  # frames sent, retries included
@@ -76,10 +78,14 @@ class DeviceBusStats:
     timeouts: int = 0
     crc_errors: int = 0
     framing_errors: int = 0  # requests answered by bytes that are no right answer
-    exceptions: Mapping[int, int] = field(default_factory=dict)  # exception code -> count
+    exceptions: Counter[int] = field(default_factory=Counter)  # exception code -> count
     consecutive_failures: int = 0
     last_error: str | None = None
-    framing_reasons: Mapping[str, int] = field(default_factory=dict)  # see FRAMING_REASONS
+    framing_reasons: Counter[str] = field(default_factory=Counter)  # see FRAMING_REASONS
+
+    def copy(self) -> DeviceBusStats:
+        return dataclasses.replace(self, exceptions=Counter(self.exceptions),
+                                   framing_reasons=Counter(self.framing_reasons))
 
     def to_dict(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "requests": self.requests,
@@ -89,25 +95,6 @@ class DeviceBusStats:
                 "exceptions": {str(k): v for k, v in sorted(self.exceptions.items())},
                 "consecutive_failures": self.consecutive_failures,
                 "last_error": self.last_error}
-
-
-@dataclass(slots=True)
-class _Counters:
-    requests: int = 0
-    responses: int = 0
-    timeouts: int = 0
-    crc_errors: int = 0
-    framing_errors: int = 0
-    exceptions: Counter[int] = field(default_factory=Counter)
-    consecutive_failures: int = 0
-    last_error: str | None = None
-    framing_reasons: Counter[str] = field(default_factory=Counter)
-
-    def freeze(self, device_id: int) -> DeviceBusStats:
-        return DeviceBusStats(device_id, self.requests, self.responses, self.timeouts,
-                              self.crc_errors, self.framing_errors, dict(self.exceptions),
-                              self.consecutive_failures, self.last_error,
-                              dict(self.framing_reasons))
 
 
 @dataclass(slots=True)
@@ -128,13 +115,17 @@ class _CorruptAnswer(Exception):
     """Internal: the answer arrived with a bad CRC."""
 
 
-class SerialBus:
+class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
     """Modbus RTU master on one serial port, shared by every slave on it; async context manager.
 
     It is itself a `ModbusTransport` (`read`/`write` take `device_id`, and an optional
     `timeout_s`); `view(timeout_s=...)` gives a device its own transport with its timeout.
     The port opens lazily on the first request and reopens after it was lost.
     """
+
+    _open_timeout_s = 5.0
+    _open_failed = "cannot open"
+    _open_refused = "cannot open the serial port"
 
     def __init__(self, port: str, *, baudrate: int = 9600, bytesize: int = 8,
                  parity: str = "N", stopbits: int = 1, inter_frame_gap_s: float | None = None,
@@ -153,8 +144,7 @@ class SerialBus:
         self.timeout_s = timeout_s
         self.crc_retries = crc_retries
         self._lock = asyncio.Lock()  # FIFO: slaves are served in the order they asked
-        self._client: AsyncModbusSerialClient | None = None
-        self._counters: dict[int, _Counters] = {}
+        self._counters: dict[int, DeviceBusStats] = {}
         self._current: _Exchange | None = None
         self._quiet_since = 0.0  # monotonic time the line last fell silent
         self.stray_frames = 0  # whole frames from a slave nobody was asking (late answers)
@@ -172,53 +162,29 @@ class SerialBus:
     def endpoint(self) -> str:
         return f"rtu://{self.port}"
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
     def view(self, *, timeout_s: float | None = None) -> BusDevice:
         """A `ModbusTransport` on this bus whose requests wait at most `timeout_s`."""
         return BusDevice(self, timeout_s if timeout_s is not None else self.timeout_s)
 
     def stats(self, device_id: int) -> DeviceBusStats:
         c = self._counters.get(device_id)
-        return c.freeze(device_id) if c else DeviceBusStats(device_id)
+        return c.copy() if c else DeviceBusStats(device_id)
 
     def all_stats(self) -> dict[int, DeviceBusStats]:
-        return {i: c.freeze(i) for i, c in sorted(self._counters.items())}
+        return {i: c.copy() for i, c in sorted(self._counters.items())}
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def connect(self) -> None:
-        async with self._lock:
-            await self._connect_locked()
-
-    async def _connect_locked(self) -> None:
-        if self.connected:
-            return
-        self._drop()
-        client = AsyncModbusSerialClient(
+    def _new_client(self) -> AsyncModbusSerialClient:
+        return AsyncModbusSerialClient(
             self.port, framer=FramerType.RTU, baudrate=self.baudrate, bytesize=self.bytesize,
             parity=self.parity, stopbits=self.stopbits, name=self.endpoint,
             reconnect_delay=0, timeout=_BACKSTOP_TIMEOUT_S, retries=0,
             trace_packet=self._trace_packet)
-        try:
-            async with asyncio.timeout(5.0):
-                ok = await client.connect()
-        except (TimeoutError, OSError, ModbusException) as exc:
-            client.close()
-            raise TransportConnectError(self.endpoint, f"cannot open: {exc}") from exc
-        if not ok:
-            client.close()
-            raise TransportConnectError(self.endpoint, "cannot open the serial port")
-        self._client = client
+
+    def _opened(self) -> None:
         self._quiet_since = time.monotonic()
         self._log.info("rtu_bus_opened", baudrate=self.baudrate, gap_ms=round(self.gap_s * 1e3, 3))
-
-    def _drop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     async def close(self) -> None:
         async with self._lock:
@@ -237,48 +203,27 @@ class SerialBus:
     async def read(self, function: int, start: int, count: int, *, device_id: int,
                    timeout_s: float | None = None) -> list[int]:
         """Registers (function 3/4) or bits as 0/1 (function 1/2), exactly `count` of them."""
-        if function not in (1, 2, 3, 4):
-            raise ValueError(f"not a read function: {function}")
-
-        def call(client: AsyncModbusSerialClient) -> Awaitable[ModbusPDU]:
-            method = {1: client.read_coils, 2: client.read_discrete_inputs,
-                      3: client.read_holding_registers, 4: client.read_input_registers}[function]
-            return method(start, count=count, device_id=device_id)
-
+        call = self._read_call(function, start, count, device_id=device_id)
         rsp = await self._transact(device_id, function, call, timeout_s)
-        items = [int(b) for b in rsp.bits] if function in (1, 2) else list(rsp.registers)
-        # Bits come padded to whole bytes (§6.1), registers exactly (§6.3).
-        if len(items) < count or (function in (3, 4) and len(items) != count):
-            unit = "bits" if function in (1, 2) else "registers"
+        values, short = answer_values(rsp, function, count)
+        if short is not None:
             raise self._framing(self._counters[device_id], TransportFramingError(
-                self.endpoint, f"device {device_id}: {len(items)} of {count} {unit} in the answer",
+                self.endpoint, f"device {device_id}: {short} in the answer",
                 reason="too_few_registers"))
-        return items[:count]
+        return values
 
     async def write(self, function: int, address: int, values: Sequence[int], *,
                     device_id: int, timeout_s: float | None = None) -> None:
         """Write coils (function 1: 0/1 values) or holding registers (function 3)."""
-        if function == 1:
-            wire, bits = 15, [bool(v) for v in values]
-
-            def call(client: AsyncModbusSerialClient) -> Awaitable[ModbusPDU]:
-                return client.write_coils(address, bits, device_id=device_id,
-                                          no_response_expected=device_id == 0)
-        elif function == 3:
-            wire, regs = 16, list(values)
-
-            def call(client: AsyncModbusSerialClient) -> Awaitable[ModbusPDU]:
-                return client.write_registers(address, regs, device_id=device_id,
-                                              no_response_expected=device_id == 0)
-        else:
-            raise ValueError(f"function {function} is not writable")
-        await self._transact(device_id, wire, call, timeout_s)
+        call = self._write_call(function, address, values, device_id=device_id,
+                                no_response_expected=device_id == 0)  # broadcast (§2.1)
+        await self._transact(device_id, WRITE_FUNCTIONS[function], call, timeout_s)
 
     async def _transact(self, device_id: int, function: int,
-                        call: Callable[[AsyncModbusSerialClient], Awaitable[ModbusPDU]],
+                        call: Request,
                         timeout_s: float | None) -> ModbusPDU:
         timeout = timeout_s if timeout_s is not None else self.timeout_s
-        c = self._counters.setdefault(device_id, _Counters())
+        c = self._counters.setdefault(device_id, DeviceBusStats(device_id))
         error: TransportError = TransportCrcError(self.endpoint, "bad CRC")
         async with self._lock:
             for attempt in range(1 + self.crc_retries):
@@ -309,17 +254,14 @@ class SerialBus:
                     c.timeouts += 1
                     raise self._failed(c, TransportTimeoutError(
                         self.endpoint, f"device {device_id}: no answer within {timeout} s")) from exc
-                except ConnectionException as exc:
-                    self._drop()
-                    raise self._failed(c, TransportConnectError(
-                        self.endpoint, f"port lost: {exc}")) from exc
-                except ModbusIOException as exc:
-                    c.timeouts += 1
-                    raise self._failed(c, TransportTimeoutError(
-                        self.endpoint, f"device {device_id}: {exc}")) from exc
                 except (ModbusException, OSError) as exc:
-                    self._drop()
-                    raise self._failed(c, TransportError(self.endpoint, str(exc))) from exc
+                    failure = self._translate(exc, lost="port lost",
+                                              no_answer=f"device {device_id}: {exc}")
+                    if isinstance(failure, TransportTimeoutError):
+                        c.timeouts += 1  # the port is fine: keep it open
+                    else:
+                        self._drop()
+                    raise self._failed(c, failure) from exc
                 finally:
                     self._current = None
                     self._previous = (device_id, function)
@@ -346,12 +288,12 @@ class SerialBus:
                 return rsp
             raise self._failed(c, error)  # every attempt came back corrupted
 
-    def _failed(self, c: _Counters, error: TransportError) -> TransportError:
+    def _failed(self, c: DeviceBusStats, error: TransportError) -> TransportError:
         c.consecutive_failures += 1
         c.last_error = error.message
         return error
 
-    def _framing(self, c: _Counters, error: TransportFramingError) -> TransportError:
+    def _framing(self, c: DeviceBusStats, error: TransportFramingError) -> TransportError:
         c.framing_errors += 1
         c.framing_reasons[error.reason] += 1
         return self._failed(c, error)

@@ -48,22 +48,25 @@ class PointIoError(EdgeError):
         self.message = message
 
 
-class UnknownPointError(PointIoError):
+class _DevicePointError(PointIoError):
+    """About one point of one device; `template` words the message."""
+
+    template = "{device}/{point}"
+
+    def __init__(self, device: str, point: str) -> None:
+        super().__init__(self.template.format(device=device, point=point))
+        self.device = device
+        self.point = point
+
+
+class UnknownPointError(_DevicePointError):
     kind = "unknown_point"
-
-    def __init__(self, device: str, point: str) -> None:
-        super().__init__(f"{device} has no point {point!r}")
-        self.device = device
-        self.point = point
+    template = "{device} has no point {point!r}"
 
 
-class NotWritableError(PointIoError):
+class NotWritableError(_DevicePointError):
     kind = "not_writable"
-
-    def __init__(self, device: str, point: str) -> None:
-        super().__init__(f"{device}/{point} is not writable")
-        self.device = device
-        self.point = point
+    template = "{device}/{point} is not writable"
 
 
 class BadValueError(PointIoError):

@@ -27,6 +27,7 @@ uplink. Choices worth knowing:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import math
 import time
@@ -38,7 +39,6 @@ import structlog
 
 from device_profiles import Profile
 from edge_agent.config.site import DeviceConfig
-from edge_agent.outbox.store import NewRecord, OutboxFullError
 from edge_agent.field.transports import (
     ModbusExceptionError,
     ModbusTransport,
@@ -47,6 +47,7 @@ from edge_agent.field.transports import (
     TransportFramingError,
     TransportTimeoutError,
 )
+from edge_agent.outbox.store import NewRecord, OutboxFullError
 from protocols.envelope import Flag, RecordKind
 from protocols.modbus_points import PointDecodeError, PointValue
 from protocols.read_plan import ReadBlock, plan_reads
@@ -67,9 +68,12 @@ class Health(enum.StrEnum):
     OFFLINE = "offline"  # last cycle read nothing: no connection or no answer
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeviceHealth:
-    """A snapshot of one device's health and counters, for status and metrics."""
+    """A snapshot of one device's health and counters, for status and metrics.
+
+    The poller counts in its own instance and hands out copies (`DevicePoller.health`).
+    """
 
     device: str
     state: Health
@@ -90,33 +94,8 @@ class DeviceHealth:
     outbox_full: int = 0  # appends refused by a full outbox (those records are lost)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "state": str(self.state), "cycles": self.cycles,
-                "cycles_ok": self.cycles_ok, "skipped_cycles": self.skipped_cycles,
-                "reads": self.reads, "timeouts": self.timeouts,
-                "connect_errors": self.connect_errors, "exceptions": self.exceptions,
-                "framing_errors": self.framing_errors, "decode_errors": self.decode_errors, "records": self.records,
-                "consecutive_failures": self.consecutive_failures,
-                "last_ok_ms": self.last_ok_ms, "last_error": self.last_error,
-                "last_cycle_s": self.last_cycle_s, "outbox_full": self.outbox_full}
-
-
-@dataclass(slots=True)
-class _Counters:
-    cycles: int = 0
-    cycles_ok: int = 0
-    skipped_cycles: int = 0
-    reads: int = 0
-    timeouts: int = 0
-    connect_errors: int = 0
-    exceptions: int = 0
-    framing_errors: int = 0
-    decode_errors: int = 0
-    records: int = 0
-    consecutive_failures: int = 0
-    last_ok_ms: int | None = None
-    last_error: str | None = None
-    last_cycle_s: float | None = None
-    outbox_full: int = 0
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {
+            "state": str(self.state)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +124,7 @@ class DevicePoller:
         self._outbox = outbox
         self._notify = notify
         self._wall_ms = wall_ms
-        self._c = _Counters()
-        self._state = Health.STARTING
+        self._c = DeviceHealth(device.id, Health.STARTING)
         self._failing = False
         self._outbox_full = False
         self._tick = 0
@@ -160,14 +138,7 @@ class DevicePoller:
 
     @property
     def health(self) -> DeviceHealth:
-        c = self._c
-        return DeviceHealth(
-            device=self.device.id, state=self._state, cycles=c.cycles, cycles_ok=c.cycles_ok,
-            skipped_cycles=c.skipped_cycles, reads=c.reads, timeouts=c.timeouts,
-            connect_errors=c.connect_errors, exceptions=c.exceptions,
-            framing_errors=c.framing_errors, decode_errors=c.decode_errors, records=c.records,
-            consecutive_failures=c.consecutive_failures, last_ok_ms=c.last_ok_ms,
-            last_error=c.last_error, last_cycle_s=c.last_cycle_s, outbox_full=c.outbox_full)
+        return dataclasses.replace(self._c)
 
     # --- planning -------------------------------------------------------------------------
 
@@ -277,7 +248,7 @@ class DevicePoller:
         if r.offline:
             c.consecutive_failures += 1
             c.last_error = r.error
-            self._state = Health.OFFLINE
+            self._c.state = Health.OFFLINE
             if not self._failing:
                 self._failing = True
                 self._log.warning("poll_failed", error=r.error,
@@ -286,14 +257,14 @@ class DevicePoller:
         c.last_ok_ms = self._wall_ms()
         c.consecutive_failures = 0
         if r.blocks_failed or r.decode_errors:
-            self._state = Health.DEGRADED
+            self._c.state = Health.DEGRADED
             c.last_error = r.error or f"{r.decode_errors} point(s) failed to decode"
         else:
-            self._state = Health.OK
+            self._c.state = Health.OK
             c.cycles_ok += 1
         if self._failing:
             self._failing = False
-            self._log.info("poll_recovered", state=str(self._state))
+            self._log.info("poll_recovered", state=str(self._c.state))
 
     # --- the loop -------------------------------------------------------------------------
 

@@ -21,16 +21,9 @@ from pathlib import Path
 
 import serial
 
-from edge_agent.field.bus import SerialBus
 from edge_agent import EdgeError
-from edge_agent.field.transports import (
-    ModbusExceptionError,
-    TransportConnectError,
-    TransportCrcError,
-    TransportError,
-    TransportFramingError,
-    TransportTimeoutError,
-)
+from edge_agent.field import errors
+from edge_agent.field.bus import SerialBus
 
 MAX_ID = 247  # Modbus over Serial Line §2.2: 1..247 are slave addresses
 
@@ -141,18 +134,18 @@ async def probe(bus: SerialBus, device_id: int) -> ProbeResult:
     try:
         await bus.read(3, 0, 1, device_id=device_id)
         return ProbeResult(device_id, True, "data", function=3)
-    except ModbusExceptionError as exc:
+    except errors.ModbusExceptionError as exc:
         code = exc.code
-    except (TransportCrcError, TransportFramingError) as exc:
+    except (errors.TransportCrcError, errors.TransportFramingError) as exc:
         return ProbeResult(device_id, False, "garbled", detail=exc.message)
-    except TransportTimeoutError:
+    except errors.TransportTimeoutError:
         return ProbeResult(device_id, False, "silent")
     try:
         await bus.read(4, 0, 1, device_id=device_id)
         return ProbeResult(device_id, True, "data", function=4, exception=code)
-    except TransportConnectError:
+    except errors.TransportConnectError:
         raise
-    except TransportError:
+    except errors.TransportError:
         pass  # it answered function 3, so it is there whatever function 4 does
     return ProbeResult(device_id, True, "exception", exception=code)
 

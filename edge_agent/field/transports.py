@@ -15,11 +15,11 @@ pymodbus's own reconnect loop and retries are switched off (`reconnect_delay=0`,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from edge_agent.config.site import RtuTransportConfig, TcpTransportConfig, TransportConfig
@@ -33,6 +33,7 @@ from edge_agent.field.errors import (
     TransportFramingError,
     TransportTimeoutError,
 )
+from edge_agent.field.pymodbus_link import PymodbusLink, Request, answer_values
 
 __all__ = [
     "FRAMING_REASONS", "ModbusExceptionError", "ModbusTcpTransport", "ModbusTransport",
@@ -64,7 +65,7 @@ class ModbusTransport(Protocol):
     async def close(self) -> None: ...
 
 
-class ModbusTcpTransport:
+class ModbusTcpTransport(PymodbusLink[AsyncModbusTcpClient]):
     """Modbus TCP through pymodbus's `AsyncModbusTcpClient`; one connection, one request
     at a time (many devices and serial gateways handle only one)."""
 
@@ -73,101 +74,51 @@ class ModbusTcpTransport:
         self._port = port
         self._timeout_s = timeout_s
         self._lock = asyncio.Lock()
-        self._client: AsyncModbusTcpClient | None = None
+        self._open_timeout_s = timeout_s + 1.0
 
     @property
     def endpoint(self) -> str:
         return f"tcp://{self._host}:{self._port}"
 
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
-    async def connect(self) -> None:
-        async with self._lock:
-            await self._connect_locked()
-
-    async def _connect_locked(self) -> None:
-        if self.connected:
-            return
-        self._drop()
-        client = AsyncModbusTcpClient(self._host, port=self._port, timeout=self._timeout_s,
-                                      retries=0, reconnect_delay=0, name=self.endpoint)
-        try:
-            async with asyncio.timeout(self._timeout_s + 1.0):
-                ok = await client.connect()
-        except (TimeoutError, OSError, ModbusException) as exc:
-            client.close()
-            raise TransportConnectError(self.endpoint, f"cannot connect: {exc}") from exc
-        if not ok:
-            client.close()
-            raise TransportConnectError(self.endpoint, "cannot connect")
-        self._client = client
-
-    def _drop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def _new_client(self) -> AsyncModbusTcpClient:
+        return AsyncModbusTcpClient(self._host, port=self._port, timeout=self._timeout_s,
+                                    retries=0, reconnect_delay=0, name=self.endpoint)
 
     async def read(self, function: int, start: int, count: int, *, device_id: int) -> list[int]:
+        request = self._read_call(function, start, count, device_id=device_id)
         async with self._lock:
-            await self._connect_locked()
-            assert self._client is not None
-            client = self._client
-            call = {1: client.read_coils, 2: client.read_discrete_inputs,
-                    3: client.read_holding_registers, 4: client.read_input_registers}.get(function)
-            if call is None:
-                raise ValueError(f"not a read function: {function}")
-            rsp = await self._request(call(start, count=count, device_id=device_id))
-            if rsp.isError():
-                raise ModbusExceptionError(self.endpoint, function,
-                                           int(getattr(rsp, "exception_code", 0)))
-            if function in (1, 2):
-                bits = list(rsp.bits)
-                if len(bits) < count:
-                    raise TransportError(self.endpoint, f"short response: {len(bits)} of {count} bits")
-                # bits come padded to whole bytes (§6.1: "remaining bits ... padded with zeros")
-                return [int(b) for b in bits[:count]]
-            regs = list(rsp.registers)
-            if len(regs) != count:
-                raise TransportError(self.endpoint, f"short response: {len(regs)} of {count} registers")
-            return regs
+            rsp = await self._request(function, request)
+            values, short = answer_values(rsp, function, count)
+            if short is not None:
+                raise TransportError(self.endpoint, f"short response: {short}")
+            return values
 
     async def write(self, function: int, address: int, values: Sequence[int], *,
                     device_id: int) -> None:
+        request = self._write_call(function, address, values, device_id=device_id)
         async with self._lock:
-            await self._connect_locked()
-            assert self._client is not None
-            client = self._client
-            if function == 1:
-                coro = client.write_coils(address, [bool(v) for v in values], device_id=device_id)
-            elif function == 3:
-                coro = client.write_registers(address, list(values), device_id=device_id)
-            else:
-                raise ValueError(f"function {function} is not writable")
-            rsp = await self._request(coro)
-            if rsp.isError():
-                raise ModbusExceptionError(self.endpoint, function,
-                                           int(getattr(rsp, "exception_code", 0)))
+            await self._request(function, request)
 
-    async def _request(self, coro: Awaitable[ModbusPDU]) -> ModbusPDU:
+    async def _request(self, function: int, request: Request) -> ModbusPDU:
+        """The answer to `request` (connecting first); a Modbus exception response raises."""
+        await self._connect_locked()
+        assert self._client is not None
+        no_answer = f"no answer within {self._timeout_s} s"
         # The guard timeout covers pymodbus paths that do not honour its own timeout.
         try:
             async with asyncio.timeout(self._timeout_s + 1.0):
-                return await coro
+                rsp = await request(self._client)
         except TimeoutError as exc:
             self._drop()
-            raise TransportTimeoutError(self.endpoint, f"no answer within {self._timeout_s} s") from exc
-        except ConnectionException as exc:
-            self._drop()
-            raise TransportConnectError(self.endpoint, f"connection lost: {exc}") from exc
-        except ModbusIOException as exc:
+            raise TransportTimeoutError(self.endpoint, no_answer) from exc
+        except (ModbusException, OSError) as exc:
             # A missing answer leaves the stream out of step: reconnect before the next try.
             self._drop()
-            raise TransportTimeoutError(self.endpoint, f"no answer within {self._timeout_s} s") from exc
-        except (ModbusException, OSError) as exc:
-            self._drop()
-            raise TransportError(self.endpoint, str(exc)) from exc
+            raise self._translate(exc, lost="connection lost", no_answer=no_answer) from exc
+        if rsp.isError():
+            raise ModbusExceptionError(self.endpoint, function,
+                                       int(getattr(rsp, "exception_code", 0)))
+        return rsp
 
     async def close(self) -> None:
         async with self._lock:

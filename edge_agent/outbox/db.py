@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from edge_agent import EdgeError
+from edge_agent import EdgeError, SchemaTooNewError
 from edge_agent.outbox.seqs import create_table as seq_reserve_table
 from protocols.envelope import Lane
 
@@ -53,13 +53,10 @@ class OutboxDiskFullError(OutboxFullError):
         self.lost = lost
 
 
-class OutboxVersionError(OutboxError):
+class OutboxVersionError(OutboxError, SchemaTooNewError):
     """The file was made by a newer agent (its schema version is unknown here)."""
 
-    def __init__(self, found: int, known: int) -> None:
-        super().__init__(f"outbox schema version {found} is newer than this agent's {known}")
-        self.found = found
-        self.known = known
+    store = "outbox"
 
 
 class OutboxRecordError(OutboxError):
