@@ -32,10 +32,6 @@ import structlog
 
 from device_profiles import Profile
 from edge_agent.alarms.config import build_device_rules
-from edge_agent.alarms.store import AlarmStore, AlarmStoreError
-from edge_agent.config.site import AgentConfig, DeviceConfig
-from edge_agent.outbox.store import NewRecord, OutboxDiskFullError
-from edge_agent.field.poller import DeviceHealth, Health, OutboxWriter
 from edge_agent.alarms.rules import (
     AlarmEvent,
     AlarmSnapshot,
@@ -45,6 +41,10 @@ from edge_agent.alarms.rules import (
     RuleEngine,
     samples_of,
 )
+from edge_agent.alarms.store import AlarmStore, AlarmStoreError
+from edge_agent.config.site import AgentConfig, DeviceConfig
+from edge_agent.field.poller import DeviceHealth, Health, OutboxWriter
+from edge_agent.outbox.store import NewRecord, OutboxDiskFullError
 from protocols.alarm_attrs import AlarmState
 
 log = structlog.get_logger(__name__)

@@ -44,8 +44,8 @@ from edge_agent.cli.common import (
 )
 from edge_agent.cli.devices import framing_text
 from edge_agent.cli.devices import register as register_device_commands
-from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.disk import disk_markup, disk_report, disk_text
+from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.field import register as register_field_commands
 from edge_agent.config.site import AgentConfig, load_config
 from runtime.logs import LEVELS
@@ -120,8 +120,8 @@ def run(
 
     Example: edge-agent run --config /etc/fieldlink/site.toml
     """
-    from runtime.logs import configure_logging
     from edge_agent.agent import run_agent
+    from runtime.logs import configure_logging
 
     if log_level.lower() not in LEVELS:
         raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")

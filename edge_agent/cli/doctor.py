@@ -30,7 +30,7 @@ from typing import Any
 
 import aiomqtt
 
-from edge_agent.health.clock import BUILD_FLOOR_MS, ntp_synchronized
+from edge_agent.cli.disk import disk_report, disk_text
 from edge_agent.config.site import (
     AgentConfig,
     ConfigError,
@@ -39,8 +39,8 @@ from edge_agent.config.site import (
     TcpTransportConfig,
     load_config,
 )
-from edge_agent.cli.disk import disk_report, disk_text
 from edge_agent.control.client import ControlClientError, request
+from edge_agent.health.clock import BUILD_FLOOR_MS, ntp_synchronized
 from edge_agent.outbox.store import OutboxError, read_status
 
 MIN_FREE_BYTES = 200 * 2**20  # below this the outbox soon has to thin and evict

@@ -15,10 +15,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_agent.field.bus import SerialBus
 from edge_agent.cli.common import ConfigOpt, JsonOpt, err, errors, fail, out, print_json
 from edge_agent.config.site import Hj212TransportConfig, RtuTransportConfig, load_config
 from edge_agent.control.client import ControlClientError, request
+from edge_agent.field.bus import SerialBus
 from edge_agent.field.scan import ProbeResult, parse_ids, probe_lock, scan_bus
 
 

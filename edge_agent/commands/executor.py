@@ -42,10 +42,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device_profiles import Profile
 from edge_agent.commands.ledger import CommandLedger, CommandLedgerError
 from edge_agent.config.site import DeviceConfig
-from edge_agent.outbox.store import NewRecord, OutboxError
 from edge_agent.field import point_io
 from edge_agent.field.point_io import readback_matches
 from edge_agent.field.transports import ModbusTransport
+from edge_agent.outbox.store import NewRecord, OutboxError
 from protocols.callresp import PlayWarning
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import (
