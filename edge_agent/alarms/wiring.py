@@ -14,8 +14,9 @@ before, with one exception: on a full disk (`OutboxDiskFullError`, or an append 
 no seqs) the outbox holds the alarm records in memory, in order, and writes them once there is
 room, so the engine adopts the new state and keeps evaluating; the poller still learns that
 its telemetry was dropped. Alarm state that the (equally full) alarm store refuses is kept
-here and saved again with the next transition, on the next tick, and when the agent stops. `tick_loop` (task `rules.tick`) evaluates the time-driven rules once a second: stale
-values, and device offline/online from each poller's health.
+here and saved again with the next transition, on the next tick, and when the agent stops.
+`tick_loop` (task `rules.tick`) evaluates the time-driven rules once a second: stale values,
+and device offline/online from each poller's health.
 
 One lock serialises evaluate → append → save, so two devices (or a device and the tick) never
 interleave their transitions; the outbox has one writer thread anyway.

@@ -323,7 +323,9 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
     yield _pass("agent running", f"pid {status.get('pid')}, version {status.get('version')}, "
                 f"uplink {'connected' if status.get('uplink', {}).get('connected') else 'down'}")
     live_disk = status.get("disk")
-    if isinstance(live_disk, dict) and (live_disk.get("full") or live_disk.get("alarm_states_unsaved")):
+    if isinstance(live_disk, dict) and (
+        live_disk.get("full") or live_disk.get("alarm_states_unsaved")
+    ):
         yield _fail("agent disk", disk_text(disk_report(cfg, live_disk)), _FREE_HINT)
     for dev in status.get("devices", []):
         state = dev.get("state")

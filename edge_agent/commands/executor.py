@@ -19,10 +19,11 @@ Every state goes to the outbox as a `CMD_RESULT` record (lane `event`) whose att
 reported `failed`/`interrupted`, never re-run; reports that did not reach the outbox are
 appended again.
 
-`write_point` goes through `edge_agent.field.point_io.write_point` (the same path as the technician's
-`edge-agent write`): encode with the point's `PointSpec`, write, read back, compare. `set_poll_interval` changes a poller's interval until
-the agent restarts. `request_diagnostics` puts health, backlog and versions in the result.
-`sync_time` measures the offset to central's clock and reports it; it never sets the clock.
+`write_point` goes through `edge_agent.field.point_io.write_point` (the same path as the
+technician's `edge-agent write`): encode with the point's `PointSpec`, write, read back,
+compare. `set_poll_interval` changes a poller's interval until the agent restarts.
+`request_diagnostics` puts health, backlog and versions in the result. `sync_time` measures
+the offset to central's clock and reports it; it never sets the clock.
 The supervisor builds it with `edge_agent.commands.setup.build_executor`.
 """
 
@@ -212,7 +213,8 @@ class CommandExecutor:
                 self._ledger = None
 
     async def recover(self) -> None:
-        """After a crash: unfinished commands become `failed`/`interrupted`; lost reports go again."""
+        """After a crash: unfinished commands become `failed`/`interrupted`; lost reports go
+        again."""
         ledger = self._need_ledger()
         for entry in await ledger.unfinished():
             log.warning("command_interrupted", cmd_id=entry.cmd_id, kind=entry.kind,
@@ -412,7 +414,8 @@ class CommandExecutor:
 
     def _need_ledger(self) -> CommandLedger:
         if self._ledger is None:
-            raise CommandLedgerError("command ledger is not open (the commands task is not running)")
+            raise CommandLedgerError(
+                "command ledger is not open (the commands task is not running)")
         return self._ledger
 
     # --- the kinds -----------------------------------------------------------------------
