@@ -334,9 +334,9 @@ class RuleEngine:
                 if event is not None:
                     events.append(event)
         for device, ts in answered.items():
-            rule = self._offline.get(device)
-            if rule is not None:
-                self._step_offline(rule, online=True, error=None, now_ms=ts,
+            offline_rule = self._offline.get(device)
+            if offline_rule is not None:
+                self._step_offline(offline_rule, online=True, error=None, now_ms=ts,
                                    pending=pending, events=events)
         return Evaluation(tuple(events), pending)
 
@@ -414,6 +414,7 @@ class RuleEngine:
         old = state.level
         if new_level == old:
             return state, None
+        since: int | None  # when the alarm was raised: now, or kept from the raise
         if old == 0:
             kind, since = AlarmState.RAISED, now_ms
         elif new_level == 0:

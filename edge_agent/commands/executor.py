@@ -134,7 +134,7 @@ class CommandCounters:
     future_flagged: int = 0  # issued_at ahead of a suspect clock: run, flagged
 
     def to_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return {k: getattr(self, k) for k in self.__slots__}
 
 
 def _wall_ms() -> int:

@@ -55,11 +55,11 @@ from protocols.modbus_rtu import (
     CrcMismatchError,
     Direction,
     FrameError,
-    NeedData,
     RtuDecoder,
     crc16,
     inter_frame_gap_s,
 )
+from protocols.stream import NeedData
 
 log = structlog.get_logger(__name__)
 
