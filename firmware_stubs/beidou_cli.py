@@ -1,4 +1,5 @@
-"""Process entry point of BeiDou terminals that reach each other: `python -m firmware_stubs.beidou_cli`.
+"""Process entry point of BeiDou terminals that reach each other:
+`python -m firmware_stubs.beidou_cli`.
 
 A satellite link cannot be a socket between two processes, so the terminals that talk to each
 other (a gateway's and central's) run in this one process, linked by one `BeidouSky`; each is

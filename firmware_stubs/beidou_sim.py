@@ -382,19 +382,19 @@ class BeidouTerminalSimulator(PtyLinked):
             self._stats["muted"] += 1
             return
         data = bd.encode(sentence)
-        changes: dict[str, int] = {}
         if faults.bad_checksum:
             data = data[:-4] + b"%02X" % (int(data[-4:-2], 16) ^ 0x5A) + data[-2:]
             self._stats["bad_checksum"] += 1
-            changes["bad_checksum"] = faults.bad_checksum - 1
         if faults.garbage:
             # no `$` in the noise: a real line's noise rarely looks like a sentence start
             noise = bytes(self._garbage_rng.choice(_NOISE) for _ in range(faults.garbage))
             data = noise + data
             self._stats["garbage_bytes"] += faults.garbage
-            changes["garbage"] = 0
-        if changes:
-            self.faults = dataclasses.replace(faults, **changes)
+        if faults.bad_checksum or faults.garbage:
+            # one sentence used up: one bad checksum fewer, the garbage spent
+            self.faults = dataclasses.replace(
+                faults, bad_checksum=faults.bad_checksum - 1 if faults.bad_checksum else 0,
+                garbage=0)
         if self._line is not None and not self._line.write(data):
             self._stats["unwritten"] += 1
 
@@ -403,8 +403,9 @@ _NOISE = bytes(b for b in range(256) if b != ord("$"))
 _BD3_REASONS = {"no_card": bd.Bd3Reason.NO_CARD, "silent": bd.Bd3Reason.SILENT,
                 "suppressed": bd.Bd3Reason.SUPPRESSED, "no_beams": bd.Bd3Reason.POWER_NOT_LOCKED,
                 "interval": bd.Bd3Reason.INTERVAL, "too_long": bd.Bd3Reason.NONE}
-_BD2_SUPPRESSION = {"silent": bd.Bd2Suppression.RADIO_SILENCE,
-                    "suppressed": bd.Bd2Suppression.SYSTEM}
+# keyed by refusal cause; None (sent) and the other causes suppress nothing
+_BD2_SUPPRESSION: dict[str | None, bd.Bd2Suppression] = {
+    "silent": bd.Bd2Suppression.RADIO_SILENCE, "suppressed": bd.Bd2Suppression.SYSTEM}
 
 
 def _utc_now(*, hundredths: bool = False) -> dt.time:

@@ -233,8 +233,8 @@ class RtuBusSimulator(PtyLinked):
         now = time.monotonic()
         self.request_log.append((now, frame.address))
         if frame.address == BROADCAST:
-            for slave in self._slaves.values():
-                slave.broadcast(frame.pdu, now)
+            for each in self._slaves.values():
+                each.broadcast(frame.pdu, now)
             return
         slave = self._slaves.get(frame.address)
         if slave is None:

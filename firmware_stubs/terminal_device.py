@@ -118,8 +118,10 @@ class TerminalSimulator(StartStop):
         self._t0 = time.monotonic()
         await self._open()
         self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name=f"terminal_sim.heartbeat[{self.terminal_id}]"),
-            asyncio.create_task(self._ack_retry_loop(), name=f"terminal_sim.acks[{self.terminal_id}]"),
+            asyncio.create_task(self._heartbeat_loop(),
+                                name=f"terminal_sim.heartbeat[{self.terminal_id}]"),
+            asyncio.create_task(self._ack_retry_loop(),
+                                name=f"terminal_sim.acks[{self.terminal_id}]"),
         ]
         self._control, self.control_port = await open_control(
             self, self._control_host, self._requested_control_port, self.handle_control)

@@ -284,7 +284,16 @@ class TiantongModuleSimulator(PtyLinked):
                     return
                 self._creg_n = n
                 self._send(ok)
-            case ("+CMGS", "="):
+            case ("+CMGS" | "+CMGR" | "+CMGD", "="):
+                self._message_command(c)
+            case _:
+                self._error()
+
+    def _message_command(self, c: atc.Command) -> None:
+        """AT+CMGS=, AT+CMGR= and AT+CMGD=: send, read and delete a short message."""
+        ok = atr.Result(True)
+        match c.name:
+            case "+CMGS":
                 length = c.int_arg(0)
                 if not 1 <= length <= 164:
                     self._error(atr.CmsError.INVALID_PDU_PARAMETER)
@@ -292,7 +301,7 @@ class TiantongModuleSimulator(PtyLinked):
                 self._cmgs_length = length
                 self._decoder.expect_pdu()
                 self._send(atr.Prompt())
-            case ("+CMGR", "="):
+            case "+CMGR":
                 index = c.int_arg(0)
                 if index not in self.stored:
                     self._error(atr.CmsError.INVALID_MEMORY_INDEX)
@@ -300,13 +309,11 @@ class TiantongModuleSimulator(PtyLinked):
                 stat, pdu = self.stored[index]
                 self.stored[index] = (1, pdu)  # now read
                 self._send(atr.Cmgr(stat, len(pdu) - 1 - pdu[0], pdu), ok)
-            case ("+CMGD", "="):
+            case "+CMGD":
                 if self.stored.pop(c.int_arg(0), None) is None:
                     self._error(atr.CmsError.INVALID_MEMORY_INDEX)
                     return
                 self._send(ok)
-            case _:
-                self._error()
 
     def _pdu(self, entry: atc.PduEntry) -> None:
         length, self._cmgs_length = self._cmgs_length, None

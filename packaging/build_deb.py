@@ -113,7 +113,8 @@ def _rewrite_prefix(tree: Path, staged: Path, installed: Path) -> None:
 
 
 def _python_minor(python: Path) -> str:
-    return _run(python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')").strip()
+    code = "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"
+    return _run(python, "-c", code).strip()
 
 
 def stage(spec: Spec, wheel: Path, python: Path, root: Path) -> None:
@@ -164,7 +165,8 @@ def stage(spec: Spec, wheel: Path, python: Path, root: Path) -> None:
 
 
 def _broker_example(python: Path, out: Path) -> None:
-    """The Mosquitto files `central broker-config` writes, with the packaged paths, as an example."""
+    """The Mosquitto files `central broker-config` writes, with the packaged paths, as an
+    example."""
     out.mkdir(parents=True, exist_ok=True)
     code = (
         "import sys; from pathlib import Path\n"
@@ -179,7 +181,8 @@ def _broker_example(python: Path, out: Path) -> None:
 
 
 def _control(spec: Spec, root: Path, python_minor: str) -> str:
-    size_kb = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink()) // 1024
+    files = (p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    size_kb = sum(p.stat().st_size for p in files) // 1024
     arch = _run("dpkg", "--print-architecture").strip()
     return (f"Package: {spec.name}\n"
             f"Version: {_version()}\n"

@@ -20,7 +20,8 @@ Version 1, the map every agent so far sends (no `v`, see `protocols.record_attrs
   null when unknown; the short copy of a narrowband frame (`bearer: "beidou" | "pdt"`, written
   by central only) has none of them.
 - Optional: `hysteresis` (the rule's, when not 0), `rate_per_min` (rate rules), `age_s`
-  (stale rules: seconds since the last good sample), `error` (why a device is offline), `reason` (`RULE_REMOVED`: a clear for a rule gone from the config).
+  (stale rules: seconds since the last good sample), `error` (why a device is offline),
+  `reason` (`RULE_REMOVED`: a clear for a rule gone from the config).
 - Keys this version does not name are kept in `extra`: a newer agent may add some.
 """
 

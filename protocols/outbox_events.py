@@ -185,4 +185,5 @@ def parse_outbox_event(attrs: Mapping[str, Any] | None) -> OutboxReport | None:
 
 
 __all__ = ["CONTRACT", "LOSS_EVENTS", "MAX_POINTS_LISTED", "VERSION", "DiskFullEpisode",
-           "LossReason", "LossReport", "OutboxEvent", "OutboxReport", "is_outbox_event", "parse_outbox_event"]
+           "LossReason", "LossReport", "OutboxEvent", "OutboxReport", "is_outbox_event",
+           "parse_outbox_event"]

@@ -43,7 +43,8 @@ class UnsupportedAttrsVersionError(AttrsError):
     reason = "attrs_version"
 
     def __init__(self, contract: str, version: object, known: int) -> None:
-        super().__init__(contract, VERSION_KEY, f"version {version!r}, this side reads up to {known}")
+        super().__init__(contract, VERSION_KEY,
+                         f"version {version!r}, this side reads up to {known}")
         self.version = version
         self.known = known
 

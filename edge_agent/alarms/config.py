@@ -90,7 +90,9 @@ def build_device_rules(device: str, profile: Profile,
         if point.alarm is not None:
             merged.update({f: getattr(point.alarm, f) for f in _THRESHOLD_FIELDS})
         if ov is not None:
-            merged.update({f: getattr(ov, f) for f in _THRESHOLD_FIELDS if f in ov.model_fields_set})
+            merged.update(
+                {f: getattr(ov, f) for f in _THRESHOLD_FIELDS if f in ov.model_fields_set}
+            )
         _check_order(device, point.key, merged)
         pkey = f"{device}/{point.key}"
         on_ms = int((ov.on_delay_s if ov else 0) * 1000)

@@ -9,10 +9,10 @@ transition is found again on the next sample.
 Rules, one alarm id each (`"<device>/<point>/<rule>"`):
 
 - `high` / `low`: level-1 and level-2 thresholds from the profile's `alarm` spec, overridable
-  per device in the gateway config (`edge_agent.alarms.config` builds the `Rule`s). A value at or past a threshold is at that level; an active
-  level holds while the value stays within `hysteresis` of its threshold (a high alarm at
-  level 1 of 25 with hysteresis 2 clears only at ≤ 23). Severity rises 1 → 2 without a clear;
-  2 → 1 is a `changed` event, not a clear.
+  per device in the gateway config (`edge_agent.alarms.config` builds the `Rule`s). A value at
+  or past a threshold is at that level; an active level holds while the value stays within
+  `hysteresis` of its threshold (a high alarm at level 1 of 25 with hysteresis 2 clears only
+  at ≤ 23). Severity rises 1 → 2 without a clear; 2 → 1 is a `changed` event, not a clear.
 - `rate`: |Δvalue| per minute over `rate_window_s` (the change from the newest sample at or
   before `now − window` to now); no verdict until the history spans the window.
 - `stale`: no good sample for `stale_after_s` (bad-quality samples do not count). While the
@@ -54,7 +54,8 @@ class RulesError(EdgeError):
     """A device's alarm overrides do not fit its profile (unknown point, thresholds disordered)."""
 
     def __init__(self, device: str, point: str, field: str, message: str) -> None:
-        super().__init__(f"{device}/{point} {field}: {message}" if field else f"{device}/{point}: {message}")
+        where = f"{device}/{point} {field}" if field else f"{device}/{point}"
+        super().__init__(f"{where}: {message}")
         self.device = device
         self.point = point
         self.field = field
@@ -333,10 +334,10 @@ class RuleEngine:
                 if event is not None:
                     events.append(event)
         for device, ts in answered.items():
-            rule = self._offline.get(device)
-            if rule is not None:
-                self._step_offline(rule, online=True, error=None, now_ms=ts, pending=pending,
-                                   events=events)
+            offline_rule = self._offline.get(device)
+            if offline_rule is not None:
+                self._step_offline(offline_rule, online=True, error=None, now_ms=ts,
+                                   pending=pending, events=events)
         return Evaluation(tuple(events), pending)
 
     def on_tick(self, now_ms: int, devices: Mapping[str, DeviceStatus]) -> Evaluation:
@@ -413,6 +414,7 @@ class RuleEngine:
         old = state.level
         if new_level == old:
             return state, None
+        since: int | None  # when the alarm was raised: now, or kept from the raise
         if old == 0:
             kind, since = AlarmState.RAISED, now_ms
         elif new_level == 0:

@@ -14,8 +14,9 @@ before, with one exception: on a full disk (`OutboxDiskFullError`, or an append 
 no seqs) the outbox holds the alarm records in memory, in order, and writes them once there is
 room, so the engine adopts the new state and keeps evaluating; the poller still learns that
 its telemetry was dropped. Alarm state that the (equally full) alarm store refuses is kept
-here and saved again with the next transition, on the next tick, and when the agent stops. `tick_loop` (task `rules.tick`) evaluates the time-driven rules once a second: stale
-values, and device offline/online from each poller's health.
+here and saved again with the next transition, on the next tick, and when the agent stops.
+`tick_loop` (task `rules.tick`) evaluates the time-driven rules once a second: stale values,
+and device offline/online from each poller's health.
 
 One lock serialises evaluate → append → save, so two devices (or a device and the tick) never
 interleave their transitions; the outbox has one writer thread anyway.
@@ -32,10 +33,6 @@ import structlog
 
 from device_profiles import Profile
 from edge_agent.alarms.config import build_device_rules
-from edge_agent.alarms.store import AlarmStore, AlarmStoreError
-from edge_agent.config.site import AgentConfig, DeviceConfig
-from edge_agent.outbox.store import NewRecord, OutboxDiskFullError
-from edge_agent.field.poller import DeviceHealth, Health, OutboxWriter
 from edge_agent.alarms.rules import (
     AlarmEvent,
     AlarmSnapshot,
@@ -45,6 +42,10 @@ from edge_agent.alarms.rules import (
     RuleEngine,
     samples_of,
 )
+from edge_agent.alarms.store import AlarmStore, AlarmStoreError
+from edge_agent.config.site import AgentConfig, DeviceConfig
+from edge_agent.field.poller import DeviceHealth, Health, OutboxWriter
+from edge_agent.outbox.store import NewRecord, OutboxDiskFullError
 from protocols.alarm_attrs import AlarmState
 
 log = structlog.get_logger(__name__)

@@ -1,8 +1,8 @@
 """Narrowband bearers: drivers of the radios the agent falls back to while IP is down
 (DESIGN.md §5), and what they share: the errors, the card a terminal holds and the answer to a
 send. Each driver (`edge_agent.bearers.beidou`, `edge_agent.bearers.pdt`) owns one serial port
-and speaks its radio's sentences or packets through a pure codec in `protocols/`; `edge_agent.narrowband.fallback` decides what goes
-over it and when.
+and speaks its radio's sentences or packets through a pure codec in `protocols/`;
+`edge_agent.narrowband.fallback` decides what goes over it and when.
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ from edge_agent.cli.common import (
 )
 from edge_agent.cli.devices import framing_text
 from edge_agent.cli.devices import register as register_device_commands
-from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.disk import disk_markup, disk_report, disk_text
+from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.field import register as register_field_commands
 from edge_agent.config.site import AgentConfig, load_config
 from runtime.logs import LEVELS
@@ -120,8 +120,8 @@ def run(
 
     Example: edge-agent run --config /etc/fieldlink/site.toml
     """
-    from runtime.logs import configure_logging
     from edge_agent.agent import run_agent
+    from runtime.logs import configure_logging
 
     if log_level.lower() not in LEVELS:
         raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")
@@ -272,9 +272,11 @@ def _print_status(r: dict[str, Any]) -> None:
     t = Table(show_header=False, box=None, padding=(0, 2))
     agent = r["agent"]
     t.add_row("gateway", r["gateway"])
-    t.add_row("agent", ("[green]running[/green]" if agent["running"] else "[yellow]not running[/yellow]")
-              + (f"  pid {agent['pid']}, boot {agent.get('boot_id', '')[:8]}" if agent.get("pid") else ""))
-    t.add_row("outbox", f"{r['outbox']}  ({(r['db_bytes'] or 0) / 1e6:.1f} MB, stream {r['stream']})")
+    running = "[green]running[/green]" if agent["running"] else "[yellow]not running[/yellow]"
+    pid = f"  pid {agent['pid']}, boot {agent.get('boot_id', '')[:8]}" if agent.get("pid") else ""
+    t.add_row("agent", running + pid)
+    size_mb = (r["db_bytes"] or 0) / 1e6
+    t.add_row("outbox", f"{r['outbox']}  ({size_mb:.1f} MB, stream {r['stream']})")
     t.add_row("backlog", f"{r['backlog']} record(s) " + ", ".join(
         f"{k} {v}" for k, v in (r["backlog_by_kind"] or {}).items()))
     t.add_row("oldest unsent", _ago(r["oldest_unsent_ts_ms"]))
@@ -297,7 +299,8 @@ def _print_status(r: dict[str, Any]) -> None:
         d = Table("device", "state", "cycles", "timeouts", "exc", "decode err",
                   "last ok", "last error")
         for dev in r["devices"]:
-            colour = {"ok": "green", "degraded": "yellow", "offline": "red"}.get(dev["state"], "white")
+            colour = {"ok": "green", "degraded": "yellow", "offline": "red"}.get(
+                dev["state"], "white")
             d.add_row(dev["device"], f"[{colour}]{dev['state']}[/{colour}]", str(dev["cycles"]),
                       str(dev["timeouts"]), str(dev["exceptions"]), str(dev["decode_errors"]),
                       _ago(dev.get("last_ok_ms"), short=True), escape(dev.get("last_error") or ""))
@@ -352,7 +355,8 @@ def profiles_validate(
             continue
         if profile.id in seen:
             results.append({"file": str(file), "ok": False, "id": profile.id,
-                            "error": f"{file}: id: profile {profile.id!r} is also defined in {seen[profile.id]}"})
+                            "error": f"{file}: id: profile {profile.id!r} is also defined in "
+                                     f"{seen[profile.id]}"})
             continue
         seen[profile.id] = file
         results.append({"file": str(file), "ok": True, "id": profile.id, "hash": profile.hash,
@@ -397,7 +401,8 @@ def profiles_show(
             t.add_row(p.key, p.name_zh, escape(p.unit), p.factor or "", _alarm_text(p))
         out.print(t)
         return
-    t = Table("key", "名称", "unit", "fn", "addr", "type", "scale", "poll", "rw", "alarm (L2 L1 H1 H2)")
+    t = Table("key", "名称", "unit", "fn", "addr", "type", "scale", "poll", "rw",
+              "alarm (L2 L1 H1 H2)")
     for p in profile.points:
         s = p.spec
         t.add_row(p.key, p.name_zh, escape(p.unit), str(s.function), str(s.address),

@@ -69,7 +69,12 @@ def ago(ts_ms: int | None, *, short: bool = False) -> str:
     if not ts_ms:
         return "-"
     secs = max(0, time.time() - ts_ms / 1000)
-    text = f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
+    if secs < 120:
+        text = f"{secs:.0f} s"
+    elif secs < 7200:
+        text = f"{secs / 60:.0f} min"
+    else:
+        text = f"{secs / 3600:.1f} h"
     if short:
         return f"{text} ago"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts_ms / 1000))
@@ -97,5 +102,5 @@ def state_text(state: str) -> str:
     return f"[{colour}]{escape(state)}[/{colour}]"
 
 
-__all__ = ["CONTEXT", "DEFAULT_CONFIG", "ConfigOpt", "JsonOpt", "OUR_ERRORS", "ago", "err", "errors", "fail",
-           "fmt_value", "out", "print_json", "state_text"]
+__all__ = ["CONTEXT", "DEFAULT_CONFIG", "ConfigOpt", "JsonOpt", "OUR_ERRORS", "ago", "err",
+           "errors", "fail", "fmt_value", "out", "print_json", "state_text"]

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiomqtt
 
-from edge_agent.health.clock import BUILD_FLOOR_MS, ntp_synchronized
+from edge_agent.cli.disk import disk_report, disk_text
 from edge_agent.config.site import (
     AgentConfig,
     ConfigError,
@@ -39,8 +39,8 @@ from edge_agent.config.site import (
     TcpTransportConfig,
     load_config,
 )
-from edge_agent.cli.disk import disk_report, disk_text
 from edge_agent.control.client import ControlClientError, request
+from edge_agent.health.clock import BUILD_FLOOR_MS, ntp_synchronized
 from edge_agent.outbox.store import OutboxError, read_status
 
 MIN_FREE_BYTES = 200 * 2**20  # below this the outbox soon has to thin and evict
@@ -323,7 +323,9 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
     yield _pass("agent running", f"pid {status.get('pid')}, version {status.get('version')}, "
                 f"uplink {'connected' if status.get('uplink', {}).get('connected') else 'down'}")
     live_disk = status.get("disk")
-    if isinstance(live_disk, dict) and (live_disk.get("full") or live_disk.get("alarm_states_unsaved")):
+    if isinstance(live_disk, dict) and (
+        live_disk.get("full") or live_disk.get("alarm_states_unsaved")
+    ):
         yield _fail("agent disk", disk_text(disk_report(cfg, live_disk)), _FREE_HINT)
     for dev in status.get("devices", []):
         state = dev.get("state")

@@ -39,14 +39,16 @@ def enroll(
                                        envvar="FIELDLINK_ENROL_TOKEN")],
     cacert: CacertOpt = None,
     mqtt_tls: Annotated[bool, typer.Option(
-        "--mqtt-tls/--no-mqtt-tls", help="write \\[mqtt.tls] (off for a broker without TLS)")] = True,
+        "--mqtt-tls/--no-mqtt-tls",
+        help="write \\[mqtt.tls] (off for a broker without TLS)")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Enrol this gateway: make its key here (mode 0600), send a certificate request with the
     one-time token, write the certificate, the CA and central's command key into
     <data_dir>/pki/, and the \\[mqtt.tls] section into the config.
 
-    Example: edge-agent enroll -c /etc/fieldlink/site.toml --central https://central.example:8080 --token 3q2-…
+    Example: edge-agent enroll -c /etc/fieldlink/site.toml
+    --central https://central.example:8080 --token 3q2-…
     """
     from edge_agent.uplink.enrolment import enrol
 

@@ -15,10 +15,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_agent.field.bus import SerialBus
 from edge_agent.cli.common import ConfigOpt, JsonOpt, err, errors, fail, out, print_json
 from edge_agent.config.site import Hj212TransportConfig, RtuTransportConfig, load_config
 from edge_agent.control.client import ControlClientError, request
+from edge_agent.field.bus import SerialBus
 from edge_agent.field.scan import ProbeResult, parse_ids, probe_lock, scan_bus
 
 
@@ -39,7 +39,8 @@ def scan(
                                       help="baud rate")] = 9600,
     parity: Annotated[str, typer.Option(help="N, E or O")] = "N",
     stopbits: Annotated[int, typer.Option(min=1, max=2)] = 1,
-    ids: Annotated[str, typer.Option(help="ids to probe: ranges and lists, e.g. 1-32,100")] = "1-247",
+    ids: Annotated[str, typer.Option(
+        help="ids to probe: ranges and lists, e.g. 1-32,100")] = "1-247",
     timeout: Annotated[float, typer.Option(min=0.02, max=10.0,
                                            help="seconds to wait for each answer")] = 0.2,
     config: Annotated[Path | None, typer.Option(
@@ -79,7 +80,8 @@ def scan(
     out.print(f"found {len(found)} slave(s) among {len(results)} id(s)"
               + (f": {', '.join(str(r.device_id) for r in found)}" if found else ""))
     if garbled:
-        err.print(f"[yellow]garbled answers[/yellow] from {', '.join(str(r.device_id) for r in garbled)}: "
+        ids = ", ".join(str(r.device_id) for r in garbled)
+        err.print(f"[yellow]garbled answers[/yellow] from {ids}: "
                   "a slave may be there at another baud rate or parity")
 
 

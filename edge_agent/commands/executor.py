@@ -19,10 +19,11 @@ Every state goes to the outbox as a `CMD_RESULT` record (lane `event`) whose att
 reported `failed`/`interrupted`, never re-run; reports that did not reach the outbox are
 appended again.
 
-`write_point` goes through `edge_agent.field.point_io.write_point` (the same path as the technician's
-`edge-agent write`): encode with the point's `PointSpec`, write, read back, compare. `set_poll_interval` changes a poller's interval until
-the agent restarts. `request_diagnostics` puts health, backlog and versions in the result.
-`sync_time` measures the offset to central's clock and reports it; it never sets the clock.
+`write_point` goes through `edge_agent.field.point_io.write_point` (the same path as the
+technician's `edge-agent write`): encode with the point's `PointSpec`, write, read back,
+compare. `set_poll_interval` changes a poller's interval until the agent restarts.
+`request_diagnostics` puts health, backlog and versions in the result. `sync_time` measures
+the offset to central's clock and reports it; it never sets the clock.
 The supervisor builds it with `edge_agent.commands.setup.build_executor`.
 """
 
@@ -42,10 +43,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device_profiles import Profile
 from edge_agent.commands.ledger import CommandLedger, CommandLedgerError
 from edge_agent.config.site import DeviceConfig
-from edge_agent.outbox.store import NewRecord, OutboxError
 from edge_agent.field import point_io
 from edge_agent.field.point_io import readback_matches
 from edge_agent.field.transports import ModbusTransport
+from edge_agent.outbox.store import NewRecord, OutboxError
 from protocols.callresp import PlayWarning
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import (
@@ -133,7 +134,7 @@ class CommandCounters:
     future_flagged: int = 0  # issued_at ahead of a suspect clock: run, flagged
 
     def to_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return {k: getattr(self, k) for k in self.__slots__}
 
 
 def _wall_ms() -> int:
@@ -212,7 +213,8 @@ class CommandExecutor:
                 self._ledger = None
 
     async def recover(self) -> None:
-        """After a crash: unfinished commands become `failed`/`interrupted`; lost reports go again."""
+        """After a crash: unfinished commands become `failed`/`interrupted`; lost reports go
+        again."""
         ledger = self._need_ledger()
         for entry in await ledger.unfinished():
             log.warning("command_interrupted", cmd_id=entry.cmd_id, kind=entry.kind,
@@ -412,7 +414,8 @@ class CommandExecutor:
 
     def _need_ledger(self) -> CommandLedger:
         if self._ledger is None:
-            raise CommandLedgerError("command ledger is not open (the commands task is not running)")
+            raise CommandLedgerError(
+                "command ledger is not open (the commands task is not running)")
         return self._ledger
 
     # --- the kinds -----------------------------------------------------------------------

@@ -52,7 +52,8 @@ CREATE TABLE commands (
 CREATE INDEX commands_keep ON commands (keep_until_ms);
 """
 _UNFINISHED = (str(CommandState.RECEIVED), str(CommandState.EXECUTING))
-_COLS = "cmd_id, kind, target, state, expires_at_ms, keep_until_ms, received_ms, updated_ms, result, reported"
+_COLS = ("cmd_id, kind, target, state, expires_at_ms, keep_until_ms, received_ms, updated_ms, "
+         "result, reported")
 
 
 class CommandLedgerError(EdgeError):

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_agent import EdgeError
 from edge_agent.commands.executor import CommandExecutor, CommandTarget
 from edge_agent.config.site import AgentConfig
-from edge_agent import EdgeError
 from edge_agent.outbox.store import OutboxError
 from protocols.commands import BadKeyError, parse_public_key
 

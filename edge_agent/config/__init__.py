@@ -1,1 +1,2 @@
-"""The gateway's one TOML config file: the validated model and the line index that lets errors name the line."""
+"""The gateway's one TOML config file: the validated model and the line index that lets errors
+name the line."""

@@ -10,7 +10,8 @@ import re
 Loc = tuple[str | int, ...]
 
 _HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(#.*)?$")
-_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+                     r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
 _INLINE_KEY_RE = re.compile(r"""[{,]\s*([A-Za-z0-9_-]+|"[^"]*"|'[^']*')\s*=""")
 
 
@@ -72,7 +73,9 @@ class LineIndex:
                 idx = self._arrays.get(resolved, -1) + 1
                 self._arrays[resolved] = idx
                 # Nested arrays restart under a new parent element.
-                for other in [k for k in self._arrays if k[: len(resolved)] == resolved and k != resolved]:
+                stale = [k for k in self._arrays
+                         if k[: len(resolved)] == resolved and k != resolved]
+                for other in stale:
                     del self._arrays[other]
                 resolved = resolved + (idx,)
             elif resolved in self._arrays:

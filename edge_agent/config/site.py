@@ -47,9 +47,9 @@ from edge_agent.uplink.mqtt_config import loose_mode
 __all__ = [
     "PROTOCOL_KINDS", "AgentConfig", "CommandsConfig", "ConfigError", "ConfigIssue",
     "ControlConfig", "DeviceConfig", "GatewayConfig", "Hj212TransportConfig", "MetricsConfig",
-    "NarrowbandConfig", "OutboxConfig", "ProfilesConfig", "RtuTransportConfig", "StatusConfig", "TcpTransportConfig",
-    "TransportConfig", "format_loc", "key_files", "load_config", "loose_key_files",
-    "parse_config", "resolve_profiles",
+    "NarrowbandConfig", "OutboxConfig", "ProfilesConfig", "RtuTransportConfig", "StatusConfig",
+    "TcpTransportConfig", "TransportConfig", "format_loc", "key_files", "load_config",
+    "loose_key_files", "parse_config", "resolve_profiles",
 ]
 
 

@@ -1,4 +1,5 @@
-"""The CLI's side of the control socket (`edge_agent.control.server`): one JSON-lines request, blocking.
+"""The CLI's side of the control socket (`edge_agent.control.server`): one JSON-lines request,
+blocking.
 
     reply = request(cfg.control_socket_path, "read", device="gas-1", point="gas_lel")
 
@@ -67,7 +68,8 @@ def request(path: Path | str, op: str, *, timeout: float = DEFAULT_TIMEOUT_S,
                     break
                 data += chunk
         except TimeoutError as exc:
-            raise ControlClientError(f"the agent did not answer {op!r} within {timeout:g} s") from exc
+            raise ControlClientError(
+                f"the agent did not answer {op!r} within {timeout:g} s") from exc
         except OSError as exc:
             raise ControlClientError(f"control socket {path}: {exc}") from exc
     try:

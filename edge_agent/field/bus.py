@@ -55,11 +55,11 @@ from protocols.modbus_rtu import (
     CrcMismatchError,
     Direction,
     FrameError,
-    NeedData,
     RtuDecoder,
     crc16,
     inter_frame_gap_s,
 )
+from protocols.stream import NeedData
 
 log = structlog.get_logger(__name__)
 
@@ -253,7 +253,8 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
                         raise self._framing(c, wrong) from exc
                     c.timeouts += 1
                     raise self._failed(c, TransportTimeoutError(
-                        self.endpoint, f"device {device_id}: no answer within {timeout} s")) from exc
+                        self.endpoint, f"device {device_id}: no answer within {timeout} s")
+                    ) from exc
                 except (ModbusException, OSError) as exc:
                     failure = self._translate(exc, lost="port lost",
                                               no_answer=f"device {device_id}: {exc}")

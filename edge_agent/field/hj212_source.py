@@ -54,9 +54,8 @@ import structlog
 
 from device_profiles import Profile, ProfilePoint
 from edge_agent import EdgeError
-from edge_agent.outbox.store import NewRecord
 from edge_agent.field.poller import DeviceHealth, Health
-from runtime.serial import LineReader, PortLostError, open_serial
+from edge_agent.outbox.store import NewRecord
 from protocols.envelope import Flag, RecordKind
 from protocols.hj212 import (
     CN_DAILY,
@@ -74,6 +73,7 @@ from protocols.hj212 import (
     Hj212Frame,
     encode_frame,
 )
+from runtime.serial import LineReader, PortLostError, open_serial
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Live reads and verified writes of one Modbus point: the one code path that both central's
-signed `write_point` command (`edge_agent.commands.executor`) and the technician's `edge-agent write`
-(the control socket, `edge_agent.control.server`) go through.
+signed `write_point` command (`edge_agent.commands.executor`) and the technician's
+`edge-agent write` (the control socket, `edge_agent.control.server`) go through.
 
 Every request goes through the device's own transport (the one its poller uses), which takes
 one request at a time: a live read or a write waits for the poller's current request and

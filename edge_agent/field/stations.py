@@ -22,8 +22,8 @@ import structlog
 from device_profiles import Profile
 from edge_agent.config.site import DeviceConfig, Hj212TransportConfig
 from edge_agent.field.hj212_source import Hj212Source, RecordSink
-from edge_agent.outbox.store import NewRecord, OutboxFullError
 from edge_agent.field.poller import DeviceHealth
+from edge_agent.outbox.store import NewRecord, OutboxFullError
 
 log = structlog.get_logger(__name__)
 

@@ -5,8 +5,8 @@ Several devices may sit behind one endpoint (unit ids behind a TCP gateway, slav
 RS-485 bus), so `TransportPool` hands out one transport per endpoint and each transport
 serialises its requests with a lock. For Modbus RTU the pool keeps one `SerialBus` per serial
 port (`edge_agent.field.bus`) and hands each device a view of it that carries the device's own
-timeout. Library exceptions are translated into the `TransportError` family (`edge_agent.field.errors`), chained with
-`from`.
+timeout. Library exceptions are translated into the `TransportError` family
+(`edge_agent.field.errors`), chained with `from`.
 
 pymodbus's own reconnect loop and retries are switched off (`reconnect_delay=0`,
 `retries=0`): the poller owns the back-off so that it can log failure once and keep health.

@@ -1,1 +1,2 @@
-"""The agent's own health: wall-clock sanity (DESIGN.md §4.7) and the Prometheus metrics endpoint."""
+"""The agent's own health: wall-clock sanity (DESIGN.md §4.7) and the Prometheus metrics
+endpoint."""

@@ -82,12 +82,14 @@ class AgentCollector(Collector):
 
 
 def _devices(s: Snapshot) -> Iterator[Metric]:
-    cycles = CounterMetricFamily(f"{P}_poll_cycles", "Poll cycles run, by device.", labels=["device"])
+    cycles = CounterMetricFamily(f"{P}_poll_cycles", "Poll cycles run, by device.",
+                                 labels=["device"])
     ok = CounterMetricFamily(f"{P}_poll_cycles_ok", "Poll cycles that read every point, by device.",
                              labels=["device"])
     errors = CounterMetricFamily(f"{P}_poll_errors", "Poll failures by device and kind.",
                                  labels=["device", "kind"])
-    up = GaugeMetricFamily(f"{P}_device_up", "1 while the device answers (state ok).", labels=["device"])
+    up = GaugeMetricFamily(f"{P}_device_up", "1 while the device answers (state ok).",
+                           labels=["device"])
     for d in s.devices:
         dev = str(d.get("device", "?"))
         cycles.add_metric([dev], float(d.get("cycles", 0)))

@@ -2,8 +2,8 @@
 the IP uplink is down.
 
 `NarrowbandFallback.run()` (task `narrowband.beidou` or `narrowband.pdt`, by the bearer) idles
-while IP is up or has been down for less than `after_s`. Past that, every time the terminal allows, it sends one frame
-(`protocols.narrowband`), most important first:
+while IP is up or has been down for less than `after_s`. Past that, every time the terminal
+allows, it sends one frame (`protocols.narrowband`), most important first:
 
 1. the undelivered ALARM records (raises, changes, clears) above its watermark, oldest first,
    as many as fit the card's payload limit in one `ALARMS` frame;
@@ -11,11 +11,11 @@ while IP is up or has been down for less than `after_s`. Past that, every time t
    `HEARTBEAT` with the last seq, the backlog, the active alarms and how long IP has been down.
 
 **Nothing twice.** The watermark (outbox meta `narrowband_sent_seq`) is the highest seq a
-terminal has accepted (`$BDFKI` executed Y, a PDT text ack with result 0). It moves only after that answer, and it is in the
-outbox file, so a restarted agent does not send accepted alarms again. A refusal, a timeout or
-a lost port leaves it where it was, and the same alarms go in a later frame: at-least-once,
-and central merges by seq. A send the terminal accepted but whose answer was lost is sent
-again; that is the price of never losing one.
+terminal has accepted (`$BDFKI` executed Y, a PDT text ack with result 0). It moves only
+after that answer, and it is in the outbox file, so a restarted agent does not send accepted
+alarms again. A refusal, a timeout or a lost port leaves it where it was, and the same alarms
+go in a later frame: at-least-once, and central merges by seq. A send the terminal accepted
+but whose answer was lost is sent again; that is the price of never losing one.
 
 **The terminal's pace.** After an accepted send the next waits the card's service interval;
 after a refusal, the wait the terminal gave (reason 1), and at least the service interval for

@@ -129,7 +129,8 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
             delivered INTEGER NOT NULL DEFAULT 0  -- ms of the ack, 0 = undelivered
         )""")
     # kind rides along so that backlog-by-kind is answered from the index alone.
-    conn.execute("CREATE INDEX records_undelivered ON records (lane, seq, kind) WHERE delivered = 0")
+    conn.execute("CREATE INDEX records_undelivered ON records (lane, seq, kind) "
+                 "WHERE delivered = 0")
     conn.execute("CREATE INDEX records_delivered ON records (delivered) WHERE delivered != 0")
     conn.execute("""
         CREATE TABLE latest (
@@ -218,7 +219,9 @@ def connect(path: Path, max_bytes: int | None) -> sqlite3.Connection:
         conn.execute(f"PRAGMA journal_size_limit = {journal_limit}")
         # The budget counts the WAL too: checkpoint often enough that it stays a small part.
         page = conn.execute("PRAGMA page_size").fetchone()[0]
-        checkpoint_pages = 1000 if max_bytes is None else max(16, min(1000, max_bytes // page // 32))
+        checkpoint_pages = (
+            1000 if max_bytes is None else max(16, min(1000, max_bytes // page // 32))
+        )
         conn.execute(f"PRAGMA wal_autocheckpoint = {checkpoint_pages}")
         migrate(conn)
         apply_cap(conn, max_bytes)

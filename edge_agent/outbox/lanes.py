@@ -61,7 +61,8 @@ SEND_ORDER: tuple[Lane, ...] = (Lane.ALARM, Lane.EVENT, Lane.LIVE)
 
 
 _KINDS = {int(k): k for k in RecordKind}
-_FLAGS = {f: Flag(f) for f in range(int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY) + 1)}
+_ALL_FLAGS = int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY)
+_FLAGS = {f: Flag(f) for f in range(_ALL_FLAGS + 1)}
 _HISTORICAL = int(Flag.HISTORICAL)
 _TELEMETRY = int(RecordKind.TELEMETRY)
 

@@ -448,6 +448,6 @@ class Outbox(OutboxMaintenance):
 
 
 __all__ = ["LaneStats", "NewRecord", "Outbox", "OutboxCorruptError", "OutboxDiskFullError",
-           "OutboxError", "OutboxFullError", "OutboxRecordError", "OutboxStats", "OutboxVersionError",
-           "Reclaimed", "SCHEMA_VERSION", "SEND_ORDER", "lane_of", "read_status",
-           "request_clock_ok"]
+           "OutboxError", "OutboxFullError", "OutboxRecordError", "OutboxStats",
+           "OutboxVersionError", "Reclaimed", "SCHEMA_VERSION", "SEND_ORDER", "lane_of",
+           "read_status", "request_clock_ok"]
