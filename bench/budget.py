@@ -27,8 +27,8 @@ from contextlib import closing
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-
 from _common import emit
+
 from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import RecordKind
 

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-
 from _common import emit
+
 from tests.chaos import ChaosRun
 
 

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-
 import httpx
 from _common import emit
 from selenium.webdriver.common.by import By
@@ -34,9 +33,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from central.app import STATIC
 from central.areas.tree import assign_gateway, create_area
 from central.console.geo import Position, set_gateway_position
-from runtime.logs import configure_logging
 from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind, State
+from runtime.logs import configure_logging
 from tests.browser import OFFLINE, chromium, console_login
 from tests.fleet import Central
 from tests.helpers import Mosquitto

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-
 from _common import emit
+
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
 from tests.netproxy import LinkProxy

@@ -44,8 +44,8 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 import paho.mqtt.client as mqtt
-
 from _common import emit, proc_cpu_s
+
 from tests.fakegw import FakeGateway
 from tests.fleet import Central
 from tests.helpers import Mosquitto

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 import structlog
+from _common import emit
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from _common import emit
 from tests.fuzz_harness import IngestFuzz
 
 _CHUNK = 1_000

@@ -32,8 +32,8 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repo on sys.path)
 import paho.mqtt.client as mqtt
 import psycopg
-
 from _common import emit
+
 from protocols import envelope as env
 from protocols import topics
 from tests.fleet import Central

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-
 from _common import emit
+
 from device_profiles import parse_profile
 
 
@@ -76,10 +76,9 @@ async def serve_rtu_simulator(profile_text: str, count: int) -> None:
 async def poll_fast(ports: list[int], profile_text: str, seconds: float, workdir: Path,
                     *, rtu_path: str | None = None) -> tuple[int, float, float]:
     from edge_agent.config.site import DeviceConfig
-    from edge_agent.outbox.store import Outbox
     from edge_agent.field.poller import DevicePoller
     from edge_agent.field.transports import ModbusTcpTransport, ModbusTransport, TransportPool
-
+    from edge_agent.outbox.store import Outbox
     from runtime.logs import configure_logging
 
     configure_logging("edge-agent", level="warning")  # stdout carries only the JSON line

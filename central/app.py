@@ -22,22 +22,19 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from central import tasks
-from central import __version__
+from central import CentralError, __version__
+from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
 from central.alarms.desk import policy_from  # alarms wiring (§7)
 from central.alarms.rules import start_alarm_rules  # alarms wiring (§7)
-from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
 from central.callresp.api import install as install_callresp  # 叫应 wiring (§7)
 from central.callresp.service import CallRespService, running  # 叫应 wiring (§7)
-from central.web.bounds import TIME_MAX_MS, TIME_MIN_MS
-from central.commands.dispatch import start_commands
 from central.commands.api import install as install_command_api
+from central.commands.dispatch import start_commands
+from central.config.settings import Settings
 from central.console.api import install as install_console_api  # duty console (issue 12)
-from central import CentralError
-from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
-from central.identity.enrolment_api import identity_audit, start_identity  # identity (§8)
-from central.storage.history import keep_days, start_history, time_policy_from
+from central.health.metrics import Metrics
 from central.identity.accounts import Accounts
+from central.identity.api import install as install_identity_api
 from central.identity.audit import AuditLog
 from central.identity.authz import (
     AuthCounters,
@@ -46,13 +43,11 @@ from central.identity.authz import (
     check_gateway,
     gateway_scope,
 )
+from central.identity.enrolment_api import identity_audit, start_identity  # identity (§8)
+from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
 from central.identity.sessions import LoginThrottle
-from central.web.docs import install as install_docs
-from central.identity.api import install as install_identity_api
 from central.ingest.subscriber import Ingest
-from central.health.metrics import Metrics
 from central.narrowband.receiver import NarrowbandReceiver
-from central.settings import Settings
 from central.storage import (
     BadRefError,
     DeliverySummary,
@@ -64,6 +59,9 @@ from central.storage import (
     safe_db_url,
 )
 from central.storage.aggregates import Resolution, choose_resolution, coarser
+from central.storage.history import keep_days, start_history, time_policy_from
+from central.web.bounds import TIME_MAX_MS, TIME_MIN_MS
+from central.web.docs import install as install_docs
 from central.web.models import (
     BucketOut,
     DeliveryOut,
@@ -78,6 +76,7 @@ from central.web.models import (
     SeriesOut,
     StreamDeliveryOut,
 )
+from runtime import tasks
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"

@@ -15,15 +15,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from central import __version__
-from central import CentralError
+from central import CentralError, __version__
 
 app = typer.Typer(
     name="central",
     help="Fieldlink central: MQTT ingest, storage, API and the duty officers' console.",
     epilog="Examples\n\n"
            "central demo --http-port 8080\n\n"
-           "central serve --db sqlite:///var/lib/fieldlink/central.db --mqtt-host 127.0.0.1 --mqtt-port 1883\n\n"
+           "central serve --db sqlite:///var/lib/fieldlink/central.db"
+           " --mqtt-host 127.0.0.1 --mqtt-port 1883\n\n"
            "central serve --config /etc/fieldlink/central.toml",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -55,7 +55,8 @@ def _root(
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
                                                 exists=True, dir_okay=False)] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Database URL: sqlite:///PATH or postgresql://USER@HOST/DB.")] = None,
+    db: Annotated[str | None, typer.Option(
+        "--db", help="Database URL: sqlite:///PATH or postgresql://USER@HOST/DB.")] = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
     mqtt_client_id: Annotated[str | None, typer.Option(help="Fixed MQTT client id.")] = None,
@@ -79,10 +80,10 @@ def serve(
     import uvicorn
 
     from central.app import create_app
-    from runtime.logs import configure_logging
-    from central.settings import load_settings
+    from central.config.settings import load_settings
     from central.identity.enrolment_api import check_ca
     from central.storage import open_storage
+    from runtime.logs import configure_logging
 
     try:
         settings = load_settings(

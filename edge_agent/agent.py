@@ -38,12 +38,11 @@ import structlog
 
 from device_profiles import Profile
 from edge_agent import __version__
+from edge_agent.alarms.rules import RuleEngine
 from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
 from edge_agent.bearers.beidou import BeidouTerminal
 from edge_agent.bearers.pdt import PdtRadio
-from edge_agent.uplink.birth import build_birth
-from edge_agent.health.clock import ClockGuard
 from edge_agent.commands.setup import build_executor
 from edge_agent.config.site import (
     AgentConfig,
@@ -53,15 +52,16 @@ from edge_agent.config.site import (
     resolve_profiles,
 )
 from edge_agent.control.server import ControlOps, ControlServer, device_health
-from edge_agent.health.metrics import AgentCollector, serve_metrics
-from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
-from edge_agent.outbox.maintenance import MAINTENANCE_TASK
-from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
-from edge_agent.outbox.disk import DiskWatch
 from edge_agent.field.poller import DevicePoller
-from edge_agent.alarms.rules import RuleEngine
 from edge_agent.field.stations import Hj212Station
 from edge_agent.field.transports import TransportPool
+from edge_agent.health.clock import ClockGuard
+from edge_agent.health.metrics import AgentCollector, serve_metrics
+from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
+from edge_agent.outbox.disk import DiskWatch
+from edge_agent.outbox.maintenance import MAINTENANCE_TASK
+from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
+from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
 from runtime.tasks import Backoff, supervise
@@ -87,7 +87,8 @@ class SystemdNotifier:
         env = dict(os.environ) if env is None else env
         usec: int | None = None
         # WATCHDOG_PID, when set, names the process that must ping (not a forked child).
-        if env.get("WATCHDOG_USEC", "").isdigit() and env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+        pid = str(os.getpid())
+        if env.get("WATCHDOG_USEC", "").isdigit() and env.get("WATCHDOG_PID", pid) == pid:
             usec = int(env["WATCHDOG_USEC"]) or None
         return cls(env.get("NOTIFY_SOCKET") or None, usec)
 

@@ -80,6 +80,11 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], *,
         delay = backoff.next_delay(delay)
 
 
+def start(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    """A named task running `run` under `supervise` with the default back-off."""
+    return asyncio.create_task(supervise(name, run), name=name)
+
+
 async def every(interval_s: float, step: Callable[[], Awaitable[object]], *, name: str,
                 errors: type[BaseException] | tuple[type[BaseException], ...],
                 on_error: Callable[[BaseException], None] | None = None) -> None:
@@ -112,4 +117,4 @@ async def stop(task: asyncio.Task[None] | None) -> None:
         await task
 
 
-__all__ = ["Backoff", "every", "stop", "supervise"]
+__all__ = ["Backoff", "every", "start", "stop", "supervise"]

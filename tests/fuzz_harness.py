@@ -19,13 +19,13 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
-from central.commands.dispatch import CommandService
 from central.commands.check import WritePolicy
-from central.identity.audit import AuditLog
+from central.commands.dispatch import CommandService
 from central.commands.store import CommandStore
-from central.ingest.subscriber import GatewayMismatchError, Ingest, MessageTypeMismatchError
+from central.config.settings import Settings
 from central.health.metrics import Metrics
-from central.settings import Settings
+from central.identity.audit import AuditLog
+from central.ingest.subscriber import GatewayMismatchError, Ingest, MessageTypeMismatchError
 from central.storage.program import Program, Sql
 from central.storage.sqlite import SqliteStorage
 from protocols import topics

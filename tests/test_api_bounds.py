@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from central.settings import Settings
+from central.config.settings import Settings
 from tests.test_central_api import seed, serve
 
 HUGE = str(2**64 + 1)

@@ -13,8 +13,8 @@ import pytest
 from edge_agent import bearers
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect, InboundMessage
 from firmware_stubs.beidou_sim import BeidouMode, BeidouTerminalSimulator
-from tests.helpers import FakeClock, until
 from protocols.beidou import Bd3Message
+from tests.helpers import FakeClock, until
 
 CENTRAL = "0242407"
 STEP_S = 5.0  # generous: the simulator answers at once, but CI is a loaded box

@@ -15,8 +15,8 @@ from edge_agent.bearers.pdt import PdtRadio
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from protocols.hrnp import HrnpOpcode, HrnpPacket, encode_packet
 from protocols.hrnp_text import TextMessage, TextResult
-from tests.helpers import until
 from protocols.narrowband import from_text, to_text
+from tests.helpers import until
 
 OURS, CENTRAL = 1001, 2002
 STEP_S = 5.0  # generous: the simulator answers at once, but CI is a loaded box

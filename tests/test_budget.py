@@ -15,8 +15,8 @@ import cbor2
 import pytest
 
 from edge_agent.config.site import ConfigError, parse_config
-from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, read_status
 from edge_agent.outbox.budget import BudgetPolicy, DiskBudget
+from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, read_status
 from protocols.envelope import RecordKind
 
 TEL, ALARM = RecordKind.TELEMETRY, RecordKind.ALARM

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from central.app import create_app
 from central.callresp.service import CallRespService
 from central.callresp.settings import CallRespSettings
-from central.settings import Settings
+from central.config.settings import Settings
 from protocols.callresp import CallRespEvent, EventType, event_attrs
 from protocols.envelope import DataBatch, Record, RecordKind, State
 from tests.identity import auth, authorize, token_for

@@ -13,13 +13,13 @@ import httpx
 import pytest
 
 from central.app import create_app
-from central.settings import Settings
+from central.config.settings import Settings
 from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.aggregates import HOUR_MS, MINUTE_MS, choose_resolution
 from central.storage.program import Program, Sql
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
-from tests.pg import BACKENDS, backend
 from tests.identity import authorize
+from tests.pg import BACKENDS, backend
 
 NOW = time.time_ns() // 1_000_000
 DAY = 86_400_000
@@ -194,8 +194,8 @@ async def test_series_api_picks_resolution_and_returns_buckets(tmp_path: Path) -
 async def test_history_upkeep_applies_settings_and_counts(tmp_path: Path) -> None:
     """The storage applies the settings' time tolerance (given at construction); start_history's
     flush and purge feed the metrics."""
-    from central.storage.history import start_history, time_policy_from
     from central.health.metrics import Metrics
+    from central.storage.history import start_history, time_policy_from
 
     settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", future_tolerance_s=10,
                         retention_raw_days=1)

@@ -14,20 +14,20 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from central.alarms.engine import BadAlarmRecordError, event_from_record
-from central.alarms.rules import AlarmRules
-from central.alarms.lifecycle import AlarmEvent, AlarmPolicy, EdgeState
 from central.alarms.desk import (
     AlarmStateError,
     UnknownAlarmError,
     acknowledge,
-    apply_alarm_events,
     alarm_history,
+    apply_alarm_events,
     area_summary,
     clear_alarm,
     get_alarm,
     list_alarms,
 )
+from central.alarms.engine import BadAlarmRecordError, event_from_record
+from central.alarms.lifecycle import AlarmEvent, AlarmPolicy, EdgeState
+from central.alarms.rules import AlarmRules
 from central.app import create_app
 from central.areas.tree import (
     SEED_DIR,
@@ -39,12 +39,12 @@ from central.areas.tree import (
     create_area,
     seed_areas,
 )
-from central.settings import Settings
+from central.config.settings import Settings
 from central.storage import Storage
 from central.storage.program import Sql
 from protocols.envelope import DataBatch, Record, RecordKind, State
-from tests.pg import BACKENDS, backend
 from tests.identity import ADMIN, authorize
+from tests.pg import BACKENDS, backend
 
 T0 = 1_700_000_000_000
 KEY = "gas-1/gas_lel/high"

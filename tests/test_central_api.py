@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from central import cli
 from central.app import create_app, parse_time
-from runtime.mqtt import Client as MqttClient
-from central.settings import Settings, SettingsError, load_settings
+from central.config.settings import Settings, SettingsError, load_settings
 from central.storage import open_storage
 from protocols import envelope as env
 from protocols import topics
+from runtime.mqtt import Client as MqttClient
 from tests.helpers import Mosquitto
 from tests.identity import authorize
 

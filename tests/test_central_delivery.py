@@ -12,13 +12,13 @@ import httpx
 import pytest
 
 from central.app import create_app
-from central.settings import Settings
+from central.config.settings import Settings
 from central.storage import RetentionPolicy, Storage, open_storage
 from central.storage.program import Program, Sql
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, FLOOR_MS
 from protocols.envelope import DataBatch, Flag, Record, RecordKind, State
-from tests.pg import BACKENDS, backend, pg_schema
 from tests.identity import authorize
+from tests.pg import BACKENDS, backend, pg_schema
 
 NOW = time.time_ns() // 1_000_000
 T0 = NOW - 3_600_000  # an hour ago: plausible, inside every retention

@@ -13,9 +13,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from central.config.settings import Settings
 from central.health.metrics import Metrics
 from central.ingest.subscriber import Ingest
-from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
 from central.storage.sqlite import SqliteStorage
 from protocols import envelope as env

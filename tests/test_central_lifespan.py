@@ -13,7 +13,7 @@ import pytest
 
 import central.app
 from central.app import create_app
-from central.settings import Settings
+from central.config.settings import Settings
 from central.storage import Storage, StorageError
 from protocols import topics
 from tests.helpers import Mosquitto, until

@@ -20,9 +20,9 @@ import pytest
 
 from central.alarms.desk import alarm_history, list_alarms
 from central.app import create_app
+from central.config.settings import NarrowbandGateway, Settings, SettingsError, load_settings
 from central.health.metrics import Metrics
 from central.narrowband.receiver import NarrowbandReceiver
-from central.settings import NarrowbandGateway, Settings, SettingsError, load_settings
 from central.storage import Storage, open_storage
 from central.storage.program import Sql
 from firmware_stubs.beidou_sim import BeidouTerminalSimulator

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from central.commands.keys import SigningKeyError, key_path_for, load_or_create_key
 from central.commands.store import (
     ORIGIN_GATEWAY,
     CommandStore,
@@ -16,8 +17,7 @@ from central.commands.store import (
     StoredCommand,
     UnknownCommandError,
 )
-from central.commands.keys import SigningKeyError, key_path_for, load_or_create_key
-from central.settings import Settings
+from central.config.settings import Settings
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import public_key_raw
 from tests.pg import BACKENDS, database_url

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device_profiles import find_profile
 from edge_agent.commands.executor import FUTURE_SKEW_MS, CommandExecutor
 from edge_agent.config.site import DeviceConfig
-from edge_agent.outbox.store import Outbox
 from edge_agent.field.poller import DevicePoller
 from edge_agent.field.transports import ModbusTcpTransport
+from edge_agent.outbox.store import Outbox
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols import commands as c
 from protocols.envelope import RecordKind

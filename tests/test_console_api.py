@@ -17,8 +17,8 @@ import pytest
 from fastapi import FastAPI
 
 from central.app import STATIC, create_app
+from central.config.settings import Settings
 from central.demo.run import POSITIONS, SITE_POSITIONS
-from central.settings import Settings
 from central.storage import open_storage
 from protocols.envelope import Birth, DataBatch, DeviceInfo, PointInfo, Record, RecordKind, State
 from tests.fleet import Central

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from edge_agent.config.site import parse_config
-from edge_agent.control.server import ControlOps, ControlServer, ControlSocketError
-from edge_agent.control.client import AgentNotRunningError, ControlRequestError, request
 from edge_agent.agent import AgentRuntime
+from edge_agent.config.site import parse_config
+from edge_agent.control.client import AgentNotRunningError, ControlRequestError, request
+from edge_agent.control.server import ControlOps, ControlServer, ControlSocketError
 from tests.fleet import Agent, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
 

@@ -14,8 +14,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from central.app import STATIC, create_app
+from central.config.settings import Settings
 from central.web.docs import ASSETS, TYPES
-from central.settings import Settings
 from tests.browser import OFFLINE, chromium, console_login, requested_urls
 from tests.fleet import Central
 from tests.helpers import Mosquitto

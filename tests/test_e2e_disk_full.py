@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.outbox.store import read_status
 from edge_agent.outbox.db import OutboxError
+from edge_agent.outbox.store import read_status
 from tests.diskfull import fill, free_bytes, small_fs
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, python_env, wait_for

@@ -183,8 +183,8 @@ def test_profile_check_can_be_skipped() -> None:
 def test_birth_ordinals_follow_config_order(tmp_path: Path) -> None:
     """Birth lists devices with profile id and hash; ordinals run over devices in config order
     and a disabled device keeps its ordinals (adding or enabling one renumbers nothing)."""
-    from edge_agent.uplink.birth import build_birth
     from edge_agent.config.site import resolve_profiles
+    from edge_agent.uplink.birth import build_birth
 
     path = tmp_path / "site.toml"
     path.write_text(GOOD)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from central.settings import SettingsError, load_settings
+from central.config.settings import SettingsError, load_settings
 from edge_agent.cli.app import app as edge_cli
-from edge_agent.config.site import ConfigError, load_config, loose_key_files
 from edge_agent.cli.doctor import run_checks
+from edge_agent.config.site import ConfigError, load_config, loose_key_files
 from edge_agent.uplink.enrolment import set_table
 
 BASE = """\

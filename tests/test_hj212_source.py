@@ -22,8 +22,8 @@ import pytest
 
 from device_profiles import find_profile
 from edge_agent.field.hj212_source import Hj212Source, Hj212SourceError
-from edge_agent.outbox.store import Outbox
 from edge_agent.field.poller import Health
+from edge_agent.outbox.store import Outbox
 from firmware_stubs.errors import SimulatorError
 from firmware_stubs.hj212_sim import Hj212StationSimulator
 from protocols.envelope import Flag, Record, RecordKind

@@ -15,8 +15,8 @@ from device_profiles import find_profile
 from edge_agent.cli.app import app
 from edge_agent.config.site import ConfigError, DeviceConfig, Hj212TransportConfig, parse_config
 from edge_agent.control.client import ControlClientError, request
-from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.field.stations import Hj212Station
+from edge_agent.outbox.store import NewRecord, Outbox
 from protocols.envelope import RecordKind
 from tests.fleet import Agent, Child, sqlite_rows
 from tests.helpers import Mosquitto, free_port, wait_for

@@ -23,8 +23,8 @@ from starlette.routing import Mount
 
 from central.app import create_app
 from central.areas.tree import assign_gateway, create_area
+from central.config.settings import Settings
 from central.identity.authz import is_public
-from central.settings import Settings
 from central.storage import Storage
 from protocols.command_results import CommandResult, CommandState, result_attrs
 from protocols.envelope import Birth, DataBatch, DeviceInfo, PointInfo, Record, RecordKind, State

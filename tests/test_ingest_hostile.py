@@ -13,13 +13,14 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from central.ingest.subscriber import Ingest
+from central.config.settings import Settings
 from central.health.metrics import Metrics
-from runtime.mqtt import Client as MqttClient
-from central.settings import Settings
+from central.ingest.subscriber import Ingest
 from central.storage import Storage, open_storage
 from protocols import topics
 from protocols.envelope import Ack, decode
+from runtime.mqtt import Client as MqttClient
+from tests.helpers import Mosquitto
 from tests.hostile import (
     BIG,
     birth,
@@ -30,7 +31,6 @@ from tests.hostile import (
     state,
     wire,
 )
-from tests.helpers import Mosquitto
 from tests.pg import BACKENDS, database_url
 
 GW = "gw-h"

@@ -16,13 +16,12 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from runtime.mqtt import Client as MqttClient
 from edge_agent.cli.app import app
-from edge_agent.outbox.store import NewRecord, Outbox
-from edge_agent.uplink.pacing import BacklogPacer
 from edge_agent.config.site import OutboxConfig
+from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
+from edge_agent.uplink.pacing import BacklogPacer
 from protocols import topics
 from protocols.envelope import (
     Ack,
@@ -34,6 +33,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
+from runtime.mqtt import Client as MqttClient
 from tests.helpers import Mosquitto, python_env, until
 from tests.netproxy import LinkProxy
 

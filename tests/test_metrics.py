@@ -10,14 +10,14 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.mqtt import Client as MqttClient
-from central.settings import Settings
+from central.config.settings import Settings
 from protocols import topics
 from protocols.envelope import DataBatch, Record, RecordKind, encode
+from runtime.mqtt import Client as MqttClient
 from tests.fleet import Agent, DeviceDef, Simulator
+from tests.helpers import Mosquitto, free_port, wait_for
 from tests.test_central_alarms import alarm
 from tests.test_central_api import T0, serve
-from tests.helpers import Mosquitto, free_port, wait_for
 
 EDGE_FAMILIES = {
     "fieldlink_edge_poll_cycles", "fieldlink_edge_poll_cycles_ok", "fieldlink_edge_poll_errors",

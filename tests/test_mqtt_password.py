@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from central.app import create_app
-from central.settings import Settings
+from central.config.settings import Settings
 from edge_agent.config.site import load_config
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink

@@ -11,27 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
 from central.app import create_app
-from central.settings import NarrowbandGateway, Settings
+from central.config.settings import NarrowbandGateway, Settings
 from device_profiles import find_profile
-from edge_agent.config.site import parse_config
 from edge_agent import EdgeError
-from edge_agent.outbox.store import read_status
 from edge_agent.agent import run_agent
+from edge_agent.config.site import parse_config
+from edge_agent.outbox.store import read_status
 from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
 from tests.helpers import Mosquitto, until
-from tests.netproxy import LinkProxy
 from tests.identity import authorize
+from tests.netproxy import LinkProxy
 
 GW = "gw-sanduan"
 GW_CARD = "4238473"

@@ -19,18 +19,18 @@ import pytest
 from typer.testing import CliRunner
 
 from device_profiles import find_profile
+from edge_agent.agent import build_bearer, run_agent
 from edge_agent.bearers.beidou import BeidouTerminal, Dialect
 from edge_agent.bearers.pdt import PdtRadio
 from edge_agent.cli.app import app
 from edge_agent.config.site import ConfigError, NarrowbandConfig, parse_config
 from edge_agent.narrowband.fallback import WATERMARK_KEY, NarrowbandFallback
 from edge_agent.outbox.store import NewRecord, Outbox, OutboxError, read_status
-from edge_agent.agent import build_bearer, run_agent
 from firmware_stubs.beidou_sim import BeidouMode, BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.pdt_sim import PdtAir, PdtRadioSimulator
-from protocols.hrnp_text import TextResult
 from protocols.envelope import Birth, DeviceInfo, PointInfo, RecordKind
+from protocols.hrnp_text import TextResult
 from protocols.narrowband import (
     AlarmRule,
     AlarmsFrame,

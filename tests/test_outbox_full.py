@@ -15,15 +15,15 @@ import cbor2
 import pytest
 from typer.testing import CliRunner
 
+from edge_agent.agent import _cancel_stragglers
+from edge_agent.alarms.rules import Rule, RuleEngine, RuleKind
 from edge_agent.alarms.store import AlarmStore, read_alarms
 from edge_agent.alarms.wiring import AlarmRules
 from edge_agent.cli.app import app
-from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, OutboxFullError
 from edge_agent.outbox.db import backlog_from_counters, translate
-from edge_agent.alarms.rules import Rule, RuleEngine, RuleKind
-from runtime.sqlite import SqliteOwner
-from edge_agent.agent import _cancel_stragglers
+from edge_agent.outbox.store import NewRecord, Outbox, OutboxDiskFullError, OutboxFullError
 from protocols.envelope import RecordKind
+from runtime.sqlite import SqliteOwner
 from tests.diskfull import fill, free_bytes, small_fs
 
 TEL, ALARM, EVENT = RecordKind.TELEMETRY, RecordKind.ALARM, RecordKind.EVENT

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from edge_agent.health.clock import ClockGuard
-from edge_agent.outbox.store import NewRecord, Outbox, OutboxFullError
 from edge_agent.outbox.db import backlog_from_counters
+from edge_agent.outbox.store import NewRecord, Outbox, OutboxFullError
 from protocols.envelope import RecordKind
 from tests.powercut import cut_power, fsync_recorder, run_appender
 

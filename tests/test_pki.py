@@ -14,16 +14,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import given
-from hypothesis import settings as settings_
-from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from central.app import create_app
 from central.cli import app as central_cli
+from central.config.settings import Settings
 from central.identity.ca import (
     CaKeyPermissionError,
     CsrError,
@@ -33,7 +34,6 @@ from central.identity.ca import (
     load_or_create_ca,
 )
 from central.identity.enrolment import sign_renewal
-from central.settings import Settings
 from tests.identity import auth, token_for
 from tests.pg import pg_schema
 

@@ -30,10 +30,10 @@ from typer.testing import CliRunner
 
 from central.app import create_app
 from central.cli import app as central_cli
+from central.config.settings import Settings
 from central.identity.ca import load_or_create_ca, new_key_and_csr, write_private, write_public
-from central.settings import Settings
-from edge_agent.config.site import load_config
 from edge_agent.cli.app import app as edge_cli
+from edge_agent.config.site import load_config
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from protocols import topics

@@ -14,9 +14,9 @@ from structlog.testing import capture_logs
 
 from device_profiles import Profile, find_profile, load_profile
 from edge_agent.config.site import DeviceConfig
-from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.field.poller import DevicePoller, Health
 from edge_agent.field.transports import ModbusTcpTransport
+from edge_agent.outbox.store import NewRecord, Outbox
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols.envelope import Flag, RecordKind
 

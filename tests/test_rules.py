@@ -11,12 +11,8 @@ from pathlib import Path
 import pytest
 
 from device_profiles import find_profile
+from edge_agent.agent import run_agent
 from edge_agent.alarms.config import DeviceAlarmsConfig, build_device_rules
-from edge_agent.alarms.store import AlarmStore, read_alarms
-from edge_agent.alarms.wiring import AlarmRules, build_rules, status_of
-from edge_agent.config.site import ConfigError, DeviceConfig, parse_config
-from edge_agent.outbox.store import NewRecord, Outbox, OutboxFullError
-from edge_agent.field.poller import DevicePoller
 from edge_agent.alarms.rules import (
     AlarmState,
     DeviceStatus,
@@ -26,8 +22,12 @@ from edge_agent.alarms.rules import (
     RulesError,
     Sample,
 )
-from edge_agent.agent import run_agent
+from edge_agent.alarms.store import AlarmStore, read_alarms
+from edge_agent.alarms.wiring import AlarmRules, build_rules, status_of
+from edge_agent.config.site import ConfigError, DeviceConfig, parse_config
+from edge_agent.field.poller import DevicePoller
 from edge_agent.field.transports import ModbusTcpTransport
+from edge_agent.outbox.store import NewRecord, Outbox, OutboxFullError
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols.envelope import Flag, Record, RecordKind, Value
 from tests.helpers import Mosquitto

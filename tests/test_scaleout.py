@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from edge_agent.outbox.store import read_status
-from tests.fakegw import FakeGateway, ThreadedFleet, expected_record
 from tests.derived import derived_problems
+from tests.fakegw import FakeGateway, ThreadedFleet, expected_record
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
 from tests.pg import pg_schema

@@ -17,7 +17,6 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from runtime.mqtt import Client as MqttClient
 from edge_agent.outbox.store import NewRecord, Outbox, read_status
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
@@ -32,6 +31,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
+from runtime.mqtt import Client as MqttClient
 from tests.helpers import Mosquitto, python_env, until
 
 

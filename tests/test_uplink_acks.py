@@ -9,12 +9,12 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from runtime.mqtt import Client as MqttClient
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols import topics
 from protocols.envelope import Ack, Birth, DataBatch, RecordKind, decode, encode
+from runtime.mqtt import Client as MqttClient
 from tests.helpers import Mosquitto, until
 
 GW = "gw-acks"

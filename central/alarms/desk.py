@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from central import CentralError
 from central.alarms.engine import apply_events, history_row, log_changes
 from central.alarms.lifecycle import (
     AckState,
@@ -31,7 +32,6 @@ from central.alarms.lifecycle import (
     EdgeState,
 )
 from central.areas.tree import Area, area_program
-from central import CentralError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
 
@@ -301,7 +301,7 @@ async def apply_alarm_events(storage: Storage, events: Iterable[AlarmEvent], *,
 
 
 def policy_from(settings: Any) -> AlarmPolicy:
-    """The alarm policy a `central.settings.Settings` describes."""
+    """The alarm policy a `central.config.settings.Settings` describes."""
     return AlarmPolicy(flap_max=settings.alarm_flap_max,
                        flap_window_ms=int(settings.alarm_flap_window_s * 1000),
                        incident_window_ms=int(settings.incident_window_s * 1000))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from central import CentralError
 from central.alarms.lifecycle import (
     Action,
     AlarmChange,
@@ -40,7 +41,6 @@ from central.alarms.lifecycle import (
     Outcome,
     is_newer,
 )
-from central import CentralError
 from central.storage.base import DatabaseWriteError, split_key
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import NARROWBAND_COPY
@@ -261,7 +261,7 @@ def attach_incidents(opened: Sequence[tuple[int, str]], now: int) -> Program[Non
     gws = sorted({gw for _, gw in opened})
     rows = yield Sql("SELECT gw, area_id FROM gateway_sites"
                      f" WHERE gw IN ({placeholders(len(gws))})", tuple(gws))
-    area_of = dict(rows)
+    area_of: dict[str, int] = dict(rows)
     by_area: dict[int, list[int]] = {}
     for alarm_id, gw in opened:
         if gw in area_of:

@@ -20,7 +20,7 @@ from functools import partial
 
 import structlog
 
-from central import tasks
+from central.alarms.desk import policy_from
 from central.alarms.engine import (
     close_incident_program,
     condition_program,
@@ -30,10 +30,10 @@ from central.alarms.engine import (
     settle_program,
 )
 from central.alarms.lifecycle import GATEWAY_OFFLINE, AlarmChange, AlarmPolicy
-from central.alarms.desk import policy_from
-from central.settings import Settings
+from central.config.settings import Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
+from runtime import tasks
 
 log = structlog.get_logger(__name__)
 

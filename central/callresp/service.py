@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from central import tasks
+from central import CentralError
 from central.callresp.directory import AreaRef, areas_program
 from central.callresp.schema import migrate_program
 from central.callresp.settings import CallRespSettings
@@ -39,7 +39,6 @@ from central.callresp.workflow import (
 )
 from central.commands.dispatch import CommandService
 from central.commands.store import CommandStoreError, DuplicateCommandError
-from central import CentralError
 from central.identity.audit import AuditLog
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
@@ -52,6 +51,7 @@ from protocols.callresp import (
 )
 from protocols.commands import CommandKind
 from protocols.envelope import DataBatch, RecordKind
+from runtime import tasks
 
 log = structlog.get_logger(__name__)
 FIRE_LIMIT = 200
@@ -223,7 +223,8 @@ class CallRespService:
             if error is not None:
                 self.counters.issue_refused += 1
                 log.warning("callresp_send_refused", cmd_id=s.cmd_id, gw=s.gw, error=error)
-            await self.storage.run(lambda c=s.cmd_id, e=error: _mark_issued_program(c, _now_ms(), e))  # type: ignore[misc]
+            await self.storage.run(
+                lambda c=s.cmd_id, e=error: _mark_issued_program(c, _now_ms(), e))  # type: ignore[misc]
         return issued
 
     async def step(self) -> None:

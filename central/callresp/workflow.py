@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from central import CentralError
 from central.callresp.directory import (
     AreaRef,
     UnknownEntryError,
@@ -30,7 +31,6 @@ from central.callresp.directory import (
     persons_program,
     terminals_program,
 )
-from central import CentralError
 from central.identity.audit import SYSTEM, AuditLog
 from central.storage.program import Program, Sql, placeholders
 from protocols.callresp import CallRespEvent, EventType, Level
@@ -299,7 +299,8 @@ def fire_due_program(audit: AuditLog, areas: Mapping[int, AreaRef], now: int,
 # --- receipts and acknowledgements ---------------------------------------------------------
 
 
-def apply_event_program(audit: AuditLog, gw: str, ev: CallRespEvent, now: int) -> Program[list[Step]]:
+def apply_event_program(audit: AuditLog, gw: str, ev: CallRespEvent,
+                        now: int) -> Program[list[Step]]:
     """Move the targets that terminal `ev.terminal` answers for; idempotent.
 
     An event from a gateway the terminal does not hang on changes nothing (returns [])."""

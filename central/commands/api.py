@@ -118,7 +118,7 @@ def _service(request: Request) -> CommandService:
     runtime = getattr(request.app.state, "commands", None)
     if runtime is None:
         raise CommandsUnavailableError()
-    return runtime.service  # type: ignore[no-any-return]
+    return runtime.service
 
 
 def install(app: FastAPI) -> None:

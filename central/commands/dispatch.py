@@ -3,11 +3,12 @@
 `CommandService.issue()` checks a command (gateway known, kind and args valid, lifetime within
 `MAX_TTL_MS`; a point write also against the device profile: point, writable, value in range,
 `central.commands.check`) and stores it `pending`, naming the user who issued it. A write to a
-safety-critical point waits, unsigned, until a second operator approves it (`approve`).
-Issuing, approving, every signing and every result the gateway reports go to the audit log. The dispatcher (`run()`, task `commands.dispatch`)
-publishes due commands on `fieldlink/v1/{gw}/down/cmd` (QoS 1), each signed with central's
-Ed25519 key at publish time (so `sync_time` carries central's clock at that moment). A command
-is due while it is `pending` or `sent` and unexpired, and goes out:
+safety-critical point waits, unsigned, until a second operator approves it (`approve`). Issuing,
+approving, every signing and every result the gateway reports go to the audit log. The
+dispatcher (`run()`, task `commands.dispatch`) publishes due commands on
+`fieldlink/v1/{gw}/down/cmd` (QoS 1), each signed with central's Ed25519 key at publish time (so
+`sync_time` carries central's clock at that moment). A command is due while it is `pending` or
+`sent` and unexpired, and goes out:
 
 - as soon as its gateway is online (state online and heard within `offline_after_s`);
 - again on every birth of the gateway (a reconnect: what was in flight may be lost);
@@ -35,7 +36,7 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from central import CentralError, tasks
+from central import CentralError
 from central.commands.check import WritePolicy
 from central.commands.keys import signing_key
 from central.commands.store import (
@@ -47,9 +48,9 @@ from central.commands.store import (
     Report,
     StoredCommand,
 )
+from central.config.settings import Settings
 from central.identity.audit import SYSTEM, AuditLog
 from central.ingest import broker
-from central.settings import Settings
 from central.storage import Storage, UnknownDeviceError
 from device_profiles.loader import ProfilePoint
 from protocols import topics
@@ -68,6 +69,7 @@ from protocols.commands import (
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
+from runtime import tasks
 from runtime.mqtt import MqttSession, until_disconnected
 from runtime.tasks import Backoff
 
@@ -202,7 +204,8 @@ class CommandService:
         try:
             points = await self.storage.device_points(f"{gw}:{wp.device}")
         except UnknownDeviceError:
-            raise CommandRequestError("args.device", f"gateway {gw} has no device {wp.device!r}") from None
+            raise CommandRequestError("args.device",
+                                      f"gateway {gw} has no device {wp.device!r}") from None
         found = [p for p in points if p.point == wp.point]
         if not found:
             raise CommandRequestError("args.point", f"device {wp.device} has no point {wp.point!r}")
@@ -323,7 +326,8 @@ class CommandService:
             log.debug("command_gateway_unknown", gw=gw, error=str(exc))
             return False
         heard = g.last_seen_ms if g.last_seen_ms is not None else g.state_ts_ms
-        return g.online and heard is not None and now - heard <= self.settings.offline_after_s * 1000
+        return (g.online and heard is not None
+                and now - heard <= self.settings.offline_after_s * 1000)
 
     def signed_payload(self, cmd: StoredCommand, now_ms: int) -> bytes:
         """The `down/cmd` payload for a stored command, signed now."""
@@ -382,7 +386,8 @@ async def start_commands(settings: Settings, storage: Storage, *, audit: AuditLo
     store = CommandStore(settings.db_url)
     await store.open()
     service = CommandService(settings, storage, store, key, audit=audit, policy=policy)
-    log.info("commands_ready", key_path=str(path) if path else None, public_key=service.public_key_b64)
+    log.info("commands_ready", key_path=str(path) if path else None,
+             public_key=service.public_key_b64)
     task = (tasks.start("commands.dispatch", service.run) if dispatch
             else None)
     return CommandsRuntime(service=service, store=store, task=task)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from central import CentralError
-from central.settings import Settings
+from central.config.settings import Settings
 
 log = structlog.get_logger(__name__)
 

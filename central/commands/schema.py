@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from central.storage.side_store import Dialect, Migration
 
-
 MIGRATIONS: list[Migration] = []
 
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import structlog
 
-from central.commands.schema import MIGRATIONS
 from central import CentralError
+from central.commands.schema import MIGRATIONS
 from central.storage.side_store import SideStore
 from protocols.command_results import CommandResult, CommandState, Reason
 
@@ -246,9 +246,11 @@ class CommandStore(SideStore):
                                (*_OPEN, now)).fetchall()
                 out = []
                 for r in rows:
-                    n = self._q(cur, "UPDATE commands SET state = ?, state_source = ?, reason = ?,"
-                                     " detail = ?, updated_ms = ? WHERE cmd_id = ? AND state IN (?, ?)",
-                                (str(CommandState.EXPIRED), SOURCE_CENTRAL, str(Reason.NOT_DELIVERED),
+                    n = self._q(cur, "UPDATE commands SET state = ?, state_source = ?,"
+                                     " reason = ?, detail = ?, updated_ms = ? WHERE cmd_id = ?"
+                                     " AND state IN (?, ?)",
+                                (str(CommandState.EXPIRED), SOURCE_CENTRAL,
+                                 str(Reason.NOT_DELIVERED),
                                  "the gateway did not take it before it expired", now, r[0],
                                  *_OPEN)).rowcount
                     if n:

@@ -1,1 +1,2 @@
-"""`central demo`: the whole system on one machine, with its embedded broker and the 三断 link switch."""
+"""`central demo`: the whole system on one machine, with its embedded broker and the 三断 link
+switch."""

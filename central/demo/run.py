@@ -30,10 +30,10 @@ import uvicorn
 
 from central.app import create_app
 from central.areas.tree import SEED_DIR, AreaNode, area_tree, seed_areas
+from central.config.settings import NarrowbandGateway, Settings
 from central.console.geo import Position, set_area_position, set_gateway_position
 from central.demo.broker import embedded_broker
 from central.demo.link import LinkSwitch
-from central.settings import NarrowbandGateway, Settings
 from central.storage import Storage, open_storage
 
 log = structlog.get_logger(__name__)
@@ -186,8 +186,9 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                     "--control-ready-file", str(control_ready)]
             for _dev, profile in gw.devices:
                 args += ["--profile", profile]
-            sim = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.DEVNULL,
-                                                       stderr=(gdir / "sim.log").open("ab"))
+            sim = await asyncio.create_subprocess_exec(
+                *args, env=env, stdout=asyncio.subprocess.DEVNULL,
+                stderr=(gdir / "sim.log").open("ab"))
             procs.append(sim)
             sim_port = int((await _wait_file(ready, sim)).split("=")[-1])
             controls[gw.id] = int((await _wait_file(control_ready, sim)).split("=")[-1])
@@ -328,7 +329,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                       for gw, link in links.items()]
         for task in scenarios:
             stack.callback(task.cancel)
-        print(f"Fieldlink demo: console http://{http_host}:{http_port}/  broker mqtt://{host}:{port}  "
+        print(f"Fieldlink demo: console http://{http_host}:{http_port}/  "
+              f"broker mqtt://{host}:{port}  "
               f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
         print("The gateways enrolled with one-time tokens and hold certificates from central's "
               "CA, but this broker is plain MQTT (amqtt cannot enforce per-gateway ACLs): use "
@@ -361,7 +363,8 @@ async def gas_leak_scenario(controls: dict[str, int], *, gw: str = "wh-qingshan-
     while True:
         try:
             for value in (28.0, 41.0, 57.5):
-                await _sim_control(port, {"set": {"device_id": 1, "point": "gas_lel", "value": value}})
+                await _sim_control(
+                    port, {"set": {"device_id": 1, "point": "gas_lel", "value": value}})
                 await asyncio.sleep(lasts_s / 4)
             await asyncio.sleep(lasts_s / 4)
             await _sim_control(port, {"clear": {"device_id": 1, "point": "gas_lel"}})

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import Field
 
+from central.config.settings import Settings
 from central.identity.accounts import Accounts, LoginFailedError, LoginThrottledError
 from central.identity.audit import AuditEntry
 from central.identity.authz import (
@@ -46,7 +47,6 @@ from central.identity.users import (
     WeakPasswordError,
     area_id_program,
 )
-from central.settings import Settings
 from central.web.problems import install_problems, problem
 from central.web.routing import StrictModel, audit_of
 
@@ -125,7 +125,7 @@ def _audit_out(e: AuditEntry) -> AuditOut:
 
 
 def _accounts(request: Request) -> Accounts:
-    return request.app.state.accounts  # type: ignore[no-any-return]
+    return request.app.state.accounts
 
 
 def client_of(request: Request) -> str:

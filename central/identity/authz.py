@@ -28,8 +28,8 @@ import structlog
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from central.areas.tree import area_program
 from central import CentralError
+from central.areas.tree import area_program
 from central.identity.sessions import COOKIE, CSRF_HEADER, Session, resolve
 from central.identity.users import Permission, User
 from central.storage import Storage, StorageError

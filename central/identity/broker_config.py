@@ -4,8 +4,9 @@ Written into DIR:
 
 | file | what |
 |---|---|
-| `mosquitto.conf` | two mutual-TLS listeners, nothing anonymous, persistence on, the CRL, the ACL file |
-| `acl` | a gateway writes only `fieldlink/v1/<its CN>/up/#` and reads only `.../<its CN>/down/#`; `_central` reads every `up/`, writes every `down/` and its own state |
+| `mosquitto.conf` | two mutual-TLS listeners, no anonymous, persistence on, CRL, ACL file |
+| `acl` | a gateway writes only `fieldlink/v1/<CN>/up/#`, reads only `.../<CN>/down/#` |
+| | `_central` reads every `up/`, writes every `down/` and its own state |
 | `ca.crt` | the gateway CA (clients' certificates must chain to it) |
 | `server.crt`, `server.key` (0600) | the broker's own certificate, for the names in `--host` |
 

@@ -4,9 +4,9 @@ One folder (`Settings.pki_dir`, default `pki/` next to the SQLite file) holds:
 
 | file | mode | what |
 |---|---|---|
-| `ca.key` | 0600 | the CA's EC P-256 private key; central refuses to start when group or others may read it |
+| `ca.key` | 0600 | the CA's EC P-256 private key; central will not start if others can read it |
 | `ca.crt` | 0644 | the CA certificate: gateways and the broker trust it |
-| `crl.pem` | 0644 | the revocation list the broker reads (`crlfile`); rewritten on every revocation |
+| `crl.pem` | 0644 | the revocation list the broker reads (`crlfile`), new at each revocation |
 
 A gateway certificate's subject CN is its gateway id (the broker's `use_identity_as_username`
 makes it the MQTT username its ACLs name). Keys are never made here for gateways: a gateway

@@ -61,7 +61,7 @@ def cli_actor() -> str:
 
 def _run(config: Path | None, db: str | None,
          body: Callable[[Storage, Accounts, AuditLog], Awaitable[T]]) -> T:
-    from central.settings import load_settings
+    from central.config.settings import load_settings
     from central.storage import open_storage
 
     async def main() -> T:
@@ -93,8 +93,8 @@ def user_add(
     name: Annotated[str, typer.Argument(help="Login name: letters, digits, _ . @ -")],
     role: Annotated[Role, typer.Option("--role", "-r", help="viewer, operator, admin or "
                                                             "auditor.")],
-    area: Annotated[str | None, typer.Option("--area", help="Area code the user is limited "
-                                                            "to (its subtree); default: all.")] = None,
+    area: Annotated[str | None, typer.Option(
+        "--area", help="Area code the user is limited to (its subtree); default: all.")] = None,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password "
                                                  "from the first line of standard input.")] = False,
     config: ConfigOpt = None, db: DbOpt = None,
@@ -147,7 +147,8 @@ def user_passwd(
 @user_app.command("disable", short_help="Disable a user.  e.g. central user disable duty-01")
 def user_disable(
     name: Annotated[str, typer.Argument(help="The user.")],
-    enable: Annotated[bool, typer.Option("--enable", help="Enable the user again instead.")] = False,
+    enable: Annotated[bool, typer.Option(
+        "--enable", help="Enable the user again instead.")] = False,
     config: ConfigOpt = None, db: DbOpt = None,
 ) -> None:
     """Disable a user (their sessions end and logins fail), or --enable them again.

@@ -229,7 +229,8 @@ class Enrolment:
         except PkiError as exc:
             await self._refused("renew_refused", gw, exc)
             raise
-        log.info("gateway_renewed", gw=gw, serial=rec.serial, previous=format(old.serial_number, "x"))
+        log.info("gateway_renewed", gw=gw, serial=rec.serial,
+                 previous=format(old.serial_number, "x"))
         await self._audit("renewed", gw, serial=rec.serial, fingerprint=rec.fingerprint,
                           previous=format(old.serial_number, "x"), not_after_ms=rec.not_after_ms)
         return self._issued(gw, cert, rec)

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from central.config.settings import Settings
 from central.identity.audit import AuditLog
 from central.identity.ca import CsrError, PkiError, load_or_create_ca
 from central.identity.enrolment import (
@@ -34,7 +35,6 @@ from central.identity.enrolment_store import (
     EnrolmentStoreError,
     TokenRefusedError,
 )
-from central.settings import Settings
 from central.web.problems import problem
 
 log = structlog.get_logger(__name__)

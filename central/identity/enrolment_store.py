@@ -132,8 +132,9 @@ class EnrolmentStore(SideStore):
 
         def body() -> None:
             with self._tx() as cur:
+                lock = " FOR UPDATE" if self.postgres else ""
                 row = self._q(cur, "SELECT gw, expires_ms, used_ms FROM gateway_enrol_tokens"
-                                   " WHERE token_hash = ?" + (" FOR UPDATE" if self.postgres else ""),
+                                   " WHERE token_hash = ?" + lock,
                               (hashed,)).fetchone()
                 if row is None:
                     raise TokenRefusedError("unknown")

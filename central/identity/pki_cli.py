@@ -41,7 +41,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _settings(config: Path | None, db: str | None, pki_dir: Path | None) -> Any:
-    from central.settings import load_settings
+    from central.config.settings import load_settings
 
     return load_settings(config, env=os.environ, db_url=db, pki_dir=pki_dir)
 
@@ -120,7 +120,8 @@ def ca_init(config: ConfigOpt = None, db: DbOpt = None, pki_dir: PkiOpt = None,
                 "e.g. central ca central-cert --out /etc/fieldlink/mqtt")
 def central_cert(out_dir: Annotated[Path, typer.Option("--out", help="Folder for central.crt, "
                                                                       "central.key, ca.crt.")],
-                 cn: Annotated[str, typer.Option(help="The CN the broker's ACL names.")] = "_central",
+                 cn: Annotated[str, typer.Option(
+                     help="The CN the broker's ACL names.")] = "_central",
                  days: Annotated[float, typer.Option(help="Lifetime in days.")] = 825,
                  config: ConfigOpt = None, db: DbOpt = None, pki_dir: PkiOpt = None,
                  as_json: JsonOpt = False) -> None:
@@ -162,7 +163,8 @@ def central_cert(out_dir: Annotated[Path, typer.Option("--out", help="Folder for
                      "e.g. central gateway enroll-token gw-001 --ttl 24h")
 def enroll_token(gw: Annotated[str, typer.Argument(help="The gateway id (its certificate CN).")],
                  ttl: Annotated[str | None, typer.Option(
-                     help="Lifetime: seconds or 30m, 24h, 7d (default: enrol_token_ttl_s).")] = None,
+                     help="Lifetime: seconds or 30m, 24h, 7d "
+                          "(default: enrol_token_ttl_s).")] = None,
                  config: ConfigOpt = None, db: DbOpt = None, pki_dir: PkiOpt = None,
                  as_json: JsonOpt = False) -> None:
     """Make a one-time, expiring enrolment token for GW. It is shown once: central keeps only

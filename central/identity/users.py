@@ -23,8 +23,8 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from central.areas.tree import area_program
 from central import CentralError
+from central.areas.tree import area_program
 from central.storage import NotFoundError
 from central.storage.program import Program, Sql
 

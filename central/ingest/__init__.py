@@ -1,1 +1,2 @@
-"""MQTT ingest (DESIGN.md §4.3, §9): subscribe, validate, store, then ack; what is refused is counted."""
+"""MQTT ingest (DESIGN.md §4.3, §9): subscribe, validate, store, then ack; what is refused is
+counted."""

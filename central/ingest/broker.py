@@ -16,7 +16,7 @@ import aiomqtt
 import structlog
 
 from central import CentralError
-from central.settings import Settings
+from central.config.settings import Settings
 from runtime.mqtt import Endpoint, TlsFileError, client_tls_context
 
 log = structlog.get_logger(__name__)

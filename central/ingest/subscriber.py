@@ -33,10 +33,10 @@ import aiomqtt
 import structlog
 
 from central import CentralError, __version__
+from central.config.settings import Settings
 from central.health.metrics import Metrics
 from central.ingest import broker
 from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
-from central.settings import Settings
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
 from protocols.envelope import (
@@ -349,7 +349,7 @@ class Ingest:
         # Committed: from here on the acks may go out.
         self.metrics.observe_write(time.monotonic() - started)
         self.metrics.commits += 1 if written is batches else len(written)
-        for b, res in zip(written, results, strict=True):
+        for _b, res in zip(written, results, strict=True):
             self.metrics.batches += 1
             self.metrics.records_inserted += res.inserted
             self.metrics.records_duplicate += res.duplicates

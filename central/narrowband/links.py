@@ -1,4 +1,4 @@
-"""The bearer-specific half of central's narrowband receiver (`central.narrowband.receiver`), no I/O.
+"""The bearer-specific half of central's narrowband receiver (`.receiver`), with no I/O.
 
 A `Link` is fed the bytes read from central's radio and says what to write back and which
 messages the bytes carried (`Inbound`) or why they carried none (`Dropped`). `BeidouLink` is
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from central.settings import NarrowbandGateway, Settings
+from central.config.settings import NarrowbandGateway, Settings
 from protocols.beidou import (
     NEED_DATA,
     Bd2CardInfo,

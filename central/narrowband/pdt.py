@@ -1,11 +1,11 @@
 """Central's PDT radio link (DESIGN.md §5): a Hytera radio's HRNP port, read for gateways' texts.
 
-`PdtLink` is the per-bearer half (`central.narrowband.links`) of `central.narrowband.receiver`'s receiver for
-`narrowband_bearer = "pdt"`; it does no I/O. On open it connects (HRNP 0xFE) and expects the
-accept; it connects again every `RECONNECT_S` while the radio has not accepted (a reject, a
-radio that was off). Every data packet of the radio's is data-acked with its packet number,
-as `firmware_stubs.pdt_sim` and the public HRNP clients expect. The text messages in them
-(private or group, `protocols.hrnp_text`) are:
+`PdtLink` is the per-bearer half (`central.narrowband.links`) of the receiver
+(`central.narrowband.receiver`) for `narrowband_bearer = "pdt"`; it does no I/O. On open it
+connects (HRNP 0xFE) and expects the accept; it connects again every `RECONNECT_S` while the
+radio has not accepted (a reject, a radio that was off). Every data packet of the radio's is
+data-acked with its packet number, as `firmware_stubs.pdt_sim` and the public HRNP clients
+expect. The text messages in them (private or group, `protocols.hrnp_text`) are:
 
 - a Fieldlink frame when the text starts with "FL1:" (`protocols.narrowband.from_text`): the
   frame goes on as `Inbound` from the sender's radio id, to the shared verify / decode / store
@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from central.config.settings import NarrowbandGateway
 from central.narrowband.links import Dropped, Inbound, LinkEvent
-from central.settings import NarrowbandGateway
 from protocols.hrnp import (
     NEED_DATA,
     SERVICE_TEXT,

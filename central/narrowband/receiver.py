@@ -49,10 +49,10 @@ import serial
 import structlog
 
 from central import CentralError
+from central.config.settings import NarrowbandGateway, Settings
 from central.health.metrics import Metrics
 from central.narrowband.links import QUIET_S, BeidouLink, Dropped, Inbound, Link
 from central.narrowband.pdt import PdtLink
-from central.settings import NarrowbandGateway, Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
@@ -314,9 +314,9 @@ class NarrowbandReceiver:
 
     async def _inventory(self, gw: str) -> Inventory:
         row = await self.storage.run(lambda: _gateway_program(gw), write=False)
-        if row is None or row[0] is None or row[1] is None:
+        stream, birth = (None, None) if row is None else row
+        if stream is None or birth is None:
             raise NoBirthError(gw)
-        stream, birth = row
         # SQLite keeps the birth as JSON text, PostgreSQL as jsonb (a dict already).
         return inventory_from_birth(gw, stream, json.loads(birth) if isinstance(birth, str)
                                     else birth)

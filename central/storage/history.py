@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from central import tasks
+from central.config.settings import Settings
 from central.health.metrics import Metrics
-from central.settings import Settings
 from central.storage.aggregates import RetentionPolicy
 from central.storage.base import PurgeResult, Storage, StorageError
 from central.storage.timecheck import TimePolicy
+from runtime import tasks
 
 log = structlog.get_logger(__name__)
 

@@ -24,8 +24,8 @@ from psycopg.pq import Format
 
 from central.alarms.engine import ingest_program
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
-from central.storage.base import WriteResult
 from central.storage.aggregates import AggSamples
+from central.storage.base import WriteResult
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
 from central.storage.postgres_schema import Conn
 from central.storage.program import run_async

@@ -56,7 +56,7 @@ def run_sync(conn: sqlite3.Connection, program: Program[T]) -> T:
             try:
                 stmt = program.send(rows)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                return stop.value
             rows = conn.execute(stmt.text, stmt.params).fetchall()
 
 
@@ -75,6 +75,6 @@ async def run_async(conn: Any, program: Program[T]) -> T:
             try:
                 stmt = program.send(rows)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                return stop.value
             cur = await conn.execute(pg_text(stmt.text, stmt.lock), stmt.params)
             rows = await cur.fetchall() if cur.description is not None else []

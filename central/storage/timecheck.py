@@ -5,13 +5,13 @@ judgement: a time more than `future_tolerance_ms` ahead of central's receive tim
 `floor_ms` (2020-01-01, older than any Fieldlink gateway), is stored with `CLOCK_SUSPECT` and
 the central-only bit `CENTRAL_TS_SUSPECT` (so an operator can tell whose judgement it was).
 
-A stored record is never updated, with two exceptions. A later copy of the same
-(gw, stream, seq) WITHOUT `CLOCK_SUSPECT` (the edge corrected the time once a good time source
-came back) replaces the suspect copy's ts and flags; and the full record that comes over IP
-replaces a copy that came by narrowband (`central.storage.writes`, `NARROWBAND_COPY`). Suspect readings are kept raw but stay out
-of the aggregates (their bucket is unknown) until such a corrected copy arrives; readings that
-central itself judged implausible do not move the latest value either (a far-future time
-would pin it for ever).
+A stored record is never updated, with two exceptions. A later copy of the same (gw, stream,
+seq) WITHOUT `CLOCK_SUSPECT` (the edge corrected the time once a good time source came back)
+replaces the suspect copy's ts and flags; and the full record that comes over IP replaces a copy
+that came by narrowband (`central.storage.writes`, `NARROWBAND_COPY`). Suspect readings are kept
+raw but stay out of the aggregates (their bucket is unknown) until such a corrected copy
+arrives; readings that central itself judged implausible do not move the latest value either (a
+far-future time would pin it for ever).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge_agent.config.site import AgentConfig, ConfigError, load_config, parse_config
 from edge_agent import EdgeError
+from edge_agent.config.site import AgentConfig, ConfigError, load_config, parse_config
 
 KEY, CERT, CA, PUB, META = ("gateway.key", "gateway.crt", "ca.crt", "central-command.pub",
                             "enrolment.json")

@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from central.callresp.settings import CallRespSettings
 from central import CentralError
+from central.callresp.settings import CallRespSettings
 
 ENV_PREFIX = "FIELDLINK_CENTRAL_"
 
@@ -121,14 +121,14 @@ class Settings(BaseModel):
                                         "samples into the aggregates: longer folds more samples "
                                         "per bucket write (reads fold first anyway)")
     # --- end history
-    # --- narrowband (DESIGN.md §5; central.narrowband.receiver): central's own BeiDou terminal or PDT
-    # radio (one per central process)
+    # --- narrowband (DESIGN.md §5; central.narrowband.receiver): central's own BeiDou terminal
+    # or PDT radio (one per central process)
     narrowband_port: str | None = Field(default=None, description="serial port of central's BeiDou "
                                         "terminal or PDT radio, e.g. /dev/ttyUSB1; None: no "
                                         "receiver")
     narrowband_bearer: Literal["beidou", "pdt"] = Field(
-        default="beidou", description="what is on narrowband_port: a BeiDou terminal or a Hytera PDT "
-                              "radio (HRNP)")
+        default="beidou", description="what is on narrowband_port: a BeiDou terminal or a "
+                                      "Hytera PDT radio (HRNP)")
     narrowband_baudrate: int = Field(default=115200, gt=0)
     narrowband_dialect: Literal["bd3", "bd2"] = Field(default="bd3", description="BeiDou only")
     narrowband_mac_len: int = Field(default=4, ge=4, le=32,
@@ -167,8 +167,8 @@ class Settings(BaseModel):
     # --- end identity
     callresp: CallRespSettings = Field(default_factory=CallRespSettings)  # 叫应 (§7)
     command_key_path: Path | None = Field(
-        default=None, description="Ed25519 command-signing key (PEM, made on first start); default: "
-                          "central-command-key.pem next to the SQLite file")
+        default=None, description="Ed25519 command-signing key (PEM, made on first start); "
+                                  "default: central-command-key.pem next to the SQLite file")
 
     @model_validator(mode="after")
     def _mqtt_tls(self) -> Self:
