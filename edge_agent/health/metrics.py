@@ -36,7 +36,8 @@ UPLINK_COUNTERS = {
     "connects": "MQTT connections made.",
     "batches_sent": "Data messages published.",
     "records_sent": "Records published (first sends and resends).",
-    "batches_resent": "Batches whose ack timed out and whose records went out again.",
+    "batches_resent": ("Batches whose ack timed out, or in flight when central came online, "
+                       "and whose records went out again."),
     "acks": "Acks received from central.",
     "records_acked": "Records newly marked delivered by an ack.",
     "acks_refused": "Acks naming a seq this uplink never sent (forged or foreign).",

@@ -38,7 +38,8 @@ class UplinkCounters:
     connects: int = 0
     batches_sent: int = 0
     records_sent: int = 0
-    batches_resent: int = 0  # batches whose ack timed out; their records went out again
+    batches_resent: int = 0  # batches whose ack timed out (or central came): records went again
+    central_online: int = 0  # central came (back) online while connected: in-flight resent
     acks: int = 0
     records_acked: int = 0  # rows newly marked delivered
     acks_foreign: int = 0  # acks naming another stream
@@ -160,6 +161,17 @@ class AckLedger:
                      timeout_s=self.ack_timeout())
         if expired:
             self._timeout_factor = min(self._timeout_factor * 2, _MAX_TIMEOUT_FACTOR)
+
+    def resend_all(self) -> int:
+        """Central has just subscribed (its online state came): what is in flight may have
+        gone into a broker with no subscriber, so forget it all and let its records be read out
+        again at once, as an ack timeout would. The timeout does not grow (central was away,
+        not overloaded) and the pacer starts afresh, as on a new connection. Returns the
+        batches forgotten."""
+        resent = len(self.batches)
+        self.counters.batches_resent += resent
+        self.drop()
+        return resent
 
     def next_expiry_in(self) -> float:
         if not self.batches:

@@ -9,6 +9,14 @@ no timely ack arrives, the timeout doubles after each expiry (up to 8x), so a si
 overloaded central does not cost a narrow link a full window every `ack_timeout_s`; the next
 ack of a batch still in flight resets it.
 
+Central's return: the uplink also reads central's retained state (`topics.CENTRAL_STATE`),
+which central publishes right after it has subscribed. A broker restarted without persistence
+forgets central's subscription; an agent that reconnects first publishes into a broker with no
+subscriber, and those batches are dropped. So when central's state turns online while we are
+connected (a live online message after offline or none, or from another central boot), every
+batch in flight goes again at once instead of after an ack timeout. A retained state delivered
+on our own subscribe says nothing new: everything in flight was sent after that subscribe.
+
 Lanes (§4.2): each batch is either *priority* (alarms, events, live telemetry and, after an
 outage, the newest value of each point) or *backlog* (older telemetry, oldest first). Backlog
 batches are paced by a `BacklogPacer` (AIMD on backlog batches in flight, driven by the ack
@@ -119,6 +127,8 @@ class Uplink:
         self._wake = asyncio.Event()
         self._backlog = 0
         self._foreign_logged: set[str] = set()
+        # Central's last state heard on this connection (None: none yet), read-only outside.
+        self.central_state: State | None = None
         # Slots only priority batches may take; backlog gets the rest, paced.
         self.reserve = max(1, self.max_inflight // 4)
         self.pacer = BacklogPacer(max_window=max(1, self.max_inflight - self.reserve),
@@ -181,8 +191,11 @@ class Uplink:
     async def _announce(self, client: aiomqtt.Client) -> None:
         # The previous connection's batches may be lost anywhere: send everything again.
         self.ledger.drop()
+        self.central_state = None
         await client.subscribe(self._t_ack, qos=1)
         await client.subscribe(self._t_cmd, qos=1)
+        # Before any data goes out: central's coming online afterwards reaches us live.
+        await client.subscribe(topics.CENTRAL_STATE, qos=1)
         await self._refresh_backlog()
         await client.publish(self._t_state, encode(self._state(online=True)), qos=1, retain=True)
         birth = replace(self.birth, gw=self.gw, stream=self.outbox.stream,
@@ -229,6 +242,30 @@ class Uplink:
                 await self._handle_ack(payload)
             elif message.topic.matches(self._t_cmd):
                 await self._handle_command(payload)
+            elif message.topic.matches(topics.CENTRAL_STATE):
+                self._handle_central_state(payload, retained=bool(message.retain))
+
+    def _handle_central_state(self, payload: bytes, *, retained: bool) -> None:
+        """Central's state: when it turns online while we are connected, resend what is in
+        flight now (see the module's docstring)."""
+        try:
+            state = decode(payload)
+        except EnvelopeError as exc:
+            log.warning("central_state_malformed", error=str(exc))
+            return
+        if not isinstance(state, State):
+            log.warning("central_state_malformed", error=f"a {type(state).__name__} message")
+            return
+        before, self.central_state = self.central_state, state
+        if not state.online or retained or (
+                before is not None and before.online and before.boot_id == state.boot_id):
+            return
+        records = self.ledger.records
+        batches = self.ledger.resend_all()
+        self.counters.central_online += 1
+        log.info("central_online_resend", central_boot_id=state.boot_id, batches=batches,
+                 records=records)
+        self.notify()
 
     async def _handle_ack(self, payload: bytes) -> None:
         try:
