@@ -97,6 +97,10 @@ def _broker_config(root: Path, db: str, pki: Path, port: int, central_port: int)
     acl = (out / "acl").read_text()
     assert "pattern write fieldlink/v1/%u/up/#" in acl
     assert "pattern read fieldlink/v1/%u/down/#" in acl
+    # Every gateway reads central's online state (it resends on central's return), and no more.
+    assert [line for line in acl.splitlines() if line.startswith("pattern ")] == [
+        "pattern write fieldlink/v1/%u/up/#", "pattern read fieldlink/v1/%u/down/#",
+        f"pattern read {topics.CENTRAL_STATE}"]
     with conf.open("a") as f:  # the test's own log, beside the production config
         f.write(f"log_dest file {root / 'broker' / 'mosquitto.log'}\n")
     return conf
@@ -257,6 +261,8 @@ async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> No
         await until(lambda: up_a.counters.records_acked == 40 and up_b.counters.records_acked == 25,
                     "both gateways' records acknowledged by central", timeout=30)
         assert up_a.counters.acks_refused == 0 and up_b.counters.acks_refused == 0
+        # The production ACL lets the uplink read central's online state.
+        assert up_a.central_state is not None and up_a.central_state.online
     async with httpx.AsyncClient(base_url=site.http_url, headers=site.headers) as http:
         for gw, n in (("gw-a", 40), ("gw-b", 25)):
             d = (await http.get(f"/api/gateways/{gw}/delivery")).json()

@@ -6,6 +6,7 @@ Written into DIR:
 |---|---|
 | `mosquitto.conf` | two mutual-TLS listeners, no anonymous, persistence on, CRL, ACL file |
 | `acl` | a gateway writes only `fieldlink/v1/<CN>/up/#`, reads only `.../<CN>/down/#` |
+| | and `fieldlink/v1/_central/state` (central's online state: it resends on central's return) |
 | | `_central` reads every `up/`, writes every `down/` and its own state |
 | `ca.crt` | the gateway CA (clients' certificates must chain to it) |
 | `server.crt`, `server.key` (0600) | the broker's own certificate, for the names in `--host` |
