@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from central import CentralError, __version__
+from central import __version__
 from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
 from central.alarms.desk import policy_from  # alarms wiring (§7)
 from central.alarms.rules import start_alarm_rules  # alarms wiring (§7)
@@ -58,12 +57,10 @@ from central.storage import (
     open_storage,
     safe_db_url,
 )
-from central.storage.aggregates import Resolution, choose_resolution, coarser
 from central.storage.history import keep_days, start_history, time_policy_from
-from central.web.bounds import TIME_MAX_MS, TIME_MIN_MS
+from central.web.cursor import MAX_CURSOR_CHARS, CursorError
 from central.web.docs import install as install_docs
 from central.web.models import (
-    BucketOut,
     DeliveryOut,
     DeviceOut,
     GatewayDetail,
@@ -72,10 +69,11 @@ from central.web.models import (
     LatestOut,
     PointOut,
     Problem,
-    SampleOut,
     SeriesOut,
     StreamDeliveryOut,
 )
+from central.web.series import series_page
+from central.web.times import TIME_DOC, TimeParamError, parse_time
 from runtime import tasks
 
 log = structlog.get_logger(__name__)
@@ -84,39 +82,11 @@ PROBLEM = "application/problem+json"
 DAY_MS = 86_400_000
 
 
-class TimeParamError(CentralError):
-    def __init__(self, name: str, value: str) -> None:
-        super().__init__(f"{name}={value[:64]!r}: expected epoch milliseconds or ISO-8601"
-                         f" within {TIME_MIN_MS}..{TIME_MAX_MS}")
-        self.name = name
-        self.value = value
-
-
 # --- helpers ----------------------------------------------------------------------------------
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def parse_time(name: str, value: str | None, default: int) -> int:
-    """Epoch milliseconds or ISO-8601 (naive means UTC) → epoch milliseconds."""
-    if value is None or value == "":
-        return default
-    v = value.strip()
-    if v.lstrip("-").isdigit():
-        # Bounded before int(): a database BIGINT, and int() of 4,300+ digits raises.
-        ms = int(v) if len(v) <= 20 else None
-        if ms is None or not TIME_MIN_MS <= ms <= TIME_MAX_MS:
-            raise TimeParamError(name, value)
-        return ms
-    try:
-        dt = datetime.fromisoformat(v)
-    except ValueError:
-        raise TimeParamError(name, value) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
 
 
 def _gateway_out(g: Gateway, offline_after_s: float, now_ms: int,
@@ -141,34 +111,6 @@ def _problem(status: int, title: str, detail: str,
              errors: list[dict[str, object]] | None = None) -> JSONResponse:
     body = Problem(title=title, status=status, detail=detail, errors=errors)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, media_type=PROBLEM)
-
-
-async def _series(storage: Storage, point: str, from_ms: int, to_ms: int,
-                  resolution: Literal["auto", "raw", "1m", "1h"], limit: int | None, *,
-                  now: int, keep: dict[str, float]) -> SeriesOut:
-    """A point's samples or buckets in a window; `auto` picks the resolution by the window's
-    length and goes coarser where retention has purged the finer one."""
-    res: Resolution = choose_resolution(from_ms, to_ms) if resolution == "auto" else resolution
-    while True:
-        if res == "raw":
-            n = limit or 1000
-            rows = await storage.series(point, from_ms, to_ms, n + 1)
-            samples: list[SampleOut] | list[BucketOut] = [
-                SampleOut(ts_ms=s.ts_ms, value=s.value, text=s.text, flags=s.flags)
-                for s in rows[:n]]
-        else:
-            n = limit or 10_080  # a week of minutes
-            buckets = await storage.buckets(point, res, from_ms, to_ms, n + 1)
-            rows = buckets  # type: ignore[assignment]
-            samples = [BucketOut(ts_ms=b.ts_ms, value=b.avg, min=b.min, max=b.max,
-                                 count=b.count) for b in buckets[:n]]
-        # auto, and retention has purged this window at this resolution: go coarser.
-        nxt = coarser(res, from_ms, now, keep) if resolution == "auto" and not rows else None
-        if nxt is None:
-            break
-        res = nxt
-    return SeriesOut(point=point, from_ms=from_ms, to_ms=to_ms, resolution=res, limit=n,
-                     truncated=len(rows) > n, samples=samples)
 
 
 def _document_bearer(app: FastAPI) -> None:
@@ -257,6 +199,10 @@ def _install_problems(app: FastAPI) -> None:
     @app.exception_handler(BadRefError)
     async def bad_ref(_: Request, exc: BadRefError) -> JSONResponse:
         return _problem(422, "Bad reference", str(exc))
+
+    @app.exception_handler(CursorError)
+    async def bad_cursor(_: Request, exc: CursorError) -> JSONResponse:
+        return _problem(422, "Bad cursor", str(exc))
 
     @app.exception_handler(TimeParamError)
     async def bad_time(_: Request, exc: TimeParamError) -> JSONResponse:
@@ -374,21 +320,25 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     async def series(
         request: Request, point: str, p: Reader,
         from_: Annotated[str | None, Query(alias="from",
-                                           description="epoch ms or ISO-8601")] = None,
-        to: Annotated[str | None, Query(description="epoch ms or ISO-8601; default now")] = None,
+                                           description=f"{TIME_DOC}; default to - 24 h")] = None,
+        to: Annotated[str | None, Query(description=f"{TIME_DOC}; default now")] = None,
         resolution: Annotated[Literal["auto", "raw", "1m", "1h"], Query(
             description="auto: raw up to 6 h, 1m up to 7 days, 1h beyond")] = "auto",
         limit: Annotated[int | None, Query(ge=1, le=100_000, description="default 1000 raw "
                                            "samples, 10080 buckets")] = None,
+        cursor: Annotated[str | None, Query(max_length=MAX_CURSOR_CHARS, description=(
+            "the `next` of the previous page, to continue it"))] = None,
     ) -> SeriesOut:
+        """Example: `?from=2026-12-07T08:00:00&to=2026-12-07T09:00:00` (Asia/Shanghai); while
+        `next` is set, ask again with `&cursor=<next>` for the rest of the window."""
         now = _now_ms()
         to_ms = parse_time("to", to, now)
         from_ms = parse_time("from", from_, to_ms - DAY_MS)
         if from_ms > to_ms:
             raise TimeParamError("from", f"{from_} (after to)")
         await check_gateway(storage_of(request), p, point.split(":", 1)[0])
-        return await _series(storage_of(request), point, from_ms, to_ms, resolution, limit,
-                              now=now, keep=keep_days(settings))
+        return await series_page(storage_of(request), point, from_ms, to_ms, resolution, limit,
+                                 cursor, now=now, keep=keep_days(settings))
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
     async def metrics(request: Request, _: Reader) -> PlainTextResponse:

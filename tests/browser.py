@@ -68,3 +68,9 @@ def requested_urls(driver: webdriver.Chrome) -> list[str]:
         if msg.get("method") == "Network.requestWillBeSent":
             urls.append(msg["params"]["request"]["url"])
     return urls
+
+
+def viewport(driver: webdriver.Chrome, width: int, height: int) -> None:
+    """The page's own size, exactly (a window's size includes its frame)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})

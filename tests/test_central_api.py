@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from central import cli
-from central.app import create_app, parse_time
+from central.app import create_app
 from central.config.settings import Settings, SettingsError, load_settings
 from central.storage import open_storage
+from central.web.times import TimeParamError, parse_time
 from protocols import envelope as env
 from protocols import topics
 from runtime.mqtt import Client as MqttClient
@@ -207,3 +208,62 @@ def test_cli_serve_bad_settings_exit_1(tmp_path: Path) -> None:
     """`central serve` with settings that do not validate prints one error and exits 1."""
     result = CliRunner().invoke(cli.app, ["serve", "--mqtt-port", "70000", "--log-json"])
     assert result.exit_code == 1
+
+
+def test_times_without_a_zone_are_the_duty_rooms() -> None:
+    """An ISO time without a zone is Asia/Shanghai (UTC+8); with a zone or as epoch ms it is
+    what it says."""
+    assert parse_time("from", "2023-11-15T06:13:22", 0) == T0 + 2000  # 22:13:22 UTC
+    assert parse_time("from", "2023-11-15T06:13:22+08:00", 0) == T0 + 2000
+    assert parse_time("from", "2023-11-14T22:13:22Z", 0) == T0 + 2000
+    assert parse_time("from", str(T0), 0) == T0
+    with pytest.raises(TimeParamError):
+        parse_time("from", "2023-13-01T00:00:00", 0)
+
+
+async def test_series_next_cursor_continues_every_resolution(tmp_path: Path) -> None:
+    """A truncated series carries `next`; passing it as `cursor` returns the rest of the window
+    with nothing twice or missed, also for readings that share a time and for 1-minute
+    buckets; a cursor not from this endpoint, or of another resolution, is a 422 problem."""
+    settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", offline_after_s=60)
+    await seed(settings.db_url)
+    base = T0 - T0 % 60_000
+    async with open_storage(settings.db_url) as st:  # ten minutes, every 20 s, and twins
+        await st.write_batches([env.DataBatch(gw="gw-1", stream=s, records=tuple(
+            env.Record(seq=100 + i, kind=env.RecordKind.TELEMETRY, ts_ms=base + 600_000
+                       + i * 20_000, point="tank-3/o2", value=float(i)) for i in range(30)))
+            for s in ("s1", "s2")])
+    ref = "/api/points/gw-1:tank-3:o2/series"
+    window = {"from": base + 600_000, "to": base + 1_200_000}
+
+    async def pages(c: httpx.AsyncClient, **params: object) -> list[dict[str, object]]:
+        body = (await c.get(ref, params={**window, **params})).json()
+        out = []
+        while True:
+            out.append(body)
+            if body["next"] is None:
+                assert not body["truncated"]
+                return out
+            assert body["truncated"]
+            body = (await c.get(ref, params={**window, **params, "cursor": body["next"]})
+                    ).json()
+
+    async with serve(settings) as c:
+        raw = await pages(c, limit=7)
+        assert len(raw) == 9 and {b["resolution"] for b in raw} == {"raw"}
+        values = [s["value"] for b in raw for s in b["samples"]]  # type: ignore[attr-defined]
+        assert values == [float(i) for i in range(30) for _ in range(2)]
+        minutes = await pages(c, resolution="1m", limit=4)
+        buckets = [s for b in minutes for s in b["samples"]]  # type: ignore[attr-defined]
+        assert [s["ts_ms"] for s in buckets] == [base + 600_000 + m * 60_000 for m in range(10)]
+        assert sum(s["count"] for s in buckets) == 60
+        wide = {"from": base + 600_000 - 6 * 3_600_000, "to": base + 1_200_000}
+        first = (await c.get(ref, params={**wide, "limit": 4})).json()
+        assert first["resolution"] == "1m"  # auto over 6 h: the cursor keeps it at 1m
+        then = (await c.get(ref, params={**wide, "limit": 4, "cursor": first["next"]})).json()
+        assert then["resolution"] == "1m" and then["samples"][0]["ts_ms"] == base + 840_000
+        for bad in ({"cursor": "garbage"}, {"cursor": raw[0]["next"], "resolution": "1h"},
+                    {"cursor": first["next"], "resolution": "raw"}):
+            r = await c.get(ref, params={**window, **bad})
+            assert r.status_code == 422, bad
+            assert r.headers["content-type"].startswith("application/problem+json")

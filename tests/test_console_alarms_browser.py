@@ -14,7 +14,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from central.storage import open_storage
 from central.storage.timecheck import NARROWBAND_COPY
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
-from tests.browser import chromium, console_login
+from tests.browser import chromium, console_login, viewport
 from tests.fleet import Central
 from tests.helpers import Mosquitto
 from tests.identity import PASSWORD, cli_user
@@ -77,6 +77,22 @@ def test_duty_officer_acknowledges_an_alarm_from_the_page(tmp_path: Path,
             radio = wait.until(lambda d: [t for e in d.find_elements(By.CSS_SELECTOR, "tr.alarm")
                                           if "gw-alarm-02" in (t := e.text)])
             assert "经北斗" in radio[0] and "二级" in radio[0]
+
+            # A phone-wide window: the desk's header and each alarm wrap, nothing runs off.
+            viewport(driver, 360, 900)
+            wait.until(lambda d: d.execute_script(
+                "return document.documentElement.scrollWidth <= innerWidth"))
+            for selector in ("#alarms .alarms-head", row):
+                assert driver.execute_script(
+                    "const e = document.querySelector(arguments[0]), r = e.getBoundingClientRect();"
+                    " return e.scrollWidth <= e.clientWidth && r.right <= innerWidth", selector)
+            labels = driver.execute_script(  # each cell is named by its column
+                "return [...document.querySelectorAll(arguments[0] + ' > td')]"
+                ".map((td) => getComputedStyle(td, '::before').content)", row)
+            assert '"发生时数值 "' in labels and '"当前值 "' in labels
+            driver.execute_script("document.getElementById('alarms').scrollIntoView()")
+            driver.save_screenshot(str(tmp_path / "narrow-desk.png"))
+            driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
             driver.find_element(By.ID, "alarm-comment").send_keys("已电话通知企业")
             driver.find_element(By.CSS_SELECTOR, f'{row} button[data-action="ack"]').click()

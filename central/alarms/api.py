@@ -4,7 +4,8 @@
     POST /api/areas          {parent_id, level, code, name_zh, kind}  -> 201, the area
     GET  /api/areas/{id}/summary                      -> active alarms under it by severity
     PUT  /api/gateways/{gw}/area   {area_id}          -> the gateway now stands at that site
-    GET  /api/alarms?area=&state=&ack=&gw=&limit=     -> alarms of the area and all under it
+    GET  /api/alarms?area=&state=&ack=&gw=&from=&to=&limit=&cursor=
+                                                      -> alarms of the area and all under it
     GET  /api/alarms/{id}                             -> the alarm and its history
     POST /api/alarms/{id}/ack      {comment}          -> the acknowledged alarm
     POST /api/alarms/{id}/clear    {comment}          -> the alarm, cleared by hand
@@ -23,13 +24,20 @@ commits together with its audit row.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from pydantic import Field
 
 from central.alarms import desk as alarms
 from central.alarms.lifecycle import AckState, AlarmStatus
+from central.alarms.paging import (
+    NEXT_HEADERS,
+    alarm_cursor,
+    next_alarm_cursor,
+    set_next,
+    time_range,
+)
 from central.areas import tree as areas
 from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
 from central.identity.authz import (
@@ -45,8 +53,10 @@ from central.identity.authz import (
 )
 from central.storage.program import Program
 from central.web.bounds import ID_MAX, IdField, IdPath
+from central.web.cursor import MAX_CURSOR_CHARS
 from central.web.problems import install_problems
 from central.web.routing import StrictModel, audit_of, now_ms, run_audited, storage_of
+from central.web.times import TIME_DOC
 
 
 class AreaIn(StrictModel):
@@ -300,26 +310,42 @@ def _install_area_routes(app: FastAPI) -> None:
 
 
 def _install_alarm_routes(app: FastAPI) -> None:
-    @app.get("/api/alarms", response_model=list[AlarmOut], responses=_PROBLEMS, tags=["alarms"])
+    @app.get("/api/alarms", response_model=list[AlarmOut], tags=["alarms"],
+             responses={**_PROBLEMS, 200: {"headers": NEXT_HEADERS}})
     async def list_alarms(
-        request: Request, p: Reader,
+        request: Request, response: Response, p: Reader,
         area: Annotated[int | None, Query(ge=1, le=ID_MAX,
                                           description="this area and all under it")] = None,
-        state: Annotated[AlarmStatus | None, Query()] = None,
+        state: Annotated[AlarmStatus | Literal["all"] | None, Query(
+            description="active, cleared, or all (the same as leaving it out)")] = None,
         ack: Annotated[AckState | None, Query()] = None,
         gw: Annotated[str | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=alarms.MAX_LIMIT)] = 200,
+        from_: Annotated[str | None, Query(alias="from", description=(
+            f"raised at or after this; {TIME_DOC}"))] = None,
+        to: Annotated[str | None, Query(description=f"raised before this; {TIME_DOC}")] = None,
+        cursor: Annotated[str | None, Query(max_length=MAX_CURSOR_CHARS, description=(
+            "the `X-Next-Cursor` of the previous page, to continue it"))] = None,
     ) -> list[AlarmOut]:
-        """Active first, then by severity, newest first.
+        """Active first, then by severity, newest first. When more alarms follow, the
+        `X-Next-Cursor` header (and `Link: <…>; rel="next"`) hold the cursor of the next page:
+        ask again with the same filters and `&cursor=<it>`; alarms raised meanwhile do not
+        shift the pages (an alarm whose state or severity changes meanwhile moves in the order).
 
-        Example: `?area=2&state=active&ack=unacknowledged`."""
+        Example: `?area=2&state=all&from=2026-12-07T08:00:00&to=2026-12-07T20:00:00`."""
         storage = storage_of(request)
         if area is not None:
             await check_area(storage, p, area)
         elif p.user.area_id is not None:
             area = p.user.area_id  # a scoped user's list starts at their area
-        rows = await alarms.list_alarms(storage, area_id=area, state=state, ack=ack, gw=gw,
-                                        limit=limit)
+        after = alarm_cursor(cursor) if cursor else None
+        from_ms, to_ms = time_range(from_, to)
+        rows = await alarms.list_alarms(storage, area_id=area, limit=limit + 1, gw=gw, ack=ack,
+                                        state=None if state == "all" else state, after=after,
+                                        from_ms=from_ms, to_ms=to_ms)
+        if len(rows) > limit:
+            rows = rows[:limit]
+            set_next(request, response, next_alarm_cursor(rows[-1]))
         visible = await gateway_scope(storage, p)
         return [_alarm_out(a) for a in rows if visible(a.gw)]
 

@@ -138,8 +138,8 @@ _SELECT = (
     " a.cleared_by, a.clear_comment, a.incident_id, a.updated_ms, p.name_zh, p.unit,"
     " ar.id, ar.name_zh FROM alarms a LEFT JOIN points p ON p.id = a.point_id"
     " LEFT JOIN gateway_sites gs ON gs.gw = a.gw LEFT JOIN areas ar ON ar.id = gs.area_id")
-_ORDER = (" ORDER BY CASE WHEN a.state = 'active' THEN 0 ELSE 1 END, a.severity DESC,"
-          " a.raised_ms DESC, a.id DESC")
+_RANK = "CASE WHEN a.state = 'active' THEN 0 ELSE 1 END"
+_ORDER = f" ORDER BY {_RANK}, a.severity DESC, a.raised_ms DESC, a.id DESC"
 
 
 def _history_fields(r: Sequence[Any]) -> tuple[Any, ...]:
@@ -161,9 +161,22 @@ def get_program(alarm_id: int) -> Program[Alarm]:
     return _alarm(rows[0])
 
 
+AlarmKey = tuple[int, int, int, int]  # (0 active | 1 cleared, severity, raised_ms, id)
+
+
+def alarm_key(a: Alarm) -> AlarmKey:
+    """Where an alarm stands in the list's order; a page that ends at it continues after it."""
+    return (0 if a.state == AlarmStatus.ACTIVE else 1, a.severity, a.raised_ms, a.id)
+
+
 def list_program(area_id: int | None, state: AlarmStatus | None, ack: AckState | None,
-                 gw: str | None, limit: int) -> Program[list[Alarm]]:
-    where, args = [], []
+                 gw: str | None, limit: int, *, from_ms: int | None = None,
+                 to_ms: int | None = None, after: AlarmKey | None = None
+                 ) -> Program[list[Alarm]]:
+    """At most `limit` alarms in the list's order, raised in [from_ms, to_ms) when given,
+    after the key `after` when given."""
+    where: list[str] = []
+    args: list[str | int] = []
     if area_id is not None:
         area = yield from area_program(area_id)
         where.append("ar.path LIKE ?")  # this area and everything under it
@@ -172,6 +185,13 @@ def list_program(area_id: int | None, state: AlarmStatus | None, ack: AckState |
         if v is not None:
             where.append(f"{col} = ?")
             args.append(str(v))
+    for cond, ms in (("a.raised_ms >= ?", from_ms), ("a.raised_ms < ?", to_ms)):
+        if ms is not None:
+            where.append(cond)
+            args.append(ms)
+    if after is not None:  # _ORDER as one ascending row value: the keyset of the last page
+        where.append(f"({_RANK}, -a.severity, -a.raised_ms, -a.id) > (?, ?, ?, ?)")
+        args.extend((after[0], -after[1], -after[2], -after[3]))
     sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + _ORDER + " LIMIT ?"
     rows = yield Sql(sql, (*args, limit))
     return [_alarm(r) for r in rows]
@@ -254,12 +274,16 @@ def summary_program(area_id: int) -> Program[AreaSummary]:
 
 async def list_alarms(storage: Storage, *, area_id: int | None = None,
                       state: AlarmStatus | str | None = None, ack: AckState | str | None = None,
-                      gw: str | None = None, limit: int = 200) -> list[Alarm]:
-    """Alarms of an area and every area under it (or all), active first, most severe first."""
+                      gw: str | None = None, limit: int = 200, from_ms: int | None = None,
+                      to_ms: int | None = None, after: AlarmKey | None = None) -> list[Alarm]:
+    """Alarms of an area and every area under it (or all), active first, most severe first,
+    newest first; `from_ms`/`to_ms` bound when they were raised, `after` is the `alarm_key`
+    of the last alarm of the previous page."""
     st = None if state is None else AlarmStatus(state)
     ak = None if ack is None else AckState(ack)
-    n = max(1, min(limit, MAX_LIMIT))
-    return await storage.run(lambda: list_program(area_id, st, ak, gw, n), write=False)
+    n = max(1, min(limit, MAX_LIMIT + 1))  # + 1: a pager asks one more to know if more follow
+    return await storage.run(lambda: list_program(area_id, st, ak, gw, n, from_ms=from_ms,
+                                                  to_ms=to_ms, after=after), write=False)
 
 
 async def get_alarm(storage: Storage, alarm_id: int) -> Alarm:

@@ -44,15 +44,44 @@ const session = { me: null };
 
 function toLogin() { location.replace("/login"); }
 
+// What the page says when it cannot reach central: never the browser's own words ("Failed to
+// fetch", "NetworkError when attempting to fetch resource"), which are English and say nothing
+// to the duty officer.
+const OFFLINE_TEXT = "无法连接中心服务器";
+
+// An error whose message is written for the duty officer (Chinese, no browser text).
+class ConsoleError extends Error {}
+
+// The text to show for any error: ours as written, a failed fetch as OFFLINE_TEXT, anything
+// else (a bug, a browser message) as a plain Chinese line, with the details in the JS console.
+function errorText(e) {
+  if (e instanceof ConsoleError) return e.message;
+  if (e instanceof TypeError && /fetch|network|load/i.test(e.message || "")) return OFFLINE_TEXT;
+  console.warn(e);
+  return "页面内部错误（详情见浏览器控制台）";
+}
+
+async function centralFetch(url, options) {
+  try {
+    return await fetch(url, options);
+  } catch (e) {
+    throw new ConsoleError(OFFLINE_TEXT);  // the network, not the server: fetch rejects
+  }
+}
+
 async function getJSON(url) {
-  const r = await fetch(url, { cache: "no-store" });
-  if (r.status === 401) { toLogin(); throw new Error("请重新登录"); }
-  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
-  return r.json();
+  const r = await centralFetch(url, { cache: "no-store" });
+  if (r.status === 401) { toLogin(); throw new ConsoleError("请重新登录"); }
+  if (!r.ok) throw new ConsoleError(`中心服务器返回错误 HTTP ${r.status}（${url}）`);
+  try {
+    return await r.json();
+  } catch (e) {
+    throw new ConsoleError(`中心服务器返回的数据无法读取（${url}）`);
+  }
 }
 
 async function postJSON(url, body) {
-  const r = await fetch(url, {
+  const r = await centralFetch(url, {
     method: "POST",
     headers: { "content-type": "application/json",
                "X-CSRF-Token": session.me ? session.me.csrf : "" },

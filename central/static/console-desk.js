@@ -71,12 +71,18 @@ function renderAlarm(a) {
   const now = a.current ? withUnit(fmtValue(a.current), a.unit) : "—";
   const nowCell = el("td", { class: "num" + (a.state === "active" ? " in-alarm" : "") }, now);
   if (a.current) nowCell.title = `更新于 ${fmtTime(a.current.ts_ms)}`;
-  return el("tr", { class: `alarm ${a.ack_state} ${a.state} sev${a.severity}`, "data-alarm-id": String(a.id) },
+  const row = el("tr", { class: `alarm ${a.ack_state} ${a.state} sev${a.severity}`, "data-alarm-id": String(a.id) },
     level, el("td", {}, a.area_name || "未分配"),
     el("td", {}, el("a", { href: `#gw=${encodeURIComponent(a.gw)}`, class: "gw-link" }, a.gw)),
     el("td", {}, point), el("td", {}, ALARM_TYPES[a.type] || a.type),
     el("td", { class: "num" }, withUnit(fmtValue({ value: a.raised_value, text: a.text }), a.unit)),
     nowCell, el("td", {}, fmtTime(a.raised_ms)), state, ackCell, actions);
+  // A narrow window shows each alarm as a wrapped card, every value named by its column.
+  const heads = document.querySelectorAll("#alarms thead th");
+  row.querySelectorAll(":scope > td").forEach((td, i) => {
+    if (heads[i]) td.dataset.label = heads[i].textContent;
+  });
+  return row;
 }
 
 function renderHistory(detail) {
@@ -153,7 +159,7 @@ async function refreshDesk() {
     if ($("alarm-area").value) params.set("area", $("alarm-area").value);
     await renderDesk(await getJSON(`/api/console/desk?${params}`));
   } catch (e) {
-    showAlarmMsg(`告警刷新失败：${e.message}`, true);
+    showAlarmMsg(`告警刷新失败：${errorText(e)}`, true);
   }
 }
 
@@ -175,7 +181,7 @@ async function alarmAction(action, id) {
       showAlarmMsg(`${verb}失败：${problem.detail || `HTTP ${r.status}`}`, true);
     }
   } catch (e) {
-    showAlarmMsg(`${verb}失败：${e.message}`, true);
+    showAlarmMsg(`${verb}失败：${errorText(e)}`, true);
   }
   await refreshDesk();
 }

@@ -80,7 +80,7 @@ async function refreshGateway() {
     $("gateways").replaceChildren(renderGateway(g));
     $("gw-title").textContent = `网关 ${g.gw}`;
   } catch (e) {
-    $("gateways").replaceChildren(el("p", { class: "error" }, `网关 ${gwPage.gw} 读取失败：${e.message}`));
+    $("gateways").replaceChildren(el("p", { class: "error" }, `网关 ${gwPage.gw} 读取失败：${errorText(e)}`));
   }
 }
 
@@ -122,12 +122,14 @@ function startGatewayPage() {
     if (m && decodeURIComponent(m[1]) !== gwPage.gw) selectGateway(decodeURIComponent(m[1]));
   };
   window.addEventListener("hashchange", fromHash);
+  // the trend follows the window's width (a chart drawn wide would push a narrow page sideways)
+  window.addEventListener("resize", () => { if (gwPage.chart) gwPage.chart.resize(); });
   fromHash();
   $("gateways").addEventListener("click", (ev) => {
     const b = ev.target.closest("button[data-trend]");
     if (!b) return;
     gwPage.point = b.dataset.trend;
-    refreshTrend().catch((e) => showAlarmMsg(`趋势读取失败：${e.message}`, true));
+    refreshTrend().catch((e) => showAlarmMsg(`趋势读取失败：${errorText(e)}`, true));
   });
   $("trend-range").addEventListener("change", () => {
     gwPage.range = $("trend-range").value;

@@ -18,8 +18,8 @@ function setOutage(down, why) {
   if (down) {
     // "no active alarms" is not something the page knows while it cannot reach central
     const empty = document.querySelector("#alarm-rows td.muted");
-    if (empty) empty.textContent = "告警状态未知：无法连接中心服务";
-    banner.textContent = `无法连接中心服务（${why}）· 页面数据已过时，最后更新 ` +
+    if (empty) empty.textContent = "告警状态未知：无法连接中心服务器";
+    banner.textContent = `无法连接中心服务器（${why}）· 页面数据已过时，最后更新 ` +
       (live.lastHeard ? fmtTime(live.lastHeard) : "—");
   }
 }

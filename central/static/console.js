@@ -15,7 +15,7 @@ async function refreshAudit() {
       el("td", {}, e.action), el("td", {}, e.target),
       el("td", { class: "muted" }, JSON.stringify(e.detail)))));
   } catch (e) {
-    $("audit-verify").textContent = `审计日志读取失败：${e.message}`;
+    $("audit-verify").textContent = `审计日志读取失败：${errorText(e)}`;
   }
 }
 
@@ -42,7 +42,7 @@ async function start() {
   live.handlers.overview = (data) => { overview.data = data; renderOverview(data); };
   startLive();
   startGatewayPage();
-  startMap().catch((e) => { $("map").textContent = `地图加载失败：${e.message}`; });
+  startMap().catch((e) => { $("map").textContent = `地图加载失败：${errorText(e)}`; });
   setInterval(() => { $("clock").textContent = fmtTime(Date.now()); }, 1000);
   if (can("audit")) {
     $("audit").hidden = false;
@@ -52,6 +52,6 @@ async function start() {
 }
 
 start().catch((e) => {
-  $("error").textContent = `启动失败：${e.message}`;
+  $("error").textContent = `启动失败：${errorText(e)}`;
   $("error").hidden = false;
 });

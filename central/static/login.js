@@ -25,7 +25,7 @@ form.addEventListener("submit", async (ev) => {
     msg.textContent = r.status === 429 ? "登录失败次数过多，请稍后再试。"
       : r.status === 401 ? "用户名或密码错误。" : `登录失败：${problem.detail || `HTTP ${r.status}`}`;
   } catch (e) {
-    msg.textContent = `登录失败：${e.message}`;
+    msg.textContent = "登录失败：无法连接中心服务器，请检查网络后重试。";  // not the browser's "Failed to fetch"
   }
   msg.hidden = false;
   button.disabled = false;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Out(BaseModel):
@@ -107,7 +107,9 @@ class SeriesOut(_Out):
     to_ms: int
     resolution: Literal["raw", "1m", "1h"]
     limit: int
-    truncated: bool  # more samples exist in the window: ask again from the last ts + 1
+    truncated: bool  # more samples exist in the window: ask again with cursor=`next`
+    next: str | None = Field(default=None, description="when truncated: pass as `cursor` "
+                             "(with the same from, to and resolution) for the next page")
     samples: list[SampleOut] | list[BucketOut]
 
 
