@@ -10,12 +10,15 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from typer.testing import CliRunner
 
 from device_profiles import find_profile
@@ -451,7 +454,17 @@ def test_config_pdt_defaults_and_driver(tmp_path: Path) -> None:
     assert isinstance(build_bearer(beidou), BeidouTerminal)
 
 
-async def test_supervisor_sends_alarm_by_beidou_while_ip_is_down(tmp_path: Path) -> None:
+@pytest.fixture
+def agent_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """The in-process agent's log events, kept in a list instead of printed: structlog's
+    default logger prints to the `sys.stdout` of the moment, which is CliRunner's capture
+    while a command runs, so a line would land inside the command's `--json` output."""
+    with structlog.testing.capture_logs() as logs:
+        yield logs
+
+
+async def test_supervisor_sends_alarm_by_beidou_while_ip_is_down(
+        tmp_path: Path, agent_logs: list[MutableMapping[str, Any]]) -> None:
     """`run_agent` with `[narrowband]` and no reachable broker: a polled level-2 gas alarm
     reaches central's terminal as an alarms frame under the outbox's stream, and the status
     snapshot carries the fallback's counters."""
