@@ -3,6 +3,8 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
 
     outbox (context manager) ─┬─ outbox.maintain  Outbox.maintenance_loop(): prune, budget, clock
                               ├─ uplink.mqtt      Uplink.run(): MQTT session, reconnecting
+                              ├─ config.trial     ConfigTrial.run(): a remote config's health
+                              │                   check and rollback (edge_agent/config/trial.py)
                               ├─ poll[<device>]   DevicePoller.run(), one per enabled Modbus device
                               ├─ hj212[<device>]  Hj212Station.run(), one per enabled HJ 212 station
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
@@ -43,7 +45,9 @@ from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
 from edge_agent.bearers.beidou import BeidouTerminal
 from edge_agent.bearers.pdt import PdtRadio
+from edge_agent.commands.apply_config import ApplyConfigHandler
 from edge_agent.commands.setup import build_executor
+from edge_agent.config.remote import ConfigHistory
 from edge_agent.config.site import (
     AgentConfig,
     ConfigError,
@@ -51,8 +55,9 @@ from edge_agent.config.site import (
     NarrowbandConfig,
     resolve_profiles,
 )
+from edge_agent.config.trial import ConfigTrial, HealthView, Reload
 from edge_agent.control.server import ControlOps, ControlServer, device_health
-from edge_agent.field.poller import DevicePoller
+from edge_agent.field.poller import DevicePoller, Health
 from edge_agent.field.stations import Hj212Station
 from edge_agent.field.transports import TransportPool
 from edge_agent.health.clock import ClockGuard
@@ -128,6 +133,12 @@ class AgentRuntime:
     narrowband: NarrowbandFallback | None = None
     disk: dict[str, Any] | None = None  # the outbox's last `disk_status()`, with unsaved alarms
 
+    def health_view(self) -> HealthView:
+        """Which devices answer now and whether the uplink is up (a config trial's check)."""
+        answering = frozenset(d.device.id for d in self.devices
+                              if d.health.state in (Health.OK, Health.DEGRADED))
+        return HealthView(answering, bool(self.uplink and self.uplink.connected))
+
     def count_restart(self, task: str) -> None:
         self.restarts[task] = self.restarts.get(task, 0) + 1
 
@@ -176,9 +187,11 @@ def build_bearer(nb: NarrowbandConfig) -> Bearer:
 
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                     notifier: SystemdNotifier | None = None,
-                    install_signal_handlers: bool = True) -> None:
-    """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop."""
+                    install_signal_handlers: bool = True) -> bool:
+    """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop,
+    True when it stopped to run again on a new config file (`config.trial.run_with_trials`)."""
     stop = stop or asyncio.Event()
+    reload = Reload(stop)
     notifier = notifier or SystemdNotifier.from_env()
     boot_id = uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(gw=config.gateway.id)
@@ -200,9 +213,15 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
                                 version=__version__)
             _build_devices(runtime, profiles, alarms, pool)
+            # --- remote configuration (edge_agent/config/trial.py): apply_config, rollback.
+            history = ConfigHistory(config.source or config.gateway.data_dir / "site.toml")
+            trial = ConfigTrial(history, config, settle=lambda r: commands.settle(r),
+                                probe=runtime.health_view, reload=reload)
+            apply_config = ApplyConfigHandler(config, history, trial, probe=runtime.health_view,
+                                              reload=reload)
             # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
             commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
-                                      runtime.status)
+                                      runtime.status, handlers={"apply_config": apply_config})
             uplink = Uplink(gw=config.gateway.id, outbox=outbox, birth=birth, mqtt=config.mqtt,
                             backlog=config.outbox, boot_id=boot_id, version=__version__,
                             on_command=commands.handle)
@@ -212,6 +231,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
             tasks = _named_tasks(runtime, outbox, uplink, alarms, commands.run, notifier)
+            tasks.insert(2, ("config.trial", trial.run))
             await _run_until_stopped(runtime, tasks, stop, notifier)
             await _save_on_stop(runtime, outbox, alarms)
     finally:
@@ -220,7 +240,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
         for sig in handled:
             loop.remove_signal_handler(sig)
         structlog.contextvars.unbind_contextvars("gw")
-    log.info("agent_stopped", boot_id=boot_id)
+    log.info("agent_stopped", boot_id=boot_id, reload=reload.requested)
+    return reload.requested
 
 
 Factory = Callable[[], Awaitable[None]]

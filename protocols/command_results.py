@@ -68,6 +68,10 @@ class Reason(enum.StrEnum):
     READBACK_MISMATCH = "readback_mismatch"
     INTERRUPTED = "interrupted"  # the agent stopped mid-execution; not re-run
     INTERNAL_ERROR = "internal_error"
+    # apply_config (protocols.remote_config): the new config failed the start-up checks, or
+    # another config trial is in progress; or it did not come back healthy and was undone
+    CONFIG_INVALID = "config_invalid"
+    ROLLED_BACK = "rolled_back"
     NOT_DELIVERED = "not_delivered"  # central: the gateway did not take it before expiry
 
 

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
 from protocols.errors import FieldError, ProtocolError
+from protocols.remote_config import ApplyConfig, RemoteConfigError, apply_config_from_mapping
 
 VERSION = 1
 SIG_BYTES = 64  # RFC 8032 §5.1.6: an Ed25519 signature is 64 bytes
@@ -115,6 +116,7 @@ class CommandKind(enum.StrEnum):
     REQUEST_DIAGNOSTICS = "request_diagnostics"
     SYNC_TIME = "sync_time"
     PLAY_WARNING = "play_warning"  # 叫应: args are `protocols.callresp.PlayWarning`
+    APPLY_CONFIG = "apply_config"  # args are `protocols.remote_config.ApplyConfig`
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -187,7 +189,8 @@ class SyncTime:
         return {"central_ms": self.central_ms}
 
 
-CommandArgs: TypeAlias = WritePoint | SetPollInterval | RequestDiagnostics | SyncTime | PlayWarning
+CommandArgs: TypeAlias = (WritePoint | SetPollInterval | RequestDiagnostics | SyncTime
+                          | PlayWarning | ApplyConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +299,11 @@ def args_from_mapping(kind: object, args: object, where: str = "args") -> Comman
         try:
             return play_warning_from_mapping(args, where)
         except CallRespError as exc:
+            raise MalformedCommandError(exc.field, exc.reason) from None
+    if k is CommandKind.APPLY_CONFIG:
+        try:
+            return apply_config_from_mapping(args, where)
+        except RemoteConfigError as exc:
             raise MalformedCommandError(exc.field, exc.reason) from None
     _exact_keys(args, {"central_ms"}, where)
     central_ms = _int(args["central_ms"], f"{where}.central_ms")

@@ -2,6 +2,7 @@
 
     POST /api/commands                {gw, kind, args, ttl_s} -> 201, the stored command
     POST /api/commands/{cmd_id}/approve                       -> the approved command
+    POST /api/gateways/{gw}/config    {site_toml, profiles?, ttl_s} -> 201, an apply_config
     GET  /api/commands?gw=&state=&limit=                      -> newest first
     GET  /api/commands/{cmd_id}                               -> the command and its history
     GET  /api/keys/commands                                   -> central's public key
@@ -25,7 +26,7 @@ from fastapi import FastAPI, Query, Request
 from pydantic import Field
 
 from central import CentralError
-from central.commands.check import WriteRefusedError
+from central.commands.check import ConfigRefusedError, WriteRefusedError
 from central.commands.dispatch import CommandRequestError, CommandService
 from central.commands.store import (
     ApprovalError,
@@ -52,6 +53,13 @@ class IssueIn(StrictModel):
     args: dict[str, Any] = Field(default_factory=dict)
     ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TTL_MS / 1000,
                          description="seconds until the command expires if not executed")
+
+
+class ConfigIn(StrictModel):
+    site_toml: str = Field(min_length=1, description="the whole new site.toml")
+    profiles: dict[str, str] = Field(default_factory=dict,
+                                     description="device profiles to go with it: file → YAML")
+    ttl_s: float = Field(default=3600.0, gt=0, le=MAX_TTL_MS / 1000)
 
 
 class CommandOut(StrictModel):
@@ -127,6 +135,7 @@ def install(app: FastAPI) -> None:
         CommandError: (422, "Invalid command"),
         CommandRequestError: (422, "Invalid command"),
         WriteRefusedError: (422, "Write refused by the device profile"),
+        ConfigRefusedError: (422, "Config refused"),
         ApprovalError: (409, "Approval not possible"),
         UnknownCommandError: (404, "Unknown command"),
         CommandStoreError: (503, "Command store unavailable"),
@@ -150,6 +159,27 @@ def install(app: FastAPI) -> None:
         service = _service(request)
         await check_gateway(request.app.state.storage, p, body.gw)
         cmd = await service.issue(body.gw, str(body.kind), body.args, body.ttl_s, user=p.name)
+        return _out(cmd)
+
+    @app.post("/api/gateways/{gw}/config", response_model=CommandOut, status_code=201,
+              responses=problems, tags=["commands"],
+              summary="Send a new site config to a gateway (apply_config, with rollback)")
+    async def send_config(request: Request, gw: str, body: ConfigIn, p: Operator) -> CommandOut:
+        """The gateway checks it as at start-up, keeps the old one, applies it and rolls it
+        back by itself unless it comes back healthy within `[commands]
+        config_health_window_s`. Follow it at `/api/commands/{cmd_id}`: `succeeded` with
+        `result.outcome` `applied`, `failed`/`rolled_back` or `rejected`/`config_invalid`,
+        each with `result.diff`.
+
+        Example: `{"site_toml": "[gateway]\nid = \"gw-1\"\n…", "ttl_s": 600}`.
+        """
+        service = _service(request)
+        await check_gateway(request.app.state.storage, p, gw)
+        args: dict[str, Any] = {"site_toml": body.site_toml}
+        if body.profiles:
+            args["profiles"] = body.profiles
+        cmd = await service.issue(gw, str(CommandKind.APPLY_CONFIG), args, body.ttl_s,
+                                  user=p.name)
         return _out(cmd)
 
     @app.post("/api/commands/{cmd_id}/approve", response_model=CommandOut,

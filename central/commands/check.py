@@ -7,6 +7,8 @@ writes with), and a value outside the profile's `write_min` / `write_max`. It re
 profile's point, whose `safety_critical` flag decides whether the command waits for a second
 operator.
 
+`check_site_config` is the same gate for an `apply_config` site file.
+
 Profiles are loaded once, by id, from the built-in folder and `profile_dirs` (never from a
 path a gateway names).
 """
@@ -14,6 +16,7 @@ path a gateway names).
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from central import CentralError
 from device_profiles.loader import Profile, ProfilePoint, builtin_profiles_dir, load_profiles
 from protocols.commands import WritePoint
 from protocols.modbus_points import ModbusPointError, encode_point
+from protocols.remote_config import ApplyConfig
 
 
 class WriteRefusedError(CentralError):
@@ -76,3 +80,25 @@ class WritePolicy:
             hi = "∞" if high is None else f"{high:g}"
             raise WriteRefusedError("args.value", f"{value:g} is outside {lo}..{hi} "
                                                   f"{point.unit}".rstrip() + f" for {point.key}")
+
+
+class ConfigRefusedError(CentralError):
+    """A site config central will not sign (`apply_config`); a 422."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def check_site_config(gw: str, cfg: ApplyConfig) -> None:
+    """What central checks of a site config before it signs: TOML syntax, and that its
+    `[gateway] id` is `gw`. The gateway checks the rest, exactly as at its start-up."""
+    try:
+        raw = tomllib.loads(cfg.site_toml)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigRefusedError("args.site_toml", f"TOML syntax: {exc}") from None
+    gateway = raw.get("gateway")
+    got = gateway.get("id") if isinstance(gateway, dict) else None
+    if got != gw:
+        raise ConfigRefusedError("args.site_toml", f"[gateway] id is {got!r}, not {gw!r}")

@@ -37,7 +37,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from central import CentralError
-from central.commands.check import WritePolicy
+from central.commands.check import WritePolicy, check_site_config
 from central.commands.keys import signing_key
 from central.commands.store import (
     APPROVAL_REQUIRED,
@@ -63,12 +63,14 @@ from protocols.commands import (
     SyncTime,
     WritePoint,
     args_from_mapping,
+    encode_body,
     make_command,
     public_key_b64,
     public_key_pem,
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
+from protocols.remote_config import ApplyConfig
 from runtime import tasks
 from runtime.mqtt import MqttSession, until_disconnected
 from runtime.tasks import Backoff
@@ -152,7 +154,7 @@ class CommandService:
         idempotently: a second issue of the same id raises `DuplicateCommandError`.
 
         Raises `UnknownGatewayError`, `CommandRequestError`, `WriteRefusedError` or a
-        `CommandError`.
+        `CommandError`; `ConfigRefusedError` for a site config central will not sign.
         """
         now = _now_ms() if now_ms is None else now_ms
         await self.storage.get_gateway(gw)
@@ -168,8 +170,11 @@ class CommandService:
         if isinstance(typed, WritePoint):
             if (await self._check_point(gw, typed)).safety_critical:
                 approval = APPROVAL_REQUIRED
+        if isinstance(typed, ApplyConfig):
+            check_site_config(gw, typed)
         cmd = make_command(cmd_id or uuid.uuid4().hex, gw=gw, args=typed, issued_at_ms=now,
                            ttl_ms=int(round(ttl_s * 1000)))
+        encode_body(cmd)  # too large for the body limit (a big config): refused now, not later
         stored = StoredCommand(cmd_id=cmd.cmd_id, gw=gw, kind=str(cmd.kind), target=cmd.target,
                                args=wire_args, issued_at_ms=cmd.issued_at_ms,
                                expires_at_ms=cmd.expires_at_ms, state=CommandState.PENDING,

@@ -125,10 +125,12 @@ def run(
 
     if log_level.lower() not in LEVELS:
         raise typer.BadParameter(f"one of {', '.join(LEVELS)}", param_hint="--log-level")
+    from edge_agent.config.trial import load_or_roll_back, run_with_trials
+
     with _errors():
-        cfg = load_config(config)
+        cfg = load_or_roll_back(config)  # a remote config in trial that does not load: undone
         configure_logging("edge-agent", level=log_level.lower(), json=log_json)
-        asyncio.run(run_agent(cfg))
+        asyncio.run(run_with_trials(cfg, run_agent))
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -11,20 +11,18 @@ opens the ledger, settles what a crash left behind, then takes commands one at a
    (`expired` is reported) and that its cmd_id is new: `CommandLedger.claim` inserts it, and a
    second claim is a replay, reported `rejected`/`replay` once per cmd_id and run;
 3. `received`, then kind-specific checks (device, point, `writable`, the value's encoding)
-   that end in `rejected`, then `executing` is committed BEFORE acting, then `succeeded` or
-   `failed`.
+   that end in `rejected`, then `executing` is committed BEFORE acting, then the outcome.
 
-Every state goes to the outbox as a `CMD_RESULT` record (lane `event`) whose attrs are
-`protocols.commands.result_attrs`. After a crash, commands still `received`/`executing` are
-reported `failed`/`interrupted`, never re-run; reports that did not reach the outbox are
-appended again.
+Every state goes to the outbox as a `CMD_RESULT` record (lane `event`, attrs
+`result_attrs`). After a crash, commands still `received`/`executing` are reported
+`failed`/`interrupted`, never re-run; reports that did not reach the outbox go again.
 
 `write_point` goes through `edge_agent.field.point_io.write_point` (the same path as the
 technician's `edge-agent write`): encode with the point's `PointSpec`, write, read back,
 compare. `set_poll_interval` changes a poller's interval until the agent restarts.
 `request_diagnostics` puts health, backlog and versions in the result. `sync_time` measures
-the offset to central's clock and reports it; it never sets the clock.
-The supervisor builds it with `edge_agent.commands.setup.build_executor`.
+the offset to central's clock; it never sets it. Kinds in `handlers` (`outcomes.KindHandler`)
+run in their own modules. Built by `commands.setup.build_executor`.
 """
 
 from __future__ import annotations
@@ -41,7 +39,9 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_profiles import Profile
+from edge_agent.commands import outcomes
 from edge_agent.commands.ledger import CommandLedger, CommandLedgerError
+from edge_agent.commands.outcomes import Action, CommandDeferred, KindHandler
 from edge_agent.config.site import DeviceConfig
 from edge_agent.field import point_io
 from edge_agent.field.point_io import readback_matches
@@ -79,25 +79,7 @@ CLOCK_OFFSET_WARN_MS = 2000
 # A command issued further ahead of the gateway's clock than this is refused while the clock is
 # trusted (§8); with a suspect clock (a power cut reset it) it runs, flagged `clock_untrusted`.
 FUTURE_SKEW_MS = 60_000
-
-
-class _Outcome(Exception):
-    """Internal: a command that ends in a report other than `ok`, with its reason, detail and
-    the report's data."""
-
-    def __init__(self, reason: Reason, detail: str, data: Mapping[str, Any] | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.data = dict(data or {})
-
-
-class _Rejected(_Outcome):
-    """Internal: a kind-specific check refused the command (becomes a `rejected` report)."""
-
-
-class _Failed(_Outcome):
-    """Internal: execution failed (becomes a `failed` report)."""
+_Rejected, _Failed = outcomes.CommandRejected, outcomes.CommandFailed
 
 
 class CommandTarget(Protocol):
@@ -149,13 +131,15 @@ class CommandExecutor:
                  diagnostics: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
                  wall_ms: Callable[[], int] = _wall_ms, queue_max: int = QUEUE_MAX,
                  clock_trusted: Callable[[], bool] = lambda: True,
-                 future_skew_ms: int = FUTURE_SKEW_MS) -> None:
+                 future_skew_ms: int = FUTURE_SKEW_MS,
+                 handlers: Mapping[str, KindHandler] | None = None) -> None:
         self.gw = gw
         self.ledger_path = Path(ledger_path)
         self.outbox = outbox
         self.public_key = public_key
         self.targets = dict(targets)
         self.diagnostics = diagnostics
+        self.handlers = dict(handlers or {})  # by kind: kinds handled in their own module
         self.counters = CommandCounters()
         self._wall_ms = wall_ms
         self._clock_trusted = clock_trusted
@@ -217,6 +201,8 @@ class CommandExecutor:
         again."""
         ledger = self._need_ledger()
         for entry in await ledger.unfinished():
+            if (h := self.handlers.get(entry.kind)) is not None and h.resumes(entry.cmd_id):
+                continue  # its handler reports the outcome (outcomes.CommandDeferred)
             log.warning("command_interrupted", cmd_id=entry.cmd_id, kind=entry.kind,
                         state=str(entry.state))
             result = CommandResult(cmd_id=entry.cmd_id, state=CommandState.FAILED,
@@ -326,10 +312,14 @@ class CommandExecutor:
         except _Rejected as rej:
             self.counters.rejected += 1
             lg.warning("command_rejected", reason=str(rej.reason), detail=rej.detail)
-            await self._step(cmd, self._result(cmd, CommandState.REJECTED, rej.reason, rej.detail))
+            await self._step(cmd, self._result(cmd, CommandState.REJECTED, rej.reason, rej.detail,
+                                               **rej.data))
             return
         # On disk before acting: a crash from here on is reported `interrupted`, never re-run.
         await self._step(cmd, self._result(cmd, CommandState.EXECUTING))
+        await self._execute(cmd, action, lg)
+
+    async def _execute(self, cmd: Command, action: Action, lg: Any) -> None:
         self.counters.executed += 1
         try:
             async with asyncio.timeout(EXECUTE_TIMEOUT_S):
@@ -341,6 +331,9 @@ class CommandExecutor:
             final = self._result(cmd, CommandState.FAILED, exc.reason, exc.detail, **exc.data)
             self.counters.failed += 1
             lg.warning("command_failed", reason=str(exc.reason), detail=exc.detail)
+        except CommandDeferred as exc:
+            lg.info("command_deferred", detail=str(exc))
+            return
         except TimeoutError:
             final = self._result(cmd, CommandState.FAILED, Reason.TRANSPORT_ERROR,
                                  f"no outcome within {EXECUTE_TIMEOUT_S} s")
@@ -379,12 +372,16 @@ class CommandExecutor:
         return cmd.target if isinstance(cmd.args, WritePoint) else None
 
     async def _step(self, cmd: Command, result: CommandResult) -> None:
-        """Save a claimed command's state, then report it (see command_ledger for the order)."""
+        await self.settle(result, self._point(cmd))
+
+    async def settle(self, result: CommandResult, point: str | None = None) -> None:
+        """Save a claimed command's state, then report it (see command_ledger for the order);
+        raises `CommandLedgerError` while the ledger is not open."""
         ledger = self._need_ledger()
         attrs = result_attrs(result)
-        await ledger.set_state(cmd.cmd_id, result.state, attrs, self._wall_ms())
-        if await self._append(self._point(cmd), result.state, attrs):
-            await ledger.mark_reported(cmd.cmd_id, result.state)
+        await ledger.set_state(result.cmd_id, result.state, attrs, self._wall_ms())
+        if await self._append(point, result.state, attrs):
+            await ledger.mark_reported(result.cmd_id, result.state)
 
     async def _report(self, result: CommandResult, point: str | None) -> None:
         """Report a command that is not in the ledger (refused before the claim)."""
@@ -420,9 +417,11 @@ class CommandExecutor:
 
     # --- the kinds -----------------------------------------------------------------------
 
-    def _prepare(self, cmd: Command) -> Callable[[], Awaitable[dict[str, Any]]]:
+    def _prepare(self, cmd: Command) -> Action:
         """Check the command against this gateway; return the action that carries it out."""
         args = cmd.args
+        if (handler := self.handlers.get(str(cmd.kind))) is not None:
+            return handler.prepare(cmd)
         if isinstance(args, WritePoint):
             target = self._target(args.device)
             try:

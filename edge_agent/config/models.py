@@ -230,6 +230,9 @@ class CommandsConfig(_Model):
     # Central's Ed25519 public key, pinned at enrolment: base64 of its 32 raw bytes, or a path
     # (relative to this file) to a PEM or base64 file. Without it every command is rejected.
     central_public_key: str | None = None
+    # `apply_config` (edge_agent.config.trial): how long a new config has to come back healthy
+    # (every device that answered before answers again, uplink up) before it is rolled back.
+    config_health_window_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 class AgentConfig(_Model):

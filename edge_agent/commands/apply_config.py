@@ -1,0 +1,83 @@
+"""The `apply_config` command: a new site config from central, tried with rollback (§6).
+
+`prepare` refuses (`rejected`/`config_invalid`, the reason in `detail` and `error`) a config
+that fails the start-up checks (`edge_agent.config.remote.check_candidate`), or arrives while
+another trial runs. The action notes which devices answer now (the baseline the new config
+must meet), keeps the old file as a generation, journals the trial, writes the new file and
+asks the agent to reload; the command stays `executing` until `edge_agent.config.trial`
+reports `succeeded` (applied) or `failed`/`rolled_back`, with the diff, after the reload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from edge_agent.commands.outcomes import Action, CommandDeferred, CommandFailed, CommandRejected
+from edge_agent.config.remote import (
+    ConfigHistory,
+    ConfigHistoryError,
+    RemoteConfigRefusedError,
+    check_candidate,
+)
+from edge_agent.config.site import AgentConfig
+from edge_agent.config.trial import ConfigTrial, HealthView, Reload
+from protocols.command_results import Reason
+from protocols.commands import Command
+from protocols.remote_config import ApplyConfig
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ApplyConfigHandler:
+    """`outcomes.KindHandler` of `apply_config`."""
+
+    def __init__(self, config: AgentConfig, history: ConfigHistory, trial: ConfigTrial, *,
+                 probe: Callable[[], HealthView], reload: Reload,
+                 wall_ms: Callable[[], int] = _wall_ms) -> None:
+        self.config = config
+        self.history = history
+        self.trial = trial
+        self.probe = probe
+        self.reload = reload
+        self._wall_ms = wall_ms
+
+    def resumes(self, cmd_id: str) -> bool:
+        return self.trial.owns(cmd_id)
+
+    def prepare(self, cmd: Command) -> Action:
+        args = cmd.args
+        assert isinstance(args, ApplyConfig)
+        try:
+            check_candidate(args.site_toml, self.config, args.profiles)
+            running = self.history.read_trial()
+            if running is not None:
+                raise RemoteConfigRefusedError(f"config trial {running.cmd_id} is in progress")
+            unchanged = self.history.live_text() == args.site_toml
+        except (RemoteConfigRefusedError, ConfigHistoryError) as exc:
+            raise CommandRejected(Reason.CONFIG_INVALID, str(exc),
+                                  {"outcome": "refused", "error": str(exc)}) from None
+        if unchanged:
+            return self._unchanged
+
+        async def apply() -> dict[str, Any]:
+            baseline = tuple(sorted(self.probe().answering))
+            try:
+                self.history.begin(cmd.cmd_id, args.site_toml, baseline=baseline,
+                                   window_s=self.config.commands.config_health_window_s,
+                                   now_ms=self._wall_ms())
+            except ConfigHistoryError as exc:
+                with contextlib.suppress(ConfigHistoryError):  # the live file is written
+                    self.history.clear_trial()  # last, atomically: the old one is still live
+                raise CommandFailed(Reason.INTERNAL_ERROR, str(exc)) from exc
+            self.reload.request("config trial")
+            raise CommandDeferred("the agent reloads on the new config; the trial reports")
+
+        return apply
+
+    async def _unchanged(self) -> dict[str, Any]:
+        return {"outcome": "unchanged", "diff": ""}
