@@ -233,6 +233,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             tasks = _named_tasks(runtime, outbox, uplink, alarms, commands.run, notifier)
             tasks.insert(2, ("config.trial", trial.run))
             await _run_until_stopped(runtime, tasks, stop, notifier)
+            reload.stopped()
             await _save_on_stop(runtime, outbox, alarms)
     finally:
         await pool.close()

@@ -184,8 +184,9 @@ class ConfigHistory:
 
     def roll_back(self, trial: Trial, reason: str) -> Trial:
         """Journal the rollback, then put the kept generation back (again, if need be)."""
-        back = trial.with_phase(PHASE_ROLLBACK, reason)
-        if trial.phase != PHASE_ROLLBACK:
+        back = trial
+        if trial.phase != PHASE_ROLLBACK:  # a rollback resumed keeps its first reason
+            back = trial.with_phase(PHASE_ROLLBACK, reason)
             self.write_trial(back)
         old = self._read(self.generation_path(trial.generation))
         if sha256(self.live_text()) != sha256(old):

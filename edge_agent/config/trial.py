@@ -28,6 +28,9 @@ removed only once the result is in the command ledger and the outbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from protocols.command_results import CommandResult, CommandState, Reason
 log = structlog.get_logger(__name__)
 
 CHECK_EVERY_S = 0.25
+RELOAD_GRACE_S = 10.0
 SETTLE_RETRY_S = 0.5
 KIND = "apply_config"
 
@@ -62,16 +66,44 @@ class HealthView:
 
 
 class Reload:
-    """A request to stop the agent and run it again on the config file as it now is."""
+    """A request to stop the agent and run it again on the config file as it now is.
 
-    def __init__(self, stop: asyncio.Event) -> None:
+    A task that swallows its cancellation (Python 3.11's `asyncio.wait_for`, inside aiomqtt
+    and pymodbus, can drop a cancel that races the reply it waits for) would hold the stop for
+    ever; so if the agent has not stopped `grace_s` after the request, the process re-executes
+    itself (same pid, same arguments: to systemd and to a test it stays the same process).
+    Every store is written for a kill -9 (the outbox, ledger and journal), which is all an
+    exec is to them.
+    """
+
+    def __init__(self, stop: asyncio.Event, grace_s: float = RELOAD_GRACE_S) -> None:
         self.stop = stop
+        self.grace_s = grace_s
         self.requested = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def request(self, why: str) -> None:
         log.info("agent_reload_requested", why=why)
         self.requested = True
         self.stop.set()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.grace_s, self._reexec)
+
+    def stopped(self) -> None:
+        """The agent stopped in time: no re-exec."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _reexec(self) -> None:
+        stuck = {t.get_name(): [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                                for f in t.get_stack(limit=8)]
+                 for t in asyncio.all_tasks() if not t.done()}
+        log.error("agent_stop_stuck_reexec", grace_s=self.grace_s, argv=sys.orig_argv,
+                  tasks=stuck)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os.execv(sys.executable, sys.orig_argv)
 
 
 Settle = Callable[[CommandResult], Awaitable[None]]
@@ -98,8 +130,11 @@ class ConfigTrial:
         self.settle = settle
         self.probe = probe
         self.reload = reload
+        self._finishing: str | None = None  # the cmd_id this run finishes (journal or not)
 
     def owns(self, cmd_id: str) -> bool:
+        if cmd_id == self._finishing:
+            return True  # settled and its journal removed while the executor recovers
         try:
             trial = self.history.read_trial()
         except ConfigHistoryError:
@@ -109,6 +144,7 @@ class ConfigTrial:
     async def run(self) -> None:
         trial = self.history.read_trial()
         if trial is not None:
+            self._finishing = trial.cmd_id
             await self._finish(trial)
         await asyncio.Event().wait()  # nothing (more) to do in this run
 

@@ -1,0 +1,134 @@
+"""The `apply_config` arguments (protocols.remote_config) and the config history on disk
+(edge_agent.config.remote): encoding, limits, refusals, generations and rollback."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.config.remote import (
+    PHASE_ROLLBACK,
+    PHASE_TRIAL,
+    ConfigHistory,
+    RemoteConfigRefusedError,
+    check_candidate,
+    sha256,
+)
+from edge_agent.config.site import parse_config
+from protocols import commands as c
+from protocols.remote_config import (
+    MAX_CONFIG_BYTES,
+    ApplyConfig,
+    RemoteConfigError,
+    apply_config_from_mapping,
+)
+
+SITE = """[gateway]
+id = "gw-1"
+data_dir = "data"
+
+[[devices]]
+id = "gas-1"
+profile = "gas-detector-v1"
+transport = { kind = "tcp", host = "127.0.0.1", port = 5020 }
+poll_interval_s = 1.0
+"""
+
+
+def _cmd(args: ApplyConfig) -> c.Command:
+    return c.make_command("cfg-1", gw="gw-1", args=args, issued_at_ms=1_700_000_000_000,
+                          ttl_ms=60_000)
+
+
+def test_signed_body_round_trips_compressed() -> None:
+    """A site file travels zlib-compressed in the signed body and decodes to the same args."""
+    args = ApplyConfig(site_toml=SITE * 20)
+    body = c.encode_body(_cmd(args))
+    assert len(body) < len(SITE * 20) / 4
+    back = c.decode_body(body)
+    assert back.args == args and back.kind is c.CommandKind.APPLY_CONFIG and back.target == ""
+    assert c.args_from_mapping("apply_config", args.readable()) == args
+
+
+def test_incompressible_config_exceeds_the_body_limit() -> None:
+    """A config whose compressed form does not fit 4096 bytes is refused before signing."""
+    noise = os.urandom(6000).hex()
+    with pytest.raises(c.MalformedCommandError, match="exceed 4096"):
+        c.encode_body(_cmd(ApplyConfig(site_toml=f"# {noise}\n{SITE}")))
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ({}, "args.site_toml"),
+    ({"site_toml": SITE, "extra": 1}, "args.extra"),
+    ({"site_toml": 5}, "args.site_toml"),
+    ({"site_toml": "a\x00b"}, "args.site_toml"),
+    ({"site_toml": SITE, "profiles": {"../etc/passwd": "x"}}, "args.profiles"),
+    ({"site_toml": "x" * (MAX_CONFIG_BYTES + 1)}, "args"),
+    ({"z": b"not zlib"}, "args.z"),
+    ({"z": "text"}, "args.z"),
+])
+def test_bad_args_are_refused_with_the_field(args: dict[str, object], field: str) -> None:
+    """Each malformed argument is a MalformedCommandError naming its field."""
+    with pytest.raises(c.MalformedCommandError) as info:
+        c.args_from_mapping("apply_config", args)
+    assert info.value.field == field
+
+
+def test_inflating_stops_at_the_limit() -> None:
+    """A small body that would inflate past 64 KiB is refused, not inflated."""
+    bomb = zlib.compress(cbor2.dumps({"site_toml": "a" * (10 * MAX_CONFIG_BYTES)}), 9)
+    assert len(bomb) < 1000
+    with pytest.raises(RemoteConfigError, match="limit"):
+        apply_config_from_mapping({"z": bomb})
+
+
+@given(st.binary(max_size=300))
+def test_garbage_z_raises_only_the_codec_error(data: bytes) -> None:
+    """Any bytes in `z` decode or raise RemoteConfigError, nothing else."""
+    try:
+        apply_config_from_mapping({"z": data})
+    except RemoteConfigError:
+        pass
+
+
+def test_history_keeps_generations_and_rolls_back(tmp_path: Path) -> None:
+    """begin keeps the old file as a generation and journals before writing; roll_back puts it
+    back and is idempotent (a second call after a crash changes nothing)."""
+    live = tmp_path / "site.toml"
+    live.write_text(SITE)
+    history = ConfigHistory(live)
+    new = SITE.replace("1.0", "2.0")
+    trial = history.begin("cfg-1", new, baseline=("gas-1",), window_s=5, now_ms=1)
+    assert live.read_text() == new and history.generation_path(1).read_text() == SITE
+    assert history.read_trial() == trial and trial.phase == PHASE_TRIAL
+    assert trial.new_sha == sha256(new) and "+poll_interval_s = 2.0" in trial.diff
+    back = history.roll_back(trial, "unhealthy")
+    assert live.read_text() == SITE and back.phase == PHASE_ROLLBACK
+    assert history.read_trial() == back
+    assert history.roll_back(back, "again").reason == "unhealthy"
+    history.clear_trial()
+    assert history.read_trial() is None
+    for i in range(12):
+        history.begin(f"cfg-{i + 2}", SITE + f"# {i}\n", baseline=(), window_s=5, now_ms=1)
+        history.clear_trial()
+    assert history.generations() == list(range(4, 14))
+
+
+def test_candidate_checked_as_at_start_up(tmp_path: Path) -> None:
+    """The candidate gets the start-up checks and must keep this gateway's id."""
+    live = tmp_path / "site.toml"
+    live.write_text(SITE)
+    current = parse_config(SITE, live)
+    assert check_candidate(SITE.replace("1.0", "3.0"), current).devices[0].poll_interval_s == 3
+    with pytest.raises(RemoteConfigRefusedError, match=r"site.toml:9 devices\[0\]"):
+        check_candidate(SITE.replace("1.0", "-1"), current)
+    with pytest.raises(RemoteConfigRefusedError, match="not this gateway"):
+        check_candidate(SITE.replace("gw-1", "gw-2"), current)
+    with pytest.raises(RemoteConfigRefusedError, match="profile"):
+        check_candidate(SITE.replace("gas-detector-v1", "no-such-profile"), current)
