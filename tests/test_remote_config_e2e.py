@@ -5,6 +5,7 @@ the diff, back in central's API."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_good_config_applied_bad_one_rolled_back(system: System) -> None:
     """A changed poll interval is applied and reported `succeeded` with its diff; a wrong port
     (gas-1 stops answering) is rolled back by the agent within the health window and reported
     `failed`/`rolled_back` with its diff; an invalid file is refused; central shows all three
-    and who sent them; a viewer may not send a config."""
+    and who sent them; central refuses a file it cannot sign (422) and a viewer (403)."""
     s = system
     _polled(s)
     original = s.agent.config.read_text()
@@ -140,11 +141,27 @@ def test_good_config_applied_bad_one_rolled_back(system: System) -> None:
     assert {c["state"] for c in listed} == {"succeeded", "failed", "rejected"}
     assert s.agent.running, s.agent.tail()
 
+    # Central refuses before signing: another gateway's file, not TOML, too large to sign.
+    noise = f"# {os.urandom(6000).hex()}\n"
+    for text, why in ((good.replace(GW, "gw-other"), "gw-other"), ("[gateway", "TOML"),
+                      (noise + good, "exceed 4096")):
+        rsp = s.http.post(f"/api/gateways/{GW}/config", json={"site_toml": text})
+        assert rsp.status_code == 422 and why in rsp.text, rsp.text
+    assert len(s.http.get("/api/commands", params={"gw": GW}).json()) == 3
+
     cli_user(s.central.db_url, "viewer-1", role="viewer")
     viewer = bearer(s.central.base_url, "viewer-1")
     rsp = s.http.post(f"/api/gateways/{GW}/config", headers=viewer,
                       json={"site_toml": good})
     assert rsp.status_code == 403, rsp.text
+
+    cli_user(s.central.db_url, "auditor-1", role="auditor")
+    rows = s.http.get("/api/audit", params={"action": "command.issued"},
+                      headers=bearer(s.central.base_url, "auditor-1")).json()
+    issued = {r["target"]: r for r in rows}
+    row = issued[f"command:{sent_bad['cmd_id']}"]
+    assert (row["actor"], row["detail"]["kind"], row["detail"]["args"]) == (
+        ADMIN, "apply_config", {"site_toml": bad})
 
 
 def test_trial_survives_kill_9(system: System) -> None:
