@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import zlib
 from pathlib import Path
@@ -21,6 +22,8 @@ from edge_agent.config.remote import (
     sha256,
 )
 from edge_agent.config.site import parse_config
+from edge_agent.config.trial import ConfigTrial, HealthView, Reload, load_or_roll_back
+from protocols.command_results import CommandResult, CommandState, Reason
 from protocols import commands as c
 from protocols.remote_config import (
     MAX_CONFIG_BYTES,
@@ -132,3 +135,98 @@ def test_candidate_checked_as_at_start_up(tmp_path: Path) -> None:
         check_candidate(SITE.replace("gw-1", "gw-2"), current)
     with pytest.raises(RemoteConfigRefusedError, match="profile"):
         check_candidate(SITE.replace("gas-detector-v1", "no-such-profile"), current)
+
+
+# --- finishing a trial after a restart (edge_agent.config.trial) ----------------------------
+
+
+class Run:
+    """One agent run's view for ConfigTrial: what answers, what it reported, reload asked."""
+
+    def __init__(self, tmp_path: Path, answering: frozenset[str] = frozenset({"gas-1"})) -> None:
+        self.results: list[CommandResult] = []
+        self.stop = asyncio.Event()
+        self.reload = Reload(self.stop, grace_s=3600)
+        self.view = HealthView(answering, uplink_up=True)
+        live = tmp_path / "site.toml"
+        self.trial = ConfigTrial(ConfigHistory(live), parse_config(live.read_text(), live),
+                                 settle=self._settle, probe=lambda: self.view,
+                                 reload=self.reload)
+
+    async def _settle(self, result: CommandResult) -> None:
+        self.results.append(result)
+
+    async def finish(self) -> None:
+        trial = self.trial.history.read_trial()
+        assert trial is not None
+        await self.trial._finish(trial)
+        self.reload.stopped()
+
+
+def _begun(tmp_path: Path, new: str) -> ConfigHistory:
+    live = tmp_path / "site.toml"
+    live.write_text(SITE)
+    history = ConfigHistory(live)
+    history.begin("cfg-1", new, baseline=("gas-1",), window_s=0.5, now_ms=1)
+    return history
+
+
+async def test_healthy_trial_is_applied(tmp_path: Path) -> None:
+    """Every baseline device answers and the uplink is up: `succeeded`, journal removed."""
+    history = _begun(tmp_path, SITE.replace("1.0", "2.0"))
+    run = Run(tmp_path)
+    await run.finish()
+    [result] = run.results
+    assert (result.state, result.data["outcome"]) == (CommandState.SUCCEEDED, "applied")
+    assert history.read_trial() is None and not run.reload.requested
+
+
+async def test_unhealthy_trial_rolls_back_then_reports(tmp_path: Path) -> None:
+    """A silent device: the old file goes back and the agent reloads; the next run reports
+    `failed`/`rolled_back` naming the device."""
+    history = _begun(tmp_path, SITE.replace("5020", "5021"))
+    run = Run(tmp_path, answering=frozenset())
+    await run.finish()
+    assert run.reload.requested and run.results == []
+    assert history.live_text() == SITE
+    after = Run(tmp_path)
+    await after.finish()
+    [result] = after.results
+    assert (result.state, result.reason) == (CommandState.FAILED, Reason.ROLLED_BACK)
+    assert "not answering: gas-1" in (result.detail or "") and history.read_trial() is None
+
+
+async def test_killed_before_the_write_reports_rolled_back(tmp_path: Path) -> None:
+    """Journal says `trial` but the old file is still live (killed between the two): nothing
+    to undo, reported `rolled_back`."""
+    history = _begun(tmp_path, SITE.replace("1.0", "2.0"))
+    (tmp_path / "site.toml").write_text(SITE)  # as if the new file never got written
+    run = Run(tmp_path)
+    await run.finish()
+    [result] = run.results
+    assert result.reason is Reason.ROLLED_BACK and "before the new config" in (result.detail or "")
+    assert history.read_trial() is None
+
+
+async def test_killed_mid_rollback_restores_then_reports(tmp_path: Path) -> None:
+    """Journal says `rollback` but the new file is still live (killed between the two): the
+    next run restores it and reloads, the one after reports."""
+    history = _begun(tmp_path, SITE.replace("5020", "5021"))
+    trial = history.read_trial()
+    assert trial is not None
+    history.write_trial(trial.with_phase(PHASE_ROLLBACK, "unhealthy"))
+    run = Run(tmp_path)
+    await run.finish()
+    assert run.reload.requested and run.results == [] and history.live_text() == SITE
+    after = Run(tmp_path)
+    await after.finish()
+    assert [r.reason for r in after.results] == [Reason.ROLLED_BACK]
+
+
+def test_a_config_that_no_longer_loads_is_rolled_back_at_start(tmp_path: Path) -> None:
+    """At start, a file in trial that does not load is rolled back and the old one loaded."""
+    history = _begun(tmp_path, SITE.replace("gas-detector-v1", "gone-profile"))
+    config = load_or_roll_back(tmp_path / "site.toml")
+    assert config.devices[0].profile == "gas-detector-v1" and history.live_text() == SITE
+    trial = history.read_trial()
+    assert trial is not None and trial.phase == PHASE_ROLLBACK
