@@ -23,8 +23,8 @@ from edge_agent.config.remote import (
 )
 from edge_agent.config.site import parse_config
 from edge_agent.config.trial import ConfigTrial, HealthView, Reload, load_or_roll_back
-from protocols.command_results import CommandResult, CommandState, Reason
 from protocols import commands as c
+from protocols.command_results import CommandResult, CommandState, Reason
 from protocols.remote_config import (
     MAX_CONFIG_BYTES,
     ApplyConfig,
