@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from device_profiles.loader import builtin_profiles_dir
 from edge_agent.config.remote import (
     PHASE_ROLLBACK,
     PHASE_TRIAL,
@@ -230,3 +231,55 @@ def test_a_config_that_no_longer_loads_is_rolled_back_at_start(tmp_path: Path) -
     assert config.devices[0].profile == "gas-detector-v1" and history.live_text() == SITE
     trial = history.read_trial()
     assert trial is not None and trial.phase == PHASE_ROLLBACK
+
+
+# --- pushed profiles -------------------------------------------------------------------------
+
+
+def _profile(new_id: str) -> str:
+    text = (builtin_profiles_dir() / "gas_detector_v1.yaml").read_text()
+    return text.replace("id: gas-detector-v1", f"id: {new_id}", 1)
+
+
+def _with_profiles_dir(tmp_path: Path) -> str:
+    (tmp_path / "profiles").mkdir(exist_ok=True)
+    return SITE.replace('data_dir = "data"', 'data_dir = "data"\n\n[profiles]\n'
+                                             'dirs = ["profiles"]')
+
+
+def test_pushed_profiles_are_checked_with_the_config(tmp_path: Path) -> None:
+    """A device may use a profile pushed with the config; a broken profile, or profiles with
+    no `[profiles] dirs` to go to, are refused."""
+    live = tmp_path / "site.toml"
+    live.write_text(SITE)
+    current = parse_config(SITE, live)
+    site = _with_profiles_dir(tmp_path).replace("gas-detector-v1", "gas-remote")
+    pushed = (("gas-remote.yaml", _profile("gas-remote")),)
+    assert check_candidate(site, current, pushed).devices[0].profile == "gas-remote"
+    with pytest.raises(RemoteConfigRefusedError, match="gas-remote"):
+        check_candidate(site, current)  # without the profile
+    with pytest.raises(RemoteConfigRefusedError, match="profiles.bad.yaml"):
+        check_candidate(site, current, (*pushed, ("bad.yaml", "id: [unclosed")))
+    with pytest.raises(RemoteConfigRefusedError, match="profiles.dirs"):
+        check_candidate(SITE, current, pushed)
+    assert not (tmp_path / "profiles" / "gas-remote.yaml").exists()
+
+
+def test_rollback_removes_added_and_restores_replaced_profiles(tmp_path: Path) -> None:
+    """begin writes pushed profiles (diffed); roll_back deletes the new and restores the old."""
+    live = tmp_path / "site.toml"
+    live.write_text(SITE)
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "old.yaml").write_text("id: old\n")
+    history = ConfigHistory(live)
+    trial = history.begin("cfg-1", _with_profiles_dir(tmp_path), baseline=(), window_s=1,
+                          now_ms=1, profiles=(("new.yaml", "id: new\n"), ("old.yaml", "id: o2\n")),
+                          profiles_dir=folder)
+    assert (trial.profiles_added, trial.profiles_replaced) == (("new.yaml",), ("old.yaml",))
+    assert "+id: new" in trial.diff and "-id: old\n+id: o2" in trial.diff
+    assert (folder / "new.yaml").exists() and (folder / "old.yaml").read_text() == "id: o2\n"
+    assert history.read_trial() == trial
+    history.roll_back(trial, "unhealthy")
+    assert not (folder / "new.yaml").exists() and (folder / "old.yaml").read_text() == "id: old\n"
+    assert live.read_text() == SITE

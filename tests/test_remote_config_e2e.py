@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from device_profiles.loader import builtin_profiles_dir
 from tests.fleet import Agent, Central, DeviceDef, Simulator
 from tests.helpers import Mosquitto, free_port, wait_for
 from tests.identity import ADMIN, bearer, cli_user
@@ -31,9 +32,10 @@ class System:
     agent: Agent
     http: httpx.Client
 
-    def send(self, site_toml: str) -> dict[str, Any]:
+    def send(self, site_toml: str, profiles: dict[str, str] | None = None) -> dict[str, Any]:
         rsp = self.http.post(f"/api/gateways/{GW}/config",
-                             json={"site_toml": site_toml, "ttl_s": 300})
+                             json={"site_toml": site_toml, "ttl_s": 300,
+                                   "profiles": profiles or {}})
         assert rsp.status_code == 201, rsp.text
         return rsp.json()  # type: ignore[no-any-return]
 
@@ -94,7 +96,8 @@ def _polled(s: System) -> None:
 
 
 def test_good_config_applied_bad_one_rolled_back(system: System) -> None:
-    """A changed poll interval is applied and reported `succeeded` with its diff; a wrong port
+    """A changed poll interval with a pushed profile is applied and reported `succeeded` with
+    its diff; a wrong port
     (gas-1 stops answering) is rolled back by the agent within the health window and reported
     `failed`/`rolled_back` with its diff; an invalid file is refused; central shows all three
     and who sent them; central refuses a file it cannot sign (422) and a viewer (403)."""
@@ -103,14 +106,22 @@ def test_good_config_applied_bad_one_rolled_back(system: System) -> None:
     original = s.agent.config.read_text()
     assert "poll_interval_s = 0.25" in original
 
-    good = original.replace("poll_interval_s = 0.25", "poll_interval_s = 0.5")
-    sent = s.send(good)
+    # The good one: a longer poll interval, and gas-1 on a profile pushed with the config.
+    (s.agent.data_dir / "profiles").mkdir()
+    profile = (builtin_profiles_dir() / "gas_detector_v1.yaml").read_text().replace(
+        "id: gas-detector-v1", "id: gas-remote", 1)
+    good = original.replace("poll_interval_s = 0.25", "poll_interval_s = 0.5").replace(
+        'profile = "gas-detector-v1"', 'profile = "gas-remote"') + \
+        '\n[profiles]\ndirs = ["profiles"]\n'
+    sent = s.send(good, {"gas-remote.yaml": profile})
     assert (sent["kind"], sent["state"], sent["issued_by"]) == ("apply_config", "pending", ADMIN)
     done = s.wait_final(sent["cmd_id"], timeout=40)
     assert (done["state"], done["reason"]) == ("succeeded", None), done
     result = done["result"]
     assert result["outcome"] == "applied" and result["baseline"] == ["gas-1"]
     assert "-poll_interval_s = 0.25\n+poll_interval_s = 0.5\n" in result["diff"]
+    assert "+++ b/gas-remote.yaml" in result["diff"] and "+id: gas-remote" in result["diff"]
+    assert (s.agent.data_dir / "profiles" / "gas-remote.yaml").read_text() == profile
     assert s.agent.config.read_text() == good
     assert (s.history / "gen-0001.toml").read_text() == original
     assert not (s.history / "trial.json").exists()

@@ -3,8 +3,8 @@
 `prepare` refuses (`rejected`/`config_invalid`, the reason in `detail` and `error`) a config
 that fails the start-up checks (`edge_agent.config.remote.check_candidate`), or arrives while
 another trial runs. The action notes which devices answer now (the baseline the new config
-must meet), keeps the old file as a generation, journals the trial, writes the new file and
-asks the agent to reload; the command stays `executing` until `edge_agent.config.trial`
+must meet), keeps the old file (and any profile it replaces) as a generation, journals the
+trial, writes the pushed profiles and the new file and asks the agent to reload; the command stays `executing` until `edge_agent.config.trial`
 reports `succeeded` (applied) or `failed`/`rolled_back`, with the diff, after the reload.
 """
 
@@ -53,11 +53,11 @@ class ApplyConfigHandler:
         args = cmd.args
         assert isinstance(args, ApplyConfig)
         try:
-            check_candidate(args.site_toml, self.config, args.profiles)
+            candidate = check_candidate(args.site_toml, self.config, args.profiles)
             running = self.history.read_trial()
             if running is not None:
                 raise RemoteConfigRefusedError(f"config trial {running.cmd_id} is in progress")
-            unchanged = self.history.live_text() == args.site_toml
+            unchanged = self.history.live_text() == args.site_toml and not args.profiles
         except (RemoteConfigRefusedError, ConfigHistoryError) as exc:
             raise CommandRejected(Reason.CONFIG_INVALID, str(exc),
                                   {"outcome": "refused", "error": str(exc)}) from None
@@ -69,7 +69,8 @@ class ApplyConfigHandler:
             try:
                 self.history.begin(cmd.cmd_id, args.site_toml, baseline=baseline,
                                    window_s=self.config.commands.config_health_window_s,
-                                   now_ms=self._wall_ms())
+                                   now_ms=self._wall_ms(), profiles=args.profiles,
+                                   profiles_dir=next(iter(candidate.profiles.dirs), None))
             except ConfigHistoryError as exc:
                 with contextlib.suppress(ConfigHistoryError):  # the live file is written
                     self.history.clear_trial()  # last, atomically: the old one is still live

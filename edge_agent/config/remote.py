@@ -2,7 +2,9 @@
 
 Central's `apply_config` command (`protocols.remote_config`) carries a whole new site file.
 `check_candidate` runs the same checks as start-up on it (`parse_config`, profiles included)
-plus the ones a remote change needs (same gateway id, a file the agent can replace). Then
+plus the ones a remote change needs (same gateway id, a file the agent can replace); pushed
+profiles are loaded and take part in the check as if already in the first `[profiles] dirs`
+folder, where `begin` writes them (a replaced one is kept in `gen-NNNN.profiles/`). Then
 `ConfigHistory.begin` keeps the old file as a numbered generation, writes the trial journal and
 only then replaces the live file (write beside it, fsync, rename, fsync the folder). Everything
 lives beside the config file, in `<config>.history/`: the generations `gen-0001.toml`, … (the
@@ -23,6 +25,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,10 @@ from typing import Any
 
 import structlog
 
+from device_profiles import DeviceProfileError, load_profile
 from edge_agent import EdgeError
+from edge_agent.config.checks import cross_checks
+from edge_agent.config.lines import LineIndex
 from edge_agent.config.site import AgentConfig, ConfigError, parse_config
 
 log = structlog.get_logger(__name__)
@@ -40,6 +46,8 @@ MAX_DIFF_CHARS = 8000  # the diff travels in the command result (an outbox recor
 PHASE_TRIAL = "trial"
 PHASE_ROLLBACK = "rollback"
 PHASE_APPLIED = "applied"
+_TUPLES = ("baseline", "profiles_added", "profiles_replaced")
+Profiles = tuple[tuple[str, str], ...]  # pushed device profiles: (file name, YAML text)
 
 
 class RemoteConfigRefusedError(EdgeError):
@@ -69,15 +77,15 @@ def unified_diff(old: str, new: str, name: str = "site.toml") -> str:
 
 
 def check_candidate(text: str, current: AgentConfig,
-                    profiles: tuple[tuple[str, str], ...] = ()) -> AgentConfig:
-    """The candidate parsed and checked as at start-up; `RemoteConfigRefusedError` if not."""
+                    profiles: Profiles = ()) -> AgentConfig:
+    """The candidate parsed and checked as at start-up, with the pushed `profiles` as if
+    already in the first `[profiles] dirs` folder; `RemoteConfigRefusedError` if not."""
     if current.source is None:
         raise RemoteConfigRefusedError("the running config was not loaded from a file")
-    if profiles:
-        raise RemoteConfigRefusedError("this agent does not take pushed profiles yet; install "
-                                       "them on the gateway and send the site config alone")
     try:
-        candidate = parse_config(text, current.source)
+        candidate = parse_config(text, current.source, check_profiles=not profiles)
+        if profiles:
+            _check_with_profiles(candidate, text, profiles)
     except ConfigError as exc:
         raise RemoteConfigRefusedError(str(exc)) from None
     if candidate.gateway.id != current.gateway.id:
@@ -87,6 +95,26 @@ def check_candidate(text: str, current: AgentConfig,
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RemoteConfigRefusedError(f"{folder} is not writable by the agent")
     return candidate
+
+
+def _check_with_profiles(candidate: AgentConfig, text: str, profiles: Profiles) -> None:
+    """Load every pushed profile, then check the devices' profiles with them in front."""
+    path = candidate.source or Path("site.toml")
+    if not candidate.profiles.dirs:
+        raise ConfigError(path, None, "profiles.dirs", "pushed profiles go into the first "
+                                                       "[profiles] dirs folder: name one")
+    with tempfile.TemporaryDirectory(prefix=".profiles-") as tmp:
+        for name, body in profiles:
+            (Path(tmp) / name).write_text(body, encoding="utf-8")
+            try:
+                load_profile(Path(tmp) / name)
+            except DeviceProfileError as exc:
+                raise ConfigError(path, None, f"profiles.{name}", str(exc)) from None
+        dirs = candidate.profiles.model_copy(update={"dirs": [Path(tmp),
+                                                              *candidate.profiles.dirs]})
+        staged = candidate.model_copy(update={"profiles": dirs})
+        for issue in cross_checks(staged, check_profiles=True, index=LineIndex(text)):
+            raise ConfigError(path, issue.line, issue.field, issue.message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +131,9 @@ class Trial:
     window_s: float
     started_ms: int
     reason: str | None = None
+    profiles_dir: str | None = None  # where pushed profiles went (the first [profiles] dirs)
+    profiles_added: tuple[str, ...] = ()  # new files: removed on rollback
+    profiles_replaced: tuple[str, ...] = ()  # kept in gen-NNNN.profiles/: put back on rollback
 
     def with_phase(self, phase: str, reason: str | None = None) -> Trial:
         return dataclasses.replace(self, phase=phase, reason=reason or self.reason)
@@ -153,7 +184,7 @@ class ConfigHistory:
             return None
         try:
             raw: dict[str, Any] = json.loads(self._read(self.journal))
-            return Trial(**{**raw, "baseline": tuple(raw["baseline"])})
+            return Trial(**{**raw, **{k: tuple(raw.get(k, ())) for k in _TUPLES}})
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigHistoryError(f"{self.journal}: unreadable journal: {exc}") from exc
 
@@ -167,16 +198,35 @@ class ConfigHistory:
             raise ConfigHistoryError(f"{self.journal}: {exc}") from exc
 
     def begin(self, cmd_id: str, new_text: str, *, baseline: tuple[str, ...], window_s: float,
-              now_ms: int) -> Trial:
-        """Keep the live file as a new generation, journal the trial, then write `new_text`."""
+              now_ms: int, profiles: Profiles = (), profiles_dir: Path | None = None) -> Trial:
+        """Keep the live file (and the profiles about to be replaced) as a new generation,
+        journal the trial, then write the profiles and `new_text`."""
         old = self.live_text()
         self.dir.mkdir(mode=0o750, exist_ok=True)
         gen = (self.generations() or [0])[-1] + 1
         self._write(self.generation_path(gen), old)
+        diff = unified_diff(old, new_text, self.path.name)
+        added, replaced = [], []
+        for name, body in profiles:
+            assert profiles_dir is not None
+            target = profiles_dir / name
+            before = self._read(target) if target.exists() else None
+            if before is None:
+                added.append(name)
+            else:
+                replaced.append(name)
+                self.profiles_backup(gen).mkdir(exist_ok=True)
+                self._write(self.profiles_backup(gen) / name, before)
+            diff += unified_diff(before or "", body, name)
         trial = Trial(cmd_id=cmd_id, phase=PHASE_TRIAL, generation=gen, old_sha=sha256(old),
-                      new_sha=sha256(new_text), diff=unified_diff(old, new_text, self.path.name),
-                      baseline=baseline, window_s=window_s, started_ms=now_ms)
+                      new_sha=sha256(new_text), diff=diff[:MAX_DIFF_CHARS], baseline=baseline,
+                      window_s=window_s, started_ms=now_ms,
+                      profiles_dir=str(profiles_dir) if profiles else None,
+                      profiles_added=tuple(added), profiles_replaced=tuple(replaced))
         self.write_trial(trial)
+        for name, body in profiles:
+            assert profiles_dir is not None
+            self._write(profiles_dir / name, body)
         self._write(self.path, new_text)
         self._prune()
         log.info("config_trial_begun", cmd_id=cmd_id, generation=gen, new_sha=trial.new_sha)
@@ -188,6 +238,13 @@ class ConfigHistory:
         if trial.phase != PHASE_ROLLBACK:  # a rollback resumed keeps its first reason
             back = trial.with_phase(PHASE_ROLLBACK, reason)
             self.write_trial(back)
+        if trial.profiles_dir is not None:
+            folder = Path(trial.profiles_dir)
+            for name in trial.profiles_replaced:
+                self._write(folder / name, self._read(self.profiles_backup(trial.generation)
+                                                      / name))
+            for name in trial.profiles_added:
+                (folder / name).unlink(missing_ok=True)
         old = self._read(self.generation_path(trial.generation))
         if sha256(self.live_text()) != sha256(old):
             self._write(self.path, old)
@@ -195,9 +252,13 @@ class ConfigHistory:
                     reason=back.reason)
         return back
 
+    def profiles_backup(self, n: int) -> Path:
+        return self.dir / f"gen-{n:04d}.profiles"
+
     def _prune(self) -> None:
         for n in self.generations()[:-self.keep]:
             self.generation_path(n).unlink(missing_ok=True)
+            shutil.rmtree(self.profiles_backup(n), ignore_errors=True)
 
     @staticmethod
     def _read(path: Path) -> str:
