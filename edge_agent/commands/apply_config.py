@@ -4,8 +4,9 @@
 that fails the start-up checks (`edge_agent.config.remote.check_candidate`), or arrives while
 another trial runs. The action notes which devices answer now (the baseline the new config
 must meet), keeps the old file (and any profile it replaces) as a generation, journals the
-trial, writes the pushed profiles and the new file and asks the agent to reload; the command stays `executing` until `edge_agent.config.trial`
-reports `succeeded` (applied) or `failed`/`rolled_back`, with the diff, after the reload.
+trial, writes the pushed profiles and the new file and asks the agent to reload; the command
+stays `executing` until `edge_agent.config.trial` reports `succeeded` (applied) or
+`failed`/`rolled_back`, with the diff, after the reload.
 """
 
 from __future__ import annotations
