@@ -283,3 +283,21 @@ def test_rollback_removes_added_and_restores_replaced_profiles(tmp_path: Path) -
     history.roll_back(trial, "unhealthy")
     assert not (folder / "new.yaml").exists() and (folder / "old.yaml").read_text() == "id: old\n"
     assert live.read_text() == SITE
+
+
+async def test_a_crash_loop_on_the_new_config_ends_in_a_rollback(tmp_path: Path) -> None:
+    """Each start during a trial is counted; the third start without a verdict rolls back."""
+    history = _begun(tmp_path, SITE.replace("1.0", "2.0"))
+    for _ in range(3):  # three starts, each killed during its health window
+        trial = history.read_trial()
+        assert trial is not None and trial.phase == PHASE_TRIAL
+        run = Run(tmp_path, answering=frozenset())
+        task = asyncio.create_task(run.trial._finish(trial))
+        await asyncio.sleep(0.1)
+        task.cancel()
+    run = Run(tmp_path)
+    await run.finish()
+    assert run.reload.requested and history.live_text() == SITE
+    after = Run(tmp_path)
+    await after.finish()
+    assert "started 3 times" in (after.results[0].detail or "")

@@ -134,6 +134,7 @@ class Trial:
     profiles_dir: str | None = None  # where pushed profiles went (the first [profiles] dirs)
     profiles_added: tuple[str, ...] = ()  # new files: removed on rollback
     profiles_replaced: tuple[str, ...] = ()  # kept in gen-NNNN.profiles/: put back on rollback
+    starts: int = 0  # agent starts on the new file so far (a crash loop ends in a rollback)
 
     def with_phase(self, phase: str, reason: str | None = None) -> Trial:
         return dataclasses.replace(self, phase=phase, reason=reason or self.reason)

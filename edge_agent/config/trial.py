@@ -15,8 +15,9 @@ start and finishes what it finds:
   that answered before, still in the config and enabled) must answer (state ok or degraded)
   and the uplink must be connected; then `applied` → `succeeded`. Otherwise the old
   generation is put back and the agent reloads → `rollback`. After a kill -9 the window
-  starts again with the new start. `trial` with the old file still live (stopped before the
-  write) → `rollback`.
+  starts again with the new start, up to `MAX_TRIAL_STARTS` starts (a crash loop on the new
+  file ends in a rollback). `trial` with the old file still live (stopped before the write)
+  → `rollback`.
 - `rollback` with the old file live → `failed`/`rolled_back`, with the reason; with the new
   file live (stopped mid-rollback) → restore and reload first.
 - `applied` → `succeeded`.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -55,6 +57,7 @@ log = structlog.get_logger(__name__)
 
 CHECK_EVERY_S = 0.25
 RELOAD_GRACE_S = 10.0
+MAX_TRIAL_STARTS = 3
 SETTLE_RETRY_S = 0.5
 KIND = "apply_config"
 
@@ -153,7 +156,13 @@ class ConfigTrial:
         if trial.phase == PHASE_TRIAL and live != trial.new_sha:
             trial = self.history.roll_back(trial, "the agent stopped before the new config "
                                                   "was written; the old one stays")
+        elif trial.phase == PHASE_TRIAL and trial.starts >= MAX_TRIAL_STARTS:
+            self.history.roll_back(trial, f"the agent started {trial.starts} times on the new "
+                                          "config without finishing its health check")
+            self.reload.request("config rolled back")
+            return
         elif trial.phase == PHASE_TRIAL:
+            self.history.write_trial(dataclasses.replace(trial, starts=trial.starts + 1))
             why = await self._unhealthy(trial)
             if why is not None:
                 self.history.roll_back(trial, why)
