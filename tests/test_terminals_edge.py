@@ -1,0 +1,185 @@
+"""The gateway's 叫应 terminal driver on real parts (DESIGN.md §7): a real SQLite outbox and
+ledger, terminal simulators on loopback TCP and on a pty. Plays, receipts and acks become
+outbox events once each; faults from heartbeats become events; bad bytes are counted, never
+fatal; a restart remembers what was recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.outbox.store import Outbox
+from edge_agent.terminals.config import TerminalConfig
+from edge_agent.terminals.link import PlayResult, TerminalLink
+from edge_agent.terminals.service import TerminalService
+from firmware_stubs.terminal_sim import PtyTerminalSimulator, TcpTerminalSimulator
+from protocols import terminal as tm
+from protocols.callresp import is_callresp, parse_event_attrs, play_warning
+from protocols.envelope import RecordKind
+from protocols.terminal_events import FAULT_EVENT, TerminalFaultEvent
+from tests.helpers import until
+
+TIMEOUT = 15.0
+
+
+@dataclass
+class Rig:
+    outbox: Outbox
+    service: TerminalService
+    tcp: TcpTerminalSimulator
+    pty: PtyTerminalSimulator
+
+    async def events(self) -> list[dict[str, Any]]:
+        recs = await self.outbox.next_batch(1000)
+        return [dict(r.attrs or {}) for r in recs if r.kind is RecordKind.EVENT]
+
+    async def callresp(self) -> list[tuple[str, str, str]]:
+        return sorted((e.warning_id, e.terminal, str(e.type)) for e in
+                      (parse_event_attrs(a) for a in await self.events() if is_callresp(a)))
+
+    async def faults(self) -> list[tuple[str, str, str]]:
+        return [(f.terminal, str(f.fault), str(f.state)) for f in
+                (TerminalFaultEvent.from_attrs(a) for a in await self.events()
+                 if a.get("event") == FAULT_EVENT)]
+
+
+@contextlib.asynccontextmanager
+async def running(service: TerminalService) -> AsyncIterator[TerminalService]:
+    async with service.open():
+        tasks = [asyncio.create_task(f(), name=n) for n, f in service.tasks()]
+        try:
+            await until(lambda: all(lk.connected for lk in service.links.values()),
+                        "terminals connected", timeout=TIMEOUT)
+            yield service
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _service(tmp_path: Path, outbox: Outbox, tcp: TcpTerminalSimulator,
+             pty: PtyTerminalSimulator) -> TerminalService:
+    return TerminalService(terminals=[
+        TerminalConfig(id="t-1", tcp=f"127.0.0.1:{tcp.port}"),
+        TerminalConfig(id="t-2", serial=pty.path, kind="video")],
+        ledger_path=tmp_path / "terminals.db", outbox=outbox)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with Outbox.open(tmp_path / "outbox.db") as outbox, \
+            TcpTerminalSimulator("t-1", heartbeat_s=5) as tcp, \
+            PtyTerminalSimulator("t-2", heartbeat_s=5, video=True) as pty:
+        service = _service(tmp_path, outbox, tcp, pty)
+        async with running(service):
+            yield Rig(outbox, service, tcp, pty)
+
+
+async def test_play_delivered_and_acked_once_each(rig: Rig) -> None:
+    """A warning plays on a TCP and a serial terminal: both deliver at once; each button
+    press is one ack event; a reminder PLAY and a second press record nothing more."""
+    args = play_warning("w-1", "red", "暴雨红色预警", 2, ["t-1", "t-2", "t-9"])
+    out = await rig.service.play(args, origin="ip", cmd_id="c-1")
+    assert {t: (str(o.result), o.reason) for t, o in out.items()} == {
+        "t-1": ("delivered", None), "t-2": ("delivered", None),
+        "t-9": ("refused", "unknown_terminal")}
+    assert rig.tcp.played[-1].play.text == "暴雨红色预警"
+    assert rig.pty.played[-1].play.level is tm.WarningLevel.RED
+    rig.tcp.press()
+    rig.pty.press()
+    want = [("w-1", "t-1", "ack"), ("w-1", "t-1", "delivered"), ("w-1", "t-2", "ack"),
+            ("w-1", "t-2", "delivered")]
+    await until(lambda: _eq(rig.callresp(), want), "two acks", timeout=TIMEOUT)
+    await until(lambda: len(rig.tcp.acks_confirmed) == 1 and len(rig.pty.acks_confirmed) == 1,
+                "receipts for the acks", timeout=TIMEOUT)
+    # A reminder (the workflow re-sends) and a second press: nothing new recorded.
+    await rig.service.play(args, origin="ip", cmd_id="c-2")
+    rig.tcp.press()
+    await until(lambda: len(rig.tcp.acks_confirmed) == 2, "second ack confirmed",
+                timeout=TIMEOUT)
+    assert await rig.callresp() == want
+    assert rig.service.counters.events_repeated >= 2
+    acks = [parse_event_attrs(a) for a in await rig.events() if is_callresp(a)
+            and a["type"] == "ack"]
+    assert {(a.cmd_id, a.by) for a in acks} == {("c-1", "button-1")}
+
+
+async def _eq(got: Any, want: Any) -> bool:
+    return bool(await got == want)
+
+
+async def test_faults_refusals_and_garbage(rig: Rig) -> None:
+    """A speaker fault in the heartbeat is an event and the PLAY is refused with its code;
+    garbage on the line is counted and the link keeps working; faults clear as events."""
+    rig.tcp.set_faults(speaker_fault=True, mains=False, battery=10)
+    await until(lambda: _has(rig.faults(), ("t-1", "speaker_fault", "raised")),
+                "fault event", timeout=TIMEOUT)
+    assert set(await rig.faults()) == {("t-1", "speaker_fault", "raised"),
+                                      ("t-1", "mains_lost", "raised"),
+                                      ("t-1", "battery_low", "raised")}
+    out = await rig.service.play(play_warning("w-2", "orange", "橙色预警", 1, ["t-1"]),
+                                 origin="ip")
+    assert (out["t-1"].result, out["t-1"].reason) == (PlayResult.REFUSED, "speaker_fault")
+    link = rig.service.links["t-2"]
+    rig.pty.set_faults(garbage=300, tamper=True)  # garbage, then the heartbeat it causes
+    await until(lambda: _has(rig.faults(), ("t-2", "tamper", "raised")), "tamper",
+                timeout=TIMEOUT)
+    assert link.counters.garbage_bytes > 0 and link.connected
+    out = await rig.service.play(play_warning("w-3", "blue", "蓝色预警", 1, ["t-2"]),
+                                 origin="ip")
+    assert out["t-2"].result is PlayResult.DELIVERED
+    rig.tcp.set_faults(speaker_fault=False, mains=True, battery=90)
+    await until(lambda: _has(rig.faults(), ("t-1", "speaker_fault", "cleared")), "cleared",
+                timeout=TIMEOUT)
+    health = rig.service.status()["terminals"]
+    assert [h["id"] for h in health] == ["t-1", "t-2"]
+    assert health[1]["heartbeat"]["tamper"] and health[1]["faults"] == ["tamper"]
+
+
+async def _has(got: Any, item: Any) -> bool:
+    return item in await got
+
+
+async def test_repeated_ack_after_restart_is_not_recorded_twice(tmp_path: Path) -> None:
+    """The gateway's RECEIPT for an ACK is lost (injected), so the terminal repeats it, also
+    after the driver restarts on the same ledger: the ack is in the outbox exactly once."""
+    async with Outbox.open(tmp_path / "outbox.db") as outbox, \
+            TcpTerminalSimulator("t-1", heartbeat_s=5, ack_retry_s=0.3) as tcp, \
+            PtyTerminalSimulator("t-2", heartbeat_s=5) as pty:
+        drop = {"on": True}
+        real_send = TerminalLink._send
+
+        async def lossy_send(self: TerminalLink, message: tm.Message) -> None:
+            if drop["on"] and isinstance(message, tm.Receipt) \
+                    and message.ref_type is tm.MessageType.ACK:
+                return  # the fault: this receipt never reaches the terminal
+            await real_send(self, message)
+
+        args = play_warning("w-9", "red", "红色预警", 1, ["t-1"])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(TerminalLink, "_send", lossy_send)
+            service = _service(tmp_path, outbox, tcp, pty)
+            async with running(service):
+                await service.play(args, origin="ip", cmd_id="c-9")
+                tcp.press()
+                await until(lambda: tcp.stats()["ack_repeats"] >= 2, "ack repeated",
+                            timeout=TIMEOUT)
+                assert service.counters.events_repeated >= 1
+            # The driver restarts on the same files; the terminal still repeats its ACK.
+            service = _service(tmp_path, outbox, tcp, pty)
+            async with running(service):
+                await until(lambda: service.counters.events_repeated >= 1, "repeat seen",
+                            timeout=TIMEOUT)
+                drop["on"] = False
+                await until(lambda: len(tcp.acks_confirmed) == 1, "ack confirmed",
+                            timeout=TIMEOUT)
+        recs = [r for r in await outbox.next_batch(1000) if r.kind is RecordKind.EVENT
+                and is_callresp(r.attrs)]
+        kinds = sorted(str(parse_event_attrs(r.attrs or {}).type) for r in recs)
+        assert kinds == ["ack", "delivered"]
