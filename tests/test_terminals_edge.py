@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,18 @@ from typing import Any
 
 import pytest
 
+from edge_agent.alarms.rules import AlarmEvent, Rule
 from edge_agent.outbox.store import Outbox
-from edge_agent.terminals.config import TerminalConfig
+from edge_agent.terminals.config import LocalWarningConfig, TerminalConfig
 from edge_agent.terminals.link import PlayResult, TerminalLink
+from edge_agent.terminals.local_rule import LocalWarningRule, local_warning_id
 from edge_agent.terminals.service import TerminalService
 from firmware_stubs.terminal_sim import PtyTerminalSimulator, TcpTerminalSimulator
 from protocols import terminal as tm
+from protocols.alarm_attrs import AlarmState, RuleKind
 from protocols.callresp import is_callresp, parse_event_attrs, play_warning
 from protocols.envelope import RecordKind
-from protocols.terminal_events import FAULT_EVENT, TerminalFaultEvent
+from protocols.terminal_events import FAULT_EVENT, LOCAL_EVENT, TerminalFaultEvent
 from tests.helpers import until
 
 TIMEOUT = 15.0
@@ -183,3 +187,35 @@ async def test_repeated_ack_after_restart_is_not_recorded_twice(tmp_path: Path) 
                 and is_callresp(r.attrs)]
         kinds = sorted(str(parse_event_attrs(r.attrs or {}).type) for r in recs)
         assert kinds == ["ack", "delivered"]
+
+
+def _raise(level: int, since_ms: int, prev: int = 0) -> AlarmEvent:
+    rule = Rule("gas-1", "gas-1/gas_lel", RuleKind.HIGH, (25.0, 50.0))
+    return AlarmEvent(rule, AlarmState.RAISED if prev == 0 else AlarmState.CHANGED, level, prev,
+                      since_ms, 57.5, 50.0, since_ms)
+
+
+async def test_local_rule_plays_only_cut_off_and_once(rig: Rig) -> None:
+    """The local rule ignores level 1, a raise while central is reachable and other alarms;
+    a level-2 raise while cut off plays on every terminal once, also if handed in again."""
+    online = {"up": True}
+    cfg = LocalWarningConfig(text="燃气泄漏，请撤离", alarms=["gas-1/gas_lel/*"])
+    rule = LocalWarningRule(cfg, rig.service, online=lambda: online["up"])
+    task = asyncio.create_task(rule.run())
+    try:
+        rule.on_alarm_events([_raise(2, 1_000)])  # central reachable: its workflow decides
+        online["up"] = False
+        rule.on_alarm_events([_raise(1, 2_000)])  # level 1
+        other = dataclasses.replace(_raise(2, 3_000), rule=Rule(
+            "gas-2", "gas-2/o2", RuleKind.LOW, (19.5, 18.0)))
+        rule.on_alarm_events([other])
+        rule.on_alarm_events([_raise(2, 4_000, prev=1)])  # 1 -> 2 while cut off: plays
+        await until(lambda: rule.played == 1, "played", timeout=TIMEOUT)
+        await rule.play(_raise(2, 4_000, prev=1))  # the same raise again: not replayed
+        assert rule.played == 1 and rule.skipped_online == 1
+        assert [p.play.text for p in rig.tcp.played] == ["燃气泄漏，请撤离"]
+        assert len(rig.pty.played) == 1
+        (report,) = [a for a in await rig.events() if a["event"] == LOCAL_EVENT]
+        assert report["warning_id"] == local_warning_id("gas-1/gas_lel/high", 4_000)
+    finally:
+        task.cancel()
