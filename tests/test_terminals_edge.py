@@ -20,6 +20,7 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.terminals.config import LocalWarningConfig, TerminalConfig
 from edge_agent.terminals.link import PlayResult, TerminalLink
 from edge_agent.terminals.local_rule import LocalWarningRule, local_warning_id
+from edge_agent.terminals.metrics import terminal_metrics
 from edge_agent.terminals.service import TerminalService
 from firmware_stubs.terminal_sim import PtyTerminalSimulator, TcpTerminalSimulator
 from protocols import terminal as tm
@@ -127,6 +128,11 @@ async def test_faults_refusals_and_garbage(rig: Rig) -> None:
     assert set(await rig.faults()) == {("t-1", "speaker_fault", "raised"),
                                       ("t-1", "mains_lost", "raised"),
                                       ("t-1", "battery_low", "raised")}
+    samples = {(m.name, tuple(sm.labels.values())): sm.value
+               for m in terminal_metrics(rig.service.status()) for sm in m.samples}
+    assert samples[("fieldlink_edge_terminal_fault", ("t-1", "speaker_fault"))] == 1.0
+    assert samples[("fieldlink_edge_terminal_battery_percent", ("t-1",))] == 10.0
+    assert samples[("fieldlink_edge_terminal_up", ("t-2",))] == 1.0
     out = await rig.service.play(play_warning("w-2", "orange", "橙色预警", 1, ["t-1"]),
                                  origin="ip")
     assert (out["t-1"].result, out["t-1"].reason) == (PlayResult.REFUSED, "speaker_fault")
