@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from edge_agent.alarms.rules import AlarmEvent, Rule
+from edge_agent.config.site import ConfigError, parse_config
 from edge_agent.outbox.store import Outbox
 from edge_agent.terminals.config import LocalWarningConfig, TerminalConfig
 from edge_agent.terminals.link import PlayResult, TerminalLink
@@ -225,3 +226,28 @@ async def test_local_rule_plays_only_cut_off_and_once(rig: Rig) -> None:
         assert report["warning_id"] == local_warning_id("gas-1/gas_lel/high", 4_000)
     finally:
         task.cancel()
+
+
+def test_terminal_config_errors_name_the_line(tmp_path: Path) -> None:
+    """A terminal with both lines, a duplicate id and a local warning naming an unknown
+    terminal are config errors that name their lines."""
+    base = f'[gateway]\nid = "gw-1"\ndata_dir = "{tmp_path}"\n'
+    ok = parse_config(base + '[[terminals]]\nid = "t-1"\ntcp = "10.0.0.5:7700"\n'
+                      '[[terminals]]\nid = "t-2"\nserial = "/dev/ttyUSB2"\nkind = "video"\n'
+                      '[local_warning]\ntext = "撤离"\nterminals = ["t-2"]\n')
+    assert [(t.endpoint, t.kind) for t in ok.terminals] == [
+        ("tcp://10.0.0.5:7700", "audio"), ("serial:///dev/ttyUSB2", "video")]
+    cases = [
+        ('[[terminals]]\nid = "t-1"\ntcp = "h:1"\nserial = "/dev/x"\n', "site.toml:4",
+         "exactly one of tcp and serial"),
+        ('[[terminals]]\nid = "t-1"\ntcp = "h:1"\n[[terminals]]\nid = "t-1"\ntcp = "h:2"\n',
+         "site.toml:8 terminals[1].id", "duplicate terminal id"),
+        ('[[terminals]]\nid = "t-1"\ntcp = "nohost"\n', "site.toml:6 terminals[0].tcp",
+         "host:port"),
+        ('[[terminals]]\nid = "t-1"\ntcp = "h:1"\n[local_warning]\ntext = "x"\n'
+         'terminals = ["t-9"]\n', "site.toml:9 local_warning.terminals[0]", "no terminal"),
+    ]
+    for text, where, what in cases:
+        with pytest.raises(ConfigError) as err:
+            parse_config(base + text)
+        assert where in str(err.value) and what in str(err.value), str(err.value)
