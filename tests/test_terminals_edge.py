@@ -251,3 +251,19 @@ def test_terminal_config_errors_name_the_line(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             parse_config(base + text)
         assert where in str(err.value) and what in str(err.value), str(err.value)
+
+
+async def test_terminal_lost_and_back_reconnects_with_events(rig: Rig) -> None:
+    """A terminal that goes away is a `lost` fault event; the driver reconnects by itself
+    once it is back, and the fault clears."""
+    link = rig.service.links["t-1"]
+    await rig.tcp.stop()
+    await until(lambda: not link.connected, "link down", timeout=TIMEOUT)
+    await until(lambda: _has(rig.faults(), ("t-1", "lost", "raised")), "lost", timeout=TIMEOUT)
+    out = await rig.service.play(play_warning("w-4", "red", "红色", 1, ["t-1"]), origin="ip")
+    assert (out["t-1"].result, out["t-1"].reason) == (PlayResult.REFUSED, "not_connected")
+    async with TcpTerminalSimulator("t-1", port=rig.tcp.port, heartbeat_s=5):
+        await until(lambda: link.connected, "reconnected", timeout=TIMEOUT)
+        await until(lambda: _has(rig.faults(), ("t-1", "lost", "cleared")), "back",
+                    timeout=TIMEOUT)
+    assert link.counters.connects >= 2 and link.counters.lost >= 1

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from typing import Protocol
 
 import serial
 
 from edge_agent.terminals.config import TerminalConfig
 from edge_agent.terminals.errors import TerminalLineError
-from runtime.serial import LineReader, PortLostError, open_serial
+from runtime.serial import LineReader, PortLostError, open_serial, write_all
 
 READ_SIZE = 4096
 
@@ -75,36 +74,19 @@ class SerialLine:
             raise TerminalLineError(self.endpoint, exc.reason) from exc
 
     async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        loop = asyncio.get_running_loop()
-        while view:
-            fd = self._fd
-            if fd is None:
-                raise TerminalLineError(self.endpoint, "lost while writing")
-            try:
-                view = view[os.write(fd, view):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                raise TerminalLineError(self.endpoint, f"write failed: {exc}") from exc
-            if view:  # the line is full: wait until the driver takes more
-                writable: asyncio.Future[None] = loop.create_future()
-                loop.add_writer(fd, _wake, writable)
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(fd)
+        fd = self._fd
+        if fd is None:
+            raise TerminalLineError(self.endpoint, "lost")
+        try:
+            await write_all(fd, data)
+        except OSError as exc:
+            raise TerminalLineError(self.endpoint, f"write failed: {exc}") from exc
 
     async def close(self) -> None:
         self._reader.stop()
         self._fd = None
         with contextlib.suppress(OSError, serial.SerialException):
             await asyncio.to_thread(self._port.close)
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 async def open_line(config: TerminalConfig) -> Line:
