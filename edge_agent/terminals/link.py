@@ -155,6 +155,7 @@ class TerminalLink:
                 self.last_error = exc.reason
                 if not failing:
                     self._lg.warning("terminal_offline", error=exc.reason)
+                    await self._events.on_lost(self, exc.reason)
                 failing = True
             else:
                 self.counters.connects += 1
