@@ -58,7 +58,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
 def test_garbage_raises_only_attrs_error(attrs: dict[str, Any]) -> None:
     for kind in (TerminalFaultEvent, LocalWarningEvent):
         try:
-            kind.from_attrs(attrs)  # type: ignore[attr-defined]
+            kind.from_attrs(attrs)
         except AttrsError:
             pass
 

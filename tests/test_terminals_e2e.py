@@ -92,7 +92,7 @@ class System:
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         rsp = self.http.post(path, json=body)
         assert rsp.status_code == 201, rsp.text
-        return rsp.json()  # type: ignore[no-any-return]
+        return dict(rsp.json())
 
     def street(self) -> int:
         city = self.post("/api/areas", {"level": "city", "code": "c", "name_zh": "武汉市"})
@@ -172,17 +172,18 @@ def test_red_warning_played_delivered_and_answered_from_the_edge(system: System)
     s = system
     s.start_agent()
     street = s.street()
-    for t in s.terms.values():
-        t.control({"person": {"press_after_s": 0.5}})
+    for term in s.terms.values():
+        term.control({"person": {"press_after_s": 0.5}})
     wid = s.issue(street)
     wait_for(lambda: s.states(wid) == {"t-1": "answered", "t-2": "answered"}, timeout=TIMEOUT,
              interval=0.2, what=f"both answered; agent:\n{s.agent and s.agent.tail(20)}")
-    for ref, t in s.targets(wid).items():
-        assert t["delivered_ms"] <= t["answered_ms"], (ref, t)
-        assert t["attempts"] == 1
+    for ref, target in s.targets(wid).items():
+        assert target["delivered_ms"] <= target["answered_ms"], (ref, target)
+        assert target["attempts"] == 1
     rsp = s.http.get(f"/api/callresp/warnings/{wid}").json()
     # one command per gateway carries the warning to both of its terminals
-    (cmd_id,) = {c for st in rsp["steps"] if st["step"] == "sent" for c in st["detail"]["cmd_ids"]}
+    (cmd_id,) = {c for st in rsp["steps"] if st["step"] == "sent"
+                 for c in st["detail"]["cmd_ids"]}
     cmd = wait_for(lambda: (c := s.http.get(f"/api/commands/{cmd_id}").json())["state"]
                    == "succeeded" and c, timeout=TIMEOUT, what="command succeeded")
     assert cmd["result"]["terminals"] == {"t-1": {"result": "delivered"},
@@ -237,12 +238,13 @@ def test_local_rule_plays_while_cut_off_and_central_learns_later(system: System)
     wait_for(lambda: s.mqtt_drops() > drops, timeout=TIMEOUT, what="the agent off the broker")
     s.sim.control({"set": {"device_id": 1, "point": "gas_lel", "value": 57.5}})
 
-    def played() -> list[dict[str, Any]] | None:
+    def played() -> list[list[dict[str, Any]]] | None:
         got = [t.control({"state": {}})["played"] for t in s.terms.values()]
         return got if all(got) else None
 
     plays = wait_for(played, timeout=TIMEOUT, interval=0.3,
                      what=f"the local warning played; agent:\n{agent.tail(20)}")
+    assert plays is not None
     for p in plays:
         assert [(x["text"], x["level"], x["repeat"]) for x in p] == [(LOCAL_TEXT, 1, 2)]
     s.terms["t-2"].control({"press": {}})

@@ -17,8 +17,9 @@ import pytest
 
 from edge_agent.alarms.rules import AlarmEvent, Rule
 from edge_agent.config.site import ConfigError, parse_config
-from edge_agent.outbox.store import Outbox
+from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.terminals.config import LocalWarningConfig, TerminalConfig
+from edge_agent.terminals.ledger import TerminalLedger
 from edge_agent.terminals.link import PlayResult, TerminalLink
 from edge_agent.terminals.local_rule import LocalWarningRule, local_warning_id
 from edge_agent.terminals.metrics import terminal_metrics
@@ -58,7 +59,7 @@ class Rig:
 @contextlib.asynccontextmanager
 async def running(service: TerminalService) -> AsyncIterator[TerminalService]:
     async with service.open():
-        tasks = [asyncio.create_task(f(), name=n) for n, f in service.tasks()]
+        tasks = [asyncio.ensure_future(f()) for _, f in service.tasks()]
         try:
             await until(lambda: all(lk.connected for lk in service.links.values()),
                         "terminals connected", timeout=TIMEOUT)
@@ -267,3 +268,24 @@ async def test_terminal_lost_and_back_reconnects_with_events(rig: Rig) -> None:
         await until(lambda: _has(rig.faults(), ("t-1", "lost", "cleared")), "back",
                     timeout=TIMEOUT)
     assert link.counters.connects >= 2 and link.counters.lost >= 1
+
+
+async def test_crash_between_append_and_mark_appends_nothing_twice(tmp_path: Path) -> None:
+    """Ledger rows left unreported by a crash: one the outbox already holds is only marked at
+    the next start, one that never reached the outbox is appended then; each is there once."""
+    attrs = {k: {"event": "callresp", "v": 1, "type": "ack", "warning_id": "w-1",
+                 "terminal": k, "at_ms": 1000} for k in ("t-1", "t-2")}
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        async with TerminalLedger.open(tmp_path / "terminals.db") as ledger:
+            for t, a in attrs.items():
+                assert await ledger.claim_event(("w-1", t, "ack"), a, 1000)
+            # t-1: appended, then the crash (never marked); t-2: the crash came before
+            await outbox.append([NewRecord(kind=RecordKind.EVENT, ts_ms=1000, point=None,
+                                           value=None, attrs=attrs["t-1"])])
+        service = TerminalService(terminals=[], ledger_path=tmp_path / "terminals.db",
+                                  outbox=outbox)
+        async with service.open():
+            assert service.counters.events_reappended == 1
+            assert await service.ledger.unreported() == []
+        recs = [r.attrs for r in await outbox.next_batch(100) if r.kind is RecordKind.EVENT]
+        assert sorted(a["terminal"] for a in recs if a) == ["t-1", "t-2"]

@@ -9,10 +9,11 @@ open faults. All of it must survive a kill -9 and a power cut (`synchronous=FULL
   BEFORE the outbox append and before the terminal gets its RECEIPT; `reported` is set after
   the append. A repeated ACK (the terminal did not hear the RECEIPT, or the agent restarted)
   finds the row and is answered without a second record. A row not yet reported after a crash
-  is appended at the next start (`unreported`). The ledger and the outbox are two files: a
-  crash in the one commit between the append and its mark appends that event once more at
-  restart (the same order as `edge_agent.commands.ledger`); central applies 叫应 events
-  idempotently, so the answer still counts once.
+  is appended at the next start (`unreported`). The ledger and the outbox are two files (the
+  order of `edge_agent.commands.ledger`): after a crash between the append and its mark, the
+  service finds the event among the outbox's unsent records at start and only marks it. Only
+  if central had acknowledged it within that one commit would it go once more; central applies
+  叫应 events idempotently, so the answer would still count once.
 - `faults`: the faults each terminal has raised and not cleared, so that a restart does not
   raise them again.
 

@@ -15,7 +15,8 @@ What the terminals send back becomes outbox records (DESIGN.md §4: nothing lost
   is committed first, then the outbox append, then the row is marked reported; a repeated
   receipt or ACK (a reminder PLAY, a terminal that did not hear the RECEIPT, a restart) finds
   the row and records nothing. Rows left unreported (the outbox refused the append, or a
-  crash came in between) are appended at start and then every `REPORT_RETRY_S`.
+  crash came in between) are appended at start and then every `REPORT_RETRY_S`; at start,
+  one the outbox already holds unsent (the crash came after the append) is only marked.
 - a heartbeat fault that appears or clears (and a terminal lost or back) → a
   `terminal_fault` EVENT (`protocols.terminal_events`); open faults are kept in the ledger,
   so a restart does not report them again.
@@ -29,27 +30,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
+from edge_agent.outbox.lanes import Part
 from edge_agent.outbox.store import NewRecord, OutboxError
 from edge_agent.terminals.config import TerminalConfig
 from edge_agent.terminals.errors import TerminalStoreError
 from edge_agent.terminals.ledger import EventKey, TerminalLedger
 from edge_agent.terminals.link import PlayOutcome, PlayResult, TerminalLink
 from protocols import terminal as tm
-from protocols.callresp import CallRespEvent, EventType, Level, PlayWarning, event_attrs
-from protocols.envelope import RecordKind
-from protocols.terminal_events import FaultState, TerminalFault, TerminalFaultEvent
+from protocols.callresp import (
+    EVENT_NAME,
+    CallRespEvent,
+    EventType,
+    Level,
+    PlayWarning,
+    event_attrs,
+)
+from protocols.envelope import Record, RecordKind
+from protocols.terminal_events import LOCAL_EVENT, FaultState, TerminalFault, TerminalFaultEvent
 
 log = structlog.get_logger(__name__)
 
 ANSWER_WAIT_S = 2.0  # §4.3 says 1 s; a little more for a busy gateway
 REPORT_RETRY_S = 30.0
+UNSENT_SCAN = 100_000  # unsent alarm, event and live records read at start to find events
 BATTERY_LOW = 20  # percent, on battery
 MAX_TEXT_BYTES = tm.DEFAULT_MAX_BODY - 6  # every receiver takes a 1024-byte body (§3.3)
 _LEVELS = {Level.RED: tm.WarningLevel.RED, Level.ORANGE: tm.WarningLevel.ORANGE,
@@ -59,6 +69,9 @@ Factory = Callable[[], Awaitable[None]]
 
 class RecordWriter(Protocol):
     async def append(self, records: list[NewRecord]) -> list[int]: ...
+
+    async def next_batch(self, limit: int, exclude: Collection[int] = (), *,
+                         part: Part = "all") -> list[Record]: ...
 
 
 @dataclass(slots=True)
@@ -84,6 +97,16 @@ def _wall_ms() -> int:
 def _fit(text: str, limit: int = MAX_TEXT_BYTES) -> str:
     """`text` cut at a character boundary to `limit` UTF-8 bytes."""
     return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def event_key(attrs: Mapping[str, Any] | None) -> EventKey | None:
+    """The ledger key of an EVENT record this service wrote, from its attrs (else None)."""
+    a = attrs or {}
+    if a.get("event") == EVENT_NAME:
+        return (str(a.get("warning_id")), str(a.get("terminal")), str(a.get("type")))
+    if a.get("event") == LOCAL_EVENT:
+        return (str(a.get("warning_id")), "", LOCAL_EVENT)
+    return None
 
 
 def faults_of(hb: tm.Heartbeat) -> set[TerminalFault]:
@@ -125,7 +148,7 @@ class TerminalService:
             self._ledger = ledger
             try:
                 self._faults = await ledger.faults()
-                await self.report_unreported()
+                await self.report_unreported(check_outbox=True)
                 yield self
             finally:
                 self._ledger = None
@@ -214,15 +237,31 @@ class TerminalService:
         await self.ledger.mark_reported(key)
         return True
 
-    async def report_unreported(self) -> int:
+    async def report_unreported(self, *, check_outbox: bool = False) -> int:
+        """Append the events the ledger holds unreported. `check_outbox` (at start, before
+        the uplink runs): first look for them among the outbox's unsent records, where a crash
+        between the append and its mark left them; those are only marked."""
+        unreported = await self.ledger.unreported()
+        present = await self._unsent_keys() if unreported and check_outbox else set()
         n = 0
-        for key, attrs in await self.ledger.unreported():
-            if await self._append(key, attrs, int(attrs.get("at_ms") or self._wall_ms())):
+        for key, attrs in unreported:
+            if key in present:
+                await self.ledger.mark_reported(key)
+            elif await self._append(key, attrs, int(attrs.get("at_ms") or self._wall_ms())):
                 n += 1
         self.counters.events_reappended += n
         if n:
             log.info("terminal_events_reappended", events=n)
         return n
+
+    async def _unsent_keys(self) -> set[EventKey]:
+        try:
+            records = await self._outbox.next_batch(UNSENT_SCAN, part="priority")
+        except OutboxError as exc:
+            log.warning("terminal_outbox_scan_failed", error=str(exc))
+            return set()
+        return {k for r in records if r.kind is RecordKind.EVENT
+                and (k := event_key(r.attrs)) is not None}
 
     async def report_loop(self) -> None:
         while True:
