@@ -179,7 +179,7 @@ class TerminalLink:
         decoder = tm.TerminalDecoder()
         last_rx = last_frame = time.monotonic()
         try:
-            for pending in self._pending.values():  # §4.3: unanswered frames go again
+            for pending in list(self._pending.values()):  # §4.3: unanswered frames go again
                 await self._write(pending.frame)
             while True:
                 try:
