@@ -289,3 +289,19 @@ async def test_crash_between_append_and_mark_appends_nothing_twice(tmp_path: Pat
             assert await service.ledger.unreported() == []
         recs = [r.attrs for r in await outbox.next_batch(100) if r.kind is RecordKind.EVENT]
         assert sorted(a["terminal"] for a in recs if a) == ["t-1", "t-2"]
+
+
+async def test_unanswered_play_is_repeated_and_its_late_receipt_recorded(rig: Rig) -> None:
+    """A terminal that plays but sends no receipt (silent): the command hears `sent`, the PLAY
+    goes again every 3 s (the terminal does not play a repeat twice), and the receipt that
+    finally comes is recorded as delivered."""
+    rig.tcp.set_faults(silent=True)
+    out = await rig.service.play(play_warning("w-5", "yellow", "黄色预警", 1, ["t-1"]),
+                                 origin="ip")
+    assert out["t-1"].result is PlayResult.SENT
+    link = rig.service.links["t-1"]
+    await until(lambda: link.counters.play_repeats >= 1, "a repeat", timeout=TIMEOUT)
+    assert rig.tcp.stats()["duplicates"] >= 1 and len(rig.tcp.played) == 1
+    rig.tcp.set_faults(silent=False)
+    await until(lambda: _eq(rig.callresp(), [("w-5", "t-1", "delivered")]), "late receipt",
+                timeout=TIMEOUT)
