@@ -130,6 +130,8 @@ async def test_faults_refusals_and_garbage(rig: Rig) -> None:
     assert set(await rig.faults()) == {("t-1", "speaker_fault", "raised"),
                                       ("t-1", "mains_lost", "raised"),
                                       ("t-1", "battery_low", "raised")}
+    await until(lambda: len(rig.service.status()["terminals"][0]["faults"]) == 3, "status",
+                timeout=TIMEOUT)  # the state follows its event's append
     samples = {(m.name, tuple(sm.labels.values())): sm.value
                for m in terminal_metrics(rig.service.status()) for sm in m.samples}
     assert samples[("fieldlink_edge_terminal_fault", ("t-1", "speaker_fault"))] == 1.0
@@ -287,6 +289,9 @@ async def test_crash_between_append_and_mark_appends_nothing_twice(tmp_path: Pat
         async with service.open():
             assert service.counters.events_reappended == 1
             assert await service.ledger.unreported() == []
+            await service.ledger.warning("w-1", origin="ip", cmd_id=None, now_ms=1000)
+            assert await service.ledger.prune(999) == 0  # older rows only
+            assert await service.ledger.prune(2000) == 3  # two events and their warning
         recs = [r.attrs for r in await outbox.next_batch(100) if r.kind is RecordKind.EVENT]
         assert sorted(a["terminal"] for a in recs if a) == ["t-1", "t-2"]
 

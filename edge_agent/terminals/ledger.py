@@ -14,6 +14,7 @@ open faults. All of it must survive a kill -9 and a power cut (`synchronous=FULL
   service finds the event among the outbox's unsent records at start and only marks it. Only
   if central had acknowledged it within that one commit would it go once more; central applies
   叫应 events idempotently, so the answer would still count once.
+- Reported rows older than 30 days are pruned (`TerminalService.report_loop`).
 - `faults`: the faults each terminal has raised and not cleared, so that a restart does not
   raise them again.
 
@@ -143,6 +144,16 @@ class TerminalLedger:
         rows = await self._run(self._query, f"SELECT count(*) FROM events{where}",
                                () if type_ is None else (type_,))
         return int(rows[0][0])
+
+    async def prune(self, before_ms: int) -> int:
+        """Forget reported events and the warnings made before `before_ms` (a repeat of
+        something that old is not expected); returns the rows deleted."""
+        events = await self._run(self._write, "DELETE FROM events WHERE reported = 1 AND"
+                                 " at_ms < ?", (before_ms,))
+        warnings = await self._run(self._write, "DELETE FROM warnings WHERE created_ms < ? AND"
+                                   " warning_id NOT IN (SELECT warning_id FROM events)",
+                                   (before_ms,))
+        return int(events) + int(warnings)
 
     # --- faults --------------------------------------------------------------------------
 

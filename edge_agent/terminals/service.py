@@ -59,6 +59,8 @@ log = structlog.get_logger(__name__)
 
 ANSWER_WAIT_S = 2.0  # §4.3 says 1 s; a little more for a busy gateway
 REPORT_RETRY_S = 30.0
+PRUNE_EVERY_S = 3600.0
+KEEP_MS = 30 * 86_400_000  # ledger rows kept this long (a repeat older than that: not expected)
 UNSENT_SCAN = 100_000  # unsent alarm, event and live records read at start to find events
 BATTERY_LOW = 20  # percent, on battery
 MAX_TEXT_BYTES = tm.DEFAULT_MAX_BODY - 6  # every receiver takes a 1024-byte body (§3.3)
@@ -264,9 +266,14 @@ class TerminalService:
                 and (k := event_key(r.attrs)) is not None}
 
     async def report_loop(self) -> None:
+        """Append what the outbox refused before, every `REPORT_RETRY_S`; prune hourly."""
+        pruned_at = time.monotonic()
         while True:
             await asyncio.sleep(REPORT_RETRY_S)
             await self.report_unreported()
+            if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                pruned_at = time.monotonic()
+                await self.ledger.prune(self._wall_ms() - KEEP_MS)
 
     # --- health ----------------------------------------------------------------------------
 
