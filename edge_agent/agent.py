@@ -10,6 +10,9 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
                               ├─ narrowband.<bearer> NarrowbandFallback.run(), with [narrowband]:
                               │                   `beidou` (BeidouTerminal) or `pdt` (PdtRadio)
+                              ├─ terminal[<id>]   TerminalLink.run(), one per [[terminals]] entry
+                              ├─ terminals.report TerminalService.report_loop(); terminals.local:
+                              │                   LocalWarningRule.run(), with [local_warning]
                               ├─ status.writer    health snapshot into the outbox meta
                               ├─ control.socket   ControlServer.serve(): the technician's socket
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
@@ -66,6 +69,8 @@ from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
 from edge_agent.outbox.disk import DiskWatch
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
+from edge_agent.terminals.local_rule import LocalWarningRule
+from edge_agent.terminals.service import TerminalService
 from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
@@ -132,6 +137,8 @@ class AgentRuntime:
     alarms: AlarmRules | None = None
     narrowband: NarrowbandFallback | None = None
     disk: dict[str, Any] | None = None  # the outbox's last `disk_status()`, with unsaved alarms
+    terminals: TerminalService | None = None  # 叫应 terminals ([[terminals]])
+    local_warning: LocalWarningRule | None = None
 
     def health_view(self) -> HealthView:
         """Which devices answer now and whether the uplink is up (a config trial's check)."""
@@ -160,6 +167,7 @@ class AgentRuntime:
             "devices": [device_health(d) for d in self.devices],
             "restarts": dict(self.restarts),
             "narrowband": self.narrowband.status() if self.narrowband else None,
+            "terminals": self.terminals.status() if self.terminals else None,
             "disk": self.disk,
         }
 
@@ -204,10 +212,15 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     try:
         _make_room_to_start(config)
         async with _open_outbox(config) as outbox, \
-                AlarmStore.open(config.alarms_path) as alarm_store:
+                AlarmStore.open(config.alarms_path) as alarm_store, \
+                _open_terminals(config, outbox) as terminals:
+            runtime.terminals = terminals
+            runtime.local_warning = _local_rule(config, terminals, runtime)
             # The pollers write through the alarm rules, which append the alarm records
             # with the telemetry that caused them (edge_agent.alarms.wiring).
-            alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox)
+            alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox,
+                                on_events=runtime.local_warning.on_alarm_events
+                                if runtime.local_warning else None)
             await alarms.restore()
             runtime.outbox, runtime.alarms = outbox, alarms
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
@@ -221,7 +234,8 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                                               reload=reload)
             # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
             commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
-                                      runtime.status, handlers={"apply_config": apply_config})
+                                      runtime.status, warnings=terminals,
+                                      handlers={"apply_config": apply_config})
             uplink = Uplink(gw=config.gateway.id, outbox=outbox, birth=birth, mqtt=config.mqtt,
                             backlog=config.outbox, boot_id=boot_id, version=__version__,
                             on_command=commands.handle)
@@ -281,6 +295,24 @@ def _open_outbox(config: AgentConfig) -> contextlib.AbstractAsyncContextManager[
                        maintain=False)
 
 
+def _open_terminals(config: AgentConfig, outbox: Outbox
+                    ) -> contextlib.AbstractAsyncContextManager[TerminalService | None]:
+    """The 叫应 terminals of `[[terminals]]` with their ledger open, or None without any."""
+    if not any(t.enabled for t in config.terminals):
+        return contextlib.nullcontext(None)
+    return TerminalService(terminals=config.terminals, ledger_path=config.terminals_path,
+                           outbox=outbox).open()
+
+
+def _local_rule(config: AgentConfig, terminals: TerminalService | None,
+                runtime: AgentRuntime) -> LocalWarningRule | None:
+    """`[local_warning]`: played while the uplink is down (read when an alarm is raised)."""
+    if terminals is None or config.local_warning is None:
+        return None
+    return LocalWarningRule(config.local_warning, terminals,
+                            online=lambda: bool(runtime.uplink and runtime.uplink.connected))
+
+
 def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth: Birth,
                       alarms: AlarmRules) -> NarrowbandFallback | None:
     """The narrowband fallback of `[narrowband]`, if there is one."""
@@ -325,6 +357,10 @@ def _named_tasks(runtime: AgentRuntime, outbox: Outbox, uplink: Uplink, alarms: 
     ]
     if runtime.narrowband is not None:
         tasks.append((f"narrowband.{runtime.narrowband.config.bearer}", runtime.narrowband.run))
+    if runtime.terminals is not None:
+        tasks.extend(runtime.terminals.tasks())
+    if runtime.local_warning is not None:
+        tasks.append(("terminals.local", runtime.local_warning.run))
     tasks.append(("status.writer", lambda: _status_loop(outbox, runtime)))
     if config.control.enabled:
         control = ControlServer(config.control_socket_path, ControlOps(runtime))

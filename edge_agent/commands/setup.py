@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent import EdgeError
 from edge_agent.commands.executor import CommandExecutor, CommandTarget
 from edge_agent.commands.outcomes import KindHandler
+from edge_agent.commands.warnings import WarningPlayer
 from edge_agent.config.site import AgentConfig
 from edge_agent.outbox.store import OutboxError
 from protocols.commands import BadKeyError, parse_public_key
@@ -86,6 +87,7 @@ def _versions() -> dict[str, str]:
 
 def build_executor(config: AgentConfig, outbox: Any, targets: Mapping[str, CommandTarget],
                    status: Callable[[], Mapping[str, Any]],
+                   warnings: WarningPlayer | None = None,
                    handlers: Mapping[str, KindHandler] | None = None) -> CommandExecutor:
     """The executor for a running agent; without a usable pinned key it rejects everything."""
     base = config.source.parent if config.source is not None else None
@@ -101,4 +103,4 @@ def build_executor(config: AgentConfig, outbox: Any, targets: Mapping[str, Comma
                            diagnostics=diagnostics_from(status, outbox),
                            # a suspect wall clock (§4.7) obeys future-issued commands, flagged
                            clock_trusted=lambda: not outbox.clock.suspect,
-                           handlers=handlers)
+                           warnings=warnings, handlers=handlers)

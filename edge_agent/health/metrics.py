@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
+from edge_agent.terminals.metrics import terminal_metrics
 from runtime.metrics import counter, counter_by, gauge
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class Snapshot:
     narrowband: Mapping[str, Any] | None = None
     restarts: Mapping[str, int] = field(default_factory=dict)  # by supervised task
     maintenance_errors: int = 0  # the outbox's maintenance rounds refused by the disk
+    terminals: Mapping[str, Any] | None = None  # 叫应 terminals (TerminalService.status())
 
 
 class AgentCollector(Collector):
@@ -80,6 +82,8 @@ class AgentCollector(Collector):
         yield from _narrowband(s)
         yield from _disk_and_clock(s)
         yield from _tasks(s)
+        if s.terminals is not None:
+            yield from terminal_metrics(s.terminals)
 
 
 def _devices(s: Snapshot) -> Iterator[Metric]:
@@ -196,7 +200,8 @@ async def take_snapshot(runtime: RuntimeView) -> Snapshot:
         disk=dict(runtime.disk or {}),
         narrowband=runtime.narrowband.status() if runtime.narrowband else None,
         restarts=dict(runtime.restarts),
-        maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0)
+        maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0,
+        terminals=runtime.terminals.status() if runtime.terminals else None)
 
 
 async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:
