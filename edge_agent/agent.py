@@ -142,9 +142,12 @@ class AgentRuntime:
 
     def health_view(self) -> HealthView:
         """Which devices answer now and whether the uplink is up (a config trial's check)."""
-        answering = frozenset(d.device.id for d in self.devices
-                              if d.health.state in (Health.OK, Health.DEGRADED))
-        return HealthView(answering, bool(self.uplink and self.uplink.connected))
+        answering = {d.device.id for d in self.devices
+                     if d.health.state in (Health.OK, Health.DEGRADED)}
+        if self.terminals is not None:  # 叫应 terminals: connected is answering
+            answering |= {f"terminal:{tid}" for tid, link in self.terminals.links.items()
+                          if link.connected}
+        return HealthView(frozenset(answering), bool(self.uplink and self.uplink.connected))
 
     def count_restart(self, task: str) -> None:
         self.restarts[task] = self.restarts.get(task, 0) + 1

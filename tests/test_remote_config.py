@@ -301,3 +301,26 @@ async def test_a_crash_loop_on_the_new_config_ends_in_a_rollback(tmp_path: Path)
     after = Run(tmp_path)
     await after.finish()
     assert "started 3 times" in (after.results[0].detail or "")
+
+
+async def test_a_terminal_connected_before_must_connect_again(tmp_path: Path) -> None:
+    """叫应 terminals are in the baseline as `terminal:<id>`: one that stays disconnected on
+    the new config rolls it back; one the new config drops is not expected."""
+    terminal = '\n[[terminals]]\nid = "t-1"\ntcp = "127.0.0.1:7001"\n'
+    live = tmp_path / "site.toml"
+    live.write_text(SITE + terminal)
+    history = ConfigHistory(live)
+    history.begin("cfg-1", SITE.replace("1.0", "2.0") + terminal,
+                  baseline=("gas-1", "terminal:t-1"), window_s=0.3, now_ms=1)
+    run = Run(tmp_path)  # gas-1 answers, t-1 does not
+    await run.finish()
+    assert run.reload.requested and history.live_text() == SITE + terminal
+    after = Run(tmp_path)
+    await after.finish()
+    assert "not answering: terminal:t-1" in (after.results[0].detail or "")
+
+    history.begin("cfg-2", SITE.replace("1.0", "2.0"), baseline=("gas-1", "terminal:t-1"),
+                  window_s=0.3, now_ms=1)
+    dropped = Run(tmp_path)
+    await dropped.finish()
+    assert [r.state for r in dropped.results] == [CommandState.SUCCEEDED]

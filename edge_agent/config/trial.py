@@ -64,7 +64,7 @@ KIND = "apply_config"
 
 @dataclass(frozen=True, slots=True)
 class HealthView:
-    answering: frozenset[str]  # device ids whose last cycle read data
+    answering: frozenset[str]  # devices whose last cycle read data; `terminal:<id>` connected
     uplink_up: bool
 
 
@@ -181,7 +181,8 @@ class ConfigTrial:
     async def _unhealthy(self, trial: Trial) -> str | None:
         """None once every expected device answers and the uplink is up; else why not, at the
         end of the window."""
-        enabled = {d.id for d in self.config.devices if d.enabled}
+        enabled = {d.id for d in self.config.devices if d.enabled} | {
+            f"terminal:{t.id}" for t in self.config.terminals if t.enabled}
         expected = [d for d in trial.baseline if d in enabled]
         deadline = time.monotonic() + trial.window_s
         while True:
