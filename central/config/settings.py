@@ -135,6 +135,18 @@ class Settings(BaseModel):
                                     description="truncated MAC bytes, as the "
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
+    # the downlink (central.narrowband.downlink): 叫应 warnings to gateways off IP
+    narrowband_downlink_segments: int = Field(
+        default=3, ge=1, le=16, description="short messages a warning may take; its text is "
+                                            "cut to fit")
+    narrowband_max_payload_bytes: int | None = Field(
+        default=None, ge=16, le=4096, description="cap on one downlink message, for gateways' "
+                                                  "terminals that carry less than central's")
+    narrowband_radio_id: int | None = Field(default=None, ge=1, le=0xFFFFFF,
+                                            description="PDT: central's own radio id, the "
+                                                        "source of the texts it sends")
+    narrowband_interval_s: float = Field(default=5.0, ge=0, le=3600,
+                                         description="PDT: seconds between texts sent")
     # --- end narrowband
     # --- mqtt tls and identities (DESIGN.md §8; central.identity, central.ingest.broker)
     mqtt_tls_ca: Path | None = Field(default=None, description="CA certificate (PEM) the broker's "
