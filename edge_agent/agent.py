@@ -43,6 +43,7 @@ from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
 from edge_agent.bearers.beidou import BeidouTerminal
 from edge_agent.bearers.pdt import PdtRadio
+from edge_agent.bearers.tiantong import TiantongModem
 from edge_agent.commands.setup import build_executor, pinned_key
 from edge_agent.config.site import (
     AgentConfig,
@@ -169,6 +170,9 @@ class AgentRuntime:
 def build_bearer(nb: NarrowbandConfig, downlink: RadioDownlink | None = None) -> Bearer:
     """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio; what it
     receives goes to `downlink` (warnings from central)."""
+    if nb.bearer == "tiantong":  # alarms and acks up only: no warnings by SMS yet
+        return TiantongModem(nb.port, baudrate=nb.baudrate, number=nb.number,
+                             sms_parts=nb.sms_parts, interval_s=nb.interval_s)
     if nb.bearer == "pdt":
         return PdtRadio(nb.port, baudrate=nb.baudrate, radio_id=nb.radio_id,
                         max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s,

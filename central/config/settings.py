@@ -47,12 +47,14 @@ class NarrowbandGateway(BaseModel):
                              description="the gateway terminal's BeiDou card id")
     radio: int | None = Field(default=None, ge=1, le=0xFFFFFF,
                               description="the gateway's PDT radio id (24 bits)")
+    phone: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$",
+                              description="the gateway's Tiantong number, as SMS name it")
     key: str = Field(repr=False, description="the frame MAC key, hex, at least 16 bytes")
 
     @model_validator(mode="after")
     def _card_or_radio(self) -> Self:
-        if self.card is None and self.radio is None:
-            raise ValueError(f"gateway {self.gw!r} needs a card, a radio or both")
+        if self.card is None and self.radio is None and self.phone is None:
+            raise ValueError(f"gateway {self.gw!r} needs a card, a radio or a phone")
         return self
 
     @field_validator("key")
@@ -126,9 +128,9 @@ class Settings(BaseModel):
     narrowband_port: str | None = Field(default=None, description="serial port of central's BeiDou "
                                         "terminal or PDT radio, e.g. /dev/ttyUSB1; None: no "
                                         "receiver")
-    narrowband_bearer: Literal["beidou", "pdt"] = Field(
-        default="beidou", description="what is on narrowband_port: a BeiDou terminal or a "
-                                      "Hytera PDT radio (HRNP)")
+    narrowband_bearer: Literal["beidou", "pdt", "tiantong"] = Field(
+        default="beidou", description="what is on narrowband_port: a BeiDou terminal, a "
+                                      "Hytera PDT radio (HRNP) or a Tiantong module (AT, SMS)")
     narrowband_baudrate: int = Field(default=115200, gt=0)
     narrowband_dialect: Literal["bd3", "bd2"] = Field(default="bd3", description="BeiDou only")
     narrowband_mac_len: int = Field(default=4, ge=4, le=32,

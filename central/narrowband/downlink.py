@@ -98,6 +98,8 @@ class RadioRoute:
         pdt = settings.narrowband_bearer == "pdt"
         addresses = {}
         for g in settings.narrowband_gateways:
+            if settings.narrowband_bearer == "tiantong":
+                break  # no warnings by SMS yet: alarms and acks come up only
             address = (str(g.radio) if g.radio is not None else None) if pdt else g.card_number
             if address is not None:
                 addresses[g.gw] = address

@@ -1,11 +1,12 @@
 """Central's narrowband receiver (DESIGN.md §5): what gateways send by radio while IP is down.
 
 Central's own radio sits on a serial port (`narrowband_port`): a BeiDou terminal or, with
-`narrowband_bearer = "pdt"`, a Hytera PDT radio. `NarrowbandReceiver` owns that port: pyserial
-opens it in a thread (`exclusive=True`, so a second reader fails instead of stealing bytes),
-then the non-blocking fd is read from the event loop (`runtime.serial`), so nothing blocks
-the loop. A lost port is reopened with capped, jittered back-off, logged once when it fails and
-once when it is back.
+`narrowband_bearer = "pdt"`, a Hytera PDT radio, or with `"tiantong"` a Tiantong satellite
+module (`central.narrowband.tiantong.TiantongLink`, SMS from the gateways' numbers).
+`NarrowbandReceiver` owns that port: pyserial opens it in a thread (`exclusive=True`, so a
+second reader fails instead of stealing bytes), then the non-blocking fd is read from the
+event loop (`runtime.serial`), so nothing blocks the loop. A lost port is reopened with
+capped, jittered back-off, logged once when it fails and once when it is back.
 
 What is per bearer is small, a `Link`: the bytes to write when the port opens, and what the
 bytes read mean (events: a frame from a sender, or something dropped with a reason) plus any
@@ -72,6 +73,7 @@ from central.narrowband.links import (
     LinkEvent,
 )
 from central.narrowband.pdt import PdtLink
+from central.narrowband.tiantong import TiantongLink
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
@@ -113,7 +115,7 @@ class UnknownSenderError(NarrowbandInputError):
     reason = "unknown_sender"
 
     def __init__(self, bearer: str, sender: str) -> None:
-        what = "PDT radio" if bearer == "pdt" else "BeiDou card"
+        what = {"pdt": "PDT radio", "tiantong": "Tiantong number"}.get(bearer, "BeiDou card")
         super().__init__(f"no gateway has {what} {sender}")
         self.bearer = bearer
         self.sender = sender
@@ -213,6 +215,8 @@ def make_link(settings: Settings, logger: Any) -> Link:
     """The link of `narrowband_bearer`."""
     if settings.narrowband_bearer == "pdt":
         return PdtLink(logger, radio_id=settings.narrowband_radio_id or 0)
+    if settings.narrowband_bearer == "tiantong":
+        return TiantongLink(logger)
     return BeidouLink(settings, logger)
 
 
