@@ -63,9 +63,9 @@ import hashlib
 import hmac
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from protocols.alarm_attrs import AlarmState, RuleKind
 from protocols.limits import SEQ_MAX, TS_MAX_MS
@@ -249,27 +249,37 @@ def _alarm_entry(entry: AlarmEntry, previous_seq: int, frame_ts: int) -> bytes:
             + _zigzag(frame_ts - entry.ts) + packed)
 
 
-def encode_alarms(ts: int, entries: Sequence[AlarmEntry], *, key: bytes, stream: str,
-                  limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
-    """As many of `entries` as fit in `limit` bytes, in the order given (most important
-    first); returns the frame and how many went in. Raises `FrameCapacityError` if not even
-    the first one fits, `ValueError` for entries that no frame can carry."""
+_E = TypeVar("_E", AlarmEntry, CallAckEntry)
+
+
+def _fill(kind: FrameKind, ts: int, entries: Sequence[_E],
+          chunk_of: Callable[[_E, int, int], bytes], key: bytes, stream: str, limit: int,
+          mac_len: int) -> tuple[bytes, int]:
+    """The frame of as many `entries` as fit in `limit` bytes, and how many went in."""
     _check_mac_len(mac_len)
     if not entries:
-        raise ValueError("an alarms frame needs at least one entry")
-    body = bytearray(_header(FrameKind.ALARMS, ts))
+        raise ValueError(f"an {kind.name.lower()} frame needs at least one entry")
+    body = bytearray(_header(kind, ts))
     previous, count = 0, 0
     for entry in entries:
-        chunk = _alarm_entry(entry, previous, ts)
+        chunk = chunk_of(entry, previous, ts)
         if len(body) + len(chunk) + mac_len > limit:
             break
         body += chunk
         previous, count = entry.seq, count + 1
     if count == 0:
-        needed = HEADER_LEN + len(_alarm_entry(entries[0], 0, ts)) + mac_len
+        needed = HEADER_LEN + len(chunk_of(entries[0], 0, ts)) + mac_len
         raise FrameCapacityError(limit, needed)
     signed = bytes(body)
     return signed + _mac(key, stream, signed, mac_len), count
+
+
+def encode_alarms(ts: int, entries: Sequence[AlarmEntry], *, key: bytes, stream: str,
+                  limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
+    """As many of `entries` as fit in `limit` bytes, in the order given (most important
+    first); returns the frame and how many went in. Raises `FrameCapacityError` if not even
+    the first one fits, `ValueError` for entries that no frame can carry."""
+    return _fill(FrameKind.ALARMS, ts, entries, _alarm_entry, key, stream, limit, mac_len)
 
 
 def encode_heartbeat(frame: HeartbeatFrame, *, key: bytes, stream: str,
@@ -295,22 +305,8 @@ def _call_ack_entry(entry: CallAckEntry, previous_seq: int, frame_ts: int) -> by
 def encode_call_acks(ts: int, entries: Sequence[CallAckEntry], *, key: bytes, stream: str,
                      limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
     """As `encode_alarms`, for 叫应 receipts and acknowledgements (kind `CALL_ACKS`)."""
-    _check_mac_len(mac_len)
-    if not entries:
-        raise ValueError("a call-acks frame needs at least one entry")
-    body = bytearray(_header(FrameKind.CALL_ACKS, ts))
-    previous, count = 0, 0
-    for entry in entries:
-        chunk = _call_ack_entry(entry, previous, ts)
-        if len(body) + len(chunk) + mac_len > limit:
-            break
-        body += chunk
-        previous, count = entry.seq, count + 1
-    if count == 0:
-        needed = HEADER_LEN + len(_call_ack_entry(entries[0], 0, ts)) + mac_len
-        raise FrameCapacityError(limit, needed)
-    signed = bytes(body)
-    return signed + _mac(key, stream, signed, mac_len), count
+    return _fill(FrameKind.CALL_ACKS, ts, entries, _call_ack_entry, key, stream, limit,
+                 mac_len)
 
 
 # --- decoding -----------------------------------------------------------------------------------

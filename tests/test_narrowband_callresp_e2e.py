@@ -115,20 +115,12 @@ async def test_warning_down_and_ack_up_by_radio_while_ip_is_cut_then_ip_copy_mer
 
 async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer: str,
                  tmp_path: Path) -> None:
-    def outbox() -> Any:
-        try:
-            return read_status(config.outbox_path)
-        except EdgeError:
-            return None
-
-    async def gateway() -> dict[str, Any] | None:
-        r = await api.get(f"/api/gateways/{GW}")
-        return r.json() if r.status_code == 200 else None
+    outbox, gateway = partial(outbox_status, config), partial(gateway_view, api)
 
     async def target() -> dict[str, Any]:
         w = (await api.get(f"/api/callresp/warnings/{wid}")).json()
         (t,) = w["targets"]
-        return t  # type: ignore[no-any-return]
+        return t
 
     await until(outbox, "the outbox")
     await until(gateway, "the birth at central")
@@ -176,6 +168,19 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer
     metrics = (await api.get("/metrics")).text
     assert _metric(metrics, "records_merged_total") >= 2
     assert len(person.warnings) == 1  # the radio warning went to the handler once
+
+
+def outbox_status(config: Any) -> Any:
+    """The gateway's outbox status, None while the agent is still creating it."""
+    try:
+        return read_status(config.outbox_path)
+    except EdgeError:
+        return None
+
+
+async def gateway_view(api: Any) -> dict[str, Any] | None:
+    r = await api.get(f"/api/gateways/{GW}")
+    return r.json() if r.status_code == 200 else None
 
 
 def _db(tmp_path: Path) -> Callable[[str], list[Any]]:

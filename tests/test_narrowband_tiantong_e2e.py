@@ -20,18 +20,18 @@ import pytest
 
 from central.config.settings import NarrowbandGateway, Settings
 from device_profiles import find_profile
-from edge_agent import EdgeError
 from edge_agent.agent import run_agent
 from edge_agent.config.site import parse_config
 from edge_agent.narrowband.downlink import LoggingWarningHandler, WarningHandler
 from edge_agent.outbox.lanes import NewRecord
-from edge_agent.outbox.store import Outbox, read_status
+from edge_agent.outbox.store import Outbox
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.tiantong_sim import TiantongModuleSimulator, TiantongNetwork
 from protocols.callresp import CallRespEvent, EventType, event_attrs
 from protocols.envelope import RecordKind
 from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
+from tests.test_narrowband_callresp_e2e import gateway_view, outbox_status
 from tests.test_narrowband_e2e import GW, KEY, WAIT_S, _on_bearer, central
 
 pytestmark = pytest.mark.e2e
@@ -91,18 +91,10 @@ async def test_alarm_and_ack_by_tiantong_sms_while_ip_is_cut(
 
 async def _round(api: Any, config: Any, proxy: LinkProxy, outboxes: list[Outbox],
                  gw_module: TiantongModuleSimulator, modbus: ModbusTcpSimulator) -> None:
-    def outbox() -> Any:
-        try:
-            return read_status(config.outbox_path)
-        except EdgeError:
-            return None
-
-    async def gateway() -> dict[str, Any] | None:
-        r = await api.get(f"/api/gateways/{GW}")
-        return r.json() if r.status_code == 200 else None
+    outbox, gateway = partial(outbox_status, config), partial(gateway_view, api)
 
     async def alarms() -> list[dict[str, Any]]:
-        return (await api.get("/api/alarms", params={"gw": GW})).json()  # type: ignore[no-any-return]
+        return (await api.get("/api/alarms", params={"gw": GW})).json()
 
     async def target() -> dict[str, Any] | None:
         w = (await api.get(f"/api/callresp/warnings/{wid}")).json()

@@ -323,49 +323,42 @@ class NarrowbandFallback:
         return acks
 
     async def _send_call_acks(self, card: CardInfo, acks: Sequence[CallAckEntry]) -> None:
-        try:
-            frame, count = encode_call_acks(int(self._wall()), acks, key=self._key,
-                                            stream=self.outbox.stream,
-                                            limit=card.payload_bytes,
-                                            mac_len=self.config.mac_len)
-        except FrameCapacityError as exc:
-            self._too_big(card, str(exc))
-            return
-        result = await self.terminal.send(self.config.recipient, frame)
-        if not result.accepted:
-            self._refused(card, result, "call_acks")
-            return
-        self.counters.frames_sent += 1
-        self.counters.call_acks_sent += count
-        self._next_at = self._clock() + max(card.interval_s, 1)
-        self._log.info("narrowband_frame_sent", kind="call_acks", acks=count,
-                       first_seq=acks[0].seq, last_seq=acks[count - 1].seq, size=len(frame))
-        await self._advance_acks(acks[count - 1].seq)
+        count = await self._send_frame(card, "call_acks", encode_call_acks, acks)
+        if count:
+            self.counters.call_acks_sent += count
+            await self._advance_acks(acks[count - 1].seq)
 
     async def _advance_acks(self, seq: int) -> None:
         self.ack_watermark = max(self.ack_watermark, seq)
         await self.outbox.set_meta(ACK_WATERMARK_KEY, str(self.ack_watermark))
 
     async def _send_alarms(self, card: CardInfo, entries: Sequence[AlarmEntry]) -> None:
+        count = await self._send_frame(card, "alarms", encode_alarms, entries)
+        if count:
+            self.counters.alarms_sent += count
+            await self._advance(entries[count - 1].seq)
+
+    async def _send_frame(self, card: CardInfo, kind: str, encode: Callable[..., tuple[bytes, int]],
+                          entries: Sequence[AlarmEntry] | Sequence[CallAckEntry]) -> int:
+        """Encode as many `entries` as fit and send them; how many the terminal took (0:
+        none, refused or too big)."""
         try:
-            frame, count = encode_alarms(int(self._wall()), entries, key=self._key,
-                                         stream=self.outbox.stream, limit=card.payload_bytes,
-                                         mac_len=self.config.mac_len)
+            frame, count = encode(int(self._wall()), entries, key=self._key,
+                                  stream=self.outbox.stream, limit=card.payload_bytes,
+                                  mac_len=self.config.mac_len)
         except FrameCapacityError as exc:
             self._too_big(card, str(exc))
-            return
-        sent = entries[:count]
+            return 0
         result = await self.terminal.send(self.config.recipient, frame)
         if not result.accepted:
-            self._refused(card, result, "alarms")
-            return
+            self._refused(card, result, kind)
+            return 0
         self.counters.frames_sent += 1
-        self.counters.alarms_sent += count
         self._next_at = self._clock() + max(card.interval_s, 1)
-        self._log.info("narrowband_frame_sent", kind="alarms", alarms=count,
-                       first_seq=sent[0].seq, last_seq=sent[-1].seq, size=len(frame),
-                       left=len(entries) - count)
-        await self._advance(sent[-1].seq)
+        self._log.info("narrowband_frame_sent", kind=kind, entries=count,
+                       first_seq=entries[0].seq, last_seq=entries[count - 1].seq,
+                       size=len(frame), left=len(entries) - count)
+        return count
 
     async def _send_heartbeat(self, card: CardInfo, down_s: float) -> None:
         beat = HeartbeatFrame(ts=int(self._wall()), last_seq=await self.outbox.last_seq(),
