@@ -54,6 +54,7 @@ async def test_a_warning_is_handed_on_once_even_after_a_restart(tmp_path: Path) 
         assert await _feed(d, _segs(_cmd("c-03", gw="gw-2"))) is None  # signed for gw-2
         assert d.counters.refused == {"replay": 1, "expired": 1, "bad_signature": 1}
         assert "c-01" in (await ob.get_meta(SEEN_KEY) or "")
+        assert await d.taken("c-01") and not await d.taken("c-02")
     async with Outbox.open(tmp_path / "outbox.db") as ob:
         again = RadioDownlink(gw="gw-1", public_key=SK.public_key(), central=CENTRAL,
                               outbox=ob, handler=handler, wall=lambda: T0 + 5)

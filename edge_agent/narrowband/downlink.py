@@ -172,6 +172,11 @@ class RadioDownlink:
                       cmd_id=warning.command.cmd_id)
         return warning
 
+    async def taken(self, cmd_id: str) -> bool:
+        """Whether a warning with this cmd_id came by radio and was handed on (until it
+        expires): the IP copy of the same command must not play it again."""
+        return cmd_id in await self._load_seen()
+
     async def _take(self, warning: RadioWarning) -> bool:
         """Check expiry and replay, and save the id; False when refused."""
         now_ms = int(self._wall() * 1000)

@@ -1,9 +1,9 @@
 """The narrowband fallback (DESIGN.md §5, 三断): alarms and a heartbeat by short message while
 the IP uplink is down.
 
-`NarrowbandFallback.run()` (task `narrowband.beidou` or `narrowband.pdt`, by the bearer) idles
-while IP is up or has been down for less than `after_s`. Past that, every time the terminal
-allows, it sends one frame (`protocols.narrowband`), most important first:
+`NarrowbandFallback.run()` (task `narrowband.beidou`, `narrowband.pdt` or `narrowband.tiantong`,
+by the bearer) idles while IP is up or has been down for less than `after_s`. Past that, every
+time the terminal allows, it sends one frame (`protocols.narrowband`), most important first:
 
 1. the undelivered ALARM records (raises, changes, clears) above its watermark, oldest first,
    as many as fit the card's payload limit in one `ALARMS` frame;
