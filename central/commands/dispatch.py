@@ -360,7 +360,7 @@ class CommandService:
         """Queue a warning on the narrowband downlink, once per cmd_id, if a radio reaches
         the gateway."""
         radio = self.radio
-        if radio is None or not radio.reaches(cmd.gw) or radio.sent(cmd.cmd_id):
+        if radio is None or not radio.reaches(cmd.gw) or radio.holds(cmd.cmd_id):
             return
         try:
             signed = sign_warning(self.key, self._wire(cmd, now), limit=radio.limit,

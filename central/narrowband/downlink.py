@@ -139,6 +139,10 @@ class RadioRoute:
     def sent(self, cmd_id: str) -> bool:
         return cmd_id in self._sent
 
+    def holds(self, cmd_id: str) -> bool:
+        """Queued or sent already: nothing to sign again."""
+        return cmd_id in self._queue or cmd_id in self._sent
+
     # --- the session's side --------------------------------------------------------------
 
     def card(self, interval_s: float, payload_bytes: int) -> None:
