@@ -119,7 +119,7 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, outboxes: list[Outbox]
     now = time.time_ns() // 1_000_000
     await ob.append([NewRecord(RecordKind.EVENT, now, None, None, attrs=event_attrs(
         CallRespEvent(EventType.ACK, wid, TERMINAL, now, by="button-1")))])
-    await asyncio.sleep(2.5)  # a few fallback turns against an unregistered module
+    await asyncio.sleep(1.5)  # a fallback turn or two against an unregistered module
     assert await alarms() == [] and await target() is None
 
     assert gw_module.stats()["sends"] == 0  # not registered: the modem did not try
