@@ -167,6 +167,7 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer
     assert _steps(tmp_path, "answered") == 1 and _steps(tmp_path, "delivered") == 1
     metrics = (await api.get("/metrics")).text
     assert _metric(metrics, "records_merged_total") >= 2
+    assert 'narrowband_downlink_total{result="accepted"}' in metrics
     assert len(person.warnings) == 1  # the radio warning went to the handler once
 
 

@@ -332,6 +332,7 @@ class NarrowbandReceiver:
             self._dropped(event)
         elif self.route is not None:
             if isinstance(event, Feedback):
+                self.metrics.narrowband_downlink["accepted" if event.accepted else "refused"] += 1
                 self.route.feedback(event.accepted, event.wait_s)
             elif isinstance(event, CardSeen):
                 self.route.card(event.interval_s, event.payload_bytes)
