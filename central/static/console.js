@@ -39,6 +39,7 @@ async function start() {
     toLogin();
   });
   startDesk();
+  startBoard();
   live.handlers.overview = (data) => { overview.data = data; renderOverview(data); };
   startLive();
   startGatewayPage();
