@@ -82,6 +82,7 @@ async function refreshGateway() {
     const g = await getJSON(`/api/gateways/${encodeURIComponent(gwPage.gw)}`);
     $("gateways").replaceChildren(renderGateway(g));
     $("gw-title").textContent = `网关 ${g.gw}`;
+    showCommandsFor(g);
   } catch (e) {
     $("gateways").replaceChildren(el("p", { class: "error" }, `网关 ${gwPage.gw} 读取失败：${errorText(e)}`));
   }
