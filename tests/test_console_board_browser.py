@@ -54,7 +54,7 @@ def _central(tmp_path: Path, port: int) -> Iterator[Central]:
 
 def test_board_shows_who_answered_within_2_s(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """A red warning to a street's two terminals is on the board with both waiting and a
-    countdown; one person presses the button and the board says 已应答 (with the time) within
+    countdown, and the terminals on the map; one person presses the button and the board says 已应答 (with the time) within
     2 s of the API holding the answer, while the other still waits."""
     with _central(tmp_path, mosquitto.port) as central, httpx.Client(
             base_url=central.base_url, timeout=15, headers=central.auth_headers()) as admin:
@@ -69,6 +69,8 @@ def test_board_shows_who_answered_within_2_s(tmp_path: Path, mosquitto: Mosquitt
             r = admin.put(f"/api/callresp/terminals/{t}",
                           json={"gw": GW, "area_id": street["id"], "name": name})
             assert r.status_code == 200, r.text
+        assert admin.put(f"/api/areas/{street['id']}/position",  # the street office
+                         json={"lat": 30.6402, "lon": 114.3020}).status_code == 200
         cli_user(central.db_url, "zhangsan", "operator")
         op = httpx.Client(base_url=central.base_url, timeout=15,
                           headers=bearer(central.base_url, "zhangsan"))
@@ -89,6 +91,10 @@ def test_board_shows_who_answered_within_2_s(tmp_path: Path, mosquitto: Mosquitt
             left = _target_text(driver, wid, "t-1").split()[-1]  # the countdown, m:ss
             assert ":" in left and 8 <= int(left.split(":")[0]) <= 10, left
             assert driver.find_element(By.ID, "n-cr-waiting").text == "2"
+            # both terminals on the map, as a layer of their own at the street office
+            assert wait.until(lambda d: d.execute_script(
+                "const s = overview.chart.getOption().series.find((x) => x.name === '叫应终端');"
+                " return s && s.data.map((p) => p.terminal).sort().join()")) == "t-1,t-2"
 
             gw = gws[GW]
             wait_for(lambda: gw.play_count(wid, "t-1") == 1, timeout=10, what="t-1 played")
