@@ -16,7 +16,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from protocols.commands import parse_public_key
-from tests.browser import chromium, console_login, viewport
+from tests.browser import chromium, console_login, screenshot, viewport
 from tests.callresp_gw import terminal_fleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
@@ -127,7 +127,7 @@ def _screens(driver: WebDriver, tmp_path: Path) -> None:
     """The board at desk width and at phone width (420 px): the board's targets and the
     gateway's points turn into cards, nothing cut off at the side."""
     driver.execute_script("document.getElementById('board').scrollIntoView()")
-    driver.save_screenshot(str(tmp_path / "board.png"))
+    screenshot(driver, tmp_path, "callresp-board")
     viewport(driver, 420, 900)
     WebDriverWait(driver, 5).until(lambda d: d.execute_script(
         "return document.documentElement.scrollWidth <= innerWidth"))
@@ -135,4 +135,4 @@ def _screens(driver: WebDriver, tmp_path: Path) -> None:
     for selector in ("#board .scroll", "#board table", "#gateways .gw", ".gw table.points"):
         assert driver.execute_script(FITS, selector), selector
     driver.execute_script("document.getElementById('board').scrollIntoView()")
-    driver.save_screenshot(str(tmp_path / "board-narrow.png"))
+    screenshot(driver, tmp_path, "callresp-board-narrow")

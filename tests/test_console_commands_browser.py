@@ -18,7 +18,7 @@ from protocols import commands as c
 from protocols.command_results import CommandResult, CommandState, result_attrs
 from protocols.commands import parse_public_key
 from protocols.envelope import RecordKind
-from tests.browser import chromium, console_login
+from tests.browser import chromium, console_login, screenshot
 from tests.callresp_gw import TerminalGateway
 from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
@@ -94,7 +94,7 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
             issue.click()
             WebDriverWait(driver, 5).until(_dialog_open)
             driver.execute_script("document.getElementById('cmd').scrollIntoView()")
-            driver.save_screenshot(str(tmp_path / "command-confirm.png"))
+            screenshot(driver, tmp_path, "command-confirm")
             driver.find_element(By.ID, "cmd-yes").click()
             WebDriverWait(driver, 20).until(lambda d: d.find_element(
                 By.ID, "cmd-result").get_attribute("data-state") == "succeeded")
@@ -105,7 +105,7 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
             WebDriverWait(driver, 10).until(lambda d: "执行成功" in d.find_element(
                 By.CSS_SELECTOR, f'tr[data-cmd="{cmd["cmd_id"]}"]').text)
             driver.execute_script("document.getElementById('cmd').scrollIntoView()")
-            driver.save_screenshot(str(tmp_path / "command.png"))
+            screenshot(driver, tmp_path, "command-result")
 
             driver.find_element(By.ID, "logout").click()
             console_login(driver, central.base_url, "lisi", PASSWORD)

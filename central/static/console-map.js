@@ -77,6 +77,9 @@ function renderOverview(data) {
   $("n-online").textContent = data.counts.ip + data.counts.narrowband +
     data.gateways.filter((g) => g.state === "alarm" && g.online).length;
   renderWatchList(data);
+  const terminals = data.terminals || [];
+  $("layer-terminals").hidden = terminals.length === 0;
+  $("n-terminals").textContent = terminals.length;
   if (!overview.ready) return;
   const placed = data.gateways.filter((g) => g.position);
   const alarmed = placed.filter((g) => g.state === "alarm").map(gatewayPoint);
@@ -95,8 +98,6 @@ function renderOverview(data) {
       regions: data.districts.map((d) => ({ name: d.name_zh,
         itemStyle: { areaColor: DISTRICT_FILL[Math.min(2, d.severity)] } })),
     },
-    legend: { show: (data.terminals || []).length > 0, bottom: 8, left: 10, data: ["叫应终端"],
-              textStyle: { color: "#cfe3f7" } },
     series: [
       { name: "叫应终端", type: "scatter", coordinateSystem: "geo", data: terminalPoints(data.terminals || []), zlevel: 1 },
       { type: "scatter", coordinateSystem: "geo", data: others, zlevel: 1 },
