@@ -67,8 +67,8 @@ def test_incident_rows_and_area_filter(tmp_path: Path, mosquitto: Mosquitto) -> 
             sites[gw] = d
         asyncio.run(raise_alarms(central.db_url, "gw-inc-1", ["gas-1/a", "gas-1/b", "gas-2/a"]))
         asyncio.run(raise_alarms(central.db_url, "gw-inc-2", ["gas-1/a"]))
-        incident = {a["incident_id"] for a in api.get("/api/alarms", params={
-            "state": "active", "gw": "gw-inc-1"}).json()}
+        site_alarms = api.get("/api/alarms", params={"state": "active", "gw": "gw-inc-1"}).json()
+        incident = {a["incident_id"] for a in site_alarms}
         assert len(incident) == 1 and None not in incident, incident
         (iid,) = incident
 
@@ -79,6 +79,8 @@ def test_incident_rows_and_area_filter(tmp_path: Path, mosquitto: Mosquitto) -> 
             row = f'tr[data-incident="{iid}"]'
             text = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, row).text)
             assert "3 条告警" in text and "未确认 3" in text and "二级" in text
+            assert sorted(driver.find_element(By.CSS_SELECTOR, row).get_attribute(
+                "data-alarms").split()) == sorted(str(a["id"]) for a in site_alarms)
             assert len(driver.find_elements(By.CSS_SELECTOR, "tr.alarm.member")) == 0
             assert len(driver.find_elements(By.CSS_SELECTOR, "tr.alarm")) == 1  # gw-inc-2's
             driver.find_element(By.CSS_SELECTOR, f"{row} button[data-action=incident]").click()

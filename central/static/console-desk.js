@@ -116,7 +116,7 @@ function renderIncident(members) {
   const gws = [...new Set(members.map((a) => a.gw))];
   const first = Math.min(...members.map((a) => a.raised_ms));
   const row = el("tr", { class: `incident sev${worst}${unacked ? " unacknowledged" : ""}`,
-                         "data-incident": String(id) },
+                         "data-incident": String(id), "data-alarms": members.map((a) => a.id).join(" ") },
     el("td", {}, el("span", { class: `badge sev${worst}` }, SEVERITY[worst] || `${worst}级`)),
     el("td", {}, members[0].area_name || "未分配"),
     el("td", { colspan: "3" }, el("b", {}, `事件 #${id} · ${members.length} 条告警`),
