@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -54,17 +55,16 @@ def _central(tmp_path: Path, port: int) -> Iterator[Central]:
 
 def test_board_shows_who_answered_within_2_s(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """A red warning to a street's two terminals is on the board with both waiting and a
-    countdown, and the terminals on the map; one person presses the button and the board says 已应答 (with the time) within
-    2 s of the API holding the answer, while the other still waits."""
+    countdown, and the terminals on the map; one person presses the button and the board says
+    已应答 (with the time) within 2 s of the API holding the answer; the other still waits."""
     with _central(tmp_path, mosquitto.port) as central, httpx.Client(
             base_url=central.base_url, timeout=15, headers=central.auth_headers()) as admin:
         key = parse_public_key(admin.get("/api/keys/commands").json()["public_key"])
-        city = admin.post("/api/areas", json={"level": "city", "code": "c",
-                                              "name_zh": "武汉市"}).json()
-        dist = admin.post("/api/areas", json={"parent_id": city["id"], "level": "district",
-                                              "code": "d", "name_zh": "江岸区"}).json()
-        street = admin.post("/api/areas", json={"parent_id": dist["id"], "level": "street",
-                                                "code": "s", "name_zh": "二七街道"}).json()
+        street: dict[str, Any] = {}
+        for level, name in (("city", "武汉市"), ("district", "江岸区"), ("street", "二七街道")):
+            street = admin.post("/api/areas", json={
+                "parent_id": street.get("id"), "level": level, "code": level[0],
+                "name_zh": name}).json()
         for t, name in (("t-1", "二七街道办"), ("t-2", "社区一号喇叭")):
             r = admin.put(f"/api/callresp/terminals/{t}",
                           json={"gw": GW, "area_id": street["id"], "name": name})

@@ -32,8 +32,6 @@ class BoardTargetOut(StrictModel):
     area_name: str | None
     state: str  # sent, delivered, answered, escalated, unanswered
     attempts: int  # 1 + re-sends so far
-    sent_ms: int | None
-    last_sent_ms: int | None
     delivered_ms: int | None
     answered_ms: int | None
     answered_by: str | None
@@ -81,10 +79,10 @@ def _target(t: TargetView, names: dict[str, str], areas: dict[int, str]) -> Boar
     return BoardTargetOut(
         id=t.id, kind=t.kind, ref=t.ref, name=names.get(f"{t.kind}:{t.ref}", t.ref),
         area_name=areas.get(t.area_id) if t.area_id is not None else None, state=t.state,
-        attempts=t.attempts, sent_ms=t.sent_ms, last_sent_ms=t.last_sent_ms,
-        delivered_ms=t.delivered_ms, answered_ms=t.answered_ms, answered_by=t.answered_by,
-        answered_terminal=t.answered_terminal, escalated_from=t.escalated_from,
-        escalated_to=t.escalated_to, due_ms=t.due_ms if t.state in OPEN_STATES else None)
+        attempts=t.attempts, delivered_ms=t.delivered_ms, answered_ms=t.answered_ms,
+        answered_by=t.answered_by, answered_terminal=t.answered_terminal,
+        escalated_from=t.escalated_from, escalated_to=t.escalated_to,
+        due_ms=t.due_ms if t.state in OPEN_STATES else None)
 
 
 def _warning(w: WarningView, names: dict[str, str], areas: dict[int, str]) -> BoardWarningOut:
