@@ -60,3 +60,29 @@ async def test_board_counts_answers_resends_and_escalations(tmp_path: Path) -> N
                                      params={"area": areas["street"]["id"]}))
         assert {t["ref"] for t in street_only["warnings"][0]["targets"]} == {
             f"t-{i}" for i in range(1, 6)}  # the person in charge stands in the district
+
+
+async def test_terminals_stand_at_their_own_position_else_their_areas(tmp_path: Path) -> None:
+    """On the overview: a terminal with its own lat/lon stands there, one without stands at
+    its area's position, one whose area has none is left off; a district filter keeps only
+    the terminals under it."""
+    async with serve("sqlite", tmp_path) as (app, c):
+        areas = await street(app, c)
+        await ok(c.put(f"/api/areas/{areas['street']['id']}/position",
+                       json={"lat": 30.60, "lon": 114.30}))
+        await ok(c.put("/api/callresp/terminals/t-1", json={
+            "gw": GW1, "area_id": areas["street"]["id"], "lat": 30.61, "lon": 114.31}))
+        listed = {t["id"]: t for t in await ok(c.get("/api/callresp/terminals"))}
+        assert (listed["t-1"]["lat"], listed["t-1"]["lon"], listed["t-2"]["lat"]) == (
+            30.61, 114.31, None)
+        marks = {t["id"]: t["position"] for t in
+                 (await ok(c.get("/api/console/overview")))["terminals"]}
+        assert marks["t-1"] == {"lat": 30.61, "lon": 114.31}
+        assert marks["t-2"] == {"lat": 30.60, "lon": 114.30}
+        assert "d-1" not in marks  # the district has no position
+        assert sorted(marks) == ["t-1", "t-2", "t-3", "t-4", "t-5"]
+        other = await ok(c.post("/api/areas", json={
+            "parent_id": areas["city"]["id"], "level": "district", "code": "d2",
+            "name_zh": "另一区"}), 201)
+        assert (await ok(c.get("/api/console/overview", params={"area": other["id"]}))
+                )["terminals"] == []

@@ -77,8 +77,8 @@ class DistrictMarkOut(StrictModel):
 
 
 class TerminalMarkOut(StrictModel):
-    """A 叫应 terminal on the map, at its area's position (the directory has no coordinates of
-    its own yet: a street's terminals stand at its office)."""
+    """A 叫应 terminal on the map, at its own position (`PUT /api/callresp/terminals/{id}` with
+    `lat`/`lon`), else its area's (a street's terminals at its office)."""
 
     id: str
     kind: str
@@ -144,11 +144,13 @@ def district_paths_program() -> Program[dict[int, str]]:
 
 
 def terminal_marks_program(shows: Callable[[str | None], bool]) -> Program[list[TerminalMarkOut]]:
-    """Every 叫应 terminal whose area has a position, within `shows`."""
-    rows = yield Sql("SELECT t.id, t.kind, t.name, t.gw, a.lat, a.lon, a.path"
-                     " FROM cr_terminals t JOIN areas a ON a.id = t.area_id ORDER BY t.id")
+    """Every 叫应 terminal with a position, its own or its area's, within `shows`."""
+    rows = yield Sql("SELECT t.id, t.kind, t.name, t.gw, t.lat, t.lon, a.lat, a.lon, a.path"
+                     " FROM cr_terminals t LEFT JOIN areas a ON a.id = t.area_id ORDER BY t.id")
     out = []
-    for tid, kind, name, gw, lat, lon, path in rows:
+    for tid, kind, name, gw, lat, lon, area_lat, area_lon, path in rows:
+        if lat is None or lon is None:
+            lat, lon = area_lat, area_lon
         if lat is not None and lon is not None and shows(path):
             out.append(TerminalMarkOut(id=tid, kind=kind, name=name, gw=gw,
                                        position=PositionOut(lat=lat, lon=lon)))
