@@ -91,6 +91,7 @@ def test_board_shows_who_answered_within_2_s(tmp_path: Path, mosquitto: Mosquitt
             left = _target_text(driver, wid, "t-1").split()[-1]  # the countdown, m:ss
             assert ":" in left and 8 <= int(left.split(":")[0]) <= 10, left
             assert driver.find_element(By.ID, "n-cr-waiting").text == "2"
+            assert driver.find_element(By.ID, "cr-chip").text == "叫应 1 · 待应答 2"  # header
             # both terminals on the map, as a layer of their own at the street office
             assert wait.until(lambda d: d.execute_script(
                 "const s = overview.chart.getOption().series.find((x) => x.name === '叫应终端');"

@@ -69,7 +69,8 @@ class Subscriber:
 
 @dataclass
 class LiveCounters:
-    """For `/metrics` and the tests: feeds running, clients attached, builds done."""
+    """Feeds running, clients attached, builds done and failed (read by the tests; not yet
+    on `/metrics`)."""
 
     feeds: int = 0
     subscribers: int = 0

@@ -71,8 +71,10 @@ function renderBoard(data) {
   board.data = data;
   board.skew = data.now_ms - Date.now();
   const open = data.warnings.filter((w) => w.open);
-  $("n-cr-open").textContent = open.length;
-  $("n-cr-waiting").textContent = open.reduce((s, w) => s + w.waiting, 0);
+  const waiting = open.reduce((s, w) => s + w.waiting, 0);
+  $("n-cr-open").textContent = $("n-cr-open-top").textContent = open.length;
+  $("n-cr-waiting").textContent = $("n-cr-waiting-top").textContent = waiting;
+  $("cr-chip").classList.toggle("waiting", waiting > 0);
   $("board-list").replaceChildren(...(data.warnings.length ? data.warnings.map(renderWarning)
     : [el("p", { class: "muted" }, "当前无进行中的叫应")]));
   $("board").dataset.rendered = String(data.now_ms);
