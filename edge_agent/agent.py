@@ -48,8 +48,9 @@ from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
 from edge_agent.bearers.beidou import BeidouTerminal
 from edge_agent.bearers.pdt import PdtRadio
+from edge_agent.bearers.tiantong import TiantongModem
 from edge_agent.commands.apply_config import ApplyConfigHandler
-from edge_agent.commands.setup import build_executor
+from edge_agent.commands.setup import build_executor, pinned_key
 from edge_agent.config.remote import ConfigHistory
 from edge_agent.config.site import (
     AgentConfig,
@@ -65,6 +66,7 @@ from edge_agent.field.stations import Hj212Station
 from edge_agent.field.transports import TransportPool
 from edge_agent.health.clock import ClockGuard
 from edge_agent.health.metrics import AgentCollector, serve_metrics
+from edge_agent.narrowband.downlink import RadioDownlink, WarningHandler
 from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
 from edge_agent.outbox.disk import DiskWatch
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
@@ -187,20 +189,29 @@ class AgentRuntime:
         return disk
 
 
-def build_bearer(nb: NarrowbandConfig) -> Bearer:
-    """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio."""
+def build_bearer(nb: NarrowbandConfig, downlink: RadioDownlink | None = None) -> Bearer:
+    """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio; what it
+    receives goes to `downlink` (warnings from central)."""
+    if nb.bearer == "tiantong":  # alarms and acks up only: no warnings by SMS yet
+        return TiantongModem(nb.port, baudrate=nb.baudrate, number=nb.number,
+                             sms_parts=nb.sms_parts, interval_s=nb.interval_s)
     if nb.bearer == "pdt":
         return PdtRadio(nb.port, baudrate=nb.baudrate, radio_id=nb.radio_id,
-                        max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s)
+                        max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s,
+                        on_message=downlink.on_pdt if downlink else None)
     return BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
-                          max_payload_bytes=nb.max_payload_bytes)
+                          max_payload_bytes=nb.max_payload_bytes,
+                          on_message=downlink.on_beidou if downlink else None)
 
 
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                     notifier: SystemdNotifier | None = None,
-                    install_signal_handlers: bool = True) -> bool:
+                    install_signal_handlers: bool = True,
+                    warning_handler: Callable[[Outbox], WarningHandler] | None = None) -> bool:
     """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop,
-    True when it stopped to run again on a new config file (`config.trial.run_with_trials`)."""
+    True when it stopped to run again on a new config file (`config.trial.run_with_trials`).
+    `warning_handler` makes, from the outbox, what plays the warnings that come by radio
+    (`edge_agent.narrowband.downlink`; default: logged and counted)."""
     stop = stop or asyncio.Event()
     reload = Reload(stop)
     notifier = notifier or SystemdNotifier.from_env()
@@ -243,7 +254,9 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                             backlog=config.outbox, boot_id=boot_id, version=__version__,
                             on_command=commands.handle)
             runtime.uplink = uplink
-            runtime.narrowband = _build_narrowband(config, outbox, uplink, birth, alarms)
+            runtime.narrowband = _build_narrowband(
+                config, outbox, uplink, birth, alarms,
+                warning_handler(outbox) if warning_handler else None)
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
@@ -317,7 +330,8 @@ def _local_rule(config: AgentConfig, terminals: TerminalService | None,
 
 
 def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth: Birth,
-                      alarms: AlarmRules) -> NarrowbandFallback | None:
+                      alarms: AlarmRules, warning_handler: WarningHandler | None = None
+                      ) -> NarrowbandFallback | None:
     """The narrowband fallback of `[narrowband]`, if there is one."""
     nb = config.narrowband
     if nb is None:
@@ -327,9 +341,14 @@ def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth
     except ValueError as exc:  # checked at load; a key file gone since then
         raise ConfigError(config.source or "config", None, "narrowband.key_file",
                           str(exc)) from exc
-    return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth, terminal=build_bearer(nb),
-                              config=nb, key=key,
-                              active_alarms=lambda: len(alarms.engine.active()))
+    # --- narrowband downlink (§5): warnings central sends by radio; the 叫应 terminal driver
+    # is their handler once it is wired (None: logged and counted).
+    downlink = RadioDownlink(gw=config.gateway.id, public_key=pinned_key(config),
+                             central=nb.recipient, outbox=outbox, handler=warning_handler)
+    return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth,
+                              terminal=build_bearer(nb, downlink), config=nb, key=key,
+                              active_alarms=lambda: len(alarms.engine.active()),
+                              downlink=downlink)
 
 
 def _build_devices(runtime: AgentRuntime, profiles: dict[str, Profile], alarms: AlarmRules,

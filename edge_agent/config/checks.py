@@ -194,7 +194,9 @@ def _terminal_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIs
 
 _BEARER_KEYS: dict[str, str] = {
     "dialect": "beidou", "central_card": "beidou", "max_payload_bytes": "beidou",
-    "central_radio": "pdt", "radio_id": "pdt", "max_text_bytes": "pdt", "interval_s": "pdt"}
+    "central_radio": "pdt", "radio_id": "pdt", "max_text_bytes": "pdt",
+    "interval_s": "pdt|tiantong", "central_number": "tiantong", "number": "tiantong",
+    "sms_parts": "tiantong"}
 
 
 def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
@@ -206,9 +208,10 @@ def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
     if nb is None:
         return
     for key in sorted(nb.model_fields_set & _BEARER_KEYS.keys()):
-        if _BEARER_KEYS[key] != nb.bearer:
+        if nb.bearer not in _BEARER_KEYS[key].split("|"):
+            owners = " or ".join(f'"{b}"' for b in _BEARER_KEYS[key].split("|"))
             yield issue_at(index, ("narrowband", key),
-                         f'{key} is for bearer = "{_BEARER_KEYS[key]}", not "{nb.bearer}"')
+                         f'{key} is for bearer = {owners}, not "{nb.bearer}"')
     if nb.key_file is not None and not nb.key_file.is_file():
         yield issue_at(index, ("narrowband", "key_file"), f"no such file: {nb.key_file}")
     for i, dev in enumerate(config.devices):
