@@ -6,7 +6,7 @@
 
 const COMMAND_KINDS = { request_diagnostics: "请求诊断", sync_time: "校时",
                         set_poll_interval: "设置采集周期", write_point: "写测点",
-                        play_warning: "叫应播放" };
+                        play_warning: "叫应播放", apply_config: "下发配置" };
 const COMMAND_STATES = { pending: "待发送", sent: "已发送", received: "网关已接收",
                          executing: "执行中", succeeded: "执行成功", failed: "执行失败",
                          rejected: "网关拒绝", expired: "已过期" };
@@ -28,8 +28,13 @@ function commandArgs(kind) {
 }
 
 function describeCommand(c) {
-  const args = Object.entries(c.args || {}).filter(([k]) => k !== "central_ms")
-    .map(([k, x]) => `${k}=${x}`).join(" ");
+  // apply_config carries a whole site file: name its size, not its text (the diff is in the
+  // result, GET /api/commands/{id}).
+  const args = c.kind === "apply_config"
+    ? `site.toml ${(c.args.site_toml || "").length} 字符` +
+      (c.args.profiles ? ` + ${Object.keys(c.args.profiles).length} 个设备模板` : "")
+    : Object.entries(c.args || {}).filter(([k]) => k !== "central_ms")
+      .map(([k, x]) => `${k}=${x}`).join(" ");
   return `${COMMAND_KINDS[c.kind] || c.kind}${args ? `（${args}）` : ""}`;
 }
 
