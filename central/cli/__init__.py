@@ -22,6 +22,8 @@ app = typer.Typer(
     help="Fieldlink central: MQTT ingest, storage, API and the duty officers' console.",
     epilog="Examples\n\n"
            "central demo --http-port 8080\n\n"
+           "central login --url http://127.0.0.1:8080 --user duty-01\n\n"
+           "central alarms list --ack unacknowledged\n\n"
            "central serve --db sqlite:///var/lib/fieldlink/central.db"
            " --mqtt-host 127.0.0.1 --mqtt-port 1883\n\n"
            "central serve --config /etc/fieldlink/central.toml",
@@ -160,6 +162,18 @@ from central.identity.cli import audit_app, user_app  # noqa: E402
 app.add_typer(user_app)
 app.add_typer(audit_app)
 # --- end people and audit
+# --- the operator CLI (issue 15): a running central's HTTP API as the logged-in user
+from central.cli.duty import alarms_app, commands_app  # noqa: E402
+from central.cli.operator import areas_app, gateways_app, login_command, logout_command  # noqa: E402
+
+app.command("login", short_help="Log in to a running central for the commands below.  "
+            "e.g. central login --url http://127.0.0.1:8080 --user duty-01")(login_command)
+app.command("logout", short_help="End the saved session.  e.g. central logout")(logout_command)
+app.add_typer(gateways_app)
+app.add_typer(alarms_app)
+app.add_typer(commands_app)
+app.add_typer(areas_app)
+# --- end operator CLI
 
 
 # Where the Debian package puts central's settings (packaging/README.md). Every command that
