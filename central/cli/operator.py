@@ -67,9 +67,17 @@ def when(ms: int | None) -> str:
 
 
 def show_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
-    table = Table(*columns, title=title, show_lines=False)
-    for row in rows:
-        table.add_row(*("-" if v is None else str(v) for v in row))
+    """A table; the first column (the id others copy into the next command) is never cut."""
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    table = Table(title=title, show_lines=False)
+    for n, name in enumerate(columns):
+        if n == 0:
+            table.add_column(name, no_wrap=True, min_width=max(
+                [len(name), *(len(row[0]) for row in cells)]))
+        else:
+            table.add_column(name)
+    for row in cells:
+        table.add_row(*row)
     out.print(table)
 
 
