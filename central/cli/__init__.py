@@ -79,10 +79,11 @@ def serve(
 
     Example: central serve --db sqlite:///central.db --mqtt-port 1883
     """
-    import uvicorn
+    import asyncio
 
     from central.app import create_app
     from central.config.settings import load_settings
+    from central.health.service import make_server, run_service
     from central.identity.enrolment_api import check_ca
     from central.storage import open_storage
     from runtime.logs import configure_logging
@@ -99,11 +100,11 @@ def serve(
         raise typer.Exit(1) from exc
     configure_logging("central", json=log_json, level=log_level)
     try:
-        uv = uvicorn.Config(create_app(settings), host=settings.http_host,
-                            port=settings.http_port, log_config=None, access_log=False,
-                            lifespan="on")
-        server = uvicorn.Server(uv)
-        server.run()
+        # Type=notify: READY=1 once storage is open and ingest subscribed, WATCHDOG=1, a
+        # bounded stop on SIGTERM (central.health.service).
+        app_ = create_app(settings)
+        server = make_server(app_, settings.http_host, settings.http_port)
+        asyncio.run(run_service(app_, server))
     except CentralError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

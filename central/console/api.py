@@ -249,7 +249,10 @@ def install(app: FastAPI) -> None:
             last: dict[str, str] = {}
             sent: dict[str, float] = {}
             last_ping = 0.0
-            while not await request.is_disconnected():
+            # `app.state.stopping` (central.health.service): a stream ends when central
+            # stops, or an open console would hold the stop for ever.
+            stopping = getattr(request.app.state, "stopping", None)
+            while not await request.is_disconnected() and not (stopping and stopping.is_set()):
                 for name, build in (("overview", lambda: build_overview(request, p)),
                                     ("desk", lambda: build_desk(request, p, area))):
                     body: Any = await build()
