@@ -49,7 +49,7 @@ def _alarm_row(a: dict[str, Any]) -> list[Any]:
     return [a["id"], LEVELS.get(a["level"], a["level"]), a["state"],
             "yes" if a["ack_state"] == "acknowledged" else "NO", a["gw"],
             a.get("name_zh") or a.get("point") or a["device"], a["value"], a.get("area_name"),
-            when(a["raised_ms"])]
+            when(a["raised_ms"], short=True)]
 
 
 ALARM_COLUMNS = ["id", "level", "state", "acked", "gateway", "point", "value", "area", "raised"]
@@ -98,8 +98,8 @@ def alarms_show(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.", 
                     "ack_state", "value", "unit", "threshold", "area_name", "raised_ms",
                     "cleared_ms", "acked_by", "acked_ms", "ack_comment"])
     show_table(["at", "action", "source", "level", "value", "user", "comment"],
-               [[when(h["ts_ms"]), h["action"], h["source"], h["level"], h["value"], h["user"],
-                 h["comment"]] for h in a["history"]], title="history")
+               [[when(h["ts_ms"], short=True), h["action"], h["source"], h["level"], h["value"],
+                 h["user"], h["comment"]] for h in a["history"]], title="history")
 
 
 def _alarm_action(alarm_id: int, action: str, comment: str, json_out: bool) -> None:
@@ -160,7 +160,7 @@ COMMAND_COLUMNS = ["command", "gateway", "kind", "target", "state", "reason", "b
 
 def _command_row(c: dict[str, Any]) -> list[Any]:
     return [c["cmd_id"], c["gw"], c["kind"], c["target"], c["state"], c["reason"],
-            c["issued_by"], when(c["updated_ms"])]
+            c["issued_by"], when(c["updated_ms"], short=True)]
 
 
 @commands_app.command("list", short_help="Commands, newest first.  "
@@ -199,7 +199,7 @@ def commands_show(cmd_id: Annotated[str, typer.Argument(help="The command's id."
                     "result", "issued_by", "approval", "approved_by", "sent_count",
                     "created_ms", "expires_at_ms"])
     show_table(["at", "state", "source", "reason", "detail"],
-               [[when(e["ts_ms"]), e["state"], e["source"], e["reason"], e["detail"]]
+               [[when(e["ts_ms"], short=True), e["state"], e["source"], e["reason"], e["detail"]]
                 for e in c["history"]], title="history")
 
 

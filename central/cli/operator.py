@@ -59,11 +59,12 @@ def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
 
 
-def when(ms: int | None) -> str:
-    """A time in ms as local time, to the second; '-' for none."""
+def when(ms: int | None, *, short: bool = False) -> str:
+    """A time in ms as local time, to the second (without the year in tables); '-' for none."""
     if ms is None:
         return "-"
-    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ms / 1000).strftime("%m-%d %H:%M:%S" if short
+                                                      else "%Y-%m-%d %H:%M:%S")
 
 
 def show_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
@@ -162,7 +163,7 @@ def logout_command() -> None:
 
 gateways_app = sub_app("gateways", "Gateways as central sees them: list, show, place at a site.", [
     "central gateways list", "central gateways show wh-qingshan-02 --json",
-    "central gateways place wh-qingshan-02 420107-site-01"])
+    "central gateways place wh-qingshan-02 420107-site-02"])
 
 
 @gateways_app.command("list", short_help="Gateways in your area.  e.g. central gateways list")
@@ -177,7 +178,7 @@ def gateways_list(json_out: JsonOpt = False) -> None:
         return
     show_table(["gateway", "online", "version", "bearer", "backlog", "missing", "last seen"],
                [[g["gw"], "yes" if g["online"] else "NO", g["version"], g["bearer"],
-                 g["backlog"], g["missing"], when(g["last_seen_ms"])] for g in rows])
+                 g["backlog"], g["missing"], when(g["last_seen_ms"], short=True)] for g in rows])
 
 
 @gateways_app.command("show", short_help="One gateway, its devices and latest values.  "
@@ -196,7 +197,7 @@ def gateways_show(gw: Annotated[str, typer.Argument(help="Gateway id.")],
                     "reported_lost", "last_seen_ms"])
     rows = [[d["device"], d["profile"], p["point"], p.get("name_zh"),
              None if p["latest"] is None else p["latest"]["value"], p.get("unit"),
-             when(None if p["latest"] is None else p["latest"]["ts_ms"])]
+             when(None if p["latest"] is None else p["latest"]["ts_ms"], short=True)]
             for d in g["devices"] for p in d["points"]]
     show_table(["device", "profile", "point", "name", "value", "unit", "at"], rows)
 
@@ -221,14 +222,14 @@ def find_area(api: Api, ref: str) -> dict[str, Any]:
 
 
 @gateways_app.command("place", short_help="Place a gateway at a site (admin).  "
-                                          "e.g. central gateways place gw-1 420107-site-01")
+                                          "e.g. central gateways place gw-1 420107-site-02")
 def gateways_place(gw: Annotated[str, typer.Argument(help="Gateway id.")],
                    area: Annotated[str, typer.Argument(help="The site's area code (or id).")],
                    json_out: JsonOpt = False) -> None:
     """Say at which site a gateway stands (it may not have reported yet). Needs the admin
     role; both the site and the gateway's old place must lie in your area. Audited.
 
-    Example: central gateways place wh-qingshan-02 420107-site-01
+    Example: central gateways place wh-qingshan-02 420107-site-02
     """
     def body(api: Api) -> Any:
         site = find_area(api, area)
@@ -247,7 +248,7 @@ def gateways_place(gw: Annotated[str, typer.Argument(help="Gateway id.")],
 
 areas_app = sub_app("areas", "The area tree: city → district → street → community → site.", [
     "central areas list", "central areas list --json",
-    "central areas add 420102-site-09 某危化企业 --level site --parent 420102001 "
+    "central areas add 420102-site-09 某危化企业 --level site --parent 420102-erqi-changjiang "
     "--kind enterprise"])
 
 
@@ -283,7 +284,7 @@ def areas_add(
 ) -> None:
     """Add an area one level under its parent. Needs the admin role (in your area). Audited.
 
-    Example: central areas add 420102-site-09 某危化企业 --level site --parent 420102001
+    Example: central areas add 420102-site-09 某企业 --level site --parent 420102-erqi-changjiang
     """
     def body(api: Api) -> Any:
         parent_id = find_area(api, parent)["id"] if parent is not None else None
