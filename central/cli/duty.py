@@ -29,6 +29,7 @@ from protocols.command_results import CommandState
 from protocols.commands import CommandKind
 
 LEVELS = {1: "一级", 2: "二级"}
+AlarmId = Annotated[int, typer.Argument(help="The alarm's id.", min=1)]
 
 # --- alarms -----------------------------------------------------------------------------------
 
@@ -84,7 +85,7 @@ def alarms_list(
 
 
 @alarms_app.command("show", short_help="One alarm and its history.  e.g. central alarms show 42")
-def alarms_show(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.", min=1)],
+def alarms_show(alarm_id: AlarmId,
                 json_out: JsonOpt = False) -> None:
     """One alarm with its whole history: raised, level changes, acks, comments, clears.
 
@@ -113,9 +114,8 @@ def _alarm_action(alarm_id: int, action: str, comment: str, json_out: bool) -> N
 
 @alarms_app.command("ack", short_help="Acknowledge an alarm (operator).  "
                                       "e.g. central alarms ack 42 --comment '已通知'")
-def alarms_ack(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.", min=1)],
-               comment: Annotated[str, typer.Option(help="Why, or what was done.")] = "",
-               json_out: JsonOpt = False) -> None:
+def alarms_ack(alarm_id: AlarmId, comment: Annotated[str, typer.Option(
+        help="Why, or what was done.")] = "", json_out: JsonOpt = False) -> None:
     """Acknowledge (确认) an alarm as yourself; exits 1 if it is acknowledged already.
 
     Example: central alarms ack 42 --comment '已通知企业安全员'
@@ -125,7 +125,7 @@ def alarms_ack(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.", m
 
 @alarms_app.command("comment", short_help="Add a comment to an alarm (operator).  "
                                           "e.g. central alarms comment 42 '现场已处置'")
-def alarms_comment(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.", min=1)],
+def alarms_comment(alarm_id: AlarmId,
                    text: Annotated[str, typer.Argument(help="The comment.")],
                    json_out: JsonOpt = False) -> None:
     """Add a comment (备注) to the alarm's history, in any state.
@@ -137,8 +137,7 @@ def alarms_comment(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.
 
 @alarms_app.command("clear", short_help="Clear an alarm by hand (operator).  "
                                         "e.g. central alarms clear 42 --comment '误报'")
-def alarms_clear(alarm_id: Annotated[int, typer.Argument(help="The alarm's id.", min=1)],
-                 comment: Annotated[str, typer.Option(help="Why.")] = "",
+def alarms_clear(alarm_id: AlarmId, comment: Annotated[str, typer.Option(help="Why.")] = "",
                  json_out: JsonOpt = False) -> None:
     """Clear (清除) an alarm by hand, also while the gateway still reports it (recorded).
 

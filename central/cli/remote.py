@@ -192,6 +192,8 @@ class Api:
 
 def login(url: str, user: str, password: str) -> tuple[Session, dict[str, Any]]:
     """Log in over HTTP; the session to save and the user as central describes it."""
+    if "://" not in url:
+        url = f"http://{url}"  # `central login --url 127.0.0.1:8080`
     with Api(url) as api:
         try:
             body = api.request("POST", "/api/login", body={"name": user, "password": password,
