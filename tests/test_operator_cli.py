@@ -203,3 +203,47 @@ def test_every_operator_command_has_help_with_an_example_and_usage_errors_exit_2
     assert op.run("commands", "send", "gw-1", "reboot").exit_code == 2
     assert op.run("commands", "send", "gw-1", "sync_time", "--arg", "novalue").exit_code == 2
     assert op.run("alarms", "ack").exit_code == 2
+
+
+def test_admin_builds_the_area_tree_and_places_a_gateway(tmp_path: Path) -> None:
+    """areas add (by parent code, city to site) -> gateways place GW SITE -> areas list shows it
+    there; an operator may not add areas (403); a bad level is a usage error, a duplicate code
+    central's own 409 in one line."""
+    central = Central(tmp_path, free_port())  # no broker: the API serves without ingest
+    try:
+        central.start()
+        cli_user(central.db_url, "city-admin", role="admin")
+        cli_user(central.db_url, "duty-op", role="operator")
+        admin = Operator(tmp_path / "admin.json")
+        admin.ok("login", "--url", central.base_url, "--user", "city-admin", "--password-stdin",
+                 stdin=PASSWORD + "\n")
+        chain = [("420100", "武汉市", "city", None), ("420107", "青山区", "district", "420100"),
+                 ("420107-hw", "红卫路街道", "street", "420107"),
+                 ("420107-hw-1", "某社区", "community", "420107-hw"),
+                 ("420107-site-02", "青山冶金示范企业", "site", "420107-hw-1")]
+        for code, name, level, parent in chain:
+            args = ["areas", "add", code, name, "--level", level]
+            made = admin.json(*args, *(["--parent", parent] if parent else []))
+            assert (made["code"], made["level"]) == (code, level)
+        again = admin.run("areas", "add", "420107", "青山区", "--level", "district",
+                          "--parent", "420100")
+        assert again.exit_code == 1 and "(409)" in again.stderr
+        assert admin.run("areas", "add", "x", "某", "--level", "planet").exit_code == 2
+
+        placed = admin.json("gateways", "place", GW, "420107-site-02")
+        assert (placed["gw"], placed["area"]["code"]) == (GW, "420107-site-02")
+        tree = admin.json("areas", "list")
+        site = tree[0]["children"][0]["children"][0]["children"][0]["children"][0]
+        assert (site["code"], site["gateways"]) == ("420107-site-02", [GW])
+        assert "420107-site-02 青山冶金示范企业" in admin.ok("areas", "list")
+        missing = admin.run("gateways", "place", GW, "no-such-site")
+        assert missing.exit_code == 1 and "no area with code or id 'no-such-site'" in missing.stderr
+
+        op = Operator(tmp_path / "op.json")
+        op.ok("login", "--url", central.base_url, "--user", "duty-op", "--password-stdin",
+              stdin=PASSWORD + "\n")
+        refused = op.run("areas", "add", "420107-site-03", "某站", "--level", "site",
+                         "--parent", "420107-hw-1")
+        assert refused.exit_code == 1 and "403" in refused.stderr
+    finally:
+        central.stop()
