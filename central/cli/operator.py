@@ -34,7 +34,7 @@ from central.cli.remote import (
 
 T = TypeVar("T")
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 SETTINGS = {"help_option_names": ["-h", "--help"]}
 
