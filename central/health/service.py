@@ -5,9 +5,9 @@
 - **Signals** are ours, not uvicorn's: SIGTERM or Ctrl-C sets `app.state.stopping` (the
   console's event streams end on it, so no open browser holds the stop) and asks uvicorn to
   shut down; a second Ctrl-C forces it. uvicorn's own signal capture is switched off because
-  it re-raises the signal once `serve()` returns, which turns a clean stop into a
-  KeyboardInterrupt in the middle of the caller's clean-up (the demo's broker was then
-  cancelled mid-shutdown and logged an ERROR traceback).
+  it re-raises the signal once `serve()` returns: for SIGINT a KeyboardInterrupt in the middle
+  of the caller's clean-up (the demo's fleet and broker), and one Ctrl-C would then stop
+  only the HTTP server while the rest was torn down by cancellation.
 - **Bounded**: requests still running `GRACE_S` after the stop are cancelled.
 - **systemd** (`Type=notify`, runtime.systemd): READY=1 once storage is open (the lifespan has
   finished) and MQTT ingest is subscribed, WATCHDOG=1 at half of WatchdogSec= while the event
