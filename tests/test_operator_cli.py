@@ -62,8 +62,9 @@ def _active_alarm(op: Operator) -> dict[str, Any] | None:
 def test_operator_acks_an_alarm_and_sends_a_command_end_to_end(tmp_path: Path,
                                                                 mosquitto: Mosquitto) -> None:
     """login (0600 file, token never printed) -> the edge's level-2 gas alarm is listed, acked
-    (a second ack is 409), commented, audited -> write_point asks first, then --yes runs it on
-    the gateway and reads back; a viewer gets 403, no login 401, a dead central 'unreachable'."""
+    (a second ack is 409), commented, audited -> write_point asks first, then --yes --wait runs
+    it on the gateway and reads back; --wait exits 1 on an expired command; a viewer gets 403,
+    no login 401, an unknown gateway 404, a dead central 'unreachable'."""
     sim = Simulator(tmp_path, ["gas-detector-v1"], control=True)
     central = Central(tmp_path, mosquitto.port)
     agent: Agent | None = None
@@ -121,16 +122,16 @@ def test_operator_acks_an_alarm_and_sends_a_command_end_to_end(tmp_path: Path,
         declined = op.run(*write, stdin="n\n")
         assert declined.exit_code == 1 and "Send it?" in declined.stderr
         assert op.json("commands", "list") == []
-        sent = op.json(*write, "--yes")
-        assert (sent["state"], sent["issued_by"], sent["args"]["value"]) == (
-            "pending", "duty-op", 30)
-        done = wait_for(lambda: (c := op.json("commands", "show", sent["cmd_id"]))["state"]
-                        in ("succeeded", "failed", "rejected", "expired") and c,
-                        timeout=30, what=f"command result; agent:\n{agent.tail(10)}")
-        assert done["state"] == "succeeded", done
+        sent = op.json(*write, "--yes", "--wait", "30")  # follows it until it ends
+        assert (sent["issued_by"], sent["args"]["value"]) == ("duty-op", 30)
+        done = op.json("commands", "show", sent["cmd_id"])
+        assert done["state"] == "succeeded", (done, agent.tail(10))
+        assert [e["state"] for e in done["history"]][:2] == ["pending", "sent"]
         assert done["result"]["readback"] == 30
         assert sim.control({"get": {"device_id": 1, "point": "sample_interval_s"}})["value"] == 30
         assert sent["cmd_id"] in op.ok("commands", "list", "--gw", GW)
+        nowhere = op.run("commands", "send", "gw-absent", "sync_time", "--yes")
+        assert nowhere.exit_code == 1 and "Unknown gateway (404)" in nowhere.stderr
 
         audit = sqlite_rows(central.db_path, "SELECT actor, action FROM audit_log")
         assert ("duty-op", "alarm.ack") in audit and ("duty-op", "alarm.comment") in audit
@@ -156,6 +157,14 @@ def test_operator_acks_an_alarm_and_sends_a_command_end_to_end(tmp_path: Path,
         viewer.session.chmod(0o600)
         gone = viewer.run("gateways", "list")
         assert gone.exit_code == 1 and "log in first" in gone.stderr
+
+        # --wait on a command that cannot run: the gateway is offline, and it expires.
+        agent.stop()
+        wait_for(lambda: not any(g["gw"] == GW and g["online"]
+                                 for g in op.json("gateways", "list")),
+                 timeout=20, what=f"{GW} offline")
+        late = op.run("commands", "send", GW, "sync_time", "--yes", "--ttl", "1", "--wait", "20")
+        assert late.exit_code == 1 and "is expired (not_delivered)" in late.stderr, late.stderr
 
         for text in op.printed + viewer.printed:
             assert op.token() not in text and stale not in text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import time
 from typing import Annotated, Any
 
 import typer
@@ -238,11 +239,15 @@ def commands_send(
                                                             "not executed.")] = 3600.0,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for "
                                                           "confirmation.")] = False,
+    wait: Annotated[float, typer.Option("--wait", min=0, help="Follow it up to this many "
+                                        "seconds until it ends; exit 1 unless it succeeded."
+                                        )] = 0.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Issue a command to a gateway. Central checks it against the device profile, signs it
     and sends it when the gateway is online (a safety-critical write first waits for a second
-    operator: `approval: required`). Asks before sending unless --yes.
+    operator: `approval: required`). Asks before sending unless --yes. With --wait, follows
+    it until it succeeded (exit 0) or failed, was rejected or expired (exit 1).
 
     Example: central commands send gw-1 write_point --arg device=gas-1 --arg point=p1 --arg value=30
     """
@@ -256,9 +261,31 @@ def commands_send(
             raise typer.Exit(1)
     c = call(lambda api: api.post("/api/commands", {"gw": gw, "kind": str(kind), "args": args,
                                                     "ttl_s": ttl}))
+    if wait > 0:
+        c = call(lambda api: follow(api, c, wait))
     if json_out:
         emit_json(c)
-        return
-    wait = " (waits for a second operator's approval)" if c.get("approval") == "required" else ""
-    out.print(f"command {c['cmd_id']} to {c['gw']}: {c['state']}{wait}; follow it with "
-              f"`central commands show {c['cmd_id']}`", highlight=False)
+    else:
+        approval = (" (waits for a second operator's approval)"
+                    if c.get("approval") == "required" else "")
+        out.print(f"command {c['cmd_id']} to {c['gw']}: {c['state']}{approval}; follow it with "
+                  f"`central commands show {c['cmd_id']}`", highlight=False)
+    if wait > 0 and c["state"] != CommandState.SUCCEEDED:
+        reason = f" ({c['reason']})" if c.get("reason") else ""
+        err.print(f"[red]error:[/red] command {c['cmd_id']} is {c['state']}{reason}"
+                  + ("" if c["state"] in FINAL else f" after {wait:g} s"), highlight=False)
+        raise typer.Exit(1)
+
+
+FINAL = frozenset({CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED,
+                   CommandState.EXPIRED})
+POLL_S = 0.5
+
+
+def follow(api: Api, c: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The command as it is when it ends, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while c["state"] not in FINAL and time.monotonic() < deadline:
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        c = api.get(f"/api/commands/{c['cmd_id']}")
+    return c
