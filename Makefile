@@ -17,8 +17,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/central demo
 
+# The suite runs on TEST_JOBS pytest-xdist workers (many tests wait on timers and processes,
+# so more workers than cores pays); tests that share a host resource share an xdist_group.
+# `make test TEST_JOBS=0` runs it in one process.
+TEST_JOBS ?= 3
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 # The gates that run before the tests (.ci/run): ruff and mypy, configured in pyproject.toml
 # ([tool.ruff], [tool.mypy]: which files, which rules, the complexity budget).

@@ -44,8 +44,11 @@ from tests.identity import ADMIN, PASSWORD
 OBSERVER = """
 window.__seen = {};
 new MutationObserver(() => {
-  for (const tr of document.querySelectorAll('#alarm-rows tr[data-alarm-id]')) {
-    const id = tr.dataset.alarmId;
+  // an alarm's own row, or the row of the incident it joined (its count went up)
+  const ids = [...document.querySelectorAll('#alarm-rows tr[data-alarm-id]')]
+    .map((tr) => tr.dataset.alarmId).concat([...document.querySelectorAll(
+      '#alarm-rows tr[data-alarms]')].flatMap((tr) => tr.dataset.alarms.split(' ')));
+  for (const id of ids) {
     if (!(id in window.__seen)) window.__seen[id] = Date.now();
   }
 }).observe(document.getElementById('alarm-rows'), {childList: true, subtree: true});

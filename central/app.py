@@ -46,6 +46,7 @@ from central.identity.enrolment_api import identity_audit, start_identity  # ide
 from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
 from central.identity.sessions import LoginThrottle
 from central.ingest.subscriber import Ingest
+from central.narrowband.downlink import RadioRoute
 from central.narrowband.receiver import NarrowbandReceiver
 from central.storage import (
     BadRefError,
@@ -153,8 +154,12 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
     s.accounts = Accounts(storage, audit, counters=counters, idle_s=settings.session_idle_s,
                           throttle=LoginThrottle(max_failures=settings.login_max_failures,
                                                  window_s=settings.login_window_s))
+    # --- narrowband downlink (§5): warnings to gateways off IP, by central's own radio.
+    s.radio_route = (RadioRoute.from_settings(settings)
+                     if settings.narrowband_port is not None else None)
     # --- commands wiring (DESIGN.md §6): signing key, command tables, dispatcher task.
-    s.commands = await start_commands(settings, storage, audit=audit, dispatch=run)
+    s.commands = await start_commands(settings, storage, audit=audit, dispatch=run,
+                                      radio=s.radio_route)
     stack.push_async_callback(s.commands.stop)
     # --- identity wiring (DESIGN.md §8): the gateway CA, enrolment, CRL, audited. Raises
     # e.g. for a CA key others may read: central refuses to start.
@@ -176,7 +181,8 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
                       batch_hooks=(s.callresp,))
     s.ingest_task = _start_task(stack, "ingest.mqtt", s.ingest.run) if run else None
     # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal or PDT radio.
-    s.narrowband = (NarrowbandReceiver(settings, storage, s.metrics)
+    s.narrowband = (NarrowbandReceiver(settings, storage, s.metrics, route=s.radio_route,
+                                       batch_hooks=(s.callresp,))
                     if settings.narrowband_port is not None else None)
     if s.narrowband is not None:
         _start_task(stack, f"narrowband.{settings.narrowband_bearer}", s.narrowband.run)

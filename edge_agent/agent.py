@@ -8,6 +8,9 @@ ones that crash and stops everything cleanly on SIGTERM/SIGINT.
                               ├─ rules.tick       AlarmRules.tick_loop(): stale and offline alarms
                               ├─ narrowband.<bearer> NarrowbandFallback.run(), with [narrowband]:
                               │                   `beidou` (BeidouTerminal) or `pdt` (PdtRadio)
+                              ├─ terminal[<id>]   TerminalLink.run(), one per [[terminals]] entry
+                              ├─ terminals.report TerminalService.report_loop(); terminals.local:
+                              │                   LocalWarningRule.run(), with [local_warning]
                               ├─ status.writer    health snapshot into the outbox meta
                               ├─ control.socket   ControlServer.serve(): the technician's socket
                               └─ systemd.watchdog WATCHDOG=1 while the event loop is alive
@@ -42,7 +45,8 @@ from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
 from edge_agent.bearers.beidou import BeidouTerminal
 from edge_agent.bearers.pdt import PdtRadio
-from edge_agent.commands.setup import build_executor
+from edge_agent.bearers.tiantong import TiantongModem
+from edge_agent.commands.setup import build_executor, pinned_key
 from edge_agent.config.site import (
     AgentConfig,
     ConfigError,
@@ -56,10 +60,13 @@ from edge_agent.field.stations import Hj212Station
 from edge_agent.field.transports import TransportPool
 from edge_agent.health.clock import ClockGuard
 from edge_agent.health.metrics import AgentCollector, serve_metrics
+from edge_agent.narrowband.downlink import RadioDownlink, WarningHandler
 from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
 from edge_agent.outbox.disk import DiskWatch
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
+from edge_agent.terminals.local_rule import LocalWarningRule
+from edge_agent.terminals.service import TerminalService
 from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
@@ -91,6 +98,8 @@ class AgentRuntime:
     alarms: AlarmRules | None = None
     narrowband: NarrowbandFallback | None = None
     disk: dict[str, Any] | None = None  # the outbox's last `disk_status()`, with unsaved alarms
+    terminals: TerminalService | None = None  # 叫应 terminals ([[terminals]])
+    local_warning: LocalWarningRule | None = None
 
     def count_restart(self, task: str) -> None:
         self.restarts[task] = self.restarts.get(task, 0) + 1
@@ -113,6 +122,7 @@ class AgentRuntime:
             "devices": [device_health(d) for d in self.devices],
             "restarts": dict(self.restarts),
             "narrowband": self.narrowband.status() if self.narrowband else None,
+            "terminals": self.terminals.status() if self.terminals else None,
             "disk": self.disk,
         }
 
@@ -129,19 +139,28 @@ class AgentRuntime:
         return disk
 
 
-def build_bearer(nb: NarrowbandConfig) -> Bearer:
-    """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio."""
+def build_bearer(nb: NarrowbandConfig, downlink: RadioDownlink | None = None) -> Bearer:
+    """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio; what it
+    receives goes to `downlink` (warnings from central)."""
+    if nb.bearer == "tiantong":  # alarms and acks up only: no warnings by SMS yet
+        return TiantongModem(nb.port, baudrate=nb.baudrate, number=nb.number,
+                             sms_parts=nb.sms_parts, interval_s=nb.interval_s)
     if nb.bearer == "pdt":
         return PdtRadio(nb.port, baudrate=nb.baudrate, radio_id=nb.radio_id,
-                        max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s)
+                        max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s,
+                        on_message=downlink.on_pdt if downlink else None)
     return BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
-                          max_payload_bytes=nb.max_payload_bytes)
+                          max_payload_bytes=nb.max_payload_bytes,
+                          on_message=downlink.on_beidou if downlink else None)
 
 
 async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                     notifier: SystemdNotifier | None = None,
-                    install_signal_handlers: bool = True) -> None:
-    """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop."""
+                    install_signal_handlers: bool = True,
+                    warning_handler: Callable[[Outbox], WarningHandler] | None = None) -> None:
+    """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop.
+    `warning_handler` makes, from the outbox, what plays the warnings that come by radio
+    (`edge_agent.narrowband.downlink`; default: logged and counted)."""
     stop = stop or asyncio.Event()
     notifier = notifier or SystemdNotifier.from_env()
     boot_id = uuid.uuid4().hex
@@ -155,10 +174,15 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     try:
         _make_room_to_start(config)
         async with _open_outbox(config) as outbox, \
-                AlarmStore.open(config.alarms_path) as alarm_store:
+                AlarmStore.open(config.alarms_path) as alarm_store, \
+                _open_terminals(config, outbox) as terminals:
+            runtime.terminals = terminals
+            runtime.local_warning = _local_rule(config, terminals, runtime)
             # The pollers write through the alarm rules, which append the alarm records
             # with the telemetry that caused them (edge_agent.alarms.wiring).
-            alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox)
+            alarms = AlarmRules(RuleEngine(build_rules(config, profiles)), alarm_store, outbox,
+                                on_events=runtime.local_warning.on_alarm_events
+                                if runtime.local_warning else None)
             await alarms.restore()
             runtime.outbox, runtime.alarms = outbox, alarms
             birth = build_birth(config, profiles, stream=outbox.stream, boot_id=boot_id,
@@ -166,12 +190,14 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             _build_devices(runtime, profiles, alarms, pool)
             # --- commands (DESIGN.md §6): the executor takes down/cmd payloads off the uplink.
             commands = build_executor(config, outbox, {p.device.id: p for p in runtime.pollers},
-                                      runtime.status)
+                                      runtime.status, warnings=terminals)
             uplink = Uplink(gw=config.gateway.id, outbox=outbox, birth=birth, mqtt=config.mqtt,
                             backlog=config.outbox, boot_id=boot_id, version=__version__,
                             on_command=commands.handle)
             runtime.uplink = uplink
-            runtime.narrowband = _build_narrowband(config, outbox, uplink, birth, alarms)
+            runtime.narrowband = _build_narrowband(
+                config, outbox, uplink, birth, alarms,
+                warning_handler(outbox) if warning_handler else None)
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
@@ -223,8 +249,27 @@ def _open_outbox(config: AgentConfig) -> contextlib.AbstractAsyncContextManager[
                        maintain=False)
 
 
+def _open_terminals(config: AgentConfig, outbox: Outbox
+                    ) -> contextlib.AbstractAsyncContextManager[TerminalService | None]:
+    """The 叫应 terminals of `[[terminals]]` with their ledger open, or None without any."""
+    if not any(t.enabled for t in config.terminals):
+        return contextlib.nullcontext(None)
+    return TerminalService(terminals=config.terminals, ledger_path=config.terminals_path,
+                           outbox=outbox).open()
+
+
+def _local_rule(config: AgentConfig, terminals: TerminalService | None,
+                runtime: AgentRuntime) -> LocalWarningRule | None:
+    """`[local_warning]`: played while the uplink is down (read when an alarm is raised)."""
+    if terminals is None or config.local_warning is None:
+        return None
+    return LocalWarningRule(config.local_warning, terminals,
+                            online=lambda: bool(runtime.uplink and runtime.uplink.connected))
+
+
 def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth: Birth,
-                      alarms: AlarmRules) -> NarrowbandFallback | None:
+                      alarms: AlarmRules, warning_handler: WarningHandler | None = None
+                      ) -> NarrowbandFallback | None:
     """The narrowband fallback of `[narrowband]`, if there is one."""
     nb = config.narrowband
     if nb is None:
@@ -234,9 +279,14 @@ def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth
     except ValueError as exc:  # checked at load; a key file gone since then
         raise ConfigError(config.source or "config", None, "narrowband.key_file",
                           str(exc)) from exc
-    return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth, terminal=build_bearer(nb),
-                              config=nb, key=key,
-                              active_alarms=lambda: len(alarms.engine.active()))
+    # --- narrowband downlink (§5): warnings central sends by radio; the 叫应 terminal driver
+    # is their handler once it is wired (None: logged and counted).
+    downlink = RadioDownlink(gw=config.gateway.id, public_key=pinned_key(config),
+                             central=nb.recipient, outbox=outbox, handler=warning_handler)
+    return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth,
+                              terminal=build_bearer(nb, downlink), config=nb, key=key,
+                              active_alarms=lambda: len(alarms.engine.active()),
+                              downlink=downlink)
 
 
 def _build_devices(runtime: AgentRuntime, profiles: dict[str, Profile], alarms: AlarmRules,
@@ -267,6 +317,10 @@ def _named_tasks(runtime: AgentRuntime, outbox: Outbox, uplink: Uplink, alarms: 
     ]
     if runtime.narrowband is not None:
         tasks.append((f"narrowband.{runtime.narrowband.config.bearer}", runtime.narrowband.run))
+    if runtime.terminals is not None:
+        tasks.extend(runtime.terminals.tasks())
+    if runtime.local_warning is not None:
+        tasks.append(("terminals.local", runtime.local_warning.run))
     tasks.append(("status.writer", lambda: _status_loop(outbox, runtime)))
     if config.control.enabled:
         control = ControlServer(config.control_socket_path, ControlOps(runtime))

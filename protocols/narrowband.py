@@ -33,7 +33,19 @@ Kinds:
   `varint(seconds since the IP uplink went down)`, one power byte and one battery byte
   (0..100 %, 255 unknown).
 
-Kind 3 is kept for 叫应 acknowledgements (DESIGN §7), which this codec does not carry yet.
+- `CALL_ACKS` (3): 叫应 receipts and acknowledgements (DESIGN §7), the outbox EVENT records
+  of `protocols.callresp`, each `zigzag(seq - previous seq)`, one flags byte (bit 0: 1 ack,
+  0 delivered; bit 1: `by` follows), the warning id and the terminal id as packed ids (below),
+  `zigzag(frame time * 1000 - at_ms)` (milliseconds, so the radio copy equals the IP copy) and,
+  with bit 1, `varint(length)` and the UTF-8 of `by`.
+- `WARNING` (4): the downlink, central → gateway: a segment of a signed warning
+  (`protocols.narrowband_down`); it has no MAC of its own (the Ed25519 signature of the whole
+  warning is its check), so `decode_frame` refuses it as `UnknownFrameKindError`.
+
+A packed id (`pack_id`): an id whose part after its last `-` (or all of it) is lowercase hex
+of even length goes as `varint(len(prefix) << 1 | 1)`, the prefix, `varint(hex bytes)` and
+the bytes (`w-5f0c1a2b3c4d5e6f`: 12 bytes, not 19); any other as `varint(len << 1)` and its
+ASCII. Full layouts with examples: docs/narrowband-frames.md.
 
 Text form (`to_text` / `from_text`): a PDT radio carries text only (UTF-16LE, `protocols.hrnp`),
 so a frame goes as the ASCII text `"FL1:" + base64(frame)` (RFC 4648 standard alphabet, with
@@ -51,15 +63,31 @@ import hashlib
 import hmac
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from protocols.alarm_attrs import AlarmState, RuleKind
-from protocols.errors import ProtocolError
-from protocols.limits import INT64_MAX, SEQ_MAX, TS_MAX_MS
+from protocols.limits import SEQ_MAX, TS_MAX_MS
+from protocols.narrowband_wire import (
+    MAX_ID_CHARS,
+    TEXT_PREFIX,
+    VERSION,
+    FrameCapacityError,
+    FrameTextError,
+    FrameTooShortError,
+    MacMismatchError,
+    MalformedFrameError,
+    NarrowbandError,
+    NarrowbandVersionError,
+    NotFrameTextError,
+    UnknownFrameKindError,
+    pack_id,
+)
+from protocols.narrowband_wire import Reader as _Reader
+from protocols.narrowband_wire import varint as _varint
+from protocols.narrowband_wire import zigzag as _zigzag
 
-VERSION: Final = 1
 MAC_DOMAIN: Final = b"fieldlink-nb1"
 DEFAULT_MAC_LEN: Final = 4
 MIN_MAC_LEN: Final = 4
@@ -67,71 +95,13 @@ MAX_MAC_LEN: Final = 32  # all of HMAC-SHA256
 HEADER_LEN: Final = 5  # version/kind byte + u32 time
 MAX_U32: Final = 0xFFFFFFFF
 BATTERY_UNKNOWN: Final = 255
-TEXT_PREFIX: Final = "FL1:"  # text form, version 1 of this frame layout
-
-
-class NarrowbandError(ProtocolError):
-    """A narrowband frame that cannot be made or cannot be trusted."""
-
-
-class FrameTooShortError(NarrowbandError):
-    def __init__(self, length: int, needed: int) -> None:
-        super().__init__(f"narrowband frame of {length} bytes, at least {needed} needed")
-        self.length = length
-        self.needed = needed
-
-
-class MacMismatchError(NarrowbandError):
-    """The MAC does not verify: a wrong key, a wrong stream, or bytes changed on the way."""
-
-    def __init__(self) -> None:
-        super().__init__("narrowband frame MAC does not verify")
-
-
-class NarrowbandVersionError(NarrowbandError):
-    def __init__(self, version: int) -> None:
-        super().__init__(f"narrowband frame version {version}, this codec knows {VERSION}")
-        self.version = version
-
-
-class UnknownFrameKindError(NarrowbandError):
-    def __init__(self, kind: int) -> None:
-        super().__init__(f"unknown narrowband frame kind {kind}")
-        self.kind = kind
-
-
-class MalformedFrameError(NarrowbandError):
-    """The MAC verified but the body does not parse (a bug on the sending side)."""
-
-
-class FrameCapacityError(NarrowbandError):
-    """Not even one entry fits the terminal's limit."""
-
-    def __init__(self, limit: int, needed: int) -> None:
-        super().__init__(f"narrowband limit is {limit} bytes, the smallest frame needs {needed}")
-        self.limit = limit
-        self.needed = needed
-
-
-class FrameTextError(NarrowbandError):
-    """A text that is not the text form of a frame: `reason` says how."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"narrowband frame text: {reason}")
-        self.reason = reason
-
-
-class NotFrameTextError(FrameTextError):
-    """The text does not start with `TEXT_PREFIX`: a person's message, not a frame."""
-
-    def __init__(self) -> None:
-        super().__init__(f"does not start with {TEXT_PREFIX!r}")
 
 
 class FrameKind(enum.IntEnum):
     ALARMS = 1
     HEARTBEAT = 2
-    CALL_ACKS = 3  # reserved for 叫应 acknowledgements
+    CALL_ACKS = 3  # 叫应 receipts and acknowledgements, gateway → central
+    WARNING = 4  # a segment of a signed 叫应 warning, central → gateway (narrowband_down)
 
 
 class AlarmRule(enum.IntEnum):
@@ -207,63 +177,46 @@ class HeartbeatFrame:
     battery_pct: int | None = None
 
 
-Frame = AlarmsFrame | HeartbeatFrame
+class CallAckType(enum.IntEnum):
+    """Bit 0 of a CALL_ACKS entry's flags: `protocols.callresp.EventType` on the air."""
+
+    DELIVERED = 0
+    ACK = 1
 
 
-# --- varints ------------------------------------------------------------------------------------
-
-def _varint(n: int) -> bytes:
-    if n < 0:
-        raise ValueError(f"varint of a negative number {n}")
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+MAX_BY_BYTES: Final = 255
 
 
-def _zigzag(n: int) -> bytes:
-    return _varint(n * 2 if n >= 0 else -n * 2 - 1)
+@dataclass(frozen=True, slots=True)
+class CallAckEntry:
+    """One 叫应 event record of the outbox (`protocols.callresp.CallRespEvent`), by its seq."""
+
+    seq: int
+    type: CallAckType
+    warning_id: str
+    terminal: str
+    at_ms: int
+    by: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.seq <= SEQ_MAX:
+            raise ValueError(f"seq must be in 1..{SEQ_MAX}")
+        if not 0 <= self.at_ms <= TS_MAX_MS:
+            raise ValueError(f"at_ms must be in 0..{TS_MAX_MS}")
+        for name in (self.warning_id, self.terminal):
+            if not name or len(name) > MAX_ID_CHARS or not name.isascii():
+                raise ValueError(f"an id is 1..{MAX_ID_CHARS} ASCII characters, not {name!r}")
+        if self.by is not None and len(self.by.encode()) > MAX_BY_BYTES:
+            raise ValueError(f"by is longer than {MAX_BY_BYTES} UTF-8 bytes")
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
+@dataclass(frozen=True, slots=True)
+class CallAcksFrame:
+    ts: int
+    entries: tuple[CallAckEntry, ...]
 
-    def varint(self) -> int:
-        n = shift = 0
-        while True:
-            if self.pos >= len(self.data):
-                raise MalformedFrameError("narrowband frame body ends inside a number")
-            byte = self.data[self.pos]
-            self.pos += 1
-            n |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                if n > INT64_MAX:  # a BIGINT at central (protocols.limits)
-                    raise MalformedFrameError("narrowband varint above 2**63-1")
-                return n
-            shift += 7
-            if shift > 63:
-                raise MalformedFrameError("narrowband varint longer than 64 bits")
 
-    def zigzag(self) -> int:
-        n = self.varint()
-        return n >> 1 if not n & 1 else -(n >> 1) - 1
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise MalformedFrameError("narrowband frame body is cut short")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    @property
-    def done(self) -> bool:
-        return self.pos >= len(self.data)
+Frame = AlarmsFrame | HeartbeatFrame | CallAcksFrame
 
 
 # --- MAC ----------------------------------------------------------------------------------------
@@ -296,27 +249,37 @@ def _alarm_entry(entry: AlarmEntry, previous_seq: int, frame_ts: int) -> bytes:
             + _zigzag(frame_ts - entry.ts) + packed)
 
 
-def encode_alarms(ts: int, entries: Sequence[AlarmEntry], *, key: bytes, stream: str,
-                  limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
-    """As many of `entries` as fit in `limit` bytes, in the order given (most important
-    first); returns the frame and how many went in. Raises `FrameCapacityError` if not even
-    the first one fits, `ValueError` for entries that no frame can carry."""
+_E = TypeVar("_E", AlarmEntry, CallAckEntry)
+
+
+def _fill(kind: FrameKind, ts: int, entries: Sequence[_E],
+          chunk_of: Callable[[_E, int, int], bytes], key: bytes, stream: str, limit: int,
+          mac_len: int) -> tuple[bytes, int]:
+    """The frame of as many `entries` as fit in `limit` bytes, and how many went in."""
     _check_mac_len(mac_len)
     if not entries:
-        raise ValueError("an alarms frame needs at least one entry")
-    body = bytearray(_header(FrameKind.ALARMS, ts))
+        raise ValueError(f"an {kind.name.lower()} frame needs at least one entry")
+    body = bytearray(_header(kind, ts))
     previous, count = 0, 0
     for entry in entries:
-        chunk = _alarm_entry(entry, previous, ts)
+        chunk = chunk_of(entry, previous, ts)
         if len(body) + len(chunk) + mac_len > limit:
             break
         body += chunk
         previous, count = entry.seq, count + 1
     if count == 0:
-        needed = HEADER_LEN + len(_alarm_entry(entries[0], 0, ts)) + mac_len
+        needed = HEADER_LEN + len(chunk_of(entries[0], 0, ts)) + mac_len
         raise FrameCapacityError(limit, needed)
     signed = bytes(body)
     return signed + _mac(key, stream, signed, mac_len), count
+
+
+def encode_alarms(ts: int, entries: Sequence[AlarmEntry], *, key: bytes, stream: str,
+                  limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
+    """As many of `entries` as fit in `limit` bytes, in the order given (most important
+    first); returns the frame and how many went in. Raises `FrameCapacityError` if not even
+    the first one fits, `ValueError` for entries that no frame can carry."""
+    return _fill(FrameKind.ALARMS, ts, entries, _alarm_entry, key, stream, limit, mac_len)
 
 
 def encode_heartbeat(frame: HeartbeatFrame, *, key: bytes, stream: str,
@@ -329,6 +292,21 @@ def encode_heartbeat(frame: HeartbeatFrame, *, key: bytes, stream: str,
               + _varint(frame.backlog) + _varint(frame.active_alarms) + _varint(frame.ip_down_s)
               + bytes([int(frame.power), battery]))
     return signed + _mac(key, stream, signed, mac_len)
+
+
+def _call_ack_entry(entry: CallAckEntry, previous_seq: int, frame_ts: int) -> bytes:
+    by = b"" if entry.by is None else entry.by.encode()
+    flags = int(entry.type) | (2 if entry.by is not None else 0)
+    out = (_zigzag(entry.seq - previous_seq) + bytes([flags]) + pack_id(entry.warning_id)
+           + pack_id(entry.terminal) + _zigzag(frame_ts * 1000 - entry.at_ms))
+    return out + (_varint(len(by)) + by if entry.by is not None else b"")
+
+
+def encode_call_acks(ts: int, entries: Sequence[CallAckEntry], *, key: bytes, stream: str,
+                     limit: int, mac_len: int = DEFAULT_MAC_LEN) -> tuple[bytes, int]:
+    """As `encode_alarms`, for 叫应 receipts and acknowledgements (kind `CALL_ACKS`)."""
+    return _fill(FrameKind.CALL_ACKS, ts, entries, _call_ack_entry, key, stream, limit,
+                 mac_len)
 
 
 # --- decoding -----------------------------------------------------------------------------------
@@ -352,7 +330,37 @@ def decode_frame(data: bytes, *, key: bytes, stream: str,
         return AlarmsFrame(ts, _decode_alarms(body, ts))
     if kind == FrameKind.HEARTBEAT:
         return _decode_heartbeat(body, ts)
+    if kind == FrameKind.CALL_ACKS:
+        return CallAcksFrame(ts, _decode_call_acks(body, ts))
     raise UnknownFrameKindError(kind)
+
+
+def _decode_call_acks(body: _Reader, frame_ts: int) -> tuple[CallAckEntry, ...]:
+    entries: list[CallAckEntry] = []
+    previous = 0
+    while not body.done:
+        seq = previous + body.zigzag()
+        flags = body.take(1)[0]
+        if flags > 3:
+            raise MalformedFrameError(f"narrowband call-ack flags {flags:#x}")
+        warning_id, terminal = body.packed_id(), body.packed_id()
+        at_ms = frame_ts * 1000 - body.zigzag()
+        by = None
+        if flags & 2:
+            try:
+                by = body.take(body.varint()).decode()
+            except UnicodeDecodeError as exc:
+                raise MalformedFrameError("narrowband call-ack `by` is not UTF-8") from exc
+        try:
+            entries.append(CallAckEntry(seq=seq, type=CallAckType(flags & 1),
+                                        warning_id=warning_id, terminal=terminal, at_ms=at_ms,
+                                        by=by))
+        except ValueError as exc:
+            raise MalformedFrameError(f"narrowband call-ack entry: {exc}") from exc
+        previous = seq
+    if not entries:
+        raise MalformedFrameError("narrowband call-acks frame without entries")
+    return tuple(entries)
 
 
 def _decode_alarms(body: _Reader, frame_ts: int) -> tuple[AlarmEntry, ...]:
@@ -424,3 +432,14 @@ def text_frame_bytes(max_text_bytes: int) -> int:
         raise ValueError("max_text_bytes must not be negative")
     chars = max_text_bytes // 2 - len(TEXT_PREFIX)  # one UTF-16 unit per ASCII character
     return max(0, chars // 4 * 3)
+
+
+__all__ = ["BATTERY_UNKNOWN", "DEFAULT_MAC_LEN", "HEADER_LEN", "MAC_DOMAIN", "MAX_BY_BYTES",
+           "MAX_ID_CHARS", "MAX_MAC_LEN", "MAX_U32", "MIN_MAC_LEN", "RULE_NAMES", "TEXT_PREFIX",
+           "TRANSITION_NAMES", "VERSION", "AlarmEntry", "AlarmRule", "AlarmTransition",
+           "AlarmsFrame", "CallAckEntry", "CallAckType", "CallAcksFrame", "Frame",
+           "FrameCapacityError", "FrameKind", "FrameTextError", "FrameTooShortError",
+           "HeartbeatFrame", "MacMismatchError", "MalformedFrameError", "NarrowbandError",
+           "NarrowbandVersionError", "NotFrameTextError", "PowerState", "UnknownFrameKindError",
+           "decode_frame", "encode_alarms", "encode_call_acks", "encode_heartbeat",
+           "from_text", "pack_id", "text_frame_bytes", "to_text"]

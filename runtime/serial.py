@@ -10,7 +10,8 @@ closed as soon as it does, instead of staying open with nobody reading it (and, 
 the loop either: each chunk goes to `on_data`, and a port that fails (EIO: the USB adapter
 went away, the pty's far end closed) or ends is reported once to `on_lost` with the reason,
 after which it is no longer read. `LineReader` is the same for a session loop that awaits
-`read()`, which raises `PortLostError` instead.
+`read()`, which raises `PortLostError` instead. `write_all` writes the same non-blocking fd
+from the loop.
 """
 
 from __future__ import annotations
@@ -121,4 +122,28 @@ class LineReader(PortReader):
         return item
 
 
-__all__ = ["READ_SIZE", "LineReader", "PortLostError", "PortReader", "open_serial"]
+async def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the non-blocking `fd` from the event loop, waiting for
+    `add_writer` while the driver's buffer is full; a failed write raises its `OSError`."""
+    view = memoryview(data)
+    loop = asyncio.get_running_loop()
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except (BlockingIOError, InterruptedError):
+            pass
+        if view:  # the line is full: wait until the driver takes more
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _wake, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+__all__ = ["READ_SIZE", "LineReader", "PortLostError", "PortReader", "open_serial", "write_all"]

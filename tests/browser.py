@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -74,3 +75,11 @@ def viewport(driver: webdriver.Chrome, width: int, height: int) -> None:
     """The page's own size, exactly (a window's size includes its frame)."""
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
         "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
+def screenshot(driver: webdriver.Chrome, tmp_path: Path, name: str) -> None:
+    """Save `name`.png under `FIELDLINK_SCREENSHOTS` (docs/screenshots/ comes from there),
+    else under the test's `tmp_path`."""
+    out = Path(os.environ.get("FIELDLINK_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(out / f"{name}.png"))

@@ -4,8 +4,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.helpers import Mosquitto
+
+# Properties are about behaviour, not speed: under `make test` several workers share the cores,
+# and a slow draw on a busy box must not fail a codec's property (deadline, too_slow).
+settings.register_profile("fieldlink", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fieldlink")
 
 
 @pytest.fixture

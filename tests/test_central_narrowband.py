@@ -524,5 +524,5 @@ def test_settings_pdt_gateways(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="radio 1001 listed twice"):
         load_settings(path)
     path.write_text("[central]\n" + gw.format(gw="a", addr="", key=good), encoding="utf-8")
-    with pytest.raises(SettingsError, match="needs a card, a radio or both"):
+    with pytest.raises(SettingsError, match="needs a card, a radio or a phone"):
         load_settings(path)

@@ -147,7 +147,7 @@ async def test_forged_expired_and_misaddressed_commands_are_refused(rig: Rig) ->
     (c.WritePoint("gas-9", "sample_interval_s", 1), "unknown_device"),
     (c.WritePoint("gas-1", "sample_interval_s", 70_000), "bad_value"),
     (c.SetPollInterval("gas-9", 1.0), "unknown_device"),
-    # 叫应: no terminal driver on the edge yet (a later increment of issue 11)
+    # 叫应 on a gateway without [[terminals]]
     (play_warning("w-1", "red", "暴雨", 1, ["t-1"]), "unsupported_kind"),
 ])
 async def test_invalid_targets_are_rejected_after_received(rig: Rig, args: c.CommandArgs,

@@ -261,7 +261,7 @@ def test_live_events_need_a_login_and_push_overview_desk_and_ping(
                 elif line.startswith("data: "):
                     seen.append((str(event), json.loads(line[6:])))
                     names = [n for n, _ in seen]
-                    if names == ["overview", "desk", "ping"]:
+                    if names == ["overview", "desk", "board", "ping"]:
                         import asyncio
 
                         async def raise_one() -> None:

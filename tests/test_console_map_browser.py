@@ -243,7 +243,8 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             shot(driver, tmp_path, "overview")
             model = chart_model(driver, "map")
             assert {"geo", "tooltip"} <= set(model["keys"]), model["keys"]
-            assert model["series"] == ["scatter", "effectScatter"], model["series"]
+            # 叫应 terminals (none here), gateways, gateways in alarm
+            assert model["series"] == ["scatter", "scatter", "effectScatter"], model["series"]
             driver.find_element(By.ID, "bigscreen").click()
             time.sleep(1.5)
             shot(driver, tmp_path, "bigscreen")

@@ -25,7 +25,8 @@ PKG = "fieldlink-edge"
 OURS = (Path("/etc/fieldlink"), Path("/opt/fieldlink"), Path("/var/lib/fieldlink"))
 UNIT = Path("/usr/lib/systemd/system/fieldlink-edge.service")
 
-pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200)]
+# One worker runs both: dpkg holds one lock and both packages install under /opt/fieldlink.
+pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200), pytest.mark.xdist_group("dpkg")]
 
 
 def _run(*args: str, check: bool = True, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:

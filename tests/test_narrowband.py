@@ -153,8 +153,8 @@ def test_short_frames_and_unknown_versions_and_kinds() -> None:
     """Each way a verified frame can still be wrong has its own error."""
     with pytest.raises(FrameTooShortError):
         decode_frame(b"\x11\x00\x00\x00", key=KEY, stream=STREAM)
-    for head, error in ((b"\x21", NarrowbandVersionError), (b"\x13", UnknownFrameKindError),
-                        (b"\x1f", UnknownFrameKindError)):
+    for head, error in ((b"\x21", NarrowbandVersionError), (b"\x14", UnknownFrameKindError),
+                        (b"\x15", UnknownFrameKindError), (b"\x1f", UnknownFrameKindError)):
         signed = head + TS.to_bytes(4, "big") + b"\x00"
         with pytest.raises(error):
             decode_frame(signed + mac(signed), key=KEY, stream=STREAM)

@@ -70,7 +70,7 @@ async def radios(bearer: str) -> AsyncIterator[Radios]:
         sky = BeidouSky()
         async with BeidouTerminalSimulator(card_id=GW_CARD, interval_s=0.5, pwi_period_s=0.2,
                                            sky=sky) as gw, \
-                BeidouTerminalSimulator(card_id=CENTRAL_CARD, pwi_period_s=None,
+                BeidouTerminalSimulator(card_id=CENTRAL_CARD, interval_s=0.5, pwi_period_s=None,
                                         sky=sky) as central_terminal:
             yield Radios(gw.link_path, central_terminal.link_path,
                          NarrowbandGateway(gw=GW, card=GW_CARD, key=KEY.hex()),

@@ -95,6 +95,10 @@ async def test_kill_9_mid_stream_resends_at_most_the_frame_in_flight(tmp_path: P
             assert before < N_ALARMS, "killed too late to test anything"
             agent = start()
             await until(lambda: set(arrived()) >= seqs, "every alarm after the restart")
+            # The terminal hands the last frame on before the agent has its receipt and moves
+            # the watermark: stop only once it has (a stop in between would resend that frame).
+            await until(lambda: int(read_status(data / "outbox.db").meta.get(
+                "narrowband_sent_seq", 0)) == N_ALARMS, "the watermark at the last alarm")
             agent.send_signal(signal.SIGTERM)
             assert agent.wait(timeout=20) == 0
         finally:

@@ -69,6 +69,8 @@ class TerminalIn(StrictModel):
     area_id: IdField | None = None
     kind: TerminalKind = TerminalKind.AUDIO
     name: str = Field(default="", max_length=200)
+    lat: float | None = Field(default=None, ge=-90, le=90, description="degrees north")
+    lon: float | None = Field(default=None, ge=-180, le=180, description="degrees east")
 
 
 class GroupIn(StrictModel):
@@ -198,7 +200,7 @@ def install(app: FastAPI) -> None:
     async def put_terminal(request: Request, tid: Annotated[str, Path(pattern=_ID)],
                            body: TerminalIn, p: Admin) -> dict[str, Any]:
         t = Terminal(id=tid, gw=body.gw, area_id=body.area_id, kind=str(body.kind),
-                     name=body.name)
+                     name=body.name, lat=body.lat, lon=body.lon)
         return await _put(request, p, "callresp.terminal_set", f"terminal:{tid}", t,
                           upsert_terminal_program)
 

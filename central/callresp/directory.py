@@ -56,6 +56,8 @@ class Terminal:
     area_id: int | None
     kind: str
     name: str
+    lat: float | None = None  # its own position (the console's map), else its area's
+    lon: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +90,11 @@ class AreaRef:
 def upsert_terminal_program(t: Terminal, now: int) -> Program[None]:
     if t.area_id is not None:
         yield from _need_area(t.area_id)
-    yield Sql("INSERT INTO cr_terminals (id, gw, area_id, kind, name, updated_ms)"
-              " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET gw = excluded.gw,"
+    yield Sql("INSERT INTO cr_terminals (id, gw, area_id, kind, name, updated_ms, lat, lon)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET gw = excluded.gw,"
               " area_id = excluded.area_id, kind = excluded.kind, name = excluded.name,"
-              " updated_ms = excluded.updated_ms",
-              (t.id, t.gw, t.area_id, t.kind, t.name, now))
+              " updated_ms = excluded.updated_ms, lat = excluded.lat, lon = excluded.lon",
+              (t.id, t.gw, t.area_id, t.kind, t.name, now, t.lat, t.lon))
 
 
 def upsert_group_program(g: Group, now: int) -> Program[None]:
@@ -166,7 +168,7 @@ def terminals_by_owner(rows: Rows) -> dict[str, tuple[str, ...]]:
 
 
 def terminals_program(ids: Sequence[str] | None = None) -> Program[list[Terminal]]:
-    stmt = _by_ids("SELECT id, gw, area_id, kind, name FROM cr_terminals", ids)
+    stmt = _by_ids("SELECT id, gw, area_id, kind, name, lat, lon FROM cr_terminals", ids)
     if stmt is None:
         return []
     rows = yield stmt

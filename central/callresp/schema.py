@@ -80,7 +80,14 @@ def _m001(pg: bool) -> list[str]:
     ]
 
 
-MIGRATIONS: list[Callable[[bool], list[str]]] = [_m001]
+def _m002(pg: bool) -> list[str]:
+    """A terminal's own position, for the console's map (else its area's)."""
+    real = "DOUBLE PRECISION" if pg else "REAL"
+    return [f"ALTER TABLE cr_terminals ADD COLUMN lat {real}",
+            f"ALTER TABLE cr_terminals ADD COLUMN lon {real}"]
+
+
+MIGRATIONS: list[Callable[[bool], list[str]]] = [_m001, _m002]
 
 
 def migrate_program(pg: bool) -> Program[int]:

@@ -16,6 +16,13 @@ dispatcher (`run()`, task `commands.dispatch`) publishes due commands on
 
 until the gateway reports `received`. Past `expires_at` central marks it `expired` itself.
 
+A `play_warning` for a gateway that is not on IP (its state offline, or online only on a radio
+bearer by a narrowband heartbeat) goes instead to the narrowband downlink when central has a
+radio that reaches the gateway (`radio`, a `central.narrowband.downlink.RadioRoute`): signed
+with the same key as a radio warning (`protocols.narrowband_down`), once per cmd_id, audited
+as `command.signed` with `via: radio`. It still goes over IP when the gateway returns, until
+the gateway reports it (the gateway refuses a second copy by its cmd_id).
+
 The dispatcher has its own MQTT connection (client id `{mqtt_client_id}-cmd`), used only to
 publish; the ingest worker tells it about births (`gateway_up`) and hands it every committed
 batch (`apply_batch`), whose CMD_RESULT records move the commands' states
@@ -51,6 +58,7 @@ from central.commands.store import (
 from central.config.settings import Settings
 from central.identity.audit import SYSTEM, AuditLog
 from central.ingest import broker
+from central.narrowband.downlink import RADIO_BEARERS, RadioRoute
 from central.storage import Storage, UnknownDeviceError
 from device_profiles.loader import ProfilePoint
 from protocols import topics
@@ -69,6 +77,8 @@ from protocols.commands import (
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
+from protocols.narrowband import NarrowbandError
+from protocols.narrowband_down import sign_warning
 from runtime import tasks
 from runtime.mqtt import MqttSession, until_disconnected
 from runtime.tasks import Backoff
@@ -112,13 +122,15 @@ class CommandService:
 
     def __init__(self, settings: Settings, storage: Storage, store: CommandStore,
                  key: Ed25519PrivateKey, *, audit: AuditLog, policy: WritePolicy,
-                 resend_s: float = RESEND_S, tick_s: float = TICK_S) -> None:
+                 resend_s: float = RESEND_S, tick_s: float = TICK_S,
+                 radio: RadioRoute | None = None) -> None:
         self.settings = settings
         self.storage = storage
         self.store = store
         self.key = key
         self.audit = audit
         self.policy = policy
+        self.radio = radio
         self.resend_ms = int(resend_s * 1000)
         self.tick_s = tick_s
         self.counters = CommandCounters()
@@ -309,6 +321,8 @@ class CommandService:
                 online[cmd.gw] = await self._online(cmd.gw, now)
             if online[cmd.gw] and self._should_send(cmd, now):
                 await self._publish(client, cmd, now)
+            elif not online[cmd.gw] and cmd.kind == CommandKind.PLAY_WARNING:
+                await self._by_radio(cmd, now)
 
     def _should_send(self, cmd: StoredCommand, now: int) -> bool:
         last = cmd.last_sent_ms
@@ -326,19 +340,39 @@ class CommandService:
             log.debug("command_gateway_unknown", gw=gw, error=str(exc))
             return False
         heard = g.last_seen_ms if g.last_seen_ms is not None else g.state_ts_ms
-        return (g.online and heard is not None
+        return (g.online and heard is not None and g.bearer not in RADIO_BEARERS
                 and now - heard <= self.settings.offline_after_s * 1000)
 
     def signed_payload(self, cmd: StoredCommand, now_ms: int) -> bytes:
         """The `down/cmd` payload for a stored command, signed now."""
+        return sign_command(self.key, self._wire(cmd, now_ms))
+
+    def _wire(self, cmd: StoredCommand, now_ms: int) -> Command:
         args = dict(cmd.args)
         typed = (SyncTime(central_ms=now_ms) if cmd.kind == CommandKind.SYNC_TIME
                  else args_from_mapping(cmd.kind, args))
         if cmd.issued_at_ms is None or cmd.expires_at_ms is None:
             raise MalformedCommandError("expires_at", "not a command central issued")
-        wire = Command(cmd_id=cmd.cmd_id, issued_at_ms=cmd.issued_at_ms,
+        return Command(cmd_id=cmd.cmd_id, issued_at_ms=cmd.issued_at_ms,
                        expires_at_ms=cmd.expires_at_ms, gw=cmd.gw, args=typed)
-        return sign_command(self.key, wire)
+
+    async def _by_radio(self, cmd: StoredCommand, now: int) -> None:
+        """Queue a warning on the narrowband downlink, once per cmd_id, if a radio reaches
+        the gateway."""
+        radio = self.radio
+        if radio is None or not radio.reaches(cmd.gw) or radio.holds(cmd.cmd_id):
+            return
+        try:
+            signed = sign_warning(self.key, self._wire(cmd, now), limit=radio.limit,
+                                  max_segments=radio.max_segments)
+        except (CommandError, NarrowbandError, ValueError) as exc:
+            log.error("command_unsignable", cmd_id=cmd.cmd_id, error=str(exc), via="radio")
+            return
+        if not radio.offer(cmd.cmd_id, cmd.gw, signed):
+            return  # queued already
+        await self._audit_quietly(SYSTEM, "command.signed", f"command:{cmd.cmd_id}",
+                                  {"gw": cmd.gw, "target": cmd.target, "via": "radio",
+                                   "bearer": radio.bearer, "signed_ms": now})
 
     async def _publish(self, client: aiomqtt.Client, cmd: StoredCommand, now: int) -> None:
         try:
@@ -379,13 +413,15 @@ class CommandsRuntime:
 
 
 async def start_commands(settings: Settings, storage: Storage, *, audit: AuditLog,
-                         dispatch: bool = True) -> CommandsRuntime:
+                         dispatch: bool = True, radio: RadioRoute | None = None
+                         ) -> CommandsRuntime:
     """Load (or make) the signing key, open the command tables, start the dispatcher task."""
     key, path = await asyncio.to_thread(signing_key, settings)
     policy = await asyncio.to_thread(WritePolicy.from_dirs, settings.profile_dirs)
     store = CommandStore(settings.db_url)
     await store.open()
-    service = CommandService(settings, storage, store, key, audit=audit, policy=policy)
+    service = CommandService(settings, storage, store, key, audit=audit, policy=policy,
+                             radio=radio)
     log.info("commands_ready", key_path=str(path) if path else None,
              public_key=service.public_key_b64)
     task = (tasks.start("commands.dispatch", service.run) if dispatch

@@ -47,12 +47,14 @@ class NarrowbandGateway(BaseModel):
                              description="the gateway terminal's BeiDou card id")
     radio: int | None = Field(default=None, ge=1, le=0xFFFFFF,
                               description="the gateway's PDT radio id (24 bits)")
+    phone: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$",
+                              description="the gateway's Tiantong number, as SMS name it")
     key: str = Field(repr=False, description="the frame MAC key, hex, at least 16 bytes")
 
     @model_validator(mode="after")
     def _card_or_radio(self) -> Self:
-        if self.card is None and self.radio is None:
-            raise ValueError(f"gateway {self.gw!r} needs a card, a radio or both")
+        if self.card is None and self.radio is None and self.phone is None:
+            raise ValueError(f"gateway {self.gw!r} needs a card, a radio or a phone")
         return self
 
     @field_validator("key")
@@ -126,15 +128,27 @@ class Settings(BaseModel):
     narrowband_port: str | None = Field(default=None, description="serial port of central's BeiDou "
                                         "terminal or PDT radio, e.g. /dev/ttyUSB1; None: no "
                                         "receiver")
-    narrowband_bearer: Literal["beidou", "pdt"] = Field(
-        default="beidou", description="what is on narrowband_port: a BeiDou terminal or a "
-                                      "Hytera PDT radio (HRNP)")
+    narrowband_bearer: Literal["beidou", "pdt", "tiantong"] = Field(
+        default="beidou", description="what is on narrowband_port: a BeiDou terminal, a "
+                                      "Hytera PDT radio (HRNP) or a Tiantong module (AT, SMS)")
     narrowband_baudrate: int = Field(default=115200, gt=0)
     narrowband_dialect: Literal["bd3", "bd2"] = Field(default="bd3", description="BeiDou only")
     narrowband_mac_len: int = Field(default=4, ge=4, le=32,
                                     description="truncated MAC bytes, as the "
                                     "gateways send them")
     narrowband_gateways: list[NarrowbandGateway] = Field(default_factory=list)
+    # the downlink (central.narrowband.downlink): 叫应 warnings to gateways off IP
+    narrowband_downlink_segments: int = Field(
+        default=3, ge=1, le=16, description="short messages a warning may take; its text is "
+                                            "cut to fit")
+    narrowband_max_payload_bytes: int | None = Field(
+        default=None, ge=16, le=4096, description="cap on one downlink message, for gateways' "
+                                                  "terminals that carry less than central's")
+    narrowband_radio_id: int | None = Field(default=None, ge=1, le=0xFFFFFF,
+                                            description="PDT: central's own radio id, the "
+                                                        "source of the texts it sends")
+    narrowband_interval_s: float = Field(default=5.0, ge=0, le=3600,
+                                         description="PDT: seconds between texts sent")
     # --- end narrowband
     # --- mqtt tls and identities (DESIGN.md §8; central.identity, central.ingest.broker)
     mqtt_tls_ca: Path | None = Field(default=None, description="CA certificate (PEM) the broker's "

@@ -4,29 +4,37 @@
 - `GET /api/console/desk`: the alarm desk — every alarm still active or not yet
   acknowledged (a level-2 alarm that clears before anyone looks stays), each with the point's
   current value beside the value at raise time.
+- `GET /api/console/board`: the 叫应 board (`central.console.board`).
 - `GET /api/console/events`: server-sent events behind the same login as everything else:
-  `overview` and `desk` carry the new state whenever it changed, `ping` every few seconds so
-  the page can tell a dead link from a quiet one. One cheap check per connection per second on
-  the database; the browser no longer polls per gateway.
+  `overview`, `desk` and `board` carry the new state whenever it changed, `ping` every few
+  seconds so the page can tell a dead link from a quiet one. One producer per view (the
+  user's area and the chosen area) checks the database every 0.5 s and fans out to all its
+  clients (`central.console.live`); the browser never polls per gateway.
+- Every read takes `area`: the map, its counts, the desk and the board of that area only.
 - `PUT /api/gateways/{gw}/position`, `PUT /api/areas/{id}/position` (admins, audited).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field
 
-from central.alarms import desk as alarms
-from central.alarms.api import AlarmOut, alarm_fields
-from central.alarms.lifecycle import AckState, AlarmStatus
 from central.console import geo
+from central.console.board import BoardOut, build_board
+from central.console.live import Broadcaster
+from central.console.views import (
+    DeskOut,
+    OverviewOut,
+    PositionIn,
+    PositionOut,
+    View,
+    build_desk,
+    build_overview,
+)
 from central.identity.authz import (
     Admin,
     OutOfScopeError,
@@ -34,79 +42,16 @@ from central.identity.authz import (
     Reader,
     check_area,
     gateway_path_program,
-    gateway_scope,
 )
-from central.storage.program import Program, Sql, placeholders
+from central.storage.program import Program
 from central.web.bounds import ID_MAX, IdPath
-from central.web.routing import StrictModel, now_ms, run_audited, storage_of
+from central.web.routing import run_audited, storage_of
 
 # Module level, so the routes' string annotations resolve.
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
-CHECK_S = 1.0  # how often each live connection looks for changes
+CHECK_S = 0.5  # how often each view's feed looks for changes (one feed per view, not client)
 PING_S = 5.0  # the page calls central unreachable after 3 missed pings
 REFRESH_S = 15.0  # an unchanged overview or desk is sent again this often (fresh ages)
-
-
-
-
-class PositionIn(StrictModel):
-    lat: float = Field(ge=-90, le=90, description="degrees north")
-    lon: float = Field(ge=-180, le=180, description="degrees east")
-
-
-class PositionOut(StrictModel):
-    lat: float
-    lon: float
-
-
-class GatewayMarkOut(StrictModel):
-    gw: str
-    state: geo.MapState
-    online: bool
-    bearer: str | None
-    last_seen_ms: int | None
-    position: PositionOut | None
-    site_id: int | None
-    site_name: str | None
-    district_id: int | None
-    district_name: str | None
-    severity: int
-    active: int
-    unacknowledged: int
-
-
-class DistrictMarkOut(StrictModel):
-    id: int
-    code: str
-    name_zh: str
-    position: PositionOut | None
-    severity: int
-    active: int
-    gateways: int
-
-
-class OverviewOut(StrictModel):
-    now_ms: int
-    offline_after_s: float
-    counts: dict[str, int]
-    gateways: list[GatewayMarkOut]
-    districts: list[DistrictMarkOut]
-
-
-class CurrentOut(StrictModel):
-    ts_ms: int
-    value: float | None
-    text: str | None
-
-
-class DeskAlarmOut(AlarmOut):
-    raised_value: float | None  # the value the edge reported when it raised the alarm
-    current: CurrentOut | None  # the point's latest value now
-
-
-class DeskOut(StrictModel):
-    now_ms: int
-    alarms: list[DeskAlarmOut]
 
 
 async def _set_position(request: Request, p: Principal, action: str, target: str,
@@ -119,152 +64,72 @@ async def _set_position(request: Request, p: Principal, action: str, target: str
     return PositionOut(lat=body.lat, lon=body.lon)
 
 
-def _position(p: geo.Position | None) -> PositionOut | None:
-    return None if p is None else PositionOut(lat=p.lat, lon=p.lon)
-
-
-def _district_visible(p: Principal) -> Callable[[str], bool]:
-    """A scoped user sees the districts above and below their own area."""
-    scope = p.user.area_path
-    return lambda path: scope is None or path.startswith(scope) or scope.startswith(path)
-
-
-def _desk_alarm(a: alarms.Alarm, raised_value: float | None,
-                current: CurrentOut | None) -> DeskAlarmOut:
-    return DeskAlarmOut(**alarm_fields(a), raised_value=raised_value, current=current)
-
-
-def current_program(ids: list[int]) -> Program[dict[int, CurrentOut]]:
-    if not ids:
-        return {}
-    rows = yield Sql("SELECT a.id, l.ts_ms, l.value, l.text FROM alarms a"
-                     " JOIN latest l ON l.point_id = a.point_id"
-                     f" WHERE a.id IN ({placeholders(len(ids))})", tuple(ids))
-    return {r[0]: CurrentOut(ts_ms=r[1], value=r[2], text=r[3]) for r in rows}
-
-
-def raised_values_program(ids: list[int]) -> Program[dict[int, float | None]]:
-    """The value of each alarm's first applied `raised` event (`alarms.value` follows the
-    newest event, a clear included)."""
-    if not ids:
-        return {}
-    rows = yield Sql("SELECT alarm_id, value FROM alarm_events WHERE action = 'raised'"
-                     f" AND applied = 1 AND alarm_id IN ({placeholders(len(ids))})"
-                     " ORDER BY id DESC", tuple(ids))
-    return {r[0]: r[1] for r in rows}  # ascending ids win: the first raise
-
-
-def district_paths_program() -> Program[dict[int, str]]:
-    rows = yield Sql("SELECT id, path FROM areas WHERE level = 'district'")
-    return {int(r[0]): str(r[1]) for r in rows}
-
-
-async def build_overview(request: Request, p: Principal) -> OverviewOut:
-    storage = storage_of(request)
-    offline_after_s = float(request.app.state.settings.offline_after_s)
-    visible = await gateway_scope(storage, p)
-    now = now_ms()
-    ov = await geo.overview(storage, offline_after_s=offline_after_s, visible=visible,
-                            now_ms=now)
-    paths = await storage.run(district_paths_program, write=False)
-    shows = _district_visible(p)
-    return OverviewOut(
-        now_ms=now, offline_after_s=offline_after_s, counts=ov.counts,
-        gateways=[GatewayMarkOut(
-            gw=m.gw, state=m.state, online=m.online, bearer=m.bearer,
-            last_seen_ms=m.last_seen_ms, position=_position(m.position), site_id=m.site_id,
-            site_name=m.site_name, district_id=m.district_id, district_name=m.district_name,
-            severity=m.severity, active=m.active, unacknowledged=m.unacknowledged)
-            for m in ov.gateways],
-        districts=[DistrictMarkOut(id=d.id, code=d.code, name_zh=d.name_zh,
-                                   position=_position(d.position), severity=d.severity,
-                                   active=d.active, gateways=d.gateways)
-                   for d in ov.districts if shows(paths.get(d.id, ""))])
-
-
-async def build_desk(request: Request, p: Principal, area: int | None) -> DeskOut:
-    storage = storage_of(request)
+async def _view(request: Request, p: Principal, area: int | None) -> View:
+    """The user's view of `area` (403 if it lies outside their own)."""
     if area is not None:
-        await check_area(storage, p, area)
-    elif p.user.area_id is not None:
-        area = p.user.area_id
-    active = await alarms.list_alarms(storage, area_id=area, state=AlarmStatus.ACTIVE,
-                                      limit=alarms.MAX_LIMIT)
-    unacked = await alarms.list_alarms(storage, area_id=area, ack=AckState.UNACKNOWLEDGED,
-                                       limit=alarms.MAX_LIMIT)
-    visible = await gateway_scope(storage, p)
-    seen: dict[int, alarms.Alarm] = {}
-    for a in (*active, *unacked):
-        if visible(a.gw):
-            seen.setdefault(a.id, a)
-    rows = sorted(seen.values(), key=lambda a: (a.state != AlarmStatus.ACTIVE,
-                                                a.ack_state == AckState.ACKNOWLEDGED,
-                                                -a.severity, -a.raised_ms, -a.id))
-    ids = [a.id for a in rows]
-    current = await storage.run(lambda: current_program(ids), write=False)
-    raised = await storage.run(lambda: raised_values_program(ids), write=False)
-    return DeskOut(now_ms=now_ms(), alarms=[
-        _desk_alarm(a, raised.get(a.id, a.value), current.get(a.id)) for a in rows])
+        await check_area(storage_of(request), p, area)
+    return View.of(p, area)
 
 
-def _change_key(body: OverviewOut | DeskOut) -> str:
-    """What must change for an event to go out at once: a gateway's `last_seen_ms` moves
-    with every batch it sends (400 gateways would resend the overview every second), so it
-    only rides along with a real change or the periodic refresh."""
-    if isinstance(body, OverviewOut):
-        return body.model_dump_json(exclude={"now_ms": True,
-                                             "gateways": {"__all__": {"last_seen_ms"}}})
-    return body.model_dump_json(exclude={"now_ms"})
-
-
-def _sse(event: str, data: str) -> bytes:
-    return f"event: {event}\ndata: {data}\n\n".encode()
+def _broadcaster(app: FastAPI) -> Broadcaster:
+    return app.state.console_live
 
 
 def install(app: FastAPI) -> None:
     """Add the console's routes to `app`."""
 
+    app.state.console_live = Broadcaster(
+        (("overview", lambda v: build_overview(app, v)), ("desk", lambda v: build_desk(app, v)),
+         ("board", lambda v: build_board(app, v))),
+        check_s=CHECK_S, ping_s=PING_S, refresh_s=REFRESH_S)
+
     @app.get("/api/console/overview", response_model=OverviewOut, tags=["console"])
-    async def overview(request: Request, p: Reader) -> OverviewOut:
-        """Every gateway the user may see with its map state and position, each district's
-        worst active alarm, and the counts by state."""
-        return await build_overview(request, p)
+    async def overview(request: Request, p: Reader, area: AreaQuery = None) -> OverviewOut:
+        """Every gateway the user may see (in `area`, if given) with its map state and
+        position, each district's worst active alarm, 叫应 terminals, and the counts by state."""
+        return await build_overview(request.app, await _view(request, p, area))
 
     @app.get("/api/console/desk", response_model=DeskOut, tags=["console"])
     async def desk(request: Request, p: Reader, area: AreaQuery = None) -> DeskOut:
         """Active alarms and cleared ones not yet acknowledged, active first, then
         unacknowledged, by severity, newest first; each with the point's current value."""
-        return await build_desk(request, p, area)
+        return await build_desk(request.app, await _view(request, p, area))
+
+    @app.get("/api/console/board", response_model=BoardOut, tags=["console"])
+    async def board(request: Request, p: Reader, area: AreaQuery = None) -> BoardOut:
+        """The 叫应 board: open warnings of the last day (and those closed within the hour),
+        each target's state, re-sends, escalations and current deadline."""
+        return await build_board(request.app, await _view(request, p, area))
 
     @app.get("/api/console/events", tags=["console"],
              response_class=StreamingResponse)
     async def events(request: Request, p: Reader, area: AreaQuery = None) -> StreamingResponse:
-        """Server-sent events: `overview` and `desk` (the same bodies as the endpoints above)
-        whenever they changed, `ping` every 5 s. Example: `curl -N -b session=…
+        """Server-sent events: `overview`, `desk` and `board` (the same bodies as the
+        endpoints above) whenever they changed, `ping` every 5 s. One producer per view (user's
+        area and `area`) serves every client of that view. Example: `curl -N -b session=…
         /api/console/events?area=2`."""
-        if area is not None:
-            await check_area(storage_of(request), p, area)
+        view = await _view(request, p, area)
+        live = _broadcaster(request.app)
 
         async def stream() -> AsyncIterator[bytes]:
-            last: dict[str, str] = {}
-            sent: dict[str, float] = {}
-            last_ping = 0.0
             # `app.state.stopping` (central.health.service): a stream ends when central
             # stops, or an open console would hold the stop for ever.
-            stopping = getattr(request.app.state, "stopping", None)
-            while not await request.is_disconnected() and not (stopping and stopping.is_set()):
-                for name, build in (("overview", lambda: build_overview(request, p)),
-                                    ("desk", lambda: build_desk(request, p, area))):
-                    body: Any = await build()
-                    key = _change_key(body)
-                    due = time.monotonic() - sent.get(name, 0.0) >= REFRESH_S
-                    if last.get(name) != key or due:
-                        last[name], sent[name] = key, time.monotonic()
-                        yield _sse(name, body.model_dump_json())
-                if time.monotonic() - last_ping >= PING_S:
-                    last_ping = time.monotonic()
-                    yield _sse("ping", json.dumps({"now_ms": now_ms()}))
-                await asyncio.sleep(CHECK_S)
+            stopping = getattr(request.app.state, "stopping", None) or asyncio.Event()
+            stop = asyncio.ensure_future(stopping.wait())
+            events: asyncio.Future[list[bytes]] | None = None
+            try:
+                async with live.subscribe(view) as sub:
+                    while not await request.is_disconnected():
+                        events = asyncio.ensure_future(sub.next())
+                        await asyncio.wait({events, stop}, return_when=asyncio.FIRST_COMPLETED)
+                        if stop.done():
+                            return
+                        for chunk in events.result():
+                            yield chunk
+            finally:  # stopped, or the client went: what is pending stays with the subscriber
+                stop.cancel()
+                if events is not None:
+                    events.cancel()
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",

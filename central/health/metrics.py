@@ -102,6 +102,9 @@ class Metrics:
     narrowband_rejected: Counter[str] = _by("reason", "Narrowband messages dropped, by reason.")
     narrowband_records: int = _counter("Alarm records stored from narrowband frames (the full "
                                        "copy over IP merges into them).")
+    # the downlink (central.narrowband.downlink): the terminal's answers to warning segments
+    narrowband_downlink: Counter[str] = _by("result", "Downlink warning segments answered by "
+                                            "central's terminal: accepted or refused.")
     narrowband_port_open: bool = _gauge("1 while central's narrowband radio port is open.")
     narrowband_port_failures: int = _counter("Times the narrowband radio port could not be "
                                              "opened or was lost.")

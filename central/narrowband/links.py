@@ -12,16 +12,27 @@ from typing import Any, Final, Protocol
 
 from central.config.settings import NarrowbandGateway, Settings
 from protocols.beidou import (
+    BD3_REGIONAL_MAX_BITS,
     NEED_DATA,
     Bd2CardInfo,
     Bd2CardQuery,
+    Bd2Feedback,
     Bd2Message,
+    Bd2Mode,
+    Bd2Send,
     Bd3CardInfo,
     Bd3CardQuery,
+    Bd3Encoding,
+    Bd3Feedback,
     Bd3Message,
+    Bd3Send,
     BeidouDecoder,
     BeidouError,
+    FieldError,
+    Sentence,
+    bd2_capacity_bits,
     encode,
+    mixed_mode_payload_bytes,
 )
 
 QUIET_S: Final = 0.5  # a line quiet this long: the link may give up a partial packet
@@ -49,14 +60,32 @@ class Dropped:
     quiet: bool = False
 
 
-LinkEvent = Inbound | Dropped
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """Central's terminal answered the send on the line (`$BDFKI`, a PDT text ack)."""
+
+    accepted: bool
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CardSeen:
+    """Central's terminal told what it allows: one send per `interval_s`, `payload_bytes`."""
+
+    interval_s: float
+    payload_bytes: int
+
+
+LinkEvent = Inbound | Dropped | Feedback | CardSeen
 
 
 class Link(Protocol):
     """The bearer-specific half of a session on central's radio, fed bytes, no I/O: `address`
     is the sender id naming a gateway (no leading zeros), `hello` the bytes to write when the
     port opens, `feed` takes bytes read and `idle` is called when the line has been quiet
-    `QUIET_S`; both give what to write back and the events the bytes carried."""
+    `QUIET_S`; both give what to write back and the events the bytes carried. `send` gives
+    the bytes that send `payload` to `recipient` (the downlink); its answer comes back as a
+    `Feedback` event."""
 
     bearer: str
 
@@ -67,6 +96,8 @@ class Link(Protocol):
     def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]: ...
 
     def idle(self) -> tuple[bytes, list[LinkEvent]]: ...
+
+    def send(self, recipient: str, payload: bytes) -> bytes: ...
 
 
 class BeidouLink:
@@ -96,12 +127,40 @@ class BeidouLink:
                 continue
             if sentence is NEED_DATA:
                 return b"", events
-            if isinstance(sentence, Bd3Message | Bd2Message):
-                events.append(Inbound(sentence.sender, sentence.payload))
-            elif isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
-                self._log.info("narrowband_terminal", card=sentence.card_id,
-                               interval_s=sentence.interval_s)
-            # Anything else ($BDPWI beams, $BDFKI feedback) says nothing about gateways.
+            event = self._event(sentence)
+            if event is not None:
+                events.append(event)
+
+    def _event(self, sentence: Sentence) -> LinkEvent | None:
+        if isinstance(sentence, Bd3Message | Bd2Message):
+            return Inbound(sentence.sender, sentence.payload)
+        if isinstance(sentence, Bd3Feedback | Bd2Feedback):
+            if sentence.command not in ("TCQ", "TXA"):
+                return None
+            return Feedback(sentence.executed, float(sentence.wait_s))
+        if isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
+            self._log.info("narrowband_terminal", card=sentence.card_id,
+                           interval_s=sentence.interval_s)
+            if isinstance(sentence, Bd3CardInfo):
+                return CardSeen(sentence.interval_s, BD3_REGIONAL_MAX_BITS // 8)
+            try:
+                bits = bd2_capacity_bits(sentence.level, sentence.encrypted)
+            except FieldError:
+                return None
+            return CardSeen(sentence.interval_s, mixed_mode_payload_bytes(bits))
+        return None  # $BDPWI beams and the rest say nothing about gateways
 
     def idle(self) -> tuple[bytes, list[LinkEvent]]:
         return b"", []
+
+    def send(self, recipient: str, payload: bytes) -> bytes:
+        """`$CCTCQ` (BD-3) or `$CCTXA` (BD-2) in mixed mode; b"" for a recipient the dialect
+        cannot address (answered by nothing: the route times it out and counts it)."""
+        try:
+            request: Sentence = (Bd3Send(recipient, payload, Bd3Encoding.MIXED) if self._bd3
+                                 else Bd2Send(recipient, payload, Bd2Mode.MIXED))
+        except FieldError as exc:
+            self._log.warning("narrowband_send_unencodable", recipient=recipient,
+                              error=str(exc))
+            return b""
+        return encode(request)

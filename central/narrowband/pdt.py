@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from central.config.settings import NarrowbandGateway
-from central.narrowband.links import Dropped, Inbound, LinkEvent
+from central.narrowband.links import Dropped, Feedback, Inbound, LinkEvent
 from protocols.hrnp import (
     NEED_DATA,
     SERVICE_TEXT,
@@ -34,10 +34,11 @@ from protocols.hrnp import (
     HrnpOpcode,
     HrnpPacket,
     decode_app,
+    encode_app,
     encode_packet,
 )
-from protocols.hrnp_text import TextMessage, decode_text
-from protocols.narrowband import FrameTextError, NotFrameTextError, from_text
+from protocols.hrnp_text import TextAck, TextMessage, TextResult, decode_text, encode_text
+from protocols.narrowband import FrameTextError, NotFrameTextError, from_text, to_text
 
 RECONNECT_S: Final = 5.0
 
@@ -47,7 +48,10 @@ class PdtLink:
 
     bearer = "pdt"
 
-    def __init__(self, logger: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, logger: Any, *, radio_id: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._radio_id = radio_id  # central's own: the source of the texts it sends
+        self._request_id = 0
         self._decoder = HrnpDecoder()
         self._log = logger
         self._clock = clock
@@ -62,9 +66,23 @@ class PdtLink:
         self._connect_at = self._clock()
         return self._packet(HrnpOpcode.CONNECT)
 
-    def _packet(self, opcode: HrnpOpcode) -> bytes:
+    def _packet(self, opcode: HrnpOpcode, payload: bytes = b"") -> bytes:
         number, self._packet_number = self._packet_number, (self._packet_number + 1) & 0xFFFF
-        return encode_packet(HrnpPacket(opcode, number))
+        return encode_packet(HrnpPacket(opcode, number, payload=payload))
+
+    def send(self, recipient: str, payload: bytes) -> bytes:
+        """A private text message with the frame's text form to radio `recipient`; its text ack
+        comes back as `Feedback`."""
+        self._request_id = (self._request_id + 1) & 0xFFFFFFFF
+        try:
+            message = TextMessage(self._request_id, int(recipient), self._radio_id,
+                                  to_text(payload))
+            app = encode_text(message)
+        except (ValueError, HrnpError) as exc:
+            self._log.warning("narrowband_send_unencodable", recipient=recipient,
+                              error=str(exc))
+            return b""
+        return self._packet(HrnpOpcode.DATA, encode_app(app))
 
     def idle(self) -> tuple[bytes, list[LinkEvent]]:
         events: list[LinkEvent] = []
@@ -120,8 +138,10 @@ class PdtLink:
             message = decode_text(app)
         except HrnpError as exc:
             return Dropped("bad_message", exc)
-        if not isinstance(message, TextMessage):
-            return None  # an ack: central sends no texts yet
+        if isinstance(message, TextAck):
+            if message.request_id != self._request_id:
+                return None  # a late ack of an earlier text: the route has timed it out
+            return Feedback(message.result == TextResult.OK)
         sender = str(message.source)
         try:
             return Inbound(sender, from_text(message.text))

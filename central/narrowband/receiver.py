@@ -1,11 +1,12 @@
 """Central's narrowband receiver (DESIGN.md §5): what gateways send by radio while IP is down.
 
 Central's own radio sits on a serial port (`narrowband_port`): a BeiDou terminal or, with
-`narrowband_bearer = "pdt"`, a Hytera PDT radio. `NarrowbandReceiver` owns that port: pyserial
-opens it in a thread (`exclusive=True`, so a second reader fails instead of stealing bytes),
-then the non-blocking fd is read from the event loop (`runtime.serial`), so nothing blocks
-the loop. A lost port is reopened with capped, jittered back-off, logged once when it fails and
-once when it is back.
+`narrowband_bearer = "pdt"`, a Hytera PDT radio, or with `"tiantong"` a Tiantong satellite
+module (`central.narrowband.tiantong.TiantongLink`, SMS from the gateways' numbers).
+`NarrowbandReceiver` owns that port: pyserial opens it in a thread (`exclusive=True`, so a
+second reader fails instead of stealing bytes), then the non-blocking fd is read from the
+event loop (`runtime.serial`), so nothing blocks the loop. A lost port is reopened with
+capped, jittered back-off, logged once when it fails and once when it is back.
 
 What is per bearer is small, a `Link`: the bytes to write when the port opens, and what the
 bytes read mean (events: a frame from a sender, or something dropped with a reason) plus any
@@ -28,6 +29,14 @@ current stream (the `gateways` row, which its birth set) before it is parsed
   edge: it still sends the records over IP when it can.
 - heartbeat: the gateway is heard now, online on `beidou` / `pdt`, with the backlog it
   reported (`storage.record_heartbeat`).
+- 叫应 receipts and acknowledgements (`CALL_ACKS`): each entry becomes the EVENT record the
+  edge stored under that seq (`protocols.callresp` attrs), flagged `NARROWBAND_COPY` and written
+  the same way, then handed to the `batch_hooks` (the 叫应 workflow, `central.callresp`) as
+  ingest does after a commit. When the IP copy comes, storage merges it into this one and the
+  workflow, which applies an answer once, changes nothing: one answer, no duplicate.
+
+The same session sends the downlink (`central.narrowband.downlink.RadioRoute`): signed 叫应
+warnings to gateways off IP, one segment at a time as the terminal allows.
 
 Bad input (garbage on the line, an unknown sender, no birth yet, a MAC that does not verify, a
 frame that does not parse, an ordinal the birth does not name) is counted in
@@ -42,8 +51,9 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
 import serial
 import structlog
@@ -51,12 +61,24 @@ import structlog
 from central import CentralError
 from central.config.settings import NarrowbandGateway, Settings
 from central.health.metrics import Metrics
-from central.narrowband.links import QUIET_S, BeidouLink, Dropped, Inbound, Link
+from central.narrowband.downlink import RadioRoute
+from central.narrowband.links import (
+    QUIET_S,
+    BeidouLink,
+    CardSeen,
+    Dropped,
+    Feedback,
+    Inbound,
+    Link,
+    LinkEvent,
+)
 from central.narrowband.pdt import PdtLink
+from central.narrowband.tiantong import TiantongLink
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
 from central.storage.writes import NARROWBAND_COPY
 from protocols.alarm_attrs import AlarmAttrs
+from protocols.callresp import CallRespError, CallRespEvent, EventType, event_attrs
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
 from protocols.limits import MalformedEnvelopeError
 from protocols.narrowband import (
@@ -65,6 +87,9 @@ from protocols.narrowband import (
     AlarmEntry,
     AlarmRule,
     AlarmsFrame,
+    CallAckEntry,
+    CallAcksFrame,
+    CallAckType,
     HeartbeatFrame,
     MacMismatchError,
     NarrowbandError,
@@ -90,7 +115,7 @@ class UnknownSenderError(NarrowbandInputError):
     reason = "unknown_sender"
 
     def __init__(self, bearer: str, sender: str) -> None:
-        what = "PDT radio" if bearer == "pdt" else "BeiDou card"
+        what = {"pdt": "PDT radio", "tiantong": "Tiantong number"}.get(bearer, "BeiDou card")
         super().__init__(f"no gateway has {what} {sender}")
         self.bearer = bearer
         self.sender = sender
@@ -165,6 +190,22 @@ def alarm_record(entry: AlarmEntry, point: str, bearer: str = "beidou") -> Recor
                   Flag(NARROWBAND_COPY), attrs.to_attrs())
 
 
+def call_ack_record(entry: CallAckEntry) -> Record:
+    """The 叫应 EVENT record the edge stored under `entry.seq`, as the frame tells it;
+    raises `CallRespError` for ids the contract refuses."""
+    ev = CallRespEvent(type=EventType.ACK if entry.type is CallAckType.ACK
+                       else EventType.DELIVERED, warning_id=entry.warning_id,
+                       terminal=entry.terminal, at_ms=entry.at_ms, by=entry.by)
+    return Record(entry.seq, RecordKind.EVENT, entry.at_ms, None, None, Flag(NARROWBAND_COPY),
+                  event_attrs(ev))
+
+
+class BatchHook(Protocol):
+    """A consumer of committed batches (`central.ingest.subscriber.BatchHook`)."""
+
+    async def apply_batch(self, batch: DataBatch) -> None: ...
+
+
 def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
     rows = yield Sql("SELECT stream, birth FROM gateways WHERE gw = ?", (gw,))
     return (rows[0][0], rows[0][1]) if rows else None
@@ -173,7 +214,9 @@ def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
 def make_link(settings: Settings, logger: Any) -> Link:
     """The link of `narrowband_bearer`."""
     if settings.narrowband_bearer == "pdt":
-        return PdtLink(logger)
+        return PdtLink(logger, radio_id=settings.narrowband_radio_id or 0)
+    if settings.narrowband_bearer == "tiantong":
+        return TiantongLink(logger)
     return BeidouLink(settings, logger)
 
 
@@ -183,7 +226,10 @@ def make_link(settings: Settings, logger: Any) -> Link:
 class NarrowbandReceiver:
     """Reads central's radio into storage; `run()` is the `narrowband_loop`."""
 
-    def __init__(self, settings: Settings, storage: Storage, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, storage: Storage, metrics: Metrics, *,
+                 route: RadioRoute | None = None, batch_hooks: Sequence[BatchHook] = ()) -> None:
+        """`route`: the downlink queue the command dispatcher fills; `batch_hooks`: what
+        takes the records built from radio frames after their commit (the 叫应 workflow)."""
         if settings.narrowband_port is None:
             raise ValueError("narrowband_port is not set")  # a programming error
         self.port: str = settings.narrowband_port
@@ -191,6 +237,8 @@ class NarrowbandReceiver:
         self.storage = storage
         self.metrics = metrics
         self.bearer: str = settings.narrowband_bearer
+        self.route = route
+        self.batch_hooks = tuple(batch_hooks)
         self._log = log.bind(port=self.port, bearer=self.bearer)
         self._probe_link = make_link(settings, self._log)
         self._senders: dict[str, NarrowbandGateway] = {}
@@ -268,14 +316,34 @@ class NarrowbandReceiver:
                     reply, events = link.feed(data)
                 _write(fd, reply)
                 for event in events:
-                    if isinstance(event, Inbound):
-                        await self.receive(event.sender, event.payload)
-                    else:
-                        self._dropped(event)
+                    await self._event(event)
+                _write(fd, self._downlink(link))
         finally:
+            if self.route is not None:
+                self.route.lost()
             self._open_event.clear()
             self.metrics.narrowband_port_open = False
             reader.stop()
+
+    async def _event(self, event: LinkEvent) -> None:
+        if isinstance(event, Inbound):
+            await self.receive(event.sender, event.payload)
+        elif isinstance(event, Dropped):
+            self._dropped(event)
+        elif self.route is not None:
+            if isinstance(event, Feedback):
+                self.metrics.narrowband_downlink["accepted" if event.accepted else "refused"] += 1
+                self.route.feedback(event.accepted, event.wait_s)
+            elif isinstance(event, CardSeen):
+                self.route.card(event.interval_s, event.payload_bytes)
+
+    def _downlink(self, link: Link) -> bytes:
+        """The next downlink segment to write, if one is due."""
+        if self.route is None:
+            return b""
+        self.route.tick()
+        out = self.route.next_send()
+        return b"" if out is None else link.send(*out)
 
     def _dropped(self, event: Dropped) -> None:
         if not event.quiet:
@@ -300,6 +368,8 @@ class NarrowbandReceiver:
                                  mac_len=self.settings.narrowband_mac_len)
             if isinstance(frame, AlarmsFrame):
                 await self._store_alarms(gateway.gw, inventory, frame)
+            elif isinstance(frame, CallAcksFrame):
+                await self._store_call_acks(gateway.gw, inventory, frame)
             else:
                 await self._store_heartbeat(gateway.gw, frame)
         except MacMismatchError as exc:
@@ -335,6 +405,25 @@ class NarrowbandReceiver:
         self.metrics.narrowband_received["alarms"] += 1
         self.metrics.narrowband_records += result.inserted
         self._log.info("narrowband_received", gw=gw, kind="alarms", records=len(records),
+                       inserted=result.inserted, seqs=[r.seq for r in records])
+
+    async def _store_call_acks(self, gw: str, inventory: Inventory,
+                               frame: CallAcksFrame) -> None:
+        records = []
+        for entry in frame.entries:
+            try:
+                records.append(call_ack_record(entry))
+            except CallRespError as exc:  # this entry only: keep the good ones beside it
+                self._reject("malformed", exc, gw=gw, seq=entry.seq)
+        if not records:
+            return
+        batch = DataBatch(gw, inventory.stream, tuple(records))
+        (result,) = await self.storage.write_batches([batch])
+        for hook in self.batch_hooks:  # idempotent: a copy seen twice changes nothing
+            await hook.apply_batch(batch)
+        self.metrics.narrowband_received["call_acks"] += 1
+        self.metrics.narrowband_records += result.inserted
+        self._log.info("narrowband_received", gw=gw, kind="call_acks", records=len(records),
                        inserted=result.inserted, seqs=[r.seq for r in records])
 
     async def _store_heartbeat(self, gw: str, frame: HeartbeatFrame) -> None:

@@ -125,3 +125,10 @@ function fmtPointValue(latest, nameZh) {
   }
   return fmtValue(latest);
 }
+
+// A phone-wide window shows the rows of a `table.cards` as wrapped cards, each cell named by
+// its column (console.css): the names ride on the cells.
+function labelCells(row, heads) {
+  row.querySelectorAll(":scope > td").forEach((td, i) => { if (heads[i]) td.dataset.label = heads[i]; });
+  return row;
+}

@@ -14,7 +14,8 @@ const NOTES = { opened: "新告警", updated: "更新", severity_rose: "级别�
                 flapping: "进入抖动", flap_counted: "抖动计数", flap_ended: "抖动结束",
                 stale: "过期事件（仅记录）", no_alarm: "无对应告警" };
 const SOURCES = { edge: "网关", central: "中心", beidou: "北斗", pdt: "370MHz" };
-const desk = { alarms: [], areasKey: "", open: null, beepTimer: null, audio: null };
+const desk = { alarms: [], areasKey: "", open: null, beepTimer: null, audio: null,
+               incidents: new Set() };  // the incidents the officer expanded
 
 function showAlarmMsg(text, bad = false) {
   const p = $("alarm-msg");
@@ -94,6 +95,42 @@ function renderHistory(detail) {
       h.comment ? ` · “${h.comment}”` : "", h.note ? ` · ${NOTES[h.note] || h.note}` : "")))));
 }
 
+// Alarms of one site within the incident window share an incident (central.alarms.engine):
+// two or more of them show as one row with a count, expandable to its alarms.
+function groupIncidents(list) {
+  const groups = new Map();
+  for (const a of list) {
+    const key = a.incident_id === null || a.incident_id === undefined ? `a${a.id}` : `i${a.incident_id}`;
+    if (!groups.has(key)) groups.set(key, []);
+    groups.get(key).push(a);
+  }
+  return [...groups.values()];
+}
+
+function renderIncident(members) {
+  const id = members[0].incident_id;
+  const open = desk.incidents.has(id);
+  const worst = Math.max(...members.map((a) => a.severity));
+  const active = members.filter((a) => a.state === "active").length;
+  const unacked = members.filter((a) => a.ack_state !== "acknowledged").length;
+  const gws = [...new Set(members.map((a) => a.gw))];
+  const first = Math.min(...members.map((a) => a.raised_ms));
+  const row = el("tr", { class: `incident sev${worst}${unacked ? " unacknowledged" : ""}`,
+                         "data-incident": String(id), "data-alarms": members.map((a) => a.id).join(" ") },
+    el("td", {}, el("span", { class: `badge sev${worst}` }, SEVERITY[worst] || `${worst}级`)),
+    el("td", {}, members[0].area_name || "未分配"),
+    el("td", { colspan: "3" }, el("b", {}, `事件 #${id} · ${members.length} 条告警`),
+      el("span", { class: "muted" }, ` · ${gws.join("、")}`)),
+    el("td", { colspan: "2" }, `告警中 ${active} · 未确认 ${unacked}`),
+    el("td", {}, fmtTime(first)),
+    el("td", {}, el("span", { class: "badge " + (active ? "act" : "clr") }, active ? "告警中" : "已恢复")),
+    el("td", {}, el("span", { class: "badge " + (unacked ? "unacked" : "acked") }, unacked ? "未确认" : "已确认")),
+    el("td", { class: "actions" }, el("button", { type: "button", "data-action": "incident",
+      "data-id": String(id), "aria-expanded": String(open) }, open ? "收起" : `展开 ${members.length}`)));
+  row.querySelectorAll(":scope > td").forEach((td) => { td.dataset.label = ""; });
+  return row;
+}
+
 async function renderDesk(data) {
   desk.alarms = data.alarms;
   const list = data.alarms;
@@ -102,10 +139,17 @@ async function renderDesk(data) {
   $("n-sev1").textContent = active.filter((a) => a.severity === 1).length;
   $("n-unack").textContent = list.filter((a) => a.ack_state !== "acknowledged").length;
   const rows = [];
-  for (const a of list) {
-    rows.push(renderAlarm(a));
-    if (desk.open === a.id) {
-      try { rows.push(renderHistory(await getJSON(`/api/alarms/${a.id}`))); } catch (e) { /* gone */ }
+  for (const members of groupIncidents(list)) {
+    const grouped = members.length > 1;
+    if (grouped) rows.push(renderIncident(members));
+    if (grouped && !desk.incidents.has(members[0].incident_id)) continue;
+    for (const a of members) {
+      const row = renderAlarm(a);
+      if (grouped) row.classList.add("member");
+      rows.push(row);
+      if (desk.open === a.id) {
+        try { rows.push(renderHistory(await getJSON(`/api/alarms/${a.id}`))); } catch (e) { /* gone */ }
+      }
     }
   }
   $("alarm-rows").replaceChildren(...(rows.length ? rows
@@ -164,6 +208,11 @@ async function refreshDesk() {
 }
 
 async function alarmAction(action, id) {
+  if (action === "incident") {
+    const n = Number(id);
+    if (desk.incidents.has(n)) desk.incidents.delete(n); else desk.incidents.add(n);
+    return renderDesk({ alarms: desk.alarms });
+  }
   if (action === "history") {
     desk.open = desk.open === Number(id) ? null : Number(id);
     return renderDesk({ alarms: desk.alarms });
@@ -186,16 +235,31 @@ async function alarmAction(action, id) {
   await refreshDesk();
 }
 
+function setArea(area, reconnect = true) {
+  live.area = area;
+  const select = $("alarm-area");
+  if (select.value !== area) {
+    if (![...select.options].some((o) => o.value === area)) select.append(el("option", { value: area }, `区域 #${area}`));
+    select.value = area;
+  }
+  const url = new URL(location.href);
+  if (area) url.searchParams.set("area", area); else url.searchParams.delete("area");
+  history.replaceState(null, "", url);
+  document.body.dataset.area = area;
+  refreshDesk();
+  if (reconnect) connectLive();
+}
+
 function startDesk() {
   $("alarm-rows").addEventListener("click", (ev) => {
     const button = ev.target.closest("button[data-action]");
     if (button) alarmAction(button.dataset.action, button.dataset.id);
   });
-  $("alarm-area").addEventListener("change", () => {
-    live.area = $("alarm-area").value;  // the live feed then sends this area's desk
-    refreshDesk();
-    connectLive();
-  });
+  // The area filters everything on the page: the live feed then sends this area's map, counts,
+  // desk and 叫应 board; the address keeps it (a reload, the big screen, a shared link).
+  $("alarm-area").addEventListener("change", () => setArea($("alarm-area").value));
+  const fromUrl = new URLSearchParams(location.search).get("area") || "";
+  if (fromUrl) setArea(fromUrl, false);
   live.handlers.desk = renderDesk;
   refreshAreas().catch(() => null);
   setInterval(() => refreshAreas().catch(() => null), 30000);

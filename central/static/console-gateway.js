@@ -38,7 +38,7 @@ function renderGateway(g) {
                  title: NARROWBAND.has(g.bearer) ? "IP 中断：告警与心跳经窄带上报，数据待恢复后补传" : "" },
        "链路 ", el("b", {}, BEARERS[g.bearer] || g.bearer || "—")),
     el("span", { class: "kv" }, "版本 ", el("b", {}, g.version || "—")));
-  const table = el("table", {},
+  const table = el("table", { class: "cards points" },
     el("thead", {}, el("tr", {},
       el("th", {}, "设备"), el("th", {}, "测点"), el("th", {}, "名称"),
       el("th", { class: "num" }, "最新数值"), el("th", {}, "单位"), el("th", {}, "更新时间"),
@@ -58,13 +58,16 @@ function renderGateway(g) {
         el("td", { class: "num" }, fmtPointValue(p.latest, p.name_zh)), el("td", {}, p.unit || ""),
         el("td", {}, p.latest ? (stale ? `${fmtTime(p.latest.ts_ms)}（${fmtAgo(p.latest.ts_ms)}，已过时）`
                                         : fmtTime(p.latest.ts_ms)) : "—"),
-        el("td", {}, el("button", { type: "button", "data-trend": p.ref }, "趋势"))));
+        el("td", { class: "actions" }, el("button", { type: "button", "data-trend": p.ref }, "趋势"))));
+      labelCells(body.lastChild, POINT_HEADS);
     });
   }
   if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: "7", class: "muted" }, "暂无测点数据")));
   table.append(body);
   return el("section", { class: "gw", "data-gw": g.gw }, head, table);
 }
+
+const POINT_HEADS = ["设备", "测点", "名称", "最新数值", "单位", "更新时间", "趋势"];
 
 async function refreshGateway() {
   if (!gwPage.gw) {
@@ -79,6 +82,7 @@ async function refreshGateway() {
     const g = await getJSON(`/api/gateways/${encodeURIComponent(gwPage.gw)}`);
     $("gateways").replaceChildren(renderGateway(g));
     $("gw-title").textContent = `网关 ${g.gw}`;
+    showCommandsFor(g);
   } catch (e) {
     $("gateways").replaceChildren(el("p", { class: "error" }, `网关 ${gwPage.gw} 读取失败：${errorText(e)}`));
   }

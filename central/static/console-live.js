@@ -30,7 +30,7 @@ function connectLive() {
   if (live.area) params.set("area", live.area);
   const source = new EventSource(`/api/console/events?${params}`);
   live.source = source;
-  for (const name of ["overview", "desk", "ping"]) {
+  for (const name of ["overview", "desk", "board", "ping"]) {
     source.addEventListener(name, (ev) => {
       live.lastHeard = Date.now();
       setOutage(false);

@@ -13,7 +13,9 @@ async function startMap() {
   const dark = document.body.classList.contains("bigscreen");
   overview.chart = echarts.init($("map"), null, { renderer: "canvas" });
   overview.chart.on("click", (p) => {
-    if (p.componentType === "series" && p.data && p.data.gw) {
+    if (p.componentType === "series" && p.data && p.data.terminal) {
+      return;  // a terminal: its tooltip says all there is
+    } else if (p.componentType === "series" && p.data && p.data.gw) {
       selectGateway(p.data.gw);
     } else if (p.componentType === "geo" && overview.data) {
       const d = overview.data.districts.find((x) => x.name_zh === p.name);
@@ -43,6 +45,29 @@ function gatewayPoint(g) {
   };
 }
 
+// 叫应 terminals stand at their street's office: several at one place are spread on a small
+// ring so that each can be pointed at.
+function terminalPoints(terminals) {
+  const at = new Map();
+  for (const t of terminals) {
+    const k = `${t.position.lon},${t.position.lat}`;
+    if (!at.has(k)) at.set(k, []);
+    at.get(k).push(t);
+  }
+  const out = [];
+  for (const group of at.values()) {
+    group.forEach((t, i) => {
+      const a = (2 * Math.PI * i) / group.length;
+      const r = group.length > 1 ? 0.006 : 0;
+      out.push({ name: t.id, terminal: t.id, value: [t.position.lon + r * Math.cos(a), t.position.lat + r * Math.sin(a)],
+                 symbol: "triangle", symbolSize: 9,
+                 itemStyle: { color: t.kind === "video" ? "#a78bfa" : "#38bdf8", borderColor: "#0f2236", borderWidth: 1 },
+                 tip: `叫应终端 ${t.name || t.id}（${t.kind === "video" ? "视频" : "音频"}）<br>网关 ${t.gw}` });
+    });
+  }
+  return out;
+}
+
 function renderOverview(data) {
   overview.data = data;
   for (const [k, n] of Object.entries(data.counts)) {
@@ -52,6 +77,9 @@ function renderOverview(data) {
   $("n-online").textContent = data.counts.ip + data.counts.narrowband +
     data.gateways.filter((g) => g.state === "alarm" && g.online).length;
   renderWatchList(data);
+  const terminals = data.terminals || [];
+  $("layer-terminals").hidden = terminals.length === 0;
+  $("n-terminals").textContent = terminals.length;
   if (!overview.ready) return;
   const placed = data.gateways.filter((g) => g.position);
   const alarmed = placed.filter((g) => g.state === "alarm").map(gatewayPoint);
@@ -71,6 +99,7 @@ function renderOverview(data) {
         itemStyle: { areaColor: DISTRICT_FILL[Math.min(2, d.severity)] } })),
     },
     series: [
+      { name: "叫应终端", type: "scatter", coordinateSystem: "geo", data: terminalPoints(data.terminals || []), zlevel: 1 },
       { type: "scatter", coordinateSystem: "geo", data: others, zlevel: 1 },
       { type: "effectScatter", coordinateSystem: "geo", data: alarmed, zlevel: 2,
         rippleEffect: { scale: 3.5, brushType: "stroke" } },

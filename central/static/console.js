@@ -39,8 +39,10 @@ async function start() {
     toLogin();
   });
   startDesk();
+  startBoard();
   live.handlers.overview = (data) => { overview.data = data; renderOverview(data); };
   startLive();
+  startCommands();
   startGatewayPage();
   startMap().catch((e) => { $("map").textContent = `地图加载失败：${errorText(e)}`; });
   setInterval(() => { $("clock").textContent = fmtTime(Date.now()); }, 1000);

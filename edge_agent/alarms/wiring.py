@@ -91,8 +91,10 @@ class AlarmRules:
     """Evaluates the rules on everything the pollers append and on a clock tick."""
 
     def __init__(self, engine: RuleEngine, store: AlarmStore, outbox: OutboxWriter, *,
-                 wall_ms: Callable[[], int] = _wall_ms, tick_s: float = TICK_S) -> None:
+                 wall_ms: Callable[[], int] = _wall_ms, tick_s: float = TICK_S,
+                 on_events: Callable[[Sequence[AlarmEvent]], None] | None = None) -> None:
         self.engine = engine
+        self._on_events = on_events  # told of every transition once it is in the outbox
         self._store = store
         self._outbox = outbox
         self._wall_ms = wall_ms
@@ -171,6 +173,8 @@ class AlarmRules:
                    prev_level=event.prev_level, value=event.value, threshold=event.threshold)
         await self._save(evaluation.snapshots() + [_cleared(e) for e in evaluation.events
                                                     if e.alarm_id not in evaluation.states])
+        if self._on_events is not None:
+            self._on_events(evaluation.events)
         if refused is not None:
             raise refused
         return seqs

@@ -1,6 +1,7 @@
 """Narrowband bearers: drivers of the radios the agent falls back to while IP is down
 (DESIGN.md §5), and what they share: the errors, the card a terminal holds and the answer to a
-send. Each driver (`edge_agent.bearers.beidou`, `edge_agent.bearers.pdt`) owns one serial port
+send. Each driver (`edge_agent.bearers.beidou`, `edge_agent.bearers.pdt`,
+`edge_agent.bearers.tiantong`) owns one serial port
 and speaks its radio's sentences or packets through a pure codec in `protocols/`;
 `edge_agent.narrowband.fallback` decides what goes over it and when.
 """
@@ -80,6 +81,8 @@ class Refusal(enum.StrEnum):
     CHANNEL_BUSY = "channel_busy"  # PDT result 4
     NO_CONTACT = "no_contact"  # PDT result 10: the recipient radio did not answer
     TX_DENIED = "tx_denied"  # PDT result 11: the system denied the transmission
+    NO_NETWORK = "no_network"  # Tiantong +CMS ERROR 331: the module lost its registration
+    SEND_FAILED = "send_failed"  # Tiantong: another +CMS ERROR, after the retries; `code`
     OTHER = "other"  # a code this driver does not know; `code` has it
 
 

@@ -19,6 +19,7 @@ Every state goes to the outbox as a `CMD_RESULT` record (lane `event`) whose att
 reported `failed`/`interrupted`, never re-run; reports that did not reach the outbox are
 appended again.
 
+`play_warning` plays the warning on the named terminals (`edge_agent.commands.warnings`).
 `write_point` goes through `edge_agent.field.point_io.write_point` (the same path as the
 technician's `edge-agent write`): encode with the point's `PointSpec`, write, read back,
 compare. `set_poll_interval` changes a poller's interval until the agent restarts.
@@ -33,7 +34,6 @@ import asyncio
 import platform
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +41,9 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_profiles import Profile
+from edge_agent.commands.counters import CommandCounters
 from edge_agent.commands.ledger import CommandLedger, CommandLedgerError
+from edge_agent.commands.warnings import WarningPlayer, play_for_command
 from edge_agent.config.site import DeviceConfig
 from edge_agent.field import point_io
 from edge_agent.field.point_io import readback_matches
@@ -117,26 +119,6 @@ class ResultWriter(Protocol):
     async def append(self, records: list[NewRecord]) -> list[int]: ...
 
 
-@dataclass(slots=True)
-class CommandCounters:
-    received: int = 0  # payloads handed in by the uplink
-    dropped: int = 0  # queue full
-    malformed: int = 0  # not an envelope at all (not reportable)
-    bad_signature: int = 0
-    rejected: int = 0
-    expired: int = 0
-    replays: int = 0
-    executed: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    reports_suppressed: int = 0  # unverified rejections not reported (rate limit)
-    future_refused: int = 0  # issued_at ahead of a trusted clock: refused
-    future_flagged: int = 0  # issued_at ahead of a suspect clock: run, flagged
-
-    def to_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -149,13 +131,15 @@ class CommandExecutor:
                  diagnostics: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
                  wall_ms: Callable[[], int] = _wall_ms, queue_max: int = QUEUE_MAX,
                  clock_trusted: Callable[[], bool] = lambda: True,
-                 future_skew_ms: int = FUTURE_SKEW_MS) -> None:
+                 future_skew_ms: int = FUTURE_SKEW_MS,
+                 warnings: WarningPlayer | None = None) -> None:
         self.gw = gw
         self.ledger_path = Path(ledger_path)
         self.outbox = outbox
         self.public_key = public_key
         self.targets = dict(targets)
         self.diagnostics = diagnostics
+        self.warnings = warnings  # the 叫应 terminals, if the gateway has any
         self.counters = CommandCounters()
         self._wall_ms = wall_ms
         self._clock_trusted = clock_trusted
@@ -440,8 +424,10 @@ class CommandExecutor:
             return lambda: self._set_poll_interval(target, args.seconds)
         if isinstance(args, RequestDiagnostics):
             return self._diagnostics
-        if isinstance(args, PlayWarning):  # 叫应: the terminal driver is a later increment
-            raise _Rejected(Reason.UNSUPPORTED_KIND, "no 叫应 terminal driver on this gateway")
+        if isinstance(args, PlayWarning):
+            if self.warnings is None:
+                raise _Rejected(Reason.UNSUPPORTED_KIND, "no 叫应 terminals on this gateway")
+            return lambda: self._play_warning(args, cmd.cmd_id)
         assert isinstance(args, SyncTime)
         return lambda: self._sync_time(args.central_ms)
 
@@ -472,6 +458,13 @@ class CommandExecutor:
         except ValueError as exc:
             raise _Failed(Reason.BAD_VALUE, str(exc)) from exc
         return {"seconds": float(seconds), "previous_s": previous, "persistent": False}
+
+    async def _play_warning(self, args: PlayWarning, cmd_id: str) -> dict[str, Any]:
+        assert self.warnings is not None
+        data, played = await play_for_command(self.warnings, args, cmd_id)
+        if not played:
+            raise _Failed(Reason.TRANSPORT_ERROR, "no terminal took the warning", data)
+        return data
 
     async def _diagnostics(self) -> dict[str, Any]:
         info: dict[str, Any] = {"commands": self.counters.to_dict(),

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent import EdgeError
 from edge_agent.commands.executor import CommandExecutor, CommandTarget
+from edge_agent.commands.warnings import WarningPlayer
 from edge_agent.config.site import AgentConfig
 from edge_agent.outbox.store import OutboxError
 from protocols.commands import BadKeyError, parse_public_key
@@ -83,9 +84,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_executor(config: AgentConfig, outbox: Any, targets: Mapping[str, CommandTarget],
-                   status: Callable[[], Mapping[str, Any]]) -> CommandExecutor:
-    """The executor for a running agent; without a usable pinned key it rejects everything."""
+def pinned_key(config: AgentConfig) -> Ed25519PublicKey | None:
+    """Central's pinned command key (`[commands] central_public_key`), None (logged) when it
+    is missing or unusable: what verifies commands and the warnings that come by radio."""
     base = config.source.parent if config.source is not None else None
     try:
         key = load_public_key(config.commands.central_public_key, base)
@@ -94,8 +95,17 @@ def build_executor(config: AgentConfig, outbox: Any, targets: Mapping[str, Comma
         key = None
     if key is None:
         log.warning("commands_unverifiable", hint="set [commands] central_public_key")
+    return key
+
+
+def build_executor(config: AgentConfig, outbox: Any, targets: Mapping[str, CommandTarget],
+                   status: Callable[[], Mapping[str, Any]],
+                   warnings: WarningPlayer | None = None) -> CommandExecutor:
+    """The executor for a running agent; without a usable pinned key it rejects everything."""
+    key = pinned_key(config)
     return CommandExecutor(gw=config.gateway.id, ledger_path=config.commands_path, outbox=outbox,
                            public_key=key, targets=targets,
                            diagnostics=diagnostics_from(status, outbox),
                            # a suspect wall clock (§4.7) obeys future-issued commands, flagged
-                           clock_trusted=lambda: not outbox.clock.suspect)
+                           clock_trusted=lambda: not outbox.clock.suspect,
+                           warnings=warnings)

@@ -75,6 +75,7 @@ def cross_checks(config: AgentConfig, *, check_profiles: bool,
     yield from _hj212_port_checks(config, index)
     yield from _narrowband_checks(config, index)
     yield from _tls_checks(config, index)
+    yield from _terminal_checks(config, index)
     for i, d in enumerate(config.profiles.dirs):
         if not d.is_dir():
             yield issue_at(index, ("profiles", "dirs", i), f"not a folder: {d}")
@@ -167,9 +168,35 @@ def _hj212_port_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
                          f"devices[{owners[t.port]}]; a Modbus RTU bus cannot share it")
 
 
+def _terminal_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
+    """Terminal ids are unique, a serial terminal owns its port, and the local warning names
+    configured terminals."""
+    ids: dict[str, int] = {}
+    taken = {d.transport.port for d in config.devices if d.enabled
+             and isinstance(d.transport, RtuTransportConfig | Hj212TransportConfig)}
+    if config.narrowband is not None:
+        taken.add(config.narrowband.port)
+    for i, t in enumerate(config.terminals):
+        if t.id in ids:
+            yield issue_at(index, ("terminals", i, "id"),
+                           f"duplicate terminal id {t.id!r} (also terminals[{ids[t.id]}])")
+        ids.setdefault(t.id, i)
+        if t.serial is not None and t.serial in taken:
+            yield issue_at(index, ("terminals", i, "serial"),
+                           f"serial port {t.serial} is already in use (one owner per port)")
+        if t.serial is not None:
+            taken.add(t.serial)
+    lw = config.local_warning
+    for i, tid in enumerate(lw.terminals if lw is not None else ()):
+        if tid not in ids:
+            yield issue_at(index, ("local_warning", "terminals", i), f"no terminal {tid!r}")
+
+
 _BEARER_KEYS: dict[str, str] = {
     "dialect": "beidou", "central_card": "beidou", "max_payload_bytes": "beidou",
-    "central_radio": "pdt", "radio_id": "pdt", "max_text_bytes": "pdt", "interval_s": "pdt"}
+    "central_radio": "pdt", "radio_id": "pdt", "max_text_bytes": "pdt",
+    "interval_s": "pdt|tiantong", "central_number": "tiantong", "number": "tiantong",
+    "sms_parts": "tiantong"}
 
 
 def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[ConfigIssue]:
@@ -181,9 +208,10 @@ def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
     if nb is None:
         return
     for key in sorted(nb.model_fields_set & _BEARER_KEYS.keys()):
-        if _BEARER_KEYS[key] != nb.bearer:
+        if nb.bearer not in _BEARER_KEYS[key].split("|"):
+            owners = " or ".join(f'"{b}"' for b in _BEARER_KEYS[key].split("|"))
             yield issue_at(index, ("narrowband", key),
-                         f'{key} is for bearer = "{_BEARER_KEYS[key]}", not "{nb.bearer}"')
+                         f'{key} is for bearer = {owners}, not "{nb.bearer}"')
     if nb.key_file is not None and not nb.key_file.is_file():
         yield issue_at(index, ("narrowband", "key_file"), f"no such file: {nb.key_file}")
     for i, dev in enumerate(config.devices):

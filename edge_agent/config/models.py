@@ -22,6 +22,7 @@ from pydantic import (
 
 from edge_agent.alarms.config import DeviceAlarmsConfig
 from edge_agent.narrowband.config import NarrowbandConfig
+from edge_agent.terminals.config import LocalWarningConfig, TerminalConfig
 from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols.modbus_rtu import inter_frame_gap_s
 from protocols.topics import TopicError, check_gateway_id
@@ -243,6 +244,8 @@ class AgentConfig(_Model):
     control: ControlConfig = Field(default_factory=ControlConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     narrowband: NarrowbandConfig | None = None
+    terminals: list[TerminalConfig] = Field(default_factory=list)  # 叫应 terminals (§7)
+    local_warning: LocalWarningConfig | None = None
     # Where the file was loaded from; relative paths in it were resolved against its folder.
     _source: Path | None = PrivateAttr(default=None)
 
@@ -261,6 +264,10 @@ class AgentConfig(_Model):
     @property
     def commands_path(self) -> Path:
         return self.gateway.data_dir / "commands.db"
+
+    @property
+    def terminals_path(self) -> Path:
+        return self.gateway.data_dir / "terminals.db"
 
     @property
     def control_socket_path(self) -> Path:

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from edge_agent.bearers import Refusal
 from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
+from edge_agent.terminals.metrics import terminal_metrics
 from runtime.metrics import counter, counter_by, gauge
 from runtime.sqlite import open_reader
 
@@ -65,6 +66,7 @@ class Snapshot:
     narrowband: Mapping[str, Any] | None = None
     restarts: Mapping[str, int] = field(default_factory=dict)  # by supervised task
     maintenance_errors: int = 0  # the outbox's maintenance rounds refused by the disk
+    terminals: Mapping[str, Any] | None = None  # 叫应 terminals (TerminalService.status())
     stored_records: int | None = None  # rows in the outbox file, delivered ones kept included
 
 
@@ -87,6 +89,8 @@ class AgentCollector(Collector):
         yield from _narrowband(s)
         yield from _disk_and_clock(s)
         yield from _tasks(s)
+        if s.terminals is not None:
+            yield from terminal_metrics(s.terminals)
 
 
 def _devices(s: Snapshot) -> Iterator[Metric]:
@@ -240,6 +244,7 @@ async def take_snapshot(runtime: RuntimeView, stored_records: int | None = None)
         narrowband=runtime.narrowband.status() if runtime.narrowband else None,
         restarts=dict(runtime.restarts),
         maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0,
+        terminals=runtime.terminals.status() if runtime.terminals else None,
         stored_records=stored_records)
 
 

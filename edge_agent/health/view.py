@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from edge_agent.field.transports import TransportPool
     from edge_agent.narrowband.fallback import NarrowbandFallback
     from edge_agent.outbox.store import Outbox
+    from edge_agent.terminals.service import TerminalService
     from edge_agent.uplink.link import Uplink
 
 
@@ -40,6 +41,9 @@ class RuntimeView(Protocol):
 
     @property
     def narrowband(self) -> NarrowbandFallback | None: ...
+
+    @property
+    def terminals(self) -> TerminalService | None: ...
 
     @property
     def disk(self) -> dict[str, Any] | None:

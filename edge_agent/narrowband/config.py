@@ -14,16 +14,17 @@ from pydantic_core import PydanticCustomError
 
 from edge_agent.bearers.pdt import DEFAULT_INTERVAL_S as PDT_INTERVAL_S
 from edge_agent.bearers.pdt import MIN_TEXT_BYTES
+from edge_agent.bearers.tiantong import MAX_PARTS as TIANTONG_MAX_PARTS
 from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES, MAX_RADIO_ID
 
 
 class NarrowbandConfig(BaseModel):
     """The narrowband fallback (DESIGN.md §5): alarms and a heartbeat by BeiDou short message
-    or PDT text message while the IP uplink is down. Absent: no fallback."""
+    or PDT text message or Tiantong SMS while the IP uplink is down. Absent: no fallback."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bearer: Literal["beidou", "pdt"] = "beidou"
+    bearer: Literal["beidou", "pdt", "tiantong"] = "beidou"
     port: str = Field(min_length=1)
     baudrate: int = Field(default=115200, ge=50, le=4_000_000)
     # --- BeiDou (bearer = "beidou")
@@ -40,6 +41,11 @@ class NarrowbandConfig(BaseModel):
     # The radios' text limit in UTF-16 bytes (128: 64 characters, "FL1:" + 45 frame bytes).
     max_text_bytes: int = Field(default=DEFAULT_MAX_TEXT_BYTES, ge=MIN_TEXT_BYTES, le=960)
     interval_s: int = Field(default=PDT_INTERVAL_S, ge=0, le=3600)  # between texts, for the channel
+    # --- Tiantong (bearer = "tiantong"): a satellite module's AT port, SMS in UCS2
+    central_number: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$",
+                                       validate_default=True)  # central's module, the recipient
+    number: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$")  # this module's
+    sms_parts: int = Field(default=1, ge=1, le=TIANTONG_MAX_PARTS)  # SMS a frame may take
     # --- both
     # The gateway's frame key (HMAC-SHA256, at least 16 bytes): hex here, or a file holding
     # the hex (relative to this file), so that the key need not sit in the config.
@@ -53,7 +59,8 @@ class NarrowbandConfig(BaseModel):
     @property
     def recipient(self) -> str:
         """Central's address on this bearer: its card, or its radio id."""
-        value = self.central_radio if self.bearer == "pdt" else self.central_card
+        value = {"pdt": self.central_radio, "tiantong": self.central_number}.get(
+            self.bearer, self.central_card)
         assert value is not None  # checked at validation
         return str(value)
 
@@ -79,6 +86,13 @@ class NarrowbandConfig(BaseModel):
     @classmethod
     def _radio_for_pdt(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is None and info.data.get("bearer") == "pdt":
+            raise PydanticCustomError("missing", "Field required")
+        return value
+
+    @field_validator("central_number")
+    @classmethod
+    def _number_for_tiantong(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("bearer") == "tiantong":
             raise PydanticCustomError("missing", "Field required")
         return value
 

@@ -1,14 +1,20 @@
 """The narrowband fallback (DESIGN.md §5, 三断): alarms and a heartbeat by short message while
 the IP uplink is down.
 
-`NarrowbandFallback.run()` (task `narrowband.beidou` or `narrowband.pdt`, by the bearer) idles
-while IP is up or has been down for less than `after_s`. Past that, every time the terminal
-allows, it sends one frame (`protocols.narrowband`), most important first:
+`NarrowbandFallback.run()` (task `narrowband.beidou`, `narrowband.pdt` or `narrowband.tiantong`,
+by the bearer) idles while IP is up or has been down for less than `after_s`. Past that, every
+time the terminal allows, it sends one frame (`protocols.narrowband`), most important first:
 
 1. the undelivered ALARM records (raises, changes, clears) above its watermark, oldest first,
    as many as fit the card's payload limit in one `ALARMS` frame;
 2. else, once `heartbeat_s` has passed since the last one (at once on activation), a
-   `HEARTBEAT` with the last seq, the backlog, the active alarms and how long IP has been down.
+   `HEARTBEAT` with the last seq, the backlog, the active alarms and how long IP has been down;
+3. else the undelivered 叫应 receipts and acknowledgements (EVENT records of
+   `protocols.callresp`) above their own watermark (`narrowband_ack_seq`) in a `CALL_ACKS`
+   frame; central applies them to the warning at once and merges the IP copy later.
+
+With a `downlink` (`edge_agent.narrowband.downlink.RadioDownlink`) the same task also takes
+the warnings central sends down by radio, while IP is down or not.
 
 **Nothing twice.** The watermark (outbox meta `narrowband_sent_seq`) is the highest seq a
 terminal has accepted (`$BDFKI` executed Y, a PDT text ack with result 0). It moves only
@@ -42,18 +48,23 @@ import structlog
 
 from edge_agent.bearers import BearerError, CardInfo, Refusal, SendResult
 from edge_agent.narrowband.config import NarrowbandConfig
+from edge_agent.narrowband.downlink import RadioDownlink
 from edge_agent.outbox.store import Outbox, OutboxError
 from protocols.alarm_attrs import AlarmAttrs
+from protocols.callresp import CallRespError, EventType, is_callresp, parse_event_attrs
 from protocols.envelope import Birth, Record
 from protocols.narrowband import (
     RULE_NAMES,
     TRANSITION_NAMES,
     AlarmEntry,
     AlarmRule,
+    CallAckEntry,
+    CallAckType,
     FrameCapacityError,
     HeartbeatFrame,
     PowerState,
     encode_alarms,
+    encode_call_acks,
     encode_heartbeat,
 )
 from protocols.point_inventory import PointInventory
@@ -62,6 +73,7 @@ from protocols.record_attrs import AttrsError
 log = structlog.get_logger(__name__)
 
 WATERMARK_KEY: Final = "narrowband_sent_seq"
+ACK_WATERMARK_KEY: Final = "narrowband_ack_seq"  # 叫应 events sent by radio, up to this seq
 STATE_KEY: Final = "narrowband_state"  # active | idle, for `edge-agent status` (outbox meta)
 _RULES: Final[dict[str, AlarmRule]] = {name: code for code, name in RULE_NAMES.items()}
 _STATES: Final = {name: code for code, name in TRANSITION_NAMES.items()}
@@ -94,6 +106,7 @@ class NarrowbandCounters:
     frames_sent: int = 0
     alarms_sent: int = 0
     heartbeats_sent: int = 0
+    call_acks_sent: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     skipped_alarms: int = 0  # no ordinal, or attrs that do not map to the frame's codes
@@ -133,7 +146,8 @@ class NarrowbandFallback:
 
     def __init__(self, *, outbox: Outbox, link: IpLink, birth: Birth, terminal: Bearer,
                  config: NarrowbandConfig, key: bytes,
-                 active_alarms: Callable[[], int] = lambda: 0, poll_s: float = 1.0,
+                 active_alarms: Callable[[], int] = lambda: 0,
+                 downlink: RadioDownlink | None = None, poll_s: float = 1.0,
                  retry_s: float = 10.0, ready_timeout_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
@@ -149,6 +163,8 @@ class NarrowbandFallback:
         self.counters = NarrowbandCounters()
         self.active = False
         self.watermark = 0
+        self.ack_watermark = 0
+        self.downlink = downlink
         self._key = key
         self._ordinals: Mapping[str, int] = point_ordinals(birth)
         self._active_alarms = active_alarms
@@ -167,7 +183,9 @@ class NarrowbandFallback:
         card = self._card
         terminal_counters = getattr(self.terminal, "counters", None)
         return {"active": self.active, "bearer": self.config.bearer, "port": self.config.port,
-                "watermark": self.watermark, "last_error": self._last_error,
+                "watermark": self.watermark, "ack_watermark": self.ack_watermark,
+                "last_error": self._last_error,
+                "downlink": self.downlink.counters.to_dict() if self.downlink else None,
                 "card": None if card is None else dataclasses.asdict(card),
                 "counters": self.counters.to_dict(),
                 "terminal": terminal_counters.to_dict() if terminal_counters else None}
@@ -176,13 +194,17 @@ class NarrowbandFallback:
 
     async def run(self) -> None:
         """Until cancelled; the terminal is closed on the way out."""
-        self.watermark = await self._load_watermark()
+        self.watermark = await self._load_watermark(WATERMARK_KEY)
+        self.ack_watermark = await self._load_watermark(ACK_WATERMARK_KEY)
         self._log.info("narrowband_started", after_s=self.config.after_s,
                        heartbeat_s=self.config.heartbeat_s, watermark=self.watermark)
         try:
-            await self._probe()
-            while True:
-                await self._tick()
+            async with asyncio.TaskGroup() as tg:
+                if self.downlink is not None:
+                    tg.create_task(self.downlink.run(), name="narrowband.downlink")
+                await self._probe()
+                while True:
+                    await self._tick()
         finally:
             self.active = False
             await self.terminal.close()
@@ -257,12 +279,15 @@ class NarrowbandFallback:
         entries = [e for e in map(self._entry, records) if e is not None]
         heartbeat_due = (self._last_heartbeat is None
                          or self._clock() - self._last_heartbeat >= self.config.heartbeat_s)
+        acks: list[CallAckEntry] = []
         if not entries:
             if records:  # only skipped ones: step over them, they go over IP
                 await self._advance(records[-1].seq)
                 return True
             if not heartbeat_due:
-                return False
+                acks = await self._call_acks(card)
+                if not acks:
+                    return False
         if not await self.terminal.wait_ready(self.ready_timeout_s):
             self.counters.not_ready += 1
             self._warn_once("not_ready", "narrowband_not_ready", wait_s=self.ready_timeout_s)
@@ -271,30 +296,69 @@ class NarrowbandFallback:
         self._warned.discard("not_ready")
         if entries:
             await self._send_alarms(card, entries)
+        elif acks:
+            await self._send_call_acks(card, acks)
         else:
             await self._send_heartbeat(card, down_s)
         return True
 
+    async def _call_acks(self, card: CardInfo) -> list[CallAckEntry]:
+        """The 叫应 events above the ack watermark; steps over other events (they go by IP)."""
+        records = await self.outbox.undelivered_events(
+            self.ack_watermark, card.payload_bytes // _MIN_ENTRY_BYTES + 16)
+        acks = []
+        for r in records:
+            if not is_callresp(r.attrs):
+                continue
+            try:
+                ev = parse_event_attrs(r.attrs or {})
+                acks.append(CallAckEntry(
+                    seq=r.seq, type=CallAckType.ACK if ev.type is EventType.ACK
+                    else CallAckType.DELIVERED, warning_id=ev.warning_id,
+                    terminal=ev.terminal, at_ms=ev.at_ms, by=ev.by))
+            except (CallRespError, ValueError):
+                self._skip(r, "unmappable")
+        if not acks and records:
+            await self._advance_acks(records[-1].seq)
+        return acks
+
+    async def _send_call_acks(self, card: CardInfo, acks: Sequence[CallAckEntry]) -> None:
+        count = await self._send_frame(card, "call_acks", encode_call_acks, acks)
+        if count:
+            self.counters.call_acks_sent += count
+            await self._advance_acks(acks[count - 1].seq)
+
+    async def _advance_acks(self, seq: int) -> None:
+        self.ack_watermark = max(self.ack_watermark, seq)
+        await self.outbox.set_meta(ACK_WATERMARK_KEY, str(self.ack_watermark))
+
     async def _send_alarms(self, card: CardInfo, entries: Sequence[AlarmEntry]) -> None:
+        count = await self._send_frame(card, "alarms", encode_alarms, entries)
+        if count:
+            self.counters.alarms_sent += count
+            await self._advance(entries[count - 1].seq)
+
+    async def _send_frame(self, card: CardInfo, kind: str, encode: Callable[..., tuple[bytes, int]],
+                          entries: Sequence[AlarmEntry] | Sequence[CallAckEntry]) -> int:
+        """Encode as many `entries` as fit and send them; how many the terminal took (0:
+        none, refused or too big)."""
         try:
-            frame, count = encode_alarms(int(self._wall()), entries, key=self._key,
-                                         stream=self.outbox.stream, limit=card.payload_bytes,
-                                         mac_len=self.config.mac_len)
+            frame, count = encode(int(self._wall()), entries, key=self._key,
+                                  stream=self.outbox.stream, limit=card.payload_bytes,
+                                  mac_len=self.config.mac_len)
         except FrameCapacityError as exc:
             self._too_big(card, str(exc))
-            return
-        sent = entries[:count]
+            return 0
         result = await self.terminal.send(self.config.recipient, frame)
         if not result.accepted:
-            self._refused(card, result, "alarms")
-            return
+            self._refused(card, result, kind)
+            return 0
         self.counters.frames_sent += 1
-        self.counters.alarms_sent += count
         self._next_at = self._clock() + max(card.interval_s, 1)
-        self._log.info("narrowband_frame_sent", kind="alarms", alarms=count,
-                       first_seq=sent[0].seq, last_seq=sent[-1].seq, size=len(frame),
-                       left=len(entries) - count)
-        await self._advance(sent[-1].seq)
+        self._log.info("narrowband_frame_sent", kind=kind, entries=count,
+                       first_seq=entries[0].seq, last_seq=entries[count - 1].seq,
+                       size=len(frame), left=len(entries) - count)
+        return count
 
     async def _send_heartbeat(self, card: CardInfo, down_s: float) -> None:
         beat = HeartbeatFrame(ts=int(self._wall()), last_seq=await self.outbox.last_seq(),
@@ -324,8 +388,8 @@ class NarrowbandFallback:
         self.watermark = max(self.watermark, seq)
         await self.outbox.set_meta(WATERMARK_KEY, str(self.watermark))
 
-    async def _load_watermark(self) -> int:
-        raw = await self.outbox.get_meta(WATERMARK_KEY)
+    async def _load_watermark(self, key: str) -> int:
+        raw = await self.outbox.get_meta(key)
         if raw is None:
             return 0
         if not raw.isdigit():
@@ -397,5 +461,5 @@ class NarrowbandFallback:
             self._log.warning(event, **fields)
 
 
-__all__ = ["STATE_KEY", "WATERMARK_KEY", "Bearer", "IpLink", "NarrowbandCounters",
-           "NarrowbandFallback", "frame_value", "point_ordinals"]
+__all__ = ["ACK_WATERMARK_KEY", "STATE_KEY", "WATERMARK_KEY", "Bearer", "IpLink",
+           "NarrowbandCounters", "NarrowbandFallback", "frame_value", "point_ordinals"]

@@ -157,6 +157,13 @@ def alarms_after(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[R
     return [to_record(row, row[6]) for row in rows]
 
 
+def events_after(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[Record]:
+    """Undelivered event-lane records (events, command results) with seq > `after_seq`,
+    oldest first (the narrowband read of 叫应 acknowledgements)."""
+    rows = conn.execute(SELECT_LANE, (int(Lane.EVENT), max(0, after_seq), MAX_SEQ, limit))
+    return [to_record(row, row[6]) for row in rows]
+
+
 def last_seq(conn: sqlite3.Connection) -> int:
     """The highest seq ever handed out; AUTOINCREMENT keeps it in `sqlite_sequence`."""
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
@@ -172,4 +179,4 @@ def _expand(ranges: Ranges) -> list[int]:
     return [s for a, b in ranges for s in range(a, b + 1)]
 
 
-__all__ = ["LaneReader", "Part", "alarms_after", "last_seq", "to_record", "walk"]
+__all__ = ["LaneReader", "Part", "alarms_after", "events_after", "last_seq", "to_record", "walk"]

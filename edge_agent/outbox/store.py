@@ -89,6 +89,7 @@ from edge_agent.outbox.lanes import (
     NewRecord,
     Part,
     alarms_after,
+    events_after,
     lane_of,
     last_seq,
 )
@@ -250,6 +251,12 @@ class Outbox(OutboxMaintenance):
         if limit <= 0:
             return []
         return await self._sqlite.call(lambda: alarms_after(self._sqlite.conn, after_seq, limit))
+
+    async def undelivered_events(self, after_seq: int, limit: int) -> list[Record]:
+        """As `undelivered_alarms`, for the event lane (叫应 acknowledgements by radio)."""
+        if limit <= 0:
+            return []
+        return await self._sqlite.call(lambda: events_after(self._sqlite.conn, after_seq, limit))
 
     async def last_seq(self) -> int:
         """The highest seq ever handed out (0 for a new outbox)."""

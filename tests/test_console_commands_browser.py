@@ -1,0 +1,127 @@
+"""Commands from the console's gateway page in a real headless Chromium, against a real
+`central serve`, a real Mosquitto and a gateway stand-in that carries commands out (issue 12:
+"commands: issue with confirmation", roles from central/identity)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from protocols import commands as c
+from protocols.command_results import CommandResult, CommandState, result_attrs
+from protocols.commands import parse_public_key
+from protocols.envelope import RecordKind
+from tests.browser import chromium, console_login, screenshot
+from tests.callresp_gw import TerminalGateway
+from tests.fakegw import ThreadedFleet
+from tests.fleet import Central
+from tests.helpers import Mosquitto, wait_for
+from tests.identity import PASSWORD, bearer, cli_user
+
+pytestmark = pytest.mark.browser
+GW = "gw-cmd-1"
+
+
+class CommandGateway(TerminalGateway):
+    """Carries out every command it can verify: `received`, then `succeeded`."""
+
+    def _on_message(self, c_: object, u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != self._cmd_topic:
+            super()._on_message(c_, u, msg)
+            return
+        cmd = c.open_command(self.central_key, bytes(msg.payload))
+        self.send([(RecordKind.CMD_RESULT, result_attrs(CommandResult(
+            cmd.cmd_id, state, kind=str(cmd.kind)))) for state in (CommandState.RECEIVED,
+                                                                    CommandState.SUCCEEDED)])
+
+
+def _online(admin: httpx.Client) -> bool:
+    r = admin.get(f"/api/gateways/{GW}")
+    return r.status_code == 200 and bool(r.json()["online"])
+
+
+def _open_gateway(driver: WebDriver) -> None:
+    driver.execute_script(f"location.hash = 'gw={GW}'")
+    WebDriverWait(driver, 15).until(
+        lambda d: d.find_element(By.ID, "cmd-gw").text == GW
+        and d.find_element(By.ID, "cmd").is_displayed())
+
+
+def _dialog_open(driver: WebDriver) -> bool:
+    return bool(driver.execute_script("return document.getElementById('cmd-confirm').open"))
+
+
+def test_operator_issues_a_command_with_confirmation_viewer_cannot(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """An operator's 下发 opens a confirmation naming the gateway and the command; 取消 issues
+    nothing; 确认下发 issues it as the operator and the page follows it to 执行成功. A viewer
+    sees the page with the button disabled, and the API refuses the viewer's command (403)."""
+    central = Central(tmp_path, mosquitto.port)
+    central.start()
+    fleet = None
+    try:
+        admin = httpx.Client(base_url=central.base_url, timeout=15,
+                             headers=central.auth_headers())
+        key = parse_public_key(admin.get("/api/keys/commands").json()["public_key"])
+        gw = CommandGateway(GW, mosquitto.host, mosquitto.port, central_key=key, answers={})
+        fleet = ThreadedFleet([gw], interval_s=2.0)
+        fleet.start()
+        wait_for(functools.partial(_online, admin), timeout=20, what=f"{GW} online")
+        cli_user(central.db_url, "zhangsan", "operator")
+        cli_user(central.db_url, "lisi", "viewer")
+
+        with chromium(tmp_path / "chrome") as driver:
+            console_login(driver, central.base_url, "zhangsan", PASSWORD)
+            _open_gateway(driver)
+            issue = driver.find_element(By.ID, "cmd-issue")
+            assert issue.is_enabled()
+            Select(driver.find_element(By.ID, "cmd-kind")).select_by_value("request_diagnostics")
+            issue.click()
+            WebDriverWait(driver, 5).until(_dialog_open)
+            text = driver.find_element(By.ID, "cmd-confirm-text").text
+            assert GW in text and "请求诊断" in text and "zhangsan" in text
+            driver.find_element(By.ID, "cmd-no").click()
+            WebDriverWait(driver, 5).until(lambda d: not _dialog_open(d))
+            assert admin.get("/api/commands", params={"gw": GW}).json() == []  # nothing issued
+
+            issue.click()
+            WebDriverWait(driver, 5).until(_dialog_open)
+            driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+            screenshot(driver, tmp_path, "command-confirm")
+            driver.find_element(By.ID, "cmd-yes").click()
+            WebDriverWait(driver, 20).until(lambda d: d.find_element(
+                By.ID, "cmd-result").get_attribute("data-state") == "succeeded")
+            assert "执行成功" in driver.find_element(By.ID, "cmd-result").text
+            (cmd,) = admin.get("/api/commands", params={"gw": GW}).json()
+            assert (cmd["kind"], cmd["issued_by"], cmd["state"]) == (
+                "request_diagnostics", "zhangsan", "succeeded")
+            WebDriverWait(driver, 10).until(lambda d: "执行成功" in d.find_element(
+                By.CSS_SELECTOR, f'tr[data-cmd="{cmd["cmd_id"]}"]').text)
+            driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+            screenshot(driver, tmp_path, "command-result")
+
+            driver.find_element(By.ID, "logout").click()
+            console_login(driver, central.base_url, "lisi", PASSWORD)
+            _open_gateway(driver)
+            assert not driver.find_element(By.ID, "cmd-issue").is_enabled()
+            assert "只读" in driver.find_element(By.ID, "cmd-note").text
+            assert "执行成功" in driver.find_element(By.ID, "cmd-rows").text  # reads allowed
+
+        viewer = httpx.Client(base_url=central.base_url, timeout=15,
+                              headers=bearer(central.base_url, "lisi"))
+        r = viewer.post("/api/commands", json={"gw": GW, "kind": "request_diagnostics"})
+        assert r.status_code == 403, r.text
+        assert len(admin.get("/api/commands", params={"gw": GW}).json()) == 1
+        viewer.close()
+        admin.close()
+    finally:
+        if fleet is not None:
+            fleet.close()
+        central.stop()
