@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -76,6 +75,7 @@ from edge_agent.terminals.service import TerminalService
 from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
+from runtime.systemd import SystemdNotifier, watchdog_loop  # sd_notify, shared with central
 from runtime.tasks import Backoff, supervise
 
 log = structlog.get_logger(__name__)
@@ -85,42 +85,6 @@ RESTART_MAX_S = 60.0
 STABLE_AFTER_S = 60.0  # a task that ran this long before crashing restarts at the minimum delay
 STATUS_META_KEY = "agent_status"
 START_ROOM_BYTES = 1 << 20  # less free than this at start: spend the ballast to open the files
-
-
-class SystemdNotifier:
-    """sd_notify(3) over `$NOTIFY_SOCKET` without libsystemd: one datagram per message."""
-
-    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
-        self.address = address
-        self.watchdog_usec = watchdog_usec
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> SystemdNotifier:
-        env = dict(os.environ) if env is None else env
-        usec: int | None = None
-        # WATCHDOG_PID, when set, names the process that must ping (not a forked child).
-        pid = str(os.getpid())
-        if env.get("WATCHDOG_USEC", "").isdigit() and env.get("WATCHDOG_PID", pid) == pid:
-            usec = int(env["WATCHDOG_USEC"]) or None
-        return cls(env.get("NOTIFY_SOCKET") or None, usec)
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
-    def notify(self, message: str) -> bool:
-        if not self.address:
-            return False
-        # An address starting with "@" is in Linux's abstract namespace.
-        addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.connect(addr)
-                sock.sendall(message.encode())
-            return True
-        except OSError as exc:
-            log.warning("sd_notify_failed", error=str(exc))
-            return False
 
 
 @dataclass(slots=True)
@@ -390,7 +354,7 @@ def _named_tasks(runtime: AgentRuntime, outbox: Outbox, uplink: Uplink, alarms: 
     if config.metrics.enabled:  # --- metrics (edge_agent/health/metrics.py)
         tasks.append(("metrics.http", lambda: serve_metrics(runtime, AgentCollector())))
     if notifier.watchdog_usec:
-        tasks.append(("systemd.watchdog", lambda: _watchdog_loop(notifier)))
+        tasks.append(("systemd.watchdog", lambda: watchdog_loop(notifier)))
     return tasks
 
 
@@ -473,13 +437,3 @@ async def _status_loop(outbox: Outbox, runtime: AgentRuntime) -> None:
         else:
             full = False
         await asyncio.sleep(runtime.config.status.interval_s)
-
-
-async def _watchdog_loop(notifier: SystemdNotifier) -> None:
-    # systemd restarts the unit when pings stop for WatchdogSec; ping at half that. A wedged
-    # event loop stops this task too, which is exactly what the watchdog is for.
-    assert notifier.watchdog_usec
-    interval = notifier.watchdog_usec / 2 / 1_000_000
-    while True:
-        notifier.notify("WATCHDOG=1")
-        await asyncio.sleep(interval)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
@@ -111,10 +112,24 @@ def install(app: FastAPI) -> None:
         live = _broadcaster(request.app)
 
         async def stream() -> AsyncIterator[bytes]:
-            async with live.subscribe(view) as sub:
-                while not await request.is_disconnected():
-                    for chunk in await sub.next():
-                        yield chunk
+            # `app.state.stopping` (central.health.service): a stream ends when central
+            # stops, or an open console would hold the stop for ever.
+            stopping = getattr(request.app.state, "stopping", None) or asyncio.Event()
+            stop = asyncio.ensure_future(stopping.wait())
+            events: asyncio.Future[list[bytes]] | None = None
+            try:
+                async with live.subscribe(view) as sub:
+                    while not await request.is_disconnected():
+                        events = asyncio.ensure_future(sub.next())
+                        await asyncio.wait({events, stop}, return_when=asyncio.FIRST_COMPLETED)
+                        if stop.done():
+                            return
+                        for chunk in events.result():
+                            yield chunk
+            finally:  # stopped, or the client went: what is pending stays with the subscriber
+                stop.cancel()
+                if events is not None:
+                    events.cancel()
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",

@@ -26,7 +26,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import structlog
-import uvicorn
 
 from central.app import create_app
 from central.areas.tree import SEED_DIR, AreaNode, area_tree, seed_areas
@@ -34,6 +33,7 @@ from central.config.settings import NarrowbandGateway, Settings
 from central.console.geo import Position, set_area_position, set_gateway_position
 from central.demo.broker import embedded_broker
 from central.demo.link import LinkSwitch
+from central.health.service import make_server, stop_on_signals
 from central.storage import Storage, open_storage
 
 log = structlog.get_logger(__name__)
@@ -214,16 +214,22 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
     finally:
         for t in enrolling:
             t.cancel()
-        for p in procs:
-            if p.returncode is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                async with asyncio.timeout(5):
-                    await p.wait()
-            except TimeoutError:
-                p.kill()
-                await p.wait()
+        await stop_children(procs)
+
+
+async def stop_children(procs: list[asyncio.subprocess.Process], grace_s: float = 5.0) -> None:
+    """SIGTERM to every child, one shared `grace_s` for all of them, then SIGKILL the rest:
+    the stop is bounded by `grace_s` however many children there are."""
+    for p in procs:
+        if p.returncode is None:
+            p.send_signal(signal.SIGTERM)
+    waits = [asyncio.ensure_future(p.wait()) for p in procs]
+    if waits:
+        await asyncio.wait(waits, timeout=grace_s)
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+    await asyncio.gather(*waits, return_exceptions=True)
 
 
 DEMO_ADMIN = "admin"
@@ -301,8 +307,10 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             await place_on_map(st)
             login = await demo_login(st, data_dir)  # the console's first admin (DESIGN.md §8)
         app = create_app(settings)
-        server = uvicorn.Server(uvicorn.Config(app, host=http_host, port=http_port, log_config=None,
-                                               access_log=False, lifespan="on"))
+        # Ctrl-C: a bounded, clean stop of the server, then of everything on the stack
+        # (central.health.service); a second Ctrl-C forces the server's stop.
+        server = make_server(app, http_host, http_port)
+        stack.enter_context(stop_on_signals(app, server))
         serve = asyncio.create_task(server.serve(), name="http")
         async with asyncio.timeout(30):
             while not server.started:
@@ -391,14 +399,7 @@ async def beidou_terminals(root: Path, cards: dict[str, float]) -> AsyncIterator
         paths: dict[str, str] = json.loads(await _wait_file(ready, proc))
         yield paths
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_children([proc])
 
 
 async def sanduan_scenario(link: LinkSwitch, controls: dict[str, int], *, gw: str,

@@ -22,7 +22,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from central import CentralError
+from central.alarms.lifecycle import AckState
 from central.storage.program import Program, Rows, Sql
+from protocols.command_results import CommandState
 from protocols.limits import Reason
 from runtime.metrics import counter, counter_by, gauge
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 PREFIX = "fieldlink_central"
 # Seconds for one ingest write transaction (a group of batches), fsync included.
+ALARM_LEVELS = (1, 2)  # 一级, 二级 (DESIGN.md §7)
 WRITE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -186,15 +189,22 @@ class _FieldsCollector(Collector):
             if g.backlog is not None:
                 backlog.add_metric([g.gw], float(g.backlog))
         yield from (lag, backlog)
+        # Every level x ack state and every command state from 0: a series that appears only
+        # with its first alarm or command would be invisible to rate() and to alerting rules.
+        active = {(str(level), str(ack)): 0.0 for level in ALARM_LEVELS for ack in AckState}
+        active |= {(str(level), ack): float(n) for level, ack, n in self._m.alarms_active}
         alarms = GaugeMetricFamily(f"{PREFIX}_alarms_active", "Active alarms by level and "
                                    "acknowledgement.", labels=["level", "ack"])
-        for level, ack, n in self._m.alarms_active:
-            alarms.add_metric([str(level), ack], float(n))
+        for (level, ack), n in sorted(active.items()):
+            alarms.add_metric([level, ack], n)
         yield alarms
-        commands = GaugeMetricFamily(f"{PREFIX}_commands", "Commands by state (queued, sent, "
-                                     "done, failed, expired, ...).", labels=["state"])
-        for state, n in self._m.command_states:
-            commands.add_metric([state], float(n))
+        states = {str(state): 0.0 for state in CommandState}
+        states |= {state: float(n) for state, n in self._m.command_states}
+        commands = GaugeMetricFamily(f"{PREFIX}_commands", "Commands by state (pending, sent, "
+                                     "received, executing, succeeded, failed, ...).",
+                                     labels=["state"])
+        for state, n in sorted(states.items()):
+            commands.add_metric([state], n)
         yield commands
 
 

@@ -10,10 +10,12 @@ Family names start with `fieldlink_edge_`; packaging/alerts-fieldlink.yml has ru
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,10 +23,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_agent.bearers import Refusal
 from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
 from edge_agent.terminals.metrics import terminal_metrics
 from runtime.metrics import counter, counter_by, gauge
+from runtime.sqlite import open_reader
 
 if TYPE_CHECKING:
     from edge_agent.health.view import RuntimeView
@@ -43,6 +47,8 @@ UPLINK_COUNTERS = {
     "records_acked": "Records newly marked delivered by an ack.",
     "acks_refused": "Acks naming a seq this uplink never sent (forged or foreign).",
 }
+LANES = ("alarm", "event", "live", "backlog")
+STORED_EVERY_S = 60.0  # how often the records in the outbox file are counted (a scan of an index)
 DISK_GAUGES = ("fs_free_bytes", "fs_total_bytes", "reserve_bytes", "owned_bytes", "held")
 
 
@@ -61,6 +67,7 @@ class Snapshot:
     restarts: Mapping[str, int] = field(default_factory=dict)  # by supervised task
     maintenance_errors: int = 0  # the outbox's maintenance rounds refused by the disk
     terminals: Mapping[str, Any] | None = None  # 叫应 terminals (TerminalService.status())
+    stored_records: int | None = None  # rows in the outbox file, delivered ones kept included
 
 
 class AgentCollector(Collector):
@@ -111,10 +118,11 @@ def _outbox(s: Snapshot) -> Iterator[Metric]:
         return
     lanes = GaugeMetricFamily(f"{P}_outbox_records", "Unsent records in the outbox, by lane.",
                               labels=["lane"])
-    for lane in ("alarm", "event", "live", "backlog"):
+    for lane in LANES:
         lane_stats = st.lanes.get(lane)
         lanes.add_metric([lane], float(lane_stats.count if lane_stats else 0))
     yield lanes
+    yield _lane_bytes(s, st)
     yield gauge(f"{P}_outbox_bytes", "Outbox file size: main file, WAL and shared memory.",
                 st.db_bytes)
     yield gauge(f"{P}_outbox_used_bytes", "Outbox pages holding data (what the budget counts).",
@@ -129,6 +137,21 @@ def _outbox(s: Snapshot) -> Iterator[Metric]:
                   float(st.delivered_total))
 
 
+def _lane_bytes(s: Snapshot, st: OutboxStats) -> Metric:
+    """Each lane's share of the outbox's used bytes: its unsent records times the mean stored
+    size of a record (used bytes / records in the file). Records of one kind are alike in
+    size, so this tracks the lane closely without reading every row at each scrape."""
+    family = GaugeMetricFamily(f"{P}_outbox_lane_bytes", "Estimated bytes the unsent records "
+                               "of each lane take in the outbox (records x mean stored record "
+                               "size).", labels=["lane"])
+    stored = max(s.stored_records or 0, st.backlog)
+    per_record = st.used_bytes / stored if stored else 0.0
+    for lane in LANES:
+        lane_stats = st.lanes.get(lane)
+        family.add_metric([lane], round((lane_stats.count if lane_stats else 0) * per_record))
+    return family
+
+
 def _uplink(s: Snapshot) -> Iterator[Metric]:
     yield gauge(f"{P}_uplink_connected", "1 while connected to the MQTT broker.",
                 1.0 if s.uplink_connected else 0.0)
@@ -137,10 +160,12 @@ def _uplink(s: Snapshot) -> Iterator[Metric]:
 
 
 def _narrowband(s: Snapshot) -> Iterator[Metric]:
-    nb = s.narrowband
-    if nb is None:
-        return
+    """Always present: zeros on a gateway without a radio (`narrowband_configured` 0), and
+    every refusal reason from 0, so alerting rules and rate() see each series from the start."""
+    nb = s.narrowband or {}
     counters: Mapping[str, Any] = nb.get("counters") or {}
+    yield gauge(f"{P}_narrowband_configured", "1 when the gateway has a BeiDou terminal or PDT "
+                "radio ([narrowband]).", 1.0 if s.narrowband is not None else 0.0)
     yield gauge(f"{P}_narrowband_active",
                 "1 while alarms go by BeiDou/PDT (IP down long enough).",
                 1.0 if nb.get("active") else 0.0)
@@ -149,8 +174,10 @@ def _narrowband(s: Snapshot) -> Iterator[Metric]:
     sends.add_metric(["alarm"], float(counters.get("alarms_sent", 0)))
     sends.add_metric(["heartbeat"], float(counters.get("heartbeats_sent", 0)))
     yield sends
+    refusals = {str(r): 0 for r in Refusal} | {str(k): v for k, v in
+                                               (counters.get("refusals") or {}).items()}
     yield counter_by(f"{P}_narrowband_refusals", "Frames the terminal or radio refused, by "
-                     "reason.", "reason", counters.get("refusals") or {})
+                     "reason.", "reason", refusals)
     yield counter(f"{P}_narrowband_errors", "Narrowband send errors.",
                   float(counters.get("errors", 0)))
 
@@ -182,7 +209,23 @@ def _tasks(s: Snapshot) -> Iterator[Metric]:
                   "refused (an outage: the next round tries again).", float(s.maintenance_errors))
 
 
-async def take_snapshot(runtime: RuntimeView) -> Snapshot:
+def count_stored(path: Path) -> int | None:
+    """Records in the outbox file, delivered ones not yet pruned included (a read-only
+    connection beside the agent's, as `edge-agent status` reads it); None when unreadable."""
+    try:
+        conn = open_reader(path, autocommit=True)
+        if conn is None:
+            return None
+        try:
+            return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.warning("metrics_outbox_unreadable", error=str(exc))
+        return None
+
+
+async def take_snapshot(runtime: RuntimeView, stored_records: int | None = None) -> Snapshot:
     """The agent's state now, read on the event loop (the outbox through its own thread)."""
     stats: OutboxStats | None = None
     if runtime.outbox is not None:
@@ -201,13 +244,19 @@ async def take_snapshot(runtime: RuntimeView) -> Snapshot:
         narrowband=runtime.narrowband.status() if runtime.narrowband else None,
         restarts=dict(runtime.restarts),
         maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0,
-        terminals=runtime.terminals.status() if runtime.terminals else None)
+        terminals=runtime.terminals.status() if runtime.terminals else None,
+        stored_records=stored_records)
 
 
 async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:
     """Refresh the collector's snapshot forever (a supervised task: `metrics`)."""
+    stored: int | None = None
+    counted = -STORED_EVERY_S
     while True:
-        collector.snapshot = await take_snapshot(runtime)
+        if runtime.outbox is not None and time.monotonic() - counted >= STORED_EVERY_S:
+            stored = await asyncio.to_thread(count_stored, runtime.config.outbox_path)
+            counted = time.monotonic()
+        collector.snapshot = await take_snapshot(runtime, stored)
         await asyncio.sleep(interval_s)
 
 

@@ -22,6 +22,8 @@ app = typer.Typer(
     help="Fieldlink central: MQTT ingest, storage, API and the duty officers' console.",
     epilog="Examples\n\n"
            "central demo --http-port 8080\n\n"
+           "central login --url http://127.0.0.1:8080 --user duty-01\n\n"
+           "central alarms list --ack unacknowledged\n\n"
            "central serve --db sqlite:///var/lib/fieldlink/central.db"
            " --mqtt-host 127.0.0.1 --mqtt-port 1883\n\n"
            "central serve --config /etc/fieldlink/central.toml",
@@ -77,10 +79,11 @@ def serve(
 
     Example: central serve --db sqlite:///central.db --mqtt-port 1883
     """
-    import uvicorn
+    import asyncio
 
     from central.app import create_app
     from central.config.settings import load_settings
+    from central.health.service import make_server, run_service
     from central.identity.enrolment_api import check_ca
     from central.storage import open_storage
     from runtime.logs import configure_logging
@@ -97,11 +100,11 @@ def serve(
         raise typer.Exit(1) from exc
     configure_logging("central", json=log_json, level=log_level)
     try:
-        uv = uvicorn.Config(create_app(settings), host=settings.http_host,
-                            port=settings.http_port, log_config=None, access_log=False,
-                            lifespan="on")
-        server = uvicorn.Server(uv)
-        server.run()
+        # Type=notify: READY=1 once storage is open and ingest subscribed, WATCHDOG=1, a
+        # bounded stop on SIGTERM (central.health.service).
+        app_ = create_app(settings)
+        server = make_server(app_, settings.http_host, settings.http_port)
+        asyncio.run(run_service(app_, server))
     except CentralError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -160,6 +163,18 @@ from central.identity.cli import audit_app, user_app  # noqa: E402
 app.add_typer(user_app)
 app.add_typer(audit_app)
 # --- end people and audit
+# --- the operator CLI (issue 15): a running central's HTTP API as the logged-in user
+from central.cli.duty import alarms_app, commands_app  # noqa: E402
+from central.cli.operator import areas_app, gateways_app, login_command, logout_command  # noqa: E402
+
+app.command("login", short_help="Log in to a running central for the commands below.  "
+            "e.g. central login --url http://127.0.0.1:8080 --user duty-01")(login_command)
+app.command("logout", short_help="End the saved session.  e.g. central logout")(logout_command)
+app.add_typer(gateways_app)
+app.add_typer(alarms_app)
+app.add_typer(commands_app)
+app.add_typer(areas_app)
+# --- end operator CLI
 
 
 # Where the Debian package puts central's settings (packaging/README.md). Every command that

@@ -1,0 +1,299 @@
+"""The operator CLI (issue 15): `central login|logout`, `central gateways …`, `central areas …`,
+and the helpers `central alarms …` / `central commands …` (central.cli.duty) share.
+
+Every command talks to a running central's HTTP API as the user logged in with `central login`
+(DESIGN.md §8: the API checks the role and the area, and audits each change). Read commands
+take `--json`; errors are one line and exit 1 (401: log in first; 403: the role or area does
+not allow it; central unreachable), usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from central.areas.tree import AreaLevel
+from central.cli.remote import (
+    Api,
+    CliError,
+    NotLoggedInError,
+    forget_session,
+    load_session,
+    login,
+    save_session,
+    session_path,
+)
+
+T = TypeVar("T")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+def sub_app(name: str, help_: str, examples: list[str]) -> typer.Typer:
+    return typer.Typer(name=name, help=help_, no_args_is_help=True, context_settings=SETTINGS,
+                       epilog="Examples\n\n" + "\n\n".join(examples))
+
+
+def call(body: Callable[[Api], T]) -> T:
+    """Run `body` with a client for the saved session; a CLI error is one line and exit 1."""
+    try:
+        session = load_session(session_path(os.environ))
+        with Api.from_session(session) as api:
+            return body(api)
+    except CliError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from exc
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def when(ms: int | None, *, short: bool = False) -> str:
+    """A time in ms as local time, to the second (without the year in tables); '-' for none."""
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).strftime("%m-%d %H:%M:%S" if short
+                                                      else "%Y-%m-%d %H:%M:%S")
+
+
+def show_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    """A table; the first column (the id others copy into the next command) is never cut."""
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    table = Table(title=title, show_lines=False)
+    for n, name in enumerate(columns):
+        if n == 0:
+            table.add_column(name, no_wrap=True, min_width=max(
+                [len(name), *(len(row[0]) for row in cells)]))
+        else:
+            table.add_column(name)
+    for row in cells:
+        table.add_row(*row)
+    out.print(table)
+
+
+def show_fields(data: dict[str, Any], keys: list[str]) -> None:
+    width = max(len(k) for k in keys)
+    for k in keys:
+        v = data.get(k)
+        text = when(v) if k.endswith("_ms") else ("-" if v is None else v)
+        if isinstance(text, dict | list):
+            text = json.dumps(text, ensure_ascii=False)
+        out.print(f"{k:<{width}}  {text}", highlight=False, markup=False)
+
+
+# --- login / logout ---------------------------------------------------------------------------
+
+
+def login_command(
+    url: Annotated[str, typer.Option("--url", help="Central's address, e.g. "
+                                                   "http://central.example:8080")],
+    user: Annotated[str, typer.Option("--user", "-u", help="Your login name.")],
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the password from the first line of standard "
+                                 "input.")] = False,
+) -> None:
+    """Log in to a running central once; later commands use the saved session.
+
+    The session token goes to ~/.config/fieldlink/cli-session.json (or $FIELDLINK_CLI_TOKEN),
+    readable by you only (0600). It is never printed. It ends after central's idle timeout,
+    with `central logout`, or when your password changes.
+
+    Example: central login --url http://127.0.0.1:8080 --user duty-01
+    """
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            err.print("[red]error:[/red] --password-stdin: nothing on standard input")
+            raise typer.Exit(1)
+    else:
+        password = str(typer.prompt("Password", hide_input=True))
+    path = session_path(os.environ)
+    try:
+        session, who = login(url, user, password)
+        save_session(path, session)
+    except CliError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot save the session in {path}: {exc.strerror}")
+        raise typer.Exit(1) from exc
+    area = who.get("area") or "all areas"
+    out.print(f"logged in to {session.url} as {who['name']} ({who['role']}, {area}); "
+              f"session saved in {path}", highlight=False)
+
+
+def logout_command() -> None:
+    """End the session at central and remove the saved session.
+
+    Example: central logout
+    """
+    path = session_path(os.environ)
+    try:
+        session = load_session(path)
+    except NotLoggedInError:
+        out.print("not logged in")
+        return
+    except CliError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    try:
+        with Api.from_session(session) as api:
+            api.post("/api/logout")
+    except NotLoggedInError:
+        pass  # the session had ended at central already
+    except CliError as exc:
+        err.print(f"[yellow]warning:[/yellow] {exc}; the saved session is removed anyway",
+                  highlight=False)
+    forget_session(path)
+    out.print(f"logged out of {session.url}", highlight=False)
+
+
+# --- gateways ---------------------------------------------------------------------------------
+
+gateways_app = sub_app("gateways", "Gateways as central sees them: list, show, place at a site.", [
+    "central gateways list", "central gateways show wh-qingshan-02 --json",
+    "central gateways place wh-qingshan-02 420107-site-02"])
+
+
+@gateways_app.command("list", short_help="Gateways in your area.  e.g. central gateways list")
+def gateways_list(json_out: JsonOpt = False) -> None:
+    """Every gateway in your area: online, version, bearer, backlog, last heard.
+
+    Example: central gateways list --json
+    """
+    rows = call(lambda api: api.get("/api/gateways"))
+    if json_out:
+        emit_json(rows)
+        return
+    show_table(["gateway", "online", "version", "bearer", "backlog", "missing", "last seen"],
+               [[g["gw"], "yes" if g["online"] else "NO", g["version"], g["bearer"],
+                 g["backlog"], g["missing"], when(g["last_seen_ms"], short=True)] for g in rows])
+
+
+@gateways_app.command("show", short_help="One gateway, its devices and latest values.  "
+                                         "e.g. central gateways show gw-1")
+def gateways_show(gw: Annotated[str, typer.Argument(help="Gateway id.")],
+                  json_out: JsonOpt = False) -> None:
+    """One gateway: state, delivery, and each device's points with their latest values.
+
+    Example: central gateways show wh-qingshan-02
+    """
+    g = call(lambda api: api.get(f"/api/gateways/{gw}"))
+    if json_out:
+        emit_json(g)
+        return
+    show_fields(g, ["gw", "online", "version", "bearer", "backlog", "held", "missing",
+                    "reported_lost", "last_seen_ms"])
+    rows = [[d["device"], d["profile"], p["point"], p.get("name_zh"),
+             None if p["latest"] is None else p["latest"]["value"], p.get("unit"),
+             when(None if p["latest"] is None else p["latest"]["ts_ms"], short=True)]
+            for d in g["devices"] for p in d["points"]]
+    show_table(["device", "profile", "point", "name", "value", "unit", "at"], rows)
+
+
+def _walk(nodes: list[dict[str, Any]], depth: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    for n in nodes:
+        yield depth, n
+        yield from _walk(n["children"], depth + 1)
+
+
+def find_area(api: Api, ref: str) -> dict[str, Any]:
+    """The area with code `ref` (or, when no code matches, id `ref`) in your area tree."""
+    nodes = [n for _, n in _walk(api.get("/api/areas"))]
+    for n in nodes:
+        if n["code"] == ref:
+            return n
+    for n in nodes:
+        if ref.isdigit() and n["id"] == int(ref):
+            return n
+    raise CliError(f"no area with code or id {ref!r} in your area tree "
+                   "(central areas list shows them)")
+
+
+@gateways_app.command("place", short_help="Place a gateway at a site (admin).  "
+                                          "e.g. central gateways place gw-1 420107-site-02")
+def gateways_place(gw: Annotated[str, typer.Argument(help="Gateway id.")],
+                   area: Annotated[str, typer.Argument(help="The site's area code (or id).")],
+                   json_out: JsonOpt = False) -> None:
+    """Say at which site a gateway stands (it may not have reported yet). Needs the admin
+    role; both the site and the gateway's old place must lie in your area. Audited.
+
+    Example: central gateways place wh-qingshan-02 420107-site-02
+    """
+    def body(api: Api) -> Any:
+        site = find_area(api, area)
+        return api.put(f"/api/gateways/{gw}/area", {"area_id": site["id"]})
+
+    placed = call(body)
+    if json_out:
+        emit_json(placed)
+        return
+    a = placed["area"]
+    out.print(f"{placed['gw']} now stands at {a['code']} {a['name_zh']} (area {a['id']})",
+              highlight=False)
+
+
+# --- areas ------------------------------------------------------------------------------------
+
+areas_app = sub_app("areas", "The area tree: city → district → street → community → site.", [
+    "central areas list", "central areas list --json",
+    "central areas add 420102-site-09 某危化企业 --level site --parent 420102-erqi-changjiang "
+    "--kind enterprise"])
+
+
+@areas_app.command("list", short_help="The area tree from your area down.  "
+                                      "e.g. central areas list")
+def areas_list(json_out: JsonOpt = False) -> None:
+    """The area tree (from your own area down), with the gateways at each site.
+
+    Example: central areas list
+    """
+    tree = call(lambda api: api.get("/api/areas"))
+    if json_out:
+        emit_json(tree)
+        return
+    show_table(["area", "id", "level", "kind", "gateways"],
+               [["  " * depth + f"{n['code']} {n['name_zh']}", n["id"], n["level"], n["kind"],
+                 " ".join(n["gateways"]) or None] for depth, n in _walk(tree)])
+
+
+@areas_app.command("add", short_help="Add an area under a parent (admin).  "
+                                     "e.g. central areas add CODE NAME --level site --parent CODE")
+def areas_add(
+    code: Annotated[str, typer.Argument(help="The new area's code, unique.")],
+    name_zh: Annotated[str, typer.Argument(help="Its name (Chinese).")],
+    level: Annotated[AreaLevel, typer.Option("--level", help="city, district, street, "
+                                                             "community or site.")],
+    parent: Annotated[str | None, typer.Option(
+        "--parent", help="The parent's code (or id); none for a root (the city).")] = None,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", help="street|township, community|village, enterprise|station|"
+                       "street_office.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add an area one level under its parent. Needs the admin role (in your area). Audited.
+
+    Example: central areas add 420102-site-09 某企业 --level site --parent 420102-erqi-changjiang
+    """
+    def body(api: Api) -> Any:
+        parent_id = find_area(api, parent)["id"] if parent is not None else None
+        return api.post("/api/areas", {"parent_id": parent_id, "level": str(level),
+                                       "code": code, "name_zh": name_zh, "kind": kind})
+
+    made = call(body)
+    if json_out:
+        emit_json(made)
+        return
+    out.print(f"added area {made['code']} {made['name_zh']} ({made['level']}, id "
+              f"{made['id']})", highlight=False)
