@@ -67,6 +67,7 @@ from edge_agent.outbox.disk import DiskWatch
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
 from edge_agent.terminals.local_rule import LocalWarningRule
+from edge_agent.terminals.radio import RadioWarningPlayer
 from edge_agent.terminals.service import TerminalService
 from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
@@ -196,7 +197,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
                     warning_handler: Callable[[Outbox], WarningHandler] | None = None) -> None:
     """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop.
     `warning_handler` makes, from the outbox, what plays the warnings that come by radio
-    (`edge_agent.narrowband.downlink`; default: logged and counted)."""
+    (`edge_agent.narrowband.downlink`; default: the [[terminals]], else logged and counted)."""
     stop = stop or asyncio.Event()
     notifier = notifier or SystemdNotifier.from_env()
     boot_id = uuid.uuid4().hex
@@ -233,7 +234,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             runtime.uplink = uplink
             runtime.narrowband = _build_narrowband(
                 config, outbox, uplink, birth, alarms,
-                warning_handler(outbox) if warning_handler else None)
+                warning_handler(outbox) if warning_handler else _radio_player(config, terminals))
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
@@ -303,6 +304,14 @@ def _local_rule(config: AgentConfig, terminals: TerminalService | None,
                             online=lambda: bool(runtime.uplink and runtime.uplink.connected))
 
 
+def _radio_player(config: AgentConfig, terminals: TerminalService | None
+                  ) -> RadioWarningPlayer | None:
+    """The terminals play what comes down by the `[narrowband]` radio (None: logged only)."""
+    if terminals is None or config.narrowband is None:
+        return None
+    return RadioWarningPlayer(terminals, config.narrowband.bearer)
+
+
 def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth: Birth,
                       alarms: AlarmRules, warning_handler: WarningHandler | None = None
                       ) -> NarrowbandFallback | None:
@@ -315,8 +324,8 @@ def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth
     except ValueError as exc:  # checked at load; a key file gone since then
         raise ConfigError(config.source or "config", None, "narrowband.key_file",
                           str(exc)) from exc
-    # --- narrowband downlink (§5): warnings central sends by radio; the 叫应 terminal driver
-    # is their handler once it is wired (None: logged and counted).
+    # --- narrowband downlink (§5): warnings central sends by radio; the 叫应 terminals play
+    # them (`RadioWarningPlayer`; None without terminals: logged and counted).
     downlink = RadioDownlink(gw=config.gateway.id, public_key=pinned_key(config),
                              central=nb.recipient, outbox=outbox, handler=warning_handler)
     return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth,
