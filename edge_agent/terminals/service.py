@@ -8,8 +8,8 @@ claims its cmd_id before the PLAY goes out, and a later copy (the IP copy of a r
 or the other way round) only reports what the terminals did. A re-send from central is a new
 cmd_id for the same warning and plays again. It maps the warning id to its FLT/1 wire id
 (`ledger`), sends a PLAY to each named terminal at once and returns what each answered
-(`PlayOutcome`: delivered, sent, refused with a reason). Terminals of `args` that this gateway does not have are refused
-(`unknown_terminal`).
+(`PlayOutcome`: delivered, sent, refused with a reason). Terminals of `args` that this
+gateway does not have are refused (`unknown_terminal`).
 
 What the terminals send back becomes outbox records (DESIGN.md §4: nothing lost):
 
