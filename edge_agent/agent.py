@@ -71,6 +71,7 @@ from edge_agent.outbox.disk import DiskWatch
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
 from edge_agent.terminals.local_rule import LocalWarningRule
+from edge_agent.terminals.radio import RadioWarningPlayer
 from edge_agent.terminals.service import TerminalService
 from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
@@ -175,7 +176,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
     """Run the agent until `stop` is set or SIGTERM/SIGINT arrives; returns after a clean stop,
     True when it stopped to run again on a new config file (`config.trial.run_with_trials`).
     `warning_handler` makes, from the outbox, what plays the warnings that come by radio
-    (`edge_agent.narrowband.downlink`; default: logged and counted)."""
+    (`edge_agent.narrowband.downlink`; default: the [[terminals]], else logged and counted)."""
     stop = stop or asyncio.Event()
     reload = Reload(stop)
     notifier = notifier or SystemdNotifier.from_env()
@@ -220,7 +221,7 @@ async def run_agent(config: AgentConfig, *, stop: asyncio.Event | None = None,
             runtime.uplink = uplink
             runtime.narrowband = _build_narrowband(
                 config, outbox, uplink, birth, alarms,
-                warning_handler(outbox) if warning_handler else None)
+                warning_handler(outbox) if warning_handler else _radio_player(config, terminals))
             log.info("agent_starting", boot_id=boot_id, version=__version__,
                      stream=outbox.stream, devices=len(runtime.pollers),
                      stations=len(runtime.stations), outbox=str(config.outbox_path))
@@ -293,6 +294,14 @@ def _local_rule(config: AgentConfig, terminals: TerminalService | None,
                             online=lambda: bool(runtime.uplink and runtime.uplink.connected))
 
 
+def _radio_player(config: AgentConfig, terminals: TerminalService | None
+                  ) -> RadioWarningPlayer | None:
+    """The terminals play what comes down by the `[narrowband]` radio (None: logged only)."""
+    if terminals is None or config.narrowband is None:
+        return None
+    return RadioWarningPlayer(terminals, config.narrowband.bearer)
+
+
 def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth: Birth,
                       alarms: AlarmRules, warning_handler: WarningHandler | None = None
                       ) -> NarrowbandFallback | None:
@@ -305,8 +314,8 @@ def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth
     except ValueError as exc:  # checked at load; a key file gone since then
         raise ConfigError(config.source or "config", None, "narrowband.key_file",
                           str(exc)) from exc
-    # --- narrowband downlink (§5): warnings central sends by radio; the 叫应 terminal driver
-    # is their handler once it is wired (None: logged and counted).
+    # --- narrowband downlink (§5): warnings central sends by radio; the 叫应 terminals play
+    # them (`RadioWarningPlayer`; None without terminals: logged and counted).
     downlink = RadioDownlink(gw=config.gateway.id, public_key=pinned_key(config),
                              central=nb.recipient, outbox=outbox, handler=warning_handler)
     return NarrowbandFallback(outbox=outbox, link=uplink, birth=birth,

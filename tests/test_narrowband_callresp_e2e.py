@@ -1,19 +1,21 @@
 """叫应 by radio end to end (issue 11 must-show 3, DESIGN.md §5 "Downlink", §7): a gateway whose
-IP is cut receives a red warning by BeiDou (or PDT), the callback that stands for its 叫应
-terminal gets it, the person's acknowledgement goes back up by radio and answers the warning
-at central; when IP returns the IP copy of the acknowledgement merges into the radio copy: one
-answer, one record, no duplicate.
+IP is cut receives a red warning by BeiDou (or PDT), its 叫应 terminal plays it, the scripted
+person presses the button, and the acknowledgement goes back up by radio and answers the
+warning at central; when IP returns the IP copy of the command plays nothing again (one signed
+command plays once) and the IP copies of the receipt and the ack merge into the radio copies:
+one delivered, one answer, no duplicate.
 
 Real parts in one event loop: a private Mosquitto, central (ingest, commands, the 叫应
-workflow, its narrowband receiver and downlink), the edge agent (`run_agent`) with a Modbus TCP
-gas detector, a loopback proxy on the agent's MQTT link, and two radio simulators on ptys.
+workflow, its narrowband receiver and downlink), the edge agent (`run_agent`, wired by default:
+no stand-in handler) with a Modbus TCP gas detector and a terminal simulator on loopback TCP in
+its `[[terminals]]`, a loopback proxy on the agent's MQTT link, and two radio simulators on
+ptys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -27,13 +29,10 @@ from device_profiles import find_profile
 from edge_agent import EdgeError
 from edge_agent.agent import run_agent
 from edge_agent.config.site import parse_config
-from edge_agent.narrowband.downlink import WarningHandler
-from edge_agent.outbox.lanes import NewRecord
-from edge_agent.outbox.store import Outbox, read_status
+from edge_agent.outbox.store import read_status
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
-from protocols.callresp import CallRespEvent, EventType, event_attrs
-from protocols.envelope import RecordKind
-from protocols.narrowband_down import RadioWarning
+from firmware_stubs.terminal_sim import TcpTerminalSimulator
+from protocols import terminal as tm
 from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
 from tests.test_narrowband_e2e import GW, KEY, WAIT_S, _metric, _on_bearer, central, radios
@@ -45,40 +44,18 @@ TERMINAL = "t-101"
 TEXT = "暴雨红色预警：青山区未来3小时降雨量将达100毫米以上，请立即组织低洼地带人员转移。"
 
 
-class Person:
-    """The 叫应 terminal and the person beside it: the radio warning's handler. It records
-    what it was given and, like the terminal driver, appends the `delivered` receipt and the
-    button's `ack` to the gateway's outbox as 叫应 EVENT records."""
-
-    def __init__(self) -> None:
-        self.warnings: list[RadioWarning] = []
-
-    def handler(self, outbox: Outbox) -> WarningHandler:
-        async def play(warning: RadioWarning) -> None:
-            self.warnings.append(warning)
-            now = time.time_ns() // 1_000_000
-            events = [CallRespEvent(EventType.DELIVERED, warning.args.warning_id, t, now,
-                                    cmd_id=warning.command.cmd_id)
-                      for t in warning.args.terminals]
-            events += [CallRespEvent(EventType.ACK, warning.args.warning_id, t, now + 1,
-                                     cmd_id=warning.command.cmd_id, by="button-1")
-                       for t in warning.args.terminals]
-            await outbox.append([NewRecord(RecordKind.EVENT, ev.at_ms, None, None,
-                                           attrs=event_attrs(ev)) for ev in events])
-        return play
-
-
 @pytest.mark.parametrize("bearer", ["beidou", "pdt"])
 async def test_warning_down_and_ack_up_by_radio_while_ip_is_cut_then_ip_copy_merges(
         tmp_path: Path, mosquitto: Mosquitto, bearer: str) -> None:
-    """IP cut: a red warning reaches the gateway's handler by radio, in segments, signed; its
-    ack answers the warning at central by radio; IP back: the IP copies merge, one answer."""
+    """IP cut: a red warning reaches the gateway's terminal by radio, in segments, signed; the
+    person's ack answers the warning at central by radio; IP back: the IP copy of the command
+    plays nothing again, the IP copies of the events merge, one delivered and one answer."""
     gas = find_profile("gas-detector-v1")
     proxy = LinkProxy(mosquitto.host, mosquitto.port)
     proxy.start()
-    person = Person()
     try:
-        async with ModbusTcpSimulator(gas) as modbus, radios(bearer) as link:
+        async with ModbusTcpSimulator(gas) as modbus, radios(bearer) as link, \
+                TcpTerminalSimulator(TERMINAL, heartbeat_s=5, press_after_s=0.3) as term:
             modbus.set_value("gas_lel", 3.0)
             settings = Settings(
                 db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host=mosquitto.host,
@@ -99,13 +76,13 @@ async def test_warning_down_and_ack_up_by_radio_while_ip_is_cut_then_ip_copy_mer
                     f'key = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'
                     f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\n'
                     f'poll_interval_s = 0.5\ntransport = {{kind = "tcp", host = "127.0.0.1", '
-                    f'port = {modbus.port}}}\n')
+                    f'port = {modbus.port}}}\n'
+                    f'[[terminals]]\nid = "{TERMINAL}"\ntcp = "127.0.0.1:{term.port}"\n')
                 stop = asyncio.Event()
-                agent = asyncio.create_task(run_agent(
-                    config, stop=stop, install_signal_handlers=False,
-                    warning_handler=person.handler))
+                agent = asyncio.create_task(run_agent(config, stop=stop,
+                                                      install_signal_handlers=False))
                 try:
-                    await _round(api, config, proxy, person, bearer, tmp_path)
+                    await _round(api, config, proxy, term, bearer, tmp_path)
                 finally:
                     stop.set()
                     await asyncio.wait_for(agent, 30)
@@ -113,8 +90,8 @@ async def test_warning_down_and_ack_up_by_radio_while_ip_is_cut_then_ip_copy_mer
         proxy.stop()
 
 
-async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer: str,
-                 tmp_path: Path) -> None:
+async def _round(api: Any, config: Any, proxy: LinkProxy, term: TcpTerminalSimulator,
+                 bearer: str, tmp_path: Path) -> None:
     outbox, gateway = partial(outbox_status, config), partial(gateway_view, api)
 
     async def target() -> dict[str, Any]:
@@ -137,12 +114,10 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer
     assert r.status_code == 201, r.text
     wid = r.json()["id"]
 
-    # Down by radio: the handler gets the warning, verified and whole.
-    await until(lambda: person.warnings, f"the warning by {bearer}")
-    (got,) = person.warnings
-    assert (got.args.warning_id, got.args.level, got.args.terminals) == (
-        wid, "red", (TERMINAL,))
-    assert got.args.text == TEXT and not got.truncated
+    # Down by radio: the terminal plays the warning, verified and whole.
+    await until(lambda: term.played, f"the warning by {bearer} on the terminal")
+    (played,) = term.played
+    assert played.play.level is tm.WarningLevel.RED and played.play.text == TEXT
     assert outbox().meta.get("uplink_state") == "disconnected"  # not over IP
 
     # Up by radio: the ack answers the warning at central while IP is still cut.
@@ -152,6 +127,7 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer
 
     t = await until(answered, f"the ack by {bearer}")
     assert t["answered_by"] == "button-1"
+    assert outbox().meta.get("uplink_state") == "disconnected"  # answered while IP is cut
     assert outbox().backlog > 0  # the acks did not come over IP
     copies = _callresp_rows(tmp_path)
     assert [(kind, flags & NARROWBAND_COPY != 0) for kind, flags in copies] == [
@@ -159,6 +135,8 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer
 
     # IP returns: the outbox drains, the IP copies merge into the radio copies.
     proxy.set_mode("pass")
+    cmd = await until(partial(_command, api, wid), "the IP copy of the command to succeed")
+    assert cmd["result"]["terminals"] == {TERMINAL: {"result": "delivered"}}
     await until(lambda: outbox().backlog == 0, "the outbox to drain over IP")
     rows = _callresp_rows(tmp_path)
     assert [(kind, flags & NARROWBAND_COPY != 0) for kind, flags in rows] == [
@@ -168,7 +146,16 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, person: Person, bearer
     metrics = (await api.get("/metrics")).text
     assert _metric(metrics, "records_merged_total") >= 2
     assert 'narrowband_downlink_total{result="accepted"}' in metrics
-    assert len(person.warnings) == 1  # the radio warning went to the handler once
+    assert len(term.played) == 1  # the terminal played the command once, by radio
+    assert len(term.acks_confirmed) == 1
+
+
+async def _command(api: Any, wid: str) -> dict[str, Any] | None:
+    """The warning's one command, once central holds its result (sent over IP)."""
+    w = (await api.get(f"/api/callresp/warnings/{wid}")).json()
+    (cmd_id,) = {c for st in w["steps"] if st["step"] == "sent" for c in st["detail"]["cmd_ids"]}
+    cmd = (await api.get(f"/api/commands/{cmd_id}")).json()
+    return cmd if cmd["state"] == "succeeded" else None
 
 
 def outbox_status(config: Any) -> Any:

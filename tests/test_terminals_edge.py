@@ -310,3 +310,43 @@ async def test_unanswered_play_is_repeated_and_its_late_receipt_recorded(rig: Ri
     rig.tcp.set_faults(silent=False)
     await until(lambda: _eq(rig.callresp(), [("w-5", "t-1", "delivered")]), "late receipt",
                 timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("first,second", [("beidou", "ip"), ("ip", "pdt")])
+async def test_one_command_plays_once_across_bearers(rig: Rig, first: str, second: str) -> None:
+    """The same signed command by radio then IP (or IP then radio) plays once; the second
+    copy reports what the terminals did (t-1 delivered; t-2 silent: still sent) and plays
+    nothing. A re-send from central (a new cmd_id, same warning) plays again."""
+    rig.pty.set_faults(silent=True)
+    args = play_warning("w-7", "orange", "山洪橙色预警", 1, ["t-1", "t-2", "t-9"])
+    out = await rig.service.play(args, origin=first, cmd_id="c-7")
+    assert [(t, str(o.result)) for t, o in out.items()] == [
+        ("t-1", "delivered"), ("t-2", "sent"), ("t-9", "refused")]
+    assert (len(rig.tcp.played), len(rig.pty.played)) == (1, 1)
+    again = await rig.service.play(args, origin=second, cmd_id="c-7")
+    assert {t: o.to_wire() for t, o in again.items()} == {
+        "t-1": {"result": "delivered"}, "t-2": {"result": "sent"},
+        "t-9": {"result": "refused", "reason": "unknown_terminal"}}
+    await asyncio.sleep(0.3)  # a PLAY sent by mistake would have been played by now
+    assert (len(rig.tcp.played), len(rig.pty.played)) == (1, 1)
+    assert (rig.service.counters.plays, rig.service.counters.plays_repeated) == (1, 1)
+    assert await rig.callresp() == [("w-7", "t-1", "delivered")]
+    # central re-sends (no answer by the deadline): a new cmd_id plays again
+    resent = await rig.service.play(args, origin=second, cmd_id="c-8")
+    assert str(resent["t-1"].result) == "delivered"
+    assert len(rig.tcp.played) == 2 and rig.service.counters.plays == 2
+
+
+async def test_play_claim_survives_a_restart(tmp_path: Path) -> None:
+    """The claim of a command is in the ledger: its IP copy after a restart (radio first)
+    plays nothing and reports the receipt recorded before. (A fresh simulator each run: one
+    kept would take the new run's PLAY, seq 1 again, for a repeat and not play it anyway.)"""
+    args = play_warning("w-9", "red", "暴雨红色预警", 1, ["t-1"])
+    async with Outbox.open(tmp_path / "outbox.db") as outbox, \
+            PtyTerminalSimulator("t-2", heartbeat_s=5) as pty:
+        for origin, plays in (("pdt", 1), ("ip", 0)):
+            async with TcpTerminalSimulator("t-1", heartbeat_s=5) as tcp, \
+                    running(_service(tmp_path, outbox, tcp, pty)) as service:
+                out = await service.play(args, origin=origin, cmd_id="c-9")
+                assert str(out["t-1"].result) == "delivered"
+                assert len(tcp.played) == plays, origin

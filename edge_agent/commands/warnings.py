@@ -3,7 +3,9 @@
 what each terminal answered: `{"terminals": {"t-101": {"result": "delivered"},
 "t-102": {"result": "refused", "reason": "speaker_fault"}}}`. The command succeeds when at least
 one terminal took the warning (delivered, or sent and awaiting its receipt); the receipts
-and acks themselves go up as `callresp` events."""
+and acks themselves go up as `callresp` events. The IP copy of a command that came by radio
+first plays nothing again (`TerminalService.play` claims each cmd_id once): its result says
+what the terminals did with the radio copy."""
 
 from __future__ import annotations
 

@@ -12,8 +12,10 @@ warning by BeiDou or PDT to a gateway that is off IP (`protocols.narrowband_down
    clock, and replays by `cmd_id`: the ids taken are kept in the outbox meta
    (`narrowband_warnings`, until they expire), so a warning sent twice, or again after a
    restart, is handed on once;
-4. the warning goes to the `WarningHandler`: the 叫应 terminal driver plays it. Until one is
-   wired in, `LoggingWarningHandler` logs and counts it.
+4. the warning goes to the `WarningHandler`: the 叫应 terminals play it
+   (`edge_agent.terminals.radio.RadioWarningPlayer`, wired by the agent when it has
+   `[[terminals]]`; once per cmd_id, so its IP copy plays nothing again). A gateway without
+   terminals gets `LoggingWarningHandler`, which logs and counts it.
 
 A warning is taken (its id saved) before the handler runs: at most once, as for any command.
 Every refusal is counted in `counters` and logged once per reason; the loop never stops for bad
@@ -72,7 +74,7 @@ class DownlinkCounters:
 
 
 class LoggingWarningHandler:
-    """The default handler while no terminal driver is wired in: logs and counts."""
+    """The handler of a gateway without 叫应 terminals: logs and counts."""
 
     def __init__(self) -> None:
         self.received: list[RadioWarning] = []

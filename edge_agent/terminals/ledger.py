@@ -14,6 +14,11 @@ open faults. All of it must survive a kill -9 and a power cut (`synchronous=FULL
   service finds the event among the outbox's unsent records at start and only marks it. Only
   if central had acknowledged it within that one commit would it go once more; central applies
   叫应 events idempotently, so the answer would still count once.
+- `plays`: one row per signed command (cmd_id) whose warning was played, claimed BEFORE the
+  PLAY goes out: the same command arriving by another bearer (radio after IP, IP after radio,
+  or after a restart) finds the row and does not play again (at most once per cmd_id, as any
+  command). `outcomes` keeps what the terminals answered the first play. A re-send from
+  central is a new cmd_id for the same warning: it plays again.
 - Reported rows older than 30 days are pruned (`TerminalService.report_loop`).
 - `faults`: the faults each terminal has raised and not cleared, so that a restart does not
   raise them again.
@@ -84,6 +89,12 @@ def _m001(conn: sqlite3.Connection) -> None:
         conn.execute(stmt)
 
 
+@_MIGRATIONS.step(2)
+def _m002(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE plays (cmd_id TEXT PRIMARY KEY, warning_id TEXT NOT NULL,"
+                 " origin TEXT NOT NULL, outcomes TEXT, at_ms INTEGER NOT NULL)")
+
+
 @dataclass(frozen=True, slots=True)
 class WireWarning:
     wire_id: int
@@ -122,6 +133,36 @@ class TerminalLedger:
                                " warnings WHERE wire_id = ?", (wire_id,))
         return WireWarning(*rows[0]) if rows else None
 
+    # --- plays (once per signed command) ------------------------------------------------
+
+    async def claim_play(self, cmd_id: str, warning_id: str, *, origin: str,
+                         now_ms: int) -> bool:
+        """Claim the play of command `cmd_id` before it goes out; False if it was claimed
+        before (by this or another bearer)."""
+        return await self._run(self._write, "INSERT INTO plays (cmd_id, warning_id, origin,"
+                               " at_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                               (cmd_id, warning_id, origin, now_ms)) == 1
+
+    async def save_play(self, cmd_id: str, outcomes: Mapping[str, Any]) -> None:
+        """What the terminals answered the play of `cmd_id` (by terminal id)."""
+        await self._run(self._write, "UPDATE plays SET outcomes = ? WHERE cmd_id = ?",
+                        (json.dumps(dict(outcomes), ensure_ascii=False), cmd_id))
+
+    async def played(self, cmd_id: str) -> tuple[str, str, dict[str, Any]] | None:
+        """(origin, warning_id, outcomes) of the earlier play of `cmd_id`, or None; outcomes
+        are empty while that play is still waiting for its answers."""
+        rows = await self._run(self._query, "SELECT origin, warning_id, outcomes FROM plays"
+                               " WHERE cmd_id = ?", (cmd_id,))
+        if not rows:
+            return None
+        origin, warning_id, outcomes = rows[0]
+        return str(origin), str(warning_id), json.loads(outcomes) if outcomes else {}
+
+    async def has_event(self, key: EventKey) -> bool:
+        rows = await self._run(self._query, "SELECT 1 FROM events WHERE warning_id = ? AND"
+                               " terminal = ? AND type = ?", key)
+        return bool(rows)
+
     # --- events --------------------------------------------------------------------------
 
     async def claim_event(self, key: EventKey, attrs: Mapping[str, Any], at_ms: int) -> bool:
@@ -153,7 +194,8 @@ class TerminalLedger:
         warnings = await self._run(self._write, "DELETE FROM warnings WHERE created_ms < ? AND"
                                    " warning_id NOT IN (SELECT warning_id FROM events)",
                                    (before_ms,))
-        return int(events) + int(warnings)
+        plays = await self._run(self._write, "DELETE FROM plays WHERE at_ms < ?", (before_ms,))
+        return int(events) + int(warnings) + int(plays)
 
     # --- faults --------------------------------------------------------------------------
 

@@ -3,10 +3,13 @@
 `TerminalService.play(args, origin=…, cmd_id=…)` is THE way a warning reaches the terminals,
 whatever brought it: a signed `play_warning` command over IP (`edge_agent.commands`, origin
 "ip"), one that came by radio (origin "beidou" / "pdt"), or the local rule (origin
-"local_rule"). It maps the warning id to its FLT/1 wire id (`ledger`), sends a PLAY to each
-named terminal at once and returns what each answered (`PlayOutcome`: delivered, sent,
-refused with a reason). Terminals of `args` that this gateway does not have are refused
-(`unknown_terminal`).
+"local_rule"). A signed command plays once, whichever bearer brings it first: the ledger
+claims its cmd_id before the PLAY goes out, and a later copy (the IP copy of a radio warning,
+or the other way round) only reports what the terminals did. A re-send from central is a new
+cmd_id for the same warning and plays again. It maps the warning id to its FLT/1 wire id
+(`ledger`), sends a PLAY to each named terminal at once and returns what each answered
+(`PlayOutcome`: delivered, sent, refused with a reason). Terminals of `args` that this
+gateway does not have are refused (`unknown_terminal`).
 
 What the terminals send back becomes outbox records (DESIGN.md §4: nothing lost):
 
@@ -79,6 +82,7 @@ class RecordWriter(Protocol):
 @dataclass(slots=True)
 class ServiceCounters:
     plays: int = 0
+    plays_repeated: int = 0  # a command played before (by another bearer): not again
     events_recorded: int = 0
     events_repeated: int = 0  # a receipt or ack recorded before: not again
     events_reappended: int = 0  # unreported rows appended at start or on retry
@@ -176,8 +180,13 @@ class TerminalService:
         """Play warning `args` on its terminals now; what each answered, by terminal id.
 
         `origin` says what brought it ("ip", "beidou", "pdt", "local_rule"); `cmd_id` names
-        the signed command that carried it, if any (the events then carry it). Raises
-        `TerminalStoreError` only if the ledger cannot name the warning."""
+        the signed command that carried it, if any (the events then carry it). A command is
+        played once, whichever bearers bring it: a second copy of `cmd_id` plays nothing and
+        returns what the terminals did (`replayed`). Raises `TerminalStoreError` only if the
+        ledger cannot name the warning or claim the command."""
+        if cmd_id is not None and not await self.ledger.claim_play(
+                cmd_id, args.warning_id, origin=origin, now_ms=self._wall_ms()):
+            return await self.replayed(args, origin=origin, cmd_id=cmd_id)
         wire = await self.ledger.warning(args.warning_id, origin=origin, cmd_id=cmd_id,
                                          now_ms=self._wall_ms())
         play = tm.Play(wire.wire_id, _LEVELS[args.level], args.repeat, _fit(args.text))
@@ -188,8 +197,34 @@ class TerminalService:
         out = {r.terminal: r for r in results}
         for t in args.terminals:
             out.setdefault(t, PlayOutcome(t, PlayResult.REFUSED, "unknown_terminal"))
+        if cmd_id is not None:
+            await self.ledger.save_play(cmd_id, {t: o.to_wire() for t, o in out.items()})
         log.info("warning_played", warning_id=args.warning_id, wire_id=wire.wire_id,
                  origin=origin, cmd_id=cmd_id, **{t: str(o.result) for t, o in out.items()})
+        return out
+
+    async def replayed(self, args: PlayWarning, *, origin: str,
+                       cmd_id: str) -> dict[str, PlayOutcome]:
+        """What the terminals did with command `cmd_id`, played before: `delivered` where
+        its receipt is recorded, else what the first play answered (`refused` with its
+        reason), else `sent` (still waiting for the receipt). Plays nothing."""
+        before = await self.ledger.played(cmd_id)
+        first_origin, _, outcomes = before or ("", args.warning_id, {})
+        self.counters.plays_repeated += 1
+        out: dict[str, PlayOutcome] = {}
+        for t in args.terminals:
+            prior = outcomes.get(t) or {}
+            if t not in self.links:
+                out[t] = PlayOutcome(t, PlayResult.REFUSED, "unknown_terminal")
+            elif await self.ledger.has_event((args.warning_id, t, str(EventType.DELIVERED))):
+                out[t] = PlayOutcome(t, PlayResult.DELIVERED)
+            elif prior.get("result") == PlayResult.REFUSED:
+                out[t] = PlayOutcome(t, PlayResult.REFUSED, prior.get("reason"))
+            else:
+                out[t] = PlayOutcome(t, PlayResult.SENT)
+        log.info("warning_play_repeated", warning_id=args.warning_id, cmd_id=cmd_id,
+                 origin=origin, played_by=first_origin,
+                 **{t: str(o.result) for t, o in out.items()})
         return out
 
     # --- what the links hand up ------------------------------------------------------------
