@@ -8,13 +8,17 @@ history (DESIGN.md §4.2): their latency is central's receive time minus their d
 
     python bench/drain.py --records 1000000
 
-Prints one JSON line: drain_points_per_s, live_latency_p99_s, live_latency_p50_s, ...
+Prints one JSON line: drain_points_per_s, live_latency_p99_s, live_latency_p50_s,
+first_record_after_restore_s (from the link's return to the first record central committed,
+by central's receive time), wire_bytes_per_point (MQTT payload bytes of the backlog batches the
+agent published, resends included, over the backlog records it published), ...
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -103,6 +107,18 @@ def main() -> None:
 
             wait_for(drained, timeout=args.timeout, interval=0.5, what="the backlog to drain")
             drain_s = time.perf_counter() - t0
+            first_ms = sqlite_rows(central.db_path, "SELECT min(received_ms) FROM readings"
+                                   " WHERE gw = ? AND received_ms >= ?", (GW, restore_wall_ms))[0][0]
+            # The agent writes its wire counters with its state (every 10 s): wait for the
+            # ones that cover the whole drain.
+            wire: dict = {}
+            last_seq = read_status(agent.outbox).last_seq
+
+            def counted() -> bool:
+                wire.update(json.loads(read_status(agent.outbox).meta.get("uplink_wire") or "{}"))
+                return wire.get("records_sent", 0) >= last_seq
+
+            wait_for(counted, timeout=30, interval=0.5, what="the agent's wire counters")
             status = read_status(agent.outbox)
             # live latency counts from when the agent was back online (its reconnect back-off
             # after the cut is not queueing behind history)
@@ -128,6 +144,8 @@ def main() -> None:
          max_inflight=args.max_inflight, backlog_batch_size=args.backlog_batch_size,
          reconnect_max_s=args.reconnect_max, live_points=len(live),
          live_latency_p50_s=pct(live, 0.5), live_latency_p99_s=pct(live, 0.99),
+         first_record_after_restore_s=round((first_ms - restore_wall_ms) / 1000, 3),
+         wire_bytes_per_point=round(wire["backlog_bytes_sent"] / wire["backlog_records_sent"], 2),
          reconnect_after_restore_s=round(max(0, since - restore_wall_ms) / 1000, 1))
 
 

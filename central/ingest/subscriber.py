@@ -40,6 +40,7 @@ from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
 from protocols.envelope import (
+    VERSIONS,
     Ack,
     Birth,
     DataBatch,
@@ -154,8 +155,10 @@ class Ingest:
             await self._connected.wait()
 
     def _state(self, online: bool) -> bytes:
+        # `envelope`: the gateways may send data batches as version 2 (columnar).
         return encode(State(online=online, boot_id=self.boot_id, version=__version__,
-                            bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000))
+                            bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000,
+                            envelope=VERSIONS[-1]))
 
     async def run(self) -> None:
         """Connect, consume, and reconnect with capped, jittered back-off, for ever."""
