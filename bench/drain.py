@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +65,7 @@ def main() -> None:
                          "notices (the drain time counts from the restore, so it includes this)")
     ap.add_argument("--ceiling", type=float, default=1_000_000.0,
                     help="the agent's [outbox] backlog_max_points_per_s (the drain's rate ceiling)")
+    ap.add_argument("--logs", type=Path, help="copy the children's logs into this folder")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fieldlink-drain-") as tmp:
@@ -89,11 +91,16 @@ def main() -> None:
             fill_s = time.perf_counter() - t_fill
             print(f"prefilled {args.records} records in {fill_s:.1f}s", file=sys.stderr, flush=True)
             agent.start()
+            from edge_agent.outbox.store import read_status
+
+            # Up and failing to connect (the link is cut) before the clock starts: the agent's
+            # start-up (imports, ~2-7 s on a busy box) is not part of the drain.
+            wait_for(lambda: read_status(agent.outbox).meta.get("uplink_state") == "disconnected",
+                     timeout=60, interval=0.2, what="the agent to find its link cut")
             time.sleep(3)  # live polling into the outbox while the link is still cut
             restore_wall_ms = int(time.time() * 1000)
             t0 = time.perf_counter()
             proxy.set_mode("pass")
-            from edge_agent.outbox.store import read_status
 
             last_report = [0.0]
 
@@ -133,6 +140,10 @@ def main() -> None:
                 child.stop()
             proxy.stop()
             broker.stop()
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in work.rglob("*.log"):
+                    shutil.copy(log, args.logs / log.name)
 
     def pct(xs: list[float], q: float) -> float:
         return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else float("nan")
