@@ -375,9 +375,14 @@ class Ingest:
     async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
         # The refused records too (those with a seq the edge could have made): central has
         # counted them and will never store them, so the edge must not send them again.
-        seqs = list(map(_SEQ, batch.records))
-        seqs.extend(rj.seq for rj in batch.rejected if rj.seq is not None)
-        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(seqs))
+        seqs = batch.columns.seqs if batch.columns is not None else list(
+            map(_SEQ, batch.records))
+        if isinstance(seqs, range) and not batch.rejected and seqs:  # a v2 batch, 1 by 1
+            ranges: tuple[tuple[int, int], ...] = ((seqs[0], seqs[-1]),)
+        else:
+            ranges = ranges_from_seqs([*seqs, *(rj.seq for rj in batch.rejected
+                                                if rj.seq is not None)])
+        ack = Ack(stream=batch.stream, ranges=ranges)
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
         self.metrics.acks_published += 1
