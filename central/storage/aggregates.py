@@ -192,7 +192,8 @@ def flush_program(max_pending: int = 50, max_samples: int = 20_000) -> Program[i
     sizes = yield Sql("SELECT id, n FROM agg_pending ORDER BY id LIMIT ?", (max_pending,))
     if not sizes:
         return 0
-    take, total = [], 0
+    take: list[int] = []
+    total = 0
     for pending_id, n in sizes:
         if take and total + n > max_samples:
             break
