@@ -65,6 +65,8 @@ def main() -> None:
                          "notices (the drain time counts from the restore, so it includes this)")
     ap.add_argument("--ceiling", type=float, default=1_000_000.0,
                     help="the agent's [outbox] backlog_max_points_per_s (the drain's rate ceiling)")
+    ap.add_argument("--queue-delay", type=float, default=None,
+                    help="the agent's [outbox] backlog_queue_delay_s (the pacer's RTT allowance)")
     ap.add_argument("--logs", type=Path, help="copy the children's logs into this folder")
     args = ap.parse_args()
 
@@ -85,7 +87,9 @@ def main() -> None:
                           mqtt_extra=f"keepalive_s = 10\nmax_inflight = {args.max_inflight}\n"
                                      f"backlog_batch_size = {args.backlog_batch_size}\n"
                                      f"reconnect_max_s = {args.reconnect_max}",
-                          extra=f"\n[outbox]\nbacklog_max_points_per_s = {args.ceiling}\n")
+                          extra=f"\n[outbox]\nbacklog_max_points_per_s = {args.ceiling}\n"
+                                + ("" if args.queue_delay is None
+                                   else f"backlog_queue_delay_s = {args.queue_delay}\n"))
             t_fill = time.perf_counter()
             asyncio.run(prefill(agent.outbox, args.records))
             fill_s = time.perf_counter() - t_fill
