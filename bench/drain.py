@@ -8,13 +8,18 @@ history (DESIGN.md §4.2): their latency is central's receive time minus their d
 
     python bench/drain.py --records 1000000
 
-Prints one JSON line: drain_points_per_s, live_latency_p99_s, live_latency_p50_s, ...
+Prints one JSON line: drain_points_per_s, live_latency_p99_s, live_latency_p50_s,
+first_record_after_restore_s (from the link's return to the first record central committed,
+by central's receive time), wire_bytes_per_point (MQTT payload bytes of the backlog batches the
+agent published, resends included, over the backlog records it published), ...
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +65,9 @@ def main() -> None:
                          "notices (the drain time counts from the restore, so it includes this)")
     ap.add_argument("--ceiling", type=float, default=1_000_000.0,
                     help="the agent's [outbox] backlog_max_points_per_s (the drain's rate ceiling)")
+    ap.add_argument("--queue-delay", type=float, default=None,
+                    help="the agent's [outbox] backlog_queue_delay_s (the pacer's RTT allowance)")
+    ap.add_argument("--logs", type=Path, help="copy the children's logs into this folder")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fieldlink-drain-") as tmp:
@@ -79,17 +87,24 @@ def main() -> None:
                           mqtt_extra=f"keepalive_s = 10\nmax_inflight = {args.max_inflight}\n"
                                      f"backlog_batch_size = {args.backlog_batch_size}\n"
                                      f"reconnect_max_s = {args.reconnect_max}",
-                          extra=f"\n[outbox]\nbacklog_max_points_per_s = {args.ceiling}\n")
+                          extra=f"\n[outbox]\nbacklog_max_points_per_s = {args.ceiling}\n"
+                                + ("" if args.queue_delay is None
+                                   else f"backlog_queue_delay_s = {args.queue_delay}\n"))
             t_fill = time.perf_counter()
             asyncio.run(prefill(agent.outbox, args.records))
             fill_s = time.perf_counter() - t_fill
             print(f"prefilled {args.records} records in {fill_s:.1f}s", file=sys.stderr, flush=True)
             agent.start()
+            from edge_agent.outbox.store import read_status
+
+            # Up and failing to connect (the link is cut) before the clock starts: the agent's
+            # start-up (imports, ~2-7 s on a busy box) is not part of the drain.
+            wait_for(lambda: read_status(agent.outbox).meta.get("uplink_state") == "disconnected",
+                     timeout=60, interval=0.2, what="the agent to find its link cut")
             time.sleep(3)  # live polling into the outbox while the link is still cut
             restore_wall_ms = int(time.time() * 1000)
             t0 = time.perf_counter()
             proxy.set_mode("pass")
-            from edge_agent.outbox.store import read_status
 
             last_report = [0.0]
 
@@ -103,6 +118,18 @@ def main() -> None:
 
             wait_for(drained, timeout=args.timeout, interval=0.5, what="the backlog to drain")
             drain_s = time.perf_counter() - t0
+            first_ms = sqlite_rows(central.db_path, "SELECT min(received_ms) FROM readings"
+                                   " WHERE gw = ? AND received_ms >= ?", (GW, restore_wall_ms))[0][0]
+            # The agent writes its wire counters with its state (every 10 s): wait for the
+            # ones that cover the whole drain.
+            wire: dict = {}
+            last_seq = read_status(agent.outbox).last_seq
+
+            def counted() -> bool:
+                wire.update(json.loads(read_status(agent.outbox).meta.get("uplink_wire") or "{}"))
+                return wire.get("records_sent", 0) >= last_seq
+
+            wait_for(counted, timeout=30, interval=0.5, what="the agent's wire counters")
             status = read_status(agent.outbox)
             # live latency counts from when the agent was back online (its reconnect back-off
             # after the cut is not queueing behind history)
@@ -117,6 +144,10 @@ def main() -> None:
                 child.stop()
             proxy.stop()
             broker.stop()
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for log in work.rglob("*.log"):
+                    shutil.copy(log, args.logs / log.name)
 
     def pct(xs: list[float], q: float) -> float:
         return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else float("nan")
@@ -128,6 +159,8 @@ def main() -> None:
          max_inflight=args.max_inflight, backlog_batch_size=args.backlog_batch_size,
          reconnect_max_s=args.reconnect_max, live_points=len(live),
          live_latency_p50_s=pct(live, 0.5), live_latency_p99_s=pct(live, 0.99),
+         first_record_after_restore_s=round((first_ms - restore_wall_ms) / 1000, 3),
+         wire_bytes_per_point=round(wire["backlog_bytes_sent"] / wire["backlog_records_sent"], 2),
          reconnect_after_restore_s=round(max(0, since - restore_wall_ms) / 1000, 1))
 
 

@@ -1,29 +1,36 @@
 """Central's ingest rate: MQTT batches of 500 points into storage, against the raw limit.
 
 Starts a private Mosquitto and `central serve` (a real process), plays several gateways that
-publish `up/data` batches and wait for central's `down/ack` (a window of batches in flight per
-gateway, as the edge does), and times from the first publish to the last ack: the points are
-then committed at central. The raw limit is plain batched inserts of the same rows into the
-same kind of table on the same machine in the same run, with the same durability setting.
+publish `up/data` batches (envelope version 2 by default, as agents send to a central that
+announces it) and wait for central's `down/ack` (a window of batches in flight per gateway, as
+the edge does), and times from the first publish to the last ack: the points are then
+committed at central. Checked before anything is printed: every gateway's acks name exactly the
+seqs it sent, and central's `readings` hold exactly the points sent.
 
-With `--backend postgres` central writes to a fresh schema on `--pg-url` (dropped after), and
-the raw limit is a plain `COPY` of each batch, one transaction per batch, into a table shaped
-like central's `readings` in another fresh schema (`synchronous_commit = on`, as central).
+The raw limit is the same rows written plainly into a table shaped like central's `readings`
+(the same key, the same `(point_id, ts_ms)` index) on the same machine in the same run, with
+the same durability and the same group commit: as many batches per transaction as central
+committed on average in this run (its `batches_total / commits_total`). SQLite: multi-row
+inserts, `ON CONFLICT DO NOTHING`; with `--backend postgres` central writes to a fresh schema
+on `--pg-url` (dropped after), and the raw limit is a plain binary `COPY` per group
+(`synchronous_commit = on`, as central).
 
     python bench/ingest.py [--points 200000] [--gateways 8] [--batch 500]
     python bench/ingest.py --backend postgres [--pg-url postgresql://postgres@127.0.0.1/test]
 
-Prints one JSON line: points_per_s, raw_points_per_s, ratio.
+Prints one JSON line: points_per_s, raw_points_per_s, ratio, batches_per_commit, ...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sqlite3
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,7 +43,7 @@ from _common import emit
 
 from protocols import envelope as env
 from protocols import topics
-from tests.fleet import Central
+from tests.fleet import Central, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
 from tests.pg import url_with_schema
 
@@ -58,6 +65,7 @@ class Gateway:
     def __init__(self, gw: str, port: int, batches: list[bytes], window: int) -> None:
         self.gw, self.batches, self.window = gw, batches, window
         self.acked = 0
+        self.ranges: list[tuple[int, int]] = []
         self.done = threading.Event()
         self.sem = threading.Semaphore(window)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{gw}")
@@ -67,7 +75,9 @@ class Gateway:
         self.client.loop_start()
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
-        env.decode(msg.payload)
+        ack = env.decode(msg.payload)
+        assert isinstance(ack, env.Ack)
+        self.ranges.extend(ack.ranges)
         self.acked += 1
         self.sem.release()
         if self.acked == len(self.batches):
@@ -83,28 +93,75 @@ class Gateway:
         self.client.disconnect()
 
 
-def raw_insert_rate(path: Path, batches: list[env.DataBatch], synchronous: str) -> float:
-    """Plain batched inserts of the same rows: one transaction per batch, like central."""
+_RAW_DDL = ("CREATE TABLE readings (gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL,"
+            " point_id INTEGER, ts_ms INTEGER NOT NULL, value REAL, text TEXT,"
+            " flags INTEGER NOT NULL, received_ms INTEGER NOT NULL,"
+            " PRIMARY KEY (gw, stream, seq)) WITHOUT ROWID")  # as central/storage/sqlite_schema.py
+_RAW_INDEX = "CREATE INDEX readings_point_ts ON readings (point_id, ts_ms)"
+
+
+def _rows(b: env.DataBatch) -> list[tuple]:
+    return [(b.gw, b.stream, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None,
+             int(r.flags), 0) for r in b.records]
+
+
+def _groups(batches: list[env.DataBatch], per_commit: int) -> list[list[tuple]]:
+    rows = [_rows(b) for b in batches]
+    return [[r for part in rows[i:i + per_commit] for r in part]
+            for i in range(0, len(rows), per_commit)]
+
+
+def raw_insert_rate(path: Path, batches: list[env.DataBatch], synchronous: str,
+                    per_commit: int) -> float:
+    """Plain multi-row inserts of the same rows, `per_commit` batches per transaction."""
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(f"PRAGMA synchronous={synchronous}")
-    con.execute("CREATE TABLE readings (gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, "
-                "point_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL, value REAL, text TEXT, "
-                "flags INTEGER NOT NULL, received_ms INTEGER NOT NULL, PRIMARY KEY (gw, stream, seq))")
-    rows_per_batch = []
-    for b in batches:
-        rows_per_batch.append([(b.gw, b.stream, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None,
-                                int(r.flags), 0) for r in b.records])
-    total = sum(len(r) for r in rows_per_batch)
+    con.execute(_RAW_DDL)
+    con.execute(_RAW_INDEX)
+    groups = _groups(batches, per_commit)
+    total = sum(len(g) for g in groups)
+    values = ", ".join(["(?,?,?,?,?,?,?,?,?)"] * 500)
+    full = f"INSERT INTO readings VALUES {values} ON CONFLICT (gw, stream, seq) DO NOTHING"
     t0 = time.perf_counter()
-    for rows in rows_per_batch:
+    for rows in groups:
         con.execute("BEGIN")
-        con.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?,?,?) "
-                        "ON CONFLICT (gw, stream, seq) DO NOTHING", rows)
+        for i in range(0, len(rows), 500):
+            part = rows[i:i + 500]
+            sql = full if len(part) == 500 else (
+                "INSERT INTO readings VALUES " + ", ".join(["(?,?,?,?,?,?,?,?,?)"] * len(part))
+                + " ON CONFLICT (gw, stream, seq) DO NOTHING")
+            con.execute(sql, [x for r in part for x in r])
         con.execute("COMMIT")
     elapsed = time.perf_counter() - t0
     con.close()
     return total / elapsed
+
+
+def central_counters(central: Central) -> dict[str, float]:
+    """Central's ingest counters from its /metrics (batches_total, commits_total)."""
+    req = urllib.request.Request(f"{central.base_url}/metrics", headers=central.auth_headers())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return {name: float(m.group(1)) for name in ("batches_total", "commits_total")
+            if (m := re.search(rf"^fieldlink_central_{name} (\S+)$", text, re.M))}
+
+
+def stored_rows(central: Central, db_url: str | None) -> int:
+    if db_url is None:
+        return sqlite_rows(central.db_path, "SELECT count(*) FROM readings")[0][0]
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM readings").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def check_acks(gws: list[Gateway], plans: dict[str, list[env.DataBatch]]) -> None:
+    for g in gws:
+        sent = env.ranges_from_seqs(r.seq for b in plans[g.gw] for r in b.records)
+        got = env.merge_ranges(g.ranges)
+        if got != sent:
+            raise SystemExit(f"{g.gw}: acks name {got[:3]}..., sent {sent[:3]}...")
 
 
 @contextmanager
@@ -120,8 +177,9 @@ def pg_schema(url: str) -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-def raw_copy_rate(url: str, batches: list[env.DataBatch]) -> float:
-    """Plain COPY of the same rows into a readings-shaped table, one transaction per batch."""
+def raw_copy_rate(url: str, batches: list[env.DataBatch], per_commit: int) -> float:
+    """Plain binary COPY of the same rows into a readings-shaped table (the same key and
+    index), `per_commit` batches per transaction."""
     with pg_schema(url) as raw_url, psycopg.connect(raw_url, autocommit=True) as con:
         con.execute("SET synchronous_commit = on")
         con.execute("CREATE TABLE readings (gw TEXT COLLATE \"C\" NOT NULL,"
@@ -129,11 +187,11 @@ def raw_copy_rate(url: str, batches: list[env.DataBatch]) -> float:
                     " ts_ms BIGINT NOT NULL, value DOUBLE PRECISION, text TEXT,"
                     " flags INTEGER NOT NULL, received_ms BIGINT NOT NULL,"
                     " PRIMARY KEY (gw, stream, seq))")
-        rows_per_batch = [[(b.gw, b.stream, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None,
-                            int(r.flags), 0) for r in b.records] for b in batches]
-        total = sum(len(r) for r in rows_per_batch)
+        con.execute(_RAW_INDEX)
+        groups = _groups(batches, per_commit)
+        total = sum(len(g) for g in groups)
         t0 = time.perf_counter()
-        for rows in rows_per_batch:
+        for rows in groups:
             with con.transaction(), con.cursor() as cur, cur.copy(
                     "COPY readings FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["text", "text", "int8", "int8", "int8", "float8", "text", "int4",
@@ -152,6 +210,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8, help="batches in flight per gateway")
     ap.add_argument("--synchronous", default="FULL", help="raw run's PRAGMA synchronous (central's setting)")
     ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--envelope", type=int, choices=env.VERSIONS, default=env.VERSIONS[-1],
+                    help="the envelope version the gateways send")
     ap.add_argument("--pg-url", default=os.environ.get("FIELDLINK_BENCH_PG_URL",
                                                        "postgresql://postgres@127.0.0.1:5432/test"),
                     help="PostgreSQL for --backend postgres (fresh schemas, dropped after)")
@@ -173,7 +233,8 @@ def main() -> None:
         central = Central(work, broker.port, db_url=db_url)
         central.start()
         try:
-            gws = [Gateway(gw, broker.port, [env.encode(b) for b in bs], args.window)
+            gws = [Gateway(gw, broker.port, [env.encode(b, version=args.envelope) for b in bs],
+                           args.window)
                    for gw, bs in plans.items()]
             wait_for(lambda: all(g.client.is_connected() for g in gws), timeout=10, what="gateways")
             time.sleep(1.0)  # let central subscribe
@@ -187,17 +248,24 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             for g in gws:
                 g.close()
+            check_acks(gws, plans)
+            stored = stored_rows(central, db_url)
+            if stored != total:
+                raise SystemExit(f"central holds {stored} readings, {total} were sent")
+            counters = central_counters(central)
+            per_commit = max(1, round(counters["batches_total"] / counters["commits_total"]))
         finally:
             central.stop()
             broker.stop()
         every = [b for bs in plans.values() for b in bs]
-        raw = (raw_copy_rate(args.pg_url, every) if postgres
-               else raw_insert_rate(work / "raw.db", every, args.synchronous))
+        raw = (raw_copy_rate(args.pg_url, every, per_commit) if postgres
+               else raw_insert_rate(work / "raw.db", every, args.synchronous, per_commit))
 
     rate = total / elapsed
     emit(bench="ingest", backend=args.backend, points=total, batch=args.batch,
          gateways=args.gateways, points_per_s=round(rate), raw_points_per_s=round(raw),
-         ratio=round(rate / raw, 3),
+         ratio=round(rate / raw, 3), envelope=args.envelope, stored=stored, acks_checked=True,
+         batches_per_commit=round(counters["batches_total"] / counters["commits_total"], 1),
          raw_synchronous="synchronous_commit=on" if postgres else args.synchronous)
 
 

@@ -11,18 +11,30 @@ message for people (CLIs, logs).
 Data records are compact arrays so that a 500-record batch stays small:
 `[seq, kind, ts_ms, point_index, value, flags, attrs?]`, where `point_index` indexes the
 batch's `pts` list of point keys (`device/point`), or is -1 for records without a point.
+
+Version 2 (`protocols.columnar`) sends a data batch as columns, a third of the bytes; the other
+message types are the same in both versions. `decode` takes both; `encode(batch, version=2)`
+is for a central whose state announced `envelope >= 2` (`edge_agent.uplink.link`). The message
+classes live in `protocols.messages`, the rendering for people in `protocols.envelope_json`.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import Any, Final
 
 import cbor2
 
+from protocols.columnar import (
+    COLUMNAR_VERSION,
+    Columns,
+    columns_of,
+    decode_columns,
+    record_columns,
+    to_wire,
+)
+from protocols.envelope_json import to_jsonable
 from protocols.limits import (
     MAX_DEVICES_PER_BIRTH,
     MAX_ID_CHARS,
@@ -52,6 +64,22 @@ from protocols.limits import (
     check_point_key,
     check_str,
 )
+from protocols.messages import (
+    DEVICE_POINT,
+    Ack,
+    Birth,
+    DataBatch,
+    DeviceInfo,
+    Flag,
+    Lane,
+    Message,
+    PointInfo,
+    Record,
+    RecordKind,
+    RejectedRecord,
+    State,
+    Value,
+)
 from protocols.seq_ranges import (  # re-exported (__all__): the arithmetic of ack ranges
     count_in_ranges,
     merge_ranges,
@@ -61,7 +89,8 @@ from protocols.seq_ranges import (  # re-exported (__all__): the arithmetic of a
 )
 
 VERSION = 1
-Value: TypeAlias = float | int | bool | str | None
+# The versions this side decodes: 2 differs from 1 only in the data batch (protocols.columnar).
+VERSIONS = (VERSION, COLUMNAR_VERSION)
 
 
 class UnsupportedVersionError(EnvelopeError):
@@ -70,7 +99,7 @@ class UnsupportedVersionError(EnvelopeError):
     def __init__(self, version: object) -> None:
         small = isinstance(version, int) and abs(version) < 2**32
         shown = version if small else type(version).__name__
-        super().__init__(f"unsupported envelope version {shown!r} (this side speaks {VERSION})")
+        super().__init__(f"unsupported envelope version {shown!r} (this side speaks {VERSIONS})")
         self.field = "v"
         self.version = version
 
@@ -85,124 +114,16 @@ class UnknownMessageTypeError(EnvelopeError):
         self.type = type_
 
 
-# The pseudo point of device-level alarms (device offline): `<device>/_device`.
-DEVICE_POINT = "_device"
-
-
-class RecordKind(enum.IntEnum):
-    TELEMETRY = 0
-    ALARM = 1
-    EVENT = 2
-    CMD_RESULT = 3
-
-
-class Lane(enum.IntEnum):
-    """Send priority, lowest value first (DESIGN.md §4.2)."""
-
-    ALARM = 0
-    EVENT = 1
-    LIVE = 2
-    BACKLOG = 3
-
-
-class Flag(enum.IntFlag):
-    NONE = 0
-    HISTORICAL = 1  # sent from backlog, not live
-    CLOCK_SUSPECT = 2  # wall clock was not trusted when the record was made (§4.7)
-    BAD_QUALITY = 4  # the device reported a fault for this value
-
-
-class Record(NamedTuple):
-    """One outbox record. A named tuple, not a dataclass: both sides make hundreds of
-    thousands of these per second while a backlog drains, and a tuple is built 3x faster."""
-
-    seq: int
-    kind: RecordKind
-    ts_ms: int
-    point: str | None
-    value: Value
-    flags: Flag = Flag.NONE
-    attrs: Mapping[str, Any] | None = None
-
-    @property
-    def historical(self) -> bool:
-        return bool(self.flags & Flag.HISTORICAL)
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedRecord:
-    """A record of a valid batch that breaks a rule (`protocols.limits`): its position in
-    the batch's `r` (or, for one central's database refused, in `records`), its seq when that
-    is one an edge could have made (central may then acknowledge it), and why."""
-
-    index: int
-    seq: int | None
-    error: EnvelopeError
-
-
-@dataclass(frozen=True, slots=True)
-class DataBatch:
-    """`rejected` is filled only by `decode`: the records refused one by one, while the
-    batch's own fields and its other records are good; `encode` ignores it."""
-
-    gw: str
-    stream: str
-    records: tuple[Record, ...]
-    sent_ms: int = 0
-    rejected: tuple[RejectedRecord, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    stream: str
-    ranges: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    online: bool
-    boot_id: str
-    version: str
-    bearer: str
-    backlog: int
-    ts_ms: int = 0
-    stream: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class PointInfo:
-    ordinal: int
-    key: str  # device/point
-    name_zh: str = ""
-    unit: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    id: str
-    profile: str
-    profile_hash: str
-    points: tuple[PointInfo, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Birth:
-    gw: str
-    stream: str
-    boot_id: str
-    version: str
-    devices: tuple[DeviceInfo, ...] = field(default_factory=tuple)
-
-
-Message: TypeAlias = DataBatch | Ack | State | Birth
-
-
 # --- encode -------------------------------------------------------------------------------
 
 
-def encode(msg: Message) -> bytes:
-    """Encode one message to CBOR bytes."""
+def encode(msg: Message, *, version: int = VERSION) -> bytes:
+    """Encode one message to CBOR bytes; `version=2` encodes a data batch as columns
+    (`protocols.columnar`, for a central whose state announced `envelope >= 2`)."""
     try:
+        if version == COLUMNAR_VERSION and isinstance(msg, DataBatch):
+            cols = msg.columns if msg.columns is not None else columns_of(msg.records)
+            return cbor2.dumps(to_wire(msg.gw, msg.stream, msg.sent_ms, cols))
         return cbor2.dumps(_to_wire(msg))
     except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
         raise EnvelopeError(f"cannot encode {type(msg).__name__}: {exc}") from exc
@@ -224,9 +145,10 @@ def _to_wire(msg: Message) -> dict[str, Any]:
         return {"v": VERSION, "t": "ack", "stream": msg.stream,
                 "ranges": [[a, b] for a, b in msg.ranges]}
     if isinstance(msg, State):
-        return {"v": VERSION, "t": "state", "online": msg.online, "boot": msg.boot_id,
-                "ver": msg.version, "bearer": msg.bearer, "backlog": msg.backlog,
-                "ts": msg.ts_ms, "stream": msg.stream}
+        state = {"v": VERSION, "t": "state", "online": msg.online, "boot": msg.boot_id,
+                 "ver": msg.version, "bearer": msg.bearer, "backlog": msg.backlog,
+                 "ts": msg.ts_ms, "stream": msg.stream}
+        return state | {"env": msg.envelope} if msg.envelope != VERSION else state
     if isinstance(msg, Birth):
         return {"v": VERSION, "t": "birth", "gw": msg.gw, "stream": msg.stream,
                 "boot": msg.boot_id, "ver": msg.version,
@@ -252,9 +174,11 @@ def decode(payload: bytes) -> Message:
     if type(obj) is not dict:
         raise MalformedEnvelopeError("payload", "top level is not a map")
     version = obj.get("v")
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or version not in VERSIONS:
         raise UnsupportedVersionError(version)
     kind = obj.get("t")
+    if version == COLUMNAR_VERSION and kind == "data":
+        return _decode_columnar(obj, Budget(len(payload)))
     decoder = _DECODERS.get(kind) if type(kind) is str else None
     if decoder is None:
         raise UnknownMessageTypeError(kind)
@@ -317,6 +241,14 @@ def _decode_data(obj: Mapping[str, Any], budget: Budget) -> DataBatch:
             rejected.append(RejectedRecord(i, _valid_seq(row), exc))
     return DataBatch(gw=gw, stream=stream, records=tuple(records), sent_ms=sent,
                      rejected=tuple(rejected))
+
+
+def _decode_columnar(obj: Mapping[str, Any], budget: Budget) -> DataBatch:
+    got = decode_columns(obj, budget)
+    records = tuple(map(Record, *record_columns(got.cols, _KINDS, _FLAGS)))
+    return DataBatch(gw=got.gw, stream=got.stream, records=records, sent_ms=got.sent_ms,
+                     rejected=tuple(RejectedRecord(i, s, e) for i, s, e in got.rejected),
+                     columns=got.cols)
 
 
 def _valid_seq(row: object) -> int | None:
@@ -405,7 +337,9 @@ def _decode_ack(obj: Mapping[str, Any], budget: Budget) -> Ack:
 
 def _decode_state(obj: Mapping[str, Any], budget: Budget) -> State:
     stream = obj.get("stream", "")
-    return State(online=_get(obj, "online", bool), boot_id=_str(obj, "boot", MAX_ID_CHARS),
+    env = obj.get("env", VERSION)
+    return State(envelope=env if type(env) is int and 0 < env < 2**16 else VERSION,
+                 online=_get(obj, "online", bool), boot_id=_str(obj, "boot", MAX_ID_CHARS),
                  version=_str(obj, "ver", MAX_ID_CHARS), bearer=_str(obj, "bearer", MAX_ID_CHARS),
                  backlog=_int(obj, "backlog", 0, _INT64_MAX), ts_ms=_int(obj, "ts", 0, TS_MAX_MS),
                  stream=check_str("stream", stream, MAX_ID_CHARS) if type(stream) is str else "")
@@ -446,33 +380,10 @@ _DECODERS: Final[Mapping[str, Callable[[Mapping[str, Any], Budget], Message]]] =
     "data": _decode_data, "ack": _decode_ack, "state": _decode_state, "birth": _decode_birth}
 
 
-# --- for people ---------------------------------------------------------------------------
-
-
-def to_jsonable(msg: Message) -> dict[str, Any]:
-    """A JSON-ready rendering of a message, for CLIs and logs."""
-    if isinstance(msg, DataBatch):
-        return {"type": "data", "gw": msg.gw, "stream": msg.stream, "sent_ms": msg.sent_ms,
-                "records": [{"seq": r.seq, "kind": r.kind.name.lower(), "ts_ms": r.ts_ms,
-                             "point": r.point, "value": r.value,
-                             "flags": [f.name.lower() for f in Flag if f.name and f in r.flags],
-                             **({"attrs": dict(r.attrs)} if r.attrs else {})}
-                            for r in msg.records]}
-    if isinstance(msg, Ack):
-        return {"type": "ack", "stream": msg.stream, "ranges": [list(r) for r in msg.ranges]}
-    if isinstance(msg, State):
-        return {"type": "state", "online": msg.online, "boot_id": msg.boot_id,
-                "version": msg.version, "bearer": msg.bearer, "backlog": msg.backlog,
-                "ts_ms": msg.ts_ms, "stream": msg.stream}
-    return {"type": "birth", "gw": msg.gw, "stream": msg.stream, "boot_id": msg.boot_id,
-            "version": msg.version,
-            "devices": [{"id": d.id, "profile": d.profile, "profile_hash": d.profile_hash,
-                         "points": [{"ordinal": p.ordinal, "key": p.key, "name_zh": p.name_zh,
-                                     "unit": p.unit} for p in d.points]} for d in msg.devices]}
-
 
 __all__ = [
-    "DEVICE_POINT", "VERSION", "Ack", "Birth", "DataBatch", "DeviceInfo", "Flag", "Lane",
+    "DEVICE_POINT", "VERSION", "VERSIONS", "Ack", "Birth", "Columns", "DataBatch", "DeviceInfo",
+    "Flag", "Lane",
     "Message", "PointInfo", "Record", "RecordKind", "RejectedRecord", "State",
     "UnknownMessageTypeError", "UnsupportedVersionError", "Value", "decode", "encode",
     "to_jsonable",

@@ -213,3 +213,23 @@ async def test_history_upkeep_applies_settings_and_counts(tmp_path: Path) -> Non
     text = metrics.render()
     assert 'fieldlink_central_purged_rows_total{table="readings"} 1.0' in text
     assert "fieldlink_central_samples_aggregated_total 2.0" in text
+
+
+async def test_sqlite_flush_takes_a_bounded_number_of_samples_per_transaction(
+        tmp_path: Path) -> None:
+    """The SQLite flush folds pending sets up to its sample bound per transaction (at least
+    one set), so a drained backlog does not hold the database thread for seconds; all of
+    them are folded in the end, each once."""
+    from central.storage.aggregates import flush_program
+
+    async with open_storage(f"sqlite:///{tmp_path}/c.db") as st:
+        for g in range(3):  # three write transactions: three pending sets of 10 samples
+            await st.write_batches([batch([tel(g * 10 + i + 1, POINTS[0], float(i),
+                                               NOW - HOUR_MS + (g * 10 + i) * 1000)
+                                           for i in range(10)])])
+        folded = []
+        while n := await st.run(lambda: flush_program(max_samples=15)):
+            folded.append(n)
+        assert folded == [10, 10, 10]
+        ((count,),) = await st.run(lambda: select("SELECT sum(count) FROM agg_1m"))
+        assert count == 30

@@ -33,7 +33,7 @@ def test_data_batch_shares_point_keys() -> None:
 def test_unknown_version_and_type_are_typed_errors() -> None:
     """A future version or unknown type raises its own error class."""
     with pytest.raises(env.UnsupportedVersionError):
-        env.decode(cbor2.dumps({"v": 2, "t": "ack"}))
+        env.decode(cbor2.dumps({"v": 3, "t": "ack"}))
     with pytest.raises(env.UnknownMessageTypeError):
         env.decode(cbor2.dumps({"v": 1, "t": "nope"}))
     with pytest.raises(env.MalformedEnvelopeError) as info:

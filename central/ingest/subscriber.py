@@ -40,6 +40,7 @@ from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
 from protocols.envelope import (
+    VERSIONS,
     Ack,
     Birth,
     DataBatch,
@@ -154,8 +155,10 @@ class Ingest:
             await self._connected.wait()
 
     def _state(self, online: bool) -> bytes:
+        # `envelope`: the gateways may send data batches as version 2 (columnar).
         return encode(State(online=online, boot_id=self.boot_id, version=__version__,
-                            bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000))
+                            bearer="central", backlog=0, ts_ms=time.time_ns() // 1_000_000,
+                            envelope=VERSIONS[-1]))
 
     async def run(self) -> None:
         """Connect, consume, and reconnect with capped, jittered back-off, for ever."""
@@ -372,9 +375,14 @@ class Ingest:
     async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
         # The refused records too (those with a seq the edge could have made): central has
         # counted them and will never store them, so the edge must not send them again.
-        seqs = list(map(_SEQ, batch.records))
-        seqs.extend(rj.seq for rj in batch.rejected if rj.seq is not None)
-        ack = Ack(stream=batch.stream, ranges=ranges_from_seqs(seqs))
+        seqs = batch.columns.seqs if batch.columns is not None else list(
+            map(_SEQ, batch.records))
+        if isinstance(seqs, range) and not batch.rejected and seqs:  # a v2 batch, 1 by 1
+            ranges: tuple[tuple[int, int], ...] = ((seqs[0], seqs[-1]),)
+        else:
+            ranges = ranges_from_seqs([*seqs, *(rj.seq for rj in batch.rejected
+                                                if rj.seq is not None)])
+        ack = Ack(stream=batch.stream, ranges=ranges)
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
         self.metrics.acks_published += 1

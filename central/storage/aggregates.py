@@ -181,13 +181,26 @@ def values_upsert(table: str, rows: list[tuple[Any, ...]], chunk: int = 400) -> 
                   tuple(x for r in part for x in r))
 
 
-def flush_program(max_pending: int = 50) -> Program[int]:
-    """Fold up to `max_pending` pending sample sets into the aggregate tables and delete
-    them, in one transaction; returns the number of samples folded (0: nothing pending).
-    SQLite; PostgreSQL runs `pg_flush_program` (the same, server-side)."""
-    rows = yield Sql("SELECT id, samples FROM agg_pending ORDER BY id LIMIT ?", (max_pending,))
-    if not rows:
+def flush_program(max_pending: int = 50, max_samples: int = 20_000) -> Program[int]:
+    """Fold up to `max_pending` pending sample sets, and no more than `max_samples` samples
+    (but at least one set), into the aggregate tables and delete them, in one transaction;
+    returns the number of samples folded (0: nothing pending). SQLite; PostgreSQL runs
+    `pg_flush_program` (the same, server-side). The sample bound keeps each transaction
+    short (~3 us a sample): the flush shares central's one database thread with the ingest
+    writes, and after a backlog drain a 50-set flush held it for seconds, which the gateways
+    saw as ack round trips over their pacing target."""
+    sizes = yield Sql("SELECT id, n FROM agg_pending ORDER BY id LIMIT ?", (max_pending,))
+    if not sizes:
         return 0
+    take: list[int] = []
+    total = 0
+    for pending_id, n in sizes:
+        if take and total + n > max_samples:
+            break
+        take.append(pending_id)
+        total += n
+    rows = yield Sql(f"SELECT id, samples FROM agg_pending WHERE id IN"
+                     f" ({placeholders(len(take))}) ORDER BY id", tuple(take))
     fold = AggFold()
     n = 0
     for _, blob in rows:

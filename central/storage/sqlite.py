@@ -87,6 +87,21 @@ _RECORD_COLS = attrgetter("seq", "kind", "ts_ms", "point", "value", "flags")
 _NUMERIC = frozenset((float, int, bool))
 
 
+def _columns(batch: DataBatch) -> tuple[bool, Sequence[int], Sequence[int], Sequence[Any],
+                                        Sequence[Any], Sequence[int]]:
+    """(every record is telemetry, seqs, times, point keys, values, flags) of a batch: a
+    version 2 batch's columns as they were decoded, else taken from its records."""
+    cols = batch.columns
+    if cols is None:
+        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, batch.records),
+                                                      strict=True)
+        return kinds.count(_TELEMETRY) == len(seqs), seqs, tss, points, values, flags
+    table: list[str | None] = [*cols.pts, None]  # point index -1: no point
+    return (cols.kinds is None or not any(cols.kinds), cols.seqs, cols.ts,
+            list(map(table.__getitem__, cols.points)), cols.values,
+            [cols.flags] * len(cols.seqs) if isinstance(cols.flags, int) else cols.flags)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -247,15 +262,15 @@ class SqliteStorage(Storage):
         n = len(records)
         if not n:
             return None
-        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, records), strict=True)
-        if (kinds.count(_TELEMETRY) != n or None in points
+        telemetry, seqs, tss, points, values, flags = _columns(batch)
+        if (not telemetry or None in points
                 or not _NUMERIC.issuperset(map(type, values))
                 or min(tss) < lo or max(tss) > hi):
             return None
         flag_set = set(flags)
         if any(f & CLOCK_SUSPECT for f in flag_set):
             return None
-        if all(map(lt, seqs, islice(seqs, 1, None))):
+        if isinstance(seqs, range) or all(map(lt, seqs, islice(seqs, 1, None))):
             ordered: Sequence[int] = seqs
         else:
             ordered = sorted(seqs)

@@ -52,6 +52,8 @@ class UplinkCounters:
     commands: int = 0
     backlog_batches_sent: int = 0
     backlog_records_sent: int = 0
+    bytes_sent: int = 0  # data payload bytes published (resends too)
+    backlog_bytes_sent: int = 0
 
 
 @dataclass(slots=True)
