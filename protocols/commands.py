@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
-from protocols.errors import FieldError, ProtocolError
+from protocols.errors import DetailedError, FieldError, ProtocolError
 
 VERSION = 1
 SIG_BYTES = 64  # RFC 8032 §5.1.6: an Ed25519 signature is 64 bytes
@@ -80,10 +80,9 @@ class UnsupportedCommandVersionError(CommandError):
         self.version = version
 
 
-class UnknownCommandKindError(CommandError):
-    def __init__(self, kind: object) -> None:
-        super().__init__(f"unknown command kind {kind!r}")
-        self.kind = kind
+class UnknownCommandKindError(CommandError, DetailedError):
+    message = "unknown command kind {kind!r}"
+    kind: object
 
 
 class NonCanonicalCommandError(CommandError):

@@ -40,7 +40,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ChecksumMismatchError, FieldError, ProtocolError
+from protocols.errors import ChecksumMismatchError, DetailedError, FieldError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import ByteStream, NeedData
 
@@ -95,14 +95,13 @@ class HrnpChecksumError(HrnpError, ChecksumMismatchError):
         self.layer = layer
 
 
-class HrnpLengthError(HrnpError):
+class HrnpLengthError(HrnpError, DetailedError):
     """A length field is out of range or does not match the data."""
 
-    def __init__(self, layer: str, reason: str, declared: int | None = None) -> None:
-        super().__init__(f"{layer} length: {reason}")
-        self.layer = layer
-        self.reason = reason
-        self.declared = declared
+    message = "{layer} length: {reason}"
+    layer: str
+    reason: str
+    declared: int | None = None
 
 
 class HrnpFormatError(HrnpError, FieldError):
