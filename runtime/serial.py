@@ -23,15 +23,16 @@ from typing import Self
 
 import serial
 
+from protocols.errors import DetailedError
+
 READ_SIZE = 4096
 
 
-class PortLostError(Exception):
+class PortLostError(DetailedError):
     """The open port failed or ended; `reason` says how (`read failed: …`, `end of file`)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    message = "{reason}"
+    reason: str
 
 
 async def open_serial(path: str, error: Callable[[str, str], Exception], *,
