@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from central import CentralError
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 
@@ -51,31 +52,27 @@ class PkiError(CentralError):
     """Base of the certificate authority's errors."""
 
 
-class CaFileError(PkiError):
+class CaFileError(PkiError, DetailedError):
     """A CA file cannot be read, parsed or written."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+    template = "{path}: {reason}"
+    path: Path
+    reason: str
 
 
-class CaKeyPermissionError(PkiError):
+class CaKeyPermissionError(PkiError, DetailedError):
     """The CA key is readable by group or others: central refuses to use it."""
 
-    def __init__(self, path: Path, mode: int) -> None:
-        super().__init__(f"{path}: mode {mode:04o} lets others read the CA key; "
-                         f"run: chmod 600 {path}")
-        self.path = path
-        self.mode = mode
+    template = "{path}: mode {mode:04o} lets others read the CA key; run: chmod 600 {path}"
+    path: Path
+    mode: int
 
 
-class CsrError(PkiError):
+class CsrError(PkiError, DetailedError):
     """A certificate signing request is malformed, badly signed or asks for the wrong name."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"CSR refused: {reason}")
-        self.reason = reason
+    template = "CSR refused: {reason}"
+    reason: str
 
 
 def utcnow() -> dt.datetime:
