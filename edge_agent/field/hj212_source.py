@@ -57,6 +57,7 @@ from edge_agent import EdgeError
 from edge_agent.field.poller import DeviceHealth, Health
 from edge_agent.outbox.store import NewRecord
 from protocols.envelope import Flag, RecordKind
+from protocols.errors import DetailedError
 from protocols.hj212 import (
     CN_DAILY,
     CN_DATA_REPLY,
@@ -85,13 +86,12 @@ class Hj212SourceError(EdgeError):
     """Base of the HJ 212 source's errors."""
 
 
-class Hj212PortError(Hj212SourceError):
+class Hj212PortError(Hj212SourceError, DetailedError):
     """The serial port cannot be opened (missing, busy, owned by another reader)."""
 
-    def __init__(self, port: str, reason: str) -> None:
-        super().__init__(f"{port}: {reason}")
-        self.port = port
-        self.reason = reason
+    template = "{port}: {reason}"
+    port: str
+    reason: str
 
 
 class RecordSink(Protocol):
