@@ -49,7 +49,7 @@ class ProfileNotFoundError(DeviceProfileError):
 class ProtocolMismatchError(DeviceProfileError, DetailedError):
     """A point of one protocol was used as a point of another (an HJ 212 factor as a register)."""
 
-    message = "point {point!r} speaks {protocol}, not {wanted}: it has no {wanted} address"
+    template = "point {point!r} speaks {protocol}, not {wanted}: it has no {wanted} address"
     point: str
     protocol: str
     wanted: str

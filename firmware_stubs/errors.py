@@ -12,7 +12,7 @@ class SimulatorError(Exception):
 class UnknownPointError(SimulatorError, DetailedError):
     """A scripted point (or device id) does not exist in the simulated profiles."""
 
-    message = "device {device_id} has no point {point!r}"
+    template = "device {device_id} has no point {point!r}"
     device_id: int
     point: str
 

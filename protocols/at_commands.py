@@ -56,7 +56,7 @@ class AtFormatError(AtError):
 class AtLengthError(AtError, DetailedError):
     """A line, or a PDU being entered, is longer than the decoder takes."""
 
-    message = "line over {limit} bytes"
+    template = "line over {limit} bytes"
     limit: int
 
 

@@ -42,7 +42,7 @@ class BeidouError(ProtocolError):
 class FramingError(BeidouError, DetailedError):
     """The bytes are not one `$…*hh` sentence (no `$`, no checksum, a stray separator)."""
 
-    message = "{reason}"
+    template = "{reason}"
     reason: str
 
 
@@ -57,7 +57,7 @@ class ChecksumError(BeidouError, ChecksumMismatchError):
 class FieldError(BeidouError, DetailedError):
     """A well-framed sentence (or a dataclass being built) has a missing or malformed field."""
 
-    message = "{sentence} {field}: {reason}"
+    template = "{sentence} {field}: {reason}"
     sentence: str
     field: str
     reason: str
@@ -66,7 +66,7 @@ class FieldError(BeidouError, DetailedError):
 class LineTooLongError(BeidouError, DetailedError):
     """The stream decoder saw no end of a sentence within `limit` bytes and dropped them."""
 
-    message = "no end of sentence within {limit} bytes; dropped {length}"
+    template = "no end of sentence within {limit} bytes; dropped {length}"
     length: int
     limit: int
 

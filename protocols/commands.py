@@ -81,7 +81,7 @@ class UnsupportedCommandVersionError(CommandError):
 
 
 class UnknownCommandKindError(CommandError, DetailedError):
-    message = "unknown command kind {kind!r}"
+    template = "unknown command kind {kind!r}"
     kind: object
 
 

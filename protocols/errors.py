@@ -1,8 +1,8 @@
 """The one base exception of the protocols package; each codec subclasses it narrowly.
 
 `DetailedError` is the declarative form every package's errors use: a class names its fields
-(they become its attributes and its constructor's arguments, in order) and a `message` template
-formatted with its attributes, instead of writing `__init__` by hand.
+(they become its attributes and its constructor's arguments, in order) and a `template`
+of its message, formatted with its attributes, instead of writing `__init__` by hand.
 
 `FieldError`, `DeclaredLengthError` and `ChecksumMismatchError` are what several codecs' narrow
 errors have in common (the field at fault, a frame's length field, a checksum or CRC); a codec's
@@ -17,19 +17,19 @@ from typing import Any, ClassVar
 @typing.dataclass_transform(eq_default=False)
 class DetailedError(Exception):
     """An error whose annotated fields are its attributes and constructor arguments (in the
-    order written, defaults allowed) and whose message is `message` formatted with them
+    order written, defaults allowed) and whose message is `template` formatted with them
     (`str.format`: `"alarm {alarm_id}: {reason}"`, `"{name!r}"`). A class whose message needs
     an expression keeps an `__init__` of its own, which the generated one never replaces.
     Instances compare and hash by identity, as exceptions do."""
 
-    message: ClassVar[str] = ""
+    template: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         dataclasses.dataclass(cls, eq=False, repr=False)
 
     def __post_init__(self) -> None:
-        Exception.__init__(self, self.message.format_map(_Attributes(self)))
+        Exception.__init__(self, self.template.format_map(_Attributes(self)))
 
 
 class _Attributes(Mapping[str, object]):
@@ -56,7 +56,7 @@ class ProtocolError(Exception):
 class FieldError(ProtocolError, DetailedError):
     """A field is missing or has the wrong shape or value: `field` names it, `reason` says why."""
 
-    message = "{field}: {reason}"
+    template = "{field}: {reason}"
     field: str
     reason: str
 
@@ -65,7 +65,7 @@ class DeclaredLengthError(ProtocolError, DetailedError):
     """A frame's length field is malformed, too large or does not match the frame; `declared`
     is the length it gave, when it gave one."""
 
-    message = "length: {reason}"
+    template = "length: {reason}"
     reason: str
     declared: int | None = None
 

@@ -98,7 +98,7 @@ class HrnpChecksumError(HrnpError, ChecksumMismatchError):
 class HrnpLengthError(HrnpError, DetailedError):
     """A length field is out of range or does not match the data."""
 
-    message = "{layer} length: {reason}"
+    template = "{layer} length: {reason}"
     layer: str
     reason: str
     declared: int | None = None

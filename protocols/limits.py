@@ -89,7 +89,7 @@ class EnvelopeError(ProtocolError):
 class InvalidFieldError(EnvelopeError, DetailedError):
     """A field breaks a rule of this module; `detail` says which, in a few words."""
 
-    message = "{field}: {detail}"
+    template = "{field}: {detail}"
     field: str
     detail: str
 

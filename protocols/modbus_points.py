@@ -59,7 +59,7 @@ class ModbusPointError(ProtocolError):
 class _PointKeyError(ModbusPointError, DetailedError):
     """An error about the point `key`; `reason` says what."""
 
-    message = "{key}: {reason}"
+    template = "{key}: {reason}"
     key: str
     reason: str
 
@@ -75,7 +75,7 @@ class PointDecodeError(_PointKeyError):
 class PointEncodeError(ModbusPointError, DetailedError):
     """A value cannot be written to a point (wrong type, out of range, too long)."""
 
-    message = "{key}: cannot encode {value!r}: {reason}"
+    template = "{key}: cannot encode {value!r}: {reason}"
     key: str
     value: object
     reason: str

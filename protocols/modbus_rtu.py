@@ -46,7 +46,7 @@ class FrameError(ModbusRtuError):
 class UnknownFunctionError(FrameError, DetailedError):
     """A function code this codec cannot size or parse."""
 
-    message = "unknown function code {function}"
+    template = "unknown function code {function}"
     function: int
 
 
@@ -62,7 +62,7 @@ class CrcMismatchError(ModbusRtuError, ChecksumMismatchError):
 class PduError(ModbusRtuError, DetailedError):
     """A PDU of a known function with inconsistent fields (byte count, quantity, value)."""
 
-    message = "function {function}: {reason}"
+    template = "function {function}: {reason}"
     function: int
     reason: str
 

@@ -32,7 +32,7 @@ class AttrsError(ProtocolError, DetailedError):
 
     reason: ClassVar[str] = "bad_attrs"
 
-    message = "{contract} attrs, {field}: {detail}"
+    template = "{contract} attrs, {field}: {detail}"
     contract: str
     field: str
     detail: str

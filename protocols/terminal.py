@@ -75,7 +75,7 @@ class TerminalFrameRefused(TerminalError, DetailedError):
     or its body is malformed. It carries what an ERROR answer needs (§4.3): `seq`,
     `message_type` (the raw byte) and `code`."""
 
-    message = "frame {seq} of type {message_type:#04x} refused: {reason}"
+    template = "frame {seq} of type {message_type:#04x} refused: {reason}"
     seq: int
     message_type: int
     code: ErrorCode

@@ -24,7 +24,7 @@ DOWN_NAMES = frozenset({"ack", "cmd"})
 class TopicError(ProtocolError, DetailedError):
     """A topic outside the contract."""
 
-    message = "{topic!r}: {reason}"
+    template = "{topic!r}: {reason}"
     topic: str
     reason: str
 

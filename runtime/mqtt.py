@@ -65,7 +65,7 @@ OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
 class TlsFileError(DetailedError):
     """A CA, certificate or key file that cannot be loaded into a TLS context."""
 
-    message = "{path}: {reason}"
+    template = "{path}: {reason}"
     path: Path
     reason: str
 

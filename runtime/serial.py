@@ -31,7 +31,7 @@ READ_SIZE = 4096
 class PortLostError(DetailedError):
     """The open port failed or ended; `reason` says how (`read failed: …`, `end of file`)."""
 
-    message = "{reason}"
+    template = "{reason}"
     reason: str
 
 
