@@ -23,19 +23,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from central import CentralError
 from central.config.settings import Settings
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 
 KEY_FILE_NAME = "central-command-key.pem"
 
 
-class SigningKeyError(CentralError):
+class SigningKeyError(CentralError, DetailedError):
     """The signing key file cannot be read, created or parsed."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+    template = "{path}: {reason}"
+    path: Path
+    reason: str
 
 
 def key_path_for(settings: Settings) -> Path | None:
