@@ -16,12 +16,9 @@ hard link), so two central workers starting together end up with one CA.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
 import stat
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from central import CentralError
 from protocols.errors import DetailedError
+from runtime.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -81,34 +79,11 @@ def utcnow() -> dt.datetime:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` with mode 0600 from the start, atomically (rename)."""
-    _write_atomic(path, data, 0o600, exclusive=False)
+    write_atomic(path, data, 0o600, exclusive=False)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    _write_atomic(path, data, 0o644, exclusive=False)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
-    """True when written; with `exclusive`, False when `path` already existed (kept)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    write_atomic(path, data, 0o644, exclusive=False)
 
 
 def check_key_mode(path: Path) -> None:
@@ -308,7 +283,7 @@ def _create(directory: Path, name: str) -> None:
                                 serialization.NoEncryption())
     try:
         directory.mkdir(parents=True, exist_ok=True)  # the broker reads crl.pem here
-        if not _write_atomic(directory / CA_KEY, pem_key, 0o600, exclusive=True):
+        if not write_atomic(directory / CA_KEY, pem_key, 0o600, exclusive=True):
             return  # another worker made it first: keep theirs (and its certificate)
         write_public(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
