@@ -8,6 +8,17 @@ import os
 import tempfile
 from pathlib import Path
 
+from protocols.errors import DetailedError
+
+
+class FileError(DetailedError):
+    """A file that cannot be read, parsed, loaded or written: `path` names it, `reason` says
+    why. A package's error for its own files inherits from its own base and from this."""
+
+    template = "{path}: {reason}"
+    path: Path
+    reason: str
+
 
 def write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> bool:
     """Write `data` to `path` with permission bits `mode`, through a temporary file in the same

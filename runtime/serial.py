@@ -28,6 +28,15 @@ from protocols.errors import DetailedError
 READ_SIZE = 4096
 
 
+class SerialPortError(DetailedError):
+    """A serial port that cannot be opened or was lost: `port` names it, `reason` says why. A
+    package's port error inherits from its own base and from this."""
+
+    template = "{port}: {reason}"
+    port: str
+    reason: str
+
+
 class PortLostError(DetailedError):
     """The open port failed or ended; `reason` says how (`read failed: …`, `end of file`)."""
 

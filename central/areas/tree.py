@@ -24,6 +24,7 @@ from central import CentralError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
 from protocols.errors import DetailedError
+from runtime.files import FileError
 
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
 
@@ -67,10 +68,8 @@ class AreaPlacementError(AreaError, DetailedError):
     reason: str
 
 
-class SeedFileError(AreaError, DetailedError):
-    template = "{path}: {reason}"
-    path: Path
-    reason: str
+class SeedFileError(AreaError, FileError):
+    """The areas seed file cannot be read or does not parse."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,19 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from central import CentralError
 from central.config.settings import Settings
-from protocols.errors import DetailedError
+from runtime.files import FileError
 
 log = structlog.get_logger(__name__)
 
 KEY_FILE_NAME = "central-command-key.pem"
 
 
-class SigningKeyError(CentralError, DetailedError):
+class SigningKeyError(CentralError, FileError):
     """The signing key file cannot be read, created or parsed."""
-
-    template = "{path}: {reason}"
-    path: Path
-    reason: str
 
 
 def key_path_for(settings: Settings) -> Path | None:

@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from central import CentralError
 from protocols.errors import DetailedError
-from runtime.files import write_atomic
+from runtime.files import FileError, write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -50,12 +50,8 @@ class PkiError(CentralError):
     """Base of the certificate authority's errors."""
 
 
-class CaFileError(PkiError, DetailedError):
+class CaFileError(PkiError, FileError):
     """A CA file cannot be read, parsed or written."""
-
-    template = "{path}: {reason}"
-    path: Path
-    reason: str
 
 
 class CaKeyPermissionError(PkiError, DetailedError):

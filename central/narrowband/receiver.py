@@ -72,7 +72,7 @@ from protocols.narrowband import (
     decode_frame,
 )
 from protocols.point_inventory import PointInventory
-from runtime.serial import LineReader, PortLostError, open_serial
+from runtime.serial import LineReader, PortLostError, SerialPortError, open_serial
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -120,10 +120,8 @@ class UnknownOrdinalError(NarrowbandInputError, DetailedError):
     ordinal: int
 
 
-class NarrowbandPortError(CentralError, DetailedError):
-    template = "{port}: {reason}"
-    port: str
-    reason: str
+class NarrowbandPortError(CentralError, SerialPortError):
+    """The receiving terminal's serial port cannot be opened, or was lost."""
 
 
 # --- the pure part: birth inventory and frame entries -> records ------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from edge_agent import EdgeError
 from protocols.errors import DetailedError
+from runtime.serial import SerialPortError
 
 # --- errors --------------------------------------------------------------------------------
 
@@ -20,12 +21,8 @@ class BearerError(EdgeError):
     """Base of every narrowband bearer error."""
 
 
-class BearerPortError(BearerError, DetailedError):
+class BearerPortError(BearerError, SerialPortError):
     """The serial port cannot be opened, or was lost (missing, busy, unplugged)."""
-
-    template = "{port}: {reason}"
-    port: str
-    reason: str
 
 
 class BearerTimeoutError(BearerError, DetailedError):

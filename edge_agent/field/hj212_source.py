@@ -57,7 +57,6 @@ from edge_agent import EdgeError
 from edge_agent.field.poller import DeviceHealth, Health
 from edge_agent.outbox.store import NewRecord
 from protocols.envelope import Flag, RecordKind
-from protocols.errors import DetailedError
 from protocols.hj212 import (
     CN_DAILY,
     CN_DATA_REPLY,
@@ -74,7 +73,7 @@ from protocols.hj212 import (
     Hj212Frame,
     encode_frame,
 )
-from runtime.serial import LineReader, PortLostError, open_serial
+from runtime.serial import LineReader, PortLostError, SerialPortError, open_serial
 
 log = structlog.get_logger(__name__)
 
@@ -86,12 +85,8 @@ class Hj212SourceError(EdgeError):
     """Base of the HJ 212 source's errors."""
 
 
-class Hj212PortError(Hj212SourceError, DetailedError):
+class Hj212PortError(Hj212SourceError, SerialPortError):
     """The serial port cannot be opened (missing, busy, owned by another reader)."""
-
-    template = "{port}: {reason}"
-    port: str
-    reason: str
 
 
 class RecordSink(Protocol):

@@ -17,16 +17,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent import EdgeError
-from protocols.errors import DetailedError
+from runtime.files import FileError
 from runtime.mqtt import TlsFileError, client_tls_context
 
 
-class MqttTlsError(EdgeError, DetailedError):
+class MqttTlsError(EdgeError, FileError):
     """The CA, certificate or key cannot be loaded into a TLS context."""
-
-    template = "{path}: {reason}"
-    path: Path
-    reason: str
 
 
 class MqttTlsConfig(BaseModel):
