@@ -49,9 +49,7 @@ class FramingError(BeidouError, DetailedError):
 class ChecksumError(BeidouError, ChecksumMismatchError):
     """The `*hh` of a sentence is not the XOR of its bytes between `$` and `*`."""
 
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"checksum mismatch: sentence gives {expected:02X}, carries {got:02X}",
-                         expected, got)
+    template = "checksum mismatch: sentence gives {expected:02X}, carries {got:02X}"
 
 
 class FieldError(BeidouError, DetailedError):

@@ -70,11 +70,10 @@ class DeclaredLengthError(ProtocolError, DetailedError):
     declared: int | None = None
 
 
-class ChecksumMismatchError(ProtocolError):
+class ChecksumMismatchError(ProtocolError, DetailedError):
     """A checksum or CRC does not match the bytes it covers: `expected` is what the bytes give,
-    `got` what the frame carries. Each codec words its own message."""
+    `got` what the frame carries. Each codec words its own `template`."""
 
-    def __init__(self, message: str, expected: int, got: int) -> None:
-        super().__init__(message)
-        self.expected = expected
-        self.got = got
+    template = "checksum mismatch: expected {expected}, got {got}"
+    expected: int
+    got: int

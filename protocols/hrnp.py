@@ -89,10 +89,11 @@ class HrnpError(ProtocolError):
 class HrnpChecksumError(HrnpError, ChecksumMismatchError):
     """A checksum does not match its data; `layer` is "hrnp" (u16) or "app" (u8)."""
 
+    template = "{layer} checksum mismatch: data gives {expected:#06x}, packet carries {got:#06x}"
+
     def __init__(self, layer: str, expected: int, got: int) -> None:
-        super().__init__(f"{layer} checksum mismatch: data gives {expected:#06x}, "
-                         f"packet carries {got:#06x}", expected, got)
-        self.layer = layer
+        self.layer = layer  # before the generated __init__, which formats the message
+        super().__init__(expected, got)
 
 
 class HrnpLengthError(HrnpError, DetailedError):

@@ -53,10 +53,12 @@ class UnknownFunctionError(FrameError, DetailedError):
 class CrcMismatchError(ModbusRtuError, ChecksumMismatchError):
     """A whole frame arrived but its CRC is wrong; the decoder dropped the frame."""
 
-    def __init__(self, expected: int, got: int, frame: bytes) -> None:
-        super().__init__(f"CRC mismatch: expected {expected:04X}, got {got:04X} "
-                         f"({len(frame)}-byte frame)", expected, got)
-        self.frame = frame
+    template = "CRC mismatch: expected {expected:04X}, got {got:04X} ({frame_length}-byte frame)"
+    frame: bytes
+
+    @property
+    def frame_length(self) -> int:
+        return len(self.frame)
 
 
 class PduError(ModbusRtuError, DetailedError):

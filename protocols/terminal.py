@@ -60,10 +60,11 @@ MAX_BODY: Final = 0xFFFF
 class TerminalCrcError(TerminalError, ChecksumMismatchError):
     """A CRC does not match; `part` is "header" or "body"."""
 
+    template = "{part} CRC mismatch: data gives {expected:#06x}, frame carries {got:#06x}"
+
     def __init__(self, part: str, expected: int, got: int) -> None:
-        super().__init__(f"{part} CRC mismatch: data gives {expected:#06x}, frame carries "
-                         f"{got:#06x}", expected, got)
-        self.part = part
+        self.part = part  # before the generated __init__, which formats the message
+        super().__init__(expected, got)
 
 
 class TerminalLengthError(TerminalError, DeclaredLengthError):
