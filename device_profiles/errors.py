@@ -11,6 +11,8 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from protocols.errors import DetailedError
+
 Loc: TypeAlias = tuple[str | int, ...]
 
 
@@ -44,15 +46,13 @@ class ProfileNotFoundError(DeviceProfileError):
         super().__init__(f"no profile {profile_id!r} in {where}")
 
 
-class ProtocolMismatchError(DeviceProfileError):
+class ProtocolMismatchError(DeviceProfileError, DetailedError):
     """A point of one protocol was used as a point of another (an HJ 212 factor as a register)."""
 
-    def __init__(self, point: str, protocol: str, wanted: str) -> None:
-        super().__init__(
-            f"point {point!r} speaks {protocol}, not {wanted}: it has no {wanted} address")
-        self.point = point
-        self.protocol = protocol
-        self.wanted = wanted
+    template = "point {point!r} speaks {protocol}, not {wanted}: it has no {wanted} address"
+    point: str
+    protocol: str
+    wanted: str
 
 
 # Makes the error of the field at a location in one profile file (`loader` checks).

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from protocols.errors import DetailedError
+
 
 class SimulatorError(Exception):
     """Base of every error of a simulator in `firmware_stubs`."""
 
 
-class UnknownPointError(SimulatorError):
+class UnknownPointError(SimulatorError, DetailedError):
     """A scripted point (or device id) does not exist in the simulated profiles."""
 
-    def __init__(self, device_id: int, point: str) -> None:
-        super().__init__(f"device {device_id} has no point {point!r}")
-        self.device_id = device_id
-        self.point = point
+    template = "device {device_id} has no point {point!r}"
+    device_id: int
+    point: str
 
 
 class BadValueError(SimulatorError):

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ProtocolError
+from protocols.errors import DetailedError, ProtocolError
 from protocols.stream import NEED_DATA, ByteStream, NeedData
 
 CR: Final = b"\r"
@@ -53,12 +53,11 @@ class AtFormatError(AtError):
         self.reason = reason
 
 
-class AtLengthError(AtError):
+class AtLengthError(AtError, DetailedError):
     """A line, or a PDU being entered, is longer than the decoder takes."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"line over {limit} bytes")
-        self.limit = limit
+    template = "line over {limit} bytes"
+    limit: int
 
 
 # ---------------------------------------------------------------------------- commands

@@ -32,46 +32,41 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Final, NoReturn, TypeAlias
 
-from protocols.errors import ChecksumMismatchError, ProtocolError
+from protocols.errors import ChecksumMismatchError, DetailedError, ProtocolError
 
 
 class BeidouError(ProtocolError):
     """Base of every BeiDou RDSS decode or encode error."""
 
 
-class FramingError(BeidouError):
+class FramingError(BeidouError, DetailedError):
     """The bytes are not one `$…*hh` sentence (no `$`, no checksum, a stray separator)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    template = "{reason}"
+    reason: str
 
 
 class ChecksumError(BeidouError, ChecksumMismatchError):
     """The `*hh` of a sentence is not the XOR of its bytes between `$` and `*`."""
 
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"checksum mismatch: sentence gives {expected:02X}, carries {got:02X}",
-                         expected, got)
+    template = "checksum mismatch: sentence gives {expected:02X}, carries {got:02X}"
 
 
-class FieldError(BeidouError):
+class FieldError(BeidouError, DetailedError):
     """A well-framed sentence (or a dataclass being built) has a missing or malformed field."""
 
-    def __init__(self, sentence: str, field: str, reason: str) -> None:
-        super().__init__(f"{sentence} {field}: {reason}")
-        self.sentence = sentence
-        self.field = field
-        self.reason = reason
+    template = "{sentence} {field}: {reason}"
+    sentence: str
+    field: str
+    reason: str
 
 
-class LineTooLongError(BeidouError):
+class LineTooLongError(BeidouError, DetailedError):
     """The stream decoder saw no end of a sentence within `limit` bytes and dropped them."""
 
-    def __init__(self, length: int, limit: int) -> None:
-        super().__init__(f"no end of sentence within {limit} bytes; dropped {length}")
-        self.length = length
-        self.limit = limit
+    template = "no end of sentence within {limit} bytes; dropped {length}"
+    length: int
+    limit: int
 
 
 class Bd2Mode(enum.IntEnum):

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
-from protocols.errors import FieldError, ProtocolError
+from protocols.errors import DetailedError, FieldError, ProtocolError
 from protocols.remote_config import ApplyConfig, RemoteConfigError, apply_config_from_mapping
 
 VERSION = 1
@@ -81,10 +81,9 @@ class UnsupportedCommandVersionError(CommandError):
         self.version = version
 
 
-class UnknownCommandKindError(CommandError):
-    def __init__(self, kind: object) -> None:
-        super().__init__(f"unknown command kind {kind!r}")
-        self.kind = kind
+class UnknownCommandKindError(CommandError, DetailedError):
+    template = "unknown command kind {kind!r}"
+    kind: object
 
 
 class NonCanonicalCommandError(CommandError):

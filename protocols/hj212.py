@@ -100,9 +100,7 @@ class Hj212Error(ProtocolError):
 class Hj212CrcError(Hj212Error, ChecksumMismatchError):
     """The CRC in the frame is not the CRC of its data segment."""
 
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"CRC mismatch: data gives {expected:04X}, frame carries {got:04X}",
-                         expected, got)
+    template = "CRC mismatch: data gives {expected:04X}, frame carries {got:04X}"
 
 
 class Hj212LengthError(Hj212Error, DeclaredLengthError):

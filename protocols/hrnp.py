@@ -40,7 +40,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ChecksumMismatchError, FieldError, ProtocolError
+from protocols.errors import ChecksumMismatchError, DetailedError, FieldError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import ByteStream, NeedData
 
@@ -89,20 +89,20 @@ class HrnpError(ProtocolError):
 class HrnpChecksumError(HrnpError, ChecksumMismatchError):
     """A checksum does not match its data; `layer` is "hrnp" (u16) or "app" (u8)."""
 
+    template = "{layer} checksum mismatch: data gives {expected:#06x}, packet carries {got:#06x}"
+
     def __init__(self, layer: str, expected: int, got: int) -> None:
-        super().__init__(f"{layer} checksum mismatch: data gives {expected:#06x}, "
-                         f"packet carries {got:#06x}", expected, got)
-        self.layer = layer
+        self.layer = layer  # before the generated __init__, which formats the message
+        super().__init__(expected, got)
 
 
-class HrnpLengthError(HrnpError):
+class HrnpLengthError(HrnpError, DetailedError):
     """A length field is out of range or does not match the data."""
 
-    def __init__(self, layer: str, reason: str, declared: int | None = None) -> None:
-        super().__init__(f"{layer} length: {reason}")
-        self.layer = layer
-        self.reason = reason
-        self.declared = declared
+    template = "{layer} length: {reason}"
+    layer: str
+    reason: str
+    declared: int | None = None
 
 
 class HrnpFormatError(HrnpError, FieldError):

@@ -31,7 +31,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
-from protocols.errors import ProtocolError
+from protocols.errors import DetailedError, ProtocolError
 
 INT64_MAX: Final = 2**63 - 1
 INT64_MIN: Final = -(2**63)
@@ -86,13 +86,12 @@ class EnvelopeError(ProtocolError):
     reason: ClassVar[Reason] = Reason.MALFORMED
 
 
-class InvalidFieldError(EnvelopeError):
+class InvalidFieldError(EnvelopeError, DetailedError):
     """A field breaks a rule of this module; `detail` says which, in a few words."""
 
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        self.field = field
-        self.detail = detail
+    template = "{field}: {detail}"
+    field: str
+    detail: str
 
 
 class MalformedEnvelopeError(InvalidFieldError):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
-from protocols.errors import ProtocolError
+from protocols.errors import DetailedError, ProtocolError
 
 PointValue: TypeAlias = float | int | bool | str
 
@@ -56,13 +56,12 @@ class ModbusPointError(ProtocolError):
     """Base of every error of the Modbus point codec."""
 
 
-class _PointKeyError(ModbusPointError):
+class _PointKeyError(ModbusPointError, DetailedError):
     """An error about the point `key`; `reason` says what."""
 
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
+    template = "{key}: {reason}"
+    key: str
+    reason: str
 
 
 class PointSpecError(_PointKeyError):
@@ -73,14 +72,13 @@ class PointDecodeError(_PointKeyError):
     """The registers read for a point cannot be turned into a value."""
 
 
-class PointEncodeError(ModbusPointError):
+class PointEncodeError(ModbusPointError, DetailedError):
     """A value cannot be written to a point (wrong type, out of range, too long)."""
 
-    def __init__(self, key: str, value: object, reason: str) -> None:
-        super().__init__(f"{key}: cannot encode {value!r}: {reason}")
-        self.key = key
-        self.value = value
-        self.reason = reason
+    template = "{key}: cannot encode {value!r}: {reason}"
+    key: str
+    value: object
+    reason: str
 
 
 # struct format and register count of the numeric types.

@@ -19,7 +19,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ChecksumMismatchError, ProtocolError
+from protocols.errors import ChecksumMismatchError, DetailedError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
 from protocols.stream import NeedData
 
@@ -43,30 +43,30 @@ class FrameError(ModbusRtuError):
     """Bytes that cannot start a frame (an impossible length); the decoder dropped one byte."""
 
 
-class UnknownFunctionError(FrameError):
+class UnknownFunctionError(FrameError, DetailedError):
     """A function code this codec cannot size or parse."""
 
-    def __init__(self, function: int) -> None:
-        super().__init__(f"unknown function code {function}")
-        self.function = function
+    template = "unknown function code {function}"
+    function: int
 
 
 class CrcMismatchError(ModbusRtuError, ChecksumMismatchError):
     """A whole frame arrived but its CRC is wrong; the decoder dropped the frame."""
 
-    def __init__(self, expected: int, got: int, frame: bytes) -> None:
-        super().__init__(f"CRC mismatch: expected {expected:04X}, got {got:04X} "
-                         f"({len(frame)}-byte frame)", expected, got)
-        self.frame = frame
+    template = "CRC mismatch: expected {expected:04X}, got {got:04X} ({frame_length}-byte frame)"
+    frame: bytes
+
+    @property
+    def frame_length(self) -> int:
+        return len(self.frame)
 
 
-class PduError(ModbusRtuError):
+class PduError(ModbusRtuError, DetailedError):
     """A PDU of a known function with inconsistent fields (byte count, quantity, value)."""
 
-    def __init__(self, function: int, reason: str) -> None:
-        super().__init__(f"function {function}: {reason}")
-        self.function = function
-        self.reason = reason
+    template = "function {function}: {reason}"
+    function: int
+    reason: str
 
 
 class RtuEncodeError(ModbusRtuError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from protocols.errors import ProtocolError
+from protocols.errors import DetailedError, ProtocolError
 from protocols.limits import INT64_MAX
 
 VERSION: Final = 1  # of the frame layout
@@ -20,11 +20,10 @@ class NarrowbandError(ProtocolError):
     """A narrowband frame that cannot be made or cannot be trusted."""
 
 
-class FrameTooShortError(NarrowbandError):
-    def __init__(self, length: int, needed: int) -> None:
-        super().__init__(f"narrowband frame of {length} bytes, at least {needed} needed")
-        self.length = length
-        self.needed = needed
+class FrameTooShortError(NarrowbandError, DetailedError):
+    template = "narrowband frame of {length} bytes, at least {needed} needed"
+    length: int
+    needed: int
 
 
 class MacMismatchError(NarrowbandError):
@@ -40,31 +39,28 @@ class NarrowbandVersionError(NarrowbandError):
         self.version = version
 
 
-class UnknownFrameKindError(NarrowbandError):
-    def __init__(self, kind: int) -> None:
-        super().__init__(f"unknown narrowband frame kind {kind}")
-        self.kind = kind
+class UnknownFrameKindError(NarrowbandError, DetailedError):
+    template = "unknown narrowband frame kind {kind}"
+    kind: int
 
 
 class MalformedFrameError(NarrowbandError):
     """The MAC verified but the body does not parse (a bug on the sending side)."""
 
 
-class FrameCapacityError(NarrowbandError):
+class FrameCapacityError(NarrowbandError, DetailedError):
     """Not even one entry fits the terminal's limit."""
 
-    def __init__(self, limit: int, needed: int) -> None:
-        super().__init__(f"narrowband limit is {limit} bytes, the smallest frame needs {needed}")
-        self.limit = limit
-        self.needed = needed
+    template = "narrowband limit is {limit} bytes, the smallest frame needs {needed}"
+    limit: int
+    needed: int
 
 
-class FrameTextError(NarrowbandError):
+class FrameTextError(NarrowbandError, DetailedError):
     """A text that is not the text form of a frame: `reason` says how."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"narrowband frame text: {reason}")
-        self.reason = reason
+    template = "narrowband frame text: {reason}"
+    reason: str
 
 
 class NotFrameTextError(FrameTextError):

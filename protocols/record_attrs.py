@@ -21,22 +21,21 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, TypeVar
 
-from protocols.errors import ProtocolError
+from protocols.errors import DetailedError, ProtocolError
 
 VERSION_KEY: Final = "v"
 E = TypeVar("E", bound=enum.StrEnum)
 
 
-class AttrsError(ProtocolError):
+class AttrsError(ProtocolError, DetailedError):
     """A record's attrs do not fit their contract; `reason` is central's counter label."""
 
     reason: ClassVar[str] = "bad_attrs"
 
-    def __init__(self, contract: str, field: str, detail: str) -> None:
-        super().__init__(f"{contract} attrs, {field}: {detail}")
-        self.contract = contract
-        self.field = field
-        self.detail = detail
+    template = "{contract} attrs, {field}: {detail}"
+    contract: str
+    field: str
+    detail: str
 
 
 class UnsupportedAttrsVersionError(AttrsError):

@@ -24,7 +24,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from protocols.errors import ChecksumMismatchError, DeclaredLengthError
+from protocols.errors import ChecksumMismatchError, DeclaredLengthError, DetailedError
 from protocols.stream import NEED_DATA, ByteStream, NeedData
 from protocols.terminal_messages import (
     BATTERY_UNKNOWN,
@@ -60,27 +60,27 @@ MAX_BODY: Final = 0xFFFF
 class TerminalCrcError(TerminalError, ChecksumMismatchError):
     """A CRC does not match; `part` is "header" or "body"."""
 
+    template = "{part} CRC mismatch: data gives {expected:#06x}, frame carries {got:#06x}"
+
     def __init__(self, part: str, expected: int, got: int) -> None:
-        super().__init__(f"{part} CRC mismatch: data gives {expected:#06x}, frame carries "
-                         f"{got:#06x}", expected, got)
-        self.part = part
+        self.part = part  # before the generated __init__, which formats the message
+        super().__init__(expected, got)
 
 
 class TerminalLengthError(TerminalError, DeclaredLengthError):
     """A frame is shorter than its header says, longer, or declares too long a body."""
 
 
-class TerminalFrameRefused(TerminalError):
+class TerminalFrameRefused(TerminalError, DetailedError):
     """A frame arrived whole with good CRCs but cannot be taken: its version or type is unknown
     or its body is malformed. It carries what an ERROR answer needs (§4.3): `seq`,
     `message_type` (the raw byte) and `code`."""
 
-    def __init__(self, seq: int, message_type: int, code: ErrorCode, reason: str) -> None:
-        super().__init__(f"frame {seq} of type {message_type:#04x} refused: {reason}")
-        self.seq = seq
-        self.message_type = message_type
-        self.code = code
-        self.reason = reason
+    template = "frame {seq} of type {message_type:#04x} refused: {reason}"
+    seq: int
+    message_type: int
+    code: ErrorCode
+    reason: str
 
 
 def crc16(data: bytes | bytearray, crc: int = 0xFFFF) -> int:

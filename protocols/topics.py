@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from protocols.errors import ProtocolError
+from protocols.errors import DetailedError, ProtocolError
 
 PREFIX = "fieldlink/v1"
 CENTRAL_STATE = f"{PREFIX}/_central/state"
@@ -21,13 +21,12 @@ UP_NAMES = frozenset({"state", "birth", "data"})
 DOWN_NAMES = frozenset({"ack", "cmd"})
 
 
-class TopicError(ProtocolError):
+class TopicError(ProtocolError, DetailedError):
     """A topic outside the contract."""
 
-    def __init__(self, topic: str, reason: str) -> None:
-        super().__init__(f"{topic!r}: {reason}")
-        self.topic = topic
-        self.reason = reason
+    template = "{topic!r}: {reason}"
+    topic: str
+    reason: str
 
 
 def check_gateway_id(gw: str) -> str:

@@ -50,6 +50,7 @@ from typing import Any, ClassVar, NoReturn, Self
 import aiomqtt
 import structlog
 
+from runtime.files import FileError
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -61,13 +62,8 @@ _RECONNECT = Backoff(first_s=0.5, max_s=10.0, healthy_after_s=0.0)
 OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
 
 
-class TlsFileError(Exception):
+class TlsFileError(FileError):
     """A CA, certificate or key file that cannot be loaded into a TLS context."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def client_tls_context(ca: Path, cert: Path | None = None, key: Path | None = None, *,

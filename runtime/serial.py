@@ -24,15 +24,25 @@ from typing import Self
 
 import serial
 
+from protocols.errors import DetailedError
+
 READ_SIZE = 4096
 
 
-class PortLostError(Exception):
+class SerialPortError(DetailedError):
+    """A serial port that cannot be opened or was lost: `port` names it, `reason` says why. A
+    package's port error inherits from its own base and from this."""
+
+    template = "{port}: {reason}"
+    port: str
+    reason: str
+
+
+class PortLostError(DetailedError):
     """The open port failed or ended; `reason` says how (`read failed: …`, `end of file`)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    template = "{reason}"
+    reason: str
 
 
 async def open_serial(path: str, error: Callable[[str, str], Exception], *,

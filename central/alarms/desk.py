@@ -34,6 +34,7 @@ from central.alarms.lifecycle import (
 from central.areas.tree import Area, area_program
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
+from protocols.errors import DetailedError
 
 MAX_LIMIT = 1000
 
@@ -46,13 +47,12 @@ class UnknownAlarmError(NotFoundError):
     kind = "alarm"
 
 
-class AlarmStateError(AlarmError):
+class AlarmStateError(AlarmError, DetailedError):
     """The action does not fit the alarm's state (acknowledged twice, cleared twice)."""
 
-    def __init__(self, alarm_id: int, reason: str) -> None:
-        super().__init__(f"alarm {alarm_id}: {reason}")
-        self.alarm_id = alarm_id
-        self.reason = reason
+    template = "alarm {alarm_id}: {reason}"
+    alarm_id: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import NARROWBAND_COPY
 from protocols.alarm_attrs import AlarmAttrs
 from protocols.envelope import DataBatch, Record, RecordKind
+from protocols.errors import DetailedError
 from protocols.record_attrs import AttrsError
 
 log = structlog.get_logger(__name__)
@@ -60,15 +61,14 @@ class AlarmConflictError(AlarmEngineError, DatabaseWriteError):
     batch alone, as for any failed write)."""
 
 
-class BadAlarmRecordError(AlarmEngineError):
+class BadAlarmRecordError(AlarmEngineError, DetailedError):
     """An ALARM record whose attrs do not fit `protocols.alarm_attrs` (`error` says how)."""
 
-    def __init__(self, gw: str, seq: int, reason: str, error: AttrsError) -> None:
-        super().__init__(f"alarm record {gw}#{seq}: {reason}")
-        self.gw = gw
-        self.seq = seq
-        self.reason = reason
-        self.error = error
+    template = "alarm record {gw}#{seq}: {reason}"
+    gw: str
+    seq: int
+    reason: str
+    error: AttrsError
 
 
 # --- parsing ----------------------------------------------------------------------------------

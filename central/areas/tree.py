@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from central import CentralError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
+from protocols.errors import DetailedError
+from runtime.files import FileError
 
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"
 
@@ -53,26 +55,21 @@ class UnknownAreaError(NotFoundError):
     kind = "area"
 
 
-class DuplicateAreaError(AreaError):
-    def __init__(self, code: str) -> None:
-        super().__init__(f"an area with code {code!r} exists")
-        self.code = code
+class DuplicateAreaError(AreaError, DetailedError):
+    template = "an area with code {code!r} exists"
+    code: str
 
 
-class AreaPlacementError(AreaError):
+class AreaPlacementError(AreaError, DetailedError):
     """A level, kind or parent that does not fit the hierarchy."""
 
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"area {code!r}: {reason}")
-        self.code = code
-        self.reason = reason
+    template = "area {code!r}: {reason}"
+    code: str
+    reason: str
 
 
-class SeedFileError(AreaError):
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+class SeedFileError(AreaError, FileError):
+    """The areas seed file cannot be read or does not parse."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from central.callresp.directory import (
 from central.identity.audit import SYSTEM, AuditLog
 from central.storage.program import Program, Sql, placeholders
 from protocols.callresp import CallRespEvent, EventType, Level
+from protocols.errors import DetailedError
 
 SENT, DELIVERED, ANSWERED = "sent", "delivered", "answered"
 ESCALATED, UNANSWERED = "escalated", "unanswered"
@@ -41,12 +42,11 @@ OPEN_STATES = (SENT, DELIVERED)
 KIND_TERMINAL, KIND_PERSON = "terminal", "person"
 
 
-class WarningRequestError(CentralError):
+class WarningRequestError(CentralError, DetailedError):
     """A warning central refuses (no target at all)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    template = "{reason}"
+    reason: str
 
 
 class UnknownWarningError(UnknownEntryError):

@@ -23,17 +23,17 @@ from pathlib import Path
 from central import CentralError
 from device_profiles.loader import Profile, ProfilePoint, builtin_profiles_dir, load_profiles
 from protocols.commands import WritePoint
+from protocols.errors import DetailedError
 from protocols.modbus_points import ModbusPointError, encode_point
 from protocols.remote_config import ApplyConfig
 
 
-class WriteRefusedError(CentralError):
+class WriteRefusedError(CentralError, DetailedError):
     """A write central will not sign; `field` names the argument, `reason` why (a 422)."""
 
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+    template = "{field}: {reason}"
+    field: str
+    reason: str
 
 
 class WritePolicy:

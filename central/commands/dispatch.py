@@ -78,6 +78,7 @@ from protocols.commands import (
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
+from protocols.errors import DetailedError
 from protocols.narrowband import NarrowbandError
 from protocols.narrowband_down import sign_warning
 from protocols.remote_config import ApplyConfig
@@ -94,13 +95,12 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
 
 
-class CommandRequestError(CentralError):
+class CommandRequestError(CentralError, DetailedError):
     """An issue request that central refuses (unknown point, bad args for the kind)."""
 
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
+    template = "{field}: {reason}"
+    field: str
+    reason: str
 
 
 @dataclass(slots=True)

@@ -23,19 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from central import CentralError
 from central.config.settings import Settings
+from runtime.files import FileError
 
 log = structlog.get_logger(__name__)
 
 KEY_FILE_NAME = "central-command-key.pem"
 
 
-class SigningKeyError(CentralError):
+class SigningKeyError(CentralError, FileError):
     """The signing key file cannot be read, created or parsed."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def key_path_for(settings: Settings) -> Path | None:

@@ -41,6 +41,7 @@ from central import CentralError
 from central.commands.schema import MIGRATIONS
 from central.storage.side_store import SideStore
 from protocols.command_results import CommandResult, CommandState, Reason
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 
@@ -63,19 +64,17 @@ class UnknownCommandError(CommandStoreError):
         self.ref = cmd_id
 
 
-class ApprovalError(CommandStoreError):
+class ApprovalError(CommandStoreError, DetailedError):
     """An approval central refuses: nothing to approve, or the issuer approving their own."""
 
-    def __init__(self, cmd_id: str, reason: str) -> None:
-        super().__init__(f"command {cmd_id}: {reason}")
-        self.cmd_id = cmd_id
-        self.reason = reason
+    template = "command {cmd_id}: {reason}"
+    cmd_id: str
+    reason: str
 
 
-class DuplicateCommandError(CommandStoreError):
-    def __init__(self, cmd_id: str) -> None:
-        super().__init__(f"command {cmd_id!r} already exists")
-        self.cmd_id = cmd_id
+class DuplicateCommandError(CommandStoreError, DetailedError):
+    template = "command {cmd_id!r} already exists"
+    cmd_id: str
 
 
 # --- values -------------------------------------------------------------------------------------

@@ -22,17 +22,17 @@ from pydantic import (
 
 from central import CentralError
 from central.callresp.settings import CallRespSettings
+from protocols.errors import DetailedError
 
 ENV_PREFIX = "FIELDLINK_CENTRAL_"
 
 
-class SettingsError(CentralError):
+class SettingsError(CentralError, DetailedError):
     """The configuration file, environment or flags do not validate."""
 
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
+    template = "{source}: {reason}"
+    source: str
+    reason: str
 
 
 class NarrowbandGateway(BaseModel):

@@ -34,6 +34,7 @@ from central.identity.sessions import COOKIE, CSRF_HEADER, Session, resolve
 from central.identity.users import Permission, User
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 PROBLEM = "application/problem+json"
@@ -59,18 +60,16 @@ class NotAuthenticatedError(AuthError):
         super().__init__(reason)
 
 
-class ForbiddenError(AuthError):
-    def __init__(self, user: str, needs: str) -> None:
-        super().__init__(f"user {user!r} may not {needs}")
-        self.user = user
-        self.needs = needs
+class ForbiddenError(AuthError, DetailedError):
+    template = "user {user!r} may not {needs}"
+    user: str
+    needs: str
 
 
-class OutOfScopeError(AuthError):
-    def __init__(self, user: str, what: str) -> None:
-        super().__init__(f"{what} is outside the area of user {user!r}")
-        self.user = user
-        self.what = what
+class OutOfScopeError(AuthError, DetailedError):
+    template = "{what} is outside the area of user {user!r}"
+    user: str
+    what: str
 
 
 @dataclass(frozen=True, slots=True)

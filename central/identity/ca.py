@@ -16,12 +16,9 @@ hard link), so two central workers starting together end up with one CA.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
 import stat
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from central import CentralError
+from protocols.errors import DetailedError
+from runtime.files import FileError, write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -51,31 +50,23 @@ class PkiError(CentralError):
     """Base of the certificate authority's errors."""
 
 
-class CaFileError(PkiError):
+class CaFileError(PkiError, FileError):
     """A CA file cannot be read, parsed or written."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
-
-class CaKeyPermissionError(PkiError):
+class CaKeyPermissionError(PkiError, DetailedError):
     """The CA key is readable by group or others: central refuses to use it."""
 
-    def __init__(self, path: Path, mode: int) -> None:
-        super().__init__(f"{path}: mode {mode:04o} lets others read the CA key; "
-                         f"run: chmod 600 {path}")
-        self.path = path
-        self.mode = mode
+    template = "{path}: mode {mode:04o} lets others read the CA key; run: chmod 600 {path}"
+    path: Path
+    mode: int
 
 
-class CsrError(PkiError):
+class CsrError(PkiError, DetailedError):
     """A certificate signing request is malformed, badly signed or asks for the wrong name."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"CSR refused: {reason}")
-        self.reason = reason
+    template = "CSR refused: {reason}"
+    reason: str
 
 
 def utcnow() -> dt.datetime:
@@ -84,34 +75,11 @@ def utcnow() -> dt.datetime:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` with mode 0600 from the start, atomically (rename)."""
-    _write_atomic(path, data, 0o600, exclusive=False)
+    write_atomic(path, data, 0o600, exclusive=False)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    _write_atomic(path, data, 0o644, exclusive=False)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int, *, exclusive: bool) -> bool:
-    """True when written; with `exclusive`, False when `path` already existed (kept)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    write_atomic(path, data, 0o644, exclusive=False)
 
 
 def check_key_mode(path: Path) -> None:
@@ -311,7 +279,7 @@ def _create(directory: Path, name: str) -> None:
                                 serialization.NoEncryption())
     try:
         directory.mkdir(parents=True, exist_ok=True)  # the broker reads crl.pem here
-        if not _write_atomic(directory / CA_KEY, pem_key, 0o600, exclusive=True):
+        if not write_atomic(directory / CA_KEY, pem_key, 0o600, exclusive=True):
             return  # another worker made it first: keep theirs (and its certificate)
         write_public(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:

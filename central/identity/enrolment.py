@@ -50,6 +50,7 @@ from central.identity.enrolment_store import (
     TokenRefusedError,
     token_hash,
 )
+from protocols.errors import DetailedError
 from protocols.topics import TopicError, check_gateway_id
 
 log = structlog.get_logger(__name__)
@@ -58,12 +59,11 @@ DEFAULT_TOKEN_TTL_S = 86_400.0
 DEFAULT_CERT_DAYS = 365.0
 
 
-class RenewalRefusedError(PkiError):
+class RenewalRefusedError(PkiError, DetailedError):
     """The renewal request does not prove a live certificate of this gateway."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"renewal refused: {reason}")
-        self.reason = reason
+    template = "renewal refused: {reason}"
+    reason: str
 
 
 class BadGatewayIdError(PkiError):

@@ -27,6 +27,7 @@ from central import CentralError
 from central.areas.tree import area_program
 from central.storage import NotFoundError
 from central.storage.program import Program, Sql
+from protocols.errors import DetailedError
 
 MIN_PASSWORD = 10
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
@@ -63,16 +64,14 @@ class UnknownUserError(NotFoundError):
     kind = "user"
 
 
-class DuplicateUserError(UserError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"a user named {name!r} exists")
-        self.name = name
+class DuplicateUserError(UserError, DetailedError):
+    template = "a user named {name!r} exists"
+    name: str
 
 
-class WeakPasswordError(UserError):
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"password refused: {reason}")
-        self.reason = reason
+class WeakPasswordError(UserError, DetailedError):
+    template = "password refused: {reason}"
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ from protocols.envelope import (
     encode,
     ranges_from_seqs,
 )
+from protocols.errors import DetailedError
 from runtime.mqtt import MqttSession
 from runtime.tasks import Backoff
 
@@ -69,22 +70,20 @@ class IngestError(CentralError):
     reason = "rejected"
 
 
-class GatewayMismatchError(IngestError):
+class GatewayMismatchError(IngestError, DetailedError):
     reason = "gateway_mismatch"
 
-    def __init__(self, topic_gw: str, payload_gw: str) -> None:
-        super().__init__(f"topic names gateway {topic_gw!r}, payload names {payload_gw!r}")
-        self.topic_gw = topic_gw
-        self.payload_gw = payload_gw
+    template = "topic names gateway {topic_gw!r}, payload names {payload_gw!r}"
+    topic_gw: str
+    payload_gw: str
 
 
-class MessageTypeMismatchError(IngestError):
+class MessageTypeMismatchError(IngestError, DetailedError):
     reason = "type_mismatch"
 
-    def __init__(self, topic_name: str, got: str) -> None:
-        super().__init__(f"topic up/{topic_name} carries a {got} message")
-        self.topic_name = topic_name
-        self.got = got
+    template = "topic up/{topic_name} carries a {got} message"
+    topic_name: str
+    got: str
 
 
 @dataclass(frozen=True, slots=True)

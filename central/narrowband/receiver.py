@@ -80,6 +80,7 @@ from central.storage.writes import NARROWBAND_COPY
 from protocols.alarm_attrs import AlarmAttrs
 from protocols.callresp import CallRespError, CallRespEvent, EventType, event_attrs
 from protocols.envelope import DataBatch, Flag, Record, RecordKind
+from protocols.errors import DetailedError
 from protocols.limits import MalformedEnvelopeError
 from protocols.narrowband import (
     RULE_NAMES,
@@ -96,7 +97,7 @@ from protocols.narrowband import (
     decode_frame,
 )
 from protocols.point_inventory import PointInventory
-from runtime.serial import LineReader, PortLostError, open_serial
+from runtime.serial import LineReader, PortLostError, SerialPortError, open_serial
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -121,12 +122,11 @@ class UnknownSenderError(NarrowbandInputError):
         self.sender = sender
 
 
-class NoBirthError(NarrowbandInputError):
+class NoBirthError(NarrowbandInputError, DetailedError):
     reason = "no_birth"
 
-    def __init__(self, gw: str) -> None:
-        super().__init__(f"gateway {gw!r} has sent no birth: its stream and points are unknown")
-        self.gw = gw
+    template = "gateway {gw!r} has sent no birth: its stream and points are unknown"
+    gw: str
 
 
 class BadBirthError(NarrowbandInputError):
@@ -137,20 +137,16 @@ class BadBirthError(NarrowbandInputError):
         self.gw = gw
 
 
-class UnknownOrdinalError(NarrowbandInputError):
+class UnknownOrdinalError(NarrowbandInputError, DetailedError):
     reason = "unknown_point"
 
-    def __init__(self, gw: str, ordinal: int) -> None:
-        super().__init__(f"gateway {gw!r}'s birth has no point with ordinal {ordinal}")
-        self.gw = gw
-        self.ordinal = ordinal
+    template = "gateway {gw!r}'s birth has no point with ordinal {ordinal}"
+    gw: str
+    ordinal: int
 
 
-class NarrowbandPortError(CentralError):
-    def __init__(self, port: str, reason: str) -> None:
-        super().__init__(f"{port}: {reason}")
-        self.port = port
-        self.reason = reason
+class NarrowbandPortError(CentralError, SerialPortError):
+    """The receiving terminal's serial port cannot be opened, or was lost."""
 
 
 # --- the pure part: birth inventory and frame entries -> records ------------------------------

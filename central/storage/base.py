@@ -38,6 +38,7 @@ from central.storage.delivery import (
 from central.storage.program import Program, Sql
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, State
+from protocols.errors import DetailedError
 
 T = TypeVar("T")
 
@@ -45,11 +46,9 @@ class StorageError(CentralError):
     """Base of every storage error."""
 
 
-class UnsupportedDatabaseError(StorageError):
-    def __init__(self, url: str) -> None:
-        super().__init__(f"unsupported database URL {url!r}"
-                         " (expected sqlite:///PATH or postgresql://...)")
-        self.url = url
+class UnsupportedDatabaseError(StorageError, DetailedError):
+    template = "unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://...)"
+    url: str
 
 
 class DatabaseWriteError(StorageError):
@@ -61,14 +60,13 @@ class UnstorableValueError(DatabaseWriteError):
     refuses), not because of the database: the same write fails again."""
 
 
-class NotFoundError(StorageError):
+class NotFoundError(StorageError, DetailedError):
     """A gateway, device or point that storage does not hold."""
 
     kind = "object"
 
-    def __init__(self, ref: str) -> None:
-        super().__init__(f"unknown {self.kind} {ref!r}")
-        self.ref = ref
+    template = "unknown {kind} {ref!r}"
+    ref: str
 
 
 class UnknownGatewayError(NotFoundError):
@@ -83,11 +81,10 @@ class UnknownPointError(NotFoundError):
     kind = "point"
 
 
-class BadRefError(StorageError):
-    def __init__(self, ref: str, expected: str) -> None:
-        super().__init__(f"bad reference {ref!r}: expected {expected}")
-        self.ref = ref
-        self.expected = expected
+class BadRefError(StorageError, DetailedError):
+    template = "bad reference {ref!r}: expected {expected}"
+    ref: str
+    expected: str
 
 
 # --- values returned by a backend ------------------------------------------------------------

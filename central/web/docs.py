@@ -28,6 +28,7 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse, Response
 
 from central import CentralError
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 ASSETS = "/docs-assets"
@@ -42,11 +43,10 @@ TYPES = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8",
          "swagger-ui.css": "text/css; charset=utf-8", "favicon.png": "image/png"}
 
 
-class DocsAssetError(CentralError):
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"docs asset {name}: {reason}")
-        self.name = name
-        self.reason = reason
+class DocsAssetError(CentralError, DetailedError):
+    template = "docs asset {name}: {reason}"
+    name: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass
 
 from edge_agent import EdgeError
+from protocols.errors import DetailedError
+from runtime.serial import SerialPortError
 
 # --- errors --------------------------------------------------------------------------------
 
@@ -20,39 +22,31 @@ class BearerError(EdgeError):
     """Base of every narrowband bearer error."""
 
 
-class BearerPortError(BearerError):
+class BearerPortError(BearerError, SerialPortError):
     """The serial port cannot be opened, or was lost (missing, busy, unplugged)."""
 
-    def __init__(self, port: str, reason: str) -> None:
-        super().__init__(f"{port}: {reason}")
-        self.port = port
-        self.reason = reason
 
-
-class BearerTimeoutError(BearerError):
+class BearerTimeoutError(BearerError, DetailedError):
     """The terminal did not answer one step within its timeout."""
 
-    def __init__(self, port: str, step: str, timeout_s: float) -> None:
-        super().__init__(f"{port}: no answer to {step} within {timeout_s:g} s")
-        self.port = port
-        self.step = step
-        self.timeout_s = timeout_s
+    template = "{port}: no answer to {step} within {timeout_s:g} s"
+    port: str
+    step: str
+    timeout_s: float
 
 
-class NoCardError(BearerError):
+class NoCardError(BearerError, DetailedError):
     """The terminal answered that it holds no card: it cannot send."""
 
-    def __init__(self, port: str) -> None:
-        super().__init__(f"{port}: the terminal has no card")
-        self.port = port
+    template = "{port}: the terminal has no card"
+    port: str
 
 
-class ConnectRejectedError(BearerError):
+class ConnectRejectedError(BearerError, DetailedError):
     """The radio refused the link (HRNP reject to a connect): it cannot send."""
 
-    def __init__(self, port: str) -> None:
-        super().__init__(f"{port}: the radio rejected the HRNP connect")
-        self.port = port
+    template = "{port}: the radio rejected the HRNP connect"
+    port: str
 
 
 class BearerRequestError(BearerError):

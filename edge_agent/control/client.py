@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_agent import EdgeError
 from edge_agent.control import ControlError
+from protocols.errors import DetailedError
 
 DEFAULT_TIMEOUT_S = 40.0  # longer than the agent's own REQUEST_TIMEOUT_S, so it answers first
 
@@ -26,18 +27,16 @@ class ControlClientError(EdgeError):
     """Base of the control client's errors."""
 
 
-class AgentNotRunningError(ControlClientError):
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"the agent is not running (nothing answers on {path}: {reason})")
-        self.path = path
-        self.reason = reason
+class AgentNotRunningError(ControlClientError, DetailedError):
+    template = "the agent is not running (nothing answers on {path}: {reason})"
+    path: Path
+    reason: str
 
 
-class ControlAccessError(ControlClientError):
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"permission denied on {path}: run as the agent's user or add yourself "
-                         "to its group (sudo usermod -aG <group> $USER, then log in again)")
-        self.path = path
+class ControlAccessError(ControlClientError, DetailedError):
+    template = ("permission denied on {path}: run as the agent's user or add yourself "
+                "to its group (sudo usermod -aG <group> $USER, then log in again)")
+    path: Path
 
 
 class ControlRequestError(ControlClientError, ControlError):

@@ -7,15 +7,15 @@ library, chained with `from`; the poller and the command executor see only these
 from __future__ import annotations
 
 from edge_agent import EdgeError
+from protocols.errors import DetailedError
 
 
-class TransportError(EdgeError):
+class TransportError(EdgeError, DetailedError):
     """A request did not complete; `endpoint` names the link."""
 
-    def __init__(self, endpoint: str, message: str) -> None:
-        super().__init__(f"{endpoint}: {message}")
-        self.endpoint = endpoint
-        self.message = message
+    template = "{endpoint}: {message}"
+    endpoint: str
+    message: str
 
 
 class TransportConnectError(TransportError):

@@ -73,7 +73,7 @@ from protocols.hj212 import (
     Hj212Frame,
     encode_frame,
 )
-from runtime.serial import LineReader, PortLostError, open_serial
+from runtime.serial import LineReader, PortLostError, SerialPortError, open_serial
 
 log = structlog.get_logger(__name__)
 
@@ -85,13 +85,8 @@ class Hj212SourceError(EdgeError):
     """Base of the HJ 212 source's errors."""
 
 
-class Hj212PortError(Hj212SourceError):
+class Hj212PortError(Hj212SourceError, SerialPortError):
     """The serial port cannot be opened (missing, busy, owned by another reader)."""
-
-    def __init__(self, port: str, reason: str) -> None:
-        super().__init__(f"{port}: {reason}")
-        self.port = port
-        self.reason = reason
 
 
 class RecordSink(Protocol):

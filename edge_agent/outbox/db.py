@@ -19,6 +19,7 @@ import structlog
 from edge_agent import EdgeError, SchemaTooNewError
 from edge_agent.outbox.seqs import create_table as seq_reserve_table
 from protocols.envelope import Lane
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 
@@ -59,13 +60,12 @@ class OutboxVersionError(OutboxError, SchemaTooNewError):
     store = "outbox"
 
 
-class OutboxRecordError(OutboxError):
+class OutboxRecordError(OutboxError, DetailedError):
     """A record handed to `append` cannot be stored; nothing of that call was committed."""
 
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(f"record {index}: {reason}")
-        self.index = index
-        self.reason = reason
+    template = "record {index}: {reason}"
+    index: int
+    reason: str
 
 
 _IOERR_SHMSIZE = 4874  # SQLITE_IOERR_SHMSIZE: no room for the `-shm` file (a full disk)

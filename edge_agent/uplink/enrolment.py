@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_agent import EdgeError
 from edge_agent.config.site import AgentConfig, ConfigError, load_config, parse_config
+from runtime.files import write_atomic
 
 KEY, CERT, CA, PUB, META = ("gateway.key", "gateway.crt", "ca.crt", "central-command.pub",
                             "enrolment.json")
@@ -62,22 +62,6 @@ class EnrolResult:
 
 def pki_dir(config: AgentConfig) -> Path:
     return config.gateway.data_dir / "pki"
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # 0600 from the start
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _new_key_and_csr(gw: str) -> tuple[ec.EllipticCurvePrivateKey, str]:
@@ -137,18 +121,18 @@ def _install(config_path: Path, cfg: AgentConfig, central: str, key: ec.Elliptic
     text = set_table(text, "commands", {"central_public_key": str(paths[PUB])})
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write(paths[KEY], key_pem, 0o600)
-    _write(paths[CERT], cert_pem, 0o644)
-    _write(paths[CA], ca_pem, 0o644)
-    _write(paths[PUB], (pub + "\n").encode(), 0o644)
-    _write(paths[META], json.dumps({"central": central, "serial": serial,
+    write_atomic(paths[KEY], key_pem, 0o600)
+    write_atomic(paths[CERT], cert_pem, 0o644)
+    write_atomic(paths[CA], ca_pem, 0o644)
+    write_atomic(paths[PUB], (pub + "\n").encode(), 0o644)
+    write_atomic(paths[META], json.dumps({"central": central, "serial": serial,
                                     "not_after_ms": not_after}).encode(), 0o644)
     try:
         parse_config(text, config_path, check_profiles=False)
     except ConfigError as exc:
         raise EnrolmentError(f"the updated config would not load, left unchanged: {exc}") from exc
     mode = config_path.stat().st_mode & 0o777
-    _write(config_path, text.encode("utf-8"), mode)
+    write_atomic(config_path, text.encode("utf-8"), mode)
     return EnrolResult(gw, central, serial, not_after, paths[KEY], paths[CERT], paths[CA],
                        paths[PUB], config_path, write_tls)
 

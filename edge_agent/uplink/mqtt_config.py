@@ -17,16 +17,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent import EdgeError
+from runtime.files import FileError
 from runtime.mqtt import TlsFileError, client_tls_context
 
 
-class MqttTlsError(EdgeError):
+class MqttTlsError(EdgeError, FileError):
     """The CA, certificate or key cannot be loaded into a TLS context."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 class MqttTlsConfig(BaseModel):
