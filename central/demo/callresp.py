@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from central.callresp.directory import (
 )
 from central.callresp.service import CallRespService
 from central.callresp.settings import CallRespSettings
-from central.demo.children import child_env, stop_children, wait_file
+from central.demo.children import ready_child
 from central.identity.audit import AuditLog
 from central.storage import Storage
 from central.web.routing import now_ms
@@ -109,21 +108,11 @@ async def seed_directory(storage: Storage) -> int:
 async def street_terminals(root: Path, deadline_s: float = DEADLINE_S
                            ) -> AsyncIterator[dict[str, int]]:
     """The terminals as one child process; yields terminal id → its TCP port on loopback."""
-    root.mkdir(parents=True, exist_ok=True)
-    ready = root / "terminals.json"
-    ready.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "central.demo.terminals", "--ready-file", str(ready)]
-    for t in TERMINALS:
-        after = "never" if t.presses is None else f"{t.presses * deadline_s:.2f}"
-        args += ["--terminal", f"{t.id}:{after}"]
-    proc = await asyncio.create_subprocess_exec(*args, env=child_env(),
-                                                stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=(root / "terminals.log").open("ab"))
-    try:
-        ports: dict[str, int] = json.loads(await wait_file(ready, proc))
+    args = [f"--terminal={t.id}:" + ("never" if t.presses is None
+                                      else f"{t.presses * deadline_s:.2f}") for t in TERMINALS]
+    async with ready_child("central.demo.terminals", args, root, "terminals") as ready:
+        ports: dict[str, int] = json.loads(ready)
         yield ports
-    finally:
-        await stop_children([proc])
 
 
 def terminals_toml(ports: dict[str, int]) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 
@@ -25,6 +28,23 @@ async def wait_file(path: Path, proc: asyncio.subprocess.Process, timeout: float
                 raise RuntimeError(f"child exited with {proc.returncode} before it was ready")
             await asyncio.sleep(0.05)
     return path.read_text().strip()
+
+
+@contextlib.asynccontextmanager
+async def ready_child(module: str, args: Sequence[str], root: Path,
+                      name: str) -> AsyncIterator[str]:
+    """`python -m module --ready-file root/name.json *args`, its stderr in `root/name.log`:
+    yields what it wrote to the ready file; stopped (bounded) on exit."""
+    root.mkdir(parents=True, exist_ok=True)
+    ready = root / f"{name}.json"
+    ready.unlink(missing_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, "--ready-file", str(ready), *args, env=child_env(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=(root / f"{name}.log").open("ab"))
+    try:
+        yield await wait_file(ready, proc)
+    finally:
+        await stop_children([proc])
 
 
 async def stop_children(procs: list[asyncio.subprocess.Process], grace_s: float = 5.0) -> None:

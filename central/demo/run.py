@@ -32,7 +32,7 @@ from central.config.settings import NarrowbandGateway, Settings
 from central.console.geo import Position, set_area_position, set_gateway_position
 from central.demo import callresp
 from central.demo.broker import embedded_broker
-from central.demo.children import child_env, stop_children, wait_file
+from central.demo.children import child_env, ready_child, stop_children, wait_file
 from central.demo.link import LinkSwitch
 from central.health.service import make_server, stop_on_signals
 from central.storage import Storage, open_storage
@@ -369,20 +369,10 @@ async def gas_leak_scenario(controls: dict[str, int], *, gw: str = "wh-qingshan-
 async def beidou_terminals(root: Path, cards: dict[str, float]) -> AsyncIterator[dict[str, str]]:
     """The BeiDou terminals (card → send interval) as one child process sharing one sky;
     yields card → pty path."""
-    root.mkdir(parents=True, exist_ok=True)
-    ready = root / "beidou.json"
-    ready.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "firmware_stubs.beidou_cli", "--ready-file", str(ready)]
-    for card, interval in cards.items():
-        args += ["--terminal", f"{card}:{interval}"]
-    proc = await asyncio.create_subprocess_exec(*args, env=child_env(),
-                                                stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=(root / "beidou.log").open("ab"))
-    try:
-        paths: dict[str, str] = json.loads(await wait_file(ready, proc))
+    args = [f"--terminal={card}:{interval}" for card, interval in cards.items()]
+    async with ready_child("firmware_stubs.beidou_cli", args, root, "beidou") as ready:
+        paths: dict[str, str] = json.loads(ready)
         yield paths
-    finally:
-        await stop_children([proc])
 
 
 async def sanduan_scenario(link: LinkSwitch, controls: dict[str, int], *, gw: str,

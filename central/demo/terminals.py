@@ -15,9 +15,8 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Self
 
 from firmware_stubs import sim_process
 from firmware_stubs.errors import SimulatorError
@@ -37,27 +36,15 @@ def _terminal(text: str) -> tuple[str, float | None]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected ID:SECONDS or ID:never") from None
 
 
-class Street:
-    """The terminals, started and stopped together; `ports` once started."""
-
-    def __init__(self, terminals: Sequence[tuple[str, float | None]], heartbeat_s: float) -> None:
-        self.sims = [TcpTerminalSimulator(tid, press_after_s=after, heartbeat_s=heartbeat_s)
-                     for tid, after in terminals]
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> Self:
-        async with contextlib.AsyncExitStack() as stack:
-            for sim in self.sims:
-                await stack.enter_async_context(sim)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
-
-    @property
-    def ports(self) -> dict[str, int]:
-        return {sim.terminal_id: sim.port for sim in self.sims}
+@contextlib.asynccontextmanager
+async def street(terminals: Sequence[tuple[str, float | None]],
+                 heartbeat_s: float) -> AsyncIterator[dict[str, int]]:
+    """The terminals, started and stopped together; yields terminal id → port."""
+    async with contextlib.AsyncExitStack() as stack:
+        sims = [await stack.enter_async_context(
+            TcpTerminalSimulator(tid, press_after_s=after, heartbeat_s=heartbeat_s))
+            for tid, after in terminals]
+        yield {sim.terminal_id: sim.port for sim in sims}
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,13 +63,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    def announce(street: Street) -> str:
+    def announce(ports: dict[str, int]) -> str:
         if args.ready_file is not None:
-            sim_process.write_atomic(args.ready_file, json.dumps(street.ports) + "\n")
-        ports = ",".join(f"{tid}:{port}" for tid, port in street.ports.items())
-        return sim_process.ready_line(f"terminals={ports}", None)
+            sim_process.write_atomic(args.ready_file, json.dumps(ports) + "\n")
+        listed = ",".join(f"{tid}:{port}" for tid, port in ports.items())
+        return sim_process.ready_line(f"terminals={listed}", None)
 
-    await sim_process.serve_until_signal(Street(args.terminal, args.heartbeat), announce)
+    await sim_process.serve_until_signal(street(args.terminal, args.heartbeat), announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
