@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,12 +106,15 @@ async def seed_directory(storage: Storage) -> int:
 
 @contextlib.asynccontextmanager
 async def street_terminals(root: Path, deadline_s: float = DEADLINE_S
-                           ) -> AsyncIterator[dict[str, int]]:
-    """The terminals as one child process; yields terminal id → its TCP port on loopback."""
+                           ) -> AsyncIterator[Callable[[], Awaitable[dict[str, int]]]]:
+    """The terminals as one child process; yields `ports()`, which waits until they listen
+    and returns terminal id → its TCP port on loopback."""
     args = [f"--terminal={t.id}:" + ("never" if t.presses is None
                                       else f"{t.presses * deadline_s:.2f}") for t in TERMINALS]
     async with ready_child("central.demo.terminals", args, root, "terminals") as ready:
-        ports: dict[str, int] = json.loads(ready)
+        async def ports() -> dict[str, int]:
+            return dict(json.loads(await ready))
+
         yield ports
 
 

@@ -32,18 +32,23 @@ async def wait_file(path: Path, proc: asyncio.subprocess.Process, timeout: float
 
 @contextlib.asynccontextmanager
 async def ready_child(module: str, args: Sequence[str], root: Path,
-                      name: str) -> AsyncIterator[str]:
+                      name: str) -> AsyncIterator[asyncio.Task[str]]:
     """`python -m module --ready-file root/name.json *args`, its stderr in `root/name.log`:
-    yields what it wrote to the ready file; stopped (bounded) on exit."""
+    yields a task that ends with what it wrote to the ready file (so the caller can start
+    other things meanwhile); stopped (bounded) on exit."""
     root.mkdir(parents=True, exist_ok=True)
     ready = root / f"{name}.json"
     ready.unlink(missing_ok=True)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, "--ready-file", str(ready), *args, env=child_env(),
         stdout=asyncio.subprocess.DEVNULL, stderr=(root / f"{name}.log").open("ab"))
+    waiting = asyncio.ensure_future(wait_file(ready, proc))
     try:
-        yield await wait_file(ready, proc)
+        yield waiting
     finally:
+        waiting.cancel()
+        if waiting.done() and not waiting.cancelled():
+            waiting.exception()  # retrieved: the caller saw it, or is leaving for another error
         await stop_children([proc])
 
 

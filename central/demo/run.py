@@ -261,6 +261,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
         else:
             addr = await stack.enter_async_context(embedded_broker())
             host, port = addr.host, addr.port
+        street = await stack.enter_async_context(  # 叫应: the street's terminals, starting
+            callresp.street_terminals(data_dir / "terminals", callresp_deadline_s))
         # 三断: the BeiDou-equipped gateways reach the broker through a switchable relay, and
         # each has a frame key that central knows (enrolment would hand it out).
         remote = [gw for gw in FLEET if gw.beidou_card]
@@ -270,8 +272,6 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             beidou_terminals(data_dir / "beidou", cards))
         keys = {gw.id: secrets.token_hex(32) for gw in remote}
         links = {gw.id: await stack.enter_async_context(LinkSwitch(host, port)) for gw in remote}
-        street = await stack.enter_async_context(  # 叫应: the street's terminals
-            callresp.street_terminals(data_dir / "terminals", callresp_deadline_s))
         settings = Settings(
             db_url=f"sqlite:///{(data_dir / 'central.db').resolve()}", mqtt_host=host,
             mqtt_port=port, http_host=http_host, http_port=http_port,
@@ -309,7 +309,7 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             narrowband={gw.id: Narrowband(port=terminals[gw.beidou_card], key=keys[gw.id],
                                           central_card=CENTRAL_CARD)
                         for gw in remote if gw.beidou_card},
-            extra={callresp.GW: callresp.terminals_toml(street)}))
+            extra={callresp.GW: callresp.terminals_toml(await street())}))
         scenarios = [asyncio.create_task(gas_leak_scenario(controls), name="demo.scenario"),
                      asyncio.create_task(callresp.callresp_round(
                          app.state.callresp, street_id, user=login[0]), name="demo.callresp")]
@@ -371,7 +371,7 @@ async def beidou_terminals(root: Path, cards: dict[str, float]) -> AsyncIterator
     yields card → pty path."""
     args = [f"--terminal={card}:{interval}" for card, interval in cards.items()]
     async with ready_child("firmware_stubs.beidou_cli", args, root, "beidou") as ready:
-        paths: dict[str, str] = json.loads(ready)
+        paths: dict[str, str] = json.loads(await ready)
         yield paths
 
 
