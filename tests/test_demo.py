@@ -1,4 +1,5 @@
-"""`central demo` as a new user runs it: every gateway online with moving values in 30 s."""
+"""`central demo` as a new user runs it: every gateway online with moving values in 30 s, and
+its 叫应 round (3 answer, 1 is re-sent 3 times and escalated to the district, who answers)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tests.identity import bearer
 pytestmark = pytest.mark.e2e
 
 
+DEADLINE_S = 3  # the 叫应 round's deadline per send: escalation ~12 s after the warning
+ROUND_S = 30  # escalation (4 deadlines) and the district's answer, with room for a loaded box
 HEADERS: dict[str, str] = {}  # the demo admin's bearer token, once logged in
 
 
@@ -42,13 +45,48 @@ def counters(base: str, gw: str) -> dict[str, float]:
             if p["point"] == "counter" and p["latest"]}
 
 
+def finished_round(base: str) -> dict | None:
+    """The demo's 叫应 warning once every target is closed (None until then)."""
+    try:
+        ws = get_json(f"{base}/api/callresp/warnings")
+    except OSError:
+        return None
+    assert isinstance(ws, list) and len(ws) <= 1, ws
+    if not ws or any(t["state"] in ("sent", "delivered") for t in ws[0]["targets"]):
+        return None
+    w = get_json(f"{base}/api/callresp/warnings/{ws[0]['id']}")
+    assert isinstance(w, dict)
+    return w
+
+
+def check_round(w: dict) -> None:
+    """3 of the street's terminals answered at the first send; the fourth was sent 4 times
+    (deadline apart), escalated, and 江岸区's person in charge answered on their terminal."""
+    assert (w["level"], w["created_by"]) == ("red", "admin")  # issued (and audited) as the admin
+    by = {t["ref"]: t for t in w["targets"]}
+    assert {ref: t["state"] for ref, t in by.items()} == {
+        "JY-JA-0101": "answered", "JY-JA-0102": "answered", "JY-JA-0103": "answered",
+        "JY-JA-0104": "escalated", "p-jiangan-chen": "answered"}
+    silent, boss = by["JY-JA-0104"], by["p-jiangan-chen"]
+    assert silent["attempts"] == 4 and silent["escalated_to"] == boss["id"]
+    assert boss["escalated_from"] == silent["id"] and boss["answered_terminal"] == "JY-JA-0001"
+    steps = [(s["step"], s["attempt"]) for s in w["steps"] if s["target_id"] == silent["id"]]
+    assert [s for s in steps if s[0] != "delivered"] == [
+        ("sent", 1), ("resent", 2), ("resent", 3), ("resent", 4), ("escalated", 4)]
+    sends = sorted(s["at_ms"] for s in w["steps"] if s["target_id"] == silent["id"]
+                   and s["step"] in ("sent", "resent", "escalated"))
+    assert all(b - a >= DEADLINE_S * 1000 for a, b in zip(sends, sends[1:], strict=False)), sends
+
+
+
 def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> None:
-    """The demo prints the console login it made; with it /api/gateways shows all 4 gateways online (each placed on the map in its district) and counters advancing within 30 s, and Ctrl-C stops every child."""
+    """The demo prints the console login it made; with it /api/gateways shows all 4 gateways online (each placed on the map in its district) and counters advancing within 30 s; its 叫应 warning follows, and within 30 s the round ends with 3 terminals answered and the fourth re-sent 3 times and escalated to the district's person in charge, who answered; and Ctrl-C stops every child."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "demo.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "central", "demo", "--data-dir", str(tmp_path / "d"),
-                             "--http-port", str(port)], env=python_env(), stdout=log, stderr=subprocess.STDOUT)
+                             "--http-port", str(port), "--callresp-deadline-s", str(DEADLINE_S)],
+                            env=python_env(), stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:
         HEADERS.clear()
@@ -77,6 +115,14 @@ def test_demo_brings_every_gateway_online_with_moving_values(tmp_path: Path) -> 
                  timeout=max(5.0, 30 - (time.monotonic() - started)), interval=0.5,
                  what="every counter to advance")
         assert time.monotonic() - started < 30
+        # the 叫应 round: a warning 5 s after wh-jiangan-01 is online, escalated 4 deadlines
+        # later, answered by the district a few seconds after that
+        wait_for(lambda: get_json(f"{base}/api/callresp/warnings"), timeout=30, interval=0.5,
+                 what="the demo's 叫应 warning")
+        issued = time.monotonic()
+        check_round(wait_for(lambda: finished_round(base), timeout=ROUND_S, interval=0.5,
+                             what="the demo's 叫应 round to finish"))
+        print(f"叫应 round done {time.monotonic() - issued:.1f} s after the warning")
     finally:
         proc.send_signal(signal.SIGINT)
         try:

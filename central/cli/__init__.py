@@ -125,6 +125,8 @@ def demo(
     log_json: Annotated[bool | None, typer.Option(
         "--log-json/--log-pretty", help="Log format; default JSON unless stderr is a tty.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "warning",
+    callresp_deadline_s: Annotated[float, typer.Option(
+        min=1, max=600, help="叫应 round: deadline per send (re-send, escalate).")] = 10.0,
 ) -> None:
     """Run the whole system on this machine: an embedded MQTT broker on a free port,
     central, and a simulated fleet of 4 gateways, each an edge-agent process polling its own
@@ -140,7 +142,7 @@ def demo(
     configure_logging("central", json=log_json, level=log_level)
     try:
         asyncio.run(run_demo(data_dir=data_dir, http_host=http_host, http_port=http_port,
-                             broker=broker))
+                             broker=broker, callresp_deadline_s=callresp_deadline_s))
     except KeyboardInterrupt:
         pass
     except (CentralError, OSError, RuntimeError) as exc:

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from central.app import create_app
 from central.areas.tree import SEED_DIR, AreaNode, area_tree, seed_areas
 from central.config.settings import NarrowbandGateway, Settings
 from central.console.geo import Position, set_area_position, set_gateway_position
+from central.demo import callresp
 from central.demo.broker import embedded_broker
+from central.demo.children import child_env, ready_child, stop_children, wait_file
 from central.demo.link import LinkSwitch
 from central.health.service import make_server, stop_on_signals
 from central.storage import Storage, open_storage
@@ -75,23 +76,6 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 SITE_POSITIONS: dict[str, tuple[float, float]] = {"420116-site-01": (31.0850, 114.3900)}
 DEMO_SEND_INTERVAL_S = 10.0  # BeiDou cards allow one message a minute; the demo, one per 10 s
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-async def _wait_file(path: Path, proc: asyncio.subprocess.Process, timeout: float = 20.0) -> str:
-    async with asyncio.timeout(timeout):
-        while not (path.exists() and path.read_text().strip()):
-            if proc.returncode is not None:
-                raise RuntimeError(f"child exited with {proc.returncode} before it was ready")
-            await asyncio.sleep(0.05)
-    return path.read_text().strip()
 
 
 def gateway_config(gw: DemoGateway, *, data_dir: Path, sim_port: int, broker_host: str,
@@ -163,17 +147,19 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                 gateways: tuple[DemoGateway, ...] = FLEET, *,
                 central_public_key: str | None = None, links: dict[str, int] | None = None,
                 narrowband: dict[str, Narrowband] | None = None,
-                enrol: Enrol | None = None) -> AsyncIterator[dict[str, int]]:
+                enrol: Enrol | None = None,
+                extra: dict[str, str] | None = None) -> AsyncIterator[dict[str, int]]:
     """Start one simulator and one edge agent process per gateway; stop them all on exit.
     Yields each gateway's simulator control port (to script values). `links` routes a
     gateway's MQTT through a local relay port; `narrowband` gives it a BeiDou terminal;
     `enrol` has each gateway run `edge-agent enroll` with a fresh token first (DESIGN.md §8),
-    which pins central's key instead of `central_public_key`."""
+    which pins central's key instead of `central_public_key`; `extra` is more of a gateway's
+    TOML (its 叫应 terminals)."""
     procs: list[asyncio.subprocess.Process] = []
     controls: dict[str, int] = {}
     confs: list[tuple[DemoGateway, Path]] = []
     enrolling: list[asyncio.Task[None]] = []
-    env = _child_env()
+    env = child_env()
     try:
         for gw in gateways:
             gdir = root / gw.id
@@ -190,14 +176,15 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                 *args, env=env, stdout=asyncio.subprocess.DEVNULL,
                 stderr=(gdir / "sim.log").open("ab"))
             procs.append(sim)
-            sim_port = int((await _wait_file(ready, sim)).split("=")[-1])
-            controls[gw.id] = int((await _wait_file(control_ready, sim)).split("=")[-1])
+            sim_port = int((await wait_file(ready, sim)).split("=")[-1])
+            controls[gw.id] = int((await wait_file(control_ready, sim)).split("=")[-1])
             conf = gdir / "site.toml"
             relay = (links or {}).get(gw.id)
             conf.write_text(gateway_config(
                 gw, data_dir=gdir, sim_port=sim_port,
                 broker_host="127.0.0.1" if relay else broker_host, broker_port=relay or broker_port,
-                central_public_key=central_public_key, narrowband=(narrowband or {}).get(gw.id)))
+                central_public_key=central_public_key, narrowband=(narrowband or {}).get(gw.id))
+                + "\n" + (extra or {}).get(gw.id, ""))
             confs.append((gw, conf))
             if enrol is not None:  # a process start each: overlap them with the simulators'
                 enrolling.append(asyncio.create_task(enrol_gateway(enrol, gw.id, conf, env),
@@ -215,21 +202,6 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
         for t in enrolling:
             t.cancel()
         await stop_children(procs)
-
-
-async def stop_children(procs: list[asyncio.subprocess.Process], grace_s: float = 5.0) -> None:
-    """SIGTERM to every child, one shared `grace_s` for all of them, then SIGKILL the rest:
-    the stop is bounded by `grace_s` however many children there are."""
-    for p in procs:
-        if p.returncode is None:
-            p.send_signal(signal.SIGTERM)
-    waits = [asyncio.ensure_future(p.wait()) for p in procs]
-    if waits:
-        await asyncio.wait(waits, timeout=grace_s)
-    for p in procs:
-        if p.returncode is None:
-            p.kill()
-    await asyncio.gather(*waits, return_exceptions=True)
 
 
 DEMO_ADMIN = "admin"
@@ -277,8 +249,10 @@ async def demo_login(storage: Storage, data_dir: Path) -> tuple[str, str]:
     return DEMO_ADMIN, password
 
 
-async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: str | None) -> None:
-    """Run broker, central and the fleet until Ctrl-C."""
+async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: str | None,
+                   callresp_deadline_s: float = callresp.DEADLINE_S) -> None:
+    """Run broker, central and the fleet until Ctrl-C (a 叫应 round whose deadlines are
+    `callresp_deadline_s`: `central.demo.callresp`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         if broker:
@@ -287,6 +261,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
         else:
             addr = await stack.enter_async_context(embedded_broker())
             host, port = addr.host, addr.port
+        street = await stack.enter_async_context(  # 叫应: the street's terminals, starting
+            callresp.street_terminals(data_dir / "terminals", callresp_deadline_s))
         # 三断: the BeiDou-equipped gateways reach the broker through a switchable relay, and
         # each has a frame key that central knows (enrolment would hand it out).
         remote = [gw for gw in FLEET if gw.beidou_card]
@@ -301,7 +277,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             mqtt_port=port, http_host=http_host, http_port=http_port,
             narrowband_port=terminals[CENTRAL_CARD],
             narrowband_gateways=[NarrowbandGateway(gw=gw.id, card=gw.beidou_card, key=keys[gw.id])
-                                 for gw in remote if gw.beidou_card])
+                                 for gw in remote if gw.beidou_card],
+            callresp=callresp.demo_settings(callresp_deadline_s))
         async with open_storage(settings.db_url) as st:  # Wuhan's areas and the fleet's sites
             await seed_areas(st, SEED_DIR / "wuhan.yaml")
             await place_on_map(st)
@@ -319,6 +296,7 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
                     return
                 await asyncio.sleep(0.05)
         identity = app.state.identity.service
+        street_id = await callresp.seed_directory(app.state.callresp.storage)  # 叫应 directory
 
         async def issue_token(gw: str) -> str:
             return (await identity.issue_token(gw, ttl_s=600)).token
@@ -330,8 +308,11 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             links={gw: link.port for gw, link in links.items()},
             narrowband={gw.id: Narrowband(port=terminals[gw.beidou_card], key=keys[gw.id],
                                           central_card=CENTRAL_CARD)
-                        for gw in remote if gw.beidou_card}))
-        scenarios = [asyncio.create_task(gas_leak_scenario(controls), name="demo.scenario")]
+                        for gw in remote if gw.beidou_card},
+            extra={callresp.GW: callresp.terminals_toml(await street())}))
+        scenarios = [asyncio.create_task(gas_leak_scenario(controls), name="demo.scenario"),
+                     asyncio.create_task(callresp.callresp_round(
+                         app.state.callresp, street_id, user=login[0]), name="demo.callresp")]
         scenarios += [asyncio.create_task(sanduan_scenario(link, controls, gw=gw),
                                           name=f"demo.sanduan[{gw}]")
                       for gw, link in links.items()]
@@ -340,6 +321,8 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
         print(f"Fieldlink demo: console http://{http_host}:{http_port}/  "
               f"broker mqtt://{host}:{port}  "
               f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
+        print(f"叫应: a red warning to 二七街道's terminals once {callresp.GW} is online; "
+              f"deadlines {callresp_deadline_s:g} s, 3 re-sends, then the district.", flush=True)
         print("The gateways enrolled with one-time tokens and hold certificates from central's "
               "CA, but this broker is plain MQTT (amqtt cannot enforce per-gateway ACLs): use "
               "Mosquitto from `central broker-config` in production (README).", flush=True)
@@ -386,20 +369,10 @@ async def gas_leak_scenario(controls: dict[str, int], *, gw: str = "wh-qingshan-
 async def beidou_terminals(root: Path, cards: dict[str, float]) -> AsyncIterator[dict[str, str]]:
     """The BeiDou terminals (card → send interval) as one child process sharing one sky;
     yields card → pty path."""
-    root.mkdir(parents=True, exist_ok=True)
-    ready = root / "beidou.json"
-    ready.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "firmware_stubs.beidou_cli", "--ready-file", str(ready)]
-    for card, interval in cards.items():
-        args += ["--terminal", f"{card}:{interval}"]
-    proc = await asyncio.create_subprocess_exec(*args, env=_child_env(),
-                                                stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=(root / "beidou.log").open("ab"))
-    try:
-        paths: dict[str, str] = json.loads(await _wait_file(ready, proc))
+    args = [f"--terminal={card}:{interval}" for card, interval in cards.items()]
+    async with ready_child("firmware_stubs.beidou_cli", args, root, "beidou") as ready:
+        paths: dict[str, str] = json.loads(await ready)
         yield paths
-    finally:
-        await stop_children([proc])
 
 
 async def sanduan_scenario(link: LinkSwitch, controls: dict[str, int], *, gw: str,
