@@ -141,14 +141,22 @@ def status_mb(pid: int) -> dict[str, float]:
 
 
 def agent_config(work: Path, ports: list[int], profile_text: str, broker_port: int) -> Path:
-    """A gateway config: one TCP device per simulator port, polled at 1 Hz."""
+    """A gateway config: one TCP device per simulator port, polled at 1 Hz, and central's
+    command key pinned as on every enrolled gateway (its parsing loads `cryptography`, so a
+    gateway without one would not be a fair measure of memory)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocols.commands import public_key_b64
+
+    key = public_key_b64(Ed25519PrivateKey.generate().public_key())
     (work / "profiles").mkdir()
     (work / "profiles" / "bench-device-v1.yaml").write_text(profile_text)
     data = work / "gw-poll"
     data.mkdir()
     lines = ["[gateway]", 'id = "gw-poll"', f'data_dir = "{data}"', "",
              "[profiles]", f'dirs = ["{work / "profiles"}"]', "",
-             "[mqtt]", 'host = "127.0.0.1"', f"port = {broker_port}", ""]
+             "[mqtt]", 'host = "127.0.0.1"', f"port = {broker_port}", "",
+             "[commands]", f'central_public_key = "{key}"', ""]
     for i, port in enumerate(ports):
         lines += ["[[devices]]", f'id = "dev-{i}"', 'profile = "bench-device-v1"',
                   f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {port} }}',
