@@ -10,9 +10,18 @@ can for `--seconds`. CPU is this process's CPU time (the agent side only).
   115200 baud (answers paced at the wire speed), all devices sharing one `SerialBus` that
   takes turns between them: the line, not the CPU, sets the rate.
 
-    python bench/poll.py [--transport tcp|rtu] [--devices 20] [--points 50] [--seconds 10]
+Then (TCP only, unless `--steady-seconds 0`) the agent's steady state: the real daemon
+(`python -m edge_agent run`) polls the same simulators at 1 Hz through a private Mosquitto to a
+real central (both other processes, not counted); after `--warmup-seconds` this process samples
+the AGENT process's /proc/<pid>/status every second for `--steady-seconds`.
 
-Prints one JSON line: points_per_s, cpu_s_per_1000_points, points_per_cpu_s.
+    python bench/poll.py [--transport tcp|rtu] [--devices 20] [--points 50] [--seconds 10]
+                         [--steady-seconds 60] [--warmup-seconds 20] [--agent-env KEY=VALUE]
+
+Prints one JSON line: points_per_s, cpu_s_per_1000_points, points_per_cpu_s (the fast poll,
+in this process), and for the agent daemon at 1 Hz: rss_mb (its largest VmRSS in the steady
+window), rss_peak_mb (VmHWM, its high-water mark since start), agent_points_per_s and
+agent_cpu_s_per_1000_points (its CPU over the steady window per record it stored).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import emit
+from _common import emit, proc_cpu_s
 
 from device_profiles import parse_profile
 
@@ -121,6 +130,87 @@ async def poll_fast(ports: list[int], profile_text: str, seconds: float, workdir
     return sum(counts), elapsed, cpu
 
 
+def status_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a live process in MB (10^6 bytes), from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024 / 1e6
+    return out
+
+
+def agent_config(work: Path, ports: list[int], profile_text: str, broker_port: int) -> Path:
+    """A gateway config: one TCP device per simulator port, polled at 1 Hz, and central's
+    command key pinned as on every enrolled gateway (its parsing loads `cryptography`, so a
+    gateway without one would not be a fair measure of memory)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocols.commands import public_key_b64
+
+    key = public_key_b64(Ed25519PrivateKey.generate().public_key())
+    (work / "profiles").mkdir()
+    (work / "profiles" / "bench-device-v1.yaml").write_text(profile_text)
+    data = work / "gw-poll"
+    data.mkdir()
+    lines = ["[gateway]", 'id = "gw-poll"', f'data_dir = "{data}"', "",
+             "[profiles]", f'dirs = ["{work / "profiles"}"]', "",
+             "[mqtt]", 'host = "127.0.0.1"', f"port = {broker_port}", "",
+             "[commands]", f'central_public_key = "{key}"', ""]
+    for i, port in enumerate(ports):
+        lines += ["[[devices]]", f'id = "dev-{i}"', 'profile = "bench-device-v1"',
+                  f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {port} }}',
+                  "device_id = 1", "poll_interval_s = 1.0", ""]
+    config = data / "site.toml"
+    config.write_text("\n".join(lines))
+    return config
+
+
+def agent_steady_state(ports: list[int], profile_text: str, warmup_s: float, seconds: float,
+                       env: dict[str, str]) -> dict[str, object]:
+    """Run the agent daemon at 1 Hz against the simulators; its RSS and CPU in steady state."""
+    from edge_agent.outbox.status import read_status
+    from tests.fleet import Central
+    from tests.helpers import Mosquitto, python_env
+
+    with tempfile.TemporaryDirectory(prefix="fieldlink-poll-agent-") as tmp:
+        work = Path(tmp)
+        (work / "broker").mkdir()
+        broker = Mosquitto(work / "broker")
+        broker.start()
+        central = Central(work, broker.port)
+        config = agent_config(work, ports, profile_text, broker.port)
+        agent: subprocess.Popen[bytes] | None = None
+        try:
+            central.start()
+            with (work / "agent.log").open("wb") as log:
+                agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                                         env=python_env() | env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+            time.sleep(warmup_s)
+            if agent.poll() is not None:
+                raise SystemExit("the agent exited during warm-up:\n" + (work / "agent.log").read_text()[-3000:])
+            outbox = config.parent / "outbox.db"
+            seq0, cpu0, t0 = read_status(outbox).last_seq, proc_cpu_s(agent.pid), time.monotonic()
+            rss: list[float] = []
+            while time.monotonic() - t0 < seconds:
+                time.sleep(1.0)
+                rss.append(status_mb(agent.pid)["VmRSS"])
+            cpu, elapsed = proc_cpu_s(agent.pid) - cpu0, time.monotonic() - t0
+            points, final = read_status(outbox).last_seq - seq0, status_mb(agent.pid)
+            backlog = read_status(outbox).backlog
+        finally:
+            if agent is not None:
+                agent.terminate()
+                agent.wait(timeout=20)
+            central.stop()
+            broker.stop()
+    return {"rss_mb": round(max(rss), 1), "rss_steady_min_mb": round(min(rss), 1),
+            "rss_peak_mb": round(final["VmHWM"], 1), "agent_seconds": round(elapsed, 1),
+            "agent_points_per_s": round(points / elapsed),
+            "agent_cpu_s_per_1000_points": round(1000 * cpu / max(1, points), 4),
+            "agent_backlog_at_end": backlog, "agent_env": env}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=20)
@@ -128,6 +218,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--transport", choices=["tcp", "rtu"], default="tcp",
                     help="tcp: one simulator per device; rtu: all devices on one pty bus at 115200 baud")
+    ap.add_argument("--steady-seconds", type=float, default=60.0,
+                    help="the agent daemon's measured steady state at 1 Hz (tcp only; 0: skip)")
+    ap.add_argument("--warmup-seconds", type=float, default=20.0,
+                    help="run the agent this long before the steady window starts")
+    ap.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra environment variable for the agent daemon (to compare settings)")
     ap.add_argument("--serve-simulators", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--serve-rtu-simulator", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,6 +255,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="fieldlink-poll-") as tmp:
             points, elapsed, cpu = asyncio.run(poll_fast(ports, text, args.seconds, Path(tmp),
                                                          rtu_path=rtu_path))
+        steady: dict[str, object] = {}
+        if not rtu and args.steady_seconds > 0:
+            env = dict(kv.split("=", 1) for kv in args.agent_env)
+            steady = agent_steady_state(ports, text, args.warmup_seconds, args.steady_seconds, env)
     finally:
         if child.stdin:
             child.stdin.close()
@@ -166,7 +266,7 @@ def main() -> None:
     emit(bench="poll", transport=args.transport, devices=args.devices, points_per_device=args.points,
          seconds=round(elapsed, 2), points=points, points_per_s=round(points / elapsed),
          cpu_s_per_1000_points=round(1000 * cpu / points, 4), points_per_cpu_s=round(points / cpu),
-         simulator_cpu_note="simulators run in a separate process and are not counted")
+         **steady, simulator_cpu_note="simulators run in a separate process and are not counted")
 
 
 if __name__ == "__main__":

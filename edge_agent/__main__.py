@@ -1,5 +1,5 @@
 """`python -m edge_agent` runs the CLI (same as the `edge-agent` console script)."""
 
-from edge_agent.cli.app import main
+from edge_agent.cli import main
 
 main()
