@@ -8,6 +8,7 @@ Both packages are built once per session (about a minute and a half).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = "fieldlink-edge"
 OURS = (Path("/etc/fieldlink"), Path("/opt/fieldlink"), Path("/var/lib/fieldlink"))
 UNIT = Path("/usr/lib/systemd/system/fieldlink-edge.service")
+HOST_LOCK = Path("/run/lock/fieldlink-test-deb.lock")
 
 # One worker runs both: dpkg holds one lock and both packages install under /opt/fieldlink.
 pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200), pytest.mark.xdist_group("dpkg")]
@@ -72,7 +74,16 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def clean_host(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    """The host as it was before: purge the package, drop the user and folders this test made."""
+    """The host as it was before: purge the package, drop the user and folders this test made.
+
+    Held under a host-wide lock: another checkout's session (a second worktree, the lead's
+    suite) waits for this one to clean up instead of installing over it or skipping."""
+    with HOST_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        yield from _installed_then_removed(debs)
+
+
+def _installed_then_removed(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
     reason = _why_skip()
     if reason:
         pytest.skip(reason)
