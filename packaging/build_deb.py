@@ -48,6 +48,18 @@ class Spec:
     state: str
     summary: str
     description: str
+    # The edge agent rewrites its own site.toml (remote configuration), so it is no conffile:
+    # postinst puts the example in place when there is none and never touches it again, so an
+    # upgrade can neither prompt on a gateway nobody watches nor bring the example back.
+    conffile: bool = True
+    etc_mode: str = "u=rwx,g+rx,o="  # keeps g+w, which the edge package may have given
+    etc_purge: str = ""  # what purge removes from /etc/fieldlink besides conffiles
+    etc_tmpfiles: str = ""  # the /etc/fieldlink line, from the edge package only
+
+    @property
+    def seed(self) -> Path:
+        """Where a package whose config is no conffile keeps the config an install starts from."""
+        return Path("/usr/share") / self.name / self.conf
 
 
 SPECS = {
@@ -58,7 +70,12 @@ SPECS = {
         summary="Fieldlink edge agent (field device poller and uplink)",
         description="Polls Modbus field devices, evaluates alarm rules, keeps every reading\n"
                     " in a SQLite outbox and delivers it to central over MQTT, with BeiDou/PDT\n"
-                    " fallback. Runs as the systemd service fieldlink-edge."),
+                    " fallback. Runs as the systemd service fieldlink-edge.",
+        conffile=False, etc_mode="0770",
+        etc_purge="/etc/fieldlink/site.toml /etc/fieldlink/site.toml.history "
+                  "/etc/fieldlink/.site.toml-*",
+        etc_tmpfiles="# Group-writable: the agent replaces site.toml itself (remote "
+                     "configuration).\nd /etc/fieldlink 0770 root fieldlink -\n"),
     "central": Spec(
         name="fieldlink-central", venv="central", extra="central", command="central",
         conf="central.toml", conf_source=HERE / "central.toml", other="fieldlink-edge",
@@ -153,7 +170,14 @@ def stage(spec: Spec, wheel: Path, python: Path, root: Path) -> None:
     put(HERE / f"{spec.name}.service", f"/usr/lib/systemd/system/{spec.name}.service")
     put(HERE / "fieldlink.sysusers", f"/usr/lib/sysusers.d/{spec.name}.conf")
     put(HERE / "fieldlink.tmpfiles", f"/usr/lib/tmpfiles.d/{spec.name}.conf")
-    put(spec.conf_source, f"/etc/fieldlink/{spec.conf}", 0o640)
+    if spec.etc_tmpfiles:
+        with (root / f"usr/lib/tmpfiles.d/{spec.name}.conf").open("a") as tmpfiles:
+            tmpfiles.write(spec.etc_tmpfiles)
+    if spec.conffile:
+        put(spec.conf_source, f"/etc/fieldlink/{spec.conf}", 0o640)
+        (root / "etc/fieldlink").chmod(0o750)
+    else:
+        put(spec.conf_source, str(spec.seed))
     doc = f"/usr/share/doc/{spec.name}"
     put(HERE / "README.md", f"{doc}/README.md")
     put(spec.conf_source, f"{doc}/examples/{spec.conf}")
@@ -161,7 +185,6 @@ def stage(spec: Spec, wheel: Path, python: Path, root: Path) -> None:
         put(rules, f"{doc}/examples/{rules.name}")
     if spec.venv == "central":
         _broker_example(venv / "bin" / "python", root / doc.lstrip("/") / "examples" / "mosquitto")
-    (root / "etc/fieldlink").chmod(0o750)
 
 
 def _broker_example(python: Path, out: Path) -> None:
@@ -199,8 +222,10 @@ def _control(spec: Spec, root: Path, python_minor: str) -> str:
 
 def _maintainer_script(name: str, spec: Spec) -> str:
     text = (HERE / "deb" / name).read_text(encoding="utf-8")
+    seed = "" if spec.conffile else str(spec.seed)
     for key, value in {"@PKG@": spec.name, "@VENV@": spec.venv, "@CONF@": spec.conf,
-                       "@OTHER@": spec.other, "@STATE@": spec.state}.items():
+                       "@OTHER@": spec.other, "@STATE@": spec.state, "@SEED@": seed,
+                       "@ETC_MODE@": spec.etc_mode, "@ETC_PURGE@": spec.etc_purge}.items():
         text = text.replace(key, value)
     return text
 
@@ -215,7 +240,8 @@ def build(spec: Spec, wheel: Path, python: Path, work: Path, out: Path) -> Path:
     debian = root / "DEBIAN"
     debian.mkdir()
     (debian / "control").write_text(_control(spec, root, _python_minor(python)))
-    (debian / "conffiles").write_text(f"/etc/fieldlink/{spec.conf}\n")
+    if spec.conffile:
+        (debian / "conffiles").write_text(f"/etc/fieldlink/{spec.conf}\n")
     for name in ("postinst", "prerm", "postrm"):
         script = debian / name
         script.write_text(_maintainer_script(name, spec))

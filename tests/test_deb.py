@@ -8,6 +8,7 @@ Both packages are built once per session (about a minute and a half).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = "fieldlink-edge"
 OURS = (Path("/etc/fieldlink"), Path("/opt/fieldlink"), Path("/var/lib/fieldlink"))
 UNIT = Path("/usr/lib/systemd/system/fieldlink-edge.service")
+HOST_LOCK = Path("/run/lock/fieldlink-test-deb.lock")
 
 # One worker runs both: dpkg holds one lock and both packages install under /opt/fieldlink.
 pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200), pytest.mark.xdist_group("dpkg")]
@@ -72,7 +74,16 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def clean_host(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    """The host as it was before: purge the package, drop the user and folders this test made."""
+    """The host as it was before: purge the package, drop the user and folders this test made.
+
+    Held under a host-wide lock: another checkout's session (a second worktree, the lead's
+    suite) waits for this one to clean up instead of installing over it or skipping."""
+    with HOST_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        yield from _installed_then_removed(debs)
+
+
+def _installed_then_removed(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
     reason = _why_skip()
     if reason:
         pytest.skip(reason)
@@ -101,6 +112,65 @@ def _files_under(path: Path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*") if not p.is_dir()) if path.exists() else []
 
 
+# What `apply_config` does to the config folder, with the packaged code, as the agent's user:
+# the checks it runs before trying (the folder must be writable), then a trial that keeps the
+# old file in site.toml.history/ and replaces site.toml, then the rollback.
+_REMOTE_CONFIG = """
+import time
+from pathlib import Path
+from edge_agent.config.remote import ConfigHistory, check_candidate
+from edge_agent.config.site import load_config
+
+path = Path("/etc/fieldlink/site.toml")
+history = ConfigHistory(path)
+old = history.live_text()
+new = old + "\\n# pushed by central\\n"
+check_candidate(new, load_config(path))
+trial = history.begin("cmd-deb", new, baseline=(), window_s=60.0, now_ms=int(time.time() * 1000))
+assert history.live_text() == new
+history.roll_back(trial, "deb test")
+assert history.live_text() == old
+history.clear_trial()
+print("generation", trial.generation)
+"""
+
+
+def _unit_read_write_paths(unit: Path) -> list[str]:
+    return [p for line in unit.read_text().splitlines() if line.startswith("ReadWritePaths=")
+            for p in line.split("=", 1)[1].split()]
+
+
+def _as_agent_in_unit_sandbox(unit: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` with the packaged Python as `fieldlink`, /etc read-only except the unit's
+    ReadWritePaths under it (what ProtectSystem=strict does to /etc; systemd is not PID 1
+    here, so a private mount namespace stands in for the unit's)."""
+    rw = " ".join(p for p in _unit_read_write_paths(unit) if p.startswith("/etc/"))
+    script = ('set -e; mount --bind /etc /etc; '
+              f'for p in {rw}; do mount --bind "$p" "$p"; done; '
+              'mount -o remount,bind,ro /etc; '
+              'exec runuser -u fieldlink -- /opt/fieldlink/edge/bin/python -c "$0"')
+    return _run("unshare", "--mount", "--propagation", "private", "sh", "-c", script, code,
+                env=_env(), cwd="/var/lib/fieldlink", check=False)
+
+
+def _repacked(deb: Path, out: Path, version_suffix: str) -> Path:
+    """`deb` again as a newer version whose packaged example site.toml changed."""
+    tree = out / "tree"
+    _run("dpkg-deb", "-R", str(deb), str(tree))
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = next(line.split(": ", 1)[1] for line in text.splitlines()
+                   if line.startswith("Version: "))
+    control.write_text(text.replace(f"Version: {version}", f"Version: {version}{version_suffix}"))
+    examples = [p for p in tree.rglob("site.toml") if "DEBIAN" not in p.parts]
+    assert examples
+    for example in examples:
+        example.write_text(example.read_text() + "# a newer packaged example\n")
+    new = out / f"{PKG}_{version}{version_suffix}.deb"
+    _run("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(new))
+    return new
+
+
 def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Path],
                                                        tmp_path: Path) -> None:
     """dpkg -i, edge-agent --help, systemd-analyze verify, status without -c, an edit kept on reinstall, then dpkg -r / -P leave nothing."""
@@ -111,13 +181,23 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Pa
     assert "Usage" in helped.stdout and "status" in helped.stdout
     assert "edge-agent" in _run("/usr/bin/edge-agent", "--version", env=_env()).stdout
     assert not Path("/opt/fieldlink/edge/bin/central").exists()  # one command per package
+    # The package's environment is `pip install '.[edge]'` into a fresh venv: no central stack.
+    installed_dists = {p.name.split("-")[0].lower() for p in
+                       Path("/opt/fieldlink/edge/lib").glob("python3*/site-packages/*.dist-info")}
+    assert "fieldlink" in installed_dists and "aiomqtt" in installed_dists, installed_dists
+    assert not installed_dists & {"fastapi", "starlette", "uvicorn", "psycopg", "psycopg_binary",
+                                  "amqtt"}, installed_dists
 
     # The user, the directories and the config's permissions from sysusers/tmpfiles/postinst.
     assert _run("getent", "passwd", "fieldlink").stdout.startswith("fieldlink:")
     state = Path("/var/lib/fieldlink").stat()
     assert state.st_mode & 0o777 == 0o750
     conf = Path("/etc/fieldlink/site.toml").stat()
-    assert conf.st_mode & 0o777 == 0o640 and conf.st_gid == state.st_gid
+    assert conf.st_mode & 0o777 == 0o640 and conf.st_gid == state.st_gid and conf.st_uid == 0
+    # Remote configuration: the agent replaces site.toml itself, so its folder is the group's.
+    etc = Path("/etc/fieldlink").stat()
+    assert etc.st_mode & 0o777 == 0o770 and (etc.st_uid, etc.st_gid) == (0, state.st_gid)
+    assert "/etc/fieldlink" in _unit_read_write_paths(UNIT)
 
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze missing: .ci/run installs the systemd package")
@@ -149,16 +229,37 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Pa
     report = json.loads(status.stdout)
     assert report["gateway"] == "gw-001"
 
-    # The config is a conffile: a technician's edit survives the package going on again.
+    # Remote configuration works under the installed unit: as `fieldlink`, with /etc read-only
+    # but for the unit's ReadWritePaths, the packaged code keeps a generation, replaces
+    # site.toml and rolls it back.
     site = Path("/etc/fieldlink/site.toml")
+    before = site.read_text()
+    remote = _as_agent_in_unit_sandbox(UNIT, _REMOTE_CONFIG)
+    assert remote.returncode == 0, remote.stdout + remote.stderr
+    assert "generation 1" in remote.stdout
+    assert site.read_text() == before
+    kept = Path("/etc/fieldlink/site.toml.history/gen-0001.toml")
+    assert kept.read_text() == before and kept.stat().st_uid == state.st_uid
+    assert site.stat().st_uid == state.st_uid and site.stat().st_mode & 0o777 == 0o640
+    assert _run("/opt/fieldlink/bin/edge-agent", "status", "--json", env=_env(),
+                cwd=tmp_path).returncode == 0  # root still reads the file the agent wrote
+
+    # site.toml is no conffile: a newer package whose example changed neither asks (no one
+    # answers on a hill: stdin is closed here) nor touches the file the agent or a
+    # technician wrote.
     site.write_text(site.read_text() + "# edited on site\n")
-    _run("dpkg", "-i", str(clean_host[PKG]))
-    assert site.read_text().endswith("# edited on site\n")
+    edited = site.read_text()
+    newer = _repacked(clean_host[PKG], tmp_path, "+1")
+    upgrade = _run("dpkg", "-i", str(newer), stdin=subprocess.DEVNULL, check=False)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert site.read_text() == edited
+    assert Path("/etc/fieldlink").stat().st_mode & 0o777 == 0o770
 
     _run("dpkg", "-r", PKG)
     assert _files_under(Path("/opt/fieldlink")) == []
     assert not Path("/usr/bin/edge-agent").exists() and not UNIT.exists()
-    assert Path("/etc/fieldlink/site.toml").exists()  # a conffile: kept until purge
+    assert site.read_text() == edited  # the config stays until purge
+    assert Path("/etc/fieldlink").stat().st_mode & 0o777 == 0o750  # no agent left to write it
 
     _run("dpkg", "-P", PKG)
     assert not _installed(PKG)
@@ -173,6 +274,8 @@ def test_central_package_installs_finds_its_config_and_removes_cleanly(
     _run("dpkg", "-i", str(clean_host["fieldlink-central"]))
     assert "Usage" in _run("/opt/fieldlink/bin/central", "--help", env=_env(), cwd=tmp_path).stdout
     assert not Path("/opt/fieldlink/central/bin/edge-agent").exists()
+    # Central never rewrites its config: without the edge package its folder is read-only.
+    assert Path("/etc/fieldlink").stat().st_mode & 0o777 == 0o750
     if shutil.which("systemd-analyze") is not None:
         verify = _run("systemd-analyze", "verify", str(unit), check=False)
         assert verify.returncode == 0 and "fieldlink-central" not in verify.stderr, verify.stderr
@@ -182,8 +285,11 @@ def test_central_package_installs_finds_its_config_and_removes_cleanly(
     assert json.loads(listed.stdout) == []
     assert Path("/var/lib/fieldlink/central.db").exists()
     mosquitto = Path("/usr/share/doc/fieldlink-central/examples/mosquitto/mosquitto.conf")
-    assert "persistence true" in mosquitto.read_text()
-    assert "max_queued_bytes" in mosquitto.read_text()
+    example = mosquitto.read_text()  # what `central broker-config` writes, plus the limits
+    for line in ("persistence true", "autosave_interval 60", "max_queued_messages 100000",
+                 "max_queued_bytes 268435456", "persistent_client_expiration 30d",
+                 "allow_anonymous false", "require_certificate true"):
+        assert f"\n{line}\n" in example, line
 
     _run("dpkg", "-r", "fieldlink-central")
     assert _files_under(Path("/opt/fieldlink")) == [] and not unit.exists()

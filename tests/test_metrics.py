@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from central.config.settings import Settings
@@ -58,9 +61,10 @@ def _scrape(port: int) -> str:
         return resp.read().decode()
 
 
-def test_edge_metrics_endpoint_parses_and_counts_polls_and_acks(tmp_path: Path,
-                                                                mosquitto: Mosquitto) -> None:
-    """[metrics] enabled: 127.0.0.1 serves poll cycles per device, outbox lanes, uplink acks, disk, clock."""
+@contextmanager
+def agent_with_metrics(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[int]:
+    """A real agent polling one simulated gas detector (`gas-1`), no central, its metrics
+    endpoint on; yields the endpoint's port (tests/test_alert_rules.py uses it too)."""
     sim = Simulator(tmp_path, ["gas-detector-v1"])
     sim.start()
     port = free_port()
@@ -69,6 +73,16 @@ def test_edge_metrics_endpoint_parses_and_counts_polls_and_acks(tmp_path: Path,
                   extra=f"\n[metrics]\nenabled = true\nport = {port}\ninterval_s = 0.2\n")
     try:
         agent.start()
+        yield port
+    finally:
+        agent.stop()
+        sim.stop()
+
+
+def test_edge_metrics_endpoint_parses_and_counts_polls_and_acks(tmp_path: Path,
+                                                                mosquitto: Mosquitto) -> None:
+    """[metrics] enabled: 127.0.0.1 serves poll cycles per device, outbox lanes, uplink acks, disk, clock."""
+    with agent_with_metrics(tmp_path, mosquitto) as port:
 
         def polled() -> dict[str, dict[tuple[tuple[str, str], ...], float]] | None:
             try:
@@ -101,9 +115,6 @@ def test_edge_metrics_endpoint_parses_and_counts_polls_and_acks(tmp_path: Path,
         assert m["fieldlink_edge_uplink_connected"][()] == 1
         assert m["fieldlink_edge_uplink_acks"][()] == 0
         assert m["fieldlink_edge_outbox_oldest_unsent_age_seconds"][()] >= 0
-    finally:
-        agent.stop()
-        sim.stop()
 
 
 CENTRAL_ISSUE_FAMILIES = {
@@ -120,14 +131,21 @@ CENTRAL_ISSUE_FAMILIES = {
 }
 
 
-async def test_central_metrics_parse_and_time_each_batch_commit(mosquitto: Mosquitto,
-                                                                 tmp_path: Path) -> None:
-    """central's /metrics parses with prometheus_client; a stored batch shows in the counters and the latency histogram."""
+@asynccontextmanager
+async def central_on_broker(mosquitto: Mosquitto, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """Central (SQLite) with its ingest connected to `mosquitto`; a logged-in client, 30 s."""
     settings = Settings(db_url=f"sqlite:///{tmp_path}/c.db", mqtt_host=mosquitto.host,
                         mqtt_port=mosquitto.port, mqtt_client_id=f"c-{uuid.uuid4().hex[:8]}")
     async with serve(settings, run_ingest=True) as c, asyncio.timeout(30):
         while not (await c.get("/api/health")).json()["mqtt_connected"]:
             await asyncio.sleep(0.05)
+        yield c
+
+
+async def test_central_metrics_parse_and_time_each_batch_commit(mosquitto: Mosquitto,
+                                                                 tmp_path: Path) -> None:
+    """central's /metrics parses with prometheus_client; a stored batch shows in the counters and the latency histogram."""
+    async with central_on_broker(mosquitto, tmp_path) as c:
         batch = DataBatch(gw="gw-m", stream="s", records=(
             Record(seq=1, kind=RecordKind.TELEMETRY, ts_ms=T0, point="d/t", value=21.5),
             alarm(2, "raised", 1)))
