@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.helpers import Mosquitto
+
+# The CLIs' rich consoles are made at import and take their width from COLUMNS then; the tests
+# read tables, so every worker gets the same wide terminal whatever imported the module first.
+os.environ["COLUMNS"] = "200"
 
 # Properties are about behaviour, not speed: under `make test` several workers share the cores,
 # and a slow draw on a busy box must not fail a codec's property (deadline, too_slow).

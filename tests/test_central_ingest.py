@@ -231,7 +231,7 @@ async def test_sigkilled_central_never_acked_what_it_had_not_committed(
     try:
         async with gateway(mosquitto, "gw-k") as gw:
             await gw.subscribe(topics.CENTRAL_STATE, qos=1)
-            async with asyncio.timeout(20):  # wait until central says it is online
+            async with asyncio.timeout(60):  # wait until central says it is online (a busy box)
                 async for msg in gw.messages:
                     if msg.topic.matches(topics.CENTRAL_STATE):
                         st = env.decode(bytes(msg.payload))  # type: ignore[arg-type]
