@@ -223,7 +223,7 @@ async def test_sigkilled_central_never_acked_what_it_had_not_committed(
     """Central SIGKILLed mid-stream: every seq it acked is in the database file."""
     db = tmp_path / "central.db"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "central.cli", "serve", "--db", f"sqlite:///{db}",
+        sys.executable, "-m", "central", "serve", "--db", f"sqlite:///{db}",
         "--mqtt-port", str(mosquitto.port), "--http-port", str(free_port()),
         "--mqtt-client-id", f"central-{uuid.uuid4().hex[:8]}", "--log-json",
         env=python_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)

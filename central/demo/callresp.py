@@ -4,7 +4,7 @@
 three of them presses the button a few seconds after each warning, the fourth never does. The
 district's person in charge answers on the terminal of the district's duty room. The demo
 seeds that directory (terminals on the map, persons, who is in charge), runs the terminals as
-one child process (`central.demo.terminals`, loopback TCP) and, once the gateway is online,
+one child process (`firmware_stubs.terminal_street`, loopback TCP) and, once the gateway is online,
 issues a red warning to the street as the demo's admin. With the demo's short deadlines the
 round plays out in about a minute: three answered, the fourth re-sent three times and then
 escalated to the district, who answers. It repeats every `every_s`.
@@ -111,7 +111,7 @@ async def street_terminals(root: Path, deadline_s: float = DEADLINE_S
     and returns terminal id → its TCP port on loopback."""
     args = [f"--terminal={t.id}:" + ("never" if t.presses is None
                                       else f"{t.presses * deadline_s:.2f}") for t in TERMINALS]
-    async with ready_child("central.demo.terminals", args, root, "terminals") as ready:
+    async with ready_child("firmware_stubs.terminal_street", args, root, "terminals") as ready:
         async def ports() -> dict[str, int]:
             return dict(json.loads(await ready))
 

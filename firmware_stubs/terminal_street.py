@@ -1,4 +1,4 @@
-"""`python -m central.demo.terminals`: the demo street's 叫应 terminals, one child process.
+"""`python -m firmware_stubs.terminal_street`: the demo street's 叫应 terminals, one child process.
 
 Each terminal is a `firmware_stubs.terminal_sim.TcpTerminalSimulator` on a free loopback port
 (the gateway connects to it, as to a terminal on the street's network) with a scripted person
@@ -6,7 +6,8 @@ who presses the button some seconds after each warning, or never. Once every ter
 it writes `{"ID": port, ...}` to `--ready-file` (atomically) and prints `READY terminals=...`;
 it serves until SIGTERM or SIGINT and exits 0, or 1 with `error: ...`.
 
-    python -m central.demo.terminals --terminal JY-1:3 --terminal JY-2:never --ready-file t.json
+    python -m firmware_stubs.terminal_street --terminal JY-1:3 --terminal JY-2:never \
+        --ready-file t.json
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ async def street(terminals: Sequence[tuple[str, float | None]],
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m central.demo.terminals",
+        prog="python -m firmware_stubs.terminal_street",
         description="The demo street's 叫应 terminals (FLT/1 on loopback TCP), one process.",
-        epilog="example: python -m central.demo.terminals --terminal JY-1:3 "
+        epilog="example: python -m firmware_stubs.terminal_street --terminal JY-1:3 "
                "--terminal JY-2:never --ready-file /tmp/terminals.json")
     parser.add_argument("--terminal", type=_terminal, action="append", required=True,
                         metavar="ID:SECONDS|ID:never",
