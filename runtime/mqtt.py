@@ -220,7 +220,6 @@ class MqttSession:
         fails, until cancelled. `on_down(error, first)` runs after each failure; `first` is
         true for the first of an outage."""
         while True:
-            _raise_a_dropped_cancel()
             up_since: float | None = None
             try:
                 async with self.client() as client:
@@ -233,7 +232,6 @@ class MqttSession:
                 first = self._went_down(exc, was_up=up_since is not None)
                 if on_down is not None:
                     await on_down(exc, first)
-            _raise_a_dropped_cancel()
             if (up_since is not None
                     and time.monotonic() - up_since >= self.backoff.healthy_after_s):
                 self._delay = self.backoff.first_s
@@ -257,16 +255,6 @@ class MqttSession:
         else:
             self._log.debug("mqtt_connect_failed", error=str(exc))
         return first
-
-
-def _raise_a_dropped_cancel() -> None:
-    """Stop a session whose task was asked to stop. Python 3.11's `asyncio.wait_for` (inside
-    aiomqtt's connect and publish) drops a cancel that races its inner future; the canceller
-    (a TaskGroup, `task.cancel()` then `await`) does not ask twice, so the reconnect loop would
-    run on and the stop hang. `Task.cancelling()` still counts the request."""
-    me = asyncio.current_task()
-    if me is not None and me.cancelling():
-        raise asyncio.CancelledError
 
 
 __all__ = ["Client", "Endpoint", "MqttSession", "TlsFileError", "client_tls_context",
