@@ -3,6 +3,7 @@ process so that a test can SIGKILL any of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -10,9 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from tests.helpers import free_port, port_open, python_env, wait_for
 
@@ -194,6 +197,28 @@ class Central(Child):
             cli_user(self.db_url)
             self._auth = bearer(self.base_url)
         return self._auth
+
+
+@contextlib.contextmanager
+def commanded_gateway(tmp_path: Path, broker_port: int, gw: str, commands_extra: str = ""
+                      ) -> Iterator[tuple[Simulator, Central, Agent, httpx.Client]]:
+    """A gas detector's simulator and central, started; an admin client of central's API; and
+    gateway `gw`'s agent (not started) reading `gas-1` and pinning central's command key as
+    enrolment does (`commands_extra`: more `[commands]` lines). Everything stops after."""
+    with contextlib.ExitStack() as stack:
+        sim = Simulator(tmp_path, ["gas-detector-v1"])
+        stack.callback(sim.stop)
+        sim.start()
+        central = Central(tmp_path, broker_port)
+        stack.callback(central.stop)
+        central.start()
+        http = stack.enter_context(httpx.Client(base_url=central.base_url, timeout=10,
+                                                headers=central.auth_headers()))
+        key = http.get("/api/keys/commands").json()["public_key"]
+        agent = Agent(tmp_path, gw, broker_port, sim.port, [DeviceDef("gas-1", "gas-detector-v1", 1)],
+                      extra=f'\n[commands]\ncentral_public_key = "{key}"\n{commands_extra}')
+        stack.callback(agent.stop)
+        yield sim, central, agent, http
 
 
 def sqlite_rows(path: Path, sql: str, params: Sequence[object] = ()) -> list[tuple]:

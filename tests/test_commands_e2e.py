@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from pymodbus.client import ModbusTcpClient
 from central.commands.keys import load_private_key
 from protocols import commands as c
 from protocols import topics
-from tests.fleet import Agent, Central, DeviceDef, Simulator
+from tests.fleet import Agent, Central, Simulator, commanded_gateway
 from tests.helpers import Mosquitto, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -113,31 +114,10 @@ class System:
 
 @pytest.fixture
 def system(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[System]:
-    sim = Simulator(tmp_path, ["gas-detector-v1"])
-    central = Central(tmp_path, mosquitto.port)
-    agent: Agent | None = None
-    capture: Capture | None = None
-    http: httpx.Client | None = None
-    try:
-        sim.start()
-        central.start()
-        http = httpx.Client(base_url=central.base_url, timeout=10,
-                            headers=central.auth_headers())
-        # Enrolment: the gateway pins central's public key from its API.
-        key = http.get("/api/keys/commands").json()["public_key"]
-        agent = Agent(tmp_path, GW, mosquitto.port, sim.port,
-                      [DeviceDef("gas-1", "gas-detector-v1", 1)],
-                      extra=f'\n[commands]\ncentral_public_key = "{key}"\n')
-        capture = Capture(mosquitto)
+    # Enrolment: the gateway pins central's public key from its API.
+    with commanded_gateway(tmp_path, mosquitto.port, GW) as (sim, central, agent, http), \
+            contextlib.closing(Capture(mosquitto)) as capture:
         yield System(mosquitto, sim, central, agent, http, capture)
-    finally:
-        if capture is not None:
-            capture.close()
-        if http is not None:
-            http.close()
-        for child in (agent, central, sim):
-            if child is not None:
-                child.stop()
 
 
 def test_commands_wait_for_an_offline_gateway_and_run_once(system: System) -> None:

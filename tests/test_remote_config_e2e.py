@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from device_profiles.loader import builtin_profiles_dir
-from tests.fleet import Agent, Central, DeviceDef, Simulator
+from tests.fleet import Agent, Central, Simulator, commanded_gateway
 from tests.helpers import Mosquitto, free_port, wait_for
 from tests.identity import ADMIN, bearer, cli_user
 
@@ -60,28 +60,10 @@ class System:
 
 @pytest.fixture
 def system(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[System]:
-    sim = Simulator(tmp_path, ["gas-detector-v1"])
-    central = Central(tmp_path, mosquitto.port)
-    agent: Agent | None = None
-    http: httpx.Client | None = None
-    try:
-        sim.start()
-        central.start()
-        http = httpx.Client(base_url=central.base_url, timeout=10,
-                            headers=central.auth_headers())
-        key = http.get("/api/keys/commands").json()["public_key"]
-        agent = Agent(tmp_path, GW, mosquitto.port, sim.port,
-                      [DeviceDef("gas-1", "gas-detector-v1", 1)],
-                      extra=f'\n[commands]\ncentral_public_key = "{key}"\n'
-                            f"config_health_window_s = {WINDOW_S}\n")
+    with commanded_gateway(tmp_path, mosquitto.port, GW,
+                           f"config_health_window_s = {WINDOW_S}\n") as (sim, central, agent, http):
         agent.start()
         yield System(sim, central, agent, http)
-    finally:
-        if http is not None:
-            http.close()
-        for child in (agent, central, sim):
-            if child is not None:
-                child.stop()
 
 
 def _polled(s: System) -> None:
