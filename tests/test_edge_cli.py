@@ -71,6 +71,9 @@ def test_version_flag() -> None:
     assert result.exit_code == 0 and __version__ in result.output
 
 
+# With tests/test_deb.py on one worker: while it has the package installed, /etc/fieldlink/site.toml
+# exists and `status` without -c finds it.
+@pytest.mark.xdist_group("dpkg")
 def test_usage_error_exits_2() -> None:
     """An unknown command or missing option is a usage error: exit 2."""
     assert runner.invoke(app, ["frobnicate"]).exit_code == 2
