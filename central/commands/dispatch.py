@@ -56,6 +56,7 @@ from central.commands.store import (
     StoredCommand,
 )
 from central.config.settings import Settings
+from central.counters import Counters
 from central.identity.audit import SYSTEM, AuditLog
 from central.ingest import broker
 from central.narrowband.downlink import RADIO_BEARERS, RadioRoute
@@ -103,8 +104,7 @@ class CommandRequestError(CentralError, DetailedError):
     reason: str
 
 
-@dataclass(slots=True)
-class CommandCounters:
+class CommandCounters(Counters):
     issued: int = 0
     published: int = 0
     publish_failures: int = 0

@@ -25,6 +25,7 @@ import structlog
 from pydantic import BaseModel
 
 from central.console.views import OverviewOut, View
+from central.counters import Counters
 from central.web.routing import now_ms
 
 log = structlog.get_logger(__name__)
@@ -67,8 +68,7 @@ class Subscriber:
         return out
 
 
-@dataclass
-class LiveCounters:
+class LiveCounters(Counters):
     """Feeds running, clients attached, builds done and failed (read by the tests; not yet
     on `/metrics`)."""
 

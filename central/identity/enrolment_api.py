@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from central.config.settings import Settings
+from central.counters import Counters
 from central.identity.audit import AuditLog
 from central.identity.ca import CsrError, PkiError, load_or_create_ca
 from central.identity.enrolment import (
@@ -70,8 +71,7 @@ class IssuedOut(_In):
     not_after_ms: int
 
 
-@dataclass(slots=True)
-class IdentityCounters:
+class IdentityCounters(Counters):
     enrolled: int = 0
     renewed: int = 0
     refused: dict[str, int] = field(default_factory=dict)

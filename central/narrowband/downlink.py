@@ -31,6 +31,7 @@ from typing import Final
 import structlog
 
 from central.config.settings import Settings
+from central.counters import Counters
 from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES
 from protocols.narrowband import text_frame_bytes
 from protocols.narrowband_down import segments
@@ -43,19 +44,13 @@ RETRY_S: Final = 10.0
 RADIO_BEARERS: Final = frozenset({"beidou", "pdt", "tiantong"})
 
 
-@dataclass(slots=True)
-class DownlinkCounters:
+class DownlinkCounters(Counters):
     offered: int = 0
     warnings_sent: int = 0
     segments_sent: int = 0
     refused: int = 0
     timeouts: int = 0
     dropped: int = 0  # queue full
-
-    def to_dict(self) -> dict[str, int]:
-        return {"offered": self.offered, "warnings_sent": self.warnings_sent,
-                "segments_sent": self.segments_sent, "refused": self.refused,
-                "timeouts": self.timeouts, "dropped": self.dropped}
 
 
 @dataclass(slots=True)
