@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -39,6 +39,7 @@ from central.callresp.workflow import (
 )
 from central.commands.dispatch import CommandService
 from central.commands.store import CommandStoreError, DuplicateCommandError
+from central.counters import Counters
 from central.identity.audit import AuditLog
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
@@ -62,8 +63,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(slots=True)
-class CallRespCounters:
+class CallRespCounters(Counters):
     warnings: int = 0
     resends: int = 0
     escalations: int = 0
@@ -119,19 +119,18 @@ def _apply_events_program(audit: AuditLog, gw: str, events: Sequence[CallRespEve
     return out
 
 
+@dataclass(eq=False)
 class CallRespService:
     """One per central process (several workers may share the database: claims are guarded)."""
 
-    def __init__(self, settings: CallRespSettings, storage: Storage, audit: AuditLog,
-                 commands: CommandService, *, postgres: bool) -> None:
-        self.settings = settings
-        self.storage = storage
-        self.audit = audit
-        self.commands = commands
-        self.postgres = postgres
-        self.counters = CallRespCounters()
-        self._wake = asyncio.Event()
-        self._failing = False
+    settings: CallRespSettings
+    storage: Storage
+    audit: AuditLog
+    commands: CommandService
+    postgres: bool = field(kw_only=True)
+    counters: CallRespCounters = field(default_factory=CallRespCounters, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _failing: bool = field(default=False, init=False, repr=False)
 
     async def open(self) -> None:
         version = await self.storage.run(lambda: migrate_program(self.postgres))

@@ -138,18 +138,16 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(kw_only=True, eq=False)
 class Enrolment:
     """Issues and revokes gateway certificates with `ca`, recorded in `store`."""
 
-    def __init__(self, *, ca: CertificateAuthority, store: EnrolmentStore,
-                 central_public_key: str, cert_days: float = DEFAULT_CERT_DAYS,
-                 token_ttl_s: float = DEFAULT_TOKEN_TTL_S, audit: AuditHook = no_audit) -> None:
-        self.ca = ca
-        self.store = store
-        self.central_public_key = central_public_key
-        self.cert_days = cert_days
-        self.token_ttl_s = token_ttl_s
-        self.audit = audit
+    ca: CertificateAuthority
+    store: EnrolmentStore
+    central_public_key: str
+    cert_days: float = DEFAULT_CERT_DAYS
+    token_ttl_s: float = DEFAULT_TOKEN_TTL_S
+    audit: AuditHook = no_audit
 
     async def _audit(self, action: str, gw: str, **detail: Any) -> None:
         try:
