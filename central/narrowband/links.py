@@ -7,13 +7,13 @@ here; `central.narrowband.pdt.PdtLink` is the Hytera PDT one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from central.config.settings import NarrowbandGateway, Settings
 from protocols.beidou import (
     BD3_REGIONAL_MAX_BITS,
-    NEED_DATA,
     Bd2CardInfo,
     Bd2CardQuery,
     Bd2Feedback,
@@ -34,6 +34,7 @@ from protocols.beidou import (
     encode,
     mixed_mode_payload_bytes,
 )
+from protocols.stream import NeedData
 
 QUIET_S: Final = 0.5  # a line quiet this long: the link may give up a partial packet
 
@@ -79,6 +80,25 @@ class CardSeen:
 LinkEvent = Inbound | Dropped | Feedback | CardSeen
 
 
+def drain(next_item: Callable[[], object], error: type[Exception], reason: str,
+          event: Callable[[Any], LinkEvent | None]) -> list[LinkEvent]:
+    """The events of what a decoder holds: `next_item` until it needs more bytes, each item
+    made an event by `event` (None: it says nothing about gateways), each `error` it raises a
+    `Dropped(reason)` (the decoder has skipped the bad bytes, so it goes on)."""
+    events: list[LinkEvent] = []
+    while True:
+        try:
+            item = next_item()
+        except error as exc:
+            events.append(Dropped(reason, exc))
+            continue
+        if isinstance(item, NeedData):
+            return events
+        made = event(item)
+        if made is not None:
+            events.append(made)
+
+
 class Link(Protocol):
     """The bearer-specific half of a session on central's radio, fed bytes, no I/O: `address`
     is the sender id naming a gateway (no leading zeros), `hello` the bytes to write when the
@@ -118,18 +138,7 @@ class BeidouLink:
 
     def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
         self._decoder.feed(data)
-        events: list[LinkEvent] = []
-        while True:
-            try:
-                sentence = self._decoder.next_sentence()
-            except BeidouError as exc:
-                events.append(Dropped("bad_sentence", exc))
-                continue
-            if sentence is NEED_DATA:
-                return b"", events
-            event = self._event(sentence)
-            if event is not None:
-                events.append(event)
+        return b"", drain(self._decoder.next_sentence, BeidouError, "bad_sentence", self._event)
 
     def _event(self, sentence: Sentence) -> LinkEvent | None:
         if isinstance(sentence, Bd3Message | Bd2Message):

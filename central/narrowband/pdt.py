@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from central.config.settings import NarrowbandGateway
-from central.narrowband.links import Dropped, Feedback, Inbound, LinkEvent
+from central.narrowband.links import Dropped, Feedback, Inbound, LinkEvent, drain
 from protocols.hrnp import (
-    NEED_DATA,
     SERVICE_TEXT,
     HrnpDecoder,
     HrnpError,
@@ -97,38 +96,35 @@ class PdtLink:
     def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
         self._decoder.feed(data)
         reply = bytearray()
-        events: list[LinkEvent] = []
-        while True:
-            try:
-                packet = self._decoder.next_packet()
-            except HrnpError as exc:
-                events.append(Dropped("bad_packet", exc))
-                continue
-            if packet is NEED_DATA:
-                return bytes(reply), events
-            match packet.opcode:
-                case HrnpOpcode.DATA:
-                    reply += encode_packet(HrnpPacket(
-                        HrnpOpcode.DATA_ACK, packet.packet_number, packet.destination,
-                        packet.source, version=packet.version))
-                    event = self._data(packet.payload)
-                    if event is not None:
-                        events.append(event)
-                case HrnpOpcode.ACCEPT:
-                    self._connected = True
-                    self._log.info("narrowband_radio_connected")
-                case HrnpOpcode.REJECT:
-                    self._connected = False
-                    self._log.warning("narrowband_radio_rejected", retry_in_s=RECONNECT_S)
-                case HrnpOpcode.CLOSE:
-                    self._connected = False
-                    self._connect_at = self._clock()
-                    reply += encode_packet(HrnpPacket(
-                        HrnpOpcode.CLOSE_ACK, packet.packet_number, packet.destination,
-                        packet.source, version=packet.version))
-                    self._log.info("narrowband_radio_closed", retry_in_s=RECONNECT_S)
-                case _:
-                    pass  # data acks of our acks' kin, close acks: nothing to do
+        events = drain(self._decoder.next_packet, HrnpError, "bad_packet",
+                       lambda packet: self._answer(packet, reply))
+        return bytes(reply), events
+
+    def _answer(self, packet: HrnpPacket, reply: bytearray) -> LinkEvent | None:
+        """Adds to `reply` what the radio expects back for `packet`; the event its data
+        carries."""
+        match packet.opcode:
+            case HrnpOpcode.DATA:
+                reply += encode_packet(HrnpPacket(
+                    HrnpOpcode.DATA_ACK, packet.packet_number, packet.destination,
+                    packet.source, version=packet.version))
+                return self._data(packet.payload)
+            case HrnpOpcode.ACCEPT:
+                self._connected = True
+                self._log.info("narrowband_radio_connected")
+            case HrnpOpcode.REJECT:
+                self._connected = False
+                self._log.warning("narrowband_radio_rejected", retry_in_s=RECONNECT_S)
+            case HrnpOpcode.CLOSE:
+                self._connected = False
+                self._connect_at = self._clock()
+                reply += encode_packet(HrnpPacket(
+                    HrnpOpcode.CLOSE_ACK, packet.packet_number, packet.destination,
+                    packet.source, version=packet.version))
+                self._log.info("narrowband_radio_closed", retry_in_s=RECONNECT_S)
+            case _:
+                pass  # data acks of our acks' kin, close acks: nothing to do
+        return None
 
     def _data(self, payload: bytes) -> LinkEvent | None:
         try:

@@ -27,12 +27,11 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from central.config.settings import NarrowbandGateway
-from central.narrowband.links import Dropped, Inbound, LinkEvent
+from central.narrowband.links import Dropped, Inbound, LinkEvent, drain
 from protocols import at_commands as atc
 from protocols import at_responses as atr
 from protocols.narrowband import FrameTextError, NotFrameTextError, from_text
 from protocols.sms_pdu import Reassembler, SmsError, decode_deliver
-from protocols.stream import NeedData
 
 COMMAND_TIMEOUT_S: Final = 5.0
 _HELLO: Final = (atc.Command("E0"), atc.Command("+CMGF", "=", ("0",)),
@@ -78,18 +77,8 @@ class TiantongLink:
 
     def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
         self._decoder.feed(data)
-        events: list[LinkEvent] = []
-        while True:
-            try:
-                response = self._decoder.next_event()
-            except atc.AtError as exc:
-                events.append(Dropped("bad_line", exc))
-                continue
-            if isinstance(response, NeedData):
-                return self._next(), events
-            event = self._response(response)
-            if event is not None:
-                events.append(event)
+        events = drain(self._decoder.next_event, atc.AtError, "bad_line", self._response)
+        return self._next(), events
 
     def _response(self, response: atr.Response) -> LinkEvent | None:
         if atr.is_final(response):
