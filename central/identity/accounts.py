@@ -22,21 +22,25 @@ from central.identity.sessions import LoginThrottle
 from central.identity.users import Role, User
 from central.storage import Storage
 from central.storage.program import Program, Sql
+from protocols.errors import DetailedError
 
 log = structlog.get_logger(__name__)
 
 
-class LoginFailedError(CentralError):
+class LoginFailedError(CentralError, DetailedError):
     """Wrong name or password, or a disabled user (the caller is not told which)."""
 
-    def __init__(self) -> None:
-        super().__init__("wrong user name or password")
+    template = "wrong user name or password"
 
 
-class LoginThrottledError(CentralError):
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"too many failed logins; try again in {int(retry_after_s) + 1} s")
-        self.retry_after_s = retry_after_s
+class LoginThrottledError(CentralError, DetailedError):
+    template = "too many failed logins; try again in {retry_after} s"
+    retry_after_s: float
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds to wait, rounded up (the message and the Retry-After header)."""
+        return int(self.retry_after_s) + 1
 
 
 def _now_ms() -> int:

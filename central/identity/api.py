@@ -160,7 +160,7 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(LoginThrottledError)
     async def throttled(_: Request, exc: LoginThrottledError) -> JSONResponse:
         return problem(429, "Too many failed logins", str(exc),
-                       {"Retry-After": str(int(exc.retry_after_s) + 1)})
+                       {"Retry-After": str(exc.retry_after)})
 
     install_problems(app, {
         LoginFailedError: (401, "Login failed"),
