@@ -31,6 +31,7 @@ from central.commands.api import install as install_command_api
 from central.commands.dispatch import start_commands
 from central.config.settings import Settings
 from central.console.api import install as install_console_api  # duty console (issue 12)
+from central.errors import DuplicateError
 from central.health.metrics import Metrics
 from central.identity.accounts import Accounts
 from central.identity.api import install as install_identity_api
@@ -201,6 +202,10 @@ def _install_problems(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return _problem(404, f"Unknown {exc.kind}", str(exc))
+
+    @app.exception_handler(DuplicateError)
+    async def duplicate(_: Request, exc: DuplicateError) -> JSONResponse:
+        return _problem(409, f"Duplicate {exc.kind}", str(exc))
 
     @app.exception_handler(BadRefError)
     async def bad_ref(_: Request, exc: BadRefError) -> JSONResponse:

@@ -39,7 +39,7 @@ from central.alarms.paging import (
     time_range,
 )
 from central.areas import tree as areas
-from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError, DuplicateAreaError
+from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError
 from central.identity.authz import (
     Admin,
     Operator,
@@ -240,7 +240,6 @@ def install(app: FastAPI) -> None:
 
 def _install_errors(app: FastAPI) -> None:
     install_problems(app, {
-        DuplicateAreaError: (409, "Duplicate area"),
         AreaPlacementError: (422, "Area does not fit the hierarchy"),
         alarms.AlarmStateError: (409, "Not possible in the alarm's state")})
 

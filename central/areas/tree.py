@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from central import CentralError
+from central.errors import DuplicateError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
 from protocols.errors import DetailedError
@@ -55,9 +56,8 @@ class UnknownAreaError(NotFoundError):
     kind = "area"
 
 
-class DuplicateAreaError(AreaError, DetailedError):
-    template = "an area with code {code!r} exists"
-    code: str
+class DuplicateAreaError(AreaError, DuplicateError):
+    kind = "area"
 
 
 class AreaPlacementError(AreaError, DetailedError):

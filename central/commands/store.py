@@ -39,6 +39,7 @@ import structlog
 
 from central import CentralError
 from central.commands.schema import MIGRATIONS
+from central.errors import DuplicateError
 from central.storage.side_store import SideStore
 from protocols.command_results import CommandResult, CommandState, Reason
 from protocols.errors import DetailedError
@@ -72,9 +73,8 @@ class ApprovalError(CommandStoreError, DetailedError):
     reason: str
 
 
-class DuplicateCommandError(CommandStoreError, DetailedError):
-    template = "command {cmd_id!r} already exists"
-    cmd_id: str
+class DuplicateCommandError(CommandStoreError, DuplicateError):
+    kind = "command"
 
 
 # --- values -------------------------------------------------------------------------------------

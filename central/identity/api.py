@@ -41,7 +41,6 @@ from central.identity.authz import (
 from central.identity.sessions import COOKIE
 from central.identity.users import (
     NAME_PATTERN,
-    DuplicateUserError,
     Role,
     User,
     WeakPasswordError,
@@ -164,7 +163,6 @@ def _install_errors(app: FastAPI) -> None:
 
     install_problems(app, {
         LoginFailedError: (401, "Login failed"),
-        DuplicateUserError: (409, "Duplicate user"),
         WeakPasswordError: (422, "Password refused")})
 
 

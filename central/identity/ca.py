@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from central import CentralError
+from central.errors import RefusedError
 from protocols.errors import DetailedError
 from runtime.files import FileError, write_atomic
 
@@ -62,11 +63,10 @@ class CaKeyPermissionError(PkiError, DetailedError):
     mode: int
 
 
-class CsrError(PkiError, DetailedError):
+class CsrError(PkiError, RefusedError):
     """A certificate signing request is malformed, badly signed or asks for the wrong name."""
 
-    template = "CSR refused: {reason}"
-    reason: str
+    what = "CSR"
 
 
 def utcnow() -> dt.datetime:

@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from central.errors import RefusedError
 from central.identity.ca import (
     CertificateAuthority,
     PkiError,
@@ -50,7 +51,6 @@ from central.identity.enrolment_store import (
     TokenRefusedError,
     token_hash,
 )
-from protocols.errors import DetailedError
 from protocols.topics import TopicError, check_gateway_id
 
 log = structlog.get_logger(__name__)
@@ -59,11 +59,10 @@ DEFAULT_TOKEN_TTL_S = 86_400.0
 DEFAULT_CERT_DAYS = 365.0
 
 
-class RenewalRefusedError(PkiError, DetailedError):
+class RenewalRefusedError(PkiError, RefusedError):
     """The renewal request does not prove a live certificate of this gateway."""
 
-    template = "renewal refused: {reason}"
-    reason: str
+    what = "renewal"
 
 
 class BadGatewayIdError(PkiError):

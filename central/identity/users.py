@@ -25,9 +25,9 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from central import CentralError
 from central.areas.tree import area_program
+from central.errors import DuplicateError, RefusedError
 from central.storage import NotFoundError
 from central.storage.program import Program, Sql
-from protocols.errors import DetailedError
 
 MIN_PASSWORD = 10
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
@@ -64,14 +64,12 @@ class UnknownUserError(NotFoundError):
     kind = "user"
 
 
-class DuplicateUserError(UserError, DetailedError):
-    template = "a user named {name!r} exists"
-    name: str
+class DuplicateUserError(UserError, DuplicateError):
+    kind = "user"
 
 
-class WeakPasswordError(UserError, DetailedError):
-    template = "password refused: {reason}"
-    reason: str
+class WeakPasswordError(UserError, RefusedError):
+    what = "password"
 
 
 @dataclass(frozen=True, slots=True)

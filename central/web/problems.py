@@ -22,7 +22,7 @@ def problem(status: int, title: str, detail: str,
 def install_problems(app: FastAPI, table: Mapping[type[Exception], tuple[int, str]]) -> None:
     """Answer each error class in `table` with its (status, title) and the error's message.
 
-    Example: `install_problems(app, {DuplicateUserError: (409, "Duplicate user")})`."""
+    Example: `install_problems(app, {WeakPasswordError: (422, "Password refused")})`."""
     for exc_type, (status, title) in table.items():
         app.add_exception_handler(exc_type, _handler(status, title))
 
