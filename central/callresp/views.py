@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from central.callresp.directory import terminals_by_owner
-from central.callresp.workflow import KIND_PERSON, UnknownWarningError
+from central.callresp.workflow import KIND_PERSON, Step, UnknownWarningError
 from central.storage.program import Program, Sql
 
 
@@ -38,16 +37,6 @@ class TargetView:
 
 
 @dataclass(frozen=True, slots=True)
-class StepView:
-    target_id: str
-    step: str
-    attempt: int
-    due_ms: int | None
-    at_ms: int
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
 class WarningView:
     id: str
     level: str
@@ -58,7 +47,7 @@ class WarningView:
     created_ms: int
     created_by: str
     targets: tuple[TargetView, ...] = ()
-    steps: tuple[StepView, ...] = field(default_factory=tuple)
+    steps: tuple[Step, ...] = field(default_factory=tuple)
 
 
 _W = "id, level, text, repeat_n, deadline_ms, max_resends, created_ms, created_by"
@@ -89,7 +78,7 @@ def warning_program(wid: str, visible: Callable[[str | None], bool]) -> Program[
     ids = {t.id for t in targets}
     srows = yield Sql("SELECT target_id, step, attempt, due_ms, at_ms, detail FROM cr_steps"
                       " WHERE warning_id = ? ORDER BY at_ms, id", (wid,))
-    steps = [StepView(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in srows
+    steps = [Step(wid, r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in srows
              if r[0] in ids]
     return WarningView(**dict(zip(_W_FIELDS, rows[0], strict=True)), targets=tuple(targets),
                        steps=tuple(steps))
