@@ -30,11 +30,6 @@ COOKIE = "fl_session"
 CSRF_HEADER = "X-CSRF-Token"
 
 
-class SessionKind:
-    COOKIE = "cookie"
-    BEARER = "bearer"
-
-
 @dataclass(frozen=True, slots=True)
 class Session:
     token_hash: str
