@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from central import __version__
+from central import __version__, clock
 from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
 from central.alarms.desk import policy_from  # alarms wiring (§7)
 from central.alarms.rules import start_alarm_rules  # alarms wiring (§7)
@@ -85,10 +84,6 @@ DAY_MS = 86_400_000
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _gateway_out(g: Gateway, offline_after_s: float, now_ms: int,
@@ -282,7 +277,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     @app.get("/api/gateways", response_model=list[GatewayOut], tags=["gateways"])
     async def gateways(request: Request, p: Reader) -> list[GatewayOut]:
         """The gateways within the user's area."""
-        now = _now_ms()
+        now = clock.now_ms()
         storage = storage_of(request)
         visible = await gateway_scope(storage, p)
         delivery = await storage.delivery_summary()
@@ -301,7 +296,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
         for pt in points:
             by_device.setdefault(pt.device, []).append(_point_out(pt))
         delivery = await storage.delivery_summary(gw)
-        base = _gateway_out(g, settings.offline_after_s, _now_ms(), delivery.get(gw))
+        base = _gateway_out(g, settings.offline_after_s, clock.now_ms(), delivery.get(gw))
         return GatewayDetail(**base.model_dump(), devices=[
             DeviceOut(ref=d.ref, device=d.device, profile=d.profile,
                       points=by_device.get(d.device, [])) for d in devices])
@@ -342,7 +337,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     ) -> SeriesOut:
         """Example: `?from=2026-12-07T08:00:00&to=2026-12-07T09:00:00` (Asia/Shanghai); while
         `next` is set, ask again with `&cursor=<next>` for the rest of the window."""
-        now = _now_ms()
+        now = clock.now_ms()
         to_ms = parse_time("to", to, now)
         from_ms = parse_time("from", from_, to_ms - DAY_MS)
         if from_ms > to_ms:

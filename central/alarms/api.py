@@ -40,6 +40,7 @@ from central.alarms.paging import (
 )
 from central.areas import tree as areas
 from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError
+from central.clock import now_ms
 from central.identity.authz import (
     Admin,
     Operator,
@@ -55,7 +56,7 @@ from central.storage.program import Program
 from central.web.bounds import ID_MAX, IdField, IdPath
 from central.web.cursor import MAX_CURSOR_CHARS
 from central.web.problems import install_problems
-from central.web.routing import StrictModel, audit_of, now_ms, run_audited, storage_of
+from central.web.routing import StrictModel, audit_of, run_audited, storage_of
 from central.web.times import TIME_DOC
 
 

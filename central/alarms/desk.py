@@ -15,12 +15,11 @@ opens a new alarm.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from central import CentralError
+from central import CentralError, clock
 from central.alarms.engine import apply_events, history_row, log_changes
 from central.alarms.lifecycle import (
     AckState,
@@ -125,10 +124,6 @@ class AreaSummary:
     by_severity: dict[int, int]
     unacknowledged: int
     children: tuple[AreaCount, ...]
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 _SELECT = (
@@ -298,14 +293,14 @@ async def alarm_history(storage: Storage, alarm_id: int) -> list[HistoryEntry]:
 async def acknowledge(storage: Storage, alarm_id: int, *, user: str, comment: str = "",
                       now_ms: int | None = None) -> Alarm:
     """Raises `UnknownAlarmError`, or `AlarmStateError` if it is acknowledged already."""
-    now = _now_ms() if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     return await storage.run(lambda: ack_program(alarm_id, user, comment, now))
 
 
 async def clear_alarm(storage: Storage, alarm_id: int, *, user: str, comment: str = "",
                       now_ms: int | None = None) -> Alarm:
     """Clear an active alarm by hand; raises `AlarmStateError` if it is cleared already."""
-    now = _now_ms() if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     return await storage.run(lambda: clear_program(alarm_id, user, comment, now))
 
 
@@ -317,7 +312,7 @@ async def area_summary(storage: Storage, area_id: int) -> AreaSummary:
 async def apply_alarm_events(storage: Storage, events: Iterable[AlarmEvent], *,
                              now_ms: int | None = None) -> list[AlarmChange]:
     """Apply events in their own transaction (ingest applies records inside the batch's)."""
-    now = _now_ms() if now_ms is None else now_ms
+    now = clock.now_ms() if now_ms is None else now_ms
     evs = list(events)
     changes = await storage.run(lambda: apply_events(evs, storage.alarm_policy, now))
     log_changes(changes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from central import CentralError
+from central import CentralError, clock
 from central.errors import DuplicateError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
@@ -98,10 +97,6 @@ def _area(row: Sequence[Any]) -> Area:
                 name_zh=row[4], kind=row[5], path=row[6])
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # --- programs ---------------------------------------------------------------------------------
 
 
@@ -176,7 +171,7 @@ async def create_area(storage: Storage, *, parent_id: int | None, level: AreaLev
                       code: str, name_zh: str, kind: str | None = None) -> Area:
     """Raises `UnknownAreaError` (parent), `DuplicateAreaError`, `AreaPlacementError`."""
     lv = AreaLevel(level)
-    now = _now_ms()
+    now = clock.now_ms()
     return await storage.run(lambda: create_program(parent_id, lv, code, name_zh, kind, now))
 
 
@@ -191,7 +186,7 @@ async def area_tree(storage: Storage) -> list[AreaNode]:
 
 async def assign_gateway(storage: Storage, gw: str, area_id: int) -> Area:
     """Put `gw` at the site `area_id` (moving it if it stood elsewhere)."""
-    now = _now_ms()
+    now = clock.now_ms()
     return await storage.run(lambda: assign_program(gw, area_id, now))
 
 
@@ -251,5 +246,5 @@ async def seed_areas(storage: Storage, path: Path | str) -> SeedResult:
     """Load an area tree with its gateway sites, in one transaction; areas already present
     (by code) are kept as they are, so seeding twice changes nothing."""
     root = load_seed(Path(path))
-    now = _now_ms()
+    now = clock.now_ms()
     return await storage.run(lambda: seed_program(root, now))

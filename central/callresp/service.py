@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
-from central import CentralError
+from central import CentralError, clock
 from central.callresp.directory import AreaRef, areas_program
 from central.callresp.schema import migrate_program
 from central.callresp.settings import CallRespSettings
@@ -57,10 +56,6 @@ from runtime import tasks
 log = structlog.get_logger(__name__)
 FIRE_LIMIT = 200
 ISSUE_LIMIT = 500
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class CallRespCounters(Counters):
@@ -145,7 +140,7 @@ class CallRespService:
         """Store a warning, send it to its targets (commands issued at once); its id.
 
         Raises `UnknownEntryError` (404), `WarningRequestError` (422)."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         lv = Level(level)
         spec = WarningSpec(warning_id=f"w-{uuid.uuid4().hex[:16]}", level=lv, text=text,
                            repeat=repeat or self.settings.repeat,
@@ -169,12 +164,12 @@ class CallRespService:
     async def fire_due(self, now_ms: int | None = None) -> list[Step]:
         """Fire every step due by now (rounds of `FIRE_LIMIT`); returns them."""
         nxt = await self.storage.run(next_due_program, write=False)
-        if nxt is None or nxt > (_now_ms() if now_ms is None else now_ms):
+        if nxt is None or nxt > (clock.now_ms() if now_ms is None else now_ms):
             return []  # the usual tick: one index probe, no area tree
         area_map = await self._areas()
         fired: list[Step] = []
         while True:
-            now = _now_ms() if now_ms is None else now_ms
+            now = clock.now_ms() if now_ms is None else now_ms
             steps = await self.storage.run(
                 lambda n=now: fire_due_program(self.audit, area_map, n, FIRE_LIMIT))  # type: ignore[misc]
             fired.extend(steps)
@@ -223,7 +218,7 @@ class CallRespService:
                 self.counters.issue_refused += 1
                 log.warning("callresp_send_refused", cmd_id=s.cmd_id, gw=s.gw, error=error)
             await self.storage.run(
-                lambda c=s.cmd_id, e=error: _mark_issued_program(c, _now_ms(), e))  # type: ignore[misc]
+                lambda c=s.cmd_id, e=error: _mark_issued_program(c, clock.now_ms(), e))  # type: ignore[misc]
         return issued
 
     async def step(self) -> None:
@@ -250,7 +245,7 @@ class CallRespService:
         with contextlib.suppress(StorageError):
             nxt = await self.storage.run(next_due_program, write=False)
             if nxt is not None:
-                wait = min(wait, max(0.0, (nxt - _now_ms()) / 1000))
+                wait = min(wait, max(0.0, (nxt - clock.now_ms()) / 1000))
         if wait > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -272,7 +267,7 @@ class CallRespService:
                 log.warning("callresp_event_malformed", gw=batch.gw, seq=r.seq, error=str(exc))
         if not events:
             return
-        now = _now_ms()
+        now = clock.now_ms()
         steps = await self.storage.run(
             lambda: _apply_events_program(self.audit, batch.gw, events, now))
         self.counters.events_applied += len(steps)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from central import CentralError
+from central import CentralError, clock
 from central.commands.check import WritePolicy, check_site_config
 from central.commands.keys import signing_key
 from central.commands.store import (
@@ -115,10 +114,6 @@ class CommandCounters(Counters):
     audit_failures: int = 0
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class CommandService:
     """Issues, dispatches and tracks commands; one per central process."""
 
@@ -144,7 +139,7 @@ class CommandService:
             backoff=Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S, healthy_after_s=0))
         self._wake = asyncio.Event()
         self._births: dict[str, int] = {}  # gw -> ms of its last birth seen by this process
-        self._started_ms = _now_ms()
+        self._started_ms = clock.now_ms()
 
     @property
     def public_key_b64(self) -> str:
@@ -168,7 +163,7 @@ class CommandService:
         Raises `UnknownGatewayError`, `CommandRequestError`, `WriteRefusedError` or a
         `CommandError`; `ConfigRefusedError` for a site config central will not sign.
         """
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         await self.storage.get_gateway(gw)
         wire_args = dict(args)
         if kind == CommandKind.SYNC_TIME:
@@ -232,7 +227,7 @@ class CommandService:
 
     def gateway_up(self, gw: str) -> None:
         """A birth: the gateway has (re)connected and subscribed; send what it may have missed."""
-        self._births[gw] = _now_ms()
+        self._births[gw] = clock.now_ms()
         self._wake.set()
 
     async def apply_batch(self, batch: DataBatch) -> None:
@@ -314,7 +309,7 @@ class CommandService:
 
     async def _tick(self, client: aiomqtt.Client) -> None:
         await self._expire()
-        now = _now_ms()
+        now = clock.now_ms()
         try:
             due = await self.store.due(now_ms=now)
         except CommandStoreError as exc:

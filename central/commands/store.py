@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import builtins
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from central import CentralError
+from central import CentralError, clock
 from central.commands.schema import MIGRATIONS
 from central.errors import DuplicateError
 from central.storage.side_store import SideStore
@@ -148,10 +147,6 @@ _COLS = ("cmd_id, gw, kind, target, args, issued_at_ms, expires_at_ms, state, st
 _VALUES = "(" + ", ".join("?" * 21) + ")"
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _json(value: Mapping[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(dict(value), ensure_ascii=False, default=str)
 
@@ -184,7 +179,7 @@ class CommandStore(SideStore):
 
     async def insert(self, cmd: StoredCommand, *, now_ms: int | None = None) -> None:
         """Store a newly issued command and its first history event."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
 
         def body() -> None:
             with self._tx() as cur:
@@ -218,7 +213,7 @@ class CommandStore(SideStore):
 
     async def mark_sent(self, cmd_id: str, *, now_ms: int | None = None) -> None:
         """Count a publish; the first one moves `pending` to `sent`."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
 
         def body() -> None:
             with self._tx() as cur:
@@ -236,7 +231,7 @@ class CommandStore(SideStore):
 
     async def expire_due(self, *, now_ms: int | None = None) -> list[StoredCommand]:
         """Mark `expired` every pending/sent command past its expiry; returns them."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
 
         def body() -> list[StoredCommand]:
             with self._tx() as cur:
@@ -269,7 +264,7 @@ class CommandStore(SideStore):
     async def apply_reports_detailed(self, gw: str, stream: str, reports: Sequence[Report], *,
                                      now_ms: int | None = None) -> list[Moved]:
         """`apply_reports`, returning what moved (for the audit log)."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         ordered = sorted(reports, key=lambda r: r.seq)
         return await self._call(self._apply_sync, gw, stream, ordered, now)
 
@@ -316,7 +311,7 @@ class CommandStore(SideStore):
                       now_ms: int | None = None) -> StoredCommand:
         """A second operator's approval: the command becomes due. Raises `UnknownCommandError`
         or `ApprovalError` (nothing awaits approval, or the approver issued it)."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
 
         def body() -> None:
             with self._tx() as cur:
@@ -387,7 +382,7 @@ class CommandStore(SideStore):
     async def due(self, *, now_ms: int | None = None,
                   gw: str | None = None) -> builtins.list[StoredCommand]:  # `list` is a method
         """Pending or sent (not yet `received`) commands that have not expired, oldest first."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         sql = (f"SELECT {_COLS} FROM commands WHERE state IN (?, ?) AND expires_at_ms > ?"
                f" AND (approval IS NULL OR approval = '{APPROVED}')")
         params: list[Any] = [*_OPEN, now]

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import structlog
 from pydantic import BaseModel
 
+from central.clock import now_ms
 from central.console.views import OverviewOut, View
 from central.counters import Counters
-from central.web.routing import now_ms
 
 log = structlog.get_logger(__name__)
 

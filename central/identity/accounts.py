@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 
 import structlog
 
-from central import CentralError
+from central import CentralError, clock
 from central.identity import sessions, users
 from central.identity.audit import AuditLog
 from central.identity.authz import AuthCounters, Principal
@@ -43,10 +42,6 @@ class LoginThrottledError(CentralError, DetailedError):
         return int(self.retry_after_s) + 1
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Accounts:
     def __init__(self, storage: Storage, audit: AuditLog, *, throttle: LoginThrottle | None = None,
                  counters: AuthCounters | None = None, idle_s: float = 1800.0) -> None:
@@ -63,7 +58,7 @@ class Accounts:
         """Raises `DuplicateUserError`, `WeakPasswordError`, `UnknownAreaError`."""
         r = Role(role)
         digest = await asyncio.to_thread(users.hash_password, password)
-        now = _now_ms()
+        now = clock.now_ms()
 
         def program() -> Program[User]:
             aid = area_id
@@ -78,7 +73,7 @@ class Accounts:
 
     async def set_password(self, actor: str, name: str, password: str) -> User:
         digest = await asyncio.to_thread(users.hash_password, password)
-        now = _now_ms()
+        now = clock.now_ms()
 
         def program() -> Program[User]:
             user = yield from users.set_password_program(name, digest, now)
@@ -88,7 +83,7 @@ class Accounts:
         return await self.storage.run(program)
 
     async def set_disabled(self, actor: str, name: str, disabled: bool) -> User:
-        now = _now_ms()
+        now = clock.now_ms()
 
         def program() -> Program[User]:
             user = yield from users.set_disabled_program(name, disabled, now)
@@ -136,7 +131,7 @@ class Accounts:
         user, old_hash = found
         self.throttle.succeeded(name)
         token, csrf = sessions.new_token(), secrets.token_urlsafe(24)
-        now = _now_ms()
+        now = clock.now_ms()
         upgrade = users.needs_rehash(old_hash)
         new_hash = await asyncio.to_thread(users.rehash, password) if upgrade else None
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from central import CentralError
+from central import CentralError, clock
 from central.storage import Storage
 from central.storage.program import Program, Sql
 
@@ -75,10 +74,6 @@ def chain_hash(prev_hash: str, seq: int, ts_ms: int, actor: str, action: str, ta
 def _detail_text(detail: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(detail or {}), ensure_ascii=False, sort_keys=True, default=str,
                       separators=(",", ":"))
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def append_program(actor: str, action: str, target: str, detail: Mapping[str, Any] | None,
@@ -145,7 +140,7 @@ class AuditLog:
     async def append(self, actor: str, action: str, target: str,
                      detail: Mapping[str, Any] | None = None) -> int:
         """Append one row in its own transaction; returns its seq."""
-        now = _now_ms()
+        now = clock.now_ms()
         seq = await self.storage.run(lambda: append_program(actor, action, target, detail, now))
         self.appended += 1
         log.info("audit_appended", seq=seq, actor=actor, action=action, target=target)
@@ -155,7 +150,7 @@ class AuditLog:
                 detail: Mapping[str, Any] | None = None) -> Program[int]:
         """`append` as a program, to commit in the same transaction as the change it records."""
         self.appended += 1
-        return append_program(actor, action, target, detail, _now_ms())
+        return append_program(actor, action, target, detail, clock.now_ms())
 
     async def entries(self, *, after_seq: int = 0, limit: int = 200, actor: str | None = None,
                       action: str | None = None, newest_first: bool = True) -> list[AuditEntry]:

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import inspect
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from central import clock
 from central.errors import RefusedError
 from central.identity.ca import (
     CertificateAuthority,
@@ -133,10 +133,6 @@ def _ms(t: Any) -> int:
     return int(t.timestamp() * 1000)
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(kw_only=True, eq=False)
 class Enrolment:
     """Issues and revokes gateway certificates with `ca`, recorded in `store`."""
@@ -169,7 +165,7 @@ class Enrolment:
         if ttl <= 0:
             raise PkiError("token lifetime must be positive")
         token = secrets.token_urlsafe(32)
-        expires = _now_ms() + int(ttl * 1000)
+        expires = clock.now_ms() + int(ttl * 1000)
         await self.store.add_token(token_hash(token), gw, expires)
         log.info("enrol_token_issued", gw=gw, expires_ms=expires)
         await self._audit("enrol_token_issued", gw, expires_ms=expires)
@@ -183,7 +179,8 @@ class Enrolment:
         rec = CertRecord(serial=format(cert.serial_number, "x"), gw=gw,
                          fingerprint=fingerprint(cert),
                          not_before_ms=_ms(cert.not_valid_before_utc),
-                         not_after_ms=_ms(cert.not_valid_after_utc), issued_ms=_now_ms(), how=how)
+                         not_after_ms=_ms(cert.not_valid_after_utc),
+                         issued_ms=clock.now_ms(), how=how)
         return cert, rec
 
     def _issued(self, gw: str, cert: x509.Certificate, rec: CertRecord) -> Issued:
@@ -197,7 +194,7 @@ class Enrolment:
         try:
             csr = check_csr(csr_pem, gw)
             cert, rec = await asyncio.to_thread(self._issue, gw, csr, "enrol")
-            await self.store.enrol(token_hash(token), gw, rec, now_ms=_now_ms())
+            await self.store.enrol(token_hash(token), gw, rec, now_ms=clock.now_ms())
         except PkiError as exc:
             await self._refused("enrol_refused", gw, exc)
             raise
@@ -252,7 +249,7 @@ class Enrolment:
 
     async def revoke(self, gw: str) -> Revocation:
         self._gateway(gw)
-        serials, voided = await self.store.revoke(gw, now_ms=_now_ms())
+        serials, voided = await self.store.revoke(gw, now_ms=clock.now_ms())
         crl = await self.write_crl()
         log.warning("gateway_revoked", gw=gw, serials=serials, tokens_voided=voided)
         await self._audit("revoked", gw, serials=serials, tokens_voided=voided)
@@ -262,7 +259,7 @@ class Enrolment:
         """Rewrite `crl.pem` from the database (also at start: it must not run out)."""
         from datetime import UTC, datetime
 
-        rows = await self.store.revoked(now_ms=_now_ms())
+        rows = await self.store.revoked(now_ms=clock.now_ms())
         revoked = [Revoked(int(r.serial, 16), datetime.fromtimestamp(
             (r.revoked_ms or 0) / 1000, UTC)) for r in rows]
         return await asyncio.to_thread(self.ca.write_crl, revoked)

@@ -15,14 +15,13 @@ Blocking driver calls run on the store's one thread (`SideStore`).
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 
-from central import CentralError
+from central import CentralError, clock
 from central.storage.side_store import Migration, SideStore
 
 log = structlog.get_logger(__name__)
@@ -86,10 +85,6 @@ _MIGRATIONS: list[Migration] = [
 ]
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class EnrolmentStore(SideStore):
     """The identity tables on `db_url` (`sqlite:///PATH` or `postgresql://...`).
 
@@ -107,7 +102,7 @@ class EnrolmentStore(SideStore):
 
     async def add_token(self, hashed: str, gw: str, expires_ms: int, *,
                         now_ms: int | None = None) -> None:
-        now = _now_ms() if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
 
         def body() -> None:
             with self._tx() as cur:

@@ -48,10 +48,6 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def create_program(user_id: int, kind: str, token: str, csrf: str, client: str,
                    now: int) -> Program[None]:
     yield Sql("INSERT INTO sessions (token_hash, user_id, kind, csrf, created_ms, last_used_ms,"

@@ -15,7 +15,6 @@ second recommended profile); a hash made with older parameters is upgraded on th
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,10 +95,6 @@ _COLS = ("u.id, u.name, u.role, u.area_id, ar.path, ar.code, u.disabled, u.creat
 def _user(r: Sequence[Any]) -> User:
     return User(id=r[0], name=r[1], role=Role(r[2]), area_id=r[3], area_path=r[4],
                 area_code=r[5], disabled=bool(r[6]), created_ms=r[7], updated_ms=r[8])
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def check_password(password: str) -> None:

@@ -3,7 +3,6 @@ and running a storage step together with its audit row."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -21,10 +20,6 @@ class StrictModel(BaseModel):
     """A request or response body: unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def storage_of(request: Request) -> Storage:

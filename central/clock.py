@@ -1,0 +1,13 @@
+"""Central's wall clock in the unit of its tables, records and API: milliseconds since the
+epoch. One definition, so a module cannot drift to seconds or to another rounding."""
+
+from __future__ import annotations
+
+import time
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+__all__ = ["now_ms"]
