@@ -31,10 +31,9 @@ A port that fails (EIO, the USB adapter unplugged) is closed and pending steps f
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import structlog
@@ -48,7 +47,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
-from edge_agent.bearers.port import SerialBearer
+from edge_agent.bearers.port import BearerCounters, SerialBearer
 from protocols import beidou as rdss
 from protocols.stream import decoded
 
@@ -71,22 +70,12 @@ _BD2_REFUSALS: Final[dict[int, Refusal]] = {
 
 
 @dataclass(slots=True)
-class TerminalCounters:
-    sent: int = 0
-    refused: int = 0
-    refused_by_reason: dict[str, int] = field(default_factory=dict)
-    timeouts: int = 0
+class TerminalCounters(BearerCounters):
     garbage_bytes: int = 0  # bytes dropped between or inside bad sentences
     bad_sentences: int = 0  # checksum, framing and field errors
     unknown_sentences: int = 0  # well framed but not modelled (GNSS lines)
     stray_feedback: int = 0  # a `$BDFKI` with no send waiting for it
     inbound: int = 0  # messages received (`$BDTCI` / `$BDTXR`)
-    port_opens: int = 0
-    port_lost: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
-                for f in dataclasses.fields(self)}
 
 
 InboundMessage = rdss.Bd3Message | rdss.Bd2Message

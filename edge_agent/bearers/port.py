@@ -19,23 +19,28 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import serial
 
 from edge_agent.bearers import BearerError, BearerPortError, BearerTimeoutError, SendResult
+from runtime.counters import Counters
 from runtime.serial import PortReader, open_serial
 
 E = TypeVar("E")
 
 
-class BearerCounters(Protocol):
-    sent: int
-    refused: int
-    refused_by_reason: dict[str, int]
-    port_opens: int
-    port_lost: int
+@dataclass(slots=True)
+class BearerCounters(Counters):
+    """What every serial bearer counts; each driver's counters add what its device reports."""
+
+    sent: int = 0
+    refused: int = 0
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    port_opens: int = 0
+    port_lost: int = 0
 
 
 @dataclass(slots=True)
