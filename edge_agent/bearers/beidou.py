@@ -84,7 +84,7 @@ InboundMessage = rdss.Bd3Message | rdss.Bd2Message
 # --- the driver ----------------------------------------------------------------------------
 
 
-class BeidouTerminal(SerialBearer[rdss.Sentence]):
+class BeidouTerminal(SerialBearer[rdss.Sentence, TerminalCounters]):
     """One BeiDou RDSS terminal on one serial port; an async context manager.
 
     Example::
@@ -99,7 +99,6 @@ class BeidouTerminal(SerialBearer[rdss.Sentence]):
 
     EVENT_PORT_OPEN = "beidou_port_open"
     EVENT_PORT_LOST = "beidou_port_lost"
-    counters: TerminalCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, dialect: Dialect = "bd3",
                  step_timeout_s: float = STEP_TIMEOUT_S, max_payload_bytes: int | None = None,
@@ -113,12 +112,11 @@ class BeidouTerminal(SerialBearer[rdss.Sentence]):
         if max_payload_bytes is not None and max_payload_bytes < 1:
             raise ValueError("max_payload_bytes must be at least 1")
         super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
-                         log=log.bind(port=port, dialect=dialect))
+                         log=log.bind(port=port, dialect=dialect), counters=TerminalCounters())
         self.dialect: Dialect = dialect
         self.max_payload_bytes = max_payload_bytes
         self.pwi_max_age_s = pwi_max_age_s
         self.on_message = on_message
-        self.counters = TerminalCounters()
         self.card: CardInfo | None = None  # from the last `info()`
         self._clock = clock
         self._decoder = rdss.BeidouDecoder()

@@ -105,7 +105,7 @@ _Event = HrnpPacket | TextAck
 # --- the driver ----------------------------------------------------------------------------
 
 
-class PdtRadio(SerialBearer[_Event]):
+class PdtRadio(SerialBearer[_Event, RadioCounters]):
     """One Hytera PDT radio on one serial port; an async context manager.
 
     Example::
@@ -119,7 +119,6 @@ class PdtRadio(SerialBearer[_Event]):
 
     EVENT_PORT_OPEN = "pdt_port_open"
     EVENT_PORT_LOST = "pdt_port_lost"
-    counters: RadioCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, radio_id: int | None = None,
                  max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
@@ -134,13 +133,12 @@ class PdtRadio(SerialBearer[_Event]):
             raise ValueError("step_timeout_s and quiet_s must be positive, interval_s not "
                              "negative")
         super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
-                         log=log.bind(port=port, radio_id=radio_id))
+                         log=log.bind(port=port, radio_id=radio_id), counters=RadioCounters())
         self.radio_id = radio_id
         self.max_text_bytes = max_text_bytes
         self.interval_s = interval_s
         self.quiet_s = quiet_s
         self.on_message = on_message
-        self.counters = RadioCounters()
         self.card: CardInfo | None = None  # from the last `info()`
         self._connected = False
         self._decoder = HrnpDecoder()

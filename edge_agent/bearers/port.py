@@ -42,23 +42,27 @@ class BearerCounters(Counters):
     port_lost: int = 0
 
 
+C = TypeVar("C", bound=BearerCounters)
+
+
 @dataclass(slots=True)
 class Waiter(Generic[E]):
     wants: Callable[[E], bool]
     future: asyncio.Future[E]
 
 
-class SerialBearer(Generic[E]):
-    """A driver's serial port and the steps waiting for events `E` decoded from it; an async
-    context manager. Subclasses set `counters` (a `BearerCounters`) and the two log event
+class SerialBearer(Generic[E, C]):
+    """A driver's serial port and the steps waiting for events `E` decoded from it, counted in
+    the driver's `counters` (`C`); an async context manager. Subclasses set the two log event
     names."""
 
     EVENT_PORT_OPEN: ClassVar[str]
     EVENT_PORT_LOST: ClassVar[str]
-    counters: BearerCounters
 
-    def __init__(self, port: str, *, baudrate: int, step_timeout_s: float, log: Any) -> None:
+    def __init__(self, port: str, *, baudrate: int, step_timeout_s: float, log: Any,
+                 counters: C) -> None:
         self.port = port
+        self.counters = counters
         self.baudrate = baudrate
         self.step_timeout_s = step_timeout_s
         self._log = log

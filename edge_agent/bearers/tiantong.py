@@ -75,7 +75,7 @@ def _final(e: atr.Response) -> bool:
     return atr.is_final(e)
 
 
-class TiantongModem(SerialBearer[atr.Response]):
+class TiantongModem(SerialBearer[atr.Response, ModemCounters]):
     """One Tiantong module on one serial port; an async context manager.
 
     Example::
@@ -87,7 +87,6 @@ class TiantongModem(SerialBearer[atr.Response]):
 
     EVENT_PORT_OPEN = "tiantong_port_open"
     EVENT_PORT_LOST = "tiantong_port_lost"
-    counters: ModemCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, number: str | None = None,
                  sms_parts: int = 1, interval_s: int = DEFAULT_INTERVAL_S,
@@ -99,13 +98,12 @@ class TiantongModem(SerialBearer[atr.Response]):
             raise ValueError("step_timeout_s must be positive; retries, retry_wait_s and "
                              "interval_s not negative")
         super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
-                         log=log.bind(port=port))
+                         log=log.bind(port=port), counters=ModemCounters())
         self.number = number
         self.sms_parts = sms_parts
         self.interval_s = interval_s
         self.retries = retries
         self.retry_wait_s = retry_wait_s
-        self.counters = ModemCounters()
         self.card: CardInfo | None = None
         self._decoder = atr.ResponseDecoder()
         self._ready_modem = False
