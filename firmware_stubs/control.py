@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -73,6 +73,17 @@ class OwnRequest(BaseModel):
         if sum(getattr(self, name) is not None for name in names) != 1:
             raise ValueError(f"give exactly one of {' or '.join(names)}")
         return self
+
+
+F = TypeVar("F", bound=BaseModel)
+
+
+class FaultOrStats(OwnRequest, Generic[F]):
+    """The own control lines of a simulator with one kind of fault request `F`: exactly one of
+    `{"fault": {...}}` or `{"stats": {}}`."""
+
+    fault: F | None = None
+    stats: StatsRequest | None = None
 
 
 R = TypeVar("R", bound=OwnRequest)

@@ -317,11 +317,7 @@ class _FaultRequest(BaseModel):
     wrong_answer: str | None = None  # checked by SlaveFaults
 
 
-class _RtuControl(control.OwnRequest):
-    """The RTU simulator's own control lines: exactly one of `fault` or `stats`."""
-
-    fault: _FaultRequest | None = None
-    stats: control.StatsRequest | None = None
+_RtuControl = control.FaultOrStats[_FaultRequest]
 
 
 # --- process entry --------------------------------------------------------------------------
