@@ -161,7 +161,7 @@ class ControlOps:
     async def status(self) -> dict[str, Any]:
         rt = self.runtime
         out: dict[str, Any] = rt.status()  # devices with their bus counters included
-        out["buses"] = [{"endpoint": bus.endpoint, "port": bus.port, "baudrate": bus.baudrate,
+        out["buses"] = [{"endpoint": bus.endpoint, "port": bus.port, "baudrate": bus.line.baudrate,
                          "connected": bus.connected, "stray_frames": bus.stray_frames,
                          "slaves": {str(i): s.to_dict() for i, s in bus.all_stats().items()}}
                         for bus in (rt.pool.serial_buses() if rt.pool else [])]

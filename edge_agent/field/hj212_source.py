@@ -74,7 +74,7 @@ from protocols.hj212 import (
     encode_frame,
 )
 from runtime.counters import Counters
-from runtime.serial import LineReader, PortLostError, SerialPortError, open_serial
+from runtime.serial import LineReader, LineSettings, PortLostError, SerialPortError, open_serial
 
 log = structlog.get_logger(__name__)
 
@@ -151,8 +151,7 @@ class Hj212Source:
         self.device = device
         self.profile = profile
         self.port = port
-        self._line: dict[str, Any] = {"baudrate": baudrate, "bytesize": bytesize, "parity": parity,
-                      "stopbits": stopbits}
+        self._line = LineSettings(baudrate, bytesize, parity, stopbits)
         self.interval_s = interval_s
         self.silence_s = silence_s if silence_s is not None else 3 * interval_s
         self.mn = mn
@@ -203,7 +202,7 @@ class Hj212Source:
     async def run(self, sink: RecordSink) -> None:
         """Read frames into `sink` until cancelled; reopen the port whenever it is lost."""
         self._log.info("hj212_source_started", interval_s=self.interval_s,
-                       silence_s=self.silence_s, profile=self.profile.id, **self._line)
+                       silence_s=self.silence_s, profile=self.profile.id, **self._line.kwargs())
         self._last_good = time.monotonic()
         try:
             while True:
@@ -224,7 +223,7 @@ class Hj212Source:
             self._log.info("hj212_source_stopped")
 
     async def _open(self) -> serial.Serial:
-        return await open_serial(self.port, Hj212PortError, **self._line)
+        return await open_serial(self.port, Hj212PortError, **self._line.kwargs())
 
     async def _session(self, port: serial.Serial, sink: RecordSink) -> str:
         """Read the open port until it fails; returns why it ended."""
