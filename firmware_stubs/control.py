@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device_profiles import Profile
 from firmware_stubs.errors import SimulatorError
 from protocols.modbus_points import PointEncodeError, PointValue
 
@@ -38,6 +40,36 @@ class Scriptable(Protocol):
     def get_value(self, point_key: str, device_id: int = 1) -> PointValue: ...
 
     def seconds(self) -> float: ...
+
+
+class _Profiled(Protocol):
+    @property
+    def profile(self) -> Profile: ...
+
+
+D = TypeVar("D", bound=_Profiled)
+
+
+class ProfiledDevices(Generic[D]):
+    """The part of `Scriptable` a simulator of several profiled devices answers from its table
+    of them, `_devices` (device id, a slave's address on a bus → the device), and the time it
+    started, `_t0`."""
+
+    _devices: dict[int, D]
+    _t0: float
+
+    @property
+    def device_ids(self) -> list[int]:
+        return list(self._devices)
+
+    @property
+    def profile_ids(self) -> dict[int, str]:
+        """Device id -> the id of the profile it simulates."""
+        return {i: d.profile.id for i, d in self._devices.items()}
+
+    def seconds(self) -> float:
+        """Seconds since the simulator started (what `counter` points count)."""
+        return time.monotonic() - self._t0
 
 
 class _PointRef(BaseModel):
@@ -73,6 +105,17 @@ class OwnRequest(BaseModel):
         if sum(getattr(self, name) is not None for name in names) != 1:
             raise ValueError(f"give exactly one of {' or '.join(names)}")
         return self
+
+
+F = TypeVar("F", bound=BaseModel)
+
+
+class FaultOrStats(OwnRequest, Generic[F]):
+    """The own control lines of a simulator with one kind of fault request `F`: exactly one of
+    `{"fault": {...}}` or `{"stats": {}}`."""
+
+    fault: F | None = None
+    stats: StatsRequest | None = None
 
 
 R = TypeVar("R", bound=OwnRequest)

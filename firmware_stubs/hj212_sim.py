@@ -328,11 +328,7 @@ class _FaultRequest(BaseModel):
     clock_offset_s: float = Field(0.0, ge=-20 * 365 * 86400, le=20 * 365 * 86400)
 
 
-class _Hj212Control(control.OwnRequest):
-    """The station simulator's own control lines: exactly one of `fault` or `stats`."""
-
-    fault: _FaultRequest | None = None
-    stats: control.StatsRequest | None = None
+_Hj212Control = control.FaultOrStats[_FaultRequest]
 
 
 # --- process entry --------------------------------------------------------------------------

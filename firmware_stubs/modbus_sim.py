@@ -44,7 +44,13 @@ from pymodbus.simulator import SimData, SimDevice
 
 from device_profiles import DeviceProfileError, Profile, ProfilePoint, find_profile
 from firmware_stubs import sim_process
-from firmware_stubs.control import ControlRequest, close_control, handle_control, open_control
+from firmware_stubs.control import (
+    ControlRequest,
+    ProfiledDevices,
+    close_control,
+    handle_control,
+    open_control,
+)
 from firmware_stubs.errors import BadValueError, SimulatorError, UnknownPointError
 from firmware_stubs.lifecycle import StartStop
 from firmware_stubs.values import TICK_S, PointValues, check_modbus_value, modbus_values
@@ -88,7 +94,7 @@ class _Device:
     warned: set[str] = field(default_factory=set)
 
 
-class ModbusTcpSimulator(StartStop):
+class ModbusTcpSimulator(StartStop, ProfiledDevices[_Device]):
     """Serve profiled devices over Modbus TCP; an async context manager.
 
     `profiles` maps device id -> profile, or is one profile served as device id 1. `port=0`
@@ -165,15 +171,6 @@ class ModbusTcpSimulator(StartStop):
 
     # ------------------------------------------------------------------ scripting
 
-    @property
-    def device_ids(self) -> list[int]:
-        return list(self._devices)
-
-    @property
-    def profile_ids(self) -> dict[int, str]:
-        """Device id -> the id of the profile it simulates."""
-        return {i: d.profile.id for i, d in self._devices.items()}
-
     def set_value(self, point_key: str, value: mp.PointValue, device_id: int = 1) -> None:
         """Pin a point to `value` until `clear_override()` (or a client write to it)."""
         device, (table, sp) = self._lookup(device_id, point_key)
@@ -192,10 +189,6 @@ class ModbusTcpSimulator(StartStop):
         device, (table, sp) = self._lookup(device_id, point_key)
         self._refresh(device, table)
         return mp.decode_point(sp.point.spec, self._point_words(table, sp))
-
-    def seconds(self) -> float:
-        """Seconds since the simulator started (what `counter` points count)."""
-        return time.monotonic() - self._t0
 
     def _lookup(self, device_id: int, point_key: str) -> tuple[_Device, tuple[_Table, _SimPoint]]:
         device = self._devices.get(device_id)

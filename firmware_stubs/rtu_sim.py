@@ -64,6 +64,7 @@ from protocols.modbus_rtu import (
     encode_frame,
     inter_frame_gap_s,
 )
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -75,17 +76,14 @@ _TURNAROUND_S = 0.0005
 
 
 @dataclass(slots=True)
-class SlaveStats:
+class SlaveStats(Counters):
     """What one simulated slave saw and did."""
 
     requests: int = 0
     answers: int = 0
 
-    def to_dict(self) -> dict[str, int]:
-        return {"requests": self.requests, "answers": self.answers}
 
-
-class RtuBusSimulator(PtyLinked):
+class RtuBusSimulator(PtyLinked, control.ProfiledDevices[SlaveImage]):
     """Serve profiled slaves on one pseudo-terminal line; an async context manager.
 
     `profiles` maps slave address -> profile; a sequence takes addresses 1, 2, 3, ...
@@ -109,10 +107,10 @@ class RtuBusSimulator(PtyLinked):
         self.wire_time = wire_time
         self._rng = random.Random(seed)
         self._t0 = time.monotonic()
-        self._slaves = {a: SlaveImage(a, p, rng=self._rng, t0=self._t0)
+        self._devices = {a: SlaveImage(a, p, rng=self._rng, t0=self._t0)
                         for a, p in sorted(mapping.items())}
-        self._faults = {a: SlaveFaults() for a in self._slaves}
-        self._stats = {a: SlaveStats() for a in self._slaves}
+        self._faults = {a: SlaveFaults() for a in self._devices}
+        self._stats = {a: SlaveStats() for a in self._devices}
         self._decoder = RtuDecoder(Direction.REQUEST)
         self._control_host = control_host
         self._requested_control_port = control_port
@@ -135,7 +133,7 @@ class RtuBusSimulator(PtyLinked):
         self._loop = asyncio.get_running_loop()
         self._open_line()
         self._t0 = time.monotonic()
-        for image in self._slaves.values():
+        for image in self._devices.values():
             image.restart(self._t0)
         self._control, self.control_port = await control.open_control(
             self, self._control_host, self._requested_control_port, self.handle_control)
@@ -155,19 +153,6 @@ class RtuBusSimulator(PtyLinked):
             log.info("rtu_sim_stopped", path=self.path)
 
     # --- scripting --------------------------------------------------------------------------
-
-    @property
-    def device_ids(self) -> list[int]:
-        return list(self._slaves)
-
-    @property
-    def profile_ids(self) -> dict[int, str]:
-        """Slave address -> the id of the profile it simulates."""
-        return {a: s.profile.id for a, s in self._slaves.items()}
-
-    def seconds(self) -> float:
-        """Seconds since the simulator started (what `counter` points count)."""
-        return time.monotonic() - self._t0
 
     def set_value(self, point_key: str, value: PointValue, device_id: int = 1) -> None:
         """Pin a point to `value` until `clear_override()` (or a client write to it)."""
@@ -190,14 +175,14 @@ class RtuBusSimulator(PtyLinked):
         log.info("rtu_sim_faults", device_id=address, faults=repr(self._faults[address]))
 
     def clear_faults(self, device_id: int | None = None) -> None:
-        for address in [device_id] if device_id is not None else list(self._slaves):
+        for address in [device_id] if device_id is not None else list(self._devices):
             self.set_faults(address, SlaveFaults())
 
     def stats(self, device_id: int) -> SlaveStats:
         return self._stats[self._slave(device_id).address]
 
     def _slave(self, device_id: int, point_key: str = "") -> SlaveImage:
-        slave = self._slaves.get(device_id)
+        slave = self._devices.get(device_id)
         if slave is None:
             raise UnknownPointError(device_id, point_key)
         return slave
@@ -233,10 +218,10 @@ class RtuBusSimulator(PtyLinked):
         now = time.monotonic()
         self.request_log.append((now, frame.address))
         if frame.address == BROADCAST:
-            for each in self._slaves.values():
+            for each in self._devices.values():
                 each.broadcast(frame.pdu, now)
             return
-        slave = self._slaves.get(frame.address)
+        slave = self._devices.get(frame.address)
         if slave is None:
             return  # another slave's business
         stats, faults = self._stats[frame.address], self._faults[frame.address]
@@ -317,11 +302,7 @@ class _FaultRequest(BaseModel):
     wrong_answer: str | None = None  # checked by SlaveFaults
 
 
-class _RtuControl(control.OwnRequest):
-    """The RTU simulator's own control lines: exactly one of `fault` or `stats`."""
-
-    fault: _FaultRequest | None = None
-    stats: control.StatsRequest | None = None
+_RtuControl = control.FaultOrStats[_FaultRequest]
 
 
 # --- process entry --------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Final, Literal
 
 from protocols.errors import ChecksumMismatchError, DetailedError, FieldError, ProtocolError
 from protocols.stream import NEED_DATA as NEED_DATA  # re-exported: what next_frame() answers
-from protocols.stream import ByteStream, NeedData
+from protocols.stream import FramedStream, NeedData
 
 START: Final = 0x7E
 HEADER_LEN: Final = 12
@@ -216,7 +216,7 @@ def decode_packet(data: bytes, *, max_packet_len: int = DEFAULT_MAX_PACKET_LEN,
                       bytes(data[12:]), data[1], data[2])
 
 
-class HrnpDecoder(ByteStream):
+class HrnpDecoder(FramedStream):
     """Incremental decoder for the serial byte stream.
 
     `feed()` bytes as they come, then call `next_packet()` until it returns `NEED_DATA`. Bytes
@@ -237,7 +237,6 @@ drops the oldest undrained bytes (counted) past `max_buffer`, then takes the new
         self._max_packet_len = max_packet_len
         self._versions = versions
         self._max_buffer = max(max_buffer or 4 * max_packet_len, max_packet_len)
-        self.errors = 0
 
     def feed(self, data: bytes) -> None:
         # The bound applies to what earlier feeds left undrained, never to the new bytes: one
@@ -246,15 +245,6 @@ drops the oldest undrained bytes (counted) past `max_buffer`, then takes the new
         if excess > 0:
             self._drop(excess)
         super().feed(data)
-
-    def skip_partial(self) -> bool:
-        """Give up the partial packet the decoder waits on: step past its 0x7E (counted as an
-        error); `next_packet()` then rescans the rest. False if nothing was waiting."""
-        if not self._buffer:
-            return False
-        self.errors += 1
-        self._drop(1)
-        return True
 
     def next_packet(self) -> HrnpPacket | Literal[NeedData.NEED_DATA]:
         buf = self._buffer
@@ -269,8 +259,7 @@ drops the oldest undrained bytes (counted) past `max_buffer`, then takes the new
             packet = decode_packet(bytes(buf[:declared]), max_packet_len=self._max_packet_len,
                                    versions=self._versions)
         except HrnpError:
-            self.errors += 1
-            self._drop(1)
+            self._step_past_bad()
             raise
         del buf[:declared]
         return packet

@@ -327,62 +327,58 @@ def decode_frame(data: bytes, *, key: bytes, stream: str,
     ts = int.from_bytes(signed[1:5], "big")
     body = _Reader(signed[HEADER_LEN:])
     if kind == FrameKind.ALARMS:
-        return AlarmsFrame(ts, _decode_alarms(body, ts))
+        return AlarmsFrame(ts, _entries(body, ts, _read_alarm, "alarms"))
     if kind == FrameKind.HEARTBEAT:
         return _decode_heartbeat(body, ts)
     if kind == FrameKind.CALL_ACKS:
-        return CallAcksFrame(ts, _decode_call_acks(body, ts))
+        return CallAcksFrame(ts, _entries(body, ts, _read_call_ack, "call-acks"))
     raise UnknownFrameKindError(kind)
 
 
-def _decode_call_acks(body: _Reader, frame_ts: int) -> tuple[CallAckEntry, ...]:
-    entries: list[CallAckEntry] = []
-    previous = 0
+def _entries(body: _Reader, frame_ts: int, read_entry: Callable[[_Reader, int, int], _E],
+             what: str) -> tuple[_E, ...]:
+    """The entries of an alarms or call-acks body: each starts with its seq as a zigzag delta
+    from the one before (the first from 0); `read_entry(body, seq, frame_ts)` reads the rest."""
+    entries: list[_E] = []
+    seq = 0
     while not body.done:
-        seq = previous + body.zigzag()
-        flags = body.take(1)[0]
-        if flags > 3:
-            raise MalformedFrameError(f"narrowband call-ack flags {flags:#x}")
-        warning_id, terminal = body.packed_id(), body.packed_id()
-        at_ms = frame_ts * 1000 - body.zigzag()
-        by = None
-        if flags & 2:
-            try:
-                by = body.take(body.varint()).decode()
-            except UnicodeDecodeError as exc:
-                raise MalformedFrameError("narrowband call-ack `by` is not UTF-8") from exc
-        try:
-            entries.append(CallAckEntry(seq=seq, type=CallAckType(flags & 1),
-                                        warning_id=warning_id, terminal=terminal, at_ms=at_ms,
-                                        by=by))
-        except ValueError as exc:
-            raise MalformedFrameError(f"narrowband call-ack entry: {exc}") from exc
-        previous = seq
+        seq += body.zigzag()
+        entries.append(read_entry(body, seq, frame_ts))
     if not entries:
-        raise MalformedFrameError("narrowband call-acks frame without entries")
+        raise MalformedFrameError(f"narrowband {what} frame without entries")
     return tuple(entries)
 
 
-def _decode_alarms(body: _Reader, frame_ts: int) -> tuple[AlarmEntry, ...]:
-    entries: list[AlarmEntry] = []
-    previous = 0
-    while not body.done:
-        seq = previous + body.zigzag()
-        point = body.varint()
-        code = body.take(1)[0]
-        ts = frame_ts - body.zigzag()
-        (value,) = struct.unpack(">f", body.take(4))
+def _read_call_ack(body: _Reader, seq: int, frame_ts: int) -> CallAckEntry:
+    flags = body.take(1)[0]
+    if flags > 3:
+        raise MalformedFrameError(f"narrowband call-ack flags {flags:#x}")
+    warning_id, terminal = body.packed_id(), body.packed_id()
+    at_ms = frame_ts * 1000 - body.zigzag()
+    by = None
+    if flags & 2:
         try:
-            entries.append(AlarmEntry(
-                seq=seq, point=point, rule=AlarmRule(code >> 4),
-                state=AlarmTransition(code & 0x03), level=code >> 2 & 0x03, ts=ts,
-                value=None if math.isnan(value) else value))
-        except ValueError as exc:
-            raise MalformedFrameError(f"narrowband alarm entry: {exc}") from exc
-        previous = seq
-    if not entries:
-        raise MalformedFrameError("narrowband alarms frame without entries")
-    return tuple(entries)
+            by = body.take(body.varint()).decode()
+        except UnicodeDecodeError as exc:
+            raise MalformedFrameError("narrowband call-ack `by` is not UTF-8") from exc
+    try:
+        return CallAckEntry(seq=seq, type=CallAckType(flags & 1), warning_id=warning_id,
+                            terminal=terminal, at_ms=at_ms, by=by)
+    except ValueError as exc:
+        raise MalformedFrameError(f"narrowband call-ack entry: {exc}") from exc
+
+
+def _read_alarm(body: _Reader, seq: int, frame_ts: int) -> AlarmEntry:
+    point = body.varint()
+    code = body.take(1)[0]
+    ts = frame_ts - body.zigzag()
+    (value,) = struct.unpack(">f", body.take(4))
+    try:
+        return AlarmEntry(seq=seq, point=point, rule=AlarmRule(code >> 4),
+                          state=AlarmTransition(code & 0x03), level=code >> 2 & 0x03, ts=ts,
+                          value=None if math.isnan(value) else value)
+    except ValueError as exc:
+        raise MalformedFrameError(f"narrowband alarm entry: {exc}") from exc
 
 
 def _decode_heartbeat(body: _Reader, ts: int) -> HeartbeatFrame:

@@ -43,6 +43,29 @@ class ByteStream:
         self.discarded += count
 
 
+class FramedStream(ByteStream):
+    """The buffer of a decoder whose frames open with a start marker and may be cut off: a bad
+    frame is stepped over by one byte only (`_step_past_bad()`, counted in `errors`), since a
+    real frame may start inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors = 0
+
+    def skip_partial(self) -> bool:
+        """Give up the partial frame the decoder waits on (the line went quiet): step past its
+        start marker, counted as an error; the next call rescans the rest. False if nothing was
+        buffered."""
+        if not self._buffer:
+            return False
+        self._step_past_bad()
+        return True
+
+    def _step_past_bad(self) -> None:
+        self.errors += 1
+        self._drop(1)
+
+
 def decoded(next_item: Callable[[], T | Literal[NeedData.NEED_DATA]],
             error: type[E]) -> Iterator[T | E]:
     """Ask `next_item` (a decoder's `next_frame`, `next_sentence`…) until it answers NEED_DATA:
@@ -59,4 +82,4 @@ def decoded(next_item: Callable[[], T | Literal[NeedData.NEED_DATA]],
         yield item
 
 
-__all__ = ["NEED_DATA", "ByteStream", "NeedData", "decoded"]
+__all__ = ["NEED_DATA", "ByteStream", "FramedStream", "NeedData", "decoded"]

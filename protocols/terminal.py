@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from protocols.errors import ChecksumMismatchError, DeclaredLengthError, DetailedError
-from protocols.stream import NEED_DATA, ByteStream, NeedData
+from protocols.stream import NEED_DATA, FramedStream, NeedData
 from protocols.terminal_messages import (
     BATTERY_UNKNOWN,
     Ack,
@@ -172,7 +172,7 @@ def decode_frame(data: bytes, *, max_body: int = DEFAULT_MAX_BODY) -> TerminalFr
     return _frame_from(data, length)
 
 
-class TerminalDecoder(ByteStream):
+class TerminalDecoder(FramedStream):
     """Incremental decoder for the byte stream of one connection or serial line.
 
     `feed()` bytes as they come, then call `next_frame()` until it returns `NEED_DATA`. Bytes
@@ -192,17 +192,7 @@ class TerminalDecoder(ByteStream):
             raise ValueError(f"max_body must be in 0..{MAX_BODY}")
         super().__init__()
         self._max_body = max_body
-        self.errors = 0
         self.refused = 0
-
-    def skip_partial(self) -> bool:
-        """Give up the partial frame the decoder waits on (counted as an error); False if
-        nothing was buffered."""
-        if not self._buffer:
-            return False
-        self.errors += 1
-        self._drop(1)
-        return True
 
     def next_frame(self) -> TerminalFrame | Literal[NeedData.NEED_DATA]:
         buf = self._buffer
@@ -223,8 +213,7 @@ class TerminalDecoder(ByteStream):
             del buf[: OVERHEAD + length]
             raise
         except TerminalError:
-            self.errors += 1
-            self._drop(1)
+            self._step_past_bad()
             raise
         del buf[: OVERHEAD + length]
         return frame

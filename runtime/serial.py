@@ -17,10 +17,12 @@ from the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import serial
 
@@ -43,6 +45,20 @@ class PortLostError(DetailedError):
 
     template = "{reason}"
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LineSettings:
+    """A serial line's speed and character framing: the four settings pyserial and pymodbus
+    take, by these names (`kwargs()`)."""
+
+    baudrate: int = 9600
+    bytesize: int = serial.EIGHTBITS
+    parity: str = serial.PARITY_NONE
+    stopbits: int = serial.STOPBITS_ONE
+
+    def kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 async def open_serial(path: str, error: Callable[[str, str], Exception], *,
@@ -156,4 +172,5 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-__all__ = ["READ_SIZE", "LineReader", "PortLostError", "PortReader", "open_serial", "write_all"]
+__all__ = ["READ_SIZE", "LineReader", "LineSettings", "PortLostError", "PortReader", "open_serial",
+           "write_all"]

@@ -7,9 +7,11 @@ executor touches the connection; coroutines await `SqliteOwner.call(fn)`, which 
 that thread and turns `sqlite3.Error`/`OSError` into the store's own error class. Commits go
 through `transaction(body)` (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception).
 
-`Migrations` registers schema steps by version (`@migrations.step(2)`); `migrate(conn)` runs
-the missing ones in order, each in its own transaction, and refuses a file that a newer
-program wrote (its version is higher than any step known here).
+`Migrations` registers schema steps by version (`@migrations.step(2)`, or `migrations.sql(2,
+script)` for a step that is plain SQL); `migrate(conn)` runs the missing ones in order, each in
+its own transaction, and refuses a file that a newer program wrote (its version is higher than
+any step known here). `SqliteStore` is the base of the edge's small stores (alarm state,
+command and terminal ledgers): one file, one owner thread, `async with Store.open(path)`.
 
 Example::
 
@@ -27,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, Self, TypeVar
 
 import structlog
 
@@ -54,6 +56,14 @@ class Migrations:
             self._steps[version] = fn
             return fn
         return register
+
+    def sql(self, version: int, script: str) -> None:
+        """Register a step that runs the `;`-separated statements of `script` one by one
+        (`executescript` would commit first, outside the step's transaction)."""
+        @self.step(version)
+        def run(conn: sqlite3.Connection) -> None:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
 
     @property
     def latest(self) -> int:
@@ -221,4 +231,43 @@ class SqliteOwner:
             self._conn = None
 
 
-__all__ = ["Migration", "Migrations", "SqliteOwner", "connect", "open_reader"]
+class SqliteStore:
+    """A store in one SQLite file (WAL, synchronous FULL) that its own thread owns; open it
+    with `async with Store.open(path)`, the constructor does no I/O.
+
+    A subclass names itself (`name`: the thread, the `<name>_opened` log event and the closed
+    error's message derive from it), its base `error` and its `migrations`, and calls
+    `self._run(fn, ...)` to run `fn` on the thread (`self._sqlite.conn` there)."""
+
+    name: ClassVar[str]
+    error: ClassVar[type[Exception]]
+    migrations: ClassVar[Migrations]
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._sqlite = SqliteOwner(thread_name=self.name.replace(" ", "-"), error=self.error,
+                                   closed_message=f"{self.name} is closed")
+        self._run = self._sqlite.call
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: Path) -> AsyncIterator[Self]:
+        store = cls(path)
+        async with store._sqlite.running(store._open_sync):
+            yield store
+
+    def _open_sync(self) -> sqlite3.Connection:
+        conn = connect(self.path, ("journal_mode = WAL", "synchronous = FULL"), self.migrations)
+        log.info(f"{self.name.replace(' ', '_')}_opened", path=str(self.path))
+        return conn
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        """One statement in its own transaction (worker thread only); the rows it changed."""
+        return self._sqlite.transaction(lambda conn: conn.execute(sql, params).rowcount)
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The rows of one query (worker thread only)."""
+        return self._sqlite.conn.execute(sql, params).fetchall()
+
+
+__all__ = ["Migration", "Migrations", "SqliteOwner", "SqliteStore", "connect", "open_reader"]

@@ -1,4 +1,5 @@
-"""Helpers for the tests: a private Mosquitto, free ports, waiting, and the codec tests' inputs."""
+"""Helpers for the tests: a private Mosquitto, free ports, waiting, a device client's inbox, and
+the codec tests' inputs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import serial
 from hypothesis import strategies as st
@@ -80,6 +81,34 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class Inbox(Generic[T]):
+    """A test's client of a simulated device: what it decoded (`seen`, all of it in order) and
+    has not yet taken (`inbox`). `_take` takes the first item that matches, calling the
+    client's `_pump()` (read once, hand each decoded item to `_received`) until `timeout`."""
+
+    def __init__(self) -> None:
+        self.inbox: list[T] = []
+        self.seen: list[T] = []
+
+    def _received(self, item: T) -> None:
+        self.inbox.append(item)
+        self.seen.append(item)
+
+    async def _pump(self) -> None:
+        raise NotImplementedError
+
+    async def _take(self, match: Callable[[T], bool], timeout: float) -> T:
+        deadline = time.monotonic() + timeout
+        while True:
+            for item in self.inbox:
+                if match(item):
+                    self.inbox.remove(item)
+                    return item
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing matching; received {self.seen}")
+            await self._pump()
 
 
 def garbage_between(frames: Sequence[bytes], garbage: Sequence[bytes]) -> tuple[bytes, int]:

@@ -14,7 +14,6 @@ ptys.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Callable
 from functools import partial
@@ -27,15 +26,23 @@ from central.config.settings import Settings
 from central.storage.timecheck import NARROWBAND_COPY
 from device_profiles import find_profile
 from edge_agent import EdgeError
-from edge_agent.agent import run_agent
-from edge_agent.config.site import parse_config
 from edge_agent.outbox.store import read_status
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.terminal_sim import TcpTerminalSimulator
 from protocols import terminal as tm
 from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
-from tests.test_narrowband_e2e import GW, KEY, WAIT_S, _metric, _on_bearer, central, radios
+from tests.test_narrowband_e2e import (
+    GW,
+    KEY,
+    WAIT_S,
+    _metric,
+    _on_bearer,
+    agent_running,
+    central,
+    edge_config,
+    radios,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -67,25 +74,13 @@ async def test_warning_down_and_ack_up_by_radio_while_ip_is_cut_then_ip_copy_mer
                 narrowband_max_payload_bytes=77, narrowband_downlink_segments=8)
             async with central(settings) as api:
                 key = (await api.get("/api/keys/commands")).json()["public_key"]
-                config = parse_config(
-                    f'[gateway]\nid = "{GW}"\ndata_dir = "{tmp_path / "edge"}"\n'
-                    f'[mqtt]\nhost = "{proxy.host}"\nport = {proxy.port}\n'
-                    f'reconnect_max_s = 1\n[status]\ninterval_s = 0.2\n'
+                config = edge_config(tmp_path, proxy, modbus.port, poll_s=0.5, narrowband=(
+                    f'port = "{link.gateway_port}"\n{link.edge_keys}'
+                    f'key = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'), more=(
                     f'[commands]\ncentral_public_key = "{key}"\n'
-                    f'[narrowband]\nport = "{link.gateway_port}"\n{link.edge_keys}'
-                    f'key = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'
-                    f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\n'
-                    f'poll_interval_s = 0.5\ntransport = {{kind = "tcp", host = "127.0.0.1", '
-                    f'port = {modbus.port}}}\n'
-                    f'[[terminals]]\nid = "{TERMINAL}"\ntcp = "127.0.0.1:{term.port}"\n')
-                stop = asyncio.Event()
-                agent = asyncio.create_task(run_agent(config, stop=stop,
-                                                      install_signal_handlers=False))
-                try:
+                    f'[[terminals]]\nid = "{TERMINAL}"\ntcp = "127.0.0.1:{term.port}"\n'))
+                async with agent_running(config):
                     await _round(api, config, proxy, term, bearer, tmp_path)
-                finally:
-                    stop.set()
-                    await asyncio.wait_for(agent, 30)
     finally:
         proxy.stop()
 

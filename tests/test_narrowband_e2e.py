@@ -24,7 +24,7 @@ from central.config.settings import NarrowbandGateway, Settings
 from device_profiles import find_profile
 from edge_agent import EdgeError
 from edge_agent.agent import run_agent
-from edge_agent.config.site import parse_config
+from edge_agent.config.site import AgentConfig, parse_config
 from edge_agent.outbox.store import read_status
 from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
@@ -52,6 +52,31 @@ async def central(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             transport=httpx.ASGITransport(app=app), base_url="http://central") as client:
         await authorize(app, client)
         yield client
+
+
+def edge_config(tmp_path: Path, proxy: LinkProxy, modbus_port: int, *, narrowband: str,
+                poll_s: float, more: str = "") -> AgentConfig:
+    """The gateway of these tests: MQTT through `proxy`, a gas detector on the Modbus
+    simulator polled every `poll_s`, its `[narrowband]` section's lines, then `more`."""
+    return parse_config(
+        f'[gateway]\nid = "{GW}"\ndata_dir = "{tmp_path / "edge"}"\n'
+        f'[mqtt]\nhost = "{proxy.host}"\nport = {proxy.port}\nreconnect_max_s = 1\n'
+        f'[status]\ninterval_s = 0.2\n[narrowband]\n{narrowband}'
+        f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\npoll_interval_s = {poll_s}\n'
+        f'transport = {{kind = "tcp", host = "127.0.0.1", port = {modbus_port}}}\n' + more)
+
+
+@contextlib.asynccontextmanager
+async def agent_running(config: AgentConfig, **wiring: Any) -> AsyncIterator[None]:
+    """The edge agent (`run_agent`) running on `config` for the body, stopped after it."""
+    stop = asyncio.Event()
+    agent = asyncio.create_task(run_agent(config, stop=stop, install_signal_handlers=False,
+                                          **wiring))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(agent, 30)
 
 
 @dataclass
@@ -102,19 +127,11 @@ async def test_alarm_goes_by_radio_while_ip_is_cut_and_merges_when_ip_returns(
                 mqtt_port=mosquitto.port, mqtt_client_id="central-e2e",
                 narrowband_port=link.central_port, narrowband_bearer=bearer,
                 narrowband_gateways=[link.gateway_entry])
-            config = parse_config(
-                f'[gateway]\nid = "{GW}"\ndata_dir = "{tmp_path / "edge"}"\n'
-                f'[mqtt]\nhost = "{proxy.host}"\nport = {proxy.port}\nreconnect_max_s = 1\n'
-                f'[status]\ninterval_s = 0.2\n'
-                f'[narrowband]\nport = "{link.gateway_port}"\n{link.edge_keys}'
-                f'key = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 2\n'
-                f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\npoll_interval_s = 0.2\n'
-                f'transport = {{kind = "tcp", host = "127.0.0.1", port = {modbus.port}}}\n')
+            config = edge_config(tmp_path, proxy, modbus.port, poll_s=0.2, narrowband=(
+                f'port = "{link.gateway_port}"\n{link.edge_keys}'
+                f'key = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 2\n'))
             async with central(settings) as api:
-                stop = asyncio.Event()
-                agent = asyncio.create_task(
-                    run_agent(config, stop=stop, install_signal_handlers=False))
-                try:
+                async with agent_running(config):
                     def outbox() -> Any:
                         try:
                             return read_status(config.outbox_path)
@@ -157,9 +174,6 @@ async def test_alarm_goes_by_radio_while_ip_is_cut_and_merges_when_ip_returns(
                     metrics = (await api.get("/metrics")).text
                     assert _metric(metrics, "records_merged_total") >= 1
                     assert _metric(metrics, "narrowband_records_total") >= 1
-                finally:
-                    stop.set()
-                    await asyncio.wait_for(agent, 30)
     finally:
         proxy.stop()
 

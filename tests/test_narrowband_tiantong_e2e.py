@@ -20,8 +20,6 @@ import pytest
 
 from central.config.settings import NarrowbandGateway, Settings
 from device_profiles import find_profile
-from edge_agent.agent import run_agent
-from edge_agent.config.site import parse_config
 from edge_agent.narrowband.downlink import LoggingWarningHandler, WarningHandler
 from edge_agent.outbox.lanes import NewRecord
 from edge_agent.outbox.store import Outbox
@@ -32,7 +30,15 @@ from protocols.envelope import RecordKind
 from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
 from tests.test_narrowband_callresp_e2e import gateway_view, outbox_status
-from tests.test_narrowband_e2e import GW, KEY, WAIT_S, _on_bearer, central
+from tests.test_narrowband_e2e import (
+    GW,
+    KEY,
+    WAIT_S,
+    _on_bearer,
+    agent_running,
+    central,
+    edge_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -65,26 +71,12 @@ async def test_alarm_and_ack_by_tiantong_sms_while_ip_is_cut(
                 mqtt_port=mosquitto.port, mqtt_client_id="central-tiantong",
                 narrowband_port=central_module.link_path, narrowband_bearer="tiantong",
                 narrowband_gateways=[NarrowbandGateway(gw=GW, phone=GW_NUMBER, key=KEY.hex())])
-            config = parse_config(
-                f'[gateway]\nid = "{GW}"\ndata_dir = "{tmp_path / "edge"}"\n'
-                f'[mqtt]\nhost = "{proxy.host}"\nport = {proxy.port}\nreconnect_max_s = 1\n'
-                f'[status]\ninterval_s = 0.2\n'
-                f'[narrowband]\nbearer = "tiantong"\nport = "{gw_module.link_path}"\n'
+            config = edge_config(tmp_path, proxy, modbus.port, poll_s=0.5, narrowband=(
+                f'bearer = "tiantong"\nport = "{gw_module.link_path}"\n'
                 f'central_number = "{CENTRAL_NUMBER}"\nnumber = "{GW_NUMBER}"\n'
-                f'interval_s = 0\nkey = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'
-                f'[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\n'
-                f'poll_interval_s = 0.5\ntransport = {{kind = "tcp", host = "127.0.0.1", '
-                f'port = {modbus.port}}}\n')
-            async with central(settings) as api:
-                stop = asyncio.Event()
-                agent = asyncio.create_task(run_agent(config, stop=stop,
-                                                      install_signal_handlers=False,
-                                                      warning_handler=keep_outbox))
-                try:
-                    await _round(api, config, proxy, outboxes, gw_module, modbus)
-                finally:
-                    stop.set()
-                    await asyncio.wait_for(agent, 30)
+                f'interval_s = 0\nkey = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'))
+            async with central(settings) as api, agent_running(config, warning_handler=keep_outbox):
+                await _round(api, config, proxy, outboxes, gw_module, modbus)
     finally:
         proxy.stop()
 

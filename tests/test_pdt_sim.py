@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -33,20 +32,19 @@ from protocols.hrnp_text import (
     decode_text,
     encode_text,
 )
-from tests.helpers import serial_port, until
+from tests.helpers import Inbox, serial_port, until
 
 ALARM = "燃气泄漏 二级报警"
 TIMEOUT = 15.0  # generous: CI is a loaded 2-core box; tests wait on behaviour, not time
 
 
-class Gateway:
+class Gateway(Inbox[HrnpPacket]):
     """The gateway's side of one radio's serial port: pyserial, blocking calls in a thread."""
 
     def __init__(self, port: serial.Serial) -> None:
+        super().__init__()
         self.port = port
         self.decoder = HrnpDecoder()
-        self.inbox: list[HrnpPacket] = []  # received, not yet taken by `expect`
-        self.seen: list[HrnpPacket] = []  # everything received, in order
         self.next_number = 1
 
     async def write(self, data: bytes) -> None:
@@ -68,24 +66,16 @@ class Gateway:
     async def send_text(self, message: TextMessage) -> int:
         return await self.send_app(encode_text(message))
 
-    def _read(self) -> bytes:
-        return self.port.read(max(1, self.port.in_waiting))
+    async def _pump(self) -> None:
+        self.decoder.feed(await asyncio.to_thread(
+            lambda: self.port.read(max(1, self.port.in_waiting))))
+        while (packet := self.decoder.next_packet()) is not NEED_DATA:
+            self._received(packet)
 
     async def expect(self, match: Callable[[HrnpPacket], bool],
                      timeout: float = TIMEOUT) -> HrnpPacket:
         """The first packet received that matches, waiting up to `timeout` for it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for packet in self.inbox:
-                if match(packet):
-                    self.inbox.remove(packet)
-                    return packet
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no matching packet; received {self.seen}")
-            self.decoder.feed(await asyncio.to_thread(self._read))
-            while (packet := self.decoder.next_packet()) is not NEED_DATA:
-                self.inbox.append(packet)
-                self.seen.append(packet)
+        return await self._take(match, timeout)
 
     async def expect_text(self, timeout: float = TIMEOUT) -> TextMessage | TextAck:
         """The next text message or ack the radio sends (its data packet is acked)."""

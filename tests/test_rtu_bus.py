@@ -19,14 +19,14 @@ from device_profiles import find_profile
 from edge_agent.cli.devices import framing_text
 from edge_agent.config.site import ConfigError, DeviceConfig, RtuTransportConfig, parse_config
 from edge_agent.field.bus import BusDevice, SerialBus
-from edge_agent.field.poller import DevicePoller, Health
-from edge_agent.field.transports import (
+from edge_agent.field.errors import (
     ModbusExceptionError,
     TransportCrcError,
     TransportFramingError,
-    TransportPool,
     TransportTimeoutError,
 )
+from edge_agent.field.poller import DevicePoller, Health
+from edge_agent.field.transports import TransportPool
 from edge_agent.outbox.store import Outbox
 from firmware_stubs.rtu_sim import RtuBusSimulator
 from tests.helpers import python_env

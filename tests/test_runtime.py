@@ -16,16 +16,18 @@ from pathlib import Path
 import pytest
 import serial
 
+from protocols.errors import DetailedError
 from runtime.serial import LineReader, PortLostError, open_serial
 from runtime.sqlite import SqliteOwner
 from tests.helpers import python_env
 
 
-class LineError(Exception):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+class LineError(DetailedError):
+    """What `open_serial` raises as a caller's error: `error(path, reason)`."""
+
+    template = "{path}: {reason}"
+    path: str
+    reason: str
 
 
 class StoreError(Exception):

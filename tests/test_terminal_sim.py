@@ -21,21 +21,20 @@ from firmware_stubs.terminal_sim import (
     TerminalSimulator,
 )
 from protocols import terminal as tm
-from tests.helpers import serial_port, until
+from tests.helpers import Inbox, serial_port, until
 
 TIMEOUT = 15.0  # generous: a loaded 2-core box; the tests wait on behaviour, not time
 RED = tm.Play(1001, tm.WarningLevel.RED, 3, "暴雨红色预警：请立即转移")
 
 
-class Gateway:
+class Gateway(Inbox[tm.TerminalFrame]):
     """The gateway's side of one terminal: frames in and out through our codec. `read()`
     returns within a fraction of a second, with b"" when nothing came."""
 
     def __init__(self, read: Callable[[], Any], write: Callable[[bytes], Any]) -> None:
+        super().__init__()
         self._read, self._write = read, write
         self.decoder = tm.TerminalDecoder()
-        self.inbox: list[tm.TerminalFrame] = []
-        self.seen: list[tm.TerminalFrame] = []
         self.seq = 100
 
     async def send(self, message: tm.Message, seq: int | None = None) -> int:
@@ -50,24 +49,18 @@ class Gateway:
     async def expect(self, match: Callable[[tm.Message], bool] = lambda m: True,
                      timeout: float = TIMEOUT) -> tm.TerminalFrame:
         """The first frame received whose message matches."""
-        deadline = time.monotonic() + timeout
+        return await self._take(lambda frame: match(frame.message), timeout)
+
+    async def _pump(self) -> None:
+        self.decoder.feed(await self._read())
         while True:
-            for frame in self.inbox:
-                if match(frame.message):
-                    self.inbox.remove(frame)
-                    return frame
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no matching frame; received {self.seen}")
-            self.decoder.feed(await self._read())
-            while True:
-                try:
-                    item = self.decoder.next_frame()
-                except tm.TerminalError:
-                    continue  # counted by the decoder
-                if item is tm.NEED_DATA:
-                    break
-                self.inbox.append(item)
-                self.seen.append(item)
+            try:
+                item = self.decoder.next_frame()
+            except tm.TerminalError:
+                continue  # counted by the decoder
+            if item is tm.NEED_DATA:
+                return
+            self._received(item)
 
     async def heartbeat(self,
                         match: Callable[[tm.Heartbeat], bool] = lambda h: True) -> tm.Heartbeat:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,21 +18,20 @@ from firmware_stubs.tiantong_sim import TiantongModuleSimulator, TiantongNetwork
 from protocols import at_commands as atc
 from protocols import at_responses as atr
 from protocols.sms_pdu import Reassembler, decode_deliver, encode_submit, submits_for
-from tests.helpers import serial_port
+from tests.helpers import Inbox, serial_port
 
 TIMEOUT = 15.0  # generous: a loaded 2-core box; the tests wait on behaviour, not time
 GW, CENTRAL = "+8617400000001", "+8617400000002"
 ALARM = "青山化工 二号罐区 可燃气体 二级报警 57.5%LEL"
 
 
-class Host:
+class Host(Inbox[atr.Response]):
     """The gateway's side of one module's AT port: pyserial, blocking calls in a thread."""
 
     def __init__(self, port: serial.Serial) -> None:
+        super().__init__()
         self.port = port
         self.decoder = atr.ResponseDecoder()
-        self.inbox: list[atr.Response] = []
-        self.seen: list[atr.Response] = []
 
     async def write(self, data: bytes) -> None:
         await asyncio.to_thread(self.port.write, data)
@@ -48,20 +46,11 @@ class Host:
                 continue
             if event is atc.NEED_DATA:
                 return
-            self.inbox.append(event)
-            self.seen.append(event)
+            self._received(event)
 
     async def expect(self, match: Callable[[atr.Response], bool],
                      timeout: float = TIMEOUT) -> atr.Response:
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.inbox:
-                if match(event):
-                    self.inbox.remove(event)
-                    return event
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing matching; received {self.seen}")
-            await self._pump()
+        return await self._take(match, timeout)
 
     async def command(self, command: atc.Command, timeout: float = TIMEOUT) -> list[atr.Response]:
         """Send `command`; the answers up to and including its final result (echo dropped)."""

@@ -20,20 +20,15 @@ one thread (a single-worker executor) owns the connection and callers await it.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from edge_agent import EdgeError, SchemaTooNewError
 from edge_agent.alarms.rules import AlarmSnapshot
-from runtime.sqlite import Migrations, SqliteOwner, connect, open_reader
-
-log = structlog.get_logger(__name__)
+from runtime.sqlite import Migrations, SqliteStore, open_reader
 
 
 class AlarmStoreError(EdgeError):
@@ -68,11 +63,7 @@ ON CONFLICT (alarm_id) DO UPDATE SET device = excluded.device, point = excluded.
     value_is_bool = excluded.value_is_bool, threshold = excluded.threshold,
     updated_ms = excluded.updated_ms"""
 _MIGRATIONS = Migrations(AlarmStoreVersionError)
-
-
-@_MIGRATIONS.step(1)
-def _m001_alarms(conn: sqlite3.Connection) -> None:
-    conn.execute(_SCHEMA)
+_MIGRATIONS.sql(1, _SCHEMA)
 
 
 SCHEMA_VERSION = _MIGRATIONS.latest
@@ -106,7 +97,7 @@ def read_alarms(path: Path, *, active_only: bool = True) -> list[AlarmSnapshot]:
         raise AlarmStoreError(str(exc)) from exc
 
 
-class AlarmStore:
+class AlarmStore(SqliteStore):
     """Persisted alarm states.
 
     Example::
@@ -116,18 +107,9 @@ class AlarmStore:
             await store.save(evaluation.snapshots())
     """
 
-    def __init__(self, path: Path) -> None:
-        # Use `AlarmStore.open()`; the constructor does no I/O.
-        self.path = Path(path)
-        self._sqlite = SqliteOwner(thread_name="alarm-store", error=AlarmStoreError,
-                                   closed_message="alarm store is closed")
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[AlarmStore]:
-        store = cls(path)
-        async with store._sqlite.running(store._open_sync):
-            yield store
+    name = "alarm store"
+    error = AlarmStoreError
+    migrations = _MIGRATIONS
 
     async def load_active(self) -> list[AlarmSnapshot]:
         """Every alarm whose last saved level is above 0."""
@@ -145,13 +127,6 @@ class AlarmStore:
                  s.value, int(isinstance(s.value, bool)), s.threshold, now) for s in snapshots]
         await self._sqlite.call(self._sqlite.transaction,
                                 lambda conn: conn.executemany(_UPSERT, rows))
-
-    # --- plumbing ------------------------------------------------------------------------
-
-    def _open_sync(self) -> sqlite3.Connection:
-        conn = connect(self.path, ("journal_mode = WAL", "synchronous = FULL"), _MIGRATIONS)
-        log.info("alarm_store_opened", path=str(self.path))
-        return conn
 
 
 __all__ = ["AlarmStore", "AlarmStoreError", "AlarmStoreVersionError", "SCHEMA_VERSION",

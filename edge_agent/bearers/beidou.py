@@ -31,10 +31,9 @@ A port that fails (EIO, the USB adapter unplugged) is closed and pending steps f
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import structlog
@@ -48,7 +47,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
-from edge_agent.bearers.port import SerialBearer
+from edge_agent.bearers.port import BearerCounters, SerialBearer
 from protocols import beidou as rdss
 from protocols.stream import decoded
 
@@ -71,22 +70,12 @@ _BD2_REFUSALS: Final[dict[int, Refusal]] = {
 
 
 @dataclass(slots=True)
-class TerminalCounters:
-    sent: int = 0
-    refused: int = 0
-    refused_by_reason: dict[str, int] = field(default_factory=dict)
-    timeouts: int = 0
+class TerminalCounters(BearerCounters):
     garbage_bytes: int = 0  # bytes dropped between or inside bad sentences
     bad_sentences: int = 0  # checksum, framing and field errors
     unknown_sentences: int = 0  # well framed but not modelled (GNSS lines)
     stray_feedback: int = 0  # a `$BDFKI` with no send waiting for it
     inbound: int = 0  # messages received (`$BDTCI` / `$BDTXR`)
-    port_opens: int = 0
-    port_lost: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
-                for f in dataclasses.fields(self)}
 
 
 InboundMessage = rdss.Bd3Message | rdss.Bd2Message
@@ -95,7 +84,7 @@ InboundMessage = rdss.Bd3Message | rdss.Bd2Message
 # --- the driver ----------------------------------------------------------------------------
 
 
-class BeidouTerminal(SerialBearer[rdss.Sentence]):
+class BeidouTerminal(SerialBearer[rdss.Sentence, TerminalCounters]):
     """One BeiDou RDSS terminal on one serial port; an async context manager.
 
     Example::
@@ -110,7 +99,6 @@ class BeidouTerminal(SerialBearer[rdss.Sentence]):
 
     EVENT_PORT_OPEN = "beidou_port_open"
     EVENT_PORT_LOST = "beidou_port_lost"
-    counters: TerminalCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, dialect: Dialect = "bd3",
                  step_timeout_s: float = STEP_TIMEOUT_S, max_payload_bytes: int | None = None,
@@ -124,12 +112,11 @@ class BeidouTerminal(SerialBearer[rdss.Sentence]):
         if max_payload_bytes is not None and max_payload_bytes < 1:
             raise ValueError("max_payload_bytes must be at least 1")
         super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
-                         log=log.bind(port=port, dialect=dialect))
+                         log=log.bind(port=port, dialect=dialect), counters=TerminalCounters())
         self.dialect: Dialect = dialect
         self.max_payload_bytes = max_payload_bytes
         self.pwi_max_age_s = pwi_max_age_s
         self.on_message = on_message
-        self.counters = TerminalCounters()
         self.card: CardInfo | None = None  # from the last `info()`
         self._clock = clock
         self._decoder = rdss.BeidouDecoder()

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
@@ -53,7 +52,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
-from edge_agent.bearers.port import SerialBearer, Waiter
+from edge_agent.bearers.port import BearerCounters, SerialBearer, Waiter
 from protocols.hrnp import (
     NEED_DATA,
     HrnpDecoder,
@@ -89,11 +88,7 @@ _REFUSALS: Final[dict[int, Refusal]] = {
 
 
 @dataclass(slots=True)
-class RadioCounters:
-    sent: int = 0
-    refused: int = 0
-    refused_by_reason: dict[str, int] = field(default_factory=dict)
-    timeouts: int = 0
+class RadioCounters(BearerCounters):
     garbage_bytes: int = 0  # bytes dropped between or inside bad packets
     bad_packets: int = 0  # HRNP checksum, length and header errors, partial packets given up
     bad_messages: int = 0  # data packets whose HDAP / TMP content does not decode
@@ -102,12 +97,6 @@ class RadioCounters:
     data_acks_sent: int = 0
     inbound: int = 0  # text messages received
     connects: int = 0
-    port_opens: int = 0
-    port_lost: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
-                for f in dataclasses.fields(self)}
 
 
 _Event = HrnpPacket | TextAck
@@ -116,7 +105,7 @@ _Event = HrnpPacket | TextAck
 # --- the driver ----------------------------------------------------------------------------
 
 
-class PdtRadio(SerialBearer[_Event]):
+class PdtRadio(SerialBearer[_Event, RadioCounters]):
     """One Hytera PDT radio on one serial port; an async context manager.
 
     Example::
@@ -130,7 +119,6 @@ class PdtRadio(SerialBearer[_Event]):
 
     EVENT_PORT_OPEN = "pdt_port_open"
     EVENT_PORT_LOST = "pdt_port_lost"
-    counters: RadioCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, radio_id: int | None = None,
                  max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
@@ -145,13 +133,12 @@ class PdtRadio(SerialBearer[_Event]):
             raise ValueError("step_timeout_s and quiet_s must be positive, interval_s not "
                              "negative")
         super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
-                         log=log.bind(port=port, radio_id=radio_id))
+                         log=log.bind(port=port, radio_id=radio_id), counters=RadioCounters())
         self.radio_id = radio_id
         self.max_text_bytes = max_text_bytes
         self.interval_s = interval_s
         self.quiet_s = quiet_s
         self.on_message = on_message
-        self.counters = RadioCounters()
         self.card: CardInfo | None = None  # from the last `info()`
         self._connected = False
         self._decoder = HrnpDecoder()

@@ -3,10 +3,10 @@ that wait on it.
 
 `SerialBearer` owns the port: pyserial opens it in a thread (`exclusive=True`, an flock, so a
 second owner fails to open it), then the event loop reads the non-blocking fd
-(`runtime.serial.PortReader`) and writes it with `os.write`, waiting for `add_writer` when
-the line is full; nothing blocks the loop. What was read goes to the subclass's `_on_bytes`,
-which feeds its pure codec and hands what it decodes to `_offer`; a step registers with
-`_expect` before it writes, since the answer may come at once.
+(`runtime.serial.PortReader`) and writes it (`runtime.serial.write_all`, which waits for
+`add_writer` when the line is full); nothing blocks the loop. What was read goes to the
+subclass's `_on_bytes`, which feeds its pure codec and hands what it decodes to `_offer`; a
+step registers with `_expect` before it writes, since the answer may come at once.
 
 A port that fails (EIO, the USB adapter unplugged) is closed off the loop, counted and logged
 once, and every waiting step fails with `BearerPortError`; the next `open()` opens it again.
@@ -17,25 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import serial
 
 from edge_agent.bearers import BearerError, BearerPortError, BearerTimeoutError, SendResult
-from runtime.serial import PortReader, open_serial
+from runtime.counters import Counters
+from runtime.serial import PortReader, open_serial, write_all
 
 E = TypeVar("E")
 
 
-class BearerCounters(Protocol):
-    sent: int
-    refused: int
-    refused_by_reason: dict[str, int]
-    port_opens: int
-    port_lost: int
+@dataclass(slots=True)
+class BearerCounters(Counters):
+    """What every serial bearer counts; each driver's counters add what its device reports."""
+
+    sent: int = 0
+    refused: int = 0
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    port_opens: int = 0
+    port_lost: int = 0
+
+
+C = TypeVar("C", bound=BearerCounters)
 
 
 @dataclass(slots=True)
@@ -44,17 +51,18 @@ class Waiter(Generic[E]):
     future: asyncio.Future[E]
 
 
-class SerialBearer(Generic[E]):
-    """A driver's serial port and the steps waiting for events `E` decoded from it; an async
-    context manager. Subclasses set `counters` (a `BearerCounters`) and the two log event
+class SerialBearer(Generic[E, C]):
+    """A driver's serial port and the steps waiting for events `E` decoded from it, counted in
+    the driver's `counters` (`C`); an async context manager. Subclasses set the two log event
     names."""
 
     EVENT_PORT_OPEN: ClassVar[str]
     EVENT_PORT_LOST: ClassVar[str]
-    counters: BearerCounters
 
-    def __init__(self, port: str, *, baudrate: int, step_timeout_s: float, log: Any) -> None:
+    def __init__(self, port: str, *, baudrate: int, step_timeout_s: float, log: Any,
+                 counters: C) -> None:
         self.port = port
+        self.counters = counters
         self.baudrate = baudrate
         self.step_timeout_s = step_timeout_s
         self._log = log
@@ -142,26 +150,13 @@ class SerialBearer(Generic[E]):
 
     async def _write(self, data: bytes) -> None:
         async with self._write_lock:
-            view = memoryview(data)
-            loop = asyncio.get_running_loop()
-            while view:
-                fd = self._fd
-                if fd is None:
-                    raise BearerPortError(self.port, "lost while writing")
-                try:
-                    view = view[os.write(fd, view):]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as exc:
-                    self._lost(f"write failed: {exc}")
-                    raise BearerPortError(self.port, f"write failed: {exc}") from exc
-                if view:  # the line is full: wait until the driver takes more
-                    writable: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(fd, _wake, writable)
-                    try:
-                        await writable
-                    finally:
-                        loop.remove_writer(fd)
+            if self._fd is None:
+                raise BearerPortError(self.port, "lost while writing")
+            try:
+                await write_all(self._fd, data)
+            except OSError as exc:
+                self._lost(f"write failed: {exc}")
+                raise BearerPortError(self.port, f"write failed: {exc}") from exc
 
     # --- waiting steps ---------------------------------------------------------------------
 
@@ -209,11 +204,6 @@ class SerialBearer(Generic[E]):
             by_reason = self.counters.refused_by_reason
             by_reason[result.reason] = by_reason.get(result.reason, 0) + 1
         return result
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _close_quietly(port: serial.Serial) -> None:

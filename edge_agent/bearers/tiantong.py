@@ -26,7 +26,6 @@ the decoder cannot read are counted (`bad_lines`); unsolicited lines (`+CREG: <s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from edge_agent.bearers import (
     Refusal,
     SendResult,
 )
-from edge_agent.bearers.port import SerialBearer
+from edge_agent.bearers.port import BearerCounters, SerialBearer
 from protocols import at_commands as atc
 from protocols import at_responses as atr
 from protocols.narrowband import TEXT_PREFIX, to_text
@@ -63,30 +62,20 @@ def sms_frame_bytes(parts: int) -> int:
 
 
 @dataclass(slots=True)
-class ModemCounters:
-    sent: int = 0
-    refused: int = 0
-    refused_by_reason: dict[str, int] = field(default_factory=dict)
+class ModemCounters(BearerCounters):
     parts_sent: int = 0
     retries: int = 0  # sends tried again after a transient +CMS ERROR
     cms_errors: dict[int, int] = field(default_factory=dict)
     not_registered: int = 0  # `wait_ready` found the module searching or denied
-    timeouts: int = 0
     bad_lines: int = 0
     unsolicited: int = 0
-    port_opens: int = 0
-    port_lost: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
-                for f in dataclasses.fields(self)}
 
 
 def _final(e: atr.Response) -> bool:
     return atr.is_final(e)
 
 
-class TiantongModem(SerialBearer[atr.Response]):
+class TiantongModem(SerialBearer[atr.Response, ModemCounters]):
     """One Tiantong module on one serial port; an async context manager.
 
     Example::
@@ -98,7 +87,6 @@ class TiantongModem(SerialBearer[atr.Response]):
 
     EVENT_PORT_OPEN = "tiantong_port_open"
     EVENT_PORT_LOST = "tiantong_port_lost"
-    counters: ModemCounters
 
     def __init__(self, port: str, *, baudrate: int = 115200, number: str | None = None,
                  sms_parts: int = 1, interval_s: int = DEFAULT_INTERVAL_S,
@@ -110,13 +98,12 @@ class TiantongModem(SerialBearer[atr.Response]):
             raise ValueError("step_timeout_s must be positive; retries, retry_wait_s and "
                              "interval_s not negative")
         super().__init__(port, baudrate=baudrate, step_timeout_s=step_timeout_s,
-                         log=log.bind(port=port))
+                         log=log.bind(port=port), counters=ModemCounters())
         self.number = number
         self.sms_parts = sms_parts
         self.interval_s = interval_s
         self.retries = retries
         self.retry_wait_s = retry_wait_s
-        self.counters = ModemCounters()
         self.card: CardInfo | None = None
         self._decoder = atr.ResponseDecoder()
         self._ready_modem = False

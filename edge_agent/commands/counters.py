@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.counters import Counters
+
 
 @dataclass(slots=True)
-class CommandCounters:
+class CommandCounters(Counters):
     received: int = 0  # payloads handed in by the uplink
     dropped: int = 0  # queue full
     malformed: int = 0  # not an envelope at all (not reportable)
@@ -20,9 +22,6 @@ class CommandCounters:
     reports_suppressed: int = 0  # unverified rejections not reported (rate limit)
     future_refused: int = 0  # issued_at ahead of a trusted clock: refused
     future_flagged: int = 0  # issued_at ahead of a suspect clock: run, flagged
-
-    def to_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}
 
 
 __all__ = ["CommandCounters"]

@@ -20,21 +20,14 @@ Rows are kept until `keep_until_ms`, which the executor sets well past the comma
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import structlog
 
 from edge_agent import EdgeError, SchemaTooNewError
 from protocols.command_results import CommandState
-from runtime.sqlite import Migrations, SqliteOwner, connect
-
-log = structlog.get_logger(__name__)
+from runtime.sqlite import Migrations, SqliteStore
 
 _SCHEMA = """
 CREATE TABLE commands (
@@ -65,12 +58,7 @@ class CommandLedgerVersionError(CommandLedgerError, SchemaTooNewError):
 
 
 _MIGRATIONS = Migrations(CommandLedgerVersionError)
-
-
-@_MIGRATIONS.step(1)
-def _m001_commands(conn: sqlite3.Connection) -> None:
-    for stmt in filter(str.strip, _SCHEMA.split(";")):
-        conn.execute(stmt)
+_MIGRATIONS.sql(1, _SCHEMA)
 
 
 SCHEMA_VERSION = _MIGRATIONS.latest
@@ -101,21 +89,12 @@ def _entry(row: tuple[Any, ...]) -> LedgerEntry:
                        reported=CommandState(row[9]) if row[9] else None)
 
 
-class CommandLedger:
+class CommandLedger(SqliteStore):
     """Executed cmd_ids and their states. Open with `async with CommandLedger.open(path)`."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._sqlite = SqliteOwner(thread_name="cmd-ledger", error=CommandLedgerError,
-                                   closed_message="command ledger is closed")
-        self._run = self._sqlite.call  # on the thread that owns the connection
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[CommandLedger]:
-        ledger = cls(path)
-        async with ledger._sqlite.running(ledger._open_sync):
-            yield ledger
+    name = "command ledger"
+    error = CommandLedgerError
+    migrations = _MIGRATIONS
 
     # --- public API --------------------------------------------------------------------
 
@@ -162,17 +141,6 @@ class CommandLedger:
         return int(rows[0][0])
 
     # --- plumbing ----------------------------------------------------------------------
-
-    def _open_sync(self) -> sqlite3.Connection:
-        conn = connect(self.path, ("journal_mode = WAL", "synchronous = FULL"), _MIGRATIONS)
-        log.info("command_ledger_opened", path=str(self.path))
-        return conn
-
-    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        return self._sqlite.transaction(lambda conn: conn.execute(sql, params).rowcount)
-
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        return self._sqlite.conn.execute(sql, params).fetchall()
 
     def _claim_sync(self, cmd_id: str, kind: str, target: str, expires_at_ms: int,
                     keep_until_ms: int, now_ms: int) -> bool:

@@ -47,9 +47,9 @@ from edge_agent import EdgeError
 from edge_agent.control import ControlError
 from edge_agent.field import point_io
 from edge_agent.field.bus import SerialBus
+from edge_agent.field.errors import ModbusExceptionError, TransportError
 from edge_agent.field.poller import DevicePoller
 from edge_agent.field.stations import Hj212Station
-from edge_agent.field.transports import ModbusExceptionError, TransportError
 from edge_agent.outbox.store import NewRecord, OutboxError
 from protocols.envelope import RecordKind
 from protocols.modbus_points import PointDecodeError
@@ -161,7 +161,7 @@ class ControlOps:
     async def status(self) -> dict[str, Any]:
         rt = self.runtime
         out: dict[str, Any] = rt.status()  # devices with their bus counters included
-        out["buses"] = [{"endpoint": bus.endpoint, "port": bus.port, "baudrate": bus.baudrate,
+        out["buses"] = [{"endpoint": bus.endpoint, "port": bus.port, "baudrate": bus.line.baudrate,
                          "connected": bus.connected, "stray_frames": bus.stray_frames,
                          "slaves": {str(i): s.to_dict() for i, s in bus.all_stats().items()}}
                         for bus in (rt.pool.serial_buses() if rt.pool else [])]

@@ -60,6 +60,7 @@ from protocols.modbus_rtu import (
     inter_frame_gap_s,
 )
 from protocols.stream import NeedData
+from runtime.serial import LineSettings
 
 log = structlog.get_logger(__name__)
 
@@ -135,12 +136,9 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
         if crc_retries < 0:
             raise ValueError("crc_retries must not be negative")
         self.port = port
-        self.baudrate = baudrate
-        self.bytesize = bytesize
-        self.parity = parity
-        self.stopbits = stopbits
+        self.line = LineSettings(baudrate, bytesize, parity, stopbits)
         self.gap_s = (inter_frame_gap_s if inter_frame_gap_s is not None
-                      else _default_gap(baudrate, bytesize, parity, stopbits))
+                      else _default_gap(self.line))
         self.timeout_s = timeout_s
         self.crc_retries = crc_retries
         self._lock = asyncio.Lock()  # FIFO: slaves are served in the order they asked
@@ -177,14 +175,14 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
 
     def _new_client(self) -> AsyncModbusSerialClient:
         return AsyncModbusSerialClient(
-            self.port, framer=FramerType.RTU, baudrate=self.baudrate, bytesize=self.bytesize,
-            parity=self.parity, stopbits=self.stopbits, name=self.endpoint,
+            self.port, framer=FramerType.RTU, **self.line.kwargs(), name=self.endpoint,
             reconnect_delay=0, timeout=_BACKSTOP_TIMEOUT_S, retries=0,
             trace_packet=self._trace_packet)
 
     def _opened(self) -> None:
         self._quiet_since = time.monotonic()
-        self._log.info("rtu_bus_opened", baudrate=self.baudrate, gap_ms=round(self.gap_s * 1e3, 3))
+        self._log.info("rtu_bus_opened", baudrate=self.line.baudrate,
+                       gap_ms=round(self.gap_s * 1e3, 3))
 
     async def close(self) -> None:
         async with self._lock:
@@ -414,5 +412,5 @@ class BusDevice:
         """Nothing to do: the bus stays open for the other devices on it."""
 
 
-def _default_gap(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
-    return inter_frame_gap_s(baudrate, bytesize, parity, stopbits)
+def _default_gap(line: LineSettings) -> float:
+    return inter_frame_gap_s(**line.kwargs())

@@ -73,7 +73,8 @@ from protocols.hj212 import (
     Hj212Frame,
     encode_frame,
 )
-from runtime.serial import LineReader, PortLostError, SerialPortError, open_serial
+from runtime.counters import Counters
+from runtime.serial import LineReader, LineSettings, PortLostError, SerialPortError, open_serial
 
 log = structlog.get_logger(__name__)
 
@@ -95,9 +96,9 @@ class RecordSink(Protocol):
     async def append(self, records: Sequence[NewRecord]) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Hj212Stats:
-    """Counters of one source, beyond the poller-shaped health."""
+@dataclass(slots=True)
+class Hj212Stats(Counters):
+    """Counters of one source, beyond the poller-shaped health; `Hj212Source.stats` is a copy."""
 
     frames: int = 0  # good frames of our station, any command
     realtime_frames: int = 0
@@ -112,24 +113,11 @@ class Hj212Stats:
     records: int = 0
     acks_sent: int = 0
 
-    def to_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
 
 @dataclass(slots=True)
-class _Counts:
-    frames: int = 0
-    realtime_frames: int = 0
-    history_frames: int = 0
-    other_frames: int = 0
-    foreign_frames: int = 0
-    crc_errors: int = 0
-    format_errors: int = 0
-    discarded_bytes: int = 0
-    unknown_factors: int = 0
-    clock_suspect: int = 0
-    records: int = 0
-    acks_sent: int = 0
+class _Counts(Hj212Stats):
+    """The stats and what `health` reports besides."""
+
     timeouts: int = 0
     connect_errors: int = 0
     consecutive_failures: int = 0
@@ -163,8 +151,7 @@ class Hj212Source:
         self.device = device
         self.profile = profile
         self.port = port
-        self._line: dict[str, Any] = {"baudrate": baudrate, "bytesize": bytesize, "parity": parity,
-                      "stopbits": stopbits}
+        self._line = LineSettings(baudrate, bytesize, parity, stopbits)
         self.interval_s = interval_s
         self.silence_s = silence_s if silence_s is not None else 3 * interval_s
         self.mn = mn
@@ -215,7 +202,7 @@ class Hj212Source:
     async def run(self, sink: RecordSink) -> None:
         """Read frames into `sink` until cancelled; reopen the port whenever it is lost."""
         self._log.info("hj212_source_started", interval_s=self.interval_s,
-                       silence_s=self.silence_s, profile=self.profile.id, **self._line)
+                       silence_s=self.silence_s, profile=self.profile.id, **self._line.kwargs())
         self._last_good = time.monotonic()
         try:
             while True:
@@ -236,7 +223,7 @@ class Hj212Source:
             self._log.info("hj212_source_stopped")
 
     async def _open(self) -> serial.Serial:
-        return await open_serial(self.port, Hj212PortError, **self._line)
+        return await open_serial(self.port, Hj212PortError, **self._line.kwargs())
 
     async def _session(self, port: serial.Serial, sink: RecordSink) -> str:
         """Read the open port until it fails; returns why it ended."""

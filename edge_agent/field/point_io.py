@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from device_profiles import Profile, ProfilePoint
 from edge_agent import EdgeError
-from edge_agent.field.transports import ModbusTransport, TransportError
+from edge_agent.field.errors import TransportError
+from edge_agent.field.transports import ModbusTransport
 from protocols.modbus_points import (
     BIT_FUNCTIONS,
     DataType,

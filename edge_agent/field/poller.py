@@ -39,14 +39,14 @@ import structlog
 
 from device_profiles import Profile
 from edge_agent.config.site import DeviceConfig
-from edge_agent.field.transports import (
+from edge_agent.field.errors import (
     ModbusExceptionError,
-    ModbusTransport,
     TransportConnectError,
     TransportError,
     TransportFramingError,
     TransportTimeoutError,
 )
+from edge_agent.field.transports import ModbusTransport
 from edge_agent.outbox.store import NewRecord, OutboxFullError
 from protocols.envelope import Flag, RecordKind
 from protocols.modbus_points import PointDecodeError, PointValue

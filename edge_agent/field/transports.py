@@ -24,21 +24,11 @@ from pymodbus.pdu import ModbusPDU
 
 from edge_agent.config.site import RtuTransportConfig, TcpTransportConfig, TransportConfig
 from edge_agent.field.bus import SerialBus
-from edge_agent.field.errors import (
-    FRAMING_REASONS,
-    ModbusExceptionError,
-    TransportConnectError,
-    TransportCrcError,
-    TransportError,
-    TransportFramingError,
-    TransportTimeoutError,
-)
+from edge_agent.field.errors import ModbusExceptionError, TransportError, TransportTimeoutError
 from edge_agent.field.pymodbus_link import PymodbusLink, Request, answer_values
 
 __all__ = [
-    "FRAMING_REASONS", "ModbusExceptionError", "ModbusTcpTransport", "ModbusTransport",
-    "TransportConnectError", "TransportCrcError", "TransportError", "TransportFramingError",
-    "TransportPool", "TransportTimeoutError", "endpoint_of", "open_transport",
+    "ModbusTcpTransport", "ModbusTransport", "TransportPool", "endpoint_of", "open_transport",
 ]
 
 

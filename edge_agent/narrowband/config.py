@@ -17,6 +17,9 @@ from edge_agent.bearers.pdt import MIN_TEXT_BYTES
 from edge_agent.bearers.tiantong import MAX_PARTS as TIANTONG_MAX_PARTS
 from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES, MAX_RADIO_ID
 
+# Central's address on each bearer, the recipient: the field that must be given for it.
+_RECIPIENT_FIELD = {"beidou": "central_card", "pdt": "central_radio", "tiantong": "central_number"}
+
 
 class NarrowbandConfig(BaseModel):
     """The narrowband fallback (DESIGN.md §5): alarms and a heartbeat by BeiDou short message
@@ -59,8 +62,7 @@ class NarrowbandConfig(BaseModel):
     @property
     def recipient(self) -> str:
         """Central's address on this bearer: its card, or its radio id."""
-        value = {"pdt": self.central_radio, "tiantong": self.central_number}.get(
-            self.bearer, self.central_card)
+        value = getattr(self, _RECIPIENT_FIELD[self.bearer])
         assert value is not None  # checked at validation
         return str(value)
 
@@ -71,29 +73,19 @@ class NarrowbandConfig(BaseModel):
             parse_key(value)  # the message never repeats the key
         return value
 
+    @field_validator(*_RECIPIENT_FIELD.values())
+    @classmethod
+    def _recipient_of_bearer(cls, value: str | int | None,
+                             info: ValidationInfo) -> str | int | None:
+        if value is None and _RECIPIENT_FIELD.get(info.data.get("bearer", "")) == info.field_name:
+            raise PydanticCustomError("missing", "Field required")
+        return value
+
     @field_validator("central_card")
     @classmethod
     def _card_of_dialect(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            if info.data.get("bearer") == "beidou":
-                raise PydanticCustomError("missing", "Field required")
-            return value
-        if info.data.get("dialect") == "bd2" and len(value) != 7:
+        if value is not None and info.data.get("dialect") == "bd2" and len(value) != 7:
             raise ValueError("a BD-2 card id is 7 digits")
-        return value
-
-    @field_validator("central_radio")
-    @classmethod
-    def _radio_for_pdt(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is None and info.data.get("bearer") == "pdt":
-            raise PydanticCustomError("missing", "Field required")
-        return value
-
-    @field_validator("central_number")
-    @classmethod
-    def _number_for_tiantong(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None and info.data.get("bearer") == "tiantong":
-            raise PydanticCustomError("missing", "Field required")
         return value
 
     @field_validator("key_file")

@@ -45,6 +45,7 @@ from protocols.narrowband_down import (
     open_warning,
     parse_segment,
 )
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -62,15 +63,11 @@ class WarningHandler(Protocol):
 
 
 @dataclass(slots=True)
-class DownlinkCounters:
+class DownlinkCounters(Counters):
     segments: int = 0
     warnings: int = 0  # verified and handed on
     refused: dict[str, int] = field(default_factory=dict)
     handler_errors: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {"segments": self.segments, "warnings": self.warnings,
-                "refused": dict(self.refused), "handler_errors": self.handler_errors}
 
 
 class LoggingWarningHandler:

@@ -69,6 +69,7 @@ from protocols.narrowband import (
 )
 from protocols.point_inventory import PointInventory
 from protocols.record_attrs import AttrsError
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +103,7 @@ class Bearer(Protocol):
 
 
 @dataclass(slots=True)
-class NarrowbandCounters:
+class NarrowbandCounters(Counters):
     frames_sent: int = 0
     alarms_sent: int = 0
     heartbeats_sent: int = 0
@@ -112,10 +113,6 @@ class NarrowbandCounters:
     skipped_alarms: int = 0  # no ordinal, or attrs that do not map to the frame's codes
     not_ready: int = 0  # BD-3 without beams, PDT not connected, when a frame was due
     activations: int = 0
-
-    def to_dict(self) -> dict[str, object]:
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v)
-                for f in dataclasses.fields(self)}
 
 
 def point_ordinals(birth: Birth) -> Mapping[str, int]:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from edge_agent import EdgeError
+from protocols.errors import DetailedError
 
 
 class TerminalDriverError(EdgeError):
     """Base of every error of the 叫应 terminal driver."""
 
 
-class TerminalLineError(TerminalDriverError):
+class TerminalLineError(TerminalDriverError, DetailedError):
     """The line to a terminal cannot be opened, or failed or ended: `endpoint` and `reason`."""
 
-    def __init__(self, endpoint: str, reason: str) -> None:
-        super().__init__(f"{endpoint}: {reason}")
-        self.endpoint = endpoint
-        self.reason = reason
+    template = "{endpoint}: {reason}"
+    endpoint: str
+    reason: str
 
 
 class TerminalSilentError(TerminalLineError):

@@ -28,21 +28,15 @@ One thread owns the connection; callers await it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import structlog
 
 from edge_agent import SchemaTooNewError
 from edge_agent.terminals.errors import TerminalStoreError
-from runtime.sqlite import Migrations, SqliteOwner, connect
-
-log = structlog.get_logger(__name__)
+from runtime.sqlite import Migrations, SqliteStore
 
 _SCHEMA = """
 CREATE TABLE warnings (
@@ -81,18 +75,9 @@ class TerminalLedgerVersionError(TerminalLedgerError, SchemaTooNewError):
 
 
 _MIGRATIONS = Migrations(TerminalLedgerVersionError)
-
-
-@_MIGRATIONS.step(1)
-def _m001(conn: sqlite3.Connection) -> None:
-    for stmt in filter(str.strip, _SCHEMA.split(";")):
-        conn.execute(stmt)
-
-
-@_MIGRATIONS.step(2)
-def _m002(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE plays (cmd_id TEXT PRIMARY KEY, warning_id TEXT NOT NULL,"
-                 " origin TEXT NOT NULL, outcomes TEXT, at_ms INTEGER NOT NULL)")
+_MIGRATIONS.sql(1, _SCHEMA)
+_MIGRATIONS.sql(2, "CREATE TABLE plays (cmd_id TEXT PRIMARY KEY, warning_id TEXT NOT NULL,"
+                   " origin TEXT NOT NULL, outcomes TEXT, at_ms INTEGER NOT NULL)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,21 +89,12 @@ class WireWarning:
     new: bool = False  # made by this call
 
 
-class TerminalLedger:
+class TerminalLedger(SqliteStore):
     """Open with `async with TerminalLedger.open(path)`; see the module doc."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._sqlite = SqliteOwner(thread_name="terminal-ledger", error=TerminalLedgerError,
-                                   closed_message="terminal ledger is closed")
-        self._run = self._sqlite.call
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator[TerminalLedger]:
-        ledger = cls(path)
-        async with ledger._sqlite.running(ledger._open_sync):
-            yield ledger
+    name = "terminal ledger"
+    error = TerminalLedgerError
+    migrations = _MIGRATIONS
 
     # --- warnings ------------------------------------------------------------------------
 
@@ -215,17 +191,6 @@ class TerminalLedger:
                             (terminal, fault))
 
     # --- plumbing ------------------------------------------------------------------------
-
-    def _open_sync(self) -> sqlite3.Connection:
-        conn = connect(self.path, ("journal_mode = WAL", "synchronous = FULL"), _MIGRATIONS)
-        log.info("terminal_ledger_opened", path=str(self.path))
-        return conn
-
-    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
-        return self._sqlite.transaction(lambda conn: conn.execute(sql, params).rowcount)
-
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        return self._sqlite.conn.execute(sql, params).fetchall()
 
     def _warning_sync(self, warning_id: str, origin: str, cmd_id: str | None,
                       now_ms: int) -> WireWarning:

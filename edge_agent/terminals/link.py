@@ -37,6 +37,7 @@ from edge_agent.terminals.errors import (
 )
 from edge_agent.terminals.line import Line, open_line
 from protocols import terminal as tm
+from runtime.counters import Counters
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -81,7 +82,7 @@ class LinkEvents(Protocol):
 
 
 @dataclass(slots=True)
-class LinkCounters:
+class LinkCounters(Counters):
     connects: int = 0
     connect_errors: int = 0
     lost: int = 0
@@ -99,10 +100,6 @@ class LinkCounters:
     acks: int = 0
     unmatched: int = 0  # receipts and errors naming no frame we wait on
     bad_by_kind: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v)
-                for k in self.__slots__ for v in (getattr(self, k),)}
 
 
 @dataclass(slots=True)

@@ -57,6 +57,7 @@ from protocols.callresp import (
 )
 from protocols.envelope import Record, RecordKind
 from protocols.terminal_events import LOCAL_EVENT, FaultState, TerminalFault, TerminalFaultEvent
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +81,7 @@ class RecordWriter(Protocol):
 
 
 @dataclass(slots=True)
-class ServiceCounters:
+class ServiceCounters(Counters):
     plays: int = 0
     plays_repeated: int = 0  # a command played before (by another bearer): not again
     events_recorded: int = 0
@@ -91,9 +92,6 @@ class ServiceCounters:
     append_errors: int = 0
     faults_raised: int = 0
     faults_cleared: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}
 
 
 def _wall_ms() -> int:
