@@ -38,7 +38,6 @@ from central.callresp.workflow import (
 )
 from central.commands.dispatch import CommandService
 from central.commands.store import CommandStoreError, DuplicateCommandError
-from central.counters import Counters
 from central.identity.audit import AuditLog
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
@@ -52,12 +51,14 @@ from protocols.callresp import (
 from protocols.commands import CommandKind
 from protocols.envelope import DataBatch, RecordKind
 from runtime import tasks
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 FIRE_LIMIT = 200
 ISSUE_LIMIT = 500
 
 
+@dataclass(slots=True)
 class CallRespCounters(Counters):
     warnings: int = 0
     resends: int = 0

@@ -55,7 +55,6 @@ from central.commands.store import (
     StoredCommand,
 )
 from central.config.settings import Settings
-from central.counters import Counters
 from central.identity.audit import SYSTEM, AuditLog
 from central.ingest import broker
 from central.narrowband.downlink import RADIO_BEARERS, RadioRoute
@@ -83,6 +82,7 @@ from protocols.narrowband import NarrowbandError
 from protocols.narrowband_down import sign_warning
 from protocols.remote_config import ApplyConfig
 from runtime import tasks
+from runtime.counters import Counters
 from runtime.mqtt import MqttSession, until_disconnected
 from runtime.tasks import Backoff
 
@@ -103,6 +103,7 @@ class CommandRequestError(CentralError, DetailedError):
     reason: str
 
 
+@dataclass(slots=True)
 class CommandCounters(Counters):
     issued: int = 0
     published: int = 0

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from central.clock import now_ms
 from central.console.views import OverviewOut, View
-from central.counters import Counters
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,7 @@ class Subscriber:
         return out
 
 
+@dataclass(slots=True)
 class LiveCounters(Counters):
     """Feeds running, clients attached, builds done and failed (read by the tests; not yet
     on `/metrics`)."""

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from central.config.settings import Settings
-from central.counters import Counters
 from central.identity.audit import AuditLog
 from central.identity.ca import CsrError, PkiError, load_or_create_ca
 from central.identity.enrolment import (
@@ -37,6 +36,7 @@ from central.identity.enrolment_store import (
     TokenRefusedError,
 )
 from central.web.problems import problem
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 _PEM_MAX = 16_384
@@ -71,6 +71,7 @@ class IssuedOut(_In):
     not_after_ms: int
 
 
+@dataclass(slots=True)
 class IdentityCounters(Counters):
     enrolled: int = 0
     renewed: int = 0

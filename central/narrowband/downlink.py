@@ -31,10 +31,10 @@ from typing import Final
 import structlog
 
 from central.config.settings import Settings
-from central.counters import Counters
 from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES
 from protocols.narrowband import text_frame_bytes
 from protocols.narrowband_down import segments
+from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,7 @@ RETRY_S: Final = 10.0
 RADIO_BEARERS: Final = frozenset({"beidou", "pdt", "tiantong"})
 
 
+@dataclass(slots=True)
 class DownlinkCounters(Counters):
     offered: int = 0
     warnings_sent: int = 0
