@@ -107,6 +107,37 @@ async def test_a_cut_link_is_retried_within_the_link_cap_and_noticed_when_it_ret
     assert all(path_down and retry <= 0.2 for path_down, retry in retries), retries
 
 
+async def test_a_slow_path_is_waited_for_after_one_cut_attempt(mosquitto: Mosquitto) -> None:
+    """While the path is down an attempt waits for CONNACK only briefly (a connection the link
+    closed looks the same as a slow one); an attempt that connects after that wait makes the
+    next wait long enough, so a slow link is not cut short for ever."""
+    proxy = LinkProxy(mosquitto.host, mosquitto.port)
+    proxy.start()
+    proxy.set_mode("drop")
+    served = asyncio.Event()
+
+    async def serve(client: aiomqtt.Client) -> None:
+        served.set()
+        await until_disconnected(client)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            endpoint = Endpoint("127.0.0.1", proxy.port, client_id=f"s-{uuid.uuid4().hex[:8]}",
+                                connect_timeout_s=3.0)
+            session = MqttSession(endpoint, name="test", link_retry_max_s=0.1)
+            task = asyncio.create_task(session.run(serve))
+            try:
+                await until(lambda: _retries(logs), "the path found down", timeout=20)
+                proxy.set_mode("slow", delay_s=0.4)  # CONNACK after ~0.8 s: past 0.5 s
+                async with asyncio.timeout(15):
+                    await served.wait()
+            finally:
+                await _stop(task)
+    finally:
+        proxy.stop()
+    assert any("no CONNACK within 0.5 s" in e.get("error", "") for e in logs)
+
+
 async def test_a_broker_that_refuses_gets_the_full_back_off(tmp_path: Path) -> None:
     """A CONNACK refusal is the broker's answer, not the path's: the back-off doubles past
     the link cap up to its own maximum."""
