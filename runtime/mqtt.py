@@ -43,9 +43,11 @@ What aiomqtt 2.5 lacks is wrapped here, once, in `Client` (hence the `aiomqtt~=2
   result instead of raising when a cancel lands in the loop turn in which the result came (the
   cancel is lost, and a stop hangs). `Client`'s publish, subscribe, unsubscribe and exit raise
   such a cancel again (`_cancel_kept`).
-- aiomqtt logs through paho at ERROR when a socket fails ("failed to receive on socket"), which
-  is the session's expected outage; `Client` logs through `runtime.mqtt.client`, where such
-  lines are DEBUG.
+- aiomqtt logs through paho at ERROR when a socket fails ("failed to receive on socket"), and
+  asyncio logs an ERROR traceback when aiomqtt's socket registration, scheduled from paho's
+  thread, runs after the link closed the socket ("add_writer … Bad file descriptor"). Both are
+  the session's expected outage: `Client` logs through `runtime.mqtt.client`, where such lines
+  are DEBUG, and the `asyncio` logger gets the same filter for aiomqtt's socket callbacks.
 
 Example::
 
@@ -122,22 +124,38 @@ def client_tls_context(ca: Path, cert: Path | None = None, key: Path | None = No
     return ctx
 
 
-class _QuietLinkErrors(logging.Filter):
-    """paho's lines for a failing socket, at DEBUG: they are the outage the session logs once
-    (see the module's docstring); every other line of the client keeps its level."""
+class _AtDebug(logging.Filter):
+    """A logger's lines that `expected` picks, at DEBUG: they are the outage the session logs
+    once (see the module's docstring); the logger's other lines keep their level."""
 
-    _LINK = ("failed to receive on socket", "timeout on socket", "Caught exception in on_socket_")
+    def __init__(self, expected: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__()
+        self.expected = expected
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.DEBUG and str(record.msg).startswith(self._LINK):
-            if not _CLIENT_LOG.isEnabledFor(logging.DEBUG):
+        if record.levelno > logging.DEBUG and self.expected(record):
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
                 return False
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
 
 
+def _paho_link_failure(record: logging.LogRecord) -> bool:
+    """paho's line for a failing socket (or for aiomqtt's socket callbacks failing on it)."""
+    return str(record.msg).startswith(
+        ("failed to receive on socket", "timeout on socket", "Caught exception in on_socket_"))
+
+
+def _late_socket_callback(record: logging.LogRecord) -> bool:
+    """asyncio's line for aiomqtt's socket registration that ran after paho had closed the
+    socket: aiomqtt schedules it from paho's thread, and a link that closes wins the race."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, (OSError, ValueError)) and "Client._on_socket_" in record.getMessage()
+
+
 _CLIENT_LOG = logging.getLogger("runtime.mqtt.client")
-_CLIENT_LOG.addFilter(_QuietLinkErrors())
+_CLIENT_LOG.addFilter(_AtDebug(_paho_link_failure))
+logging.getLogger("asyncio").addFilter(_AtDebug(_late_socket_callback))
 
 
 @contextlib.contextmanager

@@ -281,3 +281,19 @@ async def test_a_reset_link_is_no_library_warning_or_error(
         proxy.stop()
     assert any(r.getMessage().startswith("failed to receive on socket") for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_socket_registration_that_lost_the_race_is_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio's report of aiomqtt's socket callback run on a socket the link had closed (its
+    message names the callback; the error is EBADF or an invalid descriptor) is DEBUG; any
+    other callback's failure stays an ERROR."""
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    raced = ("Exception in callback BaseSelectorEventLoop.add_writer(9, <function "
+             "Client._on_socket_register_write.<locals>.callback at 0x7f0>)")
+    loop.call_exception_handler({"message": raced, "exception": OSError(9, "Bad file descriptor")})
+    loop.call_exception_handler({"message": "Exception in callback other()",
+                                 "exception": OSError(9, "Bad file descriptor")})
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "Exception in callback other()"]
