@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
 
 
-def _session(port: int, **kw: Any) -> MqttSession:
+def _session(port: int, connect_timeout_s: float = 1.0, **kw: Any) -> MqttSession:
     endpoint = Endpoint("127.0.0.1", port, client_id=f"s-{uuid.uuid4().hex[:8]}",
-                        connect_timeout_s=1.0)
+                        connect_timeout_s=connect_timeout_s)
     return MqttSession(endpoint, name="test", **kw)
 
 
@@ -74,11 +74,11 @@ def _retries(logs: Sequence[MutableMapping[str, Any]]) -> list[tuple[bool, float
     return [(e["path_down"], e["retry_in_s"]) for e in logs if e["event"] == "mqtt_connect_failed"]
 
 
-async def test_a_cut_link_is_retried_within_the_link_cap_and_noticed_when_it_returns(
-        mosquitto: Mosquitto) -> None:
-    """Connections the link closes before CONNACK are failures of the path: retried within
-    `link_retry_max_s` however long the back-off has grown, and the session connects once
-    the link passes again."""
+@contextlib.asynccontextmanager
+async def on_a_cut_link(mosquitto: Mosquitto, **session_kw: Any) -> AsyncIterator[
+        tuple[LinkProxy, list[MutableMapping[str, Any]], asyncio.Event]]:
+    """A session running through a proxy whose link is cut (drop): the proxy, the session's
+    logs, and an event set when it serves."""
     proxy = LinkProxy(mosquitto.host, mosquitto.port)
     proxy.start()
     proxy.set_mode("drop")
@@ -90,19 +90,26 @@ async def test_a_cut_link_is_retried_within_the_link_cap_and_noticed_when_it_ret
 
     try:
         with structlog.testing.capture_logs() as logs:
-            session = _session(proxy.port, backoff=Backoff(0.1, 30.0, healthy_after_s=0),
-                               link_retry_max_s=0.2)
-            task = asyncio.create_task(session.run(serve))
+            task = asyncio.create_task(_session(proxy.port, **session_kw).run(serve))
             try:
-                await until(lambda: len(_retries(logs)) >= 4, "attempts on the cut link",
-                            timeout=20)
-                proxy.set_mode("pass")
-                async with asyncio.timeout(10):
-                    await served.wait()
+                yield proxy, logs, served
             finally:
                 await _stop(task)
     finally:
         proxy.stop()
+
+
+async def test_a_cut_link_is_retried_within_the_link_cap_and_noticed_when_it_returns(
+        mosquitto: Mosquitto) -> None:
+    """Connections the link closes before CONNACK are failures of the path: retried within
+    `link_retry_max_s` however long the back-off has grown, and the session connects once
+    the link passes again."""
+    async with on_a_cut_link(mosquitto, backoff=Backoff(0.1, 30.0, healthy_after_s=0),
+                             link_retry_max_s=0.2) as (proxy, logs, served):
+        await until(lambda: len(_retries(logs)) >= 4, "attempts on the cut link", timeout=20)
+        proxy.set_mode("pass")
+        async with asyncio.timeout(10):
+            await served.wait()
     retries = _retries(logs)
     assert all(path_down and retry <= 0.2 for path_down, retry in retries), retries
 
@@ -111,30 +118,12 @@ async def test_a_slow_path_is_waited_for_after_one_cut_attempt(mosquitto: Mosqui
     """While the path is down an attempt waits for CONNACK only briefly (a connection the link
     closed looks the same as a slow one); an attempt that connects after that wait makes the
     next wait long enough, so a slow link is not cut short for ever."""
-    proxy = LinkProxy(mosquitto.host, mosquitto.port)
-    proxy.start()
-    proxy.set_mode("drop")
-    served = asyncio.Event()
-
-    async def serve(client: aiomqtt.Client) -> None:
-        served.set()
-        await until_disconnected(client)
-
-    try:
-        with structlog.testing.capture_logs() as logs:
-            endpoint = Endpoint("127.0.0.1", proxy.port, client_id=f"s-{uuid.uuid4().hex[:8]}",
-                                connect_timeout_s=3.0)
-            session = MqttSession(endpoint, name="test", link_retry_max_s=0.1)
-            task = asyncio.create_task(session.run(serve))
-            try:
-                await until(lambda: _retries(logs), "the path found down", timeout=20)
-                proxy.set_mode("slow", delay_s=0.4)  # CONNACK after ~0.8 s: past 0.5 s
-                async with asyncio.timeout(15):
-                    await served.wait()
-            finally:
-                await _stop(task)
-    finally:
-        proxy.stop()
+    async with on_a_cut_link(mosquitto, connect_timeout_s=3.0,
+                             link_retry_max_s=0.1) as (proxy, logs, served):
+        await until(lambda: _retries(logs), "the path found down", timeout=20)
+        proxy.set_mode("slow", delay_s=0.4)  # CONNACK after ~0.8 s: past 0.5 s
+        async with asyncio.timeout(15):
+            await served.wait()
     assert any("no CONNACK within 0.5 s" in e.get("error", "") for e in logs)
 
 
