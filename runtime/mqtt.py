@@ -8,6 +8,24 @@ the connection goes, reconnects after a jittered, capped, exponential back-off
 `aiomqtt.MqttError` when the link drops (so does a publish). A session that only publishes runs
 `until_disconnected(client)` beside its work to hear of it at once.
 
+Two kinds of failed attempt are retried differently. One that never reached a broker that
+answered (connection refused, reset or closed before CONNACK, no CONNACK in time: the path is
+down) is retried within `link_retry_max_s` (1 s, jittered): each try is a cheap SYN, and a link
+that comes back is noticed within about a second instead of a whole back-off. One that a broker
+refused (a CONNACK refusal: bad credentials, server unavailable; a refused TLS handshake) backs
+off in full, up to `Backoff.max_s`, so a broker that is up but says no is not hammered. On plain
+TCP a connection the link closes before CONNACK cannot be told from a slow broker (aiomqtt does
+not report it), so while the path is down an attempt waits for CONNACK only a few times the last
+connect's duration (at least 0.5 s); an attempt that connects after that wait raises the
+estimate, so a slow path is not cut short twice.
+
+Stopping: `run` is cancelled. `serve` runs in a task of its own and the session waits on that
+task, so the cancel always reaches the session, whatever `serve` does with it, and the cancel
+count of the session's task is not touched by what happens inside `serve` (Python 3.11's
+TaskGroup leaves its parent task's count raised when a child fails while the parent waits in
+`__aexit__`). The session then cancels `serve` and waits for it; a `serve` still running after
+`_STOP_AGAIN_S` is cancelled again.
+
 A broker restart is an expected event: the session logs it once per outage at WARNING
 (`mqtt_disconnected`), every failed attempt after that at DEBUG, and the end of the outage at
 INFO (`mqtt_connected`, with its length) — never an ERROR or a traceback.
@@ -21,6 +39,15 @@ What aiomqtt 2.5 lacks is wrapped here, once, in `Client` (hence the `aiomqtt~=2
 - After an unexpected disconnection aiomqtt keeps the reason where only the message iterator
   reads it; a session that stops before reading it would make asyncio log "Future exception
   was never retrieved". `Client.__aexit__` reads it through the public iterator.
+- aiomqtt awaits every acknowledgement with `asyncio.wait_for`, which on Python 3.11 returns the
+  result instead of raising when a cancel lands in the loop turn in which the result came (the
+  cancel is lost, and a stop hangs). `Client`'s publish, subscribe, unsubscribe and exit raise
+  such a cancel again (`_cancel_kept`).
+- aiomqtt logs through paho at ERROR when a socket fails ("failed to receive on socket"), and
+  asyncio logs an ERROR traceback when aiomqtt's socket registration, scheduled from paho's
+  thread, runs after the link closed the socket ("add_writer … Bad file descriptor"). Both are
+  the session's expected outage: `Client` logs through `runtime.mqtt.client`, where such lines
+  are DEBUG, and the `asyncio` logger gets the same filter for aiomqtt's socket callbacks.
 
 Example::
 
@@ -39,9 +66,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -49,16 +77,27 @@ from typing import Any, ClassVar, NoReturn, Self
 
 import aiomqtt
 import structlog
+from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.files import FileError
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
 
-Serve = Callable[[aiomqtt.Client], Awaitable[None]]
+Serve = Callable[[aiomqtt.Client], Coroutine[Any, Any, None]]
 _PLAIN_CONNECT_TIMEOUT_S = 5.0
+# While the path is down on plain TCP: the CONNACK wait is this many times the last connect's
+# duration, at least the minimum (see the module's docstring).
+_PROBE_CONNACK_FACTOR = 4.0
+_PROBE_CONNACK_MIN_S = 0.5
 # Reconnect back-off unless told otherwise: from 0.5 s up to 10 s, reset by every connect.
 _RECONNECT = Backoff(first_s=0.5, max_s=10.0, healthy_after_s=0.0)
+# Longest wait before retrying an attempt that failed on the path, unless told otherwise.
+_LINK_RETRY_MAX_S = 1.0
+# A serve still running this long after its cancel is cancelled again (a cancel it lost).
+_STOP_AGAIN_S = 5.0
+# A TLS handshake that failed because the connection was cut, not because a side refused it.
+_TLS_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
 
 
@@ -85,20 +124,72 @@ def client_tls_context(ca: Path, cert: Path | None = None, key: Path | None = No
     return ctx
 
 
+class _AtDebug(logging.Filter):
+    """A logger's lines that `expected` picks, at DEBUG: they are the outage the session logs
+    once (see the module's docstring); the logger's other lines keep their level."""
+
+    def __init__(self, expected: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and self.expected(record):
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _paho_link_failure(record: logging.LogRecord) -> bool:
+    """paho's line for a failing socket (or for aiomqtt's socket callbacks failing on it)."""
+    return str(record.msg).startswith(
+        ("failed to receive on socket", "timeout on socket", "Caught exception in on_socket_"))
+
+
+def _late_socket_callback(record: logging.LogRecord) -> bool:
+    """asyncio's line for aiomqtt's socket registration that ran after paho had closed the
+    socket: aiomqtt schedules it from paho's thread, and a link that closes wins the race."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, (OSError, ValueError)) and "Client._on_socket_" in record.getMessage()
+
+
+_CLIENT_LOG = logging.getLogger("runtime.mqtt.client")
+_CLIENT_LOG.addFilter(_AtDebug(_paho_link_failure))
+logging.getLogger("asyncio").addFilter(_AtDebug(_late_socket_callback))
+
+
+@contextlib.contextmanager
+def _cancel_kept() -> Iterator[None]:
+    """Raise again a cancel that the call in the body swallowed: the task's cancel count rose
+    during it and the call returned anyway (Python 3.11's `asyncio.wait_for`, see the module's
+    docstring). Counts raised before the call (what some other code left behind) do not
+    count."""
+    task = asyncio.current_task()
+    before = 0 if task is None else task.cancelling()
+    yield
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+
+
 class Client(aiomqtt.Client):
-    """aiomqtt's client with a bounded wait for CONNACK and the disconnection reason read on
-    exit (see the module's docstring). Takes aiomqtt's keyword arguments, plus
-    `connect_timeout` (seconds)."""
+    """aiomqtt's client with a bounded wait for CONNACK, the disconnection reason read on
+    exit, no cancel lost in its calls, and link failures logged at DEBUG (see the module's
+    docstring). Takes aiomqtt's keyword arguments, plus `connect_timeout` (seconds) and
+    `on_connect_s`, called with the seconds an attempt took to connect (late ones too)."""
 
     # Attempts that outlived `connect_timeout`, kept referenced until they finish.
     _late: ClassVar[set[asyncio.Future[Any]]] = set()
 
     def __init__(self, hostname: str, port: int = 1883, *, connect_timeout: float = 5.0,
-                 **kwargs: Any) -> None:
+                 on_connect_s: Callable[[float], None] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("logger", _CLIENT_LOG)
         super().__init__(hostname, port, **kwargs)
         self.connect_timeout = connect_timeout
+        self._on_connect_s = on_connect_s
+        self._started = 0.0
 
     async def __aenter__(self) -> Self:
+        self._started = time.monotonic()
         attempt = asyncio.ensure_future(super().__aenter__())
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -111,7 +202,12 @@ class Client(aiomqtt.Client):
         except asyncio.CancelledError:
             self._finish_late(attempt)
             raise
+        self._connected_after()
         return self
+
+    def _connected_after(self) -> None:
+        if self._on_connect_s is not None:
+            self._on_connect_s(time.monotonic() - self._started)
 
     def _finish_late(self, attempt: asyncio.Future[Any]) -> None:
         """Let a pending attempt end by itself; disconnect it cleanly if it connects after all."""
@@ -125,6 +221,7 @@ class Client(aiomqtt.Client):
         self._late.discard(attempt)
         if attempt.cancelled() or attempt.exception() is not None:
             return  # the attempt failed: nothing is open
+        self._connected_after()
         closing = asyncio.ensure_future(self.__aexit__(None, None, None))
         self._late.add(closing)
         closing.add_done_callback(self._closed_late)
@@ -137,9 +234,22 @@ class Client(aiomqtt.Client):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         try:
-            await super().__aexit__(exc_type, exc, tb)
+            with _cancel_kept():
+                await super().__aexit__(exc_type, exc, tb)
         finally:
             await self._read_disconnect_reason()
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        with _cancel_kept():
+            await super().publish(*args, **kwargs)
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> tuple[int, ...] | list[ReasonCode]:
+        with _cancel_kept():
+            return await super().subscribe(*args, **kwargs)
+
+    async def unsubscribe(self, *args: Any, **kwargs: Any) -> None:
+        with _cancel_kept():
+            await super().unsubscribe(*args, **kwargs)
 
     async def _read_disconnect_reason(self) -> None:
         """After the exit, the message iterator raises MqttError at once, chained to the
@@ -189,19 +299,24 @@ class MqttSession:
     """One connection kept up by `run()`, reconnecting with back-off (see the module's
     docstring). A connection that lasted `backoff.healthy_after_s` resets the back-off; one
     that dropped sooner (an ACL refusal, a twin with our client id) does not, so it is not
-    hammered."""
+    hammered. An attempt that failed on the path waits at most `link_retry_max_s` (jittered
+    as the back-off is)."""
 
     def __init__(self, endpoint: Endpoint, *, name: str,
                  will: Callable[[], aiomqtt.Will | None] | None = None,
-                 backoff: Backoff = _RECONNECT) -> None:
+                 backoff: Backoff = _RECONNECT,
+                 link_retry_max_s: float = _LINK_RETRY_MAX_S) -> None:
         self.endpoint = endpoint
         self.name = name
         self.will = will
         self.backoff = backoff
+        self.link_retry_max_s = link_retry_max_s
         self._delay = backoff.first_s
         self.connects = 0
         self._log = log.bind(session=name, broker=endpoint.broker, client_id=endpoint.client_id)
         self._down_since: float | None = None  # monotonic start of the current outage
+        self._path_down = False  # the last attempt failed on the path
+        self._connect_s = 0.0  # how long the last connect took (late ones too)
 
     def client(self) -> Client:
         """A client for one attempt, as the endpoint says."""
@@ -209,34 +324,53 @@ class MqttSession:
         tls = e.tls() if e.tls is not None else None
         connect_timeout = (e.connect_timeout_s if e.connect_timeout_s is not None
                            else _PLAIN_CONNECT_TIMEOUT_S if tls is None else e.timeout_s)
+        if self._path_down and tls is None:
+            connect_timeout = min(connect_timeout, max(
+                _PROBE_CONNACK_MIN_S, _PROBE_CONNACK_FACTOR * self._connect_s))
         return Client(e.host, e.port, identifier=e.client_id, clean_session=e.clean_session,
                       protocol=aiomqtt.ProtocolVersion.V311, keepalive=e.keepalive_s,
                       timeout=e.timeout_s, connect_timeout=connect_timeout,
+                      on_connect_s=self._connect_took,
                       will=self.will() if self.will is not None else None,
                       tls_context=tls, username=e.username, password=e.password)
 
+    def _connect_took(self, seconds: float) -> None:
+        self._connect_s = seconds
+
     async def run(self, serve: Serve, *, on_down: OnDown | None = None) -> NoReturn:
-        """Connect, `await serve(client)`, and reconnect whenever the connection or an attempt
+        """Connect, run `serve(client)`, and reconnect whenever the connection or an attempt
         fails, until cancelled. `on_down(error, first)` runs after each failure; `first` is
         true for the first of an outage."""
         while True:
             up_since: float | None = None
+            attempted = False
+            error: aiomqtt.MqttError | None = None
             try:
-                async with self.client() as client:
+                client = self.client()
+                attempted = True
+                async with client:
                     up_since = time.monotonic()
                     self._connected()
-                    await serve(client)
+                    await _serve_apart(serve, client, self.name)
             except* aiomqtt.MqttError as group:
-                exc = group.exceptions[0]
-                assert isinstance(exc, aiomqtt.MqttError)
-                first = self._went_down(exc, was_up=up_since is not None)
+                error = _first_error(group)
+            self._path_down = (attempted and up_since is None and error is not None
+                               and _path_failed(error))
+            wait = self._next_wait(up_since)
+            if error is not None:
+                first = self._went_down(error, was_up=up_since is not None, retry_in_s=wait)
                 if on_down is not None:
-                    await on_down(exc, first)
-            if (up_since is not None
-                    and time.monotonic() - up_since >= self.backoff.healthy_after_s):
-                self._delay = self.backoff.first_s
-            await asyncio.sleep(self.backoff.wait_s(self._delay))
-            self._delay = self.backoff.next_delay(self._delay)
+                    await on_down(error, first)
+            await asyncio.sleep(wait)
+
+    def _next_wait(self, up_since: float | None) -> float:
+        """The wait before the next attempt, and the back-off moved on."""
+        b = self.backoff
+        if up_since is not None and time.monotonic() - up_since >= b.healthy_after_s:
+            self._delay = b.first_s
+        delay = min(self._delay, self.link_retry_max_s) if self._path_down else self._delay
+        self._delay = b.next_delay(self._delay)
+        return b.wait_s(delay)
 
     def _connected(self) -> None:
         self.connects += 1
@@ -245,16 +379,59 @@ class MqttSession:
         self._log.info("mqtt_connected", connects=self.connects,
                        outage_s=None if outage is None else round(outage, 2))
 
-    def _went_down(self, exc: aiomqtt.MqttError, *, was_up: bool) -> bool:
+    def _went_down(self, exc: aiomqtt.MqttError, *, was_up: bool, retry_in_s: float) -> bool:
         """Log once per outage; returns whether this failure starts one."""
         first = was_up or self._down_since is None
         if first:
             self._down_since = time.monotonic()
             self._log.warning("mqtt_disconnected", error=str(exc), was_up=was_up,
-                              retry_in_s=round(self._delay, 2))
+                              retry_in_s=round(retry_in_s, 2))
         else:
-            self._log.debug("mqtt_connect_failed", error=str(exc))
+            self._log.debug("mqtt_connect_failed", error=str(exc), path_down=self._path_down,
+                            retry_in_s=round(retry_in_s, 2))
         return first
+
+
+def _first_error(group: BaseExceptionGroup[aiomqtt.MqttError]) -> aiomqtt.MqttError:
+    exc = group.exceptions[0]
+    return exc if isinstance(exc, aiomqtt.MqttError) else _first_error(exc)
+
+
+def _path_failed(exc: aiomqtt.MqttError) -> bool:
+    """Whether a failed attempt never reached a broker that answered (see the module's
+    docstring). aiomqtt raises a CONNACK refusal as `MqttCodeError`, and a failed connect as
+    `MqttError(str(os_error)) from None`, which keeps the OSError as the context: a TLS
+    handshake that a side refused is an `SSLError` other than a cut connection's."""
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        return False
+    cause = exc.__context__
+    return not isinstance(cause, ssl.SSLError) or isinstance(cause, _TLS_CUT)
+
+
+async def _serve_apart(serve: Serve, client: Client, name: str) -> None:
+    """`serve(client)` in a task of its own, until it ends; a cancel of the caller stops it
+    (see the module's docstring)."""
+    task = asyncio.create_task(serve(client), name=f"{name}.serve")
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:
+        await _stop_serving(task)
+        raise
+    task.result()
+
+
+async def _stop_serving(task: asyncio.Task[None]) -> None:
+    """Cancel `task` until it ends. What it ended with is dropped, as the session stops, but
+    for an error other than the connection's, which is logged."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=_STOP_AGAIN_S)
+    if task.cancelled() or (exc := task.exception()) is None:
+        return
+    rest = exc.split(aiomqtt.MqttError)[1] if isinstance(exc, BaseExceptionGroup) else (
+        None if isinstance(exc, aiomqtt.MqttError) else exc)
+    if rest is not None:
+        log.error("mqtt_serve_failed", task=task.get_name(), exc_info=exc)
 
 
 __all__ = ["Client", "Endpoint", "MqttSession", "TlsFileError", "client_tls_context",

@@ -116,7 +116,8 @@ class Uplink:
             name="uplink", will=self._will,
             backoff=Backoff(first_s=mqtt.reconnect_min_s,
                             max_s=max(mqtt.reconnect_min_s, mqtt.reconnect_max_s),
-                            healthy_after_s=_STABLE_S))
+                            healthy_after_s=_STABLE_S),
+            link_retry_max_s=mqtt.reconnect_link_max_s)
         self.connected = False
         # Monotonic time since when IP has been down (None while connected): the narrowband
         # fallback takes over after a while. Down from the start until the first connect.

@@ -60,10 +60,15 @@ class MqttConfig(BaseModel):
     max_inflight: int = Field(16, ge=1, le=1000)
     keepalive_s: int = Field(30, ge=5, le=3600)
     # Reconnect back-off: doubles from `reconnect_min_s` up to `reconnect_max_s`, jittered
-    # (x0.5..1) so that a city of gateways does not reconnect in lockstep. The cap bounds how
-    # long after the link returns the gateway notices.
+    # (x0.5..1) so that a city of gateways does not reconnect in lockstep. That full back-off
+    # is for a broker that answers and refuses (CONNACK refusal, TLS refusal); an attempt that
+    # fails on the path (refused, reset, closed before CONNACK, timed out) is retried within
+    # `reconnect_link_max_s`, which bounds how long after the link returns the gateway notices.
+    # A metered link whose far end accepts and closes connections while the path is down may
+    # raise it (each try costs a TCP handshake, and a TLS hello).
     reconnect_min_s: float = Field(0.5, gt=0, le=60)
     reconnect_max_s: float = Field(10.0, gt=0, le=3600)
+    reconnect_link_max_s: float = Field(1.0, gt=0, le=3600)
     client_id: str | None = None
     tls: MqttTlsConfig | None = None
     username: str | None = Field(None, min_length=1, max_length=256)
