@@ -11,7 +11,10 @@ history (DESIGN.md §4.2): their latency is central's receive time minus their d
 Prints one JSON line: drain_points_per_s, live_latency_p99_s, live_latency_p50_s,
 first_record_after_restore_s (from the link's return to the first record central committed,
 by central's receive time), wire_bytes_per_point (MQTT payload bytes of the backlog batches the
-agent published, resends included, over the backlog records it published), ...
+agent published, resends included, over the backlog records it published),
+agent_cpu_us_per_point and central_cpu_us_per_point (each process's CPU time from the restore
+to the drain's end over the records drained: on a busy box, where the rate says little, they
+tell which side limits the drain), ...
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
-from _common import emit
+from _common import emit, proc_cpu_s
 
 from edge_agent.uplink.mqtt_config import MqttConfig
 from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
@@ -107,6 +110,8 @@ def main() -> None:
                      timeout=60, interval=0.2, what="the agent to find its link cut")
             time.sleep(3)  # live polling into the outbox while the link is still cut
             restore_wall_ms = int(time.time() * 1000)
+            pids = [c.proc.pid for c in (agent, central) if c.proc is not None]
+            cpu0 = [proc_cpu_s(pid) for pid in pids]
             t0 = time.perf_counter()
             proxy.set_mode("pass")
 
@@ -122,6 +127,7 @@ def main() -> None:
 
             wait_for(drained, timeout=args.timeout, interval=0.5, what="the backlog to drain")
             drain_s = time.perf_counter() - t0
+            cpu_s = [proc_cpu_s(pid) - c0 for pid, c0 in zip(pids, cpu0, strict=True)]
             first_ms = sqlite_rows(central.db_path, "SELECT min(received_ms) FROM readings"
                                    " WHERE gw = ? AND received_ms >= ?", (GW, restore_wall_ms))[0][0]
             # The agent writes its wire counters with its state (every 10 s): wait for the
@@ -165,6 +171,8 @@ def main() -> None:
          live_latency_p50_s=pct(live, 0.5), live_latency_p99_s=pct(live, 0.99),
          first_record_after_restore_s=round((first_ms - restore_wall_ms) / 1000, 3),
          wire_bytes_per_point=round(wire["backlog_bytes_sent"] / wire["backlog_records_sent"], 2),
+         agent_cpu_us_per_point=round(cpu_s[0] * 1e6 / status.last_seq, 2),
+         central_cpu_us_per_point=round(cpu_s[1] * 1e6 / status.last_seq, 2),
          reconnect_after_restore_s=round(max(0, since - restore_wall_ms) / 1000, 1))
 
 

@@ -67,6 +67,7 @@ _UINT_CODES: Final = tuple((c, 0, 2 ** (8 * array(c).itemsize) - 1) for c in "BH
 _KNOWN_CODES: Final = {c: array(c).itemsize for c in "bhiqBHIQfd"}
 _KINDS: Final = frozenset(range(4))  # protocols.envelope.RecordKind
 _FLAG_MAX: Final = 7  # HISTORICAL | CLOCK_SUSPECT | BAD_QUALITY
+_PLUS_ONE: Final = (1).__add__
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,7 @@ def unpack(field: str, raw: object, count: int, codes: str = "bhiqBHIQ") -> list
 
 
 def _pack_values(values: Sequence[Any]) -> tuple[str, Any]:
-    if all(v.__class__ is float for v in values):
+    if set(map(type, values)) == {float}:
         narrow = array("f", values)
         if narrow.tolist() == list(values):  # every one exact as float32
             return "vf", _pack("f", values)
@@ -147,14 +148,13 @@ def to_wire(gw: str, stream: str, sent_ms: int, cols: Columns) -> dict[str, Any]
         return wire
     seqs, ts = cols.seqs, cols.ts
     wire["s"] = seqs[0]
-    seq_deltas = list(map(sub, seqs[1:], seqs[:-1]))
-    if seq_deltas and (min(seq_deltas) != 1 or max(seq_deltas) != 1):
-        wire["sd"] = pack_ints(seq_deltas)
+    if not _runs_by_one(seqs):
+        wire["sd"] = pack_ints(list(map(sub, seqs[1:], seqs[:-1])))
     if cols.kinds is not None and any(cols.kinds):
         wire["k"] = pack_ints(cols.kinds, unsigned=True)
     wire["t0"] = ts[0]
     wire["td"] = pack_ints(list(map(sub, ts[1:], ts[:-1])))
-    wire["p"] = pack_ints([i + 1 for i in cols.points], unsigned=True)
+    wire["p"] = pack_ints(list(map(_PLUS_ONE, cols.points)), unsigned=True)
     flags = cols.flags
     if not isinstance(flags, int) and min(flags) == max(flags):
         flags = flags[0]
@@ -172,12 +172,26 @@ def columns_of(records: Sequence[Sequence[Any]]) -> Columns:
     if not records:
         return Columns((), None, (), (), (), (), 0, {})
     seqs, kinds, ts, points, values, flags, attrs = zip(*records, strict=True)
-    keys = dict.fromkeys(points)
-    keys.pop(None, None)
+    return columns_from(seqs, kinds, ts, points, values, flags,
+                        {i: a for i, a in enumerate(attrs) if a})
+
+
+def columns_from(seqs: Sequence[int], kinds: Sequence[int] | None, ts: Sequence[int],
+                 points: Sequence[str | None], values: Sequence[Any], flags: Sequence[int] | int,
+                 attrs: Mapping[int, Mapping[str, Any]]) -> Columns:
+    """Columns from one list per field, the point keys given per record (None: no point)."""
+    keys = [k for k in dict.fromkeys(points) if k is not None]
     index: dict[str | None, int] = {k: i for i, k in enumerate(keys)}
     index[None] = -1
     return Columns(seqs, kinds, ts, tuple(keys), list(map(index.__getitem__, points)), values,
-                   flags, {i: a for i, a in enumerate(attrs) if a})
+                   flags, attrs)
+
+
+def _runs_by_one(seqs: Sequence[int]) -> bool:
+    if isinstance(seqs, range):
+        return seqs.step == 1
+    deltas = list(map(sub, seqs[1:], seqs[:-1]))
+    return not deltas or min(deltas) == max(deltas) == 1
 
 
 def record_columns(cols: Columns, kinds: Mapping[int, Any], flags: Mapping[int, Any]
@@ -368,5 +382,5 @@ def _keep(cols: Columns, keep: list[bool]) -> Columns:
                    {j: cols.attrs[i] for j, i in enumerate(index) if i in cols.attrs})
 
 
-__all__ = ["COLUMNAR_VERSION", "Columns", "DecodedColumns", "columns_of", "decode_columns",
-           "pack_ints", "record_columns", "to_wire", "unpack"]
+__all__ = ["COLUMNAR_VERSION", "Columns", "DecodedColumns", "columns_from", "columns_of",
+           "decode_columns", "pack_ints", "record_columns", "to_wire", "unpack"]

@@ -120,13 +120,22 @@ class UnknownMessageTypeError(EnvelopeError):
 def encode(msg: Message, *, version: int = VERSION) -> bytes:
     """Encode one message to CBOR bytes; `version=2` encodes a data batch as columns
     (`protocols.columnar`, for a central whose state announced `envelope >= 2`)."""
+    if version == COLUMNAR_VERSION and isinstance(msg, DataBatch):
+        cols = msg.columns if msg.columns is not None else columns_of(msg.records)
+        return encode_columns(msg.gw, msg.stream, msg.sent_ms, cols)
     try:
-        if version == COLUMNAR_VERSION and isinstance(msg, DataBatch):
-            cols = msg.columns if msg.columns is not None else columns_of(msg.records)
-            return cbor2.dumps(to_wire(msg.gw, msg.stream, msg.sent_ms, cols))
         return cbor2.dumps(_to_wire(msg))
     except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
         raise EnvelopeError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+
+
+def encode_columns(gw: str, stream: str, sent_ms: int, cols: Columns) -> bytes:
+    """A version 2 data batch straight from columns (the edge's backlog drain: no `Record`
+    per record on the way from the outbox to the wire)."""
+    try:
+        return cbor2.dumps(to_wire(gw, stream, sent_ms, cols))
+    except (TypeError, ValueError, cbor2.CBOREncodeError) as exc:
+        raise EnvelopeError(f"cannot encode DataBatch: {exc}") from exc
 
 
 def _to_wire(msg: Message) -> dict[str, Any]:
@@ -386,7 +395,7 @@ __all__ = [
     "Flag", "Lane",
     "Message", "PointInfo", "Record", "RecordKind", "RejectedRecord", "State",
     "UnknownMessageTypeError", "UnsupportedVersionError", "Value", "decode", "encode",
-    "to_jsonable",
+    "encode_columns", "to_jsonable",
     # from protocols.limits: the errors decode() raises
     "EnvelopeError", "IntRangeError", "InvalidFieldError", "MalformedEnvelopeError",
     "NotCborError", "NotFiniteError", "PayloadTooLargeError", "Reason", "TooManyItemsError",

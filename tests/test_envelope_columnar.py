@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols import envelope as env
-from protocols.columnar import pack_ints, unpack
+from protocols.columnar import columns_from, pack_ints, unpack
 from protocols.errors import ProtocolError
 from tests.test_envelope import records, texts
 
@@ -64,6 +64,21 @@ def test_columnar_round_trip(recs: list[env.Record], stream: str) -> None:
     got = env.decode(env.encode(batch, version=2))
     assert got == batch
     assert got.columns is not None and list(got.columns.seqs) == [r.seq for r in recs]
+
+
+def test_columns_from_the_outbox_encode_as_their_records_do() -> None:
+    """The edge drain encodes columns read straight from the outbox (`encode_columns`, seqs
+    as a range when they run by one): the same bytes as the batch of those records."""
+    for recs in (_backlog(300), _backlog(300)[:100] + _backlog(200, start=205)):
+        seqs = [r.seq for r in recs]
+        run = range(seqs[0], seqs[-1] + 1)
+        cols = columns_from(run if list(run) == seqs else seqs, None, [r.ts_ms for r in recs],
+                            [r.point for r in recs], [r.value for r in recs],
+                            [int(r.flags) for r in recs], {})
+        raw = env.encode_columns("g", "s", 3, cols)
+        assert raw == env.encode(env.DataBatch(gw="g", stream="s", records=recs, sent_ms=3),
+                                 version=2)
+        assert env.decode(raw).records == recs
 
 
 def test_a_bad_record_is_refused_alone_in_version_2() -> None:

@@ -67,6 +67,22 @@ async def test_agent_sends_version_1_to_an_old_central(mosquitto: Mosquitto,
         assert uplink.envelope_version() == 1
 
 
+async def test_backlog_columns_go_as_version_1_records_to_an_old_central(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The backlog leaves the outbox as columns; an old central still gets them as version 1
+    records, every one acked."""
+    gw = new_gw()
+    async with Outbox.open(tmp_path / "o.db", live_window_s=0.2) as ob, \
+            old_central(mosquitto, gw) as versions:
+        await ob.append([tel(i) for i in range(30)])
+        await asyncio.sleep(0.3)  # older than the live window: backlog
+        uplink = make_uplink(ob, mosquitto, gw, batch_size=10)
+        async with running(uplink):
+            await until(lambda: uplink.counters.records_acked == 30, "every record acked")
+        assert set(versions) == {1}
+        assert uplink.counters.backlog_records_sent > 0
+
+
 async def test_agent_sends_version_2_to_a_new_central_which_stores_it(mosquitto: Mosquitto,
                                                                       tmp_path: Path) -> None:
     """Central announces `env: 2`; the agent's batches then go columnar, a third of the

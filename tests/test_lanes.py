@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -94,6 +95,38 @@ async def test_priority_and_backlog_parts_split_the_lanes(tmp_path: Path) -> Non
         assert back == seqs["history"]  # in-flight exclusion is the caller's job
         rest = await ob.next_batch(1000, exclude=set(prio), part="backlog")
         assert [r.seq for r in rest] == [s for s in seqs["history"] if s not in newest]
+
+
+async def test_backlog_columns_are_the_records_the_lane_read_gives(tmp_path: Path) -> None:
+    """The drain reads the backlog as columns (SQLite flags it HISTORICAL): the same records,
+    values of every type and attrs included, as the record-by-record read of `part="all"`,
+    whether a row's age comes from this boot's clock or, for another boot's rows or rows
+    without a boot-time stamp, from the wall clock."""
+    path = tmp_path / "o.db"
+    async with Outbox.open(path, live_window_s=0.2) as ob:
+        values: list[Any] = [1.5, 7, True, False, "open", None, 2.0**40 + 0.5]
+        await ob.append([NewRecord(TEL, 1_767_300_000_000 + i, f"d/p{i % 3}", v,
+                                   flags=Flag.BAD_QUALITY if i == 1 else Flag.NONE,
+                                   attrs={"unit": "ppm"} if i == 4 else None)
+                         for i, v in enumerate(values * 3)])
+        await asyncio.sleep(0.25)
+        now_ms = time.time_ns() // 1_000_000
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            # another boot's rows, young and old by the wall clock; rows without mono_ms
+            conn.execute("UPDATE records SET boot = 999, created_ms = ? WHERE seq % 4 = 1",
+                         (now_ms,))
+            conn.execute("UPDATE records SET boot = 999, created_ms = ? WHERE seq % 4 = 2",
+                         (now_ms - 60_000,))
+            conn.execute("UPDATE records SET mono_ms = NULL, created_ms = ? WHERE seq % 4 = 3",
+                         (now_ms,))
+        back = await ob.next_batch(1000, part="backlog")
+        by_seq = {r.seq: r for r in await ob.next_batch(1000)}
+        assert [r.seq for r in back] == list(range(1, len(values) * 3 + 1))
+        assert [(r, type(r.value)) for r in back] == [(by_seq[r.seq], type(by_seq[r.seq].value))
+                                                      for r in back]
+        assert {r.seq % 4 for r in back if not r.historical} == {1, 3}
+        cols = await ob.next_backlog(1000, skip=((3, 5),))
+        assert list(cols.seqs) == [1, 2, *range(6, len(values) * 3 + 1)]
 
 
 async def test_without_backlog_lanes_are_plain_priority_order(tmp_path: Path) -> None:

@@ -12,6 +12,11 @@ the window (the *horizon*) and serves, highest first:
 
 Telemetry older than the window when read (by the boot-time clock within one boot, by the
 wall clock across boots) is flagged HISTORICAL.
+
+The backlog is most of what a drain after an outage reads, so `LaneReader.backlog` reads it
+as columns (`protocols.columnar.Columns`, what envelope v2 sends): SQLite computes the
+HISTORICAL flag, and each column comes out of the fetched rows at C speed, with no object per
+record. The lanes read for the priority part are small and come as `Record`s.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from __future__ import annotations
 import bisect
 import sqlite3
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 
 import cbor2
 
 from edge_agent.health.clock import Stamp
 from edge_agent.outbox.db import MAX_SEQ, ROW, SELECT_LANE, TELEMETRY_LANE
-from protocols.envelope import Flag, Lane, Record, RecordKind, Value, ranges_from_seqs
+from protocols.columnar import Columns, columns_from, columns_of, record_columns
+from protocols.envelope import Flag, Lane, Record, RecordKind, Value, merge_ranges
 
 Part = Literal["all", "priority", "backlog"]
 Ranges = tuple[tuple[int, int], ...]
@@ -65,6 +72,12 @@ _ALL_FLAGS = int(Flag.HISTORICAL | Flag.CLOCK_SUSPECT | Flag.BAD_QUALITY)
 _FLAGS = {f: Flag(f) for f in range(_ALL_FLAGS + 1)}
 _HISTORICAL = int(Flag.HISTORICAL)
 _TELEMETRY = int(RecordKind.TELEMETRY)
+# The backlog's columns; the flags as `LaneReader.is_old` would set them (bound: this boot,
+# now by the boot-time and by the wall clock, the live window), then the walk's four.
+_BACKLOG = ("SELECT seq, ts_ms, point, value, value_is_bool, flags | CASE WHEN"
+            " (CASE WHEN boot = ? AND mono_ms IS NOT NULL THEN ? - mono_ms ELSE ? - created_ms END)"
+            f" > ? THEN {_HISTORICAL} ELSE 0 END, attrs FROM records"
+            " WHERE delivered = 0 AND lane = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?")
 
 
 def to_record(row: tuple[Any, ...], flags: int) -> Record:
@@ -118,7 +131,7 @@ class LaneReader:
                     if len(rows) < limit and not _in_ranges(skip, starts, row[0]):
                         rows.append(row)
                 if rows:
-                    skip = ranges_from_seqs([*_expand(skip), *(r[0] for r in rows)])
+                    skip = merge_ranges([*skip, *((r[0], r[0]) for r in rows)])
             for lane, lo, hi in ((Lane.ALARM, 0, MAX_SEQ), (Lane.EVENT, 0, MAX_SEQ),
                                  (Lane.LIVE, horizon - 1, MAX_SEQ)):
                 rows += walk(conn, lane, lo, hi, limit - len(rows), skip)
@@ -128,12 +141,40 @@ class LaneReader:
         return [to_record(row, row[6] | _HISTORICAL if row[1] == _TELEMETRY and is_old(row, now)
                           else row[6]) for row in rows]
 
+    def backlog(self, conn: sqlite3.Connection, limit: int, skip: Ranges, now: Stamp) -> Columns:
+        """`read(..., part="backlog")` as columns (module doc)."""
+        aged = (self.boot, now.mono_ms, now.wall_ms, self.live_window_ms)
+        return backlog_columns(walk(conn, Lane.LIVE, 0, self.horizon(now.mono_ms), limit, skip,
+                                    select=_BACKLOG, bind=aged))
 
-def walk(conn: sqlite3.Connection, lane: Lane, lo: int, hi: int, need: int,
-         skip: Ranges) -> list[tuple[Any, ...]]:
+
+def records_of(cols: Columns) -> list[Record]:
+    """The records of outbox columns (`LaneReader.backlog`)."""
+    return list(map(Record, *record_columns(cols, _KINDS, _FLAGS)))
+
+
+def backlog_columns(rows: Sequence[tuple[Any, ...]]) -> Columns:
+    """Rows of `_BACKLOG` (telemetry, by seq) as columns; a run of seqs becomes a range."""
+    if not rows:
+        return columns_of(())
+    first, last = rows[0][0], rows[-1][0]
+    seqs = (range(first, last + 1) if last - first + 1 == len(rows)
+            else list(map(itemgetter(0), rows)))
+    ts, points, values, is_bool, flags, attrs = (list(map(itemgetter(i), rows))
+                                                 for i in range(1, 7))
+    if any(is_bool):
+        values = [bool(v) if b else v for v, b in zip(values, is_bool, strict=True)]
+    return columns_from(seqs, None, ts, points, values, flags,
+                        {i: cbor2.loads(a) for i, a in enumerate(attrs) if a} if any(attrs)
+                        else {})
+
+
+def walk(conn: sqlite3.Connection, lane: Lane, lo: int, hi: int, need: int, skip: Ranges, *,
+         select: str = SELECT_LANE, bind: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Undelivered rows of `lane` with lo < seq < hi, oldest first, outside `skip`: walked in
     seq windows between excluded ranges, so that thousands of in-flight seqs cost a few
-    index seeks instead of a huge NOT IN list."""
+    index seeks instead of a huge NOT IN list. `select` takes `bind`, then lane, the two
+    exclusive seq bounds and the row limit."""
     out: list[tuple[Any, ...]] = []
     cursor, i = lo, 0
     while need > 0 and cursor + 1 < hi:
@@ -142,7 +183,7 @@ def walk(conn: sqlite3.Connection, lane: Lane, lo: int, hi: int, need: int,
             i += 1
         upper = min(skip[i][0] if i < len(skip) else MAX_SEQ, hi)
         if cursor + 1 < upper:
-            rows = conn.execute(SELECT_LANE, (int(lane), cursor, upper, need)).fetchall()
+            rows = conn.execute(select, (*bind, int(lane), cursor, upper, need)).fetchall()
             out += rows
             need -= len(rows)
         if upper >= hi or i >= len(skip):
@@ -175,8 +216,5 @@ def _in_ranges(ranges: Ranges, starts: list[int], seq: int) -> bool:
     return i >= 0 and seq <= ranges[i][1]
 
 
-def _expand(ranges: Ranges) -> list[int]:
-    return [s for a, b in ranges for s in range(a, b + 1)]
-
-
-__all__ = ["LaneReader", "Part", "alarms_after", "events_after", "last_seq", "to_record", "walk"]
+__all__ = ["LaneReader", "Part", "alarms_after", "backlog_columns", "events_after", "last_seq",
+           "records_of", "to_record", "walk"]

@@ -92,12 +92,14 @@ from edge_agent.outbox.lanes import (
     events_after,
     lane_of,
     last_seq,
+    records_of,
 )
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK, OutboxMaintenance
 from edge_agent.outbox.ring import HoldRing
 from edge_agent.outbox.seqs import SeqReservation
 from edge_agent.outbox.status import LaneStats, OutboxStats, read_status, request_clock_ok, stats
 from edge_agent.outbox.upkeep import Reclaimed, Refused
+from protocols.columnar import Columns, columns_of
 from protocols.envelope import (
     Flag,
     Record,
@@ -233,7 +235,7 @@ class Outbox(OutboxMaintenance):
         """Up to `limit` undelivered records in lane order (module doc), leaving out the seqs
         in `exclude` or in the sorted, disjoint ranges `skip` (those in flight).
         `part="priority"`: everything but backlog; `part="backlog"`: backlog telemetry only,
-        oldest first."""
+        oldest first (`next_backlog`, as records)."""
         if limit <= 0:
             return []
         # Snapshot on the loop thread: the caller's set may change while the thread reads.
@@ -241,9 +243,22 @@ class Outbox(OutboxMaintenance):
             skip = ranges_from_seqs(exclude)
         elif exclude:
             skip = merge_ranges([*skip, *ranges_from_seqs(exclude)])
+        if part == "backlog":
+            cols = await self.next_backlog(limit, skip=skip)
+            return records_of(cols)
         skip = self._ring.skip(skip)  # acked, the marks not yet written: not again
         return await self._sqlite.call(lambda: self._lanes.read(self._sqlite.conn, limit, skip,
                                                          self.clock.now(), part))
+
+    async def next_backlog(self, limit: int, *,
+                           skip: tuple[tuple[int, int], ...] = ()) -> Columns:
+        """`next_batch(limit, part="backlog", skip=skip)` as columns, without an object per
+        record: what the uplink drains the backlog with (envelope v2 sends columns)."""
+        if limit <= 0:
+            return columns_of(())
+        skip = self._ring.skip(skip)  # acked, the marks not yet written: not again
+        return await self._sqlite.call(lambda: self._lanes.backlog(self._sqlite.conn, limit, skip,
+                                                            self.clock.now()))
 
     async def undelivered_alarms(self, after_seq: int, limit: int) -> list[Record]:
         """Up to `limit` undelivered alarm records with seq above `after_seq`, oldest first:

@@ -41,11 +41,13 @@ import structlog
 
 from edge_agent import EdgeError
 from edge_agent.config.site import OutboxConfig
+from edge_agent.outbox.lanes import records_of
 from edge_agent.outbox.store import Outbox, OutboxError
 from edge_agent.uplink.ledger import AckLedger, UplinkCounters
 from edge_agent.uplink.mqtt_config import MqttConfig, tls_context
 from edge_agent.uplink.pacing import BacklogPacer
 from protocols import topics
+from protocols.columnar import COLUMNAR_VERSION, Columns
 from protocols.envelope import (
     VERSION,
     VERSIONS,
@@ -57,6 +59,7 @@ from protocols.envelope import (
     State,
     decode,
     encode,
+    encode_columns,
     merge_ranges,
     ranges_from_seqs,
 )
@@ -331,11 +334,10 @@ class Uplink:
                     now = time.monotonic()
                     allowed = self.pacer.allowance(now)
                     if allowed:
-                        records = await self.outbox.next_batch(
-                            allowed, skip=self.ledger.skip(), part="backlog")
-                        if records:
-                            self.pacer.took(len(records), now)
-                            await self._publish(client, records, backlog=True)
+                        cols = await self.outbox.next_backlog(allowed, skip=self.ledger.skip())
+                        if len(cols):
+                            self.pacer.took(len(cols), now)
+                            await self._publish(client, cols, backlog=True)
                             continue
                     else:
                         wait = min(wait, self.pacer.wait_s(now))
@@ -352,24 +354,33 @@ class Uplink:
         return (self.ledger.backlog_batches < self.pacer.window
                 and len(self.ledger.batches) < self.max_inflight)
 
-    async def _publish(self, client: aiomqtt.Client, records: list[Record], *,
+    async def _publish(self, client: aiomqtt.Client, batch: list[Record] | Columns, *,
                        backlog: bool) -> None:
+        """Send one batch: priority records, or backlog columns (`Outbox.next_backlog`)."""
         self._batch_ids += 1
+        n = len(batch)
+        seqs = batch.seqs if isinstance(batch, Columns) else [r.seq for r in batch]
         # In flight before the publish returns: the ack may beat our PUBACK.
-        ranges = ranges_from_seqs(r.seq for r in records)
-        self.ledger.sent(self._batch_ids, ranges, len(records), backlog=backlog)
+        self.ledger.sent(self._batch_ids, ranges_from_seqs(seqs), n, backlog=backlog)
         if backlog:
             self.counters.backlog_batches_sent += 1
-            self.counters.backlog_records_sent += len(records)
-        batch = DataBatch(gw=self.gw, stream=self.outbox.stream, records=tuple(records),
-                          sent_ms=_now_ms())
-        payload = encode(batch, version=self.envelope_version())
+            self.counters.backlog_records_sent += n
+        payload = self._payload(batch)
         await client.publish(self._t_data, payload, qos=1)
         self.counters.batches_sent += 1
-        self.counters.records_sent += len(records)
+        self.counters.records_sent += n
         self.counters.bytes_sent += len(payload)
         if backlog:
             self.counters.backlog_bytes_sent += len(payload)
+
+    def _payload(self, batch: list[Record] | Columns) -> bytes:
+        version = self.envelope_version()
+        if isinstance(batch, Columns):
+            if version == COLUMNAR_VERSION:
+                return encode_columns(self.gw, self.outbox.stream, _now_ms(), batch)
+            batch = records_of(batch)
+        return encode(DataBatch(gw=self.gw, stream=self.outbox.stream, records=tuple(batch),
+                                sent_ms=_now_ms()), version=version)
 
     def envelope_version(self) -> int:
         """The data batch's envelope version: 2 (columnar, a third of the bytes) once central's
