@@ -15,18 +15,15 @@ opens a new alarm.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from central import CentralError, clock
-from central.alarms.engine import apply_events, history_row, log_changes
+from central.alarms.engine import history_row
 from central.alarms.lifecycle import (
     AckState,
     Action,
-    AlarmChange,
-    AlarmEvent,
-    AlarmPolicy,
     AlarmStatus,
     EdgeState,
 )
@@ -307,20 +304,3 @@ async def clear_alarm(storage: Storage, alarm_id: int, *, user: str, comment: st
 async def area_summary(storage: Storage, area_id: int) -> AreaSummary:
     """Active alarms under an area by severity, and the same for each child area."""
     return await storage.run(lambda: summary_program(area_id), write=False)
-
-
-async def apply_alarm_events(storage: Storage, events: Iterable[AlarmEvent], *,
-                             now_ms: int | None = None) -> list[AlarmChange]:
-    """Apply events in their own transaction (ingest applies records inside the batch's)."""
-    now = clock.now_ms() if now_ms is None else now_ms
-    evs = list(events)
-    changes = await storage.run(lambda: apply_events(evs, storage.alarm_policy, now))
-    log_changes(changes)
-    return changes
-
-
-def policy_from(settings: Any) -> AlarmPolicy:
-    """The alarm policy a `central.config.settings.Settings` describes."""
-    return AlarmPolicy(flap_max=settings.alarm_flap_max,
-                       flap_window_ms=int(settings.alarm_flap_window_s * 1000),
-                       incident_window_ms=int(settings.incident_window_s * 1000))
