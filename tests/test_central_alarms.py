@@ -19,12 +19,13 @@ from central.alarms.desk import (
     UnknownAlarmError,
     acknowledge,
     alarm_history,
+    apply_alarm_events,
     area_summary,
     clear_alarm,
     get_alarm,
     list_alarms,
 )
-from central.alarms.engine import BadAlarmRecordError, apply_alarm_events, event_from_record
+from central.alarms.engine import BadAlarmRecordError, event_from_record
 from central.alarms.lifecycle import AlarmEvent, AlarmPolicy, EdgeState
 from central.alarms.rules import AlarmRules
 from central.app import create_app

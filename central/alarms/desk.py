@@ -15,15 +15,17 @@ opens a new alarm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from central import CentralError, clock
-from central.alarms.engine import history_row
+from central.alarms.engine import apply_events, history_row, log_changes
 from central.alarms.lifecycle import (
     AckState,
     Action,
+    AlarmChange,
+    AlarmEvent,
     AlarmStatus,
     EdgeState,
 )
@@ -310,3 +312,13 @@ async def clear_alarm(storage: Storage, alarm_id: int, *, user: str, comment: st
 async def area_summary(storage: Storage, area_id: int) -> AreaSummary:
     """Active alarms under an area by severity, and the same for each child area."""
     return await storage.run(lambda: summary_program(area_id), write=False)
+
+
+async def apply_alarm_events(storage: Storage, events: Iterable[AlarmEvent], *,
+                             now_ms: int | None = None) -> list[AlarmChange]:
+    """Apply events in their own transaction (ingest applies records inside the batch's)."""
+    now = clock.now_ms() if now_ms is None else now_ms
+    evs = list(events)
+    changes = await storage.run(lambda: apply_events(evs, storage.alarm_policy, now))
+    log_changes(changes)
+    return changes

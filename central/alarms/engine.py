@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from central import CentralError, clock
+from central import CentralError
 from central.alarms.lifecycle import (
     Action,
     AlarmChange,
@@ -42,7 +42,6 @@ from central.alarms.lifecycle import (
     Outcome,
     is_newer,
 )
-from central.storage import Storage
 from central.storage.base import DatabaseWriteError, split_key
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import NARROWBAND_COPY
@@ -335,16 +334,6 @@ def log_changes(changes: Iterable[AlarmChange]) -> None:
         if c.outcome not in (Outcome.STALE, Outcome.UPDATED, Outcome.NO_ALARM):
             log.info("alarm_transition", gw=c.gw, alarm_key=c.alarm_key, alarm_id=c.alarm_id,
                      outcome=str(c.outcome), notify=c.notify, severity=c.severity)
-
-
-async def apply_alarm_events(storage: Storage, events: Iterable[AlarmEvent], *,
-                             now_ms: int | None = None) -> list[AlarmChange]:
-    """Apply events in their own transaction (ingest applies records inside the batch's)."""
-    now = clock.now_ms() if now_ms is None else now_ms
-    evs = list(events)
-    changes = await storage.run(lambda: apply_events(evs, storage.alarm_policy, now))
-    log_changes(changes)
-    return changes
 
 
 def policy_from(settings: Any) -> AlarmPolicy:
