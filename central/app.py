@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central import __version__, clock
 from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
-from central.alarms.desk import policy_from  # alarms wiring (§7)
+from central.alarms.engine import policy_from  # alarms wiring (§7)
 from central.alarms.rules import start_alarm_rules  # alarms wiring (§7)
 from central.callresp.api import install as install_callresp  # 叫应 wiring (§7)
 from central.callresp.service import CallRespService, running  # 叫应 wiring (§7)

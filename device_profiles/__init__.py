@@ -1,14 +1,16 @@
 """Declarative device profiles (YAML, one per device model) and their loader/validator."""
 
-from device_profiles.loader import (
-    AlarmSpec,
+from device_profiles.errors import (
     DeviceProfileError,
     DuplicateProfileError,
-    Profile,
     ProfileError,
     ProfileNotFoundError,
-    ProfilePoint,
     ProtocolMismatchError,
+)
+from device_profiles.loader import (
+    AlarmSpec,
+    Profile,
+    ProfilePoint,
     builtin_profiles_dir,
     find_profile,
     load_profile,

@@ -69,7 +69,6 @@ import yaml
 from pydantic import ValidationError
 
 from device_profiles.errors import (
-    DeviceProfileError,
     DuplicateProfileError,
     Fail,
     Loc,
@@ -97,22 +96,6 @@ from protocols.modbus_points import (
     PointSpecError,
     register_count,
 )
-
-__all__ = [
-    "AlarmSpec",
-    "DeviceProfileError",
-    "DuplicateProfileError",
-    "Profile",
-    "ProfileError",
-    "ProfileNotFoundError",
-    "ProfilePoint",
-    "ProtocolMismatchError",
-    "builtin_profiles_dir",
-    "find_profile",
-    "load_profile",
-    "load_profiles",
-    "parse_profile",
-]
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,15 @@ class FaultState(enum.StrEnum):
     CLEARED = "cleared"
 
 
+class PlayResult(enum.StrEnum):
+    """What playing a warning on one terminal came to (`LocalWarningEvent.played`, and the
+    edge's answer to a `play_warning` command)."""
+
+    DELIVERED = "delivered"
+    SENT = "sent"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True, slots=True)
 class TerminalFaultEvent:
     terminal: str
@@ -88,7 +97,7 @@ class LocalWarningEvent:
     text: str
     alarm_id: str
     at_ms: int
-    played: Mapping[str, str] = field(default_factory=dict)  # terminal -> sent/delivered/refused
+    played: Mapping[str, str] = field(default_factory=dict)  # terminal -> a PlayResult
 
     def to_attrs(self) -> dict[str, Any]:
         return {"event": LOCAL_EVENT, "v": VERSION, "warning_id": self.warning_id,

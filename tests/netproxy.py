@@ -22,6 +22,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, Literal
 
+from central.demo.link import relay
 from tests.helpers import free_port
 
 Mode = Literal["pass", "drop", "blackhole", "slow", "narrow"]
@@ -35,7 +36,6 @@ class LinkProxy:
         self.mode: Mode = "pass"
         self.delay_s = 0.2
         self.rate_bps = 50_000.0
-        self.connections = 0
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, name="link-proxy", daemon=True)
@@ -89,18 +89,7 @@ class LinkProxy:
         if self.mode == "drop":
             writer.close()
             return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self.connections += 1
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
-                             return_exceptions=True)
-        for w in (writer, up_writer):
-            self._writers.discard(w)
-            w.close()
+        await relay(reader, writer, self.upstream, self._writers, self._pump)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

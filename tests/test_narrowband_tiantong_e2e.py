@@ -27,22 +27,14 @@ from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from firmware_stubs.tiantong_sim import TiantongModuleSimulator, TiantongNetwork
 from protocols.callresp import CallRespEvent, EventType, event_attrs
 from protocols.envelope import RecordKind
+from tests import test_narrowband_e2e as rig
 from tests.helpers import Mosquitto, until
 from tests.netproxy import LinkProxy
 from tests.test_narrowband_callresp_e2e import gateway_view, outbox_status
-from tests.test_narrowband_e2e import (
-    GW,
-    KEY,
-    WAIT_S,
-    _on_bearer,
-    agent_running,
-    central,
-    edge_config,
-)
 
 pytestmark = pytest.mark.e2e
 
-until = partial(until, timeout=WAIT_S)
+until = partial(until, timeout=rig.WAIT_S)
 GW_NUMBER, CENTRAL_NUMBER = "+8617400000001", "+8617400000009"
 TERMINAL = "t-201"
 
@@ -70,12 +62,14 @@ async def test_alarm_and_ack_by_tiantong_sms_while_ip_is_cut(
                 db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host=mosquitto.host,
                 mqtt_port=mosquitto.port, mqtt_client_id="central-tiantong",
                 narrowband_port=central_module.link_path, narrowband_bearer="tiantong",
-                narrowband_gateways=[NarrowbandGateway(gw=GW, phone=GW_NUMBER, key=KEY.hex())])
-            config = edge_config(tmp_path, proxy, modbus.port, poll_s=0.5, narrowband=(
+                narrowband_gateways=[NarrowbandGateway(gw=rig.GW, phone=GW_NUMBER,
+                                                       key=rig.KEY.hex())])
+            config = rig.edge_config(tmp_path, proxy, modbus.port, poll_s=0.5, narrowband=(
                 f'bearer = "tiantong"\nport = "{gw_module.link_path}"\n'
                 f'central_number = "{CENTRAL_NUMBER}"\nnumber = "{GW_NUMBER}"\n'
-                f'interval_s = 0\nkey = "{KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'))
-            async with central(settings) as api, agent_running(config, warning_handler=keep_outbox):
+                f'interval_s = 0\nkey = "{rig.KEY.hex()}"\nafter_s = 1\nheartbeat_s = 600\n'))
+            async with rig.central(settings) as api, rig.agent_running(
+                    config, warning_handler=keep_outbox):
                 await _round(api, config, proxy, outboxes, gw_module, modbus)
     finally:
         proxy.stop()
@@ -86,7 +80,7 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, outboxes: list[Outbox]
     outbox, gateway = partial(outbox_status, config), partial(gateway_view, api)
 
     async def alarms() -> list[dict[str, Any]]:
-        return (await api.get("/api/alarms", params={"gw": GW})).json()
+        return (await api.get("/api/alarms", params={"gw": rig.GW})).json()
 
     async def target() -> dict[str, Any] | None:
         w = (await api.get(f"/api/callresp/warnings/{wid}")).json()
@@ -95,7 +89,7 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, outboxes: list[Outbox]
 
     await until(outbox, "the outbox")
     await until(gateway, "the birth at central")
-    r = await api.put(f"/api/callresp/terminals/{TERMINAL}", json={"gw": GW})
+    r = await api.put(f"/api/callresp/terminals/{TERMINAL}", json={"gw": rig.GW})
     assert r.status_code == 200, r.text
 
     # 三断, and the module has lost the satellite too: nothing can go yet.
@@ -121,7 +115,7 @@ async def _round(api: Any, config: Any, proxy: LinkProxy, outboxes: list[Outbox]
     (raised,) = await until(alarms, "the alarm by Tiantong SMS")
     assert (raised["alarm_key"], raised["level"], raised["value"]) == (
         "gas-1/gas_lel/high", 2, 60.0)
-    await until(lambda: _on_bearer(gateway(), "tiantong"), "a Tiantong heartbeat")
+    await until(lambda: rig._on_bearer(gateway(), "tiantong"), "a Tiantong heartbeat")
     t = await until(target, "the ack by Tiantong SMS")
     assert t["answered_by"] == "button-1"
     assert outbox().backlog > 0  # nothing came over IP

@@ -24,6 +24,7 @@ commits together with its audit row.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request, Response
@@ -100,59 +101,16 @@ class CommentIn(StrictModel):
     comment: str = Field(min_length=1, max_length=1000)
 
 
-class AlarmOut(StrictModel):
-    id: int
-    gw: str
-    device: str
-    point: str | None
-    point_ref: str | None  # gw:device:point, as the points API names it
-    alarm_key: str
-    type: str
-    source: str
-    severity: int
-    level: int
-    state: str
-    ack_state: str
-    flapping: bool
-    transitions: int
-    value: float | None
-    text: str | None
-    threshold: float | None
-    raised_ms: int
-    cleared_ms: int | None
-    last_event_ms: int
-    acked_by: str | None
-    acked_ms: int | None
-    ack_comment: str | None
-    cleared_by: str | None
-    clear_comment: str | None
-    incident_id: int | None
-    updated_ms: int
-    name_zh: str | None
-    unit: str | None
-    area_id: int | None
-    area_name: str | None
+@dataclass(frozen=True, slots=True)
+class AlarmOut(alarms.Alarm):
+    """An alarm as the API shows it: its point also named as the points API names it."""
+
+    point_ref: str | None  # gw:device:point
 
 
-class HistoryOut(StrictModel):
-    id: int
-    action: str
-    source: str
-    ts_ms: int
-    level: int | None
-    value: float | None
-    applied: bool
-    notify: bool
-    note: str | None
-    user: str | None
-    comment: str | None
-    stream: str | None
-    seq: int | None
-    received_ms: int
-
-
+@dataclass(frozen=True, slots=True)
 class AlarmDetail(AlarmOut):
-    history: list[HistoryOut]
+    history: list[alarms.HistoryEntry]
 
 
 class AreaCountOut(StrictModel):
@@ -185,8 +143,7 @@ def _node_out(n: AreaNode) -> AreaNodeOut:
 
 def alarm_fields(a: alarms.Alarm) -> dict[str, Any]:
     """The fields of `AlarmOut` for an alarm (a subclass adds its own)."""
-    d: dict[str, Any] = {f: getattr(a, f) for f in AlarmOut.model_fields if f != "point_ref"}
-    d["state"], d["ack_state"] = str(a.state), str(a.ack_state)
+    d: dict[str, Any] = {f.name: getattr(a, f.name) for f in fields(alarms.Alarm)}
     d["point_ref"] = f"{a.gw}:{a.point.replace('/', ':', 1)}" if a.point else None
     return d
 
@@ -356,8 +313,7 @@ def _install_alarm_routes(app: FastAPI) -> None:
         storage = storage_of(request)
         a = await _acting_on(request, p, alarm_id)
         history = await alarms.alarm_history(storage, alarm_id)
-        return AlarmDetail(**_alarm_out(a).model_dump(), history=[
-            HistoryOut(**{f: getattr(h, f) for f in HistoryOut.model_fields}) for h in history])
+        return AlarmDetail(**alarm_fields(a), history=list(history))
 
     @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_PROBLEMS,
               tags=["alarms"])

@@ -15,7 +15,7 @@ opens a new alarm.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,6 @@ from central.alarms.lifecycle import (
     Action,
     AlarmChange,
     AlarmEvent,
-    AlarmPolicy,
     AlarmStatus,
     EdgeState,
 )
@@ -200,29 +199,35 @@ def history_program(alarm_id: int) -> Program[list[HistoryEntry]]:
     return [HistoryEntry(*_history_fields(r)) for r in rows]
 
 
-def ack_program(alarm_id: int, user: str, comment: str, now: int) -> Program[Alarm]:
-    rows = yield Sql("UPDATE alarms SET ack_state = 'acknowledged', acked_by = ?, acked_ms = ?,"
-                     " ack_comment = ?, updated_ms = ? WHERE id = ?"
-                     " AND ack_state = 'unacknowledged' RETURNING gw, alarm_key, level",
-                     (user, now, comment, now, alarm_id))
+def _transition(alarm_id: int, now: int, assign: str, values: tuple[Any, ...], when: str,
+                refused: Callable[[Alarm], str]) -> Program[tuple[str, str, int]]:
+    """`UPDATE alarms SET <assign>` (with `values`) if the alarm's state is `when`; else the
+    alarm is unknown (`UnknownAlarmError`) or its state refuses (`refused(alarm)` says why).
+    Gives the alarm's gw, alarm_key and level."""
+    rows = yield Sql(f"UPDATE alarms SET {assign}, updated_ms = ? WHERE id = ? AND {when}"
+                     " RETURNING gw, alarm_key, level", (*values, now, alarm_id))
     if not rows:
         alarm = yield from get_program(alarm_id)
-        raise AlarmStateError(alarm_id, f"already acknowledged by {alarm.acked_by}")
+        raise AlarmStateError(alarm_id, refused(alarm))
     gw, key, level = rows[0]
+    return gw, key, level
+
+
+def ack_program(alarm_id: int, user: str, comment: str, now: int) -> Program[Alarm]:
+    gw, key, level = yield from _transition(
+        alarm_id, now, "ack_state = 'acknowledged', acked_by = ?, acked_ms = ?, ack_comment = ?",
+        (user, now, comment), "ack_state = 'unacknowledged'",
+        lambda alarm: f"already acknowledged by {alarm.acked_by}")
     yield history_row(alarm_id, gw, key, str(Action.ACK), "user", now, now, level=level,
                       user=user, comment=comment)
     return (yield from get_program(alarm_id))
 
 
 def clear_program(alarm_id: int, user: str, comment: str, now: int) -> Program[Alarm]:
-    rows = yield Sql("UPDATE alarms SET state = 'cleared', cleared_ms = ?, cleared_by = ?,"
-                     " clear_comment = ?, flapping = 0, updated_ms = ? WHERE id = ?"
-                     " AND state = 'active' RETURNING gw, alarm_key, level",
-                     (now, user, comment, now, alarm_id))
-    if not rows:
-        yield from get_program(alarm_id)
-        raise AlarmStateError(alarm_id, "already cleared")
-    gw, key, level = rows[0]
+    gw, key, level = yield from _transition(
+        alarm_id, now, "state = 'cleared', cleared_ms = ?, cleared_by = ?, clear_comment = ?,"
+        " flapping = 0", (now, user, comment), "state = 'active'",
+        lambda _alarm: "already cleared")
     edge = yield Sql("SELECT edge_state FROM alarm_keys WHERE gw = ? AND alarm_key = ?",
                      (gw, key))
     still = bool(edge) and edge[0][0] == EdgeState.RAISED
@@ -317,10 +322,3 @@ async def apply_alarm_events(storage: Storage, events: Iterable[AlarmEvent], *,
     changes = await storage.run(lambda: apply_events(evs, storage.alarm_policy, now))
     log_changes(changes)
     return changes
-
-
-def policy_from(settings: Any) -> AlarmPolicy:
-    """The alarm policy a `central.config.settings.Settings` describes."""
-    return AlarmPolicy(flap_max=settings.alarm_flap_max,
-                       flap_window_ms=int(settings.alarm_flap_window_s * 1000),
-                       incident_window_ms=int(settings.incident_window_s * 1000))

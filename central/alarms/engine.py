@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -333,6 +334,13 @@ def log_changes(changes: Iterable[AlarmChange]) -> None:
         if c.outcome not in (Outcome.STALE, Outcome.UPDATED, Outcome.NO_ALARM):
             log.info("alarm_transition", gw=c.gw, alarm_key=c.alarm_key, alarm_id=c.alarm_id,
                      outcome=str(c.outcome), notify=c.notify, severity=c.severity)
+
+
+def policy_from(settings: Any) -> AlarmPolicy:
+    """The alarm policy a `central.config.settings.Settings` describes."""
+    return AlarmPolicy(flap_max=settings.alarm_flap_max,
+                       flap_window_ms=int(settings.alarm_flap_window_s * 1000),
+                       incident_window_ms=int(settings.incident_window_s * 1000))
 
 
 # --- central rules ----------------------------------------------------------------------------

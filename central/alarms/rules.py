@@ -20,13 +20,13 @@ from functools import partial
 
 import structlog
 
-from central.alarms.desk import policy_from
 from central.alarms.engine import (
     close_incident_program,
     condition_program,
     flapping_to_settle,
     incidents_to_close,
     log_changes,
+    policy_from,
     settle_program,
 )
 from central.alarms.lifecycle import GATEWAY_OFFLINE, AlarmChange, AlarmPolicy

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from central.callresp.directory import terminals_by_owner
-from central.callresp.workflow import KIND_PERSON, Step, UnknownWarningError
+from central.callresp.workflow import (
+    KIND_PERSON,
+    WARNING_COLUMNS,
+    Step,
+    UnknownWarningError,
+    WarningRecord,
+)
 from central.storage.program import Program, Sql
 
 
@@ -37,26 +44,20 @@ class TargetView:
 
 
 @dataclass(frozen=True, slots=True)
-class WarningView:
-    id: str
-    level: str
-    text: str
-    repeat: int
-    deadline_ms: int
-    max_resends: int
-    created_ms: int
-    created_by: str
+class WarningView(WarningRecord):
     targets: tuple[TargetView, ...] = ()
     steps: tuple[Step, ...] = field(default_factory=tuple)
 
 
-_W = "id, level, text, repeat_n, deadline_ms, max_resends, created_ms, created_by"
 _T = ("id, kind, ref, area_id, area_path, escalated_from, state, attempts, created_ms, sent_ms,"
       " last_sent_ms, delivered_ms, answered_ms, answered_by, answered_terminal, escalated_ms,"
       " escalated_to, closed_ms, due_ms")
 _T_FIELDS = [f.strip() for f in _T.split(",")]
-_W_FIELDS = ["id", "level", "text", "repeat", "deadline_ms", "max_resends", "created_ms",
-             "created_by"]
+_W_FIELDS = [f.name for f in fields(WarningRecord)]
+
+
+def _record(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(_W_FIELDS, row, strict=True))
 
 
 def _targets(wid: str) -> Program[list[TargetView]]:
@@ -69,7 +70,7 @@ def _targets(wid: str) -> Program[list[TargetView]]:
 
 
 def warning_program(wid: str, visible: Callable[[str | None], bool]) -> Program[WarningView]:
-    rows = yield Sql(f"SELECT {_W} FROM cr_warnings WHERE id = ?", (wid,))
+    rows = yield Sql(f"SELECT {WARNING_COLUMNS} FROM cr_warnings WHERE id = ?", (wid,))
     if not rows:
         raise UnknownWarningError(wid)
     targets = [t for t in (yield from _targets(wid)) if visible(t.area_path)]
@@ -80,19 +81,20 @@ def warning_program(wid: str, visible: Callable[[str | None], bool]) -> Program[
                       " WHERE warning_id = ? ORDER BY at_ms, id", (wid,))
     steps = [Step(wid, r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in srows
              if r[0] in ids]
-    return WarningView(**dict(zip(_W_FIELDS, rows[0], strict=True)), targets=tuple(targets),
+    return WarningView(**_record(rows[0]), targets=tuple(targets),
                        steps=tuple(steps))
 
 
 def warnings_program(from_ms: int, to_ms: int, limit: int,
                      visible: Callable[[str | None], bool]) -> Program[list[WarningView]]:
-    rows = yield Sql(f"SELECT {_W} FROM cr_warnings WHERE created_ms >= ? AND created_ms < ?"
-                     " ORDER BY created_ms DESC, id LIMIT ?", (from_ms, to_ms, limit))
+    rows = yield Sql(f"SELECT {WARNING_COLUMNS} FROM cr_warnings WHERE created_ms >= ?"
+                     " AND created_ms < ? ORDER BY created_ms DESC, id LIMIT ?",
+                     (from_ms, to_ms, limit))
     out = []
     for r in rows:
         targets = [t for t in (yield from _targets(r[0])) if visible(t.area_path)]
         if targets:
-            out.append(WarningView(**dict(zip(_W_FIELDS, r, strict=True)), targets=tuple(targets)))
+            out.append(WarningView(**_record(r), targets=tuple(targets)))
     return out
 
 

@@ -89,21 +89,24 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
-class _Warning:
+class WarningRecord:
+    """A warning's own row of `cr_warnings` (`views.WarningView` adds its targets and steps)."""
+
     id: str
     level: str
     text: str
     repeat: int
     deadline_ms: int
     max_resends: int
+    created_ms: int
     created_by: str
 
 
-_W_COLS = "id, level, text, repeat_n, deadline_ms, max_resends, created_by"
+WARNING_COLUMNS = "id, level, text, repeat_n, deadline_ms, max_resends, created_ms, created_by"
 
 
-def _warning_row(r: Sequence[Any]) -> _Warning:
-    return _Warning(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), r[6])
+def _warning_row(r: Sequence[Any]) -> WarningRecord:
+    return WarningRecord(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), r[7])
 
 
 def _step_program(audit: AuditLog, actor: str, st: Step) -> Program[bool]:
@@ -131,7 +134,7 @@ class Commands:
         return self._ids.setdefault((warning_id, gw), uuid.uuid4().hex)
 
 
-def _sends_program(w: _Warning, target_id: str, attempt: int, now: int,
+def _sends_program(w: WarningRecord, target_id: str, attempt: int, now: int,
                    cmds: Commands) -> Program[list[str]]:
     """A `cr_sends` row for each gateway of the target's terminals; returns the cmd_ids."""
     rows = yield Sql("SELECT tt.terminal, ct.gw FROM cr_target_terminals tt JOIN cr_terminals ct"
@@ -150,7 +153,7 @@ def _sends_program(w: _Warning, target_id: str, attempt: int, now: int,
     return out
 
 
-def _add_target(audit: AuditLog, w: _Warning, kind: str, ref: str, area: AreaRef | None,
+def _add_target(audit: AuditLog, w: WarningRecord, kind: str, ref: str, area: AreaRef | None,
                 terminals: Sequence[str], now: int, actor: str, cmds: Commands,
                 escalated_from: str | None = None) -> Program[tuple[str, bool]]:
     """A new target, sent now (attempt 1); (its id, True) — or (the id, False) when the
@@ -211,11 +214,12 @@ def create_program(audit: AuditLog, spec: WarningSpec, areas: Mapping[int, AreaR
         raise UnknownEntryError("person", missing[0])
     if not terminals and not persons:
         raise WarningRequestError("the warning reaches no terminal and no person")
-    w = _Warning(spec.warning_id, str(spec.level), spec.text, spec.repeat, spec.deadline_ms,
-                 spec.max_resends, spec.created_by)
-    yield Sql(f"INSERT INTO cr_warnings ({_W_COLS}, created_ms, request) VALUES"
+    w = WarningRecord(spec.warning_id, str(spec.level), spec.text, spec.repeat,
+                      spec.deadline_ms, spec.max_resends, now, spec.created_by)
+    yield Sql(f"INSERT INTO cr_warnings ({WARNING_COLUMNS}, request) VALUES"
               " (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-              (w.id, w.level, w.text, w.repeat, w.deadline_ms, w.max_resends, w.created_by, now,
+              (w.id, w.level, w.text, w.repeat, w.deadline_ms, w.max_resends, w.created_ms,
+               w.created_by,
                json.dumps({"areas": list(spec.areas), "groups": list(spec.groups),
                            "persons": list(spec.persons), "terminals": list(spec.terminals)})))
     yield from audit.program(spec.created_by, "callresp.warning_created", f"warning:{w.id}",
@@ -249,11 +253,11 @@ def fire_due_program(audit: AuditLog, areas: Mapping[int, AreaRef], now: int,
                      " FROM cr_targets t WHERE t.due_ms IS NOT NULL AND t.due_ms <= ?"
                      " ORDER BY t.due_ms, t.id LIMIT ?", (now, limit))
     done: list[Step] = []
-    warnings: dict[str, _Warning] = {}
+    warnings: dict[str, WarningRecord] = {}
     cmds = Commands()
     for tid, _kind, _ref, area_id, attempts, due, wid in rows:
         if wid not in warnings:
-            wr = yield Sql(f"SELECT {_W_COLS} FROM cr_warnings WHERE id = ?", (wid,))
+            wr = yield Sql(f"SELECT {WARNING_COLUMNS} FROM cr_warnings WHERE id = ?", (wid,))
             warnings[wid] = _warning_row(wr[0])
         w = warnings[wid]
         resend = attempts <= w.max_resends

@@ -49,6 +49,8 @@ ORIGIN_CENTRAL = "central"
 ORIGIN_GATEWAY = "gateway"  # only known from a gateway's report
 SOURCE_CENTRAL = "central"
 SOURCE_GATEWAY = "gateway"
+APPROVAL_REQUIRED = "required"
+APPROVED = "approved"
 _OPEN = (str(CommandState.PENDING), str(CommandState.SENT))
 
 
@@ -99,13 +101,9 @@ class StoredCommand:
     sent_count: int = 0
     last_sent_ms: int | None = None
     issued_by: str | None = None  # the user who issued it (None: before logins existed)
-    approval: str | None = None  # None: not needed; "required"; "approved"
+    approval: str | None = None  # None: not needed; APPROVAL_REQUIRED; APPROVED
     approved_by: str | None = None
     approved_ms: int | None = None
-
-
-APPROVAL_REQUIRED = "required"
-APPROVED = "approved"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from central.areas.tree import AreaLevel, area_program
+from central.narrowband.downlink import RADIO_BEARERS
 from central.storage import Storage
 from central.storage.program import Program, Sql
 
-NARROWBAND = frozenset({"beidou", "pdt", "tiantong"})
 MapState = Literal["alarm", "offline", "narrowband", "ip"]
 STATES: tuple[MapState, ...] = ("alarm", "narrowband", "offline", "ip")
 
@@ -126,7 +126,7 @@ def overview_program(now_ms: int, offline_after_s: float,
         district = next((a for a in up if a[1] == str(AreaLevel.DISTRICT)), None)
         severity, active, unacked = alarm_of.get(gw, (0, 0, 0))
         state: MapState = ("alarm" if active else "offline" if not effective
-                           else "narrowband" if bearer in NARROWBAND else "ip")
+                           else "narrowband" if bearer in RADIO_BEARERS else "ip")
         marks.append(GatewayMark(
             gw=gw, state=state, online=effective, bearer=bearer, last_seen_ms=last_seen,
             position=position, site_id=int(up[0][0]) if up else None,  # type: ignore[call-overload]

@@ -104,6 +104,7 @@ class CurrentOut(StrictModel):
     text: str | None
 
 
+@dataclass(frozen=True, slots=True)
 class DeskAlarmOut(AlarmOut):
     raised_value: float | None  # the value the edge reported when it raised the alarm
     current: CurrentOut | None  # the point's latest value now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -54,22 +55,39 @@ class LinkSwitch:
         if self.cut:
             writer.close()
             return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-        finally:
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.close()
+        await relay(reader, writer, self.upstream, self._writers, _pump)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(_CHUNK):
-                writer.write(data)
-                await writer.drain()
+
+
+
+Pump = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                upstream: tuple[str, int], open_writers: set[asyncio.StreamWriter],
+                pump: Pump) -> None:
+    """Connect an accepted client to `upstream` and `pump` bytes both ways until both
+    directions end (the client is closed at once if upstream refuses). Both writers sit in
+    `open_writers` meanwhile, so that cutting the link can close them. Also the test suite's
+    link proxy (`tests/netproxy.py`), with a pump that can stall or slow the bytes."""
+    try:
+        up_reader, up_writer = await asyncio.open_connection(*upstream)
+    except OSError:
         writer.close()
+        return
+    open_writers.update((writer, up_writer))
+    try:
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer),
+                             return_exceptions=True)
+    finally:
+        for w in (writer, up_writer):
+            open_writers.discard(w)
+            w.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+    writer.close()

@@ -30,6 +30,7 @@ from central.config.settings import Settings
 from central.identity.accounts import Accounts, LoginFailedError, LoginThrottledError
 from central.identity.audit import AuditEntry
 from central.identity.authz import (
+    COOKIE,
     Admin,
     Auditor,
     AuthError,
@@ -38,7 +39,6 @@ from central.identity.authz import (
     Principal,
     check_area,
 )
-from central.identity.sessions import COOKIE
 from central.identity.users import (
     NAME_PATTERN,
     Role,

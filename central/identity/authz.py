@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from central import CentralError
 from central.areas.tree import area_program
-from central.identity.sessions import COOKIE, CSRF_HEADER, Session, resolve
+from central.identity.sessions import Session, resolve
 from central.identity.users import Permission, User
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
@@ -45,6 +45,8 @@ PUBLIC_PATHS = frozenset({
 })
 PUBLIC_PREFIXES = ("/static/login.",)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+COOKIE = "fl_session"  # a console session's token
+CSRF_HEADER = "X-CSRF-Token"  # a console session echoes its CSRF token in it
 
 
 class AuthError(CentralError):

@@ -26,8 +26,6 @@ from central.storage import Storage
 from central.storage.program import Program, Sql
 
 TOUCH_MS = 15_000
-COOKIE = "fl_session"
-CSRF_HEADER = "X-CSRF-Token"
 
 
 @dataclass(frozen=True, slots=True)

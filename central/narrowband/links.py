@@ -12,28 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from central.config.settings import NarrowbandGateway, Settings
-from protocols.beidou import (
-    BD3_REGIONAL_MAX_BITS,
-    Bd2CardInfo,
-    Bd2CardQuery,
-    Bd2Feedback,
-    Bd2Message,
-    Bd2Mode,
-    Bd2Send,
-    Bd3CardInfo,
-    Bd3CardQuery,
-    Bd3Encoding,
-    Bd3Feedback,
-    Bd3Message,
-    Bd3Send,
-    BeidouDecoder,
-    BeidouError,
-    FieldError,
-    Sentence,
-    bd2_capacity_bits,
-    encode,
-    mixed_mode_payload_bytes,
-)
+from protocols import beidou as bd
 from protocols.stream import NeedData
 
 QUIET_S: Final = 0.5  # a line quiet this long: the link may give up a partial packet
@@ -127,36 +106,36 @@ class BeidouLink:
 
     def __init__(self, settings: Settings, logger: Any) -> None:
         self._bd3 = settings.narrowband_dialect == "bd3"
-        self._decoder = BeidouDecoder()
+        self._decoder = bd.BeidouDecoder()
         self._log = logger
 
     def address(self, gateway: NarrowbandGateway) -> str | None:
         return gateway.card_number
 
     def hello(self) -> bytes:
-        return encode(Bd3CardQuery() if self._bd3 else Bd2CardQuery())
+        return bd.encode(bd.Bd3CardQuery() if self._bd3 else bd.Bd2CardQuery())
 
     def feed(self, data: bytes) -> tuple[bytes, list[LinkEvent]]:
         self._decoder.feed(data)
-        return b"", drain(self._decoder.next_sentence, BeidouError, "bad_sentence", self._event)
+        return b"", drain(self._decoder.next_sentence, bd.BeidouError, "bad_sentence", self._event)
 
-    def _event(self, sentence: Sentence) -> LinkEvent | None:
-        if isinstance(sentence, Bd3Message | Bd2Message):
+    def _event(self, sentence: bd.Sentence) -> LinkEvent | None:
+        if isinstance(sentence, bd.Bd3Message | bd.Bd2Message):
             return Inbound(sentence.sender, sentence.payload)
-        if isinstance(sentence, Bd3Feedback | Bd2Feedback):
+        if isinstance(sentence, bd.Bd3Feedback | bd.Bd2Feedback):
             if sentence.command not in ("TCQ", "TXA"):
                 return None
             return Feedback(sentence.executed, float(sentence.wait_s))
-        if isinstance(sentence, Bd3CardInfo | Bd2CardInfo):
+        if isinstance(sentence, bd.Bd3CardInfo | bd.Bd2CardInfo):
             self._log.info("narrowband_terminal", card=sentence.card_id,
                            interval_s=sentence.interval_s)
-            if isinstance(sentence, Bd3CardInfo):
-                return CardSeen(sentence.interval_s, BD3_REGIONAL_MAX_BITS // 8)
+            if isinstance(sentence, bd.Bd3CardInfo):
+                return CardSeen(sentence.interval_s, bd.BD3_REGIONAL_MAX_BITS // 8)
             try:
-                bits = bd2_capacity_bits(sentence.level, sentence.encrypted)
-            except FieldError:
+                bits = bd.bd2_capacity_bits(sentence.level, sentence.encrypted)
+            except bd.FieldError:
                 return None
-            return CardSeen(sentence.interval_s, mixed_mode_payload_bytes(bits))
+            return CardSeen(sentence.interval_s, bd.mixed_mode_payload_bytes(bits))
         return None  # $BDPWI beams and the rest say nothing about gateways
 
     def idle(self) -> tuple[bytes, list[LinkEvent]]:
@@ -166,10 +145,11 @@ class BeidouLink:
         """`$CCTCQ` (BD-3) or `$CCTXA` (BD-2) in mixed mode; b"" for a recipient the dialect
         cannot address (answered by nothing: the route times it out and counts it)."""
         try:
-            request: Sentence = (Bd3Send(recipient, payload, Bd3Encoding.MIXED) if self._bd3
-                                 else Bd2Send(recipient, payload, Bd2Mode.MIXED))
-        except FieldError as exc:
+            request: bd.Sentence = (
+                bd.Bd3Send(recipient, payload, bd.Bd3Encoding.MIXED) if self._bd3
+                else bd.Bd2Send(recipient, payload, bd.Bd2Mode.MIXED))
+        except bd.FieldError as exc:
             self._log.warning("narrowband_send_unencodable", recipient=recipient,
                               error=str(exc))
             return b""
-        return encode(request)
+        return bd.encode(request)

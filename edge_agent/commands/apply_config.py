@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from edge_agent.commands.outcomes import Action, CommandDeferred, CommandFailed, CommandRejected
@@ -34,18 +35,18 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(eq=False)
 class ApplyConfigHandler:
-    """`outcomes.KindHandler` of `apply_config`."""
+    """`outcomes.KindHandler` of `apply_config`: the running config and the collaborators
+    that check, try and record a new one."""
 
-    def __init__(self, config: AgentConfig, history: ConfigHistory, trial: ConfigTrial, *,
-                 probe: Callable[[], HealthView], reload: Reload,
-                 wall_ms: Callable[[], int] = _wall_ms) -> None:
-        self.config = config
-        self.history = history
-        self.trial = trial
-        self.probe = probe
-        self.reload = reload
-        self._wall_ms = wall_ms
+    config: AgentConfig
+    history: ConfigHistory
+    trial: ConfigTrial
+    _: KW_ONLY
+    probe: Callable[[], HealthView]
+    reload: Reload
+    wall_ms: Callable[[], int] = _wall_ms
 
     def resumes(self, cmd_id: str) -> bool:
         return self.trial.owns(cmd_id)
@@ -70,7 +71,7 @@ class ApplyConfigHandler:
             try:
                 self.history.begin(cmd.cmd_id, args.site_toml, baseline=baseline,
                                    window_s=self.config.commands.config_health_window_s,
-                                   now_ms=self._wall_ms(), profiles=args.profiles,
+                                   now_ms=self.wall_ms(), profiles=args.profiles,
                                    profiles_dir=next(iter(candidate.profiles.dirs), None))
             except ConfigHistoryError as exc:
                 with contextlib.suppress(ConfigHistoryError):  # the live file is written

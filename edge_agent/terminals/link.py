@@ -21,7 +21,6 @@ times, and again after a reconnect (§4.3); its receipt is recorded whenever it 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from edge_agent.terminals.errors import (
 )
 from edge_agent.terminals.line import Line, open_line
 from protocols import terminal as tm
+from protocols.terminal_events import PlayResult
 from runtime.counters import Counters
 from runtime.tasks import Backoff
 
@@ -48,12 +48,6 @@ RESEND_S = 3.0  # §4.3
 SENDS_MAX = 5
 SILENT_INTERVALS = 3  # §4.4
 DEFAULT_INTERVAL_S = 30.0
-
-
-class PlayResult(enum.StrEnum):
-    DELIVERED = "delivered"
-    SENT = "sent"
-    REFUSED = "refused"
 
 
 @dataclass(frozen=True, slots=True)
