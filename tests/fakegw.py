@@ -155,7 +155,7 @@ class FakeGateway:
 
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            got = env.decode(msg.payload)
+            got = env.decode(bytes(msg.payload))
         except env.EnvelopeError:
             return
         if isinstance(got, env.State) and msg.topic == topics.CENTRAL_STATE:
