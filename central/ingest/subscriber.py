@@ -300,23 +300,43 @@ class Ingest:
                           batches: list[DataBatch]) -> list[DataBatch]:
         """Write one decoded group (its states and births first, as they came); returns the
         batches that may now be acked. Raises nothing for bad input or a failed write."""
+        if len(infos) > 1:
+            try:
+                # One transaction for them all: a fleet (re)connecting at once sends thousands.
+                await self.storage.record_gateway_infos(
+                    [(i.gw, i.msg, not i.retained) for i in infos
+                     if isinstance(i.msg, (State, Birth))])
+            except StorageError:
+                await self._store_infos(infos)  # one by one: only a bad one is lost
+            else:
+                for inbound in infos:
+                    self._info_stored(inbound)
+        else:
+            await self._store_infos(infos)
+        return await self._write(batches) if batches else []
+
+    async def _store_infos(self, infos: list[Inbound]) -> None:
         for inbound in infos:
             msg = inbound.msg
             try:
                 if isinstance(msg, State):
                     await self.storage.record_state(inbound.gw, msg, seen=not inbound.retained)
-                    self.metrics.states += 1
                 elif isinstance(msg, Birth):
                     await self.storage.record_birth(inbound.gw, msg)
-                    self.metrics.births += 1
-                    if self.command_hooks is not None:  # commands wiring (§6)
-                        self.command_hooks.gateway_up(inbound.gw)
+                self._info_stored(inbound)
             except StorageError as exc:  # a state or birth only; the loop goes on
                 self.metrics.write_failures += 1
                 self.reject_log("gateway_info_write_failed", inbound.gw,
                                 "unstorable" if isinstance(exc, UnstorableValueError)
                                 else "write_failed", error=str(exc)[:300])
-        return await self._write(batches) if batches else []
+
+    def _info_stored(self, inbound: Inbound) -> None:
+        if isinstance(inbound.msg, State):
+            self.metrics.states += 1
+        elif isinstance(inbound.msg, Birth):
+            self.metrics.births += 1
+            if self.command_hooks is not None:  # commands wiring (§6)
+                self.command_hooks.gateway_up(inbound.gw)
 
     async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
         started = time.monotonic()  # batch latency (metrics): the write transaction(s)

@@ -25,10 +25,12 @@ from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import AggSamples
 from central.storage.base import (
     DatabaseWriteError,
+    GatewayInfo,
     Storage,
     StorageError,
     UnstorableValueError,
     WriteResult,
+    record_state_program,
     split_key,
 )
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
@@ -395,29 +397,41 @@ class SqliteStorage(Storage):
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms
+        await self._call(self._transaction, lambda c: self._birth_sync(c, gw, birth, now))
+
+    async def record_gateway_infos(self, infos: Sequence[GatewayInfo], *,
+                                   now_ms: int | None = None) -> None:
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body(conn: sqlite3.Connection) -> None:
+            for gw, msg, seen in infos:
+                if isinstance(msg, Birth):
+                    self._birth_sync(conn, gw, msg, now)
+                else:
+                    run_sync(conn, record_state_program(gw, msg, now if seen else None))
+
+        await self._call(self._transaction, body)
+
+    def _birth_sync(self, conn: sqlite3.Connection, gw: str, birth: Birth, now: int) -> None:
         rows = []
         for dev in birth.devices:
             for p in dev.points:
                 d, name = split_key(p.key)
                 rows.append((gw, d or dev.id, name, p.name_zh, p.unit, dev.profile, p.ordinal))
-        blob = json.dumps(to_jsonable(birth), ensure_ascii=False)
-
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO gateways (gw, stream, boot_id, version, birth, last_seen_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET"
-                " stream = excluded.stream, boot_id = excluded.boot_id,"
-                " version = excluded.version, birth = excluded.birth,"
-                " last_seen_ms = excluded.last_seen_ms",
-                (gw, birth.stream, birth.boot_id, birth.version, blob, now))
-            conn.executemany(
-                "INSERT INTO points (gw, device, point, name_zh, unit, profile, ordinal)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, point) DO UPDATE SET"
-                " name_zh = excluded.name_zh, unit = excluded.unit,"
-                " profile = excluded.profile, ordinal = excluded.ordinal", rows)
-            self._point_ids.pop(gw, None)  # reload ids, new points may exist
-
-        await self._call(self._transaction, body)
+        conn.execute(
+            "INSERT INTO gateways (gw, stream, boot_id, version, birth, last_seen_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET"
+            " stream = excluded.stream, boot_id = excluded.boot_id,"
+            " version = excluded.version, birth = excluded.birth,"
+            " last_seen_ms = excluded.last_seen_ms",
+            (gw, birth.stream, birth.boot_id, birth.version,
+             json.dumps(to_jsonable(birth), ensure_ascii=False), now))
+        conn.executemany(
+            "INSERT INTO points (gw, device, point, name_zh, unit, profile, ordinal)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, point) DO UPDATE SET"
+            " name_zh = excluded.name_zh, unit = excluded.unit,"
+            " profile = excluded.profile, ordinal = excluded.ordinal", rows)
+        self._point_ids.pop(gw, None)  # reload ids, new points may exist
 
     async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
         if write:
