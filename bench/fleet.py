@@ -6,9 +6,10 @@ limit), `central serve` (one process, or `--workers N` processes subscribed thro
 no thread per gateway, but one `selectors` loop per bench process (`--procs`, default 1)
 driving every client's socket. Each gateway (`tests.fakegw.FakeGateway`) connects at a
 ramped rate, publishes its retained state (offline Will) and its birth, then a data batch of
-`--points-per-gateway` readings every `--interval` s under its own stream and seqs, waits for
-central's `down/ack` and resends what stays unacknowledged for `--ack-timeout` s, and
-everything in flight after a reconnect, as the edge does.
+`--points-per-gateway` readings every `--interval` s under its own stream and seqs (envelope
+version 2 once central announces it), waits for central's `down/ack` and resends what stays
+unacknowledged for `--ack-timeout` s (doubled after each expiry up to 8x, as the edge's ledger
+does), and everything in flight after a reconnect or when central comes back.
 
 Timeline: connect ramp (`--connect-rate` per s) → settle (`--settle` s; central works off
 the births and states) → the steady window (`--seconds`) → drain (up to `--drain` s, no new
@@ -20,8 +21,9 @@ published inside the window; a batch still unacked after the drain counts as inf
     python bench/fleet.py --gateways 2000 [--seconds 60] [--points-per-gateway 20]
         [--interval 5] [--backend sqlite|postgres] [--workers 1] [--procs 1]
 
-Prints one JSON line: gateways, connected, points_per_s, lag_p50_s, lag_p99_s, and the limits
-(file descriptors, connect errors, CPU of each part) that bound the result.
+Prints one JSON line: gateways, connected, points_per_s, lag_p50_s, lag_p99_s,
+central_cpu_ms_per_batch (central's CPU in the window over the batches acked in it), and the
+limits (file descriptors, connect errors, CPU of each part) that bound the result.
 """
 
 from __future__ import annotations
@@ -411,6 +413,7 @@ def main() -> None:
     for r in results:
         errors.update(r.connect_errors)
     points = sum(r.points_acked_in_window for r in results)
+    batches = sum(r.batches_acked_in_window for r in results)
     emit(bench="fleet", backend=args.backend, workers=args.workers, procs=args.procs,
          gateways=args.gateways,
          connected=sum(r.connected_at_window_end for r in results),
@@ -419,7 +422,10 @@ def main() -> None:
          window_s=args.seconds,
          offered_points_per_s=round(args.gateways * args.points_per_gateway / args.interval),
          points_per_s=round(points / (w1 - w0)),
-         batches_per_s=round(sum(r.batches_acked_in_window for r in results) / (w1 - w0), 1),
+         batches_per_s=round(batches / (w1 - w0), 1),
+         # CPU per batch: comparable between runs on a busy box, where the rate is not
+         central_cpu_ms_per_batch=round(1000 * (s1["central"] - s0["central"]) / batches, 3)
+         if batches else None,
          lag_p50_s=percentile(lags, 0.50), lag_p99_s=percentile(lags, 0.99),
          lag_max_s=percentile(lags, 1.0), batches_in_window=len(lags),
          unacked_after_drain=sum(r.unacked_in_window for r in results),

@@ -1,12 +1,18 @@
 """A fake gateway that speaks the uplink contract (DESIGN.md §4) with paho and no outbox.
 
-On every connect it subscribes to its `down/ack`, publishes its retained `up/state` (with an
-offline Will) and its `up/birth`, then resends every batch still unacknowledged — as the edge
-does. `produce()` publishes a new `up/data` batch of one reading per point under the
-gateway's own stream with the next seqs; `resend_due()` publishes again each batch whose ack
-is older than `ack_timeout_s`. Batches are never split or merged, so an ack range that covers
-a batch's `[first, last]` acknowledges it; the lag kept per batch is from its first publish
-to its ack, resends included.
+On every connect it subscribes to its `down/ack` and to central's state, publishes its retained
+`up/state` (with an offline Will) and its `up/birth`, then resends every batch still
+unacknowledged — as the edge does. `produce()` publishes a new `up/data` batch of one reading
+per point under the gateway's own stream with the next seqs: envelope version 2 (columnar) once
+central's state announced it, else 1, as `edge_agent.uplink.link` chooses. `resend_due()`
+publishes again each batch whose ack is overdue. The timeout is the edge's
+(`edge_agent.uplink.ledger`): `ack_timeout_s`, doubled after each expiry up to 8x while no
+timely ack comes, back to 1x on a timely ack or a reconnect; and when central turns online
+while connected (not a retained state), everything in flight goes again at once. A bench
+that resent on a fixed timeout would double an overloaded central's load where a real fleet
+backs off. Batches are never split or merged, so an ack range that covers a batch's
+`[first, last]` acknowledges it; the lag kept per batch is from its first publish to its ack,
+resends included.
 
 The class owns no thread and no socket loop: `run_threaded()` drives a few of them for a test
 (paho's own network thread per client), and `bench/fleet.py` drives thousands from one
@@ -29,6 +35,7 @@ from protocols import topics
 
 T0_MS = 1_700_000_000_000
 DEVICE = "fake-1"
+MAX_TIMEOUT_FACTOR = 8  # as edge_agent.uplink.ledger
 
 
 def expected_record(seq: int, points: int) -> tuple[str, int, float]:
@@ -76,6 +83,8 @@ class FakeGateway:
         self.inflight: dict[int, Inflight] = {}  # by first seq
         self.counters = GatewayCounters()
         self.connected = False
+        self.central: env.State | None = None  # central's last state
+        self.timeout_factor = 1
         self._lock = threading.Lock()  # paho's thread acks while another thread produces
         self._data_topic = topics.up(gw, "data")
         self._ack_topic = topics.down(gw, "ack")
@@ -100,6 +109,12 @@ class FakeGateway:
         return env.encode(env.Birth(gw=self.gw, stream=self.stream, boot_id=self.boot_id,
                                     version="fake-0", devices=(dev,)))
 
+    @property
+    def envelope(self) -> int:
+        """The data batch's envelope version, as the edge chooses it."""
+        return (env.VERSIONS[-1] if self.central is not None
+                and self.central.envelope >= env.VERSIONS[-1] else env.VERSION)
+
     def _batch(self, first: int, size: int) -> bytes:
         recs = []
         for seq in range(first, first + size):
@@ -107,7 +122,8 @@ class FakeGateway:
             recs.append(env.Record(seq=seq, kind=env.RecordKind.TELEMETRY, ts_ms=ts, point=point,
                                    value=value))
         return env.encode(env.DataBatch(gw=self.gw, stream=self.stream, records=tuple(recs),
-                                        sent_ms=time.time_ns() // 1_000_000))
+                                        sent_ms=time.time_ns() // 1_000_000),
+                          version=self.envelope)
 
     # --- paho callbacks (paho's network thread, or the bench's selector loop) ---------------
 
@@ -115,39 +131,59 @@ class FakeGateway:
                     _p: object) -> None:
         if getattr(reason, "is_failure", False):
             return
-        client.subscribe(self._ack_topic, qos=1)
+        client.subscribe([(self._ack_topic, 1), (topics.CENTRAL_STATE, 1)])
         client.publish(topics.up(self.gw, "state"), self._state(True), qos=1, retain=True)
         client.publish(topics.up(self.gw, "birth"), self._birth(), qos=1)
         now = self.clock()
         with self._lock:
             self.connected = True
             self.counters.connects += 1
+            self.timeout_factor = 1
             # After a reconnect nothing in flight can be trusted: send it all again (§4.4).
-            for fl in self.inflight.values():
-                fl.last_sent = now
-                client.publish(self._data_topic, fl.payload, qos=1)
-                self.counters.resends += 1
+            self._resend_all(now)
 
     def _on_disconnect(self, _c: object, _u: object, _f: object, _r: object, _p: object) -> None:
         with self._lock:
             self.connected = False
             self.counters.disconnects += 1
 
+    def _resend_all(self, now: float) -> None:
+        for fl in self.inflight.values():
+            fl.last_sent = now
+            self.client.publish(self._data_topic, fl.payload, qos=1)
+            self.counters.resends += 1
+
     def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            ack = env.decode(msg.payload)
+            got = env.decode(bytes(msg.payload))
         except env.EnvelopeError:
             return
-        if not isinstance(ack, env.Ack) or ack.stream != self.stream:
+        if isinstance(got, env.State) and msg.topic == topics.CENTRAL_STATE:
+            self._on_central_state(got, bool(msg.retain))
+            return
+        if not isinstance(got, env.Ack) or got.stream != self.stream:
             return
         now = self.clock()
         with self._lock:
             self.counters.acks += 1
-            for a, b in ack.ranges:
+            for a, b in got.ranges:
                 for first in [f for f, fl in self.inflight.items() if a <= f and fl.last <= b]:
                     fl = self.inflight.pop(first)
                     self.counters.points_acked += fl.last - fl.first + 1
                     self.counters.lags.append((fl.first_sent, now, fl.last - fl.first + 1))
+                    if now - fl.last_sent <= self.ack_timeout_s:  # a timely ack
+                        self.timeout_factor = 1
+
+    def _on_central_state(self, state: env.State, retained: bool) -> None:
+        """Central (back) online while we are connected: what is in flight may have gone into
+        a broker with no subscriber, so it all goes again now, as the edge does."""
+        with self._lock:
+            before, self.central = self.central, state
+            if not state.online or retained or (
+                    before is not None and before.online and before.boot_id == state.boot_id):
+                return
+            self.timeout_factor = 1
+            self._resend_all(self.clock())
 
     # --- driven from outside ----------------------------------------------------------------
 
@@ -170,15 +206,18 @@ class FakeGateway:
         self.client.publish(self._data_topic, payload, qos=1)
 
     def resend_due(self) -> int:
-        """Publish again every batch unacknowledged for `ack_timeout_s`; returns how many."""
+        """Publish again every batch whose ack is overdue; returns how many."""
         now = self.clock()
         due = []
         with self._lock:
+            timeout = self.ack_timeout_s * self.timeout_factor
             for fl in self.inflight.values():
-                if now - fl.last_sent >= self.ack_timeout_s:
+                if now - fl.last_sent >= timeout:
                     fl.last_sent = now
                     due.append(fl.payload)
             self.counters.resends += len(due)
+            if due:
+                self.timeout_factor = min(self.timeout_factor * 2, MAX_TIMEOUT_FACTOR)
         for payload in due:
             self.client.publish(self._data_topic, payload, qos=1)
         return len(due)

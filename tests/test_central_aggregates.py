@@ -233,3 +233,46 @@ async def test_sqlite_flush_takes_a_bounded_number_of_samples_per_transaction(
         assert folded == [10, 10, 10]
         ((count,),) = await st.run(lambda: select("SELECT sum(count) FROM agg_1m"))
         assert count == 30
+
+
+async def test_sqlite_flush_folds_one_block_of_points_over_every_write(tmp_path: Path) -> None:
+    """Pending samples are kept per block of point ids: a flush folds one block's samples
+    from every write since the last flush (many samples per bucket), each sample once; a
+    row with samples of another block (as before the blocks, part 0) still folds right."""
+    from central.storage.aggregates import PART_BITS, AggSamples
+
+    far = 3 << PART_BITS  # a point id in block 3
+    async with open_storage(f"sqlite:///{tmp_path}/c.db") as st:
+        await st.run(lambda: select(f"INSERT INTO points (id, gw, device, point) VALUES"
+                                    f" (1, 'gw-1', 'd1', 'gas'), (2, 'gw-1', 'd1', 'o2'),"
+                                    f" ({far}, 'gw-1', 'd9', 'far') RETURNING id"))
+        seq = 0
+        for _ in range(4):  # four writes, each with samples of block 0 and block 3
+            recs = []
+            for point in (POINTS[0], "d9/far", POINTS[1]):
+                seq += 1
+                recs.append(tel(seq, point, float(seq), NOW - HOUR_MS + seq * 1000))
+            await st.write_batches([batch(recs)])
+        old = AggSamples()  # a row from before the blocks, holding block 3's samples
+        old.extend([far, far], [NOW - HOUR_MS, NOW - HOUR_MS + 1], [0.5, 1.5])
+        await st.run(lambda: select("INSERT INTO agg_pending (samples, n, created_ms) VALUES"
+                                    f" (x'{old.pack().hex()}', 2, 0) RETURNING id"))
+        parts = await st.run(lambda: select("SELECT part, n FROM agg_pending ORDER BY id"))
+        assert parts == [(0, 2), (3, 1)] * 4 + [(0, 2)]
+        folded = []
+        while n := await st.run(flush_program_default):
+            folded.append(n)
+        assert folded == [8 + 2, 4]  # block 0 (with the old row), then block 3
+        rows = await st.run(lambda: select(f"SELECT count(*), sum(count) FROM agg_1m"
+                                           f" WHERE point_id = {far}"))
+        assert rows[0][1] == 4 + 2
+        raw = await st.run(lambda: select("SELECT point_id, ts_ms, value, flags FROM readings"),
+                           write=False)
+        minute = await aggregates(st, "agg_1m")
+        assert sum(r[2] for r in minute) == len(raw) + 2
+
+
+def flush_program_default() -> Program[int]:
+    from central.storage.aggregates import flush_program
+
+    return flush_program()

@@ -148,6 +148,23 @@ async def test_state_and_retained_state(storage: Storage) -> None:
     assert [x.gw for x in await storage.list_gateways()] == ["gw-1"]
 
 
+async def test_states_and_births_in_one_call_apply_in_order(storage: Storage) -> None:
+    """`record_gateway_infos` (one transaction on SQLite) does what the single calls do, in
+    the order given: the later state wins, a retained one leaves last_seen alone."""
+    birth = Birth(gw="gw-2", stream="s2", boot_id="b2", version="0.2.0", devices=(
+        DeviceInfo(id="d", profile="p", profile_hash="h", points=(
+            PointInfo(ordinal=0, key="d/x", name_zh="甲", unit="m"),)),))
+    live = State(online=True, boot_id="b1", version="1.0", bearer="4g", backlog=17, ts_ms=T0)
+    old = State(online=False, boot_id="b1", version="1.0", bearer="eth", backlog=3,
+                ts_ms=T0 + 9)
+    await storage.record_gateway_infos([("gw-1", live, True), ("gw-2", birth, True),
+                                        ("gw-1", old, False)], now_ms=T0 + 5)
+    g1, g2 = await storage.list_gateways()
+    assert (g1.online, g1.backlog, g1.bearer, g1.last_seen_ms) == (False, 3, "eth", T0 + 5)
+    assert (g2.stream, g2.boot_id, g2.last_seen_ms) == ("s2", "b2", T0 + 5)
+    assert [(p.point, p.name_zh) for p in await storage.device_points("gw-2:d")] == [("x", "甲")]
+
+
 async def test_events_go_to_their_own_table(storage: Storage) -> None:
     """Alarm, event and command-result records land in `events` with their attrs."""
     await storage.write_batches([batch(

@@ -30,6 +30,7 @@ from operator import attrgetter
 from typing import Protocol
 
 import aiomqtt
+import paho.mqtt.client as paho
 import structlog
 
 from central import CentralError, __version__
@@ -132,7 +133,6 @@ class Ingest:
         self.batch_hooks = tuple(batch_hooks)
         self.boot_id = uuid.uuid4().hex[:12]
         self._connected = asyncio.Event()
-        self._acks: set[asyncio.Task[None]] = set()  # acks being published
         self.reject_log = RejectLog()
         s = settings
         self.session = MqttSession(
@@ -220,8 +220,6 @@ class Ingest:
                 log.info("ingest_store_stopped", committed_unacked_possible=True)
             if storing is not None and not storing.cancelled():
                 storing.exception()  # already raised above, or secondary to what is raised
-            for task in list(self._acks):  # the connection is going: they cannot complete
-                task.cancel()
 
     @staticmethod
     async def _next_message(messages: aiomqtt.MessagesIterator,
@@ -295,34 +293,50 @@ class Ingest:
     async def _store(self, client: aiomqtt.Client, infos: list[Inbound],
                      batches: list[DataBatch]) -> None:
         """Write one decoded group, then ack what it committed."""
-        # Published in the background: the next group's write must not wait for the broker's
-        # PUBACKs of these acks (a round trip per group that left the database idle).
         for b in await self.store_group(infos, batches):
-            task = asyncio.create_task(self._ack(client, b), name="ingest.ack")
-            self._acks.add(task)
-            task.add_done_callback(self._ack_done)
+            self._ack(client, b)
 
     async def store_group(self, infos: list[Inbound],
                           batches: list[DataBatch]) -> list[DataBatch]:
         """Write one decoded group (its states and births first, as they came); returns the
         batches that may now be acked. Raises nothing for bad input or a failed write."""
+        if len(infos) > 1:
+            try:
+                # One transaction for them all: a fleet (re)connecting at once sends thousands.
+                await self.storage.record_gateway_infos(
+                    [(i.gw, i.msg, not i.retained) for i in infos
+                     if isinstance(i.msg, (State, Birth))])
+            except StorageError:
+                await self._store_infos(infos)  # one by one: only a bad one is lost
+            else:
+                for inbound in infos:
+                    self._info_stored(inbound)
+        else:
+            await self._store_infos(infos)
+        return await self._write(batches) if batches else []
+
+    async def _store_infos(self, infos: list[Inbound]) -> None:
         for inbound in infos:
             msg = inbound.msg
             try:
                 if isinstance(msg, State):
                     await self.storage.record_state(inbound.gw, msg, seen=not inbound.retained)
-                    self.metrics.states += 1
                 elif isinstance(msg, Birth):
                     await self.storage.record_birth(inbound.gw, msg)
-                    self.metrics.births += 1
-                    if self.command_hooks is not None:  # commands wiring (§6)
-                        self.command_hooks.gateway_up(inbound.gw)
+                self._info_stored(inbound)
             except StorageError as exc:  # a state or birth only; the loop goes on
                 self.metrics.write_failures += 1
                 self.reject_log("gateway_info_write_failed", inbound.gw,
                                 "unstorable" if isinstance(exc, UnstorableValueError)
                                 else "write_failed", error=str(exc)[:300])
-        return await self._write(batches) if batches else []
+
+    def _info_stored(self, inbound: Inbound) -> None:
+        if isinstance(inbound.msg, State):
+            self.metrics.states += 1
+        elif isinstance(inbound.msg, Birth):
+            self.metrics.births += 1
+            if self.command_hooks is not None:  # commands wiring (§6)
+                self.command_hooks.gateway_up(inbound.gw)
 
     async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
         started = time.monotonic()  # batch latency (metrics): the write transaction(s)
@@ -360,18 +374,14 @@ class Ingest:
             self.metrics.records_merged += res.merged
         return await self._apply_command_results(written)  # commands wiring (§6)
 
-    def _ack_done(self, task: asyncio.Task[None]) -> None:
-        self._acks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            # Not acked: the gateway sends the batch again after its ack timeout, storage
-            # finds it held, and it is acked then.
-            self.metrics.acks_failed += 1
-            log.warning("ack_publish_failed", error_class=type(exc).__name__, error=str(exc))
+    def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
+        """Queue the batch's ack (QoS 1) on the connection without waiting for its PUBACK.
 
-    async def _ack(self, client: aiomqtt.Client, batch: DataBatch) -> None:
+        Awaiting each PUBACK cost a task, a timer and a pending-call entry per batch (and
+        aiomqtt's "pending publish calls" warning at every ack past ten), a fifth of central's
+        CPU with thousands of gateways; a PUBACK tells central nothing it acts on. An ack
+        lost with the connection is made again: the gateway resends the batch after its ack
+        timeout, storage finds it held, and it is acked then."""
         # The refused records too (those with a seq the edge could have made): central has
         # counted them and will never store them, so the edge must not send them again.
         seqs = batch.columns.seqs if batch.columns is not None else list(
@@ -381,9 +391,13 @@ class Ingest:
         else:
             ranges = ranges_from_seqs([*seqs, *(rj.seq for rj in batch.rejected
                                                 if rj.seq is not None)])
-        ack = Ack(stream=batch.stream, ranges=ranges)
-        # A short timeout: aiomqtt does not wake a pending publish when the link drops.
-        await client.publish(topics.down(batch.gw, "ack"), encode(ack), qos=1, timeout=2)
+        payload = encode(Ack(stream=batch.stream, ranges=ranges))
+        # aiomqtt's paho client: its publish only queues the packet on the event loop's socket.
+        info = client._client.publish(topics.down(batch.gw, "ack"), payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self.metrics.acks_failed += 1
+            log.warning("ack_publish_failed", gw=batch.gw, error=paho.error_string(info.rc))
+            return
         self.metrics.acks_published += 1
 
     # --- commands wiring (DESIGN.md §6) ---------------------------------------------------

@@ -41,6 +41,8 @@ from protocols.envelope import Birth, DataBatch, State
 from protocols.errors import DetailedError
 
 T = TypeVar("T")
+# A gateway's state or birth message, and whether it was heard live (not a retained state).
+GatewayInfo = tuple[str, State | Birth, bool]
 
 class StorageError(CentralError):
     """Base of every storage error."""
@@ -364,6 +366,18 @@ class Storage(OpenClose):
     @abc.abstractmethod
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         """Store a gateway's inventory and enrich its points (name_zh, unit, profile)."""
+
+    async def record_gateway_infos(self, infos: Sequence[GatewayInfo], *,
+                                   now_ms: int | None = None) -> None:
+        """Store states and births `(gw, message, seen)` in order, as `record_state` and
+        `record_birth` do. A backend may write them in one transaction (SQLite: a fleet
+        connecting at once is thousands of them, each a commit otherwise); this default
+        writes them one by one. Each write is an upsert, so a caller may redo them all."""
+        for gw, msg, seen in infos:
+            if isinstance(msg, Birth):
+                await self.record_birth(gw, msg, now_ms=now_ms)
+            else:
+                await self.record_state(gw, msg, seen=seen, now_ms=now_ms)
 
     async def list_gateways(self) -> list[Gateway]:
         return await self.run(gateways_program, write=False)

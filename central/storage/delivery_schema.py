@@ -62,6 +62,15 @@ def history_tables(dialect: Dialect) -> list[str]:
     ]
 
 
+def pending_parts(dialect: Dialect) -> list[str]:
+    """SQLite's pending samples by block of point ids (`central.storage.aggregates`); the
+    PostgreSQL flush folds on the server and needs no blocks."""
+    if dialect != "sqlite":
+        return []
+    return ["ALTER TABLE agg_pending ADD COLUMN part INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX agg_pending_part ON agg_pending (part, id)"]
+
+
 _DEFAULT_POLICY = TimePolicy()  # frozen, so one instance serves every call
 
 

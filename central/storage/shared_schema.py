@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from central.storage.alarm_schema import Dialect, alarm_tables
-from central.storage.delivery_schema import backfill_program, history_tables
+from central.storage.delivery_schema import backfill_program, history_tables, pending_parts
 from central.storage.geo_schema import geo_columns
 from central.storage.identity_schema import identity_tables
 from central.storage.program import Program
@@ -30,4 +30,5 @@ SHARED_STEPS = (
     SharedStep("m003_delivery_history", history_tables, backfill_program),
     SharedStep("m004_identity_audit", identity_tables),
     SharedStep("m005_positions", geo_columns),
+    SharedStep("m006_pending_parts", pending_parts),
 )

@@ -25,10 +25,12 @@ from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import AggSamples
 from central.storage.base import (
     DatabaseWriteError,
+    GatewayInfo,
     Storage,
     StorageError,
     UnstorableValueError,
     WriteResult,
+    record_state_program,
     split_key,
 )
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
@@ -62,6 +64,24 @@ _READING_COLS = 9
 _ROWS_PER_INSERT = 500  # 4,500 parameters; fewer if the library's limit is lower
 
 
+def _execute_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]],
+                  max_params: int) -> None:
+    """`sql` (with `{}` for its VALUES) for all `rows`, as few multi-row statements as the
+    parameter limit allows: SQLite steps each without the GIL, where executemany takes it
+    back for every row."""
+    width = len(rows[0])
+    per = max(1, max_params // width)
+    for i in range(0, len(rows), per):
+        part = rows[i:i + per]
+        conn.execute(sql.format(_row_marks(width, len(part))), list(chain.from_iterable(part)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_marks(width: int, rows: int) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return ", ".join([one] * rows)
+
+
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT + 1)
 def _multi_insert_reading(rows: int) -> str:
     values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
@@ -73,13 +93,13 @@ _INSERT_EVENT = ("INSERT INTO events (gw, stream, seq, kind, point_id, ts_ms, va
                  " attrs, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                  " ON CONFLICT (gw, stream, seq) DO NOTHING")
 # Only a newer sample replaces the latest value, so backlog never hides fresher data.
-_UPSERT_LATEST = ("INSERT INTO latest (point_id, ts_ms, value, text) VALUES (?, ?, ?, ?)"
+_UPSERT_LATEST = ("INSERT INTO latest (point_id, ts_ms, value, text) VALUES {}"
                   " ON CONFLICT (point_id) DO UPDATE SET ts_ms = excluded.ts_ms,"
                   " value = excluded.value, text = excluded.text"
                   " WHERE excluded.ts_ms > latest.ts_ms")
-_TOUCH_GATEWAY = ("INSERT INTO gateways (gw, stream, last_seen_ms) VALUES (?, ?, ?)"
-                  " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
-                  " last_seen_ms = excluded.last_seen_ms")
+_TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms) VALUES {}"
+                   " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
+                   " last_seen_ms = excluded.last_seen_ms")
 
 _TELEMETRY = RecordKind.TELEMETRY
 # What the column-by-column write reads of each record (a dataclass or a named tuple alike).
@@ -124,6 +144,7 @@ class SqliteStorage(Storage):
         # (gw) -> {"device/point": point id}; only touched on the db thread.
         self._point_ids: dict[str, dict[str, int]] = {}
         self._rows_per_insert = _ROWS_PER_INSERT
+        self._max_params = _ROWS_PER_INSERT * _READING_COLS
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -149,9 +170,9 @@ class SqliteStorage(Storage):
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             migrate(conn)
-            self._rows_per_insert = max(1, min(
-                _ROWS_PER_INSERT,
-                conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _READING_COLS))
+            self._max_params = min(self._max_params,
+                                   conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+            self._rows_per_insert = max(1, self._max_params // _READING_COLS)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         self._conn = conn
@@ -231,19 +252,23 @@ class SqliteStorage(Storage):
         samples = AggSamples()
         tally = StreamTally()
         merged: list[tuple[str, str, Record]] = []  # narrowband copies replaced (writes.py)
+        seen: dict[str, str] = {}  # gw -> the stream its last batch here names
         for batch in batches:
             res = self._write_plain_telemetry(conn, batch, now, lo, hi, latest, samples, tally)
             if res is None:
                 res = self._write_batch(conn, batch, now, lo, hi, latest, samples, tally,
                                         merged)
             tally_rejected(tally, batch, now)
-            conn.execute(_TOUCH_GATEWAY, (batch.gw, batch.stream, now))
+            seen[batch.gw] = batch.stream
             results.append(res)
+        limit = self._max_params
+        _execute_rows(conn, _TOUCH_GATEWAYS, [(gw, s, now) for gw, s in seen.items()], limit)
         if samples:
-            stmt = samples.row(now)
-            conn.execute(stmt.text, stmt.params)
+            for stmt in samples.rows(now):
+                conn.execute(stmt.text, stmt.params)
         if latest:
-            conn.executemany(_UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()])
+            _execute_rows(conn, _UPSERT_LATEST, [(pid, *vals) for pid, vals in latest.items()],
+                          limit)
         run_sync(conn, streams_program(tally, now))
         # Alarm records move alarms in this same transaction (central.alarms.engine).
         changes = run_sync(conn, ingest_program(batches, self.alarm_policy, now))
@@ -372,29 +397,41 @@ class SqliteStorage(Storage):
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms
+        await self._call(self._transaction, lambda c: self._birth_sync(c, gw, birth, now))
+
+    async def record_gateway_infos(self, infos: Sequence[GatewayInfo], *,
+                                   now_ms: int | None = None) -> None:
+        now = _now_ms() if now_ms is None else now_ms
+
+        def body(conn: sqlite3.Connection) -> None:
+            for gw, msg, seen in infos:
+                if isinstance(msg, Birth):
+                    self._birth_sync(conn, gw, msg, now)
+                else:
+                    run_sync(conn, record_state_program(gw, msg, now if seen else None))
+
+        await self._call(self._transaction, body)
+
+    def _birth_sync(self, conn: sqlite3.Connection, gw: str, birth: Birth, now: int) -> None:
         rows = []
         for dev in birth.devices:
             for p in dev.points:
                 d, name = split_key(p.key)
                 rows.append((gw, d or dev.id, name, p.name_zh, p.unit, dev.profile, p.ordinal))
-        blob = json.dumps(to_jsonable(birth), ensure_ascii=False)
-
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO gateways (gw, stream, boot_id, version, birth, last_seen_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET"
-                " stream = excluded.stream, boot_id = excluded.boot_id,"
-                " version = excluded.version, birth = excluded.birth,"
-                " last_seen_ms = excluded.last_seen_ms",
-                (gw, birth.stream, birth.boot_id, birth.version, blob, now))
-            conn.executemany(
-                "INSERT INTO points (gw, device, point, name_zh, unit, profile, ordinal)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, point) DO UPDATE SET"
-                " name_zh = excluded.name_zh, unit = excluded.unit,"
-                " profile = excluded.profile, ordinal = excluded.ordinal", rows)
-            self._point_ids.pop(gw, None)  # reload ids, new points may exist
-
-        await self._call(self._transaction, body)
+        conn.execute(
+            "INSERT INTO gateways (gw, stream, boot_id, version, birth, last_seen_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET"
+            " stream = excluded.stream, boot_id = excluded.boot_id,"
+            " version = excluded.version, birth = excluded.birth,"
+            " last_seen_ms = excluded.last_seen_ms",
+            (gw, birth.stream, birth.boot_id, birth.version,
+             json.dumps(to_jsonable(birth), ensure_ascii=False), now))
+        conn.executemany(
+            "INSERT INTO points (gw, device, point, name_zh, unit, profile, ordinal)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, point) DO UPDATE SET"
+            " name_zh = excluded.name_zh, unit = excluded.unit,"
+            " profile = excluded.profile, ordinal = excluded.ordinal", rows)
+        self._point_ids.pop(gw, None)  # reload ids, new points may exist
 
     async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
         if write:
