@@ -13,7 +13,9 @@ can for `--seconds`. CPU is this process's CPU time (the agent side only).
 Then (TCP only, unless `--steady-seconds 0`) the agent's steady state: the real daemon
 (`python -m edge_agent run`) polls the same simulators at 1 Hz through a private Mosquitto to a
 real central (both other processes, not counted); after `--warmup-seconds` this process samples
-the AGENT process's /proc/<pid>/status every second for `--steady-seconds`.
+the AGENT process's /proc/<pid>/status every second for `--steady-seconds`. The agent runs with
+the `Environment=` settings of the systemd unit (packaging/fieldlink-edge.service, e.g. its
+malloc arena limit), as on a gateway; `--agent-env` adds or overrides one.
 
     python bench/poll.py [--transport tcp|rtu] [--devices 20] [--points 50] [--seconds 10]
                          [--steady-seconds 60] [--warmup-seconds 20] [--agent-env KEY=VALUE]
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -166,6 +169,16 @@ def agent_config(work: Path, ports: list[int], profile_text: str, broker_port: i
     return config
 
 
+UNIT = Path(__file__).resolve().parent.parent / "packaging" / "fieldlink-edge.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The `Environment=` settings of the agent's systemd unit (`KEY=VALUE`, quoted or not)."""
+    lines = unit.read_text().splitlines()
+    values = (line.removeprefix("Environment=") for line in lines if line.startswith("Environment="))
+    return dict(pair.split("=", 1) for value in values for pair in shlex.split(value))
+
+
 def agent_steady_state(ports: list[int], profile_text: str, warmup_s: float, seconds: float,
                        env: dict[str, str]) -> dict[str, object]:
     """Run the agent daemon at 1 Hz against the simulators; its RSS and CPU in steady state."""
@@ -257,7 +270,7 @@ def main() -> None:
                                                          rtu_path=rtu_path))
         steady: dict[str, object] = {}
         if not rtu and args.steady_seconds > 0:
-            env = dict(kv.split("=", 1) for kv in args.agent_env)
+            env = unit_environment() | dict(kv.split("=", 1) for kv in args.agent_env)
             steady = agent_steady_state(ports, text, args.warmup_seconds, args.steady_seconds, env)
     finally:
         if child.stdin:

@@ -23,6 +23,11 @@ traceback (or `task_exited`) and restarts the task after a jittered back-off tha
 `RESTART_MIN_S` up to `RESTART_MAX_S` (reset after a task has run for `STABLE_AFTER_S`),
 counting restarts in `AgentRuntime.restarts`. systemd gets READY=1 once every task is
 started (`Type=notify`).
+
+The optional parts (HJ 212 stations, the narrowband radios, the 叫应 terminals, the metrics
+endpoint) are imported by the functions that build them, only when the config has them: the
+daemon lives for months and keeps whatever it imported resident, on a box with little memory
+(tests/test_edge_daemon_entry.py checks what a plain Modbus gateway loads).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -45,9 +50,6 @@ from edge_agent import __version__
 from edge_agent.alarms.rules import RuleEngine
 from edge_agent.alarms.store import AlarmStore
 from edge_agent.alarms.wiring import AlarmRules, build_rules
-from edge_agent.bearers.beidou import BeidouTerminal
-from edge_agent.bearers.pdt import PdtRadio
-from edge_agent.bearers.tiantong import TiantongModem
 from edge_agent.commands.apply_config import ApplyConfigHandler
 from edge_agent.commands.setup import build_executor, pinned_key
 from edge_agent.config.remote import ConfigHistory
@@ -61,23 +63,24 @@ from edge_agent.config.site import (
 from edge_agent.config.trial import ConfigTrial, HealthView, Reload
 from edge_agent.control.server import ControlOps, ControlServer, device_health
 from edge_agent.field.poller import DevicePoller, Health
-from edge_agent.field.stations import Hj212Station
 from edge_agent.field.transports import TransportPool
 from edge_agent.health.clock import ClockGuard
-from edge_agent.health.metrics import AgentCollector, serve_metrics
-from edge_agent.narrowband.downlink import RadioDownlink, WarningHandler
-from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
 from edge_agent.outbox.disk import DiskWatch
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError, OutboxFullError
-from edge_agent.terminals.local_rule import LocalWarningRule
-from edge_agent.terminals.radio import RadioWarningPlayer
-from edge_agent.terminals.service import TerminalService
 from edge_agent.uplink.birth import build_birth
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
 from runtime.systemd import SystemdNotifier, watchdog_loop  # sd_notify, shared with central
 from runtime.tasks import Backoff, supervise
+
+if TYPE_CHECKING:  # imported where the config uses them (see the module doc)
+    from edge_agent.field.stations import Hj212Station
+    from edge_agent.narrowband.downlink import RadioDownlink, WarningHandler
+    from edge_agent.narrowband.fallback import Bearer, NarrowbandFallback
+    from edge_agent.terminals.local_rule import LocalWarningRule
+    from edge_agent.terminals.radio import RadioWarningPlayer
+    from edge_agent.terminals.service import TerminalService
 
 log = structlog.get_logger(__name__)
 
@@ -158,12 +161,18 @@ def build_bearer(nb: NarrowbandConfig, downlink: RadioDownlink | None = None) ->
     """The driver of the `[narrowband]` radio: a BeiDou terminal or a PDT radio; what it
     receives goes to `downlink` (warnings from central)."""
     if nb.bearer == "tiantong":  # alarms and acks up only: no warnings by SMS yet
+        from edge_agent.bearers.tiantong import TiantongModem
+
         return TiantongModem(nb.port, baudrate=nb.baudrate, number=nb.number,
                              sms_parts=nb.sms_parts, interval_s=nb.interval_s)
     if nb.bearer == "pdt":
+        from edge_agent.bearers.pdt import PdtRadio
+
         return PdtRadio(nb.port, baudrate=nb.baudrate, radio_id=nb.radio_id,
                         max_text_bytes=nb.max_text_bytes, interval_s=nb.interval_s,
                         on_message=downlink.on_pdt if downlink else None)
+    from edge_agent.bearers.beidou import BeidouTerminal
+
     return BeidouTerminal(nb.port, baudrate=nb.baudrate, dialect=nb.dialect,
                           max_payload_bytes=nb.max_payload_bytes,
                           on_message=downlink.on_beidou if downlink else None)
@@ -281,6 +290,8 @@ def _open_terminals(config: AgentConfig, outbox: Outbox
     """The 叫应 terminals of `[[terminals]]` with their ledger open, or None without any."""
     if not any(t.enabled for t in config.terminals):
         return contextlib.nullcontext(None)
+    from edge_agent.terminals.service import TerminalService
+
     return TerminalService(terminals=config.terminals, ledger_path=config.terminals_path,
                            outbox=outbox).open()
 
@@ -290,6 +301,8 @@ def _local_rule(config: AgentConfig, terminals: TerminalService | None,
     """`[local_warning]`: played while the uplink is down (read when an alarm is raised)."""
     if terminals is None or config.local_warning is None:
         return None
+    from edge_agent.terminals.local_rule import LocalWarningRule
+
     return LocalWarningRule(config.local_warning, terminals,
                             online=lambda: bool(runtime.uplink and runtime.uplink.connected))
 
@@ -299,6 +312,8 @@ def _radio_player(config: AgentConfig, terminals: TerminalService | None
     """The terminals play what comes down by the `[narrowband]` radio (None: logged only)."""
     if terminals is None or config.narrowband is None:
         return None
+    from edge_agent.terminals.radio import RadioWarningPlayer
+
     return RadioWarningPlayer(terminals, config.narrowband.bearer)
 
 
@@ -309,6 +324,9 @@ def _build_narrowband(config: AgentConfig, outbox: Outbox, uplink: Uplink, birth
     nb = config.narrowband
     if nb is None:
         return None
+    from edge_agent.narrowband.downlink import RadioDownlink
+    from edge_agent.narrowband.fallback import NarrowbandFallback
+
     try:
         key = nb.key_bytes()
     except ValueError as exc:  # checked at load; a key file gone since then
@@ -332,6 +350,8 @@ def _build_devices(runtime: AgentRuntime, profiles: dict[str, Profile], alarms: 
             continue
         if isinstance(dev.transport, Hj212TransportConfig):
             # A station pushes its frames: it is listened to, not polled.
+            from edge_agent.field.stations import Hj212Station
+
             runtime.stations.append(Hj212Station(dev, profiles[dev.id], alarms))
             continue
         transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
@@ -361,6 +381,8 @@ def _named_tasks(runtime: AgentRuntime, outbox: Outbox, uplink: Uplink, alarms: 
         control = ControlServer(config.control_socket_path, ControlOps(runtime))
         tasks.append(("control.socket", control.serve))
     if config.metrics.enabled:  # --- metrics (edge_agent/health/metrics.py)
+        from edge_agent.health.metrics import AgentCollector, serve_metrics
+
         tasks.append(("metrics.http", lambda: serve_metrics(runtime, AgentCollector())))
     if notifier.watchdog_usec:
         tasks.append(("systemd.watchdog", lambda: watchdog_loop(notifier)))

@@ -43,13 +43,10 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Final
 
 from protocols.callresp import CallRespError, Level, PlayWarning, play_warning
-from protocols.commands import Command, CommandError, make_command
+from protocols.commands import Command, CommandError, VerifyKey, make_command
 from protocols.narrowband_wire import (
     VERSION,
     FrameCapacityError,
@@ -62,6 +59,9 @@ from protocols.narrowband_wire import (
     pack_id,
     varint,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 KIND: Final = 4  # protocols.narrowband.FrameKind.WARNING
 SIGN_DOMAIN: Final = b"fieldlink-nbw1"
@@ -229,12 +229,14 @@ class Assembler:
         return len(self._held)
 
 
-def open_warning(public_key: Ed25519PublicKey, gw: str, signed: bytes) -> RadioWarning:
+def open_warning(public_key: VerifyKey, gw: str, signed: bytes) -> RadioWarning:
     """Verify a reassembled warning for gateway `gw`, then parse it; raises only
     `NarrowbandError`s (`BadWarningSignatureError` before anything is believed)."""
     if len(signed) < SIG_BYTES + 6:
         raise FrameTooShortError(len(signed), SIG_BYTES + 6)
     body, sig = signed[:-SIG_BYTES], signed[-SIG_BYTES:]
+    from cryptography.exceptions import InvalidSignature
+
     try:
         public_key.verify(sig, _signed_prefix(gw) + body)
     except InvalidSignature:

@@ -6,6 +6,8 @@ import base64
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
@@ -167,10 +169,18 @@ def test_public_key_forms() -> None:
     """A pinned key may be base64 of the raw 32 bytes or PEM; anything else is BadKeyError."""
     assert c.public_key_raw(c.parse_public_key(c.public_key_b64(PUB))) == RFC_PUBLIC
     assert c.public_key_raw(c.parse_public_key(c.public_key_pem(PUB))) == RFC_PUBLIC
+    spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(*spki).decode()
+    x25519_pem = x25519.X25519PrivateKey.generate().public_key().public_bytes(*spki).decode()
     for bad in ("", "not base64!", base64.b64encode(b"short").decode(),
-                "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"):
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", p256, x25519_pem,
+                c.public_key_pem(PUB).replace("PUBLIC KEY", "PRIVATE KEY")):
         with pytest.raises(c.BadKeyError):
             c.parse_public_key(bad)
+        with pytest.raises(c.BadKeyError):  # the check a gateway makes at start, without cryptography
+            c.PinnedKey(bad)
+    pinned = c.PinnedKey(c.public_key_pem(PUB).replace("\n", "\r\n"))
+    assert pinned.raw == RFC_PUBLIC
 
 
 def test_result_attrs_round_trip_and_state_order() -> None:

@@ -198,7 +198,7 @@ def test_pinned_key_forms(tmp_path: Path) -> None:
     assert load_public_key(c.public_key_b64(pub)) is not None
     (tmp_path / "central.pub").write_text(c.public_key_pem(pub))
     loaded = load_public_key("central.pub", tmp_path)
-    assert loaded is not None and c.public_key_raw(loaded) == c.public_key_raw(pub)
+    assert loaded is not None and loaded.raw == c.public_key_raw(pub)
     assert load_public_key(None) is None
 
 

@@ -3,6 +3,8 @@ what the command accepts or prints, and the daemon then loads no CLI libraries."
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import typer
 
 from edge_agent.cli.app import app
 from edge_agent.cli.daemon import DEFAULT_CONFIG, RunArgs, parse_run
-from tests.helpers import python_env
+from tests.helpers import free_port, python_env
 
 
 def test_daemon_knows_every_option_of_the_typer_run_command() -> None:
@@ -72,3 +74,58 @@ def test_run_error_prints_as_the_typer_command(tmp_path: Path) -> None:
     assert [r.returncode for r in runs] == [1, 1]
     assert runs[0].stderr == runs[1].stderr
     assert runs[0].stderr.startswith("error: ")
+
+
+# Loaded only by gateways whose config has them (edge_agent/agent.py), or, for `cryptography`,
+# when the first signed command is verified (protocols.commands.PinnedKey).
+OPTIONAL_MODULES = ("cryptography", "edge_agent.bearers.beidou", "edge_agent.bearers.pdt",
+                    "edge_agent.bearers.tiantong", "edge_agent.narrowband.downlink",
+                    "edge_agent.narrowband.fallback", "edge_agent.terminals.service",
+                    "edge_agent.field.stations", "edge_agent.health.metrics", "prometheus_client",
+                    "typer", "click", "rich")
+_START_AND_STOP = """
+import asyncio, json, sys
+from pathlib import Path
+from edge_agent.cli.daemon import daemon_imports
+run_agent, load_or_roll_back, _, configure_logging = daemon_imports(json=True)
+cfg = load_or_roll_back(Path(sys.argv[1]))
+configure_logging("edge-agent", level="info", json=True)
+
+async def main() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(1.0, stop.set)
+    await run_agent(cfg, stop=stop, install_signal_handlers=False)
+
+asyncio.run(main())
+print(json.dumps(sorted(m for m in sys.argv[2:] if sys.modules.get(m))))
+"""
+
+
+def _plain_gateway(tmp_path: Path, key: str) -> Path:
+    """A Modbus TCP gateway with central's command key pinned, and nothing optional."""
+    config = tmp_path / "site.toml"
+    config.write_text(f'[gateway]\nid = "gw-lean"\ndata_dir = "{tmp_path / "data"}"\n\n'
+                      f'[mqtt]\nhost = "127.0.0.1"\nport = {free_port()}\n\n'
+                      f'[commands]\ncentral_public_key = "{key}"\n\n'
+                      '[[devices]]\nid = "gas-1"\nprofile = "gas-detector-v1"\n'
+                      f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {free_port()} }}\n')
+    return config
+
+
+def test_daemon_start_loads_no_unconfigured_subsystem(tmp_path: Path) -> None:
+    """A plain Modbus gateway runs without the narrowband radios, terminals, HJ 212, metrics
+    and `cryptography` in memory; a pinned key that does not parse is reported at start."""
+    key = base64.b64encode(bytes(range(32))).decode()
+    config = _plain_gateway(tmp_path, key)
+    run = subprocess.run([sys.executable, "-c", _START_AND_STOP, str(config), *OPTIONAL_MODULES],
+                         env=python_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == []
+    assert "commands_key_invalid" not in run.stdout + run.stderr
+    (tmp_path / "data").rename(tmp_path / "data-1")
+    bad = _plain_gateway(tmp_path, key[:-4] + "AA==")  # 31 bytes: not an Ed25519 key
+    run = subprocess.run([sys.executable, "-c", _START_AND_STOP, str(bad), "cryptography"],
+                         env=python_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "commands_key_invalid" in run.stdout + run.stderr
+    assert "expected 32 key bytes, got 31" in run.stdout + run.stderr

@@ -53,6 +53,7 @@ from edge_agent.bearers import (
     SendResult,
 )
 from edge_agent.bearers.port import BearerCounters, SerialBearer, Waiter
+from edge_agent.narrowband.config import MIN_TEXT_BYTES, PDT_INTERVAL_S
 from protocols.hrnp import (
     NEED_DATA,
     HrnpDecoder,
@@ -72,15 +73,13 @@ from protocols.hrnp_text import (
     decode_text_data,
     encode_text,
 )
-from protocols.narrowband import TEXT_PREFIX, text_frame_bytes, to_text
+from protocols.narrowband import text_frame_bytes, to_text
 
 log = structlog.get_logger(__name__)
 
 STEP_TIMEOUT_S: Final = 5.0
-DEFAULT_INTERVAL_S: Final = 5
+DEFAULT_INTERVAL_S: Final = PDT_INTERVAL_S
 QUIET_S: Final = 0.5
-# The shortest text that still carries a frame worth sending: 28 characters, 21 bytes.
-MIN_TEXT_BYTES: Final = 2 * (len(TEXT_PREFIX) + 24)
 
 _REFUSALS: Final[dict[int, Refusal]] = {
     TextResult.CHANNEL_BUSY: Refusal.CHANNEL_BUSY, TextResult.NO_CONTACT: Refusal.NO_CONTACT,

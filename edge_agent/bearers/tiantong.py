@@ -41,6 +41,7 @@ from edge_agent.bearers import (
     SendResult,
 )
 from edge_agent.bearers.port import BearerCounters, SerialBearer
+from edge_agent.narrowband.config import TIANTONG_MAX_PARTS
 from protocols import at_commands as atc
 from protocols import at_responses as atr
 from protocols.narrowband import TEXT_PREFIX, to_text
@@ -51,7 +52,7 @@ log = structlog.get_logger(__name__)
 
 STEP_TIMEOUT_S: Final = 5.0  # DOMAIN.md: 5 s command timeout
 DEFAULT_INTERVAL_S: Final = 5
-MAX_PARTS: Final = 4
+MAX_PARTS: Final = TIANTONG_MAX_PARTS
 _TRANSIENT: Final = frozenset({atr.CmsError.NETWORK_TIMEOUT, atr.CmsError.UNKNOWN_ERROR})
 
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_profiles import Profile
 from edge_agent.commands import outcomes
@@ -60,6 +59,7 @@ from protocols.commands import (
     SetPollInterval,
     SyncTime,
     UnknownCommandKindError,
+    VerifyKey,
     WritePoint,
     decode_envelope,
     peek_cmd_id,
@@ -109,7 +109,7 @@ class CommandExecutor:
     """Runs central's signed commands on this gateway at most once; see the module doc."""
 
     def __init__(self, *, gw: str, ledger_path: Path, outbox: ResultWriter,
-                 public_key: Ed25519PublicKey | None, targets: Mapping[str, CommandTarget],
+                 public_key: VerifyKey | None, targets: Mapping[str, CommandTarget],
                  diagnostics: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
                  wall_ms: Callable[[], int] = _wall_ms, queue_max: int = QUEUE_MAX,
                  clock_trusted: Callable[[], bool] = lambda: True,

@@ -3,7 +3,8 @@
 `build_executor(config, outbox, pollers, status)` is what the supervisor calls. Central's public
 key comes from `[commands] central_public_key` (DESIGN.md §6: pinned at enrolment); without a
 usable key the executor still runs and rejects every command with `no_public_key`, so central
-sees why nothing executes.
+sees why nothing executes. The key is read and checked at start, and loads `cryptography` only
+when a first command is verified (`protocols.commands.PinnedKey`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent import EdgeError
 from edge_agent.commands.executor import CommandExecutor, CommandTarget
@@ -23,7 +23,7 @@ from edge_agent.commands.outcomes import KindHandler
 from edge_agent.commands.warnings import WarningPlayer
 from edge_agent.config.site import AgentConfig
 from edge_agent.outbox.store import OutboxError
-from protocols.commands import BadKeyError, parse_public_key
+from protocols.commands import BadKeyError, PinnedKey
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +32,7 @@ class CommandConfigError(EdgeError):
     """The pinned central public key cannot be read or parsed."""
 
 
-def load_public_key(setting: str | None, base_dir: Path | None = None) -> Ed25519PublicKey | None:
+def load_public_key(setting: str | None, base_dir: Path | None = None) -> PinnedKey | None:
     """Central's key from `[commands] central_public_key`: base64 of the raw 32 bytes, inline
     PEM, or a path (relative to the config file's folder) to a PEM or base64 file."""
     if not setting:
@@ -48,7 +48,7 @@ def load_public_key(setting: str | None, base_dir: Path | None = None) -> Ed2551
         except (OSError, UnicodeDecodeError) as exc:
             raise CommandConfigError(f"central_public_key: cannot read {path}: {exc}") from exc
     try:
-        return parse_public_key(text)
+        return PinnedKey(text)
     except BadKeyError as exc:
         raise CommandConfigError(f"central_public_key: {exc}") from exc
 
@@ -85,7 +85,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def pinned_key(config: AgentConfig) -> Ed25519PublicKey | None:
+def pinned_key(config: AgentConfig) -> PinnedKey | None:
     """Central's pinned command key (`[commands] central_public_key`), None (logged) when it
     is missing or unusable: what verifies commands and the warnings that come by radio."""
     base = config.source.parent if config.source is not None else None

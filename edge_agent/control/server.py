@@ -49,12 +49,12 @@ from edge_agent.field import point_io
 from edge_agent.field.bus import SerialBus
 from edge_agent.field.errors import ModbusExceptionError, TransportError
 from edge_agent.field.poller import DevicePoller
-from edge_agent.field.stations import Hj212Station
 from edge_agent.outbox.store import NewRecord, OutboxError
 from protocols.envelope import RecordKind
 from protocols.modbus_points import PointDecodeError
 
 if TYPE_CHECKING:
+    from edge_agent.field.stations import Hj212Station
     from edge_agent.health.view import RuntimeView
 
 log = structlog.get_logger(__name__)

@@ -1,21 +1,26 @@
 """The `[narrowband]` section of a gateway's config (DESIGN.md §5), and the frame key.
 
 Kept apart from `edge_agent.config.site`, which holds the rest of the file's models and the
-loading; this section has two bearers' keys and the key-file rule of its own.
+loading; this section has two bearers' keys and the key-file rule of its own. The radios'
+limits that the config checks live here, and the bearers (`edge_agent.bearers`) take them from
+here: every gateway loads this module, and only those with a `[narrowband]` radio load its driver.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from edge_agent.bearers.pdt import DEFAULT_INTERVAL_S as PDT_INTERVAL_S
-from edge_agent.bearers.pdt import MIN_TEXT_BYTES
-from edge_agent.bearers.tiantong import MAX_PARTS as TIANTONG_MAX_PARTS
 from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES, MAX_RADIO_ID
+from protocols.narrowband_wire import TEXT_PREFIX
+
+PDT_INTERVAL_S: Final = 5  # between a PDT radio's texts, by default
+# The shortest PDT text that still carries a frame worth sending: 28 characters, 21 bytes.
+MIN_TEXT_BYTES: Final = 2 * (len(TEXT_PREFIX) + 24)
+TIANTONG_MAX_PARTS: Final = 4  # the SMS one frame may take over Tiantong
 
 # Central's address on each bearer, the recipient: the field that must be given for it.
 _RECIPIENT_FIELD = {"beidou": "central_card", "pdt": "central_radio", "tiantong": "central_number"}

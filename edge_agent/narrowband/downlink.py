@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.outbox.store import Outbox, OutboxError
 from protocols.beidou import Bd2Message, Bd3Message
+from protocols.commands import VerifyKey
 from protocols.hrnp_text import TextMessage
 from protocols.narrowband import NarrowbandError, NotFrameTextError, from_text
 from protocols.narrowband_down import (
@@ -88,7 +88,7 @@ class LoggingWarningHandler:
 class RadioDownlink:
     """See the module doc. `central` is central's card (BeiDou) or radio id (PDT)."""
 
-    def __init__(self, *, gw: str, public_key: Ed25519PublicKey | None, central: str,
+    def __init__(self, *, gw: str, public_key: VerifyKey | None, central: str,
                  outbox: Outbox, handler: WarningHandler | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         self.gw = gw
