@@ -82,6 +82,10 @@ class AckLedger:
         self._refused_logged = 0
         # Grows while central stays silent; a timely ack resets it.
         self._timeout_factor = 1
+        # In flight when central came online (`suspect_all`), and when to stop waiting for a
+        # newer batch's ack to tell which of them central had.
+        self._suspects: set[int] = set()
+        self._suspects_until = 0.0
 
     def skip(self) -> Ranges:
         """The seqs in flight, as ranges for `Outbox.next_batch`."""
@@ -130,6 +134,7 @@ class AckLedger:
         completed within the base `ack_timeout_s` of their sending (timely acks)."""
         acked = merge_ranges(ranges)
         completed = 0
+        newer = False
         now = time.monotonic()
         for bid, fl in list(self.batches.items()):
             left = subtract_ranges(fl.ranges, acked)
@@ -143,13 +148,21 @@ class AckLedger:
                     if fl.backlog:
                         self.backlog_batches -= 1
                         self.pacer.on_ack(now - fl.sent_at, now)
+                    newer |= bool(self._suspects) and bid not in self._suspects
+                    self._suspects.discard(bid)
+        if newer:
+            self._settle_suspects()  # a newer batch's ack: the suspects still unacked were lost
         return completed
 
     def ack_timeout(self) -> float:
         return self.ack_timeout_s * self._timeout_factor
 
     def expire(self) -> None:
-        """Forget the batches whose ack is overdue: their records are read out again."""
+        """Forget the batches whose ack is overdue: their records are read out again. Also
+        settle the suspects once their grace is over with no newer batch in flight."""
+        if (self._suspects and time.monotonic() >= self._suspects_until
+                and self._suspects.issuperset(self.batches)):
+            self._settle_suspects()
         deadline = time.monotonic() - self.ack_timeout()
         expired = [bid for bid, fl in self.batches.items() if fl.sent_at <= deadline]
         for bid in expired:
@@ -164,26 +177,46 @@ class AckLedger:
         if expired:
             self._timeout_factor = min(self._timeout_factor * 2, _MAX_TIMEOUT_FACTOR)
 
-    def resend_all(self) -> int:
+    def suspect_all(self, grace_s: float) -> int:
         """Central has just subscribed (its online state came): what is in flight may have
-        gone into a broker with no subscriber, so forget it all and let its records be read out
-        again at once, as an ack timeout would. The timeout does not grow (central was away,
-        not overloaded) and the pacer starts afresh, as on a new connection. Returns the
-        batches forgotten."""
-        resent = len(self.batches)
-        self.counters.batches_resent += resent
-        self.drop()
-        return resent
+        gone into a broker with no subscriber, or reached central in the moment between its
+        subscription and its online state. Central acks a gateway's batches in the order they
+        reach it, so the first ack of a batch sent after this one tells: the suspects still
+        unacked then were lost and are forgotten, their records read out again at once, as an
+        ack timeout would. With no newer batch in flight after `grace_s`, the suspects are
+        forgotten then. Returns the batches suspected."""
+        self._suspects = set(self.batches)
+        self._suspects_until = time.monotonic() + grace_s
+        return len(self._suspects)
+
+    def _settle_suspects(self) -> None:
+        """Forget the suspects still in flight. The timeout does not grow (central was away,
+        not overloaded) and the pacer starts afresh, as on a new connection."""
+        lost = [bid for bid in self._suspects if bid in self.batches]
+        self._suspects.clear()
+        for bid in lost:
+            fl = self.batches.pop(bid)
+            self.records -= fl.count
+            self.backlog_batches -= fl.backlog
+        self.counters.batches_resent += len(lost)
+        self._timeout_factor = 1
+        if lost:
+            self.pacer.reset()
+            log.info("central_online_resend", batches=len(lost))
 
     def next_expiry_in(self) -> float:
         if not self.batches:
             return self.ack_timeout()
-        oldest = min(fl.sent_at for fl in self.batches.values())
-        return oldest + self.ack_timeout() - time.monotonic()
+        now = time.monotonic()
+        due = min(fl.sent_at for fl in self.batches.values()) + self.ack_timeout()
+        if self._suspects and self._suspects.issuperset(self.batches):  # nothing newer
+            due = min(due, self._suspects_until)
+        return due - now
 
     def drop(self) -> None:
         """Forget every batch in flight (a reconnect: all of it may be lost)."""
         self._timeout_factor = 1
+        self._suspects.clear()
         self.batches.clear()
         self.records = 0
         self.backlog_batches = 0

@@ -14,8 +14,12 @@ which central publishes right after it has subscribed. A broker restarted withou
 forgets central's subscription; an agent that reconnects first publishes into a broker with no
 subscriber, and those batches are dropped. So when central's state turns online while we are
 connected (a live online message after offline or none, or from another central boot), every
-batch in flight goes again at once instead of after an ack timeout. A retained state delivered
-on our own subscribe says nothing new: everything in flight was sent after that subscribe.
+batch in flight is in doubt: it goes again as soon as the ack of a newer batch shows central
+did not get it (central acks a gateway's batches in order), or after a short grace with
+nothing newer in flight, instead of after an ack timeout; a batch that reached central between
+its subscription and its online state is acked in that time and not sent twice. A retained
+state delivered on our own subscribe says nothing new: everything in flight was sent after that
+subscribe.
 
 Lanes (§4.2): each batch is either *priority* (alarms, events, live telemetry and, after an
 outage, the newest value of each point) or *backlog* (older telemetry, oldest first). Backlog
@@ -71,6 +75,9 @@ log = structlog.get_logger(__name__)
 CommandHandler = Callable[[bytes], Awaitable[None] | None]
 
 _STABLE_S = 10.0  # a connection up this long counts as healthy (resets the back-off)
+# After central's online state, how long a batch still in flight may wait for its ack when no
+# newer batch is in flight to tell whether central had it (`AckLedger.suspect_all`).
+_CENTRAL_ONLINE_GRACE_S = 0.5
 
 
 class UplinkError(EdgeError):
@@ -266,11 +273,9 @@ class Uplink:
         if not state.online or retained or (
                 before is not None and before.online and before.boot_id == state.boot_id):
             return
-        records = self.ledger.records
-        batches = self.ledger.resend_all()
+        batches = self.ledger.suspect_all(_CENTRAL_ONLINE_GRACE_S)
         self.counters.central_online += 1
-        log.info("central_online_resend", central_boot_id=state.boot_id, batches=batches,
-                 records=records)
+        log.info("central_online", central_boot_id=state.boot_id, batches_in_doubt=batches)
         self.notify()
 
     async def _handle_ack(self, payload: bytes) -> None:
