@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import psycopg
@@ -62,6 +63,19 @@ _INSERT_POINTS = ("INSERT INTO points (gw, device, point)"
 _SELECT_POINTS = ("SELECT p.id, p.gw, p.device, p.point FROM points p"
                   " JOIN unnest(%b::text[], %b::text[], %b::text[]) AS k(gw, device, point)"
                   " ON p.gw = k.gw AND p.device = k.device AND p.point = k.point")
+
+
+_POINT = attrgetter("point")
+
+
+def _points_named(batches: Sequence[DataBatch]) -> dict[str, set[str]]:
+    """The points each gateway's records name (`map`, not a generator: it runs per record)."""
+    keys: dict[str, set[Any]] = {}
+    for b in batches:
+        keys.setdefault(b.gw, set()).update(map(_POINT, b.records))
+    for names in keys.values():
+        names.discard(None)
+    return keys
 
 
 def _now_ms() -> int:
@@ -253,10 +267,7 @@ class PostgresStorage(Storage):
 
     async def _write(self, conn: Conn, batches: Sequence[DataBatch],
                      now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
-        keys: dict[str, set[str]] = {}
-        for b in batches:
-            keys.setdefault(b.gw, set()).update(r.point for r in b.records if r.point is not None)
-        await self._ids_for(conn, keys)
+        await self._ids_for(conn, _points_named(batches))
         return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
                                    self.time_policy)
 
