@@ -3,18 +3,18 @@ central workers sharing one database.
 
 Two connections: a writer (ingest, state, birth) and a reader (the API), so reads never queue
 behind a large ingest transaction. Each is used by one task at a time and reopened after the
-server drops it. Batches are staged with binary `COPY` into temp tables and moved with one
-`INSERT ... SELECT ... ON CONFLICT (gw, stream, seq) DO NOTHING RETURNING`; measured on this
-machine (500-row batches) that beat `executemany` (pipeline mode) by ~1.5x and `unnest`
-arrays by ~1.3x (`postgres_write`). Schema and migrations: `postgres_schema`.
+server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
+`COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
+not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
-global order (points by key, readings and events by (gw, stream, seq), streams by
-(gw, stream), latest by point id, gateways by gw) and every transaction takes them in that
-phase order (the aggregate flush: pending rows by id, then buckets by (point, bucket)): two
-workers writing overlapping batches wait for each other but never deadlock. Migrations run
-under a transaction-scoped advisory lock so workers starting together migrate once. Commits use
-`synchronous_commit = on`: the ack that follows tells the gateway it may forget the records.
+global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
+seq), latest by point id, gateways by gw) and every transaction takes them in that phase order
+(the aggregate flush: pending rows by id, then buckets by (point, bucket)): two workers
+writing overlapping batches wait for each other (on the streams' rows) but never deadlock.
+Migrations run under a transaction-scoped advisory lock so workers starting together migrate
+once. Commits use `synchronous_commit = on`: the ack that follows tells the gateway it may
+forget the records.
 
 The schema is the connection's `current_schema()`; choose one with the URL, e.g.
 `postgresql://central@db/fieldlink?options=-csearch_path%3Dcity1`.
@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import psycopg
@@ -45,13 +46,7 @@ from central.storage.base import (
     WriteResult,
     split_key,
 )
-from central.storage.postgres_schema import (
-    STAGE_EVENTS,
-    STAGE_LATEST,
-    STAGE_READINGS,
-    Conn,
-    migrate,
-)
+from central.storage.postgres_schema import STAGE_LATEST, Conn, migrate
 from central.storage.postgres_write import register_dumpers, write_batches
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
@@ -68,6 +63,19 @@ _INSERT_POINTS = ("INSERT INTO points (gw, device, point)"
 _SELECT_POINTS = ("SELECT p.id, p.gw, p.device, p.point FROM points p"
                   " JOIN unnest(%b::text[], %b::text[], %b::text[]) AS k(gw, device, point)"
                   " ON p.gw = k.gw AND p.device = k.device AND p.point = k.point")
+
+
+_POINT = attrgetter("point")
+
+
+def _points_named(batches: Sequence[DataBatch]) -> dict[str, set[str]]:
+    """The points each gateway's records name (`map`, not a generator: it runs per record)."""
+    keys: dict[str, set[Any]] = {}
+    for b in batches:
+        keys.setdefault(b.gw, set()).update(map(_POINT, b.records))
+    for names in keys.values():
+        names.discard(None)
+    return keys
 
 
 def _now_ms() -> int:
@@ -172,9 +180,10 @@ class PostgresStorage(Storage):
     async def open(self) -> None:
         if self._writer is not None:
             return
+        # No JIT for the writer: its statements are short, and compiling a probe over many
+        # runs (estimated, not found, to return rows) cost more than running it.
         writer = _Link(self.url, "writer",
-                       ("SET synchronous_commit = on", STAGE_READINGS, STAGE_EVENTS,
-                        STAGE_LATEST),
+                       ("SET synchronous_commit = on", "SET jit = off", STAGE_LATEST),
                        **self._connect_kwargs)
         reader = _Link(self.url, "reader", **self._connect_kwargs)
         try:
@@ -258,10 +267,7 @@ class PostgresStorage(Storage):
 
     async def _write(self, conn: Conn, batches: Sequence[DataBatch],
                      now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
-        keys: dict[str, set[str]] = {}
-        for b in batches:
-            keys.setdefault(b.gw, set()).update(r.point for r in b.records if r.point is not None)
-        await self._ids_for(conn, keys)
+        await self._ids_for(conn, _points_named(batches))
         return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
                                    self.time_policy)
 

@@ -1,6 +1,6 @@
 """PostgreSQL schema for central: migrations as registered functions, applied under an
 advisory lock so that several workers starting together migrate once, and the per-connection
-staging tables the writer COPYs batches into."""
+staging table the writer COPYs latest values into."""
 
 from __future__ import annotations
 
@@ -114,15 +114,7 @@ async def migrate(conn: Conn) -> int:
         log.info("db_migrated", schema=schema, version=current + 1, step=fn.__name__)
 
 
-# Staging tables live per connection; each write transaction fills each once, and ON COMMIT
-# DELETE ROWS empties them at its commit (a rollback discards the rows anyway).
-STAGE_READINGS = ('CREATE TEMP TABLE IF NOT EXISTS fl_stage_readings (batch_no INTEGER NOT NULL,'
-                  ' gw TEXT COLLATE "C", stream TEXT COLLATE "C", seq BIGINT, point_id BIGINT,'
-                  ' ts_ms BIGINT, value DOUBLE PRECISION, text TEXT, flags INTEGER,'
-                  ' received_ms BIGINT) ON COMMIT DELETE ROWS')
-STAGE_EVENTS = ('CREATE TEMP TABLE IF NOT EXISTS fl_stage_events (batch_no INTEGER NOT NULL,'
-                ' gw TEXT COLLATE "C", stream TEXT COLLATE "C", seq BIGINT, kind INTEGER,'
-                ' point_id BIGINT, ts_ms BIGINT, value DOUBLE PRECISION, text TEXT,'
-                ' flags INTEGER, attrs TEXT, received_ms BIGINT) ON COMMIT DELETE ROWS')
+# The staging table of the latest values lives per connection; each write transaction fills it
+# once, and ON COMMIT DELETE ROWS empties it at its commit (a rollback discards the rows anyway).
 STAGE_LATEST = ("CREATE TEMP TABLE IF NOT EXISTS fl_stage_latest (point_id BIGINT, ts_ms BIGINT,"
                 " value DOUBLE PRECISION, text TEXT) ON COMMIT DELETE ROWS")
