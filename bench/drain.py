@@ -144,7 +144,8 @@ def main() -> None:
             # live latency counts from when the agent was back online (its reconnect back-off
             # after the cut is not queueing behind history)
             since = int(status.meta.get("uplink_since_ms") or restore_wall_ms)
-            held = sqlite_rows(central.db_path, "SELECT count(*) FROM readings WHERE gw = ?", (GW,))[0][0]
+            held = sqlite_rows(central.db_path, "SELECT (SELECT count(*) FROM readings WHERE gw = ?)"
+                               " + (SELECT count(*) FROM events WHERE gw = ?)", (GW, GW))[0][0]
             live = sorted((r[0] - r[1]) / 1000 for r in sqlite_rows(
                 central.db_path, "SELECT received_ms, ts_ms FROM readings r JOIN points p ON p.id = r.point_id "
                 "WHERE r.gw = ? AND p.device NOT LIKE 'hist-%' AND r.ts_ms >= ?", (GW, max(since, restore_wall_ms))))

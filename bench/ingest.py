@@ -94,20 +94,22 @@ class Gateway:
         self.client.disconnect()
 
 
-_RAW_DDL = ("CREATE TABLE readings (gw TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL,"
+# The table central's SQLite ingest inserts into (central/storage/sqlite_schema.py, m007).
+_RAW_DDL = ("CREATE TABLE reading_rows (sid INTEGER NOT NULL, seq INTEGER NOT NULL,"
             " point_id INTEGER, ts_ms INTEGER NOT NULL, value REAL, text TEXT,"
             " flags INTEGER NOT NULL, received_ms INTEGER NOT NULL,"
-            " PRIMARY KEY (gw, stream, seq)) WITHOUT ROWID")  # as central/storage/sqlite_schema.py
-_RAW_INDEX = "CREATE INDEX readings_point_ts ON readings (point_id, ts_ms)"
+            " PRIMARY KEY (sid, seq)) WITHOUT ROWID")
+_RAW_INDEX = "CREATE INDEX readings_point_ts ON reading_rows (point_id, ts_ms)"
 
 
-def _rows(b: env.DataBatch) -> list[tuple]:
-    return [(b.gw, b.stream, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None,
-             int(r.flags), 0) for r in b.records]
+def _rows(b: env.DataBatch, sid: int) -> list[tuple]:
+    return [(sid, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None, int(r.flags), 0)
+            for r in b.records]
 
 
 def _groups(batches: list[env.DataBatch], per_commit: int) -> list[list[tuple]]:
-    rows = [_rows(b) for b in batches]
+    sids: dict[tuple[str, str], int] = {}
+    rows = [_rows(b, sids.setdefault((b.gw, b.stream), len(sids) + 1)) for b in batches]
     return [[r for part in rows[i:i + per_commit] for r in part]
             for i in range(0, len(rows), per_commit)]
 
@@ -122,16 +124,16 @@ def raw_insert_rate(path: Path, batches: list[env.DataBatch], synchronous: str,
     con.execute(_RAW_INDEX)
     groups = _groups(batches, per_commit)
     total = sum(len(g) for g in groups)
-    values = ", ".join(["(?,?,?,?,?,?,?,?,?)"] * 500)
-    full = f"INSERT INTO readings VALUES {values} ON CONFLICT (gw, stream, seq) DO NOTHING"
+    values = ", ".join(["(?,?,?,?,?,?,?,?)"] * 500)
+    full = f"INSERT INTO reading_rows VALUES {values} ON CONFLICT (sid, seq) DO NOTHING"
     t0 = time.perf_counter()
     for rows in groups:
         con.execute("BEGIN")
         for i in range(0, len(rows), 500):
             part = rows[i:i + 500]
             sql = full if len(part) == 500 else (
-                "INSERT INTO readings VALUES " + ", ".join(["(?,?,?,?,?,?,?,?,?)"] * len(part))
-                + " ON CONFLICT (gw, stream, seq) DO NOTHING")
+                "INSERT INTO reading_rows VALUES " + ", ".join(["(?,?,?,?,?,?,?,?)"] * len(part))
+                + " ON CONFLICT (sid, seq) DO NOTHING")
             con.execute(sql, [x for r in part for x in r])
         con.execute("COMMIT")
     elapsed = time.perf_counter() - t0

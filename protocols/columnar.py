@@ -30,11 +30,11 @@ from __future__ import annotations
 import math
 import sys
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
 from operator import sub
-from typing import Any, Final
+from typing import Any, Final, overload
 
 from protocols.limits import (
     INT64_MAX,
@@ -206,6 +206,48 @@ def record_columns(cols: Columns, kinds: Mapping[int, Any], flags: Mapping[int, 
             repeat(flags[cols.flags], n) if isinstance(cols.flags, int)
             else map(flags.__getitem__, cols.flags),
             repeat(None, n) if not cols.attrs else map(cols.attrs.get, range(n)))
+
+
+class ColumnRecords(Sequence[Any]):
+    """The records of a decoded version 2 batch, made only when first read: central writes a
+    batch of readings from its columns and never reads a record of it (a tuple per reading
+    was a tenth of its CPU during a backlog drain). `make` returns them all, in order."""
+
+    __slots__ = ("_count", "_made", "_make")
+
+    def __init__(self, count: int, make: Callable[[], tuple[Any, ...]]) -> None:
+        self._count = count
+        self._make: Callable[[], tuple[Any, ...]] | None = make
+        self._made: tuple[Any, ...] = ()
+
+    def _all(self) -> tuple[Any, ...]:
+        if self._make is not None:
+            self._made, self._make = self._make(), None
+        return self._made
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Any, ...]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return self._all() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
 
 
 # --- decode ----------------------------------------------------------------------------------
@@ -382,5 +424,5 @@ def _keep(cols: Columns, keep: list[bool]) -> Columns:
                    {j: cols.attrs[i] for j, i in enumerate(index) if i in cols.attrs})
 
 
-__all__ = ["COLUMNAR_VERSION", "Columns", "DecodedColumns", "columns_from", "columns_of",
-           "decode_columns", "pack_ints", "record_columns", "to_wire", "unpack"]
+__all__ = ["COLUMNAR_VERSION", "ColumnRecords", "Columns", "DecodedColumns", "columns_from",
+           "columns_of", "decode_columns", "pack_ints", "record_columns", "to_wire", "unpack"]

@@ -28,6 +28,7 @@ import cbor2
 
 from protocols.columnar import (
     COLUMNAR_VERSION,
+    ColumnRecords,
     Columns,
     columns_of,
     decode_columns,
@@ -254,7 +255,9 @@ def _decode_data(obj: Mapping[str, Any], budget: Budget) -> DataBatch:
 
 def _decode_columnar(obj: Mapping[str, Any], budget: Budget) -> DataBatch:
     got = decode_columns(obj, budget)
-    records = tuple(map(Record, *record_columns(got.cols, _KINDS, _FLAGS)))
+    cols = got.cols
+    records = ColumnRecords(len(cols.seqs),
+                            lambda: tuple(map(Record, *record_columns(cols, _KINDS, _FLAGS))))
     return DataBatch(gw=got.gw, stream=got.stream, records=records, sent_ms=got.sent_ms,
                      rejected=tuple(RejectedRecord(i, s, e) for i, s, e in got.rejected),
                      columns=got.cols)

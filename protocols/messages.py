@@ -4,7 +4,7 @@ encodes and decodes them (and re-exports them: import them from there)."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
@@ -75,12 +75,20 @@ class DataBatch:
 
     gw: str
     stream: str
-    records: tuple[Record, ...]
+    records: Sequence[Record]
     sent_ms: int = 0
     rejected: tuple[RejectedRecord, ...] = ()
     # Filled by `decode` of a version 2 batch: the good records as columns, for a consumer
-    # that works column by column (central's telemetry insert); `records` holds the same.
+    # that works column by column (central's telemetry insert); `records` holds the same,
+    # made only when read (`protocols.columnar.ColumnRecords`).
     columns: Columns | None = field(default=None, compare=False, repr=False)
+
+    def non_telemetry(self) -> Sequence[Record]:
+        """The records that are not readings (events, alarms, command results), in order:
+        none for a version 2 batch of readings, without making its records."""
+        if self.columns is not None and self.columns.kinds is None:
+            return ()
+        return [r for r in self.records if r.kind is not RecordKind.TELEMETRY]
 
 
 @dataclass(frozen=True, slots=True)

@@ -313,7 +313,7 @@ def alarm_events_of(batches: Sequence[DataBatch]) -> list[AlarmEvent]:
     stored in `events` all the same)."""
     out = []
     for b in batches:
-        for r in b.records:
+        for r in b.non_telemetry():
             if r.kind is RecordKind.ALARM:
                 try:
                     out.append(event_from_record(b.gw, b.stream, r))

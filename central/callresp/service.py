@@ -257,7 +257,7 @@ class CallRespService:
 
     async def apply_batch(self, batch: DataBatch) -> None:
         events = []
-        for r in batch.records:
+        for r in batch.non_telemetry():
             if r.kind is not RecordKind.EVENT or not is_callresp(r.attrs):
                 continue
             self.counters.events += 1

@@ -238,7 +238,7 @@ class CommandService:
         batch again and the reports are applied then.
         """
         reports = []
-        for r in batch.records:
+        for r in batch.non_telemetry():
             if r.kind is not RecordKind.CMD_RESULT:
                 continue
             self.counters.reports += 1

@@ -228,8 +228,13 @@ class CommandStore(SideStore):
         await self._call(body)
 
     async def expire_due(self, *, now_ms: int | None = None) -> list[StoredCommand]:
-        """Mark `expired` every pending/sent command past its expiry; returns them."""
+        """Mark `expired` every pending/sent command past its expiry; returns them. The
+        dispatcher asks every tick: a read finds (through the state/expiry index) that none is
+        due without taking the write lock the ingest commits wait for."""
         now = clock.now_ms() if now_ms is None else now_ms
+        if not await self._call(self._read, "SELECT 1 FROM commands WHERE state IN (?, ?)"
+                                " AND expires_at_ms <= ? LIMIT 1", (*_OPEN, now)):
+            return []
 
         def body() -> list[StoredCommand]:
             with self._tx() as cur:

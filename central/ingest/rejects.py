@@ -87,10 +87,10 @@ async def write_isolating(storage: Storage, batch: DataBatch
     refused: list[RejectedRecord] = []
     position = {id(r): i for i, r in enumerate(batch.records)}
 
-    async def write(records: tuple[Record, ...]) -> None:
+    async def write(records: Sequence[Record]) -> None:
         try:
             results.extend(await storage.write_batches(
-                [dataclasses.replace(batch, records=records, rejected=())]))
+                [dataclasses.replace(batch, records=records, rejected=(), columns=None)]))
         except UnstorableValueError as exc:
             if len(records) > 1:
                 mid = len(records) // 2
@@ -106,7 +106,8 @@ async def write_isolating(storage: Storage, batch: DataBatch
     rejected = (*batch.rejected, *refused)
     if any(rj.seq is not None for rj in rejected):
         # The refusals on their own: the delivery view then counts them as reported lost.
-        await storage.write_batches([dataclasses.replace(batch, records=(), rejected=rejected)])
+        await storage.write_batches(
+            [dataclasses.replace(batch, records=(), rejected=rejected, columns=None)])
     return merge_results(batch, results), tuple(refused)
 
 
@@ -127,8 +128,8 @@ def count_bad_attrs(batch: DataBatch, metrics: Metrics, reject_log: RejectLog) -
     """Count and log (per gateway and reason) the records of `batch` whose attrs break their
     contract; returns how many."""
     bad = 0
-    for r in batch.records:
-        if r.kind is RecordKind.TELEMETRY or (exc := attrs_error(r)) is None:
+    for r in batch.non_telemetry():
+        if (exc := attrs_error(r)) is None:
             continue
         bad += 1
         metrics.attrs_rejected[exc.reason] += 1

@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 # --- SQL --------------------------------------------------------------------------------------
 
-_READING_COLS = 9
+_READING_COLS = 8  # reading_rows: sid, seq, point_id, ts_ms, value, text, flags, received_ms
 _ROWS_PER_INSERT = 500  # 4,500 parameters; fewer if the library's limit is lower
 
 
@@ -84,9 +84,9 @@ def _row_marks(width: int, rows: int) -> str:
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT + 1)
 def _multi_insert_reading(rows: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-    return ("INSERT INTO readings (gw, stream, seq, point_id, ts_ms, value, text, flags,"
-            f" received_ms) VALUES {values} ON CONFLICT (gw, stream, seq) DO NOTHING")
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return ("INSERT INTO reading_rows (sid, seq, point_id, ts_ms, value, text, flags,"
+            f" received_ms) VALUES {values} ON CONFLICT (sid, seq) DO NOTHING")
 
 
 _INSERT_EVENT = ("INSERT INTO events (gw, stream, seq, kind, point_id, ts_ms, value, text, flags,"
@@ -143,6 +143,8 @@ class SqliteStorage(Storage):
         self._conn: sqlite3.Connection | None = None
         # (gw) -> {"device/point": point id}; only touched on the db thread.
         self._point_ids: dict[str, dict[str, int]] = {}
+        # (gw, stream) -> its id in reading_streams (sqlite_schema); only on the db thread.
+        self._stream_ids: dict[tuple[str, str], int] = {}
         self._rows_per_insert = _ROWS_PER_INSERT
         self._max_params = _ROWS_PER_INSERT * _READING_COLS
 
@@ -202,6 +204,7 @@ class SqliteStorage(Storage):
             except BaseException:
                 conn.execute("ROLLBACK")
                 self._point_ids.clear()  # ids made in the rolled-back transaction are gone
+                self._stream_ids.clear()
                 raise
         except (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, ValueError) as exc:
             # A value the envelope let through but the database cannot hold (an int past
@@ -231,6 +234,17 @@ class SqliteStorage(Storage):
                 ids[k] = conn.execute("SELECT id FROM points WHERE gw = ? AND device = ?"
                                       " AND point = ?", (gw, d, p)).fetchone()[0]
         return ids
+
+    def _stream_id(self, conn: sqlite3.Connection, gw: str, stream: str) -> int:
+        """The integer key of a stream's readings (`reading_rows.sid`), made when first seen."""
+        sid = self._stream_ids.get((gw, stream))
+        if sid is None:
+            conn.execute("INSERT INTO reading_streams (gw, stream) VALUES (?, ?)"
+                         " ON CONFLICT (gw, stream) DO NOTHING", (gw, stream))
+            sid = self._stream_ids[gw, stream] = conn.execute(
+                "SELECT id FROM reading_streams WHERE gw = ? AND stream = ?",
+                (gw, stream)).fetchone()[0]
+        return sid
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -306,9 +320,9 @@ class SqliteStorage(Storage):
         ids = self._ids_for(conn, gw, set(points))
         pids = list(map(ids.__getitem__, points))
         # Plain ints: sqlite3 binds an IntFlag member only after a slow adapter look-up.
-        params = list(chain.from_iterable(zip(repeat(gw), repeat(stream), seqs, pids, tss,
-                                              values, repeat(None), map(int, flags),
-                                              repeat(now))))
+        params = list(chain.from_iterable(zip(repeat(self._stream_id(conn, gw, stream)), seqs,
+                                              pids, tss, values, repeat(None),
+                                              map(int, flags), repeat(now))))
         inserted = self._insert_readings(conn, params)
         samples.extend(pids, tss, values)
         # Latest per point: the largest time, the first record on a tie.
@@ -360,7 +374,9 @@ class SqliteStorage(Storage):
                 row for s, row in rows.items() if s not in held]
             if fresh:
                 if table == "readings":
-                    inserted += self._insert_readings(conn, list(chain.from_iterable(fresh)))
+                    sid = self._stream_id(conn, gw, stream)
+                    inserted += self._insert_readings(conn, list(chain.from_iterable(
+                        (sid, *row[2:]) for row in fresh)))
                 else:
                     inserted += conn.executemany(_INSERT_EVENT, fresh).rowcount
                 suspect += sum(1 for row in fresh if row[flags_i] & CENTRAL_TS_SUSPECT)

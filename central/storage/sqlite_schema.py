@@ -68,6 +68,54 @@ def _shared(step: SharedStep) -> Migration:
 
 MIGRATIONS.extend(_shared(step) for step in SHARED_STEPS)
 
+# The readings, keyed by an integer stream id (SQLite only; PostgreSQL keeps its table). Keyed
+# by (gw TEXT, stream TEXT, seq) every row and every entry of its (point_id, ts_ms) index held
+# both strings (a stream is 32 characters): measured with the same rows, index, inserts and
+# commits, an integer key halves the CPU per inserted row and the bytes per row (185 to 82).
+# `readings` stays, as a view with the old columns, for every reader and for the rare writes
+# that name a row by (gw, stream, seq) (a time correction, retention), through its triggers;
+# central's ingest inserts into `reading_rows` itself (`central.storage.sqlite`).
+_READINGS_VIEW = (
+    "CREATE VIEW readings AS SELECT s.gw AS gw, s.stream AS stream, r.seq AS seq,"
+    " r.point_id AS point_id, r.ts_ms AS ts_ms, r.value AS value, r.text AS text,"
+    " r.flags AS flags, r.received_ms AS received_ms"
+    " FROM reading_rows r JOIN reading_streams s ON s.id = r.sid")
+_SID = "(SELECT id FROM reading_streams WHERE gw = {0}.gw AND stream = {0}.stream)"
+_READINGS_TRIGGERS = (
+    "CREATE TRIGGER readings_insert INSTEAD OF INSERT ON readings BEGIN"
+    " INSERT INTO reading_streams (gw, stream) VALUES (NEW.gw, NEW.stream)"
+    " ON CONFLICT (gw, stream) DO NOTHING;"
+    f" INSERT INTO reading_rows VALUES ({_SID.format('NEW')}, NEW.seq, NEW.point_id,"
+    " NEW.ts_ms, NEW.value, NEW.text, NEW.flags, NEW.received_ms)"
+    " ON CONFLICT (sid, seq) DO NOTHING; END",
+    "CREATE TRIGGER readings_update INSTEAD OF UPDATE ON readings BEGIN"
+    " UPDATE reading_rows SET point_id = NEW.point_id, ts_ms = NEW.ts_ms, value = NEW.value,"
+    " text = NEW.text, flags = NEW.flags, received_ms = NEW.received_ms"
+    f" WHERE sid = {_SID.format('OLD')} AND seq = OLD.seq; END",
+    "CREATE TRIGGER readings_delete INSTEAD OF DELETE ON readings BEGIN"
+    f" DELETE FROM reading_rows WHERE sid = {_SID.format('OLD')} AND seq = OLD.seq; END",
+)
+
+
+@migration
+def m007_reading_stream_ids(conn: sqlite3.Connection) -> None:
+    conn.execute("""CREATE TABLE reading_streams (
+        id INTEGER PRIMARY KEY, gw TEXT NOT NULL, stream TEXT NOT NULL, UNIQUE (gw, stream))""")
+    conn.execute("""CREATE TABLE reading_rows (
+        sid INTEGER NOT NULL, seq INTEGER NOT NULL, point_id INTEGER, ts_ms INTEGER NOT NULL,
+        value REAL, text TEXT, flags INTEGER NOT NULL, received_ms INTEGER NOT NULL,
+        PRIMARY KEY (sid, seq)) WITHOUT ROWID""")
+    conn.execute("INSERT INTO reading_streams (gw, stream)"
+                 " SELECT DISTINCT gw, stream FROM readings ORDER BY gw, stream")
+    conn.execute("INSERT INTO reading_rows SELECT s.id, r.seq, r.point_id, r.ts_ms, r.value,"
+                 " r.text, r.flags, r.received_ms FROM readings r JOIN reading_streams s"
+                 " ON s.gw = r.gw AND s.stream = r.stream ORDER BY s.id, r.seq")
+    conn.execute("DROP TABLE readings")
+    conn.execute("CREATE INDEX readings_point_ts ON reading_rows (point_id, ts_ms)")
+    conn.execute(_READINGS_VIEW)
+    for sql in _READINGS_TRIGGERS:
+        conn.execute(sql)
+
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply every registered migration not yet applied, each in its own transaction."""
