@@ -102,14 +102,21 @@ _RAW_DDL = ("CREATE TABLE reading_rows (sid INTEGER NOT NULL, seq INTEGER NOT NU
 _RAW_INDEX = "CREATE INDEX readings_point_ts ON reading_rows (point_id, ts_ms)"
 
 
-def _rows(b: env.DataBatch, sid: int) -> list[tuple]:
-    return [(sid, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None, int(r.flags), 0)
-            for r in b.records]
-
-
-def _groups(batches: list[env.DataBatch], per_commit: int) -> list[list[tuple]]:
+def _sqlite_rows(batches: list[env.DataBatch]) -> list[list[tuple]]:
+    """Each batch's rows as central's SQLite ingest inserts them: keyed by a stream id."""
     sids: dict[tuple[str, str], int] = {}
-    rows = [_rows(b, sids.setdefault((b.gw, b.stream), len(sids) + 1)) for b in batches]
+    return [[(sid, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None, int(r.flags), 0)
+             for r in b.records]
+            for b in batches for sid in [sids.setdefault((b.gw, b.stream), len(sids) + 1)]]
+
+
+def _pg_rows(batches: list[env.DataBatch]) -> list[list[tuple]]:
+    """Each batch's rows as PostgreSQL's `readings` holds them: keyed by (gw, stream, seq)."""
+    return [[(b.gw, b.stream, r.seq, hash(r.point) & 0xFFFF, r.ts_ms, r.value, None,
+              int(r.flags), 0) for r in b.records] for b in batches]
+
+
+def _groups(rows: list[list[tuple]], per_commit: int) -> list[list[tuple]]:
     return [[r for part in rows[i:i + per_commit] for r in part]
             for i in range(0, len(rows), per_commit)]
 
@@ -122,7 +129,7 @@ def raw_insert_rate(path: Path, batches: list[env.DataBatch], synchronous: str,
     con.execute(f"PRAGMA synchronous={synchronous}")
     con.execute(_RAW_DDL)
     con.execute(_RAW_INDEX)
-    groups = _groups(batches, per_commit)
+    groups = _groups(_sqlite_rows(batches), per_commit)
     total = sum(len(g) for g in groups)
     values = ", ".join(["(?,?,?,?,?,?,?,?)"] * 500)
     full = f"INSERT INTO reading_rows VALUES {values} ON CONFLICT (sid, seq) DO NOTHING"
@@ -189,7 +196,7 @@ def raw_copy_rate(url: str, batches: list[env.DataBatch], per_commit: int) -> li
     receives them. Three runs, each into a fresh table, sorted: a run lasts a second or two,
     so one run alone is at the mercy of whatever else the machine does in that second."""
     arrival = sorted(batches, key=lambda b: b.records[0].seq)  # stable: round-robin by gateway
-    return sorted(_raw_copy_run(url, _groups(arrival, per_commit))
+    return sorted(_raw_copy_run(url, _groups(_pg_rows(arrival), per_commit))
                   for _ in range(_RAW_COPY_RUNS))
 
 
@@ -201,7 +208,7 @@ def _raw_copy_run(url: str, groups: list[list[tuple]]) -> float:
                     " ts_ms BIGINT NOT NULL, value DOUBLE PRECISION, text TEXT,"
                     " flags INTEGER NOT NULL, received_ms BIGINT NOT NULL,"
                     " PRIMARY KEY (gw, stream, seq))")
-        con.execute(_RAW_INDEX)
+        con.execute("CREATE INDEX readings_point_ts ON readings (point_id, ts_ms)")
         total = sum(len(g) for g in groups)
         t0 = time.perf_counter()
         for rows in groups:
