@@ -84,9 +84,9 @@ def _row_marks(width: int, rows: int) -> str:
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT + 1)
 def _multi_insert_reading(rows: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
     return ("INSERT INTO reading_rows (sid, seq, point_id, ts_ms, value, text, flags,"
-            f" received_ms) VALUES {values} ON CONFLICT (sid, seq) DO NOTHING")
+            f" received_ms) VALUES {_row_marks(_READING_COLS, rows)}"
+            " ON CONFLICT (sid, seq) DO NOTHING")
 
 
 _INSERT_EVENT = ("INSERT INTO events (gw, stream, seq, kind, point_id, ts_ms, value, text, flags,"
@@ -145,7 +145,6 @@ class SqliteStorage(Storage):
         self._point_ids: dict[str, dict[str, int]] = {}
         # (gw, stream) -> its id in reading_streams (sqlite_schema); only on the db thread.
         self._stream_ids: dict[tuple[str, str], int] = {}
-        self._rows_per_insert = _ROWS_PER_INSERT
         self._max_params = _ROWS_PER_INSERT * _READING_COLS
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -174,7 +173,6 @@ class SqliteStorage(Storage):
             migrate(conn)
             self._max_params = min(self._max_params,
                                    conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-            self._rows_per_insert = max(1, self._max_params // _READING_COLS)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         self._conn = conn
@@ -340,7 +338,7 @@ class SqliteStorage(Storage):
         then holds the GIL-free step for a whole chunk, so a thread decoding the next
         message does not stall the insert row by row (executemany takes the GIL per row)."""
         rows = len(params) // _READING_COLS
-        per = self._rows_per_insert
+        per = max(1, self._max_params // _READING_COLS)
         inserted = 0
         for i in range(0, rows, per):
             k = min(per, rows - i)

@@ -160,8 +160,7 @@ class AckLedger:
     def expire(self) -> None:
         """Forget the batches whose ack is overdue: their records are read out again. Also
         settle the suspects once their grace is over with no newer batch in flight."""
-        if (self._suspects and time.monotonic() >= self._suspects_until
-                and self._suspects.issuperset(self.batches)):
+        if self._waiting_on_grace() and time.monotonic() >= self._suspects_until:
             self._settle_suspects()
         deadline = time.monotonic() - self.ack_timeout()
         expired = [bid for bid, fl in self.batches.items() if fl.sent_at <= deadline]
@@ -189,6 +188,10 @@ class AckLedger:
         self._suspects_until = time.monotonic() + grace_s
         return len(self._suspects)
 
+    def _waiting_on_grace(self) -> bool:
+        """Suspects in flight and no newer batch whose ack would settle them."""
+        return bool(self._suspects) and self._suspects.issuperset(self.batches)
+
     def _settle_suspects(self) -> None:
         """Forget the suspects still in flight. The timeout does not grow (central was away,
         not overloaded) and the pacer starts afresh, as on a new connection."""
@@ -209,7 +212,7 @@ class AckLedger:
             return self.ack_timeout()
         now = time.monotonic()
         due = min(fl.sent_at for fl in self.batches.values()) + self.ack_timeout()
-        if self._suspects and self._suspects.issuperset(self.batches):  # nothing newer
+        if self._waiting_on_grace():
             due = min(due, self._suspects_until)
         return due - now
 

@@ -319,12 +319,7 @@ class Uplink:
             log.exception("command_handler_failed", size=len(payload))
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
-        me = asyncio.current_task()
         while True:
-            if me is not None and me.cancelling():
-                # Python 3.11's `asyncio.wait_for` (in aiomqtt's publish) drops a cancel that
-                # races the PUBACK; the TaskGroup does not cancel twice, so the stop would hang.
-                raise asyncio.CancelledError()
             self.ledger.expire()
             self._wake.clear()  # before reading, so an append during the read is not missed
             wait = self.ledger.next_expiry_in()
