@@ -27,7 +27,7 @@ import _common  # noqa: F401  (puts the repo on sys.path)
 import httpx
 from _common import emit
 
-from protocols.commands import parse_public_key
+from protocols.command_keys import parse_public_key
 from tests.callresp_gw import TerminalGateway, terminal_fleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for

@@ -149,7 +149,7 @@ def agent_config(work: Path, ports: list[int], profile_text: str, broker_port: i
     gateway without one would not be a fair measure of memory)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from protocols.commands import public_key_b64
+    from protocols.command_keys import public_key_b64
 
     key = public_key_b64(Ed25519PrivateKey.generate().public_key())
     (work / "profiles").mkdir()

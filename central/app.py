@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from central import __version__, clock
+from central import DuplicateError, __version__
 from central.alarms.api import install as install_alarm_api  # alarms wiring (§7)
 from central.alarms.engine import policy_from  # alarms wiring (§7)
 from central.alarms.rules import start_alarm_rules  # alarms wiring (§7)
@@ -30,7 +30,6 @@ from central.commands.api import install as install_command_api
 from central.commands.dispatch import start_commands
 from central.config.settings import Settings
 from central.console.api import install as install_console_api  # duty console (issue 12)
-from central.errors import DuplicateError
 from central.health.metrics import Metrics
 from central.identity.accounts import Accounts
 from central.identity.api import install as install_identity_api
@@ -75,7 +74,7 @@ from central.web.models import (
 )
 from central.web.series import series_page
 from central.web.times import TIME_DOC, TimeParamError, parse_time
-from runtime import tasks
+from runtime import clock, tasks
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"

@@ -24,36 +24,30 @@ The states a gateway reports back are in `protocols.command_results`.
 
 Everything here is pure: the signing functions take `cryptography` key objects, and nothing
 reads files or the clock. `cryptography` itself is imported by the functions that sign or
-verify: a gateway's daemon checks its pinned key when it starts (`PinnedKey`) but loads the
-library (~9 MB resident for the months it runs) only when a first signature is to be checked.
+verify; central's public key as text and as a gateway pins it is `protocols.command_keys`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import cbor2
 
 from protocols.callresp import CallRespError, PlayWarning, play_warning_from_mapping
+from protocols.command_keys import VerifyKey
 from protocols.errors import DetailedError, FieldError, ProtocolError
 from protocols.remote_config import ApplyConfig, RemoteConfigError, apply_config_from_mapping
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 VERSION = 1
 SIG_BYTES = 64  # RFC 8032 §5.1.6: an Ed25519 signature is 64 bytes
-PUBLIC_KEY_BYTES = 32
 MAX_BODY_BYTES = 4096
 MAX_ENVELOPE_BYTES = 8192
 # The longest a command may live. The gateway keeps executed cmd_ids for longer than this, so
@@ -105,10 +99,6 @@ class BadSignatureError(CommandError):
         super().__init__("command signature does not verify"
                          + (f" (cmd_id {cmd_id})" if cmd_id else ""))
         self.cmd_id = cmd_id
-
-
-class BadKeyError(CommandError):
-    """A public or private key that cannot be parsed."""
 
 
 # --- kinds --------------------------------------------------------------------------------
@@ -461,84 +451,3 @@ def verify_command(public_key: VerifyKey, signed: SignedCommand) -> Command:
 def open_command(public_key: VerifyKey, payload: bytes) -> Command:
     """decode_envelope + verify_command."""
     return verify_command(public_key, decode_envelope(payload))
-
-
-def public_key_raw(public_key: Ed25519PublicKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def public_key_b64(public_key: Ed25519PublicKey) -> str:
-    """The 32 raw key bytes in base64: the form a gateway config pins."""
-    return base64.b64encode(public_key_raw(public_key)).decode("ascii")
-
-
-def public_key_pem(public_key: Ed25519PublicKey) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.PEM,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
-
-
-# RFC 8410 §4: the DER of an Ed25519 SubjectPublicKeyInfo is these 12 bytes, then the key's 32.
-_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
-_PEM_PUBLIC_RE = re.compile(rb"-----BEGIN PUBLIC KEY-----(.*)-----END PUBLIC KEY-----", re.S)
-
-
-def public_key_bytes(text: str | bytes) -> bytes:
-    """The 32 raw bytes of an Ed25519 public key given as PEM (SubjectPublicKeyInfo) or as base64
-    of those bytes; `BadKeyError` if it is neither. Any 32 bytes are a key to `cryptography`
-    (a point off the curve fails each verification), so this is the whole check."""
-    data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
-    data = data.strip()
-    pem = data.startswith(b"-----BEGIN")
-    if pem:
-        match = _PEM_PUBLIC_RE.fullmatch(data)
-        if match is None:
-            raise BadKeyError("not a PEM public key")
-        data = b"".join(match[1].split())
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadKeyError("not a PEM public key" if pem else "not base64") from exc
-    if pem:
-        if not (raw.startswith(_ED25519_SPKI_PREFIX)
-                and len(raw) == len(_ED25519_SPKI_PREFIX) + PUBLIC_KEY_BYTES):
-            raise BadKeyError("not an Ed25519 public key")
-        raw = raw[len(_ED25519_SPKI_PREFIX):]
-    if len(raw) != PUBLIC_KEY_BYTES:
-        raise BadKeyError(f"expected {PUBLIC_KEY_BYTES} key bytes, got {len(raw)}")
-    return raw
-
-
-def parse_public_key(text: str | bytes) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM (SubjectPublicKeyInfo) or base64 of its 32 raw bytes."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    return Ed25519PublicKey.from_public_bytes(public_key_bytes(text))
-
-
-class VerifyKey(Protocol):
-    """What checks a signature: an `Ed25519PublicKey` or a `PinnedKey`. `verify` raises
-    `cryptography.exceptions.InvalidSignature` when the signature is not good."""
-
-    def verify(self, signature: bytes, data: bytes) -> None: ...
-
-
-class PinnedKey:
-    """Central's public key as a gateway pins it: read and checked when the agent starts, made
-    an `Ed25519PublicKey` (loading `cryptography`) when the first signature is verified."""
-
-    __slots__ = ("_key", "raw")
-
-    def __init__(self, text: str | bytes) -> None:
-        self.raw = public_key_bytes(text)
-        self._key: Ed25519PublicKey | None = None
-
-    def verify(self, signature: bytes, data: bytes) -> None:
-        if self._key is None:
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-            self._key = Ed25519PublicKey.from_public_bytes(self.raw)
-        self._key.verify(signature, data)

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from protocols.callresp import CallRespError, Level, PlayWarning, play_warning
-from protocols.commands import Command, CommandError, VerifyKey, make_command
+from protocols.command_keys import VerifyKey
+from protocols.commands import Command, CommandError, make_command
 from protocols.narrowband_wire import (
     VERSION,
     FrameCapacityError,

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from protocols.commands import parse_public_key
+from protocols.command_keys import parse_public_key
 from tests.callresp_gw import TerminalGateway, terminal_fleet
 from tests.fakegw import ThreadedFleet
 from tests.fleet import Central

@@ -18,8 +18,8 @@ from central.commands.store import (
     UnknownCommandError,
 )
 from central.config.settings import Settings
+from protocols.command_keys import public_key_raw
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
-from protocols.commands import public_key_raw
 from tests.pg import BACKENDS, database_url
 
 S = CommandState

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from protocols import command_keys as k
 from protocols import command_results as r
 from protocols import commands as c
 
@@ -72,7 +73,7 @@ def test_envelope_carries_body_and_ed25519_signature() -> None:
 
 def test_signature_is_checked_before_the_body_is_believed() -> None:
     """RFC 8032 TEST 1: a valid signature of an empty body passes, then the body fails to decode."""
-    assert c.public_key_raw(c.parse_public_key(base64.b64encode(RFC_PUBLIC))) == RFC_PUBLIC
+    assert k.public_key_raw(k.parse_public_key(base64.b64encode(RFC_PUBLIC))) == RFC_PUBLIC
     signed = c.SignedCommand(body=b"", sig=RFC_SIG_EMPTY)
     with pytest.raises(c.MalformedCommandError):
         c.verify_command(PUB, signed)
@@ -167,19 +168,19 @@ def test_kinds_args_and_targets() -> None:
 
 def test_public_key_forms() -> None:
     """A pinned key may be base64 of the raw 32 bytes or PEM; anything else is BadKeyError."""
-    assert c.public_key_raw(c.parse_public_key(c.public_key_b64(PUB))) == RFC_PUBLIC
-    assert c.public_key_raw(c.parse_public_key(c.public_key_pem(PUB))) == RFC_PUBLIC
+    assert k.public_key_raw(k.parse_public_key(k.public_key_b64(PUB))) == RFC_PUBLIC
+    assert k.public_key_raw(k.parse_public_key(k.public_key_pem(PUB))) == RFC_PUBLIC
     spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(*spki).decode()
     x25519_pem = x25519.X25519PrivateKey.generate().public_key().public_bytes(*spki).decode()
     for bad in ("", "not base64!", base64.b64encode(b"short").decode(),
                 "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", p256, x25519_pem,
-                c.public_key_pem(PUB).replace("PUBLIC KEY", "PRIVATE KEY")):
-        with pytest.raises(c.BadKeyError):
-            c.parse_public_key(bad)
-        with pytest.raises(c.BadKeyError):  # the check a gateway makes at start, without cryptography
-            c.PinnedKey(bad)
-    pinned = c.PinnedKey(c.public_key_pem(PUB).replace("\n", "\r\n"))
+                k.public_key_pem(PUB).replace("PUBLIC KEY", "PRIVATE KEY")):
+        with pytest.raises(k.BadKeyError):
+            k.parse_public_key(bad)
+        with pytest.raises(k.BadKeyError):  # the check a gateway makes at start, without cryptography
+            k.PinnedKey(bad)
+    pinned = k.PinnedKey(k.public_key_pem(PUB).replace("\n", "\r\n"))
     assert pinned.raw == RFC_PUBLIC
 
 

@@ -21,6 +21,7 @@ from edge_agent.field.poller import DevicePoller
 from edge_agent.field.transports import ModbusTcpTransport
 from edge_agent.outbox.store import Outbox
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
+from protocols import command_keys as k
 from protocols import command_results as r
 from protocols import commands as c
 from protocols.callresp import play_warning
@@ -195,10 +196,10 @@ async def test_crash_mid_execution_reports_interrupted_not_rerun(tmp_path: Path,
 def test_pinned_key_forms(tmp_path: Path) -> None:
     """The pinned key may be inline base64, or a PEM file relative to the config folder."""
     pub = KEY.public_key()
-    assert load_public_key(c.public_key_b64(pub)) is not None
-    (tmp_path / "central.pub").write_text(c.public_key_pem(pub))
+    assert load_public_key(k.public_key_b64(pub)) is not None
+    (tmp_path / "central.pub").write_text(k.public_key_pem(pub))
     loaded = load_public_key("central.pub", tmp_path)
-    assert loaded is not None and loaded.raw == c.public_key_raw(pub)
+    assert loaded is not None and loaded.raw == k.public_key_raw(pub)
     assert load_public_key(None) is None
 
 

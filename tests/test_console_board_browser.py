@@ -16,7 +16,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from protocols.commands import parse_public_key
+from protocols.command_keys import parse_public_key
 from tests.browser import chromium, console_login, screenshot, viewport
 from tests.callresp_gw import terminal_fleet
 from tests.fleet import Central

@@ -15,8 +15,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from protocols import commands as c
+from protocols.command_keys import parse_public_key
 from protocols.command_results import CommandResult, CommandState, result_attrs
-from protocols.commands import parse_public_key
 from protocols.envelope import RecordKind
 from tests.browser import chromium, console_login, screenshot
 from tests.callresp_gw import TerminalGateway

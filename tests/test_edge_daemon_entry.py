@@ -77,7 +77,7 @@ def test_run_error_prints_as_the_typer_command(tmp_path: Path) -> None:
 
 
 # Loaded only by gateways whose config has them (edge_agent/agent.py), or, for `cryptography`,
-# when the first signed command is verified (protocols.commands.PinnedKey).
+# when the first signed command is verified (protocols.command_keys.PinnedKey).
 OPTIONAL_MODULES = ("cryptography", "edge_agent.bearers.beidou", "edge_agent.bearers.pdt",
                     "edge_agent.bearers.tiantong", "edge_agent.narrowband.downlink",
                     "edge_agent.narrowband.fallback", "edge_agent.terminals.service",

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.callresp import Level, play_warning
-from protocols.commands import make_command, public_key_b64
+from protocols.command_keys import public_key_b64
+from protocols.commands import make_command
 from protocols.narrowband import (
     CallAckEntry,
     CallAcksFrame,

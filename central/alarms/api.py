@@ -41,7 +41,6 @@ from central.alarms.paging import (
 )
 from central.areas import tree as areas
 from central.areas.tree import Area, AreaLevel, AreaNode, AreaPlacementError
-from central.clock import now_ms
 from central.identity.authz import (
     Admin,
     Operator,
@@ -59,6 +58,7 @@ from central.web.cursor import MAX_CURSOR_CHARS
 from central.web.problems import install_problems
 from central.web.routing import StrictModel, audit_of, run_audited, storage_of
 from central.web.times import TIME_DOC
+from runtime.clock import now_ms
 
 
 class AreaIn(StrictModel):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from central import CentralError, clock
+from central import CentralError
 from central.alarms.engine import apply_events, history_row, log_changes
 from central.alarms.lifecycle import (
     AckState,
@@ -33,6 +33,7 @@ from central.areas.tree import Area, area_program
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
 from protocols.errors import DetailedError
+from runtime import clock
 
 MAX_LIMIT = 1000
 

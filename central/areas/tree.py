@@ -19,11 +19,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from central import CentralError, clock
-from central.errors import DuplicateError
+from central import CentralError, DuplicateError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
 from protocols.errors import DetailedError
+from runtime import clock
 from runtime.files import FileError
 
 SEED_DIR = Path(__file__).resolve().parent.parent / "seed"

@@ -42,13 +42,13 @@ from central.callresp.directory import (
 from central.callresp.service import CallRespService
 from central.callresp.views import stats, warning_program, warnings_program
 from central.callresp.workflow import WarningRequestError
-from central.clock import now_ms
 from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
 from central.storage.program import Program
 from central.web.bounds import IdField
 from central.web.problems import install_problems
 from central.web.routing import StrictModel
 from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS, Level
+from runtime.clock import now_ms
 
 DAY_MS = 86_400_000
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

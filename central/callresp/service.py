@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from central import CentralError, clock
+from central import CentralError
 from central.callresp.directory import AreaRef, areas_program
 from central.callresp.schema import migrate_program
 from central.callresp.settings import CallRespSettings
@@ -50,7 +50,7 @@ from protocols.callresp import (
 )
 from protocols.commands import CommandKind
 from protocols.envelope import DataBatch, RecordKind
-from runtime import tasks
+from runtime import clock, tasks
 from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)

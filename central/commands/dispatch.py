@@ -42,7 +42,7 @@ import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from central import CentralError, clock
+from central import CentralError
 from central.commands.check import WritePolicy, check_site_config
 from central.commands.keys import signing_key
 from central.commands.store import (
@@ -61,6 +61,7 @@ from central.narrowband.downlink import RADIO_BEARERS, RadioRoute
 from central.storage import Storage, UnknownDeviceError
 from device_profiles.loader import ProfilePoint
 from protocols import topics
+from protocols.command_keys import public_key_b64, public_key_pem
 from protocols.command_results import CommandState, parse_result_attrs
 from protocols.commands import (
     Command,
@@ -72,8 +73,6 @@ from protocols.commands import (
     args_from_mapping,
     encode_body,
     make_command,
-    public_key_b64,
-    public_key_pem,
     sign_command,
 )
 from protocols.envelope import DataBatch, RecordKind
@@ -81,7 +80,7 @@ from protocols.errors import DetailedError
 from protocols.narrowband import NarrowbandError
 from protocols.narrowband_down import sign_warning
 from protocols.remote_config import ApplyConfig
-from runtime import tasks
+from runtime import clock, tasks
 from runtime.counters import Counters
 from runtime.mqtt import MqttSession, until_disconnected
 from runtime.tasks import Backoff

@@ -36,12 +36,12 @@ from typing import Any
 
 import structlog
 
-from central import CentralError, clock
+from central import CentralError, DuplicateError
 from central.commands.schema import MIGRATIONS
-from central.errors import DuplicateError
 from central.storage.side_store import SideStore
 from protocols.command_results import CommandResult, CommandState, Reason
 from protocols.errors import DetailedError
+from runtime import clock
 
 log = structlog.get_logger(__name__)
 

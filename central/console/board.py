@@ -14,11 +14,11 @@ from fastapi import FastAPI
 from central.callresp.directory import Person, Terminal, persons_program, terminals_program
 from central.callresp.views import TargetView, WarningView, warnings_program
 from central.callresp.workflow import ANSWERED, KIND_PERSON, OPEN_STATES
-from central.clock import now_ms
 from central.console.views import View, area_path
 from central.storage import Storage
 from central.storage.program import Program, Sql
 from central.web.routing import StrictModel
+from runtime.clock import now_ms
 
 WINDOW_MS = 86_400_000  # warnings of the last day
 CLOSED_KEPT_MS = 3_600_000  # a warning whose every target is done stays this long

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import structlog
 from pydantic import BaseModel
 
-from central.clock import now_ms
 from central.console.views import OverviewOut, View
+from runtime.clock import now_ms
 from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)

@@ -16,12 +16,12 @@ from central.alarms import desk as alarms
 from central.alarms.api import AlarmOut, alarm_fields
 from central.alarms.lifecycle import AckState, AlarmStatus
 from central.areas.tree import area_program
-from central.clock import now_ms
 from central.console import geo
 from central.identity.authz import Principal, gateway_paths_program
 from central.storage import Storage
 from central.storage.program import Program, Sql, placeholders
 from central.web.routing import StrictModel
+from runtime.clock import now_ms
 
 
 @dataclass(frozen=True, slots=True)

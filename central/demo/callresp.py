@@ -32,10 +32,10 @@ from central.callresp.directory import (
 )
 from central.callresp.service import CallRespService
 from central.callresp.settings import CallRespSettings
-from central.clock import now_ms
 from central.demo.children import ready_child
 from central.identity.audit import AuditLog
 from central.storage import Storage
+from runtime.clock import now_ms
 
 log = structlog.get_logger(__name__)
 

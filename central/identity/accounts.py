@@ -13,7 +13,7 @@ import secrets
 
 import structlog
 
-from central import CentralError, clock
+from central import CentralError
 from central.identity import sessions, users
 from central.identity.audit import AuditLog
 from central.identity.authz import AuthCounters, Principal
@@ -22,6 +22,7 @@ from central.identity.users import Role, User
 from central.storage import Storage
 from central.storage.program import Program, Sql
 from protocols.errors import DetailedError
+from runtime import clock
 
 log = structlog.get_logger(__name__)
 

@@ -26,9 +26,10 @@ from typing import Any
 
 import structlog
 
-from central import CentralError, clock
+from central import CentralError
 from central.storage import Storage
 from central.storage.program import Program, Sql
+from runtime import clock
 
 log = structlog.get_logger(__name__)
 SYSTEM = "system"  # the actor of what central does by itself (signing, results)

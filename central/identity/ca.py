@@ -30,8 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from central import CentralError
-from central.errors import RefusedError
+from central import CentralError, RefusedError
 from protocols.errors import DetailedError
 from runtime.files import FileError, write_atomic
 

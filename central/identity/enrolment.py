@@ -34,8 +34,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from central import clock
-from central.errors import RefusedError
+from central import RefusedError
 from central.identity.ca import (
     CertificateAuthority,
     PkiError,
@@ -52,6 +51,7 @@ from central.identity.enrolment_store import (
     token_hash,
 )
 from protocols.topics import TopicError, check_gateway_id
+from runtime import clock
 
 log = structlog.get_logger(__name__)
 

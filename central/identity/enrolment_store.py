@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import structlog
 
-from central import CentralError, clock
+from central import CentralError
 from central.storage.side_store import Migration, SideStore
+from runtime import clock
 
 log = structlog.get_logger(__name__)
 

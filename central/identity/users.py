@@ -22,9 +22,8 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from central import CentralError
+from central import CentralError, DuplicateError, RefusedError
 from central.areas.tree import area_program
-from central.errors import DuplicateError, RefusedError
 from central.storage import NotFoundError
 from central.storage.program import Program, Sql
 

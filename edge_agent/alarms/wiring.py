@@ -25,7 +25,6 @@ interleave their transitions; the outbox has one writer thread anyway.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -47,16 +46,13 @@ from edge_agent.config.site import AgentConfig, DeviceConfig
 from edge_agent.field.poller import DeviceHealth, Health, OutboxWriter
 from edge_agent.outbox.store import NewRecord, OutboxDiskFullError
 from protocols.alarm_attrs import AlarmState
+from runtime.clock import now_ms
 
 log = structlog.get_logger(__name__)
 
 TICK_S = 1.0
 _LOG_EVENT = {AlarmState.RAISED: "alarm_raised", AlarmState.CHANGED: "alarm_changed",
               AlarmState.CLEARED: "alarm_cleared"}
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class PolledDevice(Protocol):
@@ -91,13 +87,13 @@ class AlarmRules:
     """Evaluates the rules on everything the pollers append and on a clock tick."""
 
     def __init__(self, engine: RuleEngine, store: AlarmStore, outbox: OutboxWriter, *,
-                 wall_ms: Callable[[], int] = _wall_ms, tick_s: float = TICK_S,
+                 wall_ms: Callable[[], int] = now_ms, tick_s: float = TICK_S,
                  on_events: Callable[[Sequence[AlarmEvent]], None] | None = None) -> None:
         self.engine = engine
         self._on_events = on_events  # told of every transition once it is in the outbox
         self._store = store
         self._outbox = outbox
-        self._wall_ms = wall_ms
+        self.now_ms = wall_ms
         self.tick_s = tick_s
         self._lock = asyncio.Lock()
         self._unsaved: dict[str, AlarmSnapshot] = {}  # refused by the alarm store, newest each
@@ -107,7 +103,7 @@ class AlarmRules:
         alarms whose rule is gone are cleared through the outbox. Returns how many are active."""
         stored = await self._store.load_active()
         async with self._lock:
-            evaluation = self.engine.restore(stored, self._wall_ms())
+            evaluation = self.engine.restore(stored, self.now_ms())
             await self._emit([], evaluation)
         active = self.engine.active()
         log.info("alarms_restored", active=len(active), dropped=len(evaluation.events))
@@ -125,7 +121,7 @@ class AlarmRules:
                    now_ms: int | None = None) -> tuple[AlarmEvent, ...]:
         """Evaluate stale and offline rules now; returns the events it recorded."""
         async with self._lock:
-            evaluation = self.engine.on_tick(self._wall_ms() if now_ms is None else now_ms,
+            evaluation = self.engine.on_tick(self.now_ms() if now_ms is None else now_ms,
                                              devices)
             await self._emit([], evaluation)
         return evaluation.events

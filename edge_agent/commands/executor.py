@@ -49,6 +49,7 @@ from edge_agent.field.point_io import readback_matches
 from edge_agent.field.transports import ModbusTransport
 from edge_agent.outbox.store import NewRecord, OutboxError
 from protocols.callresp import PlayWarning
+from protocols.command_keys import VerifyKey
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
 from protocols.commands import (
     MAX_TTL_MS,
@@ -59,7 +60,6 @@ from protocols.commands import (
     SetPollInterval,
     SyncTime,
     UnknownCommandKindError,
-    VerifyKey,
     WritePoint,
     decode_envelope,
     peek_cmd_id,

@@ -4,7 +4,7 @@
 key comes from `[commands] central_public_key` (DESIGN.md §6: pinned at enrolment); without a
 usable key the executor still runs and rejects every command with `no_public_key`, so central
 sees why nothing executes. The key is read and checked at start, and loads `cryptography` only
-when a first command is verified (`protocols.commands.PinnedKey`).
+when a first command is verified (`protocols.command_keys.PinnedKey`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from edge_agent.commands.outcomes import KindHandler
 from edge_agent.commands.warnings import WarningPlayer
 from edge_agent.config.site import AgentConfig
 from edge_agent.outbox.store import OutboxError
-from protocols.commands import BadKeyError, PinnedKey
+from protocols.command_keys import BadKeyError, PinnedKey
 
 log = structlog.get_logger(__name__)
 

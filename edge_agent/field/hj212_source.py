@@ -73,6 +73,7 @@ from protocols.hj212 import (
     Hj212Frame,
     encode_frame,
 )
+from runtime.clock import now_ms
 from runtime.counters import Counters
 from runtime.serial import LineReader, LineSettings, PortLostError, SerialPortError, open_serial
 
@@ -125,10 +126,6 @@ class _Counts(Hj212Stats):
     last_error: str | None = None
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Hj212Source:
     """Reads one HJ 212 station on one serial port into a record sink.
 
@@ -143,7 +140,7 @@ class Hj212Source:
                  realtime_max_age_s: float = 600.0, history_max_age_s: float = 30 * 86400.0,
                  reopen_s: float = 5.0, reply_acks: bool = True,
                  notify: Callable[[], object] | None = None,
-                 wall_ms: Callable[[], int] = _wall_ms) -> None:
+                 wall_ms: Callable[[], int] = now_ms) -> None:
         if profile.protocol != "hj212":
             raise Hj212SourceError(f"profile {profile.id!r} speaks {profile.protocol}, not hj212")
         if interval_s <= 0:
@@ -162,7 +159,7 @@ class Hj212Source:
         self.reopen_s = reopen_s
         self.reply_acks = reply_acks
         self._notify = notify
-        self._wall_ms = wall_ms
+        self.now_ms = wall_ms
         self._points: dict[str, ProfilePoint] = {
             p.factor: p for p in profile.points if p.factor is not None
         }
@@ -299,7 +296,7 @@ class Hj212Source:
         if frame.cn not in DATA_CNS:
             self._c.other_frames += 1
             return []
-        return self._records(frame, self._wall_ms())
+        return self._records(frame, self.now_ms())
 
     def _records(self, frame: Hj212Frame, rx_ms: int) -> list[NewRecord]:
         realtime = frame.cn == CN_REALTIME
@@ -371,7 +368,7 @@ class Hj212Source:
         c = self._c
         c.frames += 1
         c.consecutive_failures = 0
-        c.last_ok_ms = self._wall_ms()
+        c.last_ok_ms = self.now_ms()
         self._last_good = time.monotonic()
         self._state = Health.OK
         if self._failing:

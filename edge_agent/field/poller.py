@@ -51,6 +51,7 @@ from edge_agent.outbox.store import NewRecord, OutboxFullError
 from protocols.envelope import Flag, RecordKind
 from protocols.modbus_points import PointDecodeError, PointValue
 from protocols.read_plan import ReadBlock, plan_reads
+from runtime.clock import now_ms
 
 log = structlog.get_logger(__name__)
 
@@ -108,22 +109,18 @@ class CycleResult:
     error: str | None = None
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class DevicePoller:
     """Polls one device through a (possibly shared) transport into the outbox."""
 
     def __init__(self, device: DeviceConfig, profile: Profile, transport: ModbusTransport,
                  outbox: OutboxWriter, *, notify: Callable[[], object] | None = None,
-                 wall_ms: Callable[[], int] = _wall_ms) -> None:
+                 wall_ms: Callable[[], int] = now_ms) -> None:
         self.device = device
         self.profile = profile
         self.transport = transport
         self._outbox = outbox
         self._notify = notify
-        self._wall_ms = wall_ms
+        self.now_ms = wall_ms
         self._c = DeviceHealth(device.id, Health.STARTING)
         self._failing = False
         self._outbox_full = False
@@ -170,7 +167,7 @@ class DevicePoller:
         tiers = self.tiers_for(self._tick)
         self._tick += 1
         blocks = self.plan(tiers)
-        ts_ms = self._wall_ms()  # one timestamp per cycle: its points were sampled together
+        ts_ms = self.now_ms()  # one timestamp per cycle: its points were sampled together
         started = time.monotonic()
         records: list[NewRecord] = []
         ok = failed = bad = 0
@@ -254,7 +251,7 @@ class DevicePoller:
                 self._log.warning("poll_failed", error=r.error,
                                   endpoint=self.transport.endpoint)
             return
-        c.last_ok_ms = self._wall_ms()
+        c.last_ok_ms = self.now_ms()
         c.consecutive_failures = 0
         if r.blocks_failed or r.decode_errors:
             self._c.state = Health.DEGRADED

@@ -35,7 +35,7 @@ import structlog
 
 from edge_agent.outbox.store import Outbox, OutboxError
 from protocols.beidou import Bd2Message, Bd3Message
-from protocols.commands import VerifyKey
+from protocols.command_keys import VerifyKey
 from protocols.hrnp_text import TextMessage
 from protocols.narrowband import NarrowbandError, NotFrameTextError, from_text
 from protocols.narrowband_down import (

@@ -57,6 +57,7 @@ from protocols.callresp import (
 )
 from protocols.envelope import Record, RecordKind
 from protocols.terminal_events import LOCAL_EVENT, FaultState, TerminalFault, TerminalFaultEvent
+from runtime.clock import now_ms
 from runtime.counters import Counters
 
 log = structlog.get_logger(__name__)
@@ -92,10 +93,6 @@ class ServiceCounters(Counters):
     append_errors: int = 0
     faults_raised: int = 0
     faults_cleared: int = 0
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _fit(text: str, limit: int = MAX_TEXT_BYTES) -> str:
@@ -134,14 +131,14 @@ class TerminalService:
     """The terminals of one gateway; see the module doc."""
 
     def __init__(self, *, terminals: Sequence[TerminalConfig], ledger_path: Path,
-                 outbox: RecordWriter, wall_ms: Callable[[], int] = _wall_ms,
+                 outbox: RecordWriter, wall_ms: Callable[[], int] = now_ms,
                  answer_wait_s: float = ANSWER_WAIT_S) -> None:
         self.links = {c.id: TerminalLink(c, self) for c in terminals if c.enabled}
         self.ledger_path = Path(ledger_path)
         self.counters = ServiceCounters()
         self.answer_wait_s = answer_wait_s
         self._outbox = outbox
-        self._wall_ms = wall_ms
+        self.now_ms = wall_ms
         self._ledger: TerminalLedger | None = None
         self._faults: dict[str, set[str]] = {}
 
@@ -183,10 +180,10 @@ class TerminalService:
         returns what the terminals did (`replayed`). Raises `TerminalStoreError` only if the
         ledger cannot name the warning or claim the command."""
         if cmd_id is not None and not await self.ledger.claim_play(
-                cmd_id, args.warning_id, origin=origin, now_ms=self._wall_ms()):
+                cmd_id, args.warning_id, origin=origin, now_ms=self.now_ms()):
             return await self.replayed(args, origin=origin, cmd_id=cmd_id)
         wire = await self.ledger.warning(args.warning_id, origin=origin, cmd_id=cmd_id,
-                                         now_ms=self._wall_ms())
+                                         now_ms=self.now_ms())
         play = tm.Play(wire.wire_id, _LEVELS[args.level], args.repeat, _fit(args.text))
         self.counters.plays += 1
         known = [t for t in args.terminals if t in self.links]
@@ -245,7 +242,7 @@ class TerminalService:
             log.warning("terminal_unknown_warning", terminal=terminal, wire_id=wire_id,
                         type=str(kind))
             return
-        at_ms = at_s * 1000 if at_s else self._wall_ms()
+        at_ms = at_s * 1000 if at_s else self.now_ms()
         attrs = event_attrs(CallRespEvent(kind, wire.warning_id, terminal, at_ms,
                                           cmd_id=wire.cmd_id, by=by))
         if await self.record_once((wire.warning_id, terminal, str(kind)), attrs, at_ms):
@@ -282,7 +279,7 @@ class TerminalService:
         for key, attrs in unreported:
             if key in present:
                 await self.ledger.mark_reported(key)
-            elif await self._append(key, attrs, int(attrs.get("at_ms") or self._wall_ms())):
+            elif await self._append(key, attrs, int(attrs.get("at_ms") or self.now_ms())):
                 n += 1
         self.counters.events_reappended += n
         if n:
@@ -306,14 +303,14 @@ class TerminalService:
             await self.report_unreported()
             if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
                 pruned_at = time.monotonic()
-                await self.ledger.prune(self._wall_ms() - KEEP_MS)
+                await self.ledger.prune(self.now_ms() - KEEP_MS)
 
     # --- health ----------------------------------------------------------------------------
 
     async def on_heartbeat(self, link: TerminalLink, hb: tm.Heartbeat) -> None:
         if hb.terminal_id != link.id:
             log.warning("terminal_id_mismatch", terminal=link.id, says=hb.terminal_id)
-        now = self._wall_ms()
+        now = self.now_ms()
         open_ = self._faults.get(link.id, set())
         current = {str(f) for f in faults_of(hb)}
         for fault in sorted(open_ - current):
@@ -323,7 +320,7 @@ class TerminalService:
 
     async def on_lost(self, link: TerminalLink, reason: str) -> None:
         if TerminalFault.LOST not in self._faults.get(link.id, set()):
-            await self._fault(link.id, TerminalFault.LOST, True, self._wall_ms(), None)
+            await self._fault(link.id, TerminalFault.LOST, True, self.now_ms(), None)
 
     async def _fault(self, terminal: str, fault: str, raised: bool, now: int,
                      battery: int | None) -> None:
