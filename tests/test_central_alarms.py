@@ -450,6 +450,7 @@ async def test_api_areas_alarms_ack_clear(tmp_path: Path) -> None:
         cleared = await post(f"/api/alarms/{a['id']}/clear", {"comment": "误报"}, 200)
         assert (cleared["state"], cleared["cleared_by"]) == ("cleared", ADMIN)
         await post(f"/api/alarms/{a['id']}/clear", {}, 409)
+        await post(f"/api/alarms/{a['id']}/comment", {"comment": ""}, 422)  # ack/clear need none
         detail = (await c.get(f"/api/alarms/{a['id']}")).json()
         assert [h["action"] for h in detail["history"]] == [
             "raised", "changed", "ack", "manual_clear"]

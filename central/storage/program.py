@@ -26,7 +26,7 @@ import functools
 import sqlite3
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 Rows = list[tuple[Any, ...]]
@@ -48,16 +48,27 @@ def placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
 
+@dataclass(frozen=True, slots=True)
+class _Returned(Generic[T]):
+    value: T
+
+
+def _advance(program: Program[T], rows: Rows | None) -> Sql | _Returned[T]:
+    """The program's next statement, sent the rows of its last one (None to start it), or
+    what it returned: the one place that speaks the generator protocol for both drivers."""
+    try:
+        return next(program) if rows is None else program.send(rows)
+    except StopIteration as stop:
+        return _Returned(stop.value)
+
+
 def run_sync(conn: sqlite3.Connection, program: Program[T]) -> T:
     """Run `program` on a sqlite3 connection, in the caller's transaction."""
     with contextlib.closing(program):
-        rows: Any = None
-        while True:
-            try:
-                stmt = program.send(rows)
-            except StopIteration as stop:
-                return stop.value
-            rows = conn.execute(stmt.text, stmt.params).fetchall()
+        step = _advance(program, None)
+        while isinstance(step, Sql):
+            step = _advance(program, conn.execute(step.text, step.params).fetchall())
+        return step.value
 
 
 @functools.lru_cache(maxsize=512)
@@ -70,11 +81,8 @@ def pg_text(text: str, lock: bool) -> str:
 async def run_async(conn: Any, program: Program[T]) -> T:
     """Run `program` on a psycopg AsyncConnection, in the caller's transaction."""
     with contextlib.closing(program):
-        rows: Any = None
-        while True:
-            try:
-                stmt = program.send(rows)
-            except StopIteration as stop:
-                return stop.value
-            cur = await conn.execute(pg_text(stmt.text, stmt.lock), stmt.params)
-            rows = await cur.fetchall() if cur.description is not None else []
+        step = _advance(program, None)
+        while isinstance(step, Sql):
+            cur = await conn.execute(pg_text(step.text, step.lock), step.params)
+            step = _advance(program, await cur.fetchall() if cur.description is not None else [])
+        return step.value
