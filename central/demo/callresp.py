@@ -32,7 +32,7 @@ from central.callresp.directory import (
 )
 from central.callresp.service import CallRespService
 from central.callresp.settings import CallRespSettings
-from central.demo.children import ready_child
+from central.demo.children import Children, ready_child
 from central.identity.audit import AuditLog
 from central.storage import Storage
 from runtime.clock import now_ms
@@ -105,13 +105,14 @@ async def seed_directory(storage: Storage) -> int:
 
 
 @contextlib.asynccontextmanager
-async def street_terminals(root: Path, deadline_s: float = DEADLINE_S
+async def street_terminals(children: Children, root: Path, deadline_s: float = DEADLINE_S
                            ) -> AsyncIterator[Callable[[], Awaitable[dict[str, int]]]]:
     """The terminals as one child process; yields `ports()`, which waits until they listen
     and returns terminal id → its TCP port on loopback."""
     args = [f"--terminal={t.id}:" + ("never" if t.presses is None
                                       else f"{t.presses * deadline_s:.2f}") for t in TERMINALS]
-    async with ready_child("firmware_stubs.terminal_street", args, root, "terminals") as ready:
+    async with ready_child(children, "firmware_stubs.terminal_street", args, root,
+                           "terminals") as ready:
         async def ports() -> dict[str, int]:
             return dict(json.loads(await ready))
 

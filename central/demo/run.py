@@ -18,13 +18,14 @@ import contextlib
 import json
 import os
 import secrets
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+import uvicorn
 
 from central.app import create_app
 from central.areas.tree import SEED_DIR, AreaNode, area_tree, seed_areas
@@ -32,9 +33,10 @@ from central.config.settings import NarrowbandGateway, Settings
 from central.console.geo import Position, set_area_position, set_gateway_position
 from central.demo import callresp
 from central.demo.broker import embedded_broker
-from central.demo.children import child_env, ready_child, stop_children, wait_file
+from central.demo.children import Children, ready_child, wait_file
 from central.demo.link import LinkSwitch
-from central.health.service import make_server, stop_on_signals
+from central.demo.shutdown import Shutdown
+from central.health.service import begin_stop, make_server
 from central.storage import Storage, open_storage
 
 log = structlog.get_logger(__name__)
@@ -121,29 +123,26 @@ class Enrol:
     mqtt_tls: bool = False  # the embedded broker is plain MQTT
 
 
-async def enrol_gateway(enrol: Enrol, gw: str, conf: Path, env: dict[str, str]) -> None:
+async def enrol_gateway(enrol: Enrol, gw: str, conf: Path, children: Children) -> None:
     """`edge-agent enroll` as an installer runs it on a new gateway (token in the environment,
     not on the command line where `ps` shows it)."""
     token = await enrol.issue_token(gw)
-    args = [sys.executable, "-m", "edge_agent", "enroll", "-c", str(conf),
-            "--central", enrol.central_url] + ([] if enrol.mqtt_tls else ["--no-mqtt-tls"])
-    with (conf.parent / "enrol.log").open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *args, env=env | {"FIELDLINK_ENROL_TOKEN": token}, stdout=out,
-            stderr=asyncio.subprocess.STDOUT)
-        try:
-            rc = await proc.wait()
-        except asyncio.CancelledError:
-            proc.kill()  # the demo is stopping: leave no child behind
-            await proc.wait()
-            raise
-        if rc != 0:
-            raise RuntimeError(f"{gw}: enrolment failed, see {conf.parent / 'enrol.log'}")
+    args = ["enroll", "-c", str(conf), "--central", enrol.central_url] + (
+        [] if enrol.mqtt_tls else ["--no-mqtt-tls"])
+    proc = await children.spawn("edge_agent", args, conf.parent / "enrol.log",
+                                env={"FIELDLINK_ENROL_TOKEN": token})
+    try:
+        rc = await proc.wait()
+    except asyncio.CancelledError:
+        await children.stop([proc])  # the demo is stopping: leave no child behind
+        raise
+    if rc != 0:
+        raise RuntimeError(f"{gw}: enrolment failed, see {conf.parent / 'enrol.log'}")
     log.info("demo_gateway_enrolled", gw=gw)
 
 
 @contextlib.asynccontextmanager
-async def fleet(root: Path, broker_host: str, broker_port: int,
+async def fleet(children: Children, root: Path, broker_host: str, broker_port: int,
                 gateways: tuple[DemoGateway, ...] = FLEET, *,
                 central_public_key: str | None = None, links: dict[str, int] | None = None,
                 narrowband: dict[str, Narrowband] | None = None,
@@ -154,12 +153,12 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
     gateway's MQTT through a local relay port; `narrowband` gives it a BeiDou terminal;
     `enrol` has each gateway run `edge-agent enroll` with a fresh token first (DESIGN.md §8),
     which pins central's key instead of `central_public_key`; `extra` is more of a gateway's
-    TOML (its 叫应 terminals)."""
-    procs: list[asyncio.subprocess.Process] = []
+    TOML (its 叫应 terminals). On exit the agents stop first, then the simulators they poll."""
+    sims: list[asyncio.subprocess.Process] = []
+    agents: list[asyncio.subprocess.Process] = []
     controls: dict[str, int] = {}
     confs: list[tuple[DemoGateway, Path]] = []
     enrolling: list[asyncio.Task[None]] = []
-    env = child_env()
     try:
         for gw in gateways:
             gdir = root / gw.id
@@ -167,15 +166,12 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
             ready, control_ready = gdir / "sim.port", gdir / "sim.control"
             ready.unlink(missing_ok=True)
             control_ready.unlink(missing_ok=True)
-            args = [sys.executable, "-m", "firmware_stubs.modbus_sim", "--port", "0",
-                    "--ready-file", str(ready), "--control-port", "0",
+            args = ["--port", "0", "--ready-file", str(ready), "--control-port", "0",
                     "--control-ready-file", str(control_ready)]
             for _dev, profile in gw.devices:
                 args += ["--profile", profile]
-            sim = await asyncio.create_subprocess_exec(
-                *args, env=env, stdout=asyncio.subprocess.DEVNULL,
-                stderr=(gdir / "sim.log").open("ab"))
-            procs.append(sim)
+            sim = await children.spawn("firmware_stubs.modbus_sim", args, gdir / "sim.log")
+            sims.append(sim)
             sim_port = int((await wait_file(ready, sim)).split("=")[-1])
             controls[gw.id] = int((await wait_file(control_ready, sim)).split("=")[-1])
             conf = gdir / "site.toml"
@@ -187,21 +183,18 @@ async def fleet(root: Path, broker_host: str, broker_port: int,
                 + "\n" + (extra or {}).get(gw.id, ""))
             confs.append((gw, conf))
             if enrol is not None:  # a process start each: overlap them with the simulators'
-                enrolling.append(asyncio.create_task(enrol_gateway(enrol, gw.id, conf, env),
+                enrolling.append(asyncio.create_task(enrol_gateway(enrol, gw.id, conf, children),
                                                      name=f"demo.enrol[{gw.id}]"))
         await asyncio.gather(*enrolling)
         for gw, conf in confs:
-            gdir = conf.parent
-            agent = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edge_agent", "run", "--config", str(conf), env=env,
-                stdout=(gdir / "agent.log").open("ab"), stderr=asyncio.subprocess.STDOUT)
-            procs.append(agent)
+            agents.append(await children.spawn("edge_agent", ["run", "--config", str(conf)],
+                                               conf.parent / "agent.log"))
             log.info("demo_gateway_started", gw=gw.id, devices=len(gw.devices))
         yield controls
     finally:
-        for t in enrolling:
-            t.cancel()
-        await stop_children(procs)
+        await cancel_all(enrolling)
+        await children.stop(agents)
+        await children.stop(sims)
 
 
 DEMO_ADMIN = "admin"
@@ -251,9 +244,28 @@ async def demo_login(storage: Storage, data_dir: Path) -> tuple[str, str]:
 
 async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: str | None,
                    callresp_deadline_s: float = callresp.DEADLINE_S) -> None:
-    """Run broker, central and the fleet until Ctrl-C (a 叫应 round whose deadlines are
-    `callresp_deadline_s`: `central.demo.callresp`)."""
+    """Run broker, central and the fleet until Ctrl-C or SIGTERM (a 叫应 round whose deadlines
+    are `callresp_deadline_s`: `central.demo.callresp`), stop them in order
+    (`central.demo.shutdown`) and say so."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    main = asyncio.current_task()
+    assert main is not None, "run_demo runs in a task"
+    shutdown, children = Shutdown(main), Children()
+    with shutdown.signals():
+        try:
+            await _run(shutdown, children, data_dir=data_dir, http_host=http_host,
+                       http_port=http_port, broker=broker, callresp_deadline_s=callresp_deadline_s)
+        except asyncio.CancelledError:
+            if not shutdown.requested:
+                raise
+            main.uncancel()  # the stop the user asked for, done: not an error
+    print(shutdown.summary(children), flush=True)
+
+
+async def _run(shutdown: Shutdown, children: Children, *, data_dir: Path, http_host: str,
+               http_port: int, broker: str | None, callresp_deadline_s: float) -> None:
+    """Start everything, each thing after what it uses and on one stack (so that a stop
+    signal, which cancels this, stops them in the reverse order), then serve."""
     async with contextlib.AsyncExitStack() as stack:
         if broker:
             url = urlsplit(broker if "://" in broker else f"mqtt://{broker}")
@@ -262,14 +274,14 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             addr = await stack.enter_async_context(embedded_broker())
             host, port = addr.host, addr.port
         street = await stack.enter_async_context(  # 叫应: the street's terminals, starting
-            callresp.street_terminals(data_dir / "terminals", callresp_deadline_s))
+            callresp.street_terminals(children, data_dir / "terminals", callresp_deadline_s))
         # 三断: the BeiDou-equipped gateways reach the broker through a switchable relay, and
         # each has a frame key that central knows (enrolment would hand it out).
         remote = [gw for gw in FLEET if gw.beidou_card]
         cards = {CENTRAL_CARD: 0.0} | {gw.beidou_card: DEMO_SEND_INTERVAL_S
                                        for gw in remote if gw.beidou_card}
         terminals = await stack.enter_async_context(
-            beidou_terminals(data_dir / "beidou", cards))
+            beidou_terminals(children, data_dir / "beidou", cards))
         keys = {gw.id: secrets.token_hex(32) for gw in remote}
         links = {gw.id: await stack.enter_async_context(LinkSwitch(host, port)) for gw in remote}
         settings = Settings(
@@ -284,17 +296,9 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
             await place_on_map(st)
             login = await demo_login(st, data_dir)  # the console's first admin (DESIGN.md §8)
         app = create_app(settings)
-        # Ctrl-C: a bounded, clean stop of the server, then of everything on the stack
-        # (central.health.service); a second Ctrl-C forces the server's stop.
         server = make_server(app, http_host, http_port)
-        stack.enter_context(stop_on_signals(app, server))
-        serve = asyncio.create_task(server.serve(), name="http")
-        async with asyncio.timeout(30):
-            while not server.started:
-                if serve.done():
-                    await serve  # raises the startup error
-                    return
-                await asyncio.sleep(0.05)
+        shutdown.serving(app, server)  # a stop signal now also begins central's clean stop
+        serve = await stack.enter_async_context(central_server(app, server))
         identity = app.state.identity.service
         street_id = await callresp.seed_directory(app.state.callresp.storage)  # 叫应 directory
 
@@ -303,7 +307,7 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
 
         local = "127.0.0.1" if http_host in ("0.0.0.0", "::", "") else http_host
         controls = await stack.enter_async_context(fleet(
-            data_dir / "fleet", host, port,
+            children, data_dir / "fleet", host, port,
             enrol=Enrol(f"http://{local}:{http_port}", issue_token),
             links={gw: link.port for gw, link in links.items()},
             narrowband={gw.id: Narrowband(port=terminals[gw.beidou_card], key=keys[gw.id],
@@ -316,8 +320,7 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
         scenarios += [asyncio.create_task(sanduan_scenario(link, controls, gw=gw),
                                           name=f"demo.sanduan[{gw}]")
                       for gw, link in links.items()]
-        for task in scenarios:
-            stack.callback(task.cancel)
+        stack.push_async_callback(cancel_all, scenarios)
         print(f"Fieldlink demo: console http://{http_host}:{http_port}/  "
               f"broker mqtt://{host}:{port}  "
               f"({len(FLEET)} gateways). Ctrl-C stops everything.", flush=True)
@@ -328,7 +331,34 @@ async def run_demo(*, data_dir: Path, http_host: str, http_port: int, broker: st
               "Mosquitto from `central broker-config` in production (README).", flush=True)
         print(f"Console login: user {login[0]}  password {login[1]}  (kept in "
               f"{data_dir / DEMO_LOGIN_FILE}, mode 0600)", flush=True)
-        await serve
+        await asyncio.shield(serve)  # a stop signal cancels this wait, not the server
+        raise RuntimeError("central's server stopped on its own (see the log)")
+
+
+@contextlib.asynccontextmanager
+async def central_server(app: Any, server: uvicorn.Server) -> AsyncIterator[asyncio.Task[None]]:
+    """Serve `app` (its lifespan opens storage, MQTT ingest and the narrowband receiver) until
+    the context ends, then stop it cleanly: `begin_stop`, bounded by uvicorn's graceful
+    timeout. Yields the server's task."""
+    serve = asyncio.create_task(server.serve(), name="http")
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                if serve.done():
+                    await serve  # raises the startup error
+                    raise RuntimeError("central did not start (see the log)")
+                await asyncio.sleep(0.05)
+        yield serve
+    finally:
+        begin_stop(app, server)
+        await asyncio.wait([serve])
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel `tasks` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _sim_control(port: int, request: dict[str, object]) -> None:
@@ -366,11 +396,12 @@ async def gas_leak_scenario(controls: dict[str, int], *, gw: str = "wh-qingshan-
 
 
 @contextlib.asynccontextmanager
-async def beidou_terminals(root: Path, cards: dict[str, float]) -> AsyncIterator[dict[str, str]]:
+async def beidou_terminals(children: Children, root: Path,
+                           cards: dict[str, float]) -> AsyncIterator[dict[str, str]]:
     """The BeiDou terminals (card → send interval) as one child process sharing one sky;
     yields card → pty path."""
     args = [f"--terminal={card}:{interval}" for card, interval in cards.items()]
-    async with ready_child("firmware_stubs.beidou_cli", args, root, "beidou") as ready:
+    async with ready_child(children, "firmware_stubs.beidou_cli", args, root, "beidou") as ready:
         paths: dict[str, str] = json.loads(await ready)
         yield paths
 
