@@ -192,7 +192,7 @@ class BeidouTerminalSimulator(PtyLinked):
         if self.sky is not None:
             self.sky.register(self)
         log.info("beidou_sim_started", path=self.path, mode=self.mode.value,
-                 card=self.card_id, level=self.level, interval_s=self.interval_s)
+                 card=self.card_id, card_level=self.level, interval_s=self.interval_s)
 
     async def stop(self) -> None:
         if self.sky is not None:

@@ -343,7 +343,7 @@ class TerminalSimulator(StartStop):
         self._stats["plays"] += 1
         self.played.append(Played(seq, play, time.monotonic()))
         log.info("terminal_sim_played", terminal_id=self.terminal_id,
-                 warning_id=play.warning_id, level=play.level.name)
+                 warning_id=play.warning_id, warning_level=play.level.name)
         self._answer(seq, tm.MessageType.PLAY, self._receipt(tm.TerminalFrame(seq, play)), play)
         if self.press_after_s is not None and play.warning_id not in self._presses:
             loop = asyncio.get_running_loop()

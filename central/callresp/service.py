@@ -152,7 +152,7 @@ class CallRespService:
         area_map = await self._areas()
         wid = await self.storage.run(lambda: create_program(self.audit, spec, area_map, now))
         self.counters.warnings += 1
-        log.info("callresp_warning_created", warning=wid, level=str(lv), user=user)
+        log.info("callresp_warning_created", warning=wid, warning_level=str(lv), user=user)
         await self.issue_pending()
         self._wake.set()
         return wid

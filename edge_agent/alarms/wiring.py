@@ -165,7 +165,7 @@ class AlarmRules:
             return seqs
         for event in evaluation.events:
             log_fn = log.info if event.state is AlarmState.CLEARED else log.warning
-            log_fn(_LOG_EVENT[event.state], alarm_id=event.alarm_id, level=event.level,
+            log_fn(_LOG_EVENT[event.state], alarm_id=event.alarm_id, alarm_level=event.level,
                    prev_level=event.prev_level, value=event.value, threshold=event.threshold)
         await self._save(evaluation.snapshots() + [_cleared(e) for e in evaluation.events
                                                     if e.alarm_id not in evaluation.states])

@@ -80,7 +80,7 @@ class LoggingWarningHandler:
         self.received.append(warning)
         args = warning.args
         log.warning("narrowband_warning_unplayed", cmd_id=warning.command.cmd_id,
-                    warning_id=args.warning_id, level=str(args.level),
+                    warning_id=args.warning_id, warning_level=str(args.level),
                     terminals=list(args.terminals), truncated=warning.truncated,
                     hint="no 叫应 terminal driver is wired to the narrowband downlink")
 

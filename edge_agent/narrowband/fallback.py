@@ -264,7 +264,7 @@ class NarrowbandFallback:
         card = self._card
         if card is None:
             card = self._card = await self.terminal.info()
-            self._log.info("narrowband_terminal", card=card.card_id, level=card.level,
+            self._log.info("narrowband_terminal", card=card.card_id, card_level=card.level,
                            interval_s=card.interval_s, payload_bytes=card.payload_bytes)
         return card
 

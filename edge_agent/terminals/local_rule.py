@@ -82,10 +82,10 @@ class LocalWarningRule:
         args = play_warning(wid, cfg.level, cfg.text, cfg.repeat, terminals)
         outcomes = await self.service.play(args, origin=ORIGIN)
         self.played += 1
+        results = {t: str(o.result) for t, o in outcomes.items()}
         log.warning("local_warning_played", alarm_id=ev.alarm_id, warning_id=wid,
-                    level=ev.level, terminals={t: str(o.result) for t, o in outcomes.items()})
-        report = LocalWarningEvent(wid, cfg.level, cfg.text, ev.alarm_id, ev.ts_ms,
-                                   {t: str(o.result) for t, o in outcomes.items()})
+                    warning_level=ev.level, terminals=results)
+        report = LocalWarningEvent(wid, cfg.level, cfg.text, ev.alarm_id, ev.ts_ms, results)
         await self.service.record_once((wid, "", LOCAL_EVENT), report.to_attrs(), ev.ts_ms)
 
 
