@@ -1,12 +1,13 @@
 """The demo's Ctrl-C and SIGTERM, for its whole life, and the line it prints when it has stopped.
 
 The children run in sessions of their own (`central.demo.children`), so a terminal's Ctrl-C
-reaches only the demo. The first SIGINT or SIGTERM cancels the demo's main task, wherever it
-is: starting up or serving. Everything that had started is on one exit stack, each thing
-entered after what it uses, so the stack stops them in order: the scripted scenarios, then
-the gateways' edge agents, then their simulators, central (its server was already told to stop
-when the signal came: the console's streams end, `central.health.service.begin_stop`), the
-link relays, the BeiDou and 叫应 terminals and last the broker. Nobody loses a port, a link or a
+reaches only the demo. The first SIGINT, SIGTERM or SIGHUP (its terminal window closed)
+cancels the demo's main task, wherever it is: starting up or serving. Everything that had
+started is on one exit stack, each thing entered after what it uses, so the stack stops them
+in order: the scripted scenarios, then the gateways' edge agents, then their simulators,
+central (its server was already told to stop when the signal came: the console's streams end,
+`central.health.service.begin_stop`), the link relays, the BeiDou and 叫应 terminals and last
+the broker. Nobody loses a port, a link or a
 terminal while it still uses it. A second Ctrl-C forces central's server to stop at once, as in
 `central serve`; the other steps are bounded anyway (`children.GRACE_S`).
 """
@@ -27,6 +28,7 @@ from central.demo.children import GRACE_S, Children
 from central.health.service import begin_stop
 
 log = structlog.get_logger(__name__)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Shutdown:
@@ -62,15 +64,15 @@ class Shutdown:
 
     @contextlib.contextmanager
     def signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM go to `on_signal` while inside (on the running loop, in the
-        main thread)."""
+        """SIGINT, SIGTERM and SIGHUP (the terminal window closed) go to `on_signal` while
+        inside (on the running loop, in the main thread)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
             yield
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     def summary(self, children: Children) -> str:
