@@ -1,4 +1,4 @@
-"""How a gateway config finding is reported, and the checks pydantic cannot make.
+"""How a gateway config finding is reported, and the checks the models cannot make.
 
 A finding (`ConfigIssue`) names the line of the key it is about (`LineIndex`) and the key path
 (`devices[1].transport.port`); `ConfigError` carries all of a file's findings. The cross
@@ -68,7 +68,7 @@ def format_loc(loc: Sequence[str | int]) -> str:
 
 def cross_checks(config: AgentConfig, *, check_profiles: bool,
                  index: LineIndex) -> Iterable[ConfigIssue]:
-    """What pydantic cannot check: unique ids, one bus per port, files there, profiles that
+    """What the models cannot check: unique ids, one bus per port, files there, profiles that
     load and fit the device."""
     yield from _duplicate_ids(config, index)
     yield from _bus_checks(config, index)
@@ -207,7 +207,8 @@ def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
     nb = config.narrowband
     if nb is None:
         return
-    for key in sorted(nb.model_fields_set & _BEARER_KEYS.keys()):
+    given = {key for key in _BEARER_KEYS if ("narrowband", key) in index.lines}
+    for key in sorted(given):
         if nb.bearer not in _BEARER_KEYS[key].split("|"):
             owners = " or ".join(f'"{b}"' for b in _BEARER_KEYS[key].split("|"))
             yield issue_at(index, ("narrowband", key),
