@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_profiles import DeviceProfileError, Profile, find_profile
+from device_profiles.decoding import loc_str
 from edge_agent import EdgeError
 from edge_agent.alarms.config import build_device_rules
 from edge_agent.alarms.rules import RulesError
@@ -55,15 +56,7 @@ def issue_at(index: LineIndex, loc: Sequence[str | int], message: str) -> Config
 
 def format_loc(loc: Sequence[str | int]) -> str:
     """`("devices", 1, "transport", "port")` → `devices[1].transport.port`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" in part or part.startswith("function-"):
-            continue  # pydantic validator wrappers and union tags, not keys of the file
-        else:
-            out += f".{part}" if out else part
-    return out
+    return loc_str(tuple(loc))
 
 
 def cross_checks(config: AgentConfig, *, check_profiles: bool,

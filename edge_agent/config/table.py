@@ -2,7 +2,7 @@
 
 Unknown keys are errors (`forbid_unknown_fields`), values are frozen, and decoding goes
 through `device_profiles.decoding`, whose errors name the field. msgspec rather than pydantic
-keeps the running agent small (about 2 MB resident, not 14: the daemon imports these models).
+keeps the running agent small (about 2 MB resident, not 11: the daemon imports these models).
 The methods keep the names the code and the tests have long called (pydantic's).
 """
 
