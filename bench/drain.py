@@ -37,7 +37,7 @@ from tests.helpers import Mosquitto, wait_for
 from tests.netproxy import LinkProxy
 
 GW = "gw-drain-01"
-RECONNECT_MAX_S = MqttConfig.model_fields["reconnect_max_s"].default
+RECONNECT_MAX_S = MqttConfig().reconnect_max_s
 DEVICES = [DeviceDef("gas-1", "gas-detector-v1", 1), DeviceDef("tank-1", "storage-tank-v1", 2)]
 
 

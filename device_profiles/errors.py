@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import TypeAlias
 
 import yaml
-from pydantic import ValidationError
-from pydantic_core import ErrorDetails
 
+from device_profiles.decoding import MISSING, DecodeError, Issue, Loc, loc_str
 from protocols.errors import DetailedError
-
-Loc: TypeAlias = tuple[str | int, ...]
 
 
 class DeviceProfileError(Exception):
@@ -68,48 +65,25 @@ def failer(source: str, node: yaml.Node | None) -> Fail:
     return fail
 
 
-def validation_error(exc: ValidationError, source: str, node: yaml.Node | None) -> ProfileError:
-    """The first error pydantic found, as a ProfileError with its field and line."""
-    err = exc.errors(include_url=False)[0]
-    # a tagged union puts its tag in the path (points[0].sim.wave.min): drop it
-    raw = tuple(err["loc"])
-    loc = tuple(
-        part for i, part in enumerate(raw)
-        if not (i and raw[i - 1] == "sim" and part in _SIM_KINDS)
-    )
-    return failer(source, node)(loc, _message(err))
+def validation_error(exc: DecodeError, source: str, node: yaml.Node | None) -> ProfileError:
+    """The first error the model found, as a ProfileError with its field and line."""
+    issue = exc.issues[0]
+    loc = issue.loc
+    if issue.kind == "union_tag_invalid":
+        loc = loc[:-1]  # a bad sim kind is about the sim (points[0].sim), as it always was
+    return failer(source, node)(loc, _message(issue))
 
 
-_SIM_KINDS = frozenset({"wave", "random_walk", "constant", "counter"})
-
-
-def loc_str(loc: Loc) -> str:
-    """`("points", 2, "type")` as `points[2].type`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def _message(err: ErrorDetails) -> str:
-    kind = err.get("type")
-    ctx = err.get("ctx") or {}
-    value = err.get("input")
-    if kind in ("enum", "literal_error") and "expected" in ctx:
-        expected = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
-        return f"{value!r} is not one of {expected}"
-    if kind == "extra_forbidden":
+def _message(issue: Issue) -> str:
+    if issue.kind in ("enum", "literal_error", "union_tag_invalid"):
+        return f"{issue.input!r} is not one of {', '.join(issue.expected)}"
+    if issue.kind == "extra_forbidden":
         return "unknown field"
-    if kind == "missing":
+    if issue.kind == "missing":
         return "required field is missing"
-    if kind == "union_tag_invalid" and "expected_tags" in ctx:
-        return f"{ctx.get('tag')!r} is not one of {str(ctx['expected_tags']).replace(chr(39), '')}"
-    if "input" in err and not isinstance(value, dict | list):
-        return f"{err.get('msg')} (got {value!r})"
-    return str(err.get("msg"))
+    if issue.input is not MISSING and not isinstance(issue.input, dict | list):
+        return f"{issue.message} (got {issue.input!r})"
+    return issue.message
 
 
 def line_of(node: yaml.Node | None, loc: Loc) -> int | None:

@@ -64,14 +64,14 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
+from device_profiles.decoding import DecodeError, Loc, decode, to_builtins
 from device_profiles.errors import (
     DuplicateProfileError,
     Fail,
-    Loc,
     ProfileError,
     ProfileNotFoundError,
     ProtocolMismatchError,
@@ -191,10 +191,10 @@ def parse_profile(text: str, *, source: str = "<profile>") -> Profile:
     if not isinstance(data, dict):
         raise ProfileError(source, "", "a profile must be a mapping", 1)
     try:
-        model = ProfileModel.model_validate(data)
-    except ValidationError as exc:
+        model = decode(data, ProfileModel)
+    except DecodeError as exc:
         raise validation_error(exc, source, node) from exc
-    return _convert(model, source, node)
+    return _convert(model, data, source, node)
 
 
 def load_profiles(paths_or_dirs: Iterable[str | Path]) -> dict[str, Profile]:
@@ -238,13 +238,16 @@ def find_profile(profile_id: str, extra_dirs: Iterable[str | Path] = ()) -> Prof
 # ---------------------------------------------------------------- conversion and checks
 
 
-def _convert(model: ProfileModel, source: str, node: yaml.Node | None) -> Profile:
+def _convert(model: ProfileModel, data: dict[str, Any], source: str,
+             node: yaml.Node | None) -> Profile:
+    """The checked `Profile` of a decoded file; `data` is the file as parsed (which keys it
+    gives)."""
     fail = failer(source, node)
     if model.protocol == "hj212":
-        points = _convert_hj212(model, fail)
+        points = _convert_hj212(model, data, fail)
     else:
         points = _convert_modbus(model, fail)
-    dumped = model.model_dump(mode="json")
+    dumped = to_builtins(model)
     for point in dumped["points"]:
         if point["factor"] is None:
             del point["factor"]  # so that Modbus profiles hash as they did before HJ 212 came
@@ -279,7 +282,7 @@ def _convert_modbus(model: ProfileModel, fail: Fail) -> list[ProfilePoint]:
             raise fail((*loc, "sim"), problem)
         if pm.alarm is not None and spec.dtype in (DataType.STRING, DataType.BOOL):
             raise fail((*loc, "alarm"), f"thresholds do not apply to {spec.dtype} points")
-        sim = pm.sim or ConstantSim(kind="constant", value=_zero(spec.dtype))
+        sim = pm.sim or ConstantSim(value=_zero(spec.dtype))
         points.append(_profile_point(pm, spec, sim))
     _check_overlaps(points, fail)
     return points
@@ -313,9 +316,9 @@ _MODBUS_POINT_FIELDS = ("function", "address", "type", "scale", "offset", "bit",
 _MODBUS_PROFILE_FIELDS = ("byte_order", "word_order", "reads")
 
 
-def _convert_hj212(model: ProfileModel, fail: Fail) -> list[ProfilePoint]:
+def _convert_hj212(model: ProfileModel, data: dict[str, Any], fail: Fail) -> list[ProfilePoint]:
     for name in _MODBUS_PROFILE_FIELDS:
-        if name in model.model_fields_set:
+        if name in data:
             raise fail((name,), "applies only to protocol modbus")
     points: list[ProfilePoint] = []
     keys: dict[str, int] = {}
@@ -324,7 +327,7 @@ def _convert_hj212(model: ProfileModel, fail: Fail) -> list[ProfilePoint]:
         loc: Loc = ("points", i)
         _claim(keys, pm.key, (*loc, "key"), fail)
         for name in _MODBUS_POINT_FIELDS:
-            if name in pm.model_fields_set:
+            if name in data["points"][i]:
                 raise fail((*loc, name), "applies only to protocol modbus; an hj212 point "
                                          "names its factor code")
         if pm.factor is None:
@@ -337,7 +340,7 @@ def _convert_hj212(model: ProfileModel, fail: Fail) -> list[ProfilePoint]:
             raise fail((*loc, "sim"), "an hj212 point needs a numeric constant")
         if _inverted(sim):
             raise fail((*loc, "sim"), "max is below min")
-        points.append(_profile_point(pm, None, sim or ConstantSim(kind="constant", value=0),
+        points.append(_profile_point(pm, None, sim or ConstantSim(value=0),
                                      factor=pm.factor))
     return points
 
@@ -399,7 +402,7 @@ def _zero(dtype: DataType) -> float | int | bool | str:
 def _alarm(model: AlarmModel | None) -> AlarmSpec | None:
     if model is None:
         return None
-    return AlarmSpec(**model.model_dump())
+    return AlarmSpec(model.high1, model.high2, model.low1, model.low2, model.hysteresis)
 
 
 def _check_overlaps(points: list[ProfilePoint], fail: Fail) -> None:

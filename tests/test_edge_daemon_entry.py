@@ -129,3 +129,14 @@ def test_daemon_start_loads_no_unconfigured_subsystem(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert "commands_key_invalid" in run.stdout + run.stderr
     assert "expected 32 key bytes, got 31" in run.stdout + run.stderr
+
+
+def test_daemon_start_loads_no_pydantic(tmp_path: Path) -> None:
+    """The running agent decodes its config and profiles with msgspec: pydantic (~11 MB resident
+    with its core) stays out of a gateway's memory; it is central's."""
+    config = _plain_gateway(tmp_path, base64.b64encode(bytes(range(32))).decode())
+    run = subprocess.run([sys.executable, "-c", _START_AND_STOP, str(config), "pydantic",
+                          "pydantic_core", "msgspec"],
+                         env=python_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == ["msgspec"]

@@ -22,25 +22,27 @@ rate_per_min = 10           # |change| per minute over rate_window_s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+import msgspec
+from msgspec import Meta
 
 from device_profiles import Profile
 from edge_agent.alarms.rules import Rule, RulesError
+from edge_agent.config.table import ConfigTable
 from protocols.alarm_attrs import RuleKind
 from protocols.envelope import DEVICE_POINT
 
 DEFAULT_OFFLINE_DELAY_S = 10.0  # one lost answer on a noisy RS-485 line is not an outage
 
+Delay = Annotated[float, Meta(ge=0, le=86_400)]
+Stale = Annotated[float, Meta(gt=0, le=86_400 * 7)]
+
 
 # --- gateway config (the boundary: a `[devices.alarms]` table of each device) --------------
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PointAlarmConfig(_Model):
+class PointAlarmConfig(ConfigTable, frozen=True):
     """Per-point overrides; a threshold set here replaces the profile's."""
 
     enabled: bool = True  # false: no alarm rule at all on this point
@@ -48,23 +50,22 @@ class PointAlarmConfig(_Model):
     high2: float | None = None
     low1: float | None = None
     low2: float | None = None
-    hysteresis: float | None = Field(default=None, ge=0)
-    on_delay_s: float = Field(default=0.0, ge=0, le=86_400)
-    off_delay_s: float = Field(default=0.0, ge=0, le=86_400)
-    rate_per_min: float | None = Field(default=None,
-                                       gt=0)  # |change| per minute that raises level 1
-    rate_window_s: float = Field(default=60.0, gt=0, le=86_400)
-    stale_after_s: float | None = Field(default=None, gt=0, le=86_400 * 7)
+    hysteresis: Annotated[float, Meta(ge=0)] | None = None
+    on_delay_s: Delay = 0.0
+    off_delay_s: Delay = 0.0
+    rate_per_min: Annotated[float, Meta(gt=0)] | None = None  # |change|/min that raises level 1
+    rate_window_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0
+    stale_after_s: Stale | None = None
 
 
-class DeviceAlarmsConfig(_Model):
+class DeviceAlarmsConfig(ConfigTable, frozen=True):
     """`[devices.alarms]`: device-level alarm settings and `[devices.alarms.points.<key>]`."""
 
     offline: bool = True
-    offline_delay_s: float = Field(default=DEFAULT_OFFLINE_DELAY_S, ge=0, le=86_400)
+    offline_delay_s: Delay = DEFAULT_OFFLINE_DELAY_S
     # Default stale limit for every point that has a threshold rule (a point's own wins).
-    stale_after_s: float | None = Field(default=None, gt=0, le=86_400 * 7)
-    points: dict[str, PointAlarmConfig] = Field(default_factory=dict)
+    stale_after_s: Stale | None = None
+    points: dict[str, PointAlarmConfig] = msgspec.field(default_factory=dict)
 
 
 # --- building rules from a profile and the gateway config ----------------------------------
@@ -89,10 +90,8 @@ def build_device_rules(device: str, profile: Profile,
         merged: dict[str, float | None] = {f: None for f in _THRESHOLD_FIELDS}
         if point.alarm is not None:
             merged.update({f: getattr(point.alarm, f) for f in _THRESHOLD_FIELDS})
-        if ov is not None:
-            merged.update(
-                {f: getattr(ov, f) for f in _THRESHOLD_FIELDS if f in ov.model_fields_set}
-            )
+        if ov is not None:  # a threshold the file sets (TOML has no null: set is not None)
+            merged.update({f: v for f in _THRESHOLD_FIELDS if (v := getattr(ov, f)) is not None})
         _check_order(device, point.key, merged)
         pkey = f"{device}/{point.key}"
         on_ms = int((ov.on_delay_s if ov else 0) * 1000)

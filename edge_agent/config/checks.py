@@ -1,4 +1,4 @@
-"""How a gateway config finding is reported, and the checks pydantic cannot make.
+"""How a gateway config finding is reported, and the checks the models cannot make.
 
 A finding (`ConfigIssue`) names the line of the key it is about (`LineIndex`) and the key path
 (`devices[1].transport.port`); `ConfigError` carries all of a file's findings. The cross
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_profiles import DeviceProfileError, Profile, find_profile
+from device_profiles.decoding import loc_str
 from edge_agent import EdgeError
 from edge_agent.alarms.config import build_device_rules
 from edge_agent.alarms.rules import RulesError
@@ -55,20 +56,12 @@ def issue_at(index: LineIndex, loc: Sequence[str | int], message: str) -> Config
 
 def format_loc(loc: Sequence[str | int]) -> str:
     """`("devices", 1, "transport", "port")` → `devices[1].transport.port`."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" in part or part.startswith("function-"):
-            continue  # pydantic validator wrappers and union tags, not keys of the file
-        else:
-            out += f".{part}" if out else part
-    return out
+    return loc_str(tuple(loc))
 
 
 def cross_checks(config: AgentConfig, *, check_profiles: bool,
                  index: LineIndex) -> Iterable[ConfigIssue]:
-    """What pydantic cannot check: unique ids, one bus per port, files there, profiles that
+    """What the models cannot check: unique ids, one bus per port, files there, profiles that
     load and fit the device."""
     yield from _duplicate_ids(config, index)
     yield from _bus_checks(config, index)
@@ -207,7 +200,8 @@ def _narrowband_checks(config: AgentConfig, index: LineIndex) -> Iterable[Config
     nb = config.narrowband
     if nb is None:
         return
-    for key in sorted(nb.model_fields_set & _BEARER_KEYS.keys()):
+    given = {key for key in _BEARER_KEYS if ("narrowband", key) in index.lines}
+    for key in sorted(given):
         if nb.bearer not in _BEARER_KEYS[key].split("|"):
             owners = " or ".join(f'"{b}"' for b in _BEARER_KEYS[key].split("|"))
             yield issue_at(index, ("narrowband", key),

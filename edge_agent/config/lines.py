@@ -85,7 +85,7 @@ class LineIndex:
 
     def line_of(self, loc: Loc) -> int | None:
         """The line of the deepest part of `loc` the text defines; unknown parts are skipped
-        (pydantic adds union tags and validator names that are not keys of the file)."""
+        (a key the file leaves out, such as a required one, falls back to its table's line)."""
         best: int | None = None
         resolved: Loc = ()
         for part in loc:

@@ -1,8 +1,8 @@
 """The gateway's one TOML config file, validated at load with errors that name the line.
 
-`load_config(path)` parses the file with `tomllib`, validates it with pydantic models
-(`extra="forbid"`, so a misspelt key is an error, not a silent default) and then checks what
-pydantic cannot: every device's profile exists and device ids are unique. Any failure raises
+`load_config(path)` parses the file with `tomllib`, validates it with msgspec models
+(`ConfigTable`: a misspelt key is an error, not a silent default) and then checks what the
+models cannot: every device's profile exists and device ids are unique. Any failure raises
 `ConfigError` whose message reads like a compiler's:
 `site.toml:12 devices[1].poll_interval_s: Input should be greater than 0`.
 
@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
 
 from device_profiles import Profile, find_profile
+from device_profiles.decoding import DecodeError, decode
 from edge_agent.config.checks import ConfigError, ConfigIssue, cross_checks, format_loc, issue_at
-from edge_agent.config.lines import LineIndex, Loc
+from edge_agent.config.lines import LineIndex
 from edge_agent.config.models import (
-    _TRANSPORT_KINDS,
     PROTOCOL_KINDS,
     AgentConfig,
     CommandsConfig,
@@ -81,9 +77,9 @@ def parse_config(text: str, path: Path | str = "site.toml", *,
 
     index = LineIndex(text)
     try:
-        config = AgentConfig.model_validate(raw)
-    except ValidationError as exc:
-        issues = [issue_at(index, _error_loc(err), err["msg"]) for err in exc.errors()]
+        config = decode(raw, AgentConfig)
+    except DecodeError as exc:
+        issues = [issue_at(index, i.loc, i.message) for i in exc.issues]
         first = issues[0]
         raise ConfigError(path, first.line, first.field, first.message, issues=issues) from None
 
@@ -113,11 +109,9 @@ def _resolve_paths(config: AgentConfig, path: Path) -> AgentConfig:
     if mqtt.tls is not None:
         mqtt = mqtt.model_copy(update={"tls": mqtt.tls.model_copy(update={
             name: fix(p) for name, p in mqtt.tls.files()})})
-    resolved = config.model_copy(update={"gateway": gateway, "profiles": profiles,
-                                         "control": control, "narrowband": narrowband,
-                                         "mqtt": mqtt})
-    resolved._source = path.resolve()
-    return resolved
+    return config.model_copy(update={"gateway": gateway, "profiles": profiles,
+                                     "control": control, "narrowband": narrowband,
+                                     "mqtt": mqtt, "_source": path.resolve()})
 
 
 def key_files(config: AgentConfig) -> list[tuple[str, Path]]:
@@ -146,18 +140,3 @@ def resolve_profiles(config: AgentConfig) -> dict[str, Profile]:
             by_id[dev.profile] = find_profile(dev.profile, extra_dirs=tuple(config.profiles.dirs))
         out[dev.id] = by_id[dev.profile]
     return out
-
-
-def _error_loc(err: Mapping[str, Any]) -> Loc:
-    """The key path a pydantic error is about, without the tags of discriminated unions.
-
-    pydantic puts the chosen member's tag into the path (`transport.rtu.port`), which is not a
-    key of the file; an invalid or missing tag is reported on the union itself, so point at
-    the discriminator key (`transport.kind`) instead.
-    """
-    loc = list(err["loc"])
-    cleaned = [part for i, part in enumerate(loc)
-               if not (i > 0 and loc[i - 1] == "transport" and part in _TRANSPORT_KINDS)]
-    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        cleaned.append(str(err.get("ctx", {}).get("discriminator", "kind")).strip("'\""))
-    return tuple(cleaned)

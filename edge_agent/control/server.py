@@ -38,11 +38,12 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgspec
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from device_profiles.decoding import DecodeError, Issue, decode
 from edge_agent import EdgeError
 from edge_agent.control import ControlError
 from edge_agent.field import point_io
@@ -73,39 +74,46 @@ class ControlSocketError(EdgeError):
 # --- requests ---------------------------------------------------------------------------------
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Request(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag_field="op"):
+    op: ClassVar[str]
 
 
-class StatusRequest(_Request):
-    op: Literal["status"]
+class StatusRequest(_Request, tag="status", frozen=True):
+    op: ClassVar[str] = "status"
 
 
-class DevicesRequest(_Request):
-    op: Literal["devices"]
+class DevicesRequest(_Request, tag="devices", frozen=True):
+    op: ClassVar[str] = "devices"
 
 
-class ReadRequest(_Request):
-    op: Literal["read"]
+class ReadRequest(_Request, tag="read", frozen=True):
+    op: ClassVar[str] = "read"
     device: str
     point: str | None = None
 
 
-class WriteRequest(_Request):
-    op: Literal["write"]
+class WriteRequest(_Request, tag="write", frozen=True):
+    op: ClassVar[str] = "write"
     device: str
     point: str
     value: bool | int | float | str
     dry_run: bool = False  # check it and read the current value; write nothing
 
 
-class AlarmsRequest(_Request):
-    op: Literal["alarms"]
+class AlarmsRequest(_Request, tag="alarms", frozen=True):
+    op: ClassVar[str] = "alarms"
 
 
-Request = Annotated[StatusRequest | DevicesRequest | ReadRequest | WriteRequest | AlarmsRequest,
-                    Field(discriminator="op")]
-_REQUEST = TypeAdapter(Request)
+Request = StatusRequest | DevicesRequest | ReadRequest | WriteRequest | AlarmsRequest
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line (JSON) as its request, or `DecodeError` naming the field."""
+    try:
+        data = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError([Issue((), "json_invalid", f"Invalid JSON: {exc}")]) from None
+    return decode(data, Request)  # type: ignore[arg-type]
 
 
 def error_reply(type_: str, message: str) -> dict[str, Any]:
@@ -124,11 +132,12 @@ class ControlOps:
     async def handle(self, line: bytes, *, peer_uid: int | None = None) -> dict[str, Any]:
         """One request line → one response; never raises."""
         try:
-            req = _REQUEST.validate_json(line)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            return error_reply("bad_request", f"{where}: {first['msg']}" if where else first["msg"])
+            req = parse_request(line)
+        except DecodeError as exc:
+            first = exc.issues[0]
+            where = ".".join(str(p) for p in first.loc)
+            return error_reply("bad_request", f"{where}: {first.message}" if where
+                               else first.message)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
                 body = await self._dispatch(req, peer_uid)

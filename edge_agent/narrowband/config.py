@@ -9,11 +9,12 @@ here: every gateway loads this module, and only those with a `[narrowband]` radi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from msgspec import Meta
 
+from device_profiles.decoding import FieldCheckError
+from edge_agent.config.table import ConfigTable
 from protocols.hrnp_text import DEFAULT_MAX_TEXT_BYTES, MAX_RADIO_ID
 from protocols.narrowband_wire import TEXT_PREFIX
 
@@ -24,45 +25,61 @@ TIANTONG_MAX_PARTS: Final = 4  # the SMS one frame may take over Tiantong
 
 # Central's address on each bearer, the recipient: the field that must be given for it.
 _RECIPIENT_FIELD = {"beidou": "central_card", "pdt": "central_radio", "tiantong": "central_number"}
+_PHONE = Meta(pattern=r"^\+?[0-9]{3,20}$")
+_RADIO = Meta(ge=1, le=MAX_RADIO_ID)
 
 
-class NarrowbandConfig(BaseModel):
+class NarrowbandConfig(ConfigTable, kw_only=True, frozen=True):
     """The narrowband fallback (DESIGN.md §5): alarms and a heartbeat by BeiDou short message
     or PDT text message or Tiantong SMS while the IP uplink is down. Absent: no fallback."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    _secret: ClassVar[frozenset[str]] = frozenset({"key"})
 
     bearer: Literal["beidou", "pdt", "tiantong"] = "beidou"
-    port: str = Field(min_length=1)
-    baudrate: int = Field(default=115200, ge=50, le=4_000_000)
+    port: Annotated[str, Meta(min_length=1)]
+    baudrate: Annotated[int, Meta(ge=50, le=4_000_000)] = 115200
     # --- BeiDou (bearer = "beidou")
     dialect: Literal["bd3", "bd2"] = "bd3"
     # Card of central's own terminal, the recipient (BD-2 cards are 7 digits, BD-3 7 to 10).
-    central_card: str | None = Field(default=None, pattern=r"^[0-9]{7,10}$", validate_default=True)
+    central_card: Annotated[str, Meta(pattern=r"^[0-9]{7,10}$")] | None = None
     # Lower the payload limit the card gives: a BD-3 card reports no capacity, so the regional
     # service's 14,000 bits apply unless this says less (global service: 560 bits = 70 bytes).
-    max_payload_bytes: int | None = Field(default=None, ge=16, le=4096)
+    max_payload_bytes: Annotated[int, Meta(ge=16, le=4096)] | None = None
     # --- PDT (bearer = "pdt"): a Hytera radio's HRNP port
-    central_radio: int | None = Field(default=None, ge=1, le=MAX_RADIO_ID, validate_default=True)
+    central_radio: Annotated[int, _RADIO] | None = None
     # This gateway's radio id: the source of its texts, by which central names the gateway.
-    radio_id: int | None = Field(default=None, ge=1, le=MAX_RADIO_ID)
+    radio_id: Annotated[int, _RADIO] | None = None
     # The radios' text limit in UTF-16 bytes (128: 64 characters, "FL1:" + 45 frame bytes).
-    max_text_bytes: int = Field(default=DEFAULT_MAX_TEXT_BYTES, ge=MIN_TEXT_BYTES, le=960)
-    interval_s: int = Field(default=PDT_INTERVAL_S, ge=0, le=3600)  # between texts, for the channel
+    max_text_bytes: Annotated[int, Meta(ge=MIN_TEXT_BYTES, le=960)] = DEFAULT_MAX_TEXT_BYTES
+    # Between texts, for the channel.
+    interval_s: Annotated[int, Meta(ge=0, le=3600)] = PDT_INTERVAL_S
     # --- Tiantong (bearer = "tiantong"): a satellite module's AT port, SMS in UCS2
-    central_number: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$",
-                                       validate_default=True)  # central's module, the recipient
-    number: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$")  # this module's
-    sms_parts: int = Field(default=1, ge=1, le=TIANTONG_MAX_PARTS)  # SMS a frame may take
+    central_number: Annotated[str, _PHONE] | None = None  # central's module, the recipient
+    number: Annotated[str, _PHONE] | None = None  # this module's
+    sms_parts: Annotated[int, Meta(ge=1, le=TIANTONG_MAX_PARTS)] = 1  # SMS a frame may take
     # --- both
     # The gateway's frame key (HMAC-SHA256, at least 16 bytes): hex here, or a file holding
     # the hex (relative to this file), so that the key need not sit in the config.
-    key: str | None = Field(default=None, repr=False)
-    key_file: Path | None = Field(default=None, validate_default=True)
-    after_s: float = Field(default=120.0, ge=0,
-                           le=86_400)  # IP down this long before the radio is used
-    heartbeat_s: float = Field(default=600.0, gt=0, le=86_400)
-    mac_len: int = Field(default=4, ge=4, le=32)
+    key: str | None = None  # never in its repr
+    key_file: Path | None = None
+    after_s: Annotated[float, Meta(ge=0, le=86_400)] = 120.0  # IP down this long before the radio
+    heartbeat_s: Annotated[float, Meta(gt=0, le=86_400)] = 600.0
+    mac_len: Annotated[int, Meta(ge=4, le=32)] = 4
+
+    def __post_init__(self) -> None:
+        """The checks across fields, in the order of the fields they name."""
+        recipient = _RECIPIENT_FIELD[self.bearer]
+        if getattr(self, recipient) is None:
+            raise FieldCheckError(recipient, "Field required", kind="missing")
+        if self.central_card is not None and self.dialect == "bd2" and len(self.central_card) != 7:
+            raise FieldCheckError("central_card", "a BD-2 card id is 7 digits")
+        if self.key is not None:
+            try:
+                parse_key(self.key)  # the message never repeats the key
+            except ValueError as exc:
+                raise FieldCheckError("key", str(exc)) from None
+        if (self.key_file is None) == (self.key is None):
+            raise FieldCheckError("key_file", "give exactly one of key and key_file")
 
     @property
     def recipient(self) -> str:
@@ -70,37 +87,6 @@ class NarrowbandConfig(BaseModel):
         value = getattr(self, _RECIPIENT_FIELD[self.bearer])
         assert value is not None  # checked at validation
         return str(value)
-
-    @field_validator("key")
-    @classmethod
-    def _key_hex(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_key(value)  # the message never repeats the key
-        return value
-
-    @field_validator(*_RECIPIENT_FIELD.values())
-    @classmethod
-    def _recipient_of_bearer(cls, value: str | int | None,
-                             info: ValidationInfo) -> str | int | None:
-        if value is None and _RECIPIENT_FIELD.get(info.data.get("bearer", "")) == info.field_name:
-            raise PydanticCustomError("missing", "Field required")
-        return value
-
-    @field_validator("central_card")
-    @classmethod
-    def _card_of_dialect(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("dialect") == "bd2" and len(value) != 7:
-            raise ValueError("a BD-2 card id is 7 digits")
-        return value
-
-    @field_validator("key_file")
-    @classmethod
-    def _one_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if "key" not in info.data:
-            return value  # the key itself failed; its error says so
-        if (value is None) == (info.data["key"] is None):
-            raise ValueError("give exactly one of key and key_file")
-        return value
 
     def key_bytes(self) -> bytes:
         """The key, read from `key_file` if that is how it is given; raises `ValueError`."""

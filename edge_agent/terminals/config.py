@@ -19,46 +19,37 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import msgspec
+from msgspec import Meta
 
+from device_profiles.decoding import FieldCheckError
+from edge_agent.config.table import ConfigTable
 from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS, Level
 
 _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"  # a callresp id that is also an FLT/1 terminal id
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TerminalConfig(_Model):
+class TerminalConfig(ConfigTable, frozen=True):
     """One 叫应 terminal (docs/terminal-protocol.md): on TCP (`tcp = "host:port"`) or on a serial
     port (`serial`), exactly one of them."""
 
-    id: Annotated[str, Field(pattern=_ID_RE)]
+    id: Annotated[str, Meta(pattern=_ID_RE)]
     kind: Literal["audio", "video"] = "audio"
     tcp: str | None = None
-    serial: str | None = Field(default=None, min_length=1)
-    baudrate: int = Field(default=115200, ge=50, le=4_000_000)
-    connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    serial: Annotated[str, Meta(min_length=1)] | None = None
+    baudrate: Annotated[int, Meta(ge=50, le=4_000_000)] = 115200
+    connect_timeout_s: Annotated[float, Meta(gt=0, le=120)] = 5.0
     # Longest wait between reconnect attempts while the terminal does not answer.
-    backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+    backoff_max_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     enabled: bool = True
 
-    @field_validator("tcp")
-    @classmethod
-    def _host_port(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError('expected "host:port"')
-        return value
-
-    @model_validator(mode="after")
-    def _one_line(self) -> TerminalConfig:
+    def __post_init__(self) -> None:
+        if self.tcp is not None:
+            host, sep, port = self.tcp.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise FieldCheckError("tcp", 'expected "host:port"')
         if (self.tcp is None) == (self.serial is None):
             raise ValueError("set exactly one of tcp and serial")
-        return self
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -71,17 +62,17 @@ class TerminalConfig(_Model):
         return f"tcp://{self.tcp}" if self.tcp is not None else f"serial://{self.serial}"
 
 
-class LocalWarningConfig(_Model):
+class LocalWarningConfig(ConfigTable, frozen=True):
     """The local rule: on a local alarm of `alarm_level` whose id matches one of `alarms`,
     raised while the gateway is cut off from central (`only_offline`), play `text` on
     `terminals` (empty: all) by itself."""
 
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    text: Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
     level: Level = Level.RED
-    repeat: int = Field(default=3, ge=1, le=MAX_REPEAT)
-    alarms: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    alarm_level: int = Field(default=2, ge=1, le=2)
-    terminals: list[str] = Field(default_factory=list)
+    repeat: Annotated[int, Meta(ge=1, le=MAX_REPEAT)] = 3
+    alarms: Annotated[list[str], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["*"])
+    alarm_level: Annotated[int, Meta(ge=1, le=2)] = 2
+    terminals: list[str] = msgspec.field(default_factory=list)
     only_offline: bool = True
 
     def matches(self, alarm_id: str, level: int) -> bool:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ssl
 import stat
 from pathlib import Path
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from msgspec import Meta
 
 from edge_agent import EdgeError
+from edge_agent.config.table import ConfigTable
 from runtime.files import FileError
 from runtime.mqtt import TlsFileError, client_tls_context
 
@@ -25,40 +27,39 @@ class MqttTlsError(EdgeError, FileError):
     """The CA, certificate or key cannot be loaded into a TLS context."""
 
 
-class MqttTlsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class MqttTlsConfig(ConfigTable, frozen=True):
     ca: Path
     cert: Path | None = None
     key: Path | None = None
     # Off only for a broker reached by an address its certificate does not name (lab set-ups).
     check_hostname: bool = True
 
-    @model_validator(mode="after")
-    def _pair(self) -> MqttTlsConfig:
+    def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together")
-        return self
 
     def files(self) -> list[tuple[str, Path]]:
         return [(n, p) for n, p in (("ca", self.ca), ("cert", self.cert), ("key", self.key))
                 if p is not None]
 
 
-class MqttConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Seconds = Annotated[float, Meta(gt=0, le=3600)]
+
+
+class MqttConfig(ConfigTable, frozen=True):
+    _secret: ClassVar[frozenset[str]] = frozenset({"password"})
 
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    ack_timeout_s: float = Field(10.0, gt=0)
-    batch_size: int = Field(500, ge=1, le=10_000)
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    ack_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 500
     # Backlog drains in bigger batches: per-message costs (a publish, a commit, an ack and
     # its bookkeeping on both sides) dominate at 500 records when a long outage ends.
-    backlog_batch_size: int = Field(5000, ge=1, le=50_000)
+    backlog_batch_size: Annotated[int, Meta(ge=1, le=50_000)] = 5000
     # Data messages awaiting central's ack; a quarter is kept for alarms and live data, the
     # rest bounds the backlog drain's window (which the ack round trip paces below it).
-    max_inflight: int = Field(16, ge=1, le=1000)
-    keepalive_s: int = Field(30, ge=5, le=3600)
+    max_inflight: Annotated[int, Meta(ge=1, le=1000)] = 16
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
     # Reconnect back-off: doubles from `reconnect_min_s` up to `reconnect_max_s`, jittered
     # (x0.5..1) so that a city of gateways does not reconnect in lockstep. That full back-off
     # is for a broker that answers and refuses (CONNACK refusal, TLS refusal); an attempt that
@@ -66,19 +67,17 @@ class MqttConfig(BaseModel):
     # `reconnect_link_max_s`, which bounds how long after the link returns the gateway notices.
     # A metered link whose far end accepts and closes connections while the path is down may
     # raise it (each try costs a TCP handshake, and a TLS hello).
-    reconnect_min_s: float = Field(0.5, gt=0, le=60)
-    reconnect_max_s: float = Field(10.0, gt=0, le=3600)
-    reconnect_link_max_s: float = Field(1.0, gt=0, le=3600)
+    reconnect_min_s: Annotated[float, Meta(gt=0, le=60)] = 0.5
+    reconnect_max_s: Seconds = 10.0
+    reconnect_link_max_s: Seconds = 1.0
     client_id: str | None = None
     tls: MqttTlsConfig | None = None
-    username: str | None = Field(None, min_length=1, max_length=256)
-    password: str | None = Field(None, repr=False, max_length=1024)
+    username: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    password: Annotated[str, Meta(max_length=1024)] | None = None  # never in its repr
 
-    @model_validator(mode="after")
-    def _credentials(self) -> MqttConfig:
+    def __post_init__(self) -> None:
         if self.password is not None and self.username is None:
             raise ValueError("password needs username")
-        return self
 
 
 def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
