@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
@@ -59,6 +60,23 @@ def console_login(driver: webdriver.Chrome, base_url: str, name: str, password: 
     WebDriverWait(driver, 15).until(
         lambda d: not d.current_url.endswith("/login")
         and name in d.find_element(By.ID, "whoami").text)
+
+
+def gateway_online(admin: httpx.Client, gw: str) -> bool:
+    """Whether central shows `gw` online (for `wait_for` before the page is opened)."""
+    r = admin.get(f"/api/gateways/{gw}")
+    return r.status_code == 200 and bool(r.json()["online"])
+
+
+def open_gateway_page(driver: webdriver.Chrome, gw: str) -> None:
+    """Show `gw` on the console's gateway page and wait for its commands panel."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script("location.hash = arguments[0]", f"gw={gw}")
+    WebDriverWait(driver, 15).until(
+        lambda d: d.find_element(By.ID, "cmd-gw").text == gw
+        and d.find_element(By.ID, "cmd").is_displayed())
 
 
 def requested_urls(driver: webdriver.Chrome) -> list[str]:

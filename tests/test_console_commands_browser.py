@@ -18,7 +18,13 @@ from protocols import commands as c
 from protocols.command_keys import parse_public_key
 from protocols.command_results import CommandResult, CommandState, result_attrs
 from protocols.envelope import RecordKind
-from tests.browser import chromium, console_login, screenshot
+from tests.browser import (
+    chromium,
+    console_login,
+    gateway_online,
+    open_gateway_page,
+    screenshot,
+)
 from tests.callresp_gw import TerminalGateway
 from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
@@ -42,18 +48,6 @@ class CommandGateway(TerminalGateway):
                                                                     CommandState.SUCCEEDED)])
 
 
-def _online(admin: httpx.Client) -> bool:
-    r = admin.get(f"/api/gateways/{GW}")
-    return r.status_code == 200 and bool(r.json()["online"])
-
-
-def _open_gateway(driver: WebDriver) -> None:
-    driver.execute_script(f"location.hash = 'gw={GW}'")
-    WebDriverWait(driver, 15).until(
-        lambda d: d.find_element(By.ID, "cmd-gw").text == GW
-        and d.find_element(By.ID, "cmd").is_displayed())
-
-
 def _dialog_open(driver: WebDriver) -> bool:
     return bool(driver.execute_script("return document.getElementById('cmd-confirm').open"))
 
@@ -73,13 +67,13 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
         gw = CommandGateway(GW, mosquitto.host, mosquitto.port, central_key=key, answers={})
         fleet = ThreadedFleet([gw], interval_s=2.0)
         fleet.start()
-        wait_for(functools.partial(_online, admin), timeout=20, what=f"{GW} online")
+        wait_for(functools.partial(gateway_online, admin, GW), timeout=20, what=f"{GW} online")
         cli_user(central.db_url, "zhangsan", "operator")
         cli_user(central.db_url, "lisi", "viewer")
 
         with chromium(tmp_path / "chrome") as driver:
             console_login(driver, central.base_url, "zhangsan", PASSWORD)
-            _open_gateway(driver)
+            open_gateway_page(driver, GW)
             issue = driver.find_element(By.ID, "cmd-issue")
             assert issue.is_enabled()
             Select(driver.find_element(By.ID, "cmd-kind")).select_by_value("request_diagnostics")
@@ -109,7 +103,7 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
 
             driver.find_element(By.ID, "logout").click()
             console_login(driver, central.base_url, "lisi", PASSWORD)
-            _open_gateway(driver)
+            open_gateway_page(driver, GW)
             assert not driver.find_element(By.ID, "cmd-issue").is_enabled()
             assert "只读" in driver.find_element(By.ID, "cmd-note").text
             assert "执行成功" in driver.find_element(By.ID, "cmd-rows").text  # reads allowed

@@ -2,6 +2,10 @@
 // dialog asks to confirm it (what, to which gateway, by whom), then it is issued through
 // POST /api/commands and its state is followed until the gateway reports the end. A viewer
 // sees the commands but the button is disabled; the API refuses them anyway (403).
+// A write to a safety-critical point waits for a second operator (DESIGN.md §8): another
+// operator's row has 审批…, which opens a dialog naming what will be written and asks for a
+// tick before POST /api/commands/{id}/approve; the issuer's own row says it waits for someone
+// else (the API refuses self-approval with 409), and a viewer sees no button.
 "use strict";
 
 const COMMAND_KINDS = { request_diagnostics: "请求诊断", sync_time: "校时",
@@ -14,7 +18,8 @@ const COMMAND_FIELDS = { request_diagnostics: [], sync_time: [],
                          set_poll_interval: ["device", "seconds"],
                          write_point: ["device", "point", "value"] };
 const FINAL_STATES = new Set(["succeeded", "failed", "rejected", "expired"]);
-const cmdPage = { gw: null, pending: null, follow: null };
+const cmdPage = { gw: null, pending: null, follow: null, rows: new Map(), names: new Map(),
+                  approving: null };
 
 function commandArgs(kind) {
   const v = (id) => $(id).value.trim();
@@ -45,24 +50,41 @@ function showKindFields() {
   }
 }
 
+// The 审批 cell: who approved, or what the approval waits for, and the button for whoever may
+// give it (an operator who did not issue the command).
+function approvalCell(c) {
+  if (c.approval === "approved") return el("span", { class: "approval done" }, `已审批 · ${c.approved_by}`);
+  if (c.approval !== "required") return el("span", { class: "muted" }, "—");
+  if (FINAL_STATES.has(c.state)) return el("span", { class: "approval muted" }, "未经审批");
+  const waiting = el("span", { class: "approval wait" }, "待第二人审批");
+  if (!can("operate")) return waiting;
+  if (c.issued_by === session.me.user.name) {
+    return el("span", {}, waiting, el("span", { class: "muted approval-own" },
+      " 本人下发，须由另一名值班员审批"));
+  }
+  return el("span", {}, waiting, " ", el("button", { type: "button", class: "approve",
+    "data-approve": c.cmd_id, title: "核对后批准这条安全关键写操作" }, "审批…"));
+}
+
 function renderCommands(rows) {
+  cmdPage.rows = new Map(rows.map((c) => [c.cmd_id, c]));
   $("cmd-rows").replaceChildren(...(rows.length ? rows.map((c) => labelCells(el("tr", {
-      class: `command ${c.state}`, "data-cmd": c.cmd_id },
+      class: `command ${c.state}`, "data-cmd": c.cmd_id, "data-approval": c.approval || "" },
     el("td", {}, fmtTime(c.created_ms)), el("td", {}, describeCommand(c)),
     el("td", {}, el("span", { class: `badge cstate ${c.state}` }, COMMAND_STATES[c.state] || c.state),
-      c.approval === "required" ? el("span", { class: "muted" }, " 待第二人审批") : "",
       c.reason ? el("span", { class: "muted" }, ` ${c.reason}`) : ""),
+    el("td", { class: "approval-cell" }, approvalCell(c)),
     el("td", {}, c.issued_by || "—"), el("td", { class: "muted" }, c.cmd_id.slice(0, 8))),
-    CMD_HEADS)) : [el("tr", {}, el("td", { colspan: "5", class: "muted" }, "暂无命令"))]));
+    CMD_HEADS)) : [el("tr", {}, el("td", { colspan: "6", class: "muted" }, "暂无命令"))]));
 }
-const CMD_HEADS = ["时间", "命令", "状态", "下发人", "编号"];
+const CMD_HEADS = ["时间", "命令", "状态", "审批", "下发人", "编号"];
 
 async function refreshCommands() {
   if (!cmdPage.gw) return;
   try {
     renderCommands(await getJSON(`/api/commands?gw=${encodeURIComponent(cmdPage.gw)}&limit=10`));
   } catch (e) {
-    $("cmd-rows").replaceChildren(el("tr", {}, el("td", { colspan: "5", class: "error" },
+    $("cmd-rows").replaceChildren(el("tr", {}, el("td", { colspan: "6", class: "error" },
       `命令读取失败：${errorText(e)}`)));
   }
 }
@@ -73,6 +95,8 @@ function showCommandsFor(g) {
   $("cmd-gw").textContent = g.gw;
   $("cmd-devices").replaceChildren(...g.devices.map((d) => el("option", { value: d.device })));
   $("cmd-points").replaceChildren(...g.devices.flatMap((d) => d.points.map((p) => el("option", { value: p.point }))));
+  cmdPage.names = new Map(g.devices.flatMap((d) => d.points.map((p) => [`${d.device}/${p.point}`,
+                                                                          enumOf(p.name_zh).name])));
   if (cmdPage.gw !== g.gw) {
     cmdPage.gw = g.gw;
     $("cmd-result").hidden = true;
@@ -93,6 +117,8 @@ async function followCommand(cmdId) {
     const c = await getJSON(`/api/commands/${encodeURIComponent(cmdId)}`);
     const final = FINAL_STATES.has(c.state);
     commandResult(`命令 ${describeCommand(c)} · ${COMMAND_STATES[c.state] || c.state}` +
+      (c.approval === "required" && !final ? " · 待第二人审批" : "") +
+      (c.approval === "approved" ? ` · 已由 ${c.approved_by} 审批` : "") +
       (c.reason ? ` · ${c.reason}` : "") + (c.detail ? ` · ${c.detail}` : ""),
       c.state === "succeeded" ? "ok" : final ? "bad" : "wait");
     $("cmd-result").dataset.state = c.state;
@@ -132,6 +158,78 @@ async function issueCommand() {
   }
 }
 
+// --- approving a safety-critical write (a second operator) ---------------------------------
+
+function approvalFacts(c) {
+  const a = c.args || {};
+  const what = c.kind === "write_point"
+    ? [["设备 / 测点", `${a.device} / ${a.point}` +
+         (cmdPage.names.get(`${a.device}/${a.point}`) ? `（${cmdPage.names.get(`${a.device}/${a.point}`)}）` : "")],
+       ["写入值", String(a.value)]]
+    : [["命令", describeCommand(c)]];
+  return [["网关", c.gw], ...what, ["下发人", c.issued_by || "—"], ["下发时间", fmtTime(c.created_ms)],
+          ["有效期至", fmtTime(c.expires_at_ms)], ["审批人", session.me.user.name]];
+}
+
+function askToApprove(ev) {
+  const button = ev.target.closest("button[data-approve]");
+  const c = button && cmdPage.rows.get(button.dataset.approve);
+  if (!c || !can("operate")) return;
+  cmdPage.approving = c;
+  $("cmd-approve-facts").replaceChildren(...approvalFacts(c).flatMap(([k, v]) => [
+    el("dt", {}, k), el("dd", { "data-fact": k }, v)]));
+  $("cmd-approve-check").checked = false;
+  $("cmd-approve-yes").disabled = true;
+  $("cmd-approve").showModal();
+  $("cmd-approve-no").focus();  // Enter alone must not approve
+}
+
+// Why the API refused (409, 403, 404, 503), in the duty officer's words. A 409 is explained
+// from the command as it is now: someone else approved it first, it ended, or it is one's own.
+async function approvalRefusal(status, c) {
+  if (status === 401) return "登录已失效，请重新登录";
+  if (status === 403) return "无权审批：需要值班员权限，且该网关须在您负责的区域内";
+  if (status === 404) return "中心服务器上没有这条命令";
+  if (status === 503) return "中心服务器的命令服务暂不可用，命令未审批，请稍后重试";
+  if (status !== 409) return `中心服务器返回错误 HTTP ${status}，命令未审批`;
+  const now = await getJSON(`/api/commands/${encodeURIComponent(c.cmd_id)}`).catch(() => c);
+  if (now.approval === "approved") return `该命令已由 ${now.approved_by} 审批，无需再次审批`;
+  if (now.issued_by === session.me.user.name) return "不能审批本人下发的命令，须由另一名值班员审批";
+  if (FINAL_STATES.has(now.state)) return `该命令已结束（${COMMAND_STATES[now.state] || now.state}），不能再审批`;
+  return "该命令当前无需审批";
+}
+
+async function approveCommand() {
+  const c = cmdPage.approving;
+  cmdPage.approving = null;
+  $("cmd-approve").close();
+  if (!c || !$("cmd-approve-check").checked) return;
+  clearTimeout(cmdPage.follow);  // the outcome of this approval is what the line shows now
+  try {
+    const r = await postJSON(`/api/commands/${encodeURIComponent(c.cmd_id)}/approve`);
+    if (r.status === 200) {
+      const out = await r.json();
+      commandResult(`已审批：${describeCommand(out)} · ${COMMAND_STATES[out.state] || out.state}`, "wait");
+      followCommand(out.cmd_id);
+      return;
+    }
+    commandResult(`审批失败：${await approvalRefusal(r.status, c)}`, "bad");
+  } catch (e) {
+    commandResult(`审批失败：${errorText(e)}`, "bad");
+  }
+  refreshCommands();
+}
+
+function startApprovals() {
+  $("cmd-rows").addEventListener("click", askToApprove);
+  $("cmd-approve-check").addEventListener("change", (ev) => {
+    $("cmd-approve-yes").disabled = !ev.target.checked;
+  });
+  $("cmd-approve-yes").addEventListener("click", approveCommand);
+  $("cmd-approve-no").addEventListener("click", () => $("cmd-approve").close());
+  $("cmd-approve").addEventListener("close", () => { cmdPage.approving = null; });
+}
+
 function startCommands() {
   const allowed = can("operate");
   $("cmd-issue").disabled = !allowed;
@@ -140,6 +238,7 @@ function startCommands() {
   $("cmd-form").addEventListener("submit", askToConfirm);
   $("cmd-yes").addEventListener("click", issueCommand);
   $("cmd-no").addEventListener("click", () => { cmdPage.pending = null; $("cmd-confirm").close(); });
+  startApprovals();
   showKindFields();
   setInterval(refreshCommands, 10000);
 }
