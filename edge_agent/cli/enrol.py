@@ -26,6 +26,10 @@ def _show(result_json: dict[str, object], as_json: bool, verb: str) -> None:
               f"CA {result_json['ca']}, central's command key {result_json['central_public_key']}")
     written = ("\\[mqtt.tls] and " if result_json.get("mqtt_tls_written") else "") + \
         "\\[commands] central_public_key"
+    if verb == "renewed":  # same files, new contents: the uplink reads them at each connect
+        out.print(f"{result_json['config']}: {written} written; the running agent uses the new "
+                  "certificate from its next connection (no restart needed)")
+        return
     out.print(f"{result_json['config']}: {written} written; restart the agent "
               "(systemctl restart fieldlink-edge) to use them")
 

@@ -48,7 +48,7 @@ from edge_agent.config.site import OutboxConfig
 from edge_agent.outbox.lanes import records_of
 from edge_agent.outbox.store import Outbox, OutboxError
 from edge_agent.uplink.ledger import AckLedger, UplinkCounters
-from edge_agent.uplink.mqtt_config import MqttConfig, tls_context
+from edge_agent.uplink.mqtt_config import MqttConfig, TlsFiles
 from edge_agent.uplink.pacing import BacklogPacer
 from protocols import topics
 from protocols.columnar import COLUMNAR_VERSION, Columns
@@ -116,13 +116,14 @@ class Uplink:
         self.ack_timeout_s = mqtt.ack_timeout_s
         self.state_interval_s = state_interval_s
         self.on_command = on_command
-        # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
-        tls = tls_context(mqtt.tls) if mqtt.tls is not None else None
+        # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password. The context
+        # is built from the files at each connect: a renewed certificate needs no restart.
+        self.tls = TlsFiles(mqtt.tls) if mqtt.tls is not None else None
         self.session = MqttSession(
             Endpoint(mqtt.host, mqtt.port, client_id=mqtt.client_id or gw, clean_session=False,
                      keepalive_s=mqtt.keepalive_s, timeout_s=max(mqtt.ack_timeout_s, 5.0),
                      username=mqtt.username, password=mqtt.password,
-                     tls=None if tls is None else (lambda: tls)),
+                     tls=None if self.tls is None else self.tls.context),
             name="uplink", will=self._will,
             backoff=Backoff(first_s=mqtt.reconnect_min_s,
                             max_s=max(mqtt.reconnect_min_s, mqtt.reconnect_max_s),
