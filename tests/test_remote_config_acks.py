@@ -4,6 +4,7 @@ uplink, is taken as genuine; an ack naming seqs never sent is still refused and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from typer.testing import CliRunner
 from edge_agent.cli.app import app as edge_cli
 from protocols import topics
 from protocols.envelope import Ack, encode
-from tests.fleet import Agent, commanded_gateway, sqlite_rows
+from tests.fleet import Agent, Central, DeviceDef, Simulator, sqlite_rows
 from tests.helpers import Mosquitto, wait_for
+from tests.netproxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -27,8 +29,29 @@ GW = "gw-cfg-acks"
 
 @pytest.fixture
 def gateway(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[tuple[Agent, httpx.Client]]:
-    with commanded_gateway(tmp_path, mosquitto.port, GW,
-                           "config_health_window_s = 2.0\n") as (_, _, agent, http):
+    """`tests.fleet.commanded_gateway`'s set-up, with central's link to the broker slowed
+    (0.15 s each way, about as long as the agent takes to reload): the acks of the batches sent
+    just before the reload reach the broker while the agent restarts, and the broker hands them
+    to the reloaded uplink's session before it sends anything again."""
+    with contextlib.ExitStack() as stack:
+        link = LinkProxy(mosquitto.host, mosquitto.port)
+        link.start()
+        stack.callback(link.stop)
+        link.set_mode("slow", delay_s=0.15)
+        sim = Simulator(tmp_path, ["gas-detector-v1"])
+        stack.callback(sim.stop)
+        sim.start()
+        central = Central(tmp_path, link.port)
+        stack.callback(central.stop)
+        central.start()
+        http = stack.enter_context(httpx.Client(base_url=central.base_url, timeout=10,
+                                                headers=central.auth_headers()))
+        key = http.get("/api/keys/commands").json()["public_key"]
+        agent = Agent(tmp_path, GW, mosquitto.port, sim.port,
+                      [DeviceDef("gas-1", "gas-detector-v1", 1)],
+                      extra=f'\n[commands]\ncentral_public_key = "{key}"\n'
+                      "config_health_window_s = 2.0\n")
+        stack.callback(agent.stop)
         agent.start()
         yield agent, http
 
@@ -39,7 +62,7 @@ def _uplink(agent: Agent) -> dict[str, Any]:
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["live"], report
-    return report["uplink"]  # type: ignore[no-any-return]
+    return report["uplink"]
 
 
 def _ack_warnings(agent: Agent) -> list[str]:
@@ -66,7 +89,7 @@ def test_apply_counts_no_refused_ack_and_a_forged_one_still_counts(
         return cmd if cmd.get("state") in ("succeeded", "failed", "rejected") else None
 
     done = wait_for(final, timeout=40, interval=0.2, what="the apply's outcome")
-    assert done["state"] == "succeeded", done
+    assert done is not None and done["state"] == "succeeded", done
     reloads = agent.log_path.read_text().count('"agent_starting"') - 1
     assert reloads >= 1
     # The reloaded uplink has connected and had central's acks of what it resent.
