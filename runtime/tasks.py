@@ -8,6 +8,11 @@ not restart in step, and starts over from `first_s` once a run lasted `healthy_a
 task that fails at once is not restarted in a tight loop, one that failed after a day of work
 comes back quickly.
 
+A task that cannot run for a reason outside the program, which one line says (a port in use,
+a device not there), raises `TaskUnavailableError`: that is logged as one WARNING
+(`task_unavailable`, no traceback) when the reason is new, at DEBUG while it stays the same,
+and retried with the same back-off.
+
 Example::
 
     async with asyncio.TaskGroup() as tg:
@@ -26,6 +31,11 @@ from dataclasses import dataclass
 import structlog
 
 log = structlog.get_logger(__name__)
+
+
+class TaskUnavailableError(Exception):
+    """The task cannot run now for a reason outside the program, said in its message (see the
+    module doc); a package's such error inherits from its own base and from this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,7 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], *,
     """Run `run()` for ever under `name`; restart it with back-off when it crashes or returns,
     calling `on_restart(name)` each time (to count restarts). Cancelling stops it."""
     delay = backoff.first_s
+    said: str | None = None  # the reason of the last `task_unavailable` line
     while True:
         started = time.monotonic()
         error: Exception | None = None
@@ -67,17 +78,28 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], *,
         except Exception as exc:  # the one catch-all of the program (module doc)
             error = exc
         if time.monotonic() - started >= backoff.healthy_after_s:
-            delay = backoff.first_s
+            delay, said = backoff.first_s, None
         wait = backoff.wait_s(delay)
-        if error is not None:
-            log.error("task_crashed", task=name, restart_in_s=round(wait, 3), exc_info=error)
-            error = None  # no reference cycle through the traceback while waiting
-        else:
-            log.error("task_exited", task=name, restart_in_s=round(wait, 3))
+        said = _log_restart(name, error, round(wait, 3), said)
+        error = None  # no reference cycle through the traceback while waiting
         if on_restart is not None:
             on_restart(name)
         await asyncio.sleep(wait)
         delay = backoff.next_delay(delay)
+
+
+def _log_restart(name: str, error: Exception | None, wait: float, said: str | None) -> str | None:
+    """Log why `name` restarts (see the module doc); returns the unavailable reason said."""
+    if isinstance(error, TaskUnavailableError):
+        reason = str(error)
+        level = log.debug if reason == said else log.warning
+        level("task_unavailable", task=name, reason=reason, restart_in_s=wait)
+        return reason
+    if error is not None:
+        log.error("task_crashed", task=name, restart_in_s=wait, exc_info=error)
+    else:
+        log.error("task_exited", task=name, restart_in_s=wait)
+    return None
 
 
 def start(name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
@@ -117,4 +139,4 @@ async def stop(task: asyncio.Task[None] | None) -> None:
         await task
 
 
-__all__ = ["Backoff", "every", "start", "stop", "supervise"]
+__all__ = ["Backoff", "TaskUnavailableError", "every", "start", "stop", "supervise"]

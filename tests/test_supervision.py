@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from edge_agent import agent
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK
 from edge_agent.outbox.store import Outbox, OutboxError
-from runtime.tasks import Backoff, stop, supervise
+from runtime.tasks import Backoff, TaskUnavailableError, stop, supervise
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +146,34 @@ def test_edge_metrics_count_task_restarts_and_maintenance_errors() -> None:
     assert samples[("fieldlink_edge_task_restarts_total", (("task", "outbox.maintain"),))] == 2
     assert samples[("fieldlink_edge_task_restarts_total", (("task", "uplink.mqtt"),))] == 0
     assert samples[("fieldlink_edge_outbox_maintenance_errors_total", ())] == 3
+
+
+async def test_unavailable_task_warns_once_per_reason_without_a_traceback() -> None:
+    """`TaskUnavailableError`: one WARNING per new reason (DEBUG while it repeats), no
+    traceback, the same back-off and restart count; any other error is still a crash."""
+    backoff = Backoff(first_s=0.01, max_s=0.02, healthy_after_s=60, jitter=0.0)
+    reasons = ["port in use", "port in use", "port in use", "no such address", "port in use"]
+    restarted: list[str] = []
+    done = asyncio.Event()
+
+    async def blocked() -> None:
+        if reasons:
+            raise TaskUnavailableError(reasons.pop(0))
+        if not done.is_set():
+            done.set()
+            raise RuntimeError("a bug")
+        await asyncio.sleep(3600)
+
+    with capture_logs() as logs:
+        task = asyncio.create_task(supervise("metrics.http", blocked, backoff=backoff,
+                                             on_restart=restarted.append))
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0.1)
+        await stop(task)
+    said = [(e["log_level"], e.get("reason")) for e in logs if e["event"] == "task_unavailable"]
+    assert said == [("warning", "port in use"), ("debug", "port in use"),
+                    ("debug", "port in use"), ("warning", "no such address"),
+                    ("warning", "port in use")]
+    assert not [e for e in logs if e["event"] == "task_unavailable" and "exc_info" in e]
+    assert [e["event"] for e in logs if e["event"] == "task_crashed"] == ["task_crashed"]
+    assert restarted == ["metrics.http"] * 6

@@ -43,7 +43,7 @@ def test_every_new_command_has_help_with_an_example() -> None:
         assert result.exit_code == 0 and f"Example: edge-agent {command}" in result.stdout
     assert runner.invoke(app, ["scan", "--port", "/dev/null", "--parity", "X"]).exit_code == 2
     bad_ids = runner.invoke(app, ["scan", "--port", "/dev/null", "--ids", "0-300"])
-    assert bad_ids.exit_code == 1 and "within 1-247" in bad_ids.stderr
+    assert bad_ids.exit_code == 2 and "within 1-247" in bad_ids.stderr
 
 
 def test_devices_read_write_alarms_through_the_agent(tmp_path: Path, mosquitto: Mosquitto) -> None:

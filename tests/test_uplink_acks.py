@@ -9,6 +9,8 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import structlog
+
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
@@ -86,3 +88,35 @@ async def test_late_ack_after_a_resend_still_counts(mosquitto: Mosquitto, tmp_pa
                 Ack(stream=ob.stream, ranges=((1, 5),))), qos=1)
             await until(lambda: up.counters.records_acked == 5, "the late ack")
             assert up.counters.acks_refused == 0
+
+
+async def test_ack_of_the_previous_run_is_genuine_after_a_reload(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A batch sent by the uplink before a reload (a new `Uplink` on the same outbox, as after a
+    remote config apply) and acked after it: marked delivered, not refused; an ack of seqs
+    never sent is still refused and counted, and its warning logged."""
+    async with Outbox.open(tmp_path / "o.db") as ob, MqttClient(
+            mosquitto.host, mosquitto.port, identifier=f"c-{uuid.uuid4().hex[:6]}") as central:
+        async with running(ob, mosquitto, batch_size=10, max_inflight=1,
+                           ack_timeout_s=30.0) as before:
+            await ob.append([tel(i) for i in range(10)])
+            await until(lambda: before.counters.records_sent == 10, "a batch in flight")
+        # Central's ack comes while the agent reloads: the broker keeps it for the session.
+        await central.publish(topics.down(GW, "ack"), encode(
+            Ack(stream=ob.stream, ranges=((1, 10),))), qos=1)
+        # An alarm (seq 11) goes first and alone, and holds the only slot: the reloaded uplink
+        # has not sent 1..10 again when the ack reaches it.
+        await ob.append([NewRecord(RecordKind.ALARM, 1_700_000_000_000, "d/gas", 1.0)])
+        with structlog.testing.capture_logs() as logs:
+            async with running(ob, mosquitto, batch_size=1, max_inflight=1,
+                               ack_timeout_s=30.0) as after:
+                await until(lambda: after.counters.records_acked == 10, "the late genuine ack")
+                assert after.counters.acks_refused == 0
+                assert not [e for e in logs if e["log_level"] == "warning"], logs
+                await central.publish(topics.down(GW, "ack"), encode(
+                    Ack(stream=ob.stream, ranges=((12, 21),))), qos=1)
+                await until(lambda: after.counters.acks_refused == 1, "the forged ack")
+                assert after.counters.ack_records_unsent == 10
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "ack_unsent_records"]
+        assert (await ob.stats()).delivered_total == 10

@@ -10,6 +10,18 @@ import typer
 
 from edge_agent.cli.common import ConfigOpt, JsonOpt, errors, out, print_json
 
+
+def _central_url(value: str | None) -> str | None:
+    """`--central` must be an http(s) URL with a host: anything else is a usage error (2)."""
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+        raise typer.BadParameter(f"{value!r} is not an http(s) URL, e.g. "
+                                 "https://central.example:8080")
+    return value
+
+
 CacertOpt = Annotated[Path | None, typer.Option(
     "--cacert", help="CA bundle to check central's HTTPS certificate with (default: the "
                      "system's)")]
@@ -26,6 +38,10 @@ def _show(result_json: dict[str, object], as_json: bool, verb: str) -> None:
               f"CA {result_json['ca']}, central's command key {result_json['central_public_key']}")
     written = ("\\[mqtt.tls] and " if result_json.get("mqtt_tls_written") else "") + \
         "\\[commands] central_public_key"
+    if verb == "renewed":  # same files, new contents: the uplink reads them at each connect
+        out.print(f"{result_json['config']}: {written} written; the running agent uses the new "
+                  "certificate from its next connection (no restart needed)")
+        return
     out.print(f"{result_json['config']}: {written} written; restart the agent "
               "(systemctl restart fieldlink-edge) to use them")
 
@@ -33,7 +49,8 @@ def _show(result_json: dict[str, object], as_json: bool, verb: str) -> None:
 def enroll(
     config: ConfigOpt,
     central: Annotated[str, typer.Option("--central", help="central's URL, "
-                                         "e.g. https://central.example:8080")],
+                                         "e.g. https://central.example:8080",
+                                         callback=_central_url)],
     token: Annotated[str, typer.Option("--token", help="the one-time token from "
                                        "`central gateway enroll-token GW`",
                                        envvar="FIELDLINK_ENROL_TOKEN")],
@@ -60,7 +77,8 @@ def enroll(
 def renew(
     config: ConfigOpt,
     central: Annotated[str | None, typer.Option("--central", help="central's URL (default: "
-                                                "the one enrolled with)")] = None,
+                                                "the one enrolled with)",
+                                                callback=_central_url)] = None,
     cacert: CacertOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

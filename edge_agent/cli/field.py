@@ -19,7 +19,7 @@ from edge_agent.cli.common import ConfigOpt, JsonOpt, err, errors, fail, out, pr
 from edge_agent.config.site import Hj212TransportConfig, RtuTransportConfig, load_config
 from edge_agent.control.client import ControlClientError, request
 from edge_agent.field.bus import SerialBus
-from edge_agent.field.scan import ProbeResult, parse_ids, probe_lock, scan_bus
+from edge_agent.field.scan import ProbeResult, ScanError, parse_ids, probe_lock, scan_bus
 
 
 def register(app: typer.Typer) -> None:
@@ -56,8 +56,10 @@ def scan(
     parity = parity.upper()
     if parity not in ("N", "E", "O"):
         raise typer.BadParameter("one of N, E, O", param_hint="--parity")
-    with errors():
+    try:
         id_list = parse_ids(ids)
+    except ScanError as exc:  # a usage error: exit 2, as for any option typer checks
+        raise typer.BadParameter(str(exc), param_hint="--ids") from exc
     if config is not None:
         _refuse_if_agent_owns(config, port)
     with errors():

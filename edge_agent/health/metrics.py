@@ -5,11 +5,14 @@ health, uplink counters, outbox stats, disk, narrowband) and hands it to `AgentC
 which the HTTP server's thread turns into metric families at each scrape: the scrape never
 touches the agent's objects or the SQLite thread, and a slow scrape never slows the loop.
 Family names start with `fieldlink_edge_`; packaging/alerts-fieldlink.yml has rules on them.
+An address that cannot be bound (the port in use) is `MetricsPortError`: the supervisor says
+so in one WARNING line and retries with its back-off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -23,17 +26,30 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_agent import EdgeError
 from edge_agent.bearers import Refusal
 from edge_agent.control.server import device_health
 from edge_agent.outbox.store import OutboxError, OutboxStats
 from edge_agent.terminals.metrics import terminal_metrics
+from protocols.errors import DetailedError
 from runtime.metrics import counter, counter_by, gauge
 from runtime.sqlite import open_reader
+from runtime.tasks import TaskUnavailableError
 
 if TYPE_CHECKING:
     from edge_agent.health.view import RuntimeView
 
 log = structlog.get_logger("edge_agent.health.metrics")
+
+
+class MetricsPortError(EdgeError, TaskUnavailableError, DetailedError):
+    """The endpoint's address cannot be bound: `reason` says why (another process has it)."""
+
+    template = "metrics port {host}:{port} {reason}"
+    host: str
+    port: int
+    reason: str
+
 P = "fieldlink_edge"
 # Device health counters exported as poll errors, by kind.
 POLL_ERRORS = ("timeouts", "connect_errors", "exceptions", "framing_errors", "decode_errors")
@@ -266,7 +282,11 @@ async def metrics_server(host: str, port: int, collector: AgentCollector) -> Asy
     thread) until the block ends; yields the bound port (port 0: a free one)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        reason = "in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound: {exc.strerror}"
+        raise MetricsPortError(host, port, reason) from exc
     bound = int(server.server_port)
     log.info("metrics_listening", host=host, port=bound)
     try:
@@ -284,5 +304,5 @@ async def serve_metrics(runtime: RuntimeView, collector: AgentCollector) -> None
         await metrics_loop(runtime, collector, cfg.interval_s)
 
 
-__all__ = ["AgentCollector", "Snapshot", "metrics_loop", "metrics_server", "serve_metrics",
-           "take_snapshot"]
+__all__ = ["AgentCollector", "MetricsPortError", "Snapshot", "metrics_loop", "metrics_server",
+           "serve_metrics", "take_snapshot"]

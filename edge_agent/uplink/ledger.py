@@ -5,7 +5,10 @@ No I/O: `edge_agent.uplink.link.Uplink` records each batch it publishes (`sent`)
 which seqs to skip when it reads the outbox (`skip`).
 
 An ack may mark delivered only seqs this uplink sent and has not yet seen acked (defence in
-depth, DESIGN.md §8): seqs it names beyond those are ignored and counted. While no timely ack
+depth, DESIGN.md §8): seqs it names beyond those are ignored and counted. The seqs sent and not
+yet acked outlive the uplink: it keeps them in the outbox (`sent_unacked`, `restore`), so an ack
+of the previous run's last batches that arrives after a config reload or a restart is taken as
+the genuine ack it is, not counted as refused. While no timely ack
 arrives, the ack timeout doubles after each expiry (up to 8x), so a silent or overloaded
 central does not cost a narrow link a full window every `ack_timeout_s`; a timely ack of a
 batch still in flight resets it.
@@ -97,6 +100,16 @@ class AckLedger:
         self.records += count
         if backlog:
             self.backlog_batches += 1
+
+    @property
+    def sent_unacked(self) -> Ranges:
+        """The seqs sent and not yet acked, across ack timeouts and reconnects."""
+        return self._sent_unacked
+
+    def restore(self, ranges: Ranges) -> None:
+        """Seqs an earlier uplink on this outbox sent and saw no ack for (its `sent_unacked`):
+        central's late ack of them is genuine."""
+        self._sent_unacked = _bounded(merge_ranges((*self._sent_unacked, *ranges)))
 
     def screen(self, ranges: Ranges) -> Ranges:
         """The part of an ack the uplink may act on: seqs it sent and has not seen acked.

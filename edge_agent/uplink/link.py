@@ -42,13 +42,14 @@ from dataclasses import replace
 
 import aiomqtt
 import structlog
+from pydantic import TypeAdapter, ValidationError
 
 from edge_agent import EdgeError
 from edge_agent.config.site import OutboxConfig
 from edge_agent.outbox.lanes import records_of
 from edge_agent.outbox.store import Outbox, OutboxError
 from edge_agent.uplink.ledger import AckLedger, UplinkCounters
-from edge_agent.uplink.mqtt_config import MqttConfig, tls_context
+from edge_agent.uplink.mqtt_config import MqttConfig, TlsFiles
 from edge_agent.uplink.pacing import BacklogPacer
 from protocols import topics
 from protocols.columnar import COLUMNAR_VERSION, Columns
@@ -78,6 +79,9 @@ _STABLE_S = 10.0  # a connection up this long counts as healthy (resets the back
 # After central's online state, how long a batch still in flight may wait for its ack when no
 # newer batch is in flight to tell whether central had it (`AckLedger.suspect_all`).
 _CENTRAL_ONLINE_GRACE_S = 0.5
+# The outbox meta key of the seqs sent and not yet acked (`AckLedger.sent_unacked`), and its form.
+_SENT_UNACKED = "uplink_sent_unacked"
+_RANGES = TypeAdapter(list[tuple[int, int]])
 
 
 class UplinkError(EdgeError):
@@ -116,13 +120,14 @@ class Uplink:
         self.ack_timeout_s = mqtt.ack_timeout_s
         self.state_interval_s = state_interval_s
         self.on_command = on_command
-        # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password
-        tls = tls_context(mqtt.tls) if mqtt.tls is not None else None
+        # --- mqtt tls (DESIGN.md §8): the gateway's certificate, or a password. The context
+        # is built from the files at each connect: a renewed certificate needs no restart.
+        self.tls = TlsFiles(mqtt.tls) if mqtt.tls is not None else None
         self.session = MqttSession(
             Endpoint(mqtt.host, mqtt.port, client_id=mqtt.client_id or gw, clean_session=False,
                      keepalive_s=mqtt.keepalive_s, timeout_s=max(mqtt.ack_timeout_s, 5.0),
                      username=mqtt.username, password=mqtt.password,
-                     tls=None if tls is None else (lambda: tls)),
+                     tls=None if self.tls is None else self.tls.context),
             name="uplink", will=self._will,
             backoff=Backoff(first_s=mqtt.reconnect_min_s,
                             max_s=max(mqtt.reconnect_min_s, mqtt.reconnect_max_s),
@@ -152,6 +157,7 @@ class Uplink:
                                   queue_delay_s=0.5 if backlog is None
                                   else backlog.backlog_queue_delay_s)
         self.ledger = AckLedger(mqtt.ack_timeout_s, self.pacer, self.counters)
+        self._saved_sent: tuple[tuple[int, int], ...] = ()  # as last kept in the outbox
 
     def notify(self) -> None:
         """Wake the send loop (new records, a freed slot); cheap, callable any time on the loop."""
@@ -166,12 +172,15 @@ class Uplink:
 
     async def run(self) -> None:
         """Keep connected and drain the outbox until cancelled."""
+        await self._restore_sent()
         remove_listener = self.outbox.add_append_listener(self.notify)
         try:
             await self.session.run(self._session, on_down=self._went_down)
         finally:
             remove_listener()
             self.ledger.drop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._save_sent())
             if self.connected:
                 self.connected = False
                 self.down_since = time.monotonic()
@@ -238,6 +247,31 @@ class Uplink:
             await self.outbox.set_meta(key, value)
         except OutboxError as exc:
             log.warning("uplink_meta_failed", key=key, error=str(exc))
+
+    async def _restore_sent(self) -> None:
+        """What the previous uplink on this outbox sent and saw no ack for (a config reload
+        or a restart came between): its ack may still come, and is genuine (`AckLedger`)."""
+        try:
+            text = await self.outbox.get_meta(_SENT_UNACKED)
+        except OutboxError as exc:
+            log.warning("uplink_meta_failed", key=_SENT_UNACKED, error=str(exc))
+            return
+        if text is None:
+            return
+        try:
+            ranges = _RANGES.validate_json(text)
+        except ValidationError as exc:
+            log.warning("uplink_sent_unacked_malformed", error=str(exc.errors()[:1]))
+            return
+        self.ledger.restore(merge_ranges((a, b) for a, b in ranges if 0 < a <= b))
+        self._saved_sent = self.ledger.sent_unacked
+
+    async def _save_sent(self) -> None:
+        """Keep the seqs sent and not acked in the outbox (when they changed)."""
+        sent = self.ledger.sent_unacked
+        if sent != self._saved_sent:
+            await self._set_meta(_SENT_UNACKED, json.dumps(sent))
+            self._saved_sent = sent
 
     async def _refresh_backlog(self) -> None:
         try:
@@ -397,6 +431,7 @@ class Uplink:
             await self._refresh_backlog()
             await client.publish(self._t_state, encode(self._state(online=True)), qos=1,
                                  retain=True)
+            await self._save_sent()  # a kill or a power cut loses at most this interval's
             pacing = self.pacer.snapshot(time.monotonic()).to_jsonable()
             c = self.counters
             await self._set_meta("uplink_acks", json.dumps({

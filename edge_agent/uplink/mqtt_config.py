@@ -4,23 +4,34 @@ TLS context the uplink connects with.
 `[mqtt.tls]` names three PEM files: `ca` (the CA the broker's certificate chains to),
 `cert` (this gateway's certificate, CN = gateway id) and `key` (its private key, mode 0600).
 `edge-agent enroll` writes them and this table. Relative paths are relative to the config
-file. `username`/`password` are for brokers that authenticate by password (EMQX, ...); with
-Mosquitto and `use_identity_as_username` the certificate is the identity.
+file. `edge-agent renew` replaces the certificate and key in place; `TlsFiles` gives the
+uplink a context built from the files as they are at each connect, so the next connect after a
+renewal shows the new certificate without a restart. `username`/`password` are for brokers
+that authenticate by password (EMQX, ...); with Mosquitto and `use_identity_as_username` the
+certificate is the identity.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 import stat
 from pathlib import Path
 from typing import Annotated, ClassVar
 
+import structlog
 from msgspec import Meta
 
 from edge_agent import EdgeError
 from edge_agent.config.table import ConfigTable
 from runtime.files import FileError
 from runtime.mqtt import TlsFileError, client_tls_context
+
+log = structlog.get_logger(__name__)
+
+# What identifies a version of the TLS files: (inode, size, mtime) of each, None if missing.
+# `edge-agent renew` writes by rename, so a renewal always changes the inode.
+FilesStamp = tuple[tuple[int, int, int] | None, ...]
 
 
 class MqttTlsError(EdgeError, FileError):
@@ -87,6 +98,51 @@ def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
         return client_tls_context(tls.ca, tls.cert, tls.key, check_hostname=tls.check_hostname)
     except TlsFileError as exc:
         raise MqttTlsError(exc.path, exc.reason) from exc
+
+
+class TlsFiles:
+    """The uplink's TLS context, built from `[mqtt.tls]`'s files as they are on disk.
+
+    `context()` runs at every connect attempt: it stats the files and builds a new context only
+    when one changed, so a renewed certificate is used from the next connect on. Files that
+    changed and do not load (a renewal caught between writing the key and the certificate, a
+    file removed) keep the last good context, with one WARNING per such state; they are
+    loaded again when they change again. At construction the files must load (a config
+    error: `MqttTlsError`)."""
+
+    def __init__(self, tls: MqttTlsConfig) -> None:
+        self.tls = tls
+        self._stamp = self._stat()
+        self._context = tls_context(tls)
+        self._bad: FilesStamp | None = None
+        self.reloads = 0
+
+    def _stat(self) -> FilesStamp:
+        def one(path: Path) -> tuple[int, int, int] | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_ino, st.st_size, st.st_mtime_ns
+
+        return tuple(one(path) for _, path in self.tls.files())
+
+    def context(self) -> ssl.SSLContext:
+        """The context for this connect attempt (see the class's docstring)."""
+        stamp = self._stat()
+        if stamp in (self._stamp, self._bad):
+            return self._context
+        try:
+            context = tls_context(self.tls)
+        except MqttTlsError as exc:
+            self._bad = stamp
+            log.warning("mqtt_tls_reload_failed", path=str(exc.path), error=exc.reason,
+                        using="the previous certificate")
+            return self._context
+        self._context, self._stamp, self._bad = context, stamp, None
+        self.reloads += 1
+        log.info("mqtt_tls_reloaded", cert=str(self.tls.cert), reloads=self.reloads)
+        return context
 
 
 def loose_mode(path: Path) -> int | None:
