@@ -41,8 +41,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import aiomqtt
+import msgspec
 import structlog
-from pydantic import TypeAdapter, ValidationError
 
 from edge_agent import EdgeError
 from edge_agent.config.site import OutboxConfig
@@ -81,7 +81,7 @@ _STABLE_S = 10.0  # a connection up this long counts as healthy (resets the back
 _CENTRAL_ONLINE_GRACE_S = 0.5
 # The outbox meta key of the seqs sent and not yet acked (`AckLedger.sent_unacked`), and its form.
 _SENT_UNACKED = "uplink_sent_unacked"
-_RANGES = TypeAdapter(list[tuple[int, int]])
+_RANGES = msgspec.json.Decoder(list[tuple[int, int]])
 
 
 class UplinkError(EdgeError):
@@ -259,9 +259,9 @@ class Uplink:
         if text is None:
             return
         try:
-            ranges = _RANGES.validate_json(text)
-        except ValidationError as exc:
-            log.warning("uplink_sent_unacked_malformed", error=str(exc.errors()[:1]))
+            ranges = _RANGES.decode(text)
+        except msgspec.DecodeError as exc:  # malformed JSON, or not a list of [first, last]
+            log.warning("uplink_sent_unacked_malformed", error=str(exc))
             return
         self.ledger.restore(merge_ranges((a, b) for a, b in ranges if 0 < a <= b))
         self._saved_sent = self.ledger.sent_unacked
