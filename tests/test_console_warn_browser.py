@@ -1,0 +1,213 @@
+"""Issuing a 叫应 warning from the console (发布预警) in a real headless Chromium, against a real
+`central serve`, a real Mosquitto and a gateway stand-in with terminals (tests/callresp_gw.py):
+the form, the confirmation that says what will sound, the warning on the board moving without a
+reload, the refusals in Chinese, and no button for a viewer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from protocols.command_keys import parse_public_key
+from tests.browser import chromium, console_login, screenshot, viewport
+from tests.callresp_gw import terminal_fleet
+from tests.fleet import Central
+from tests.helpers import Mosquitto
+from tests.identity import PASSWORD, cli_user
+
+pytestmark = pytest.mark.browser
+GW = "gw-warn-1"
+TEXT = "暴雨红色预警：请立即组织危险区域人员转移"
+# t-1 answers 1 s after it plays; t-2 and t-3 never do; t-9 stands outside the operator's area
+ANSWERS: dict[str, float | None] = {"t-1": 1.0, "t-2": None, "t-3": None, "t-9": None}
+
+
+@contextlib.contextmanager
+def _central(tmp_path: Path, port: int) -> Iterator[Central]:
+    cfg = tmp_path / "central.toml"  # long deadlines: no re-send or escalation during the test
+    cfg.write_text("[central.callresp]\ndeadline_red_s = 600\nresends = 3\ntick_s = 0.2\n")
+    central = Central(tmp_path, port, extra_args=["--config", str(cfg)])
+    central.start()
+    try:
+        yield central
+    finally:
+        central.stop()
+
+
+def _directory(admin: httpx.Client) -> dict[str, int]:
+    """武汉市 > 江岸区 > 二七街道 (t-1, t-2, t-3) and 武汉市 > 汉阳区 (t-9); area ids by name."""
+    ids: dict[str, int] = {}
+    for name, parent, level, code in (("武汉市", None, "city", "c"), ("江岸区", "武汉市", "district", "d"),
+                                      ("二七街道", "江岸区", "street", "s"),
+                                      ("汉阳区", "武汉市", "district", "h")):
+        r = admin.post("/api/areas", json={"parent_id": ids.get(parent or ""), "level": level,
+                                           "code": code, "name_zh": name})
+        assert r.status_code == 201, r.text
+        ids[name] = r.json()["id"]
+    for t, area, name in (("t-1", "二七街道", "二七街道办"), ("t-2", "二七街道", "社区一号喇叭"),
+                          ("t-3", "二七街道", "江边喇叭"), ("t-9", "汉阳区", "汉阳大喇叭")):
+        r = admin.put(f"/api/callresp/terminals/{t}",
+                      json={"gw": GW, "area_id": ids[area], "name": name})
+        assert r.status_code == 200, r.text
+    return ids
+
+
+def _shown(driver: WebDriver, element_id: str) -> bool:
+    return bool(driver.find_element(By.ID, element_id).is_displayed())
+
+
+def _text(driver: WebDriver, css: str) -> str:
+    found = driver.find_elements(By.CSS_SELECTOR, css)
+    return str(found[0].text) if found else ""
+
+
+def _open_form(driver: WebDriver) -> None:
+    driver.find_element(By.ID, "warn-new").click()
+    WebDriverWait(driver, 10).until(lambda d: _shown(d, "warn-form")
+                                    and not _shown(d, "warn-dir-msg"))
+
+
+def _tick(driver: WebDriver, kind: str, value: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, f'input[name="warn-{kind}"][value="{value}"]').click()
+
+
+def _error(driver: WebDriver) -> str:
+    WebDriverWait(driver, 10).until(lambda d: _shown(d, "warn-error"))
+    with contextlib.suppress(NoAlertPresentException):  # never a browser alert()
+        pytest.fail(f"an alert: {driver.switch_to.alert.text}")
+    return str(driver.find_element(By.ID, "warn-error").text)
+
+
+FITS = ("const e = document.querySelector(arguments[0]), r = e.getBoundingClientRect();"
+        " return e.scrollWidth <= e.clientWidth + 1 && r.left >= 0 && r.right <= innerWidth")
+
+
+def _shots(driver: WebDriver, tmp_path: Path, step: str, pane: str) -> None:
+    """The dialog at desk width and at phone width (390 px): all of it inside the window."""
+    viewport(driver, 1920, 1080)
+    screenshot(driver, tmp_path, f"callresp-warn-{step}")
+    viewport(driver, 390, 844)
+    for selector in ("#warn-dialog", pane, f"{pane} .dialog-buttons"):
+        assert driver.execute_script(FITS, selector), (step, selector)
+    screenshot(driver, tmp_path, f"callresp-warn-{step}-narrow")
+    viewport(driver, 1920, 1080)
+
+
+def test_operator_issues_a_red_warning_from_the_board(tmp_path: Path,
+                                                      mosquitto: Mosquitto) -> None:
+    """The operator of 江岸区 fills in the form (only their area's targets offered), is stopped
+    on an empty text, confirms a red warning to 二七街道 that names its 3 terminals, and the
+    board shows it at once, its targets moving to 已送达 and 已应答 without a reload. A terminal
+    moved out of their area before 发布 is refused in Chinese in the form; a viewer has no
+    button."""
+    with _central(tmp_path, mosquitto.port) as central, httpx.Client(
+            base_url=central.base_url, timeout=15, headers=central.auth_headers()) as admin:
+        key = parse_public_key(admin.get("/api/keys/commands").json()["public_key"])
+        ids = _directory(admin)
+        cli_user(central.db_url, "zhangsan", "operator", area="d")
+        cli_user(central.db_url, "lisi", "viewer")
+        with terminal_fleet(admin, mosquitto.host, mosquitto.port, central_key=key,
+                            answers={GW: ANSWERS}, online_timeout=20
+                            ) as _, chromium(tmp_path / "chrome") as driver:
+            console_login(driver, central.base_url, "zhangsan", PASSWORD)
+            driver.execute_script("window.sameDocument = true")  # gone if the page reloads
+            wid = _issue_through_form(driver, tmp_path, ids)
+            _board_moves(driver, admin, wid)
+            _out_of_area_refused(driver, admin, ids)
+            assert [w["id"] for w in admin.get("/api/callresp/warnings").json()] == [wid]
+            assert driver.execute_script("return window.sameDocument") is True
+
+            driver.find_element(By.ID, "logout").click()
+            console_login(driver, central.base_url, "lisi", PASSWORD)
+            WebDriverWait(driver, 15).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, f'article[data-warning="{wid}"]'))
+            assert not _shown(driver, "warn-new")  # the board, but no 发布预警
+
+
+def _issue_through_form(driver: WebDriver, tmp_path: Path, ids: dict[str, int]) -> str:
+    assert _shown(driver, "warn-new")
+    _open_form(driver)
+    offered = driver.find_element(By.ID, "warn-form").text
+    assert "二七街道" in offered and "社区一号喇叭" in offered
+    assert "汉阳" not in offered  # outside 江岸区: not offered at all
+    assert "0 / 500 字" in offered  # the limit the API enforces
+
+    _tick(driver, "level", "red")
+    _tick(driver, "area", str(ids["二七街道"]))
+    assert driver.find_element(By.ID, "warn-n-terminals").text == "3"
+    driver.find_element(By.ID, "warn-next").click()  # no text yet
+    assert "预警内容不能为空" in _error(driver)
+    assert not _shown(driver, "warn-confirm")
+    driver.find_element(By.ID, "warn-text").send_keys("   ")  # blanks are no text either
+    driver.find_element(By.ID, "warn-next").click()
+    assert "预警内容不能为空" in _error(driver) and not _shown(driver, "warn-confirm")
+
+    driver.find_element(By.ID, "warn-text").clear()
+    driver.find_element(By.ID, "warn-text").send_keys(TEXT)
+    assert f"{len(TEXT)} / 500 字" in driver.find_element(By.ID, "warn-form").text
+    _shots(driver, tmp_path, "form", "#warn-form")
+    driver.find_element(By.ID, "warn-next").click()
+    WebDriverWait(driver, 5).until(lambda d: _shown(d, "warn-confirm"))
+    assert not _shown(driver, "warn-form")
+    facts = {dt.text: dd.text for dt, dd in zip(
+        driver.find_elements(By.CSS_SELECTOR, "#warn-facts dt"),
+        driver.find_elements(By.CSS_SELECTOR, "#warn-facts dd"), strict=True)}
+    assert facts["级别"] == "红色预警" and facts["内容"] == TEXT
+    assert facts["发布对象"] == "区域 二七街道"
+    assert facts["对象数"] == "3 个（终端 3 台，责任人 0 名）"
+    assert facts["将鸣响的终端"] == "3 台" and facts["发布人"] == "zhangsan"
+    # Enter alone does not issue: the focus is on 返回修改
+    assert driver.switch_to.active_element.get_attribute("id") == "warn-back"
+    _shots(driver, tmp_path, "confirm", "#warn-confirm")
+
+    driver.find_element(By.ID, "warn-issue").click()
+    WebDriverWait(driver, 10).until(lambda d: not _shown(d, "warn-dialog"))
+    msg = driver.find_element(By.ID, "warn-msg").text
+    assert msg.startswith("已发布：红色预警") and TEXT in msg
+    card = WebDriverWait(driver, 5).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#board article.cr-warning.red.open"))
+    assert len(card) == 1
+    return str(card[0].get_attribute("data-warning"))
+
+
+def _board_moves(driver: WebDriver, admin: httpx.Client, wid: str) -> None:
+    card = f'article[data-warning="{wid}"]'
+    head = _text(driver, card)
+    assert "红色预警" in head and TEXT in head and "zhangsan" in head
+    WebDriverWait(driver, 20).until(
+        lambda d: "已应答" in _text(d, f'{card} tr[data-target="t-1"]')
+        and "已送达" in _text(d, f'{card} tr[data-target="t-2"]')
+        and "已送达" in _text(d, f'{card} tr[data-target="t-3"]'))
+    assert "已应答 1/3" in _text(driver, card)
+    states = {t["ref"]: t["state"] for t in admin.get(f"/api/callresp/warnings/{wid}").json()[
+        "targets"]}
+    assert states == {"t-1": "answered", "t-2": "delivered", "t-3": "delivered"}
+
+
+def _out_of_area_refused(driver: WebDriver, admin: httpx.Client, ids: dict[str, int]) -> None:
+    """t-3 is chosen, then moved to 汉阳区 before 发布: central answers 403, the form says so."""
+    _open_form(driver)
+    _tick(driver, "level", "blue")
+    driver.find_element(By.ID, "warn-text").send_keys("演练：江边喇叭测试")
+    _tick(driver, "terminal", "t-3")
+    driver.find_element(By.ID, "warn-next").click()
+    WebDriverWait(driver, 5).until(lambda d: _shown(d, "warn-confirm"))
+    moved: dict[str, Any] = {"gw": GW, "area_id": ids["汉阳区"], "name": "江边喇叭"}
+    assert admin.put("/api/callresp/terminals/t-3", json=moved).status_code == 200
+    driver.find_element(By.ID, "warn-issue").click()
+    error = _error(driver)
+    assert "终端「江边喇叭」不在您负责的区域内" in error and "预警未发布" in error, error
+    assert "{" not in error and "outside" not in error  # no raw JSON, no English
+    assert _shown(driver, "warn-form") and not _shown(driver, "warn-confirm")
+    # the list is read again: t-3 is no longer offered
+    assert not driver.find_elements(By.CSS_SELECTOR, 'input[name="warn-terminal"][value="t-3"]')
+    driver.find_element(By.ID, "warn-cancel").click()
