@@ -273,11 +273,12 @@ function warningRefusal(status, problem) {
     const name = m[1] === "area" ? d.areaName.get(Number(m[2]))
       : m[1] === "terminal" ? (d.byTerminal.get(m[2]) || {}).name
         : (d.persons.find((p) => p.id === m[2]) || {}).name;
-    return `${WHAT[m[1]]}「${name || m[2]}」不在您负责的区域内，预警未发布。请刷新对象后重选。`;
+    return `${WHAT[m[1]]}「${name || m[2]}」不在您负责的区域内，预警未发布。`;
   }
   if (status === 404) {
-    const kind = /Unknown (\w+)/.exec(String(problem.title || ""));
-    return `所选${WHAT[kind && kind[1]] || "对象"}「${detail}」在中心已不存在，预警未发布。请刷新对象后重选。`;
+    const m = /^unknown (\w+) '(.*)'$/.exec(detail);  // NotFoundError: unknown terminal 't-9'
+    const what = m && WHAT[m[1]];
+    return `所选${what || "对象"}${what ? `「${m[2]}」` : ""}在中心已不存在，预警未发布。`;
   }
   if (status === 422) {
     const locs = (problem.errors || []).map((e) => (e.loc || []).join("."));
@@ -304,7 +305,7 @@ async function issueWarning() {
       showStep(false);
       if (r.status === 403 || r.status === 404) await reloadDirectory();
       warnError(`发布失败：${why}` +
-        (r.status === 403 || r.status === 404 ? "（对象列表已重新读取）" : ""));
+        (r.status === 403 || r.status === 404 ? "对象列表已重新读取，请核对后再发布。" : ""));
       return;
     }
     warn.pending = null;
