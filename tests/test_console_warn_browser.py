@@ -6,9 +6,7 @@ reload, the refusals in Chinese, and no button for a viewer."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,9 +16,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from protocols.command_keys import parse_public_key
-from tests.browser import chromium, console_login, screenshot, viewport
+from tests.browser import callresp_central, chromium, console_login, screenshot, viewport
 from tests.callresp_gw import terminal_fleet
-from tests.fleet import Central
 from tests.helpers import Mosquitto
 from tests.identity import PASSWORD, cli_user
 
@@ -29,18 +26,6 @@ GW = "gw-warn-1"
 TEXT = "暴雨红色预警：请立即组织危险区域人员转移"
 # t-1 answers 1 s after it plays; t-2 and t-3 never do; t-9 stands outside the operator's area
 ANSWERS: dict[str, float | None] = {"t-1": 1.0, "t-2": None, "t-3": None, "t-9": None}
-
-
-@contextlib.contextmanager
-def _central(tmp_path: Path, port: int) -> Iterator[Central]:
-    cfg = tmp_path / "central.toml"  # long deadlines: no re-send or escalation during the test
-    cfg.write_text("[central.callresp]\ndeadline_red_s = 600\nresends = 3\ntick_s = 0.2\n")
-    central = Central(tmp_path, port, extra_args=["--config", str(cfg)])
-    central.start()
-    try:
-        yield central
-    finally:
-        central.stop()
 
 
 def _directory(admin: httpx.Client) -> dict[str, int]:
@@ -58,6 +43,13 @@ def _directory(admin: httpx.Client) -> dict[str, int]:
         r = admin.put(f"/api/callresp/terminals/{t}",
                       json={"gw": GW, "area_id": ids[area], "name": name})
         assert r.status_code == 200, r.text
+    for gid, name, terminals in (("g-river", "沿江喇叭组", ["t-2", "t-3"]),
+                                 ("g-hy", "汉阳喇叭组", ["t-9"])):
+        r = admin.put(f"/api/callresp/groups/{gid}", json={"name": name, "terminals": terminals})
+        assert r.status_code == 200, r.text
+    r = admin.put("/api/callresp/persons/p-1", json={
+        "name": "区值班领导", "area_id": ids["江岸区"], "role": "in_charge", "terminals": ["t-1"]})
+    assert r.status_code == 200, r.text
     return ids
 
 
@@ -66,8 +58,9 @@ def _shown(driver: WebDriver, element_id: str) -> bool:
 
 
 def _text(driver: WebDriver, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return str(found[0].text) if found else ""
+    """The element's text, read in one go (the board is redrawn on every live update)."""
+    return str(driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css))
 
 
 def _open_form(driver: WebDriver) -> None:
@@ -109,7 +102,7 @@ def test_operator_issues_a_red_warning_from_the_board(tmp_path: Path,
     board shows it at once, its targets moving to 已送达 and 已应答 without a reload. A terminal
     moved out of their area before 发布 is refused in Chinese in the form; a viewer has no
     button."""
-    with _central(tmp_path, mosquitto.port) as central, httpx.Client(
+    with callresp_central(tmp_path, mosquitto.port) as central, httpx.Client(
             base_url=central.base_url, timeout=15, headers=central.auth_headers()) as admin:
         key = parse_public_key(admin.get("/api/keys/commands").json()["public_key"])
         ids = _directory(admin)
@@ -137,8 +130,9 @@ def _issue_through_form(driver: WebDriver, tmp_path: Path, ids: dict[str, int]) 
     assert _shown(driver, "warn-new")
     _open_form(driver)
     offered = driver.find_element(By.ID, "warn-form").text
-    assert "二七街道" in offered and "社区一号喇叭" in offered
-    assert "汉阳" not in offered  # outside 江岸区: not offered at all
+    for name in ("二七街道", "社区一号喇叭", "沿江喇叭组", "区值班领导"):
+        assert name in offered, name
+    assert "汉阳" not in offered  # outside 江岸区 (the area, its terminal, its group): not offered
     assert "0 / 500 字" in offered  # the limit the API enforces
 
     _tick(driver, "level", "red")
@@ -173,10 +167,11 @@ def _issue_through_form(driver: WebDriver, tmp_path: Path, ids: dict[str, int]) 
     WebDriverWait(driver, 10).until(lambda d: not _shown(d, "warn-dialog"))
     msg = driver.find_element(By.ID, "warn-msg").text
     assert msg.startswith("已发布：红色预警") and TEXT in msg
-    card = WebDriverWait(driver, 5).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#board article.cr-warning.red.open"))
-    assert len(card) == 1
-    return str(card[0].get_attribute("data-warning"))
+    wids = WebDriverWait(driver, 5).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#board article.cr-warning.red.open')]"
+        ".map((a) => a.dataset.warning)"))
+    assert len(wids) == 1, wids
+    return str(wids[0])
 
 
 def _board_moves(driver: WebDriver, admin: httpx.Client, wid: str) -> None:
@@ -193,21 +188,53 @@ def _board_moves(driver: WebDriver, admin: httpx.Client, wid: str) -> None:
     assert states == {"t-1": "answered", "t-2": "delivered", "t-3": "delivered"}
 
 
-def _out_of_area_refused(driver: WebDriver, admin: httpx.Client, ids: dict[str, int]) -> None:
-    """t-3 is chosen, then moved to 汉阳区 before 发布: central answers 403, the form says so."""
+def _confirm(driver: WebDriver, level: str, text: str, *ticks: tuple[str, str]) -> str:
+    """Fill in the form and go to the confirmation; its 对象数 line."""
     _open_form(driver)
-    _tick(driver, "level", "blue")
-    driver.find_element(By.ID, "warn-text").send_keys("演练：江边喇叭测试")
-    _tick(driver, "terminal", "t-3")
+    _tick(driver, "level", level)
+    driver.find_element(By.ID, "warn-text").send_keys(text)
+    for kind, value in ticks:
+        _tick(driver, kind, value)
     driver.find_element(By.ID, "warn-next").click()
     WebDriverWait(driver, 5).until(lambda d: _shown(d, "warn-confirm"))
-    moved: dict[str, Any] = {"gw": GW, "area_id": ids["汉阳区"], "name": "江边喇叭"}
-    assert admin.put("/api/callresp/terminals/t-3", json=moved).status_code == 200
+    return _text(driver, '#warn-facts dd[data-fact="对象数"]')
+
+
+def _move(admin: httpx.Client, ids: dict[str, int], terminal: str) -> None:
+    """The admin moves `terminal` to 汉阳区, out of the operator's area."""
+    r = admin.put(f"/api/callresp/terminals/{terminal}", json={"gw": GW, "area_id": ids["汉阳区"],
+                                                               "name": f"{terminal} 汉阳"})
+    assert r.status_code == 200, r.text
+
+
+def _refused(driver: WebDriver) -> str:
+    """发布, refused: the form again (not the confirmation) with the reason, plain Chinese."""
     driver.find_element(By.ID, "warn-issue").click()
     error = _error(driver)
-    assert "终端「江边喇叭」不在您负责的区域内" in error and "预警未发布" in error, error
-    assert "{" not in error and "outside" not in error  # no raw JSON, no English
+    assert "预警未发布" in error or "无法送达" in error, error
+    assert "{" not in error and "detail" not in error and not error.isascii(), error
     assert _shown(driver, "warn-form") and not _shown(driver, "warn-confirm")
-    # the list is read again: t-3 is no longer offered
+    return error
+
+
+def _out_of_area_refused(driver: WebDriver, admin: httpx.Client, ids: dict[str, int]) -> None:
+    """A terminal chosen and then moved out of the operator's area before 发布: central answers
+    403 and the form says which; all of a street's terminals moved away: 422, reaches nobody."""
+    n = _confirm(driver, "blue", "演练：江边喇叭测试", ("terminal", "t-3"), ("person", "p-1"))
+    assert n == "2 个（终端 1 台，责任人 1 名）", n
+    assert _text(driver, '#warn-facts dd[data-fact="将鸣响的终端"]') == "2 台"  # t-3, and t-1 for p-1
+    _move(admin, ids, "t-3")
+    error = _refused(driver)
+    assert "终端「江边喇叭」不在您负责的区域内" in error, error
+    # the lists are read again: t-3 (and its group) no longer offered, the person still ticked
     assert not driver.find_elements(By.CSS_SELECTOR, 'input[name="warn-terminal"][value="t-3"]')
+    assert "沿江喇叭组" not in driver.find_element(By.ID, "warn-groups").text
+    assert driver.find_element(By.CSS_SELECTOR, 'input[name="warn-person"]').is_selected()
+    driver.find_element(By.ID, "warn-cancel").click()
+
+    n = _confirm(driver, "yellow", "演练：街道广播测试", ("area", str(ids["二七街道"])))
+    assert n == "2 个（终端 2 台，责任人 0 名）", n
+    _move(admin, ids, "t-1")
+    _move(admin, ids, "t-2")
+    assert "所选对象下没有任何终端或责任人" in _refused(driver)
     driver.find_element(By.ID, "warn-cancel").click()
