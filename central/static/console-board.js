@@ -246,7 +246,10 @@ function showStep(confirming) {
 
 function askToConfirmWarning(ev) {
   ev.preventDefault();
-  if (!warn.dir) return;
+  if (!warn.dir) {
+    warnError("发布对象未能读取，现在无法发布；请关闭本窗口后重新打开");
+    return;
+  }
   const c = formChoice();
   const r = reach(warn.dir, c);
   const problem = formProblem(c, r);
@@ -330,6 +333,7 @@ async function issued(w) {
   await refreshBoard().catch(() => null);
   const card = document.querySelector(`#board article[data-warning="${w.id}"]`);
   if (card) card.scrollIntoView({ block: "nearest" });
+  else if (live.area) msg.textContent += "（页面正按区域筛选，这条预警不在所选区域内，未在下方列出）";
 }
 
 // Read the targets again, keeping what is still chosen and still offered.
