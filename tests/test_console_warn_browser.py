@@ -15,6 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS
 from protocols.command_keys import parse_public_key
 from tests.browser import callresp_central, chromium, console_login, screenshot, viewport
 from tests.callresp_gw import terminal_fleet
@@ -133,7 +134,9 @@ def _issue_through_form(driver: WebDriver, tmp_path: Path, ids: dict[str, int]) 
     for name in ("二七街道", "社区一号喇叭", "沿江喇叭组", "区值班领导"):
         assert name in offered, name
     assert "汉阳" not in offered  # outside 江岸区 (the area, its terminal, its group): not offered
-    assert "0 / 500 字" in offered  # the limit the API enforces
+    assert f"0 / {MAX_TEXT_CHARS} 字" in offered  # the limits the API enforces
+    assert driver.find_element(By.ID, "warn-text").get_attribute("maxlength") == str(MAX_TEXT_CHARS)
+    assert driver.find_element(By.ID, "warn-repeat").get_attribute("max") == str(MAX_REPEAT)
 
     _tick(driver, "level", "red")
     _tick(driver, "area", str(ids["二七街道"]))
@@ -147,7 +150,7 @@ def _issue_through_form(driver: WebDriver, tmp_path: Path, ids: dict[str, int]) 
 
     driver.find_element(By.ID, "warn-text").clear()
     driver.find_element(By.ID, "warn-text").send_keys(TEXT)
-    assert f"{len(TEXT)} / 500 字" in driver.find_element(By.ID, "warn-form").text
+    assert f"{len(TEXT)} / {MAX_TEXT_CHARS} 字" in driver.find_element(By.ID, "warn-form").text
     _shots(driver, tmp_path, "form", "#warn-form")
     driver.find_element(By.ID, "warn-next").click()
     WebDriverWait(driver, 5).until(lambda d: _shown(d, "warn-confirm"))
