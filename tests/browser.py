@@ -13,6 +13,8 @@ import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
+from tests.fleet import Central
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -101,3 +103,17 @@ def screenshot(driver: webdriver.Chrome, tmp_path: Path, name: str) -> None:
     out = Path(os.environ.get("FIELDLINK_SCREENSHOTS") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(out / f"{name}.png"))
+
+
+@contextmanager
+def callresp_central(tmp_path: Path, broker_port: int) -> Iterator[Central]:
+    """A real `central serve` whose 叫应 deadlines are long (a red one 600 s): the test, not
+    the timers, moves the targets; no re-send or escalation happens while it runs."""
+    cfg = tmp_path / "central.toml"
+    cfg.write_text("[central.callresp]\ndeadline_red_s = 600\nresends = 3\ntick_s = 0.2\n")
+    central = Central(tmp_path, broker_port, extra_args=["--config", str(cfg)])
+    central.start()
+    try:
+        yield central
+    finally:
+        central.stop()

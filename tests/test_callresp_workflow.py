@@ -196,6 +196,8 @@ async def test_roles_and_area_scope(kind: str, tmp_path: Path) -> None:
         assert r.status_code == 422
         r = await c.post("/api/callresp/warnings", json={**body, "level": "purple"})
         assert r.status_code == 422
+        r = await c.post("/api/callresp/warnings", json={**body, "text": " \u3000\n"})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "text"], r.text
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

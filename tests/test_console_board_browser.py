@@ -3,9 +3,7 @@ Mosquitto and a gateway stand-in with terminals (tests/callresp_gw.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from protocols.command_keys import parse_public_key
-from tests.browser import chromium, console_login, screenshot, viewport
+from tests.browser import callresp_central, chromium, console_login, screenshot, viewport
 from tests.callresp_gw import terminal_fleet
-from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
 from tests.identity import PASSWORD, bearer, cli_user
 
@@ -41,23 +38,11 @@ def _answered_in_api(api: httpx.Client, wid: str, ref: str) -> bool:
     return any(t["ref"] == ref and t["state"] == "answered" for t in w["targets"])
 
 
-@contextlib.contextmanager
-def _central(tmp_path: Path, port: int) -> Iterator[Central]:
-    cfg = tmp_path / "central.toml"  # long deadlines: the test, not the timers, moves things
-    cfg.write_text("[central.callresp]\ndeadline_red_s = 600\nresends = 3\ntick_s = 0.2\n")
-    central = Central(tmp_path, port, extra_args=["--config", str(cfg)])
-    central.start()
-    try:
-        yield central
-    finally:
-        central.stop()
-
-
 def test_board_shows_who_answered_within_2_s(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """A red warning to a street's two terminals is on the board with both waiting and a
     countdown, and the terminals on the map; one person presses the button and the board says
     已应答 (with the time) within 2 s of the API holding the answer; the other still waits."""
-    with _central(tmp_path, mosquitto.port) as central, httpx.Client(
+    with callresp_central(tmp_path, mosquitto.port) as central, httpx.Client(
             base_url=central.base_url, timeout=15, headers=central.auth_headers()) as admin:
         key = parse_public_key(admin.get("/api/keys/commands").json()["public_key"])
         street: dict[str, Any] = {}

@@ -56,7 +56,8 @@ _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 class WarningIn(StrictModel):
     level: Level
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    # at least one character that is not a blank: a blank warning plays nothing
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=r"\S")
     repeat: int | None = Field(default=None, ge=1, le=MAX_REPEAT)
     areas: list[IdField] = Field(default_factory=list, max_length=100)
     groups: list[Annotated[str, Field(pattern=_ID)]] = Field(default_factory=list, max_length=100)
