@@ -82,6 +82,7 @@ def serve(
     import asyncio
 
     from central.app import create_app
+    from central.commands.keys import check_signing_key
     from central.config.settings import load_settings
     from central.health.service import make_server, run_service
     from central.identity.enrolment_api import check_ca
@@ -95,6 +96,9 @@ def serve(
             http_port=http_port, offline_after_s=offline_after)
         open_storage(settings.db_url)  # checks the URL now, not as a traceback at start-up
         check_ca(settings)  # a CA key others may read: refuse to start (DESIGN.md §8)
+        # PostgreSQL without shared pki_dir/command_key_path, or a command key gateways
+        # pinned that is gone or different: refuse to start (central.commands.keys)
+        asyncio.run(check_signing_key(settings))
     except CentralError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
