@@ -138,7 +138,7 @@ def init(
     import asyncio
 
     from central.cli.database import DatabaseMissingError, describe, require_existing_database
-    from central.config.settings import load_settings
+    from central.config.settings import SettingsError, load_settings
     from central.storage import open_storage
 
     async def create(url: str) -> None:
@@ -148,8 +148,8 @@ def init(
     try:
         settings = load_settings(config, env=os.environ, db_url=db)
         if settings.db_url == "sqlite:///:memory:":
-            raise DatabaseMissingError(settings.db_url, "an in-memory database is gone when "
-                                                        "the command ends")
+            raise SettingsError("db_url", "an in-memory database is gone when the command "
+                                          "ends: give a file or a PostgreSQL URL")
         try:
             require_existing_database(settings.db_url)
             existed = True

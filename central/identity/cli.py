@@ -1,7 +1,8 @@
 """`central user …` and `central audit …` (DESIGN.md §8): sub-apps of the `central` CLI.
 
-They work on the database directly (central may be running on it): the first admin is made
-with `central user add admin --role admin --password-stdin`. Each change is audited with the
+They work on the database directly (central may be running on it) and refuse one that does
+not exist (`central init` or `central serve` makes it): the first admin is made with
+`central user add admin --role admin --password-stdin`. Each change is audited with the
 actor `cli:<login name>`.
 """
 

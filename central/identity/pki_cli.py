@@ -44,7 +44,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML set
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (sqlite:///PATH or "
                                                         "postgresql://...).")]
 PkiOpt = Annotated[Path | None, typer.Option("--pki-dir", help="CA folder (default: pki/ next "
-                                                               "to the SQLite file).")]
+                                                               "to the SQLite file; with "
+                                                               "PostgreSQL required, absolute).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
