@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +23,19 @@ from tests.helpers import free_port, port_open, python_env, wait_for
 class Child:
     """One child process with its log file; start, SIGKILL, SIGTERM."""
 
-    def __init__(self, name: str, args: Sequence[str], workdir: Path) -> None:
+    def __init__(self, name: str, args: Sequence[str], workdir: Path,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.args = list(args)
         self.workdir = workdir
+        self.env = dict(env or {})
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} already running"
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.args, env=python_env(), stdout=log,
+            self.proc = subprocess.Popen(self.args, env=python_env() | self.env, stdout=log,
                                          stderr=subprocess.STDOUT, cwd=self.workdir)
 
     @property
@@ -153,9 +155,15 @@ class Central(Child):
         self.http_port = free_port()
         self._auth: dict[str, str] | None = None
         self._duplicates = 0.0
+        # PostgreSQL: every worker uses one CA and one command key, at absolute paths (as
+        # production must: central refuses to start without them).
+        shared = {} if self.db_url.startswith("sqlite:") else {
+            "FIELDLINK_CENTRAL_PKI_DIR": str(workdir.resolve() / "pki"),
+            "FIELDLINK_CENTRAL_COMMAND_KEY_PATH": str(workdir.resolve() / "command-key.pem")}
         super().__init__(name, [sys.executable, "-m", "central", "serve", "--db", self.db_url,
                                 "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker_port),
-                                "--http-port", str(self.http_port), *extra_args], workdir)
+                                "--http-port", str(self.http_port), *extra_args], workdir,
+                         env=shared)
 
     def start(self) -> None:
         super().start()

@@ -269,7 +269,7 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Pa
 
 def test_central_package_installs_finds_its_config_and_removes_cleanly(
         clean_host: dict[str, Path], tmp_path: Path) -> None:
-    """fieldlink-central: central --help, its unit verifies, `central user list` reads /etc/fieldlink/central.toml, purge leaves nothing."""
+    """fieldlink-central: central --help, its unit verifies, `central init` and `central user list` read /etc/fieldlink/central.toml, purge leaves nothing."""
     unit = Path("/usr/lib/systemd/system/fieldlink-central.service")
     _run("dpkg", "-i", str(clean_host["fieldlink-central"]))
     assert "Usage" in _run("/opt/fieldlink/bin/central", "--help", env=_env(), cwd=tmp_path).stdout
@@ -279,7 +279,10 @@ def test_central_package_installs_finds_its_config_and_removes_cleanly(
     if shutil.which("systemd-analyze") is not None:
         verify = _run("systemd-analyze", "verify", str(unit), check=False)
         assert verify.returncode == 0 and "fieldlink-central" not in verify.stderr, verify.stderr
-    # No -c: the packaged central.toml puts the database in /var/lib/fieldlink.
+    # No -c: the packaged central.toml puts the database in /var/lib/fieldlink; `central
+    # init` makes it (user list would refuse a database that does not exist).
+    _run("runuser", "-u", "fieldlink", "--", "/opt/fieldlink/bin/central", "init", env=_env(),
+         cwd="/var/lib/fieldlink")
     listed = _run("runuser", "-u", "fieldlink", "--", "/opt/fieldlink/bin/central", "user",
                   "list", "--json", env=_env(), cwd="/var/lib/fieldlink")
     assert json.loads(listed.stdout) == []

@@ -42,13 +42,17 @@ def test_edge_cli_reads_fieldlink_config_then_says_where_it_looked(tmp_path: Pat
 
 
 def test_central_cli_reads_fieldlink_config_in_every_command(tmp_path: Path) -> None:
-    """`central user list` with no -c takes the database from the file $FIELDLINK_CONFIG names."""
+    """`central init` and `central user list` with no -c take the database from the file
+    $FIELDLINK_CONFIG names."""
     db = tmp_path / "central.db"
     conf = tmp_path / "central.toml"
     conf.write_text(f'db_url = "sqlite:///{db}"\n')
-    proc = subprocess.run([BIN / "central", "user", "list", "--json"], capture_output=True,
-                          text=True, env=_env(FIELDLINK_CONFIG=str(conf)), cwd=tmp_path, timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    for args, check in ((["init"], f"created central's database at {db}"), (["user", "list",
+                                                                            "--json"], "[]")):
+        proc = subprocess.run([BIN / "central", *args], capture_output=True, text=True,
+                              env=_env(FIELDLINK_CONFIG=str(conf)), cwd=tmp_path, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == check
     assert json.loads(proc.stdout) == [] and db.exists()
 
 

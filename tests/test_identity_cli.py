@@ -25,6 +25,7 @@ def test_user_lifecycle_and_audit(tmp_path: Path) -> None:
     """add (password on stdin) -> list --json -> passwd -> disable / --enable; each step is
     in the audit log, which verifies; bad input exits 1 or 2 with a clear line."""
     db = f"sqlite:///{tmp_path}/central.db"
+    assert central("init", "--db", db)[0] == 0  # only init (or serve) makes the database
     code, out = central("user", "add", "admin", "--role", "admin", "--password-stdin",
                         "--db", db, stdin="First-admin-pw-1\n")
     assert code == 0 and "added admin (admin, area all)" in out, out

@@ -68,13 +68,24 @@ def _token_sync(settings: Settings, gw: str, *extra: str) -> str:
     return str(json.loads(res.stdout.strip().splitlines()[-1])["token"])
 
 
+def _made(settings: Settings) -> Settings:
+    """The database and the CA, made as the production set-up makes them: `central init`,
+    `central ca init` (the other commands refuse to make either)."""
+    for args in (["init", "--db", settings.db_url],
+                 ["ca", "init", "--db", settings.db_url, "--pki-dir", str(settings.pki_dir)]):
+        res = CliRunner().invoke(central_cli, args)
+        assert res.exit_code == 0, res.output
+    return settings
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
     if request.param == "sqlite":
-        yield Settings(db_url=f"sqlite:///{tmp_path}/c.db", pki_dir=tmp_path / "pki")
+        yield _made(Settings(db_url=f"sqlite:///{tmp_path}/c.db", pki_dir=tmp_path / "pki"))
         return
     with pg_schema() as url:
-        yield Settings(db_url=url, pki_dir=tmp_path / "pki", command_key_path=tmp_path / "k.pem")
+        yield _made(Settings(db_url=url, pki_dir=tmp_path / "pki",
+                             command_key_path=tmp_path / "k.pem"))
 
 
 def test_ca_key_is_private_and_a_loose_key_is_refused(tmp_path: Path) -> None:
@@ -171,7 +182,8 @@ async def test_bad_csr_is_422_and_keeps_the_token(tmp_path: Path, cn: str,
                                                   key: ec.EllipticCurvePrivateKey | None,
                                                   why: str) -> None:
     """A CSR for another name or with a weak key is refused before the token is spent."""
-    settings = Settings(db_url=f"sqlite:///{tmp_path}/c.db", pki_dir=tmp_path / "pki")
+    settings = await asyncio.to_thread(_made, Settings(db_url=f"sqlite:///{tmp_path}/c.db",
+                                                       pki_dir=tmp_path / "pki"))
     token = await _token(settings, "gw-a")
     async with serve(settings) as c:
         r = await c.post("/api/gateways/enroll", json={"gateway": "gw-a", "token": token,
@@ -233,6 +245,7 @@ def test_cli_help_has_examples_and_revoke_writes_the_crl(tmp_path: Path) -> None
         res = runner.invoke(central_cli, [*cmd, "--help"])
         assert res.exit_code == 0 and "Example" in res.output, cmd
     db = f"sqlite:///{tmp_path}/c.db"
+    _made(Settings(db_url=db, pki_dir=tmp_path / "pki"))
     res = runner.invoke(central_cli, ["gateway", "revoke", "gw-a", "--db", db, "--pki-dir",
                                       str(tmp_path / "pki"), "--json"])
     assert res.exit_code == 0, res.output

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from central import CentralError, __version__
+from central.cli.output import error
 
 app = typer.Typer(
     name="central",
@@ -24,7 +25,8 @@ app = typer.Typer(
            "central demo --http-port 8080\n\n"
            "central login --url http://127.0.0.1:8080 --user duty-01\n\n"
            "central alarms list --ack unacknowledged\n\n"
-           "central serve --db sqlite:///var/lib/fieldlink/central.db"
+           "central init --db sqlite:////var/lib/fieldlink/central.db\n\n"
+           "central serve --db sqlite:////var/lib/fieldlink/central.db"
            " --mqtt-host 127.0.0.1 --mqtt-port 1883\n\n"
            "central serve --config /etc/fieldlink/central.toml",
     no_args_is_help=True,
@@ -33,6 +35,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)  # a path in an error stays one piece to copy
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
+                                                exists=True, dir_okay=False)]
+DbOpt = Annotated[str | None, typer.Option(
+    "--db", help="Database URL: sqlite:///PATH (sqlite:////ABSOLUTE/PATH) or "
+                 "postgresql://USER@HOST/DB.")]
 
 
 def _version(value: bool) -> None:
@@ -55,10 +62,8 @@ def _root(
 @app.command(short_help="Run the API, the console and MQTT ingest.  "
                         "e.g. central serve --db sqlite:///central.db --mqtt-port 1883")
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
-                                                exists=True, dir_okay=False)] = None,
-    db: Annotated[str | None, typer.Option(
-        "--db", help="Database URL: sqlite:///PATH or postgresql://USER@HOST/DB.")] = None,
+    config: ConfigOpt = None,
+    db: DbOpt = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
     mqtt_client_id: Annotated[str | None, typer.Option(help="Fixed MQTT client id.")] = None,
@@ -82,6 +87,7 @@ def serve(
     import asyncio
 
     from central.app import create_app
+    from central.commands.keys import check_signing_key
     from central.config.settings import load_settings
     from central.health.service import make_server, run_service
     from central.identity.enrolment_api import check_ca
@@ -95,8 +101,11 @@ def serve(
             http_port=http_port, offline_after_s=offline_after)
         open_storage(settings.db_url)  # checks the URL now, not as a traceback at start-up
         check_ca(settings)  # a CA key others may read: refuse to start (DESIGN.md §8)
+        # PostgreSQL without shared pki_dir/command_key_path, or a command key gateways
+        # pinned that is gone or different: refuse to start (central.commands.keys)
+        asyncio.run(check_signing_key(settings))
     except CentralError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        error(err, exc)
         raise typer.Exit(1) from exc
     configure_logging("central", json=log_json, level=log_level)
     try:
@@ -106,11 +115,53 @@ def serve(
         server = make_server(app_, settings.http_host, settings.http_port)
         asyncio.run(run_service(app_, server))
     except CentralError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        error(err, exc)
         raise typer.Exit(1) from exc
     if not server.started:
         # uvicorn failed to start (port taken, lifespan failed); it has logged why.
         raise typer.Exit(1)
+
+
+@app.command(short_help="Create central's database (once).  "
+                        "e.g. central init --db sqlite:////var/lib/fieldlink/central.db")
+def init(
+    config: ConfigOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Create central's database with its tables, so that `central user add` can make the
+    first admin before central first starts (`central serve` makes it too, on first start).
+    The other commands that work on the database refuse one that does not exist. On an
+    existing database it only applies new migrations.
+
+    Example: central init --config /etc/fieldlink/central.toml
+    """
+    import asyncio
+
+    from central.cli.database import DatabaseMissingError, describe, require_existing_database
+    from central.config.settings import SettingsError, load_settings
+    from central.storage import open_storage
+
+    async def create(url: str) -> None:
+        async with open_storage(url):
+            pass
+
+    try:
+        settings = load_settings(config, env=os.environ, db_url=db)
+        if settings.db_url == "sqlite:///:memory:":
+            raise SettingsError("db_url", "an in-memory database is gone when the command "
+                                          "ends: give a file or a PostgreSQL URL")
+        try:
+            require_existing_database(settings.db_url)
+            existed = True
+        except DatabaseMissingError:
+            existed = False
+        asyncio.run(create(settings.db_url))
+    except CentralError as exc:
+        error(err, exc)
+        raise typer.Exit(1) from exc
+    where = describe(settings.db_url)
+    typer.echo(f"central's database at {where} is up to date" if existed
+               else f"created central's database at {where}")
 
 
 @app.command(short_help="Broker + central + a simulated fleet, one command.  "
@@ -146,7 +197,7 @@ def demo(
     except KeyboardInterrupt:
         pass
     except (CentralError, OSError, RuntimeError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        error(err, exc)
         raise typer.Exit(1) from exc
 
 

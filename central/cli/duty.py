@@ -25,6 +25,7 @@ from central.cli.operator import (
     sub_app,
     when,
 )
+from central.cli.output import error, say
 from central.cli.remote import Api
 from protocols.command_results import CommandState
 from protocols.commands import CommandKind
@@ -109,8 +110,8 @@ def _alarm_action(alarm_id: int, action: str, comment: str, json_out: bool) -> N
     if json_out:
         emit_json(a)
         return
-    out.print(f"alarm {a['id']} ({a['gw']} {a.get('name_zh') or a.get('point')}): "
-              f"{a['state']}, {a['ack_state']}", highlight=False)
+    say(out, f"alarm {a['id']} ({a['gw']} {a.get('name_zh') or a.get('point')}): "
+             f"{a['state']}, {a['ack_state']}")
 
 
 @alarms_app.command("ack", short_help="Acknowledge an alarm (operator).  "
@@ -149,11 +150,12 @@ def alarms_clear(alarm_id: AlarmId, comment: Annotated[str, typer.Option(help="W
 
 # --- commands ---------------------------------------------------------------------------------
 
-commands_app = sub_app("commands", "Signed commands to gateways: list, show, send.", [
+commands_app = sub_app("commands", "Signed commands to gateways: list, show, send, approve.", [
     "central commands list --gw wh-qingshan-02",
     "central commands send wh-qingshan-02 write_point --arg device=gas-1 "
     "--arg point=sample_interval_s --arg value=30",
-    "central commands send gw-1 sync_time --yes --json", "central commands show 3f2c…"])
+    "central commands send gw-1 sync_time --yes --json", "central commands show 3f2c…",
+    "central commands approve 3f2c…"])
 
 COMMAND_COLUMNS = ["command", "gateway", "kind", "target", "state", "reason", "by", "updated"]
 
@@ -201,6 +203,38 @@ def commands_show(cmd_id: Annotated[str, typer.Argument(help="The command's id."
     show_table(["at", "state", "source", "reason", "detail"],
                [[when(e["ts_ms"], short=True), e["state"], e["source"], e["reason"], e["detail"]]
                 for e in c["history"]], title="history")
+
+
+@commands_app.command("approve", short_help="Approve another operator's safety-critical "
+                                            "write (operator).  e.g. central commands approve "
+                                            "CMD_ID")
+def commands_approve(cmd_id: Annotated[str, typer.Argument(help="The command's id (`central "
+                                                                "commands list` shows it).")],
+                     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for "
+                                                       "confirmation.")] = False,
+                     json_out: JsonOpt = False) -> None:
+    """Approve a write to a safety-critical point (a relay, a valve) that another operator
+    issued: it is signed and sent next. Shows the command and asks first unless --yes. The
+    operator who issued it cannot approve it, nor can anyone approve a command that waits for
+    no approval (central refuses: 409, exit 1). Audited under your name.
+
+    Example: central commands approve 3f2c9a… --yes
+    """
+    if not yes:
+        c = call(lambda api: api.get(f"/api/commands/{cmd_id}"))
+        say(err, f"approve {c['kind']} {c['target']} on {c['gw']} with "
+                 f"{json.dumps(c['args'], ensure_ascii=False)}, issued by {c['issued_by']} "
+                 f"({c['state']}, approval {c['approval'] or 'not needed'})")
+        if not typer.confirm("Approve it?", default=False, err=True):
+            say(err, "not approved")
+            raise typer.Exit(1)
+    c = call(lambda api: api.post(f"/api/commands/{cmd_id}/approve"))
+    if json_out:
+        emit_json(c)
+        return
+    say(out, f"command {c['cmd_id']} to {c['gw']} approved by {c['approved_by']} (issued by "
+             f"{c['issued_by']}): {c['state']}; follow it with "
+             f"`central commands show {c['cmd_id']}`")
 
 
 def parse_args(pairs: list[str], raw: str | None) -> dict[str, Any]:
@@ -254,10 +288,9 @@ def commands_send(
     args = parse_args(arg or [], args_json)
     if not yes:
         shown = json.dumps(args, ensure_ascii=False)
-        err.print(f"send {kind} to {gw} with {shown} (expires in {ttl:g} s)",
-                  highlight=False, markup=False)
+        say(err, f"send {kind} to {gw} with {shown} (expires in {ttl:g} s)")
         if not typer.confirm("Send it?", default=False, err=True):
-            err.print("not sent")
+            say(err, "not sent")
             raise typer.Exit(1)
     c = call(lambda api: api.post("/api/commands", {"gw": gw, "kind": str(kind), "args": args,
                                                     "ttl_s": ttl}))
@@ -268,12 +301,12 @@ def commands_send(
     else:
         approval = (" (waits for a second operator's approval)"
                     if c.get("approval") == "required" else "")
-        out.print(f"command {c['cmd_id']} to {c['gw']}: {c['state']}{approval}; follow it with "
-                  f"`central commands show {c['cmd_id']}`", highlight=False)
+        say(out, f"command {c['cmd_id']} to {c['gw']}: {c['state']}{approval}; follow it with "
+                 f"`central commands show {c['cmd_id']}`")
     if wait > 0 and c["state"] != CommandState.SUCCEEDED:
         reason = f" ({c['reason']})" if c.get("reason") else ""
-        err.print(f"[red]error:[/red] command {c['cmd_id']} is {c['state']}{reason}"
-                  + ("" if c["state"] in FINAL else f" after {wait:g} s"), highlight=False)
+        error(err, f"command {c['cmd_id']} is {c['state']}{reason}"
+              + ("" if c["state"] in FINAL else f" after {wait:g} s"))
         raise typer.Exit(1)
 
 

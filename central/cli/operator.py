@@ -13,14 +13,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from central.areas.tree import AreaLevel
+from central.cli import output
+from central.cli.output import when
 from central.cli.remote import (
     Api,
     CliError,
@@ -51,7 +51,7 @@ def call(body: Callable[[Api], T]) -> T:
         with Api.from_session(session) as api:
             return body(api)
     except CliError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        output.error(err, exc)
         raise typer.Exit(1) from exc
 
 
@@ -59,37 +59,34 @@ def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
 
 
-def when(ms: int | None, *, short: bool = False) -> str:
-    """A time in ms as local time, to the second (without the year in tables); '-' for none."""
-    if ms is None:
+def human(value: Any) -> str:
+    """A value for people: yes/no for a bool, a float to 6 significant digits (`21.3`, not
+    `21.299999999999997`), '-' for none; JSON for a list or object."""
+    if value is None:
         return "-"
-    return datetime.fromtimestamp(ms / 1000).strftime("%m-%d %H:%M:%S" if short
-                                                      else "%Y-%m-%d %H:%M:%S")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return f"{value:.6g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def show_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
     """A table; the first column (the id others copy into the next command) is never cut."""
-    cells = [["-" if v is None else str(v) for v in row] for row in rows]
-    table = Table(title=title, show_lines=False)
-    for n, name in enumerate(columns):
-        if n == 0:
-            table.add_column(name, no_wrap=True, min_width=max(
-                [len(name), *(len(row[0]) for row in cells)]))
-        else:
-            table.add_column(name)
-    for row in cells:
-        table.add_row(*row)
-    out.print(table)
+    out.print(output.table(columns, [[None if v is None else human(v) for v in row]
+                                     for row in rows], title=title, keep_first=True))
 
 
 def show_fields(data: dict[str, Any], keys: list[str]) -> None:
+    """`key  value` lines: times (`*_ms`) in the duty room's zone, other values by `human`."""
     width = max(len(k) for k in keys)
     for k in keys:
         v = data.get(k)
-        text = when(v) if k.endswith("_ms") else ("-" if v is None else v)
-        if isinstance(text, dict | list):
-            text = json.dumps(text, ensure_ascii=False)
-        out.print(f"{k:<{width}}  {text}", highlight=False, markup=False)
+        output.say(out, f"{k:<{width}}  {when(v) if k.endswith('_ms') else human(v)}")
 
 
 # --- login / logout ---------------------------------------------------------------------------
@@ -114,7 +111,7 @@ def login_command(
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
-            err.print("[red]error:[/red] --password-stdin: nothing on standard input")
+            output.error(err, "--password-stdin: nothing on standard input")
             raise typer.Exit(1)
     else:
         password = str(typer.prompt("Password", hide_input=True))
@@ -123,14 +120,14 @@ def login_command(
         session, who = login(url, user, password)
         save_session(path, session)
     except CliError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        output.error(err, exc)
         raise typer.Exit(1) from exc
     except OSError as exc:
-        err.print(f"[red]error:[/red] cannot save the session in {path}: {exc.strerror}")
+        output.error(err, f"cannot save the session in {path}: {exc.strerror}")
         raise typer.Exit(1) from exc
     area = who.get("area") or "all areas"
-    out.print(f"logged in to {session.url} as {who['name']} ({who['role']}, {area}); "
-              f"session saved in {path}", highlight=False)
+    output.say(out, f"logged in to {session.url} as {who['name']} ({who['role']}, {area}); "
+                    f"session saved in {path}")
 
 
 def logout_command() -> None:
@@ -145,7 +142,7 @@ def logout_command() -> None:
         out.print("not logged in")
         return
     except CliError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        output.error(err, exc)
         raise typer.Exit(1) from exc
     try:
         with Api.from_session(session) as api:
@@ -153,10 +150,9 @@ def logout_command() -> None:
     except NotLoggedInError:
         pass  # the session had ended at central already
     except CliError as exc:
-        err.print(f"[yellow]warning:[/yellow] {exc}; the saved session is removed anyway",
-                  highlight=False)
+        output.error(err, f"{exc}; the saved session is removed anyway", "warning")
     forget_session(path)
-    out.print(f"logged out of {session.url}", highlight=False)
+    output.say(out, f"logged out of {session.url}")
 
 
 # --- gateways ---------------------------------------------------------------------------------
@@ -240,8 +236,7 @@ def gateways_place(gw: Annotated[str, typer.Argument(help="Gateway id.")],
         emit_json(placed)
         return
     a = placed["area"]
-    out.print(f"{placed['gw']} now stands at {a['code']} {a['name_zh']} (area {a['id']})",
-              highlight=False)
+    output.say(out, f"{placed['gw']} now stands at {a['code']} {a['name_zh']} (area {a['id']})")
 
 
 # --- areas ------------------------------------------------------------------------------------
@@ -295,5 +290,5 @@ def areas_add(
     if json_out:
         emit_json(made)
         return
-    out.print(f"added area {made['code']} {made['name_zh']} ({made['level']}, id "
-              f"{made['id']})", highlight=False)
+    output.say(out, f"added area {made['code']} {made['name_zh']} ({made['level']}, id "
+                    f"{made['id']})")

@@ -416,7 +416,7 @@ async def start_commands(settings: Settings, storage: Storage, *, audit: AuditLo
                          dispatch: bool = True, radio: RadioRoute | None = None
                          ) -> CommandsRuntime:
     """Load (or make) the signing key, open the command tables, start the dispatcher task."""
-    key, path = await asyncio.to_thread(signing_key, settings)
+    key, path = await signing_key(settings)  # refuses a lost or a different key
     policy = await asyncio.to_thread(WritePolicy.from_dirs, settings.profile_dirs)
     store = CommandStore(settings.db_url)
     await store.open()

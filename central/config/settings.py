@@ -160,7 +160,8 @@ class Settings(BaseModel):
                                       "authenticate by password (EMQX, ...)")
     mqtt_password: str | None = Field(default=None, repr=False)
     pki_dir: Path | None = Field(default=None, description="the gateway CA (ca.key 0600, ca.crt, "
-                                 "crl.pem); default: pki/ next to the SQLite file")
+                                 "crl.pem); default: pki/ next to the SQLite file; with "
+                                 "PostgreSQL required, absolute, shared by every worker")
     gateway_cert_days: float = Field(default=365.0, gt=0, le=3650, description="lifetime of a "
                                      "gateway certificate (renew before it ends)")
     enrol_token_ttl_s: float = Field(default=86_400.0, gt=0, le=30 * 86_400,
@@ -182,7 +183,38 @@ class Settings(BaseModel):
     callresp: CallRespSettings = Field(default_factory=CallRespSettings)  # 叫应 (§7)
     command_key_path: Path | None = Field(
         default=None, description="Ed25519 command-signing key (PEM, made on first start); "
-                                  "default: central-command-key.pem next to the SQLite file")
+                                  "default: central-command-key.pem next to the SQLite file; "
+                                  "with PostgreSQL required, absolute, shared by every worker")
+
+    @property
+    def sqlite_file(self) -> str | None:
+        """The SQLite file (or `:memory:`) of `db_url`; None for PostgreSQL."""
+        url = self.db_url
+        return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+
+    def beside_database(self, setting: Literal["pki_dir", "command_key_path"],
+                        default_name: str) -> Path | None:
+        """Where `setting` points, else `default_name` next to the SQLite file; None for an
+        in-memory SQLite database (its CA and key live as long as the process).
+
+        With PostgreSQL the path must be set, and absolute (`SettingsError` otherwise): every
+        central worker (§9) must use the one CA and the one command key, and a default would
+        be relative to each worker's working directory, so two workers started from different
+        folders would each make their own, and gateways would refuse one of them.
+        """
+        configured: Path | None = getattr(self, setting)
+        sqlite = self.sqlite_file
+        if configured is not None:
+            path = Path(configured).expanduser()
+            if sqlite is None and not path.is_absolute():
+                raise SettingsError(setting, f"{configured} is relative; with PostgreSQL give an "
+                                             "absolute path that every central worker shares")
+            return path
+        if sqlite is None:
+            raise SettingsError(setting, "with PostgreSQL set it (an absolute path that every "
+                                         "central worker shares): pki_dir for the gateway CA, "
+                                         "command_key_path for the command-signing key")
+        return None if sqlite == ":memory:" else Path(sqlite).expanduser().parent / default_name
 
     @model_validator(mode="after")
     def _mqtt_tls(self) -> Self:

@@ -21,7 +21,8 @@ Mosquitto started as root drops to the `mosquitto` user (or `--user`), which mus
 read `server.key` (chown it) and the CRL.
 
 `crlfile` names central's own `crl.pem` (rewritten by `central gateway revoke`); Mosquitto
-reads it when a listener starts, so a revocation takes effect at the broker's next restart.
+re-reads it on SIGHUP (`systemctl reload mosquitto`), so a revocation takes effect for new
+connections at the next reload; a restart also ends the revoked gateway's open session.
 """
 
 from __future__ import annotations

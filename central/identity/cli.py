@@ -1,7 +1,8 @@
 """`central user …` and `central audit …` (DESIGN.md §8): sub-apps of the `central` CLI.
 
-They work on the database directly (central may be running on it): the first admin is made
-with `central user add admin --role admin --password-stdin`. Each change is audited with the
+They work on the database directly (central may be running on it) and refuse one that does
+not exist (`central init` or `central serve` makes it): the first admin is made with
+`central user add admin --role admin --password-stdin`. Each change is audited with the
 actor `cli:<login name>`.
 """
 
@@ -18,17 +19,17 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from central import CentralError
+from central.cli.output import error, say, table, when
 from central.identity.accounts import Accounts
 from central.identity.audit import AuditLog
 from central.identity.users import Role
 from central.storage import Storage
 
 T = TypeVar("T")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # a path in an error stays one piece to copy
 
 user_app = typer.Typer(
     name="user", help="Console and API users: add, list, set passwords, disable.",
@@ -61,19 +62,21 @@ def cli_actor() -> str:
 
 def _run(config: Path | None, db: str | None,
          body: Callable[[Storage, Accounts, AuditLog], Awaitable[T]]) -> T:
+    from central.cli.database import require_existing_database
     from central.config.settings import load_settings
     from central.storage import open_storage
 
-    async def main() -> T:
-        settings = load_settings(config, env=os.environ, db_url=db)
-        async with open_storage(settings.db_url) as storage:
+    async def main(db_url: str) -> T:
+        async with open_storage(db_url) as storage:
             audit = AuditLog(storage)
             return await body(storage, Accounts(storage, audit), audit)
 
     try:
-        return asyncio.run(main())
+        settings = load_settings(config, env=os.environ, db_url=db)
+        require_existing_database(settings.db_url)  # never make a new one (central init does)
+        return asyncio.run(main(settings.db_url))
     except CentralError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        error(err, exc)
         raise typer.Exit(1) from exc
 
 
@@ -81,7 +84,7 @@ def _password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
         if not line:
-            err.print("[red]error:[/red] --password-stdin: nothing on standard input")
+            error(err, "--password-stdin: nothing on standard input")
             raise typer.Exit(1)
         return line.rstrip("\r\n")
     return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
@@ -106,7 +109,7 @@ def user_add(
     password = _password(password_stdin)
     user = _run(config, db, lambda _s, accounts, _a: accounts.add_user(
         cli_actor(), name, role, password, area_code=area))
-    out.print(f"added {user.name} ({user.role}, area {user.area_code or 'all'})")
+    say(out, f"added {user.name} ({user.role}, area {user.area_code or 'all'})")
 
 
 @user_app.command("list", short_help="List users.  e.g. central user list --json")
@@ -121,10 +124,9 @@ def user_list(json_out: JsonOpt = False, config: ConfigOpt = None, db: DbOpt = N
                                 "disabled": u.disabled, "created_ms": u.created_ms}
                                for u in users], ensure_ascii=False))
         return
-    table = Table("name", "role", "area", "disabled")
-    for u in users:
-        table.add_row(u.name, str(u.role), u.area_code or "(all)", "yes" if u.disabled else "")
-    out.print(table)
+    out.print(table(["name", "role", "area", "disabled"],
+                    [[u.name, str(u.role), u.area_code or "(all)", "yes" if u.disabled else ""]
+                     for u in users]))
 
 
 @user_app.command("passwd", short_help="Set a user's password.  e.g. central user passwd "
@@ -141,7 +143,7 @@ def user_passwd(
     """
     password = _password(password_stdin)
     _run(config, db, lambda _s, accounts, _a: accounts.set_password(cli_actor(), name, password))
-    out.print(f"password of {name} changed")
+    say(out, f"password of {name} changed")
 
 
 @user_app.command("disable", short_help="Disable a user.  e.g. central user disable duty-01")
@@ -156,7 +158,7 @@ def user_disable(
     Example: central user disable duty-01 --db sqlite:///central.db
     """
     _run(config, db, lambda _s, accounts, _a: accounts.set_disabled(cli_actor(), name, not enable))
-    out.print(f"{name} {'enabled' if enable else 'disabled'}")
+    say(out, f"{name} {'enabled' if enable else 'disabled'}")
 
 
 @audit_app.command("verify", short_help="Check the hash chain.  e.g. central audit verify")
@@ -173,7 +175,7 @@ def audit_verify(json_out: JsonOpt = False, config: ConfigOpt = None, db: DbOpt 
     elif v.ok:
         out.print(f"audit log intact: {v.rows} rows, head {v.head_seq}")
     else:
-        err.print(f"[red]audit log broken at row {v.bad_seq}:[/red] {v.reason}")
+        error(err, f"audit log broken at row {v.bad_seq}: {v.reason}")
     if not v.ok:
         raise typer.Exit(1)
 
@@ -194,8 +196,6 @@ def audit_list(
                                 "action": e.action, "target": e.target,
                                 "detail": dict(e.detail)} for e in rows], ensure_ascii=False))
         return
-    table = Table("seq", "ts_ms", "actor", "action", "target", "detail")
-    for e in rows:
-        table.add_row(str(e.seq), str(e.ts_ms), e.actor, e.action, e.target,
-                      json.dumps(dict(e.detail), ensure_ascii=False))
-    out.print(table)
+    out.print(table(["seq", "time", "actor", "action", "target", "detail"],
+                    [[e.seq, when(e.ts_ms), e.actor, e.action, e.target,
+                      json.dumps(dict(e.detail), ensure_ascii=False)] for e in rows]))

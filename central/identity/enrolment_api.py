@@ -108,17 +108,11 @@ class Identity:
 
 
 def pki_dir_for(settings: Settings) -> Path:
-    """`pki_dir`, else `pki/` next to the SQLite file or in the working directory; a throwaway
-    folder for an in-memory database (its CA lives as long as the process)."""
-    if settings.pki_dir is not None:
-        return Path(settings.pki_dir).expanduser()
-    url = settings.db_url
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path == ":memory:":
-            return Path(tempfile.mkdtemp(prefix="fieldlink-pki-"))
-        return Path(path).expanduser().parent / "pki"
-    return Path("pki")
+    """`pki_dir`, else `pki/` next to the SQLite file; a throwaway folder for an in-memory
+    database (its CA lives as long as the process). With PostgreSQL `pki_dir` must be set and
+    absolute (`Settings.beside_database` raises `SettingsError`)."""
+    path = settings.beside_database("pki_dir", "pki")
+    return Path(tempfile.mkdtemp(prefix="fieldlink-pki-")) if path is None else path
 
 
 def check_ca(settings: Settings) -> None:

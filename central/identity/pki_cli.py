@@ -11,19 +11,27 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from central import CentralError
+from central.cli.output import error, say, table, when
+from protocols.errors import DetailedError
+
+if TYPE_CHECKING:
+    from central.identity.ca import CertificateAuthority
 
 T = TypeVar("T")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # a path in an error stays one piece to copy
+# Mosquitto re-reads the CRL on SIGHUP (tests/test_pki_broker.py checks it): a reload keeps
+# every other gateway's session, a restart drops them all.
+RELOAD_BROKER = ("reload the broker so that it reads the CRL: systemctl reload mosquitto "
+                 "(SIGHUP). The gateway's open session lasts until it disconnects; "
+                 "systemctl restart mosquitto ends it at once")
 
 ca_app = typer.Typer(help="The gateway certificate authority.", no_args_is_help=True,
                      context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +44,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML set
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (sqlite:///PATH or "
                                                         "postgresql://...).")]
 PkiOpt = Annotated[Path | None, typer.Option("--pki-dir", help="CA folder (default: pki/ next "
-                                                               "to the SQLite file).")]
+                                                               "to the SQLite file; with "
+                                                               "PostgreSQL required, absolute).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -46,8 +55,27 @@ def _settings(config: Path | None, db: str | None, pki_dir: Path | None) -> Any:
     return load_settings(config, env=os.environ, db_url=db, pki_dir=pki_dir)
 
 
+class CaMissingError(CentralError, DetailedError):
+    """A command that uses the CA found none: only `central ca init` (and `central serve` on
+    first start) make one, so a wrong --pki-dir or --db never makes a second CA."""
+
+    template = ("no CA in {directory}: make it with `central ca init` and the same --pki-dir / "
+                "--db / --config, or give the right one")
+    directory: Path
+
+
+def _existing_ca(settings: Any) -> CertificateAuthority:
+    from central.identity.ca import CA_KEY, load_ca
+    from central.identity.enrolment_api import pki_dir_for
+
+    directory = pki_dir_for(settings).resolve()
+    if not (directory / CA_KEY).exists():
+        raise CaMissingError(directory)
+    return load_ca(directory)
+
+
 def _fail(exc: BaseException) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
+    error(err, exc)
     return typer.Exit(1)
 
 
@@ -66,21 +94,17 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}[m.group(2)]
 
 
-def _iso(ms: int | None) -> str:
-    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(
-        timespec="seconds")
-
-
 async def _with_service(settings: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from central.cli.database import require_existing_database
     from central.identity.audit import AuditLog
-    from central.identity.ca import load_or_create_ca
     from central.identity.cli import cli_actor
     from central.identity.enrolment import Enrolment
-    from central.identity.enrolment_api import identity_audit, pki_dir_for
+    from central.identity.enrolment_api import identity_audit
     from central.identity.enrolment_store import EnrolmentStore
     from central.storage import open_storage
 
-    ca = load_or_create_ca(pki_dir_for(settings))
+    require_existing_database(settings.db_url)  # never make a new one (central init does)
+    ca = _existing_ca(settings)
     async with EnrolmentStore(settings.db_url) as store, \
             open_storage(settings.db_url) as storage:
         service = Enrolment(ca=ca, store=store, central_public_key="",
@@ -113,7 +137,7 @@ def ca_init(config: ConfigOpt = None, db: DbOpt = None, pki_dir: PkiOpt = None,
         typer.echo(json.dumps(info))
     else:
         for k, v in info.items():
-            out.print(f"{k:8} {v}")
+            say(out, f"{k:8} {v}")
 
 
 @ca_app.command("central-cert", short_help="Central's own MQTT client certificate.  "
@@ -133,11 +157,10 @@ def central_cert(out_dir: Annotated[Path, typer.Option("--out", help="Folder for
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from central.identity.ca import load_or_create_ca, new_key_and_csr, write_private, write_public
-    from central.identity.enrolment_api import pki_dir_for
+    from central.identity.ca import new_key_and_csr, write_private, write_public
 
     try:
-        ca = load_or_create_ca(pki_dir_for(_settings(config, db, pki_dir)))
+        ca = _existing_ca(_settings(config, db, pki_dir))
         key_pem, csr_pem = new_key_and_csr(cn)
         cert = ca.issue(cn, x509.load_pem_x509_csr(csr_pem).public_key(), days=days)  # type: ignore[arg-type]
         out_dir = out_dir.resolve()
@@ -151,9 +174,9 @@ def central_cert(out_dir: Annotated[Path, typer.Option("--out", help="Folder for
     if as_json:
         typer.echo(json.dumps(info))
         return
-    out.print("# add to central's settings ([central] table):")
+    say(out, "# add to central's settings ([central] table):")
     for k, v in info.items():
-        out.print(f'{k} = "{v}"')
+        say(out, f'{k} = "{v}"')
 
 
 # --- central gateway -------------------------------------------------------------------------
@@ -182,7 +205,7 @@ def enroll_token(gw: Annotated[str, typer.Argument(help="The gateway id (its cer
         typer.echo(json.dumps({"gateway": issued.gw, "token": issued.token,
                                "expires_ms": issued.expires_ms}))
         return
-    out.print(f"token for {issued.gw} (valid until {_iso(issued.expires_ms)}, one use):")
+    say(out, f"token for {issued.gw} (valid until {when(issued.expires_ms)}, one use):")
     typer.echo(issued.token)
 
 
@@ -191,8 +214,9 @@ def enroll_token(gw: Annotated[str, typer.Argument(help="The gateway id (its cer
 def revoke(gw: Annotated[str, typer.Argument(help="The gateway id.")],
            config: ConfigOpt = None, db: DbOpt = None, pki_dir: PkiOpt = None,
            as_json: JsonOpt = False) -> None:
-    """Revoke every certificate of GW and void its unused tokens; rewrites the CRL. Restart
-    the broker (systemctl restart mosquitto) so that it reads the new CRL.
+    """Revoke every certificate of GW and void its unused tokens; rewrites the CRL. Then
+    reload the broker (systemctl reload mosquitto: SIGHUP) so that it reads the new CRL; the
+    other gateways stay connected.
 
     Example: central gateway revoke gw-001 --config /etc/fieldlink/central.toml
     """
@@ -205,9 +229,9 @@ def revoke(gw: Annotated[str, typer.Argument(help="The gateway id.")],
         typer.echo(json.dumps({"gateway": r.gw, "serials": list(r.serials),
                                "tokens_voided": r.tokens_voided, "crl": str(r.crl_path)}))
         return
-    out.print(f"revoked {len(r.serials)} certificate(s) of {r.gw}, voided {r.tokens_voided} "
-              f"token(s); CRL written to {r.crl_path}")
-    out.print("restart the broker so that it reads the CRL: systemctl restart mosquitto")
+    say(out, f"revoked {len(r.serials)} certificate(s) of {r.gw}, voided {r.tokens_voided} "
+             f"token(s); CRL written to {r.crl_path}")
+    say(out, RELOAD_BROKER)
 
 
 @gateway_app.command("certs", short_help="Issued certificates.  e.g. central gateway certs gw-001")
@@ -228,10 +252,9 @@ def certs(gw: Annotated[str | None, typer.Argument(help="Only this gateway.")] =
                                 "not_after_ms": r.not_after_ms, "revoked_ms": r.revoked_ms,
                                 "sha256": r.fingerprint} for r in rows]))
         return
-    t = Table("gateway", "serial", "how", "valid until", "revoked")
-    for r in rows:
-        t.add_row(r.gw, r.serial[:16], r.how, _iso(r.not_after_ms), _iso(r.revoked_ms))
-    out.print(t)
+    out.print(table(["gateway", "serial", "how", "valid until", "revoked"],
+                    [[r.gw, r.serial[:16], r.how, when(r.not_after_ms), when(r.revoked_ms)]
+                     for r in rows]))
 
 
 # --- central broker-config -------------------------------------------------------------------
@@ -260,11 +283,9 @@ def broker_config(
     Example: central broker-config --out /etc/mosquitto/fieldlink --host mqtt.example.gov.cn
     """
     from central.identity.broker_config import write_broker_config
-    from central.identity.ca import load_or_create_ca
-    from central.identity.enrolment_api import pki_dir_for
 
     try:
-        ca = load_or_create_ca(pki_dir_for(_settings(config, db, pki_dir)))
+        ca = _existing_ca(_settings(config, db, pki_dir))
         files = write_broker_config(ca, out_dir, hosts=host, port=port, bind=bind,
                                     central_port=central_port, central_bind=central_bind,
                                     crl=crl, persistence=persistence, user=user)
@@ -275,5 +296,5 @@ def broker_config(
         typer.echo(json.dumps(info))
         return
     for k, v in info.items():
-        out.print(f"{k:5} {v}")
-    out.print(f"run: mosquitto -c {files.conf}")
+        say(out, f"{k:5} {v}")
+    say(out, f"run: mosquitto -c {files.conf}")
