@@ -171,7 +171,8 @@ async def test_unanswered_terminals_are_resent_then_escalated_once(kind: str,
 @pytest.mark.parametrize("kind", ["sqlite"])
 async def test_roles_and_area_scope(kind: str, tmp_path: Path) -> None:
     """A viewer cannot issue a warning; an operator of another district cannot target this
-    street and does not see its warning; bad requests are problem JSON."""
+    street and does not see its warning, its terminals or its groups; bad requests are problem
+    JSON."""
     async with serve(kind, tmp_path) as (app, c):
         areas = await street(app, c)
         await ok(c.post("/api/areas", json={"parent_id": areas["city"]["id"],
@@ -198,6 +199,16 @@ async def test_roles_and_area_scope(kind: str, tmp_path: Path) -> None:
         assert r.status_code == 422
         r = await c.post("/api/callresp/warnings", json={**body, "text": " \u3000\n"})
         assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "text"], r.text
+        # The directory reads follow the same scope: a group is listed to a user only when
+        # every terminal in it lies in the user's area (only then may a warning name it).
+        await ok(c.put("/api/callresp/groups/g-street", json={"name": "街道喇叭",
+                                                              "terminals": ["t-1", "t-2"]}))
+        await ok(c.put("/api/callresp/groups/g-empty", json={"name": "空组", "terminals": []}))
+        groups = {g["id"] for g in await ok(c.get("/api/callresp/groups", headers=auth(mine)))}
+        assert groups == {"g-street", "g-empty"}
+        groups = {g["id"] for g in await ok(c.get("/api/callresp/groups", headers=auth(other)))}
+        assert groups == {"g-empty"}
+        assert await ok(c.get("/api/callresp/terminals", headers=auth(other))) == []
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -227,8 +227,11 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/callresp/groups", tags=tags)
     async def list_groups(request: Request, p: Reader) -> list[dict[str, Any]]:
-        return [asdict(g) for g in await _service(request).storage.run(groups_program,
-                                                                         write=False)]
+        """The groups whose every terminal lies in the user's area (those a warning may name)."""
+        st = _service(request).storage
+        visible = {t["id"] for t in await _visible_entries(request, p, terminals_program)}
+        return [asdict(g) for g in await st.run(groups_program, write=False)
+                if visible.issuperset(g.terminals)]
 
     @app.get("/api/callresp/persons", tags=tags)
     async def list_persons(request: Request, p: Reader) -> list[dict[str, Any]]:
