@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from edge_agent.cli.common import CONTEXT, ConfigOpt, JsonOpt, err, errors, fail, out
+from edge_agent.cli.common import CONTEXT, ConfigOpt, JsonOpt, err, errors, fail, fmt_bytes, out
 from edge_agent.config.site import load_config
 from edge_agent.health.clock import boottime_ns, current_boot_id
 from edge_agent.outbox.store import OutboxStats, read_status, request_clock_ok
@@ -96,10 +96,10 @@ def print_outbox(table: Table, r: dict[str, Any]) -> None:
         drain = "[yellow]unknown[/yellow] (nothing acknowledged lately)"
     table.add_row("drain", drain)
     b = r["budget"]
-    disk = f"{b['used_bytes'] / 1e6:.1f} MB"
+    disk = fmt_bytes(b["used_bytes"])
     if b["max_bytes"]:
         colour = "red" if (b["used_pct"] or 0) >= 90 else "green"
-        disk += f" of {b['max_bytes'] / 1e6:.1f} MB ([{colour}]{b['used_pct']:.0f} %[/{colour}])"
+        disk += f" of {fmt_bytes(b['max_bytes'])} ([{colour}]{b['used_pct']:.0f} %[/{colour}])"
     lost = b["thinned_total"] or b["dropped_total"]
     disk += (f"  [{'yellow' if lost else 'green'}]thinned {b['thinned_total']}, dropped "
              f"{b['dropped_total']}[/{'yellow' if lost else 'green'}]")

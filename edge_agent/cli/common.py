@@ -94,6 +94,19 @@ def fmt_value(value: Any, unit: str = "") -> str:
     return f"{text} {unit}".rstrip() if unit and not isinstance(value, bool) else text
 
 
+def fmt_bytes(n: int | float | None) -> str:
+    """A size in binary units, as every command prints one: `512 B`, `3.0 KiB`, `12.4 MiB`,
+    `7.8 GiB` (`-` when unknown)."""
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 STATE_COLOURS = {"ok": "green", "degraded": "yellow", "offline": "red", "disabled": "dim"}
 
 
@@ -103,4 +116,4 @@ def state_text(state: str) -> str:
 
 
 __all__ = ["CONTEXT", "DEFAULT_CONFIG", "ConfigOpt", "JsonOpt", "OUR_ERRORS", "ago", "err",
-           "errors", "fail", "fmt_value", "out", "print_json", "state_text"]
+           "errors", "fail", "fmt_bytes", "fmt_value", "out", "print_json", "state_text"]

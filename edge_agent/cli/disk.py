@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge_agent.cli.common import fmt_bytes
 from edge_agent.config.site import AgentConfig
 from edge_agent.outbox.disk import disk_usage
 
@@ -36,16 +37,14 @@ def disk_report(cfg: AgentConfig, live: dict[str, Any] | None) -> dict[str, Any]
     return {"state": state, **usage, "episode": episode or None}
 
 
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB" if n < 10**8 else f"{n / 1e9:.1f} GB"
-
-
 def disk_text(d: dict[str, Any]) -> str:
-    """One line: `disk full: 0.00 MB free of 16.00 MB (reserve 1.05 MB); outbox 3.1 MB; 12
+    """One line: `disk full: 0 B free of 16.0 MiB (reserve 1.0 MiB); outbox 3.1 MiB; 12
     alarm/event record(s) held in memory, 3400 telemetry dropped, 20 ack(s) pending`."""
-    line = (f"{d['state']}: {_mb(d['fs_free_bytes'])} free of {_mb(d['fs_total_bytes'])}"
-            f" (reserve {_mb(d['reserve_bytes'])}); outbox files {_mb(d['owned_bytes'])}"
-            f" (wal {_mb(d['wal_bytes'])}, ballast {_mb(d['ballast_bytes'])})")
+    b = {k: fmt_bytes(d[k]) for k in ("fs_free_bytes", "fs_total_bytes", "reserve_bytes",
+                                      "owned_bytes", "wal_bytes", "ballast_bytes")}
+    line = (f"{d['state']}: {b['fs_free_bytes']} free of {b['fs_total_bytes']}"
+            f" (reserve {b['reserve_bytes']}); outbox files {b['owned_bytes']}"
+            f" (wal {b['wal_bytes']}, ballast {b['ballast_bytes']})")
     ep = d.get("episode") or {}
     if ep.get("full"):
         line += (f"; {ep.get('held', 0)} alarm/event record(s) held in memory"
