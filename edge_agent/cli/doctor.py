@@ -2,7 +2,8 @@
 
 `run_checks(config_path)` returns one `Check` per item, in the order a person fixes them:
 the config, the profiles, the data folder and disk, the outbox file, each serial port, each
-Modbus TCP device, the broker, the clock, the running agent and, while it runs, its devices.
+Modbus TCP device, the broker, the clock, the running agent and, while it runs, its devices
+and its 叫应 terminals (a terminal that is down fails, with since when and what to check).
 A check is `pass`, `warn` (worth knowing, not a fault: an unsynchronised clock that is still
 plausible) or `fail`; `skip` when an earlier failure makes it meaningless. Nothing here
 writes anything but one temporary file in the data folder, and nothing opens a serial port
@@ -30,7 +31,9 @@ from typing import Any
 
 import aiomqtt
 
+from edge_agent.cli.common import fmt_bytes
 from edge_agent.cli.disk import disk_report, disk_text
+from edge_agent.cli.terminals import terminal_diagnosis, terminals_report
 from edge_agent.config.site import (
     AgentConfig,
     ConfigError,
@@ -136,7 +139,7 @@ def _data_dir(cfg: AgentConfig) -> Iterator[Check]:
                     f"sudo chown -R <agent user> {data}")
         return
     usage = shutil.disk_usage(existing)
-    free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+    free = f"{fmt_bytes(usage.free)} free of {fmt_bytes(usage.total)}"
     disk = disk_report(cfg, None) if data.exists() else None
     if disk is not None and disk["state"] != "ok":
         yield _fail("free disk", disk_text(disk), _FREE_HINT)
@@ -164,7 +167,7 @@ def _outbox(cfg: AgentConfig) -> Check:
         return _fail(name, f"{path}: {exc}", hint)
     if rows != ["ok"]:
         return _fail(name, f"{path}: quick_check: {'; '.join(map(str, rows[:3]))}", hint)
-    return _pass(name, f"{path}: {st.backlog} unsent, {st.db_bytes / 1e6:.1f} MB")
+    return _pass(name, f"{path}: {st.backlog} unsent, {fmt_bytes(st.db_bytes)}")
 
 
 # --- links ----------------------------------------------------------------------------------------
@@ -319,6 +322,7 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
     except ControlClientError as exc:
         yield _fail("agent running", str(exc), "sudo systemctl start fieldlink-edge; "
                     "journalctl -u fieldlink-edge -n 50 shows why it stopped")
+        yield from _terminals(cfg, None)
         return
     yield _pass("agent running", f"pid {status.get('pid')}, version {status.get('version')}, "
                 f"uplink {'connected' if status.get('uplink', {}).get('connected') else 'down'}")
@@ -339,6 +343,15 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
                         "some reads fail: compare the profile's registers with the device's manual")
         else:
             yield _pass(name, str(state))
+    yield from _terminals(cfg, status)
+
+
+def _terminals(cfg: AgentConfig, status: dict[str, Any] | None) -> Iterator[Check]:
+    """One line per 叫应 terminal: connected, down (since when, why, what to check), or
+    connected with open faults (a warning)."""
+    for row in terminals_report(cfg, status)["terminals"]:
+        verdict, detail, hint = terminal_diagnosis(row)
+        yield Check(f"terminal {row['id']}", verdict, detail, hint)
 
 
 # --- helpers --------------------------------------------------------------------------------------

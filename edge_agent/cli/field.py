@@ -131,8 +131,9 @@ _MARK: dict[str, str] = {"pass": "[green]✓[/green]", "fail": "[red]✗[/red]",
 
 def doctor(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     """Check the setup: config, profiles, data folder and disk, outbox integrity, serial
-    ports, Modbus TCP devices, broker (TCP and MQTT CONNECT), clock, the running agent and
-    its devices. Prints ✓/✗ with a hint for each problem; exit 1 if any check fails.
+    ports, Modbus TCP devices, broker (TCP and MQTT CONNECT), clock, the running agent, its
+    devices and its 叫应 terminals. Prints ✓/✗ with a hint for each problem; exit 1 if any
+    check fails.
 
     Example: edge-agent doctor --config /etc/fieldlink/site.toml
     """

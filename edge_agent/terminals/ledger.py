@@ -32,6 +32,7 @@ import json
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge_agent import SchemaTooNewError
@@ -176,11 +177,12 @@ class TerminalLedger(SqliteStore):
     # --- faults --------------------------------------------------------------------------
 
     async def faults(self) -> dict[str, set[str]]:
-        rows = await self._run(self._query, "SELECT terminal, fault FROM faults", ())
-        out: dict[str, set[str]] = {}
-        for terminal, fault in rows:
-            out.setdefault(terminal, set()).add(fault)
-        return out
+        return {t: set(f) for t, f in (await self.fault_since()).items()}
+
+    async def fault_since(self) -> dict[str, dict[str, int]]:
+        """Each terminal's open faults, with when each was raised (ms)."""
+        rows = await self._run(self._query, "SELECT terminal, fault, since_ms FROM faults", ())
+        return _by_terminal(rows)
 
     async def set_fault(self, terminal: str, fault: str, raised: bool, now_ms: int) -> None:
         if raised:
@@ -209,4 +211,41 @@ class TerminalLedger(SqliteStore):
         return self._sqlite.transaction(body)
 
 
-__all__ = ["EventKey", "TerminalLedger", "TerminalLedgerError", "WireWarning"]
+# --- read-only, for `edge-agent status` without the agent -----------------------------
+
+
+def read_summary(path: Path) -> LedgerSummary:
+    """What `terminals.db` says without the agent: open faults (with since) and the 叫应
+    events recorded per terminal and type (reported ones are kept 30 days). Read-only; raises
+    `TerminalLedgerError` if the file cannot be read."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            faults = conn.execute("SELECT terminal, fault, since_ms FROM faults").fetchall()
+            events = conn.execute("SELECT terminal, type, count(*) FROM events WHERE"
+                                  " terminal != '' GROUP BY terminal, type").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise TerminalLedgerError(f"{path}: {exc}") from exc
+    counts: dict[str, dict[str, int]] = {}
+    for terminal, type_, n in events:
+        counts.setdefault(str(terminal), {})[str(type_)] = int(n)
+    return LedgerSummary(_by_terminal(faults), counts)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSummary:
+    faults: dict[str, dict[str, int]]  # terminal → fault → since_ms
+    events: dict[str, dict[str, int]]  # terminal → type (delivered, ack) → count
+
+
+def _by_terminal(rows: list[Any]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for terminal, fault, since_ms in rows:
+        out.setdefault(str(terminal), {})[str(fault)] = int(since_ms)
+    return out
+
+
+__all__ = ["EventKey", "LedgerSummary", "TerminalLedger", "TerminalLedgerError", "WireWarning",
+           "read_summary"]

@@ -109,6 +109,10 @@ def _now_s() -> int:
     return int(time.time())
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class TerminalLink:
     """One configured terminal; see the module doc."""
 
@@ -121,6 +125,11 @@ class TerminalLink:
         self.heartbeat: tm.Heartbeat | None = None
         self.connected = False
         self.last_error: str | None = None
+        # Wall-clock ms, for the technician (`edge-agent status`): when the line came up or
+        # went down (the first failed attempt since start, or since it was last up), and
+        # when the last heartbeat came.
+        self.since_ms: int | None = None
+        self.last_heartbeat_ms: int | None = None
         self._events = events
         self._open_line = open_line
         self._backoff = backoff or Backoff(first_s=0.5, max_s=config.backoff_max_s,
@@ -145,6 +154,7 @@ class TerminalLink:
                 self.counters.connect_errors += 1
                 self.last_error = exc.reason
                 if not failing:
+                    self.since_ms = _now_ms()
                     self._lg.warning("terminal_offline", error=exc.reason)
                     await self._events.on_lost(self, exc.reason)
                 failing = True
@@ -167,6 +177,7 @@ class TerminalLink:
     async def _session(self, line: Line) -> str:
         """Serve one connection until it fails; returns why it ended."""
         self._line, self.connected = line, True
+        self.since_ms = _now_ms()
         decoder = tm.TerminalDecoder()
         last_rx = last_frame = time.monotonic()
         try:
@@ -198,6 +209,7 @@ class TerminalLink:
             return exc.reason
         finally:
             self._line, self.connected = None, False
+            self.since_ms = _now_ms()
             await line.close()
 
     async def _frames(self, decoder: tm.TerminalDecoder) -> bool:
@@ -232,6 +244,7 @@ class TerminalLink:
             case tm.Heartbeat():
                 self.counters.heartbeats += 1
                 self.heartbeat = msg
+                self.last_heartbeat_ms = _now_ms()
                 self._interval_s = float(msg.interval_s)
                 await self._events.on_heartbeat(self, msg)
                 await self._send(tm.Receipt(frame.seq, tm.MessageType.HEARTBEAT, 0, _now_s()))
@@ -332,7 +345,8 @@ class TerminalLink:
         hb = self.heartbeat
         return {
             "id": self.id, "kind": self.config.kind, "endpoint": self.config.endpoint,
-            "connected": self.connected, "last_error": self.last_error,
+            "connected": self.connected, "since_ms": self.since_ms,
+            "last_error": self.last_error, "last_heartbeat_ms": self.last_heartbeat_ms,
             "heartbeat": None if hb is None else {
                 "battery": hb.battery, "mains": hb.mains, "speaker_fault": hb.speaker_fault,
                 "display_fault": hb.display_fault, "tamper": hb.tamper,

@@ -141,6 +141,7 @@ class TerminalService:
         self.now_ms = wall_ms
         self._ledger: TerminalLedger | None = None
         self._faults: dict[str, set[str]] = {}
+        self._fault_since: dict[str, dict[str, int]] = {}  # for status: when each was raised
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[TerminalService]:
@@ -148,7 +149,8 @@ class TerminalService:
         async with TerminalLedger.open(self.ledger_path) as ledger:
             self._ledger = ledger
             try:
-                self._faults = await ledger.faults()
+                self._fault_since = await ledger.fault_since()
+                self._faults = {t: set(f) for t, f in self._fault_since.items()}
                 await self.report_unreported(check_outbox=True)
                 yield self
             finally:
@@ -338,13 +340,19 @@ class TerminalService:
             return
         faults = self._faults.setdefault(terminal, set())
         (faults.add if raised else faults.discard)(fault)
+        since = self._fault_since.setdefault(terminal, {})
+        if raised:
+            since.setdefault(fault, now)
+        else:
+            since.pop(fault, None)
         if raised:
             self.counters.faults_raised += 1
         else:
             self.counters.faults_cleared += 1
 
     def status(self) -> dict[str, Any]:
-        return {"terminals": [link.health() | {"faults": sorted(self._faults.get(tid, ()))}
+        return {"terminals": [link.health() | {"faults": sorted(self._faults.get(tid, ())),
+                                               "fault_since": dict(self._fault_since.get(tid, {}))}
                               for tid, link in self.links.items()],
                 "counters": self.counters.to_dict()}
 
