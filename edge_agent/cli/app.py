@@ -29,17 +29,7 @@ from device_profiles import (
 )
 from edge_agent import __version__
 from edge_agent.cli.buffer import buffer_app, clock_app
-from edge_agent.cli.common import (
-    CONTEXT,
-    ConfigOpt,
-    JsonOpt,
-    ago,
-    err,
-    errors,
-    fail,
-    out,
-    print_json,
-)
+from edge_agent.cli.common import CONTEXT, ConfigOpt, JsonOpt, err, errors, out, print_json
 from edge_agent.cli.devices import register as register_device_commands
 from edge_agent.cli.enrol import register as register_enrol_commands
 from edge_agent.cli.field import register as register_field_commands
@@ -82,10 +72,8 @@ app.add_typer(profiles_app, name="profiles")
 app.add_typer(config_app, name="config")
 app.add_typer(buffer_app, name="buffer")
 app.add_typer(clock_app, name="clock")
-_fail = fail
 _errors = errors
 _print_json = print_json
-_ago = ago
 
 
 def _version(value: bool) -> None:

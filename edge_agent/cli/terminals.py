@@ -152,7 +152,8 @@ def terminal_diagnosis(row: dict[str, Any]) -> tuple[str, str, str | None]:
         faults = f"; terminals.db: {_faults_text(row)}" if row["faults"] else ""
         return "skip", f"{NOT_RUNNING}{faults}", "start the agent, then run doctor again"
     if not row["connected"]:
-        detail = f"no link to {where} since {when(row['since_ms'])}"
+        detail = f"no link to {where}" + (f" since {when(row['since_ms'])}"
+                                          if row["since_ms"] else "")
         if row["last_error"]:
             detail += f"; last error: {row['last_error']}"
         if row["last_heartbeat_ms"]:
