@@ -46,8 +46,9 @@ from central.storage.base import (
     WriteResult,
     split_key,
 )
-from central.storage.postgres_schema import STAGE_LATEST, Conn, migrate
-from central.storage.postgres_write import register_dumpers, write_batches
+from central.storage.postgres_binary import register_dumpers
+from central.storage.postgres_schema import Conn, migrate
+from central.storage.postgres_write import write_batches
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, to_jsonable
@@ -69,10 +70,17 @@ _POINT = attrgetter("point")
 
 
 def _points_named(batches: Sequence[DataBatch]) -> dict[str, set[str]]:
-    """The points each gateway's records name (`map`, not a generator: it runs per record)."""
+    """The points each gateway's records name (`map`, not a generator: it runs per record);
+    a version 2 batch's from its columns, without making its records."""
     keys: dict[str, set[Any]] = {}
     for b in batches:
-        keys.setdefault(b.gw, set()).update(map(_POINT, b.records))
+        cols = b.columns
+        named = keys.setdefault(b.gw, set())
+        if cols is None:
+            named.update(map(_POINT, b.records))
+        else:
+            pts = cols.pts
+            named.update(pts[i] for i in set(cols.points) if i >= 0)
     for names in keys.values():
         names.discard(None)
     return keys
@@ -183,7 +191,7 @@ class PostgresStorage(Storage):
         # No JIT for the writer: its statements are short, and compiling a probe over many
         # runs (estimated, not found, to return rows) cost more than running it.
         writer = _Link(self.url, "writer",
-                       ("SET synchronous_commit = on", "SET jit = off", STAGE_LATEST),
+                       ("SET synchronous_commit = on", "SET jit = off"),
                        **self._connect_kwargs)
         reader = _Link(self.url, "reader", **self._connect_kwargs)
         try:

@@ -1,0 +1,111 @@
+"""The usual batch staged column by column for the PostgreSQL write (`postgres_write`).
+
+A batch of plain readings (every record numeric TELEMETRY with a point, distinct seqs,
+trusted and plausible times: a live or backlog batch) needs no Python object per record: its
+columns (as a version 2 batch was decoded, else taken from its records) become the binary
+`COPY` rows at once (`postgres_binary.readings_rows`), and only the latest values are
+looked at per record. It ends the same as `central.storage.writes.stage_records` would:
+the same rows, latest values, aggregate samples and held seqs.
+
+Until the write knows that none of its keys is held, such a batch stays columns; if one is
+(a resent batch), or a later batch of the call repeats one of its seqs, it turns into the
+rows `stage_records` would have made (`rows`), and the record-by-record write takes over.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import attrgetter, eq, lt
+from typing import Any
+
+from central.storage.delivery import StreamTally
+from central.storage.postgres_binary import readings_rows
+from central.storage.timecheck import CENTRAL_BITS
+from protocols.envelope import DataBatch, RecordKind, ranges_from_seqs
+
+_TELEMETRY = RecordKind.TELEMETRY
+_RECORD_COLS = attrgetter("seq", "kind", "ts_ms", "point", "value", "flags")
+_NUMERIC = frozenset((float, int, bool))
+
+
+@dataclass(frozen=True, slots=True)
+class PlainReadings:
+    """One batch of plain readings as columns; `n` is its position in the write's call."""
+
+    n: int
+    gw: str
+    stream: str
+    seqs: Sequence[int]
+    pids: Sequence[int]
+    tss: Sequence[int]
+    values: array[float]
+    flags: Sequence[int] | int
+    first: int  # lowest and highest seq
+    last: int
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        return self.first <= hi and lo <= self.last
+
+    def copy_rows(self, now: int) -> bytes:
+        return readings_rows(self.gw, self.stream, self.seqs, self.pids, self.tss, self.values,
+                             self.flags, now)
+
+    def rows(self, now: int) -> dict[int, tuple[Any, ...]]:
+        """seq -> the row `stage_records` makes (with the batch number in front)."""
+        flags = (repeat(self.flags, len(self.seqs)) if isinstance(self.flags, int)
+                 else self.flags)
+        n, gw, stream = self.n, self.gw, self.stream
+        return {seq: (n, gw, stream, seq, pid, ts, v, None, f, now) for seq, pid, ts, v, f
+                in zip(self.seqs, self.pids, self.tss, self.values, flags, strict=True)}
+
+
+def plain_readings(n: int, batch: DataBatch, ids: Mapping[str, int], lo: int,
+                   hi: int) -> PlainReadings | None:
+    """`batch` as columns if it is plain readings (module doc) with times in `lo..hi`; None
+    for any other batch (staged record by record)."""
+    cols = batch.columns
+    if not len(batch.records):
+        return None
+    if cols is not None:
+        if (cols.kinds is not None and any(cols.kinds)) or min(cols.points) < 0:
+            return None
+        seqs, tss, values, flags = cols.seqs, cols.ts, cols.values, cols.flags
+        by_index = [ids.get(k) for k in cols.pts]
+        pids: Sequence[Any] = list(map(by_index.__getitem__, cols.points))
+    else:
+        seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, batch.records),
+                                                      strict=True)
+        if kinds.count(_TELEMETRY) != len(kinds) or None in points:
+            return None
+        pids = list(map(ids.__getitem__, points))
+    if (not _NUMERIC.issuperset(map(type, values)) or min(tss) < lo or max(tss) > hi
+            or any(f & CENTRAL_BITS for f in ({flags} if isinstance(flags, int)
+                                              else set(flags)))):
+        return None
+    if not (isinstance(seqs, range) or all(map(lt, seqs, islice(seqs, 1, None)))):
+        ordered = sorted(seqs)
+        if any(map(eq, ordered, islice(ordered, 1, None))):
+            return None  # a seq twice: the record-by-record write keeps its first copy
+    return PlainReadings(n, batch.gw, batch.stream, seqs, pids, tss, array("d", values),
+                         flags if isinstance(flags, int) else list(map(int, flags)),
+                         min(seqs), max(seqs))
+
+
+def stage_plain(p: PlainReadings, latest: dict[int, tuple[int, float | None, str | None]],
+                tally: StreamTally, samples: tuple[list[int], list[int], list[float]]) -> None:
+    """What `stage_records` adds to the latest values, the held seqs and the aggregates'
+    samples for these readings (all of them new to the call, trusted and in time)."""
+    for pid, ts, v in zip(p.pids, p.tss, p.values, strict=True):
+        prev = latest.get(pid)
+        if prev is None or ts > prev[0]:  # the newest time; the first record on a tie
+            latest[pid] = (ts, v, None)
+    seqs = p.seqs
+    tally.held_ranges(p.gw, p.stream, ((p.first, p.last),) if p.last - p.first + 1 == len(seqs)
+                      else ranges_from_seqs(sorted(seqs)))
+    pids, tss, vals = samples
+    pids.extend(p.pids)
+    tss.extend(p.tss)
+    vals.extend(p.values)
