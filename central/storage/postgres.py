@@ -9,9 +9,10 @@ not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
-seq), latest by point id, gateways by gw) and every transaction takes them in that phase order
-(the aggregate flush: pending rows by id, then buckets by (point, bucket)): two workers
-writing overlapping batches wait for each other (on the streams' rows) but never deadlock.
+seq), gateways by gw; then latest values, which the gateways' rows guard) and every
+transaction takes them in that phase order (the aggregate flush: pending rows by id, then
+buckets by (point, bucket)): two workers writing overlapping batches wait for each other (on
+the streams' or the gateways' rows) but never deadlock.
 Migrations run under a transaction-scoped advisory lock so workers starting together migrate
 once. Commits use `synchronous_commit = on`: the ack that follows tells the gateway it may
 forget the records.
@@ -79,8 +80,10 @@ def _points_named(batches: Sequence[DataBatch]) -> dict[str, set[str]]:
         if cols is None:
             named.update(map(_POINT, b.records))
         else:
+            used = set(cols.points)
+            used.discard(-1)
             pts = cols.pts
-            named.update(pts[i] for i in set(cols.points) if i >= 0)
+            named.update(pts if len(used) == len(pts) else map(pts.__getitem__, used))
     for names in keys.values():
         names.discard(None)
     return keys

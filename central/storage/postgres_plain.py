@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice, repeat
-from operator import attrgetter, eq, lt
+from operator import attrgetter, eq, le, lt
 from typing import Any
 
 from central.storage.delivery import StreamTally
@@ -73,7 +73,7 @@ def plain_readings(n: int, batch: DataBatch, ids: Mapping[str, int], lo: int,
         if (cols.kinds is not None and any(cols.kinds)) or min(cols.points) < 0:
             return None
         seqs, tss, values, flags = cols.seqs, cols.ts, cols.values, cols.flags
-        by_index = [ids.get(k) for k in cols.pts]
+        by_index = list(map(ids.get, cols.pts))
         pids: Sequence[Any] = list(map(by_index.__getitem__, cols.points))
     else:
         seqs, kinds, tss, points, values, flags = zip(*map(_RECORD_COLS, batch.records),
@@ -95,17 +95,36 @@ def plain_readings(n: int, batch: DataBatch, ids: Mapping[str, int], lo: int,
 
 
 def stage_plain(p: PlainReadings, latest: dict[int, tuple[int, float | None, str | None]],
-                tally: StreamTally, samples: tuple[list[int], list[int], list[float]]) -> None:
+                newest: dict[str, int | None], tally: StreamTally,
+                samples: tuple[list[int], list[int], list[float]]) -> None:
     """What `stage_records` adds to the latest values, the held seqs and the aggregates'
-    samples for these readings (all of them new to the call, trusted and in time)."""
-    for pid, ts, v in zip(p.pids, p.tss, p.values, strict=True):
-        prev = latest.get(pid)
-        if prev is None or ts > prev[0]:  # the newest time; the first record on a tie
-            latest[pid] = (ts, v, None)
+    samples for these readings (all of them new to the call, trusted and in time).
+
+    `newest[gw]` is the newest time the gateway's latest values hold so far in the call
+    (None: some came from records, unknown). The usual batch, in time order and newer than
+    that, replaces its points' values at once."""
+    pids, tss, values = p.pids, p.tss, p.values
+    top = newest.get(p.gw, -1)
+    if top is not None and tss[0] > top and _in_time_order(pids, tss):
+        latest.update(zip(pids, zip(tss, values, repeat(None)), strict=False))
+    else:
+        for pid, ts, v in zip(pids, tss, values, strict=True):
+            prev = latest.get(pid)
+            if prev is None or ts > prev[0]:  # the newest time; the first record on a tie
+                latest[pid] = (ts, v, None)
+    if top is not None:
+        newest[p.gw] = max(top, max(tss))
     seqs = p.seqs
     tally.held_ranges(p.gw, p.stream, ((p.first, p.last),) if p.last - p.first + 1 == len(seqs)
                       else ranges_from_seqs(sorted(seqs)))
-    pids, tss, vals = samples
-    pids.extend(p.pids)
-    tss.extend(p.tss)
-    vals.extend(p.values)
+    all_pids, all_tss, all_vals = samples
+    all_pids.extend(pids)
+    all_tss.extend(tss)
+    all_vals.extend(values)
+
+
+def _in_time_order(pids: Sequence[int], tss: Sequence[int]) -> bool:
+    """True if the times never fall and no point has two records at one time: a point's
+    last record is then its newest, the one `stage_records` keeps."""
+    return (all(map(le, tss, islice(tss, 1, None)))
+            and (len(set(pids)) == len(pids) or len(set(zip(pids, tss, strict=True))) == len(pids)))

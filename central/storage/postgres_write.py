@@ -22,8 +22,11 @@ one (`central.storage.timecheck`), a held narrowband copy of an event by the ful
 (`central.storage.writes`); every staged seq goes to the stream accounting
 (`central.storage.delivery`, which ignores seqs already counted). Row locks are taken in one
 phase order, each phase in key order: points, streams, readings and events (new keys, so no
-one waits for them; the held ones a correction updates), latest, gateways, alarms (the
-aggregates are written by a flush of their own: `central.storage.aggregates`).
+one waits for them; the held ones a correction updates), gateways, latest, alarms (the
+aggregates are written by a flush of their own: `central.storage.aggregates`). A point
+belongs to one gateway and only this write sets latest values, so the gateway's row, locked
+before them, makes a transaction the only writer of its points' latest values: they need no
+order of their own.
 """
 
 from __future__ import annotations
@@ -78,12 +81,16 @@ _PROBE = ("WITH k AS (SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %
 _PENDING = ("INSERT INTO agg_pending (pids, tss, vals, n, created_ms)"
             " VALUES (%b, %b, %b, %s, %s)")
 # Only a newer sample replaces the latest value, so backlog never hides fresher data.
-_UPSERT_LATEST = ("INSERT INTO latest (point_id, ts_ms, value, text)"
-                  " SELECT * FROM unnest(%b::int8[], %b::int8[], %b::float8[], %b::text[])"
-                  " ORDER BY 1"
-                  " ON CONFLICT (point_id) DO UPDATE SET ts_ms = excluded.ts_ms,"
-                  " value = excluded.value, text = excluded.text"
-                  " WHERE excluded.ts_ms > latest.ts_ms")
+# The rows come in any order: the gateways' rows, locked first, make this transaction the
+# only writer of their points' latest values (module doc). A plain UPDATE writes one row
+# version per point; an upsert locks the row first, a second WAL record each. Points with no
+# latest value yet (the UPDATE found fewer rows than it was given) are inserted after it.
+_LATEST = "unnest(%b::int8[], %b::int8[], %b::float8[], %b::text[])"
+_UPDATE_LATEST = ("UPDATE latest SET ts_ms = s.ts_ms, value = s.value, text = s.text"
+                  f" FROM {_LATEST} AS s(point_id, ts_ms, value, text)"
+                  " WHERE latest.point_id = s.point_id AND s.ts_ms > latest.ts_ms")
+_INSERT_LATEST = (f"INSERT INTO latest (point_id, ts_ms, value, text) SELECT * FROM {_LATEST}"
+                  " ON CONFLICT (point_id) DO NOTHING")
 _TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms)"
                    " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[]) ORDER BY 1"
                    " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
@@ -108,6 +115,7 @@ class _Staged:
     # Batches of plain readings still as columns, per (gw, stream) (`postgres_plain`).
     plain: dict[tuple[str, str], list[PlainReadings]] = field(default_factory=dict)
     latest: dict[int, tuple[int, float | None, str | None]] = field(default_factory=dict)
+    newest: dict[str, int | None] = field(default_factory=dict)  # `stage_plain`
     touched: dict[str, str] = field(default_factory=dict)  # gw -> its current stream
     tally: StreamTally = field(default_factory=StreamTally)
     # The aggregates' samples, assuming every staged reading is new (the usual case).
@@ -143,9 +151,10 @@ def _stage(batches: Sequence[DataBatch], point_ids: Mapping[str, Mapping[str, in
         plain = plain_readings(n, batch, point_ids[gw], lo, hi)
         if plain is not None and _apart(staged, plain, readings):
             staged.plain.setdefault((gw, stream), []).append(plain)
-            stage_plain(plain, staged.latest, staged.tally, staged.samples)
+            stage_plain(plain, staged.latest, staged.newest, staged.tally, staged.samples)
         else:
             _unplain(staged, (gw, stream), now)  # its rows first: the first copy stays
+            staged.newest[gw] = None
             stage_records(gw, stream, batch.records, point_ids[gw], lo, hi, now,
                           readings=readings, events=events, latest=staged.latest,
                           tally=staged.tally, samples=staged.samples, lead=(n,))
@@ -288,14 +297,17 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
         _add_samples(out, staged.samples, fresh, fixed, held)
 
 
-async def _upsert_latest(conn: Conn,
-                         latest: dict[int, tuple[int, float | None, str | None]]) -> None:
+async def _write_latest(conn: Conn,
+                        latest: dict[int, tuple[int, float | None, str | None]]) -> None:
+    """Move each point's latest value forward to the staged one where that is newer."""
     if not latest:
         return
     values = list(latest.values())
-    await conn.execute(_UPSERT_LATEST, (
-        Int8Array.of(array("q", latest)), Int8Array.of(array("q", [v[0] for v in values])),
-        Float8Array.nullable([v[1] for v in values]), TextArray.of([v[2] for v in values])))
+    params = (Int8Array.of(array("q", latest)), Int8Array.of(array("q", [v[0] for v in values])),
+              Float8Array.nullable([v[1] for v in values]), TextArray.of([v[2] for v in values]))
+    cur = await conn.execute(_UPDATE_LATEST, params)
+    if cur.rowcount < len(latest):  # new points, or values older than the ones held
+        await conn.execute(_INSERT_LATEST, params)
 
 
 async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
@@ -315,10 +327,10 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     if samples:
         await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
                                       Float8Array.of(samples.vals), len(samples), now))
-    await _upsert_latest(conn, staged.latest)
     gws = sorted(staged.touched)
     await conn.execute(_TOUCH_GATEWAYS,
                        (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
+    await _write_latest(conn, staged.latest)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
