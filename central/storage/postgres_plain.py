@@ -94,37 +94,84 @@ def plain_readings(n: int, batch: DataBatch, ids: Mapping[str, int], lo: int,
                          min(seqs), max(seqs))
 
 
-def stage_plain(p: PlainReadings, latest: dict[int, tuple[int, float | None, str | None]],
-                newest: dict[str, int | None], tally: StreamTally,
-                samples: tuple[list[int], list[int], list[float]]) -> None:
-    """What `stage_records` adds to the latest values, the held seqs and the aggregates'
-    samples for these readings (all of them new to the call, trusted and in time).
-
-    `newest[gw]` is the newest time the gateway's latest values hold so far in the call
-    (None: some came from records, unknown). The usual batch, in time order and newer than
-    that, replaces its points' values at once."""
-    pids, tss, values = p.pids, p.tss, p.values
-    top = newest.get(p.gw, -1)
-    if top is not None and tss[0] > top and _in_time_order(pids, tss):
-        latest.update(zip(pids, zip(tss, values, repeat(None)), strict=False))
-    else:
-        for pid, ts, v in zip(pids, tss, values, strict=True):
-            prev = latest.get(pid)
-            if prev is None or ts > prev[0]:  # the newest time; the first record on a tie
-                latest[pid] = (ts, v, None)
-    if top is not None:
-        newest[p.gw] = max(top, max(tss))
+def hold_plain(p: PlainReadings, tally: StreamTally) -> None:
+    """The seqs these readings add to their stream (what the write locks and probes by)."""
     seqs = p.seqs
     tally.held_ranges(p.gw, p.stream, ((p.first, p.last),) if p.last - p.first + 1 == len(seqs)
                       else ranges_from_seqs(sorted(seqs)))
-    all_pids, all_tss, all_vals = samples
-    all_pids.extend(pids)
-    all_tss.extend(tss)
-    all_vals.extend(values)
+
+
+class LatestValues:
+    """The latest values one write stages, per point: `records` as `stage_records` keeps
+    them (point id -> (ts, number, text)), and those of plain readings per gateway as two
+    dicts of plain numbers, times and values (`add_plain`): a tuple per point would be one
+    more object for the garbage collector to track, 10,000 of them a write.
+
+    A point belongs to one gateway, so the two parts never hold the same point: once a
+    gateway has records staged by `stage_records` (`before_records`), its plain readings'
+    values move to `records`, and later ones are added there too."""
+
+    __slots__ = ("records", "_times", "_values", "_newest", "_mixed")
+
+    def __init__(self) -> None:
+        self.records: dict[int, tuple[int, float | None, str | None]] = {}
+        self._times: dict[str, dict[int, int]] = {}
+        self._values: dict[str, dict[int, float]] = {}
+        self._newest: dict[str, int] = {}  # the newest time in _times[gw]
+        self._mixed: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self._times)
+
+    def add_plain(self, p: PlainReadings) -> None:
+        """What `stage_records` adds for these readings, batch after batch in call order:
+        each point's newest value, the first record on a tie."""
+        pids, tss, values = p.pids, p.tss, p.values
+        if p.gw in self._mixed:
+            records = self.records
+            for pid, ts, v in zip(pids, tss, values, strict=True):
+                held = records.get(pid)
+                if held is None or ts > held[0]:
+                    records[pid] = (ts, v, None)
+            return
+        times = self._times.setdefault(p.gw, {})
+        vals = self._values.setdefault(p.gw, {})
+        top = self._newest.get(p.gw, -1)
+        if tss[0] > top and _in_time_order(pids, tss):  # the usual batch: all at once
+            times.update(zip(pids, tss, strict=True))
+            vals.update(zip(pids, values, strict=True))
+        else:
+            for pid, ts, v in zip(pids, tss, values, strict=True):
+                prev = times.get(pid)
+                if prev is None or ts > prev:
+                    times[pid] = ts
+                    vals[pid] = v
+        self._newest[p.gw] = max(top, max(tss))
+
+    def before_records(self, gw: str) -> None:
+        """`stage_records` is about to stage records of `gw` into `records`."""
+        times = self._times.pop(gw, None)
+        if times is not None:
+            vals = self._values.pop(gw)
+            self.records.update((pid, (ts, vals[pid], None)) for pid, ts in times.items())
+        self._mixed.add(gw)
+
+    def columns(self) -> tuple[array[int], array[int], list[float | None], list[str | None]]:
+        """Point ids, times, numbers and texts, one item per point."""
+        rows = list(self.records.values())
+        pids, tss = array("q", self.records), array("q", [r[0] for r in rows])
+        nums, texts = [r[1] for r in rows], [r[2] for r in rows]
+        for gw, times in self._times.items():
+            pids.extend(times)
+            tss.extend(times.values())
+            nums.extend(map(self._values[gw].__getitem__, times))
+        texts.extend([None] * (len(pids) - len(texts)))
+        return pids, tss, nums, texts
 
 
 def _in_time_order(pids: Sequence[int], tss: Sequence[int]) -> bool:
     """True if the times never fall and no point has two records at one time: a point's
     last record is then its newest, the one `stage_records` keeps."""
+    n = len(pids)
     return (all(map(le, tss, islice(tss, 1, None)))
-            and (len(set(pids)) == len(pids) or len(set(zip(pids, tss, strict=True))) == len(pids)))
+            and (len(set(pids)) == n or len(set(zip(pids, tss, strict=True))) == n))

@@ -31,7 +31,6 @@ order of their own.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +50,12 @@ from central.storage.postgres_binary import (
     Int8Array,
     TextArray,
 )
-from central.storage.postgres_plain import PlainReadings, plain_readings, stage_plain
+from central.storage.postgres_plain import (
+    LatestValues,
+    PlainReadings,
+    hold_plain,
+    plain_readings,
+)
 from central.storage.postgres_schema import Conn
 from central.storage.program import run_async
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
@@ -114,8 +118,9 @@ class _Staged:
     rows: dict[str, StagedRows] = field(default_factory=lambda: {"readings": {}, "events": {}})
     # Batches of plain readings still as columns, per (gw, stream) (`postgres_plain`).
     plain: dict[tuple[str, str], list[PlainReadings]] = field(default_factory=dict)
-    latest: dict[int, tuple[int, float | None, str | None]] = field(default_factory=dict)
-    newest: dict[str, int | None] = field(default_factory=dict)  # `stage_plain`
+    # Those whose latest values and samples are not staged yet (`_settle`), in call order.
+    unsettled: list[PlainReadings] = field(default_factory=list)
+    latest: LatestValues = field(default_factory=LatestValues)
     touched: dict[str, str] = field(default_factory=dict)  # gw -> its current stream
     tally: StreamTally = field(default_factory=StreamTally)
     # The aggregates' samples, assuming every staged reading is new (the usual case).
@@ -151,12 +156,14 @@ def _stage(batches: Sequence[DataBatch], point_ids: Mapping[str, Mapping[str, in
         plain = plain_readings(n, batch, point_ids[gw], lo, hi)
         if plain is not None and _apart(staged, plain, readings):
             staged.plain.setdefault((gw, stream), []).append(plain)
-            stage_plain(plain, staged.latest, staged.newest, staged.tally, staged.samples)
+            staged.unsettled.append(plain)
+            hold_plain(plain, staged.tally)
         else:
             _unplain(staged, (gw, stream), now)  # its rows first: the first copy stays
-            staged.newest[gw] = None
+            _settle(staged)  # the earlier batches' latest values first: the first one stays
+            staged.latest.before_records(gw)
             stage_records(gw, stream, batch.records, point_ids[gw], lo, hi, now,
-                          readings=readings, events=events, latest=staged.latest,
+                          readings=readings, events=events, latest=staged.latest.records,
                           tally=staged.tally, samples=staged.samples, lead=(n,))
         tally_rejected(staged.tally, batch, now)
         staged.touched[gw] = stream  # the last batch of a gateway names its current stream
@@ -171,6 +178,18 @@ def _apart(staged: _Staged, plain: PlainReadings, readings: dict[int, Any]) -> b
     return (not any(p.overlaps(plain.first, plain.last)
                     for p in staged.plain.get((plain.gw, plain.stream), ()))
             and not (readings and any(map(readings.__contains__, plain.seqs))))
+
+
+def _settle(staged: _Staged) -> None:
+    """Stage the latest values and samples of the batches of plain readings that have not
+    staged them yet (put off so that the COPY of the rows need not wait for them)."""
+    pids, tss, vals = staged.samples
+    for p in staged.unsettled:
+        staged.latest.add_plain(p)
+        pids.extend(p.pids)
+        tss.extend(p.tss)
+        vals.extend(p.values)
+    staged.unsettled.clear()
 
 
 def _unplain(staged: _Staged, key: tuple[str, str], now: int) -> None:
@@ -219,12 +238,18 @@ async def _copy_rows(conn: Conn, table: str, rows: Sequence[tuple[Any, ...]]) ->
                                       row[11]))
 
 
-async def _copy_plain(conn: Conn, plain: Sequence[PlainReadings], now: int) -> None:
-    """Binary COPY of batches of plain readings, their rows built column by column."""
-    data = b"".join([COPY_HEADER, *(p.copy_rows(now) for p in plain), COPY_TRAILER])
+async def _copy_plain(conn: Conn, staged: _Staged, plain: Sequence[PlainReadings],
+                      now: int) -> None:
+    """Binary COPY of batches of plain readings, their rows built column by column and sent
+    batch by batch: the server takes one in while the next is built, and the latest values
+    are staged (`_settle`) while it takes in the last ones."""
     async with conn.cursor() as cur, cur.copy(
             f"COPY readings ({READING_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
-        await copy.write(data)
+        await copy.write(COPY_HEADER)
+        for p in plain:
+            await copy.write(p.copy_rows(now))
+        _settle(staged)
+        await copy.write(COPY_TRAILER)
 
 
 async def _merge_narrowband(conn: Conn, held: Held, mine: dict[tuple[str, str, int], Any],
@@ -276,7 +301,7 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
     by_stream = staged.rows[table]
     if table == "readings" and staged.plain:  # none if a reading is held (`_probe_held`)
         plain = [p for ps in staged.plain.values() for p in ps]
-        await _copy_plain(conn, plain, now)
+        await _copy_plain(conn, staged, plain, now)
         for p in plain:
             out.inserted[p.n] += len(p.seqs)
     fresh = [row for rows in by_stream.values() for row in rows.values()]
@@ -294,19 +319,19 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
                if table == "events" else set())
     fixed = await _replace_suspect(conn, table, held, mine, done_nb, out)
     if table == "readings":
+        _settle(staged)
         _add_samples(out, staged.samples, fresh, fixed, held)
 
 
-async def _write_latest(conn: Conn,
-                        latest: dict[int, tuple[int, float | None, str | None]]) -> None:
+async def _write_latest(conn: Conn, latest: LatestValues) -> None:
     """Move each point's latest value forward to the staged one where that is newer."""
     if not latest:
         return
-    values = list(latest.values())
-    params = (Int8Array.of(array("q", latest)), Int8Array.of(array("q", [v[0] for v in values])),
-              Float8Array.nullable([v[1] for v in values]), TextArray.of([v[2] for v in values]))
+    pids, tss, nums, texts = latest.columns()
+    params = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
+              TextArray.of(texts))
     cur = await conn.execute(_UPDATE_LATEST, params)
-    if cur.rowcount < len(latest):  # new points, or values older than the ones held
+    if cur.rowcount < len(pids):  # new points, or values older than the ones held
         await conn.execute(_INSERT_LATEST, params)
 
 
@@ -330,6 +355,7 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     gws = sorted(staged.touched)
     await conn.execute(_TOUCH_GATEWAYS,
                        (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
+    _settle(staged)  # if no reading was written
     await _write_latest(conn, staged.latest)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
