@@ -5,6 +5,7 @@ times, text values and events (which take the record-by-record path) in the same
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from central.storage import Storage, WriteResult
 from central.storage.program import Program, Sql
 from protocols import envelope as env
-from protocols.envelope import DataBatch, Flag, Record, RecordKind
+from protocols.envelope import Birth, DataBatch, DeviceInfo, Flag, PointInfo, Record, RecordKind
 from tests.pg import backend
 
 pytestmark = pytest.mark.postgres
@@ -140,3 +141,36 @@ async def test_latest_tie_between_batches_keeps_the_first(version: int, tmp_path
             await st.write_batches([batch("s1", 1.0), batch("s2", 2.0)], now_ms=NOW)
             assert [(p.point, p.latest and p.latest.value)
                     for p in await st.latest_values("gw-1")] == [("p1", 1.0)], kind
+
+
+async def test_workers_writing_streams_of_one_gateway_keep_the_newest_latest(
+        tmp_path: Path) -> None:
+    """Three workers each writing its own stream of one gateway at once, the same points
+    (born before, so none has a latest value yet), the third always newest: every record
+    once, and each point's latest value is the third stream's (a worker inserting a latest
+    value must not miss another's, nor deadlock on them)."""
+    keys = [f"d/p{i}" for i in range(400)]
+    birth = Birth(gw="gw-1", stream="s0", boot_id="b", version="1", devices=(
+        DeviceInfo(id="d", profile="p", profile_hash="h", points=tuple(
+            PointInfo(ordinal=i, key=k, name_zh=k, unit="") for i, k in enumerate(keys))),))
+
+    def batch(stream: int, first: int) -> DataBatch:
+        b = DataBatch(gw="gw-1", stream=f"s{stream}", records=tuple(
+            Record(s, RecordKind.TELEMETRY, NOW - 100_000 + s * 10 + stream, keys[s % 400],
+                   float(stream)) for s in range(first, first + 50)))
+        got = env.decode(env.encode(b, version=2))
+        assert isinstance(got, DataBatch)
+        return got
+
+    async with backend("postgres", tmp_path, n=3) as storages:
+        await storages[0].record_birth("gw-1", birth)
+
+        async def work(st: Storage, stream: int) -> int:
+            return sum([r.inserted for k in range(8)
+                        for r in await st.write_batches([batch(stream, 1 + k * 50)])])
+
+        inserted = await asyncio.gather(*(work(st, i) for i, st in enumerate(storages)))
+        assert inserted == [400, 400, 400]
+        assert (await storages[0].count_records()).readings == 1200
+        assert {p.latest and p.latest.value
+                for p in await storages[1].latest_values("gw-1")} == {2.0}
