@@ -14,7 +14,8 @@ under those (gw, stream) keys. One probe per run of staged seqs then finds the c
 held, with their flags (its snapshot is taken after the locks: it sees every earlier writer's
 commit); the rest cannot collide and is COPYed in. The primary key still guards the rule: a
 collision would fail the write and roll it back (the batch comes again), never store a row
-twice.
+twice. The usual batch, plain readings, is staged and COPYed column by column without a
+Python object per record (`central.storage.postgres_plain`); any other record by record.
 
 Only the new rows count as inserted and feed the aggregates' pending set
 (`central.storage.aggregates`); a held copy with a suspect time may be replaced by a corrected
