@@ -324,16 +324,23 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
         _add_samples(out, staged.samples, fresh, fixed, held)
 
 
-async def _write_latest(conn: Conn, latest: LatestValues) -> None:
-    """Move each point's latest value forward to the staged one where that is newer."""
-    if not latest:
-        return
-    pids, tss, nums, texts = latest.columns()
-    params = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
+async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int) -> None:
+    """The aggregates' new samples, the gateways' last contact, then each point's latest
+    value moved forward where the staged one is newer: sent together, one round trip."""
+    _settle(staged)  # if no reading was written
+    gws = sorted(staged.touched)
+    pids, tss, nums, texts = staged.latest.columns()
+    latest = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
               TextArray.of(texts))
-    cur = await conn.execute(_UPDATE_LATEST, params)
-    if cur.rowcount < len(pids):  # new points, or values older than the ones held
-        await conn.execute(_INSERT_LATEST, params)
+    async with conn.pipeline():
+        if samples:
+            await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
+                                          Float8Array.of(samples.vals), len(samples), now))
+        await conn.execute(_TOUCH_GATEWAYS,
+                           (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
+        updated = await conn.execute(_UPDATE_LATEST, latest) if pids else None
+    if updated is not None and updated.rowcount < len(pids):
+        await conn.execute(_INSERT_LATEST, latest)  # new points, or older values than held
 
 
 async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
@@ -349,15 +356,7 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     for table, by_stream in staged.rows.items():
         if any(by_stream.values()) or (table == "readings" and staged.plain):
             await _write_table(conn, table, staged, held[table], batches, out, now)
-    samples = out.samples
-    if samples:
-        await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
-                                      Float8Array.of(samples.vals), len(samples), now))
-    gws = sorted(staged.touched)
-    await conn.execute(_TOUCH_GATEWAYS,
-                       (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
-    _settle(staged)  # if no reading was written
-    await _write_latest(conn, staged.latest)
+    await _write_tail(conn, staged, out.samples, now)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
