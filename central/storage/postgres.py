@@ -9,9 +9,10 @@ not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
-seq), latest by point id, gateways by gw) and every transaction takes them in that phase order
-(the aggregate flush: pending rows by id, then buckets by (point, bucket)): two workers
-writing overlapping batches wait for each other (on the streams' rows) but never deadlock.
+seq), gateways by gw; then latest values, which the gateways' rows guard) and every
+transaction takes them in that phase order (the aggregate flush: pending rows by id, then
+buckets by (point, bucket)): two workers writing overlapping batches wait for each other (on
+the streams' or the gateways' rows) but never deadlock.
 Migrations run under a transaction-scoped advisory lock so workers starting together migrate
 once. Commits use `synchronous_commit = on`: the ack that follows tells the gateway it may
 forget the records.
@@ -46,8 +47,9 @@ from central.storage.base import (
     WriteResult,
     split_key,
 )
-from central.storage.postgres_schema import STAGE_LATEST, Conn, migrate
-from central.storage.postgres_write import register_dumpers, write_batches
+from central.storage.postgres_binary import register_dumpers
+from central.storage.postgres_schema import Conn, migrate
+from central.storage.postgres_write import write_batches
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, to_jsonable
@@ -69,10 +71,19 @@ _POINT = attrgetter("point")
 
 
 def _points_named(batches: Sequence[DataBatch]) -> dict[str, set[str]]:
-    """The points each gateway's records name (`map`, not a generator: it runs per record)."""
+    """The points each gateway's records name (`map`, not a generator: it runs per record);
+    a version 2 batch's from its columns, without making its records."""
     keys: dict[str, set[Any]] = {}
     for b in batches:
-        keys.setdefault(b.gw, set()).update(map(_POINT, b.records))
+        cols = b.columns
+        named = keys.setdefault(b.gw, set())
+        if cols is None:
+            named.update(map(_POINT, b.records))
+        else:
+            used = set(cols.points)
+            used.discard(-1)
+            pts = cols.pts
+            named.update(pts if len(used) == len(pts) else map(pts.__getitem__, used))
     for names in keys.values():
         names.discard(None)
     return keys
@@ -183,7 +194,7 @@ class PostgresStorage(Storage):
         # No JIT for the writer: its statements are short, and compiling a probe over many
         # runs (estimated, not found, to return rows) cost more than running it.
         writer = _Link(self.url, "writer",
-                       ("SET synchronous_commit = on", "SET jit = off", STAGE_LATEST),
+                       ("SET synchronous_commit = on", "SET jit = off"),
                        **self._connect_kwargs)
         reader = _Link(self.url, "reader", **self._connect_kwargs)
         try:

@@ -1,6 +1,5 @@
 """PostgreSQL schema for central: migrations as registered functions, applied under an
-advisory lock so that several workers starting together migrate once, and the per-connection
-staging table the writer COPYs latest values into."""
+advisory lock so that several workers starting together migrate once."""
 
 from __future__ import annotations
 
@@ -113,8 +112,3 @@ async def migrate(conn: Conn) -> int:
                                (current + 1, time.time_ns() // 1_000_000))
         log.info("db_migrated", schema=schema, version=current + 1, step=fn.__name__)
 
-
-# The staging table of the latest values lives per connection; each write transaction fills it
-# once, and ON COMMIT DELETE ROWS empties it at its commit (a rollback discards the rows anyway).
-STAGE_LATEST = ("CREATE TEMP TABLE IF NOT EXISTS fl_stage_latest (point_id BIGINT, ts_ms BIGINT,"
-                " value DOUBLE PRECISION, text TEXT) ON COMMIT DELETE ROWS")
