@@ -232,7 +232,9 @@ def _point_row(row: Sequence[Any]) -> Point:
 
 
 def gateways_program() -> Program[list[Gateway]]:
-    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways ORDER BY gw")
+    # In service only: a retired gateway (central.identity.retire) keeps its row and history.
+    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways"
+                     " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")
     return [_gateway_row(r) for r in rows]
 
 
