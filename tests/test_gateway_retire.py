@@ -17,6 +17,10 @@ from fastapi import FastAPI
 
 from central.app import create_app
 from central.config.settings import Settings
+from central.identity.audit import AuditLog
+from central.identity.retire import retire as retire_gateway
+from central.identity.retire import retirements_program
+from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind
 from tests.identity import auth, authorize, token_for
 from tests.pg import BACKENDS, database_url
@@ -137,3 +141,41 @@ async def test_retire_keeps_history_drops_it_from_the_map_and_refuses_its_data(
     assert "repaired" in str(mine["gateway.unretired"]["detail"])
     assert mine["gateway.revoked"]["actor"] == "test-admin"  # its enrolment, by Enrolment
     assert (await client.get("/api/audit/verify", headers=auth(auditor))).json()["ok"]
+
+
+async def _database_before_retiring(url: str) -> None:
+    """A database at the schema version before `retired_gateways`, with a gateway in it."""
+    if url.startswith("sqlite:"):
+        import sqlite3
+
+        from central.storage.sqlite_schema import MIGRATIONS
+
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, fn in enumerate(MIGRATIONS[:-1], start=1):
+            fn(conn)
+            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        conn.execute(f"INSERT INTO gateways (gw, stream) VALUES ('{OLD}', 's1')")
+        conn.close()
+        return
+    from psycopg import AsyncConnection
+
+    from central.storage.postgres_schema import MIGRATIONS as PG_MIGRATIONS
+
+    async with await AsyncConnection.connect(url, autocommit=True) as pg:
+        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                         " applied_ms BIGINT NOT NULL)")
+        for version, step in enumerate(PG_MIGRATIONS[:-1], start=1):
+            await step(pg)
+            await pg.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        await pg.execute(f"INSERT INTO gateways (gw, stream) VALUES ('{OLD}', 's1')")
+
+
+async def test_an_existing_database_migrates_and_can_retire(db_url: str) -> None:
+    await _database_before_retiring(db_url)
+    async with open_storage(db_url) as st:
+        assert [g.gw for g in await st.list_gateways()] == [OLD]
+        await retire_gateway(st, AuditLog(st), OLD, user="admin-1", reason=REASON)
+        assert await st.list_gateways() == []
+        (r,) = await st.run(retirements_program, write=False)
+        assert (r.gw, r.retired_by, r.reason, r.refused) == (OLD, "admin-1", REASON, 0)
