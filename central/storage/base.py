@@ -232,9 +232,8 @@ def _point_row(row: Sequence[Any]) -> Point:
 
 
 def gateways_program() -> Program[list[Gateway]]:
-    # In service only: a retired gateway (central.identity.retire) keeps its row and history.
     rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways"
-                     " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")
+                     " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")  # in service
     return [_gateway_row(r) for r in rows]
 
 
