@@ -7,49 +7,24 @@ afterwards refused by ingest and counted, not stored; brought back only by an un
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
-from central.app import create_app
-from central.config.settings import Settings
 from central.identity.audit import AuditLog
 from central.identity.retire import retire as retire_gateway
 from central.identity.retire import retirements_program
 from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind
-from tests.identity import auth, authorize, token_for
-from tests.pg import BACKENDS, database_url
+from tests import test_console_api as console
+from tests.identity import auth, token_for
 from tests.test_console_api import POINT, alarm, areas, report
 
+# The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
+db_url, app, client = console.db_url, console.app, console.client
 OLD, NEW = "gw-old", "gw-new"
 REASON = "replaced by gw-new after the flood"
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with database_url(request.param, tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-async def app(db_url: str, tmp_path: Path) -> AsyncIterator[FastAPI]:
-    app = create_app(Settings(db_url=db_url, command_key_path=tmp_path / "key.pem",
-                              pki_dir=tmp_path / "pki"), run_ingest=False)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://central") as c:
-        await authorize(app, c)
-        yield c
 
 
 def reading(gw: str, seq: int, value: float) -> DataBatch:
