@@ -69,6 +69,8 @@ async def test_retire_keeps_history_drops_it_from_the_map_and_refuses_its_data(
     assert done["tokens_voided"] == 1 and done["commands_cancelled"] == [cmd["cmd_id"]]
     assert token.gw == OLD
     assert (await retire(client, OLD)).status_code == 409  # retired already
+    late = await client.post("/api/commands", json={"gw": OLD, "kind": "request_diagnostics"})
+    assert late.status_code == 409 and "retired" in late.json()["detail"]
     shown = (await client.get(f"/api/commands/{cmd['cmd_id']}")).json()
     assert shown["state"] == "expired" and REASON in shown["detail"]
     alarms = (await client.get("/api/alarms", params={"gw": OLD})).json()

@@ -66,6 +66,11 @@ class OpenAlarmsError(RetireError, DetailedError):
     ids: str
 
 
+class GatewayRetiredError(RetireError, DetailedError):
+    template = "gateway {gw} is retired: bring it back first (central gateways unretire)"
+    gw: str
+
+
 @dataclass(frozen=True, slots=True)
 class Retirement:
     gw: str
@@ -160,6 +165,12 @@ async def retire(storage: Storage, audit: AuditLog, gw: str, *, user: str, reaso
     done = await storage.run(lambda: retire_program(audit, gw, user, reason, force, now))
     log.warning("gateway_retired", gw=gw, user=user, alarms_cleared=done.alarms_cleared)
     return done
+
+
+async def check_in_service(storage: Storage, gw: str) -> None:
+    """`GatewayRetiredError` (409) if `gw` is retired: nothing would ever take a command."""
+    if await storage.run(lambda: retirement_program(gw), write=False) is not None:
+        raise GatewayRetiredError(gw)
 
 
 async def unretire(storage: Storage, audit: AuditLog, gw: str, *, user: str,
