@@ -43,6 +43,8 @@ from central.identity.authz import (
 )
 from central.identity.enrolment_api import identity_audit, start_identity  # identity (§8)
 from central.identity.enrolment_api import install as install_enrolment_api  # identity (§8)
+from central.identity.retire import RetiredGate  # retiring gateways
+from central.identity.retire_api import install as install_retire_api  # retiring gateways
 from central.identity.sessions import LoginThrottle
 from central.ingest.subscriber import Ingest
 from central.narrowband.downlink import RadioRoute
@@ -172,8 +174,9 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
         settings.callresp, storage, audit, s.commands.service,
         postgres=not settings.db_url.startswith("sqlite")), run=run))
     # --- MQTT ingest: command results and 叫应 receipts are applied after each commit.
+    s.retired = RetiredGate(storage)  # a retired gateway's messages are refused, counted
     s.ingest = Ingest(settings, storage, s.metrics, command_hooks=s.commands.service,
-                      batch_hooks=(s.callresp,))
+                      batch_hooks=(s.callresp,), gate=s.retired)
     s.ingest_task = _start_task(stack, "ingest.mqtt", s.ingest.run) if run else None
     # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal or PDT radio.
     s.narrowband = (NarrowbandReceiver(settings, storage, s.metrics, route=s.radio_route,
@@ -361,6 +364,7 @@ def create_app(settings: Settings, *, run_ingest: bool = True) -> FastAPI:
     install_docs(app)  # offline /docs and /redoc (§8)
     install_command_api(app)  # commands wiring (§6)
     install_enrolment_api(app)  # identity wiring (§8): reachable without a login
+    install_retire_api(app)  # retiring (decommissioning) gateways, admin only
     install_alarm_api(app)  # alarms wiring (§7)
     install_callresp(app)  # 叫应 wiring (§7): routes (the service is started in `_start`)
     install_console_api(app)  # duty console: overview, desk, live events, positions

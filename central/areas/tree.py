@@ -148,7 +148,8 @@ def assign_program(gw: str, area_id: int, now: int) -> Program[Area]:
 
 def tree_program() -> Program[list[AreaNode]]:
     rows = yield Sql(f"SELECT {_COLS} FROM areas ORDER BY path")
-    sites = yield Sql("SELECT area_id, gw FROM gateway_sites ORDER BY gw")
+    sites = yield Sql("SELECT area_id, gw FROM gateway_sites"  # retired ones are off the tree
+                      " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")
     gateways: dict[int, list[str]] = {}
     for area_id, gw in sites:
         gateways.setdefault(area_id, []).append(gw)

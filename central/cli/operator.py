@@ -157,9 +157,13 @@ def logout_command() -> None:
 
 # --- gateways ---------------------------------------------------------------------------------
 
-gateways_app = sub_app("gateways", "Gateways as central sees them: list, show, place at a site.", [
+gateways_app = sub_app("gateways", "Gateways as central sees them: list, show, place at a "
+                                   "site, retire.", [
     "central gateways list", "central gateways show wh-qingshan-02 --json",
-    "central gateways place wh-qingshan-02 420107-site-02"])
+    "central gateways place wh-qingshan-02 420107-site-02",
+    'central gateways retire wh-qingshan-02 --reason "replaced by wh-qingshan-05"'])
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the record (audited).")]
 
 
 @gateways_app.command("list", short_help="Gateways in your area.  e.g. central gateways list")
@@ -237,6 +241,77 @@ def gateways_place(gw: Annotated[str, typer.Argument(help="Gateway id.")],
         return
     a = placed["area"]
     output.say(out, f"{placed['gw']} now stands at {a['code']} {a['name_zh']} (area {a['id']})")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if not yes and not typer.confirm(question, default=False, err=True):
+        output.say(err, "nothing done")
+        raise typer.Exit(1)
+
+
+@gateways_app.command("retire", short_help="Take a gateway out of service, keeping its "
+                                           "history (admin).  e.g. central gateways retire "
+                                           "gw-1 --reason TEXT")
+def gateways_retire(gw: Annotated[str, typer.Argument(help="Gateway id.")], reason: ReasonOpt,
+                    force: Annotated[bool, typer.Option(
+                        "--force", help="Clear and acknowledge its open alarms with the reason "
+                                        "(else refused while it has any).")] = False,
+                    yes: YesOpt = False, json_out: JsonOpt = False) -> None:
+    """Retire (decommission) a gateway that was replaced or taken out of service: it leaves
+    the map, the lists and the offline counts; its readings, alarms and audit rows stay
+    readable; what it still sends is refused and counted; its certificates are revoked and
+    its enrolment tokens voided (the production broker refuses it); its pending commands are
+    cancelled. Refused (exit 1) while it has open alarms, unless --force. Needs the admin role.
+    Audited with your name and the reason. Undo with `central gateways unretire`.
+
+    Example: central gateways retire wh-qingshan-02 --reason "replaced by wh-qingshan-05"
+    """
+    _confirm(f"retire {gw} ({reason}){' and clear its open alarms' if force else ''}?", yes)
+    r = call(lambda api: api.post(f"/api/gateways/{gw}/retire",
+                                  {"reason": reason, "force": force}))
+    if json_out:
+        emit_json(r)
+        return
+    output.say(out, f"{r['gw']} retired by {r['retired_by']}: {r['alarms_cleared']} alarm(s) "
+                    f"cleared, {len(r['certificates_revoked'])} certificate(s) revoked, "
+                    f"{r['tokens_voided']} token(s) voided, {len(r['commands_cancelled'])} "
+                    "command(s) cancelled")
+
+
+@gateways_app.command("unretire", short_help="Bring a retired gateway back (admin).  "
+                                             "e.g. central gateways unretire gw-1 --reason TEXT")
+def gateways_unretire(gw: Annotated[str, typer.Argument(help="Gateway id.")], reason: ReasonOpt,
+                      yes: YesOpt = False, json_out: JsonOpt = False) -> None:
+    """Bring a retired gateway back into service: its data is stored again. Its certificates
+    stay revoked: give it a new enrolment token (`central gateway enroll-token`) to reconnect
+    through the production broker. Needs the admin role. Audited.
+
+    Example: central gateways unretire wh-qingshan-02 --reason "repaired, back on site"
+    """
+    _confirm(f"bring {gw} back into service ({reason})?", yes)
+    r = call(lambda api: api.post(f"/api/gateways/{gw}/unretire", {"reason": reason}))
+    if json_out:
+        emit_json(r)
+        return
+    output.say(out, f"{r['gw']} is back in service (retired {when(r['retired_ms'])} by "
+                    f"{r['retired_by']}; {r['refused']} message(s) refused meanwhile)")
+
+
+@gateways_app.command("retired", short_help="Retired gateways (admin).  "
+                                            "e.g. central gateways retired")
+def gateways_retired(json_out: JsonOpt = False) -> None:
+    """The retired gateways in your area: when, by whom, why, and what they sent since
+    (refused). Needs the admin role.
+
+    Example: central gateways retired --json
+    """
+    rows = call(lambda api: api.get("/api/retired-gateways"))
+    if json_out:
+        emit_json(rows)
+        return
+    show_table(["gateway", "retired", "by", "reason", "refused", "last refused"],
+               [[g["gw"], when(g["retired_ms"], short=True), g["retired_by"], g["reason"],
+                 g["refused"], when(g["last_refused_ms"], short=True)] for g in rows])
 
 
 # --- areas ------------------------------------------------------------------------------------

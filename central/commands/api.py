@@ -36,6 +36,7 @@ from central.commands.store import (
     UnknownCommandError,
 )
 from central.identity.authz import Operator, Reader, check_gateway, gateway_scope
+from central.identity.retire import check_in_service
 from central.web.problems import install_problems
 from central.web.routing import StrictModel
 from protocols.command_results import CommandState
@@ -158,6 +159,7 @@ def install(app: FastAPI) -> None:
         """
         service = _service(request)
         await check_gateway(request.app.state.storage, p, body.gw)
+        await check_in_service(request.app.state.storage, body.gw)  # 409 if retired
         cmd = await service.issue(body.gw, str(body.kind), body.args, body.ttl_s, user=p.name)
         return _out(cmd)
 
@@ -175,6 +177,7 @@ def install(app: FastAPI) -> None:
         """
         service = _service(request)
         await check_gateway(request.app.state.storage, p, gw)
+        await check_in_service(request.app.state.storage, gw)  # 409 if retired
         args: dict[str, Any] = {"site_toml": body.site_toml}
         if body.profiles:
             args["profiles"] = body.profiles

@@ -236,19 +236,29 @@ class CommandStore(SideStore):
                                 " AND expires_at_ms <= ? LIMIT 1", (*_OPEN, now)):
             return []
 
+        return await self._expire_open("expires_at_ms <= ?", (now,),
+                                       "the gateway did not take it before it expired", now)
+
+    async def cancel_open(self, gw: str, detail: str, *,
+                          now_ms: int | None = None) -> list[StoredCommand]:
+        """Mark `expired` (not delivered, with `detail`) every pending/sent command of `gw`:
+        the gateway was retired, nothing will take them. Returns them."""
+        now = clock.now_ms() if now_ms is None else now_ms
+        return await self._expire_open("gw = ?", (gw,), detail, now)
+
+    async def _expire_open(self, where: str, params: tuple[Any, ...], detail: str,
+                           now: int) -> list[StoredCommand]:
         def body() -> list[StoredCommand]:
             with self._tx() as cur:
                 rows = self._q(cur, f"SELECT {_COLS} FROM commands WHERE state IN (?, ?)"
-                                    " AND expires_at_ms <= ? ORDER BY cmd_id",
-                               (*_OPEN, now)).fetchall()
+                                    f" AND {where} ORDER BY cmd_id", (*_OPEN, *params)).fetchall()
                 out = []
                 for r in rows:
                     n = self._q(cur, "UPDATE commands SET state = ?, state_source = ?,"
                                      " reason = ?, detail = ?, updated_ms = ? WHERE cmd_id = ?"
                                      " AND state IN (?, ?)",
                                 (str(CommandState.EXPIRED), SOURCE_CENTRAL,
-                                 str(Reason.NOT_DELIVERED),
-                                 "the gateway did not take it before it expired", now, r[0],
+                                 str(Reason.NOT_DELIVERED), detail, now, r[0],
                                  *_OPEN)).rowcount
                     if n:
                         self._event(cur, r[0], now, str(CommandState.EXPIRED), SOURCE_CENTRAL,

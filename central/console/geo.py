@@ -94,6 +94,7 @@ def overview_program(now_ms: int, offline_after_s: float,
     gw_rows = yield Sql("SELECT gw, online, bearer, last_seen_ms, state_ts_ms, lat, lon"
                         " FROM gateways")
     site_rows = yield Sql("SELECT gw, area_id FROM gateway_sites")
+    retired = {r[0] for r in (yield Sql("SELECT gw FROM retired_gateways"))}  # off the map
     alarm_rows = yield Sql(
         "SELECT gw, max(CASE WHEN state = 'active' THEN severity ELSE 0 END),"
         " sum(CASE WHEN state = 'active' THEN 1 ELSE 0 END),"
@@ -114,7 +115,7 @@ def overview_program(now_ms: int, offline_after_s: float,
 
     marks = []
     for gw in sorted(known):
-        if not visible(gw):
+        if gw in retired or not visible(gw):
             continue
         _, online, bearer, last_seen, state_ts, lat, lon = known[gw]
         heard = last_seen if last_seen is not None else state_ts

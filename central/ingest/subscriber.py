@@ -123,14 +123,16 @@ class Ingest:
 
     def __init__(self, settings: Settings, storage: Storage, metrics: Metrics, *,
                  command_hooks: CommandHooks | None = None,
-                 batch_hooks: Sequence[BatchHook] = ()) -> None:
+                 batch_hooks: Sequence[BatchHook] = (), gate: Gate | None = None) -> None:
         """`command_hooks`: the command service (births and command results, §6);
-        `batch_hooks`: further consumers of committed batches (叫应, central.callresp)."""
+        `batch_hooks`: further consumers of committed batches (叫应, central.callresp);
+        `gate`: drops (and counts) the messages of retired gateways (central.identity.retire)."""
         self.settings = settings
         self.storage = storage
         self.metrics = metrics
         self.command_hooks = command_hooks
         self.batch_hooks = tuple(batch_hooks)
+        self.gate = gate
         self.boot_id = uuid.uuid4().hex[:12]
         self._connected = asyncio.Event()
         self.reject_log = RejectLog()
@@ -300,6 +302,8 @@ class Ingest:
                           batches: list[DataBatch]) -> list[DataBatch]:
         """Write one decoded group (its states and births first, as they came); returns the
         batches that may now be acked. Raises nothing for bad input or a failed write."""
+        if self.gate is not None:  # a retired gateway's: refused, counted, not acked
+            infos, batches = await self.gate.admit(infos, batches)
         if len(infos) > 1:
             try:
                 # One transaction for them all: a fleet (re)connecting at once sends thousands.
@@ -436,3 +440,10 @@ class CommandHooks(Protocol):
     def gateway_up(self, gw: str) -> None: ...
 
     async def apply_batch(self, batch: DataBatch) -> None: ...
+
+
+class Gate(Protocol):
+    """Which messages ingest may store (`central.identity.retire.RetiredGate`)."""
+
+    async def admit(self, infos: list[Inbound],
+                    batches: list[DataBatch]) -> tuple[list[Inbound], list[DataBatch]]: ...

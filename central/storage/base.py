@@ -232,7 +232,8 @@ def _point_row(row: Sequence[Any]) -> Point:
 
 
 def gateways_program() -> Program[list[Gateway]]:
-    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways ORDER BY gw")
+    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways"
+                     " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")  # in service
     return [_gateway_row(r) for r in rows]
 
 

@@ -13,6 +13,7 @@ from psycopg import AsyncConnection
 
 from central.storage.base import StorageError
 from central.storage.program import run_async
+from central.storage.retire_schema import retired_tables
 from central.storage.shared_schema import SHARED_STEPS, SharedStep
 
 log = structlog.get_logger(__name__)
@@ -77,6 +78,12 @@ def _shared(step: SharedStep) -> Migration:
 
 
 MIGRATIONS.extend(_shared(step) for step in SHARED_STEPS)
+
+
+@migration
+async def m007_retired_gateways(conn: Conn) -> None:
+    for sql in retired_tables("postgres"):
+        await conn.execute(sql)
 
 
 def migration_lock_key(schema: str) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from central.storage.program import run_sync
+from central.storage.retire_schema import retired_tables
 from central.storage.shared_schema import SHARED_STEPS, SharedStep
 
 log = structlog.get_logger(__name__)
@@ -114,6 +115,12 @@ def m007_reading_stream_ids(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX readings_point_ts ON reading_rows (point_id, ts_ms)")
     conn.execute(_READINGS_VIEW)
     for sql in _READINGS_TRIGGERS:
+        conn.execute(sql)
+
+
+@migration
+def m008_retired_gateways(conn: sqlite3.Connection) -> None:
+    for sql in retired_tables("sqlite"):
         conn.execute(sql)
 
 

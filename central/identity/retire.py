@@ -1,0 +1,243 @@
+"""Retiring (decommissioning) a gateway: out of service, its history kept for the record.
+
+Retiring is not deleting. A gateway replaced or taken out of service must leave the duty
+console's map, its lists and its offline counts (an "offline" that never ends teaches duty
+officers to ignore offline gateways), but its readings, events, alarms and audit rows are
+evidence: they stay, readable by their refs as before. So retiring writes one
+`retired_gateways` row; the gateway lists (`Storage.list_gateways`, so also the offline alarm
+rule and the metrics) and the console overview skip the gateways named there.
+
+In one transaction with that row: the audit entry (who, the required reason), and, only with
+`force`, the gateway's open alarms (active, or cleared but not acknowledged) cleared and
+acknowledged with the reason as the comment. Without `force` open alarms refuse the retire
+(`OpenAlarmsError`, 409): a duty officer must not lose an alarm silently. After the commit
+the API revokes its certificates and voids its enrolment tokens (the production broker then
+refuses it: `Enrolment.revoke`, itself audited) and cancels its pending commands.
+
+A retired gateway that is heard again is not resurrected: ingest asks `RetiredGate.admit`,
+which drops its state, birth and data messages (not acked, so the gateway keeps its backlog
+should it be brought back), counts them in the row (`refused`, `last_refused_ms`) and logs
+`retired_gateway_heard` once per gateway and process. Bringing it back is an explicit admin
+act, `unretire` (audited, with a reason); it then needs a new enrolment token to reconnect
+through the production broker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from central import CentralError
+from central.alarms.desk import ack_program, clear_program
+from central.identity.audit import AuditLog
+from central.storage import Storage, StorageError, UnknownGatewayError
+from central.storage.program import Program, Sql
+from protocols.errors import DetailedError
+from runtime import clock
+
+log = structlog.get_logger(__name__)
+REFRESH_S = 5.0  # how soon another worker's ingest sees a retire or unretire
+
+
+class RetireError(CentralError):
+    """Base of the retire errors: the gateway's state refuses the act (409)."""
+
+
+class AlreadyRetiredError(RetireError, DetailedError):
+    template = "gateway {gw} is retired already"
+    gw: str
+
+
+class NotRetiredError(RetireError, DetailedError):
+    template = "gateway {gw} is not retired"
+    gw: str
+
+
+class OpenAlarmsError(RetireError, DetailedError):
+    template = ("gateway {gw} has {count} open alarm(s) (ids {ids}): handle them, or retire "
+                "with force to clear and acknowledge them with the reason")
+    gw: str
+    count: int
+    ids: str
+
+
+class GatewayRetiredError(RetireError, DetailedError):
+    template = "gateway {gw} is retired: bring it back first (central gateways unretire)"
+    gw: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retirement:
+    gw: str
+    retired_ms: int
+    retired_by: str
+    reason: str
+    alarms_cleared: int  # open alarms the retire cleared or acknowledged (force)
+    refused: int  # messages the gateway sent since, refused by ingest
+    last_refused_ms: int | None
+
+
+_COLS = "gw, retired_ms, retired_by, reason, alarms_cleared, refused, last_refused_ms"
+
+
+def _retirement(r: Sequence[Any]) -> Retirement:
+    return Retirement(str(r[0]), int(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5]),
+                      None if r[6] is None else int(r[6]))
+
+
+def retirement_program(gw: str) -> Program[Retirement | None]:
+    rows = yield Sql(f"SELECT {_COLS} FROM retired_gateways WHERE gw = ?", (gw,))
+    return _retirement(rows[0]) if rows else None
+
+
+def retirements_program() -> Program[list[Retirement]]:
+    rows = yield Sql(f"SELECT {_COLS} FROM retired_gateways ORDER BY gw")
+    return [_retirement(r) for r in rows]
+
+
+def retired_set_program() -> Program[frozenset[str]]:
+    rows = yield Sql("SELECT gw FROM retired_gateways")
+    return frozenset(str(r[0]) for r in rows)
+
+
+def _known_program(gw: str) -> Program[None]:
+    """`UnknownGatewayError` unless central has heard of `gw` or placed it at a site."""
+    rows = yield Sql("SELECT gw FROM gateways WHERE gw = ? UNION SELECT gw FROM gateway_sites"
+                     " WHERE gw = ?", (gw, gw))
+    if not rows:
+        raise UnknownGatewayError(gw)
+
+
+def _close_alarms(gw: str, user: str, comment: str, force: bool, now: int) -> Program[int]:
+    """Clear and acknowledge the gateway's open alarms (force), else refuse if any."""
+    rows = yield Sql("SELECT id, state, ack_state FROM alarms WHERE gw = ? AND"
+                     " (state = 'active' OR ack_state = 'unacknowledged') ORDER BY id", (gw,))
+    if rows and not force:
+        raise OpenAlarmsError(gw, len(rows), ", ".join(str(r[0]) for r in rows))
+    for alarm_id, state, ack_state in rows:
+        if state == "active":
+            yield from clear_program(int(alarm_id), user, comment, now)
+        if ack_state == "unacknowledged":
+            yield from ack_program(int(alarm_id), user, comment, now)
+    return len(rows)
+
+
+def retire_program(audit: AuditLog, gw: str, user: str, reason: str, force: bool,
+                   now: int) -> Program[Retirement]:
+    yield from _known_program(gw)
+    if (yield from retirement_program(gw)) is not None:
+        raise AlreadyRetiredError(gw)
+    cleared = yield from _close_alarms(gw, user, f"gateway retired: {reason}", force, now)
+    yield Sql("INSERT INTO retired_gateways (gw, retired_ms, retired_by, reason, alarms_cleared)"
+              " VALUES (?, ?, ?, ?, ?)", (gw, now, user, reason, cleared))
+    yield from audit.program(user, "gateway.retired", f"gateway:{gw}",
+                             {"reason": reason, "force": force, "alarms_cleared": cleared})
+    return Retirement(gw, now, user, reason, cleared, 0, None)
+
+
+def unretire_program(audit: AuditLog, gw: str, user: str, reason: str) -> Program[Retirement]:
+    was = yield from retirement_program(gw)
+    if was is None:
+        yield from _known_program(gw)
+        raise NotRetiredError(gw)
+    yield Sql("DELETE FROM retired_gateways WHERE gw = ?", (gw,))
+    yield from audit.program(user, "gateway.unretired", f"gateway:{gw}",
+                             {"reason": reason, "retired_ms": was.retired_ms,
+                              "refused_while_retired": was.refused})
+    return was
+
+
+def count_refused_program(counts: dict[str, int], now: int) -> Program[None]:
+    for gw, n in sorted(counts.items()):
+        yield Sql("UPDATE retired_gateways SET refused = refused + ?, last_refused_ms = ?"
+                  " WHERE gw = ?", (n, now, gw))
+
+
+async def retire(storage: Storage, audit: AuditLog, gw: str, *, user: str, reason: str,
+                 force: bool = False) -> Retirement:
+    """Raises `UnknownGatewayError`, `AlreadyRetiredError`, `OpenAlarmsError`."""
+    now = clock.now_ms()
+    done = await storage.run(lambda: retire_program(audit, gw, user, reason, force, now))
+    log.warning("gateway_retired", gw=gw, user=user, alarms_cleared=done.alarms_cleared)
+    return done
+
+
+async def check_in_service(storage: Storage, gw: str) -> None:
+    """`GatewayRetiredError` (409) if `gw` is retired: nothing would ever take a command."""
+    if await storage.run(lambda: retirement_program(gw), write=False) is not None:
+        raise GatewayRetiredError(gw)
+
+
+async def unretire(storage: Storage, audit: AuditLog, gw: str, *, user: str,
+                   reason: str) -> Retirement:
+    """Raises `UnknownGatewayError`, `NotRetiredError`; returns the retirement it undid."""
+    was = await storage.run(lambda: unretire_program(audit, gw, user, reason))
+    log.warning("gateway_unretired", gw=gw, user=user, refused_while_retired=was.refused)
+    return was
+
+
+# --- the ingest side --------------------------------------------------------------------------
+
+
+class FromGateway(Protocol):
+    @property
+    def gw(self) -> str: ...
+
+
+M = TypeVar("M", bound=FromGateway)
+B = TypeVar("B", bound=FromGateway)
+
+
+class RetiredGate:
+    """Which gateways are retired, as ingest sees them: re-read at most every `refresh_s`
+    (and at once after `forget`, which the retire API calls in its own process)."""
+
+    def __init__(self, storage: Storage, *, refresh_s: float = REFRESH_S) -> None:
+        self.storage = storage
+        self.refresh_s = refresh_s
+        self.refused = 0  # messages refused by this process
+        self._retired: frozenset[str] = frozenset()
+        self._read_at: float | None = None
+        self._logged: set[str] = set()
+
+    def forget(self) -> None:
+        self._read_at = None
+
+    async def retired(self) -> frozenset[str]:
+        now = time.monotonic()
+        if self._read_at is None or now - self._read_at >= self.refresh_s:
+            self._retired = await self.storage.run(retired_set_program, write=False)
+            self._read_at = now
+            self._logged &= self._retired  # an unretired gateway is logged again if retired
+        return self._retired
+
+    async def admit(self, infos: list[M], batches: list[B]) -> tuple[list[M], list[B]]:
+        """The messages of gateways in service; the others are counted and dropped. Raises
+        nothing: if the retired list cannot be read, everything passes (as before retiring
+        existed) and the next group tries again."""
+        try:
+            retired = await self.retired()
+        except StorageError as exc:
+            log.error("retired_gateways_unreadable", error=str(exc))
+            return infos, batches
+        if not retired:
+            return infos, batches
+        counts: Counter[str] = Counter(m.gw for m in [*infos, *batches] if m.gw in retired)
+        if not counts:
+            return infos, batches
+        self.refused += counts.total()
+        for gw in counts.keys() - self._logged:
+            log.warning("retired_gateway_heard", gw=gw, messages=counts[gw])
+            self._logged.add(gw)
+        now = clock.now_ms()
+        try:
+            await self.storage.run(lambda: count_refused_program(dict(counts), now))
+        except StorageError as exc:
+            log.error("retired_gateway_count_failed", error=str(exc))
+        return ([m for m in infos if m.gw not in retired],
+                [b for b in batches if b.gw not in retired])

@@ -1,0 +1,158 @@
+"""Retiring (decommissioning) a gateway, on SQLite and on PostgreSQL: admin only and audited
+with its reason; refused while it has open alarms unless forced (then cleared and
+acknowledged with the reason); off the lists, the area tree and the map; its history still
+readable; its enrolment tokens voided and its pending commands cancelled; what it sends
+afterwards refused by ingest and counted, not stored; brought back only by an unretire."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from central.identity.audit import AuditLog
+from central.identity.retire import retire as retire_gateway
+from central.identity.retire import retirements_program
+from central.storage import open_storage
+from protocols.envelope import DataBatch, Record, RecordKind
+from tests import test_console_api as console
+from tests.identity import auth, token_for
+from tests.test_console_api import POINT, alarm, areas, report
+
+# The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
+db_url, app, client = console.db_url, console.app, console.client
+OLD, NEW = "gw-old", "gw-new"
+REASON = "replaced by gw-new after the flood"
+
+
+def reading(gw: str, seq: int, value: float) -> DataBatch:
+    return DataBatch(gw=gw, stream=gw, records=(Record(
+        seq=seq, kind=RecordKind.TELEMETRY, ts_ms=int(time.time() * 1000), point=POINT,
+        value=value),))
+
+
+async def retire(c: httpx.AsyncClient, gw: str, **body: Any) -> httpx.Response:
+    return await c.post(f"/api/gateways/{gw}/retire", json={"reason": REASON, **body})
+
+
+async def test_retire_keeps_history_drops_it_from_the_map_and_refuses_its_data(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    ids = await areas(client)
+    for gw in (OLD, NEW):
+        assert (await client.put(f"/api/gateways/{gw}/area",
+                                 json={"area_id": ids["420107-s"]})).status_code == 200
+        await report(app, gw, online=gw == NEW)
+    await alarm(app, OLD, 10, "raised", 55.5)  # an active alarm and a reading
+    token = await app.state.identity.service.issue_token(OLD)
+    cmd = (await client.post("/api/commands", json={
+        "gw": OLD, "kind": "request_diagnostics"})).json()
+    assert cmd["state"] == "pending"
+
+    # Who may, and typed refusals.
+    viewer = await token_for(app, client, "viewer-1", "viewer")
+    assert (await client.post(f"/api/gateways/{OLD}/retire", json={"reason": REASON},
+                              headers=auth(viewer))).status_code == 403
+    assert (await retire(client, "gw-never")).status_code == 404
+    assert (await client.post(f"/api/gateways/{OLD}/retire", json={})).status_code == 422
+    refused = await retire(client, OLD)
+    assert refused.status_code == 409 and "open alarm" in refused.json()["detail"]
+    assert {g["gw"] for g in (await client.get("/api/gateways")).json()} == {OLD, NEW}
+
+    # Forced: the alarm is cleared and acknowledged with the reason; revoked; cancelled.
+    r = await retire(client, OLD, force=True)
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert (done["retired_by"], done["reason"], done["alarms_cleared"]) == (
+        "test-admin", REASON, 1)
+    assert done["tokens_voided"] == 1 and done["commands_cancelled"] == [cmd["cmd_id"]]
+    assert token.gw == OLD
+    assert (await retire(client, OLD)).status_code == 409  # retired already
+    late = await client.post("/api/commands", json={"gw": OLD, "kind": "request_diagnostics"})
+    assert late.status_code == 409 and "retired" in late.json()["detail"]
+    shown = (await client.get(f"/api/commands/{cmd['cmd_id']}")).json()
+    assert shown["state"] == "expired" and REASON in shown["detail"]
+    alarms = (await client.get("/api/alarms", params={"gw": OLD})).json()
+    assert [(a["state"], a["ack_state"], a["clear_comment"]) for a in alarms] == [
+        ("cleared", "acknowledged", f"gateway retired: {REASON}")]
+
+    # Off the lists, the area tree and the map (no "offline" for it); NEW stays.
+    assert [g["gw"] for g in (await client.get("/api/gateways")).json()] == [NEW]
+    ov = (await client.get("/api/console/overview")).json()
+    assert [g["gw"] for g in ov["gateways"]] == [NEW]
+    assert ov["counts"]["total"] == 1 and ov["counts"]["offline"] == 0
+    tree = (await client.get("/api/areas")).json()
+    site = tree[0]["children"][1]["children"][0]
+    assert site["code"] == "420107-s" and site["gateways"] == [NEW]
+
+    # Its history stays readable.
+    assert (await client.get(f"/api/gateways/{OLD}")).status_code == 200
+    series = (await client.get(f"/api/points/{OLD}:gas-1:gas_lel/series")).json()
+    assert [s["value"] for s in series["samples"]] == [55.5]
+    before = await app.state.storage.count_records(OLD)
+
+    # Heard again: its messages are refused (not acked), counted; NEW's are stored.
+    acked = await app.state.ingest.store_group([], [reading(OLD, 20, 1.0), reading(NEW, 1, 2.0)])
+    assert [b.gw for b in acked] == [NEW]
+    assert await app.state.storage.count_records(OLD) == before
+    assert (await app.state.storage.count_records(NEW)).readings == 1
+    listed = (await client.get("/api/retired-gateways")).json()
+    assert [(g["gw"], g["refused"]) for g in listed] == [(OLD, 1)]
+    assert listed[0]["last_refused_ms"] is not None
+    assert [g["gw"] for g in (await client.get("/api/gateways")).json()] == [NEW]
+
+    # The audit log says who and why; bringing it back is explicit, audited, once.
+    assert (await client.post(f"/api/gateways/{NEW}/unretire",
+                              json={"reason": "not retired"})).status_code == 409
+    back = await client.post(f"/api/gateways/{OLD}/unretire", json={"reason": "repaired"})
+    assert back.status_code == 200 and back.json()["refused"] == 1
+    assert {g["gw"] for g in (await client.get("/api/gateways")).json()} == {OLD, NEW}
+    assert await app.state.ingest.store_group([], [reading(OLD, 21, 3.0)])
+    auditor = await token_for(app, client, "auditor-1", "auditor")
+    rows = (await client.get("/api/audit", params={"limit": 100},
+                             headers=auth(auditor))).json()
+    mine = {e["action"]: e for e in rows if e["target"] in (OLD, f"gateway:{OLD}")}
+    assert mine["gateway.retired"]["actor"] == "test-admin"
+    assert REASON in str(mine["gateway.retired"]["detail"])
+    assert "repaired" in str(mine["gateway.unretired"]["detail"])
+    assert mine["gateway.revoked"]["actor"] == "test-admin"  # its enrolment, by Enrolment
+    assert (await client.get("/api/audit/verify", headers=auth(auditor))).json()["ok"]
+
+
+async def _database_before_retiring(url: str) -> None:
+    """A database at the schema version before `retired_gateways`, with a gateway in it."""
+    if url.startswith("sqlite:"):
+        import sqlite3
+
+        from central.storage.sqlite_schema import MIGRATIONS
+
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, fn in enumerate(MIGRATIONS[:-1], start=1):
+            fn(conn)
+            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        conn.execute(f"INSERT INTO gateways (gw, stream) VALUES ('{OLD}', 's1')")
+        conn.close()
+        return
+    from psycopg import AsyncConnection
+
+    from central.storage.postgres_schema import MIGRATIONS as PG_MIGRATIONS
+
+    async with await AsyncConnection.connect(url, autocommit=True) as pg:
+        await pg.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+                         " applied_ms BIGINT NOT NULL)")
+        for version, step in enumerate(PG_MIGRATIONS[:-1], start=1):
+            await step(pg)
+            await pg.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        await pg.execute(f"INSERT INTO gateways (gw, stream) VALUES ('{OLD}', 's1')")
+
+
+async def test_an_existing_database_migrates_and_can_retire(db_url: str) -> None:
+    await _database_before_retiring(db_url)
+    async with open_storage(db_url) as st:
+        assert [g.gw for g in await st.list_gateways()] == [OLD]
+        await retire_gateway(st, AuditLog(st), OLD, user="admin-1", reason=REASON)
+        assert await st.list_gateways() == []
+        (r,) = await st.run(retirements_program, write=False)
+        assert (r.gw, r.retired_by, r.reason, r.refused) == (OLD, "admin-1", REASON, 0)
