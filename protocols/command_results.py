@@ -153,5 +153,6 @@ def parse_result_attrs(attrs: Mapping[str, Any]) -> CommandResult:
     if not isinstance(verified, bool):
         raise MalformedCommandError("attrs.verified", "expected a bool")
     data = {k: v for k, v in attrs.items() if k not in _RESULT_FIXED}
-    return CommandResult(cmd_id=cmd_id, state=state, reason=reason, detail=detail, kind=kind,
-                         verified=verified, data=data)
+    # An empty detail or kind says nothing: None, as `result_attrs` leaves it out.
+    return CommandResult(cmd_id=cmd_id, state=state, reason=reason, detail=detail or None,
+                         kind=kind or None, verified=verified, data=data)

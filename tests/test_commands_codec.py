@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from protocols import command_keys as k
@@ -253,6 +253,7 @@ def test_flipped_bytes_never_open(cmd: c.Command, where: int, xor: int) -> None:
                                         "verified", "readback"]),
                        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=12),
                                  st.sampled_from(["c1", "received", "replay", "expired"]))))
+@example({"cmd_id": "0", "state": "received", "detail": ""})  # found once: "" came back None
 def test_result_attrs_garbage_raises_only_command_errors(attrs: dict[str, object]) -> None:
     """Any attrs map either parses into a CommandResult or raises a CommandError."""
     try:
