@@ -54,6 +54,8 @@ from tests.helpers import Mosquitto
 from tests.pg import url_with_schema
 
 RW = selectors.EVENT_READ | selectors.EVENT_WRITE
+# central's counters read at the window's start and end
+COUNTERS = ("births_total", "records_duplicate_total", "commits_total", "batches_total")
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -291,16 +293,21 @@ def nofile_of(pid: int) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def central_metric(worker: Central, name: str) -> int:
+def central_metrics(worker: Central, names: tuple[str, ...]) -> dict[str, int]:
+    """Counters of one worker from one scrape (-1 each when it fails): the scrape costs
+    central CPU inside the window, so it is made once per snapshot."""
     try:
         req = urllib.request.Request(f"{worker.base_url}/metrics",
                                      headers=worker.auth_headers())  # /metrics needs a user
         with urllib.request.urlopen(req, timeout=5) as resp:
             text = resp.read().decode()
     except OSError:
-        return -1
-    m = re.search(rf"^fieldlink_central_{name} (\d+)", text, re.M)
-    return int(m.group(1)) if m else -1
+        return dict.fromkeys(names, -1)
+    out = {}
+    for name in names:
+        m = re.search(rf"^fieldlink_central_{name} (\d+)", text, re.M)
+        out[name] = int(m.group(1)) if m else -1
+    return out
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -383,14 +390,14 @@ def main() -> None:
 
         def snapshot() -> dict[str, float]:
             assert broker.proc is not None
+            scraped = [central_metrics(w, COUNTERS) for w in workers]
             busy, total = machine_busy()
             return {"broker": cpu_of([broker.proc.pid]),
                     "central": cpu_of([w.proc.pid for w in workers if w.proc]),
                     "bench": cpu_of([pr.pid for pr in procs if pr.pid]),
                     "postgres": cpu_of(postgres_pids()) if db_url else 0.0,
                     "busy": busy, "total": total,
-                    "births": sum(central_metric(w, "births_total") for w in workers),
-                    "dups": sum(central_metric(w, "records_duplicate_total") for w in workers)}
+                    **{k: sum(s[k] for s in scraped) for k in COUNTERS}}
 
         time.sleep(max(0.0, w0 - time.monotonic()))
         s0 = snapshot()
@@ -426,13 +433,17 @@ def main() -> None:
          # CPU per batch: comparable between runs on a busy box, where the rate is not
          central_cpu_ms_per_batch=round(1000 * (s1["central"] - s0["central"]) / batches, 3)
          if batches else None,
+         # batches per ingest write transaction: what one commit's cost is spread over
+         central_batches_per_commit=round((s1["batches_total"] - s0["batches_total"])
+                                          / (s1["commits_total"] - s0["commits_total"]), 1)
+         if s1["commits_total"] > s0["commits_total"] else None,
          lag_p50_s=percentile(lags, 0.50), lag_p99_s=percentile(lags, 0.99),
          lag_max_s=percentile(lags, 1.0), batches_in_window=len(lags),
          unacked_after_drain=sum(r.unacked_in_window for r in results),
          resends=sum(r.resends for r in results),
          disconnects=sum(r.disconnects for r in results),
-         central_duplicates_in_window=s1["dups"] - s0["dups"],
-         births_pending_at_window_start=args.gateways - s0["births"],
+         central_duplicates_in_window=s1["records_duplicate_total"] - s0["records_duplicate_total"],
+         births_pending_at_window_start=args.gateways - s0["births_total"],
          limits={"bench_nofile": nofile[0], "broker_nofile": broker_nofile,
                  "broker_max_connections": -1, "connect_errors": dict(errors),
                  "bench_loop_late_max_s": round(max(r.loop_lag_max_s for r in results), 3),

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from central.alarms.lifecycle import GATEWAY_OFFLINE
+from central.alarms.rules import AlarmRules
 from central.identity.audit import AuditLog
 from central.identity.retire import retire as retire_gateway
 from central.identity.retire import retirements_program
@@ -85,6 +87,13 @@ async def test_retire_keeps_history_drops_it_from_the_map_and_refuses_its_data(
     tree = (await client.get("/api/areas")).json()
     site = tree[0]["children"][1]["children"][0]
     assert site["code"] == "420107-s" and site["gateways"] == [NEW]
+
+    # Silent from now on, it gets no gateway_offline alarm; NEW, silent as long, does.
+    storage = app.state.storage
+    rules = AlarmRules(storage, offline_after_ms=60_000, interval_s=1,
+                       policy=storage.alarm_policy)
+    tick = await rules.tick(int(time.time() * 1000) + 3_600_000)
+    assert {(c.gw, c.alarm_key) for c in tick.changes} == {(NEW, GATEWAY_OFFLINE)}
 
     # Its history stays readable.
     assert (await client.get(f"/api/gateways/{OLD}")).status_code == 200
