@@ -180,7 +180,7 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
     s.ingest_task = _start_task(stack, "ingest.mqtt", s.ingest.run) if run else None
     # --- narrowband wiring (DESIGN.md §5): central's own BeiDou terminal or PDT radio.
     s.narrowband = (NarrowbandReceiver(settings, storage, s.metrics, route=s.radio_route,
-                                       batch_hooks=(s.callresp,))
+                                       batch_hooks=(s.callresp,), retired=s.retired)
                     if settings.narrowband_port is not None else None)
     if s.narrowband is not None:
         _start_task(stack, f"narrowband.{settings.narrowband_bearer}", s.narrowband.run)

@@ -22,6 +22,10 @@ from central.alarms.desk import alarm_history, list_alarms
 from central.app import create_app
 from central.config.settings import NarrowbandGateway, Settings, SettingsError, load_settings
 from central.health.metrics import Metrics
+from central.identity.audit import AuditLog
+from central.identity.retire import RetiredGate
+from central.identity.retire import retire as retire_gateway
+from central.identity.retire import unretire as unretire_gateway
 from central.narrowband.receiver import NarrowbandReceiver
 from central.storage import Storage, open_storage
 from central.storage.program import Sql
@@ -110,12 +114,14 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, kind: str = "sqlite") -> AsyncIterator[Rig]:
-    """Storage holding the gateway's birth, central's terminal on a pty, a running receiver."""
+    """Storage holding the gateway's birth, central's terminal on a pty, a running receiver
+    that refuses retired gateways as central's app wires it."""
     async with (database(kind, tmp_path) as url, open_storage(url) as storage,
                 BeidouTerminalSimulator(card_id=CENTRAL_CARD, pwi_period_s=None) as sim):
         await storage.record_birth(GW, BIRTH)
         metrics = Metrics()
-        receiver = NarrowbandReceiver(settings_for(url, sim.link_path), storage, metrics)
+        receiver = NarrowbandReceiver(settings_for(url, sim.link_path), storage, metrics,
+                                      retired=RetiredGate(storage, refresh_s=0))
         task = asyncio.create_task(receiver.run(), name="narrowband")
         try:
             await receiver.wait_connected(WAIT_S)
@@ -218,6 +224,23 @@ async def test_bad_input_is_counted_and_the_loop_goes_on(tmp_path: Path) -> None
         assert alarm.alarm_key == "gas-1/o2/low"
         assert r.receiver.connected
         assert (await r.storage.count_records(GW)).events == 1
+
+
+async def test_a_retired_gateways_frames_are_refused_and_counted(tmp_path: Path) -> None:
+    """A retired gateway's radio frame is refused (`retired_gateway`), as ingest refuses its
+    MQTT messages; after an unretire the same frame lands."""
+    async with rig(tmp_path) as r:
+        await retire_gateway(r.storage, AuditLog(r.storage), GW, user="admin-1",
+                             reason="replaced after the flood")
+        r.send(alarms_frame(entry(5, value=31.25)))
+        await r.rejected("retired_gateway")
+        assert await active(r.storage) == []
+        assert (await r.storage.count_records(GW)).events == 0
+        await unretire_gateway(r.storage, AuditLog(r.storage), GW, user="admin-1",
+                               reason="back in service")
+        r.send(alarms_frame(entry(5, value=31.25)))
+        (alarm,) = await until(lambda: active(r.storage))
+        assert alarm.source == "beidou"
 
 
 def full_record(seq: int, value: float, ts_ms: int, state: str = "raised",

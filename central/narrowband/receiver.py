@@ -202,6 +202,22 @@ class BatchHook(Protocol):
     async def apply_batch(self, batch: DataBatch) -> None: ...
 
 
+class RetiredList(Protocol):
+    """Which gateways are retired (`central.identity.retire.RetiredGate`)."""
+
+    async def retired(self) -> frozenset[str]: ...
+
+
+class RetiredSenderError(NarrowbandInputError, DetailedError):
+    """A frame from a retired gateway's radio: refused and counted, as ingest refuses its
+    MQTT messages; an unretire brings it back."""
+
+    reason = "retired_gateway"
+
+    template = "gateway {gw!r} is retired"
+    gw: str
+
+
 def _gateway_program(gw: str) -> Program[tuple[str | None, Any] | None]:
     rows = yield Sql("SELECT stream, birth FROM gateways WHERE gw = ?", (gw,))
     return (rows[0][0], rows[0][1]) if rows else None
@@ -223,9 +239,11 @@ class NarrowbandReceiver:
     """Reads central's radio into storage; `run()` is the `narrowband_loop`."""
 
     def __init__(self, settings: Settings, storage: Storage, metrics: Metrics, *,
-                 route: RadioRoute | None = None, batch_hooks: Sequence[BatchHook] = ()) -> None:
+                 route: RadioRoute | None = None, batch_hooks: Sequence[BatchHook] = (),
+                 retired: RetiredList | None = None) -> None:
         """`route`: the downlink queue the command dispatcher fills; `batch_hooks`: what
-        takes the records built from radio frames after their commit (the 叫应 workflow)."""
+        takes the records built from radio frames after their commit (the 叫应 workflow);
+        `retired`: the gateways whose frames are refused."""
         if settings.narrowband_port is None:
             raise ValueError("narrowband_port is not set")  # a programming error
         self.port: str = settings.narrowband_port
@@ -235,6 +253,7 @@ class NarrowbandReceiver:
         self.bearer: str = settings.narrowband_bearer
         self.route = route
         self.batch_hooks = tuple(batch_hooks)
+        self.retired = retired
         self._log = log.bind(port=self.port, bearer=self.bearer)
         self._probe_link = make_link(settings, self._log)
         self._senders: dict[str, NarrowbandGateway] = {}
@@ -359,6 +378,8 @@ class NarrowbandReceiver:
         try:
             if gateway is None:
                 raise UnknownSenderError(self.bearer, sender)
+            if self.retired is not None and gateway.gw in await self.retired.retired():
+                raise RetiredSenderError(gateway.gw)
             inventory = await self._inventory(gateway.gw)
             frame = decode_frame(payload, key=gateway.key_bytes, stream=inventory.stream,
                                  mac_len=self.settings.narrowband_mac_len)
