@@ -202,7 +202,8 @@ def test_every_operator_command_has_help_with_an_example_and_usage_errors_exit_2
     commands = [("login",), ("logout",), ("gateways", "list"), ("gateways", "show"),
                 ("gateways", "place"), ("alarms", "list"), ("alarms", "show"), ("alarms", "ack"),
                 ("alarms", "comment"), ("alarms", "clear"), ("commands", "list"),
-                ("commands", "show"), ("commands", "send"), ("areas", "list"), ("areas", "add")]
+                ("commands", "show"), ("commands", "send"), ("areas", "list"), ("areas", "add"),
+                ("warnings", "list"), ("warnings", "show"), ("warnings", "issue")]
     for command in commands:
         result = RUN.invoke(cli.app, [*command, "-h"])
         assert result.exit_code == 0, command

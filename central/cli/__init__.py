@@ -219,6 +219,7 @@ app.add_typer(audit_app)
 # --- the operator CLI (issue 15): a running central's HTTP API as the logged-in user
 from central.cli.duty import alarms_app, commands_app  # noqa: E402
 from central.cli.operator import areas_app, gateways_app, login_command, logout_command  # noqa: E402
+from central.cli.warnings import warnings_app  # noqa: E402
 
 app.command("login", short_help="Log in to a running central for the commands below.  "
             "e.g. central login --url http://127.0.0.1:8080 --user duty-01")(login_command)
@@ -226,6 +227,7 @@ app.command("logout", short_help="End the saved session.  e.g. central logout")(
 app.add_typer(gateways_app)
 app.add_typer(alarms_app)
 app.add_typer(commands_app)
+app.add_typer(warnings_app)
 app.add_typer(areas_app)
 # --- end operator CLI
 

@@ -208,6 +208,11 @@ def _walk(nodes: list[dict[str, Any]], depth: int = 0) -> Iterator[tuple[int, di
         yield from _walk(n["children"], depth + 1)
 
 
+def area_names(api: Api) -> dict[int, str]:
+    """The Chinese name of each area in your area tree, by id."""
+    return {n["id"]: n["name_zh"] for _, n in _walk(api.get("/api/areas"))}
+
+
 def find_area(api: Api, ref: str) -> dict[str, Any]:
     """The area with code `ref` (or, when no code matches, id `ref`) in your area tree."""
     nodes = [n for _, n in _walk(api.get("/api/areas"))]
