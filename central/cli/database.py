@@ -17,6 +17,7 @@ import sqlite3
 from pathlib import Path
 
 from central import CentralError
+from central.config.settings import sqlite_path
 from protocols.errors import DetailedError
 
 CENTRAL_TABLE = "schema_version"  # made by central's first migration on either backend
@@ -29,11 +30,6 @@ class DatabaseMissingError(CentralError, DetailedError):
                 "--db or --config (or start `central serve` on it once), or give the right one")
     where: str  # the path or the URL without a password
     reason: str
-
-
-def sqlite_path(url: str) -> str | None:
-    """The file of a `sqlite:///PATH` URL (`:memory:` stays as it is), None for another URL."""
-    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
 
 
 def describe(url: str) -> str:
@@ -57,14 +53,13 @@ def require_existing_database(url: str) -> None:
     if path == ":memory:":
         raise DatabaseMissingError(url, "an in-memory database is new every time")
     if path is not None:
-        _require_sqlite(Path(path).expanduser())
+        _require_sqlite(Path(path).expanduser(), describe(url))
     elif url.startswith(("postgresql://", "postgres://")):
         _require_postgres(url)
     # another scheme: open_storage says it is unsupported
 
 
-def _require_sqlite(path: Path) -> None:
-    where = str(path.resolve())  # = describe(url)
+def _require_sqlite(path: Path, where: str) -> None:
     if not path.is_file():
         raise DatabaseMissingError(where, "no such database file")
     try:

@@ -15,7 +15,9 @@ import typer
 from central.alarms.lifecycle import AckState
 from central.cli.operator import (
     JsonOpt,
+    YesOpt,
     call,
+    confirm,
     emit_json,
     err,
     find_area,
@@ -210,8 +212,7 @@ def commands_show(cmd_id: Annotated[str, typer.Argument(help="The command's id."
                                             "CMD_ID")
 def commands_approve(cmd_id: Annotated[str, typer.Argument(help="The command's id (`central "
                                                                 "commands list` shows it).")],
-                     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for "
-                                                       "confirmation.")] = False,
+                     yes: YesOpt = False,
                      json_out: JsonOpt = False) -> None:
     """Approve a write to a safety-critical point (a relay, a valve) that another operator
     issued: it is signed and sent next. Shows the command and asks first unless --yes. The
@@ -225,9 +226,7 @@ def commands_approve(cmd_id: Annotated[str, typer.Argument(help="The command's i
         say(err, f"approve {c['kind']} {c['target']} on {c['gw']} with "
                  f"{json.dumps(c['args'], ensure_ascii=False)}, issued by {c['issued_by']} "
                  f"({c['state']}, approval {c['approval'] or 'not needed'})")
-        if not typer.confirm("Approve it?", default=False, err=True):
-            say(err, "not approved")
-            raise typer.Exit(1)
+        confirm("Approve it?", yes, "not approved")
     c = call(lambda api: api.post(f"/api/commands/{cmd_id}/approve"))
     if json_out:
         emit_json(c)
@@ -271,8 +270,7 @@ def commands_send(
         "--args-json", help="All arguments as a JSON object.")] = None,
     ttl: Annotated[float, typer.Option("--ttl", min=1, help="Seconds until it expires if "
                                                             "not executed.")] = 3600.0,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for "
-                                                          "confirmation.")] = False,
+    yes: YesOpt = False,
     wait: Annotated[float, typer.Option("--wait", min=0, help="Follow it up to this many "
                                         "seconds until it ends; exit 1 unless it succeeded."
                                         )] = 0.0,
@@ -289,9 +287,7 @@ def commands_send(
     if not yes:
         shown = json.dumps(args, ensure_ascii=False)
         say(err, f"send {kind} to {gw} with {shown} (expires in {ttl:g} s)")
-        if not typer.confirm("Send it?", default=False, err=True):
-            say(err, "not sent")
-            raise typer.Exit(1)
+        confirm("Send it?", yes, "not sent")
     c = call(lambda api: api.post("/api/commands", {"gw": gw, "kind": str(kind), "args": args,
                                                     "ttl_s": ttl}))
     if wait > 0:

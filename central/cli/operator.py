@@ -248,9 +248,10 @@ def gateways_place(gw: Annotated[str, typer.Argument(help="Gateway id.")],
     output.say(out, f"{placed['gw']} now stands at {a['code']} {a['name_zh']} (area {a['id']})")
 
 
-def _confirm(question: str, yes: bool) -> None:
+def confirm(question: str, yes: bool, refused: str = "nothing done") -> None:
+    """Ask `question` on stderr unless `yes`; a no says `refused` and exits 1."""
     if not yes and not typer.confirm(question, default=False, err=True):
-        output.say(err, "nothing done")
+        output.say(err, refused)
         raise typer.Exit(1)
 
 
@@ -271,7 +272,7 @@ def gateways_retire(gw: Annotated[str, typer.Argument(help="Gateway id.")], reas
 
     Example: central gateways retire wh-qingshan-02 --reason "replaced by wh-qingshan-05"
     """
-    _confirm(f"retire {gw} ({reason}){' and clear its open alarms' if force else ''}?", yes)
+    confirm(f"retire {gw} ({reason}){' and clear its open alarms' if force else ''}?", yes)
     r = call(lambda api: api.post(f"/api/gateways/{gw}/retire",
                                   {"reason": reason, "force": force}))
     if json_out:
@@ -293,7 +294,7 @@ def gateways_unretire(gw: Annotated[str, typer.Argument(help="Gateway id.")], re
 
     Example: central gateways unretire wh-qingshan-02 --reason "repaired, back on site"
     """
-    _confirm(f"bring {gw} back into service ({reason})?", yes)
+    confirm(f"bring {gw} back into service ({reason})?", yes)
     r = call(lambda api: api.post(f"/api/gateways/{gw}/unretire", {"reason": reason}))
     if json_out:
         emit_json(r)

@@ -6,7 +6,6 @@ user's area and audits the warning under the user's name.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 from typing import Annotated, Any
 
@@ -14,8 +13,10 @@ import typer
 
 from central.cli.operator import (
     JsonOpt,
+    YesOpt,
     area_names,
     call,
+    confirm,
     emit_json,
     err,
     find_area,
@@ -27,18 +28,12 @@ from central.cli.operator import (
 )
 from central.cli.output import say
 from central.cli.remote import Api
+from protocols.callresp import Level
 
 warnings_app = sub_app("warnings", "叫应 warnings: list, show, issue (operator).", [
     "central warnings list", "central warnings show w-3f2c… --json",
     "central warnings issue --level red --text '暴雨红色预警：请立即组织转移' --area 420102-s01",
     "central warnings issue --level blue --text '大风蓝色预警' --terminal JY-JA-0101 --yes"])
-
-
-class Level(enum.StrEnum):
-    RED = "red"
-    ORANGE = "orange"
-    YELLOW = "yellow"
-    BLUE = "blue"
 
 
 LEVEL_ZH = {"red": "红色", "orange": "橙色", "yellow": "黄色", "blue": "蓝色"}
@@ -92,9 +87,9 @@ def warnings_show(warning_id: WarningId, json_out: JsonOpt = False) -> None:
                         "created_ms", "created_by"])
     show_table(["target", "kind", "area", "state", "attempts", "delivered", "answered", "by"],
                [[t["ref"], t["kind"], names.get(t["area_id"], t["area_id"]), t["state"],
-                 t["attempts"], when(t["delivered_ms"], short=True) if t["delivered_ms"] else "-",
-                 when(t["answered_ms"], short=True) if t["answered_ms"] else "-",
-                 t["answered_by"] or "-"] for t in w["targets"]], title="targets")
+                 t["attempts"], when(t["delivered_ms"], short=True),
+                 when(t["answered_ms"], short=True), t["answered_by"]] for t in w["targets"]],
+               title="targets")
 
 
 def _body(api: Api, level: Level, text: str, repeat: int | None, areas: list[str],
@@ -119,8 +114,7 @@ def warnings_issue(
     terminal: Annotated[list[str] | None, _many("A terminal's id")] = None,
     repeat: Annotated[int | None, typer.Option(min=1, max=10, help="Plays per send (default: "
                                                "central's setting).")] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for "
-                                                          "confirmation.")] = False,
+    yes: YesOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Issue a 叫应 warning to areas (by code or id: every terminal under them), terminal
@@ -141,9 +135,7 @@ def warnings_issue(
     if not yes:
         named = "; ".join(f"{kind} {', '.join(refs)}" for kind, refs in targets.items() if refs)
         say(err, f"issue a {LEVEL_ZH[level]} ({level}) warning to {named}: {text}")
-        if not typer.confirm("The terminals will sound. Issue it?", default=False, err=True):
-            say(err, "not issued")
-            raise typer.Exit(1)
+        confirm("The terminals will sound. Issue it?", yes, "not issued")
     w = call(lambda api: api.post("/api/callresp/warnings", body))
     if json_out:
         emit_json(w)

@@ -27,6 +27,11 @@ from protocols.errors import DetailedError
 ENV_PREFIX = "FIELDLINK_CENTRAL_"
 
 
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a `sqlite:///PATH` URL (`:memory:` stays as it is), None for another URL."""
+    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+
 class SettingsError(CentralError, DetailedError):
     """The configuration file, environment or flags do not validate."""
 
@@ -189,8 +194,7 @@ class Settings(BaseModel):
     @property
     def sqlite_file(self) -> str | None:
         """The SQLite file (or `:memory:`) of `db_url`; None for PostgreSQL."""
-        url = self.db_url
-        return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+        return sqlite_path(self.db_url)
 
     def beside_database(self, setting: Literal["pki_dir", "command_key_path"],
                         default_name: str) -> Path | None:
