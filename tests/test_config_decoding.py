@@ -10,11 +10,13 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 import pytest
 from msgspec import Meta
+from structlog.tracebacks import to_repr
 
 from device_profiles.decoding import MISSING, DecodeError, FieldCheckError, decode
 from edge_agent.config.site import ConfigError, RtuTransportConfig, parse_config
 from edge_agent.control.server import ReadRequest, parse_request
 from edge_agent.narrowband.config import NarrowbandConfig
+from edge_agent.uplink.mqtt_config import MqttConfig
 
 
 class Colour(enum.Enum):
@@ -137,6 +139,12 @@ def test_narrowband_key_stays_out_of_the_repr() -> None:
     key = "00112233445566778899aabbccddeeff"
     nb = NarrowbandConfig.model_validate({"port": "/dev/ttyUSB1", "central_card": "0242407", "key": key})
     assert nb.key == key and key not in repr(nb) and "central_card='0242407'" in repr(nb)
+    # A crash's traceback logs its locals through rich (runtime.logs: dict_tracebacks).
+    shown = to_repr(nb)
+    assert key not in shown and "central_card='0242407'" in shown
+    mqtt = MqttConfig(username="u", password="s3cret-pw")
+    assert "s3cret-pw" not in repr(mqtt) and "s3cret-pw" not in to_repr(mqtt)
+    assert "username='u'" in to_repr(mqtt)
 
 
 def test_a_tagged_table_is_built_with_its_own_kind_only() -> None:

@@ -89,15 +89,18 @@ def test_set_table_updates_or_appends_and_keeps_the_rest() -> None:
 
 def test_config_check_and_doctor_warn_on_a_readable_key(tmp_path: Path) -> None:
     """A TLS or frame key readable by group/others: a warning with chmod 600, not an error;
-    the password never appears in `config check --json`."""
+    the password and the narrowband frame key never appear in `config check --json`."""
     _files(tmp_path, mode=0o644)
     path = tmp_path / "site.toml"
+    frame_key = "00112233445566778899aabbccddeeff"
     path.write_text(BASE + 'username = "u"\npassword = "s3cret"\n\n[mqtt.tls]\nca = "ca.crt"\n'
-                    'cert = "gw.crt"\nkey = "gw.key"\n')
+                    'cert = "gw.crt"\nkey = "gw.key"\n\n[narrowband]\nport = "/dev/ttyUSB1"\n'
+                    f'central_card = "0242407"\nkey = "{frame_key}"\n')
     res = CliRunner().invoke(edge_cli, ["config", "check", str(path), "--json"])
     assert res.exit_code == 0, res.output
     assert "mqtt.tls.key" in res.stderr and "0644" in res.stderr and "chmod 600" in res.stderr
     assert "s3cret" not in res.stdout and json.loads(res.stdout)["mqtt"]["password"] == "***"
+    assert frame_key not in res.stdout and json.loads(res.stdout)["narrowband"]["key"] == "***"
     checks = {c.name: c for c in run_checks(path)}
     warn = checks["key file mqtt.tls.key"]
     assert warn.status == "warn" and warn.hint == f"chmod 600 {tmp_path / 'gw.key'}"

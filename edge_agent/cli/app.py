@@ -264,10 +264,7 @@ def config_check(
         err.print(f"[yellow]warning:[/yellow] {escape(name)} {escape(str(key))} is mode "
                   f"{mode:04o}: group or others may read this key (chmod 600)")
     if as_json:
-        data = cfg.model_dump()
-        if data["mqtt"].get("password"):
-            data["mqtt"]["password"] = "***"  # never print a secret
-        _print_json(data)
+        _print_json(cfg.public_dump())  # secrets as "***"
         return
     enabled = sum(1 for d in cfg.devices if d.enabled)
     out.print(f"[green]OK[/green] {escape(str(path))}: gateway {cfg.gateway.id}, "
