@@ -23,7 +23,6 @@ from central.identity.enrolment_api import identity_audit
 from central.identity.retire import (
     RetiredGate,
     RetireError,
-    Retirement,
     retire,
     retirements_program,
     unretire,
@@ -61,12 +60,6 @@ class RetiredOut(RetirementOut):
     commands_cancelled: list[str]  # cmd_ids
 
 
-def _out(r: Retirement) -> dict[str, Any]:
-    return {"gw": r.gw, "retired_ms": r.retired_ms, "retired_by": r.retired_by,
-            "reason": r.reason, "alarms_cleared": r.alarms_cleared, "refused": r.refused,
-            "last_refused_ms": r.last_refused_ms}
-
-
 def _forget(request: Request) -> None:
     gate: RetiredGate | None = getattr(request.app.state, "retired", None)
     if gate is not None:
@@ -101,7 +94,7 @@ def install(app: FastAPI) -> None:
         commands = request.app.state.commands
         cancelled = ([] if commands is None else
                      await commands.service.store.cancel_open(gw, detail, now_ms=clock.now_ms()))
-        return RetiredOut(**_out(done), certificates_revoked=list(revoked.serials),
+        return RetiredOut(**dataclasses.asdict(done), certificates_revoked=list(revoked.serials),
                           tokens_voided=revoked.tokens_voided,
                           commands_cancelled=[c.cmd_id for c in cancelled])
 
@@ -118,7 +111,7 @@ def install(app: FastAPI) -> None:
         await check_gateway(storage, p, gw)
         was = await unretire(storage, audit_of(request), gw, user=p.name, reason=body.reason)
         _forget(request)
-        return RetirementOut(**_out(was))
+        return RetirementOut(**dataclasses.asdict(was))
 
     @app.get("/api/retired-gateways", response_model=list[RetirementOut], responses=problems,
              tags=["gateways"])
@@ -127,4 +120,4 @@ def install(app: FastAPI) -> None:
         storage = storage_of(request)
         visible = await gateway_scope(storage, p)
         rows = await storage.run(retirements_program, write=False)
-        return [RetirementOut(**_out(r)) for r in rows if visible(r.gw)]
+        return [RetirementOut(**dataclasses.asdict(r)) for r in rows if visible(r.gw)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 import typer
@@ -28,6 +27,7 @@ from edge_agent.cli.devices import framing_text
 from edge_agent.cli.disk import disk_markup, disk_report, disk_text
 from edge_agent.cli.terminals import print_terminals, terminals_report
 from edge_agent.config.site import AgentConfig, load_config
+from runtime.clock import now_ms
 
 
 def register(app: typer.Typer) -> None:
@@ -91,7 +91,7 @@ def _live_status(cfg: AgentConfig) -> dict[str, Any] | None:
 
 
 def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
-    now_ms = time.time_ns() // 1_000_000
+    now = now_ms()
     meta: dict[str, str] = dict(stats.get("meta") or {})
     agent: dict[str, Any] | None = None
     if "agent_status" in meta:
@@ -107,7 +107,7 @@ def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
 
     running = False
     if agent and not agent.get("stopped_ms"):
-        fresh = now_ms - int(agent.get("updated_ms", 0)) <= 3_000 * cfg.status.interval_s + 2_000
+        fresh = now - int(agent.get("updated_ms", 0)) <= 3_000 * cfg.status.interval_s + 2_000
         running = fresh and _pid_alive(agent.get("pid"))
     return {
         "gateway": cfg.gateway.id,
@@ -116,7 +116,7 @@ def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
         "backlog": stats.get("backlog"),
         "backlog_by_kind": stats.get("backlog_by_kind"),
         "oldest_unsent_ts_ms": oldest,
-        "oldest_unsent_age_s": round((now_ms - oldest) / 1000, 1) if oldest else None,
+        "oldest_unsent_age_s": round((now - oldest) / 1000, 1) if oldest else None,
         "last_seq": stats.get("last_seq"),
         "delivered_total": stats.get("delivered_total"),
         "db_bytes": stats.get("db_bytes"),

@@ -12,7 +12,6 @@ stays `executing` until `edge_agent.config.trial` reports `succeeded` (applied) 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
@@ -29,10 +28,7 @@ from edge_agent.config.trial import ConfigTrial, HealthView, Reload
 from protocols.command_results import Reason
 from protocols.commands import Command
 from protocols.remote_config import ApplyConfig
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+from runtime.clock import now_ms
 
 
 @dataclass(eq=False)
@@ -46,7 +42,7 @@ class ApplyConfigHandler:
     _: KW_ONLY
     probe: Callable[[], HealthView]
     reload: Reload
-    wall_ms: Callable[[], int] = _wall_ms
+    wall_ms: Callable[[], int] = now_ms
 
     def resumes(self, cmd_id: str) -> bool:
         return self.trial.owns(cmd_id)

@@ -37,6 +37,7 @@ from edge_agent.terminals.errors import (
 from edge_agent.terminals.line import Line, open_line
 from protocols import terminal as tm
 from protocols.terminal_events import PlayResult
+from runtime.clock import now_ms
 from runtime.counters import Counters
 from runtime.tasks import Backoff
 
@@ -109,10 +110,6 @@ def _now_s() -> int:
     return int(time.time())
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class TerminalLink:
     """One configured terminal; see the module doc."""
 
@@ -154,7 +151,7 @@ class TerminalLink:
                 self.counters.connect_errors += 1
                 self.last_error = exc.reason
                 if not failing:
-                    self.since_ms = _now_ms()
+                    self.since_ms = now_ms()
                     self._lg.warning("terminal_offline", error=exc.reason)
                     await self._events.on_lost(self, exc.reason)
                 failing = True
@@ -177,7 +174,7 @@ class TerminalLink:
     async def _session(self, line: Line) -> str:
         """Serve one connection until it fails; returns why it ended."""
         self._line, self.connected = line, True
-        self.since_ms = _now_ms()
+        self.since_ms = now_ms()
         decoder = tm.TerminalDecoder()
         last_rx = last_frame = time.monotonic()
         try:
@@ -209,7 +206,7 @@ class TerminalLink:
             return exc.reason
         finally:
             self._line, self.connected = None, False
-            self.since_ms = _now_ms()
+            self.since_ms = now_ms()
             await line.close()
 
     async def _frames(self, decoder: tm.TerminalDecoder) -> bool:
@@ -244,7 +241,7 @@ class TerminalLink:
             case tm.Heartbeat():
                 self.counters.heartbeats += 1
                 self.heartbeat = msg
-                self.last_heartbeat_ms = _now_ms()
+                self.last_heartbeat_ms = now_ms()
                 self._interval_s = float(msg.interval_s)
                 await self._events.on_heartbeat(self, msg)
                 await self._send(tm.Receipt(frame.seq, tm.MessageType.HEARTBEAT, 0, _now_s()))

@@ -68,6 +68,7 @@ from protocols.envelope import (
     merge_ranges,
     ranges_from_seqs,
 )
+from runtime.clock import now_ms
 from runtime.mqtt import Endpoint, MqttSession
 from runtime.tasks import Backoff
 
@@ -86,10 +87,6 @@ _RANGES = msgspec.json.Decoder(list[tuple[int, int]])
 
 class UplinkError(EdgeError):
     """Base of the uplink's own errors."""
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Uplink:
@@ -193,7 +190,7 @@ class Uplink:
 
     def _state(self, *, online: bool) -> State:
         return State(online=online, boot_id=self.boot_id, version=self.version,
-                     bearer=self.bearer, backlog=self._backlog, ts_ms=_now_ms(),
+                     bearer=self.bearer, backlog=self._backlog, ts_ms=now_ms(),
                      stream=self.outbox.stream)
 
     async def _session(self, client: aiomqtt.Client) -> None:
@@ -228,7 +225,7 @@ class Uplink:
         self.counters.connects += 1
         log.info("uplink_connected", host=self.host, port=self.port, backlog=self._backlog)
         await self._set_meta("uplink_state", "connected")
-        await self._set_meta("uplink_since_ms", str(_now_ms()))
+        await self._set_meta("uplink_since_ms", str(now_ms()))
 
     async def _went_down(self, exc: aiomqtt.MqttError, first: bool) -> None:
         """The session logged it (once per outage); keep the state the CLI and the
@@ -240,7 +237,7 @@ class Uplink:
         self.ledger.drop()
         if first:
             await self._set_meta("uplink_state", "disconnected")
-            await self._set_meta("uplink_since_ms", str(_now_ms()))
+            await self._set_meta("uplink_since_ms", str(now_ms()))
 
     async def _set_meta(self, key: str, value: str) -> None:
         try:
@@ -411,10 +408,10 @@ class Uplink:
         version = self.envelope_version()
         if isinstance(batch, Columns):
             if version == COLUMNAR_VERSION:
-                return encode_columns(self.gw, self.outbox.stream, _now_ms(), batch)
+                return encode_columns(self.gw, self.outbox.stream, now_ms(), batch)
             batch = records_of(batch)
         return encode(DataBatch(gw=self.gw, stream=self.outbox.stream, records=tuple(batch),
-                                sent_ms=_now_ms()), version=version)
+                                sent_ms=now_ms()), version=version)
 
     def envelope_version(self) -> int:
         """The data batch's envelope version: 2 (columnar, a third of the bytes) once central's
