@@ -23,7 +23,7 @@ from central.app import create_app
 from central.config.settings import NarrowbandGateway, Settings, SettingsError, load_settings
 from central.health.metrics import Metrics
 from central.identity.audit import AuditLog
-from central.identity.retire import RetiredGate
+from central.identity.retire import RetiredGate, retirements_program
 from central.identity.retire import retire as retire_gateway
 from central.identity.retire import unretire as unretire_gateway
 from central.narrowband.receiver import NarrowbandReceiver
@@ -235,6 +235,8 @@ async def test_a_retired_gateways_frames_are_refused_and_counted(tmp_path: Path)
         r.send(alarms_frame(entry(5, value=31.25)))
         await r.rejected("retired_gateway")
         assert await active(r.storage) == []
+        (retired,) = await r.storage.run(retirements_program, write=False)
+        assert retired.refused == 1  # counted where ingest's refusals are (gateways retired)
         assert (await r.storage.count_records(GW)).events == 0
         await unretire_gateway(r.storage, AuditLog(r.storage), GW, user="admin-1",
                                reason="back in service")

@@ -220,16 +220,32 @@ class RetiredGate:
         """The messages of gateways in service; the others are counted and dropped. Raises
         nothing: if the retired list cannot be read, everything passes (as before retiring
         existed) and the next group tries again."""
-        try:
-            retired = await self.retired()
-        except StorageError as exc:
-            log.error("retired_gateways_unreadable", error=str(exc))
-            return infos, batches
+        retired = await self._retired_or_none()
         if not retired:
             return infos, batches
         counts: Counter[str] = Counter(m.gw for m in [*infos, *batches] if m.gw in retired)
         if not counts:
             return infos, batches
+        await self._refuse(counts)
+        return ([m for m in infos if m.gw not in retired],
+                [b for b in batches if b.gw not in retired])
+
+    async def refuses(self, gw: str) -> bool:
+        """Whether a message of `gw` (a radio frame) is refused: counted and logged as
+        `admit` counts ingest's."""
+        if gw not in await self._retired_or_none():
+            return False
+        await self._refuse(Counter({gw: 1}))
+        return True
+
+    async def _retired_or_none(self) -> frozenset[str]:
+        try:
+            return await self.retired()
+        except StorageError as exc:
+            log.error("retired_gateways_unreadable", error=str(exc))
+            return frozenset()
+
+    async def _refuse(self, counts: Counter[str]) -> None:
         self.refused += counts.total()
         for gw in counts.keys() - self._logged:
             log.warning("retired_gateway_heard", gw=gw, messages=counts[gw])
@@ -239,5 +255,3 @@ class RetiredGate:
             await self.storage.run(lambda: count_refused_program(dict(counts), now))
         except StorageError as exc:
             log.error("retired_gateway_count_failed", error=str(exc))
-        return ([m for m in infos if m.gw not in retired],
-                [b for b in batches if b.gw not in retired])

@@ -203,9 +203,10 @@ class BatchHook(Protocol):
 
 
 class RetiredList(Protocol):
-    """Which gateways are retired (`central.identity.retire.RetiredGate`)."""
+    """Refuses, counts and logs the messages of retired gateways
+    (`central.identity.retire.RetiredGate`)."""
 
-    async def retired(self) -> frozenset[str]: ...
+    async def refuses(self, gw: str) -> bool: ...
 
 
 class RetiredSenderError(NarrowbandInputError, DetailedError):
@@ -378,7 +379,7 @@ class NarrowbandReceiver:
         try:
             if gateway is None:
                 raise UnknownSenderError(self.bearer, sender)
-            if self.retired is not None and gateway.gw in await self.retired.retired():
+            if self.retired is not None and await self.retired.refuses(gateway.gw):
                 raise RetiredSenderError(gateway.gw)
             inventory = await self._inventory(gateway.gw)
             frame = decode_frame(payload, key=gateway.key_bytes, stream=inventory.stream,
