@@ -141,6 +141,8 @@ def test_demo_stops_in_order_on_ctrl_c_with_a_console_stream_open(tmp_path: Path
         (tmp_path / "demo.out").read_text()[-500:])
     shutdown_log = (tmp_path / "demo.err").read_bytes()[before_stop[tmp_path / "demo.err"]:]
     assert b'"central_stopping"' in shutdown_log and b'"broker_stopped"' in shutdown_log
+    # In order: central begins its stop first, the broker everyone uses stops last.
+    assert shutdown_log.index(b'"central_stopping"') < shutdown_log.index(b'"broker_stopped"')
     bad = _complaints_since(before_stop)
     assert not bad, "logged during the stop:\n" + "\n".join(bad[:5])
     assert not _leftovers(tmp_path), f"children left running: {_leftovers(tmp_path)}"

@@ -10,11 +10,13 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from central.alarms.lifecycle import GATEWAY_OFFLINE
 from central.alarms.rules import AlarmRules
 from central.identity.audit import AuditLog
+from central.identity.enrolment_store import TokenRefusedError
 from central.identity.retire import retire as retire_gateway
 from central.identity.retire import retirements_program
 from central.storage import open_storage
@@ -22,6 +24,7 @@ from protocols.envelope import DataBatch, Record, RecordKind
 from tests import test_console_api as console
 from tests.identity import auth, token_for
 from tests.test_console_api import POINT, alarm, areas, report
+from tests.test_pki import _csr
 
 # The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
 db_url, app, client = console.db_url, console.app, console.client
@@ -69,7 +72,9 @@ async def test_retire_keeps_history_drops_it_from_the_map_and_refuses_its_data(
     assert (done["retired_by"], done["reason"], done["alarms_cleared"]) == (
         "test-admin", REASON, 1)
     assert done["tokens_voided"] == 1 and done["commands_cancelled"] == [cmd["cmd_id"]]
-    assert token.gw == OLD
+    # The voided token no longer enrols it (a stolen one cannot bring it back).
+    with pytest.raises(TokenRefusedError):
+        await app.state.identity.service.enrol(OLD, token.token, _csr(OLD)[1])
     assert (await retire(client, OLD)).status_code == 409  # retired already
     late = await client.post("/api/commands", json={"gw": OLD, "kind": "request_diagnostics"})
     assert late.status_code == 409 and "retired" in late.json()["detail"]

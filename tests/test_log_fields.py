@@ -3,7 +3,7 @@
 `configure_logging` adds `program`, `logger`, `level` and `timestamp` to every event after the
 call site's fields, so a call such as `log.warning("alarm_raised", level=2)` would lose the
 alarm's level to the log level ("warning"). Checked on the source with `ast`: every call of a
-logging method on a receiver whose name says it is a logger, and of a `log_…` name (a
+logging method on a receiver whose name says it is a logger (`log`, `_log`, `lg`), and of a `log_…` name (a
 logging method chosen earlier, as in `log_fn = log.info if … else log.warning`).
 """
 
@@ -33,8 +33,9 @@ def _clashes(tree: ast.AST) -> list[tuple[int, str]]:
         if not isinstance(node, ast.Call):
             continue
         func = node.func
+        receiver = _receiver_name(func.value).lower() if isinstance(func, ast.Attribute) else ""
         method = (isinstance(func, ast.Attribute) and func.attr in METHODS
-                  and "log" in _receiver_name(func.value).lower())
+                  and ("log" in receiver or receiver.strip("_") == "lg"))
         chosen = isinstance(func, ast.Name) and func.id.startswith("log_")  # log_fn = log.info …
         if not (method or chosen):
             continue
@@ -45,6 +46,7 @@ def _clashes(tree: ast.AST) -> list[tuple[int, str]]:
 def test_the_check_sees_a_clash() -> None:
     assert _clashes(ast.parse('log.warning("alarm_raised", level=2)')) == [(1, "level")]
     assert _clashes(ast.parse('log_fn("alarm_raised", level=2)')) == [(1, "level")]
+    assert _clashes(ast.parse('self._lg.info("x", level=1)')) == [(1, "level")]
     assert _clashes(ast.parse('self._log.info("x", alarm_level=2)')) == []
 
 
