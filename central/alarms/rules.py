@@ -34,6 +34,7 @@ from central.alarms.lifecycle import GATEWAY_OFFLINE, AlarmChange, AlarmPolicy
 from central.config.settings import Settings
 from central.storage import Storage, StorageError
 from central.storage.program import Program, Sql
+from central.storage.retire_schema import in_service
 from runtime import tasks
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,7 @@ def _offline_changes(now_ms: int, offline_after_ms: int) -> Program[list[tuple[s
     offline = f"CASE WHEN {heard} < ? THEN 1 ELSE 0 END"
     rows = yield Sql(f"SELECT g.gw, {offline} FROM gateways g LEFT JOIN alarm_keys k"
                      f" ON k.gw = g.gw AND k.alarm_key = ? WHERE {heard} IS NOT NULL"
-                     " AND g.gw NOT IN (SELECT gw FROM retired_gateways)"  # out of service
+                     f" AND {in_service('g.gw')}"
                      f" AND {offline} <> CASE WHEN k.edge_state = 'raised' THEN 1 ELSE 0 END"
                      " ORDER BY g.gw", (now_ms - offline_after_ms, GATEWAY_OFFLINE,
                                         now_ms - offline_after_ms))

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from central import CentralError, DuplicateError
 from central.storage import NotFoundError, Storage
 from central.storage.program import Program, Sql
+from central.storage.retire_schema import in_service
 from protocols.errors import DetailedError
 from runtime import clock
 from runtime.files import FileError
@@ -148,8 +149,7 @@ def assign_program(gw: str, area_id: int, now: int) -> Program[Area]:
 
 def tree_program() -> Program[list[AreaNode]]:
     rows = yield Sql(f"SELECT {_COLS} FROM areas ORDER BY path")
-    sites = yield Sql("SELECT area_id, gw FROM gateway_sites"  # retired ones are off the tree
-                      " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")
+    sites = yield Sql(f"SELECT area_id, gw FROM gateway_sites WHERE {in_service()} ORDER BY gw")
     gateways: dict[int, list[str]] = {}
     for area_id, gw in sites:
         gateways.setdefault(area_id, []).append(gw)

@@ -36,6 +36,7 @@ from central.storage.delivery import (
     summary_program,
 )
 from central.storage.program import Program, Sql
+from central.storage.retire_schema import in_service
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, State
 from protocols.errors import DetailedError
@@ -232,8 +233,7 @@ def _point_row(row: Sequence[Any]) -> Point:
 
 
 def gateways_program() -> Program[list[Gateway]]:
-    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways"
-                     " WHERE gw NOT IN (SELECT gw FROM retired_gateways) ORDER BY gw")  # in service
+    rows = yield Sql(f"SELECT {_GATEWAY_COLS} FROM gateways WHERE {in_service()} ORDER BY gw")
     return [_gateway_row(r) for r in rows]
 
 

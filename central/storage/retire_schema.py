@@ -15,6 +15,12 @@ from __future__ import annotations
 from central.storage.alarm_schema import Dialect
 
 
+def in_service(gw: str = "gw") -> str:
+    """The SQL condition that the gateway in column `gw` is in service (not retired): what
+    the lists, the area tree and the offline rule ask of every gateway they show."""
+    return f"{gw} NOT IN (SELECT gw FROM retired_gateways)"
+
+
 def retired_tables(dialect: Dialect) -> list[str]:
     big, key = ("INTEGER", "TEXT") if dialect == "sqlite" else ("BIGINT", 'TEXT COLLATE "C"')
     return [f"""CREATE TABLE retired_gateways (
