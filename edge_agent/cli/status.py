@@ -22,6 +22,7 @@ from edge_agent.cli.common import (
     fmt_bytes,
     out,
     print_json,
+    state_text,
 )
 from edge_agent.cli.devices import framing_text
 from edge_agent.cli.disk import disk_markup, disk_report, disk_text
@@ -200,9 +201,7 @@ def _print_status(r: dict[str, Any]) -> None:
         d = Table("device", "state", "cycles", "timeouts", "exc", "decode err",
                   "last ok", "last error")
         for dev in r["devices"]:
-            colour = {"ok": "green", "degraded": "yellow", "offline": "red"}.get(
-                dev["state"], "white")
-            d.add_row(dev["device"], f"[{colour}]{dev['state']}[/{colour}]", str(dev["cycles"]),
+            d.add_row(dev["device"], state_text(dev["state"]), str(dev["cycles"]),
                       str(dev["timeouts"]), str(dev["exceptions"]), str(dev["decode_errors"]),
                       ago(dev.get("last_ok_ms"), short=True), escape(dev.get("last_error") or ""))
         out.print(d)

@@ -105,7 +105,7 @@ def when(ts_ms: int | None) -> str:
     return f"{stamp} ({ago(ts_ms, short=True)})"
 
 
-def state_text(row: dict[str, Any]) -> str:
+def _link_state(row: dict[str, Any]) -> str:
     if not row["enabled"]:
         return "[dim]disabled[/dim]"
     if row["connected"] is None:
@@ -131,7 +131,7 @@ def print_terminals(out: Any, report: dict[str, Any]) -> None:
     t = Table("terminal", "kind", "link", "state", "since", "last heartbeat", "open faults",
               "played", "delivered", "answered", "last error", title="叫应 terminals")
     for r in rows:
-        t.add_row(escape(r["id"]), r["kind"], escape(r["endpoint"]), state_text(r),
+        t.add_row(escape(r["id"]), r["kind"], escape(r["endpoint"]), _link_state(r),
                   when(r["since_ms"]), when(r["last_heartbeat_ms"]), escape(_faults_text(r)),
                   _n(r["plays_sent"]), _n(r["delivered"]), _n(r["answered"]),
                   escape(r["last_error"] or ""))
