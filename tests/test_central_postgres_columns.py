@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from central.storage import Storage, WriteResult
+from central.storage import Storage, WriteResult, postgres_write
 from central.storage.program import Program, Sql
 from protocols import envelope as env
 from protocols.envelope import Birth, DataBatch, DeviceInfo, Flag, PointInfo, Record, RecordKind
@@ -103,9 +103,19 @@ async def _play(st: Storage, calls: list[list[DataBatch]]) -> tuple[list[WriteRe
 
 
 @pytest.mark.parametrize("seed", range(6))
-async def test_column_write_ends_like_sqlite(seed: int, tmp_path: Path) -> None:
+async def test_column_write_ends_like_sqlite(seed: int, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The same calls on both backends give the same per-batch counts and the same rows,
-    latest values, held ranges and aggregates; nothing is stored twice."""
+    latest values, held ranges and aggregates; nothing is stored twice; and the column path
+    really wrote some of it (else the record-by-record path would pass this alone)."""
+    copied: list[int] = []
+    real_copy = postgres_write._copy_plain
+
+    async def counting_copy(conn: Any, staged: Any, plain: Any, now: int) -> Any:
+        copied.append(len(plain))
+        return await real_copy(conn, staged, plain, now)
+
+    monkeypatch.setattr(postgres_write, "_copy_plain", counting_copy)
     rng = random.Random(seed)
     sent: dict[tuple[str, str], int] = {}
     calls = []
@@ -123,6 +133,7 @@ async def test_column_write_ends_like_sqlite(seed: int, tmp_path: Path) -> None:
         assert got[1][table] == rows, table
     keys = [r[:3] for r in got[1]["readings"]]
     assert len(keys) == len(set(keys))
+    assert sum(copied) > 0, "no batch went the column path"
 
 
 @pytest.mark.parametrize("version", [1, 2])
