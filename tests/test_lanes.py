@@ -325,11 +325,17 @@ async def test_backlog_drains_over_a_link_too_narrow_for_its_batches(
                                             backlog_batch_size=4000, max_inflight=4,
                                             ack_timeout_s=0.5))
             first = uplink.pacer.allowance(0.0)
+            pacer_timeout = uplink.pacer.on_timeout
+
+            def on_timeout() -> None:  # what the next backlog batch may hold after a timeout
+                pacer_timeout()
+                sizes.append(uplink.pacer.batch)
+
+            uplink.pacer.on_timeout = on_timeout  # type: ignore[method-assign]
             async with running(central.run()):
                 await asyncio.sleep(0.2)
                 async with running(uplink.run()):
                     def drained() -> bool:
-                        sizes.append(uplink.pacer.batch)  # what the next backlog batch may hold
                         return (len(central.acked_at) == n_backlog
                                 and uplink.counters.records_acked == n_backlog)
                     await until(drained, timeout=60, what="every record acked")
