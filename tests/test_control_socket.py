@@ -55,6 +55,9 @@ def test_agent_answers_status_devices_read_write_alarms(tmp_path: Path, mosquitt
         agent.start()
         wait_for(lambda: _ready(sock), timeout=20, what="agent socket with devices ok")
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        # The uplink connects on its own schedule, not the devices': its state comes next.
+        wait_for(lambda: request(sock, "status")["uplink"]["connected"], timeout=20,
+                 what="the uplink connected")
 
         status = request(sock, "status")
         assert status["gateway"] == "gw-ctl" and status["pid"] == agent.proc.pid  # type: ignore[union-attr]
