@@ -23,7 +23,7 @@ commits together with its audit row.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, Literal
 
@@ -175,25 +175,16 @@ AlarmStep = Callable[[int, str, str, int], Program[alarms.Alarm]]
 
 
 async def _act(request: Request, p: Principal, alarm_id: int, action: str, comment: str,
-               step: AlarmStep) -> alarms.Alarm:
-    """Run an alarm step and its audit row in one transaction."""
+               step: AlarmStep) -> AlarmOut:
+    """Run an alarm step as the logged-in operator, audited as `alarm.<action>`, in one
+    transaction with its audit row, and answer the alarm."""
     await _acting_on(request, p, alarm_id)
     now = now_ms()
-    return await run_audited(
-        request, p.name, action, f"alarm:{alarm_id}", lambda: step(alarm_id, p.name, comment, now),
-        lambda a: {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment})
+    return _alarm_out(await run_audited(
+        request, p.name, f"alarm.{action}", f"alarm:{alarm_id}",
+        lambda: step(alarm_id, p.name, comment, now),
+        lambda a: {"gw": a.gw, "alarm_key": a.alarm_key, "comment": comment}))
 
-
-# The actions on one alarm: the last part of its path (also its route's name and, as
-# `alarm.<it>`, its audit action), its body, its lifecycle step and its doc.
-_ACTIONS: tuple[tuple[str, type[ActionIn], AlarmStep, str], ...] = (
-    ("ack", ActionIn, alarms.ack_program,
-     "Acknowledge (确认) as the logged-in user; 409 if it is acknowledged already."),
-    ("clear", ActionIn, alarms.clear_program,
-     "Clear by hand (清除), also while the edge still reports the condition (recorded)."),
-    ("comment", CommentIn, alarms.comment_program,
-     "Add a comment (备注) to the alarm's history, in any state."),
-)
 
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown area or alarm"}, 409: {"description": "Conflict"},
@@ -326,19 +317,22 @@ def _install_alarm_routes(app: FastAPI) -> None:
         history = await alarms.alarm_history(storage, alarm_id)
         return AlarmDetail(**alarm_fields(a), history=list(history))
 
-    for action, body_type, step, doc in _ACTIONS:
-        app.add_api_route(f"/api/alarms/{{alarm_id}}/{action}",
-                          _action_endpoint(action, body_type, step), methods=["POST"],
-                          name=action, description=doc, response_model=AlarmOut,
-                          responses=_PROBLEMS, tags=["alarms"])
+    @app.post("/api/alarms/{alarm_id}/ack", response_model=AlarmOut, responses=_PROBLEMS,
+              tags=["alarms"])
+    async def ack(request: Request, alarm_id: IdPath, body: ActionIn, p: Operator) -> AlarmOut:
+        """Acknowledge (确认) as the logged-in user; 409 if it is acknowledged already."""
+        return await _act(request, p, alarm_id, "ack", body.comment, alarms.ack_program)
 
+    @app.post("/api/alarms/{alarm_id}/clear", response_model=AlarmOut, responses=_PROBLEMS,
+              tags=["alarms"])
+    async def clear(request: Request, alarm_id: IdPath, body: ActionIn,
+                    p: Operator) -> AlarmOut:
+        """Clear by hand (清除), also while the edge still reports the condition (recorded)."""
+        return await _act(request, p, alarm_id, "clear", body.comment, alarms.clear_program)
 
-def _action_endpoint(action: str, body_type: type[ActionIn],
-                     step: AlarmStep) -> Callable[..., Awaitable[AlarmOut]]:
-    """The endpoint of one alarm action: run `step` as the logged-in operator, audited as
-    `alarm.<action>`, and answer the alarm."""
-    async def act(request: Request, alarm_id: IdPath, body: ActionIn, p: Operator) -> AlarmOut:
-        return _alarm_out(await _act(request, p, alarm_id, f"alarm.{action}", body.comment, step))
-
-    act.__annotations__["body"] = body_type  # the request model FastAPI validates and documents
-    return act
+    @app.post("/api/alarms/{alarm_id}/comment", response_model=AlarmOut, responses=_PROBLEMS,
+              tags=["alarms"])
+    async def comment(request: Request, alarm_id: IdPath, body: CommentIn,
+                      p: Operator) -> AlarmOut:
+        """Add a comment (备注) to the alarm's history, in any state."""
+        return await _act(request, p, alarm_id, "comment", body.comment, alarms.comment_program)

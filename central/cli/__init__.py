@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from central import CentralError, __version__
+from central.cli.options import ConfigOpt, DbOpt
 from central.cli.output import error
 
 app = typer.Typer(
@@ -35,11 +36,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, soft_wrap=True)  # a path in an error stays one piece to copy
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
-                                                exists=True, dir_okay=False)]
-DbOpt = Annotated[str | None, typer.Option(
-    "--db", help="Database URL: sqlite:///PATH (sqlite:////ABSOLUTE/PATH) or "
-                 "postgresql://USER@HOST/DB.")]
 
 
 def _version(value: bool) -> None:

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from central.areas.tree import AreaLevel
 from central.cli import output
+from central.cli.options import JsonOpt
 from central.cli.output import when
 from central.cli.remote import (
     Api,
@@ -35,7 +36,6 @@ from central.cli.remote import (
 T = TypeVar("T")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 

@@ -18,14 +18,13 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import structlog
 import uvicorn
 
 from central.demo.children import GRACE_S, Children
-from central.health.service import begin_stop
+from central.health.service import handling_signals, stop_for_signal
 
 log = structlog.get_logger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -57,23 +56,12 @@ class Shutdown:
             self.main.cancel()
         if self._central is not None:
             app, server = self._central
-            if not first and sig == signal.SIGINT:
-                server.force_exit = True
-                log.warning("central_stop_forced")
-            begin_stop(app, server)
+            stop_for_signal(app, server, sig, again=not first)
 
-    @contextlib.contextmanager
-    def signals(self) -> Iterator[None]:
+    def signals(self) -> contextlib.AbstractContextManager[None]:
         """SIGINT, SIGTERM and SIGHUP (the terminal window closed) go to `on_signal` while
         inside (on the running loop, in the main thread)."""
-        loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self.on_signal, sig)
-        try:
-            yield
-        finally:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
+        return handling_signals(STOP_SIGNALS, self.on_signal)
 
     def summary(self, children: Children) -> str:
         """One line for the user once everything has stopped."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import structlog
@@ -59,30 +59,49 @@ def begin_stop(app: Any, server: uvicorn.Server, notifier: SystemdNotifier | Non
     log.info("central_stopping")
 
 
+def stop_for_signal(app: Any, server: uvicorn.Server, sig: signal.Signals, *, again: bool,
+                    notifier: SystemdNotifier | None = None) -> None:
+    """What a stop signal does to central's server: begin its clean stop, or, for a SIGINT
+    that comes `again` (the user's second Ctrl-C), force it (open requests are dropped at
+    once). The caller says what "again" means: `central serve` counts its own stop, the demo
+    the first signal it got."""
+    if again and sig == signal.SIGINT:
+        server.force_exit = True
+        log.warning("central_stop_forced")
+    begin_stop(app, server, notifier)
+
+
 @contextlib.contextmanager
-def stop_on_signals(app: Any, server: uvicorn.Server,
-                    notifier: SystemdNotifier | None = None) -> Iterator[None]:
-    """SIGTERM/SIGINT begin a clean stop; a second SIGINT forces it (open requests are
-    dropped at once). Must be entered on the running loop, in the main thread."""
-    app.state.stopping = getattr(app.state, "stopping", None) or asyncio.Event()
+def handling_signals(signals: Iterable[signal.Signals],
+                     handler: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """While inside, each of `signals` calls `handler(sig)` on the running loop instead of its
+    default action. Must be entered on the running loop, in the main thread; a signal the loop
+    cannot take there keeps its default."""
     loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if app.state.stopping.is_set() and sig == signal.SIGINT:
-            server.force_exit = True
-            log.warning("central_stop_forced")
-        begin_stop(app, server, notifier)
-
     handled: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal, sig)
+            loop.add_signal_handler(sig, handler, sig)
             handled.append(sig)
     try:
         yield
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+@contextlib.contextmanager
+def stop_on_signals(app: Any, server: uvicorn.Server,
+                    notifier: SystemdNotifier | None = None) -> Iterator[None]:
+    """SIGTERM/SIGINT begin a clean stop; a second SIGINT forces it (`stop_for_signal`).
+    Must be entered on the running loop, in the main thread."""
+    app.state.stopping = getattr(app.state, "stopping", None) or asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        stop_for_signal(app, server, sig, again=app.state.stopping.is_set(), notifier=notifier)
+
+    with handling_signals((signal.SIGTERM, signal.SIGINT), on_signal):
+        yield
 
 
 async def notify_when_ready(app: Any, server: uvicorn.Server, notifier: SystemdNotifier) -> None:
@@ -116,5 +135,5 @@ async def run_service(app: Any, server: uvicorn.Server,
             await asyncio.gather(*helpers, return_exceptions=True)
 
 
-__all__ = ["GRACE_S", "CentralServer", "begin_stop", "make_server", "notify_when_ready",
-           "run_service", "stop_on_signals"]
+__all__ = ["GRACE_S", "CentralServer", "begin_stop", "handling_signals", "make_server",
+           "notify_when_ready", "run_service", "stop_for_signal", "stop_on_signals"]

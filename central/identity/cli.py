@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from central import CentralError
+from central.cli.options import ConfigOpt, DbOpt, JsonOpt
 from central.cli.output import error, say, table, when
 from central.identity.accounts import Accounts
 from central.identity.audit import AuditLog
@@ -44,12 +45,6 @@ audit_app = typer.Typer(
     epilog="Examples\n\ncentral audit verify --db sqlite:///central.db\n\n"
            "central audit list --limit 20 --json --db sqlite:///central.db",
     no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
-                                                exists=True, dir_okay=False)]
-DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL: sqlite:///PATH or "
-                                                        "postgresql://USER@HOST/DB.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def cli_actor() -> str:

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from central import CentralError
+from central.cli.options import ConfigOpt, DbOpt
 from central.cli.output import error, say, table, when
 from protocols.errors import DetailedError
 
@@ -39,10 +40,6 @@ gateway_app = typer.Typer(help="Gateway identities: enrolment tokens, certificat
                           no_args_is_help=True,
                           context_settings={"help_option_names": ["-h", "--help"]})
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.",
-                                                exists=True, dir_okay=False)]
-DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (sqlite:///PATH or "
-                                                        "postgresql://...).")]
 PkiOpt = Annotated[Path | None, typer.Option("--pki-dir", help="CA folder (default: pki/ next "
                                                                "to the SQLite file; with "
                                                                "PostgreSQL required, absolute).")]

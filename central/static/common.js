@@ -126,6 +126,22 @@ function fmtPointValue(latest, nameZh) {
   return fmtValue(latest);
 }
 
+// A dialog's facts ([label, value] pairs) as the <dt>/<dd> rows of its <dl>; each value is
+// named by its label (data-fact), so what the officer is asked to confirm can be read back.
+function factList(facts) {
+  return facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-fact": k }, v)]);
+}
+
+// The area tree (GET /api/areas) as one list, each parent before its children, with its depth
+// for indenting: the areas a select or a checklist offers.
+function areaRows(nodes, depth = 0, out = []) {
+  for (const n of nodes) {
+    out.push({ id: n.id, name: n.name_zh, depth });
+    areaRows(n.children, depth + 1, out);
+  }
+  return out;
+}
+
 // A phone-wide window shows the rows of a `table.cards` as wrapped cards, each cell named by
 // its column (console.css): the names ride on the cells.
 function labelCells(row, heads) {

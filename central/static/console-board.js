@@ -103,14 +103,6 @@ function warnError(text) {
   $("warn-error").hidden = !text;
 }
 
-function areaRows(nodes, depth, out) {
-  for (const n of nodes) {
-    out.push({ id: n.id, name: n.name_zh, depth, path: n.path });
-    areaRows(n.children, depth + 1, out);
-  }
-  return out;
-}
-
 // Every area id under (and including) each node: an area target reaches its whole subtree.
 function subtreeIds(nodes, out = new Map()) {
   for (const n of nodes) {
@@ -124,7 +116,7 @@ async function loadDirectory() {
   const [tree, groups, persons, terminals] = await Promise.all([
     getJSON("/api/areas"), getJSON("/api/callresp/groups"), getJSON("/api/callresp/persons"),
     getJSON("/api/callresp/terminals")]);
-  const areas = areaRows(tree, 0, []);
+  const areas = areaRows(tree);
   const seen = new Set(terminals.map((t) => t.id));
   return {
     areas, subtree: subtreeIds(tree), persons, terminals,
@@ -258,8 +250,7 @@ function askToConfirmWarning(ev) {
   warn.pending = { level: c.level, text: c.text, areas: c.areas, groups: c.groups,
                    persons: c.persons, terminals: c.terminals,
                    ...(c.repeat ? { repeat: Number(c.repeat) } : {}) };
-  $("warn-facts").replaceChildren(...confirmFacts(c, r).flatMap(([k, v]) => [
-    el("dt", {}, k), el("dd", { "data-fact": k }, v)]));
+  $("warn-facts").replaceChildren(...factList(confirmFacts(c, r)));
   $("warn-confirm").className = `warn-confirm ${c.level}`;
   $("warn-dialog").dataset.level = c.level;
   showStep(true);

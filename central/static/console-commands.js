@@ -176,8 +176,7 @@ function askToApprove(ev) {
   const c = button && cmdPage.rows.get(button.dataset.approve);
   if (!c || !can("operate")) return;
   cmdPage.approving = c;
-  $("cmd-approve-facts").replaceChildren(...approvalFacts(c).flatMap(([k, v]) => [
-    el("dt", {}, k), el("dd", { "data-fact": k }, v)]));
+  $("cmd-approve-facts").replaceChildren(...factList(approvalFacts(c)));
   $("cmd-approve-check").checked = false;
   $("cmd-approve-yes").disabled = true;
   $("cmd-approve").showModal();

@@ -24,14 +24,6 @@ function showAlarmMsg(text, bad = false) {
   p.hidden = false;
 }
 
-function flattenAreas(nodes, depth, out) {
-  for (const n of nodes) {
-    out.push([n.id, "\u3000".repeat(depth) + n.name_zh]);
-    flattenAreas(n.children, depth + 1, out);
-  }
-  return out;
-}
-
 async function refreshAreas() {
   const tree = await getJSON("/api/areas");
   const key = JSON.stringify(tree);
@@ -40,7 +32,8 @@ async function refreshAreas() {
   const select = $("alarm-area");
   const chosen = select.value;
   select.replaceChildren(el("option", { value: "" }, "全部区域"),
-    ...flattenAreas(tree, 0, []).map(([id, label]) => el("option", { value: String(id) }, label)));
+    ...areaRows(tree).map((a) => el("option", { value: String(a.id) },
+                                    "\u3000".repeat(a.depth) + a.name)));
   select.value = chosen;
 }
 
