@@ -101,6 +101,7 @@ def test_agent_answers_status_devices_read_write_alarms(tmp_path: Path, mosquitt
                       b'{"op": "frobnicate"}\n', b"not json\n", b'{"op": "status"}\n')
         assert [e.get("error", {}).get("type") for e in errors] == [
             "unknown_device", "not_writable", "bad_value", "bad_request", "bad_request", None]
+        assert errors[3]["error"]["message"].startswith("op: Input tag 'frobnicate'")
         assert errors[-1]["ok"] is True  # the connection survived the bad lines
     finally:
         agent.stop()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from edge_agent.cli.app import app
 from edge_agent.config.site import OutboxConfig
+from edge_agent.outbox.lanes import records_of
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
@@ -84,17 +85,17 @@ async def test_after_an_outage_newest_state_then_alarms_events_then_history(tmp_
 
 
 async def test_priority_and_backlog_parts_split_the_lanes(tmp_path: Path) -> None:
-    """`part="priority"` never returns history; `part="backlog"` only history, oldest first."""
+    """`part="priority"` never returns history; `next_backlog` only history, oldest first."""
     async with Outbox.open(tmp_path / "o.db", live_window_s=0.2) as ob:
         seqs = await _outage(ob)
         (live,) = await ob.append([tel(100, "d/p9")])
         prio = [r.seq for r in await ob.next_batch(1000, part="priority")]
-        back = [r.seq for r in await ob.next_batch(1000, part="backlog")]
+        back = list((await ob.next_backlog(1000)).seqs)
         newest = {live, *seqs["history"][-3:]}
         assert set(prio) == newest | set(seqs["alarm"]) | set(seqs["event"])
         assert back == seqs["history"]  # in-flight exclusion is the caller's job
-        rest = await ob.next_batch(1000, exclude=set(prio), part="backlog")
-        assert [r.seq for r in rest] == [s for s in seqs["history"] if s not in newest]
+        rest = await ob.next_backlog(1000, skip=ranges_from_seqs(prio))
+        assert list(rest.seqs) == [s for s in seqs["history"] if s not in newest]
 
 
 async def test_backlog_columns_are_the_records_the_lane_read_gives(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ async def test_backlog_columns_are_the_records_the_lane_read_gives(tmp_path: Pat
                          (now_ms - 60_000,))
             conn.execute("UPDATE records SET mono_ms = NULL, created_ms = ? WHERE seq % 4 = 3",
                          (now_ms,))
-        back = await ob.next_batch(1000, part="backlog")
+        back = records_of(await ob.next_backlog(1000))
         by_seq = {r.seq: r for r in await ob.next_batch(1000)}
         assert [r.seq for r in back] == list(range(1, len(values) * 3 + 1))
         assert [(r, type(r.value)) for r in back] == [(by_seq[r.seq], type(by_seq[r.seq].value))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from structlog.testing import capture_logs
 
 from central.narrowband.downlink import RadioRoute
 from edge_agent.narrowband.downlink import SEEN_KEY, LoggingWarningHandler, RadioDownlink
@@ -15,7 +16,7 @@ from protocols.callresp import play_warning
 from protocols.commands import Command, make_command
 from protocols.hrnp_text import TextMessage
 from protocols.narrowband import to_text
-from protocols.narrowband_down import segments, sign_warning
+from protocols.narrowband_down import RadioWarning, segments, sign_warning
 
 SK = Ed25519PrivateKey.generate()
 CENTRAL = "0242407"
@@ -76,6 +77,29 @@ async def test_senders_and_texts_that_are_not_central_warnings(tmp_path: Path) -
                                       "not_warning": 1}
         assert nokey.counters.refused == {"no_public_key": 1}
         d.on_pdt(TextMessage(2, 1001, 2002, to_text(_segs(_cmd())[0])))  # queued for run()
+
+
+async def test_a_failing_handler_is_counted_and_logged_and_the_next_warning_goes_on(
+        tmp_path: Path) -> None:
+    """A handler that raises: counted, logged with its traceback, the warning stays taken (at
+    most once); the next warning still reaches the handler."""
+    seen: list[str] = []
+
+    async def handler(warning: RadioWarning) -> None:
+        seen.append(warning.command.cmd_id)
+        if len(seen) == 1:
+            raise RuntimeError("speaker driver crashed")
+
+    async with Outbox.open(tmp_path / "outbox.db") as ob:
+        d = RadioDownlink(gw="gw-1", public_key=SK.public_key(), central=CENTRAL, outbox=ob,
+                          handler=handler, wall=lambda: T0 + 5)
+        with capture_logs() as logs:
+            assert await _feed(d, _segs(_cmd())) is not None
+        assert await _feed(d, _segs(_cmd())) is None  # taken before the handler ran
+        assert await _feed(d, _segs(_cmd("c-02"))) is not None
+        assert seen == ["c-01", "c-02"] and d.counters.handler_errors == 1
+        failed = [e for e in logs if e["event"] == "narrowband_warning_handler_failed"]
+        assert [e["cmd_id"] for e in failed] == ["c-01"] and failed[0]["exc_info"] is True
 
 
 class Clock:

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from device_profiles import Profile, find_profile, load_profile
 from edge_agent.config.site import DeviceConfig
+from edge_agent.field.errors import ModbusExceptionError
 from edge_agent.field.poller import DevicePoller, Health
 from edge_agent.field.transports import ModbusTcpTransport
 from edge_agent.outbox.store import NewRecord, Outbox
@@ -142,9 +143,12 @@ async def test_exception_response_skips_only_its_block(tmp_path: Path, tank: Pro
         poller = DevicePoller(_device(sim.port), load_profile(polled), transport, ob)
         try:
             result = await poller.poll_once()
+            with pytest.raises(ModbusExceptionError) as refused:
+                await transport.read(3, 900, 1, device_id=1)
         finally:
             await transport.close()
         latest = await ob.latest()
+    assert refused.value.code == 2  # illegal data address, as the device said
     assert result.blocks_ok == 1 and result.blocks_failed == 1 and not result.offline
     assert latest["tank-1/level"].value == 3.5 and "tank-1/ghost" not in latest
     health = poller.health

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,12 @@ from edge_agent.alarms.rules import AlarmEvent, Rule
 from edge_agent.config.site import ConfigError, parse_config
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.terminals.config import LocalWarningConfig, TerminalConfig
-from edge_agent.terminals.ledger import TerminalLedger
+from edge_agent.terminals.ledger import (
+    LedgerSummary,
+    TerminalLedger,
+    TerminalLedgerError,
+    read_summary,
+)
 from edge_agent.terminals.link import PlayResult, TerminalLink
 from edge_agent.terminals.local_rule import LocalWarningRule, local_warning_id
 from edge_agent.terminals.metrics import terminal_metrics
@@ -294,6 +300,25 @@ async def test_crash_between_append_and_mark_appends_nothing_twice(tmp_path: Pat
             assert await service.ledger.prune(2000) == 3  # two events and their warning
         recs = [r.attrs for r in await outbox.next_batch(100) if r.kind is RecordKind.EVENT]
         assert sorted(a["terminal"] for a in recs if a) == ["t-1", "t-2"]
+
+
+async def test_status_reads_the_ledger_once_its_schema_is_there(tmp_path: Path) -> None:
+    """`read_summary` (status without the agent): no file, or one the agent is creating (no
+    schema committed yet), is nothing to read, not an error; a migrated file gives its faults
+    and events; a file that is no database raises the ledger's error."""
+    path = tmp_path / "terminals.db"
+    assert read_summary(path) is None
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")  # the agent's first step, before its schema
+    assert path.exists() and read_summary(path) is None
+    async with TerminalLedger.open(path) as ledger:
+        await ledger.set_fault("t-1", "lost", True, 1000)
+        assert await ledger.claim_event(("w-1", "t-1", "ack"), {}, 1000)
+        assert read_summary(path) == LedgerSummary({"t-1": {"lost": 1000}}, {"t-1": {"ack": 1}})
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database, " * 64)
+    with pytest.raises(TerminalLedgerError):
+        read_summary(garbage)
 
 
 async def test_unanswered_play_is_repeated_and_its_late_receipt_recorded(rig: Rig) -> None:

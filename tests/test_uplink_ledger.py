@@ -1,8 +1,11 @@
 """The ack ledger when central comes online (`AckLedger.suspect_all`): a batch in flight then is
 in doubt; the ack of a newer batch tells which were lost, so one central got in the moment
-between its subscription and its online state is not sent twice."""
+between its subscription and its online state is not sent twice. Giving a batch up that way
+and by its ack timeout is the same bookkeeping; only the timeout says central is slow."""
 
 from __future__ import annotations
+
+import time
 
 from edge_agent.uplink.ledger import AckLedger, UplinkCounters
 from edge_agent.uplink.pacing import BacklogPacer
@@ -65,3 +68,26 @@ def test_a_reconnect_clears_the_doubt() -> None:
     send(lg, 2, 1, 10)
     ack(lg, 1, 10)
     assert lg.counters.batches_resent == 0 and lg.batches == {}
+
+
+def backlog_ledger(ack_timeout_s: float) -> AckLedger:
+    pacer = BacklogPacer(max_window=8, batch_size=100, min_batch_size=10)
+    return AckLedger(ack_timeout_s, pacer, UplinkCounters())
+
+
+def test_an_expired_batch_and_a_lost_suspect_are_given_up_alike_but_only_expiry_slows_down(
+) -> None:
+    """Both forget the backlog batch and count it resent; only an ack timeout (central slow)
+    doubles the timeout and halves the backlog batch, central's return (central away) not."""
+    expired, settled = backlog_ledger(0.001), backlog_ledger(60.0)
+    for lg in (expired, settled):
+        lg.sent(1, ((1, 10),), 10, backlog=True)
+    settled.suspect_all(grace_s=0.0)
+    time.sleep(0.002)  # past the 1 ms ack timeout
+    expired.expire()
+    settled.expire()
+    for lg in (expired, settled):
+        assert lg.batches == {} and lg.records == 0 and lg.backlog_batches == 0
+        assert lg.counters.batches_resent == 1 and lg.skip() == ()
+    assert expired.ack_timeout() == 0.002 and expired.pacer.batch == 50
+    assert settled.ack_timeout() == 60.0 and settled.pacer.batch == 100

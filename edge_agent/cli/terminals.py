@@ -57,11 +57,10 @@ def terminals_report(cfg: AgentConfig, live: dict[str, Any] | None) -> dict[str,
 
 
 def _ledger(cfg: AgentConfig) -> tuple[LedgerSummary | None, str | None]:
-    path = cfg.terminals_path
-    if not cfg.terminals or not path.exists():
+    if not cfg.terminals:
         return None, None
     try:
-        return read_summary(path), None
+        return read_summary(cfg.terminals_path), None
     except TerminalLedgerError as exc:
         return None, f"cannot read {exc}"
 

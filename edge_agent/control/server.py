@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 import structlog
 
-from device_profiles.decoding import DecodeError, Issue, decode
+from device_profiles.decoding import DecodeError, Issue, decode, loc_str
 from edge_agent import EdgeError
 from edge_agent.control import ControlError
 from edge_agent.field import point_io
@@ -135,7 +135,7 @@ class ControlOps:
             req = parse_request(line)
         except DecodeError as exc:
             first = exc.issues[0]
-            where = ".".join(str(p) for p in first.loc)
+            where = loc_str(first.loc)
             return error_reply("bad_request", f"{where}: {first.message}" if where
                                else first.message)
         try:

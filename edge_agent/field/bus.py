@@ -278,7 +278,7 @@ class SerialBus(PymodbusLink[AsyncModbusSerialClient]):
                         self.endpoint, f"device {device_id}: answer for function "
                         f"{rsp.function_code & 0x7F}, asked {function}", reason="wrong_function"))
                 if rsp.isError():
-                    code = int(getattr(rsp, "exception_code", 0))
+                    code = rsp.exception_code
                     c.exceptions[code] += 1
                     c.consecutive_failures = 0  # the slave is there and talking
                     c.last_error = f"exception code {code}"

@@ -106,8 +106,7 @@ class ModbusTcpTransport(PymodbusLink[AsyncModbusTcpClient]):
             self._drop()
             raise self._translate(exc, lost="connection lost", no_answer=no_answer) from exc
         if rsp.isError():
-            raise ModbusExceptionError(self.endpoint, function,
-                                       int(getattr(rsp, "exception_code", 0)))
+            raise ModbusExceptionError(self.endpoint, function, rsp.exception_code)
         return rsp
 
     async def close(self) -> None:

@@ -165,10 +165,9 @@ class RadioDownlink:
                  warning_id=warning.args.warning_id, truncated=warning.truncated)
         try:
             await self.handler(warning)
-        except Exception as exc:  # the handler is another room's: count, never stop
+        except Exception:  # the handler is another room's: count, never stop, keep the trace
             self.counters.handler_errors += 1
-            log.error("narrowband_warning_handler_failed", error=str(exc),
-                      cmd_id=warning.command.cmd_id)
+            log.exception("narrowband_warning_handler_failed", cmd_id=warning.command.cmd_id)
         return warning
 
     async def taken(self, cmd_id: str) -> bool:

@@ -8,7 +8,8 @@ the window (the *horizon*) and serves, highest first:
     alarm      oldest first
     event      events and command results, oldest first
     live       telemetry at or above the horizon, oldest first
-    backlog    telemetry below the horizon, oldest first (`part="backlog"` alone, paced)
+    backlog    telemetry below the horizon, oldest first; the uplink reads it apart, paced
+               (`LaneReader.backlog`)
 
 Telemetry older than the window when read (by the boot-time clock within one boot, by the
 wall clock across boots) is flagged HISTORICAL.
@@ -36,7 +37,7 @@ from edge_agent.outbox.db import MAX_SEQ, ROW, SELECT_LANE, TELEMETRY_LANE
 from protocols.columnar import Columns, columns_from, columns_of, record_columns
 from protocols.envelope import Flag, Lane, Record, RecordKind, Value, merge_ranges
 
-Part = Literal["all", "priority", "backlog"]
+Part = Literal["all", "priority"]
 Ranges = tuple[tuple[int, int], ...]
 _SNAPSHOT = (f"SELECT {', '.join('r.' + c.strip() for c in ROW.split(','))}"
              " FROM latest l JOIN records r ON r.seq = l.seq WHERE r.delivered = 0 ORDER BY r.seq")
@@ -122,27 +123,27 @@ class LaneReader:
              part: Part) -> list[Record]:
         horizon = self.horizon(now.mono_ms)
         rows: list[tuple[Any, ...]] = []
-        if part != "backlog":
-            behind = conn.execute("SELECT 1 FROM records WHERE delivered = 0 AND lane = ?"
-                                  " AND seq < ? LIMIT 1", (TELEMETRY_LANE, horizon)).fetchone()
-            if behind:
-                starts = [a for a, _ in skip]
-                for row in conn.execute(_SNAPSHOT):
-                    if len(rows) < limit and not _in_ranges(skip, starts, row[0]):
-                        rows.append(row)
-                if rows:
-                    skip = merge_ranges([*skip, *((r[0], r[0]) for r in rows)])
-            for lane, lo, hi in ((Lane.ALARM, 0, MAX_SEQ), (Lane.EVENT, 0, MAX_SEQ),
-                                 (Lane.LIVE, horizon - 1, MAX_SEQ)):
-                rows += walk(conn, lane, lo, hi, limit - len(rows), skip)
-        if part != "priority":
+        behind = conn.execute("SELECT 1 FROM records WHERE delivered = 0 AND lane = ?"
+                              " AND seq < ? LIMIT 1", (TELEMETRY_LANE, horizon)).fetchone()
+        if behind:
+            starts = [a for a, _ in skip]
+            for row in conn.execute(_SNAPSHOT):
+                if len(rows) < limit and not _in_ranges(skip, starts, row[0]):
+                    rows.append(row)
+            if rows:
+                skip = merge_ranges([*skip, *((r[0], r[0]) for r in rows)])
+        for lane, lo, hi in ((Lane.ALARM, 0, MAX_SEQ), (Lane.EVENT, 0, MAX_SEQ),
+                             (Lane.LIVE, horizon - 1, MAX_SEQ)):
+            rows += walk(conn, lane, lo, hi, limit - len(rows), skip)
+        if part == "all":
             rows += walk(conn, Lane.LIVE, 0, horizon, limit - len(rows), skip)
         is_old = self.is_old
         return [to_record(row, row[6] | _HISTORICAL if row[1] == _TELEMETRY and is_old(row, now)
                           else row[6]) for row in rows]
 
     def backlog(self, conn: sqlite3.Connection, limit: int, skip: Ranges, now: Stamp) -> Columns:
-        """`read(..., part="backlog")` as columns (module doc)."""
+        """Backlog telemetry alone, oldest first, as columns (module doc): the uplink's paced
+        read, apart from the priority part."""
         aged = (self.boot, now.mono_ms, now.wall_ms, self.live_window_ms)
         return backlog_columns(walk(conn, Lane.LIVE, 0, self.horizon(now.mono_ms), limit, skip,
                                     select=_BACKLOG, bind=aged))

@@ -25,7 +25,7 @@ stop skips the rest of the block and reports it (`outbox_seqs.py`).
 **Lanes** (§4.2), see `outbox_lanes.py`: after an outage `next_batch` serves the newest
 value of each point first, then alarms, events, live telemetry, and backlog telemetry
 (appended longer than `live_window_s` ago) oldest first, flagged HISTORICAL; the uplink asks
-for backlog separately (`part="backlog"`) and paces it.
+for backlog separately (`next_backlog`) and paces it.
 
 **Disk budget** (§4.6): see `outbox_budget.py`. It counts the main file, the WAL and the
 `-shm` file, and keeps `disk_reserve_bytes` free on the file system (`outbox_disk.py`), so a
@@ -92,7 +92,6 @@ from edge_agent.outbox.lanes import (
     events_after,
     lane_of,
     last_seq,
-    records_of,
 )
 from edge_agent.outbox.maintenance import MAINTENANCE_TASK, OutboxMaintenance
 from edge_agent.outbox.ring import HoldRing
@@ -234,8 +233,7 @@ class Outbox(OutboxMaintenance):
                          skip: tuple[tuple[int, int], ...] | None = None) -> list[Record]:
         """Up to `limit` undelivered records in lane order (module doc), leaving out the seqs
         in `exclude` or in the sorted, disjoint ranges `skip` (those in flight).
-        `part="priority"`: everything but backlog; `part="backlog"`: backlog telemetry only,
-        oldest first (`next_backlog`, as records)."""
+        `part="priority"`: everything but backlog (backlog alone: `next_backlog`)."""
         if limit <= 0:
             return []
         # Snapshot on the loop thread: the caller's set may change while the thread reads.
@@ -243,17 +241,15 @@ class Outbox(OutboxMaintenance):
             skip = ranges_from_seqs(exclude)
         elif exclude:
             skip = merge_ranges([*skip, *ranges_from_seqs(exclude)])
-        if part == "backlog":
-            cols = await self.next_backlog(limit, skip=skip)
-            return records_of(cols)
         skip = self._ring.skip(skip)  # acked, the marks not yet written: not again
         return await self._sqlite.call(lambda: self._lanes.read(self._sqlite.conn, limit, skip,
                                                          self.clock.now(), part))
 
     async def next_backlog(self, limit: int, *,
                            skip: tuple[tuple[int, int], ...] = ()) -> Columns:
-        """`next_batch(limit, part="backlog", skip=skip)` as columns, without an object per
-        record: what the uplink drains the backlog with (envelope v2 sends columns)."""
+        """Up to `limit` undelivered backlog telemetry records, oldest first, outside the
+        ranges `skip`, as columns, without an object per record: what the uplink drains the
+        backlog with (envelope v2 sends columns)."""
         if limit <= 0:
             return columns_of(())
         skip = self._ring.skip(skip)  # acked, the marks not yet written: not again

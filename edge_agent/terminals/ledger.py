@@ -37,7 +37,7 @@ from typing import Any
 
 from edge_agent import SchemaTooNewError
 from edge_agent.terminals.errors import TerminalStoreError
-from runtime.sqlite import Migrations, SqliteStore
+from runtime.sqlite import Migrations, SqliteStore, open_reader
 
 _SCHEMA = """
 CREATE TABLE warnings (
@@ -214,12 +214,15 @@ class TerminalLedger(SqliteStore):
 # --- read-only, for `edge-agent status` without the agent -----------------------------
 
 
-def read_summary(path: Path) -> LedgerSummary:
+def read_summary(path: Path) -> LedgerSummary | None:
     """What `terminals.db` says without the agent: open faults (with since) and the 叫应
-    events recorded per terminal and type (reported ones are kept 30 days). Read-only; raises
-    `TerminalLedgerError` if the file cannot be read."""
+    events recorded per terminal and type (reported ones are kept 30 days). Read-only; None
+    while there is nothing to read yet (`open_reader`); raises `TerminalLedgerError` if the
+    file cannot be read."""
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        conn = open_reader(path)
+        if conn is None:
+            return None
         try:
             faults = conn.execute("SELECT terminal, fault, since_ms FROM faults").fetchall()
             events = conn.execute("SELECT terminal, type, count(*) FROM events WHERE"

@@ -178,11 +178,8 @@ class AckLedger:
         deadline = time.monotonic() - self.ack_timeout()
         expired = [bid for bid, fl in self.batches.items() if fl.sent_at <= deadline]
         for bid in expired:
-            fl = self.batches.pop(bid)
-            self.records -= fl.count
-            self.counters.batches_resent += 1
+            fl = self._give_up(bid)
             if fl.backlog:
-                self.backlog_batches -= 1
                 self.pacer.on_timeout()
             log.info("batch_ack_timeout", records=fl.count, first=fl.ranges[0][0],
                      timeout_s=self.ack_timeout())
@@ -206,19 +203,26 @@ class AckLedger:
         return bool(self._suspects) and self._suspects.issuperset(self.batches)
 
     def _settle_suspects(self) -> None:
-        """Forget the suspects still in flight. The timeout does not grow (central was away,
-        not overloaded) and the pacer starts afresh, as on a new connection."""
+        """Forget the suspects still in flight. Unlike `expire`, the timeout does not grow
+        and the pacer starts afresh, as on a new connection: central was away, not
+        overloaded, so nothing says the link or central is slow."""
         lost = [bid for bid in self._suspects if bid in self.batches]
         self._suspects.clear()
         for bid in lost:
-            fl = self.batches.pop(bid)
-            self.records -= fl.count
-            self.backlog_batches -= fl.backlog
-        self.counters.batches_resent += len(lost)
+            self._give_up(bid)
         self._timeout_factor = 1
         if lost:
             self.pacer.reset()
             log.info("central_online_resend", batches=len(lost))
+
+    def _give_up(self, bid: int) -> _InFlight:
+        """Forget batch `bid` with its records unacked, so they are read out and sent again
+        (`expire`, `_settle_suspects`); what it says about the link is the caller's."""
+        fl = self.batches.pop(bid)
+        self.records -= fl.count
+        self.backlog_batches -= fl.backlog
+        self.counters.batches_resent += 1
+        return fl
 
     def next_expiry_in(self) -> float:
         if not self.batches:
