@@ -5,7 +5,8 @@ Two connections: a writer (ingest, state, birth) and a reader (the API), so read
 behind a large ingest transaction. Each is used by one task at a time and reopened after the
 server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
 `COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
-not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
+not `INSERT ... ON CONFLICT`), staged before the transaction where it can be
+(`prepare_write`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,

@@ -16,6 +16,9 @@ commit); the rest cannot collide and is COPYed in. The primary key still guards 
 collision would fail the write and roll it back (the batch comes again), never store a row
 twice. The usual batch, plain readings, is staged and COPYed column by column without a
 Python object per record (`central.storage.postgres_plain`); any other record by record.
+Staging needs nothing from the database but the point ids (`stage_write`), so the ingest
+stages a group while the group before it is still being written, and the transaction
+(`write_staged`) holds the writer only for the database's work.
 
 Only the new rows count as inserted and feed the aggregates' pending set
 (`central.storage.aggregates`); a held copy with a suspect time may be replaced by a corrected
