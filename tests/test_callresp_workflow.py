@@ -305,6 +305,8 @@ async def test_a_new_warning_leaves_out_a_retired_gateways_terminals(kind: str,
             "level": "blue", "text": "提醒", "persons": ["p-st"]}), 201)
         assert [(t["ref"], t["terminals"]) for t in w["targets"]] == [("p-st", ["t-3", "t-4"])]
         assert [(s["terminal"], s["person"]) for s in w["skipped"]] == [("t-3", "p-st")]
+        person = next(x for x in await ok(c.get("/api/callresp/persons")) if x["id"] == "p-st")
+        assert (person["terminals"], person["retired_terminals"]) == (["t-4"], ["t-3"])
         (sent,) = steps(w, "sent")
         assert len(sent["detail"]["cmd_ids"]) == 1  # gateway 2's: none decided for gateway 1
         assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW2}))) == [

@@ -16,9 +16,9 @@ Operators issue warnings; every target must lie within the user's area (403 othe
 reads show only targets within it (DESIGN.md §8).
 
 The terminals of a retired gateway are out of service, as the gateway is out of the gateway
-lists: `GET terminals` leaves them out, and `GET groups` lists a group's terminals in service
-under `terminals` and the others under `retired_terminals` (so a group that would now call
-fewer terminals says so). An unretire lists them again.
+lists: `GET terminals` leaves them out, and `GET groups` and `GET persons` list the terminals
+in service under `terminals` and the others under `retired_terminals` (so a group that would
+now call fewer terminals says so). An unretire lists them again.
 """
 
 from __future__ import annotations
@@ -154,6 +154,18 @@ async def _visible_entries(request: Request, p: Principal,
             if p.sees(_area_path(areas, e.area_id))]
 
 
+async def _retired_apart(request: Request,
+                         entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups or persons as JSON objects, the terminals on retired gateways moved from
+    `terminals` to `retired_terminals` (a warning calls only the first)."""
+    st = _service(request).storage
+    retired = await st.run(retired_set_program, write=False)
+    gw_of = {t.id: t.gw for t in await st.run(terminals_program, write=False)}
+    return [{**e, "terminals": [t for t in e["terminals"] if gw_of.get(t) not in retired],
+             "retired_terminals": [t for t in e["terminals"] if gw_of.get(t) in retired]}
+            for e in entries]
+
+
 def _visible(p: Principal) -> Callable[[str | None], bool]:
     return p.sees
 
@@ -243,14 +255,12 @@ def install(app: FastAPI) -> None:
         """The groups whose every terminal lies in the user's area (those a warning may name),
         their terminals on retired gateways apart."""
         st = _service(request).storage
-        visible = {t["id"]: t["gw"] for t in await _visible_entries(request, p,
-                                                                     terminals_program)}
-        retired = await st.run(retired_set_program, write=False)
-        return [{**asdict(g), "terminals": [t for t in g.terminals if visible[t] not in retired],
-                 "retired_terminals": [t for t in g.terminals if visible[t] in retired]}
-                for g in await st.run(groups_program, write=False)
-                if visible.keys() >= set(g.terminals)]
+        visible = {t["id"] for t in await _visible_entries(request, p, terminals_program)}
+        return await _retired_apart(request, [asdict(g) for g in await st.run(
+            groups_program, write=False) if visible.issuperset(g.terminals)])
 
     @app.get("/api/callresp/persons", tags=tags)
     async def list_persons(request: Request, p: Reader) -> list[dict[str, Any]]:
-        return await _visible_entries(request, p, persons_program)
+        """The persons in the user's area, their terminals on retired gateways apart."""
+        return await _retired_apart(request,
+                                    await _visible_entries(request, p, persons_program))
