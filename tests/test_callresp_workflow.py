@@ -263,6 +263,12 @@ async def test_a_send_issued_before_a_crash_is_not_issued_again(tmp_path: Path) 
 # --- retired gateways -----------------------------------------------------------------------
 
 
+async def street_warning(c: httpx.AsyncClient, areas: dict[str, Any]) -> dict[str, Any]:
+    """A red warning to every terminal of the street (the answer to its POST)."""
+    return await ok(c.post("/api/callresp/warnings", json={
+        "level": "red", "text": "暴雨红色预警", "areas": [areas["street"]["id"]]}), 201)
+
+
 async def retire(c: httpx.AsyncClient, gw: str) -> None:
     await ok(c.post(f"/api/gateways/{gw}/retire", json={"reason": "decommissioned"}))
 
@@ -288,8 +294,7 @@ async def test_a_new_warning_leaves_out_a_retired_gateways_terminals(kind: str,
         (g,) = await ok(c.get("/api/callresp/groups"))
         assert (g["terminals"], g["retired_terminals"]) == (["t-4"], ["t-1"])
 
-        w = await ok(c.post("/api/callresp/warnings", json={
-            "level": "red", "text": "暴雨红色预警", "areas": [areas["street"]["id"]]}), 201)
+        w = await street_warning(c, areas)
         assert [t["ref"] for t in w["targets"]] == ["t-4", "t-5"]
         assert w["skipped"] == [
             {"terminal": f"t-{i}", "gw": GW1, "person": None, "reason": "gateway_retired",
@@ -339,8 +344,7 @@ async def test_retired_mid_warning_its_targets_are_cancelled_not_escalated(
     async with serve(kind, tmp_path) as (app, c):
         areas = await street(app, c)
         svc: CallRespService = app.state.callresp
-        w = await ok(c.post("/api/callresp/warnings", json={
-            "level": "red", "text": "暴雨红色预警", "areas": [areas["street"]["id"]]}), 201)
+        w = await street_warning(c, areas)
         wid, t0 = w["id"], w["created_ms"]
         await svc.apply_batch(DataBatch(gw=GW1, stream="s1", records=(
             event(1, EventType.ACK, wid, "t-1", t0 + 100),
@@ -391,8 +395,7 @@ async def test_retired_between_a_step_and_its_send(tmp_path: Path) -> None:
     async with serve("sqlite", tmp_path) as (app, c):
         areas = await street(app, c)
         svc: CallRespService = app.state.callresp
-        w = await ok(c.post("/api/callresp/warnings", json={
-            "level": "red", "text": "演练", "areas": [areas["street"]["id"]]}), 201)
+        w = await street_warning(c, areas)
         t0, d = w["created_ms"], int(DEADLINE_S * 1000)
         assert len(await svc.fire_due(now_ms=t0 + d + 1)) == 5  # re-sends, not yet issued
         await retire(c, GW1)

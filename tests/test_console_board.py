@@ -8,7 +8,16 @@ from pathlib import Path
 from central.callresp.service import CallRespService
 from protocols.callresp import EventType
 from protocols.envelope import DataBatch
-from tests.test_callresp_workflow import DEADLINE_S, GW1, GW2, event, ok, serve, street
+from tests.test_callresp_workflow import (
+    DEADLINE_S,
+    GW1,
+    GW2,
+    event,
+    ok,
+    serve,
+    street,
+    street_warning,
+)
 
 
 async def test_board_counts_answers_resends_and_escalations(tmp_path: Path) -> None:
@@ -98,8 +107,7 @@ async def test_a_retired_gateways_terminals_leave_the_map_and_its_targets_show_c
         await ok(c.put(f"/api/areas/{areas['street']['id']}/position",
                        json={"lat": 30.60, "lon": 114.30}))
         svc: CallRespService = app.state.callresp
-        await ok(c.post("/api/callresp/warnings", json={
-            "level": "red", "text": "暴雨红色预警", "areas": [areas["street"]["id"]]}), 201)
+        await street_warning(c, areas)
         await ok(c.post(f"/api/gateways/{GW1}/retire", json={"reason": "decommissioned"}))
         await svc.step()
         (b,) = (await ok(c.get("/api/console/board")))["warnings"]
