@@ -411,3 +411,32 @@ async def test_retired_between_a_step_and_its_send(tmp_path: Path) -> None:
             ("4", "resent", True), ("5", "resent", True)]
         assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW1}))) == [
             ("t-1", "t-2", "t-3")]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_a_version_2_database_gains_closed_reason(kind: str, tmp_path: Path) -> None:
+    """A database at 叫应 schema version 2 (before `closed_reason`) is migrated to 3 on open
+    and keeps its targets, which have no reason."""
+    from central.callresp import schema
+    from central.storage import open_storage
+    from central.storage.program import Sql
+
+    def at_version_2(pg: bool) -> Any:
+        yield Sql(f"CREATE TABLE {schema.VERSION_TABLE} (version INTEGER NOT NULL)")
+        for version, fn in enumerate(schema.MIGRATIONS[:2], start=1):
+            for stmt in fn(pg):
+                yield Sql(stmt)
+            yield Sql(f"INSERT INTO {schema.VERSION_TABLE} (version) VALUES (?)", (version,))
+        yield Sql("INSERT INTO cr_targets (id, warning_id, n, kind, ref, state, attempts,"
+                  " created_ms) VALUES ('w.1', 'w', 1, 'terminal', 't-1', 'sent', 1, 0)")
+
+    def reason() -> Any:
+        return (yield Sql("SELECT id, closed_reason FROM cr_targets"))
+
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path}/c.db" if kind == "sqlite"
+               else stack.enter_context(pg_schema()))
+        async with open_storage(url) as st:
+            await st.run(lambda: at_version_2(kind == "postgres"))
+            assert await st.run(lambda: schema.migrate_program(kind == "postgres")) == 3
+            assert [tuple(r) for r in await st.run(reason)] == [("w.1", None)]
