@@ -199,3 +199,44 @@ def test_central_killed_mid_workflow_keeps_every_deadline(round_: Round) -> None
     timed = [s["at_ms"] for s in w["steps"] if s["due_ms"] is not None]
     # mid-workflow: re-sends before the kill, and re-sends and escalations after it
     assert sum(t < killed_ms for t in timed) == 2 and sum(t > killed_ms for t in timed) == 6
+
+
+def test_gateway_retired_mid_warning_and_before_the_next(round_: Round) -> None:
+    """gw-cr-a retired while a warning runs (t-1 and t-2 answered, t-3 silent): t-3 ends
+    cancelled, plays no more and escalates nowhere, while gw-cr-b's silent t-5 is re-sent and
+    escalated as before; a warning issued after the retire leaves gw-cr-a's terminals out
+    (named as skipped) and plays nothing there."""
+    r = round_
+    gwa, gwb = r.gws["gw-cr-a"], r.gws["gw-cr-b"]
+    wid = _issue(r)
+
+    def states(w: str) -> dict[str, str]:
+        return {t["ref"]: t["state"] for t in r.warning(w).get("targets", [])}
+
+    wait_for(lambda: states(wid).get("t-1") == states(wid).get("t-2") == "answered",
+             timeout=DEADLINE_S / 2, interval=0.1, what="t-1 and t-2 answered")
+    rsp = r.admin.post("/api/gateways/gw-cr-a/retire", json={"reason": "设备拆除，不再使用", "force": True})
+    assert rsp.status_code == 200, rsp.text
+    wait_for(lambda: states(wid).get("t-3") == "cancelled", timeout=DEADLINE_S / 2,
+             interval=0.1, what=f"t-3 cancelled; central:\n{r.central.tail(20)}")
+    rsp = r.operator.post("/api/callresp/warnings", json={
+        "level": "red", "text": "暴雨红色预警：请立即组织人员转移", "areas": [r.street]})
+    assert rsp.status_code == 201, rsp.text
+    wid2 = rsp.json()["id"]
+    assert [t["ref"] for t in rsp.json()["targets"]] == ["t-4", "t-5"]
+    assert [(s["terminal"], s["reason"]) for s in rsp.json()["skipped"]] == [
+        ("t-1", "gateway_retired"), ("t-2", "gateway_retired"), ("t-3", "gateway_retired")]
+
+    for w in (wid, wid2):
+        wait_for(lambda w=w: _boss_answered(r, w), timeout=4 * DEADLINE_S + 40, interval=0.5,
+                 what=f"the person in charge answered {w}; central:\n{r.central.tail(20)}")
+    assert states(wid) == {"t-1": "answered", "t-2": "answered", "t-3": "cancelled",
+                           "t-4": "answered", "t-5": "escalated", "p-dist": "answered"}
+    assert states(wid2) == {"t-4": "answered", "t-5": "escalated", "p-dist": "answered"}
+    escalated = [s["target_id"] for s in r.warning(wid)["steps"] if s["step"] == "escalated"]
+    assert escalated == [next(t["id"] for t in r.warning(wid)["targets"] if t["ref"] == "t-5")]
+    assert [gwa.play_count(wid, t) for t in ("t-1", "t-2", "t-3")] == [1, 1, 1]
+    assert gwb.play_count(wid, "t-5") == gwb.play_count(wid2, "t-5") == 4
+    assert not [key for key in gwa.plays if key[0] == wid2]
+    rows = r.auditor.get("/api/audit", params={"action": "callresp.cancelled"}).json()
+    assert [(a["detail"]["warning"], a["detail"]["gw"]) for a in rows] == [(wid, "gw-cr-a")]

@@ -258,3 +258,185 @@ async def test_a_send_issued_before_a_crash_is_not_issued_again(tmp_path: Path) 
         await svc.storage.run(forget)
         assert await svc.issue_pending() == 0
         assert len(await ok(c.get("/api/commands"))) == before == 2
+
+
+# --- retired gateways -----------------------------------------------------------------------
+
+
+async def street_warning(c: httpx.AsyncClient, areas: dict[str, Any]) -> dict[str, Any]:
+    """A red warning to every terminal of the street (the answer to its POST)."""
+    return await ok(c.post("/api/callresp/warnings", json={
+        "level": "red", "text": "暴雨红色预警", "areas": [areas["street"]["id"]]}), 201)
+
+
+async def retire(c: httpx.AsyncClient, gw: str) -> None:
+    await ok(c.post(f"/api/gateways/{gw}/retire", json={"reason": "decommissioned"}))
+
+
+def play_terminals(cmds: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    return sorted(tuple(x["args"]["terminals"]) for x in cmds)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_a_new_warning_leaves_out_a_retired_gateways_terminals(kind: str,
+                                                                      tmp_path: Path) -> None:
+    """With gateway 1 retired: its terminals are not listed, a group lists them apart, a
+    warning to the street calls only gateway 2's terminals and names the others skipped, a
+    warning to its terminals alone is refused (409, nothing stored or sent); unretired, they
+    are listed and called again."""
+    async with serve(kind, tmp_path) as (app, c):
+        areas = await street(app, c)
+        await ok(c.put("/api/callresp/groups/g-mix", json={"name": "混合",
+                                                           "terminals": ["t-1", "t-4"]}))
+        await retire(c, GW1)
+        listed = [t["id"] for t in await ok(c.get("/api/callresp/terminals"))]
+        assert listed == ["d-1", "t-4", "t-5"]
+        (g,) = await ok(c.get("/api/callresp/groups"))
+        assert (g["terminals"], g["retired_terminals"]) == (["t-4"], ["t-1"])
+
+        w = await street_warning(c, areas)
+        assert [t["ref"] for t in w["targets"]] == ["t-4", "t-5"]
+        assert w["skipped"] == [
+            {"terminal": f"t-{i}", "gw": GW1, "person": None, "reason": "gateway_retired",
+             "reason_zh": "网关已退役"} for i in (1, 2, 3)]
+        assert await ok(c.get("/api/commands", params={"gw": GW1})) == []
+        assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW2}))) == [
+            ("t-4", "t-5")]
+
+        # A person stays a target, called on their terminals in service only.
+        await ok(c.put("/api/callresp/persons/p-st", json={
+            "name": "网格员", "area_id": areas["street"]["id"], "terminals": ["t-3", "t-4"]}))
+        w = await ok(c.post("/api/callresp/warnings", json={
+            "level": "blue", "text": "提醒", "persons": ["p-st"]}), 201)
+        assert [(t["ref"], t["terminals"]) for t in w["targets"]] == [("p-st", ["t-3", "t-4"])]
+        assert [(s["terminal"], s["person"]) for s in w["skipped"]] == [("t-3", "p-st")]
+        person = next(x for x in await ok(c.get("/api/callresp/persons")) if x["id"] == "p-st")
+        assert (person["terminals"], person["retired_terminals"]) == (["t-4"], ["t-3"])
+        (sent,) = steps(w, "sent")
+        assert len(sent["detail"]["cmd_ids"]) == 1  # gateway 2's: none decided for gateway 1
+        assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW2}))) == [
+            ("t-4",), ("t-4", "t-5")]
+
+        r = await c.post("/api/callresp/warnings", json={
+            "level": "red", "text": "演练", "terminals": ["t-1", "t-2"], "groups": []})
+        assert r.status_code == 409, r.text
+        assert r.json()["detail"].startswith("所选终端所在网关均已退役") and GW1 in r.json()["detail"]
+        assert len(await ok(c.get("/api/callresp/warnings"))) == 2
+        assert await ok(c.get("/api/commands", params={"gw": GW1})) == []
+
+        await ok(c.post(f"/api/gateways/{GW1}/unretire", json={"reason": "repaired"}))
+        assert len(await ok(c.get("/api/callresp/terminals"))) == 6
+        (g,) = await ok(c.get("/api/callresp/groups"))
+        assert (g["terminals"], g["retired_terminals"]) == (["t-1", "t-4"], [])
+        w = await ok(c.post("/api/callresp/warnings", json={
+            "level": "red", "text": "演练", "terminals": ["t-1", "t-2"]}), 201)
+        assert [t["ref"] for t in w["targets"]] == ["t-1", "t-2"] and w["skipped"] == []
+        assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW1}))) == [
+            ("t-1", "t-2")]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_retired_mid_warning_its_targets_are_cancelled_not_escalated(
+        kind: str, tmp_path: Path) -> None:
+    """Gateway 1 retired while a warning runs: its open targets end `cancelled` at the
+    scheduler's next round (its answered one stays answered), once, audited; no command goes
+    to it again and only gateway 2's silent terminal is re-sent and escalated."""
+    async with serve(kind, tmp_path) as (app, c):
+        areas = await street(app, c)
+        svc: CallRespService = app.state.callresp
+        w = await street_warning(c, areas)
+        wid, t0 = w["id"], w["created_ms"]
+        await svc.apply_batch(DataBatch(gw=GW1, stream="s1", records=(
+            event(1, EventType.ACK, wid, "t-1", t0 + 100),
+            event(2, EventType.DELIVERED, wid, "t-2", t0 + 100))))
+        await svc.apply_batch(DataBatch(gw=GW2, stream="s2", records=(
+            event(1, EventType.ACK, wid, "t-4", t0 + 100),)))
+        await retire(c, GW1)
+        await svc.step()
+        await svc.step()  # a second round finds nothing more to cancel
+        assert await svc.cancel_retired() == []
+
+        d = int(DEADLINE_S * 1000)
+        for k in range(1, 5):
+            fired = await svc.fire_due(now_ms=t0 + k * d + k)
+            assert [(s.target_id, s.step) for s in fired] == [
+                (f"{wid}.5", "resent" if k < 4 else "escalated")]
+            await svc.issue_pending()
+
+        w = await ok(c.get(f"/api/callresp/warnings/{wid}"))
+        by = {t["ref"]: t for t in w["targets"]}
+        assert {r: (t["state"], t["closed_reason"]) for r, t in by.items()} == {
+            "t-1": ("answered", None), "t-2": ("cancelled", "gateway_retired"),
+            "t-3": ("cancelled", "gateway_retired"), "t-4": ("answered", None),
+            "t-5": ("escalated", None), "p-dist": ("sent", None)}
+        assert by["t-3"]["due_ms"] is None and by["t-3"]["attempts"] == 1
+        assert by["p-dist"]["escalated_from"] == by["t-5"]["id"]
+        cancelled = steps(w, "cancelled")
+        assert sorted(s["target_id"] for s in cancelled) == [by["t-2"]["id"], by["t-3"]["id"]]
+        assert all(s["detail"] == {"reason": "gateway_retired", "gw": GW1} for s in cancelled)
+        assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW1}))) == [
+            ("t-1", "t-2", "t-3")]
+        assert svc.counters.cancelled == 2 and svc.counters.escalations == 1
+
+        auditor = await token_for(app, c, "aud", role="auditor")
+        rows = await ok(c.get("/api/audit", params={"action": "callresp.cancelled"},
+                              headers=auth(auditor)))
+        assert len(rows) == 2
+        (ws,) = (await ok(c.get("/api/callresp/stats")))["by_warning"]
+        assert (ws["targets"], ws["answered"]) == (4, 2)  # the cancelled two not counted
+
+
+async def test_retired_between_a_step_and_its_send(tmp_path: Path) -> None:
+    """Re-sends decided just before gateway 1 is retired are withheld from it (marked
+    `gateway_retired`); at their next due time its targets are cancelled there and then,
+    even with no round of the scheduler in between (another worker retired it)."""
+    from central.storage.program import Sql
+
+    async with serve("sqlite", tmp_path) as (app, c):
+        areas = await street(app, c)
+        svc: CallRespService = app.state.callresp
+        w = await street_warning(c, areas)
+        t0, d = w["created_ms"], int(DEADLINE_S * 1000)
+        assert len(await svc.fire_due(now_ms=t0 + d + 1)) == 5  # re-sends, not yet issued
+        await retire(c, GW1)
+        assert await svc.issue_pending() == 1  # gateway 2's only
+
+        def withheld() -> Any:
+            return (yield Sql("SELECT DISTINCT gw, error FROM cr_sends WHERE error IS NOT NULL"))
+
+        assert [tuple(r) for r in await svc.storage.run(withheld)] == [(GW1, "gateway_retired")]
+        fired = await svc.fire_due(now_ms=t0 + 2 * d + 2)
+        assert sorted((s.target_id[-1], s.step, s.due_ms is not None) for s in fired) == [
+            ("1", "cancelled", True), ("2", "cancelled", True), ("3", "cancelled", True),
+            ("4", "resent", True), ("5", "resent", True)]
+        assert play_terminals(await ok(c.get("/api/commands", params={"gw": GW1}))) == [
+            ("t-1", "t-2", "t-3")]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_a_version_2_database_gains_closed_reason(kind: str, tmp_path: Path) -> None:
+    """A database at 叫应 schema version 2 (before `closed_reason`) is migrated to 3 on open
+    and keeps its targets, which have no reason."""
+    from central.callresp import schema
+    from central.storage import open_storage
+    from central.storage.program import Sql
+
+    def at_version_2(pg: bool) -> Any:
+        yield Sql(f"CREATE TABLE {schema.VERSION_TABLE} (version INTEGER NOT NULL)")
+        for version, fn in enumerate(schema.MIGRATIONS[:2], start=1):
+            for stmt in fn(pg):
+                yield Sql(stmt)
+            yield Sql(f"INSERT INTO {schema.VERSION_TABLE} (version) VALUES (?)", (version,))
+        yield Sql("INSERT INTO cr_targets (id, warning_id, n, kind, ref, state, attempts,"
+                  " created_ms) VALUES ('w.1', 'w', 1, 'terminal', 't-1', 'sent', 1, 0)")
+
+    def reason() -> Any:
+        return (yield Sql("SELECT id, closed_reason FROM cr_targets"))
+
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path}/c.db" if kind == "sqlite"
+               else stack.enter_context(pg_schema()))
+        async with open_storage(url) as st:
+            await st.run(lambda: at_version_2(kind == "postgres"))
+            assert await st.run(lambda: schema.migrate_program(kind == "postgres")) == 3
+            assert [tuple(r) for r in await st.run(reason)] == [("w.1", None)]

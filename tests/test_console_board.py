@@ -8,7 +8,16 @@ from pathlib import Path
 from central.callresp.service import CallRespService
 from protocols.callresp import EventType
 from protocols.envelope import DataBatch
-from tests.test_callresp_workflow import DEADLINE_S, GW1, GW2, event, ok, serve, street
+from tests.test_callresp_workflow import (
+    DEADLINE_S,
+    GW1,
+    GW2,
+    event,
+    ok,
+    serve,
+    street,
+    street_warning,
+)
 
 
 async def test_board_counts_answers_resends_and_escalations(tmp_path: Path) -> None:
@@ -86,3 +95,28 @@ async def test_terminals_stand_at_their_own_position_else_their_areas(tmp_path: 
             "name_zh": "另一区"}), 201)
         assert (await ok(c.get("/api/console/overview", params={"area": other["id"]}))
                 )["terminals"] == []
+
+
+async def test_a_retired_gateways_terminals_leave_the_map_and_its_targets_show_cancelled(
+        tmp_path: Path) -> None:
+    """Gateway 1 retired mid-warning: on the board its open targets stand cancelled with the
+    reason and no deadline, waiting for nobody; its terminals leave the map (as the gateway
+    does) and come back with an unretire."""
+    async with serve("sqlite", tmp_path) as (app, c):
+        areas = await street(app, c)
+        await ok(c.put(f"/api/areas/{areas['street']['id']}/position",
+                       json={"lat": 30.60, "lon": 114.30}))
+        svc: CallRespService = app.state.callresp
+        await street_warning(c, areas)
+        await ok(c.post(f"/api/gateways/{GW1}/retire", json={"reason": "decommissioned"}))
+        await svc.step()
+        (b,) = (await ok(c.get("/api/console/board")))["warnings"]
+        by = {t["ref"]: t for t in b["targets"]}
+        assert [(by[f"t-{i}"]["state"], by[f"t-{i}"]["closed_reason"], by[f"t-{i}"]["due_ms"])
+                for i in (1, 4)] == [("cancelled", "gateway_retired", None),
+                                     ("sent", None, by["t-4"]["due_ms"])]
+        assert (b["open"], b["waiting"]) == (True, 2)
+        overview = await ok(c.get("/api/console/overview"))
+        assert sorted(t["id"] for t in overview["terminals"]) == ["t-4", "t-5"]
+        await ok(c.post(f"/api/gateways/{GW1}/unretire", json={"reason": "repaired"}))
+        assert len((await ok(c.get("/api/console/overview")))["terminals"]) == 5

@@ -3,6 +3,8 @@ the app's lifespan (after storage, audit log, commands and ingest are up; stoppe
 
     POST /api/callresp/warnings            {level, text, repeat?, areas, groups, persons,
                                             terminals} -> 201, the warning with its targets
+                                            and `skipped`: the terminals left out (on a
+                                            retired gateway); 409 if that is all of them
     GET  /api/callresp/warnings?from=&to=&limit=        -> newest first, targets' states
     GET  /api/callresp/warnings/{id}                    -> targets, states, every step timed
     GET  /api/callresp/stats?from=&to=                  -> answer rate, time to answer per
@@ -12,6 +14,11 @@ the app's lifespan (after storage, audit log, commands and ingest are up; stoppe
 
 Operators issue warnings; every target must lie within the user's area (403 otherwise), and
 reads show only targets within it (DESIGN.md §8).
+
+The terminals of a retired gateway are out of service, as the gateway is out of the gateway
+lists: `GET terminals` leaves them out, and `GET groups` and `GET persons` list the terminals
+in service under `terminals` and the others under `retired_terminals` (so a group that would
+now call fewer terminals says so). An unretire lists them again.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from central.callresp.directory import (
 )
 from central.callresp.service import CallRespService
 from central.callresp.views import stats, warning_program, warnings_program
-from central.callresp.workflow import WarningRequestError
+from central.callresp.workflow import TargetsRetiredError, WarningRequestError
 from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
+from central.identity.retire import retired_set_program
 from central.storage.program import Program
 from central.web.bounds import IdField
 from central.web.problems import install_problems
@@ -146,6 +154,18 @@ async def _visible_entries(request: Request, p: Principal,
             if p.sees(_area_path(areas, e.area_id))]
 
 
+async def _retired_apart(request: Request,
+                         entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups or persons as JSON objects, the terminals on retired gateways moved from
+    `terminals` to `retired_terminals` (a warning calls only the first)."""
+    st = _service(request).storage
+    retired = await st.run(retired_set_program, write=False)
+    gw_of = {t.id: t.gw for t in await st.run(terminals_program, write=False)}
+    return [{**e, "terminals": [t for t in e["terminals"] if gw_of.get(t) not in retired],
+             "retired_terminals": [t for t in e["terminals"] if gw_of.get(t) in retired]}
+            for e in entries]
+
+
 def _visible(p: Principal) -> Callable[[str | None], bool]:
     return p.sees
 
@@ -153,7 +173,8 @@ def _visible(p: Principal) -> Callable[[str | None], bool]:
 def install(app: FastAPI) -> None:
     """Add the 叫应 routes (the app's lifespan starts the service: `central.app._start`)."""
 
-    install_problems(app, {WarningRequestError: (422, "Invalid warning")})
+    install_problems(app, {WarningRequestError: (422, "Invalid warning"),
+                           TargetsRetiredError: (409, "Gateway retired")})
 
     tags: list[str | enum.Enum] = ["callresp"]
 
@@ -162,11 +183,12 @@ def install(app: FastAPI) -> None:
     async def create(request: Request, body: WarningIn, p: Operator) -> dict[str, Any]:
         svc = _service(request)
         await _check_scope(svc, p, body)
-        wid = await svc.create(level=body.level, text=body.text, user=p.name,
-                               repeat=body.repeat, areas=body.areas, groups=body.groups,
-                               persons=body.persons, terminals=body.terminals)
-        return asdict(await svc.storage.run(lambda: warning_program(wid, _visible(p)),
-                                            write=False))
+        issued = await svc.create(level=body.level, text=body.text, user=p.name,
+                                  repeat=body.repeat, areas=body.areas, groups=body.groups,
+                                  persons=body.persons, terminals=body.terminals)
+        view = await svc.storage.run(lambda: warning_program(issued.warning_id, _visible(p)),
+                                     write=False)
+        return {**asdict(view), "skipped": [asdict(s) for s in issued.skipped]}
 
     @app.get("/api/callresp/warnings", tags=tags)
     async def list_warnings(
@@ -223,16 +245,22 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/callresp/terminals", tags=tags)
     async def list_terminals(request: Request, p: Reader) -> list[dict[str, Any]]:
-        return await _visible_entries(request, p, terminals_program)
+        """The terminals in the user's area, but those on retired gateways."""
+        retired = await _service(request).storage.run(retired_set_program, write=False)
+        return [t for t in await _visible_entries(request, p, terminals_program)
+                if t["gw"] not in retired]
 
     @app.get("/api/callresp/groups", tags=tags)
     async def list_groups(request: Request, p: Reader) -> list[dict[str, Any]]:
-        """The groups whose every terminal lies in the user's area (those a warning may name)."""
+        """The groups whose every terminal lies in the user's area (those a warning may name),
+        their terminals on retired gateways apart."""
         st = _service(request).storage
         visible = {t["id"] for t in await _visible_entries(request, p, terminals_program)}
-        return [asdict(g) for g in await st.run(groups_program, write=False)
-                if visible.issuperset(g.terminals)]
+        return await _retired_apart(request, [asdict(g) for g in await st.run(
+            groups_program, write=False) if visible.issuperset(g.terminals)])
 
     @app.get("/api/callresp/persons", tags=tags)
     async def list_persons(request: Request, p: Reader) -> list[dict[str, Any]]:
-        return await _visible_entries(request, p, persons_program)
+        """The persons in the user's area, their terminals on retired gateways apart."""
+        return await _retired_apart(request,
+                                    await _visible_entries(request, p, persons_program))

@@ -7,7 +7,8 @@ under an advisory lock, so workers starting together migrate once). Never reorde
   the directory (`central.callresp.directory`).
 - `cr_warnings`: one row per warning: level, text, deadline and re-sends fixed at creation.
 - `cr_targets`: one row per called target (a terminal, or a person on their terminals) with
-  its state, step times, attempts and `due_ms`, the durable timer (NULL: nothing pending).
+  its state, step times, attempts and `due_ms`, the durable timer (NULL: nothing pending);
+  `closed_reason` when it closed without an answer for a reason of its own (`cancelled`).
 - `cr_target_terminals`: which terminals answer for which target.
 - `cr_steps`: every step, timed (`due_ms` planned, `at_ms` done); unique per (target, step,
   attempt), so nothing is recorded twice.
@@ -87,7 +88,13 @@ def _m002(pg: bool) -> list[str]:
             f"ALTER TABLE cr_terminals ADD COLUMN lon {real}"]
 
 
-MIGRATIONS: list[Callable[[bool], list[str]]] = [_m001, _m002]
+def _m003(pg: bool) -> list[str]:
+    """Why a target closed without an answer, where the state alone does not say: a target
+    `cancelled` because its terminal's gateway was retired (`gateway_retired`)."""
+    return ["ALTER TABLE cr_targets ADD COLUMN closed_reason TEXT"]
+
+
+MIGRATIONS: list[Callable[[bool], list[str]]] = [_m001, _m002, _m003]
 
 
 def migrate_program(pg: bool) -> Program[int]:

@@ -8,6 +8,11 @@ recorded in `cr_sends` through central's command service, with the cmd_id the st
 central killed between the two issues it on restart, and an id issued already is refused by
 the command store (`DuplicateCommandError`), so a command never goes out twice for one step.
 
+Each round also reads the retired gateways; when one was retired since the last look, its
+open terminal targets are cancelled at once (`workflow.cancel_retired_program`), and a send
+decided for a gateway retired before it was issued is withheld (marked with the error
+`gateway_retired`), so nothing is played, re-sent or escalated for hardware that is gone.
+
 `apply_batch` is an ingest batch hook: the 叫应 EVENT records of a committed batch move their
 targets (idempotently); a storage failure raises, so ingest withholds the ack and the gateway
 sends the batch again.
@@ -29,9 +34,13 @@ from central.callresp.directory import AreaRef, areas_program
 from central.callresp.schema import migrate_program
 from central.callresp.settings import CallRespSettings
 from central.callresp.workflow import (
+    CANCELLED,
+    GATEWAY_RETIRED,
+    SkippedTerminal,
     Step,
     WarningSpec,
     apply_event_program,
+    cancel_retired_program,
     create_program,
     fire_due_program,
     next_due_program,
@@ -39,6 +48,7 @@ from central.callresp.workflow import (
 from central.commands.dispatch import CommandService
 from central.commands.store import CommandStoreError, DuplicateCommandError
 from central.identity.audit import AuditLog
+from central.identity.retire import retired_set_program
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
 from protocols.callresp import (
@@ -64,6 +74,7 @@ class CallRespCounters(Counters):
     resends: int = 0
     escalations: int = 0
     exhausted: int = 0
+    cancelled: int = 0  # targets whose gateway was retired
     issued: int = 0
     issue_refused: int = 0
     events: int = 0
@@ -71,6 +82,14 @@ class CallRespCounters(Counters):
     events_malformed: int = 0
     late_steps: int = 0
     max_lateness_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A warning created, and the terminals it left out (on retired gateways)."""
+
+    warning_id: str
+    skipped: tuple[SkippedTerminal, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +146,7 @@ class CallRespService:
     counters: CallRespCounters = field(default_factory=CallRespCounters, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     _failing: bool = field(default=False, init=False, repr=False)
+    _retired: frozenset[str] = field(default=frozenset(), init=False, repr=False)
 
     async def open(self) -> None:
         version = await self.storage.run(lambda: migrate_program(self.postgres))
@@ -137,10 +157,12 @@ class CallRespService:
     async def create(self, *, level: Level | str, text: str, user: str,
                      repeat: int | None = None, areas: Sequence[int] = (),
                      groups: Sequence[str] = (), persons: Sequence[str] = (),
-                     terminals: Sequence[str] = (), now_ms: int | None = None) -> str:
-        """Store a warning, send it to its targets (commands issued at once); its id.
+                     terminals: Sequence[str] = (), now_ms: int | None = None) -> Issued:
+        """Store a warning, send it to its targets (commands issued at once) but the
+        terminals on retired gateways; its id and those terminals.
 
-        Raises `UnknownEntryError` (404), `WarningRequestError` (422)."""
+        Raises `UnknownEntryError` (404), `WarningRequestError` (422),
+        `TargetsRetiredError` (409)."""
         now = clock.now_ms() if now_ms is None else now_ms
         lv = Level(level)
         spec = WarningSpec(warning_id=f"w-{uuid.uuid4().hex[:16]}", level=lv, text=text,
@@ -150,12 +172,14 @@ class CallRespService:
                            areas=tuple(areas), groups=tuple(groups), persons=tuple(persons),
                            terminals=tuple(terminals))
         area_map = await self._areas()
-        wid = await self.storage.run(lambda: create_program(self.audit, spec, area_map, now))
+        wid, skipped = await self.storage.run(
+            lambda: create_program(self.audit, spec, area_map, now))
         self.counters.warnings += 1
-        log.info("callresp_warning_created", warning=wid, warning_level=str(lv), user=user)
+        log.info("callresp_warning_created", warning=wid, warning_level=str(lv), user=user,
+                 skipped=len(skipped))
         await self.issue_pending()
         self._wake.set()
-        return wid
+        return Issued(wid, tuple(skipped))
 
     async def _areas(self) -> dict[int, AreaRef]:
         return await self.storage.run(areas_program, write=False)
@@ -186,6 +210,8 @@ class CallRespService:
             self.counters.escalations += 1
         elif st.step == "exhausted":
             self.counters.exhausted += 1
+        elif st.step == CANCELLED:
+            self.counters.cancelled += 1
         late = st.lateness_ms or 0
         self.counters.max_lateness_ms = max(self.counters.max_lateness_ms, late)
         if late > self.settings.late_after_s * 1000:
@@ -193,11 +219,35 @@ class CallRespService:
         log.info("callresp_step", warning=st.warning_id, target=st.target_id, step=st.step,
                  attempt=st.attempt, due_ms=st.due_ms, lateness_ms=st.lateness_ms)
 
+    async def cancel_retired(self) -> list[Step]:
+        """Cancel the open terminal targets of the gateways retired since the last look
+        (the retired list is small; the targets are searched only when it grew)."""
+        retired = await self.storage.run(retired_set_program, write=False)
+        if retired <= self._retired:
+            self._retired = retired  # an unretire: a later retire is seen again
+            return []
+        now = clock.now_ms()
+        steps = await self.storage.run(lambda: cancel_retired_program(self.audit, now))
+        self._retired = retired
+        for st in steps:
+            self._count(st)
+        if steps:
+            log.warning("callresp_targets_cancelled", reason=GATEWAY_RETIRED, targets=len(steps),
+                        gws=sorted({str(st.detail["gw"]) for st in steps}))
+        return steps
+
     async def issue_pending(self) -> int:
-        """Issue the commands the steps recorded; returns how many were newly issued."""
+        """Issue the commands the steps recorded (withholding those for gateways retired
+        meanwhile); returns how many were newly issued."""
         sends = await self.storage.run(lambda: _pending_sends_program(ISSUE_LIMIT), write=False)
+        retired = frozenset[str]()
+        if sends:
+            retired = await self.storage.run(retired_set_program, write=False)
         issued = 0
         for s in sends:
+            if s.gw in retired:
+                await self._done(s, GATEWAY_RETIRED)
+                continue
             args = {"warning_id": s.warning_id, "level": s.level, "text": s.text,
                     "repeat": s.repeat, "terminals": list(s.terminals)}
             error: str | None = None
@@ -215,16 +265,20 @@ class CallRespService:
                 error = str(exc)
             except CentralError as exc:  # the command service refuses it (bad args)
                 error = str(exc)
-            if error is not None:
-                self.counters.issue_refused += 1
-                log.warning("callresp_send_refused", cmd_id=s.cmd_id, gw=s.gw, error=error)
-            await self.storage.run(
-                lambda c=s.cmd_id, e=error: _mark_issued_program(c, clock.now_ms(), e))  # type: ignore[misc]
+            await self._done(s, error)
         return issued
+
+    async def _done(self, s: _Send, error: str | None) -> None:
+        """Mark a send done; with `error` its command never goes (counted and logged)."""
+        if error is not None:
+            self.counters.issue_refused += 1
+            log.warning("callresp_send_refused", cmd_id=s.cmd_id, gw=s.gw, error=error)
+        await self.storage.run(lambda: _mark_issued_program(s.cmd_id, clock.now_ms(), error))
 
     async def step(self) -> None:
         """One round: fire what is due, issue what was decided."""
         try:
+            await self.cancel_retired()
             await self.fire_due()
             await self.issue_pending()
             if self._failing:

@@ -1,5 +1,6 @@
 """Reads of the 叫应 tables: a warning with its targets and steps, lists, and statistics
-(answer rate and time to answer per warning, area and person)."""
+(answer rate and time to answer per warning, area and person; a target cancelled because its
+gateway was retired counts in none of them: nobody could have answered it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from central.callresp.directory import terminals_by_owner
 from central.callresp.workflow import (
+    CANCELLED,
     KIND_PERSON,
     WARNING_COLUMNS,
     Step,
@@ -40,6 +42,7 @@ class TargetView:
     escalated_to: str | None
     closed_ms: int | None
     due_ms: int | None
+    closed_reason: str | None  # why it closed unanswered when the state does not say
     terminals: tuple[str, ...] = ()
 
 
@@ -51,7 +54,7 @@ class WarningView(WarningRecord):
 
 _T = ("id, kind, ref, area_id, area_path, escalated_from, state, attempts, created_ms, sent_ms,"
       " last_sent_ms, delivered_ms, answered_ms, answered_by, answered_terminal, escalated_ms,"
-      " escalated_to, closed_ms, due_ms")
+      " escalated_to, closed_ms, due_ms, closed_reason")
 _T_FIELDS = [f.strip() for f in _T.split(",")]
 _W_FIELDS = [f.name for f in fields(WarningRecord)]
 
@@ -127,15 +130,19 @@ class Stats:
     by_person: tuple[Tally, ...]
 
 
+def _callable(targets: Sequence[TargetView]) -> list[TargetView]:
+    return [t for t in targets if t.state != CANCELLED]
+
+
 def stats(warnings: Sequence[WarningView]) -> Stats:
     by_area: dict[str, list[TargetView]] = {}
     by_person: dict[str, list[TargetView]] = {}
     for w in warnings:
-        for t in w.targets:
+        for t in _callable(w.targets):
             by_area.setdefault(str(t.area_id) if t.area_id is not None else "-", []).append(t)
             if t.kind == KIND_PERSON:
                 by_person.setdefault(t.ref, []).append(t)
-    return Stats(by_warning=tuple(tally(w.id, w.targets) for w in warnings),
+    return Stats(by_warning=tuple(tally(w.id, _callable(w.targets)) for w in warnings),
                  by_area=tuple(tally(k, v) for k, v in sorted(by_area.items())),
                  by_person=tuple(tally(k, v) for k, v in sorted(by_person.items())))
 

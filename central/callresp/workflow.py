@@ -7,6 +7,16 @@ re-sent (attempt 2, 3, …, `1 + max_resends`), each with a fresh deadline; when
 deadline passes it is `escalated` to the person in charge one area level up (a new target of
 kind `person`, which gets the same treatment), or `unanswered` if no area above has one.
 
+A retired gateway (`central.identity.retire`) takes no command and sends nothing, so its
+terminals are never called: a new warning leaves them out and lists them as skipped
+(`SkippedTerminal`; every terminal retired and no person: `TargetsRetiredError`), and a
+terminal target still open when its gateway is retired ends `cancelled` with
+`closed_reason` `gateway_retired` (`cancel_retired_program`, or at its next due time) instead
+of being re-sent and escalated as if its terminal were silent: nobody is paged for hardware
+that is gone. A person stays a target (the call must reach whoever is in charge): only their
+terminals on retired gateways are left out of the sends. An unretired gateway's terminals are
+called again by the sends that follow; a cancelled target stays cancelled.
+
 The timer is `cr_targets.due_ms`. `fire_due_program` claims a due target with an UPDATE
 guarded by the `due_ms` and `attempts` it read (`RETURNING` tells whether it won), inserts
 the step (unique per target, step and attempt) and the commands to send (`cr_sends`, cmd_id
@@ -20,24 +30,29 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from central import CentralError
 from central.callresp.directory import (
     AreaRef,
+    Person,
+    Terminal,
     UnknownEntryError,
     in_charge_above,
     persons_program,
     terminals_program,
 )
 from central.identity.audit import SYSTEM, AuditLog
+from central.identity.retire import retired_set_program
 from central.storage.program import Program, Sql, placeholders
+from central.storage.retire_schema import in_service
 from protocols.callresp import CallRespEvent, EventType, Level
 from protocols.errors import DetailedError
 
 SENT, DELIVERED, ANSWERED = "sent", "delivered", "answered"
-ESCALATED, UNANSWERED = "escalated", "unanswered"
+ESCALATED, UNANSWERED, CANCELLED = "escalated", "unanswered", "cancelled"
+GATEWAY_RETIRED = "gateway_retired"  # why a target was cancelled or a terminal skipped
 OPEN_STATES = (SENT, DELIVERED)
 KIND_TERMINAL, KIND_PERSON = "terminal", "person"
 
@@ -47,6 +62,16 @@ class WarningRequestError(CentralError, DetailedError):
 
     template = "{reason}"
     reason: str
+
+
+class TargetsRetiredError(CentralError, DetailedError):
+    """A warning whose every terminal hangs on a retired gateway and that names no person:
+    nothing would sound (409: it is the gateways' state that refuses; unretire to call them)."""
+
+    template = ("所选终端所在网关均已退役，预警未发布 (all {count} terminal(s) the warning"
+                " reaches hang on retired gateways: {gws}; nothing was sent)")
+    count: int
+    gws: str
 
 
 class UnknownWarningError(UnknownEntryError):
@@ -69,6 +94,18 @@ class WarningSpec:
     groups: tuple[str, ...] = ()
     persons: tuple[str, ...] = ()
     terminals: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedTerminal:
+    """A terminal a new warning leaves out, and why: on a retired gateway (`person`: the
+    person it would have called, else it was a target of its own)."""
+
+    terminal: str
+    gw: str
+    person: str | None = None
+    reason: str = GATEWAY_RETIRED
+    reason_zh: str = "网关已退役"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +173,11 @@ class Commands:
 
 def _sends_program(w: WarningRecord, target_id: str, attempt: int, now: int,
                    cmds: Commands) -> Program[list[str]]:
-    """A `cr_sends` row for each gateway of the target's terminals; returns the cmd_ids."""
+    """A `cr_sends` row for each gateway in service of the target's terminals; returns the
+    cmd_ids."""
     rows = yield Sql("SELECT tt.terminal, ct.gw FROM cr_target_terminals tt JOIN cr_terminals ct"
                      " ON ct.id = tt.terminal WHERE tt.warning_id = ? AND tt.target_id = ?"
-                     " ORDER BY tt.terminal", (w.id, target_id))
+                     f" AND {in_service('ct.gw')} ORDER BY tt.terminal", (w.id, target_id))
     by_gw: dict[str, list[str]] = {}
     for terminal, gw in rows:
         by_gw.setdefault(gw, []).append(terminal)
@@ -184,9 +222,24 @@ def _add_target(audit: AuditLog, w: WarningRecord, kind: str, ref: str, area: Ar
 # --- create ---------------------------------------------------------------------------------
 
 
+def _skipped_program(terminals: Sequence[Terminal], persons: Sequence[Person]
+                     ) -> Program[list[SkippedTerminal]]:
+    """The terminals on retired gateways among `terminals` and the persons' terminals."""
+    retired = yield from retired_set_program()
+    if not retired:
+        return []
+    out = [SkippedTerminal(t.id, t.gw) for t in terminals if t.gw in retired]
+    theirs = yield from terminals_program(sorted({t for p in persons for t in p.terminals}))
+    gw_of = {t.id: t.gw for t in theirs}
+    out += [SkippedTerminal(t, gw_of[t], p.id) for p in persons for t in p.terminals
+            if gw_of.get(t) in retired]
+    return out
+
+
 def create_program(audit: AuditLog, spec: WarningSpec, areas: Mapping[int, AreaRef],
-                   now: int) -> Program[str]:
-    """Store a warning and send it to every target it names; returns its id."""
+                   now: int) -> Program[tuple[str, list[SkippedTerminal]]]:
+    """Store a warning and send it to every target it names but the terminals on retired
+    gateways; returns its id and the terminals it left out."""
     for a in spec.areas:
         if a not in areas:
             raise UnknownEntryError("area", a)
@@ -212,8 +265,14 @@ def create_program(audit: AuditLog, spec: WarningSpec, areas: Mapping[int, AreaR
     missing = sorted(set(spec.persons) - {p.id for p in persons})
     if missing:
         raise UnknownEntryError("person", missing[0])
+    skipped = yield from _skipped_program(terminals, persons)
+    left_out = {s.terminal for s in skipped if s.person is None}
+    terminals = [t for t in terminals if t.id not in left_out]
     if not terminals and not persons:
-        raise WarningRequestError("the warning reaches no terminal and no person")
+        if skipped:
+            raise TargetsRetiredError(len(skipped), ", ".join(sorted({s.gw for s in skipped})))
+        raise WarningRequestError("预警没有可叫应的终端或责任人，未发布"
+                                  " (the warning reaches no terminal and no person)")
     w = WarningRecord(spec.warning_id, str(spec.level), spec.text, spec.repeat,
                       spec.deadline_ms, spec.max_resends, now, spec.created_by)
     yield Sql(f"INSERT INTO cr_warnings ({WARNING_COLUMNS}, request) VALUES"
@@ -225,7 +284,8 @@ def create_program(audit: AuditLog, spec: WarningSpec, areas: Mapping[int, AreaR
     yield from audit.program(spec.created_by, "callresp.warning_created", f"warning:{w.id}",
                              {"level": w.level, "text": w.text, "deadline_ms": w.deadline_ms,
                               "max_resends": w.max_resends, "terminals": len(terminals),
-                              "persons": len(persons)})
+                              "persons": len(persons),
+                              "skipped": [asdict(s) for s in skipped]})
     cmds = Commands()
     for t in terminals:
         area = areas.get(t.area_id) if t.area_id is not None else None
@@ -235,7 +295,7 @@ def create_program(audit: AuditLog, spec: WarningSpec, areas: Mapping[int, AreaR
         area = areas.get(p.area_id) if p.area_id is not None else None
         yield from _add_target(audit, w, KIND_PERSON, p.id, area, p.terminals, now,
                                spec.created_by, cmds)
-    return w.id
+    return w.id, skipped
 
 
 # --- the timers -----------------------------------------------------------------------------
@@ -248,14 +308,22 @@ def next_due_program() -> Program[int | None]:
 
 def fire_due_program(audit: AuditLog, areas: Mapping[int, AreaRef], now: int,
                      limit: int = 200) -> Program[list[Step]]:
-    """Re-send or escalate every target whose deadline has passed (claimed, exactly once)."""
-    rows = yield Sql("SELECT t.id, t.kind, t.ref, t.area_id, t.attempts, t.due_ms, t.warning_id"
-                     " FROM cr_targets t WHERE t.due_ms IS NOT NULL AND t.due_ms <= ?"
-                     " ORDER BY t.due_ms, t.id LIMIT ?", (now, limit))
+    """Re-send or escalate every target whose deadline has passed (claimed, exactly once); a
+    terminal target whose gateway is retired is cancelled instead."""
+    rows = yield Sql("SELECT t.id, t.area_id, t.attempts, t.due_ms, t.warning_id, ct.gw"
+                     " FROM cr_targets t LEFT JOIN cr_terminals ct ON t.kind = ? AND ct.id = t.ref"
+                     " WHERE t.due_ms IS NOT NULL AND t.due_ms <= ?"
+                     " ORDER BY t.due_ms, t.id LIMIT ?", (KIND_TERMINAL, now, limit))
     done: list[Step] = []
     warnings: dict[str, WarningRecord] = {}
     cmds = Commands()
-    for tid, _kind, _ref, area_id, attempts, due, wid in rows:
+    retired = (yield from retired_set_program()) if rows else frozenset()
+    for tid, area_id, attempts, due, wid, gw in rows:
+        if gw in retired:
+            cancelled = yield from _cancel_program(audit, wid, tid, attempts, int(due), gw, now)
+            if cancelled is not None:
+                done.append(cancelled)
+            continue
         if wid not in warnings:
             wr = yield Sql(f"SELECT {WARNING_COLUMNS} FROM cr_warnings WHERE id = ?", (wid,))
             warnings[wid] = _warning_row(wr[0])
@@ -297,6 +365,37 @@ def fire_due_program(audit: AuditLog, areas: Mapping[int, AreaRef], now: int,
                   {"to_person": boss.id, "to_target": new_tid, "phone": boss.phone})
         yield from _step_program(audit, SYSTEM, st)
         done.append(st)
+    return done
+
+
+def _cancel_program(audit: AuditLog, wid: str, tid: str, attempts: int, due: int | None,
+                    gw: str, now: int) -> Program[Step | None]:
+    """Close an open target whose terminal's gateway is retired (`due`: the step it replaces,
+    None when cancelled before its time); None if it closed meanwhile."""
+    claimed = yield Sql("UPDATE cr_targets SET state = ?, due_ms = NULL, closed_ms = ?,"
+                        " closed_reason = ? WHERE id = ? AND attempts = ?"
+                        f" AND state IN ({placeholders(len(OPEN_STATES))}) RETURNING id",
+                        (CANCELLED, now, GATEWAY_RETIRED, tid, attempts, *OPEN_STATES))
+    if not claimed:
+        return None
+    st = Step(wid, tid, CANCELLED, attempts, due, now, {"reason": GATEWAY_RETIRED, "gw": gw})
+    yield from _step_program(audit, SYSTEM, st)
+    return st
+
+
+def cancel_retired_program(audit: AuditLog, now: int) -> Program[list[Step]]:
+    """Cancel every open terminal target whose gateway is retired, at once rather than at its
+    next due time (the board stops waiting for it); idempotent."""
+    rows = yield Sql("SELECT t.id, t.warning_id, t.attempts, ct.gw FROM cr_targets t"
+                     " JOIN cr_terminals ct ON ct.id = t.ref WHERE t.due_ms IS NOT NULL"
+                     f" AND t.kind = ? AND t.state IN ({placeholders(len(OPEN_STATES))})"
+                     f" AND NOT {in_service('ct.gw')} ORDER BY t.id",
+                     (KIND_TERMINAL, *OPEN_STATES))
+    done: list[Step] = []
+    for tid, wid, attempts, gw in rows:
+        cancelled = yield from _cancel_program(audit, wid, tid, attempts, None, gw, now)
+        if cancelled is not None:
+            done.append(cancelled)
     return done
 
 

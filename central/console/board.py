@@ -31,7 +31,8 @@ class BoardTargetOut(StrictModel):
     ref: str
     name: str  # the person's name, the terminal's name (or its id)
     area_name: str | None
-    state: str  # sent, delivered, answered, escalated, unanswered
+    state: str  # sent, delivered, answered, escalated, unanswered, cancelled
+    closed_reason: str | None  # why cancelled: gateway_retired (its terminal is gone)
     attempts: int  # 1 + re-sends so far
     delivered_ms: int | None
     answered_ms: int | None
@@ -80,6 +81,7 @@ def _target(t: TargetView, names: dict[str, str], areas: dict[int, str]) -> Boar
     return BoardTargetOut(
         id=t.id, kind=t.kind, ref=t.ref, name=names.get(f"{t.kind}:{t.ref}", t.ref),
         area_name=areas.get(t.area_id) if t.area_id is not None else None, state=t.state,
+        closed_reason=t.closed_reason,
         attempts=t.attempts, delivered_ms=t.delivered_ms, answered_ms=t.answered_ms,
         answered_by=t.answered_by, answered_terminal=t.answered_terminal,
         escalated_from=t.escalated_from, escalated_to=t.escalated_to,

@@ -20,6 +20,7 @@ from central.console import geo
 from central.identity.authz import Principal, gateway_paths_program
 from central.storage import Storage
 from central.storage.program import Program, Sql, placeholders
+from central.storage.retire_schema import in_service
 from central.web.routing import StrictModel
 from runtime.clock import now_ms
 
@@ -146,9 +147,11 @@ def district_paths_program() -> Program[dict[int, str]]:
 
 
 def terminal_marks_program(shows: Callable[[str | None], bool]) -> Program[list[TerminalMarkOut]]:
-    """Every 叫应 terminal with a position, its own or its area's, within `shows`."""
+    """Every 叫应 terminal with a position, its own or its area's, within `shows`; not those
+    of retired gateways, which are off the map as their gateways are."""
     rows = yield Sql("SELECT t.id, t.kind, t.name, t.gw, t.lat, t.lon, a.lat, a.lon, a.path"
-                     " FROM cr_terminals t LEFT JOIN areas a ON a.id = t.area_id ORDER BY t.id")
+                     " FROM cr_terminals t LEFT JOIN areas a ON a.id = t.area_id"
+                     f" WHERE {in_service('t.gw')} ORDER BY t.id")
     out = []
     for tid, kind, name, gw, lat, lon, area_lat, area_lon, path in rows:
         if lat is None or lon is None:

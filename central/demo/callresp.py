@@ -139,7 +139,8 @@ async def callresp_round(service: CallRespService, street_id: int, *, user: str,
     await asyncio.sleep(after_s)
     while True:
         try:
-            wid = await service.create(level="red", text=TEXT, user=user, areas=[street_id])
+            wid = (await service.create(level="red", text=TEXT, user=user,
+                                        areas=[street_id])).warning_id
         except CentralError as exc:  # storage trouble: try again next round
             log.warning("demo_callresp_failed", error=str(exc))
         else:

@@ -7,7 +7,8 @@
 
 const LEVELS = { red: "红色", orange: "橙色", yellow: "黄色", blue: "蓝色" };
 const TARGET_STATES = { sent: "已发送", delivered: "已送达", answered: "已应答",
-                        escalated: "已升级", unanswered: "无人应答" };
+                        escalated: "已升级", unanswered: "无人应答", cancelled: "已取消" };
+const CLOSED_REASONS = { gateway_retired: "网关已退役" };  // central.callresp.workflow
 const board = { data: null, skew: 0, timer: null };
 const TARGET_HEADS = ["对象", "区域", "状态", "发送次数", "送达", "应答", "剩余时间"];
 
@@ -31,7 +32,9 @@ function renderTarget(t, w, byId) {
   else if (t.escalated_to && byId[t.escalated_to]) left = `→ ${byId[t.escalated_to].name}`;
   const row = el("tr", { class: `target ${t.state}`, "data-target": t.ref },
     who, el("td", {}, t.area_name || "—"),
-    el("td", {}, el("span", { class: `badge tstate ${t.state}` }, TARGET_STATES[t.state] || t.state)),
+    el("td", {}, el("span", { class: `badge tstate ${t.state}` }, TARGET_STATES[t.state] || t.state),
+      t.closed_reason ? el("span", { class: "muted" },
+        `（${CLOSED_REASONS[t.closed_reason] || t.closed_reason}）`) : ""),
     el("td", { class: "num" }, `${t.attempts} / ${w.max_resends + 1}`),
     el("td", {}, t.delivered_ms ? fmtTime(t.delivered_ms) : "—"),
     el("td", {}, answer), el("td", { class: "num" }, left));
@@ -282,6 +285,7 @@ function warningRefusal(status, problem) {
     if (/reaches no terminal/.test(detail)) return "所选对象下没有任何终端或责任人，预警无法送达";
     return "发布内容不符合要求，中心拒绝了这条预警（未发布）";
   }
+  if (status === 409) return detail.split(" (")[0];  // Chinese first: all targets' gateways retired
   if (status === 503) return "中心服务器的叫应服务暂不可用，预警未发布，请稍后重试";
   return `中心服务器返回错误 HTTP ${status}，预警未发布`;
 }
@@ -297,9 +301,9 @@ async function issueWarning() {
     if (r.status !== 201) {
       const why = warningRefusal(r.status, out);
       showStep(false);
-      if (r.status === 403 || r.status === 404) await reloadDirectory();
-      warnError(`发布失败：${why}` +
-        (r.status === 403 || r.status === 404 ? "对象列表已重新读取，请核对后再发布。" : ""));
+      const reread = [403, 404, 409].includes(r.status);  // the directory changed meanwhile
+      if (reread) await reloadDirectory();
+      warnError(`发布失败：${why}` + (reread ? "对象列表已重新读取，请核对后再发布。" : ""));
       return;
     }
     warn.pending = null;
@@ -318,7 +322,8 @@ async function issueWarning() {
 async function issued(w) {
   const msg = $("warn-msg");
   msg.textContent = `已发布：${LEVELS[w.level]}预警「${w.text}」· 对象 ${w.targets.length} 个，` +
-    "等待送达与应答";
+    "等待送达与应答" + (w.skipped && w.skipped.length ? `；${w.skipped.length} 台终端所在网关已退役，` +
+      `未叫应（${w.skipped.map((s) => s.terminal).join("、")}）` : "");
   msg.className = "alarm-msg";
   msg.hidden = false;
   await refreshBoard().catch(() => null);
