@@ -5,9 +5,13 @@ warning with no target, a blank text or an unknown level is a usage error (2).""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
+
+from central.storage import open_storage
+from protocols.envelope import State
 
 from tests.fleet import Central
 from tests.helpers import free_port
@@ -71,6 +75,40 @@ def test_operator_issues_lists_and_shows_a_warning(tmp_path: Path) -> None:
                       "--terminal", "t-1").exit_code == 2
         assert op.run("warnings", "issue", "--level", "purple", "--text", TEXT,
                       "--terminal", "t-1").exit_code == 2
+    finally:
+        central.stop()
+
+
+def test_issue_names_the_terminals_left_out_on_a_retired_gateway(tmp_path: Path) -> None:
+    """A terminal on a retired gateway is not called; the operator is told which and why."""
+    central = Central(tmp_path, free_port())
+    try:
+        central.start()
+        cli_user(central.db_url, "city-admin", role="admin")
+        admin = _login(central, tmp_path / "admin.json", "city-admin")
+        admin.json("areas", "add", "420100", "武汉市", "--level", "city")
+        area = admin.json("areas", "add", "420102", "江岸区", "--level", "district",
+                          "--parent", "420100")
+        auth = {"Authorization": f"Bearer {admin.token()}"}
+        for terminal, gw in (("t-1", "gw-1"), ("t-9", "gw-9")):
+            r = httpx.put(f"{central.base_url}/api/callresp/terminals/{terminal}", headers=auth,
+                          json={"gw": gw, "area_id": area["id"], "name": terminal})
+            assert r.status_code == 200, r.text
+
+        async def known() -> None:
+            async with open_storage(central.db_url) as st:
+                await st.record_state("gw-9", State(online=True, boot_id="b", version="1",
+                                                    bearer="mqtt", backlog=0, ts_ms=1))
+        asyncio.run(known())
+        r = httpx.post(f"{central.base_url}/api/gateways/gw-9/retire", headers=auth,
+                       json={"reason": "设备拆除", "force": True})
+        assert r.status_code == 200, r.text
+
+        issued = admin.run("warnings", "issue", "--level", "blue", "--text", "大风蓝色预警",
+                           "--area", "420102", "--yes")
+        assert issued.exit_code == 0, issued.stderr
+        assert "t-9" in issued.stderr and "gw-9" in issued.stderr, issued.stderr
+        assert "网关已退役" in issued.stderr and "t-1" not in issued.stderr
     finally:
         central.stop()
 

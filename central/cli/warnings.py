@@ -142,3 +142,7 @@ def warnings_issue(
         return
     say(out, f"warning {w['id']} issued to {len(w['targets'])} target(s) ({_states(w)}); "
              f"follow it with `central warnings show {w['id']}` or on the console's 叫应 board")
+    for sk in w.get("skipped", ()):
+        whose = f" ({sk['person']}'s)" if sk.get("person") else ""
+        say(err, f"left out terminal {sk['terminal']}{whose}: its gateway {sk['gw']} is "
+                 "retired (网关已退役)")
