@@ -77,6 +77,8 @@ class AreaOut(StrictModel):
     code: str
     name_zh: str
     kind: str
+    lat: float | None = None  # set with PUT /api/areas/{id}/position
+    lon: float | None = None
 
 
 class AreaNodeOut(AreaOut):
@@ -133,7 +135,7 @@ class SummaryOut(StrictModel):
 
 def _area_out(a: Area) -> AreaOut:
     return AreaOut(id=a.id, parent_id=a.parent_id, level=str(a.level), code=a.code,
-                   name_zh=a.name_zh, kind=a.kind)
+                   name_zh=a.name_zh, kind=a.kind, lat=a.lat, lon=a.lon)
 
 
 def _node_out(n: AreaNode) -> AreaNodeOut:

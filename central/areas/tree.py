@@ -81,6 +81,8 @@ class Area:
     name_zh: str
     kind: str
     path: str
+    lat: float | None = None  # its place on the map (PUT /api/areas/{id}/position)
+    lon: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +92,12 @@ class AreaNode:
     children: tuple[AreaNode, ...]
 
 
-_COLS = "id, parent_id, level, code, name_zh, kind, path"
+_COLS = "id, parent_id, level, code, name_zh, kind, path, lat, lon"
 
 
 def _area(row: Sequence[Any]) -> Area:
     return Area(id=row[0], parent_id=row[1], level=AreaLevel(row[2]), code=row[3],
-                name_zh=row[4], kind=row[5], path=row[6])
+                name_zh=row[4], kind=row[5], path=row[6], lat=row[7], lon=row[8])
 
 
 # --- programs ---------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ app.add_typer(user_app)
 app.add_typer(audit_app)
 # --- end people and audit
 # --- the operator CLI (issue 15): a running central's HTTP API as the logged-in user
+from central.cli.areas_import import register as register_areas_file  # noqa: E402
 from central.cli.duty import alarms_app, commands_app  # noqa: E402
 from central.cli.operator import areas_app, gateways_app, login_command, logout_command  # noqa: E402
 from central.cli.warnings import warnings_app  # noqa: E402
@@ -224,6 +225,7 @@ app.add_typer(gateways_app)
 app.add_typer(alarms_app)
 app.add_typer(commands_app)
 app.add_typer(warnings_app)
+register_areas_file(areas_app)  # central areas import|export
 app.add_typer(areas_app)
 # --- end operator CLI
 

@@ -325,7 +325,8 @@ def gateways_retired(json_out: JsonOpt = False) -> None:
 areas_app = sub_app("areas", "The area tree: city → district → street → community → site.", [
     "central areas list", "central areas list --json",
     "central areas add 420102-site-09 某危化企业 --level site --parent 420102-erqi-changjiang "
-    "--kind enterprise"])
+    "--kind enterprise",
+    "central areas import examples/areas-wuhan.csv --dry-run", "central areas export areas.csv"])
 
 
 @areas_app.command("list", short_help="The area tree from your area down.  "
