@@ -12,7 +12,6 @@ import httpx
 
 from central.storage import open_storage
 from protocols.envelope import State
-
 from tests.fleet import Central
 from tests.helpers import free_port
 from tests.identity import PASSWORD, cli_user
