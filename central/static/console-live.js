@@ -1,13 +1,15 @@
-// Live updates (issue 12): one EventSource on /api/console/events pushes the overview and
-// the alarm desk whenever they change, and a ping every 5 s. When central cannot be reached
-// the page says so in red across the top and greys every number (body.stale).
+// Live updates (issue 12): one EventSource on /api/console/events pushes the overview, the
+// alarm desk, the 叫应 board and the command list of the gateway on screen (live.gw) whenever
+// they change, and a ping every 5 s. When central cannot be reached the page says so in red
+// across the top and greys every number (body.stale).
 "use strict";
 
 const live = {
   source: null,
   lastHeard: 0,  // Date.now() of the last event of any kind
-  handlers: {},  // event name -> function(data)
+  handlers: {},  // event name -> function(data); "open": called on every (re)connection
   area: "",
+  gw: "",  // the gateway whose commands are pushed as well
 };
 const LIVE_DEAD_MS = 15000;  // three missed pings
 
@@ -28,9 +30,13 @@ function connectLive() {
   if (live.source) live.source.close();
   const params = new URLSearchParams();
   if (live.area) params.set("area", live.area);
+  if (live.gw) params.set("gw", live.gw);
   const source = new EventSource(`/api/console/events?${params}`);
   live.source = source;
-  for (const name of ["overview", "desk", "board", "ping"]) {
+  // what changed while the link was down comes with the first events; a view that fetches
+  // once on (re)connection shows something before them
+  source.onopen = () => { if (live.handlers.open) live.handlers.open(); };
+  for (const name of ["overview", "desk", "board", "commands", "ping"]) {
     source.addEventListener(name, (ev) => {
       live.lastHeard = Date.now();
       setOutage(false);
