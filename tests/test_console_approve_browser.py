@@ -8,6 +8,7 @@ import functools
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from tests.browser import (
     console_login,
     gateway_online,
     open_gateway_page,
+    requested_urls,
     screenshot,
     viewport,
 )
@@ -85,7 +87,8 @@ def _issue_from_console(driver: WebDriver, value: str) -> None:
 
 
 def _shots(driver: WebDriver, tmp_path: Path, name: str) -> None:
-    """The open approval dialog on the duty-room screen and on a phone."""
+    """The commands panel (with the approval dialog, when it is open) on the duty-room screen
+    and on a phone."""
     for width, height, size in ((1920, 1080, "1920"), (390, 844, "390")):
         viewport(driver, width, height)
         driver.execute_script("document.getElementById('cmd').scrollIntoView()")
@@ -100,13 +103,20 @@ def _shots(driver: WebDriver, tmp_path: Path, name: str) -> None:
     viewport(driver, 1280, 900)
 
 
+def _list_fetches(driver: WebDriver) -> list[str]:
+    """The page's requests for the command list since the last call."""
+    return [u for u in requested_urls(driver) if urlsplit(u).path == "/api/commands"]
+
+
 def test_second_operator_approves_a_safety_critical_write(
         tmp_path: Path, mosquitto: Mosquitto) -> None:
     """Operator A's relay write waits (待第二人审批); A's own row says someone else must approve
     and has no button; operator B's 审批… opens a dialog naming gateway, point, value, issuer and
     time, approves only after a tick, and the row shows 已审批 · B while the command is sent and
-    carried out, without a reload. A 409 (someone approved first), 403 and 503 are shown in
-    Chinese in the page; a viewer sees no button."""
+    carried out, without a reload. Another operator's approval through the API and the
+    gateway's result reach a page that only watches, pushed: no reload, no fetch of the list.
+    A 409 (someone approved first), 403 and 503 are shown in Chinese in the page; a viewer
+    sees no button."""
     with commanded_gateway(tmp_path, mosquitto.port, GW) as (_sim, central, agent, admin):
         agent.start()
         wait_for(functools.partial(gateway_online, admin, GW), timeout=30, what=f"{GW} online")
@@ -115,7 +125,7 @@ def test_second_operator_approves_a_safety_critical_write(
             cli_user(central.db_url, name, role)
         shots = Path(os.environ.get("FIELDLINK_SCREENSHOTS") or tmp_path)
 
-        with chromium(tmp_path / "chrome") as driver:
+        with chromium(tmp_path / "chrome", log_requests=True) as driver:
             console_login(driver, central.base_url, "duty-a", PASSWORD)
             open_gateway_page(driver, GW)
             _issue_from_console(driver, "true")
@@ -131,10 +141,25 @@ def test_second_operator_approves_a_safety_critical_write(
 
             a = httpx.Client(base_url=central.base_url, timeout=15,
                              headers=bearer(central.base_url, "duty-a"))
-            second, third = (a.post("/api/commands", json={
+            second, third, fourth = (a.post("/api/commands", json={
                 "gw": GW, "kind": "write_point", "args": {**RELAY, "value": False},
-                "ttl_s": 600}).json() for _ in range(2))
+                "ttl_s": 600}).json() for _ in range(3))
             a.close()
+
+            # A's page only watches: the new rows, duty-c's approval and the gateway's result
+            # arrive pushed, well inside the 10 s the page used to poll at.
+            driver.execute_script("window.notReloaded = true")
+            _list_fetches(driver)
+            WebDriverWait(driver, 5).until(lambda d: "待第二人审批" in _row_text(d, fourth["cmd_id"]))
+            c = httpx.Client(base_url=central.base_url, timeout=15,
+                             headers=bearer(central.base_url, "duty-c"))
+            assert c.post(f"/api/commands/{fourth['cmd_id']}/approve").status_code == 200
+            c.close()
+            WebDriverWait(driver, 5).until(lambda d: "已审批 · duty-c" in _row_text(d, fourth["cmd_id"]))
+            WebDriverWait(driver, 30).until(lambda d: "执行成功" in _row_text(d, fourth["cmd_id"]))
+            assert driver.execute_script("return window.notReloaded") is True
+            assert _list_fetches(driver) == []
+            _shots(driver, shots, "commands_pushed")
 
             driver.find_element(By.ID, "logout").click()
             console_login(driver, central.base_url, "duty-b", PASSWORD)

@@ -1,17 +1,29 @@
 """The console's live feed (central/console/live.py): one producer per view however many
 clients show it, a late joiner starts from the newest state, a slow client gets the newest
 body (never a growing queue), a failing build does not end the feed, and the feed stops with
-its last client."""
+its last client. A gateway's events (its command list) go to its watchers only, built once
+per gateway; over HTTP they are the user's `GET /api/commands` list, change by change."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import httpx
+import uvicorn
 from pydantic import BaseModel
 
 from central.console.live import Broadcaster, Subscriber
 from central.console.views import View
+from protocols.command_results import CommandResult, CommandState, result_attrs
+from protocols.envelope import DataBatch, Record, RecordKind
+from runtime.clock import now_ms
+from tests.helpers import free_port, until
+from tests.test_identity_api import running
 
 CITY = View(None, None, None)
 DISTRICT = View(None, None, 7)
@@ -98,3 +110,186 @@ async def test_a_failing_build_does_not_end_the_feed() -> None:
         await asyncio.sleep(0.1)
         assert await _events(sub) == ["event: overview"]
     assert live.counters.build_errors >= 2 and live.feeds == {}
+
+
+class GwBody(BaseModel):
+    gw: str
+    version: int
+
+
+async def _bodies(sub: Subscriber) -> dict[str, Any]:
+    """The next events' bodies by name, pings left out."""
+    out = {}
+    for chunk in await asyncio.wait_for(sub.next(), 2):
+        head, data = chunk.decode().split("\n")[:2]
+        out[head.removeprefix("event: ")] = json.loads(data.removeprefix("data: "))
+    out.pop("ping", None)
+    return out
+
+
+async def _next(sub: Subscriber, name: str) -> Any:
+    """The body of the next `name` event."""
+    while True:
+        bodies = await _bodies(sub)
+        if name in bodies:
+            return bodies[name]
+
+
+async def _nothing_pending(sub: Subscriber) -> bool:
+    """Pending events are handed over at once; only an idle subscriber makes this wait."""
+    try:
+        await asyncio.wait_for(sub.next(), 0.05)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_a_gateways_events_go_to_its_watchers_only() -> None:
+    """Three clients of gw-a, one of gw-b, one of no gateway, all on one view: `commands` is
+    built once per watched gateway each check (not per client), each client gets its own
+    gateway's body and no other, an unchanged body is not sent again, a gateway nobody
+    watches any more is no longer built, and a client that comes back to it gets it again."""
+    builds: dict[str, int] = {}
+    version = {"gw-a": 1, "gw-b": 1}
+
+    async def overview(view: View) -> BaseModel:
+        return Body(view=view.area, n=0)  # never changes
+
+    async def commands(view: View, gw: str) -> BaseModel:
+        builds[gw] = builds.get(gw, 0) + 1
+        return GwBody(gw=gw, version=version[gw])
+
+    live = Broadcaster((("overview", overview),), gateway_builders=(("commands", commands),),
+                       check_s=0.02, ping_s=60.0, refresh_s=60.0)
+    async with contextlib.AsyncExitStack() as stack:
+        a = [await stack.enter_async_context(live.subscribe(CITY, "gw-a")) for _ in range(3)]
+        b = await stack.enter_async_context(live.subscribe(CITY, "gw-b"))
+        plain = await stack.enter_async_context(live.subscribe(CITY))
+        for sub in a:
+            assert await _bodies(sub) == {"overview": {"view": None, "n": 0},
+                                          "commands": {"gw": "gw-a", "version": 1}}
+        assert (await _bodies(b))["commands"] == {"gw": "gw-b", "version": 1}
+        assert await _bodies(plain) == {"overview": {"view": None, "n": 0}}
+        assert len(live.feeds) == 1
+
+        start = dict(builds)
+        await until(lambda: builds["gw-b"] >= start["gw-b"] + 10, "ten checks")
+        assert builds["gw-a"] - start["gw-a"] <= builds["gw-b"] - start["gw-b"] + 2, builds
+        for sub in (*a, b, plain):  # ten checks of the same bodies: nothing sent again
+            assert await _nothing_pending(sub)
+
+        version["gw-a"] = 2
+        for sub in a:
+            assert await _bodies(sub) == {"commands": {"gw": "gw-a", "version": 2}}
+        assert await _nothing_pending(b) and await _nothing_pending(plain)
+
+    async with live.subscribe(CITY, "gw-a"):
+        async with live.subscribe(CITY, "gw-b") as b:
+            assert await _next(b, "commands") == {"gw": "gw-b", "version": 1}
+        left, a_builds = builds["gw-b"], builds["gw-a"]
+        await until(lambda: builds["gw-a"] >= a_builds + 10, "ten checks without gw-b")
+        assert builds["gw-b"] <= left + 1  # at most the build under way when it left
+        async with live.subscribe(CITY, "gw-b") as back:  # watched again: sent again
+            assert await _next(back, "commands") == {"gw": "gw-b", "version": 1}
+
+
+@contextlib.asynccontextmanager
+async def _served(app: Any) -> AsyncIterator[str]:
+    """`app` (its lifespan already entered) on a real HTTP server: server-sent events need a
+    real stream, which the in-process transport does not give."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: server.started, "the server to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def _commands_events(base: str, headers: dict[str, str],
+                           gw: str) -> AsyncIterator[asyncio.Queue[Any]]:
+    """The `commands` events of `/api/console/events?gw=…`, as they come."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def read() -> None:
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as c, \
+                c.stream("GET", "/api/console/events", params={"gw": gw}) as r:
+            assert r.status_code == 200
+            event = None
+            async for line in r.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "commands":
+                    await queue.put(json.loads(line[6:]))
+
+    task = asyncio.create_task(read())
+    try:
+        yield queue
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_commands_event_is_the_users_list_and_follows_every_change(
+        tmp_path: Path) -> None:
+    """A viewer of district d1 watching gw-a gets gw-a's commands as `GET /api/commands`
+    lists them for that viewer, again after each change: a safety-critical write issued
+    (待审批), approved by a second operator, received and carried out by the gateway; only
+    when the list changed. Watching gw-c, outside d1, gets an empty list as the GET does,
+    while an admin watching gw-c gets its command."""
+    async with running("sqlite", tmp_path) as env, _served(env.app) as base:
+        env.app.state.console_live.refresh_s = 3600.0  # no periodic resend: each event a change
+        boss = await env.token("boss", "admin")
+        first, second = await env.token("duty-1", area="d1"), await env.token("duty-2", area="d1")
+        viewer = await env.token("watch-1", "viewer", area="d1")
+        r = await env.c.post("/api/commands", headers=boss,
+                             json={"gw": "gw-c", "kind": "request_diagnostics"})
+        assert r.status_code == 201, r.text
+
+        async def listed(gw: str) -> Any:
+            r = await env.c.get("/api/commands", params={"gw": gw, "limit": 10}, headers=viewer)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        async with _commands_events(base, viewer, "gw-a") as events, \
+                _commands_events(base, viewer, "gw-c") as outside:
+            assert await asyncio.wait_for(outside.get(), 10) == {"gw": "gw-c", "commands": []}
+            assert await listed("gw-c") == []
+            async with _commands_events(base, boss, "gw-c") as city:  # the admin's view: there
+                assert [c["kind"] for c in (await asyncio.wait_for(city.get(), 10))[
+                    "commands"]] == ["request_diagnostics"]
+            seen = [await asyncio.wait_for(events.get(), 10)]
+            assert seen[0] == {"gw": "gw-a", "commands": []}
+
+            async def changed() -> dict[str, Any]:
+                """The next event, which must be this viewer's list as it is now."""
+                seen.append(await asyncio.wait_for(events.get(), 10))
+                assert seen[-1] == {"gw": "gw-a", "commands": await listed("gw-a")}
+                (cmd,) = seen[-1]["commands"]
+                return cmd  # type: ignore[no-any-return]
+
+            r = await env.c.post("/api/commands", headers=first, json={
+                "gw": "gw-a", "kind": "write_point",
+                "args": {"device": "gas-1", "point": "relay_test", "value": True}})
+            assert r.status_code == 201, r.text
+            cmd_id = r.json()["cmd_id"]
+            cmd = await changed()
+            assert (cmd["cmd_id"], cmd["state"], cmd["approval"]) == (cmd_id, "pending",
+                                                                      "required")
+            r = await env.c.post(f"/api/commands/{cmd_id}/approve", headers=second)
+            assert r.status_code == 200, r.text
+            cmd = await changed()
+            assert (cmd["approval"], cmd["approved_by"]) == ("approved", "duty-2")
+            service = env.app.state.commands.service
+            for seq, state in enumerate((CommandState.RECEIVED, CommandState.SUCCEEDED), 1):
+                await service.apply_batch(DataBatch(gw="gw-a", stream="s-gw-a", records=(Record(
+                    seq=seq, kind=RecordKind.CMD_RESULT, ts_ms=now_ms(), point=None, value=None,
+                    attrs=result_attrs(CommandResult(cmd_id, state, kind="write_point"))),)))
+                assert (await changed())["state"] == str(state)
+            assert all(x != y for x, y in zip(seen, seen[1:], strict=False)), seen
+            assert outside.empty()  # gw-c's list did not change for this viewer

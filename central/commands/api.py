@@ -20,6 +20,7 @@ a different operator approves it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -35,7 +36,7 @@ from central.commands.store import (
     StoredCommand,
     UnknownCommandError,
 )
-from central.identity.authz import Operator, Reader, check_gateway, gateway_scope
+from central.identity.authz import Operator, Reader, check_gateway, gateway_paths_program
 from central.identity.retire import check_in_service
 from central.web.problems import install_problems
 from central.web.routing import StrictModel
@@ -123,11 +124,27 @@ def _event_out(e: CommandEvent) -> CommandEventOut:
                            applied=e.applied, received_ms=e.received_ms)
 
 
-def _service(request: Request) -> CommandService:
-    runtime = getattr(request.app.state, "commands", None)
+def _service(app: FastAPI) -> CommandService:
+    runtime = getattr(app.state, "commands", None)
     if runtime is None:
         raise CommandsUnavailableError()
     return runtime.service
+
+
+async def visible_commands(app: FastAPI, sees: Callable[[str | None], bool] | None, *,
+                           gw: str | None = None, state: str | None = None,
+                           limit: int = 100) -> list[CommandOut]:
+    """Newest first, only of the gateways whose area path `sees` accepts (None: a user of the
+    whole city sees every command, also of gateways central has no row for). One query for
+    `GET /api/commands` and the console's live `commands` event, so the page shows the same
+    list whichever brought it."""
+    store = _service(app).store
+    gw_in = None
+    if sees is not None:
+        storage = app.state.storage
+        paths = await storage.run(gateway_paths_program, write=False)
+        gw_in = [g.gw for g in await storage.list_gateways() if sees(paths.get(g.gw))]
+    return [_out(c) for c in await store.list(gw=gw, state=state, limit=limit, gw_in=gw_in)]
 
 
 def install(app: FastAPI) -> None:
@@ -157,7 +174,7 @@ def install(app: FastAPI) -> None:
         Example: `{"gw": "gw-1", "kind": "write_point", "args": {"device": "gas-1",
         "point": "sample_interval_s", "value": 30}, "ttl_s": 600}`.
         """
-        service = _service(request)
+        service = _service(request.app)
         await check_gateway(request.app.state.storage, p, body.gw)
         await check_in_service(request.app.state.storage, body.gw)  # 409 if retired
         cmd = await service.issue(body.gw, str(body.kind), body.args, body.ttl_s, user=p.name)
@@ -175,7 +192,7 @@ def install(app: FastAPI) -> None:
 
         Example: `{"site_toml": "[gateway]\nid = \"gw-1\"\n…", "ttl_s": 600}`.
         """
-        service = _service(request)
+        service = _service(request.app)
         await check_gateway(request.app.state.storage, p, gw)
         await check_in_service(request.app.state.storage, gw)  # 409 if retired
         args: dict[str, Any] = {"site_toml": body.site_toml}
@@ -191,7 +208,7 @@ def install(app: FastAPI) -> None:
     async def approve(request: Request, cmd_id: str,
                       p: Operator) -> CommandOut:
         """The operator who issued the command cannot approve it."""
-        service = _service(request)
+        service = _service(request.app)
         cmd = await service.store.get(cmd_id)
         await check_gateway(request.app.state.storage, p, cmd.gw)
         return _out(await service.approve(cmd_id, p.name))
@@ -204,21 +221,15 @@ def install(app: FastAPI) -> None:
         state: Annotated[CommandState | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[CommandOut]:
-        store = _service(request).store
-        gw_in = None
-        if p.user.area_path is not None:
-            storage = request.app.state.storage
-            visible = await gateway_scope(storage, p)
-            gw_in = [g.gw for g in await storage.list_gateways() if visible(g.gw)]
-        rows = await store.list(gw=gw, state=None if state is None else str(state), limit=limit,
-                                gw_in=gw_in)
-        return [_out(c) for c in rows]
+        return await visible_commands(request.app, None if p.user.area_path is None else p.sees,
+                                      gw=gw, state=None if state is None else str(state),
+                                      limit=limit)
 
     @app.get("/api/commands/{cmd_id}", response_model=CommandDetail, responses=problems,
              tags=["commands"])
     async def get_command(request: Request, cmd_id: str,
                           p: Reader) -> CommandDetail:
-        store = _service(request).store
+        store = _service(request.app).store
         cmd = await store.get(cmd_id)
         await check_gateway(request.app.state.storage, p, cmd.gw)
         history = await store.history(cmd_id)
@@ -227,6 +238,6 @@ def install(app: FastAPI) -> None:
     @app.get("/api/keys/commands", response_model=KeyOut, responses=problems, tags=["commands"])
     async def command_key(request: Request, _: Reader) -> KeyOut:
         """The public key gateways pin (`[commands] central_public_key`)."""
-        service = _service(request)
+        service = _service(request.app)
         return KeyOut(algorithm="Ed25519", public_key=service.public_key_b64,
                       pem=service.public_key_pem)

@@ -7,9 +7,11 @@
 - `GET /api/console/board`: the 叫应 board (`central.console.board`).
 - `GET /api/console/events`: server-sent events behind the same login as everything else:
   `overview`, `desk` and `board` carry the new state whenever it changed, `ping` every few
-  seconds so the page can tell a dead link from a quiet one. One producer per view (the
-  user's area and the chosen area) checks the database every 0.5 s and fans out to all its
-  clients (`central.console.live`); the browser never polls per gateway.
+  seconds so the page can tell a dead link from a quiet one. With `gw`, also `commands`: that
+  gateway's newest commands, the list `GET /api/commands?gw=…&limit=10` returns for this user
+  (the same query), so an approval or a gateway's result shows at once. One producer per view
+  (the user's area and the chosen area) checks the database every 0.5 s and fans out to all
+  its clients (`central.console.live`); the browser never polls per gateway.
 - Every read takes `area`: the map, its counts, the desk and the board of that area only.
 - `PUT /api/gateways/{gw}/position`, `PUT /api/areas/{id}/position` (admins, audited).
 """
@@ -23,6 +25,7 @@ from typing import Annotated
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
+from central.commands.api import CommandOut, visible_commands
 from central.console import geo
 from central.console.board import BoardOut, build_board
 from central.console.live import Broadcaster
@@ -45,13 +48,32 @@ from central.identity.authz import (
 )
 from central.storage.program import Program
 from central.web.bounds import ID_MAX, IdPath
-from central.web.routing import run_audited, storage_of
+from central.web.routing import StrictModel, run_audited, storage_of
 
 # Module level, so the routes' string annotations resolve.
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
 CHECK_S = 0.5  # how often each view's feed looks for changes (one feed per view, not client)
 PING_S = 5.0  # the page calls central unreachable after 3 missed pings
 REFRESH_S = 15.0  # an unchanged overview or desk is sent again this often (fresh ages)
+COMMANDS_SHOWN = 10  # the gateway page's command list (console-commands.js shows as many)
+GwQuery = Annotated[str | None, Query(min_length=1, max_length=64,
+                                      description="also this gateway's commands")]
+
+
+class GatewayCommandsOut(StrictModel):
+    """The `commands` event: whose list it is (a page that moved on ignores it), newest first."""
+
+    gw: str
+    commands: list[CommandOut]
+
+
+async def build_commands(app: FastAPI, view: View, gw: str) -> GatewayCommandsOut:
+    """`gw`'s newest commands as `GET /api/commands` lists them for a user of this view: the
+    scope is the user's area alone (the area chosen on the page does not hide a command of the
+    gateway on screen), and a gateway outside it has none."""
+    sees = None if view.user_area_path is None else view.sees
+    return GatewayCommandsOut(gw=gw, commands=await visible_commands(
+        app, sees, gw=gw, limit=COMMANDS_SHOWN))
 
 
 async def _set_position(request: Request, p: Principal, action: str, target: str,
@@ -81,6 +103,7 @@ def install(app: FastAPI) -> None:
     app.state.console_live = Broadcaster(
         (("overview", lambda v: build_overview(app, v)), ("desk", lambda v: build_desk(app, v)),
          ("board", lambda v: build_board(app, v))),
+        gateway_builders=(("commands", lambda v, gw: build_commands(app, v, gw)),),
         check_s=CHECK_S, ping_s=PING_S, refresh_s=REFRESH_S)
 
     @app.get("/api/console/overview", response_model=OverviewOut, tags=["console"])
@@ -103,11 +126,13 @@ def install(app: FastAPI) -> None:
 
     @app.get("/api/console/events", tags=["console"],
              response_class=StreamingResponse)
-    async def events(request: Request, p: Reader, area: AreaQuery = None) -> StreamingResponse:
+    async def events(request: Request, p: Reader, area: AreaQuery = None,
+                     gw: GwQuery = None) -> StreamingResponse:
         """Server-sent events: `overview`, `desk` and `board` (the same bodies as the
-        endpoints above) whenever they changed, `ping` every 5 s. One producer per view (user's
-        area and `area`) serves every client of that view. Example: `curl -N -b session=…
-        /api/console/events?area=2`."""
+        endpoints above) whenever they changed, `ping` every 5 s; with `gw`, `commands`
+        (`{gw, commands}`, the list of `GET /api/commands?gw=…&limit=10`) whenever it changed.
+        One producer per view (user's area and `area`) serves every client of that view.
+        Example: `curl -N -b session=… '/api/console/events?area=2&gw=gw-1'`."""
         view = await _view(request, p, area)
         live = _broadcaster(request.app)
 
@@ -118,7 +143,7 @@ def install(app: FastAPI) -> None:
             stop = asyncio.ensure_future(stopping.wait())
             events: asyncio.Future[list[bytes]] | None = None
             try:
-                async with live.subscribe(view) as sub:
+                async with live.subscribe(view, gw) as sub:
                     while not await request.is_disconnected():
                         events = asyncio.ensure_future(sub.next())
                         await asyncio.wait({events, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,6 +7,11 @@ body changed (or every `refresh_s`, so ages stay fresh), and a `ping` every `pin
 duty-room screens on the whole city cost one set of queries per check, not twenty. The feed
 starts with its first subscriber and stops with its last.
 
+Some events belong to one gateway of the view: the command list of the gateway a page shows.
+A subscriber names that gateway (`Subscriber.gw`); the feed builds those events once per check
+for each gateway some subscriber watches, under the same change test, and offers each only to
+that gateway's subscribers. A page that moves to another gateway stays on its view's feed.
+
 A subscriber keeps only the newest body of each event (`Subscriber.offer` replaces what is
 pending): a slow client skips states it had no time to show and gets the newest, and never
 holds the producer up or grows a queue. Each body is a whole state, so nothing is lost.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -31,6 +37,8 @@ from runtime.counters import Counters
 log = structlog.get_logger(__name__)
 
 Builder = Callable[[View], Awaitable[BaseModel]]
+GatewayBuilder = Callable[[View, str], Awaitable[BaseModel]]
+Key = tuple[str, str | None]  # an event's name and its gateway (None: the whole view's)
 
 
 def sse(event: str, data: str) -> bytes:
@@ -48,9 +56,11 @@ def change_key(body: BaseModel) -> str:
 
 
 class Subscriber:
-    """One client's pending events, newest body per event name."""
+    """One client's pending events, newest body per event name; `gw` is the gateway whose
+    events it wants as well (None: only the view's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gw: str | None = None) -> None:
+        self.gw = gw
         self._pending: dict[str, bytes] = {}
         self._wake = asyncio.Event()
 
@@ -83,42 +93,63 @@ class LiveCounters(Counters):
 class Feed:
     view: View
     builders: Sequence[tuple[str, Builder]]
+    gateway_builders: Sequence[tuple[str, GatewayBuilder]]
     counters: LiveCounters
     check_s: float
     ping_s: float
     refresh_s: float
     subscribers: set[Subscriber] = field(default_factory=set)
-    last: dict[str, bytes] = field(default_factory=dict)  # newest event of each name
+    last: dict[Key, bytes] = field(default_factory=dict)  # newest event of each name
+    keys: dict[Key, str] = field(default_factory=dict)  # change_key of the event last sent
+    sent: dict[Key, float] = field(default_factory=dict)  # monotonic time it was sent
     task: asyncio.Task[None] | None = None
 
     def join(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
-        for name, data in self.last.items():  # a late joiner starts from the newest state
-            sub.offer(name, data)
+        for (name, gw), data in self.last.items():  # a late joiner starts from the newest state
+            if gw is None or gw == sub.gw:
+                sub.offer(name, data)
 
-    def _send(self, name: str, data: bytes) -> None:
-        self.last[name] = data
+    def _send(self, key: Key, data: bytes) -> None:
+        self.last[key] = data
+        gw = key[1]
         for sub in self.subscribers:
-            sub.offer(name, data)
+            if gw is None or gw == sub.gw:
+                sub.offer(key[0], data)
+
+    def _watched(self) -> set[str]:
+        """The gateways some subscriber watches; what is kept of the others is dropped, so a
+        gateway watched again starts with a fresh event."""
+        watched = {sub.gw for sub in self.subscribers if sub.gw is not None}
+        for key in [k for k in self.keys if k[1] is not None and k[1] not in watched]:
+            self.keys.pop(key)
+            self.sent.pop(key, None)
+            self.last.pop(key, None)
+        return watched
+
+    async def _check(self, key: Key, build: Callable[[], Awaitable[BaseModel]]) -> None:
+        """Build one event; offer it if its body changed or it is due for a refresh."""
+        try:
+            body = await build()
+        except Exception:  # noqa: BLE001 - one failed build must not end every screen
+            self.counters.build_errors += 1
+            log.warning("console_build_failed", event_name=key[0], gw=key[1], exc_info=True)
+            return
+        self.counters.builds += 1
+        change = change_key(body)
+        due = time.monotonic() - self.sent.get(key, 0.0) >= self.refresh_s
+        if self.keys.get(key) != change or due:
+            self.keys[key], self.sent[key] = change, time.monotonic()
+            self._send(key, sse(key[0], body.model_dump_json()))
 
     async def run(self) -> None:
-        keys: dict[str, str] = {}
-        sent: dict[str, float] = {}
         last_ping = 0.0
         while True:
             for name, build in self.builders:
-                try:
-                    body = await build(self.view)
-                except Exception:  # noqa: BLE001 - one failed build must not end every screen
-                    self.counters.build_errors += 1
-                    log.warning("console_build_failed", event_name=name, exc_info=True)
-                    continue
-                self.counters.builds += 1
-                key = change_key(body)
-                due = time.monotonic() - sent.get(name, 0.0) >= self.refresh_s
-                if keys.get(name) != key or due:
-                    keys[name], sent[name] = key, time.monotonic()
-                    self._send(name, sse(name, body.model_dump_json()))
+                await self._check((name, None), functools.partial(build, self.view))
+            for gw in sorted(self._watched()):
+                for name, build_for in self.gateway_builders:
+                    await self._check((name, gw), functools.partial(build_for, self.view, gw))
             if time.monotonic() - last_ping >= self.ping_s:
                 last_ping = time.monotonic()
                 for sub in self.subscribers:
@@ -130,23 +161,26 @@ class Broadcaster:
     """The feeds of every view that some client shows, by view."""
 
     def __init__(self, builders: Sequence[tuple[str, Builder]], *, check_s: float,
-                 ping_s: float, refresh_s: float) -> None:
+                 ping_s: float, refresh_s: float,
+                 gateway_builders: Sequence[tuple[str, GatewayBuilder]] = ()) -> None:
         self.builders = tuple(builders)
+        self.gateway_builders = tuple(gateway_builders)
         self.check_s, self.ping_s, self.refresh_s = check_s, ping_s, refresh_s
         self.feeds: dict[View, Feed] = {}
         self.counters = LiveCounters()
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, view: View) -> AsyncIterator[Subscriber]:
-        """A subscriber on `view`'s feed (started if it is the first), left on exit."""
+    async def subscribe(self, view: View, gw: str | None = None) -> AsyncIterator[Subscriber]:
+        """A subscriber on `view`'s feed (started if it is the first), with the events of
+        gateway `gw` as well if given; left on exit."""
         feed = self.feeds.get(view)
         if feed is None:
-            feed = Feed(view, self.builders, self.counters, self.check_s, self.ping_s,
-                        self.refresh_s)
+            feed = Feed(view, self.builders, self.gateway_builders, self.counters, self.check_s,
+                        self.ping_s, self.refresh_s)
             feed.task = asyncio.create_task(feed.run(), name=f"console.feed[{view.area}]")
             self.feeds[view] = feed
             self.counters.feeds = len(self.feeds)
-        sub = Subscriber()
+        sub = Subscriber(gw)
         feed.join(sub)
         self.counters.subscribers += 1
         try:

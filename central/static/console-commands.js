@@ -2,6 +2,10 @@
 // dialog asks to confirm it (what, to which gateway, by whom), then it is issued through
 // POST /api/commands and its state is followed until the gateway reports the end. A viewer
 // sees the commands but the button is disabled; the API refuses them anyway (403).
+// The list comes from the live feed (console-live.js: a `commands` event for the gateway on
+// screen whenever it changed), so a second operator's approval or a gateway's result shows at
+// once on every screen; it is fetched only once per (re)connection, to show something before
+// the first event.
 // A write to a safety-critical point waits for a second operator (DESIGN.md §8): another
 // operator's row has 审批…, which opens a dialog naming what will be written and asks for a
 // tick before POST /api/commands/{id}/approve; the issuer's own row says it waits for someone
@@ -18,8 +22,9 @@ const COMMAND_FIELDS = { request_diagnostics: [], sync_time: [],
                          set_poll_interval: ["device", "seconds"],
                          write_point: ["device", "point", "value"] };
 const FINAL_STATES = new Set(["succeeded", "failed", "rejected", "expired"]);
+const COMMANDS_SHOWN = 10;  // as many as the live feed sends (central/console/api.py)
 const cmdPage = { gw: null, pending: null, follow: null, rows: new Map(), names: new Map(),
-                  approving: null };
+                  approving: null, shown: null, pushes: 0 };
 
 function commandArgs(kind) {
   const v = (id) => $(id).value.trim();
@@ -79,17 +84,41 @@ function renderCommands(rows) {
 }
 const CMD_HEADS = ["时间", "命令", "状态", "审批", "下发人", "编号"];
 
-async function refreshCommands() {
-  if (!cmdPage.gw) return;
+// The list and, for the command this page issued or approved (cmdPage.follow), the line
+// under the form; a body the same as the one on screen is not redrawn (a button about to be
+// clicked stays put).
+function showCommands(rows) {
+  const body = JSON.stringify(rows);
+  if (body !== cmdPage.shown) {
+    cmdPage.shown = body;
+    renderCommands(rows);
+  }
+  const c = cmdPage.follow && cmdPage.rows.get(cmdPage.follow);
+  if (c) followed(c);
+}
+
+// Once on (re)connection: an event that arrived meanwhile is newer than this answer.
+async function fetchCommands() {
+  const gw = cmdPage.gw, pushes = cmdPage.pushes;
+  if (!gw) return;
   try {
-    renderCommands(await getJSON(`/api/commands?gw=${encodeURIComponent(cmdPage.gw)}&limit=10`));
+    const rows = await getJSON(`/api/commands?gw=${encodeURIComponent(gw)}&limit=${COMMANDS_SHOWN}`);
+    if (gw === cmdPage.gw && pushes === cmdPage.pushes) showCommands(rows);
   } catch (e) {
+    if (gw !== cmdPage.gw || pushes !== cmdPage.pushes) return;
+    cmdPage.shown = null;
     $("cmd-rows").replaceChildren(el("tr", {}, el("td", { colspan: "6", class: "error" },
       `命令读取失败：${errorText(e)}`)));
   }
 }
 
-// Called by the gateway page whenever it shows a gateway.
+function pushedCommands(data) {
+  if (data.gw !== cmdPage.gw) return;  // sent before the page moved to another gateway
+  cmdPage.pushes += 1;
+  showCommands(data.commands);
+}
+
+// Called by the gateway page whenever it shows a gateway: the live feed moves to it.
 function showCommandsFor(g) {
   $("cmd").hidden = false;
   $("cmd-gw").textContent = g.gw;
@@ -99,8 +128,10 @@ function showCommandsFor(g) {
                                                                           enumOf(p.name_zh).name])));
   if (cmdPage.gw !== g.gw) {
     cmdPage.gw = g.gw;
+    cmdPage.follow = null;
     $("cmd-result").hidden = true;
-    refreshCommands();
+    live.gw = g.gw;
+    connectLive();  // its open fetches the list once
   }
 }
 
@@ -111,22 +142,23 @@ function commandResult(text, cls) {
   p.hidden = false;
 }
 
-async function followCommand(cmdId) {
-  clearTimeout(cmdPage.follow);
-  try {
-    const c = await getJSON(`/api/commands/${encodeURIComponent(cmdId)}`);
-    const final = FINAL_STATES.has(c.state);
-    commandResult(`命令 ${describeCommand(c)} · ${COMMAND_STATES[c.state] || c.state}` +
-      (c.approval === "required" && !final ? " · 待第二人审批" : "") +
-      (c.approval === "approved" ? ` · 已由 ${c.approved_by} 审批` : "") +
-      (c.reason ? ` · ${c.reason}` : "") + (c.detail ? ` · ${c.detail}` : ""),
-      c.state === "succeeded" ? "ok" : final ? "bad" : "wait");
-    $("cmd-result").dataset.state = c.state;
-    await refreshCommands();
-    if (!final) cmdPage.follow = setTimeout(() => followCommand(cmdId), 2000);
-  } catch (e) {
-    commandResult(`命令状态读取失败：${errorText(e)}`, "bad");
-  }
+// The line under the form for the followed command, as the list shows it now.
+function followed(c) {
+  const final = FINAL_STATES.has(c.state);
+  commandResult(`命令 ${describeCommand(c)} · ${COMMAND_STATES[c.state] || c.state}` +
+    (c.approval === "required" && !final ? " · 待第二人审批" : "") +
+    (c.approval === "approved" ? ` · 已由 ${c.approved_by} 审批` : "") +
+    (c.reason ? ` · ${c.reason}` : "") + (c.detail ? ` · ${c.detail}` : ""),
+    c.state === "succeeded" ? "ok" : final ? "bad" : "wait");
+  $("cmd-result").dataset.state = c.state;
+  if (final) cmdPage.follow = null;
+}
+
+// Follow `c` (just issued or approved) on the line from the next events on.
+function follow(c) {
+  cmdPage.follow = c.cmd_id;
+  const now = cmdPage.rows.get(c.cmd_id);
+  if (now && now.updated_ms >= c.updated_ms) followed(now);
 }
 
 function askToConfirm(ev) {
@@ -149,7 +181,7 @@ async function issueCommand() {
     const out = await r.json().catch(() => ({}));
     if (r.status === 201) {
       commandResult(`已下发：${describeCommand(out)} · ${COMMAND_STATES[out.state] || out.state}`, "wait");
-      followCommand(out.cmd_id);
+      follow(out);
     } else {
       commandResult(`下发失败：${out.detail || `HTTP ${r.status}`}`, "bad");
     }
@@ -203,20 +235,19 @@ async function approveCommand() {
   cmdPage.approving = null;
   $("cmd-approve").close();
   if (!c || !$("cmd-approve-check").checked) return;
-  clearTimeout(cmdPage.follow);  // the outcome of this approval is what the line shows now
+  cmdPage.follow = null;  // the outcome of this approval is what the line shows now
   try {
     const r = await postJSON(`/api/commands/${encodeURIComponent(c.cmd_id)}/approve`);
     if (r.status === 200) {
       const out = await r.json();
       commandResult(`已审批：${describeCommand(out)} · ${COMMAND_STATES[out.state] || out.state}`, "wait");
-      followCommand(out.cmd_id);
+      follow(out);
       return;
     }
     commandResult(`审批失败：${await approvalRefusal(r.status, c)}`, "bad");
   } catch (e) {
     commandResult(`审批失败：${errorText(e)}`, "bad");
   }
-  refreshCommands();
 }
 
 function startApprovals() {
@@ -239,5 +270,6 @@ function startCommands() {
   $("cmd-no").addEventListener("click", () => { cmdPage.pending = null; $("cmd-confirm").close(); });
   startApprovals();
   showKindFields();
-  setInterval(refreshCommands, 10000);
+  live.handlers.commands = pushedCommands;
+  live.handlers.open = fetchCommands;
 }

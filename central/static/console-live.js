@@ -1,13 +1,16 @@
-// Live updates (issue 12): one EventSource on /api/console/events pushes the overview and
-// the alarm desk whenever they change, and a ping every 5 s. When central cannot be reached
-// the page says so in red across the top and greys every number (body.stale).
+// Live updates (issue 12): one EventSource on /api/console/events pushes the overview, the
+// alarm desk, the 叫应 board and the command list of the gateway on screen (live.gw) whenever
+// they change, and a ping every 5 s. When central cannot be reached the page says so in red
+// across the top and greys every number (body.stale).
 "use strict";
 
 const live = {
   source: null,
   lastHeard: 0,  // Date.now() of the last event of any kind
-  handlers: {},  // event name -> function(data)
+  handlers: {},  // event name -> function(data); "open": called on every (re)connection
   area: "",
+  gw: "",  // the gateway whose commands are pushed as well
+  bodies: {},  // event name -> the body last handled
 };
 const LIVE_DEAD_MS = 15000;  // three missed pings
 
@@ -24,22 +27,38 @@ function setOutage(down, why) {
   }
 }
 
+// (Re)connect with the page's area and gateway. The stream it replaces is closed only once the
+// new one is open: the view's feed keeps running meanwhile, so the new stream starts from the
+// very bodies already on screen, and those are not drawn again (moving to another gateway
+// redraws the command list, not the desk and the map under the operator's hand).
 function connectLive() {
-  if (live.source) live.source.close();
+  const old = live.source;
   const params = new URLSearchParams();
   if (live.area) params.set("area", live.area);
+  if (live.gw) params.set("gw", live.gw);
   const source = new EventSource(`/api/console/events?${params}`);
   live.source = source;
-  for (const name of ["overview", "desk", "board", "ping"]) {
+  const retire = () => { if (old) old.close(); };
+  source.addEventListener("open", retire, { once: true });
+  source.addEventListener("error", retire, { once: true });
+  // what changed while the link was down comes with the first events; a view that fetches
+  // once on (re)connection shows something before them
+  source.onopen = () => { if (live.handlers.open) live.handlers.open(); };
+  for (const name of ["overview", "desk", "board", "commands", "ping"]) {
     source.addEventListener(name, (ev) => {
+      if (source !== live.source) return;  // being replaced: the new stream brings it too
       live.lastHeard = Date.now();
       setOutage(false);
       $("updated").textContent = fmtTime(live.lastHeard);
+      if (live.bodies[name] === ev.data) return;
+      live.bodies[name] = ev.data;
       const fn = live.handlers[name];
       if (fn) fn(JSON.parse(ev.data));
     });
   }
   source.onerror = () => {
+    if (source !== live.source) return;
+    live.bodies = {};  // the outage changed what the page shows: draw everything again
     // EventSource retries by itself; a failed retry may mean the session ended.
     setOutage(true, "实时连接中断");
     fetch("/api/me", { cache: "no-store" }).then((r) => { if (r.status === 401) toLogin(); })
