@@ -1,0 +1,195 @@
+"""A broker that refuses the gateway's certificate is a refusal, not a path failure
+(runtime.mqtt_refusal): on a real Mosquitto with the production mutual-TLS config, a CRL and
+TLS 1.3, where the broker's alert comes after the client's handshake, on the first read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import ssl
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from typer.testing import CliRunner
+
+from central.identity.broker_config import write_broker_config
+from central.identity.ca import (
+    CertificateAuthority,
+    Revoked,
+    load_or_create_ca,
+    new_key_and_csr,
+    write_private,
+    write_public,
+)
+from edge_agent.agent import AgentRuntime
+from edge_agent.cli.app import app as edge_cli
+from edge_agent.cli.common import CERTIFICATE_HINT
+from edge_agent.cli.doctor import run_checks
+from edge_agent.config.site import AgentConfig, load_config
+from edge_agent.control.server import ControlOps, ControlServer
+from edge_agent.health.metrics import AgentCollector, take_snapshot
+from edge_agent.outbox.store import Outbox
+from edge_agent.uplink.link import Uplink
+from protocols.envelope import Birth
+from runtime.mqtt import Client, client_tls_context
+from runtime.mqtt_refusal import CertificateRefusedError, Refusal
+from tests.helpers import Mosquitto, free_port, until
+
+GW = "gw-revoked"
+REFUSED = ("the broker refused this gateway's certificate (revoked or untrusted): "
+           "SSLV3_ALERT_CERTIFICATE_REVOKED")
+
+
+@dataclass
+class Site:
+    ca: CertificateAuthority
+    broker: Mosquitto
+    config: Path  # the gateway's site.toml, with [mqtt.tls]
+    cert: Path
+    key: Path
+
+
+def _issue(ca: CertificateAuthority, folder: Path) -> tuple[Path, Path, int]:
+    """A key and certificate for GW from `ca`, written as `edge-agent enroll` does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key_pem, csr_pem = new_key_and_csr(GW)
+    cert = ca.issue(GW, x509.load_pem_x509_csr(csr_pem).public_key(), days=1)  # type: ignore[arg-type]
+    write_private(folder / "gateway.key", key_pem)
+    write_public(folder / "gateway.crt", cert.public_bytes(serialization.Encoding.PEM))
+    return folder / "gateway.crt", folder / "gateway.key", cert.serial_number
+
+
+@contextlib.contextmanager
+def revoked_site(tmp_path: Path, tls_version: str | None) -> Iterator[Site]:
+    """Central's CA, a gateway certificate its CRL revokes, and the broker `central
+    broker-config` writes, with its listeners held to `tls_version` (a minimum) if given."""
+    ca = load_or_create_ca(tmp_path / "pki")
+    cert, key, serial = _issue(ca, tmp_path / "gw" / "pki")
+    ca.write_crl([Revoked(serial, dt.datetime.now(dt.UTC))])
+    port = free_port()
+    files = write_broker_config(ca, tmp_path / "broker", hosts=["127.0.0.1"], port=port,
+                                bind="127.0.0.1", central_port=free_port(),
+                                user="root" if os.geteuid() == 0 else None)
+    if tls_version is not None:
+        text = files.conf.read_text()
+        files.conf.write_text(text.replace("require_certificate true\n",
+                                           f"require_certificate true\ntls_version {tls_version}\n"))
+    config = tmp_path / "gw" / "site.toml"
+    config.write_text(f'[gateway]\nid = "{GW}"\ndata_dir = "data"\n\n'
+                      f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nack_timeout_s = 2\n'
+                      "reconnect_min_s = 0.1\nreconnect_max_s = 0.3\n\n"
+                      f'[mqtt.tls]\nca = "{ca.cert_path}"\ncert = "{cert}"\nkey = "{key}"\n')
+    (tmp_path / "mq").mkdir()
+    broker = Mosquitto(tmp_path / "mq", port=port)
+    broker.conf = files.conf
+    broker.start()
+    try:
+        yield Site(ca, broker, config, cert, key)
+    finally:
+        broker.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: AgentConfig, ob: Outbox) -> AsyncIterator[AgentRuntime]:
+    """The gateway's uplink and control socket, as the agent runs them."""
+    up = Uplink(gw=GW, outbox=ob, mqtt=cfg.mqtt, boot_id="b", version="0",
+                birth=Birth(gw=GW, stream="", boot_id="", version=""))
+    runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
+    server = ControlServer(cfg.control_socket_path, ControlOps(runtime))
+    tasks = [asyncio.create_task(up.run()), asyncio.create_task(server.serve())]
+    try:
+        yield runtime
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+def _refusal_counts(collector: AgentCollector) -> dict[str, float]:
+    family = next(f for f in collector.collect()
+                  if f.name == "fieldlink_edge_uplink_connect_refusals")
+    return {s.labels["cause"]: s.value for s in family.samples}
+
+
+async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path: Path) -> None:
+    """Under TLS 1.3 the uplink of a gateway the CRL revokes classifies each attempt as a
+    certificate refusal (counted, none a path failure, so the full back-off), logs one
+    WARNING naming the cause, and `status`, `doctor` and /metrics say so alike."""
+    with revoked_site(tmp_path, "tlsv1.3") as site:
+        cfg = load_config(site.config, check_profiles=False)
+        async with Outbox.open(cfg.outbox_path) as ob:
+            with structlog.testing.capture_logs() as logs:
+                async with running(cfg, ob) as runtime:
+                    up = runtime.uplink
+                    assert up is not None
+                    await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
+                                "three refused attempts")
+                    assert up.session.path_failures == 0 and not up.connected
+                    assert up.session.refused is Refusal.CERTIFICATE
+                    assert up.refused == {"cause": "certificate", "error": REFUSED}
+                    collector = AgentCollector()
+                    collector.snapshot = await take_snapshot(runtime)
+                    assert _refusal_counts(collector)["certificate"] >= 3
+                    assert _refusal_counts(collector)["connack"] == 0
+                    status = await asyncio.to_thread(
+                        CliRunner().invoke, edge_cli, ["status", "-c", str(site.config), "--json"])
+                    checks = {c.name: c for c in await asyncio.to_thread(run_checks, site.config)}
+            assert json.loads(await ob.get_meta("uplink_refused") or "{}") == up.refused
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["uplink"]["refused"] == up.refused
+    broker = checks[f"broker 127.0.0.1:{site.broker.port}"]
+    assert (broker.status, broker.detail, broker.hint) == ("fail", REFUSED, CERTIFICATE_HINT)
+    uplink = checks["agent uplink"]
+    assert (uplink.status, uplink.detail, uplink.hint) == ("fail", REFUSED, CERTIFICATE_HINT)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["event"], e["cause"], e["error"]) for e in warnings] == [
+        ("mqtt_disconnected", "certificate", REFUSED)]
+    retries = [e for e in logs if e["event"] == "mqtt_connect_failed"]
+    assert retries and all(e["cause"] == "certificate" and not e["path_down"] for e in retries)
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+def _rogue(tmp_path: Path, site: Site) -> tuple[Path, Path]:
+    """A certificate for the same CN from a CA the broker does not trust."""
+    cert, key, _ = _issue(load_or_create_ca(tmp_path / "rogue-pki"), tmp_path / "rogue")
+    return cert, key
+
+
+@pytest.mark.parametrize("case, tls_version, client_max, alert", [
+    ("revoked", "tlsv1.3", None, "SSLV3_ALERT_CERTIFICATE_REVOKED"),
+    ("revoked", None, ssl.TLSVersion.TLSv1_2, "SSLV3_ALERT_CERTIFICATE_REVOKED"),
+    ("untrusted", "tlsv1.3", None, "TLSV1_ALERT_UNKNOWN_CA"),
+])
+async def test_an_attempt_with_a_refused_certificate_fails_at_once_as_a_refusal(
+        tmp_path: Path, case: str, tls_version: str | None,
+        client_max: ssl.TLSVersion | None, alert: str) -> None:
+    """A revoked or untrusted certificate fails the attempt with `CertificateRefusedError`
+    naming the alert, whether TLS 1.3 reports it after the handshake or TLS 1.2 in it (not
+    with "no CONNACK" at the end of its CONNACK timeout)."""
+    with revoked_site(tmp_path, tls_version) as site:
+        cert, key = (site.cert, site.key) if case == "revoked" else _rogue(tmp_path, site)
+        ctx = client_tls_context(site.ca.cert_path, cert, key)
+        if client_max is not None:
+            ctx.maximum_version = client_max
+        client: Any = Client("127.0.0.1", site.broker.port, identifier=GW, tls_context=ctx,
+                             timeout=5, connect_timeout=5)
+        with pytest.raises(CertificateRefusedError) as info:
+            async with client:
+                pass
+        with warnings.catch_warnings():
+            # paho 2.2 leaves the socket of a failed handshake (TLS 1.2) open for the
+            # collector: its _ssl_wrap_socket does not close it when do_handshake raises.
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    assert info.value.alert == alert
