@@ -2,8 +2,8 @@
 broker that answered, and which refusal (`Refusal`): a CONNACK refusal, our certificate, or
 another TLS refusal. `runtime.mqtt.MqttSession` backs off and counts by it.
 
-A broker that refuses the gateway's certificate (revoked by central's CRL, from a CA it does
-not trust, missing) answers with a TLS alert. Under TLS 1.2 the alert ends the client's
+A broker that refuses our certificate (a gateway's or central's: revoked by the CRL, from a CA
+it does not trust, missing) answers with a TLS alert. Under TLS 1.2 the alert ends the client's
 handshake, so the connect itself fails with the `ssl.SSLError`. Under TLS 1.3 the client's
 handshake is over before the server has checked the client's certificate (RFC 8446 §4.4: the
 client's Certificate, CertificateVerify and Finished are its last flight; the server answers a
@@ -63,10 +63,10 @@ class TlsRefusedError(aiomqtt.MqttError, DetailedError):
 
 
 class CertificateRefusedError(TlsRefusedError):
-    """The broker refused this gateway's certificate (a CRL that revokes it, a CA it does not
-    trust, none shown): waiting does not help, a renewal or an enrolment does."""
+    """The broker refused our certificate (a CRL that revokes it, a CA it does not trust,
+    none shown): waiting does not help, a new certificate does."""
 
-    template = "the broker refused this gateway's certificate (revoked or untrusted): {alert}"
+    template = "the broker refused our certificate (revoked or untrusted): {alert}"
 
 
 def alert_error(exc: ssl.SSLError) -> TlsRefusedError | None:
