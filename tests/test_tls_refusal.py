@@ -23,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
+from central.config.settings import Settings
+from central.health.metrics import Metrics
 from central.identity.broker_config import write_broker_config
 from central.identity.ca import (
     CertificateAuthority,
@@ -32,6 +34,8 @@ from central.identity.ca import (
     write_private,
     write_public,
 )
+from central.ingest.subscriber import Ingest
+from central.storage import open_storage
 from edge_agent.agent import AgentRuntime
 from edge_agent.cli.app import app as edge_cli
 from edge_agent.cli.common import CERTIFICATE_HINT
@@ -47,7 +51,7 @@ from runtime.mqtt_refusal import CertificateRefusedError, Refusal
 from tests.helpers import Mosquitto, free_port, until
 
 GW = "gw-revoked"
-REFUSED = ("the broker refused this gateway's certificate (revoked or untrusted): "
+REFUSED = ("the broker refused our certificate (revoked or untrusted): "
            "SSLV3_ALERT_CERTIFICATE_REVOKED")
 
 
@@ -193,3 +197,27 @@ async def test_an_attempt_with_a_refused_certificate_fails_at_once_as_a_refusal(
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
     assert info.value.alert == alert
+
+
+async def test_central_ingest_counts_a_refused_certificate(tmp_path: Path) -> None:
+    """Central's ingest shares the session: its own certificate refused (here one the CRL
+    revokes) is counted by cause in central's /metrics, not taken for a path failure."""
+    with revoked_site(tmp_path, "tlsv1.3") as site:
+        settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host="127.0.0.1",
+                            mqtt_port=site.broker.port, mqtt_client_id="central-revoked",
+                            mqtt_tls_ca=str(site.ca.cert_path), mqtt_tls_cert=str(site.cert),
+                            mqtt_tls_key=str(site.key))
+        metrics = Metrics()
+        async with open_storage(settings.db_url) as storage:
+            ingest = Ingest(settings, storage, metrics)
+            task = asyncio.create_task(ingest.run())
+            try:
+                await until(lambda: metrics.mqtt_connect_refusals[Refusal.CERTIFICATE] >= 2,
+                            "two refused attempts")
+            finally:
+                task.cancel()
+                await asyncio.wait((task,))
+    assert ingest.session.path_failures == 0 and not ingest.connected
+    text = metrics.render()
+    assert 'fieldlink_central_mqtt_connect_refusals_total{cause="connack"} 0.0' in text
+    assert 'fieldlink_central_mqtt_connect_refusals_total{cause="certificate"}' in text
