@@ -9,7 +9,6 @@ import contextlib
 import datetime as dt
 import gc
 import json
-import os
 import ssl
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -19,20 +18,14 @@ from typing import Any
 
 import pytest
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from central.config.settings import Settings
 from central.health.metrics import Metrics
-from central.identity.broker_config import write_broker_config
 from central.identity.ca import (
     CertificateAuthority,
     Revoked,
     load_or_create_ca,
-    new_key_and_csr,
-    write_private,
-    write_public,
 )
 from central.ingest.subscriber import Ingest
 from central.storage import open_storage
@@ -48,7 +41,8 @@ from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
 from runtime.mqtt import Client, client_tls_context
 from runtime.mqtt_refusal import CertificateRefusedError, Refusal
-from tests.helpers import Mosquitto, free_port, until
+from tests.helpers import Mosquitto, until
+from tests.mtls import issue, start_broker
 
 GW = "gw-revoked"
 REFUSED = ("the broker refused our certificate (revoked or untrusted): "
@@ -65,13 +59,9 @@ class Site:
 
 
 def _issue(ca: CertificateAuthority, folder: Path) -> tuple[Path, Path, int]:
-    """A key and certificate for GW from `ca`, written as `edge-agent enroll` does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key_pem, csr_pem = new_key_and_csr(GW)
-    cert = ca.issue(GW, x509.load_pem_x509_csr(csr_pem).public_key(), days=1)  # type: ignore[arg-type]
-    write_private(folder / "gateway.key", key_pem)
-    write_public(folder / "gateway.crt", cert.public_bytes(serialization.Encoding.PEM))
-    return folder / "gateway.crt", folder / "gateway.key", cert.serial_number
+    """A key and certificate for GW from `ca`, in `folder`."""
+    cert, key = folder / "gateway.crt", folder / "gateway.key"
+    return cert, key, issue(ca, GW, cert, key)
 
 
 @contextlib.contextmanager
@@ -81,23 +71,12 @@ def revoked_site(tmp_path: Path, tls_version: str | None) -> Iterator[Site]:
     ca = load_or_create_ca(tmp_path / "pki")
     cert, key, serial = _issue(ca, tmp_path / "gw" / "pki")
     ca.write_crl([Revoked(serial, dt.datetime.now(dt.UTC))])
-    port = free_port()
-    files = write_broker_config(ca, tmp_path / "broker", hosts=["127.0.0.1"], port=port,
-                                bind="127.0.0.1", central_port=free_port(),
-                                user="root" if os.geteuid() == 0 else None)
-    if tls_version is not None:
-        text = files.conf.read_text()
-        files.conf.write_text(text.replace("require_certificate true\n",
-                                           f"require_certificate true\ntls_version {tls_version}\n"))
+    broker = start_broker(ca, tmp_path, tls_version)
     config = tmp_path / "gw" / "site.toml"
     config.write_text(f'[gateway]\nid = "{GW}"\ndata_dir = "data"\n\n'
-                      f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nack_timeout_s = 2\n'
+                      f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nack_timeout_s = 2\n'
                       "reconnect_min_s = 0.1\nreconnect_max_s = 0.3\n\n"
                       f'[mqtt.tls]\nca = "{ca.cert_path}"\ncert = "{cert}"\nkey = "{key}"\n')
-    (tmp_path / "mq").mkdir()
-    broker = Mosquitto(tmp_path / "mq", port=port)
-    broker.conf = files.conf
-    broker.start()
     try:
         yield Site(ca, broker, config, cert, key)
     finally:
@@ -164,7 +143,7 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path:
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
 
 
-def _rogue(tmp_path: Path, site: Site) -> tuple[Path, Path]:
+def _rogue(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for the same CN from a CA the broker does not trust."""
     cert, key, _ = _issue(load_or_create_ca(tmp_path / "rogue-pki"), tmp_path / "rogue")
     return cert, key
@@ -182,7 +161,7 @@ async def test_an_attempt_with_a_refused_certificate_fails_at_once_as_a_refusal(
     naming the alert, whether TLS 1.3 reports it after the handshake or TLS 1.2 in it (not
     with "no CONNACK" at the end of its CONNACK timeout)."""
     with revoked_site(tmp_path, tls_version) as site:
-        cert, key = (site.cert, site.key) if case == "revoked" else _rogue(tmp_path, site)
+        cert, key = (site.cert, site.key) if case == "revoked" else _rogue(tmp_path)
         ctx = client_tls_context(site.ca.cert_path, cert, key)
         if client_max is not None:
             ctx.maximum_version = client_max
