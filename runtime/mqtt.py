@@ -29,10 +29,10 @@ TaskGroup leaves its parent task's count raised when a child fails while the par
 `_STOP_AGAIN_S` is cancelled again.
 
 A broker restart is an expected event: the session logs it once per outage at WARNING
-(`mqtt_disconnected`, with its `cause`: `path` or a `Refusal`), every failed attempt after that
-at DEBUG but for the first of each refusal in the outage (`mqtt_refused`, WARNING: a broker back
-from a restart that now refuses our certificate says so once), and the end of the outage at
-INFO (`mqtt_connected`, with its length) — never an ERROR or a traceback.
+(`mqtt_disconnected`, with its `cause`: `dropped`, `path` or a `Refusal`), every failed attempt
+after that at DEBUG but for the first of each refusal in the outage (`mqtt_refused`, WARNING: a
+broker back from a restart that now refuses our certificate says so once), and the end of the
+outage at INFO (`mqtt_connected`, with its length) — never an ERROR or a traceback.
 
 What aiomqtt 2.5 lacks is wrapped here, once, in `Client` (hence the `aiomqtt~=2.5` pin):
 
@@ -421,8 +421,8 @@ class MqttSession:
         an outage."""
         first = was_up or self._down_since is None
         cause = None if was_up else self.refused
-        fields = {"error": str(exc), "cause": str(cause or "path"),
-                  "retry_in_s": round(retry_in_s, 2)}
+        fields = {"error": str(exc), "retry_in_s": round(retry_in_s, 2),
+                  "cause": "dropped" if was_up else str(cause or "path")}
         if first:
             self._down_since = time.monotonic()
             self._logged = {cause}

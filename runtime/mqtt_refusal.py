@@ -96,7 +96,7 @@ def refusal_of(exc: aiomqtt.MqttError) -> Refusal | None:
         cause, TLS_CUT) else None
 
 
-class AlertCatcher(logging.LoggerAdapter):  # type: ignore[type-arg]
+class AlertCatcher(logging.LoggerAdapter[logging.Logger]):
     """One attempt's client logger (see the module's docstring): every line goes on to
     `logger` as it came; the first TLS refusal among a line's arguments resolves `heard`
     (paho logs from aiomqtt's executor thread as well as from the loop's)."""

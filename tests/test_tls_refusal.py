@@ -56,6 +56,14 @@ class Site:
     config: Path  # the gateway's site.toml, with [mqtt.tls]
     cert: Path
     key: Path
+    serial: int  # the gateway certificate's
+
+    def revoke(self) -> None:
+        """Central revokes the gateway; a restart makes the broker read the CRL and ends the
+        sessions it has."""
+        self.ca.write_crl([Revoked(self.serial, dt.datetime.now(dt.UTC))])
+        self.broker.stop()
+        self.broker.start()
 
 
 def _issue(ca: CertificateAuthority, folder: Path) -> tuple[Path, Path, int]:
@@ -65,12 +73,14 @@ def _issue(ca: CertificateAuthority, folder: Path) -> tuple[Path, Path, int]:
 
 
 @contextlib.contextmanager
-def revoked_site(tmp_path: Path, tls_version: str | None) -> Iterator[Site]:
-    """Central's CA, a gateway certificate its CRL revokes, and the broker `central
-    broker-config` writes, with its listeners held to `tls_version` (a minimum) if given."""
+def revoked_site(tmp_path: Path, tls_version: str | None, *, revoked: bool = True
+                 ) -> Iterator[Site]:
+    """Central's CA, a gateway certificate its CRL revokes (unless not `revoked`), and the
+    broker `central broker-config` writes, with its listeners held to `tls_version` (a
+    minimum) if given."""
     ca = load_or_create_ca(tmp_path / "pki")
     cert, key, serial = _issue(ca, tmp_path / "gw" / "pki")
-    ca.write_crl([Revoked(serial, dt.datetime.now(dt.UTC))])
+    ca.write_crl([Revoked(serial, dt.datetime.now(dt.UTC))] if revoked else [])
     broker = start_broker(ca, tmp_path, tls_version)
     config = tmp_path / "gw" / "site.toml"
     config.write_text(f'[gateway]\nid = "{GW}"\ndata_dir = "data"\n\n'
@@ -78,7 +88,7 @@ def revoked_site(tmp_path: Path, tls_version: str | None) -> Iterator[Site]:
                       "reconnect_min_s = 0.1\nreconnect_max_s = 0.3\n\n"
                       f'[mqtt.tls]\nca = "{ca.cert_path}"\ncert = "{cert}"\nkey = "{key}"\n')
     try:
-        yield Site(ca, broker, config, cert, key)
+        yield Site(ca, broker, config, cert, key, serial)
     finally:
         broker.stop()
 
@@ -140,6 +150,28 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path:
         ("mqtt_disconnected", "certificate", REFUSED)]
     retries = [e for e in logs if e["event"] == "mqtt_connect_failed"]
     assert retries and all(e["cause"] == "certificate" and not e["path_down"] for e in retries)
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back(
+        tmp_path: Path) -> None:
+    """Connected, then revoked and the broker restarted: the outage starts as a dropped
+    connection (one WARNING) and the refusal that follows is named in one more WARNING, not
+    lost among the DEBUG retries; the refusals are counted as such."""
+    with revoked_site(tmp_path, "tlsv1.3", revoked=False) as site:
+        cfg = load_config(site.config, check_profiles=False)
+        async with Outbox.open(cfg.outbox_path) as ob:
+            with structlog.testing.capture_logs() as logs:
+                async with running(cfg, ob) as runtime:
+                    up = runtime.uplink
+                    assert up is not None
+                    await until(lambda: up.connected, "connected before the revocation")
+                    await asyncio.to_thread(site.revoke)
+                    await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
+                                "three refused attempts")
+                    assert up.refused == {"cause": "certificate", "error": REFUSED}
+    warnings = [(e["event"], e["cause"]) for e in logs if e["log_level"] == "warning"]
+    assert warnings == [("mqtt_disconnected", "dropped"), ("mqtt_refused", "certificate")]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
 
 
