@@ -90,7 +90,7 @@ import structlog
 from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.files import FileError
-from runtime.mqtt_refusal import AlertCatcher, Refusal, alert_error, refusal_of
+from runtime.mqtt_refusal import AlertCatcher, Refusal, TlsClosedError, alert_error, refusal_of
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -214,7 +214,7 @@ class Client(aiomqtt.Client):
         except asyncio.CancelledError:
             self._finish_late(attempt)
             raise
-        if not attempt.done():  # a TLS 1.3 alert after the handshake: paho closed the socket
+        if not attempt.done():  # a TLS error after the handshake: paho closed the socket
             self._finish_late(attempt)
             raise refused.result()
         try:
@@ -337,8 +337,10 @@ class MqttSession:
         self.connects = 0
         self.path_failures = 0  # attempts that reached no broker that answered
         self.refusals: dict[str, int] = {}  # attempts a broker refused, by `Refusal`
-        # What refused the last attempt; None once connected or when it failed on the path.
+        # What refused the last attempt, and the error that said so; None once connected or
+        # when it failed on the path.
         self.refused: Refusal | None = None
+        self.refusal: aiomqtt.MqttError | None = None
         self._log = log.bind(session=name, broker=endpoint.broker, client_id=endpoint.client_id)
         self._down_since: float | None = None  # monotonic start of the current outage
         self._path_down = False  # the last attempt failed on the path
@@ -391,8 +393,13 @@ class MqttSession:
 
     def _classify(self, failed: aiomqtt.MqttError | None) -> None:
         """Count an attempt that failed before CONNACK (`failed`) as a refusal or a path
-        failure; None: the attempt connected, or could not start."""
-        self.refused = None if failed is None else refusal_of(failed)
+        failure; None: the attempt connected, or could not start. A TLS session closed without
+        an alert right after a refusal is that refusal again (`runtime.mqtt_refusal`)."""
+        cause = None if failed is None else refusal_of(failed)
+        if cause is not None:
+            self.refused, self.refusal = cause, failed
+        elif not (isinstance(failed, TlsClosedError) and self.refused is not None):
+            self.refused = self.refusal = None  # else the refusal before stands
         self._path_down = failed is not None and self.refused is None
         if self.refused is not None:
             self.refusals[self.refused] = self.refusals.get(self.refused, 0) + 1

@@ -18,7 +18,16 @@ to paho's `enable_logger`). So each attempt gets its own `AlertCatcher`, a
 `logging.LoggerAdapter` in front of the client logger: it looks at the arguments of every line
 (not at the text, which paho may reword; and whatever the log level) for an `ssl.SSLError`
 that is not a cut connection, and hands the first one to the attempt, which then fails at once
-with `CertificateRefusedError` (or `TlsRefusedError` for another alert). Rejected: aiomqtt's
+with `CertificateRefusedError` (or `TlsRefusedError` for another alert).
+
+The alert is not always read. When the broker has our CONNECT unread as it closes after its
+alert (a loaded broker, or a client that writes at once), its kernel resets the connection and
+the read ends with an EOF instead (seen on Mosquitto 2.0 with OpenSSL 3 in about half of a raw
+client's attempts; paho writes its CONNECT a little later and meets it rarely). That attempt
+fails at once too, as `TlsClosedError`: after a refusal the session takes it for the same
+refusal again (the same broker closing right after our handshake), so a revoked gateway's
+state and back-off do not flap; on its own it stays a path failure, since a cut link can end a
+TLS session the same way. Rejected: aiomqtt's
 private `_client` and `_disconnected` (STYLE.md §14); `SSLContext.sslsocket_class`, public but
 set on the caller's context, which is shared by attempts and sessions and would change every
 socket it wraps; a probe handshake of our own before each attempt (`edge-agent doctor`'s way:
@@ -62,6 +71,15 @@ class TlsRefusedError(aiomqtt.MqttError, DetailedError):
     alert: str
 
 
+class TlsClosedError(aiomqtt.MqttError, DetailedError):
+    """The broker closed the TLS session after our handshake and before CONNACK, without an
+    alert: `reason` is what the read said. On its own it is a path failure; right after a
+    refusal it is that refusal again (see the module's docstring)."""
+
+    template = "the broker closed the TLS session before CONNACK: {reason}"
+    reason: str
+
+
 class CertificateRefusedError(TlsRefusedError):
     """The broker refused our certificate (a CRL that revokes it, a CA it does not trust,
     none shown): waiting does not help, a new certificate does."""
@@ -72,7 +90,7 @@ class CertificateRefusedError(TlsRefusedError):
 def alert_error(exc: ssl.SSLError) -> TlsRefusedError | None:
     """The refusal an alert from the broker means; None for a cut connection, and for a TLS
     error that is no alert (the broker's certificate failing our own check)."""
-    reason = exc.reason or ""
+    reason = getattr(exc, "reason", None) or ""  # OpenSSL's errors have it; others may not
     if isinstance(exc, TLS_CUT) or "_ALERT_" not in reason:
         return None
     if reason.endswith(_CERTIFICATE_ALERTS):
@@ -98,31 +116,33 @@ def refusal_of(exc: aiomqtt.MqttError) -> Refusal | None:
 
 class AlertCatcher(logging.LoggerAdapter[logging.Logger]):
     """One attempt's client logger (see the module's docstring): every line goes on to
-    `logger` as it came; the first TLS refusal among a line's arguments resolves `heard`
-    (paho logs from aiomqtt's executor thread as well as from the loop's)."""
+    `logger` as it came; the first TLS error among a line's arguments resolves `heard`, as a
+    refusal or as a session closed without an alert (paho logs from aiomqtt's executor thread
+    as well as from the loop's)."""
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logger)
         self._loop = asyncio.get_running_loop()
-        self.heard: asyncio.Future[TlsRefusedError] = self._loop.create_future()
+        self.heard: asyncio.Future[aiomqtt.MqttError] = self._loop.create_future()
 
-    def listen(self) -> asyncio.Future[TlsRefusedError]:
+    def listen(self) -> asyncio.Future[aiomqtt.MqttError]:
         """A fresh `heard` for the next attempt (a client may connect again)."""
         self.heard = self._loop.create_future()
         return self.heard
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         for arg in args:
-            if isinstance(arg, ssl.SSLError) and (refusal := alert_error(arg)) is not None:
-                self._loop.call_soon_threadsafe(self._hear, self.heard, refusal)
+            if isinstance(arg, ssl.SSLError):
+                error = alert_error(arg) or TlsClosedError(str(arg))
+                self._loop.call_soon_threadsafe(self._hear, self.heard, error)
                 break
         super().log(level, msg, *args, **kwargs)
 
     @staticmethod
-    def _hear(heard: asyncio.Future[TlsRefusedError], refusal: TlsRefusedError) -> None:
+    def _hear(heard: asyncio.Future[aiomqtt.MqttError], error: aiomqtt.MqttError) -> None:
         if not heard.done():
-            heard.set_result(refusal)
+            heard.set_result(error)
 
 
-__all__ = ["AlertCatcher", "CertificateRefusedError", "Refusal", "TlsRefusedError",
-           "alert_error", "refusal_of"]
+__all__ = ["AlertCatcher", "CertificateRefusedError", "Refusal", "TlsClosedError",
+           "TlsRefusedError", "alert_error", "refusal_of"]

@@ -40,7 +40,7 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
 from runtime.mqtt import Client, client_tls_context
-from runtime.mqtt_refusal import CertificateRefusedError, Refusal
+from runtime.mqtt_refusal import AlertCatcher, CertificateRefusedError, Refusal
 from tests.helpers import Mosquitto, until
 from tests.mtls import issue, start_broker
 
@@ -84,7 +84,7 @@ def revoked_site(tmp_path: Path, tls_version: str | None, *, revoked: bool = Tru
     broker = start_broker(ca, tmp_path, tls_version)
     config = tmp_path / "gw" / "site.toml"
     config.write_text(f'[gateway]\nid = "{GW}"\ndata_dir = "data"\n\n'
-                      f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nack_timeout_s = 2\n'
+                      f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nack_timeout_s = 30\n'
                       "reconnect_min_s = 0.1\nreconnect_max_s = 0.3\n\n"
                       f'[mqtt.tls]\nca = "{ca.cert_path}"\ncert = "{cert}"\nkey = "{key}"\n')
     try:
@@ -128,7 +128,8 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path:
                     assert up is not None
                     await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
                                 "three refused attempts")
-                    assert up.session.path_failures == 0 and not up.connected
+                    assert up.session.path_failures == 0 and not up.connected, [
+                        e for e in logs if e.get("cause") == "path"]
                     assert up.session.refused is Refusal.CERTIFICATE
                     assert up.refused == {"cause": "certificate", "error": REFUSED}
                     collector = AgentCollector()
@@ -173,6 +174,33 @@ async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back
     warnings = [(e["event"], e["cause"]) for e in logs if e["log_level"] == "warning"]
     assert warnings == [("mqtt_disconnected", "dropped"), ("mqtt_refused", "certificate")]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+async def test_an_alert_lost_to_a_reset_keeps_the_refusal(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other attempt's alert is lost (its read ends in an EOF, as when the broker resets
+    a connection with our CONNECT unread): each such attempt is the refusal again, so the
+    state, the counts and the back-off stay those of a certificate refusal."""
+    hear = AlertCatcher.log
+    reads: list[int] = []  # TLS errors heard, one item each
+
+    def lossy(self: AlertCatcher, level: int, msg: object, *args: Any, **kw: Any) -> None:
+        if any(isinstance(a, ssl.SSLError) for a in args):
+            reads.append(1)
+        if len(reads) % 2 == 0 and any(isinstance(a, ssl.SSLError) for a in args):
+            args = tuple(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+                         if isinstance(a, ssl.SSLError) else a for a in args)
+        hear(self, level, msg, *args, **kw)
+
+    monkeypatch.setattr(AlertCatcher, "log", lossy)
+    with revoked_site(tmp_path, "tlsv1.3") as site:
+        cfg = load_config(site.config, check_profiles=False)
+        async with Outbox.open(cfg.outbox_path) as ob, running(cfg, ob) as runtime:
+            up = runtime.uplink
+            assert up is not None
+            await until(lambda: len(reads) >= 8, "four alerts and four lost ones")
+            assert up.session.path_failures == 0 and up.session.refused is Refusal.CERTIFICATE
+            assert up.refused == {"cause": "certificate", "error": REFUSED}
 
 
 def _rogue(tmp_path: Path) -> tuple[Path, Path]:

@@ -243,8 +243,8 @@ class Uplink:
         self.connected = False
         if was_up or self.down_since is None:
             self.down_since = time.monotonic()
-        cause = self.session.refused
-        self.refused = None if cause is None else {"cause": str(cause), "error": str(exc)}
+        cause, refusal = self.session.refused, self.session.refusal
+        self.refused = None if cause is None else {"cause": str(cause), "error": str(refusal)}
         self.ledger.drop()
         if first:
             await self._set_meta("uplink_state", "disconnected")
