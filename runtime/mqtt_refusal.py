@@ -17,21 +17,22 @@ The only public place that error passes is the logger aiomqtt takes (`logger=`, 
 to paho's `enable_logger`). So each attempt gets its own `AlertCatcher`, a
 `logging.LoggerAdapter` in front of the client logger: it looks at the arguments of every line
 (not at the text, which paho may reword; and whatever the log level) for an `ssl.SSLError`
-that is not a cut connection, and hands the first one to the attempt, which then fails at once
-with `CertificateRefusedError` (or `TlsRefusedError` for another alert).
+and hands the first one to the attempt, which then fails at once: with
+`CertificateRefusedError` for an alert about our certificate (`TlsRefusedError` for another).
+Rejected: aiomqtt's private `_client` and `_disconnected` (STYLE.md §14);
+`SSLContext.sslsocket_class`, public but set on the caller's context, which is shared by
+attempts and sessions and would change every socket it wraps; a probe handshake of our own
+before each attempt (`edge-agent doctor`'s way: twice the handshakes on a metered link, and
+the probe's verdict is not the attempt's).
 
-The alert is not always read. When the broker has our CONNECT unread as it closes after its
-alert (a loaded broker, or a client that writes at once), its kernel resets the connection and
-the read ends with an EOF instead (seen on Mosquitto 2.0 with OpenSSL 3 in about half of a raw
-client's attempts; paho writes its CONNECT a little later and meets it rarely). That attempt
-fails at once too, as `TlsClosedError`: after a refusal the session takes it for the same
-refusal again (the same broker closing right after our handshake), so a revoked gateway's
-state and back-off do not flap; on its own it stays a path failure, since a cut link can end a
-TLS session the same way. Rejected: aiomqtt's
-private `_client` and `_disconnected` (STYLE.md §14); `SSLContext.sslsocket_class`, public but
-set on the caller's context, which is shared by attempts and sessions and would change every
-socket it wraps; a probe handshake of our own before each attempt (`edge-agent doctor`'s way:
-twice the handshakes on a metered link, and the probe's verdict is not the attempt's).
+The alert is not always read. A client that sends its CONNECT at once after the handshake
+often reads an EOF instead (about half of a raw client's attempts on Mosquitto 2.0 with
+OpenSSL 3; never when it sends nothing): most likely the broker closes with our CONNECT unread,
+so its kernel resets the connection. paho writes its CONNECT a little later and meets it
+rarely. Such an attempt fails at once too, as `TlsClosedError`: right after a refusal the
+session takes it for the same refusal again (the same broker closing right after our
+handshake), so a revoked gateway's state and back-off do not flap; on its own it stays a path
+failure, since a cut link can end a TLS session the same way.
 """
 
 from __future__ import annotations
