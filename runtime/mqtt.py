@@ -12,8 +12,10 @@ Two kinds of failed attempt are retried differently. One that never reached a br
 answered (connection refused, reset or closed before CONNACK, no CONNACK in time: the path is
 down) is retried within `link_retry_max_s` (1 s, jittered): each try is a cheap SYN, and a link
 that comes back is noticed within about a second instead of a whole back-off. One that a broker
-refused (a CONNACK refusal: bad credentials, server unavailable; a refused TLS handshake) backs
-off in full, up to `Backoff.max_s`, so a broker that is up but says no is not hammered. On plain
+refused (a CONNACK refusal: bad credentials, server unavailable; a TLS alert: our certificate
+revoked or untrusted, `runtime.mqtt_refusal`) backs off in full, up to `Backoff.max_s`, so a
+broker that is up but says no is not hammered. The session counts both kinds (`path_failures`,
+`refusals` by `Refusal`) and keeps what refused the last attempt (`refused`). On plain
 TCP a connection the link closes before CONNACK cannot be told from a slow broker (aiomqtt does
 not report it), so while the path is down an attempt waits for CONNACK only a few times the last
 connect's duration (at least 0.5 s); an attempt that connects after that wait raises the
@@ -27,8 +29,10 @@ TaskGroup leaves its parent task's count raised when a child fails while the par
 `_STOP_AGAIN_S` is cancelled again.
 
 A broker restart is an expected event: the session logs it once per outage at WARNING
-(`mqtt_disconnected`), every failed attempt after that at DEBUG, and the end of the outage at
-INFO (`mqtt_connected`, with its length) — never an ERROR or a traceback.
+(`mqtt_disconnected`, with its `cause`: `dropped`, `path` or a `Refusal`), every failed attempt
+after that at DEBUG but for the first of each refusal in the outage (`mqtt_refused`, WARNING: a
+broker back from a restart that now refuses our certificate says so once), and the end of the
+outage at INFO (`mqtt_connected`, with its length) — never an ERROR or a traceback.
 
 What aiomqtt 2.5 lacks is wrapped here, once, in `Client` (hence the `aiomqtt~=2.5` pin):
 
@@ -43,6 +47,12 @@ What aiomqtt 2.5 lacks is wrapped here, once, in `Client` (hence the `aiomqtt~=2
   result instead of raising when a cancel lands in the loop turn in which the result came (the
   cancel is lost, and a stop hangs). `Client`'s publish, subscribe, unsubscribe and exit raise
   such a cancel again (`_cancel_kept`).
+- Under TLS 1.3 a broker that refuses our certificate says so with an alert on the first
+  read, which paho only logs and aiomqtt drops before CONNACK: the attempt would wait out its
+  CONNACK timeout and pass for a path failure. `Client` gives aiomqtt a logger of its own per
+  client (`runtime.mqtt_refusal.AlertCatcher`, which says why a logger) and fails the attempt
+  at once with `CertificateRefusedError`; a TLS 1.2 alert, which fails the handshake, becomes
+  the same error.
 - aiomqtt logs through paho at ERROR when a socket fails ("failed to receive on socket"), and
   asyncio logs an ERROR traceback when aiomqtt's socket registration, scheduled from paho's
   thread, runs after the link closed the socket ("add_writer … Bad file descriptor"). Both are
@@ -73,13 +83,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, NoReturn, Self
+from typing import Any, ClassVar, NoReturn, Self, cast
 
 import aiomqtt
 import structlog
 from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.files import FileError
+from runtime.mqtt_refusal import AlertCatcher, Refusal, TlsClosedError, alert_error, refusal_of
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -96,8 +107,6 @@ _RECONNECT = Backoff(first_s=0.5, max_s=10.0, healthy_after_s=0.0)
 _LINK_RETRY_MAX_S = 1.0
 # A serve still running this long after its cancel is cancelled again (a cancel it lost).
 _STOP_AGAIN_S = 5.0
-# A TLS handshake that failed because the connection was cut, not because a side refused it.
-_TLS_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 OnDown = Callable[[aiomqtt.MqttError, bool], Awaitable[None]]
 
 
@@ -182,18 +191,21 @@ class Client(aiomqtt.Client):
 
     def __init__(self, hostname: str, port: int = 1883, *, connect_timeout: float = 5.0,
                  on_connect_s: Callable[[float], None] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("logger", _CLIENT_LOG)
-        super().__init__(hostname, port, **kwargs)
+        # Duck-typed where aiomqtt and paho annotate a Logger: they call only log() and the
+        # level methods on it, which a LoggerAdapter has (`runtime.mqtt_refusal`).
+        self._alerts = AlertCatcher(kwargs.pop("logger", None) or _CLIENT_LOG)
+        super().__init__(hostname, port, logger=cast(logging.Logger, self._alerts), **kwargs)
         self.connect_timeout = connect_timeout
         self._on_connect_s = on_connect_s
         self._started = 0.0
 
     async def __aenter__(self) -> Self:
         self._started = time.monotonic()
+        refused = self._alerts.listen()
         attempt = asyncio.ensure_future(super().__aenter__())
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await asyncio.shield(attempt)
+                await asyncio.wait((attempt, refused), return_when=asyncio.FIRST_COMPLETED)
         except TimeoutError:
             self._finish_late(attempt)
             raise aiomqtt.MqttError(
@@ -201,6 +213,16 @@ class Client(aiomqtt.Client):
                 "CONNACK, or a silent broker)") from None
         except asyncio.CancelledError:
             self._finish_late(attempt)
+            raise
+        if not attempt.done():  # a TLS error after the handshake: paho closed the socket
+            self._finish_late(attempt)
+            raise refused.result()
+        try:
+            attempt.result()
+        except aiomqtt.MqttError as exc:  # a TLS 1.2 alert ends the handshake itself
+            cause = exc.__context__
+            if isinstance(cause, ssl.SSLError) and (refusal := alert_error(cause)) is not None:
+                raise refusal from cause
             raise
         self._connected_after()
         return self
@@ -313,9 +335,16 @@ class MqttSession:
         self.link_retry_max_s = link_retry_max_s
         self._delay = backoff.first_s
         self.connects = 0
+        self.path_failures = 0  # attempts that reached no broker that answered
+        self.refusals: dict[str, int] = {}  # attempts a broker refused, by `Refusal`
+        # What refused the last attempt, and the error that said so; None once connected or
+        # when it failed on the path.
+        self.refused: Refusal | None = None
+        self.refusal: aiomqtt.MqttError | None = None
         self._log = log.bind(session=name, broker=endpoint.broker, client_id=endpoint.client_id)
         self._down_since: float | None = None  # monotonic start of the current outage
         self._path_down = False  # the last attempt failed on the path
+        self._logged: set[Refusal | None] = set()  # causes logged at WARNING in this outage
         self._connect_s = 0.0  # how long the last connect took (late ones too)
 
     def client(self) -> Client:
@@ -354,14 +383,28 @@ class MqttSession:
                     await _serve_apart(serve, client, self.name)
             except* aiomqtt.MqttError as group:
                 error = _first_error(group)
-            self._path_down = (attempted and up_since is None and error is not None
-                               and _path_failed(error))
+            self._classify(error if attempted and up_since is None else None)
             wait = self._next_wait(up_since)
             if error is not None:
                 first = self._went_down(error, was_up=up_since is not None, retry_in_s=wait)
                 if on_down is not None:
                     await on_down(error, first)
             await asyncio.sleep(wait)
+
+    def _classify(self, failed: aiomqtt.MqttError | None) -> None:
+        """Count an attempt that failed before CONNACK (`failed`) as a refusal or a path
+        failure; None: the attempt connected, or could not start. A TLS session closed without
+        an alert right after a refusal is that refusal again (`runtime.mqtt_refusal`)."""
+        cause = None if failed is None else refusal_of(failed)
+        if cause is not None:
+            self.refused, self.refusal = cause, failed
+        elif not (isinstance(failed, TlsClosedError) and self.refused is not None):
+            self.refused = self.refusal = None  # else the refusal before stands
+        self._path_down = failed is not None and self.refused is None
+        if self.refused is not None:
+            self.refusals[self.refused] = self.refusals.get(self.refused, 0) + 1
+        elif self._path_down:
+            self.path_failures += 1
 
     def _next_wait(self, up_since: float | None) -> float:
         """The wait before the next attempt, and the back-off moved on."""
@@ -380,32 +423,28 @@ class MqttSession:
                        outage_s=None if outage is None else round(outage, 2))
 
     def _went_down(self, exc: aiomqtt.MqttError, *, was_up: bool, retry_in_s: float) -> bool:
-        """Log once per outage; returns whether this failure starts one."""
+        """Log once per outage, and once more for each refusal first met in it (a broker back
+        from a restart that now refuses our certificate); returns whether this failure starts
+        an outage."""
         first = was_up or self._down_since is None
+        cause = None if was_up else self.refused
+        fields = {"error": str(exc), "retry_in_s": round(retry_in_s, 2),
+                  "cause": "dropped" if was_up else str(cause or "path")}
         if first:
             self._down_since = time.monotonic()
-            self._log.warning("mqtt_disconnected", error=str(exc), was_up=was_up,
-                              retry_in_s=round(retry_in_s, 2))
+            self._logged = {cause}
+            self._log.warning("mqtt_disconnected", was_up=was_up, **fields)
+        elif cause is not None and cause not in self._logged:
+            self._logged.add(cause)
+            self._log.warning("mqtt_refused", **fields)
         else:
-            self._log.debug("mqtt_connect_failed", error=str(exc), path_down=self._path_down,
-                            retry_in_s=round(retry_in_s, 2))
+            self._log.debug("mqtt_connect_failed", path_down=self._path_down, **fields)
         return first
 
 
 def _first_error(group: BaseExceptionGroup[aiomqtt.MqttError]) -> aiomqtt.MqttError:
     exc = group.exceptions[0]
     return exc if isinstance(exc, aiomqtt.MqttError) else _first_error(exc)
-
-
-def _path_failed(exc: aiomqtt.MqttError) -> bool:
-    """Whether a failed attempt never reached a broker that answered (see the module's
-    docstring). aiomqtt raises a CONNACK refusal as `MqttCodeError`, and a failed connect as
-    `MqttError(str(os_error)) from None`, which keeps the OSError as the context: a TLS
-    handshake that a side refused is an `SSLError` other than a cut connection's."""
-    if isinstance(exc, aiomqtt.MqttCodeError):
-        return False
-    cause = exc.__context__
-    return not isinstance(cause, ssl.SSLError) or isinstance(cause, _TLS_CUT)
 
 
 async def _serve_apart(serve: Serve, client: Client, name: str) -> None:

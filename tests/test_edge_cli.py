@@ -157,7 +157,7 @@ async def test_status_json_reads_an_outbox(tmp_path: Path) -> None:
     assert report["oldest_unsent_ts_ms"] == old
     assert 59 <= report["oldest_unsent_age_s"] < 120
     assert report["uplink"] == {"state": "disconnected", "since_ms": old, "last_ack_ms": None,
-                                "acks_refused": 0, "ack_records_unsent": 0,
+                                "refused": None, "acks_refused": 0, "ack_records_unsent": 0,
                                 "ack_records_duplicate": 0}
     assert report["agent"] == {"running": False}
     table = runner.invoke(app, ["status", "-c", str(path)])

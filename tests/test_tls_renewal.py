@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,24 +15,20 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from central.identity.broker_config import write_broker_config
 from central.identity.ca import (
     CertificateAuthority,
     Revoked,
     load_or_create_ca,
-    new_key_and_csr,
     write_private,
-    write_public,
 )
 from edge_agent.outbox.store import Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig, MqttTlsConfig, TlsFiles
 from protocols.envelope import Birth
 from runtime.mqtt import Client, client_tls_context
-from tests.helpers import Mosquitto, free_port, until
+from tests.helpers import Mosquitto, until
+from tests.mtls import issue, start_broker
 
 GW = "gw-renew"
 
@@ -47,13 +42,8 @@ class Pki:
 
     def issue(self) -> int:
         """A new key and certificate for GW, written over the old ones as `edge-agent renew`
-        does (key first, then the certificate, each by rename); returns its serial."""
-        key_pem, csr_pem = new_key_and_csr(GW)
-        public_key = x509.load_pem_x509_csr(csr_pem).public_key()
-        cert = self.ca.issue(GW, public_key, days=1)  # type: ignore[arg-type]
-        write_private(self.key, key_pem)
-        write_public(self.cert, cert.public_bytes(serialization.Encoding.PEM))
-        return cert.serial_number
+        does; returns its serial."""
+        return issue(self.ca, GW, self.cert, self.key)
 
     def tls(self) -> MqttTlsConfig:
         return MqttTlsConfig(ca=self.ca.cert_path, cert=self.cert, key=self.key)
@@ -63,14 +53,7 @@ class Pki:
 def pki(tmp_path: Path) -> Iterator[Pki]:
     ca = load_or_create_ca(tmp_path / "pki")
     ca.write_crl([])
-    port = free_port()
-    files = write_broker_config(ca, tmp_path / "broker", hosts=["127.0.0.1"], port=port,
-                                bind="127.0.0.1", central_port=free_port(),
-                                user="root" if os.geteuid() == 0 else None)
-    (tmp_path / "mq").mkdir()
-    broker = Mosquitto(tmp_path / "mq", port=port)
-    broker.conf = files.conf
-    broker.start()
+    broker = start_broker(ca, tmp_path)
     gw_dir = tmp_path / "gw"
     gw_dir.mkdir()
     try:

@@ -27,6 +27,7 @@ from central.storage.program import Program, Rows, Sql
 from protocols.command_results import CommandState
 from protocols.limits import Reason
 from runtime.metrics import counter, counter_by, gauge
+from runtime.mqtt_refusal import Refusal
 
 if TYPE_CHECKING:
     from central.storage import Storage
@@ -77,6 +78,9 @@ class Metrics:
     write_failures: int = _counter("Write transactions rolled back.")
     mqtt_connects: int = _counter("Successful MQTT connections.")
     mqtt_connected: bool = _gauge("1 while connected to the broker.")
+    # runtime.mqtt_refusal.Refusal: connack, certificate (revoked or untrusted), tls
+    mqtt_connect_refusals: Counter[str] = _by("cause", "Connect attempts the broker refused, "
+                                              "by cause.")
     records_clock_suspect: int = _counter("Records stored with a time central judged "
                                           "implausible (future or before 2020).")
     records_time_corrected: int = _counter("Suspect-time records replaced by a corrected copy.")
@@ -169,9 +173,12 @@ class _FieldsCollector(Collector):
 
     def _labelled(self, f: Field[Counter[str]]) -> Metric:
         counts: Counter[str] = getattr(self._m, f.name)
-        if f.name in ("messages_rejected", "records_rejected"):
-            # Every ingest refusal reason from 0, so rate() and alerts see it from the start.
-            seeded: Counter[str] = Counter({str(r): 0 for r in Reason})
+        # Every ingest refusal reason and connect refusal cause from 0, so rate() and alerts
+        # see each from the start.
+        seeds = {"messages_rejected": Reason, "records_rejected": Reason,
+                 "mqtt_connect_refusals": Refusal}
+        if f.name in seeds:
+            seeded: Counter[str] = Counter({str(r): 0 for r in seeds[f.name]})
             seeded.update(counts)  # update() keeps zeros, `+` would drop them
             counts = seeded
         name = f.metadata["name"] or f"{f.name}_total"

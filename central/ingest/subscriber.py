@@ -174,7 +174,13 @@ class Ingest:
 
     async def run(self) -> None:
         """Connect, consume, and reconnect with capped, jittered back-off, for ever."""
-        await self.session.run(self._serve)
+        await self.session.run(self._serve, on_down=self._went_down)
+
+    async def _went_down(self, exc: aiomqtt.MqttError, first: bool) -> None:
+        """Count an attempt the broker refused (central's own certificate revoked or
+        untrusted, a CONNACK refusal); the session logged it."""
+        if (cause := self.session.refused) is not None:
+            self.metrics.mqtt_connect_refusals[cause] += 1
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         sub = topics.SHARED_UP if self.settings.mqtt_shared else topics.UP_WILDCARD

@@ -44,6 +44,12 @@ ConfigOpt = Annotated[Path, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 # Our own errors become a message; anything else is a bug and keeps its traceback.
 OUR_ERRORS = (EdgeError, DeviceProfileError, ProtocolError)
+# What to do when the broker refuses the gateway's certificate (`edge-agent doctor` and
+# `status` say it alike, whether the doctor's own handshake or the agent's uplink heard it).
+CERTIFICATE_HINT = ("central revoked this gateway's certificate, or the broker does not trust "
+                    "its CA, or it expired: `edge-agent renew` is refused then; enrol again "
+                    "with a new token (central gateway enroll-token GW, then edge-agent "
+                    "enroll), or fix [mqtt.tls] if it names the wrong files")
 
 
 def fail(message: str) -> NoReturn:

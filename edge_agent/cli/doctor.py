@@ -31,7 +31,7 @@ from typing import Any
 
 import aiomqtt
 
-from edge_agent.cli.common import fmt_bytes
+from edge_agent.cli.common import CERTIFICATE_HINT, fmt_bytes
 from edge_agent.cli.disk import disk_report, disk_text
 from edge_agent.cli.terminals import terminal_diagnosis, terminals_report
 from edge_agent.config.site import (
@@ -51,6 +51,8 @@ _FREE_HINT = ("free space on that file system (old logs, journal: sudo journalct
               "--vacuum-size=50M) or lower [outbox] max_bytes; the agent writes what it holds "
               "and reports what it dropped as soon as there is room")
 CONNECT_TIMEOUT_S = 2.0
+_TLS_HINT = ("the broker answers and refuses: check [mqtt.tls] ca (its certificate must chain "
+             "to it and name the host), the credentials, and the broker's log")
 MQTT_TIMEOUT_S = 3.0
 
 
@@ -257,6 +259,7 @@ def _tls_broker(cfg: AgentConfig, name: str) -> Check:
     import ssl
 
     from edge_agent.uplink.mqtt_config import MqttTlsError, tls_context
+    from runtime.mqtt_refusal import CertificateRefusedError, alert_error
 
     mq = cfg.mqtt
     assert mq.tls is not None
@@ -271,10 +274,12 @@ def _tls_broker(cfg: AgentConfig, name: str) -> Check:
                 pass  # silence: the broker waits for our CONNECT, the certificate is accepted
     except MqttTlsError as exc:
         return _fail(name, str(exc), "check [mqtt.tls]; `edge-agent enroll` writes it")
-    except (ssl.SSLError, OSError) as exc:
-        return _fail(name, f"TLS: {exc}", "the broker refused the certificate (revoked? "
-                     "expired? `edge-agent renew`) or its certificate does not match "
-                     "[mqtt.tls] ca / the host name")
+    except ssl.SSLError as exc:
+        if isinstance(refusal := alert_error(exc), CertificateRefusedError):
+            return _fail(name, str(refusal), CERTIFICATE_HINT)
+        return _fail(name, f"TLS: {exc}", _TLS_HINT)
+    except OSError as exc:
+        return _fail(name, f"TLS: {exc}", _TLS_HINT)
     return _pass(name, "TCP and mutual TLS ok (certificate accepted)")
 
 
@@ -324,8 +329,12 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
                     "journalctl -u fieldlink-edge -n 50 shows why it stopped")
         yield from _terminals(cfg, None)
         return
+    uplink = status.get("uplink") or {}
     yield _pass("agent running", f"pid {status.get('pid')}, version {status.get('version')}, "
-                f"uplink {'connected' if status.get('uplink', {}).get('connected') else 'down'}")
+                f"uplink {'connected' if uplink.get('connected') else 'down'}")
+    if refused := uplink.get("refused"):  # the agent's own attempts, as `status` shows them
+        yield _fail("agent uplink", str(refused.get("error")), CERTIFICATE_HINT
+                    if refused.get("cause") == "certificate" else _TLS_HINT)
     live_disk = status.get("disk")
     if isinstance(live_disk, dict) and (
         live_disk.get("full") or live_disk.get("alarm_states_unsaved")

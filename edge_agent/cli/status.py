@@ -13,6 +13,7 @@ from rich.table import Table
 
 from edge_agent.cli.buffer import outbox_report, print_outbox
 from edge_agent.cli.common import (
+    CERTIFICATE_HINT,
     ConfigOpt,
     JsonOpt,
     ago,
@@ -75,6 +76,7 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         report["alarms_active"] = live.get("alarms_active")
         report["narrowband"] = live.get("narrowband", report["narrowband"])
         report["uplink"] |= _ack_counters({}, live)
+        report["uplink"]["refused"] = (live.get("uplink") or {}).get("refused")
     if as_json:
         print_json(report)
         return
@@ -126,6 +128,8 @@ def _status_report(cfg: AgentConfig, stats: dict[str, Any]) -> dict[str, Any]:
                                                  "updated_ms", "stopped_ms")} if agent else {})},
         "uplink": {"state": meta.get("uplink_state", "unknown"),
                    "since_ms": ms("uplink_since_ms"), "last_ack_ms": ms("last_ack_ms"),
+                   # why the broker refused the last attempt (our certificate, a CONNACK)
+                   "refused": _refused(meta.get("uplink_refused")),
                    # acks naming records this uplink never sent: ignored, counted (§8)
                    **_ack_counters(meta, agent)},
         "devices": (agent or {}).get("devices", []),
@@ -144,6 +148,15 @@ def _ack_counters(meta: dict[str, str], agent: dict[str, Any] | None) -> dict[st
         saved = {}
     src = live if "acks_refused" in live else saved if isinstance(saved, dict) else {}
     return {k: int(src.get(k, 0)) for k in keys}
+
+
+def _refused(text: str | None) -> dict[str, str] | None:
+    """The uplink's last refusal as it kept it (`Uplink.refused`), or None."""
+    try:
+        refused = json.loads(text or "null")
+    except ValueError:
+        return None
+    return refused if isinstance(refused, dict) else None
 
 
 def _narrowband_line(nb: dict[str, Any]) -> str:
@@ -187,6 +200,10 @@ def _print_status(r: dict[str, Any]) -> None:
     up = r["uplink"]
     colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
     t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {ago(up['since_ms'])}")
+    if (refused := up.get("refused")) and up["state"] != "connected":
+        hint = CERTIFICATE_HINT if refused.get("cause") == "certificate" else (
+            "the broker answers and refuses: check [mqtt] credentials and [mqtt.tls]")
+        t.add_row("refused", f"[red]{escape(str(refused.get('error')))}[/red]; {escape(hint)}")
     t.add_row("last ack", ago(up["last_ack_ms"]))
     if up.get("acks_refused"):
         t.add_row("acks refused", f"[red]{up['acks_refused']}[/red] ack(s) named "

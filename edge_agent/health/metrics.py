@@ -33,6 +33,7 @@ from edge_agent.outbox.store import OutboxError, OutboxStats
 from edge_agent.terminals.metrics import terminal_metrics
 from protocols.errors import DetailedError
 from runtime.metrics import counter, counter_by, gauge
+from runtime.mqtt_refusal import Refusal as MqttRefusal
 from runtime.sqlite import open_reader
 from runtime.tasks import TaskUnavailableError
 
@@ -84,6 +85,10 @@ class Snapshot:
     maintenance_errors: int = 0  # the outbox's maintenance rounds refused by the disk
     terminals: Mapping[str, Any] | None = None  # 叫应 terminals (TerminalService.status())
     stored_records: int | None = None  # rows in the outbox file, delivered ones kept included
+    # connect attempts a broker refused, by `runtime.mqtt_refusal.Refusal`, and that reached
+    # no broker that answered (`MqttSession.refusals`, `path_failures`)
+    uplink_refusals: Mapping[str, int] = field(default_factory=dict)
+    uplink_path_failures: int = 0
 
 
 class AgentCollector(Collector):
@@ -173,6 +178,13 @@ def _uplink(s: Snapshot) -> Iterator[Metric]:
                 1.0 if s.uplink_connected else 0.0)
     for name, help_ in UPLINK_COUNTERS.items():
         yield counter(f"{P}_uplink_{name}", help_, float(s.uplink.get(name, 0)))
+    # Every cause from 0: an alert on certificate refusals sees the series before the first.
+    yield counter_by(f"{P}_uplink_connect_refusals", "Connect attempts the broker refused, by "
+                     "cause (connack, certificate: revoked or untrusted, tls).", "cause",
+                     {str(r): 0 for r in MqttRefusal} | dict(s.uplink_refusals))
+    yield counter(f"{P}_uplink_connect_path_failures", "Connect attempts that reached no "
+                  "broker that answered (refused, reset, closed before CONNACK, timed out).",
+                  float(s.uplink_path_failures))
 
 
 def _narrowband(s: Snapshot) -> Iterator[Metric]:
@@ -261,7 +273,9 @@ async def take_snapshot(runtime: RuntimeView, stored_records: int | None = None)
         restarts=dict(runtime.restarts),
         maintenance_errors=runtime.outbox.maintenance_errors if runtime.outbox else 0,
         terminals=runtime.terminals.status() if runtime.terminals else None,
-        stored_records=stored_records)
+        stored_records=stored_records,
+        uplink_refusals=dict(uplink.session.refusals) if uplink is not None else {},
+        uplink_path_failures=uplink.session.path_failures if uplink is not None else 0)
 
 
 async def metrics_loop(runtime: RuntimeView, collector: AgentCollector, interval_s: float) -> None:

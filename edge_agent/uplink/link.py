@@ -135,6 +135,13 @@ class Uplink:
         # fallback takes over after a while. Down from the start until the first connect.
         self.down_since: float | None = time.monotonic()
         self.counters = UplinkCounters()
+        # What refused the last attempt when a broker did: {"cause": a `Refusal` (our
+        # certificate revoked or untrusted, a CONNACK refusal), "error": what it said}; None
+        # while connected or when the path is down.
+        self.refused: dict[str, str] | None = None
+        # As last kept in the outbox (`uplink_refused`); None: not yet in this run, so a
+        # previous run's is replaced at the first connect or failure.
+        self._saved_refused: str | None = None
         self._t_state, self._t_birth, self._t_data = (
             topics.up(gw, n) for n in ("state", "birth", "data"))
         self._t_ack, self._t_cmd = topics.down(gw, "ack"), topics.down(gw, "cmd")
@@ -222,22 +229,35 @@ class Uplink:
         await client.publish(self._t_birth, encode(birth), qos=1)
         self.connected = True
         self.down_since = None
+        self.refused = None
         self.counters.connects += 1
         log.info("uplink_connected", host=self.host, port=self.port, backlog=self._backlog)
         await self._set_meta("uplink_state", "connected")
         await self._set_meta("uplink_since_ms", str(now_ms()))
+        await self._save_refused()
 
     async def _went_down(self, exc: aiomqtt.MqttError, first: bool) -> None:
-        """The session logged it (once per outage); keep the state the CLI and the
-        narrowband fallback read."""
+        """The session logged it (once per outage) and counted the refusal, if a broker
+        refused; keep the state the CLI and the narrowband fallback read."""
         was_up = self.connected
         self.connected = False
         if was_up or self.down_since is None:
             self.down_since = time.monotonic()
+        cause, refusal = self.session.refused, self.session.refusal
+        self.refused = None if cause is None else {"cause": str(cause), "error": str(refusal)}
         self.ledger.drop()
         if first:
             await self._set_meta("uplink_state", "disconnected")
             await self._set_meta("uplink_since_ms", str(now_ms()))
+        await self._save_refused()
+
+    async def _save_refused(self) -> None:
+        """Keep why a broker refused us in the outbox for `edge-agent status` (when it
+        changed: a refused attempt every back-off writes nothing new)."""
+        refused = json.dumps(self.refused) if self.refused else ""
+        if refused != self._saved_refused:
+            await self._set_meta("uplink_refused", refused)
+            self._saved_refused = refused
 
     async def _set_meta(self, key: str, value: str) -> None:
         try:

@@ -1,0 +1,262 @@
+"""A broker that refuses the gateway's certificate is a refusal, not a path failure
+(runtime.mqtt_refusal): on a real Mosquitto with the production mutual-TLS config, a CRL and
+TLS 1.3, where the broker's alert comes after the client's handshake, on the first read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import json
+import ssl
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from central.config.settings import Settings
+from central.health.metrics import Metrics
+from central.identity.ca import (
+    CertificateAuthority,
+    Revoked,
+    load_or_create_ca,
+)
+from central.ingest.subscriber import Ingest
+from central.storage import open_storage
+from edge_agent.agent import AgentRuntime
+from edge_agent.cli.app import app as edge_cli
+from edge_agent.cli.common import CERTIFICATE_HINT
+from edge_agent.cli.doctor import run_checks
+from edge_agent.config.site import AgentConfig, load_config
+from edge_agent.control.server import ControlOps, ControlServer
+from edge_agent.health.metrics import AgentCollector, take_snapshot
+from edge_agent.outbox.store import Outbox
+from edge_agent.uplink.link import Uplink
+from protocols.envelope import Birth
+from runtime.mqtt import Client, client_tls_context
+from runtime.mqtt_refusal import AlertCatcher, CertificateRefusedError, Refusal
+from tests.helpers import Mosquitto, until
+from tests.mtls import issue, start_broker
+
+GW = "gw-revoked"
+REFUSED = ("the broker refused our certificate (revoked or untrusted): "
+           "SSLV3_ALERT_CERTIFICATE_REVOKED")
+
+
+@dataclass
+class Site:
+    ca: CertificateAuthority
+    broker: Mosquitto
+    config: Path  # the gateway's site.toml, with [mqtt.tls]
+    cert: Path
+    key: Path
+    serial: int  # the gateway certificate's
+
+    def revoke(self) -> None:
+        """Central revokes the gateway; a restart makes the broker read the CRL and ends the
+        sessions it has."""
+        self.ca.write_crl([Revoked(self.serial, dt.datetime.now(dt.UTC))])
+        self.broker.stop()
+        self.broker.start()
+
+
+def _issue(ca: CertificateAuthority, folder: Path) -> tuple[Path, Path, int]:
+    """A key and certificate for GW from `ca`, in `folder`."""
+    cert, key = folder / "gateway.crt", folder / "gateway.key"
+    return cert, key, issue(ca, GW, cert, key)
+
+
+@contextlib.contextmanager
+def revoked_site(tmp_path: Path, tls_version: str | None, *, revoked: bool = True
+                 ) -> Iterator[Site]:
+    """Central's CA, a gateway certificate its CRL revokes (unless not `revoked`), and the
+    broker `central broker-config` writes, with its listeners held to `tls_version` (a
+    minimum) if given."""
+    ca = load_or_create_ca(tmp_path / "pki")
+    cert, key, serial = _issue(ca, tmp_path / "gw" / "pki")
+    ca.write_crl([Revoked(serial, dt.datetime.now(dt.UTC))] if revoked else [])
+    broker = start_broker(ca, tmp_path, tls_version)
+    config = tmp_path / "gw" / "site.toml"
+    config.write_text(f'[gateway]\nid = "{GW}"\ndata_dir = "data"\n\n'
+                      f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nack_timeout_s = 30\n'
+                      "reconnect_min_s = 0.1\nreconnect_max_s = 0.3\n\n"
+                      f'[mqtt.tls]\nca = "{ca.cert_path}"\ncert = "{cert}"\nkey = "{key}"\n')
+    try:
+        yield Site(ca, broker, config, cert, key, serial)
+    finally:
+        broker.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: AgentConfig, ob: Outbox) -> AsyncIterator[AgentRuntime]:
+    """The gateway's uplink and control socket, as the agent runs them."""
+    up = Uplink(gw=GW, outbox=ob, mqtt=cfg.mqtt, boot_id="b", version="0",
+                birth=Birth(gw=GW, stream="", boot_id="", version=""))
+    runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
+    server = ControlServer(cfg.control_socket_path, ControlOps(runtime))
+    tasks = [asyncio.create_task(up.run()), asyncio.create_task(server.serve())]
+    try:
+        yield runtime
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+def _refusal_counts(collector: AgentCollector) -> dict[str, float]:
+    family = next(f for f in collector.collect()
+                  if f.name == "fieldlink_edge_uplink_connect_refusals")
+    return {s.labels["cause"]: s.value for s in family.samples}
+
+
+async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path: Path) -> None:
+    """Under TLS 1.3 the uplink of a gateway the CRL revokes classifies each attempt as a
+    certificate refusal (counted, none a path failure, so the full back-off), logs one
+    WARNING naming the cause, and `status`, `doctor` and /metrics say so alike."""
+    with revoked_site(tmp_path, "tlsv1.3") as site:
+        cfg = load_config(site.config, check_profiles=False)
+        async with Outbox.open(cfg.outbox_path) as ob:
+            with structlog.testing.capture_logs() as logs:
+                async with running(cfg, ob) as runtime:
+                    up = runtime.uplink
+                    assert up is not None
+                    await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
+                                "three refused attempts")
+                    assert up.session.path_failures == 0 and not up.connected, [
+                        e for e in logs if e.get("cause") == "path"]
+                    assert up.session.refused is Refusal.CERTIFICATE
+                    assert up.refused == {"cause": "certificate", "error": REFUSED}
+                    collector = AgentCollector()
+                    collector.snapshot = await take_snapshot(runtime)
+                    assert _refusal_counts(collector)["certificate"] >= 3
+                    assert _refusal_counts(collector)["connack"] == 0
+                    status = await asyncio.to_thread(
+                        CliRunner().invoke, edge_cli, ["status", "-c", str(site.config), "--json"])
+                    checks = {c.name: c for c in await asyncio.to_thread(run_checks, site.config)}
+            assert json.loads(await ob.get_meta("uplink_refused") or "{}") == up.refused
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["uplink"]["refused"] == up.refused
+    broker = checks[f"broker 127.0.0.1:{site.broker.port}"]
+    assert (broker.status, broker.detail, broker.hint) == ("fail", REFUSED, CERTIFICATE_HINT)
+    uplink = checks["agent uplink"]
+    assert (uplink.status, uplink.detail, uplink.hint) == ("fail", REFUSED, CERTIFICATE_HINT)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["event"], e["cause"], e["error"]) for e in warnings] == [
+        ("mqtt_disconnected", "certificate", REFUSED)]
+    retries = [e for e in logs if e["event"] == "mqtt_connect_failed"]
+    assert retries and all(e["cause"] == "certificate" and not e["path_down"] for e in retries)
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back(
+        tmp_path: Path) -> None:
+    """Connected, then revoked and the broker restarted: the outage starts as a dropped
+    connection (one WARNING) and the refusal that follows is named in one more WARNING, not
+    lost among the DEBUG retries; the refusals are counted as such."""
+    with revoked_site(tmp_path, "tlsv1.3", revoked=False) as site:
+        cfg = load_config(site.config, check_profiles=False)
+        async with Outbox.open(cfg.outbox_path) as ob:
+            with structlog.testing.capture_logs() as logs:
+                async with running(cfg, ob) as runtime:
+                    up = runtime.uplink
+                    assert up is not None
+                    await until(lambda: up.connected, "connected before the revocation")
+                    await asyncio.to_thread(site.revoke)
+                    await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
+                                "three refused attempts")
+                    assert up.refused == {"cause": "certificate", "error": REFUSED}
+    warnings = [(e["event"], e["cause"]) for e in logs if e["log_level"] == "warning"]
+    assert warnings == [("mqtt_disconnected", "dropped"), ("mqtt_refused", "certificate")]
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+
+
+async def test_an_alert_lost_to_a_reset_keeps_the_refusal(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other attempt's alert is lost (its read ends in an EOF, as when the broker resets
+    a connection with our CONNECT unread): each such attempt is the refusal again, so the
+    state, the counts and the back-off stay those of a certificate refusal."""
+    hear = AlertCatcher.log
+    reads: list[int] = []  # TLS errors heard, one item each
+
+    def lossy(self: AlertCatcher, level: int, msg: object, *args: Any, **kw: Any) -> None:
+        if any(isinstance(a, ssl.SSLError) for a in args):
+            reads.append(1)
+        if len(reads) % 2 == 0 and any(isinstance(a, ssl.SSLError) for a in args):
+            args = tuple(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+                         if isinstance(a, ssl.SSLError) else a for a in args)
+        hear(self, level, msg, *args, **kw)
+
+    monkeypatch.setattr(AlertCatcher, "log", lossy)
+    with revoked_site(tmp_path, "tlsv1.3") as site:
+        cfg = load_config(site.config, check_profiles=False)
+        async with Outbox.open(cfg.outbox_path) as ob, running(cfg, ob) as runtime:
+            up = runtime.uplink
+            assert up is not None
+            await until(lambda: len(reads) >= 8, "four alerts and four lost ones")
+            assert up.session.path_failures == 0 and up.session.refused is Refusal.CERTIFICATE
+            assert up.refused == {"cause": "certificate", "error": REFUSED}
+
+
+def _rogue(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for the same CN from a CA the broker does not trust."""
+    cert, key, _ = _issue(load_or_create_ca(tmp_path / "rogue-pki"), tmp_path / "rogue")
+    return cert, key
+
+
+@pytest.mark.parametrize("case, tls_version, client_max, alert", [
+    ("revoked", "tlsv1.3", None, "SSLV3_ALERT_CERTIFICATE_REVOKED"),
+    ("revoked", None, ssl.TLSVersion.TLSv1_2, "SSLV3_ALERT_CERTIFICATE_REVOKED"),
+    ("untrusted", "tlsv1.3", None, "TLSV1_ALERT_UNKNOWN_CA"),
+])
+async def test_an_attempt_with_a_refused_certificate_fails_at_once_as_a_refusal(
+        tmp_path: Path, case: str, tls_version: str | None,
+        client_max: ssl.TLSVersion | None, alert: str) -> None:
+    """A revoked or untrusted certificate fails the attempt with `CertificateRefusedError`
+    naming the alert, whether TLS 1.3 reports it after the handshake or TLS 1.2 in it (not
+    with "no CONNACK" at the end of its CONNACK timeout)."""
+    with revoked_site(tmp_path, tls_version) as site:
+        cert, key = (site.cert, site.key) if case == "revoked" else _rogue(tmp_path)
+        ctx = client_tls_context(site.ca.cert_path, cert, key)
+        if client_max is not None:
+            ctx.maximum_version = client_max
+        client: Any = Client("127.0.0.1", site.broker.port, identifier=GW, tls_context=ctx,
+                             timeout=5, connect_timeout=5)
+        with pytest.raises(CertificateRefusedError) as info:
+            async with client:
+                pass
+        with warnings.catch_warnings():
+            # paho 2.2 leaves the socket of a failed handshake (TLS 1.2) open for the
+            # collector: its _ssl_wrap_socket does not close it when do_handshake raises.
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    assert info.value.alert == alert
+
+
+async def test_central_ingest_counts_a_refused_certificate(tmp_path: Path) -> None:
+    """Central's ingest shares the session: its own certificate refused (here one the CRL
+    revokes) is counted by cause in central's /metrics, not taken for a path failure."""
+    with revoked_site(tmp_path, "tlsv1.3") as site:
+        settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host="127.0.0.1",
+                            mqtt_port=site.broker.port, mqtt_client_id="central-revoked",
+                            mqtt_tls_ca=str(site.ca.cert_path), mqtt_tls_cert=str(site.cert),
+                            mqtt_tls_key=str(site.key))
+        metrics = Metrics()
+        async with open_storage(settings.db_url) as storage:
+            ingest = Ingest(settings, storage, metrics)
+            task = asyncio.create_task(ingest.run())
+            try:
+                await until(lambda: metrics.mqtt_connect_refusals[Refusal.CERTIFICATE] >= 2,
+                            "two refused attempts")
+            finally:
+                task.cancel()
+                await asyncio.wait((task,))
+    assert ingest.session.path_failures == 0 and not ingest.connected
+    text = metrics.render()
+    assert 'fieldlink_central_mqtt_connect_refusals_total{cause="connack"} 0.0' in text
+    assert 'fieldlink_central_mqtt_connect_refusals_total{cause="certificate"}' in text
