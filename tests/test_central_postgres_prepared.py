@@ -90,3 +90,17 @@ async def test_a_call_that_is_not_the_prepared_one_is_staged_again(tmp_path: Pat
         assert await _write(st, call[:1], prepared) == 20
         assert await _received_by(st, "gw-1") == {T1, T2}
         assert await _received_by(st, "gw-2") == {T1}
+
+
+async def test_a_value_staging_refuses_is_left_to_the_write(tmp_path: Path) -> None:
+    """Staging ahead runs in the ingest's receive loop, outside the transaction that turns a
+    bad value into `UnstorableValueError` (the subscriber then isolates the record): it must
+    not raise, whatever a batch holds (here a seq the decoder would have refused)."""
+    async with backend("postgres", tmp_path) as (st,):
+        await st.write_batches([_batch("gw-1", 1)], now_ms=T1)
+        bad = DataBatch(gw="gw-1", stream="s", records=(
+            Record(2**63, RecordKind.TELEMETRY, T1 - 1, "d/p0", 1.0),))
+        assert st.prepare_write([bad], now_ms=T1) is None
+        with pytest.raises(UnstorableValueError):
+            await st.write_batches([bad], now_ms=T2)
+        assert await _write(st, [_batch("gw-1", 21)], None) == 20

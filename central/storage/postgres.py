@@ -290,9 +290,15 @@ class PostgresStorage(Storage):
             known = ids.get(gw)
             if known is None or not names.issubset(known.keys()):
                 return None
-        return _Prepared(batches, self._ids_generation,
-                         stage_write(batches, _now_ms() if now_ms is None else now_ms, ids,
-                                     self.time_policy))
+        try:
+            staged = stage_write(batches, _now_ms() if now_ms is None else now_ms, ids,
+                                 self.time_policy)
+        except (ValueError, OverflowError, TypeError) as exc:
+            # A value the database would refuse too (the decoder lets none through): the
+            # write stages again in its transaction, which isolates the bad record.
+            log.warning("prepare_write_refused", batches=len(batches), error=str(exc)[:200])
+            return None
+        return _Prepared(batches, self._ids_generation, staged)
 
     async def write_batches(self, batches: Sequence[DataBatch], *, now_ms: int | None = None,
                             prepared: PreparedWrite | None = None) -> list[WriteResult]:
