@@ -123,9 +123,9 @@ async def test_column_write_ends_like_sqlite(seed: int, prepare: bool, tmp_path:
         copied.append(sum(map(len, staged.plain.values())))
         return await real_copy(conn, staged, now)
 
-    def counting_stage(batches: Any, *args: Any) -> Any:
+    def counting_stage(batches: Any, *args: Any, **kw: Any) -> Any:
         stagings.append(len(batches))
-        return real_stage(batches, *args)
+        return real_stage(batches, *args, **kw)
 
     prepared: list[object] = []
     real_prepare = postgres.PostgresStorage.prepare_write

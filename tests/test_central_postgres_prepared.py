@@ -51,6 +51,8 @@ async def _write(st: Storage, call: list[DataBatch], prepared: Any) -> int:
 
 
 async def test_prepared_write_is_used_while_it_holds(tmp_path: Path) -> None:
+    """Staged ahead once the gateway's point ids are cached, and the write uses it (the
+    records received when staged, the gateway seen when written)."""
     async with backend("postgres", tmp_path) as (st,):
         assert st.prepare_write([_batch("gw-1", 1)], now_ms=T1) is None  # no ids cached yet
         await st.write_batches([_batch("gw-1", 1)], now_ms=T1)  # caches gw-1's ids
@@ -63,6 +65,8 @@ async def test_prepared_write_is_used_while_it_holds(tmp_path: Path) -> None:
         assert prepared is not None
         assert await _write(st, call, prepared) == 20
         assert await _received_by(st, "gw-1") == {T1}
+        # The gateway was last seen when written: a state stored just before is not newer.
+        assert (await st.get_gateway("gw-1")).last_seen_ms == T2
 
 
 async def test_a_rollback_after_preparing_means_staging_again(tmp_path: Path) -> None:
@@ -81,13 +85,14 @@ async def test_a_rollback_after_preparing_means_staging_again(tmp_path: Path) ->
 
 async def test_a_call_that_is_not_the_prepared_one_is_staged_again(tmp_path: Path) -> None:
     """The ingest may drop batches after preparing (a retired gateway's): the write is of
-    other batches, so it stages them itself."""
+    other batches, so it stages them itself, even if the list prepared is changed in place."""
     async with backend("postgres", tmp_path) as (st,):
         await st.write_batches([_batch("gw-1", 1), _batch("gw-2", 1)], now_ms=T1)
         call = [_batch("gw-1", 21), _batch("gw-2", 21)]
         prepared = st.prepare_write(call, now_ms=T1)
         assert prepared is not None
-        assert await _write(st, call[:1], prepared) == 20
+        del call[1:]
+        assert await _write(st, call, prepared) == 20
         assert await _received_by(st, "gw-1") == {T1, T2}
         assert await _received_by(st, "gw-2") == {T1}
 

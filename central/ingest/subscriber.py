@@ -238,7 +238,7 @@ class Ingest:
                     more_infos, more_batches = self.decode_group(more)
                     infos += more_infos
                     if more_batches:
-                        batches += more_batches
+                        batches = [*batches, *more_batches]
                         prepared = self.storage.prepare_write(batches)
                 next_store = loop.time() + STORE_INTERVAL_MIN_S
                 storing = asyncio.create_task(self._store(client, infos, batches, prepared),

@@ -353,7 +353,7 @@ class Storage(OpenClose):
                             prepared: PreparedWrite | None = None) -> list[WriteResult]:
         """Write all `batches` in ONE transaction, deduplicated on (gw, stream, seq); a held
         narrowband copy of an event is replaced by its full record (`writes.merge_program`).
-        `prepared` is `prepare_write(batches)`'s (its `now_ms` wins). Returns one
+        `prepared`: `prepare_write(batches)`'s (received at its `now_ms`). Returns one
         `WriteResult` per batch, in order, once the transaction is durable. Raises
         `DatabaseWriteError` after a rollback."""
 

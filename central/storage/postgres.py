@@ -292,13 +292,13 @@ class PostgresStorage(Storage):
                 return None
         try:
             staged = stage_write(batches, _now_ms() if now_ms is None else now_ms, ids,
-                                 self.time_policy)
+                                 self.time_policy, ahead=True)
         except (ValueError, OverflowError, TypeError) as exc:
             # A value the database would refuse too (the decoder lets none through): the
             # write stages again in its transaction, which isolates the bad record.
             log.warning("prepare_write_refused", batches=len(batches), error=str(exc)[:200])
             return None
-        return _Prepared(batches, self._ids_generation, staged)
+        return _Prepared(staged.batches, self._ids_generation, staged)
 
     async def write_batches(self, batches: Sequence[DataBatch], *, now_ms: int | None = None,
                             prepared: PreparedWrite | None = None) -> list[WriteResult]:
@@ -316,8 +316,8 @@ class PostgresStorage(Storage):
                      staged: StagedWrite | None) -> tuple[list[WriteResult], list[AlarmChange]]:
         if staged is None:
             await self._ids_for(conn, _points_named(batches))
-            staged = stage_write(batches, now, self._point_ids, self.time_policy)
-        return await write_staged(conn, staged, self.alarm_policy)
+            staged = stage_write(batches, now, self._point_ids, self.time_policy, ahead=False)
+        return await write_staged(conn, staged, now, self.alarm_policy)
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms

@@ -36,7 +36,7 @@ order of their own.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,19 +129,20 @@ class _Staged:
     # The aggregates' samples, assuming every staged reading is new (the usual case).
     samples: tuple[list[int], list[int], list[float]] = field(
         default_factory=lambda: ([], [], []))
-    # The COPY data of `plain` (`_plain_copy`), built once `plain` holds its last batch.
+    # The COPY data of `plain` (`_plain_copy`) when staged ahead of the transaction.
     plain_copy: list[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StagedWrite:
-    """A call staged for its transaction (`stage_write`): every row sorted out, the COPY
-    data and the latest values' parameters built. Staging needs nothing from the database
-    but the point ids, so it can run before the transaction, while an earlier one is still
-    being written (`central.storage.postgres.PostgresStorage.prepare_write`)."""
+    """A call staged for its transaction (`stage_write`): every row sorted out and the
+    latest values' parameters built (ahead of the transaction, the COPY data too). Staging
+    needs nothing from the database but the point ids, so it can run before the
+    transaction, while an earlier one is still being written
+    (`central.storage.postgres.PostgresStorage.prepare_write`)."""
 
-    batches: Sequence[DataBatch]
-    now: int
+    batches: tuple[DataBatch, ...]  # a copy: the caller's list may change after staging
+    now: int  # when staged: the rows' `received_ms` and the plausible times
     staged: _Staged
     latest: tuple[Int8Array, Int8Array, Float8Array, TextArray] | None
     latest_n: int  # how many points have a latest value staged
@@ -255,21 +256,22 @@ async def _copy_rows(conn: Conn, table: str, rows: Sequence[tuple[Any, ...]]) ->
 
 
 async def _copy_plain(conn: Conn, staged: _Staged, now: int) -> None:
-    """Binary COPY of the batches of plain readings, their rows built column by column
-    (`stage_write` built them before the transaction, unless the call's staging ran in it)."""
-    data = staged.plain_copy
-    if data is None:
-        data = staged.plain_copy = _plain_copy(staged, now)
+    """Binary COPY of the batches of plain readings, their rows built column by column: by
+    `stage_write` ahead of the transaction, or here, batch by batch while the server takes
+    in the one before."""
     async with conn.cursor() as cur, cur.copy(
             f"COPY readings ({READING_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
-        for part in data:
+        for part in staged.plain_copy or _plain_copy(staged, now):
             await copy.write(part)
 
 
-def _plain_copy(staged: _Staged, now: int) -> list[bytes]:
+def _plain_copy(staged: _Staged, now: int) -> Iterator[bytes]:
     """The COPY data of every staged batch of plain readings, one part per batch."""
-    return [COPY_HEADER, *(p.copy_rows(now) for ps in staged.plain.values() for p in ps),
-            COPY_TRAILER]
+    yield COPY_HEADER
+    for ps in staged.plain.values():
+        for p in ps:
+            yield p.copy_rows(now)
+    yield COPY_TRAILER
 
 
 async def _merge_narrowband(conn: Conn, held: Held, mine: dict[tuple[str, str, int], Any],
@@ -350,10 +352,10 @@ def _latest_params(pids: array[int], tss: array[int], nums: list[float | None],
             TextArray.of(texts)) if pids else None
 
 
-async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples) -> None:
+async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples, now: int) -> None:
     """The aggregates' new samples, the gateways' last contact, then each point's latest
     value moved forward where the staged one is newer: sent together, one round trip."""
-    staged, latest, now = write.staged, write.latest, write.now
+    staged, latest = write.staged, write.latest
     gws = sorted(staged.touched)
     async with conn.pipeline():
         if samples:
@@ -367,29 +369,31 @@ async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples) -> No
 
 
 def stage_write(batches: Sequence[DataBatch], now: int,
-                point_ids: Mapping[str, Mapping[str, int]],
-                time_policy: TimePolicy) -> StagedWrite:
-    """Stage `batches` for `write_staged`; `point_ids` covers every point named."""
+                point_ids: Mapping[str, Mapping[str, int]], time_policy: TimePolicy, *,
+                ahead: bool) -> StagedWrite:
+    """Stage `batches` for `write_staged`; `point_ids` covers every point named. `ahead`
+    (of the transaction): build the COPY data now, else while it is sent."""
     lo, hi = time_policy.bounds(now)
     staged = _stage(batches, point_ids, lo, hi, now)
-    if staged.plain:
-        staged.plain_copy = _plain_copy(staged, now)
+    if ahead and staged.plain:
+        staged.plain_copy = list(_plain_copy(staged, now))
     cols = staged.latest.columns()
-    return StagedWrite(batches, now, staged, _latest_params(*cols), len(cols[0]))
+    return StagedWrite(tuple(batches), now, staged, _latest_params(*cols), len(cols[0]))
 
 
-async def write_staged(conn: Conn, write: StagedWrite, alarm_policy: AlarmPolicy,
+async def write_staged(conn: Conn, write: StagedWrite, now: int, alarm_policy: AlarmPolicy,
                        ) -> tuple[list[WriteResult], list[AlarmChange]]:
-    """Write a staged call in the caller's transaction."""
-    batches, staged, now = write.batches, write.staged, write.now
+    """Write a staged call in the caller's transaction; `now` is the write's time (the
+    streams', gateways' and alarms' times: a state stored just before must not be older)."""
+    batches, staged = write.batches, write.staged
     out = _Outcome.zeros(len(batches))
     # The streams first: their row locks make this transaction their only writer (module doc).
     await run_async(conn, streams_program(staged.tally, now))
-    held = await _probe_held(conn, staged, now)
+    held = await _probe_held(conn, staged, write.now)
     for table, by_stream in staged.rows.items():
         if any(by_stream.values()) or (table == "readings" and staged.plain):
-            await _write_table(conn, table, staged, held[table], batches, out, now)
-    await _write_tail(conn, write, out.samples)
+            await _write_table(conn, table, staged, held[table], batches, out, write.now)
+    await _write_tail(conn, write, out.samples, now)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
