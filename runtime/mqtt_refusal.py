@@ -38,6 +38,7 @@ failure, since a cut link can end a TLS session the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import ssl
@@ -135,7 +136,9 @@ class AlertCatcher(logging.LoggerAdapter[logging.Logger]):
         for arg in args:
             if isinstance(arg, ssl.SSLError):
                 error = alert_error(arg) or TlsClosedError(str(arg))
-                self._loop.call_soon_threadsafe(self._hear, self.heard, error)
+                # paho's thread may log after the loop has closed (at shutdown): nobody waits.
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._hear, self.heard, error)
                 break
         super().log(level, msg, *args, **kwargs)
 

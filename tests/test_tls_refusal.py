@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import logging
 import ssl
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -260,3 +261,15 @@ async def test_central_ingest_counts_a_refused_certificate(tmp_path: Path) -> No
     text = metrics.render()
     assert 'fieldlink_central_mqtt_connect_refusals_total{cause="connack"} 0.0' in text
     assert 'fieldlink_central_mqtt_connect_refusals_total{cause="certificate"}' in text
+
+
+def test_an_alert_logged_after_the_loop_closed_is_dropped() -> None:
+    """paho's thread may log a TLS error while central or the agent shuts down, after the
+    loop has closed: the catcher drops it instead of raising in paho's thread."""
+    async def make() -> AlertCatcher:
+        return AlertCatcher(logging.getLogger("test.alert_catcher"))
+
+    loop = asyncio.new_event_loop()
+    catcher = loop.run_until_complete(make())
+    loop.close()
+    catcher.warning("failed to receive on socket: %s", ssl.SSLError(1, "closed"))
