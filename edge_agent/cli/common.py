@@ -46,6 +46,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 OUR_ERRORS = (EdgeError, DeviceProfileError, ProtocolError)
 # What to do when the broker refuses the gateway's certificate (`edge-agent doctor` and
 # `status` say it alike, whether the doctor's own handshake or the agent's uplink heard it).
+REFUSED_HINT = ("the broker answers and refuses: check [mqtt.tls] ca (its certificate must "
+                "chain to it and name the host), the credentials, and the broker's log")
 CERTIFICATE_HINT = ("central revoked this gateway's certificate, or the broker does not trust "
                     "its CA, or it expired: `edge-agent renew` is refused then; enrol again "
                     "with a new token (central gateway enroll-token GW, then edge-agent "

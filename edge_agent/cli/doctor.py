@@ -31,7 +31,7 @@ from typing import Any
 
 import aiomqtt
 
-from edge_agent.cli.common import CERTIFICATE_HINT, fmt_bytes
+from edge_agent.cli.common import CERTIFICATE_HINT, REFUSED_HINT, fmt_bytes
 from edge_agent.cli.disk import disk_report, disk_text
 from edge_agent.cli.terminals import terminal_diagnosis, terminals_report
 from edge_agent.config.site import (
@@ -51,8 +51,6 @@ _FREE_HINT = ("free space on that file system (old logs, journal: sudo journalct
               "--vacuum-size=50M) or lower [outbox] max_bytes; the agent writes what it holds "
               "and reports what it dropped as soon as there is room")
 CONNECT_TIMEOUT_S = 2.0
-_TLS_HINT = ("the broker answers and refuses: check [mqtt.tls] ca (its certificate must chain "
-             "to it and name the host), the credentials, and the broker's log")
 MQTT_TIMEOUT_S = 3.0
 
 
@@ -277,9 +275,9 @@ def _tls_broker(cfg: AgentConfig, name: str) -> Check:
     except ssl.SSLError as exc:
         if isinstance(refusal := alert_error(exc), CertificateRefusedError):
             return _fail(name, str(refusal), CERTIFICATE_HINT)
-        return _fail(name, f"TLS: {exc}", _TLS_HINT)
+        return _fail(name, f"TLS: {exc}", REFUSED_HINT)
     except OSError as exc:
-        return _fail(name, f"TLS: {exc}", _TLS_HINT)
+        return _fail(name, f"TLS: {exc}", REFUSED_HINT)
     return _pass(name, "TCP and mutual TLS ok (certificate accepted)")
 
 
@@ -334,7 +332,7 @@ def _agent(cfg: AgentConfig) -> Iterator[Check]:
                 f"uplink {'connected' if uplink.get('connected') else 'down'}")
     if refused := uplink.get("refused"):  # the agent's own attempts, as `status` shows them
         yield _fail("agent uplink", str(refused.get("error")), CERTIFICATE_HINT
-                    if refused.get("cause") == "certificate" else _TLS_HINT)
+                    if refused.get("cause") == "certificate" else REFUSED_HINT)
     live_disk = status.get("disk")
     if isinstance(live_disk, dict) and (
         live_disk.get("full") or live_disk.get("alarm_states_unsaved")

@@ -14,6 +14,7 @@ from rich.table import Table
 from edge_agent.cli.buffer import outbox_report, print_outbox
 from edge_agent.cli.common import (
     CERTIFICATE_HINT,
+    REFUSED_HINT,
     ConfigOpt,
     JsonOpt,
     ago,
@@ -201,8 +202,7 @@ def _print_status(r: dict[str, Any]) -> None:
     colour = {"connected": "green", "disconnected": "red"}.get(up["state"], "yellow")
     t.add_row("uplink", f"[{colour}]{up['state']}[/{colour}] since {ago(up['since_ms'])}")
     if (refused := up.get("refused")) and up["state"] != "connected":
-        hint = CERTIFICATE_HINT if refused.get("cause") == "certificate" else (
-            "the broker answers and refuses: check [mqtt] credentials and [mqtt.tls]")
+        hint = CERTIFICATE_HINT if refused.get("cause") == "certificate" else REFUSED_HINT
         t.add_row("refused", f"[red]{escape(str(refused.get('error')))}[/red]; {escape(hint)}")
     t.add_row("last ack", ago(up["last_ack_ms"]))
     if up.get("acks_refused"):
