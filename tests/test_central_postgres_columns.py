@@ -6,17 +6,21 @@ times, text values and events (which take the record-by-record path) in the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
-from central.storage import Storage, WriteResult, postgres, postgres_write
+from central.storage import Storage, WriteResult, open_storage, postgres, postgres_write
 from central.storage.program import Program, Sql
 from protocols import envelope as env
 from protocols.envelope import Birth, DataBatch, DeviceInfo, Flag, PointInfo, Record, RecordKind
-from tests.pg import backend
+from tests.helpers import until
+from tests.pg import backend, pg_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -178,12 +182,30 @@ async def test_latest_tie_between_batches_keeps_the_first(version: int, tmp_path
                     for p in await st.latest_values("gw-1")] == [("p1", 1.0)], kind
 
 
+async def _waiting(observer: psycopg.AsyncConnection[Any], app: str, n: int,
+                   writes: list[asyncio.Task[list[WriteResult]]]) -> bool:
+    """True once `n` of the workers' connections (`application_name` `app`) wait for a lock;
+    none of their `writes` may end meanwhile (the test holds a row each of them needs)."""
+    assert not any(w.done() for w in writes), "a write ended without the gateway's row"
+    cur = await observer.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = %s AND wait_event_type = 'Lock'", (app,))
+    row = await cur.fetchone()
+    return row is not None and row[0] >= n
+
+
 async def test_workers_writing_streams_of_one_gateway_keep_the_newest_latest(
         tmp_path: Path) -> None:
     """Three workers each writing its own stream of one gateway at once, the same points
     (born before, so none has a latest value yet), the third always newest: every record
     once, and each point's latest value is the third stream's (a worker inserting a latest
-    value must not miss another's, nor deadlock on them)."""
+    value must not miss another's, nor deadlock on them).
+
+    The race is forced every round: the test holds the gateway's row while the workers
+    write, so all three are inside their transactions, readings written and uncommitted,
+    before any can touch the gateway; the newest stream comes last, once the other two are
+    waiting. A write that set latest values before locking the gateway's row would find no
+    latest row of the others' (uncommitted), insert its own and lose it to theirs."""
     keys = [f"d/p{i}" for i in range(400)]
     birth = Birth(gw="gw-1", stream="s0", boot_id="b", version="1", devices=(
         DeviceInfo(id="d", profile="p", profile_hash="h", points=tuple(
@@ -197,15 +219,38 @@ async def test_workers_writing_streams_of_one_gateway_keep_the_newest_latest(
         assert isinstance(got, DataBatch)
         return got
 
-    async with backend("postgres", tmp_path, n=3) as storages:
-        await storages[0].record_birth("gw-1", birth)
+    app = f"fl_race_{uuid.uuid4().hex[:8]}"
+    with pg_schema() as url:
+        async with contextlib.AsyncExitStack() as stack:
+            storages = [await stack.enter_async_context(
+                open_storage(f"{url}&application_name={app}")) for _ in range(3)]
+            holder = await stack.enter_async_context(
+                await psycopg.AsyncConnection.connect(url, autocommit=True))
+            observer = await stack.enter_async_context(
+                await psycopg.AsyncConnection.connect(url, autocommit=True))
+            await storages[0].record_birth("gw-1", birth)
 
-        async def work(st: Storage, stream: int) -> int:
-            return sum([r.inserted for k in range(8)
-                        for r in await st.write_batches([batch(stream, 1 + k * 50)])])
+            async def race(first: int) -> list[int]:
+                """One round: every worker writes seqs `first`.. (50 points no worker has
+                written yet) while the test holds the gateway's row; inserted per worker."""
+                async with holder.transaction():
+                    # What the write's upsert of the gateway takes, so nothing before it waits.
+                    await holder.execute("SELECT 1 FROM gateways WHERE gw = 'gw-1'"
+                                         " FOR NO KEY UPDATE")
+                    writes = [asyncio.create_task(st.write_batches([batch(i, first)]))
+                              for i, st in enumerate(storages[:2])]
+                    await until(lambda: _waiting(observer, app, 2, writes),
+                                "two workers waiting", interval=0.01)
+                    writes.append(asyncio.create_task(storages[2].write_batches(
+                        [batch(2, first)])))
+                    await until(lambda: _waiting(observer, app, 3, writes),
+                                "three workers waiting", interval=0.01)
+                return [sum(r.inserted for r in results)
+                        for results in await asyncio.gather(*writes)]
 
-        inserted = await asyncio.gather(*(work(st, i) for i, st in enumerate(storages)))
-        assert inserted == [400, 400, 400]
-        assert (await storages[0].count_records()).readings == 1200
-        assert {p.latest and p.latest.value
-                for p in await storages[1].latest_values("gw-1")} == {2.0}
+            inserted = [sum(n) for n in zip(*[await race(1 + k * 50) for k in range(8)],
+                                            strict=True)]
+            assert inserted == [400, 400, 400]
+            assert (await storages[0].count_records()).readings == 1200
+            assert {p.latest and p.latest.value
+                    for p in await storages[1].latest_values("gw-1")} == {2.0}

@@ -8,8 +8,9 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from edge_agent.field.bus import BusDevice, SerialBus
 from edge_agent.field.errors import (
     ModbusExceptionError,
     TransportCrcError,
+    TransportError,
     TransportFramingError,
     TransportTimeoutError,
 )
@@ -29,7 +31,7 @@ from edge_agent.field.poller import DevicePoller, Health
 from edge_agent.field.transports import TransportPool
 from edge_agent.outbox.store import Outbox
 from firmware_stubs.rtu_sim import RtuBusSimulator
-from tests.helpers import python_env
+from tests.helpers import python_env, until
 
 ROOT = Path(__file__).resolve().parent.parent
 GAS, TANK = find_profile("gas-detector-v1"), find_profile("storage-tank-v1")
@@ -45,66 +47,132 @@ def _device(n: int, path: str, **kw: object) -> DeviceConfig:
     return DeviceConfig.model_validate(fields)
 
 
+@dataclass(slots=True)
+class _Ask:
+    """One read a poller asked of the bus: who, when, how far the line had got, how it ended."""
+
+    device_id: int
+    asked: float  # time.monotonic() when the poller called read
+    on_line_before: int  # requests on the line by then (the simulator's log), any slave's
+    failures_before: int  # the poller's consecutive failed cycles by then
+    outcome: str | None = None  # "ok", the transport error's class name, None if cancelled
+
+
+class _Recorded(BusDevice):
+    """A device's real view of the bus that notes every read in the shared `journal`: the
+    test's window on the order the bus serves its slaves in."""
+
+    def __init__(self, view: BusDevice, sim: RtuBusSimulator, journal: list[_Ask],
+                 failures: Callable[[], int]) -> None:
+        super().__init__(view.bus, view.timeout_s)
+        self.sim, self.journal, self.failures = sim, journal, failures
+
+    async def read(self, function: int, start: int, count: int, *, device_id: int) -> list[int]:
+        ask = _Ask(device_id, time.monotonic(), len(self.sim.request_log), self.failures())
+        self.journal.append(ask)
+        try:
+            words = await super().read(function, start, count, device_id=device_id)
+        except TransportError as exc:
+            ask.outcome = type(exc).__name__
+            raise
+        ask.outcome = "ok"
+        return words
+
+
 @asynccontextmanager
-async def _pollers(tmp_path: Path, sim: RtuBusSimulator,
-                   ids: tuple[int, ...] = (1, 2, 3)) -> AsyncIterator[tuple[list[DevicePoller], SerialBus, Outbox]]:
+async def _pollers(tmp_path: Path, sim: RtuBusSimulator, ids: tuple[int, ...] = (1, 2, 3), *,
+                   timeouts: Mapping[int, float] | None = None,
+                   journal: list[_Ask] | None = None,
+                   ) -> AsyncIterator[tuple[list[DevicePoller], SerialBus, Outbox]]:
+    """Pollers of slaves `ids` on one bus; with a `journal`, their reads are noted in it."""
     pool = TransportPool()
     async with Outbox.open(tmp_path / "outbox.db") as ob:
-        pollers = []
+        pollers: dict[int, DevicePoller] = {}
         for n in ids:
-            dev = _device(n, sim.path)
+            dev = _device(n, sim.path, **({"timeout_s": timeouts[n]} if timeouts else {}))
             transport = pool.get(dev.transport, timeout_s=dev.timeout_s)
-            pollers.append(DevicePoller(dev, GAS if n != 2 else TANK, transport, ob))
+            if journal is not None:
+                assert isinstance(transport, BusDevice)
+                transport = _Recorded(transport, sim, journal,
+                                      lambda n=n: pollers[n].health.consecutive_failures)
+            pollers[n] = DevicePoller(dev, GAS if n != 2 else TANK, transport, ob)
         (bus,) = pool.serial_buses()
         try:
-            yield pollers, bus, ob
+            yield list(pollers.values()), bus, ob
         finally:
             await pool.close()
 
 
-async def _at(t0: float, offset: float) -> None:
-    await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
+SILENT_TIMEOUT_S = 0.25  # what each probe of the silent slave costs the line
+HEALTHY_TIMEOUT_S = 1.0  # answering slaves never come near it, even on a loaded box
+
+
+def _backoff_s(failures: int) -> float:
+    """The poller's pause after `failures` failed cycles in a row (_device: 0.2 s, cap 1 s)."""
+    return min(1.0, 0.2 * 2 ** (failures - 1))
 
 
 async def test_silent_slave_does_not_slow_the_others(tmp_path: Path) -> None:
-    """With slave 3 silent, slaves 1 and 2 keep their poll rate; 3 goes offline, then recovers."""
+    """A silent slave costs the line one bounded timeout per probe, probed once per back-off
+    period, and never more than one probe ahead of a healthy slave's request; the healthy
+    slaves keep answering every cycle; the silent one goes offline once, then recovers."""
+    journal: list[_Ask] = []
     async with RtuBusSimulator([GAS, TANK, GAS], baudrate=BAUD) as sim, \
-            _pollers(tmp_path, sim) as (pollers, bus, ob):
+            _pollers(tmp_path, sim, timeouts={1: HEALTHY_TIMEOUT_S, 2: HEALTHY_TIMEOUT_S,
+                                               3: SILENT_TIMEOUT_S},
+                     journal=journal) as (pollers, bus, ob):
+        silent = pollers[2]
         with capture_logs() as logs:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(p.run()) for p in pollers]
-                t0 = time.monotonic()
-                await _at(t0, 0.4)
-                c0 = [p.health.cycles_ok for p in pollers]
-                await _at(t0, 2.4)
-                c1 = [p.health.cycles_ok for p in pollers]
+                await until(lambda: all(p.health.cycles_ok >= 3 for p in pollers), "warm-up")
+                healthy_before = [p.health for p in pollers[:2]]
                 sim.set_faults(3, silent=True)
-                await _at(t0, 2.6)
-                c2 = [p.health.cycles_ok for p in pollers]
-                records3 = pollers[2].health.records
-                await _at(t0, 6.6)
-                c3 = [p.health.cycles_ok for p in pollers]
-                silent_state, silent_records = pollers[2].health.state, pollers[2].health.records
-                silent_timeouts = bus.stats(3).timeouts
+                await until(lambda: silent.health.consecutive_failures >= 1, "offline")
+                records_offline = silent.health.records
+                # Five failures in a row: the back-off has reached its 1 s cap.
+                await until(lambda: silent.health.consecutive_failures >= 6, "back-off at cap")
+                during = [p.health for p in pollers]
                 sim.set_faults(3, silent=False)
-                await _at(t0, 8.0)
+                await until(lambda: silent.health.state is Health.OK
+                            and silent.health.records > records_offline, "recovery")
                 for t in tasks:
                     t.cancel()
         latest = await ob.latest()
+        stats3 = bus.stats(3)
+        line = [address for _, address in sim.request_log]
 
-    for i in (0, 1):
-        before = (c1[i] - c0[i]) / 2.0
-        during = (c3[i] - c2[i]) / 4.0
-        assert before == pytest.approx(5.0, rel=0.2)  # 0.2 s interval
-        assert during == pytest.approx(before, rel=0.2), (i, before, during)
-        health = pollers[i].health
-        # healthy all along; a stray late reply on a loaded 2-core CI box may cost one cycle
-        assert health.state is Health.OK and health.timeouts <= 2 and health.skipped_cycles <= 2
-    assert silent_state is Health.OFFLINE and silent_records == records3
-    # One probe per back-off period (0.2, 0.4, 0.8, then 1 s), not one per 0.2 s cycle.
-    assert 3 <= silent_timeouts <= 8
-    p3 = pollers[2].health
-    assert p3.state is Health.OK and p3.records > silent_records
+    # The line carries requests in the order they were asked (FIFO), one frame per read:
+    # no retry of a timeout, no request jumping the queue.
+    # Only the reads the cancel cut off, one a poller at most, never reached the line.
+    assert [a.device_id for a in journal[:len(line)]] == line
+    assert len(journal) - 3 <= len(line) <= len(journal)
+    # So a healthy request waits behind at most one probe of the silent slave.
+    for i, ask in enumerate(journal):
+        if ask.device_id != 3:
+            assert [a.device_id for a in journal[ask.on_line_before:i]].count(3) <= 1, i
+    probes = [i for i, a in enumerate(journal)
+              if a.device_id == 3 and a.outcome == "TransportTimeoutError"]
+    assert len(probes) == stats3.timeouts == silent.health.timeouts >= 6
+    # Probed once per back-off period (doubling to its cap), not once per 0.2 s cycle: each
+    # probe after a failed cycle comes at least its timeout plus the back-off after the last.
+    backed_off = [(i, j) for i, j in zip(probes, probes[1:], strict=False)
+                  if journal[j].failures_before]
+    assert max(journal[j].failures_before for _, j in backed_off) >= 5
+    for i, j in backed_off:
+        wait = SILENT_TIMEOUT_S + _backoff_s(journal[j].failures_before)
+        assert journal[j].asked - journal[i].asked >= wait - 1e-3, (i, j)
+        # Between two probes a second or so apart, both healthy slaves were served.
+        if journal[j].failures_before >= 3:
+            assert {a.device_id for a in journal[i + 1:j] if a.outcome == "ok"} >= {1, 2}
+    assert during[2].state is Health.OFFLINE and during[2].records == records_offline
+    for before, now in zip(healthy_before, during[:2], strict=True):
+        # Every cycle read all it asked for (a snapshot may catch one cycle still appending).
+        assert now.state is Health.OK and (now.timeouts, now.connect_errors, now.exceptions,
+                                           now.framing_errors, now.decode_errors) == (0,) * 5
+        assert now.cycles_ok > before.cycles_ok
+    p3 = silent.health
+    assert p3.state is Health.OK and p3.records > records_offline
     events = [(e["event"], e.get("device")) for e in logs]
     assert events.count(("poll_failed", "dev-3")) == 1
     assert events.count(("poll_recovered", "dev-3")) == 1
