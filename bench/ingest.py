@@ -1,7 +1,8 @@
 """Central's ingest rate: MQTT batches of 500 points into storage, against the raw limit.
 
 Starts a private Mosquitto and `central serve` (a real process), plays several gateways that
-publish `up/data` batches (envelope version 2 by default, as agents send to a central that
+announce themselves with a birth (their 20 devices × 50 points), as an agent does on every
+connect before it sends data, and then publish `up/data` batches (envelope version 2 by default, as agents send to a central that
 announces it) and wait for central's `down/ack` (a window of batches in flight per gateway, as
 the edge does), and times from the first publish to the last ack: the points are then
 committed at central. Checked before anything is printed: every gateway's acks name exactly the
@@ -18,6 +19,7 @@ median of three runs.
 
     python bench/ingest.py [--points 200000] [--gateways 8] [--batch 500]
     python bench/ingest.py --backend postgres [--pg-url postgresql://postgres@127.0.0.1/test]
+    python bench/ingest.py --no-births  # central meets each point first in a data batch
 
 Prints one JSON line: points_per_s, raw_points_per_s, ratio, batches_per_commit, ...
 """
@@ -49,6 +51,15 @@ from tests.helpers import Mosquitto, wait_for
 from tests.pg import url_with_schema
 
 POINTS_PER_DEVICE = 50
+
+
+def make_birth(gw: str, stream: str) -> env.Birth:
+    """The gateway's inventory, the points `make_batch` names."""
+    return env.Birth(gw=gw, stream=stream, boot_id="bench", version="bench", devices=tuple(
+        env.DeviceInfo(id=f"dev-{d}", profile="bench", profile_hash="bench", points=tuple(
+            env.PointInfo(ordinal=p, key=f"dev-{d}/p{p}", name_zh=f"测点{p}", unit="")
+            for p in range(POINTS_PER_DEVICE)))
+        for d in range(20)))
 
 
 def make_batch(gw: str, stream: str, first_seq: int, size: int, t0_ms: int) -> env.DataBatch:
@@ -83,6 +94,9 @@ class Gateway:
         self.sem.release()
         if self.acked == len(self.batches):
             self.done.set()
+
+    def announce(self, birth: env.Birth) -> None:
+        self.client.publish(topics.up(self.gw, "birth"), env.encode(birth), qos=1)
 
     def publish_all(self) -> None:
         for payload in self.batches:
@@ -149,11 +163,12 @@ def raw_insert_rate(path: Path, batches: list[env.DataBatch], synchronous: str,
 
 
 def central_counters(central: Central) -> dict[str, float]:
-    """Central's ingest counters from its /metrics (batches_total, commits_total)."""
+    """Central's ingest counters from its /metrics (batches_total, commits_total,
+    births_total)."""
     req = urllib.request.Request(f"{central.base_url}/metrics", headers=central.auth_headers())
     with urllib.request.urlopen(req, timeout=10) as resp:
         text = resp.read().decode()
-    return {name: float(m.group(1)) for name in ("batches_total", "commits_total")
+    return {name: float(m.group(1)) for name in ("batches_total", "commits_total", "births_total")
             if (m := re.search(rf"^fieldlink_central_{name} (\S+)$", text, re.M))}
 
 
@@ -230,6 +245,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8, help="batches in flight per gateway")
     ap.add_argument("--synchronous", default="FULL", help="raw run's PRAGMA synchronous (central's setting)")
     ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--no-births", dest="births", action="store_false",
+                    help="send no birth first: central creates the points from the data")
     ap.add_argument("--envelope", type=int, choices=env.VERSIONS, default=env.VERSIONS[-1],
                     help="the envelope version the gateways send")
     ap.add_argument("--pg-url", default=os.environ.get("FIELDLINK_BENCH_PG_URL",
@@ -258,6 +275,11 @@ def main() -> None:
                    for gw, bs in plans.items()]
             wait_for(lambda: all(g.client.is_connected() for g in gws), timeout=10, what="gateways")
             time.sleep(1.0)  # let central subscribe
+            if args.births:
+                for g in gws:
+                    g.announce(make_birth(g.gw, plans[g.gw][0].stream))
+                wait_for(lambda: central_counters(central).get("births_total", 0) >= len(gws),
+                         timeout=30, what="births stored")
             start = time.perf_counter()
             threads = [threading.Thread(target=g.publish_all) for g in gws]
             for t in threads:
@@ -284,7 +306,7 @@ def main() -> None:
 
     rate = total / elapsed
     emit(bench="ingest", backend=args.backend, points=total, batch=args.batch,
-         gateways=args.gateways, points_per_s=round(rate), raw_points_per_s=round(raw),
+         gateways=args.gateways, births=args.births, points_per_s=round(rate), raw_points_per_s=round(raw),
          ratio=round(rate / raw, 3), envelope=args.envelope, stored=stored, acks_checked=True,
          batches_per_commit=round(counters["batches_total"] / counters["commits_total"], 1),
          raw_synchronous="synchronous_commit=on" if postgres else args.synchronous,
