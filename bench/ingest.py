@@ -205,6 +205,15 @@ def pg_schema(url: str) -> Iterator[str]:
 _RAW_COPY_RUNS = 3
 
 
+def checkpoint(url: str) -> None:
+    """Start a timed run from a fresh checkpoint, central's and each raw one alike: else a
+    checkpoint the server starts by itself (every max_wal_size of WAL, as one run after
+    another writes it) lands in whichever run is timed then, and the first change to each
+    page after it writes the whole page to the WAL."""
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute("CHECKPOINT")
+
+
 def raw_copy_rate(url: str, batches: list[env.DataBatch], per_commit: int) -> list[float]:
     """Plain binary COPY of the same rows into a readings-shaped table (the same key and
     index), `per_commit` batches per transaction, the gateways' batches interleaved as central
@@ -224,6 +233,7 @@ def _raw_copy_run(url: str, groups: list[list[tuple]]) -> float:
                     " flags INTEGER NOT NULL, received_ms BIGINT NOT NULL,"
                     " PRIMARY KEY (gw, stream, seq))")
         con.execute("CREATE INDEX readings_point_ts ON readings (point_id, ts_ms)")
+        checkpoint(url)
         total = sum(len(g) for g in groups)
         t0 = time.perf_counter()
         for rows in groups:
@@ -280,6 +290,8 @@ def main() -> None:
                     g.announce(make_birth(g.gw, plans[g.gw][0].stream))
                 wait_for(lambda: central_counters(central).get("births_total", 0) >= len(gws),
                          timeout=30, what="births stored")
+            if postgres:
+                checkpoint(args.pg_url)
             start = time.perf_counter()
             threads = [threading.Thread(target=g.publish_all) for g in gws]
             for t in threads:
