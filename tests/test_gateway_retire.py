@@ -170,3 +170,27 @@ async def test_an_existing_database_migrates_and_can_retire(db_url: str) -> None
         assert await st.list_gateways() == []
         (r,) = await st.run(retirements_program, write=False)
         assert (r.gw, r.retired_by, r.reason, r.refused) == (OLD, "admin-1", REASON, 0)
+
+
+async def test_a_retire_between_the_check_and_the_insert_lets_no_command_out(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A retire that commits after the API's in-service check but before the command is
+    stored: the store refuses it in its own transaction (409), nothing is left open for the
+    gateway, and the dispatcher's last look withholds what was listed before the retire."""
+    await report(app, OLD)
+    store = app.state.commands.service.store
+    listed = (await client.post("/api/commands", json={
+        "gw": OLD, "kind": "request_diagnostics"})).json()
+    real_insert = store.insert
+
+    async def retire_first(*args: Any, **kwargs: Any) -> None:
+        assert (await retire(client, OLD)).status_code == 200
+        await real_insert(*args, **kwargs)
+
+    store.insert = retire_first  # the real store, a retire injected before its insert
+    r = await client.post("/api/commands", json={"gw": OLD, "kind": "request_diagnostics"})
+    assert r.status_code == 409 and "retired" in r.json()["detail"], r.text
+    store.insert = real_insert
+    commands = (await client.get("/api/commands", params={"gw": OLD})).json()
+    assert [(x["cmd_id"], x["state"]) for x in commands] == [(listed["cmd_id"], "expired")]
+    assert not await store.still_due(listed["cmd_id"])
