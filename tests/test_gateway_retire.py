@@ -6,7 +6,9 @@ afterwards refused by ingest and counted, not stored; brought back only by an un
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,12 +20,14 @@ from central.alarms.rules import AlarmRules
 from central.identity.audit import AuditLog
 from central.identity.enrolment_store import TokenRefusedError
 from central.identity.retire import retire as retire_gateway
-from central.identity.retire import retirements_program
+from central.identity.retire import retired_set_program, retirements_program
 from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind
 from tests import test_console_api as console
+from tests.helpers import Mosquitto
 from tests.identity import auth, token_for
 from tests.test_console_api import POINT, alarm, areas, report
+from tests.test_identity_api import running
 from tests.test_pki import _csr
 
 # The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
@@ -194,3 +198,32 @@ async def test_a_retire_between_the_check_and_the_insert_lets_no_command_out(
     commands = (await client.get("/api/commands", params={"gw": OLD})).json()
     assert [(x["cmd_id"], x["state"]) for x in commands] == [(listed["cmd_id"], "expired")]
     assert not await store.still_due(listed["cmd_id"])
+
+
+async def test_the_dispatcher_withholds_a_command_listed_before_a_retire(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The dispatcher listed a command, then the gateway was retired (its cancel not yet
+    run): the last look before publishing withholds it, tick after tick."""
+    async with running("sqlite", tmp_path, broker=mosquitto) as env:
+        storage, service = env.app.state.storage, env.app.state.commands.service
+        real_due = service.store.due
+        ticks: asyncio.Queue[list[str]] = asyncio.Queue()
+
+        async def due_then_retire(**kwargs: Any) -> Any:
+            listed = await real_due(**kwargs)
+            if listed and await storage.run(retired_set_program, write=False) == frozenset():
+                await retire_gateway(storage, AuditLog(storage), "gw-a", user="admin-1",
+                                     reason=REASON, force=True)
+            await ticks.put([c.cmd_id for c in listed])
+            return listed
+
+        service.store.due = due_then_retire  # the real store, a retire injected after `due`
+        r = await env.c.post("/api/commands", headers=await env.token("boss", "admin"),
+                             json={"gw": "gw-a", "kind": "request_diagnostics"})
+        assert r.status_code == 201, r.text
+        cmd_id = r.json()["cmd_id"]
+        while await asyncio.wait_for(ticks.get(), 10) != [cmd_id]:
+            pass  # ticks before the command was issued
+        assert await asyncio.wait_for(ticks.get(), 10) == [cmd_id]  # that tick has ended
+        assert service.counters.published == 0 and service.counters.withheld >= 1
+        assert (await service.store.get(cmd_id)).sent_count == 0

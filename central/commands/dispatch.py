@@ -109,6 +109,7 @@ class CommandCounters(Counters):
     issued: int = 0
     published: int = 0
     publish_failures: int = 0
+    withheld: int = 0  # listed as due, then cancelled or its gateway retired before it went
     expired: int = 0
     reports: int = 0
     reports_applied: int = 0
@@ -382,6 +383,7 @@ class CommandService:
         try:
             if await self.store.still_due(cmd.cmd_id):
                 return True
+            self.counters.withheld += 1
             log.info("command_withheld", cmd_id=cmd.cmd_id, gw=cmd.gw)
         except CommandStoreError as exc:
             log.warning("command_due_failed", cmd_id=cmd.cmd_id, error=str(exc))
