@@ -414,6 +414,45 @@ async def test_retired_between_a_step_and_its_send(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+async def test_retired_between_the_retired_read_and_the_issue(kind: str, tmp_path: Path) -> None:
+    """A retire that commits after `issue_pending` read the retired gateways but before the
+    command is stored: the store refuses it, the send is marked `gateway_retired` (no error
+    escapes the scheduler), no command for gateway 1 is open, and the next round cancels its
+    targets."""
+    from central.storage.program import Sql
+
+    async with serve(kind, tmp_path) as (app, c):
+        areas = await street(app, c)
+        svc: CallRespService = app.state.callresp
+        store = svc.commands.store
+        real_insert = store.insert
+
+        async def retire_first(cmd: Any, **kwargs: Any) -> None:
+            if cmd.gw == GW1:
+                store.insert = real_insert
+                await retire(c, GW1)
+            await real_insert(cmd, **kwargs)
+
+        store.insert = retire_first  # the real store, a retire injected before its insert
+        w = await street_warning(c, areas)
+        assert store.insert == real_insert  # the retire ran, inside the warning's issue
+
+        def sends() -> Any:
+            return (yield Sql("SELECT DISTINCT gw, error FROM cr_sends ORDER BY gw"))
+
+        assert [tuple(r) for r in await svc.storage.run(sends)] == [
+            (GW1, "gateway_retired"), (GW2, None)]
+        assert await ok(c.get("/api/commands", params={"gw": GW1})) == []
+        await svc.step()  # the scheduler goes on: nothing escaped it
+        w = await ok(c.get(f"/api/callresp/warnings/{w['id']}"))
+        assert {t["ref"]: (t["state"], t["closed_reason"]) for t in w["targets"]} == {
+            "t-1": ("cancelled", "gateway_retired"), "t-2": ("cancelled", "gateway_retired"),
+            "t-3": ("cancelled", "gateway_retired"), "t-4": ("sent", None),
+            "t-5": ("sent", None)}
+        assert svc.counters.issue_refused == 1 and svc.counters.cancelled == 3
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 async def test_a_version_2_database_gains_closed_reason(kind: str, tmp_path: Path) -> None:
     """A database at 叫应 schema version 2 (before `closed_reason`) is migrated to 3 on open
     and keeps its targets, which have no reason."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,8 @@ from central.commands.store import (
 from central.config.settings import Settings
 from protocols.command_keys import public_key_raw
 from protocols.command_results import CommandResult, CommandState, Reason, result_attrs
-from tests.pg import BACKENDS, database_url
+from protocols.envelope import State
+from tests.pg import BACKENDS, database_url, pg_schema
 
 S = CommandState
 T0 = 1_718_000_000_000
@@ -34,7 +36,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 async def store(db_url: str) -> AsyncIterator[CommandStore]:
-    async with CommandStore(db_url) as st:
+    from central.storage import open_storage
+
+    # Opened after central's storage, as central does: an insert reads its retired gateways.
+    async with open_storage(db_url), CommandStore(db_url) as st:
         yield st
 
 
@@ -139,3 +144,66 @@ def test_signing_key_is_created_private_and_reused(tmp_path: Path) -> None:
     (tmp_path / "bad.pem").write_text("nope")
     with pytest.raises(SigningKeyError):
         load_or_create_key(tmp_path / "bad.pem")
+
+
+async def test_a_retired_gateway_gets_no_command_and_its_open_ones_end(db_url: str) -> None:
+    """Once a gateway is retired the store refuses a new command for it (in the insert's own
+    transaction) and `still_due` says no for its open ones, before `cancel_open` ends them."""
+    from central.identity.audit import AuditLog
+    from central.identity.retire import GatewayRetiredError, retire
+    from central.storage import open_storage
+
+    async with open_storage(db_url) as st, CommandStore(db_url) as store:
+        await st.record_state("gw-1", State(True, "b", "1", "ip", 0, T0, "gw-1"))
+        await store.insert(_cmd("before"), now_ms=T0)
+        assert await store.still_due("before")
+        await retire(st, AuditLog(st), "gw-1", user="admin-1", reason="flooded")
+        with pytest.raises(GatewayRetiredError):
+            await store.insert(_cmd("after"), now_ms=T0)
+        with pytest.raises(UnknownCommandError):
+            await store.get("after")
+        assert not await store.still_due("before")
+        assert [c.cmd_id for c in await store.cancel_open("gw-1", "retired")] == ["before"]
+
+
+@pytest.mark.postgres
+async def test_cancel_open_waits_for_an_insert_that_checked_before_the_retire() -> None:
+    """PostgreSQL: an insert whose transaction checked the gateway in service before the
+    retire committed, and commits only after `cancel_open` started, is still cancelled:
+    `cancel_open` waits for the insert's gateway lock instead of missing its uncommitted row."""
+    import asyncio
+    import zlib
+
+    import psycopg
+
+    from central.identity.audit import AuditLog
+    from central.identity.retire import retire
+    from central.storage import open_storage
+
+    with pg_schema("fl_cmd") as url:
+        async with open_storage(url) as st, CommandStore(url) as store:
+            await st.record_state("gw-1", State(True, "b", "1", "ip", 0, T0, "gw-1"))
+            key = zlib.crc32(b"fieldlink.central.gw:gw-1")
+            with psycopg.connect(url, autocommit=True) as conn:
+                pid = conn.info.backend_pid
+                with conn.transaction():  # the insert's transaction, as `insert` runs it
+                    conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (key,))
+                    conn.execute("SELECT 1 FROM retired_gateways WHERE gw = 'gw-1'")
+                    await retire(st, AuditLog(st), "gw-1", user="admin-1", reason="flooded")
+                    cancel = asyncio.create_task(store.cancel_open("gw-1", "retired"))
+                    while not cancel.done() and not _waits_for(conn, pid):
+                        await asyncio.sleep(0.01)  # until it waits on the lock (or is done)
+                    conn.execute("INSERT INTO commands (cmd_id, gw, kind, target, args,"
+                                 " issued_at_ms, expires_at_ms, state, state_source, origin,"
+                                 " created_ms, updated_ms) VALUES ('racer', 'gw-1', 'sync_time',"
+                                 " '', '{}', %s, %s, 'pending', 'central', 'central', %s, %s)",
+                                 (T0, T0 + 60_000, T0, T0))
+            assert [c.cmd_id for c in await cancel] == ["racer"]
+
+
+def _waits_for(conn: Any, holder: int) -> bool:
+    """Whether some session waits for an advisory lock `holder` holds."""
+    return conn.execute("SELECT count(*) FROM pg_locks w JOIN pg_locks h ON"
+                        " h.locktype = 'advisory' AND h.objid = w.objid AND h.pid = %s"
+                        " WHERE w.locktype = 'advisory' AND NOT w.granted",
+                        (holder,)).fetchone()[0] > 0

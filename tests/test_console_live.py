@@ -14,16 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from pydantic import BaseModel
 
+from central.areas.tree import assign_gateway
+from central.commands.api import visible_commands
+from central.commands.store import Report
 from central.console.live import Broadcaster, Subscriber
 from central.console.views import View
+from central.identity.authz import gateway_path_program
+from central.storage.program import Sql
 from protocols.command_results import CommandResult, CommandState, result_attrs
 from protocols.envelope import DataBatch, Record, RecordKind
 from runtime.clock import now_ms
 from tests.helpers import free_port, until
-from tests.test_identity_api import running
+from tests.pg import BACKENDS
+from tests.test_identity_api import _birth, running
 
 CITY = View(None, None, None)
 DISTRICT = View(None, None, 7)
@@ -293,3 +300,53 @@ async def test_commands_event_is_the_users_list_and_follows_every_change(
                 assert (await changed())["state"] == str(state)
             assert all(x != y for x, y in zip(seen, seen[1:], strict=False)), seen
             assert outside.empty()  # gw-c's list did not change for this viewer
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_one_gateways_commands_are_those_of_the_whole_scoped_list(
+        kind: str, tmp_path: Path) -> None:
+    """For an area-scoped user, the list of one gateway (the console's feed, every 0.5 s) is
+    exactly that gateway's part of the whole list, looked up without listing every gateway:
+    in scope shown; outside, at no site, retired, placed but never heard, or never known:
+    none."""
+    async with running(kind, tmp_path) as env:
+        storage, store = env.app.state.storage, env.app.state.commands.service.store
+        boss = await env.token("boss", "admin")
+        site1 = await storage.run(lambda: gateway_path_program("gw-a"), write=False)
+        (area_id,) = await storage.run(_site_of_gw_a, write=False)
+        for gw in ("gw-r", "gw-loose"):
+            await _birth(storage, gw)
+        await assign_gateway(storage, "gw-r", area_id)
+        await assign_gateway(storage, "gw-placed", area_id)
+        for gw in ("gw-a", "gw-c", "gw-r", "gw-loose"):
+            r = await env.c.post("/api/commands", headers=boss,
+                                 json={"gw": gw, "kind": "request_diagnostics"})
+            assert r.status_code == 201, r.text
+        r = await env.c.post("/api/gateways/gw-r/retire", headers=boss,
+                             json={"reason": "flooded", "force": True})
+        assert r.status_code == 200, r.text
+        for gw in ("gw-placed", "gw-never"):  # known only from a gateway's report
+            res = CommandResult(f"foreign-{gw}", CommandState.REJECTED, kind="write_point")
+            await store.apply_reports(gw, "s", [Report(1, now_ms(), res, result_attrs(res))])
+
+        scopes = {"site1": lambda p: p is not None and p.startswith(site1),
+                  "every site": lambda p: p is not None}
+        shown = {}
+        for name, sees in scopes.items():
+            every = await visible_commands(env.app, sees, limit=1000)
+            shown[name] = sorted({c.gw for c in every})
+
+            async def unlisted() -> None:
+                raise AssertionError("listed every gateway for one")
+
+            # The real storage, its whole list made to fail.
+            storage.list_gateways = unlisted  # type: ignore[method-assign]
+            for gw in ("gw-a", "gw-c", "gw-r", "gw-loose", "gw-placed", "gw-never"):
+                assert await visible_commands(env.app, sees, gw=gw, limit=1000) == [
+                    c for c in every if c.gw == gw], (name, gw)
+            del storage.list_gateways
+        assert shown == {"site1": ["gw-a"], "every site": ["gw-a", "gw-c"]}
+
+
+def _site_of_gw_a() -> Any:
+    return (yield Sql("SELECT area_id FROM gateway_sites WHERE gw = 'gw-a'"))[0]

@@ -6,7 +6,9 @@ afterwards refused by ingest and counted, not stored; brought back only by an un
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,12 +20,14 @@ from central.alarms.rules import AlarmRules
 from central.identity.audit import AuditLog
 from central.identity.enrolment_store import TokenRefusedError
 from central.identity.retire import retire as retire_gateway
-from central.identity.retire import retirements_program
+from central.identity.retire import retired_set_program, retirements_program
 from central.storage import open_storage
 from protocols.envelope import DataBatch, Record, RecordKind
 from tests import test_console_api as console
+from tests.helpers import Mosquitto
 from tests.identity import auth, token_for
 from tests.test_console_api import POINT, alarm, areas, report
+from tests.test_identity_api import running
 from tests.test_pki import _csr
 
 # The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
@@ -170,3 +174,56 @@ async def test_an_existing_database_migrates_and_can_retire(db_url: str) -> None
         assert await st.list_gateways() == []
         (r,) = await st.run(retirements_program, write=False)
         assert (r.gw, r.retired_by, r.reason, r.refused) == (OLD, "admin-1", REASON, 0)
+
+
+async def test_a_retire_between_the_check_and_the_insert_lets_no_command_out(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A retire that commits after the API's in-service check but before the command is
+    stored: the store refuses it in its own transaction (409), nothing is left open for the
+    gateway, and the dispatcher's last look withholds what was listed before the retire."""
+    await report(app, OLD)
+    store = app.state.commands.service.store
+    listed = (await client.post("/api/commands", json={
+        "gw": OLD, "kind": "request_diagnostics"})).json()
+    real_insert = store.insert
+
+    async def retire_first(*args: Any, **kwargs: Any) -> None:
+        assert (await retire(client, OLD)).status_code == 200
+        await real_insert(*args, **kwargs)
+
+    store.insert = retire_first  # the real store, a retire injected before its insert
+    r = await client.post("/api/commands", json={"gw": OLD, "kind": "request_diagnostics"})
+    assert r.status_code == 409 and "retired" in r.json()["detail"], r.text
+    store.insert = real_insert
+    commands = (await client.get("/api/commands", params={"gw": OLD})).json()
+    assert [(x["cmd_id"], x["state"]) for x in commands] == [(listed["cmd_id"], "expired")]
+    assert not await store.still_due(listed["cmd_id"])
+
+
+async def test_the_dispatcher_withholds_a_command_listed_before_a_retire(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The dispatcher listed a command, then the gateway was retired (its cancel not yet
+    run): the last look before publishing withholds it, tick after tick."""
+    async with running("sqlite", tmp_path, broker=mosquitto) as env:
+        storage, service = env.app.state.storage, env.app.state.commands.service
+        real_due = service.store.due
+        ticks: asyncio.Queue[list[str]] = asyncio.Queue()
+
+        async def due_then_retire(**kwargs: Any) -> Any:
+            listed = await real_due(**kwargs)
+            if listed and await storage.run(retired_set_program, write=False) == frozenset():
+                await retire_gateway(storage, AuditLog(storage), "gw-a", user="admin-1",
+                                     reason=REASON, force=True)
+            await ticks.put([c.cmd_id for c in listed])
+            return listed
+
+        service.store.due = due_then_retire  # the real store, a retire injected after `due`
+        r = await env.c.post("/api/commands", headers=await env.token("boss", "admin"),
+                             json={"gw": "gw-a", "kind": "request_diagnostics"})
+        assert r.status_code == 201, r.text
+        cmd_id = r.json()["cmd_id"]
+        while await asyncio.wait_for(ticks.get(), 10) != [cmd_id]:
+            pass  # ticks before the command was issued
+        assert await asyncio.wait_for(ticks.get(), 10) == [cmd_id]  # that tick has ended
+        assert service.counters.published == 0 and service.counters.withheld >= 1
+        assert (await service.store.get(cmd_id)).sent_count == 0

@@ -11,7 +11,10 @@ the command store (`DuplicateCommandError`), so a command never goes out twice f
 Each round also reads the retired gateways; when one was retired since the last look, its
 open terminal targets are cancelled at once (`workflow.cancel_retired_program`), and a send
 decided for a gateway retired before it was issued is withheld (marked with the error
-`gateway_retired`), so nothing is played, re-sent or escalated for hardware that is gone.
+`gateway_retired`), so nothing is played, re-sent or escalated for hardware that is gone. A
+retire that lands between that read and the issue is caught by the command store, which
+refuses the command in its own transaction; the send is marked the same way, and the next
+round cancels the targets.
 
 `apply_batch` is an ingest batch hook: the 叫应 EVENT records of a committed batch move their
 targets (idempotently); a storage failure raises, so ingest withholds the ack and the gateway
@@ -48,7 +51,7 @@ from central.callresp.workflow import (
 from central.commands.dispatch import CommandService
 from central.commands.store import CommandStoreError, DuplicateCommandError
 from central.identity.audit import AuditLog
-from central.identity.retire import retired_set_program
+from central.identity.retire import GatewayRetiredError, retired_set_program
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
 from protocols.callresp import (
@@ -259,6 +262,8 @@ class CallRespService:
                 self.counters.issued += 1
             except DuplicateCommandError:
                 pass  # issued before a crash, not yet marked: nothing goes twice
+            except GatewayRetiredError:  # retired since `retired` was read: the store refused
+                error = GATEWAY_RETIRED
             except (CommandStoreError, StorageError) as exc:
                 if not isinstance(exc, NotFoundError):
                     raise  # an outage: the next round tries again

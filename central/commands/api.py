@@ -38,6 +38,8 @@ from central.commands.store import (
 )
 from central.identity.authz import Operator, Reader, check_gateway, gateway_paths_program
 from central.identity.retire import check_in_service
+from central.storage.program import Program, Sql
+from central.storage.retire_schema import in_service
 from central.web.problems import install_problems
 from central.web.routing import StrictModel
 from protocols.command_results import CommandState
@@ -131,6 +133,15 @@ def _service(app: FastAPI) -> CommandService:
     return runtime.service
 
 
+def _listed_path_program(gw: str) -> Program[str | None]:
+    """`gw`'s area path if `list_gateways` lists it (heard of, in service); None if it is at
+    no site or not listed, which a user scoped to an area sees neither way."""
+    rows = yield Sql("SELECT ar.path FROM gateways g JOIN gateway_sites gs ON gs.gw = g.gw"
+                     " JOIN areas ar ON ar.id = gs.area_id"
+                     f" WHERE g.gw = ? AND {in_service('g.gw')}", (gw,))
+    return str(rows[0][0]) if rows else None
+
+
 async def visible_commands(app: FastAPI, sees: Callable[[str | None], bool] | None, *,
                            gw: str | None = None, state: str | None = None,
                            limit: int = 100) -> list[CommandOut]:
@@ -140,7 +151,10 @@ async def visible_commands(app: FastAPI, sees: Callable[[str | None], bool] | No
     list whichever brought it."""
     store = _service(app).store
     gw_in = None
-    if sees is not None:
+    if sees is not None and gw is not None:  # the console's 0.5 s feed: that gateway only
+        path = await app.state.storage.run(lambda: _listed_path_program(gw), write=False)
+        gw_in = [gw] if sees(path) else []
+    elif sees is not None:
         storage = app.state.storage
         paths = await storage.run(gateway_paths_program, write=False)
         gw_in = [g.gw for g in await storage.list_gateways() if sees(paths.get(g.gw))]

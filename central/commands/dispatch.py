@@ -15,6 +15,8 @@ dispatcher (`run()`, task `commands.dispatch`) publishes due commands on
 - again after central restarts, and every `resend_s` while the gateway stays silent about it,
 
 until the gateway reports `received`. Past `expires_at` central marks it `expired` itself.
+Just before it goes (`_still_due`) the dispatcher looks once more that it is still open and its
+gateway not retired: a retire cancels what it listed a moment ago.
 
 A `play_warning` for a gateway that is not on IP (its state offline, or online only on a radio
 bearer by a narrowband heartbeat) goes instead to the narrowband downlink when central has a
@@ -107,6 +109,7 @@ class CommandCounters(Counters):
     issued: int = 0
     published: int = 0
     publish_failures: int = 0
+    withheld: int = 0  # listed as due, then cancelled or its gateway retired before it went
     expired: int = 0
     reports: int = 0
     reports_applied: int = 0
@@ -368,11 +371,23 @@ class CommandService:
         except (CommandError, NarrowbandError, ValueError) as exc:
             log.error("command_unsignable", cmd_id=cmd.cmd_id, error=str(exc), via="radio")
             return
-        if not radio.offer(cmd.cmd_id, cmd.gw, signed):
+        if not await self._still_due(cmd) or not radio.offer(cmd.cmd_id, cmd.gw, signed):
             return  # queued already
         await self._audit_quietly(SYSTEM, "command.signed", f"command:{cmd.cmd_id}",
                                   {"gw": cmd.gw, "target": cmd.target, "via": "radio",
                                    "bearer": radio.bearer, "signed_ms": now})
+
+    async def _still_due(self, cmd: StoredCommand) -> bool:
+        """The last look before a command leaves: not cancelled, nor its gateway retired,
+        since `due` listed it (Mosquitto checks a revoked certificate only at connect)."""
+        try:
+            if await self.store.still_due(cmd.cmd_id):
+                return True
+            self.counters.withheld += 1
+            log.info("command_withheld", cmd_id=cmd.cmd_id, gw=cmd.gw)
+        except CommandStoreError as exc:
+            log.warning("command_due_failed", cmd_id=cmd.cmd_id, error=str(exc))
+        return False
 
     async def _publish(self, client: aiomqtt.Client, cmd: StoredCommand, now: int) -> None:
         try:
@@ -384,6 +399,8 @@ class CommandService:
         if not await self._audit_quietly(SYSTEM, "command.signed", f"command:{cmd.cmd_id}",
                                          {"gw": cmd.gw, "target": cmd.target,
                                           "attempt": cmd.sent_count + 1, "signed_ms": now}):
+            return
+        if not await self._still_due(cmd):
             return
         # A short timeout: aiomqtt does not wake a pending publish when the link drops.
         await client.publish(topics.down(cmd.gw, "cmd"), payload, qos=1,

@@ -18,6 +18,14 @@ A command to a safety-critical point (DESIGN.md §8) is stored with `approval = 
 and is not due (so never signed nor sent) until a second operator, not the one who issued it,
 approves it (`approve`); `issued_by` and `approved_by` name them.
 
+A retired gateway gets no new command, and none slips past a retire: `insert` refuses one
+(`GatewayRetiredError`, 409) in its own transaction, and the retire's `cancel_open` ends every
+open one. On SQLite the two transactions are serialized by the write lock; on PostgreSQL
+(READ COMMITTED: a row not yet committed is invisible to `cancel_open`) both take a per-gateway
+advisory lock, `insert` shared and `cancel_open` exclusive, so an insert that checked before
+the retire committed is committed (and cancelled) before `cancel_open` looks. The check reads
+`central.storage`'s `retired_gateways`: central opens its main storage first.
+
 A report naming a cmd_id central never issued (a forged or foreign command the gateway
 refused) gets a row with `origin = "gateway"`, so the duty officer sees it.
 
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +47,8 @@ import structlog
 
 from central import CentralError, DuplicateError
 from central.commands.schema import MIGRATIONS
+from central.identity.retire import GatewayRetiredError
+from central.storage.retire_schema import in_service
 from central.storage.side_store import SideStore
 from protocols.command_results import CommandResult, CommandState, Reason
 from protocols.errors import DetailedError
@@ -176,11 +187,18 @@ class CommandStore(SideStore):
     # --- writes -------------------------------------------------------------------------------
 
     async def insert(self, cmd: StoredCommand, *, now_ms: int | None = None) -> None:
-        """Store a newly issued command and its first history event."""
+        """Store a newly issued command and its first history event. Raises
+        `GatewayRetiredError` if its gateway is retired (checked in the same transaction, so a
+        retire between the caller's check and here cannot leave it open), or
+        `DuplicateCommandError`."""
         now = clock.now_ms() if now_ms is None else now_ms
 
-        def body() -> None:
+        def body() -> bool:
             with self._tx() as cur:
+                self._hold_gateway(cur, cmd.gw, exclusive=False)
+                if self._q(cur, "SELECT 1 FROM retired_gateways WHERE gw = ?",
+                           (cmd.gw,)).fetchone() is not None:
+                    return False
                 n = self._q(cur, f"INSERT INTO commands ({_COLS}) VALUES {_VALUES}"
                                  " ON CONFLICT (cmd_id) DO NOTHING",
                             (cmd.cmd_id, cmd.gw, cmd.kind, cmd.target, _json(cmd.args),
@@ -195,8 +213,18 @@ class CommandStore(SideStore):
                     detail += "; safety-critical: waits for a second operator's approval"
                 self._event(cur, cmd.cmd_id, now, str(cmd.state), SOURCE_CENTRAL, None,
                             detail, None, True, now)
+                return True
 
-        await self._call(body)
+        if not await self._call(body):
+            log.warning("command_refused_retired", cmd_id=cmd.cmd_id, gw=cmd.gw)
+            raise GatewayRetiredError(cmd.gw)
+
+    def _hold_gateway(self, cur: Any, gw: str, *, exclusive: bool) -> None:
+        """PostgreSQL: lock `gw` against a concurrent retire until the transaction ends (see
+        the module doc); SQLite's `BEGIN IMMEDIATE` serializes the writers already."""
+        if self.postgres:
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            self._q(cur, f"SELECT {fn}(?)", (zlib.crc32(f"fieldlink.central.gw:{gw}".encode()),))
 
     def _event(self, cur: Any, cmd_id: str, ts_ms: int, state: str, source: str,
                reason: str | None, detail: str | None, attrs: Mapping[str, Any] | None,
@@ -244,12 +272,14 @@ class CommandStore(SideStore):
         """Mark `expired` (not delivered, with `detail`) every pending/sent command of `gw`:
         the gateway was retired, nothing will take them. Returns them."""
         now = clock.now_ms() if now_ms is None else now_ms
-        return await self._expire_open("gw = ?", (gw,), detail, now)
+        return await self._expire_open("gw = ?", (gw,), detail, now, gw)
 
     async def _expire_open(self, where: str, params: tuple[Any, ...], detail: str,
-                           now: int) -> list[StoredCommand]:
+                           now: int, hold: str | None = None) -> list[StoredCommand]:
         def body() -> list[StoredCommand]:
             with self._tx() as cur:
+                if hold is not None:  # inserts that checked before the retire are in
+                    self._hold_gateway(cur, hold, exclusive=True)
                 rows = self._q(cur, f"SELECT {_COLS} FROM commands WHERE state IN (?, ?)"
                                     f" AND {where} ORDER BY cmd_id", (*_OPEN, *params)).fetchall()
                 out = []
@@ -362,6 +392,12 @@ class CommandStore(SideStore):
         if not rows:
             raise UnknownCommandError(cmd_id)
         return _command_row(rows[0])
+
+    async def still_due(self, cmd_id: str) -> bool:
+        """Whether the command is still open and its gateway in service: the dispatcher asks
+        just before it publishes, so a command listed before a retire does not go out after."""
+        return bool(await self._call(self._read, "SELECT 1 FROM commands WHERE cmd_id = ? AND"
+                                     f" state IN (?, ?) AND {in_service()}", (cmd_id, *_OPEN)))
 
     async def history(self, cmd_id: str) -> list[CommandEvent]:
         rows = await self._call(self._read, "SELECT ts_ms, state, source, reason, detail, attrs,"
