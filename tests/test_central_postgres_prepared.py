@@ -5,21 +5,16 @@ is called at T2."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from psycopg import AsyncConnection
 
-from central.storage import Storage, UnstorableValueError, open_storage
-from central.storage.postgres import _Prepared
-from central.storage.postgres_binary import register_dumpers
-from central.storage.postgres_write import write_latest
+from central.storage import Storage, UnstorableValueError
 from central.storage.program import Program, Sql
 from protocols import envelope as env
 from protocols.envelope import DataBatch, Record, RecordKind
-from tests.pg import backend, pg_schema
+from tests.pg import backend
 
 pytestmark = pytest.mark.postgres
 
@@ -114,57 +109,3 @@ async def test_a_value_staging_refuses_is_left_to_the_write(tmp_path: Path) -> N
         with pytest.raises(UnstorableValueError):
             await st.write_batches([bad], now_ms=T2)
         assert await _write(st, [_batch("gw-1", 21)], None) == 20
-
-
-class _PausedAfterUpdate:
-    """A real connection that stops after its first statement (the latest values' UPDATE)
-    until `go` is set: what a second worker's write does in between is then certain."""
-
-    def __init__(self, conn: AsyncConnection[Any]) -> None:
-        self.conn, self.paused, self.go = conn, asyncio.Event(), asyncio.Event()
-
-    async def execute(self, *args: Any) -> Any:
-        cur = await self.conn.execute(*args)
-        if not self.paused.is_set():
-            self.paused.set()
-            await self.go.wait()
-        return cur
-
-
-async def test_latest_values_written_beside_keep_the_newest_of_two_workers() -> None:
-    """Two workers' latest values for points that have none yet: the newer one finds no row
-    to update, the older one is inserted meanwhile, then the newer one's insert must replace
-    it (with DO NOTHING the older value would stay)."""
-    def batch(first: int, value: float) -> DataBatch:
-        return DataBatch(gw="gw-1", stream="s", records=tuple(
-            Record(s, RecordKind.TELEMETRY, T1 - 60_000 + s, f"d/p{s % 4}", value)
-            for s in range(first, first + 4)))
-
-    with pg_schema() as url:
-        async with open_storage(url) as st:
-            await st.write_batches([batch(1, 0.0)], now_ms=T1)  # the ids; latest at seq 1..4
-            await st.run(lambda: _clear_latest(), write=True)
-            newer = st.prepare_write([batch(9, 2.0)], now_ms=T1)
-            older = st.prepare_write([batch(5, 1.0)], now_ms=T1)
-            assert isinstance(newer, _Prepared) and isinstance(older, _Prepared)
-            async with await AsyncConnection.connect(url, autocommit=True) as a, \
-                    await AsyncConnection.connect(url, autocommit=True) as b:
-                register_dumpers(a)
-                register_dumpers(b)
-                paused = _PausedAfterUpdate(a)
-
-                async def write_newer() -> None:
-                    async with a.transaction():
-                        await write_latest(cast(Any, paused), newer.staged)
-
-                task = asyncio.create_task(write_newer())
-                await paused.paused.wait()
-                async with b.transaction():
-                    await write_latest(b, older.staged)
-                paused.go.set()
-                await task
-            assert {p.latest and p.latest.value for p in await st.latest_values("gw-1")} == {2.0}
-
-
-def _clear_latest() -> Program[None]:
-    yield Sql("DELETE FROM latest")

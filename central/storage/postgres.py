@@ -1,9 +1,8 @@
 """PostgreSQL backend (DESIGN.md §9): the same tables and semantics as SQLite, for several
 central workers sharing one database.
 
-Three connections: a writer (ingest, state, birth), a reader (the API), so reads never queue
-behind a large ingest transaction, and a second writer for the latest values of a write
-staged ahead (`_write_beside`). Each is used by one task at a time and reopened after the
+Two connections: a writer (ingest, state, birth) and a reader (the API), so reads never queue
+behind a large ingest transaction. Each is used by one task at a time and reopened after the
 server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
 `COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
 not `INSERT ... ON CONFLICT`), staged before the transaction where it can be
@@ -11,7 +10,7 @@ not `INSERT ... ON CONFLICT`), staged before the transaction where it can be
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
-seq), gateways by gw; then latest values by point, see `postgres_write`) and every
+seq), gateways by gw; then latest values, which the gateways' rows guard) and every
 transaction takes them in that phase order (the aggregate flush: pending rows by id, then
 buckets by (point, bucket)): two workers writing overlapping batches wait for each other (on
 the streams' or the gateways' rows) but never deadlock.
@@ -53,7 +52,7 @@ from central.storage.base import (
 )
 from central.storage.postgres_binary import register_dumpers
 from central.storage.postgres_schema import Conn, migrate
-from central.storage.postgres_write import StagedWrite, stage_write, write_latest, write_staged
+from central.storage.postgres_write import StagedWrite, stage_write, write_staged
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, to_jsonable
@@ -188,7 +187,6 @@ class PostgresStorage(Storage):
             {} if "application_name" in params else {"application_name": "fieldlink-central"})
         self._writer: _Link | None = None
         self._reader: _Link | None = None
-        self._latest: _Link | None = None  # the latest values beside a prepared write
         # (gw) -> {"device/point": point id}; only changed inside the writer's lock. A
         # rollback may take ids made in its transaction away: it empties the cache and counts
         # one more generation, so a write staged before it is staged again.
@@ -198,41 +196,36 @@ class PostgresStorage(Storage):
     # -- plumbing ------------------------------------------------------------------------------
 
     def _links(self) -> tuple[_Link, _Link]:
-        writer, reader, _ = self._all_links()
-        return writer, reader
-
-    def _all_links(self) -> tuple[_Link, _Link, _Link]:
-        if self._writer is None or self._reader is None or self._latest is None:
+        if self._writer is None or self._reader is None:
             raise StorageError("storage is not open")
-        return self._writer, self._reader, self._latest
+        return self._writer, self._reader
 
     async def open(self) -> None:
         if self._writer is not None:
             return
         # No JIT for the writer: its statements are short, and compiling a probe over many
         # runs (estimated, not found, to return rows) cost more than running it.
-        setup = ("SET synchronous_commit = on", "SET jit = off")
-        writer = _Link(self.url, "writer", setup, **self._connect_kwargs)
+        writer = _Link(self.url, "writer",
+                       ("SET synchronous_commit = on", "SET jit = off"),
+                       **self._connect_kwargs)
         reader = _Link(self.url, "reader", **self._connect_kwargs)
-        latest = _Link(self.url, "latest", setup, **self._connect_kwargs)
         try:
             async with writer.use() as conn:
                 version = await migrate(conn)
-            for link in (reader, latest):
-                async with link.use():
-                    pass
+            async with reader.use():
+                pass
         except BaseException as exc:
-            for link in (writer, reader, latest):
-                await link.close_conn()
+            await writer.close_conn()
+            await reader.close_conn()
             if isinstance(exc, psycopg.Error):
                 raise StorageError(f"cannot open {describe_url(self.url)}: {exc}") from exc
             raise
-        self._writer, self._reader, self._latest = writer, reader, latest
+        self._writer, self._reader = writer, reader
         log.info("db_opened", url=describe_url(self.url), version=version)
 
     async def close(self) -> None:
-        links = [x for x in (self._writer, self._reader, self._latest) if x is not None]
-        self._writer = self._reader = self._latest = None
+        links = [x for x in (self._writer, self._reader) if x is not None]
+        self._writer = self._reader = None
         self._point_ids.clear()
         for link in links:
             await link.close_conn()
@@ -315,48 +308,16 @@ class PostgresStorage(Storage):
         staged = (prepared.staged if isinstance(prepared, _Prepared)
                   and prepared.generation == self._ids_generation and prepared.covers(batches)
                   else None)
-        if staged is None:
-            results, changes = await self._transaction(lambda c: self._write(c, batches, now))
-        else:
-            results, changes = await self._write_beside(staged, now)
+        results, changes = await self._transaction(lambda c: self._write(c, batches, now, staged))
         log_changes(changes)
         return results
 
-    async def _write(self, conn: Conn, batches: Sequence[DataBatch],
-                     now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
-        await self._ids_for(conn, _points_named(batches))
-        staged = stage_write(batches, now, self._point_ids, self.time_policy, ahead=False)
+    async def _write(self, conn: Conn, batches: Sequence[DataBatch], now: int,
+                     staged: StagedWrite | None) -> tuple[list[WriteResult], list[AlarmChange]]:
+        if staged is None:
+            await self._ids_for(conn, _points_named(batches))
+            staged = stage_write(batches, now, self._point_ids, self.time_policy, ahead=False)
         return await write_staged(conn, staged, now, self.alarm_policy)
-
-    async def _write_beside(self, staged: StagedWrite,
-                            now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
-        """A prepared write, its latest values in a transaction of their own on another
-        connection, at the same time: the server moves them forward on a second core while
-        the first transaction COPYs the rows, and this returns (the acks go out) once both
-        committed. Every point id it names is committed already (`prepare_write`), so the
-        latest values may commit first; if the rows' transaction then fails, the batches are
-        not acked and come again, and a latest value that ran ahead of its row is the value
-        that row will have. The latest values are derived: a batch that comes again moves
-        them forward again, so one that failed alone costs nothing."""
-        _, _, beside = self._all_links()
-        latest = asyncio.create_task(self._latest_values(beside, staged))
-        try:
-            out = await self._transaction(
-                lambda c: write_staged(c, staged, now, self.alarm_policy, latest=False))
-        except BaseException:
-            latest.cancel()
-            await asyncio.wait((latest,))
-            raise
-        await latest
-        return out
-
-    @staticmethod
-    async def _latest_values(link: _Link, staged: StagedWrite) -> None:
-        try:
-            async with link.use() as conn, conn.transaction():
-                await write_latest(conn, staged)
-        except psycopg.Error as exc:
-            raise DatabaseWriteError(f"latest values rolled back: {exc}") from exc
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms

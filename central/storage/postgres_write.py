@@ -27,14 +27,10 @@ one (`central.storage.timecheck`), a held narrowband copy of an event by the ful
 (`central.storage.delivery`, which ignores seqs already counted). Row locks are taken in one
 phase order, each phase in key order: points, streams, readings and events (new keys, so no
 one waits for them; the held ones a correction updates), gateways, latest, alarms (the
-aggregates are written by a flush of their own: `central.storage.aggregates`). The latest
-values are written in this transaction, or (a write staged ahead) in one of their own beside
-it (`write_latest`), in point order; either way a value only moves forward, checked again on
-a row another transaction changed meanwhile, so concurrent writers keep the newest. Two
-workers' latest transactions over the same points could still deadlock if the planner visited
-the rows in different orders; PostgreSQL then rolls one back, and its batches are written
-again one by one (`central.ingest.subscriber`), their latest values in the write's own
-transaction after the gateway's row.
+aggregates are written by a flush of their own: `central.storage.aggregates`). A point
+belongs to one gateway and only this write sets latest values, so the gateway's row, locked
+before them, makes a transaction the only writer of its points' latest values: they need no
+order of their own.
 """
 
 from __future__ import annotations
@@ -93,19 +89,17 @@ _PROBE = ("WITH k AS (SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %
               " AND seq BETWEEN k.lo AND k.hi OFFSET 0) AS x" for t in ("readings", "events")))
 _PENDING = ("INSERT INTO agg_pending (pids, tss, vals, n, created_ms)"
             " VALUES (%b, %b, %b, %s, %s)")
-# Only a newer sample replaces the latest value, so backlog never hides fresher data; the
-# condition is checked again on a row another transaction changed meanwhile, so concurrent
-# writers of one point (`write_latest`) keep the newest. A plain UPDATE writes one row
+# Only a newer sample replaces the latest value, so backlog never hides fresher data.
+# The rows come in any order: the gateways' rows, locked first, make this transaction the
+# only writer of their points' latest values (module doc). A plain UPDATE writes one row
 # version per point; an upsert locks the row first, a second WAL record each. Points with no
-# latest value yet (the UPDATE found fewer rows than it was given) are upserted after it.
+# latest value yet (the UPDATE found fewer rows than it was given) are inserted after it.
 _LATEST = "unnest(%b::int8[], %b::int8[], %b::float8[], %b::text[])"
 _UPDATE_LATEST = ("UPDATE latest SET ts_ms = s.ts_ms, value = s.value, text = s.text"
                   f" FROM {_LATEST} AS s(point_id, ts_ms, value, text)"
                   " WHERE latest.point_id = s.point_id AND s.ts_ms > latest.ts_ms")
 _INSERT_LATEST = (f"INSERT INTO latest (point_id, ts_ms, value, text) SELECT * FROM {_LATEST}"
-                  " ORDER BY 1 ON CONFLICT (point_id) DO UPDATE SET ts_ms = excluded.ts_ms,"
-                  " value = excluded.value, text = excluded.text"
-                  " WHERE excluded.ts_ms > latest.ts_ms")
+                  " ON CONFLICT (point_id) DO NOTHING")
 _TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms)"
                    " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[]) ORDER BY 1"
                    " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
@@ -353,22 +347,15 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
 def _latest_params(pids: array[int], tss: array[int], nums: list[float | None],
                    texts: list[str | None]) -> tuple[Int8Array, Int8Array, Float8Array,
                                                      TextArray] | None:
-    """The staged latest values as the array parameters of `_UPDATE_LATEST`, in point order
-    (the order the rows are then usually locked in: module doc); None if none."""
-    if not pids:
-        return None
-    order = sorted(range(len(pids)), key=pids.__getitem__)
-    return (Int8Array.of(array("q", map(pids.__getitem__, order))),
-            Int8Array.of(array("q", map(tss.__getitem__, order))),
-            Float8Array.nullable(list(map(nums.__getitem__, order))),
-            TextArray.of(list(map(texts.__getitem__, order))))
+    """The staged latest values as the array parameters of `_UPDATE_LATEST`; None if none."""
+    return (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
+            TextArray.of(texts)) if pids else None
 
 
-async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples, now: int,
-                      latest: bool) -> None:
-    """The aggregates' new samples and the gateways' last contact (one round trip), then
-    with `latest` each point's latest value moved forward where the staged one is newer."""
-    staged = write.staged
+async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples, now: int) -> None:
+    """The aggregates' new samples, the gateways' last contact, then each point's latest
+    value moved forward where the staged one is newer: sent together, one round trip."""
+    staged, latest = write.staged, write.latest
     gws = sorted(staged.touched)
     async with conn.pipeline():
         if samples:
@@ -376,18 +363,9 @@ async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples, now: 
                                           Float8Array.of(samples.vals), len(samples), now))
         await conn.execute(_TOUCH_GATEWAYS,
                            (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
-    if latest:
-        await write_latest(conn, write)
-
-
-async def write_latest(conn: Conn, write: StagedWrite) -> None:
-    """Move each point's latest value forward where the staged one is newer: in the write's
-    transaction, or in one of its own beside it (`PostgresStorage.write_batches`)."""
-    if write.latest is None:
-        return
-    updated = await conn.execute(_UPDATE_LATEST, write.latest)
-    if updated.rowcount < write.latest_n:
-        await conn.execute(_INSERT_LATEST, write.latest)  # new points, or older values
+        updated = await conn.execute(_UPDATE_LATEST, latest) if latest else None
+    if updated is not None and updated.rowcount < write.latest_n:
+        await conn.execute(_INSERT_LATEST, latest)  # new points, or older values than held
 
 
 def stage_write(batches: Sequence[DataBatch], now: int,
@@ -404,10 +382,9 @@ def stage_write(batches: Sequence[DataBatch], now: int,
 
 
 async def write_staged(conn: Conn, write: StagedWrite, now: int, alarm_policy: AlarmPolicy,
-                       *, latest: bool = True) -> tuple[list[WriteResult], list[AlarmChange]]:
+                       ) -> tuple[list[WriteResult], list[AlarmChange]]:
     """Write a staged call in the caller's transaction; `now` is the write's time (the
-    streams', gateways' and alarms' times: a state stored just before must not be older).
-    `latest=False`: the caller writes the latest values itself (`write_latest`)."""
+    streams', gateways' and alarms' times: a state stored just before must not be older)."""
     batches, staged = write.batches, write.staged
     out = _Outcome.zeros(len(batches))
     # The streams first: their row locks make this transaction their only writer (module doc).
@@ -416,7 +393,7 @@ async def write_staged(conn: Conn, write: StagedWrite, now: int, alarm_policy: A
     for table, by_stream in staged.rows.items():
         if any(by_stream.values()) or (table == "readings" and staged.plain):
             await _write_table(conn, table, staged, held[table], batches, out, write.now)
-    await _write_tail(conn, write, out.samples, now, latest)
+    await _write_tail(conn, write, out.samples, now)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
