@@ -17,7 +17,6 @@ from central.config.settings import Settings
 from central.health.metrics import Metrics
 from central.ingest.subscriber import Ingest
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
-from central.storage.base import PreparedWrite
 from central.storage.sqlite import SqliteStorage
 from protocols import envelope as env
 from protocols import topics
@@ -266,11 +265,10 @@ class _PoisonedStorage(SqliteStorage):
     `gw-bad` fails and rolls back, as a poisoned batch would."""
 
     async def write_batches(self, batches: Sequence[env.DataBatch], *,
-                            now_ms: int | None = None,
-                            prepared: PreparedWrite | None = None) -> list[WriteResult]:
+                            now_ms: int | None = None) -> list[WriteResult]:
         if any(b.gw == "gw-bad" for b in batches):
             raise DatabaseWriteError("injected: gw-bad's batch is poisoned")
-        return await super().write_batches(batches, now_ms=now_ms, prepared=prepared)
+        return await super().write_batches(batches, now_ms=now_ms)
 
 
 async def test_pipelined_acks_name_only_committed_seqs(mosquitto: Mosquitto,

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from central.storage import Storage, WriteResult, open_storage, postgres, postgres_write
+from central.storage import Storage, WriteResult, open_storage, postgres_write
 from central.storage.program import Program, Sql
 from protocols import envelope as env
 from protocols.envelope import Birth, DataBatch, DeviceInfo, Flag, PointInfo, Record, RecordKind
@@ -94,14 +94,11 @@ def _state_program() -> Program[dict[str, Any]]:
     return out
 
 
-async def _play(st: Storage, calls: list[list[DataBatch]], prepare: bool = False,
-                ) -> tuple[list[WriteResult], dict[str, Any]]:
-    """Write `calls` one after another; with `prepare`, each staged first by `prepare_write`
-    as the ingest does (PostgreSQL stages ahead once it knows the points' ids)."""
+async def _play(st: Storage, calls: list[list[DataBatch]]) -> tuple[list[WriteResult],
+                                                                      dict[str, Any]]:
     results = []
     for call in calls:
-        prepared = st.prepare_write(call, now_ms=NOW) if prepare else None
-        results += await st.write_batches(call, now_ms=NOW, prepared=prepared)
+        results += await st.write_batches(call, now_ms=NOW)
     await st.flush_aggregates()
     state = await st.run(_state_program, write=False)
     # Sums in the order each backend adds the samples up: equal to the last few bits.
@@ -109,39 +106,20 @@ async def _play(st: Storage, calls: list[list[DataBatch]], prepare: bool = False
     return results, state
 
 
-@pytest.mark.parametrize("prepare", [False, True], ids=["staged-in-txn", "prepared"])
 @pytest.mark.parametrize("seed", range(6))
-async def test_column_write_ends_like_sqlite(seed: int, prepare: bool, tmp_path: Path,
+async def test_column_write_ends_like_sqlite(seed: int, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The same calls on both backends give the same per-batch counts and the same rows,
     latest values, held ranges and aggregates; nothing is stored twice; and the column path
-    really wrote some of it (else the record-by-record path would pass this alone).
-    `prepared`: PostgreSQL's calls staged before their transactions, and each staged once
-    (the write used what was prepared)."""
+    really wrote some of it (else the record-by-record path would pass this alone)."""
     copied: list[int] = []
     real_copy = postgres_write._copy_plain
-    stagings: list[int] = []
-    real_stage = postgres.stage_write
 
-    async def counting_copy(conn: Any, staged: Any, now: int) -> Any:
-        copied.append(sum(map(len, staged.plain.values())))
-        return await real_copy(conn, staged, now)
-
-    def counting_stage(batches: Any, *args: Any, **kw: Any) -> Any:
-        stagings.append(len(batches))
-        return real_stage(batches, *args, **kw)
-
-    prepared: list[object] = []
-    real_prepare = postgres.PostgresStorage.prepare_write
-
-    def counting_prepare(self: Any, batches: Any, **kw: Any) -> Any:
-        out = real_prepare(self, batches, **kw)
-        prepared.append(out)
-        return out
+    async def counting_copy(conn: Any, staged: Any, plain: Any, now: int) -> Any:
+        copied.append(len(plain))
+        return await real_copy(conn, staged, plain, now)
 
     monkeypatch.setattr(postgres_write, "_copy_plain", counting_copy)
-    monkeypatch.setattr(postgres, "stage_write", counting_stage)
-    monkeypatch.setattr(postgres.PostgresStorage, "prepare_write", counting_prepare)
     rng = random.Random(seed)
     sent: dict[tuple[str, str], int] = {}
     calls = []
@@ -153,15 +131,13 @@ async def test_column_write_ends_like_sqlite(seed: int, prepare: bool, tmp_path:
         calls.append(call)
     async with backend("sqlite", tmp_path) as (lite,), backend("postgres", tmp_path) as (pg,):
         want = await _play(lite, calls)
-        got = await _play(pg, calls, prepare)
+        got = await _play(pg, calls)
     assert got[0] == want[0]
     for table, rows in want[1].items():
         assert got[1][table] == rows, table
     keys = [r[:3] for r in got[1]["readings"]]
     assert len(keys) == len(set(keys))
     assert sum(copied) > 0, "no batch went the column path"
-    assert len(stagings) == len(calls), "a prepared call was staged again in its transaction"
-    assert any(p is not None for p in prepared) == prepare
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -40,7 +40,6 @@ from central.health.metrics import Metrics
 from central.ingest import broker
 from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
-from central.storage.base import PreparedWrite
 from protocols import topics
 from protocols.envelope import (
     VERSIONS,
@@ -228,8 +227,6 @@ class Ingest:
                 # batches.
                 await self._drain(messages, group, limit)
                 infos, batches = self.decode_group(group)
-                # Staged now, while the group before is written (the backend may do nothing).
-                prepared = self.storage.prepare_write(batches)
                 if storing is not None:
                     await storing  # raises what the previous group's store raised
                 if len(group) < limit and (wait := next_store - loop.time()) > 0:
@@ -237,11 +234,9 @@ class Ingest:
                     more = await self._drain(messages, [], limit - len(group))
                     more_infos, more_batches = self.decode_group(more)
                     infos += more_infos
-                    if more_batches:
-                        batches = [*batches, *more_batches]
-                        prepared = self.storage.prepare_write(batches)
+                    batches += more_batches
                 next_store = loop.time() + STORE_INTERVAL_MIN_S
-                storing = asyncio.create_task(self._store(client, infos, batches, prepared),
+                storing = asyncio.create_task(self._store(client, infos, batches),
                                               name="ingest.store")
         finally:
             # Cancelled (shutdown) or disconnected: a decoded group not yet written is
@@ -332,16 +327,15 @@ class Ingest:
                             error=str(first.error)[:300])
 
     async def _store(self, client: aiomqtt.Client, infos: list[Inbound],
-                     batches: list[DataBatch], prepared: PreparedWrite | None) -> None:
+                     batches: list[DataBatch]) -> None:
         """Write one decoded group, then ack what it committed."""
-        for b in await self.store_group(infos, batches, prepared):
+        for b in await self.store_group(infos, batches):
             self._ack(client, b)
 
-    async def store_group(self, infos: list[Inbound], batches: list[DataBatch],
-                          prepared: PreparedWrite | None = None) -> list[DataBatch]:
+    async def store_group(self, infos: list[Inbound],
+                          batches: list[DataBatch]) -> list[DataBatch]:
         """Write one decoded group (its states and births first, as they came); returns the
-        batches that may now be acked; `prepared` is the storage's `prepare_write(batches)`.
-        Raises nothing for bad input or a failed write."""
+        batches that may now be acked. Raises nothing for bad input or a failed write."""
         if self.gate is not None:  # a retired gateway's: refused, counted, not acked
             infos, batches = await self.gate.admit(infos, batches)
         if len(infos) > 1:
@@ -357,7 +351,7 @@ class Ingest:
                     self._info_stored(inbound)
         else:
             await self._store_infos(infos)
-        return await self._write(batches, prepared) if batches else []
+        return await self._write(batches) if batches else []
 
     async def _store_infos(self, infos: list[Inbound]) -> None:
         for inbound in infos:
@@ -382,11 +376,10 @@ class Ingest:
             if self.command_hooks is not None:  # commands wiring (§6)
                 self.command_hooks.gateway_up(inbound.gw)
 
-    async def _write(self, batches: list[DataBatch],
-                     prepared: PreparedWrite | None) -> list[DataBatch]:
+    async def _write(self, batches: list[DataBatch]) -> list[DataBatch]:
         started = time.monotonic()  # batch latency (metrics): the write transaction(s)
         try:
-            results = await self.storage.write_batches(batches, prepared=prepared)
+            results = await self.storage.write_batches(batches)
             written = batches
         except DatabaseWriteError as exc:
             # One poisoned batch must not hold back the good ones beside it: retry alone.

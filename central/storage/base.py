@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from operator import is_
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 from central import CentralError
 from central.alarms.lifecycle import AlarmPolicy
@@ -35,7 +35,6 @@ from central.storage.delivery import (
     delivery_program,
     summary_program,
 )
-from central.storage.openclose import OpenClose
 from central.storage.program import Program, Sql
 from central.storage.retire_schema import in_service
 from central.storage.timecheck import TimePolicy
@@ -109,17 +108,6 @@ class WriteResult:
     @property
     def duplicates(self) -> int:
         return self.received - self.inserted
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedWrite:
-    """What a backend did for `write_batches(batches)` ahead of it (`Storage.prepare_write`)."""
-
-    batches: Sequence[DataBatch]
-
-    def covers(self, batches: Sequence[DataBatch]) -> bool:
-        """True if `batches` are the very batches prepared (a caller may drop some first)."""
-        return len(batches) == len(self.batches) and all(map(is_, batches, self.batches))
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +299,24 @@ def record_state_program(gw: str, state: State, seen_ms: int | None) -> Program[
 # --- the interface ----------------------------------------------------------------------------
 
 
+class OpenClose(abc.ABC):
+    """A store used as an async context manager: `open()` on entry, `close()` on exit."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
 class Storage(OpenClose):
     """What central needs from a database. Implementations: `sqlite.SqliteStorage`,
     `postgres.PostgresStorage`."""
@@ -342,20 +348,15 @@ class Storage(OpenClose):
     async def ping(self) -> bool:
         """True when the database answers."""
 
-    def prepare_write(self, batches: Sequence[DataBatch], *,
-                      now_ms: int | None = None) -> PreparedWrite | None:
-        """Work for `write_batches(batches)` that needs no transaction, done now (while an
-        earlier write runs); None if the backend has none to do."""
-        return None
-
     @abc.abstractmethod
-    async def write_batches(self, batches: Sequence[DataBatch], *, now_ms: int | None = None,
-                            prepared: PreparedWrite | None = None) -> list[WriteResult]:
+    async def write_batches(self, batches: Sequence[DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
         """Write all `batches` in ONE transaction, deduplicated on (gw, stream, seq); a held
         narrowband copy of an event is replaced by its full record (`writes.merge_program`).
-        `prepared`: `prepare_write(batches)`'s (received at its `now_ms`). Returns one
-        `WriteResult` per batch, in order, once the transaction is durable. Raises
-        `DatabaseWriteError` after a rollback."""
+
+        Returns one `WriteResult` per batch, in order, once the transaction is durable.
+        Raises `DatabaseWriteError` after a rollback.
+        """
 
     async def record_state(self, gw: str, state: State, *, seen: bool = True,
                            now_ms: int | None = None) -> None:

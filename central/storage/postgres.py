@@ -5,8 +5,7 @@ Two connections: a writer (ingest, state, birth) and a reader (the API), so read
 behind a large ingest transaction. Each is used by one task at a time and reopened after the
 server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
 `COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
-not `INSERT ... ON CONFLICT`), staged before the transaction where it can be
-(`prepare_write`). Schema and migrations: `postgres_schema`.
+not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
@@ -29,7 +28,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -43,7 +41,6 @@ from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import pg_flush_program
 from central.storage.base import (
     DatabaseWriteError,
-    PreparedWrite,
     Storage,
     StorageError,
     UnstorableValueError,
@@ -52,7 +49,7 @@ from central.storage.base import (
 )
 from central.storage.postgres_binary import register_dumpers
 from central.storage.postgres_schema import Conn, migrate
-from central.storage.postgres_write import StagedWrite, stage_write, write_staged
+from central.storage.postgres_write import write_batches
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, to_jsonable
@@ -90,12 +87,6 @@ def _points_named(batches: Sequence[DataBatch]) -> dict[str, set[str]]:
     for names in keys.values():
         names.discard(None)
     return keys
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared(PreparedWrite):
-    generation: int  # the point-id cache's when staged (`PostgresStorage._ids_generation`)
-    staged: StagedWrite
 
 
 def _now_ms() -> int:
@@ -187,11 +178,8 @@ class PostgresStorage(Storage):
             {} if "application_name" in params else {"application_name": "fieldlink-central"})
         self._writer: _Link | None = None
         self._reader: _Link | None = None
-        # (gw) -> {"device/point": point id}; only changed inside the writer's lock. A
-        # rollback may take ids made in its transaction away: it empties the cache and counts
-        # one more generation, so a write staged before it is staged again.
+        # (gw) -> {"device/point": point id}; only touched inside the writer's lock.
         self._point_ids: dict[str, dict[str, int]] = {}
-        self._ids_generation = 0
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -245,7 +233,6 @@ class PostgresStorage(Storage):
                 return await body(conn)
         except BaseException as exc:
             self._point_ids.clear()  # ids made in the rolled-back transaction are gone
-            self._ids_generation += 1
             # Data errors (class 22: out of range, NUL in text, bad json) and what the driver
             # refuses to bind fail the same way again: the caller may isolate the bad record.
             if isinstance(exc, (psycopg.DataError, OverflowError, ValueError)):
@@ -280,44 +267,20 @@ class PostgresStorage(Storage):
 
     # -- writes --------------------------------------------------------------------------------
 
-    def prepare_write(self, batches: Sequence[DataBatch], *,
-                      now_ms: int | None = None) -> PreparedWrite | None:
-        """Stage `batches` now, outside any transaction, if every point they name has its id
-        cached: the ingest stages a group while the one before it is written, so that a
-        transaction holds the writer only for the database's work (`postgres_write`)."""
-        ids = self._point_ids
-        for gw, names in _points_named(batches).items():
-            known = ids.get(gw)
-            if known is None or not names.issubset(known.keys()):
-                return None
-        try:
-            staged = stage_write(batches, _now_ms() if now_ms is None else now_ms, ids,
-                                 self.time_policy, ahead=True)
-        except (ValueError, OverflowError, TypeError) as exc:
-            # A value the database would refuse too (the decoder lets none through): the
-            # write stages again in its transaction, which isolates the bad record.
-            log.warning("prepare_write_refused", batches=len(batches), error=str(exc)[:200])
-            return None
-        return _Prepared(staged.batches, self._ids_generation, staged)
-
-    async def write_batches(self, batches: Sequence[DataBatch], *, now_ms: int | None = None,
-                            prepared: PreparedWrite | None = None) -> list[WriteResult]:
+    async def write_batches(self, batches: Sequence[DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
         if not batches:
             return []
         now = _now_ms() if now_ms is None else now_ms
-        staged = (prepared.staged if isinstance(prepared, _Prepared)
-                  and prepared.generation == self._ids_generation and prepared.covers(batches)
-                  else None)
-        results, changes = await self._transaction(lambda c: self._write(c, batches, now, staged))
+        results, changes = await self._transaction(lambda c: self._write(c, batches, now))
         log_changes(changes)
         return results
 
-    async def _write(self, conn: Conn, batches: Sequence[DataBatch], now: int,
-                     staged: StagedWrite | None) -> tuple[list[WriteResult], list[AlarmChange]]:
-        if staged is None:
-            await self._ids_for(conn, _points_named(batches))
-            staged = stage_write(batches, now, self._point_ids, self.time_policy, ahead=False)
-        return await write_staged(conn, staged, now, self.alarm_policy)
+    async def _write(self, conn: Conn, batches: Sequence[DataBatch],
+                     now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
+        await self._ids_for(conn, _points_named(batches))
+        return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
+                                   self.time_policy)
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms

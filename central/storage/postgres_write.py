@@ -16,9 +16,6 @@ commit); the rest cannot collide and is COPYed in. The primary key still guards 
 collision would fail the write and roll it back (the batch comes again), never store a row
 twice. The usual batch, plain readings, is staged and COPYed column by column without a
 Python object per record (`central.storage.postgres_plain`); any other record by record.
-Staging needs nothing from the database but the point ids (`stage_write`), so the ingest
-stages a group while the group before it is still being written, and the transaction
-(`write_staged`) holds the writer only for the database's work.
 
 Only the new rows count as inserted and feed the aggregates' pending set
 (`central.storage.aggregates`); a held copy with a suspect time may be replaced by a corrected
@@ -35,8 +32,7 @@ order of their own.
 
 from __future__ import annotations
 
-from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,29 +119,14 @@ class _Staged:
     rows: dict[str, StagedRows] = field(default_factory=lambda: {"readings": {}, "events": {}})
     # Batches of plain readings still as columns, per (gw, stream) (`postgres_plain`).
     plain: dict[tuple[str, str], list[PlainReadings]] = field(default_factory=dict)
+    # Those whose latest values and samples are not staged yet (`_settle`), in call order.
+    unsettled: list[PlainReadings] = field(default_factory=list)
     latest: LatestValues = field(default_factory=LatestValues)
     touched: dict[str, str] = field(default_factory=dict)  # gw -> its current stream
     tally: StreamTally = field(default_factory=StreamTally)
     # The aggregates' samples, assuming every staged reading is new (the usual case).
     samples: tuple[list[int], list[int], list[float]] = field(
         default_factory=lambda: ([], [], []))
-    # The COPY data of `plain` (`_plain_copy`) when staged ahead of the transaction.
-    plain_copy: list[bytes] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StagedWrite:
-    """A call staged for its transaction (`stage_write`): every row sorted out and the
-    latest values' parameters built (ahead of the transaction, the COPY data too). Staging
-    needs nothing from the database but the point ids, so it can run before the
-    transaction, while an earlier one is still being written
-    (`central.storage.postgres.PostgresStorage.prepare_write`)."""
-
-    batches: tuple[DataBatch, ...]  # a copy: the caller's list may change after staging
-    now: int  # when staged: the rows' `received_ms` and the plausible times
-    staged: _Staged
-    latest: tuple[Int8Array, Int8Array, Float8Array, TextArray] | None
-    latest_n: int  # how many points have a latest value staged
 
 
 @dataclass(slots=True)
@@ -176,10 +157,11 @@ def _stage(batches: Sequence[DataBatch], point_ids: Mapping[str, Mapping[str, in
         plain = plain_readings(n, batch, point_ids[gw], lo, hi)
         if plain is not None and _apart(staged, plain, readings):
             staged.plain.setdefault((gw, stream), []).append(plain)
-            _add_plain(staged, plain)
+            staged.unsettled.append(plain)
             hold_plain(plain, staged.tally)
         else:
             _unplain(staged, (gw, stream), now)  # its rows first: the first copy stays
+            _settle(staged)  # the earlier batches' latest values first: the first one stays
             staged.latest.before_records(gw)
             stage_records(gw, stream, batch.records, point_ids[gw], lo, hi, now,
                           readings=readings, events=events, latest=staged.latest.records,
@@ -199,13 +181,16 @@ def _apart(staged: _Staged, plain: PlainReadings, readings: dict[int, Any]) -> b
             and not (readings and any(map(readings.__contains__, plain.seqs))))
 
 
-def _add_plain(staged: _Staged, p: PlainReadings) -> None:
-    """Stage the latest values and samples of a batch of plain readings."""
-    staged.latest.add_plain(p)
+def _settle(staged: _Staged) -> None:
+    """Stage the latest values and samples of the batches of plain readings that have not
+    staged them yet (put off so that the COPY of the rows need not wait for them)."""
     pids, tss, vals = staged.samples
-    pids.extend(p.pids)
-    tss.extend(p.tss)
-    vals.extend(p.values)
+    for p in staged.unsettled:
+        staged.latest.add_plain(p)
+        pids.extend(p.pids)
+        tss.extend(p.tss)
+        vals.extend(p.values)
+    staged.unsettled.clear()
 
 
 def _unplain(staged: _Staged, key: tuple[str, str], now: int) -> None:
@@ -228,7 +213,6 @@ async def _probe_held(conn: Conn, staged: _Staged, now: int) -> dict[str, Held]:
     if any(table == "readings" for table, *_ in found):
         for key in list(staged.plain):
             _unplain(staged, key, now)
-        staged.plain_copy = None
     for table, gw, stream, seq, flags in found:
         if seq in staged.rows[table].get((gw, stream), ()):  # not a refused record's seq
             held[table][(gw, stream, seq)] = flags
@@ -255,23 +239,18 @@ async def _copy_rows(conn: Conn, table: str, rows: Sequence[tuple[Any, ...]]) ->
                                       row[11]))
 
 
-async def _copy_plain(conn: Conn, staged: _Staged, now: int) -> None:
-    """Binary COPY of the batches of plain readings, their rows built column by column: by
-    `stage_write` ahead of the transaction, or here, batch by batch while the server takes
-    in the one before."""
+async def _copy_plain(conn: Conn, staged: _Staged, plain: Sequence[PlainReadings],
+                      now: int) -> None:
+    """Binary COPY of batches of plain readings, their rows built column by column and sent
+    batch by batch: the server takes one in while the next is built, and the latest values
+    are staged (`_settle`) while it takes in the last ones."""
     async with conn.cursor() as cur, cur.copy(
             f"COPY readings ({READING_COLS}) FROM STDIN (FORMAT BINARY)") as copy:
-        for part in staged.plain_copy or _plain_copy(staged, now):
-            await copy.write(part)
-
-
-def _plain_copy(staged: _Staged, now: int) -> Iterator[bytes]:
-    """The COPY data of every staged batch of plain readings, one part per batch."""
-    yield COPY_HEADER
-    for ps in staged.plain.values():
-        for p in ps:
-            yield p.copy_rows(now)
-    yield COPY_TRAILER
+        await copy.write(COPY_HEADER)
+        for p in plain:
+            await copy.write(p.copy_rows(now))
+        _settle(staged)
+        await copy.write(COPY_TRAILER)
 
 
 async def _merge_narrowband(conn: Conn, held: Held, mine: dict[tuple[str, str, int], Any],
@@ -322,10 +301,10 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
     """COPY one table's new rows in, then merge, correct and count what was already held."""
     by_stream = staged.rows[table]
     if table == "readings" and staged.plain:  # none if a reading is held (`_probe_held`)
-        await _copy_plain(conn, staged, now)
-        for ps in staged.plain.values():
-            for p in ps:
-                out.inserted[p.n] += len(p.seqs)
+        plain = [p for ps in staged.plain.values() for p in ps]
+        await _copy_plain(conn, staged, plain, now)
+        for p in plain:
+            out.inserted[p.n] += len(p.seqs)
     fresh = [row for rows in by_stream.values() for row in rows.values()]
     if held:
         fresh = [row for row in fresh if (row[1], row[2], row[3]) not in held]
@@ -341,59 +320,43 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
                if table == "events" else set())
     fixed = await _replace_suspect(conn, table, held, mine, done_nb, out)
     if table == "readings":
+        _settle(staged)
         _add_samples(out, staged.samples, fresh, fixed, held)
 
 
-def _latest_params(pids: array[int], tss: array[int], nums: list[float | None],
-                   texts: list[str | None]) -> tuple[Int8Array, Int8Array, Float8Array,
-                                                     TextArray] | None:
-    """The staged latest values as the array parameters of `_UPDATE_LATEST`; None if none."""
-    return (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
-            TextArray.of(texts)) if pids else None
-
-
-async def _write_tail(conn: Conn, write: StagedWrite, samples: AggSamples, now: int) -> None:
+async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int) -> None:
     """The aggregates' new samples, the gateways' last contact, then each point's latest
     value moved forward where the staged one is newer: sent together, one round trip."""
-    staged, latest = write.staged, write.latest
+    _settle(staged)  # if no reading was written
     gws = sorted(staged.touched)
+    pids, tss, nums, texts = staged.latest.columns()
+    latest = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
+              TextArray.of(texts))
     async with conn.pipeline():
         if samples:
             await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
                                           Float8Array.of(samples.vals), len(samples), now))
         await conn.execute(_TOUCH_GATEWAYS,
                            (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
-        updated = await conn.execute(_UPDATE_LATEST, latest) if latest else None
-    if updated is not None and updated.rowcount < write.latest_n:
+        updated = await conn.execute(_UPDATE_LATEST, latest) if pids else None
+    if updated is not None and updated.rowcount < len(pids):
         await conn.execute(_INSERT_LATEST, latest)  # new points, or older values than held
 
 
-def stage_write(batches: Sequence[DataBatch], now: int,
-                point_ids: Mapping[str, Mapping[str, int]], time_policy: TimePolicy, *,
-                ahead: bool) -> StagedWrite:
-    """Stage `batches` for `write_staged`; `point_ids` covers every point named. `ahead`
-    (of the transaction): build the COPY data now, else while it is sent."""
+async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
+                        point_ids: Mapping[str, Mapping[str, int]], alarm_policy: AlarmPolicy,
+                        time_policy: TimePolicy) -> tuple[list[WriteResult], list[AlarmChange]]:
+    """Write `batches` in the caller's transaction; `point_ids` covers every point named."""
     lo, hi = time_policy.bounds(now)
     staged = _stage(batches, point_ids, lo, hi, now)
-    if ahead and staged.plain:
-        staged.plain_copy = list(_plain_copy(staged, now))
-    cols = staged.latest.columns()
-    return StagedWrite(tuple(batches), now, staged, _latest_params(*cols), len(cols[0]))
-
-
-async def write_staged(conn: Conn, write: StagedWrite, now: int, alarm_policy: AlarmPolicy,
-                       ) -> tuple[list[WriteResult], list[AlarmChange]]:
-    """Write a staged call in the caller's transaction; `now` is the write's time (the
-    streams', gateways' and alarms' times: a state stored just before must not be older)."""
-    batches, staged = write.batches, write.staged
     out = _Outcome.zeros(len(batches))
     # The streams first: their row locks make this transaction their only writer (module doc).
     await run_async(conn, streams_program(staged.tally, now))
-    held = await _probe_held(conn, staged, write.now)
+    held = await _probe_held(conn, staged, now)
     for table, by_stream in staged.rows.items():
         if any(by_stream.values()) or (table == "readings" and staged.plain):
-            await _write_table(conn, table, staged, held[table], batches, out, write.now)
-    await _write_tail(conn, write, out.samples, now)
+            await _write_table(conn, table, staged, held[table], batches, out, now)
+    await _write_tail(conn, staged, out.samples, now)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import structlog
 
 from central import CentralError
-from central.storage.openclose import OpenClose
+from central.storage.base import OpenClose
 from runtime.sqlite import SqliteOwner
 
 log = structlog.get_logger(__name__)

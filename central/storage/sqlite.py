@@ -26,7 +26,6 @@ from central.storage.aggregates import AggSamples
 from central.storage.base import (
     DatabaseWriteError,
     GatewayInfo,
-    PreparedWrite,
     Storage,
     StorageError,
     UnstorableValueError,
@@ -247,8 +246,8 @@ class SqliteStorage(Storage):
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def write_batches(self, batches: Sequence[DataBatch], *, now_ms: int | None = None,
-                            prepared: PreparedWrite | None = None) -> list[WriteResult]:
+    async def write_batches(self, batches: Sequence[DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
         if not batches:
             return []
         now = _now_ms() if now_ms is None else now_ms
