@@ -95,8 +95,15 @@ def revoked_site(tmp_path: Path, tls_version: str | None, *, revoked: bool = Tru
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: AgentConfig, ob: Outbox) -> AsyncIterator[AgentRuntime]:
-    """The gateway's uplink and control socket, as the agent runs them."""
+async def running(site: Site) -> AsyncIterator[AgentRuntime]:
+    """The site's gateway: its outbox, uplink and control socket, as the agent runs them."""
+    cfg = load_config(site.config, check_profiles=False)
+    async with Outbox.open(cfg.outbox_path) as ob, _serving(cfg, ob) as runtime:
+        yield runtime
+
+
+@contextlib.asynccontextmanager
+async def _serving(cfg: AgentConfig, ob: Outbox) -> AsyncIterator[AgentRuntime]:
     up = Uplink(gw=GW, outbox=ob, mqtt=cfg.mqtt, boot_id="b", version="0",
                 birth=Birth(gw=GW, stream="", boot_id="", version=""))
     runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
@@ -121,26 +128,26 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path:
     certificate refusal (counted, none a path failure, so the full back-off), logs one
     WARNING naming the cause, and `status`, `doctor` and /metrics say so alike."""
     with revoked_site(tmp_path, "tlsv1.3") as site:
-        cfg = load_config(site.config, check_profiles=False)
-        async with Outbox.open(cfg.outbox_path) as ob:
-            with structlog.testing.capture_logs() as logs:
-                async with running(cfg, ob) as runtime:
-                    up = runtime.uplink
-                    assert up is not None
-                    await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
-                                "three refused attempts")
-                    assert up.session.path_failures == 0 and not up.connected, [
-                        e for e in logs if e.get("cause") == "path"]
-                    assert up.session.refused is Refusal.CERTIFICATE
-                    assert up.refused == {"cause": "certificate", "error": REFUSED}
-                    collector = AgentCollector()
-                    collector.snapshot = await take_snapshot(runtime)
-                    assert _refusal_counts(collector)["certificate"] >= 3
-                    assert _refusal_counts(collector)["connack"] == 0
-                    status = await asyncio.to_thread(
-                        CliRunner().invoke, edge_cli, ["status", "-c", str(site.config), "--json"])
-                    checks = {c.name: c for c in await asyncio.to_thread(run_checks, site.config)}
-            assert json.loads(await ob.get_meta("uplink_refused") or "{}") == up.refused
+        with structlog.testing.capture_logs() as logs:
+            async with running(site) as runtime:
+                up = runtime.uplink
+                assert up is not None
+                await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
+                            "three refused attempts")
+                assert up.session.path_failures == 0 and not up.connected, [
+                    e for e in logs if e.get("cause") == "path"]
+                assert up.session.refused is Refusal.CERTIFICATE
+                assert up.refused == {"cause": "certificate", "error": REFUSED}
+                collector = AgentCollector()
+                collector.snapshot = await take_snapshot(runtime)
+                assert _refusal_counts(collector)["certificate"] >= 3
+                assert _refusal_counts(collector)["connack"] == 0
+                status = await asyncio.to_thread(
+                    CliRunner().invoke, edge_cli, ["status", "-c", str(site.config), "--json"])
+                checks = {c.name: c for c in await asyncio.to_thread(run_checks, site.config)}
+                assert runtime.outbox is not None
+                saved = await runtime.outbox.get_meta("uplink_refused")
+            assert json.loads(saved or "{}") == up.refused
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout)["uplink"]["refused"] == up.refused
     broker = checks[f"broker 127.0.0.1:{site.broker.port}"]
@@ -161,17 +168,15 @@ async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back
     connection (one WARNING) and the refusal that follows is named in one more WARNING, not
     lost among the DEBUG retries; the refusals are counted as such."""
     with revoked_site(tmp_path, "tlsv1.3", revoked=False) as site:
-        cfg = load_config(site.config, check_profiles=False)
-        async with Outbox.open(cfg.outbox_path) as ob:
-            with structlog.testing.capture_logs() as logs:
-                async with running(cfg, ob) as runtime:
-                    up = runtime.uplink
-                    assert up is not None
-                    await until(lambda: up.connected, "connected before the revocation")
-                    await asyncio.to_thread(site.revoke)
-                    await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
-                                "three refused attempts")
-                    assert up.refused == {"cause": "certificate", "error": REFUSED}
+        with structlog.testing.capture_logs() as logs:
+            async with running(site) as runtime:
+                up = runtime.uplink
+                assert up is not None
+                await until(lambda: up.connected, "connected before the revocation")
+                await asyncio.to_thread(site.revoke)
+                await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
+                            "three refused attempts")
+                assert up.refused == {"cause": "certificate", "error": REFUSED}
     warnings = [(e["event"], e["cause"]) for e in logs if e["log_level"] == "warning"]
     assert warnings == [("mqtt_disconnected", "dropped"), ("mqtt_refused", "certificate")]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
@@ -195,8 +200,7 @@ async def test_an_alert_lost_to_a_reset_keeps_the_refusal(tmp_path: Path,
 
     monkeypatch.setattr(AlertCatcher, "log", lossy)
     with revoked_site(tmp_path, "tlsv1.3") as site:
-        cfg = load_config(site.config, check_profiles=False)
-        async with Outbox.open(cfg.outbox_path) as ob, running(cfg, ob) as runtime:
+        async with running(site) as runtime:
             up = runtime.uplink
             assert up is not None
             await until(lambda: len(reads) >= 8, "four alerts and four lost ones")
