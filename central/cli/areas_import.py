@@ -36,7 +36,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from central.areas.tree import KINDS, RANK, AreaLevel
 from central.cli import output
-from central.cli.operator import YesOpt, call, confirm, emit_json, err, out, show_table
+from central.cli.operator import call, confirm, emit_json, err, out, show_table
+from central.cli.options import YesOpt
 from central.cli.remote import Api, CliError
 
 COLUMNS = ("code", "name_zh", "level", "parent_code", "kind", "lat", "lon")

@@ -14,8 +14,6 @@ import typer
 
 from central.alarms.lifecycle import AckState
 from central.cli.operator import (
-    JsonOpt,
-    YesOpt,
     call,
     confirm,
     emit_json,
@@ -27,6 +25,7 @@ from central.cli.operator import (
     sub_app,
     when,
 )
+from central.cli.options import JsonOpt, YesOpt
 from central.cli.output import error, say
 from central.cli.remote import Api
 from protocols.command_results import CommandState

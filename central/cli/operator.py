@@ -20,7 +20,7 @@ from rich.console import Console
 
 from central.areas.tree import AreaLevel
 from central.cli import output
-from central.cli.options import JsonOpt
+from central.cli.options import JsonOpt, YesOpt
 from central.cli.output import when
 from central.cli.remote import (
     Api,
@@ -162,7 +162,6 @@ gateways_app = sub_app("gateways", "Gateways as central sees them: list, show, p
     "central gateways list", "central gateways show wh-qingshan-02 --json",
     "central gateways place wh-qingshan-02 420107-site-02",
     'central gateways retire wh-qingshan-02 --reason "replaced by wh-qingshan-05"'])
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the record (audited).")]
 
 

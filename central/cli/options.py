@@ -1,5 +1,5 @@
 """The typer options that several `central` command groups share, written once so that
-`--config`, `--db` and `--json` read and explain themselves the same in every group.
+`--config`, `--db`, `--json` and `--yes` read and explain themselves the same in every group.
 
 A module of its own, importing nothing of central, because `central.cli` registers the
 sub-apps (`central.identity.cli`, `central.identity.pki_cli`) that use these options: were
@@ -19,3 +19,4 @@ DbOpt = Annotated[str | None, typer.Option(
     "--db", help="Database URL: sqlite:///PATH (sqlite:////ABSOLUTE/PATH) or "
                  "postgresql://USER@HOST/DB.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]

@@ -12,8 +12,6 @@ from typing import Annotated, Any
 import typer
 
 from central.cli.operator import (
-    JsonOpt,
-    YesOpt,
     area_names,
     call,
     confirm,
@@ -26,6 +24,7 @@ from central.cli.operator import (
     sub_app,
     when,
 )
+from central.cli.options import JsonOpt, YesOpt
 from central.cli.output import say
 from central.cli.remote import Api
 from protocols.callresp import Level
