@@ -224,6 +224,7 @@ class Client(aiomqtt.Client):
             if isinstance(cause, ssl.SSLError) and (refusal := alert_error(cause)) is not None:
                 raise refusal from cause
             raise
+        self._alerts.listening = False  # connected: the packets' log lines need no look
         self._connected_after()
         return self
 

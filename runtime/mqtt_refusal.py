@@ -120,20 +120,23 @@ class AlertCatcher(logging.LoggerAdapter[logging.Logger]):
     """One attempt's client logger (see the module's docstring): every line goes on to
     `logger` as it came; the first TLS error among a line's arguments resolves `heard`, as a
     refusal or as a session closed without an alert (paho logs from aiomqtt's executor thread
-    as well as from the loop's)."""
+    as well as from the loop's). Only while an attempt waits for its CONNACK: once connected,
+    paho logs every packet through here, and nobody waits for `heard`."""
 
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logger)
         self._loop = asyncio.get_running_loop()
         self.heard: asyncio.Future[aiomqtt.MqttError] = self._loop.create_future()
+        self.listening = True
 
     def listen(self) -> asyncio.Future[aiomqtt.MqttError]:
         """A fresh `heard` for the next attempt (a client may connect again)."""
         self.heard = self._loop.create_future()
+        self.listening = True
         return self.heard
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        for arg in args:
+        for arg in args if self.listening else ():
             if isinstance(arg, ssl.SSLError):
                 error = alert_error(arg) or TlsClosedError(str(arg))
                 # paho's thread may log after the loop has closed (at shutdown): nobody waits.
