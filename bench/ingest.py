@@ -2,8 +2,8 @@
 
 Starts a private Mosquitto and `central serve` (a real process), plays several gateways that
 announce themselves with a birth (their 20 devices × 50 points), as an agent does on every
-connect before it sends data, and then publish `up/data` batches (envelope version 2 by default, as agents send to a central that
-announces it) and wait for central's `down/ack` (a window of batches in flight per gateway, as
+connect before it sends data, and then publish `up/data` batches (envelope version 2 by
+default, as agents send to a central that announces it) and wait for central's `down/ack` (a window of batches in flight per gateway, as
 the edge does), and times from the first publish to the last ack: the points are then
 committed at central. Checked before anything is printed: every gateway's acks name exactly the
 seqs it sent, and central's `readings` hold exactly the points sent.

@@ -120,9 +120,6 @@ class LatestValues:
         self._newest: dict[str, int] = {}  # the newest time in _times[gw]
         self._mixed: set[str] = set()
 
-    def __bool__(self) -> bool:
-        return bool(self.records or self._times)
-
     def add_plain(self, p: PlainReadings) -> None:
         """What `stage_records` adds for these readings, batch after batch in call order:
         each point's newest value, the first record on a tie."""

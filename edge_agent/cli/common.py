@@ -108,11 +108,13 @@ def fmt_bytes(n: int | float | None) -> str:
     if n is None:
         return "-"
     size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if abs(size) < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KiB", "MiB"):
         size /= 1024
-    raise AssertionError("unreachable")
+        if abs(size) < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GiB"
 
 
 STATE_COLOURS = {"ok": "green", "degraded": "yellow", "offline": "red", "disabled": "dim"}

@@ -280,7 +280,7 @@ class Uplink:
         except msgspec.DecodeError as exc:  # malformed JSON, or not a list of [first, last]
             log.warning("uplink_sent_unacked_malformed", error=str(exc))
             return
-        self.ledger.restore(merge_ranges((a, b) for a, b in ranges if 0 < a <= b))
+        self.ledger.restore(tuple((a, b) for a, b in ranges if 0 < a <= b))
         self._saved_sent = self.ledger.sent_unacked
 
     async def _save_sent(self) -> None:
