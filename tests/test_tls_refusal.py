@@ -166,7 +166,8 @@ async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back
         tmp_path: Path) -> None:
     """Connected, then revoked and the broker restarted: the outage starts as a dropped
     connection (one WARNING) and the refusal that follows is named in one more WARNING, not
-    lost among the DEBUG retries; the refusals are counted as such."""
+    lost among the DEBUG retries; the refusals are counted as such, and forgotten once a new
+    certificate connects."""
     with revoked_site(tmp_path, "tlsv1.3", revoked=False) as site:
         with structlog.testing.capture_logs() as logs:
             async with running(site) as runtime:
@@ -177,6 +178,15 @@ async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back
                 await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
                             "three refused attempts")
                 assert up.refused == {"cause": "certificate", "error": REFUSED}
+                assert runtime.outbox is not None
+                assert json.loads(await runtime.outbox.get_meta("uplink_refused") or "{}") \
+                    == up.refused
+                # Enrolled again: a new certificate in the same files; once connected the
+                # refusal is gone, from status and from the outbox alike.
+                await asyncio.to_thread(issue, site.ca, GW, site.cert, site.key)
+                await until(lambda: up.connected, "connected with the new certificate")
+                assert up.refused is None
+                assert await runtime.outbox.get_meta("uplink_refused") == ""
     warnings = [(e["event"], e["cause"]) for e in logs if e["log_level"] == "warning"]
     assert warnings == [("mqtt_disconnected", "dropped"), ("mqtt_refused", "certificate")]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
