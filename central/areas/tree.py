@@ -110,13 +110,26 @@ def area_program(area_id: int) -> Program[Area]:
     return _area(rows[0])
 
 
-def check_placement(code: str, level: AreaLevel, kind: str, parent: Area | None) -> None:
+def kind_problem(level: AreaLevel, kind: str) -> str | None:
+    """What is wrong with `kind` for an area of `level`; None if nothing."""
     if kind not in KINDS[level]:
-        raise AreaPlacementError(code, f"a {level} is one of {', '.join(KINDS[level])},"
-                                       f" not {kind!r}")
-    if parent is not None and RANK[level] <= RANK[parent.level]:
-        raise AreaPlacementError(code, f"a {level} cannot stand under a {parent.level}"
-                                       f" ({parent.code})")
+        return f"a {level} is one of {', '.join(KINDS[level])}, not {kind!r}"
+    return None
+
+
+def rank_problem(level: AreaLevel, parent_level: AreaLevel, parent_code: str) -> str | None:
+    """What is wrong with an area of `level` under that parent; None if nothing (a level
+    below the parent's, levels may be skipped)."""
+    if RANK[level] <= RANK[parent_level]:
+        return f"a {level} cannot stand under a {parent_level} ({parent_code})"
+    return None
+
+
+def check_placement(code: str, level: AreaLevel, kind: str, parent: Area | None) -> None:
+    problem = kind_problem(level, kind) or (
+        None if parent is None else rank_problem(level, parent.level, parent.code))
+    if problem is not None:
+        raise AreaPlacementError(code, problem)
 
 
 def create_program(parent_id: int | None, level: AreaLevel, code: str, name_zh: str,

@@ -34,7 +34,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from central.areas.tree import KINDS, RANK, AreaLevel
+from central.areas.tree import KINDS, RANK, AreaLevel, kind_problem, rank_problem
 from central.cli import output
 from central.cli.operator import call, confirm, emit_json, err, out, show_table
 from central.cli.options import YesOpt
@@ -155,8 +155,8 @@ def _row(line: int, cells: dict[str, str]) -> tuple[Row | None, list[str]]:
                        f"{', '.join(str(lv) for lv in AreaLevel)}")
         return None, reasons
     kind = cells["kind"].lower() or KINDS[level][0]
-    if kind not in KINDS[level]:
-        reasons.append(f"a {level} is one of {', '.join(KINDS[level])}, not {kind!r}")
+    if (problem := kind_problem(level, kind)) is not None:
+        reasons.append(problem)
     return Row(line, code, name, level, cells["parent_code"] or None, kind, position), reasons
 
 
@@ -256,9 +256,7 @@ def _placement(row: Row, rows: dict[str, Row], known: dict[str, Known],
         if row.parent_code in bad:
             return None  # the parent's own line says what is wrong with it
         return f"unknown parent {row.parent_code!r} (not in the file nor in central)"
-    if RANK[row.level] <= RANK[parent.level]:
-        return f"a {row.level} cannot stand under a {parent.level} ({row.parent_code})"
-    return None
+    return rank_problem(row.level, parent.level, row.parent_code)
 
 
 # --- central's side ---------------------------------------------------------------------------
