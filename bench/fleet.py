@@ -38,7 +38,6 @@ import resource
 import selectors
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
 import paho.mqtt.client as mqtt
-from _common import emit, proc_cpu_s
+from _common import central_counters, emit, proc_cpu_s
 
 from tests.fakegw import FakeGateway
 from tests.fleet import Central
@@ -297,17 +296,10 @@ def central_metrics(worker: Central, names: tuple[str, ...]) -> dict[str, int]:
     """Counters of one worker from one scrape (-1 each when it fails): the scrape costs
     central CPU inside the window, so it is made once per snapshot."""
     try:
-        req = urllib.request.Request(f"{worker.base_url}/metrics",
-                                     headers=worker.auth_headers())  # /metrics needs a user
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            text = resp.read().decode()
+        got = central_counters(worker, names, timeout=5)
     except OSError:
-        return dict.fromkeys(names, -1)
-    out = {}
-    for name in names:
-        m = re.search(rf"^fieldlink_central_{name} (\d+)", text, re.M)
-        out[name] = int(m.group(1)) if m else -1
-    return out
+        got = {}
+    return {name: int(got.get(name, -1)) for name in names}
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:

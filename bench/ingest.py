@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sqlite3
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,7 +40,7 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repo on sys.path)
 import paho.mqtt.client as mqtt
 import psycopg
-from _common import emit
+from _common import central_counters, emit
 
 from protocols import envelope as env
 from protocols import topics
@@ -162,14 +160,7 @@ def raw_insert_rate(path: Path, batches: list[env.DataBatch], synchronous: str,
     return total / elapsed
 
 
-def central_counters(central: Central) -> dict[str, float]:
-    """Central's ingest counters from its /metrics (batches_total, commits_total,
-    births_total)."""
-    req = urllib.request.Request(f"{central.base_url}/metrics", headers=central.auth_headers())
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        text = resp.read().decode()
-    return {name: float(m.group(1)) for name in ("batches_total", "commits_total", "births_total")
-            if (m := re.search(rf"^fieldlink_central_{name} (\S+)$", text, re.M))}
+_COUNTERS = ("batches_total", "commits_total", "births_total")
 
 
 def stored_rows(central: Central, db_url: str | None) -> int:
@@ -288,7 +279,7 @@ def main() -> None:
             if args.births:
                 for g in gws:
                     g.announce(make_birth(g.gw, plans[g.gw][0].stream))
-                wait_for(lambda: central_counters(central).get("births_total", 0) >= len(gws),
+                wait_for(lambda: central_counters(central, _COUNTERS).get("births_total", 0) >= len(gws),
                          timeout=30, what="births stored")
             if postgres:
                 checkpoint(args.pg_url)
@@ -306,7 +297,7 @@ def main() -> None:
             stored = stored_rows(central, db_url)
             if stored != total:
                 raise SystemExit(f"central holds {stored} readings, {total} were sent")
-            counters = central_counters(central)
+            counters = central_counters(central, _COUNTERS)
             per_commit = max(1, round(counters["batches_total"] / counters["commits_total"]))
         finally:
             central.stop()

@@ -39,8 +39,11 @@ def start_broker(ca: CertificateAuthority, folder: Path, tls_version: str | None
                                 bind="127.0.0.1", central_port=free_port(),
                                 user="root" if os.geteuid() == 0 else None)
     if tls_version is not None:
-        files.conf.write_text(files.conf.read_text().replace(
-            "require_certificate true\n", f"require_certificate true\ntls_version {tls_version}\n"))
+        conf = files.conf.read_text()
+        held = conf.replace("require_certificate true\n",
+                            f"require_certificate true\ntls_version {tls_version}\n")
+        assert held != conf, "the broker config has no `require_certificate true` line to hold"
+        files.conf.write_text(held)
     (folder / "mq").mkdir()
     broker = Mosquitto(folder / "mq", port=port)
     broker.conf = files.conf
