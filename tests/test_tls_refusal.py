@@ -41,7 +41,7 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.uplink.link import Uplink
 from protocols.envelope import Birth
 from runtime.mqtt import Client, client_tls_context
-from runtime.mqtt_refusal import AlertCatcher, CertificateRefusedError, Refusal
+from runtime.mqtt_refusal import AlertCatcher, CertificateRefusedError, Refusal, TlsClosedError
 from tests.helpers import Mosquitto, until
 from tests.mtls import issue, start_broker
 
@@ -234,23 +234,31 @@ async def test_an_attempt_with_a_refused_certificate_fails_at_once_as_a_refusal(
         client_max: ssl.TLSVersion | None, alert: str) -> None:
     """A revoked or untrusted certificate fails the attempt with `CertificateRefusedError`
     naming the alert, whether TLS 1.3 reports it after the handshake or TLS 1.2 in it (not
-    with "no CONNACK" at the end of its CONNACK timeout)."""
+    with "no CONNACK" at the end of its CONNACK timeout). Under TLS 1.3 the broker may close
+    before our read takes its alert in (seen under load): such an attempt fails at once as
+    `TlsClosedError`, and the next one names the alert."""
     with revoked_site(tmp_path, tls_version) as site:
         cert, key = (site.cert, site.key) if case == "revoked" else _rogue(tmp_path)
         ctx = client_tls_context(site.ca.cert_path, cert, key)
         if client_max is not None:
             ctx.maximum_version = client_max
-        client: Any = Client("127.0.0.1", site.broker.port, identifier=GW, tls_context=ctx,
-                             timeout=5, connect_timeout=5)
-        with pytest.raises(CertificateRefusedError) as info:
-            async with client:
-                pass
+        refused: CertificateRefusedError | None = None
+        for _attempt in range(5):
+            client: Any = Client("127.0.0.1", site.broker.port, identifier=GW,
+                                 tls_context=ctx, timeout=5, connect_timeout=5)
+            with pytest.raises((CertificateRefusedError, TlsClosedError)) as info:
+                async with client:
+                    pass
+            if isinstance(info.value, CertificateRefusedError):
+                refused = info.value
+                break
         with warnings.catch_warnings():
             # paho 2.2 leaves the socket of a failed handshake (TLS 1.2) open for the
             # collector: its _ssl_wrap_socket does not close it when do_handshake raises.
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
-    assert info.value.alert == alert
+    assert refused is not None, "five attempts and not one heard the alert"
+    assert refused.alert == alert
 
 
 async def test_central_ingest_counts_a_refused_certificate(tmp_path: Path) -> None:
