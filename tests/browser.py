@@ -91,6 +91,13 @@ def requested_urls(driver: webdriver.Chrome) -> list[str]:
     return urls
 
 
+def texts(driver: webdriver.Chrome, css: str) -> list[str]:
+    """The text of each element `css` matches, read in one script: an element the page
+    redraws between finding it and reading it cannot go stale in between."""
+    return list(driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText)", css))
+
+
 def viewport(driver: webdriver.Chrome, width: int, height: int) -> None:
     """The page's own size, exactly (a window's size includes its frame)."""
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {

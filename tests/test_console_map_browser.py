@@ -23,7 +23,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from central.storage import open_storage
 from protocols import envelope as env
 from protocols import topics
-from tests.browser import OFFLINE, chromium, console_login, viewport
+from tests.browser import OFFLINE, chromium, console_login, texts, viewport
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
 from tests.identity import PASSWORD, cli_user
@@ -301,10 +301,9 @@ def test_alarm_reaches_map_and_desk_stays_until_acked_and_outage_shows(
             text = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, item).text)
             assert "北斗短报文" in text and "青山区" in text
             click(driver, f"{item} a")
-            stale = wait.until(lambda d: d.find_elements(
-                By.CSS_SELECTOR, f'section[data-gw="{QINGSHAN}"] tr.stale'))
-            assert "已过时" in stale[0].text and "12.50" in stale[0].text
-            page = driver.find_element(By.CSS_SELECTOR, f'section[data-gw="{QINGSHAN}"]').text
+            stale = wait.until(lambda d: texts(d, f'section[data-gw="{QINGSHAN}"] tr.stale'))
+            assert "已过时" in stale[0] and "12.50" in stale[0]
+            (page,) = texts(driver, f'section[data-gw="{QINGSHAN}"]')
             assert "传感器状态" in page and "预热 (1)" in page  # an enum point by its label
 
             # A narrow window still shows the map, the counts and the desk.
