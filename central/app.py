@@ -145,7 +145,8 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
     s.settings, s.metrics = settings, Metrics()
     s.storage = storage = await stack.enter_async_context(open_storage(
         settings.db_url, alarm_policy=policy_from(settings),  # alarms wiring (§7)
-        time_policy=time_policy_from(settings)))
+        time_policy=time_policy_from(settings),
+        latest_interval_s=settings.pg_latest_interval_s))
     # --- identity wiring (DESIGN.md §8): the audit log, users and sessions.
     s.audit = audit = AuditLog(storage)
     s.accounts = Accounts(storage, audit, counters=counters, idle_s=settings.session_idle_s,

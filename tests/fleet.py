@@ -149,7 +149,8 @@ class Central(Child):
     """`central serve` on a SQLite file, talking to the given broker."""
 
     def __init__(self, workdir: Path, broker_port: int, db_url: str | None = None,
-                 name: str = "central", extra_args: Sequence[str] = ()) -> None:
+                 name: str = "central", extra_args: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         self.db_path = workdir / f"{name}.db"
         self.db_url = db_url or f"sqlite:///{self.db_path}"
         self.http_port = free_port()
@@ -160,6 +161,7 @@ class Central(Child):
         shared = {} if self.db_url.startswith("sqlite:") else {
             "FIELDLINK_CENTRAL_PKI_DIR": str(workdir.resolve() / "pki"),
             "FIELDLINK_CENTRAL_COMMAND_KEY_PATH": str(workdir.resolve() / "command-key.pem")}
+        shared.update(env or {})
         super().__init__(name, [sys.executable, "-m", "central", "serve", "--db", self.db_url,
                                 "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker_port),
                                 "--http-port", str(self.http_port), *extra_args], workdir,

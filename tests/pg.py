@@ -66,8 +66,11 @@ def database_url(kind: str, tmp_path: Path, prefix: str = "fl_test") -> Iterator
 
 
 @contextlib.asynccontextmanager
-async def backend(kind: str, tmp_path: Path, n: int = 1) -> AsyncIterator[list[Storage]]:
-    """`n` storage instances (separate connections) on one new database of `kind`."""
+async def backend(kind: str, tmp_path: Path, n: int = 1,
+                  latest_interval_s: float | None = None) -> AsyncIterator[list[Storage]]:
+    """`n` storage instances (separate connections) on one new database of `kind`;
+    `latest_interval_s` as `open_storage` takes it."""
     async with contextlib.AsyncExitStack() as stack:
         url = stack.enter_context(database_url(kind, tmp_path))
-        yield [await stack.enter_async_context(open_storage(url)) for _ in range(n)]
+        yield [await stack.enter_async_context(
+            open_storage(url, latest_interval_s=latest_interval_s)) for _ in range(n)]

@@ -87,6 +87,11 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     db_url: str = Field(default="sqlite:///./central.db", description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB[?options=-csearch_path%3DSCHEMA]")
+    pg_latest_interval_s: float = Field(
+        default=0.5, ge=0, le=60,
+        description="PostgreSQL: seconds a worker may hold latest values before writing them"
+                    " (0: in each ingest transaction); another worker's readers see them this"
+                    " late at most")
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(default=1883, ge=1, le=65535)
     mqtt_client_id: str = Field(default="fieldlink-central", min_length=1, max_length=64)

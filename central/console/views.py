@@ -230,6 +230,7 @@ async def build_desk(app: FastAPI, view: View) -> DeskOut:
                                                 a.ack_state == AckState.ACKNOWLEDGED,
                                                 -a.severity, -a.raised_ms, -a.id))
     ids = [a.id for a in rows]
+    await storage.settle_latest()
     current = await storage.run(lambda: current_program(ids), write=False)
     raised = await storage.run(lambda: raised_values_program(ids), write=False)
     return DeskOut(now_ms=now_ms(), area=view.area, alarms=[

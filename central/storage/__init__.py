@@ -57,12 +57,15 @@ __all__ = [
 
 
 def open_storage(url: str, *, alarm_policy: AlarmPolicy | None = None,
-                 time_policy: TimePolicy | None = None) -> Storage:
+                 time_policy: TimePolicy | None = None,
+                 latest_interval_s: float | None = None) -> Storage:
     """A backend for `url` (not yet open: use `async with` or `await storage.open()`), applying
     `alarm_policy` and `time_policy` (defaults: `AlarmPolicy()`, `TimePolicy()`) as it writes.
 
     `sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `sqlite:///:memory:`;
-    `postgresql://user@host:port/db` (or `postgres://`), schema via `?options=-csearch_path%3DS`.
+    `postgresql://user@host:port/db` (or `postgres://`), schema via `?options=-csearch_path%3DS`;
+    `latest_interval_s`: how long PostgreSQL may hold latest values back (its default if None;
+    `central.storage.postgres_latest`).
     """
     if url.startswith("sqlite:///"):
         from central.storage.sqlite import SqliteStorage
@@ -70,9 +73,11 @@ def open_storage(url: str, *, alarm_policy: AlarmPolicy | None = None,
         return SqliteStorage(url.removeprefix("sqlite:///"), alarm_policy=alarm_policy,
                              time_policy=time_policy)
     if url.startswith(("postgresql://", "postgres://")):
-        from central.storage.postgres import PostgresStorage
+        from central.storage.postgres import LATEST_INTERVAL_S, PostgresStorage
 
-        return PostgresStorage(url, alarm_policy=alarm_policy, time_policy=time_policy)
+        return PostgresStorage(url, alarm_policy=alarm_policy, time_policy=time_policy,
+                               latest_interval_s=LATEST_INTERVAL_S if latest_interval_s is None
+                               else latest_interval_s)
     raise UnsupportedDatabaseError(url)
 
 

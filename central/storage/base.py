@@ -391,13 +391,20 @@ class Storage(OpenClose):
         """Raises `UnknownGatewayError`."""
         return await self.run(lambda: devices_program(gw), write=False)
 
+    async def settle_latest(self) -> None:
+        """Write the latest values this process holds back (PostgreSQL's
+        `central.storage.postgres_latest`); a read of latest values calls it first. SQLite
+        writes them with their readings."""
+
     async def device_points(self, device_ref: str) -> list[Point]:
         """Points of a device with their latest values; raises `UnknownDeviceError`."""
         gw, device = parse_device_ref(device_ref)
+        await self.settle_latest()
         return await self.run(lambda: device_points_program(device_ref, gw, device), write=False)
 
     async def latest_values(self, gw: str) -> list[Point]:
         """Every point of a gateway with its latest value; raises `UnknownGatewayError`."""
+        await self.settle_latest()
         return await self.run(lambda: latest_values_program(gw), write=False)
 
     async def series(self, point_ref: str, from_ms: int, to_ms: int, limit: int) -> list[Sample]:

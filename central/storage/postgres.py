@@ -38,6 +38,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from central.alarms.engine import log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
+from central.storage import postgres_latest
 from central.storage.aggregates import pg_flush_program
 from central.storage.base import (
     DatabaseWriteError,
@@ -48,6 +49,7 @@ from central.storage.base import (
     split_key,
 )
 from central.storage.postgres_binary import register_dumpers
+from central.storage.postgres_latest import LatestColumns, PendingLatest
 from central.storage.postgres_schema import Conn, migrate
 from central.storage.postgres_write import write_batches
 from central.storage.program import Program, run_async
@@ -56,6 +58,10 @@ from protocols.envelope import Birth, DataBatch, to_jsonable
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+# How long a worker may hold latest values before writing them (`postgres_latest`); 0 writes
+# them in each ingest transaction.
+LATEST_INTERVAL_S = 0.5
 
 # --- SQL --------------------------------------------------------------------------------------
 
@@ -166,7 +172,8 @@ class PostgresStorage(Storage):
     _flush_program = staticmethod(pg_flush_program)
 
     def __init__(self, url: str, *, alarm_policy: AlarmPolicy | None = None,
-                 time_policy: TimePolicy | None = None) -> None:
+                 time_policy: TimePolicy | None = None,
+                 latest_interval_s: float = LATEST_INTERVAL_S) -> None:
         super().__init__(alarm_policy=alarm_policy, time_policy=time_policy)
         try:
             params = conninfo_to_dict(url)
@@ -180,6 +187,12 @@ class PostgresStorage(Storage):
         self._reader: _Link | None = None
         # (gw) -> {"device/point": point id}; only touched inside the writer's lock.
         self._point_ids: dict[str, dict[str, int]] = {}
+        # Latest values committed but not written yet, unless the interval is 0
+        # (`postgres_latest`); the task that writes them every interval.
+        self.latest_interval_s = latest_interval_s
+        self._token = postgres_latest.new_token()
+        self._pending = PendingLatest()
+        self._latest_task: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -194,7 +207,8 @@ class PostgresStorage(Storage):
         # No JIT for the writer: its statements are short, and compiling a probe over many
         # runs (estimated, not found, to return rows) cost more than running it.
         writer = _Link(self.url, "writer",
-                       ("SET synchronous_commit = on", "SET jit = off"),
+                       ("SET synchronous_commit = on", "SET jit = off",
+                        postgres_latest.token_lock(self._token)),
                        **self._connect_kwargs)
         reader = _Link(self.url, "reader", **self._connect_kwargs)
         try:
@@ -210,8 +224,20 @@ class PostgresStorage(Storage):
             raise
         self._writer, self._reader = writer, reader
         log.info("db_opened", url=describe_url(self.url), version=version)
+        await self.repair_latest()
+        if self.latest_interval_s > 0:
+            self._latest_task = asyncio.create_task(self._write_latest_every_interval(),
+                                                    name="pg-latest")
 
     async def close(self) -> None:
+        if self._latest_task is not None:
+            self._latest_task.cancel()
+            await asyncio.gather(self._latest_task, return_exceptions=True)
+            self._latest_task = None
+            try:
+                await self.settle_latest()
+            except StorageError as exc:  # marked: the next worker to open repairs them
+                log.warning("latest_values_left", points=len(self._pending), error=str(exc))
         links = [x for x in (self._writer, self._reader) if x is not None]
         self._writer = self._reader = None
         self._point_ids.clear()
@@ -272,15 +298,60 @@ class PostgresStorage(Storage):
         if not batches:
             return []
         now = _now_ms() if now_ms is None else now_ms
-        results, changes = await self._transaction(lambda c: self._write(c, batches, now))
+        results, changes, latest = await self._transaction(
+            lambda c: self._write(c, batches, now))
+        if latest is not None:  # committed: now they are owed
+            self._pending.add(latest, {b.gw for b in batches}, now)
         log_changes(changes)
         return results
 
-    async def _write(self, conn: Conn, batches: Sequence[DataBatch],
-                     now: int) -> tuple[list[WriteResult], list[AlarmChange]]:
+    async def _write(self, conn: Conn, batches: Sequence[DataBatch], now: int,
+                     ) -> tuple[list[WriteResult], list[AlarmChange], LatestColumns | None]:
         await self._ids_for(conn, _points_named(batches))
         return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
-                                   self.time_policy)
+                                   self.time_policy,
+                                   defer_latest=self._token if self._latest_task else None)
+
+    async def settle_latest(self) -> None:
+        """Write the latest values this worker holds (`postgres_latest`); on failure they
+        stay held for the next try."""
+        if not self._pending:
+            return
+        taken = self._pending.take()
+        try:
+            await self._transaction(lambda c: postgres_latest.flush(c, taken, self._token))
+        except BaseException:
+            self._pending.put_back(taken)
+            raise
+
+    async def repair_latest(self) -> list[str]:
+        """Move forward the latest values a dead worker owed (`postgres_latest`); returns the
+        gateways repaired."""
+        repaired = await self._transaction(postgres_latest.repair)
+        if repaired:
+            log.warning("latest_values_repaired", gateways=len(repaired), first=repaired[0],
+                        why="a worker stopped before writing the latest values it held")
+        return repaired
+
+    async def _write_latest_every_interval(self) -> None:
+        failing = False
+        repaired_at = time.monotonic()
+        while True:
+            await asyncio.sleep(self.latest_interval_s)
+            try:
+                await self.settle_latest()
+                if time.monotonic() - repaired_at >= postgres_latest.REPAIR_EVERY_S:
+                    await self.repair_latest()
+                    repaired_at = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - a flush failing must not end the task
+                if not failing:  # once per outage; the values stay held meanwhile
+                    log.warning("latest_values_unwritten", points=len(self._pending),
+                                error=str(exc))
+                failing = True
+            else:
+                if failing:
+                    log.info("latest_values_written_again", points=len(self._pending))
+                failing = False
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms

@@ -86,6 +86,13 @@ async def m007_retired_gateways(conn: Conn) -> None:
         await conn.execute(sql)
 
 
+@migration
+async def m008_latest_due(conn: Conn) -> None:
+    # Set by a write that left its latest values pending (central.storage.postgres_latest).
+    await conn.execute("ALTER TABLE gateways ADD COLUMN latest_due_ms BIGINT,"
+                       " ADD COLUMN latest_due_by INTEGER")
+
+
 def migration_lock_key(schema: str) -> int:
     """The advisory lock key for migrating `schema` (one lock per schema, not per database)."""
     return zlib.crc32(f"fieldlink.central.migrate:{schema}".encode())

@@ -25,9 +25,10 @@ one (`central.storage.timecheck`), a held narrowband copy of an event by the ful
 phase order, each phase in key order: points, streams, readings and events (new keys, so no
 one waits for them; the held ones a correction updates), gateways, latest, alarms (the
 aggregates are written by a flush of their own: `central.storage.aggregates`). A point
-belongs to one gateway and only this write sets latest values, so the gateway's row, locked
-before them, makes a transaction the only writer of its points' latest values: they need no
-order of their own.
+belongs to one gateway and only a holder of its gateway's row sets its latest value (this
+write, or `central.storage.postgres_latest`'s flush of the values a write left pending), so
+the gateway's row, locked before them, makes a transaction the only writer of its points'
+latest values: they need no order of their own.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from central.storage.postgres_binary import (
     READING_COLS,
     Float8Array,
     Int8Array,
-    TextArray,
 )
+from central.storage.postgres_latest import LatestColumns, write_latest
 from central.storage.postgres_plain import (
     LatestValues,
     PlainReadings,
@@ -85,21 +86,19 @@ _PROBE = ("WITH k AS (SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %
               " AND seq BETWEEN k.lo AND k.hi OFFSET 0) AS x" for t in ("readings", "events")))
 _PENDING = ("INSERT INTO agg_pending (pids, tss, vals, n, created_ms)"
             " VALUES (%b, %b, %b, %s, %s)")
-# Only a newer sample replaces the latest value, so backlog never hides fresher data.
-# The rows come in any order: the gateways' rows, locked first, make this transaction the
-# only writer of their points' latest values (module doc). A plain UPDATE writes one row
-# version per point; an upsert locks the row first, a second WAL record each. Points with no
-# latest value yet (the UPDATE found fewer rows than it was given) are inserted after it.
-_LATEST = "unnest(%b::int8[], %b::int8[], %b::float8[], %b::text[])"
-_UPDATE_LATEST = ("UPDATE latest SET ts_ms = s.ts_ms, value = s.value, text = s.text"
-                  f" FROM {_LATEST} AS s(point_id, ts_ms, value, text)"
-                  " WHERE latest.point_id = s.point_id AND s.ts_ms > latest.ts_ms")
-_INSERT_LATEST = (f"INSERT INTO latest (point_id, ts_ms, value, text) SELECT * FROM {_LATEST}"
-                  " ON CONFLICT (point_id) DO NOTHING")
 _TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms)"
                    " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[]) ORDER BY 1"
                    " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
                    " last_seen_ms = excluded.last_seen_ms")
+# The same, for a write that leaves its latest values pending: the gateways are marked with
+# the write's time and the worker's token (`postgres_latest`).
+_TOUCH_GATEWAYS_DUE = ("INSERT INTO gateways (gw, stream, last_seen_ms, latest_due_ms,"
+                       " latest_due_by) SELECT d.*, d.ms, %s::int4"
+                       " FROM unnest(%b::text[], %b::text[], %b::int8[]) AS d(gw, stream, ms)"
+                       " ORDER BY 1 ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
+                       " last_seen_ms = excluded.last_seen_ms,"
+                       " latest_due_ms = excluded.latest_due_ms,"
+                       " latest_due_by = excluded.latest_due_by")
 
 # Positions in a staged row (batch_no first).
 _TS = {"readings": 5, "events": 6}
@@ -324,29 +323,37 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
         _add_samples(out, staged.samples, fresh, fixed, held)
 
 
-async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int) -> None:
+async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int,
+                      defer_latest: int | None) -> LatestColumns | None:
     """The aggregates' new samples, the gateways' last contact, then each point's latest
-    value moved forward where the staged one is newer: sent together, one round trip."""
+    value moved forward where the staged one is newer. With `defer_latest` (the worker's
+    token) the latest values are returned instead, their gateways marked as owing them
+    (`postgres_latest`)."""
     _settle(staged)  # if no reading was written
     gws = sorted(staged.touched)
-    pids, tss, nums, texts = staged.latest.columns()
-    latest = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
-              TextArray.of(texts))
+    latest = staged.latest.columns()
     async with conn.pipeline():
         if samples:
             await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
                                           Float8Array.of(samples.vals), len(samples), now))
-        await conn.execute(_TOUCH_GATEWAYS,
-                           (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
-        updated = await conn.execute(_UPDATE_LATEST, latest) if pids else None
-    if updated is not None and updated.rowcount < len(pids):
-        await conn.execute(_INSERT_LATEST, latest)  # new points, or older values than held
+        touched = (gws, [staged.touched[g] for g in gws], [now] * len(gws))
+        if defer_latest is None:
+            await conn.execute(_TOUCH_GATEWAYS, touched)
+        else:
+            await conn.execute(_TOUCH_GATEWAYS_DUE, (defer_latest, *touched))
+    if defer_latest is not None:
+        return latest
+    await write_latest(conn, latest)
+    return None
 
 
 async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
                         point_ids: Mapping[str, Mapping[str, int]], alarm_policy: AlarmPolicy,
-                        time_policy: TimePolicy) -> tuple[list[WriteResult], list[AlarmChange]]:
-    """Write `batches` in the caller's transaction; `point_ids` covers every point named."""
+                        time_policy: TimePolicy, *, defer_latest: int | None = None,
+                        ) -> tuple[list[WriteResult], list[AlarmChange], LatestColumns | None]:
+    """Write `batches` in the caller's transaction; `point_ids` covers every point named.
+    With `defer_latest`, the worker's token, the latest values are not written but returned
+    (`postgres_latest`)."""
     lo, hi = time_policy.bounds(now)
     staged = _stage(batches, point_ids, lo, hi, now)
     out = _Outcome.zeros(len(batches))
@@ -356,7 +363,7 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     for table, by_stream in staged.rows.items():
         if any(by_stream.values()) or (table == "readings" and staged.plain):
             await _write_table(conn, table, staged, held[table], batches, out, now)
-    await _write_tail(conn, staged, out.samples, now)
+    latest = await _write_tail(conn, staged, out.samples, now, defer_latest)
     # Alarm records move alarms in this same transaction, their locks after the ones above
     # (alarm keys sorted, then incidents by area: see central.alarms.engine).
     changes = await run_async(conn, ingest_program(batches, alarm_policy, now))
@@ -365,4 +372,4 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     return [WriteResult(gw=b.gw, stream=b.stream, received=len(b.records),
                         inserted=out.inserted[n], clock_suspect=out.suspect[n],
                         corrected=out.corrected[n], merged=out.merged[n])
-            for n, b in enumerate(batches)], changes
+            for n, b in enumerate(batches)], changes, latest

@@ -1,0 +1,172 @@
+"""Each point's latest value on PostgreSQL (DESIGN.md §4.3, §9), written after its readings.
+
+Moving ~8,000 latest values forward in every ingest transaction was a third of the
+transaction's server time (measured with `bench/ingest.py --backend postgres`: 0.42 s of
+1.6 s, most of it this UPDATE); the readings themselves are what an ack promises. So, unless
+`latest_interval_s` is 0, a worker keeps the latest values of its committed writes in memory
+(`PendingLatest`, newest per point) and writes them in a transaction of their own every
+`latest_interval_s` and before any read of latest values in this worker (`settle_latest`):
+a reader of this worker sees every value it has committed; a reader of another worker sees
+them at most `latest_interval_s` late.
+
+A write that only keeps its latest values marks its gateways, in the same statement that
+records their last contact, with the write's time (`latest_due_ms`) and the worker's token
+(`latest_due_by`); the flush clears the mark of a gateway whose newest write it has written.
+Each worker holds a session advisory lock on its token (`token_lock`, taken whenever its
+writer connects), so a mark whose token nobody holds is a dead worker's: killed between a
+commit and a flush, it lost what it held in memory but not the marks. Every worker, when it
+opens the database and every `REPAIR_EVERY_S` after, moves the latest values of such gateways
+forward from their stored readings (`repair`), so the `latest` table never stays behind the
+readings for long.
+
+Locks: the flush and the repair lock their gateways' rows (in gw order, like an ingest
+transaction) before any latest row, so the rule `postgres_write` states holds here too: only
+the holder of a gateway's row writes its points' latest values, which need no order of their
+own.
+"""
+
+from __future__ import annotations
+
+import secrets
+from array import array
+from collections.abc import Iterable
+from typing import Any
+
+from central.storage.postgres_binary import Float8Array, Int8Array, TextArray
+from central.storage.postgres_schema import Conn
+from central.storage.timecheck import CENTRAL_TS_SUSPECT
+
+LatestColumns = tuple["array[int]", "array[int]", list[float | None], list[str | None]]
+
+# Only a newer sample replaces the latest value, so backlog never hides fresher data.
+# A plain UPDATE writes one row version per point; an upsert locks the row first, a second
+# WAL record each. Points with no latest value yet (the UPDATE found fewer rows than it was
+# given) are inserted after it.
+_LATEST = "unnest(%b::int8[], %b::int8[], %b::float8[], %b::text[])"
+_UPDATE_LATEST = ("UPDATE latest SET ts_ms = s.ts_ms, value = s.value, text = s.text"
+                  f" FROM {_LATEST} AS s(point_id, ts_ms, value, text)"
+                  " WHERE latest.point_id = s.point_id AND s.ts_ms > latest.ts_ms")
+_INSERT_LATEST = (f"INSERT INTO latest (point_id, ts_ms, value, text) SELECT * FROM {_LATEST}"
+                  " ON CONFLICT (point_id) DO NOTHING")
+_LOCK_GATEWAYS = "SELECT gw FROM gateways WHERE gw = ANY(%s) ORDER BY gw FOR UPDATE"
+_WRITTEN = ("UPDATE gateways g SET latest_due_ms = NULL, latest_due_by = NULL"
+            " FROM unnest(%b::text[], %b::int8[]) AS d(gw, ms)"
+            " WHERE g.gw = d.gw AND g.latest_due_by = %s AND g.latest_due_ms <= d.ms")
+# Advisory locks (LOCK_SPACE, token): one per live worker, on its writer's session.
+LOCK_SPACE = 0x46_4C_4C_56  # "FLLV"
+REPAIR_EVERY_S = 60.0
+_ORPHANED = ("SELECT gw FROM gateways WHERE latest_due_by IS NOT NULL"
+             " AND latest_due_by NOT IN (SELECT objid::int8 FROM pg_locks"
+             " WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted"
+             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+             " ORDER BY gw FOR UPDATE")
+# Each point's newest reading whose time central trusts (what a write stages as latest);
+# on a tie the one stored first.
+_NEWEST = ("SELECT p.id, r.ts_ms, r.value, r.text FROM points p CROSS JOIN LATERAL"
+           " (SELECT ts_ms, value, text FROM readings WHERE point_id = p.id"
+           f" AND flags & {CENTRAL_TS_SUSPECT} = 0 ORDER BY ts_ms DESC, received_ms, seq"
+           " LIMIT 1) AS r WHERE p.gw = ANY(%s)")
+
+
+async def write_latest(conn: Conn, columns: LatestColumns) -> None:
+    """Move each point's latest value forward where the given one is newer (the caller holds
+    the points' gateways' rows)."""
+    pids, tss, nums, texts = columns
+    if not pids:
+        return
+    args = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
+            TextArray.of(texts))
+    updated = await conn.execute(_UPDATE_LATEST, args)
+    if updated.rowcount < len(pids):
+        await conn.execute(_INSERT_LATEST, args)  # new points, or older values than held
+
+
+class PendingLatest:
+    """Latest values a worker has committed readings for but not written yet: the newest per
+    point (the first one kept on a tie, as a write keeps it), and per gateway the time of its
+    newest write they include."""
+
+    __slots__ = ("values", "due")
+
+    def __init__(self) -> None:
+        self.values: dict[int, tuple[int, float | None, str | None]] = {}
+        self.due: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, columns: LatestColumns, gws: Iterable[str], now: int) -> None:
+        """A committed write's latest values (`columns`) of gateways `gws`, written at `now`."""
+        pids, tss, nums, texts = columns
+        values = self.values
+        if not values:
+            values.update(zip(pids, zip(tss, nums, texts, strict=True), strict=True))
+        else:
+            for pid, ts, num, text in zip(pids, tss, nums, texts, strict=True):
+                held = values.get(pid)
+                if held is None or ts > held[0]:
+                    values[pid] = (ts, num, text)
+        due = self.due
+        for gw in gws:
+            if due.get(gw, -1) < now:
+                due[gw] = now
+
+    def take(self) -> PendingLatest:
+        """Everything pending, leaving this empty."""
+        taken = PendingLatest()
+        taken.values, self.values = self.values, {}
+        taken.due, self.due = self.due, {}
+        return taken
+
+    def put_back(self, taken: PendingLatest) -> None:
+        """What a failed flush took: older than anything added since, so it wins a tie."""
+        values = self.values
+        for pid, held in taken.values.items():
+            mine = values.get(pid)
+            if mine is None or held[0] >= mine[0]:
+                values[pid] = held
+        for gw, now in taken.due.items():
+            if self.due.get(gw, -1) < now:
+                self.due[gw] = now
+
+    def columns(self) -> LatestColumns:
+        pids = array("q", self.values)
+        rows = list(self.values.values())
+        return (pids, array("q", [r[0] for r in rows]), [r[1] for r in rows],
+                [r[2] for r in rows])
+
+
+def new_token() -> int:
+    """A worker's token: a random positive int4 (an advisory lock's second key)."""
+    return secrets.randbelow(2**31 - 1) + 1
+
+
+def token_lock(token: int) -> str:
+    """The statement a worker's writer runs on connecting: its session holds the token."""
+    return f"SELECT pg_advisory_lock({LOCK_SPACE}, {int(token)})"
+
+
+async def flush(conn: Conn, pending: PendingLatest, token: int) -> None:
+    """Write `pending` and clear the marks of the gateways whose newest write it holds, in
+    the caller's transaction."""
+    gws = sorted(pending.due)
+    await conn.execute(_LOCK_GATEWAYS, (gws,))
+    await write_latest(conn, pending.columns())
+    await conn.execute(_WRITTEN, (gws, Int8Array.of(array("q", map(pending.due.__getitem__, gws))),
+                                  token))
+
+
+async def repair(conn: Conn) -> list[str]:
+    """Move the latest values of every gateway a dead worker marked forward from its stored
+    readings, in the caller's transaction; returns the gateways repaired."""
+    cur = await conn.execute(_ORPHANED, (LOCK_SPACE,))
+    gws = [r[0] for r in await cur.fetchall()]
+    if not gws:
+        return []
+    cur = await conn.execute(_NEWEST, (gws,))
+    rows: list[tuple[Any, ...]] = await cur.fetchall()
+    await write_latest(conn, (array("q", [r[0] for r in rows]), array("q", [r[1] for r in rows]),
+                              [r[2] for r in rows], [r[3] for r in rows]))
+    await conn.execute("UPDATE gateways SET latest_due_ms = NULL, latest_due_by = NULL"
+                       " WHERE gw = ANY(%s)", (gws,))
+    return gws
