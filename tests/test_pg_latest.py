@@ -39,17 +39,20 @@ def rows(url: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
         return conn.execute(sql, args).fetchall()
 
 
-def latest_table(url: str) -> dict[str, float]:
+def latest_table(url: str, gw: str) -> dict[str, float]:
+    """`gw`'s rows in `latest`, as they are in the table."""
     return {f"{d}/{p}": v for d, p, v in rows(
-        url, "SELECT p.device, p.point, l.value FROM latest l JOIN points p ON p.id = l.point_id")}
+        url, "SELECT p.device, p.point, l.value FROM latest l JOIN points p ON p.id = l.point_id"
+        " WHERE p.gw = %s", (gw,))}
 
 
-def marks(url: str) -> dict[str, int | None]:
-    return dict(rows(url, "SELECT gw, latest_due_by FROM gateways"))  # type: ignore[arg-type]
+def owed(url: str) -> set[tuple[str, int]]:
+    """(gateway, worker token) of every latest value held back."""
+    return {(gw, token) for gw, token in rows(url, "SELECT gw, token FROM latest_owed")}
 
 
-def batch(gw: str, first: int, value: float, n: int = 5) -> DataBatch:
-    return DataBatch(gw=gw, stream="s1", records=tuple(
+def batch(gw: str, first: int, value: float, n: int = 5, stream: str = "s1") -> DataBatch:
+    return DataBatch(gw=gw, stream=stream, records=tuple(
         Record(s, RecordKind.TELEMETRY, NOW + s * 1000, KEYS[s % len(KEYS)], value + s)
         for s in range(first, first + n)))
 
@@ -89,13 +92,13 @@ async def test_a_worker_holds_latest_values_reads_its_own_and_writes_them_in_tim
         assert isinstance(a, PostgresStorage)
         await a.record_birth("gw-1", birth("gw-1"), now_ms=NOW)
         await a.write_batches([batch("gw-1", 1, 0.0)], now_ms=NOW)
-        assert latest_table(pg_url) == {}
-        assert marks(pg_url) == {"gw-1": a._token}
+        assert latest_table(pg_url, "gw-1") == {}
+        assert owed(pg_url) == {("gw-1", a._token)}
         assert set((await values(b, "gw-1")).values()) == {None}  # not written yet
         assert await values(a, "gw-1") == {k: float(s) for s, k in
                                            ((s, KEYS[s % 5]) for s in range(1, 6))}
-        assert marks(pg_url) == {"gw-1": None}
-        assert latest_table(pg_url) == await values(b, "gw-1")
+        assert owed(pg_url) == set()
+        assert latest_table(pg_url, "gw-1") == await values(b, "gw-1")
 
     async with open_storage(pg_url, latest_interval_s=0.05) as a, \
             open_storage(pg_url, latest_interval_s=0) as b:
@@ -125,41 +128,50 @@ async def test_a_flush_that_fails_keeps_the_values_for_the_next(
         monkeypatch.setattr(postgres_latest, "flush", failing)
         with pytest.raises(Exception, match="division by zero"):
             await a.settle_latest()
-        assert latest_table(pg_url) == {} and len(a._pending) == 5
+        assert latest_table(pg_url, "gw-1") == {} and len(a._pending) == 5
         monkeypatch.setattr(postgres_latest, "flush", real)
         await a.write_batches([batch("gw-1", 8, 50.0, n=1)], now_ms=NOW + 1)
         await a.settle_latest()
-        assert latest_table(pg_url) == {"d/p1": 1.0, "d/p2": 2.0, "d/p3": 58.0, "d/p4": 4.0,
+        assert latest_table(pg_url, "gw-1") == {"d/p1": 1.0, "d/p2": 2.0, "d/p3": 58.0, "d/p4": 4.0,
                                         "d/p0": 5.0}
-        assert marks(pg_url) == {"gw-1": None}
+        assert owed(pg_url) == set()
 
 
-async def test_opening_repairs_a_dead_workers_marks_and_leaves_a_live_ones(
+async def test_opening_repairs_what_a_dead_worker_owed_and_leaves_a_live_ones(
         pg_url: str) -> None:
-    """A worker gone without writing its values (its connection dropped, its memory lost)
-    leaves marks nobody's lock covers: the next worker to open repairs those gateways from
-    their readings, and leaves alone the gateways a live worker holds values for."""
+    """A worker gone without writing its values (its connection closed, its memory lost)
+    leaves owed rows nobody's lock covers: the next worker to open repairs those gateways
+    from their readings, a gateway the dead and a live worker both wrote (a shared
+    subscription splits a gateway's batches) included, and leaves alone what a live worker
+    owes."""
     live = await open_storage(pg_url, latest_interval_s=30).__aenter__()
     try:
         dead = open_storage(pg_url, latest_interval_s=30)
         assert isinstance(dead, PostgresStorage) and isinstance(live, PostgresStorage)
         await dead.open()
-        await dead.write_batches([batch("gw-dead", 1, 0.0), batch("gw-dead", 6, 10.0)],
-                                 now_ms=NOW)
-        await live.write_batches([batch("gw-live", 1, 0.0)], now_ms=NOW)
+        await dead.write_batches([batch("gw-dead", 1, 0.0), batch("gw-dead", 6, 10.0),
+                                  batch("gw-both", 1, 0.0)], now_ms=NOW)
+        await live.write_batches([batch("gw-live", 1, 0.0),
+                                  batch("gw-both", 6, 100.0, n=1, stream="s2")], now_ms=NOW)
         dead._pending = PendingLatest()  # what a kill -9 loses
         await dead.close()
-        assert latest_table(pg_url) == {}
-        assert marks(pg_url) == {"gw-dead": dead._token, "gw-live": live._token}
+        await live.settle_latest()  # gw-both's value from live: not what dead owed
+        assert latest_table(pg_url, "gw-both") == {"d/p1": 106.0}
+        await live.write_batches([batch("gw-live", 6, 10.0)], now_ms=NOW)
+        assert owed(pg_url) == {("gw-dead", dead._token), ("gw-both", dead._token),
+                                ("gw-live", live._token)}
 
         async with open_storage(pg_url, latest_interval_s=0) as fresh:
-            assert await values(fresh, "gw-dead") == {KEYS[s % 5]: 10.0 + s
-                                                      for s in range(6, 11)}
-            assert marks(pg_url) == {"gw-dead": None, "gw-live": live._token}
-            assert set((await values(fresh, "gw-live")).values()) == {None}
+            assert owed(pg_url) == {("gw-live", live._token)}
+            newest = {KEYS[s % 5]: 10.0 + s for s in range(6, 11)}
+            assert await values(fresh, "gw-dead") == newest
+            assert await values(fresh, "gw-both") == {**{KEYS[s % 5]: float(s)
+                                                         for s in range(1, 6)}, "d/p1": 106.0}
+            # live's first values only: what it still owes is its to write, not repaired
+            assert await values(fresh, "gw-live") == {KEYS[s % 5]: float(s) for s in range(1, 6)}
     finally:
         await live.__aexit__(None, None, None)
-    assert marks(pg_url) == {"gw-dead": None, "gw-live": None}  # written on close
+    assert owed(pg_url) == set()  # written on close
 
 
 def test_central_killed_holding_latest_values_repairs_them_on_restart(
@@ -181,15 +193,15 @@ def test_central_killed_holding_latest_values_repairs_them_on_restart(
         held.kill()
         n = fleet.gateways[0].last_seq
         assert rows(pg_url, "SELECT count(*) FROM readings WHERE gw = 'gw-kill'") == [(n,)]
-        assert latest_table(pg_url) == {}, "the values were written before the kill"
-        assert marks(pg_url)["gw-kill"] is not None
+        assert latest_table(pg_url, "gw-kill") == {}, "the values were written before the kill"
+        assert {gw for gw, _ in owed(pg_url)} == {"gw-kill"}
 
         again = Central(tmp_path, mosquitto.port, db_url=pg_url, name="central-again")
         again.start()
         newest = {key: value for key, _, value in (expected_record(s, 4)
                                                    for s in range(1, n + 1))}
-        assert latest_table(pg_url) == newest
-        assert marks(pg_url)["gw-kill"] is None
+        assert latest_table(pg_url, "gw-kill") == newest
+        assert owed(pg_url) == set()
         assert again.tail(1000).count("latest_values_repaired") == 1
         got = httpx.get(f"{again.base_url}/api/gateways/gw-kill",
                         headers=again.auth_headers(), timeout=10)

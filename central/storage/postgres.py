@@ -103,6 +103,12 @@ def _key(device: str, point: str) -> str:
     return f"{device}/{point}" if device else point
 
 
+def _log_repaired(gws: list[str]) -> None:
+    if gws:
+        log.warning("latest_values_repaired", gateways=len(gws), first=gws[0],
+                    why="a worker stopped before writing the latest values it owed")
+
+
 def describe_url(url: str) -> str:
     """`user@host:port/dbname` without the password, for logs and errors."""
     try:
@@ -214,6 +220,8 @@ class PostgresStorage(Storage):
         try:
             async with writer.use() as conn:
                 version = await migrate(conn)
+                async with conn.transaction():
+                    repaired = await postgres_latest.repair(conn)
             async with reader.use():
                 pass
         except BaseException as exc:
@@ -224,7 +232,7 @@ class PostgresStorage(Storage):
             raise
         self._writer, self._reader = writer, reader
         log.info("db_opened", url=describe_url(self.url), version=version)
-        await self.repair_latest()
+        _log_repaired(repaired)
         if self.latest_interval_s > 0:
             self._latest_task = asyncio.create_task(self._write_latest_every_interval(),
                                                     name="pg-latest")
@@ -328,9 +336,7 @@ class PostgresStorage(Storage):
         """Move forward the latest values a dead worker owed (`postgres_latest`); returns the
         gateways repaired."""
         repaired = await self._transaction(postgres_latest.repair)
-        if repaired:
-            log.warning("latest_values_repaired", gateways=len(repaired), first=repaired[0],
-                        why="a worker stopped before writing the latest values it held")
+        _log_repaired(repaired)
         return repaired
 
     async def _write_latest_every_interval(self) -> None:

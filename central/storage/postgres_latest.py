@@ -9,15 +9,16 @@ transaction's server time (measured with `bench/ingest.py --backend postgres`: 0
 a reader of this worker sees every value it has committed; a reader of another worker sees
 them at most `latest_interval_s` late.
 
-A write that only keeps its latest values marks its gateways, in the same statement that
-records their last contact, with the write's time (`latest_due_ms`) and the worker's token
-(`latest_due_by`); the flush clears the mark of a gateway whose newest write it has written.
-Each worker holds a session advisory lock on its token (`token_lock`, taken whenever its
-writer connects), so a mark whose token nobody holds is a dead worker's: killed between a
-commit and a flush, it lost what it held in memory but not the marks. Every worker, when it
-opens the database and every `REPAIR_EVERY_S` after, moves the latest values of such gateways
-forward from their stored readings (`repair`), so the `latest` table never stays behind the
-readings for long.
+A write that only keeps its latest values records, beside its gateways' last contact, that
+the worker owes them (`latest_owed`: gateway, the worker's token, the write's time); the
+flush deletes what it has written. Each worker holds a session advisory lock on its token
+(`token_lock`, taken whenever its writer connects), so an owed row whose token nobody holds
+is a dead worker's: killed between a commit and a flush, it lost what it held in memory but
+not the rows. Every worker, when it opens the database and every `REPAIR_EVERY_S` after,
+moves the latest values of such gateways forward from their stored readings (`repair`), so
+the `latest` table never stays behind the readings for long. The rows are per worker because
+workers sharing a subscription share each gateway's batches: a live worker's flush must not
+discharge what a dead one owed.
 
 Locks: the flush and the repair lock their gateways' rows (in gw order, like an ingest
 transaction) before any latest row, so the rule `postgres_write` states holds here too: only
@@ -49,17 +50,17 @@ _UPDATE_LATEST = ("UPDATE latest SET ts_ms = s.ts_ms, value = s.value, text = s.
 _INSERT_LATEST = (f"INSERT INTO latest (point_id, ts_ms, value, text) SELECT * FROM {_LATEST}"
                   " ON CONFLICT (point_id) DO NOTHING")
 _LOCK_GATEWAYS = "SELECT gw FROM gateways WHERE gw = ANY(%s) ORDER BY gw FOR UPDATE"
-_WRITTEN = ("UPDATE gateways g SET latest_due_ms = NULL, latest_due_by = NULL"
-            " FROM unnest(%b::text[], %b::int8[]) AS d(gw, ms)"
-            " WHERE g.gw = d.gw AND g.latest_due_by = %s AND g.latest_due_ms <= d.ms")
+_WRITTEN = ("DELETE FROM latest_owed o USING unnest(%b::text[], %b::int8[]) AS d(gw, ms)"
+            " WHERE o.gw = d.gw AND o.token = %s AND o.ms <= d.ms")
 # Advisory locks (LOCK_SPACE, token): one per live worker, on its writer's session.
 LOCK_SPACE = 0x46_4C_4C_56  # "FLLV"
 REPAIR_EVERY_S = 60.0
-_ORPHANED = ("SELECT gw FROM gateways WHERE latest_due_by IS NOT NULL"
-             " AND latest_due_by NOT IN (SELECT objid::int8 FROM pg_locks"
-             " WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted"
-             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
-             " ORDER BY gw FOR UPDATE")
+# The tokens of live workers: advisory locks (LOCK_SPACE, token) held in this database.
+_LIVE = ("(SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s"
+         " AND objsubid = 2 AND granted"
+         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))")
+_DEAD = f"SELECT DISTINCT gw FROM latest_owed WHERE token NOT IN {_LIVE}"
+_DISCHARGED = f"DELETE FROM latest_owed WHERE gw = ANY(%s) AND token NOT IN {_LIVE}"
 # Each point's newest reading whose time central trusts (what a write stages as latest);
 # on a tie the one stored first.
 _NEWEST = ("SELECT p.id, r.ts_ms, r.value, r.text FROM points p CROSS JOIN LATERAL"
@@ -147,8 +148,8 @@ def token_lock(token: int) -> str:
 
 
 async def flush(conn: Conn, pending: PendingLatest, token: int) -> None:
-    """Write `pending` and clear the marks of the gateways whose newest write it holds, in
-    the caller's transaction."""
+    """Write `pending` and discharge what the worker owed for gateways whose newest write
+    it holds, in the caller's transaction."""
     gws = sorted(pending.due)
     await conn.execute(_LOCK_GATEWAYS, (gws,))
     await write_latest(conn, pending.columns())
@@ -157,16 +158,16 @@ async def flush(conn: Conn, pending: PendingLatest, token: int) -> None:
 
 
 async def repair(conn: Conn) -> list[str]:
-    """Move the latest values of every gateway a dead worker marked forward from its stored
+    """Move the latest values of every gateway a dead worker owed forward from its stored
     readings, in the caller's transaction; returns the gateways repaired."""
-    cur = await conn.execute(_ORPHANED, (LOCK_SPACE,))
-    gws = [r[0] for r in await cur.fetchall()]
+    cur = await conn.execute(_DEAD, (LOCK_SPACE,))
+    gws = sorted(r[0] for r in await cur.fetchall())
     if not gws:
         return []
+    await conn.execute(_LOCK_GATEWAYS, (gws,))  # then read: every committed reading counts
     cur = await conn.execute(_NEWEST, (gws,))
     rows: list[tuple[Any, ...]] = await cur.fetchall()
     await write_latest(conn, (array("q", [r[0] for r in rows]), array("q", [r[1] for r in rows]),
                               [r[2] for r in rows], [r[3] for r in rows]))
-    await conn.execute("UPDATE gateways SET latest_due_ms = NULL, latest_due_by = NULL"
-                       " WHERE gw = ANY(%s)", (gws,))
+    await conn.execute(_DISCHARGED, (gws, LOCK_SPACE))
     return gws

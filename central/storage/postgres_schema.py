@@ -87,10 +87,11 @@ async def m007_retired_gateways(conn: Conn) -> None:
 
 
 @migration
-async def m008_latest_due(conn: Conn) -> None:
-    # Set by a write that left its latest values pending (central.storage.postgres_latest).
-    await conn.execute("ALTER TABLE gateways ADD COLUMN latest_due_ms BIGINT,"
-                       " ADD COLUMN latest_due_by INTEGER")
+async def m008_latest_owed(conn: Conn) -> None:
+    # The gateways whose latest values a worker (its token) holds back: a dead worker's rows
+    # name what to repair (central.storage.postgres_latest).
+    await conn.execute("CREATE TABLE latest_owed (gw TEXT COLLATE \"C\" NOT NULL,"
+                       " token INTEGER NOT NULL, ms BIGINT NOT NULL, PRIMARY KEY (gw, token))")
 
 
 def migration_lock_key(schema: str) -> int:

@@ -90,15 +90,9 @@ _TOUCH_GATEWAYS = ("INSERT INTO gateways (gw, stream, last_seen_ms)"
                    " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[]) ORDER BY 1"
                    " ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
                    " last_seen_ms = excluded.last_seen_ms")
-# The same, for a write that leaves its latest values pending: the gateways are marked with
-# the write's time and the worker's token (`postgres_latest`).
-_TOUCH_GATEWAYS_DUE = ("INSERT INTO gateways (gw, stream, last_seen_ms, latest_due_ms,"
-                       " latest_due_by) SELECT d.*, d.ms, %s::int4"
-                       " FROM unnest(%b::text[], %b::text[], %b::int8[]) AS d(gw, stream, ms)"
-                       " ORDER BY 1 ON CONFLICT (gw) DO UPDATE SET stream = excluded.stream,"
-                       " last_seen_ms = excluded.last_seen_ms,"
-                       " latest_due_ms = excluded.latest_due_ms,"
-                       " latest_due_by = excluded.latest_due_by")
+# A write that leaves its latest values pending owes them for its gateways (`postgres_latest`).
+_OWE = ("INSERT INTO latest_owed (gw, token, ms) SELECT gw, %s, %s FROM unnest(%b::text[]) AS gw"
+        " ORDER BY 1 ON CONFLICT (gw, token) DO UPDATE SET ms = excluded.ms")
 
 # Positions in a staged row (batch_no first).
 _TS = {"readings": 5, "events": 6}
@@ -327,7 +321,7 @@ async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int
                       defer_latest: int | None) -> LatestColumns | None:
     """The aggregates' new samples, the gateways' last contact, then each point's latest
     value moved forward where the staged one is newer. With `defer_latest` (the worker's
-    token) the latest values are returned instead, their gateways marked as owing them
+    token) the latest values are returned instead, and recorded as owed for their gateways
     (`postgres_latest`)."""
     _settle(staged)  # if no reading was written
     gws = sorted(staged.touched)
@@ -336,11 +330,10 @@ async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int
         if samples:
             await conn.execute(_PENDING, (Int8Array.of(samples.pids), Int8Array.of(samples.tss),
                                           Float8Array.of(samples.vals), len(samples), now))
-        touched = (gws, [staged.touched[g] for g in gws], [now] * len(gws))
-        if defer_latest is None:
-            await conn.execute(_TOUCH_GATEWAYS, touched)
-        else:
-            await conn.execute(_TOUCH_GATEWAYS_DUE, (defer_latest, *touched))
+        await conn.execute(_TOUCH_GATEWAYS,
+                           (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
+        if defer_latest is not None:
+            await conn.execute(_OWE, (defer_latest, now, gws))
     if defer_latest is not None:
         return latest
     await write_latest(conn, latest)
