@@ -175,7 +175,7 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
     stack.push_async_callback(s.retired.flush)
     # --- 叫应 wiring (DESIGN.md §7): the service and its scheduler.
     s.callresp = await stack.enter_async_context(running(CallRespService(
-        settings.callresp, storage, audit, s.commands.service,
+        settings.callresp, storage, audit, s.commands.service, retired=s.retired,
         postgres=not settings.db_url.startswith("sqlite")), run=run))
     # --- MQTT ingest: command results and 叫应 receipts are applied after each commit.
     s.ingest = Ingest(settings, storage, s.metrics, command_hooks=s.commands.service,

@@ -2,7 +2,8 @@
 on PostgreSQL: a retired gateway that keeps resending costs a bounded number of commits, its
 refusals still add up in its row (also from several workers, also across a failed write); a
 list that cannot be read is logged once per outage and once on recovery, and counted; what
-waits in memory is written before the API reads it and when central stops."""
+waits in memory is written before the API reads it and when central stops; 叫应's directory
+and scheduler read the shared list, not the table every time."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from protocols.envelope import DataBatch, State
 from tests import test_console_api as console
 from tests.identity import auth, token_for
 from tests.pg import BACKENDS, backend
-from tests.test_console_api import report
+from tests.test_console_api import areas, report
 
 OLD, NEW = "gw-old", "gw-new"
 LONG_S = 3600.0  # a refresh or flush interval no test run reaches on the real clock
@@ -200,6 +201,46 @@ async def test_an_unreadable_retired_list_is_logged_once_per_outage(
         assert "fieldlink_central_retired_list_unreadable_total 5.0" in metrics.render()
         await gate.flush()
         assert (await refused(st))[0] == 6
+
+
+async def test_callresp_reads_the_shared_retired_list(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """叫应's directory lists and scheduler rounds read the process's shared retired list:
+    the table once after a retire or unretire through this process's API (which show at
+    once), not once per request or round."""
+    gate: RetiredGate = app.state.retired
+    gate.refresh_s = LONG_S  # only the retire and unretire make it read again
+    ids = await areas(client)
+    for i, gw in enumerate((OLD, NEW), start=1):
+        await report(app, gw)
+        assert (await client.put(f"/api/callresp/terminals/t-{i}", json={
+            "gw": gw, "area_id": ids["420107-s"]})).status_code == 200
+    assert (await client.put("/api/callresp/groups/g", json={
+        "name": "g", "terminals": ["t-1", "t-2"]})).status_code == 200
+    storage, svc = app.state.storage, app.state.callresp
+    real_run = storage.run
+    reads: list[str] = []
+
+    async def counted(program: Any, **kwargs: Any) -> Any:
+        if getattr(program, "__name__", "").startswith("retired_"):  # the whole-list reads
+            reads.append(program.__name__)
+        return await real_run(program, **kwargs)
+
+    storage.run = counted  # the real storage, wrapped only to count
+    assert (await client.post(f"/api/gateways/{OLD}/retire",
+                              json={"reason": "replaced"})).status_code == 200
+    for _ in range(3):
+        assert [t["id"] for t in (await client.get("/api/callresp/terminals")).json()] == ["t-2"]
+        (g,) = (await client.get("/api/callresp/groups")).json()
+        assert (g["terminals"], g["retired_terminals"]) == (["t-2"], ["t-1"])
+        await svc.step()
+    assert len(reads) == 1
+    assert (await client.post(f"/api/gateways/{OLD}/unretire",
+                              json={"reason": "back"})).status_code == 200
+    for _ in range(3):
+        assert len((await client.get("/api/callresp/terminals")).json()) == 2
+        await svc.step()
+    assert len(reads) == 2
 
 
 async def test_the_api_and_the_audit_see_the_refusals_still_in_memory(
