@@ -170,12 +170,15 @@ async def _start(app: FastAPI, stack: contextlib.AsyncExitStack, settings: Setti
     # --- history: aggregate flush and retention task.
     s.history = start_history(settings, storage, s.metrics, run=run)
     stack.push_async_callback(s.history.stop)
+    # --- the retired gateways, one cached list for 叫应, ingest and the radio: a retired
+    # gateway's messages are refused and counted (the counts written at shutdown too).
+    s.retired = RetiredGate(storage, metrics=s.metrics)
+    stack.push_async_callback(s.retired.flush)
     # --- 叫应 wiring (DESIGN.md §7): the service and its scheduler.
     s.callresp = await stack.enter_async_context(running(CallRespService(
-        settings.callresp, storage, audit, s.commands.service,
+        settings.callresp, storage, audit, s.commands.service, retired=s.retired,
         postgres=not settings.db_url.startswith("sqlite")), run=run))
     # --- MQTT ingest: command results and 叫应 receipts are applied after each commit.
-    s.retired = RetiredGate(storage)  # a retired gateway's messages are refused, counted
     s.ingest = Ingest(settings, storage, s.metrics, command_hooks=s.commands.service,
                       batch_hooks=(s.callresp,), gate=s.retired)
     s.ingest_task = _start_task(stack, "ingest.mqtt", s.ingest.run) if run else None

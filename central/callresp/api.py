@@ -18,7 +18,10 @@ reads show only targets within it (DESIGN.md §8).
 The terminals of a retired gateway are out of service, as the gateway is out of the gateway
 lists: `GET terminals` leaves them out, and `GET groups` and `GET persons` list the terminals
 in service under `terminals` and the others under `retired_terminals` (so a group that would
-now call fewer terminals says so). An unretire lists them again.
+now call fewer terminals says so). An unretire lists them again. These lists only show, so
+they read the process's shared retired list (`CallRespService.retired`: at once after a
+retire or unretire in this process, within its refresh on another worker); what a warning
+calls is decided against the table in the warning's own transaction.
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ from central.callresp.service import CallRespService
 from central.callresp.views import stats, warning_program, warnings_program
 from central.callresp.workflow import TargetsRetiredError, WarningRequestError
 from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
-from central.identity.retire import retired_set_program
 from central.storage.program import Program
 from central.web.bounds import IdField
 from central.web.problems import install_problems
@@ -158,9 +160,9 @@ async def _retired_apart(request: Request,
                          entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Groups or persons as JSON objects, the terminals on retired gateways moved from
     `terminals` to `retired_terminals` (a warning calls only the first)."""
-    st = _service(request).storage
-    retired = await st.run(retired_set_program, write=False)
-    gw_of = {t.id: t.gw for t in await st.run(terminals_program, write=False)}
+    svc = _service(request)
+    retired = await svc.retired.retired()
+    gw_of = {t.id: t.gw for t in await svc.storage.run(terminals_program, write=False)}
     return [{**e, "terminals": [t for t in e["terminals"] if gw_of.get(t) not in retired],
              "retired_terminals": [t for t in e["terminals"] if gw_of.get(t) in retired]}
             for e in entries]
@@ -246,7 +248,7 @@ def install(app: FastAPI) -> None:
     @app.get("/api/callresp/terminals", tags=tags)
     async def list_terminals(request: Request, p: Reader) -> list[dict[str, Any]]:
         """The terminals in the user's area, but those on retired gateways."""
-        retired = await _service(request).storage.run(retired_set_program, write=False)
+        retired = await _service(request).retired.retired()
         return [t for t in await _visible_entries(request, p, terminals_program)
                 if t["gw"] not in retired]
 

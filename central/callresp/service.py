@@ -8,13 +8,17 @@ recorded in `cr_sends` through central's command service, with the cmd_id the st
 central killed between the two issues it on restart, and an id issued already is refused by
 the command store (`DuplicateCommandError`), so a command never goes out twice for one step.
 
-Each round also reads the retired gateways; when one was retired since the last look, its
+Each round also looks at the retired gateways; when one was retired since the last look, its
 open terminal targets are cancelled at once (`workflow.cancel_retired_program`), and a send
 decided for a gateway retired before it was issued is withheld (marked with the error
-`gateway_retired`), so nothing is played, re-sent or escalated for hardware that is gone. A
-retire that lands between that read and the issue is caught by the command store, which
-refuses the command in its own transaction; the send is marked the same way, and the next
-round cancels the targets.
+`gateway_retired`), so nothing is played, re-sent or escalated for hardware that is gone.
+Both looks only decide what to do next, so they read the process's shared list
+(`central.identity.retire.RetiredGate`: re-read at most every few seconds, at once after a
+retire or unretire in this process), not the table every round. A retire that lands between
+that look and the issue (or that another worker made, not yet re-read here) is caught by the
+command store, which refuses the command in its own transaction; the send is marked the same
+way, and the next round cancels the targets (a target that comes due first is cancelled
+there: `fire_due_program` reads the table in its own transaction).
 
 `apply_batch` is an ingest batch hook: the 叫应 EVENT records of a committed batch move their
 targets (idempotently); a storage failure raises, so ingest withholds the ack and the gateway
@@ -51,7 +55,7 @@ from central.callresp.workflow import (
 from central.commands.dispatch import CommandService
 from central.commands.store import CommandStoreError, DuplicateCommandError
 from central.identity.audit import AuditLog
-from central.identity.retire import GatewayRetiredError, retired_set_program
+from central.identity.retire import GatewayRetiredError, RetiredGate
 from central.storage import NotFoundError, Storage, StorageError
 from central.storage.program import Program, Sql
 from protocols.callresp import (
@@ -146,6 +150,7 @@ class CallRespService:
     audit: AuditLog
     commands: CommandService
     postgres: bool = field(kw_only=True)
+    retired: RetiredGate = field(kw_only=True)  # the process's shared list (app.state.retired)
     counters: CallRespCounters = field(default_factory=CallRespCounters, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     _failing: bool = field(default=False, init=False, repr=False)
@@ -225,7 +230,7 @@ class CallRespService:
     async def cancel_retired(self) -> list[Step]:
         """Cancel the open terminal targets of the gateways retired since the last look
         (the retired list is small; the targets are searched only when it grew)."""
-        retired = await self.storage.run(retired_set_program, write=False)
+        retired = await self.retired.retired()
         if retired <= self._retired:
             self._retired = retired  # an unretire: a later retire is seen again
             return []
@@ -245,7 +250,7 @@ class CallRespService:
         sends = await self.storage.run(lambda: _pending_sends_program(ISSUE_LIMIT), write=False)
         retired = frozenset[str]()
         if sends:
-            retired = await self.storage.run(retired_set_program, write=False)
+            retired = await self.retired.retired()
         issued = 0
         for s in sends:
             if s.gw in retired:

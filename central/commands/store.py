@@ -24,7 +24,10 @@ open one. On SQLite the two transactions are serialized by the write lock; on Po
 (READ COMMITTED: a row not yet committed is invisible to `cancel_open`) both take a per-gateway
 advisory lock, `insert` shared and `cancel_open` exclusive, so an insert that checked before
 the retire committed is committed (and cancelled) before `cancel_open` looks. The check reads
-`central.storage`'s `retired_gateways`: central opens its main storage first.
+`central.storage`'s `retired_gateways`: central opens its main storage first. It and
+`still_due` (the dispatcher's last look) read the table, never the process's cached list
+(`central.identity.retire.RetiredGate`, seconds old on another worker): they are what closes
+the race with a retire, so they must see it the moment it commits.
 
 A report naming a cmd_id central never issued (a forged or foreign command the gateway
 refused) gets a row with `origin = "gateway"`, so the duty officer sees it.

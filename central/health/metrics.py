@@ -112,6 +112,10 @@ class Metrics:
     narrowband_port_open: bool = _gauge("1 while central's narrowband radio port is open.")
     narrowband_port_failures: int = _counter("Times the narrowband radio port could not be "
                                              "opened or was lost.")
+    # central.identity.retire.RetiredGate: ingest and the radio receiver then check against
+    # the list last read (logged once per outage)
+    retired_list_unreadable: int = _counter("Times the retired gateways could not be re-read "
+                                            "for a message check.")
 
     # read from storage by `refresh()` just before each render (GET /metrics): per gateway,
     # active alarms by (level, ack state), commands by state

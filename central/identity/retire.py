@@ -16,19 +16,20 @@ refuses it: `Enrolment.revoke`, itself audited) and cancels its pending commands
 
 A retired gateway that is heard again is not resurrected: ingest asks `RetiredGate.admit`,
 which drops its state, birth and data messages (not acked, so the gateway keeps its backlog
-should it be brought back), counts them in the row (`refused`, `last_refused_ms`) and logs
-`retired_gateway_heard` once per gateway and process. Bringing it back is an explicit admin
-act, `unretire` (audited, with a reason); it then needs a new enrolment token to reconnect
-through the production broker.
+should it be brought back), counts them in the row (`refused`, `last_refused_ms`; counted in
+memory and written in batches, so a gateway that keeps resending does not cost a commit per
+message) and logs `retired_gateway_heard` once per gateway and process. Bringing it back is
+an explicit admin act, `unretire` (audited, with a reason); it then needs a new enrolment
+token to reconnect through the production broker.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -40,8 +41,12 @@ from central.storage.program import Program, Sql
 from protocols.errors import DetailedError
 from runtime import clock
 
+if TYPE_CHECKING:
+    from central.health.metrics import Metrics
+
 log = structlog.get_logger(__name__)
 REFRESH_S = 5.0  # how soon another worker's ingest sees a retire or unretire
+FLUSH_S = 5.0  # how long refused messages may be counted in memory before they are written
 
 
 class RetireError(CentralError):
@@ -152,12 +157,6 @@ def unretire_program(audit: AuditLog, gw: str, user: str, reason: str) -> Progra
     return was
 
 
-def count_refused_program(counts: dict[str, int], now: int) -> Program[None]:
-    for gw, n in sorted(counts.items()):
-        yield Sql("UPDATE retired_gateways SET refused = refused + ?, last_refused_ms = ?"
-                  " WHERE gw = ?", (n, now, gw))
-
-
 async def retire(storage: Storage, audit: AuditLog, gw: str, *, user: str, reason: str,
                  force: bool = False) -> Retirement:
     """Raises `UnknownGatewayError`, `AlreadyRetiredError`, `OpenAlarmsError`."""
@@ -193,65 +192,155 @@ M = TypeVar("M", bound=FromGateway)
 B = TypeVar("B", bound=FromGateway)
 
 
-class RetiredGate:
-    """Which gateways are retired, as ingest sees them: re-read at most every `refresh_s`
-    (and at once after `forget`, which the retire API calls in its own process)."""
+@dataclass(slots=True)
+class _Refusals:
+    """One retirement's messages refused since the last flush."""
 
-    def __init__(self, storage: Storage, *, refresh_s: float = REFRESH_S) -> None:
+    messages: int
+    last_ms: int
+
+
+def retired_since_program() -> Program[dict[str, int]]:
+    """The retired gateways and when each was retired (which names the retirement)."""
+    rows = yield Sql("SELECT gw, retired_ms FROM retired_gateways")
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def count_refused_program(pending: Mapping[tuple[str, int], _Refusals]) -> Program[None]:
+    """Add refusals to their retirements' rows, `(gw, retired_ms)` naming the retirement: the
+    counts of one undone meanwhile go nowhere, also if the gateway was retired again. The
+    last refusal time only moves forward (workers flush in any order)."""
+    for (gw, retired_ms), r in sorted(pending.items(), key=lambda kv: kv[0]):
+        yield Sql("UPDATE retired_gateways SET refused = refused + ?, last_refused_ms = CASE"
+                  " WHEN last_refused_ms IS NULL OR last_refused_ms < ? THEN ?"
+                  " ELSE last_refused_ms END WHERE gw = ? AND retired_ms = ?",
+                  (r.messages, r.last_ms, r.last_ms, gw, retired_ms))
+
+
+class RetiredGate:
+    """Which gateways are retired, as one central process shares the list among what only
+    decides with it what to store, show or call (ingest, the radio receiver, 叫应's scheduler
+    and directory): re-read at most every `refresh_s`, and at once after `forget`, which the
+    retire and unretire API calls in its own process; another worker (PostgreSQL) sees the
+    change at its next re-read. A check that closes a race with a retire reads the table in
+    its own transaction instead (the command store's insert and last look, 叫应's create and
+    due steps).
+
+    Refused messages are counted in memory and written by `flush`, one transaction for every
+    gateway: the first refusal at once, later ones at most every `flush_s` (with the next
+    group that comes after), and whatever is left when the API reads the counts (its list,
+    an unretire) and at shutdown. The counts are a record, not only a metric: the admin's
+    list shows them, an unretire copies them into its audit entry, and the counts of several
+    workers add up in the row."""
+
+    def __init__(self, storage: Storage, *, refresh_s: float = REFRESH_S,
+                 flush_s: float = FLUSH_S, metrics: Metrics | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.storage = storage
         self.refresh_s = refresh_s
+        self.flush_s = flush_s
+        self.metrics = metrics
         self.refused = 0  # messages refused by this process
+        self._monotonic = monotonic
+        self._since: dict[str, int] = {}  # gw -> retired_ms, as last read
         self._retired: frozenset[str] = frozenset()
         self._read_at: float | None = None
         self._logged: set[str] = set()
+        self._pending: dict[tuple[str, int], _Refusals] = {}
+        self._flushed_at: float | None = None
+        self._unreadable = 0  # checks against a stale list in the current read outage
+        self._flush_failing = False
 
     def forget(self) -> None:
         self._read_at = None
 
     async def retired(self) -> frozenset[str]:
-        now = time.monotonic()
+        """The retired gateways; raises `StorageError` if they are due for a re-read and
+        cannot be read."""
+        now = self._monotonic()
         if self._read_at is None or now - self._read_at >= self.refresh_s:
-            self._retired = await self.storage.run(retired_set_program, write=False)
+            self._since = await self.storage.run(retired_since_program, write=False)
+            self._retired = frozenset(self._since)
             self._read_at = now
             self._logged &= self._retired  # an unretired gateway is logged again if retired
         return self._retired
 
     async def admit(self, infos: list[M], batches: list[B]) -> tuple[list[M], list[B]]:
         """The messages of gateways in service; the others are counted and dropped. Raises
-        nothing: if the retired list cannot be read, everything passes (as before retiring
-        existed) and the next group tries again."""
-        retired = await self._retired_or_none()
-        if not retired:
+        nothing: if the retired list cannot be re-read, the last one read decides (logged
+        once per outage) and the next group tries again."""
+        retired = await self._checked()
+        if not retired and not self._pending:
             return infos, batches
         counts: Counter[str] = Counter(m.gw for m in [*infos, *batches] if m.gw in retired)
+        await self._refuse(counts)
         if not counts:
             return infos, batches
-        await self._refuse(counts)
         return ([m for m in infos if m.gw not in retired],
                 [b for b in batches if b.gw not in retired])
 
     async def refuses(self, gw: str) -> bool:
         """Whether a message of `gw` (a radio frame) is refused: counted and logged as
         `admit` counts ingest's."""
-        if gw not in await self._retired_or_none():
-            return False
-        await self._refuse(Counter({gw: 1}))
-        return True
+        refused = gw in await self._checked()
+        await self._refuse(Counter({gw: 1}) if refused else Counter())
+        return refused
 
-    async def _retired_or_none(self) -> frozenset[str]:
+    async def flush(self) -> None:
+        """Write the refusals counted since the last flush, in one transaction. Raises
+        nothing: if storage fails they wait for the next flush (logged once per outage)."""
+        if not self._pending:
+            return
+        self._flushed_at = self._monotonic()
+        pending, self._pending = self._pending, {}
         try:
-            return await self.retired()
+            await self.storage.run(lambda: count_refused_program(pending))
         except StorageError as exc:
-            log.error("retired_gateways_unreadable", error=str(exc))
-            return frozenset()
+            for key, r in pending.items():
+                self._add(key, r.messages, r.last_ms)
+            if not self._flush_failing:
+                log.error("retired_gateway_count_failed", error=str(exc),
+                          messages=sum(r.messages for r in pending.values()))
+            self._flush_failing = True
+            return
+        if self._flush_failing:
+            log.info("retired_gateway_count_recovered",
+                     messages=sum(r.messages for r in pending.values()))
+        self._flush_failing = False
+
+    async def _checked(self) -> frozenset[str]:
+        try:
+            retired = await self.retired()
+        except StorageError as exc:
+            if self.metrics is not None:
+                self.metrics.retired_list_unreadable += 1
+            if not self._unreadable:
+                log.error("retired_gateways_unreadable", error=str(exc),
+                          checking_against=len(self._retired))
+            self._unreadable += 1
+            return self._retired
+        if self._unreadable:
+            log.info("retired_gateways_recovered", unreadable_checks=self._unreadable)
+            self._unreadable = 0
+        return retired
 
     async def _refuse(self, counts: Counter[str]) -> None:
+        """Count refusals in memory; flush if the last flush is `flush_s` old."""
         self.refused += counts.total()
-        for gw in counts.keys() - self._logged:
-            log.warning("retired_gateway_heard", gw=gw, messages=counts[gw])
-            self._logged.add(gw)
         now = clock.now_ms()
-        try:
-            await self.storage.run(lambda: count_refused_program(dict(counts), now))
-        except StorageError as exc:
-            log.error("retired_gateway_count_failed", error=str(exc))
+        for gw, n in counts.items():
+            if gw not in self._logged:
+                log.warning("retired_gateway_heard", gw=gw, messages=n)
+                self._logged.add(gw)
+            self._add((gw, self._since[gw]), n, now)
+        if self._pending and (self._flushed_at is None
+                              or self._monotonic() - self._flushed_at >= self.flush_s):
+            await self.flush()
+
+    def _add(self, key: tuple[str, int], messages: int, last_ms: int) -> None:
+        r = self._pending.get(key)
+        if r is None:
+            self._pending[key] = _Refusals(messages, last_ms)
+        else:
+            r.messages += messages
+            r.last_ms = max(r.last_ms, last_ms)

@@ -60,10 +60,19 @@ class RetiredOut(RetirementOut):
     commands_cancelled: list[str]  # cmd_ids
 
 
+def _gate(request: Request) -> RetiredGate | None:
+    return getattr(request.app.state, "retired", None)
+
+
 def _forget(request: Request) -> None:
-    gate: RetiredGate | None = getattr(request.app.state, "retired", None)
-    if gate is not None:
+    if (gate := _gate(request)) is not None:
         gate.forget()  # this process's ingest sees it with its next message
+
+
+async def _flush(request: Request) -> None:
+    """Write the refusals this process still counts in memory, before they are read."""
+    if (gate := _gate(request)) is not None:
+        await gate.flush()
 
 
 def install(app: FastAPI) -> None:
@@ -109,6 +118,7 @@ def install(app: FastAPI) -> None:
         """
         storage = storage_of(request)
         await check_gateway(storage, p, gw)
+        await _flush(request)  # the audit entry says how many it sent while retired
         was = await unretire(storage, audit_of(request), gw, user=p.name, reason=body.reason)
         _forget(request)
         return RetirementOut(**dataclasses.asdict(was))
@@ -119,5 +129,6 @@ def install(app: FastAPI) -> None:
         """Every retired gateway in the admin's area, with what it sent since, refused."""
         storage = storage_of(request)
         visible = await gateway_scope(storage, p)
+        await _flush(request)
         rows = await storage.run(retirements_program, write=False)
         return [RetirementOut(**dataclasses.asdict(r)) for r in rows if visible(r.gw)]
