@@ -74,13 +74,13 @@ from central.web.models import (
     SeriesOut,
     StreamDeliveryOut,
 )
+from central.web.problems import PROBLEM, error_problem
 from central.web.series import series_page
 from central.web.times import TIME_DOC, TimeParamError, parse_time
 from runtime import clock, tasks
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
-PROBLEM = "application/problem+json"
 DAY_MS = 86_400_000
 
 
@@ -202,23 +202,23 @@ def _install_problems(app: FastAPI) -> None:
 
     @app.exception_handler(NotFoundError)
     async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
-        return _problem(404, f"Unknown {exc.kind}", str(exc))
+        return error_problem(404, f"Unknown {exc.kind}", exc)
 
     @app.exception_handler(DuplicateError)
     async def duplicate(_: Request, exc: DuplicateError) -> JSONResponse:
-        return _problem(409, f"Duplicate {exc.kind}", str(exc))
+        return error_problem(409, f"Duplicate {exc.kind}", exc)
 
     @app.exception_handler(BadRefError)
     async def bad_ref(_: Request, exc: BadRefError) -> JSONResponse:
-        return _problem(422, "Bad reference", str(exc))
+        return error_problem(422, "Bad reference", exc)
 
     @app.exception_handler(CursorError)
     async def bad_cursor(_: Request, exc: CursorError) -> JSONResponse:
-        return _problem(422, "Bad cursor", str(exc))
+        return error_problem(422, "Bad cursor", exc)
 
     @app.exception_handler(TimeParamError)
     async def bad_time(_: Request, exc: TimeParamError) -> JSONResponse:
-        return _problem(422, "Bad time parameter", str(exc))
+        return error_problem(422, "Bad time parameter", exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

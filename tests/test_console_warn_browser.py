@@ -101,7 +101,8 @@ def test_operator_issues_a_red_warning_from_the_board(tmp_path: Path,
     """The operator of 江岸区 fills in the form (only their area's targets offered), is stopped
     on an empty text, confirms a red warning to 二七街道 that names its 3 terminals, and the
     board shows it at once, its targets moving to 已送达 and 已应答 without a reload. A terminal
-    moved out of their area before 发布 is refused in Chinese in the form; a viewer has no
+    moved out of their area before 发布 is refused in Chinese in the form, and so is a terminal
+    whose gateway is retired before 发布 (both named from the problem's fields); a viewer has no
     button."""
     with callresp_central(tmp_path, mosquitto.port) as central, httpx.Client(
             base_url=central.base_url, timeout=15, headers=central.auth_headers()) as admin:
@@ -117,6 +118,7 @@ def test_operator_issues_a_red_warning_from_the_board(tmp_path: Path,
             wid = _issue_through_form(driver, tmp_path, ids)
             _board_moves(driver, admin, wid)
             _out_of_area_refused(driver, admin, ids)
+            _retired_refused(driver, admin, ids, tmp_path)
             assert [w["id"] for w in admin.get("/api/callresp/warnings").json()] == [wid]
             assert driver.execute_script("return window.sameDocument") is True
 
@@ -240,4 +242,22 @@ def _out_of_area_refused(driver: WebDriver, admin: httpx.Client, ids: dict[str, 
     _move(admin, ids, "t-1")
     _move(admin, ids, "t-2")
     assert "所选对象下没有任何终端或责任人" in _refused(driver)
+    driver.find_element(By.ID, "warn-cancel").click()
+
+
+def _retired_refused(driver: WebDriver, admin: httpx.Client, ids: dict[str, int],
+                     tmp_path: Path) -> None:
+    """A terminal chosen and then its gateway retired before 发布: central answers 409 with the
+    terminals and gateways as fields, and the form names both (the terminal by its name in the
+    directory, which the English detail does not carry)."""
+    r = admin.put("/api/callresp/terminals/t-2", json={"gw": GW, "area_id": ids["二七街道"],
+                                                        "name": "社区一号喇叭"})
+    assert r.status_code == 200, r.text
+    n = _confirm(driver, "orange", "演练：网关退役", ("terminal", "t-2"))
+    assert n == "1 个（终端 1 台，责任人 0 名）", n
+    r = admin.post(f"/api/gateways/{GW}/retire", json={"reason": "演练后拆除"})
+    assert r.status_code == 200, r.text
+    error = _refused(driver)
+    assert f"所选终端（社区一号喇叭）所在网关 {GW} 已退役，预警未发布。" in error, error
+    _shots(driver, tmp_path, "retired", "#warn-form")
     driver.find_element(By.ID, "warn-cancel").click()

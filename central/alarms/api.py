@@ -262,7 +262,7 @@ def _install_area_routes(app: FastAPI) -> None:
         await check_area(storage, p, body.area_id)
         before = await storage.run(lambda: gateway_path_program(gw), write=False)
         if before is not None and not p.sees(before):
-            raise OutOfScopeError(p.name, f"gateway {gw}")
+            raise OutOfScopeError.of(p.name, "gateway", gw)
         now = now_ms()
         site = await run_audited(request, p.name, "gateway.placed", f"gateway:{gw}",
                                  lambda: areas.assign_program(gw, body.area_id, now),

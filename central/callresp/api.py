@@ -41,6 +41,7 @@ from central.callresp.directory import (
     PersonRole,
     Terminal,
     TerminalKind,
+    UnknownEntryError,
     areas_program,
     groups_program,
     persons_program,
@@ -51,11 +52,11 @@ from central.callresp.directory import (
 )
 from central.callresp.service import CallRespService
 from central.callresp.views import stats, warning_program, warnings_program
-from central.callresp.workflow import TargetsRetiredError, WarningRequestError
+from central.callresp.workflow import NoTargetError, TargetsRetiredError, WarningRequestError
 from central.identity.authz import Admin, Operator, OutOfScopeError, Principal, Reader
 from central.storage.program import Program
 from central.web.bounds import IdField
-from central.web.problems import install_problems
+from central.web.problems import documented, install_problems
 from central.web.routing import StrictModel
 from protocols.callresp import MAX_REPEAT, MAX_TEXT_CHARS, Level
 from runtime.clock import now_ms
@@ -126,20 +127,20 @@ async def _check_scope(svc: CallRespService, p: Principal, body: WarningIn) -> N
     st = svc.storage
     areas = await st.run(areas_program, write=False)
 
-    def check(area_id: int | None, what: str) -> None:
+    def check(area_id: int | None, kind: str, ref: object) -> None:
         if not p.sees(_area_path(areas, area_id)):
-            raise OutOfScopeError(p.name, what)
+            raise OutOfScopeError.of(p.name, kind, ref)
 
     for a in body.areas:
-        check(a, f"area {a}")
+        check(a, "area", a)
     ids = set(body.terminals)
     for g in await st.run(groups_program, write=False):
         if g.id in body.groups:
             ids.update(g.terminals)
     for t in await st.run(lambda: terminals_program(sorted(ids)), write=False):
-        check(t.area_id, f"terminal {t.id}")
+        check(t.area_id, "terminal", t.id)
     for person in await st.run(lambda: persons_program(sorted(set(body.persons))), write=False):
-        check(person.area_id, f"person {person.id}")
+        check(person.area_id, "person", person.id)
 
 
 def _area_path(areas: Mapping[int, AreaRef], area_id: int | None) -> str | None:
@@ -172,6 +173,14 @@ def _visible(p: Principal) -> Callable[[str | None], bool]:
     return p.sees
 
 
+# The refusals of a new warning, their fields as the console reads them (central.web.problems).
+_WARNING_PROBLEMS = documented({
+    403: ("A target outside the user's area", (OutOfScopeError,)),
+    404: ("An unknown area, group, person or terminal", (UnknownEntryError,)),
+    409: ("Every terminal on a retired gateway, and no person", (TargetsRetiredError,)),
+    422: ("The warning reaches no terminal and no person", (NoTargetError,))})
+
+
 def install(app: FastAPI) -> None:
     """Add the 叫应 routes (the app's lifespan starts the service: `central.app._start`)."""
 
@@ -181,7 +190,8 @@ def install(app: FastAPI) -> None:
     tags: list[str | enum.Enum] = ["callresp"]
 
     @app.post("/api/callresp/warnings", status_code=201, tags=tags,
-              summary="Issue a 叫应 warning to areas, groups, persons and terminals")
+              summary="Issue a 叫应 warning to areas, groups, persons and terminals",
+              responses=_WARNING_PROBLEMS)
     async def create(request: Request, body: WarningIn, p: Operator) -> dict[str, Any]:
         svc = _service(request)
         await _check_scope(svc, p, body)

@@ -57,21 +57,34 @@ OPEN_STATES = (SENT, DELIVERED)
 KIND_TERMINAL, KIND_PERSON = "terminal", "person"
 
 
-class WarningRequestError(CentralError, DetailedError):
-    """A warning central refuses (no target at all)."""
+class WarningRequestError(CentralError):
+    """A warning central refuses as asked (422); each case is a subclass (its problem type)."""
 
-    template = "{reason}"
-    reason: str
+
+class NoTargetError(WarningRequestError, DetailedError):
+    """A warning that reaches no terminal and no person (its areas and groups are empty)."""
+
+    template = ("预警没有可叫应的终端或责任人，未发布"
+                " (the warning reaches no terminal and no person)")
 
 
 class TargetsRetiredError(CentralError, DetailedError):
     """A warning whose every terminal hangs on a retired gateway and that names no person:
-    nothing would sound (409: it is the gateways' state that refuses; unretire to call them)."""
+    nothing would sound (409: it is the gateways' state that refuses; unretire to call them).
+    `terminals` are the terminals it would have called, `gateways` their retired gateways."""
 
     template = ("所选终端所在网关均已退役，预警未发布 (all {count} terminal(s) the warning"
-                " reaches hang on retired gateways: {gws}; nothing was sent)")
-    count: int
-    gws: str
+                " reaches hang on retired gateways: {gateway_list}; nothing was sent)")
+    terminals: tuple[str, ...]
+    gateways: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.terminals)
+
+    @property
+    def gateway_list(self) -> str:
+        return ", ".join(self.gateways)
 
 
 class UnknownWarningError(UnknownEntryError):
@@ -270,9 +283,9 @@ def create_program(audit: AuditLog, spec: WarningSpec, areas: Mapping[int, AreaR
     terminals = [t for t in terminals if t.id not in left_out]
     if not terminals and not persons:
         if skipped:
-            raise TargetsRetiredError(len(skipped), ", ".join(sorted({s.gw for s in skipped})))
-        raise WarningRequestError("预警没有可叫应的终端或责任人，未发布"
-                                  " (the warning reaches no terminal and no person)")
+            raise TargetsRetiredError(tuple(s.terminal for s in skipped),
+                                      tuple(sorted({s.gw for s in skipped})))
+        raise NoTargetError()
     w = WarningRecord(spec.warning_id, str(spec.level), spec.text, spec.repeat,
                       spec.deadline_ms, spec.max_resends, now, spec.created_by)
     yield Sql(f"INSERT INTO cr_warnings ({WARNING_COLUMNS}, request) VALUES"

@@ -168,7 +168,7 @@ def install(app: FastAPI) -> None:
         storage = storage_of(request)
         path = await storage.run(lambda: gateway_path_program(gw), write=False)
         if p.user.area_path is not None and not p.sees(path):
-            raise OutOfScopeError(p.name, f"gateway {gw}")
+            raise OutOfScopeError.of(p.name, "gateway", gw)
         return await _set_position(request, p, "gateway.positioned", f"gateway:{gw}", body,
                                    lambda pos: geo.set_gateway_position_program(gw, pos))
 

@@ -46,7 +46,7 @@ from central.identity.users import (
     WeakPasswordError,
     area_id_program,
 )
-from central.web.problems import install_problems, problem
+from central.web.problems import error_problem, install_problems
 from central.web.routing import StrictModel, audit_of
 
 
@@ -134,7 +134,7 @@ def client_of(request: Request) -> str:
 async def _check_user_scope(request: Request, admin: Principal, name: str) -> User:
     target = await _accounts(request).get_user(name)
     if not admin.sees(target.area_path):
-        raise OutOfScopeError(admin.name, f"user {name}")
+        raise OutOfScopeError.of(admin.name, "user", name)
     return target
 
 
@@ -154,12 +154,12 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(AuthError)
     async def refused(_: Request, exc: AuthError) -> JSONResponse:
         title = "Login required" if exc.status == 401 else "Forbidden"
-        return problem(exc.status, title, str(exc))
+        return error_problem(exc.status, title, exc)
 
     @app.exception_handler(LoginThrottledError)
     async def throttled(_: Request, exc: LoginThrottledError) -> JSONResponse:
-        return problem(429, "Too many failed logins", str(exc),
-                       {"Retry-After": str(exc.retry_after)})
+        return error_problem(429, "Too many failed logins", exc,
+                             {"Retry-After": str(exc.retry_after)})
 
     install_problems(app, {
         LoginFailedError: (401, "Login failed"),

@@ -69,9 +69,19 @@ class ForbiddenError(AuthError, DetailedError):
 
 
 class OutOfScopeError(AuthError, DetailedError):
+    """`what` lies outside the user's area; `kind` and `ref` name it when it is one object
+    (`of`): the console names it in Chinese from them."""
+
     template = "{what} is outside the area of user {user!r}"
     user: str
     what: str
+    kind: str | None = None
+    ref: str | None = None
+
+    @classmethod
+    def of(cls, user: str, kind: str, ref: object) -> OutOfScopeError:
+        """Refused for one object: `of("duty-01", "terminal", "t-3")`."""
+        return cls(user, f"{kind} {ref}", kind, str(ref))
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,14 +272,14 @@ async def check_gateway(storage: Storage, p: Principal, gw: str) -> None:
         return
     path = await storage.run(lambda: gateway_path_program(gw), write=False)
     if not p.sees(path):
-        raise OutOfScopeError(p.name, f"gateway {gw}")
+        raise OutOfScopeError.of(p.name, "gateway", gw)
 
 
 async def check_area(storage: Storage, p: Principal, area_id: int) -> None:
     """403 if area `area_id` lies outside the principal's area (404 if unknown)."""
     area = await storage.run(lambda: area_program(area_id), write=False)
     if not p.sees(area.path):
-        raise OutOfScopeError(p.name, f"area {area.code}")
+        raise OutOfScopeError.of(p.name, "area", area.code)
 
 
 # Route parameter types (module level, so string annotations resolve): `p: Operator`.

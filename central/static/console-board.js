@@ -259,33 +259,55 @@ function askToConfirmWarning(ev) {
   showStep(true);
 }
 
+// Central's problem responses name the refused objects in fields beside `detail`, and their
+// `type` says which refusal it is (central.web.problems): read those, never the English text.
+const PROBLEM_TYPE = "urn:fieldlink:problem:";
+
+function isProblem(problem, name) {
+  return problem.type === PROBLEM_TYPE + name;
+}
+
+// A directory entry's name as the form showed it, else its id.
+function entryName(kind, ref) {
+  const d = warn.dir;
+  const found = !d ? null : kind === "area" ? { name: d.areaName.get(Number(ref)) }
+    : kind === "terminal" ? d.byTerminal.get(ref)
+      : kind === "person" ? d.persons.find((p) => p.id === ref)
+        : kind === "group" ? d.groups.find((g) => g.id === ref) : null;
+  return (found && found.name) || String(ref);
+}
+
+// At most `max` names, then how many more.
+function someNames(names, max = 5) {
+  return names.slice(0, max).join("、") + (names.length > max ? ` 等 ${names.length} 个` : "");
+}
+
 // Why central refused, in the duty officer's words (never the raw problem JSON).
 function warningRefusal(status, problem) {
-  const detail = String(problem.detail || "");
   if (status === 401) return "登录已失效，请重新登录";
-  if (status === 403) {
-    const m = /^(area|terminal|person) (\S+) is outside the area/.exec(detail);
-    if (!m) return "无权发布预警：需要值班员权限";
-    const d = warn.dir;
-    const name = m[1] === "area" ? d.areaName.get(Number(m[2]))
-      : m[1] === "terminal" ? (d.byTerminal.get(m[2]) || {}).name
-        : (d.persons.find((p) => p.id === m[2]) || {}).name;
-    return `${WHAT[m[1]]}「${name || m[2]}」不在您负责的区域内，预警未发布。`;
+  const what = problem.ref != null && WHAT[problem.kind];  // one named object
+  if (isProblem(problem, "out-of-scope") && what) {
+    return `${what}「${entryName(problem.kind, problem.ref)}」不在您负责的区域内，预警未发布。`;
   }
-  if (status === 404) {
-    const m = /^unknown (\w+) '(.*)'$/.exec(detail);  // NotFoundError: unknown terminal 't-9'
-    const what = m && WHAT[m[1]];
-    return `所选${what || "对象"}${what ? `「${m[2]}」` : ""}在中心已不存在，预警未发布。`;
+  if (status === 403) return "无权发布预警：需要值班员权限";
+  if (isProblem(problem, "unknown-entry") && what) {
+    return `所选${what}「${entryName(problem.kind, problem.ref)}」在中心已不存在，预警未发布。`;
   }
+  if (status === 404) return "所选对象在中心已不存在，预警未发布。";
   if (status === 422) {
     const locs = (problem.errors || []).map((e) => (e.loc || []).join("."));
     if (locs.some((l) => l.endsWith("text"))) return `预警内容不能为空，且不能超过 ${WARN_MAX_TEXT} 字`;
     if (locs.some((l) => l.endsWith("level"))) return "请选择预警级别";
     if (locs.some((l) => l.includes("repeat"))) return `重复播放次数须为 1–${WARN_MAX_REPEAT}`;
-    if (/reaches no terminal/.test(detail)) return "所选对象下没有任何终端或责任人，预警无法送达";
+    if (isProblem(problem, "no-target")) return "所选对象下没有任何终端或责任人，预警无法送达";
     return "发布内容不符合要求，中心拒绝了这条预警（未发布）";
   }
-  if (status === 409) return detail.split(" (")[0];  // Chinese first: all targets' gateways retired
+  if (isProblem(problem, "targets-retired") && problem.terminals && problem.gateways) {
+    const terminals = problem.terminals.map((t) => entryName("terminal", t));
+    return `所选终端（${someNames(terminals)}）所在网关 ${someNames(problem.gateways)} ` +
+      "已退役，预警未发布。";
+  }
+  if (status === 409) return "对象的状态不允许发布，预警未发布。";
   if (status === 503) return "中心服务器的叫应服务暂不可用，预警未发布，请稍后重试";
   return `中心服务器返回错误 HTTP ${status}，预警未发布`;
 }
