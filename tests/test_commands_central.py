@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from central.commands.keys import SigningKeyError, key_path_for, load_or_create_key
 from central.commands.store import (
+    APPROVAL_REQUIRED,
     ORIGIN_GATEWAY,
     CommandStore,
     DuplicateCommandError,
@@ -117,6 +119,55 @@ async def test_expiry_by_central_and_gateway_truth(store: CommandStore) -> None:
     await store.apply_reports("gw-1", "s", [_rep(1, "old", S.SUCCEEDED)])
     assert (await store.get("old")).state is S.SUCCEEDED
     assert [c.cmd_id for c in await store.list(gw="gw-1", state="pending")] == ["new"]
+
+
+async def test_a_gateways_change_counter_moves_exactly_when_its_list_changes(
+        store: CommandStore) -> None:
+    """`changes` (the console's change marker): after each write, a gateway's counter moved
+    if and only if its `list` changed — issue, approval, first send, resend (only the count
+    moves), a report, a report about an unknown command, expiry, a retire's cancel; a
+    history-only report moves nothing, and another gateway's counter stays put."""
+    gws = ["gw-1", "gw-2", "gw-3"]
+
+    async def snapshot() -> dict[str, tuple[int, list[StoredCommand]]]:
+        changes = await store.changes(gws)
+        return {gw: (changes[gw].count, await store.list(gw=gw)) for gw in gws}
+
+    critical = dataclasses.replace(_cmd("c2", gw="gw-2"), issued_by="duty-1",
+                                   approval=APPROVAL_REQUIRED)
+    steps = [
+        ("issue", lambda: store.insert(_cmd("c1"), now_ms=T0)),
+        ("issue critical", lambda: store.insert(critical, now_ms=T0)),
+        ("approve", lambda: store.approve("c2", "duty-2", now_ms=T0 + 1)),
+        ("send", lambda: store.mark_sent("c1", now_ms=T0 + 2)),
+        ("resend", lambda: store.mark_sent("c1", now_ms=T0 + 3)),
+        ("report", lambda: store.apply_reports("gw-1", "s", [_rep(1, "c1", S.RECEIVED)])),
+        ("history only", lambda: store.apply_reports("gw-1", "s", [
+            _rep(2, "c1", S.REJECTED, Reason.REPLAY)])),
+        ("another's report", lambda: store.apply_reports("gw-3", "t", [
+            _rep(1, "c1", S.SUCCEEDED)])),
+        ("unknown command", lambda: store.apply_reports("gw-3", "t", [
+            _rep(2, "forged", S.REJECTED, Reason.BAD_SIGNATURE, verified=False)])),
+        ("issue to expire", lambda: store.insert(_cmd("c4"), now_ms=T0 + 4)),
+        ("expire", lambda: store.expire_due(now_ms=T0 + 60_000)),
+        ("issue again", lambda: store.insert(_cmd("c3", gw="gw-2"), now_ms=T0 + 60_001)),
+        ("cancel", lambda: store.cancel_open("gw-2", "retired", now_ms=T0 + 60_002)),
+    ]
+    before = await snapshot()
+    assert {gw: c for gw, (c, _) in before.items()} == {"gw-1": 0, "gw-2": 0, "gw-3": 0}
+    moved = {}
+    for name, step in steps:
+        await step()
+        after = await snapshot()
+        for gw in gws:
+            counted, listed = after[gw][0] != before[gw][0], after[gw][1] != before[gw][1]
+            assert counted == listed, (name, gw, before[gw], after[gw])
+        moved[name] = [gw for gw in gws if after[gw][0] != before[gw][0]]
+        before = after
+    assert moved == {"issue": ["gw-1"], "issue critical": ["gw-2"], "approve": ["gw-2"],
+                     "send": ["gw-1"], "resend": ["gw-1"], "report": ["gw-1"],
+                     "history only": [], "another's report": [], "unknown command": ["gw-3"],
+                     "issue to expire": ["gw-1"], "expire": ["gw-1", "gw-2"], "issue again": ["gw-2"], "cancel": ["gw-2"]}
 
 
 async def test_store_shares_the_database_with_storage(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -23,7 +25,9 @@ from tests.browser import (
     console_login,
     gateway_online,
     open_gateway_page,
+    requested_urls,
     screenshot,
+    texts,
 )
 from tests.callresp_gw import TerminalGateway
 from tests.fakegw import ThreadedFleet
@@ -46,6 +50,11 @@ class CommandGateway(TerminalGateway):
         self.send([(RecordKind.CMD_RESULT, result_attrs(CommandResult(
             cmd.cmd_id, state, kind=str(cmd.kind)))) for state in (CommandState.RECEIVED,
                                                                     CommandState.SUCCEEDED)])
+
+
+def _list_fetches(driver: WebDriver) -> list[str]:
+    """The page's requests for the command list since the last call."""
+    return [u for u in requested_urls(driver) if urlsplit(u).path == "/api/commands"]
 
 
 def _dialog_open(driver: WebDriver) -> bool:
@@ -71,9 +80,11 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
         cli_user(central.db_url, "zhangsan", "operator")
         cli_user(central.db_url, "lisi", "viewer")
 
-        with chromium(tmp_path / "chrome") as driver:
+        with chromium(tmp_path / "chrome", log_requests=True) as driver:
             console_login(driver, central.base_url, "zhangsan", PASSWORD)
             open_gateway_page(driver, GW)
+            WebDriverWait(driver, 10).until(lambda d: "暂无命令" in d.find_element(
+                By.ID, "cmd-rows").text)  # the empty list, from the stream
             issue = driver.find_element(By.ID, "cmd-issue")
             assert issue.is_enabled()
             Select(driver.find_element(By.ID, "cmd-kind")).select_by_value("request_diagnostics")
@@ -98,15 +109,21 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
                 "request_diagnostics", "zhangsan", "succeeded")
             WebDriverWait(driver, 10).until(lambda d: "执行成功" in d.find_element(
                 By.CSS_SELECTOR, f'tr[data-cmd="{cmd["cmd_id"]}"]').text)
+            # how long the state has held, on central's clock (the event's now_ms)
+            assert re.search(r"执行成功 · \d+ 秒前", texts(driver, f'tr[data-cmd="{cmd["cmd_id"]}"]')[0])
             driver.execute_script("document.getElementById('cmd').scrollIntoView()")
             screenshot(driver, tmp_path, "command-result")
 
+            _list_fetches(driver)
             driver.find_element(By.ID, "logout").click()
             console_login(driver, central.base_url, "lisi", PASSWORD)
             open_gateway_page(driver, GW)
             assert not driver.find_element(By.ID, "cmd-issue").is_enabled()
             assert "只读" in driver.find_element(By.ID, "cmd-note").text
-            assert "执行成功" in driver.find_element(By.ID, "cmd-rows").text  # reads allowed
+            WebDriverWait(driver, 10).until(  # reads allowed
+                lambda d: "执行成功" in d.find_element(By.ID, "cmd-rows").text)
+            # The list came on the event stream as it opened: the page never asked for it.
+            assert _list_fetches(driver) == []
 
         viewer = httpx.Client(base_url=central.base_url, timeout=15,
                               headers=bearer(central.base_url, "lisi"))

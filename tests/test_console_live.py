@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,82 @@ async def test_a_gateways_events_go_to_its_watchers_only() -> None:
             assert await _next(back, "commands") == {"gw": "gw-b", "version": 1}
 
 
+async def test_a_gateways_events_are_built_only_when_its_marker_moved() -> None:
+    """With a change marker, the feed asks for the markers of all watched gateways once per
+    check and builds a gateway's events only when its marker moved: ten checks of unchanged
+    markers build nothing; a moved marker builds that gateway once (sent only if the body
+    changed); a body that changed behind an unmoved marker is not seen (the marker is
+    trusted); markers that cannot be read make the feed build every gateway as before."""
+    builds: dict[str, int] = {}
+    version = {"gw-a": 1, "gw-b": 1}
+    marker = {"gw-a": 1, "gw-b": 1}
+    asked: list[list[str]] = []
+    broken = False
+
+    async def commands(view: View, gw: str) -> BaseModel:
+        builds[gw] = builds.get(gw, 0) + 1
+        return GwBody(gw=gw, version=version[gw])
+
+    async def marks(view: View, gws: Sequence[str]) -> Mapping[str, Hashable]:
+        if broken:
+            raise RuntimeError("storage down")  # a fault injected into the markers' read
+        asked.append(list(gws))
+        return {gw: marker[gw] for gw in gws}
+
+    live = Broadcaster((), gateway_builders=(("commands", commands),), gateway_marks=marks,
+                       check_s=0.02, ping_s=60.0, refresh_s=60.0)
+
+    async def checks(n: int) -> None:
+        start = live.counters.checks
+        await until(lambda: live.counters.checks >= start + n, f"{n} checks")
+
+    async with live.subscribe(CITY, "gw-a") as a, live.subscribe(CITY, "gw-b") as b:
+        assert await _next(a, "commands") == {"gw": "gw-a", "version": 1}
+        assert await _next(b, "commands") == {"gw": "gw-b", "version": 1}
+        await checks(1)
+        start, calls = dict(builds), len(asked)
+        await checks(10)
+        assert builds == start, builds  # nothing moved: nothing built
+        assert len(asked) - calls >= 10 and all(g == ["gw-a", "gw-b"] for g in asked[calls:])
+        assert await _nothing_pending(a) and await _nothing_pending(b)
+
+        marker["gw-a"] = 2  # moved, same body: built once, not sent
+        await until(lambda: builds["gw-a"] == start["gw-a"] + 1, "gw-a built again")
+        await checks(5)
+        assert builds == {"gw-a": start["gw-a"] + 1, "gw-b": start["gw-b"]}, builds
+        assert await _nothing_pending(a)
+
+        version["gw-a"] = 2  # changed behind an unmoved marker: not built
+        await checks(5)
+        assert await _nothing_pending(a)
+        marker["gw-a"] = 3
+        assert await _next(a, "commands") == {"gw": "gw-a", "version": 2}
+        assert await _nothing_pending(b)
+
+        broken = True  # markers unreadable: every gateway built every check again
+        errors, start = live.counters.build_errors, dict(builds)
+        await checks(5)
+        assert builds["gw-a"] >= start["gw-a"] + 4 and builds["gw-b"] >= start["gw-b"] + 4
+        assert live.counters.build_errors >= errors + 4
+
+
+async def test_a_gateway_watched_first_is_built_at_once_not_at_the_next_check() -> None:
+    """A client that starts watching a gateway on a running feed gets its events at once:
+    the feed does not wait out its check interval (an hour here) first."""
+    async def commands(view: View, gw: str) -> BaseModel:
+        return GwBody(gw=gw, version=1)
+
+    live = Broadcaster((), gateway_builders=(("commands", commands),),
+                       check_s=3600.0, ping_s=3600.0, refresh_s=3600.0)
+    async with live.subscribe(CITY, "gw-a") as a:
+        assert await _next(a, "commands") == {"gw": "gw-a", "version": 1}  # the first round
+        async with live.subscribe(CITY, "gw-b") as b:
+            assert len(live.feeds) == 1
+            assert await _next(b, "commands") == {"gw": "gw-b", "version": 1}
+            async with live.subscribe(CITY, "gw-b") as again:  # the newest, from the feed
+                assert await _next(again, "commands") == {"gw": "gw-b", "version": 1}
+
+
 @contextlib.asynccontextmanager
 async def _served(app: Any) -> AsyncIterator[str]:
     """`app` (its lifespan already entered) on a real HTTP server: server-sent events need a
@@ -231,7 +307,9 @@ async def _commands_events(base: str, headers: dict[str, str],
                 if line.startswith("event: "):
                     event = line[7:]
                 elif line.startswith("data: ") and event == "commands":
-                    await queue.put(json.loads(line[6:]))
+                    body = json.loads(line[6:])
+                    assert abs(body.pop("now_ms") - now_ms()) < 60_000  # central's clock
+                    await queue.put(body)
 
     task = asyncio.create_task(read())
     try:
@@ -300,6 +378,104 @@ async def test_commands_event_is_the_users_list_and_follows_every_change(
                 assert (await changed())["state"] == str(state)
             assert all(x != y for x, y in zip(seen, seen[1:], strict=False)), seen
             assert outside.empty()  # gw-c's list did not change for this viewer
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_an_unchanged_list_is_not_listed_again_and_the_scope_follows_the_gateway(
+        kind: str, tmp_path: Path) -> None:
+    """A viewer of d1 watching gw-a: while nothing changes, checks go by without listing its
+    commands again (the store's `list` is not called); without reconnecting, the list empties
+    when gw-a moves out of d1, is retired, or its site is re-parented out of d1, and comes back
+    when it moves back, is unretired, or its site comes back; a new command shows at once.
+    Each event is the list `GET /api/commands` gives that viewer at that moment."""
+    async with running(kind, tmp_path) as env, _served(env.app) as base:
+        live = env.app.state.console_live
+        live.check_s, live.refresh_s = 0.02, 3600.0  # fast checks, no periodic resend
+        storage, store = env.app.state.storage, env.app.state.commands.service.store
+        boss = await env.token("boss", "admin")
+        viewer = await env.token("watch-1", "viewer", area="d1")
+        site1, site2 = (await storage.run(lambda: _sites("site1", "site2"), write=False))
+        lists = 0
+        real_list = store.list
+
+        async def counted_list(**kw: Any) -> Any:  # the real store, its calls counted
+            nonlocal lists
+            lists += 1
+            return await real_list(**kw)
+
+        store.list = counted_list
+
+        async def issue() -> str:
+            r = await env.c.post("/api/commands", headers=boss,
+                                 json={"gw": "gw-a", "kind": "request_diagnostics"})
+            assert r.status_code == 201, r.text
+            return str(r.json()["cmd_id"])
+
+        async def listed() -> Any:
+            r = await env.c.get("/api/commands", params={"gw": "gw-a", "limit": 10},
+                                headers=viewer)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        async def checks(n: int) -> None:
+            start = live.counters.checks
+            await until(lambda: live.counters.checks >= start + n, f"{n} checks")
+
+        async def admin(method: str, path: str, body: dict[str, Any]) -> None:
+            r = await env.c.request(method, path, headers=boss, json=body)
+            assert r.status_code == 200, r.text
+
+        first = await issue()
+        async with _commands_events(base, viewer, "gw-a") as events:
+            async def shows(ids: list[str]) -> None:
+                """The next event lists `ids`, as `GET /api/commands` does now."""
+                body = await asyncio.wait_for(events.get(), 10)
+                assert [c["cmd_id"] for c in body["commands"]] == ids, body
+                assert body == {"gw": "gw-a", "commands": await listed()}
+
+            await shows([first])
+            await checks(2)
+            before = lists
+            await checks(20)
+            assert lists == before, f"listed {lists - before} times while nothing changed"
+            assert events.empty()
+
+            await admin("PUT", "/api/gateways/gw-a/area", {"area_id": site2})
+            await shows([])
+            await admin("PUT", "/api/gateways/gw-a/area", {"area_id": site1})
+            await shows([first])
+            second = await issue()
+            await shows([second, first])
+
+            await storage.run(lambda: _reparent("site1", "d2"))  # no API does this yet
+            await shows([])
+            await storage.run(lambda: _reparent("site1", "d1"))
+            await shows([second, first])
+
+            await admin("POST", "/api/gateways/gw-a/retire", {"reason": "flooded", "force": True})
+            await shows([])
+            await admin("POST", "/api/gateways/gw-a/unretire", {"reason": "repaired"})
+            body = await asyncio.wait_for(events.get(), 10)  # back, its commands ended
+            assert [(c["cmd_id"], c["state"]) for c in body["commands"]] == [
+                (second, "expired"), (first, "expired")], body
+            before = lists
+            await checks(20)
+            assert lists == before and events.empty()
+        del store.list
+
+
+def _sites(*codes: str) -> Any:
+    rows = yield Sql(f"SELECT id FROM areas WHERE code IN ({', '.join('?' * len(codes))})"
+                     " ORDER BY code", codes)
+    return [r[0] for r in rows]
+
+
+def _reparent(code: str, parent: str) -> Any:
+    """Move area `code` (a leaf) under area `parent`: its parent and its path."""
+    (pid, ppath), = (yield Sql("SELECT id, path FROM areas WHERE code = ?", (parent,)))
+    (aid,), = (yield Sql("SELECT id FROM areas WHERE code = ?", (code,)))
+    yield Sql("UPDATE areas SET parent_id = ?, path = ? WHERE id = ?",
+              (pid, f"{ppath}{aid}/", aid))
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

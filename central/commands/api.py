@@ -20,7 +20,7 @@ a different operator approves it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -30,7 +30,9 @@ from central import CentralError
 from central.commands.check import ConfigRefusedError, WriteRefusedError
 from central.commands.dispatch import CommandRequestError, CommandService
 from central.commands.store import (
+    LISTED_PATHS,
     ApprovalError,
+    Change,
     CommandEvent,
     CommandStoreError,
     StoredCommand,
@@ -39,7 +41,6 @@ from central.commands.store import (
 from central.identity.authz import Operator, Reader, check_gateway, gateway_paths_program
 from central.identity.retire import check_in_service
 from central.storage.program import Program, Sql
-from central.storage.retire_schema import in_service
 from central.web.problems import install_problems
 from central.web.routing import StrictModel
 from protocols.command_results import CommandState
@@ -136,10 +137,8 @@ def _service(app: FastAPI) -> CommandService:
 def _listed_path_program(gw: str) -> Program[str | None]:
     """`gw`'s area path if `list_gateways` lists it (heard of, in service); None if it is at
     no site or not listed, which a user scoped to an area sees neither way."""
-    rows = yield Sql("SELECT ar.path FROM gateways g JOIN gateway_sites gs ON gs.gw = g.gw"
-                     " JOIN areas ar ON ar.id = gs.area_id"
-                     f" WHERE g.gw = ? AND {in_service('g.gw')}", (gw,))
-    return str(rows[0][0]) if rows else None
+    rows = yield Sql(f"{LISTED_PATHS} = ?", (gw,))
+    return str(rows[0][2]) if rows else None
 
 
 async def visible_commands(app: FastAPI, sees: Callable[[str | None], bool] | None, *,
@@ -151,7 +150,7 @@ async def visible_commands(app: FastAPI, sees: Callable[[str | None], bool] | No
     list whichever brought it."""
     store = _service(app).store
     gw_in = None
-    if sees is not None and gw is not None:  # the console's 0.5 s feed: that gateway only
+    if sees is not None and gw is not None:  # one gateway (the console's feed): its path only
         path = await app.state.storage.run(lambda: _listed_path_program(gw), write=False)
         gw_in = [gw] if sees(path) else []
     elif sees is not None:
@@ -159,6 +158,11 @@ async def visible_commands(app: FastAPI, sees: Callable[[str | None], bool] | No
         paths = await storage.run(gateway_paths_program, write=False)
         gw_in = [g.gw for g in await storage.list_gateways() if sees(paths.get(g.gw))]
     return [_out(c) for c in await store.list(gw=gw, state=state, limit=limit, gw_in=gw_in)]
+
+
+async def command_changes(app: FastAPI, gws: Sequence[str]) -> dict[str, Change]:
+    """What the list of each of `gws` depends on (`CommandStore.changes`), in one query."""
+    return await _service(app).store.changes(gws)
 
 
 def install(app: FastAPI) -> None:

@@ -46,3 +46,12 @@ def m002_approval(d: Dialect) -> list[str]:
         "ALTER TABLE commands ADD COLUMN approved_by TEXT",
         f"ALTER TABLE commands ADD COLUMN approved_ms {d.bigint}",
     ]
+
+
+@migration
+def m003_changes(d: Dialect) -> list[str]:
+    # One counter per gateway, bumped by every write that changes one of its commands: the
+    # console's live feed asks for the counters of the gateways on screen (one key lookup
+    # each) and lists a gateway's commands again only when its counter moved. A row, not a
+    # max(updated_ms): on PostgreSQL two writers commit out of the order of their clocks.
+    return [f"CREATE TABLE command_changes (gw TEXT PRIMARY KEY, n {d.bigint} NOT NULL)"]

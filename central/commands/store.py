@@ -42,7 +42,7 @@ from __future__ import annotations
 import builtins
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +130,14 @@ class Moved:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """A gateway's change marker (`CommandStore.changes`)."""
+
+    count: int  # bumped by every write to one of its commands
+    path: str | None  # its listed area path (`LISTED_PATHS`)
+
+
+@dataclass(frozen=True, slots=True)
 class CommandEvent:
     ts_ms: int  # gateway's record time for a report, central's clock for its own events
     state: str
@@ -157,6 +165,10 @@ _COLS = ("cmd_id, gw, kind, target, args, issued_at_ms, expires_at_ms, state, st
          " reason, detail, result, origin, created_ms, updated_ms, sent_count, last_sent_ms,"
          " issued_by, approval, approved_by, approved_ms")
 _VALUES = "(" + ", ".join("?" * 21) + ")"
+# The area path of each gateway `list_gateways` lists (heard of, in service, at a site); a
+# user scoped to an area sees no command of any other. End it with `IN (…)`.
+LISTED_PATHS = ("SELECT g.gw, NULL, ar.path FROM gateways g JOIN gateway_sites gs ON gs.gw = g.gw"
+                f" JOIN areas ar ON ar.id = gs.area_id WHERE {in_service('g.gw')} AND g.gw")
 
 
 def _json(value: Mapping[str, Any] | None) -> str | None:
@@ -216,6 +228,7 @@ class CommandStore(SideStore):
                     detail += "; safety-critical: waits for a second operator's approval"
                 self._event(cur, cmd.cmd_id, now, str(cmd.state), SOURCE_CENTRAL, None,
                             detail, None, True, now)
+                self._changed(cur, [cmd.gw])
                 return True
 
         if not await self._call(body):
@@ -228,6 +241,13 @@ class CommandStore(SideStore):
         if self.postgres:
             fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
             self._q(cur, f"SELECT {fn}(?)", (zlib.crc32(f"fieldlink.central.gw:{gw}".encode()),))
+
+    def _changed(self, cur: Any, gws: Iterable[str]) -> None:
+        """Bump the change counter of each of `gws` (in order, so two writers lock the rows
+        alike): one of its commands changed in this transaction (see `changes`)."""
+        for gw in sorted(set(gws)):
+            self._q(cur, "INSERT INTO command_changes (gw, n) VALUES (?, 1)"
+                         " ON CONFLICT (gw) DO UPDATE SET n = command_changes.n + 1", (gw,))
 
     def _event(self, cur: Any, cmd_id: str, ts_ms: int, state: str, source: str,
                reason: str | None, detail: str | None, attrs: Mapping[str, Any] | None,
@@ -250,8 +270,10 @@ class CommandStore(SideStore):
                                  " WHERE cmd_id = ? AND state = ?",
                             (str(CommandState.SENT), SOURCE_CENTRAL, now, cmd_id,
                              str(CommandState.PENDING))).rowcount
-                self._q(cur, "UPDATE commands SET sent_count = sent_count + 1, last_sent_ms = ?"
-                             " WHERE cmd_id = ?", (now, cmd_id))
+                sent = self._q(cur, "UPDATE commands SET sent_count = sent_count + 1,"
+                                    " last_sent_ms = ? WHERE cmd_id = ? RETURNING gw",
+                               (now, cmd_id)).fetchall()
+                self._changed(cur, [r[0] for r in sent])
                 if n:
                     self._event(cur, cmd_id, now, str(CommandState.SENT), SOURCE_CENTRAL, None,
                                 None, None, True, now)
@@ -297,6 +319,7 @@ class CommandStore(SideStore):
                         self._event(cur, r[0], now, str(CommandState.EXPIRED), SOURCE_CENTRAL,
                                     str(Reason.NOT_DELIVERED), None, None, True, now)
                         out.append(_command_row(r))
+                self._changed(cur, [c.gw for c in out])
                 return out
 
         return await self._call(body)
@@ -351,6 +374,8 @@ class CommandStore(SideStore):
                             (str(res.state), SOURCE_GATEWAY, reason, res.detail,
                              _json(rep.attrs), now, res.cmd_id))
                     moved.append(Moved(res.cmd_id, str(res.state), reason))
+            if moved:  # every command that moved is `gw`'s (or new, with `gw`)
+                self._changed(cur, [gw])
         return moved
 
     async def approve(self, cmd_id: str, approver: str, *,
@@ -361,11 +386,11 @@ class CommandStore(SideStore):
 
         def body() -> None:
             with self._tx() as cur:
-                row = self._q(cur, "SELECT issued_by, approval, state FROM commands"
+                row = self._q(cur, "SELECT issued_by, approval, state, gw FROM commands"
                                    " WHERE cmd_id = ?", (cmd_id,)).fetchone()
                 if row is None:
                     raise UnknownCommandError(cmd_id)
-                issued_by, approval, state = row
+                issued_by, approval, state, row_gw = row
                 if approval != APPROVAL_REQUIRED:
                     raise ApprovalError(cmd_id, "does not await approval"
                                         if approval is None else "already approved")
@@ -377,6 +402,7 @@ class CommandStore(SideStore):
                 self._q(cur, "UPDATE commands SET approval = ?, approved_by = ?, approved_ms = ?,"
                              " updated_ms = ? WHERE cmd_id = ?",
                         (APPROVED, approver, now, now, cmd_id))
+                self._changed(cur, [row_gw])
                 self._event(cur, cmd_id, now, str(state), SOURCE_CENTRAL, None,
                             f"approved by {approver}", None, False, now)
 
@@ -401,6 +427,21 @@ class CommandStore(SideStore):
         just before it publishes, so a command listed before a retire does not go out after."""
         return bool(await self._call(self._read, "SELECT 1 FROM commands WHERE cmd_id = ? AND"
                                      f" state IN (?, ?) AND {in_service()}", (cmd_id, *_OPEN)))
+
+    async def changes(self, gws: Sequence[str]) -> dict[str, Change]:
+        """What `list(gw=…)` and its area scope depend on, for each of `gws`, in one query:
+        its change counter (bumped by every write to one of its commands) and its listed area
+        path (`LISTED_PATHS`: moved, retired, unretired, placed or first heard of, whichever
+        process did it). An unchanged `Change` means an unchanged list."""
+        if not gws:
+            return {}
+        marks = ", ".join("?" * len(gws))
+        rows = await self._call(self._read, f"SELECT gw, n, NULL FROM command_changes"
+                                f" WHERE gw IN ({marks}) UNION ALL"
+                                f" {LISTED_PATHS} IN ({marks})", (*gws, *gws))
+        counts = {r[0]: int(r[1]) for r in rows if r[1] is not None}
+        paths = {r[0]: str(r[2]) for r in rows if r[1] is None}
+        return {gw: Change(counts.get(gw, 0), paths.get(gw)) for gw in gws}
 
     async def history(self, cmd_id: str) -> list[CommandEvent]:
         rows = await self._call(self._read, "SELECT ts_ms, state, source, reason, detail, attrs,"

@@ -9,9 +9,12 @@
   `overview`, `desk` and `board` carry the new state whenever it changed, `ping` every few
   seconds so the page can tell a dead link from a quiet one. With `gw`, also `commands`: that
   gateway's newest commands, the list `GET /api/commands?gw=…&limit=10` returns for this user
-  (the same query), so an approval or a gateway's result shows at once. One producer per view
-  (the user's area and the chosen area) checks the database every 0.5 s and fans out to all
-  its clients (`central.console.live`); the browser never polls per gateway.
+  (the same query), so an approval or a gateway's result shows at once, and as soon as the
+  stream opens. One producer per view (the user's area and the chosen area) checks the
+  database every 0.5 s and fans out to all its clients (`central.console.live`); for the
+  command lists it reads one change marker for all the gateways on screen
+  (`CommandStore.changes`) and lists a gateway's commands again only when it moved. The
+  browser never polls per gateway.
 - Every read takes `area`: the map, its counts, the desk and the board of that area only.
 - `PUT /api/gateways/{gw}/position`, `PUT /api/areas/{id}/position` (admins, audited).
 """
@@ -19,13 +22,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
-from central.commands.api import CommandOut, visible_commands
+from central.commands.api import CommandOut, command_changes, visible_commands
 from central.console import geo
 from central.console.board import BoardOut, build_board
 from central.console.live import Broadcaster
@@ -49,6 +52,7 @@ from central.identity.authz import (
 from central.storage.program import Program
 from central.web.bounds import ID_MAX, IdPath
 from central.web.routing import StrictModel, run_audited, storage_of
+from runtime.clock import now_ms
 
 # Module level, so the routes' string annotations resolve.
 AreaQuery = Annotated[int | None, Query(ge=1, le=ID_MAX, description="this area and all under it")]
@@ -61,8 +65,10 @@ GwQuery = Annotated[str | None, Query(min_length=1, max_length=64,
 
 
 class GatewayCommandsOut(StrictModel):
-    """The `commands` event: whose list it is (a page that moved on ignores it), newest first."""
+    """The `commands` event: whose list it is (a page that moved on ignores it), newest first,
+    and central's clock when it was built (the page reckons ages from it, not its own)."""
 
+    now_ms: int
     gw: str
     commands: list[CommandOut]
 
@@ -72,8 +78,19 @@ async def build_commands(app: FastAPI, view: View, gw: str) -> GatewayCommandsOu
     scope is the user's area alone (the area chosen on the page does not hide a command of the
     gateway on screen), and a gateway outside it has none."""
     sees = None if view.user_area_path is None else view.sees
-    return GatewayCommandsOut(gw=gw, commands=await visible_commands(
-        app, sees, gw=gw, limit=COMMANDS_SHOWN))
+    commands = await visible_commands(app, sees, gw=gw, limit=COMMANDS_SHOWN)
+    return GatewayCommandsOut(now_ms=now_ms(), gw=gw, commands=commands)
+
+
+async def commands_marks(app: FastAPI, view: View,
+                         gws: Sequence[str]) -> Mapping[str, Hashable]:
+    """What `build_commands` depends on for each of `gws`, in one query: its commands' change
+    counter, and its listed area path for a user scoped to an area (a city-wide user sees
+    every gateway's commands, wherever it stands)."""
+    changes = await command_changes(app, gws)
+    if view.user_area_path is None:
+        return {gw: c.count for gw, c in changes.items()}
+    return changes
 
 
 async def _set_position(request: Request, p: Principal, action: str, target: str,
@@ -104,6 +121,7 @@ def install(app: FastAPI) -> None:
         (("overview", lambda v: build_overview(app, v)), ("desk", lambda v: build_desk(app, v)),
          ("board", lambda v: build_board(app, v))),
         gateway_builders=(("commands", lambda v, gw: build_commands(app, v, gw)),),
+        gateway_marks=lambda v, gws: commands_marks(app, v, gws),
         check_s=CHECK_S, ping_s=PING_S, refresh_s=REFRESH_S)
 
     @app.get("/api/console/overview", response_model=OverviewOut, tags=["console"])

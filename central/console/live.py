@@ -8,9 +8,12 @@ duty-room screens on the whole city cost one set of queries per check, not twent
 starts with its first subscriber and stops with its last.
 
 Some events belong to one gateway of the view: the command list of the gateway a page shows.
-A subscriber names that gateway (`Subscriber.gw`); the feed builds those events once per check
-for each gateway some subscriber watches, under the same change test, and offers each only to
-that gateway's subscribers. A page that moves to another gateway stays on its view's feed.
+A subscriber names that gateway (`Subscriber.gw`); the feed offers those events only to that
+gateway's subscribers. It does not build them every check: it first asks `gateway_marks` for a
+cheap change marker of every watched gateway at once (one query), and builds a gateway's events
+only when its marker moved since the last build (or its refresh is due). A gateway watched for
+the first time wakes the feed, so its events come at once, not at the next check. A page that
+moves to another gateway stays on its view's feed.
 
 A subscriber keeps only the newest body of each event (`Subscriber.offer` replaces what is
 pending): a slow client skips states it had no time to show and gets the newest, and never
@@ -24,7 +27,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -38,6 +41,9 @@ log = structlog.get_logger(__name__)
 
 Builder = Callable[[View], Awaitable[BaseModel]]
 GatewayBuilder = Callable[[View, str], Awaitable[BaseModel]]
+# What must change for any gateway event to change, for each gateway asked (a marker that
+# compares equal promises unchanged bodies; one call for all the watched gateways).
+GatewayMarks = Callable[[View, Sequence[str]], Awaitable[Mapping[str, Hashable]]]
 Key = tuple[str, str | None]  # an event's name and its gateway (None: the whole view's)
 
 
@@ -80,13 +86,16 @@ class Subscriber:
 
 @dataclass(slots=True)
 class LiveCounters(Counters):
-    """Feeds running, clients attached, builds done and failed (read by the tests; not yet
-    on `/metrics`)."""
+    """Feeds running, clients attached, rounds of checks, builds done and failed, gateway
+    events left unbuilt since their marker did not move (read by the tests; not yet on
+    `/metrics`)."""
 
     feeds: int = 0
     subscribers: int = 0
     builds: int = 0
     build_errors: int = 0
+    unchanged: int = 0
+    checks: int = 0
 
 
 @dataclass
@@ -98,17 +107,22 @@ class Feed:
     check_s: float
     ping_s: float
     refresh_s: float
+    gateway_marks: GatewayMarks | None = None  # None: build the gateways' events every check
     subscribers: set[Subscriber] = field(default_factory=set)
     last: dict[Key, bytes] = field(default_factory=dict)  # newest event of each name
     keys: dict[Key, str] = field(default_factory=dict)  # change_key of the event last sent
     sent: dict[Key, float] = field(default_factory=dict)  # monotonic time it was sent
+    marks: dict[Key, Hashable] = field(default_factory=dict)  # a gateway's marker at its build
     task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # check now, not after check_s
 
     def join(self, sub: Subscriber) -> None:
         self.subscribers.add(sub)
         for (name, gw), data in self.last.items():  # a late joiner starts from the newest state
             if gw is None or gw == sub.gw:
                 sub.offer(name, data)
+        if sub.gw is not None and not any(k[1] == sub.gw for k in self.last):
+            self.wake.set()  # a gateway nobody watched: build its events now
 
     def _send(self, key: Key, data: bytes) -> None:
         self.last[key] = data
@@ -125,36 +139,70 @@ class Feed:
             self.keys.pop(key)
             self.sent.pop(key, None)
             self.last.pop(key, None)
+            self.marks.pop(key, None)
         return watched
 
-    async def _check(self, key: Key, build: Callable[[], Awaitable[BaseModel]]) -> None:
-        """Build one event; offer it if its body changed or it is due for a refresh."""
+    async def _marks(self, gws: Sequence[str]) -> Mapping[str, Hashable]:
+        """The watched gateways' markers; none (so every event is built) if they cannot be
+        read."""
+        if self.gateway_marks is None or not gws:
+            return {}
+        try:
+            return await self.gateway_marks(self.view, gws)
+        except Exception:  # noqa: BLE001 - then build as if every marker moved
+            self.counters.build_errors += 1
+            log.warning("console_marks_failed", exc_info=True)
+            return {}
+
+    def _due(self, key: Key) -> bool:
+        return time.monotonic() - self.sent.get(key, 0.0) >= self.refresh_s
+
+    async def _check_gateways(self) -> None:
+        """Build each watched gateway's events whose marker moved (or is unknown) since its
+        last build, or whose refresh is due."""
+        gws = sorted(self._watched())
+        marks = await self._marks(gws)
+        for gw in gws:
+            mark = marks.get(gw)
+            for name, build_for in self.gateway_builders:
+                key = (name, gw)
+                if mark is not None and self.marks.get(key) == mark and not self._due(key):
+                    self.counters.unchanged += 1
+                    continue
+                # A write after `marks` was read moves the marker again: built again next check.
+                if await self._check(key, functools.partial(build_for, self.view, gw)):
+                    self.marks[key] = mark
+
+    async def _check(self, key: Key, build: Callable[[], Awaitable[BaseModel]]) -> bool:
+        """Build one event; offer it if its body changed or it is due for a refresh. False
+        if the build failed."""
         try:
             body = await build()
         except Exception:  # noqa: BLE001 - one failed build must not end every screen
             self.counters.build_errors += 1
             log.warning("console_build_failed", event_name=key[0], gw=key[1], exc_info=True)
-            return
+            return False
         self.counters.builds += 1
         change = change_key(body)
-        due = time.monotonic() - self.sent.get(key, 0.0) >= self.refresh_s
-        if self.keys.get(key) != change or due:
+        if self.keys.get(key) != change or self._due(key):
             self.keys[key], self.sent[key] = change, time.monotonic()
             self._send(key, sse(key[0], body.model_dump_json()))
+        return True
 
     async def run(self) -> None:
         last_ping = 0.0
         while True:
+            self.wake.clear()  # a gateway joining from here on is built in the next round
             for name, build in self.builders:
                 await self._check((name, None), functools.partial(build, self.view))
-            for gw in sorted(self._watched()):
-                for name, build_for in self.gateway_builders:
-                    await self._check((name, gw), functools.partial(build_for, self.view, gw))
+            await self._check_gateways()
+            self.counters.checks += 1
             if time.monotonic() - last_ping >= self.ping_s:
                 last_ping = time.monotonic()
                 for sub in self.subscribers:
                     sub.offer("ping", sse("ping", json.dumps({"now_ms": now_ms()})))
-            await asyncio.sleep(self.check_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.check_s)
 
 
 class Broadcaster:
@@ -162,9 +210,11 @@ class Broadcaster:
 
     def __init__(self, builders: Sequence[tuple[str, Builder]], *, check_s: float,
                  ping_s: float, refresh_s: float,
-                 gateway_builders: Sequence[tuple[str, GatewayBuilder]] = ()) -> None:
+                 gateway_builders: Sequence[tuple[str, GatewayBuilder]] = (),
+                 gateway_marks: GatewayMarks | None = None) -> None:
         self.builders = tuple(builders)
         self.gateway_builders = tuple(gateway_builders)
+        self.gateway_marks = gateway_marks
         self.check_s, self.ping_s, self.refresh_s = check_s, ping_s, refresh_s
         self.feeds: dict[View, Feed] = {}
         self.counters = LiveCounters()
@@ -176,7 +226,7 @@ class Broadcaster:
         feed = self.feeds.get(view)
         if feed is None:
             feed = Feed(view, self.builders, self.gateway_builders, self.counters, self.check_s,
-                        self.ping_s, self.refresh_s)
+                        self.ping_s, self.refresh_s, self.gateway_marks)
             feed.task = asyncio.create_task(feed.run(), name=f"console.feed[{view.area}]")
             self.feeds[view] = feed
             self.counters.feeds = len(self.feeds)

@@ -2,10 +2,10 @@
 // dialog asks to confirm it (what, to which gateway, by whom), then it is issued through
 // POST /api/commands and its state is followed until the gateway reports the end. A viewer
 // sees the commands but the button is disabled; the API refuses them anyway (403).
-// The list comes from the live feed (console-live.js: a `commands` event for the gateway on
-// screen whenever it changed), so a second operator's approval or a gateway's result shows at
-// once on every screen; it is fetched only once per (re)connection, to show something before
-// the first event.
+// The list comes only from the live feed (console-live.js: a `commands` event for the gateway
+// on screen as soon as the stream opens and whenever it changed), so a second operator's
+// approval or a gateway's result shows at once on every screen. Ages are reckoned on
+// central's clock (the event's now_ms), not the browser's.
 // A write to a safety-critical point waits for a second operator (DESIGN.md §8): another
 // operator's row has 审批…, which opens a dialog naming what will be written and asks for a
 // tick before POST /api/commands/{id}/approve; the issuer's own row says it waits for someone
@@ -22,9 +22,8 @@ const COMMAND_FIELDS = { request_diagnostics: [], sync_time: [],
                          set_poll_interval: ["device", "seconds"],
                          write_point: ["device", "point", "value"] };
 const FINAL_STATES = new Set(["succeeded", "failed", "rejected", "expired"]);
-const COMMANDS_SHOWN = 10;  // as many as the live feed sends (central/console/api.py)
 const cmdPage = { gw: null, pending: null, follow: null, rows: new Map(), names: new Map(),
-                  approving: null, shown: null, pushes: 0 };
+                  approving: null, shown: null, skew: 0 };
 
 function commandArgs(kind) {
   const v = (id) => $(id).value.trim();
@@ -77,45 +76,37 @@ function renderCommands(rows) {
       class: `command ${c.state}`, "data-cmd": c.cmd_id, "data-approval": c.approval || "" },
     el("td", {}, fmtTime(c.created_ms)), el("td", {}, describeCommand(c)),
     el("td", {}, el("span", { class: `badge cstate ${c.state}` }, COMMAND_STATES[c.state] || c.state),
-      c.reason ? el("span", { class: "muted" }, ` ${c.reason}`) : ""),
+      c.reason ? el("span", { class: "muted" }, ` ${c.reason}`) : "",
+      el("span", { class: "muted cmd-age", "data-since": String(c.updated_ms),
+                   title: `状态更新于 ${fmtTime(c.updated_ms)}` })),
     el("td", { class: "approval-cell" }, approvalCell(c)),
     el("td", {}, c.issued_by || "—"), el("td", { class: "muted" }, c.cmd_id.slice(0, 8))),
     CMD_HEADS)) : [el("tr", {}, el("td", { colspan: "6", class: "muted" }, "暂无命令"))]));
 }
 const CMD_HEADS = ["时间", "命令", "状态", "审批", "下发人", "编号"];
 
+// How long each state has held, on central's clock; written in place, so a button about to
+// be clicked stays put.
+function tickCommandAges() {
+  for (const node of document.querySelectorAll("#cmd-rows .cmd-age")) {
+    node.textContent = ` · ${fmtAgo(Number(node.dataset.since) - cmdPage.skew)}`;
+  }
+}
+
 // The list and, for the command this page issued or approved (cmdPage.follow), the line
-// under the form; a body the same as the one on screen is not redrawn (a button about to be
-// clicked stays put).
-function showCommands(rows) {
-  const body = JSON.stringify(rows);
-  if (body !== cmdPage.shown) {
-    cmdPage.shown = body;
-    renderCommands(rows);
-  }
-  const c = cmdPage.follow && cmdPage.rows.get(cmdPage.follow);
-  if (c) followed(c);
-}
-
-// Once on (re)connection: an event that arrived meanwhile is newer than this answer.
-async function fetchCommands() {
-  const gw = cmdPage.gw, pushes = cmdPage.pushes;
-  if (!gw) return;
-  try {
-    const rows = await getJSON(`/api/commands?gw=${encodeURIComponent(gw)}&limit=${COMMANDS_SHOWN}`);
-    if (gw === cmdPage.gw && pushes === cmdPage.pushes) showCommands(rows);
-  } catch (e) {
-    if (gw !== cmdPage.gw || pushes !== cmdPage.pushes) return;
-    cmdPage.shown = null;
-    $("cmd-rows").replaceChildren(el("tr", {}, el("td", { colspan: "6", class: "error" },
-      `命令读取失败：${errorText(e)}`)));
-  }
-}
-
+// under the form. The same list comes again with a newer now_ms (the feed's periodic resend,
+// a reconnection): it is not redrawn then, or a button about to be clicked would move.
 function pushedCommands(data) {
   if (data.gw !== cmdPage.gw) return;  // sent before the page moved to another gateway
-  cmdPage.pushes += 1;
-  showCommands(data.commands);
+  cmdPage.skew = data.now_ms - Date.now();
+  const body = JSON.stringify(data.commands);
+  if (body !== cmdPage.shown) {
+    cmdPage.shown = body;
+    renderCommands(data.commands);
+  }
+  tickCommandAges();
+  const c = cmdPage.follow && cmdPage.rows.get(cmdPage.follow);
+  if (c) followed(c);
 }
 
 // Called by the gateway page whenever it shows a gateway: the live feed moves to it.
@@ -129,9 +120,13 @@ function showCommandsFor(g) {
   if (cmdPage.gw !== g.gw) {
     cmdPage.gw = g.gw;
     cmdPage.follow = null;
+    cmdPage.shown = null;
+    cmdPage.rows = new Map();
     $("cmd-result").hidden = true;
+    $("cmd-rows").replaceChildren(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "读取中…")));
     live.gw = g.gw;
-    connectLive();  // its open fetches the list once
+    delete live.bodies.commands;  // this gateway's list may be the one last handled: show it
+    connectLive();  // the new stream brings this gateway's list as soon as it opens
   }
 }
 
@@ -271,5 +266,5 @@ function startCommands() {
   startApprovals();
   showKindFields();
   live.handlers.commands = pushedCommands;
-  live.handlers.open = fetchCommands;
+  setInterval(tickCommandAges, 5000);
 }

@@ -7,7 +7,7 @@
 const live = {
   source: null,
   lastHeard: 0,  // Date.now() of the last event of any kind
-  handlers: {},  // event name -> function(data); "open": called on every (re)connection
+  handlers: {},  // event name -> function(data)
   area: "",
   gw: "",  // the gateway whose commands are pushed as well
   bodies: {},  // event name -> the body last handled
@@ -41,9 +41,8 @@ function connectLive() {
   const retire = () => { if (old) old.close(); };
   source.addEventListener("open", retire, { once: true });
   source.addEventListener("error", retire, { once: true });
-  // what changed while the link was down comes with the first events; a view that fetches
-  // once on (re)connection shows something before them
-  source.onopen = () => { if (live.handlers.open) live.handlers.open(); };
+  // what changed while the link was down comes with the first events: the feed sends every
+  // body (the gateway's command list too) as soon as the stream opens
   for (const name of ["overview", "desk", "board", "commands", "ping"]) {
     source.addEventListener(name, (ev) => {
       if (source !== live.source) return;  // being replaced: the new stream brings it too
