@@ -189,15 +189,31 @@ def port_open(host: str, port: int) -> bool:
 
 
 class Mosquitto:
-    """A private Mosquitto on a free loopback port that a test can SIGKILL and restart."""
+    """A private Mosquitto on a free loopback port that a test can SIGKILL and restart.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    Example::
+
+        broker = Mosquitto(tmp_path / "mq", extra="allow_anonymous false\n")
+        broker.start()
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, *, conf: Path | None = None,
+                 extra: str = "") -> None:
+        """The test config is written in `workdir` (created if need be), with `extra` lines
+        at its end: Mosquitto takes the last value of a setting named twice, so they may
+        override it (`allow_anonymous false`). `conf`: the caller's own config file instead
+        (it must listen on `port`), as `central broker-config` writes one."""
+        assert conf is None or not extra, "extra lines go into the test config, not `conf`"
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = workdir
-        self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        if conf is not None:
+            self.conf = conf
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
@@ -206,6 +222,7 @@ class Mosquitto:
             "max_inflight_messages 100\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\n"
+            + extra
         )
 
     @property

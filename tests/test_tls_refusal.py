@@ -38,12 +38,12 @@ from edge_agent.config.site import AgentConfig, load_config
 from edge_agent.control.server import ControlOps, ControlServer
 from edge_agent.health.metrics import AgentCollector, take_snapshot
 from edge_agent.outbox.store import Outbox
-from edge_agent.uplink.link import BrokerRefusal, Uplink
-from protocols.envelope import Birth
+from edge_agent.uplink.link import BrokerRefusal
 from runtime.mqtt import Client, client_tls_context
 from runtime.mqtt_refusal import AlertCatcher, CertificateRefusedError, Refusal, TlsClosedError
 from tests.helpers import Mosquitto, until
 from tests.mtls import issue, start_broker
+from tests.uplinks import running_uplink
 
 GW = "gw-revoked"
 REFUSED = ("the broker refused our certificate (revoked or untrusted): "
@@ -106,17 +106,15 @@ async def running(site: Site) -> AsyncIterator[AgentRuntime]:
 
 @contextlib.asynccontextmanager
 async def _serving(cfg: AgentConfig, ob: Outbox) -> AsyncIterator[AgentRuntime]:
-    up = Uplink(gw=GW, outbox=ob, mqtt=cfg.mqtt, boot_id="b", version="0",
-                birth=Birth(gw=GW, stream="", boot_id="", version=""))
-    runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
-    server = ControlServer(cfg.control_socket_path, ControlOps(runtime))
-    tasks = [asyncio.create_task(up.run()), asyncio.create_task(server.serve())]
-    try:
-        yield runtime
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+    async with running_uplink(GW, ob, cfg.mqtt) as up:
+        runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
+        server = asyncio.create_task(
+            ControlServer(cfg.control_socket_path, ControlOps(runtime)).serve())
+        try:
+            yield runtime
+        finally:
+            server.cancel()
+            await asyncio.wait((server,))
 
 
 def _refusal_counts(collector: AgentCollector) -> dict[str, float]:
