@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -33,9 +30,8 @@ from edge_agent.outbox.store import NewRecord, Outbox
 from protocols import topics
 from protocols.envelope import Ack, DataBatch, RecordKind, decode, encode, ranges_from_seqs
 from runtime.mqtt import Client as MqttClient
-from tests.helpers import Mosquitto, python_env, until
+from tests.helpers import AgentProcess, Mosquitto, background, until
 
-ROOT = Path(__file__).resolve().parent.parent
 GW = "gw-sent-kill"
 EVENTS = 60  # in the outbox before the agent starts
 BATCH, IN_FLIGHT = 10, 4  # the first run: 40 events in flight when it is killed
@@ -86,13 +82,8 @@ async def receiving(broker: Mosquitto) -> AsyncIterator[Receiver]:
                           identifier=f"receiver-{uuid.uuid4().hex[:6]}") as client:
         await client.subscribe(topics.up(GW, "data"), qos=1)
         receiver = Receiver(client)
-        task = asyncio.create_task(receiver.receive_loop(), name="receiver")
-        try:
+        async with background(receiver.receive_loop(), "receiver"):
             yield receiver
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def event(i: int) -> NewRecord:
@@ -105,12 +96,6 @@ def site(path: Path, broker: Mosquitto, *, batch_size: int, max_inflight: int) -
                     f"max_inflight = {max_inflight}\nack_timeout_s = 120\n"
                     "reconnect_min_s = 0.1\nreconnect_max_s = 0.5\n")
     return path
-
-
-def start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "-c", str(config)],
-                            env=python_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
 
 
 async def status(config: Path) -> dict[str, Any]:
@@ -137,14 +122,13 @@ async def test_a_restart_after_sigkill_knows_what_the_killed_run_sent(
     async with Outbox.open(outbox) as ob:
         await ob.append([event(i) for i in range(EVENTS)])
     async with receiving(mosquitto) as central:
-        agent = start(config)
-        try:
+        with AgentProcess(config) as agent:
+            agent.start()
             await until(lambda: len(central.batches) == IN_FLIGHT, "4 batches in flight")
             # The state loop saves the seqs sent, then keeps its pacing: once that shows the
             # 4 batches, the save before it has seen them. Then the kill, mid-send.
             await until(lambda: _in_flight_is(config, IN_FLIGHT), "the state loop's save")
-            agent.send_signal(signal.SIGKILL)
-            agent.wait(timeout=10)
+            agent.kill()
             sent = sorted(central.seqs)
             assert sent == list(range(1, BATCH * IN_FLIGHT + 1))
             killed = await status(config)
@@ -157,11 +141,12 @@ async def test_a_restart_after_sigkill_knows_what_the_killed_run_sent(
             await central.ack(central.unacked)
             central.unacked = []
             async with Outbox.open(outbox) as ob:
-                [alarm] = await ob.append([NewRecord(RecordKind.ALARM, T0, "gas-1/gas_lel", 57.5, attrs={
-                    "alarm_id": "gas-1/gas_lel/high", "rule": "high", "state": "raised",
-                    "level": 2})])
+                [alarm] = await ob.append([NewRecord(
+                    RecordKind.ALARM, T0, "gas-1/gas_lel", 57.5,
+                    attrs={"alarm_id": "gas-1/gas_lel/high", "rule": "high", "state": "raised",
+                           "level": 2})])
             config = site(config, mosquitto, batch_size=1, max_inflight=1)
-            agent = start(config)
+            agent.start()
             live = await until(partial(_acks_heard, config, IN_FLIGHT), "the acks kept for it")
             assert live["acks_refused"] == 0 and live["ack_records_unsent"] == 0, live
             await until(partial(_delivered, config, len(sent)), "the 40 marked delivered")
@@ -169,12 +154,7 @@ async def test_a_restart_after_sigkill_knows_what_the_killed_run_sent(
 
             await central.start_acking()
             done = await until(partial(_drained, config), "every record delivered")
-            agent.send_signal(signal.SIGTERM)
-            assert agent.wait(timeout=20) == 0
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            assert agent.stop() == 0
     copies = Counter(central.seqs)
     assert sorted(copies) == list(range(1, done["last_seq"] + 1))
     assert set(copies.values()) == {1}, {s: n for s, n in copies.items() if n > 1}

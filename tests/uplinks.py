@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -10,6 +9,7 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols.envelope import Birth
+from tests.helpers import background
 
 
 @contextlib.asynccontextmanager
@@ -19,10 +19,5 @@ async def running_uplink(gw: str, ob: Outbox, mqtt: MqttConfig, *,
     cancelled and awaited); it may not have connected yet when the block starts."""
     up = Uplink(gw=gw, outbox=ob, mqtt=mqtt, boot_id=boot_id, version="0",
                 birth=Birth(gw=gw, stream="", boot_id="", version=""))
-    task = asyncio.create_task(up.run(), name="uplink.mqtt")
-    try:
+    async with background(up.run(), "uplink.mqtt"):
         yield up
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
