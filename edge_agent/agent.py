@@ -134,7 +134,8 @@ class AgentRuntime:
             "gateway": self.config.gateway.id, "started_ms": self.started_ms,
             "updated_ms": time.time_ns() // 1_000_000,
             "uplink": {"connected": bool(self.uplink and self.uplink.connected),
-                       "refused": self.uplink.refused if self.uplink else None,
+                       "refused": None if self.uplink is None or self.uplink.refused is None
+                       else self.uplink.refused.to_jsonable(),
                        **({k: getattr(self.uplink.counters, k) for k in (
                            "acks", "acks_refused", "ack_records_unsent",
                            "ack_records_duplicate")} if self.uplink else {})},

@@ -417,6 +417,9 @@ class MqttSession:
         return b.wait_s(delay)
 
     def _connected(self) -> None:
+        # Connected: no refusal stands, and a session closed without an alert from now on is
+        # not the refusal before again.
+        self.refused = self.refusal = None
         self.connects += 1
         outage = None if self._down_since is None else time.monotonic() - self._down_since
         self._down_since = None

@@ -11,8 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -68,6 +69,18 @@ async def until(check: Callable[[], Any], what: str = "condition", *, timeout: f
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def background(coro: Coroutine[Any, Any, Any], name: str) -> AsyncIterator[asyncio.Task[Any]]:
+    """`coro` running in a task named `name` for the block; cancelled and awaited after."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
@@ -189,15 +202,31 @@ def port_open(host: str, port: int) -> bool:
 
 
 class Mosquitto:
-    """A private Mosquitto on a free loopback port that a test can SIGKILL and restart."""
+    """A private Mosquitto on a free loopback port that a test can SIGKILL and restart.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    Example::
+
+        broker = Mosquitto(tmp_path / "mq", extra="allow_anonymous false\n")
+        broker.start()
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, *, conf: Path | None = None,
+                 extra: str = "") -> None:
+        """The test config is written in `workdir` (created if need be), with `extra` lines
+        at its end: Mosquitto takes the last value of a setting named twice, so they may
+        override it (`allow_anonymous false`). `conf`: the caller's own config file instead
+        (it must listen on `port`), as `central broker-config` writes one."""
+        assert conf is None or not extra, "extra lines go into the test config, not `conf`"
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.workdir = workdir
-        self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        if conf is not None:
+            self.conf = conf
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
@@ -206,6 +235,7 @@ class Mosquitto:
             "max_inflight_messages 100\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\n"
+            + extra
         )
 
     @property
@@ -232,6 +262,51 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class AgentProcess:
+    """`edge-agent run -c config` as a process of its own, which a test starts, SIGKILLs and
+    starts again; on leaving the block one still running is killed.
+
+    Example::
+
+        with AgentProcess(site) as agent:
+            agent.start()
+            ...
+            agent.kill()
+            agent.start()
+            assert agent.stop() == 0
+    """
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> AgentProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "-c", str(self.config)],
+            env=python_env(), cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of the agent's runs (what it keeps is what it had kept)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd stops it; its exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
 
 
 def python_env() -> dict[str, str]:

@@ -1,12 +1,15 @@
 """Mutual TLS for tests (DESIGN.md §8): a certificate from central's CA, written as
 `edge-agent enroll` and `renew` write it, and a private Mosquitto with the production config
-that `central broker-config` writes (two mutual-TLS listeners, the CA's CRL)."""
+that `central broker-config` writes (two mutual-TLS listeners, the CA's CRL), and a probe of
+whether it lets a certificate in."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import aiomqtt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -17,6 +20,7 @@ from central.identity.ca import (
     write_private,
     write_public,
 )
+from runtime.mqtt import Client, client_tls_context
 from tests.helpers import Mosquitto, free_port
 
 
@@ -28,6 +32,19 @@ def issue(ca: CertificateAuthority, cn: str, cert: Path, key: Path) -> int:
     write_private(key, key_pem)
     write_public(cert, issued.public_bytes(serialization.Encoding.PEM))
     return issued.serial_number
+
+
+async def can_connect(port: int, ca: Path, cert: Path | None, key: Path | None) -> bool:
+    """Whether the broker on `port` lets this certificate in (none: `cert` None): an MQTT
+    session up to its CONNACK, not just TCP or the TLS handshake (under TLS 1.3 a refused
+    certificate is told after it)."""
+    ctx = client_tls_context(ca, cert, key)
+    try:
+        async with Client("127.0.0.1", port, identifier=f"probe-{time.monotonic_ns()}",
+                          tls_context=ctx, timeout=5, connect_timeout=5):
+            return True
+    except aiomqtt.MqttError:
+        return False
 
 
 def start_broker(ca: CertificateAuthority, folder: Path, tls_version: str | None = None
@@ -44,8 +61,6 @@ def start_broker(ca: CertificateAuthority, folder: Path, tls_version: str | None
                             f"require_certificate true\ntls_version {tls_version}\n")
         assert held != conf, "the broker config has no `require_certificate true` line to hold"
         files.conf.write_text(held)
-    (folder / "mq").mkdir()
-    broker = Mosquitto(folder / "mq", port=port)
-    broker.conf = files.conf
+    broker = Mosquitto(folder / "mq", port=port, conf=files.conf)
     broker.start()
     return broker

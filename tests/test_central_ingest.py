@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from central.config.settings import Settings
 from central.health.metrics import Metrics
+from central.ingest import subscriber
 from central.ingest.subscriber import Ingest
 from central.storage import DatabaseWriteError, Storage, WriteResult, open_storage
 from central.storage.sqlite import SqliteStorage
@@ -112,6 +114,27 @@ async def test_queued_batches_are_drained_into_one_write(mosquitto: Mosquitto,
                                                          for i in range(20)]
             assert (await storage.count_records("gw-1")).readings == 40
             assert metrics.batches == 20 and metrics.commits < 20
+
+
+async def test_a_write_waits_out_the_store_interval_and_takes_what_came_meanwhile(
+        mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write starts no sooner than `STORE_INTERVAL_MIN_S` after the one before, and the
+    batches that came in that time share it: one commit for three, not one each."""
+    interval = 1.0  # long enough that the three batches all come within it
+    monkeypatch.setattr(subscriber, "STORE_INTERVAL_MIN_S", interval)
+    async with running_ingest(mosquitto, tmp_path) as (_, _, metrics), \
+            gateway(mosquitto, "gw-1") as gw:
+        first_sent = time.monotonic()  # before central has it, so before its write starts
+        await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [1])), qos=1)
+        assert await next_ack(gw) == env.Ack(stream="s1", ranges=((1, 1),))
+        await asyncio.gather(*(
+            gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [seq])), qos=1)
+            for seq in (2, 3, 4)))
+        acks = [await next_ack(gw) for _ in range(3)]
+        acked = time.monotonic()
+    assert sorted(a.ranges for a in acks) == [((2, 2),), ((3, 3),), ((4, 4),)]
+    assert (metrics.batches, metrics.commits) == (4, 2)
+    assert acked - first_sent >= interval  # the second write waited out the interval
 
 
 async def test_bad_messages_are_counted_and_good_ones_still_land(mosquitto: Mosquitto,

@@ -56,19 +56,20 @@ async def test_a_start_up_failing_half_way_stops_its_tasks_and_closes_storage(
     assert not left, [t.get_name() for t in left]
 
 
-async def test_central_subscribes_before_it_announces_itself_online(
-        mosquitto: Mosquitto, tmp_path: Path) -> None:
+async def test_central_subscribes_before_it_announces_itself_online(tmp_path: Path) -> None:
     """The broker receives ingest's SUBSCRIBE before the retained online state, so a gateway
     that acts on that state publishes into a subscription that is already there."""
     # The broker's debug log says in which order it received the packets. (`user root`: it
     # keeps the right to write its log in the test's private directory when run as root.)
-    mosquitto.stop()
-    mosquitto.conf.write_text(mosquitto.conf.read_text() + "user root\nlog_type debug\n")
+    mosquitto = Mosquitto(tmp_path / "broker", extra="user root\nlog_type debug\n")
     mosquitto.start()
-    settings = _settings(tmp_path, mosquitto)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        await until(lambda: app.state.ingest.connected, "central subscribed")
+    try:
+        settings = _settings(tmp_path, mosquitto)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            await until(lambda: app.state.ingest.connected, "central subscribed")
+    finally:
+        mosquitto.stop()
     cid = re.escape(settings.mqtt_client_id)
     events = [line for line in mosquitto.log.read_text().splitlines()
               if re.search(rf"Received SUBSCRIBE from {cid}$", line)

@@ -29,15 +29,13 @@ from tests.identity import authorize
 def password_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     workdir = tmp_path / "mq"
     workdir.mkdir()
-    broker = Mosquitto(workdir)
     passwd = workdir / "passwd"
     passwd.touch(mode=0o600)
     for user, password in (("gw-p", "gw-secret"), ("central", "central-secret")):
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
     # Started as root, Mosquitto drops to `mosquitto`, which cannot read the test's folder.
     user = "user root\n" if os.geteuid() == 0 else ""
-    broker.conf.write_text(broker.conf.read_text().replace(
-        "allow_anonymous true", f"{user}allow_anonymous false\npassword_file {passwd}"))
+    broker = Mosquitto(workdir, extra=f"{user}allow_anonymous false\npassword_file {passwd}\n")
     broker.start()
     try:
         yield broker

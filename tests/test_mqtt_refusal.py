@@ -87,3 +87,15 @@ def test_a_session_closed_without_an_alert_is_a_path_failure_unless_a_refusal_ca
     assert session.refused is Refusal.CERTIFICATE and session.refusal is revoked
     session._classify(_failed_from(ConnectionRefusedError(111, "Connection refused")))
     assert session.refused is None and session.path_failures == 2
+
+
+def test_a_connect_clears_the_refusal_before_it() -> None:
+    """Connected after a refusal: no refusal stands while connected, and a session closed
+    without an alert afterwards is a path failure, not that refusal again."""
+    session = MqttSession(Endpoint("127.0.0.1", 1, client_id="t"), name="t")
+    session._classify(CertificateRefusedError("SSLV3_ALERT_CERTIFICATE_REVOKED"))
+    session._connected()
+    assert (session.refused, session.refusal) == (None, None)
+    session._classify(TlsClosedError("EOF"))
+    assert session.refused is None and session.path_failures == 1
+    assert session.refusals == {Refusal.CERTIFICATE: 1}

@@ -8,10 +8,7 @@ process on ptys, which the agent process opens like `/dev/ttyUSB1`.
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -22,9 +19,8 @@ from firmware_stubs.beidou_sim import BeidouSky, BeidouTerminalSimulator
 from firmware_stubs.modbus_sim import ModbusTcpSimulator
 from protocols.envelope import RecordKind
 from protocols.narrowband import AlarmsFrame, decode_frame
-from tests.helpers import python_env, until
+from tests.helpers import AgentProcess, until
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = bytes(range(40, 72))
 CENTRAL_CARD = "0242407"
 N_ALARMS = 30
@@ -80,31 +76,20 @@ async def test_kill_9_mid_stream_resends_at_most_the_frame_in_flight(tmp_path: P
                     got += [e.seq for e in frame.entries]
             return got
 
-        def start() -> subprocess.Popen[bytes]:
-            return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "-c", str(site)],
-                                    env=python_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-
-        agent = start()
-        try:
+        with AgentProcess(site) as agent:
+            agent.start()
             # A few frames are through (each holds 2 or 3 alarms at 40 bytes): kill it.
             await until(lambda: len(arrived()) >= 6, "the first frames by BeiDou")
-            agent.send_signal(signal.SIGKILL)
-            agent.wait(timeout=10)
+            agent.kill()
             before = len(arrived())
             assert before < N_ALARMS, "killed too late to test anything"
-            agent = start()
+            agent.start()
             await until(lambda: set(arrived()) >= seqs, "every alarm after the restart")
             # The terminal hands the last frame on before the agent has its receipt and moves
             # the watermark: stop only once it has (a stop in between would resend that frame).
             await until(lambda: int(read_status(data / "outbox.db").meta.get(
                 "narrowband_sent_seq", 0)) == N_ALARMS, "the watermark at the last alarm")
-            agent.send_signal(signal.SIGTERM)
-            assert agent.wait(timeout=20) == 0
-        finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            assert agent.stop() == 0
     frames = [f for m in central_terminal.received_messages()
               if isinstance(f := decode_frame(m.payload, key=KEY, stream=stream), AlarmsFrame)]
     counts = Counter(arrived())

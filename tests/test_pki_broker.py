@@ -12,7 +12,6 @@ import os
 import signal
 import ssl
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +36,11 @@ from edge_agent.config.site import load_config
 from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from protocols import topics
-from protocols.envelope import Ack, Birth, RecordKind, encode
+from protocols.envelope import Ack, RecordKind, encode
 from tests.helpers import Mosquitto, free_port, until
 from tests.identity import bearer, ensure_user
+from tests.mtls import can_connect
+from tests.uplinks import running_uplink
 
 pytestmark = pytest.mark.e2e
 NOT_AUTHORIZED = 135  # MQTT 5 reason code 0x87
@@ -116,9 +117,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
                                            "--db", db, "--pki-dir", str(pki), "--json"])
     assert res.exit_code == 0, res.output
     tls = {k: Path(v) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
-    (tmp_path / "mq").mkdir()
-    broker = Mosquitto(tmp_path / "mq", port=port)  # its start/stop, with our config
-    broker.conf = conf
+    broker = Mosquitto(tmp_path / "mq", port=port, conf=conf)  # its start/stop, our config
     broker.start()
     settings = Settings(db_url=db, pki_dir=pki, mqtt_host="127.0.0.1", mqtt_port=central_port,
                         mqtt_tls_ca=tls["mqtt_tls_ca"], mqtt_tls_cert=tls["mqtt_tls_cert"],
@@ -185,15 +184,8 @@ async def uplink_of(g: Gateway, **kw: Any) -> AsyncIterator[tuple[Uplink, Outbox
     async with Outbox.open(cfg.outbox_path) as ob:
         kw.setdefault("backlog_batch_size", kw.get("batch_size", 500))
         mqtt = cfg.mqtt.model_copy(update={"reconnect_max_s": 1.0, **kw})
-        up = Uplink(gw=g.gw, outbox=ob, mqtt=mqtt, boot_id="boot-1", version="0.1.0",
-                    birth=Birth(gw=g.gw, stream="", boot_id="", version=""))
-        task = asyncio.create_task(up.run())
-        try:
+        async with running_uplink(g.gw, ob, mqtt, boot_id="boot-1") as up:
             yield up, ob
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def tel(i: int) -> NewRecord:
@@ -240,15 +232,6 @@ def probe(port: int, ca: Path, cert: Path | None, key: Path | None,
         c.loop_stop()
         with contextlib.suppress(Exception):
             c.disconnect()
-
-
-def can_connect(port: int, ca: Path, cert: Path | None, key: Path | None) -> bool:
-    """Whether the broker lets this certificate in (an MQTT session, not just TCP)."""
-    try:
-        with probe(port, ca, cert, key, client_id=f"try-{time.monotonic_ns()}") as p:
-            return p.connected.wait(3.0)
-    except (ssl.SSLError, OSError):
-        return False
 
 
 async def test_enrolled_gateways_deliver_and_acls_confine_them(site: Site) -> None:
@@ -307,15 +290,14 @@ async def test_unenrolled_and_revoked_clients_cannot_connect(site: Site) -> None
     """No certificate, a certificate from another CA, or a revoked one: no session."""
     a, b = await _enrol(site, "gw-a"), await _enrol(site, "gw-b")
     port = site.broker.port
-    assert await asyncio.to_thread(can_connect, port, a.ca, a.cert, a.key)
-    assert not await asyncio.to_thread(can_connect, port, a.ca, None, None)
+    assert await can_connect(port, a.ca, a.cert, a.key)
+    assert not await can_connect(port, a.ca, None, None)
     rogue = load_or_create_ca(site.root / "rogue-pki")  # same CN, wrong issuer
     key_pem, csr_pem = new_key_and_csr("gw-a")
     cert = rogue.issue("gw-a", x509.load_pem_x509_csr(csr_pem).public_key(), days=1)  # type: ignore[arg-type]
     write_private(site.root / "rogue.key", key_pem)
     write_public(site.root / "rogue.crt", cert.public_bytes(serialization.Encoding.PEM))
-    assert not await asyncio.to_thread(can_connect, port, a.ca, site.root / "rogue.crt",
-                                       site.root / "rogue.key")
+    assert not await can_connect(port, a.ca, site.root / "rogue.crt", site.root / "rogue.key")
 
     async with uplink_of(b) as (up_b, ob_b):
         await until(lambda: up_b.connected, "B connected")
@@ -325,8 +307,8 @@ async def test_unenrolled_and_revoked_clients_cannot_connect(site: Site) -> None
         assert site.broker.proc is not None
         site.broker.proc.send_signal(signal.SIGHUP)
         await asyncio.sleep(0.5)
-        assert not await asyncio.to_thread(can_connect, port, b.ca, b.cert, b.key)
-        assert await asyncio.to_thread(can_connect, port, a.ca, a.cert, a.key)
+        assert not await can_connect(port, b.ca, b.cert, b.key)
+        assert await can_connect(port, a.ca, a.cert, a.key)
         # `edge-agent doctor` tells the technician, without taking the agent's session.
         assert await asyncio.to_thread(_doctor_broker, a.config) == "pass"
         assert await asyncio.to_thread(_doctor_broker, b.config) == "fail"
@@ -379,7 +361,7 @@ async def test_edge_renews_before_expiry_and_not_after_revocation(site: Site) ->
     result = await asyncio.to_thread(renew, a.config)  # central's URL from enrolment.json
     second = x509.load_pem_x509_certificate(a.cert.read_bytes())
     assert second.serial_number != first.serial_number and result.cert == a.cert
-    assert await asyncio.to_thread(can_connect, site.broker.port, a.ca, a.cert, a.key)
+    assert await can_connect(site.broker.port, a.ca, a.cert, a.key)
     await asyncio.to_thread(site.cli, "gateway", "revoke", "gw-a")
     before = a.key.read_bytes()
     with pytest.raises(EnrolmentError, match="revoked"):

@@ -130,10 +130,7 @@ async def test_a_slow_path_is_waited_for_after_one_cut_attempt(mosquitto: Mosqui
 async def test_a_broker_that_refuses_gets_the_full_back_off(tmp_path: Path) -> None:
     """A CONNACK refusal is the broker's answer, not the path's: the back-off doubles past
     the link cap up to its own maximum."""
-    (tmp_path / "broker").mkdir()
-    broker = Mosquitto(tmp_path / "broker")
-    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true",
-                                                           "allow_anonymous false"))
+    broker = Mosquitto(tmp_path / "broker", extra="allow_anonymous false\n")
     broker.start()
     try:
         with structlog.testing.capture_logs() as logs:

@@ -38,16 +38,18 @@ from edge_agent.config.site import AgentConfig, load_config
 from edge_agent.control.server import ControlOps, ControlServer
 from edge_agent.health.metrics import AgentCollector, take_snapshot
 from edge_agent.outbox.store import Outbox
-from edge_agent.uplink.link import Uplink
-from protocols.envelope import Birth
+from edge_agent.uplink.link import BrokerRefusal
 from runtime.mqtt import Client, client_tls_context
 from runtime.mqtt_refusal import AlertCatcher, CertificateRefusedError, Refusal, TlsClosedError
 from tests.helpers import Mosquitto, until
 from tests.mtls import issue, start_broker
+from tests.uplinks import running_uplink
 
 GW = "gw-revoked"
 REFUSED = ("the broker refused our certificate (revoked or untrusted): "
            "SSLV3_ALERT_CERTIFICATE_REVOKED")
+# As `edge-agent status --json` shows it and the outbox keeps it.
+REFUSED_JSON = {"cause": "certificate", "error": REFUSED}
 
 
 @dataclass
@@ -104,17 +106,15 @@ async def running(site: Site) -> AsyncIterator[AgentRuntime]:
 
 @contextlib.asynccontextmanager
 async def _serving(cfg: AgentConfig, ob: Outbox) -> AsyncIterator[AgentRuntime]:
-    up = Uplink(gw=GW, outbox=ob, mqtt=cfg.mqtt, boot_id="b", version="0",
-                birth=Birth(gw=GW, stream="", boot_id="", version=""))
-    runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
-    server = ControlServer(cfg.control_socket_path, ControlOps(runtime))
-    tasks = [asyncio.create_task(up.run()), asyncio.create_task(server.serve())]
-    try:
-        yield runtime
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
+    async with running_uplink(GW, ob, cfg.mqtt) as up:
+        runtime = AgentRuntime(config=cfg, boot_id="b", started_ms=0, uplink=up, outbox=ob)
+        server = asyncio.create_task(
+            ControlServer(cfg.control_socket_path, ControlOps(runtime)).serve())
+        try:
+            yield runtime
+        finally:
+            server.cancel()
+            await asyncio.wait((server,))
 
 
 def _refusal_counts(collector: AgentCollector) -> dict[str, float]:
@@ -137,7 +137,7 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path:
                 assert up.session.path_failures == 0 and not up.connected, [
                     e for e in logs if e.get("cause") == "path"]
                 assert up.session.refused is Refusal.CERTIFICATE
-                assert up.refused == {"cause": "certificate", "error": REFUSED}
+                assert up.refused == BrokerRefusal(Refusal.CERTIFICATE, REFUSED)
                 collector = AgentCollector()
                 collector.snapshot = await take_snapshot(runtime)
                 assert _refusal_counts(collector)["certificate"] >= 3
@@ -147,9 +147,9 @@ async def test_a_revoked_gateway_is_refused_and_backs_off_as_a_refusal(tmp_path:
                 checks = {c.name: c for c in await asyncio.to_thread(run_checks, site.config)}
                 assert runtime.outbox is not None
                 saved = await runtime.outbox.get_meta("uplink_refused")
-            assert json.loads(saved or "{}") == up.refused
+            assert json.loads(saved or "{}") == REFUSED_JSON
     assert status.exit_code == 0, status.output
-    assert json.loads(status.stdout)["uplink"]["refused"] == up.refused
+    assert json.loads(status.stdout)["uplink"]["refused"] == REFUSED_JSON
     broker = checks[f"broker 127.0.0.1:{site.broker.port}"]
     assert (broker.status, broker.detail, broker.hint) == ("fail", REFUSED, CERTIFICATE_HINT)
     uplink = checks["agent uplink"]
@@ -177,16 +177,21 @@ async def test_a_gateway_revoked_while_connected_says_so_once_the_broker_is_back
                 await asyncio.to_thread(site.revoke)
                 await until(lambda: up.session.refusals.get(Refusal.CERTIFICATE, 0) >= 3,
                             "three refused attempts")
-                assert up.refused == {"cause": "certificate", "error": REFUSED}
+                assert up.refused == BrokerRefusal(Refusal.CERTIFICATE, REFUSED)
                 assert runtime.outbox is not None
                 assert json.loads(await runtime.outbox.get_meta("uplink_refused") or "{}") \
-                    == up.refused
+                    == REFUSED_JSON
                 # Enrolled again: a new certificate in the same files; once connected the
                 # refusal is gone, from status and from the outbox alike.
                 await asyncio.to_thread(issue, site.ca, GW, site.cert, site.key)
                 await until(lambda: up.connected, "connected with the new certificate")
                 assert up.refused is None
-                assert await runtime.outbox.get_meta("uplink_refused") == ""
+                ob = runtime.outbox
+
+                async def forgotten() -> bool:  # written by the connect, after `connected`
+                    return await ob.get_meta("uplink_refused") == ""
+
+                await until(forgotten, "the refusal forgotten in the outbox")
     warnings = [(e["event"], e["cause"]) for e in logs if e["log_level"] == "warning"]
     assert warnings == [("mqtt_disconnected", "dropped"), ("mqtt_refused", "certificate")]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]
@@ -215,7 +220,7 @@ async def test_an_alert_lost_to_a_reset_keeps_the_refusal(tmp_path: Path,
             assert up is not None
             await until(lambda: len(reads) >= 8, "four alerts and four lost ones")
             assert up.session.path_failures == 0 and up.session.refused is Refusal.CERTIFICATE
-            assert up.refused == {"cause": "certificate", "error": REFUSED}
+            assert up.refused == BrokerRefusal(Refusal.CERTIFICATE, REFUSED)
 
 
 def _rogue(tmp_path: Path) -> tuple[Path, Path]:

@@ -4,7 +4,6 @@ mutual-TLS config and CRL."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import ssl
@@ -12,7 +11,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
 import pytest
 import structlog
 
@@ -25,10 +23,9 @@ from central.identity.ca import (
 from edge_agent.outbox.store import Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig, MqttTlsConfig, TlsFiles
-from protocols.envelope import Birth
-from runtime.mqtt import Client, client_tls_context
 from tests.helpers import Mosquitto, until
-from tests.mtls import issue, start_broker
+from tests.mtls import can_connect, issue, start_broker
+from tests.uplinks import running_uplink
 
 GW = "gw-renew"
 
@@ -66,26 +63,8 @@ def pki(tmp_path: Path) -> Iterator[Pki]:
 async def uplink(ob: Outbox, pki: Pki) -> AsyncIterator[Uplink]:
     mqtt = MqttConfig(host="127.0.0.1", port=pki.broker.port, tls=pki.tls(),
                       reconnect_min_s=0.2, reconnect_max_s=0.5)
-    up = Uplink(gw=GW, outbox=ob, mqtt=mqtt, boot_id="b", version="0",
-                birth=Birth(gw=GW, stream="", boot_id="", version=""))
-    task = asyncio.create_task(up.run())
-    try:
+    async with running_uplink(GW, ob, mqtt) as up:
         yield up
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def _refused(pki: Pki, cert: Path, key: Path) -> bool:
-    """Whether the broker refuses a session with this certificate."""
-    ctx = client_tls_context(pki.ca.cert_path, cert, key)
-    try:
-        async with Client("127.0.0.1", pki.broker.port, identifier="probe", tls_context=ctx,
-                          timeout=5, connect_timeout=5):
-            return False
-    except aiomqtt.MqttError:
-        return True
 
 
 async def test_reconnect_after_renewal_uses_the_new_certificate(pki: Pki, tmp_path: Path) -> None:
@@ -101,7 +80,8 @@ async def test_reconnect_after_renewal_uses_the_new_certificate(pki: Pki, tmp_pa
         pki.ca.write_crl([Revoked(first, dt.datetime.now(dt.UTC))])
         pki.broker.stop()  # a restart re-reads the CRL and ends A's session
         pki.broker.start()
-        assert await _refused(pki, old_cert, old_key)  # A is no good any more
+        # A is no good any more.
+        assert not await can_connect(pki.broker.port, pki.ca.cert_path, old_cert, old_key)
         await until(lambda: up.connected and up.counters.connects == 2,
                     "reconnected with the renewed certificate", timeout=15)
         assert up.tls is not None and up.tls.reloads == 1

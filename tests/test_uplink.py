@@ -32,7 +32,7 @@ from protocols.envelope import (
     ranges_from_seqs,
 )
 from runtime.mqtt import Client as MqttClient
-from tests.helpers import Mosquitto, python_env, until
+from tests.helpers import Mosquitto, background, python_env, until
 
 
 class TinyCentral:
@@ -101,13 +101,8 @@ def new_gw() -> str:
 
 @contextlib.asynccontextmanager
 async def running(uplink: Uplink) -> AsyncIterator[Uplink]:
-    task = asyncio.create_task(uplink.run(), name="uplink.mqtt")
-    try:
+    async with background(uplink.run(), "uplink.mqtt"):
         yield uplink
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def make_uplink(ob: Outbox, broker: Mosquitto, gw: str, **kw: Any) -> Uplink:

@@ -15,9 +15,10 @@ from edge_agent.outbox.store import NewRecord, Outbox
 from edge_agent.uplink.link import Uplink
 from edge_agent.uplink.mqtt_config import MqttConfig
 from protocols import topics
-from protocols.envelope import Ack, Birth, DataBatch, RecordKind, decode, encode
+from protocols.envelope import Ack, DataBatch, RecordKind, decode, encode
 from runtime.mqtt import Client as MqttClient
 from tests.helpers import Mosquitto, until
+from tests.uplinks import running_uplink
 
 GW = "gw-acks"
 
@@ -29,17 +30,10 @@ def tel(i: int) -> NewRecord:
 @contextlib.asynccontextmanager
 async def running(ob: Outbox, broker: Mosquitto, **kw: object) -> AsyncIterator[Uplink]:
     kw.setdefault("backlog_batch_size", kw.get("batch_size", 500))
-    up = Uplink(gw=GW, outbox=ob, mqtt=MqttConfig(host=broker.host, port=broker.port,
-                                                  **kw),  # type: ignore[arg-type]
-                boot_id="b", version="0", birth=Birth(gw=GW, stream="", boot_id="", version=""))
-    task = asyncio.create_task(up.run())
-    try:
+    mqtt = MqttConfig(host=broker.host, port=broker.port, **kw)  # type: ignore[arg-type]
+    async with running_uplink(GW, ob, mqtt) as up:
         await until(lambda: up.connected, "uplink connected")
         yield up
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_acks_of_sent_records_mark_them_and_repeats_are_duplicates(

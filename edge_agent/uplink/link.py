@@ -38,7 +38,7 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import aiomqtt
 import msgspec
@@ -70,6 +70,7 @@ from protocols.envelope import (
 )
 from runtime.clock import now_ms
 from runtime.mqtt import Endpoint, MqttSession
+from runtime.mqtt_refusal import Refusal
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -87,6 +88,19 @@ _RANGES = msgspec.json.Decoder(list[tuple[int, int]])
 
 class UplinkError(EdgeError):
     """Base of the uplink's own errors."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerRefusal:
+    """Why a broker refused the uplink's last attempt: `cause` (our certificate revoked or
+    untrusted, a CONNACK refusal, another TLS refusal) and what the refusal said."""
+
+    cause: Refusal
+    error: str
+
+    def to_jsonable(self) -> dict[str, str]:
+        """As `edge-agent status` shows it and the outbox keeps it (`uplink_refused`)."""
+        return {"cause": str(self.cause), "error": self.error}
 
 
 class Uplink:
@@ -135,11 +149,7 @@ class Uplink:
         # fallback takes over after a while. Down from the start until the first connect.
         self.down_since: float | None = time.monotonic()
         self.counters = UplinkCounters()
-        # What refused the last attempt when a broker did: {"cause": a `Refusal` (our
-        # certificate revoked or untrusted, a CONNACK refusal), "error": what it said}; None
-        # while connected or when the path is down.
-        self.refused: dict[str, str] | None = None
-        # As last kept in the outbox (`uplink_refused`); None: not yet in this run, so a
+        # `refused` as last kept in the outbox (`uplink_refused`); None: not yet in this run, so a
         # previous run's is replaced at the first connect or failure.
         self._saved_refused: str | None = None
         self._t_state, self._t_birth, self._t_data = (
@@ -166,6 +176,13 @@ class Uplink:
     def notify(self) -> None:
         """Wake the send loop (new records, a freed slot); cheap, callable any time on the loop."""
         self._wake.set()
+
+    @property
+    def refused(self) -> BrokerRefusal | None:
+        """What refused the last attempt when a broker did, as the session has it now; None
+        while connected or when the path is down."""
+        cause, error = self.session.refused, self.session.refusal
+        return None if cause is None else BrokerRefusal(cause, str(error))
 
     @property
     def in_flight(self) -> int:
@@ -229,7 +246,6 @@ class Uplink:
         await client.publish(self._t_birth, encode(birth), qos=1)
         self.connected = True
         self.down_since = None
-        self.refused = None
         self.counters.connects += 1
         log.info("uplink_connected", host=self.host, port=self.port, backlog=self._backlog)
         await self._set_meta("uplink_state", "connected")
@@ -243,8 +259,6 @@ class Uplink:
         self.connected = False
         if was_up or self.down_since is None:
             self.down_since = time.monotonic()
-        cause, refusal = self.session.refused, self.session.refusal
-        self.refused = None if cause is None else {"cause": str(cause), "error": str(refusal)}
         self.ledger.drop()
         if first:
             await self._set_meta("uplink_state", "disconnected")
@@ -254,7 +268,7 @@ class Uplink:
     async def _save_refused(self) -> None:
         """Keep why a broker refused us in the outbox for `edge-agent status` (when it
         changed: a refused attempt every back-off writes nothing new)."""
-        refused = json.dumps(self.refused) if self.refused else ""
+        refused = "" if (now := self.refused) is None else json.dumps(now.to_jsonable())
         if refused != self._saved_refused:
             await self._set_meta("uplink_refused", refused)
             self._saved_refused = refused
@@ -469,4 +483,4 @@ class Uplink:
                 await self._wake.wait()
 
 
-__all__ = ["CommandHandler", "Uplink", "UplinkCounters", "UplinkError"]
+__all__ = ["BrokerRefusal", "CommandHandler", "Uplink", "UplinkCounters", "UplinkError"]
