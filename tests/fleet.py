@@ -145,6 +145,14 @@ class Agent(Child):
         return self.data_dir / "outbox.db"
 
 
+# The fake gateways' records are dated 2023 (tests/fakegw.py): central's default retention (raw
+# 30 days, 1-minute buckets 400) would purge them at its first pass, a minute after start, and
+# keep their 1-hour buckets, so a longer run lost records and its aggregates counted more samples
+# than readings (tests/derived.py). The harness's central keeps every record.
+KEEP_RECORDS = {"FIELDLINK_CENTRAL_RETENTION_RAW_DAYS": "0",
+                "FIELDLINK_CENTRAL_RETENTION_1M_DAYS": "0"}
+
+
 class Central(Child):
     """`central serve` on a SQLite file, talking to the given broker."""
 
@@ -165,7 +173,7 @@ class Central(Child):
         super().__init__(name, [sys.executable, "-m", "central", "serve", "--db", self.db_url,
                                 "--mqtt-host", "127.0.0.1", "--mqtt-port", str(broker_port),
                                 "--http-port", str(self.http_port), *extra_args], workdir,
-                         env=shared)
+                         env=KEEP_RECORDS | shared)
 
     def start(self) -> None:
         super().start()
