@@ -366,5 +366,6 @@ def test_in_a_private_root(inner: str, deb_dir: Path, tmp_path: Path) -> None:
     cases = ElementTree.parse(junit).getroot().iter("testcase")
     outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
     assert outcomes == {inner: []}, output  # ran, and neither skipped nor failed
-    assert _host_traces(debs) == []
+    traces = _host_traces(debs)
+    assert traces == [], f"left on the host: {traces}"
     shutil.rmtree(tmp_path / "layers")  # a copy of both packages' environments
