@@ -40,7 +40,7 @@ PRIVATE = ("/etc", "/opt", "/usr", "/var", "/run")
 # and the folder holding the packages the outer test built.
 HOST_NS = "FIELDLINK_TEST_DEB_HOST_NS"
 DEB_DIR = "FIELDLINK_TEST_DEB_DIR"
-NO_PRIVATE_ROOT = 97  # the child's exit status when an overlay could not be mounted
+READY = "fieldlink-test-deb: private root mounted"  # the child's first line once it is
 
 # The outer tests build both packages once; one worker runs them.
 pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200), pytest.mark.xdist_group("dpkg")]
@@ -305,6 +305,8 @@ def deb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("dpkg is not available: not a Debian system")
     if os.geteuid() != 0:
         pytest.skip("installing a package and mounting its private root need root")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare (util-linux) to make the private root with")
     if not Path("/usr/bin/python3").exists():
         pytest.skip("no /usr/bin/python3 to build the package's environment with")
     # The host's files show through the private root's overlays: one with Fieldlink on it would
@@ -321,7 +323,7 @@ def deb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _in_private_root(command: list[str], layers: Path, log: Path,
                      env: dict[str, str]) -> int:
     """`command`'s exit status, run in a new mount namespace with each of PRIVATE an overlay
-    whose upper layer is under `layers`; NO_PRIVATE_ROOT if an overlay cannot be mounted."""
+    whose upper layer is under `layers`; `log` starts with READY once they are mounted."""
     mounts = []
     for tree in PRIVATE:
         upper, work = layers / tree.strip("/") / "upper", layers / tree.strip("/") / "work"
@@ -329,7 +331,7 @@ def _in_private_root(command: list[str], layers: Path, log: Path,
         work.mkdir()
         options = f"lowerdir={tree},upperdir={upper},workdir={work}"
         mounts.append(f"mount -t overlay overlay -o {shlex.quote(options)} {tree}")
-    script = f'{" && ".join(mounts)} || exit {NO_PRIVATE_ROOT}; exec "$@"'
+    script = f'{" && ".join(mounts)} && echo {shlex.quote(READY)} && exec "$@"'
     with log.open("w") as sink:
         child = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                                   script, "sh", *command], cwd=ROOT, env=env, stdout=sink,
@@ -359,9 +361,10 @@ def test_in_a_private_root(inner: str, deb_dir: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "pytest", f"{__file__}::{inner}", "-n", "0",
          "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"),
          "--junitxml", str(junit), "-q", "-rfEs"], tmp_path / "layers", log, env)
-    output = log.read_text()[-6000:]
-    if status == NO_PRIVATE_ROOT:
+    output = log.read_text()
+    if not output.startswith(READY):  # unshare or a mount failed: never install on the host
         pytest.skip(f"cannot make a private root (unshare --mount, overlays): {output[-500:]}")
+    output = output[-6000:]
     assert status == 0, output
     cases = ElementTree.parse(junit).getroot().iter("testcase")
     outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
