@@ -1,33 +1,48 @@
-"""The Debian packages (fieldlink-edge, and fieldlink-central), built by packaging/build_deb.py and installed on this machine.
+"""The Debian packages fieldlink-edge and fieldlink-central, built by packaging/build_deb.py, installed as root in a private root of this machine.
 
-This runs as root on the real host: it skips unless dpkg is here and nothing of Fieldlink is
-installed (no /etc/fieldlink, /opt/fieldlink, /var/lib/fieldlink or fieldlink package), and its
-fixture purges the package and removes the user and directories it made, even on failure.
-Both packages are built once per session (about a minute and a half).
+The package tests run dpkg, systemd-sysusers and the packaged services for real, but never
+on the shared host: test_in_a_private_root runs each of them again in a child pytest inside
+its own mount namespace (`unshare --mount`) whose /etc, /opt, /usr, /var and /run are overlays
+of the host's, with the writes in the test's tmp_path. So no other test, and nothing else on
+the host, ever sees /etc/fieldlink/*.toml (both CLIs' default config), the fieldlink user or
+dpkg's lock, and two sessions on one host each install into their own root. Outside that
+root the package tests skip; afterwards the outer test checks the host is untouched. If the
+private root cannot be made it skips too: it never installs on the host.
+Both packages are built once per session, on the host (the build installs nothing; about a
+minute and a half).
 """
 
 from __future__ import annotations
 
-import fcntl
+import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "fieldlink-edge"
+PACKAGES = (PKG, "fieldlink-central")
 OURS = (Path("/etc/fieldlink"), Path("/opt/fieldlink"), Path("/var/lib/fieldlink"))
 UNIT = Path("/usr/lib/systemd/system/fieldlink-edge.service")
-HOST_LOCK = Path("/run/lock/fieldlink-test-deb.lock")
+# The private root: every tree a package, its maintainer scripts or its services write to.
+PRIVATE = ("/etc", "/opt", "/usr", "/var", "/run")
+# Set for the child pytest only: the host's mount namespace (which the child must not be in),
+# and the folder holding the packages the outer test built.
+HOST_NS = "FIELDLINK_TEST_DEB_HOST_NS"
+DEB_DIR = "FIELDLINK_TEST_DEB_DIR"
+READY = "fieldlink-test-deb: private root mounted"  # the child's first line once it is
 
-# One worker runs both: dpkg holds one lock and both packages install under /opt/fieldlink.
+# The outer tests build both packages once; one worker runs them.
 pytestmark = [pytest.mark.deb, pytest.mark.timeout(1200), pytest.mark.xdist_group("dpkg")]
 
 
@@ -44,64 +59,27 @@ def _installed(package: str) -> bool:
     return proc.returncode == 0 and proc.stdout[1:2] in {"i", "c", "h", "U", "F", "W", "t"}
 
 
-def _why_skip() -> str | None:
-    if shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None:
-        return "dpkg is not available: not a Debian system"
-    if os.geteuid() != 0:
-        return "installing a package needs root"
-    if not Path("/usr/bin/python3").exists():
-        return "no /usr/bin/python3 to build the package's environment with"
-    for path in OURS:
-        if path.exists():
-            return f"{path} exists on this machine: not touching an installation this test did not make"
-    for package in ("fieldlink-edge", "fieldlink-central"):
-        if _installed(package):
-            return f"{package} is installed on this machine: not touching it"
-    return None
+def _overlaid() -> set[str]:
+    """The mount points of this process's overlay file systems."""
+    points = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, fs = line.partition(" - ")
+        if fs.split()[0] == "overlay":
+            points.add(fields.split()[4])
+    return points
 
 
 @pytest.fixture(scope="session")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """fieldlink-edge_*.deb and fieldlink-central_*.deb, built once per session."""
-    reason = _why_skip()
-    if reason:
-        pytest.skip(reason)
-    out = tmp_path_factory.mktemp("deb")
-    _run(sys.executable, str(ROOT / "packaging" / "build_deb.py"), "--out", str(out),
-         timeout=1200)
-    return {name: next(out.glob(f"{name}_*.deb")) for name in (PKG, "fieldlink-central")}
-
-
-@pytest.fixture
-def clean_host(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    """The host as it was before: purge the package, drop the user and folders this test made.
-
-    Held under a host-wide lock: another checkout's session (a second worktree, the lead's
-    suite) waits for this one to clean up instead of installing over it or skipping."""
-    with HOST_LOCK.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-        yield from _installed_then_removed(debs)
-
-
-def _installed_then_removed(debs: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    reason = _why_skip()
-    if reason:
-        pytest.skip(reason)
-    user_existed = _run("getent", "passwd", "fieldlink", check=False).returncode == 0
-    group_existed = _run("getent", "group", "fieldlink", check=False).returncode == 0
-    run_existed = Path("/run/fieldlink").exists()
-    try:
-        yield debs
-    finally:
-        subprocess.run(["dpkg", "--purge", *debs], capture_output=True, timeout=300)
-        if not user_existed:
-            subprocess.run(["userdel", "fieldlink"], capture_output=True)
-        if not group_existed:
-            subprocess.run(["groupdel", "fieldlink"], capture_output=True)
-        for path in OURS:  # none existed before (_why_skip), so all of it is ours
-            shutil.rmtree(path, ignore_errors=True)
-        if not run_existed:
-            shutil.rmtree("/run/fieldlink", ignore_errors=True)
+def debs() -> dict[str, Path]:
+    """In the private root: the packages test_in_a_private_root built."""
+    host_ns = os.environ.get(HOST_NS)
+    if host_ns is None:
+        pytest.skip("installs the packages: runs only in the private root of test_in_a_private_root")
+    # Whatever the environment says, dpkg never runs in the host's /etc, /opt, /usr, /var or /run.
+    assert os.readlink("/proc/self/ns/mnt") != host_ns, "the host's mount namespace"
+    assert set(PRIVATE) <= _overlaid(), f"not overlays: {set(PRIVATE) - _overlaid()}"
+    out = Path(os.environ[DEB_DIR])
+    return {name: next(out.glob(f"{name}_*.deb")) for name in PACKAGES}
 
 
 def _env() -> dict[str, str]:
@@ -171,10 +149,10 @@ def _repacked(deb: Path, out: Path, version_suffix: str) -> Path:
     return new
 
 
-def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Path],
-                                                       tmp_path: Path) -> None:
+def test_edge_package_installs_runs_and_removes_cleanly(debs: dict[str, Path],
+                                                        tmp_path: Path) -> None:
     """dpkg -i, edge-agent --help, systemd-analyze verify, status without -c, an edit kept on reinstall, then dpkg -r / -P leave nothing."""
-    installed = _run("dpkg", "-i", str(clean_host[PKG]))
+    installed = _run("dpkg", "-i", str(debs[PKG]))
     assert "edit /etc/fieldlink/site.toml" in installed.stdout
 
     helped = _run("/opt/fieldlink/bin/edge-agent", "--help", env=_env(), cwd=tmp_path)
@@ -249,7 +227,7 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Pa
     # technician wrote.
     site.write_text(site.read_text() + "# edited on site\n")
     edited = site.read_text()
-    newer = _repacked(clean_host[PKG], tmp_path, "+1")
+    newer = _repacked(debs[PKG], tmp_path, "+1")
     upgrade = _run("dpkg", "-i", str(newer), stdin=subprocess.DEVNULL, check=False)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
     assert site.read_text() == edited
@@ -268,10 +246,10 @@ def test_edge_package_installs_runs_and_removes_cleanly(clean_host: dict[str, Pa
 
 
 def test_central_package_installs_finds_its_config_and_removes_cleanly(
-        clean_host: dict[str, Path], tmp_path: Path) -> None:
+        debs: dict[str, Path], tmp_path: Path) -> None:
     """fieldlink-central: central --help, its unit verifies, `central init` and `central user list` read /etc/fieldlink/central.toml, purge leaves nothing."""
     unit = Path("/usr/lib/systemd/system/fieldlink-central.service")
-    _run("dpkg", "-i", str(clean_host["fieldlink-central"]))
+    _run("dpkg", "-i", str(debs["fieldlink-central"]))
     assert "Usage" in _run("/opt/fieldlink/bin/central", "--help", env=_env(), cwd=tmp_path).stdout
     assert not Path("/opt/fieldlink/central/bin/edge-agent").exists()
     # Central never rewrites its config: without the edge package its folder is read-only.
@@ -299,3 +277,98 @@ def test_central_package_installs_finds_its_config_and_removes_cleanly(
     _run("dpkg", "-P", "fieldlink-central")
     for path in OURS:
         assert _files_under(path) == [], path
+
+
+def _packaged_files(deb: Path) -> list[str]:
+    """Every path but the folders that `deb` installs."""
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                         check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        return [os.path.normpath(f"/{m.name}") for m in archive.getmembers() if not m.isdir()]
+
+
+def _host_traces(debs: list[Path]) -> list[str]:
+    """What of Fieldlink's packages this machine holds: none of it before or after the tests."""
+    traces = [str(p) for p in (*OURS, Path("/run/fieldlink")) if p.exists()]
+    traces += [f"dpkg knows {p}" for p in PACKAGES if _installed(p)]
+    for db in ("/etc/passwd", "/etc/group"):
+        if any(line.startswith("fieldlink:") for line in Path(db).read_text().splitlines()):
+            traces.append(f"fieldlink in {db}")
+    traces += [p for deb in debs for p in _packaged_files(deb) if os.path.lexists(p)]
+    return traces
+
+
+@pytest.fixture(scope="session")
+def deb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fieldlink-edge_*.deb and fieldlink-central_*.deb, built once per session on the host."""
+    if shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg is not available: not a Debian system")
+    if os.geteuid() != 0:
+        pytest.skip("installing a package and mounting its private root need root")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare (util-linux) to make the private root with")
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("no /usr/bin/python3 to build the package's environment with")
+    # The host's files show through the private root's overlays: one with Fieldlink on it would
+    # make the package tests fail, and the check after them could not tell what they left.
+    traces = _host_traces([])
+    if traces:
+        pytest.skip(f"Fieldlink is on this machine ({', '.join(traces)}): not testing over it")
+    out = tmp_path_factory.mktemp("deb")
+    _run(sys.executable, str(ROOT / "packaging" / "build_deb.py"), "--out", str(out),
+         timeout=1200)
+    return out
+
+
+def _in_private_root(command: list[str], layers: Path, log: Path,
+                     env: dict[str, str]) -> int:
+    """`command`'s exit status, run in a new mount namespace with each of PRIVATE an overlay
+    whose upper layer is under `layers`; `log` starts with READY once they are mounted."""
+    mounts = []
+    for tree in PRIVATE:
+        upper, work = layers / tree.strip("/") / "upper", layers / tree.strip("/") / "work"
+        upper.mkdir(parents=True)
+        work.mkdir()
+        options = f"lowerdir={tree},upperdir={upper},workdir={work}"
+        mounts.append(f"mount -t overlay overlay -o {shlex.quote(options)} {tree}")
+    script = f'{" && ".join(mounts)} && echo {shlex.quote(READY)} && exec "$@"'
+    with log.open("w") as sink:
+        child = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                  script, "sh", *command], cwd=ROOT, env=env, stdout=sink,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return child.wait(timeout=1000)
+    finally:
+        # The child's session: a packaged agent it left running would keep the root mounted.
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+
+
+@pytest.mark.parametrize("inner", [name for name in list(globals()) if name.startswith("test_")])
+def test_in_a_private_root(inner: str, deb_dir: Path, tmp_path: Path) -> None:
+    """The package test `inner` passes in a child pytest whose /etc, /opt, /usr, /var and /run are private overlays, and leaves no trace on the host."""
+    if HOST_NS in os.environ:
+        pytest.skip("already in a private root")
+    debs = sorted(deb_dir.glob("*.deb"))
+    junit, log = tmp_path / "inner.xml", tmp_path / "inner.log"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYTEST_") and k not in {"FIELDLINK_CONFIG", "VIRTUAL_ENV"}}
+    env |= {HOST_NS: os.readlink("/proc/self/ns/mnt"), DEB_DIR: str(deb_dir)}
+    status = _in_private_root(
+        [sys.executable, "-m", "pytest", f"{__file__}::{inner}", "-n", "0",
+         "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"),
+         "--junitxml", str(junit), "-q", "-rfEs"], tmp_path / "layers", log, env)
+    output = log.read_text()
+    if not output.startswith(READY):  # unshare or a mount failed: never install on the host
+        pytest.skip(f"cannot make a private root (unshare --mount, overlays): {output[-500:]}")
+    output = output[-6000:]
+    assert status == 0, output
+    cases = ElementTree.parse(junit).getroot().iter("testcase")
+    outcomes = {case.get("name"): [child.tag for child in case] for case in cases}
+    assert outcomes == {inner: []}, output  # ran, and neither skipped nor failed
+    traces = _host_traces(debs)
+    assert traces == [], f"left on the host: {traces}"
+    shutil.rmtree(tmp_path / "layers")  # a copy of both packages' environments
