@@ -23,8 +23,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-# With tests/test_deb.py on one worker: that test installs /etc/fieldlink/site.toml for a while.
-@pytest.mark.xdist_group("dpkg")
 def test_edge_cli_reads_fieldlink_config_then_says_where_it_looked(tmp_path: Path) -> None:
     """`edge-agent status` with no -c reads $FIELDLINK_CONFIG; without it, names /etc/fieldlink/site.toml."""
     site = tmp_path / "site.toml"
