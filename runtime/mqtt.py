@@ -58,11 +58,8 @@ What aiomqtt 2.5 lacks is wrapped here, once, in `Client` (hence the `aiomqtt~=2
   thread, runs after the link closed the socket ("add_writer … Bad file descriptor"). Both are
   the session's expected outage: `Client` logs through `runtime.mqtt.client`, where such lines
   are DEBUG, and the `asyncio` logger gets the same filter for aiomqtt's socket callbacks.
-- paho 2.2 does not close the socket of a handshake that failed (its `_ssl_wrap_socket` raises
-  from `do_handshake` with the socket still open): a refused TLS 1.2 certificate, or a broker
-  certificate we refuse, left one socket per attempt for the collector to close, whenever it
-  ran. `Client` hands paho its TLS context behind `_SocketsKept`, which keeps the sockets it
-  wraps, and closes those whose handshake never finished as soon as the attempt ends.
+- paho 2.2 does not close the socket of a TLS handshake that failed: `Client` closes it as
+  soon as the attempt ends (`runtime.mqtt_tls.SocketsKept`).
 
 Example::
 
@@ -96,6 +93,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.files import FileError
 from runtime.mqtt_refusal import AlertCatcher, Refusal, TlsClosedError, alert_error, refusal_of
+from runtime.mqtt_tls import SocketsKept
 from runtime.tasks import Backoff
 
 log = structlog.get_logger(__name__)
@@ -185,32 +183,6 @@ def _cancel_kept() -> Iterator[None]:
         raise asyncio.CancelledError
 
 
-class _SocketsKept:
-    """The caller's TLS context for one client, keeping the sockets it wraps (see the module's
-    docstring). paho calls only `wrap_socket` and reads `check_hostname`; the rest is the
-    context's. The context itself is not changed: sessions and attempts share it."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        self._sockets: list[ssl.SSLSocket] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        sock = self._context.wrap_socket(*args, **kwargs)
-        self._sockets.append(sock)  # in aiomqtt's executor thread: append is atomic
-        return sock
-
-    def close_unfinished(self, _attempt: object = None) -> None:
-        """Close the sockets whose handshake did not finish: paho never took them. The one a
-        connection runs on (handshake done) is paho's to close."""
-        unfinished = [s for s in self._sockets if s.version() is None]
-        self._sockets = [s for s in self._sockets if s.version() is not None]
-        for sock in unfinished:
-            sock.close()
-
-
 class Client(aiomqtt.Client):
     """aiomqtt's client with a bounded wait for CONNACK, the disconnection reason read on
     exit, no cancel lost in its calls, and link failures logged at DEBUG (see the module's
@@ -226,7 +198,7 @@ class Client(aiomqtt.Client):
         # level methods on it, which a LoggerAdapter has (`runtime.mqtt_refusal`).
         self._alerts = AlertCatcher(kwargs.pop("logger", None) or _CLIENT_LOG)
         tls = kwargs.pop("tls_context", None)
-        self._tls = None if tls is None else _SocketsKept(tls)
+        self._tls = None if tls is None else SocketsKept(tls)
         kwargs["tls_context"] = cast(ssl.SSLContext | None, self._tls)
         super().__init__(hostname, port, logger=cast(logging.Logger, self._alerts), **kwargs)
         self.connect_timeout = connect_timeout

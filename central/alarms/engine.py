@@ -42,7 +42,8 @@ from central.alarms.lifecycle import (
     Outcome,
     is_newer,
 )
-from central.storage.base import DatabaseWriteError, split_key
+from central.storage.base import split_key
+from central.storage.errors import DatabaseWriteError
 from central.storage.program import Program, Sql, placeholders
 from central.storage.timecheck import NARROWBAND_COPY
 from protocols.alarm_attrs import AlarmAttrs

@@ -18,23 +18,14 @@ from __future__ import annotations
 from central.alarms.lifecycle import AlarmPolicy
 from central.storage.aggregates import Bucket, RetentionPolicy
 from central.storage.base import (
-    BadRefError,
-    DatabaseWriteError,
     Device,
     Gateway,
     Latest,
-    NotFoundError,
     Point,
     PurgeResult,
     RecordCounts,
     Sample,
     Storage,
-    StorageError,
-    UnknownDeviceError,
-    UnknownGatewayError,
-    UnknownPointError,
-    UnstorableValueError,
-    UnsupportedDatabaseError,
     WriteResult,
     device_ref,
     parse_device_ref,
@@ -43,6 +34,17 @@ from central.storage.base import (
     split_key,
 )
 from central.storage.delivery import DeliverySummary, GatewayDelivery
+from central.storage.errors import (
+    BadRefError,
+    DatabaseWriteError,
+    NotFoundError,
+    StorageError,
+    UnknownDeviceError,
+    UnknownGatewayError,
+    UnknownPointError,
+    UnstorableValueError,
+    UnsupportedDatabaseError,
+)
 from central.storage.timecheck import TimePolicy
 
 __all__ = [

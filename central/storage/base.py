@@ -1,5 +1,6 @@
 """Central's storage interface (DESIGN.md §4.3, §9): the `Storage` base class every backend
-implements, its errors and the value types it returns, and the refs the API uses.
+implements, the value types it returns, and the refs the API uses (its errors:
+`central.storage.errors`).
 
 Refs are path-safe names used by the API: a device is `"{gw}:{device}"` and a point
 `"{gw}:{device}:{point}"`. Data keys on the wire are `"device/point"`.
@@ -18,7 +19,6 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from central import CentralError
 from central.alarms.lifecycle import AlarmPolicy
 from central.storage.aggregates import (
     Bucket,
@@ -35,60 +35,20 @@ from central.storage.delivery import (
     delivery_program,
     summary_program,
 )
+from central.storage.errors import (
+    BadRefError,
+    UnknownDeviceError,
+    UnknownGatewayError,
+    UnknownPointError,
+)
 from central.storage.program import Program, Sql
 from central.storage.retire_schema import in_service
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, State
-from protocols.errors import DetailedError
 
 T = TypeVar("T")
 # A gateway's state or birth message, and whether it was heard live (not a retained state).
 GatewayInfo = tuple[str, State | Birth, bool]
-
-class StorageError(CentralError):
-    """Base of every storage error."""
-
-
-class UnsupportedDatabaseError(StorageError, DetailedError):
-    template = "unsupported database URL {url!r} (expected sqlite:///PATH or postgresql://...)"
-    url: str
-
-
-class DatabaseWriteError(StorageError):
-    """A write transaction failed and was rolled back; nothing of it is stored."""
-
-
-class UnstorableValueError(DatabaseWriteError):
-    """The write was rolled back because of a value in it (a number or text the database
-    refuses), not because of the database: the same write fails again."""
-
-
-class NotFoundError(StorageError, DetailedError):
-    """A gateway, device or point that storage does not hold."""
-
-    kind = "object"
-
-    template = "unknown {kind} {ref!r}"
-    ref: str
-
-
-class UnknownGatewayError(NotFoundError):
-    kind = "gateway"
-
-
-class UnknownDeviceError(NotFoundError):
-    kind = "device"
-
-
-class UnknownPointError(NotFoundError):
-    kind = "point"
-
-
-class BadRefError(StorageError, DetailedError):
-    template = "bad reference {ref!r}: expected {expected}"
-    ref: str
-    expected: str
-
 
 # --- values returned by a backend ------------------------------------------------------------
 

@@ -17,7 +17,8 @@ import structlog
 from central.config.settings import Settings
 from central.health.metrics import Metrics
 from central.storage.aggregates import RetentionPolicy
-from central.storage.base import PurgeResult, Storage, StorageError
+from central.storage.base import PurgeResult, Storage
+from central.storage.errors import StorageError
 from central.storage.timecheck import TimePolicy
 from runtime import tasks
 

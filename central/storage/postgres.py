@@ -40,14 +40,8 @@ from central.alarms.engine import log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage import postgres_latest
 from central.storage.aggregates import pg_flush_program
-from central.storage.base import (
-    DatabaseWriteError,
-    Storage,
-    StorageError,
-    UnstorableValueError,
-    WriteResult,
-    split_key,
-)
+from central.storage.base import Storage, WriteResult, split_key
+from central.storage.errors import DatabaseWriteError, StorageError, UnstorableValueError
 from central.storage.postgres_binary import register_dumpers
 from central.storage.postgres_latest import LatestColumns, PendingLatest
 from central.storage.postgres_schema import Conn, migrate

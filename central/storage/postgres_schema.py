@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from psycopg import AsyncConnection
 
-from central.storage.base import StorageError
+from central.storage.errors import StorageError
 from central.storage.program import run_async
 from central.storage.retire_schema import retired_tables
 from central.storage.shared_schema import SHARED_STEPS, SharedStep

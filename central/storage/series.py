@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from central.storage.aggregates import point_id_program
-from central.storage.base import Sample, UnknownPointError, parse_point_ref
+from central.storage.base import Sample, parse_point_ref
+from central.storage.errors import UnknownPointError
 from central.storage.program import Program, Sql
 
 RawKey = tuple[int, str, int]  # (ts_ms, stream, seq) of a reading

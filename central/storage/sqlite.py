@@ -23,17 +23,9 @@ import structlog
 from central.alarms.engine import ingest_program, log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import AggSamples
-from central.storage.base import (
-    DatabaseWriteError,
-    GatewayInfo,
-    Storage,
-    StorageError,
-    UnstorableValueError,
-    WriteResult,
-    record_state_program,
-    split_key,
-)
+from central.storage.base import GatewayInfo, Storage, WriteResult, record_state_program, split_key
 from central.storage.delivery import StreamTally, streams_program, tally_rejected
+from central.storage.errors import DatabaseWriteError, StorageError, UnstorableValueError
 from central.storage.program import Program, run_sync
 from central.storage.sqlite_schema import migrate
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
