@@ -49,6 +49,7 @@ from central.storage.postgres_write import write_batches
 from central.storage.program import Program, run_async
 from central.storage.timecheck import TimePolicy
 from protocols.envelope import Birth, DataBatch, to_jsonable
+from runtime import tasks
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -228,13 +229,11 @@ class PostgresStorage(Storage):
         log.info("db_opened", url=describe_url(self.url), version=version)
         _log_repaired(repaired)
         if self.latest_interval_s > 0:
-            self._latest_task = asyncio.create_task(self._write_latest_every_interval(),
-                                                    name="pg-latest")
+            self._latest_task = tasks.start("pg-latest", self._write_latest_every_interval)
 
     async def close(self) -> None:
         if self._latest_task is not None:
-            self._latest_task.cancel()
-            await asyncio.gather(self._latest_task, return_exceptions=True)
+            await tasks.stop(self._latest_task)
             self._latest_task = None
             try:
                 await self.settle_latest()
@@ -334,24 +333,19 @@ class PostgresStorage(Storage):
         return repaired
 
     async def _write_latest_every_interval(self) -> None:
-        failing = False
+        """Write the held latest values every interval and repair a dead worker's every
+        `REPAIR_EVERY_S`; a failing write is logged once per outage (the values stay held)."""
         repaired_at = time.monotonic()
-        while True:
-            await asyncio.sleep(self.latest_interval_s)
-            try:
-                await self.settle_latest()
-                if time.monotonic() - repaired_at >= postgres_latest.REPAIR_EVERY_S:
-                    await self.repair_latest()
-                    repaired_at = time.monotonic()
-            except Exception as exc:  # noqa: BLE001 - a flush failing must not end the task
-                if not failing:  # once per outage; the values stay held meanwhile
-                    log.warning("latest_values_unwritten", points=len(self._pending),
-                                error=str(exc))
-                failing = True
-            else:
-                if failing:
-                    log.info("latest_values_written_again", points=len(self._pending))
-                failing = False
+
+        async def step() -> None:
+            nonlocal repaired_at
+            await self.settle_latest()
+            if time.monotonic() - repaired_at >= postgres_latest.REPAIR_EVERY_S:
+                await self.repair_latest()
+                repaired_at = time.monotonic()
+
+        await tasks.every(self.latest_interval_s, step, name="latest_values",
+                          errors=StorageError)
 
     async def record_birth(self, gw: str, birth: Birth, *, now_ms: int | None = None) -> None:
         now = _now_ms() if now_ms is None else now_ms

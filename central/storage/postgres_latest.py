@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import secrets
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from central.storage.postgres_binary import Float8Array, Int8Array, TextArray
@@ -107,10 +107,7 @@ class PendingLatest:
                 held = values.get(pid)
                 if held is None or ts > held[0]:
                     values[pid] = (ts, num, text)
-        due = self.due
-        for gw in gws:
-            if due.get(gw, -1) < now:
-                due[gw] = now
+        self._owe(((gw, now) for gw in gws))
 
     def take(self) -> PendingLatest:
         """Everything pending, leaving this empty."""
@@ -126,15 +123,22 @@ class PendingLatest:
             mine = values.get(pid)
             if mine is None or held[0] >= mine[0]:
                 values[pid] = held
-        for gw, now in taken.due.items():
-            if self.due.get(gw, -1) < now:
-                self.due[gw] = now
+        self._owe(taken.due.items())
+
+    def _owe(self, items: Iterable[tuple[str, int]]) -> None:
+        due = self.due
+        for gw, now in items:
+            if due.get(gw, -1) < now:
+                due[gw] = now
 
     def columns(self) -> LatestColumns:
-        pids = array("q", self.values)
-        rows = list(self.values.values())
-        return (pids, array("q", [r[0] for r in rows]), [r[1] for r in rows],
-                [r[2] for r in rows])
+        return _columns([(pid, *v) for pid, v in self.values.items()])
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> LatestColumns:
+    """(point id, ts, number, text) rows as the four columns `write_latest` takes."""
+    return (array("q", [r[0] for r in rows]), array("q", [r[1] for r in rows]),
+            [r[2] for r in rows], [r[3] for r in rows])
 
 
 def new_token() -> int:
@@ -167,7 +171,6 @@ async def repair(conn: Conn) -> list[str]:
     await conn.execute(_LOCK_GATEWAYS, (gws,))  # then read: every committed reading counts
     cur = await conn.execute(_NEWEST, (gws,))
     rows: list[tuple[Any, ...]] = await cur.fetchall()
-    await write_latest(conn, (array("q", [r[0] for r in rows]), array("q", [r[1] for r in rows]),
-                              [r[2] for r in rows], [r[3] for r in rows]))
+    await write_latest(conn, _columns(rows))
     await conn.execute(_DISCHARGED, (gws, LOCK_SPACE))
     return gws
