@@ -105,9 +105,14 @@ def retirements_program() -> Program[list[Retirement]]:
     return [_retirement(r) for r in rows]
 
 
+def retired_since_program() -> Program[dict[str, int]]:
+    """The retired gateways and when each was retired (which names the retirement)."""
+    rows = yield Sql("SELECT gw, retired_ms FROM retired_gateways")
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
 def retired_set_program() -> Program[frozenset[str]]:
-    rows = yield Sql("SELECT gw FROM retired_gateways")
-    return frozenset(str(r[0]) for r in rows)
+    return frozenset((yield from retired_since_program()))
 
 
 def _known_program(gw: str) -> Program[None]:
@@ -198,12 +203,6 @@ class _Refusals:
 
     messages: int
     last_ms: int
-
-
-def retired_since_program() -> Program[dict[str, int]]:
-    """The retired gateways and when each was retired (which names the retirement)."""
-    rows = yield Sql("SELECT gw, retired_ms FROM retired_gateways")
-    return {str(r[0]): int(r[1]) for r in rows}
 
 
 def count_refused_program(pending: Mapping[tuple[str, int], _Refusals]) -> Program[None]:

@@ -16,14 +16,13 @@ The error class declares its fields once; its message, its problem body and the 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import PurePath
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -66,7 +65,7 @@ def problem_fields(exc: BaseException) -> dict[str, object]:
     if isinstance(getattr(exc, "kind", None), str):
         out["kind"] = exc.kind  # type: ignore[attr-defined]
     for f in _declared(type(exc)):
-        out[f.name] = _json(getattr(exc, f.name))
+        out[f.name] = jsonable_encoder(getattr(exc, f.name))
     return out
 
 
@@ -76,16 +75,6 @@ def _declared(cls: type[DetailedError]) -> tuple[dataclasses.Field[Any], ...]:
     if clash:  # a programming error, caught by the first test that raises it
         raise TypeError(f"{cls.__name__}: field(s) {sorted(clash)} would hide problem members")
     return fields
-
-
-def _json(value: object) -> object:
-    if isinstance(value, tuple | list | frozenset | set):
-        return [_json(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, PurePath):
-        return str(value)
-    return value
 
 
 def install_problems(app: FastAPI, table: Mapping[type[Exception], tuple[int, str]]) -> None:
