@@ -144,8 +144,7 @@ async def test_opening_repairs_what_a_dead_worker_owed_and_leaves_a_live_ones(
     from their readings, a gateway the dead and a live worker both wrote (a shared
     subscription splits a gateway's batches) included, and leaves alone what a live worker
     owes."""
-    live = await open_storage(pg_url, latest_interval_s=30).__aenter__()
-    try:
+    async with open_storage(pg_url, latest_interval_s=30) as live:
         dead = open_storage(pg_url, latest_interval_s=30)
         assert isinstance(dead, PostgresStorage) and isinstance(live, PostgresStorage)
         await dead.open()
@@ -169,8 +168,6 @@ async def test_opening_repairs_what_a_dead_worker_owed_and_leaves_a_live_ones(
                                                          for s in range(1, 6)}, "d/p1": 106.0}
             # live's first values only: what it still owes is its to write, not repaired
             assert await values(fresh, "gw-live") == {KEYS[s % 5]: float(s) for s in range(1, 6)}
-    finally:
-        await live.__aexit__(None, None, None)
     assert owed(pg_url) == set()  # written on close
 
 

@@ -27,6 +27,7 @@ from central.storage import Storage, open_storage
 from central.storage.program import Program, Sql
 from protocols.envelope import DataBatch, State
 from tests import test_console_api as console
+from tests.helpers import FakeClock
 from tests.identity import auth, token_for
 from tests.pg import BACKENDS, backend
 from tests.test_console_api import areas, report
@@ -36,16 +37,6 @@ LONG_S = 3600.0  # a refresh or flush interval no test run reaches on the real c
 
 # The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
 db_url, app, client = console.db_url, console.app, console.client
-
-
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def group(*gws: str) -> list[DataBatch]:
@@ -116,7 +107,7 @@ async def test_a_retired_gateways_resends_cost_a_bounded_number_of_commits(
     the rest wait in memory and go in one commit when `flush_s` has passed; the row counts
     every one, and a gateway in service is admitted throughout."""
     async with workers(kind, tmp_path) as (st,):
-        clock = Clock()
+        clock = FakeClock()
         gate = RetiredGate(st, refresh_s=LONG_S, flush_s=60, monotonic=clock)
         with counting_commits(st) as commits:
             for _ in range(50):
@@ -124,7 +115,7 @@ async def test_a_retired_gateways_resends_cost_a_bounded_number_of_commits(
                 assert [b.gw for b in admitted] == [NEW]
             assert commits == [1]  # the first refusal, at once
             assert (await refused(st))[0] == 2
-            clock.t += 60
+            clock.now += 60
             await gate.admit([], group(NEW))  # any group after `flush_s` writes what waits
             assert commits == [2]
             await gate.flush()  # nothing left: no commit
@@ -141,7 +132,7 @@ async def test_refusals_of_two_workers_add_up_and_survive_a_failed_write(
     not land in the gateway's next retirement; a retire made by another worker is seen at the
     next refresh."""
     async with workers(kind, tmp_path, 2) as (a, b):
-        clock = Clock()
+        clock = FakeClock()
         ga = RetiredGate(a, refresh_s=LONG_S, flush_s=LONG_S, monotonic=clock)
         gb = RetiredGate(b, refresh_s=60, flush_s=60, monotonic=clock)
         await ga.admit([], group(OLD))
@@ -149,7 +140,7 @@ async def test_refusals_of_two_workers_add_up_and_survive_a_failed_write(
         assert (await refused(b))[0] == 3
         await gb.admit([], group(OLD))  # waits in memory (flushed less than flush_s ago)
         await break_table(a)
-        clock.t += 60
+        clock.now += 60
         with capture_logs() as logs:
             await gb.flush()
             await gb.flush()
@@ -172,7 +163,7 @@ async def test_refusals_of_two_workers_add_up_and_survive_a_failed_write(
         assert [x.gw for x in (await gb.admit([], group(NEW)))[1]] == [NEW]  # b reads here
         await retire(a, AuditLog(a), NEW, user="admin-1", reason="gone")
         assert [x.gw for x in (await gb.admit([], group(NEW)))[1]] == [NEW]
-        clock.t += 60
+        clock.now += 60
         assert (await gb.admit([], group(NEW)))[1] == []
 
 
