@@ -22,11 +22,16 @@ everything else missing is `pending`: not arrived yet, or lost without a word.
 
 Writers on PostgreSQL lock the `streams` rows (sorted) before they read the ranges, so the
 range merge of one stream is serialised across workers.
+
+The ranges are also what a write asks whether a staged seq was ever held: retention purges
+the row, not its seq's range, so a record resent after its row was purged (its ack was lost)
+finds its seq here (`held_ranges_program`, `held_seqs`) and is not stored again
+(`central.storage.writes`, `PURGED`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,15 +132,56 @@ def _values(rows: Sequence[tuple[Any, ...]]) -> tuple[str, tuple[Any, ...]]:
     return ", ".join([row] * len(rows)), tuple(x for r in rows for x in r)
 
 
-def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
+# Per stream, some of its held ranges as {first_seq: last_seq} (`held_ranges_program`).
+HeldRanges = dict[tuple[str, str], dict[int, int]]
+
+
+def held_ranges_program(runs: Mapping[tuple[str, str], Sequence[tuple[int, int]]]
+                        ) -> Program[HeldRanges]:
+    """Per stream of `runs` (its seqs as sorted, disjoint ranges), the held ranges they
+    overlap or adjoin: every range that holds one of their seqs. A stream with none is
+    absent."""
+    # One branch per run, each a range scan of the key (an OR of them had PostgreSQL scan
+    # the table and run the subquery per row: a tenth of an ingest transaction's time).
+    args: list[Any] = []
+    for (gw, s), rs in runs.items():
+        probe = rs if len(rs) <= _RUNS_PER_STREAM else ((rs[0][0], rs[-1][1]),)
+        for a, b in probe:
+            args += (gw, s, a - 1, b + 1, gw, s, a, a)
+    taken: HeldRanges = {}
+    for i in range(0, len(args), 50 * 8):
+        part = args[i:i + 50 * 8]
+        rows = yield Sql(" UNION ALL ".join([_RANGES_AT] * (len(part) // 8)), tuple(part))
+        for gw, s, a, b in rows:
+            taken.setdefault((gw, s), {})[a] = b
+    return taken
+
+
+def held_seqs(runs: Sequence[tuple[int, int]], ranges: Mapping[int, int]) -> Iterator[int]:
+    """The seqs of `runs` (sorted, disjoint) that `ranges` ({first_seq: last_seq}, disjoint)
+    hold. The usual write's runs only adjoin the held ranges: no seq, no step per seq."""
+    spans = sorted(ranges.items())
+    j = 0
+    for a, b in runs:
+        while j < len(spans) and spans[j][1] < a:
+            j += 1
+        k = j
+        while k < len(spans) and spans[k][0] <= b:
+            yield from range(max(a, spans[k][0]), min(b, spans[k][1]) + 1)
+            k += 1
+
+
+def streams_program(tally: StreamTally, now: int | None) -> Program[HeldRanges]:
     """Record in the write transaction what `tally` says; see the module docstring.
-    `now=None` (a backfill) leaves the write times alone."""
+    `now=None` (a backfill) leaves the write times alone. Returns the held ranges it read
+    before adding the tally's seqs: every range holding one of them (`held_ranges_program`),
+    read under the streams' row locks on PostgreSQL."""
     runs = {k: rs for k in sorted(tally.seqs.keys() | tally.spans.keys())
             if (rs := tally.runs(k))}
     # A stream may have only loss reports in this write (a batch of refused records).
     keys = sorted(runs.keys() | {k for k, v in tally.losses.items() if v})
     if not keys:
-        return
+        return {}
     # 1. Create or lock every stream row, in key order (PostgreSQL: the lock order).
     for chunk in _chunks([(gw, s, now, now) for gw, s in keys]):
         values, params = _values(chunk)
@@ -145,25 +191,13 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
     # 2. The held ranges each run touches (overlaps or adjoins), merged with the runs. The
     #    usual write extends one range: an UPDATE of last_seq (no index change: PostgreSQL
     #    updates it in place, so these hot rows do not bloat).
-    #    One branch per run, each a range scan of the key (an OR of them had PostgreSQL scan
-    #    the table and run the subquery per row: a tenth of an ingest transaction's time).
-    args: list[Any] = []
-    for (gw, s), rs in runs.items():
-        probe = rs if len(rs) <= _RUNS_PER_STREAM else ((rs[0][0], rs[-1][1]),)
-        for a, b in probe:
-            args += (gw, s, a - 1, b + 1, gw, s, a, a)
-    taken: dict[tuple[str, str], dict[int, int]] = {k: {} for k in keys}
-    for i in range(0, len(args), 50 * 8):
-        part = args[i:i + 50 * 8]
-        rows = yield Sql(" UNION ALL ".join([_RANGES_AT] * (len(part) // 8)), tuple(part))
-        for gw, s, a, b in rows:
-            taken[(gw, s)][a] = b
+    taken = yield from held_ranges_program(runs)
     gone: list[tuple[Any, ...]] = []
     longer: list[tuple[Any, ...]] = []
     new: list[tuple[Any, ...]] = []
     delta: dict[tuple[str, str], list[int]] = {}
     for k in keys:
-        had = taken[k]
+        had = taken.get(k, {})
         merged = merge_ranges([*runs.get(k, ()), *had.items()])
         firsts = {a for a, _ in merged}
         gone += [(*k, a) for a in had if a not in firsts]
@@ -206,6 +240,7 @@ def streams_program(tally: StreamTally, now: int | None) -> Program[None]:
                   " ELSE streams.lost_reported + v.column5 END"
                   " FROM (VALUES " + values + ") AS v"
                   " WHERE streams.gw = v.column1 AND streams.stream = v.column2", params)
+    return taken
 
 
 # --- reads ------------------------------------------------------------------------------------

@@ -3,8 +3,17 @@
 A batch write must know which of its records it newly inserted: only those are aggregated,
 and only a held copy whose time was suspect may be replaced by a corrected one
 (`central.storage.timecheck`). SQLite asks before inserting (`held_flags_program`: in the
-usual case one index range probe that finds nothing); PostgreSQL learns it from its insert's
-`RETURNING`. Both then run `replace_program` for the few candidates.
+usual case one index range probe that finds nothing); PostgreSQL probes the runs of staged
+seqs (`central.storage.postgres_write`). Both then run `replace_program` for the few
+candidates.
+
+A held seq is one the stream's held ranges hold (`central.storage.delivery`), not only one
+with a row: retention purges rows older than raw retention but never their seqs' ranges. A
+staged seq the ranges held before the write but whose row is gone counts as held with the
+flags `PURGED`: not inserted, not aggregated, not counted as inserted, still acked and
+counted as a duplicate. Nothing of the purged copy is left to correct or merge, so a later
+copy with a trusted time or the full record of a narrowband copy is dropped too: storing it
+would store the seq again (and retention would purge it again).
 
 Narrowband merge (DESIGN.md §5): an event that came by narrowband carries the central-only bit
 `NARROWBAND_COPY`, set by `central.narrowband.receiver` on the records it builds (never on the wire:
@@ -34,6 +43,9 @@ from central.storage.timecheck import (
 from protocols.envelope import Record, RecordKind
 
 _IN_CHUNK = 500
+# The flags a held seq whose row is gone counts with (module doc): no bit, so neither
+# `merges` nor `replaces` lets a later copy take its place.
+PURGED = 0
 _TELEMETRY = RecordKind.TELEMETRY
 _EVENT = RecordKind.EVENT
 _ALARM = RecordKind.ALARM
