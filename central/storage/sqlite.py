@@ -24,12 +24,19 @@ from central.alarms.engine import ingest_program, log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import AggSamples
 from central.storage.base import GatewayInfo, Storage, WriteResult, record_state_program, split_key
-from central.storage.delivery import StreamTally, streams_program, tally_rejected
+from central.storage.delivery import (
+    StreamTally,
+    held_ranges_program,
+    held_seqs,
+    streams_program,
+    tally_rejected,
+)
 from central.storage.errors import DatabaseWriteError, StorageError, UnstorableValueError
 from central.storage.program import Program, run_sync
 from central.storage.sqlite_schema import migrate
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
 from central.storage.writes import (
+    PURGED,
     held_flags_program,
     merge_alarms_program,
     merge_program,
@@ -112,6 +119,23 @@ def _columns(batch: DataBatch) -> tuple[bool, Sequence[int], Sequence[int], Sequ
     return (cols.kinds is None or not any(cols.kinds), cols.seqs, cols.ts,
             list(map(table.__getitem__, cols.points)), cols.values,
             [cols.flags] * len(cols.seqs) if isinstance(cols.flags, int) else cols.flags)
+
+
+def _held_before(conn: sqlite3.Connection, gw: str, stream: str,
+                 runs: Sequence[tuple[int, int]]) -> set[int]:
+    """The seqs of `runs` that the stream's ranges held before this write (which records
+    its own seqs there last: `streams_program`), rows purged or not; in the single-writer
+    transaction no one else changes them."""
+    ranges = run_sync(conn, held_ranges_program({(gw, stream): runs}))
+    return set(held_seqs(runs, ranges.get((gw, stream), {})))
+
+
+def _held(conn: sqlite3.Connection, table: str, gw: str, stream: str,
+          rows: dict[int, tuple[Any, ...]], before: set[int]) -> dict[int, int]:
+    """`{seq: stored flags}` of the staged `rows` already held: by a row in `table`, or only
+    by the stream's ranges (`before`: retention purged the row, writes.py's `PURGED`)."""
+    held = run_sync(conn, held_flags_program(table, gw, stream, sorted(rows)))
+    return {s: PURGED for s in before if s in rows} | held if before else held
 
 
 def _now_ms() -> int:
@@ -305,8 +329,11 @@ class SqliteStorage(Storage):
             ordered = sorted(seqs)
             if any(map(eq, ordered, islice(ordered, 1, None))):
                 return None  # a seq twice: the record-by-record path keeps its first copy
-        if run_sync(conn, held_flags_program("readings", gw, stream, ordered)):
-            return None  # (part of) a resent batch
+        first, last = ordered[0], ordered[-1]
+        runs = ((first, last),) if last - first + 1 == n else ranges_from_seqs(ordered)
+        if (run_sync(conn, held_flags_program("readings", gw, stream, ordered))
+                or _held_before(conn, gw, stream, runs)):
+            return None  # (part of) a resent batch, maybe of rows retention purged
         ids = self._ids_for(conn, gw, set(points))
         pids = list(map(ids.__getitem__, points))
         # Plain ints: sqlite3 binds an IntFlag member only after a slow adapter look-up.
@@ -320,9 +347,7 @@ class SqliteStorage(Storage):
             prev = latest.get(pid)
             if prev is None or ts > prev[0]:
                 latest[pid] = (ts, value, None)
-        first, last = ordered[0], ordered[-1]
-        tally.held_ranges(gw, stream, ((first, last),) if last - first + 1 == n
-                          else ranges_from_seqs(ordered))
+        tally.held_ranges(gw, stream, runs)
         return WriteResult(gw=gw, stream=stream, received=n, inserted=inserted)
 
     def _insert_readings(self, conn: sqlite3.Connection, params: list[Any]) -> int:
@@ -354,12 +379,13 @@ class SqliteStorage(Storage):
         vals: list[float] = []
         stage_records(gw, stream, records, ids, lo, hi, now, readings=readings, events=events,
                       latest=latest, tally=tally, samples=(pids, tss, vals))
+        before = _held_before(conn, gw, stream, ranges_from_seqs(readings.keys() | events.keys()))
         inserted = suspect = corrected = n_merged = 0
         for table, rows, ts_i, flags_i in (("readings", readings, 4, 7),
                                            ("events", events, 5, 8)):
             if not rows:
                 continue
-            held = run_sync(conn, held_flags_program(table, gw, stream, sorted(rows)))
+            held = _held(conn, table, gw, stream, rows, before)
             fresh = list(rows.values()) if not held else [
                 row for s, row in rows.items() if s not in held]
             if fresh:
