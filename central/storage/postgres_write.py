@@ -17,6 +17,13 @@ collision would fail the write and roll it back (the batch comes again), never s
 twice. The usual batch, plain readings, is staged and COPYed column by column without a
 Python object per record (`central.storage.postgres_plain`); any other record by record.
 
+Held means held by the stream's ranges, not only by a row: retention purges rows, never the
+ranges. `streams_program` returns the held ranges the staged seqs touch, read under the same
+locks before it adds the staged seqs; a staged seq inside them whose row is gone (a record
+resent after retention purged it) is held as `PURGED`: not COPYed, not counted as inserted,
+not aggregated, nothing to correct or merge, acked as a duplicate (`central.storage.writes`).
+The usual batch only adjoins those ranges: no step per record.
+
 Only the new rows count as inserted and feed the aggregates' pending set
 (`central.storage.aggregates`); a held copy with a suspect time may be replaced by a corrected
 one (`central.storage.timecheck`), a held narrowband copy of an event by the full record
@@ -43,7 +50,13 @@ from central.alarms.engine import ingest_program
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import AggSamples
 from central.storage.base import WriteResult
-from central.storage.delivery import StreamTally, streams_program, tally_rejected
+from central.storage.delivery import (
+    HeldRanges,
+    StreamTally,
+    held_seqs,
+    streams_program,
+    tally_rejected,
+)
 from central.storage.postgres_binary import (
     COPY_HEADER,
     COPY_TRAILER,
@@ -62,6 +75,7 @@ from central.storage.postgres_schema import Conn
 from central.storage.program import run_async
 from central.storage.timecheck import CENTRAL_TS_SUSPECT, CLOCK_SUSPECT, TimePolicy, replaces
 from central.storage.writes import (
+    PURGED,
     merge_alarms_program,
     merge_program,
     merges,
@@ -193,22 +207,33 @@ def _unplain(staged: _Staged, key: tuple[str, str], now: int) -> None:
         readings.update(p.rows(now))
 
 
-async def _probe_held(conn: Conn, staged: _Staged, now: int) -> dict[str, Held]:
-    """Per table, the staged keys already held and their flags; run with the streams locked.
-    If a reading is held, every batch of plain readings is staged as rows."""
+async def _probe_held(conn: Conn, staged: _Staged, now: int,
+                      before: HeldRanges) -> dict[str, Held]:
+    """Per table, the staged keys already held and their flags; run with the streams locked,
+    `before` the held ranges `streams_program` read under those locks. A staged seq they
+    hold with no row is held as `PURGED` (writes.py). If a reading is held, every batch of
+    plain readings is staged as rows."""
     keys = sorted(staged.tally.seqs.keys() | staged.tally.spans.keys())
-    runs = [(*k, a, b) for k in keys for a, b in staged.tally.runs(k)]
+    by_key = {k: staged.tally.runs(k) for k in keys}
+    runs = [(*k, a, b) for k, rs in by_key.items() for a, b in rs]
     held: dict[str, Held] = {"readings": {}, "events": {}}
     if not runs:
         return held
     cur = await conn.execute(_PROBE, [list(c) for c in zip(*runs, strict=True)])
     found = await cur.fetchall()
-    if any(table == "readings" for table, *_ in found):
+    was_held = [(*k, s) for k, rs in by_key.items() if k in before
+                for s in held_seqs(rs, before[k])]
+    if was_held or any(table == "readings" for table, *_ in found):
         for key in list(staged.plain):
             _unplain(staged, key, now)
     for table, gw, stream, seq, flags in found:
         if seq in staged.rows[table].get((gw, stream), ()):  # not a refused record's seq
             held[table][(gw, stream, seq)] = flags
+    for table, h in held.items():
+        rows = staged.rows[table]
+        for k in was_held:
+            if k[2] in rows.get(k[:2], ()):
+                h.setdefault(k, PURGED)
     return held
 
 
@@ -351,8 +376,8 @@ async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
     staged = _stage(batches, point_ids, lo, hi, now)
     out = _Outcome.zeros(len(batches))
     # The streams first: their row locks make this transaction their only writer (module doc).
-    await run_async(conn, streams_program(staged.tally, now))
-    held = await _probe_held(conn, staged, now)
+    before = await run_async(conn, streams_program(staged.tally, now))
+    held = await _probe_held(conn, staged, now, before)
     for table, by_stream in staged.rows.items():
         if any(by_stream.values()) or (table == "readings" and staged.plain):
             await _write_table(conn, table, staged, held[table], batches, out, now)
