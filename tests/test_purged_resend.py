@@ -69,7 +69,7 @@ async def hour_counts(storage: Storage) -> dict[int, int]:
     """agg_1h's sample count per bucket, after folding every pending sample in."""
     await storage.flush_aggregates()
     rows = await storage.run(lambda: select("SELECT bucket_ms, count FROM agg_1h"), write=False)
-    return dict(rows)  # type: ignore[arg-type]
+    return {b: c for b, c in rows}
 
 
 async def stored_then_purged(storage: Storage, records: list[Record]) -> dict[int, int]:
