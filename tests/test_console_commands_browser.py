@@ -1,9 +1,11 @@
 """Commands from the console's gateway page in a real headless Chromium, against a real
 `central serve`, a real Mosquitto and a gateway stand-in that carries commands out (issue 12:
-"commands: issue with confirmation", roles from central/identity)."""
+"commands: issue with confirmation", roles from central/identity). The list says so when
+central cannot read it, against the app in process (a fault injected into its real store)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 from pathlib import Path
@@ -16,6 +18,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from central.commands.store import CommandStoreError
 from protocols import commands as c
 from protocols.command_keys import parse_public_key
 from protocols.command_results import CommandResult, CommandState, result_attrs
@@ -28,12 +31,15 @@ from tests.browser import (
     requested_urls,
     screenshot,
     texts,
+    viewport,
 )
 from tests.callresp_gw import TerminalGateway
 from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
-from tests.identity import PASSWORD, bearer, cli_user
+from tests.identity import PASSWORD, bearer, cli_user, ensure_user
+from tests.test_console_live import _served
+from tests.test_identity_api import running
 
 pytestmark = pytest.mark.browser
 GW = "gw-cmd-1"
@@ -136,3 +142,71 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
         if fleet is not None:
             fleet.close()
         central.stop()
+
+
+def _unreadable(driver: WebDriver) -> str | None:
+    """The problem type on the list's 「命令读取失败」 row, if the list shows it."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "#cmd-rows tr.cmd-unreadable")
+    if not rows or "命令读取失败，正在重试…" not in rows[0].text:
+        return None
+    return rows[0].get_attribute("data-error")
+
+
+async def test_the_list_says_when_central_cannot_read_it_and_comes_back_by_itself(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The gateway page is opened while central's command store cannot list (a fault
+    injected into the real store): the list says 命令读取失败，正在重试… in red, not 读取中…
+    for ever, and none of the store's error text; once the store lists again the page shows
+    the gateway's command by itself, on the same stream, without asking for the list. A
+    second outage, seen at the feed's periodic re-read, ends with the very same list: drawn
+    again, not left behind the message."""
+    async with running("sqlite", tmp_path, broker=mosquitto) as env, \
+            _served(env.app) as base:
+        env.app.state.console_live.refresh_s = 1.0  # an unchanged list is read again soon
+        boss = await env.token("boss", "admin")
+        await ensure_user(env.app, "zhangsan", "operator")
+        r = await env.c.post("/api/commands", headers=boss,
+                             json={"gw": "gw-a", "kind": "request_diagnostics"})
+        assert r.status_code == 201, r.text
+        store = env.app.state.commands.service.store
+        real_list = store.list
+
+        async def broken_list(**kw: object) -> object:
+            raise CommandStoreError("commands store: disk I/O error on /var/lib/central.db")
+
+        store.list = broken_list
+        browser = chromium(tmp_path / "chrome", log_requests=True)
+        driver = await asyncio.to_thread(browser.__enter__)
+        try:
+            def fails() -> None:
+                console_login(driver, base, "zhangsan", PASSWORD)
+                open_gateway_page(driver, "gw-a")
+                WebDriverWait(driver, 10).until(_unreadable)
+                assert _unreadable(driver) == "urn:fieldlink:problem:command-store"
+                assert "disk I/O" not in driver.find_element(By.TAG_NAME, "body").text
+                driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+                viewport(driver, 1920, 1080)
+                screenshot(driver, tmp_path, "command-list-unreadable")
+                viewport(driver, 390, 844)
+                driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+                screenshot(driver, tmp_path, "command-list-unreadable-narrow")
+                _list_fetches(driver)
+
+            await asyncio.to_thread(fails)
+            store.list = real_list
+
+            def recovers() -> None:
+                WebDriverWait(driver, 10).until(lambda d: d.find_elements(
+                    By.CSS_SELECTOR, f'#cmd-rows tr[data-cmd="{r.json()["cmd_id"]}"]'))
+                assert _unreadable(driver) is None and "请求诊断" in driver.find_element(
+                    By.ID, "cmd-rows").text
+                assert _list_fetches(driver) == []  # the feed brought it, on the same stream
+
+            await asyncio.to_thread(recovers)
+            store.list = broken_list
+            await asyncio.to_thread(WebDriverWait(driver, 10).until, _unreadable)
+            store.list = real_list
+            await asyncio.to_thread(recovers)
+        finally:
+            store.list = real_list
+            await asyncio.to_thread(browser.__exit__, None, None, None)
