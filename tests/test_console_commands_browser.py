@@ -6,6 +6,7 @@ central cannot read it, against the app in process (a fault injected into its re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 from pathlib import Path
@@ -18,7 +19,6 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from central.commands.store import CommandStoreError
 from protocols import commands as c
 from protocols.command_keys import parse_public_key
 from protocols.command_results import CommandResult, CommandState, result_attrs
@@ -38,7 +38,7 @@ from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
 from tests.identity import PASSWORD, bearer, cli_user, ensure_user
-from tests.test_console_live import _served
+from tests.test_console_live import _served, issue, list_outage
 from tests.test_identity_api import running
 
 pytestmark = pytest.mark.browser
@@ -160,53 +160,44 @@ async def test_the_list_says_when_central_cannot_read_it_and_comes_back_by_itsel
     the gateway's command by itself, on the same stream, without asking for the list. A
     second outage, seen at the feed's periodic re-read, ends with the very same list: drawn
     again, not left behind the message."""
-    async with running("sqlite", tmp_path, broker=mosquitto) as env, \
-            _served(env.app) as base:
+    async with contextlib.AsyncExitStack() as stack:
+        env = await stack.enter_async_context(running("sqlite", tmp_path, broker=mosquitto))
+        base = await stack.enter_async_context(_served(env.app))
         env.app.state.console_live.refresh_s = 1.0  # an unchanged list is read again soon
-        boss = await env.token("boss", "admin")
+        cmd_id = await issue(env, await env.token("boss", "admin"))
         await ensure_user(env.app, "zhangsan", "operator")
-        r = await env.c.post("/api/commands", headers=boss,
-                             json={"gw": "gw-a", "kind": "request_diagnostics"})
-        assert r.status_code == 201, r.text
-        store = env.app.state.commands.service.store
-        real_list = store.list
-
-        async def broken_list(**kw: object) -> object:
-            raise CommandStoreError("commands store: disk I/O error on /var/lib/central.db")
-
-        store.list = broken_list
+        outage = stack.enter_context(list_outage(env.app.state.commands.service.store))
+        outage.down = True
         browser = chromium(tmp_path / "chrome", log_requests=True)
         driver = await asyncio.to_thread(browser.__enter__)
-        try:
-            def fails() -> None:
-                console_login(driver, base, "zhangsan", PASSWORD)
-                open_gateway_page(driver, "gw-a")
-                WebDriverWait(driver, 10).until(_unreadable)
-                assert _unreadable(driver) == "urn:fieldlink:problem:command-store"
-                assert "disk I/O" not in driver.find_element(By.TAG_NAME, "body").text
-                driver.execute_script("document.getElementById('cmd').scrollIntoView()")
-                viewport(driver, 1920, 1080)
-                screenshot(driver, tmp_path, "command-list-unreadable")
-                viewport(driver, 390, 844)
-                driver.execute_script("document.getElementById('cmd').scrollIntoView()")
-                screenshot(driver, tmp_path, "command-list-unreadable-narrow")
-                _list_fetches(driver)
+        stack.push_async_callback(asyncio.to_thread, browser.__exit__, None, None, None)
 
-            await asyncio.to_thread(fails)
-            store.list = real_list
+        def fails() -> None:
+            console_login(driver, base, "zhangsan", PASSWORD)
+            open_gateway_page(driver, "gw-a")
+            WebDriverWait(driver, 10).until(_unreadable)
+            assert _unreadable(driver) == "urn:fieldlink:problem:command-store"
+            assert "disk I/O" not in driver.find_element(By.TAG_NAME, "body").text
+            driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+            viewport(driver, 1920, 1080)
+            screenshot(driver, tmp_path, "command-list-unreadable")
+            viewport(driver, 390, 844)
+            driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+            screenshot(driver, tmp_path, "command-list-unreadable-narrow")
+            _list_fetches(driver)
 
-            def recovers() -> None:
-                WebDriverWait(driver, 10).until(lambda d: d.find_elements(
-                    By.CSS_SELECTOR, f'#cmd-rows tr[data-cmd="{r.json()["cmd_id"]}"]'))
-                assert _unreadable(driver) is None and "请求诊断" in driver.find_element(
-                    By.ID, "cmd-rows").text
-                assert _list_fetches(driver) == []  # the feed brought it, on the same stream
+        await asyncio.to_thread(fails)
+        outage.down = False
 
-            await asyncio.to_thread(recovers)
-            store.list = broken_list
-            await asyncio.to_thread(WebDriverWait(driver, 10).until, _unreadable)
-            store.list = real_list
-            await asyncio.to_thread(recovers)
-        finally:
-            store.list = real_list
-            await asyncio.to_thread(browser.__exit__, None, None, None)
+        def recovers() -> None:
+            WebDriverWait(driver, 10).until(lambda d: d.find_elements(
+                By.CSS_SELECTOR, f'#cmd-rows tr[data-cmd="{cmd_id}"]'))
+            assert _unreadable(driver) is None and "请求诊断" in driver.find_element(
+                By.ID, "cmd-rows").text
+            assert _list_fetches(driver) == []  # the feed brought it, on the same stream
+
+        await asyncio.to_thread(recovers)
+        outage.down = True
+        await asyncio.to_thread(WebDriverWait(driver, 10).until, _unreadable)
+        outage.down = False
+        await asyncio.to_thread(recovers)

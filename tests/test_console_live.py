@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -432,6 +434,38 @@ async def test_commands_event_is_the_users_list_and_follows_every_change(
             assert outside.empty()  # gw-c's list did not change for this viewer
 
 
+@dataclass
+class ListOutage:
+    """A fault injected into a real `CommandStore`: while `down`, its `list` raises the
+    store's own error, whose text names a file no client may see."""
+
+    store: Any
+    down: bool = False
+    TEXT: ClassVar[str] = "commands store: disk I/O error on /var/lib/central.db"
+
+    async def list(self, real: Any, **kw: Any) -> Any:
+        if self.down:
+            raise CommandStoreError(self.TEXT)
+        return await real(**kw)
+
+
+@contextlib.contextmanager
+def list_outage(store: Any) -> Iterator[ListOutage]:
+    outage = ListOutage(store)
+    store.list = functools.partial(outage.list, store.list)
+    try:
+        yield outage
+    finally:
+        del store.list
+
+
+async def issue(env: Any, headers: dict[str, str], kind: str = "request_diagnostics") -> str:
+    """A command to gw-a; its cmd_id."""
+    r = await env.c.post("/api/commands", headers=headers, json={"gw": "gw-a", "kind": kind})
+    assert r.status_code == 201, r.text
+    return str(r.json()["cmd_id"])
+
+
 async def test_the_commands_event_says_when_the_store_cannot_list_and_comes_back(
         tmp_path: Path) -> None:
     """The real command store's list fails for a while (a fault injected into it) and a
@@ -440,36 +474,26 @@ async def test_the_commands_event_says_when_the_store_cannot_list_and_comes_back
     is gw-a's list, the new command in it, as soon as the list reads again (its change marker
     did not move again: the failure alone makes the feed read again), without reconnecting."""
     async with running("sqlite", tmp_path) as env, _served(env.app) as base:
-        env.app.state.console_live.refresh_s = 3600.0  # no periodic resend: each event a change
+        live = env.app.state.console_live
+        live.refresh_s = 3600.0  # no periodic resend: each event a change
         boss = await env.token("boss", "admin")
-        r = await env.c.post("/api/commands", headers=boss,
-                             json={"gw": "gw-a", "kind": "request_diagnostics"})
-        assert r.status_code == 201, r.text
-        store = env.app.state.commands.service.store
-        real_list = store.list
-
-        async def broken_list(**kw: Any) -> Any:
-            raise CommandStoreError("commands store: disk I/O error on /var/lib/central.db")
-
-        async with _commands_events(base, boss, "gw-a") as events:
-            listed = await asyncio.wait_for(events.get(), 10)
-            assert [c["cmd_id"] for c in listed["commands"]] == [r.json()["cmd_id"]]
-            store.list = broken_list
-            r = await env.c.post("/api/commands", headers=boss,
-                                 json={"gw": "gw-a", "kind": "sync_time"})
-            assert r.status_code == 201, r.text  # the marker moved: the list is read, fails
-            assert await asyncio.wait_for(events.get(), 10) == {"gw": "gw-a", "error": {
-                "type": "urn:fieldlink:problem:command-store",
-                "title": "could not be read; the feed retries"}}
-            start = env.app.state.console_live.counters.build_errors
-            await until(lambda: env.app.state.console_live.counters.build_errors >= start + 5,
-                        "five failed builds")
-            assert events.empty()
-            store.list = real_list
-            back = await asyncio.wait_for(events.get(), 10)
-            assert [c["cmd_id"] for c in back["commands"]] == [
-                r.json()["cmd_id"], *[c["cmd_id"] for c in listed["commands"]]]
-        del store.list
+        first = await issue(env, boss)
+        with list_outage(env.app.state.commands.service.store) as outage:
+            async with _commands_events(base, boss, "gw-a") as events:
+                listed = await asyncio.wait_for(events.get(), 10)
+                assert [c["cmd_id"] for c in listed["commands"]] == [first]
+                outage.down = True
+                second = await issue(env, boss, "sync_time")  # the marker moved: list, fail
+                assert await asyncio.wait_for(events.get(), 10) == {"gw": "gw-a", "error": {
+                    "type": "urn:fieldlink:problem:command-store",
+                    "title": "could not be read; the feed retries"}}
+                start = live.counters.build_errors
+                await until(lambda: live.counters.build_errors >= start + 5,
+                            "five failed builds")
+                assert events.empty()
+                outage.down = False
+                back = await asyncio.wait_for(events.get(), 10)
+                assert [c["cmd_id"] for c in back["commands"]] == [second, first]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
