@@ -1,9 +1,12 @@
 """Commands from the console's gateway page in a real headless Chromium, against a real
 `central serve`, a real Mosquitto and a gateway stand-in that carries commands out (issue 12:
-"commands: issue with confirmation", roles from central/identity)."""
+"commands: issue with confirmation", roles from central/identity). The list says so when
+central cannot read it, against the app in process (a fault injected into its real store)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import re
 from pathlib import Path
@@ -28,12 +31,15 @@ from tests.browser import (
     requested_urls,
     screenshot,
     texts,
+    viewport,
 )
 from tests.callresp_gw import TerminalGateway
 from tests.fakegw import ThreadedFleet
 from tests.fleet import Central
 from tests.helpers import Mosquitto, wait_for
-from tests.identity import PASSWORD, bearer, cli_user
+from tests.identity import PASSWORD, bearer, cli_user, ensure_user
+from tests.test_console_live import _served, issue, list_outage
+from tests.test_identity_api import running
 
 pytestmark = pytest.mark.browser
 GW = "gw-cmd-1"
@@ -136,3 +142,62 @@ def test_operator_issues_a_command_with_confirmation_viewer_cannot(
         if fleet is not None:
             fleet.close()
         central.stop()
+
+
+def _unreadable(driver: WebDriver) -> str | None:
+    """The problem type on the list's 「命令读取失败」 row, if the list shows it."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "#cmd-rows tr.cmd-unreadable")
+    if not rows or "命令读取失败，正在重试…" not in rows[0].text:
+        return None
+    return rows[0].get_attribute("data-error")
+
+
+async def test_the_list_says_when_central_cannot_read_it_and_comes_back_by_itself(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """The gateway page is opened while central's command store cannot list (a fault
+    injected into the real store): the list says 命令读取失败，正在重试… in red, not 读取中…
+    for ever, and none of the store's error text; once the store lists again the page shows
+    the gateway's command by itself, on the same stream, without asking for the list. A
+    second outage, seen at the feed's periodic re-read, ends with the very same list: drawn
+    again, not left behind the message."""
+    async with contextlib.AsyncExitStack() as stack:
+        env = await stack.enter_async_context(running("sqlite", tmp_path, broker=mosquitto))
+        base = await stack.enter_async_context(_served(env.app))
+        env.app.state.console_live.refresh_s = 1.0  # an unchanged list is read again soon
+        cmd_id = await issue(env, await env.token("boss", "admin"))
+        await ensure_user(env.app, "zhangsan", "operator")
+        outage = stack.enter_context(list_outage(env.app.state.commands.service.store))
+        outage.down = True
+        browser = chromium(tmp_path / "chrome", log_requests=True)
+        driver = await asyncio.to_thread(browser.__enter__)
+        stack.push_async_callback(asyncio.to_thread, browser.__exit__, None, None, None)
+
+        def fails() -> None:
+            console_login(driver, base, "zhangsan", PASSWORD)
+            open_gateway_page(driver, "gw-a")
+            WebDriverWait(driver, 10).until(_unreadable)
+            assert _unreadable(driver) == "urn:fieldlink:problem:command-store"
+            assert "disk I/O" not in driver.find_element(By.TAG_NAME, "body").text
+            driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+            viewport(driver, 1920, 1080)
+            screenshot(driver, tmp_path, "command-list-unreadable")
+            viewport(driver, 390, 844)
+            driver.execute_script("document.getElementById('cmd').scrollIntoView()")
+            screenshot(driver, tmp_path, "command-list-unreadable-narrow")
+            _list_fetches(driver)
+
+        await asyncio.to_thread(fails)
+        outage.down = False
+
+        def recovers() -> None:
+            WebDriverWait(driver, 10).until(lambda d: d.find_elements(
+                By.CSS_SELECTOR, f'#cmd-rows tr[data-cmd="{cmd_id}"]'))
+            assert _unreadable(driver) is None and "请求诊断" in driver.find_element(
+                By.ID, "cmd-rows").text
+            assert _list_fetches(driver) == []  # the feed brought it, on the same stream
+
+        await asyncio.to_thread(recovers)
+        outage.down = True
+        await asyncio.to_thread(WebDriverWait(driver, 10).until, _unreadable)
+        outage.down = False
+        await asyncio.to_thread(recovers)

@@ -2,25 +2,29 @@
 clients show it, a late joiner starts from the newest state, a slow client gets the newest
 body (never a growing queue), a failing build does not end the feed, and the feed stops with
 its last client. A gateway's events (its command list) go to its watchers only, built once
-per gateway; over HTTP they are the user's `GET /api/commands` list, change by change."""
+per gateway; over HTTP they are the user's `GET /api/commands` list, change by change, or a
+typed error while the list cannot be read."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 import uvicorn
 from pydantic import BaseModel
+from structlog.testing import capture_logs
 
 from central.areas.tree import assign_gateway
 from central.commands.api import visible_commands
-from central.commands.store import Report
+from central.commands.store import CommandStoreError, Report
 from central.console.live import Broadcaster, Subscriber
 from central.console.views import View
 from central.identity.authz import gateway_path_program
@@ -276,6 +280,56 @@ async def test_a_gateway_watched_first_is_built_at_once_not_at_the_next_check() 
                 assert await _next(again, "commands") == {"gw": "gw-b", "version": 1}
 
 
+async def test_a_gateway_event_that_cannot_be_built_says_so_once_and_recovers() -> None:
+    """While gw-a's list and the markers cannot be read, gw-a's watchers get `commands` as
+    `{gw, error: {type, title}}` (a late joiner too, at once), once, not every check, without
+    the error's text; an unforeseen error has no problem type of ours. Each failure is logged
+    when it starts and when it ends, not every check; the first good read sends the list."""
+    down = False
+
+    async def commands(view: View, gw: str) -> BaseModel:
+        if down and gw == "gw-a":  # faults injected into the builds and the markers' read
+            raise CommandStoreError("commands store: no such table: command_secrets")
+        if down:
+            raise RuntimeError("a bug")
+        return GwBody(gw=gw, version=1)
+
+    async def marks(view: View, gws: Sequence[str]) -> Mapping[str, Hashable]:
+        if down:
+            raise CommandStoreError("commands store: database is locked")
+        return dict.fromkeys(gws, 1)
+
+    live = Broadcaster((), gateway_builders=(("commands", commands),), gateway_marks=marks,
+                       check_s=0.02, ping_s=60.0, refresh_s=60.0)
+    title = "could not be read; the feed retries"
+    with capture_logs() as logs:
+        async with live.subscribe(CITY, "gw-a") as a, live.subscribe(CITY, "gw-b") as b:
+            assert await _next(a, "commands") == {"gw": "gw-a", "version": 1}
+            assert await _next(b, "commands") == {"gw": "gw-b", "version": 1}
+            down = True
+            failed = await _next(a, "commands")
+            assert abs(failed.pop("now_ms") - now_ms()) < 60_000  # central's clock, as a list
+            assert failed == {"gw": "gw-a", "error": {
+                "type": "urn:fieldlink:problem:command-store", "title": title}}
+            assert (await _next(b, "commands"))["error"] == {"type": "about:blank",
+                                                             "title": title}
+            errors = live.counters.build_errors
+            await until(lambda: live.counters.build_errors >= errors + 30, "ten failed checks")
+            assert await _nothing_pending(a) and await _nothing_pending(b)
+            async with live.subscribe(CITY, "gw-a") as late:
+                assert (await _next(late, "commands"))["error"]["type"].endswith("command-store")
+            down = False
+            assert await _next(a, "commands") == {"gw": "gw-a", "version": 1}
+            assert await _next(b, "commands") == {"gw": "gw-b", "version": 1}
+    logged = [(e["event"], e.get("gw")) for e in logs if e["event"].startswith("console_")]
+    assert sorted(logged, key=str) == sorted([
+        ("console_marks_failed", None), ("console_marks_recovered", None),
+        ("console_build_failed", "gw-a"), ("console_build_failed", "gw-b"),
+        ("console_build_recovered", "gw-a"), ("console_build_recovered", "gw-b")], key=str)
+    assert [e["failed_builds"] for e in logs if e["event"] == "console_build_recovered"] >= [
+        10, 10]
+
+
 @contextlib.asynccontextmanager
 async def _served(app: Any) -> AsyncIterator[str]:
     """`app` (its lifespan already entered) on a real HTTP server: server-sent events need a
@@ -378,6 +432,68 @@ async def test_commands_event_is_the_users_list_and_follows_every_change(
                 assert (await changed())["state"] == str(state)
             assert all(x != y for x, y in zip(seen, seen[1:], strict=False)), seen
             assert outside.empty()  # gw-c's list did not change for this viewer
+
+
+@dataclass
+class ListOutage:
+    """A fault injected into a real `CommandStore`: while `down`, its `list` raises the
+    store's own error, whose text names a file no client may see."""
+
+    store: Any
+    down: bool = False
+    TEXT: ClassVar[str] = "commands store: disk I/O error on /var/lib/central.db"
+
+    async def list(self, real: Any, **kw: Any) -> Any:
+        if self.down:
+            raise CommandStoreError(self.TEXT)
+        return await real(**kw)
+
+
+@contextlib.contextmanager
+def list_outage(store: Any) -> Iterator[ListOutage]:
+    outage = ListOutage(store)
+    store.list = functools.partial(outage.list, store.list)
+    try:
+        yield outage
+    finally:
+        del store.list
+
+
+async def issue(env: Any, headers: dict[str, str], kind: str = "request_diagnostics") -> str:
+    """A command to gw-a; its cmd_id."""
+    r = await env.c.post("/api/commands", headers=headers, json={"gw": "gw-a", "kind": kind})
+    assert r.status_code == 201, r.text
+    return str(r.json()["cmd_id"])
+
+
+async def test_the_commands_event_says_when_the_store_cannot_list_and_comes_back(
+        tmp_path: Path) -> None:
+    """The real command store's list fails for a while (a fault injected into it) and a
+    command is issued meanwhile: the stream's `commands` event for gw-a becomes `{gw, error}`
+    with the store's problem type and none of its text, is not sent again while it lasts, and
+    is gw-a's list, the new command in it, as soon as the list reads again (its change marker
+    did not move again: the failure alone makes the feed read again), without reconnecting."""
+    async with running("sqlite", tmp_path) as env, _served(env.app) as base:
+        live = env.app.state.console_live
+        live.refresh_s = 3600.0  # no periodic resend: each event a change
+        boss = await env.token("boss", "admin")
+        first = await issue(env, boss)
+        with list_outage(env.app.state.commands.service.store) as outage:
+            async with _commands_events(base, boss, "gw-a") as events:
+                listed = await asyncio.wait_for(events.get(), 10)
+                assert [c["cmd_id"] for c in listed["commands"]] == [first]
+                outage.down = True
+                second = await issue(env, boss, "sync_time")  # the marker moved: list, fail
+                assert await asyncio.wait_for(events.get(), 10) == {"gw": "gw-a", "error": {
+                    "type": "urn:fieldlink:problem:command-store",
+                    "title": "could not be read; the feed retries"}}
+                start = live.counters.build_errors
+                await until(lambda: live.counters.build_errors >= start + 5,
+                            "five failed builds")
+                assert events.empty()
+                outage.down = False
+                back = await asyncio.wait_for(events.get(), 10)
+                assert [c["cmd_id"] for c in back["commands"]] == [second, first]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -176,11 +176,44 @@ async def test_an_existing_database_migrates_and_can_retire(db_url: str) -> None
         assert (r.gw, r.retired_by, r.reason, r.refused) == (OLD, "admin-1", REASON, 0)
 
 
+async def test_a_command_to_a_retired_gateway_is_checked_before_the_store_refuses_it(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """To a retired gateway a malformed body or bad args answer 422, as to any gateway: the
+    request is wrong whatever the gateway's state. A well-formed command or site config gets
+    the store's typed refusal, 409 `gateway-retired` naming the gateway; nothing is stored."""
+    await report(app, OLD)
+    assert (await retire(client, OLD)).status_code == 200
+    for body in ({"gw": OLD, "kind": "no_such_kind"},  # refused by FastAPI's own validation
+                 {"gw": OLD, "kind": "request_diagnostics", "ttl_s": -1},
+                 {"gw": OLD, "kind": "set_poll_interval",
+                  "args": {"device": "gas-1", "seconds": "soon"}},
+                 {"gw": OLD, "kind": "sync_time", "args": {"central_ms": 1}},
+                 {"gw": OLD, "kind": "write_point",
+                  "args": {"device": "gas-1", "point": "no_such_point", "value": 1}}):
+        r = await client.post("/api/commands", json=body)
+        assert r.status_code == 422, (body, r.text)
+    for toml in ("[gateway", '[gateway]\nid = "gw-other"\n'):
+        r = await client.post(f"/api/gateways/{OLD}/config", json={"site_toml": toml})
+        assert r.status_code == 422, (toml, r.text)
+
+    refusal = {"type": "urn:fieldlink:problem:gateway-retired", "title": "Gateway retired",
+               "status": 409, "gw": OLD,
+               "detail": f"gateway {OLD} is retired: bring it back first (central gateways"
+                         " unretire)"}
+    r = await client.post("/api/commands", json={"gw": OLD, "kind": "request_diagnostics"})
+    assert (r.status_code, r.headers["content-type"], r.json()) == (
+        409, "application/problem+json", refusal)
+    r = await client.post(f"/api/gateways/{OLD}/config",
+                          json={"site_toml": f'[gateway]\nid = "{OLD}"\n'})
+    assert (r.status_code, r.json()) == (409, refusal)
+    assert (await client.get("/api/commands", params={"gw": OLD})).json() == []
+
+
 async def test_a_retire_between_the_check_and_the_insert_lets_no_command_out(
         app: FastAPI, client: httpx.AsyncClient) -> None:
-    """A retire that commits after the API's in-service check but before the command is
-    stored: the store refuses it in its own transaction (409), nothing is left open for the
-    gateway, and the dispatcher's last look withholds what was listed before the retire."""
+    """A retire that commits after the command was checked but before it is stored: the
+    store refuses it in its own transaction (409), nothing is left open for the gateway, and
+    the dispatcher's last look withholds what was listed before the retire."""
     await report(app, OLD)
     store = app.state.commands.service.store
     listed = (await client.post("/api/commands", json={

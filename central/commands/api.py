@@ -10,8 +10,16 @@
 `install(app)` adds the routes and the problem responses for command errors: 422 for a bad
 kind, bad args, an unknown point, or a write the device profile refuses (not writable, value
 out of range; nothing is signed); 404 for an unknown gateway (the app's handler) or command;
-409 for an approval that is not possible (the issuer's own, or nothing to approve); 503 while
-the command service is not running.
+409 for an approval that is not possible (the issuer's own, or nothing to approve) and for a
+command to a retired gateway; 503 while the command service is not running.
+
+Issuing checks a request in one order, the caller's own mistakes first: login, role and the
+body's shape (FastAPI: 401, 403, 422), the gateway's area (403), the gateway (404), the kind's
+args and the device profile (422); only then the gateway's state. A retired gateway is refused
+by the store, in the transaction that would insert the command (`CommandStore.insert`:
+`GatewayRetiredError`, 409 `urn:fieldlink:problem:gateway-retired` with `gw`). That is the one
+check: an earlier look would answer 409 to a request that is wrong anyway, and could not close
+the race with a retire.
 
 Issuing and approving need the `operate` permission, and the gateway must lie in the user's
 area (403 otherwise); a write to a safety-critical point waits (`approval: "required"`) until
@@ -39,9 +47,9 @@ from central.commands.store import (
     UnknownCommandError,
 )
 from central.identity.authz import Operator, Reader, check_gateway, gateway_paths_program
-from central.identity.retire import check_in_service
+from central.identity.retire import GatewayRetiredError
 from central.storage.program import Program, Sql
-from central.web.problems import install_problems
+from central.web.problems import documented, install_problems
 from central.web.routing import StrictModel
 from protocols.command_results import CommandState
 from protocols.commands import MAX_TTL_MS, CommandError, CommandKind
@@ -173,6 +181,7 @@ def install(app: FastAPI) -> None:
         WriteRefusedError: (422, "Write refused by the device profile"),
         ConfigRefusedError: (422, "Config refused"),
         ApprovalError: (409, "Approval not possible"),
+        GatewayRetiredError: (409, "Gateway retired"),
         UnknownCommandError: (404, "Unknown command"),
         CommandStoreError: (503, "Command store unavailable"),
         CommandsUnavailableError: (503, "Commands unavailable")})
@@ -181,8 +190,9 @@ def install(app: FastAPI) -> None:
         401: {"description": "Login required"}, 403: {"description": "Role or area refused"},
         404: {"description": "Unknown gateway or command"},
         422: {"description": "Invalid command"}, 503: {"description": "Commands unavailable"}}
+    issuing = {**problems, **documented({409: ("Gateway retired", (GatewayRetiredError,))})}
 
-    @app.post("/api/commands", response_model=CommandOut, status_code=201, responses=problems,
+    @app.post("/api/commands", response_model=CommandOut, status_code=201, responses=issuing,
               tags=["commands"], summary="Issue a signed command to a gateway")
     async def issue(request: Request, body: IssueIn,
                     p: Operator) -> CommandOut:
@@ -194,12 +204,11 @@ def install(app: FastAPI) -> None:
         """
         service = _service(request.app)
         await check_gateway(request.app.state.storage, p, body.gw)
-        await check_in_service(request.app.state.storage, body.gw)  # 409 if retired
         cmd = await service.issue(body.gw, str(body.kind), body.args, body.ttl_s, user=p.name)
         return _out(cmd)
 
     @app.post("/api/gateways/{gw}/config", response_model=CommandOut, status_code=201,
-              responses=problems, tags=["commands"],
+              responses=issuing, tags=["commands"],
               summary="Send a new site config to a gateway (apply_config, with rollback)")
     async def send_config(request: Request, gw: str, body: ConfigIn, p: Operator) -> CommandOut:
         """The gateway checks it as at start-up, keeps the old one, applies it and rolls it
@@ -212,7 +221,6 @@ def install(app: FastAPI) -> None:
         """
         service = _service(request.app)
         await check_gateway(request.app.state.storage, p, gw)
-        await check_in_service(request.app.state.storage, gw)  # 409 if retired
         args: dict[str, Any] = {"site_toml": body.site_toml}
         if body.profiles:
             args["profiles"] = body.profiles

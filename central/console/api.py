@@ -14,7 +14,9 @@
   database every 0.5 s and fans out to all its clients (`central.console.live`); for the
   command lists it reads one change marker for all the gateways on screen
   (`CommandStore.changes`) and lists a gateway's commands again only when it moved. The
-  browser never polls per gateway.
+  browser never polls per gateway. While the list cannot be read (the command store down),
+  `commands` comes as `{now_ms, gw, error: {type, title}}` instead (`central.console.live`),
+  and as the list again once a read works.
 - Every read takes `area`: the map, its counts, the desk and the board of that area only.
 - `PUT /api/gateways/{gw}/position`, `PUT /api/areas/{id}/position` (admins, audited).
 """
@@ -148,7 +150,8 @@ def install(app: FastAPI) -> None:
                      gw: GwQuery = None) -> StreamingResponse:
         """Server-sent events: `overview`, `desk` and `board` (the same bodies as the
         endpoints above) whenever they changed, `ping` every 5 s; with `gw`, `commands`
-        (`{gw, commands}`, the list of `GET /api/commands?gw=…&limit=10`) whenever it changed.
+        (`{gw, commands}`, the list of `GET /api/commands?gw=…&limit=10`) whenever it changed,
+        or `{gw, error: {type, title}}` while it cannot be read (retried every check).
         One producer per view (user's area and `area`) serves every client of that view.
         Example: `curl -N -b session=… '/api/console/events?area=2&gw=gw-1'`."""
         view = await _view(request, p, area)

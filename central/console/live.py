@@ -15,6 +15,13 @@ only when its marker moved since the last build (or its refresh is due). A gatew
 the first time wakes the feed, so its events come at once, not at the next check. A page that
 moves to another gateway stays on its view's feed.
 
+A gateway event that cannot be built (its store down) goes out all the same, under its own name,
+as `GatewayEventFailedOut` (`{now_ms, gw, error: {type, title}}`): its page would otherwise
+wait on what it showed last, or on 「读取中…」, for ever. The feed keeps building it every check;
+the first body that builds replaces the failure at once (its change key differs). The error's
+text stays in the log: it may name tables, hosts or files. A failing build (or change-marker
+read) is logged when it starts failing and when it recovers, not every check.
+
 A subscriber keeps only the newest body of each event (`Subscriber.offer` replaces what is
 pending): a slow client skips states it had no time to show and gets the newest, and never
 holds the producer up or grows a queue. Each body is a whole state, so nothing is lost.
@@ -33,7 +40,10 @@ from dataclasses import dataclass, field
 import structlog
 from pydantic import BaseModel
 
+from central import CentralError
 from central.console.views import OverviewOut, View
+from central.web.problems import problem_type
+from central.web.routing import StrictModel
 from runtime.clock import now_ms
 from runtime.counters import Counters
 
@@ -45,6 +55,29 @@ GatewayBuilder = Callable[[View, str], Awaitable[BaseModel]]
 # compares equal promises unchanged bodies; one call for all the watched gateways).
 GatewayMarks = Callable[[View, Sequence[str]], Awaitable[Mapping[str, Hashable]]]
 Key = tuple[str, str | None]  # an event's name and its gateway (None: the whole view's)
+
+
+class EventErrorOut(StrictModel):
+    """Why an event could not be built, without the error's text."""
+
+    type: str  # the error's problem type (`urn:fieldlink:problem:…`); about:blank if unforeseen
+    title: str
+
+
+class GatewayEventFailedOut(StrictModel):
+    """A gateway event whose build failed, sent under the event's name in place of its body."""
+
+    now_ms: int
+    gw: str
+    error: EventErrorOut
+
+
+def failed_body(gw: str, exc: Exception) -> GatewayEventFailedOut:
+    # Only an error central raises on purpose has a problem type of ours; a bug's class name
+    # means nothing to a client.
+    kind = problem_type(type(exc)) if isinstance(exc, CentralError) else "about:blank"
+    return GatewayEventFailedOut(now_ms=now_ms(), gw=gw, error=EventErrorOut(
+        type=kind, title="could not be read; the feed retries"))
 
 
 def sse(event: str, data: str) -> bytes:
@@ -113,6 +146,8 @@ class Feed:
     keys: dict[Key, str] = field(default_factory=dict)  # change_key of the event last sent
     sent: dict[Key, float] = field(default_factory=dict)  # monotonic time it was sent
     marks: dict[Key, Hashable] = field(default_factory=dict)  # a gateway's marker at its build
+    failing: dict[Key, int] = field(default_factory=dict)  # builds failed in a row, if any
+    marks_failing: int = 0  # change-marker reads failed in a row
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # check now, not after check_s
 
@@ -140,6 +175,7 @@ class Feed:
             self.sent.pop(key, None)
             self.last.pop(key, None)
             self.marks.pop(key, None)
+            self.failing.pop(key, None)
         return watched
 
     async def _marks(self, gws: Sequence[str]) -> Mapping[str, Hashable]:
@@ -148,11 +184,17 @@ class Feed:
         if self.gateway_marks is None or not gws:
             return {}
         try:
-            return await self.gateway_marks(self.view, gws)
+            marks = await self.gateway_marks(self.view, gws)
         except Exception:  # noqa: BLE001 - then build as if every marker moved
             self.counters.build_errors += 1
-            log.warning("console_marks_failed", exc_info=True)
+            if not self.marks_failing:
+                log.warning("console_marks_failed", exc_info=True)
+            self.marks_failing += 1
             return {}
+        if self.marks_failing:
+            log.info("console_marks_recovered", failed_reads=self.marks_failing)
+            self.marks_failing = 0
+        return marks
 
     def _due(self, key: Key) -> bool:
         return time.monotonic() - self.sent.get(key, 0.0) >= self.refresh_s
@@ -172,22 +214,37 @@ class Feed:
                 # A write after `marks` was read moves the marker again: built again next check.
                 if await self._check(key, functools.partial(build_for, self.view, gw)):
                     self.marks[key] = mark
+                else:  # its failure is what its watchers see: built again next check
+                    self.marks.pop(key, None)
 
     async def _check(self, key: Key, build: Callable[[], Awaitable[BaseModel]]) -> bool:
         """Build one event; offer it if its body changed or it is due for a refresh. False
-        if the build failed."""
+        if the build failed: a gateway event is then offered as `GatewayEventFailedOut`."""
+        name, gw = key
         try:
             body = await build()
-        except Exception:  # noqa: BLE001 - one failed build must not end every screen
+        except Exception as exc:  # noqa: BLE001 - one failed build must not end every screen
             self.counters.build_errors += 1
-            log.warning("console_build_failed", event_name=key[0], gw=key[1], exc_info=True)
+            if key not in self.failing:
+                log.warning("console_build_failed", event_name=name, gw=gw, exc_info=True)
+            self.failing[key] = self.failing.get(key, 0) + 1
+            if gw is None:
+                return False
+            self._offer(key, failed_body(gw, exc))
             return False
         self.counters.builds += 1
+        failed = self.failing.pop(key, 0)
+        if failed:
+            log.info("console_build_recovered", event_name=name, gw=gw, failed_builds=failed)
+        self._offer(key, body)
+        return True
+
+    def _offer(self, key: Key, body: BaseModel) -> None:
+        """Send `body` if it changed since the last one sent or its refresh is due."""
         change = change_key(body)
         if self.keys.get(key) != change or self._due(key):
             self.keys[key], self.sent[key] = change, time.monotonic()
             self._send(key, sse(key[0], body.model_dump_json()))
-        return True
 
     async def run(self) -> None:
         last_ping = 0.0

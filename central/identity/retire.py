@@ -171,12 +171,6 @@ async def retire(storage: Storage, audit: AuditLog, gw: str, *, user: str, reaso
     return done
 
 
-async def check_in_service(storage: Storage, gw: str) -> None:
-    """`GatewayRetiredError` (409) if `gw` is retired: nothing would ever take a command."""
-    if await storage.run(lambda: retirement_program(gw), write=False) is not None:
-        raise GatewayRetiredError(gw)
-
-
 async def unretire(storage: Storage, audit: AuditLog, gw: str, *, user: str,
                    reason: str) -> Retirement:
     """Raises `UnknownGatewayError`, `NotRetiredError`; returns the retirement it undid."""

@@ -5,7 +5,9 @@
 // The list comes only from the live feed (console-live.js: a `commands` event for the gateway
 // on screen as soon as the stream opens and whenever it changed), so a second operator's
 // approval or a gateway's result shows at once on every screen. Ages are reckoned on
-// central's clock (the event's now_ms), not the browser's.
+// central's clock (the event's now_ms), not the browser's. While central cannot read the list
+// the event carries an `error` instead: the table says so (not 「读取中…」 for ever) until the
+// list comes again, by itself, on the feed's next good read.
 // A write to a safety-critical point waits for a second operator (DESIGN.md §8): another
 // operator's row has 审批…, which opens a dialog naming what will be written and asks for a
 // tick before POST /api/commands/{id}/approve; the issuer's own row says it waits for someone
@@ -99,6 +101,10 @@ function tickCommandAges() {
 function pushedCommands(data) {
   if (data.gw !== cmdPage.gw) return;  // sent before the page moved to another gateway
   cmdPage.skew = data.now_ms - Date.now();
+  if (data.error) {
+    unreadableCommands(data.error);
+    return;
+  }
   const body = JSON.stringify(data.commands);
   if (body !== cmdPage.shown) {
     cmdPage.shown = body;
@@ -107,6 +113,16 @@ function pushedCommands(data) {
   tickCommandAges();
   const c = cmdPage.follow && cmdPage.rows.get(cmdPage.follow);
   if (c) followed(c);
+}
+
+// The list cannot be read on central: no rows are shown as if current (nor buttons for them).
+// The reason stays out of the table, which a duty officer reads; its problem type rides on
+// data-error for whoever inspects the page.
+function unreadableCommands(error) {
+  cmdPage.shown = null;  // the list that comes back is drawn, even if unchanged
+  cmdPage.rows = new Map();
+  $("cmd-rows").replaceChildren(el("tr", { class: "cmd-unreadable", "data-error": error.type },
+    el("td", { colspan: "6", class: "error" }, "命令读取失败，正在重试…")));
 }
 
 // Called by the gateway page whenever it shows a gateway: the live feed moves to it.
