@@ -280,10 +280,13 @@ class RetiredGate:
 
     async def refuses(self, gw: str) -> bool:
         """Whether a message of `gw` (a radio frame) is refused: counted and logged as
-        `admit` counts ingest's."""
-        refused = gw in await self._checked()
-        await self._refuse(Counter({gw: 1}) if refused else Counter())
-        return refused
+        `admit` counts ingest's. A frame of a gateway in service allocates nothing here (the
+        radio receiver asks for every frame); it only lets a due flush go out."""
+        if gw not in await self._checked():
+            await self._flush_if_due()
+            return False
+        await self._refuse(Counter({gw: 1}))
+        return True
 
     async def flush(self) -> None:
         """Write the refusals counted since the last flush, in one transaction. Raises
@@ -332,6 +335,10 @@ class RetiredGate:
                 log.warning("retired_gateway_heard", gw=gw, messages=n)
                 self._logged.add(gw)
             self._add((gw, self._since[gw]), n, now)
+        await self._flush_if_due()
+
+    async def _flush_if_due(self) -> None:
+        """Flush if anything waits and the last flush is `flush_s` old."""
         if self._pending and (self._flushed_at is None
                               or self._monotonic() - self._flushed_at >= self.flush_s):
             await self.flush()
