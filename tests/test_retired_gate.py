@@ -129,10 +129,11 @@ async def test_a_frame_of_a_gateway_in_service_only_lets_a_due_flush_out(
         tmp_path: Path) -> None:
     """The radio receiver asks for every frame: one of a gateway in service counts nothing
     and commits nothing, unless refusals wait and `flush_s` has passed, then they go out with
-    it."""
+    it; a retired gateway's frames count as `radio` in the metric."""
     async with workers("sqlite", tmp_path) as (st,):
         clock = FakeClock()
-        gate = RetiredGate(st, refresh_s=LONG_S, flush_s=60, monotonic=clock)
+        metrics = Metrics()
+        gate = RetiredGate(st, refresh_s=LONG_S, flush_s=60, metrics=metrics, monotonic=clock)
         with counting_commits(st) as commits:
             assert not await gate.refuses(NEW)
             assert await gate.refuses(OLD) and await gate.refuses(OLD)
@@ -143,6 +144,7 @@ async def test_a_frame_of_a_gateway_in_service_only_lets_a_due_flush_out(
             assert not await gate.refuses(NEW)
             assert commits == [2]
         assert (await refused(st))[0] == 2 and gate.refused == 2
+        assert metrics.retired_messages == {"radio": 2}
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
