@@ -121,7 +121,8 @@ async def rig(tmp_path: Path, kind: str = "sqlite") -> AsyncIterator[Rig]:
         await storage.record_birth(GW, BIRTH)
         metrics = Metrics()
         receiver = NarrowbandReceiver(settings_for(url, sim.link_path), storage, metrics,
-                                      retired=RetiredGate(storage, refresh_s=0))
+                                      retired=RetiredGate(storage, refresh_s=0,
+                                                          metrics=metrics))
         task = asyncio.create_task(receiver.run(), name="narrowband")
         try:
             await receiver.wait_connected(WAIT_S)
@@ -237,6 +238,7 @@ async def test_a_retired_gateways_frames_are_refused_and_counted(tmp_path: Path)
         assert await active(r.storage) == []
         (retired,) = await r.storage.run(retirements_program, write=False)
         assert retired.refused == 1  # counted where ingest's refusals are (gateways retired)
+        assert r.metrics.retired_messages == {"radio": 1}  # and in their metric
         assert (await r.storage.count_records(GW)).events == 0
         await unretire_gateway(r.storage, AuditLog(r.storage), GW, user="admin-1",
                                reason="back in service")

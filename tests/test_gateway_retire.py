@@ -2,7 +2,8 @@
 with its reason; refused while it has open alarms unless forced (then cleared and
 acknowledged with the reason); off the lists, the area tree and the map; its history still
 readable; its enrolment tokens voided and its pending commands cancelled; what it sends
-afterwards refused by ingest and counted, not stored; brought back only by an unretire."""
+afterwards refused by ingest and counted (in its row and in a metric by kind), not stored;
+brought back only by an unretire."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ from central.identity.enrolment_store import TokenRefusedError
 from central.identity.retire import retire as retire_gateway
 from central.identity.retire import retired_set_program, retirements_program
 from central.storage import open_storage
-from protocols.envelope import DataBatch, Record, RecordKind
+from protocols import topics
+from protocols.envelope import Birth, DataBatch, Record, RecordKind, State, encode
+from runtime.mqtt import Client as MqttClient
 from tests import test_console_api as console
 from tests.helpers import Mosquitto
 from tests.identity import auth, token_for
 from tests.test_console_api import POINT, alarm, areas, report
 from tests.test_identity_api import running
+from tests.test_metrics import _samples, central_on_broker
 from tests.test_pki import _csr
 
 # The console API's fixtures: the app in process on SQLite and on PostgreSQL, an admin client.
@@ -260,3 +264,39 @@ async def test_the_dispatcher_withholds_a_command_listed_before_a_retire(
         assert await asyncio.wait_for(ticks.get(), 10) == [cmd_id]  # that tick has ended
         assert service.counters.published == 0 and service.counters.withheld >= 1
         assert (await service.store.get(cmd_id)).sent_count == 0
+
+
+async def test_a_retired_gateway_still_talking_shows_in_the_metrics(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """Central ingesting from a real broker: a retired gateway's state, birth and data are
+    refused and counted by kind in `fieldlink_central_retired_messages_total` (every kind
+    there from 0, no gateway label), not among the rejections; its row counts them too."""
+    async with central_on_broker(mosquitto, tmp_path) as c, \
+            MqttClient(mosquitto.host, mosquitto.port, identifier=OLD) as gw:
+        await gw.publish(topics.up(OLD, "data"), encode(reading(OLD, 1, 1.0)), qos=1)
+        async with asyncio.timeout(10):
+            while not (await c.get("/api/gateways")).json():
+                await asyncio.sleep(0.05)
+        before = _samples((await c.get("/metrics")).text)
+        kinds = {(("kind", k),) for k in ("state", "birth", "data", "radio")}
+        assert before["fieldlink_central_retired_messages"] == dict.fromkeys(kinds, 0)
+        assert (await retire(c, OLD)).status_code == 200
+
+        await gw.publish(topics.up(OLD, "state"), encode(State(True, "b2", "v", "eth", 0)),
+                         qos=1, retain=True)
+        await gw.publish(topics.up(OLD, "birth"), encode(Birth(OLD, OLD, "b2", "v")), qos=1)
+        for seq in (2, 3, 4):
+            await gw.publish(topics.up(OLD, "data"), encode(reading(OLD, seq, 2.0)), qos=1)
+        async with asyncio.timeout(10):  # the list writes what waits in memory first
+            while [g["refused"] for g in (await c.get("/api/retired-gateways")).json()] != [5]:
+                await asyncio.sleep(0.05)
+        text = (await c.get("/metrics")).text
+        after = _samples(text)
+        assert 'fieldlink_central_retired_messages_total{kind="data"} 3.0' in text
+        assert 'fieldlink_central_retired_messages_total{kind="birth"} 1.0' in text
+        assert 'fieldlink_central_retired_messages_total{kind="state"} 1.0' in text
+        assert 'fieldlink_central_retired_messages_total{kind="radio"} 0.0' in text
+        assert not any('gw="' in line for line in text.splitlines()
+                       if line.startswith("fieldlink_central_retired_messages"))
+        for rejected in ("messages_rejected", "records_rejected"):
+            assert after[f"fieldlink_central_{rejected}"] == before[f"fieldlink_central_{rejected}"]

@@ -1,16 +1,29 @@
 """Problem responses carry the error's type and declared fields beside its `detail`
 (central.web.problems): the refusals of a new 叫应 warning that the console names in Chinese,
-in process on SQLite, and their schemas in the OpenAPI document."""
+in process on SQLite, and their schemas in the OpenAPI document; an error class whose field
+would hide a problem member is refused when its handler is installed, each class checked
+once."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
-from central.web.problems import problem_fields, problem_type
+from central.app import create_app
+from central.config.settings import Settings
+from central.web.problems import (
+    ReservedFieldError,
+    check_problem_fields,
+    error_problem,
+    install_problems,
+    problem_fields,
+    problem_type,
+)
 from protocols.errors import DetailedError
 from tests.identity import auth, token_for
 from tests.test_callresp_workflow import GW1, GW2, ok, retire, serve, street
@@ -113,5 +126,79 @@ def test_type_and_fields_come_from_the_class() -> None:
     assert problem_type(GatewayPairMismatchError) == f"{T}gateway-pair-mismatch"
     assert problem_fields(GatewayPairMismatchError(("a", "b"))) == {"gws": ["a", "b"]}
     assert problem_fields(ValueError("x")) == {}
-    with pytest.raises(TypeError, match="status"):
+    with pytest.raises(ReservedFieldError, match="status"):
         problem_fields(ClashError(1))
+
+
+class RefusalError(Exception):
+    """A base answered by one handler, as `RetireError` is: its subclasses carry the fields."""
+
+
+def test_a_class_that_would_hide_a_problem_member_is_refused_at_install() -> None:
+    """`install_problems` refuses a class declaring `detail`, also when it is a subclass of the
+    class installed, before it installs any handler of the table."""
+
+    class DetailError(DetailedError):
+        template = "{detail}"
+        detail: str
+
+    class ClashingRefusalError(RefusalError, DetailedError):
+        template = "{gw}: {title}"
+        gw: str
+        title: str
+
+    class FineError(DetailedError):
+        template = "{gw}"
+        gw: str
+
+    app = FastAPI()
+    with pytest.raises(ReservedFieldError, match=r"DetailError: field\(s\) detail would hide"):
+        install_problems(app, {FineError: (409, "Fine"), DetailError: (422, "Refused")})
+    with pytest.raises(ReservedFieldError, match=r"\.ClashingRefusalError: field\(s\) title would"):
+        install_problems(app, {RefusalError: (409, "Refused")})
+    assert FineError not in app.exception_handlers
+    assert RefusalError not in app.exception_handlers
+    install_problems(app, {FineError: (409, "Fine")})
+    assert FineError in app.exception_handlers
+
+
+def test_each_class_is_checked_once_and_its_responses_are_unchanged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fields of an error class are read and checked at install, not again per response;
+    the body is the problem's members, then the error's kind and fields; headers pass."""
+
+    class GatewayGoneError(DetailedError):
+        template = "gateway {gw} is gone"
+        kind = "gateway"
+        gw: str
+        ids: tuple[int, ...] = ()
+
+    real_fields = dataclasses.fields
+    read: list[object] = []
+
+    def counted(cls: Any) -> Any:
+        read.append(cls)
+        return real_fields(cls)
+
+    monkeypatch.setattr(dataclasses, "fields", counted)  # the real function, only counted
+    install_problems(FastAPI(), {GatewayGoneError: (410, "Gone")})
+    for _ in range(3):
+        r = error_problem(410, "Gone", GatewayGoneError("gw-1", (2, 1)), {"Retry-After": "5"})
+        assert r.body == (b'{"type":"urn:fieldlink:problem:gateway-gone","title":"Gone",'
+                          b'"status":410,"detail":"gateway gw-1 is gone","kind":"gateway",'
+                          b'"gw":"gw-1","ids":[2,1]}')
+        assert (r.status_code, r.media_type, r.headers["retry-after"]) == (
+            410, "application/problem+json", "5")
+    assert read.count(GatewayGoneError) == 1
+
+
+def test_no_error_class_the_app_answers_hides_a_problem_member(tmp_path: Path) -> None:
+    """Every class central answers with a handler (those written by hand beside
+    `install_problems` too), and its subclasses, passes the check."""
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path}/c.db",
+                              command_key_path=tmp_path / "key.pem", pki_dir=tmp_path / "pki"),
+                     run_ingest=False)
+    classes = [c for c in app.exception_handlers if isinstance(c, type)]
+    assert len(classes) >= 10
+    for cls in classes:
+        check_problem_fields(cls)

@@ -2,8 +2,9 @@
 on PostgreSQL: a retired gateway that keeps resending costs a bounded number of commits, its
 refusals still add up in its row (also from several workers, also across a failed write); a
 list that cannot be read is logged once per outage and once on recovery, and counted; what
-waits in memory is written before the API reads it and when central stops; 叫应's directory
-and scheduler read the shared list, not the table every time."""
+waits in memory is written before the API reads it and when central stops; a radio frame of
+a gateway in service counts nothing but lets a due flush out; 叫应's directory and scheduler
+read the shared list, not the table every time."""
 
 from __future__ import annotations
 
@@ -122,6 +123,28 @@ async def test_a_retired_gateways_resends_cost_a_bounded_number_of_commits(
             assert commits == [2]
         count, last_ms = await refused(st)
         assert count == 100 and gate.refused == 100 and last_ms is not None
+
+
+async def test_a_frame_of_a_gateway_in_service_only_lets_a_due_flush_out(
+        tmp_path: Path) -> None:
+    """The radio receiver asks for every frame: one of a gateway in service counts nothing
+    and commits nothing, unless refusals wait and `flush_s` has passed, then they go out with
+    it; a retired gateway's frames count as `radio` in the metric."""
+    async with workers("sqlite", tmp_path) as (st,):
+        clock = FakeClock()
+        metrics = Metrics()
+        gate = RetiredGate(st, refresh_s=LONG_S, flush_s=60, metrics=metrics, monotonic=clock)
+        with counting_commits(st) as commits:
+            assert not await gate.refuses(NEW)
+            assert await gate.refuses(OLD) and await gate.refuses(OLD)
+            assert commits == [1]  # the first refusal at once, the second waits
+            assert not await gate.refuses(NEW)
+            assert commits == [1]
+            clock.now += 60
+            assert not await gate.refuses(NEW)
+            assert commits == [2]
+        assert (await refused(st))[0] == 2 and gate.refused == 2
+        assert metrics.retired_messages == {"radio": 2}
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

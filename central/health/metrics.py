@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from central import CentralError
 from central.alarms.lifecycle import AckState
+from central.identity.retire import RefusedKind
 from central.storage.program import Program, Rows, Sql
 from protocols.command_results import CommandState
 from protocols.limits import Reason
@@ -116,6 +117,11 @@ class Metrics:
     # the list last read (logged once per outage)
     retired_list_unreadable: int = _counter("Times the retired gateways could not be re-read "
                                             "for a message check.")
+    # its refusals (also in the retired gateways' rows, which name the gateway: no gw label);
+    # not among the rejections, as the messages are not bad: the gateway should be silent
+    retired_messages: Counter[str] = _by("kind", "Messages of retired gateways refused, by "
+                                         "kind (state, birth, data, radio): a decommissioned "
+                                         "gateway still talking.")
 
     # read from storage by `refresh()` just before each render (GET /metrics): per gateway,
     # active alarms by (level, ack state), commands by state
@@ -177,10 +183,10 @@ class _FieldsCollector(Collector):
 
     def _labelled(self, f: Field[Counter[str]]) -> Metric:
         counts: Counter[str] = getattr(self._m, f.name)
-        # Every ingest refusal reason and connect refusal cause from 0, so rate() and alerts
-        # see each from the start.
+        # Every ingest refusal reason, connect refusal cause and retired message kind from 0,
+        # so rate() and alerts see each from the start.
         seeds = {"messages_rejected": Reason, "records_rejected": Reason,
-                 "mqtt_connect_refusals": Refusal}
+                 "mqtt_connect_refusals": Refusal, "retired_messages": RefusedKind}
         if f.name in seeds:
             seeded: Counter[str] = Counter({str(r): 0 for r in seeds[f.name]})
             seeded.update(counts)  # update() keeps zeros, `+` would drop them

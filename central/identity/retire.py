@@ -18,13 +18,17 @@ A retired gateway that is heard again is not resurrected: ingest asks `RetiredGa
 which drops its state, birth and data messages (not acked, so the gateway keeps its backlog
 should it be brought back), counts them in the row (`refused`, `last_refused_ms`; counted in
 memory and written in batches, so a gateway that keeps resending does not cost a commit per
-message) and logs `retired_gateway_heard` once per gateway and process. Bringing it back is
-an explicit admin act, `unretire` (audited, with a reason); it then needs a new enrolment
-token to reconnect through the production broker.
+message) and logs `retired_gateway_heard` once per gateway and process. The process also
+counts them by kind in `fieldlink_central_retired_messages_total` (no gateway label: the row
+says which), so an operator sees a decommissioned gateway still talking (left switched on, or
+its identity cloned) without reading the table. Bringing it back is an explicit admin act,
+`unretire` (audited, with a reason); it then needs a new enrolment token to reconnect through
+the production broker.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +42,7 @@ from central.alarms.desk import ack_program, clear_program
 from central.identity.audit import AuditLog
 from central.storage import Storage, StorageError, UnknownGatewayError
 from central.storage.program import Program, Sql
+from protocols.envelope import Birth
 from protocols.errors import DetailedError
 from runtime import clock
 
@@ -187,8 +192,22 @@ class FromGateway(Protocol):
     def gw(self) -> str: ...
 
 
-M = TypeVar("M", bound=FromGateway)
+class InfoFromGateway(FromGateway, Protocol):
+    @property
+    def msg(self) -> object: ...  # a state or a birth
+
+
+M = TypeVar("M", bound=InfoFromGateway)
 B = TypeVar("B", bound=FromGateway)
+
+
+class RefusedKind(enum.StrEnum):
+    """What a refused message was: the label of `Metrics.retired_messages`."""
+
+    STATE = "state"
+    BIRTH = "birth"
+    DATA = "data"
+    RADIO = "radio"  # a narrowband frame (alarms, a heartbeat, 叫应 acks)
 
 
 @dataclass(slots=True)
@@ -265,19 +284,27 @@ class RetiredGate:
         retired = await self._checked()
         if not retired and not self._pending:
             return infos, batches
-        counts: Counter[str] = Counter(m.gw for m in [*infos, *batches] if m.gw in retired)
-        await self._refuse(counts)
-        if not counts:
+        refused_infos = [m for m in infos if m.gw in retired]
+        refused_data = [b for b in batches if b.gw in retired]
+        if not refused_infos and not refused_data:
+            await self._flush_if_due()
             return infos, batches
+        kinds = Counter(RefusedKind.BIRTH if isinstance(m.msg, Birth) else RefusedKind.STATE
+                        for m in refused_infos)
+        kinds[RefusedKind.DATA] += len(refused_data)
+        await self._refuse(Counter(m.gw for m in [*refused_infos, *refused_data]), kinds)
         return ([m for m in infos if m.gw not in retired],
                 [b for b in batches if b.gw not in retired])
 
     async def refuses(self, gw: str) -> bool:
         """Whether a message of `gw` (a radio frame) is refused: counted and logged as
-        `admit` counts ingest's."""
-        refused = gw in await self._checked()
-        await self._refuse(Counter({gw: 1}) if refused else Counter())
-        return refused
+        `admit` counts ingest's. A frame of a gateway in service allocates nothing here (the
+        radio receiver asks for every frame); it only lets a due flush go out."""
+        if gw not in await self._checked():
+            await self._flush_if_due()
+            return False
+        await self._refuse(Counter({gw: 1}), Counter({RefusedKind.RADIO: 1}))
+        return True
 
     async def flush(self) -> None:
         """Write the refusals counted since the last flush, in one transaction. Raises
@@ -317,15 +344,22 @@ class RetiredGate:
             self._unreadable = 0
         return retired
 
-    async def _refuse(self, counts: Counter[str]) -> None:
-        """Count refusals in memory; flush if the last flush is `flush_s` old."""
+    async def _refuse(self, counts: Counter[str], kinds: Counter[RefusedKind]) -> None:
+        """Count refusals (`counts` by gateway, the same messages `kinds` by kind) in memory
+        and in the metric; flush if due."""
         self.refused += counts.total()
+        if self.metrics is not None:
+            self.metrics.retired_messages.update(kinds)
         now = clock.now_ms()
         for gw, n in counts.items():
             if gw not in self._logged:
                 log.warning("retired_gateway_heard", gw=gw, messages=n)
                 self._logged.add(gw)
             self._add((gw, self._since[gw]), n, now)
+        await self._flush_if_due()
+
+    async def _flush_if_due(self) -> None:
+        """Flush if anything waits and the last flush is `flush_s` old."""
         if self._pending and (self._flushed_at is None
                               or self._monotonic() - self._flushed_at >= self.flush_s):
             await self.flush()

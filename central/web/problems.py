@@ -11,14 +11,18 @@ people read), what a program needs without parsing that text (RFC 9457 §3.2 ext
   `kind` when it has one (what sort of object a `NotFoundError` or `DuplicateError` names).
 
 The error class declares its fields once; its message, its problem body and the OpenAPI schema
-(`documented`) all come from that declaration."""
+(`documented`) all come from that declaration. A field named as a problem member (`detail`,
+`status`, ...) would hide that member: `install_problems` refuses such a class, or a subclass
+of it, at startup (`ReservedFieldError`), and a class answered otherwise is checked at its
+first response; each class is checked once."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -32,23 +36,37 @@ PROBLEM = "application/problem+json"
 TYPE_PREFIX = "urn:fieldlink:problem:"
 # RFC 9457's own members and ours: an error field by one of these names would hide it
 RESERVED = frozenset({"type", "title", "status", "detail", "instance", "errors"})
+# Each error class's fields, checked against RESERVED once (weak: a class that goes goes too)
+_FIELDS: weakref.WeakKeyDictionary[type, tuple[dataclasses.Field[Any], ...]] = (
+    weakref.WeakKeyDictionary())
 
 
-def problem(status: int, title: str, detail: str,
-            headers: dict[str, str] | None = None) -> JSONResponse:
-    """A problem response with the given status, title and detail."""
-    return JSONResponse({"type": "about:blank", "title": title, "status": status,
-                         "detail": detail}, status_code=status, media_type=PROBLEM,
-                        headers=headers)
+class ReservedFieldError(TypeError, DetailedError):
+    """An error class declares a field by the name of a problem member, which it would hide
+    (a programming error: rename the field)."""
+
+    template = "{cls}: field(s) {names} would hide the problem members of the same name"
+    cls: str
+    names: str  # comma-separated
+
+
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None, *,
+            type_: str = "about:blank", members: Mapping[str, object] | None = None,
+            ) -> JSONResponse:
+    """A problem response with the given status, title and detail; an error's `type_` and
+    extension `members` (`error_problem`) beside."""
+    body: dict[str, object] = {"type": type_, "title": title, "status": status,
+                               "detail": detail}
+    if members:
+        body.update(members)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def error_problem(status: int, title: str, exc: BaseException,
                   headers: dict[str, str] | None = None) -> JSONResponse:
     """A problem response for `exc`: its message as `detail`, its type and fields beside."""
-    body: dict[str, object] = {"type": problem_type(type(exc)), "title": title,
-                               "status": status, "detail": str(exc)}
-    body.update(problem_fields(exc))
-    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+    return problem(status, title, str(exc), headers, type_=problem_type(type(exc)),
+                   members=problem_fields(exc))
 
 
 def problem_type(cls: type[BaseException]) -> str:
@@ -70,18 +88,41 @@ def problem_fields(exc: BaseException) -> dict[str, object]:
 
 
 def _declared(cls: type[DetailedError]) -> tuple[dataclasses.Field[Any], ...]:
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # a dataclass: __init_subclass__
-    clash = RESERVED.intersection(f.name for f in fields)
-    if clash:  # a programming error, caught by the first test that raises it
-        raise TypeError(f"{cls.__name__}: field(s) {sorted(clash)} would hide problem members")
+    """`cls`'s fields; raises `ReservedFieldError` if one would hide a problem member."""
+    fields = _FIELDS.get(cls)
+    if fields is None:  # a class's fields are fixed once it is defined: checked once
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # a dataclass (__init_subclass__)
+        clash = RESERVED.intersection(f.name for f in fields)
+        if clash:
+            raise ReservedFieldError(f"{cls.__module__}.{cls.__qualname__}",
+                                     ", ".join(sorted(clash)))
+        _FIELDS[cls] = fields
     return fields
+
+
+def check_problem_fields(cls: type[BaseException]) -> None:
+    """Raise `ReservedFieldError` if `cls` or a subclass of it defined so far declares a field
+    that would hide a problem member (a subclass defined later is checked at its first
+    response)."""
+    for c in _with_subclasses(cls):
+        if issubclass(c, DetailedError):
+            _declared(c)
+
+
+def _with_subclasses(cls: type[BaseException]) -> Iterator[type[BaseException]]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _with_subclasses(sub)
 
 
 def install_problems(app: FastAPI, table: Mapping[type[Exception], tuple[int, str]]) -> None:
     """Answer each error class in `table` with its (status, title), the error's message, type
-    and fields.
+    and fields. Raises `ReservedFieldError` for a class (or a subclass) whose fields would hide
+    a problem member.
 
     Example: `install_problems(app, {WeakPasswordError: (422, "Password refused")})`."""
+    for exc_type in table:
+        check_problem_fields(exc_type)
     for exc_type, (status, title) in table.items():
         app.add_exception_handler(exc_type, _handler(status, title))
 
