@@ -26,6 +26,7 @@ from central.areas.tree import assign_gateway, create_area
 from central.config.settings import Settings
 from central.identity.authz import is_public
 from central.storage import Storage
+from central.storage.program import Program, Sql
 from protocols.command_results import CommandResult, CommandState, result_attrs
 from protocols.envelope import Birth, DataBatch, DeviceInfo, PointInfo, Record, RecordKind, State
 from tests.helpers import Mosquitto
@@ -219,13 +220,23 @@ async def test_cookie_session_needs_csrf_token_and_logout_ends_it(env: Env) -> N
     assert (await env.c.get("/api/me")).status_code == 401
 
 
+def _unused_for(ms: int) -> Program[None]:
+    """Every session as if its token had not been used for another `ms`."""
+    yield Sql("UPDATE sessions SET last_used_ms = last_used_ms - ?", (ms,))
+
+
 async def test_idle_session_is_logged_out(tmp_path: Path) -> None:
-    """A token unused for longer than session_idle_s gets 401."""
-    async with running("sqlite", tmp_path, session_idle_s=0.05) as e:
+    """A token unused for longer than session_idle_s gets 401, one used within it does not."""
+    # The idleness is written into the session's row rather than slept: a busy box may take
+    # longer than any short idle timeout between two requests.
+    async with running("sqlite", tmp_path, session_idle_s=60) as e:
         h = await e.token("duty-1")
         assert (await e.c.get("/api/me", headers=h)).status_code == 200
-        time.sleep(0.2)
+        await e.storage.run(lambda: _unused_for(50_000))
+        assert (await e.c.get("/api/me", headers=h)).status_code == 200  # and touched now
+        await e.storage.run(lambda: _unused_for(61_000))
         assert (await e.c.get("/api/me", headers=h)).status_code == 401
+        assert (await e.c.get("/api/me", headers=h)).status_code == 401  # the session is gone
 
 
 async def test_failed_logins_are_throttled_and_counted(env: Env) -> None:
