@@ -28,6 +28,8 @@ from tests.identity import bearer, cli_user
 pytestmark = pytest.mark.e2e
 
 DEADLINE_S = 10.0  # red, for the test; long enough for central to restart between two steps
+# Where nothing restarts, a shorter one: still well above the answers' delays and LATE_MS.
+QUICK_DEADLINE_S = 6.0
 LATE_MS = 2000  # issue 11: every re-send and escalation within 2 s of its due time
 ANSWERS = {"gw-cr-a": {"t-1": 0.5, "t-2": 1.0, "t-3": None},
            "gw-cr-b": {"t-4": 0.5, "t-5": None, "d-1": 0.5}}
@@ -43,6 +45,7 @@ class Round:
     gws: dict[str, TerminalGateway]
     fleet: ThreadedFleet
     street: int
+    deadline_s: float
 
     def warning(self, wid: str) -> dict[str, Any]:
         r = self.admin.get(f"/api/callresp/warnings/{wid}")
@@ -54,9 +57,15 @@ def _client(base: str, headers: dict[str, str]) -> httpx.Client:
 
 
 @pytest.fixture
-def round_(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Round]:
+def deadline_s() -> float:
+    """The red deadline central runs with; a test parametrizes it to change it."""
+    return DEADLINE_S
+
+
+@pytest.fixture
+def round_(tmp_path: Path, mosquitto: Mosquitto, deadline_s: float) -> Iterator[Round]:
     cfg = tmp_path / "central.toml"
-    cfg.write_text(f"[central.callresp]\ndeadline_red_s = {DEADLINE_S}\nresends = 3\n"
+    cfg.write_text(f"[central.callresp]\ndeadline_red_s = {deadline_s}\nresends = 3\n"
                    "tick_s = 0.2\n")
     central = Central(tmp_path, mosquitto.port, extra_args=["--config", str(cfg)])
     fleet_stack = contextlib.ExitStack()
@@ -94,7 +103,7 @@ def round_(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Round]:
         operator = _client(central.base_url, bearer(central.base_url, "op"))
         auditor = _client(central.base_url, bearer(central.base_url, "aud"))
         clients += [operator, auditor]
-        yield Round(central, admin, operator, auditor, gws, fleet, street["id"])
+        yield Round(central, admin, operator, auditor, gws, fleet, street["id"], deadline_s)
     finally:
         fleet_stack.close()
         for cl in clients:
@@ -135,7 +144,7 @@ def _check(r: Round, wid: str, w: dict[str, Any]) -> None:
         chain = sorted((s for s in mine if s["step"] in ("sent", "resent", "escalated")),
                        key=lambda s: (s["attempt"], s["step"] == "escalated"))
         for before, after in itertools.pairwise(chain):
-            assert after["due_ms"] == before["at_ms"] + int(DEADLINE_S * 1000), (before, after)
+            assert after["due_ms"] == before["at_ms"] + int(r.deadline_s * 1000), (before, after)
     timed = [s for s in steps if s["due_ms"] is not None]
     assert len(timed) == 8  # 2 × (3 re-sends + 1 escalation)
     late = [(s["target_id"], s["step"], s["attempt"], s["at_ms"] - s["due_ms"]) for s in timed]
@@ -168,13 +177,14 @@ def _check(r: Round, wid: str, w: dict[str, Any]) -> None:
     assert (ws["targets"], ws["answered"]) == (6, 4)
 
 
+@pytest.mark.parametrize("deadline_s", [QUICK_DEADLINE_S])
 def test_red_warning_resent_then_escalated(round_: Round) -> None:
     """3 of 5 terminals answer; the 2 others are re-sent 3 times each and escalated to the
     district's person in charge, all within 2 s of their due times; API and audit log show
     every step with its time."""
     r = round_
     wid = _issue(r)
-    w = wait_for(lambda: _boss_answered(r, wid), timeout=4 * DEADLINE_S + 40, interval=0.5,
+    w = wait_for(lambda: _boss_answered(r, wid), timeout=4 * r.deadline_s + 40, interval=0.5,
                  what=f"the person in charge answered; central:\n{r.central.tail(20)}")
     _check(r, wid, w)
 
