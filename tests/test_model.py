@@ -21,8 +21,11 @@ from bench.model_check import (
     available,
 )
 
-pytestmark = pytest.mark.skipif(available() is not None,
-                                reason=f"model check needs SPIN: {available()}")
+pytestmark = [pytest.mark.skipif(available() is not None,
+                                 reason=f"model check needs SPIN: {available()}"),
+              # One worker runs them all, so each verifier is compiled once per session,
+              # not once per worker that happens to get one of its properties.
+              pytest.mark.xdist_group("spin")]
 
 _BY_NAME = {b.name: b for b in SMALL}
 _VARIANT_BOUND = next(b for b in SMALL if b.variants)
