@@ -207,7 +207,7 @@ class Central(Child):
         return scrape_duplicates(self.base_url, self.auth_headers())
 
     def auth_headers(self) -> dict[str, str]:
-        """An admin's bearer header for this central (made with `central user add` the first
+        """An admin's bearer header for this central (made with `cli_user` the first
         time; every endpoint but /api/health needs a user, DESIGN.md §8)."""
         if self._auth is None:
             from tests.identity import bearer, cli_user

@@ -2,19 +2,24 @@
 
 In-process apps: `await authorize(app, client)` makes a user (an admin unless told otherwise)
 through the app's own `Accounts`, logs in with `POST /api/login` and puts the bearer token on
-the client. Central as a process: `cli_user(db_url, ...)` runs `central user add`, and
-`bearer(base_url, name)` logs in over HTTP.
+the client. Central as a process: `cli_user(db_url, ...)` does what `central user add` does,
+and `bearer(base_url, name)` logs in over HTTP.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from fastapi import FastAPI
 
-from central.identity.users import UnknownUserError
+from central.cli.database import require_existing_database
+from central.identity.accounts import Accounts
+from central.identity.audit import AuditLog
+from central.identity.cli import cli_actor
+from central.identity.users import DuplicateUserError, UnknownUserError
+from central.storage import open_storage
 
 PASSWORD = "correct-horse-battery-9"
 ADMIN = "test-admin"
@@ -53,15 +58,22 @@ async def authorize(app: FastAPI, client: httpx.AsyncClient, name: str = ADMIN,
 
 def cli_user(db_url: str, name: str = ADMIN, role: str = "admin", area: str | None = None,
              password: str = PASSWORD) -> None:
-    """`central user add` against a database (central may be running on it)."""
-    args = [sys.executable, "-m", "central", "user", "add", name, "--role", role,
-            "--password-stdin", "--db", db_url]
-    if area is not None:
-        args += ["--area", area]
-    out = subprocess.run(args, input=password + "\n", capture_output=True, text=True,
-                         timeout=60, check=False)
-    # several workers on one database: the user may be there already
-    assert out.returncode == 0 or "exists" in out.stderr, out.stderr + out.stdout
+    """What `central user add` does, against a database central may be running on, in this
+    process: a child interpreter importing central cost a second of CPU per user, for setup
+    (test_identity_cli and test_cli_database run the command itself)."""
+    require_existing_database(db_url)
+
+    async def add() -> None:
+        async with open_storage(db_url) as storage:
+            try:
+                await Accounts(storage, AuditLog(storage)).add_user(
+                    cli_actor(), name, role, password, area_code=area)
+            except DuplicateUserError:  # several workers on one database: it may be there
+                pass
+
+    # In a thread with its own event loop: the calling test may be running one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, add()).result(timeout=60)
 
 
 def bearer(base_url: str, name: str = ADMIN, password: str = PASSWORD) -> dict[str, str]:
