@@ -137,6 +137,57 @@ async def test_a_write_waits_out_the_store_interval_and_takes_what_came_meanwhil
     assert acked - first_sent >= interval  # the second write waited out the interval
 
 
+class _HeldStorage(SqliteStorage):
+    """The real SQLite storage, with one fault injected: the first write waits for `release`
+    (a slow disk); every write's seqs are recorded."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.writes: list[list[int]] = []
+
+    async def write_batches(self, batches: Sequence[env.DataBatch], *,
+                            now_ms: int | None = None) -> list[WriteResult]:
+        self.writes.append([r.seq for b in batches for r in b.records])
+        if len(self.writes) == 1:
+            self.entered.set()
+            await self.release.wait()
+        return await super().write_batches(batches, now_ms=now_ms)
+
+
+async def test_every_batch_that_comes_during_a_write_joins_the_next(mosquitto: Mosquitto,
+                                                                    tmp_path: Path) -> None:
+    """Batches that come one by one while a write runs are all in the next write: each waits
+    for one write, not for the write after it (central.ingest.gather)."""
+    settings = Settings(db_url=f"sqlite:///{tmp_path}/central.db", mqtt_host=mosquitto.host,
+                        mqtt_port=mosquitto.port, mqtt_client_id=f"central-{uuid.uuid4().hex[:8]}")
+    storage = _HeldStorage(tmp_path / "central.db")
+    await storage.open()
+    ingest = Ingest(settings, storage, Metrics())
+    task = asyncio.create_task(ingest.run(), name="ingest.mqtt")
+    try:
+        await ingest.wait_connected()
+        async with gateway(mosquitto, "gw-1") as gw:
+            await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [1])), qos=1)
+            async with asyncio.timeout(10):
+                await storage.entered.wait()
+            for seq in range(2, 7):  # one by one, well apart, while the first write is held
+                await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [seq])),
+                                 qos=1)
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)  # the last one reaches central
+            storage.release.set()
+            acks = [await next_ack(gw) for _ in range(6)]
+        assert sorted(a.ranges for a in acks) == [((s, s),) for s in range(1, 7)]
+        assert storage.writes == [[1], [2, 3, 4, 5, 6]]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await storage.close()
+
+
 async def test_bad_messages_are_counted_and_good_ones_still_land(mosquitto: Mosquitto,
                                                                  tmp_path: Path) -> None:
     """Garbage, a topic outside the contract and a gw mismatch are counted; the next batch lands."""

@@ -1,8 +1,9 @@
 """MQTT ingest (DESIGN.md §4.3, §9): subscribe to every gateway's `up/`, store, then ack.
 
-The invariant: a `down/ack` names only seqs whose transaction has committed. Messages already
-queued are drained (up to `ingest_drain_max` batches) and written in one transaction, then
-each batch is acked — duplicates too, since central holds them. Writes start at most every
+The invariant: a `down/ack` names only seqs whose transaction has committed. The messages
+that come while one group is written (up to `ingest_drain_max`, `central.ingest.gather`) are
+written together in the next transaction, then each batch is acked — duplicates too, since
+central holds them. Writes start at most every
 `STORE_INTERVAL_MIN_S`, so that under load many batches share one commit. On disconnect (the
 broker may be SIGKILLed at any time) the session reconnects with capped, jittered back-off
 (`runtime.mqtt`), and subscribes again before it says central is online.
@@ -38,6 +39,7 @@ from central import CentralError, __version__
 from central.config.settings import Settings
 from central.health.metrics import Metrics
 from central.ingest import broker
+from central.ingest.gather import Gathering, until
 from central.ingest.rejects import RejectLog, count_bad_attrs, write_isolating
 from central.storage import DatabaseWriteError, Storage, StorageError, UnstorableValueError
 from protocols import topics
@@ -209,74 +211,45 @@ class Ingest:
         log.info("mqtt_stopped")
 
     async def _consume(self, client: aiomqtt.Client) -> None:
-        """Receive and decode group N+1 while group N is written and acked: a pipeline two
-        deep, so at most one group is being written and one decoded group waits for it.
-        Groups are stored in arrival order (alarm ordering relies on it), each acked only
-        after its own commit, by `_store` itself (its acks do not wait for the next group).
-        A store starts no sooner than `STORE_INTERVAL_MIN_S` after the one before; what came
-        meanwhile joins the group (see `STORE_INTERVAL_MIN_S`)."""
-        messages = client.messages
-        limit = self.settings.ingest_drain_max
+        """Gather group N+1 while group N is written and acked: a pipeline two deep, so at
+        most one group is being written while the next gathers every message that comes
+        meanwhile, each decoded as it comes (`central.ingest.gather`). Groups are stored in
+        arrival order (alarm ordering relies on it), each acked only after its own commit,
+        by `_store` itself (its acks do not wait for the next group). A store starts no
+        sooner than `STORE_INTERVAL_MIN_S` after the one before; what came meanwhile joins
+        the group (see `STORE_INTERVAL_MIN_S`)."""
+        gathering: Gathering[Inbound, DataBatch] = Gathering(
+            self.decode_group, self.settings.ingest_drain_max)
+        receiver = asyncio.create_task(gathering.receive(client.messages),
+                                       name="ingest.receive")
         loop = asyncio.get_running_loop()
         storing: asyncio.Task[None] | None = None
         next_store = 0.0  # loop time before which no store starts
         try:
             while True:
-                group = [await self._next_message(messages, storing)]
-                # Drain what is already queued so that one commit (one fsync) covers many
-                # batches.
-                await self._drain(messages, group, limit)
-                infos, batches = self.decode_group(group)
                 if storing is not None:
-                    await storing  # raises what the previous group's store raised
-                if len(group) < limit and (wait := next_store - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                    more = await self._drain(messages, [], limit - len(group))
-                    more_infos, more_batches = self.decode_group(more)
-                    infos += more_infos
-                    batches += more_batches
+                    await until(storing, receiver)  # raises what the store raised
+                await until(gathering.ready(), receiver)
+                if not gathering.full and (wait := next_store - loop.time()) > 0:
+                    await until(asyncio.sleep(wait), receiver)
+                group = gathering.take()
                 next_store = loop.time() + STORE_INTERVAL_MIN_S
-                storing = asyncio.create_task(self._store(client, infos, batches),
+                storing = asyncio.create_task(self._store(client, group.infos, group.batches),
                                               name="ingest.store")
         finally:
-            # Cancelled (shutdown) or disconnected: a decoded group not yet written is
+            # Cancelled (shutdown) or disconnected: a gathered group not yet written is
             # dropped, one being written may commit without its acks; the edge resends what
             # is unacked. Never an ack without its commit: `_store` acks only after.
+            receiver.cancel()
+            await asyncio.wait((receiver,))
             if storing is not None and not storing.done():
                 storing.cancel()
                 await asyncio.wait((storing,))
                 log.info("ingest_store_stopped", committed_unacked_possible=True)
             if storing is not None and not storing.cancelled():
                 storing.exception()  # already raised above, or secondary to what is raised
-
-    @staticmethod
-    async def _drain(messages: aiomqtt.MessagesIterator, group: list[aiomqtt.Message],
-                     limit: int) -> list[aiomqtt.Message]:
-        """`group` with the messages already queued appended, up to `limit` in all."""
-        while len(messages) and len(group) < limit:
-            group.append(await anext(messages))
-        return group
-
-    @staticmethod
-    async def _next_message(messages: aiomqtt.MessagesIterator,
-                            storing: asyncio.Task[None] | None) -> aiomqtt.Message:
-        """The next message; raises at once what a failed store raised, not only when the
-        next message comes."""
-        if storing is None or storing.done():
-            if storing is not None:
-                storing.result()
-            return await anext(messages)
-        receiving = asyncio.ensure_future(anext(messages))
-        try:
-            await asyncio.wait((receiving, storing), return_when=asyncio.FIRST_COMPLETED)
-            if storing.done() and storing.exception() is not None and not receiving.done():
-                storing.result()
-            return await receiving
-        finally:
-            if not receiving.done():
-                receiving.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await receiving
+            if not receiver.cancelled():
+                receiver.exception()  # likewise
 
     def decode_group(self, group: list[aiomqtt.Message]) -> tuple[list[Inbound], list[DataBatch]]:
         """Check every message of a group: the state and birth messages, and the data batches

@@ -1,0 +1,94 @@
+"""The next group write, gathered while the current one is written (`Ingest._consume`).
+
+One task (`Gathering.receive`) is the only reader of the session's message iterator: it takes
+each message as it comes, decodes it at once (in the current write's waits on the database)
+and adds it to the group being gathered, up to `limit` messages; then it stops reading until
+the group is taken. The writer takes the whole group when its previous write is done. So a
+message waits for one write, not two, and groups grow with the rate (one commit, one fsync,
+for as many batches as came meanwhile).
+
+Why one reader: cancelling a pending `anext` on aiomqtt's iterator after its queue read has
+completed loses that message, and two readers could hand two messages over out of order
+(groups are written in arrival order: alarm ordering relies on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import aiomqtt
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741  (an info message)
+B = TypeVar("B")  # a data batch
+
+Decode = Callable[[list[aiomqtt.Message]], tuple[list[I], list[B]]]
+
+
+class Group(Generic[I, B]):
+    """The decoded messages of one group write, in arrival order."""
+
+    __slots__ = ("messages", "infos", "batches")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.infos: list[I] = []
+        self.batches: list[B] = []
+
+
+class Gathering(Generic[I, B]):
+    """The group being gathered (module doc); `decode` checks one message as
+    `Ingest.decode_group` does."""
+
+    def __init__(self, decode: Decode[I, B], limit: int) -> None:
+        self._decode = decode
+        self.limit = limit
+        self._group: Group[I, B] = Group()
+        self._ready = asyncio.Event()  # the group holds a message
+        self._room = asyncio.Event()  # the group holds fewer than `limit`
+        self._room.set()
+
+    @property
+    def full(self) -> bool:
+        return self._group.messages >= self.limit
+
+    async def receive(self, messages: aiomqtt.MessagesIterator) -> None:
+        """Read, decode and gather every message; raises what the iterator raises (the
+        session's end)."""
+        while True:
+            await self._room.wait()
+            message = await anext(messages)
+            infos, batches = self._decode([message])
+            group = self._group
+            group.infos += infos
+            group.batches += batches
+            group.messages += 1
+            self._ready.set()
+            if group.messages >= self.limit:
+                self._room.clear()
+
+    async def ready(self) -> None:
+        """Until the group holds a message."""
+        await self._ready.wait()
+
+    def take(self) -> Group[I, B]:
+        """The group gathered so far; gathering starts a new one."""
+        group, self._group = self._group, Group()
+        self._ready.clear()
+        self._room.set()
+        return group
+
+
+async def until(aw: Awaitable[T], receiver: asyncio.Task[None]) -> T:
+    """`aw`'s result, or what `receiver` raised if it ends first (the session ended)."""
+    waiting = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait((waiting, receiver), return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            receiver.result()  # raises: the receiver only ends by raising
+        return await waiting
+    finally:
+        if waiting is not aw and not waiting.done():  # only what was made here
+            waiting.cancel()
