@@ -121,8 +121,8 @@ async def test_a_flush_that_fails_keeps_the_values_for_the_next(
         await a.write_batches([batch("gw-1", 1, 0.0)], now_ms=NOW)
         real = postgres_latest.flush
 
-        async def failing(conn: Any, pending: PendingLatest, token: int) -> None:
-            await real(conn, pending, token)
+        async def failing(conn: Any, prepared: postgres_latest.Flush, token: int) -> None:
+            await real(conn, prepared, token)
             await conn.execute("SELECT 1/0")  # after writing: the rollback must undo it
 
         monkeypatch.setattr(postgres_latest, "flush", failing)

@@ -320,7 +320,8 @@ class PostgresStorage(Storage):
             return
         taken = self._pending.take()
         try:
-            await self._transaction(lambda c: postgres_latest.flush(c, taken, self._token))
+            prepared = postgres_latest.flush_of(taken)  # before taking the writer
+            await self._transaction(lambda c: postgres_latest.flush(c, prepared, self._token))
         except BaseException:
             self._pending.put_back(taken)
             raise

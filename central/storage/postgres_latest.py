@@ -31,6 +31,7 @@ from __future__ import annotations
 import secrets
 from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from central.storage.postgres_binary import Float8Array, Int8Array, TextArray
@@ -69,16 +70,27 @@ _NEWEST = ("SELECT p.id, r.ts_ms, r.value, r.text FROM points p CROSS JOIN LATER
            " LIMIT 1) AS r WHERE p.gw = ANY(%s)")
 
 
+LatestArgs = tuple[Int8Array, Int8Array, Float8Array, TextArray]
+
+
+def latest_args(columns: LatestColumns) -> LatestArgs:
+    """`columns` encoded as the parameters of `write_latest_args`."""
+    pids, tss, nums, texts = columns
+    return (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
+            TextArray.of(texts))
+
+
 async def write_latest(conn: Conn, columns: LatestColumns) -> None:
     """Move each point's latest value forward where the given one is newer (the caller holds
     the points' gateways' rows)."""
-    pids, tss, nums, texts = columns
-    if not pids:
-        return
-    args = (Int8Array.of(pids), Int8Array.of(tss), Float8Array.nullable(nums),
-            TextArray.of(texts))
+    if len(columns[0]):
+        await write_latest_args(conn, latest_args(columns), len(columns[0]))
+
+
+async def write_latest_args(conn: Conn, args: LatestArgs, n: int) -> None:
+    """`write_latest` of `n` values already encoded (`latest_args`)."""
     updated = await conn.execute(_UPDATE_LATEST, args)
-    if updated.rowcount < len(pids):
+    if updated.rowcount < n:
         await conn.execute(_INSERT_LATEST, args)  # new points, or older values than held
 
 
@@ -151,14 +163,31 @@ def token_lock(token: int) -> str:
     return f"SELECT pg_advisory_lock({LOCK_SPACE}, {int(token)})"
 
 
-async def flush(conn: Conn, pending: PendingLatest, token: int) -> None:
-    """Write `pending` and discharge what the worker owed for gateways whose newest write
-    it holds, in the caller's transaction."""
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """What a flush of `pending` writes, encoded before its transaction: the writer's
+    connection is not held while Python builds ~10,000 values (`flush_of`)."""
+
+    gws: list[str]
+    due: Int8Array  # per gateway in `gws`, the time of its newest write included
+    latest: LatestArgs
+    n: int
+
+
+def flush_of(pending: PendingLatest) -> Flush:
     gws = sorted(pending.due)
-    await conn.execute(_LOCK_GATEWAYS, (gws,))
-    await write_latest(conn, pending.columns())
-    await conn.execute(_WRITTEN, (gws, Int8Array.of(array("q", map(pending.due.__getitem__, gws))),
-                                  token))
+    columns = pending.columns()
+    return Flush(gws, Int8Array.of(array("q", map(pending.due.__getitem__, gws))),
+                 latest_args(columns), len(columns[0]))
+
+
+async def flush(conn: Conn, prepared: Flush, token: int) -> None:
+    """Write a flush's values and discharge what the worker owed for gateways whose newest
+    write it holds, in the caller's transaction."""
+    await conn.execute(_LOCK_GATEWAYS, (prepared.gws,))
+    if prepared.n:
+        await write_latest_args(conn, prepared.latest, prepared.n)
+    await conn.execute(_WRITTEN, (prepared.gws, prepared.due, token))
 
 
 async def repair(conn: Conn) -> list[str]:
