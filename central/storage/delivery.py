@@ -171,6 +171,28 @@ def held_seqs(runs: Sequence[tuple[int, int]], ranges: Mapping[int, int]) -> Ite
             k += 1
 
 
+def batch_ranges_program(batches: Sequence[DataBatch]) -> Program[HeldRanges]:
+    """`held_ranges_program` for every seq of `batches`, one span per stream: read once for a
+    write before it records its own seqs (SQLite's single writer), not once per batch."""
+    spans: dict[tuple[str, str], tuple[int, int]] = {}
+    for b in batches:
+        if not b.records:
+            continue
+        seqs = b.columns.seqs if b.columns is not None else [r.seq for r in b.records]
+        lo, hi = min(seqs), max(seqs)
+        if (had := spans.get((b.gw, b.stream))) is not None:
+            lo, hi = min(lo, had[0]), max(hi, had[1])
+        spans[(b.gw, b.stream)] = (lo, hi)
+    return held_ranges_program({k: (v,) for k, v in spans.items()})
+
+
+def held_before(before: HeldRanges, gw: str, stream: str,
+                runs: Sequence[tuple[int, int]]) -> set[int]:
+    """The seqs of `runs` (sorted, disjoint) that the stream's ranges in `before` hold."""
+    ranges = before.get((gw, stream))
+    return set(held_seqs(runs, ranges)) if ranges else set()
+
+
 def streams_program(tally: StreamTally, now: int | None) -> Program[HeldRanges]:
     """Record in the write transaction what `tally` says; see the module docstring.
     `now=None` (a backfill) leaves the write times alone. Returns the held ranges it read

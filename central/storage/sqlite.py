@@ -25,9 +25,10 @@ from central.alarms.lifecycle import AlarmChange, AlarmPolicy
 from central.storage.aggregates import AggSamples
 from central.storage.base import GatewayInfo, Storage, WriteResult, record_state_program, split_key
 from central.storage.delivery import (
+    HeldRanges,
     StreamTally,
-    held_ranges_program,
-    held_seqs,
+    batch_ranges_program,
+    held_before,
     streams_program,
     tally_rejected,
 )
@@ -119,15 +120,6 @@ def _columns(batch: DataBatch) -> tuple[bool, Sequence[int], Sequence[int], Sequ
     return (cols.kinds is None or not any(cols.kinds), cols.seqs, cols.ts,
             list(map(table.__getitem__, cols.points)), cols.values,
             [cols.flags] * len(cols.seqs) if isinstance(cols.flags, int) else cols.flags)
-
-
-def _held_before(conn: sqlite3.Connection, gw: str, stream: str,
-                 runs: Sequence[tuple[int, int]]) -> set[int]:
-    """The seqs of `runs` that the stream's ranges held before this write (which records
-    its own seqs there last: `streams_program`), rows purged or not; in the single-writer
-    transaction no one else changes them."""
-    ranges = run_sync(conn, held_ranges_program({(gw, stream): runs}))
-    return set(held_seqs(runs, ranges.get((gw, stream), {})))
 
 
 def _held(conn: sqlite3.Connection, table: str, gw: str, stream: str,
@@ -281,11 +273,13 @@ class SqliteStorage(Storage):
         tally = StreamTally()
         merged: list[tuple[str, str, Record]] = []  # narrowband copies replaced (writes.py)
         seen: dict[str, str] = {}  # gw -> the stream its last batch here names
+        before = run_sync(conn, batch_ranges_program(batches))
         for batch in batches:
-            res = self._write_plain_telemetry(conn, batch, now, lo, hi, latest, samples, tally)
+            res = self._write_plain_telemetry(conn, batch, now, lo, hi, latest, samples, tally,
+                                              before)
             if res is None:
                 res = self._write_batch(conn, batch, now, lo, hi, latest, samples, tally,
-                                        merged)
+                                        merged, before)
             tally_rejected(tally, batch, now)
             seen[batch.gw] = batch.stream
             results.append(res)
@@ -306,7 +300,8 @@ class SqliteStorage(Storage):
 
     def _write_plain_telemetry(self, conn: sqlite3.Connection, batch: DataBatch, now: int,
                                lo: int, hi: int, latest: dict[int, tuple[int, Any, Any]],
-                               samples: AggSamples, tally: StreamTally) -> WriteResult | None:
+                               samples: AggSamples, tally: StreamTally,
+                               before: HeldRanges) -> WriteResult | None:
         """The usual batch (backlog or live telemetry) column by column, without a Python
         step per record: only numeric TELEMETRY with a point, distinct seqs, trusted and
         plausible times, none of it held yet. Returns None, having written nothing, for any
@@ -332,7 +327,7 @@ class SqliteStorage(Storage):
         first, last = ordered[0], ordered[-1]
         runs = ((first, last),) if last - first + 1 == n else ranges_from_seqs(ordered)
         if (run_sync(conn, held_flags_program("readings", gw, stream, ordered))
-                or _held_before(conn, gw, stream, runs)):
+                or held_before(before, gw, stream, runs)):
             return None  # (part of) a resent batch, maybe of rows retention purged
         ids = self._ids_for(conn, gw, set(points))
         pids = list(map(ids.__getitem__, points))
@@ -366,7 +361,8 @@ class SqliteStorage(Storage):
 
     def _write_batch(self, conn: sqlite3.Connection, batch: DataBatch, now: int, lo: int,
                      hi: int, latest: dict[int, tuple[int, Any, Any]], samples: AggSamples,
-                     tally: StreamTally, merged: list[tuple[str, str, Record]]) -> WriteResult:
+                     tally: StreamTally, merged: list[tuple[str, str, Record]],
+                     before: HeldRanges) -> WriteResult:
         """Any batch, record by record."""
         gw, stream, records = batch.gw, batch.stream, batch.records
         ids = self._ids_for(conn, gw, {r.point for r in records if r.point is not None})
@@ -379,13 +375,14 @@ class SqliteStorage(Storage):
         vals: list[float] = []
         stage_records(gw, stream, records, ids, lo, hi, now, readings=readings, events=events,
                       latest=latest, tally=tally, samples=(pids, tss, vals))
-        before = _held_before(conn, gw, stream, ranges_from_seqs(readings.keys() | events.keys()))
+        in_ranges = held_before(before, gw, stream,
+                                ranges_from_seqs(readings.keys() | events.keys()))
         inserted = suspect = corrected = n_merged = 0
         for table, rows, ts_i, flags_i in (("readings", readings, 4, 7),
                                            ("events", events, 5, 8)):
             if not rows:
                 continue
-            held = _held(conn, table, gw, stream, rows, before)
+            held = _held(conn, table, gw, stream, rows, in_ranges)
             fresh = list(rows.values()) if not held else [
                 row for s, row in rows.items() if s not in held]
             if fresh:
