@@ -21,31 +21,31 @@ from typing import Generic, TypeVar
 import aiomqtt
 
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741  (an info message)
-B = TypeVar("B")  # a data batch
+InfoT = TypeVar("InfoT")  # a state or birth message
+BatchT = TypeVar("BatchT")  # a data batch
 
-Decode = Callable[[list[aiomqtt.Message]], tuple[list[I], list[B]]]
+Decode = Callable[[list[aiomqtt.Message]], tuple[list[InfoT], list[BatchT]]]
 
 
-class Group(Generic[I, B]):
+class Group(Generic[InfoT, BatchT]):
     """The decoded messages of one group write, in arrival order."""
 
     __slots__ = ("messages", "infos", "batches")
 
     def __init__(self) -> None:
         self.messages = 0
-        self.infos: list[I] = []
-        self.batches: list[B] = []
+        self.infos: list[InfoT] = []
+        self.batches: list[BatchT] = []
 
 
-class Gathering(Generic[I, B]):
+class Gathering(Generic[InfoT, BatchT]):
     """The group being gathered (module doc); `decode` checks one message as
     `Ingest.decode_group` does."""
 
-    def __init__(self, decode: Decode[I, B], limit: int) -> None:
+    def __init__(self, decode: Decode[InfoT, BatchT], limit: int) -> None:
         self._decode = decode
         self.limit = limit
-        self._group: Group[I, B] = Group()
+        self._group: Group[InfoT, BatchT] = Group()
         self._ready = asyncio.Event()  # the group holds a message
         self._room = asyncio.Event()  # the group holds fewer than `limit`
         self._room.set()
@@ -73,7 +73,7 @@ class Gathering(Generic[I, B]):
         """Until the group holds a message."""
         await self._ready.wait()
 
-    def take(self) -> Group[I, B]:
+    def take(self) -> Group[InfoT, BatchT]:
         """The group gathered so far; gathering starts a new one."""
         group, self._group = self._group, Group()
         self._ready.clear()
