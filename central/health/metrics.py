@@ -11,6 +11,7 @@ working; values now print as floats (`1.0`).
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +24,6 @@ from prometheus_client.registry import Collector
 
 from central import CentralError
 from central.alarms.lifecycle import AckState
-from central.identity.retire import RefusedKind
 from central.storage.program import Program, Rows, Sql
 from protocols.command_results import CommandState
 from protocols.limits import Reason
@@ -54,6 +54,15 @@ def _by(label: str, help_: str, name: str | None = None) -> Counter[str]:
     `{field}_total`."""
     return field(default_factory=Counter,
                  metadata={"kind": "labelled", "label": label, "help": help_, "name": name})
+
+
+class RefusedKind(enum.StrEnum):
+    """What a refused message was: the label of `Metrics.retired_messages`."""
+
+    STATE = "state"
+    BIRTH = "birth"
+    DATA = "data"
+    RADIO = "radio"  # a narrowband frame (alarms, a heartbeat, 叫应 acks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,26 +28,23 @@ the production broker.
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from central import CentralError
 from central.alarms.desk import ack_program, clear_program
+from central.health.metrics import Metrics, RefusedKind
 from central.identity.audit import AuditLog
 from central.storage import Storage, StorageError, UnknownGatewayError
 from central.storage.program import Program, Sql
 from protocols.envelope import Birth
 from protocols.errors import DetailedError
 from runtime import clock
-
-if TYPE_CHECKING:
-    from central.health.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 REFRESH_S = 5.0  # how soon another worker's ingest sees a retire or unretire
@@ -199,15 +196,6 @@ class InfoFromGateway(FromGateway, Protocol):
 
 M = TypeVar("M", bound=InfoFromGateway)
 B = TypeVar("B", bound=FromGateway)
-
-
-class RefusedKind(enum.StrEnum):
-    """What a refused message was: the label of `Metrics.retired_messages`."""
-
-    STATE = "state"
-    BIRTH = "birth"
-    DATA = "data"
-    RADIO = "radio"  # a narrowband frame (alarms, a heartbeat, 叫应 acks)
 
 
 @dataclass(slots=True)
