@@ -137,6 +137,23 @@ async def test_a_write_waits_out_the_store_interval_and_takes_what_came_meanwhil
     assert acked - first_sent >= interval  # the second write waited out the interval
 
 
+async def test_a_full_group_does_not_wait_out_the_store_interval(
+        mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group that reaches `ingest_drain_max` is written at once, not at the end of the
+    interval: with a 60 s interval its acks still come within seconds."""
+    monkeypatch.setattr(subscriber, "STORE_INTERVAL_MIN_S", 60.0)
+    async with running_ingest(mosquitto, tmp_path, ingest_drain_max=3) as (_, _, metrics), \
+            gateway(mosquitto, "gw-1") as gw:
+        await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [1])), qos=1)
+        assert await next_ack(gw) == env.Ack(stream="s1", ranges=((1, 1),))
+        for seq in (2, 3, 4):
+            await gw.publish(topics.up("gw-1", "data"), env.encode(data("gw-1", "s1", [seq])),
+                             qos=1)
+        acks = [await next_ack(gw, timeout=10.0) for _ in range(3)]
+    assert sorted(a.ranges for a in acks) == [((2, 2),), ((3, 3),), ((4, 4),)]
+    assert (metrics.batches, metrics.commits) == (4, 2)
+
+
 class _HeldStorage(SqliteStorage):
     """The real SQLite storage, with one fault injected: the first write waits for `release`
     (a slow disk); every write's seqs are recorded."""

@@ -102,7 +102,8 @@ class Settings(BaseModel):
     offline_after_s: float = Field(default=120.0, gt=0,
                                    description="silence after which a gw is offline")
     ingest_drain_max: int = Field(default=50, ge=1, le=1000,
-                                  description="batches written in one transaction at most")
+                                  description="messages (batches, states, births) written in "
+                                  "one transaction at most")
     # --- alarms (DESIGN.md §7; central.alarms.rules, central.alarms.engine)
     offline_alarm_after_s: float = Field(default=300.0, gt=0, description="silence after which a "
                                          "gateway_offline alarm is raised")

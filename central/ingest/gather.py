@@ -15,6 +15,7 @@ completed loses that message, and two readers could hand two messages over out o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -40,19 +41,17 @@ class Group(Generic[InfoT, BatchT]):
 
 class Gathering(Generic[InfoT, BatchT]):
     """The group being gathered (module doc); `decode` checks one message as
-    `Ingest.decode_group` does."""
+    `Ingest.decode_group` does. While the group is full the receiver reads nothing, so a
+    disconnect then shows when the group is taken (after the current write), as before."""
 
     def __init__(self, decode: Decode[InfoT, BatchT], limit: int) -> None:
         self._decode = decode
         self.limit = limit
         self._group: Group[InfoT, BatchT] = Group()
         self._ready = asyncio.Event()  # the group holds a message
+        self._full = asyncio.Event()  # the group holds `limit` messages
         self._room = asyncio.Event()  # the group holds fewer than `limit`
         self._room.set()
-
-    @property
-    def full(self) -> bool:
-        return self._group.messages >= self.limit
 
     async def receive(self, messages: aiomqtt.MessagesIterator) -> None:
         """Read, decode and gather every message; raises what the iterator raises (the
@@ -68,25 +67,35 @@ class Gathering(Generic[InfoT, BatchT]):
             self._ready.set()
             if group.messages >= self.limit:
                 self._room.clear()
+                self._full.set()
 
     async def ready(self) -> None:
         """Until the group holds a message."""
         await self._ready.wait()
 
+    async def full_or_after(self, seconds: float) -> None:
+        """Until the group is full, or `seconds` have passed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._full.wait()
+
     def take(self) -> Group[InfoT, BatchT]:
         """The group gathered so far; gathering starts a new one."""
         group, self._group = self._group, Group()
         self._ready.clear()
+        self._full.clear()
         self._room.set()
         return group
 
 
 async def until(aw: Awaitable[T], receiver: asyncio.Task[None]) -> T:
-    """`aw`'s result, or what `receiver` raised if it ends first (the session ended)."""
+    """`aw`'s result, or what `receiver` raised if it has ended or ends first (the session
+    ended: nothing more is started on it)."""
     waiting = asyncio.ensure_future(aw)
     try:
-        await asyncio.wait((waiting, receiver), return_when=asyncio.FIRST_COMPLETED)
-        if not waiting.done():
+        if not receiver.done():
+            await asyncio.wait((waiting, receiver), return_when=asyncio.FIRST_COMPLETED)
+        if receiver.done():
             receiver.result()  # raises: the receiver only ends by raising
         return await waiting
     finally:

@@ -230,9 +230,11 @@ class Ingest:
                 if storing is not None:
                     await until(storing, receiver)  # raises what the store raised
                 await until(gathering.ready(), receiver)
-                if not gathering.full and (wait := next_store - loop.time()) > 0:
-                    await until(asyncio.sleep(wait), receiver)
+                if (wait := next_store - loop.time()) > 0:
+                    await until(gathering.full_or_after(wait), receiver)
                 group = gathering.take()
+                if not (group.infos or group.batches):
+                    continue  # only refused messages: nothing to write
                 next_store = loop.time() + STORE_INTERVAL_MIN_S
                 storing = asyncio.create_task(self._store(client, group.infos, group.batches),
                                               name="ingest.store")
@@ -241,10 +243,11 @@ class Ingest:
             # dropped, one being written may commit without its acks; the edge resends what
             # is unacked. Never an ack without its commit: `_store` acks only after.
             receiver.cancel()
-            await asyncio.wait((receiver,))
-            if storing is not None and not storing.done():
+            writing = storing is not None and not storing.done()
+            if storing is not None:
                 storing.cancel()
-                await asyncio.wait((storing,))
+            await asyncio.wait({receiver} | ({storing} if storing is not None else set()))
+            if writing:
                 log.info("ingest_store_stopped", committed_unacked_possible=True)
             if storing is not None and not storing.cancelled():
                 storing.exception()  # already raised above, or secondary to what is raised
