@@ -172,18 +172,15 @@ def held_seqs(runs: Sequence[tuple[int, int]], ranges: Mapping[int, int]) -> Ite
 
 
 def batch_ranges_program(batches: Sequence[DataBatch]) -> Program[HeldRanges]:
-    """`held_ranges_program` for every seq of `batches`, one span per stream: read once for a
-    write before it records its own seqs (SQLite's single writer), not once per batch."""
-    spans: dict[tuple[str, str], tuple[int, int]] = {}
+    """`held_ranges_program` for every seq of `batches`, each batch as its seq span (merged
+    per stream): read once for a write before it records its own seqs (SQLite's single
+    writer), not once per batch."""
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for b in batches:
-        if not b.records:
-            continue
-        seqs = b.columns.seqs if b.columns is not None else [r.seq for r in b.records]
-        lo, hi = min(seqs), max(seqs)
-        if (had := spans.get((b.gw, b.stream))) is not None:
-            lo, hi = min(lo, had[0]), max(hi, had[1])
-        spans[(b.gw, b.stream)] = (lo, hi)
-    return held_ranges_program({k: (v,) for k, v in spans.items()})
+        if b.records:
+            seqs = b.columns.seqs if b.columns is not None else [r.seq for r in b.records]
+            spans.setdefault((b.gw, b.stream), []).append((min(seqs), max(seqs)))
+    return held_ranges_program({k: merge_ranges(v) for k, v in spans.items()})
 
 
 def held_before(before: HeldRanges, gw: str, stream: str,

@@ -104,6 +104,17 @@ def _log_repaired(gws: list[str]) -> None:
                     why="a worker stopped before writing the latest values it owed")
 
 
+def _storage_error(exc: BaseException, what: str) -> StorageError | None:
+    """`exc` as the storage error callers handle; None for any other (raised as it is).
+    Data errors (class 22: out of range, NUL in text, bad json) and what the driver refuses
+    to bind fail the same way again: the caller may isolate the bad record."""
+    if isinstance(exc, (psycopg.DataError, OverflowError, ValueError)):
+        return UnstorableValueError(f"{what}: {exc}")
+    if isinstance(exc, psycopg.Error):
+        return DatabaseWriteError(f"{what}: {exc}")
+    return None
+
+
 def describe_url(url: str) -> str:
     """`user@host:port/dbname` without the password, for logs and errors."""
     try:
@@ -260,13 +271,9 @@ class PostgresStorage(Storage):
                 return await body(conn)
         except BaseException as exc:
             self._point_ids.clear()  # ids made in the rolled-back transaction are gone
-            # Data errors (class 22: out of range, NUL in text, bad json) and what the driver
-            # refuses to bind fail the same way again: the caller may isolate the bad record.
-            if isinstance(exc, (psycopg.DataError, OverflowError, ValueError)):
-                raise UnstorableValueError(f"transaction rolled back: {exc}") from exc
-            if isinstance(exc, psycopg.Error):
-                raise DatabaseWriteError(f"transaction rolled back: {exc}") from exc
-            raise
+            if (err := _storage_error(exc, "transaction rolled back")) is None:
+                raise
+            raise err from exc
 
     # -- points --------------------------------------------------------------------------------
 
@@ -320,7 +327,10 @@ class PostgresStorage(Storage):
             return
         taken = self._pending.take()
         try:
-            prepared = postgres_latest.flush_of(taken)  # before taking the writer
+            try:
+                prepared = postgres_latest.flush_of(taken)  # before taking the writer
+            except (OverflowError, ValueError) as exc:
+                raise UnstorableValueError(f"latest values not encoded: {exc}") from exc
             await self._transaction(lambda c: postgres_latest.flush(c, prepared, self._token))
         except BaseException:
             self._pending.put_back(taken)
