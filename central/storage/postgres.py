@@ -327,14 +327,13 @@ class PostgresStorage(Storage):
             return
         taken = self._pending.take()
         try:
-            try:
-                prepared = postgres_latest.flush_of(taken)  # before taking the writer
-            except (OverflowError, ValueError) as exc:
-                raise UnstorableValueError(f"latest values not encoded: {exc}") from exc
+            prepared = postgres_latest.flush_of(taken)  # encoded before taking the writer
             await self._transaction(lambda c: postgres_latest.flush(c, prepared, self._token))
-        except BaseException:
+        except BaseException as exc:
             self._pending.put_back(taken)
-            raise
+            if (err := _storage_error(exc, "latest values not encoded")) is None:
+                raise  # the transaction's own errors are storage errors already
+            raise err from exc
 
     async def repair_latest(self) -> list[str]:
         """Move forward the latest values a dead worker owed (`postgres_latest`); returns the

@@ -53,7 +53,7 @@ from central.storage.base import WriteResult
 from central.storage.delivery import (
     HeldRanges,
     StreamTally,
-    held_seqs,
+    held_before,
     streams_program,
     tally_rejected,
 )
@@ -221,8 +221,7 @@ async def _probe_held(conn: Conn, staged: _Staged, now: int,
         return held
     cur = await conn.execute(_PROBE, [list(c) for c in zip(*runs, strict=True)])
     found = await cur.fetchall()
-    was_held = [(*k, s) for k, rs in by_key.items() if k in before
-                for s in held_seqs(rs, before[k])]
+    was_held = [(*k, s) for k, rs in by_key.items() for s in held_before(before, *k, rs)]
     if was_held or any(table == "readings" for table, *_ in found):
         for key in list(staged.plain):
             _unplain(staged, key, now)
