@@ -22,14 +22,17 @@ published inside the window; a batch still unacked after the drain counts as inf
         [--interval 5] [--backend sqlite|postgres] [--workers 1] [--procs 1]
 
 Prints one JSON line: gateways, connected, points_per_s, lag_p50_s, lag_p99_s,
-central_cpu_ms_per_batch (central's CPU in the window over the batches acked in it), and the
-limits (file descriptors, connect errors, CPU of each part) that bound the result.
+lag_max_by_slice_s (the longest lag of the batches sent in each 10 s of the window: a
+periodic burst, such as a 30 s flush, shows there), central_cpu_ms_per_batch (central's CPU
+in the window over the batches acked in it), and the limits (file descriptors, connect
+errors, CPU of each part) that bound the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import multiprocessing as mp
 import os
 import random
@@ -54,6 +57,7 @@ from tests.pg import url_with_schema
 
 RW = selectors.EVENT_READ | selectors.EVENT_WRITE
 # central's counters read at the window's start and end
+SLICE_S = 10  # lag_max_by_slice_s: a burst shows where in the window it was
 COUNTERS = ("births_total", "records_duplicate_total", "commits_total", "batches_total")
 
 
@@ -85,6 +89,8 @@ class Plan:
 @dataclass
 class SliceResult:
     lags: list[float] = field(default_factory=list)  # batches first sent in the window
+    # the longest of those lags per `SLICE_S` of the window, by the slice they were sent in
+    slice_max: dict[int, float] = field(default_factory=dict)
     unacked_in_window: int = 0
     points_acked_in_window: int = 0
     batches_acked_in_window: int = 0
@@ -234,6 +240,8 @@ class SelectorFleet:
                     res.batches_acked_in_window += 1
                 if p.window_start <= first_sent < p.window_end:
                     res.lags.append(acked - first_sent)
+                    k = int((first_sent - p.window_start) // SLICE_S)
+                    res.slice_max[k] = max(res.slice_max.get(k, 0.0), acked - first_sent)
             res.unacked_in_window += sum(1 for fl in g.inflight.values()
                                          if p.window_start <= fl.first_sent < p.window_end)
         for g in self.gws:
@@ -431,6 +439,8 @@ def main() -> None:
          if s1["commits_total"] > s0["commits_total"] else None,
          lag_p50_s=percentile(lags, 0.50), lag_p99_s=percentile(lags, 0.99),
          lag_max_s=percentile(lags, 1.0), batches_in_window=len(lags),
+         lag_max_by_slice_s=[round(max(r.slice_max.get(k, 0.0) for r in results), 3)
+                             for k in range(math.ceil(args.seconds / SLICE_S))],
          unacked_after_drain=sum(r.unacked_in_window for r in results),
          resends=sum(r.resends for r in results),
          disconnects=sum(r.disconnects for r in results),
