@@ -3,6 +3,7 @@ aggregates must equal a recomputation from the raw rows whatever the arrival ord
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
@@ -139,6 +140,34 @@ async def test_purge_removes_only_what_retention_no_longer_keeps(storage: Storag
     assert again.deleted == {"readings": 0, "agg_1m": 0}
 
 
+async def test_purge_deletes_only_at_the_points_that_hold_old_rows(storage: Storage) -> None:
+    """A purge looks for the points holding rows past retention in a few statements and runs
+    its deleting transactions only at those: not one per point of a city's fleet."""
+    from central.storage.aggregates import PURGE_SCAN_POINTS, purge_chunk_program
+
+    await storage.write_batches([batch([tel(1, POINTS[0], 1.0, NOW - 40 * DAY)]
+                                       + [tel(k + 2, POINTS[k], 1.0, NOW) for k in range(3)])])
+    await storage.run(lambda: select(f"INSERT INTO points (id, gw, device, point) VALUES"
+                                     f" ({PURGE_SCAN_POINTS * 2 + 5}, 'gw-1', 'd7', 'p')"
+                                     f" RETURNING id"))  # a second and a third scan
+    await storage.write_batches([batch([tel(9, "d7/p", 1.0, NOW - 41 * DAY)])])
+    (old,), (far,) = await storage.run(lambda: select(
+        "SELECT point_id FROM readings WHERE ts_ms < 0 + " + str(NOW - 30 * DAY)
+        + " ORDER BY point_id"), write=False)
+    at: list[int | None] = []
+    run = storage.run
+
+    async def watched(program: Any, *, write: bool = True) -> Any:
+        if getattr(program, "func", None) is purge_chunk_program:
+            at.append(program.args[2])
+        return await run(program, write=write)
+
+    storage.run = watched  # type: ignore[method-assign]
+    result = await storage.purge(RetentionPolicy(raw_days=30, minute_days=0, hour_days=0), NOW)
+    assert result.deleted == {"readings": 2}
+    assert at == [None, old, far]
+
+
 def test_auto_resolution_by_span() -> None:
     """auto: raw up to 6 h, 1m up to 7 days, 1h beyond."""
     assert choose_resolution(0, 6 * HOUR_MS) == "raw"
@@ -215,6 +244,65 @@ async def test_history_upkeep_applies_settings_and_counts(tmp_path: Path) -> Non
     assert "fieldlink_central_samples_aggregated_total 2.0" in text
 
 
+async def test_a_flush_folds_what_was_pending_when_it_began(storage: Storage) -> None:
+    """A flush folds the sample sets pending when it starts and leaves those written while it
+    runs for the next one: chasing them, it folded each block again every commit or two."""
+    loop = asyncio.get_running_loop()
+    began = asyncio.Event()
+    flush = storage._flush_program
+
+    def first_step(upto: int) -> Program[int]:  # runs on the database's thread
+        loop.call_soon_threadsafe(began.set)
+        return flush(upto)
+
+    storage._flush_program = first_step  # type: ignore[method-assign]
+    seq = 0
+
+    async def write(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):  # one write transaction, one pending set, per batch
+            seq += 1
+            await storage.write_batches([batch([tel(seq, POINTS[0], 1.0, NOW - seq * 1000)])])
+
+    await write(3)
+    running = asyncio.create_task(storage.flush_aggregates())
+    await began.wait()
+    await write(5)
+    assert await running == 3
+    assert await storage.flush_aggregates() == 5
+    assert (await aggregates(storage, "agg_1h"))[0][2] == 8
+
+
+async def test_a_spread_flush_paces_its_transactions_by_the_samples_folded(
+        tmp_path: Path) -> None:
+    """With `spread_s` a flush starts each transaction when the share of the pending samples
+    folded so far is due, so an interval's samples do not hold the database in one burst;
+    after the last one it does not wait."""
+    from central.storage.aggregates import PART_BITS
+
+    async with open_storage(f"sqlite:///{tmp_path}/c.db") as st:
+        names = [f"d{b}/p" for b in range(3)]  # one point in each of three blocks
+        await st.run(lambda: select("INSERT INTO points (id, gw, device, point) VALUES "
+                                    + ", ".join(f"({b << PART_BITS | 1}, 'gw-1', 'd{b}', 'p')"
+                                                for b in range(3)) + " RETURNING id"))
+        await st.write_batches([batch([tel(b * 10 + i + 1, names[b], 1.0, NOW - i * 1000)
+                                       for b in range(3) for i in range(10)])])
+        starts: list[float] = []
+        flush = st._flush_program
+
+        def timed(upto: int) -> Program[int]:
+            starts.append(time.monotonic())
+            return flush(upto)
+
+        st._flush_program = timed  # type: ignore[method-assign]
+        began = time.monotonic()
+        assert await st.flush_aggregates(spread_s=0.6) == 30
+        at = [t - began for t in starts]
+        assert len(at) == 4  # three blocks, then the call that finds nothing
+        assert at[1] >= 0.2 and at[2] >= 0.4  # a third of 0.6 s per third of the samples
+        assert at[3] - at[2] < 0.2  # nothing to wait for after the last
+
+
 async def test_sqlite_flush_takes_a_bounded_number_of_samples_per_transaction(
         tmp_path: Path) -> None:
     """The SQLite flush folds pending sets up to its sample bound per transaction (at least
@@ -228,7 +316,7 @@ async def test_sqlite_flush_takes_a_bounded_number_of_samples_per_transaction(
                                                NOW - HOUR_MS + (g * 10 + i) * 1000)
                                            for i in range(10)])])
         folded = []
-        while n := await st.run(lambda: flush_program(max_samples=15)):
+        while n := await st.run(lambda: flush_program(1 << 62, max_samples=15)):
             folded.append(n)
         assert folded == [10, 10, 10]
         ((count,),) = await st.run(lambda: select("SELECT sum(count) FROM agg_1m"))
@@ -275,4 +363,34 @@ async def test_sqlite_flush_folds_one_block_of_points_over_every_write(tmp_path:
 def flush_program_default() -> Program[int]:
     from central.storage.aggregates import flush_program
 
-    return flush_program()
+    return flush_program(1 << 62)
+
+
+async def test_pending_samples_survive_the_migration_to_ids_never_reused(
+        tmp_path: Path) -> None:
+    """A database from before `m009` keeps its pending samples, ids and blocks through the
+    migration and folds them; after it, deleting the newest pending rows frees no id."""
+    import sqlite3
+
+    from central.storage.aggregates import AggSamples
+    from central.storage.sqlite_schema import MIGRATIONS, m009_pending_ids_never_reused
+
+    path = tmp_path / "c.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for version, fn in enumerate(MIGRATIONS[:MIGRATIONS.index(m009_pending_ids_never_reused)],
+                                 start=1):
+        fn(conn)
+        conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    conn.execute("INSERT INTO points (id, gw, device, point) VALUES (7, 'gw-1', 'd1', 'gas')")
+    old = AggSamples()
+    old.extend([7, 7], [NOW - 2000, NOW - 1000], [1.0, 3.0])
+    conn.execute("INSERT INTO agg_pending (id, samples, n, created_ms, part) VALUES"
+                 " (41, ?, 2, 0, 0)", (old.pack(),))
+    conn.close()
+    async with open_storage(f"sqlite:///{path}") as st:
+        assert await st.run(lambda: select("SELECT id, n, part FROM agg_pending")) == [(41, 2, 0)]
+        assert await st.flush_aggregates() == 2
+        assert (await aggregates(st, "agg_1m"))[0][2:6] == (2, 1.0, 3.0, 4.0)
+        await st.write_batches([batch([tel(1, POINTS[0], 5.0, NOW)])])
+        assert await st.run(lambda: select("SELECT id FROM agg_pending")) == [(42,)]

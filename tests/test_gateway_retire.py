@@ -147,11 +147,12 @@ async def _database_before_retiring(url: str) -> None:
     if url.startswith("sqlite:"):
         import sqlite3
 
-        from central.storage.sqlite_schema import MIGRATIONS
+        from central.storage.sqlite_schema import MIGRATIONS, m008_retired_gateways
 
         conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        for version, fn in enumerate(MIGRATIONS[:-1], start=1):
+        before = MIGRATIONS[:MIGRATIONS.index(m008_retired_gateways)]
+        for version, fn in enumerate(before, start=1):
             fn(conn)
             conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
         conn.execute(f"INSERT INTO gateways (gw, stream) VALUES ('{OLD}', 's1')")

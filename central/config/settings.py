@@ -130,9 +130,10 @@ class Settings(BaseModel):
     retention_interval_s: float = Field(default=3600.0, gt=0, description="period of the purge")
     retention_chunk_rows: int = Field(default=5000, ge=1,
                                       description="rows deleted per transaction")
-    agg_flush_interval_s: float = Field(default=30.0, gt=0, description="period of folding new "
-                                        "samples into the aggregates: longer folds more samples "
-                                        "per bucket write (reads fold first anyway)")
+    agg_flush_interval_s: float = Field(default=30.0, gt=0, description="pause between folds of "
+                                        "new samples into the aggregates, each fold spread over "
+                                        "0.9 of it: longer folds more samples per bucket write "
+                                        "(reads fold first anyway)")
     # --- end history
     # --- narrowband (DESIGN.md §5; central.narrowband.receiver): central's own BeiDou terminal
     # or PDT radio (one per central process)

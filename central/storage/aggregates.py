@@ -19,6 +19,10 @@ bench/ingest.py: -37 % SQLite, -46 % PostgreSQL ingest rate); folded over a flus
 ~2 us, PostgreSQL ~8 us each): it falls with the samples a bucket gets per flush. Readers
 flush first unless a flush ran in the last few seconds (`Storage.buckets`), so a series misses
 at most those seconds; the flush task (`central.storage.history`) keeps the pending set small.
+A flush folds the rows pending when it starts (`pending_top_program`), not those the ingest
+adds while it runs: chasing them, it folded each block again every commit or two, a few
+samples per bucket (bench/fleet.py at 5,000 gateways: 1,927 flush transactions and 21 s of
+central's CPU in one run; they wait for the next interval).
 
 On SQLite a write stores one pending row per block of point ids (`part`, `PART_BITS`) and a
 flush folds one block at a time, all its rows since the last flush: with thousands of
@@ -206,20 +210,31 @@ def values_upsert(table: str, rows: list[tuple[Any, ...]], chunk: int = 400) -> 
                   tuple(chain.from_iterable(part)))
 
 
-def flush_program(max_pending: int = 5_000, max_samples: int = 20_000) -> Program[int]:
-    """Fold the pending rows of the block of points with the oldest row, up to `max_pending`
-    rows and no more than `max_samples` samples (but at least one row), into the aggregate
-    tables and delete them, in one transaction; returns the number of samples folded (0:
-    nothing pending). SQLite; PostgreSQL runs `pg_flush_program` (the same, server-side).
-    The sample bound keeps each transaction short (~3 us a sample): the flush shares central's
-    one database thread with the ingest writes, and after a backlog drain a 50-set flush held
-    it for seconds, which the gateways saw as ack round trips over their pacing target."""
-    oldest = yield Sql("SELECT part FROM agg_pending ORDER BY id LIMIT 1")
+def pending_top_program() -> Program[tuple[int, int]]:
+    """The newest pending row's id (0: none), which `Storage.flush_aggregates` folds up to,
+    and the samples pending."""
+    rows = yield Sql("SELECT max(id), sum(n) FROM agg_pending")
+    top, samples = rows[0]
+    return top or 0, samples or 0
+
+
+def flush_program(upto: int, max_pending: int = 5_000,
+                  max_samples: int = 20_000) -> Program[int]:
+    """Fold the pending rows (ids up to `upto`) of the block of points with the oldest row,
+    up to `max_pending` rows and no more than `max_samples` samples (but at least one row),
+    into the aggregate tables and delete them, in one transaction; returns the number of
+    samples folded (0: nothing pending). SQLite; PostgreSQL runs `pg_flush_program` (the same,
+    server-side). The sample bound keeps each transaction short (~3 us a sample): the flush
+    shares central's one database thread with the ingest writes, and after a backlog drain a
+    50-set flush held it for seconds, which the gateways saw as ack round trips over their
+    pacing target."""
+    oldest = yield Sql("SELECT part FROM agg_pending WHERE id <= ? ORDER BY id LIMIT 1",
+                       (upto,))
     if not oldest:
         return 0
     part = oldest[0][0]
-    sizes = yield Sql("SELECT id, n FROM agg_pending WHERE part = ? ORDER BY id LIMIT ?",
-                      (part, max_pending))
+    sizes = yield Sql("SELECT id, n FROM agg_pending WHERE part = ? AND id <= ? ORDER BY id"
+                      " LIMIT ?", (part, upto, max_pending))
     last = sizes[0][0]
     total = 0
     for pending_id, n in sizes:
@@ -253,7 +268,7 @@ def _pg_merge(table: str, source: str) -> str:
 # in Python, and no transfer. The same tie rule as `AggFold`: the larger value at the last time.
 PG_FLUSH = (
     "WITH taken AS (DELETE FROM agg_pending WHERE id IN (SELECT id FROM agg_pending"
-    " ORDER BY id LIMIT ? FOR UPDATE) RETURNING n, pids, tss, vals),"
+    " WHERE id <= ? ORDER BY id LIMIT ? FOR UPDATE) RETURNING n, pids, tss, vals),"
     " s AS (SELECT u.pid, u.ts, u.v FROM taken, unnest(taken.pids, taken.tss, taken.vals)"
     " AS u(pid, ts, v)),"
     f" m AS (SELECT pid, ts - mod(ts, {MINUTE_MS}) AS bucket, count(*) AS n, min(v) AS lo,"
@@ -267,8 +282,8 @@ PG_FLUSH = (
     " SELECT CAST(coalesce(sum(n), 0) AS BIGINT) FROM taken")
 
 
-def pg_flush_program(max_pending: int = 50) -> Program[int]:
-    rows = yield Sql(PG_FLUSH, (max_pending,))
+def pg_flush_program(upto: int, max_pending: int = 50) -> Program[int]:
+    rows = yield Sql(PG_FLUSH, (upto, max_pending))
     return int(rows[0][0])
 
 
@@ -366,7 +381,21 @@ def purge_chunk_program(table: str, col: str, pid: int | None, before_ms: int,
     return len(rows)
 
 
-def point_ids_program() -> Program[list[int | None]]:
-    rows = yield Sql("SELECT id FROM points ORDER BY id")
-    return [None, *(r[0] for r in rows)]
+PURGE_SCAN_POINTS = 4096  # point ids one `purge_points_program` looks at
 
+
+def points_top_program() -> Program[int]:
+    rows = yield Sql("SELECT max(id) FROM points")
+    return rows[0][0] or 0
+
+
+def purge_points_program(table: str, col: str, before_ms: int, after_id: int,
+                         span: int = PURGE_SCAN_POINTS) -> Program[list[int]]:
+    """The points with an id in (after_id, after_id + span] that hold rows of `table` older
+    than `before_ms`: one index probe each, so a purge with nothing to delete costs a few
+    statements, not a transaction per point (100,000 points: ~10 s of central's one
+    SQLite thread every purge interval, which the gateways saw as ack lag)."""
+    rows = yield Sql(f"SELECT id FROM points WHERE id > ? AND id <= ? AND EXISTS (SELECT 1"
+                     f" FROM {table} WHERE point_id = points.id AND {col} < ?) ORDER BY id",
+                     (after_id, after_id + span, before_ms))
+    return [r[0] for r in rows]

@@ -12,6 +12,7 @@ the package: the package's `open_storage` imports them.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,16 @@ from typing import Any, Self, TypeVar
 
 from central.alarms.lifecycle import AlarmPolicy
 from central.storage.aggregates import (
+    PURGE_SCAN_POINTS,
     Bucket,
     RetentionPolicy,
     buckets_program,
     flush_program,
+    pending_top_program,
     point_id_program,
-    point_ids_program,
+    points_top_program,
     purge_chunk_program,
+    purge_points_program,
 )
 from central.storage.delivery import (
     DeliverySummary,
@@ -286,7 +290,7 @@ class Storage(OpenClose):
     alarm_policy: AlarmPolicy
     time_policy: TimePolicy
     # The aggregate flush (PostgreSQL: `pg_flush_program`, server-side).
-    _flush_program: Callable[[], Program[int]] = staticmethod(flush_program)
+    _flush_program: Callable[[int], Program[int]] = staticmethod(flush_program)
     # A read of aggregates first flushes what is pending, unless a flush ran this recently:
     # a dashboard polling every few seconds must not force a bucket write per sample.
     read_flush_age_s: float = 5.0
@@ -421,35 +425,51 @@ class Storage(OpenClose):
         return await self.run(lambda: buckets_program(pid, resolution, from_ms, to_ms, limit),
                               write=False)
 
-    async def flush_aggregates(self) -> int:
-        """Fold every pending sample set into the aggregate tables (one transaction per
-        `flush_program` call); returns the number of samples folded."""
+    async def flush_aggregates(self, *, spread_s: float = 0.0) -> int:
+        """Fold every sample set pending now into the aggregate tables (one transaction per
+        `flush_program` call); returns the number of samples folded. With `spread_s` the
+        transactions are paced over about that many seconds, in step with the samples they
+        fold: a whole interval's samples folded at once held the one database thread (and
+        the GIL) for seconds, which every gateway saw as ack lag."""
+        top, pending = await self.run(pending_top_program, write=False)
         total = 0
-        while n := await self.run(self._flush_program):
+        started = time.monotonic()
+        while top and (n := await self.run(partial(self._flush_program, top))):
             total += n
+            if spread_s > 0 and total < pending:
+                await asyncio.sleep(started + spread_s * total / pending - time.monotonic())
         self._flushed_at = time.monotonic()
         return total
 
-    async def purge(self, policy: RetentionPolicy, now_ms: int) -> PurgeResult:
-        """Delete raw readings and aggregates older than `policy` keeps them, point by point,
-        at most `policy.chunk_rows` rows per transaction."""
+    async def purge(self, policy: RetentionPolicy, now_ms: int, *,
+                    spread_s: float = 0.0) -> PurgeResult:
+        """Delete raw readings and aggregates older than `policy` keeps them, point by point
+        (only the points that hold such rows: `purge_points_program`), at most
+        `policy.chunk_rows` rows per transaction; first the pending samples are folded (over
+        `spread_s`, as `flush_aggregates`), so that the buckets they make are purged too."""
         deleted: dict[str, int] = {}
         cutoffs = policy.cutoffs(now_ms)
         if not cutoffs:
             return PurgeResult(deleted)
-        await self.flush_aggregates()  # so the buckets pending samples make are purged too
-        pids = await self.run(point_ids_program, write=False)
+        await self.flush_aggregates(spread_s=spread_s)
+        top = await self.run(points_top_program, write=False)
         for table, col, before in cutoffs:
-            total = 0
-            for pid in pids:
-                while True:
-                    n = await self.run(partial(purge_chunk_program, table, col, pid, before,
-                                               policy.chunk_rows))
-                    total += n
-                    if n < policy.chunk_rows:
-                        break
+            total = await self._purge_point(table, col, None, before, policy.chunk_rows)
+            for after in range(0, top, PURGE_SCAN_POINTS):
+                for pid in await self.run(partial(purge_points_program, table, col, before,
+                                                  after), write=False):
+                    total += await self._purge_point(table, col, pid, before, policy.chunk_rows)
             deleted[table] = total
         return PurgeResult(deleted)
+
+    async def _purge_point(self, table: str, col: str, pid: int | None, before: int,
+                           chunk: int) -> int:
+        total = 0
+        while True:
+            n = await self.run(partial(purge_chunk_program, table, col, pid, before, chunk))
+            total += n
+            if n < chunk:
+                return total
 
 
 def _heartbeat_program(gw: str, bearer: str, backlog: int, ts_ms: int,

@@ -124,6 +124,22 @@ def m008_retired_gateways(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
 
 
+@migration
+def m009_pending_ids_never_reused(conn: sqlite3.Connection) -> None:
+    """`agg_pending` ids with AUTOINCREMENT: a flush folds the rows up to the newest id when
+    it began (`central.storage.aggregates`), and a plain rowid is reused once the rows
+    holding the highest ids are deleted, so a row written during a flush could get an id
+    under that bound."""
+    conn.execute("""CREATE TABLE agg_pending_new (id INTEGER PRIMARY KEY AUTOINCREMENT,
+        samples BLOB NOT NULL, n INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+        part INTEGER NOT NULL DEFAULT 0)""")
+    conn.execute("INSERT INTO agg_pending_new (id, samples, n, created_ms, part)"
+                 " SELECT id, samples, n, created_ms, part FROM agg_pending ORDER BY id")
+    conn.execute("DROP TABLE agg_pending")
+    conn.execute("ALTER TABLE agg_pending_new RENAME TO agg_pending")
+    conn.execute("CREATE INDEX agg_pending_part ON agg_pending (part, id)")
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply every registered migration not yet applied, each in its own transaction."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
