@@ -3,10 +3,11 @@ central workers sharing one database.
 
 Three connections: a writer (ingest, state, birth), a reader (the API), so reads never queue
 behind a large ingest transaction, and one for the flush of the latest values held back
-(`postgres_latest`, opened at the first flush): on the writer a flush (~20 ms, twice a second)
-held back the next batch write, which waited for it (`bench/ingest.py --backend postgres`,
-central rounds alternated with and without: median 158k and 148k points/s before, 172k and
-166k after). Each is used by one task at a time and reopened after the server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
+(`postgres_latest`, opened at the first flush): on the writer a flush (15-30 ms, twice a
+second) held the next batch write back for as long, about 5 % of the writer's time in
+`bench/ingest.py --backend postgres`. (On a 2-core machine the bench's rate moved little,
+median 148k to 151k points/s over 25 and 35 alternated rounds: the flush's server work still
+shares the cores.) Each is used by one task at a time and reopened after the server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
 `COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
 not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
