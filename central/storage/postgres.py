@@ -7,9 +7,10 @@ behind a large ingest transaction, and one for the flush of the latest values he
 second) held the next batch write back for as long, about 5 % of the writer's time in
 `bench/ingest.py --backend postgres`. (On a 2-core machine the bench's rate moved little,
 median 148k to 151k points/s over 25 and 35 alternated rounds: the flush's server work still
-shares the cores.) Each is used by one task at a time and reopened after the server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
-`COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
-not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
+shares the cores.) Each is used by one task at a time and reopened after the server drops it.
+A batch write locks its streams' rows, asks which keys are held, and binary `COPY`s the new
+rows straight into `readings` and `events` (`postgres_write`, which says why not
+`INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
