@@ -13,17 +13,27 @@ seqs it sent, and central's `readings` hold exactly the points sent.
 The raw limit is the same rows written plainly into a table shaped like central's `readings`
 (the same key, the same `(point_id, ts_ms)` index) on the same machine in the same run, with
 the same durability and the same group commit: as many batches per transaction as central
-committed on average in this run (its `batches_total / commits_total`). SQLite: multi-row
-inserts, `ON CONFLICT DO NOTHING`; with `--backend postgres` central writes to a fresh schema
-on `--pg-url` (dropped after), and the raw limit is a plain binary `COPY` per group
-(`synchronous_commit = on`, as central; the gateways' batches interleaved as they arrive), the
-median of five runs.
+committed on average in the round before it (its `batches_total / commits_total`). SQLite:
+multi-row inserts, `ON CONFLICT DO NOTHING`; with `--backend postgres` central writes to a
+fresh schema on `--pg-url` (dropped after), and the raw limit is a plain binary `COPY` per
+group (`synchronous_commit = on`, as central; the gateways' batches interleaved as they
+arrive).
 
-    python bench/ingest.py [--points 200000] [--gateways 8] [--batch 500]
+Rounds against drift: the machine's rate moves by ±20 % from one minute to the next (another
+tenant, the page cache, a checkpoint), and a central run and a raw run a minute apart then
+compare two machines. So the bench alternates them, `--rounds` times: central, raw, central,
+raw, ...; each central round starts afresh (its own broker, central process, database file or
+schema), each raw round writes a fresh table in the grouping of the central round just before
+it. Every round is printed (`central_runs_points_per_s`, `raw_runs_points_per_s` in run order,
+`round_ratios`: each central round over the raw round after it), and
+`ratio = median(central rounds) / median(raw rounds)`: `points_per_s` and `raw_points_per_s`
+are those medians. Every central round checks its acks and row counts before anything prints.
+
+    python bench/ingest.py [--points 200000] [--gateways 8] [--batch 500] [--rounds 5]
     python bench/ingest.py --backend postgres [--pg-url postgresql://postgres@127.0.0.1/test]
     python bench/ingest.py --no-births  # central meets each point first in a data batch
 
-Prints one JSON line: points_per_s, raw_points_per_s, ratio, batches_per_commit, ...
+Prints one JSON line: points_per_s, raw_points_per_s, ratio, batches_per_commit, the rounds, ...
 """
 
 from __future__ import annotations
@@ -31,12 +41,14 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
+import statistics
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo on sys.path)
@@ -196,9 +208,6 @@ def pg_schema(url: str) -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-_RAW_COPY_RUNS = 5
-
-
 def checkpoint(url: str) -> None:
     """Start a timed run from a fresh checkpoint, central's and each raw one alike: else a
     checkpoint the server starts by itself (every max_wal_size of WAL, as one run after
@@ -208,14 +217,12 @@ def checkpoint(url: str) -> None:
         con.execute("CHECKPOINT")
 
 
-def raw_copy_rate(url: str, batches: list[env.DataBatch], per_commit: int) -> list[float]:
-    """Plain binary COPY of the same rows into a readings-shaped table (the same key and
+def raw_copy_rate(url: str, batches: list[env.DataBatch], per_commit: int) -> float:
+    """Plain binary COPY of the same rows into a fresh readings-shaped table (the same key and
     index), `per_commit` batches per transaction, the gateways' batches interleaved as central
-    receives them. Five runs, each into a fresh table, sorted: a run lasts a second or two,
-    so one run alone is at the mercy of whatever else the machine does in that second."""
+    receives them."""
     arrival = sorted(batches, key=lambda b: b.records[0].seq)  # stable: round-robin by gateway
-    return sorted(_raw_copy_run(url, _groups(_pg_rows(arrival), per_commit))
-                  for _ in range(_RAW_COPY_RUNS))
+    return _raw_copy_run(url, _groups(_pg_rows(arrival), per_commit))
 
 
 def _raw_copy_run(url: str, groups: list[list[tuple]]) -> float:
@@ -241,6 +248,59 @@ def _raw_copy_run(url: str, groups: list[list[tuple]]) -> float:
     return total / elapsed
 
 
+@dataclass(frozen=True)
+class CentralRound:
+    rate: float  # points per second, first publish to last ack
+    batches_per_commit: float
+    stored: int
+
+
+def central_round(args: argparse.Namespace, plans: dict[str, list[env.DataBatch]],
+                  work: Path) -> CentralRound:
+    """One timed run of a fresh central (its own broker, process and database file or
+    schema) over every gateway's batches; checks the acks and the stored rows."""
+    total = sum(len(b.records) for bs in plans.values() for b in bs)
+    postgres = args.backend == "postgres"
+    work.mkdir()
+    with ExitStack() as stack:
+        db_url = stack.enter_context(pg_schema(args.pg_url)) if postgres else None
+        broker = Mosquitto(work)
+        broker.start()
+        stack.callback(broker.stop)
+        central = Central(work, broker.port, db_url=db_url)
+        central.start()
+        stack.callback(central.stop)
+        gws = [Gateway(gw, broker.port, [env.encode(b, version=args.envelope) for b in bs],
+                       args.window)
+               for gw, bs in plans.items()]
+        wait_for(lambda: all(g.client.is_connected() for g in gws), timeout=10, what="gateways")
+        time.sleep(1.0)  # let central subscribe
+        if args.births:
+            for g in gws:
+                g.announce(make_birth(g.gw, plans[g.gw][0].stream))
+            wait_for(lambda: central_counters(central, _COUNTERS).get("births_total", 0) >= len(gws),
+                     timeout=30, what="births stored")
+        if postgres:
+            checkpoint(args.pg_url)
+        start = time.perf_counter()
+        threads = [threading.Thread(target=g.publish_all) for g in gws]
+        for t in threads:
+            t.start()
+        for g in gws:
+            if not g.done.wait(timeout=600):
+                raise SystemExit(f"{g.gw}: only {g.acked}/{len(g.batches)} batches acked")
+        elapsed = time.perf_counter() - start
+        for g in gws:
+            g.close()
+        check_acks(gws, plans)
+        stored = stored_rows(central, db_url)
+        if stored != total:
+            raise SystemExit(f"central holds {stored} readings, {total} were sent")
+        counters = central_counters(central, _COUNTERS)
+    return CentralRound(total / elapsed, counters["batches_total"] / counters["commits_total"],
+                        stored)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=200_000)
@@ -248,6 +308,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--window", type=int, default=MqttConfig().max_inflight,
                     help="batches in flight per gateway (default: the agent's max_inflight)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="central rounds, each followed by a raw round (module doc)")
     ap.add_argument("--synchronous", default="FULL", help="raw run's PRAGMA synchronous (central's setting)")
     ap.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--no-births", dest="births", action="store_false",
@@ -258,6 +320,8 @@ def main() -> None:
                                                        "postgresql://postgres@127.0.0.1:5432/test"),
                     help="PostgreSQL for --backend postgres (fresh schemas, dropped after)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     per_gw = max(1, args.points // args.gateways // args.batch)
     t0_ms = int(time.time() * 1000)
@@ -265,59 +329,32 @@ def main() -> None:
                                              args.batch, t0_ms) for k in range(per_gw)]
              for i in range(args.gateways)}
     total = sum(len(b.records) for bs in plans.values() for b in bs)
+    every = [b for bs in plans.values() for b in bs]
 
     postgres = args.backend == "postgres"
-    with tempfile.TemporaryDirectory(prefix="fieldlink-bench-") as tmp, ExitStack() as stack:
+    rounds: list[CentralRound] = []
+    raws: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="fieldlink-bench-") as tmp:
         work = Path(tmp)
-        db_url = stack.enter_context(pg_schema(args.pg_url)) if postgres else None
-        broker = Mosquitto(work)
-        broker.start()
-        central = Central(work, broker.port, db_url=db_url)
-        central.start()
-        try:
-            gws = [Gateway(gw, broker.port, [env.encode(b, version=args.envelope) for b in bs],
-                           args.window)
-                   for gw, bs in plans.items()]
-            wait_for(lambda: all(g.client.is_connected() for g in gws), timeout=10, what="gateways")
-            time.sleep(1.0)  # let central subscribe
-            if args.births:
-                for g in gws:
-                    g.announce(make_birth(g.gw, plans[g.gw][0].stream))
-                wait_for(lambda: central_counters(central, _COUNTERS).get("births_total", 0) >= len(gws),
-                         timeout=30, what="births stored")
-            if postgres:
-                checkpoint(args.pg_url)
-            start = time.perf_counter()
-            threads = [threading.Thread(target=g.publish_all) for g in gws]
-            for t in threads:
-                t.start()
-            for g in gws:
-                if not g.done.wait(timeout=600):
-                    raise SystemExit(f"{g.gw}: only {g.acked}/{len(g.batches)} batches acked")
-            elapsed = time.perf_counter() - start
-            for g in gws:
-                g.close()
-            check_acks(gws, plans)
-            stored = stored_rows(central, db_url)
-            if stored != total:
-                raise SystemExit(f"central holds {stored} readings, {total} were sent")
-            counters = central_counters(central, _COUNTERS)
-            per_commit = max(1, round(counters["batches_total"] / counters["commits_total"]))
-        finally:
-            central.stop()
-            broker.stop()
-        every = [b for bs in plans.values() for b in bs]
-        raw_runs = (raw_copy_rate(args.pg_url, every, per_commit) if postgres
-                    else [raw_insert_rate(work / "raw.db", every, args.synchronous, per_commit)])
-        raw = raw_runs[len(raw_runs) // 2]
+        for n in range(args.rounds):
+            rounds.append(central_round(args, plans, work / f"central{n}"))
+            per_commit = max(1, round(rounds[-1].batches_per_commit))
+            raws.append(raw_copy_rate(args.pg_url, every, per_commit) if postgres
+                        else raw_insert_rate(work / f"raw{n}.db", every, args.synchronous,
+                                             per_commit))
 
-    rate = total / elapsed
+    rate = statistics.median(r.rate for r in rounds)
+    raw = statistics.median(raws)
     emit(bench="ingest", backend=args.backend, points=total, batch=args.batch,
          gateways=args.gateways, births=args.births, points_per_s=round(rate), raw_points_per_s=round(raw),
-         ratio=round(rate / raw, 3), envelope=args.envelope, stored=stored, acks_checked=True,
-         batches_per_commit=round(counters["batches_total"] / counters["commits_total"], 1),
+         ratio=round(rate / raw, 3), envelope=args.envelope, stored=rounds[-1].stored, acks_checked=True,
+         batches_per_commit=round(statistics.median(r.batches_per_commit for r in rounds), 1),
          raw_synchronous="synchronous_commit=on" if postgres else args.synchronous,
-         **({"raw_runs_points_per_s": [round(r) for r in raw_runs]} if postgres else {}))
+         rounds=args.rounds, order="central,raw alternating",
+         central_runs_points_per_s=[round(r.rate) for r in rounds],
+         raw_runs_points_per_s=[round(r) for r in raws],
+         round_ratios=[round(r.rate / w, 3) for r, w in zip(rounds, raws, strict=True)],
+         batches_per_commit_runs=[round(r.batches_per_commit, 1) for r in rounds])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ repaired from their readings by the next worker to open the database."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 
-from central.storage import Storage, open_storage, postgres_latest
+from central.storage import Storage, open_storage, postgres_latest, postgres_write
 from central.storage.postgres import PostgresStorage
 from central.storage.postgres_latest import PendingLatest
 from protocols.envelope import Birth, DataBatch, DeviceInfo, PointInfo, Record, RecordKind
@@ -134,6 +135,63 @@ async def test_a_flush_that_fails_keeps_the_values_for_the_next(
         await a.settle_latest()
         assert latest_table(pg_url, "gw-1") == {"d/p1": 1.0, "d/p2": 2.0, "d/p3": 58.0, "d/p4": 4.0,
                                         "d/p0": 5.0}
+        assert owed(pg_url) == set()
+
+
+async def test_a_flush_does_not_hold_the_writer(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush runs on a connection of its own: the next batch write commits while a flush
+    is stopped inside its transaction, and the flush then writes what it took."""
+    async with open_storage(pg_url, latest_interval_s=30) as a:
+        assert isinstance(a, PostgresStorage)
+        await a.write_batches([batch("gw-1", 1, 0.0)], now_ms=NOW)
+        real, inside, go_on = postgres_latest.flush, asyncio.Event(), asyncio.Event()
+
+        async def stopped(conn: Any, prepared: postgres_latest.Flush, token: int) -> None:
+            inside.set()
+            await go_on.wait()
+            await real(conn, prepared, token)
+
+        monkeypatch.setattr(postgres_latest, "flush", stopped)
+        flushing = asyncio.create_task(a.settle_latest())
+        await asyncio.wait_for(inside.wait(), 10)
+        await asyncio.wait_for(a.write_batches([batch("gw-1", 6, 100.0)], now_ms=NOW + 1), 10)
+        go_on.set()
+        await flushing
+        assert latest_table(pg_url, "gw-1") == {KEYS[s % 5]: float(s) for s in range(1, 6)}
+        assert owed(pg_url) == {("gw-1", a._token)}  # the second write's values: still owed
+
+
+async def test_a_write_committed_while_a_flush_waits_stays_owed(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that waits for a write holding its gateway's row discharges only what it took:
+    the write, committed meanwhile, stays owed and its values pending, and the next flush
+    writes them."""
+    async with open_storage(pg_url, latest_interval_s=30) as a:
+        assert isinstance(a, PostgresStorage)
+        await a.write_batches([batch("gw-1", 1, 0.0)], now_ms=NOW)
+        real, tail_done, go_on = postgres_write._write_tail, asyncio.Event(), asyncio.Event()
+
+        async def paused(*args: Any, **kwargs: Any) -> Any:
+            latest = await real(*args, **kwargs)  # the gateway's row is locked now
+            tail_done.set()
+            await go_on.wait()
+            return latest
+
+        monkeypatch.setattr(postgres_write, "_write_tail", paused)
+        writing = asyncio.create_task(
+            a.write_batches([batch("gw-1", 6, 100.0)], now_ms=NOW + 1))
+        await asyncio.wait_for(tail_done.wait(), 10)
+        flushing = asyncio.create_task(a.settle_latest())
+        await asyncio.sleep(0.3)
+        assert not flushing.done(), "the flush did not wait for the write's gateway lock"
+        go_on.set()
+        await writing
+        await flushing
+        assert latest_table(pg_url, "gw-1") == {KEYS[s % 5]: float(s) for s in range(1, 6)}
+        assert owed(pg_url) == {("gw-1", a._token)}
+        await a.settle_latest()
+        assert latest_table(pg_url, "gw-1") == {KEYS[s % 5]: 100.0 + s for s in range(6, 11)}
         assert owed(pg_url) == set()
 
 

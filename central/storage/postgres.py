@@ -1,11 +1,16 @@
 """PostgreSQL backend (DESIGN.md §9): the same tables and semantics as SQLite, for several
 central workers sharing one database.
 
-Two connections: a writer (ingest, state, birth) and a reader (the API), so reads never queue
-behind a large ingest transaction. Each is used by one task at a time and reopened after the
-server drops it. A batch write locks its streams' rows, asks which keys are held, and binary
-`COPY`s the new rows straight into `readings` and `events` (`postgres_write`, which says why
-not `INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
+Three connections: a writer (ingest, state, birth), a reader (the API), so reads never queue
+behind a large ingest transaction, and one for the flush of the latest values held back
+(`postgres_latest`, opened at the first flush): on the writer a flush (15-30 ms, twice a
+second) held the next batch write back for as long, about 5 % of the writer's time in
+`bench/ingest.py --backend postgres`. (On a 2-core machine the bench's rate moved little,
+median 148k to 151k points/s over 25 and 35 alternated rounds: the flush's server work still
+shares the cores.) Each is used by one task at a time and reopened after the server drops it.
+A batch write locks its streams' rows, asks which keys are held, and binary `COPY`s the new
+rows straight into `readings` and `events` (`postgres_write`, which says why not
+`INSERT ... ON CONFLICT`). Schema and migrations: `postgres_schema`.
 
 Several workers write at once, so every statement that takes row locks visits its rows in one
 global order (points by key, streams by (gw, stream), readings and events by (gw, stream,
@@ -197,6 +202,7 @@ class PostgresStorage(Storage):
             {} if "application_name" in params else {"application_name": "fieldlink-central"})
         self._writer: _Link | None = None
         self._reader: _Link | None = None
+        self._latest: _Link | None = None  # the latest values' flush (module doc)
         # (gw) -> {"device/point": point id}; only touched inside the writer's lock.
         self._point_ids: dict[str, dict[str, int]] = {}
         # Latest values committed but not written yet, unless the interval is 0
@@ -213,6 +219,11 @@ class PostgresStorage(Storage):
             raise StorageError("storage is not open")
         return self._writer, self._reader
 
+    def _latest_link(self) -> _Link:
+        if self._latest is None:
+            raise StorageError("storage is not open")
+        return self._latest
+
     async def open(self) -> None:
         if self._writer is not None:
             return
@@ -223,6 +234,9 @@ class PostgresStorage(Storage):
                         postgres_latest.token_lock(self._token)),
                        **self._connect_kwargs)
         reader = _Link(self.url, "reader", **self._connect_kwargs)
+        # Connects at its first flush: a worker writing latest values at once never does.
+        latest = _Link(self.url, "latest", ("SET synchronous_commit = on", "SET jit = off"),
+                       **self._connect_kwargs)
         try:
             async with writer.use() as conn:
                 version = await migrate(conn)
@@ -236,7 +250,7 @@ class PostgresStorage(Storage):
             if isinstance(exc, psycopg.Error):
                 raise StorageError(f"cannot open {describe_url(self.url)}: {exc}") from exc
             raise
-        self._writer, self._reader = writer, reader
+        self._writer, self._reader, self._latest = writer, reader, latest
         log.info("db_opened", url=describe_url(self.url), version=version)
         _log_repaired(repaired)
         if self.latest_interval_s > 0:
@@ -250,8 +264,8 @@ class PostgresStorage(Storage):
                 await self.settle_latest()
             except StorageError as exc:  # marked: the next worker to open repairs them
                 log.warning("latest_values_left", points=len(self._pending), error=str(exc))
-        links = [x for x in (self._writer, self._reader) if x is not None]
-        self._writer = self._reader = None
+        links = [x for x in (self._writer, self._reader, self._latest) if x is not None]
+        self._writer = self._reader = self._latest = None
         self._point_ids.clear()
         for link in links:
             await link.close_conn()
@@ -265,12 +279,21 @@ class PostgresStorage(Storage):
             return False
 
     async def _transaction(self, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """`body` in a transaction on the writer."""
         writer, _ = self._links()
         try:
-            async with writer.use() as conn, conn.transaction():
+            return await self._transaction_on(writer, body)
+        except BaseException:
+            self._point_ids.clear()  # ids made in the rolled-back transaction are gone
+            raise
+
+    @staticmethod
+    async def _transaction_on(link: _Link, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """`body` in a transaction on `link`; the database's errors as storage errors."""
+        try:
+            async with link.use() as conn, conn.transaction():
                 return await body(conn)
         except BaseException as exc:
-            self._point_ids.clear()  # ids made in the rolled-back transaction are gone
             if (err := _storage_error(exc, "transaction rolled back")) is None:
                 raise
             raise err from exc
@@ -321,14 +344,16 @@ class PostgresStorage(Storage):
                                    defer_latest=self._token if self._latest_task else None)
 
     async def settle_latest(self) -> None:
-        """Write the latest values this worker holds (`postgres_latest`); on failure they
-        stay held for the next try."""
+        """Write the latest values this worker holds (`postgres_latest`) on the connection
+        of the flush (module doc); on failure they stay held for the next try."""
         if not self._pending:
             return
+        link = self._latest_link()
         taken = self._pending.take()
         try:
-            prepared = postgres_latest.flush_of(taken)  # encoded before taking the writer
-            await self._transaction(lambda c: postgres_latest.flush(c, prepared, self._token))
+            prepared = postgres_latest.flush_of(taken)  # encoded before taking the connection
+            await self._transaction_on(
+                link, lambda c: postgres_latest.flush(c, prepared, self._token))
         except BaseException as exc:
             self._pending.put_back(taken)
             if (err := _storage_error(exc, "latest values not encoded")) is None:
@@ -338,7 +363,7 @@ class PostgresStorage(Storage):
     async def repair_latest(self) -> list[str]:
         """Move forward the latest values a dead worker owed (`postgres_latest`); returns the
         gateways repaired."""
-        repaired = await self._transaction(postgres_latest.repair)
+        repaired = await self._transaction_on(self._latest_link(), postgres_latest.repair)
         _log_repaired(repaired)
         return repaired
 

@@ -21,9 +21,14 @@ workers sharing a subscription share each gateway's batches: a live worker's flu
 discharge what a dead one owed.
 
 Locks: the flush and the repair lock their gateways' rows (in gw order, like an ingest
-transaction) before any latest row, so the rule `postgres_write` states holds here too: only
-the holder of a gateway's row writes its points' latest values, which need no order of their
-own.
+transaction) before any latest row and any `latest_owed` row, so the rule `postgres_write`
+states holds here too: only the holder of a gateway's row writes its points' latest values,
+which need no order of their own. The flush runs on a connection of its own, beside the
+worker's next batch write (`central.storage.postgres`): the two meet only on the gateways'
+rows, which the write locks at its end (its last contact and what it owes), so one waits for
+the other's commit, never for a lock the other waits for. The flush takes only values of
+committed writes; a write that commits while the flush waits keeps its `latest_owed` row,
+whose time is newer than the flush discharges (`_WRITTEN`), and its values stay pending.
 """
 
 from __future__ import annotations
