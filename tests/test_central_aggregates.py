@@ -394,3 +394,20 @@ async def test_pending_samples_survive_the_migration_to_ids_never_reused(
         assert (await aggregates(st, "agg_1m"))[0][2:6] == (2, 1.0, 3.0, 4.0)
         await st.write_batches([batch([tel(1, POINTS[0], 5.0, NOW)])])
         assert await st.run(lambda: select("SELECT id FROM agg_pending")) == [(42,)]
+
+
+async def test_a_read_of_buckets_folds_only_its_points_block(tmp_path: Path) -> None:
+    """Reading a point's buckets folds the pending samples of that point's block (SQLite) and
+    leaves the rest of the fleet's for the paced flush; the read still sees every sample."""
+    from central.storage.aggregates import PART_BITS
+
+    async with open_storage(f"sqlite:///{tmp_path}/c.db") as st:
+        await st.run(lambda: select("INSERT INTO points (id, gw, device, point) VALUES"
+                                    f" ({3 << PART_BITS}, 'gw-1', 'd3', 'a'),"
+                                    f" ({5 << PART_BITS}, 'gw-1', 'd5', 'b') RETURNING id"))
+        await st.write_batches([batch([tel(i + 1, f"d{3 + 2 * (i % 2)}/{'ab'[i % 2]}",
+                                           float(i), NOW - 60_000 + i) for i in range(6)])])
+        got = await st.buckets("gw-1:d3:a", "1m", NOW - HOUR_MS, NOW + MINUTE_MS, 10)
+        assert sum(b.count for b in got) == 3 and sum(b.sum for b in got) == 0 + 2 + 4
+        left = await st.run(lambda: select("SELECT part, n FROM agg_pending"), write=False)
+        assert left == [(5, 3)]

@@ -210,6 +210,12 @@ def values_upsert(table: str, rows: list[tuple[Any, ...]], chunk: int = 400) -> 
                   tuple(chain.from_iterable(part)))
 
 
+def point_parts(pid: int) -> set[int]:
+    """The blocks whose pending rows may hold samples of point `pid`: its own, and block 0,
+    where rows from before the blocks (`m006`) hold samples of any point."""
+    return {pid >> PART_BITS, 0}
+
+
 def pending_top_program() -> Program[tuple[int, int]]:
     """The newest pending row's id (0: none), which `Storage.flush_aggregates` folds up to,
     and the samples pending."""
@@ -218,23 +224,26 @@ def pending_top_program() -> Program[tuple[int, int]]:
     return top or 0, samples or 0
 
 
-def flush_program(upto: int, max_pending: int = 5_000,
-                  max_samples: int = 20_000) -> Program[int]:
-    """Fold the pending rows (ids up to `upto`) of the block of points with the oldest row,
-    up to `max_pending` rows and no more than `max_samples` samples (but at least one row),
-    into the aggregate tables and delete them, in one transaction; returns the number of
-    samples folded (0: nothing pending). SQLite; PostgreSQL runs `pg_flush_program` (the same,
-    server-side). The sample bound keeps each transaction short (~3 us a sample): the flush
-    shares central's one database thread with the ingest writes, and after a backlog drain a
-    50-set flush held it for seconds, which the gateways saw as ack round trips over their
-    pacing target."""
-    oldest = yield Sql("SELECT part FROM agg_pending WHERE id <= ? ORDER BY id LIMIT 1",
-                       (upto,))
-    if not oldest:
-        return 0
-    part = oldest[0][0]
+def flush_program(upto: int, max_pending: int = 5_000, max_samples: int = 20_000,
+                  part: int | None = None) -> Program[int]:
+    """Fold the pending rows (ids up to `upto`) of one block of points (`part`, else the one
+    with the oldest row), up to `max_pending` rows and no more than `max_samples` samples
+    (but at least one row), into the aggregate tables and delete them, in one transaction;
+    returns the number of samples folded (0: nothing pending). SQLite; PostgreSQL runs
+    `pg_flush_program` (the same, server-side). The sample bound keeps each transaction short
+    (~3 us a sample): the flush shares central's one database thread with the ingest writes,
+    and after a backlog drain a 50-set flush held it for seconds, which the gateways saw as
+    ack round trips over their pacing target."""
+    if part is None:
+        oldest = yield Sql("SELECT part FROM agg_pending WHERE id <= ? ORDER BY id LIMIT 1",
+                           (upto,))
+        if not oldest:
+            return 0
+        part = oldest[0][0]
     sizes = yield Sql("SELECT id, n FROM agg_pending WHERE part = ? AND id <= ? ORDER BY id"
                       " LIMIT ?", (part, upto, max_pending))
+    if not sizes:
+        return 0
     last = sizes[0][0]
     total = 0
     for pending_id, n in sizes:

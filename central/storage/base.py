@@ -421,9 +421,14 @@ class Storage(OpenClose):
         if pid is None:
             raise UnknownPointError(point_ref)
         if time.monotonic() - self._flushed_at > self.read_flush_age_s:
-            await self.flush_aggregates()
+            await self.flush_point(pid)
         return await self.run(lambda: buckets_program(pid, resolution, from_ms, to_ms, limit),
                               write=False)
+
+    async def flush_point(self, pid: int) -> None:
+        """Fold what a read of point `pid`'s buckets needs: here every pending sample
+        (PostgreSQL folds on the server); SQLite folds only the point's block."""
+        await self.flush_aggregates()
 
     async def flush_aggregates(self, *, spread_s: float = 0.0) -> int:
         """Fold every sample set pending now into the aggregate tables (one transaction per
