@@ -274,33 +274,44 @@ async def test_a_flush_folds_what_was_pending_when_it_began(storage: Storage) ->
 
 
 async def test_a_spread_flush_paces_its_transactions_by_the_samples_folded(
-        tmp_path: Path) -> None:
+        storage: Storage) -> None:
     """With `spread_s` a flush starts each transaction when the share of the pending samples
     folded so far is due, so an interval's samples do not hold the database in one burst;
     after the last one it does not wait."""
-    from central.storage.aggregates import PART_BITS
+    for w in range(3):  # three write transactions: three pending rows of 10 samples
+        await storage.write_batches([batch([tel(w * 10 + i + 1, POINTS[0], 1.0,
+                                                NOW - (w * 10 + i) * 1000) for i in range(10)])])
+    starts: list[float] = []
+    flush = storage._flush_program
 
-    async with open_storage(f"sqlite:///{tmp_path}/c.db") as st:
-        names = [f"d{b}/p" for b in range(3)]  # one point in each of three blocks
-        await st.run(lambda: select("INSERT INTO points (id, gw, device, point) VALUES "
-                                    + ", ".join(f"({b << PART_BITS | 1}, 'gw-1', 'd{b}', 'p')"
-                                                for b in range(3)) + " RETURNING id"))
-        await st.write_batches([batch([tel(b * 10 + i + 1, names[b], 1.0, NOW - i * 1000)
-                                       for b in range(3) for i in range(10)])])
-        starts: list[float] = []
-        flush = st._flush_program
+    def one_row_each(upto: int) -> Program[int]:
+        starts.append(time.monotonic())
+        return flush(upto, 1)  # max_pending: one row per transaction, on either backend
 
-        def timed(upto: int) -> Program[int]:
-            starts.append(time.monotonic())
-            return flush(upto)
+    storage._flush_program = one_row_each  # type: ignore[method-assign]
+    began = time.monotonic()
+    assert await storage.flush_aggregates(spread_s=0.6) == 30
+    at = [t - began for t in starts]
+    assert len(at) == 4  # three rows, then the call that finds nothing
+    assert at[1] >= 0.2 and at[2] >= 0.4  # a third of 0.6 s per third of the samples
+    assert at[3] - at[2] < 0.2  # nothing to wait for after the last
 
-        st._flush_program = timed  # type: ignore[method-assign]
-        began = time.monotonic()
-        assert await st.flush_aggregates(spread_s=0.6) == 30
-        at = [t - began for t in starts]
-        assert len(at) == 4  # three blocks, then the call that finds nothing
-        assert at[1] >= 0.2 and at[2] >= 0.4  # a third of 0.6 s per third of the samples
-        assert at[3] - at[2] < 0.2  # nothing to wait for after the last
+
+async def test_a_read_after_a_spread_flush_folds_what_came_during_it(storage: Storage) -> None:
+    """A spread flush counts as having folded what was pending when it began, not when it
+    ended: a read right after it still folds the samples written meanwhile."""
+    for w in range(3):
+        await storage.write_batches([batch([tel(w + 1, POINTS[0], 1.0, NOW - 60_000 + w)])])
+    flush = storage._flush_program
+    storage._flush_program = lambda upto: flush(upto, 1)  # type: ignore[method-assign]
+    storage.read_flush_age_s = 0.5
+    running = asyncio.create_task(storage.flush_aggregates(spread_s=1.2))
+    await asyncio.sleep(0.1)
+    await storage.write_batches([batch([tel(9, POINTS[0], 5.0, NOW - 59_000)])])
+    assert await running == 3
+    got = await storage.buckets(f"gw-1:{POINTS[0].replace('/', ':')}", "1m", NOW - HOUR_MS,
+                                NOW + MINUTE_MS, 10)
+    assert sum(b.count for b in got) == 4
 
 
 async def test_sqlite_flush_takes_a_bounded_number_of_samples_per_transaction(

@@ -219,9 +219,9 @@ def point_parts(pid: int) -> set[int]:
 def pending_top_program() -> Program[tuple[int, int]]:
     """The newest pending row's id (0: none), which `Storage.flush_aggregates` folds up to,
     and the samples pending."""
-    rows = yield Sql("SELECT max(id), sum(n) FROM agg_pending")
+    rows = yield Sql("SELECT max(id), CAST(coalesce(sum(n), 0) AS BIGINT) FROM agg_pending")
     top, samples = rows[0]
-    return top or 0, samples or 0
+    return top or 0, int(samples)
 
 
 def flush_program(upto: int, max_pending: int = 5_000, max_samples: int = 20_000,

@@ -436,14 +436,15 @@ class Storage(OpenClose):
         transactions are paced over about that many seconds, in step with the samples they
         fold: a whole interval's samples folded at once held the one database thread (and
         the GIL) for seconds, which every gateway saw as ack lag."""
+        started = time.monotonic()
         top, pending = await self.run(pending_top_program, write=False)
         total = 0
-        started = time.monotonic()
         while top and (n := await self.run(partial(self._flush_program, top))):
             total += n
             if spread_s > 0 and total < pending:
                 await asyncio.sleep(started + spread_s * total / pending - time.monotonic())
-        self._flushed_at = time.monotonic()
+        # What was pending when it began: a spread flush ends long after.
+        self._flushed_at = max(self._flushed_at, started)
         return total
 
     async def purge(self, policy: RetentionPolicy, now_ms: int, *,
