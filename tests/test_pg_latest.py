@@ -138,10 +138,12 @@ async def test_a_flush_that_fails_keeps_the_values_for_the_next(
         assert owed(pg_url) == set()
 
 
+@pytest.mark.parametrize("later_ms", [1, 0], ids=["next-ms", "same-ms"])
 async def test_a_flush_does_not_hold_the_writer(
-        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_url: str, monkeypatch: pytest.MonkeyPatch, later_ms: int) -> None:
     """A flush runs on a connection of its own: the next batch write commits while a flush
-    is stopped inside its transaction, and the flush then writes what it took."""
+    is stopped inside its transaction, and the flush then writes what it took; that write
+    stays owed, even when it came in the same millisecond as the one the flush took."""
     async with open_storage(pg_url, latest_interval_s=30) as a:
         assert isinstance(a, PostgresStorage)
         await a.write_batches([batch("gw-1", 1, 0.0)], now_ms=NOW)
@@ -155,7 +157,8 @@ async def test_a_flush_does_not_hold_the_writer(
         monkeypatch.setattr(postgres_latest, "flush", stopped)
         flushing = asyncio.create_task(a.settle_latest())
         await asyncio.wait_for(inside.wait(), 10)
-        await asyncio.wait_for(a.write_batches([batch("gw-1", 6, 100.0)], now_ms=NOW + 1), 10)
+        await asyncio.wait_for(a.write_batches([batch("gw-1", 6, 100.0)],
+                                               now_ms=NOW + later_ms), 10)
         go_on.set()
         await flushing
         assert latest_table(pg_url, "gw-1") == {KEYS[s % 5]: float(s) for s in range(1, 6)}

@@ -210,6 +210,7 @@ class PostgresStorage(Storage):
         self.latest_interval_s = latest_interval_s
         self._token = postgres_latest.new_token()
         self._pending = PendingLatest()
+        self._owed_ms = 0  # the stamp of the last write whose latest values this worker owes
         self._latest_task: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -329,19 +330,27 @@ class PostgresStorage(Storage):
         if not batches:
             return []
         now = _now_ms() if now_ms is None else now_ms
-        results, changes, latest = await self._transaction(
+        results, changes, latest, stamp = await self._transaction(
             lambda c: self._write(c, batches, now))
         if latest is not None:  # committed: now they are owed
-            self._pending.add(latest, {b.gw for b in batches}, now)
+            self._pending.add(latest, {b.gw for b in batches}, stamp)
         log_changes(changes)
         return results
 
     async def _write(self, conn: Conn, batches: Sequence[DataBatch], now: int,
-                     ) -> tuple[list[WriteResult], list[AlarmChange], LatestColumns | None]:
+                     ) -> tuple[list[WriteResult], list[AlarmChange], LatestColumns | None, int]:
         await self._ids_for(conn, _points_named(batches))
-        return await write_batches(conn, batches, now, self._point_ids, self.alarm_policy,
-                                   self.time_policy,
-                                   defer_latest=self._token if self._latest_task else None)
+        owed = None
+        if self._latest_task:
+            # Taken under the writer, strictly increasing: a flush discharges what its
+            # gateways owe up to the stamp of the newest write it took, never a later write's
+            # in the same millisecond (`postgres_latest`).
+            self._owed_ms = max(now, self._owed_ms + 1)
+            owed = (self._token, self._owed_ms)
+        results, changes, latest = await write_batches(
+            conn, batches, now, self._point_ids, self.alarm_policy, self.time_policy,
+            defer_latest=owed)
+        return results, changes, latest, self._owed_ms
 
     async def settle_latest(self) -> None:
         """Write the latest values this worker holds (`postgres_latest`) on the connection

@@ -10,7 +10,8 @@ a reader of this worker sees every value it has committed; a reader of another w
 them at most `latest_interval_s` late.
 
 A write that only keeps its latest values records, beside its gateways' last contact, that
-the worker owes them (`latest_owed`: gateway, the worker's token, the write's time); the
+the worker owes them (`latest_owed`: gateway, the worker's token, the write's stamp: its
+time, made strictly increasing per worker, so two writes in one millisecond differ); the
 flush deletes what it has written. Each worker holds a session advisory lock on its token
 (`token_lock`, taken whenever its writer connects), so an owed row whose token nobody holds
 is a dead worker's: killed between a commit and a flush, it lost what it held in memory but

@@ -342,11 +342,11 @@ async def _write_table(conn: Conn, table: str, staged: _Staged, held: Held,
 
 
 async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int,
-                      defer_latest: int | None) -> LatestColumns | None:
+                      defer_latest: tuple[int, int] | None) -> LatestColumns | None:
     """The aggregates' new samples, the gateways' last contact, then each point's latest
     value moved forward where the staged one is newer. With `defer_latest` (the worker's
-    token) the latest values are returned instead, and recorded as owed for their gateways
-    (`postgres_latest`)."""
+    token and the write's stamp) the latest values are returned instead, and recorded as
+    owed for their gateways (`postgres_latest`)."""
     _settle(staged)  # if no reading was written
     gws = sorted(staged.touched)
     latest = staged.latest.columns()
@@ -357,7 +357,7 @@ async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int
         await conn.execute(_TOUCH_GATEWAYS,
                            (gws, [staged.touched[g] for g in gws], [now] * len(gws)))
         if defer_latest is not None:
-            await conn.execute(_OWE, (defer_latest, now, gws))
+            await conn.execute(_OWE, (*defer_latest, gws))
     if defer_latest is not None:
         return latest
     await write_latest(conn, latest)
@@ -366,11 +366,12 @@ async def _write_tail(conn: Conn, staged: _Staged, samples: AggSamples, now: int
 
 async def write_batches(conn: Conn, batches: Sequence[DataBatch], now: int,
                         point_ids: Mapping[str, Mapping[str, int]], alarm_policy: AlarmPolicy,
-                        time_policy: TimePolicy, *, defer_latest: int | None = None,
+                        time_policy: TimePolicy, *,
+                        defer_latest: tuple[int, int] | None = None,
                         ) -> tuple[list[WriteResult], list[AlarmChange], LatestColumns | None]:
     """Write `batches` in the caller's transaction; `point_ids` covers every point named.
-    With `defer_latest`, the worker's token, the latest values are not written but returned
-    (`postgres_latest`)."""
+    With `defer_latest`, the worker's token and the write's stamp (strictly increasing per
+    worker), the latest values are not written but returned (`postgres_latest`)."""
     lo, hi = time_policy.bounds(now)
     staged = _stage(batches, point_ids, lo, hi, now)
     out = _Outcome.zeros(len(batches))
