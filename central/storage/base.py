@@ -437,14 +437,21 @@ class Storage(OpenClose):
         fold: a whole interval's samples folded at once held the one database thread (and
         the GIL) for seconds, which every gateway saw as ack lag."""
         started = time.monotonic()
+        total = await self._fold(self._flush_program, spread_s)
+        # What was pending when it began: a spread flush ends long after.
+        self._flushed_at = max(self._flushed_at, started)
+        return total
+
+    async def _fold(self, program: Callable[[int], Program[int]], spread_s: float = 0.0) -> int:
+        """Run `program(upto)` until it folds nothing, `upto` the newest row pending now,
+        paced over `spread_s` (`flush_aggregates`); returns the samples folded."""
+        started = time.monotonic()
         top, pending = await self.run(pending_top_program, write=False)
         total = 0
-        while top and (n := await self.run(partial(self._flush_program, top))):
+        while top and (n := await self.run(partial(program, top))):
             total += n
             if spread_s > 0 and total < pending:
                 await asyncio.sleep(started + spread_s * total / pending - time.monotonic())
-        # What was pending when it began: a spread flush ends long after.
-        self._flushed_at = max(self._flushed_at, started)
         return total
 
     async def purge(self, policy: RetentionPolicy, now_ms: int, *,

@@ -22,12 +22,7 @@ import structlog
 
 from central.alarms.engine import ingest_program, log_changes
 from central.alarms.lifecycle import AlarmChange, AlarmPolicy
-from central.storage.aggregates import (
-    AggSamples,
-    flush_program,
-    pending_top_program,
-    point_parts,
-)
+from central.storage.aggregates import AggSamples, flush_program, point_parts
 from central.storage.base import GatewayInfo, Storage, WriteResult, record_state_program, split_key
 from central.storage.delivery import (
     HeldRanges,
@@ -471,10 +466,8 @@ class SqliteStorage(Storage):
         """Fold the pending samples of the point's block only: a read must not fold the
         whole fleet's (5,000 gateways: ~600,000 samples every 30 s, seconds of the one
         database thread, which every gateway would see as ack lag)."""
-        top, _ = await self.run(pending_top_program, write=False)
         for part in sorted(point_parts(pid)):
-            while top and await self.run(functools.partial(flush_program, top, part=part)):
-                pass
+            await self._fold(functools.partial(flush_program, part=part))
 
     async def run(self, program: Callable[[], Program[T]], *, write: bool = True) -> T:
         if write:
