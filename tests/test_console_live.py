@@ -439,7 +439,6 @@ class ListOutage:
     """A fault injected into a real `CommandStore`: while `down`, its `list` raises the
     store's own error, whose text names a file no client may see."""
 
-    store: Any
     down: bool = False
     TEXT: ClassVar[str] = "commands store: disk I/O error on /var/lib/central.db"
 
@@ -451,7 +450,7 @@ class ListOutage:
 
 @contextlib.contextmanager
 def list_outage(store: Any) -> Iterator[ListOutage]:
-    outage = ListOutage(store)
+    outage = ListOutage()
     store.list = functools.partial(outage.list, store.list)
     try:
         yield outage
@@ -521,12 +520,6 @@ async def test_an_unchanged_list_is_not_listed_again_and_the_scope_follows_the_g
 
         store.list = counted_list
 
-        async def issue() -> str:
-            r = await env.c.post("/api/commands", headers=boss,
-                                 json={"gw": "gw-a", "kind": "request_diagnostics"})
-            assert r.status_code == 201, r.text
-            return str(r.json()["cmd_id"])
-
         async def listed() -> Any:
             r = await env.c.get("/api/commands", params={"gw": "gw-a", "limit": 10},
                                 headers=viewer)
@@ -541,7 +534,7 @@ async def test_an_unchanged_list_is_not_listed_again_and_the_scope_follows_the_g
             r = await env.c.request(method, path, headers=boss, json=body)
             assert r.status_code == 200, r.text
 
-        first = await issue()
+        first = await issue(env, boss)
         async with _commands_events(base, viewer, "gw-a") as events:
             async def shows(ids: list[str]) -> None:
                 """The next event lists `ids`, as `GET /api/commands` does now."""
@@ -560,7 +553,7 @@ async def test_an_unchanged_list_is_not_listed_again_and_the_scope_follows_the_g
             await shows([])
             await admin("PUT", "/api/gateways/gw-a/area", {"area_id": site1})
             await shows([first])
-            second = await issue()
+            second = await issue(env, boss)
             await shows([second, first])
 
             await storage.run(lambda: _reparent("site1", "d2"))  # no API does this yet
